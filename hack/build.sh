@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Builds the Go test binaries the local stack needs into a cache outside the
+# repo, keyed by version, and prints nothing else. Safe to run repeatedly:
+# what is already built is kept.
+#   testcluster (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl)
+#   kwok        (simulated nodes)
+#   helm        (the chart tests)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+K8S_VERSION=${K8S_VERSION:-v1.36.2}
+KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
+HELM_VERSION=${HELM_VERSION:-v3.19.0}
+CACHE=${ANALYSIS_OPERATOR_CACHE:-$HOME/.cache/analysis-operator}
+BIN="$CACHE/bin-k8s-$K8S_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION"
+mkdir -p "$BIN"
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
+
+build_testcluster() {
+  [ -x "$BIN/testcluster" ] && return
+  echo "building kube-apiserver/controller-manager/scheduler/kubectl $K8S_VERSION (about 5 min cold)" >&2
+  local minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+  local pkg=k8s.io/component-base/version
+  (cd "$here/testcluster" && go build -trimpath -o "$BIN/testcluster.tmp" -ldflags "-s -w \
+      -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor \
+      -X $pkg.gitTreeState=clean" .)
+  mv "$BIN/testcluster.tmp" "$BIN/testcluster"
+}
+
+build_kwok() {
+  [ -x "$BIN/kwok" ] && return
+  echo "building kwok $KWOK_VERSION" >&2
+  GOBIN="$BIN" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+}
+
+kwok_stages() {
+  # KWOK's own "fast" stages (nodes Ready, pods Running and deleted at once),
+  # taken from the module just built, for `kwok --config`.
+  [ -s "$BIN/kwok-stages.yaml" ] && return
+  local dir stage
+  dir=$(go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+  for stage in node/fast/node-initialize node/heartbeat/node-heartbeat pod/fast/pod-ready \
+               pod/fast/pod-complete pod/fast/pod-delete; do
+    echo "---"; cat "$dir/kustomize/stage/$stage.yaml"
+  done >"$BIN/kwok-stages.yaml.tmp"
+  mv "$BIN/kwok-stages.yaml.tmp" "$BIN/kwok-stages.yaml"
+}
+
+build_helm() {
+  [ -x "$BIN/helm" ] && return
+  echo "building helm $HELM_VERSION" >&2
+  GOBIN="$BIN" go install -trimpath -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+}
+
+build_testcluster
+build_kwok
+kwok_stages
+build_helm
+for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  printf '#!/bin/sh\nexec "%s/testcluster" %s "$@"\n' "$BIN" "$c" > "$BIN/$c"
+  chmod +x "$BIN/$c"
+done
+echo "$BIN"

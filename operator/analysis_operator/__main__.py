@@ -1,0 +1,3 @@
+from analysis_operator.cli import main
+
+main()

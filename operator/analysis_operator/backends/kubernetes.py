@@ -1,0 +1,189 @@
+"""Kubernetes backend: a JupyterLab pod, its Service and its token Secret.
+
+Builders are pure (`build_*`); `KubernetesBackend` applies them. Children
+carry owner references, so the garbage collector removes them with the
+environment; no finalizer is needed for this backend.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import secrets
+from typing import Any, Mapping
+
+from analysis_operator import render
+from analysis_operator.backends.base import ManagedObject, Observation, State
+from analysis_operator.domain import API_VERSION, LABEL_ENVIRONMENT_UID, Environment, Flavor, parse_quantity
+from analysis_operator.kube import KubeClient
+from analysis_operator.settings import Settings
+
+TOKEN_KEY = "token"
+
+
+def build_owner_references(environment: Environment) -> list[dict[str, Any]]:
+    return [{
+        "apiVersion": API_VERSION,
+        "kind": "AnalysisEnvironment",
+        "name": environment.name,
+        "uid": environment.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }]
+
+
+def build_token_secret(environment: Environment, token: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": environment.child_name,
+            "namespace": environment.namespace,
+            "labels": environment.identity_labels,
+            "ownerReferences": build_owner_references(environment),
+        },
+        "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+    }
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def build_pod(environment: Environment, flavor: Flavor, settings: Settings,
+              dataset_volumes: tuple[dict[str, Any], ...] = (),
+              dataset_mounts: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    resources = flavor.resources
+    requests = {"cpu": resources.cpu, "memory": resources.memory}
+    limits = dict(requests)
+    if resources.gpu:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(resources.gpu)
+    return render.render_yaml(
+        settings.templates_dir, "pod.yaml.j2",
+        name=environment.child_name,
+        namespace=environment.namespace,
+        labels=environment.identity_labels,
+        owner_references=build_owner_references(environment),
+        image=environment.image or flavor.image,
+        port=settings.jupyter_port,
+        secret_name=environment.child_name,
+        environment_name=environment.name,
+        owner=environment.owner,
+        requests=requests,
+        limits=limits,
+        gpu=resources.gpu,
+        dataset_volumes=list(dataset_volumes),
+        dataset_mounts=list(dataset_mounts),
+    )
+
+
+def build_service(environment: Environment, settings: Settings) -> dict[str, Any]:
+    return render.render_yaml(
+        settings.templates_dir, "service.yaml.j2",
+        name=environment.child_name,
+        namespace=environment.namespace,
+        labels=environment.identity_labels,
+        owner_references=build_owner_references(environment),
+        selector={LABEL_ENVIRONMENT_UID: environment.uid},
+        port=settings.jupyter_port,
+    )
+
+
+def build_url(environment: Environment, settings: Settings) -> str:
+    host = f"{environment.child_name}.{environment.namespace}.svc.{settings.cluster_domain}"
+    return f"http://{host}:{settings.jupyter_port}/lab"
+
+
+def observe_pod(pod: Mapping[str, Any] | None, url: str = "") -> Observation:
+    """What a pod says about its environment (pure)."""
+    if pod is None:
+        return Observation(State.GONE, "PodMissing", "the JupyterLab pod does not exist")
+    metadata, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status") or {}
+    node = spec.get("nodeName", "")
+    reference = {"kind": "kubernetes", "name": metadata.get("name", ""), "state": status.get("phase", ""), "node": node}
+    conditions = {c.get("type"): c for c in status.get("conditions") or ()}
+    if metadata.get("deletionTimestamp"):
+        return Observation(State.PROVISIONING, "PodTerminating", "the JupyterLab pod is being deleted", reference)
+    phase = status.get("phase", "Pending")
+    if phase in ("Failed", "Succeeded"):
+        message = status.get("message") or f"the JupyterLab pod ended ({phase})"
+        return Observation(State.FAILED, status.get("reason") or f"Pod{phase}", message, reference)
+    scheduled = conditions.get("PodScheduled", {})
+    if scheduled.get("status") == "False":
+        return Observation(State.PENDING, scheduled.get("reason") or "Unschedulable",
+                           scheduled.get("message") or "waiting for a node", reference)
+    cpus, gpus = _held_resources(spec)
+    if phase == "Running" and conditions.get("Ready", {}).get("status") == "True":
+        return Observation(State.READY, "PodReady", f"JupyterLab is running on {node}", reference, url, cpus, gpus)
+    return Observation(State.PROVISIONING, "PodStarting", "JupyterLab is starting", reference, "", cpus, gpus)
+
+
+def _held_resources(spec: Mapping[str, Any]) -> tuple[float, int]:
+    if not spec.get("nodeName"):
+        return 0.0, 0
+    cpus, gpus = 0.0, 0
+    for container in spec.get("containers") or ():
+        requests = (container.get("resources") or {}).get("requests") or {}
+        cpus += parse_quantity(requests.get("cpu", 0))
+        gpus += int(requests.get("nvidia.com/gpu", 0))
+    return cpus, gpus
+
+
+@dataclasses.dataclass(frozen=True)
+class PodSummary:
+    """What the pod index keeps per pod: enough to decide, small enough for 10,000."""
+    environment_uid: str
+    observation: Observation
+
+
+def summarize_pod(pod: Mapping[str, Any]) -> PodSummary:
+    labels = pod.get("metadata", {}).get("labels") or {}
+    return PodSummary(labels.get(LABEL_ENVIRONMENT_UID, ""), observe_pod(pod))
+
+
+class KubernetesBackend:
+    """Pods and Services through the API; what exists is read from kopf's pod index."""
+
+    kind = "kubernetes"
+
+    def __init__(self, kube: KubeClient, settings: Settings, pods_index: Mapping[Any, Any]) -> None:
+        self._kube = kube
+        self._settings = settings
+        self._pods = pods_index  # kopf index: (namespace, environment name) -> [PodSummary]
+
+    def _indexed(self, environment: Environment) -> Observation | None:
+        for summary in self._pods.get((environment.namespace, environment.name), ()):
+            if summary.environment_uid == environment.uid:
+                observation = summary.observation
+                if observation.state is State.READY:
+                    observation = dataclasses.replace(observation, url=build_url(environment, self._settings))
+                return observation
+        return None
+
+    async def ensure(self, environment: Environment, flavor: Flavor, token: str = "",
+                     dataset_volumes: tuple[dict[str, Any], ...] = (),
+                     dataset_mounts: tuple[dict[str, Any], ...] = ()) -> Observation:
+        observation = self._indexed(environment)
+        if observation is not None:
+            return observation
+        await self._kube.create("Service", environment.namespace, build_service(environment, self._settings))
+        pod = build_pod(environment, flavor, self._settings, dataset_volumes, dataset_mounts)
+        await self._kube.create("Pod", environment.namespace, pod)
+        return observe_pod(pod)
+
+    async def observe(self, environment: Environment) -> Observation:
+        return self._indexed(environment) or observe_pod(None)
+
+    async def suspend(self, environment: Environment) -> bool:
+        """Remove the pod, keep Service and Secret so resuming keeps URL and token."""
+        await self._kube.delete("Pod", environment.namespace, environment.child_name)
+        return self._indexed(environment) is None
+
+    async def delete(self, environment: Environment) -> bool:
+        await self._kube.delete("Pod", environment.namespace, environment.child_name)
+        await self._kube.delete("Service", environment.namespace, environment.child_name)
+        return self._indexed(environment) is None
+
+    async def list_managed(self) -> list[ManagedObject]:
+        # Owner references and the garbage collector already remove orphans here.
+        return []

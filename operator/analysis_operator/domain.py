@@ -1,0 +1,215 @@
+"""Typed views of the custom resources, and small pure helpers on them.
+
+Everything here is plain data: no I/O, no clock. Handlers turn the raw
+Kubernetes bodies into these once, and everything below them works on these.
+"""
+from __future__ import annotations
+
+import datetime
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+GROUP = "analysis.panosc.eu"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Labels put on every object the operator creates, so it can find its children
+# (indexes, orphan sweeps) without listing everything.
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "analysis-operator"
+LABEL_ENVIRONMENT = f"{GROUP}/environment"
+LABEL_ENVIRONMENT_UID = f"{GROUP}/environment-uid"
+LABEL_OWNER = f"{GROUP}/owner"
+
+
+class Phase(str, enum.Enum):
+    PENDING = "Pending"
+    PROVISIONING = "Provisioning"
+    READY = "Ready"
+    SUSPENDED = "Suspended"
+    STOPPING = "Stopping"
+    STOPPED = "Stopped"
+    EXPIRED = "Expired"
+    FAILED = "Failed"
+    REJECTED = "Rejected"
+
+
+# Phases after which nothing runs and nothing is recreated.
+TERMINAL_PHASES = frozenset({Phase.STOPPED, Phase.EXPIRED, Phase.FAILED, Phase.REJECTED})
+
+
+class BackendKind(str, enum.Enum):
+    KUBERNETES = "kubernetes"
+    SLURM = "slurm"
+    OPENSTACK = "openstack"
+
+
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(text: str) -> datetime.timedelta:
+    """Parse '8h', '1d12h', '90m', '30s' into a timedelta (the CRD pattern)."""
+    match = _DURATION.match(text or "")
+    if not text or not match:
+        raise ValueError(f"invalid duration {text!r}: use e.g. '8h', '1d12h', '30m'")
+    days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return datetime.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+
+
+def format_time(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> datetime.datetime | None:
+    if not text:
+        return None
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+
+
+_QUANTITY = re.compile(r"^([0-9.]+)(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")
+_SUFFIX = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def parse_quantity(text: str | int | float) -> float:
+    """A Kubernetes quantity ('500m', '16Gi', 2) as a number of base units."""
+    match = _QUANTITY.match(str(text))
+    if not match:
+        raise ValueError(f"invalid quantity {text!r}")
+    return float(match.group(1)) * _SUFFIX[match.group(2)]
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: str = "1"
+    memory: str = "16Gi"
+    gpu: int = 0
+
+    @property
+    def cpus(self) -> float:
+        return parse_quantity(self.cpu)
+
+    @property
+    def memory_mib(self) -> int:
+        return int(parse_quantity(self.memory) // 2**20)
+
+
+@dataclass(frozen=True)
+class SlurmSpec:
+    partition: str = ""
+    account: str = ""
+    time_limit_minutes: int | None = None
+    qos: str = ""
+    modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OpenStackSpec:
+    flavor: str = ""
+    image: str = ""
+    network: str = ""
+    key_name: str = ""
+
+
+@dataclass(frozen=True)
+class Flavor:
+    name: str
+    backend: BackendKind
+    display_name: str = ""
+    resources: Resources = field(default_factory=Resources)
+    image: str = ""
+    allow_custom_image: bool = False
+    max_lifetime: datetime.timedelta = datetime.timedelta(hours=8)
+    idle_timeout: datetime.timedelta | None = None
+    slurm: SlurmSpec = field(default_factory=SlurmSpec)
+    openstack: OpenStackSpec = field(default_factory=OpenStackSpec)
+
+    @classmethod
+    def from_body(cls, name: str, spec: Mapping[str, Any]) -> "Flavor":
+        resources = spec.get("resources") or {}
+        slurm = spec.get("slurm") or {}
+        openstack = spec.get("openstack") or {}
+        idle = spec.get("idleTimeout")
+        return cls(
+            name=name,
+            backend=BackendKind(spec["backend"]),
+            display_name=spec.get("displayName", ""),
+            resources=Resources(
+                cpu=str(resources.get("cpu", "1")),
+                memory=str(resources.get("memory", "16Gi")),
+                gpu=int(resources.get("gpu", 0)),
+            ),
+            image=spec.get("image", ""),
+            allow_custom_image=bool(spec.get("allowCustomImage", False)),
+            max_lifetime=parse_duration(spec.get("maxLifetime", "8h")),
+            idle_timeout=parse_duration(idle) if idle else None,
+            slurm=SlurmSpec(
+                partition=slurm.get("partition", ""),
+                account=slurm.get("account", ""),
+                time_limit_minutes=slurm.get("timeLimitMinutes"),
+                qos=slurm.get("qos", ""),
+                modules=tuple(slurm.get("modules", ())),
+            ),
+            openstack=OpenStackSpec(
+                flavor=openstack.get("flavor", ""),
+                image=openstack.get("image", ""),
+                network=openstack.get("network", ""),
+                key_name=openstack.get("keyName", ""),
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    name: str
+    mount_path: str = ""
+
+
+@dataclass(frozen=True)
+class Environment:
+    namespace: str
+    name: str
+    uid: str
+    owner: str
+    flavor: str
+    image: str = ""
+    datasets: tuple[DatasetRef, ...] = ()
+    lifetime: datetime.timedelta | None = None
+    suspend: bool = False
+    generation: int = 0
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> "Environment":
+        metadata = body["metadata"]
+        spec = body.get("spec") or {}
+        lifetime = spec.get("lifetime")
+        return cls(
+            namespace=metadata["namespace"],
+            name=metadata["name"],
+            uid=metadata["uid"],
+            owner=spec["owner"],
+            flavor=spec["flavor"],
+            image=spec.get("image", ""),
+            datasets=tuple(
+                DatasetRef(name=ref["name"], mount_path=ref.get("mountPath", ""))
+                for ref in spec.get("datasets") or ()
+            ),
+            lifetime=parse_duration(lifetime) if lifetime else None,
+            suspend=bool(spec.get("suspend", False)),
+            generation=int(metadata.get("generation", 0)),
+        )
+
+    @property
+    def child_name(self) -> str:
+        """Deterministic name of every child object (pod, service, secret, job, server)."""
+        return f"aenv-{self.name}"
+
+    @property
+    def identity_labels(self) -> dict[str, str]:
+        return {
+            LABEL_MANAGED_BY: MANAGER,
+            LABEL_ENVIRONMENT: self.name,
+            LABEL_ENVIRONMENT_UID: self.uid,
+        }

@@ -1,0 +1,79 @@
+"""AnalysisEnvironment handlers: create, spec changes, operator restart, and
+the pod events that move an environment to Ready (or bring its pod back)."""
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import kopf
+
+from analysis_operator.domain import API_VERSION, GROUP, LABEL_ENVIRONMENT, VERSION, Environment
+from analysis_operator.handlers.indexes import MANAGED, EnvironmentRecord, first
+from analysis_operator.reconcile import Context, Outcome, converge
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def reference(environment: Environment) -> dict[str, Any]:
+    """Enough of the object for kopf to post an Event about it."""
+    return {"apiVersion": API_VERSION, "kind": "AnalysisEnvironment",
+            "metadata": {"namespace": environment.namespace, "name": environment.name, "uid": environment.uid}}
+
+
+def post(environment: Environment, outcome: Outcome) -> None:
+    if outcome.event is not None:
+        kind, reason, message = outcome.event
+        kopf.event(reference(environment), type=kind, reason=reason, message=message)
+
+
+async def apply(context: Context, environment: Environment, outcome: Outcome) -> None:
+    """Write an outcome from outside kopf's own handler patch (pod events, sweeps)."""
+    if outcome.status is not None:
+        await context.kube.patch_environment_status(environment.namespace, environment.name, outcome.status)
+    post(environment, outcome)
+
+
+@kopf.on.create(GROUP, VERSION, "analysisenvironments")
+@kopf.on.update(GROUP, VERSION, "analysisenvironments", field="spec")
+@kopf.on.resume(GROUP, VERSION, "analysisenvironments")
+async def on_environment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, flavors: kopf.Index, **_: Any) -> None:
+    environment = Environment.from_body(body)
+    outcome = await converge(memo.context, environment, body.get("status") or {},
+                             first(flavors, environment.flavor), now())
+    if outcome.status is not None:
+        patch.status.update(outcome.status)
+    post(environment, outcome)
+    if outcome.retry_after is not None:
+        raise kopf.TemporaryError(outcome.status and outcome.status.get("message") or "retrying",
+                                  delay=outcome.retry_after)
+
+
+@kopf.on.event(GROUP, VERSION, "analysisenvironments")
+async def on_environment_status(type: str, body: kopf.Body, memo: kopf.Memo, flavors: kopf.Index,
+                                **_: Any) -> None:
+    """The other half of the pod join: a pod can turn Ready before the status says Provisioning."""
+    status = body.get("status") or {}
+    if type != "MODIFIED" or status.get("phase") != "Provisioning":
+        return
+    environment = Environment.from_body(body)
+    observation = await memo.context.backends["kubernetes"].observe(environment)
+    if observation.state.value == "Ready":
+        await apply(memo.context, environment,
+                    await converge(memo.context, environment, status, first(flavors, environment.flavor), now()))
+
+
+@kopf.on.event("pods", labels=MANAGED)
+async def on_pod(namespace: str, labels: dict[str, str], memo: kopf.Memo, environments: kopf.Index,
+                 flavors: kopf.Index, **_: Any) -> None:
+    record: EnvironmentRecord | None = first(environments, (namespace, labels.get(LABEL_ENVIRONMENT, "")))
+    if record is None or not record.status.get("phase"):
+        return  # environment gone (the garbage collector follows), or its handler has not written yet
+    environment = record.environment
+    backend = memo.context.backends["kubernetes"]
+    if (await backend.observe(environment)).state.value == "Gone" and not await memo.context.kube.environment_exists(
+            environment.namespace, environment.name, environment.uid):
+        return  # deleted together with its environment: do not bring it back
+    outcome = await converge(memo.context, environment, record.status, first(flavors, environment.flavor), now())
+    await apply(memo.context, environment, outcome)

@@ -1,0 +1,110 @@
+"""Async access to the Kubernetes API for what kopf does not write itself.
+
+The official client is blocking; its calls run in a bounded thread pool of
+their own (never kopf's), and responses are parsed as plain JSON instead of
+the client's slow model classes.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import functools
+import json
+from typing import Any, Callable
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+from analysis_operator.domain import GROUP, VERSION
+
+ENVIRONMENTS = "analysisenvironments"
+
+
+def _load_configuration(workers: int) -> kubernetes.client.Configuration:
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = workers
+    return configuration
+
+
+class KubeClient:
+    def __init__(self, workers: int = 16) -> None:
+        api_client = kubernetes.client.ApiClient(_load_configuration(workers))
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="kube")
+
+    async def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        call = functools.partial(method, *args, _preload_content=False, **kwargs)
+        response = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return json.loads(response.data or b"{}")
+
+    async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
+        """Create; False if it already exists (deterministic names make that success)."""
+        method = {
+            "Pod": self.core.create_namespaced_pod,
+            "Service": self.core.create_namespaced_service,
+            "Secret": self.core.create_namespaced_secret,
+        }[kind]
+        try:
+            await self._call(method, namespace, body)
+        except ApiException as error:
+            if error.status == 409:
+                return False
+            raise
+        return True
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete; False if it was already gone."""
+        method = {
+            "Pod": self.core.delete_namespaced_pod,
+            "Service": self.core.delete_namespaced_service,
+            "Secret": self.core.delete_namespaced_secret,
+        }[kind]
+        try:
+            await self._call(method, name, namespace, body={"propagationPolicy": "Background"})
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
+    async def read_secret_value(self, namespace: str, name: str, key: str) -> str | None:
+
+        try:
+            secret = await self._call(self.core.read_namespaced_secret, name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        encoded = (secret.get("data") or {}).get(key)
+        return base64.b64decode(encoded).decode() if encoded else None
+
+    async def patch_environment_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        """Merge-patch status; False if the environment is gone."""
+        try:
+            await self._call(self.custom.patch_namespaced_custom_object_status,
+                             GROUP, VERSION, namespace, ENVIRONMENTS, name, {"status": status})
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
+    async def environment_exists(self, namespace: str, name: str, uid: str) -> bool:
+        try:
+            body = await self._call(self.custom.get_namespaced_custom_object,
+                                    GROUP, VERSION, namespace, ENVIRONMENTS, name)
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        metadata = body.get("metadata", {})
+        return metadata.get("uid") == uid and not metadata.get("deletionTimestamp")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,51 @@
+"""Structured logs: JSON in production, readable in a terminal.
+
+structlog renders our own events and, through the stdlib bridge, kopf's
+log records too, so one stream has one format.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+def _kopf_object(logger: object, method: str, event: dict) -> dict:
+    record = event.get("_record")
+    reference = getattr(record, "k8s_ref", None) if record is not None else None
+    if reference:
+        event.setdefault("object", f"{reference.get('namespace') or ''}/{reference.get('name')}".lstrip("/"))
+    return event
+
+
+def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
+    json_output = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    renderer = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, _kopf_object],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # kopf narrates every watch event at DEBUG and every handler at INFO; keep its noise down.
+    logging.getLogger("kopf").setLevel(max(logging.getLevelName(level.upper()), logging.WARNING)
+                                       if level.upper() != "DEBUG" else logging.DEBUG)
+    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)

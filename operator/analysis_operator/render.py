@@ -1,0 +1,34 @@
+"""Jinja2 rendering of templates/: pod specs, cloud-init, batch scripts.
+
+StrictUndefined so a missing value is an error, not an empty string. YAML
+templates are rendered then parsed; user-controlled values go through the
+`tojson` filter (JSON is YAML), so they can never break the structure.
+"""
+from __future__ import annotations
+
+import functools
+import shlex
+from typing import Any
+
+import jinja2
+import yaml
+
+
+@functools.lru_cache(maxsize=8)
+def _environment(templates_dir: str) -> jinja2.Environment:
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(templates_dir),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+    )
+    environment.filters["shquote"] = lambda value: shlex.quote(str(value))
+    return environment
+
+
+def render_text(templates_dir: str, template: str, /, **context: Any) -> str:
+    return _environment(templates_dir).get_template(template).render(**context)
+
+
+def render_yaml(templates_dir: str, template: str, /, **context: Any) -> Any:
+    return yaml.safe_load(render_text(templates_dir, template, **context))

@@ -1,0 +1,91 @@
+"""All configuration in one typed place, read once at startup.
+
+Sources, later wins: defaults, a YAML file (ANALYSIS_OPERATOR_CONFIG), then
+environment variables ANALYSIS_OPERATOR_<FIELD> for the top-level fields and
+ANALYSIS_OPERATOR_<SECTION>_<FIELD> for sections (e.g. ..._SLURM_URL).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+PREFIX = "ANALYSIS_OPERATOR_"
+_REPO_TEMPLATES = pathlib.Path(__file__).resolve().parents[2] / "templates"
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    enabled: bool = False
+    url: str = "http://127.0.0.1:6820"
+    api_version: str = "v0.0.38"         # what slurmrestd serves: 22.05 -> v0.0.38
+    user: str = "slurm"                  # X-SLURM-USER-NAME
+    token_file: str = ""                 # file holding the JWT (refreshed by the site)
+    working_directory: str = "/tmp"
+    jupyter_command: str = "jupyter lab"  # what the batch script starts
+    executor_workers: int = 4
+
+
+@dataclass(frozen=True)
+class OpenStackSettings:
+    enabled: bool = False
+    cloud: str = "analysis"              # entry in clouds.yaml
+    clouds_yaml: str = ""                # path; empty = openstacksdk's default search
+    executor_workers: int = 8
+
+
+@dataclass(frozen=True)
+class Settings:
+    templates_dir: str = str(_REPO_TEMPLATES)
+    log_format: str = "auto"             # auto (JSON unless a terminal), json, console
+    log_level: str = "INFO"
+    namespace: str = ""                  # empty = all namespaces
+    standalone: bool = True              # False = kopf peering (HA with standbys)
+    peering_name: str = "analysis-operator"
+    sweep_interval_seconds: float = 10.0  # expiry / accounting / orphan sweep period
+    kube_workers: int = 16               # threads for Kubernetes API calls
+    jupyter_port: int = 8888
+    cluster_domain: str = "cluster.local"
+    liveness_endpoint: str = "http://0.0.0.0:8080/healthz"
+    metrics_port: int = 9090
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
+    openstack: OpenStackSettings = field(default_factory=OpenStackSettings)
+
+
+def _coerce(value: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    return value
+
+
+def _build(cls: type, file_values: Mapping[str, Any], environ: Mapping[str, str], prefix: str) -> Any:
+    values: dict[str, Any] = {}
+    for spec in dataclasses.fields(cls):
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        if dataclasses.is_dataclass(default):
+            values[spec.name] = _build(type(default), file_values.get(spec.name) or {},
+                                       environ, f"{prefix}{spec.name.upper()}_")
+            continue
+        value = file_values.get(spec.name, default)
+        env_name = f"{prefix}{spec.name.upper()}"
+        if env_name in environ:
+            value = _coerce(environ[env_name], default)
+        values[spec.name] = value
+    return cls(**values)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    file_values: Mapping[str, Any] = {}
+    path = environ.get(f"{PREFIX}CONFIG")
+    if path:
+        file_values = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+    return _build(Settings, file_values, environ, PREFIX)

@@ -1,0 +1,119 @@
+"""A real Slurm for the backend tests: hack/slurm.sh, unless one is given.
+
+If ANALYSIS_OPERATOR_SLURM_URL is set, the tests use that cluster as
+configured by the environment and leave it running; otherwise they start the
+local one and stop it at the end of the session.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import shlex
+import subprocess
+import time
+import uuid
+from typing import Callable, Iterator
+
+import pytest
+
+from analysis_operator.backends.base import Observation
+from analysis_operator.backends.slurm import SlurmBackend
+from analysis_operator.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
+from analysis_operator.settings import SlurmSettings, load_settings
+
+REPO = pathlib.Path(__file__).resolve().parents[3]
+SLURM_SCRIPT = REPO / "hack" / "slurm.sh"
+
+
+def run_slurm_script(command: str) -> str:
+    completed = subprocess.run([str(SLURM_SCRIPT), command], capture_output=True, text=True, timeout=120)
+    if completed.returncode != 0:
+        raise RuntimeError(f"hack/slurm.sh {command} failed:\n{completed.stderr}")
+    return completed.stdout
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    """`export NAME=value` lines (bash %q quoting) as a dict."""
+    values = {}
+    for line in text.splitlines():
+        words = shlex.split(line)
+        if len(words) == 2 and words[0] == "export":
+            name, _, value = words[1].partition("=")
+            values[name] = value
+    return values
+
+
+@pytest.fixture(scope="session")
+def slurm_environ() -> Iterator[dict[str, str]]:
+    if os.environ.get("ANALYSIS_OPERATOR_SLURM_URL"):
+        yield dict(os.environ)
+        return
+    run_slurm_script("up")
+    try:
+        yield {**os.environ, **parse_env_file(run_slurm_script("env"))}
+    finally:
+        run_slurm_script("down")
+
+
+@pytest.fixture(scope="session")
+def slurm_settings(slurm_environ) -> SlurmSettings:
+    return load_settings(slurm_environ).slurm
+
+
+@pytest.fixture
+def backend(slurm_settings) -> SlurmBackend:
+    return SlurmBackend(slurm_settings)
+
+
+def make_flavor(**slurm) -> Flavor:
+    resources = slurm.pop("resources", Resources(cpu="1", memory="1Gi"))
+    return Flavor(name="cluster-test", backend=BackendKind.SLURM, resources=resources,
+                  slurm=SlurmSpec(**slurm))
+
+
+@pytest.fixture
+def make_environment(request, slurm_settings) -> Iterator[Callable[..., Environment]]:
+    """Environments with fresh uids; their jobs are cancelled after the test."""
+    created: list[Environment] = []
+
+    def factory(**overrides) -> Environment:
+        suffix = uuid.uuid4().hex[:8]
+        values = dict(namespace=f"test-{suffix}", name=request.node.name[:30].replace("_", "-").strip("-"),
+                      uid=str(uuid.uuid4()), owner="alice", flavor="cluster-test")
+        values.update(overrides)
+        environment = Environment(**values)
+        created.append(environment)
+        return environment
+
+    yield factory
+    cleaner = SlurmBackend(slurm_settings)
+    for environment in created:
+        wait_for(lambda: asyncio.run(cleaner.delete(environment)), timeout=30,
+                 what=f"cleanup of {environment.name}")
+
+
+def wait_for(probe: Callable[[], object], timeout: float, what: str, interval: float = 0.5):
+    """Call probe until it returns something truthy; fail with the last value seen."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
+
+
+def wait_for_state(backend: SlurmBackend, environment: Environment, states, timeout: float) -> Observation:
+    last: list[Observation] = []
+
+    def probe():
+        observation = asyncio.run(backend.observe(environment))
+        last[:] = [observation]
+        return observation if observation.state in states else None
+
+    try:
+        return wait_for(probe, timeout, f"{environment.name} in {[state.value for state in states]}")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; last observation {last}") from None

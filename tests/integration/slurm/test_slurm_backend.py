@@ -1,0 +1,157 @@
+"""SlurmBackend against real slurmctld, slurmd and slurmrestd."""
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import signal
+import urllib.request
+
+import pytest
+
+from analysis_operator.backends.base import BackendUnavailable, State
+from analysis_operator.backends.slurm import SlurmBackend, parse_identity
+from analysis_operator.domain import Resources
+
+from .conftest import make_flavor, run_slurm_script, wait_for, wait_for_state
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "test-token-not-for-logs"
+
+
+def jobs_of(backend: SlurmBackend, uid: str) -> list[dict]:
+    return [job for job in asyncio.run(backend.client.jobs())
+            if (parse_identity(job.get("comment", "")) or {}).get("uid") == uid]
+
+
+def http_status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.status
+
+
+def test_submit_runs_and_becomes_ready_with_a_url_that_answers(backend, make_environment):
+    environment = make_environment()
+    submitted = asyncio.run(backend.ensure(environment, make_flavor(partition="debug"), TOKEN))
+    assert submitted.state == State.PENDING and submitted.reference["jobId"]
+
+    ready = wait_for_state(backend, environment, {State.READY}, timeout=60)
+
+    assert ready.reference["jobId"] == submitted.reference["jobId"]
+    assert ready.reference["node"] == "localhost"
+    assert ready.url.startswith("http://") and TOKEN not in ready.url
+    assert http_status(ready.url) == 200
+    assert ready.cpus == 1.0 and ready.gpus == 0
+
+
+def test_pending_job_reports_slurms_reason(backend, make_environment):
+    # The tiny partition allows one minute; the flavor's 8 hours keep the job waiting.
+    environment = make_environment()
+    asyncio.run(backend.ensure(environment, make_flavor(partition="tiny"), TOKEN))
+
+    observation = asyncio.run(backend.observe(environment))
+
+    assert observation.state == State.PENDING
+    assert observation.reason == "PartitionTimeLimit"
+    assert "PartitionTimeLimit" in observation.message
+    assert observation.cpus == 0
+
+
+def test_gpu_request_reaches_slurm_and_is_accounted(backend, make_environment):
+    environment = make_environment()
+    flavor = make_flavor(partition="debug", resources=Resources(cpu="2", memory="1Gi", gpu=2))
+    asyncio.run(backend.ensure(environment, flavor, TOKEN))
+
+    running = wait_for_state(backend, environment, {State.PROVISIONING, State.READY}, timeout=60)
+    job = asyncio.run(backend.client.job(running.reference["jobId"]))
+
+    assert job["tres_per_node"] == "gres:gpu:2"
+    assert running.gpus == 2 and running.cpus == 2.0
+
+
+def test_delete_cancels_and_confirms_gone(backend, make_environment):
+    environment = make_environment()
+    asyncio.run(backend.ensure(environment, make_flavor(), TOKEN))
+    ready = wait_for_state(backend, environment, {State.READY}, timeout=60)
+
+    wait_for(lambda: asyncio.run(backend.delete(environment)), timeout=30, what="delete confirmed")
+
+    job = asyncio.run(backend.client.job(ready.reference["jobId"]))
+    assert job["job_state"] == "CANCELLED"
+    assert asyncio.run(backend.observe(environment)).state == State.FAILED
+    with pytest.raises(OSError):
+        http_status(ready.url)
+
+
+def test_time_limit_expiry_reports_expired(backend, make_environment):
+    import datetime
+    environment = make_environment(lifetime=datetime.timedelta(minutes=1))
+    submitted = asyncio.run(backend.ensure(environment, make_flavor(), TOKEN))
+    assert asyncio.run(backend.client.job(submitted.reference["jobId"]))["time_limit"] == 1
+
+    # slurmctld checks time limits about every 30 s after the minute is up.
+    expired = wait_for_state(backend, environment, {State.EXPIRED}, timeout=150)
+
+    assert expired.reason == "TimeLimit"
+    assert expired.reference["state"] == "TIMEOUT"
+    # An expired environment is reported, not resubmitted.
+    again = asyncio.run(backend.ensure(environment, make_flavor(), TOKEN))
+    assert again.state == State.EXPIRED and len(jobs_of(backend, environment.uid)) == 1
+
+
+def test_restarted_operator_adopts_the_running_job(slurm_settings, make_environment):
+    environment = make_environment()
+    first = SlurmBackend(slurm_settings)
+    submitted = asyncio.run(first.ensure(environment, make_flavor(), TOKEN))
+
+    after_restart = SlurmBackend(slurm_settings)
+    adopted = asyncio.run(after_restart.ensure(environment, make_flavor(), TOKEN))
+
+    assert adopted.reference["jobId"] == submitted.reference["jobId"]
+    assert len(jobs_of(after_restart, environment.uid)) == 1
+
+
+def test_list_managed_finds_an_orphan_and_the_sweep_cancels_it(backend, make_environment):
+    orphan = make_environment()
+    submitted = asyncio.run(backend.ensure(orphan, make_flavor(), TOKEN))
+
+    managed = asyncio.run(SlurmBackend(backend.settings).list_managed())
+    found = [item for item in managed if item.uid == orphan.uid]
+
+    assert [(item.namespace, item.name, item.backend_id) for item in found] == [
+        (orphan.namespace, orphan.name, submitted.reference["jobId"])]
+    wait_for(lambda: asyncio.run(backend.delete(orphan)), timeout=30, what="orphan cancelled")
+    remaining = asyncio.run(backend.list_managed())
+    assert orphan.uid not in {item.uid for item in remaining}
+
+
+def slurmrestd_pid_file() -> pathlib.Path:
+    state = pathlib.Path(os.environ.get("SLURM_STATE_DIR", "/tmp/analysis-operator-slurm"))
+    return state / "run" / "slurmrestd.pid"
+
+
+def test_slurmrestd_down_then_back_loses_nothing(backend, make_environment):
+    pid_file = slurmrestd_pid_file()
+    if not pid_file.exists():
+        pytest.skip("slurmrestd was not started by hack/slurm.sh: cannot stop it here")
+    environment = make_environment()
+    submitted = asyncio.run(backend.ensure(environment, make_flavor(), TOKEN))
+
+    pid = int(pid_file.read_text())
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not pathlib.Path(f"/proc/{pid}").exists(), timeout=15, what="slurmrestd stopped")
+    try:
+        with pytest.raises(BackendUnavailable) as raised:
+            asyncio.run(backend.ensure(environment, make_flavor(), TOKEN))
+        message = str(raised.value)
+        assert "unreachable" in message and backend.settings.url in message
+        assert TOKEN not in message
+        assert open(backend.settings.token_file).read().strip() not in message
+        with pytest.raises(BackendUnavailable):
+            asyncio.run(backend.observe(environment))
+    finally:
+        run_slurm_script("up")
+
+    adopted = asyncio.run(backend.ensure(environment, make_flavor(), TOKEN))
+    assert adopted.reference["jobId"] == submitted.reference["jobId"]
+    assert len(jobs_of(backend, environment.uid)) == 1
