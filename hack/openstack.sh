@@ -96,17 +96,24 @@ is_running() {
   [ -s "$file" ] && kill -0 "$(cat "$file")" 2>/dev/null
 }
 
-stop_service() {
-  local name=$1 file="$STATE/pid/$1.pid"
-  [ -s "$file" ] || return 0
-  local pgid; pgid=$(cat "$file")
-  if kill -0 "$pgid" 2>/dev/null; then
-    kill -TERM -- "-$pgid" 2>/dev/null || true
-    local waited=0
-    while kill -0 "$pgid" 2>/dev/null && [ $waited -lt 100 ]; do sleep 0.1; waited=$((waited + 1)); done
+stop_service() { stop_services "$1"; }
+
+# TERM every group at once (nova's graceful shutdown takes seconds each),
+# then KILL whatever is left after 10 s. Only groups recorded in pid files.
+stop_services() {
+  local name groups=()
+  for name in "$@"; do
+    local file="$STATE/pid/$name.pid"
+    [ -s "$file" ] || continue
+    local pgid; pgid=$(cat "$file")
+    kill -TERM -- "-$pgid" 2>/dev/null && groups+=("$pgid")
+    rm -f "$file"
+  done
+  local deadline=$((SECONDS + 10)) pgid
+  for pgid in "${groups[@]}"; do
+    while kill -0 -- "-$pgid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
     kill -KILL -- "-$pgid" 2>/dev/null || true
-  fi
-  rm -f "$file"
+  done
 }
 
 wait_for() {  # description, timeout seconds, command...
@@ -141,7 +148,6 @@ user_domain_name = Default
 project_name = service
 username = $1
 password = $SERVICE_PASSWORD
-service_token_roles_required = true
 EOF
 }
 
@@ -248,6 +254,7 @@ host = analysis-fake-compute
 my_ip = 127.0.0.1
 transport_url = $TRANSPORT_URL
 state_path = $STATE/nova
+graceful_shutdown_timeout = 2
 instances_path = $STATE/nova/instances
 [api]
 auth_strategy = keystone
@@ -346,15 +353,17 @@ up_keystone() {
 
 db_syncs() {  # placement, glance, neutron: independent, so in parallel
   [ -e "$STATE/done-dbsync" ] && return
-  run_main placement.cmd.manage --config-dir "$STATE/etc/placement" db sync &
-  run_main glance.cmd.manage --config-file "$STATE/etc/glance/glance-api.conf" db_sync &
+  local syncs=()
+  run_main placement.cmd.manage --config-dir "$STATE/etc/placement" db sync & syncs+=($!)
+  run_main glance.cmd.manage --config-file "$STATE/etc/glance/glance-api.conf" db_sync & syncs+=($!)
   run_main neutron.db.migration.cli --config-file "$STATE/etc/neutron/neutron.conf" \
-    --config-file "$STATE/etc/neutron/plugins/ml2/ml2_conf.ini" upgrade heads &
+    --config-file "$STATE/etc/neutron/plugins/ml2/ml2_conf.ini" upgrade heads & syncs+=($!)
   nova_manage api_db sync
   nova_manage cell_v2 map_cell0
   nova_manage cell_v2 list_cells | grep -q ' cell1 ' || nova_manage cell_v2 create_cell --name=cell1
   nova_manage db sync
-  wait
+  local sync  # not a bare `wait`: that would also wait for the services started in background
+  for sync in "${syncs[@]}"; do wait "$sync"; done
   touch "$STATE/done-dbsync"
 }
 
@@ -372,23 +381,25 @@ up_services() {
   start_service neutron "$PY" -c "import sys; from neutron.cmd.eventlet.server import main; sys.exit(main())" \
     --config-file "$STATE/etc/neutron/neutron.conf" \
     --config-file "$STATE/etc/neutron/plugins/ml2/ml2_conf.ini"
+  # Rows in nova.services outlive the processes, so "registered" means
+  # heartbeat newer than this start (nova stores UTC).
+  since=$(sql "SELECT UTC_TIMESTAMP()")
+  local conductor_was_up=; is_running nova-conductor && conductor_was_up=1
   nova_service nova-conductor nova.cmd.conductor
   nova_service nova-scheduler nova.cmd.scheduler
   nova_service nova-api nova.cmd.api_os_compute
-  # nova-compute gives up if no conductor answers yet: wait for its service row.
-  wait_for "nova-conductor" 120 conductor_registered
+  if is_running nova-compute; then return; fi
+  # nova-compute gives up if no conductor answers yet: wait for its heartbeat.
+  [ -n "$conductor_was_up" ] || wait_for "nova-conductor" 120 service_seen conductor
   nova_service nova-compute nova.cmd.compute
-  wait_for "the fake compute node" 120 compute_node_registered
+  # The compute service reports in after its node and GPU inventory are in placement.
+  wait_for "nova-compute" 120 service_seen compute
   # Automatic host discovery would take up to a minute; do it now.
   nova_manage cell_v2 discover_hosts >>"$STATE/log/setup.log" 2>&1
 }
 
-conductor_registered() {
-  [ -n "$(sql "SELECT id FROM nova.services WHERE topic='conductor' AND deleted=0 LIMIT 1")" ]
-}
-
-compute_node_registered() {
-  [ -n "$(sql "SELECT id FROM nova.compute_nodes WHERE deleted=0 LIMIT 1")" ]
+service_seen() {
+  [ -n "$(sql "SELECT id FROM nova.services WHERE topic='$1' AND deleted=0 AND COALESCE(updated_at, created_at) >= '$since'")" ]
 }
 
 cmd_up() {
@@ -401,7 +412,8 @@ cmd_up() {
   wait_for keystone 90 port_open 5000
   db_syncs >>"$STATE/log/setup.log" 2>&1
   wait_for rabbitmq 90 port_open "$RABBIT_PORT"
-  OS_STATE_DIR="$STATE" "$PY" "$here/openstack/bootstrap.py" identity >>"$STATE/log/setup.log" 2>&1
+  OS_STATE_DIR="$STATE" "$PY" "$here/openstack/bootstrap.py" identity >>"$STATE/log/setup.log" 2>&1 \
+    || { log "keystone bootstrap failed, see $STATE/log/setup.log"; exit 1; }
   up_services
   local port
   for port in 8778 9292 9696 8774; do wait_for "port $port" 90 port_open $port; done
@@ -412,11 +424,12 @@ cmd_up() {
 }
 
 cmd_down() {
-  local service reversed=
-  for service in $SERVICES; do reversed="$service $reversed"; done
-  for service in $reversed; do stop_service "$service"; done
-  # epmd is started by rabbitmq on demand and detaches; it is ours only if
-  # our rabbitmq started it, which we cannot tell, so leave it running.
+  # epmd is started by rabbitmq on demand and detaches into its own group; it
+  # may serve other Erlang nodes on the machine, so it is left running.
+  # The OpenStack services first, while their database and broker still
+  # answer (their shutdown otherwise waits on reconnects), then those two.
+  stop_services $(echo $SERVICES | tr ' ' '\n' | grep -vx 'mariadb\|rabbitmq')
+  stop_services rabbitmq mariadb
 }
 
 cmd_env() {

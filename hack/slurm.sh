@@ -143,7 +143,8 @@ EOF
 
 prepare_state() {
   install -d -m 0755 "$STATE" "$RUN"
-  install -d -m 0755 -o slurm -g slurm "$STATE/log" "$STATE/ctld"
+  install -d -m 0755 -o slurm -g slurm "$STATE/log"
+  install -d -m 0700 -o slurm -g slurm "$STATE/ctld"
   install -d -m 0755 "$STATE/slurmd"
   install -d -m 0700 -o "$JOB_USER" -g "$JOB_USER" "$STATE/jobs"
   # slurmctld writes its pid file after dropping to SlurmUser.
@@ -158,9 +159,11 @@ munge_answers() { munge -n -S "$MUNGE_SOCKET" | unmunge -S "$MUNGE_SOCKET"; }
 controller_answers() { scontrol ping | grep -q UP; }
 node_ready() { sinfo -h -n localhost -o %T | grep -Eq '^(idle|mixed|allocated)$'; }
 rest_answers() {
-  curl -fsS -o /dev/null -H "X-SLURM-USER-NAME: $JOB_USER" \
-    -H "X-SLURM-USER-TOKEN: $(cat "$STATE/token")" \
-    "http://127.0.0.1:$REST_PORT/slurm/$API_VERSION/ping"
+  # The token goes to curl on stdin (printf is a builtin), never on a command
+  # line that ps would show.
+  printf 'header = "X-SLURM-USER-TOKEN: %s"\n' "$(<"$STATE/token")" |
+    curl -fsS -o /dev/null -K - -H "X-SLURM-USER-NAME: $JOB_USER" \
+      "http://127.0.0.1:$REST_PORT/slurm/$API_VERSION/ping"
 }
 
 start_munged() {
@@ -242,16 +245,25 @@ cmd_up() {
   log "up: slurmrestd on http://127.0.0.1:$REST_PORT (source <(hack/slurm.sh env))"
 }
 
-# stop_pid NAME: TERM, then KILL if it ignores TERM for 10 s.
-stop_pid() {
-  local file=$RUN/$1.pid pid
-  pid_alive "$file" || { rm -f "$file"; return; }
-  pid=$(cat "$file")
-  kill -TERM "$pid" 2>/dev/null || true
-  local deadline=$((SECONDS + 10))
-  while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
-  kill -0 "$pid" 2>/dev/null && { log "$1 ignored SIGTERM, killing"; kill -KILL "$pid" || true; }
-  rm -f "$file"
+# stop_daemons NAME...: TERM them together (each takes about 2 s to exit),
+# then KILL whatever ignores TERM for 10 s.
+stop_daemons() {
+  local name pids=()
+  for name in "$@"; do
+    if pid_alive "$RUN/$name.pid"; then
+      pids+=("$(cat "$RUN/$name.pid")")
+      kill -TERM "${pids[-1]}" 2>/dev/null || true
+    fi
+  done
+  local deadline=$((SECONDS + 10)) pid
+  for pid in "${pids[@]}"; do
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "pid $pid ignored SIGTERM, killing"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
+  for name in "$@"; do rm -f "$RUN/$name.pid"; done
 }
 
 no_jobs_left() { [ -z "$(squeue -h -o %i)" ]; }
@@ -261,7 +273,7 @@ cancel_jobs() {
   # leave them running, so the queue is emptied while the controller is up.
   pid_alive "$RUN/slurmctld.pid" || return 0
   scancel --full --user="$JOB_USER" 2>/dev/null || true
-  if ! wait_for_quietly 20 no_jobs_left; then
+  if ! wait_for_quietly 20 "an empty queue" no_jobs_left; then
     log "jobs still listed after scancel; stopping anyway"
   fi
 }
@@ -270,10 +282,11 @@ wait_for_quietly() { (wait_for "$@") 2>/dev/null; }
 
 cmd_down() {
   cancel_jobs
-  stop_pid slurmrestd
-  stop_pid slurmd
-  stop_pid slurmctld
-  stop_pid munged
+  stop_daemons slurmrestd slurmd
+  # slurmd reports its last jobs to the controller while it shuts down, and
+  # every daemon talks to munged until it is gone.
+  stop_daemons slurmctld
+  stop_daemons munged
   rm -f "$STATE/env"
   log "down"
 }

@@ -218,10 +218,14 @@ class SlurmRestClient:
                 async with session.request(method, self._url(path), json=payload, headers=headers) as response:
                     body = await response.json(content_type=None)
                     status = response.status
-        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+        except (aiohttp.ClientError, TimeoutError) as error:
             raise BackendUnavailable(
                 f"slurmrestd at {self.settings.url} is unreachable ({type(error).__name__}); "
                 "will retry: check that slurmrestd runs and the URL is right") from None
+        except ValueError:
+            raise BackendUnavailable(
+                f"{self.settings.url} answered {method} {path} with something that is not JSON: "
+                "is it slurmrestd, and is api_version right?") from None
         errors = [error for error in (body or {}).get("errors") or () if error]
         if status < 400 and not errors:
             return body

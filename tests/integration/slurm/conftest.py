@@ -17,9 +17,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from analysis_operator.backends.base import Observation
 from analysis_operator.backends.slurm import SlurmBackend
-from analysis_operator.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
+from analysis_operator.domain import Environment
 from analysis_operator.settings import SlurmSettings, load_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
@@ -57,6 +56,12 @@ def slurm_environ() -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="session")
+def slurm_script() -> Callable[[str], str]:
+    """Runs hack/slurm.sh up|down|env|status (for tests that stop a daemon)."""
+    return run_slurm_script
+
+
+@pytest.fixture(scope="session")
 def slurm_settings(slurm_environ) -> SlurmSettings:
     return load_settings(slurm_environ).slurm
 
@@ -64,12 +69,6 @@ def slurm_settings(slurm_environ) -> SlurmSettings:
 @pytest.fixture
 def backend(slurm_settings) -> SlurmBackend:
     return SlurmBackend(slurm_settings)
-
-
-def make_flavor(**slurm) -> Flavor:
-    resources = slurm.pop("resources", Resources(cpu="1", memory="1Gi"))
-    return Flavor(name="cluster-test", backend=BackendKind.SLURM, resources=resources,
-                  slurm=SlurmSpec(**slurm))
 
 
 @pytest.fixture
@@ -89,31 +88,7 @@ def make_environment(request, slurm_settings) -> Iterator[Callable[..., Environm
     yield factory
     cleaner = SlurmBackend(slurm_settings)
     for environment in created:
-        wait_for(lambda: asyncio.run(cleaner.delete(environment)), timeout=30,
-                 what=f"cleanup of {environment.name}")
-
-
-def wait_for(probe: Callable[[], object], timeout: float, what: str, interval: float = 0.5):
-    """Call probe until it returns something truthy; fail with the last value seen."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
-
-
-def wait_for_state(backend: SlurmBackend, environment: Environment, states, timeout: float) -> Observation:
-    last: list[Observation] = []
-
-    def probe():
-        observation = asyncio.run(backend.observe(environment))
-        last[:] = [observation]
-        return observation if observation.state in states else None
-
-    try:
-        return wait_for(probe, timeout, f"{environment.name} in {[state.value for state in states]}")
-    except AssertionError as error:
-        raise AssertionError(f"{error}; last observation {last}") from None
+        deadline = time.monotonic() + 30
+        while not asyncio.run(cleaner.delete(environment)):
+            assert time.monotonic() < deadline, f"job of {environment.name} still active after 30 s"
+            time.sleep(0.5)

@@ -2,22 +2,55 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import pathlib
 import signal
+import time
 import urllib.request
+from typing import Callable
 
 import pytest
 
-from analysis_operator.backends.base import BackendUnavailable, State
+from analysis_operator.backends.base import BackendUnavailable, Observation, State
 from analysis_operator.backends.slurm import SlurmBackend, parse_identity
-from analysis_operator.domain import Resources
-
-from .conftest import make_flavor, run_slurm_script, wait_for, wait_for_state
+from analysis_operator.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "test-token-not-for-logs"
+
+
+def make_flavor(**slurm) -> Flavor:
+    resources = slurm.pop("resources", Resources(cpu="1", memory="1Gi"))
+    return Flavor(name="cluster-test", backend=BackendKind.SLURM, resources=resources,
+                  slurm=SlurmSpec(**slurm))
+
+
+def wait_for(probe: Callable[[], object], timeout: float, what: str, interval: float = 0.5):
+    """Call probe until it returns something truthy; fail with the last value seen."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
+
+
+def wait_for_state(backend: SlurmBackend, environment: Environment, states, timeout: float) -> Observation:
+    last: list[Observation] = []
+
+    def probe():
+        observation = asyncio.run(backend.observe(environment))
+        last[:] = [observation]
+        return observation if observation.state in states else None
+
+    try:
+        return wait_for(probe, timeout, f"{environment.name} in {[state.value for state in states]}")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; last observation {last}") from None
 
 
 def jobs_of(backend: SlurmBackend, uid: str) -> list[dict]:
@@ -45,16 +78,23 @@ def test_submit_runs_and_becomes_ready_with_a_url_that_answers(backend, make_env
 
 
 def test_pending_job_reports_slurms_reason(backend, make_environment):
-    # The tiny partition allows one minute; the flavor's 8 hours keep the job waiting.
+    # The tiny partition allows one minute; the flavor's 8 hours keep the job
+    # waiting. Slurm first says PartitionConfig, and PartitionTimeLimit once
+    # its scheduler has looked at the job.
     environment = make_environment()
     asyncio.run(backend.ensure(environment, make_flavor(partition="tiny"), TOKEN))
+    seen = []
 
-    observation = asyncio.run(backend.observe(environment))
+    def pending_for_time_limit():
+        observation = asyncio.run(backend.observe(environment))
+        seen.append(observation)
+        return observation.reason == "PartitionTimeLimit"
 
-    assert observation.state == State.PENDING
-    assert observation.reason == "PartitionTimeLimit"
-    assert "PartitionTimeLimit" in observation.message
-    assert observation.cpus == 0
+    wait_for(pending_for_time_limit, timeout=30, what="reason PartitionTimeLimit")
+
+    assert {observation.state for observation in seen} == {State.PENDING}
+    assert "PartitionTimeLimit" in seen[-1].message
+    assert seen[-1].cpus == 0
 
 
 def test_gpu_request_reaches_slurm_and_is_accounted(backend, make_environment):
@@ -84,7 +124,6 @@ def test_delete_cancels_and_confirms_gone(backend, make_environment):
 
 
 def test_time_limit_expiry_reports_expired(backend, make_environment):
-    import datetime
     environment = make_environment(lifetime=datetime.timedelta(minutes=1))
     submitted = asyncio.run(backend.ensure(environment, make_flavor(), TOKEN))
     assert asyncio.run(backend.client.job(submitted.reference["jobId"]))["time_limit"] == 1
@@ -130,7 +169,7 @@ def slurmrestd_pid_file() -> pathlib.Path:
     return state / "run" / "slurmrestd.pid"
 
 
-def test_slurmrestd_down_then_back_loses_nothing(backend, make_environment):
+def test_slurmrestd_down_then_back_loses_nothing(backend, make_environment, slurm_script):
     pid_file = slurmrestd_pid_file()
     if not pid_file.exists():
         pytest.skip("slurmrestd was not started by hack/slurm.sh: cannot stop it here")
@@ -150,7 +189,7 @@ def test_slurmrestd_down_then_back_loses_nothing(backend, make_environment):
         with pytest.raises(BackendUnavailable):
             asyncio.run(backend.observe(environment))
     finally:
-        run_slurm_script("up")
+        slurm_script("up")
 
     adopted = asyncio.run(backend.ensure(environment, make_flavor(), TOKEN))
     assert adopted.reference["jobId"] == submitted.reference["jobId"]

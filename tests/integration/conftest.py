@@ -1,0 +1,176 @@
+"""Fixtures that run the real stack: kube-apiserver on etcd, controller-manager
+(garbage collection), scheduler and KWOK nodes, plus the operator as its own
+process. A cluster that KUBECONFIG already points at is reused."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import kubernetes
+import pytest
+
+from tests.waiting import wait_for
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CLUSTER_STATE = pathlib.Path(os.environ.get("CLUSTER_STATE_DIR", "/tmp/analysis-operator-cluster"))
+GROUP, VERSION = "analysis.panosc.eu", "v1alpha1"
+
+
+def _reachable(kubeconfig: str) -> bool:
+    try:
+        client = kubernetes.config.new_client_from_config(config_file=kubeconfig)
+        kubernetes.client.VersionApi(client).get_code(_request_timeout=3)
+        return True
+    except Exception:
+        return False
+
+
+def kubectl(*arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+    binary = pathlib.Path((CLUSTER_STATE / "bin").read_text().strip()) / "kubectl"
+    return subprocess.run([str(binary), *arguments], check=check, capture_output=True, text=True,
+                          env={**os.environ, "KUBECONFIG": os.environ["KUBECONFIG"]})
+
+
+@pytest.fixture(scope="session")
+def kubeconfig() -> str:
+    existing = os.environ.get("KUBECONFIG")
+    started = False
+    if not (existing and _reachable(existing)):
+        subprocess.run([str(REPO / "hack/cluster.sh"), "up"], check=True)
+        os.environ["KUBECONFIG"] = str(CLUSTER_STATE / "kubeconfig")
+        started = True
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+    kubectl("apply", "-f", str(REPO / "examples/flavors.yaml"), "-f", str(REPO / "tests/integration/flavors.yaml"))
+    yield os.environ["KUBECONFIG"]
+    if started and not os.environ.get("KEEP_CLUSTER"):
+        subprocess.run([str(REPO / "hack/cluster.sh"), "down"], check=False)
+
+
+@pytest.fixture(scope="session")
+def api(kubeconfig: str) -> kubernetes.client.ApiClient:
+    return kubernetes.config.new_client_from_config(config_file=kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def core(api) -> kubernetes.client.CoreV1Api:
+    return kubernetes.client.CoreV1Api(api)
+
+
+@pytest.fixture(scope="session")
+def custom(api) -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(api)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class OperatorProcess:
+    """The operator as a real process, so tests can kill and restart it."""
+
+    def __init__(self, kubeconfig: str, log_path: pathlib.Path, **settings: str) -> None:
+        self.kubeconfig, self.log_path, self.settings = kubeconfig, log_path, settings
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        port = _free_port()
+        environment = {
+            **os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONPATH": str(REPO / "operator"),
+            "ANALYSIS_OPERATOR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{port}/healthz",
+            "ANALYSIS_OPERATOR_SWEEP_INTERVAL_SECONDS": "1",
+            **self.settings,
+        }
+        log = self.log_path.open("a")
+        self.process = subprocess.Popen([sys.executable, "-m", "analysis_operator", "--log-format", "json"],
+                                        env=environment, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self._healthy(port), timeout=60, what="operator liveness endpoint")
+
+    def _healthy(self, port: int) -> bool:
+        assert self.process is not None and self.process.poll() is None, f"operator died, see {self.log_path}"
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).status == 200
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+        self.process = None
+
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        self.stop(sig)
+        self.start()
+
+
+@pytest.fixture(scope="session")
+def operator(kubeconfig: str, tmp_path_factory) -> OperatorProcess:
+    process = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def namespace(core) -> str:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    wait_for(lambda: _has_default_service_account(core, name), timeout=30, what="default ServiceAccount")
+    yield name
+    core.delete_namespace(name, propagation_policy="Background")
+
+
+def _has_default_service_account(core, namespace: str) -> bool:
+    try:
+        core.read_namespaced_service_account("default", namespace)
+        return True
+    except kubernetes.client.ApiException:
+        return False
+
+
+class Environments:
+    """Create and read AnalysisEnvironments in one namespace."""
+
+    def __init__(self, custom, namespace: str) -> None:
+        self.custom, self.namespace = custom, namespace
+
+    def create(self, name: str, **spec) -> dict:
+        spec.setdefault("owner", "alice")
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AnalysisEnvironment",
+                "metadata": {"name": name}, "spec": spec}
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, "analysisenvironments",
+                                                           body, field_validation="Strict")
+
+    def get(self, name: str) -> dict:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, "analysisenvironments", name)
+
+    def patch_spec(self, name: str, **spec) -> dict:
+        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, "analysisenvironments",
+                                                          name, {"spec": spec})
+
+    def delete(self, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, "analysisenvironments", name)
+
+    def phase(self, name: str) -> str | None:
+        return (self.get(name).get("status") or {}).get("phase")
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 30) -> dict:
+        wait_for(lambda: self.phase(name) == phase, timeout=timeout,
+                 what=lambda: f"{name} to be {phase}: {json.dumps(self.get(name).get('status'))}")
+        return self.get(name)
+
+
+@pytest.fixture
+def environments(custom, namespace, operator) -> Environments:
+    return Environments(custom, namespace)

@@ -1,0 +1,170 @@
+"""AnalysisEnvironments on the real API server, reconciled by the operator process."""
+from __future__ import annotations
+
+import base64
+import json
+import signal
+
+import kubernetes
+import pytest
+
+from tests.integration.conftest import GROUP, VERSION
+from tests.waiting import wait_for
+
+OWNER_KIND = "AnalysisEnvironment"
+
+
+def children(core, namespace: str, name: str) -> dict[str, object]:
+    """Pod, Service and Secret of an environment, or None where missing."""
+    child = f"aenv-{name}"
+    found = {}
+    for kind, read in (("pod", core.read_namespaced_pod), ("service", core.read_namespaced_service),
+                       ("secret", core.read_namespaced_secret)):
+        try:
+            found[kind] = read(child, namespace)
+        except kubernetes.client.ApiException as error:
+            assert error.status == 404
+            found[kind] = None
+    return found
+
+
+def events(core, namespace: str, name: str) -> list:
+    selector = f"involvedObject.kind={OWNER_KIND},involvedObject.name={name}"
+    return core.list_namespaced_event(namespace, field_selector=selector).items
+
+
+def event_reasons(core, namespace: str, name: str) -> set[str]:
+    return {event.reason for event in events(core, namespace, name)}
+
+
+def test_environment_goes_ready_with_owned_children(environments, core, namespace):
+    created = environments.create("basic", flavor="jupyter-basic", lifetime="4h")
+    environment = environments.wait_phase("basic", "Ready")
+    status = environment["status"]
+    found = children(core, namespace, "basic")
+
+    for kind, child in found.items():
+        assert child is not None, f"{kind} missing"
+        (reference,) = child.metadata.owner_references
+        assert (reference.kind, reference.uid, reference.controller) == (OWNER_KIND, created["metadata"]["uid"], True)
+    pod = found["pod"]
+    assert pod.status.phase == "Running" and pod.spec.node_name.startswith("kwok-")
+    container = pod.spec.containers[0]
+    assert container.image == "quay.io/jupyter/scipy-notebook:2025-10-20"
+    assert container.resources.requests == {"cpu": "1", "memory": "16Gi"}
+    assert pod.spec.automount_service_account_token is False
+
+    token = base64.b64decode(found["secret"].data["token"]).decode()
+    assert len(token) >= 32
+    assert token not in json.dumps(environment) and token not in json.dumps(pod.to_dict(), default=str)
+    assert status["connection"] == {"secretName": "aenv-basic",
+                                    "url": f"http://aenv-basic.{namespace}.svc.cluster.local:8888/lab"}
+    assert status["backend"]["kind"] == "kubernetes" and status["backend"]["node"] == pod.spec.node_name
+    assert status["observedGeneration"] == environment["metadata"]["generation"]
+    (ready,) = [c for c in status["conditions"] if c["type"] == "Ready"]
+    assert ready["status"] == "True"
+    start, end = status["startedAt"], status["expiresAt"]
+    assert (int(end[11:13]) - int(start[11:13])) % 24 == 4 and end[14:] == start[14:]
+    wait_for(lambda: {"PodStarting", "PodReady"} <= event_reasons(core, namespace, "basic"), timeout=10,
+             what="Events for both transitions")
+
+
+def test_gpu_flavor_requests_a_gpu_and_lands_on_the_gpu_node(environments, core, namespace):
+    environments.create("gpu", flavor="jupyter-gpu")
+    environments.wait_phase("gpu", "Ready")
+    pod = children(core, namespace, "gpu")["pod"]
+    assert pod.spec.containers[0].resources.limits["nvidia.com/gpu"] == "1"
+    assert pod.spec.node_name == "kwok-gpu-0"
+
+
+def test_custom_image_is_used_where_the_flavor_allows_it(environments, core, namespace):
+    environments.create("custom", flavor="jupyter-custom", image="registry.example.org/xrd/jupyter:1.2")
+    environments.wait_phase("custom", "Ready")
+    assert children(core, namespace, "custom")["pod"].spec.containers[0].image == "registry.example.org/xrd/jupyter:1.2"
+
+
+@pytest.mark.parametrize("spec, reason, words", [
+    ({"flavor": "jupyter-basic", "image": "evil.example.org/miner:1"}, "CustomImageNotAllowed",
+     "does not allow custom images"),
+    ({"flavor": "test-short", "lifetime": "2h"}, "LifetimeTooLong", "longer than flavor 'test-short' allows (1h)"),
+])
+def test_request_the_flavor_forbids_is_rejected(environments, core, namespace, spec, reason, words):
+    environments.create("refused", **spec)
+    status = environments.wait_phase("refused", "Rejected")["status"]
+    assert status["reason"] == reason and words in status["message"]
+    assert children(core, namespace, "refused") == {"pod": None, "service": None, "secret": None}
+    wait_for(lambda: any(e.type == "Warning" and e.reason == reason for e in events(core, namespace, "refused")),
+             timeout=10, what="a Warning Event")
+
+
+def test_unknown_flavor_waits_in_pending_with_a_message(environments, namespace):
+    environments.create("lost", flavor="no-such-flavor")
+    status = environments.wait_phase("lost", "Pending")["status"]
+    assert status["reason"] == "FlavorNotFound" and "'no-such-flavor' does not exist" in status["message"]
+
+
+def test_suspend_removes_the_pod_and_resume_brings_it_back(environments, core, namespace):
+    environments.create("pause", flavor="test-short")
+    environments.wait_phase("pause", "Ready")
+    before = children(core, namespace, "pause")
+
+    environments.patch_spec("pause", suspend=True)
+    status = environments.wait_phase("pause", "Suspended")["status"]
+    assert status["observedGeneration"] == 2
+    wait_for(lambda: children(core, namespace, "pause")["pod"] is None, timeout=30, what="pod removed")
+    kept = children(core, namespace, "pause")
+    assert kept["service"].metadata.uid == before["service"].metadata.uid
+    assert kept["secret"].data == before["secret"].data
+
+    environments.patch_spec("pause", suspend=False)
+    environments.wait_phase("pause", "Ready")
+    after = children(core, namespace, "pause")
+    assert after["pod"].metadata.uid != before["pod"].metadata.uid
+    assert after["secret"].data == before["secret"].data
+
+
+def test_lifetime_expiry_stops_the_environment_and_keeps_the_record(environments, core, namespace):
+    environments.create("brief", flavor="test-short", lifetime="4s")
+    status = environments.wait_phase("brief", "Expired", timeout=30)["status"]
+    assert status["reason"] == "LifetimeExpired" and status["stoppedAt"] >= status["expiresAt"]
+    assert "connection" not in status
+    wait_for(lambda: children(core, namespace, "brief") == {"pod": None, "service": None, "secret": None},
+             timeout=30, what="children removed")
+    assert any(e.type == "Warning" and e.reason == "LifetimeExpired" for e in events(core, namespace, "brief"))
+
+
+def test_deleting_the_environment_lets_the_garbage_collector_remove_children(environments, core, namespace):
+    environments.create("doomed", flavor="test-short")
+    environments.wait_phase("doomed", "Ready")
+    environments.delete("doomed")
+    wait_for(lambda: children(core, namespace, "doomed") == {"pod": None, "service": None, "secret": None},
+             timeout=30, what="children garbage-collected")
+
+
+def test_a_deleted_pod_is_recreated(environments, core, namespace):
+    environments.create("phoenix", flavor="test-short")
+    environments.wait_phase("phoenix", "Ready")
+    first_uid = children(core, namespace, "phoenix")["pod"].metadata.uid
+    core.delete_namespaced_pod("aenv-phoenix", namespace, grace_period_seconds=0)
+    wait_for(lambda: (children(core, namespace, "phoenix")["pod"] or first_uid) != first_uid
+             and environments.phase("phoenix") == "Ready", timeout=30, what="a new pod and Ready again")
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("flavor", "jupyter-gpu", "spec.flavor is immutable"),
+    ("owner", "mallory", "spec.owner is immutable"),
+])
+def test_immutable_fields_cannot_be_edited(environments, field, value, words):
+    environments.create("fixed", flavor="test-short")
+    with pytest.raises(kubernetes.client.ApiException) as refused:
+        environments.patch_spec("fixed", **{field: value})
+    assert refused.value.status == 422 and words in json.loads(refused.value.body)["message"]
+
+
+def test_restarting_the_operator_writes_nothing_to_converged_environments(environments, operator, namespace):
+    environments.create("steady", flavor="test-short")
+    before = environments.wait_phase("steady", "Ready")["metadata"]["resourceVersion"]
+    operator.restart(signal.SIGKILL)
+    environments.create("marker", flavor="test-short")  # proves the restarted operator is working
+    environments.wait_phase("marker", "Ready")
+    assert environments.get("steady")["metadata"]["resourceVersion"] == before
