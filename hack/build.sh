@@ -2,7 +2,7 @@
 # Builds the Go test binaries the local stack needs into a cache outside the
 # repo, keyed by version, and prints nothing else. Safe to run repeatedly:
 # what is already built is kept.
-#   testcluster (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl)
+#   testcluster (etcd 3.6, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl)
 #   kwok        (simulated nodes)
 #   helm        (the chart tests)
 set -euo pipefail
@@ -11,7 +11,9 @@ K8S_VERSION=${K8S_VERSION:-v1.36.2}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 HELM_VERSION=${HELM_VERSION:-v3.19.0}
 CACHE=${ANALYSIS_OPERATOR_CACHE:-$HOME/.cache/analysis-operator}
-BIN="$CACHE/bin-k8s-$K8S_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION"
+# Bump STACK_REVISION when hack/testcluster changes, so caches rebuild.
+STACK_REVISION=2
+BIN="$CACHE/bin-r$STACK_REVISION-k8s-$K8S_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION"
 mkdir -p "$BIN"
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 
@@ -55,7 +57,7 @@ build_testcluster
 build_kwok
 kwok_stages
 build_helm
-for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+for c in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   printf '#!/bin/sh\nexec "%s/testcluster" %s "$@"\n' "$BIN" "$c" > "$BIN/$c"
   chmod +x "$BIN/$c"
 done
