@@ -22,6 +22,9 @@ MANAGER = "analysis-operator"
 LABEL_ENVIRONMENT = f"{GROUP}/environment"
 LABEL_ENVIRONMENT_UID = f"{GROUP}/environment-uid"
 LABEL_OWNER = f"{GROUP}/owner"
+# Set on environments whose backend lives outside Kubernetes (slurm, openstack):
+# it makes kopf add a finalizer, so the job or VM is removed before the object goes.
+LABEL_BACKEND = f"{GROUP}/backend"
 
 
 class Phase(str, enum.Enum):

@@ -14,12 +14,13 @@ from typing import Any, Mapping
 
 import structlog
 
-from analysis_operator.backends.base import Backend, Observation, State
+from analysis_operator.backends.base import Backend, BackendUnavailable, Observation, State
 from analysis_operator.backends.kubernetes import TOKEN_KEY, build_token_secret, new_token
 from analysis_operator.domain import TERMINAL_PHASES, Environment, Flavor, Phase, format_time, parse_time
 from analysis_operator.kube import KubeClient
 from analysis_operator.policy.requests import check_request
-from analysis_operator.status import backend_status, build_transition, phase_from_observation
+from analysis_operator.status import backend_status, build_condition, build_transition, merge_conditions, \
+    phase_from_observation
 
 log = structlog.get_logger("analysis_operator.reconcile")
 
@@ -97,29 +98,70 @@ async def converge(context: Context, environment: Environment, status: Mapping[s
 
     started_at, expires_at = expiry(environment, flavor, status, now)
     if now >= expires_at:
-        return await stop(context, environment, flavor, status, Phase.EXPIRED, "LifetimeExpired",
-                          f"lifetime ended at {format_time(expires_at)}; the environment was stopped", now)
+        try:
+            return await stop(context, environment, flavor, status, Phase.EXPIRED, "LifetimeExpired",
+                              f"lifetime ended at {format_time(expires_at)}; the environment was stopped", now)
+        except BackendUnavailable as error:
+            return _unreachable(environment, status, flavor, str(error), now)
     times = {"startedAt": format_time(started_at), "expiresAt": format_time(expires_at)}
 
+    try:
+        outcome = await _run_backend(context, backend, environment, flavor, status, now, times)
+    except BackendUnavailable as error:
+        return _unreachable(environment, status, flavor, str(error), now)
+    return _reachable_again(outcome, status, environment, now)
+
+
+async def _run_backend(context: Context, backend: Backend, environment: Environment, flavor: Flavor,
+                       status: Mapping[str, Any], now: datetime.datetime, times: dict[str, str]) -> Outcome:
     observation = await backend.observe(environment)
+    shelved = observation.reason == "Shelved"  # OpenStack keeps a suspended VM's disk
     if environment.suspend:
-        if observation.state is not State.GONE:
+        if observation.state is not State.GONE and not shelved:
             await getattr(backend, "suspend", backend.delete)(environment)
         return _transition(environment, status, Phase.SUSPENDED, "Suspended",
                            "suspended by spec.suspend; the access token and URL are kept", now, **times)
-    if observation.state is State.GONE:
+    if shelved:
+        observation = await backend.resume(environment)
+    elif observation.state is State.GONE:
         token = await _token(context, environment)
         observation = await backend.ensure(environment, flavor, token)
-    return _observed(environment, status, observation, now, times)
+    return _observed(environment, flavor, status, observation, now, times)
 
 
-def _observed(environment: Environment, status: Mapping[str, Any], observation: Observation,
+def _unreachable(environment: Environment, status: Mapping[str, Any], flavor: Flavor, message: str,
+                 now: datetime.datetime) -> Outcome:
+    """The backend cannot be reached: say so in a condition, keep the phase, retry later."""
+    previous = {c.get("type"): c for c in status.get("conditions") or ()}.get("BackendReachable")
+    condition = build_condition(previous, type_="BackendReachable", status=False, reason="BackendUnavailable",
+                                message=message, generation=environment.generation, now=now)
+    patch = None
+    if not previous or previous.get("status") != "False" or previous.get("message") != message:
+        patch = {"conditions": merge_conditions(status.get("conditions"), condition)}
+        log.warning("backend.unavailable", environment=f"{environment.namespace}/{environment.name}",
+                    backend=flavor.backend.value, message=message)
+    return Outcome(patch, ("Warning", "BackendUnavailable", message) if patch else None, retry_after=10)
+
+
+def _reachable_again(outcome: Outcome, status: Mapping[str, Any], environment: Environment,
+                     now: datetime.datetime) -> Outcome:
+    previous = {c.get("type"): c for c in status.get("conditions") or ()}.get("BackendReachable")
+    if not previous or previous.get("status") == "True":
+        return outcome
+    condition = build_condition(previous, type_="BackendReachable", status=True, reason="BackendReachable",
+                                message="the backend answers again", generation=environment.generation, now=now)
+    patch = dict(outcome.status or {})
+    patch["conditions"] = merge_conditions(patch.get("conditions") or status.get("conditions"), condition)
+    return Outcome(patch, outcome.event, outcome.retry_after)
+
+
+def _observed(environment: Environment, flavor: Flavor, status: Mapping[str, Any], observation: Observation,
               now: datetime.datetime, times: dict[str, str]) -> Outcome:
     phase = phase_from_observation(observation)
     connection = {"secretName": environment.child_name}
     if observation.url:
         connection["url"] = observation.url
-    extra: dict[str, Any] = {"backend": backend_status(observation), "connection": connection, **times}
+    extra: dict[str, Any] = {"backend": backend_status(flavor.backend.value, observation), "connection": connection, **times}
     if phase is Phase.FAILED:
         extra["stoppedAt"] = format_time(now)
     message = observation.message or phase.value

@@ -64,5 +64,17 @@ def phase_from_observation(observation: Observation) -> Phase:
     return PHASE_OF_STATE[observation.state]
 
 
-def backend_status(observation: Observation) -> dict[str, Any]:
-    return {key: value for key, value in observation.reference.items() if value not in (None, "")}
+# Each backend's own words for its reference, as the CRD's status.backend fields.
+_REFERENCE_FIELDS = {"jobId": "id", "serverId": "id", "novaStatus": "state", "jobState": "state",
+                     "name": "name", "id": "id", "state": "state", "node": "node", "host": "node",
+                     "addresses": "addresses"}
+
+
+def backend_status(kind: str, observation: Observation) -> dict[str, Any]:
+    status: dict[str, Any] = {"kind": kind}
+    for key, value in observation.reference.items():
+        field = _REFERENCE_FIELDS.get(key)
+        if not field or value in (None, "", []):
+            continue
+        status[field] = [str(address) for address in value] if field == "addresses" else str(value)
+    return status

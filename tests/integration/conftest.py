@@ -113,6 +113,13 @@ class OperatorProcess:
         self.stop(sig)
         self.start()
 
+    def configure(self, **settings: str) -> None:
+        """Run with these extra settings (e.g. a backend enabled), restarting only if they change."""
+        wanted = {**self.settings, **settings}
+        if wanted != self.settings:
+            self.settings = wanted
+            self.restart()
+
 
 @pytest.fixture(scope="session")
 def operator(kubeconfig: str, tmp_path_factory) -> OperatorProcess:

@@ -7,7 +7,8 @@ from typing import Any
 
 import kopf
 
-from analysis_operator.domain import API_VERSION, GROUP, LABEL_ENVIRONMENT, VERSION, Environment
+from analysis_operator.domain import API_VERSION, GROUP, LABEL_BACKEND, LABEL_ENVIRONMENT, VERSION, Environment
+from analysis_operator.backends.base import BackendUnavailable
 from analysis_operator.handlers.indexes import MANAGED, EnvironmentRecord, first
 from analysis_operator.reconcile import Context, Outcome, converge
 
@@ -40,14 +41,33 @@ async def apply(context: Context, environment: Environment, outcome: Outcome) ->
 @kopf.on.resume(GROUP, VERSION, "analysisenvironments")
 async def on_environment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, flavors: kopf.Index, **_: Any) -> None:
     environment = Environment.from_body(body)
-    outcome = await converge(memo.context, environment, body.get("status") or {},
-                             first(flavors, environment.flavor), now())
+    flavor = first(flavors, environment.flavor)
+    if flavor is not None and flavor.backend.value != "kubernetes" and LABEL_BACKEND not in body.metadata.labels:
+        # Label first: kopf then adds the finalizer before anything exists outside Kubernetes.
+        patch.metadata.setdefault("labels", {})[LABEL_BACKEND] = flavor.backend.value
+        raise kopf.TemporaryError("waiting for the finalizer before creating the job or VM", delay=0.2)
+    outcome = await converge(memo.context, environment, body.get("status") or {}, flavor, now())
     if outcome.status is not None:
         patch.status.update(outcome.status)
     post(environment, outcome)
     if outcome.retry_after is not None:
         raise kopf.TemporaryError(outcome.status and outcome.status.get("message") or "retrying",
                                   delay=outcome.retry_after)
+
+
+@kopf.on.delete(GROUP, VERSION, "analysisenvironments", labels={LABEL_BACKEND: kopf.PRESENT})
+async def on_environment_deleted(body: kopf.Body, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
+    """Remove the Slurm job or VM; the finalizer stays until the backend confirms it is gone."""
+    environment = Environment.from_body(body)
+    backend = memo.context.backends.get(labels[LABEL_BACKEND])
+    if backend is None:
+        raise kopf.TemporaryError(f"the {labels[LABEL_BACKEND]} backend is not enabled; cannot clean up", delay=60)
+    try:
+        gone = await backend.delete(environment)
+    except BackendUnavailable as error:
+        raise kopf.TemporaryError(str(error), delay=10)
+    if not gone:
+        raise kopf.TemporaryError("waiting for the backend to confirm the deletion", delay=2)
 
 
 @kopf.on.event(GROUP, VERSION, "analysisenvironments")

@@ -11,8 +11,9 @@ from typing import Any
 import kopf
 import structlog
 
+from analysis_operator.backends.base import Backend
 from analysis_operator.backends.kubernetes import KubernetesBackend
-from analysis_operator.domain import GROUP, TERMINAL_PHASES
+from analysis_operator.domain import GROUP, TERMINAL_PHASES, Environment
 from analysis_operator.handlers.environments import apply, now
 from analysis_operator.handlers.indexes import EnvironmentRecord, first
 from analysis_operator.kube import KubeClient
@@ -38,9 +39,20 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, pods: kop
     settings.networking.request_timeout = 60
 
     kube = KubeClient(config.kube_workers)
-    memo.context = Context(kube=kube, backends={"kubernetes": KubernetesBackend(kube, config, pods)})
+    memo.context = Context(kube=kube, backends=build_backends(config, kube, pods))
     memo.sweeper = asyncio.create_task(sweep_forever(memo, environments, flavors, config.sweep_interval_seconds))
     log.info("operator.started", namespace=config.namespace or "*", standalone=config.standalone)
+
+
+def build_backends(config: Settings, kube: KubeClient, pods: kopf.Index) -> dict[str, Backend]:
+    backends: dict[str, Backend] = {"kubernetes": KubernetesBackend(kube, config, pods)}
+    if config.slurm.enabled:
+        from analysis_operator.backends.slurm import SlurmBackend
+        backends["slurm"] = SlurmBackend(config.slurm, config.templates_dir)
+    if config.openstack.enabled:
+        from analysis_operator.backends.openstack import OpenStackBackend
+        backends["openstack"] = OpenStackBackend(config)
+    return backends
 
 
 @kopf.on.cleanup()
@@ -48,35 +60,76 @@ async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
     memo.sweeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await memo.sweeper
+    for backend in memo.context.backends.values():
+        if hasattr(backend, "close"):
+            backend.close()
     memo.context.kube.close()
 
 
 def due(record: EnvironmentRecord, flavors: kopf.Index, moment) -> bool:
-    """Does the sweep need to act on this environment now? (pure)"""
+    """Does the sweep need to act on this environment now? (pure)
+
+    Kubernetes environments only when their lifetime is over (pod events do
+    the rest); Slurm jobs and VMs on every sweep, since nothing pushes their
+    state to us.
+    """
     if record.status.get("phase") in TERMINAL or not record.status.get("phase"):
         return False
     flavor = first(flavors, record.environment.flavor)
-    return flavor is not None and expiry(record.environment, flavor, record.status, moment)[1] <= moment
+    if flavor is None:
+        return False
+    return flavor.backend.value != "kubernetes" or expiry(record.environment, flavor, record.status, moment)[1] <= moment
 
 
-async def sweep(memo: kopf.Memo, environments: kopf.Index, flavors: kopf.Index) -> int:
+async def sweep(memo: kopf.Memo, environments: kopf.Index, flavors: kopf.Index, parallel: int = 8) -> int:
     moment = now()
     records = [first(environments, key) for key in list(environments)]
-    acted = 0
-    for record in records:
-        if record is None or not due(record, flavors, moment):
-            continue
-        environment = record.environment
-        outcome = await converge(memo.context, environment, record.status, first(flavors, environment.flavor), moment)
-        await apply(memo.context, environment, outcome)
-        acted += 1
-    return acted
+    due_records = [record for record in records if record is not None and due(record, flavors, moment)]
+    limit = asyncio.Semaphore(parallel)
+
+    async def one(record: EnvironmentRecord) -> None:
+        async with limit:
+            environment = record.environment
+            outcome = await converge(memo.context, environment, record.status,
+                                     first(flavors, environment.flavor), moment)
+            await apply(memo.context, environment, outcome)
+
+    results = await asyncio.gather(*(one(record) for record in due_records), return_exceptions=True)
+    for record, result in zip(due_records, results):
+        if isinstance(result, Exception):
+            log.error("sweep.environment_failed", environment=f"{record.environment.namespace}/"
+                      f"{record.environment.name}", error=repr(result))
+    return len(due_records)
 
 
-async def sweep_forever(memo: kopf.Memo, environments: kopf.Index, flavors: kopf.Index, interval: float) -> None:
+async def sweep_orphans(memo: kopf.Memo, environments: kopf.Index) -> int:
+    """Remove jobs and VMs whose environment no longer exists (deleted while the operator was down)."""
+    known = {record.environment.uid for key in list(environments) if (record := first(environments, key))}
+    removed = 0
+    for kind, backend in memo.context.backends.items():
+        for managed in await backend.list_managed():
+            if managed.uid in known:
+                continue
+            # The index may lag; only the API server's answer makes it an orphan.
+            if await memo.context.kube.environment_exists(managed.namespace, managed.name, managed.uid):
+                continue
+            orphan = Environment(managed.namespace, managed.name, managed.uid, owner="", flavor="")
+            await backend.delete(orphan)
+            log.warning("orphan.removed", backend=kind, environment=f"{managed.namespace}/{managed.name}",
+                        backend_id=managed.backend_id)
+            removed += 1
+    return removed
+
+
+async def sweep_forever(memo: kopf.Memo, environments: kopf.Index, flavors: kopf.Index, interval: float,
+                        orphan_every: int = 10) -> None:
+    rounds = 0
     while True:
         await asyncio.sleep(interval)
+        rounds += 1
         try:
             await sweep(memo, environments, flavors)
+            if rounds % orphan_every == 0:
+                await sweep_orphans(memo, environments)
         except Exception:  # one bad sweep must not end the loop; the next one retries
             log.exception("sweep.failed")

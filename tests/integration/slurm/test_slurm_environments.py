@@ -1,0 +1,36 @@
+"""The "JupyterLab Cluster" card end to end: AnalysisEnvironment -> operator -> real Slurm."""
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+
+from tests.waiting import wait_for
+
+
+@pytest.fixture
+def slurm_environments(operator, slurm_environ, environments):
+    operator.configure(**{key: value for key, value in slurm_environ.items()
+                          if key.startswith("ANALYSIS_OPERATOR_SLURM_") or key == "SLURM_CONF"})
+    return environments
+
+
+def test_cluster_card_runs_jupyter_in_a_slurm_job_and_cancels_it_on_delete(slurm_environments, slurm_environ):
+    environments = slurm_environments
+    created = environments.create("hpc", flavor="jupyter-cluster", lifetime="1h")
+    metadata = environments.get("hpc")["metadata"]
+    wait_for(lambda: "analysis.panosc.eu/finalizer" in (environments.get("hpc")["metadata"].get("finalizers") or []),
+             timeout=30, what="the finalizer")
+    status = environments.wait_phase("hpc", "Ready", timeout=90)["status"]
+    assert status["backend"]["kind"] == "slurm" and status["backend"]["id"].isdigit()
+    url = status["connection"]["url"]
+    assert urllib.request.urlopen(url, timeout=5).status == 200  # the job's server really answers
+    job_id = status["backend"]["id"]
+
+    environments.delete("hpc")
+    wait_for(lambda: not any(item["metadata"]["name"] == "hpc" for item in environments.custom.list_namespaced_custom_object(
+        "analysis.panosc.eu", "v1alpha1", environments.namespace, "analysisenvironments")["items"]),
+        timeout=60, what="the environment to be gone after its job")
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url, timeout=3)
+    assert created["metadata"]["uid"] == metadata["uid"] and job_id
