@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The local stack with the operator, and an environment going Ready.
+#
+#   hack/up.sh            Kubernetes (built from source, KWOK nodes) + Slurm + operator
+#   hack/up.sh --vm       ... and OpenStack (about 30 s more, 2 GB of RAM)
+#   hack/up.sh down       stop everything it started
+#
+# Afterwards: eval "$(hack/cluster.sh env)"; kubectl get aenv -A
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+STATE=${OPERATOR_STATE_DIR:-/tmp/analysis-operator-run}
+mkdir -p "$STATE"
+
+if [ "${1:-}" = down ]; then
+  [ -f "$STATE/operator.pid" ] && kill "$(cat "$STATE/operator.pid")" 2>/dev/null || true
+  rm -f "$STATE/operator.pid"
+  "$here/openstack.sh" down >/dev/null 2>&1 || true
+  "$here/slurm.sh" down >/dev/null 2>&1 || true
+  "$here/cluster.sh" down
+  exit 0
+fi
+
+"$here/install-deps.sh"
+"$here/cluster.sh" up
+eval "$("$here/cluster.sh" env)"
+"$here/slurm.sh" up >/dev/null
+eval "$("$here/slurm.sh" env)"
+if [ "${1:-}" = --vm ]; then
+  "$here/openstack.sh" up >/dev/null
+  eval "$("$here/openstack.sh" env)"
+  export ANALYSIS_OPERATOR_OPENSTACK_ENABLED=true
+fi
+
+kubectl apply --server-side --force-conflicts -f "$repo/crds" >/dev/null
+kubectl wait --for=condition=Established --timeout=60s crd --all >/dev/null
+kubectl apply -f "$repo/examples/flavors.yaml" >/dev/null
+kubectl get environmentflavors
+
+if ! { [ -f "$STATE/operator.pid" ] && kill -0 "$(cat "$STATE/operator.pid")" 2>/dev/null; }; then
+  ANALYSIS_OPERATOR_LIVENESS_ENDPOINT=http://127.0.0.1:8080/healthz \
+    setsid analysis-operator --log-format json >"$STATE/operator.log" 2>&1 < /dev/null &
+  echo $! >"$STATE/operator.pid"
+  until curl -sf http://127.0.0.1:8080/healthz >/dev/null; do sleep 0.2; done
+  echo "operator running (pid $(cat "$STATE/operator.pid"), logs in $STATE/operator.log)"
+fi
+
+kubectl apply -f "$repo/examples/environment.yaml"
+kubectl wait --for=jsonpath='{.status.phase}'=Ready --timeout=120s analysisenvironment/demo >/dev/null
+kubectl get analysisenvironments
+kubectl get pods,services,secrets -l app.kubernetes.io/managed-by=analysis-operator
+kubectl get events --field-selector involvedObject.kind=AnalysisEnvironment
+cat <<TXT
+
+The local stack is up. In your shell:  eval "\$(hack/cluster.sh env)"
+Try:  kubectl apply -f examples/environment-cluster.yaml   (JupyterLab in a Slurm job)
+      kubectl get aenv -w
+Stop: hack/up.sh down
+TXT
