@@ -54,7 +54,7 @@ _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
 def parse_duration(text: str) -> datetime.timedelta:
     """Parse '8h', '1d12h', '90m', '30s' into a timedelta (the CRD pattern)."""
-    match = _DURATION.match(text or "")
+    match = _DURATION.fullmatch(text or "")
     if not text or not match:
         raise ValueError(f"invalid duration {text!r}: use e.g. '8h', '1d12h', '30m'")
     days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
@@ -78,7 +78,7 @@ _SUFFIX = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
 
 def parse_quantity(text: str | int | float) -> float:
     """A Kubernetes quantity ('500m', '16Gi', 2) as a number of base units."""
-    match = _QUANTITY.match(str(text))
+    match = _QUANTITY.fullmatch(str(text))
     if not match:
         raise ValueError(f"invalid quantity {text!r}")
     return float(match.group(1)) * _SUFFIX[match.group(2)]

@@ -7,11 +7,25 @@ templates are rendered then parsed; user-controlled values go through the
 from __future__ import annotations
 
 import functools
+import json
+import re
 import shlex
 from typing import Any
 
 import jinja2
 import yaml
+
+
+# Characters YAML would not take literally inside a double-quoted scalar
+# (C1 controls, Unicode line breaks, BOM, non-characters): keep them escaped.
+_YAML_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff]")
+
+
+def to_yaml_json(value: Any) -> str:
+    """JSON that YAML reads back exactly: unlike Jinja's own tojson, characters
+    beyond the Basic Plane stay whole (PyYAML splits escaped surrogate pairs)."""
+    text = json.dumps(value, ensure_ascii=False)
+    return _YAML_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 @functools.lru_cache(maxsize=8)
@@ -23,6 +37,7 @@ def _environment(templates_dir: str) -> jinja2.Environment:
         keep_trailing_newline=True,
     )
     environment.filters["shquote"] = lambda value: shlex.quote(str(value))
+    environment.filters["tojson"] = to_yaml_json
     return environment
 
 

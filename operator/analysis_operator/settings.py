@@ -75,6 +75,8 @@ def _build(cls: type, file_values: Mapping[str, Any], environ: Mapping[str, str]
                                        environ, f"{prefix}{spec.name.upper()}_")
             continue
         value = file_values.get(spec.name, default)
+        if isinstance(value, str) and not isinstance(default, str):
+            value = _coerce(value, default)  # a quoted "false" in the file is still false
         env_name = f"{prefix}{spec.name.upper()}"
         if env_name in environ:
             value = _coerce(environ[env_name], default)

@@ -61,7 +61,7 @@ def test_image_rejections_say_what_to_do(reason, environment, flavor, words):
 @pytest.mark.parametrize("lifetime, max_lifetime, asked, allowed", [
     (12 * HOUR, 8 * HOUR, "12h", "8h"),
     (2 * 24 * HOUR, 36 * HOUR, "48h", "36h"),
-    (9 * HOUR + datetime.timedelta(minutes=5), 9 * HOUR, "9h05m", "9h"),
+    (9 * HOUR + datetime.timedelta(minutes=5), 9 * HOUR, "9h5m", "9h"),
     (8 * HOUR + datetime.timedelta(seconds=30), 8 * HOUR, None, "8h"),  # only seconds over the limit
 ])
 def test_lifetime_rejection_names_both_durations(lifetime, max_lifetime, asked, allowed):

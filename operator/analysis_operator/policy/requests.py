@@ -13,9 +13,15 @@ class Rejection:
 
 
 def _format(delta) -> str:
+    """8h, 1h30m, 8h0m30s: the CRD's duration syntax, exact to the second."""
     hours, rest = divmod(int(delta.total_seconds()), 3600)
-    minutes = rest // 60
-    return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
+    minutes, seconds = divmod(rest, 60)
+    text = f"{hours}h" if hours else ""
+    if minutes or seconds:
+        text += f"{minutes}m"
+    if seconds:
+        text += f"{seconds}s"
+    return text or "0s"
 
 
 def check_request(environment: Environment, flavor: Flavor) -> Rejection | None:
