@@ -34,3 +34,19 @@ def test_cluster_card_runs_jupyter_in_a_slurm_job_and_cancels_it_on_delete(slurm
     with pytest.raises(OSError):
         urllib.request.urlopen(url, timeout=3)
     assert created["metadata"]["uid"] == metadata["uid"] and job_id
+
+
+def test_operator_cancels_a_job_whose_environment_is_gone(slurm_environments, backend, make_environment):
+    """A job left behind (its environment deleted while the operator was down) is swept."""
+    import asyncio
+
+    from analysis_operator.domain import Flavor
+
+    orphan = make_environment()  # an identity no AnalysisEnvironment has
+    flavor = Flavor.from_body("orphan", {"backend": "slurm", "resources": {"cpu": 1, "memory": "1Gi"},
+                                         "slurm": {"partition": "debug"}})
+    asyncio.run(backend.ensure(orphan, flavor, "not-a-real-token-0123456789abcdef"))
+    assert any(managed.uid == orphan.uid for managed in asyncio.run(backend.list_managed()))
+    # The operator sweeps orphans every 10th sweep (1 s apart in tests).
+    wait_for(lambda: all(managed.uid != orphan.uid for managed in asyncio.run(backend.list_managed())),
+             timeout=60, what="the operator to cancel the orphaned job")
