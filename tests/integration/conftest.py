@@ -169,6 +169,15 @@ class Environments:
     def delete(self, name: str) -> None:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, "analysisenvironments", name)
 
+    def exists(self, name: str) -> bool:
+        try:
+            self.get(name)
+            return True
+        except kubernetes.client.ApiException as error:
+            if error.status != 404:
+                raise
+            return False
+
     def phase(self, name: str) -> str | None:
         return (self.get(name).get("status") or {}).get("phase")
 

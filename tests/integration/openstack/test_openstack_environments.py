@@ -36,3 +36,4 @@ def test_vm_card_becomes_an_active_server_shelved_on_suspend_and_deleted_with_th
     environments.delete("desk")
     wait_for(lambda: all(server.id != server_id for server in cloud.compute.servers()), timeout=90,
              what="the server deleted")
+    wait_for(lambda: not environments.exists("desk"), timeout=30, what="the finalizer released")

@@ -28,9 +28,7 @@ def test_cluster_card_runs_jupyter_in_a_slurm_job_and_cancels_it_on_delete(slurm
     job_id = status["backend"]["id"]
 
     environments.delete("hpc")
-    wait_for(lambda: not any(item["metadata"]["name"] == "hpc" for item in environments.custom.list_namespaced_custom_object(
-        "analysis.panosc.eu", "v1alpha1", environments.namespace, "analysisenvironments")["items"]),
-        timeout=60, what="the environment to be gone after its job")
+    wait_for(lambda: not environments.exists("hpc"), timeout=60, what="the environment to be gone after its job")
     with pytest.raises(OSError):
         urllib.request.urlopen(url, timeout=3)
     assert created["metadata"]["uid"] == metadata["uid"] and job_id
