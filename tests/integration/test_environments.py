@@ -8,7 +8,6 @@ import signal
 import kubernetes
 import pytest
 
-from tests.integration.conftest import GROUP, VERSION
 from tests.waiting import wait_for
 
 OWNER_KIND = "AnalysisEnvironment"

@@ -9,38 +9,19 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
-import shlex
-import subprocess
 import time
 import uuid
 from typing import Any, Callable, Iterator
 
 import pytest
 
+from tests.integration.scripts import parse_exports, run_script
+
 from analysis_operator.backends.openstack import OpenStackBackend
 from analysis_operator.domain import BackendKind, Environment, Flavor, OpenStackSpec, Resources
 from analysis_operator.settings import Settings, load_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
-OPENSTACK_SCRIPT = REPO / "hack" / "openstack.sh"
-
-
-def run_openstack_script(*arguments: str) -> str:
-    completed = subprocess.run([str(OPENSTACK_SCRIPT), *arguments], capture_output=True, text=True,
-                               timeout=300)
-    if completed.returncode != 0:
-        raise RuntimeError(f"hack/openstack.sh {' '.join(arguments)} failed:\n{completed.stderr}")
-    return completed.stdout
-
-
-def parse_env_file(text: str) -> dict[str, str]:
-    values = {}
-    for line in text.splitlines():
-        words = shlex.split(line)
-        if len(words) == 2 and words[0] == "export":
-            name, _, value = words[1].partition("=")
-            values[name] = value
-    return values
 
 
 @pytest.fixture(scope="session")
@@ -49,14 +30,14 @@ def openstack_environ() -> Iterator[dict[str, str]]:
         yield dict(os.environ)
         return
     try:
-        run_openstack_script("up")
+        run_script("openstack.sh", "up")
     except Exception:
-        run_openstack_script("down")  # a half-started stack must not outlive the session
+        run_script("openstack.sh", "down")  # a half-started stack must not outlive the session
         raise
     try:
-        yield {**os.environ, **parse_env_file(run_openstack_script("env"))}
+        yield {**os.environ, **parse_exports(run_script("openstack.sh", "env"))}
     finally:
-        run_openstack_script("down")
+        run_script("openstack.sh", "down")
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +45,7 @@ def openstack_script(openstack_environ) -> Callable[..., str]:
     """Runs hack/openstack.sh (e.g. `stop nova-api`, then `up` to bring it back)."""
     if "ANALYSIS_OPERATOR_OPENSTACK_CLOUDS_YAML" in os.environ:
         pytest.skip("stopping services needs the local stack started by these tests")
-    return run_openstack_script
+    return lambda *arguments: run_script('openstack.sh', *arguments)
 
 
 @pytest.fixture(scope="session")

@@ -9,38 +9,19 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
-import shlex
-import subprocess
 import time
 import uuid
 from typing import Callable, Iterator
 
 import pytest
 
+from tests.integration.scripts import parse_exports, run_script
+
 from analysis_operator.backends.slurm import SlurmBackend
 from analysis_operator.domain import Environment
 from analysis_operator.settings import SlurmSettings, load_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
-SLURM_SCRIPT = REPO / "hack" / "slurm.sh"
-
-
-def run_slurm_script(command: str) -> str:
-    completed = subprocess.run([str(SLURM_SCRIPT), command], capture_output=True, text=True, timeout=120)
-    if completed.returncode != 0:
-        raise RuntimeError(f"hack/slurm.sh {command} failed:\n{completed.stderr}")
-    return completed.stdout
-
-
-def parse_env_file(text: str) -> dict[str, str]:
-    """`export NAME=value` lines (bash %q quoting) as a dict."""
-    values = {}
-    for line in text.splitlines():
-        words = shlex.split(line)
-        if len(words) == 2 and words[0] == "export":
-            name, _, value = words[1].partition("=")
-            values[name] = value
-    return values
 
 
 @pytest.fixture(scope="session")
@@ -48,17 +29,17 @@ def slurm_environ() -> Iterator[dict[str, str]]:
     if os.environ.get("ANALYSIS_OPERATOR_SLURM_URL"):
         yield dict(os.environ)
         return
-    run_slurm_script("up")
+    run_script("slurm.sh", "up")
     try:
-        yield {**os.environ, **parse_env_file(run_slurm_script("env"))}
+        yield {**os.environ, **parse_exports(run_script("slurm.sh", "env"))}
     finally:
-        run_slurm_script("down")
+        run_script("slurm.sh", "down")
 
 
 @pytest.fixture(scope="session")
 def slurm_script() -> Callable[[str], str]:
     """Runs hack/slurm.sh up|down|env|status (for tests that stop a daemon)."""
-    return run_slurm_script
+    return lambda *arguments: run_script('slurm.sh', *arguments)
 
 
 @pytest.fixture(scope="session")
