@@ -4,16 +4,14 @@
 # what is already built is kept.
 #   testcluster (etcd 3.6, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl)
 #   kwok        (simulated nodes)
-#   helm        (the chart tests)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 K8S_VERSION=${K8S_VERSION:-v1.36.2}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
-HELM_VERSION=${HELM_VERSION:-v3.19.0}
 CACHE=${ANALYSIS_OPERATOR_CACHE:-$HOME/.cache/analysis-operator}
 # Bump STACK_REVISION when hack/testcluster changes, so caches rebuild.
 STACK_REVISION=2
-BIN="$CACHE/bin-r$STACK_REVISION-k8s-$K8S_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION"
+BIN="$CACHE/bin-r$STACK_REVISION-k8s-$K8S_VERSION-kwok-$KWOK_VERSION"
 mkdir -p "$BIN"
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 
@@ -47,16 +45,10 @@ kwok_stages() {
   mv "$BIN/kwok-stages.yaml.tmp" "$BIN/kwok-stages.yaml"
 }
 
-build_helm() {
-  [ -x "$BIN/helm" ] && return
-  echo "building helm $HELM_VERSION" >&2
-  GOBIN="$BIN" go install -trimpath -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-}
 
 build_testcluster
 build_kwok
 kwok_stages
-build_helm
 for c in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   printf '#!/bin/sh\nexec "%s/testcluster" %s "$@"\n' "$BIN" "$c" > "$BIN/$c"
   chmod +x "$BIN/$c"
