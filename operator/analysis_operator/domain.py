@@ -182,6 +182,7 @@ class Environment:
     lifetime: datetime.timedelta | None = None
     suspend: bool = False
     generation: int = 0
+    deleting: bool = False      # deletionTimestamp set: only the finalizer's cleanup may act now
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> "Environment":
@@ -202,6 +203,7 @@ class Environment:
             lifetime=parse_duration(lifetime) if lifetime else None,
             suspend=bool(spec.get("suspend", False)),
             generation=int(metadata.get("generation", 0)),
+            deleting=bool(metadata.get("deletionTimestamp")),
         )
 
     @property

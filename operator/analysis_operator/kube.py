@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import datetime
 import functools
 import json
+import socket
 from typing import Any, Callable
 
 import kubernetes
@@ -105,6 +107,20 @@ class KubeClient:
             raise
         metadata = body.get("metadata", {})
         return metadata.get("uid") == uid and not metadata.get("deletionTimestamp")
+
+    async def post_event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event on an object (kopf can post only from inside its own handlers)."""
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        metadata = involved["metadata"]
+        body = {
+            "metadata": {"generateName": f"{metadata['name']}.", "namespace": metadata["namespace"]},
+            "involvedObject": {"apiVersion": involved["apiVersion"], "kind": involved["kind"], **metadata},
+            "type": type_, "reason": reason, "message": message[:1024],
+            "source": {"component": "analysis-operator"},
+            "reportingComponent": "analysis-operator", "reportingInstance": socket.gethostname(),
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }
+        await self._call(self.core.create_namespaced_event, metadata["namespace"], body)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

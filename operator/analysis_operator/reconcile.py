@@ -79,8 +79,8 @@ def expiry(environment: Environment, flavor: Flavor, status: Mapping[str, Any],
 
 async def converge(context: Context, environment: Environment, status: Mapping[str, Any],
                    flavor: Flavor | None, now: datetime.datetime) -> Outcome:
-    if status.get("phase") in {phase.value for phase in TERMINAL_PHASES}:
-        return Outcome()
+    if environment.deleting or status.get("phase") in {phase.value for phase in TERMINAL_PHASES}:
+        return Outcome()  # deleting: recreating now would race the finalizer and leave an orphan
     if flavor is None:
         outcome = _transition(environment, status, Phase.PENDING, "FlavorNotFound",
                               f"EnvironmentFlavor {environment.flavor!r} does not exist: "

@@ -6,11 +6,15 @@ import datetime
 from typing import Any
 
 import kopf
+import structlog
 
 from analysis_operator.domain import API_VERSION, GROUP, LABEL_BACKEND, LABEL_ENVIRONMENT, VERSION, Environment
 from analysis_operator.backends.base import BackendUnavailable
 from analysis_operator.handlers.indexes import MANAGED, EnvironmentRecord, first
 from analysis_operator.reconcile import Context, Outcome, converge
+
+
+log = structlog.get_logger("analysis_operator.handlers")
 
 
 def now() -> datetime.datetime:
@@ -23,17 +27,22 @@ def reference(environment: Environment) -> dict[str, Any]:
             "metadata": {"namespace": environment.namespace, "name": environment.name, "uid": environment.uid}}
 
 
-def post(environment: Environment, outcome: Outcome) -> None:
-    if outcome.event is not None:
-        kind, reason, message = outcome.event
-        kopf.event(reference(environment), type=kind, reason=reason, message=message)
+async def post(context: Context, environment: Environment, outcome: Outcome) -> None:
+    if outcome.event is None:
+        return
+    kind, reason, message = outcome.event
+    try:
+        await context.kube.post_event(reference(environment), kind, reason, message)
+    except Exception as error:  # an Event lost must not undo the reconcile that caused it
+        log.warning("event.not_posted", environment=f"{environment.namespace}/{environment.name}",
+                    reason=reason, error=repr(error))
 
 
 async def apply(context: Context, environment: Environment, outcome: Outcome) -> None:
     """Write an outcome from outside kopf's own handler patch (pod events, sweeps)."""
     if outcome.status is not None:
         await context.kube.patch_environment_status(environment.namespace, environment.name, outcome.status)
-    post(environment, outcome)
+    await post(context, environment, outcome)
 
 
 @kopf.on.create(GROUP, VERSION, "analysisenvironments")
@@ -49,7 +58,7 @@ async def on_environment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, fl
     outcome = await converge(memo.context, environment, body.get("status") or {}, flavor, now())
     if outcome.status is not None:
         patch.status.update(outcome.status)
-    post(environment, outcome)
+    await post(memo.context, environment, outcome)
     if outcome.retry_after is not None:
         raise kopf.TemporaryError(outcome.status and outcome.status.get("message") or "retrying",
                                   delay=outcome.retry_after)

@@ -1,0 +1,40 @@
+"""converge() decisions that need no server: backends here fail the test if touched."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+
+import pytest
+
+from analysis_operator.domain import Environment, Flavor
+from analysis_operator.reconcile import Context, converge
+
+NOW = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.timezone.utc)
+FLAVOR = Flavor.from_body("vm", {"backend": "openstack", "resources": {"cpu": 2, "memory": "4Gi"},
+                                 "openstack": {"flavor": "aenv.basic", "image": "desktop"}})
+ENVIRONMENT = Environment(namespace="ns", name="desk", uid="u-1", owner="alice", flavor="vm")
+
+
+class Untouchable:
+    def __getattr__(self, name):
+        raise AssertionError(f"converge must not call {name} here")
+
+
+@pytest.mark.parametrize("environment, status", [
+    (dataclasses.replace(ENVIRONMENT, deleting=True), {"phase": "Ready"}),   # the finalizer's turn, not ours
+    (ENVIRONMENT, {"phase": "Expired"}),
+    (ENVIRONMENT, {"phase": "Rejected"}),
+    (ENVIRONMENT, {"phase": "Failed"}),
+])
+def test_converge_leaves_deleting_and_finished_environments_alone(environment, status):
+    context = Context(kube=Untouchable(), backends={"openstack": Untouchable()})
+    outcome = asyncio.run(converge(context, environment, status, FLAVOR, NOW))
+    assert outcome.status is None and outcome.event is None and outcome.retry_after is None
+
+
+def test_converge_waits_for_a_missing_flavor_without_touching_anything():
+    context = Context(kube=Untouchable(), backends={"openstack": Untouchable()})
+    outcome = asyncio.run(converge(context, ENVIRONMENT, {}, None, NOW))
+    assert outcome.status["phase"] == "Pending" and outcome.status["reason"] == "FlavorNotFound"
+    assert outcome.retry_after == 30
