@@ -12,6 +12,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 STATE=${CLUSTER_STATE_DIR:-/tmp/analysis-operator-cluster}
 ETCD_PORT=${ETCD_PORT:-23790}
 API_PORT=${API_PORT:-6443}
+# A second cluster side by side: set CLUSTER_STATE_DIR and PORT_OFFSET (e.g. 100).
+PORT_OFFSET=${PORT_OFFSET:-0}
+ETCD_PORT=$((ETCD_PORT + PORT_OFFSET)) API_PORT=$((API_PORT + PORT_OFFSET))
 COMPONENTS="etcd kube-apiserver kube-controller-manager kube-scheduler kwok"
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
@@ -99,16 +102,16 @@ up() {
 
   start kube-controller-manager kube-controller-manager --kubeconfig="$kubeconfig" \
     --authentication-kubeconfig="$kubeconfig" --authorization-kubeconfig="$kubeconfig" \
-    --leader-elect=false --bind-address=127.0.0.1 --secure-port=10257 \
+    --leader-elect=false --bind-address=127.0.0.1 --secure-port=$((10257 + PORT_OFFSET)) \
     --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
     --use-service-account-credentials=false \
     --controllers='*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route' \
     --concurrent-gc-syncs=20 --kube-api-qps=200 --kube-api-burst=400
   start kube-scheduler kube-scheduler --kubeconfig="$kubeconfig" \
     --authentication-kubeconfig="$kubeconfig" --authorization-kubeconfig="$kubeconfig" \
-    --leader-elect=false --bind-address=127.0.0.1 --secure-port=10259
+    --leader-elect=false --bind-address=127.0.0.1 --secure-port=$((10259 + PORT_OFFSET))
   start kwok kwok --kubeconfig="$kubeconfig" --config="$BIN/kwok-stages.yaml" --manage-all-nodes=true \
-    --server-address=127.0.0.1:10247 --cidr=10.10.0.0/16 --node-ip=127.0.0.1
+    --server-address=127.0.0.1:$((10247 + PORT_OFFSET)) --cidr=10.10.0.0/16 --node-ip=127.0.0.1
 
   kubectl --kubeconfig="$kubeconfig" apply -f "$here/nodes.yaml" >/dev/null
   wait_for 60 "nodes Ready" sh -c "[ \$(kubectl --kubeconfig='$kubeconfig' get nodes --no-headers | grep -c ' Ready') -ge 3 ]"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import structlog
 
@@ -18,7 +18,7 @@ from analysis_operator.backends.base import Backend, BackendUnavailable, Observa
 from analysis_operator.backends.kubernetes import TOKEN_KEY, build_token_secret, new_token
 from analysis_operator.domain import TERMINAL_PHASES, Environment, Flavor, Phase, format_time, parse_time
 from analysis_operator.kube import KubeClient
-from analysis_operator.policy.requests import check_request
+from analysis_operator.policy.requests import Rejection, check_request
 from analysis_operator.status import backend_status, build_condition, build_transition, merge_conditions, \
     phase_from_observation
 
@@ -34,10 +34,20 @@ class Outcome:
     retry_after: float | None = None       # ask to be called again (e.g. flavor not there yet)
 
 
+class Gate(Protocol):
+    """A check converge runs on every pass before it creates or keeps anything
+    (data access, budgets): None lets the environment run, a Rejection ends it
+    with the Rejection's phase. Must be cheap (in-memory) when nothing changes."""
+
+    async def check(self, environment: Environment, flavor: Flavor, status: Mapping[str, Any],
+                    now: datetime.datetime) -> Rejection | None: ...
+
+
 @dataclass(frozen=True)
 class Context:
     kube: KubeClient
     backends: Mapping[str, Backend]
+    gates: tuple[Gate, ...] = ()
 
 
 def _transition(environment: Environment, status: Mapping[str, Any], phase: Phase, reason: str,
@@ -90,6 +100,14 @@ async def converge(context: Context, environment: Environment, status: Mapping[s
     if rejection is not None:
         return _transition(environment, status, Phase.REJECTED, rejection.reason, rejection.message, now,
                            stoppedAt=format_time(now))
+    for gate in context.gates:
+        rejection = await gate.check(environment, flavor, status, now)
+        if rejection is not None:
+            try:
+                return await stop(context, environment, flavor, status, rejection.phase, rejection.reason,
+                                  rejection.message, now)
+            except BackendUnavailable as error:
+                return _unreachable(environment, status, flavor, str(error), now)
     backend = context.backends.get(flavor.backend.value)
     if backend is None:
         outcome = _transition(environment, status, Phase.PENDING, "BackendNotEnabled",

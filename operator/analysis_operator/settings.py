@@ -39,6 +39,24 @@ class OpenStackSettings:
 
 
 @dataclass(frozen=True)
+class AdmissionSettings:
+    """The validating/mutating webhooks the operator serves (kopf's admission server)."""
+    enabled: bool = True
+    listen_address: str = "0.0.0.0"
+    port: int = 9443
+    # How the API server reaches us. host set: kopf registers the webhooks itself
+    # (url https://host:port, local stacks); empty: the Helm chart registers them (Service).
+    host: str = ""
+    managed_name: str = "analysis.panosc.eu"   # the Validating/MutatingWebhookConfiguration kopf keeps
+    cert_dir: str = "/tmp/analysis-operator-webhook"  # tls.crt/tls.key/ca.crt; generated when missing
+    # Identities trusted to create environments on behalf of another owner (the portal).
+    trusted_users: tuple[str, ...] = ()
+    trusted_groups: tuple[str, ...] = ("analysis-portal", "system:masters")
+    # Stripped from userInfo.username to get the facility user ID (e.g. "oidc:").
+    username_prefix: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     templates_dir: str = str(_REPO_TEMPLATES)
     log_format: str = "auto"             # auto (JSON unless a terminal), json, console
@@ -54,9 +72,12 @@ class Settings:
     metrics_port: int = 9090
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     openstack: OpenStackSettings = field(default_factory=OpenStackSettings)
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
 
 
 def _coerce(value: str, current: Any) -> Any:
+    if isinstance(current, tuple):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
     if isinstance(current, bool):
         return value.strip().lower() in {"1", "true", "yes", "on"}
     if isinstance(current, int):
@@ -77,6 +98,8 @@ def _build(cls: type, file_values: Mapping[str, Any], environ: Mapping[str, str]
         value = file_values.get(spec.name, default)
         if isinstance(value, str) and not isinstance(default, str):
             value = _coerce(value, default)  # a quoted "false" in the file is still false
+        if isinstance(value, list):
+            value = tuple(value)
         env_name = f"{prefix}{spec.name.upper()}"
         if env_name in environ:
             value = _coerce(environ[env_name], default)

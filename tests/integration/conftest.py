@@ -48,7 +48,8 @@ def kubeconfig() -> str:
         started = True
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
-    kubectl("apply", "-f", str(REPO / "examples/flavors.yaml"), "-f", str(REPO / "tests/integration/flavors.yaml"))
+    kubectl("apply", "-f", str(REPO / "examples/flavors.yaml"), "-f", str(REPO / "tests/integration/flavors.yaml"),
+            "-f", str(REPO / "tests/integration/rbac.yaml"))
     yield os.environ["KUBECONFIG"]
     if started and not os.environ.get("KEEP_CLUSTER"):
         subprocess.run([str(REPO / "hack/cluster.sh"), "down"], check=False)
@@ -81,6 +82,9 @@ class OperatorProcess:
     def __init__(self, kubeconfig: str, log_path: pathlib.Path, **settings: str) -> None:
         self.kubeconfig, self.log_path, self.settings = kubeconfig, log_path, settings
         self.process: subprocess.Popen | None = None
+        # One webhook port for the object's life: a killed operator leaves its
+        # registration behind, and the restarted one must answer at the same URL.
+        self.webhook_port = _free_port()
 
     def start(self) -> None:
         port = _free_port()
@@ -88,12 +92,29 @@ class OperatorProcess:
             **os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONPATH": str(REPO / "operator"),
             "ANALYSIS_OPERATOR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{port}/healthz",
             "ANALYSIS_OPERATOR_SWEEP_INTERVAL_SECONDS": "1",
+            "ANALYSIS_OPERATOR_ADMISSION_HOST": "127.0.0.1",
+            "ANALYSIS_OPERATOR_ADMISSION_LISTEN_ADDRESS": "127.0.0.1",
+            "ANALYSIS_OPERATOR_ADMISSION_PORT": str(self.webhook_port),
+            "ANALYSIS_OPERATOR_ADMISSION_CERT_DIR": str(self.log_path.parent / "webhook-tls"),
             **self.settings,
         }
         log = self.log_path.open("a")
         self.process = subprocess.Popen([sys.executable, "-m", "analysis_operator", "--log-format", "json"],
                                         env=environment, stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: self._healthy(port), timeout=60, what="operator liveness endpoint")
+        wait_for(self._webhooks_registered, timeout=60, what="the operator's admission webhooks registered")
+
+    def _webhooks_registered(self) -> bool:
+        """kopf registers its webhooks a moment after start; until then creates would bypass them."""
+        api = kubernetes.client.AdmissionregistrationV1Api(kubernetes.config.new_client_from_config(self.kubeconfig))
+        wanted = f"https://127.0.0.1:{self.webhook_port}/"
+        try:
+            validating = api.read_validating_webhook_configuration("analysis.panosc.eu").webhooks or []
+            mutating = api.read_mutating_webhook_configuration("analysis.panosc.eu").webhooks or []
+        except kubernetes.client.ApiException:
+            return False
+        hooks = [*validating, *mutating]
+        return bool(hooks) and all((hook.client_config.url or "").startswith(wanted) for hook in hooks)
 
     def _healthy(self, port: int) -> bool:
         assert self.process is not None and self.process.poll() is None, f"operator died, see {self.log_path}"
@@ -189,3 +210,14 @@ class Environments:
 @pytest.fixture
 def environments(custom, namespace, operator) -> Environments:
     return Environments(custom, namespace)
+
+
+
+def impersonating(kubeconfig: str, user: str, group: str = "facility-users") -> kubernetes.client.ApiClient:
+    """An API client acting as `user` in `group` (the admin may impersonate; RBAC then applies
+    to that user). tests/integration/rbac.yaml grants the groups used here what the chart's
+    roles grant: facility-users and analysis-portal may manage environments."""
+    client = kubernetes.config.new_client_from_config(config_file=kubeconfig)
+    client.default_headers["Impersonate-User"] = user
+    client.default_headers["Impersonate-Group"] = group
+    return client

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pathlib
 from typing import Any
 
 import kopf
@@ -13,11 +14,12 @@ import structlog
 
 from analysis_operator.backends.base import Backend
 from analysis_operator.backends.kubernetes import KubernetesBackend
+from analysis_operator.certificates import ensure_certificates
 from analysis_operator.domain import GROUP, TERMINAL_PHASES, Environment
 from analysis_operator.handlers.environments import apply, now
 from analysis_operator.handlers.indexes import EnvironmentRecord, first
 from analysis_operator.kube import KubeClient
-from analysis_operator.reconcile import Context, converge, expiry
+from analysis_operator.reconcile import Context, Gate, converge, expiry
 from analysis_operator.settings import Settings
 
 log = structlog.get_logger("analysis_operator.lifecycle")
@@ -26,7 +28,7 @@ TERMINAL = {phase.value for phase in TERMINAL_PHASES}
 
 @kopf.on.startup()
 async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, pods: kopf.Index,
-                     environments: kopf.Index, flavors: kopf.Index, **_: Any) -> None:
+                     environments: kopf.Index, flavors: kopf.Index, **indexes: Any) -> None:
     config: Settings = memo.config
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -38,10 +40,36 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, pods: kop
     settings.watching.server_timeout = 600
     settings.networking.request_timeout = 60
 
+    configure_admission(settings, config)
+
     kube = KubeClient(config.kube_workers)
-    memo.context = Context(kube=kube, backends=build_backends(config, kube, pods))
+    memo.context = Context(kube=kube, backends=build_backends(config, kube, pods),
+                           gates=build_gates(config, kube, indexes))
     memo.sweeper = asyncio.create_task(sweep_forever(memo, environments, flavors, config.sweep_interval_seconds))
     log.info("operator.started", namespace=config.namespace or "*", standalone=config.standalone)
+
+
+def configure_admission(settings: kopf.OperatorSettings, config: Settings) -> None:
+    """Serve the webhooks over TLS. With admission.host set (local stacks) kopf registers
+    them itself at https://host:port with a CA made here; otherwise the Helm chart
+    registers them and mounts the certificate."""
+    admission = config.admission
+    if not admission.enabled:
+        return
+    cert_dir = pathlib.Path(admission.cert_dir)
+    if admission.host:
+        cafile, certfile, pkeyfile = ensure_certificates(admission.cert_dir, (admission.host,))
+        settings.admission.managed = admission.managed_name
+    else:
+        cafile, certfile, pkeyfile = cert_dir / "ca.crt", cert_dir / "tls.crt", cert_dir / "tls.key"
+    settings.admission.server = kopf.WebhookServer(
+        addr=admission.listen_address, port=admission.port, host=admission.host or None,
+        certfile=str(certfile), pkeyfile=str(pkeyfile), cafile=str(cafile) if cafile.exists() else None)
+
+
+def build_gates(config: Settings, kube: KubeClient, indexes: dict[str, Any]) -> tuple[Gate, ...]:
+    """What converge checks before it creates or keeps anything: data access, then budget."""
+    return ()
 
 
 def build_backends(config: Settings, kube: KubeClient, pods: kopf.Index) -> dict[str, Backend]:

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from analysis_operator.domain import Environment, Flavor
+from analysis_operator.domain import Environment, Flavor, Phase
 
 
 @dataclass(frozen=True)
 class Rejection:
     reason: str   # CamelCase, for status and Events
     message: str  # says what to do
+    phase: Phase = Phase.REJECTED  # where the environment ends (e.g. Stopped when access is revoked)
 
 
 def _format(delta) -> str:
