@@ -35,6 +35,16 @@ def environments(body: kopf.Body, **_: Any) -> dict[tuple[str, str], Environment
     return {(environment.namespace, environment.name): record}
 
 
+@kopf.index(GROUP, VERSION, "facilitygroups")
+def groups(name: str, spec: Mapping[str, Any], **_: Any) -> dict[str, frozenset[str]]:
+    """FacilityGroup name -> its members: the one source of group membership."""
+    return {name: frozenset(spec.get("members") or ())}
+
+
+def member_of(groups_index: kopf.Index, group: str, user: str) -> bool:
+    return any(user in members for members in groups_index.get(group, ()))
+
+
 @kopf.index("pods", labels=MANAGED)
 def pods(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[tuple[str, str], PodSummary]:
     return {(namespace, labels.get(LABEL_ENVIRONMENT, "")): summarize_pod(body)}
