@@ -129,9 +129,9 @@ class Cluster:
                 time.sleep(0.2)
         raise RuntimeError(f"no default ServiceAccount in {name}")
 
-    def create_environment(self, namespace: str, name: str) -> None:
+    def create_environment(self, namespace: str, name: str, flavor: str = FLAVOR) -> None:
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AnalysisEnvironment",
-                "metadata": {"name": name}, "spec": {"owner": "bench", "flavor": FLAVOR}}
+                "metadata": {"name": name}, "spec": {"owner": "bench", "flavor": flavor}}
         self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body, _preload_content=False)
 
     def delete_environment(self, namespace: str, name: str) -> None:
@@ -237,16 +237,22 @@ def free_port() -> int:
 
 
 class Operator:
-    def __init__(self, kubeconfig: str, log_path: pathlib.Path, core: int) -> None:
-        self.kubeconfig, self.log_path, self.core = kubeconfig, log_path, core
+    def __init__(self, kubeconfig: str, log_path: pathlib.Path, core: int, **settings: str) -> None:
+        self.kubeconfig, self.log_path, self.core, self.settings = kubeconfig, log_path, core, settings
         self.process: subprocess.Popen | None = None
         self.port = 0
+        self.webhook_port = free_port()  # kept across restarts: the registration points at it
 
     def start(self, timeout: float = 300) -> tuple[float, float]:
         """Start and wait for the liveness endpoint; returns (started_at, live_at) in perf_counter time."""
         self.port = free_port()
         environment = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONPATH": str(REPO / "operator"),
-                       "ANALYSIS_OPERATOR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{self.port}/healthz"}
+                       "ANALYSIS_OPERATOR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{self.port}/healthz",
+                       "ANALYSIS_OPERATOR_ADMISSION_HOST": "127.0.0.1",
+                       "ANALYSIS_OPERATOR_ADMISSION_LISTEN_ADDRESS": "127.0.0.1",
+                       "ANALYSIS_OPERATOR_ADMISSION_PORT": str(self.webhook_port),
+                       "ANALYSIS_OPERATOR_ADMISSION_CERT_DIR": str(self.log_path.parent / "webhook-tls"),
+                       **self.settings}
         with self.log_path.open("a") as log_file:
             started = time.perf_counter()
             self.process = subprocess.Popen(
