@@ -4,10 +4,12 @@
 # what is already built is kept.
 #   testcluster (etcd 3.6, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl)
 #   kwok        (simulated nodes)
+#   helm        (the chart tests), in its own versioned directory, linked into BIN
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 K8S_VERSION=${K8S_VERSION:-v1.36.2}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
+HELM_VERSION=${HELM_VERSION:-v3.22.0}
 CACHE=${ANALYSIS_OPERATOR_CACHE:-$HOME/.cache/analysis-operator}
 # Bump STACK_REVISION when hack/testcluster changes, so caches rebuild.
 STACK_REVISION=2
@@ -45,10 +47,22 @@ kwok_stages() {
   mv "$BIN/kwok-stages.yaml.tmp" "$BIN/kwok-stages.yaml"
 }
 
+build_helm() {
+  # Its own directory, so a new helm does not rebuild Kubernetes (and back).
+  local dir="$CACHE/helm-$HELM_VERSION"
+  if [ ! -x "$dir/helm" ]; then
+    echo "building helm $HELM_VERSION (about 2 min cold)" >&2
+    mkdir -p "$dir"
+    GOBIN="$dir" go install -trimpath -ldflags "-s -w \
+        -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  fi
+  ln -sfn "$dir/helm" "$BIN/helm"
+}
 
 build_testcluster
 build_kwok
 kwok_stages
+build_helm
 for c in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   printf '#!/bin/sh\nexec "%s/testcluster" %s "$@"\n' "$BIN" "$c" > "$BIN/$c"
   chmod +x "$BIN/$c"

@@ -27,4 +27,4 @@ fi
 "$here/openstack.sh" install       # OpenStack Zed from Debian (skips what is installed)
 
 python3 -m pip install -q --disable-pip-version-check -e "$repo[test]"
-"$here/build.sh" >/dev/null         # kube-apiserver & co., etcd, kubectl, KWOK
+"$here/build.sh" >/dev/null         # kube-apiserver & co., etcd, kubectl, KWOK, helm

@@ -37,10 +37,11 @@ class Phase(str, enum.Enum):
     EXPIRED = "Expired"
     FAILED = "Failed"
     REJECTED = "Rejected"
+    BUDGET_EXHAUSTED = "BudgetExhausted"  # stopped because its ComputeBudget ran out (policy/budgets.py)
 
 
 # Phases after which nothing runs and nothing is recreated.
-TERMINAL_PHASES = frozenset({Phase.STOPPED, Phase.EXPIRED, Phase.FAILED, Phase.REJECTED})
+TERMINAL_PHASES = frozenset({Phase.STOPPED, Phase.EXPIRED, Phase.FAILED, Phase.REJECTED, Phase.BUDGET_EXHAUSTED})
 
 
 class BackendKind(str, enum.Enum):
@@ -128,6 +129,7 @@ class Flavor:
     idle_timeout: datetime.timedelta | None = None
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
     openstack: OpenStackSpec = field(default_factory=OpenStackSpec)
+    access: FlavorAccess = field(default_factory=lambda: FlavorAccess())
 
     @classmethod
     def from_body(cls, name: str, spec: Mapping[str, Any]) -> "Flavor":
@@ -161,13 +163,21 @@ class Flavor:
                 network=openstack.get("network", ""),
                 key_name=openstack.get("keyName", ""),
             ),
+            access=FlavorAccess.from_spec(spec.get("access") or {}),
         )
 
 
 @dataclass(frozen=True)
 class DatasetRef:
-    name: str
+    """One entry of spec.datasets: a Dataset by name, or by its persistent identifier."""
+    name: str = ""
     mount_path: str = ""
+    pid: str = ""
+
+    @property
+    def reference(self) -> str:
+        """How the user named it, for messages."""
+        return self.name or self.pid
 
 
 @dataclass(frozen=True)
@@ -183,6 +193,7 @@ class Environment:
     suspend: bool = False
     generation: int = 0
     deleting: bool = False      # deletionTimestamp set: only the finalizer's cleanup may act now
+    budget: str = ""            # ComputeBudget named in spec.budget; "" = the owner's personal one
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> "Environment":
@@ -197,13 +208,14 @@ class Environment:
             flavor=spec["flavor"],
             image=spec.get("image", ""),
             datasets=tuple(
-                DatasetRef(name=ref["name"], mount_path=ref.get("mountPath", ""))
+                DatasetRef(name=ref.get("name", ""), mount_path=ref.get("mountPath", ""), pid=ref.get("pid", ""))
                 for ref in spec.get("datasets") or ()
             ),
             lifetime=parse_duration(lifetime) if lifetime else None,
             suspend=bool(spec.get("suspend", False)),
             generation=int(metadata.get("generation", 0)),
             deleting=bool(metadata.get("deletionTimestamp")),
+            budget=spec.get("budget", ""),
         )
 
     @property
@@ -218,3 +230,83 @@ class Environment:
             LABEL_ENVIRONMENT: self.name,
             LABEL_ENVIRONMENT_UID: self.uid,
         }
+
+
+@dataclass(frozen=True)
+class FlavorAccess:
+    """Who may use a flavor (spec.access): users by ID, or members of FacilityGroups
+    (roles such as staff, approved proposals). Both empty: everyone."""
+    users: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+
+    @property
+    def restricted(self) -> bool:
+        return bool(self.users or self.groups)
+
+    @classmethod
+    def from_spec(cls, access: Mapping[str, Any]) -> "FlavorAccess":
+        return cls(users=frozenset(access.get("users") or ()), groups=frozenset(access.get("groups") or ()))
+
+
+def parse_embargo(text: str | None) -> datetime.datetime | None:
+    """'2027-03-01' (the start of that day, UTC) or '2027-03-01T12:00:00Z'."""
+    if not text:
+        return None
+    if len(text) == 10:
+        return datetime.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=datetime.timezone.utc)
+    return parse_time(text)
+
+
+@dataclass(frozen=True)
+class DatasetStorage:
+    """Where a dataset lives, as each backend sees it (spec.storage)."""
+    claim_name: str = ""   # PersistentVolumeClaim in the environment's namespace (kubernetes)
+    sub_path: str = ""     # the dataset's directory inside that claim
+    nfs_server: str = ""   # NFS export: kubernetes when there is no claim, and VMs
+    nfs_path: str = ""
+    path: str = ""         # the same data as a path on the Slurm cluster's nodes
+
+    @property
+    def nfs_share(self) -> str:
+        return f"{self.nfs_server}:{self.nfs_path}" if self.nfs_server and self.nfs_path else ""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A Dataset of the facility catalogue: what it is, where it lives, who may read it."""
+    name: str
+    pid: str
+    title: str = ""
+    size: str = ""
+    storage: DatasetStorage = field(default_factory=DatasetStorage)
+    embargoed_until: datetime.datetime | None = None   # None: public
+    members: frozenset[str] = frozenset()               # user IDs who may read it during the embargo
+    groups: frozenset[str] = frozenset()                # FacilityGroups who may read it during the embargo
+
+    @classmethod
+    def from_body(cls, name: str, spec: Mapping[str, Any]) -> "Dataset":
+        storage = spec.get("storage") or {}
+        claim = storage.get("persistentVolumeClaim") or {}
+        nfs = storage.get("nfs") or {}
+        access = spec.get("access") or {}
+        embargoed = access.get("level") == "embargoed"
+        return cls(
+            name=name,
+            pid=spec.get("pid", ""),
+            title=spec.get("title", ""),
+            size=str(spec.get("size", "")),
+            storage=DatasetStorage(claim_name=claim.get("claimName", ""), sub_path=claim.get("subPath", ""),
+                                   nfs_server=nfs.get("server", ""), nfs_path=nfs.get("path", ""),
+                                   path=storage.get("path", "")),
+            embargoed_until=parse_embargo(access.get("embargoedUntil")) if embargoed else None,
+            members=frozenset(access.get("members") or ()),
+            groups=frozenset(access.get("groups") or ()),
+        )
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A dataset granted to an environment: where it appears, and on what grounds."""
+    dataset: Dataset
+    path: str
+    grounds: str = ""   # e.g. "public", "embargo ended", "team member", "group p11-20231234"

@@ -108,6 +108,12 @@ class KubeClient:
         metadata = body.get("metadata", {})
         return metadata.get("uid") == uid and not metadata.get("deletionTimestamp")
 
+    async def list_cluster_objects(self, plural: str) -> list[dict[str, Any]]:
+        """Every object of one of our cluster-scoped kinds, straight from the API server
+        (to confirm what an index says before acting on it)."""
+        listing = await self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, plural)
+        return list(listing.get("items") or ())
+
     async def post_event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on an object (kopf can post only from inside its own handlers)."""
         now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -121,6 +127,48 @@ class KubeClient:
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
         }
         await self._call(self.core.create_namespaced_event, metadata["namespace"], body)
+
+    async def get_cluster_object(self, plural: str, name: str) -> dict[str, Any] | None:
+        """A cluster-scoped custom object of this API group, or None if it does not exist."""
+        try:
+            return await self._call(self.custom.get_cluster_custom_object, GROUP, VERSION, plural, name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def peers(self, peering: str, namespace: str = "") -> dict[str, Any]:
+        """kopf's peering record (identity -> priority, lifetime, lastseen), empty if absent."""
+        try:
+            if namespace:
+                body = await self._call(self.custom.get_namespaced_custom_object, "kopf.dev", "v1", namespace,
+                                        "kopfpeerings", peering)
+            else:
+                body = await self._call(self.custom.get_cluster_custom_object, "kopf.dev", "v1",
+                                        "clusterkopfpeerings", peering)
+        except ApiException as error:
+            if error.status == 404:
+                return {}
+            raise
+        return dict(body.get("status") or {})
+
+    async def replace_cluster_status(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
+        """PUT the status of a cluster-scoped object; raises ApiException 409 when body's
+        resourceVersion is no longer current (optimistic concurrency: re-read and decide again)."""
+        return await self._call(self.custom.replace_cluster_custom_object_status, GROUP, VERSION, plural,
+                                body["metadata"]["name"], body)
+
+    async def patch_namespaced_status(self, plural: str, namespace: str, name: str,
+                                      status: dict[str, Any]) -> bool:
+        """Merge-patch the status of a namespaced custom object; False if it is gone."""
+        try:
+            await self._call(self.custom.patch_namespaced_custom_object_status,
+                             GROUP, VERSION, namespace, plural, name, {"status": status})
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -16,7 +16,8 @@ import structlog
 
 from analysis_operator.backends.base import Backend, BackendUnavailable, Observation, State
 from analysis_operator.backends.kubernetes import TOKEN_KEY, build_token_secret, new_token
-from analysis_operator.domain import TERMINAL_PHASES, Environment, Flavor, Phase, format_time, parse_time
+from analysis_operator.domain import TERMINAL_PHASES, Environment, Flavor, Phase, format_time, parse_duration, \
+    parse_time
 from analysis_operator.kube import KubeClient
 from analysis_operator.policy.requests import Rejection, check_request
 from analysis_operator.status import backend_status, build_condition, build_transition, merge_conditions, \
@@ -24,7 +25,7 @@ from analysis_operator.status import backend_status, build_condition, build_tran
 
 log = structlog.get_logger("analysis_operator.reconcile")
 
-WARNING_PHASES = frozenset({Phase.FAILED, Phase.REJECTED, Phase.EXPIRED})
+WARNING_PHASES = frozenset({Phase.FAILED, Phase.REJECTED, Phase.EXPIRED, Phase.BUDGET_EXHAUSTED})
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,10 @@ async def stop(context: Context, environment: Environment, flavor: Flavor | None
 def expiry(environment: Environment, flavor: Flavor, status: Mapping[str, Any],
            now: datetime.datetime) -> tuple[datetime.datetime, datetime.datetime]:
     started_at = parse_time(status.get("startedAt")) or now
-    return started_at, started_at + (environment.lifetime or flavor.max_lifetime)
+    # Approved lifetime BudgetRequests, keyed by request uid so each counts once (handlers/budgets.py).
+    extended = sum((parse_duration(extra) for extra in (status.get("lifetimeExtensions") or {}).values()),
+                   datetime.timedelta())
+    return started_at, started_at + (environment.lifetime or flavor.max_lifetime) + extended
 
 
 async def converge(context: Context, environment: Environment, status: Mapping[str, Any],

@@ -57,6 +57,19 @@ class AdmissionSettings:
 
 
 @dataclass(frozen=True)
+class BudgetSettings:
+    """ComputeBudgets: who may start what, and how usage is charged (handlers/budgets.py)."""
+    enabled: bool = True                 # False: no checks, no accounting (budgets are just records)
+    require_budget: bool = True          # an owner with no ComputeBudget is refused; False = runs unmetered
+    check_at_admission: bool = True      # the webhook refuses early; the reconcile check always holds
+    charge_interval_seconds: float = 60.0  # how often running environments are charged
+    warning_percent: float = 80.0        # Warning Event on the budget at this share of a limit
+    admission_hold_seconds: float = 10.0  # an admitted create counts against the budget this long until
+                                          # the operator sees it (covers a burst of racing creates)
+    expiry_warning_seconds: float = 1800.0  # Warning Event on an environment this long before it expires
+
+
+@dataclass(frozen=True)
 class Settings:
     templates_dir: str = str(_REPO_TEMPLATES)
     log_format: str = "auto"             # auto (JSON unless a terminal), json, console
@@ -64,6 +77,11 @@ class Settings:
     namespace: str = ""                  # empty = all namespaces
     standalone: bool = True              # False = kopf peering (HA with standbys)
     peering_name: str = "analysis-operator"
+    # kopf pauses every replica when two share a priority: 0 picks a random one at start,
+    # so exactly one replica (the highest) is active.
+    peering_priority: int = 0
+    # A replica silent this long is presumed dead: bounds the takeover after a crash.
+    peering_lifetime_seconds: int = 60
     sweep_interval_seconds: float = 10.0  # expiry / accounting / orphan sweep period
     kube_workers: int = 16               # threads for Kubernetes API calls
     jupyter_port: int = 8888
@@ -73,6 +91,7 @@ class Settings:
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     openstack: OpenStackSettings = field(default_factory=OpenStackSettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    budgets: BudgetSettings = field(default_factory=BudgetSettings)
 
 
 def _coerce(value: str, current: Any) -> Any:

@@ -79,12 +79,15 @@ def _free_port() -> int:
 class OperatorProcess:
     """The operator as a real process, so tests can kill and restart it."""
 
+    running: set["OperatorProcess"] = set()   # all started and not stopped (see other_operators_stopped)
+
     def __init__(self, kubeconfig: str, log_path: pathlib.Path, **settings: str) -> None:
         self.kubeconfig, self.log_path, self.settings = kubeconfig, log_path, settings
         self.process: subprocess.Popen | None = None
         # One webhook port for the object's life: a killed operator leaves its
         # registration behind, and the restarted one must answer at the same URL.
         self.webhook_port = _free_port()
+        self.metrics_port = _free_port()
 
     def start(self) -> None:
         port = _free_port()
@@ -96,13 +99,21 @@ class OperatorProcess:
             "ANALYSIS_OPERATOR_ADMISSION_LISTEN_ADDRESS": "127.0.0.1",
             "ANALYSIS_OPERATOR_ADMISSION_PORT": str(self.webhook_port),
             "ANALYSIS_OPERATOR_ADMISSION_CERT_DIR": str(self.log_path.parent / "webhook-tls"),
+            "ANALYSIS_OPERATOR_METRICS_PORT": str(self.metrics_port),
+            # Owners without a ComputeBudget run unmetered here, so tests about other things need no
+            # budget; tests/integration/test_budgets.py turns the production default (refuse) back on.
+            "ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET": "false",
             **self.settings,
         }
         log = self.log_path.open("a")
         self.process = subprocess.Popen([sys.executable, "-m", "analysis_operator", "--log-format", "json"],
                                         env=environment, stdout=log, stderr=subprocess.STDOUT)
+        OperatorProcess.running.add(self)
         wait_for(lambda: self._healthy(port), timeout=60, what="operator liveness endpoint")
-        wait_for(self._webhooks_registered, timeout=60, what="the operator's admission webhooks registered")
+        if environment["ANALYSIS_OPERATOR_ADMISSION_HOST"]:  # empty: registered by others (the Helm chart)
+            wait_for(self._webhooks_registered, timeout=60, what="the operator's admission webhooks registered")
+        # After a restart the old registration already matches: also wait until the server listens.
+        wait_for(self._webhook_listening, timeout=60, what="the operator's webhook server listening")
 
     def _webhooks_registered(self) -> bool:
         """kopf registers its webhooks a moment after start; until then creates would bypass them."""
@@ -116,6 +127,13 @@ class OperatorProcess:
         hooks = [*validating, *mutating]
         return bool(hooks) and all((hook.client_config.url or "").startswith(wanted) for hook in hooks)
 
+    def _webhook_listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.webhook_port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
     def _healthy(self, port: int) -> bool:
         assert self.process is not None and self.process.poll() is None, f"operator died, see {self.log_path}"
         try:
@@ -128,6 +146,7 @@ class OperatorProcess:
             self.process.send_signal(sig)
             self.process.wait(timeout=30)
         self.process = None
+        OperatorProcess.running.discard(self)
 
     def restart(self, sig: int = signal.SIGTERM) -> None:
         self.stop(sig)
@@ -139,6 +158,21 @@ class OperatorProcess:
         if wanted != self.settings:
             self.settings = wanted
             self.restart()
+
+
+@pytest.fixture
+def other_operators_stopped(kubeconfig: str):
+    """For tests that run operators of their own (chart RBAC, peering): stop the session's
+    operator meanwhile (two standalone operators would both act), and remove the webhooks
+    it registered (they would refuse creates while it is down); both come back after."""
+    stopped = list(OperatorProcess.running)
+    for process in stopped:
+        process.stop()
+    for kind in ("validatingwebhookconfiguration", "mutatingwebhookconfiguration"):
+        kubectl("delete", kind, "analysis.panosc.eu", "--ignore-not-found")
+    yield
+    for process in stopped:
+        process.start()
 
 
 @pytest.fixture(scope="session")

@@ -306,3 +306,34 @@ def test_summarize_pod(labels, expected_uid):
     assert summary.observation == observe_pod(pod)
     assert summary.observation.state is State.READY
     assert summary.observation.url == ""  # the index never stores a URL; the backend adds it
+
+
+def make_mount(name: str, path: str, **storage):
+    from analysis_operator.domain import Dataset, DatasetStorage, Mount
+    return Mount(Dataset(name=name, pid=f"10.5072/{name}", storage=DatasetStorage(**storage)), path, "public")
+
+
+def test_dataset_volumes_are_read_only_twice_and_one_per_dataset():
+    from analysis_operator.backends.kubernetes import build_dataset_volumes
+    volumes, mounts = build_dataset_volumes((
+        make_mount("raw", "/data/raw", claim_name="facility-data", sub_path="p11/raw",
+                   nfs_server="nfs", nfs_path="/exports/raw"),
+        make_mount("ref", "/data/ref", nfs_server="nfs.facility.eu", nfs_path="/exports/ref"),
+        make_mount("whole", "/data/whole", claim_name="whole-claim")))
+    assert volumes == (
+        {"name": "dataset-0", "persistentVolumeClaim": {"claimName": "facility-data", "readOnly": True}},
+        {"name": "dataset-1", "nfs": {"server": "nfs.facility.eu", "path": "/exports/ref", "readOnly": True}},
+        {"name": "dataset-2", "persistentVolumeClaim": {"claimName": "whole-claim", "readOnly": True}})
+    assert mounts == (
+        {"name": "dataset-0", "mountPath": "/data/raw", "readOnly": True, "subPath": "p11/raw"},
+        {"name": "dataset-1", "mountPath": "/data/ref", "readOnly": True},
+        {"name": "dataset-2", "mountPath": "/data/whole", "readOnly": True})
+
+
+def test_pod_with_datasets_keeps_home_as_its_only_writable_volume():
+    from analysis_operator.backends.kubernetes import build_dataset_volumes
+    volumes, mounts = build_dataset_volumes((make_mount("ref", "/data/ref", nfs_server="n", nfs_path="/e"),))
+    pod = build_pod(make_environment(), make_flavor(), SETTINGS, volumes, mounts)
+    writable = [mount["mountPath"] for mount in container_of(pod)["volumeMounts"] if not mount.get("readOnly")]
+    assert writable == ["/home/jovyan"]
+    assert [volume["name"] for volume in pod["spec"]["volumes"]] == ["home", "dataset-0"]

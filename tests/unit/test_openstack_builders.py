@@ -15,11 +15,18 @@ from analysis_operator.backends.openstack import (
     MANAGED_TAG, META_MANAGED_BY, META_NAME, META_NAMESPACE, META_OWNER, META_UID, OpenStackBackend,
     _translate_errors, build_dataset_mounts, build_identity_metadata, build_server_request,
     connection_url, gpus_from_extra_specs, observe_server)
-from analysis_operator.domain import BackendKind, DatasetRef, Environment, Flavor, OpenStackSpec
+from analysis_operator.domain import BackendKind, Dataset, DatasetStorage, Environment, Flavor, Mount, OpenStackSpec
 from analysis_operator.settings import OpenStackSettings, Settings
 
 SETTINGS = Settings(openstack=OpenStackSettings(cloud="analysis", executor_workers=2))
-SOURCES = {"ds-1": "nfs.facility.eu:/exports/ds-1", "ds-2": "nfs.facility.eu:/exports/ds-2"}
+
+
+def mount(name: str, path: str = "", server: str = "nfs.facility.eu", export: str = "") -> Mount:
+    storage = DatasetStorage(nfs_server=server, nfs_path=export or f"/exports/{name}")
+    return Mount(Dataset(name=name, pid=f"10.5072/{name}", storage=storage), path or f"/data/{name}", "public")
+
+
+MOUNTS = (mount("ds-1"), mount("ds-2"))
 
 NASTY = [
     '/data/x"\nruncmd: [[sh, -c, "rm -rf /"]]',
@@ -45,8 +52,8 @@ def make_flavor(allow_custom_image=False, **openstack) -> Flavor:
                   openstack=OpenStackSpec(**spec))
 
 
-def user_data_of(environment, token="tok-en", sources=SOURCES) -> dict:
-    request = build_server_request(environment, make_flavor(), token, SETTINGS, sources)
+def user_data_of(environment, token="tok-en", mounts=()) -> dict:
+    request = build_server_request(environment, make_flavor(), token, SETTINGS, mounts)
     return yaml.safe_load(request["user_data"])
 
 
@@ -79,22 +86,20 @@ def test_identity_metadata_fits_novas_limit():
     assert all(len(value) <= 255 for value in metadata.values())
 
 
-@pytest.mark.parametrize("datasets, expected", [
+@pytest.mark.parametrize("mounts, expected", [
     ((), []),
-    ((DatasetRef("ds-1"),), [("nfs.facility.eu:/exports/ds-1", "/data/ds-1")]),
-    ((DatasetRef("ds-1", "/home/analysis/beamtime"), DatasetRef("ds-2")),
-     [("nfs.facility.eu:/exports/ds-1", "/home/analysis/beamtime"),
+    ((mount("ds-1"),), [("nfs.facility.eu:/exports/ds-1", "/data/ds-1")]),
+    ((mount("ds-1", "/data/beamtime"), mount("ds-2")),
+     [("nfs.facility.eu:/exports/ds-1", "/data/beamtime"),
       ("nfs.facility.eu:/exports/ds-2", "/data/ds-2")]),
-    # No known location (not granted, or not resolved by the handler): not mounted.
-    ((DatasetRef("unknown"),), []),
 ])
-def test_dataset_mounts(datasets, expected):
-    mounts = build_dataset_mounts(make_environment(datasets=datasets), SOURCES)
-    assert [(mount["source"], mount["mount_path"]) for mount in mounts] == expected
+def test_dataset_mounts(mounts, expected):
+    built = build_dataset_mounts(mounts)
+    assert [(entry["source"], entry["mount_path"]) for entry in built] == expected
 
 
 def test_user_data_mounts_datasets_read_only():
-    user_data = user_data_of(make_environment(datasets=(DatasetRef("ds-1"), DatasetRef("ds-2"))))
+    user_data = user_data_of(make_environment(), mounts=MOUNTS)
     assert [entry[:3] for entry in user_data["mounts"]] == [
         ["nfs.facility.eu:/exports/ds-1", "/data/ds-1", "nfs"],
         ["nfs.facility.eu:/exports/ds-2", "/data/ds-2", "nfs"]]
@@ -122,11 +127,11 @@ def test_user_data_starts_remote_desktop():
 
 @pytest.mark.parametrize("nasty", NASTY)
 def test_user_controlled_values_cannot_break_the_yaml(nasty):
-    environment = make_environment(owner=nasty, datasets=(DatasetRef("ds-1", nasty),))
-    user_data = user_data_of(environment, token=nasty, sources={"ds-1": nasty})
+    environment = make_environment(owner=nasty)
+    user_data = user_data_of(environment, token=nasty, mounts=(mount("ds-1", nasty, server=nasty, export=nasty),))
     # The structure is exactly the template's, whatever the values hold.
     assert set(user_data) == {"hostname", "users", "write_files", "mounts", "packages", "runcmd"}
-    assert user_data["mounts"] == [[nasty, nasty, "nfs", user_data["mounts"][0][3], "0", "0"]]
+    assert user_data["mounts"] == [[f"{nasty}:{nasty}", nasty, "nfs", user_data["mounts"][0][3], "0", "0"]]
     files = {entry["path"]: entry for entry in user_data["write_files"]}
     identity = json.loads(files["/etc/analysis-environment/identity.json"]["content"])
     assert identity["owner"] == nasty

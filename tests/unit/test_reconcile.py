@@ -38,3 +38,14 @@ def test_converge_waits_for_a_missing_flavor_without_touching_anything():
     outcome = asyncio.run(converge(context, ENVIRONMENT, {}, None, NOW))
     assert outcome.status["phase"] == "Pending" and outcome.status["reason"] == "FlavorNotFound"
     assert outcome.retry_after == 30
+
+
+def test_a_live_peer_with_a_higher_priority_outranks_us_until_its_lifetime_ends():
+    from analysis_operator.handlers.lifecycle import outranked
+    moment = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.timezone.utc)
+    peer = {"priority": 10, "lifetime": 20, "lastseen": "2026-11-24T11:59:50+00:00"}
+    assert outranked({"other": peer}, 5, moment)
+    assert not outranked({"other": peer}, 10, moment)          # ourselves (same priority)
+    assert not outranked({"other": peer}, 11, moment)
+    assert not outranked({"other": peer}, 5, moment + datetime.timedelta(seconds=11))  # its keep-alive expired
+    assert not outranked({}, 5, moment)

@@ -214,3 +214,53 @@ def test_ensure_adopts_or_submits_once(queue, expect_submission):
         assert observation.reference == {"jobId": "101"}
     else:
         assert observation.reference["jobId"] == "5"
+
+
+# ---------------------------------------------------------------- datasets
+
+def dataset_mount(name: str, path: str, cluster_path: str):
+    from analysis_operator.domain import Dataset, DatasetStorage, Mount
+    return Mount(Dataset(name=name, pid=f"10.5072/{name}", storage=DatasetStorage(path=cluster_path)), path, "public")
+
+
+def test_submission_without_datasets_has_no_dataset_variables():
+    job = build_job_submission(make_environment(), make_flavor(), SETTINGS)
+    assert not [name for name in job["environment"] if name.startswith(("AENV_DATA", "AENV_DATASET"))]
+
+
+def test_submission_carries_exactly_the_granted_datasets():
+    mounts = (dataset_mount("raw", "/data/raw", "/gpfs/p11/raw"),
+              dataset_mount("ref", "/data/refs/lysozyme", "/gpfs/public/lysozyme"))
+    job = build_job_submission(make_environment(), make_flavor(), SETTINGS, mounts=mounts)
+    variables = {name: value for name, value in job["environment"].items() if name.startswith("AENV_DATA")}
+    assert variables == {
+        "AENV_DATA_DIR": "/scratch/aenv/team-a.aenv-lab.data", "AENV_DATASET_COUNT": "2",
+        "AENV_DATASET_0_PATH": "/gpfs/p11/raw", "AENV_DATASET_0_LINK": "raw", "AENV_DATASET_0_PID": "10.5072/raw",
+        "AENV_DATASET_1_PATH": "/gpfs/public/lysozyme", "AENV_DATASET_1_LINK": "refs/lysozyme",
+        "AENV_DATASET_1_PID": "10.5072/ref"}
+
+
+def test_batch_script_links_the_granted_datasets_into_the_data_directory(tmp_path):
+    """Run the real script with bash: stand-ins for scontrol and JupyterLab, real links."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text("#!/bin/sh\nexit 0\n")
+    (fake_bin / "scontrol").chmod(0o755)
+    settings = SlurmSettings(working_directory=str(tmp_path),
+                             jupyter_command='test -n "$JUPYTER_PORT" -a -d "$AENV_DATA_DIR"')
+    for name in ("raw", "lysozyme"):
+        (tmp_path / "gpfs" / name).mkdir(parents=True)
+        (tmp_path / "gpfs" / name / "frame.h5").write_text(name)
+    mounts = (dataset_mount("raw", "/data/raw", str(tmp_path / "gpfs/raw")),
+              dataset_mount("ref", "/data/refs/lysozyme", str(tmp_path / "gpfs/lysozyme")))
+    job = build_job_submission(make_environment(), make_flavor(), settings, mounts=mounts)
+    script = build_batch_script(make_environment(), make_flavor(), TOKEN_ENV_NAME, settings)
+    environment = {**job["environment"], "PATH": f"{fake_bin}:/usr/bin:/bin", TOKEN_ENV_NAME: "t",
+                   "SLURM_JOB_ID": "7"}
+    result = subprocess.run(["bash", "-c", script], env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    data = tmp_path / "team-a.aenv-lab.data"
+    assert sorted(str(path.relative_to(data)) for path in data.rglob("*") if path.is_symlink()) == [
+        "raw", "refs/lysozyme"]
+    assert (data / "raw" / "frame.h5").read_text() == "raw"
+    assert (data / "refs" / "lysozyme" / "frame.h5").read_text() == "lysozyme"

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
-from analysis_operator.domain import Environment, Flavor
+from analysis_operator.domain import Environment, Flavor, Mount
 
 
 class State(str, enum.Enum):
@@ -62,3 +62,16 @@ class Backend(Protocol):
 
 class BackendUnavailable(Exception):
     """The backend cannot be reached now; retry later, nothing is lost."""
+
+
+# The datasets an environment may mount, decided and recorded by the data-access
+# policy (handlers/datasets.py) at the moment a backend creates the pod, job or VM.
+GrantedMounts = Callable[[Environment, Flavor], Awaitable[tuple[Mount, ...]]]
+
+
+async def no_datasets(environment: Environment, flavor: Flavor) -> tuple[Mount, ...]:
+    """For backends built without the data-access policy (backend tests): never mount blindly."""
+    if environment.datasets:
+        raise ValueError(f"{environment.namespace}/{environment.name} lists datasets, "
+                         "but this backend was built without a data-access policy")
+    return ()

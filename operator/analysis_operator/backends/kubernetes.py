@@ -9,11 +9,11 @@ from __future__ import annotations
 import base64
 import dataclasses
 import secrets
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from analysis_operator import render
-from analysis_operator.backends.base import ManagedObject, Observation, State
-from analysis_operator.domain import API_VERSION, LABEL_ENVIRONMENT_UID, Environment, Flavor, parse_quantity
+from analysis_operator.backends.base import GrantedMounts, ManagedObject, Observation, State, no_datasets
+from analysis_operator.domain import API_VERSION, LABEL_ENVIRONMENT_UID, Environment, Flavor, Mount, parse_quantity
 from analysis_operator.kube import KubeClient
 from analysis_operator.settings import Settings
 
@@ -48,6 +48,29 @@ def build_token_secret(environment: Environment, token: str) -> dict[str, Any]:
 
 def new_token() -> str:
     return secrets.token_urlsafe(32)
+
+
+def build_dataset_volumes(mounts: Sequence[Mount]) -> tuple[tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
+    """One read-only volume and one read-only mount per granted dataset, nothing else.
+
+    Both flags: the volume's readOnly makes the kubelet mount the source
+    read-only, the mount's makes the container's view read-only, so neither a
+    writable claim nor a writable export lets the user change facility data.
+    """
+    volumes, volume_mounts = [], []
+    for index, mount in enumerate(mounts):
+        name = f"dataset-{index}"
+        storage = mount.dataset.storage
+        volume_mount: dict[str, Any] = {"name": name, "mountPath": mount.path, "readOnly": True}
+        if storage.claim_name:
+            volumes.append({"name": name, "persistentVolumeClaim": {"claimName": storage.claim_name, "readOnly": True}})
+            if storage.sub_path:
+                volume_mount["subPath"] = storage.sub_path
+        else:
+            volumes.append({"name": name, "nfs": {"server": storage.nfs_server, "path": storage.nfs_path,
+                                                  "readOnly": True}})
+        volume_mounts.append(volume_mount)
+    return tuple(volumes), tuple(volume_mounts)
 
 
 def build_pod(environment: Environment, flavor: Flavor, settings: Settings,
@@ -146,10 +169,12 @@ class KubernetesBackend:
 
     kind = "kubernetes"
 
-    def __init__(self, kube: KubeClient, settings: Settings, pods_index: Mapping[Any, Any]) -> None:
+    def __init__(self, kube: KubeClient, settings: Settings, pods_index: Mapping[Any, Any],
+                 granted: GrantedMounts = no_datasets) -> None:
         self._kube = kube
         self._settings = settings
         self._pods = pods_index  # kopf index: (namespace, environment name) -> [PodSummary]
+        self._granted = granted
 
     def _indexed(self, environment: Environment) -> Observation | None:
         for summary in self._pods.get((environment.namespace, environment.name), ()):
@@ -160,12 +185,11 @@ class KubernetesBackend:
                 return observation
         return None
 
-    async def ensure(self, environment: Environment, flavor: Flavor, token: str = "",
-                     dataset_volumes: tuple[dict[str, Any], ...] = (),
-                     dataset_mounts: tuple[dict[str, Any], ...] = ()) -> Observation:
+    async def ensure(self, environment: Environment, flavor: Flavor, token: str = "") -> Observation:
         observation = self._indexed(environment)
         if observation is not None:
             return observation
+        dataset_volumes, dataset_mounts = build_dataset_volumes(await self._granted(environment, flavor))
         await self._kube.create("Service", environment.namespace, build_service(environment, self._settings))
         pod = build_pod(environment, flavor, self._settings, dataset_volumes, dataset_mounts)
         await self._kube.create("Pod", environment.namespace, pod)

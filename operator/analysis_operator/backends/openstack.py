@@ -16,10 +16,11 @@ import functools
 import logging
 import re
 import threading
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-from analysis_operator.backends.base import BackendUnavailable, ManagedObject, Observation, State
-from analysis_operator.domain import MANAGER, Environment, Flavor
+from analysis_operator.backends.base import BackendUnavailable, GrantedMounts, ManagedObject, Observation, State, \
+    no_datasets
+from analysis_operator.domain import MANAGER, Environment, Flavor, Mount
 from analysis_operator.render import render_text
 from analysis_operator.settings import Settings
 
@@ -37,7 +38,6 @@ NOVA_METADATA_VALUE_MAX = 255
 API_TIMEOUT_SECONDS = 30
 RDP_PORT = 3389
 DESKTOP_USER = "analysis"
-DEFAULT_DATASET_ROOT = "/data"
 
 T = TypeVar("T")
 
@@ -56,21 +56,15 @@ def build_identity_metadata(environment: Environment) -> dict[str, str]:
     return {key: value[:NOVA_METADATA_VALUE_MAX] for key, value in metadata.items()}
 
 
-def build_dataset_mounts(environment: Environment,
-                         dataset_sources: Mapping[str, str]) -> list[dict[str, str]]:
-    """The granted datasets that have a known location, with where each is mounted."""
-    mounts = []
-    for dataset in environment.datasets:
-        source = dataset_sources.get(dataset.name)
-        if not source:
-            continue  # nothing to mount from: the handler passes locations of granted datasets only
-        mount_path = dataset.mount_path or f"{DEFAULT_DATASET_ROOT}/{dataset.name}"
-        mounts.append({"name": dataset.name, "source": source, "mount_path": mount_path})
-    return mounts
+def build_dataset_mounts(mounts: Sequence[Mount]) -> list[dict[str, str]]:
+    """The granted datasets as NFS shares (the policy grants only datasets that have one)
+    and where each appears in the VM; cloud-init mounts them read-only."""
+    return [{"name": mount.dataset.name, "source": mount.dataset.storage.nfs_share, "mount_path": mount.path}
+            for mount in mounts]
 
 
 def build_user_data(environment: Environment, token: str, settings: Settings,
-                    dataset_sources: Mapping[str, str] | None = None) -> str:
+                    mounts: Sequence[Mount] = ()) -> str:
     return render_text(
         settings.templates_dir, "cloud-init.yaml.j2",
         hostname=environment.child_name,
@@ -78,13 +72,13 @@ def build_user_data(environment: Environment, token: str, settings: Settings,
                   "uid": environment.uid, "owner": environment.owner},
         desktop_user=DESKTOP_USER,
         token=token,
-        datasets=build_dataset_mounts(environment, dataset_sources or {}),
+        datasets=build_dataset_mounts(mounts),
         rdp_port=RDP_PORT,
     )
 
 
 def build_server_request(environment: Environment, flavor: Flavor, token: str, settings: Settings,
-                         dataset_sources: Mapping[str, str] | None = None) -> dict[str, Any]:
+                         mounts: Sequence[Mount] = ()) -> dict[str, Any]:
     """What to ask Nova for; flavor, image and network are names, resolved by the backend."""
     image = environment.image if (flavor.allow_custom_image and environment.image) else (
         flavor.openstack.image or flavor.image)
@@ -96,7 +90,7 @@ def build_server_request(environment: Environment, flavor: Flavor, token: str, s
         "key_name": flavor.openstack.key_name,
         "metadata": build_identity_metadata(environment),
         "tags": [MANAGED_TAG],
-        "user_data": build_user_data(environment, token, settings, dataset_sources),
+        "user_data": build_user_data(environment, token, settings, mounts),
     }
 
 
@@ -201,8 +195,10 @@ class OpenStackBackend:
 
     kind = "openstack"
 
-    def __init__(self, settings: Settings, connect: Callable[[], Any] | None = None) -> None:
+    def __init__(self, settings: Settings, connect: Callable[[], Any] | None = None,
+                 granted: GrantedMounts = no_datasets) -> None:
         self._settings = settings
+        self._granted = granted
         self._cloud = settings.openstack.cloud
         self._connect = connect or self._connect_from_clouds_yaml
         self._connection: Any = None
@@ -324,10 +320,10 @@ class OpenStackBackend:
 
     # ------------------------------------------------------ the Backend API
 
-    async def ensure(self, environment: Environment, flavor: Flavor, token: str,
-                     dataset_sources: Mapping[str, str] | None = None) -> Observation:
+    async def ensure(self, environment: Environment, flavor: Flavor, token: str) -> Observation:
         """Adopt the environment's server or create it; an ERROR server is reported, not replaced."""
-        request = build_server_request(environment, flavor, token, self._settings, dataset_sources)
+        request = build_server_request(environment, flavor, token, self._settings,
+                                       await self._granted(environment, flavor))
         return await self._run(self._ensure_blocking, environment, request)
 
     async def observe(self, environment: Environment) -> Observation:

@@ -15,12 +15,14 @@ import datetime
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import aiohttp
 
-from analysis_operator.backends.base import BackendUnavailable, ManagedObject, Observation, State
-from analysis_operator.domain import Environment, Flavor
+from analysis_operator.backends.base import BackendUnavailable, GrantedMounts, ManagedObject, Observation, State, \
+    no_datasets
+from analysis_operator.domain import Environment, Flavor, Mount
+from analysis_operator.policy.access import DATA_ROOT
 from analysis_operator.render import render_text
 from analysis_operator.settings import Settings, SlurmSettings
 
@@ -78,8 +80,32 @@ def build_time_limit_minutes(environment: Environment, flavor: Flavor,
     return max(1, math.ceil(min(limits).total_seconds() / 60))
 
 
+def build_data_directory(environment: Environment, settings: SlurmSettings) -> str:
+    """Where the job finds its datasets: one directory per environment, next to its output."""
+    return f"{settings.working_directory}/{environment.namespace}.{environment.child_name}.data"
+
+
+def build_dataset_environment(environment: Environment, settings: SlurmSettings,
+                              mounts: Sequence[Mount]) -> dict[str, str]:
+    """The granted datasets as job environment variables; the batch script links each
+    AENV_DATASET_<i>_PATH (the data as the cluster sees it) to $AENV_DATA_DIR/<LINK>,
+    LINK being the mount path below /data. Variables, not script text, so no
+    path ever becomes part of a shell line. Read-only is the cluster file
+    system's own permissions (the facility's ACLs); the job sees only what is listed."""
+    if not mounts:
+        return {}
+    variables = {"AENV_DATA_DIR": build_data_directory(environment, settings),
+                 "AENV_DATASET_COUNT": str(len(mounts))}
+    for index, mount in enumerate(mounts):
+        variables[f"AENV_DATASET_{index}_PATH"] = mount.dataset.storage.path
+        variables[f"AENV_DATASET_{index}_LINK"] = mount.path.removeprefix(DATA_ROOT + "/")
+        variables[f"AENV_DATASET_{index}_PID"] = mount.dataset.pid
+    return variables
+
+
 def build_job_submission(environment: Environment, flavor: Flavor, settings: SlurmSettings,
-                         remaining: datetime.timedelta | None = None) -> dict[str, Any]:
+                         remaining: datetime.timedelta | None = None,
+                         mounts: Sequence[Mount] = ()) -> dict[str, Any]:
     """The `job` part of a v0.0.38 submit request, without the token."""
     resources = flavor.resources
     job: dict[str, Any] = {
@@ -94,7 +120,8 @@ def build_job_submission(environment: Environment, flavor: Flavor, settings: Slu
         "time_limit": build_time_limit_minutes(environment, flavor, remaining),
         # A full environment replaces the submitter's: only what the script needs.
         "environment": {"PATH": JOB_PATH, "LANG": "C.UTF-8",
-                        "AENV_IDENTITY": build_identity_comment(environment)},
+                        "AENV_IDENTITY": build_identity_comment(environment),
+                        **build_dataset_environment(environment, settings, mounts)},
     }
     optional = {"partition": flavor.slurm.partition, "account": flavor.slurm.account,
                 "qos": flavor.slurm.qos, "gres": f"gpu:{resources.gpu}" if resources.gpu else ""}
@@ -279,9 +306,11 @@ async def endpoint_answers(endpoint: str) -> bool:
 class SlurmBackend:
     kind = "slurm"
 
-    def __init__(self, settings: SlurmSettings, templates_dir: str = DEFAULT_TEMPLATES_DIR):
+    def __init__(self, settings: SlurmSettings, templates_dir: str = DEFAULT_TEMPLATES_DIR,
+                 granted: GrantedMounts = no_datasets):
         self.settings = settings
         self.templates_dir = templates_dir
+        self._granted = granted
         self.client = SlurmRestClient(settings)
         # uid -> job id, so observe() asks for one job instead of listing the queue.
         self._job_ids: dict[str, str] = {}
@@ -297,7 +326,8 @@ class SlurmBackend:
         if existing is not None:
             self._job_ids[environment.uid] = str(existing["job_id"])
             return await self._observe_job(existing)
-        job = build_job_submission(environment, flavor, self.settings, remaining)
+        job = build_job_submission(environment, flavor, self.settings, remaining,
+                                   await self._granted(environment, flavor))
         job["environment"][TOKEN_ENV_NAME] = token
         script = build_batch_script(environment, flavor, TOKEN_ENV_NAME, self.settings, self.templates_dir)
         try:

@@ -1,2 +1,2 @@
 """kopf handlers; importing this package registers them."""
-from analysis_operator.handlers import admission, environments, indexes, lifecycle  # noqa: F401
+from analysis_operator.handlers import admission, budgets, datasets, environments, indexes, lifecycle  # noqa: F401

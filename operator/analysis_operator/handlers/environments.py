@@ -11,6 +11,7 @@ import structlog
 from analysis_operator.domain import API_VERSION, GROUP, LABEL_BACKEND, LABEL_ENVIRONMENT, VERSION, Environment
 from analysis_operator.backends.base import BackendUnavailable
 from analysis_operator.handlers.indexes import MANAGED, EnvironmentRecord, first
+from analysis_operator.metrics import RECONCILE_SECONDS
 from analysis_operator.reconcile import Context, Outcome, converge
 
 
@@ -55,7 +56,8 @@ async def on_environment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, fl
         # Label first: kopf then adds the finalizer before anything exists outside Kubernetes.
         patch.metadata.setdefault("labels", {})[LABEL_BACKEND] = flavor.backend.value
         raise kopf.TemporaryError("waiting for the finalizer before creating the job or VM", delay=0.2)
-    outcome = await converge(memo.context, environment, body.get("status") or {}, flavor, now())
+    with RECONCILE_SECONDS.time():
+        outcome = await converge(memo.context, environment, body.get("status") or {}, flavor, now())
     if outcome.status is not None:
         patch.status.update(outcome.status)
     await post(memo.context, environment, outcome)

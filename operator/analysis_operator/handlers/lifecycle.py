@@ -5,20 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import pathlib
+import random
 from typing import Any
 
 import kopf
 import structlog
 
-from analysis_operator.backends.base import Backend
+from analysis_operator.backends.base import Backend, GrantedMounts
 from analysis_operator.backends.kubernetes import KubernetesBackend
 from analysis_operator.certificates import ensure_certificates
 from analysis_operator.domain import GROUP, TERMINAL_PHASES, Environment
+from analysis_operator.handlers.budgets import gate_for, warn_expiring
+from analysis_operator.handlers.datasets import DataAccess
 from analysis_operator.handlers.environments import apply, now
 from analysis_operator.handlers.indexes import EnvironmentRecord, first
 from analysis_operator.kube import KubeClient
+from analysis_operator.metrics import start_metrics
 from analysis_operator.reconcile import Context, Gate, converge, expiry
 from analysis_operator.settings import Settings
 
@@ -40,46 +45,86 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, pods: kop
     settings.watching.server_timeout = 600
     settings.networking.request_timeout = 60
 
+    configure_peering(settings, config)
+    memo.peering_priority = settings.peering.priority
     configure_admission(settings, config)
 
     kube = KubeClient(config.kube_workers)
-    memo.context = Context(kube=kube, backends=build_backends(config, kube, pods),
+    memo.context = Context(kube=kube, backends=build_backends(config, kube, pods, DataAccess(kube, indexes).granted),
                            gates=build_gates(config, kube, indexes))
+    start_metrics(config.metrics_port, indexes["budgets"], environments)
     memo.sweeper = asyncio.create_task(sweep_forever(memo, environments, flavors, config.sweep_interval_seconds))
     log.info("operator.started", namespace=config.namespace or "*", standalone=config.standalone)
+
+
+def outranked(peers: dict[str, Any], own_priority: int, moment: datetime.datetime) -> bool:
+    """Is a live peer ahead of us? Then kopf has paused this replica (pure)."""
+    for peer in peers.values():
+        if not isinstance(peer, dict) or int(peer.get("priority", 0)) <= own_priority:
+            continue
+        lastseen = datetime.datetime.fromisoformat(str(peer.get("lastseen")))
+        if lastseen.tzinfo is None:
+            lastseen = lastseen.replace(tzinfo=datetime.timezone.utc)
+        if lastseen + datetime.timedelta(seconds=int(peer.get("lifetime", 60))) > moment:
+            return True
+    return False
+
+
+async def is_active(memo: kopf.Memo) -> bool:
+    """Standalone, or the peer kopf lets run. A paused standby must not sweep: its indexes
+    stopped updating when kopf paused it (its accounting daemons are stopped by kopf itself)."""
+    config: Settings = memo.config
+    if config.standalone:
+        return True
+    peers = await memo.context.kube.peers(config.peering_name, config.namespace)
+    return not outranked(peers, memo.peering_priority, now())
+
+
+def configure_peering(settings: kopf.OperatorSettings, config: Settings) -> None:
+    """One active replica: the live peer with the highest priority; the others wait until
+    its keep-alive is older than the lifetime (a crash) or it leaves (a clean stop)."""
+    settings.peering.priority = config.peering_priority or random.SystemRandom().randint(1, 2**31 - 1)
+
+    settings.peering.lifetime = config.peering_lifetime_seconds
+    settings.peering.stealth = True           # no log line per keep-alive
+    # But do say when this replica pauses or takes over (kopf logs that at INFO).
+    logging.getLogger("kopf._core.engines.peering").setLevel(logging.INFO)
 
 
 def configure_admission(settings: kopf.OperatorSettings, config: Settings) -> None:
     """Serve the webhooks over TLS. With admission.host set (local stacks) kopf registers
     them itself at https://host:port with a CA made here; otherwise the Helm chart
-    registers them and mounts the certificate."""
+    registers them and mounts the certificate. kopf needs a server whenever webhook
+    handlers exist, so admission.enabled=false still serves, but registers nothing."""
     admission = config.admission
-    if not admission.enabled:
-        return
     cert_dir = pathlib.Path(admission.cert_dir)
-    if admission.host:
-        cafile, certfile, pkeyfile = ensure_certificates(admission.cert_dir, (admission.host,))
-        settings.admission.managed = admission.managed_name
+    registered = bool(admission.enabled and admission.host)
+    if registered or not (cert_dir / "tls.crt").exists():
+        cafile, certfile, pkeyfile = ensure_certificates(admission.cert_dir, (admission.host or "localhost",))
     else:
         cafile, certfile, pkeyfile = cert_dir / "ca.crt", cert_dir / "tls.crt", cert_dir / "tls.key"
+    if registered:
+        settings.admission.managed = admission.managed_name
     settings.admission.server = kopf.WebhookServer(
-        addr=admission.listen_address, port=admission.port, host=admission.host or None,
+        addr=admission.listen_address, port=admission.port, host=admission.host if registered else None,
         certfile=str(certfile), pkeyfile=str(pkeyfile), cafile=str(cafile) if cafile.exists() else None)
 
 
 def build_gates(config: Settings, kube: KubeClient, indexes: dict[str, Any]) -> tuple[Gate, ...]:
     """What converge checks before it creates or keeps anything: data access, then budget."""
-    return ()
+    return (DataAccess(kube, indexes), gate_for(kube, config.budgets, indexes))
 
 
-def build_backends(config: Settings, kube: KubeClient, pods: kopf.Index) -> dict[str, Backend]:
-    backends: dict[str, Backend] = {"kubernetes": KubernetesBackend(kube, config, pods)}
+def build_backends(config: Settings, kube: KubeClient, pods: kopf.Index,
+                   granted: GrantedMounts) -> dict[str, Backend]:
+    """The enabled backends; `granted` gives each the datasets an environment may mount."""
+    backends: dict[str, Backend] = {"kubernetes": KubernetesBackend(kube, config, pods, granted)}
     if config.slurm.enabled:
         from analysis_operator.backends.slurm import SlurmBackend
-        backends["slurm"] = SlurmBackend(config.slurm, config.templates_dir)
+        backends["slurm"] = SlurmBackend(config.slurm, config.templates_dir, granted)
     if config.openstack.enabled:
         from analysis_operator.backends.openstack import OpenStackBackend
-        backends["openstack"] = OpenStackBackend(config)
+        backends["openstack"] = OpenStackBackend(config, granted=granted)
     return backends
 
 
@@ -156,7 +201,10 @@ async def sweep_forever(memo: kopf.Memo, environments: kopf.Index, flavors: kopf
         await asyncio.sleep(interval)
         rounds += 1
         try:
+            if not await is_active(memo):
+                continue
             await sweep(memo, environments, flavors)
+            await warn_expiring(memo, environments, flavors, now())
             if rounds % orphan_every == 0:
                 await sweep_orphans(memo, environments)
         except Exception:  # one bad sweep must not end the loop; the next one retries

@@ -1,0 +1,24 @@
+# The operator image: `docker build -t analysis-operator .` (not built in this
+# repository's CI: the test machines have no container engine).
+# Base pinned by version; pin the digest too when you publish (`python:3.11.7-slim-bookworm@sha256:...`).
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY operator/ operator/
+RUN python -m venv /venv \
+ && /venv/bin/pip install --no-cache-dir --disable-pip-version-check .
+
+FROM ${PYTHON_IMAGE}
+RUN groupadd --system --gid 10001 operator \
+ && useradd --system --uid 10001 --gid operator --no-create-home --shell /usr/sbin/nologin operator
+COPY --from=build /venv /venv
+COPY templates/ /app/templates/
+ENV PATH=/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    ANALYSIS_OPERATOR_TEMPLATES_DIR=/app/templates
+USER 10001:10001
+EXPOSE 8080 9090 9443
+ENTRYPOINT ["analysis-operator"]

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Racing creates against a ComputeBudget: N slots, COUNT simultaneous creates, exactly N may run.
+
+Runs the operator as its own process (budgets required) against the local stack, creates COUNT
+environments at once from THREADS client threads for one owner whose budget allows N at once, and
+records for every create when it was decided: refused by the admission webhook (the POST's answer),
+or, once admitted, when the operator moved it to Provisioning/Ready (a slot) or Rejected (none),
+seen on a watch. Mode `reconcile` turns the budget webhook off, so every create reaches the
+operator's reconcile check (the webhook down or bypassed).
+
+    eval "$(hack/cluster.sh env)"
+    python bench/budget_race.py --count 1000 --slots 50 --mode admission
+    python bench/budget_race.py --count 1000 --slots 50 --mode reconcile
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import threading
+import time
+import uuid
+
+import kubernetes
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.integration.conftest import GROUP, VERSION, OperatorProcess, kubectl  # noqa: E402
+
+PLURAL = "analysisenvironments"
+DECIDED = {"Provisioning", "Ready", "Rejected"}
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
+
+
+def watch_decisions(custom, namespace: str, decided: dict[str, tuple[float, str]], stop: threading.Event) -> None:
+    while not stop.is_set():
+        stream = kubernetes.watch.Watch()
+        for event in stream.stream(custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
+                                   timeout_seconds=5):
+            body = event["object"]
+            phase = (body.get("status") or {}).get("phase")
+            name = body["metadata"]["name"]
+            if phase in DECIDED and name not in decided:
+                decided[name] = (time.monotonic(), phase)
+            if stop.is_set():
+                stream.stop()
+
+
+def run(count: int, slots: int, threads: int, mode: str) -> dict:
+    kubeconfig = os.environ["KUBECONFIG"]
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    kubectl("apply", "-f", str(REPO / "tests/integration/flavors.yaml"))
+    api = kubernetes.config.new_client_from_config(config_file=kubeconfig)
+    core, custom = kubernetes.client.CoreV1Api(api), kubernetes.client.CustomObjectsApi(api)
+    run_id = uuid.uuid4().hex[:6]
+    namespace, owner, budget = f"race-{run_id}", f"racer-{run_id}", f"race-{run_id}"
+    core.create_namespace({"metadata": {"name": namespace}})
+    custom.create_cluster_custom_object(GROUP, VERSION, "computebudgets", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ComputeBudget", "metadata": {"name": budget},
+        "spec": {"user": owner, "limits": {"maxEnvironments": slots, "cpuHours": 1e6}}})
+    log_dir = REPO / "bench/logs"
+    log_dir.mkdir(exist_ok=True)
+    operator = OperatorProcess(kubeconfig, log_dir / f"budget-race-{run_id}.log",
+                               ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET="true",
+                               ANALYSIS_OPERATOR_BUDGETS_CHECK_AT_ADMISSION=str(mode == "admission").lower())
+    operator.start()
+    decided: dict[str, tuple[float, str]] = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_decisions, args=(custom, namespace, decided, stop), daemon=True)
+    watcher.start()
+    time.sleep(1)  # the watch is open before the first create
+    posted: dict[str, tuple[float, float, int]] = {}
+    clients = [kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(config_file=kubeconfig))
+               for _ in range(threads)]
+    barrier = threading.Barrier(threads)
+
+    def create(worker: int) -> None:
+        barrier.wait()
+        for index in range(worker, count, threads):
+            name = f"r-{index}"
+            body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AnalysisEnvironment", "metadata": {"name": name},
+                    "spec": {"owner": owner, "flavor": "test-short"}}
+            started = time.monotonic()
+            try:
+                clients[worker].create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+                code = 201
+            except kubernetes.client.ApiException as error:
+                code = error.status
+            posted[name] = (started, time.monotonic(), code)
+
+    began = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(create, range(threads)))
+    created = [name for name, (_, _, code) in posted.items() if code == 201]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not all(name in decided for name in created):
+        time.sleep(0.2)
+    stop.set()
+    latencies, by_outcome, outcomes = [], {"refused": [], "admitted": []}, {"refused at admission": 0, "running": 0, "rejected by reconcile": 0, "undecided": 0}
+    for name, (started, answered, code) in posted.items():
+        if code == 403:
+            outcomes["refused at admission"] += 1
+            latencies.append(answered - started)
+            by_outcome["refused"].append(answered - started)
+        elif name in decided:
+            moment, phase = decided[name]
+            outcomes["rejected by reconcile" if phase == "Rejected" else "running"] += 1
+            latencies.append(moment - started)
+            by_outcome["admitted"].append(moment - started)
+        else:
+            outcomes["undecided" if code == 201 else f"error {code}"] = outcomes.get(f"error {code}", 0) + 1
+    status = custom.get_cluster_custom_object(GROUP, VERSION, "computebudgets", budget).get("status") or {}
+    operator.stop()
+    core.delete_namespace(namespace, propagation_policy="Background")
+    custom.delete_cluster_custom_object(GROUP, VERSION, "computebudgets", budget)
+    return {"mode": mode, "count": count, "slots": slots, "threads": threads, "outcomes": outcomes,
+            "ledger": status.get("running", {}).get("environments"), "wall": time.monotonic() - began,
+            "p50": statistics.median(latencies), "p99": percentile(latencies, 0.99), "max": max(latencies),
+            "log": operator.log_path.name,
+            "split": {key: (statistics.median(values), percentile(values, 0.99)) for key, values in by_outcome.items()
+                      if values}}
+
+
+def report(result: dict) -> str:
+    ok = result["outcomes"]["running"] == result["slots"] == result["ledger"]
+    return (f"| {result['mode']} | {result['count']} creates from {result['threads']} threads, {result['slots']} slots "
+            f"| {result['outcomes']} | ledger holds {result['ledger']} | **{'exactly N' if ok else 'NOT N'}** "
+            f"| p50 {1000 * result['p50']:.0f} ms, p99 {1000 * result['p99']:.0f} ms, max {1000 * result['max']:.0f} ms "
+            f"| {result['wall']:.1f} s |\n"
+            + "".join(f"  {key}: p50 {1000 * p50:.0f} ms p99 {1000 * p99:.0f} ms\n"
+                      for key, (p50, p99) in result["split"].items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--slots", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=50)
+    parser.add_argument("--mode", choices=["admission", "reconcile"], default="admission")
+    arguments = parser.parse_args()
+    print(f"machine: {os.cpu_count()} cores, {platform.platform()}, python {platform.python_version()}")
+    print(report(run(arguments.count, arguments.slots, arguments.threads, arguments.mode)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+{{- define "analysis-operator.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "analysis-operator.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "analysis-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "analysis-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Not app.kubernetes.io/managed-by=analysis-operator: that label marks environment pods. */}}
+{{- define "analysis-operator.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "analysis-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: analysis-operator
+{{- end }}
+
+{{- define "analysis-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "analysis-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "analysis-operator.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "analysis-operator.webhookService" -}}
+{{- printf "%s-webhook" (include "analysis-operator.fullname" .) }}
+{{- end }}
+
+{{- define "analysis-operator.tlsSecret" -}}
+{{- printf "%s-webhook-tls" (include "analysis-operator.fullname" .) }}
+{{- end }}
+
+{{/*
+The webhook TLS material when the chart makes it (no cert-manager): the existing
+Secret if there is one (upgrades keep the certificate), otherwise a new CA and
+serving certificate. Computed once per render and kept on .Values, so the Secret,
+the webhook configurations' caBundle and the Deployment's checksum agree.
+*/}}
+{{- define "analysis-operator.generatedTLS" -}}
+{{- if not (hasKey .Values "_generatedTLS") }}
+{{- $secret := lookup "v1" "Secret" .Release.Namespace (include "analysis-operator.tlsSecret" .) }}
+{{- $tls := dict }}
+{{- if and $secret $secret.data (hasKey $secret.data "ca.crt") }}
+{{- $_ := set $tls "ca.crt" (index $secret.data "ca.crt") }}
+{{- $_ := set $tls "tls.crt" (index $secret.data "tls.crt") }}
+{{- $_ := set $tls "tls.key" (index $secret.data "tls.key") }}
+{{- else }}
+{{- $service := include "analysis-operator.webhookService" . }}
+{{- $names := list $service (printf "%s.%s" $service .Release.Namespace) (printf "%s.%s.svc" $service .Release.Namespace) }}
+{{- $ca := genCA (printf "%s-ca" (include "analysis-operator.fullname" .)) (int .Values.certificates.validityDays) }}
+{{- $cert := genSignedCert (printf "%s.%s.svc" $service .Release.Namespace) nil $names (int .Values.certificates.validityDays) $ca }}
+{{- $_ := set $tls "ca.crt" ($ca.Cert | b64enc) }}
+{{- $_ := set $tls "tls.crt" ($cert.Cert | b64enc) }}
+{{- $_ := set $tls "tls.key" ($cert.Key | b64enc) }}
+{{- end }}
+{{- $_ := set .Values "_generatedTLS" $tls }}
+{{- end }}
+{{- toJson .Values._generatedTLS }}
+{{- end }}
+
+{{/* The webhooks from files/webhooks.yaml, one kind ("validating" or "mutating"). */}}
+{{- define "analysis-operator.webhooks" -}}
+{{- $root := index . 0 }}{{- $kind := index . 1 }}{{- $caBundle := index . 2 }}
+{{- $service := include "analysis-operator.webhookService" $root }}
+{{- range $hook := $root.Files.Get "files/webhooks.yaml" | fromYamlArray }}
+{{- if eq $hook.type $kind }}
+- name: {{ printf "%s.analysis.panosc.eu" $hook.id }}
+  admissionReviewVersions: [v1]
+  sideEffects: {{ $hook.sideEffects | default "None" }}
+  matchPolicy: Equivalent
+  timeoutSeconds: {{ $root.Values.admission.timeoutSeconds }}
+  failurePolicy: {{ get $root.Values.admission.failurePolicy $hook.id | default $hook.failurePolicy }}
+  {{- with $root.Values.admission.namespaceSelector }}
+  namespaceSelector: {{- toYaml . | nindent 4 }}
+  {{- end }}
+  rules:
+    - apiGroups: [analysis.panosc.eu]
+      apiVersions: [v1alpha1]
+      resources: [{{ if $hook.subresource }}{{ printf "%s/%s" $hook.resource $hook.subresource }}{{ else }}{{ $hook.resource }}{{ end }}]
+      operations: {{ toJson $hook.operations }}
+      scope: "*"
+  clientConfig:
+    service:
+      name: {{ $service }}
+      namespace: {{ $root.Release.Namespace }}
+      path: {{ printf "/%s" $hook.id }}
+      port: 443
+    {{- with $caBundle }}
+    caBundle: {{ . }}
+    {{- end }}
+{{- end }}
+{{- end }}
+{{- end }}

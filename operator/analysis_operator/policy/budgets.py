@@ -1,0 +1,290 @@
+"""Quotas as pure functions: which budget an environment draws on, whether it
+may start, what it has used, and how an approved request raises a limit.
+
+A ComputeBudget's status is its ledger, so every decision here takes the
+status as it is and returns the status as it should be; the caller writes it
+back in one update guarded by the resourceVersion it read. That one atomic
+write is what makes the accounting survive restarts (no loss, no double
+count) and what makes racing creates safe (only one writer wins a slot).
+
+Ledger layout (status):
+  environments.<uid>: {namespace, name, cpus, gpus, since, chargedUntil, cpuHours, gpuHours}
+      one entry per environment holding resources; usage is charged up to chargedUntil
+  settled: {cpuHours, gpuHours}    usage of ended environments in this period
+  grants.<request uid>: {...}      approved BudgetRequests; effective limit = spec + grants
+  used / limits / remaining / running / display: derived, for people and the portal
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any, Callable, Collection, Mapping
+
+from analysis_operator.domain import Environment, Flavor, Phase, format_time, parse_time
+from analysis_operator.policy.requests import Rejection
+from analysis_operator.status import build_condition, merge_conditions
+
+HOUR = 3600.0
+RESOURCES = ("cpuHours", "gpuHours")
+LIMIT_FIELDS = ("cpuHours", "gpuHours", "maxEnvironments", "maxGpus")
+_LIMIT_WORDS = {"cpuHours": "CPU-hours", "gpuHours": "GPU-hours"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A ComputeBudget as read from the API (spec and its status ledger)."""
+    name: str
+    user: str = ""
+    group: str = ""
+    limits: Mapping[str, float] = field(default_factory=dict)   # spec.limits; a missing key is unlimited
+    reset: str = ""                                             # "" or "Monthly"
+    valid_until: datetime.datetime | None = None
+    warning_percent: float | None = None                       # spec override of the operator setting
+    status: Mapping[str, Any] = field(default_factory=dict)
+    resource_version: str = ""
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> "Budget":
+        spec = body.get("spec") or {}
+        period = spec.get("period") or {}
+        return cls(
+            name=body["metadata"]["name"], user=spec.get("user", ""), group=spec.get("group", ""),
+            limits={key: float(value) for key, value in (spec.get("limits") or {}).items()},
+            reset=period.get("reset", ""), valid_until=parse_time(period.get("validUntil")),
+            warning_percent=spec.get("warningPercent"), status=dict(body.get("status") or {}),
+            resource_version=str(body["metadata"].get("resourceVersion", "")),
+        )
+
+    @property
+    def label(self) -> str:
+        """How people name it in messages: whose budget it is, then the object."""
+        whose = f"group {self.group!r}" if self.group else f"user {self.user!r}"
+        return f"{whose} (ComputeBudget {self.name!r})"
+
+    @property
+    def entries(self) -> Mapping[str, Mapping[str, Any]]:
+        return self.status.get("environments") or {}
+
+    def limit(self, key: str) -> float | None:
+        """spec.limits plus every approved grant: GitOps owns spec, approvals never overwrite it."""
+        if key not in self.limits:
+            return None
+        grants = self.status.get("grants") or {}
+        return self.limits[key] + sum(float(grant.get(key) or 0) for grant in grants.values())
+
+    def used(self, key: str) -> float:
+        settled = float((self.status.get("settled") or {}).get(key) or 0)
+        return settled + sum(float(entry.get(key) or 0) for entry in self.entries.values())
+
+
+# --- which budget -----------------------------------------------------------------------------------
+
+def select_budget(owner: str, named: str, budgets: Mapping[str, Budget], personal: Mapping[str, str],
+                  is_member: Callable[[str, str], bool]) -> Budget | Rejection:
+    """The budget an environment draws on: the one it names in spec.budget (the owner's own, or a
+    group budget the owner is a member of), else the owner's personal budget."""
+    if named:
+        budget = budgets.get(named)
+        if budget is None:
+            return Rejection("BudgetNotFound", f"ComputeBudget {named!r} (spec.budget) does not exist: "
+                             f"see `kubectl get computebudgets`, or leave spec.budget out to use your own")
+        if budget.user == owner or (budget.group and is_member(budget.group, owner)):
+            return budget
+        return Rejection("NotBudgetMember", f"{owner!r} may not draw on {budget.label}: only "
+                         f"{'its user' if budget.user else 'members of the group'} may")
+    name = personal.get(owner)
+    if name is None or name not in budgets:
+        return Rejection("NoBudget", f"user {owner!r} has no ComputeBudget: ask your facility for one, "
+                         f"or name a group budget you are a member of in spec.budget")
+    return budgets[name]
+
+
+# --- may it start -----------------------------------------------------------------------------------
+
+def _hours(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def spent(budget: Budget, cpus: float, gpus: int, now: datetime.datetime) -> Rejection | None:
+    """Is the budget expired, or out of the hours something holding `cpus` and `gpus` would use?
+    The same rule refuses a new environment and stops a running one."""
+    if budget.valid_until is not None and now >= budget.valid_until:
+        return Rejection("BudgetExpired", f"{budget.label} expired at {format_time(budget.valid_until)}; "
+                         f"ask for a new one", phase=Phase.BUDGET_EXHAUSTED)
+    for key, needed in (("cpuHours", cpus), ("gpuHours", gpus)):
+        limit = budget.limit(key)
+        if needed and limit is not None and budget.used(key) >= limit:
+            return Rejection(f"{'Cpu' if key == 'cpuHours' else 'Gpu'}HoursExhausted",
+                             f"{_LIMIT_WORDS[key]} budget of {budget.label} exhausted: "
+                             f"{_hours(budget.used(key))} of {_hours(limit)} used; "
+                             f"ask for more with a BudgetRequest", phase=Phase.BUDGET_EXHAUSTED)
+    return None
+
+
+def admission_refusal(budget: Budget, flavor: Flavor, holding: int, gpus_held: int,
+                      now: datetime.datetime) -> Rejection | None:
+    """May one more environment of `flavor` start, with `holding` environments and `gpus_held`
+    GPUs already running on the budget? The refusal's phase is Rejected: nothing ran yet."""
+    refusal = spent(budget, flavor.resources.cpus, flavor.resources.gpu, now)
+    if refusal is not None:
+        return Rejection(refusal.reason, refusal.message)
+    most = budget.limit("maxEnvironments")
+    if most is not None and holding + 1 > most:
+        return Rejection("TooManyEnvironments", f"budget of {budget.label} allows {int(most)} environment(s) at once and "
+                         f"{holding} are running: stop one, or ask for more with a BudgetRequest")
+    gpus = budget.limit("maxGpus")
+    if flavor.resources.gpu and gpus is not None and gpus_held + flavor.resources.gpu > gpus:
+        return Rejection("TooManyGpus", f"budget of {budget.label} allows {int(gpus)} GPU(s) at once, {gpus_held} are in "
+                         f"use and flavor {flavor.name!r} needs {flavor.resources.gpu}: stop a GPU environment, "
+                         f"or ask for more with a BudgetRequest")
+    return None
+
+
+def reserve(budget: Budget, environment: Environment, flavor: Flavor,
+            now: datetime.datetime) -> Rejection | dict[str, Any] | None:
+    """Take a slot for the environment in the ledger: None if it holds one already, the new status
+    if it may have one, a Rejection if it may not."""
+    if environment.uid in budget.entries:
+        return None
+    gpus_held = sum(int(entry.get("gpus") or 0) for entry in budget.entries.values())
+    refusal = admission_refusal(budget, flavor, len(budget.entries), gpus_held, now)
+    if refusal is not None:
+        return refusal
+    entry = {"namespace": environment.namespace, "name": environment.name, "cpus": flavor.resources.cpus,
+             "gpus": flavor.resources.gpu, "since": format_time(now), "chargedUntil": format_time(now),
+             "cpuHours": 0.0, "gpuHours": 0.0}
+    return summarize(budget, {**budget.status, "environments": {**budget.entries, environment.uid: entry}}, now)
+
+
+# --- accounting -------------------------------------------------------------------------------------
+
+def period_start(reset: str, now: datetime.datetime) -> datetime.datetime | None:
+    if reset == "Monthly":
+        return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return None
+
+
+def _charged(entry: Mapping[str, Any], until: datetime.datetime) -> dict[str, Any]:
+    """The entry charged for its resources from chargedUntil to `until` (never backwards).
+    Whole seconds only: chargedUntil is stored to the second, and charging past what is stored
+    would count the fraction again at the next tick."""
+    until = until.replace(microsecond=0)
+    since = parse_time(entry.get("chargedUntil")) or until
+    seconds = max(0.0, (until - since).total_seconds())
+    return {**entry, "chargedUntil": format_time(max(since, until)),
+            "cpuHours": round(float(entry.get("cpuHours") or 0) + float(entry.get("cpus") or 0) * seconds / HOUR, 9),
+            "gpuHours": round(float(entry.get("gpuHours") or 0) + float(entry.get("gpus") or 0) * seconds / HOUR, 9)}
+
+
+@dataclass(frozen=True)
+class Charge:
+    status: dict[str, Any]
+    events: tuple[tuple[str, str, str], ...] = ()   # (type, reason, message) for the budget
+    stop: tuple[str, ...] = ()                      # uids of environments the budget no longer covers
+    reason: str = ""                                # why they stop (names the budget)
+
+
+def charge(budget: Budget, ended: Mapping[str, datetime.datetime | None], now: datetime.datetime,
+           warning_percent: float, paused: Collection[str] = ()) -> Charge:
+    """One accounting tick. `ended` maps the uid of every ledger entry whose environment no longer
+    holds resources to when it stopped (None: unknown, e.g. deleted: charged until now). Entries are
+    charged from their chargedUntil, ended ones settled, and a new period starts from zero. `paused`
+    entries (suspended environments) keep their slot, so resuming never fails, but are not charged."""
+    status = dict(budget.status)
+    settled = {key: float((status.get("settled") or {}).get(key) or 0) for key in RESOURCES}
+
+    def end(uid: str) -> datetime.datetime:
+        return min(now, ended.get(uid) or now)
+
+    entries = {uid: {**entry, "chargedUntil": format_time(now)} if uid in paused else dict(entry)
+               for uid, entry in budget.entries.items()}
+    start = period_start(budget.reset, now)
+    if start is not None and status.get("periodStart") != format_time(start):
+        # Usage up to the boundary belonged to the old period, which is forgotten.
+        entries = {uid: {**_charged(entry, min(start, end(uid))), "cpuHours": 0.0, "gpuHours": 0.0}
+                   for uid, entry in entries.items()}
+        settled = {key: 0.0 for key in RESOURCES}
+        status.update(periodStart=format_time(start), warned={})
+    entries = {uid: _charged(entry, end(uid)) for uid, entry in entries.items()}
+    for uid in ended:
+        entry = entries.pop(uid, None)
+        if entry is not None:
+            settled = {key: round(settled[key] + float(entry.get(key) or 0), 9) for key in RESOURCES}
+    status.update(environments=entries, settled=settled)
+    charged = Budget(**{**budget.__dict__, "status": status})
+    return _exhaustion(charged, summarize(charged, status, now), now, warning_percent)
+
+
+def _exhaustion(budget: Budget, status: dict[str, Any], now: datetime.datetime, warning_percent: float) -> Charge:
+    """Which running environments must stop now, and the warnings due once per period."""
+    events: list[tuple[str, str, str]] = []
+    warned = dict(status.get("warned") or {})
+    percent = budget.warning_percent if budget.warning_percent is not None else warning_percent
+    for key in RESOURCES:
+        limit, used = budget.limit(key), budget.used(key)
+        if limit and used < limit * percent / 100:
+            warned.pop(key, None)   # back under the threshold (more was granted): warn again next time
+        elif limit and used < limit and not warned.get(key):
+            warned[key] = format_time(now)
+            events.append(("Warning", "BudgetWarning", f"{_LIMIT_WORDS[key]} budget of {budget.label}: "
+                           f"{_hours(used)} of {_hours(limit)} used ({100 * used / limit:.0f}%)"))
+    status["warned"] = warned
+    stop, reason = [], ""
+    for uid, entry in budget.entries.items():
+        over = spent(budget, float(entry.get("cpus") or 0), int(entry.get("gpus") or 0), now)
+        if over is not None:
+            stop.append(uid)
+            reason = over.message
+    if stop:
+        events.append(("Warning", "BudgetExhausted", f"{reason}: stopping {len(stop)} environment(s)"))
+    status["conditions"] = exhausted_conditions(budget, status, now)
+    return Charge(status, tuple(events), tuple(stop), reason)
+
+
+def exhausted_conditions(budget: Budget, status: Mapping[str, Any], now: datetime.datetime) -> list[dict[str, Any]]:
+    """The Exhausted condition: True while a limit is reached (new GPU or all environments refused)."""
+    previous = {c.get("type"): c for c in status.get("conditions") or ()}.get("Exhausted")
+    over = spent(budget, 1.0, 0, now) or spent(budget, 0.0, 1, now)
+    condition = build_condition(previous, type_="Exhausted", status=over is not None,
+                                reason=over.reason if over else "WithinBudget",
+                                message=over.message if over else "within all limits", generation=0, now=now)
+    return merge_conditions(status.get("conditions"), condition)
+
+
+def expiry_warning_due(expires_at: datetime.datetime, now: datetime.datetime, warn_before: float,
+                       warned_for: str | None) -> bool:
+    """Post the "expires soon" Event once per expiry time (an extension moves it, and warns again)."""
+    remaining = (expires_at - now).total_seconds()
+    return 0 < remaining <= warn_before and warned_for != format_time(expires_at)
+
+
+def summarize(budget: Budget, status: Mapping[str, Any], now: datetime.datetime) -> dict[str, Any]:
+    """Status with the derived numbers recomputed from the ledger: what the portal and kubectl read."""
+    view = Budget(**{**budget.__dict__, "status": status})
+    entries = view.entries
+    used = {key: round(view.used(key), 6) for key in RESOURCES}
+    limits = {key: view.limit(key) for key in LIMIT_FIELDS if view.limit(key) is not None}
+    remaining = {key: round(max(0.0, limits[key] - used[key]), 6) for key in RESOURCES if key in limits}
+    running = {"environments": len(entries), "gpus": sum(int(entry.get("gpus") or 0) for entry in entries.values())}
+
+    def shown(used_value: float, key: str) -> str:
+        return f"{used_value:.1f} / {limits[key]:g}" if key in limits else f"{used_value:.1f} / -"
+    display = {"cpuHours": shown(used["cpuHours"], "cpuHours"), "gpuHours": shown(used["gpuHours"], "gpuHours"),
+               "environments": f"{running['environments']} / "
+                               f"{int(limits['maxEnvironments']) if 'maxEnvironments' in limits else '-'}"}
+    return {**status, "used": {**used, "updatedAt": format_time(now)}, "limits": limits,
+            "remaining": remaining, "running": running, "display": display}
+
+
+# --- requests ---------------------------------------------------------------------------------------
+
+def apply_grant(budget: Budget, request_uid: str, request: str, extra: Mapping[str, Any], decided_by: str,
+                decided_at: str, now: datetime.datetime) -> dict[str, Any] | None:
+    """The status with an approved request's extra added, or None if it was added already: approval
+    raises the limit exactly once however often this runs."""
+    grants = dict(budget.status.get("grants") or {})
+    if request_uid in grants:
+        return None
+    grants[request_uid] = {"request": request, "approvedBy": decided_by, "approvedAt": decided_at,
+                           **{key: extra[key] for key in LIMIT_FIELDS if extra.get(key)}}
+    return summarize(budget, {**budget.status, "grants": grants}, now)

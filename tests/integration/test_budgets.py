@@ -1,0 +1,289 @@
+"""ComputeBudgets and BudgetRequests against the real API server and the operator process:
+admission refusals, racing creates, accounting, restart, exhaustion, approvals and RBAC."""
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import signal
+import urllib.request
+import uuid
+
+import kubernetes
+import pytest
+
+from tests.integration.conftest import GROUP, VERSION, impersonating
+from tests.waiting import wait_for
+
+SETTINGS = {"ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET": "true",
+            "ANALYSIS_OPERATOR_BUDGETS_CHARGE_INTERVAL_SECONDS": "1",
+            "ANALYSIS_OPERATOR_BUDGETS_EXPIRY_WARNING_SECONDS": "7200"}
+
+
+@pytest.fixture(scope="module")
+def budget_operator(operator):
+    """The operator as in production: no budget, no environment (the session default is lenient)."""
+    operator.configure(**SETTINGS)
+    yield operator
+    operator.configure(ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET="false")
+
+
+class Budgets:
+    def __init__(self, custom) -> None:
+        self.custom, self.created = custom, []
+
+    def create(self, limits: dict, user: str = "", group: str = "", **spec) -> str:
+        name = f"b-{uuid.uuid4().hex[:8]}"
+        spec = {"limits": limits, **({"user": user} if user else {"group": group}), **spec}
+        self.custom.create_cluster_custom_object(GROUP, VERSION, "computebudgets", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "ComputeBudget", "metadata": {"name": name}, "spec": spec})
+        self.created.append(name)
+        # The operator writes the numbers once it sees a budget; only then does admission know it either.
+        wait_for(lambda: self.status(name).get("display"), timeout=10, what=f"the operator to see {name}")
+        return name
+
+    def get(self, name: str) -> dict:
+        return self.custom.get_cluster_custom_object(GROUP, VERSION, "computebudgets", name)
+
+    def status(self, name: str) -> dict:
+        return self.get(name).get("status") or {}
+
+
+@pytest.fixture
+def budgets(custom, budget_operator):
+    made = Budgets(custom)
+    yield made
+    for name in made.created:
+        custom.delete_cluster_custom_object(GROUP, VERSION, "computebudgets", name)
+
+
+@pytest.fixture
+def group(custom):
+    name = f"g-{uuid.uuid4().hex[:8]}"
+    custom.create_cluster_custom_object(GROUP, VERSION, "facilitygroups", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "FacilityGroup", "metadata": {"name": name},
+        "spec": {"members": ["member-a", "member-b"]}})
+    yield name
+    custom.delete_cluster_custom_object(GROUP, VERSION, "facilitygroups", name)
+
+
+def user() -> str:
+    return f"u{uuid.uuid4().hex[:8]}"
+
+
+def refusal(environments, name: str, **spec) -> str:
+    with pytest.raises(kubernetes.client.ApiException) as refused:
+        environments.create(name, **spec)
+    assert refused.value.status == 403, refused.value.body
+    return refused.value.body
+
+
+def events(core, namespace: str, name: str, kind: str = "AnalysisEnvironment") -> set[str]:
+    selector = f"involvedObject.kind={kind},involvedObject.name={name}"
+    return {event.reason for event in core.list_namespaced_event(namespace, field_selector=selector).items}
+
+
+def test_admission_refuses_with_messages_a_scientist_understands(budgets, group, environments):
+    assert "has no ComputeBudget" in refusal(environments, "none", flavor="jupyter-basic", owner=user())
+    alice = user()
+    spent = budgets.create({"cpuHours": 0}, user=alice)
+    assert (f"CPU-hours budget of user '{alice}' (ComputeBudget '{spent}') exhausted: 0.0 of 0.0 used"
+            in refusal(environments, "cpu", flavor="jupyter-basic", owner=alice))
+    assert "does not exist" in refusal(environments, "unknown", flavor="jupyter-basic", owner=alice,
+                                       budget="no-such-budget")
+    shared = budgets.create({"gpuHours": 20, "maxGpus": 1, "maxEnvironments": 2}, group=group)
+    assert f"may not draw on group '{group}'" in refusal(environments, "outsider", flavor="jupyter-basic",
+                                                         owner=alice, budget=shared)
+    environments.create("gpu-1", flavor="jupyter-gpu", owner="member-a", budget=shared)
+    assert "allows 1 GPU(s) at once, 1 are in use" in refusal(environments, "gpu-2", flavor="jupyter-gpu",
+                                                              owner="member-b", budget=shared)
+    environments.create("cpu-1", flavor="jupyter-basic", owner="member-b", budget=shared)
+    assert "allows 2 environment(s) at once and 2 are running" in refusal(
+        environments, "cpu-2", flavor="jupyter-basic", owner="member-b", budget=shared)
+    expired = budgets.create({"cpuHours": 10}, user=(carol := user()), period={"validUntil": "2020-01-01T00:00:00Z"})
+    assert f"(ComputeBudget '{expired}') expired at 2020-01-01T00:00:00Z" in refusal(
+        environments, "late", flavor="jupyter-basic", owner=carol)
+
+
+def test_gpu_hours_exhausted_names_the_group(budgets, group, environments):
+    shared = budgets.create({"gpuHours": 0}, group=group)
+    body = refusal(environments, "gpu", flavor="jupyter-gpu", owner="member-a", budget=shared)
+    assert f"GPU-hours budget of group '{group}' (ComputeBudget '{shared}') exhausted: 0.0 of 0.0 used" in body
+    environments.create("cpu", flavor="jupyter-basic", owner="member-a", budget=shared)  # no GPU: allowed
+
+
+def _race(environments, owner: str, count: int) -> list[str]:
+    def create(index: int) -> str | None:
+        try:
+            environments.create(f"race-{index}", flavor="test-short", owner=owner)
+            return f"race-{index}"
+        except kubernetes.client.ApiException as error:
+            assert error.status == 403 and "allows 1 environment(s) at once" in error.body, error.body
+            return None
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return [name for name in pool.map(create, range(count)) if name]
+
+
+def test_racing_creates_admit_exactly_what_fits_at_admission(budgets, environments):
+    owner = user()
+    budgets.create({"maxEnvironments": 1}, user=owner)
+    admitted = _race(environments, owner, 12)
+    assert len(admitted) == 1
+    environments.wait_phase(admitted[0], "Ready")
+
+
+def test_racing_creates_past_admission_are_decided_exactly_once_by_reconcile(budgets, environments, budget_operator):
+    """The webhook off (as if it were down or bypassed): all creates land, exactly one runs."""
+    budget_operator.configure(ANALYSIS_OPERATOR_BUDGETS_CHECK_AT_ADMISSION="false")
+    try:
+        owner = user()
+        name = budgets.create({"maxEnvironments": 1}, user=owner)
+        admitted = _race(environments, owner, 12)
+        assert len(admitted) == 12
+        wait_for(lambda: all(environments.phase(n) in {"Ready", "Rejected"} for n in admitted), timeout=60,
+                 what="every environment decided")
+        phases = {n: environments.get(n)["status"] for n in admitted}
+        assert sorted(status["phase"] for status in phases.values()) == ["Ready"] + ["Rejected"] * 11
+        assert {status.get("reason") for status in phases.values() if status["phase"] == "Rejected"} == \
+            {"TooManyEnvironments"}
+        assert budgets.status(name)["running"]["environments"] == 1
+    finally:
+        budget_operator.configure(ANALYSIS_OPERATOR_BUDGETS_CHECK_AT_ADMISSION="true")
+
+
+def _ledger(budgets, name: str) -> dict:
+    return next(iter((budgets.status(name).get("environments") or {}).values()), {})
+
+
+def _seconds(text: str) -> float:
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").timestamp()
+
+
+def test_usage_is_charged_and_a_restart_neither_loses_nor_double_counts(budgets, environments, budget_operator):
+    owner = user()
+    name = budgets.create({"cpuHours": 100}, user=owner)
+    environments.create("work", flavor="jupyter-basic", owner=owner)   # 1 CPU
+    environments.wait_phase("work", "Ready")
+    wait_for(lambda: _ledger(budgets, name).get("cpuHours", 0) > 0, timeout=30, what="a first charge")
+    budget_operator.restart(signal.SIGKILL)   # mid-run, no chance to flush anything
+    restarted = datetime.datetime.now(datetime.timezone.utc).timestamp()
+    wait_for(lambda: _seconds(_ledger(budgets, name)["chargedUntil"]) >= restarted + 2, timeout=30,
+             what="charges after the restart")
+    entry = _ledger(budgets, name)
+    charged_seconds = _seconds(entry["chargedUntil"]) - _seconds(entry["since"])
+    # Exactly CPUs x wall time from reservation to the last charge: the downtime is not lost, nothing twice.
+    assert entry["cpuHours"] * 3600 == pytest.approx(charged_seconds, abs=0.05)
+    assert budgets.status(name)["used"]["cpuHours"] == pytest.approx(entry["cpuHours"], abs=1e-6)
+    assert budgets.status(name)["display"]["cpuHours"].endswith("/ 100")
+
+
+def test_an_exhausted_budget_stops_its_environments_and_keeps_them(budgets, environments, core, namespace):
+    owner = user()
+    name = budgets.create({"cpuHours": 0.002}, user=owner)   # 7.2 CPU-seconds
+    environments.create("short", flavor="jupyter-basic", owner=owner)
+    environments.wait_phase("short", "Ready")
+    stopped = environments.wait_phase("short", "BudgetExhausted", timeout=30)
+    assert stopped["status"]["reason"] == "BudgetExhausted"
+    (ready,) = [c for c in stopped["status"]["conditions"] if c["type"] == "Ready"]
+    assert ready["status"] == "False" and f"(ComputeBudget '{name}') exhausted" in ready["message"]
+    wait_for(lambda: _gone(core, namespace, "aenv-short"), timeout=30, what="the pod removed")
+    wait_for(lambda: "BudgetExhausted" in events(core, namespace, "short"), timeout=10, what="the Event")
+    status = wait_for(lambda: (s := budgets.status(name)) and not s.get("environments") and s, timeout=10,
+                      what="the entry settled")
+    assert status["used"]["cpuHours"] >= 0.002
+    assert {"BudgetWarning", "BudgetExhausted"} <= events(core, "default", name, kind="ComputeBudget")
+    (exhausted,) = [c for c in status["conditions"] if c["type"] == "Exhausted"]
+    assert exhausted["status"] == "True"
+
+
+def _gone(core, namespace: str, pod: str) -> bool:
+    try:
+        core.read_namespaced_pod(pod, namespace)
+        return False
+    except kubernetes.client.ApiException as error:
+        return error.status == 404
+
+
+class Requests:
+    def __init__(self, client, namespace: str) -> None:
+        self.api, self.namespace = kubernetes.client.CustomObjectsApi(client), namespace
+
+    def create(self, **spec) -> dict:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "BudgetRequest",
+                "metadata": {"generateName": "more-"}, "spec": {"reason": "beamtime extended", **spec}}
+        return self.api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, "budgetrequests", body)
+
+    def decide(self, name: str, **status) -> dict:
+        return self.api.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, "budgetrequests",
+                                                              name, {"status": status})
+
+    def status(self, name: str) -> dict:
+        return self.api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, "budgetrequests",
+                                                     name).get("status") or {}
+
+
+def test_only_an_admin_approves_and_approval_counts_exactly_once(kubeconfig, budgets, namespace, budget_operator):
+    owner = user()
+    name = budgets.create({"cpuHours": 140, "gpuHours": 20}, user=owner)
+    scientist = Requests(impersonating(kubeconfig, owner), namespace)
+    admin = Requests(impersonating(kubeconfig, "dora", group="analysis-admins"), namespace)
+    request = scientist.create(budget=name, add={"gpuHours": 10})
+    assert request["metadata"]["annotations"][f"{GROUP}/requested-by"] == owner
+    request_name = request["metadata"]["name"]
+    wait_for(lambda: scientist.status(request_name).get("phase") == "Pending", timeout=10, what="Pending")
+
+    with pytest.raises(kubernetes.client.ApiException) as refused:
+        scientist.decide(request_name, decision="Approved")   # RBAC: no patch on budgetrequests/status
+    assert refused.value.status == 403 and "budgetrequests/status" in refused.value.body
+
+    admin.decide(request_name, decision="Approved", decidedBy="someone-else")   # the stamp wins
+    status = wait_for(lambda: (s := admin.status(request_name)).get("phase") == "Applied" and s, timeout=10,
+                      what="the approval applied")
+    assert status["decidedBy"] == "dora" and status["decidedAt"]
+    wait_for(lambda: budgets.status(name).get("limits", {}).get("gpuHours") == 30, timeout=10, what="limit raised")
+    assert budgets.get(name)["spec"]["limits"]["gpuHours"] == 20   # GitOps still owns spec
+
+    # A crash between the grant and "Applied" is replayed: the grant is keyed by the request's uid.
+    admin.decide(request_name, phase="Pending")
+    budget_operator.restart(signal.SIGKILL)
+    wait_for(lambda: admin.status(request_name).get("phase") == "Applied", timeout=30, what="re-applied")
+    assert budgets.status(name)["limits"]["gpuHours"] == 30
+    assert list(budgets.status(name)["grants"]) == [request["metadata"]["uid"]]
+
+    with pytest.raises(kubernetes.client.ApiException) as final:
+        admin.decide(request_name, decision="Denied")
+    assert final.value.status == 403 and "decisions are final" in final.value.body
+
+    denied = scientist.create(budget=name, add={"cpuHours": 1000})["metadata"]["name"]
+    admin.decide(denied, decision="Denied", comment="no beamtime left")
+    wait_for(lambda: admin.status(denied).get("phase") == "Denied", timeout=10, what="denied")
+    assert budgets.status(name)["limits"]["cpuHours"] == 140
+
+
+def test_lifetime_is_extended_by_an_approved_request_after_a_warning(kubeconfig, budgets, environments, core,
+                                                                    namespace):
+    owner = user()
+    budgets.create({"cpuHours": 100}, user=owner)
+    environments.create("long", flavor="test-short", owner=owner)    # 1h, warned 2h before expiry here
+    before = environments.wait_phase("long", "Ready")["status"]
+    wait_for(lambda: "ExpiresSoon" in events(core, namespace, "long"), timeout=15, what="ExpiresSoon Event")
+    request = Requests(impersonating(kubeconfig, owner), namespace).create(environment="long", lifetime="2h")
+    Requests(impersonating(kubeconfig, "dora", group="analysis-admins"), namespace).decide(
+        request["metadata"]["name"], decision="Approved")
+    wait_for(lambda: environments.get("long")["status"]["expiresAt"] != before["expiresAt"], timeout=30,
+             what="expiresAt moved")
+    after = environments.get("long")["status"]
+    assert _seconds(after["expiresAt"]) - _seconds(before["expiresAt"]) == 2 * 3600
+
+
+def test_metrics_show_budgets_phases_and_refusals(budgets, environments, budget_operator):
+    owner = user()
+    name = budgets.create({"cpuHours": 140, "gpuHours": 20}, user=owner)
+    refusal(environments, "nobody", flavor="jupyter-basic", owner=user())
+    url = f"http://127.0.0.1:{budget_operator.metrics_port}/metrics"
+
+    def scrape() -> str:
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+    text = wait_for(lambda: name in (t := scrape()) and t, timeout=10, what="the budget in /metrics")
+    assert f'analysis_budget_limit{{budget="{name}",resource="cpuHours"}} 140.0' in text
+    assert 'analysis_admission_refusals_total{reason="NoBudget",stage="admission"}' in text
+    assert "analysis_environments{" in text and "analysis_reconcile_seconds_bucket" in text

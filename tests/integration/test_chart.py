@@ -1,0 +1,356 @@
+"""The Helm chart against the real API server: lint, render with default and
+non-default values, every object accepted by the server, a real install, upgrade,
+certificate rotation and uninstall; and its RBAC, by running the operator with
+the chart ServiceAccount's token through an environment's whole life (and
+failing when one rule is taken away)."""
+from __future__ import annotations
+
+import base64
+import copy
+import pathlib
+import uuid
+
+import pytest
+import yaml
+
+from analysis_operator.certificates import ensure_certificates
+from tests.integration.chart import CHART, find, helm, render, service_account_kubeconfig
+from tests.integration.conftest import REPO, Environments, OperatorProcess, kubectl
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+
+# Stand-ins for CRDs of cert-manager and the Prometheus Operator, which this stack does
+# not run: enough for the API server to accept (and so check the envelope of) the
+# chart's Certificate, Issuer and ServiceMonitor; their specs are not validated.
+STAND_IN_CRDS = [("cert-manager.io", "Certificate", "certificates"), ("cert-manager.io", "Issuer", "issuers"),
+                 ("monitoring.coreos.com", "ServiceMonitor", "servicemonitors")]
+
+
+def _documents(path: pathlib.Path) -> list[dict]:
+    return [document for document in yaml.safe_load_all(path.read_text()) if document]
+
+
+def _apply(objects: list[dict], path: pathlib.Path, *arguments: str) -> str:
+    path.write_text(yaml.safe_dump_all(objects))
+    return kubectl("apply", "-f", str(path), *arguments).stdout
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def fresh_namespace(kubeconfig):
+    names: list[str] = []
+
+    def make(prefix: str = "aop") -> str:
+        name = _unique(prefix)
+        kubectl("create", "namespace", name)
+        names.append(name)
+        return name
+    yield make
+    for name in names:
+        kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
+
+
+@pytest.fixture(scope="module")
+def stand_in_crds(kubeconfig, tmp_path_factory):
+    crds = [{
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{group}"},
+        "spec": {"group": group, "scope": "Namespaced",
+                 "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                 "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                     "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
+    } for group, kind, plural in STAND_IN_CRDS]
+    path = tmp_path_factory.mktemp("stand-in") / "crds.yaml"
+    _apply(crds, path)
+    kubectl("wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{c['metadata']['name']}" for c in crds))
+    yield
+    kubectl("delete", "-f", str(path), "--ignore-not-found")
+
+
+def custom_values(watch_namespace: str, environment_namespace: str) -> dict:
+    """Every optional part switched on, so the test renders (and the server checks) all of it."""
+    flavor = _documents(REPO / "examples/flavors.yaml")[0]["spec"]
+    values = {
+        "replicaCount": 3,
+        "watchNamespace": watch_namespace,
+        "image": {"repository": "registry.example.org/analysis-operator", "digest": "sha256:" + "ab" * 32},
+        "peering": {"name": _unique("chart-custom"), "lifetimeSeconds": 15},
+        "certManager": {"enabled": True, "duration": "720h", "renewBefore": "240h"},
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+        "networkPolicy": {"enabled": True, "namespaces": [environment_namespace], "allowAllEgress": False,
+                          "ingressFrom": [{"namespaceSelector": {"matchLabels": {
+                              "kubernetes.io/metadata.name": "ingress-nginx"}}}],
+                          "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}]},
+        "admission": {"failurePolicy": {"environment-owner": "Ignore"}, "trustedGroups": ["portal-a", "portal-b"],
+                      "namespaceSelector": {"matchLabels": {"analysis.panosc.eu/environments": "enabled"}}},
+        "config": {"sweep_interval_seconds": 30},
+        "flavors": {_unique("chart-flavor"): flavor},
+        "facilityGroups": {_unique("chart-group"): {"description": "chart test", "members": ["alice"]}},
+        "podDisruptionBudget": {"minAvailable": 2},
+    }
+    if (REPO / "crds/datasets.yaml").exists() and (REPO / "examples/datasets.yaml").exists():
+        dataset = next(d for d in _documents(REPO / "examples/datasets.yaml") if d["kind"] == "Dataset")
+        values["datasets"] = {_unique("chart-dataset"): dataset["spec"]}
+    return values
+
+
+def test_lint_default_and_custom_values(tmp_path):
+    assert "0 chart(s) failed" in helm("lint", "--strict", str(CHART)).stdout
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(custom_values("watched", "environments")))
+    assert "0 chart(s) failed" in helm("lint", "--strict", str(CHART), "--values", str(values)).stdout
+
+
+@pytest.mark.parametrize("setting, complaint", [
+    ("replicaCount=two", "replicaCount"),
+    ("peering.lifetimeSeconds=1", "lifetimeSeconds"),
+    ("admission.failurePolicy.environment-owner=Sometimes", "failurePolicy"),
+    ("flavours.x=1", "additional properties 'flavours'"),   # a typo in GitOps values is refused
+])
+def test_schema_refuses_bad_values(setting, complaint):
+    result = helm("template", "x", str(CHART), "--set", setting, check=False)
+    assert result.returncode != 0 and complaint in result.stderr, result.stderr
+
+
+def _chart_crds(chart: str) -> list[dict]:
+    output = helm("template", "x", chart, "--include-crds").stdout
+    return sorted((d for d in yaml.safe_load_all(output) if d and d["kind"] == "CustomResourceDefinition"),
+                  key=lambda crd: crd["metadata"]["name"])
+
+
+def test_chart_crds_are_the_repository_crds(tmp_path):
+    """One source of truth: the chart's crds/ is a link to the repository's, and helm
+    packages what it points to (no copy that could drift)."""
+    assert (CHART / "crds").is_symlink() and (CHART / "crds").resolve() == (REPO / "crds").resolve()
+    repository = sorted((d for path in sorted((REPO / "crds").glob("*.yaml")) for d in _documents(path)),
+                        key=lambda crd: crd["metadata"]["name"])
+    # `helm template --include-crds` shows what install applies, file by file
+    # (`helm show crds` joins the files without separators).
+    assert _chart_crds(str(CHART)) == repository
+    helm("package", str(CHART), "--destination", str(tmp_path))
+    assert _chart_crds(str(next(tmp_path.glob("analysis-operator-*.tgz")))) == repository
+    names = {crd["metadata"]["name"] for crd in repository}
+    assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev", "analysisenvironments.analysis.panosc.eu"} <= names
+
+
+def test_default_values_render_and_are_accepted_by_the_api_server(fresh_namespace, tmp_path):
+    namespace = fresh_namespace("aop-default")
+    objects = render("aop", namespace, "--set", f"peering.name={_unique('chart-default')}")
+    deployment = find(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["ANALYSIS_OPERATOR_STANDALONE"] == "false" and env["ANALYSIS_OPERATOR_ADMISSION_HOST"] == ""
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    secret = find(objects, "Secret")
+    for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
+        for hook in find(objects, kind)["webhooks"]:
+            assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+            assert hook["clientConfig"]["service"]["path"] == "/" + hook["name"].split(".")[0]
+    identity = next(h for h in find(objects, "ValidatingWebhookConfiguration")["webhooks"]
+                    if h["name"].startswith("environment-identity."))
+    assert identity["failurePolicy"] == "Fail"
+    find(objects, "PodDisruptionBudget")
+    find(objects, "ClusterKopfPeering")
+    assert not [o for o in objects if o["kind"] in ("NetworkPolicy", "ServiceMonitor", "Role", "Certificate")]
+    output = _apply(objects, tmp_path / "default.yaml", "--dry-run=server")
+    assert output.count("(server dry run)") == len(objects)
+
+
+def test_custom_values_render_and_are_accepted_by_the_api_server(fresh_namespace, stand_in_crds, tmp_path):
+    namespace, watched, environments = fresh_namespace("aop-custom"), fresh_namespace("aop-watch"), \
+        fresh_namespace("aop-envs")
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(custom_values(watched, environments)))
+    objects = render("aop", namespace, "--values", str(values))
+    deployment = find(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"].endswith("@sha256:" + "ab" * 32)
+    role = find(objects, "Role")
+    assert role["metadata"]["namespace"] == watched
+    assert "pods" in {r for rule in role["rules"] for r in rule["resources"]}
+    cluster_role = find(objects, "ClusterRole", "aop-analysis-operator")
+    assert "pods" not in {r for rule in cluster_role["rules"] for r in rule["resources"]}
+    assert find(objects, "KopfPeering")["metadata"]["namespace"] == watched
+    assert not [o for o in objects if o["kind"] in ("ClusterKopfPeering", "Secret")]  # cert-manager makes it
+    assert len([o for o in objects if o["kind"] in ("Issuer", "Certificate")]) == 4
+    for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
+        configuration = find(objects, kind)
+        assert configuration["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == \
+            f"{namespace}/aop-analysis-operator-webhook"
+        assert all("caBundle" not in hook["clientConfig"] for hook in configuration["webhooks"])
+    owner = find(objects, "MutatingWebhookConfiguration")["webhooks"][0]
+    assert owner["failurePolicy"] == "Ignore" and owner["namespaceSelector"]["matchLabels"]
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] == environments)
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "analysis-operator"}
+    find(objects, "ServiceMonitor")
+    find(objects, "EnvironmentFlavor")
+    find(objects, "FacilityGroup")
+    output = _apply(objects, tmp_path / "custom.yaml", "--dry-run=server")
+    assert output.count("(server dry run)") == len(objects)
+
+
+def _tls(namespace: str, release: str) -> dict:
+    secret = yaml.safe_load(kubectl("get", "secret", f"{release}-analysis-operator-webhook-tls", "-n", namespace,
+                                    "-o", "yaml").stdout)
+    return secret["data"]
+
+
+def _ca_bundles(release: str) -> set[str]:
+    bundles = set()
+    for kind in ("validatingwebhookconfiguration", "mutatingwebhookconfiguration"):
+        configuration = yaml.safe_load(kubectl("get", kind, f"{release}-analysis-operator", "-o", "yaml").stdout)
+        bundles |= {hook["clientConfig"]["caBundle"] for hook in configuration["webhooks"]}
+    return bundles
+
+
+def _pod_checksum(namespace: str, release: str) -> str:
+    deployment = yaml.safe_load(kubectl("get", "deployment", f"{release}-analysis-operator", "-n", namespace,
+                                        "-o", "yaml").stdout)
+    return deployment["spec"]["template"]["metadata"]["annotations"]["checksum/webhook-tls"]
+
+
+def test_install_upgrade_rotate_uninstall(fresh_namespace):
+    """The README's deploy section, for real (KWOK runs the pods: no containers start)."""
+    namespace, release = fresh_namespace("aop-install"), _unique("aop")
+    installed = False
+    try:
+        helm("install", release, str(CHART), "-n", namespace, "--set", f"peering.name={release}",
+             "--wait", "--timeout", "120s")
+        installed = True
+        deployment = yaml.safe_load(kubectl("get", "deployment", f"{release}-analysis-operator", "-n", namespace,
+                                            "-o", "yaml").stdout)
+        assert deployment["status"].get("readyReplicas") == 2
+        kubectl("get", "clusterkopfpeering", release)
+        first = _tls(namespace, release)
+        assert _ca_bundles(release) == {first["ca.crt"]}
+        certificate = base64.b64decode(first["tls.crt"]).decode()
+        assert certificate.startswith("-----BEGIN CERTIFICATE-----")
+
+        # An upgrade with other values keeps the certificate (no churn, no restart for it).
+        checksum = _pod_checksum(namespace, release)
+        helm("upgrade", release, str(CHART), "-n", namespace, "--reuse-values", "--set", "logLevel=DEBUG", "--wait")
+        assert _tls(namespace, release) == first and _ca_bundles(release) == {first["ca.crt"]}
+        assert _pod_checksum(namespace, release) == checksum
+
+        # Rotation: delete the Secret, upgrade; a new CA and certificate, pods restart.
+        kubectl("delete", "secret", f"{release}-analysis-operator-webhook-tls", "-n", namespace)
+        helm("upgrade", release, str(CHART), "-n", namespace, "--reuse-values", "--wait")
+        second = _tls(namespace, release)
+        assert second["ca.crt"] != first["ca.crt"] and _ca_bundles(release) == {second["ca.crt"]}
+        assert _pod_checksum(namespace, release) != checksum
+        assert "REVISION: 3" in helm("status", release, "-n", namespace).stdout
+
+        helm("uninstall", release, "-n", namespace, "--wait")
+        installed = False
+        for kind, name, scope in [("deployment", f"{release}-analysis-operator", ["-n", namespace]),
+                                  ("validatingwebhookconfiguration", f"{release}-analysis-operator", []),
+                                  ("clusterrole", f"{release}-analysis-operator", []),
+                                  ("clusterkopfpeering", release, [])]:
+            assert kubectl("get", kind, name, *scope, check=False).returncode != 0, f"{kind} {name} left behind"
+        # Helm never deletes CRDs (nor the objects in them): removing them is a separate step.
+        kubectl("get", "crd", "analysisenvironments.analysis.panosc.eu")
+    finally:
+        if installed:
+            helm("uninstall", release, "-n", namespace, check=False)
+
+
+# --- RBAC: the chart's rules are enough for a whole environment lifecycle, and each is needed.
+
+def _operator_rbac(release: str, namespace: str) -> list[dict]:
+    return render(release, namespace, "--show-only", "templates/serviceaccount.yaml",
+                  "--show-only", "templates/rbac.yaml", "--show-only", "templates/peering.yaml",
+                  "--set", "rbac.userRoles=false", "--set", f"peering.name={release}")
+
+
+def _without(objects: list[dict], resource: str, verb: str) -> list[dict]:
+    objects = copy.deepcopy(objects)
+    role = find(objects, "ClusterRole")
+    rules = []
+    for rule in role["rules"]:
+        if resource in rule["resources"] and verb in rule["verbs"]:
+            others = [r for r in rule["resources"] if r != resource]
+            if others:
+                rules.append({**rule, "resources": others})
+            if len(rule["verbs"]) > 1:
+                rules.append({**rule, "resources": [resource], "verbs": [v for v in rule["verbs"] if v != verb]})
+        else:
+            rules.append(rule)
+    assert rules != role["rules"], f"the chart grants no {verb} on {resource}"
+    role["rules"] = rules
+    return objects
+
+
+@pytest.fixture
+def chart_operator(fresh_namespace, other_operators_stopped, tmp_path):
+    """Start the operator (as a local process, with peering) under the chart's RBAC,
+    optionally with one rule taken away; everything is removed afterwards."""
+    started: list[tuple[OperatorProcess, pathlib.Path]] = []
+
+    def start(remove: tuple[str, str] | None = None) -> OperatorProcess:
+        namespace, release = fresh_namespace("aop-rbac"), _unique("aop-rbac")
+        objects = _operator_rbac(release, namespace)
+        if remove:
+            objects = _without(objects, *remove)
+        manifest = tmp_path / f"{release}.yaml"
+        _apply(objects, manifest)
+        service_account = find(objects, "ServiceAccount")["metadata"]["name"]
+        config = service_account_kubeconfig(tmp_path / f"{release}.kubeconfig", namespace, service_account)
+        # As in the chart: webhooks served with a mounted certificate, registered by
+        # nobody here (no host), so kopf needs no rights on webhook configurations.
+        certificates = tmp_path / f"{release}-tls"
+        ensure_certificates(str(certificates), ("localhost",))
+        process = OperatorProcess(str(config), tmp_path / f"{release}.log", ANALYSIS_OPERATOR_ADMISSION_HOST="",
+                                  ANALYSIS_OPERATOR_ADMISSION_CERT_DIR=str(certificates),
+                                  ANALYSIS_OPERATOR_STANDALONE="false", ANALYSIS_OPERATOR_PEERING_NAME=release)
+        started.append((process, manifest))
+        process.start()
+        return process
+    yield start
+    for process, manifest in started:
+        process.stop()
+        kubectl("delete", "-f", str(manifest), "--ignore-not-found", "--wait=false")
+
+
+def _log(process: OperatorProcess) -> str:
+    return process.log_path.read_text()
+
+
+def test_chart_rbac_is_enough_for_a_whole_lifecycle(chart_operator, custom, namespace):
+    process = chart_operator()
+    environments = Environments(custom, namespace)
+    environments.create("lab", flavor="jupyter-basic")
+    ready = environments.wait_phase("lab", "Ready", timeout=60)
+    assert ready["status"]["connection"]["url"]
+    for kind in ("pod", "service", "secret"):
+        assert kubectl("get", kind, "-n", namespace, "-l", "analysis.panosc.eu/environment=lab",
+                       "-o", "name").stdout.strip(), f"no {kind} for the environment"
+    environments.patch_spec("lab", suspend=True)
+    environments.wait_phase("lab", "Suspended", timeout=60)
+    environments.patch_spec("lab", suspend=False)      # resuming reads the kept token Secret back
+    environments.wait_phase("lab", "Ready", timeout=60)
+    environments.delete("lab")
+    wait_for(lambda: not environments.exists("lab"), timeout=60, what="lab deleted (finalizer released)")
+    log = _log(process).lower()
+    assert "forbidden" not in log and " 403" not in log, "the operator was refused something: see " + \
+        str(process.log_path)
+
+
+@pytest.mark.parametrize("resource, verb", [
+    ("pods", "create"),                          # the child cannot be made: never Ready
+    ("services", "create"),                      # no URL to reach JupyterLab
+    ("analysisenvironments/status", "patch"),    # no status: the portal sees nothing
+])
+def test_chart_rbac_without_one_rule_fails(chart_operator, custom, namespace, resource, verb):
+    process = chart_operator(remove=(resource, verb))
+    environments = Environments(custom, namespace)
+    environments.create("lab", flavor="jupyter-basic")
+    denied = f'cannot {verb} resource "{resource}"'
+    wait_for(lambda: denied in _log(process).replace("\\", ""), timeout=60,  # quotes escaped twice in the log
+             what=f"the operator to be refused {verb} on {resource} (log {process.log_path})")
+    assert environments.phase("lab") != "Ready"

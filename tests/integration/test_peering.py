@@ -1,0 +1,125 @@
+"""Two operator processes against one cluster with kopf peering (as the chart's two
+replicas run): only one handles environments; when it is killed (SIGKILL: no goodbye
+in the peering object) the other takes over within the peering lifetime."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+
+import pytest
+
+from analysis_operator.certificates import ensure_certificates
+from tests.integration.conftest import Environments, OperatorProcess, kubectl
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+LIFETIME = 10   # seconds; the chart's default is 20
+
+
+def handled(process: OperatorProcess, environment: str) -> bool:
+    """Did this process run a handler for the environment (its log says so)?"""
+    for line in process.log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("environment", "").endswith(f"/{environment}") and record.get("event") == \
+                "environment.transition":
+            return True
+    return False
+
+
+def acting(process: OperatorProcess) -> bool:
+    """kopf starts peered operators paused and logs each resume and pause: the last one counts."""
+    text = process.log_path.read_text()
+    return text.rfind("Resuming operations after the pause") > text.rfind("Pausing operations")
+
+
+def peers(name: str) -> dict[str, dict]:
+    """The keep-alives in the peering object: identity (POD_ID) -> priority, lifetime, lastseen."""
+    body = json.loads(kubectl("get", "clusterkopfpeering", name, "-o", "json").stdout)
+    return body.get("status") or {}
+
+
+def split(name: str, processes: list[OperatorProcess]) -> tuple[OperatorProcess, OperatorProcess]:
+    """(active, standby): the live peer with the highest priority is the active one."""
+    keepalives = peers(name)
+    ranked = sorted(processes, key=lambda process: keepalives[process.settings["POD_ID"]]["priority"])
+    return ranked[1], ranked[0]
+
+
+def start_pair(tmp_path, kubeconfig: str, lifetime: int = LIFETIME,
+               on_start=lambda name, processes: None) -> tuple[str, list[OperatorProcess]]:
+    """A peering object and two operators using it; returns when one of them has paused."""
+    name = f"peering-{uuid.uuid4().hex[:6]}"
+    manifest = tmp_path / f"{name}.yaml"
+    manifest.write_text(f"apiVersion: kopf.dev/v1\nkind: ClusterKopfPeering\nmetadata: {{name: {name}}}\n")
+    kubectl("apply", "-f", str(manifest))
+    certificates = tmp_path / "tls"
+    ensure_certificates(str(certificates), ("localhost",))
+    processes = [OperatorProcess(kubeconfig, tmp_path / f"{name}-{index}.log",
+                                 ANALYSIS_OPERATOR_STANDALONE="false", ANALYSIS_OPERATOR_PEERING_NAME=name,
+                                 ANALYSIS_OPERATOR_PEERING_LIFETIME_SECONDS=str(lifetime),
+                                 ANALYSIS_OPERATOR_ADMISSION_HOST="",  # served, registered by nobody
+                                 ANALYSIS_OPERATOR_ADMISSION_CERT_DIR=str(certificates),
+                                 POD_ID=f"{name}-{index}")   # kopf's peer identity, as in the chart
+                 for index in range(2)]
+    on_start(name, processes)
+    for process in processes:
+        process.start()
+    wait_for(lambda: len(peers(name)) == 2, timeout=30, what="both operators' keep-alives")
+    active, standby = split(name, processes)
+    wait_for(lambda: acting(active) and not acting(standby), timeout=30,
+             what="only the higher-priority operator acting")
+    return name, processes
+
+
+@pytest.fixture
+def operator_pair(kubeconfig, other_operators_stopped, tmp_path):
+    started: list[tuple[str, list[OperatorProcess]]] = []
+
+    def start(lifetime: int = LIFETIME):
+        return start_pair(tmp_path, kubeconfig, lifetime, on_start=lambda *pair: started.append(pair))
+    yield start
+    for name, processes in started:
+        for process in processes:
+            process.stop(signal.SIGKILL)
+        kubectl("delete", "clusterkopfpeering", name, "--ignore-not-found")
+
+
+def test_one_of_two_reconciles_and_the_other_takes_over_when_it_is_killed(operator_pair, custom, namespace):
+    name, processes = operator_pair()
+    active, standby = split(name, processes)
+    environments = Environments(custom, namespace)
+
+    environments.create("first", flavor="jupyter-basic")
+    environments.wait_phase("first", "Ready", timeout=30)
+    assert handled(active, "first") and not handled(standby, "first")
+
+    active.stop(signal.SIGKILL)
+    killed = time.monotonic()
+    environments.create("second", flavor="jupyter-basic")
+    environments.wait_phase("second", "Ready", timeout=LIFETIME + 20)
+    takeover = time.monotonic() - killed
+    assert handled(standby, "second") and acting(standby)
+    # Bounded by the dead peer's lifetime (its last keep-alive was at most that long ago),
+    # plus the standby's reaction and one reconcile.
+    assert takeover <= LIFETIME + 5, f"takeover took {takeover:.1f}s with a {LIFETIME}s peering lifetime"
+    print(f"takeover after SIGKILL: {takeover:.1f}s (lifetime {LIFETIME}s)")
+
+
+def test_a_clean_stop_hands_over_at_once(operator_pair, custom, namespace):
+    """SIGTERM (a rolling update, a drain): the leaving replica removes its keep-alive,
+    so the standby does not wait for the lifetime."""
+    name, processes = operator_pair(lifetime=60)
+    active, standby = split(name, processes)
+    active.stop(signal.SIGTERM)
+    stopped = time.monotonic()
+    wait_for(lambda: acting(standby), timeout=20, what="the standby to resume after a clean stop")
+    assert time.monotonic() - stopped < 10   # far below the 60 s lifetime
+    environments = Environments(custom, namespace)
+    environments.create("after", flavor="jupyter-basic")
+    environments.wait_phase("after", "Ready", timeout=30)
+    assert handled(standby, "after")

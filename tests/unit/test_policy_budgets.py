@@ -1,0 +1,203 @@
+"""Quota decisions and accounting arithmetic (policy/budgets.py), over simulated hours."""
+from __future__ import annotations
+
+import datetime
+
+import pytest
+from hypothesis import given, strategies as st
+
+from analysis_operator.domain import BackendKind, Environment, Flavor, Phase, Resources, format_time
+from analysis_operator.policy.budgets import Budget, admission_refusal, apply_grant, charge, expiry_warning_due, \
+    reserve, select_budget
+from analysis_operator.policy.requests import Rejection
+
+T0 = datetime.datetime(2026, 3, 10, 12, 0, tzinfo=datetime.timezone.utc)
+HOUR = datetime.timedelta(hours=1)
+CPU = Flavor("basic", BackendKind.KUBERNETES, resources=Resources(cpu="2"))
+GPU = Flavor("gpu", BackendKind.KUBERNETES, resources=Resources(cpu="1", gpu=1))
+
+
+def budget(limits=None, status=None, **fields) -> Budget:
+    return Budget(name=fields.pop("name", "b"), user=fields.pop("user", "alice"), limits=limits or {},
+                  status=status or {}, **fields)
+
+
+def environment(uid="u1", name="e1") -> Environment:
+    return Environment("ns", name, uid, owner="alice", flavor="basic")
+
+
+def running(b: Budget, *uids: str, flavor: Flavor = CPU, at=T0) -> Budget:
+    for uid in uids:
+        result = reserve(b, environment(uid, f"e-{uid}"), flavor, at)
+        assert isinstance(result, dict)
+        b = Budget(**{**b.__dict__, "status": result})
+    return b
+
+
+def after(b: Budget, result) -> Budget:
+    return Budget(**{**b.__dict__, "status": result.status})
+
+
+# --- which budget ----------------------------------------------------------------------------------
+
+PERSONAL, GROUP = budget(name="alice"), budget(name="p11", user="", group="proposal-1")
+BUDGETS = {"alice": PERSONAL, "p11": GROUP}
+
+
+@pytest.mark.parametrize("owner, named, expected", [
+    ("alice", "", "alice"),            # the personal budget by default
+    ("alice", "p11", "p11"),           # a group budget she is a member of
+    ("alice", "alice", "alice"),       # naming her own
+    ("bob", "", "NoBudget"),
+    ("bob", "alice", "NotBudgetMember"),
+    ("carol", "p11", "NotBudgetMember"),
+    ("alice", "nope", "BudgetNotFound"),
+])
+def test_select_budget(owner, named, expected):
+    selected = select_budget(owner, named, BUDGETS, {"alice": "alice"},
+                             lambda group, user: group == "proposal-1" and user in {"alice", "bob"})
+    assert (selected.reason if isinstance(selected, Rejection) else selected.name) == expected
+
+
+# --- may it start ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("limits, status, flavor, holding, gpus, reason", [
+    ({"cpuHours": 10}, {}, CPU, 0, 0, None),
+    ({"cpuHours": 10}, {"settled": {"cpuHours": 10}}, CPU, 0, 0, "CpuHoursExhausted"),
+    ({"gpuHours": 20}, {"settled": {"gpuHours": 20}}, GPU, 0, 0, "GpuHoursExhausted"),
+    ({"gpuHours": 20}, {"settled": {"gpuHours": 20}}, CPU, 0, 0, None),   # no GPU needed
+    ({"maxEnvironments": 2}, {}, CPU, 1, 0, None),
+    ({"maxEnvironments": 2}, {}, CPU, 2, 0, "TooManyEnvironments"),
+    ({"maxGpus": 1}, {}, GPU, 0, 1, "TooManyGpus"),
+    ({"maxGpus": 1}, {}, CPU, 0, 1, None),
+    ({"cpuHours": 10}, {"settled": {"cpuHours": 10}, "grants": {"r1": {"cpuHours": 5}}}, CPU, 0, 0, None),
+    ({}, {"settled": {"cpuHours": 1e9}}, CPU, 99, 99, None),              # no limits: unlimited
+])
+def test_admission_refusal(limits, status, flavor, holding, gpus, reason):
+    refusal = admission_refusal(budget(limits, status), flavor, holding, gpus, T0)
+    assert (refusal.reason if refusal else None) == reason
+    if refusal:
+        assert refusal.phase is Phase.REJECTED and "budget" in refusal.message
+
+
+def test_refusal_message_reads_like_the_dashboard():
+    group = Budget("p11", group="proposal-1", limits={"gpuHours": 20}, status={"settled": {"gpuHours": 20}})
+    refusal = admission_refusal(group, GPU, 0, 0, T0)
+    assert refusal.message.startswith("GPU-hours budget of group 'proposal-1' (ComputeBudget 'p11') exhausted: "
+                                      "20.0 of 20.0 used")
+
+
+def test_an_expired_budget_refuses():
+    refusal = admission_refusal(budget({"cpuHours": 10}, valid_until=T0), CPU, 0, 0, T0)
+    assert refusal.reason == "BudgetExpired"
+
+
+def test_reserve_takes_a_slot_once_and_refuses_the_next():
+    b = running(budget({"maxEnvironments": 1}), "u1")
+    assert reserve(b, environment("u1"), CPU, T0) is None            # already holds it: no write
+    refusal = reserve(b, environment("u2", "e2"), CPU, T0)
+    assert isinstance(refusal, Rejection) and refusal.reason == "TooManyEnvironments"
+    assert b.status["display"] == {"cpuHours": "0.0 / -", "gpuHours": "0.0 / -", "environments": "1 / 1"}
+
+
+# --- accounting over simulated time ------------------------------------------------------------------
+
+def test_charge_is_resources_times_wall_time():
+    b = running(budget({"cpuHours": 100, "gpuHours": 100}), "cpu")
+    b = running(b, "gpu", flavor=GPU)
+    for hour in range(1, 4):
+        b = after(b, charge(b, {}, T0 + hour * HOUR, 80))
+    assert b.used("cpuHours") == pytest.approx(3 * 2 + 3 * 1)
+    assert b.used("gpuHours") == pytest.approx(3)
+    assert b.status["used"]["cpuHours"] == pytest.approx(9) and b.status["remaining"]["cpuHours"] == pytest.approx(91)
+
+
+def test_repeating_a_tick_charges_nothing_more():
+    """A restart re-runs the tick from what was persisted: chargedUntil makes it idempotent."""
+    b = running(budget({"cpuHours": 100}), "u1")
+    once = after(b, charge(b, {}, T0 + HOUR, 80))
+    twice = after(once, charge(once, {}, T0 + HOUR, 80))
+    assert once.used("cpuHours") == twice.used("cpuHours") == pytest.approx(2)
+
+
+def test_downtime_is_charged_at_the_next_tick():
+    b = running(budget({"cpuHours": 100}), "u1")
+    b = after(b, charge(b, {}, T0 + HOUR, 80))
+    b = after(b, charge(b, {}, T0 + 5 * HOUR, 80))    # the operator was down for 4 hours
+    assert b.used("cpuHours") == pytest.approx(10)
+
+
+def test_an_ended_environment_is_charged_until_it_stopped_and_settled():
+    b = running(budget({"cpuHours": 100}), "u1", "u2")
+    b = after(b, charge(b, {"u1": T0 + 2 * HOUR}, T0 + 3 * HOUR, 80))
+    assert set(b.entries) == {"u2"}
+    assert b.status["settled"]["cpuHours"] == pytest.approx(4)
+    assert b.used("cpuHours") == pytest.approx(4 + 6)
+
+
+def test_a_suspended_environment_keeps_its_slot_and_is_not_charged():
+    b = running(budget({"cpuHours": 100}), "u1")
+    b = after(b, charge(b, {}, T0 + 2 * HOUR, 80, paused={"u1"}))
+    assert "u1" in b.entries and b.used("cpuHours") == 0
+
+
+def test_exhaustion_stops_what_uses_the_spent_resource_and_warns_once():
+    b = running(budget({"cpuHours": 100, "gpuHours": 10}), "cpu")
+    b = running(b, "gpu", flavor=GPU)
+    result = charge(b, {}, T0 + 8 * HOUR, 80)       # 8 GPU-hours: 80%
+    assert [reason for _, reason, _ in result.events] == ["BudgetWarning"] and not result.stop
+    b = after(b, result)
+    assert charge(b, {}, T0 + 9 * HOUR, 80).events == ()   # warned once
+    result = charge(b, {}, T0 + 10 * HOUR, 80)
+    assert result.stop == ("gpu",) and "GPU-hours budget of user 'alice'" in result.reason
+    assert [c for c in result.status["conditions"] if c["type"] == "Exhausted"][0]["status"] == "True"
+
+
+def test_a_monthly_budget_starts_from_zero():
+    b = running(budget({"cpuHours": 100}, reset="Monthly"), "u1", at=T0)
+    b = after(b, charge(b, {}, T0 + HOUR, 80))
+    assert b.status["periodStart"] == "2026-03-01T00:00:00Z"
+    next_month = datetime.datetime(2026, 4, 1, 2, 0, tzinfo=datetime.timezone.utc)
+    b = after(b, charge(b, {}, next_month, 80))
+    assert b.status["periodStart"] == "2026-04-01T00:00:00Z"
+    assert b.used("cpuHours") == pytest.approx(4)    # 2 CPUs x 2 hours since midnight, not since March
+
+
+@given(st.lists(st.integers(min_value=0, max_value=7200), min_size=1, max_size=20))
+def test_ticks_at_any_moments_sum_to_the_wall_time(steps):
+    b = running(budget({"cpuHours": 1e6}), "u1")
+    moment = T0
+    for step in steps:
+        moment += datetime.timedelta(seconds=step)
+        b = after(b, charge(b, {}, moment, 80))
+    assert b.used("cpuHours") == pytest.approx(2 * (moment - T0).total_seconds() / 3600, abs=1e-4)
+
+
+# --- requests ---------------------------------------------------------------------------------------
+
+def test_a_grant_raises_the_limit_exactly_once():
+    b = budget({"cpuHours": 140, "maxEnvironments": 1})
+    status = apply_grant(b, "req-1", "ns/more", {"cpuHours": 60, "maxEnvironments": 2}, "dora",
+                         format_time(T0), T0)
+    b = Budget(**{**b.__dict__, "status": status})
+    assert b.limit("cpuHours") == 200 and b.limit("maxEnvironments") == 3
+    assert apply_grant(b, "req-1", "ns/more", {"cpuHours": 60}, "dora", format_time(T0), T0) is None
+    assert b.status["grants"]["req-1"]["approvedBy"] == "dora"
+
+
+@pytest.mark.parametrize("remaining_minutes, warned_for, due", [
+    (20, None, True), (40, None, False), (20, "2026-03-10T12:20:00Z", False), (-1, None, False)])
+def test_expiry_warning(remaining_minutes, warned_for, due):
+    expires = T0 + datetime.timedelta(minutes=remaining_minutes)
+    assert expiry_warning_due(expires, T0, 1800, warned_for) is due
+
+
+@given(st.lists(st.floats(min_value=0, max_value=90, allow_nan=False), min_size=1, max_size=30))
+def test_ticks_between_whole_seconds_never_count_a_fraction_twice(steps):
+    """chargedUntil is stored to the second; ticks at fractional moments must not drift upwards."""
+    b = running(budget({"cpuHours": 1e6}), "u1")
+    moment = T0
+    for step in steps:
+        moment += datetime.timedelta(seconds=step)
+        b = after(b, charge(b, {}, moment, 80))
+    assert b.used("cpuHours") * 3600 == pytest.approx(2 * int((moment - T0).total_seconds()), abs=1e-3)
