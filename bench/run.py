@@ -248,6 +248,7 @@ class Operator:
         self.port = free_port()
         environment = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONPATH": str(REPO / "operator"),
                        "ANALYSIS_OPERATOR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{self.port}/healthz",
+                       "ANALYSIS_OPERATOR_METRICS_PORT": "0",
                        "ANALYSIS_OPERATOR_ADMISSION_HOST": "127.0.0.1",
                        "ANALYSIS_OPERATOR_ADMISSION_LISTEN_ADDRESS": "127.0.0.1",
                        "ANALYSIS_OPERATOR_ADMISSION_PORT": str(self.webhook_port),

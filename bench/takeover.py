@@ -13,7 +13,6 @@ import argparse
 import pathlib
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time

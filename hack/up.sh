@@ -34,14 +34,20 @@ fi
 
 kubectl apply --server-side --force-conflicts -f "$repo/crds" >/dev/null
 kubectl wait --for=condition=Established --timeout=60s crd --all >/dev/null
-kubectl apply -f "$repo/examples/flavors.yaml" >/dev/null
+# The catalogue: flavors (portal cards), experiment teams and datasets, budgets (alice has one).
+kubectl apply -f "$repo/examples/flavors.yaml" -f "$repo/examples/datasets.yaml" -f "$repo/examples/budgets.yaml" >/dev/null
 kubectl get environmentflavors
 
 if ! { [ -f "$STATE/operator.pid" ] && kill -0 "$(cat "$STATE/operator.pid")" 2>/dev/null; }; then
-  ANALYSIS_OPERATOR_LIVENESS_ENDPOINT=http://127.0.0.1:8080/healthz \
+  # Webhooks on loopback, registered by the operator itself with a CA it makes in $STATE.
+  ANALYSIS_OPERATOR_LIVENESS_ENDPOINT=http://127.0.0.1:8080/healthz ANALYSIS_OPERATOR_METRICS_ADDRESS=127.0.0.1 \
+  ANALYSIS_OPERATOR_ADMISSION_HOST=127.0.0.1 ANALYSIS_OPERATOR_ADMISSION_LISTEN_ADDRESS=127.0.0.1 \
+  ANALYSIS_OPERATOR_ADMISSION_PORT=9443 ANALYSIS_OPERATOR_ADMISSION_CERT_DIR="$STATE/webhook-tls" \
     setsid analysis-operator --log-format json >"$STATE/operator.log" 2>&1 < /dev/null &
   echo $! >"$STATE/operator.pid"
   until curl -sf http://127.0.0.1:8080/healthz >/dev/null; do sleep 0.2; done
+  until kubectl get validatingwebhookconfiguration analysis.panosc.eu -o jsonpath='{.webhooks[*].name}' 2>/dev/null \
+      | grep -q environment-identity; do sleep 0.2; done
   echo "operator running (pid $(cat "$STATE/operator.pid"), logs in $STATE/operator.log)"
 fi
 

@@ -51,6 +51,7 @@ class KubeClient:
             "Pod": self.core.create_namespaced_pod,
             "Service": self.core.create_namespaced_service,
             "Secret": self.core.create_namespaced_secret,
+            "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
         }[kind]
         try:
             await self._call(method, namespace, body)

@@ -56,13 +56,13 @@ class IndexCollector(Collector):
         yield from (used, limit, phases)
 
 
-def start_metrics(port: int, budgets: Any, environments: Any) -> None:
+def start_metrics(port: int, budgets: Any, environments: Any, address: str = "0.0.0.0") -> None:
     """Serve /metrics; a port already taken is logged, not fatal (metrics must never stop the operator)."""
     if not port:
         return
     REGISTRY.register(IndexCollector(budgets, environments))
     try:
-        start_http_server(port, registry=REGISTRY)
+        start_http_server(port, addr=address, registry=REGISTRY)
     except OSError as error:
         log.error("metrics.not_served", port=port, error=repr(error))
         return

@@ -39,6 +39,17 @@ class OpenStackSettings:
 
 
 @dataclass(frozen=True)
+class HomeSettings:
+    """The user's writable space in JupyterLab pods (datasets are mounted read-only beside it)."""
+    # false: an emptyDir per environment (gone with it); true: one PersistentVolumeClaim per
+    # user and namespace, created on first use and kept across that user's environments.
+    claims: bool = False
+    size: str = "10Gi"
+    storage_class: str = ""              # empty: the cluster's default StorageClass
+    access_mode: str = "ReadWriteMany"   # two environments of one user may run on different nodes
+
+
+@dataclass(frozen=True)
 class AdmissionSettings:
     """The validating/mutating webhooks the operator serves (kopf's admission server)."""
     enabled: bool = True
@@ -88,9 +99,11 @@ class Settings:
     cluster_domain: str = "cluster.local"
     liveness_endpoint: str = "http://0.0.0.0:8080/healthz"
     metrics_port: int = 9090
+    metrics_address: str = "0.0.0.0"   # 127.0.0.1 on a shared machine
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     openstack: OpenStackSettings = field(default_factory=OpenStackSettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    home: HomeSettings = field(default_factory=HomeSettings)
     budgets: BudgetSettings = field(default_factory=BudgetSettings)
 
 

@@ -67,7 +67,7 @@ def phase_from_observation(observation: Observation) -> Phase:
 # Each backend's own words for its reference, as the CRD's status.backend fields.
 _REFERENCE_FIELDS = {"jobId": "id", "serverId": "id", "novaStatus": "state", "jobState": "state",
                      "name": "name", "id": "id", "state": "state", "node": "node", "host": "node",
-                     "addresses": "addresses"}
+                     "addresses": "addresses", "startTime": "startedAt"}
 
 
 def backend_status(kind: str, observation: Observation) -> dict[str, Any]:
@@ -77,4 +77,6 @@ def backend_status(kind: str, observation: Observation) -> dict[str, Any]:
         if not field or value in (None, "", []):
             continue
         status[field] = [str(address) for address in value] if field == "addresses" else str(value)
+    if observation.cpus or observation.gpus:  # a Slurm job or VM holding resources: what budgets charge
+        status.update(allocatedCpus=observation.cpus, allocatedGpus=observation.gpus)
     return status

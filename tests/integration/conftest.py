@@ -100,6 +100,7 @@ class OperatorProcess:
             "ANALYSIS_OPERATOR_ADMISSION_PORT": str(self.webhook_port),
             "ANALYSIS_OPERATOR_ADMISSION_CERT_DIR": str(self.log_path.parent / "webhook-tls"),
             "ANALYSIS_OPERATOR_METRICS_PORT": str(self.metrics_port),
+            "ANALYSIS_OPERATOR_METRICS_ADDRESS": "127.0.0.1",
             # Owners without a ComputeBudget run unmetered here, so tests about other things need no
             # budget; tests/integration/test_budgets.py turns the production default (refuse) back on.
             "ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET": "false",

@@ -337,3 +337,32 @@ def test_pod_with_datasets_keeps_home_as_its_only_writable_volume():
     writable = [mount["mountPath"] for mount in container_of(pod)["volumeMounts"] if not mount.get("readOnly")]
     assert writable == ["/home/jovyan"]
     assert [volume["name"] for volume in pod["spec"]["volumes"]] == ["home", "dataset-0"]
+
+
+def test_home_is_per_environment_scratch_unless_per_user_claims_are_on():
+    import dataclasses as dc
+
+    from analysis_operator.backends.kubernetes import build_home_claim, home_claim_name
+    from analysis_operator.settings import HomeSettings
+
+    scratch = build_pod(make_environment(owner="alice"), make_flavor(), SETTINGS)
+    assert scratch["spec"]["volumes"][0] == {"name": "home", "emptyDir": {"sizeLimit": "10Gi"}}
+
+    settings = dc.replace(SETTINGS, home=HomeSettings(claims=True, size="50Gi", storage_class="cephfs"))
+    pod = build_pod(make_environment(owner="alice"), make_flavor(), settings)
+    assert pod["spec"]["volumes"][0] == {"name": "home", "persistentVolumeClaim": {"claimName": home_claim_name("alice")}}
+    claim = build_home_claim(make_environment(owner="alice"), settings)
+    assert claim["metadata"]["name"] == home_claim_name("alice")
+    assert "ownerReferences" not in claim["metadata"]          # outlives the environment
+    assert claim["spec"] == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "50Gi"}},
+                             "storageClassName": "cephfs"}
+
+
+@given(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}", fullmatch=True))
+def test_home_claim_names_are_valid_and_distinct_per_user(owner):
+    import re
+
+    from analysis_operator.backends.kubernetes import home_claim_name
+    name = home_claim_name(owner)
+    assert len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name)
+    assert home_claim_name(owner.swapcase()) != name or owner.swapcase() == owner

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from analysis_operator.domain import BackendKind, Environment, Flavor, Phase, Resources, format_time
-from analysis_operator.policy.budgets import Budget, admission_refusal, apply_grant, charge, expiry_warning_due, \
+from analysis_operator.policy.budgets import Budget, Held, admission_refusal, apply_grant, charge, expiry_warning_due, \
     reserve, select_budget
 from analysis_operator.policy.requests import Rejection
 
@@ -139,6 +139,28 @@ def test_a_suspended_environment_keeps_its_slot_and_is_not_charged():
     b = running(budget({"cpuHours": 100}), "u1")
     b = after(b, charge(b, {}, T0 + 2 * HOUR, 80, paused={"u1"}))
     assert "u1" in b.entries and b.used("cpuHours") == 0
+
+
+def test_a_slurm_job_is_charged_for_its_allocation_from_its_start_time_only_while_running():
+    """Queued: nothing. Running: Slurm's allocation (not the flavor's), from Slurm's start time."""
+    b = running(budget({"cpuHours": 100, "gpuHours": 100}), "job")            # flavor says 2 CPUs
+    b = after(b, charge(b, {}, T0 + HOUR, 80, paused={"job"}))               # pending in the queue
+    assert b.used("cpuHours") == 0
+    started = T0 + HOUR + datetime.timedelta(minutes=30)                     # between two ticks
+    b = after(b, charge(b, {}, T0 + 2 * HOUR, 80, held={"job": Held(cpus=8, gpus=1, since=started)}))
+    assert b.used("cpuHours") == pytest.approx(8 * 0.5)
+    assert b.used("gpuHours") == pytest.approx(0.5)
+    b = after(b, charge(b, {}, T0 + 3 * HOUR, 80, held={"job": Held(cpus=8, gpus=1, since=started)}))
+    assert b.used("cpuHours") == pytest.approx(8 * 1.5)                     # the start time counts once
+
+
+def test_a_job_seen_running_late_is_charged_from_its_start():
+    """The tick before the status showed the allocation saw it queued; Slurm's start time still counts."""
+    b = running(budget({"cpuHours": 100}), "job")
+    b = after(b, charge(b, {}, T0 + 2 * HOUR, 80, paused={"job"}))       # status still said queued
+    started = T0 + HOUR                                                     # but it started an hour ago
+    b = after(b, charge(b, {}, T0 + 3 * HOUR, 80, held={"job": Held(cpus=4, gpus=0, since=started)}))
+    assert b.used("cpuHours") == pytest.approx(4 * 2)
 
 
 def test_exhaustion_stops_what_uses_the_spent_resource_and_warns_once():

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
+import re
 import secrets
 from typing import Any, Mapping, Sequence
 
 from analysis_operator import render
 from analysis_operator.backends.base import GrantedMounts, ManagedObject, Observation, State, no_datasets
-from analysis_operator.domain import API_VERSION, LABEL_ENVIRONMENT_UID, Environment, Flavor, Mount, parse_quantity
+from analysis_operator.domain import API_VERSION, LABEL_ENVIRONMENT_UID, LABEL_MANAGED_BY, LABEL_OWNER, MANAGER, \
+    Environment, Flavor, Mount, parse_quantity
 from analysis_operator.kube import KubeClient
 from analysis_operator.settings import Settings
 
@@ -73,6 +76,26 @@ def build_dataset_volumes(mounts: Sequence[Mount]) -> tuple[tuple[dict[str, Any]
     return tuple(volumes), tuple(volume_mounts)
 
 
+def home_claim_name(owner: str) -> str:
+    """home-<owner>, made a valid object name; the hash keeps 'Alice' and 'alice' apart."""
+    readable = re.sub(r"[^a-z0-9-]+", "-", owner.lower()).strip("-")[:40] or "user"
+    return f"home-{readable}-{hashlib.sha256(owner.encode()).hexdigest()[:8]}"
+
+
+def build_home_claim(environment: Environment, settings: Settings) -> dict[str, Any]:
+    """The owner's home volume: not owned by the environment, so it outlives it (pure)."""
+    home = settings.home
+    spec: dict[str, Any] = {"accessModes": [home.access_mode], "resources": {"requests": {"storage": home.size}}}
+    if home.storage_class:
+        spec["storageClassName"] = home.storage_class
+    return {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": home_claim_name(environment.owner), "namespace": environment.namespace,
+                     "labels": {LABEL_MANAGED_BY: MANAGER, LABEL_OWNER: environment.owner}},
+        "spec": spec,
+    }
+
+
 def build_pod(environment: Environment, flavor: Flavor, settings: Settings,
               dataset_volumes: tuple[dict[str, Any], ...] = (),
               dataset_mounts: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
@@ -97,6 +120,7 @@ def build_pod(environment: Environment, flavor: Flavor, settings: Settings,
         gpu=resources.gpu,
         dataset_volumes=list(dataset_volumes),
         dataset_mounts=list(dataset_mounts),
+        home_claim=home_claim_name(environment.owner) if settings.home.claims else "",
     )
 
 
@@ -191,6 +215,9 @@ class KubernetesBackend:
             return observation
         dataset_volumes, dataset_mounts = build_dataset_volumes(await self._granted(environment, flavor))
         await self._kube.create("Service", environment.namespace, build_service(environment, self._settings))
+        if self._settings.home.claims:  # exists already after the user's first environment
+            await self._kube.create("PersistentVolumeClaim", environment.namespace,
+                                    build_home_claim(environment, self._settings))
         pod = build_pod(environment, flavor, self._settings, dataset_volumes, dataset_mounts)
         await self._kube.create("Pod", environment.namespace, pod)
         return observe_pod(pod)

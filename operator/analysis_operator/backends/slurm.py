@@ -21,7 +21,7 @@ import aiohttp
 
 from analysis_operator.backends.base import BackendUnavailable, GrantedMounts, ManagedObject, Observation, State, \
     no_datasets
-from analysis_operator.domain import Environment, Flavor, Mount
+from analysis_operator.domain import Environment, Flavor, Mount, format_time
 from analysis_operator.policy.access import DATA_ROOT
 from analysis_operator.render import render_text
 from analysis_operator.settings import Settings, SlurmSettings
@@ -176,6 +176,9 @@ def build_observation(job: Mapping[str, Any], endpoint_answers: bool) -> Observa
                            message=f"Slurm job {job_id} is {state.lower()}: {reason}")
     if state in ACTIVE_STATES:
         held = {"cpus": float(job.get("cpus") or 0), "gpus": allocated_gpus(job)}
+        if int(job.get("start_time") or 0) > 0:
+            reference["startTime"] = format_time(
+                datetime.datetime.fromtimestamp(int(job["start_time"]), datetime.timezone.utc))
         endpoint = parse_endpoint(str(job.get("comment", "")))
         if state == "RUNNING" and endpoint and endpoint_answers:
             return Observation(State.READY, reason="JupyterAnswering", reference=reference,

@@ -25,7 +25,7 @@ from analysis_operator.domain import GROUP, TERMINAL_PHASES, VERSION, Environmen
 from analysis_operator.handlers.environments import apply, now, post
 from analysis_operator.handlers.indexes import first, member_of
 from analysis_operator.kube import KubeClient
-from analysis_operator.policy.budgets import Budget, admission_refusal, apply_grant, charge, expiry_warning_due, \
+from analysis_operator.policy.budgets import Budget, Held, admission_refusal, apply_grant, charge, expiry_warning_due, \
     reserve, select_budget, spent
 from analysis_operator.policy.requests import Rejection
 from analysis_operator.reconcile import Outcome, expiry, stop
@@ -85,45 +85,82 @@ class _Singles(Mapping):
 
 # --- the ledger -------------------------------------------------------------------------------------
 
+@dataclass
+class _Waiting:
+    decide: Callable[[Budget], Any]
+    status_of: Callable[[Any], dict[str, Any] | None]
+    result: asyncio.Future
+
+
 class Ledger:
-    """Serialized, optimistic writes to budget status (see the module docstring)."""
+    """Serialized, optimistic writes to budget status (see the module docstring).
+
+    Group commit: callers that arrive while a write to the same budget is in flight are
+    decided together, each on the status the previous one produced, and written in one
+    PUT. A burst of creates then costs a few writes instead of one each, in turn."""
 
     def __init__(self, kube: KubeClient, views: Views) -> None:
         self.kube, self.views = kube, views
         self._locks: dict[str, asyncio.Lock] = {}
+        self._waiting: dict[str, list[_Waiting]] = {}
         self._bodies: dict[str, dict[str, Any]] = {}   # the last version this process read or wrote
 
     async def update(self, name: str, decide: Callable[[Budget], Any],
                      status_of: Callable[[Any], dict[str, Any] | None] = lambda result: result
                      if isinstance(result, dict) else None) -> Any:
         """Run `decide` on the budget and write the status it returns; None if the budget is gone."""
+        mine = _Waiting(decide, status_of, asyncio.get_running_loop().create_future())
+        self._waiting.setdefault(name, []).append(mine)
         async with self._locks.setdefault(name, asyncio.Lock()):
-            body = self._bodies.get(name)
-            cached = body is not None
-            for _ in range(20):
-                if body is None:
-                    body = await self.kube.get_cluster_object(BUDGETS, name)
-                    if body is None:
-                        self._bodies.pop(name, None)
-                        return None
-                budget = Budget.from_body(body)
-                result = decide(budget)
-                status = status_of(result)
-                if status is None:
-                    if cached and self._stale(budget):
-                        body, cached = None, False   # decided on our copy while the index moved on: re-read
-                        continue
-                    self._bodies[name] = body
-                    return result
+            if not mine.result.done():           # nobody took us along: lead the next batch
+                batch, self._waiting[name] = self._waiting[name], []
                 try:
-                    body = await self.kube.replace_cluster_status(BUDGETS, {**body, "status": status})
-                    self._bodies[name] = body
-                    return result
-                except ApiException as error:
-                    if error.status not in (409, 404):
-                        raise
-                    body, cached = None, False
-            raise kopf.TemporaryError(f"ComputeBudget {name!r} keeps changing; retrying", delay=1)
+                    results = await self._commit(name, batch)
+                except asyncio.CancelledError:   # our task ends; the others go with the next batch
+                    self._waiting[name][:0] = [waiting for waiting in batch if waiting is not mine]
+                    raise
+                except Exception as error:
+                    for waiting in batch:
+                        if not waiting.result.done():
+                            waiting.result.set_exception(error)
+                else:
+                    for waiting, result in zip(batch, results):
+                        waiting.result.set_result(result)
+        return mine.result.result()
+
+    async def _commit(self, name: str, batch: list[_Waiting]) -> list[Any]:
+        body = self._bodies.get(name)
+        cached = body is not None
+        for _ in range(20):
+            if body is None:
+                body = await self.kube.get_cluster_object(BUDGETS, name)
+                if body is None:
+                    self._bodies.pop(name, None)
+                    return [None] * len(batch)
+            first_view = budget = Budget.from_body(body)
+            results, changed = [], body
+            for waiting in batch:
+                result = waiting.decide(budget)
+                results.append(result)
+                status = waiting.status_of(result)
+                if status is not None:
+                    changed = {**changed, "status": status}
+                    budget = Budget.from_body(changed)
+            if changed is body:
+                if cached and self._stale(first_view):
+                    body, cached = None, False   # decided on our copy while the index moved on: re-read
+                    continue
+                self._bodies[name] = body
+                return results
+            try:
+                body = await self.kube.replace_cluster_status(BUDGETS, changed)
+                self._bodies[name] = body
+                return results
+            except ApiException as error:
+                if error.status not in (409, 404):
+                    raise
+                body, cached = None, False
+        raise kopf.TemporaryError(f"ComputeBudget {name!r} keeps changing; retrying", delay=1)
 
     def _stale(self, budget: Budget) -> bool:
         seen = first(self.views.budgets, budget.name)
@@ -236,7 +273,8 @@ async def charge_budget(memo: kopf.Memo, name: str, environments: kopf.Index, fl
 
     def decide(budget: Budget):
         ended: dict[str, datetime.datetime | None] = {}
-        paused = []
+        paused: list[str] = []
+        held: dict[str, Held] = {}
         for uid, entry in budget.entries.items():
             record = first(environments, (entry.get("namespace"), entry.get("name")))
             if record is None or record.environment.uid != uid:
@@ -247,7 +285,15 @@ async def charge_budget(memo: kopf.Memo, name: str, environments: kopf.Index, fl
                 paused.append(uid)
             else:
                 records[uid] = record
-        result = charge(budget, ended, moment, gate.settings.warning_percent, paused)
+                backend = record.status.get("backend") or {}
+                if backend.get("kind") in ("slurm", "openstack"):
+                    # Charged for what Slurm allocated / the server holds, only while it holds it.
+                    if "allocatedCpus" in backend:
+                        held[uid] = Held(float(backend["allocatedCpus"]), int(backend.get("allocatedGpus") or 0),
+                                         parse_time(backend.get("startedAt")))
+                    else:
+                        paused.append(uid)
+        result = charge(budget, ended, moment, gate.settings.warning_percent, paused, held)
         idle = not budget.entries and _same(budget.status, result.status)
         return None if idle else result
 

@@ -52,7 +52,7 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, pods: kop
     kube = KubeClient(config.kube_workers)
     memo.context = Context(kube=kube, backends=build_backends(config, kube, pods, DataAccess(kube, indexes).granted),
                            gates=build_gates(config, kube, indexes))
-    start_metrics(config.metrics_port, indexes["budgets"], environments)
+    start_metrics(config.metrics_port, indexes["budgets"], environments, config.metrics_address)
     memo.sweeper = asyncio.create_task(sweep_forever(memo, environments, flavors, config.sweep_interval_seconds))
     log.info("operator.started", namespace=config.namespace or "*", standalone=config.standalone)
 

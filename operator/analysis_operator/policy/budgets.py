@@ -184,19 +184,42 @@ class Charge:
     reason: str = ""                                # why they stop (names the budget)
 
 
+@dataclass(frozen=True)
+class Held:
+    """What a Slurm job or VM holds according to its backend (not the flavor), and since when."""
+    cpus: float
+    gpus: int
+    since: datetime.datetime | None = None
+
+
 def charge(budget: Budget, ended: Mapping[str, datetime.datetime | None], now: datetime.datetime,
-           warning_percent: float, paused: Collection[str] = ()) -> Charge:
+           warning_percent: float, paused: Collection[str] = (), held: Mapping[str, Held] | None = None) -> Charge:
     """One accounting tick. `ended` maps the uid of every ledger entry whose environment no longer
     holds resources to when it stopped (None: unknown, e.g. deleted: charged until now). Entries are
     charged from their chargedUntil, ended ones settled, and a new period starts from zero. `paused`
-    entries (suspended environments) keep their slot, so resuming never fails, but are not charged."""
+    entries (suspended environments, Slurm jobs still queued, VMs not yet ACTIVE) keep their slot,
+    so resuming never fails, but are not charged. `held` overrides the flavor's resources with what
+    the backend reports (Slurm's allocation, the Nova flavor), charged from no earlier than `since`
+    (the job's start time), so the hours agree with the facility's own accounting."""
     status = dict(budget.status)
     settled = {key: float((status.get("settled") or {}).get(key) or 0) for key in RESOURCES}
+    held = held or {}
 
     def end(uid: str) -> datetime.datetime:
         return min(now, ended.get(uid) or now)
 
-    entries = {uid: {**entry, "chargedUntil": format_time(now)} if uid in paused else dict(entry)
+    def backend_view(uid: str, entry: dict[str, Any]) -> dict[str, Any]:
+        if uid not in held:
+            return entry
+        view = {**entry, "cpus": held[uid].cpus, "gpus": held[uid].gpus}
+        since = held[uid].since
+        if since is not None and entry.get("heldSince") != format_time(since):
+            # First tick of this job: charge from its start, also back over the ticks that still saw
+            # it queued (paused, so nothing was charged for that time).
+            view.update(chargedUntil=format_time(min(since, now)), heldSince=format_time(since))
+        return view
+
+    entries = {uid: {**entry, "chargedUntil": format_time(now)} if uid in paused else backend_view(uid, dict(entry))
                for uid, entry in budget.entries.items()}
     start = period_start(budget.reset, now)
     if start is not None and status.get("periodStart") != format_time(start):

@@ -124,3 +124,11 @@ def make_environment(request, settings) -> Iterator[Callable[..., Environment]]:
                        what=f"server of {environment.name} to be gone")
     finally:
         cleaner.close()
+
+
+@pytest.fixture
+def vm_environments(operator, openstack_environ, environments):
+    settings = {key: value for key, value in openstack_environ.items()
+                if key.startswith("ANALYSIS_OPERATOR_OPENSTACK_") or key == "OS_CLIENT_CONFIG_FILE"}
+    operator.configure(ANALYSIS_OPERATOR_OPENSTACK_ENABLED="true", **settings)
+    return environments

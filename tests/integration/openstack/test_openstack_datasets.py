@@ -9,14 +9,6 @@ import yaml
 from tests.integration.test_datasets import PUBLIC, catalogue, embargoed  # noqa: F401 (fixture)
 
 
-@pytest.fixture
-def vm_environments(operator, openstack_environ, environments):
-    settings = {key: value for key, value in openstack_environ.items()
-                if key.startswith("ANALYSIS_OPERATOR_OPENSTACK_") or key == "OS_CLIENT_CONFIG_FILE"}
-    operator.configure(ANALYSIS_OPERATOR_OPENSTACK_ENABLED="true", **settings)
-    return environments
-
-
 @pytest.fixture(scope="module")
 def admin_cloud(settings):
     """Nova shows a server's user data to administrators only (the stack's "<cloud>-admin" entry)."""

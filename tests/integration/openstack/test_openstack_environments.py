@@ -1,17 +1,7 @@
 """The remote-desktop VM cards end to end: AnalysisEnvironment -> operator -> real Nova (fake driver)."""
 from __future__ import annotations
 
-import pytest
-
 from tests.waiting import wait_for
-
-
-@pytest.fixture
-def vm_environments(operator, openstack_environ, environments):
-    settings = {key: value for key, value in openstack_environ.items()
-                if key.startswith("ANALYSIS_OPERATOR_OPENSTACK_") or key == "OS_CLIENT_CONFIG_FILE"}
-    operator.configure(ANALYSIS_OPERATOR_OPENSTACK_ENABLED="true", **settings)
-    return environments
 
 
 def servers_named(cloud, name: str) -> list:

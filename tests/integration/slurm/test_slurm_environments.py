@@ -48,3 +48,44 @@ def test_operator_cancels_a_job_whose_environment_is_gone(slurm_environments, ba
     # The operator sweeps orphans every 10th sweep (1 s apart in tests).
     wait_for(lambda: all(managed.uid != orphan.uid for managed in asyncio.run(backend.list_managed())),
              timeout=60, what="the operator to cancel the orphaned job")
+
+
+def test_cluster_usage_is_charged_from_slurms_allocation_and_start_time(operator, slurm_environ, environments,
+                                                                        custom):
+    """CPU-hours of a Slurm environment are Slurm's allocated CPUs x time since the job started,
+    so the budget agrees with the facility's Slurm accounting (queue time is free)."""
+    import datetime
+    import uuid
+
+    group, version = "analysis.panosc.eu", "v1alpha1"
+    operator.configure(**{key: value for key, value in slurm_environ.items()
+                          if key.startswith("ANALYSIS_OPERATOR_SLURM_") or key == "SLURM_CONF"},
+                       ANALYSIS_OPERATOR_BUDGETS_CHARGE_INTERVAL_SECONDS="1")
+    owner, budget = f"hpc-{uuid.uuid4().hex[:6]}", f"b-{uuid.uuid4().hex[:8]}"
+    custom.create_cluster_custom_object(group, version, "computebudgets", {
+        "apiVersion": f"{group}/{version}", "kind": "ComputeBudget", "metadata": {"name": budget},
+        "spec": {"user": owner, "limits": {"cpuHours": 100}}})
+    try:
+        wait_for(lambda: (custom.get_cluster_custom_object(group, version, "computebudgets", budget)
+                          .get("status") or {}).get("display"), timeout=20, what="the operator to see the budget")
+        environments.create("charged", flavor="jupyter-cluster", owner=owner, lifetime="1h")
+        backend = environments.wait_phase("charged", "Ready", timeout=90)["status"]["backend"]
+        assert backend["allocatedCpus"] >= 1 and backend["startedAt"]
+
+        def entry() -> dict:
+            ledger = custom.get_cluster_custom_object(group, version, "computebudgets", budget)["status"]
+            return next(iter((ledger.get("environments") or {}).values()), {})
+
+        def seconds(text: str) -> float:
+            return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").timestamp()
+
+        wait_for(lambda: entry().get("chargedUntil") and seconds(entry()["chargedUntil"])
+                 >= seconds(backend["startedAt"]) + 3, timeout=30, what="charges while the job runs")
+        charged = entry()
+        assert charged["cpus"] == backend["allocatedCpus"]
+        expected = backend["allocatedCpus"] * (seconds(charged["chargedUntil"]) - seconds(backend["startedAt"]))
+        assert charged["cpuHours"] * 3600 == pytest.approx(expected, abs=0.05)
+        environments.delete("charged")
+        wait_for(lambda: not environments.exists("charged"), timeout=60, what="the environment to be gone")
+    finally:
+        custom.delete_cluster_custom_object(group, version, "computebudgets", budget)
