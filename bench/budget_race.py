@@ -105,6 +105,11 @@ def run(count: int, slots: int, threads: int, mode: str) -> dict:
         time.sleep(0.2)
     stop.set()
     latencies, by_outcome, outcomes = [], {"refused": [], "admitted": []}, {"refused at admission": 0, "running": 0, "rejected by reconcile": 0, "undecided": 0}
+    # The admission decision is the POST's answer (403, or 201 with a slot held); the final one for
+    # an admitted create is the operator taking the slot in the ledger (Provisioning) or refusing it.
+    answers = [answered - started for started, answered, code in posted.values() if code in (201, 403)]
+    by_outcome["admitted (POST answered)"] = [answered - started for started, answered, code in posted.values()
+                                              if code == 201]
     for name, (started, answered, code) in posted.items():
         if code == 403:
             outcomes["refused at admission"] += 1
@@ -124,6 +129,7 @@ def run(count: int, slots: int, threads: int, mode: str) -> dict:
     return {"mode": mode, "count": count, "slots": slots, "threads": threads, "outcomes": outcomes,
             "ledger": status.get("running", {}).get("environments"), "wall": time.monotonic() - began,
             "p50": statistics.median(latencies), "p99": percentile(latencies, 0.99), "max": max(latencies),
+            "answers": (statistics.median(answers), percentile(answers, 0.99), max(answers)),
             "log": operator.log_path.name,
             "split": {key: (statistics.median(values), percentile(values, 0.99)) for key, values in by_outcome.items()
                       if values}}
@@ -134,6 +140,8 @@ def report(result: dict) -> str:
     return (f"| {result['mode']} | {result['count']} creates from {result['threads']} threads, {result['slots']} slots "
             f"| {result['outcomes']} | ledger holds {result['ledger']} | **{'exactly N' if ok else 'NOT N'}** "
             f"| p50 {1000 * result['p50']:.0f} ms, p99 {1000 * result['p99']:.0f} ms, max {1000 * result['max']:.0f} ms "
+            f"| p50 {1000 * result['answers'][0]:.0f} ms, p99 {1000 * result['answers'][1]:.0f} ms, "
+            f"max {1000 * result['answers'][2]:.0f} ms "
             f"| {result['wall']:.1f} s |\n"
             + "".join(f"  {key}: p50 {1000 * p50:.0f} ms p99 {1000 * p99:.0f} ms\n"
                       for key, (p50, p99) in result["split"].items()))

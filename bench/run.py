@@ -249,6 +249,7 @@ class Operator:
         environment = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONPATH": str(REPO / "operator"),
                        "ANALYSIS_OPERATOR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{self.port}/healthz",
                        "ANALYSIS_OPERATOR_METRICS_PORT": "0",
+                       "ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET": "false",   # unmetered: budgets are budget_race.py's
                        "ANALYSIS_OPERATOR_ADMISSION_HOST": "127.0.0.1",
                        "ANALYSIS_OPERATOR_ADMISSION_LISTEN_ADDRESS": "127.0.0.1",
                        "ANALYSIS_OPERATOR_ADMISSION_PORT": str(self.webhook_port),
@@ -263,10 +264,21 @@ class Operator:
         while time.perf_counter() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"operator exited with {self.process.returncode}, see {self.log_path}")
-            if self.live():
+            if self.live() and self.webhooks_registered():
                 return started, time.perf_counter()
             time.sleep(0.05)
         raise RuntimeError(f"operator not live after {timeout} s, see {self.log_path}")
+
+    def webhooks_registered(self) -> bool:
+        """kopf registers the webhooks just after start (a killed operator leaves its old URL behind)."""
+        api = kubernetes.client.AdmissionregistrationV1Api(kubernetes.config.new_client_from_config(self.kubeconfig))
+        try:
+            hooks = [*(api.read_validating_webhook_configuration("analysis.panosc.eu").webhooks or []),
+                     *(api.read_mutating_webhook_configuration("analysis.panosc.eu").webhooks or [])]
+        except ApiException:
+            return False
+        wanted = f"https://127.0.0.1:{self.webhook_port}/"
+        return bool(hooks) and all((hook.client_config.url or "").startswith(wanted) for hook in hooks)
 
     def live(self) -> bool:
         try:

@@ -70,6 +70,7 @@ def pod_latencies(cluster: Cluster, tracker: Tracker, namespace: str, prefix: st
             latencies.append(tracker.ready[name] - began)
         else:
             log(f"{name}: not Ready after {timeout} s")
+        cluster.delete_environment(namespace, name)  # one pod at a time: the KWOK nodes stay roomy
     return latencies
 
 

@@ -19,6 +19,13 @@ def _kopf_object(logger: object, method: str, event: dict) -> dict:
     return event
 
 
+def _not_a_refusal(record: logging.LogRecord) -> bool:
+    """kopf logs every webhook refusal as an error ("Webhook ... failed permanently"); a refusal is a
+    decision, and our own admission/audit events already record it with who and why."""
+    return not (record.levelno == logging.ERROR and record.getMessage().startswith("Webhook '")
+                and "failed permanently" in record.getMessage())
+
+
 def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
     json_output = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     renderer = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
@@ -41,6 +48,7 @@ def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.addFilter(_not_a_refusal)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -49,3 +57,4 @@ def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
                                        if level.upper() != "DEBUG" else logging.DEBUG)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)   # one line per webhook call: the audit log says more

@@ -153,7 +153,7 @@ def test_default_values_render_and_are_accepted_by_the_api_server(fresh_namespac
             assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
             assert hook["clientConfig"]["service"]["path"] == "/" + hook["name"].split(".")[0]
     identity = next(h for h in find(objects, "ValidatingWebhookConfiguration")["webhooks"]
-                    if h["name"].startswith("environment-identity."))
+                    if h["name"].startswith("environment-admission."))
     assert identity["failurePolicy"] == "Fail"
     find(objects, "PodDisruptionBudget")
     find(objects, "ClusterKopfPeering")

@@ -45,7 +45,7 @@ def test_chart_webhooks_match_kopf_handlers():
 def test_every_chart_webhook_says_what_happens_when_the_operator_is_down():
     for hook in _chart_webhooks().values():
         assert hook["failurePolicy"] in {"Fail", "Ignore"}, hook
-    assert _chart_webhooks()["environment-identity"]["failurePolicy"] == "Fail"
+    assert _chart_webhooks()["environment-admission"]["failurePolicy"] == "Fail"
 
 
 def _granted() -> set[tuple[str, str, str]]:

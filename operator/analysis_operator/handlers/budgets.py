@@ -220,10 +220,6 @@ def _holding(gate: BudgetGate, budget: Budget, environments: kopf.Index, moment:
     return len(budget.entries) + len(admitted), gpus + sum(held for held, _ in admitted.values())
 
 
-# failurePolicy Ignore (ignore_failures): with the operator down, creates still pass, and the
-# reconcile gate refuses them once it is back; nothing runs without the operator anyway.
-@kopf.on.validate(GROUP, VERSION, "analysisenvironments", id="environment-budget", operation="CREATE",
-                  ignore_failures=True)
 async def check_budget(name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo, flavors: kopf.Index,
                        environments: kopf.Index, **_: Any) -> None:
     gate = _gate(memo)

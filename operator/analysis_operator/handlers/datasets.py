@@ -1,7 +1,7 @@
 """Data permissions and flavor restrictions: admission, reconcile, mounts, revocation.
 
 One policy (policy/access.py) asked at four moments:
-  - admission (`environment-datasets` webhook): refuse what the owner may not have;
+  - admission (the `environment-admission` webhook): refuse what the owner may not have;
   - every reconcile (`DataAccess.check`, a converge gate): a webhook can be
     bypassed and access can change, so nothing starts or keeps running without it;
   - mount time (`DataAccess.granted`, given to the backends): the pod, job or VM
@@ -151,8 +151,6 @@ async def _post(kube: KubeClient, involved: dict[str, Any], type_: str, reason: 
 # ---------------------------------------------------------------- admission
 
 
-@kopf.on.validate(GROUP, VERSION, "analysisenvironments", id="environment-datasets", operations={"CREATE"},
-                  side_effects=True)  # refusals post Events, except on dry runs
 async def check_data_access(body: kopf.Body, name: str, namespace: str, spec: kopf.Spec, dryrun: bool,
                             userinfo: dict[str, Any], memo: kopf.Memo, flavors: kopf.Index,
                             datasets: kopf.Index, dataset_pids: kopf.Index, groups: kopf.Index,
