@@ -47,7 +47,7 @@ if ! { [ -f "$STATE/operator.pid" ] && kill -0 "$(cat "$STATE/operator.pid")" 2>
   echo $! >"$STATE/operator.pid"
   until curl -sf http://127.0.0.1:8080/healthz >/dev/null; do sleep 0.2; done
   until kubectl get validatingwebhookconfiguration analysis.panosc.eu -o jsonpath='{.webhooks[*].name}' 2>/dev/null \
-      | grep -q environment-identity; do sleep 0.2; done
+      | grep -q environment-admission; do sleep 0.2; done
   echo "operator running (pid $(cat "$STATE/operator.pid"), logs in $STATE/operator.log)"
 fi
 

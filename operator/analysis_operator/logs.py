@@ -21,9 +21,15 @@ def _kopf_object(logger: object, method: str, event: dict) -> dict:
 
 def _not_a_refusal(record: logging.LogRecord) -> bool:
     """kopf logs every webhook refusal as an error ("Webhook ... failed permanently"); a refusal is a
-    decision, and our own admission/audit events already record it with who and why."""
-    return not (record.levelno == logging.ERROR and record.getMessage().startswith("Webhook '")
-                and "failed permanently" in record.getMessage())
+    decision, and our own admission/audit events already record it with who and why. A handler's
+    planned retry ("failed temporarily": waiting for a finalizer, a backend down, which our own
+    warnings name) is not an error either: it is kept at INFO."""
+    message = record.getMessage()
+    if record.levelno == logging.ERROR and message.startswith("Webhook '") and "failed permanently" in message:
+        return False
+    if record.levelno == logging.ERROR and message.startswith("Handler '") and "failed temporarily" in message:
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True
 
 
 def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
