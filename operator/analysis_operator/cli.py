@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings.log_format, settings.log_level)
 
     from analysis_operator import handlers  # noqa: F401  (registers the kopf handlers)
+    from analysis_operator import kopf_patches
+    kopf_patches.apply()  # startup index gating in linear time (see the module)
 
     asyncio.run(kopf.operator(
         clusterwide=not settings.namespace,

@@ -8,7 +8,9 @@ changes nothing the second time.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime
+import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
@@ -91,8 +93,23 @@ def expiry(environment: Environment, flavor: Flavor, status: Mapping[str, Any],
     return started_at, started_at + (environment.lifetime or flavor.max_lifetime) + extended
 
 
+# One converge at a time per environment: its own handler, pod events and the sweep may all
+# call converge for it at once, and two of them acting on one observation would, for example,
+# unshelve a VM twice (Nova then puts it in ERROR). Weak values: a lock lives while in use.
+_CONVERGING: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+
 async def converge(context: Context, environment: Environment, status: Mapping[str, Any],
                    flavor: Flavor | None, now: datetime.datetime) -> Outcome:
+    lock = _CONVERGING.get(environment.uid)
+    if lock is None:
+        lock = _CONVERGING[environment.uid] = asyncio.Lock()
+    async with lock:
+        return await _converge(context, environment, status, flavor, now)
+
+
+async def _converge(context: Context, environment: Environment, status: Mapping[str, Any],
+                    flavor: Flavor | None, now: datetime.datetime) -> Outcome:
     if environment.deleting or status.get("phase") in {phase.value for phase in TERMINAL_PHASES}:
         return Outcome()  # deleting: recreating now would race the finalizer and leave an orphan
     if flavor is None:

@@ -49,3 +49,27 @@ def test_a_live_peer_with_a_higher_priority_outranks_us_until_its_lifetime_ends(
     assert not outranked({"other": peer}, 11, moment)
     assert not outranked({"other": peer}, 5, moment + datetime.timedelta(seconds=11))  # its keep-alive expired
     assert not outranked({}, 5, moment)
+
+
+def test_converges_of_one_environment_never_overlap(monkeypatch):
+    """Handler, pod event and sweep may converge one environment at once: they take turns."""
+    from analysis_operator import reconcile
+
+    active, overlaps = set(), []
+
+    async def slow(context, environment, status, flavor, now):
+        if environment.uid in active:
+            overlaps.append(environment.uid)
+        active.add(environment.uid)
+        await asyncio.sleep(0.01)
+        active.discard(environment.uid)
+        return reconcile.Outcome()
+
+    monkeypatch.setattr(reconcile, "_converge", slow)
+    one = Environment("ns", "a", "uid-a", owner="alice", flavor="f")
+    other = Environment("ns", "b", "uid-b", owner="alice", flavor="f")
+
+    async def scenario():
+        await asyncio.gather(*(reconcile.converge(None, env, {}, None, None) for env in (one, one, one, other)))
+    asyncio.run(scenario())
+    assert overlaps == []

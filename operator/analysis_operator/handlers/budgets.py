@@ -282,7 +282,9 @@ async def charge_budget(memo: kopf.Memo, name: str, environments: kopf.Index, fl
             else:
                 records[uid] = record
                 backend = record.status.get("backend") or {}
-                if backend.get("kind") in ("slurm", "openstack"):
+                flavor = first(flavors, record.environment.flavor)
+                kind = backend.get("kind") or (flavor.backend.value if flavor else "kubernetes")
+                if kind in ("slurm", "openstack"):
                     # Charged for what Slurm allocated / the server holds, only while it holds it.
                     if "allocatedCpus" in backend:
                         held[uid] = Held(float(backend["allocatedCpus"]), int(backend.get("allocatedGpus") or 0),
