@@ -24,6 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--environments", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--modes", default="off,on", help="kopf_patches settings to restart with, in order")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
     # What bench/run.py's Bench expects, for one batch and restarts only.
@@ -39,7 +40,7 @@ def main() -> None:
         bench.operator.start()
         bench.batch(args.environments, record=False)
         for round_ in range(args.rounds):
-            for mode in ("off", "on"):
+            for mode in args.modes.split(","):
                 bench.operator.settings["ANALYSIS_OPERATOR_KOPF_PATCHES"] = mode
                 bench.results.clear()
                 bench.restart()

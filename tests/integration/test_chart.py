@@ -40,6 +40,11 @@ def _unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
+@pytest.fixture(autouse=True)
+def _stack(kubeconfig):
+    """Every test here needs the local stack: helm comes from its bin directory, KUBECONFIG from it."""
+
+
 @pytest.fixture
 def fresh_namespace(kubeconfig):
     names: list[str] = []
