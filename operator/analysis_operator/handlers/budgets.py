@@ -195,7 +195,7 @@ class BudgetGate:
 
 
 def gate_for(kube: KubeClient, settings: BudgetSettings, indexes: Mapping[str, Any]) -> BudgetGate:
-    """Made once at startup (lifecycle.build_gates); the webhooks, timers and approvals share it."""
+    """Made once at startup (lifecycle.on_startup); the webhooks, timers and approvals share it."""
     views = Views(indexes["budgets"], indexes["personal_budgets"], indexes["groups"])
     return BudgetGate(settings, Ledger(kube, views))
 

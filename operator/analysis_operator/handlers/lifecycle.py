@@ -24,7 +24,7 @@ from analysis_operator.handlers.environments import apply, now
 from analysis_operator.handlers.indexes import EnvironmentRecord, first
 from analysis_operator.kube import KubeClient
 from analysis_operator.metrics import start_metrics
-from analysis_operator.reconcile import Context, Gate, converge, expiry
+from analysis_operator.reconcile import Context, converge, expiry
 from analysis_operator.settings import Settings
 
 log = structlog.get_logger("analysis_operator.lifecycle")
@@ -50,8 +50,9 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, pods: kop
     configure_admission(settings, config)
 
     kube = KubeClient(config.kube_workers)
-    memo.context = Context(kube=kube, backends=build_backends(config, kube, pods, DataAccess(kube, indexes).granted),
-                           gates=build_gates(config, kube, indexes))
+    access = DataAccess(kube, indexes)   # the reconcile gate, and what backends mount
+    memo.context = Context(kube=kube, backends=build_backends(config, kube, pods, access.granted),
+                           gates=(access, gate_for(kube, config.budgets, indexes)))
     start_metrics(config.metrics_port, indexes["budgets"], environments, config.metrics_address)
     memo.sweeper = asyncio.create_task(sweep_forever(memo, environments, flavors, config.sweep_interval_seconds))
     log.info("operator.started", namespace=config.namespace or "*", standalone=config.standalone)
@@ -108,11 +109,6 @@ def configure_admission(settings: kopf.OperatorSettings, config: Settings) -> No
     settings.admission.server = kopf.WebhookServer(
         addr=admission.listen_address, port=admission.port, host=admission.host if registered else None,
         certfile=str(certfile), pkeyfile=str(pkeyfile), cafile=str(cafile) if cafile.exists() else None)
-
-
-def build_gates(config: Settings, kube: KubeClient, indexes: dict[str, Any]) -> tuple[Gate, ...]:
-    """What converge checks before it creates or keeps anything: data access, then budget."""
-    return (DataAccess(kube, indexes), gate_for(kube, config.budgets, indexes))
 
 
 def build_backends(config: Settings, kube: KubeClient, pods: kopf.Index,
