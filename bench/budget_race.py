@@ -9,8 +9,8 @@ seen on a watch. Mode `reconcile` turns the budget webhook off, so every create 
 operator's reconcile check (the webhook down or bypassed).
 
     eval "$(hack/cluster.sh env)"
-    python bench/budget_race.py --count 1000 --slots 50 --mode admission
-    python bench/budget_race.py --count 1000 --slots 50 --mode reconcile
+    .venv/bin/python bench/budget_race.py --count 1000 --slots 50 --mode admission
+    .venv/bin/python bench/budget_race.py --count 1000 --slots 50 --mode reconcile
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ operator alternately with ANALYSIS_OPERATOR_KOPF_PATCHES=off and on, and measure
 bench/run.py does (start -> steady state; writes, which must be 0).
 
     eval "$(hack/cluster.sh env)"
-    python bench/restart.py --environments 3000 --rounds 2
+    .venv/bin/python bench/restart.py --environments 3000 --rounds 2
 """
 from __future__ import annotations
 

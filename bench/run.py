@@ -14,8 +14,8 @@ The operator runs as `taskset -c 1 python -m analysis_operator --log-format json
 Output: a markdown report on stdout and in --out. Operator logs go to bench/logs/.
 
     eval "$(hack/cluster.sh env)"
-    python bench/run.py --out bench/RESULTS.md                       # full: 50, 100, 1000, 10000
-    python bench/run.py --single 10 --sizes 20 --skip-10k --raw 20  # quick trial
+    .venv/bin/python bench/run.py --out bench/RESULTS.md                       # full: 50, 100, 1000, 10000
+    .venv/bin/python bench/run.py --single 10 --sizes 20 --skip-10k --raw 20  # quick trial
 """
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ from kubernetes.watch.watch import iter_resp_lines
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "operator"))
-from analysis_operator.backends.kubernetes import build_pod, build_service, build_token_secret, new_token  # noqa: E402
-from analysis_operator.domain import Environment, Flavor  # noqa: E402
+from analysis_operator.backends.kubernetes import build_pod, build_service  # noqa: E402
+from analysis_operator.engine.tokens import build_token_secret, new_token  # noqa: E402
+from analysis_operator.model.domain import Environment, Flavor  # noqa: E402
 from analysis_operator.settings import load_settings  # noqa: E402
 
 STATE = pathlib.Path(os.environ.get("CLUSTER_STATE_DIR", "/tmp/analysis-operator-cluster"))

@@ -10,7 +10,7 @@ openstacksdk call hangs, as with a cloud whose API is down behind a load
 balancer). The ratio of the two medians is the result (target: within 2x).
 
     eval "$(hack/cluster.sh env)"
-    python bench/stall.py --out bench/logs/stall.md
+    .venv/bin/python bench/stall.py --out bench/logs/stall.md
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ the local stack (KUBECONFIG, CLUSTER_STATE_DIR as for the tests). Each run: star
 both, kill -9 the active one, create an environment at once, and time until it is
 Ready (handled by the standby). Prints the runs and the median per peering lifetime.
 
-    python bench/takeover.py --runs 5 --lifetimes 10 20
+    .venv/bin/python bench/takeover.py --runs 5 --lifetimes 10 20
 """
 from __future__ import annotations
 

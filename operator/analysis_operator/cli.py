@@ -7,7 +7,7 @@ import dataclasses
 
 import kopf
 
-from analysis_operator.logs import configure_logging
+from analysis_operator.infra.logs import configure_logging
 from analysis_operator.settings import load_settings
 
 

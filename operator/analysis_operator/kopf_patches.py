@@ -11,8 +11,16 @@ instead, set only when the set's state actually flips: one check per change.
 
 Semantics are kopf's (same toggles, same `all`/`any` aggregate, same
 condition shared with the member toggles); only who is woken changes.
-tests/unit/test_kopf_patches.py checks both, and the patch is skipped, with
-a warning, on a kopf version it was not checked against.
+tests/unit/test_kopf_patches.py checks both.
+
+The patch replaces a private class, so it is tied to the kopf releases it was
+checked against (CHECKED_VERSIONS, and the same pin in pyproject.toml). On any
+other version the operator refuses to start rather than run without it (a
+restart would silently turn quadratic again) or with it unchecked. To move to
+a new kopf: read its kopf/_cogs/aiokits/aiotoggles.py and where ToggleSet is
+made (kopf/_core/reactor/), run tests/unit/test_kopf_patches.py and
+bench/restart.py against it, then add the version here and to the pin.
+ANALYSIS_OPERATOR_KOPF_PATCHES=off runs without the patch on any version.
 """
 from __future__ import annotations
 
@@ -25,7 +33,9 @@ import structlog
 from kopf._cogs.aiokits import aiotoggles
 
 log = structlog.get_logger("analysis_operator.kopf_patches")
-CHECKED_VERSIONS = ("1.45.",)
+# aiotoggles.py and the code that makes ToggleSets are identical across these releases.
+CHECKED_VERSIONS = ("1.45.0", "1.45.1", "1.45.2")
+SWITCH = "ANALYSIS_OPERATOR_KOPF_PATCHES"
 
 
 class _NotifyingCondition(asyncio.Condition):
@@ -61,17 +71,26 @@ class EdgeToggleSet(aiotoggles.ToggleSet):
 
 
 def apply(version: str | None = None, environ: Mapping[str, str] = os.environ) -> bool:
-    if environ.get("ANALYSIS_OPERATOR_KOPF_PATCHES", "on") == "off":   # the escape hatch (and for measuring)
+    """Patch kopf (True), or not when switched off (False); RuntimeError on an unchecked kopf."""
+    if environ.get(SWITCH, "on") == "off":   # the escape hatch (and for measuring)
         log.warning("kopf_patches.off")
         return False
     version = version or getattr(kopf, "__version__", "") or _installed_version()
-    if not version.startswith(CHECKED_VERSIONS):
-        log.warning("kopf_patches.skipped", kopf=version, checked=CHECKED_VERSIONS)
-        return False
+    if version not in CHECKED_VERSIONS:
+        raise RuntimeError(
+            f"kopf {version} is installed, but analysis_operator/kopf_patches.py was checked only "
+            f"against kopf {', '.join(CHECKED_VERSIONS)}: it replaces kopf's private ToggleSet, and "
+            f"without it a restart with many objects takes quadratic time. Install a checked kopf "
+            f"(pip install -e . follows the pin in pyproject.toml), or re-check the patch against "
+            f"kopf {version} and add it to CHECKED_VERSIONS and the pin (how: the module's docstring), "
+            f"or set {SWITCH}=off to run without the patch, accepting slow restarts with many objects.")
     aiotoggles.ToggleSet = EdgeToggleSet  # type: ignore[misc]  (kopf looks it up at operator start)
     return True
 
 
 def _installed_version() -> str:
-    from importlib.metadata import version
-    return version("kopf")
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("kopf")
+    except PackageNotFoundError:
+        return "(version unknown)"

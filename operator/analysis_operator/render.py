@@ -1,4 +1,9 @@
-"""Jinja2 rendering of templates/: pod specs, cloud-init, batch scripts.
+"""Jinja2 rendering of the templates: pod specs, cloud-init, batch scripts.
+
+templates_dir "" (the default) means the templates shipped inside this package
+(analysis_operator/templates/, package data in the wheel), found through the
+import system wherever the package is installed; any other value is a site's
+own directory of templates on disk.
 
 StrictUndefined so a missing value is an error, not an empty string. YAML
 templates are rendered then parsed; user-controlled values go through the
@@ -7,6 +12,7 @@ templates are rendered then parsed; user-controlled values go through the
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import json
 import re
 import shlex
@@ -28,10 +34,20 @@ def to_yaml_json(value: Any) -> str:
     return _YAML_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
+PACKAGED_TEMPLATES = ""   # templates_dir for the package's own templates (Settings' default)
+
+
+def _loader(templates_dir: str) -> jinja2.BaseLoader:
+    if templates_dir == PACKAGED_TEMPLATES:
+        # importlib.resources, not a path relative to this file: right from a wheel too.
+        return jinja2.FileSystemLoader(str(importlib.resources.files("analysis_operator") / "templates"))
+    return jinja2.FileSystemLoader(templates_dir)
+
+
 @functools.lru_cache(maxsize=8)
 def _environment(templates_dir: str) -> jinja2.Environment:
     environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(templates_dir),
+        loader=_loader(templates_dir),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,

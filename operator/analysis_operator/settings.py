@@ -15,7 +15,6 @@ from typing import Any, Mapping
 import yaml
 
 PREFIX = "ANALYSIS_OPERATOR_"
-_REPO_TEMPLATES = pathlib.Path(__file__).resolve().parents[2] / "templates"
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ class BudgetSettings:
 
 @dataclass(frozen=True)
 class Settings:
-    templates_dir: str = str(_REPO_TEMPLATES)
+    templates_dir: str = ""              # empty = the package's own templates; else a site's directory
     log_format: str = "auto"             # auto (JSON unless a terminal), json, console
     log_level: str = "INFO"
     namespace: str = ""                  # empty = all namespaces

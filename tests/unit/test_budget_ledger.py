@@ -6,7 +6,7 @@ import asyncio
 
 from kubernetes.client.rest import ApiException
 
-from analysis_operator.handlers.budgets import Ledger
+from analysis_operator.engine.ledger import Ledger
 
 
 class Store:

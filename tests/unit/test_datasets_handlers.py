@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import datetime
 
-from analysis_operator.domain import BackendKind, Dataset, DatasetRef, DatasetStorage, Environment, Flavor, \
+from analysis_operator.model.domain import BackendKind, Dataset, DatasetRef, DatasetStorage, Environment, Flavor, \
     FlavorAccess, Mount
-from analysis_operator.handlers.datasets import IndexCatalogue, affected, describe_mounts
-from analysis_operator.handlers.indexes import EnvironmentRecord
+from analysis_operator.engine.data_access import IndexCatalogue, affected, describe_mounts
+from analysis_operator.engine.views import EnvironmentRecord
 from analysis_operator.policy.access import pid_key, plan_access
 
 NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.timezone.utc)

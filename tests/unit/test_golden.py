@@ -31,11 +31,11 @@ import yaml
 
 # ---- the builders under test: the one block to edit when modules move ----
 import analysis_operator
-from analysis_operator.backends.kubernetes import (
-    build_dataset_volumes, build_home_claim, build_pod, build_service, build_token_secret)
+from analysis_operator.backends.kubernetes import build_dataset_volumes, build_home_claim, build_pod, build_service
+from analysis_operator.engine.tokens import build_token_secret
 from analysis_operator.backends.openstack import build_server_request, build_user_data
 from analysis_operator.backends.slurm import TOKEN_ENV_NAME, build_batch_script, build_job_submission
-from analysis_operator.domain import (
+from analysis_operator.model.domain import (
     BackendKind, Dataset, DatasetRef, DatasetStorage, Environment, Flavor, Mount, OpenStackSpec, Resources,
     SlurmSpec)
 from analysis_operator.settings import HomeSettings, OpenStackSettings, Settings, SlurmSettings

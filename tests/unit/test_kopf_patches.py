@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import pathlib
+import tomllib
 
 import pytest
 from kopf._cogs.aiokits import aiotoggles
+from packaging.requirements import Requirement
 
-from analysis_operator.kopf_patches import EdgeToggleSet, apply
+from analysis_operator.kopf_patches import CHECKED_VERSIONS, EdgeToggleSet, apply
 
 
 @pytest.mark.parametrize("cls", [aiotoggles.ToggleSet, EdgeToggleSet])
@@ -80,9 +83,43 @@ def test_startup_gate_work_grows_linearly_not_quadratically():
     assert _startup(aiotoggles.ToggleSet, 500) >= 500 * 500 // 4
 
 
-def test_the_patch_is_only_applied_to_checked_kopf_versions(monkeypatch):
+@pytest.fixture
+def unpatched(monkeypatch):
+    """kopf's own ToggleSet back in place after the test, whatever apply() did."""
     monkeypatch.setattr(aiotoggles, "ToggleSet", aiotoggles.ToggleSet)
-    assert not apply("2.0.0", environ={}) and aiotoggles.ToggleSet is not EdgeToggleSet
-    assert not apply("1.45.2", environ={"ANALYSIS_OPERATOR_KOPF_PATCHES": "off"})
+
+
+@pytest.mark.parametrize("version", CHECKED_VERSIONS)
+def test_the_patch_is_applied_to_checked_kopf_versions(unpatched, version):
+    assert apply(version, environ={}) and aiotoggles.ToggleSet is EdgeToggleSet
+
+
+def test_the_installed_kopf_is_a_checked_one(unpatched):
+    assert apply(environ={}) and aiotoggles.ToggleSet is EdgeToggleSet
+
+
+@pytest.mark.parametrize("version", ["1.44.6", "1.45.3", "1.46.0", "2.0.0", "1.45"])
+def test_another_kopf_version_stops_the_start_and_says_what_to_do(unpatched, version):
+    with pytest.raises(RuntimeError) as error:
+        apply(version, environ={})
+    message = str(error.value)
+    assert f"kopf {version} is installed" in message
+    assert "1.45.0, 1.45.1, 1.45.2" in message
+    assert "re-check the patch" in message and "ANALYSIS_OPERATOR_KOPF_PATCHES=off" in message
     assert aiotoggles.ToggleSet is not EdgeToggleSet
-    assert apply("1.45.2", environ={}) and aiotoggles.ToggleSet is EdgeToggleSet
+
+
+@pytest.mark.parametrize("version", ["1.45.2", "1.46.0"])
+def test_switched_off_the_patch_is_not_applied_on_any_version(unpatched, version):
+    assert not apply(version, environ={"ANALYSIS_OPERATOR_KOPF_PATCHES": "off"})
+    assert aiotoggles.ToggleSet is not EdgeToggleSet
+
+
+def test_pyproject_pins_kopf_to_the_checked_versions():
+    """pip must never install a kopf the operator then refuses to start with."""
+    pyproject = tomllib.loads((pathlib.Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    [kopf] = [Requirement(line) for line in pyproject["project"]["dependencies"]
+              if Requirement(line).name == "kopf"]
+    assert all(kopf.specifier.contains(version) for version in CHECKED_VERSIONS)
+    assert not any(kopf.specifier.contains(version, prereleases=True)
+                   for version in ["1.44.6", "1.45.3", "1.45.3rc1", "1.46.0", "2.0.0"])

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings as hypothesis_settings, strategies as st
 
 from analysis_operator.backends.base import State
-from analysis_operator.backends.kubernetes import (
-    TOKEN_KEY, build_pod, build_service, build_token_secret, build_url, new_token, observe_pod, summarize_pod)
-from analysis_operator.domain import (
+from analysis_operator.backends.kubernetes import build_pod, build_service, build_url, observe_pod, summarize_pod
+from analysis_operator.engine.tokens import TOKEN_KEY, build_token_secret, new_token
+from analysis_operator.model.domain import (
     API_VERSION, LABEL_ENVIRONMENT, LABEL_ENVIRONMENT_UID, LABEL_MANAGED_BY, MANAGER, BackendKind, Environment,
     Flavor, Resources)
 from analysis_operator.settings import Settings
@@ -283,7 +283,7 @@ def test_observation_message_says_what_happened(pod, words):
 
 def test_observation_reference_names_pod_and_node():
     observation = observe_pod(make_pod("Running", "node-1", [SCHEDULED, READY]))
-    assert observation.reference == {"kind": "kubernetes", "name": "aenv-lab", "state": "Running", "node": "node-1"}
+    assert observation.reference == {"name": "aenv-lab", "state": "Running", "node": "node-1"}
 
 
 def test_a_freshly_built_pod_is_provisioning():
@@ -309,7 +309,7 @@ def test_summarize_pod(labels, expected_uid):
 
 
 def make_mount(name: str, path: str, **storage):
-    from analysis_operator.domain import Dataset, DatasetStorage, Mount
+    from analysis_operator.model.domain import Dataset, DatasetStorage, Mount
     return Mount(Dataset(name=name, pid=f"10.5072/{name}", storage=DatasetStorage(**storage)), path, "public")
 
 
@@ -366,3 +366,15 @@ def test_home_claim_names_are_valid_and_distinct_per_user(owner):
     name = home_claim_name(owner)
     assert len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name)
     assert home_claim_name(owner.swapcase()) != name or owner.swapcase() == owner
+
+
+@pytest.mark.parametrize("image, flavor_image, refused", [("", "", True), ("custom:1", "", False), ("", "jupyter", False)])
+def test_a_pod_needs_an_image_from_the_environment_or_the_flavor(image, flavor_image, refused):
+    from analysis_operator.backends.kubernetes import KubernetesBackend
+    backend = KubernetesBackend(None, SETTINGS, {})
+    environment = Environment(namespace="n", name="lab", uid="u", owner="alice", flavor="small", image=image)
+    refusal = backend.validate(environment, Flavor(name="small", backend=BackendKind.KUBERNETES, image=flavor_image,
+                                                   allow_custom_image=True))
+    assert (refusal.reason if refusal else None) == ("ImageMissing" if refused else None)
+    if refusal:
+        assert "'small'" in refusal.message and "spec.image" in refusal.message

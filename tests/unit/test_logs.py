@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import logging
 
-from analysis_operator.logs import _not_a_refusal
+from analysis_operator.infra.logs import _not_a_refusal
 
 
 def record(level: int, message: str) -> logging.LogRecord:

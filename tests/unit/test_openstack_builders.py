@@ -15,7 +15,7 @@ from analysis_operator.backends.openstack import (
     MANAGED_TAG, META_MANAGED_BY, META_NAME, META_NAMESPACE, META_OWNER, META_UID, OpenStackBackend,
     _translate_errors, build_dataset_mounts, build_identity_metadata, build_server_request,
     connection_url, gpus_from_extra_specs, observe_server)
-from analysis_operator.domain import BackendKind, Dataset, DatasetStorage, Environment, Flavor, Mount, OpenStackSpec
+from analysis_operator.model.domain import BackendKind, Dataset, DatasetStorage, Environment, Flavor, Mount, OpenStackSpec
 from analysis_operator.settings import OpenStackSettings, Settings
 
 SETTINGS = Settings(openstack=OpenStackSettings(cloud="analysis", executor_workers=2))
@@ -179,8 +179,8 @@ def fake_server(status, task_state=None, fault=None, addresses=None, vcpus=4, ex
     (fake_server("ACTIVE", task_state="shelving"), State.PROVISIONING, "ServerShelving"),
     (fake_server("ERROR", fault={"message": "No valid host was found. "}), State.FAILED, "ServerError"),
     (fake_server("ERROR"), State.FAILED, "ServerError"),
-    (fake_server("SHELVED"), State.PENDING, "Shelved"),
-    (fake_server("SHELVED_OFFLOADED"), State.PENDING, "Shelved"),
+    (fake_server("SHELVED"), State.SUSPENDED, "Shelved"),
+    (fake_server("SHELVED_OFFLOADED"), State.SUSPENDED, "Shelved"),
     (fake_server("HARD_REBOOT"), State.PROVISIONING, "ServerHardReboot"),
     (fake_server("DELETED"), State.GONE, "ServerGone"),
 ])
@@ -194,7 +194,7 @@ def test_active_server_reports_resources_and_url():
                          extra_specs={"resources:CUSTOM_GPU": "1"})
     observation = observe_server(server)
     assert (observation.cpus, observation.gpus, observation.url) == (4.0, 1, "rdp://10.0.0.5:3389")
-    assert observation.reference == {"serverId": "srv-1", "novaStatus": "ACTIVE",
+    assert observation.reference == {"id": "srv-1", "state": "ACTIVE",
                                      "addresses": ["10.0.0.5"]}
 
 

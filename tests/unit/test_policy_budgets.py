@@ -6,10 +6,10 @@ import datetime
 import pytest
 from hypothesis import given, strategies as st
 
-from analysis_operator.domain import BackendKind, Environment, Flavor, Phase, Resources, format_time
+from analysis_operator.model.domain import BackendKind, Environment, Flavor, Phase, Resources, format_time
 from analysis_operator.policy.budgets import Budget, Held, admission_refusal, apply_grant, charge, expiry_warning_due, \
     reserve, select_budget
-from analysis_operator.policy.requests import Rejection
+from analysis_operator.policy.refusal import Refusal
 
 T0 = datetime.datetime(2026, 3, 10, 12, 0, tzinfo=datetime.timezone.utc)
 HOUR = datetime.timedelta(hours=1)
@@ -56,7 +56,7 @@ BUDGETS = {"alice": PERSONAL, "p11": GROUP}
 def test_select_budget(owner, named, expected):
     selected = select_budget(owner, named, BUDGETS, {"alice": "alice"},
                              lambda group, user: group == "proposal-1" and user in {"alice", "bob"})
-    assert (selected.reason if isinstance(selected, Rejection) else selected.name) == expected
+    assert (selected.reason if isinstance(selected, Refusal) else selected.name) == expected
 
 
 # --- may it start ----------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def test_reserve_takes_a_slot_once_and_refuses_the_next():
     b = running(budget({"maxEnvironments": 1}), "u1")
     assert reserve(b, environment("u1"), CPU, T0) is None            # already holds it: no write
     refusal = reserve(b, environment("u2", "e2"), CPU, T0)
-    assert isinstance(refusal, Rejection) and refusal.reason == "TooManyEnvironments"
+    assert isinstance(refusal, Refusal) and refusal.reason == "TooManyEnvironments"
     assert b.status["display"] == {"cpuHours": "0.0 / -", "gpuHours": "0.0 / -", "environments": "1 / 1"}
 
 

@@ -65,3 +65,19 @@ def test_shquote_round_trips_any_text(templates, value):
 def test_yaml_values_through_tojson_stay_values(templates, value):
     document = render.render_yaml(templates, "doc.yaml.j2", name=value, items=[value, {"k": value}])
     assert document == {"name": value, "items": [value, {"k": value}]}
+
+
+PACKAGED = {"pod.yaml.j2", "service.yaml.j2", "sbatch.sh.j2", "cloud-init.yaml.j2"}
+
+
+def test_empty_templates_dir_means_the_packaged_templates():
+    assert set(render._environment(render.PACKAGED_TEMPLATES).list_templates()) == PACKAGED
+    service = render.render_yaml("", "service.yaml.j2", name="aenv-demo", namespace="default",
+                                 labels={"app": "x"}, owner_references=[], selector={"app": "x"}, port=8888)
+    assert service["kind"] == "Service" and service["metadata"]["name"] == "aenv-demo"
+
+
+def test_a_templates_dir_is_a_site_directory_not_the_packaged_one(templates):
+    assert "pod.yaml.j2" not in render._environment(templates).list_templates()
+    with pytest.raises(jinja2.TemplateNotFound):
+        render.render_text(templates, "pod.yaml.j2")

@@ -1,13 +1,10 @@
 """Settings: defaults, then a YAML file, then environment variables (later wins)."""
 from __future__ import annotations
 
-import pathlib
-
 import pytest
 
+from analysis_operator import render
 from analysis_operator.settings import OpenStackSettings, Settings, SlurmSettings, load_settings
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_defaults_without_file_or_variables():
@@ -19,10 +16,11 @@ def test_defaults_without_file_or_variables():
     assert settings.openstack == OpenStackSettings() and settings.openstack.enabled is False
 
 
-def test_default_templates_are_the_repository_templates():
-    templates = pathlib.Path(Settings().templates_dir)
-    assert templates == REPO / "templates"
-    assert (templates / "pod.yaml.j2").is_file()
+def test_default_templates_are_the_packaged_templates():
+    """An empty templates_dir means the package's own templates (render.py): an installed wheel finds them."""
+    assert Settings().templates_dir == render.PACKAGED_TEMPLATES == ""
+    assert load_settings({}).templates_dir == ""
+    assert load_settings({"ANALYSIS_OPERATOR_TEMPLATES_DIR": "/etc/site"}).templates_dir == "/etc/site"
 
 
 @pytest.mark.parametrize("variable, value, path, expected", [

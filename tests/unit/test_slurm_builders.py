@@ -13,7 +13,7 @@ from analysis_operator.backends.slurm import (
     TOKEN_ENV_NAME, SlurmBackend, allocated_gpus, build_batch_script, build_identity_comment,
     build_job_submission, build_jupyter_command, build_observation, build_time_limit_minutes,
     choose_job, parse_endpoint, parse_identity)
-from analysis_operator.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
+from analysis_operator.model.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
 from analysis_operator.settings import SlurmSettings
 
 HOURS = datetime.timedelta(hours=1)
@@ -151,7 +151,7 @@ RUNNING_WITH_ENDPOINT = {"job_id": 7, "job_state": "RUNNING", "state_reason": "N
 def test_observation_maps_slurm_states(job, answers, state, reason):
     observation = build_observation(job, answers)
     assert (observation.state, observation.reason) == (state, reason)
-    assert observation.reference["jobId"] == "7"
+    assert observation.reference["id"] == "7"
 
 
 def test_ready_observation_holds_url_and_resources():
@@ -211,15 +211,15 @@ def test_ensure_adopts_or_submits_once(queue, expect_submission):
         job, script = backend.client.submitted[0]
         assert job["environment"][TOKEN_ENV_NAME] == "s3cret-token"
         assert "s3cret-token" not in script and "s3cret-token" not in job["comment"]
-        assert observation.reference == {"jobId": "101"}
+        assert observation.reference == {"id": "101"}
     else:
-        assert observation.reference["jobId"] == "5"
+        assert observation.reference["id"] == "5"
 
 
 # ---------------------------------------------------------------- datasets
 
 def dataset_mount(name: str, path: str, cluster_path: str):
-    from analysis_operator.domain import Dataset, DatasetStorage, Mount
+    from analysis_operator.model.domain import Dataset, DatasetStorage, Mount
     return Mount(Dataset(name=name, pid=f"10.5072/{name}", storage=DatasetStorage(path=cluster_path)), path, "public")
 
 

@@ -6,8 +6,9 @@ import datetime
 import pytest
 
 from analysis_operator.backends.base import Observation, State
-from analysis_operator.domain import Phase
-from analysis_operator.status import build_transition, merge_conditions, phase_from_observation
+from analysis_operator.model.domain import Phase
+from analysis_operator.engine.status import phase_from_observation
+from analysis_operator.model.conditions import build_transition, merge_conditions
 
 NOW = datetime.datetime(2024, 3, 1, 12, 0, 0, tzinfo=datetime.timezone.utc)
 NOW_TEXT = "2024-03-01T12:00:00Z"
@@ -102,7 +103,7 @@ def test_last_transition_time_moves_only_with_the_status(previous, phase, expect
     ({}, {"startedAt": None}, {}),                                                  # absent: nothing to remove
     ({}, {"startedAt": NOW_TEXT}, {"startedAt": NOW_TEXT}),
     ({"startedAt": EARLIER}, {"startedAt": NOW_TEXT}, {"startedAt": NOW_TEXT}),
-    ({"backend": {"jobId": "1"}}, {"backend": None, "expiresAt": None}, {"backend": None}),
+    ({"backend": {"id": "1"}}, {"backend": None, "expiresAt": None}, {"backend": None}),
 ])
 def test_fields_ride_along_and_none_removes_only_what_is_there(present, fields, expected):
     status = current_status(reason="Before", **present)

@@ -1,43 +1,68 @@
-"""The one small interface every backend implements.
+"""The one interface every backend implements, and all the engine knows of backends.
 
-A backend turns (environment, flavor, access token) into a running thing and
-reports what it sees. It is level-triggered: `ensure` is called on every
-reconcile and must converge (create with a deterministic identity, treat
-"already exists" as success, adopt what it finds); `delete` must be safe to
-call again and again until it reports the thing gone.
+A backend turns (environment, flavor, access token, granted mounts) into a
+running thing and reports what it sees as an `Observation`. The engine
+(engine/converge.py) decides with those alone: it never asks which backend it
+talks to, and no module outside backends/ knows a backend's own states or
+reasons. A fourth backend is one more module here and one line in the
+registry (backends/registry.py); tests/unit/test_backend_interface.py plugs an
+in-memory one into the engine without touching anything else.
+
+Level-triggered: `ensure` is called on every reconcile and must converge
+(create with a deterministic identity, treat "already exists" as success,
+adopt what it finds); `suspend`, `resume` and `delete` must be safe to call
+again and again.
 """
+
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Protocol
 
-from analysis_operator.domain import Environment, Flavor, Mount
+from analysis_operator.model.domain import Dataset, Environment, Flavor, Mount
+from analysis_operator.policy.refusal import Refusal
 
 
-class State(str, enum.Enum):
-    PENDING = "Pending"            # accepted by the backend, waiting (queue, scheduling)
+class State(enum.StrEnum):
+    PENDING = "Pending"  # accepted by the backend, waiting (queue, scheduling)
     PROVISIONING = "Provisioning"  # starting up
-    READY = "Ready"                # reachable at `url`
-    FAILED = "Failed"              # will not become ready without a change
-    EXPIRED = "Expired"            # the backend ended it for its time limit
-    GONE = "Gone"                  # nothing exists on the backend side
+    READY = "Ready"  # reachable at `url`
+    SUSPENDED = "Suspended"  # stopped with what resuming needs kept (a shelved VM's disk)
+    FAILED = "Failed"  # will not become ready without a change
+    EXPIRED = "Expired"  # the backend ended it for its time limit
+    GONE = "Gone"  # nothing exists on the backend side
+
+    @property
+    def holds(self) -> bool:
+        """Does something run (or wait to run) on the backend, holding or about to hold resources?"""
+        return self in (State.PENDING, State.PROVISIONING, State.READY)
+
+
+class Charging(enum.StrEnum):
+    """How a backend's environments are charged to their ComputeBudget."""
+
+    FLAVOR = "flavor"  # the flavor's resources, from the moment the budget slot is taken (pods)
+    ALLOCATION = "allocation"  # what the backend reports holding (Observation.cpus/gpus), only while held
 
 
 @dataclass(frozen=True)
 class Observation:
     state: State
-    reason: str = ""                # CamelCase, for conditions and Events
-    message: str = ""               # for people
-    reference: dict[str, Any] = field(default_factory=dict)  # status.backend, e.g. {"jobId": "42"}
-    url: str = ""                   # connection URL once Ready, never holding the token
-    cpus: float = 0.0               # resources held right now, for accounting
+    reason: str = ""  # CamelCase, for conditions and Events
+    message: str = ""  # for people
+    # status.backend in the CRD's own words: id, name, state, node, addresses, startedAt
+    reference: dict[str, Any] = field(default_factory=dict)
+    url: str = ""  # connection URL once Ready, never holding the token
+    cpus: float = 0.0  # resources held right now, for accounting
     gpus: int = 0
 
 
 @dataclass(frozen=True)
 class ManagedObject:
     """Something a backend created, found by its identity (for orphan sweeps)."""
+
     namespace: str
     name: str
     uid: str
@@ -45,33 +70,45 @@ class ManagedObject:
 
 
 class Backend(Protocol):
-    kind: str
+    kind: str  # the key flavors name in spec.backend
+    # True: what runs lives outside Kubernetes, so the environment carries a finalizer and is
+    # deleted only once `delete` confirms; False: owner references and garbage collection suffice.
+    needs_finalizer: bool
+    # True: nothing pushes state changes to the operator, so the sweep observes it every round.
+    polled: bool
+    charging: Charging
 
-    async def ensure(self, environment: Environment, flavor: Flavor, token: str) -> Observation:
-        """Create or adopt the running thing; return what is seen now."""
+    def validate(self, environment: Environment, flavor: Flavor) -> Refusal | None:
+        """What this backend requires of a request beyond the common rules (pure)."""
+
+    def dataset_problem(self, dataset: Dataset) -> str | None:
+        """Why this backend cannot reach the dataset's storage, or None (pure)."""
+
+    async def ensure(
+        self, environment: Environment, flavor: Flavor, token: str, mounts: Sequence[Mount]
+    ) -> Observation:
+        """Create or adopt the running thing with exactly `mounts`; return what is seen now."""
 
     async def observe(self, environment: Environment) -> Observation:
         """What the backend says about this environment now (no changes)."""
 
+    async def suspend(self, environment: Environment) -> Observation:
+        """Stop what runs, keeping what `resume` needs; return what is seen now."""
+
+    async def resume(
+        self, environment: Environment, flavor: Flavor, token: str, mounts: Sequence[Mount]
+    ) -> Observation:
+        """Run a suspended environment again (GONE if there was nothing to resume: then `ensure`)."""
+
     async def delete(self, environment: Environment) -> bool:
-        """Remove it; True once confirmed gone."""
+        """Remove everything of it; True once confirmed gone."""
 
     async def list_managed(self) -> list[ManagedObject]:
         """Everything this operator created on the backend, for orphan sweeps."""
 
+    def close(self) -> None:
+        """Release threads and connections at operator shutdown."""
+
 
 class BackendUnavailable(Exception):
     """The backend cannot be reached now; retry later, nothing is lost."""
-
-
-# The datasets an environment may mount, decided and recorded by the data-access
-# policy (handlers/datasets.py) at the moment a backend creates the pod, job or VM.
-GrantedMounts = Callable[[Environment, Flavor], Awaitable[tuple[Mount, ...]]]
-
-
-async def no_datasets(environment: Environment, flavor: Flavor) -> tuple[Mount, ...]:
-    """For backends built without the data-access policy (backend tests): never mount blindly."""
-    if environment.datasets:
-        raise ValueError(f"{environment.namespace}/{environment.name} lists datasets, "
-                         "but this backend was built without a data-access policy")
-    return ()

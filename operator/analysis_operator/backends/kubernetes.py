@@ -6,51 +6,29 @@ environment; no finalizer is needed for this backend.
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import re
-import secrets
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from analysis_operator import render
-from analysis_operator.backends.base import GrantedMounts, ManagedObject, Observation, State, no_datasets
-from analysis_operator.domain import API_VERSION, LABEL_ENVIRONMENT_UID, LABEL_MANAGED_BY, LABEL_OWNER, MANAGER, \
-    Environment, Flavor, Mount, parse_quantity
-from analysis_operator.kube import KubeClient
+from analysis_operator.backends.base import Charging, ManagedObject, Observation, State
+from analysis_operator.infra.kube import KubeClient
+from analysis_operator.model.domain import (
+    LABEL_ENVIRONMENT_UID,
+    LABEL_MANAGED_BY,
+    LABEL_OWNER,
+    MANAGER,
+    BackendKind,
+    Dataset,
+    Environment,
+    Flavor,
+    Mount,
+    parse_quantity,
+)
+from analysis_operator.policy.refusal import Refusal
 from analysis_operator.settings import Settings
-
-TOKEN_KEY = "token"
-
-
-def build_owner_references(environment: Environment) -> list[dict[str, Any]]:
-    return [{
-        "apiVersion": API_VERSION,
-        "kind": "AnalysisEnvironment",
-        "name": environment.name,
-        "uid": environment.uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }]
-
-
-def build_token_secret(environment: Environment, token: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "metadata": {
-            "name": environment.child_name,
-            "namespace": environment.namespace,
-            "labels": environment.identity_labels,
-            "ownerReferences": build_owner_references(environment),
-        },
-        "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()},
-    }
-
-
-def new_token() -> str:
-    return secrets.token_urlsafe(32)
 
 
 def build_dataset_volumes(mounts: Sequence[Mount]) -> tuple[tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
@@ -109,7 +87,7 @@ def build_pod(environment: Environment, flavor: Flavor, settings: Settings,
         name=environment.child_name,
         namespace=environment.namespace,
         labels=environment.identity_labels,
-        owner_references=build_owner_references(environment),
+        owner_references=environment.owner_references,
         image=environment.image or flavor.image,
         port=settings.jupyter_port,
         secret_name=environment.child_name,
@@ -130,7 +108,7 @@ def build_service(environment: Environment, settings: Settings) -> dict[str, Any
         name=environment.child_name,
         namespace=environment.namespace,
         labels=environment.identity_labels,
-        owner_references=build_owner_references(environment),
+        owner_references=environment.owner_references,
         selector={LABEL_ENVIRONMENT_UID: environment.uid},
         port=settings.jupyter_port,
     )
@@ -147,7 +125,7 @@ def observe_pod(pod: Mapping[str, Any] | None, url: str = "") -> Observation:
         return Observation(State.GONE, "PodMissing", "the JupyterLab pod does not exist")
     metadata, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status") or {}
     node = spec.get("nodeName", "")
-    reference = {"kind": "kubernetes", "name": metadata.get("name", ""), "state": status.get("phase", ""), "node": node}
+    reference = {"name": metadata.get("name", ""), "state": status.get("phase", ""), "node": node}
     conditions = {c.get("type"): c for c in status.get("conditions") or ()}
     if metadata.get("deletionTimestamp"):
         return Observation(State.PROVISIONING, "PodTerminating", "the JupyterLab pod is being deleted", reference)
@@ -191,33 +169,48 @@ def summarize_pod(pod: Mapping[str, Any]) -> PodSummary:
 class KubernetesBackend:
     """Pods and Services through the API; what exists is read from kopf's pod index."""
 
-    kind = "kubernetes"
+    kind = BackendKind.KUBERNETES
+    needs_finalizer = False  # owner references: the garbage collector removes pod, Service and Secret
+    polled = False  # pod events push every change (handlers/environments.py)
+    charging = Charging.FLAVOR
 
-    def __init__(self, kube: KubeClient, settings: Settings, pods_index: Mapping[Any, Any],
-                 granted: GrantedMounts = no_datasets) -> None:
+    def __init__(self, kube: KubeClient, settings: Settings, pods_index: Mapping[Any, Any]) -> None:
         self._kube = kube
         self._settings = settings
         self._pods = pods_index  # kopf index: (namespace, environment name) -> [PodSummary]
-        self._granted = granted
+
+    def validate(self, environment: Environment, flavor: Flavor) -> Refusal | None:
+        if not (environment.image or flavor.image):
+            return Refusal("ImageMissing", f"flavor {flavor.name!r} has no image: set spec.image")
+        return None
+
+    def dataset_problem(self, dataset: Dataset) -> str | None:
+        storage = dataset.storage
+        if not (storage.claim_name or storage.nfs_share):
+            return f"dataset {dataset.name!r} has no spec.storage.persistentVolumeClaim or nfs for Kubernetes pods"
+        return None
 
     def _indexed(self, environment: Environment) -> Observation | None:
         for summary in self._pods.get((environment.namespace, environment.name), ()):
             if summary.environment_uid == environment.uid:
-                observation = summary.observation
+                observation: Observation = summary.observation
                 if observation.state is State.READY:
                     observation = dataclasses.replace(observation, url=build_url(environment, self._settings))
                 return observation
         return None
 
-    async def ensure(self, environment: Environment, flavor: Flavor, token: str = "") -> Observation:
+    async def ensure(
+        self, environment: Environment, flavor: Flavor, token: str, mounts: Sequence[Mount]
+    ) -> Observation:
         observation = self._indexed(environment)
         if observation is not None:
             return observation
-        dataset_volumes, dataset_mounts = build_dataset_volumes(await self._granted(environment, flavor))
+        dataset_volumes, dataset_mounts = build_dataset_volumes(mounts)
         await self._kube.create("Service", environment.namespace, build_service(environment, self._settings))
         if self._settings.home.claims:  # exists already after the user's first environment
-            await self._kube.create("PersistentVolumeClaim", environment.namespace,
-                                    build_home_claim(environment, self._settings))
+            await self._kube.create(
+                "PersistentVolumeClaim", environment.namespace, build_home_claim(environment, self._settings)
+            )
         pod = build_pod(environment, flavor, self._settings, dataset_volumes, dataset_mounts)
         await self._kube.create("Pod", environment.namespace, pod)
         return observe_pod(pod)
@@ -225,10 +218,15 @@ class KubernetesBackend:
     async def observe(self, environment: Environment) -> Observation:
         return self._indexed(environment) or observe_pod(None)
 
-    async def suspend(self, environment: Environment) -> bool:
+    async def suspend(self, environment: Environment) -> Observation:
         """Remove the pod, keep Service and Secret so resuming keeps URL and token."""
         await self._kube.delete("Pod", environment.namespace, environment.child_name)
-        return self._indexed(environment) is None
+        return await self.observe(environment)
+
+    async def resume(
+        self, environment: Environment, flavor: Flavor, token: str, mounts: Sequence[Mount]
+    ) -> Observation:
+        return await self.ensure(environment, flavor, token, mounts)
 
     async def delete(self, environment: Environment) -> bool:
         await self._kube.delete("Pod", environment.namespace, environment.child_name)
@@ -238,3 +236,6 @@ class KubernetesBackend:
     async def list_managed(self) -> list[ManagedObject]:
         # Owner references and the garbage collector already remove orphans here.
         return []
+
+    def close(self) -> None:
+        """Nothing of its own: the Kubernetes client belongs to the operator."""

@@ -18,9 +18,9 @@ import re
 import threading
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-from analysis_operator.backends.base import BackendUnavailable, GrantedMounts, ManagedObject, Observation, State, \
-    no_datasets
-from analysis_operator.domain import MANAGER, Environment, Flavor, Mount
+from analysis_operator.backends.base import BackendUnavailable, Charging, ManagedObject, Observation, State
+from analysis_operator.model.domain import MANAGER, BackendKind, Dataset, Environment, Flavor, Mount
+from analysis_operator.policy.refusal import Refusal
 from analysis_operator.render import render_text
 from analysis_operator.settings import Settings
 
@@ -126,7 +126,7 @@ def observe_server(server: Any) -> Observation:
         return Observation(State.GONE, reason="ServerGone", message="no server exists")
     status = server.status
     addresses = server.addresses or {}
-    reference = {"serverId": server.id, "novaStatus": status,
+    reference = {"id": server.id, "state": status,
                  "addresses": [entry["addr"] for entries in addresses.values() for entry in entries]}
     if status == "ACTIVE" and server.task_state:
         # e.g. shelving or rebooting: still holds its resources, but not usable as is.
@@ -146,8 +146,7 @@ def observe_server(server: Any) -> Observation:
         return Observation(State.FAILED, reason="ServerError", message=fault.strip(),
                            reference=reference)
     if status in ("SHELVED", "SHELVED_OFFLOADED"):
-        # Base has no Suspended state; PENDING + reason lets the handler show Suspended.
-        return Observation(State.PENDING, reason="Shelved",
+        return Observation(State.SUSPENDED, reason="Shelved",
                            message=f"server {status}, disk kept; unshelve to resume",
                            reference=reference)
     if status == "BUILD":
@@ -193,12 +192,13 @@ def _translate_errors(cloud: str, call: Callable[[], T]) -> T:
 class OpenStackBackend:
     """Remote-desktop VMs as Nova servers. One instance per operator process."""
 
-    kind = "openstack"
+    kind = BackendKind.OPENSTACK
+    needs_finalizer = True  # a server outside Kubernetes: deleted before the environment goes
+    polled = True  # Nova pushes nothing: the sweep observes every round
+    charging = Charging.ALLOCATION  # the Nova flavor's vCPUs and GPUs, while the server holds them
 
-    def __init__(self, settings: Settings, connect: Callable[[], Any] | None = None,
-                 granted: GrantedMounts = no_datasets) -> None:
+    def __init__(self, settings: Settings, connect: Callable[[], Any] | None = None) -> None:
         self._settings = settings
-        self._granted = granted
         self._cloud = settings.openstack.cloud
         self._connect = connect or self._connect_from_clouds_yaml
         self._connection: Any = None
@@ -320,10 +320,18 @@ class OpenStackBackend:
 
     # ------------------------------------------------------ the Backend API
 
-    async def ensure(self, environment: Environment, flavor: Flavor, token: str) -> Observation:
+    def validate(self, environment: Environment, flavor: Flavor) -> Refusal | None:
+        return None  # flavor and image are resolved by Nova, which says what it misses
+
+    def dataset_problem(self, dataset: Dataset) -> str | None:
+        if not dataset.storage.nfs_share:
+            return f"dataset {dataset.name!r} has no spec.storage.nfs share that VMs could mount"
+        return None
+
+    async def ensure(self, environment: Environment, flavor: Flavor, token: str,
+                     mounts: Sequence[Mount] = ()) -> Observation:
         """Adopt the environment's server or create it; an ERROR server is reported, not replaced."""
-        request = build_server_request(environment, flavor, token, self._settings,
-                                       await self._granted(environment, flavor))
+        request = build_server_request(environment, flavor, token, self._settings, mounts)
         return await self._run(self._ensure_blocking, environment, request)
 
     async def observe(self, environment: Environment) -> Observation:
@@ -337,7 +345,8 @@ class OpenStackBackend:
         """Shelve: the disk is kept, the host's CPUs and GPUs are freed once offloaded."""
         return await self._run(self._shelve_blocking, environment, True)
 
-    async def resume(self, environment: Environment) -> Observation:
+    async def resume(self, environment: Environment, flavor: Flavor, token: str,
+                     mounts: Sequence[Mount] = ()) -> Observation:
         """Unshelve: scheduled again, so it can fail with "No valid host" if GPUs are gone."""
         return await self._run(self._shelve_blocking, environment, False)
 

@@ -19,16 +19,15 @@ from typing import Any, Mapping, Sequence
 
 import aiohttp
 
-from analysis_operator.backends.base import BackendUnavailable, GrantedMounts, ManagedObject, Observation, State, \
-    no_datasets
-from analysis_operator.domain import Environment, Flavor, Mount, format_time
+from analysis_operator.backends.base import BackendUnavailable, Charging, ManagedObject, Observation, State
+from analysis_operator.model.domain import BackendKind, Dataset, Environment, Flavor, Mount, format_time
 from analysis_operator.policy.access import DATA_ROOT
 from analysis_operator.render import render_text
-from analysis_operator.settings import Settings, SlurmSettings
+from analysis_operator.policy.refusal import Refusal
+from analysis_operator.settings import SlurmSettings
 
 TOKEN_ENV_NAME = "JUPYTER_TOKEN"
 IDENTITY_MARKER = "analysis-operator/v1"
-DEFAULT_TEMPLATES_DIR = Settings().templates_dir
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15)
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=3)
 JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -141,7 +140,7 @@ def build_jupyter_command(settings: SlurmSettings) -> str:
 
 
 def build_batch_script(environment: Environment, flavor: Flavor, token_env_name: str,
-                       settings: SlurmSettings, templates_dir: str = DEFAULT_TEMPLATES_DIR) -> str:
+                       settings: SlurmSettings, templates_dir: str = "") -> str:
     if not _TOKEN_VARIABLE.match(token_env_name):
         raise ValueError(f"token_env_name {token_env_name!r} is not a shell variable name")
     return render_text(templates_dir, "sbatch.sh.j2",
@@ -168,8 +167,7 @@ def build_observation(job: Mapping[str, Any], endpoint_answers: bool) -> Observa
     state = str(job.get("job_state", "UNKNOWN"))
     slurm_reason = str(job.get("state_reason") or "None")
     job_id = str(job.get("job_id", ""))
-    reference = {"jobId": job_id, "state": state, "node": job.get("nodes") or "",
-                 "partition": job.get("partition") or ""}
+    reference = {"id": job_id, "state": state, "node": job.get("nodes") or ""}
     if state in _WAITING_STATES:
         reason = slurm_reason if slurm_reason != "None" else "Queued"
         return Observation(State.PENDING, reason=reason, reference=reference,
@@ -177,7 +175,7 @@ def build_observation(job: Mapping[str, Any], endpoint_answers: bool) -> Observa
     if state in ACTIVE_STATES:
         held = {"cpus": float(job.get("cpus") or 0), "gpus": allocated_gpus(job)}
         if int(job.get("start_time") or 0) > 0:
-            reference["startTime"] = format_time(
+            reference["startedAt"] = format_time(
                 datetime.datetime.fromtimestamp(int(job["start_time"]), datetime.timezone.utc))
         endpoint = parse_endpoint(str(job.get("comment", "")))
         if state == "RUNNING" and endpoint and endpoint_answers:
@@ -307,19 +305,28 @@ async def endpoint_answers(endpoint: str) -> bool:
 
 
 class SlurmBackend:
-    kind = "slurm"
+    kind = BackendKind.SLURM
+    needs_finalizer = True  # a job outside Kubernetes: cancelled before the environment goes
+    polled = True  # slurmrestd pushes nothing: the sweep observes every round
+    charging = Charging.ALLOCATION  # what Slurm allocated, from the job's start time
 
-    def __init__(self, settings: SlurmSettings, templates_dir: str = DEFAULT_TEMPLATES_DIR,
-                 granted: GrantedMounts = no_datasets):
+    def __init__(self, settings: SlurmSettings, templates_dir: str = "") -> None:
         self.settings = settings
         self.templates_dir = templates_dir
-        self._granted = granted
         self.client = SlurmRestClient(settings)
         # uid -> job id, so observe() asks for one job instead of listing the queue.
         self._job_ids: dict[str, str] = {}
 
+    def validate(self, environment: Environment, flavor: Flavor) -> Refusal | None:
+        return None  # JupyterLab comes from the cluster's software stack (jupyter_command)
+
+    def dataset_problem(self, dataset: Dataset) -> str | None:
+        if not dataset.storage.path:
+            return f"dataset {dataset.name!r} has no spec.storage.path on the Slurm cluster"
+        return None
+
     async def ensure(self, environment: Environment, flavor: Flavor, token: str,
-                     remaining: datetime.timedelta | None = None) -> Observation:
+                     mounts: Sequence[Mount] = ()) -> Observation:
         """Adopt the environment's job, or submit one; never two.
 
         A job that ended on its own (time limit, failure) is reported, not
@@ -329,8 +336,11 @@ class SlurmBackend:
         if existing is not None:
             self._job_ids[environment.uid] = str(existing["job_id"])
             return await self._observe_job(existing)
-        job = build_job_submission(environment, flavor, self.settings, remaining,
-                                   await self._granted(environment, flavor))
+        return await self._submit(environment, flavor, token, mounts)
+
+    async def _submit(self, environment: Environment, flavor: Flavor, token: str,
+                      mounts: Sequence[Mount]) -> Observation:
+        job = build_job_submission(environment, flavor, self.settings, mounts=mounts)
         job["environment"][TOKEN_ENV_NAME] = token
         script = build_batch_script(environment, flavor, TOKEN_ENV_NAME, self.settings, self.templates_dir)
         try:
@@ -339,8 +349,25 @@ class SlurmBackend:
             return Observation(State.FAILED, reason="SubmissionRefused",
                                message=f"Slurm refused the job for flavor {flavor.name}: {refusal}")
         self._job_ids[environment.uid] = job_id
-        return Observation(State.PENDING, reason="Submitted", reference={"jobId": job_id},
+        return Observation(State.PENDING, reason="Submitted", reference={"id": job_id},
                            message=f"submitted Slurm job {job_id}")
+
+    async def suspend(self, environment: Environment) -> Observation:
+        """Cancel the job; resuming submits a new one (Slurm keeps nothing of a cancelled job)."""
+        await self.delete(environment)
+        return await self.observe(environment)
+
+    async def resume(self, environment: Environment, flavor: Flavor, token: str,
+                     mounts: Sequence[Mount] = ()) -> Observation:
+        """Adopt an active job (a resume seen twice), else submit a new one: the cancelled
+        job of the suspend, or any ended one, does not stand for the environment any more."""
+        active = [job for job in await self._jobs_of(environment) if job.get("job_state") in ACTIVE_STATES]
+        if active:
+            job = _newest(active)
+            assert job is not None
+            self._job_ids[environment.uid] = str(job["job_id"])
+            return await self._observe_job(job)
+        return await self._submit(environment, flavor, token, mounts)
 
     async def observe(self, environment: Environment) -> Observation:
         job = await self._cached_job(environment)
@@ -375,6 +402,9 @@ class SlurmBackend:
     async def ping(self) -> None:
         """Raise BackendUnavailable unless slurmrestd and slurmctld answer."""
         await self.client.ping()
+
+    def close(self) -> None:
+        """Nothing held between requests (a session per request)."""
 
     async def _jobs_of(self, environment: Environment) -> list[dict[str, Any]]:
         return [job for job in await self.client.jobs()

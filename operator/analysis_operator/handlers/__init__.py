@@ -1,2 +1,11 @@
 """kopf handlers; importing this package registers them."""
-from analysis_operator.handlers import admission, budgets, datasets, environments, indexes, lifecycle  # noqa: F401
+
+from analysis_operator.handlers import (  # noqa: F401
+    admission,
+    budgets,
+    datasets,
+    environments,
+    indexes,
+    lifecycle,
+    requests,
+)

@@ -3,7 +3,7 @@
 Served by kopf's webhook server (configured at startup, see lifecycle). The
 validating webhook runs every check in turn, first refusal wins: who owns it
 (here), which datasets and flavor the owner may use (handlers/datasets.py),
-and whether the budget has room (handlers/budgets.py, last: an admitted
+and whether the budget has room (engine/budget_gate.py, last: an admitted
 create holds a slot in memory). One webhook instead of one per check: each
 create costs the API server two calls to the operator, not four, which is
 what keeps admission fast under a burst (bench/budget_race.py).
@@ -19,16 +19,19 @@ from typing import Any
 import kopf
 import structlog
 
-from analysis_operator.domain import GROUP, VERSION
-from analysis_operator.handlers.budgets import check_budget
+from analysis_operator.engine.budget_gate import BudgetGate
+from analysis_operator.engine.reconciler import utcnow
+from analysis_operator.engine.views import first
 from analysis_operator.handlers.datasets import check_data_access
+from analysis_operator.infra import metrics
+from analysis_operator.model.domain import GROUP, VERSION, Flavor
 from analysis_operator.policy.identity import owner_refusal, requester
 
 log = structlog.get_logger("analysis_operator.admission")
 CREATED_BY = f"{GROUP}/created-by"
 
 
-@kopf.on.mutate(GROUP, VERSION, "analysisenvironments", id="environment-owner", operation="CREATE")
+@kopf.on.mutate(GROUP, VERSION, "analysisenvironments", id="environment-owner", operations={"CREATE"})
 def default_owner(spec: kopf.Spec, patch: kopf.Patch, userinfo: dict[str, Any], memo: kopf.Memo,
                   **_: Any) -> None:
     """No owner given: the requester owns it. The creator is kept as an annotation for audits."""
@@ -37,7 +40,7 @@ def default_owner(spec: kopf.Spec, patch: kopf.Patch, userinfo: dict[str, Any], 
     patch.setdefault("metadata", {}).setdefault("annotations", {})[CREATED_BY] = str(userinfo.get("username", ""))
 
 
-@kopf.on.validate(GROUP, VERSION, "analysisenvironments", id="environment-admission", operation="CREATE",
+@kopf.on.validate(GROUP, VERSION, "analysisenvironments", id="environment-admission", operations={"CREATE"},
                   side_effects=True)  # a data refusal posts an Event, except on dry runs
 async def admit_environment(**kwargs: Any) -> None:
     check_owner(**kwargs)
@@ -49,6 +52,23 @@ def check_owner(name: str, namespace: str, spec: kopf.Spec, userinfo: dict[str, 
                 **_: Any) -> None:
     refusal = owner_refusal(str(spec.get("owner", "")), userinfo, memo.config.admission)
     log.info("admission.identity", environment=f"{namespace}/{name}", owner=spec.get("owner"),
-             requester=userinfo.get("username"), decision="refused" if refusal else "allowed", reason=refusal)
+             requester=userinfo.get("username"), decision="refused" if refusal else "allowed",
+             reason=refusal.reason if refusal else None)
     if refusal:
-        raise kopf.AdmissionError(refusal, code=403)
+        raise kopf.AdmissionError(refusal.message, code=403)
+
+
+async def check_budget(name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo, flavors: kopf.Index,
+                       environments: kopf.Index, **_: Any) -> None:
+    flavor: Flavor | None = first(flavors, spec.get("flavor"))
+    if flavor is None:
+        return  # an unknown flavor is explained by the environment's status, which waits for it
+    gate: BudgetGate = memo.budget_gate
+    refusal = gate.admit(namespace, name, str(spec.get("owner", "")), str(spec.get("budget", "")), flavor,
+                         environments, utcnow())
+    if refusal is None:
+        return
+    metrics.ADMISSION_REFUSALS.labels(reason=refusal.reason, stage="admission").inc()
+    log.info("admission.budget", environment=f"{namespace}/{name}", owner=spec.get("owner"),
+             decision="refused", reason=refusal.reason)
+    raise kopf.AdmissionError(refusal.message, code=403)

@@ -1,6 +1,7 @@
 """Operator start and stop: kopf settings, clients, backends, and the one
-periodic sweep (expiry; later accounting) over the environments index,
-instead of a timer per object."""
+periodic sweep (expiry, polled backends, lifetime warnings, orphans) over the
+environments index, instead of a timer per object."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,21 +15,19 @@ from typing import Any
 import kopf
 import structlog
 
-from analysis_operator.backends.base import Backend, GrantedMounts
-from analysis_operator.backends.kubernetes import KubernetesBackend
-from analysis_operator.certificates import ensure_certificates
-from analysis_operator.domain import GROUP, TERMINAL_PHASES, Environment
-from analysis_operator.handlers.budgets import gate_for, warn_expiring
-from analysis_operator.handlers.datasets import DataAccess
-from analysis_operator.handlers.environments import apply, now
-from analysis_operator.handlers.indexes import EnvironmentRecord, first
-from analysis_operator.kube import KubeClient
-from analysis_operator.metrics import start_metrics
-from analysis_operator.reconcile import Context, converge, expiry
+from analysis_operator.backends.registry import build_backends
+from analysis_operator.engine.budget_gate import build_budget_gate
+from analysis_operator.engine.converge import Context
+from analysis_operator.engine.data_access import DataAccess
+from analysis_operator.engine.reconciler import Reconciler, utcnow
+from analysis_operator.engine.sweep import sweep, sweep_orphans, warn_expiring
+from analysis_operator.infra.certificates import ensure_certificates
+from analysis_operator.infra.kube import KubeClient
+from analysis_operator.infra.metrics import start_metrics
+from analysis_operator.model.domain import GROUP
 from analysis_operator.settings import Settings
 
 log = structlog.get_logger("analysis_operator.lifecycle")
-TERMINAL = {phase.value for phase in TERMINAL_PHASES}
 
 
 @kopf.on.startup()
@@ -50,11 +49,13 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, pods: kop
     configure_admission(settings, config)
 
     kube = KubeClient(config.kube_workers)
-    access = DataAccess(kube, indexes)   # the reconcile gate, and what backends mount
-    memo.context = Context(kube=kube, backends=build_backends(config, kube, pods, access.granted),
-                           gates=(access, gate_for(kube, config.budgets, indexes)))
+    memo.access = DataAccess(kube, indexes)
+    memo.budget_gate = build_budget_gate(kube, config.budgets, indexes)
+    memo.context = Context(kube=kube, backends=build_backends(config, kube, pods), access=memo.access,
+                           gates=(memo.budget_gate,))
+    memo.reconciler = Reconciler(memo.context, environments, flavors)
     start_metrics(config.metrics_port, indexes["budgets"], environments, config.metrics_address)
-    memo.sweeper = asyncio.create_task(sweep_forever(memo, environments, flavors, config.sweep_interval_seconds))
+    memo.sweeper = asyncio.create_task(sweep_forever(memo, config.sweep_interval_seconds))
     log.info("operator.started", namespace=config.namespace or "*", standalone=config.standalone)
 
 
@@ -78,7 +79,7 @@ async def is_active(memo: kopf.Memo) -> bool:
     if config.standalone:
         return True
     peers = await memo.context.kube.peers(config.peering_name, config.namespace)
-    return not outranked(peers, memo.peering_priority, now())
+    return not outranked(peers, memo.peering_priority, utcnow())
 
 
 def configure_peering(settings: kopf.OperatorSettings, config: Settings) -> None:
@@ -111,87 +112,20 @@ def configure_admission(settings: kopf.OperatorSettings, config: Settings) -> No
         certfile=str(certfile), pkeyfile=str(pkeyfile), cafile=str(cafile) if cafile.exists() else None)
 
 
-def build_backends(config: Settings, kube: KubeClient, pods: kopf.Index,
-                   granted: GrantedMounts) -> dict[str, Backend]:
-    """The enabled backends; `granted` gives each the datasets an environment may mount."""
-    backends: dict[str, Backend] = {"kubernetes": KubernetesBackend(kube, config, pods, granted)}
-    if config.slurm.enabled:
-        from analysis_operator.backends.slurm import SlurmBackend
-        backends["slurm"] = SlurmBackend(config.slurm, config.templates_dir, granted)
-    if config.openstack.enabled:
-        from analysis_operator.backends.openstack import OpenStackBackend
-        backends["openstack"] = OpenStackBackend(config, granted=granted)
-    return backends
-
-
 @kopf.on.cleanup()
 async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
     memo.sweeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await memo.sweeper
+    memo.reconciler.close()
     for backend in memo.context.backends.values():
-        if hasattr(backend, "close"):
-            backend.close()
+        backend.close()
     memo.context.kube.close()
 
 
-def due(record: EnvironmentRecord, flavors: kopf.Index, moment) -> bool:
-    """Does the sweep need to act on this environment now? (pure)
-
-    Kubernetes environments only when their lifetime is over (pod events do
-    the rest); Slurm jobs and VMs on every sweep, since nothing pushes their
-    state to us.
-    """
-    if record.status.get("phase") in TERMINAL or not record.status.get("phase"):
-        return False
-    flavor = first(flavors, record.environment.flavor)
-    if flavor is None:
-        return False
-    return flavor.backend.value != "kubernetes" or expiry(record.environment, flavor, record.status, moment)[1] <= moment
-
-
-async def sweep(memo: kopf.Memo, environments: kopf.Index, flavors: kopf.Index, parallel: int = 8) -> int:
-    moment = now()
-    records = [first(environments, key) for key in list(environments)]
-    due_records = [record for record in records if record is not None and due(record, flavors, moment)]
-    limit = asyncio.Semaphore(parallel)
-
-    async def one(record: EnvironmentRecord) -> None:
-        async with limit:
-            environment = record.environment
-            outcome = await converge(memo.context, environment, record.status,
-                                     first(flavors, environment.flavor), moment)
-            await apply(memo.context, environment, outcome)
-
-    results = await asyncio.gather(*(one(record) for record in due_records), return_exceptions=True)
-    for record, result in zip(due_records, results):
-        if isinstance(result, Exception):
-            log.error("sweep.environment_failed", environment=f"{record.environment.namespace}/"
-                      f"{record.environment.name}", error=repr(result))
-    return len(due_records)
-
-
-async def sweep_orphans(memo: kopf.Memo, environments: kopf.Index) -> int:
-    """Remove jobs and VMs whose environment no longer exists (deleted while the operator was down)."""
-    known = {record.environment.uid for key in list(environments) if (record := first(environments, key))}
-    removed = 0
-    for kind, backend in memo.context.backends.items():
-        for managed in await backend.list_managed():
-            if managed.uid in known:
-                continue
-            # The index may lag; only the API server's answer makes it an orphan.
-            if await memo.context.kube.environment_exists(managed.namespace, managed.name, managed.uid):
-                continue
-            orphan = Environment(managed.namespace, managed.name, managed.uid, owner="", flavor="")
-            await backend.delete(orphan)
-            log.warning("orphan.removed", backend=kind, environment=f"{managed.namespace}/{managed.name}",
-                        backend_id=managed.backend_id)
-            removed += 1
-    return removed
-
-
-async def sweep_forever(memo: kopf.Memo, environments: kopf.Index, flavors: kopf.Index, interval: float,
-                        orphan_every: int = 10) -> None:
+async def sweep_forever(memo: kopf.Memo, interval: float, orphan_every: int = 10) -> None:
+    reconciler: Reconciler = memo.reconciler
+    config: Settings = memo.config
     rounds = 0
     while True:
         await asyncio.sleep(interval)
@@ -199,9 +133,9 @@ async def sweep_forever(memo: kopf.Memo, environments: kopf.Index, flavors: kopf
         try:
             if not await is_active(memo):
                 continue
-            await sweep(memo, environments, flavors)
-            await warn_expiring(memo, environments, flavors, now())
+            await sweep(reconciler, utcnow())
+            await warn_expiring(reconciler, config.budgets.expiry_warning_seconds, utcnow())
             if rounds % orphan_every == 0:
-                await sweep_orphans(memo, environments)
+                await sweep_orphans(reconciler)
         except Exception:  # one bad sweep must not end the loop; the next one retries
             log.exception("sweep.failed")

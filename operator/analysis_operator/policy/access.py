@@ -19,9 +19,11 @@ from __future__ import annotations
 import datetime
 import re
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
-from analysis_operator.domain import BackendKind, Dataset, DatasetRef, Environment, Flavor, Mount, format_time
+from analysis_operator.model.domain import Dataset, DatasetRef, Environment, Flavor, Mount, format_time
+from analysis_operator.policy.refusal import Refusal
 
 DATA_ROOT = "/data"
 MAX_MOUNT_PATH = 255
@@ -85,57 +87,38 @@ def collisions(paths: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------- decisions
 
 
-@dataclass(frozen=True)
-class Verdict:
-    allowed: bool
-    grounds: str     # allowed: why ("public", "team member", ...); refused: a CamelCase reason
-    message: str = ""
-
-
-def may_read(dataset: Dataset, user: str, user_groups: frozenset[str], now: datetime.datetime) -> Verdict:
-    """May `user` (member of `user_groups`) read `dataset` at `now`?"""
+def may_read(dataset: Dataset, user: str, user_groups: frozenset[str], now: datetime.datetime) -> Refusal | str:
+    """May `user` (member of `user_groups`) read `dataset` at `now`? The grounds if so ("public", ...)."""
     if dataset.embargoed_until is None:
-        return Verdict(True, "public")
+        return "public"
     if now >= dataset.embargoed_until:
-        return Verdict(True, f"embargo ended {format_time(dataset.embargoed_until)}")
+        return f"embargo ended {format_time(dataset.embargoed_until)}"
     if user in dataset.members:
-        return Verdict(True, "team member")
+        return "team member"
     shared = sorted(dataset.groups & user_groups)
     if shared:
-        return Verdict(True, f"member of group {shared[0]}")
+        return f"member of group {shared[0]}"
     teams = ", ".join(sorted(dataset.groups)) or "none"
-    return Verdict(False, "DatasetEmbargoed", (
+    return Refusal("DatasetEmbargoed", subject=dataset.name, message=(
         f"dataset {dataset.name!r} ({dataset.pid}) is embargoed until {format_time(dataset.embargoed_until)} "
         f"and readable only by its experiment team: user {user!r} is not among its members nor in its "
         f"groups ({teams}); ask the experiment's principal investigator to add you, or wait for the embargo to end"))
 
 
-def may_use_flavor(flavor: Flavor, user: str, user_groups: frozenset[str]) -> Verdict:
+def may_use_flavor(flavor: Flavor, user: str, user_groups: frozenset[str]) -> Refusal | str:
     access = flavor.access
     if not access.restricted:
-        return Verdict(True, "open flavor")
+        return "open flavor"
     if user in access.users:
-        return Verdict(True, "listed user")
+        return "listed user"
     shared = sorted(access.groups & user_groups)
     if shared:
-        return Verdict(True, f"member of group {shared[0]}")
+        return f"member of group {shared[0]}"
     rule = ", ".join([*(f"group {group}" for group in sorted(access.groups)),
                       *(f"user {name}" for name in sorted(access.users))])
-    return Verdict(False, "FlavorNotAllowed", (
+    return Refusal("FlavorNotAllowed", subject=flavor.name, message=(
         f"flavor {flavor.name!r} is restricted (spec.access) to {rule}: user {user!r} is none of them; "
         f"choose another flavor or ask the facility to add you to one of those groups"))
-
-
-def location_problem(dataset: Dataset, backend: BackendKind) -> str | None:
-    """Can this backend reach the dataset? Each backend sees the data its own way."""
-    storage = dataset.storage
-    if backend is BackendKind.KUBERNETES and not (storage.claim_name or storage.nfs_share):
-        return f"dataset {dataset.name!r} has no spec.storage.persistentVolumeClaim or nfs for Kubernetes pods"
-    if backend is BackendKind.OPENSTACK and not storage.nfs_share:
-        return f"dataset {dataset.name!r} has no spec.storage.nfs share that VMs could mount"
-    if backend is BackendKind.SLURM and not storage.path:
-        return f"dataset {dataset.name!r} has no spec.storage.path on the Slurm cluster"
-    return None
 
 
 # ---------------------------------------------------------------- the whole environment
@@ -165,13 +148,6 @@ class StaticCatalogue:
 
     def groups_of(self, user: str) -> frozenset[str]:
         return frozenset(name for name, members in self.groups.items() if user in members)
-
-
-@dataclass(frozen=True)
-class Refusal:
-    reference: str   # the dataset as the user named it, or the flavor
-    reason: str      # CamelCase
-    message: str
 
 
 @dataclass(frozen=True)
@@ -205,9 +181,14 @@ def resolve(reference_name: str, reference_pid: str, catalogue: Catalogue) -> tu
     return None, f"the PID {reference_pid!r} is registered twice ({names}): name the dataset by name"
 
 
+# Why a backend cannot reach a dataset's storage (None: it can); each backend sees data its own way.
+Reach = Callable[[Dataset], "str | None"]
+
+
 def plan_access(environment: Environment, flavor: Flavor | None, catalogue: Catalogue,
-                now: datetime.datetime) -> AccessPlan:
-    """Decide every dataset of an environment, its mount paths, and its flavor, for its owner."""
+                now: datetime.datetime, reach: Reach | None = None) -> AccessPlan:
+    """Decide every dataset of an environment, its mount paths, and its flavor, for its owner.
+    `reach` is the flavor's backend's view of where data lives (None: not checked)."""
     user = environment.owner
     refusals: list[Refusal] = []
     candidates: list[tuple[DatasetRef, Mount]] = []
@@ -215,27 +196,27 @@ def plan_access(environment: Environment, flavor: Flavor | None, catalogue: Cata
     user_groups = catalogue.groups_of(user) if needs_groups else frozenset()
     if flavor is not None:
         verdict = may_use_flavor(flavor, user, user_groups)
-        if not verdict.allowed:
-            refusals.append(Refusal(flavor.name, verdict.grounds, verdict.message))
+        if isinstance(verdict, Refusal):
+            refusals.append(verdict)
     for reference in environment.datasets:
         if reference.mount_path and (problem := mount_path_problem(reference.mount_path)):
-            refusals.append(Refusal(reference.reference, "InvalidMountPath", problem))
+            refusals.append(Refusal("InvalidMountPath", problem, subject=reference.reference))
             continue
         dataset, why_not = resolve(reference.name, reference.pid, catalogue)
         if dataset is None:
             reason = "DatasetNotFound" if "registered twice" not in why_not else "DatasetAmbiguous"
-            refusals.append(Refusal(reference.reference, reason, why_not))
+            refusals.append(Refusal(reason, why_not, subject=reference.reference))
             continue
         verdict = may_read(dataset, user, user_groups, now)
-        if not verdict.allowed:
-            refusals.append(Refusal(reference.reference, verdict.grounds, verdict.message))
+        if isinstance(verdict, Refusal):
+            refusals.append(Refusal(verdict.reason, verdict.message, subject=reference.reference))
             continue
-        if flavor is not None and (problem := location_problem(dataset, flavor.backend)):
-            refusals.append(Refusal(reference.reference, "DatasetNotAvailable",
-                                    f"{problem}: pick a flavor on another backend or ask the facility"))
+        if reach is not None and (problem := reach(dataset)):
+            refusals.append(Refusal("DatasetNotAvailable", f"{problem}: pick a flavor on another backend or ask "
+                                    "the facility", subject=reference.reference))
             continue
         path = reference.mount_path or default_mount_path(dataset.name)
-        candidates.append((reference, Mount(dataset, path, verdict.grounds)))
+        candidates.append((reference, Mount(dataset, path, verdict)))
     refusals.extend(_listing_problems(candidates))
     if refusals:
         return AccessPlan(refusals=tuple(refusals))
@@ -248,10 +229,10 @@ def _listing_problems(candidates: Sequence[tuple[DatasetRef, Mount]]) -> list[Re
     seen: dict[str, str] = {}
     for reference, mount in candidates:
         if mount.dataset.name in seen:
-            problems.append(Refusal(mount.dataset.name, "DatasetListedTwice",
-                                    f"dataset {mount.dataset.name!r} is listed twice "
-                                    f"(as {seen[mount.dataset.name]!r} and as {reference.reference!r})"))
+            problems.append(Refusal("DatasetListedTwice", f"dataset {mount.dataset.name!r} is listed twice "
+                                    f"(as {seen[mount.dataset.name]!r} and as {reference.reference!r})",
+                                    subject=mount.dataset.name))
         seen.setdefault(mount.dataset.name, reference.reference)
-    problems.extend(Refusal(DATA_ROOT, "MountPathCollision", message)
+    problems.extend(Refusal("MountPathCollision", message, subject=DATA_ROOT)
                     for message in collisions([mount.path for _, mount in candidates]))
     return problems

@@ -20,9 +20,9 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping
 
-from analysis_operator.domain import Environment, Flavor, Phase, format_time, parse_time
-from analysis_operator.policy.requests import Rejection
-from analysis_operator.status import build_condition, merge_conditions
+from analysis_operator.model.domain import Environment, Flavor, Phase, format_time, parse_time
+from analysis_operator.policy.refusal import Refusal
+from analysis_operator.model.conditions import build_condition, merge_conditions
 
 HOUR = 3600.0
 RESOURCES = ("cpuHours", "gpuHours")
@@ -80,21 +80,21 @@ class Budget:
 # --- which budget -----------------------------------------------------------------------------------
 
 def select_budget(owner: str, named: str, budgets: Mapping[str, Budget], personal: Mapping[str, str],
-                  is_member: Callable[[str, str], bool]) -> Budget | Rejection:
+                  is_member: Callable[[str, str], bool]) -> Budget | Refusal:
     """The budget an environment draws on: the one it names in spec.budget (the owner's own, or a
     group budget the owner is a member of), else the owner's personal budget."""
     if named:
         budget = budgets.get(named)
         if budget is None:
-            return Rejection("BudgetNotFound", f"ComputeBudget {named!r} (spec.budget) does not exist: "
+            return Refusal("BudgetNotFound", f"ComputeBudget {named!r} (spec.budget) does not exist: "
                              f"see `kubectl get computebudgets`, or leave spec.budget out to use your own")
         if budget.user == owner or (budget.group and is_member(budget.group, owner)):
             return budget
-        return Rejection("NotBudgetMember", f"{owner!r} may not draw on {budget.label}: only "
+        return Refusal("NotBudgetMember", f"{owner!r} may not draw on {budget.label}: only "
                          f"{'its user' if budget.user else 'members of the group'} may")
     name = personal.get(owner)
     if name is None or name not in budgets:
-        return Rejection("NoBudget", f"user {owner!r} has no ComputeBudget: ask your facility for one, "
+        return Refusal("NoBudget", f"user {owner!r} has no ComputeBudget: ask your facility for one, "
                          f"or name a group budget you are a member of in spec.budget")
     return budgets[name]
 
@@ -105,16 +105,16 @@ def _hours(value: float) -> str:
     return f"{value:.1f}"
 
 
-def spent(budget: Budget, cpus: float, gpus: int, now: datetime.datetime) -> Rejection | None:
+def spent(budget: Budget, cpus: float, gpus: int, now: datetime.datetime) -> Refusal | None:
     """Is the budget expired, or out of the hours something holding `cpus` and `gpus` would use?
     The same rule refuses a new environment and stops a running one."""
     if budget.valid_until is not None and now >= budget.valid_until:
-        return Rejection("BudgetExpired", f"{budget.label} expired at {format_time(budget.valid_until)}; "
+        return Refusal("BudgetExpired", f"{budget.label} expired at {format_time(budget.valid_until)}; "
                          f"ask for a new one", phase=Phase.BUDGET_EXHAUSTED)
     for key, needed in (("cpuHours", cpus), ("gpuHours", gpus)):
         limit = budget.limit(key)
         if needed and limit is not None and budget.used(key) >= limit:
-            return Rejection(f"{'Cpu' if key == 'cpuHours' else 'Gpu'}HoursExhausted",
+            return Refusal(f"{'Cpu' if key == 'cpuHours' else 'Gpu'}HoursExhausted",
                              f"{_LIMIT_WORDS[key]} budget of {budget.label} exhausted: "
                              f"{_hours(budget.used(key))} of {_hours(limit)} used; "
                              f"ask for more with a BudgetRequest", phase=Phase.BUDGET_EXHAUSTED)
@@ -122,28 +122,28 @@ def spent(budget: Budget, cpus: float, gpus: int, now: datetime.datetime) -> Rej
 
 
 def admission_refusal(budget: Budget, flavor: Flavor, holding: int, gpus_held: int,
-                      now: datetime.datetime) -> Rejection | None:
+                      now: datetime.datetime) -> Refusal | None:
     """May one more environment of `flavor` start, with `holding` environments and `gpus_held`
     GPUs already running on the budget? The refusal's phase is Rejected: nothing ran yet."""
     refusal = spent(budget, flavor.resources.cpus, flavor.resources.gpu, now)
     if refusal is not None:
-        return Rejection(refusal.reason, refusal.message)
+        return Refusal(refusal.reason, refusal.message)
     most = budget.limit("maxEnvironments")
     if most is not None and holding + 1 > most:
-        return Rejection("TooManyEnvironments", f"budget of {budget.label} allows {int(most)} environment(s) at once and "
+        return Refusal("TooManyEnvironments", f"budget of {budget.label} allows {int(most)} environment(s) at once and "
                          f"{holding} are running: stop one, or ask for more with a BudgetRequest")
     gpus = budget.limit("maxGpus")
     if flavor.resources.gpu and gpus is not None and gpus_held + flavor.resources.gpu > gpus:
-        return Rejection("TooManyGpus", f"budget of {budget.label} allows {int(gpus)} GPU(s) at once, {gpus_held} are in "
+        return Refusal("TooManyGpus", f"budget of {budget.label} allows {int(gpus)} GPU(s) at once, {gpus_held} are in "
                          f"use and flavor {flavor.name!r} needs {flavor.resources.gpu}: stop a GPU environment, "
                          f"or ask for more with a BudgetRequest")
     return None
 
 
 def reserve(budget: Budget, environment: Environment, flavor: Flavor,
-            now: datetime.datetime) -> Rejection | dict[str, Any] | None:
+            now: datetime.datetime) -> Refusal | dict[str, Any] | None:
     """Take a slot for the environment in the ledger: None if it holds one already, the new status
-    if it may have one, a Rejection if it may not."""
+    if it may have one, a Refusal if it may not."""
     if environment.uid in budget.entries:
         return None
     gpus_held = sum(int(entry.get("gpus") or 0) for entry in budget.entries.values())

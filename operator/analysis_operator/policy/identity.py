@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from analysis_operator.policy.refusal import Refusal
 from analysis_operator.settings import AdmissionSettings
 
 
@@ -26,12 +27,12 @@ def is_trusted(userinfo: Mapping[str, Any], settings: AdmissionSettings) -> bool
     return userinfo.get("username") in settings.trusted_users or bool(groups & set(settings.trusted_groups))
 
 
-def owner_refusal(owner: str, userinfo: Mapping[str, Any], settings: AdmissionSettings) -> str | None:
+def owner_refusal(owner: str, userinfo: Mapping[str, Any], settings: AdmissionSettings) -> Refusal | None:
     """Why this requester may not create an environment for this owner, or None."""
     if is_trusted(userinfo, settings):
         return None
     me = requester(userinfo, settings)
     if owner == me:
         return None
-    return (f"spec.owner {owner!r} is not you ({me!r}): you may only create environments you own; "
-            f"only the portal acts on behalf of other users")
+    return Refusal("NotOwner", f"spec.owner {owner!r} is not you ({me!r}): you may only create environments you own; "
+                   f"only the portal acts on behalf of other users", subject=owner)

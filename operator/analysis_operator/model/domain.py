@@ -42,9 +42,18 @@ class Phase(str, enum.Enum):
 
 # Phases after which nothing runs and nothing is recreated.
 TERMINAL_PHASES = frozenset({Phase.STOPPED, Phase.EXPIRED, Phase.FAILED, Phase.REJECTED, Phase.BUDGET_EXHAUSTED})
+_TERMINAL_WORDS = frozenset(phase.value for phase in TERMINAL_PHASES)
 
 
-class BackendKind(str, enum.Enum):
+def is_terminal(phase: str | None) -> bool:
+    """Is this status.phase one after which nothing runs and nothing is recreated?"""
+    return phase in _TERMINAL_WORDS
+
+
+class BackendKind(enum.StrEnum):
+    """The backends this project ships. A flavor names its backend as a plain string (the key
+    of the operator's backend registry), so another backend needs no change here."""
+
     KUBERNETES = "kubernetes"
     SLURM = "slurm"
     OPENSTACK = "openstack"
@@ -120,7 +129,7 @@ class OpenStackSpec:
 @dataclass(frozen=True)
 class Flavor:
     name: str
-    backend: BackendKind
+    backend: str  # a key of the backend registry, e.g. BackendKind.SLURM
     display_name: str = ""
     resources: Resources = field(default_factory=Resources)
     image: str = ""
@@ -139,7 +148,7 @@ class Flavor:
         idle = spec.get("idleTimeout")
         return cls(
             name=name,
-            backend=BackendKind(spec["backend"]),
+            backend=str(spec["backend"]),
             display_name=spec.get("displayName", ""),
             resources=Resources(
                 cpu=str(resources.get("cpu", "1")),
@@ -222,6 +231,20 @@ class Environment:
     def child_name(self) -> str:
         """Deterministic name of every child object (pod, service, secret, job, server)."""
         return f"aenv-{self.name}"
+
+    @property
+    def owner_references(self) -> list[dict[str, Any]]:
+        """Makes the environment the controller of a child, so garbage collection removes it."""
+        return [
+            {
+                "apiVersion": API_VERSION,
+                "kind": "AnalysisEnvironment",
+                "name": self.name,
+                "uid": self.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
 
     @property
     def identity_labels(self) -> dict[str, str]:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import kubernetes
 from kubernetes.client.rest import ApiException
 
-from analysis_operator.domain import GROUP, VERSION
+from analysis_operator.model.domain import GROUP, VERSION
 
 ENVIRONMENTS = "analysisenvironments"
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-log = structlog.get_logger("analysis_operator.metrics")
+log = structlog.get_logger("analysis_operator.infra.metrics")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ADMISSION_REFUSALS = Counter("analysis_admission_refusals", "Environments refused, by reason and where "

@@ -7,8 +7,8 @@ import datetime
 
 import pytest
 
-from analysis_operator.domain import Environment, Flavor
-from analysis_operator.reconcile import Context, converge
+from analysis_operator.model.domain import Environment, Flavor
+from analysis_operator.engine.converge import Context, converge
 
 NOW = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.timezone.utc)
 FLAVOR = Flavor.from_body("vm", {"backend": "openstack", "resources": {"cpu": 2, "memory": "4Gi"},
@@ -53,7 +53,7 @@ def test_a_live_peer_with_a_higher_priority_outranks_us_until_its_lifetime_ends(
 
 def test_converges_of_one_environment_never_overlap(monkeypatch):
     """Handler, pod event and sweep may converge one environment at once: they take turns."""
-    from analysis_operator import reconcile
+    from analysis_operator.engine import converge as reconcile
 
     active, overlaps = set(), []
 

@@ -1,0 +1,257 @@
+"""Converge one environment towards its spec: the decision every path shares.
+
+Called for the environment's own handlers (create, update, resume), for pod
+events, catalogue changes and the periodic sweep (through engine/reconciler.py).
+It reads what exists (indexes and backends), decides with pure functions,
+acts through the backend interface, and returns the status patch, the Event
+and when to run again; callers write them. Running it twice changes nothing
+the second time. It knows backends only through backends/base.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from analysis_operator.backends.base import Backend, BackendUnavailable, Observation, State
+from analysis_operator.engine.status import backend_status, phase_from_observation
+from analysis_operator.engine.tokens import delete_token, ensure_token
+from analysis_operator.infra.kube import KubeClient
+from analysis_operator.model.conditions import build_condition, build_transition, merge_conditions
+from analysis_operator.model.domain import Environment, Flavor, Mount, Phase, format_time, is_terminal, \
+    parse_duration, parse_time
+from analysis_operator.policy.access import Reach
+from analysis_operator.policy.refusal import Refusal
+from analysis_operator.policy.requests import check_request
+
+log = structlog.get_logger("analysis_operator.converge")
+
+WARNING_PHASES = frozenset({Phase.FAILED, Phase.REJECTED, Phase.EXPIRED, Phase.BUDGET_EXHAUSTED})
+
+
+class Retry(Exception):
+    """Not now: converge again after `delay` seconds (kopf's retry or the reconciler's requeue)."""
+
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: dict[str, Any] | None = None  # merge patch for .status, None = nothing to write
+    event: tuple[str, str, str] | None = None  # (type, reason, message) to post on the environment
+    retry_after: float | None = None  # converge again after this many seconds
+    message: str = ""  # why a retry is asked for (for logs and kopf)
+
+
+class Gate(Protocol):
+    """A check converge runs on every pass before it creates or keeps anything (budgets):
+    None lets the environment run, a Refusal ends it in the Refusal's phase. Must be cheap
+    (in-memory) when nothing changes; may raise Retry."""
+
+    async def check(
+        self, environment: Environment, flavor: Flavor, status: Mapping[str, Any], now: datetime.datetime
+    ) -> Refusal | None: ...
+
+
+class Access(Protocol):
+    """Data permissions (engine/data_access.py): the datasets an environment may mount, decided once
+    per pass and handed to the backend, or why not."""
+
+    async def grant(
+        self, environment: Environment, flavor: Flavor, reach: Reach, status: Mapping[str, Any],
+        now: datetime.datetime,
+    ) -> Refusal | tuple[Mount, ...]: ...
+
+    async def mounted(self, environment: Environment, mounts: Sequence[Mount]) -> None:
+        """Record that a backend was handed these mounts (audit log, Event)."""
+
+
+class NoDatasets:
+    """For operators and tests without a data catalogue: nothing is ever mounted."""
+
+    async def grant(
+        self, environment: Environment, flavor: Flavor, reach: Reach, status: Mapping[str, Any],
+        now: datetime.datetime,
+    ) -> Refusal | tuple[Mount, ...]:
+        if environment.datasets:
+            return Refusal("DatasetNotFound", "this operator has no dataset catalogue: remove spec.datasets")
+        return ()
+
+    async def mounted(self, environment: Environment, mounts: Sequence[Mount]) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Context:
+    kube: KubeClient
+    backends: Mapping[str, Backend]
+    access: Access = NoDatasets()
+    gates: tuple[Gate, ...] = ()
+
+
+def _transition(environment: Environment, status: Mapping[str, Any], phase: Phase, reason: str,
+                message: str, now: datetime.datetime, **fields: Any) -> Outcome:
+    patch = build_transition(status, phase=phase, reason=reason, message=message,
+                             generation=environment.generation, now=now, **fields)
+    event = None
+    if patch is not None and status.get("phase") != phase.value:
+        event = ("Warning" if phase in WARNING_PHASES else "Normal", reason, message)
+        log.info("environment.transition", environment=f"{environment.namespace}/{environment.name}",
+                 owner=environment.owner, phase=phase.value, previous=status.get("phase"), reason=reason)
+    return Outcome(status=patch, event=event)
+
+
+def _waiting(environment: Environment, status: Mapping[str, Any], reason: str, message: str,
+             now: datetime.datetime, delay: float) -> Outcome:
+    outcome = _transition(environment, status, Phase.PENDING, reason, message, now)
+    return Outcome(outcome.status, outcome.event, retry_after=delay, message=message)
+
+
+async def stop(context: Context, environment: Environment, flavor: Flavor | None, status: Mapping[str, Any],
+               phase: Phase, reason: str, message: str, now: datetime.datetime) -> Outcome:
+    """End the environment for good: remove what runs and the token; keep the object as the record."""
+    # The flavor may be gone by now: then the backend that status says runs it.
+    kind = flavor.backend if flavor is not None else (status.get("backend") or {}).get("kind", "")
+    backend = context.backends.get(kind)
+    if backend is not None:
+        await backend.delete(environment)
+    await delete_token(context.kube, environment)
+    return _transition(environment, status, phase, reason, message, now,
+                       stoppedAt=status.get("stoppedAt") or format_time(now), connection=None)
+
+
+def expiry(environment: Environment, flavor: Flavor, status: Mapping[str, Any],
+           now: datetime.datetime) -> tuple[datetime.datetime, datetime.datetime]:
+    started_at = parse_time(status.get("startedAt")) or now
+    # Approved lifetime BudgetRequests, keyed by request uid so each counts once (handlers/requests.py).
+    extended = sum((parse_duration(extra) for extra in (status.get("lifetimeExtensions") or {}).values()),
+                   datetime.timedelta())
+    return started_at, started_at + (environment.lifetime or flavor.max_lifetime) + extended
+
+
+# One converge at a time per environment: its own handler, pod events and the sweep may all
+# call converge for it at once, and two of them acting on one observation would, for example,
+# unshelve a VM twice (Nova then puts it in ERROR). Weak values: a lock lives while in use.
+_CONVERGING: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+
+async def converge(context: Context, environment: Environment, status: Mapping[str, Any],
+                   flavor: Flavor | None, now: datetime.datetime) -> Outcome:
+    lock = _CONVERGING.get(environment.uid)
+    if lock is None:
+        lock = _CONVERGING[environment.uid] = asyncio.Lock()
+    async with lock:
+        try:
+            return await _converge(context, environment, status, flavor, now)
+        except Retry as retry:
+            return Outcome(retry_after=retry.delay, message=str(retry))
+        except BackendUnavailable as error:
+            return _unreachable(environment, status, flavor, str(error), now)
+
+
+async def _converge(context: Context, environment: Environment, status: Mapping[str, Any],
+                    flavor: Flavor | None, now: datetime.datetime) -> Outcome:
+    if environment.deleting or is_terminal(status.get("phase")):
+        return Outcome()  # deleting: recreating now would race the finalizer and leave an orphan
+    if flavor is None:
+        return _waiting(environment, status, "FlavorNotFound", f"EnvironmentFlavor {environment.flavor!r} does "
+                        f"not exist: pick one from `kubectl get environmentflavors`", now, delay=30)
+    backend = context.backends.get(flavor.backend)
+    if backend is None:
+        return _waiting(environment, status, "BackendNotEnabled",
+                        f"the {flavor.backend} backend is not enabled in this operator", now, delay=60)
+    refusal = check_request(environment, flavor) or backend.validate(environment, flavor)
+    if refusal is not None:
+        return await stop(context, environment, flavor, status, refusal.phase, refusal.reason, refusal.message,
+                          now)
+    granted = await context.access.grant(environment, flavor, backend.dataset_problem, status, now)
+    if isinstance(granted, Refusal):
+        return await stop(context, environment, flavor, status, granted.phase, granted.reason, granted.message, now)
+    for gate in context.gates:
+        refusal = await gate.check(environment, flavor, status, now)
+        if refusal is not None:
+            return await stop(context, environment, flavor, status, refusal.phase, refusal.reason,
+                              refusal.message, now)
+
+    started_at, expires_at = expiry(environment, flavor, status, now)
+    if now >= expires_at:
+        return await stop(context, environment, flavor, status, Phase.EXPIRED, "LifetimeExpired",
+                          f"lifetime ended at {format_time(expires_at)}; the environment was stopped", now)
+    times = {"startedAt": format_time(started_at), "expiresAt": format_time(expires_at)}
+    outcome = await _run_backend(context, backend, environment, flavor, granted, status, now, times)
+    return _reachable_again(outcome, status, environment, now)
+
+
+async def _run_backend(context: Context, backend: Backend, environment: Environment, flavor: Flavor,
+                       mounts: tuple[Mount, ...], status: Mapping[str, Any], now: datetime.datetime,
+                       times: dict[str, str]) -> Outcome:
+    observation = await backend.observe(environment)
+    if environment.suspend:
+        if observation.state.holds:
+            observation = await backend.suspend(environment)
+        return _transition(environment, status, Phase.SUSPENDED, "Suspended",
+                           "suspended by spec.suspend; the access token and URL are kept", now,
+                           **times, backend=backend_status(flavor.backend, observation))
+    if observation.state is State.SUSPENDED or status.get("phase") == Phase.SUSPENDED.value:
+        observation = await backend.resume(environment, flavor, await ensure_token(context.kube, environment),
+                                           mounts)
+        await _mounted(context, environment, mounts)
+    if observation.state is State.GONE:
+        observation = await backend.ensure(environment, flavor, await ensure_token(context.kube, environment),
+                                           mounts)
+        await _mounted(context, environment, mounts)
+    return _observed(environment, flavor, status, observation, now, times)
+
+
+async def _mounted(context: Context, environment: Environment, mounts: Sequence[Mount]) -> None:
+    if mounts:
+        await context.access.mounted(environment, mounts)
+
+
+def _unreachable(environment: Environment, status: Mapping[str, Any], flavor: Flavor | None, message: str,
+                 now: datetime.datetime) -> Outcome:
+    """The backend cannot be reached: say so in a condition, keep the phase, retry later."""
+    previous = {c.get("type"): c for c in status.get("conditions") or ()}.get("BackendReachable")
+    condition = build_condition(previous, type_="BackendReachable", status=False, reason="BackendUnavailable",
+                                message=message, generation=environment.generation, now=now)
+    patch = None
+    if not previous or previous.get("status") != "False" or previous.get("message") != message:
+        patch = {"conditions": merge_conditions(status.get("conditions"), condition)}
+        log.warning("backend.unavailable", environment=f"{environment.namespace}/{environment.name}",
+                    backend=flavor.backend if flavor else "", message=message)
+    event = ("Warning", "BackendUnavailable", message) if patch else None
+    return Outcome(patch, event, retry_after=10, message=message)
+
+
+def _reachable_again(outcome: Outcome, status: Mapping[str, Any], environment: Environment,
+                     now: datetime.datetime) -> Outcome:
+    previous = {c.get("type"): c for c in status.get("conditions") or ()}.get("BackendReachable")
+    if not previous or previous.get("status") == "True":
+        return outcome
+    condition = build_condition(previous, type_="BackendReachable", status=True, reason="BackendReachable",
+                                message="the backend answers again", generation=environment.generation, now=now)
+    patch = dict(outcome.status or {})
+    patch["conditions"] = merge_conditions(patch.get("conditions") or status.get("conditions"), condition)
+    return Outcome(patch, outcome.event, outcome.retry_after, outcome.message)
+
+
+def _observed(environment: Environment, flavor: Flavor, status: Mapping[str, Any], observation: Observation,
+              now: datetime.datetime, times: dict[str, str]) -> Outcome:
+    phase = phase_from_observation(observation)
+    connection = {"secretName": environment.child_name}
+    if observation.url:
+        connection["url"] = observation.url
+    extra: dict[str, Any] = {"backend": backend_status(flavor.backend, observation), "connection": connection,
+                             **times}
+    if phase is Phase.FAILED:
+        extra["stoppedAt"] = format_time(now)
+    message = observation.message or phase.value
+    return _transition(environment, status, phase, observation.reason or phase.value, message, now, **extra)

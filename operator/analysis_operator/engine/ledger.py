@@ -1,0 +1,123 @@
+"""The budget ledger: serialized, optimistic writes to a ComputeBudget's status.
+
+Every write to a budget goes through `Ledger.update`: one per-budget lock in
+this process, then read -> decide -> PUT status guarded by the resourceVersion
+read, and on 409 read again and decide again. So racing creates cannot both
+take the last slot, a charge tick and a grant cannot overwrite each other, and
+a restart finds the ledger exactly as the last successful write left it.
+`decide` may run more than once (after a 409): it must be a pure function of
+the budget it is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes.client.rest import ApiException
+
+from analysis_operator.engine.converge import Retry
+from analysis_operator.engine.views import Index, Singles, first, member_of
+from analysis_operator.infra.kube import KubeClient
+from analysis_operator.policy.budgets import Budget, select_budget
+from analysis_operator.policy.refusal import Refusal
+
+BUDGETS = "computebudgets"
+
+
+@dataclass
+class Views:
+    """The kopf indexes budget decisions read (in memory, current with the watch streams)."""
+    budgets: Index
+    personal: Index
+    groups: Index
+
+    def select(self, environment_owner: str, named: str) -> Budget | Refusal:
+        budget_by_name = Singles(self.budgets)
+        return select_budget(environment_owner, named, budget_by_name, Singles(self.personal),
+                             lambda group, user: member_of(self.groups, group, user))
+
+
+
+@dataclass
+class _Waiting:
+    decide: Callable[[Budget], Any]
+    status_of: Callable[[Any], dict[str, Any] | None]
+    result: asyncio.Future
+
+
+class Ledger:
+    """Serialized, optimistic writes to budget status (see the module docstring).
+
+    Group commit: callers that arrive while a write to the same budget is in flight are
+    decided together, each on the status the previous one produced, and written in one
+    PUT. A burst of creates then costs a few writes instead of one each, in turn."""
+
+    def __init__(self, kube: KubeClient, views: Views) -> None:
+        self.kube, self.views = kube, views
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._waiting: dict[str, list[_Waiting]] = {}
+        self._bodies: dict[str, dict[str, Any]] = {}   # the last version this process read or wrote
+
+    async def update(self, name: str, decide: Callable[[Budget], Any],
+                     status_of: Callable[[Any], dict[str, Any] | None] = lambda result: result
+                     if isinstance(result, dict) else None) -> Any:
+        """Run `decide` on the budget and write the status it returns; None if the budget is gone."""
+        mine = _Waiting(decide, status_of, asyncio.get_running_loop().create_future())
+        self._waiting.setdefault(name, []).append(mine)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            if not mine.result.done():           # nobody took us along: lead the next batch
+                batch, self._waiting[name] = self._waiting[name], []
+                try:
+                    results = await self._commit(name, batch)
+                except asyncio.CancelledError:   # our task ends; the others go with the next batch
+                    self._waiting[name][:0] = [waiting for waiting in batch if waiting is not mine]
+                    raise
+                except Exception as error:
+                    for waiting in batch:
+                        if not waiting.result.done():
+                            waiting.result.set_exception(error)
+                else:
+                    for waiting, result in zip(batch, results):
+                        waiting.result.set_result(result)
+        return mine.result.result()
+
+    async def _commit(self, name: str, batch: list[_Waiting]) -> list[Any]:
+        body = self._bodies.get(name)
+        cached = body is not None
+        for _ in range(20):
+            if body is None:
+                body = await self.kube.get_cluster_object(BUDGETS, name)
+                if body is None:
+                    self._bodies.pop(name, None)
+                    return [None] * len(batch)
+            first_view = budget = Budget.from_body(body)
+            results, changed = [], body
+            for waiting in batch:
+                result = waiting.decide(budget)
+                results.append(result)
+                status = waiting.status_of(result)
+                if status is not None:
+                    changed = {**changed, "status": status}
+                    budget = Budget.from_body(changed)
+            if changed is body:
+                if cached and self._stale(first_view):
+                    body, cached = None, False   # decided on our copy while the index moved on: re-read
+                    continue
+                self._bodies[name] = body
+                return results
+            try:
+                body = await self.kube.replace_cluster_status(BUDGETS, changed)
+                self._bodies[name] = body
+                return results
+            except ApiException as error:
+                if error.status not in (409, 404):
+                    raise
+                body, cached = None, False
+        raise Retry(f"ComputeBudget {name!r} keeps changing; retrying", delay=1)
+
+    def _stale(self, budget: Budget) -> bool:
+        seen = first(self.views.budgets, budget.name)
+        return seen is not None and seen.resource_version != budget.resource_version

@@ -1,0 +1,98 @@
+"""Converge an environment from outside its own kopf handler, and retry it on its own.
+
+Pod events, catalogue changes, budget exhaustion and the sweep all converge
+environments that kopf did not hand them; kopf would only log an error raised
+there. So every such path goes through `Reconciler.reconcile`, which writes the
+outcome and, when the outcome asks for it (a backend down, a grant that
+failed, an API error), converges that environment again after the delay,
+without waiting for some unrelated event: level-triggered. The environment's
+own kopf handlers get kopf's retry instead (handlers/environments.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import Callable
+
+import structlog
+
+from analysis_operator.engine.converge import Context, Outcome, converge
+from analysis_operator.engine.events import environment_reference, post_event
+from analysis_operator.engine.views import EnvironmentRecord, Index, first
+from analysis_operator.model.domain import Environment
+
+log = structlog.get_logger("analysis_operator.reconciler")
+MAX_BACKOFF_SECONDS = 60.0
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+async def apply(context: Context, environment: Environment, outcome: Outcome) -> None:
+    """Write an outcome: the status patch, then the Event."""
+    if outcome.status is not None:
+        await context.kube.patch_environment_status(environment.namespace, environment.name, outcome.status)
+    if outcome.event is not None:
+        await post_event(context.kube, environment_reference(environment), *outcome.event)
+
+
+class Reconciler:
+    def __init__(self, context: Context, environments: Index, flavors: Index,
+                 clock: Callable[[], datetime.datetime] = utcnow, first_backoff: float = 1.0) -> None:
+        self.context, self.environments, self.flavors, self.clock = context, environments, flavors, clock
+        self.first_backoff = first_backoff
+        self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}  # uid -> (when, timer)
+        self._failures: dict[str, int] = {}  # uid -> unexpected errors in a row, for the backoff
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def reconcile(self, record: EnvironmentRecord, now: datetime.datetime | None = None) -> Outcome:
+        environment = record.environment
+        try:
+            outcome = await converge(self.context, environment, record.status,
+                                     first(self.flavors, environment.flavor), now or self.clock())
+            await apply(self.context, environment, outcome)
+        except Exception as error:  # an API error, a bug: logged, and tried again with a growing delay
+            failures = self._failures[environment.uid] = self._failures.get(environment.uid, 0) + 1
+            delay = min(MAX_BACKOFF_SECONDS, self.first_backoff * 2.0 ** (failures - 1))
+            log.warning("reconcile.failed", environment=f"{environment.namespace}/{environment.name}",
+                        error=repr(error), retry_in=delay)
+            outcome = Outcome(retry_after=delay, message=repr(error))
+        else:
+            self._failures.pop(environment.uid, None)
+        if outcome.retry_after is not None:
+            self.requeue(record, outcome.retry_after)
+        return outcome
+
+    def requeue(self, record: EnvironmentRecord, delay: float) -> None:
+        """Converge it again in `delay` seconds (the sooner of two asks wins), from the index as it is then."""
+        loop = asyncio.get_running_loop()
+        uid, key = record.environment.uid, (record.environment.namespace, record.environment.name)
+        when = loop.time() + delay
+        scheduled = self._timers.get(uid)
+        if scheduled is not None:
+            if scheduled[0] <= when:
+                return
+            scheduled[1].cancel()
+        self._timers[uid] = (when, loop.call_later(delay, self._fire, uid, key))
+
+    def _fire(self, uid: str, key: tuple[str, str]) -> None:
+        self._timers.pop(uid, None)
+        current: EnvironmentRecord | None = first(self.environments, key)
+        if current is None or current.environment.uid != uid:
+            return  # deleted (or replaced by a namesake) meanwhile: nothing to retry
+        task = asyncio.get_running_loop().create_task(self.reconcile(current))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def pending(self) -> int:
+        return len(self._timers)
+
+    def close(self) -> None:
+        for _, timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for task in self._tasks:
+            task.cancel()

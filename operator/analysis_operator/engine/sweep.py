@@ -1,0 +1,89 @@
+"""The periodic sweep over the environments index: expiry, polled backends, lifetime warnings, orphans.
+
+One loop for all environments instead of a timer per object (handlers/lifecycle.py
+runs it on the active replica only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+
+import structlog
+
+from analysis_operator.engine.converge import Outcome, expiry
+from analysis_operator.engine.events import environment_reference, post_event
+from analysis_operator.engine.reconciler import Reconciler
+from analysis_operator.engine.views import EnvironmentRecord, Index, first, values
+from analysis_operator.model.domain import Environment, Phase, format_time, is_terminal
+from analysis_operator.policy.budgets import expiry_warning_due
+
+log = structlog.get_logger("analysis_operator.sweep")
+
+
+def due(record: EnvironmentRecord, flavors: Index, polled: frozenset[str], moment: datetime.datetime) -> bool:
+    """Does the sweep need to act on this environment now? (pure)
+
+    Environments on polled backends on every sweep, since nothing pushes their
+    state to us; the others only when their lifetime is over (their events do the rest).
+    """
+    if is_terminal(record.status.get("phase")) or not record.status.get("phase"):
+        return False
+    flavor = first(flavors, record.environment.flavor)
+    if flavor is None:
+        return False
+    return flavor.backend in polled or expiry(record.environment, flavor, record.status, moment)[1] <= moment
+
+
+async def sweep(reconciler: Reconciler, moment: datetime.datetime, parallel: int = 8) -> int:
+    polled = frozenset(kind for kind, backend in reconciler.context.backends.items() if backend.polled)
+    due_records = [record for record in values(reconciler.environments)
+                   if due(record, reconciler.flavors, polled, moment)]
+    limit = asyncio.Semaphore(parallel)
+
+    async def one(record: EnvironmentRecord) -> Outcome:
+        async with limit:
+            return await reconciler.reconcile(record, moment)
+
+    await asyncio.gather(*(one(record) for record in due_records))  # reconcile logs and retries its own failures
+    return len(due_records)
+
+
+async def warn_expiring(reconciler: Reconciler, warn_before: float, moment: datetime.datetime) -> None:
+    """A Warning Event a configurable time before an environment expires, once per expiry time,
+    so the portal can offer an extension (a lifetime BudgetRequest)."""
+    kube = reconciler.context.kube
+    for record in values(reconciler.environments):
+        if record.status.get("phase") not in (Phase.READY.value, Phase.PROVISIONING.value):
+            continue
+        flavor = first(reconciler.flavors, record.environment.flavor)
+        if flavor is None:
+            continue
+        _, expires_at = expiry(record.environment, flavor, record.status, moment)
+        if expiry_warning_due(expires_at, moment, warn_before, record.status.get("expiryWarnedFor")):
+            environment = record.environment
+            await kube.patch_environment_status(environment.namespace, environment.name,
+                                                {"expiryWarnedFor": format_time(expires_at)})
+            await post_event(kube, environment_reference(environment), "Warning", "ExpiresSoon",
+                             f"expires at {format_time(expires_at)}; to keep it longer, create a BudgetRequest "
+                             f"with spec.environment {environment.name!r} and spec.lifetime")
+
+
+async def sweep_orphans(reconciler: Reconciler) -> int:
+    """Remove jobs and VMs whose environment no longer exists (deleted while the operator was down)."""
+    known = {record.environment.uid for record in values(reconciler.environments)}
+    kube = reconciler.context.kube
+    removed = 0
+    for kind, backend in reconciler.context.backends.items():
+        for managed in await backend.list_managed():
+            if managed.uid in known:
+                continue
+            # The index may lag; only the API server's answer makes it an orphan.
+            if await kube.environment_exists(managed.namespace, managed.name, managed.uid):
+                continue
+            orphan = Environment(managed.namespace, managed.name, managed.uid, owner="", flavor="")
+            await backend.delete(orphan)
+            log.warning("orphan.removed", backend=kind, environment=f"{managed.namespace}/{managed.name}",
+                        backend_id=managed.backend_id)
+            removed += 1
+    return removed

@@ -1,0 +1,49 @@
+"""The access token of an environment: a Secret in its namespace, whatever the backend.
+
+The pod, job or VM is given the token; the Secret keeps it, so a resumed or
+re-created environment keeps its URL and token. Owned by the environment:
+garbage collection removes it with the object.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from typing import Any
+
+from analysis_operator.infra.kube import KubeClient
+from analysis_operator.model.domain import Environment
+
+TOKEN_KEY = "token"
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def build_token_secret(environment: Environment, token: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": environment.child_name,
+            "namespace": environment.namespace,
+            "labels": environment.identity_labels,
+            "ownerReferences": environment.owner_references,
+        },
+        "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+    }
+
+
+async def ensure_token(kube: KubeClient, environment: Environment) -> str:
+    """The environment's token, creating its Secret on first use."""
+    token = new_token()
+    if await kube.create("Secret", environment.namespace, build_token_secret(environment, token)):
+        return token
+    existing = await kube.read_secret_value(environment.namespace, environment.child_name, TOKEN_KEY)
+    return existing or token
+
+
+async def delete_token(kube: KubeClient, environment: Environment) -> None:
+    await kube.delete("Secret", environment.namespace, environment.child_name)

@@ -1,0 +1,80 @@
+"""Status conditions and phase transitions as pure functions (Kubernetes' condition conventions)."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from typing import Any
+
+from analysis_operator.model.domain import Phase, format_time
+
+
+def build_condition(
+    previous: Mapping[str, Any] | None,
+    *,
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int,
+    now: datetime.datetime,
+) -> dict[str, Any]:
+    word = "True" if status else "False"
+    unchanged = previous is not None and previous.get("status") == word
+    return {
+        "type": type_,
+        "status": word,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": previous["lastTransitionTime"]
+        if unchanged and previous is not None and previous.get("lastTransitionTime")
+        else format_time(now),
+    }
+
+
+def merge_conditions(current: list[Mapping[str, Any]] | None, *updates: dict[str, Any]) -> list[dict[str, Any]]:
+    by_type = {condition["type"]: dict(condition) for condition in current or ()}
+    for update in updates:
+        by_type[update["type"]] = update
+    return list(by_type.values())
+
+
+def build_transition(
+    status: Mapping[str, Any] | None,
+    *,
+    phase: Phase,
+    reason: str,
+    message: str,
+    generation: int,
+    now: datetime.datetime,
+    **fields: Any,
+) -> dict[str, Any] | None:
+    """The status merge patch moving to `phase`, or None if status already says it.
+
+    Only phase, reason, message and observedGeneration decide whether to write:
+    details such as the backend's own state word ride along with the next real
+    transition instead of costing a write each. A field given as None is removed.
+    """
+    status = status or {}
+    wanted: dict[str, Any] = {
+        "phase": phase.value,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+    }
+    if all(status.get(key) == value for key, value in wanted.items()):
+        return None
+    wanted.update({key: value for key, value in fields.items() if value is not None or key in status})
+    previous = {c.get("type"): c for c in status.get("conditions") or ()}
+    ready = build_condition(
+        previous.get("Ready"),
+        type_="Ready",
+        status=phase is Phase.READY,
+        reason=reason,
+        message=message,
+        generation=generation,
+        now=now,
+    )
+    wanted["conditions"] = merge_conditions(status.get("conditions"), ready)
+    return wanted

@@ -1,0 +1,323 @@
+"""A fourth backend plugs into the engine through backends/base.py alone.
+
+`MemoryBackend` below lives only in this file: no module of the package names
+it, yet converge creates, suspends, resumes, expires, rejects and retries its
+environments, the sweep polls it, and accounting charges what it reports
+holding. The Kubernetes API is replaced by an in-memory stand-in for the few
+calls the engine makes (token Secret, status patch, Events); the real API
+server's side of these paths is in tests/integration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+from collections.abc import Sequence
+
+import pytest
+
+from analysis_operator.backends.base import Charging, ManagedObject, Observation, State
+from analysis_operator.engine.accounting import plan_tick
+from analysis_operator.engine.converge import Context, Retry, converge
+from analysis_operator.engine.reconciler import Reconciler
+from analysis_operator.engine.sweep import due, sweep
+from analysis_operator.engine.views import EnvironmentRecord
+from analysis_operator.model.domain import Dataset, DatasetRef, DatasetStorage, Environment, Flavor, Mount
+from analysis_operator.policy.budgets import Budget
+from analysis_operator.policy.refusal import Refusal
+
+NOW = datetime.datetime(2026, 11, 30, 12, 0, tzinfo=datetime.UTC)
+FLAVOR = Flavor(name="mem", backend="memory", max_lifetime=datetime.timedelta(hours=2))
+ENVIRONMENT = Environment(namespace="ns", name="lab", uid="u-1", owner="alice", flavor="mem", generation=1)
+
+
+class MemoryBackend:
+    kind = "memory"
+    needs_finalizer = True
+    polled = True
+    charging = Charging.ALLOCATION
+
+    def __init__(self) -> None:
+        self.running: dict[str, str] = {}  # uid -> "starting" | "ready" | "suspended"
+        self.calls: list[str] = []
+        self.tokens: dict[str, str] = {}
+        self.mounts: dict[str, tuple[Mount, ...]] = {}
+        self.fail_next: Exception | None = None
+
+    def _fail(self) -> None:
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            raise error
+
+    def validate(self, environment: Environment, flavor: Flavor) -> Refusal | None:
+        return Refusal("NoPets", "no pets in memory") if environment.image == "pet" else None
+
+    def dataset_problem(self, dataset: Dataset) -> str | None:
+        return None if dataset.storage.path else f"dataset {dataset.name!r} has no path"
+
+    def _observation(self, uid: str) -> Observation:
+        state = self.running.get(uid)
+        if state is None:
+            return Observation(State.GONE, "NotThere")
+        if state == "suspended":
+            return Observation(State.SUSPENDED, "Parked")
+        if state == "ready":
+            return Observation(State.READY, "Up", "up", {"id": uid, "state": "UP"}, "mem://lab", cpus=2.0, gpus=1)
+        return Observation(State.PROVISIONING, "Starting", "starting", {"id": uid, "state": "STARTING"})
+
+    async def ensure(self, environment: Environment, flavor: Flavor, token: str,
+                     mounts: Sequence[Mount]) -> Observation:
+        self._fail()
+        self.calls.append("ensure")
+        self.running.setdefault(environment.uid, "starting")
+        self.tokens[environment.uid], self.mounts[environment.uid] = token, tuple(mounts)
+        return self._observation(environment.uid)
+
+    async def observe(self, environment: Environment) -> Observation:
+        return self._observation(environment.uid)
+
+    async def suspend(self, environment: Environment) -> Observation:
+        self.calls.append("suspend")
+        self.running[environment.uid] = "suspended"
+        return self._observation(environment.uid)
+
+    async def resume(self, environment: Environment, flavor: Flavor, token: str,
+                     mounts: Sequence[Mount]) -> Observation:
+        self.calls.append("resume")
+        if environment.uid in self.running:
+            self.running[environment.uid] = "starting"
+        return self._observation(environment.uid)
+
+    async def delete(self, environment: Environment) -> bool:
+        self.calls.append("delete")
+        self.running.pop(environment.uid, None)
+        return True
+
+    async def list_managed(self) -> list[ManagedObject]:
+        return [ManagedObject("ns", "lab", uid, uid) for uid in self.running]
+
+    def close(self) -> None:
+        pass
+
+
+class Cluster:
+    """The engine's few Kubernetes calls, in memory: Secrets, status patches, Events."""
+
+    def __init__(self) -> None:
+        self.secrets: dict[tuple[str, str], str] = {}
+        self.status: dict[tuple[str, str], dict] = {}
+        self.events: list[tuple[str, str]] = []
+
+    async def create(self, kind: str, namespace: str, body: dict) -> bool:
+        key = (namespace, body["metadata"]["name"])
+        if key in self.secrets:
+            return False
+        self.secrets[key] = body["data"]["token"]
+        return True
+
+    async def read_secret_value(self, namespace: str, name: str, key: str) -> str | None:
+        import base64
+        value = self.secrets.get((namespace, name))
+        return base64.b64decode(value).decode() if value else None
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        return self.secrets.pop((namespace, name), None) is not None
+
+    async def patch_environment_status(self, namespace: str, name: str, status: dict) -> bool:
+        self.status.setdefault((namespace, name), {}).update(status)
+        return True
+
+    async def post_event(self, involved: dict, type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason))
+
+
+class Catalogue:
+    """An Access that grants the datasets listed in spec, so mounts can be followed to the backend."""
+
+    def __init__(self) -> None:
+        self.recorded: list[tuple[Mount, ...]] = []
+
+    async def grant(self, environment, flavor, reach, status, now):
+        datasets = [Dataset(name=ref.name, pid=f"10.5072/{ref.name}", storage=DatasetStorage(path=f"/gpfs/{ref.name}"))
+                    for ref in environment.datasets]
+        problems = [problem for dataset in datasets if (problem := reach(dataset))]
+        if problems:
+            return Refusal("DatasetNotAvailable", problems[0])
+        return tuple(Mount(dataset, f"/data/{dataset.name}", "public") for dataset in datasets)
+
+    async def mounted(self, environment, mounts):
+        self.recorded.append(tuple(mounts))
+
+
+def setup(**context_fields):
+    backend, cluster = MemoryBackend(), Cluster()
+    context = Context(kube=cluster, backends={"memory": backend}, access=Catalogue(), **context_fields)
+    return backend, cluster, context
+
+
+async def run(context, environment, status, now=NOW, flavor=FLAVOR):
+    outcome = await converge(context, environment, status, flavor, now)
+    return {**status, **(outcome.status or {})}, outcome
+
+
+def test_create_ready_suspend_resume_expire_through_the_interface_alone():
+    backend, cluster, context = setup()
+    environment = dataclasses.replace(ENVIRONMENT, datasets=(DatasetRef("raw"),))
+
+    async def scenario():
+        status, outcome = await run(context, environment, {})
+        assert status["phase"] == "Provisioning" and backend.calls == ["ensure"]
+        assert {key: value for key, value in status["backend"].items() if value is not None} == {
+            "kind": "memory", "id": "u-1", "state": "STARTING"}
+        assert backend.tokens["u-1"] and ("ns", "aenv-lab") in cluster.secrets        # token made once, handed over
+        assert [mount.path for mount in backend.mounts["u-1"]] == ["/data/raw"]      # the grant, decided once
+        assert context.access.recorded == [backend.mounts["u-1"]]
+
+        backend.running["u-1"] = "ready"
+        status, outcome = await run(context, environment, status)
+        assert (status["phase"], status["connection"]["url"]) == ("Ready", "mem://lab")
+        assert status["backend"]["allocatedCpus"] == 2.0 and backend.calls == ["ensure"]   # adopted, not re-made
+
+        suspended = dataclasses.replace(environment, suspend=True, generation=2)
+        status, _ = await run(context, suspended, status)
+        assert status["phase"] == "Suspended" and backend.calls[-1] == "suspend"
+        assert status["backend"]["state"] is None and status["backend"]["allocatedCpus"] is None  # removed
+        status, _ = await run(context, suspended, status)
+        assert backend.calls.count("suspend") == 1                                   # idempotent
+
+        resumed = dataclasses.replace(environment, generation=3)
+        status, _ = await run(context, resumed, status)
+        assert status["phase"] == "Provisioning" and backend.calls[-1] == "resume"
+        assert backend.tokens["u-1"] == await cluster.read_secret_value("ns", "aenv-lab", "token")  # same token
+
+        later = NOW + datetime.timedelta(hours=3)
+        status, outcome = await run(context, resumed, status, now=later)
+        assert (status["phase"], status["reason"]) == ("Expired", "LifetimeExpired")
+        assert backend.calls[-1] == "delete" and "u-1" not in backend.running
+        assert ("ns", "aenv-lab") not in cluster.secrets and status["connection"] is None
+        assert outcome.event[:2] == ("Warning", "LifetimeExpired")
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("environment, reason", [
+    (dataclasses.replace(ENVIRONMENT, image="pet"), "CustomImageNotAllowed"),        # the common rule first
+    (dataclasses.replace(ENVIRONMENT, lifetime=datetime.timedelta(hours=3)), "LifetimeTooLong"),
+])
+def test_common_rules_refuse_before_the_backend_is_asked(environment, reason):
+    backend, cluster, context = setup()
+    status, _ = asyncio.run(run(context, environment, {}))
+    assert (status["phase"], status["reason"]) == ("Rejected", reason)
+    assert "ensure" not in backend.calls
+
+
+def test_the_backend_adds_its_own_rules_and_its_own_view_of_data():
+    backend, cluster, context = setup()
+    custom = dataclasses.replace(FLAVOR, allow_custom_image=True)
+    status, _ = asyncio.run(run(context, dataclasses.replace(ENVIRONMENT, image="pet"), {}, flavor=custom))
+    assert (status["phase"], status["reason"]) == ("Rejected", "NoPets")
+
+
+def test_a_rejected_running_environment_is_stopped_not_left_running():
+    backend, cluster, context = setup()
+
+    async def scenario():
+        status, _ = await run(context, ENVIRONMENT, {})
+        too_long = dataclasses.replace(ENVIRONMENT, lifetime=datetime.timedelta(hours=5), generation=2)
+        status, _ = await run(context, too_long, status)
+        assert status["phase"] == "Rejected" and "u-1" not in backend.running
+        assert ("ns", "aenv-lab") not in cluster.secrets and status["connection"] is None
+
+    asyncio.run(scenario())
+
+
+def test_an_unknown_backend_waits_and_says_so():
+    backend, cluster, context = setup()
+    outcome = asyncio.run(converge(context, ENVIRONMENT, {}, dataclasses.replace(FLAVOR, backend="nomad"), NOW))
+    assert outcome.status["reason"] == "BackendNotEnabled" and "nomad" in outcome.status["message"]
+    assert outcome.retry_after == 60
+
+
+def test_the_sweep_polls_a_polled_backend_and_only_it():
+    record = EnvironmentRecord(ENVIRONMENT, {"phase": "Ready", "startedAt": "2026-11-30T11:00:00Z"})
+    flavors = {"mem": [FLAVOR]}
+    assert due(record, flavors, frozenset({"memory"}), NOW)
+    assert not due(record, flavors, frozenset(), NOW)                       # pushed: only at expiry
+    assert due(record, flavors, frozenset(), NOW + datetime.timedelta(hours=2))
+
+
+def test_accounting_charges_what_an_allocation_backend_reports():
+    backend, cluster, context = setup()
+    entry = {"namespace": "ns", "name": "lab", "cpus": 8, "gpus": 4, "since": "2026-11-30T11:00:00Z",
+             "chargedUntil": "2026-11-30T11:00:00Z", "cpuHours": 0.0, "gpuHours": 0.0}
+    budget = Budget(name="b", user="alice", status={"environments": {"u-1": entry}})
+    running = {"phase": "Ready", "backend": {"kind": "memory", "allocatedCpus": 2.0, "allocatedGpus": 1,
+                                             "startedAt": "2026-11-30T11:30:00Z"}}
+    environments = {("ns", "lab"): [EnvironmentRecord(ENVIRONMENT, running)]}
+    result = plan_tick(budget, environments, {"mem": [FLAVOR]}, context.backends, NOW, 80.0)
+    charged = result.status["environments"]["u-1"]
+    assert (charged["cpuHours"], charged["gpuHours"]) == (1.0, 0.5)   # 2 CPUs, 1 GPU for 30 min, not 8 and 4
+
+
+class FailOnce:
+    """A grant that cannot be decided now (e.g. a budget write that keeps conflicting)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def check(self, environment, flavor, status, now):
+        self.calls += 1
+        if self.calls == 1:
+            raise Retry("budget busy", delay=0.05)
+        return None
+
+
+@pytest.mark.parametrize("failure", ["grant", "backend-error"])
+def test_a_failure_outside_kopf_is_retried_without_any_other_event(failure):
+    """A pod event or the sweep converges; the first try fails; nothing else happens, and yet it
+    converges again after the delay the failure asked for."""
+    gate = FailOnce()
+    backend, cluster, context = setup(gates=(gate,) if failure == "grant" else ())
+    if failure == "backend-error":
+        backend.fail_next = RuntimeError("API server said 500")
+    environments = {("ns", "lab"): [EnvironmentRecord(ENVIRONMENT, {"phase": "Pending"})]}
+    reconciler = Reconciler(context, environments, {"mem": [FLAVOR]}, clock=lambda: NOW, first_backoff=0.05)
+
+    async def scenario():
+        first = await reconciler.reconcile(environments[("ns", "lab")][0])
+        assert first.retry_after is not None and backend.calls == [] and reconciler.pending == 1
+        for _ in range(100):
+            if backend.calls:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)
+        reconciler.close()
+
+    asyncio.run(scenario())
+    assert backend.calls == ["ensure"]
+    assert cluster.status[("ns", "lab")]["phase"] == "Provisioning"
+
+
+def test_a_retry_for_an_environment_deleted_meanwhile_does_nothing():
+    backend, cluster, context = setup(gates=(FailOnce(),))
+    environments = {("ns", "lab"): [EnvironmentRecord(ENVIRONMENT, {"phase": "Pending"})]}
+    reconciler = Reconciler(context, environments, {"mem": [FLAVOR]}, clock=lambda: NOW)
+
+    async def scenario():
+        await reconciler.reconcile(environments[("ns", "lab")][0])
+        environments.clear()
+        await asyncio.sleep(0.1)
+
+    asyncio.run(scenario())
+    assert backend.calls == [] and reconciler.pending == 0
+
+
+def test_sweep_converges_every_due_environment_of_a_polled_backend():
+    backend, cluster, context = setup()
+    records = {("ns", f"e{i}"): [EnvironmentRecord(dataclasses.replace(ENVIRONMENT, name=f"e{i}", uid=f"u{i}"),
+                                                   {"phase": "Provisioning", "startedAt": "2026-11-30T11:59:00Z"})]
+               for i in range(5)}
+    reconciler = Reconciler(context, records, {"mem": [FLAVOR]}, clock=lambda: NOW)
+    assert asyncio.run(sweep(reconciler, NOW)) == 5
+    assert backend.calls == ["ensure"] * 5
