@@ -121,7 +121,7 @@ def _coerce(value: str, current: Any) -> Any:
 def _build(cls: type, file_values: Mapping[str, Any], environ: Mapping[str, str], prefix: str) -> Any:
     values: dict[str, Any] = {}
     for spec in dataclasses.fields(cls):
-        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        default = spec.default if spec.default_factory is dataclasses.MISSING else spec.default_factory()
         if dataclasses.is_dataclass(default):
             values[spec.name] = _build(type(default), file_values.get(spec.name) or {},
                                        environ, f"{prefix}{spec.name.upper()}_")
@@ -144,4 +144,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     path = environ.get(f"{PREFIX}CONFIG")
     if path:
         file_values = yaml.safe_load(pathlib.Path(path).read_text()) or {}
-    return _build(Settings, file_values, environ, PREFIX)
+    settings: Settings = _build(Settings, file_values, environ, PREFIX)
+    return settings

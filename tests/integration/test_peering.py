@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from analysis_operator.certificates import ensure_certificates
+from analysis_operator.infra.certificates import ensure_certificates
 from tests.integration.conftest import Environments, OperatorProcess, kubectl
 from tests.waiting import wait_for
 

@@ -70,13 +70,22 @@ class ManagedObject:
 
 
 class Backend(Protocol):
-    kind: str  # the key flavors name in spec.backend
-    # True: what runs lives outside Kubernetes, so the environment carries a finalizer and is
-    # deleted only once `delete` confirms; False: owner references and garbage collection suffice.
-    needs_finalizer: bool
-    # True: nothing pushes state changes to the operator, so the sweep observes it every round.
-    polled: bool
-    charging: Charging
+    @property
+    def kind(self) -> str:
+        """The key flavors name in spec.backend."""
+
+    @property
+    def needs_finalizer(self) -> bool:
+        """True: what runs lives outside Kubernetes, so the environment carries a finalizer and is
+        deleted only once `delete` confirms; False: owner references and garbage collection suffice."""
+
+    @property
+    def polled(self) -> bool:
+        """True: nothing pushes state changes to the operator, so the sweep observes it every round."""
+
+    @property
+    def charging(self) -> Charging:
+        """How its environments are charged to their ComputeBudget."""
 
     def validate(self, environment: Environment, flavor: Flavor) -> Refusal | None:
         """What this backend requires of a request beyond the common rules (pure)."""

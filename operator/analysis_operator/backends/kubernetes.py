@@ -82,7 +82,7 @@ def build_pod(environment: Environment, flavor: Flavor, settings: Settings,
     limits = dict(requests)
     if resources.gpu:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(resources.gpu)
-    return render.render_yaml(
+    pod: dict[str, Any] = render.render_yaml(
         settings.templates_dir, "pod.yaml.j2",
         name=environment.child_name,
         namespace=environment.namespace,
@@ -100,10 +100,11 @@ def build_pod(environment: Environment, flavor: Flavor, settings: Settings,
         dataset_mounts=list(dataset_mounts),
         home_claim=home_claim_name(environment.owner) if settings.home.claims else "",
     )
+    return pod
 
 
 def build_service(environment: Environment, settings: Settings) -> dict[str, Any]:
-    return render.render_yaml(
+    service: dict[str, Any] = render.render_yaml(
         settings.templates_dir, "service.yaml.j2",
         name=environment.child_name,
         namespace=environment.namespace,
@@ -112,6 +113,7 @@ def build_service(environment: Environment, settings: Settings) -> dict[str, Any
         selector={LABEL_ENVIRONMENT_UID: environment.uid},
         port=settings.jupyter_port,
     )
+    return service
 
 
 def build_url(environment: Environment, settings: Settings) -> str:

@@ -173,17 +173,17 @@ def build_observation(job: Mapping[str, Any], endpoint_answers: bool) -> Observa
         return Observation(State.PENDING, reason=reason, reference=reference,
                            message=f"Slurm job {job_id} is {state.lower()}: {reason}")
     if state in ACTIVE_STATES:
-        held = {"cpus": float(job.get("cpus") or 0), "gpus": allocated_gpus(job)}
+        cpus, gpus = float(job.get("cpus") or 0), allocated_gpus(job)
         if int(job.get("start_time") or 0) > 0:
             reference["startedAt"] = format_time(
                 datetime.datetime.fromtimestamp(int(job["start_time"]), datetime.timezone.utc))
         endpoint = parse_endpoint(str(job.get("comment", "")))
         if state == "RUNNING" and endpoint and endpoint_answers:
             return Observation(State.READY, reason="JupyterAnswering", reference=reference,
-                               url=f"http://{endpoint}/", **held,
+                               url=f"http://{endpoint}/", cpus=cpus, gpus=gpus,
                                message=f"JupyterLab answers in Slurm job {job_id}")
         return Observation(State.PROVISIONING, reason="JupyterStarting", reference=reference,
-                           **held, message=f"Slurm job {job_id} is {state.lower()}, "
+                           cpus=cpus, gpus=gpus, message=f"Slurm job {job_id} is {state.lower()}, "
                                            "JupyterLab is not answering yet")
     detail = f"Slurm job {job_id} ended {state} (reason {slurm_reason}, exit code {job.get('exit_code')})"
     if state == "TIMEOUT":
@@ -256,7 +256,8 @@ class SlurmRestClient:
                 "is it slurmrestd, and is api_version right?") from None
         errors = [error for error in (body or {}).get("errors") or () if error]
         if status < 400 and not errors:
-            return body
+            answer: dict[str, Any] = body
+            return answer
         refusal = SlurmRequestRefused(errors or [{"error": f"HTTP {status}"}])
         if any(_is_refusal(code) for code in refusal.codes):
             raise refusal

@@ -45,7 +45,7 @@ class Views:
 class _Waiting:
     decide: Callable[[Budget], Any]
     status_of: Callable[[Any], dict[str, Any] | None]
-    result: asyncio.Future
+    result: asyncio.Future[Any]
 
 
 class Ledger:

@@ -45,7 +45,7 @@ class Reconciler:
         self.first_backoff = first_backoff
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}  # uid -> (when, timer)
         self._failures: dict[str, int] = {}  # uid -> unexpected errors in a row, for the backoff
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Outcome]] = set()
 
     async def reconcile(self, record: EnvironmentRecord, now: datetime.datetime | None = None) -> Outcome:
         environment = record.environment

@@ -36,8 +36,8 @@ def _load_configuration(workers: int) -> kubernetes.client.Configuration:
 class KubeClient:
     def __init__(self, workers: int = 16) -> None:
         api_client = kubernetes.client.ApiClient(_load_configuration(workers))
-        self.core = kubernetes.client.CoreV1Api(api_client)
-        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.core: Any = kubernetes.client.CoreV1Api(api_client)
+        self.custom: Any = kubernetes.client.CustomObjectsApi(api_client)
         self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="kube")
 
     async def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -47,7 +47,7 @@ class KubeClient:
 
     async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
         """Create; False if it already exists (deterministic names make that success)."""
-        method = {
+        method: Callable[..., Any] = {
             "Pod": self.core.create_namespaced_pod,
             "Service": self.core.create_namespaced_service,
             "Secret": self.core.create_namespaced_secret,
@@ -63,7 +63,7 @@ class KubeClient:
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete; False if it was already gone."""
-        method = {
+        method: Callable[..., Any] = {
             "Pod": self.core.delete_namespaced_pod,
             "Service": self.core.delete_namespaced_service,
             "Secret": self.core.delete_namespaced_secret,

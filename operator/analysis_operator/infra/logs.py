@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
 
-def _kopf_object(logger: object, method: str, event: dict) -> dict:
+def _kopf_object(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     record = event.get("_record")
     reference = getattr(record, "k8s_ref", None) if record is not None else None
     if reference:
@@ -35,7 +37,7 @@ def _not_a_refusal(record: logging.LogRecord) -> bool:
 def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
     json_output = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     renderer = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
-    shared = [
+    shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,

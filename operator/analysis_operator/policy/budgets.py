@@ -286,7 +286,7 @@ def summarize(budget: Budget, status: Mapping[str, Any], now: datetime.datetime)
     view = Budget(**{**budget.__dict__, "status": status})
     entries = view.entries
     used = {key: round(view.used(key), 6) for key in RESOURCES}
-    limits = {key: view.limit(key) for key in LIMIT_FIELDS if view.limit(key) is not None}
+    limits = {key: limit for key in LIMIT_FIELDS if (limit := view.limit(key)) is not None}
     remaining = {key: round(max(0.0, limits[key] - used[key]), 6) for key in RESOURCES if key in limits}
     running = {"environments": len(entries), "gpus": sum(int(entry.get("gpus") or 0) for entry in entries.values())}
 

@@ -18,7 +18,7 @@ import pytest
 from tests.integration.scripts import parse_exports, run_script
 
 from analysis_operator.backends.openstack import OpenStackBackend
-from analysis_operator.domain import BackendKind, Environment, Flavor, OpenStackSpec, Resources
+from analysis_operator.model.domain import BackendKind, Environment, Flavor, OpenStackSpec, Resources
 from analysis_operator.settings import Settings, load_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[3]

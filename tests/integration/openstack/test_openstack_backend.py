@@ -32,8 +32,8 @@ def test_create_goes_ready(backend, make_environment, basic_flavor, wait_for_sta
     first = asyncio.run(backend.ensure(environment, basic_flavor, TOKEN))
     assert first.state in (State.PROVISIONING, State.READY)
     ready = wait_for_state(backend, environment, State.READY)
-    assert ready.reference["serverId"] == first.reference["serverId"]
-    assert ready.reference["novaStatus"] == "ACTIVE"
+    assert ready.reference["id"] == first.reference["id"]
+    assert ready.reference["state"] == "ACTIVE"
     assert (ready.cpus, ready.gpus) == (2.0, 0)
     assert TOKEN not in repr(ready)
 
@@ -58,7 +58,7 @@ def test_gpu_flavor_is_scheduled_then_refused_when_capacity_is_gone(
     # Reconciling again reports the same failure; it does not create another server.
     again = asyncio.run(backend.ensure(environment, gpu_flavor, TOKEN))
     assert again.state == State.FAILED
-    assert again.reference["serverId"] == settled.reference["serverId"]
+    assert again.reference["id"] == settled.reference["id"]
 
 
 def test_shelve_and_unshelve_keep_the_server(backend, make_environment, basic_flavor,
@@ -69,11 +69,11 @@ def test_shelve_and_unshelve_keep_the_server(backend, make_environment, basic_fl
     asyncio.run(backend.suspend(environment))
     shelved = wait_until(lambda: asyncio.run(backend.observe(environment)),
                          lambda observation: observation.reason == "Shelved", what="shelved")
-    assert shelved.reference["novaStatus"] in ("SHELVED", "SHELVED_OFFLOADED")
+    assert shelved.reference["state"] in ("SHELVED", "SHELVED_OFFLOADED")
     assert (shelved.cpus, shelved.gpus) == (0.0, 0)
     asyncio.run(backend.resume(environment))
     resumed = wait_for_state(backend, environment, State.READY)
-    assert resumed.reference["serverId"] == ready.reference["serverId"]
+    assert resumed.reference["id"] == ready.reference["id"]
 
 
 def test_delete_is_confirmed_only_once_nova_has_no_server(backend, cloud, make_environment,
@@ -100,8 +100,8 @@ def test_a_restarted_operator_adopts_the_server(settings, cloud, make_environmen
         again = asyncio.run(after_restart.ensure(environment, basic_flavor, TOKEN))
     finally:
         after_restart.close()
-    assert adopted.reference["serverId"] == created.reference["serverId"]
-    assert again.reference["serverId"] == created.reference["serverId"]
+    assert adopted.reference["id"] == created.reference["id"]
+    assert again.reference["id"] == created.reference["id"]
     assert len(servers_named(cloud, environment)) == 1
 
 
@@ -111,7 +111,7 @@ def test_same_name_in_another_namespace_gets_its_own_server(backend, make_enviro
     second = make_environment(name="shared-name")
     one = asyncio.run(backend.ensure(first, basic_flavor, TOKEN))
     two = asyncio.run(backend.ensure(second, basic_flavor, TOKEN))
-    assert one.reference["serverId"] != two.reference["serverId"]
+    assert one.reference["id"] != two.reference["id"]
 
 
 def test_list_managed_finds_an_orphan(settings, make_environment, basic_flavor):
@@ -125,7 +125,7 @@ def test_list_managed_finds_an_orphan(settings, make_environment, basic_flavor):
         backend.close()
     found = [item for item in managed if item.uid == orphan.uid]
     assert [(item.namespace, item.name, item.backend_id) for item in found] == [
-        (orphan.namespace, orphan.name, created.reference["serverId"])]
+        (orphan.namespace, orphan.name, created.reference["id"])]
 
 
 @pytest.mark.parametrize("service, port", [("nova-api", "8774"), ("keystone", "5000")])

@@ -18,7 +18,7 @@ import pytest
 from tests.integration.scripts import parse_exports, run_script
 
 from analysis_operator.backends.slurm import SlurmBackend
-from analysis_operator.domain import Environment
+from analysis_operator.model.domain import Environment
 from analysis_operator.settings import SlurmSettings, load_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[3]

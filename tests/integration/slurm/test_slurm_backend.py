@@ -14,7 +14,7 @@ import pytest
 
 from analysis_operator.backends.base import BackendUnavailable, Observation, State
 from analysis_operator.backends.slurm import SlurmBackend, parse_identity
-from analysis_operator.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
+from analysis_operator.model.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
 
 pytestmark = pytest.mark.integration
 
@@ -66,11 +66,11 @@ def http_status(url: str) -> int:
 def test_submit_runs_and_becomes_ready_with_a_url_that_answers(backend, make_environment):
     environment = make_environment()
     submitted = asyncio.run(backend.ensure(environment, make_flavor(partition="debug"), TOKEN))
-    assert submitted.state == State.PENDING and submitted.reference["jobId"]
+    assert submitted.state == State.PENDING and submitted.reference["id"]
 
     ready = wait_for_state(backend, environment, {State.READY}, timeout=60)
 
-    assert ready.reference["jobId"] == submitted.reference["jobId"]
+    assert ready.reference["id"] == submitted.reference["id"]
     assert ready.reference["node"] == "localhost"
     assert ready.url.startswith("http://") and TOKEN not in ready.url
     assert http_status(ready.url) == 200
@@ -103,7 +103,7 @@ def test_gpu_request_reaches_slurm_and_is_accounted(backend, make_environment):
     asyncio.run(backend.ensure(environment, flavor, TOKEN))
 
     running = wait_for_state(backend, environment, {State.PROVISIONING, State.READY}, timeout=60)
-    job = asyncio.run(backend.client.job(running.reference["jobId"]))
+    job = asyncio.run(backend.client.job(running.reference["id"]))
 
     assert job["tres_per_node"] == "gres:gpu:2"
     assert running.gpus == 2 and running.cpus == 2.0
@@ -116,7 +116,7 @@ def test_delete_cancels_and_confirms_gone(backend, make_environment):
 
     wait_for(lambda: asyncio.run(backend.delete(environment)), timeout=30, what="delete confirmed")
 
-    job = asyncio.run(backend.client.job(ready.reference["jobId"]))
+    job = asyncio.run(backend.client.job(ready.reference["id"]))
     assert job["job_state"] == "CANCELLED"
     assert asyncio.run(backend.observe(environment)).state == State.FAILED
     with pytest.raises(OSError):
@@ -126,7 +126,7 @@ def test_delete_cancels_and_confirms_gone(backend, make_environment):
 def test_time_limit_expiry_reports_expired(backend, make_environment):
     environment = make_environment(lifetime=datetime.timedelta(minutes=1))
     submitted = asyncio.run(backend.ensure(environment, make_flavor(), TOKEN))
-    assert asyncio.run(backend.client.job(submitted.reference["jobId"]))["time_limit"] == 1
+    assert asyncio.run(backend.client.job(submitted.reference["id"]))["time_limit"] == 1
 
     # slurmctld checks time limits about every 30 s after the minute is up.
     expired = wait_for_state(backend, environment, {State.EXPIRED}, timeout=150)
@@ -146,7 +146,7 @@ def test_restarted_operator_adopts_the_running_job(slurm_settings, make_environm
     after_restart = SlurmBackend(slurm_settings)
     adopted = asyncio.run(after_restart.ensure(environment, make_flavor(), TOKEN))
 
-    assert adopted.reference["jobId"] == submitted.reference["jobId"]
+    assert adopted.reference["id"] == submitted.reference["id"]
     assert len(jobs_of(after_restart, environment.uid)) == 1
 
 
@@ -158,7 +158,7 @@ def test_list_managed_finds_an_orphan_and_the_sweep_cancels_it(backend, make_env
     found = [item for item in managed if item.uid == orphan.uid]
 
     assert [(item.namespace, item.name, item.backend_id) for item in found] == [
-        (orphan.namespace, orphan.name, submitted.reference["jobId"])]
+        (orphan.namespace, orphan.name, submitted.reference["id"])]
     wait_for(lambda: asyncio.run(backend.delete(orphan)), timeout=30, what="orphan cancelled")
     remaining = asyncio.run(backend.list_managed())
     assert orphan.uid not in {item.uid for item in remaining}
@@ -192,5 +192,5 @@ def test_slurmrestd_down_then_back_loses_nothing(backend, make_environment, slur
         slurm_script("up")
 
     adopted = asyncio.run(backend.ensure(environment, make_flavor(), TOKEN))
-    assert adopted.reference["jobId"] == submitted.reference["jobId"]
+    assert adopted.reference["id"] == submitted.reference["id"]
     assert len(jobs_of(backend, environment.uid)) == 1

@@ -38,7 +38,7 @@ def test_operator_cancels_a_job_whose_environment_is_gone(slurm_environments, ba
     """A job left behind (its environment deleted while the operator was down) is swept."""
     import asyncio
 
-    from analysis_operator.domain import Flavor
+    from analysis_operator.model.domain import Flavor
 
     orphan = make_environment()  # an identity no AnalysisEnvironment has
     flavor = Flavor.from_body("orphan", {"backend": "slurm", "resources": {"cpu": 1, "memory": "1Gi"},
