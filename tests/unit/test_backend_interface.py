@@ -13,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
-from collections.abc import Sequence
 
 import pytest
 
-from analysis_operator.backends.base import Charging, ManagedObject, Observation, State
+from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, State
 from analysis_operator.engine.accounting import plan_tick
 from analysis_operator.engine.converge import Context, Retry, converge
 from analysis_operator.engine.reconciler import Reconciler
@@ -66,13 +65,13 @@ class MemoryBackend:
             return Observation(State.READY, "Up", "up", {"id": uid, "state": "UP"}, "mem://lab", cpus=2.0, gpus=1)
         return Observation(State.PROVISIONING, "Starting", "starting", {"id": uid, "state": "STARTING"})
 
-    async def ensure(self, environment: Environment, flavor: Flavor, token: str,
-                     mounts: Sequence[Mount]) -> Observation:
+    async def ensure(self, launch: Launch) -> Observation:
         self._fail()
         self.calls.append("ensure")
-        self.running.setdefault(environment.uid, "starting")
-        self.tokens[environment.uid], self.mounts[environment.uid] = token, tuple(mounts)
-        return self._observation(environment.uid)
+        uid = launch.environment.uid
+        self.running.setdefault(uid, "starting")
+        self.tokens[uid], self.mounts[uid] = launch.token, launch.mounts
+        return self._observation(uid)
 
     async def observe(self, environment: Environment) -> Observation:
         return self._observation(environment.uid)
@@ -82,12 +81,11 @@ class MemoryBackend:
         self.running[environment.uid] = "suspended"
         return self._observation(environment.uid)
 
-    async def resume(self, environment: Environment, flavor: Flavor, token: str,
-                     mounts: Sequence[Mount]) -> Observation:
+    async def resume(self, launch: Launch) -> Observation:
         self.calls.append("resume")
-        if environment.uid in self.running:
-            self.running[environment.uid] = "starting"
-        return self._observation(environment.uid)
+        if launch.environment.uid in self.running:
+            self.running[launch.environment.uid] = "starting"
+        return self._observation(launch.environment.uid)
 
     async def delete(self, environment: Environment) -> bool:
         self.calls.append("delete")

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from analysis_operator.backends.base import Launch
 from analysis_operator.backends.base import State
 from analysis_operator.backends.slurm import (
     TOKEN_ENV_NAME, SlurmBackend, allocated_gpus, build_batch_script, build_identity_comment,
@@ -205,7 +206,7 @@ class RecordingClient:
 def test_ensure_adopts_or_submits_once(queue, expect_submission):
     backend = SlurmBackend(SETTINGS)
     backend.client = RecordingClient(queue)
-    observation = asyncio.run(backend.ensure(make_environment(), make_flavor(), "s3cret-token"))
+    observation = asyncio.run(backend.ensure(Launch(make_environment(), make_flavor(), "s3cret-token")))
     assert bool(backend.client.submitted) == expect_submission
     if expect_submission:
         job, script = backend.client.submitted[0]

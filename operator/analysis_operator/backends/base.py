@@ -17,11 +17,11 @@ again and again.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from analysis_operator.model.domain import Dataset, Environment, Flavor, Mount
+from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.policy.refusal import Refusal
 
 
@@ -60,6 +60,17 @@ class Observation:
 
 
 @dataclass(frozen=True)
+class Launch:
+    """Everything the engine decided for starting an environment: backends add no decisions of their own."""
+
+    environment: Environment
+    flavor: Flavor
+    token: str  # the access token (its Secret is the engine's)
+    mounts: tuple[Mount, ...] = ()  # exactly the datasets granted, read-only
+    identity: PosixIdentity | None = None  # who it runs as; None: the backend's documented default
+
+
+@dataclass(frozen=True)
 class ManagedObject:
     """Something a backend created, found by its identity (for orphan sweeps)."""
 
@@ -93,10 +104,8 @@ class Backend(Protocol):
     def dataset_problem(self, dataset: Dataset) -> str | None:
         """Why this backend cannot reach the dataset's storage, or None (pure)."""
 
-    async def ensure(
-        self, environment: Environment, flavor: Flavor, token: str, mounts: Sequence[Mount]
-    ) -> Observation:
-        """Create or adopt the running thing with exactly `mounts`; return what is seen now."""
+    async def ensure(self, launch: Launch) -> Observation:
+        """Create or adopt the running thing exactly as `launch` says; return what is seen now."""
 
     async def observe(self, environment: Environment) -> Observation:
         """What the backend says about this environment now (no changes)."""
@@ -104,9 +113,7 @@ class Backend(Protocol):
     async def suspend(self, environment: Environment) -> Observation:
         """Stop what runs, keeping what `resume` needs; return what is seen now."""
 
-    async def resume(
-        self, environment: Environment, flavor: Flavor, token: str, mounts: Sequence[Mount]
-    ) -> Observation:
+    async def resume(self, launch: Launch) -> Observation:
         """Run a suspended environment again (GONE if there was nothing to resume: then `ensure`)."""
 
     async def delete(self, environment: Environment) -> bool:

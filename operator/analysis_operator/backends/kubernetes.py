@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from analysis_operator import render
-from analysis_operator.backends.base import Charging, ManagedObject, Observation, State
+from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, State
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.model.domain import (
     LABEL_ENVIRONMENT_UID,
@@ -201,13 +201,12 @@ class KubernetesBackend:
                 return observation
         return None
 
-    async def ensure(
-        self, environment: Environment, flavor: Flavor, token: str, mounts: Sequence[Mount]
-    ) -> Observation:
+    async def ensure(self, launch: Launch) -> Observation:
+        environment, flavor = launch.environment, launch.flavor
         observation = self._indexed(environment)
         if observation is not None:
             return observation
-        dataset_volumes, dataset_mounts = build_dataset_volumes(mounts)
+        dataset_volumes, dataset_mounts = build_dataset_volumes(launch.mounts)
         await self._kube.create("Service", environment.namespace, build_service(environment, self._settings))
         if self._settings.home.claims:  # exists already after the user's first environment
             await self._kube.create(
@@ -225,10 +224,8 @@ class KubernetesBackend:
         await self._kube.delete("Pod", environment.namespace, environment.child_name)
         return await self.observe(environment)
 
-    async def resume(
-        self, environment: Environment, flavor: Flavor, token: str, mounts: Sequence[Mount]
-    ) -> Observation:
-        return await self.ensure(environment, flavor, token, mounts)
+    async def resume(self, launch: Launch) -> Observation:
+        return await self.ensure(launch)
 
     async def delete(self, environment: Environment) -> bool:
         await self._kube.delete("Pod", environment.namespace, environment.child_name)

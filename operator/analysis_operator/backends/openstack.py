@@ -18,7 +18,7 @@ import re
 import threading
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-from analysis_operator.backends.base import BackendUnavailable, Charging, ManagedObject, Observation, State
+from analysis_operator.backends.base import BackendUnavailable, Charging, Launch, ManagedObject, Observation, State
 from analysis_operator.model.domain import MANAGER, BackendKind, Dataset, Environment, Flavor, Mount
 from analysis_operator.policy.refusal import Refusal
 from analysis_operator.render import render_text
@@ -328,11 +328,11 @@ class OpenStackBackend:
             return f"dataset {dataset.name!r} has no spec.storage.nfs share that VMs could mount"
         return None
 
-    async def ensure(self, environment: Environment, flavor: Flavor, token: str,
-                     mounts: Sequence[Mount] = ()) -> Observation:
+    async def ensure(self, launch: Launch) -> Observation:
         """Adopt the environment's server or create it; an ERROR server is reported, not replaced."""
-        request = build_server_request(environment, flavor, token, self._settings, mounts)
-        return await self._run(self._ensure_blocking, environment, request)
+        request = build_server_request(launch.environment, launch.flavor, launch.token, self._settings,
+                                       launch.mounts)
+        return await self._run(self._ensure_blocking, launch.environment, request)
 
     async def observe(self, environment: Environment) -> Observation:
         server = await self._run(self._find_server, environment)
@@ -345,10 +345,9 @@ class OpenStackBackend:
         """Shelve: the disk is kept, the host's CPUs and GPUs are freed once offloaded."""
         return await self._run(self._shelve_blocking, environment, True)
 
-    async def resume(self, environment: Environment, flavor: Flavor, token: str,
-                     mounts: Sequence[Mount] = ()) -> Observation:
+    async def resume(self, launch: Launch) -> Observation:
         """Unshelve: scheduled again, so it can fail with "No valid host" if GPUs are gone."""
-        return await self._run(self._shelve_blocking, environment, False)
+        return await self._run(self._shelve_blocking, launch.environment, False)
 
     async def list_managed(self) -> list[ManagedObject]:
         return await self._run(self._list_managed_blocking)

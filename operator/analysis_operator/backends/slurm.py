@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import aiohttp
 
-from analysis_operator.backends.base import BackendUnavailable, Charging, ManagedObject, Observation, State
+from analysis_operator.backends.base import BackendUnavailable, Charging, Launch, ManagedObject, Observation, State
 from analysis_operator.model.domain import BackendKind, Dataset, Environment, Flavor, Mount, format_time
 from analysis_operator.policy.access import DATA_ROOT
 from analysis_operator.render import render_text
@@ -326,23 +326,22 @@ class SlurmBackend:
             return f"dataset {dataset.name!r} has no spec.storage.path on the Slurm cluster"
         return None
 
-    async def ensure(self, environment: Environment, flavor: Flavor, token: str,
-                     mounts: Sequence[Mount] = ()) -> Observation:
+    async def ensure(self, launch: Launch) -> Observation:
         """Adopt the environment's job, or submit one; never two.
 
         A job that ended on its own (time limit, failure) is reported, not
         replaced; one that was cancelled (suspend) is replaced on resume.
         """
-        existing = choose_job(await self._jobs_of(environment), include_cancelled=False)
+        existing = choose_job(await self._jobs_of(launch.environment), include_cancelled=False)
         if existing is not None:
-            self._job_ids[environment.uid] = str(existing["job_id"])
+            self._job_ids[launch.environment.uid] = str(existing["job_id"])
             return await self._observe_job(existing)
-        return await self._submit(environment, flavor, token, mounts)
+        return await self._submit(launch)
 
-    async def _submit(self, environment: Environment, flavor: Flavor, token: str,
-                      mounts: Sequence[Mount]) -> Observation:
-        job = build_job_submission(environment, flavor, self.settings, mounts=mounts)
-        job["environment"][TOKEN_ENV_NAME] = token
+    async def _submit(self, launch: Launch) -> Observation:
+        environment, flavor = launch.environment, launch.flavor
+        job = build_job_submission(environment, flavor, self.settings, mounts=launch.mounts)
+        job["environment"][TOKEN_ENV_NAME] = launch.token
         script = build_batch_script(environment, flavor, TOKEN_ENV_NAME, self.settings, self.templates_dir)
         try:
             job_id = await self.client.submit(job, script)
@@ -358,17 +357,15 @@ class SlurmBackend:
         await self.delete(environment)
         return await self.observe(environment)
 
-    async def resume(self, environment: Environment, flavor: Flavor, token: str,
-                     mounts: Sequence[Mount] = ()) -> Observation:
+    async def resume(self, launch: Launch) -> Observation:
         """Adopt an active job (a resume seen twice), else submit a new one: the cancelled
         job of the suspend, or any ended one, does not stand for the environment any more."""
-        active = [job for job in await self._jobs_of(environment) if job.get("job_state") in ACTIVE_STATES]
-        if active:
-            job = _newest(active)
-            assert job is not None
-            self._job_ids[environment.uid] = str(job["job_id"])
+        jobs = await self._jobs_of(launch.environment)
+        job = _newest([job for job in jobs if job.get("job_state") in ACTIVE_STATES])
+        if job is not None:
+            self._job_ids[launch.environment.uid] = str(job["job_id"])
             return await self._observe_job(job)
-        return await self._submit(environment, flavor, token, mounts)
+        return await self._submit(launch)
 
     async def observe(self, environment: Environment) -> Observation:
         job = await self._cached_job(environment)

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from analysis_operator.backends.base import Backend, BackendUnavailable, Observation, State
+from analysis_operator.backends.base import Backend, BackendUnavailable, Launch, Observation, State
 from analysis_operator.engine.status import backend_status, phase_from_observation
 from analysis_operator.engine.tokens import delete_token, ensure_token
 from analysis_operator.infra.kube import KubeClient
@@ -201,19 +201,18 @@ async def _run_backend(context: Context, backend: Backend, environment: Environm
                            "suspended by spec.suspend; the access token and URL are kept", now,
                            **times, backend=backend_status(flavor.backend, observation))
     if observation.state is State.SUSPENDED or status.get("phase") == Phase.SUSPENDED.value:
-        observation = await backend.resume(environment, flavor, await ensure_token(context.kube, environment),
-                                           mounts)
-        await _mounted(context, environment, mounts)
+        observation = await backend.resume(await _launch(context, environment, flavor, mounts))
     if observation.state is State.GONE:
-        observation = await backend.ensure(environment, flavor, await ensure_token(context.kube, environment),
-                                           mounts)
-        await _mounted(context, environment, mounts)
+        observation = await backend.ensure(await _launch(context, environment, flavor, mounts))
     return _observed(environment, flavor, status, observation, now, times)
 
 
-async def _mounted(context: Context, environment: Environment, mounts: Sequence[Mount]) -> None:
+async def _launch(context: Context, environment: Environment, flavor: Flavor, mounts: tuple[Mount, ...]) -> Launch:
+    """What the backend is handed to start it; the mounts are recorded as granted (audit, Event)."""
+    launch = Launch(environment, flavor, await ensure_token(context.kube, environment), mounts)
     if mounts:
         await context.access.mounted(environment, mounts)
+    return launch
 
 
 def _unreachable(environment: Environment, status: Mapping[str, Any], flavor: Flavor | None, message: str,

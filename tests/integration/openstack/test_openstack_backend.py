@@ -5,6 +5,7 @@ import asyncio
 
 import pytest
 
+from analysis_operator.backends.base import Launch
 from analysis_operator.backends.base import BackendUnavailable, State
 from analysis_operator.backends.openstack import META_UID, OpenStackBackend
 
@@ -29,7 +30,7 @@ def servers_named(cloud, environment):
 
 def test_create_goes_ready(backend, make_environment, basic_flavor, wait_for_state):
     environment = make_environment()
-    first = asyncio.run(backend.ensure(environment, basic_flavor, TOKEN))
+    first = asyncio.run(backend.ensure(Launch(environment, basic_flavor, TOKEN)))
     assert first.state in (State.PROVISIONING, State.READY)
     ready = wait_for_state(backend, environment, State.READY)
     assert ready.reference["id"] == first.reference["id"]
@@ -43,7 +44,7 @@ def test_gpu_flavor_is_scheduled_then_refused_when_capacity_is_gone(
     ready = []
     for _ in range(8):  # the local cloud has 2 GPUs; stop at the first refusal
         environment = make_environment(flavor="vm-gpu")
-        asyncio.run(backend.ensure(environment, gpu_flavor, TOKEN))
+        asyncio.run(backend.ensure(Launch(environment, gpu_flavor, TOKEN)))
         settled = wait_until(lambda: asyncio.run(backend.observe(environment)),
                              lambda observation: observation.state in (State.READY, State.FAILED),
                              what="the GPU server to settle")
@@ -56,7 +57,7 @@ def test_gpu_flavor_is_scheduled_then_refused_when_capacity_is_gone(
     assert settled.reason == "ServerError"
     assert "No valid host was found" in settled.message
     # Reconciling again reports the same failure; it does not create another server.
-    again = asyncio.run(backend.ensure(environment, gpu_flavor, TOKEN))
+    again = asyncio.run(backend.ensure(Launch(environment, gpu_flavor, TOKEN)))
     assert again.state == State.FAILED
     assert again.reference["id"] == settled.reference["id"]
 
@@ -64,14 +65,14 @@ def test_gpu_flavor_is_scheduled_then_refused_when_capacity_is_gone(
 def test_shelve_and_unshelve_keep_the_server(backend, make_environment, basic_flavor,
                                              wait_for_state, wait_until):
     environment = make_environment()
-    asyncio.run(backend.ensure(environment, basic_flavor, TOKEN))
+    asyncio.run(backend.ensure(Launch(environment, basic_flavor, TOKEN)))
     ready = wait_for_state(backend, environment, State.READY)
     asyncio.run(backend.suspend(environment))
     shelved = wait_until(lambda: asyncio.run(backend.observe(environment)),
                          lambda observation: observation.reason == "Shelved", what="shelved")
     assert shelved.reference["state"] in ("SHELVED", "SHELVED_OFFLOADED")
     assert (shelved.cpus, shelved.gpus) == (0.0, 0)
-    asyncio.run(backend.resume(environment))
+    asyncio.run(backend.resume(Launch(environment, basic_flavor, TOKEN)))
     resumed = wait_for_state(backend, environment, State.READY)
     assert resumed.reference["id"] == ready.reference["id"]
 
@@ -79,7 +80,7 @@ def test_shelve_and_unshelve_keep_the_server(backend, make_environment, basic_fl
 def test_delete_is_confirmed_only_once_nova_has_no_server(backend, cloud, make_environment,
                                                           basic_flavor, wait_for_state, wait_until):
     environment = make_environment()
-    asyncio.run(backend.ensure(environment, basic_flavor, TOKEN))
+    asyncio.run(backend.ensure(Launch(environment, basic_flavor, TOKEN)))
     wait_for_state(backend, environment, State.READY)
     assert asyncio.run(backend.delete(environment)) is False  # asked, not yet confirmed
     wait_until(lambda: asyncio.run(backend.delete(environment)), bool, what="delete confirmed")
@@ -91,13 +92,13 @@ def test_a_restarted_operator_adopts_the_server(settings, cloud, make_environmen
     environment = make_environment()
     before_restart = OpenStackBackend(settings)
     try:
-        created = asyncio.run(before_restart.ensure(environment, basic_flavor, TOKEN))
+        created = asyncio.run(before_restart.ensure(Launch(environment, basic_flavor, TOKEN)))
     finally:
         before_restart.close()
     after_restart = OpenStackBackend(settings)
     try:
-        adopted = asyncio.run(after_restart.ensure(environment, basic_flavor, TOKEN))
-        again = asyncio.run(after_restart.ensure(environment, basic_flavor, TOKEN))
+        adopted = asyncio.run(after_restart.ensure(Launch(environment, basic_flavor, TOKEN)))
+        again = asyncio.run(after_restart.ensure(Launch(environment, basic_flavor, TOKEN)))
     finally:
         after_restart.close()
     assert adopted.reference["id"] == created.reference["id"]
@@ -109,8 +110,8 @@ def test_same_name_in_another_namespace_gets_its_own_server(backend, make_enviro
                                                             basic_flavor):
     first = make_environment(name="shared-name")
     second = make_environment(name="shared-name")
-    one = asyncio.run(backend.ensure(first, basic_flavor, TOKEN))
-    two = asyncio.run(backend.ensure(second, basic_flavor, TOKEN))
+    one = asyncio.run(backend.ensure(Launch(first, basic_flavor, TOKEN)))
+    two = asyncio.run(backend.ensure(Launch(second, basic_flavor, TOKEN)))
     assert one.reference["id"] != two.reference["id"]
 
 
@@ -118,7 +119,7 @@ def test_list_managed_finds_an_orphan(settings, make_environment, basic_flavor):
     orphan = make_environment()
     backend = OpenStackBackend(settings)
     try:
-        created = asyncio.run(backend.ensure(orphan, basic_flavor, TOKEN))
+        created = asyncio.run(backend.ensure(Launch(orphan, basic_flavor, TOKEN)))
         # The operator restarts; its environment is gone from Kubernetes, the server is not.
         managed = asyncio.run(OpenStackBackend(settings).list_managed())
     finally:
@@ -135,7 +136,7 @@ def test_cloud_down_is_unavailable_then_recovers(settings, openstack_script, mak
     environment = make_environment()
     backend = OpenStackBackend(settings)
     try:
-        asyncio.run(backend.ensure(environment, basic_flavor, TOKEN))
+        asyncio.run(backend.ensure(Launch(environment, basic_flavor, TOKEN)))
         wait_for_state(backend, environment, State.READY)
         openstack_script("stop", service)
         try:

@@ -12,6 +12,7 @@ from typing import Callable
 
 import pytest
 
+from analysis_operator.backends.base import Launch
 from analysis_operator.backends.base import BackendUnavailable, Observation, State
 from analysis_operator.backends.slurm import SlurmBackend, parse_identity
 from analysis_operator.model.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
@@ -65,7 +66,7 @@ def http_status(url: str) -> int:
 
 def test_submit_runs_and_becomes_ready_with_a_url_that_answers(backend, make_environment):
     environment = make_environment()
-    submitted = asyncio.run(backend.ensure(environment, make_flavor(partition="debug"), TOKEN))
+    submitted = asyncio.run(backend.ensure(Launch(environment, make_flavor(partition="debug"), TOKEN)))
     assert submitted.state == State.PENDING and submitted.reference["id"]
 
     ready = wait_for_state(backend, environment, {State.READY}, timeout=60)
@@ -82,7 +83,7 @@ def test_pending_job_reports_slurms_reason(backend, make_environment):
     # waiting. Slurm first says PartitionConfig, and PartitionTimeLimit once
     # its scheduler has looked at the job.
     environment = make_environment()
-    asyncio.run(backend.ensure(environment, make_flavor(partition="tiny"), TOKEN))
+    asyncio.run(backend.ensure(Launch(environment, make_flavor(partition="tiny"), TOKEN)))
     seen = []
 
     def pending_for_time_limit():
@@ -100,7 +101,7 @@ def test_pending_job_reports_slurms_reason(backend, make_environment):
 def test_gpu_request_reaches_slurm_and_is_accounted(backend, make_environment):
     environment = make_environment()
     flavor = make_flavor(partition="debug", resources=Resources(cpu="2", memory="1Gi", gpu=2))
-    asyncio.run(backend.ensure(environment, flavor, TOKEN))
+    asyncio.run(backend.ensure(Launch(environment, flavor, TOKEN)))
 
     running = wait_for_state(backend, environment, {State.PROVISIONING, State.READY}, timeout=60)
     job = asyncio.run(backend.client.job(running.reference["id"]))
@@ -111,7 +112,7 @@ def test_gpu_request_reaches_slurm_and_is_accounted(backend, make_environment):
 
 def test_delete_cancels_and_confirms_gone(backend, make_environment):
     environment = make_environment()
-    asyncio.run(backend.ensure(environment, make_flavor(), TOKEN))
+    asyncio.run(backend.ensure(Launch(environment, make_flavor(), TOKEN)))
     ready = wait_for_state(backend, environment, {State.READY}, timeout=60)
 
     wait_for(lambda: asyncio.run(backend.delete(environment)), timeout=30, what="delete confirmed")
@@ -125,7 +126,7 @@ def test_delete_cancels_and_confirms_gone(backend, make_environment):
 
 def test_time_limit_expiry_reports_expired(backend, make_environment):
     environment = make_environment(lifetime=datetime.timedelta(minutes=1))
-    submitted = asyncio.run(backend.ensure(environment, make_flavor(), TOKEN))
+    submitted = asyncio.run(backend.ensure(Launch(environment, make_flavor(), TOKEN)))
     assert asyncio.run(backend.client.job(submitted.reference["id"]))["time_limit"] == 1
 
     # slurmctld checks time limits about every 30 s after the minute is up.
@@ -134,17 +135,17 @@ def test_time_limit_expiry_reports_expired(backend, make_environment):
     assert expired.reason == "TimeLimit"
     assert expired.reference["state"] == "TIMEOUT"
     # An expired environment is reported, not resubmitted.
-    again = asyncio.run(backend.ensure(environment, make_flavor(), TOKEN))
+    again = asyncio.run(backend.ensure(Launch(environment, make_flavor(), TOKEN)))
     assert again.state == State.EXPIRED and len(jobs_of(backend, environment.uid)) == 1
 
 
 def test_restarted_operator_adopts_the_running_job(slurm_settings, make_environment):
     environment = make_environment()
     first = SlurmBackend(slurm_settings)
-    submitted = asyncio.run(first.ensure(environment, make_flavor(), TOKEN))
+    submitted = asyncio.run(first.ensure(Launch(environment, make_flavor(), TOKEN)))
 
     after_restart = SlurmBackend(slurm_settings)
-    adopted = asyncio.run(after_restart.ensure(environment, make_flavor(), TOKEN))
+    adopted = asyncio.run(after_restart.ensure(Launch(environment, make_flavor(), TOKEN)))
 
     assert adopted.reference["id"] == submitted.reference["id"]
     assert len(jobs_of(after_restart, environment.uid)) == 1
@@ -152,7 +153,7 @@ def test_restarted_operator_adopts_the_running_job(slurm_settings, make_environm
 
 def test_list_managed_finds_an_orphan_and_the_sweep_cancels_it(backend, make_environment):
     orphan = make_environment()
-    submitted = asyncio.run(backend.ensure(orphan, make_flavor(), TOKEN))
+    submitted = asyncio.run(backend.ensure(Launch(orphan, make_flavor(), TOKEN)))
 
     managed = asyncio.run(SlurmBackend(backend.settings).list_managed())
     found = [item for item in managed if item.uid == orphan.uid]
@@ -174,14 +175,14 @@ def test_slurmrestd_down_then_back_loses_nothing(backend, make_environment, slur
     if not pid_file.exists():
         pytest.skip("slurmrestd was not started by hack/slurm.sh: cannot stop it here")
     environment = make_environment()
-    submitted = asyncio.run(backend.ensure(environment, make_flavor(), TOKEN))
+    submitted = asyncio.run(backend.ensure(Launch(environment, make_flavor(), TOKEN)))
 
     pid = int(pid_file.read_text())
     os.kill(pid, signal.SIGTERM)
     wait_for(lambda: not pathlib.Path(f"/proc/{pid}").exists(), timeout=15, what="slurmrestd stopped")
     try:
         with pytest.raises(BackendUnavailable) as raised:
-            asyncio.run(backend.ensure(environment, make_flavor(), TOKEN))
+            asyncio.run(backend.ensure(Launch(environment, make_flavor(), TOKEN)))
         message = str(raised.value)
         assert "unreachable" in message and backend.settings.url in message
         assert TOKEN not in message
@@ -191,6 +192,6 @@ def test_slurmrestd_down_then_back_loses_nothing(backend, make_environment, slur
     finally:
         slurm_script("up")
 
-    adopted = asyncio.run(backend.ensure(environment, make_flavor(), TOKEN))
+    adopted = asyncio.run(backend.ensure(Launch(environment, make_flavor(), TOKEN)))
     assert adopted.reference["id"] == submitted.reference["id"]
     assert len(jobs_of(backend, environment.uid)) == 1

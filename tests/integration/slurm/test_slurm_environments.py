@@ -38,12 +38,13 @@ def test_operator_cancels_a_job_whose_environment_is_gone(slurm_environments, ba
     """A job left behind (its environment deleted while the operator was down) is swept."""
     import asyncio
 
+    from analysis_operator.backends.base import Launch
     from analysis_operator.model.domain import Flavor
 
     orphan = make_environment()  # an identity no AnalysisEnvironment has
     flavor = Flavor.from_body("orphan", {"backend": "slurm", "resources": {"cpu": 1, "memory": "1Gi"},
                                          "slurm": {"partition": "debug"}})
-    asyncio.run(backend.ensure(orphan, flavor, "not-a-real-token-0123456789abcdef"))
+    asyncio.run(backend.ensure(Launch(orphan, flavor, "not-a-real-token-0123456789abcdef")))
     assert any(managed.uid == orphan.uid for managed in asyncio.run(backend.list_managed()))
     # The operator sweeps orphans every 10th sweep (1 s apart in tests).
     wait_for(lambda: all(managed.uid != orphan.uid for managed in asyncio.run(backend.list_managed())),
