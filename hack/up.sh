@@ -43,7 +43,7 @@ if ! { [ -f "$STATE/operator.pid" ] && kill -0 "$(cat "$STATE/operator.pid")" 2>
   ANALYSIS_OPERATOR_LIVENESS_ENDPOINT=http://127.0.0.1:8080/healthz ANALYSIS_OPERATOR_METRICS_ADDRESS=127.0.0.1 \
   ANALYSIS_OPERATOR_ADMISSION_HOST=127.0.0.1 ANALYSIS_OPERATOR_ADMISSION_LISTEN_ADDRESS=127.0.0.1 \
   ANALYSIS_OPERATOR_ADMISSION_PORT=9443 ANALYSIS_OPERATOR_ADMISSION_CERT_DIR="$STATE/webhook-tls" \
-    setsid analysis-operator --log-format json >"$STATE/operator.log" 2>&1 < /dev/null &
+    setsid "$repo/.venv/bin/analysis-operator" --log-format json >"$STATE/operator.log" 2>&1 < /dev/null &
   echo $! >"$STATE/operator.pid"
   until curl -sf http://127.0.0.1:8080/healthz >/dev/null; do sleep 0.2; done
   until kubectl get validatingwebhookconfiguration analysis.panosc.eu -o jsonpath='{.webhooks[*].name}' 2>/dev/null \
