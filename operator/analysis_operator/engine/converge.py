@@ -21,6 +21,7 @@ import structlog
 
 from analysis_operator.backends.base import Backend, BackendUnavailable, Launch, Observation, State
 from analysis_operator.engine.status import backend_status, phase_from_observation
+from analysis_operator.engine.terms import build_terms, effective_flavor
 from analysis_operator.engine.tokens import delete_token, ensure_token
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.model.conditions import build_condition, build_transition, merge_conditions
@@ -161,6 +162,7 @@ async def _converge(context: Context, environment: Environment, status: Mapping[
                     flavor: Flavor | None, now: datetime.datetime) -> Outcome:
     if environment.deleting or is_terminal(status.get("phase")):
         return Outcome()  # deleting: recreating now would race the finalizer and leave an orphan
+    flavor = effective_flavor(status, flavor)  # once started, the terms it started with (engine/terms.py)
     if flavor is None:
         return _waiting(environment, status, "FlavorNotFound", f"EnvironmentFlavor {environment.flavor!r} does "
                         f"not exist: pick one from `kubectl get environmentflavors`", now, delay=30)
@@ -199,7 +201,7 @@ async def _run_backend(context: Context, backend: Backend, environment: Environm
             observation = await backend.suspend(environment)
         return _transition(environment, status, Phase.SUSPENDED, "Suspended",
                            "suspended by spec.suspend; the access token and URL are kept", now,
-                           **times, backend=backend_status(flavor.backend, observation))
+                           **times, **_terms(status, flavor), backend=backend_status(flavor.backend, observation))
     if observation.state is State.SUSPENDED or status.get("phase") == Phase.SUSPENDED.value:
         observation = await backend.resume(await _launch(context, environment, flavor, mounts))
     if observation.state is State.GONE:
@@ -213,6 +215,11 @@ async def _launch(context: Context, environment: Environment, flavor: Flavor, mo
     if mounts:
         await context.access.mounted(environment, mounts)
     return launch
+
+
+def _terms(status: Mapping[str, Any], flavor: Flavor) -> dict[str, Any]:
+    """Record the terms with the first transition of a started environment; never rewrite them."""
+    return {} if isinstance(status.get("terms"), Mapping) else {"terms": build_terms(flavor)}
 
 
 def _unreachable(environment: Environment, status: Mapping[str, Any], flavor: Flavor | None, message: str,
@@ -249,7 +256,7 @@ def _observed(environment: Environment, flavor: Flavor, status: Mapping[str, Any
     if observation.url:
         connection["url"] = observation.url
     extra: dict[str, Any] = {"backend": backend_status(flavor.backend, observation), "connection": connection,
-                             **times}
+                             **times, **_terms(status, flavor)}
     if phase is Phase.FAILED:
         extra["stoppedAt"] = format_time(now)
     message = observation.message or phase.value

@@ -14,7 +14,8 @@ import structlog
 from analysis_operator.engine.converge import Outcome, expiry
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.reconciler import Reconciler
-from analysis_operator.engine.views import EnvironmentRecord, Index, first, values
+from analysis_operator.engine.terms import flavor_for
+from analysis_operator.engine.views import EnvironmentRecord, Index, values
 from analysis_operator.model.domain import Environment, Phase, format_time, is_terminal
 from analysis_operator.policy.budgets import expiry_warning_due
 
@@ -29,7 +30,7 @@ def due(record: EnvironmentRecord, flavors: Index, polled: frozenset[str], momen
     """
     if is_terminal(record.status.get("phase")) or not record.status.get("phase"):
         return False
-    flavor = first(flavors, record.environment.flavor)
+    flavor = flavor_for(record.environment, record.status, flavors)
     if flavor is None:
         return False
     return flavor.backend in polled or expiry(record.environment, flavor, record.status, moment)[1] <= moment
@@ -56,7 +57,7 @@ async def warn_expiring(reconciler: Reconciler, warn_before: float, moment: date
     for record in values(reconciler.environments):
         if record.status.get("phase") not in (Phase.READY.value, Phase.PROVISIONING.value):
             continue
-        flavor = first(reconciler.flavors, record.environment.flavor)
+        flavor = flavor_for(record.environment, record.status, reconciler.flavors)
         if flavor is None:
             continue
         _, expires_at = expiry(record.environment, flavor, record.status, moment)

@@ -12,6 +12,7 @@ import structlog
 from analysis_operator.engine.budget_gate import BudgetGate
 from analysis_operator.engine.converge import expiry
 from analysis_operator.engine.reconciler import utcnow
+from analysis_operator.engine.terms import flavor_for
 from analysis_operator.engine.views import first
 from analysis_operator.model.domain import GROUP, VERSION, format_time
 from analysis_operator.policy.budgets import apply_grant
@@ -89,7 +90,7 @@ async def _grant(memo: kopf.Memo, body: kopf.Body, status: Mapping[str, Any], en
         messages.append(f"ComputeBudget {spec['budget']!r} raised: {raised}")
     if spec.get("environment") and spec.get("lifetime"):
         record = first(environments, (metadata["namespace"], spec["environment"]))
-        flavor = record and first(flavors, record.environment.flavor)
+        flavor = record and flavor_for(record.environment, record.status, flavors)
         if record is None or flavor is None:
             return {"phase": "Invalid", "message": f"AnalysisEnvironment {spec['environment']!r} does not exist"}
         extensions = {**(record.status.get("lifetimeExtensions") or {}), metadata["uid"]: spec["lifetime"]}

@@ -1,0 +1,88 @@
+"""The terms an environment started with: its flavor as it was, kept in status.terms.
+
+A running environment keeps the limits and backend it started with until it
+ends: a flavor changed or deleted later affects new environments only. So a
+lowered maxLifetime does not turn a running environment Rejected, a deleted
+flavor does not leave its environments unexpired, and a resumed environment
+comes back as it started. Who may use a flavor (its access list) is a
+permission, not a term: that is always the catalogue's current word.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from typing import Any
+
+from analysis_operator.engine.views import Index, first
+from analysis_operator.model.domain import (
+    Environment,
+    Flavor,
+    FlavorAccess,
+    OpenStackSpec,
+    Resources,
+    SlurmSpec,
+    parse_duration,
+)
+from analysis_operator.policy.requests import format_duration
+
+
+def build_terms(flavor: Flavor) -> dict[str, Any]:
+    """status.terms: the flavor as the environment starts on it (pure, JSON-able)."""
+    return {
+        "flavor": flavor.name,
+        "backend": flavor.backend,
+        "resources": {"cpu": flavor.resources.cpu, "memory": flavor.resources.memory, "gpu": flavor.resources.gpu},
+        "image": flavor.image,
+        "allowCustomImage": flavor.allow_custom_image,
+        "maxLifetime": format_duration(flavor.max_lifetime),
+        "idleTimeout": format_duration(flavor.idle_timeout) if flavor.idle_timeout else "",
+        "slurm": {"partition": flavor.slurm.partition, "account": flavor.slurm.account,
+                  "timeLimitMinutes": flavor.slurm.time_limit_minutes, "qos": flavor.slurm.qos,
+                  "modules": list(flavor.slurm.modules)},
+        "openstack": {"flavor": flavor.openstack.flavor, "image": flavor.openstack.image,
+                      "network": flavor.openstack.network, "keyName": flavor.openstack.key_name},
+    }
+
+
+def flavor_from_terms(terms: Mapping[str, Any], access: FlavorAccess) -> Flavor | None:
+    """The flavor as recorded, with today's access list; None if nothing (readable) was recorded."""
+    try:
+        resources, slurm, openstack = terms["resources"], terms.get("slurm") or {}, terms.get("openstack") or {}
+        idle = _duration(terms.get("idleTimeout"))
+        return Flavor(
+            name=str(terms["flavor"]),
+            backend=str(terms["backend"]),
+            resources=Resources(cpu=str(resources["cpu"]), memory=str(resources["memory"]), gpu=int(resources["gpu"])),
+            image=str(terms.get("image") or ""),
+            allow_custom_image=bool(terms.get("allowCustomImage")),
+            max_lifetime=_duration(terms["maxLifetime"]) or datetime.timedelta(),
+            idle_timeout=idle,
+            slurm=SlurmSpec(partition=str(slurm.get("partition") or ""), account=str(slurm.get("account") or ""),
+                            time_limit_minutes=slurm.get("timeLimitMinutes"), qos=str(slurm.get("qos") or ""),
+                            modules=tuple(slurm.get("modules") or ())),
+            openstack=OpenStackSpec(flavor=str(openstack.get("flavor") or ""),
+                                    image=str(openstack.get("image") or ""),
+                                    network=str(openstack.get("network") or ""),
+                                    key_name=str(openstack.get("keyName") or "")),
+            access=access,
+        )
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+
+
+def _duration(text: Any) -> datetime.timedelta | None:
+    return parse_duration(str(text)) if text else None
+
+
+def effective_flavor(status: Mapping[str, Any], current: Flavor | None) -> Flavor | None:
+    """The flavor an environment runs on: its recorded terms once started, else the catalogue's."""
+    terms = status.get("terms")
+    if not isinstance(terms, Mapping):
+        return current
+    recorded = flavor_from_terms(terms, current.access if current is not None else FlavorAccess())
+    return recorded or current
+
+
+def flavor_for(environment: Environment, status: Mapping[str, Any], flavors: Index) -> Flavor | None:
+    return effective_flavor(status, first(flavors, environment.flavor))
