@@ -13,12 +13,12 @@ RUN python -m venv /venv \
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 operator \
  && useradd --system --uid 10001 --gid operator --no-create-home --shell /usr/sbin/nologin operator
+# The templates are package data inside the installed package; a site's own templates
+# are a directory mounted into the container and named by ANALYSIS_OPERATOR_TEMPLATES_DIR.
 COPY --from=build /venv /venv
-COPY templates/ /app/templates/
 ENV PATH=/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    ANALYSIS_OPERATOR_TEMPLATES_DIR=/app/templates
+    PYTHONUNBUFFERED=1
 USER 10001:10001
 EXPOSE 8080 9090 9443
 ENTRYPOINT ["analysis-operator"]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import kopf
 import structlog
@@ -84,7 +84,7 @@ def apply(version: str | None = None, environ: Mapping[str, str] = os.environ) -
             f"(pip install -e . follows the pin in pyproject.toml), or re-check the patch against "
             f"kopf {version} and add it to CHECKED_VERSIONS and the pin (how: the module's docstring), "
             f"or set {SWITCH}=off to run without the patch, accepting slow restarts with many objects.")
-    aiotoggles.ToggleSet = EdgeToggleSet  # type: ignore[misc]  (kopf looks it up at operator start)
+    aiotoggles.ToggleSet = EdgeToggleSet  # type: ignore[misc]  # kopf looks it up at operator start
     return True
 
 
