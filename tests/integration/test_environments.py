@@ -82,18 +82,29 @@ def test_custom_image_is_used_where_the_flavor_allows_it(environments, core, nam
     assert children(core, namespace, "custom")["pod"].spec.containers[0].image == "registry.example.org/xrd/jupyter:1.2"
 
 
-@pytest.mark.parametrize("spec, reason, words", [
-    ({"flavor": "jupyter-basic", "image": "evil.example.org/miner:1"}, "CustomImageNotAllowed",
-     "does not allow custom images"),
-    ({"flavor": "test-short", "lifetime": "2h"}, "LifetimeTooLong", "longer than flavor 'test-short' allows (1h)"),
+@pytest.mark.parametrize("spec, words", [
+    ({"flavor": "jupyter-basic", "image": "evil.example.org/miner:1"}, "does not allow custom images"),
+    ({"flavor": "test-short", "lifetime": "2h"}, "longer than flavor 'test-short' allows (1h)"),
 ])
-def test_request_the_flavor_forbids_is_rejected(environments, core, namespace, spec, reason, words):
-    environments.create("refused", **spec)
-    status = environments.wait_phase("refused", "Rejected")["status"]
-    assert status["reason"] == reason and words in status["message"]
+def test_request_the_flavor_forbids_is_refused_at_admission(environments, core, namespace, spec, words):
+    with pytest.raises(kubernetes.client.ApiException) as refused:
+        environments.create("refused", **spec)
+    assert refused.value.status == 422 and words in refused.value.body
     assert children(core, namespace, "refused") == {"pod": None, "service": None, "secret": None}
-    wait_for(lambda: any(e.type == "Warning" and e.reason == reason for e in events(core, namespace, "refused")),
-             timeout=10, what="a Warning Event")
+
+
+def test_a_change_policy_refuses_is_refused_at_admission_and_the_environment_runs_on(environments, core, namespace):
+    """Raising the lifetime of a running environment above its flavor's limit: refused when it is asked,
+    not accepted and then acted on (before, it turned Rejected and left its pod, Service and Secret)."""
+    environments.create("steady", flavor="test-short", lifetime="30m")
+    environments.wait_phase("steady", "Ready")
+    with pytest.raises(kubernetes.client.ApiException) as refused:
+        environments.patch_spec("steady", lifetime="1000h")
+    assert refused.value.status == 422 and "longer than flavor 'test-short' allows (1h)" in refused.value.body
+    environments.patch_spec("steady", lifetime="45m")                       # within the limit: accepted
+    assert environments.get("steady")["spec"]["lifetime"] == "45m"
+    assert environments.phase("steady") == "Ready"
+    assert all(child is not None for child in children(core, namespace, "steady").values())
 
 
 def test_unknown_flavor_waits_in_pending_with_a_message(environments, namespace):

@@ -97,6 +97,9 @@ the webhook configurations' caBundle and the Deployment's checksum agree.
       resources: [{{ if $hook.subresource }}{{ printf "%s/%s" $hook.resource $hook.subresource }}{{ else }}{{ $hook.resource }}{{ end }}]
       operations: {{ toJson $hook.operations }}
       scope: "*"
+  {{- with $hook.matchConditions }}
+  matchConditions: {{- toYaml . | nindent 4 }}
+  {{- end }}
   clientConfig:
     service:
       name: {{ $service }}

@@ -21,11 +21,13 @@ import structlog
 
 from analysis_operator.engine.budget_gate import BudgetGate
 from analysis_operator.engine.reconciler import utcnow
+from analysis_operator.engine.terms import flavor_for
 from analysis_operator.engine.views import first
 from analysis_operator.handlers.datasets import check_data_access
 from analysis_operator.infra import metrics
-from analysis_operator.model.domain import GROUP, VERSION, Flavor
+from analysis_operator.model.domain import GROUP, VERSION, Environment, Flavor
 from analysis_operator.policy.identity import owner_refusal, requester
+from analysis_operator.policy.requests import check_request
 
 log = structlog.get_logger("analysis_operator.admission")
 CREATED_BY = f"{GROUP}/created-by"
@@ -40,12 +42,37 @@ def default_owner(spec: kopf.Spec, patch: kopf.Patch, userinfo: dict[str, Any], 
     patch.setdefault("metadata", {}).setdefault("annotations", {})[CREATED_BY] = str(userinfo.get("username", ""))
 
 
-@kopf.on.validate(GROUP, VERSION, "analysisenvironments", id="environment-admission", operations={"CREATE"},
-                  side_effects=True)  # a data refusal posts an Event, except on dry runs
-async def admit_environment(**kwargs: Any) -> None:
-    check_owner(**kwargs)
-    await check_data_access(**kwargs)
-    await check_budget(**kwargs)
+@kopf.on.validate(GROUP, VERSION, "analysisenvironments", id="environment-admission",
+                  operations={"CREATE", "UPDATE"}, side_effects=True)  # a data refusal posts an Event, not on dry runs
+async def admit_environment(operation: str, old: kopf.Body | None, spec: kopf.Spec, **kwargs: Any) -> None:
+    """CREATE: every check. UPDATE (who may change it at all is the API server's authorization policy,
+    deploy/authorization): a changed spec must still be one policy accepts, so a lifetime above the
+    flavor's limit is refused here instead of being accepted and acted on later."""
+    if operation == "CREATE":
+        check_owner(spec=spec, **kwargs)
+    elif old is None or dict(old.get("spec") or {}) == dict(spec):
+        return  # metadata only (labels, finalizers, kopf's annotations): nothing for policy to say
+    check_request_terms(spec=spec, **kwargs)
+    if operation == "CREATE" or (old is not None and old.get("spec", {}).get("datasets") != spec.get("datasets")):
+        await check_data_access(spec=spec, **kwargs)
+    if operation == "CREATE":
+        await check_budget(spec=spec, **kwargs)
+
+
+def check_request_terms(body: kopf.Body, name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo,
+                        flavors: kopf.Index, **_: Any) -> None:
+    """Lifetime and image against the flavor: the terms the environment started with, once started."""
+    environment = Environment.from_body({
+        "metadata": {"namespace": namespace, "name": name, "uid": body.metadata.get("uid") or ""},
+        "spec": dict(spec)})
+    flavor = flavor_for(environment, body.get("status") or {}, flavors)
+    if flavor is None:
+        return  # an unknown flavor is explained by the environment's status, which waits for it
+    backend = memo.context.backends.get(flavor.backend)
+    refusal = check_request(environment, flavor) or (backend.validate(environment, flavor) if backend else None)
+    if refusal is not None:
+        log.info("admission.request", environment=f"{namespace}/{name}", decision="refused", reason=refusal.reason)
+        raise kopf.AdmissionError(refusal.message, code=422)
 
 
 def check_owner(name: str, namespace: str, spec: kopf.Spec, userinfo: dict[str, Any], memo: kopf.Memo,
