@@ -18,7 +18,8 @@ import pytest
 
 from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, State
 from analysis_operator.engine.accounting import plan_tick
-from analysis_operator.engine.converge import Context, Retry, converge
+from analysis_operator.backends.base import Retry
+from analysis_operator.engine.converge import Context, converge
 from analysis_operator.engine.reconciler import Reconciler
 from analysis_operator.engine.sweep import due, sweep
 from analysis_operator.engine.views import EnvironmentRecord
@@ -100,10 +101,11 @@ class MemoryBackend:
 
 
 class Cluster:
-    """The engine's few Kubernetes calls, in memory: Secrets, status patches, Events."""
+    """The engine's few Kubernetes calls, in memory: token Secrets, status patches, Events."""
 
     def __init__(self) -> None:
         self.secrets: dict[tuple[str, str], str] = {}
+        self.secret_owners: dict[tuple[str, str], str] = {}   # -> the environment uid label
         self.status: dict[tuple[str, str], dict] = {}
         self.events: list[tuple[str, str]] = []
 
@@ -112,15 +114,27 @@ class Cluster:
         if key in self.secrets:
             return False
         self.secrets[key] = body["data"]["token"]
+        self.secret_owners[key] = body["metadata"]["labels"]["analysis.panosc.eu/environment-uid"]
         return True
+
+    async def read_metadata(self, kind: str, namespace: str, name: str) -> dict | None:
+        owner = self.secret_owners.get((namespace, name))
+        return None if owner is None else {"uid": f"secret-of-{owner}",
+                                           "labels": {"analysis.panosc.eu/environment-uid": owner}}
 
     async def read_secret_value(self, namespace: str, name: str, key: str) -> str | None:
         import base64
         value = self.secrets.get((namespace, name))
         return base64.b64decode(value).decode() if value else None
 
-    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+    async def delete(self, kind: str, namespace: str, name: str, uid: str = "") -> bool:
+        self.secret_owners.pop((namespace, name), None)
         return self.secrets.pop((namespace, name), None) is not None
+
+    async def delete_labelled(self, kind: str, namespace: str, selector: str) -> None:
+        uid = selector.split("=", 1)[1]
+        for key in [key for key, owner in self.secret_owners.items() if key[0] == namespace and owner == uid]:
+            await self.delete(kind, *key)
 
     async def patch_environment_status(self, namespace: str, name: str, status: dict) -> bool:
         self.status.setdefault((namespace, name), {}).update(status)
@@ -319,3 +333,21 @@ def test_sweep_converges_every_due_environment_of_a_polled_backend():
     reconciler = Reconciler(context, records, {"mem": [FLAVOR]}, clock=lambda: NOW)
     assert asyncio.run(sweep(reconciler, NOW)) == 5
     assert backend.calls == ["ensure"] * 5
+
+
+def test_a_leftover_token_of_an_earlier_namesake_is_replaced_never_adopted():
+    """`kubectl delete --cascade=orphan` leaves the Secret; a new environment of the same name
+    must not inherit its token."""
+    backend, cluster, context = setup()
+    old = dataclasses.replace(ENVIRONMENT, uid="u-old")
+
+    async def scenario():
+        await run(context, old, {})
+        old_token = backend.tokens["u-old"]
+        status, outcome = await run(context, ENVIRONMENT, {})                  # same name, new uid
+        assert outcome.retry_after is not None and "leftover Secret" in outcome.message
+        assert ("ns", "aenv-lab") not in cluster.secrets                      # removed, not adopted
+        status, outcome = await run(context, ENVIRONMENT, {})
+        assert status["phase"] == "Provisioning" and backend.tokens["u-1"] != old_token
+
+    asyncio.run(scenario())

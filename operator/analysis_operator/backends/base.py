@@ -128,3 +128,11 @@ class Backend(Protocol):
 
 class BackendUnavailable(Exception):
     """The backend cannot be reached now; retry later, nothing is lost."""
+
+
+class Retry(Exception):
+    """Not now: converge again after `delay` seconds (kopf's retry, or the reconciler's requeue)."""
+
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.delay = delay

@@ -13,9 +13,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from analysis_operator import render
-from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, State
+from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, Retry, State
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.model.domain import (
+    LABEL_ENVIRONMENT,
     LABEL_ENVIRONMENT_UID,
     LABEL_MANAGED_BY,
     LABEL_OWNER,
@@ -168,6 +169,10 @@ def summarize_pod(pod: Mapping[str, Any]) -> PodSummary:
     return PodSummary(labels.get(LABEL_ENVIRONMENT_UID, ""), observe_pod(pod))
 
 
+def _children_of(environment: Environment) -> str:
+    return f"{LABEL_ENVIRONMENT_UID}={environment.uid}"
+
+
 class KubernetesBackend:
     """Pods and Services through the API; what exists is read from kopf's pod index."""
 
@@ -207,34 +212,58 @@ class KubernetesBackend:
         if observation is not None:
             return observation
         dataset_volumes, dataset_mounts = build_dataset_volumes(launch.mounts)
-        await self._kube.create("Service", environment.namespace, build_service(environment, self._settings))
+        await self._create_own("Service", environment, build_service(environment, self._settings))
         if self._settings.home.claims:  # exists already after the user's first environment
             await self._kube.create(
                 "PersistentVolumeClaim", environment.namespace, build_home_claim(environment, self._settings)
             )
         pod = build_pod(environment, flavor, self._settings, dataset_volumes, dataset_mounts)
-        await self._kube.create("Pod", environment.namespace, pod)
+        await self._create_own("Pod", environment, pod)
         return observe_pod(pod)
+
+    async def _create_own(self, kind: str, environment: Environment, body: dict[str, Any]) -> None:
+        """Create, or keep what is there if it is this environment's. A leftover of an earlier
+        environment of the same name (its children orphaned by `kubectl delete --cascade=orphan`)
+        is removed first, never adopted."""
+        if await self._kube.create(kind, environment.namespace, body):
+            return
+        metadata = await self._kube.read_metadata(kind, environment.namespace, environment.child_name) or {}
+        if (metadata.get("labels") or {}).get(LABEL_ENVIRONMENT_UID) == environment.uid:
+            return
+        await self._kube.delete(kind, environment.namespace, environment.child_name, uid=metadata.get("uid", ""))
+        raise Retry(f"removed a leftover {kind} {environment.child_name!r} of an earlier environment", delay=1)
 
     async def observe(self, environment: Environment) -> Observation:
         return self._indexed(environment) or observe_pod(None)
 
     async def suspend(self, environment: Environment) -> Observation:
         """Remove the pod, keep Service and Secret so resuming keeps URL and token."""
-        await self._kube.delete("Pod", environment.namespace, environment.child_name)
+        await self._kube.delete_labelled("Pod", environment.namespace, _children_of(environment))
         return await self.observe(environment)
 
     async def resume(self, launch: Launch) -> Observation:
         return await self.ensure(launch)
 
     async def delete(self, environment: Environment) -> bool:
-        await self._kube.delete("Pod", environment.namespace, environment.child_name)
-        await self._kube.delete("Service", environment.namespace, environment.child_name)
+        """Pod and Service of exactly this environment (by its uid label: never a namesake's)."""
+        for kind in ("Pod", "Service"):
+            await self._kube.delete_labelled(kind, environment.namespace, _children_of(environment))
         return self._indexed(environment) is None
 
     async def list_managed(self) -> list[ManagedObject]:
-        # Owner references and the garbage collector already remove orphans here.
-        return []
+        """Pods and Services the operator made. Owner references let the garbage collector remove them
+        with their environment, except when a user deleted it with --cascade=orphan."""
+        found = {}
+        for key in list(self._pods):
+            for summary in self._pods.get(key, ()):
+                found[(key[0], key[1], summary.environment_uid)] = f"Pod/{key[0]}/{key[1]}"
+        for service in await self._kube.list_labelled("Service", f"{LABEL_MANAGED_BY}={MANAGER}"):
+            metadata = service.get("metadata") or {}
+            labels = metadata.get("labels") or {}
+            key = (metadata.get("namespace", ""), labels.get(LABEL_ENVIRONMENT, ""), labels.get(LABEL_ENVIRONMENT_UID, ""))
+            found.setdefault(key, f"Service/{metadata.get('namespace')}/{metadata.get('name')}")
+        return [ManagedObject(namespace, name, uid, backend_id) for (namespace, name, uid), backend_id in found.items()
+                if uid]
 
     def close(self) -> None:
         """Nothing of its own: the Kubernetes client belongs to the operator."""

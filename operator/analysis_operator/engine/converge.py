@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from analysis_operator.backends.base import Backend, BackendUnavailable, Launch, Observation, State
+from analysis_operator.backends.base import Backend, BackendUnavailable, Launch, Observation, Retry, State
 from analysis_operator.engine.status import backend_status, phase_from_observation
 from analysis_operator.engine.terms import build_terms, effective_flavor
 from analysis_operator.engine.tokens import delete_token, ensure_token
@@ -34,14 +34,6 @@ from analysis_operator.policy.requests import check_request
 log = structlog.get_logger("analysis_operator.converge")
 
 WARNING_PHASES = frozenset({Phase.FAILED, Phase.REJECTED, Phase.EXPIRED, Phase.BUDGET_EXHAUSTED})
-
-
-class Retry(Exception):
-    """Not now: converge again after `delay` seconds (kopf's retry or the reconciler's requeue)."""
-
-    def __init__(self, message: str, delay: float) -> None:
-        super().__init__(message)
-        self.delay = delay
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 from kubernetes.client.rest import ApiException
 
-from analysis_operator.engine.converge import Retry
+from analysis_operator.backends.base import Retry
 from analysis_operator.engine.views import Index, Singles, first, member_of
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.policy.budgets import Budget, select_budget

@@ -15,8 +15,18 @@ from analysis_operator.engine.converge import Outcome, expiry
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.reconciler import Reconciler
 from analysis_operator.engine.terms import flavor_for
+from analysis_operator.engine.tokens import delete_token
 from analysis_operator.engine.views import EnvironmentRecord, Index, values
-from analysis_operator.model.domain import Environment, Phase, format_time, is_terminal
+from analysis_operator.model.domain import (
+    LABEL_ENVIRONMENT,
+    LABEL_ENVIRONMENT_UID,
+    LABEL_MANAGED_BY,
+    MANAGER,
+    Environment,
+    Phase,
+    format_time,
+    is_terminal,
+)
 from analysis_operator.policy.budgets import expiry_warning_due
 
 log = structlog.get_logger("analysis_operator.sweep")
@@ -84,7 +94,25 @@ async def sweep_orphans(reconciler: Reconciler) -> int:
                 continue
             orphan = Environment(managed.namespace, managed.name, managed.uid, owner="", flavor="")
             await backend.delete(orphan)
+            await delete_token(kube, orphan)
             log.warning("orphan.removed", backend=kind, environment=f"{managed.namespace}/{managed.name}",
                         backend_id=managed.backend_id)
             removed += 1
+    return removed + await _sweep_orphaned_tokens(reconciler, known)
+
+
+async def _sweep_orphaned_tokens(reconciler: Reconciler, known: set[str]) -> int:
+    """Token Secrets whose environment is gone (a token must not outlive its environment)."""
+    kube = reconciler.context.kube
+    removed = 0
+    for secret in await kube.list_labelled("Secret", f"{LABEL_MANAGED_BY}={MANAGER}"):
+        metadata = secret.get("metadata") or {}
+        labels = metadata.get("labels") or {}
+        uid, namespace, name = labels.get(LABEL_ENVIRONMENT_UID, ""), metadata.get("namespace", ""), \
+            labels.get(LABEL_ENVIRONMENT, "")
+        if not uid or uid in known or await kube.environment_exists(namespace, name, uid):
+            continue
+        await kube.delete("Secret", namespace, metadata.get("name", ""), uid=metadata.get("uid", ""))
+        log.warning("orphan.removed", backend="token", environment=f"{namespace}/{name}")
+        removed += 1
     return removed

@@ -11,8 +11,9 @@ import base64
 import secrets
 from typing import Any
 
+from analysis_operator.backends.base import Retry
 from analysis_operator.infra.kube import KubeClient
-from analysis_operator.model.domain import Environment
+from analysis_operator.model.domain import LABEL_ENVIRONMENT_UID, Environment
 
 TOKEN_KEY = "token"
 
@@ -37,13 +38,24 @@ def build_token_secret(environment: Environment, token: str) -> dict[str, Any]:
 
 
 async def ensure_token(kube: KubeClient, environment: Environment) -> str:
-    """The environment's token, creating its Secret on first use."""
+    """The environment's token, creating its Secret on first use. A Secret of the same name left by an
+    earlier environment (orphaned by `kubectl delete --cascade=orphan`) is never adopted: its token
+    was someone else's."""
     token = new_token()
     if await kube.create("Secret", environment.namespace, build_token_secret(environment, token)):
         return token
+    metadata = await kube.read_metadata("Secret", environment.namespace, environment.child_name) or {}
+    if (metadata.get("labels") or {}).get(LABEL_ENVIRONMENT_UID) != environment.uid:
+        await kube.delete("Secret", environment.namespace, environment.child_name, uid=metadata.get("uid", ""))
+        raise Retry(f"replaced a leftover Secret {environment.child_name!r} of an earlier environment", delay=0.5)
     existing = await kube.read_secret_value(environment.namespace, environment.child_name, TOKEN_KEY)
     return existing or token
 
 
+def owned_by(environment: Environment) -> str:
+    """The label selector of exactly this environment's children (not a namesake's)."""
+    return f"{LABEL_ENVIRONMENT_UID}={environment.uid}"
+
+
 async def delete_token(kube: KubeClient, environment: Environment) -> None:
-    await kube.delete("Secret", environment.namespace, environment.child_name)
+    await kube.delete_labelled("Secret", environment.namespace, owned_by(environment))

@@ -61,17 +61,56 @@ class KubeClient:
             raise
         return True
 
-    async def delete(self, kind: str, namespace: str, name: str) -> bool:
-        """Delete; False if it was already gone."""
+    async def read_metadata(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """An object's metadata, or None if it does not exist."""
+        method = {
+            "Pod": self.core.read_namespaced_pod,
+            "Service": self.core.read_namespaced_service,
+            "Secret": self.core.read_namespaced_secret,
+        }[kind]
+        try:
+            body = await self._call(method, name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        metadata: dict[str, Any] = body.get("metadata") or {}
+        return metadata
+
+    async def delete_labelled(self, kind: str, namespace: str, selector: str) -> None:
+        """Delete every object of a kind in a namespace that carries these labels (a child of exactly
+        one environment uid: never a namesake's)."""
+        method = {
+            "Pod": self.core.delete_collection_namespaced_pod,
+            "Service": self.core.delete_collection_namespaced_service,
+            "Secret": self.core.delete_collection_namespaced_secret,
+        }[kind]
+        await self._call(method, namespace, label_selector=selector, propagation_policy="Background")
+
+    async def list_labelled(self, kind: str, selector: str) -> list[dict[str, Any]]:
+        """Every object of a kind carrying these labels, in all namespaces (orphan sweeps)."""
+        method = {
+            "Pod": self.core.list_pod_for_all_namespaces,
+            "Service": self.core.list_service_for_all_namespaces,
+            "Secret": self.core.list_secret_for_all_namespaces,
+        }[kind]
+        listing = await self._call(method, label_selector=selector)
+        return list(listing.get("items") or ())
+
+    async def delete(self, kind: str, namespace: str, name: str, uid: str = "") -> bool:
+        """Delete (only the object with this uid, when given); False if it was already gone."""
         method: Callable[..., Any] = {
             "Pod": self.core.delete_namespaced_pod,
             "Service": self.core.delete_namespaced_service,
             "Secret": self.core.delete_namespaced_secret,
         }[kind]
         try:
-            await self._call(method, name, namespace, body={"propagationPolicy": "Background"})
+            body: dict[str, Any] = {"propagationPolicy": "Background"}
+            if uid:
+                body["preconditions"] = {"uid": uid}
+            await self._call(method, name, namespace, body=body)
         except ApiException as error:
-            if error.status == 404:
+            if error.status == 404 or (uid and error.status == 409):  # 409: another object by that name now
                 return False
             raise
         return True
