@@ -18,6 +18,7 @@ import pytest
 from tests.integration.scripts import parse_exports, run_script
 
 from analysis_operator.backends.openstack import OpenStackBackend
+from tests.integration.invariant import PROBES, Managed
 from analysis_operator.model.domain import BackendKind, Environment, Flavor, OpenStackSpec, Resources
 from analysis_operator.settings import Settings, load_settings
 
@@ -127,8 +128,20 @@ def make_environment(request, settings) -> Iterator[Callable[..., Environment]]:
 
 
 @pytest.fixture
-def vm_environments(operator, openstack_environ, environments):
-    settings = {key: value for key, value in openstack_environ.items()
-                if key.startswith("ANALYSIS_OPERATOR_OPENSTACK_") or key == "OS_CLIENT_CONFIG_FILE"}
-    operator.configure(ANALYSIS_OPERATOR_OPENSTACK_ENABLED="true", **settings)
+def vm_environments(operator, openstack_environ, settings, environments):
+    """Environments on the VM cards: the session's operator with the OpenStack backend enabled (from now
+    on), and the invariant checker watching Nova servers too."""
+    operator_settings = {key: value for key, value in openstack_environ.items()
+                         if key.startswith("ANALYSIS_OPERATOR_OPENSTACK_") or key == "OS_CLIENT_CONFIG_FILE"}
+    operator.configure(ANALYSIS_OPERATOR_OPENSTACK_ENABLED="true", **operator_settings)
+
+    def servers() -> list[Managed]:
+        backend = OpenStackBackend(settings)
+        try:
+            return [Managed("Server", server.namespace, server.name, server.uid, server.backend_id)
+                    for server in asyncio.run(backend.list_managed())]
+        finally:
+            backend.close()
+
+    PROBES["openstack"] = servers
     return environments

@@ -18,6 +18,7 @@ import pytest
 from tests.integration.scripts import parse_exports, run_script
 
 from analysis_operator.backends.slurm import SlurmBackend
+from tests.integration.invariant import PROBES, Managed
 from analysis_operator.model.domain import Environment
 from analysis_operator.settings import SlurmSettings, load_settings
 
@@ -45,6 +46,21 @@ def slurm_script() -> Callable[[str], str]:
 @pytest.fixture(scope="session")
 def slurm_settings(slurm_environ) -> SlurmSettings:
     return load_settings(slurm_environ).slurm
+
+
+@pytest.fixture
+def slurm_environments(operator, slurm_environ, slurm_settings, environments):
+    """Environments on the Cluster card: the session's operator with the Slurm backend enabled (from now
+    on), and the invariant checker watching Slurm jobs too."""
+    operator.configure(**{key: value for key, value in slurm_environ.items()
+                          if key.startswith("ANALYSIS_OPERATOR_SLURM_") or key == "SLURM_CONF"})
+
+    def jobs() -> list[Managed]:
+        return [Managed("SlurmJob", job.namespace, job.name, job.uid, job.backend_id)
+                for job in asyncio.run(SlurmBackend(slurm_settings).list_managed())]
+
+    PROBES["slurm"] = jobs
+    return environments
 
 
 @pytest.fixture

@@ -10,13 +10,6 @@ from tests.integration.test_datasets import PUBLIC, catalogue, embargoed  # noqa
 
 
 @pytest.fixture
-def slurm_environments(operator, slurm_environ, environments):
-    operator.configure(**{key: value for key, value in slurm_environ.items()
-                          if key.startswith("ANALYSIS_OPERATOR_SLURM_") or key == "SLURM_CONF"})
-    return environments
-
-
-@pytest.fixture
 def cluster_data(tmp_path_factory) -> pathlib.Path:
     """Two datasets on the "cluster file system" (this host), readable by the job's user."""
     root = tmp_path_factory.mktemp("gpfs")

@@ -8,13 +8,6 @@ import pytest
 from tests.waiting import wait_for
 
 
-@pytest.fixture
-def slurm_environments(operator, slurm_environ, environments):
-    operator.configure(**{key: value for key, value in slurm_environ.items()
-                          if key.startswith("ANALYSIS_OPERATOR_SLURM_") or key == "SLURM_CONF"})
-    return environments
-
-
 def test_cluster_card_runs_jupyter_in_a_slurm_job_and_cancels_it_on_delete(slurm_environments, slurm_environ):
     environments = slurm_environments
     created = environments.create("hpc", flavor="jupyter-cluster", lifetime="1h")
