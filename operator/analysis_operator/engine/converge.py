@@ -27,6 +27,7 @@ from analysis_operator.infra.kube import KubeClient
 from analysis_operator.model.conditions import build_condition, build_transition, merge_conditions
 from analysis_operator.model.domain import Environment, Flavor, Mount, Phase, format_time, is_terminal, \
     parse_duration, parse_time
+from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.policy.access import Reach
 from analysis_operator.policy.refusal import Refusal
 from analysis_operator.policy.requests import check_request
@@ -67,6 +68,19 @@ class Access(Protocol):
         """Record that a backend was handed these mounts (audit log, Event)."""
 
 
+class Identities(Protocol):
+    """Who an environment runs as (engine/identity.py): the owner's POSIX identity, or why it cannot run."""
+
+    async def posix(self, environment: Environment, mounts: tuple[Mount, ...]) -> PosixIdentity | Refusal | None: ...
+
+
+class NoIdentities:
+    """No directory: backends run environments as their documented default account."""
+
+    async def posix(self, environment: Environment, mounts: tuple[Mount, ...]) -> PosixIdentity | Refusal | None:
+        return None
+
+
 class NoDatasets:
     """For operators and tests without a data catalogue: nothing is ever mounted."""
 
@@ -88,6 +102,7 @@ class Context:
     backends: Mapping[str, Backend]
     access: Access = NoDatasets()
     gates: tuple[Gate, ...] = ()
+    identities: Identities = NoIdentities()
 
 
 def _transition(environment: Environment, status: Mapping[str, Any], phase: Phase, reason: str,
@@ -169,6 +184,10 @@ async def _converge(context: Context, environment: Environment, status: Mapping[
     granted = await context.access.grant(environment, flavor, backend.dataset_problem, status, now)
     if isinstance(granted, Refusal):
         return await stop(context, environment, flavor, status, granted.phase, granted.reason, granted.message, now)
+    identity = await context.identities.posix(environment, granted)
+    if isinstance(identity, Refusal):
+        return await stop(context, environment, flavor, status, identity.phase, identity.reason, identity.message,
+                          now)
     for gate in context.gates:
         refusal = await gate.check(environment, flavor, status, now)
         if refusal is not None:
@@ -180,13 +199,13 @@ async def _converge(context: Context, environment: Environment, status: Mapping[
         return await stop(context, environment, flavor, status, Phase.EXPIRED, "LifetimeExpired",
                           f"lifetime ended at {format_time(expires_at)}; the environment was stopped", now)
     times = {"startedAt": format_time(started_at), "expiresAt": format_time(expires_at)}
-    outcome = await _run_backend(context, backend, environment, flavor, granted, status, now, times)
+    launch = _Launcher(context, environment, flavor, granted, identity)
+    outcome = await _run_backend(backend, environment, flavor, launch, status, now, times)
     return _reachable_again(outcome, status, environment, now)
 
 
-async def _run_backend(context: Context, backend: Backend, environment: Environment, flavor: Flavor,
-                       mounts: tuple[Mount, ...], status: Mapping[str, Any], now: datetime.datetime,
-                       times: dict[str, str]) -> Outcome:
+async def _run_backend(backend: Backend, environment: Environment, flavor: Flavor, launcher: _Launcher,
+                       status: Mapping[str, Any], now: datetime.datetime, times: dict[str, str]) -> Outcome:
     observation = await backend.observe(environment)
     if environment.suspend:
         if observation.state.holds:
@@ -195,18 +214,28 @@ async def _run_backend(context: Context, backend: Backend, environment: Environm
                            "suspended by spec.suspend; the access token and URL are kept", now,
                            **times, **_terms(status, flavor), backend=backend_status(flavor.backend, observation))
     if observation.state is State.SUSPENDED or status.get("phase") == Phase.SUSPENDED.value:
-        observation = await backend.resume(await _launch(context, environment, flavor, mounts))
+        observation = await backend.resume(await launcher.launch())
     if observation.state is State.GONE:
-        observation = await backend.ensure(await _launch(context, environment, flavor, mounts))
+        observation = await backend.ensure(await launcher.launch())
     return _observed(environment, flavor, status, observation, now, times)
 
 
-async def _launch(context: Context, environment: Environment, flavor: Flavor, mounts: tuple[Mount, ...]) -> Launch:
-    """What the backend is handed to start it; the mounts are recorded as granted (audit, Event)."""
-    launch = Launch(environment, flavor, await ensure_token(context.kube, environment), mounts)
-    if mounts:
-        await context.access.mounted(environment, mounts)
-    return launch
+@dataclass(frozen=True)
+class _Launcher:
+    """Makes the Launch a backend is handed, only when something is to be started."""
+
+    context: Context
+    environment: Environment
+    flavor: Flavor
+    mounts: tuple[Mount, ...]
+    identity: PosixIdentity | None
+
+    async def launch(self) -> Launch:
+        """The token (made on first use), and the mounts recorded as granted (audit, Event)."""
+        token = await ensure_token(self.context.kube, self.environment)
+        if self.mounts:
+            await self.context.access.mounted(self.environment, self.mounts)
+        return Launch(self.environment, self.flavor, token, self.mounts, self.identity)
 
 
 def _terms(status: Mapping[str, Any], flavor: Flavor) -> dict[str, Any]:
