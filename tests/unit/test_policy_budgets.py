@@ -87,6 +87,36 @@ def test_refusal_message_reads_like_the_dashboard():
                                       "20.0 of 20.0 used")
 
 
+@pytest.mark.parametrize("limit, used, words", [
+    (0.001, 0.001, "0.001 of 0.001 used"),   # before: "0.0 of 0.0 used"
+    (0.001, 0.0012, "0.0012 of 0.0010 used"),
+    (20, 20.04, "20.04 of 20.00 used"),      # before: "20.0 of 20.0 used", which reads as not over
+    (20, 20, "20.0 of 20.0 used"),
+    (140, 141.5, "141.5 of 140.0 used"),
+    (0, 0, "0.0 of 0.0 used"),
+])
+def test_exhaustion_message_tells_the_numbers_apart(limit, used, words):
+    refusal = admission_refusal(budget({"cpuHours": limit}, {"settled": {"cpuHours": used}}), CPU, 0, 0, T0)
+    assert refusal is not None and f"exhausted: {words}; ask for more" in refusal.message
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ({"user": "alice", "limits": {"cpuHours": 1}, "period": {"validUntil": "2027-02-30T00:00:00Z"}},
+     "spec.period.validUntil '2027-02-30T00:00:00Z' is not a time"),
+    ({"user": "alice", "limits": {"cpuHours": "lots"}}, "spec.limits.cpuHours is not a number"),
+    ({}, ""),
+])
+def test_budget_from_body_never_raises(spec, problem):
+    read = Budget.from_body({"metadata": {"name": "b"}, "spec": spec})
+    assert read.problem.startswith(problem) and bool(read.problem) == bool(problem)
+
+
+def test_budget_valid_until_reads_any_rfc3339_time():
+    read = Budget.from_body({"metadata": {"name": "b"}, "spec": {"limits": {}, "period": {
+        "validUntil": "2026-03-10T14:00:00.5+02:00"}}})
+    assert read.valid_until == T0.replace(microsecond=500000) and read.problem == ""
+
+
 def test_an_expired_budget_refuses():
     refusal = admission_refusal(budget({"cpuHours": 10}, valid_until=T0), CPU, 0, 0, T0)
     assert refusal.reason == "BudgetExpired"

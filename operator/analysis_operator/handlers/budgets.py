@@ -15,6 +15,7 @@ import structlog
 from analysis_operator.engine.accounting import charge_budget
 from analysis_operator.engine.ledger import BUDGETS
 from analysis_operator.engine.reconciler import utcnow
+from analysis_operator.handlers.indexes import never_raises, report_problems
 from analysis_operator.model.domain import GROUP, VERSION
 from analysis_operator.policy.budgets import Budget
 from analysis_operator.settings import BudgetSettings
@@ -23,11 +24,15 @@ log = structlog.get_logger("analysis_operator.budgets")
 
 
 @kopf.index(GROUP, VERSION, BUDGETS)
+@never_raises("budgets")
 def budgets(name: str, body: kopf.Body, **_: Any) -> dict[str, Budget]:
-    return {name: Budget.from_body(body)}
+    budget = Budget.from_body(body)
+    report_problems("budgets", body, [budget.problem] if budget.problem else [])
+    return {name: budget}
 
 
 @kopf.index(GROUP, VERSION, BUDGETS, when=lambda spec, **_: bool(spec.get("user")))
+@never_raises("personal_budgets")
 def personal_budgets(name: str, spec: kopf.Spec, **_: Any) -> dict[str, str]:
     """user -> the name of their personal budget."""
     return {spec["user"]: name}

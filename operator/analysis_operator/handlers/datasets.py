@@ -15,16 +15,22 @@ from analysis_operator.engine.data_access import DataAccess, IndexCatalogue, aff
 from analysis_operator.engine.events import post_event
 from analysis_operator.engine.reconciler import Reconciler, utcnow
 from analysis_operator.engine.views import first, values
+from analysis_operator.handlers.indexes import never_raises, report_problems
 from analysis_operator.model.domain import API_VERSION, GROUP, VERSION, Dataset, Environment
 from analysis_operator.policy.access import pid_key
 
 
 @kopf.index(GROUP, VERSION, "datasets")
-def datasets(name: str, spec: Mapping[str, Any], **_: Any) -> dict[str, Dataset]:
-    return {name: Dataset.from_body(name, spec)}
+@never_raises("datasets")
+def datasets(name: str, spec: Mapping[str, Any], body: kopf.Body, **_: Any) -> dict[str, Dataset]:
+    """Dataset name -> Dataset; one whose embargo end cannot be read is kept, closed (model/domain.py)."""
+    dataset = Dataset.from_body(name, spec)
+    report_problems("datasets", body, [dataset.problem] if dataset.problem else [])
+    return {name: dataset}
 
 
 @kopf.index(GROUP, VERSION, "datasets")
+@never_raises("dataset_pids")
 def dataset_pids(name: str, spec: Mapping[str, Any], **_: Any) -> dict[str, str]:
     """PID (in its compared form) -> Dataset name, for references by PID."""
     return {pid_key(str(spec.get("pid", ""))): name}

@@ -3,14 +3,22 @@
 Handlers read these instead of listing: flavors by name, environments by
 (namespace, name), and the operator's pods by (namespace, environment).
 Values are small frozen records, so 10,000 environments stay cheap.
+
+No index function raises: an object that cannot be read at all is left out of
+its index (kopf would do the same, but retry and log it at every event), and
+one read on the safe side is kept with its problems; either way one structured
+line (logger analysis_operator.indexes) says so once, and no other object is
+affected.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar, cast
 
 import kopf
+import structlog
 
 from analysis_operator.backends.kubernetes import PodSummary, summarize_pod
 from analysis_operator.engine.views import EnvironmentRecord
@@ -18,27 +26,70 @@ from analysis_operator.model.domain import GROUP, LABEL_ENVIRONMENT, LABEL_MANAG
     Flavor
 
 MANAGED = {LABEL_MANAGED_BY: MANAGER}
+log = structlog.get_logger("analysis_operator.indexes")
+_Indexer = TypeVar("_Indexer", bound=Callable[..., Any])
+# (index, object uid) -> the problem last logged for it, so each is logged once, not at every event.
+_REPORTED: dict[tuple[str, str], str] = {}
+_REPORTED_MAX = 10_000
+
+
+def report_problems(index: str, body: Mapping[str, Any], problems: Iterable[str], indexed: bool = True) -> None:
+    """Log an object's problems once (again only when they change); forget it once it reads cleanly."""
+    metadata = body.get("metadata") or {}
+    key = (index, str(metadata.get("uid") or metadata.get("name") or ""))
+    problem = "; ".join(problems)
+    if not problem:
+        _REPORTED.pop(key, None)
+        return
+    if _REPORTED.get(key) == problem:
+        return
+    if len(_REPORTED) >= _REPORTED_MAX:
+        _REPORTED.clear()
+    _REPORTED[key] = problem
+    log.warning("index.unreadable", index=index, namespace=metadata.get("namespace"), name=metadata.get("name"),
+                uid=metadata.get("uid"), problem=problem, indexed=indexed)
+
+
+def never_raises(index: str) -> Callable[[_Indexer], _Indexer]:
+    """An index function that never raises: an object it cannot read is left out, and logged once."""
+    def decorate(function: _Indexer) -> _Indexer:
+        @functools.wraps(function)
+        def indexed(**kwargs: Any) -> Any:
+            try:
+                return function(**kwargs)
+            except Exception as error:  # one unreadable object must not poison the index
+                report_problems(index, kwargs.get("body") or {}, [f"{type(error).__name__}: {error}"], indexed=False)
+                return None
+        return cast(_Indexer, indexed)
+    return decorate
 
 
 @kopf.index(GROUP, VERSION, "environmentflavors")
-def flavors(name: str, spec: Mapping[str, Any], **_: Any) -> dict[str, Flavor]:
-    return {name: Flavor.from_body(name, spec)}
+@never_raises("flavors")
+def flavors(name: str, spec: Mapping[str, Any], body: kopf.Body, **_: Any) -> dict[str, Flavor]:
+    flavor = Flavor.from_body(name, spec)
+    report_problems("flavors", body, flavor.problems)
+    return {name: flavor}
 
 
 @kopf.index(GROUP, VERSION, "analysisenvironments")
+@never_raises("environments")
 def environments(body: kopf.Body, **_: Any) -> dict[tuple[str, str], EnvironmentRecord]:
     environment = Environment.from_body(body)
+    report_problems("environments", body, environment.problems)
     record = EnvironmentRecord(environment, dict(body.get("status") or {}))
     return {(environment.namespace, environment.name): record}
 
 
 @kopf.index(GROUP, VERSION, "facilitygroups")
+@never_raises("groups")
 def groups(name: str, spec: Mapping[str, Any], **_: Any) -> dict[str, frozenset[str]]:
     """FacilityGroup name -> its members: the one source of group membership."""
-    return {name: frozenset(spec.get("members") or ())}
+    return {name: frozenset(member for member in spec.get("members") or () if isinstance(member, str))}
 
 
 @kopf.index("pods", labels=MANAGED)
+@never_raises("pods")
 def pods(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[tuple[str, str], PodSummary]:
     """The Kubernetes backend reads its pods from here (backends/kubernetes.py)."""
     return {(namespace, labels.get(LABEL_ENVIRONMENT, "")): summarize_pod(body)}

@@ -6,7 +6,9 @@ Kubernetes bodies into these once, and everything below them works on these.
 from __future__ import annotations
 
 import datetime
+import decimal
 import enum
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -59,16 +61,54 @@ class BackendKind(enum.StrEnum):
     OPENSTACK = "openstack"
 
 
-_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+# Durations are days, hours, minutes, seconds in that order ("8h", "1d12h", "90m"). The CRDs
+# allow at most 4, 5, 6 and 8 digits and a total between MIN_DURATION and MAX_DURATION; the
+# parser takes any number of digits (objects stored before the CRDs had bounds) and never
+# overflows: whatever it reads is capped at MAX_DURATION.
+_DURATION = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?")
+MIN_DURATION = datetime.timedelta(seconds=1)
+MAX_DURATION = datetime.timedelta(days=366)
+_UNIT_SECONDS = (86400, 3600, 60, 1)
+DURATION_HINT = "use a duration such as 8h, 90m or 1d12h (days, hours, minutes, seconds, in that order)"
+
+
+def _duration_seconds(text: str) -> int:
+    match = _DURATION.fullmatch(text) if isinstance(text, str) and text else None
+    if match is None:
+        raise ValueError(f"invalid duration {text!r}: {DURATION_HINT}")
+    return sum(int(part or 0) * unit for part, unit in zip(match.groups(), _UNIT_SECONDS, strict=True))
 
 
 def parse_duration(text: str) -> datetime.timedelta:
-    """Parse '8h', '1d12h', '90m', '30s' into a timedelta (the CRD pattern)."""
-    match = _DURATION.fullmatch(text or "")
-    if not text or not match:
-        raise ValueError(f"invalid duration {text!r}: use e.g. '8h', '1d12h', '30m'")
-    days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
-    return datetime.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    """Parse '8h', '1d12h', '90m', '30s' into a timedelta, at most MAX_DURATION (the CRDs'
+    ceiling): a longer one reads as the ceiling. ValueError (in words) for anything else."""
+    seconds = _duration_seconds(text)   # a Python int: no overflow however many digits
+    return datetime.timedelta(seconds=min(seconds, int(MAX_DURATION.total_seconds())))
+
+
+def duration_problem(text: str, field_name: str) -> str | None:
+    """Why `text` is not a duration the CRDs accept for `field_name`, in words; None if it is."""
+    try:
+        seconds = _duration_seconds(text)
+    except ValueError:
+        return f"{field_name} {text!r} is not a duration: {DURATION_HINT}"
+    if seconds < MIN_DURATION.total_seconds():
+        return f"{field_name} {text!r} is zero: a duration is at least 1s"
+    if seconds > MAX_DURATION.total_seconds():
+        return f"{field_name} {text!r} is longer than {MAX_DURATION.days} days, the most the operator accepts"
+    return None
+
+
+def read_duration(text: str, field_name: str) -> tuple[datetime.timedelta, str | None]:
+    """A duration field of a stored object, never raising: the value within [MIN_DURATION,
+    MAX_DURATION] (unreadable text reads as MIN_DURATION, the safe side for a lifetime) and
+    what was wrong with it, if anything."""
+    problem = duration_problem(text, field_name)
+    try:
+        value = parse_duration(text)
+    except ValueError:
+        value = MIN_DURATION
+    return max(value, MIN_DURATION), problem
 
 
 def format_time(moment: datetime.datetime) -> str:
@@ -76,22 +116,56 @@ def format_time(moment: datetime.datetime) -> str:
 
 
 def parse_time(text: str | None) -> datetime.datetime | None:
+    """The operator's own timestamps (format_time); see parse_timestamp for what people write."""
     if not text:
         return None
     return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
 
 
-_QUANTITY = re.compile(r"^([0-9.]+)(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")
-_SUFFIX = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+def parse_timestamp(text: str) -> datetime.datetime:
+    """An RFC 3339 time as people write it (2027-03-01T12:00:00Z, with fractions or an offset),
+    in UTC. ValueError in words, never a Python message, for anything else."""
+    try:
+        moment = datetime.datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "zZ" and text else text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{text!r} is not a time such as 2027-03-01T12:00:00Z") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"{text!r} has no time zone: end it with Z (UTC), e.g. 2027-03-01T12:00:00Z")
+    return moment.astimezone(datetime.UTC)
+
+
+# A Kubernetes quantity: a decimal number, then a binary (Ki) or decimal (k, m) suffix or a
+# decimal exponent (1e3), as the API server accepts it.
+_QUANTITY = re.compile(r"((?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?")
+_SUFFIX = {None: 1.0, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+           "E": 1e18, "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50, "Ei": 2.0**60}
 
 
 def parse_quantity(text: str | int | float) -> float:
-    """A Kubernetes quantity ('500m', '16Gi', 2) as a number of base units."""
+    """A Kubernetes quantity ('500m', '16Gi', '1e3', 2) as a number of base units (finite).
+    ValueError for anything else."""
     match = _QUANTITY.fullmatch(str(text))
     if not match:
-        raise ValueError(f"invalid quantity {text!r}")
-    return float(match.group(1)) * _SUFFIX[match.group(2)]
+        raise ValueError(f"invalid quantity {text!r}: use e.g. 500m, 2 or 16Gi")
+    number, suffix = match.groups()
+    if suffix is not None and len(suffix) > 1 and suffix[0] in "eE":   # an exponent, not E (exa)
+        value = float(number + suffix)   # float() of text saturates to inf, it never raises on size
+    else:
+        value = float(number) * _SUFFIX[suffix]
+    if not math.isfinite(value):
+        raise ValueError(f"invalid quantity {text!r}: too large")
+    return value
+
+
+def _number_text(value: Any, default: str) -> str:
+    """A number from the API (1, 0.5, 1e-05) as quantity text without an exponent."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return default
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) or value.is_integer():
+        return str(int(value)) if math.isfinite(value) else default
+    return format(decimal.Decimal(repr(value)), "f")
 
 
 @dataclass(frozen=True)
@@ -140,40 +214,87 @@ class Flavor:
     openstack: OpenStackSpec = field(default_factory=OpenStackSpec)
     access: FlavorAccess = field(default_factory=lambda: FlavorAccess())
 
+    problems: tuple[str, ...] = ()   # what from_body could not read (and read on the safe side instead)
+
     @classmethod
     def from_body(cls, name: str, spec: Mapping[str, Any]) -> "Flavor":
-        resources = spec.get("resources") or {}
-        slurm = spec.get("slurm") or {}
-        openstack = spec.get("openstack") or {}
+        """Never raises: anything the CRD lets through reads as written; anything else (an object
+        stored before the CRD had its bounds) reads as a default and is named in `problems`."""
+        problems: list[str] = []
+        resources, slurm, openstack = (_mapping(spec.get(key)) for key in ("resources", "slurm", "openstack"))
         idle = spec.get("idleTimeout")
+        max_lifetime, problem = read_duration(str(spec.get("maxLifetime") or "8h"), "spec.maxLifetime")
+        idle_timeout, idle_problem = read_duration(str(idle), "spec.idleTimeout") if idle else (None, None)
+        time_limit = slurm.get("timeLimitMinutes")
+        backend = _text(spec.get("backend"))
+        problems.extend(p for p in (problem, idle_problem, None if backend else "spec.backend is missing") if p)
         return cls(
             name=name,
-            backend=str(spec["backend"]),
-            display_name=spec.get("displayName", ""),
+            backend=backend,
+            display_name=_text(spec.get("displayName")),
             resources=Resources(
-                cpu=str(resources.get("cpu", "1")),
-                memory=str(resources.get("memory", "16Gi")),
-                gpu=int(resources.get("gpu", 0)),
+                cpu=_quantity_text(resources.get("cpu", 1), "1", "spec.resources.cpu", problems),
+                memory=_quantity_text(resources.get("memory", "16Gi"), "16Gi", "spec.resources.memory", problems),
+                gpu=_count(resources.get("gpu", 0), 0, "spec.resources.gpu", problems),
             ),
-            image=spec.get("image", ""),
-            allow_custom_image=bool(spec.get("allowCustomImage", False)),
-            max_lifetime=parse_duration(spec.get("maxLifetime", "8h")),
-            idle_timeout=parse_duration(idle) if idle else None,
+            image=_text(spec.get("image")),
+            allow_custom_image=spec.get("allowCustomImage") is True,
+            max_lifetime=max_lifetime,
+            idle_timeout=idle_timeout,
             slurm=SlurmSpec(
-                partition=slurm.get("partition", ""),
-                account=slurm.get("account", ""),
-                time_limit_minutes=slurm.get("timeLimitMinutes"),
-                qos=slurm.get("qos", ""),
-                modules=tuple(slurm.get("modules", ())),
+                partition=_text(slurm.get("partition")),
+                account=_text(slurm.get("account")),
+                time_limit_minutes=None if time_limit is None else
+                _count(time_limit, None, "spec.slurm.timeLimitMinutes", problems),
+                qos=_text(slurm.get("qos")),
+                modules=_texts(slurm.get("modules")),
             ),
             openstack=OpenStackSpec(
-                flavor=openstack.get("flavor", ""),
-                image=openstack.get("image", ""),
-                network=openstack.get("network", ""),
-                key_name=openstack.get("keyName", ""),
+                flavor=_text(openstack.get("flavor")),
+                image=_text(openstack.get("image")),
+                network=_text(openstack.get("network")),
+                key_name=_text(openstack.get("keyName")),
             ),
-            access=FlavorAccess.from_spec(spec.get("access") or {}),
+            access=FlavorAccess.from_spec(_mapping(spec.get("access"))),
+            problems=tuple(problems),
         )
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _texts(value: Any) -> tuple[str, ...]:
+    return tuple(item for item in value if isinstance(item, str)) if isinstance(value, (list, tuple)) else ()
+
+
+def _quantity_text(value: Any, default: str, field_name: str, problems: list[str]) -> str:
+    """Quantity text that parse_quantity reads, from a number (cpu: 0.5) or text (memory: 16Gi)."""
+    text = _number_text(value, "")
+    try:
+        if parse_quantity(text) > 0:
+            return text
+    except ValueError:
+        pass
+    problems.append(f"{field_name} {value!r} is not a positive Kubernetes quantity; read as {default}")
+    return default
+
+
+def _count(value: Any, default: Any, field_name: str, problems: list[str]) -> Any:
+    """A whole number at least 0, or the default (and a problem)."""
+    try:
+        number = int(value) if not isinstance(value, bool) and (not isinstance(value, float) or
+                                                                 value.is_integer()) else None
+    except (TypeError, ValueError, OverflowError):
+        number = None
+    if number is None or number < 0:
+        problems.append(f"{field_name} {value!r} is not a whole number; read as {default}")
+        return default
+    return number
 
 
 @dataclass(frozen=True)
@@ -204,27 +325,34 @@ class Environment:
     deleting: bool = False      # deletionTimestamp set: only the finalizer's cleanup may act now
     budget: str = ""            # ComputeBudget named in spec.budget; "" = the owner's personal one
 
+    problems: tuple[str, ...] = ()  # what from_body could not read (and read on the safe side instead)
+
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> "Environment":
-        metadata = body["metadata"]
-        spec = body.get("spec") or {}
-        lifetime = spec.get("lifetime")
+        """Never raises. The lifetime is None (the flavor's) or within [MIN_DURATION, MAX_DURATION]:
+        "0s" is a lifetime of one second, never "no lifetime"; a longer one (stored before the CRD
+        had its ceiling) reads as the ceiling, which no flavor allows, and is named in `problems`."""
+        metadata, spec = _mapping(body.get("metadata")), _mapping(body.get("spec"))
+        text = spec.get("lifetime")
+        lifetime, problem = (None, None) if text is None or text == "" else read_duration(str(text), "spec.lifetime")
         return cls(
-            namespace=metadata["namespace"],
-            name=metadata["name"],
-            uid=metadata["uid"],
-            owner=spec["owner"],
-            flavor=spec["flavor"],
-            image=spec.get("image", ""),
+            namespace=_text(metadata.get("namespace")),
+            name=_text(metadata.get("name")),
+            uid=_text(metadata.get("uid")),
+            owner=_text(spec.get("owner")),
+            flavor=_text(spec.get("flavor")),
+            image=_text(spec.get("image")),
             datasets=tuple(
-                DatasetRef(name=ref.get("name", ""), mount_path=ref.get("mountPath", ""), pid=ref.get("pid", ""))
-                for ref in spec.get("datasets") or ()
+                DatasetRef(name=_text(ref.get("name")), mount_path=_text(ref.get("mountPath")),
+                           pid=_text(ref.get("pid")))
+                for ref in spec.get("datasets") or () if isinstance(ref, Mapping)
             ),
-            lifetime=parse_duration(lifetime) if lifetime else None,
-            suspend=bool(spec.get("suspend", False)),
-            generation=int(metadata.get("generation", 0)),
+            lifetime=lifetime,
+            suspend=spec.get("suspend") is True,
+            generation=_count(metadata.get("generation", 0), 0, "metadata.generation", []),
             deleting=bool(metadata.get("deletionTimestamp")),
-            budget=spec.get("budget", ""),
+            budget=_text(spec.get("budget")),
+            problems=(problem,) if problem else (),
         )
 
     @property
@@ -268,16 +396,28 @@ class FlavorAccess:
 
     @classmethod
     def from_spec(cls, access: Mapping[str, Any]) -> "FlavorAccess":
-        return cls(users=frozenset(access.get("users") or ()), groups=frozenset(access.get("groups") or ()))
+        return cls(users=frozenset(_texts(access.get("users"))), groups=frozenset(_texts(access.get("groups"))))
+
+
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_UTC_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+# An embargo whose end cannot be read has not ended: its team keeps access, nobody else gains it.
+EMBARGO_UNREADABLE = datetime.datetime.max.replace(tzinfo=datetime.UTC)
 
 
 def parse_embargo(text: str | None) -> datetime.datetime | None:
-    """'2027-03-01' (the start of that day, UTC) or '2027-03-01T12:00:00Z'."""
+    """'2027-03-01' (the start of that day, UTC) or '2027-03-01T12:00:00Z'. ValueError in words
+    (never Python's "day is out of range for month") for anything else, e.g. '2026-02-30'."""
     if not text:
         return None
-    if len(text) == 10:
-        return datetime.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=datetime.timezone.utc)
-    return parse_time(text)
+    form = "%Y-%m-%d" if _DATE.fullmatch(text) else "%Y-%m-%dT%H:%M:%SZ" if _UTC_TIME.fullmatch(text) else ""
+    if not form:
+        raise ValueError(f"{text!r} is not a date such as 2027-03-01 nor a UTC time such as 2027-03-01T12:00:00Z")
+    try:
+        return datetime.datetime.strptime(text, form).replace(tzinfo=datetime.UTC)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a real {'date' if len(text) == 10 else 'time'} "
+                         f"(no such day or hour in the calendar)") from None
 
 
 @dataclass(frozen=True)
@@ -306,24 +446,36 @@ class Dataset:
     members: frozenset[str] = frozenset()               # user IDs who may read it during the embargo
     groups: frozenset[str] = frozenset()                # FacilityGroups who may read it during the embargo
 
+    problem: str = ""   # what from_body could not read; an unreadable embargo has not ended
+
     @classmethod
     def from_body(cls, name: str, spec: Mapping[str, Any]) -> "Dataset":
-        storage = spec.get("storage") or {}
-        claim = storage.get("persistentVolumeClaim") or {}
-        nfs = storage.get("nfs") or {}
-        access = spec.get("access") or {}
-        embargoed = access.get("level") == "embargoed"
+        """Never raises: an embargo whose end cannot be read (or is missing) is read as not ended
+        (EMBARGO_UNREADABLE) and named in `problem`, so one bad Dataset affects only itself."""
+        storage = _mapping(spec.get("storage"))
+        claim = _mapping(storage.get("persistentVolumeClaim"))
+        nfs = _mapping(storage.get("nfs"))
+        access = _mapping(spec.get("access"))
+        embargoed_until, problem = None, ""
+        if access.get("level") != "public":   # embargoed, or a level this operator does not know: closed
+            try:
+                embargoed_until = parse_embargo(_text(access.get("embargoedUntil"))) or EMBARGO_UNREADABLE
+                if embargoed_until is EMBARGO_UNREADABLE:
+                    problem = "spec.access.embargoedUntil is missing"
+            except ValueError as error:
+                embargoed_until, problem = EMBARGO_UNREADABLE, f"spec.access.embargoedUntil {error}"
         return cls(
             name=name,
-            pid=spec.get("pid", ""),
-            title=spec.get("title", ""),
-            size=str(spec.get("size", "")),
-            storage=DatasetStorage(claim_name=claim.get("claimName", ""), sub_path=claim.get("subPath", ""),
-                                   nfs_server=nfs.get("server", ""), nfs_path=nfs.get("path", ""),
-                                   path=storage.get("path", "")),
-            embargoed_until=parse_embargo(access.get("embargoedUntil")) if embargoed else None,
-            members=frozenset(access.get("members") or ()),
-            groups=frozenset(access.get("groups") or ()),
+            pid=_text(spec.get("pid")),
+            title=_text(spec.get("title")),
+            size=_text(spec.get("size")),
+            storage=DatasetStorage(claim_name=_text(claim.get("claimName")), sub_path=_text(claim.get("subPath")),
+                                   nfs_server=_text(nfs.get("server")), nfs_path=_text(nfs.get("path")),
+                                   path=_text(storage.get("path"))),
+            embargoed_until=embargoed_until,
+            members=frozenset(_texts(access.get("members"))),
+            groups=frozenset(_texts(access.get("groups"))),
+            problem=problem,
         )
 
 

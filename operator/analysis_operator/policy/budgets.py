@@ -17,10 +17,11 @@ Ledger layout (status):
 from __future__ import annotations
 
 import datetime
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping
 
-from analysis_operator.model.domain import Environment, Flavor, Phase, format_time, parse_time
+from analysis_operator.model.domain import Environment, Flavor, Phase, format_time, parse_time, parse_timestamp
 from analysis_operator.policy.refusal import Refusal
 from analysis_operator.model.conditions import build_condition, merge_conditions
 
@@ -28,6 +29,7 @@ HOUR = 3600.0
 RESOURCES = ("cpuHours", "gpuHours")
 LIMIT_FIELDS = ("cpuHours", "gpuHours", "maxEnvironments", "maxGpus")
 _LIMIT_WORDS = {"cpuHours": "CPU-hours", "gpuHours": "GPU-hours"}
+UNREADABLE_END = datetime.datetime.min.replace(tzinfo=datetime.UTC)
 
 
 @dataclass(frozen=True)
@@ -43,16 +45,32 @@ class Budget:
     status: Mapping[str, Any] = field(default_factory=dict)
     resource_version: str = ""
 
+    problem: str = ""                                           # what from_body could not read
+
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> "Budget":
+        """Never raises. A validUntil that cannot be read (stored before the CRD checked it) reads as
+        already past: nothing new starts on a budget whose end nobody can tell; `problem` says why."""
+        metadata = body.get("metadata") or {}
         spec = body.get("spec") or {}
         period = spec.get("period") or {}
+        limits = {key: _number(value) for key, value in (spec.get("limits") or {}).items() if key in LIMIT_FIELDS}
+        valid_until, problem = None, ""
+        if period.get("validUntil"):
+            try:
+                valid_until = parse_timestamp(str(period["validUntil"]))
+            except ValueError as error:
+                valid_until, problem = UNREADABLE_END, f"spec.period.validUntil {error}"
+        bad = sorted(key for key, value in limits.items() if value is None)
+        if bad:
+            problem = "; ".join([*filter(None, [problem]), f"spec.limits.{bad[0]} is not a number (read as 0)"])
+        warning = _number(spec.get("warningPercent"))
         return cls(
-            name=body["metadata"]["name"], user=spec.get("user", ""), group=spec.get("group", ""),
-            limits={key: float(value) for key, value in (spec.get("limits") or {}).items()},
-            reset=period.get("reset", ""), valid_until=parse_time(period.get("validUntil")),
-            warning_percent=spec.get("warningPercent"), status=dict(body.get("status") or {}),
-            resource_version=str(body["metadata"].get("resourceVersion", "")),
+            name=str(metadata.get("name", "")), user=str(spec.get("user", "")), group=str(spec.get("group", "")),
+            limits={key: value or 0.0 for key, value in limits.items()},
+            reset=str(period.get("reset", "")), valid_until=valid_until,
+            warning_percent=warning, status=dict(body.get("status") or {}),
+            resource_version=str(metadata.get("resourceVersion", "")), problem=problem,
         )
 
     @property
@@ -101,13 +119,31 @@ def select_budget(owner: str, named: str, budgets: Mapping[str, Budget], persona
 
 # --- may it start -----------------------------------------------------------------------------------
 
-def _hours(value: float) -> str:
-    return f"{value:.1f}"
+def _used_of(used: float, limit: float) -> str:
+    """"72.5 of 140.0": one decimal, or as many as it takes to tell the numbers apart and to show
+    neither as zero when it is not (a limit of 0.001 is not "0.0", 19.96 of 20 is not "20.0 of 20.0")."""
+    for digits in range(1, 7):
+        texts = (f"{used:.{digits}f}", f"{limit:.{digits}f}")
+        if (texts[0] != texts[1]) == (used != limit) and all(
+                float(text) != 0 or value == 0 for text, value in zip(texts, (used, limit), strict=True)):
+            return f"{texts[0]} of {texts[1]}"
+    return f"{used:g} of {limit:g}"
+
+
+def _number(value: Any) -> float | None:
+    """A finite number from the API, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
 def spent(budget: Budget, cpus: float, gpus: int, now: datetime.datetime) -> Refusal | None:
     """Is the budget expired, or out of the hours something holding `cpus` and `gpus` would use?
     The same rule refuses a new environment and stops a running one."""
+    if budget.problem and budget.valid_until == UNREADABLE_END:
+        return Refusal("BudgetUnreadable", f"{budget.label} cannot be read: {budget.problem}; ask the "
+                         f"facility to correct it", phase=Phase.BUDGET_EXHAUSTED)
     if budget.valid_until is not None and now >= budget.valid_until:
         return Refusal("BudgetExpired", f"{budget.label} expired at {format_time(budget.valid_until)}; "
                          f"ask for a new one", phase=Phase.BUDGET_EXHAUSTED)
@@ -116,7 +152,7 @@ def spent(budget: Budget, cpus: float, gpus: int, now: datetime.datetime) -> Ref
         if needed and limit is not None and budget.used(key) >= limit:
             return Refusal(f"{'Cpu' if key == 'cpuHours' else 'Gpu'}HoursExhausted",
                              f"{_LIMIT_WORDS[key]} budget of {budget.label} exhausted: "
-                             f"{_hours(budget.used(key))} of {_hours(limit)} used; "
+                             f"{_used_of(budget.used(key), limit)} used; "
                              f"ask for more with a BudgetRequest", phase=Phase.BUDGET_EXHAUSTED)
     return None
 
@@ -250,7 +286,7 @@ def _exhaustion(budget: Budget, status: dict[str, Any], now: datetime.datetime, 
         elif limit and used < limit and not warned.get(key):
             warned[key] = format_time(now)
             events.append(("Warning", "BudgetWarning", f"{_LIMIT_WORDS[key]} budget of {budget.label}: "
-                           f"{_hours(used)} of {_hours(limit)} used ({100 * used / limit:.0f}%)"))
+                           f"{_used_of(used, limit)} used ({100 * used / limit:.0f}%)"))
     status["warned"] = warned
     stop, reason = [], ""
     for uid, entry in budget.entries.items():
