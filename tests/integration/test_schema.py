@@ -22,7 +22,7 @@ ENVIRONMENT_CASES = [
     # A missing owner is not refused: the mutating webhook makes the requester the owner
     # (test_identity.py); the schema still refuses a malformed one ("shell in owner").
     ("bad lifetime", {"owner": "alice", "flavor": "jupyter-basic", "lifetime": "8 hours"},
-     "spec.lifetime: Invalid value: \"string\": use a duration such as 8h, 90m or 1d12h"),
+     "spec.lifetime: Invalid value: \"8 hours\": use a duration such as 8h, 90m or 1d12h"),
     # Before: accepted by the schema, then "Python int too large to convert to C int" from the webhook.
     ("huge lifetime", {"owner": "alice", "flavor": "jupyter-basic", "lifetime": "9999999999d"},
      "a lifetime must be at most 366d"),
@@ -70,7 +70,7 @@ FLAVOR_CASES = [
      "a slurm flavor needs spec.slurm.partition"),
     ("bad max lifetime", {"backend": "kubernetes", "image": "a/b:1", "maxLifetime": "forever",
                           "resources": {"cpu": 1, "memory": "1Gi"}},
-     "spec.maxLifetime: Invalid value: \"string\": use a duration such as 8h, 90m or 1d12h"),
+     "spec.maxLifetime: Invalid value: \"forever\": use a duration such as 8h, 90m or 1d12h"),
     ("huge max lifetime", {"backend": "kubernetes", "image": "a/b:1", "maxLifetime": "99999999999999999999d",
                            "resources": {"cpu": 1, "memory": "1Gi"}}, "spec.maxLifetime"),
     ("max lifetime over the ceiling", {"backend": "kubernetes", "image": "a/b:1", "maxLifetime": "400d",
@@ -86,7 +86,7 @@ FLAVOR_CASES = [
     ("endless memory", {"backend": "kubernetes", "image": "a/b:1", "resources": {"cpu": 1, "memory": "9" * 40}},
      "spec.resources.memory"),
     ("a millionth of a cpu", {"backend": "kubernetes", "image": "a/b:1", "resources": {"cpu": 1e-06, "memory": "1Gi"}},
-     "spec.resources.cpu"),
+     "use at least 0.001 CPU (one millicore)"),
     ("endless slurm time limit", {"backend": "slurm", "slurm": {"partition": "p", "timeLimitMinutes": 10**12},
                                   "resources": {"cpu": 1, "memory": "1Gi"}}, "spec.slurm.timeLimitMinutes"),
 ]
