@@ -7,6 +7,7 @@
 #   hack/cluster.sh down    stop everything this script started (by PID)
 #   hack/cluster.sh env     print the exports (KUBECONFIG, PATH) for a shell: eval "$(hack/cluster.sh env)"
 #   hack/cluster.sh status  what runs
+#   hack/cluster.sh restart kube-apiserver   stop one component and start it again, state kept (chaos runs)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 STATE=${CLUSTER_STATE_DIR:-/tmp/analysis-operator-cluster}
@@ -31,8 +32,33 @@ running() { [ -f "$STATE/pids/$1" ] && kill -0 "$(cat "$STATE/pids/$1")" 2>/dev/
 
 start() {  # start NAME COMMAND...: in its own process group, logs and PID in $STATE
   local name=$1; shift
-  setsid "$@" >"$STATE/logs/$name.log" 2>&1 < /dev/null &
+  mkdir -p "$STATE/cmd"
+  printf '%q ' "$@" >"$STATE/cmd/$name"   # for `restart NAME` (chaos runs)
+  setsid "$@" >>"$STATE/logs/$name.log" 2>&1 < /dev/null &
   echo $! >"$STATE/pids/$name"
+}
+
+stop_one() {  # stop_one NAME: TERM its process group, then KILL
+  local name=$1 pid
+  [ -f "$STATE/pids/$name" ] || return 0
+  pid=$(cat "$STATE/pids/$name")
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  rm -f "$STATE/pids/$name"
+}
+
+restart_one() {  # restart NAME: the same command line again, state kept (e.g. kube-apiserver on its etcd)
+  local name=$1
+  [ -f "$STATE/cmd/$name" ] || { log "no recorded command for $name"; exit 1; }
+  stop_one "$name"
+  export PATH="$(cat "$STATE/bin"):$PATH" KUBE_FEATURE_WatchListClient=false
+  eval "start $name $(cat "$STATE/cmd/$name")"
+  if [ "$name" = kube-apiserver ]; then
+    wait_for 60 kube-apiserver curl -sf --cacert "$STATE/pki/ca.crt" --cert "$STATE/pki/admin.crt" \
+      --key "$STATE/pki/admin.key" "https://127.0.0.1:$API_PORT/readyz"
+  fi
+  log "restarted $name"
 }
 
 make_certs() {
@@ -120,14 +146,9 @@ up() {
 }
 
 down() {
-  local name pid
+  local name
   for name in $(echo "$COMPONENTS" | tr ' ' '\n' | tac); do
-    [ -f "$STATE/pids/$name" ] || continue
-    pid=$(cat "$STATE/pids/$name")
-    kill -TERM -- "-$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
-    rm -f "$STATE/pids/$name"
+    stop_one "$name"
   done
   log "down"
 }
@@ -139,5 +160,6 @@ case "${1:-}" in
     echo "export KUBECONFIG=$STATE/kubeconfig"
     [ -f "$STATE/bin" ] && echo "export PATH=$(cat "$STATE/bin"):\$PATH" ;;
   status) for name in $COMPONENTS; do running "$name" && echo "$name running" || echo "$name stopped"; done ;;
-  *) echo "usage: $0 up|down|env|status" >&2; exit 2 ;;
+  restart) restart_one "${2:?usage: $0 restart COMPONENT}" ;;
+  *) echo "usage: $0 up|down|env|status|restart COMPONENT" >&2; exit 2 ;;
 esac

@@ -72,7 +72,7 @@ def own_flavor(custom):
     custom.create_cluster_custom_object(GROUP, VERSION, "environmentflavors", {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "EnvironmentFlavor", "metadata": {"name": name},
         "spec": {"backend": "kubernetes", "displayName": "test", "image": "jupyter/base-notebook:2024",
-                 "resources": {"cpu": "1", "memory": "1Gi"}, "maxLifetime": "1h"}})
+                 "resources": {"cpu": 1, "memory": "1Gi"}, "maxLifetime": "1h"}})
     yield name
     try:
         custom.delete_cluster_custom_object(GROUP, VERSION, "environmentflavors", name)
