@@ -67,13 +67,24 @@ def delete(cluster: Cluster, namespace: str, name: str) -> None:
             time.sleep(1)
 
 
+def unconverged(cluster: Cluster, namespace: str) -> list[str]:
+    """Environments the operator has not (yet) decided on: no phase, or an older generation."""
+    items = cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "analysisenvironments")["items"]
+    return [f"{item['metadata']['name']} not reconciled (generation {item['metadata'].get('generation')}, "
+            f"status {(item.get('status') or {}).get('phase')}/{(item.get('status') or {}).get('observedGeneration')})"
+            for item in items if not item["metadata"].get("deletionTimestamp")
+            and ((item.get("status") or {}).get("observedGeneration") != item["metadata"].get("generation")
+                 or not (item.get("status") or {}).get("phase"))]
+
+
 def settle(cluster: Cluster, namespace: str, timeout: float) -> tuple[float, list[str]]:
-    """Seconds until the invariant holds in the namespace (or the last violations at the timeout)."""
+    """Seconds until every environment is decided on and the invariant holds in the namespace
+    (or what is still wrong at the timeout)."""
     began = time.monotonic()
     found: list[str] = []
     while time.monotonic() - began < timeout:
         try:
-            found = violations(cluster.api, [namespace])
+            found = unconverged(cluster, namespace) or violations(cluster.api, [namespace])
         except Exception as error:  # noqa: BLE001  (the API server restarting)
             found = [repr(error)]
         if not found:
@@ -100,7 +111,7 @@ def main() -> None:
     cluster = Cluster(os.environ["KUBECONFIG"], pool=32)
     slurm_env = {key: value for key, value in os.environ.items()
                  if key.startswith("ANALYSIS_OPERATOR_SLURM_") or key == "SLURM_CONF"}
-    slurm = SlurmBackend(load_settings().slurm)
+    slurm = SlurmBackend(load_settings().slurm) if args.jobs else None
     logs = REPO / "bench" / "logs"
     logs.mkdir(exist_ok=True)
     operator = Operator(cluster.kubeconfig, logs / "chaos-operator.log", core=1, **slurm_env,
@@ -130,59 +141,71 @@ def main() -> None:
         list(creating)
         seconds, left = settle(cluster, namespace, args.settle_timeout)
         rows.append(("operator kill -9 mid-burst: invariant holds after (from the kill)",
-                     f"{time.monotonic() - killed:.1f} s" if not left else f"NOT after {seconds:.0f} s: {left[:3]}"))
+                     f"{time.monotonic() - killed:.1f} s" if not left else f"NOT after {seconds:.0f} s: {len(left)} left, e.g. {left[:2]}"))
 
         # 2. slurmrestd down; deletes and creates meanwhile
-        pid = int((pathlib.Path(os.environ.get("SLURM_STATE_DIR", "/tmp/analysis-operator-slurm"))
-                   / "run" / "slurmrestd.pid").read_text())
-        os.kill(pid, signal.SIGKILL)
-        down_at = time.monotonic()
-        doomed = names[: len(names) // 4]
-        list(pool.map(lambda item: delete(cluster, namespace, item[0]), doomed))
-        extra = [(f"r{i}", flavor) for i, (_, flavor) in enumerate(names[-args.jobs - 5:])]
-        list(pool.map(lambda item: create(cluster, namespace, *item), extra))
-        time.sleep(max(0.0, args.rest_down - (time.monotonic() - down_at)))
-        script("slurm.sh", "up")
-        seconds, left = settle(cluster, namespace, args.settle_timeout)
-        rows.append((f"slurmrestd down {args.rest_down:.0f} s (deletes and creates meanwhile): invariant holds "
-                     "after slurmrestd is back", f"{seconds:.1f} s" if not left else f"NOT: {left[:3]}"))
-
+        if slurm is not None:
+            rows.append(slurmrestd_down(cluster, namespace, pool, names, args))
         # 3. kube-apiserver restart
+        extra = [(f"r{i}", flavor) for i, (_, flavor) in enumerate(names[-5:])]
+        list(pool.map(lambda item: create(cluster, namespace, *item), extra))
         restarted = time.monotonic()
         script("cluster.sh", "restart", "kube-apiserver")
         list(pool.map(lambda item: delete(cluster, namespace, item[0]), extra[: len(extra) // 2]))
         seconds, left = settle(cluster, namespace, args.settle_timeout)
         rows.append(("kube-apiserver restart: invariant holds after (from the restart)",
-                     f"{time.monotonic() - restarted:.1f} s" if not left else f"NOT: {left[:3]}"))
+                     f"{time.monotonic() - restarted:.1f} s" if not left else f"NOT: {len(left)} left, e.g. {left[:2]}"))
 
         final = violations(cluster.api, [namespace])
         rows.append(("violations at the end (orphans, uncharged or unexpiring live, charged finished)",
                      str(len(final))))
-        rows.append(("environments with two active Slurm jobs", str(duplicate_jobs(slurm))))
+        if slurm is not None:
+            rows.append(("environments with two active Slurm jobs", str(duplicate_jobs(slurm))))
         items = cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "analysisenvironments")["items"]
         phases = collections.Counter((item.get("status") or {}).get("phase", "-") for item in items)
         rows.append(("environments at the end, by phase", ", ".join(f"{k} {v}" for k, v in sorted(phases.items()))))
     finally:
-        operator.stop(signal.SIGTERM)
-        operator.start()   # to clean up: the finalizers of Slurm environments need it
-        cluster.core.delete_namespace(namespace, _preload_content=False)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                cluster.core.read_namespace(namespace, _preload_content=False)
-                time.sleep(1)
-            except Exception:  # noqa: BLE001
-                break
-        cluster.custom.delete_cluster_custom_object(GROUP, VERSION, "computebudgets", budget)
-        operator.stop(signal.SIGTERM)
+        _cleanup(cluster, operator, namespace, budget)
     report = "\n".join([
-        f"## Chaos run: {args.pods} pods and {args.jobs} Slurm jobs, three faults (`bench/chaos.py`)", "",
+        f"## Chaos run: {args.pods} pods and {args.jobs} Slurm jobs, {3 if slurm else 2} faults (`bench/chaos.py`)", "",
         "| machine | |", "| --- | --- |", *[f"| {key} | {value} |" for key, value in info], "",
         "| | |", "| --- | --- |", *[f"| {what} | {value} |" for what, value in rows], ""])
     print(report)
     if args.out:
         with args.out.open("a") as handle:
             handle.write("\n" + report)
+
+
+def slurmrestd_down(cluster: Cluster, namespace: str, pool: concurrent.futures.ThreadPoolExecutor,
+                    names: list[tuple[str, str]], args: argparse.Namespace) -> tuple[str, str]:
+    """slurmrestd killed; a quarter of the environments deleted and new ones created meanwhile."""
+    state = pathlib.Path(os.environ.get("SLURM_STATE_DIR", "/tmp/analysis-operator-slurm"))
+    os.kill(int((state / "run" / "slurmrestd.pid").read_text()), signal.SIGKILL)
+    down_at = time.monotonic()
+    doomed = names[: len(names) // 4]
+    list(pool.map(lambda item: delete(cluster, namespace, item[0]), doomed))
+    extra = [(f"s{i}", flavor) for i, (_, flavor) in enumerate(names[-args.jobs - 5:])]
+    list(pool.map(lambda item: create(cluster, namespace, *item), extra))
+    time.sleep(max(0.0, args.rest_down - (time.monotonic() - down_at)))
+    script("slurm.sh", "up")
+    seconds, left = settle(cluster, namespace, args.settle_timeout)
+    return (f"slurmrestd down {args.rest_down:.0f} s (deletes and creates meanwhile): invariant holds "
+            "after slurmrestd is back", f"{seconds:.1f} s" if not left else f"NOT: {len(left)} left, e.g. {left[:2]}")
+
+
+def _cleanup(cluster: Cluster, operator: Operator, namespace: str, budget: str) -> None:
+    operator.stop(signal.SIGTERM)
+    operator.start()   # the finalizers of Slurm environments need it
+    cluster.core.delete_namespace(namespace, _preload_content=False)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            cluster.core.read_namespace(namespace, _preload_content=False)
+            time.sleep(1)
+        except Exception:  # noqa: BLE001
+            break
+    cluster.custom.delete_cluster_custom_object(GROUP, VERSION, "computebudgets", budget)
+    operator.stop(signal.SIGTERM)
 
 
 if __name__ == "__main__":

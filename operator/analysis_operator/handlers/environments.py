@@ -17,9 +17,13 @@ from analysis_operator.infra.metrics import RECONCILE_SECONDS
 from analysis_operator.model.domain import GROUP, LABEL_BACKEND, LABEL_ENVIRONMENT, VERSION, Environment
 
 
-@kopf.on.create(GROUP, VERSION, "analysisenvironments")
-@kopf.on.update(GROUP, VERSION, "analysisenvironments", field="spec")
-@kopf.on.resume(GROUP, VERSION, "analysisenvironments")
+# An unexpected error (the API server restarting, a 500) is retried in seconds, not kopf's default minute.
+RETRY_SECONDS = 5
+
+
+@kopf.on.create(GROUP, VERSION, "analysisenvironments", backoff=RETRY_SECONDS)
+@kopf.on.update(GROUP, VERSION, "analysisenvironments", field="spec", backoff=RETRY_SECONDS)
+@kopf.on.resume(GROUP, VERSION, "analysisenvironments", backoff=RETRY_SECONDS)
 async def on_environment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, flavors: kopf.Index, **_: Any) -> None:
     context = memo.context
     environment = Environment.from_body(body)
@@ -39,7 +43,7 @@ async def on_environment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, fl
         raise kopf.TemporaryError(outcome.message or "retrying", delay=outcome.retry_after)
 
 
-@kopf.on.delete(GROUP, VERSION, "analysisenvironments", labels={LABEL_BACKEND: kopf.PRESENT})
+@kopf.on.delete(GROUP, VERSION, "analysisenvironments", labels={LABEL_BACKEND: kopf.PRESENT}, backoff=RETRY_SECONDS)
 async def on_environment_deleted(body: kopf.Body, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
     """Remove the Slurm job or VM; the finalizer stays until the backend confirms it is gone."""
     environment = Environment.from_body(body)
