@@ -36,6 +36,7 @@ kubectl apply --server-side --force-conflicts -f "$repo/crds" >/dev/null
 kubectl wait --for=condition=Established --timeout=60s crd --all >/dev/null
 # The catalogue: flavors (portal cards), experiment teams and datasets, budgets (alice has one).
 kubectl apply -f "$repo/examples/flavors.yaml" -f "$repo/examples/datasets.yaml" -f "$repo/examples/budgets.yaml" >/dev/null
+kubectl apply -f "$repo/examples/users.yaml" >/dev/null   # the directory: POSIX identities (FacilityUser)
 kubectl get environmentflavors
 
 if ! { [ -f "$STATE/operator.pid" ] && kill -0 "$(cat "$STATE/operator.pid")" 2>/dev/null; }; then

@@ -80,6 +80,20 @@ class BudgetSettings:
 
 
 @dataclass(frozen=True)
+class IdentitySettings:
+    """Who environments run as: the owner's POSIX identity from FacilityUser objects (policy/identity.py)."""
+    # An owner without a FacilityUser is refused (admission and reconcile). False: they run as the
+    # backends' default account (pods uid 1000 / gid 100, the VM user "analysis"), shared by all such
+    # users, so only where no facility user holds that uid on the data's file systems.
+    require_posix_identity: bool = True
+    # Below this a uid is a system account (daemon, bin, ...): refused. 1 allows every uid but root.
+    min_uid: int = 1000
+    # Pods: supplementalGroupsPolicy Strict, so the image's /etc/group adds no gids of its own
+    # (needs Kubernetes 1.33+ nodes with a runtime that supports it, e.g. containerd 2.0).
+    strict_supplemental_groups: bool = True
+
+
+@dataclass(frozen=True)
 class Settings:
     templates_dir: str = ""              # empty = the package's own templates; else a site's directory
     log_format: str = "auto"             # auto (JSON unless a terminal), json, console
@@ -104,6 +118,7 @@ class Settings:
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     home: HomeSettings = field(default_factory=HomeSettings)
     budgets: BudgetSettings = field(default_factory=BudgetSettings)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
 
 
 def _coerce(value: str, current: Any) -> Any:

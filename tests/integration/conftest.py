@@ -104,6 +104,9 @@ class OperatorProcess:
             # Owners without a ComputeBudget run unmetered here, so tests about other things need no
             # budget; tests/integration/test_budgets.py turns the production default (refuse) back on.
             "ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET": "false",
+            # Owners without a FacilityUser run as the default account here, so tests about other things
+            # need none; tests/integration/test_posix_identity.py turns the production default back on.
+            "ANALYSIS_OPERATOR_IDENTITY_REQUIRE_POSIX_IDENTITY": "false",
             **self.settings,
         }
         log = self.log_path.open("a")

@@ -38,6 +38,7 @@ from analysis_operator.backends.slurm import TOKEN_ENV_NAME, build_batch_script,
 from analysis_operator.model.domain import (
     BackendKind, Dataset, DatasetRef, DatasetStorage, Environment, Flavor, Mount, OpenStackSpec, Resources,
     SlurmSpec)
+from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.settings import HomeSettings, OpenStackSettings, Settings, SlurmSettings
 # ---------------------------------------------------------------------------
 
@@ -139,15 +140,24 @@ VM_FLAVOR = Flavor(name="vm-desktop", backend=BackendKind.OPENSTACK, image="anal
                                            network="science-net", key_name="ops"))
 
 
-def gpu_pod() -> dict[str, Any]:
+# POSIX identities (policy/identity.py decides them from FacilityUser and FacilityGroup gids).
+ALICE = PosixIdentity(user="alice", uid=20001, gid=20001)
+BOB = PosixIdentity(user="bob", uid=20002, gid=20002, groups=(5001, 5002),
+                    group_names=("proposal-20231234", "p11-beamline"))
+DAVE = PosixIdentity(user="dave", uid=20004, gid=20004, groups=(5001,), group_names=("proposal-20231234",))
+
+
+def gpu_pod(identity: PosixIdentity | None = None) -> dict[str, Any]:
     volumes, volume_mounts = build_dataset_volumes(POD_MOUNTS)
-    return build_pod(GPU_ENVIRONMENT, GPU_FLAVOR, SETTINGS_WITH_HOME_CLAIMS, volumes, volume_mounts)
+    return build_pod(GPU_ENVIRONMENT, GPU_FLAVOR, SETTINGS_WITH_HOME_CLAIMS, volumes, volume_mounts, identity)
 
 
 # golden file name -> how to build it; .yaml for dicts, anything else is raw text.
 CASES: dict[str, Callable[[], Any]] = {
     "pod-basic.yaml": lambda: build_pod(BASIC_ENVIRONMENT, BASIC_FLAVOR, SETTINGS),
     "pod-gpu-datasets-home-claim.yaml": gpu_pod,
+    "pod-basic-identity.yaml": lambda: build_pod(BASIC_ENVIRONMENT, BASIC_FLAVOR, SETTINGS, identity=ALICE),
+    "pod-gpu-datasets-home-claim-identity.yaml": lambda: gpu_pod(BOB),
     "home-claim.yaml": lambda: build_home_claim(GPU_ENVIRONMENT, SETTINGS_WITH_HOME_CLAIMS),
     "service.yaml": lambda: build_service(BASIC_ENVIRONMENT, SETTINGS),
     "token-secret.yaml": lambda: build_token_secret(BASIC_ENVIRONMENT, TOKEN),
@@ -157,8 +167,11 @@ CASES: dict[str, Callable[[], Any]] = {
         SLURM_ENVIRONMENT, SLURM_FLAVOR, TOKEN_ENV_NAME, SETTINGS.slurm, SETTINGS.templates_dir),
     "vm-server-request.yaml": lambda: build_server_request(VM_ENVIRONMENT, VM_FLAVOR, TOKEN, SETTINGS, VM_MOUNTS),
     "vm-cloud-init.yaml": lambda: build_user_data(VM_ENVIRONMENT, TOKEN, SETTINGS, VM_MOUNTS),
+    "vm-cloud-init-identity.yaml": lambda: build_user_data(VM_ENVIRONMENT, TOKEN, SETTINGS, VM_MOUNTS, DAVE),
+    "vm-server-request-identity.yaml": lambda: build_server_request(
+        VM_ENVIRONMENT, VM_FLAVOR, TOKEN, SETTINGS, VM_MOUNTS, DAVE),
 }
-RAW_TEXT = {"slurm-gpu-batch-script.sh", "vm-cloud-init.yaml"}
+RAW_TEXT = {"slurm-gpu-batch-script.sh", "vm-cloud-init.yaml", "vm-cloud-init-identity.yaml"}
 
 
 # ---------------------------------------------------------------- rendering and comparing

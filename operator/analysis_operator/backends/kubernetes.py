@@ -28,6 +28,7 @@ from analysis_operator.model.domain import (
     Mount,
     parse_quantity,
 )
+from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.policy.refusal import Refusal
 from analysis_operator.settings import Settings
 
@@ -75,9 +76,29 @@ def build_home_claim(environment: Environment, settings: Settings) -> dict[str, 
     }
 
 
+def build_pod_identity(identity: PosixIdentity | None, settings: Settings) -> dict[str, Any] | None:
+    """The pod's securityContext ids for the owner (None: the image's jovyan, uid 1000 / gid 100).
+
+    supplementalGroups are exactly the gids policy granted (policy/identity.py), and with
+    supplementalGroupsPolicy Strict the image's /etc/group adds none. fsGroup only with home
+    claims: the kubelet then gives a fresh claim the owner's primary group (setgid, group-writable)
+    so they can write their home; an emptyDir home is world-writable already, dataset volumes are
+    read-only and NFS is never chowned, so elsewhere it would only add a recursive chgrp at each
+    start. It is the primary gid, so it grants nothing the owner does not have.
+    """
+    if identity is None:
+        return None
+    return {
+        "uid": identity.uid, "gid": identity.gid, "groups": list(identity.groups),
+        "strict_groups": settings.identity.strict_supplemental_groups,
+        "fs_group": identity.gid if settings.home.claims else None,
+    }
+
+
 def build_pod(environment: Environment, flavor: Flavor, settings: Settings,
               dataset_volumes: tuple[dict[str, Any], ...] = (),
-              dataset_mounts: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+              dataset_mounts: tuple[dict[str, Any], ...] = (),
+              identity: PosixIdentity | None = None) -> dict[str, Any]:
     resources = flavor.resources
     requests = {"cpu": resources.cpu, "memory": resources.memory}
     limits = dict(requests)
@@ -100,6 +121,7 @@ def build_pod(environment: Environment, flavor: Flavor, settings: Settings,
         dataset_volumes=list(dataset_volumes),
         dataset_mounts=list(dataset_mounts),
         home_claim=home_claim_name(environment.owner) if settings.home.claims else "",
+        identity=build_pod_identity(identity, settings),
     )
     return pod
 
@@ -217,7 +239,7 @@ class KubernetesBackend:
             await self._kube.create(
                 "PersistentVolumeClaim", environment.namespace, build_home_claim(environment, self._settings)
             )
-        pod = build_pod(environment, flavor, self._settings, dataset_volumes, dataset_mounts)
+        pod = build_pod(environment, flavor, self._settings, dataset_volumes, dataset_mounts, launch.identity)
         await self._create_own("Pod", environment, pod)
         return observe_pod(pod)
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from analysis_operator.backends.base import BackendUnavailable, Charging, Launch, ManagedObject, Observation, State
 from analysis_operator.model.domain import MANAGER, BackendKind, Dataset, Environment, Flavor, Mount
+from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.policy.refusal import Refusal
 from analysis_operator.render import render_text
 from analysis_operator.settings import Settings
@@ -63,14 +64,28 @@ def build_dataset_mounts(mounts: Sequence[Mount]) -> list[dict[str, str]]:
             for mount in mounts]
 
 
+def build_desktop_account(identity: PosixIdentity | None) -> dict[str, Any] | None:
+    """The desktop user as the owner: their account name, uid, primary gid and the gids that grant
+    their data, each group created with that gid (named after its FacilityGroup) if the image
+    lacks it. None: the image's shared DESKTOP_USER, as before identities."""
+    if identity is None:
+        return None
+    return {"name": identity.user, "uid": identity.uid, "gid": identity.gid,
+            "groups": [{"gid": identity.gid, "name": identity.user},
+                       *({"gid": gid, "name": name} for gid, name in identity.named_groups())],
+            "supplementary": ",".join(str(gid) for gid in identity.groups)}
+
+
 def build_user_data(environment: Environment, token: str, settings: Settings,
-                    mounts: Sequence[Mount] = ()) -> str:
+                    mounts: Sequence[Mount] = (), identity: PosixIdentity | None = None) -> str:
+    account = build_desktop_account(identity)
     return render_text(
         settings.templates_dir, "cloud-init.yaml.j2",
         hostname=environment.child_name,
         identity={"namespace": environment.namespace, "name": environment.name,
                   "uid": environment.uid, "owner": environment.owner},
-        desktop_user=DESKTOP_USER,
+        desktop_user=account["name"] if account else DESKTOP_USER,
+        account=account,
         token=token,
         datasets=build_dataset_mounts(mounts),
         rdp_port=RDP_PORT,
@@ -78,7 +93,7 @@ def build_user_data(environment: Environment, token: str, settings: Settings,
 
 
 def build_server_request(environment: Environment, flavor: Flavor, token: str, settings: Settings,
-                         mounts: Sequence[Mount] = ()) -> dict[str, Any]:
+                         mounts: Sequence[Mount] = (), identity: PosixIdentity | None = None) -> dict[str, Any]:
     """What to ask Nova for; flavor, image and network are names, resolved by the backend."""
     image = environment.image if (flavor.allow_custom_image and environment.image) else (
         flavor.openstack.image or flavor.image)
@@ -90,7 +105,7 @@ def build_server_request(environment: Environment, flavor: Flavor, token: str, s
         "key_name": flavor.openstack.key_name,
         "metadata": build_identity_metadata(environment),
         "tags": [MANAGED_TAG],
-        "user_data": build_user_data(environment, token, settings, mounts),
+        "user_data": build_user_data(environment, token, settings, mounts, identity),
     }
 
 
@@ -331,7 +346,7 @@ class OpenStackBackend:
     async def ensure(self, launch: Launch) -> Observation:
         """Adopt the environment's server or create it; an ERROR server is reported, not replaced."""
         request = build_server_request(launch.environment, launch.flavor, launch.token, self._settings,
-                                       launch.mounts)
+                                       launch.mounts, launch.identity)
         return await self._run(self._ensure_blocking, launch.environment, request)
 
     async def observe(self, environment: Environment) -> Observation:

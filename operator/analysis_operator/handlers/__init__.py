@@ -5,6 +5,7 @@ from analysis_operator.handlers import (  # noqa: F401
     budgets,
     datasets,
     environments,
+    identity,
     indexes,
     lifecycle,
     requests,

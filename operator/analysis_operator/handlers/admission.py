@@ -20,6 +20,7 @@ import kopf
 import structlog
 
 from analysis_operator.engine.budget_gate import BudgetGate
+from analysis_operator.engine.identity import DirectoryIdentities
 from analysis_operator.engine.reconciler import utcnow
 from analysis_operator.engine.terms import flavor_for
 from analysis_operator.engine.views import first
@@ -50,6 +51,7 @@ async def admit_environment(operation: str, old: kopf.Body | None, spec: kopf.Sp
     flavor's limit is refused here instead of being accepted and acted on later."""
     if operation == "CREATE":
         check_owner(spec=spec, **kwargs)
+        await check_posix_identity(spec=spec, **kwargs)
     elif old is None or dict(old.get("spec") or {}) == dict(spec):
         return  # metadata only (labels, finalizers, kopf's annotations): nothing for policy to say
     check_request_terms(spec=spec, **kwargs)
@@ -83,6 +85,19 @@ def check_owner(name: str, namespace: str, spec: kopf.Spec, userinfo: dict[str, 
              reason=refusal.reason if refusal else None)
     if refusal:
         raise kopf.AdmissionError(refusal.message, code=403)
+
+
+async def check_posix_identity(name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
+    """The owner must have a usable FacilityUser (setting identity.require_posix_identity): whom it
+    would run as is decided at start (engine/identity.py), and again on every reconcile."""
+    identities: DirectoryIdentities = memo.identities
+    refusal = await identities.admit(str(spec.get("owner", "")))
+    if refusal is None:
+        return
+    metrics.ADMISSION_REFUSALS.labels(reason=refusal.reason, stage="admission").inc()
+    log.info("admission.posix_identity", environment=f"{namespace}/{name}", owner=spec.get("owner"),
+             decision="refused", reason=refusal.reason)
+    raise kopf.AdmissionError(refusal.message, code=403)
 
 
 async def check_budget(name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo, flavors: kopf.Index,

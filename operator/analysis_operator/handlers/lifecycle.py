@@ -19,6 +19,7 @@ from analysis_operator.backends.registry import build_backends
 from analysis_operator.engine.budget_gate import build_budget_gate
 from analysis_operator.engine.converge import Context
 from analysis_operator.engine.data_access import DataAccess
+from analysis_operator.engine.identity import DirectoryIdentities
 from analysis_operator.engine.reconciler import Reconciler, utcnow
 from analysis_operator.engine.sweep import sweep, sweep_orphans, warn_expiring
 from analysis_operator.infra.certificates import ensure_certificates
@@ -51,8 +52,9 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, pods: kop
     kube = KubeClient(config.kube_workers)
     memo.access = DataAccess(kube, indexes)
     memo.budget_gate = build_budget_gate(kube, config.budgets, indexes)
+    memo.identities = DirectoryIdentities(kube, config.identity, indexes, environments)
     memo.context = Context(kube=kube, backends=build_backends(config, kube, pods), access=memo.access,
-                           gates=(memo.budget_gate,))
+                           gates=(memo.budget_gate,), identities=memo.identities)
     memo.reconciler = Reconciler(memo.context, environments, flavors)
     start_metrics(config.metrics_port, indexes["budgets"], environments, config.metrics_address)
     memo.sweeper = asyncio.create_task(sweep_forever(memo, config.sweep_interval_seconds))
