@@ -142,7 +142,8 @@ def expiry(environment: Environment, flavor: Flavor, status: Mapping[str, Any],
     # Approved lifetime BudgetRequests, keyed by request uid so each counts once (handlers/requests.py).
     extended = sum((parse_duration(extra) for extra in (status.get("lifetimeExtensions") or {}).values()),
                    datetime.timedelta())
-    return started_at, started_at + (environment.lifetime or flavor.max_lifetime) + extended
+    lifetime = flavor.max_lifetime if environment.lifetime is None else environment.lifetime  # 0s is not "none"
+    return started_at, started_at + lifetime + extended
 
 
 # One converge at a time per environment: its own handler, pod events and the sweep may all
@@ -177,6 +178,9 @@ async def _converge(context: Context, environment: Environment, status: Mapping[
     if backend is None:
         return _waiting(environment, status, "BackendNotEnabled",
                         f"the {flavor.backend} backend is not enabled in this operator", now, delay=60)
+    if environment.problems:  # stored before the CRD had its bounds: say what, in words
+        return await stop(context, environment, flavor, status, Phase.REJECTED, "InvalidSpec",
+                          f"the operator cannot use this spec: {'; '.join(environment.problems)}; correct it", now)
     refusal = check_request(environment, flavor) or backend.validate(environment, flavor)
     if refusal is not None:
         return await stop(context, environment, flavor, status, refusal.phase, refusal.reason, refusal.message,

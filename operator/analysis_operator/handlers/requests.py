@@ -14,8 +14,9 @@ from analysis_operator.engine.converge import expiry
 from analysis_operator.engine.reconciler import utcnow
 from analysis_operator.engine.terms import flavor_for
 from analysis_operator.engine.views import first
-from analysis_operator.model.domain import GROUP, VERSION, format_time
+from analysis_operator.model.domain import GROUP, VERSION, format_time, parse_duration
 from analysis_operator.policy.budgets import apply_grant
+from analysis_operator.policy.requests import format_duration
 
 log = structlog.get_logger("analysis_operator.requests")
 REQUESTS = "budgetrequests"
@@ -98,5 +99,6 @@ async def _grant(memo: kopf.Memo, body: kopf.Body, status: Mapping[str, Any], en
                                utcnow())
         await memo.context.kube.patch_environment_status(metadata["namespace"], spec["environment"], {
             "lifetimeExtensions": extensions, "expiresAt": format_time(expires_at)})
-        messages.append(f"lifetime of {spec['environment']!r} extended by {spec['lifetime']}")
+        added = format_duration(parse_duration(str(spec["lifetime"])))
+        messages.append(f"lifetime of {spec['environment']!r} extended by {added}")
     return {"phase": "Applied", "message": "; ".join(messages) or "nothing to apply"}

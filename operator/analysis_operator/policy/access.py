@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from analysis_operator.model.domain import Dataset, DatasetRef, Environment, Flavor, Mount, format_time
+from analysis_operator.model.domain import (
+    EMBARGO_UNREADABLE,
+    Dataset,
+    DatasetRef,
+    Environment,
+    Flavor,
+    Mount,
+    format_time,
+)
 from analysis_operator.policy.refusal import Refusal
 
 DATA_ROOT = "/data"
@@ -98,6 +106,10 @@ def may_read(dataset: Dataset, user: str, user_groups: frozenset[str], now: date
     shared = sorted(dataset.groups & user_groups)
     if shared:
         return f"member of group {shared[0]}"
+    if dataset.embargoed_until == EMBARGO_UNREADABLE:
+        return Refusal("DatasetEmbargoed", subject=dataset.name, message=(
+            f"dataset {dataset.name!r} ({dataset.pid}) is embargoed and the end of its embargo cannot be read "
+            f"({dataset.problem}): only its experiment team may read it until the facility corrects it"))
     teams = ", ".join(sorted(dataset.groups)) or "none"
     return Refusal("DatasetEmbargoed", subject=dataset.name, message=(
         f"dataset {dataset.name!r} ({dataset.pid}) is embargoed until {format_time(dataset.embargoed_until)} "
