@@ -78,6 +78,50 @@ make_certs() {
   cd - >/dev/null
 }
 
+make_webhook_client_certs() {
+  # The API server proves itself to the operator's webhooks with a client certificate from a CA of
+  # its own (not the cluster CA, whose client certificates every user of the cluster holds).
+  local pki=$STATE/pki
+  [ -f "$pki/webhook-client.crt" ] && return
+  cd "$pki"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=analysis-operator-webhook-client-ca \
+    -keyout webhook-client-ca.key -out webhook-client-ca.crt 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj /CN=kube-apiserver-webhook-client \
+    -keyout webhook-client.key -out webhook-client.csr 2>/dev/null
+  printf 'extendedKeyUsage=clientAuth\n' > client.ext
+  openssl x509 -req -in webhook-client.csr -CA webhook-client-ca.crt -CAkey webhook-client-ca.key \
+    -CAcreateserial -days 3650 -extfile client.ext -out webhook-client.crt 2>/dev/null
+  cd - >/dev/null
+}
+
+write_admission_config() {
+  # kube-apiserver's --admission-control-config-file: which client certificate it presents to webhooks.
+  local pki=$STATE/pki dir=$STATE/admission
+  mkdir -p "$dir"
+  cat >"$dir/webhook-kubeconfig" <<KUBECONFIG
+apiVersion: v1
+kind: Config
+users:
+- name: "*"
+  user: {client-certificate: "$pki/webhook-client.crt", client-key: "$pki/webhook-client.key"}
+KUBECONFIG
+  cat >"$dir/admission-config.yaml" <<CONFIG
+apiVersion: apiserver.config.k8s.io/v1
+kind: AdmissionConfiguration
+plugins:
+- name: ValidatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: "$dir/webhook-kubeconfig"
+- name: MutatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: "$dir/webhook-kubeconfig"
+CONFIG
+}
+
 write_kubeconfig() {
   local pki=$STATE/pki
   cat >"$STATE/kubeconfig" <<KUBECONFIG
@@ -103,6 +147,8 @@ up() {
   mkdir -p "$STATE/logs" "$STATE/pids"
   echo "$BIN" >"$STATE/bin"
   make_certs
+  make_webhook_client_certs
+  write_admission_config
   write_kubeconfig
   local pki=$STATE/pki kubeconfig=$STATE/kubeconfig
   export PATH="$BIN:$PATH"
@@ -122,7 +168,8 @@ up() {
     --service-account-signing-key-file="$pki/sa.key" \
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-cluster-ip-range=10.0.0.0/16 --authorization-mode=Node,RBAC --allow-privileged=true \
-    --endpoint-reconciler-type=none --max-requests-inflight=1000 --max-mutating-requests-inflight=500
+    --endpoint-reconciler-type=none --max-requests-inflight=1000 --max-mutating-requests-inflight=500 \
+    --admission-control-config-file="$STATE/admission/admission-config.yaml"
   wait_for 60 kube-apiserver curl -sf --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" \
     "https://127.0.0.1:$API_PORT/readyz"
 
@@ -158,6 +205,8 @@ case "${1:-}" in
   down) down ;;
   env)
     echo "export KUBECONFIG=$STATE/kubeconfig"
+    # The operator's webhooks accept only the API server's client certificate.
+    echo "export ANALYSIS_OPERATOR_ADMISSION_CLIENT_CA_FILE=$STATE/pki/webhook-client-ca.crt"
     [ -f "$STATE/bin" ] && echo "export PATH=$(cat "$STATE/bin"):\$PATH" ;;
   status) for name in $COMPONENTS; do running "$name" && echo "$name running" || echo "$name stopped"; done ;;
   restart) restart_one "${2:?usage: $0 restart COMPONENT}" ;;

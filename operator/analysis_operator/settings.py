@@ -59,6 +59,9 @@ class AdmissionSettings:
     host: str = ""
     managed_name: str = "analysis.panosc.eu"   # the Validating/MutatingWebhookConfiguration kopf keeps
     cert_dir: str = "/tmp/analysis-operator-webhook"  # tls.crt/tls.key/ca.crt; generated when missing
+    # CA of the client certificate the API server presents to webhooks (its admission configuration):
+    # set, the webhook port accepts only clients with a certificate from it; empty, any TLS client.
+    client_ca_file: str = ""
     # Identities trusted to create environments on behalf of another owner (the portal).
     trusted_users: tuple[str, ...] = ()
     trusted_groups: tuple[str, ...] = ("analysis-portal", "system:masters")

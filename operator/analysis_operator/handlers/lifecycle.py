@@ -10,6 +10,7 @@ import datetime
 import logging
 import pathlib
 import random
+import ssl
 from typing import Any
 
 import kopf
@@ -109,9 +110,13 @@ def configure_admission(settings: kopf.OperatorSettings, config: Settings) -> No
         cafile, certfile, pkeyfile = cert_dir / "ca.crt", cert_dir / "tls.crt", cert_dir / "tls.key"
     if registered:
         settings.admission.managed = admission.managed_name
+    client_check: dict[str, Any] = {}
+    if admission.client_ca_file:  # only the API server may call the webhooks
+        client_check = {"verify_mode": ssl.CERT_REQUIRED, "verify_cafile": admission.client_ca_file}
     settings.admission.server = kopf.WebhookServer(
         addr=admission.listen_address, port=admission.port, host=admission.host if registered else None,
-        certfile=str(certfile), pkeyfile=str(pkeyfile), cafile=str(cafile) if cafile.exists() else None)
+        certfile=str(certfile), pkeyfile=str(pkeyfile), cafile=str(cafile) if cafile.exists() else None,
+        **client_check)
 
 
 @kopf.on.cleanup()
