@@ -12,8 +12,8 @@ from tests.integration.openstack.test_openstack_datasets import admin_cloud  # n
 from tests.integration.test_posix_identity import directory  # noqa: F401 (fixture)
 
 
-def test_the_desktop_user_is_the_owner_with_their_uid_gid_and_data_groups(vm_environments, admin_cloud,
-                                                                          directory):
+def test_the_desktop_user_is_the_owner_with_their_uid_gid_and_data_groups(
+        vm_environments, admin_cloud, directory):  # noqa: F811 (the fixtures imported above)
     alice = directory.user("alice", 22001, 22001)
     team = directory.group("team", [alice], gid=7001)
     directory.group("unrelated", [alice], gid=7002)                 # grants nothing mounted: left out
