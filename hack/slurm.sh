@@ -10,10 +10,16 @@
 #   hack/slurm.sh env     print the operator's settings as `export` lines
 #   hack/slurm.sh status  say what runs
 #
+# Jobs run as their owners' own Unix accounts: the stack creates the facility
+# users SLURM_USERS (alice bob carol; useradd, idempotent), each with a working
+# directory $STATE/jobs/<user> (mode 0700), and the operator mints per-user JWTs
+# from the cluster's key ($STATE/jwt.key). The operator's own account is
+# SlurmUser (slurm), which may list, cancel and raise time limits of any job.
+#
 # Environment: SLURM_STATE_DIR (default /tmp/analysis-operator-slurm),
 # SLURM_REST_PORT (6820), SLURM_CTLD_PORT (6817), SLURM_D_PORT (6818),
-# SLURM_TOKEN_LIFESPAN seconds (30 days), SLURM_JOB_USER (aenv),
-# SLURMRESTD_USER (slurmrestd).
+# SLURM_TOKEN_LIFESPAN seconds (30 days, the single-token mode's token),
+# SLURM_USERS ("alice bob carol"), SLURMRESTD_USER (slurmrestd).
 set -euo pipefail
 
 STATE=${SLURM_STATE_DIR:-/tmp/analysis-operator-slurm}
@@ -21,7 +27,8 @@ REST_PORT=${SLURM_REST_PORT:-6820}
 CTLD_PORT=${SLURM_CTLD_PORT:-6817}
 D_PORT=${SLURM_D_PORT:-6818}
 TOKEN_LIFESPAN=${SLURM_TOKEN_LIFESPAN:-2592000}
-JOB_USER=${SLURM_JOB_USER:-aenv}
+USERS=${SLURM_USERS:-alice bob carol}
+OPERATOR_USER=slurm
 REST_USER=${SLURMRESTD_USER:-slurmrestd}
 API_VERSION=v0.0.38
 CONF=$STATE/slurm.conf
@@ -55,12 +62,13 @@ require_tools() {
 }
 
 ensure_users() {
-  # slurmrestd refuses to run as root; jobs run as an unprivileged user whose
-  # JWT the operator holds.
+  # slurmrestd refuses to run as root; jobs run as the facility users.
   id -u "$REST_USER" >/dev/null 2>&1 ||
     useradd --system --no-create-home --shell /usr/sbin/nologin "$REST_USER"
-  id -u "$JOB_USER" >/dev/null 2>&1 ||
-    useradd --system --create-home --home-dir "/var/lib/$JOB_USER" --shell /bin/bash "$JOB_USER"
+  local user
+  for user in $USERS; do
+    id -u "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
+  done
 }
 
 write_munge_key() {
@@ -146,7 +154,12 @@ prepare_state() {
   install -d -m 0755 -o slurm -g slurm "$STATE/log"
   install -d -m 0700 -o slurm -g slurm "$STATE/ctld"
   install -d -m 0755 "$STATE/slurmd"
-  install -d -m 0700 -o "$JOB_USER" -g "$JOB_USER" "$STATE/jobs"
+  # One working directory per user: job output and the datasets' links, private to its owner.
+  install -d -m 0755 -o root -g root "$STATE/jobs"
+  local user
+  for user in $USERS; do
+    install -d -m 0700 -o "$user" -g "$(id -gn "$user")" "$STATE/jobs/$user"
+  done
   # slurmctld writes its pid file after dropping to SlurmUser.
   chown slurm:slurm "$RUN"
   write_munge_key
@@ -162,7 +175,7 @@ rest_answers() {
   # The token goes to curl on stdin (printf is a builtin), never on a command
   # line that ps would show.
   printf 'header = "X-SLURM-USER-TOKEN: %s"\n' "$(<"$STATE/token")" |
-    curl -fsS -o /dev/null -K - -H "X-SLURM-USER-NAME: $JOB_USER" \
+    curl -fsS -o /dev/null -K - -H "X-SLURM-USER-NAME: $OPERATOR_USER" \
       "http://127.0.0.1:$REST_PORT/slurm/$API_VERSION/ping"
 }
 
@@ -193,7 +206,7 @@ start_slurmd() {
 
 write_token() {
   local line
-  line=$(scontrol token username="$JOB_USER" lifespan="$TOKEN_LIFESPAN")
+  line=$(scontrol token username="$OPERATOR_USER" lifespan="$TOKEN_LIFESPAN")
   (umask 077 && printf '%s\n' "${line#SLURM_JWT=}" >"$STATE/token.tmp")
   mv "$STATE/token.tmp" "$STATE/token"
 }
@@ -226,9 +239,11 @@ write_env_file() {
     printf 'export ANALYSIS_OPERATOR_SLURM_ENABLED=true\n'
     printf 'export ANALYSIS_OPERATOR_SLURM_URL=%q\n' "http://127.0.0.1:$REST_PORT"
     printf 'export ANALYSIS_OPERATOR_SLURM_API_VERSION=%q\n' "$API_VERSION"
-    printf 'export ANALYSIS_OPERATOR_SLURM_USER=%q\n' "$JOB_USER"
+    printf 'export ANALYSIS_OPERATOR_SLURM_USER=%q\n' "$OPERATOR_USER"
+    # Per-user mode; unset JWT_KEY_FILE for the single-token mode (every job as slurm).
+    printf 'export ANALYSIS_OPERATOR_SLURM_JWT_KEY_FILE=%q\n' "$STATE/jwt.key"
     printf 'export ANALYSIS_OPERATOR_SLURM_TOKEN_FILE=%q\n' "$STATE/token"
-    printf 'export ANALYSIS_OPERATOR_SLURM_WORKING_DIRECTORY=%q\n' "$STATE/jobs"
+    printf 'export ANALYSIS_OPERATOR_SLURM_WORKING_DIRECTORY=%q\n' "$STATE/jobs/{user}"
     printf 'export ANALYSIS_OPERATOR_SLURM_JUPYTER_COMMAND=%q\n' "$(jupyter_command)"
   } >"$STATE/env"
 }
@@ -272,7 +287,7 @@ cancel_jobs() {
   # Job processes belong to slurmstepd, not to slurmd: stopping slurmd would
   # leave them running, so the queue is emptied while the controller is up.
   pid_alive "$RUN/slurmctld.pid" || return 0
-  scancel --full --user="$JOB_USER" 2>/dev/null || true
+  scancel --full --state=PENDING,RUNNING,SUSPENDED 2>/dev/null || true
   if ! wait_for_quietly 20 "an empty queue" no_jobs_left; then
     log "jobs still listed after scancel; stopping anyway"
   fi

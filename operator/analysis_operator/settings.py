@@ -22,10 +22,26 @@ class SlurmSettings:
     enabled: bool = False
     url: str = "http://127.0.0.1:6820"
     api_version: str = "v0.0.38"         # what slurmrestd serves: 22.05 -> v0.0.38
+    # The operator's own account (listing, cancelling, raising time limits): SlurmUser or a Slurm
+    # operator/administrator. In single-token mode every job runs as this account too.
     user: str = "slurm"                  # X-SLURM-USER-NAME
-    token_file: str = ""                 # file holding the JWT (refreshed by the site)
+    token_file: str = ""                 # single-token mode: file holding the JWT (refreshed by the site)
+    # Per-user mode (backends/slurm_auth.py): the cluster's auth/jwt key; jobs run as their owner.
+    jwt_key_file: str = ""
+    token_lifetime_seconds: int = 300    # of each token minted from the key
+    # The job owner's Unix account: the engine's POSIX identity if it has one, else the owner ID
+    # with this prefix and suffix removed when present (e.g. "oidc:" and "@facility.eu").
+    owner_prefix: str = ""
+    owner_suffix: str = ""
+    refused_accounts: tuple[str, ...] = ("root", "slurm")  # never submit as these (nor as `user`)
+    # Per user ("{user}" is replaced by the job's account); holds output and the datasets' links.
     working_directory: str = "/tmp"
     jupyter_command: str = "jupyter lab"  # what the batch script starts
+    # JupyterLab's port is chosen by the operator in this range (keyed by the JWT key, so not
+    # predictable by other users); keep it outside the nodes' ip_local_port_range.
+    port_min: int = 20000
+    port_max: int = 32767
+    node_domain: str = ""                # appended to Slurm's node name for the URL ("" = as is)
     executor_workers: int = 4
 
 

@@ -8,21 +8,46 @@ import subprocess
 
 import pytest
 
-from analysis_operator.backends.base import Launch
-from analysis_operator.backends.base import State
+from analysis_operator.backends.base import Launch, State
 from analysis_operator.backends.slurm import (
-    TOKEN_ENV_NAME, SlurmBackend, allocated_gpus, build_batch_script, build_identity_comment,
-    build_job_submission, build_jupyter_command, build_observation, build_time_limit_minutes,
-    choose_job, parse_endpoint, parse_identity)
+    TOKEN_ENV_NAME,
+    SlurmBackend,
+    allocated_gpus,
+    build_account_mismatch,
+    build_batch_script,
+    build_endpoint,
+    build_job_submission,
+    build_jupyter_command,
+    build_observation,
+    build_time_limit_extension,
+    build_time_limit_minutes,
+    choose_job,
+)
+from analysis_operator.backends.slurm_auth import (
+    build_account,
+    build_identity_comment,
+    build_jupyter_port,
+    build_jwt,
+    build_output_path,
+    derive_key,
+    job_identity,
+    job_nonce,
+    parse_identity,
+)
 from analysis_operator.model.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
+from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.settings import SlurmSettings
 
 HOURS = datetime.timedelta(hours=1)
 SETTINGS = SlurmSettings(working_directory="/scratch/aenv", jupyter_command="jupyter lab")
+UID = "0b1c2d3e-4f50-4617-8293-a4b5c6d7e8f9"
+KEY = derive_key(b"k" * 32, "jobs")
+PER_USER = SlurmSettings(working_directory="/scratch/{user}/aenv", jupyter_command="jupyter lab",
+                         jwt_key_file="/etc/slurm/jwt.key", user="slurm")
 
 
 def make_environment(**overrides) -> Environment:
-    values = dict(namespace="team-a", name="lab", uid="0b1c-uid", owner="alice", flavor="cluster")
+    values = dict(namespace="team-a", name="lab", uid=UID, owner="alice", flavor="cluster")
     values.update(overrides)
     return Environment(**values)
 
@@ -67,28 +92,145 @@ def test_submission_carries_identity_and_no_token():
     environment = make_environment()
     job = build_job_submission(environment, make_flavor(), SETTINGS)
     assert job["name"] == "aenv-lab.team-a"
-    assert parse_identity(job["comment"]) == {"namespace": "team-a", "name": "lab", "uid": "0b1c-uid"}
-    assert job["environment"]["AENV_IDENTITY"] == job["comment"]
+    assert parse_identity(job["comment"]) == {"namespace": "team-a", "name": "lab", "uid": UID}
     assert TOKEN_ENV_NAME not in job["environment"]
+    assert job["environment"]["JUPYTER_PORT"] == str(build_jupyter_port(environment, SETTINGS))
     assert job["current_working_directory"] == "/scratch/aenv"
-    assert job["standard_output"].startswith("/scratch/aenv/team-a.aenv-lab.")
+    assert job["standard_output"] == f"/scratch/aenv/team-a.aenv-lab.{UID}.%j.out"
 
 
-@pytest.mark.parametrize("comment, identity, endpoint", [
-    (build_identity_comment(make_environment()), {"namespace": "team-a", "name": "lab", "uid": "0b1c-uid"}, ""),
-    (build_identity_comment(make_environment()) + " endpoint=node7.cluster:40123",
-     {"namespace": "team-a", "name": "lab", "uid": "0b1c-uid"}, "node7.cluster:40123"),
-    ("someone else's job", None, ""),
-    ("", None, ""),
-    ("endpoint=evil host:1", None, ""),
+def test_per_user_submission_is_signed_and_lives_in_the_users_directory():
+    environment = make_environment()
+    job = build_job_submission(environment, make_flavor(), PER_USER, user="alice", key=KEY)
+    assert job["current_working_directory"] == "/scratch/alice/aenv"
+    assert job["standard_output"] == f"/scratch/alice/aenv/team-a.aenv-lab.{UID}.%j.out"
+    assert parse_identity(job["comment"])["user"] == "alice"
+    assert job["environment"]["JUPYTER_PORT"] == str(build_jupyter_port(environment, PER_USER, KEY))
+    assert job_identity({**job, "user_name": "alice"}, PER_USER, KEY)["uid"] == UID
+
+
+@pytest.mark.parametrize("comment, identity", [
+    (build_identity_comment(make_environment()), {"namespace": "team-a", "name": "lab", "uid": UID}),
+    ("someone else's job", None),
+    ("", None),
 ])
-def test_comment_parsing(comment, identity, endpoint):
+def test_comment_parsing(comment, identity):
     assert parse_identity(comment) == identity
-    assert parse_endpoint(comment) == endpoint
+
+
+SIGNED = build_identity_comment(make_environment(), "alice", KEY)
+OUTPUT = build_output_path(make_environment(), PER_USER, "alice")
+
+
+@pytest.mark.parametrize("job, expected_uid", [
+    ({"user_name": "alice", "comment": SIGNED}, UID),
+    # bob copies alice's signed identity onto his own job: bound to alice, so not his
+    ({"user_name": "bob", "comment": SIGNED}, None),
+    # a forged signature, or an unsigned identity, in per-user mode
+    ({"user_name": "alice", "comment": SIGNED[:-4] + "0000"}, None),
+    ({"user_name": "alice", "comment": build_identity_comment(make_environment())}, None),
+    ({"user_name": "bob", "comment": build_identity_comment(make_environment(), "bob", derive_key(b"x", "jobs"))},
+     None),
+    # the comment changed from inside the job: the output path the operator chose still says whose it is
+    ({"user_name": "alice", "comment": "x", "standard_output": OUTPUT}, UID),
+    # ... but only under the job's own user's directory
+    ({"user_name": "bob", "comment": "x", "standard_output": OUTPUT}, None),
+    ({"user_name": "alice", "comment": "x", "standard_output": "/tmp" + OUTPUT}, None),
+    ({"user_name": "alice", "comment": "", "standard_output": ""}, None),
+    ({"user_name": "alice", "comment": "x", "standard_output": OUTPUT[:-7] + ".0a1b2c3d.%j.out"}, UID),  # a nonce
+])
+def test_job_identity_needs_the_operators_own_marks(job, expected_uid):
+    assert (job_identity(job, PER_USER, KEY) or {}).get("uid") == expected_uid
+
+
+def test_an_output_path_in_a_shared_directory_names_no_environment():
+    """Without {user} in the working directory, bob could point his job's output at alice's name."""
+    shared = SlurmSettings(working_directory="/scratch/aenv", jwt_key_file="k")
+    job = {"user_name": "bob", "comment": "", "standard_output": build_output_path(make_environment(), shared, "bob")}
+    assert job_identity(job, shared, KEY) is None
+
+
+@pytest.mark.parametrize("owner, identity, settings, expected", [
+    ("alice", None, PER_USER, "alice"),
+    ("alice", PosixIdentity("a.smith", 3001, 3001), PER_USER, "a.smith"),  # the directory's word wins
+    ("oidc:alice@facility.eu", None,
+     SlurmSettings(jwt_key_file="k", owner_prefix="oidc:", owner_suffix="@facility.eu"), "alice"),
+    ("alice", None, SlurmSettings(user="aenv"), "aenv"),                  # single-token mode: one account
+])
+def test_account_of_the_job(owner, identity, settings, expected):
+    assert build_account(make_environment(owner=owner), identity, settings) == expected
+
+
+@pytest.mark.parametrize("owner", ["root", "slurm", "-rf", "a b", "x" * 40, "", "alice;id", "../etc"])
+def test_privileged_or_malformed_accounts_are_refused(owner):
+    with pytest.raises(ValueError):
+        build_account(make_environment(owner=owner), None, PER_USER)
+
+
+def test_port_is_stable_in_range_and_keyed():
+    environment = make_environment()
+    ports = {build_jupyter_port(make_environment(uid=f"{index:08d}-0000-4000-8000-000000000000"), PER_USER, KEY)
+             for index in range(200)}
+    assert all(PER_USER.port_min <= port <= PER_USER.port_max for port in ports) and len(ports) > 150
+    assert build_jupyter_port(environment, PER_USER, KEY) == build_jupyter_port(environment, PER_USER, KEY)
+    assert build_jupyter_port(environment, PER_USER, KEY) != build_jupyter_port(
+        environment, PER_USER, derive_key(b"other", "jobs"))
+    # each job its own nonce, so its own port: a port seen in use says nothing about the next job
+    by_nonce = {build_jupyter_port(environment, PER_USER, KEY, f"{nonce:08x}") for nonce in range(50)}
+    assert len(by_nonce) > 45
+
+
+def test_the_port_comes_back_from_the_frozen_output_path():
+    environment = make_environment()
+    job = build_job_submission(environment, make_flavor(), PER_USER, user="alice", key=KEY, nonce="0a1b2c3d")
+    assert job["standard_output"].endswith(f".{UID}.0a1b2c3d.%j.out")
+    assert job_nonce(job) == "0a1b2c3d"
+    assert job["environment"]["JUPYTER_PORT"] == str(build_jupyter_port(environment, PER_USER, KEY, job_nonce(job)))
+
+
+@pytest.mark.parametrize("job, domain, expected", [
+    ({"job_state": "RUNNING", "batch_host": "n7"}, "", "n7:20001"),
+    ({"job_state": "RUNNING", "batch_host": "n7"}, "hpc.facility.eu", "n7.hpc.facility.eu:20001"),
+    ({"job_state": "PENDING", "batch_host": ""}, "", ""),
+    ({"job_state": "RUNNING", "batch_host": "", "comment": "endpoint=evil:1"}, "", ""),
+])
+def test_endpoint_is_slurms_node_and_the_operators_port(job, domain, expected):
+    assert build_endpoint(job, 20001, SlurmSettings(node_domain=domain)) == expected
+
+
+NOW = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
+STARTED = int((NOW - datetime.timedelta(minutes=30)).timestamp())
+
+
+@pytest.mark.parametrize("job, until, expected", [
+    # running for 30 min with a 60 min limit: to run until now + 2 h it needs 150 min
+    ({"job_state": "RUNNING", "start_time": STARTED, "time_limit": 60}, NOW + 2 * HOURS, 150),
+    ({"job_state": "RUNNING", "start_time": STARTED, "time_limit": 60}, NOW + datetime.timedelta(minutes=20), None),
+    ({"job_state": "RUNNING", "start_time": STARTED, "time_limit": 60}, NOW + datetime.timedelta(minutes=30), None),
+    ({"job_state": "PENDING", "start_time": 0, "time_limit": 60}, NOW + 2 * HOURS, 120),
+    ({"job_state": "PENDING", "start_time": STARTED + 9999, "time_limit": 60}, NOW + 2 * HOURS, 120),
+    ({"job_state": "CANCELLED", "start_time": STARTED, "time_limit": 60}, NOW + 2 * HOURS, None),
+    ({"job_state": "RUNNING", "start_time": STARTED, "time_limit": 0}, NOW + 2 * HOURS, None),  # 0: no limit
+])
+def test_time_limit_extension(job, until, expected):
+    assert build_time_limit_extension(job, until, NOW) == expected
+
+
+def test_minted_token_is_what_slurms_auth_jwt_checks():
+    import base64
+    import hashlib
+    import hmac
+    import json
+    token = build_jwt(b"secret", "alice", 1_000, 300)
+    header, payload, signature = token.split(".")
+    decode = lambda part: base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))  # noqa: E731
+    assert json.loads(decode(header)) == {"alg": "HS256", "typ": "JWT"}
+    assert json.loads(decode(payload)) == {"iat": 1_000, "exp": 1_300, "sun": "alice"}
+    assert decode(signature) == hmac.new(b"secret", f"{header}.{payload}".encode(), hashlib.sha256).digest()
 
 
 @pytest.mark.parametrize("command, expected_suffix", [
-    ("jupyter lab", ' --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT"'),
+    ("jupyter lab", ' --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT" --ServerApp.port_retries=0'),
     ('python3 -m http.server --bind "$JUPYTER_HOST" "$JUPYTER_PORT"', '"$JUPYTER_PORT"'),
 ])
 def test_jupyter_command_places_itself(command, expected_suffix):
@@ -131,8 +273,7 @@ def test_allocated_gpus(details, expected):
 
 
 RUNNING_WITH_ENDPOINT = {"job_id": 7, "job_state": "RUNNING", "state_reason": "None", "nodes": "n1",
-                         "cpus": 4, "gres_detail": ["gpu:1(IDX:0)"],
-                         "comment": build_identity_comment(make_environment()) + " endpoint=n1:4000"}
+                         "batch_host": "n1", "cpus": 4, "gres_detail": ["gpu:1(IDX:0)"]}
 
 
 @pytest.mark.parametrize("job, answers, state, reason", [
@@ -150,13 +291,13 @@ RUNNING_WITH_ENDPOINT = {"job_id": 7, "job_state": "RUNNING", "state_reason": "N
     ({"job_id": 7, "job_state": "COMPLETED"}, False, State.FAILED, "JobCompleted"),
 ])
 def test_observation_maps_slurm_states(job, answers, state, reason):
-    observation = build_observation(job, answers)
+    observation = build_observation(job, answers, build_endpoint(job, 4000, SETTINGS))
     assert (observation.state, observation.reason) == (state, reason)
     assert observation.reference["id"] == "7"
 
 
 def test_ready_observation_holds_url_and_resources():
-    observation = build_observation(RUNNING_WITH_ENDPOINT, True)
+    observation = build_observation(RUNNING_WITH_ENDPOINT, True, "n1:4000")
     assert (observation.url, observation.cpus, observation.gpus) == ("http://n1:4000/", 4.0, 1)
 
 
@@ -181,40 +322,139 @@ def test_choose_job(states, include_cancelled, expected_id):
 
 
 class RecordingClient:
-    """Stands in for slurmrestd: records submissions, serves a fixed queue."""
+    """Stands in for slurmrestd: records submissions, cancels and updates; serves its queue."""
 
-    def __init__(self, jobs):
-        self.queue = jobs
-        self.submitted = []
+    def __init__(self, jobs, user_of_submitted="alice"):
+        self.queue = [dict(job) for job in jobs]
+        self.submitted, self.cancelled, self.updates = [], [], []
+        self.user_of_submitted = user_of_submitted
 
     async def jobs(self):
-        return self.queue
+        return [dict(job) for job in self.queue]
 
-    async def submit(self, job, script):
-        self.submitted.append((job, script))
-        return "101"
+    async def job(self, job_id):
+        return next((dict(job) for job in self.queue if str(job["job_id"]) == str(job_id)), None)
+
+    async def submit(self, job, script, user=""):
+        self.submitted.append((job, script, user))
+        self.queue.append({**job, "job_id": 101 + len(self.submitted) - 1, "job_state": "PENDING",
+                           "user_name": self.user_of_submitted, "time_limit": job["time_limit"]})
+        return str(101 + len(self.submitted) - 1)
+
+    async def cancel(self, job_id):
+        self.cancelled.append(str(job_id))
+        for job in self.queue:
+            if str(job["job_id"]) == str(job_id):
+                job["job_state"] = "CANCELLED"
+
+    async def update(self, job_id, changes):
+        self.updates.append((str(job_id), changes))
+
+
+def per_user_backend(queue, tmp_path, user_of_submitted="alice") -> SlurmBackend:
+    key_file = tmp_path / "jwt.key"
+    key_file.write_bytes(b"k" * 32)  # derive_key(b"k" * 32, "jobs") == KEY
+    backend = SlurmBackend(SlurmSettings(**{**PER_USER.__dict__, "jwt_key_file": str(key_file)}))
+    backend.client = RecordingClient(queue, user_of_submitted)
+    return backend
+
+
+MINE = {"user_name": "alice", "comment": SIGNED}
 
 
 @pytest.mark.parametrize("queue, expect_submission", [
     ([], True),
-    ([{"job_id": 5, "job_state": "CANCELLED", "comment": build_identity_comment(make_environment())}], True),
-    ([{"job_id": 5, "job_state": "PENDING", "comment": build_identity_comment(make_environment())}], False),
-    ([{"job_id": 5, "job_state": "TIMEOUT", "comment": build_identity_comment(make_environment())}], False),
-    ([{"job_id": 5, "job_state": "PENDING", "comment": build_identity_comment(make_environment(uid="other"))}],
-     True),
+    ([{"job_id": 5, "job_state": "CANCELLED", **MINE}], True),
+    ([{"job_id": 5, "job_state": "PENDING", **MINE}], False),
+    ([{"job_id": 5, "job_state": "TIMEOUT", **MINE}], False),
+    ([{"job_id": 5, "job_state": "PENDING", "user_name": "alice",
+       "comment": build_identity_comment(make_environment(uid="other"), "alice", KEY)}], True),
+    # bob's job claiming alice's environment is not hers
+    ([{"job_id": 5, "job_state": "PENDING", "user_name": "bob", "comment": SIGNED}], True),
 ])
-def test_ensure_adopts_or_submits_once(queue, expect_submission):
-    backend = SlurmBackend(SETTINGS)
-    backend.client = RecordingClient(queue)
+def test_ensure_adopts_or_submits_once(queue, expect_submission, tmp_path):
+    backend = per_user_backend(queue, tmp_path)
     observation = asyncio.run(backend.ensure(Launch(make_environment(), make_flavor(), "s3cret-token")))
     assert bool(backend.client.submitted) == expect_submission
     if expect_submission:
-        job, script = backend.client.submitted[0]
+        job, script, user = backend.client.submitted[0]
+        assert user == "alice"
         assert job["environment"][TOKEN_ENV_NAME] == "s3cret-token"
         assert "s3cret-token" not in script and "s3cret-token" not in job["comment"]
-        assert observation.reference == {"id": "101"}
+        assert observation.reference == {"id": "101"} and observation.state == State.PENDING
     else:
         assert observation.reference["id"] == "5"
+
+
+def test_a_comment_changed_inside_the_job_loses_nothing(tmp_path):
+    """Case 7: the job's owner rewrites its comment; the operator keeps it by id, submits no second one,
+    and still lists it as its own (for the sweep and the invariant)."""
+    backend = per_user_backend([], tmp_path)
+    environment = make_environment()
+    asyncio.run(backend.ensure(Launch(environment, make_flavor(), "t")))
+    job = backend.client.queue[0]
+    job.update(comment="x", name="stolen", job_state="RUNNING")
+
+    assert asyncio.run(backend.observe(environment)).reference["id"] == "101"
+    asyncio.run(backend.ensure(Launch(environment, make_flavor(), "t")))
+    assert len(backend.client.submitted) == 1
+    assert [(item.uid, item.backend_id) for item in asyncio.run(backend.list_managed())] == [(UID, "101")]
+    assert asyncio.run(backend.delete(environment)) and backend.client.cancelled == ["101"]
+
+
+def test_a_forged_identity_is_neither_adopted_nor_swept(tmp_path):
+    forged = {"job_id": 9, "job_state": "RUNNING", "user_name": "alice",
+              "comment": build_identity_comment(make_environment(uid="gone"))}  # unsigned
+    backend = per_user_backend([forged], tmp_path)
+    assert asyncio.run(backend.list_managed()) == []
+    assert asyncio.run(backend.observe(make_environment(uid="gone"))).state == State.GONE
+
+
+def test_an_account_slurm_does_not_know_fails_the_environment(tmp_path):
+    backend = per_user_backend([], tmp_path, user_of_submitted="nobody")
+    observation = asyncio.run(backend.ensure(Launch(make_environment(), make_flavor(), "t")))
+    assert (observation.state, observation.reason) == (State.FAILED, "UnknownUnixAccount")
+    assert backend.client.cancelled == ["101"]
+
+
+@pytest.mark.parametrize("job, identity, reason", [
+    ({"user_name": "alice", "user_id": 1001}, None, None),
+    ({"user_name": "alice", "user_id": 1001}, PosixIdentity("alice", 1001, 1001), None),
+    ({"user_name": "alice", "user_id": 1001}, PosixIdentity("alice", 3001, 3001), "UnixAccountMismatch"),
+    ({"user_name": "nobody", "user_id": 65534}, None, "UnknownUnixAccount"),
+])
+def test_the_job_must_run_as_the_account_and_uid_decided(job, identity, reason):
+    assert (build_account_mismatch(job, "alice", identity) or (None,))[0] == reason
+
+
+def test_a_privileged_owner_is_never_submitted(tmp_path):
+    backend = per_user_backend([], tmp_path)
+    observation = asyncio.run(backend.ensure(Launch(make_environment(owner="root"), make_flavor(), "t")))
+    assert (observation.state, observation.reason) == (State.FAILED, "NoUnixAccount")
+    assert backend.client.submitted == []
+
+
+def test_suspend_shows_suspended_and_resume_submits_a_new_job(tmp_path):
+    backend = per_user_backend([], tmp_path)
+    environment = make_environment()
+    asyncio.run(backend.ensure(Launch(environment, make_flavor(), "t")))
+    suspended = asyncio.run(backend.suspend(environment))
+    assert (suspended.state, suspended.reference["state"]) == (State.SUSPENDED, "CANCELLED")
+    resumed = asyncio.run(backend.resume(Launch(environment, make_flavor(), "t")))
+    assert resumed.reference["id"] == "102" and len(backend.client.submitted) == 2
+    assert asyncio.run(backend.resume(Launch(environment, make_flavor(), "t"))).reference["id"] == "102"
+
+
+def test_extend_raises_the_time_limit_as_the_operator_once(tmp_path):
+    backend = per_user_backend([], tmp_path)
+    environment = make_environment(lifetime=HOURS)
+    asyncio.run(backend.ensure(Launch(environment, make_flavor(), "t")))
+    backend.client.queue[0].update(job_state="RUNNING", start_time=STARTED)
+    asyncio.run(backend.observe(environment))
+
+    assert asyncio.run(backend.extend(environment, NOW + 2 * HOURS, NOW)) is True
+    assert asyncio.run(backend.extend(environment, NOW + 2 * HOURS, NOW)) is False  # already long enough
+    assert backend.client.updates == [("101", {"time_limit": 150})]
 
 
 # ---------------------------------------------------------------- datasets

@@ -1,40 +1,56 @@
 """Slurm backend: JupyterLab in a batch job, driven through slurmrestd.
 
-The job's comment carries the environment's identity (namespace, name, uid),
-so the operator finds its jobs again after a restart and sweeps orphans
-without any state of its own. The batch script appends the address JupyterLab
-listens on to that comment (`scontrol update` by the job's owner), because
-slurmrestd on 22.05 cannot carry it back and the job holds no REST token.
+Jobs run as their owner's Unix account (backends/slurm_auth.py: per-user JWTs
+minted from the cluster's key). Which job stands for which environment is
+never decided by text a user can write:
 
-REST paths are built from `settings.api_version`; the token file is read on
-every request, so a site can rotate the token without restarting anything.
+- the operator records the job id it submitted (in memory, and on the status as
+  status.backend.id) and, on every later look, checks the job's user, which
+  Slurm authenticated and nobody can change;
+- to find its jobs again after a restart it reads the identity it wrote into
+  the comment, signed with a key derived from the JWT key and bound to the job's
+  user (a user can erase it, never forge it or move it to someone else's job),
+  or the output path it chose, which Slurm freezes once the job runs;
+- the address is the node Slurm placed the job on and a port the operator chose
+  (JUPYTER_PORT, keyed with a per-job nonce kept in the output path, so other users
+  cannot predict it): the job writes nothing back.
+
+slurmrestd 22.05 (v0.0.38) cannot set admin_comment ("Unknown key"), so no
+field is both admin-only and settable; Slurm >= 23.02 could carry the identity there.
+The REST client is backends/slurm_rest.py, the credentials backends/slurm_auth.py.
 """
 from __future__ import annotations
 
 import datetime
 import math
 import re
+import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-import aiohttp
-
-from analysis_operator.backends.base import BackendUnavailable, Charging, Launch, ManagedObject, Observation, State
+from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, State
+from analysis_operator.backends.slurm_auth import (
+    SlurmCredentials,
+    build_account,
+    build_identity_comment,
+    build_jupyter_port,
+    build_output_path,
+    build_working_directory,
+    job_identity,
+    job_nonce,
+)
+from analysis_operator.backends.slurm_rest import SlurmRequestRefused, SlurmRestClient, endpoint_answers
 from analysis_operator.model.domain import BackendKind, Dataset, Environment, Flavor, Mount, format_time
+from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.policy.access import DATA_ROOT
-from analysis_operator.render import render_text
 from analysis_operator.policy.refusal import Refusal
+from analysis_operator.render import render_text
 from analysis_operator.settings import SlurmSettings
 
 TOKEN_ENV_NAME = "JUPYTER_TOKEN"
-IDENTITY_MARKER = "analysis-operator/v1"
-REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15)
-PROBE_TIMEOUT = aiohttp.ClientTimeout(total=3)
 JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
 
-_IDENTITY = re.compile(
-    re.escape(IDENTITY_MARKER) + r" namespace=(?P<namespace>\S+) name=(?P<name>\S+) uid=(?P<uid>\S+)")
-_ENDPOINT = re.compile(r"\bendpoint=(?P<endpoint>[A-Za-z0-9.\-]+:\d+)\b")
 _GPU_DETAIL = re.compile(r"^gpu(?::[^:(]+)?:(\d+)")
 _TOKEN_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -44,26 +60,48 @@ ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "S
                            "STAGE_OUT", "SPECIAL_EXIT", "RESV_DEL_HOLD", "POWER_UP_NODE"})
 _WAITING_STATES = frozenset({"PENDING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                              "SPECIAL_EXIT", "RESV_DEL_HOLD"})
-# ESLURM_INVALID_JOB_ID: the job is unknown (never existed, or purged after MinJobAge).
-_INVALID_JOB_ID = 2017
 
 
 # ---------------------------------------------------------------- pure builders
 
 
-def build_identity_comment(environment: Environment) -> str:
-    return (f"{IDENTITY_MARKER} namespace={environment.namespace} "
-            f"name={environment.name} uid={environment.uid}")
+def build_account_mismatch(job: Mapping[str, Any], account: str,
+                           identity: PosixIdentity | None) -> tuple[str, str] | None:
+    """(reason, message) when the submitted job does not run as the account and uid decided (pure).
+
+    slurmctld accepts a token for a name it cannot resolve and runs the job as nobody; and a
+    cluster whose uid for the name differs from the directory's would apply other permissions."""
+    if job.get("user_name") != account:
+        return ("UnknownUnixAccount", f"the Slurm cluster does not know the Unix account {account!r} "
+                                      f"(the job ran as {job.get('user_name')!r})")
+    if identity is not None and job.get("user_id") is not None and int(job["user_id"]) != identity.uid:
+        return ("UnixAccountMismatch", f"the Slurm cluster's {account!r} has uid {job['user_id']}, the facility's "
+                                       f"directory says {identity.uid}: ask IT to align the two")
+    return None
 
 
-def parse_identity(comment: str) -> dict[str, str] | None:
-    match = _IDENTITY.search(comment or "")
-    return match.groupdict() if match else None
+def build_endpoint(job: Mapping[str, Any], port: int, settings: SlurmSettings) -> str:
+    """node:port of a running job: the batch host as Slurm says, the port the operator chose (pure)."""
+    node = str(job.get("batch_host") or "")
+    if job.get("job_state") != "RUNNING" or not node:
+        return ""
+    return f"{node}.{settings.node_domain}:{port}" if settings.node_domain else f"{node}:{port}"
 
 
-def parse_endpoint(comment: str) -> str:
-    match = _ENDPOINT.search(comment or "")
-    return match.group("endpoint") if match else ""
+def build_time_limit_extension(job: Mapping[str, Any], until: datetime.datetime,
+                               now: datetime.datetime) -> int | None:
+    """The time limit (minutes) that lets an active job run until `until`, if higher than its own (pure).
+
+    A running job ends at start + limit; a pending one gets its limit from when it starts, so
+    it needs at least what is left from now."""
+    if job.get("job_state") not in ACTIVE_STATES:
+        return None
+    start = int(job.get("start_time") or 0)
+    since = (datetime.datetime.fromtimestamp(start, datetime.UTC)
+             if job.get("job_state") not in _WAITING_STATES and start > 0 else now)
+    needed = math.ceil((until - since).total_seconds() / 60)
+    current = int(job.get("time_limit") or 0)
+    return needed if current and needed > current else None
 
 
 def build_time_limit_minutes(environment: Environment, flavor: Flavor,
@@ -79,13 +117,15 @@ def build_time_limit_minutes(environment: Environment, flavor: Flavor,
     return max(1, math.ceil(min(limits).total_seconds() / 60))
 
 
-def build_data_directory(environment: Environment, settings: SlurmSettings) -> str:
-    """Where the job finds its datasets: one directory per environment, next to its output."""
-    return f"{settings.working_directory}/{environment.namespace}.{environment.child_name}.data"
+def build_data_directory(environment: Environment, settings: SlurmSettings, user: str = "") -> str:
+    """Where the job finds its datasets: one directory per environment, next to its output,
+    in its owner's working directory (mode 0700: no other user reads the links)."""
+    return f"{build_working_directory(settings, user or settings.user)}/" \
+           f"{environment.namespace}.{environment.child_name}.data"
 
 
 def build_dataset_environment(environment: Environment, settings: SlurmSettings,
-                              mounts: Sequence[Mount]) -> dict[str, str]:
+                              mounts: Sequence[Mount], user: str = "") -> dict[str, str]:
     """The granted datasets as job environment variables; the batch script links each
     AENV_DATASET_<i>_PATH (the data as the cluster sees it) to $AENV_DATA_DIR/<LINK>,
     LINK being the mount path below /data. Variables, not script text, so no
@@ -93,7 +133,7 @@ def build_dataset_environment(environment: Environment, settings: SlurmSettings,
     system's own permissions (the facility's ACLs); the job sees only what is listed."""
     if not mounts:
         return {}
-    variables = {"AENV_DATA_DIR": build_data_directory(environment, settings),
+    variables = {"AENV_DATA_DIR": build_data_directory(environment, settings, user),
                  "AENV_DATASET_COUNT": str(len(mounts))}
     for index, mount in enumerate(mounts):
         variables[f"AENV_DATASET_{index}_PATH"] = mount.dataset.storage.path
@@ -103,24 +143,25 @@ def build_dataset_environment(environment: Environment, settings: SlurmSettings,
 
 
 def build_job_submission(environment: Environment, flavor: Flavor, settings: SlurmSettings,
-                         remaining: datetime.timedelta | None = None,
-                         mounts: Sequence[Mount] = ()) -> dict[str, Any]:
-    """The `job` part of a v0.0.38 submit request, without the token."""
+                         remaining: datetime.timedelta | None = None, mounts: Sequence[Mount] = (),
+                         user: str = "", key: bytes | None = None, nonce: str = "") -> dict[str, Any]:
+    """The `job` part of a v0.0.38 submit request for `user` (default: the operator's account),
+    without the token; `key` signs the identity and, with the job's `nonce`, keys the port."""
+    user = user or settings.user
     resources = flavor.resources
     job: dict[str, Any] = {
         "name": f"{environment.child_name}.{environment.namespace}",
-        "comment": build_identity_comment(environment),
-        "current_working_directory": settings.working_directory,
-        "standard_output": (f"{settings.working_directory}/"
-                            f"{environment.namespace}.{environment.child_name}.%j.out"),
+        "comment": build_identity_comment(environment, user, key),
+        "current_working_directory": build_working_directory(settings, user),
+        "standard_output": build_output_path(environment, settings, user, nonce),
         "cpus_per_task": max(1, math.ceil(resources.cpus)),
         # Without a memory request Slurm hands the job the whole node.
         "memory_per_node": max(1, resources.memory_mib),
         "time_limit": build_time_limit_minutes(environment, flavor, remaining),
         # A full environment replaces the submitter's: only what the script needs.
         "environment": {"PATH": JOB_PATH, "LANG": "C.UTF-8",
-                        "AENV_IDENTITY": build_identity_comment(environment),
-                        **build_dataset_environment(environment, settings, mounts)},
+                        "JUPYTER_PORT": str(build_jupyter_port(environment, settings, key, nonce)),
+                        **build_dataset_environment(environment, settings, mounts, user)},
     }
     optional = {"partition": flavor.slurm.partition, "account": flavor.slurm.account,
                 "qos": flavor.slurm.qos, "gres": f"gpu:{resources.gpu}" if resources.gpu else ""}
@@ -131,11 +172,12 @@ def build_job_submission(environment: Environment, flavor: Flavor, settings: Slu
 def build_jupyter_command(settings: SlurmSettings) -> str:
     """The site's command line (trusted configuration, not user input).
 
-    A command that does not place itself ($JUPYTER_PORT) gets JupyterLab's flags.
+    A command that does not place itself ($JUPYTER_PORT) gets JupyterLab's flags; JupyterLab
+    must not move to another port when its own is taken (the operator would not find it).
     """
     command = settings.jupyter_command.strip()
     if "JUPYTER_PORT" not in command:
-        command += ' --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT"'
+        command += ' --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT" --ServerApp.port_retries=0'
     return command
 
 
@@ -162,8 +204,10 @@ def _camel(state: str) -> str:
     return "".join(part.capitalize() for part in state.split("_"))
 
 
-def build_observation(job: Mapping[str, Any], endpoint_answers: bool) -> Observation:
-    """What a Slurm job means for the environment (pure: the probe result is passed in)."""
+def build_observation(job: Mapping[str, Any], endpoint_answers: bool, endpoint: str = "",
+                      suspended: bool = False) -> Observation:
+    """What a Slurm job means for the environment (pure: the endpoint and the probe's result are
+    passed in; `suspended`: the operator cancelled it for spec.suspend)."""
     state = str(job.get("job_state", "UNKNOWN"))
     slurm_reason = str(job.get("state_reason") or "None")
     job_id = str(job.get("job_id", ""))
@@ -176,8 +220,7 @@ def build_observation(job: Mapping[str, Any], endpoint_answers: bool) -> Observa
         cpus, gpus = float(job.get("cpus") or 0), allocated_gpus(job)
         if int(job.get("start_time") or 0) > 0:
             reference["startedAt"] = format_time(
-                datetime.datetime.fromtimestamp(int(job["start_time"]), datetime.timezone.utc))
-        endpoint = parse_endpoint(str(job.get("comment", "")))
+                datetime.datetime.fromtimestamp(int(job["start_time"]), datetime.UTC))
         if state == "RUNNING" and endpoint and endpoint_answers:
             return Observation(State.READY, reason="JupyterAnswering", reference=reference,
                                url=f"http://{endpoint}/", cpus=cpus, gpus=gpus,
@@ -185,6 +228,9 @@ def build_observation(job: Mapping[str, Any], endpoint_answers: bool) -> Observa
         return Observation(State.PROVISIONING, reason="JupyterStarting", reference=reference,
                            cpus=cpus, gpus=gpus, message=f"Slurm job {job_id} is {state.lower()}, "
                                            "JupyterLab is not answering yet")
+    if suspended and state == "CANCELLED":
+        return Observation(State.SUSPENDED, reason="Suspended", reference=reference,
+                           message=f"Slurm job {job_id} was cancelled for the suspend; resuming submits a new one")
     detail = f"Slurm job {job_id} ended {state} (reason {slurm_reason}, exit code {job.get('exit_code')})"
     if state == "TIMEOUT":
         return Observation(State.EXPIRED, reason="TimeLimit", reference=reference, message=detail)
@@ -205,104 +251,18 @@ def choose_job(jobs: list[dict[str, Any]], include_cancelled: bool = True) -> di
     return _newest(jobs)
 
 
-# ---------------------------------------------------------------- REST client
-
-
-class SlurmRequestRefused(Exception):
-    """slurmrestd answered and said no (bad partition, invalid job, ...)."""
-
-    def __init__(self, errors: list[dict[str, Any]]):
-        self.codes = {int(error.get("error_number", error.get("error_code", -1))) for error in errors}
-        super().__init__("; ".join(str(error.get("description") or error.get("error")) for error in errors))
-
-
-def _is_refusal(code: int) -> bool:
-    # ESLURM_* codes from 2000 up are answers about the request; lower ones and
-    # the auth range (6000+) mean the controller or the token could not be used.
-    return 2000 <= code < 6000
+# ---------------------------------------------------------------- the backend
 
 
 @dataclass
-class SlurmRestClient:
-    settings: SlurmSettings
+class _Tracked:
+    """A job the operator submitted or adopted, by id: found again by id whatever its text says."""
 
-    def _headers(self) -> dict[str, str]:
-        try:
-            with open(self.settings.token_file, encoding="utf-8") as token_file:
-                token = token_file.read().strip()
-        except OSError as error:
-            raise BackendUnavailable(
-                f"cannot read the Slurm token file {self.settings.token_file}: {error.strerror}") from None
-        token = token.removeprefix("SLURM_JWT=")
-        return {"X-SLURM-USER-NAME": self.settings.user, "X-SLURM-USER-TOKEN": token}
-
-    def _url(self, path: str) -> str:
-        return f"{self.settings.url.rstrip('/')}/slurm/{self.settings.api_version}/{path}"
-
-    async def request(self, method: str, path: str, payload: Any = None) -> dict[str, Any]:
-        headers = self._headers()
-        try:
-            async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session:
-                async with session.request(method, self._url(path), json=payload, headers=headers) as response:
-                    body = await response.json(content_type=None)
-                    status = response.status
-        except (aiohttp.ClientError, TimeoutError) as error:
-            raise BackendUnavailable(
-                f"slurmrestd at {self.settings.url} is unreachable ({type(error).__name__}); "
-                "will retry: check that slurmrestd runs and the URL is right") from None
-        except ValueError:
-            raise BackendUnavailable(
-                f"{self.settings.url} answered {method} {path} with something that is not JSON: "
-                "is it slurmrestd, and is api_version right?") from None
-        errors = [error for error in (body or {}).get("errors") or () if error]
-        if status < 400 and not errors:
-            answer: dict[str, Any] = body
-            return answer
-        refusal = SlurmRequestRefused(errors or [{"error": f"HTTP {status}"}])
-        if any(_is_refusal(code) for code in refusal.codes):
-            raise refusal
-        raise BackendUnavailable(
-            f"slurmrestd at {self.settings.url} could not serve {method} {path} for user "
-            f"{self.settings.user} ({refusal}); check slurmctld and the token in {self.settings.token_file}")
-
-    async def ping(self) -> None:
-        await self.request("GET", "ping")
-
-    async def jobs(self) -> list[dict[str, Any]]:
-        return list((await self.request("GET", "jobs")).get("jobs") or ())
-
-    async def job(self, job_id: str) -> dict[str, Any] | None:
-        try:
-            found = (await self.request("GET", f"job/{job_id}")).get("jobs") or ()
-        except SlurmRequestRefused as refusal:
-            if _INVALID_JOB_ID in refusal.codes:
-                return None
-            raise
-        return found[0] if found else None
-
-    async def submit(self, job: dict[str, Any], script: str) -> str:
-        answer = await self.request("POST", "job/submit", {"job": job, "script": script})
-        return str(answer["job_id"])
-
-    async def cancel(self, job_id: str) -> None:
-        try:
-            await self.request("DELETE", f"job/{job_id}")
-        except SlurmRequestRefused as refusal:
-            if _INVALID_JOB_ID not in refusal.codes:
-                raise
-
-
-async def endpoint_answers(endpoint: str) -> bool:
-    """Whether anything answers HTTP there (any status: JupyterLab may redirect to login)."""
-    try:
-        async with aiohttp.ClientSession(timeout=PROBE_TIMEOUT) as session:
-            async with session.get(f"http://{endpoint}/", allow_redirects=False):
-                return True
-    except (aiohttp.ClientError, TimeoutError):
-        return False
-
-
-# ---------------------------------------------------------------- the backend
+    job_id: str
+    user: str
+    namespace: str
+    name: str
+    job: Mapping[str, Any]  # as last seen (for extend, without asking again)
 
 
 class SlurmBackend:
@@ -315,8 +275,9 @@ class SlurmBackend:
         self.settings = settings
         self.templates_dir = templates_dir
         self.client = SlurmRestClient(settings)
-        # uid -> job id, so observe() asks for one job instead of listing the queue.
-        self._job_ids: dict[str, str] = {}
+        self.credentials = SlurmCredentials(settings)
+        self._tracked: dict[str, _Tracked] = {}  # environment uid -> its job
+        self._suspended: set[str] = set()  # environment uids whose job was cancelled for a suspend
 
     def validate(self, environment: Environment, flavor: Flavor) -> Refusal | None:
         return None  # JupyterLab comes from the cluster's software stack (jupyter_command)
@@ -332,69 +293,84 @@ class SlurmBackend:
         A job that ended on its own (time limit, failure) is reported, not
         replaced; one that was cancelled (suspend) is replaced on resume.
         """
-        existing = choose_job(await self._jobs_of(launch.environment), include_cancelled=False)
-        if existing is not None:
-            self._job_ids[launch.environment.uid] = str(existing["job_id"])
-            return await self._observe_job(existing)
-        return await self._submit(launch)
-
-    async def _submit(self, launch: Launch) -> Observation:
-        environment, flavor = launch.environment, launch.flavor
-        job = build_job_submission(environment, flavor, self.settings, mounts=launch.mounts)
-        job["environment"][TOKEN_ENV_NAME] = launch.token
-        script = build_batch_script(environment, flavor, TOKEN_ENV_NAME, self.settings, self.templates_dir)
-        try:
-            job_id = await self.client.submit(job, script)
-        except SlurmRequestRefused as refusal:
-            return Observation(State.FAILED, reason="SubmissionRefused",
-                               message=f"Slurm refused the job for flavor {flavor.name}: {refusal}")
-        self._job_ids[environment.uid] = job_id
-        return Observation(State.PENDING, reason="Submitted", reference={"id": job_id},
-                           message=f"submitted Slurm job {job_id}")
-
-    async def suspend(self, environment: Environment) -> Observation:
-        """Cancel the job; resuming submits a new one (Slurm keeps nothing of a cancelled job)."""
-        await self.delete(environment)
-        return await self.observe(environment)
+        jobs = await self._jobs_of(launch.environment)
+        existing = choose_job(jobs, include_cancelled=False)
+        if existing is None:
+            return await self._submit(launch)
+        await self._cancel_others(jobs, existing)
+        return await self._observe_job(launch.environment, existing)
 
     async def resume(self, launch: Launch) -> Observation:
         """Adopt an active job (a resume seen twice), else submit a new one: the cancelled
         job of the suspend, or any ended one, does not stand for the environment any more."""
+        self._suspended.discard(launch.environment.uid)
         jobs = await self._jobs_of(launch.environment)
         job = _newest([job for job in jobs if job.get("job_state") in ACTIVE_STATES])
-        if job is not None:
-            self._job_ids[launch.environment.uid] = str(job["job_id"])
-            return await self._observe_job(job)
-        return await self._submit(launch)
+        if job is None:
+            return await self._submit(launch)
+        await self._cancel_others(jobs, job)
+        return await self._observe_job(launch.environment, job)
+
+    async def suspend(self, environment: Environment) -> Observation:
+        """Cancel the job; resuming submits a new one (Slurm keeps nothing of a cancelled job)."""
+        self._suspended.add(environment.uid)
+        await self._cancel_all(environment)
+        return await self.observe(environment)
 
     async def observe(self, environment: Environment) -> Observation:
-        job = await self._cached_job(environment)
+        job = await self._tracked_job(environment)
         if job is None:
             job = choose_job(await self._jobs_of(environment))
         if job is None:
             return Observation(State.GONE, reason="NoJob", message="no Slurm job for this environment")
-        self._job_ids[environment.uid] = str(job["job_id"])
-        return await self._observe_job(job)
+        return await self._observe_job(environment, job)
 
     async def delete(self, environment: Environment) -> bool:
         """Cancel every active job of the environment; True once none is left."""
-        for job in await self._jobs_of(environment):
-            if job.get("job_state") in ACTIVE_STATES:
-                await self.client.cancel(str(job["job_id"]))
-        still_active = [job for job in await self._jobs_of(environment)
-                        if job.get("job_state") in ACTIVE_STATES]
-        if not still_active:
-            self._job_ids.pop(environment.uid, None)
-        return not still_active
+        gone = await self._cancel_all(environment)
+        if gone:
+            self._tracked.pop(environment.uid, None)
+            self._suspended.discard(environment.uid)
+        return gone
+
+    async def extend(self, environment: Environment, until: datetime.datetime,
+                     now: datetime.datetime | None = None) -> bool:
+        """Raise the active job's time limit so that it runs until `until` (an approved lifetime
+        extension), as the operator: a job's owner can only lower it. True if it was raised.
+
+        Cheap on every sweep: decided from the job as `observe` last saw it."""
+        now = now or datetime.datetime.now(datetime.UTC)
+        if environment.uid not in self._tracked:
+            await self.observe(environment)
+        tracked = self._tracked.get(environment.uid)
+        if tracked is None:
+            return False
+        limit = build_time_limit_extension(tracked.job, until, now)
+        if limit is None:
+            return False
+        try:
+            await self.client.update(tracked.job_id, {"time_limit": limit})
+        except SlurmRequestRefused:
+            return False  # e.g. above the partition's MaxTime: the job ends at its limit (EXPIRED TimeLimit)
+        tracked.job = {**tracked.job, "time_limit": limit}
+        return True
 
     async def list_managed(self) -> list[ManagedObject]:
-        """Active jobs carrying the operator's identity (ended jobs hold nothing to sweep)."""
+        """Active jobs this operator made: those it tracks by id, and those carrying its own marks
+        (signed comment or output path, for the job's own user). A job whose text names an
+        environment is never enough."""
+        key = self._key()
+        by_id = {tracked.job_id: (uid, tracked) for uid, tracked in self._tracked.items()}
         managed = []
         for job in await self.client.jobs():
-            identity = parse_identity(str(job.get("comment", "")))
-            if identity and job.get("job_state") in ACTIVE_STATES:
-                managed.append(ManagedObject(namespace=identity["namespace"], name=identity["name"],
-                                             uid=identity["uid"], backend_id=str(job["job_id"])))
+            if job.get("job_state") not in ACTIVE_STATES:
+                continue
+            job_id = str(job["job_id"])
+            uid, tracked = by_id.get(job_id, ("", None))
+            if tracked is not None and job.get("user_name") == tracked.user:
+                managed.append(ManagedObject(tracked.namespace, tracked.name, uid, job_id))
+            elif (identity := job_identity(job, self.settings, key)) is not None:
+                managed.append(ManagedObject(identity["namespace"], identity["name"], identity["uid"], job_id))
         return managed
 
     async def ping(self) -> None:
@@ -404,19 +380,81 @@ class SlurmBackend:
     def close(self) -> None:
         """Nothing held between requests (a session per request)."""
 
-    async def _jobs_of(self, environment: Environment) -> list[dict[str, Any]]:
-        return [job for job in await self.client.jobs()
-                if (parse_identity(str(job.get("comment", ""))) or {}).get("uid") == environment.uid]
+    # ---------------------------------------------------------------- inside
 
-    async def _cached_job(self, environment: Environment) -> dict[str, Any] | None:
-        job_id = self._job_ids.get(environment.uid)
-        if job_id is None:
+    def _key(self) -> bytes | None:
+        return self.credentials.purpose_key("jobs")
+
+    async def _submit(self, launch: Launch) -> Observation:
+        environment, flavor = launch.environment, launch.flavor
+        try:
+            account = build_account(environment, launch.identity, self.settings)
+        except ValueError as error:
+            return Observation(State.FAILED, reason="NoUnixAccount", message=f"cannot run on Slurm: {error}")
+        key = self._key()
+        job = build_job_submission(environment, flavor, self.settings, mounts=launch.mounts, user=account, key=key,
+                                   nonce=secrets.token_hex(4))
+        job["environment"][TOKEN_ENV_NAME] = launch.token
+        script = build_batch_script(environment, flavor, TOKEN_ENV_NAME, self.settings, self.templates_dir)
+        try:
+            job_id = await self.client.submit(job, script, user=account)
+        except SlurmRequestRefused as refusal:
+            return Observation(State.FAILED, reason="SubmissionRefused",
+                               message=f"Slurm refused the job for flavor {flavor.name} as {account}: {refusal}")
+        submitted = await self.client.job(job_id) or {"job_id": job_id, "user_name": account}
+        self._track(environment, submitted, account)
+        self._suspended.discard(environment.uid)
+        mismatch = build_account_mismatch(submitted, account, launch.identity)
+        if mismatch is not None:
+            await self.client.cancel(job_id)
+            return Observation(State.FAILED, reason=mismatch[0], reference={"id": job_id},
+                               message=f"{mismatch[1]}; Slurm job {job_id} was cancelled")
+        return Observation(State.PENDING, reason="Submitted", reference={"id": job_id},
+                           message=f"submitted Slurm job {job_id} as {account}")
+
+    def _track(self, environment: Environment, job: Mapping[str, Any], user: str = "") -> None:
+        self._tracked[environment.uid] = _Tracked(str(job["job_id"]), user or str(job.get("user_name") or ""),
+                                                  environment.namespace, environment.name, job)
+
+    async def _tracked_job(self, environment: Environment) -> dict[str, Any] | None:
+        """The job recorded for the environment, if Slurm still has it for the same user."""
+        tracked = self._tracked.get(environment.uid)
+        if tracked is None:
             return None
-        job = await self.client.job(job_id)
-        identity = parse_identity(str((job or {}).get("comment", ""))) or {}
-        return job if identity.get("uid") == environment.uid else None
+        job = await self.client.job(tracked.job_id)
+        if job is None or job.get("user_name") != tracked.user:
+            self._tracked.pop(environment.uid, None)
+            return None
+        return job
 
-    async def _observe_job(self, job: Mapping[str, Any]) -> Observation:
-        endpoint = parse_endpoint(str(job.get("comment", "")))
-        answers = bool(endpoint) and job.get("job_state") == "RUNNING" and await endpoint_answers(endpoint)
-        return build_observation(job, answers)
+    async def _jobs_of(self, environment: Environment) -> list[dict[str, Any]]:
+        """The environment's jobs: the one recorded by id, and those carrying the operator's marks for it."""
+        key, tracked = self._key(), self._tracked.get(environment.uid)
+        found = []
+        for job in await self.client.jobs():
+            if tracked is not None and str(job.get("job_id")) == tracked.job_id:
+                if job.get("user_name") == tracked.user:
+                    found.append(job)
+            elif (job_identity(job, self.settings, key) or {}).get("uid") == environment.uid:
+                found.append(job)
+        return found
+
+    async def _cancel_others(self, jobs: list[dict[str, Any]], keep: Mapping[str, Any]) -> None:
+        """Never two: any other active job of the environment goes."""
+        for job in jobs:
+            if job.get("job_state") in ACTIVE_STATES and job.get("job_id") != keep.get("job_id"):
+                await self.client.cancel(str(job["job_id"]))
+
+    async def _cancel_all(self, environment: Environment) -> bool:
+        for job in await self._jobs_of(environment):
+            if job.get("job_state") in ACTIVE_STATES:
+                await self.client.cancel(str(job["job_id"]))
+        return not [job for job in await self._jobs_of(environment) if job.get("job_state") in ACTIVE_STATES]
+
+    async def _observe_job(self, environment: Environment, job: Mapping[str, Any]) -> Observation:
+        tracked = self._tracked.get(environment.uid)
+        self._track(environment, job, tracked.user if tracked and tracked.job_id == str(job["job_id"]) else "")
+        port = build_jupyter_port(environment, self.settings, self._key(), job_nonce(job))
+        endpoint = build_endpoint(job, port, self.settings)
+        answers = bool(endpoint) and await endpoint_answers(endpoint)
+        return build_observation(job, answers, endpoint, suspended=environment.uid in self._suspended)

@@ -11,16 +11,15 @@ import os
 import pathlib
 import time
 import uuid
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.integration.scripts import parse_exports, run_script
-
 from analysis_operator.backends.slurm import SlurmBackend
-from tests.integration.invariant import PROBES, Managed
 from analysis_operator.model.domain import Environment
 from analysis_operator.settings import SlurmSettings, load_settings
+from tests.integration.invariant import PROBES, Managed
+from tests.integration.scripts import parse_exports, run_script
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
 
@@ -61,6 +60,18 @@ def slurm_environments(operator, slurm_environ, slurm_settings, environments):
 
     PROBES["slurm"] = jobs
     return environments
+
+
+@pytest.fixture
+def operator_leaves_slurm_alone():
+    """For tests that drive the backend with environments that exist only in the test: a running
+    session operator with Slurm enabled would rightly cancel their jobs as orphans. Turned off
+    here (if on); `slurm_environments` turns it on again for the tests that need it."""
+    from tests.integration.conftest import OperatorProcess
+
+    for process in list(OperatorProcess.running):
+        if process.settings.get("ANALYSIS_OPERATOR_SLURM_ENABLED") == "true":
+            process.configure(ANALYSIS_OPERATOR_SLURM_ENABLED="false")
 
 
 @pytest.fixture

@@ -8,16 +8,16 @@ import pathlib
 import signal
 import time
 import urllib.request
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
-from analysis_operator.backends.base import Launch
-from analysis_operator.backends.base import BackendUnavailable, Observation, State
-from analysis_operator.backends.slurm import SlurmBackend, parse_identity
+from analysis_operator.backends.base import BackendUnavailable, Launch, Observation, State
+from analysis_operator.backends.slurm import SlurmBackend
+from analysis_operator.backends.slurm_auth import parse_identity
 from analysis_operator.model.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("operator_leaves_slurm_alone")]
 
 TOKEN = "test-token-not-for-logs"
 
@@ -186,7 +186,7 @@ def test_slurmrestd_down_then_back_loses_nothing(backend, make_environment, slur
         message = str(raised.value)
         assert "unreachable" in message and backend.settings.url in message
         assert TOKEN not in message
-        assert open(backend.settings.token_file).read().strip() not in message
+        assert pathlib.Path(backend.settings.token_file).read_text().strip() not in message
         with pytest.raises(BackendUnavailable):
             asyncio.run(backend.observe(environment))
     finally:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 import pathlib
+import pwd
 
 import pytest
 
+from analysis_operator.backends.slurm_auth import build_working_directory
 from tests.integration.test_datasets import PUBLIC, catalogue, embargoed  # noqa: F401 (fixture)
 
 
@@ -22,7 +24,7 @@ def cluster_data(tmp_path_factory) -> pathlib.Path:
     return root
 
 
-def test_a_slurm_job_sees_exactly_its_granted_datasets(slurm_environments, slurm_settings, catalogue, namespace,
+def test_a_slurm_job_sees_exactly_its_granted_datasets(slurm_environments, slurm_settings, catalogue, namespace,  # noqa: F811
                                                        cluster_data):
     raw = catalogue.dataset("raw", embargoed(members=("alice",)), storage={"path": str(cluster_data / "raw")})
     reference = catalogue.dataset("reference", PUBLIC, storage={"path": str(cluster_data / "reference")})
@@ -31,7 +33,8 @@ def test_a_slurm_job_sees_exactly_its_granted_datasets(slurm_environments, slurm
                               datasets=[{"name": raw, "mountPath": "/data/beamtime/raw"}, {"name": reference}])
     slurm_environments.wait_phase("hpc-data", "Ready", timeout=90)
 
-    data = pathlib.Path(slurm_settings.working_directory) / f"{namespace}.aenv-hpc-data.data"
+    data = pathlib.Path(build_working_directory(slurm_settings, "alice")) / f"{namespace}.aenv-hpc-data.data"
+    assert data.stat().st_uid == pwd.getpwnam("alice").pw_uid and data.stat().st_mode & 0o077 == 0
     links = {str(path.relative_to(data)): os.readlink(path) for path in data.rglob("*") if path.is_symlink()}
     assert links == {"beamtime/raw": str(cluster_data / "raw"), reference: str(cluster_data / "reference")}
     assert (data / "beamtime" / "raw" / "frames.h5").read_text() == "raw"

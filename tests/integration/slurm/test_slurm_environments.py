@@ -1,6 +1,7 @@
 """The "JupyterLab Cluster" card end to end: AnalysisEnvironment -> operator -> real Slurm."""
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import pytest
@@ -25,6 +26,66 @@ def test_cluster_card_runs_jupyter_in_a_slurm_job_and_cancels_it_on_delete(slurm
     with pytest.raises(OSError):
         urllib.request.urlopen(url, timeout=3)
     assert created["metadata"]["uid"] == metadata["uid"] and job_id
+
+
+def active_jobs_of(backend, uid: str) -> list[str]:
+    import asyncio
+
+    return [item.backend_id for item in asyncio.run(backend.list_managed()) if item.uid == uid]
+
+
+def test_suspend_cancels_the_job_and_resume_submits_a_new_one(slurm_environments, backend):
+    """Case 8: suspend then resume of a Slurm environment, through the operator."""
+    environments = slurm_environments
+    environments.create("pause", flavor="jupyter-cluster", lifetime="1h")
+    ready = environments.wait_phase("pause", "Ready", timeout=90)
+    uid, first_job = ready["metadata"]["uid"], ready["status"]["backend"]["id"]
+    assert active_jobs_of(backend, uid) == [first_job]
+
+    environments.patch_spec("pause", suspend=True)
+    suspended = environments.wait_phase("pause", "Suspended", timeout=60)["status"]
+    wait_for(lambda: active_jobs_of(backend, uid) == [], timeout=30, what="the job cancelled by the suspend")
+    wait_for(lambda: environments.get("pause")["status"]["backend"].get("state") not in ("RUNNING", "PENDING"),
+             timeout=30, what="status.backend.state to stop saying the job runs")
+    assert suspended["backend"]["id"] == first_job
+
+    environments.patch_spec("pause", suspend=False)
+    resumed = environments.wait_phase("pause", "Ready", timeout=90)["status"]
+    second_job = resumed["backend"]["id"]
+    assert second_job != first_job and second_job.isdigit()
+    assert active_jobs_of(backend, uid) == [second_job]
+    assert urllib.request.urlopen(resumed["connection"]["url"], timeout=5).status == 200
+
+
+def test_a_job_runs_as_its_owner_and_a_changed_comment_makes_no_second_job(slurm_environments, backend,
+                                                                            slurm_environ):
+    """Cases 6 and 7 through the operator: the job is alice's; alice rewrites its comment from inside it;
+    the environment keeps its one job and its URL."""
+    import asyncio
+    import os
+    import subprocess
+
+    environments = slurm_environments
+    environments.create("mine", flavor="jupyter-cluster", lifetime="1h", owner="alice")
+    ready = environments.wait_phase("mine", "Ready", timeout=90)
+    uid, job_id = ready["metadata"]["uid"], ready["status"]["backend"]["id"]
+    job = asyncio.run(backend.client.job(job_id))
+    assert job["user_name"] == "alice"
+
+    rewrite = subprocess.run(["/usr/sbin/runuser", "-u", "alice", "--", "srun", f"--jobid={job_id}", "--overlap",
+                              "scontrol", "update", f"JobId={job_id}", "Comment=x"],
+                             env={"PATH": "/usr/bin:/bin", "SLURM_CONF": slurm_environ["SLURM_CONF"],
+                                  "HOME": os.path.expanduser("~alice")}, capture_output=True, text=True, timeout=60)
+    assert rewrite.returncode == 0, rewrite.stderr
+    assert asyncio.run(backend.client.job(job_id))["comment"] == "x"
+
+    # several sweeps later (1 s apart in tests): still one job, the same, and still Ready
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        assert active_jobs_of(backend, uid) == [job_id]
+        assert environments.phase("mine") == "Ready"
+        time.sleep(1)
+    assert environments.get("mine")["status"]["backend"]["id"] == job_id
 
 
 def test_operator_cancels_a_job_whose_environment_is_gone(slurm_environments, backend, make_environment):
@@ -55,7 +116,8 @@ def test_cluster_usage_is_charged_from_slurms_allocation_and_start_time(operator
     operator.configure(**{key: value for key, value in slurm_environ.items()
                           if key.startswith("ANALYSIS_OPERATOR_SLURM_") or key == "SLURM_CONF"},
                        ANALYSIS_OPERATOR_BUDGETS_CHARGE_INTERVAL_SECONDS="1")
-    owner, budget = f"hpc-{uuid.uuid4().hex[:6]}", f"b-{uuid.uuid4().hex[:8]}"
+    # carol: a Unix account on the local cluster (hack/slurm.sh) that no other test charges
+    owner, budget = "carol", f"b-{uuid.uuid4().hex[:8]}"
     custom.create_cluster_custom_object(group, version, "computebudgets", {
         "apiVersion": f"{group}/{version}", "kind": "ComputeBudget", "metadata": {"name": budget},
         "spec": {"user": owner, "limits": {"cpuHours": 100}}})

@@ -1,7 +1,7 @@
 #!/bin/bash
-# Rendered by analysis-operator from templates/sbatch.sh.j2. The environment's
-# identity and access token arrive through the job's environment, so nothing a
-# user typed is part of this text.
+# Rendered by analysis-operator from templates/sbatch.sh.j2. The access token,
+# port and dataset paths arrive through the job's environment, so nothing a
+# user typed is part of this text. The job runs as its owner's Unix account.
 set -euo pipefail
 umask 077
 
@@ -34,16 +34,14 @@ if [ "${AENV_DATASET_COUNT:-0}" -gt 0 ]; then
   export AENV_DATA_DIR
 fi
 
-# The operator connects to this node by its name on the cluster network.
+# Where JupyterLab listens: this node, as Slurm names it, and the port the
+# operator chose (JUPYTER_PORT, in the job's environment). The operator reads
+# the node from Slurm, so nothing this job writes tells it where to connect.
+if [ -z "${JUPYTER_PORT:-}" ]; then
+  echo "analysis-operator: no JUPYTER_PORT in the job's environment" >&2
+  exit 1
+fi
 JUPYTER_HOST=$(hostname --fqdn 2>/dev/null || hostname)
-# A free port picked by the kernel; the short window before the server binds
-# it is the same trade-off batchspawner makes.
-JUPYTER_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
 export JUPYTER_HOST JUPYTER_PORT
 
-# slurmrestd 22.05 cannot carry the port back and the job holds no REST token,
-# but a job's owner may update its own comment on the node: the operator reads
-# the endpoint from there.
-scontrol update JobId="$SLURM_JOB_ID" Comment="$AENV_IDENTITY endpoint=$JUPYTER_HOST:$JUPYTER_PORT"
-
-exec jupyter lab --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT"
+exec jupyter lab --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT" --ServerApp.port_retries=0
