@@ -44,6 +44,7 @@ class MemoryBackend:
         self.tokens: dict[str, str] = {}
         self.mounts: dict[str, tuple[Mount, ...]] = {}
         self.fail_next: Exception | None = None
+        self.extended_until: datetime.datetime | None = None
 
     def _fail(self) -> None:
         if self.fail_next is not None:
@@ -87,6 +88,10 @@ class MemoryBackend:
         if launch.environment.uid in self.running:
             self.running[launch.environment.uid] = "starting"
         return self._observation(launch.environment.uid)
+
+    async def extend(self, environment: Environment, until: datetime.datetime) -> bool:
+        self.extended_until = until
+        return False
 
     async def delete(self, environment: Environment) -> bool:
         self.calls.append("delete")
@@ -190,6 +195,7 @@ def test_create_ready_suspend_resume_expire_through_the_interface_alone():
         status, outcome = await run(context, environment, status)
         assert (status["phase"], status["connection"]["url"]) == ("Ready", "mem://lab")
         assert status["backend"]["allocatedCpus"] == 2.0 and backend.calls == ["ensure"]   # adopted, not re-made
+        assert backend.extended_until == NOW + datetime.timedelta(hours=2)           # its limit follows expiresAt
 
         suspended = dataclasses.replace(environment, suspend=True, generation=2)
         status, _ = await run(context, suspended, status)
@@ -351,3 +357,14 @@ def test_a_leftover_token_of_an_earlier_namesake_is_replaced_never_adopted():
         assert status["phase"] == "Provisioning" and backend.tokens["u-1"] != old_token
 
     asyncio.run(scenario())
+
+
+def test_an_approved_extension_reaches_the_backends_own_limit():
+    """A lifetime BudgetRequest approved (status.lifetimeExtensions) moves expiresAt, and the backend is
+    asked to let what runs last that long (Slurm raises the job's TimeLimit)."""
+    backend, cluster, context = setup()
+    backend.running["u-1"] = "ready"
+    status = {"phase": "Ready", "startedAt": "2026-11-30T12:00:00Z", "lifetimeExtensions": {"request-uid": "3h"}}
+    outcome = asyncio.run(converge(context, ENVIRONMENT, status, FLAVOR, NOW + datetime.timedelta(hours=1)))
+    assert backend.extended_until == NOW + datetime.timedelta(hours=5)       # 2 h flavor limit + 3 h granted
+    assert outcome.status["expiresAt"] == "2026-11-30T17:00:00Z"

@@ -16,6 +16,7 @@ again and again.
 
 from __future__ import annotations
 
+import datetime
 import enum
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -115,6 +116,11 @@ class Backend(Protocol):
 
     async def resume(self, launch: Launch) -> Observation:
         """Run a suspended environment again (GONE if there was nothing to resume: then `ensure`)."""
+
+    async def extend(self, environment: Environment, until: datetime.datetime) -> bool:
+        """Let what runs last until `until` (an approved lifetime extension moved expiresAt); True if
+        that changed anything. Called on every pass while something runs: must be cheap when nothing
+        is to change. Backends without a time limit of their own return False."""
 
     async def delete(self, environment: Environment) -> bool:
         """Remove everything of it; True once confirmed gone."""

@@ -7,6 +7,7 @@ environment; no finalizer is needed for this backend.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -265,6 +266,9 @@ class KubernetesBackend:
 
     async def resume(self, launch: Launch) -> Observation:
         return await self.ensure(launch)
+
+    async def extend(self, environment: Environment, until: datetime.datetime) -> bool:
+        return False  # a pod has no time limit of its own: the engine ends it at expiresAt
 
     async def delete(self, environment: Environment) -> bool:
         """Pod and Service of exactly this environment (by its uid label: never a namesake's)."""

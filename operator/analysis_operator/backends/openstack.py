@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import datetime
 import functools
 import logging
 import re
@@ -363,6 +364,9 @@ class OpenStackBackend:
     async def resume(self, launch: Launch) -> Observation:
         """Unshelve: scheduled again, so it can fail with "No valid host" if GPUs are gone."""
         return await self._run(self._shelve_blocking, launch.environment, False)
+
+    async def extend(self, environment: Environment, until: datetime.datetime) -> bool:
+        return False  # a server has no time limit of its own: the engine ends it at expiresAt
 
     async def list_managed(self) -> list[ManagedObject]:
         return await self._run(self._list_managed_blocking)

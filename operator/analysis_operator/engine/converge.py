@@ -204,12 +204,13 @@ async def _converge(context: Context, environment: Environment, status: Mapping[
                           f"lifetime ended at {format_time(expires_at)}; the environment was stopped", now)
     times = {"startedAt": format_time(started_at), "expiresAt": format_time(expires_at)}
     launch = _Launcher(context, environment, flavor, granted, identity)
-    outcome = await _run_backend(backend, environment, flavor, launch, status, now, times)
+    outcome = await _run_backend(backend, environment, flavor, launch, status, now, times, expires_at)
     return _reachable_again(outcome, status, environment, now)
 
 
 async def _run_backend(backend: Backend, environment: Environment, flavor: Flavor, launcher: _Launcher,
-                       status: Mapping[str, Any], now: datetime.datetime, times: dict[str, str]) -> Outcome:
+                       status: Mapping[str, Any], now: datetime.datetime, times: dict[str, str],
+                       expires_at: datetime.datetime) -> Outcome:
     observation = await backend.observe(environment)
     if environment.suspend:
         if observation.state.holds:
@@ -221,6 +222,8 @@ async def _run_backend(backend: Backend, environment: Environment, flavor: Flavo
         observation = await backend.resume(await launcher.launch())
     if observation.state is State.GONE:
         observation = await backend.ensure(await launcher.launch())
+    if observation.state.holds:  # an approved extension moved expiresAt: the backend's own limit follows
+        await backend.extend(environment, expires_at)
     return _observed(environment, flavor, status, observation, now, times)
 
 
