@@ -34,6 +34,7 @@ fi
 
 kubectl apply --server-side --force-conflicts -f "$repo/crds" >/dev/null
 kubectl wait --for=condition=Established --timeout=60s crd --all >/dev/null
+kubectl apply -f "$repo/deploy/authorization" >/dev/null   # who may change or delete environments
 # The catalogue: flavors (portal cards), experiment teams and datasets, budgets (alice has one).
 kubectl apply -f "$repo/examples/flavors.yaml" -f "$repo/examples/datasets.yaml" -f "$repo/examples/budgets.yaml" >/dev/null
 kubectl apply -f "$repo/examples/users.yaml" >/dev/null   # the directory: POSIX identities (FacilityUser)

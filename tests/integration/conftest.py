@@ -48,6 +48,7 @@ def kubeconfig() -> str:
         started = True
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+    kubectl("apply", "-f", str(REPO / "deploy/authorization"))  # who may change or delete environments
     kubectl("apply", "-f", str(REPO / "examples/flavors.yaml"), "-f", str(REPO / "tests/integration/flavors.yaml"),
             "-f", str(REPO / "tests/integration/rbac.yaml"))
     yield os.environ["KUBECONFIG"]

@@ -6,16 +6,19 @@ failing when one rule is taken away)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import pathlib
 import uuid
 
+import kubernetes
 import pytest
 import yaml
 
-from analysis_operator.certificates import ensure_certificates
+from analysis_operator.infra.certificates import ensure_certificates
+from tests.integration.authorization import PLURAL, denial, operator_identity
 from tests.integration.chart import CHART, find, helm, render, service_account_kubeconfig
-from tests.integration.conftest import REPO, Environments, OperatorProcess, kubectl
+from tests.integration.conftest import GROUP, REPO, VERSION, Environments, OperatorProcess, impersonating, kubectl
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -115,6 +118,8 @@ def test_lint_default_and_custom_values(tmp_path):
     ("peering.lifetimeSeconds=1", "lifetimeSeconds"),
     ("admission.failurePolicy.environment-owner=Sometimes", "failurePolicy"),
     ("flavours.x=1", "additional properties 'flavours'"),   # a typo in GitOps values is refused
+    ("authorization.adminGroup[0]=x", "additional properties 'adminGroup'"),
+    ("authorization.operatorUsernames[0]=a\\,b", "operatorUsernames"),   # lists are joined with commas
 ])
 def test_schema_refuses_bad_values(setting, complaint):
     result = helm("template", "x", str(CHART), "--set", setting, check=False)
@@ -140,6 +145,69 @@ def test_chart_crds_are_the_repository_crds(tmp_path):
     assert _chart_crds(str(next(tmp_path.glob("analysis-operator-*.tgz")))) == repository
     names = {crd["metadata"]["name"] for crd in repository}
     assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev", "analysisenvironments.analysis.panosc.eu"} <= names
+
+
+def _template(chart: str, namespace: str, *arguments: str) -> list[dict]:
+    output = helm("template", "aop", chart, "--namespace", namespace, *arguments).stdout
+    return [document for document in yaml.safe_load_all(output) if document]
+
+
+def test_authorization_policy_is_the_repository_policy(tmp_path):
+    """One text: the chart renders deploy/authorization/policy.yaml (files/authorization-policy.yaml
+    links to it; helm packages what it points to) under the release's name, with a binding to it and
+    its parameters from values."""
+    repository = _documents(REPO / "deploy/authorization/policy.yaml")[0]
+    helm("package", str(CHART), "--destination", str(tmp_path))
+    for chart in (str(CHART), str(next(tmp_path.glob("analysis-operator-*.tgz")))):
+        objects = _template(chart, "ops", "--set", "admission.trustedUsers={portal-backend}",
+                            "--set", "admission.usernamePrefix=oidc:")
+        policy = find(objects, "ValidatingAdmissionPolicy")
+        assert policy["spec"] == repository["spec"]
+        assert policy["metadata"]["name"] == "aop-analysis-operator-environments"
+        assert policy["metadata"]["labels"]["app.kubernetes.io/instance"] == "aop"
+        binding = find(objects, "ValidatingAdmissionPolicyBinding")["spec"]
+        assert binding["policyName"] == "aop-analysis-operator-environments"
+        assert binding["validationActions"] == ["Deny"]
+        assert binding["paramRef"] == {"name": "aop-analysis-operator-authorization", "namespace": "ops",
+                                       "parameterNotFoundAction": "Deny"}
+        assert "matchResources" not in binding          # every namespace
+        assert find(objects, "ConfigMap", "aop-analysis-operator-authorization")["data"] == {
+            "trustedUsers": "portal-backend", "trustedGroups": "analysis-portal", "adminGroups": "analysis-admins",
+            "operatorUsernames": "system:serviceaccount:ops:aop-analysis-operator", "usernamePrefix": "oidc:"}
+    objects = _template(str(CHART), "ops", "--set", "authorization.operatorUsernames={op-a,op-b}",
+                        "--set", "authorization.adminGroups={ops,platform}")
+    data = find(objects, "ConfigMap", "aop-analysis-operator-authorization")["data"]
+    assert (data["operatorUsernames"], data["adminGroups"]) == ("op-a,op-b", "ops,platform")
+    disabled = _template(str(CHART), "ops", "--set", "authorization.enabled=false")
+    assert not [o for o in disabled if o["kind"].startswith("ValidatingAdmissionPolicy")]
+
+
+def test_the_charts_policy_binds(fresh_namespace, environments, namespace, kubeconfig, tmp_path):
+    """Installed from the chart, the policy and its binding act: with the chart trusting another
+    portal group, the local stack's portal (trusted by the local binding) is refused in the
+    release's watchNamespace by the chart's binding, and allowed again once it is removed."""
+    release_namespace, release = fresh_namespace("aop-authz"), _unique("aop")
+    objects = render(release, release_namespace, "--show-only", "templates/authorization.yaml",
+                     "--set", f"watchNamespace={namespace}", "--set", "admission.trustedGroups={other-portal}")
+    environments.create("lab", flavor="jupyter-basic", owner="alice")
+    portal = impersonating(kubeconfig, "system:serviceaccount:portal:backend", "analysis-portal")
+    alice = impersonating(kubeconfig, "alice")
+
+    def suspend(client):
+        api = kubernetes.client.CustomObjectsApi(client)
+        return lambda: api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "lab",
+                                                          {"spec": {"suspend": True}}, dry_run="All")
+    assert denial(suspend(portal)) is None
+    manifest = tmp_path / "authorization.yaml"
+    _apply(objects, manifest)
+    try:
+        message = wait_for(lambda: denial(suspend(portal)), timeout=30, what="the chart's binding to refuse the portal")
+        assert f"'{release}-analysis-operator-environments'" in message, message
+        assert "only its owner 'alice', the portal acting for that owner, and admins may change" in message
+        assert denial(suspend(alice)) is None               # its parameters are found: the owner may
+    finally:
+        kubectl("delete", "-f", str(manifest), "--ignore-not-found")
+    wait_for(lambda: denial(suspend(portal)) is None, timeout=30, what="the portal allowed without the chart's binding")
 
 
 def test_default_values_render_and_are_accepted_by_the_api_server(fresh_namespace, tmp_path):
@@ -193,6 +261,9 @@ def test_custom_values_render_and_are_accepted_by_the_api_server(fresh_namespace
     assert owner["failurePolicy"] == "Ignore" and owner["namespaceSelector"]["matchLabels"]
     policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] == environments)
     assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "analysis-operator"}
+    binding = find(objects, "ValidatingAdmissionPolicyBinding")   # only where this release's operator acts
+    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchLabels"] == {
+        "analysis.panosc.eu/environments": "enabled", "kubernetes.io/metadata.name": watched}
     find(objects, "ServiceMonitor")
     find(objects, "EnvironmentFlavor")
     find(objects, "FacilityGroup")
@@ -256,6 +327,9 @@ def test_install_upgrade_rotate_uninstall(fresh_namespace):
         for kind, name, scope in [("deployment", f"{release}-analysis-operator", ["-n", namespace]),
                                   ("validatingwebhookconfiguration", f"{release}-analysis-operator", []),
                                   ("clusterrole", f"{release}-analysis-operator", []),
+                                  ("validatingadmissionpolicy", f"{release}-analysis-operator-environments", []),
+                                  ("validatingadmissionpolicybinding", f"{release}-analysis-operator-environments",
+                                   []),
                                   ("clusterkopfpeering", release, [])]:
             assert kubectl("get", kind, name, *scope, check=False).returncode != 0, f"{kind} {name} left behind"
         # Helm never deletes CRDs (nor the objects in them): removing them is a separate step.
@@ -292,10 +366,12 @@ def _without(objects: list[dict], resource: str, verb: str) -> list[dict]:
 
 
 @pytest.fixture
-def chart_operator(fresh_namespace, other_operators_stopped, tmp_path):
+def chart_operator(fresh_namespace, other_operators_stopped, tmp_path, kubeconfig, core, custom):
     """Start the operator (as a local process, with peering) under the chart's RBAC,
-    optionally with one rule taken away; everything is removed afterwards."""
+    optionally with one rule taken away; everything is removed afterwards. The local stack's
+    authorization policy takes its ServiceAccount for the operator meanwhile."""
     started: list[tuple[OperatorProcess, pathlib.Path]] = []
+    identities = contextlib.ExitStack()
 
     def start(remove: tuple[str, str] | None = None) -> OperatorProcess:
         namespace, release = fresh_namespace("aop-rbac"), _unique("aop-rbac")
@@ -306,6 +382,8 @@ def chart_operator(fresh_namespace, other_operators_stopped, tmp_path):
         _apply(objects, manifest)
         service_account = find(objects, "ServiceAccount")["metadata"]["name"]
         config = service_account_kubeconfig(tmp_path / f"{release}.kubeconfig", namespace, service_account)
+        identities.enter_context(operator_identity(core, custom, kubeconfig,
+                                                   f"system:serviceaccount:{namespace}:{service_account}", namespace))
         # As in the chart: webhooks served with a mounted certificate, registered by
         # nobody here (no host), so kopf needs no rights on webhook configurations.
         certificates = tmp_path / f"{release}-tls"
@@ -320,6 +398,7 @@ def chart_operator(fresh_namespace, other_operators_stopped, tmp_path):
     for process, manifest in started:
         process.stop()
         kubectl("delete", "-f", str(manifest), "--ignore-not-found", "--wait=false")
+    identities.close()
 
 
 def _log(process: OperatorProcess) -> str:
