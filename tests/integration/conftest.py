@@ -16,6 +16,7 @@ import uuid
 import kubernetes
 import pytest
 
+from tests.integration.invariant import violations
 from tests.waiting import wait_for
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -100,6 +101,9 @@ class OperatorProcess:
             "ANALYSIS_OPERATOR_ADMISSION_LISTEN_ADDRESS": "127.0.0.1",
             "ANALYSIS_OPERATOR_ADMISSION_PORT": str(self.webhook_port),
             "ANALYSIS_OPERATOR_ADMISSION_CERT_DIR": str(self.log_path.parent / "webhook-tls"),
+            # The webhook port accepts only the API server's client certificate (hack/cluster.sh).
+            "ANALYSIS_OPERATOR_ADMISSION_CLIENT_CA_FILE": str(CLUSTER_STATE / "pki" / "webhook-client-ca.crt")
+            if (CLUSTER_STATE / "pki" / "webhook-client-ca.crt").exists() else "",
             "ANALYSIS_OPERATOR_METRICS_PORT": str(self.metrics_port),
             "ANALYSIS_OPERATOR_METRICS_ADDRESS": "127.0.0.1",
             # Owners without a ComputeBudget run unmetered here, so tests about other things need no
@@ -194,6 +198,10 @@ def namespace(core) -> str:
     core.create_namespace({"metadata": {"name": name}})
     wait_for(lambda: _has_default_service_account(core, name), timeout=30, what="default ServiceAccount")
     yield name
+    if OperatorProcess.running:  # give the operator one sweep to converge, then the invariant must hold
+        api = core.api_client
+        wait_for(lambda: not violations(api, [name]), timeout=20,
+                 what=lambda: "the invariant (tests/integration/invariant.py): " + "; ".join(violations(api, [name])))
     core.delete_namespace(name, propagation_policy="Background")
 
 

@@ -136,10 +136,10 @@ class Cluster:
         self.secret_owners.pop((namespace, name), None)
         return self.secrets.pop((namespace, name), None) is not None
 
-    async def delete_labelled(self, kind: str, namespace: str, selector: str) -> None:
-        uid = selector.split("=", 1)[1]
-        for key in [key for key, owner in self.secret_owners.items() if key[0] == namespace and owner == uid]:
-            await self.delete(kind, *key)
+    async def delete_owned(self, kind: str, namespace: str, name: str, label: str, value: str) -> bool:
+        if self.secret_owners.get((namespace, name)) != value:
+            return False
+        return await self.delete(kind, namespace, name)
 
     async def patch_environment_status(self, namespace: str, name: str, status: dict) -> bool:
         self.status.setdefault((namespace, name), {}).update(status)

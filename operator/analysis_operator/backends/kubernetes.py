@@ -192,10 +192,6 @@ def summarize_pod(pod: Mapping[str, Any]) -> PodSummary:
     return PodSummary(labels.get(LABEL_ENVIRONMENT_UID, ""), observe_pod(pod))
 
 
-def _children_of(environment: Environment) -> str:
-    return f"{LABEL_ENVIRONMENT_UID}={environment.uid}"
-
-
 class KubernetesBackend:
     """Pods and Services through the API; what exists is read from kopf's pod index."""
 
@@ -261,7 +257,7 @@ class KubernetesBackend:
 
     async def suspend(self, environment: Environment) -> Observation:
         """Remove the pod, keep Service and Secret so resuming keeps URL and token."""
-        await self._kube.delete_labelled("Pod", environment.namespace, _children_of(environment))
+        await self._delete_own("Pod", environment)
         return await self.observe(environment)
 
     async def resume(self, launch: Launch) -> Observation:
@@ -273,8 +269,12 @@ class KubernetesBackend:
     async def delete(self, environment: Environment) -> bool:
         """Pod and Service of exactly this environment (by its uid label: never a namesake's)."""
         for kind in ("Pod", "Service"):
-            await self._kube.delete_labelled(kind, environment.namespace, _children_of(environment))
+            await self._delete_own(kind, environment)
         return self._indexed(environment) is None
+
+    async def _delete_own(self, kind: str, environment: Environment) -> None:
+        await self._kube.delete_owned(kind, environment.namespace, environment.child_name, LABEL_ENVIRONMENT_UID,
+                                      environment.uid)
 
     async def list_managed(self) -> list[ManagedObject]:
         """Pods and Services the operator made. Owner references let the garbage collector remove them

@@ -18,10 +18,6 @@ from analysis_operator.engine.terms import flavor_for
 from analysis_operator.engine.tokens import delete_token
 from analysis_operator.engine.views import EnvironmentRecord, Index, values
 from analysis_operator.model.domain import (
-    LABEL_ENVIRONMENT,
-    LABEL_ENVIRONMENT_UID,
-    LABEL_MANAGED_BY,
-    MANAGER,
     Environment,
     Phase,
     format_time,
@@ -81,7 +77,10 @@ async def warn_expiring(reconciler: Reconciler, warn_before: float, moment: date
 
 
 async def sweep_orphans(reconciler: Reconciler) -> int:
-    """Remove jobs and VMs whose environment no longer exists (deleted while the operator was down)."""
+    """Remove what backends made for environments that no longer exist (deleted while the operator was
+    down, or by a user with --cascade=orphan), and their token Secrets. Secrets are not listed: the
+    operator may not read every Secret of the cluster; a token goes with the pod, Service, job or VM
+    that is found."""
     known = {record.environment.uid for record in values(reconciler.environments)}
     kube = reconciler.context.kube
     removed = 0
@@ -98,21 +97,4 @@ async def sweep_orphans(reconciler: Reconciler) -> int:
             log.warning("orphan.removed", backend=kind, environment=f"{managed.namespace}/{managed.name}",
                         backend_id=managed.backend_id)
             removed += 1
-    return removed + await _sweep_orphaned_tokens(reconciler, known)
-
-
-async def _sweep_orphaned_tokens(reconciler: Reconciler, known: set[str]) -> int:
-    """Token Secrets whose environment is gone (a token must not outlive its environment)."""
-    kube = reconciler.context.kube
-    removed = 0
-    for secret in await kube.list_labelled("Secret", f"{LABEL_MANAGED_BY}={MANAGER}"):
-        metadata = secret.get("metadata") or {}
-        labels = metadata.get("labels") or {}
-        uid, namespace, name = labels.get(LABEL_ENVIRONMENT_UID, ""), metadata.get("namespace", ""), \
-            labels.get(LABEL_ENVIRONMENT, "")
-        if not uid or uid in known or await kube.environment_exists(namespace, name, uid):
-            continue
-        await kube.delete("Secret", namespace, metadata.get("name", ""), uid=metadata.get("uid", ""))
-        log.warning("orphan.removed", backend="token", environment=f"{namespace}/{name}")
-        removed += 1
     return removed

@@ -52,10 +52,7 @@ async def ensure_token(kube: KubeClient, environment: Environment) -> str:
     return existing or token
 
 
-def owned_by(environment: Environment) -> str:
-    """The label selector of exactly this environment's children (not a namesake's)."""
-    return f"{LABEL_ENVIRONMENT_UID}={environment.uid}"
-
-
 async def delete_token(kube: KubeClient, environment: Environment) -> None:
-    await kube.delete_labelled("Secret", environment.namespace, owned_by(environment))
+    """This environment's token Secret (a namesake's is left alone)."""
+    await kube.delete_owned("Secret", environment.namespace, environment.child_name, LABEL_ENVIRONMENT_UID,
+                            environment.uid)

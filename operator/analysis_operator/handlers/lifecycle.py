@@ -50,7 +50,7 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, pods: kop
     memo.peering_priority = settings.peering.priority
     configure_admission(settings, config)
 
-    kube = KubeClient(config.kube_workers)
+    kube = KubeClient(config.kube_workers, config.namespace)
     memo.access = DataAccess(kube, indexes)
     memo.budget_gate = build_budget_gate(kube, config.budgets, indexes)
     memo.identities = DirectoryIdentities(kube, config.identity, indexes, environments)

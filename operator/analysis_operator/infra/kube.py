@@ -34,7 +34,8 @@ def _load_configuration(workers: int) -> kubernetes.client.Configuration:
 
 
 class KubeClient:
-    def __init__(self, workers: int = 16) -> None:
+    def __init__(self, workers: int = 16, namespace: str = "") -> None:
+        self.namespace = namespace  # the one namespace this operator serves; "" = all
         api_client = kubernetes.client.ApiClient(_load_configuration(workers))
         self.core: Any = kubernetes.client.CoreV1Api(api_client)
         self.custom: Any = kubernetes.client.CustomObjectsApi(api_client)
@@ -77,18 +78,24 @@ class KubeClient:
         metadata: dict[str, Any] = body.get("metadata") or {}
         return metadata
 
-    async def delete_labelled(self, kind: str, namespace: str, selector: str) -> None:
-        """Delete every object of a kind in a namespace that carries these labels (a child of exactly
-        one environment uid: never a namesake's)."""
-        method = {
-            "Pod": self.core.delete_collection_namespaced_pod,
-            "Service": self.core.delete_collection_namespaced_service,
-            "Secret": self.core.delete_collection_namespaced_secret,
-        }[kind]
-        await self._call(method, namespace, label_selector=selector, propagation_policy="Background")
+    async def delete_owned(self, kind: str, namespace: str, name: str, label: str, value: str) -> bool:
+        """Delete the object only if it carries label=value (a child of exactly one environment uid,
+        never a namesake's), and only that very object (uid precondition); False if there was none."""
+        metadata = await self.read_metadata(kind, namespace, name)
+        if metadata is None or (metadata.get("labels") or {}).get(label) != value:
+            return False
+        return await self.delete(kind, namespace, name, uid=str(metadata.get("uid", "")))
 
     async def list_labelled(self, kind: str, selector: str) -> list[dict[str, Any]]:
-        """Every object of a kind carrying these labels, in all namespaces (orphan sweeps)."""
+        """Every object of a kind carrying these labels, in the namespaces this operator serves (orphan sweeps)."""
+        if self.namespace:
+            namespaced = {
+                "Pod": self.core.list_namespaced_pod,
+                "Service": self.core.list_namespaced_service,
+                "Secret": self.core.list_namespaced_secret,
+            }[kind]
+            listing = await self._call(namespaced, self.namespace, label_selector=selector)
+            return list(listing.get("items") or ())
         method = {
             "Pod": self.core.list_pod_for_all_namespaces,
             "Service": self.core.list_service_for_all_namespaces,
