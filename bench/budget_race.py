@@ -12,6 +12,7 @@ operator's reconcile check (the webhook down or bypassed).
     .venv/bin/python bench/budget_race.py --count 1000 --slots 50 --mode admission
     .venv/bin/python bench/budget_race.py --count 1000 --slots 50 --mode reconcile
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ def percentile(values: list[float], share: float) -> float:
 def watch_decisions(custom, namespace: str, decided: dict[str, tuple[float, str]], stop: threading.Event) -> None:
     while not stop.is_set():
         stream = kubernetes.watch.Watch()
-        for event in stream.stream(custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
-                                   timeout_seconds=5):
+        for event in stream.stream(
+            custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, timeout_seconds=5
+        ):
             body = event["object"]
             phase = (body.get("status") or {}).get("phase")
             name = body["metadata"]["name"]
@@ -63,14 +65,25 @@ def run(count: int, slots: int, threads: int, mode: str) -> dict:
     run_id = uuid.uuid4().hex[:6]
     namespace, owner, budget = f"race-{run_id}", f"racer-{run_id}", f"race-{run_id}"
     core.create_namespace({"metadata": {"name": namespace}})
-    custom.create_cluster_custom_object(GROUP, VERSION, "computebudgets", {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ComputeBudget", "metadata": {"name": budget},
-        "spec": {"user": owner, "limits": {"maxEnvironments": slots, "cpuHours": 1e6}}})
+    custom.create_cluster_custom_object(
+        GROUP,
+        VERSION,
+        "computebudgets",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ComputeBudget",
+            "metadata": {"name": budget},
+            "spec": {"user": owner, "limits": {"maxEnvironments": slots, "cpuHours": 1e6}},
+        },
+    )
     log_dir = REPO / "bench/logs"
     log_dir.mkdir(exist_ok=True)
-    operator = OperatorProcess(kubeconfig, log_dir / f"budget-race-{run_id}.log",
-                               ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET="true",
-                               ANALYSIS_OPERATOR_BUDGETS_CHECK_AT_ADMISSION=str(mode == "admission").lower())
+    operator = OperatorProcess(
+        kubeconfig,
+        log_dir / f"budget-race-{run_id}.log",
+        ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET="true",
+        ANALYSIS_OPERATOR_BUDGETS_CHECK_AT_ADMISSION=str(mode == "admission").lower(),
+    )
     operator.start()
     decided: dict[str, tuple[float, str]] = {}
     stop = threading.Event()
@@ -78,16 +91,22 @@ def run(count: int, slots: int, threads: int, mode: str) -> dict:
     watcher.start()
     time.sleep(1)  # the watch is open before the first create
     posted: dict[str, tuple[float, float, int]] = {}
-    clients = [kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(config_file=kubeconfig))
-               for _ in range(threads)]
+    clients = [
+        kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(config_file=kubeconfig))
+        for _ in range(threads)
+    ]
     barrier = threading.Barrier(threads)
 
     def create(worker: int) -> None:
         barrier.wait()
         for index in range(worker, count, threads):
             name = f"r-{index}"
-            body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AnalysisEnvironment", "metadata": {"name": name},
-                    "spec": {"owner": owner, "flavor": "test-short"}}
+            body = {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "AnalysisEnvironment",
+                "metadata": {"name": name},
+                "spec": {"owner": owner, "flavor": "test-short"},
+            }
             started = time.monotonic()
             try:
                 clients[worker].create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
@@ -104,12 +123,17 @@ def run(count: int, slots: int, threads: int, mode: str) -> dict:
     while time.monotonic() < deadline and not all(name in decided for name in created):
         time.sleep(0.2)
     stop.set()
-    latencies, by_outcome, outcomes = [], {"refused": [], "admitted": []}, {"refused at admission": 0, "running": 0, "rejected by reconcile": 0, "undecided": 0}
+    latencies, by_outcome, outcomes = (
+        [],
+        {"refused": [], "admitted": []},
+        {"refused at admission": 0, "running": 0, "rejected by reconcile": 0, "undecided": 0},
+    )
     # The admission decision is the POST's answer (403, or 201 with a slot held); the final one for
     # an admitted create is the operator taking the slot in the ledger (Provisioning) or refusing it.
     answers = [answered - started for started, answered, code in posted.values() if code in (201, 403)]
-    by_outcome["admitted (POST answered)"] = [answered - started for started, answered, code in posted.values()
-                                              if code == 201]
+    by_outcome["admitted (POST answered)"] = [
+        answered - started for started, answered, code in posted.values() if code == 201
+    ]
     for name, (started, answered, code) in posted.items():
         if code == 403:
             outcomes["refused at admission"] += 1
@@ -126,25 +150,38 @@ def run(count: int, slots: int, threads: int, mode: str) -> dict:
     operator.stop()
     core.delete_namespace(namespace, propagation_policy="Background")
     custom.delete_cluster_custom_object(GROUP, VERSION, "computebudgets", budget)
-    return {"mode": mode, "count": count, "slots": slots, "threads": threads, "outcomes": outcomes,
-            "ledger": status.get("running", {}).get("environments"), "wall": time.monotonic() - began,
-            "p50": statistics.median(latencies), "p99": percentile(latencies, 0.99), "max": max(latencies),
-            "answers": (statistics.median(answers), percentile(answers, 0.99), max(answers)),
-            "log": operator.log_path.name,
-            "split": {key: (statistics.median(values), percentile(values, 0.99)) for key, values in by_outcome.items()
-                      if values}}
+    return {
+        "mode": mode,
+        "count": count,
+        "slots": slots,
+        "threads": threads,
+        "outcomes": outcomes,
+        "ledger": status.get("running", {}).get("environments"),
+        "wall": time.monotonic() - began,
+        "p50": statistics.median(latencies),
+        "p99": percentile(latencies, 0.99),
+        "max": max(latencies),
+        "answers": (statistics.median(answers), percentile(answers, 0.99), max(answers)),
+        "log": operator.log_path.name,
+        "split": {
+            key: (statistics.median(values), percentile(values, 0.99)) for key, values in by_outcome.items() if values
+        },
+    }
 
 
 def report(result: dict) -> str:
     ok = result["outcomes"]["running"] == result["slots"] == result["ledger"]
-    return (f"| {result['mode']} | {result['count']} creates from {result['threads']} threads, {result['slots']} slots "
-            f"| {result['outcomes']} | ledger holds {result['ledger']} | **{'exactly N' if ok else 'NOT N'}** "
-            f"| p50 {1000 * result['p50']:.0f} ms, p99 {1000 * result['p99']:.0f} ms, max {1000 * result['max']:.0f} ms "
-            f"| p50 {1000 * result['answers'][0]:.0f} ms, p99 {1000 * result['answers'][1]:.0f} ms, "
-            f"max {1000 * result['answers'][2]:.0f} ms "
-            f"| {result['wall']:.1f} s |\n"
-            + "".join(f"  {key}: p50 {1000 * p50:.0f} ms p99 {1000 * p99:.0f} ms\n"
-                      for key, (p50, p99) in result["split"].items()))
+    return (
+        f"| {result['mode']} | {result['count']} creates from {result['threads']} threads, {result['slots']} slots "
+        f"| {result['outcomes']} | ledger holds {result['ledger']} | **{'exactly N' if ok else 'NOT N'}** "
+        f"| p50 {1000 * result['p50']:.0f} ms, p99 {1000 * result['p99']:.0f} ms, max {1000 * result['max']:.0f} ms "
+        f"| p50 {1000 * result['answers'][0]:.0f} ms, p99 {1000 * result['answers'][1]:.0f} ms, "
+        f"max {1000 * result['answers'][2]:.0f} ms "
+        f"| {result['wall']:.1f} s |\n"
+        + "".join(
+            f"  {key}: p50 {1000 * p50:.0f} ms p99 {1000 * p99:.0f} ms\n" for key, (p50, p99) in result["split"].items()
+        )
+    )
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ bench/run.py does (start -> steady state; writes, which must be 0).
     eval "$(hack/cluster.sh env)"
     .venv/bin/python bench/restart.py --environments 3000 --rounds 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ import signal
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from run import Bench, log, machine_info  # noqa: E402
+from run import Bench, log, machine_info
 
 
 def main() -> None:
@@ -28,11 +29,28 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
     # What bench/run.py's Bench expects, for one batch and restarts only.
-    bench = Bench(argparse.Namespace(
-        single=0, sizes=[args.environments], raw=0, scale=0, scale_batch=1000, skip_10k=True, restart=True,
-        restart_signal="SIGTERM", pool=32, core=1, idle_seconds=10.0, timeout_single=60.0,
-        timeout_batch_base=120.0, timeout_batch_per_env=0.3, timeout_restart=1800.0, timeout_cleanup=900.0,
-        service_cidr="10.96.0.0/16", out=None))
+    bench = Bench(
+        argparse.Namespace(
+            single=0,
+            sizes=[args.environments],
+            raw=0,
+            scale=0,
+            scale_batch=1000,
+            skip_10k=True,
+            restart=True,
+            restart_signal="SIGTERM",
+            pool=32,
+            core=1,
+            idle_seconds=10.0,
+            timeout_single=60.0,
+            timeout_batch_base=120.0,
+            timeout_batch_per_env=0.3,
+            timeout_restart=1800.0,
+            timeout_cleanup=900.0,
+            service_cidr="10.96.0.0/16",
+            out=None,
+        )
+    )
     rows = []
     try:
         info = machine_info(bench.cluster)
@@ -51,14 +69,23 @@ def main() -> None:
     finally:
         try:
             bench.cleanup()
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             log(f"cleanup failed: {error!r}")
             bench.operator.stop(signal.SIGKILL)
-    report = "\n".join([
-        f"## Restart with {args.environments} environments: kopf's startup gate vs kopf_patches.py (`bench/restart.py`)",
-        "", "| machine | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in info], "",
-        "| round | kopf_patches | start -> steady state | writes |", "| --- | --- | --- | --- |",
-        *[f"| {r} | {m} | {s} | {w} |" for r, m, s, w in rows], ""])
+    report = "\n".join(
+        [
+            f"## Restart with {args.environments} environments: kopf's startup gate vs kopf_patches.py (`bench/restart.py`)",
+            "",
+            "| machine | |",
+            "| --- | --- |",
+            *[f"| {k} | {v} |" for k, v in info],
+            "",
+            "| round | kopf_patches | start -> steady state | writes |",
+            "| --- | --- | --- | --- |",
+            *[f"| {r} | {m} | {s} | {w} |" for r, m, s, w in rows],
+            "",
+        ]
+    )
     print(report)
     if args.out:
         args.out.write_text(report)

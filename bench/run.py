@@ -17,6 +17,7 @@ Output: a markdown report on stdout and in --out. Operator logs go to bench/logs
     .venv/bin/python bench/run.py --out bench/RESULTS.md                       # full: 50, 100, 1000, 10000
     .venv/bin/python bench/run.py --single 10 --sizes 20 --skip-10k --raw 20  # quick trial
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,8 @@ import threading
 import time
 import urllib.request
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import kubernetes
 from kubernetes.client.rest import ApiException
@@ -56,9 +58,15 @@ LABEL_ENVIRONMENT = f"{GROUP}/environment"
 FLAVOR = "jupyter-basic"
 WRITE_VERBS = ("POST", "PATCH", "PUT", "DELETE", "APPLY")
 # Resources the operator writes; a write to anything else is not the operator's.
-OPERATOR_RESOURCES = {("", "pods", ""), ("", "services", ""), ("", "secrets", ""),
-                      (GROUP, PLURAL, ""), (GROUP, PLURAL, "status"), ("", "events", "")}
-NODE_PREFIX = "kwok-bench-"   # tests assert pods land on nodes named kwok-*
+OPERATOR_RESOURCES = {
+    ("", "pods", ""),
+    ("", "services", ""),
+    ("", "secrets", ""),
+    (GROUP, PLURAL, ""),
+    (GROUP, PLURAL, "status"),
+    ("", "events", ""),
+}
+NODE_PREFIX = "kwok-bench-"  # tests assert pods land on nodes named kwok-*
 
 
 def log(message: str) -> None:
@@ -66,6 +74,7 @@ def log(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- statistics
+
 
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (p99 of 50 samples is the maximum)."""
@@ -76,11 +85,14 @@ def percentile(values: list[float], q: float) -> float:
 def summary(values: list[float], unit: str = "ms", scale: float = 1000.0) -> str:
     if not values:
         return "no samples"
-    return (f"p50 {percentile(values, 50) * scale:.0f} {unit}, p99 {percentile(values, 99) * scale:.0f} {unit}, "
-            f"max {max(values) * scale:.0f} {unit} (n={len(values)})")
+    return (
+        f"p50 {percentile(values, 50) * scale:.0f} {unit}, p99 {percentile(values, 99) * scale:.0f} {unit}, "
+        f"max {max(values) * scale:.0f} {unit} (n={len(values)})"
+    )
 
 
 # --------------------------------------------------------------------------- cluster access
+
 
 class Cluster:
     def __init__(self, kubeconfig: str, pool: int) -> None:
@@ -95,8 +107,13 @@ class Cluster:
 
     def kubectl(self, *arguments: str) -> str:
         binary = pathlib.Path((STATE / "bin").read_text().strip()) / "kubectl"
-        return subprocess.run([str(binary), *arguments], check=True, capture_output=True, text=True,
-                              env={**os.environ, "KUBECONFIG": self.kubeconfig}).stdout
+        return subprocess.run(
+            [str(binary), *arguments],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "KUBECONFIG": self.kubeconfig},
+        ).stdout
 
     def metrics(self) -> collections.Counter:
         """apiserver_request_total for writes, by (verb, group, resource, subresource, code class)."""
@@ -105,7 +122,7 @@ class Cluster:
         for line in response.data.decode().splitlines():
             if not line.startswith("apiserver_request_total{"):
                 continue
-            labels_text, _, value = line[len("apiserver_request_total{"):].rpartition("} ")
+            labels_text, _, value = line[len("apiserver_request_total{") :].rpartition("} ")
             labels = dict(part.split("=", 1) for part in labels_text.split('",') if "=" in part)
             labels = {k: v.strip('"') for k, v in labels.items()}
             if labels.get("verb") not in WRITE_VERBS:
@@ -113,14 +130,20 @@ class Cluster:
             code, verb = labels.get("code", ""), labels["verb"]
             if verb == "DELETE" and labels.get("scope") != "resource":
                 verb = "DELETECOLLECTION"  # the namespace controller emptying a namespace
-            key = (verb, labels.get("group", ""), labels.get("resource", ""),
-                   labels.get("subresource", ""), "ok" if code.startswith("2") else code)
+            key = (
+                verb,
+                labels.get("group", ""),
+                labels.get("resource", ""),
+                labels.get("subresource", ""),
+                "ok" if code.startswith("2") else code,
+            )
             counts[key] += float(value)
         return counts
 
     def create_namespace(self, name: str) -> None:
-        self.core.create_namespace({"metadata": {"name": name, "labels": {"bench": "analysis-operator"}}},
-                                   _preload_content=False)
+        self.core.create_namespace(
+            {"metadata": {"name": name, "labels": {"bench": "analysis-operator"}}}, _preload_content=False
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # pods are refused until the default ServiceAccount exists
             try:
@@ -131,8 +154,12 @@ class Cluster:
         raise RuntimeError(f"no default ServiceAccount in {name}")
 
     def create_environment(self, namespace: str, name: str, flavor: str = FLAVOR) -> None:
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AnalysisEnvironment",
-                "metadata": {"name": name}, "spec": {"owner": "bench", "flavor": flavor}}
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "AnalysisEnvironment",
+            "metadata": {"name": name},
+            "spec": {"owner": "bench", "flavor": flavor},
+        }
         self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body, _preload_content=False)
 
     def delete_environment(self, namespace: str, name: str) -> None:
@@ -143,6 +170,7 @@ class Cluster:
 
 
 # --------------------------------------------------------------------------- watches
+
 
 class Tracker:
     """Watch events in one namespace, timestamped on arrival (time.perf_counter)."""
@@ -156,15 +184,31 @@ class Tracker:
         self.pod_deleted: dict[str, float] = {}
         self.ready: dict[str, float] = {}
         self.phases: dict[str, str] = {}
-        self.events = 0            # watch events (not bookmarks) seen
+        self.events = 0  # watch events (not bookmarks) seen
         self.last_event = 0.0
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._watch, daemon=True, name=f"watch-pods-{namespace}", args=(
-            cluster.core.list_namespaced_pod, (namespace,), {"label_selector": pod_selector}, self._on_pod))]
+        self._threads = [
+            threading.Thread(
+                target=self._watch,
+                daemon=True,
+                name=f"watch-pods-{namespace}",
+                args=(cluster.core.list_namespaced_pod, (namespace,), {"label_selector": pod_selector}, self._on_pod),
+            )
+        ]
         if environments:
-            self._threads.append(threading.Thread(target=self._watch, daemon=True, name=f"watch-aenv-{namespace}", args=(
-                cluster.custom.list_namespaced_custom_object, (GROUP, VERSION, namespace, PLURAL), {},
-                self._on_environment)))
+            self._threads.append(
+                threading.Thread(
+                    target=self._watch,
+                    daemon=True,
+                    name=f"watch-aenv-{namespace}",
+                    args=(
+                        cluster.custom.list_namespaced_custom_object,
+                        (GROUP, VERSION, namespace, PLURAL),
+                        {},
+                        self._on_environment,
+                    ),
+                )
+            )
         self._started = threading.Barrier(len(self._threads) + 1)
         for thread in self._threads:
             thread.start()
@@ -175,8 +219,15 @@ class Tracker:
         self._started.wait(timeout=60)
         while not self._stop.is_set():
             try:
-                response = method(*args, watch=True, resource_version=resource_version, allow_watch_bookmarks=True,
-                                  timeout_seconds=30, _preload_content=False, **kwargs)
+                response = method(
+                    *args,
+                    watch=True,
+                    resource_version=resource_version,
+                    allow_watch_bookmarks=True,
+                    timeout_seconds=30,
+                    _preload_content=False,
+                    **kwargs,
+                )
                 try:
                     for line in iter_resp_lines(response):
                         now = time.perf_counter()
@@ -184,8 +235,9 @@ class Tracker:
                         obj = event.get("object") or {}
                         if event.get("type") == "ERROR":
                             if obj.get("code") == 410:  # expired: start again from now
-                                resource_version = self.cluster.list_json(method, *args, **kwargs)[
-                                    "metadata"]["resourceVersion"]
+                                resource_version = self.cluster.list_json(method, *args, **kwargs)["metadata"][
+                                    "resourceVersion"
+                                ]
                             break
                         resource_version = obj.get("metadata", {}).get("resourceVersion", resource_version)
                         if event.get("type") != "BOOKMARK":
@@ -198,7 +250,7 @@ class Tracker:
                             break
                 finally:
                     response.release_conn()
-            except Exception as error:  # noqa: BLE001 - a broken stream is restarted, not fatal
+            except Exception as error:
                 if not self._stop.is_set():
                     log(f"watch {self.namespace}: {error!r}; restarting")
                     time.sleep(0.5)
@@ -231,6 +283,7 @@ class Tracker:
 
 # --------------------------------------------------------------------------- the operator process
 
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -247,20 +300,28 @@ class Operator:
     def start(self, timeout: float = 300) -> tuple[float, float]:
         """Start and wait for the liveness endpoint; returns (started_at, live_at) in perf_counter time."""
         self.port = free_port()
-        environment = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONPATH": str(REPO / "operator"),
-                       "ANALYSIS_OPERATOR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{self.port}/healthz",
-                       "ANALYSIS_OPERATOR_METRICS_PORT": "0",
-                       "ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET": "false",   # unmetered: budgets are budget_race.py's
-                       "ANALYSIS_OPERATOR_ADMISSION_HOST": "127.0.0.1",
-                       "ANALYSIS_OPERATOR_ADMISSION_LISTEN_ADDRESS": "127.0.0.1",
-                       "ANALYSIS_OPERATOR_ADMISSION_PORT": str(self.webhook_port),
-                       "ANALYSIS_OPERATOR_ADMISSION_CERT_DIR": str(self.log_path.parent / "webhook-tls"),
-                       **self.settings}
+        environment = {
+            **os.environ,
+            "KUBECONFIG": self.kubeconfig,
+            "PYTHONPATH": str(REPO / "operator"),
+            "ANALYSIS_OPERATOR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{self.port}/healthz",
+            "ANALYSIS_OPERATOR_METRICS_PORT": "0",
+            "ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET": "false",  # unmetered: budgets are budget_race.py's
+            "ANALYSIS_OPERATOR_ADMISSION_HOST": "127.0.0.1",
+            "ANALYSIS_OPERATOR_ADMISSION_LISTEN_ADDRESS": "127.0.0.1",
+            "ANALYSIS_OPERATOR_ADMISSION_PORT": str(self.webhook_port),
+            "ANALYSIS_OPERATOR_ADMISSION_CERT_DIR": str(self.log_path.parent / "webhook-tls"),
+            **self.settings,
+        }
         with self.log_path.open("a") as log_file:
             started = time.perf_counter()
             self.process = subprocess.Popen(
                 ["taskset", "-c", str(self.core), sys.executable, "-m", "analysis_operator", "--log-format", "json"],
-                env=environment, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(REPO))
+                env=environment,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=str(REPO),
+            )
         deadline = started + timeout
         while time.perf_counter() < deadline:
             if self.process.poll() is not None:
@@ -274,8 +335,10 @@ class Operator:
         """kopf registers the webhooks just after start (a killed operator leaves its old URL behind)."""
         api = kubernetes.client.AdmissionregistrationV1Api(kubernetes.config.new_client_from_config(self.kubeconfig))
         try:
-            hooks = [*(api.read_validating_webhook_configuration("analysis.panosc.eu").webhooks or []),
-                     *(api.read_mutating_webhook_configuration("analysis.panosc.eu").webhooks or [])]
+            hooks = [
+                *(api.read_validating_webhook_configuration("analysis.panosc.eu").webhooks or []),
+                *(api.read_mutating_webhook_configuration("analysis.panosc.eu").webhooks or []),
+            ]
         except ApiException:
             return False
         wanted = f"https://127.0.0.1:{self.webhook_port}/"
@@ -341,6 +404,7 @@ class Operator:
 
 # --------------------------------------------------------------------------- helpers
 
+
 def other_operators(own_pid: int | None) -> list[str]:
     found = []
     for entry in pathlib.Path("/proc").iterdir():
@@ -356,16 +420,33 @@ def other_operators(own_pid: int | None) -> list[str]:
 
 
 def machine_info(cluster: Cluster) -> list[tuple[str, str]]:
-    model = next((line.split(":", 1)[1].strip() for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "?")
-    memory_kib = next(int(line.split()[1]) for line in pathlib.Path("/proc/meminfo").read_text().splitlines()
-                      if line.startswith("MemTotal"))
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    memory_kib = next(
+        int(line.split()[1])
+        for line in pathlib.Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal")
+    )
     server = kubernetes.client.VersionApi(cluster.api).get_code()
     import kopf
-    return [("nproc", str(os.cpu_count())), ("CPU", model), ("RAM", f"{memory_kib / 1024 ** 2:.1f} GiB"),
-            ("kernel", platform.release()), ("python", platform.python_version()),
-            ("kube-apiserver", server.git_version), ("kubernetes client", kubernetes.__version__),
-            ("kopf", kopf.__version__), ("load average at start", " ".join(f"{x:.2f}" for x in os.getloadavg()))]
+
+    return [
+        ("nproc", str(os.cpu_count())),
+        ("CPU", model),
+        ("RAM", f"{memory_kib / 1024**2:.1f} GiB"),
+        ("kernel", platform.release()),
+        ("python", platform.python_version()),
+        ("kube-apiserver", server.git_version),
+        ("kubernetes client", kubernetes.__version__),
+        ("kopf", kopf.__version__),
+        ("load average at start", " ".join(f"{x:.2f}" for x in os.getloadavg())),
+    ]
 
 
 def run_pool(pool: concurrent.futures.ThreadPoolExecutor, function: Callable, items: list) -> list[str]:
@@ -384,6 +465,7 @@ def write_table(before: collections.Counter, after: collections.Counter, n: int)
 
 
 # --------------------------------------------------------------------------- the benchmark
+
 
 class Bench:
     def __init__(self, arguments: argparse.Namespace) -> None:
@@ -426,8 +508,9 @@ class Bench:
     def checkpoint(self, phase: str) -> None:
         rss, hwm = self.operator.rss_mib()
         cpu = self.operator.cpu_seconds()
-        self.resources.append((phase, str(self.environments_total), f"{rss:.0f}", f"{hwm:.0f}",
-                               f"{cpu - self.cpu_mark:.1f}"))
+        self.resources.append(
+            (phase, str(self.environments_total), f"{rss:.0f}", f"{hwm:.0f}", f"{cpu - self.cpu_mark:.1f}")
+        )
         log(f"{phase}: RSS {rss:.0f} MiB, HWM {hwm:.0f} MiB, CPU {cpu - self.cpu_mark:.1f} s")
         self.cpu_mark = cpu
 
@@ -442,8 +525,12 @@ class Bench:
     def add_service_cidr(self) -> None:
         """The stack's service range is 10.0.0.0/24 (about 250 ClusterIPs): add a ServiceCIDR for the run."""
         self.service_cidr = f"bench-{self.run_id}"
-        body = {"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
-                "metadata": {"name": self.service_cidr}, "spec": {"cidrs": [self.args.service_cidr]}}
+        body = {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "ServiceCIDR",
+            "metadata": {"name": self.service_cidr},
+            "spec": {"cidrs": [self.args.service_cidr]},
+        }
         networking = kubernetes.client.NetworkingV1Api(self.cluster.api)
         networking.create_service_cidr(body, _preload_content=False)
         deadline = time.monotonic() + 30
@@ -462,12 +549,22 @@ class Bench:
         for index in range(count):
             name = f"{NODE_PREFIX}{self.run_id}-{index}"
             capacity = {"cpu": "4000", "memory": "64Ti", "pods": "3000"}
-            body = {"apiVersion": "v1", "kind": "Node",
-                    "metadata": {"name": name, "annotations": {"node.alpha.kubernetes.io/ttl": "0",
-                                                               "kwok.x-k8s.io/node": "fake"},
-                                 "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                                            "kubernetes.io/arch": "amd64", "type": "kwok", "bench": "true"}},
-                    "status": {"allocatable": capacity, "capacity": capacity}}
+            body = {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "annotations": {"node.alpha.kubernetes.io/ttl": "0", "kwok.x-k8s.io/node": "fake"},
+                    "labels": {
+                        "kubernetes.io/hostname": name,
+                        "kubernetes.io/os": "linux",
+                        "kubernetes.io/arch": "amd64",
+                        "type": "kwok",
+                        "bench": "true",
+                    },
+                },
+                "status": {"allocatable": capacity, "capacity": capacity},
+            }
             self.cluster.core.create_node(body, _preload_content=False)
             self.nodes.append(name)
         deadline = time.monotonic() + 60
@@ -475,8 +572,10 @@ class Bench:
             ready = 0
             for name in self.nodes:
                 node = self.cluster.list_json(self.cluster.core.read_node, name)
-                ready += any(c.get("type") == "Ready" and c.get("status") == "True"
-                             for c in (node.get("status") or {}).get("conditions") or ())
+                ready += any(
+                    c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in (node.get("status") or {}).get("conditions") or ()
+                )
             if ready == len(self.nodes):
                 break
             time.sleep(0.5)
@@ -547,21 +646,31 @@ class Bench:
         self.writes[n] = write_table(before, after, n)
         duplicates = self.children(namespace, names)
         latencies = [tracker.ready[name] - began for name in tracker.ready]
-        self.result(f"2. N={n} at once: time until all Ready", f"{elapsed:.2f} s" + ("" if all_ready else
-                    f" (TIMEOUT: {len(tracker.ready)}/{expected} Ready after {timeout:.0f} s)"))
-        self.result(f"2. N={n}: throughput", f"{len(tracker.ready) / elapsed:.1f} environments/s "
-                                             f"(POSTs done after {posted - began:.2f} s)")
+        self.result(
+            f"2. N={n} at once: time until all Ready",
+            f"{elapsed:.2f} s"
+            + ("" if all_ready else f" (TIMEOUT: {len(tracker.ready)}/{expected} Ready after {timeout:.0f} s)"),
+        )
+        self.result(
+            f"2. N={n}: throughput",
+            f"{len(tracker.ready) / elapsed:.1f} environments/s (POSTs done after {posted - began:.2f} s)",
+        )
         self.result(f"2. N={n}: per-environment POST -> Ready", summary(latencies))
-        self.result(f"2. N={n}: errors", f"{len(errors)} POST errors, {self.operator.errors_since(log_offset)} "
-                                          f"operator error log lines" + (f"; first: {errors[0]}" if errors else ""))
+        self.result(
+            f"2. N={n}: errors",
+            f"{len(errors)} POST errors, {self.operator.errors_since(log_offset)} "
+            f"operator error log lines" + (f"; first: {errors[0]}" if errors else ""),
+        )
         self.result(f"2. N={n}: children per environment", duplicates)
         return elapsed
 
     def children(self, namespace: str, names: list[str]) -> str:
         parts = []
-        for kind, method in (("pods", self.cluster.core.list_namespaced_pod),
-                             ("services", self.cluster.core.list_namespaced_service),
-                             ("secrets", self.cluster.core.list_namespaced_secret)):
+        for kind, method in (
+            ("pods", self.cluster.core.list_namespaced_pod),
+            ("services", self.cluster.core.list_namespaced_service),
+            ("secrets", self.cluster.core.list_namespaced_secret),
+        ):
             items = self.cluster.list_json(method, namespace, label_selector=MANAGED)["items"]
             per = collections.Counter(item["metadata"]["labels"].get(LABEL_ENVIRONMENT) for item in items)
             missing = sum(1 for name in names if per[name] == 0)
@@ -573,16 +682,21 @@ class Bench:
     def raw(self, n: int) -> float:
         namespace = self.namespace(f"raw{n}")
         tracker = self.track(namespace, pod_selector=f"app.kubernetes.io/managed-by={RAW_MANAGER}", environments=False)
-        flavor_body = self.cluster.list_json(self.cluster.custom.get_cluster_custom_object,
-                                             GROUP, VERSION, "environmentflavors", FLAVOR)
+        flavor_body = self.cluster.list_json(
+            self.cluster.custom.get_cluster_custom_object, GROUP, VERSION, "environmentflavors", FLAVOR
+        )
         flavor = Flavor.from_body(FLAVOR, flavor_body["spec"])
         settings = load_settings({})
         bodies = []
         for index in range(n):  # rendered before the clock starts, by the operator's own builders
-            environment = Environment(namespace=namespace, name=f"r{index:05d}", uid=str(uuid.uuid4()),
-                                      owner="bench", flavor=FLAVOR)
-            objects = [build_token_secret(environment, new_token()), build_service(environment, settings),
-                       build_pod(environment, flavor, settings)]
+            environment = Environment(
+                namespace=namespace, name=f"r{index:05d}", uid=str(uuid.uuid4()), owner="bench", flavor=FLAVOR
+            )
+            objects = [
+                build_token_secret(environment, new_token()),
+                build_service(environment, settings),
+                build_pod(environment, flavor, settings),
+            ]
             for body in objects:  # same size; no owner (it does not exist), not the operator's label
                 body["metadata"].pop("ownerReferences", None)
                 body["metadata"]["labels"]["app.kubernetes.io/managed-by"] = RAW_MANAGER
@@ -600,9 +714,11 @@ class Bench:
         timeout = self.args.timeout_batch_base + n * self.args.timeout_batch_per_env
         done = tracker.wait(lambda: len(tracker.pod_running) >= n - len(errors), timeout=timeout)
         elapsed = (max(tracker.pod_running.values()) - began) if tracker.pod_running else float("nan")
-        self.result(f"7. raw limit N={n}: Secret+Service+Pod directly, time until all pods Running",
-                    f"{elapsed:.2f} s, {len(errors)} errors (POSTs done after {posted - began:.2f} s)"
-                    + ("" if done else f" (TIMEOUT: {len(tracker.pod_running)}/{n})"))
+        self.result(
+            f"7. raw limit N={n}: Secret+Service+Pod directly, time until all pods Running",
+            f"{elapsed:.2f} s, {len(errors)} errors (POSTs done after {posted - began:.2f} s)"
+            + ("" if done else f" (TIMEOUT: {len(tracker.pod_running)}/{n})"),
+        )
         tracker.stop()
         self.cluster.core.delete_namespace(namespace, propagation_policy="Background", _preload_content=False)
         self.deleted.add(namespace)
@@ -626,14 +742,18 @@ class Bench:
             errors = run_pool(self.pool, lambda name: self.cluster.create_environment(namespace, name), names)
             created += size
             expected = created - len(errors)
-            if not tracker.wait(lambda: len(tracker.ready) >= expected,
-                                timeout=self.args.timeout_batch_base + size * self.args.timeout_batch_per_env):
+            if not tracker.wait(
+                lambda: len(tracker.ready) >= expected,
+                timeout=self.args.timeout_batch_base + size * self.args.timeout_batch_per_env,
+            ):
                 self.notes.append(f"scale: only {len(tracker.ready)}/{expected} Ready")
                 break
             log(f"scale: {len(tracker.ready)} Ready in {namespace} ({time.perf_counter() - began:.0f} s)")
         self.environments_total += len(tracker.ready)
-        self.result(f"4. top-up to {target} environments: {remaining} more in batches of {self.args.scale_batch}",
-                    f"{time.perf_counter() - began:.1f} s ({len(tracker.ready) / (time.perf_counter() - began):.1f}/s)")
+        self.result(
+            f"4. top-up to {target} environments: {remaining} more in batches of {self.args.scale_batch}",
+            f"{time.perf_counter() - began:.1f} s ({len(tracker.ready) / (time.perf_counter() - began):.1f}/s)",
+        )
 
     # ---- 5
     def quiet(self, seconds: float, timeout: float) -> float:
@@ -655,8 +775,11 @@ class Bench:
 
     def bench_events(self) -> int:
         """core Events in the bench namespaces (kopf posts them; the scheduler's only on scheduling)."""
-        return sum(len(self.cluster.list_json(self.cluster.core.list_namespaced_event, ns)["items"])
-                   for ns in self.namespaces if ns not in self.deleted)
+        return sum(
+            len(self.cluster.list_json(self.cluster.core.list_namespaced_event, ns)["items"])
+            for ns in self.namespaces
+            if ns not in self.deleted
+        )
 
     def restart(self) -> None:
         self.quiet(5, 300)
@@ -669,23 +792,35 @@ class Bench:
         last_busy = max(live, self.quiet(self.args.idle_seconds, self.args.timeout_restart))
         after, events_after = self.cluster.metrics(), self.bench_events()
         changes = sum(t.events for t in self.trackers) - watch_before
-        diff = {key: after[key] - before.get(key, 0) for key in after
-                if after[key] - before.get(key, 0) > 0 and key[1:4] in OPERATOR_RESOURCES
-                and key[0] != "DELETECOLLECTION"}
+        diff = {
+            key: after[key] - before.get(key, 0)
+            for key in after
+            if after[key] - before.get(key, 0) > 0 and key[1:4] in OPERATOR_RESOURCES and key[0] != "DELETECOLLECTION"
+        }
         writes_total = sum(diff.values())
-        detail = ", ".join(f"{verb} {resource}{'/' + sub if sub else ''}{'' if code == 'ok' else ' ' + code}: "
-                           f"{value:.0f}" for (verb, group, resource, sub, code), value in sorted(diff.items()))
-        self.result(f"5. restart with {self.environments_total} environments: old process exited after",
-                    f"{stopped_in:.2f} s ({self.args.restart_signal})")
+        detail = ", ".join(
+            f"{verb} {resource}{'/' + sub if sub else ''}{'' if code == 'ok' else ' ' + code}: {value:.0f}"
+            for (verb, group, resource, sub, code), value in sorted(diff.items())
+        )
+        self.result(
+            f"5. restart with {self.environments_total} environments: old process exited after",
+            f"{stopped_in:.2f} s ({self.args.restart_signal})",
+        )
         self.result("5. restart: start -> liveness endpoint up", f"{live - started:.2f} s")
-        self.result(f"5. restart: start -> steady state (no change in bench namespaces, operator CPU < 50%, "
-                    f"for {self.args.idle_seconds:.0f} s)", f"{last_busy - started:.2f} s")
-        self.result("5. restart: changes in bench namespaces (watch events on pods/environments + new Events; "
-                    "target 0)", f"{changes} watch events, {events_after - events_before} Events")
-        self.result("5. restart: all clients' writes to pods/services/secrets/environments/events cluster-wide "
-                    "(kill -> steady + quiet; includes concurrent users)",
-                    f"{writes_total:.0f}" + (f" ({detail})" if detail else "")
-                    + f" over {time.perf_counter() - began:.0f} s")
+        self.result(
+            f"5. restart: start -> steady state (no change in bench namespaces, operator CPU < 50%, "
+            f"for {self.args.idle_seconds:.0f} s)",
+            f"{last_busy - started:.2f} s",
+        )
+        self.result(
+            "5. restart: changes in bench namespaces (watch events on pods/environments + new Events; target 0)",
+            f"{changes} watch events, {events_after - events_before} Events",
+        )
+        self.result(
+            "5. restart: all clients' writes to pods/services/secrets/environments/events cluster-wide "
+            "(kill -> steady + quiet; includes concurrent users)",
+            f"{writes_total:.0f}" + (f" ({detail})" if detail else "") + f" over {time.perf_counter() - began:.0f} s",
+        )
 
     # ---- the run
     def run(self) -> str:
@@ -694,8 +829,10 @@ class Bench:
         info = machine_info(self.cluster)
         others_before = other_operators(None)
         if others_before:
-            self.notes.append("other analysis_operator processes were running (they act on these environments "
-                              "too, clusterwide): " + "; ".join(others_before))
+            self.notes.append(
+                "other analysis_operator processes were running (they act on these environments "
+                "too, clusterwide): " + "; ".join(others_before)
+            )
         self.setup()
         _, live = self.operator.start()
         log(f"operator PID {self.operator.pid}, CPU affinity {self.operator.affinity()}, log {self.operator.log_path}")
@@ -753,8 +890,9 @@ class Bench:
             log(f"namespaces still terminating after {self.args.timeout_cleanup} s: {remaining}")
         self.operator.stop()
         for name in self.nodes:  # only when nothing else landed on the node
-            pods = self.cluster.list_json(self.cluster.core.list_pod_for_all_namespaces,
-                                          field_selector=f"spec.nodeName={name}")["items"]
+            pods = self.cluster.list_json(
+                self.cluster.core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={name}"
+            )["items"]
             if pods:
                 log(f"node {name} still has {len(pods)} pods; left in place (cordoned)")
                 self.cluster.core.patch_node(name, {"spec": {"unschedulable": True}}, _preload_content=False)
@@ -762,7 +900,8 @@ class Bench:
                 self.cluster.core.delete_node(name, _preload_content=False)
         if self.service_cidr:  # its finalizer holds it until no Service uses an address from it
             kubernetes.client.NetworkingV1Api(self.cluster.api).delete_service_cidr(
-                self.service_cidr, _preload_content=False)
+                self.service_cidr, _preload_content=False
+            )
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _exists(self, namespace: str) -> bool:
@@ -775,41 +914,70 @@ class Bench:
     # ---- output
     def report(self, info: list[tuple[str, str]]) -> str:
         args = self.args
-        lines = [f"# analysis-operator benchmark ({time.strftime('%Y-%m-%d %H:%M:%S %Z')}, run {self.run_id})", "",
-                 f"Command: `python bench/run.py {' '.join(sys.argv[1:])}`", "",
-                 "## Machine", "", "| | |", "|---|---|"]
+        lines = [
+            f"# analysis-operator benchmark ({time.strftime('%Y-%m-%d %H:%M:%S %Z')}, run {self.run_id})",
+            "",
+            f"Command: `python bench/run.py {' '.join(sys.argv[1:])}`",
+            "",
+            "## Machine",
+            "",
+            "| | |",
+            "|---|---|",
+        ]
         lines += [f"| {key} | {value} |" for key, value in info]
-        lines += ["", "## Results", "", "Latencies: client `perf_counter()` just before the request to the arrival "
-                  "of the watch event; p99 is nearest-rank (with 50 samples, the maximum).", "",
-                  "| Measurement | Result |", "|---|---|"]
+        lines += [
+            "",
+            "## Results",
+            "",
+            "Latencies: client `perf_counter()` just before the request to the arrival "
+            "of the watch event; p99 is nearest-rank (with 50 samples, the maximum).",
+            "",
+            "| Measurement | Result |",
+            "|---|---|",
+        ]
         lines += [f"| {metric} | {value} |" for metric, value in self.results]
-        lines += ["", "## Operator memory and CPU", "",
-                  f"Operator process (pinned to core {args.core}): VmRSS / VmHWM from /proc/<pid>/status, "
-                  "CPU = utime+stime used during the phase.", "",
-                  "| Phase | Environments existing | RSS MiB | peak RSS MiB | CPU s in phase |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Operator memory and CPU",
+            "",
+            f"Operator process (pinned to core {args.core}): VmRSS / VmHWM from /proc/<pid>/status, "
+            "CPU = utime+stime used during the phase.",
+            "",
+            "| Phase | Environments existing | RSS MiB | peak RSS MiB | CPU s in phase |",
+            "|---|---|---|---|---|",
+        ]
         lines += [f"| {' | '.join(row)} |" for row in self.resources]
         for n, table in sorted(self.writes.items()):
             lines += self.writes_section(n, table["diff"])
-        lines += ["", "## Notes", "",
-                  "- The stack's three KWOK nodes fit 16 `jupyter-basic` pods each (1 CPU, 16Gi), so the run adds "
-                  f"fake nodes `{NODE_PREFIX}{self.run_id}-*` (3000 pods each) and removes them at the end.",
-                  f"- The stack's service range 10.0.0.0/24 holds about 250 ClusterIPs; the run adds a ServiceCIDR "
-                  f"`{self.service_cidr}` ({args.service_cidr}) and deletes it at the end.",
-                  "- Write counts come from kube-apiserver's `apiserver_request_total` (all clients), diffed "
-                  "around the batch; other writers are the scheduler (pods/binding, events.k8s.io events), "
-                  "KWOK (pods/status), the controller-manager (endpointslices, endpoints) and this script "
-                  "(one POST analysisenvironments per environment). Concurrent use of the cluster adds noise.",
-                  "- 5. steady state: after the new process is live, the time of the last watch event in the "
-                  "bench namespaces (pods, environments) or of the last second in which the operator used more "
-                  f"than half its core, confirmed by {args.idle_seconds:.0f} s of quiet. The cluster-wide write "
-                  "count cannot tell the operator from concurrent users; the bench-namespace counts can (a no-op "
-                  "write that changes nothing is invisible to them, but counted cluster-wide)."]
+        lines += [
+            "",
+            "## Notes",
+            "",
+            "- The stack's three KWOK nodes fit 16 `jupyter-basic` pods each (1 CPU, 16Gi), so the run adds "
+            f"fake nodes `{NODE_PREFIX}{self.run_id}-*` (3000 pods each) and removes them at the end.",
+            f"- The stack's service range 10.0.0.0/24 holds about 250 ClusterIPs; the run adds a ServiceCIDR "
+            f"`{self.service_cidr}` ({args.service_cidr}) and deletes it at the end.",
+            "- Write counts come from kube-apiserver's `apiserver_request_total` (all clients), diffed "
+            "around the batch; other writers are the scheduler (pods/binding, events.k8s.io events), "
+            "KWOK (pods/status), the controller-manager (endpointslices, endpoints) and this script "
+            "(one POST analysisenvironments per environment). Concurrent use of the cluster adds noise.",
+            "- 5. steady state: after the new process is live, the time of the last watch event in the "
+            "bench namespaces (pods, environments) or of the last second in which the operator used more "
+            f"than half its core, confirmed by {args.idle_seconds:.0f} s of quiet. The cluster-wide write "
+            "count cannot tell the operator from concurrent users; the bench-namespace counts can (a no-op "
+            "write that changes nothing is invisible to them, but counted cluster-wide).",
+        ]
         lines += [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
 
     def writes_section(self, n: int, diff: dict) -> list[str]:
-        lines = ["", f"## API writes per environment, batch N={n} (apiserver_request_total diff / N)", "",
-                 "| verb | resource | code | per environment | writer |", "|---|---|---|---|---|"]
+        lines = [
+            "",
+            f"## API writes per environment, batch N={n} (apiserver_request_total diff / N)",
+            "",
+            "| verb | resource | code | per environment | writer |",
+            "|---|---|---|---|---|",
+        ]
         operator_total, operator_events, by_resource = 0.0, 0.0, collections.Counter()
         for (verb, group, resource, subresource, code), value in sorted(diff.items(), key=lambda kv: -kv[1]):
             full = f"{resource}{'/' + subresource if subresource else ''}" + (f" ({group})" if group else "")
@@ -821,11 +989,17 @@ class Bench:
             elif (group, resource, subresource) in OPERATOR_RESOURCES:
                 writer = "operator (kopf events)" if resource == "events" else "operator"
             else:
-                writer, operator_value = {"pods/binding": "scheduler", "pods/status": "KWOK",
-                                          "events (events.k8s.io)": "scheduler / controllers",
-                                          "endpointslices (discovery.k8s.io)": "controller-manager",
-                                          "endpoints": "controller-manager",
-                                          "namespaces": "someone else (concurrent tests?)"}.get(full, "other"), 0
+                writer, operator_value = (
+                    {
+                        "pods/binding": "scheduler",
+                        "pods/status": "KWOK",
+                        "events (events.k8s.io)": "scheduler / controllers",
+                        "endpointslices (discovery.k8s.io)": "controller-manager",
+                        "endpoints": "controller-manager",
+                        "namespaces": "someone else (concurrent tests?)",
+                    }.get(full, "other"),
+                    0,
+                )
             if operator_value > 0:
                 if resource == "events":
                     operator_events += operator_value
@@ -834,16 +1008,23 @@ class Bench:
                     by_resource[resource] += operator_value
             lines.append(f"| {verb} | {full} | {code} | {value / n:.2f} | {writer} |")
         per = ", ".join(f"{resource} {value / n:.2f}" for resource, value in sorted(by_resource.items()))
-        lines += ["", f"Operator writes per environment, excluding events: **{operator_total / n:.2f}** ({per}); "
-                      f"core/v1 events (kopf): **{operator_events / n:.2f}**."]
+        lines += [
+            "",
+            f"Operator writes per environment, excluding events: **{operator_total / n:.2f}** ({per}); "
+            f"core/v1 events (kopf): **{operator_events / n:.2f}**.",
+        ]
         return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--single", type=int, default=50, help="environments one at a time (1, 6); 0 = skip")
-    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",") if x], default=[100, 1000],
-                        help="batch sizes created at once (2, 3), comma-separated")
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[100, 1000],
+        help="batch sizes created at once (2, 3), comma-separated",
+    )
     parser.add_argument("--raw", type=int, default=None, help="raw-limit size (7; default: largest batch; 0 = skip)")
     parser.add_argument("--scale", type=int, default=10000, help="total environments for the scale point (4, 5)")
     parser.add_argument("--scale-batch", type=int, default=1000)
@@ -858,8 +1039,11 @@ def main() -> None:
     parser.add_argument("--timeout-batch-per-env", type=float, default=0.3)
     parser.add_argument("--timeout-restart", type=float, default=900.0)
     parser.add_argument("--timeout-cleanup", type=float, default=900.0)
-    parser.add_argument("--service-cidr", default="10.96.0.0/16",
-                        help="extra ServiceCIDR for the run (the stack's 10.0.0.0/24 holds ~250 Services)")
+    parser.add_argument(
+        "--service-cidr",
+        default="10.96.0.0/16",
+        help="extra ServiceCIDR for the run (the stack's 10.0.0.0/24 holds ~250 Services)",
+    )
     parser.add_argument("--out", type=pathlib.Path, help="also write the markdown report here")
     arguments = parser.parse_args()
     if arguments.raw is None:
@@ -871,7 +1055,7 @@ def main() -> None:
     finally:
         try:
             bench.cleanup()
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             log(f"cleanup failed: {error!r}")
             bench.operator.stop(signal.SIGKILL)
     sys.stdout.write(report)

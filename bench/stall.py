@@ -12,6 +12,7 @@ balancer). The ratio of the two medians is the result (target: within 2x).
     eval "$(hack/cluster.sh env)"
     .venv/bin/python bench/stall.py --out bench/logs/stall.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,19 @@ import uuid
 import yaml
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from run import GROUP, PLURAL, STATE, VERSION, Cluster, Operator, Tracker, log, machine_info, percentile, \
-    summary  # noqa: E402
+from run import (
+    GROUP,
+    PLURAL,
+    STATE,
+    VERSION,
+    Cluster,
+    Operator,
+    Tracker,
+    log,
+    machine_info,
+    percentile,
+    summary,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -59,8 +71,9 @@ class BlackHole:
             connection.close()
 
 
-def pod_latencies(cluster: Cluster, tracker: Tracker, namespace: str, prefix: str, n: int,
-                  timeout: float) -> list[float]:
+def pod_latencies(
+    cluster: Cluster, tracker: Tracker, namespace: str, prefix: str, n: int, timeout: float
+) -> list[float]:
     latencies = []
     for index in range(n):
         name = f"{prefix}{index:03d}"
@@ -93,14 +106,34 @@ def main() -> None:
 
     hole = BlackHole()
     clouds = logs / f"stall-clouds-{run_id}.yaml"
-    clouds.write_text(yaml.safe_dump({"clouds": {"stalled": {
-        "auth": {"auth_url": f"http://127.0.0.1:{hole.port}/v3", "username": "u", "password": "p",
-                 "project_name": "p", "user_domain_name": "Default", "project_domain_name": "Default"},
-        "region_name": "RegionOne", "identity_api_version": 3}}}))
-    operator = Operator(kubeconfig, logs / f"operator-stall-{run_id}.log", args.core,
-                        ANALYSIS_OPERATOR_OPENSTACK_ENABLED="true",
-                        ANALYSIS_OPERATOR_OPENSTACK_CLOUDS_YAML=str(clouds),
-                        ANALYSIS_OPERATOR_OPENSTACK_CLOUD="stalled")
+    clouds.write_text(
+        yaml.safe_dump(
+            {
+                "clouds": {
+                    "stalled": {
+                        "auth": {
+                            "auth_url": f"http://127.0.0.1:{hole.port}/v3",
+                            "username": "u",
+                            "password": "p",
+                            "project_name": "p",
+                            "user_domain_name": "Default",
+                            "project_domain_name": "Default",
+                        },
+                        "region_name": "RegionOne",
+                        "identity_api_version": 3,
+                    }
+                }
+            }
+        )
+    )
+    operator = Operator(
+        kubeconfig,
+        logs / f"operator-stall-{run_id}.log",
+        args.core,
+        ANALYSIS_OPERATOR_OPENSTACK_ENABLED="true",
+        ANALYSIS_OPERATOR_OPENSTACK_CLOUDS_YAML=str(clouds),
+        ANALYSIS_OPERATOR_OPENSTACK_CLOUD="stalled",
+    )
     namespace = f"bench-stall-{run_id}"
     cluster.create_namespace(namespace)
     results: list[tuple[str, str]] = []
@@ -134,14 +167,25 @@ def main() -> None:
         operator.stop(signal.SIGKILL)
         hole.close()
         # The VM environments carry the operator's finalizer and nobody is left to run it.
-        for item in cluster.list_json(cluster.custom.list_namespaced_custom_object, GROUP, VERSION, namespace,
-                                      PLURAL)["items"]:
-            cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
-                                                          item["metadata"]["name"], {"metadata": {"finalizers": None}})
+        for item in cluster.list_json(cluster.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)[
+            "items"
+        ]:
+            cluster.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, item["metadata"]["name"], {"metadata": {"finalizers": None}}
+            )
         cluster.core.delete_namespace(namespace)
-    report = ["## Stalled cloud vs JupyterLab pods (bench/stall.py)", "",
-              "| machine | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in info], "",
-              "| metric | value |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in results], ""]
+    report = [
+        "## Stalled cloud vs JupyterLab pods (bench/stall.py)",
+        "",
+        "| machine | |",
+        "| --- | --- |",
+        *[f"| {k} | {v} |" for k, v in info],
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        *[f"| {k} | {v} |" for k, v in results],
+        "",
+    ]
     text = "\n".join(report)
     print(text)
     if args.out:

@@ -7,6 +7,7 @@ Ready (handled by the standby). Prints the runs and the median per peering lifet
 
     .venv/bin/python bench/takeover.py --runs 5 --lifetimes 10 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,10 +21,10 @@ import uuid
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import kubernetes  # noqa: E402
+import kubernetes
 
-from tests.integration.conftest import Environments, kubectl  # noqa: E402
-from tests.integration.test_peering import handled, split, start_pair  # noqa: E402
+from tests.integration.conftest import Environments, kubectl
+from tests.integration.test_peering import handled, split, start_pair
 
 
 def one_run(lifetime: int, custom, workdir: pathlib.Path) -> float:
@@ -51,6 +52,7 @@ def one_run(lifetime: int, custom, workdir: pathlib.Path) -> float:
 
 def kubectl_config() -> str:
     import os
+
     return os.environ["KUBECONFIG"]
 
 
@@ -69,8 +71,11 @@ def main() -> None:
         for _ in range(arguments.runs):
             with tempfile.TemporaryDirectory() as workdir:
                 times.append(one_run(lifetime, custom, pathlib.Path(workdir)))
-        print(f"| {lifetime} s | {', '.join(f'{t:.1f}' for t in times)} | **{statistics.median(times):.1f} s** "
-              f"| {min(times):.1f} | {max(times):.1f} |", flush=True)
+        print(
+            f"| {lifetime} s | {', '.join(f'{t:.1f}' for t in times)} | **{statistics.median(times):.1f} s** "
+            f"| {min(times):.1f} | {max(times):.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Wait on a condition with a deadline: tests never sleep a fixed time."""
+
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
-def wait_for(condition: Callable[[], object], *, timeout: float, what: str | Callable[[], str],
-             interval: float = 0.1) -> object:
+def wait_for(
+    condition: Callable[[], object], *, timeout: float, what: str | Callable[[], str], interval: float = 0.1
+) -> object:
     deadline = time.monotonic() + timeout
     while True:
         result = condition()

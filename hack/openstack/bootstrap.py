@@ -6,6 +6,7 @@
 Passwords here are for a loopback-only throwaway cloud and are written to the
 state dir's clouds.yaml; nothing here is meant for a real deployment.
 """
+
 import io
 import os
 import pathlib
@@ -37,26 +38,30 @@ SERVICES = {  # service type: (name, endpoint)
 # "No valid host was found" as on a real cloud whose GPUs are all taken.
 FLAVORS = {
     "aenv.basic": dict(vcpus=2, ram=4096, disk=10, specs={}),
-    "aenv.gpu": dict(vcpus=4, ram=8192, disk=10, specs={
-        "resources:CUSTOM_GPU": "1", "trait:CUSTOM_ANALYSIS_GPU": "required"}),
+    "aenv.gpu": dict(
+        vcpus=4, ram=8192, disk=10, specs={"resources:CUSTOM_GPU": "1", "trait:CUSTOM_ANALYSIS_GPU": "required"}
+    ),
 }
 IMAGE = "analysis-desktop"
 
 
 def auth(username, password, project):
-    return {"auth_url": KEYSTONE, "username": username, "password": password,
-            "project_name": project, "user_domain_name": "Default",
-            "project_domain_name": "Default"}
+    return {
+        "auth_url": KEYSTONE,
+        "username": username,
+        "password": password,
+        "project_name": project,
+        "user_domain_name": "Default",
+        "project_domain_name": "Default",
+    }
 
 
 def connect(username, password, project):
-    return openstack.connect(auth=auth(username, password, project), region_name="RegionOne",
-                             identity_api_version="3")
+    return openstack.connect(auth=auth(username, password, project), region_name="RegionOne", identity_api_version="3")
 
 
 def ensure_user(identity, name, password, project, role):
-    user = identity.find_user(name) or identity.create_user(
-        name=name, password=password, domain_id="default")
+    user = identity.find_user(name) or identity.create_user(name=name, password=password, domain_id="default")
     identity.assign_project_role_to_user(project, user, role)
     return user
 
@@ -67,12 +72,10 @@ def ensure_project(identity, name):
 
 def ensure_catalog(identity):
     for service_type, (name, url) in SERVICES.items():
-        service = identity.find_service(name) or identity.create_service(
-            name=name, type=service_type, is_enabled=True)
+        service = identity.find_service(name) or identity.create_service(name=name, type=service_type, is_enabled=True)
         existing = {endpoint.interface for endpoint in identity.endpoints(service_id=service.id)}
         for interface in {"public", "internal"} - existing:
-            identity.create_endpoint(service_id=service.id, interface=interface, url=url,
-                                     region_id="RegionOne")
+            identity.create_endpoint(service_id=service.id, interface=interface, url=url, region_id="RegionOne")
 
 
 def identity_phase():
@@ -91,8 +94,9 @@ def ensure_flavors(cloud):
     for name, spec in FLAVORS.items():
         flavor = cloud.compute.find_flavor(name)
         if flavor is None:
-            flavor = cloud.compute.create_flavor(name=name, vcpus=spec["vcpus"], ram=spec["ram"],
-                                                 disk=spec["disk"], is_public=True)
+            flavor = cloud.compute.create_flavor(
+                name=name, vcpus=spec["vcpus"], ram=spec["ram"], disk=spec["disk"], is_public=True
+            )
         if spec["specs"]:
             cloud.set_flavor_specs(flavor.id, spec["specs"])
 
@@ -104,17 +108,31 @@ def ensure_image(cloud):
     if image is not None:  # a half-created record from an interrupted run
         cloud.image.delete_image(image)
     # The fake virt driver never reads the bits; a few bytes make the image "active".
-    cloud.create_image(IMAGE, data=io.BytesIO(b"fake desktop image"), disk_format="raw",
-                       container_format="bare", visibility="public", wait=True)
+    cloud.create_image(
+        IMAGE,
+        data=io.BytesIO(b"fake desktop image"),
+        disk_format="raw",
+        container_format="bare",
+        visibility="public",
+        wait=True,
+    )
 
 
 def write_clouds_yaml():
-    clouds = {"clouds": {
-        CLOUD: {"auth": auth(OPERATOR_USER, OPERATOR_PASSWORD, OPERATOR_PROJECT),
-                "region_name": "RegionOne", "identity_api_version": 3},
-        f"{CLOUD}-admin": {"auth": auth("admin", ADMIN_PASSWORD, "admin"),
-                           "region_name": "RegionOne", "identity_api_version": 3},
-    }}
+    clouds = {
+        "clouds": {
+            CLOUD: {
+                "auth": auth(OPERATOR_USER, OPERATOR_PASSWORD, OPERATOR_PROJECT),
+                "region_name": "RegionOne",
+                "identity_api_version": 3,
+            },
+            f"{CLOUD}-admin": {
+                "auth": auth("admin", ADMIN_PASSWORD, "admin"),
+                "region_name": "RegionOne",
+                "identity_api_version": 3,
+            },
+        }
+    }
     path = STATE / "clouds.yaml"
     path.write_text(yaml.safe_dump(clouds, sort_keys=False))
     path.chmod(0o600)

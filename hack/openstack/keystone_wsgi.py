@@ -4,6 +4,7 @@ Keystone parses sys.argv as its own command line when it initialises, and
 would choke on gunicorn's options; clear them first. Its configuration comes
 from OS_KEYSTONE_CONFIG_DIR / OS_KEYSTONE_CONFIG_FILES, set by openstack.sh.
 """
+
 import sys
 
 sys.argv = sys.argv[:1]

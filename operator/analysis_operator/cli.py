@@ -1,4 +1,5 @@
 """`analysis-operator`: run the operator (kopf) with the project's settings."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,32 +15,44 @@ from analysis_operator.settings import load_settings
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="analysis-operator", description=__doc__)
     parser.add_argument("--namespace", help="watch only this namespace (default: all)")
-    parser.add_argument("--peering", action="store_true",
-                        help="run with kopf peering (one active replica, others standby) instead of standalone")
+    parser.add_argument(
+        "--peering",
+        action="store_true",
+        help="run with kopf peering (one active replica, others standby) instead of standalone",
+    )
     parser.add_argument("--log-format", choices=["auto", "json", "console"])
     arguments = parser.parse_args(argv)
 
     settings = load_settings()
-    overrides = {key: value for key, value in {
-        "namespace": arguments.namespace,
-        "log_format": arguments.log_format,
-        "standalone": False if arguments.peering else None,
-    }.items() if value is not None}
+    overrides = {
+        key: value
+        for key, value in {
+            "namespace": arguments.namespace,
+            "log_format": arguments.log_format,
+            "standalone": False if arguments.peering else None,
+        }.items()
+        if value is not None
+    }
     settings = dataclasses.replace(settings, **overrides)
     configure_logging(settings.log_format, settings.log_level)
 
-    from analysis_operator import handlers  # noqa: F401  (registers the kopf handlers)
-    from analysis_operator import kopf_patches
+    from analysis_operator import (
+        handlers,  # noqa: F401  (registers the kopf handlers)
+        kopf_patches,
+    )
+
     kopf_patches.apply()  # startup index gating in linear time (see the module)
 
-    asyncio.run(kopf.operator(
-        clusterwide=not settings.namespace,
-        namespaces=[settings.namespace] if settings.namespace else [],
-        standalone=settings.standalone,
-        peering_name=None if settings.standalone else settings.peering_name,  # a name makes peering mandatory
-        liveness_endpoint=settings.liveness_endpoint or None,
-        memo=kopf.Memo(config=settings),
-    ))
+    asyncio.run(
+        kopf.operator(
+            clusterwide=not settings.namespace,
+            namespaces=[settings.namespace] if settings.namespace else [],
+            standalone=settings.standalone,
+            peering_name=None if settings.standalone else settings.peering_name,  # a name makes peering mandatory
+            liveness_endpoint=settings.liveness_endpoint or None,
+            memo=kopf.Memo(config=settings),
+        )
+    )
 
 
 if __name__ == "__main__":

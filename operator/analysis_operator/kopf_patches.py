@@ -22,6 +22,7 @@ made (kopf/_core/reactor/), run tests/unit/test_kopf_patches.py and
 bench/restart.py against it, then add the version here and to the pin.
 ANALYSIS_OPERATOR_KOPF_PATCHES=off runs without the patch on any version.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -72,7 +73,7 @@ class EdgeToggleSet(aiotoggles.ToggleSet):
 
 def apply(version: str | None = None, environ: Mapping[str, str] = os.environ) -> bool:
     """Patch kopf (True), or not when switched off (False); RuntimeError on an unchecked kopf."""
-    if environ.get(SWITCH, "on") == "off":   # the escape hatch (and for measuring)
+    if environ.get(SWITCH, "on") == "off":  # the escape hatch (and for measuring)
         log.warning("kopf_patches.off")
         return False
     version = version or getattr(kopf, "__version__", "") or _installed_version()
@@ -83,13 +84,15 @@ def apply(version: str | None = None, environ: Mapping[str, str] = os.environ) -
             f"without it a restart with many objects takes quadratic time. Install a checked kopf "
             f"(pip install -e . follows the pin in pyproject.toml), or re-check the patch against "
             f"kopf {version} and add it to CHECKED_VERSIONS and the pin (how: the module's docstring), "
-            f"or set {SWITCH}=off to run without the patch, accepting slow restarts with many objects.")
+            f"or set {SWITCH}=off to run without the patch, accepting slow restarts with many objects."
+        )
     aiotoggles.ToggleSet = EdgeToggleSet  # type: ignore[misc]  # kopf looks it up at operator start
     return True
 
 
 def _installed_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("kopf")
     except PackageNotFoundError:

@@ -9,6 +9,7 @@ StrictUndefined so a missing value is an error, not an empty string. YAML
 templates are rendered then parsed; user-controlled values go through the
 `tojson` filter (JSON is YAML), so they can never break the structure.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,7 +21,6 @@ from typing import Any
 
 import jinja2
 import yaml
-
 
 # Characters YAML would not take literally inside a double-quoted scalar
 # (C1 controls, Unicode line breaks, BOM, non-characters): keep them escaped.
@@ -34,7 +34,7 @@ def to_yaml_json(value: Any) -> str:
     return _YAML_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
-PACKAGED_TEMPLATES = ""   # templates_dir for the package's own templates (Settings' default)
+PACKAGED_TEMPLATES = ""  # templates_dir for the package's own templates (Settings' default)
 
 
 def _loader(templates_dir: str) -> jinja2.BaseLoader:

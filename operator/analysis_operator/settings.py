@@ -4,13 +4,15 @@ Sources, later wins: defaults, a YAML file (ANALYSIS_OPERATOR_CONFIG), then
 environment variables ANALYSIS_OPERATOR_<FIELD> for the top-level fields and
 ANALYSIS_OPERATOR_<SECTION>_<FIELD> for sections (e.g. ..._SLURM_URL).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import pathlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -21,14 +23,14 @@ PREFIX = "ANALYSIS_OPERATOR_"
 class SlurmSettings:
     enabled: bool = False
     url: str = "http://127.0.0.1:6820"
-    api_version: str = "v0.0.38"         # what slurmrestd serves: 22.05 -> v0.0.38
+    api_version: str = "v0.0.38"  # what slurmrestd serves: 22.05 -> v0.0.38
     # The operator's own account (listing, cancelling, raising time limits): SlurmUser or a Slurm
     # operator/administrator. In single-token mode every job runs as this account too.
-    user: str = "slurm"                  # X-SLURM-USER-NAME
-    token_file: str = ""                 # single-token mode: file holding the JWT (refreshed by the site)
+    user: str = "slurm"  # X-SLURM-USER-NAME
+    token_file: str = ""  # single-token mode: file holding the JWT (refreshed by the site)
     # Per-user mode (backends/slurm_auth.py): the cluster's auth/jwt key; jobs run as their owner.
     jwt_key_file: str = ""
-    token_lifetime_seconds: int = 300    # of each token minted from the key
+    token_lifetime_seconds: int = 300  # of each token minted from the key
     # The job owner's Unix account: the engine's POSIX identity if it has one, else the owner ID
     # with this prefix and suffix removed when present (e.g. "oidc:" and "@facility.eu").
     owner_prefix: str = ""
@@ -41,39 +43,41 @@ class SlurmSettings:
     # predictable by other users); keep it outside the nodes' ip_local_port_range.
     port_min: int = 20000
     port_max: int = 32767
-    node_domain: str = ""                # appended to Slurm's node name for the URL ("" = as is)
+    node_domain: str = ""  # appended to Slurm's node name for the URL ("" = as is)
     executor_workers: int = 4
 
 
 @dataclass(frozen=True)
 class OpenStackSettings:
     enabled: bool = False
-    cloud: str = "analysis"              # entry in clouds.yaml
-    clouds_yaml: str = ""                # path; empty = openstacksdk's default search
+    cloud: str = "analysis"  # entry in clouds.yaml
+    clouds_yaml: str = ""  # path; empty = openstacksdk's default search
     executor_workers: int = 8
 
 
 @dataclass(frozen=True)
 class HomeSettings:
     """The user's writable space in JupyterLab pods (datasets are mounted read-only beside it)."""
+
     # false: an emptyDir per environment (gone with it); true: one PersistentVolumeClaim per
     # user and namespace, created on first use and kept across that user's environments.
     claims: bool = False
     size: str = "10Gi"
-    storage_class: str = ""              # empty: the cluster's default StorageClass
-    access_mode: str = "ReadWriteMany"   # two environments of one user may run on different nodes
+    storage_class: str = ""  # empty: the cluster's default StorageClass
+    access_mode: str = "ReadWriteMany"  # two environments of one user may run on different nodes
 
 
 @dataclass(frozen=True)
 class AdmissionSettings:
     """The validating/mutating webhooks the operator serves (kopf's admission server)."""
+
     enabled: bool = True
     listen_address: str = "0.0.0.0"
     port: int = 9443
     # How the API server reaches us. host set: kopf registers the webhooks itself
     # (url https://host:port, local stacks); empty: the Helm chart registers them (Service).
     host: str = ""
-    managed_name: str = "analysis.panosc.eu"   # the Validating/MutatingWebhookConfiguration kopf keeps
+    managed_name: str = "analysis.panosc.eu"  # the Validating/MutatingWebhookConfiguration kopf keeps
     cert_dir: str = "/tmp/analysis-operator-webhook"  # tls.crt/tls.key/ca.crt; generated when missing
     # CA of the client certificate the API server presents to webhooks (its admission configuration):
     # set, the webhook port accepts only clients with a certificate from it; empty, any TLS client.
@@ -88,19 +92,21 @@ class AdmissionSettings:
 @dataclass(frozen=True)
 class BudgetSettings:
     """ComputeBudgets: who may start what, and how usage is charged (handlers/budgets.py)."""
-    enabled: bool = True                 # False: no checks, no accounting (budgets are just records)
-    require_budget: bool = True          # an owner with no ComputeBudget is refused; False = runs unmetered
-    check_at_admission: bool = True      # the webhook refuses early; the reconcile check always holds
+
+    enabled: bool = True  # False: no checks, no accounting (budgets are just records)
+    require_budget: bool = True  # an owner with no ComputeBudget is refused; False = runs unmetered
+    check_at_admission: bool = True  # the webhook refuses early; the reconcile check always holds
     charge_interval_seconds: float = 60.0  # how often running environments are charged
-    warning_percent: float = 80.0        # Warning Event on the budget at this share of a limit
+    warning_percent: float = 80.0  # Warning Event on the budget at this share of a limit
     admission_hold_seconds: float = 10.0  # an admitted create counts against the budget this long until
-                                          # the operator sees it (covers a burst of racing creates)
+    # the operator sees it (covers a burst of racing creates)
     expiry_warning_seconds: float = 1800.0  # Warning Event on an environment this long before it expires
 
 
 @dataclass(frozen=True)
 class IdentitySettings:
     """Who environments run as: the owner's POSIX identity from FacilityUser objects (policy/identity.py)."""
+
     # An owner without a FacilityUser is refused (admission and reconcile). False: they run as the
     # backends' default account (pods uid 1000 / gid 100, the VM user "analysis"), shared by all such
     # users, so only where no facility user holds that uid on the data's file systems.
@@ -114,11 +120,11 @@ class IdentitySettings:
 
 @dataclass(frozen=True)
 class Settings:
-    templates_dir: str = ""              # empty = the package's own templates; else a site's directory
-    log_format: str = "auto"             # auto (JSON unless a terminal), json, console
+    templates_dir: str = ""  # empty = the package's own templates; else a site's directory
+    log_format: str = "auto"  # auto (JSON unless a terminal), json, console
     log_level: str = "INFO"
-    namespace: str = ""                  # empty = all namespaces
-    standalone: bool = True              # False = kopf peering (HA with standbys)
+    namespace: str = ""  # empty = all namespaces
+    standalone: bool = True  # False = kopf peering (HA with standbys)
     peering_name: str = "analysis-operator"
     # kopf pauses every replica when two share a priority: 0 picks a random one at start,
     # so exactly one replica (the highest) is active.
@@ -126,12 +132,12 @@ class Settings:
     # A replica silent this long is presumed dead: bounds the takeover after a crash.
     peering_lifetime_seconds: int = 60
     sweep_interval_seconds: float = 10.0  # expiry / accounting / orphan sweep period
-    kube_workers: int = 16               # threads for Kubernetes API calls
+    kube_workers: int = 16  # threads for Kubernetes API calls
     jupyter_port: int = 8888
     cluster_domain: str = "cluster.local"
     liveness_endpoint: str = "http://0.0.0.0:8080/healthz"
     metrics_port: int = 9090
-    metrics_address: str = "0.0.0.0"   # 127.0.0.1 on a shared machine
+    metrics_address: str = "0.0.0.0"  # 127.0.0.1 on a shared machine
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     openstack: OpenStackSettings = field(default_factory=OpenStackSettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
@@ -157,8 +163,9 @@ def _build(cls: type, file_values: Mapping[str, Any], environ: Mapping[str, str]
     for spec in dataclasses.fields(cls):
         default = spec.default if spec.default_factory is dataclasses.MISSING else spec.default_factory()
         if dataclasses.is_dataclass(default):
-            values[spec.name] = _build(type(default), file_values.get(spec.name) or {},
-                                       environ, f"{prefix}{spec.name.upper()}_")
+            values[spec.name] = _build(
+                type(default), file_values.get(spec.name) or {}, environ, f"{prefix}{spec.name.upper()}_"
+            )
             continue
         value = file_values.get(spec.name, default)
         if isinstance(value, str) and not isinstance(default, str):

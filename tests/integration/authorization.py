@@ -1,10 +1,11 @@
 """The local stack's authorization policy (deploy/authorization/): its parameters changed for a
 test, and waiting until the API server acts on the change (it reads them through an informer)."""
+
 from __future__ import annotations
 
 import contextlib
 import json
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import kubernetes
 
@@ -12,7 +13,7 @@ from tests.integration.conftest import GROUP, VERSION
 from tests.waiting import wait_for
 
 POLICY = "analysis-environment-authorization"
-PARAMETERS = ("kube-system", POLICY)   # the ConfigMap named by deploy/authorization/local.yaml
+PARAMETERS = ("kube-system", POLICY)  # the ConfigMap named by deploy/authorization/local.yaml
 PLURAL = "analysisenvironments"
 
 
@@ -51,22 +52,34 @@ def dry_run_patch(client: kubernetes.client.ApiClient, namespace: str, name: str
 
 
 @contextlib.contextmanager
-def operator_identity(core: kubernetes.client.CoreV1Api, custom: kubernetes.client.CustomObjectsApi,
-                      kubeconfig: str, username: str, namespace: str) -> Iterator[None]:
+def operator_identity(
+    core: kubernetes.client.CoreV1Api,
+    custom: kubernetes.client.CustomObjectsApi,
+    kubeconfig: str,
+    username: str,
+    namespace: str,
+) -> Iterator[None]:
     """The policy takes `username` for the operator's (a chart ServiceAccount a test runs the
     operator as) until the end of the block: it may then add and remove its finalizer."""
     current = (core.read_namespaced_config_map(PARAMETERS[1], PARAMETERS[0]).data or {}).get("operatorUsernames", "")
     with authorization_parameters(core, operatorUsernames=",".join(filter(None, [current, username]))):
         # Wait until the API server reads the new parameters: a dry run of what the operator does first.
-        probe = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AnalysisEnvironment",
-                 "metadata": {"name": "authorization-probe"}, "spec": {"owner": "alice", "flavor": "jupyter-basic"}}
+        probe = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "AnalysisEnvironment",
+            "metadata": {"name": "authorization-probe"},
+            "spec": {"owner": "alice", "flavor": "jupyter-basic"},
+        }
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, probe)
         try:
             acting = kubernetes.config.new_client_from_config(config_file=kubeconfig)
             acting.default_headers["Impersonate-User"] = username
-            wait_until_allowed(dry_run_patch(acting, namespace, "authorization-probe",
-                                             {"metadata": {"finalizers": [f"{GROUP}/finalizer"]}}),
-                               f"the policy to take {username} for the operator")
+            wait_until_allowed(
+                dry_run_patch(
+                    acting, namespace, "authorization-probe", {"metadata": {"finalizers": [f"{GROUP}/finalizer"]}}
+                ),
+                f"the policy to take {username} for the operator",
+            )
         finally:
             custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "authorization-probe")
         yield

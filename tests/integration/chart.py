@@ -1,5 +1,6 @@
 """Helpers for the Helm chart tests: helm from the stack's cache, rendering, and a
 kubeconfig that acts as the chart's ServiceAccount (its own token, no admin rights)."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,12 @@ CHART = REPO / "charts/analysis-operator"
 def helm(*arguments: str, check: bool = True) -> subprocess.CompletedProcess:
     """helm as built by hack/build.sh (cluster state's bin directory)."""
     binary = pathlib.Path((CLUSTER_STATE / "bin").read_text().strip()) / "helm"
-    result = subprocess.run([str(binary), *arguments], capture_output=True, text=True,
-                            env={**os.environ, "KUBECONFIG": os.environ["KUBECONFIG"]})
+    result = subprocess.run(
+        [str(binary), *arguments],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KUBECONFIG": os.environ["KUBECONFIG"]},
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"helm {' '.join(arguments)} failed ({result.returncode}):\n{result.stderr}")
     return result
@@ -29,8 +34,7 @@ def render(release: str, namespace: str, *arguments: str) -> list[dict]:
 
 
 def find(objects: list[dict], kind: str, name: str | None = None) -> dict:
-    matches = [item for item in objects if item["kind"] == kind
-               and (name is None or item["metadata"]["name"] == name)]
+    matches = [item for item in objects if item["kind"] == kind and (name is None or item["metadata"]["name"] == name)]
     assert len(matches) == 1, f"expected one {kind} {name or ''}, got {[m['metadata']['name'] for m in matches]}"
     return matches[0]
 
@@ -41,7 +45,8 @@ def service_account_kubeconfig(path: pathlib.Path, namespace: str, service_accou
     admin = yaml.safe_load(pathlib.Path(os.environ["KUBECONFIG"]).read_text())
     cluster = admin["clusters"][0]["cluster"]
     config = {
-        "apiVersion": "v1", "kind": "Config",
+        "apiVersion": "v1",
+        "kind": "Config",
         "clusters": [{"name": "local", "cluster": cluster}],
         "users": [{"name": service_account, "user": {"token": token}}],
         "contexts": [{"name": "sa", "context": {"cluster": "local", "user": service_account, "namespace": namespace}}],

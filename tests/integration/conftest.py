@@ -1,6 +1,7 @@
 """Fixtures that run the real stack: kube-apiserver on etcd, controller-manager
 (garbage collection), scheduler and KWOK nodes, plus the operator as its own
 process. A cluster that KUBECONFIG already points at is reused."""
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,13 @@ def _reachable(kubeconfig: str) -> bool:
 
 def kubectl(*arguments: str, check: bool = True) -> subprocess.CompletedProcess:
     binary = pathlib.Path((CLUSTER_STATE / "bin").read_text().strip()) / "kubectl"
-    return subprocess.run([str(binary), *arguments], check=check, capture_output=True, text=True,
-                          env={**os.environ, "KUBECONFIG": os.environ["KUBECONFIG"]})
+    return subprocess.run(
+        [str(binary), *arguments],
+        check=check,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KUBECONFIG": os.environ["KUBECONFIG"]},
+    )
 
 
 @pytest.fixture(scope="session")
@@ -50,8 +56,15 @@ def kubeconfig() -> str:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
     kubectl("apply", "-f", str(REPO / "deploy/authorization"))  # who may change or delete environments
-    kubectl("apply", "-f", str(REPO / "examples/flavors.yaml"), "-f", str(REPO / "tests/integration/flavors.yaml"),
-            "-f", str(REPO / "tests/integration/rbac.yaml"))
+    kubectl(
+        "apply",
+        "-f",
+        str(REPO / "examples/flavors.yaml"),
+        "-f",
+        str(REPO / "tests/integration/flavors.yaml"),
+        "-f",
+        str(REPO / "tests/integration/rbac.yaml"),
+    )
     yield os.environ["KUBECONFIG"]
     if started and not os.environ.get("KEEP_CLUSTER"):
         subprocess.run([str(REPO / "hack/cluster.sh"), "down"], check=False)
@@ -81,7 +94,7 @@ def _free_port() -> int:
 class OperatorProcess:
     """The operator as a real process, so tests can kill and restart it."""
 
-    running: set["OperatorProcess"] = set()   # all started and not stopped (see other_operators_stopped)
+    running: set[OperatorProcess] = set()  # all started and not stopped (see other_operators_stopped)
 
     def __init__(self, kubeconfig: str, log_path: pathlib.Path, **settings: str) -> None:
         self.kubeconfig, self.log_path, self.settings = kubeconfig, log_path, settings
@@ -94,7 +107,9 @@ class OperatorProcess:
     def start(self) -> None:
         port = _free_port()
         environment = {
-            **os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONPATH": str(REPO / "operator"),
+            **os.environ,
+            "KUBECONFIG": self.kubeconfig,
+            "PYTHONPATH": str(REPO / "operator"),
             "ANALYSIS_OPERATOR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{port}/healthz",
             "ANALYSIS_OPERATOR_SWEEP_INTERVAL_SECONDS": "1",
             "ANALYSIS_OPERATOR_ADMISSION_HOST": "127.0.0.1",
@@ -103,7 +118,8 @@ class OperatorProcess:
             "ANALYSIS_OPERATOR_ADMISSION_CERT_DIR": str(self.log_path.parent / "webhook-tls"),
             # The webhook port accepts only the API server's client certificate (hack/cluster.sh).
             "ANALYSIS_OPERATOR_ADMISSION_CLIENT_CA_FILE": str(CLUSTER_STATE / "pki" / "webhook-client-ca.crt")
-            if (CLUSTER_STATE / "pki" / "webhook-client-ca.crt").exists() else "",
+            if (CLUSTER_STATE / "pki" / "webhook-client-ca.crt").exists()
+            else "",
             "ANALYSIS_OPERATOR_METRICS_PORT": str(self.metrics_port),
             "ANALYSIS_OPERATOR_METRICS_ADDRESS": "127.0.0.1",
             # Owners without a ComputeBudget run unmetered here, so tests about other things need no
@@ -115,8 +131,12 @@ class OperatorProcess:
             **self.settings,
         }
         log = self.log_path.open("a")
-        self.process = subprocess.Popen([sys.executable, "-m", "analysis_operator", "--log-format", "json"],
-                                        env=environment, stdout=log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "analysis_operator", "--log-format", "json"],
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         OperatorProcess.running.add(self)
         wait_for(lambda: self._healthy(port), timeout=60, what="operator liveness endpoint")
         if environment["ANALYSIS_OPERATOR_ADMISSION_HOST"]:  # empty: registered by others (the Helm chart)
@@ -200,8 +220,11 @@ def namespace(core) -> str:
     yield name
     if OperatorProcess.running:  # give the operator one sweep to converge, then the invariant must hold
         api = core.api_client
-        wait_for(lambda: not violations(api, [name]), timeout=20,
-                 what=lambda: "the invariant (tests/integration/invariant.py): " + "; ".join(violations(api, [name])))
+        wait_for(
+            lambda: not violations(api, [name]),
+            timeout=20,
+            what=lambda: "the invariant (tests/integration/invariant.py): " + "; ".join(violations(api, [name])),
+        )
     core.delete_namespace(name, propagation_policy="Background")
 
 
@@ -221,17 +244,23 @@ class Environments:
 
     def create(self, name: str, **spec) -> dict:
         spec.setdefault("owner", "alice")
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AnalysisEnvironment",
-                "metadata": {"name": name}, "spec": spec}
-        return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, "analysisenvironments",
-                                                           body, field_validation="Strict")
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "AnalysisEnvironment",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
+        return self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, "analysisenvironments", body, field_validation="Strict"
+        )
 
     def get(self, name: str) -> dict:
         return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, "analysisenvironments", name)
 
     def patch_spec(self, name: str, **spec) -> dict:
-        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, "analysisenvironments",
-                                                          name, {"spec": spec})
+        return self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, "analysisenvironments", name, {"spec": spec}
+        )
 
     def delete(self, name: str) -> None:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, "analysisenvironments", name)
@@ -249,15 +278,17 @@ class Environments:
         return (self.get(name).get("status") or {}).get("phase")
 
     def wait_phase(self, name: str, phase: str, timeout: float = 30) -> dict:
-        wait_for(lambda: self.phase(name) == phase, timeout=timeout,
-                 what=lambda: f"{name} to be {phase}: {json.dumps(self.get(name).get('status'))}")
+        wait_for(
+            lambda: self.phase(name) == phase,
+            timeout=timeout,
+            what=lambda: f"{name} to be {phase}: {json.dumps(self.get(name).get('status'))}",
+        )
         return self.get(name)
 
 
 @pytest.fixture
 def environments(custom, namespace, operator) -> Environments:
     return Environments(custom, namespace)
-
 
 
 def impersonating(kubeconfig: str, user: str, group: str = "facility-users") -> kubernetes.client.ApiClient:

@@ -25,12 +25,13 @@ MANAGED = "app.kubernetes.io/managed-by=analysis-operator"
 UID_LABEL = f"{GROUP}/environment-uid"
 TERMINAL = {"Rejected", "Failed", "Expired", "Stopped", "BudgetExhausted"}
 STARTED = {"Provisioning", "Ready", "Suspended"}
-EXPIRY_GRACE = datetime.timedelta(seconds=30)   # expiry is acted on by the next sweep (1 s in the tests)
+EXPIRY_GRACE = datetime.timedelta(seconds=30)  # expiry is acted on by the next sweep (1 s in the tests)
 
 
 @dataclass(frozen=True)
 class Managed:
     """Something the operator made outside Kubernetes, by the environment it says it belongs to."""
+
     kind: str
     namespace: str
     name: str
@@ -48,25 +49,31 @@ def _parse(text: str | None) -> datetime.datetime | None:
     return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
 
 
-def violations(api: kubernetes.client.ApiClient, namespaces: Iterable[str] | None = None,
-               now: datetime.datetime | None = None) -> list[str]:
+def violations(
+    api: kubernetes.client.ApiClient, namespaces: Iterable[str] | None = None, now: datetime.datetime | None = None
+) -> list[str]:
     """Every breach of the invariant, in words (empty: it holds). `namespaces` limits the check to
     those (a test's own); None checks the whole cluster, except namespaces being deleted."""
     now = now or datetime.datetime.now(datetime.UTC)
     core, custom = kubernetes.client.CoreV1Api(api), kubernetes.client.CustomObjectsApi(api)
     wanted = set(namespaces) if namespaces is not None else None
-    terminating = {item.metadata.name for item in core.list_namespace().items
-                   if item.metadata.deletion_timestamp}
+    terminating = {item.metadata.name for item in core.list_namespace().items if item.metadata.deletion_timestamp}
 
     def in_scope(namespace: str) -> bool:
         return namespace not in terminating and (wanted is None or namespace in wanted)
 
-    environments = [item for item in custom.list_cluster_custom_object(GROUP, VERSION, "analysisenvironments")["items"]
-                    if in_scope(item["metadata"]["namespace"])]
+    environments = [
+        item
+        for item in custom.list_cluster_custom_object(GROUP, VERSION, "analysisenvironments")["items"]
+        if in_scope(item["metadata"]["namespace"])
+    ]
     by_uid = {item["metadata"]["uid"]: item for item in environments}
     budgets = custom.list_cluster_custom_object(GROUP, VERSION, "computebudgets")["items"]
-    ledger = {uid: (budget["metadata"]["name"], entry) for budget in budgets
-              for uid, entry in ((budget.get("status") or {}).get("environments") or {}).items()}
+    ledger = {
+        uid: (budget["metadata"]["name"], entry)
+        for budget in budgets
+        for uid, entry in ((budget.get("status") or {}).get("environments") or {}).items()
+    }
     found: list[str] = []
 
     def name_of(item: dict) -> str:
@@ -77,26 +84,40 @@ def violations(api: kubernetes.client.ApiClient, namespaces: Iterable[str] | Non
 
     # 3. (and 1. for Kubernetes children) everything the operator made belongs to a live environment
     children = []
-    for kind, listing in (("Pod", core.list_pod_for_all_namespaces), ("Service", core.list_service_for_all_namespaces),
-                          ("Secret", core.list_secret_for_all_namespaces)):
+    for kind, listing in (
+        ("Pod", core.list_pod_for_all_namespaces),
+        ("Service", core.list_service_for_all_namespaces),
+        ("Secret", core.list_secret_for_all_namespaces),
+    ):
         for child in listing(label_selector=MANAGED).items:
             if child.metadata.deletion_timestamp or not in_scope(child.metadata.namespace):
                 continue
-            if (child.metadata.labels or {}).get(UID_LABEL):   # a home claim's pod-less objects carry none
-                children.append(Managed(kind, child.metadata.namespace, child.metadata.name,
-                                        (child.metadata.labels or {}).get(UID_LABEL, ""), child.metadata.uid))
+            if (child.metadata.labels or {}).get(UID_LABEL):  # a home claim's pod-less objects carry none
+                children.append(
+                    Managed(
+                        kind,
+                        child.metadata.namespace,
+                        child.metadata.name,
+                        (child.metadata.labels or {}).get(UID_LABEL, ""),
+                        child.metadata.uid,
+                    )
+                )
     for probe in PROBES.values():
         children.extend(managed for managed in probe() if in_scope(managed.namespace))
     for child in children:
         owner = by_uid.get(child.uid)
         if owner is None:
-            found.append(f"{child.kind} {child.namespace}/{child.name} ({child.backend_id}) belongs to no environment "
-                         f"(uid {child.uid or 'missing'})")
+            found.append(
+                f"{child.kind} {child.namespace}/{child.name} ({child.backend_id}) belongs to no environment "
+                f"(uid {child.uid or 'missing'})"
+            )
         elif owner["metadata"].get("deletionTimestamp"):
-            continue   # its finalizer or the garbage collector is removing it
+            continue  # its finalizer or the garbage collector is removing it
         elif finished(owner):
-            found.append(f"{child.kind} {child.namespace}/{child.name} ({child.backend_id}) still exists although "
-                         f"{name_of(owner)} is {owner['status']['phase']}")
+            found.append(
+                f"{child.kind} {child.namespace}/{child.name} ({child.backend_id}) still exists although "
+                f"{name_of(owner)} is {owner['status']['phase']}"
+            )
 
     for item in environments:
         status = item.get("status") or {}
@@ -108,8 +129,10 @@ def violations(api: kubernetes.client.ApiClient, namespaces: Iterable[str] | Non
             budget, entry = ledger[uid]
             charged, stopped = _parse(entry.get("chargedUntil")), _parse(status.get("stoppedAt"))
             if stopped is None or (charged is not None and charged > stopped):
-                found.append(f"{name_of(item)} is {phase} but ComputeBudget {budget!r} charged it until "
-                             f"{entry.get('chargedUntil')} (stopped {status.get('stoppedAt')})")
+                found.append(
+                    f"{name_of(item)} is {phase} but ComputeBudget {budget!r} charged it until "
+                    f"{entry.get('chargedUntil')} (stopped {status.get('stoppedAt')})"
+                )
         # 2. live and started: charged, and will expire
         if phase in STARTED:
             expires = _parse(status.get("expiresAt"))
@@ -119,10 +142,15 @@ def violations(api: kubernetes.client.ApiClient, namespaces: Iterable[str] | Non
                 found.append(f"{name_of(item)} is {phase} {int((now - expires).total_seconds())} s past its expiry")
             owner = item["spec"]["owner"]
             named = item["spec"].get("budget")
-            covered = [budget for budget in budgets
-                       if (named and budget["metadata"]["name"] == named)
-                       or (not named and (budget.get("spec") or {}).get("user") == owner)]
+            covered = [
+                budget
+                for budget in budgets
+                if (named and budget["metadata"]["name"] == named)
+                or (not named and (budget.get("spec") or {}).get("user") == owner)
+            ]
             if covered and uid not in ledger:
-                found.append(f"{name_of(item)} is {phase} but not in the ledger of ComputeBudget "
-                             f"{covered[0]['metadata']['name']!r}: it runs uncharged")
+                found.append(
+                    f"{name_of(item)} is {phase} but not in the ledger of ComputeBudget "
+                    f"{covered[0]['metadata']['name']!r}: it runs uncharged"
+                )
     return found

@@ -1,4 +1,5 @@
 """Run the project's hack/*.sh stack scripts from tests."""
+
 from __future__ import annotations
 
 import pathlib

@@ -3,6 +3,7 @@ acting for the owner, admins and the operator; the operator's labels, annotation
 only the operator and admins. Enforced by the API server itself with the ValidatingAdmissionPolicy
 in deploy/authorization/ (impersonated users, RBAC on: every refusal here comes from the policy,
 since RBAC lets facility users patch and delete environments)."""
+
 from __future__ import annotations
 
 import uuid
@@ -10,17 +11,24 @@ import uuid
 import kubernetes
 import pytest
 
-from tests.integration.authorization import (PARAMETERS, PLURAL, POLICY, authorization_parameters, denial,
-                                             dry_run_patch, wait_until_allowed)
+from tests.integration.authorization import (
+    PARAMETERS,
+    PLURAL,
+    POLICY,
+    authorization_parameters,
+    denial,
+    dry_run_patch,
+    wait_until_allowed,
+)
 from tests.integration.conftest import GROUP, VERSION, Environments, impersonating, kubectl
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
-FINALIZER = f"{GROUP}/finalizer"           # the operator's (kopf's) finalizer
+FINALIZER = f"{GROUP}/finalizer"  # the operator's (kopf's) finalizer
 CREATED_BY = f"{GROUP}/created-by"
-OPERATOR_LABEL = f"{GROUP}/backend"        # the operator sets it on Slurm and VM environments: kopf's
-                                           # finalizer then stays until the job or VM is gone
+OPERATOR_LABEL = f"{GROUP}/backend"  # the operator sets it on Slurm and VM environments: kopf's
+# finalizer then stays until the job or VM is gone
 OWNER_MAY = "only its owner 'alice', the portal acting for that owner, and admins may"
 OPERATOR_ONLY = "only the operator and admins may add, change or remove the operator's labels, annotations"
 PORTAL = ("system:serviceaccount:portal:backend", "analysis-portal")
@@ -39,14 +47,16 @@ class Acting:
         return self.api.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, body)
 
     def delete(self, name: str, propagation: str | None = None) -> None:
-        self.api.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name,
-                                                 propagation_policy=propagation)
+        self.api.delete_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, propagation_policy=propagation
+        )
 
 
 @pytest.fixture
 def as_user(kubeconfig, namespace):
     def make(user: str, group: str = "facility-users") -> Acting:
         return Acting(impersonating(kubeconfig, user, group), namespace)
+
     return make
 
 
@@ -54,11 +64,18 @@ def as_user(kubeconfig, namespace):
 def admins_may_edit(api, namespace):
     """analysis-admins get the environment role in this namespace (the chart's admins have it through
     the aggregated admin role); without it RBAC, not the policy, would refuse them."""
-    kubernetes.client.RbacAuthorizationV1Api(api).create_namespaced_role_binding(namespace, {
-        "metadata": {"name": "analysis-admins"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                    "name": "analysis-environment-user"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": ADMIN[1]}]})
+    kubernetes.client.RbacAuthorizationV1Api(api).create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "analysis-admins"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "analysis-environment-user",
+            },
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": ADMIN[1]}],
+        },
+    )
 
 
 @pytest.fixture
@@ -67,8 +84,19 @@ def lab(environments, custom, namespace) -> dict:
     Slurm or VM environment carries them (set here as the operator would: a pod needs neither)."""
     environments.create("lab", flavor="jupyter-basic", owner="alice")
     environments.wait_phase("lab", "Ready", timeout=60)
-    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "lab", {"metadata": {
-        "labels": {"team": "xray", OPERATOR_LABEL: "kubernetes"}, "annotations": {"note": "beamtime 42"}}})
+    custom.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        "lab",
+        {
+            "metadata": {
+                "labels": {"team": "xray", OPERATOR_LABEL: "kubernetes"},
+                "annotations": {"note": "beamtime 42"},
+            }
+        },
+    )
     wait_for(lambda: FINALIZER in _finalizers(environments.get("lab")), timeout=30, what="kopf's finalizer on lab")
     environment = environments.get("lab")
     assert environment["metadata"]["annotations"][CREATED_BY] == "admin"
@@ -87,8 +115,9 @@ ATTACKS = {
     "overwrite her label": lambda env: {"metadata": {"labels": {"team": "bob-was-here"}}},
     "overwrite created-by": lambda env: {"metadata": {"annotations": {CREATED_BY: "bob"}}},
     "add a finalizer": lambda env: {"metadata": {"finalizers": _finalizers(env) + ["bob.example.org/hold"]}},
-    "remove the operator's finalizer": lambda env: {"metadata": {
-        "finalizers": [f for f in _finalizers(env) if f != FINALIZER]}},
+    "remove the operator's finalizer": lambda env: {
+        "metadata": {"finalizers": [f for f in _finalizers(env) if f != FINALIZER]}
+    },
     "remove the operator's label": lambda env: {"metadata": {"labels": {OPERATOR_LABEL: None}}},
 }
 
@@ -113,14 +142,14 @@ def test_another_user_cannot_delete_her_environment(lab, as_user, environments):
 
 # --- alice, the owner.
 
+
 def test_the_owner_suspends_resumes_and_labels_her_environment(lab, as_user, environments):
     alice = as_user("alice")
     alice.patch("lab", {"spec": {"suspend": True}})
     environments.wait_phase("lab", "Suspended", timeout=60)
     alice.patch("lab", {"spec": {"suspend": False, "lifetime": "2h"}})
     environments.wait_phase("lab", "Ready", timeout=60)
-    alice.patch("lab", {"metadata": {"labels": {"team": "saxs", "course": "2026"},
-                                     "annotations": {"note": None}}})
+    alice.patch("lab", {"metadata": {"labels": {"team": "saxs", "course": "2026"}, "annotations": {"note": None}}})
     metadata = environments.get("lab")["metadata"]
     assert (metadata["labels"]["team"], metadata["labels"]["course"]) == ("saxs", "2026")
     assert metadata["labels"][OPERATOR_LABEL] == "kubernetes" and "note" not in metadata["annotations"]
@@ -139,23 +168,38 @@ def test_the_owner_deletes_in_the_foreground(lab, as_user, environments):
 
 
 ALICE_MAY_NOT = {
-    "add an operator label": (lambda env: {"metadata": {"labels": {f"{GROUP}/environment": "other"}}},
-                              f"label '{GROUP}/environment'"),
-    "change an operator label": (lambda env: {"metadata": {"labels": {OPERATOR_LABEL: "slurm"}}},
-                                 f"label '{OPERATOR_LABEL}'"),
-    "remove an operator label": (lambda env: {"metadata": {"labels": {OPERATOR_LABEL: None}}},
-                                 f"label '{OPERATOR_LABEL}'"),
-    "add managed-by": (lambda env: {"metadata": {"labels": {"app.kubernetes.io/managed-by": "analysis-operator"}}},
-                       "label 'app.kubernetes.io/managed-by'"),
-    "change created-by": (lambda env: {"metadata": {"annotations": {CREATED_BY: "alice"}}},
-                          f"annotation '{CREATED_BY}'"),
-    "overwrite kopf's record": (lambda env: {"metadata": {"annotations": {f"{GROUP}/last-handled-configuration":
-                                                                          "{}"}}},
-                                f"annotation '{GROUP}/last-handled-configuration'"),
-    "add a finalizer": (lambda env: {"metadata": {"finalizers": _finalizers(env) + ["alice.example.org/keep"]}},
-                        "finalizer 'alice.example.org/keep' added"),
-    "remove the operator's finalizer": (lambda env: {"metadata": {
-        "finalizers": [f for f in _finalizers(env) if f != FINALIZER]}}, f"finalizer '{FINALIZER}' removed"),
+    "add an operator label": (
+        lambda env: {"metadata": {"labels": {f"{GROUP}/environment": "other"}}},
+        f"label '{GROUP}/environment'",
+    ),
+    "change an operator label": (
+        lambda env: {"metadata": {"labels": {OPERATOR_LABEL: "slurm"}}},
+        f"label '{OPERATOR_LABEL}'",
+    ),
+    "remove an operator label": (
+        lambda env: {"metadata": {"labels": {OPERATOR_LABEL: None}}},
+        f"label '{OPERATOR_LABEL}'",
+    ),
+    "add managed-by": (
+        lambda env: {"metadata": {"labels": {"app.kubernetes.io/managed-by": "analysis-operator"}}},
+        "label 'app.kubernetes.io/managed-by'",
+    ),
+    "change created-by": (
+        lambda env: {"metadata": {"annotations": {CREATED_BY: "alice"}}},
+        f"annotation '{CREATED_BY}'",
+    ),
+    "overwrite kopf's record": (
+        lambda env: {"metadata": {"annotations": {f"{GROUP}/last-handled-configuration": "{}"}}},
+        f"annotation '{GROUP}/last-handled-configuration'",
+    ),
+    "add a finalizer": (
+        lambda env: {"metadata": {"finalizers": _finalizers(env) + ["alice.example.org/keep"]}},
+        "finalizer 'alice.example.org/keep' added",
+    ),
+    "remove the operator's finalizer": (
+        lambda env: {"metadata": {"finalizers": [f for f in _finalizers(env) if f != FINALIZER]}},
+        f"finalizer '{FINALIZER}' removed",
+    ),
 }
 
 
@@ -166,11 +210,15 @@ def test_the_owner_cannot_touch_the_operators_metadata(lab, as_user, environment
     assert message is not None, f"alice could {change}"
     assert OPERATOR_ONLY in message and named in message and "you are 'alice'" in message, message
     after = environments.get("lab")["metadata"]
-    assert (after["labels"], after["annotations"][CREATED_BY], _finalizers({"metadata": after})) == \
-        (lab["metadata"]["labels"], "admin", _finalizers(lab))
+    assert (after["labels"], after["annotations"][CREATED_BY], _finalizers({"metadata": after})) == (
+        lab["metadata"]["labels"],
+        "admin",
+        _finalizers(lab),
+    )
 
 
 # --- the portal, admins, the operator.
+
 
 def test_the_portal_acts_for_the_owner(lab, as_user, environments):
     portal = as_user(*PORTAL)
@@ -184,9 +232,17 @@ def test_the_portal_acts_for_the_owner(lab, as_user, environments):
 
 def test_an_admin_may_do_everything(lab, as_user, environments, admins_may_edit):
     dora = as_user(*ADMIN)
-    dora.patch("lab", {"spec": {"lifetime": "1h"}, "metadata": {
-        "labels": {f"{GROUP}/audited": "yes"}, "annotations": {CREATED_BY: "dora"},
-        "finalizers": _finalizers(lab) + ["admin.example.org/hold"]}})
+    dora.patch(
+        "lab",
+        {
+            "spec": {"lifetime": "1h"},
+            "metadata": {
+                "labels": {f"{GROUP}/audited": "yes"},
+                "annotations": {CREATED_BY: "dora"},
+                "finalizers": _finalizers(lab) + ["admin.example.org/hold"],
+            },
+        },
+    )
     after = environments.get("lab")
     assert after["spec"]["lifetime"] == "1h" and after["metadata"]["labels"][f"{GROUP}/audited"] == "yes"
     assert after["metadata"]["annotations"][CREATED_BY] == "dora" and "admin.example.org/hold" in _finalizers(after)
@@ -209,6 +265,7 @@ def test_refused_while_the_operator_is_down(lab, as_user, environments, operator
 
 # --- Kubernetes' own controllers keep working.
 
+
 def test_a_deleted_namespace_takes_its_environments_with_it(core, custom, operator):
     """The local stack's controller-manager acts as an admin; the test after this one checks the
     identities real clusters give it."""
@@ -219,8 +276,11 @@ def test_a_deleted_namespace_takes_its_environments_with_it(core, custom, operat
     environments.create("lab", flavor="jupyter-basic", owner="alice")
     environments.wait_phase("lab", "Ready", timeout=60)
     core.delete_namespace(name)
-    wait_for(lambda: not _namespace_exists(core, name), timeout=90,
-             what=lambda: f"namespace {name} gone: {kubectl('get', 'aenv', '-n', name, '-o', 'yaml', check=False).stdout}")
+    wait_for(
+        lambda: not _namespace_exists(core, name),
+        timeout=90,
+        what=lambda: f"namespace {name} gone: {kubectl('get', 'aenv', '-n', name, '-o', 'yaml', check=False).stdout}",
+    )
 
 
 def test_the_controllers_real_identities(lab, as_user, environments, custom, namespace):
@@ -228,10 +288,14 @@ def test_the_controllers_real_identities(lab, as_user, environments, custom, nam
     namespace controller and the garbage collector delete, and the garbage collector removes its own
     finalizers, but neither may change the spec or the operator's metadata."""
     collector = as_user(GARBAGE_COLLECTOR, "system:serviceaccounts")
-    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "lab", {"metadata": {
-        "finalizers": _finalizers(lab) + ["orphan"]}})                      # as if deleted with --cascade=orphan
-    for refused in ({"spec": {"suspend": True}}, {"metadata": {"labels": {OPERATOR_LABEL: None}}},
-                    {"metadata": {"finalizers": ["orphan"]}}):               # the operator's finalizer removed
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "lab", {"metadata": {"finalizers": _finalizers(lab) + ["orphan"]}}
+    )  # as if deleted with --cascade=orphan
+    for refused in (
+        {"spec": {"suspend": True}},
+        {"metadata": {"labels": {OPERATOR_LABEL: None}}},
+        {"metadata": {"finalizers": ["orphan"]}},
+    ):  # the operator's finalizer removed
         message = denial(lambda: collector.patch("lab", refused))
         assert message is not None, f"the garbage collector could {refused}"
     collector.patch("lab", {"metadata": {"finalizers": _finalizers(lab)}})  # removes only "orphan"
@@ -260,10 +324,13 @@ def _has_default_service_account(core, namespace: str) -> bool:
 
 # --- configuration: the parameters, and the policy itself.
 
+
 def test_a_username_prefix_is_stripped(lab, as_user, core, namespace, kubeconfig):
     with authorization_parameters(core, usernamePrefix="oidc:"):
-        wait_until_allowed(dry_run_patch(impersonating(kubeconfig, "oidc:alice"), namespace, "lab",
-                                         {"spec": {"suspend": True}}), "oidc:alice to be alice")
+        wait_until_allowed(
+            dry_run_patch(impersonating(kubeconfig, "oidc:alice"), namespace, "lab", {"spec": {"suspend": True}}),
+            "oidc:alice to be alice",
+        )
         as_user("oidc:alice").patch("lab", {"spec": {"suspend": True}})
         message = denial(lambda: as_user("oidc:bob").patch("lab", {"spec": {"suspend": False}}))
         assert message is not None and f"{OWNER_MAY} change this environment; you are 'bob'" in message, message
@@ -276,12 +343,19 @@ def test_without_its_parameters_the_policy_refuses(lab, as_user, core, namespace
     core.delete_namespaced_config_map(name, parameters_namespace)
     alice_suspends = dry_run_patch(impersonating(kubeconfig, "alice"), namespace, "lab", {"spec": {"suspend": True}})
     try:
-        wait_for(lambda: "no params found" in (denial(alice_suspends) or ""), timeout=10,
-                 what="the policy to refuse without parameters")
+        wait_for(
+            lambda: "no params found" in (denial(alice_suspends) or ""),
+            timeout=10,
+            what="the policy to refuse without parameters",
+        )
     finally:
-        core.create_namespaced_config_map(parameters_namespace, {"metadata": {
-            "name": name, "labels": saved.metadata.labels, "annotations": saved.metadata.annotations},
-            "data": saved.data})
+        core.create_namespaced_config_map(
+            parameters_namespace,
+            {
+                "metadata": {"name": name, "labels": saved.metadata.labels, "annotations": saved.metadata.annotations},
+                "data": saved.data,
+            },
+        )
     wait_until_allowed(alice_suspends, "alice allowed again with the parameters back")
 
 
@@ -292,6 +366,7 @@ def test_the_policy_type_checks(api):
     def checked():
         policy = admission.read_validating_admission_policy(POLICY)
         return policy if policy.status and policy.status.observed_generation == policy.metadata.generation else None
+
     policy = wait_for(checked, timeout=30, what="the API server to type-check the policy")
     warnings = (policy.status.type_checking.expression_warnings or []) if policy.status.type_checking else []
     assert not warnings, [(w.field_ref, w.warning) for w in warnings]

@@ -6,6 +6,7 @@ the one rule that refuses its value, stores such an object, puts the rule back a
 then checks that the operator reads it on the safe side, says what is wrong in words, and
 that every other object goes on as before.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,14 @@ def _refused(create, words: str) -> bool:
 def rule_lifted(crd: str, path: str, probe):
     """The CRD without the validations at `path` while the block stores its object, then as in
     crds/ again. `probe` is a dry-run create of the bad value: refused (True) or not."""
-    kubectl("patch", "crd", f"{crd}.{GROUP}", "--type=json",
-            "-p", json.dumps([{"op": "remove", "path": f"{SPEC}{path}/x-kubernetes-validations"}]))
+    kubectl(
+        "patch",
+        "crd",
+        f"{crd}.{GROUP}",
+        "--type=json",
+        "-p",
+        json.dumps([{"op": "remove", "path": f"{SPEC}{path}/x-kubernetes-validations"}]),
+    )
     try:
         wait_for(lambda: not probe(), timeout=30, what=f"{crd}: the rule lifted")
         yield
@@ -51,9 +58,16 @@ def operator_log(operator) -> str:
 
 
 def _dataset_body(name: str, until: str, members: list[str]) -> dict:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Dataset", "metadata": {"name": name}, "spec": {
-        "pid": f"10.5072/{name}", "storage": {"nfs": {"server": "nfs.facility.example", "path": f"/exports/{name}"}},
-        "access": {"level": "embargoed", "embargoedUntil": until, "members": members}}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Dataset",
+        "metadata": {"name": name},
+        "spec": {
+            "pid": f"10.5072/{name}",
+            "storage": {"nfs": {"server": "nfs.facility.example", "path": f"/exports/{name}"}},
+            "access": {"level": "embargoed", "embargoedUntil": until, "members": members},
+        },
+    }
 
 
 @pytest.fixture
@@ -66,23 +80,32 @@ def cluster_objects(custom):
 
 
 def create_as(kubeconfig: str, user: str, namespace: str, name: str, **spec) -> dict:
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AnalysisEnvironment", "metadata": {"name": name},
-            "spec": {"flavor": "test-short", **spec}}
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "AnalysisEnvironment",
+        "metadata": {"name": name},
+        "spec": {"flavor": "test-short", **spec},
+    }
     return kubernetes.client.CustomObjectsApi(impersonating(kubeconfig, user)).create_namespaced_custom_object(
-        GROUP, VERSION, namespace, "analysisenvironments", body)
+        GROUP, VERSION, namespace, "analysisenvironments", body
+    )
 
 
-def test_an_impossible_embargo_date_poisons_nothing(kubeconfig, custom, cluster_objects, environments, namespace,
-                                                    operator):
+def test_an_impossible_embargo_date_poisons_nothing(
+    kubeconfig, custom, cluster_objects, environments, namespace, operator
+):
     """Before: the datasets index failed ('day is out of range for month'), every later refusal said
     so, and revoking access to other datasets silently stopped working."""
     suffix = uuid.uuid4().hex[:6]
     bad, good = f"feb30-{suffix}", f"good-{suffix}"
 
     def probe() -> bool:
-        return _refused(lambda: custom.create_cluster_custom_object(
-            GROUP, VERSION, "datasets", _dataset_body(f"probe-{suffix}", "2026-02-30", []), dry_run="All"),
-            "no such date")
+        return _refused(
+            lambda: custom.create_cluster_custom_object(
+                GROUP, VERSION, "datasets", _dataset_body(f"probe-{suffix}", "2026-02-30", []), dry_run="All"
+            ),
+            "no such date",
+        )
 
     with rule_lifted("datasets", "/access/properties/embargoedUntil", probe):
         custom.create_cluster_custom_object(GROUP, VERSION, "datasets", _dataset_body(bad, "2026-02-30", ["alice"]))
@@ -107,26 +130,39 @@ def test_an_impossible_embargo_date_poisons_nothing(kubeconfig, custom, cluster_
     assert stopped["reason"] == "AccessRevoked" and f"dataset '{good}'" in stopped["message"]
     assert environments.phase("team") == "Ready"
 
-    unreadable = [json.loads(line) for line in operator_log(operator).splitlines()
-                  if '"index.unreadable"' in line and bad in line]
+    unreadable = [
+        json.loads(line) for line in operator_log(operator).splitlines() if '"index.unreadable"' in line and bad in line
+    ]
     assert unreadable and "'2026-02-30' is not a real date" in unreadable[0]["problem"]
     assert unreadable[0]["logger"] == "analysis_operator.indexes"
 
 
 def _lifetime_probe(custom, namespace: str, value: str, words: str):
     def probe() -> bool:
-        return _refused(lambda: custom.create_namespaced_custom_object(
-            GROUP, VERSION, namespace, "analysisenvironments",
-            {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AnalysisEnvironment", "metadata": {"name": "probe"},
-             "spec": {"owner": "alice", "flavor": "test-short", "lifetime": value}}, dry_run="All"), words)
+        return _refused(
+            lambda: custom.create_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                namespace,
+                "analysisenvironments",
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "AnalysisEnvironment",
+                    "metadata": {"name": "probe"},
+                    "spec": {"owner": "alice", "flavor": "test-short", "lifetime": value},
+                },
+                dry_run="All",
+            ),
+            words,
+        )
+
     return probe
 
 
 def _patch_or_refusal(custom, namespace: str, name: str, spec: dict) -> str | None:
     """None if the patch was stored, else the refusal's message (an admission webhook may refuse it)."""
     try:
-        custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "analysisenvironments", name,
-                                              {"spec": spec})
+        custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "analysisenvironments", name, {"spec": spec})
         return None
     except kubernetes.client.ApiException as error:
         return json.loads(error.body)["message"]
@@ -140,11 +176,14 @@ def test_a_stored_huge_lifetime_is_refused_in_words_and_harms_no_other(custom, e
     probe = _lifetime_probe(custom, namespace, "9999999999d", "must be at most 366d")
     with rule_lifted("analysisenvironments", "/lifetime", probe):
         refusal = _patch_or_refusal(custom, namespace, "steady", {"lifetime": "9999999999d"})
-    if refusal is not None:   # refused at admission: then in words
+    if refusal is not None:  # refused at admission: then in words
         assert "lifetime" in refusal and not any(words in refusal for words in PYTHON_WORDS), refusal
     else:
-        status = wait_for(lambda: (s := environments.get("steady").get("status") or {}).get("reason") ==
-                          "LifetimeTooLong" and s, timeout=30, what="steady refused for its lifetime")
+        status = wait_for(
+            lambda: (s := environments.get("steady").get("status") or {}).get("reason") == "LifetimeTooLong" and s,
+            timeout=30,
+            what="steady refused for its lifetime",
+        )
         assert "longer than" in status["message"], status
     environments.create("neighbour", flavor="test-short", lifetime="30m")
     environments.wait_phase("neighbour", "Ready")
@@ -158,8 +197,11 @@ def test_a_stored_zero_lifetime_expires_instead_of_running_the_flavors_maximum(c
     with rule_lifted("analysisenvironments", "/lifetime", probe):
         environments.create("zero", flavor="test-short", lifetime="0s")
     # Expired at once (read as the least lifetime, 1s), or refused for its spec: never left running.
-    status = wait_for(lambda: (s := environments.get("zero").get("status") or {}).get("phase") in (
-        "Expired", "Rejected") and s, timeout=30, what="zero to end")
+    status = wait_for(
+        lambda: (s := environments.get("zero").get("status") or {}).get("phase") in ("Expired", "Rejected") and s,
+        timeout=30,
+        what="zero to end",
+    )
     if status["phase"] == "Expired":
         started = datetime.datetime.fromisoformat(status["startedAt"].replace("Z", "+00:00"))
         expires = datetime.datetime.fromisoformat(status["expiresAt"].replace("Z", "+00:00"))
@@ -172,24 +214,44 @@ def test_a_stored_huge_extension_is_applied_at_the_ceiling(kubeconfig, custom, e
     """Before: the approval of a BudgetRequest with an overflowing lifetime was never applied."""
     environments.create("long", flavor="test-short")
     before = environments.wait_phase("long", "Ready")["status"]
-    request = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "BudgetRequest", "metadata": {"name": "forever"},
-               "spec": {"environment": "long", "lifetime": "9999999999d", "reason": "beam time ran late"}}
+    request = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "BudgetRequest",
+        "metadata": {"name": "forever"},
+        "spec": {"environment": "long", "lifetime": "9999999999d", "reason": "beam time ran late"},
+    }
 
     def probe() -> bool:
-        return _refused(lambda: custom.create_namespaced_custom_object(
-            GROUP, VERSION, namespace, "budgetrequests", {**request, "metadata": {"name": "probe"}}, dry_run="All"),
-            "must be at most 366d")
+        return _refused(
+            lambda: custom.create_namespaced_custom_object(
+                GROUP, VERSION, namespace, "budgetrequests", {**request, "metadata": {"name": "probe"}}, dry_run="All"
+            ),
+            "must be at most 366d",
+        )
 
     with rule_lifted("budgetrequests", "/lifetime", probe):
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "budgetrequests", request)
     admin = kubernetes.client.CustomObjectsApi(impersonating(kubeconfig, "dora", group="analysis-admins"))
-    admin.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "budgetrequests", "forever",
-                                                {"status": {"decision": "Approved"}})
-    status = wait_for(lambda: (s := custom.get_namespaced_custom_object(
-        GROUP, VERSION, namespace, "budgetrequests", "forever").get("status") or {}).get("phase") == "Applied" and s,
-        timeout=30, what="the approval applied")
+    admin.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, "budgetrequests", "forever", {"status": {"decision": "Approved"}}
+    )
+    status = wait_for(
+        lambda: (
+            (
+                s := custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "budgetrequests", "forever").get(
+                    "status"
+                )
+                or {}
+            ).get("phase")
+            == "Applied"
+            and s
+        ),
+        timeout=30,
+        what="the approval applied",
+    )
     assert "extended" in status["message"]
     after = environments.get("long")["status"]
-    moved = (datetime.datetime.fromisoformat(after["expiresAt"].replace("Z", "+00:00")) -
-             datetime.datetime.fromisoformat(before["expiresAt"].replace("Z", "+00:00")))
+    moved = datetime.datetime.fromisoformat(
+        after["expiresAt"].replace("Z", "+00:00")
+    ) - datetime.datetime.fromisoformat(before["expiresAt"].replace("Z", "+00:00"))
     assert moved == datetime.timedelta(days=366)

@@ -1,5 +1,6 @@
 """ComputeBudgets and BudgetRequests against the real API server and the operator process:
 admission refusals, racing creates, accounting, restart, exhaustion, approvals and RBAC."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -14,9 +15,11 @@ import pytest
 from tests.integration.conftest import GROUP, VERSION, impersonating
 from tests.waiting import wait_for
 
-SETTINGS = {"ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET": "true",
-            "ANALYSIS_OPERATOR_BUDGETS_CHARGE_INTERVAL_SECONDS": "1",
-            "ANALYSIS_OPERATOR_BUDGETS_EXPIRY_WARNING_SECONDS": "7200"}
+SETTINGS = {
+    "ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET": "true",
+    "ANALYSIS_OPERATOR_BUDGETS_CHARGE_INTERVAL_SECONDS": "1",
+    "ANALYSIS_OPERATOR_BUDGETS_EXPIRY_WARNING_SECONDS": "7200",
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +37,12 @@ class Budgets:
     def create(self, limits: dict, user: str = "", group: str = "", **spec) -> str:
         name = f"b-{uuid.uuid4().hex[:8]}"
         spec = {"limits": limits, **({"user": user} if user else {"group": group}), **spec}
-        self.custom.create_cluster_custom_object(GROUP, VERSION, "computebudgets", {
-            "apiVersion": f"{GROUP}/{VERSION}", "kind": "ComputeBudget", "metadata": {"name": name}, "spec": spec})
+        self.custom.create_cluster_custom_object(
+            GROUP,
+            VERSION,
+            "computebudgets",
+            {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ComputeBudget", "metadata": {"name": name}, "spec": spec},
+        )
         self.created.append(name)
         # The operator writes the numbers once it sees a budget; only then does admission know it either.
         wait_for(lambda: self.status(name).get("display"), timeout=10, what=f"the operator to see {name}")
@@ -59,9 +66,17 @@ def budgets(custom, budget_operator):
 @pytest.fixture
 def group(custom):
     name = f"g-{uuid.uuid4().hex[:8]}"
-    custom.create_cluster_custom_object(GROUP, VERSION, "facilitygroups", {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "FacilityGroup", "metadata": {"name": name},
-        "spec": {"members": ["member-a", "member-b"]}})
+    custom.create_cluster_custom_object(
+        GROUP,
+        VERSION,
+        "facilitygroups",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "FacilityGroup",
+            "metadata": {"name": name},
+            "spec": {"members": ["member-a", "member-b"]},
+        },
+    )
     yield name
     custom.delete_cluster_custom_object(GROUP, VERSION, "facilitygroups", name)
 
@@ -86,22 +101,28 @@ def test_admission_refuses_with_messages_a_scientist_understands(budgets, group,
     assert "has no ComputeBudget" in refusal(environments, "none", flavor="jupyter-basic", owner=user())
     alice = user()
     spent = budgets.create({"cpuHours": 0}, user=alice)
-    assert (f"CPU-hours budget of user '{alice}' (ComputeBudget '{spent}') exhausted: 0.0 of 0.0 used"
-            in refusal(environments, "cpu", flavor="jupyter-basic", owner=alice))
-    assert "does not exist" in refusal(environments, "unknown", flavor="jupyter-basic", owner=alice,
-                                       budget="no-such-budget")
+    assert f"CPU-hours budget of user '{alice}' (ComputeBudget '{spent}') exhausted: 0.0 of 0.0 used" in refusal(
+        environments, "cpu", flavor="jupyter-basic", owner=alice
+    )
+    assert "does not exist" in refusal(
+        environments, "unknown", flavor="jupyter-basic", owner=alice, budget="no-such-budget"
+    )
     shared = budgets.create({"gpuHours": 20, "maxGpus": 1, "maxEnvironments": 2}, group=group)
-    assert f"may not draw on group '{group}'" in refusal(environments, "outsider", flavor="jupyter-basic",
-                                                         owner=alice, budget=shared)
+    assert f"may not draw on group '{group}'" in refusal(
+        environments, "outsider", flavor="jupyter-basic", owner=alice, budget=shared
+    )
     environments.create("gpu-1", flavor="jupyter-gpu", owner="member-a", budget=shared)
-    assert "allows 1 GPU(s) at once, 1 are in use" in refusal(environments, "gpu-2", flavor="jupyter-gpu",
-                                                              owner="member-b", budget=shared)
+    assert "allows 1 GPU(s) at once, 1 are in use" in refusal(
+        environments, "gpu-2", flavor="jupyter-gpu", owner="member-b", budget=shared
+    )
     environments.create("cpu-1", flavor="jupyter-basic", owner="member-b", budget=shared)
     assert "allows 2 environment(s) at once and 2 are running" in refusal(
-        environments, "cpu-2", flavor="jupyter-basic", owner="member-b", budget=shared)
+        environments, "cpu-2", flavor="jupyter-basic", owner="member-b", budget=shared
+    )
     expired = budgets.create({"cpuHours": 10}, user=(carol := user()), period={"validUntil": "2020-01-01T00:00:00Z"})
     assert f"(ComputeBudget '{expired}') expired at 2020-01-01T00:00:00Z" in refusal(
-        environments, "late", flavor="jupyter-basic", owner=carol)
+        environments, "late", flavor="jupyter-basic", owner=carol
+    )
 
 
 def test_gpu_hours_exhausted_names_the_group(budgets, group, environments):
@@ -119,6 +140,7 @@ def _race(environments, owner: str, count: int) -> list[str]:
         except kubernetes.client.ApiException as error:
             assert error.status == 403 and "allows 1 environment(s) at once" in error.body, error.body
             return None
+
     with concurrent.futures.ThreadPoolExecutor(count) as pool:
         return [name for name in pool.map(create, range(count)) if name]
 
@@ -139,12 +161,16 @@ def test_racing_creates_past_admission_are_decided_exactly_once_by_reconcile(bud
         name = budgets.create({"maxEnvironments": 1}, user=owner)
         admitted = _race(environments, owner, 12)
         assert len(admitted) == 12
-        wait_for(lambda: all(environments.phase(n) in {"Ready", "Rejected"} for n in admitted), timeout=60,
-                 what="every environment decided")
+        wait_for(
+            lambda: all(environments.phase(n) in {"Ready", "Rejected"} for n in admitted),
+            timeout=60,
+            what="every environment decided",
+        )
         phases = {n: environments.get(n)["status"] for n in admitted}
         assert sorted(status["phase"] for status in phases.values()) == ["Ready"] + ["Rejected"] * 11
-        assert {status.get("reason") for status in phases.values() if status["phase"] == "Rejected"} == \
-            {"TooManyEnvironments"}
+        assert {status.get("reason") for status in phases.values() if status["phase"] == "Rejected"} == {
+            "TooManyEnvironments"
+        }
         assert budgets.status(name)["running"]["environments"] == 1
     finally:
         budget_operator.configure(ANALYSIS_OPERATOR_BUDGETS_CHECK_AT_ADMISSION="true")
@@ -161,13 +187,16 @@ def _seconds(text: str) -> float:
 def test_usage_is_charged_and_a_restart_neither_loses_nor_double_counts(budgets, environments, budget_operator):
     owner = user()
     name = budgets.create({"cpuHours": 100}, user=owner)
-    environments.create("work", flavor="jupyter-basic", owner=owner)   # 1 CPU
+    environments.create("work", flavor="jupyter-basic", owner=owner)  # 1 CPU
     environments.wait_phase("work", "Ready")
     wait_for(lambda: _ledger(budgets, name).get("cpuHours", 0) > 0, timeout=30, what="a first charge")
-    budget_operator.restart(signal.SIGKILL)   # mid-run, no chance to flush anything
-    restarted = datetime.datetime.now(datetime.timezone.utc).timestamp()
-    wait_for(lambda: _seconds(_ledger(budgets, name)["chargedUntil"]) >= restarted + 2, timeout=30,
-             what="charges after the restart")
+    budget_operator.restart(signal.SIGKILL)  # mid-run, no chance to flush anything
+    restarted = datetime.datetime.now(datetime.UTC).timestamp()
+    wait_for(
+        lambda: _seconds(_ledger(budgets, name)["chargedUntil"]) >= restarted + 2,
+        timeout=30,
+        what="charges after the restart",
+    )
     entry = _ledger(budgets, name)
     charged_seconds = _seconds(entry["chargedUntil"]) - _seconds(entry["since"])
     # Exactly CPUs x wall time from reservation to the last charge: the downtime is not lost, nothing twice.
@@ -178,7 +207,7 @@ def test_usage_is_charged_and_a_restart_neither_loses_nor_double_counts(budgets,
 
 def test_an_exhausted_budget_stops_its_environments_and_keeps_them(budgets, environments, core, namespace):
     owner = user()
-    name = budgets.create({"cpuHours": 0.002}, user=owner)   # 7.2 CPU-seconds
+    name = budgets.create({"cpuHours": 0.002}, user=owner)  # 7.2 CPU-seconds
     environments.create("short", flavor="jupyter-basic", owner=owner)
     environments.wait_phase("short", "Ready")
     stopped = environments.wait_phase("short", "BudgetExhausted", timeout=30)
@@ -187,8 +216,9 @@ def test_an_exhausted_budget_stops_its_environments_and_keeps_them(budgets, envi
     assert ready["status"] == "False" and f"(ComputeBudget '{name}') exhausted" in ready["message"]
     wait_for(lambda: _gone(core, namespace, "aenv-short"), timeout=30, what="the pod removed")
     wait_for(lambda: "BudgetExhausted" in events(core, namespace, "short"), timeout=10, what="the Event")
-    status = wait_for(lambda: (s := budgets.status(name)) and not s.get("environments") and s, timeout=10,
-                      what="the entry settled")
+    status = wait_for(
+        lambda: (s := budgets.status(name)) and not s.get("environments") and s, timeout=10, what="the entry settled"
+    )
     assert status["used"]["cpuHours"] >= 0.002
     assert {"BudgetWarning", "BudgetExhausted"} <= events(core, "default", name, kind="ComputeBudget")
     (exhausted,) = [c for c in status["conditions"] if c["type"] == "Exhausted"]
@@ -208,17 +238,24 @@ class Requests:
         self.api, self.namespace = kubernetes.client.CustomObjectsApi(client), namespace
 
     def create(self, **spec) -> dict:
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "BudgetRequest",
-                "metadata": {"generateName": "more-"}, "spec": {"reason": "beamtime extended", **spec}}
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "BudgetRequest",
+            "metadata": {"generateName": "more-"},
+            "spec": {"reason": "beamtime extended", **spec},
+        }
         return self.api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, "budgetrequests", body)
 
     def decide(self, name: str, **status) -> dict:
-        return self.api.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, "budgetrequests",
-                                                              name, {"status": status})
+        return self.api.patch_namespaced_custom_object_status(
+            GROUP, VERSION, self.namespace, "budgetrequests", name, {"status": status}
+        )
 
     def status(self, name: str) -> dict:
-        return self.api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, "budgetrequests",
-                                                     name).get("status") or {}
+        return (
+            self.api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, "budgetrequests", name).get("status")
+            or {}
+        )
 
 
 def test_only_an_admin_approves_and_approval_counts_exactly_once(kubeconfig, budgets, namespace, budget_operator):
@@ -232,15 +269,18 @@ def test_only_an_admin_approves_and_approval_counts_exactly_once(kubeconfig, bud
     wait_for(lambda: scientist.status(request_name).get("phase") == "Pending", timeout=10, what="Pending")
 
     with pytest.raises(kubernetes.client.ApiException) as refused:
-        scientist.decide(request_name, decision="Approved")   # RBAC: no patch on budgetrequests/status
+        scientist.decide(request_name, decision="Approved")  # RBAC: no patch on budgetrequests/status
     assert refused.value.status == 403 and "budgetrequests/status" in refused.value.body
 
-    admin.decide(request_name, decision="Approved", decidedBy="someone-else")   # the stamp wins
-    status = wait_for(lambda: (s := admin.status(request_name)).get("phase") == "Applied" and s, timeout=10,
-                      what="the approval applied")
+    admin.decide(request_name, decision="Approved", decidedBy="someone-else")  # the stamp wins
+    status = wait_for(
+        lambda: (s := admin.status(request_name)).get("phase") == "Applied" and s,
+        timeout=10,
+        what="the approval applied",
+    )
     assert status["decidedBy"] == "dora" and status["decidedAt"]
     wait_for(lambda: budgets.status(name).get("limits", {}).get("gpuHours") == 30, timeout=10, what="limit raised")
-    assert budgets.get(name)["spec"]["limits"]["gpuHours"] == 20   # GitOps still owns spec
+    assert budgets.get(name)["spec"]["limits"]["gpuHours"] == 20  # GitOps still owns spec
 
     # A crash between the grant and "Applied" is replayed: the grant is keyed by the request's uid.
     admin.decide(request_name, phase="Pending")
@@ -259,18 +299,23 @@ def test_only_an_admin_approves_and_approval_counts_exactly_once(kubeconfig, bud
     assert budgets.status(name)["limits"]["cpuHours"] == 140
 
 
-def test_lifetime_is_extended_by_an_approved_request_after_a_warning(kubeconfig, budgets, environments, core,
-                                                                    namespace):
+def test_lifetime_is_extended_by_an_approved_request_after_a_warning(
+    kubeconfig, budgets, environments, core, namespace
+):
     owner = user()
     budgets.create({"cpuHours": 100}, user=owner)
-    environments.create("long", flavor="test-short", owner=owner)    # 1h, warned 2h before expiry here
+    environments.create("long", flavor="test-short", owner=owner)  # 1h, warned 2h before expiry here
     before = environments.wait_phase("long", "Ready")["status"]
     wait_for(lambda: "ExpiresSoon" in events(core, namespace, "long"), timeout=15, what="ExpiresSoon Event")
     request = Requests(impersonating(kubeconfig, owner), namespace).create(environment="long", lifetime="2h")
     Requests(impersonating(kubeconfig, "dora", group="analysis-admins"), namespace).decide(
-        request["metadata"]["name"], decision="Approved")
-    wait_for(lambda: environments.get("long")["status"]["expiresAt"] != before["expiresAt"], timeout=30,
-             what="expiresAt moved")
+        request["metadata"]["name"], decision="Approved"
+    )
+    wait_for(
+        lambda: environments.get("long")["status"]["expiresAt"] != before["expiresAt"],
+        timeout=30,
+        what="expiresAt moved",
+    )
     after = environments.get("long")["status"]
     assert _seconds(after["expiresAt"]) - _seconds(before["expiresAt"]) == 2 * 3600
 
@@ -283,6 +328,7 @@ def test_metrics_show_budgets_phases_and_refusals(budgets, environments, budget_
 
     def scrape() -> str:
         return urllib.request.urlopen(url, timeout=5).read().decode()
+
     text = wait_for(lambda: name in (t := scrape()) and t, timeout=10, what="the budget in /metrics")
     assert f'analysis_budget_limit{{budget="{name}",resource="cpuHours"}} 140.0' in text
     assert 'analysis_admission_refusals_total{reason="NoBudget",stage="admission"}' in text

@@ -3,6 +3,7 @@ non-default values, every object accepted by the server, a real install, upgrade
 certificate rotation and uninstall; and its RBAC, by running the operator with
 the chart ServiceAccount's token through an environment's whole life (and
 failing when one rule is taken away)."""
+
 from __future__ import annotations
 
 import base64
@@ -26,8 +27,11 @@ pytestmark = pytest.mark.integration
 # Stand-ins for CRDs of cert-manager and the Prometheus Operator, which this stack does
 # not run: enough for the API server to accept (and so check the envelope of) the
 # chart's Certificate, Issuer and ServiceMonitor; their specs are not validated.
-STAND_IN_CRDS = [("cert-manager.io", "Certificate", "certificates"), ("cert-manager.io", "Issuer", "issuers"),
-                 ("monitoring.coreos.com", "ServiceMonitor", "servicemonitors")]
+STAND_IN_CRDS = [
+    ("cert-manager.io", "Certificate", "certificates"),
+    ("cert-manager.io", "Issuer", "issuers"),
+    ("monitoring.coreos.com", "ServiceMonitor", "servicemonitors"),
+]
 
 
 def _documents(path: pathlib.Path) -> list[dict]:
@@ -57,6 +61,7 @@ def fresh_namespace(kubeconfig):
         kubectl("create", "namespace", name)
         names.append(name)
         return name
+
     yield make
     for name in names:
         kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
@@ -64,14 +69,27 @@ def fresh_namespace(kubeconfig):
 
 @pytest.fixture(scope="module")
 def stand_in_crds(kubeconfig, tmp_path_factory):
-    crds = [{
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{group}"},
-        "spec": {"group": group, "scope": "Namespaced",
-                 "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
-                 "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
-                     "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
-    } for group, kind, plural in STAND_IN_CRDS]
+    crds = [
+        {
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.{group}"},
+            "spec": {
+                "group": group,
+                "scope": "Namespaced",
+                "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                "versions": [
+                    {
+                        "name": "v1",
+                        "served": True,
+                        "storage": True,
+                        "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+                    }
+                ],
+            },
+        }
+        for group, kind, plural in STAND_IN_CRDS
+    ]
     path = tmp_path_factory.mktemp("stand-in") / "crds.yaml"
     _apply(crds, path)
     kubectl("wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{c['metadata']['name']}" for c in crds))
@@ -89,12 +107,18 @@ def custom_values(watch_namespace: str, environment_namespace: str) -> dict:
         "peering": {"name": _unique("chart-custom"), "lifetimeSeconds": 15},
         "certManager": {"enabled": True, "duration": "720h", "renewBefore": "240h"},
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
-        "networkPolicy": {"enabled": True, "namespaces": [environment_namespace], "allowAllEgress": False,
-                          "ingressFrom": [{"namespaceSelector": {"matchLabels": {
-                              "kubernetes.io/metadata.name": "ingress-nginx"}}}],
-                          "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}]},
-        "admission": {"failurePolicy": {"environment-owner": "Ignore"}, "trustedGroups": ["portal-a", "portal-b"],
-                      "namespaceSelector": {"matchLabels": {"analysis.panosc.eu/environments": "enabled"}}},
+        "networkPolicy": {
+            "enabled": True,
+            "namespaces": [environment_namespace],
+            "allowAllEgress": False,
+            "ingressFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}],
+            "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}],
+        },
+        "admission": {
+            "failurePolicy": {"environment-owner": "Ignore"},
+            "trustedGroups": ["portal-a", "portal-b"],
+            "namespaceSelector": {"matchLabels": {"analysis.panosc.eu/environments": "enabled"}},
+        },
         "config": {"sweep_interval_seconds": 30},
         "flavors": {_unique("chart-flavor"): flavor},
         "facilityGroups": {_unique("chart-group"): {"description": "chart test", "members": ["alice"]}},
@@ -113,14 +137,17 @@ def test_lint_default_and_custom_values(tmp_path):
     assert "0 chart(s) failed" in helm("lint", "--strict", str(CHART), "--values", str(values)).stdout
 
 
-@pytest.mark.parametrize("setting, complaint", [
-    ("replicaCount=two", "replicaCount"),
-    ("peering.lifetimeSeconds=1", "lifetimeSeconds"),
-    ("admission.failurePolicy.environment-owner=Sometimes", "failurePolicy"),
-    ("flavours.x=1", "additional properties 'flavours'"),   # a typo in GitOps values is refused
-    ("authorization.adminGroup[0]=x", "additional properties 'adminGroup'"),
-    ("authorization.operatorUsernames[0]=a\\,b", "operatorUsernames"),   # lists are joined with commas
-])
+@pytest.mark.parametrize(
+    "setting, complaint",
+    [
+        ("replicaCount=two", "replicaCount"),
+        ("peering.lifetimeSeconds=1", "lifetimeSeconds"),
+        ("admission.failurePolicy.environment-owner=Sometimes", "failurePolicy"),
+        ("flavours.x=1", "additional properties 'flavours'"),  # a typo in GitOps values is refused
+        ("authorization.adminGroup[0]=x", "additional properties 'adminGroup'"),
+        ("authorization.operatorUsernames[0]=a\\,b", "operatorUsernames"),  # lists are joined with commas
+    ],
+)
 def test_schema_refuses_bad_values(setting, complaint):
     result = helm("template", "x", str(CHART), "--set", setting, check=False)
     assert result.returncode != 0 and complaint in result.stderr, result.stderr
@@ -128,16 +155,20 @@ def test_schema_refuses_bad_values(setting, complaint):
 
 def _chart_crds(chart: str) -> list[dict]:
     output = helm("template", "x", chart, "--include-crds").stdout
-    return sorted((d for d in yaml.safe_load_all(output) if d and d["kind"] == "CustomResourceDefinition"),
-                  key=lambda crd: crd["metadata"]["name"])
+    return sorted(
+        (d for d in yaml.safe_load_all(output) if d and d["kind"] == "CustomResourceDefinition"),
+        key=lambda crd: crd["metadata"]["name"],
+    )
 
 
 def test_chart_crds_are_the_repository_crds(tmp_path):
     """One source of truth: the chart's crds/ is a link to the repository's, and helm
     packages what it points to (no copy that could drift)."""
     assert (CHART / "crds").is_symlink() and (CHART / "crds").resolve() == (REPO / "crds").resolve()
-    repository = sorted((d for path in sorted((REPO / "crds").glob("*.yaml")) for d in _documents(path)),
-                        key=lambda crd: crd["metadata"]["name"])
+    repository = sorted(
+        (d for path in sorted((REPO / "crds").glob("*.yaml")) for d in _documents(path)),
+        key=lambda crd: crd["metadata"]["name"],
+    )
     # `helm template --include-crds` shows what install applies, file by file
     # (`helm show crds` joins the files without separators).
     assert _chart_crds(str(CHART)) == repository
@@ -159,8 +190,9 @@ def test_authorization_policy_is_the_repository_policy(tmp_path):
     repository = _documents(REPO / "deploy/authorization/policy.yaml")[0]
     helm("package", str(CHART), "--destination", str(tmp_path))
     for chart in (str(CHART), str(next(tmp_path.glob("analysis-operator-*.tgz")))):
-        objects = _template(chart, "ops", "--set", "admission.trustedUsers={portal-backend}",
-                            "--set", "admission.usernamePrefix=oidc:")
+        objects = _template(
+            chart, "ops", "--set", "admission.trustedUsers={portal-backend}", "--set", "admission.usernamePrefix=oidc:"
+        )
         policy = find(objects, "ValidatingAdmissionPolicy")
         assert policy["spec"] == repository["spec"]
         assert policy["metadata"]["name"] == "aop-analysis-operator-environments"
@@ -168,14 +200,27 @@ def test_authorization_policy_is_the_repository_policy(tmp_path):
         binding = find(objects, "ValidatingAdmissionPolicyBinding")["spec"]
         assert binding["policyName"] == "aop-analysis-operator-environments"
         assert binding["validationActions"] == ["Deny"]
-        assert binding["paramRef"] == {"name": "aop-analysis-operator-authorization", "namespace": "ops",
-                                       "parameterNotFoundAction": "Deny"}
-        assert "matchResources" not in binding          # every namespace
+        assert binding["paramRef"] == {
+            "name": "aop-analysis-operator-authorization",
+            "namespace": "ops",
+            "parameterNotFoundAction": "Deny",
+        }
+        assert "matchResources" not in binding  # every namespace
         assert find(objects, "ConfigMap", "aop-analysis-operator-authorization")["data"] == {
-            "trustedUsers": "portal-backend", "trustedGroups": "analysis-portal", "adminGroups": "analysis-admins",
-            "operatorUsernames": "system:serviceaccount:ops:aop-analysis-operator", "usernamePrefix": "oidc:"}
-    objects = _template(str(CHART), "ops", "--set", "authorization.operatorUsernames={op-a,op-b}",
-                        "--set", "authorization.adminGroups={ops,platform}")
+            "trustedUsers": "portal-backend",
+            "trustedGroups": "analysis-portal",
+            "adminGroups": "analysis-admins",
+            "operatorUsernames": "system:serviceaccount:ops:aop-analysis-operator",
+            "usernamePrefix": "oidc:",
+        }
+    objects = _template(
+        str(CHART),
+        "ops",
+        "--set",
+        "authorization.operatorUsernames={op-a,op-b}",
+        "--set",
+        "authorization.adminGroups={ops,platform}",
+    )
     data = find(objects, "ConfigMap", "aop-analysis-operator-authorization")["data"]
     assert (data["operatorUsernames"], data["adminGroups"]) == ("op-a,op-b", "ops,platform")
     disabled = _template(str(CHART), "ops", "--set", "authorization.enabled=false")
@@ -187,16 +232,26 @@ def test_the_charts_policy_binds(fresh_namespace, environments, namespace, kubec
     portal group, the local stack's portal (trusted by the local binding) is refused in the
     release's watchNamespace by the chart's binding, and allowed again once it is removed."""
     release_namespace, release = fresh_namespace("aop-authz"), _unique("aop")
-    objects = render(release, release_namespace, "--show-only", "templates/authorization.yaml",
-                     "--set", f"watchNamespace={namespace}", "--set", "admission.trustedGroups={other-portal}")
+    objects = render(
+        release,
+        release_namespace,
+        "--show-only",
+        "templates/authorization.yaml",
+        "--set",
+        f"watchNamespace={namespace}",
+        "--set",
+        "admission.trustedGroups={other-portal}",
+    )
     environments.create("lab", flavor="jupyter-basic", owner="alice")
     portal = impersonating(kubeconfig, "system:serviceaccount:portal:backend", "analysis-portal")
     alice = impersonating(kubeconfig, "alice")
 
     def suspend(client):
         api = kubernetes.client.CustomObjectsApi(client)
-        return lambda: api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "lab",
-                                                          {"spec": {"suspend": True}}, dry_run="All")
+        return lambda: api.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "lab", {"spec": {"suspend": True}}, dry_run="All"
+        )
+
     assert denial(suspend(portal)) is None
     manifest = tmp_path / "authorization.yaml"
     _apply(objects, manifest)
@@ -204,7 +259,7 @@ def test_the_charts_policy_binds(fresh_namespace, environments, namespace, kubec
         message = wait_for(lambda: denial(suspend(portal)), timeout=30, what="the chart's binding to refuse the portal")
         assert f"'{release}-analysis-operator-environments'" in message, message
         assert "only its owner 'alice', the portal acting for that owner, and admins may change" in message
-        assert denial(suspend(alice)) is None               # its parameters are found: the owner may
+        assert denial(suspend(alice)) is None  # its parameters are found: the owner may
     finally:
         kubectl("delete", "-f", str(manifest), "--ignore-not-found")
     wait_for(lambda: denial(suspend(portal)) is None, timeout=30, what="the portal allowed without the chart's binding")
@@ -225,8 +280,11 @@ def test_default_values_render_and_are_accepted_by_the_api_server(fresh_namespac
         for hook in find(objects, kind)["webhooks"]:
             assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
             assert hook["clientConfig"]["service"]["path"] == "/" + hook["name"].split(".")[0]
-    identity = next(h for h in find(objects, "ValidatingWebhookConfiguration")["webhooks"]
-                    if h["name"].startswith("environment-admission."))
+    identity = next(
+        h
+        for h in find(objects, "ValidatingWebhookConfiguration")["webhooks"]
+        if h["name"].startswith("environment-admission.")
+    )
     assert identity["failurePolicy"] == "Fail"
     find(objects, "PodDisruptionBudget")
     find(objects, "ClusterKopfPeering")
@@ -236,8 +294,11 @@ def test_default_values_render_and_are_accepted_by_the_api_server(fresh_namespac
 
 
 def test_custom_values_render_and_are_accepted_by_the_api_server(fresh_namespace, stand_in_crds, tmp_path):
-    namespace, watched, environments = fresh_namespace("aop-custom"), fresh_namespace("aop-watch"), \
-        fresh_namespace("aop-envs")
+    namespace, watched, environments = (
+        fresh_namespace("aop-custom"),
+        fresh_namespace("aop-watch"),
+        fresh_namespace("aop-envs"),
+    )
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump(custom_values(watched, environments)))
     objects = render("aop", namespace, "--values", str(values))
@@ -254,16 +315,20 @@ def test_custom_values_render_and_are_accepted_by_the_api_server(fresh_namespace
     assert len([o for o in objects if o["kind"] in ("Issuer", "Certificate")]) == 4
     for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
         configuration = find(objects, kind)
-        assert configuration["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == \
-            f"{namespace}/aop-analysis-operator-webhook"
+        assert (
+            configuration["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+            == f"{namespace}/aop-analysis-operator-webhook"
+        )
         assert all("caBundle" not in hook["clientConfig"] for hook in configuration["webhooks"])
     owner = find(objects, "MutatingWebhookConfiguration")["webhooks"][0]
     assert owner["failurePolicy"] == "Ignore" and owner["namespaceSelector"]["matchLabels"]
     policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] == environments)
     assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "analysis-operator"}
-    binding = find(objects, "ValidatingAdmissionPolicyBinding")   # only where this release's operator acts
+    binding = find(objects, "ValidatingAdmissionPolicyBinding")  # only where this release's operator acts
     assert binding["spec"]["matchResources"]["namespaceSelector"]["matchLabels"] == {
-        "analysis.panosc.eu/environments": "enabled", "kubernetes.io/metadata.name": watched}
+        "analysis.panosc.eu/environments": "enabled",
+        "kubernetes.io/metadata.name": watched,
+    }
     find(objects, "ServiceMonitor")
     find(objects, "EnvironmentFlavor")
     find(objects, "FacilityGroup")
@@ -272,8 +337,9 @@ def test_custom_values_render_and_are_accepted_by_the_api_server(fresh_namespace
 
 
 def _tls(namespace: str, release: str) -> dict:
-    secret = yaml.safe_load(kubectl("get", "secret", f"{release}-analysis-operator-webhook-tls", "-n", namespace,
-                                    "-o", "yaml").stdout)
+    secret = yaml.safe_load(
+        kubectl("get", "secret", f"{release}-analysis-operator-webhook-tls", "-n", namespace, "-o", "yaml").stdout
+    )
     return secret["data"]
 
 
@@ -286,8 +352,9 @@ def _ca_bundles(release: str) -> set[str]:
 
 
 def _pod_checksum(namespace: str, release: str) -> str:
-    deployment = yaml.safe_load(kubectl("get", "deployment", f"{release}-analysis-operator", "-n", namespace,
-                                        "-o", "yaml").stdout)
+    deployment = yaml.safe_load(
+        kubectl("get", "deployment", f"{release}-analysis-operator", "-n", namespace, "-o", "yaml").stdout
+    )
     return deployment["spec"]["template"]["metadata"]["annotations"]["checksum/webhook-tls"]
 
 
@@ -296,11 +363,22 @@ def test_install_upgrade_rotate_uninstall(fresh_namespace):
     namespace, release = fresh_namespace("aop-install"), _unique("aop")
     installed = False
     try:
-        helm("install", release, str(CHART), "-n", namespace, "--set", f"peering.name={release}",
-             "--wait", "--timeout", "120s")
+        helm(
+            "install",
+            release,
+            str(CHART),
+            "-n",
+            namespace,
+            "--set",
+            f"peering.name={release}",
+            "--wait",
+            "--timeout",
+            "120s",
+        )
         installed = True
-        deployment = yaml.safe_load(kubectl("get", "deployment", f"{release}-analysis-operator", "-n", namespace,
-                                            "-o", "yaml").stdout)
+        deployment = yaml.safe_load(
+            kubectl("get", "deployment", f"{release}-analysis-operator", "-n", namespace, "-o", "yaml").stdout
+        )
         assert deployment["status"].get("readyReplicas") == 2
         kubectl("get", "clusterkopfpeering", release)
         first = _tls(namespace, release)
@@ -324,13 +402,14 @@ def test_install_upgrade_rotate_uninstall(fresh_namespace):
 
         helm("uninstall", release, "-n", namespace, "--wait")
         installed = False
-        for kind, name, scope in [("deployment", f"{release}-analysis-operator", ["-n", namespace]),
-                                  ("validatingwebhookconfiguration", f"{release}-analysis-operator", []),
-                                  ("clusterrole", f"{release}-analysis-operator", []),
-                                  ("validatingadmissionpolicy", f"{release}-analysis-operator-environments", []),
-                                  ("validatingadmissionpolicybinding", f"{release}-analysis-operator-environments",
-                                   []),
-                                  ("clusterkopfpeering", release, [])]:
+        for kind, name, scope in [
+            ("deployment", f"{release}-analysis-operator", ["-n", namespace]),
+            ("validatingwebhookconfiguration", f"{release}-analysis-operator", []),
+            ("clusterrole", f"{release}-analysis-operator", []),
+            ("validatingadmissionpolicy", f"{release}-analysis-operator-environments", []),
+            ("validatingadmissionpolicybinding", f"{release}-analysis-operator-environments", []),
+            ("clusterkopfpeering", release, []),
+        ]:
             assert kubectl("get", kind, name, *scope, check=False).returncode != 0, f"{kind} {name} left behind"
         # Helm never deletes CRDs (nor the objects in them): removing them is a separate step.
         kubectl("get", "crd", "analysisenvironments.analysis.panosc.eu")
@@ -341,10 +420,22 @@ def test_install_upgrade_rotate_uninstall(fresh_namespace):
 
 # --- RBAC: the chart's rules are enough for a whole environment lifecycle, and each is needed.
 
+
 def _operator_rbac(release: str, namespace: str) -> list[dict]:
-    return render(release, namespace, "--show-only", "templates/serviceaccount.yaml",
-                  "--show-only", "templates/rbac.yaml", "--show-only", "templates/peering.yaml",
-                  "--set", "rbac.userRoles=false", "--set", f"peering.name={release}")
+    return render(
+        release,
+        namespace,
+        "--show-only",
+        "templates/serviceaccount.yaml",
+        "--show-only",
+        "templates/rbac.yaml",
+        "--show-only",
+        "templates/peering.yaml",
+        "--set",
+        "rbac.userRoles=false",
+        "--set",
+        f"peering.name={release}",
+    )
 
 
 def _without(objects: list[dict], resource: str, verb: str) -> list[dict]:
@@ -382,18 +473,27 @@ def chart_operator(fresh_namespace, other_operators_stopped, tmp_path, kubeconfi
         _apply(objects, manifest)
         service_account = find(objects, "ServiceAccount")["metadata"]["name"]
         config = service_account_kubeconfig(tmp_path / f"{release}.kubeconfig", namespace, service_account)
-        identities.enter_context(operator_identity(core, custom, kubeconfig,
-                                                   f"system:serviceaccount:{namespace}:{service_account}", namespace))
+        identities.enter_context(
+            operator_identity(
+                core, custom, kubeconfig, f"system:serviceaccount:{namespace}:{service_account}", namespace
+            )
+        )
         # As in the chart: webhooks served with a mounted certificate, registered by
         # nobody here (no host), so kopf needs no rights on webhook configurations.
         certificates = tmp_path / f"{release}-tls"
         ensure_certificates(str(certificates), ("localhost",))
-        process = OperatorProcess(str(config), tmp_path / f"{release}.log", ANALYSIS_OPERATOR_ADMISSION_HOST="",
-                                  ANALYSIS_OPERATOR_ADMISSION_CERT_DIR=str(certificates),
-                                  ANALYSIS_OPERATOR_STANDALONE="false", ANALYSIS_OPERATOR_PEERING_NAME=release)
+        process = OperatorProcess(
+            str(config),
+            tmp_path / f"{release}.log",
+            ANALYSIS_OPERATOR_ADMISSION_HOST="",
+            ANALYSIS_OPERATOR_ADMISSION_CERT_DIR=str(certificates),
+            ANALYSIS_OPERATOR_STANDALONE="false",
+            ANALYSIS_OPERATOR_PEERING_NAME=release,
+        )
         started.append((process, manifest))
         process.start()
         return process
+
     yield start
     for process, manifest in started:
         process.stop()
@@ -412,29 +512,37 @@ def test_chart_rbac_is_enough_for_a_whole_lifecycle(chart_operator, custom, name
     ready = environments.wait_phase("lab", "Ready", timeout=60)
     assert ready["status"]["connection"]["url"]
     for kind in ("pod", "service", "secret"):
-        assert kubectl("get", kind, "-n", namespace, "-l", "analysis.panosc.eu/environment=lab",
-                       "-o", "name").stdout.strip(), f"no {kind} for the environment"
+        assert kubectl(
+            "get", kind, "-n", namespace, "-l", "analysis.panosc.eu/environment=lab", "-o", "name"
+        ).stdout.strip(), f"no {kind} for the environment"
     environments.patch_spec("lab", suspend=True)
     environments.wait_phase("lab", "Suspended", timeout=60)
-    environments.patch_spec("lab", suspend=False)      # resuming reads the kept token Secret back
+    environments.patch_spec("lab", suspend=False)  # resuming reads the kept token Secret back
     environments.wait_phase("lab", "Ready", timeout=60)
     environments.delete("lab")
     wait_for(lambda: not environments.exists("lab"), timeout=60, what="lab deleted (finalizer released)")
     log = _log(process).lower()
-    assert "forbidden" not in log and " 403" not in log, "the operator was refused something: see " + \
-        str(process.log_path)
+    assert "forbidden" not in log and " 403" not in log, "the operator was refused something: see " + str(
+        process.log_path
+    )
 
 
-@pytest.mark.parametrize("resource, verb", [
-    ("pods", "create"),                          # the child cannot be made: never Ready
-    ("services", "create"),                      # no URL to reach JupyterLab
-    ("analysisenvironments/status", "patch"),    # no status: the portal sees nothing
-])
+@pytest.mark.parametrize(
+    "resource, verb",
+    [
+        ("pods", "create"),  # the child cannot be made: never Ready
+        ("services", "create"),  # no URL to reach JupyterLab
+        ("analysisenvironments/status", "patch"),  # no status: the portal sees nothing
+    ],
+)
 def test_chart_rbac_without_one_rule_fails(chart_operator, custom, namespace, resource, verb):
     process = chart_operator(remove=(resource, verb))
     environments = Environments(custom, namespace)
     environments.create("lab", flavor="jupyter-basic")
     denied = f'cannot {verb} resource "{resource}"'
-    wait_for(lambda: denied in _log(process).replace("\\", ""), timeout=60,  # quotes escaped twice in the log
-             what=f"the operator to be refused {verb} on {resource} (log {process.log_path})")
+    wait_for(
+        lambda: denied in _log(process).replace("\\", ""),
+        timeout=60,  # quotes escaped twice in the log
+        what=f"the operator to be refused {verb} on {resource} (log {process.log_path})",
+    )
     assert environments.phase("lab") != "Ready"

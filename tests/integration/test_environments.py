@@ -1,4 +1,5 @@
 """AnalysisEnvironments on the real API server, reconciled by the operator process."""
+
 from __future__ import annotations
 
 import base64
@@ -17,8 +18,11 @@ def children(core, namespace: str, name: str) -> dict[str, object]:
     """Pod, Service and Secret of an environment, or None where missing."""
     child = f"aenv-{name}"
     found = {}
-    for kind, read in (("pod", core.read_namespaced_pod), ("service", core.read_namespaced_service),
-                       ("secret", core.read_namespaced_secret)):
+    for kind, read in (
+        ("pod", core.read_namespaced_pod),
+        ("service", core.read_namespaced_service),
+        ("secret", core.read_namespaced_secret),
+    ):
         try:
             found[kind] = read(child, namespace)
         except kubernetes.client.ApiException as error:
@@ -56,16 +60,21 @@ def test_environment_goes_ready_with_owned_children(environments, core, namespac
     token = base64.b64decode(found["secret"].data["token"]).decode()
     assert len(token) >= 32
     assert token not in json.dumps(environment) and token not in json.dumps(pod.to_dict(), default=str)
-    assert status["connection"] == {"secretName": "aenv-basic",
-                                    "url": f"http://aenv-basic.{namespace}.svc.cluster.local:8888/lab"}
+    assert status["connection"] == {
+        "secretName": "aenv-basic",
+        "url": f"http://aenv-basic.{namespace}.svc.cluster.local:8888/lab",
+    }
     assert status["backend"]["kind"] == "kubernetes" and status["backend"]["node"] == pod.spec.node_name
     assert status["observedGeneration"] == environment["metadata"]["generation"]
     (ready,) = [c for c in status["conditions"] if c["type"] == "Ready"]
     assert ready["status"] == "True"
     start, end = status["startedAt"], status["expiresAt"]
     assert (int(end[11:13]) - int(start[11:13])) % 24 == 4 and end[14:] == start[14:]
-    wait_for(lambda: {"PodStarting", "PodReady"} <= event_reasons(core, namespace, "basic"), timeout=10,
-             what="Events for both transitions")
+    wait_for(
+        lambda: {"PodStarting", "PodReady"} <= event_reasons(core, namespace, "basic"),
+        timeout=10,
+        what="Events for both transitions",
+    )
 
 
 def test_gpu_flavor_requests_a_gpu_and_lands_on_the_gpu_node(environments, core, namespace):
@@ -82,10 +91,13 @@ def test_custom_image_is_used_where_the_flavor_allows_it(environments, core, nam
     assert children(core, namespace, "custom")["pod"].spec.containers[0].image == "registry.example.org/xrd/jupyter:1.2"
 
 
-@pytest.mark.parametrize("spec, words", [
-    ({"flavor": "jupyter-basic", "image": "evil.example.org/miner:1"}, "does not allow custom images"),
-    ({"flavor": "test-short", "lifetime": "2h"}, "longer than flavor 'test-short' allows (1h)"),
-])
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ({"flavor": "jupyter-basic", "image": "evil.example.org/miner:1"}, "does not allow custom images"),
+        ({"flavor": "test-short", "lifetime": "2h"}, "longer than flavor 'test-short' allows (1h)"),
+    ],
+)
 def test_request_the_flavor_forbids_is_refused_at_admission(environments, core, namespace, spec, words):
     with pytest.raises(kubernetes.client.ApiException) as refused:
         environments.create("refused", **spec)
@@ -101,7 +113,7 @@ def test_a_change_policy_refuses_is_refused_at_admission_and_the_environment_run
     with pytest.raises(kubernetes.client.ApiException) as refused:
         environments.patch_spec("steady", lifetime="1000h")
     assert refused.value.status == 422 and "longer than flavor 'test-short' allows (1h)" in refused.value.body
-    environments.patch_spec("steady", lifetime="45m")                       # within the limit: accepted
+    environments.patch_spec("steady", lifetime="45m")  # within the limit: accepted
     assert environments.get("steady")["spec"]["lifetime"] == "45m"
     assert environments.phase("steady") == "Ready"
     assert all(child is not None for child in children(core, namespace, "steady").values())
@@ -138,8 +150,11 @@ def test_lifetime_expiry_stops_the_environment_and_keeps_the_record(environments
     status = environments.wait_phase("brief", "Expired", timeout=30)["status"]
     assert status["reason"] == "LifetimeExpired" and status["stoppedAt"] >= status["expiresAt"]
     assert "connection" not in status
-    wait_for(lambda: children(core, namespace, "brief") == {"pod": None, "service": None, "secret": None},
-             timeout=30, what="children removed")
+    wait_for(
+        lambda: children(core, namespace, "brief") == {"pod": None, "service": None, "secret": None},
+        timeout=30,
+        what="children removed",
+    )
     assert any(e.type == "Warning" and e.reason == "LifetimeExpired" for e in events(core, namespace, "brief"))
 
 
@@ -147,8 +162,11 @@ def test_deleting_the_environment_lets_the_garbage_collector_remove_children(env
     environments.create("doomed", flavor="test-short")
     environments.wait_phase("doomed", "Ready")
     environments.delete("doomed")
-    wait_for(lambda: children(core, namespace, "doomed") == {"pod": None, "service": None, "secret": None},
-             timeout=30, what="children garbage-collected")
+    wait_for(
+        lambda: children(core, namespace, "doomed") == {"pod": None, "service": None, "secret": None},
+        timeout=30,
+        what="children garbage-collected",
+    )
 
 
 def test_a_deleted_pod_is_recreated(environments, core, namespace):
@@ -156,14 +174,23 @@ def test_a_deleted_pod_is_recreated(environments, core, namespace):
     environments.wait_phase("phoenix", "Ready")
     first_uid = children(core, namespace, "phoenix")["pod"].metadata.uid
     core.delete_namespaced_pod("aenv-phoenix", namespace, grace_period_seconds=0)
-    wait_for(lambda: (children(core, namespace, "phoenix")["pod"] or first_uid) != first_uid
-             and environments.phase("phoenix") == "Ready", timeout=30, what="a new pod and Ready again")
+    wait_for(
+        lambda: (
+            (children(core, namespace, "phoenix")["pod"] or first_uid) != first_uid
+            and environments.phase("phoenix") == "Ready"
+        ),
+        timeout=30,
+        what="a new pod and Ready again",
+    )
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("flavor", "jupyter-gpu", "spec.flavor is immutable"),
-    ("owner", "mallory", "spec.owner is immutable"),
-])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("flavor", "jupyter-gpu", "spec.flavor is immutable"),
+        ("owner", "mallory", "spec.owner is immutable"),
+    ],
+)
 def test_immutable_fields_cannot_be_edited(environments, field, value, words):
     environments.create("fixed", flavor="test-short")
     with pytest.raises(kubernetes.client.ApiException) as refused:

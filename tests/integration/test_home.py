@@ -1,4 +1,5 @@
 """The user's writable space: one home claim per user, shared by their environments, kept after them."""
+
 from __future__ import annotations
 
 import uuid
@@ -23,9 +24,18 @@ def volume_for(core):
 
     def make(namespace: str, claim: str) -> str:
         name = f"pv-{uuid.uuid4().hex[:8]}"
-        core.create_persistent_volume({"metadata": {"name": name}, "spec": {
-            "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
-            "hostPath": {"path": f"/tmp/{name}"}, "claimRef": {"namespace": namespace, "name": claim}}})
+        core.create_persistent_volume(
+            {
+                "metadata": {"name": name},
+                "spec": {
+                    "capacity": {"storage": "1Gi"},
+                    "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "",
+                    "hostPath": {"path": f"/tmp/{name}"},
+                    "claimRef": {"namespace": namespace, "name": claim},
+                },
+            }
+        )
         made.append(name)
         return name
 
@@ -34,8 +44,9 @@ def volume_for(core):
         core.delete_persistent_volume(name)
 
 
-def test_a_users_environments_share_one_home_claim_that_outlives_them(home_claims, environments, core, namespace,
-                                                                       volume_for):
+def test_a_users_environments_share_one_home_claim_that_outlives_them(
+    home_claims, environments, core, namespace, volume_for
+):
     claim = home_claim_name("alice")
     volume_for(namespace, claim)
     environments.create("first", flavor="jupyter-basic", owner="alice")
@@ -53,8 +64,15 @@ def test_a_users_environments_share_one_home_claim_that_outlives_them(home_claim
 
     environments.delete("first")
     environments.delete("second")
-    wait_for(lambda: not core.list_namespaced_pod(namespace, label_selector="app.kubernetes.io/managed-by="
-                                                  "analysis-operator").items, timeout=60, what="the pods to go")
+    wait_for(
+        lambda: (
+            not core.list_namespaced_pod(
+                namespace, label_selector="app.kubernetes.io/managed-by=analysis-operator"
+            ).items
+        ),
+        timeout=60,
+        what="the pods to go",
+    )
     assert core.read_namespaced_persistent_volume_claim(claim, namespace).metadata.deletion_timestamp is None
 
 

@@ -1,4 +1,5 @@
 """Who owns an environment: taken from the authenticated requester, not from the manifest."""
+
 from __future__ import annotations
 
 import kubernetes
@@ -8,10 +9,15 @@ from tests.integration.conftest import GROUP, VERSION, impersonating
 
 
 def _create(client, namespace: str, name: str, **spec) -> dict:
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AnalysisEnvironment",
-            "metadata": {"name": name}, "spec": {"flavor": "jupyter-basic", **spec}}
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "AnalysisEnvironment",
+        "metadata": {"name": name},
+        "spec": {"flavor": "jupyter-basic", **spec},
+    }
     return kubernetes.client.CustomObjectsApi(client).create_namespaced_custom_object(
-        GROUP, VERSION, namespace, "analysisenvironments", body)
+        GROUP, VERSION, namespace, "analysisenvironments", body
+    )
 
 
 def test_a_user_cannot_create_an_environment_owned_by_someone_else(kubeconfig, namespace, operator):

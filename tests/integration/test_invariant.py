@@ -24,8 +24,11 @@ def token(core, namespace: str, name: str) -> str:
 
 def child_uids(core, namespace: str, name: str) -> dict[str, str | None]:
     found = {}
-    for kind, read in (("pod", core.read_namespaced_pod), ("service", core.read_namespaced_service),
-                       ("secret", core.read_namespaced_secret)):
+    for kind, read in (
+        ("pod", core.read_namespaced_pod),
+        ("service", core.read_namespaced_service),
+        ("secret", core.read_namespaced_secret),
+    ):
         try:
             found[kind] = read(f"aenv-{name}", namespace).metadata.labels[f"{GROUP}/environment-uid"]
         except kubernetes.client.ApiException as error:
@@ -34,34 +37,49 @@ def child_uids(core, namespace: str, name: str) -> dict[str, str | None]:
     return found
 
 
-def test_children_orphaned_by_the_user_are_swept_and_a_namesake_starts_clean(environments, core, custom, namespace,
-                                                                           api):
+def test_children_orphaned_by_the_user_are_swept_and_a_namesake_starts_clean(
+    environments, core, custom, namespace, api
+):
     environments.create("lab", flavor="jupyter-basic")
     first = environments.wait_phase("lab", "Ready")
     old_uid, old_token = first["metadata"]["uid"], token(core, namespace, "lab")
-    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "analysisenvironments", "lab",
-                                           propagation_policy="Orphan")
-    wait_for(lambda: not any(item["metadata"]["name"] == "lab" for item in custom.list_namespaced_custom_object(
-        GROUP, VERSION, namespace, "analysisenvironments")["items"]), timeout=30, what="the environment gone")
+    custom.delete_namespaced_custom_object(
+        GROUP, VERSION, namespace, "analysisenvironments", "lab", propagation_policy="Orphan"
+    )
+    wait_for(
+        lambda: (
+            not any(
+                item["metadata"]["name"] == "lab"
+                for item in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "analysisenvironments")[
+                    "items"
+                ]
+            )
+        ),
+        timeout=30,
+        what="the environment gone",
+    )
     assert child_uids(core, namespace, "lab") == {"pod": old_uid, "service": old_uid, "secret": old_uid}
 
-    environments.create("lab", flavor="jupyter-basic")        # a namesake, over the leftovers
+    environments.create("lab", flavor="jupyter-basic")  # a namesake, over the leftovers
     second = environments.wait_phase("lab", "Ready", timeout=60)
     new_uid = second["metadata"]["uid"]
     assert child_uids(core, namespace, "lab") == {"pod": new_uid, "service": new_uid, "secret": new_uid}
-    assert token(core, namespace, "lab") != old_token          # the old token was never adopted
+    assert token(core, namespace, "lab") != old_token  # the old token was never adopted
     assert violations(api, [namespace]) == []
 
 
-def test_leftovers_without_a_namesake_are_removed_within_one_orphan_sweep(environments, core, custom, namespace,
-                                                                         api):
+def test_leftovers_without_a_namesake_are_removed_within_one_orphan_sweep(environments, core, custom, namespace, api):
     environments.create("gone", flavor="jupyter-basic")
     environments.wait_phase("gone", "Ready")
-    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "analysisenvironments", "gone",
-                                           propagation_policy="Orphan")
+    custom.delete_namespaced_custom_object(
+        GROUP, VERSION, namespace, "analysisenvironments", "gone", propagation_policy="Orphan"
+    )
     # The tests' operator sweeps every second and looks for orphans every tenth sweep.
-    wait_for(lambda: child_uids(core, namespace, "gone") == {"pod": None, "service": None, "secret": None},
-             timeout=40, what="the orphaned pod, Service and token Secret removed")
+    wait_for(
+        lambda: child_uids(core, namespace, "gone") == {"pod": None, "service": None, "secret": None},
+        timeout=40,
+        what="the orphaned pod, Service and token Secret removed",
+    )
     assert violations(api, [namespace]) == []
 
 
@@ -69,10 +87,23 @@ def test_leftovers_without_a_namesake_are_removed_within_one_orphan_sweep(enviro
 def own_flavor(custom):
     """A flavor of this test's own, to change and delete under a running environment."""
     name = f"t-{uuid.uuid4().hex[:8]}"
-    custom.create_cluster_custom_object(GROUP, VERSION, "environmentflavors", {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "EnvironmentFlavor", "metadata": {"name": name},
-        "spec": {"backend": "kubernetes", "displayName": "test", "image": "jupyter/base-notebook:2024",
-                 "resources": {"cpu": 1, "memory": "1Gi"}, "maxLifetime": "1h"}})
+    custom.create_cluster_custom_object(
+        GROUP,
+        VERSION,
+        "environmentflavors",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "EnvironmentFlavor",
+            "metadata": {"name": name},
+            "spec": {
+                "backend": "kubernetes",
+                "displayName": "test",
+                "image": "jupyter/base-notebook:2024",
+                "resources": {"cpu": 1, "memory": "1Gi"},
+                "maxLifetime": "1h",
+            },
+        },
+    )
     yield name
     try:
         custom.delete_cluster_custom_object(GROUP, VERSION, "environmentflavors", name)
@@ -84,11 +115,19 @@ def test_a_lowered_max_lifetime_does_not_reject_a_running_environment(environmen
     environments.create("kept", flavor=own_flavor, lifetime="40m")
     environments.wait_phase("kept", "Ready")
     assert environments.get("kept")["status"]["terms"]["maxLifetime"] == "1h"
-    custom.patch_cluster_custom_object(GROUP, VERSION, "environmentflavors", own_flavor, {"spec": {"maxLifetime": "30m"}})
-    environments.patch_spec("kept", lifetime="35m")            # a reconcile on its own terms: 35m <= 1h
-    wait_for(lambda: environments.get("kept")["status"].get("expiresAt") and
-             environments.get("kept")["metadata"]["generation"] == environments.get("kept")["status"].get(
-                 "observedGeneration"), timeout=30, what="the change reconciled")
+    custom.patch_cluster_custom_object(
+        GROUP, VERSION, "environmentflavors", own_flavor, {"spec": {"maxLifetime": "30m"}}
+    )
+    environments.patch_spec("kept", lifetime="35m")  # a reconcile on its own terms: 35m <= 1h
+    wait_for(
+        lambda: (
+            environments.get("kept")["status"].get("expiresAt")
+            and environments.get("kept")["metadata"]["generation"]
+            == environments.get("kept")["status"].get("observedGeneration")
+        ),
+        timeout=30,
+        what="the change reconciled",
+    )
     assert environments.phase("kept") == "Ready"
 
 

@@ -1,6 +1,7 @@
 """Two operator processes against one cluster with kopf peering (as the chart's two
 replicas run): only one handles environments; when it is killed (SIGKILL: no goodbye
 in the peering object) the other takes over within the peering lifetime."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ from tests.integration.conftest import Environments, OperatorProcess, kubectl
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-LIFETIME = 10   # seconds; the chart's default is 20
+LIFETIME = 10  # seconds; the chart's default is 20
 
 
 def handled(process: OperatorProcess, environment: str) -> bool:
@@ -25,8 +26,10 @@ def handled(process: OperatorProcess, environment: str) -> bool:
             record = json.loads(line)
         except ValueError:
             continue
-        if record.get("environment", "").endswith(f"/{environment}") and record.get("event") == \
-                "environment.transition":
+        if (
+            record.get("environment", "").endswith(f"/{environment}")
+            and record.get("event") == "environment.transition"
+        ):
             return True
     return False
 
@@ -50,8 +53,9 @@ def split(name: str, processes: list[OperatorProcess]) -> tuple[OperatorProcess,
     return ranked[1], ranked[0]
 
 
-def start_pair(tmp_path, kubeconfig: str, lifetime: int = LIFETIME,
-               on_start=lambda name, processes: None) -> tuple[str, list[OperatorProcess]]:
+def start_pair(
+    tmp_path, kubeconfig: str, lifetime: int = LIFETIME, on_start=lambda name, processes: None
+) -> tuple[str, list[OperatorProcess]]:
     """A peering object and two operators using it; returns when one of them has paused."""
     name = f"peering-{uuid.uuid4().hex[:6]}"
     manifest = tmp_path / f"{name}.yaml"
@@ -59,20 +63,27 @@ def start_pair(tmp_path, kubeconfig: str, lifetime: int = LIFETIME,
     kubectl("apply", "-f", str(manifest))
     certificates = tmp_path / "tls"
     ensure_certificates(str(certificates), ("localhost",))
-    processes = [OperatorProcess(kubeconfig, tmp_path / f"{name}-{index}.log",
-                                 ANALYSIS_OPERATOR_STANDALONE="false", ANALYSIS_OPERATOR_PEERING_NAME=name,
-                                 ANALYSIS_OPERATOR_PEERING_LIFETIME_SECONDS=str(lifetime),
-                                 ANALYSIS_OPERATOR_ADMISSION_HOST="",  # served, registered by nobody
-                                 ANALYSIS_OPERATOR_ADMISSION_CERT_DIR=str(certificates),
-                                 POD_ID=f"{name}-{index}")   # kopf's peer identity, as in the chart
-                 for index in range(2)]
+    processes = [
+        OperatorProcess(
+            kubeconfig,
+            tmp_path / f"{name}-{index}.log",
+            ANALYSIS_OPERATOR_STANDALONE="false",
+            ANALYSIS_OPERATOR_PEERING_NAME=name,
+            ANALYSIS_OPERATOR_PEERING_LIFETIME_SECONDS=str(lifetime),
+            ANALYSIS_OPERATOR_ADMISSION_HOST="",  # served, registered by nobody
+            ANALYSIS_OPERATOR_ADMISSION_CERT_DIR=str(certificates),
+            POD_ID=f"{name}-{index}",
+        )  # kopf's peer identity, as in the chart
+        for index in range(2)
+    ]
     on_start(name, processes)
     for process in processes:
         process.start()
     wait_for(lambda: len(peers(name)) == 2, timeout=30, what="both operators' keep-alives")
     active, standby = split(name, processes)
-    wait_for(lambda: acting(active) and not acting(standby), timeout=30,
-             what="only the higher-priority operator acting")
+    wait_for(
+        lambda: acting(active) and not acting(standby), timeout=30, what="only the higher-priority operator acting"
+    )
     return name, processes
 
 
@@ -82,6 +93,7 @@ def operator_pair(kubeconfig, other_operators_stopped, tmp_path):
 
     def start(lifetime: int = LIFETIME):
         return start_pair(tmp_path, kubeconfig, lifetime, on_start=lambda *pair: started.append(pair))
+
     yield start
     for name, processes in started:
         for process in processes:
@@ -118,7 +130,7 @@ def test_a_clean_stop_hands_over_at_once(operator_pair, custom, namespace):
     active.stop(signal.SIGTERM)
     stopped = time.monotonic()
     wait_for(lambda: acting(standby), timeout=20, what="the standby to resume after a clean stop")
-    assert time.monotonic() - stopped < 10   # far below the 60 s lifetime
+    assert time.monotonic() - stopped < 10  # far below the 60 s lifetime
     environments = Environments(custom, namespace)
     environments.create("after", flavor="jupyter-basic")
     environments.wait_phase("after", "Ready", timeout=30)

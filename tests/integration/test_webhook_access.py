@@ -17,7 +17,7 @@ REVIEW = json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionRevi
 
 def post_review(port: int, certificate: tuple[str, str] | None) -> int:
     context = ssl.create_default_context(cafile=None)
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE   # the server's certificate is not the point
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # the server's certificate is not the point
     if certificate:
         context.load_cert_chain(*certificate)
     connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
@@ -31,11 +31,11 @@ def post_review(port: int, certificate: tuple[str, str] | None) -> int:
 def test_the_webhook_port_refuses_clients_without_the_api_servers_certificate(operator, environments):
     pki = CLUSTER_STATE / "pki"
     assert (pki / "webhook-client-ca.crt").exists(), "hack/cluster.sh makes the webhook client CA"
-    for certificate in (None, (str(pki / "admin.crt"), str(pki / "admin.key"))):   # nothing; a cluster admin's
+    for certificate in (None, (str(pki / "admin.crt"), str(pki / "admin.key"))):  # nothing; a cluster admin's
         with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected)):
             post_review(operator.webhook_port, certificate)
     # The API server's own certificate gets through TLS (the empty review is then refused by kopf, in HTTP).
     status = post_review(operator.webhook_port, (str(pki / "webhook-client.crt"), str(pki / "webhook-client.key")))
     assert 200 <= status < 600
-    environments.create("through-the-api-server", flavor="jupyter-basic")   # and the API server's calls work
+    environments.create("through-the-api-server", flavor="jupyter-basic")  # and the API server's calls work
     environments.wait_phase("through-the-api-server", "Ready")

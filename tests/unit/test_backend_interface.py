@@ -16,9 +16,8 @@ import datetime
 
 import pytest
 
-from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, State
+from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, Retry, State
 from analysis_operator.engine.accounting import plan_tick
-from analysis_operator.backends.base import Retry
 from analysis_operator.engine.converge import Context, converge
 from analysis_operator.engine.reconciler import Reconciler
 from analysis_operator.engine.sweep import due, sweep
@@ -110,7 +109,7 @@ class Cluster:
 
     def __init__(self) -> None:
         self.secrets: dict[tuple[str, str], str] = {}
-        self.secret_owners: dict[tuple[str, str], str] = {}   # -> the environment uid label
+        self.secret_owners: dict[tuple[str, str], str] = {}  # -> the environment uid label
         self.status: dict[tuple[str, str], dict] = {}
         self.events: list[tuple[str, str]] = []
 
@@ -124,11 +123,15 @@ class Cluster:
 
     async def read_metadata(self, kind: str, namespace: str, name: str) -> dict | None:
         owner = self.secret_owners.get((namespace, name))
-        return None if owner is None else {"uid": f"secret-of-{owner}",
-                                           "labels": {"analysis.panosc.eu/environment-uid": owner}}
+        return (
+            None
+            if owner is None
+            else {"uid": f"secret-of-{owner}", "labels": {"analysis.panosc.eu/environment-uid": owner}}
+        )
 
     async def read_secret_value(self, namespace: str, name: str, key: str) -> str | None:
         import base64
+
         value = self.secrets.get((namespace, name))
         return base64.b64decode(value).decode() if value else None
 
@@ -156,8 +159,10 @@ class Catalogue:
         self.recorded: list[tuple[Mount, ...]] = []
 
     async def grant(self, environment, flavor, reach, status, now):
-        datasets = [Dataset(name=ref.name, pid=f"10.5072/{ref.name}", storage=DatasetStorage(path=f"/gpfs/{ref.name}"))
-                    for ref in environment.datasets]
+        datasets = [
+            Dataset(name=ref.name, pid=f"10.5072/{ref.name}", storage=DatasetStorage(path=f"/gpfs/{ref.name}"))
+            for ref in environment.datasets
+        ]
         problems = [problem for dataset in datasets if (problem := reach(dataset))]
         if problems:
             return Refusal("DatasetNotAvailable", problems[0])
@@ -186,23 +191,26 @@ def test_create_ready_suspend_resume_expire_through_the_interface_alone():
         status, outcome = await run(context, environment, {})
         assert status["phase"] == "Provisioning" and backend.calls == ["ensure"]
         assert {key: value for key, value in status["backend"].items() if value is not None} == {
-            "kind": "memory", "id": "u-1", "state": "STARTING"}
-        assert backend.tokens["u-1"] and ("ns", "aenv-lab") in cluster.secrets        # token made once, handed over
-        assert [mount.path for mount in backend.mounts["u-1"]] == ["/data/raw"]      # the grant, decided once
+            "kind": "memory",
+            "id": "u-1",
+            "state": "STARTING",
+        }
+        assert backend.tokens["u-1"] and ("ns", "aenv-lab") in cluster.secrets  # token made once, handed over
+        assert [mount.path for mount in backend.mounts["u-1"]] == ["/data/raw"]  # the grant, decided once
         assert context.access.recorded == [backend.mounts["u-1"]]
 
         backend.running["u-1"] = "ready"
         status, outcome = await run(context, environment, status)
         assert (status["phase"], status["connection"]["url"]) == ("Ready", "mem://lab")
-        assert status["backend"]["allocatedCpus"] == 2.0 and backend.calls == ["ensure"]   # adopted, not re-made
-        assert backend.extended_until == NOW + datetime.timedelta(hours=2)           # its limit follows expiresAt
+        assert status["backend"]["allocatedCpus"] == 2.0 and backend.calls == ["ensure"]  # adopted, not re-made
+        assert backend.extended_until == NOW + datetime.timedelta(hours=2)  # its limit follows expiresAt
 
         suspended = dataclasses.replace(environment, suspend=True, generation=2)
         status, _ = await run(context, suspended, status)
         assert status["phase"] == "Suspended" and backend.calls[-1] == "suspend"
         assert status["backend"]["state"] is None and status["backend"]["allocatedCpus"] is None  # removed
         status, _ = await run(context, suspended, status)
-        assert backend.calls.count("suspend") == 1                                   # idempotent
+        assert backend.calls.count("suspend") == 1  # idempotent
 
         resumed = dataclasses.replace(environment, generation=3)
         status, _ = await run(context, resumed, status)
@@ -219,10 +227,13 @@ def test_create_ready_suspend_resume_expire_through_the_interface_alone():
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("environment, reason", [
-    (dataclasses.replace(ENVIRONMENT, image="pet"), "CustomImageNotAllowed"),        # the common rule first
-    (dataclasses.replace(ENVIRONMENT, lifetime=datetime.timedelta(hours=3)), "LifetimeTooLong"),
-])
+@pytest.mark.parametrize(
+    "environment, reason",
+    [
+        (dataclasses.replace(ENVIRONMENT, image="pet"), "CustomImageNotAllowed"),  # the common rule first
+        (dataclasses.replace(ENVIRONMENT, lifetime=datetime.timedelta(hours=3)), "LifetimeTooLong"),
+    ],
+)
 def test_common_rules_refuse_before_the_backend_is_asked(environment, reason):
     backend, cluster, context = setup()
     status, _ = asyncio.run(run(context, environment, {}))
@@ -261,21 +272,31 @@ def test_the_sweep_polls_a_polled_backend_and_only_it():
     record = EnvironmentRecord(ENVIRONMENT, {"phase": "Ready", "startedAt": "2026-11-30T11:00:00Z"})
     flavors = {"mem": [FLAVOR]}
     assert due(record, flavors, frozenset({"memory"}), NOW)
-    assert not due(record, flavors, frozenset(), NOW)                       # pushed: only at expiry
+    assert not due(record, flavors, frozenset(), NOW)  # pushed: only at expiry
     assert due(record, flavors, frozenset(), NOW + datetime.timedelta(hours=2))
 
 
 def test_accounting_charges_what_an_allocation_backend_reports():
     backend, cluster, context = setup()
-    entry = {"namespace": "ns", "name": "lab", "cpus": 8, "gpus": 4, "since": "2026-11-30T11:00:00Z",
-             "chargedUntil": "2026-11-30T11:00:00Z", "cpuHours": 0.0, "gpuHours": 0.0}
+    entry = {
+        "namespace": "ns",
+        "name": "lab",
+        "cpus": 8,
+        "gpus": 4,
+        "since": "2026-11-30T11:00:00Z",
+        "chargedUntil": "2026-11-30T11:00:00Z",
+        "cpuHours": 0.0,
+        "gpuHours": 0.0,
+    }
     budget = Budget(name="b", user="alice", status={"environments": {"u-1": entry}})
-    running = {"phase": "Ready", "backend": {"kind": "memory", "allocatedCpus": 2.0, "allocatedGpus": 1,
-                                             "startedAt": "2026-11-30T11:30:00Z"}}
+    running = {
+        "phase": "Ready",
+        "backend": {"kind": "memory", "allocatedCpus": 2.0, "allocatedGpus": 1, "startedAt": "2026-11-30T11:30:00Z"},
+    }
     environments = {("ns", "lab"): [EnvironmentRecord(ENVIRONMENT, running)]}
     result = plan_tick(budget, environments, {"mem": [FLAVOR]}, context.backends, NOW, 80.0)
     charged = result.status["environments"]["u-1"]
-    assert (charged["cpuHours"], charged["gpuHours"]) == (1.0, 0.5)   # 2 CPUs, 1 GPU for 30 min, not 8 and 4
+    assert (charged["cpuHours"], charged["gpuHours"]) == (1.0, 0.5)  # 2 CPUs, 1 GPU for 30 min, not 8 and 4
 
 
 class FailOnce:
@@ -333,9 +354,15 @@ def test_a_retry_for_an_environment_deleted_meanwhile_does_nothing():
 
 def test_sweep_converges_every_due_environment_of_a_polled_backend():
     backend, cluster, context = setup()
-    records = {("ns", f"e{i}"): [EnvironmentRecord(dataclasses.replace(ENVIRONMENT, name=f"e{i}", uid=f"u{i}"),
-                                                   {"phase": "Provisioning", "startedAt": "2026-11-30T11:59:00Z"})]
-               for i in range(5)}
+    records = {
+        ("ns", f"e{i}"): [
+            EnvironmentRecord(
+                dataclasses.replace(ENVIRONMENT, name=f"e{i}", uid=f"u{i}"),
+                {"phase": "Provisioning", "startedAt": "2026-11-30T11:59:00Z"},
+            )
+        ]
+        for i in range(5)
+    }
     reconciler = Reconciler(context, records, {"mem": [FLAVOR]}, clock=lambda: NOW)
     assert asyncio.run(sweep(reconciler, NOW)) == 5
     assert backend.calls == ["ensure"] * 5
@@ -350,9 +377,9 @@ def test_a_leftover_token_of_an_earlier_namesake_is_replaced_never_adopted():
     async def scenario():
         await run(context, old, {})
         old_token = backend.tokens["u-old"]
-        status, outcome = await run(context, ENVIRONMENT, {})                  # same name, new uid
+        status, outcome = await run(context, ENVIRONMENT, {})  # same name, new uid
         assert outcome.retry_after is not None and "leftover Secret" in outcome.message
-        assert ("ns", "aenv-lab") not in cluster.secrets                      # removed, not adopted
+        assert ("ns", "aenv-lab") not in cluster.secrets  # removed, not adopted
         status, outcome = await run(context, ENVIRONMENT, {})
         assert status["phase"] == "Provisioning" and backend.tokens["u-1"] != old_token
 
@@ -366,5 +393,5 @@ def test_an_approved_extension_reaches_the_backends_own_limit():
     backend.running["u-1"] = "ready"
     status = {"phase": "Ready", "startedAt": "2026-11-30T12:00:00Z", "lifetimeExtensions": {"request-uid": "3h"}}
     outcome = asyncio.run(converge(context, ENVIRONMENT, status, FLAVOR, NOW + datetime.timedelta(hours=1)))
-    assert backend.extended_until == NOW + datetime.timedelta(hours=5)       # 2 h flavor limit + 3 h granted
+    assert backend.extended_until == NOW + datetime.timedelta(hours=5)  # 2 h flavor limit + 3 h granted
     assert outcome.status["expiresAt"] == "2026-11-30T17:00:00Z"

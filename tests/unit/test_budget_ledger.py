@@ -1,5 +1,6 @@
 """Ledger group commit: concurrent updates of one budget are decided in turn and written together.
 (The real API server's side, 409s included, is in tests/integration/test_budgets.py.)"""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +14,11 @@ class Store:
     """An in-memory stand-in for the budget's status subresource with resourceVersion checks."""
 
     def __init__(self, conflicts: int = 0) -> None:
-        self.body = {"metadata": {"name": "b", "resourceVersion": "1"}, "spec": {"user": "u", "limits": {}},
-                     "status": {"n": 0}}
+        self.body = {
+            "metadata": {"name": "b", "resourceVersion": "1"},
+            "spec": {"user": "u", "limits": {}},
+            "status": {"n": 0},
+        }
         self.writes, self.conflicts = 0, conflicts
 
     async def get_cluster_object(self, plural, name):
@@ -24,8 +28,11 @@ class Store:
         await asyncio.sleep(0.001)
         if self.conflicts:
             self.conflicts -= 1
-            self.body = {**self.body, "metadata": {**self.body["metadata"], "resourceVersion": "changed"},
-                         "status": {"n": self.body["status"]["n"] + 100}}   # someone else wrote meanwhile
+            self.body = {
+                **self.body,
+                "metadata": {**self.body["metadata"], "resourceVersion": "changed"},
+                "status": {"n": self.body["status"]["n"] + 100},
+            }  # someone else wrote meanwhile
             raise ApiException(status=409)
         assert body["metadata"]["resourceVersion"] == self.body["metadata"]["resourceVersion"]
         self.writes += 1
@@ -50,7 +57,7 @@ def test_fifty_concurrent_updates_each_count_once_in_a_few_writes():
 
     results = asyncio.run(run())
     assert store.body["status"]["n"] == 50
-    assert sorted(result["n"] for result in results) == list(range(1, 51))   # each saw the one before
+    assert sorted(result["n"] for result in results) == list(range(1, 51))  # each saw the one before
     assert store.writes <= 3
 
 

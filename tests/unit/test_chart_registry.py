@@ -2,6 +2,7 @@
 charts/analysis-operator/files/webhooks.yaml (same id, kind, resource, subresource and
 operations) and nothing else is there; every resource kopf watches, indexes or patches
 is granted in files/rbac.yaml. A handler added without its chart entry fails here."""
+
 from __future__ import annotations
 
 import pathlib
@@ -20,20 +21,33 @@ def _chart_webhooks() -> dict[str, dict]:
 
 
 def _code_webhooks() -> dict[str, dict]:
-    return {handler.id: {"id": handler.id, "type": handler.reason.value,
-                         "resource": handler.selector.plural or handler.selector.any_name,
-                         "subresource": handler.subresource,
-                         "operations": sorted(handler.operations or ["*"]),
-                         "failurePolicy": "Ignore" if handler.ignore_failures else "Fail",
-                         "sideEffects": "NoneOnDryRun" if handler.side_effects else "None"}
-            for handler in REGISTRY._webhooks.get_all_handlers()}
+    return {
+        handler.id: {
+            "id": handler.id,
+            "type": handler.reason.value,
+            "resource": handler.selector.plural or handler.selector.any_name,
+            "subresource": handler.subresource,
+            "operations": sorted(handler.operations or ["*"]),
+            "failurePolicy": "Ignore" if handler.ignore_failures else "Fail",
+            "sideEffects": "NoneOnDryRun" if handler.side_effects else "None",
+        }
+        for handler in REGISTRY._webhooks.get_all_handlers()
+    }
 
 
 def test_chart_webhooks_match_kopf_handlers():
-    chart = {hook_id: {"id": hook_id, "type": hook["type"], "resource": hook["resource"],
-                       "subresource": hook.get("subresource"), "operations": sorted(hook["operations"]),
-                       "failurePolicy": hook["failurePolicy"], "sideEffects": hook.get("sideEffects", "None")}
-             for hook_id, hook in _chart_webhooks().items()}
+    chart = {
+        hook_id: {
+            "id": hook_id,
+            "type": hook["type"],
+            "resource": hook["resource"],
+            "subresource": hook.get("subresource"),
+            "operations": sorted(hook["operations"]),
+            "failurePolicy": hook["failurePolicy"],
+            "sideEffects": hook.get("sideEffects", "None"),
+        }
+        for hook_id, hook in _chart_webhooks().items()
+    }
     code = _code_webhooks()
     assert code, "no admission handlers registered: is analysis_operator.handlers importing them?"
     missing, extra = code.keys() - chart.keys(), chart.keys() - code.keys()
@@ -50,17 +64,25 @@ def test_every_chart_webhook_says_what_happens_when_the_operator_is_down():
 
 def _granted() -> set[tuple[str, str, str]]:
     rules = yaml.safe_load((CHART / "files/rbac.yaml").read_text())
-    return {(group, resource, verb) for rule in rules["cluster"] + rules["namespaced"]
-            for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
+    return {
+        (group, resource, verb)
+        for rule in rules["cluster"] + rules["namespaced"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
 
 
 def _watched() -> dict[tuple[str, str], set[str]]:
     """(group, plural) -> verbs kopf needs: list/watch for anything it watches or indexes,
     patch for change handlers (finalizers, progress annotations)."""
     needs: dict[tuple[str, str], set[str]] = {}
-    for registry, verbs in ((REGISTRY._indexing, {"list", "watch"}), (REGISTRY._watching, {"list", "watch"}),
-                            (REGISTRY._changing, {"list", "watch", "patch"}),
-                            (REGISTRY._spawning, {"list", "watch", "patch"})):
+    for registry, verbs in (
+        (REGISTRY._indexing, {"list", "watch"}),
+        (REGISTRY._watching, {"list", "watch"}),
+        (REGISTRY._changing, {"list", "watch", "patch"}),
+        (REGISTRY._spawning, {"list", "watch", "patch"}),
+    ):
         for handler in registry.get_all_handlers():
             selector = handler.selector
             key = (selector.group or "", selector.plural or selector.any_name)
@@ -70,8 +92,12 @@ def _watched() -> dict[tuple[str, str], set[str]]:
 
 def test_chart_rbac_grants_what_kopf_handlers_need():
     granted = _granted()
-    missing = [(group, plural, verb) for (group, plural), verbs in _watched().items() for verb in verbs
-               if (group, plural, verb) not in granted]
+    missing = [
+        (group, plural, verb)
+        for (group, plural), verbs in _watched().items()
+        for verb in verbs
+        if (group, plural, verb) not in granted
+    ]
     assert not missing, f"add to {CHART}/files/rbac.yaml: {missing}"
 
 
@@ -80,5 +106,10 @@ def test_chart_rbac_grants_peering_and_discovery():
     assert {("kopf.dev", "clusterkopfpeerings", verb) for verb in ("list", "watch", "patch")} <= granted
     assert {("apiextensions.k8s.io", "customresourcedefinitions", verb) for verb in ("list", "watch")} <= granted
     # Nothing broader than needed: no wildcards, no deletecollection, update only of a status.
-    assert not [rule for rule in granted if "*" in rule or rule[2] in {"deletecollection", "escalate", "bind"}
-                or (rule[2] == "update" and not rule[1].endswith("/status"))]
+    assert not [
+        rule
+        for rule in granted
+        if "*" in rule
+        or rule[2] in {"deletecollection", "escalate", "bind"}
+        or (rule[2] == "update" and not rule[1].endswith("/status"))
+    ]

@@ -1,4 +1,5 @@
 """converge() decisions that need no server: backends here fail the test if touched."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,12 +8,18 @@ import datetime
 
 import pytest
 
-from analysis_operator.model.domain import Environment, Flavor
 from analysis_operator.engine.converge import Context, converge
+from analysis_operator.model.domain import Environment, Flavor
 
-NOW = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.timezone.utc)
-FLAVOR = Flavor.from_body("vm", {"backend": "openstack", "resources": {"cpu": 2, "memory": "4Gi"},
-                                 "openstack": {"flavor": "aenv.basic", "image": "desktop"}})
+NOW = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.UTC)
+FLAVOR = Flavor.from_body(
+    "vm",
+    {
+        "backend": "openstack",
+        "resources": {"cpu": 2, "memory": "4Gi"},
+        "openstack": {"flavor": "aenv.basic", "image": "desktop"},
+    },
+)
 ENVIRONMENT = Environment(namespace="ns", name="desk", uid="u-1", owner="alice", flavor="vm")
 
 
@@ -21,12 +28,15 @@ class Untouchable:
         raise AssertionError(f"converge must not call {name} here")
 
 
-@pytest.mark.parametrize("environment, status", [
-    (dataclasses.replace(ENVIRONMENT, deleting=True), {"phase": "Ready"}),   # the finalizer's turn, not ours
-    (ENVIRONMENT, {"phase": "Expired"}),
-    (ENVIRONMENT, {"phase": "Rejected"}),
-    (ENVIRONMENT, {"phase": "Failed"}),
-])
+@pytest.mark.parametrize(
+    "environment, status",
+    [
+        (dataclasses.replace(ENVIRONMENT, deleting=True), {"phase": "Ready"}),  # the finalizer's turn, not ours
+        (ENVIRONMENT, {"phase": "Expired"}),
+        (ENVIRONMENT, {"phase": "Rejected"}),
+        (ENVIRONMENT, {"phase": "Failed"}),
+    ],
+)
 def test_converge_leaves_deleting_and_finished_environments_alone(environment, status):
     context = Context(kube=Untouchable(), backends={"openstack": Untouchable()})
     outcome = asyncio.run(converge(context, environment, status, FLAVOR, NOW))
@@ -42,10 +52,11 @@ def test_converge_waits_for_a_missing_flavor_without_touching_anything():
 
 def test_a_live_peer_with_a_higher_priority_outranks_us_until_its_lifetime_ends():
     from analysis_operator.handlers.lifecycle import outranked
-    moment = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.timezone.utc)
+
+    moment = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.UTC)
     peer = {"priority": 10, "lifetime": 20, "lastseen": "2026-11-24T11:59:50+00:00"}
     assert outranked({"other": peer}, 5, moment)
-    assert not outranked({"other": peer}, 10, moment)          # ourselves (same priority)
+    assert not outranked({"other": peer}, 10, moment)  # ourselves (same priority)
     assert not outranked({"other": peer}, 11, moment)
     assert not outranked({"other": peer}, 5, moment + datetime.timedelta(seconds=11))  # its keep-alive expired
     assert not outranked({}, 5, moment)
@@ -71,5 +82,6 @@ def test_converges_of_one_environment_never_overlap(monkeypatch):
 
     async def scenario():
         await asyncio.gather(*(reconcile.converge(None, env, {}, None, None) for env in (one, one, one, other)))
+
     asyncio.run(scenario())
     assert overlaps == []

@@ -1,23 +1,45 @@
 """The glue's in-memory parts: the catalogue over kopf's indexes, and who a change affects."""
+
 from __future__ import annotations
 
 import datetime
 
-from analysis_operator.model.domain import BackendKind, Dataset, DatasetRef, DatasetStorage, Environment, Flavor, \
-    FlavorAccess, Mount
 from analysis_operator.engine.data_access import IndexCatalogue, affected, describe_mounts
 from analysis_operator.engine.views import EnvironmentRecord
+from analysis_operator.model.domain import (
+    BackendKind,
+    Dataset,
+    DatasetRef,
+    DatasetStorage,
+    Environment,
+    Flavor,
+    FlavorAccess,
+    Mount,
+)
 from analysis_operator.policy.access import pid_key, plan_access
 
-NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.timezone.utc)
-RAW = Dataset(name="raw", pid="10.5072/RAW", embargoed_until=NOW + datetime.timedelta(days=1),
-              groups=frozenset({"team"}), storage=DatasetStorage(nfs_server="nfs", nfs_path="/exports/raw"))
+NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
+RAW = Dataset(
+    name="raw",
+    pid="10.5072/RAW",
+    embargoed_until=NOW + datetime.timedelta(days=1),
+    groups=frozenset({"team"}),
+    storage=DatasetStorage(nfs_server="nfs", nfs_path="/exports/raw"),
+)
 # kopf indexes are mappings of key -> a store of values; lists behave the same here.
 DATASETS = {"raw": [RAW]}
 PIDS = {pid_key(RAW.pid): ["raw"]}
-FLAVORS = {"basic": [Flavor(name="basic", backend=BackendKind.KUBERNETES, image="jupyter")],
-           "gpu": [Flavor(name="gpu", backend=BackendKind.KUBERNETES, image="jupyter",
-                          access=FlavorAccess(groups=frozenset({"staff"})))]}
+FLAVORS = {
+    "basic": [Flavor(name="basic", backend=BackendKind.KUBERNETES, image="jupyter")],
+    "gpu": [
+        Flavor(
+            name="gpu",
+            backend=BackendKind.KUBERNETES,
+            image="jupyter",
+            access=FlavorAccess(groups=frozenset({"staff"})),
+        )
+    ],
+}
 
 
 def catalogue(team=("alice",), staff=()) -> IndexCatalogue:
@@ -46,10 +68,10 @@ def test_affected_are_live_environments_that_lost_access():
     granted, removed = catalogue(team=("alice",)), catalogue(team=("bob",))
     assert not affected(record(), FLAVORS, granted, NOW)
     assert affected(record(), FLAVORS, removed, NOW)
-    assert affected(record(phase="Suspended"), FLAVORS, removed, NOW)   # it would mount again on resume
+    assert affected(record(phase="Suspended"), FLAVORS, removed, NOW)  # it would mount again on resume
     assert not affected(record(datasets=()), FLAVORS, removed, NOW)
     assert not affected(record(phase="Stopped"), FLAVORS, removed, NOW)
-    assert not affected(record(phase=""), FLAVORS, removed, NOW)   # its own handler decides first
+    assert not affected(record(phase=""), FLAVORS, removed, NOW)  # its own handler decides first
     assert affected(record(flavor="gpu", datasets=()), FLAVORS, catalogue(staff=()), NOW)
     assert not affected(record(flavor="gpu", datasets=()), FLAVORS, catalogue(staff=("alice",)), NOW)
 

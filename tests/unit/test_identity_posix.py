@@ -50,36 +50,54 @@ def user(name: str, uid: int, gid: int, **spec) -> FacilityUser:
 
 
 def mount(name: str, *groups: str) -> Mount:
-    dataset = Dataset(name=name, pid=f"10.5072/{name}", storage=DatasetStorage(nfs_server="nfs", nfs_path=f"/{name}"),
-                      embargoed_until=datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC), groups=frozenset(groups))
+    dataset = Dataset(
+        name=name,
+        pid=f"10.5072/{name}",
+        storage=DatasetStorage(nfs_server="nfs", nfs_path=f"/{name}"),
+        embargoed_until=datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC),
+        groups=frozenset(groups),
+    )
     return Mount(dataset, f"/data/{name}", "team member")
 
 
 # alice: in p11 (5001) and p12 (5002) and staff (no gid); bob: in p11 only.
 DIRECTORY = StaticDirectory(
-    users={"alice": user("alice", 20001, 20001), "bob": user("bob", 20002, 100),
-           "root": FacilityUser.from_body("root", {"uid": 0, "gid": 0}), "daemon": user("daemon", 1, 1)},
-    members={"p11": frozenset({"alice", "bob"}), "p12": frozenset({"alice"}), "staff": frozenset({"alice"}),
-             "p13": frozenset({"bob"}), "p11-copy": frozenset({"alice"})},
+    users={
+        "alice": user("alice", 20001, 20001),
+        "bob": user("bob", 20002, 100),
+        "root": FacilityUser.from_body("root", {"uid": 0, "gid": 0}),
+        "daemon": user("daemon", 1, 1),
+    },
+    members={
+        "p11": frozenset({"alice", "bob"}),
+        "p12": frozenset({"alice"}),
+        "staff": frozenset({"alice"}),
+        "p13": frozenset({"bob"}),
+        "p11-copy": frozenset({"alice"}),
+    },
     gids={"p11": 5001, "p12": 5002, "p13": 5003, "p11-copy": 5001},
 )
 
 
 # ---------------------------------------------------------------- reading FacilityUsers
 
-@pytest.mark.parametrize("spec, uid, gid, username, problem", [
-    ({"uid": 20001, "gid": 20001}, 20001, 20001, "alice", ""),
-    ({"uid": 20001, "gid": 100, "username": "al"}, 20001, 100, "al", ""),
-    ({"uid": 0, "gid": 20001}, 0, 20001, "alice", "0 would be root"),
-    ({"uid": 20001, "gid": 0}, 20001, 0, "alice", "root's group"),
-    ({"uid": True, "gid": 1}, 0, 1, "alice", "spec.uid True"),
-    ({"uid": "20001", "gid": 1}, 0, 1, "alice", "spec.uid '20001'"),
-    ({"uid": 2**31, "gid": 1}, 0, 1, "alice", "from 1 to 2147483647"),
-    ({"uid": -5, "gid": 1}, 0, 1, "alice", "spec.uid -5"),
-    ({"gid": 1}, 0, 1, "alice", "spec.uid None"),
-    ({"uid": 20001, "gid": 1, "username": "Alice; rm -rf /"}, 20001, 1, "", "not valid"),
-    ({"uid": 20001, "gid": 1, "username": ["x"]}, 20001, 1, "", "not valid"),
-])
+
+@pytest.mark.parametrize(
+    "spec, uid, gid, username, problem",
+    [
+        ({"uid": 20001, "gid": 20001}, 20001, 20001, "alice", ""),
+        ({"uid": 20001, "gid": 100, "username": "al"}, 20001, 100, "al", ""),
+        ({"uid": 0, "gid": 20001}, 0, 20001, "alice", "0 would be root"),
+        ({"uid": 20001, "gid": 0}, 20001, 0, "alice", "root's group"),
+        ({"uid": True, "gid": 1}, 0, 1, "alice", "spec.uid True"),
+        ({"uid": "20001", "gid": 1}, 0, 1, "alice", "spec.uid '20001'"),
+        ({"uid": 2**31, "gid": 1}, 0, 1, "alice", "from 1 to 2147483647"),
+        ({"uid": -5, "gid": 1}, 0, 1, "alice", "spec.uid -5"),
+        ({"gid": 1}, 0, 1, "alice", "spec.uid None"),
+        ({"uid": 20001, "gid": 1, "username": "Alice; rm -rf /"}, 20001, 1, "", "not valid"),
+        ({"uid": 20001, "gid": 1, "username": ["x"]}, 20001, 1, "", "not valid"),
+    ],
+)
 def test_a_facility_user_is_read_without_raising(spec, uid, gid, username, problem):
     read = FacilityUser.from_body("alice", spec)
     assert (read.uid, read.gid, read.username) == (uid, gid, username)
@@ -87,10 +105,10 @@ def test_a_facility_user_is_read_without_raising(spec, uid, gid, username, probl
 
 
 def test_a_name_that_is_no_unix_account_needs_spec_username():
-    assert FacilityUser.from_body("12345", {"uid": 20001, "gid": 1}).problems        # starts with a digit
-    assert FacilityUser.from_body("a" * 33, {"uid": 20001, "gid": 1}).problems       # too long for useradd
+    assert FacilityUser.from_body("12345", {"uid": 20001, "gid": 1}).problems  # starts with a digit
+    assert FacilityUser.from_body("a" * 33, {"uid": 20001, "gid": 1}).problems  # too long for useradd
     assert not FacilityUser.from_body("12345", {"uid": 20001, "gid": 1, "username": "u12345"}).problems
-    assert not FacilityUser.from_body("x", "not a mapping").uid                        # never raises
+    assert not FacilityUser.from_body("x", "not a mapping").uid  # never raises
 
 
 @given(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(), st.lists(st.integers())))
@@ -101,19 +119,29 @@ def test_parse_posix_id_never_raises_and_never_returns_root(value):
 
 # ---------------------------------------------------------------- the decision
 
-@pytest.mark.parametrize("owner, mounts, expected", [
-    ("alice", (), PosixIdentity("alice", 20001, 20001)),                                # no data: no extra gid
-    ("alice", (mount("raw", "p11"),), PosixIdentity("alice", 20001, 20001, (5001,), ("p11",))),
-    ("alice", (mount("raw", "p11"), mount("other", "p12")),
-     PosixIdentity("alice", 20001, 20001, (5001, 5002), ("p11", "p12"))),
-    ("alice", (mount("raw", "p11", "p12"),), PosixIdentity("alice", 20001, 20001, (5001, 5002), ("p11", "p12"))),
-    ("alice", (mount("staffdata", "staff"),), PosixIdentity("alice", 20001, 20001)),  # staff has no gid
-    ("alice", (mount("bobs", "p13"),), PosixIdentity("alice", 20001, 20001)),         # p13: not her group
-    ("alice", (mount("raw", "p11", "p11-copy"),),                                     # one gid, listed once
-     PosixIdentity("alice", 20001, 20001, (5001,), ("p11",))),
-    ("bob", (mount("raw", "p11", "p12"),), PosixIdentity("bob", 20002, 100, (5001,), ("p11",))),
-    ("bob", (mount("public"),), PosixIdentity("bob", 20002, 100)),                    # no group grants it
-])
+
+@pytest.mark.parametrize(
+    "owner, mounts, expected",
+    [
+        ("alice", (), PosixIdentity("alice", 20001, 20001)),  # no data: no extra gid
+        ("alice", (mount("raw", "p11"),), PosixIdentity("alice", 20001, 20001, (5001,), ("p11",))),
+        (
+            "alice",
+            (mount("raw", "p11"), mount("other", "p12")),
+            PosixIdentity("alice", 20001, 20001, (5001, 5002), ("p11", "p12")),
+        ),
+        ("alice", (mount("raw", "p11", "p12"),), PosixIdentity("alice", 20001, 20001, (5001, 5002), ("p11", "p12"))),
+        ("alice", (mount("staffdata", "staff"),), PosixIdentity("alice", 20001, 20001)),  # staff has no gid
+        ("alice", (mount("bobs", "p13"),), PosixIdentity("alice", 20001, 20001)),  # p13: not her group
+        (
+            "alice",
+            (mount("raw", "p11", "p11-copy"),),  # one gid, listed once
+            PosixIdentity("alice", 20001, 20001, (5001,), ("p11",)),
+        ),
+        ("bob", (mount("raw", "p11", "p12"),), PosixIdentity("bob", 20002, 100, (5001,), ("p11",))),
+        ("bob", (mount("public"),), PosixIdentity("bob", 20002, 100)),  # no group grants it
+    ],
+)
 def test_the_owner_runs_as_their_uid_with_exactly_the_gids_that_grant_their_mounted_data(owner, mounts, expected):
     assert posix_identity(owner, DIRECTORY, mounts, REQUIRED) == expected
 
@@ -122,25 +150,29 @@ def test_groups_that_grant_data_not_mounted_here_are_left_out():
     """alice is in p11, p12 and p13-less staff: an environment mounting p11's data gets 5001 only."""
     identity = posix_identity("alice", DIRECTORY, (mount("raw", "p11"),), REQUIRED)
     assert isinstance(identity, PosixIdentity) and identity.groups == (5001,)
-    assert granting_groups("carol", DIRECTORY, (mount("raw", "p11"),)) == ()          # not a member: nothing
+    assert granting_groups("carol", DIRECTORY, (mount("raw", "p11"),)) == ()  # not a member: nothing
 
 
 def test_an_owner_without_a_facility_user_is_refused_when_required_and_runs_as_the_default_otherwise():
     refusal = posix_identity("carol", DIRECTORY, (), REQUIRED)
     assert isinstance(refusal, Refusal) and refusal.reason == "NoPosixIdentity"
     assert refusal.phase is Phase.REJECTED and refusal.subject == "carol"
-    assert refusal.message.startswith("user 'carol' has no FacilityUser: the facility's directory sync has not "
-                                      "registered their POSIX identity")
+    assert refusal.message.startswith(
+        "user 'carol' has no FacilityUser: the facility's directory sync has not registered their POSIX identity"
+    )
     assert "ask the facility's user office or IT to register 'carol'" in refusal.message
     assert posix_identity("carol", DIRECTORY, (mount("raw", "p11"),), OPTIONAL) is None
 
 
-@pytest.mark.parametrize("owner, settings, words", [
-    ("root", REQUIRED, "0 would be root"),
-    ("root", OPTIONAL, "0 would be root"),              # not required does not mean "anything goes"
-    ("daemon", REQUIRED, "uid 1 is below 1000"),
-    ("daemon", OPTIONAL, "system accounts"),
-])
+@pytest.mark.parametrize(
+    "owner, settings, words",
+    [
+        ("root", REQUIRED, "0 would be root"),
+        ("root", OPTIONAL, "0 would be root"),  # not required does not mean "anything goes"
+        ("daemon", REQUIRED, "uid 1 is below 1000"),
+        ("daemon", OPTIONAL, "system accounts"),
+    ],
+)
 def test_root_and_system_accounts_are_refused_whatever_the_setting(owner, settings, words):
     refusal = posix_identity(owner, DIRECTORY, (), settings)
     assert isinstance(refusal, Refusal) and refusal.reason == "InvalidPosixIdentity" and words in refusal.message
@@ -154,8 +186,12 @@ def test_min_uid_one_allows_low_uids_but_never_root():
 # ---------------------------------------------------------------- the pod
 
 POD_ENVIRONMENT = Environment(namespace="ns", name="lab", uid="u-1", owner="alice", flavor="small")
-POD_FLAVOR = Flavor(name="small", backend=BackendKind.KUBERNETES, image="jupyter/scipy-notebook",
-                    resources=Resources(cpu="1", memory="1Gi"))
+POD_FLAVOR = Flavor(
+    name="small",
+    backend=BackendKind.KUBERNETES,
+    image="jupyter/scipy-notebook",
+    resources=Resources(cpu="1", memory="1Gi"),
+)
 ALICE = PosixIdentity("alice", 20001, 20001, (5001, 5002), ("p11", "p12"))
 
 
@@ -166,17 +202,26 @@ def pod_security(identity: PosixIdentity | None, settings: Settings = Settings()
 
 def test_the_pod_runs_as_the_owner_with_exactly_their_groups_and_no_privileges():
     pod, container = pod_security(ALICE)
-    assert pod == {"runAsNonRoot": True, "runAsUser": 20001, "runAsGroup": 20001, "supplementalGroups": [5001, 5002],
-                   "supplementalGroupsPolicy": "Strict", "seccompProfile": {"type": "RuntimeDefault"}}
-    assert container == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False,
-                         "capabilities": {"drop": ["ALL"]}}
+    assert pod == {
+        "runAsNonRoot": True,
+        "runAsUser": 20001,
+        "runAsGroup": 20001,
+        "supplementalGroups": [5001, 5002],
+        "supplementalGroupsPolicy": "Strict",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert container == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
 
 
 def test_fs_group_only_where_a_home_claim_must_be_made_writable_and_then_the_primary_gid():
     with_claims = dataclasses.replace(Settings(), home=HomeSettings(claims=True))
     pod, _ = pod_security(ALICE, with_claims)
     assert (pod["fsGroup"], pod["fsGroupChangePolicy"]) == (20001, "OnRootMismatch")
-    assert pod["supplementalGroups"] == [5001, 5002]                                   # fsGroup adds no new gid
+    assert pod["supplementalGroups"] == [5001, 5002]  # fsGroup adds no new gid
 
 
 def test_strict_supplemental_groups_can_be_turned_off_for_older_nodes():
@@ -187,11 +232,17 @@ def test_strict_supplemental_groups_can_be_turned_off_for_older_nodes():
 
 def test_without_an_identity_the_pod_is_what_it_always_was():
     pod, _ = pod_security(None)
-    assert pod == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100,
-                   "seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 100,
+        "fsGroup": 100,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 # ---------------------------------------------------------------- the VM
+
 
 def desktop(identity: PosixIdentity | None) -> dict:
     return yaml.safe_load(build_user_data(POD_ENVIRONMENT, "tok", Settings(), (), identity))
@@ -199,15 +250,20 @@ def desktop(identity: PosixIdentity | None) -> dict:
 
 def test_the_vm_desktop_user_is_the_owner_with_their_uid_gid_and_groups():
     cloud_init = desktop(ALICE)
-    assert cloud_init["users"] == ["default"]                                          # no shared "analysis" user
+    assert cloud_init["users"] == ["default"]  # no shared "analysis" user
     commands = [command[3:] for command in cloud_init["runcmd"] if command[:2] == ["sh", "-c"] and len(command) > 3]
-    assert commands == [["aenv-group", "20001", "alice"], ["aenv-group", "5001", "p11"], ["aenv-group", "5002", "p12"],
-                        ["aenv-user", "alice", "20001", "20001", "5001,5002"]]
+    assert commands == [
+        ["aenv-group", "20001", "alice"],
+        ["aenv-group", "5001", "p11"],
+        ["aenv-group", "5002", "p12"],
+        ["aenv-user", "alice", "20001", "20001", "5001,5002"],
+    ]
     credentials = next(item for item in cloud_init["write_files"] if item["path"].endswith("desktop-credentials"))
     assert credentials["content"] == "alice:tok"
     runcmd = [command[2] if command[:2] == ["sh", "-c"] else "" for command in cloud_init["runcmd"]]
-    assert runcmd.index(next(c for c in runcmd if "useradd" in c)) < runcmd.index(next(c for c in runcmd
-                                                                                     if "chpasswd" in c))
+    assert runcmd.index(next(c for c in runcmd if "useradd" in c)) < runcmd.index(
+        next(c for c in runcmd if "chpasswd" in c)
+    )
 
 
 def test_without_an_identity_the_vm_keeps_its_shared_desktop_user():
@@ -222,10 +278,11 @@ def test_a_group_name_is_an_argument_never_shell_text(name):
     cloud_init = desktop(PosixIdentity("alice", 20001, 20001, (5001,), (name,)))
     group_commands = [command for command in cloud_init["runcmd"] if command[3:4] == ["aenv-group"]]
     assert group_commands[1][4:] == ["5001", name]
-    assert group_commands[0][2] == group_commands[1][2]                                # the script is constant
+    assert group_commands[0][2] == group_commands[1][2]  # the script is constant
 
 
 # ---------------------------------------------------------------- the indexes
+
 
 @pytest.mark.parametrize("spec", [{}, {"uid": "x"}, {"uid": None, "gid": []}, {"username": 3}])
 def test_the_facility_user_index_never_raises_and_keeps_the_problems_for_the_refusal(spec):
@@ -233,14 +290,22 @@ def test_the_facility_user_index_never_raises_and_keeps_the_problems_for_the_ref
     assert indexed is not None and indexed["eve"].problems
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ({"gid": 5001}, {"p11": 5001}), ({}, None), ({"gid": 0}, None), ({"gid": "5001"}, None), ({"gid": True}, None),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ({"gid": 5001}, {"p11": 5001}),
+        ({}, None),
+        ({"gid": 0}, None),
+        ({"gid": "5001"}, None),
+        ({"gid": True}, None),
+    ],
+)
 def test_the_group_gid_index_keeps_only_real_gids(spec, expected):
     assert group_gids(name="p11", spec=spec, body={"metadata": {"name": "p11", "uid": "g"}}) == expected
 
 
 # ---------------------------------------------------------------- the engine
+
 
 class Kube:
     """What DirectoryIdentities asks the API server: one FacilityUser, every FacilityGroup."""
@@ -256,11 +321,14 @@ class Kube:
         return self.groups
 
 
-def identities(kube: Kube, users: dict, environments: dict | None = None,
-               settings: IdentitySettings = REQUIRED) -> DirectoryIdentities:
-    indexes = {"facility_users": {name: [value] for name, value in users.items()},
-               "groups": {name: [members] for name, members in DIRECTORY.members.items()},
-               "group_gids": {name: [gid] for name, gid in DIRECTORY.gids.items()}}
+def identities(
+    kube: Kube, users: dict, environments: dict | None = None, settings: IdentitySettings = REQUIRED
+) -> DirectoryIdentities:
+    indexes = {
+        "facility_users": {name: [value] for name, value in users.items()},
+        "groups": {name: [members] for name, members in DIRECTORY.members.items()},
+        "group_gids": {name: [gid] for name, gid in DIRECTORY.gids.items()},
+    }
     return DirectoryIdentities(kube, settings, indexes, environments or {})  # type: ignore[arg-type]
 
 
@@ -272,9 +340,11 @@ def test_the_engine_decides_from_the_indexes_without_calling_the_api():
 
 
 def test_a_refusal_is_confirmed_against_the_api_server_so_a_lagging_index_refuses_nobody():
-    kube = Kube(users={"alice": {"spec": {"uid": 20001, "gid": 20001}}},
-                groups=[{"metadata": {"name": "p11"}, "spec": {"members": ["alice"], "gid": 5001}}])
-    source = identities(kube, {})                                                       # the index has no alice yet
+    kube = Kube(
+        users={"alice": {"spec": {"uid": 20001, "gid": 20001}}},
+        groups=[{"metadata": {"name": "p11"}, "spec": {"members": ["alice"], "gid": 5001}}],
+    )
+    source = identities(kube, {})  # the index has no alice yet
     decided = asyncio.run(source.posix(POD_ENVIRONMENT, (mount("raw", "p11"),)))
     assert decided == PosixIdentity("alice", 20001, 20001, (5001,), ("p11",)) and kube.calls == 1
     assert asyncio.run(source.admit("alice")) is None
@@ -287,16 +357,18 @@ def test_admission_refuses_an_owner_the_api_server_does_not_know_either():
 
 
 def test_an_owner_removed_from_the_directory_while_running_has_the_environment_stopped_not_rejected():
-    environments = {("ns", "lab"): [EnvironmentRecord(POD_ENVIRONMENT, {"phase": "Ready",
-                                                                        "startedAt": "2026-11-30T11:00:00Z"})]}
+    environments = {
+        ("ns", "lab"): [EnvironmentRecord(POD_ENVIRONMENT, {"phase": "Ready", "startedAt": "2026-11-30T11:00:00Z"})]
+    }
     refusal = asyncio.run(identities(Kube(), {}, environments).posix(POD_ENVIRONMENT, ()))
     assert isinstance(refusal, Refusal) and (refusal.reason, refusal.phase) == ("NoPosixIdentity", Phase.STOPPED)
     assert refusal.message.startswith("the environment was stopped: user 'alice' has no FacilityUser")
-    namesake = dataclasses.replace(POD_ENVIRONMENT, uid="u-2")                         # a new one of the same name
+    namesake = dataclasses.replace(POD_ENVIRONMENT, uid="u-2")  # a new one of the same name
     assert asyncio.run(identities(Kube(), {}, environments).posix(namesake, ())).phase is Phase.REJECTED
 
 
 # ---------------------------------------------------------------- through converge into the Launch
+
 
 class RecordingBackend(MemoryBackend):
     def __init__(self) -> None:
@@ -312,11 +384,19 @@ class RecordingBackend(MemoryBackend):
         return await super().resume(launch)
 
 
-def converge_with(users: dict, environment: Environment = ENVIRONMENT, status: dict | None = None,
-                  settings: IdentitySettings = REQUIRED):
+def converge_with(
+    users: dict,
+    environment: Environment = ENVIRONMENT,
+    status: dict | None = None,
+    settings: IdentitySettings = REQUIRED,
+):
     backend, cluster = RecordingBackend(), Cluster()
-    context = Context(kube=cluster, backends={"memory": backend}, access=Catalogue(),  # type: ignore[arg-type]
-                      identities=identities(Kube(), users, settings=settings))
+    context = Context(
+        kube=cluster,
+        backends={"memory": backend},
+        access=Catalogue(),  # type: ignore[arg-type]
+        identities=identities(Kube(), users, settings=settings),
+    )
     outcome = asyncio.run(converge(context, environment, status or {}, FLAVOR, NOW))
     return backend, outcome
 
@@ -339,20 +419,24 @@ def test_a_changed_uid_does_not_touch_what_runs_and_applies_at_the_next_start():
     backend, cluster = RecordingBackend(), Cluster()
     users = {"alice": [DIRECTORY.users["alice"]]}
     source = identities(Kube(), {})
-    source.directory._users = users                                                     # the live index
-    context = Context(kube=cluster, backends={"memory": backend}, access=Catalogue(),  # type: ignore[arg-type]
-                      identities=source)
+    source.directory._users = users  # the live index
+    context = Context(
+        kube=cluster,
+        backends={"memory": backend},
+        access=Catalogue(),  # type: ignore[arg-type]
+        identities=source,
+    )
 
     async def scenario():
         status = {**(await converge(context, ENVIRONMENT, {}, FLAVOR, NOW)).status}
         backend.running["u-1"] = "ready"
-        users["alice"] = [user("alice", 30001, 30001)]                                  # the directory changes
+        users["alice"] = [user("alice", 30001, 30001)]  # the directory changes
         status.update((await converge(context, ENVIRONMENT, status, FLAVOR, NOW)).status or {})
-        assert status["phase"] == "Ready" and [i.uid for i in backend.identities] == [20001]   # untouched
+        assert status["phase"] == "Ready" and [i.uid for i in backend.identities] == [20001]  # untouched
         suspended = dataclasses.replace(ENVIRONMENT, suspend=True, generation=2)
         status.update((await converge(context, suspended, status, FLAVOR, NOW)).status or {})
         resumed = dataclasses.replace(ENVIRONMENT, generation=3)
         status.update((await converge(context, resumed, status, FLAVOR, NOW)).status or {})
-        assert [i.uid for i in backend.identities] == [20001, 30001]                  # resume: the directory now
+        assert [i.uid for i in backend.identities] == [20001, 30001]  # resume: the directory now
 
     asyncio.run(scenario())

@@ -1,4 +1,5 @@
 """The startup gate kopf uses (a ToggleSet) with edge-triggered waiters: same answers, linear cost."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,8 +26,9 @@ def test_all_set_waits_until_every_toggle_is_on_or_dropped(cls):
         await toggles.drop_toggle(second)
         await asyncio.wait_for(waiter, 1)
         assert toggles.is_on()
-        await first.turn_to(False)             # and back: wait_for(False) resolves again
+        await first.turn_to(False)  # and back: wait_for(False) resolves again
         await asyncio.wait_for(toggles.wait_for(False), 1)
+
     asyncio.run(scenario())
 
 
@@ -42,6 +44,7 @@ def test_any_set_is_on_while_one_toggle_is_on(cls):
         assert not resumed.done()
         await conflict.turn_to(False)
         await asyncio.wait_for(resumed, 1)
+
     asyncio.run(scenario())
 
 
@@ -66,12 +69,13 @@ def _startup(cls, objects: int) -> int:
             await indexed.wait_for(True)
 
         workers = []
-        for toggle in toggles:   # objects arrive one by one from the watch stream
+        for toggle in toggles:  # objects arrive one by one from the watch stream
             workers.append(asyncio.create_task(worker(toggle)))
             await asyncio.sleep(0)
             await asyncio.sleep(0)
         await indexed.drop_toggle(blocker)
         await asyncio.wait_for(asyncio.gather(*workers), 60)
+
     asyncio.run(scenario())
     return evaluations
 
@@ -79,7 +83,7 @@ def _startup(cls, objects: int) -> int:
 def test_startup_gate_work_grows_linearly_not_quadratically():
     """kopf's gate re-checks the set on every waiter for every change (1.2 s for 1,000 objects and
     25 s for 4,000 on the 2-core machine); the patched one once per change and per flip."""
-    assert _startup(EdgeToggleSet, 2000) <= 5 * 2000        # about 4 per object
+    assert _startup(EdgeToggleSet, 2000) <= 5 * 2000  # about 4 per object
     assert _startup(aiotoggles.ToggleSet, 500) >= 500 * 500 // 4
 
 
@@ -118,8 +122,9 @@ def test_switched_off_the_patch_is_not_applied_on_any_version(unpatched, version
 def test_pyproject_pins_kopf_to_the_checked_versions():
     """pip must never install a kopf the operator then refuses to start with."""
     pyproject = tomllib.loads((pathlib.Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
-    [kopf] = [Requirement(line) for line in pyproject["project"]["dependencies"]
-              if Requirement(line).name == "kopf"]
+    [kopf] = [Requirement(line) for line in pyproject["project"]["dependencies"] if Requirement(line).name == "kopf"]
     assert all(kopf.specifier.contains(version) for version in CHECKED_VERSIONS)
-    assert not any(kopf.specifier.contains(version, prereleases=True)
-                   for version in ["1.44.6", "1.45.3", "1.45.3rc1", "1.46.0", "2.0.0"])
+    assert not any(
+        kopf.specifier.contains(version, prereleases=True)
+        for version in ["1.44.6", "1.45.3", "1.45.3rc1", "1.46.0", "2.0.0"]
+    )

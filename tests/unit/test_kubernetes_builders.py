@@ -1,18 +1,29 @@
 """The Kubernetes backend's pure parts: pod, service, token secret, URL, pod observation."""
+
 from __future__ import annotations
 
 import base64
 import json
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, example, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from analysis_operator.backends.base import State
 from analysis_operator.backends.kubernetes import build_pod, build_service, build_url, observe_pod, summarize_pod
 from analysis_operator.engine.tokens import TOKEN_KEY, build_token_secret, new_token
 from analysis_operator.model.domain import (
-    API_VERSION, LABEL_ENVIRONMENT, LABEL_ENVIRONMENT_UID, LABEL_MANAGED_BY, MANAGER, BackendKind, Environment,
-    Flavor, Resources)
+    API_VERSION,
+    LABEL_ENVIRONMENT,
+    LABEL_ENVIRONMENT_UID,
+    LABEL_MANAGED_BY,
+    MANAGER,
+    BackendKind,
+    Environment,
+    Flavor,
+    Resources,
+)
 from analysis_operator.settings import Settings
 
 SETTINGS = Settings()
@@ -27,7 +38,7 @@ HOSTILE = [
     "key: value\n- item\n# comment",
     "&anchor *alias !!python/object:os.system",
     "ünïcödé\ttab\r\n\u2028\u0085\x7f\x00",
-    "\\\"\\n",
+    '\\"\\n',
     "</script>&<>",
     "",
 ]
@@ -40,8 +51,13 @@ def make_environment(**overrides) -> Environment:
 
 
 def make_flavor(cpu="2", memory="8Gi", gpu=0, image="jupyter/scipy-notebook:2024-01", **overrides) -> Flavor:
-    return Flavor(name="small", backend=BackendKind.KUBERNETES, image=image,
-                  resources=Resources(cpu=cpu, memory=memory, gpu=gpu), **overrides)
+    return Flavor(
+        name="small",
+        backend=BackendKind.KUBERNETES,
+        image=image,
+        resources=Resources(cpu=cpu, memory=memory, gpu=gpu),
+        **overrides,
+    )
 
 
 def container_of(pod: dict) -> dict:
@@ -53,22 +69,28 @@ def env_of(pod: dict) -> dict:
     return {entry["name"]: entry for entry in container_of(pod)["env"]}
 
 
-@pytest.mark.parametrize("environment_image, flavor_image, expected", [
-    ("", "jupyter/scipy-notebook:2024-01", "jupyter/scipy-notebook:2024-01"),
-    ("registry.facility.eu/custom:1", "jupyter/scipy-notebook:2024-01", "registry.facility.eu/custom:1"),
-    ("registry.facility.eu/custom:1", "", "registry.facility.eu/custom:1"),
-])
+@pytest.mark.parametrize(
+    "environment_image, flavor_image, expected",
+    [
+        ("", "jupyter/scipy-notebook:2024-01", "jupyter/scipy-notebook:2024-01"),
+        ("registry.facility.eu/custom:1", "jupyter/scipy-notebook:2024-01", "registry.facility.eu/custom:1"),
+        ("registry.facility.eu/custom:1", "", "registry.facility.eu/custom:1"),
+    ],
+)
 def test_pod_image_is_the_environments_else_the_flavors(environment_image, flavor_image, expected):
     pod = build_pod(make_environment(image=environment_image), make_flavor(image=flavor_image), SETTINGS)
     assert container_of(pod)["image"] == expected
 
 
-@pytest.mark.parametrize("cpu, memory, gpu, expected", [
-    ("2", "8Gi", 0, {"cpu": "2", "memory": "8Gi"}),
-    ("500m", "512Mi", 0, {"cpu": "500m", "memory": "512Mi"}),
-    ("8", "64Gi", 1, {"cpu": "8", "memory": "64Gi", GPU: "1"}),
-    ("16", "128Gi", 4, {"cpu": "16", "memory": "128Gi", GPU: "4"}),
-])
+@pytest.mark.parametrize(
+    "cpu, memory, gpu, expected",
+    [
+        ("2", "8Gi", 0, {"cpu": "2", "memory": "8Gi"}),
+        ("500m", "512Mi", 0, {"cpu": "500m", "memory": "512Mi"}),
+        ("8", "64Gi", 1, {"cpu": "8", "memory": "64Gi", GPU: "1"}),
+        ("16", "128Gi", 4, {"cpu": "16", "memory": "128Gi", GPU: "4"}),
+    ],
+)
 def test_pod_requests_and_limits_come_from_the_flavor(cpu, memory, gpu, expected):
     pod = build_pod(make_environment(), make_flavor(cpu=cpu, memory=memory, gpu=gpu), SETTINGS)
     resources = container_of(pod)["resources"]
@@ -85,8 +107,10 @@ def test_pod_token_comes_from_the_secret_only():
     secret = build_token_secret(environment, token)
     pod = build_pod(environment, make_flavor(), SETTINGS)
     jupyter_token = env_of(pod)["JUPYTER_TOKEN"]
-    assert jupyter_token == {"name": "JUPYTER_TOKEN",
-                             "valueFrom": {"secretKeyRef": {"name": environment.child_name, "key": TOKEN_KEY}}}
+    assert jupyter_token == {
+        "name": "JUPYTER_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": environment.child_name, "key": TOKEN_KEY}},
+    }
     assert secret["metadata"]["name"] == environment.child_name  # the pod points at the secret that holds it
     rendered = json.dumps(pod)
     assert token not in rendered and secret["data"][TOKEN_KEY] not in rendered
@@ -99,9 +123,16 @@ def test_pod_identity_owner_reference_and_hardening():
     assert pod["metadata"]["name"] == "aenv-lab"
     assert pod["metadata"]["namespace"] == "team-a"
     assert pod["metadata"]["labels"] == environment.identity_labels
-    assert pod["metadata"]["ownerReferences"] == [{
-        "apiVersion": API_VERSION, "kind": "AnalysisEnvironment", "name": "lab", "uid": "0b1c-uid",
-        "controller": True, "blockOwnerDeletion": True}]
+    assert pod["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": API_VERSION,
+            "kind": "AnalysisEnvironment",
+            "name": "lab",
+            "uid": "0b1c-uid",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
     spec = pod["spec"]
     assert spec["automountServiceAccountToken"] is False
     assert spec["securityContext"]["runAsNonRoot"] is True
@@ -152,10 +183,12 @@ def test_hostile_text_cannot_change_the_pod_structure(hostile):
 
 
 # Every Basic Multilingual Plane character except surrogates, weighted towards YAML and Jinja syntax.
-BMP_TEXT = st.text(st.one_of(
-    st.sampled_from(list(":{}[]-#&*!|>'\"%@`,?\\\n\r\t ")),
-    st.characters(max_codepoint=0xFFFF, blacklist_categories=("Cs",)),
-))
+BMP_TEXT = st.text(
+    st.one_of(
+        st.sampled_from(list(":{}[]-#&*!|>'\"%@`,?\\\n\r\t ")),
+        st.characters(max_codepoint=0xFFFF, blacklist_categories=("Cs",)),
+    )
+)
 
 
 @hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -167,7 +200,7 @@ def test_any_text_reaches_the_pod_unchanged(owner, name, image):
     assert_pod_structure(pod, environment, image or "fallback")
 
 
-@pytest.mark.parametrize("owner", ["\U0001F600", "scientist-\U0001D4B6"])
+@pytest.mark.parametrize("owner", ["\U0001f600", "scientist-\U0001d4b6"])
 def test_text_beyond_the_basic_plane_reaches_the_pod_unchanged(owner):
     # tojson writes astral characters as \ud83d\ude00 surrogate escapes and PyYAML
     # decodes each half separately, so the value comes back as two lone surrogates.
@@ -186,7 +219,8 @@ def test_service_selects_the_pod_by_environment_uid(uid):
     assert service["metadata"]["labels"] == environment.identity_labels
     assert service["metadata"]["ownerReferences"][0]["uid"] == uid
     assert service["spec"]["ports"] == [
-        {"name": "http", "port": SETTINGS.jupyter_port, "targetPort": "http", "protocol": "TCP"}]
+        {"name": "http", "port": SETTINGS.jupyter_port, "targetPort": "http", "protocol": "TCP"}
+    ]
 
 
 @pytest.mark.parametrize("token", ["s3cr3t", new_token(), "ünï/+=", ""])
@@ -198,7 +232,10 @@ def test_token_secret_round_trips(token):
     assert secret["metadata"]["name"] == environment.child_name
     assert secret["metadata"]["namespace"] == environment.namespace
     assert secret["metadata"]["labels"] == {
-        LABEL_MANAGED_BY: MANAGER, LABEL_ENVIRONMENT: "lab", LABEL_ENVIRONMENT_UID: "0b1c-uid"}
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_ENVIRONMENT: "lab",
+        LABEL_ENVIRONMENT_UID: "0b1c-uid",
+    }
     assert secret["metadata"]["ownerReferences"][0]["controller"] is True
     assert "stringData" not in secret
 
@@ -209,24 +246,35 @@ def test_new_tokens_differ_and_are_long():
     assert min(len(token) for token in tokens) >= 40
 
 
-@pytest.mark.parametrize("settings, expected", [
-    (Settings(), "http://aenv-lab.team-a.svc.cluster.local:8888/lab"),
-    (Settings(cluster_domain="k8s.facility.eu", jupyter_port=9000), "http://aenv-lab.team-a.svc.k8s.facility.eu:9000/lab"),
-])
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        (Settings(), "http://aenv-lab.team-a.svc.cluster.local:8888/lab"),
+        (
+            Settings(cluster_domain="k8s.facility.eu", jupyter_port=9000),
+            "http://aenv-lab.team-a.svc.k8s.facility.eu:9000/lab",
+        ),
+    ],
+)
 def test_url_is_the_service_dns_name(settings, expected):
     assert build_url(make_environment(), settings) == expected
 
 
-def make_pod(phase="Pending", node="", conditions=(), deleting=False, message="", reason="",
-             containers=None) -> dict:
+def make_pod(phase="Pending", node="", conditions=(), deleting=False, message="", reason="", containers=None) -> dict:
     metadata = {"name": "aenv-lab", "namespace": "team-a", "labels": {LABEL_ENVIRONMENT_UID: "0b1c-uid"}}
     if deleting:
         metadata["deletionTimestamp"] = "2024-03-01T12:00:00Z"
-    spec = {"containers": containers if containers is not None else [
-        {"name": "jupyterlab", "resources": {"requests": {"cpu": "500m", "memory": "1Gi", GPU: "2"}}}]}
+    spec = {
+        "containers": containers
+        if containers is not None
+        else [{"name": "jupyterlab", "resources": {"requests": {"cpu": "500m", "memory": "1Gi", GPU: "2"}}}]
+    }
     if node:
         spec["nodeName"] = node
-    status = {"phase": phase, "conditions": [{"type": kind, "status": value, **extra} for kind, value, extra in conditions]}
+    status = {
+        "phase": phase,
+        "conditions": [{"type": kind, "status": value, **extra} for kind, value, extra in conditions],
+    }
     if message:
         status["message"] = message
     if reason:
@@ -240,23 +288,41 @@ READY = ("Ready", "True", {})
 NOT_READY = ("Ready", "False", {"reason": "ContainersNotReady"})
 
 
-@pytest.mark.parametrize("pod, expected", [
-    (None, (State.GONE, "PodMissing", 0.0, 0, "")),
-    (make_pod("Running", "node-1", [SCHEDULED, READY], deleting=True), (State.PROVISIONING, "PodTerminating", 0.0, 0, "")),
-    (make_pod("Pending", "", [UNSCHEDULED]), (State.PENDING, "Unschedulable", 0.0, 0, "")),
-    (make_pod("Pending", "", [("PodScheduled", "False", {})]), (State.PENDING, "Unschedulable", 0.0, 0, "")),
-    (make_pod("Pending", "", []), (State.PROVISIONING, "PodStarting", 0.0, 0, "")),
-    (make_pod("Pending", "node-1", [SCHEDULED]), (State.PROVISIONING, "PodStarting", 0.5, 2, "")),
-    (make_pod("Running", "node-1", [SCHEDULED, NOT_READY]), (State.PROVISIONING, "PodStarting", 0.5, 2, "")),
-    (make_pod("Running", "node-1", [SCHEDULED, READY]), (State.READY, "PodReady", 0.5, 2, "http://x/lab")),
-    (make_pod("Running", "node-1", [SCHEDULED, READY], containers=[
-        {"resources": {"requests": {"cpu": "2"}}}, {"resources": {"requests": {"cpu": "250m", GPU: "1"}}}, {}]),
-     (State.READY, "PodReady", 2.25, 1, "http://x/lab")),
-    (make_pod("Failed", "node-1", [SCHEDULED], message="OOMKilled", reason="Evicted"),
-     (State.FAILED, "Evicted", 0.0, 0, "")),
-    (make_pod("Failed", "node-1", [SCHEDULED]), (State.FAILED, "PodFailed", 0.0, 0, "")),
-    (make_pod("Succeeded", "node-1", [SCHEDULED]), (State.FAILED, "PodSucceeded", 0.0, 0, "")),
-])
+@pytest.mark.parametrize(
+    "pod, expected",
+    [
+        (None, (State.GONE, "PodMissing", 0.0, 0, "")),
+        (
+            make_pod("Running", "node-1", [SCHEDULED, READY], deleting=True),
+            (State.PROVISIONING, "PodTerminating", 0.0, 0, ""),
+        ),
+        (make_pod("Pending", "", [UNSCHEDULED]), (State.PENDING, "Unschedulable", 0.0, 0, "")),
+        (make_pod("Pending", "", [("PodScheduled", "False", {})]), (State.PENDING, "Unschedulable", 0.0, 0, "")),
+        (make_pod("Pending", "", []), (State.PROVISIONING, "PodStarting", 0.0, 0, "")),
+        (make_pod("Pending", "node-1", [SCHEDULED]), (State.PROVISIONING, "PodStarting", 0.5, 2, "")),
+        (make_pod("Running", "node-1", [SCHEDULED, NOT_READY]), (State.PROVISIONING, "PodStarting", 0.5, 2, "")),
+        (make_pod("Running", "node-1", [SCHEDULED, READY]), (State.READY, "PodReady", 0.5, 2, "http://x/lab")),
+        (
+            make_pod(
+                "Running",
+                "node-1",
+                [SCHEDULED, READY],
+                containers=[
+                    {"resources": {"requests": {"cpu": "2"}}},
+                    {"resources": {"requests": {"cpu": "250m", GPU: "1"}}},
+                    {},
+                ],
+            ),
+            (State.READY, "PodReady", 2.25, 1, "http://x/lab"),
+        ),
+        (
+            make_pod("Failed", "node-1", [SCHEDULED], message="OOMKilled", reason="Evicted"),
+            (State.FAILED, "Evicted", 0.0, 0, ""),
+        ),
+        (make_pod("Failed", "node-1", [SCHEDULED]), (State.FAILED, "PodFailed", 0.0, 0, "")),
+        (make_pod("Succeeded", "node-1", [SCHEDULED]), (State.FAILED, "PodSucceeded", 0.0, 0, "")),
+    ],
+)
 def test_observe_pod(pod, expected):
     observation = observe_pod(pod, url="http://x/lab")
     state, reason, cpus, gpus, url = expected
@@ -267,15 +333,20 @@ def test_observe_pod(pod, expected):
     assert observation.message  # always something for people
 
 
-@pytest.mark.parametrize("pod, words", [
-    (None, ["does not exist"]),
-    (make_pod("Pending", "", [UNSCHEDULED]), ["0/3 nodes have enough nvidia.com/gpu"]),
-    (make_pod("Pending", "", [("PodScheduled", "False", {})]), ["waiting for a node"]),
-    (make_pod("Running", "node-7", [SCHEDULED, READY]), ["node-7"]),
-    (make_pod("Failed", "node-1", [], message="The node was low on resource: memory."),
-     ["The node was low on resource: memory."]),
-    (make_pod("Failed", "node-1", []), ["Failed"]),
-])
+@pytest.mark.parametrize(
+    "pod, words",
+    [
+        (None, ["does not exist"]),
+        (make_pod("Pending", "", [UNSCHEDULED]), ["0/3 nodes have enough nvidia.com/gpu"]),
+        (make_pod("Pending", "", [("PodScheduled", "False", {})]), ["waiting for a node"]),
+        (make_pod("Running", "node-7", [SCHEDULED, READY]), ["node-7"]),
+        (
+            make_pod("Failed", "node-1", [], message="The node was low on resource: memory."),
+            ["The node was low on resource: memory."],
+        ),
+        (make_pod("Failed", "node-1", []), ["Failed"]),
+    ],
+)
 def test_observation_message_says_what_happened(pod, words):
     message = observe_pod(pod).message
     assert all(word in message for word in words), message
@@ -293,11 +364,14 @@ def test_a_freshly_built_pod_is_provisioning():
     assert (observation.cpus, observation.gpus) == (0.0, 0)  # nothing held before a node is assigned
 
 
-@pytest.mark.parametrize("labels, expected_uid", [
-    ({LABEL_ENVIRONMENT_UID: "0b1c-uid"}, "0b1c-uid"),
-    ({}, ""),
-    (None, ""),
-])
+@pytest.mark.parametrize(
+    "labels, expected_uid",
+    [
+        ({LABEL_ENVIRONMENT_UID: "0b1c-uid"}, "0b1c-uid"),
+        ({}, ""),
+        (None, ""),
+    ],
+)
 def test_summarize_pod(labels, expected_uid):
     pod = make_pod("Running", "node-1", [SCHEDULED, READY])
     pod["metadata"]["labels"] = labels
@@ -310,28 +384,42 @@ def test_summarize_pod(labels, expected_uid):
 
 def make_mount(name: str, path: str, **storage):
     from analysis_operator.model.domain import Dataset, DatasetStorage, Mount
+
     return Mount(Dataset(name=name, pid=f"10.5072/{name}", storage=DatasetStorage(**storage)), path, "public")
 
 
 def test_dataset_volumes_are_read_only_twice_and_one_per_dataset():
     from analysis_operator.backends.kubernetes import build_dataset_volumes
-    volumes, mounts = build_dataset_volumes((
-        make_mount("raw", "/data/raw", claim_name="facility-data", sub_path="p11/raw",
-                   nfs_server="nfs", nfs_path="/exports/raw"),
-        make_mount("ref", "/data/ref", nfs_server="nfs.facility.eu", nfs_path="/exports/ref"),
-        make_mount("whole", "/data/whole", claim_name="whole-claim")))
+
+    volumes, mounts = build_dataset_volumes(
+        (
+            make_mount(
+                "raw",
+                "/data/raw",
+                claim_name="facility-data",
+                sub_path="p11/raw",
+                nfs_server="nfs",
+                nfs_path="/exports/raw",
+            ),
+            make_mount("ref", "/data/ref", nfs_server="nfs.facility.eu", nfs_path="/exports/ref"),
+            make_mount("whole", "/data/whole", claim_name="whole-claim"),
+        )
+    )
     assert volumes == (
         {"name": "dataset-0", "persistentVolumeClaim": {"claimName": "facility-data", "readOnly": True}},
         {"name": "dataset-1", "nfs": {"server": "nfs.facility.eu", "path": "/exports/ref", "readOnly": True}},
-        {"name": "dataset-2", "persistentVolumeClaim": {"claimName": "whole-claim", "readOnly": True}})
+        {"name": "dataset-2", "persistentVolumeClaim": {"claimName": "whole-claim", "readOnly": True}},
+    )
     assert mounts == (
         {"name": "dataset-0", "mountPath": "/data/raw", "readOnly": True, "subPath": "p11/raw"},
         {"name": "dataset-1", "mountPath": "/data/ref", "readOnly": True},
-        {"name": "dataset-2", "mountPath": "/data/whole", "readOnly": True})
+        {"name": "dataset-2", "mountPath": "/data/whole", "readOnly": True},
+    )
 
 
 def test_pod_with_datasets_keeps_home_as_its_only_writable_volume():
     from analysis_operator.backends.kubernetes import build_dataset_volumes
+
     volumes, mounts = build_dataset_volumes((make_mount("ref", "/data/ref", nfs_server="n", nfs_path="/e"),))
     pod = build_pod(make_environment(), make_flavor(), SETTINGS, volumes, mounts)
     writable = [mount["mountPath"] for mount in container_of(pod)["volumeMounts"] if not mount.get("readOnly")]
@@ -350,12 +438,18 @@ def test_home_is_per_environment_scratch_unless_per_user_claims_are_on():
 
     settings = dc.replace(SETTINGS, home=HomeSettings(claims=True, size="50Gi", storage_class="cephfs"))
     pod = build_pod(make_environment(owner="alice"), make_flavor(), settings)
-    assert pod["spec"]["volumes"][0] == {"name": "home", "persistentVolumeClaim": {"claimName": home_claim_name("alice")}}
+    assert pod["spec"]["volumes"][0] == {
+        "name": "home",
+        "persistentVolumeClaim": {"claimName": home_claim_name("alice")},
+    }
     claim = build_home_claim(make_environment(owner="alice"), settings)
     assert claim["metadata"]["name"] == home_claim_name("alice")
-    assert "ownerReferences" not in claim["metadata"]          # outlives the environment
-    assert claim["spec"] == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "50Gi"}},
-                             "storageClassName": "cephfs"}
+    assert "ownerReferences" not in claim["metadata"]  # outlives the environment
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": "50Gi"}},
+        "storageClassName": "cephfs",
+    }
 
 
 @given(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}", fullmatch=True))
@@ -363,18 +457,23 @@ def test_home_claim_names_are_valid_and_distinct_per_user(owner):
     import re
 
     from analysis_operator.backends.kubernetes import home_claim_name
+
     name = home_claim_name(owner)
     assert len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name)
     assert home_claim_name(owner.swapcase()) != name or owner.swapcase() == owner
 
 
-@pytest.mark.parametrize("image, flavor_image, refused", [("", "", True), ("custom:1", "", False), ("", "jupyter", False)])
+@pytest.mark.parametrize(
+    "image, flavor_image, refused", [("", "", True), ("custom:1", "", False), ("", "jupyter", False)]
+)
 def test_a_pod_needs_an_image_from_the_environment_or_the_flavor(image, flavor_image, refused):
     from analysis_operator.backends.kubernetes import KubernetesBackend
+
     backend = KubernetesBackend(None, SETTINGS, {})
     environment = Environment(namespace="n", name="lab", uid="u", owner="alice", flavor="small", image=image)
-    refusal = backend.validate(environment, Flavor(name="small", backend=BackendKind.KUBERNETES, image=flavor_image,
-                                                   allow_custom_image=True))
+    refusal = backend.validate(
+        environment, Flavor(name="small", backend=BackendKind.KUBERNETES, image=flavor_image, allow_custom_image=True)
+    )
     assert (refusal.reason if refusal else None) == ("ImageMissing" if refused else None)
     if refusal:
         assert "'small'" in refusal.message and "spec.image" in refusal.message

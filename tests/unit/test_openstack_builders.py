@@ -1,4 +1,5 @@
 """The OpenStack backend's pure parts: server request, cloud-init, status mapping."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,10 +13,30 @@ import yaml
 
 from analysis_operator.backends.base import BackendUnavailable, State
 from analysis_operator.backends.openstack import (
-    MANAGED_TAG, META_MANAGED_BY, META_NAME, META_NAMESPACE, META_OWNER, META_UID, OpenStackBackend,
-    _translate_errors, build_dataset_mounts, build_identity_metadata, build_server_request,
-    connection_url, gpus_from_extra_specs, observe_server)
-from analysis_operator.model.domain import BackendKind, Dataset, DatasetStorage, Environment, Flavor, Mount, OpenStackSpec
+    MANAGED_TAG,
+    META_MANAGED_BY,
+    META_NAME,
+    META_NAMESPACE,
+    META_OWNER,
+    META_UID,
+    OpenStackBackend,
+    _translate_errors,
+    build_dataset_mounts,
+    build_identity_metadata,
+    build_server_request,
+    connection_url,
+    gpus_from_extra_specs,
+    observe_server,
+)
+from analysis_operator.model.domain import (
+    BackendKind,
+    Dataset,
+    DatasetStorage,
+    Environment,
+    Flavor,
+    Mount,
+    OpenStackSpec,
+)
 from analysis_operator.settings import OpenStackSettings, Settings
 
 SETTINGS = Settings(openstack=OpenStackSettings(cloud="analysis", executor_workers=2))
@@ -35,7 +56,7 @@ NASTY = [
     "{{ 7 * 7 }} {% raw %}",
     "key: value\n- item\n# comment",
     "/data/ünïcödé with spaces\ttab",
-    "\\\"\\n",
+    '\\"\\n',
 ]
 
 
@@ -48,8 +69,12 @@ def make_environment(**overrides) -> Environment:
 def make_flavor(allow_custom_image=False, **openstack) -> Flavor:
     spec = dict(flavor="aenv.basic", image="analysis-desktop")
     spec.update(openstack)
-    return Flavor(name="vm-basic", backend=BackendKind.OPENSTACK, allow_custom_image=allow_custom_image,
-                  openstack=OpenStackSpec(**spec))
+    return Flavor(
+        name="vm-basic",
+        backend=BackendKind.OPENSTACK,
+        allow_custom_image=allow_custom_image,
+        openstack=OpenStackSpec(**spec),
+    )
 
 
 def user_data_of(environment, token="tok-en", mounts=()) -> dict:
@@ -57,17 +82,22 @@ def user_data_of(environment, token="tok-en", mounts=()) -> dict:
     return yaml.safe_load(request["user_data"])
 
 
-@pytest.mark.parametrize("flavor, environment_image, expected", [
-    (make_flavor(), "", {"flavor": "aenv.basic", "image": "analysis-desktop", "network": "",
-                         "key_name": ""}),
-    (make_flavor(network="science-net", key_name="ops"), "",
-     {"flavor": "aenv.basic", "image": "analysis-desktop", "network": "science-net", "key_name": "ops"}),
-    # A custom image only where the flavor allows it.
-    (make_flavor(), "my-desktop", {"image": "analysis-desktop"}),
-    (make_flavor(allow_custom_image=True), "my-desktop", {"image": "my-desktop"}),
-    (make_flavor(allow_custom_image=True), "", {"image": "analysis-desktop"}),
-    (make_flavor(flavor="aenv.gpu"), "", {"flavor": "aenv.gpu"}),
-])
+@pytest.mark.parametrize(
+    "flavor, environment_image, expected",
+    [
+        (make_flavor(), "", {"flavor": "aenv.basic", "image": "analysis-desktop", "network": "", "key_name": ""}),
+        (
+            make_flavor(network="science-net", key_name="ops"),
+            "",
+            {"flavor": "aenv.basic", "image": "analysis-desktop", "network": "science-net", "key_name": "ops"},
+        ),
+        # A custom image only where the flavor allows it.
+        (make_flavor(), "my-desktop", {"image": "analysis-desktop"}),
+        (make_flavor(allow_custom_image=True), "my-desktop", {"image": "my-desktop"}),
+        (make_flavor(allow_custom_image=True), "", {"image": "analysis-desktop"}),
+        (make_flavor(flavor="aenv.gpu"), "", {"flavor": "aenv.gpu"}),
+    ],
+)
 def test_server_request_fields(flavor, environment_image, expected):
     request = build_server_request(make_environment(image=environment_image), flavor, "t", SETTINGS)
     assert {key: request[key] for key in expected} == expected
@@ -77,8 +107,12 @@ def test_server_request_fields(flavor, environment_image, expected):
 
 def test_identity_metadata_carries_the_environment():
     assert build_identity_metadata(make_environment()) == {
-        META_MANAGED_BY: "analysis-operator", META_NAMESPACE: "team-a", META_NAME: "desk",
-        META_UID: "0b1c-uid", META_OWNER: "alice"}
+        META_MANAGED_BY: "analysis-operator",
+        META_NAMESPACE: "team-a",
+        META_NAME: "desk",
+        META_UID: "0b1c-uid",
+        META_OWNER: "alice",
+    }
 
 
 def test_identity_metadata_fits_novas_limit():
@@ -86,13 +120,17 @@ def test_identity_metadata_fits_novas_limit():
     assert all(len(value) <= 255 for value in metadata.values())
 
 
-@pytest.mark.parametrize("mounts, expected", [
-    ((), []),
-    ((mount("ds-1"),), [("nfs.facility.eu:/exports/ds-1", "/data/ds-1")]),
-    ((mount("ds-1", "/data/beamtime"), mount("ds-2")),
-     [("nfs.facility.eu:/exports/ds-1", "/data/beamtime"),
-      ("nfs.facility.eu:/exports/ds-2", "/data/ds-2")]),
-])
+@pytest.mark.parametrize(
+    "mounts, expected",
+    [
+        ((), []),
+        ((mount("ds-1"),), [("nfs.facility.eu:/exports/ds-1", "/data/ds-1")]),
+        (
+            (mount("ds-1", "/data/beamtime"), mount("ds-2")),
+            [("nfs.facility.eu:/exports/ds-1", "/data/beamtime"), ("nfs.facility.eu:/exports/ds-2", "/data/ds-2")],
+        ),
+    ],
+)
 def test_dataset_mounts(mounts, expected):
     built = build_dataset_mounts(mounts)
     assert [(entry["source"], entry["mount_path"]) for entry in built] == expected
@@ -102,7 +140,8 @@ def test_user_data_mounts_datasets_read_only():
     user_data = user_data_of(make_environment(), mounts=MOUNTS)
     assert [entry[:3] for entry in user_data["mounts"]] == [
         ["nfs.facility.eu:/exports/ds-1", "/data/ds-1", "nfs"],
-        ["nfs.facility.eu:/exports/ds-2", "/data/ds-2", "nfs"]]
+        ["nfs.facility.eu:/exports/ds-2", "/data/ds-2", "nfs"],
+    ]
     assert all(entry[3].split(",")[0] == "ro" for entry in user_data["mounts"])
 
 
@@ -142,60 +181,77 @@ def test_user_controlled_values_cannot_break_the_yaml(nasty):
     assert words[:3] == ["mkdir", "-p", nasty]
 
 
-@pytest.mark.parametrize("extra_specs, expected", [
-    ({}, 0),
-    ({"resources:VGPU": "1"}, 1),
-    ({"resources:CUSTOM_GPU": "2", "trait:CUSTOM_ANALYSIS_GPU": "required"}, 2),
-    ({"resources1:VGPU": "1", "resources2:VGPU": "1"}, 2),
-    ({"pci_passthrough:alias": "a100:2"}, 2),
-    ({"pci_passthrough:alias": "a100:1,t4"}, 2),
-    ({"resources:VCPU": "4", "hw:cpu_policy": "dedicated"}, 0),
-])
+@pytest.mark.parametrize(
+    "extra_specs, expected",
+    [
+        ({}, 0),
+        ({"resources:VGPU": "1"}, 1),
+        ({"resources:CUSTOM_GPU": "2", "trait:CUSTOM_ANALYSIS_GPU": "required"}, 2),
+        ({"resources1:VGPU": "1", "resources2:VGPU": "1"}, 2),
+        ({"pci_passthrough:alias": "a100:2"}, 2),
+        ({"pci_passthrough:alias": "a100:1,t4"}, 2),
+        ({"resources:VCPU": "4", "hw:cpu_policy": "dedicated"}, 0),
+    ],
+)
 def test_gpus_from_extra_specs(extra_specs, expected):
     assert gpus_from_extra_specs(extra_specs) == expected
 
 
-@pytest.mark.parametrize("addresses, expected", [
-    ({}, ""),
-    ({"net": [{"addr": "10.0.0.5", "OS-EXT-IPS:type": "fixed"}]}, "rdp://10.0.0.5:3389"),
-    ({"net": [{"addr": "10.0.0.5", "OS-EXT-IPS:type": "fixed"},
-              {"addr": "192.0.2.7", "OS-EXT-IPS:type": "floating"}]}, "rdp://192.0.2.7:3389"),
-    ({"v6": [{"addr": "2001:db8::5"}]}, "rdp://[2001:db8::5]:3389"),
-])
+@pytest.mark.parametrize(
+    "addresses, expected",
+    [
+        ({}, ""),
+        ({"net": [{"addr": "10.0.0.5", "OS-EXT-IPS:type": "fixed"}]}, "rdp://10.0.0.5:3389"),
+        (
+            {
+                "net": [
+                    {"addr": "10.0.0.5", "OS-EXT-IPS:type": "fixed"},
+                    {"addr": "192.0.2.7", "OS-EXT-IPS:type": "floating"},
+                ]
+            },
+            "rdp://192.0.2.7:3389",
+        ),
+        ({"v6": [{"addr": "2001:db8::5"}]}, "rdp://[2001:db8::5]:3389"),
+    ],
+)
 def test_connection_url(addresses, expected):
     assert connection_url(addresses) == expected
 
 
 def fake_server(status, task_state=None, fault=None, addresses=None, vcpus=4, extra_specs=None):
     flavor = types.SimpleNamespace(vcpus=vcpus, extra_specs=extra_specs or {})
-    return types.SimpleNamespace(id="srv-1", status=status, task_state=task_state, fault=fault,
-                                 addresses=addresses or {}, flavor=flavor)
+    return types.SimpleNamespace(
+        id="srv-1", status=status, task_state=task_state, fault=fault, addresses=addresses or {}, flavor=flavor
+    )
 
 
-@pytest.mark.parametrize("server, state, reason", [
-    (None, State.GONE, "ServerGone"),
-    (fake_server("BUILD"), State.PROVISIONING, "ServerBuilding"),
-    (fake_server("ACTIVE"), State.READY, "ServerActive"),
-    (fake_server("ACTIVE", task_state="shelving"), State.PROVISIONING, "ServerShelving"),
-    (fake_server("ERROR", fault={"message": "No valid host was found. "}), State.FAILED, "ServerError"),
-    (fake_server("ERROR"), State.FAILED, "ServerError"),
-    (fake_server("SHELVED"), State.SUSPENDED, "Shelved"),
-    (fake_server("SHELVED_OFFLOADED"), State.SUSPENDED, "Shelved"),
-    (fake_server("HARD_REBOOT"), State.PROVISIONING, "ServerHardReboot"),
-    (fake_server("DELETED"), State.GONE, "ServerGone"),
-])
+@pytest.mark.parametrize(
+    "server, state, reason",
+    [
+        (None, State.GONE, "ServerGone"),
+        (fake_server("BUILD"), State.PROVISIONING, "ServerBuilding"),
+        (fake_server("ACTIVE"), State.READY, "ServerActive"),
+        (fake_server("ACTIVE", task_state="shelving"), State.PROVISIONING, "ServerShelving"),
+        (fake_server("ERROR", fault={"message": "No valid host was found. "}), State.FAILED, "ServerError"),
+        (fake_server("ERROR"), State.FAILED, "ServerError"),
+        (fake_server("SHELVED"), State.SUSPENDED, "Shelved"),
+        (fake_server("SHELVED_OFFLOADED"), State.SUSPENDED, "Shelved"),
+        (fake_server("HARD_REBOOT"), State.PROVISIONING, "ServerHardReboot"),
+        (fake_server("DELETED"), State.GONE, "ServerGone"),
+    ],
+)
 def test_observe_server_states(server, state, reason):
     observation = observe_server(server)
     assert (observation.state, observation.reason) == (state, reason)
 
 
 def test_active_server_reports_resources_and_url():
-    server = fake_server("ACTIVE", addresses={"net": [{"addr": "10.0.0.5"}]}, vcpus=4,
-                         extra_specs={"resources:CUSTOM_GPU": "1"})
+    server = fake_server(
+        "ACTIVE", addresses={"net": [{"addr": "10.0.0.5"}]}, vcpus=4, extra_specs={"resources:CUSTOM_GPU": "1"}
+    )
     observation = observe_server(server)
     assert (observation.cpus, observation.gpus, observation.url) == (4.0, 1, "rdp://10.0.0.5:3389")
-    assert observation.reference == {"id": "srv-1", "state": "ACTIVE",
-                                     "addresses": ["10.0.0.5"]}
+    assert observation.reference == {"id": "srv-1", "state": "ACTIVE", "addresses": ["10.0.0.5"]}
 
 
 def test_error_carries_novas_fault_message():
@@ -213,8 +269,9 @@ def test_unreachable_cloud_becomes_backend_unavailable_without_secrets():
     from keystoneauth1 import exceptions as ksa
 
     def call():
-        raise ksa.ConnectFailure("Unable to establish connection to "
-                                 "http://admin:hunter2@127.0.0.1:8774/v2.1/servers: refused")
+        raise ksa.ConnectFailure(
+            "Unable to establish connection to http://admin:hunter2@127.0.0.1:8774/v2.1/servers: refused"
+        )
 
     with pytest.raises(BackendUnavailable) as caught:
         _translate_errors("analysis", call)

@@ -1,25 +1,40 @@
 """Quota decisions and accounting arithmetic (policy/budgets.py), over simulated hours."""
+
 from __future__ import annotations
 
 import datetime
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from analysis_operator.model.domain import BackendKind, Environment, Flavor, Phase, Resources, format_time
-from analysis_operator.policy.budgets import Budget, Held, admission_refusal, apply_grant, charge, expiry_warning_due, \
-    reserve, select_budget
+from analysis_operator.policy.budgets import (
+    Budget,
+    Held,
+    admission_refusal,
+    apply_grant,
+    charge,
+    expiry_warning_due,
+    reserve,
+    select_budget,
+)
 from analysis_operator.policy.refusal import Refusal
 
-T0 = datetime.datetime(2026, 3, 10, 12, 0, tzinfo=datetime.timezone.utc)
+T0 = datetime.datetime(2026, 3, 10, 12, 0, tzinfo=datetime.UTC)
 HOUR = datetime.timedelta(hours=1)
 CPU = Flavor("basic", BackendKind.KUBERNETES, resources=Resources(cpu="2"))
 GPU = Flavor("gpu", BackendKind.KUBERNETES, resources=Resources(cpu="1", gpu=1))
 
 
 def budget(limits=None, status=None, **fields) -> Budget:
-    return Budget(name=fields.pop("name", "b"), user=fields.pop("user", "alice"), limits=limits or {},
-                  status=status or {}, **fields)
+    return Budget(
+        name=fields.pop("name", "b"),
+        user=fields.pop("user", "alice"),
+        limits=limits or {},
+        status=status or {},
+        **fields,
+    )
 
 
 def environment(uid="u1", name="e1") -> Environment:
@@ -44,35 +59,47 @@ PERSONAL, GROUP = budget(name="alice"), budget(name="p11", user="", group="propo
 BUDGETS = {"alice": PERSONAL, "p11": GROUP}
 
 
-@pytest.mark.parametrize("owner, named, expected", [
-    ("alice", "", "alice"),            # the personal budget by default
-    ("alice", "p11", "p11"),           # a group budget she is a member of
-    ("alice", "alice", "alice"),       # naming her own
-    ("bob", "", "NoBudget"),
-    ("bob", "alice", "NotBudgetMember"),
-    ("carol", "p11", "NotBudgetMember"),
-    ("alice", "nope", "BudgetNotFound"),
-])
+@pytest.mark.parametrize(
+    "owner, named, expected",
+    [
+        ("alice", "", "alice"),  # the personal budget by default
+        ("alice", "p11", "p11"),  # a group budget she is a member of
+        ("alice", "alice", "alice"),  # naming her own
+        ("bob", "", "NoBudget"),
+        ("bob", "alice", "NotBudgetMember"),
+        ("carol", "p11", "NotBudgetMember"),
+        ("alice", "nope", "BudgetNotFound"),
+    ],
+)
 def test_select_budget(owner, named, expected):
-    selected = select_budget(owner, named, BUDGETS, {"alice": "alice"},
-                             lambda group, user: group == "proposal-1" and user in {"alice", "bob"})
+    selected = select_budget(
+        owner,
+        named,
+        BUDGETS,
+        {"alice": "alice"},
+        lambda group, user: group == "proposal-1" and user in {"alice", "bob"},
+    )
     assert (selected.reason if isinstance(selected, Refusal) else selected.name) == expected
 
 
 # --- may it start ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("limits, status, flavor, holding, gpus, reason", [
-    ({"cpuHours": 10}, {}, CPU, 0, 0, None),
-    ({"cpuHours": 10}, {"settled": {"cpuHours": 10}}, CPU, 0, 0, "CpuHoursExhausted"),
-    ({"gpuHours": 20}, {"settled": {"gpuHours": 20}}, GPU, 0, 0, "GpuHoursExhausted"),
-    ({"gpuHours": 20}, {"settled": {"gpuHours": 20}}, CPU, 0, 0, None),   # no GPU needed
-    ({"maxEnvironments": 2}, {}, CPU, 1, 0, None),
-    ({"maxEnvironments": 2}, {}, CPU, 2, 0, "TooManyEnvironments"),
-    ({"maxGpus": 1}, {}, GPU, 0, 1, "TooManyGpus"),
-    ({"maxGpus": 1}, {}, CPU, 0, 1, None),
-    ({"cpuHours": 10}, {"settled": {"cpuHours": 10}, "grants": {"r1": {"cpuHours": 5}}}, CPU, 0, 0, None),
-    ({}, {"settled": {"cpuHours": 1e9}}, CPU, 99, 99, None),              # no limits: unlimited
-])
+
+@pytest.mark.parametrize(
+    "limits, status, flavor, holding, gpus, reason",
+    [
+        ({"cpuHours": 10}, {}, CPU, 0, 0, None),
+        ({"cpuHours": 10}, {"settled": {"cpuHours": 10}}, CPU, 0, 0, "CpuHoursExhausted"),
+        ({"gpuHours": 20}, {"settled": {"gpuHours": 20}}, GPU, 0, 0, "GpuHoursExhausted"),
+        ({"gpuHours": 20}, {"settled": {"gpuHours": 20}}, CPU, 0, 0, None),  # no GPU needed
+        ({"maxEnvironments": 2}, {}, CPU, 1, 0, None),
+        ({"maxEnvironments": 2}, {}, CPU, 2, 0, "TooManyEnvironments"),
+        ({"maxGpus": 1}, {}, GPU, 0, 1, "TooManyGpus"),
+        ({"maxGpus": 1}, {}, CPU, 0, 1, None),
+        ({"cpuHours": 10}, {"settled": {"cpuHours": 10}, "grants": {"r1": {"cpuHours": 5}}}, CPU, 0, 0, None),
+        ({}, {"settled": {"cpuHours": 1e9}}, CPU, 99, 99, None),  # no limits: unlimited
+    ],
+)
 def test_admission_refusal(limits, status, flavor, holding, gpus, reason):
     refusal = admission_refusal(budget(limits, status), flavor, holding, gpus, T0)
     assert (refusal.reason if refusal else None) == reason
@@ -83,37 +110,47 @@ def test_admission_refusal(limits, status, flavor, holding, gpus, reason):
 def test_refusal_message_reads_like_the_dashboard():
     group = Budget("p11", group="proposal-1", limits={"gpuHours": 20}, status={"settled": {"gpuHours": 20}})
     refusal = admission_refusal(group, GPU, 0, 0, T0)
-    assert refusal.message.startswith("GPU-hours budget of group 'proposal-1' (ComputeBudget 'p11') exhausted: "
-                                      "20.0 of 20.0 used")
+    assert refusal.message.startswith(
+        "GPU-hours budget of group 'proposal-1' (ComputeBudget 'p11') exhausted: 20.0 of 20.0 used"
+    )
 
 
-@pytest.mark.parametrize("limit, used, words", [
-    (0.001, 0.001, "0.001 of 0.001 used"),   # before: "0.0 of 0.0 used"
-    (0.001, 0.0012, "0.0012 of 0.0010 used"),
-    (20, 20.04, "20.04 of 20.00 used"),      # before: "20.0 of 20.0 used", which reads as not over
-    (20, 20, "20.0 of 20.0 used"),
-    (140, 141.5, "141.5 of 140.0 used"),
-    (0, 0, "0.0 of 0.0 used"),
-])
+@pytest.mark.parametrize(
+    "limit, used, words",
+    [
+        (0.001, 0.001, "0.001 of 0.001 used"),  # before: "0.0 of 0.0 used"
+        (0.001, 0.0012, "0.0012 of 0.0010 used"),
+        (20, 20.04, "20.04 of 20.00 used"),  # before: "20.0 of 20.0 used", which reads as not over
+        (20, 20, "20.0 of 20.0 used"),
+        (140, 141.5, "141.5 of 140.0 used"),
+        (0, 0, "0.0 of 0.0 used"),
+    ],
+)
 def test_exhaustion_message_tells_the_numbers_apart(limit, used, words):
     refusal = admission_refusal(budget({"cpuHours": limit}, {"settled": {"cpuHours": used}}), CPU, 0, 0, T0)
     assert refusal is not None and f"exhausted: {words}; ask for more" in refusal.message
 
 
-@pytest.mark.parametrize("spec, problem", [
-    ({"user": "alice", "limits": {"cpuHours": 1}, "period": {"validUntil": "2027-02-30T00:00:00Z"}},
-     "spec.period.validUntil '2027-02-30T00:00:00Z' is not a time"),
-    ({"user": "alice", "limits": {"cpuHours": "lots"}}, "spec.limits.cpuHours is not a number"),
-    ({}, ""),
-])
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        (
+            {"user": "alice", "limits": {"cpuHours": 1}, "period": {"validUntil": "2027-02-30T00:00:00Z"}},
+            "spec.period.validUntil '2027-02-30T00:00:00Z' is not a time",
+        ),
+        ({"user": "alice", "limits": {"cpuHours": "lots"}}, "spec.limits.cpuHours is not a number"),
+        ({}, ""),
+    ],
+)
 def test_budget_from_body_never_raises(spec, problem):
     read = Budget.from_body({"metadata": {"name": "b"}, "spec": spec})
     assert read.problem.startswith(problem) and bool(read.problem) == bool(problem)
 
 
 def test_budget_valid_until_reads_any_rfc3339_time():
-    read = Budget.from_body({"metadata": {"name": "b"}, "spec": {"limits": {}, "period": {
-        "validUntil": "2026-03-10T14:00:00.5+02:00"}}})
+    read = Budget.from_body(
+        {"metadata": {"name": "b"}, "spec": {"limits": {}, "period": {"validUntil": "2026-03-10T14:00:00.5+02:00"}}}
+    )
     assert read.valid_until == T0.replace(microsecond=500000) and read.problem == ""
 
 
@@ -124,13 +161,14 @@ def test_an_expired_budget_refuses():
 
 def test_reserve_takes_a_slot_once_and_refuses_the_next():
     b = running(budget({"maxEnvironments": 1}), "u1")
-    assert reserve(b, environment("u1"), CPU, T0) is None            # already holds it: no write
+    assert reserve(b, environment("u1"), CPU, T0) is None  # already holds it: no write
     refusal = reserve(b, environment("u2", "e2"), CPU, T0)
     assert isinstance(refusal, Refusal) and refusal.reason == "TooManyEnvironments"
     assert b.status["display"] == {"cpuHours": "0.0 / -", "gpuHours": "0.0 / -", "environments": "1 / 1"}
 
 
 # --- accounting over simulated time ------------------------------------------------------------------
+
 
 def test_charge_is_resources_times_wall_time():
     b = running(budget({"cpuHours": 100, "gpuHours": 100}), "cpu")
@@ -153,7 +191,7 @@ def test_repeating_a_tick_charges_nothing_more():
 def test_downtime_is_charged_at_the_next_tick():
     b = running(budget({"cpuHours": 100}), "u1")
     b = after(b, charge(b, {}, T0 + HOUR, 80))
-    b = after(b, charge(b, {}, T0 + 5 * HOUR, 80))    # the operator was down for 4 hours
+    b = after(b, charge(b, {}, T0 + 5 * HOUR, 80))  # the operator was down for 4 hours
     assert b.used("cpuHours") == pytest.approx(10)
 
 
@@ -173,22 +211,22 @@ def test_a_suspended_environment_keeps_its_slot_and_is_not_charged():
 
 def test_a_slurm_job_is_charged_for_its_allocation_from_its_start_time_only_while_running():
     """Queued: nothing. Running: Slurm's allocation (not the flavor's), from Slurm's start time."""
-    b = running(budget({"cpuHours": 100, "gpuHours": 100}), "job")            # flavor says 2 CPUs
-    b = after(b, charge(b, {}, T0 + HOUR, 80, paused={"job"}))               # pending in the queue
+    b = running(budget({"cpuHours": 100, "gpuHours": 100}), "job")  # flavor says 2 CPUs
+    b = after(b, charge(b, {}, T0 + HOUR, 80, paused={"job"}))  # pending in the queue
     assert b.used("cpuHours") == 0
-    started = T0 + HOUR + datetime.timedelta(minutes=30)                     # between two ticks
+    started = T0 + HOUR + datetime.timedelta(minutes=30)  # between two ticks
     b = after(b, charge(b, {}, T0 + 2 * HOUR, 80, held={"job": Held(cpus=8, gpus=1, since=started)}))
     assert b.used("cpuHours") == pytest.approx(8 * 0.5)
     assert b.used("gpuHours") == pytest.approx(0.5)
     b = after(b, charge(b, {}, T0 + 3 * HOUR, 80, held={"job": Held(cpus=8, gpus=1, since=started)}))
-    assert b.used("cpuHours") == pytest.approx(8 * 1.5)                     # the start time counts once
+    assert b.used("cpuHours") == pytest.approx(8 * 1.5)  # the start time counts once
 
 
 def test_a_job_seen_running_late_is_charged_from_its_start():
     """The tick before the status showed the allocation saw it queued; Slurm's start time still counts."""
     b = running(budget({"cpuHours": 100}), "job")
-    b = after(b, charge(b, {}, T0 + 2 * HOUR, 80, paused={"job"}))       # status still said queued
-    started = T0 + HOUR                                                     # but it started an hour ago
+    b = after(b, charge(b, {}, T0 + 2 * HOUR, 80, paused={"job"}))  # status still said queued
+    started = T0 + HOUR  # but it started an hour ago
     b = after(b, charge(b, {}, T0 + 3 * HOUR, 80, held={"job": Held(cpus=4, gpus=0, since=started)}))
     assert b.used("cpuHours") == pytest.approx(4 * 2)
 
@@ -196,10 +234,10 @@ def test_a_job_seen_running_late_is_charged_from_its_start():
 def test_exhaustion_stops_what_uses_the_spent_resource_and_warns_once():
     b = running(budget({"cpuHours": 100, "gpuHours": 10}), "cpu")
     b = running(b, "gpu", flavor=GPU)
-    result = charge(b, {}, T0 + 8 * HOUR, 80)       # 8 GPU-hours: 80%
+    result = charge(b, {}, T0 + 8 * HOUR, 80)  # 8 GPU-hours: 80%
     assert [reason for _, reason, _ in result.events] == ["BudgetWarning"] and not result.stop
     b = after(b, result)
-    assert charge(b, {}, T0 + 9 * HOUR, 80).events == ()   # warned once
+    assert charge(b, {}, T0 + 9 * HOUR, 80).events == ()  # warned once
     result = charge(b, {}, T0 + 10 * HOUR, 80)
     assert result.stop == ("gpu",) and "GPU-hours budget of user 'alice'" in result.reason
     assert [c for c in result.status["conditions"] if c["type"] == "Exhausted"][0]["status"] == "True"
@@ -209,10 +247,10 @@ def test_a_monthly_budget_starts_from_zero():
     b = running(budget({"cpuHours": 100}, reset="Monthly"), "u1", at=T0)
     b = after(b, charge(b, {}, T0 + HOUR, 80))
     assert b.status["periodStart"] == "2026-03-01T00:00:00Z"
-    next_month = datetime.datetime(2026, 4, 1, 2, 0, tzinfo=datetime.timezone.utc)
+    next_month = datetime.datetime(2026, 4, 1, 2, 0, tzinfo=datetime.UTC)
     b = after(b, charge(b, {}, next_month, 80))
     assert b.status["periodStart"] == "2026-04-01T00:00:00Z"
-    assert b.used("cpuHours") == pytest.approx(4)    # 2 CPUs x 2 hours since midnight, not since March
+    assert b.used("cpuHours") == pytest.approx(4)  # 2 CPUs x 2 hours since midnight, not since March
 
 
 @given(st.lists(st.integers(min_value=0, max_value=7200), min_size=1, max_size=20))
@@ -227,18 +265,20 @@ def test_ticks_at_any_moments_sum_to_the_wall_time(steps):
 
 # --- requests ---------------------------------------------------------------------------------------
 
+
 def test_a_grant_raises_the_limit_exactly_once():
     b = budget({"cpuHours": 140, "maxEnvironments": 1})
-    status = apply_grant(b, "req-1", "ns/more", {"cpuHours": 60, "maxEnvironments": 2}, "dora",
-                         format_time(T0), T0)
+    status = apply_grant(b, "req-1", "ns/more", {"cpuHours": 60, "maxEnvironments": 2}, "dora", format_time(T0), T0)
     b = Budget(**{**b.__dict__, "status": status})
     assert b.limit("cpuHours") == 200 and b.limit("maxEnvironments") == 3
     assert apply_grant(b, "req-1", "ns/more", {"cpuHours": 60}, "dora", format_time(T0), T0) is None
     assert b.status["grants"]["req-1"]["approvedBy"] == "dora"
 
 
-@pytest.mark.parametrize("remaining_minutes, warned_for, due", [
-    (20, None, True), (40, None, False), (20, "2026-03-10T12:20:00Z", False), (-1, None, False)])
+@pytest.mark.parametrize(
+    "remaining_minutes, warned_for, due",
+    [(20, None, True), (40, None, False), (20, "2026-03-10T12:20:00Z", False), (-1, None, False)],
+)
 def test_expiry_warning(remaining_minutes, warned_for, due):
     expires = T0 + datetime.timedelta(minutes=remaining_minutes)
     assert expiry_warning_due(expires, T0, 1800, warned_for) is due

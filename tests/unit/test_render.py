@@ -1,11 +1,14 @@
 """Template rendering: missing values are errors, shell text is quoted."""
+
 from __future__ import annotations
 
 import shlex
 
 import jinja2
 import pytest
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from analysis_operator import render
 
@@ -13,7 +16,7 @@ HOSTILE = [
     "'; rm -rf / #",
     "$(reboot) `id` && halt",
     "a\nb; echo pwned",
-    'quote " and \' both',
+    "quote \" and ' both",
     "*.txt ~ ${HOME} !!",
     "",
 ]
@@ -54,8 +57,9 @@ def test_shquote_takes_non_strings(templates, value):
     assert shlex.split(render.render_text(templates, "command.sh.j2", value=value)) == ["echo", str(value)]
 
 
-@hypothesis_settings(max_examples=100, deadline=None,
-                     suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixture is read-only
+@hypothesis_settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)  # the fixture is read-only
 @given(value=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")))
 def test_shquote_round_trips_any_text(templates, value):
     assert shlex.split(render.render_text(templates, "command.sh.j2", value=value)) == ["echo", value]
@@ -72,8 +76,16 @@ PACKAGED = {"pod.yaml.j2", "service.yaml.j2", "sbatch.sh.j2", "cloud-init.yaml.j
 
 def test_empty_templates_dir_means_the_packaged_templates():
     assert set(render._environment(render.PACKAGED_TEMPLATES).list_templates()) == PACKAGED
-    service = render.render_yaml("", "service.yaml.j2", name="aenv-demo", namespace="default",
-                                 labels={"app": "x"}, owner_references=[], selector={"app": "x"}, port=8888)
+    service = render.render_yaml(
+        "",
+        "service.yaml.j2",
+        name="aenv-demo",
+        namespace="default",
+        labels={"app": "x"},
+        owner_references=[],
+        selector={"app": "x"},
+        port=8888,
+    )
     assert service["kind"] == "Service" and service["metadata"]["name"] == "aenv-demo"
 
 

@@ -5,6 +5,7 @@ lengths, enums, bounds and the string rules (`self.matches(...)`), so a schema c
 tested at once. Object-level CEL rules are not modelled: the inputs are a superset of what
 the API server accepts, which makes the properties stronger, not weaker.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -59,7 +60,8 @@ def strategy(schema: dict) -> st.SearchStrategy:
         required = set(schema.get("required") or ())
         return st.fixed_dictionaries(
             {key: strategy(sub) for key, sub in properties.items() if key in required},
-            optional={key: strategy(sub) for key, sub in properties.items() if key not in required})
+            optional={key: strategy(sub) for key, sub in properties.items() if key not in required},
+        )
     if kind == "array":
         return st.lists(strategy(schema["items"]), max_size=min(schema.get("maxItems", 4), 4))
     if kind == "boolean":
@@ -67,12 +69,18 @@ def strategy(schema: dict) -> st.SearchStrategy:
     if kind == "integer":
         return st.integers(min_value=schema.get("minimum"), max_value=schema.get("maximum", 2**53))
     if kind == "number":
-        return st.floats(min_value=schema.get("minimum"), max_value=schema.get("maximum", 1e15),
-                         exclude_min=bool(schema.get("exclusiveMinimum")), allow_nan=False, allow_infinity=False)
+        return st.floats(
+            min_value=schema.get("minimum"),
+            max_value=schema.get("maximum", 1e15),
+            exclude_min=bool(schema.get("exclusiveMinimum")),
+            allow_nan=False,
+            allow_infinity=False,
+        )
     assert kind == "string", schema
     if schema.get("format") == "date-time":
         return st.datetimes(min_value=datetime.datetime(1970, 1, 1), timezones=st.just(UTC)).map(
-            lambda moment: moment.strftime("%Y-%m-%dT%H:%M:%SZ"))
+            lambda moment: moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+        )
     longest, shortest = schema.get("maxLength", 64), schema.get("minLength", 0)
     if any(rule["rule"].startswith("self.size() > 0") for rule in schema.get("x-kubernetes-validations") or ()):
         shortest = max(shortest, 1)
@@ -84,8 +92,9 @@ def strategy(schema: dict) -> st.SearchStrategy:
 
 ENVIRONMENT_SPEC = spec_schema("analysisenvironments")
 LIFETIME_RULE = string_rule(ENVIRONMENT_SPEC["properties"]["lifetime"])
-LENIENT = settings(max_examples=120, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
-                   deadline=None)
+LENIENT = settings(
+    max_examples=120, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow], deadline=None
+)
 
 
 def test_the_strategies_read_the_crd_rules():
@@ -94,7 +103,7 @@ def test_the_strategies_read_the_crd_rules():
 
 
 @LENIENT
-@given(st.from_regex(LIFETIME_RULE, fullmatch=True).filter(bool))   # the rule also wants self.size() > 0
+@given(st.from_regex(LIFETIME_RULE, fullmatch=True).filter(bool))  # the rule also wants self.size() > 0
 def test_parse_duration_of_anything_the_crd_rule_matches_is_within_the_ceiling(text):
     """Before: '9999d...' style input raised OverflowError ('Python int too large to convert to C int')."""
     assert datetime.timedelta(0) <= parse_duration(text) <= MAX_DURATION
@@ -107,8 +116,10 @@ def test_parse_duration_never_overflows_whatever_the_digits(text):
 
 
 def body(spec, name="x", namespace=None, **metadata) -> dict:
-    return {"metadata": {"name": name, "uid": f"uid-{name}", **({"namespace": namespace} if namespace else {}),
-                         **metadata}, "spec": spec}
+    return {
+        "metadata": {"name": name, "uid": f"uid-{name}", **({"namespace": namespace} if namespace else {}), **metadata},
+        "spec": spec,
+    }
 
 
 @LENIENT
@@ -116,7 +127,7 @@ def body(spec, name="x", namespace=None, **metadata) -> dict:
 def test_environment_from_any_schema_valid_spec(spec):
     environment = Environment.from_body(body(spec, namespace="team-a"))
     assert environment.lifetime is None or MIN_DURATION <= environment.lifetime <= MAX_DURATION
-    if "lifetime" in spec:   # never "no lifetime": before, "0s" ran with the flavor's 8h
+    if "lifetime" in spec:  # never "no lifetime": before, "0s" ran with the flavor's 8h
         assert environment.lifetime is not None
     assert environments(body=body(spec, namespace="team-a")) is not None
 
@@ -134,7 +145,7 @@ def test_flavor_from_any_schema_valid_spec(spec):
 @given(strategy(spec_schema("datasets")))
 def test_dataset_from_any_schema_valid_spec(spec):
     dataset = Dataset.from_body("d", spec)
-    if spec["access"]["level"] == "embargoed":   # never public by accident
+    if spec["access"]["level"] == "embargoed":  # never public by accident
         assert dataset.embargoed_until is not None
     assert datasets(name="d", spec=spec, body=body(spec, name="d")) is not None
     assert dataset_pids(name="d", spec=spec, body=body(spec, name="d")) is not None
@@ -158,17 +169,21 @@ def test_group_from_any_schema_valid_spec(spec):
 
 # --- objects the schema refuses today may be stored from before: they must not poison an index
 
+
 def unreadable_lines(logs: list[dict]) -> list[dict]:
     return [line for line in logs if line["event"] == "index.unreadable"]
 
 
 def test_a_dataset_with_an_impossible_date_stays_out_of_nobody_s_way():
     """Before: the datasets index raised ('day is out of range for month') and revocation stopped."""
-    spec = {"pid": "10.5072/bad", "storage": {"path": "/data/bad"},
-            "access": {"level": "embargoed", "embargoedUntil": "2026-02-30", "members": ["alice"]}}
+    spec = {
+        "pid": "10.5072/bad",
+        "storage": {"path": "/data/bad"},
+        "access": {"level": "embargoed", "embargoedUntil": "2026-02-30", "members": ["alice"]},
+    }
     with capture_logs() as logs:
         first = datasets(name="bad", spec=spec, body=body(spec, name="bad"))
-        datasets(name="bad", spec=spec, body=body(spec, name="bad"))   # the next event: not logged again
+        datasets(name="bad", spec=spec, body=body(spec, name="bad"))  # the next event: not logged again
     dataset = first["bad"]
     assert dataset.embargoed_until == EMBARGO_UNREADABLE and dataset.members == {"alice"}
     lines = unreadable_lines(logs)
@@ -177,8 +192,10 @@ def test_a_dataset_with_an_impossible_date_stays_out_of_nobody_s_way():
 
 
 def test_an_object_an_index_cannot_read_at_all_is_left_out_and_logged_once():
-    pod = {"metadata": {"name": "aenv-x", "namespace": "ns", "uid": "pod-1", "labels": {}},
-           "spec": {"nodeName": "n1", "containers": [{"resources": {"requests": {"cpu": "lots"}}}]}}
+    pod = {
+        "metadata": {"name": "aenv-x", "namespace": "ns", "uid": "pod-1", "labels": {}},
+        "spec": {"nodeName": "n1", "containers": [{"resources": {"requests": {"cpu": "lots"}}}]},
+    }
     with capture_logs() as logs:
         assert pods(namespace="ns", labels={}, body=pod) is None
         assert pods(namespace="ns", labels={}, body=pod) is None

@@ -1,4 +1,5 @@
 """Settings: defaults, then a YAML file, then environment variables (later wins)."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,19 +24,22 @@ def test_default_templates_are_the_packaged_templates():
     assert load_settings({"ANALYSIS_OPERATOR_TEMPLATES_DIR": "/etc/site"}).templates_dir == "/etc/site"
 
 
-@pytest.mark.parametrize("variable, value, path, expected", [
-    ("ANALYSIS_OPERATOR_SWEEP_INTERVAL_SECONDS", "2.5", ("sweep_interval_seconds",), 2.5),
-    ("ANALYSIS_OPERATOR_STANDALONE", "false", ("standalone",), False),
-    ("ANALYSIS_OPERATOR_STANDALONE", "0", ("standalone",), False),
-    ("ANALYSIS_OPERATOR_OPENSTACK_ENABLED", " TRUE ", ("openstack", "enabled"), True),
-    ("ANALYSIS_OPERATOR_OPENSTACK_ENABLED", "yes", ("openstack", "enabled"), True),
-    ("ANALYSIS_OPERATOR_JUPYTER_PORT", "9000", ("jupyter_port",), 9000),
-    ("ANALYSIS_OPERATOR_NAMESPACE", "team-a", ("namespace",), "team-a"),
-    ("ANALYSIS_OPERATOR_SLURM_URL", "http://slurm:6820", ("slurm", "url"), "http://slurm:6820"),
-    ("ANALYSIS_OPERATOR_SLURM_ENABLED", "true", ("slurm", "enabled"), True),
-    ("ANALYSIS_OPERATOR_SLURM_EXECUTOR_WORKERS", "2", ("slurm", "executor_workers"), 2),
-    ("ANALYSIS_OPERATOR_OPENSTACK_CLOUD", "site", ("openstack", "cloud"), "site"),
-])
+@pytest.mark.parametrize(
+    "variable, value, path, expected",
+    [
+        ("ANALYSIS_OPERATOR_SWEEP_INTERVAL_SECONDS", "2.5", ("sweep_interval_seconds",), 2.5),
+        ("ANALYSIS_OPERATOR_STANDALONE", "false", ("standalone",), False),
+        ("ANALYSIS_OPERATOR_STANDALONE", "0", ("standalone",), False),
+        ("ANALYSIS_OPERATOR_OPENSTACK_ENABLED", " TRUE ", ("openstack", "enabled"), True),
+        ("ANALYSIS_OPERATOR_OPENSTACK_ENABLED", "yes", ("openstack", "enabled"), True),
+        ("ANALYSIS_OPERATOR_JUPYTER_PORT", "9000", ("jupyter_port",), 9000),
+        ("ANALYSIS_OPERATOR_NAMESPACE", "team-a", ("namespace",), "team-a"),
+        ("ANALYSIS_OPERATOR_SLURM_URL", "http://slurm:6820", ("slurm", "url"), "http://slurm:6820"),
+        ("ANALYSIS_OPERATOR_SLURM_ENABLED", "true", ("slurm", "enabled"), True),
+        ("ANALYSIS_OPERATOR_SLURM_EXECUTOR_WORKERS", "2", ("slurm", "executor_workers"), 2),
+        ("ANALYSIS_OPERATOR_OPENSTACK_CLOUD", "site", ("openstack", "cloud"), "site"),
+    ],
+)
 def test_environment_variables_override_defaults(variable, value, path, expected):
     settings = load_settings({variable: value})
     found = settings
@@ -52,10 +56,13 @@ def _field(settings, path):
     return settings
 
 
-@pytest.mark.parametrize("variable, value", [
-    ("ANALYSIS_OPERATOR_JUPYTER_PORT", "many"),
-    ("ANALYSIS_OPERATOR_SWEEP_INTERVAL_SECONDS", "soon"),
-])
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("ANALYSIS_OPERATOR_JUPYTER_PORT", "many"),
+        ("ANALYSIS_OPERATOR_SWEEP_INTERVAL_SECONDS", "soon"),
+    ],
+)
 def test_malformed_numbers_fail_at_startup(variable, value):
     with pytest.raises(ValueError):
         load_settings({variable: value})
@@ -72,7 +79,9 @@ def write_config(tmp_path, text: str) -> dict[str, str]:
 
 
 def test_config_file(tmp_path):
-    environ = write_config(tmp_path, """
+    environ = write_config(
+        tmp_path,
+        """
 log_level: DEBUG
 standalone: false
 sweep_interval_seconds: 30.5
@@ -81,7 +90,8 @@ slurm:
   url: http://slurm.facility.eu:6820
 openstack:
   cloud: facility
-""")
+""",
+    )
     settings = load_settings(environ)
     assert settings.log_level == "DEBUG"
     assert settings.standalone is False
@@ -112,11 +122,14 @@ def test_missing_config_file_is_an_error(tmp_path):
         load_settings({"ANALYSIS_OPERATOR_CONFIG": str(tmp_path / "absent.yaml")})
 
 
-@pytest.mark.parametrize("text, path, expected", [
-    ('standalone: "false"\n', ("standalone",), False),       # a quoted word must not become a truthy string
-    ("slurm: {enabled: 'no'}\n", ("slurm", "enabled"), False),
-    ('jupyter_port: "9000"\n', ("jupyter_port",), 9000),
-])
+@pytest.mark.parametrize(
+    "text, path, expected",
+    [
+        ('standalone: "false"\n', ("standalone",), False),  # a quoted word must not become a truthy string
+        ("slurm: {enabled: 'no'}\n", ("slurm", "enabled"), False),
+        ('jupyter_port: "9000"\n', ("jupyter_port",), 9000),
+    ],
+)
 def test_config_file_values_are_typed_like_the_fields(tmp_path, text, path, expected):
     found = _field(load_settings(write_config(tmp_path, text)), path)
     assert found == expected

@@ -1,4 +1,5 @@
 """The Slurm backend's pure parts: submission, batch script, state mapping."""
+
 from __future__ import annotations
 
 import asyncio
@@ -42,8 +43,12 @@ HOURS = datetime.timedelta(hours=1)
 SETTINGS = SlurmSettings(working_directory="/scratch/aenv", jupyter_command="jupyter lab")
 UID = "0b1c2d3e-4f50-4617-8293-a4b5c6d7e8f9"
 KEY = derive_key(b"k" * 32, "jobs")
-PER_USER = SlurmSettings(working_directory="/scratch/{user}/aenv", jupyter_command="jupyter lab",
-                         jwt_key_file="/etc/slurm/jwt.key", user="slurm")
+PER_USER = SlurmSettings(
+    working_directory="/scratch/{user}/aenv",
+    jupyter_command="jupyter lab",
+    jwt_key_file="/etc/slurm/jwt.key",
+    user="slurm",
+)
 
 
 def make_environment(**overrides) -> Environment:
@@ -53,31 +58,44 @@ def make_environment(**overrides) -> Environment:
 
 
 def make_flavor(cpu="2", memory="8Gi", gpu=0, max_lifetime=8 * HOURS, **slurm) -> Flavor:
-    return Flavor(name="cluster", backend=BackendKind.SLURM, max_lifetime=max_lifetime,
-                  resources=Resources(cpu=cpu, memory=memory, gpu=gpu), slurm=SlurmSpec(**slurm))
+    return Flavor(
+        name="cluster",
+        backend=BackendKind.SLURM,
+        max_lifetime=max_lifetime,
+        resources=Resources(cpu=cpu, memory=memory, gpu=gpu),
+        slurm=SlurmSpec(**slurm),
+    )
 
 
-@pytest.mark.parametrize("flavor_limit, lifetime, max_lifetime, remaining, expected", [
-    (None, None, 8 * HOURS, None, 480),
-    (60, None, 8 * HOURS, None, 60),
-    (None, 2 * HOURS, 8 * HOURS, None, 120),
-    (None, 12 * HOURS, 8 * HOURS, None, 480),          # the flavor caps what is asked
-    (600, None, 8 * HOURS, datetime.timedelta(minutes=90, seconds=1), 91),  # rounds up
-    (None, None, 8 * HOURS, datetime.timedelta(seconds=5), 1),  # never 0: 0 means no limit
-])
+@pytest.mark.parametrize(
+    "flavor_limit, lifetime, max_lifetime, remaining, expected",
+    [
+        (None, None, 8 * HOURS, None, 480),
+        (60, None, 8 * HOURS, None, 60),
+        (None, 2 * HOURS, 8 * HOURS, None, 120),
+        (None, 12 * HOURS, 8 * HOURS, None, 480),  # the flavor caps what is asked
+        (600, None, 8 * HOURS, datetime.timedelta(minutes=90, seconds=1), 91),  # rounds up
+        (None, None, 8 * HOURS, datetime.timedelta(seconds=5), 1),  # never 0: 0 means no limit
+    ],
+)
 def test_time_limit_is_the_shortest_limit(flavor_limit, lifetime, max_lifetime, remaining, expected):
     environment = make_environment(lifetime=lifetime)
     flavor = make_flavor(max_lifetime=max_lifetime, time_limit_minutes=flavor_limit)
     assert build_time_limit_minutes(environment, flavor, remaining) == expected
 
 
-@pytest.mark.parametrize("flavor, expected", [
-    (make_flavor(cpu="2", memory="8Gi"), {"cpus_per_task": 2, "memory_per_node": 8192}),
-    (make_flavor(cpu="500m", memory="512Mi"), {"cpus_per_task": 1, "memory_per_node": 512}),
-    (make_flavor(cpu="2.5", memory="16Gi", gpu=2), {"cpus_per_task": 3, "gres": "gpu:2"}),
-    (make_flavor(partition="gpu", account="p-123", qos="short"),
-     {"partition": "gpu", "account": "p-123", "qos": "short"}),
-])
+@pytest.mark.parametrize(
+    "flavor, expected",
+    [
+        (make_flavor(cpu="2", memory="8Gi"), {"cpus_per_task": 2, "memory_per_node": 8192}),
+        (make_flavor(cpu="500m", memory="512Mi"), {"cpus_per_task": 1, "memory_per_node": 512}),
+        (make_flavor(cpu="2.5", memory="16Gi", gpu=2), {"cpus_per_task": 3, "gres": "gpu:2"}),
+        (
+            make_flavor(partition="gpu", account="p-123", qos="short"),
+            {"partition": "gpu", "account": "p-123", "qos": "short"},
+        ),
+    ],
+)
 def test_submission_carries_the_flavor(flavor, expected):
     job = build_job_submission(make_environment(), flavor, SETTINGS)
     assert {key: job.get(key) for key in expected} == expected
@@ -109,11 +127,14 @@ def test_per_user_submission_is_signed_and_lives_in_the_users_directory():
     assert job_identity({**job, "user_name": "alice"}, PER_USER, KEY)["uid"] == UID
 
 
-@pytest.mark.parametrize("comment, identity", [
-    (build_identity_comment(make_environment()), {"namespace": "team-a", "name": "lab", "uid": UID}),
-    ("someone else's job", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "comment, identity",
+    [
+        (build_identity_comment(make_environment()), {"namespace": "team-a", "name": "lab", "uid": UID}),
+        ("someone else's job", None),
+        ("", None),
+    ],
+)
 def test_comment_parsing(comment, identity):
     assert parse_identity(comment) == identity
 
@@ -122,23 +143,31 @@ SIGNED = build_identity_comment(make_environment(), "alice", KEY)
 OUTPUT = build_output_path(make_environment(), PER_USER, "alice")
 
 
-@pytest.mark.parametrize("job, expected_uid", [
-    ({"user_name": "alice", "comment": SIGNED}, UID),
-    # bob copies alice's signed identity onto his own job: bound to alice, so not his
-    ({"user_name": "bob", "comment": SIGNED}, None),
-    # a forged signature, or an unsigned identity, in per-user mode
-    ({"user_name": "alice", "comment": SIGNED[:-4] + "0000"}, None),
-    ({"user_name": "alice", "comment": build_identity_comment(make_environment())}, None),
-    ({"user_name": "bob", "comment": build_identity_comment(make_environment(), "bob", derive_key(b"x", "jobs"))},
-     None),
-    # the comment changed from inside the job: the output path the operator chose still says whose it is
-    ({"user_name": "alice", "comment": "x", "standard_output": OUTPUT}, UID),
-    # ... but only under the job's own user's directory
-    ({"user_name": "bob", "comment": "x", "standard_output": OUTPUT}, None),
-    ({"user_name": "alice", "comment": "x", "standard_output": "/tmp" + OUTPUT}, None),
-    ({"user_name": "alice", "comment": "", "standard_output": ""}, None),
-    ({"user_name": "alice", "comment": "x", "standard_output": OUTPUT[:-7] + ".0a1b2c3d.%j.out"}, UID),  # a nonce
-])
+@pytest.mark.parametrize(
+    "job, expected_uid",
+    [
+        ({"user_name": "alice", "comment": SIGNED}, UID),
+        # bob copies alice's signed identity onto his own job: bound to alice, so not his
+        ({"user_name": "bob", "comment": SIGNED}, None),
+        # a forged signature, or an unsigned identity, in per-user mode
+        ({"user_name": "alice", "comment": SIGNED[:-4] + "0000"}, None),
+        ({"user_name": "alice", "comment": build_identity_comment(make_environment())}, None),
+        (
+            {
+                "user_name": "bob",
+                "comment": build_identity_comment(make_environment(), "bob", derive_key(b"x", "jobs")),
+            },
+            None,
+        ),
+        # the comment changed from inside the job: the output path the operator chose still says whose it is
+        ({"user_name": "alice", "comment": "x", "standard_output": OUTPUT}, UID),
+        # ... but only under the job's own user's directory
+        ({"user_name": "bob", "comment": "x", "standard_output": OUTPUT}, None),
+        ({"user_name": "alice", "comment": "x", "standard_output": "/tmp" + OUTPUT}, None),
+        ({"user_name": "alice", "comment": "", "standard_output": ""}, None),
+        ({"user_name": "alice", "comment": "x", "standard_output": OUTPUT[:-7] + ".0a1b2c3d.%j.out"}, UID),  # a nonce
+    ],
+)
 def test_job_identity_needs_the_operators_own_marks(job, expected_uid):
     assert (job_identity(job, PER_USER, KEY) or {}).get("uid") == expected_uid
 
@@ -150,13 +179,20 @@ def test_an_output_path_in_a_shared_directory_names_no_environment():
     assert job_identity(job, shared, KEY) is None
 
 
-@pytest.mark.parametrize("owner, identity, settings, expected", [
-    ("alice", None, PER_USER, "alice"),
-    ("alice", PosixIdentity("a.smith", 3001, 3001), PER_USER, "a.smith"),  # the directory's word wins
-    ("oidc:alice@facility.eu", None,
-     SlurmSettings(jwt_key_file="k", owner_prefix="oidc:", owner_suffix="@facility.eu"), "alice"),
-    ("alice", None, SlurmSettings(user="aenv"), "aenv"),                  # single-token mode: one account
-])
+@pytest.mark.parametrize(
+    "owner, identity, settings, expected",
+    [
+        ("alice", None, PER_USER, "alice"),
+        ("alice", PosixIdentity("a.smith", 3001, 3001), PER_USER, "a.smith"),  # the directory's word wins
+        (
+            "oidc:alice@facility.eu",
+            None,
+            SlurmSettings(jwt_key_file="k", owner_prefix="oidc:", owner_suffix="@facility.eu"),
+            "alice",
+        ),
+        ("alice", None, SlurmSettings(user="aenv"), "aenv"),  # single-token mode: one account
+    ],
+)
 def test_account_of_the_job(owner, identity, settings, expected):
     assert build_account(make_environment(owner=owner), identity, settings) == expected
 
@@ -169,12 +205,15 @@ def test_privileged_or_malformed_accounts_are_refused(owner):
 
 def test_port_is_stable_in_range_and_keyed():
     environment = make_environment()
-    ports = {build_jupyter_port(make_environment(uid=f"{index:08d}-0000-4000-8000-000000000000"), PER_USER, KEY)
-             for index in range(200)}
+    ports = {
+        build_jupyter_port(make_environment(uid=f"{index:08d}-0000-4000-8000-000000000000"), PER_USER, KEY)
+        for index in range(200)
+    }
     assert all(PER_USER.port_min <= port <= PER_USER.port_max for port in ports) and len(ports) > 150
     assert build_jupyter_port(environment, PER_USER, KEY) == build_jupyter_port(environment, PER_USER, KEY)
     assert build_jupyter_port(environment, PER_USER, KEY) != build_jupyter_port(
-        environment, PER_USER, derive_key(b"other", "jobs"))
+        environment, PER_USER, derive_key(b"other", "jobs")
+    )
     # each job its own nonce, so its own port: a port seen in use says nothing about the next job
     by_nonce = {build_jupyter_port(environment, PER_USER, KEY, f"{nonce:08x}") for nonce in range(50)}
     assert len(by_nonce) > 45
@@ -188,12 +227,15 @@ def test_the_port_comes_back_from_the_frozen_output_path():
     assert job["environment"]["JUPYTER_PORT"] == str(build_jupyter_port(environment, PER_USER, KEY, job_nonce(job)))
 
 
-@pytest.mark.parametrize("job, domain, expected", [
-    ({"job_state": "RUNNING", "batch_host": "n7"}, "", "n7:20001"),
-    ({"job_state": "RUNNING", "batch_host": "n7"}, "hpc.facility.eu", "n7.hpc.facility.eu:20001"),
-    ({"job_state": "PENDING", "batch_host": ""}, "", ""),
-    ({"job_state": "RUNNING", "batch_host": "", "comment": "endpoint=evil:1"}, "", ""),
-])
+@pytest.mark.parametrize(
+    "job, domain, expected",
+    [
+        ({"job_state": "RUNNING", "batch_host": "n7"}, "", "n7:20001"),
+        ({"job_state": "RUNNING", "batch_host": "n7"}, "hpc.facility.eu", "n7.hpc.facility.eu:20001"),
+        ({"job_state": "PENDING", "batch_host": ""}, "", ""),
+        ({"job_state": "RUNNING", "batch_host": "", "comment": "endpoint=evil:1"}, "", ""),
+    ],
+)
 def test_endpoint_is_slurms_node_and_the_operators_port(job, domain, expected):
     assert build_endpoint(job, 20001, SlurmSettings(node_domain=domain)) == expected
 
@@ -202,16 +244,19 @@ NOW = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
 STARTED = int((NOW - datetime.timedelta(minutes=30)).timestamp())
 
 
-@pytest.mark.parametrize("job, until, expected", [
-    # running for 30 min with a 60 min limit: to run until now + 2 h it needs 150 min
-    ({"job_state": "RUNNING", "start_time": STARTED, "time_limit": 60}, NOW + 2 * HOURS, 150),
-    ({"job_state": "RUNNING", "start_time": STARTED, "time_limit": 60}, NOW + datetime.timedelta(minutes=20), None),
-    ({"job_state": "RUNNING", "start_time": STARTED, "time_limit": 60}, NOW + datetime.timedelta(minutes=30), None),
-    ({"job_state": "PENDING", "start_time": 0, "time_limit": 60}, NOW + 2 * HOURS, 120),
-    ({"job_state": "PENDING", "start_time": STARTED + 9999, "time_limit": 60}, NOW + 2 * HOURS, 120),
-    ({"job_state": "CANCELLED", "start_time": STARTED, "time_limit": 60}, NOW + 2 * HOURS, None),
-    ({"job_state": "RUNNING", "start_time": STARTED, "time_limit": 0}, NOW + 2 * HOURS, None),  # 0: no limit
-])
+@pytest.mark.parametrize(
+    "job, until, expected",
+    [
+        # running for 30 min with a 60 min limit: to run until now + 2 h it needs 150 min
+        ({"job_state": "RUNNING", "start_time": STARTED, "time_limit": 60}, NOW + 2 * HOURS, 150),
+        ({"job_state": "RUNNING", "start_time": STARTED, "time_limit": 60}, NOW + datetime.timedelta(minutes=20), None),
+        ({"job_state": "RUNNING", "start_time": STARTED, "time_limit": 60}, NOW + datetime.timedelta(minutes=30), None),
+        ({"job_state": "PENDING", "start_time": 0, "time_limit": 60}, NOW + 2 * HOURS, 120),
+        ({"job_state": "PENDING", "start_time": STARTED + 9999, "time_limit": 60}, NOW + 2 * HOURS, 120),
+        ({"job_state": "CANCELLED", "start_time": STARTED, "time_limit": 60}, NOW + 2 * HOURS, None),
+        ({"job_state": "RUNNING", "start_time": STARTED, "time_limit": 0}, NOW + 2 * HOURS, None),  # 0: no limit
+    ],
+)
 def test_time_limit_extension(job, until, expected):
     assert build_time_limit_extension(job, until, NOW) == expected
 
@@ -221,6 +266,7 @@ def test_minted_token_is_what_slurms_auth_jwt_checks():
     import hashlib
     import hmac
     import json
+
     token = build_jwt(b"secret", "alice", 1_000, 300)
     header, payload, signature = token.split(".")
     decode = lambda part: base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))  # noqa: E731
@@ -229,10 +275,13 @@ def test_minted_token_is_what_slurms_auth_jwt_checks():
     assert decode(signature) == hmac.new(b"secret", f"{header}.{payload}".encode(), hashlib.sha256).digest()
 
 
-@pytest.mark.parametrize("command, expected_suffix", [
-    ("jupyter lab", ' --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT" --ServerApp.port_retries=0'),
-    ('python3 -m http.server --bind "$JUPYTER_HOST" "$JUPYTER_PORT"', '"$JUPYTER_PORT"'),
-])
+@pytest.mark.parametrize(
+    "command, expected_suffix",
+    [
+        ("jupyter lab", ' --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT" --ServerApp.port_retries=0'),
+        ('python3 -m http.server --bind "$JUPYTER_HOST" "$JUPYTER_PORT"', '"$JUPYTER_PORT"'),
+    ],
+)
 def test_jupyter_command_places_itself(command, expected_suffix):
     assert build_jupyter_command(SlurmSettings(jupyter_command=command)).endswith(expected_suffix)
 
@@ -243,7 +292,7 @@ HOSTILE = ["$(touch /tmp/pwned)", "a'b", "x; rm -rf /", "`id`", "two words", "ne
 @pytest.mark.parametrize("module", HOSTILE)
 def test_module_names_stay_one_argument(module):
     script = build_batch_script(make_environment(), make_flavor(modules=(module,)), TOKEN_ENV_NAME, SETTINGS)
-    line = script[script.index("module load "):]
+    line = script[script.index("module load ") :]
     # shlex parses like the shell: the whole hostile name must come back as one word.
     assert shlex.split(line, comments=True)[:3] == ["module", "load", module]
 
@@ -264,32 +313,49 @@ def test_token_variable_must_be_a_shell_name(name):
         build_batch_script(make_environment(), make_flavor(), name, SETTINGS)
 
 
-@pytest.mark.parametrize("details, expected", [
-    ([], 0), (["gpu:2(IDX:0-1)"], 2), (["gpu:a100:3(IDX:0-2)"], 3), (["gpu:1(IDX:0)", "gpu:1(IDX:3)"], 2),
-    (["mps:100"], 0), (None, 0),
-])
+@pytest.mark.parametrize(
+    "details, expected",
+    [
+        ([], 0),
+        (["gpu:2(IDX:0-1)"], 2),
+        (["gpu:a100:3(IDX:0-2)"], 3),
+        (["gpu:1(IDX:0)", "gpu:1(IDX:3)"], 2),
+        (["mps:100"], 0),
+        (None, 0),
+    ],
+)
 def test_allocated_gpus(details, expected):
     assert allocated_gpus({"gres_detail": details}) == expected
 
 
-RUNNING_WITH_ENDPOINT = {"job_id": 7, "job_state": "RUNNING", "state_reason": "None", "nodes": "n1",
-                         "batch_host": "n1", "cpus": 4, "gres_detail": ["gpu:1(IDX:0)"]}
+RUNNING_WITH_ENDPOINT = {
+    "job_id": 7,
+    "job_state": "RUNNING",
+    "state_reason": "None",
+    "nodes": "n1",
+    "batch_host": "n1",
+    "cpus": 4,
+    "gres_detail": ["gpu:1(IDX:0)"],
+}
 
 
-@pytest.mark.parametrize("job, answers, state, reason", [
-    ({"job_id": 7, "job_state": "PENDING", "state_reason": "Resources"}, False, State.PENDING, "Resources"),
-    ({"job_id": 7, "job_state": "PENDING", "state_reason": "None"}, False, State.PENDING, "Queued"),
-    ({"job_id": 7, "job_state": "RUNNING", "comment": "x"}, False, State.PROVISIONING, "JupyterStarting"),
-    (RUNNING_WITH_ENDPOINT, False, State.PROVISIONING, "JupyterStarting"),
-    (RUNNING_WITH_ENDPOINT, True, State.READY, "JupyterAnswering"),
-    ({"job_id": 7, "job_state": "CONFIGURING"}, False, State.PROVISIONING, "JupyterStarting"),
-    ({"job_id": 7, "job_state": "TIMEOUT", "state_reason": "TimeLimit"}, False, State.EXPIRED, "TimeLimit"),
-    ({"job_id": 7, "job_state": "FAILED", "state_reason": "NonZeroExitCode"}, False, State.FAILED, "JobFailed"),
-    ({"job_id": 7, "job_state": "CANCELLED"}, False, State.FAILED, "JobCancelled"),
-    ({"job_id": 7, "job_state": "NODE_FAIL"}, False, State.FAILED, "JobNodeFail"),
-    ({"job_id": 7, "job_state": "OUT_OF_MEMORY"}, False, State.FAILED, "JobOutOfMemory"),
-    ({"job_id": 7, "job_state": "COMPLETED"}, False, State.FAILED, "JobCompleted"),
-])
+@pytest.mark.parametrize(
+    "job, answers, state, reason",
+    [
+        ({"job_id": 7, "job_state": "PENDING", "state_reason": "Resources"}, False, State.PENDING, "Resources"),
+        ({"job_id": 7, "job_state": "PENDING", "state_reason": "None"}, False, State.PENDING, "Queued"),
+        ({"job_id": 7, "job_state": "RUNNING", "comment": "x"}, False, State.PROVISIONING, "JupyterStarting"),
+        (RUNNING_WITH_ENDPOINT, False, State.PROVISIONING, "JupyterStarting"),
+        (RUNNING_WITH_ENDPOINT, True, State.READY, "JupyterAnswering"),
+        ({"job_id": 7, "job_state": "CONFIGURING"}, False, State.PROVISIONING, "JupyterStarting"),
+        ({"job_id": 7, "job_state": "TIMEOUT", "state_reason": "TimeLimit"}, False, State.EXPIRED, "TimeLimit"),
+        ({"job_id": 7, "job_state": "FAILED", "state_reason": "NonZeroExitCode"}, False, State.FAILED, "JobFailed"),
+        ({"job_id": 7, "job_state": "CANCELLED"}, False, State.FAILED, "JobCancelled"),
+        ({"job_id": 7, "job_state": "NODE_FAIL"}, False, State.FAILED, "JobNodeFail"),
+        ({"job_id": 7, "job_state": "OUT_OF_MEMORY"}, False, State.FAILED, "JobOutOfMemory"),
+        ({"job_id": 7, "job_state": "COMPLETED"}, False, State.FAILED, "JobCompleted"),
+    ],
+)
 def test_observation_maps_slurm_states(job, answers, state, reason):
     observation = build_observation(job, answers, build_endpoint(job, 4000, SETTINGS))
     assert (observation.state, observation.reason) == (state, reason)
@@ -306,15 +372,18 @@ def test_pending_observation_says_slurms_reason():
     assert "Priority" in observation.message and observation.cpus == 0
 
 
-@pytest.mark.parametrize("states, include_cancelled, expected_id", [
-    ([], True, None),
-    ([("CANCELLED", 1), ("RUNNING", 2)], True, 2),
-    ([("RUNNING", 3), ("PENDING", 5)], True, 5),
-    ([("RUNNING", 3), ("COMPLETED", 9)], True, 3),       # active beats newer ended
-    ([("CANCELLED", 4)], False, None),                   # a suspend's cancel is not adopted
-    ([("CANCELLED", 4), ("TIMEOUT", 2)], False, 2),
-    ([("CANCELLED", 4), ("TIMEOUT", 2)], True, 4),
-])
+@pytest.mark.parametrize(
+    "states, include_cancelled, expected_id",
+    [
+        ([], True, None),
+        ([("CANCELLED", 1), ("RUNNING", 2)], True, 2),
+        ([("RUNNING", 3), ("PENDING", 5)], True, 5),
+        ([("RUNNING", 3), ("COMPLETED", 9)], True, 3),  # active beats newer ended
+        ([("CANCELLED", 4)], False, None),  # a suspend's cancel is not adopted
+        ([("CANCELLED", 4), ("TIMEOUT", 2)], False, 2),
+        ([("CANCELLED", 4), ("TIMEOUT", 2)], True, 4),
+    ],
+)
 def test_choose_job(states, include_cancelled, expected_id):
     jobs = [{"job_id": job_id, "job_state": state} for state, job_id in states]
     chosen = choose_job(jobs, include_cancelled)
@@ -337,8 +406,15 @@ class RecordingClient:
 
     async def submit(self, job, script, user=""):
         self.submitted.append((job, script, user))
-        self.queue.append({**job, "job_id": 101 + len(self.submitted) - 1, "job_state": "PENDING",
-                           "user_name": self.user_of_submitted, "time_limit": job["time_limit"]})
+        self.queue.append(
+            {
+                **job,
+                "job_id": 101 + len(self.submitted) - 1,
+                "job_state": "PENDING",
+                "user_name": self.user_of_submitted,
+                "time_limit": job["time_limit"],
+            }
+        )
         return str(101 + len(self.submitted) - 1)
 
     async def cancel(self, job_id):
@@ -362,16 +438,28 @@ def per_user_backend(queue, tmp_path, user_of_submitted="alice") -> SlurmBackend
 MINE = {"user_name": "alice", "comment": SIGNED}
 
 
-@pytest.mark.parametrize("queue, expect_submission", [
-    ([], True),
-    ([{"job_id": 5, "job_state": "CANCELLED", **MINE}], True),
-    ([{"job_id": 5, "job_state": "PENDING", **MINE}], False),
-    ([{"job_id": 5, "job_state": "TIMEOUT", **MINE}], False),
-    ([{"job_id": 5, "job_state": "PENDING", "user_name": "alice",
-       "comment": build_identity_comment(make_environment(uid="other"), "alice", KEY)}], True),
-    # bob's job claiming alice's environment is not hers
-    ([{"job_id": 5, "job_state": "PENDING", "user_name": "bob", "comment": SIGNED}], True),
-])
+@pytest.mark.parametrize(
+    "queue, expect_submission",
+    [
+        ([], True),
+        ([{"job_id": 5, "job_state": "CANCELLED", **MINE}], True),
+        ([{"job_id": 5, "job_state": "PENDING", **MINE}], False),
+        ([{"job_id": 5, "job_state": "TIMEOUT", **MINE}], False),
+        (
+            [
+                {
+                    "job_id": 5,
+                    "job_state": "PENDING",
+                    "user_name": "alice",
+                    "comment": build_identity_comment(make_environment(uid="other"), "alice", KEY),
+                }
+            ],
+            True,
+        ),
+        # bob's job claiming alice's environment is not hers
+        ([{"job_id": 5, "job_state": "PENDING", "user_name": "bob", "comment": SIGNED}], True),
+    ],
+)
 def test_ensure_adopts_or_submits_once(queue, expect_submission, tmp_path):
     backend = per_user_backend(queue, tmp_path)
     observation = asyncio.run(backend.ensure(Launch(make_environment(), make_flavor(), "s3cret-token")))
@@ -403,8 +491,12 @@ def test_a_comment_changed_inside_the_job_loses_nothing(tmp_path):
 
 
 def test_a_forged_identity_is_neither_adopted_nor_swept(tmp_path):
-    forged = {"job_id": 9, "job_state": "RUNNING", "user_name": "alice",
-              "comment": build_identity_comment(make_environment(uid="gone"))}  # unsigned
+    forged = {
+        "job_id": 9,
+        "job_state": "RUNNING",
+        "user_name": "alice",
+        "comment": build_identity_comment(make_environment(uid="gone")),
+    }  # unsigned
     backend = per_user_backend([forged], tmp_path)
     assert asyncio.run(backend.list_managed()) == []
     assert asyncio.run(backend.observe(make_environment(uid="gone"))).state == State.GONE
@@ -417,12 +509,15 @@ def test_an_account_slurm_does_not_know_fails_the_environment(tmp_path):
     assert backend.client.cancelled == ["101"]
 
 
-@pytest.mark.parametrize("job, identity, reason", [
-    ({"user_name": "alice", "user_id": 1001}, None, None),
-    ({"user_name": "alice", "user_id": 1001}, PosixIdentity("alice", 1001, 1001), None),
-    ({"user_name": "alice", "user_id": 1001}, PosixIdentity("alice", 3001, 3001), "UnixAccountMismatch"),
-    ({"user_name": "nobody", "user_id": 65534}, None, "UnknownUnixAccount"),
-])
+@pytest.mark.parametrize(
+    "job, identity, reason",
+    [
+        ({"user_name": "alice", "user_id": 1001}, None, None),
+        ({"user_name": "alice", "user_id": 1001}, PosixIdentity("alice", 1001, 1001), None),
+        ({"user_name": "alice", "user_id": 1001}, PosixIdentity("alice", 3001, 3001), "UnixAccountMismatch"),
+        ({"user_name": "nobody", "user_id": 65534}, None, "UnknownUnixAccount"),
+    ],
+)
 def test_the_job_must_run_as_the_account_and_uid_decided(job, identity, reason):
     assert (build_account_mismatch(job, "alice", identity) or (None,))[0] == reason
 
@@ -459,8 +554,10 @@ def test_extend_raises_the_time_limit_as_the_operator_once(tmp_path):
 
 # ---------------------------------------------------------------- datasets
 
+
 def dataset_mount(name: str, path: str, cluster_path: str):
     from analysis_operator.model.domain import Dataset, DatasetStorage, Mount
+
     return Mount(Dataset(name=name, pid=f"10.5072/{name}", storage=DatasetStorage(path=cluster_path)), path, "public")
 
 
@@ -470,15 +567,22 @@ def test_submission_without_datasets_has_no_dataset_variables():
 
 
 def test_submission_carries_exactly_the_granted_datasets():
-    mounts = (dataset_mount("raw", "/data/raw", "/gpfs/p11/raw"),
-              dataset_mount("ref", "/data/refs/lysozyme", "/gpfs/public/lysozyme"))
+    mounts = (
+        dataset_mount("raw", "/data/raw", "/gpfs/p11/raw"),
+        dataset_mount("ref", "/data/refs/lysozyme", "/gpfs/public/lysozyme"),
+    )
     job = build_job_submission(make_environment(), make_flavor(), SETTINGS, mounts=mounts)
     variables = {name: value for name, value in job["environment"].items() if name.startswith("AENV_DATA")}
     assert variables == {
-        "AENV_DATA_DIR": "/scratch/aenv/team-a.aenv-lab.data", "AENV_DATASET_COUNT": "2",
-        "AENV_DATASET_0_PATH": "/gpfs/p11/raw", "AENV_DATASET_0_LINK": "raw", "AENV_DATASET_0_PID": "10.5072/raw",
-        "AENV_DATASET_1_PATH": "/gpfs/public/lysozyme", "AENV_DATASET_1_LINK": "refs/lysozyme",
-        "AENV_DATASET_1_PID": "10.5072/ref"}
+        "AENV_DATA_DIR": "/scratch/aenv/team-a.aenv-lab.data",
+        "AENV_DATASET_COUNT": "2",
+        "AENV_DATASET_0_PATH": "/gpfs/p11/raw",
+        "AENV_DATASET_0_LINK": "raw",
+        "AENV_DATASET_0_PID": "10.5072/raw",
+        "AENV_DATASET_1_PATH": "/gpfs/public/lysozyme",
+        "AENV_DATASET_1_LINK": "refs/lysozyme",
+        "AENV_DATASET_1_PID": "10.5072/ref",
+    }
 
 
 def test_batch_script_links_the_granted_datasets_into_the_data_directory(tmp_path):
@@ -487,21 +591,25 @@ def test_batch_script_links_the_granted_datasets_into_the_data_directory(tmp_pat
     fake_bin.mkdir()
     (fake_bin / "scontrol").write_text("#!/bin/sh\nexit 0\n")
     (fake_bin / "scontrol").chmod(0o755)
-    settings = SlurmSettings(working_directory=str(tmp_path),
-                             jupyter_command='test -n "$JUPYTER_PORT" -a -d "$AENV_DATA_DIR"')
+    settings = SlurmSettings(
+        working_directory=str(tmp_path), jupyter_command='test -n "$JUPYTER_PORT" -a -d "$AENV_DATA_DIR"'
+    )
     for name in ("raw", "lysozyme"):
         (tmp_path / "gpfs" / name).mkdir(parents=True)
         (tmp_path / "gpfs" / name / "frame.h5").write_text(name)
-    mounts = (dataset_mount("raw", "/data/raw", str(tmp_path / "gpfs/raw")),
-              dataset_mount("ref", "/data/refs/lysozyme", str(tmp_path / "gpfs/lysozyme")))
+    mounts = (
+        dataset_mount("raw", "/data/raw", str(tmp_path / "gpfs/raw")),
+        dataset_mount("ref", "/data/refs/lysozyme", str(tmp_path / "gpfs/lysozyme")),
+    )
     job = build_job_submission(make_environment(), make_flavor(), settings, mounts=mounts)
     script = build_batch_script(make_environment(), make_flavor(), TOKEN_ENV_NAME, settings)
-    environment = {**job["environment"], "PATH": f"{fake_bin}:/usr/bin:/bin", TOKEN_ENV_NAME: "t",
-                   "SLURM_JOB_ID": "7"}
+    environment = {**job["environment"], "PATH": f"{fake_bin}:/usr/bin:/bin", TOKEN_ENV_NAME: "t", "SLURM_JOB_ID": "7"}
     result = subprocess.run(["bash", "-c", script], env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     data = tmp_path / "team-a.aenv-lab.data"
     assert sorted(str(path.relative_to(data)) for path in data.rglob("*") if path.is_symlink()) == [
-        "raw", "refs/lysozyme"]
+        "raw",
+        "refs/lysozyme",
+    ]
     assert (data / "raw" / "frame.h5").read_text() == "raw"
     assert (data / "refs" / "lysozyme" / "frame.h5").read_text() == "lysozyme"

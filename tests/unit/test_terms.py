@@ -14,11 +14,18 @@ from analysis_operator.model.domain import Flavor, FlavorAccess, OpenStackSpec, 
 from tests.unit.test_backend_interface import ENVIRONMENT, FLAVOR, NOW, setup
 
 HOUR = datetime.timedelta(hours=1)
-FULL = Flavor(name="gpu", backend="slurm", resources=Resources(cpu="4", memory="32Gi", gpu=2), image="jupyter:1",
-              allow_custom_image=True, max_lifetime=36 * HOUR, idle_timeout=datetime.timedelta(minutes=30),
-              slurm=SlurmSpec(partition="gpu", account="p1", time_limit_minutes=90, qos="short", modules=("cuda",)),
-              openstack=OpenStackSpec(flavor="g1", image="ubuntu", network="net", key_name="ops"),
-              access=FlavorAccess(groups=frozenset({"staff"})))
+FULL = Flavor(
+    name="gpu",
+    backend="slurm",
+    resources=Resources(cpu="4", memory="32Gi", gpu=2),
+    image="jupyter:1",
+    allow_custom_image=True,
+    max_lifetime=36 * HOUR,
+    idle_timeout=datetime.timedelta(minutes=30),
+    slurm=SlurmSpec(partition="gpu", account="p1", time_limit_minutes=90, qos="short", modules=("cuda",)),
+    openstack=OpenStackSpec(flavor="g1", image="ubuntu", network="net", key_name="ops"),
+    access=FlavorAccess(groups=frozenset({"staff"})),
+)
 
 
 def test_terms_round_trip_every_field_but_access():
@@ -51,9 +58,8 @@ def test_a_lowered_max_lifetime_does_not_reject_a_running_environment_and_it_sti
     backend.running["u-1"] = "ready"
     lowered = dataclasses.replace(FLAVOR, max_lifetime=HOUR // 2)
     outcome = asyncio.run(converge(context, ENVIRONMENT, status, lowered, NOW + HOUR))
-    assert outcome.status["phase"] == "Ready"                              # not Rejected: its terms allow 2 h
-    expired = asyncio.run(converge(context, ENVIRONMENT, {**status, **outcome.status}, lowered,
-                                   NOW + 2 * HOUR))
+    assert outcome.status["phase"] == "Ready"  # not Rejected: its terms allow 2 h
+    expired = asyncio.run(converge(context, ENVIRONMENT, {**status, **outcome.status}, lowered, NOW + 2 * HOUR))
     assert (expired.status["phase"], expired.status["reason"]) == ("Expired", "LifetimeExpired")
 
 
@@ -62,7 +68,7 @@ def test_a_deleted_flavor_still_expires_its_environments_and_the_sweep_still_see
     backend, cluster, context = setup()
     backend.running["u-1"] = "ready"
     record = EnvironmentRecord(ENVIRONMENT, status)
-    assert due(record, {}, frozenset({"memory"}), NOW)                   # no flavor in the index any more
+    assert due(record, {}, frozenset({"memory"}), NOW)  # no flavor in the index any more
     outcome = asyncio.run(converge(context, ENVIRONMENT, status, None, NOW + 3 * HOUR))
     assert outcome.status["phase"] == "Expired" and "u-1" not in backend.running
 
@@ -72,7 +78,7 @@ def test_a_custom_image_allowed_at_start_stays_allowed_until_the_end():
     backend, cluster, context = setup()
     allowed = dataclasses.replace(FLAVOR, allow_custom_image=True)
     status = asyncio.run(converge(context, custom, {}, allowed, NOW)).status
-    outcome = asyncio.run(converge(context, custom, status, FLAVOR, NOW + HOUR))   # allowCustomImage removed
+    outcome = asyncio.run(converge(context, custom, status, FLAVOR, NOW + HOUR))  # allowCustomImage removed
     assert outcome.status is None or outcome.status["phase"] != "Rejected"
     expired = asyncio.run(converge(context, custom, status, FLAVOR, NOW + 3 * HOUR))
     assert expired.status["phase"] == "Expired"

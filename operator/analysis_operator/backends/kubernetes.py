@@ -4,6 +4,7 @@ Builders are pure (`build_*`); `KubernetesBackend` applies them. Children
 carry owner references, so the garbage collector removes them with the
 environment; no finalizer is needed for this backend.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +52,9 @@ def build_dataset_volumes(mounts: Sequence[Mount]) -> tuple[tuple[dict[str, Any]
             if storage.sub_path:
                 volume_mount["subPath"] = storage.sub_path
         else:
-            volumes.append({"name": name, "nfs": {"server": storage.nfs_server, "path": storage.nfs_path,
-                                                  "readOnly": True}})
+            volumes.append(
+                {"name": name, "nfs": {"server": storage.nfs_server, "path": storage.nfs_path, "readOnly": True}}
+            )
         volume_mounts.append(volume_mount)
     return tuple(volumes), tuple(volume_mounts)
 
@@ -70,9 +72,13 @@ def build_home_claim(environment: Environment, settings: Settings) -> dict[str, 
     if home.storage_class:
         spec["storageClassName"] = home.storage_class
     return {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-        "metadata": {"name": home_claim_name(environment.owner), "namespace": environment.namespace,
-                     "labels": {LABEL_MANAGED_BY: MANAGER, LABEL_OWNER: environment.owner}},
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": home_claim_name(environment.owner),
+            "namespace": environment.namespace,
+            "labels": {LABEL_MANAGED_BY: MANAGER, LABEL_OWNER: environment.owner},
+        },
         "spec": spec,
     }
 
@@ -90,23 +96,30 @@ def build_pod_identity(identity: PosixIdentity | None, settings: Settings) -> di
     if identity is None:
         return None
     return {
-        "uid": identity.uid, "gid": identity.gid, "groups": list(identity.groups),
+        "uid": identity.uid,
+        "gid": identity.gid,
+        "groups": list(identity.groups),
         "strict_groups": settings.identity.strict_supplemental_groups,
         "fs_group": identity.gid if settings.home.claims else None,
     }
 
 
-def build_pod(environment: Environment, flavor: Flavor, settings: Settings,
-              dataset_volumes: tuple[dict[str, Any], ...] = (),
-              dataset_mounts: tuple[dict[str, Any], ...] = (),
-              identity: PosixIdentity | None = None) -> dict[str, Any]:
+def build_pod(
+    environment: Environment,
+    flavor: Flavor,
+    settings: Settings,
+    dataset_volumes: tuple[dict[str, Any], ...] = (),
+    dataset_mounts: tuple[dict[str, Any], ...] = (),
+    identity: PosixIdentity | None = None,
+) -> dict[str, Any]:
     resources = flavor.resources
     requests = {"cpu": resources.cpu, "memory": resources.memory}
     limits = dict(requests)
     if resources.gpu:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(resources.gpu)
     pod: dict[str, Any] = render.render_yaml(
-        settings.templates_dir, "pod.yaml.j2",
+        settings.templates_dir,
+        "pod.yaml.j2",
         name=environment.child_name,
         namespace=environment.namespace,
         labels=environment.identity_labels,
@@ -129,7 +142,8 @@ def build_pod(environment: Environment, flavor: Flavor, settings: Settings,
 
 def build_service(environment: Environment, settings: Settings) -> dict[str, Any]:
     service: dict[str, Any] = render.render_yaml(
-        settings.templates_dir, "service.yaml.j2",
+        settings.templates_dir,
+        "service.yaml.j2",
         name=environment.child_name,
         namespace=environment.namespace,
         labels=environment.identity_labels,
@@ -161,8 +175,12 @@ def observe_pod(pod: Mapping[str, Any] | None, url: str = "") -> Observation:
         return Observation(State.FAILED, status.get("reason") or f"Pod{phase}", message, reference)
     scheduled = conditions.get("PodScheduled", {})
     if scheduled.get("status") == "False":
-        return Observation(State.PENDING, scheduled.get("reason") or "Unschedulable",
-                           scheduled.get("message") or "waiting for a node", reference)
+        return Observation(
+            State.PENDING,
+            scheduled.get("reason") or "Unschedulable",
+            scheduled.get("message") or "waiting for a node",
+            reference,
+        )
     cpus, gpus = _held_resources(spec)
     if phase == "Running" and conditions.get("Ready", {}).get("status") == "True":
         return Observation(State.READY, "PodReady", f"JupyterLab is running on {node}", reference, url, cpus, gpus)
@@ -183,6 +201,7 @@ def _held_resources(spec: Mapping[str, Any]) -> tuple[float, int]:
 @dataclasses.dataclass(frozen=True)
 class PodSummary:
     """What the pod index keeps per pod: enough to decide, small enough for 10,000."""
+
     environment_uid: str
     observation: Observation
 
@@ -273,8 +292,9 @@ class KubernetesBackend:
         return self._indexed(environment) is None
 
     async def _delete_own(self, kind: str, environment: Environment) -> None:
-        await self._kube.delete_owned(kind, environment.namespace, environment.child_name, LABEL_ENVIRONMENT_UID,
-                                      environment.uid)
+        await self._kube.delete_owned(
+            kind, environment.namespace, environment.child_name, LABEL_ENVIRONMENT_UID, environment.uid
+        )
 
     async def list_managed(self) -> list[ManagedObject]:
         """Pods and Services the operator made. Owner references let the garbage collector remove them
@@ -286,10 +306,17 @@ class KubernetesBackend:
         for service in await self._kube.list_labelled("Service", f"{LABEL_MANAGED_BY}={MANAGER}"):
             metadata = service.get("metadata") or {}
             labels = metadata.get("labels") or {}
-            key = (metadata.get("namespace", ""), labels.get(LABEL_ENVIRONMENT, ""), labels.get(LABEL_ENVIRONMENT_UID, ""))
+            key = (
+                metadata.get("namespace", ""),
+                labels.get(LABEL_ENVIRONMENT, ""),
+                labels.get(LABEL_ENVIRONMENT_UID, ""),
+            )
             found.setdefault(key, f"Service/{metadata.get('namespace')}/{metadata.get('name')}")
-        return [ManagedObject(namespace, name, uid, backend_id) for (namespace, name, uid), backend_id in found.items()
-                if uid]
+        return [
+            ManagedObject(namespace, name, uid, backend_id)
+            for (namespace, name, uid), backend_id in found.items()
+            if uid
+        ]
 
     def close(self) -> None:
         """Nothing of its own: the Kubernetes client belongs to the operator."""

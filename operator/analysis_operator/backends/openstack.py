@@ -7,6 +7,7 @@ missing, and maps Nova's status onto an Observation. openstacksdk blocks, so
 every call runs in this backend's own bounded thread pool: a slow or dead
 cloud ties up those threads only, never kopf's loop or its default executor.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +18,8 @@ import functools
 import logging
 import re
 import threading
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from analysis_operator.backends.base import BackendUnavailable, Charging, Launch, ManagedObject, Observation, State
 from analysis_operator.model.domain import MANAGER, BackendKind, Dataset, Environment, Flavor, Mount
@@ -46,6 +48,7 @@ T = TypeVar("T")
 
 # ---------------------------------------------------------------- pure builders
 
+
 def build_identity_metadata(environment: Environment) -> dict[str, str]:
     """Nova metadata that ties a server to its environment (values capped at Nova's 255)."""
     metadata = {
@@ -61,8 +64,10 @@ def build_identity_metadata(environment: Environment) -> dict[str, str]:
 def build_dataset_mounts(mounts: Sequence[Mount]) -> list[dict[str, str]]:
     """The granted datasets as NFS shares (the policy grants only datasets that have one)
     and where each appears in the VM; cloud-init mounts them read-only."""
-    return [{"name": mount.dataset.name, "source": mount.dataset.storage.nfs_share, "mount_path": mount.path}
-            for mount in mounts]
+    return [
+        {"name": mount.dataset.name, "source": mount.dataset.storage.nfs_share, "mount_path": mount.path}
+        for mount in mounts
+    ]
 
 
 def build_desktop_account(identity: PosixIdentity | None) -> dict[str, Any] | None:
@@ -71,20 +76,36 @@ def build_desktop_account(identity: PosixIdentity | None) -> dict[str, Any] | No
     lacks it. None: the image's shared DESKTOP_USER, as before identities."""
     if identity is None:
         return None
-    return {"name": identity.user, "uid": identity.uid, "gid": identity.gid,
-            "groups": [{"gid": identity.gid, "name": identity.user},
-                       *({"gid": gid, "name": name} for gid, name in identity.named_groups())],
-            "supplementary": ",".join(str(gid) for gid in identity.groups)}
+    return {
+        "name": identity.user,
+        "uid": identity.uid,
+        "gid": identity.gid,
+        "groups": [
+            {"gid": identity.gid, "name": identity.user},
+            *({"gid": gid, "name": name} for gid, name in identity.named_groups()),
+        ],
+        "supplementary": ",".join(str(gid) for gid in identity.groups),
+    }
 
 
-def build_user_data(environment: Environment, token: str, settings: Settings,
-                    mounts: Sequence[Mount] = (), identity: PosixIdentity | None = None) -> str:
+def build_user_data(
+    environment: Environment,
+    token: str,
+    settings: Settings,
+    mounts: Sequence[Mount] = (),
+    identity: PosixIdentity | None = None,
+) -> str:
     account = build_desktop_account(identity)
     return render_text(
-        settings.templates_dir, "cloud-init.yaml.j2",
+        settings.templates_dir,
+        "cloud-init.yaml.j2",
         hostname=environment.child_name,
-        identity={"namespace": environment.namespace, "name": environment.name,
-                  "uid": environment.uid, "owner": environment.owner},
+        identity={
+            "namespace": environment.namespace,
+            "name": environment.name,
+            "uid": environment.uid,
+            "owner": environment.owner,
+        },
         desktop_user=account["name"] if account else DESKTOP_USER,
         account=account,
         token=token,
@@ -93,11 +114,20 @@ def build_user_data(environment: Environment, token: str, settings: Settings,
     )
 
 
-def build_server_request(environment: Environment, flavor: Flavor, token: str, settings: Settings,
-                         mounts: Sequence[Mount] = (), identity: PosixIdentity | None = None) -> dict[str, Any]:
+def build_server_request(
+    environment: Environment,
+    flavor: Flavor,
+    token: str,
+    settings: Settings,
+    mounts: Sequence[Mount] = (),
+    identity: PosixIdentity | None = None,
+) -> dict[str, Any]:
     """What to ask Nova for; flavor, image and network are names, resolved by the backend."""
-    image = environment.image if (flavor.allow_custom_image and environment.image) else (
-        flavor.openstack.image or flavor.image)
+    image = (
+        environment.image
+        if (flavor.allow_custom_image and environment.image)
+        else (flavor.openstack.image or flavor.image)
+    )
     return {
         "name": environment.child_name,
         "flavor": flavor.openstack.flavor,
@@ -120,8 +150,7 @@ def gpus_from_extra_specs(extra_specs: Mapping[str, str]) -> int:
         if _GPU_RESOURCE.match(key):
             total += int(value)
         elif key == "pci_passthrough:alias":
-            total += sum(int(part.split(":")[1]) if ":" in part else 1
-                         for part in str(value).split(",") if part)
+            total += sum(int(part.split(":")[1]) if ":" in part else 1 for part in str(value).split(",") if part)
     return total
 
 
@@ -142,34 +171,51 @@ def observe_server(server: Any) -> Observation:
         return Observation(State.GONE, reason="ServerGone", message="no server exists")
     status = server.status
     addresses = server.addresses or {}
-    reference = {"id": server.id, "state": status,
-                 "addresses": [entry["addr"] for entries in addresses.values() for entry in entries]}
+    reference = {
+        "id": server.id,
+        "state": status,
+        "addresses": [entry["addr"] for entries in addresses.values() for entry in entries],
+    }
     if status == "ACTIVE" and server.task_state:
         # e.g. shelving or rebooting: still holds its resources, but not usable as is.
-        return Observation(State.PROVISIONING, reason="Server" + _camel(server.task_state),
-                           message=f"Nova task {server.task_state} in progress",
-                           reference=reference, cpus=float(server.flavor.vcpus or 0),
-                           gpus=gpus_from_extra_specs(server.flavor.extra_specs or {}))
+        return Observation(
+            State.PROVISIONING,
+            reason="Server" + _camel(server.task_state),
+            message=f"Nova task {server.task_state} in progress",
+            reference=reference,
+            cpus=float(server.flavor.vcpus or 0),
+            gpus=gpus_from_extra_specs(server.flavor.extra_specs or {}),
+        )
     if status == "ACTIVE":
         flavor = server.flavor
         url = connection_url(addresses)
         message = "remote desktop ready" if url else "server ACTIVE but has no network address"
-        return Observation(State.READY, reason="ServerActive", message=message, reference=reference,
-                           url=url, cpus=float(flavor.vcpus or 0),
-                           gpus=gpus_from_extra_specs(flavor.extra_specs or {}))
+        return Observation(
+            State.READY,
+            reason="ServerActive",
+            message=message,
+            reference=reference,
+            url=url,
+            cpus=float(flavor.vcpus or 0),
+            gpus=gpus_from_extra_specs(flavor.extra_specs or {}),
+        )
     if status == "ERROR":
         fault = (server.fault or {}).get("message") or "Nova reports ERROR without a fault message"
-        return Observation(State.FAILED, reason="ServerError", message=fault.strip(),
-                           reference=reference)
+        return Observation(State.FAILED, reason="ServerError", message=fault.strip(), reference=reference)
     if status in ("SHELVED", "SHELVED_OFFLOADED"):
-        return Observation(State.SUSPENDED, reason="Shelved",
-                           message=f"server {status}, disk kept; unshelve to resume",
-                           reference=reference)
+        return Observation(
+            State.SUSPENDED,
+            reason="Shelved",
+            message=f"server {status}, disk kept; unshelve to resume",
+            reference=reference,
+        )
     if status == "BUILD":
-        return Observation(State.PROVISIONING, reason="ServerBuilding",
-                           message="Nova is building the server", reference=reference)
-    return Observation(State.PROVISIONING, reason="Server" + _camel(status),
-                       message=f"server is {status}", reference=reference)
+        return Observation(
+            State.PROVISIONING, reason="ServerBuilding", message="Nova is building the server", reference=reference
+        )
+    return Observation(
+        State.PROVISIONING, reason="Server" + _camel(status), message=f"server is {status}", reference=reference
+    )
 
 
 def _camel(text: str) -> str:
@@ -180,8 +226,7 @@ def _unreachable_message(cloud: str, error: Exception) -> str:
     """Say which endpoint failed without echoing anything that might hold a secret."""
     match = re.search(r"https?://(?:[^@/\s]*@)?([^/\s]+)", str(error))
     where = f" at {match.group(1)}" if match else ""
-    return (f"OpenStack cloud {cloud!r} unreachable{where} ({type(error).__name__}); "
-            f"will retry")
+    return f"OpenStack cloud {cloud!r} unreachable{where} ({type(error).__name__}); will retry"
 
 
 def _translate_errors(cloud: str, call: Callable[[], T]) -> T:
@@ -191,15 +236,15 @@ def _translate_errors(cloud: str, call: Callable[[], T]) -> T:
 
     try:
         return call()
-    except (ksa.ConnectionError, ksa.DiscoveryFailure, ksa.EndpointNotFound,
-            sdk.ServiceDiscoveryException) as error:
+    except (ksa.ConnectionError, ksa.DiscoveryFailure, ksa.EndpointNotFound, sdk.ServiceDiscoveryException) as error:
         raise BackendUnavailable(_unreachable_message(cloud, error)) from None
     except (ksa.http.HttpError, sdk.HttpException) as error:
         status = getattr(error, "status_code", None) or getattr(error, "http_status", None)
         if status == 401:
             raise BackendUnavailable(
                 f"OpenStack cloud {cloud!r} refused the operator's credentials (401); "
-                f"check the clouds.yaml / application credential") from None
+                f"check the clouds.yaml / application credential"
+            ) from None
         if status in (502, 503, 504):
             raise BackendUnavailable(_unreachable_message(cloud, error)) from None
         raise
@@ -220,7 +265,8 @@ class OpenStackBackend:
         self._connection: Any = None
         self._connection_lock = threading.Lock()
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=settings.openstack.executor_workers, thread_name_prefix="openstack")
+            max_workers=settings.openstack.executor_workers, thread_name_prefix="openstack"
+        )
 
     # -------------------------------------------------------------- plumbing
 
@@ -230,7 +276,8 @@ class OpenStackBackend:
 
         files = [self._settings.openstack.clouds_yaml] if self._settings.openstack.clouds_yaml else None
         region = sdk_config.OpenStackConfig(config_files=files).get_one(
-            cloud=self._cloud, api_timeout=API_TIMEOUT_SECONDS)
+            cloud=self._cloud, api_timeout=API_TIMEOUT_SECONDS
+        )
         return connection.Connection(config=region)
 
     def _compute(self) -> Any:
@@ -253,17 +300,20 @@ class OpenStackBackend:
     def _find_servers(self, environment: Environment) -> list[Any]:
         """Our servers for this environment (oldest first), matched on the uid metadata."""
         compute = self._compute().compute
-        candidates = compute.servers(details=True, name=f"^{re.escape(environment.child_name)}$",
-                                     tags=MANAGED_TAG)
-        servers = [server for server in candidates
-                   if (server.metadata or {}).get(META_UID) == environment.uid]
+        candidates = compute.servers(details=True, name=f"^{re.escape(environment.child_name)}$", tags=MANAGED_TAG)
+        servers = [server for server in candidates if (server.metadata or {}).get(META_UID) == environment.uid]
         return sorted(servers, key=lambda server: server.created_at or "")
 
     def _find_server(self, environment: Environment) -> Any:
         servers = self._find_servers(environment)
         if len(servers) > 1:
-            logger.warning("environment %s/%s has %d servers; using the oldest %s",
-                           environment.namespace, environment.name, len(servers), servers[0].id)
+            logger.warning(
+                "environment %s/%s has %d servers; using the oldest %s",
+                environment.namespace,
+                environment.name,
+                len(servers),
+                servers[0].id,
+            )
         server = servers[0] if servers else None
         if server is not None and server.status == "ERROR" and not server.fault:
             # Nova's list view can leave the fault out; the single-server view has it.
@@ -279,9 +329,14 @@ class OpenStackBackend:
             network = connection.network.find_network(request["network"], ignore_missing=False)
             networks = [{"uuid": network.id}]
         arguments = dict(
-            name=request["name"], flavor_id=nova_flavor.id, image_id=image.id, networks=networks,
-            metadata=request["metadata"], tags=request["tags"],
-            user_data=base64.b64encode(request["user_data"].encode()).decode())
+            name=request["name"],
+            flavor_id=nova_flavor.id,
+            image_id=image.id,
+            networks=networks,
+            metadata=request["metadata"],
+            tags=request["tags"],
+            user_data=base64.b64encode(request["user_data"].encode()).decode(),
+        )
         if request["key_name"]:
             arguments["key_name"] = request["key_name"]
         return connection.compute.create_server(**arguments)
@@ -295,10 +350,8 @@ class OpenStackBackend:
                 created = self._create_server(request)
             except (sdk.NotFoundException, sdk.BadRequestException, sdk.ForbiddenException) as error:
                 # A missing flavor/image/network or a quota refusal will not fix itself.
-                return Observation(State.FAILED, reason="ServerRequestRefused",
-                                   message=_first_line(error))
-            logger.info("created server %s for %s/%s", created.id,
-                        environment.namespace, environment.name)
+                return Observation(State.FAILED, reason="ServerRequestRefused", message=_first_line(error))
+            logger.info("created server %s for %s/%s", created.id, environment.namespace, environment.name)
             server = self._compute().compute.get_server(created.id)
         return observe_server(server)
 
@@ -315,11 +368,9 @@ class OpenStackBackend:
         if server is None:
             return observe_server(None)
         compute = self._compute().compute
-        if shelve and server.status in ("ACTIVE", "SHUTOFF", "PAUSED", "SUSPENDED") \
-                and not server.task_state:
+        if shelve and server.status in ("ACTIVE", "SHUTOFF", "PAUSED", "SUSPENDED") and not server.task_state:
             compute.shelve_server(server.id)
-        elif not shelve and server.status in ("SHELVED", "SHELVED_OFFLOADED") \
-                and not server.task_state:
+        elif not shelve and server.status in ("SHELVED", "SHELVED_OFFLOADED") and not server.task_state:
             compute.unshelve_server(server.id)
         return observe_server(compute.get_server(server.id))
 
@@ -329,9 +380,14 @@ class OpenStackBackend:
             metadata = server.metadata or {}
             if metadata.get(META_MANAGED_BY) != MANAGER:
                 continue
-            managed.append(ManagedObject(namespace=metadata.get(META_NAMESPACE, ""),
-                                         name=metadata.get(META_NAME, ""),
-                                         uid=metadata.get(META_UID, ""), backend_id=server.id))
+            managed.append(
+                ManagedObject(
+                    namespace=metadata.get(META_NAMESPACE, ""),
+                    name=metadata.get(META_NAME, ""),
+                    uid=metadata.get(META_UID, ""),
+                    backend_id=server.id,
+                )
+            )
         return managed
 
     # ------------------------------------------------------ the Backend API
@@ -346,8 +402,9 @@ class OpenStackBackend:
 
     async def ensure(self, launch: Launch) -> Observation:
         """Adopt the environment's server or create it; an ERROR server is reported, not replaced."""
-        request = build_server_request(launch.environment, launch.flavor, launch.token, self._settings,
-                                       launch.mounts, launch.identity)
+        request = build_server_request(
+            launch.environment, launch.flavor, launch.token, self._settings, launch.mounts, launch.identity
+        )
         return await self._run(self._ensure_blocking, launch.environment, request)
 
     async def observe(self, environment: Environment) -> Observation:

@@ -19,6 +19,7 @@ slurmrestd 22.05 (v0.0.38) cannot set admin_comment ("Unknown key"), so no
 field is both admin-only and settable; Slurm >= 23.02 could carry the identity there.
 The REST client is backends/slurm_rest.py, the credentials backends/slurm_auth.py.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -55,28 +56,50 @@ _GPU_DETAIL = re.compile(r"^gpu(?::[^:(]+)?:(\d+)")
 _TOKEN_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # Slurm job states that still hold, or will hold, resources on the cluster.
-ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED",
-                           "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING",
-                           "STAGE_OUT", "SPECIAL_EXIT", "RESV_DEL_HOLD", "POWER_UP_NODE"})
-_WAITING_STATES = frozenset({"PENDING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-                             "SPECIAL_EXIT", "RESV_DEL_HOLD"})
+ACTIVE_STATES = frozenset(
+    {
+        "PENDING",
+        "CONFIGURING",
+        "RUNNING",
+        "COMPLETING",
+        "SUSPENDED",
+        "REQUEUED",
+        "REQUEUE_HOLD",
+        "REQUEUE_FED",
+        "RESIZING",
+        "SIGNALING",
+        "STAGE_OUT",
+        "SPECIAL_EXIT",
+        "RESV_DEL_HOLD",
+        "POWER_UP_NODE",
+    }
+)
+_WAITING_STATES = frozenset(
+    {"PENDING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SPECIAL_EXIT", "RESV_DEL_HOLD"}
+)
 
 
 # ---------------------------------------------------------------- pure builders
 
 
-def build_account_mismatch(job: Mapping[str, Any], account: str,
-                           identity: PosixIdentity | None) -> tuple[str, str] | None:
+def build_account_mismatch(
+    job: Mapping[str, Any], account: str, identity: PosixIdentity | None
+) -> tuple[str, str] | None:
     """(reason, message) when the submitted job does not run as the account and uid decided (pure).
 
     slurmctld accepts a token for a name it cannot resolve and runs the job as nobody; and a
     cluster whose uid for the name differs from the directory's would apply other permissions."""
     if job.get("user_name") != account:
-        return ("UnknownUnixAccount", f"the Slurm cluster does not know the Unix account {account!r} "
-                                      f"(the job ran as {job.get('user_name')!r})")
+        return (
+            "UnknownUnixAccount",
+            f"the Slurm cluster does not know the Unix account {account!r} (the job ran as {job.get('user_name')!r})",
+        )
     if identity is not None and job.get("user_id") is not None and int(job["user_id"]) != identity.uid:
-        return ("UnixAccountMismatch", f"the Slurm cluster's {account!r} has uid {job['user_id']}, the facility's "
-                                       f"directory says {identity.uid}: ask IT to align the two")
+        return (
+            "UnixAccountMismatch",
+            f"the Slurm cluster's {account!r} has uid {job['user_id']}, the facility's "
+            f"directory says {identity.uid}: ask IT to align the two",
+        )
     return None
 
 
@@ -88,8 +111,7 @@ def build_endpoint(job: Mapping[str, Any], port: int, settings: SlurmSettings) -
     return f"{node}.{settings.node_domain}:{port}" if settings.node_domain else f"{node}:{port}"
 
 
-def build_time_limit_extension(job: Mapping[str, Any], until: datetime.datetime,
-                               now: datetime.datetime) -> int | None:
+def build_time_limit_extension(job: Mapping[str, Any], until: datetime.datetime, now: datetime.datetime) -> int | None:
     """The time limit (minutes) that lets an active job run until `until`, if higher than its own (pure).
 
     A running job ends at start + limit; a pending one gets its limit from when it starts, so
@@ -97,15 +119,19 @@ def build_time_limit_extension(job: Mapping[str, Any], until: datetime.datetime,
     if job.get("job_state") not in ACTIVE_STATES:
         return None
     start = int(job.get("start_time") or 0)
-    since = (datetime.datetime.fromtimestamp(start, datetime.UTC)
-             if job.get("job_state") not in _WAITING_STATES and start > 0 else now)
+    since = (
+        datetime.datetime.fromtimestamp(start, datetime.UTC)
+        if job.get("job_state") not in _WAITING_STATES and start > 0
+        else now
+    )
     needed = math.ceil((until - since).total_seconds() / 60)
     current = int(job.get("time_limit") or 0)
     return needed if current and needed > current else None
 
 
-def build_time_limit_minutes(environment: Environment, flavor: Flavor,
-                             remaining: datetime.timedelta | None = None) -> int:
+def build_time_limit_minutes(
+    environment: Environment, flavor: Flavor, remaining: datetime.timedelta | None = None
+) -> int:
     """The shortest of the flavor's limit, the lifetime asked for and what is left of it."""
     limits = [flavor.max_lifetime]
     if flavor.slurm.time_limit_minutes:
@@ -120,12 +146,15 @@ def build_time_limit_minutes(environment: Environment, flavor: Flavor,
 def build_data_directory(environment: Environment, settings: SlurmSettings, user: str = "") -> str:
     """Where the job finds its datasets: one directory per environment, next to its output,
     in its owner's working directory (mode 0700: no other user reads the links)."""
-    return f"{build_working_directory(settings, user or settings.user)}/" \
-           f"{environment.namespace}.{environment.child_name}.data"
+    return (
+        f"{build_working_directory(settings, user or settings.user)}/"
+        f"{environment.namespace}.{environment.child_name}.data"
+    )
 
 
-def build_dataset_environment(environment: Environment, settings: SlurmSettings,
-                              mounts: Sequence[Mount], user: str = "") -> dict[str, str]:
+def build_dataset_environment(
+    environment: Environment, settings: SlurmSettings, mounts: Sequence[Mount], user: str = ""
+) -> dict[str, str]:
     """The granted datasets as job environment variables; the batch script links each
     AENV_DATASET_<i>_PATH (the data as the cluster sees it) to $AENV_DATA_DIR/<LINK>,
     LINK being the mount path below /data. Variables, not script text, so no
@@ -133,8 +162,10 @@ def build_dataset_environment(environment: Environment, settings: SlurmSettings,
     system's own permissions (the facility's ACLs); the job sees only what is listed."""
     if not mounts:
         return {}
-    variables = {"AENV_DATA_DIR": build_data_directory(environment, settings, user),
-                 "AENV_DATASET_COUNT": str(len(mounts))}
+    variables = {
+        "AENV_DATA_DIR": build_data_directory(environment, settings, user),
+        "AENV_DATASET_COUNT": str(len(mounts)),
+    }
     for index, mount in enumerate(mounts):
         variables[f"AENV_DATASET_{index}_PATH"] = mount.dataset.storage.path
         variables[f"AENV_DATASET_{index}_LINK"] = mount.path.removeprefix(DATA_ROOT + "/")
@@ -142,9 +173,16 @@ def build_dataset_environment(environment: Environment, settings: SlurmSettings,
     return variables
 
 
-def build_job_submission(environment: Environment, flavor: Flavor, settings: SlurmSettings,
-                         remaining: datetime.timedelta | None = None, mounts: Sequence[Mount] = (),
-                         user: str = "", key: bytes | None = None, nonce: str = "") -> dict[str, Any]:
+def build_job_submission(
+    environment: Environment,
+    flavor: Flavor,
+    settings: SlurmSettings,
+    remaining: datetime.timedelta | None = None,
+    mounts: Sequence[Mount] = (),
+    user: str = "",
+    key: bytes | None = None,
+    nonce: str = "",
+) -> dict[str, Any]:
     """The `job` part of a v0.0.38 submit request for `user` (default: the operator's account),
     without the token; `key` signs the identity and, with the job's `nonce`, keys the port."""
     user = user or settings.user
@@ -159,12 +197,19 @@ def build_job_submission(environment: Environment, flavor: Flavor, settings: Slu
         "memory_per_node": max(1, resources.memory_mib),
         "time_limit": build_time_limit_minutes(environment, flavor, remaining),
         # A full environment replaces the submitter's: only what the script needs.
-        "environment": {"PATH": JOB_PATH, "LANG": "C.UTF-8",
-                        "JUPYTER_PORT": str(build_jupyter_port(environment, settings, key, nonce)),
-                        **build_dataset_environment(environment, settings, mounts, user)},
+        "environment": {
+            "PATH": JOB_PATH,
+            "LANG": "C.UTF-8",
+            "JUPYTER_PORT": str(build_jupyter_port(environment, settings, key, nonce)),
+            **build_dataset_environment(environment, settings, mounts, user),
+        },
     }
-    optional = {"partition": flavor.slurm.partition, "account": flavor.slurm.account,
-                "qos": flavor.slurm.qos, "gres": f"gpu:{resources.gpu}" if resources.gpu else ""}
+    optional = {
+        "partition": flavor.slurm.partition,
+        "account": flavor.slurm.account,
+        "qos": flavor.slurm.qos,
+        "gres": f"gpu:{resources.gpu}" if resources.gpu else "",
+    }
     job.update({key: value for key, value in optional.items() if value})
     return job
 
@@ -181,14 +226,18 @@ def build_jupyter_command(settings: SlurmSettings) -> str:
     return command
 
 
-def build_batch_script(environment: Environment, flavor: Flavor, token_env_name: str,
-                       settings: SlurmSettings, templates_dir: str = "") -> str:
+def build_batch_script(
+    environment: Environment, flavor: Flavor, token_env_name: str, settings: SlurmSettings, templates_dir: str = ""
+) -> str:
     if not _TOKEN_VARIABLE.match(token_env_name):
         raise ValueError(f"token_env_name {token_env_name!r} is not a shell variable name")
-    return render_text(templates_dir, "sbatch.sh.j2",
-                       token_env_name=token_env_name,
-                       modules=list(flavor.slurm.modules),
-                       jupyter_command=build_jupyter_command(settings))
+    return render_text(
+        templates_dir,
+        "sbatch.sh.j2",
+        token_env_name=token_env_name,
+        modules=list(flavor.slurm.modules),
+        jupyter_command=build_jupyter_command(settings),
+    )
 
 
 def allocated_gpus(job: Mapping[str, Any]) -> int:
@@ -204,8 +253,9 @@ def _camel(state: str) -> str:
     return "".join(part.capitalize() for part in state.split("_"))
 
 
-def build_observation(job: Mapping[str, Any], endpoint_answers: bool, endpoint: str = "",
-                      suspended: bool = False) -> Observation:
+def build_observation(
+    job: Mapping[str, Any], endpoint_answers: bool, endpoint: str = "", suspended: bool = False
+) -> Observation:
     """What a Slurm job means for the environment (pure: the endpoint and the probe's result are
     passed in; `suspended`: the operator cancelled it for spec.suspend)."""
     state = str(job.get("job_state", "UNKNOWN"))
@@ -214,23 +264,41 @@ def build_observation(job: Mapping[str, Any], endpoint_answers: bool, endpoint: 
     reference = {"id": job_id, "state": state, "node": job.get("nodes") or ""}
     if state in _WAITING_STATES:
         reason = slurm_reason if slurm_reason != "None" else "Queued"
-        return Observation(State.PENDING, reason=reason, reference=reference,
-                           message=f"Slurm job {job_id} is {state.lower()}: {reason}")
+        return Observation(
+            State.PENDING,
+            reason=reason,
+            reference=reference,
+            message=f"Slurm job {job_id} is {state.lower()}: {reason}",
+        )
     if state in ACTIVE_STATES:
         cpus, gpus = float(job.get("cpus") or 0), allocated_gpus(job)
         if int(job.get("start_time") or 0) > 0:
-            reference["startedAt"] = format_time(
-                datetime.datetime.fromtimestamp(int(job["start_time"]), datetime.UTC))
+            reference["startedAt"] = format_time(datetime.datetime.fromtimestamp(int(job["start_time"]), datetime.UTC))
         if state == "RUNNING" and endpoint and endpoint_answers:
-            return Observation(State.READY, reason="JupyterAnswering", reference=reference,
-                               url=f"http://{endpoint}/", cpus=cpus, gpus=gpus,
-                               message=f"JupyterLab answers in Slurm job {job_id}")
-        return Observation(State.PROVISIONING, reason="JupyterStarting", reference=reference,
-                           cpus=cpus, gpus=gpus, message=f"Slurm job {job_id} is {state.lower()}, "
-                                           "JupyterLab is not answering yet")
+            return Observation(
+                State.READY,
+                reason="JupyterAnswering",
+                reference=reference,
+                url=f"http://{endpoint}/",
+                cpus=cpus,
+                gpus=gpus,
+                message=f"JupyterLab answers in Slurm job {job_id}",
+            )
+        return Observation(
+            State.PROVISIONING,
+            reason="JupyterStarting",
+            reference=reference,
+            cpus=cpus,
+            gpus=gpus,
+            message=f"Slurm job {job_id} is {state.lower()}, JupyterLab is not answering yet",
+        )
     if suspended and state == "CANCELLED":
-        return Observation(State.SUSPENDED, reason="Suspended", reference=reference,
-                           message=f"Slurm job {job_id} was cancelled for the suspend; resuming submits a new one")
+        return Observation(
+            State.SUSPENDED,
+            reason="Suspended",
+            reference=reference,
+            message=f"Slurm job {job_id} was cancelled for the suspend; resuming submits a new one",
+        )
     detail = f"Slurm job {job_id} ended {state} (reason {slurm_reason}, exit code {job.get('exit_code')})"
     if state == "TIMEOUT":
         return Observation(State.EXPIRED, reason="TimeLimit", reference=reference, message=detail)
@@ -333,8 +401,9 @@ class SlurmBackend:
             self._suspended.discard(environment.uid)
         return gone
 
-    async def extend(self, environment: Environment, until: datetime.datetime,
-                     now: datetime.datetime | None = None) -> bool:
+    async def extend(
+        self, environment: Environment, until: datetime.datetime, now: datetime.datetime | None = None
+    ) -> bool:
         """Raise the active job's time limit so that it runs until `until` (an approved lifetime
         extension), as the operator: a job's owner can only lower it. True if it was raised.
 
@@ -392,29 +461,42 @@ class SlurmBackend:
         except ValueError as error:
             return Observation(State.FAILED, reason="NoUnixAccount", message=f"cannot run on Slurm: {error}")
         key = self._key()
-        job = build_job_submission(environment, flavor, self.settings, mounts=launch.mounts, user=account, key=key,
-                                   nonce=secrets.token_hex(4))
+        job = build_job_submission(
+            environment, flavor, self.settings, mounts=launch.mounts, user=account, key=key, nonce=secrets.token_hex(4)
+        )
         job["environment"][TOKEN_ENV_NAME] = launch.token
         script = build_batch_script(environment, flavor, TOKEN_ENV_NAME, self.settings, self.templates_dir)
         try:
             job_id = await self.client.submit(job, script, user=account)
         except SlurmRequestRefused as refusal:
-            return Observation(State.FAILED, reason="SubmissionRefused",
-                               message=f"Slurm refused the job for flavor {flavor.name} as {account}: {refusal}")
+            return Observation(
+                State.FAILED,
+                reason="SubmissionRefused",
+                message=f"Slurm refused the job for flavor {flavor.name} as {account}: {refusal}",
+            )
         submitted = await self.client.job(job_id) or {"job_id": job_id, "user_name": account}
         self._track(environment, submitted, account)
         self._suspended.discard(environment.uid)
         mismatch = build_account_mismatch(submitted, account, launch.identity)
         if mismatch is not None:
             await self.client.cancel(job_id)
-            return Observation(State.FAILED, reason=mismatch[0], reference={"id": job_id},
-                               message=f"{mismatch[1]}; Slurm job {job_id} was cancelled")
-        return Observation(State.PENDING, reason="Submitted", reference={"id": job_id},
-                           message=f"submitted Slurm job {job_id} as {account}")
+            return Observation(
+                State.FAILED,
+                reason=mismatch[0],
+                reference={"id": job_id},
+                message=f"{mismatch[1]}; Slurm job {job_id} was cancelled",
+            )
+        return Observation(
+            State.PENDING,
+            reason="Submitted",
+            reference={"id": job_id},
+            message=f"submitted Slurm job {job_id} as {account}",
+        )
 
     def _track(self, environment: Environment, job: Mapping[str, Any], user: str = "") -> None:
-        self._tracked[environment.uid] = _Tracked(str(job["job_id"]), user or str(job.get("user_name") or ""),
-                                                  environment.namespace, environment.name, job)
+        self._tracked[environment.uid] = _Tracked(
+            str(job["job_id"]), user or str(job.get("user_name") or ""), environment.namespace, environment.name, job
+        )
 
     async def _tracked_job(self, environment: Environment) -> dict[str, Any] | None:
         """The job recorded for the environment, if Slurm still has it for the same user."""

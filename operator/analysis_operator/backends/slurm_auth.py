@@ -39,9 +39,12 @@ from analysis_operator.settings import SlurmSettings
 IDENTITY_MARKER = "analysis-operator/v1"
 _IDENTITY = re.compile(
     re.escape(IDENTITY_MARKER) + r" namespace=(?P<namespace>\S+) name=(?P<name>\S+) uid=(?P<uid>\S+)"
-    r"(?: user=(?P<user>\S+) sig=(?P<sig>[0-9a-f]{32}))?")
-_OUTPUT = re.compile(r"/(?P<namespace>[a-z0-9-]+)\.aenv-(?P<name>[a-z0-9.-]+)\.(?P<uid>[0-9a-f-]{36})"
-                     r"(?:\.(?P<nonce>[0-9a-f]{1,32}))?\.%j\.out$")
+    r"(?: user=(?P<user>\S+) sig=(?P<sig>[0-9a-f]{32}))?"
+)
+_OUTPUT = re.compile(
+    r"/(?P<namespace>[a-z0-9-]+)\.aenv-(?P<name>[a-z0-9.-]+)\.(?P<uid>[0-9a-f-]{36})"
+    r"(?:\.(?P<nonce>[0-9a-f]{1,32}))?\.%j\.out$"
+)
 _ACCOUNT = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 
 
@@ -87,7 +90,8 @@ class SlurmCredentials:
         except OSError as error:
             raise BackendUnavailable(
                 f"cannot read the Slurm JWT key {self.settings.jwt_key_file}: {error.strerror}; the operator "
-                "needs read access to the key slurmctld has in AuthAltParameters=jwt_key") from None
+                "needs read access to the key slurmctld has in AuthAltParameters=jwt_key"
+            ) from None
         if not key:
             raise BackendUnavailable(f"the Slurm JWT key file {self.settings.jwt_key_file} is empty")
         return key
@@ -110,7 +114,8 @@ class SlurmCredentials:
                 token = token_file.read().strip()
         except OSError as error:
             raise BackendUnavailable(
-                f"cannot read the Slurm token file {self.settings.token_file}: {error.strerror}") from None
+                f"cannot read the Slurm token file {self.settings.token_file}: {error.strerror}"
+            ) from None
         return {"X-SLURM-USER-NAME": user, "X-SLURM-USER-TOKEN": token.removeprefix("SLURM_JWT=")}
 
 
@@ -154,8 +159,10 @@ def build_output_path(environment: Environment, settings: SlurmSettings, user: s
     """Where the job's output goes; it also names the environment and the job's nonce (which keys
     its port), and Slurm lets nobody change it once the job runs."""
     suffix = f".{nonce}" if nonce else ""
-    return (f"{build_working_directory(settings, user)}/"
-            f"{environment.namespace}.{environment.child_name}.{environment.uid}{suffix}.%j.out")
+    return (
+        f"{build_working_directory(settings, user)}/"
+        f"{environment.namespace}.{environment.child_name}.{environment.uid}{suffix}.%j.out"
+    )
 
 
 def job_nonce(job: Mapping[str, Any]) -> str:
@@ -175,25 +182,35 @@ def job_identity(job: Mapping[str, Any], settings: SlurmSettings, key: bytes | N
     identity = parse_identity(str(job.get("comment") or ""))
     if key is None:
         return identity
-    if identity and identity.get("user") == user and identity.get("sig") == sign(
-            key, identity["namespace"], identity["name"], identity["uid"], user):
+    if (
+        identity
+        and identity.get("user") == user
+        and identity.get("sig") == sign(key, identity["namespace"], identity["name"], identity["uid"], user)
+    ):
         return identity
     output = str(job.get("standard_output") or "")
     match = _OUTPUT.search(output)
-    if match and "{user}" in settings.working_directory and output.startswith(
-            build_working_directory(settings, user) + "/"):
+    if (
+        match
+        and "{user}" in settings.working_directory
+        and output.startswith(build_working_directory(settings, user) + "/")
+    ):
         return {"namespace": match["namespace"], "name": match["name"], "uid": match["uid"], "user": user}
     return None
 
 
-def build_jupyter_port(environment: Environment, settings: SlurmSettings, key: bytes | None = None,
-                       nonce: str = "") -> int:
+def build_jupyter_port(
+    environment: Environment, settings: SlurmSettings, key: bytes | None = None, nonce: str = ""
+) -> int:
     """The port JupyterLab listens on, from the environment and the job's nonce (pure).
 
     Keyed with the JWT key when there is one, so that no other user can predict it and bind it
     before JupyterLab does; a new nonce for each job, so that a port seen while one job ran
     says nothing about the next (a resumed environment's job)."""
-    digest = (hashlib.sha256(f"{environment.uid}.{nonce}".encode()).digest() if key is None
-              else sign(key, "port", environment.uid, nonce).encode())
+    digest = (
+        hashlib.sha256(f"{environment.uid}.{nonce}".encode()).digest()
+        if key is None
+        else sign(key, "port", environment.uid, nonce).encode()
+    )
     span = max(1, settings.port_max - settings.port_min + 1)
     return settings.port_min + int.from_bytes(hashlib.sha256(digest).digest()[:8], "big") % span

@@ -58,11 +58,13 @@ class SlurmRestClient:
         except (aiohttp.ClientError, TimeoutError) as error:
             raise BackendUnavailable(
                 f"slurmrestd at {self.settings.url} is unreachable ({type(error).__name__}); "
-                "will retry: check that slurmrestd runs and the URL is right") from None
+                "will retry: check that slurmrestd runs and the URL is right"
+            ) from None
         except ValueError:
             raise BackendUnavailable(
                 f"{self.settings.url} answered {method} {path} with something that is not JSON: "
-                "is it slurmrestd, and is api_version right?") from None
+                "is it slurmrestd, and is api_version right?"
+            ) from None
         errors = [error for error in (body or {}).get("errors") or () if error]
         if status < 400 and not errors:
             answer: dict[str, Any] = body
@@ -73,7 +75,8 @@ class SlurmRestClient:
         where = self.settings.jwt_key_file or self.settings.token_file
         raise BackendUnavailable(
             f"slurmrestd at {self.settings.url} could not serve {method} {path} for user "
-            f"{headers['X-SLURM-USER-NAME']} ({refusal}); check slurmctld and the key or token in {where}")
+            f"{headers['X-SLURM-USER-NAME']} ({refusal}); check slurmctld and the key or token in {where}"
+        )
 
     async def ping(self) -> None:
         await self.request("GET", "ping")

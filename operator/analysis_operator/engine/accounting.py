@@ -35,8 +35,14 @@ def _charges_allocation(record: EnvironmentRecord, flavors: Index, backends: Map
     return backend is not None and backend.charging is Charging.ALLOCATION
 
 
-def plan_tick(budget: Budget, environments: Index, flavors: Index, backends: Mapping[str, Backend],
-              moment: datetime.datetime, warning_percent: float) -> Charge | None:
+def plan_tick(
+    budget: Budget,
+    environments: Index,
+    flavors: Index,
+    backends: Mapping[str, Backend],
+    moment: datetime.datetime,
+    warning_percent: float,
+) -> Charge | None:
     """The charge for one tick (pure over the indexes it reads); None when an idle budget needs no write."""
     ended: dict[str, datetime.datetime | None] = {}
     paused: list[str] = []
@@ -53,8 +59,11 @@ def plan_tick(budget: Budget, environments: Index, flavors: Index, backends: Map
             # Charged for what Slurm allocated / the server holds, only while it holds it.
             backend = record.status.get("backend") or {}
             if "allocatedCpus" in backend:
-                held[uid] = Held(float(backend["allocatedCpus"]), int(backend.get("allocatedGpus") or 0),
-                                 parse_time(backend.get("startedAt")))
+                held[uid] = Held(
+                    float(backend["allocatedCpus"]),
+                    int(backend.get("allocatedGpus") or 0),
+                    parse_time(backend.get("startedAt")),
+                )
             else:
                 paused.append(uid)
     result = charge(budget, ended, moment, warning_percent, paused, held)
@@ -88,8 +97,11 @@ async def charge_budget(gate: BudgetGate, reconciler: Reconciler, name: str, mom
     result: Charge | None = await gate.ledger.update(name, decide, lambda result: result.status if result else None)
     if result is None:
         return
-    budget_reference = {"apiVersion": API_VERSION, "kind": "ComputeBudget",
-                        "metadata": {"name": name, "namespace": "default"}}
+    budget_reference = {
+        "apiVersion": API_VERSION,
+        "kind": "ComputeBudget",
+        "metadata": {"name": name, "namespace": "default"},
+    }
     for type_, reason, message in result.events:
         await post_event(context.kube, budget_reference, type_, reason, message)
     for uid in result.stop:
@@ -98,8 +110,20 @@ async def charge_budget(gate: BudgetGate, reconciler: Reconciler, name: str, mom
         if record is None or record.environment.uid != uid or _not_running(record):
             continue
         environment = record.environment
-        outcome = await stop(context, environment, first(flavors, environment.flavor), record.status,
-                             Phase.BUDGET_EXHAUSTED, "BudgetExhausted", result.reason, moment)
+        outcome = await stop(
+            context,
+            environment,
+            first(flavors, environment.flavor),
+            record.status,
+            Phase.BUDGET_EXHAUSTED,
+            "BudgetExhausted",
+            result.reason,
+            moment,
+        )
         await apply(context, environment, outcome)
-        log.warning("budget.environment_stopped", budget=name,
-                    environment=f"{environment.namespace}/{environment.name}", reason=result.reason)
+        log.warning(
+            "budget.environment_stopped",
+            budget=name,
+            environment=f"{environment.namespace}/{environment.name}",
+            reason=result.reason,
+        )

@@ -38,8 +38,9 @@ class BudgetGate:
     # budget name -> (namespace, name) -> (GPUs, hold deadline on the monotonic clock)
     admitted: dict[str, dict[tuple[str, str], tuple[int, float]]] = field(default_factory=dict)
 
-    async def check(self, environment: Environment, flavor: Flavor, status: Mapping[str, Any],
-                    now: datetime.datetime) -> Refusal | None:
+    async def check(
+        self, environment: Environment, flavor: Flavor, status: Mapping[str, Any], now: datetime.datetime
+    ) -> Refusal | None:
         if not self.settings.enabled:
             return None
         selected = self.ledger.views.select(environment.owner, environment.budget)
@@ -51,13 +52,25 @@ class BudgetGate:
         result = await self.ledger.update(selected.name, lambda budget: reserve(budget, environment, flavor, now))
         if isinstance(result, Refusal):
             metrics.ADMISSION_REFUSALS.labels(reason=result.reason, stage="reconcile").inc()
-            log.info("budget.refused", environment=f"{environment.namespace}/{environment.name}",
-                     budget=selected.name, reason=result.reason)
+            log.info(
+                "budget.refused",
+                environment=f"{environment.namespace}/{environment.name}",
+                budget=selected.name,
+                reason=result.reason,
+            )
             return result
         return None
 
-    def admit(self, namespace: str, name: str, owner: str, budget_name: str, flavor: Flavor,
-              environments: Index, now: datetime.datetime) -> Refusal | None:
+    def admit(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        budget_name: str,
+        flavor: Flavor,
+        environments: Index,
+        now: datetime.datetime,
+    ) -> Refusal | None:
         """The admission decision for a create; admitted creates hold their slot in memory for a while.
         No await in here: the count and the hold are one step for the event loop."""
         if not self.settings.enabled or not self.settings.check_at_admission:
@@ -69,7 +82,9 @@ class BudgetGate:
         refusal = admission_refusal(selected, flavor, holding, gpus, now)
         if refusal is None:
             self.admitted[selected.name][(namespace, name)] = (
-                flavor.resources.gpu, time.monotonic() + self.settings.admission_hold_seconds)
+                flavor.resources.gpu,
+                time.monotonic() + self.settings.admission_hold_seconds,
+            )
         return refusal
 
     def _holding(self, budget: Budget, environments: Index, moment: float) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import asyncio
 import datetime
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
@@ -25,8 +25,16 @@ from analysis_operator.engine.terms import build_terms, effective_flavor
 from analysis_operator.engine.tokens import delete_token, ensure_token
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.model.conditions import build_condition, build_transition, merge_conditions
-from analysis_operator.model.domain import Environment, Flavor, Mount, Phase, format_time, is_terminal, \
-    parse_duration, parse_time
+from analysis_operator.model.domain import (
+    Environment,
+    Flavor,
+    Mount,
+    Phase,
+    format_time,
+    is_terminal,
+    parse_duration,
+    parse_time,
+)
 from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.policy.access import Reach
 from analysis_operator.policy.refusal import Refusal
@@ -60,7 +68,11 @@ class Access(Protocol):
     per pass and handed to the backend, or why not."""
 
     async def grant(
-        self, environment: Environment, flavor: Flavor, reach: Reach, status: Mapping[str, Any],
+        self,
+        environment: Environment,
+        flavor: Flavor,
+        reach: Reach,
+        status: Mapping[str, Any],
         now: datetime.datetime,
     ) -> Refusal | tuple[Mount, ...]: ...
 
@@ -85,7 +97,11 @@ class NoDatasets:
     """For operators and tests without a data catalogue: nothing is ever mounted."""
 
     async def grant(
-        self, environment: Environment, flavor: Flavor, reach: Reach, status: Mapping[str, Any],
+        self,
+        environment: Environment,
+        flavor: Flavor,
+        reach: Reach,
+        status: Mapping[str, Any],
         now: datetime.datetime,
     ) -> Refusal | tuple[Mount, ...]:
         if environment.datasets:
@@ -100,31 +116,54 @@ class NoDatasets:
 class Context:
     kube: KubeClient
     backends: Mapping[str, Backend]
-    access: Access = NoDatasets()
+    access: Access = field(default_factory=NoDatasets)
     gates: tuple[Gate, ...] = ()
-    identities: Identities = NoIdentities()
+    identities: Identities = field(default_factory=NoIdentities)
 
 
-def _transition(environment: Environment, status: Mapping[str, Any], phase: Phase, reason: str,
-                message: str, now: datetime.datetime, **fields: Any) -> Outcome:
-    patch = build_transition(status, phase=phase, reason=reason, message=message,
-                             generation=environment.generation, now=now, **fields)
+def _transition(
+    environment: Environment,
+    status: Mapping[str, Any],
+    phase: Phase,
+    reason: str,
+    message: str,
+    now: datetime.datetime,
+    **fields: Any,
+) -> Outcome:
+    patch = build_transition(
+        status, phase=phase, reason=reason, message=message, generation=environment.generation, now=now, **fields
+    )
     event = None
     if patch is not None and status.get("phase") != phase.value:
         event = ("Warning" if phase in WARNING_PHASES else "Normal", reason, message)
-        log.info("environment.transition", environment=f"{environment.namespace}/{environment.name}",
-                 owner=environment.owner, phase=phase.value, previous=status.get("phase"), reason=reason)
+        log.info(
+            "environment.transition",
+            environment=f"{environment.namespace}/{environment.name}",
+            owner=environment.owner,
+            phase=phase.value,
+            previous=status.get("phase"),
+            reason=reason,
+        )
     return Outcome(status=patch, event=event)
 
 
-def _waiting(environment: Environment, status: Mapping[str, Any], reason: str, message: str,
-             now: datetime.datetime, delay: float) -> Outcome:
+def _waiting(
+    environment: Environment, status: Mapping[str, Any], reason: str, message: str, now: datetime.datetime, delay: float
+) -> Outcome:
     outcome = _transition(environment, status, Phase.PENDING, reason, message, now)
     return Outcome(outcome.status, outcome.event, retry_after=delay, message=message)
 
 
-async def stop(context: Context, environment: Environment, flavor: Flavor | None, status: Mapping[str, Any],
-               phase: Phase, reason: str, message: str, now: datetime.datetime) -> Outcome:
+async def stop(
+    context: Context,
+    environment: Environment,
+    flavor: Flavor | None,
+    status: Mapping[str, Any],
+    phase: Phase,
+    reason: str,
+    message: str,
+    now: datetime.datetime,
+) -> Outcome:
     """End the environment for good: remove what runs and the token; keep the object as the record."""
     # The flavor may be gone by now: then the backend that status says runs it.
     kind = flavor.backend if flavor is not None else (status.get("backend") or {}).get("kind", "")
@@ -132,16 +171,26 @@ async def stop(context: Context, environment: Environment, flavor: Flavor | None
     if backend is not None:
         await backend.delete(environment)
     await delete_token(context.kube, environment)
-    return _transition(environment, status, phase, reason, message, now,
-                       stoppedAt=status.get("stoppedAt") or format_time(now), connection=None)
+    return _transition(
+        environment,
+        status,
+        phase,
+        reason,
+        message,
+        now,
+        stoppedAt=status.get("stoppedAt") or format_time(now),
+        connection=None,
+    )
 
 
-def expiry(environment: Environment, flavor: Flavor, status: Mapping[str, Any],
-           now: datetime.datetime) -> tuple[datetime.datetime, datetime.datetime]:
+def expiry(
+    environment: Environment, flavor: Flavor, status: Mapping[str, Any], now: datetime.datetime
+) -> tuple[datetime.datetime, datetime.datetime]:
     started_at = parse_time(status.get("startedAt")) or now
     # Approved lifetime BudgetRequests, keyed by request uid so each counts once (handlers/requests.py).
-    extended = sum((parse_duration(extra) for extra in (status.get("lifetimeExtensions") or {}).values()),
-                   datetime.timedelta())
+    extended = sum(
+        (parse_duration(extra) for extra in (status.get("lifetimeExtensions") or {}).values()), datetime.timedelta()
+    )
     lifetime = flavor.max_lifetime if environment.lifetime is None else environment.lifetime  # 0s is not "none"
     return started_at, started_at + lifetime + extended
 
@@ -152,8 +201,9 @@ def expiry(environment: Environment, flavor: Flavor, status: Mapping[str, Any],
 _CONVERGING: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
 
-async def converge(context: Context, environment: Environment, status: Mapping[str, Any],
-                   flavor: Flavor | None, now: datetime.datetime) -> Outcome:
+async def converge(
+    context: Context, environment: Environment, status: Mapping[str, Any], flavor: Flavor | None, now: datetime.datetime
+) -> Outcome:
     lock = _CONVERGING.get(environment.uid)
     if lock is None:
         lock = _CONVERGING[environment.uid] = asyncio.Lock()
@@ -166,58 +216,99 @@ async def converge(context: Context, environment: Environment, status: Mapping[s
             return _unreachable(environment, status, flavor, str(error), now)
 
 
-async def _converge(context: Context, environment: Environment, status: Mapping[str, Any],
-                    flavor: Flavor | None, now: datetime.datetime) -> Outcome:
+async def _converge(
+    context: Context, environment: Environment, status: Mapping[str, Any], flavor: Flavor | None, now: datetime.datetime
+) -> Outcome:
     if environment.deleting or is_terminal(status.get("phase")):
         return Outcome()  # deleting: recreating now would race the finalizer and leave an orphan
     flavor = effective_flavor(status, flavor)  # once started, the terms it started with (engine/terms.py)
     if flavor is None:
-        return _waiting(environment, status, "FlavorNotFound", f"EnvironmentFlavor {environment.flavor!r} does "
-                        f"not exist: pick one from `kubectl get environmentflavors`", now, delay=30)
+        return _waiting(
+            environment,
+            status,
+            "FlavorNotFound",
+            f"EnvironmentFlavor {environment.flavor!r} does not exist: pick one from `kubectl get environmentflavors`",
+            now,
+            delay=30,
+        )
     backend = context.backends.get(flavor.backend)
     if backend is None:
-        return _waiting(environment, status, "BackendNotEnabled",
-                        f"the {flavor.backend} backend is not enabled in this operator", now, delay=60)
+        return _waiting(
+            environment,
+            status,
+            "BackendNotEnabled",
+            f"the {flavor.backend} backend is not enabled in this operator",
+            now,
+            delay=60,
+        )
     if environment.problems:  # stored before the CRD had its bounds: say what, in words
-        return await stop(context, environment, flavor, status, Phase.REJECTED, "InvalidSpec",
-                          f"the operator cannot use this spec: {'; '.join(environment.problems)}; correct it", now)
+        return await stop(
+            context,
+            environment,
+            flavor,
+            status,
+            Phase.REJECTED,
+            "InvalidSpec",
+            f"the operator cannot use this spec: {'; '.join(environment.problems)}; correct it",
+            now,
+        )
     refusal = check_request(environment, flavor) or backend.validate(environment, flavor)
     if refusal is not None:
-        return await stop(context, environment, flavor, status, refusal.phase, refusal.reason, refusal.message,
-                          now)
+        return await stop(context, environment, flavor, status, refusal.phase, refusal.reason, refusal.message, now)
     granted = await context.access.grant(environment, flavor, backend.dataset_problem, status, now)
     if isinstance(granted, Refusal):
         return await stop(context, environment, flavor, status, granted.phase, granted.reason, granted.message, now)
     identity = await context.identities.posix(environment, granted)
     if isinstance(identity, Refusal):
-        return await stop(context, environment, flavor, status, identity.phase, identity.reason, identity.message,
-                          now)
+        return await stop(context, environment, flavor, status, identity.phase, identity.reason, identity.message, now)
     for gate in context.gates:
         refusal = await gate.check(environment, flavor, status, now)
         if refusal is not None:
-            return await stop(context, environment, flavor, status, refusal.phase, refusal.reason,
-                              refusal.message, now)
+            return await stop(context, environment, flavor, status, refusal.phase, refusal.reason, refusal.message, now)
 
     started_at, expires_at = expiry(environment, flavor, status, now)
     if now >= expires_at:
-        return await stop(context, environment, flavor, status, Phase.EXPIRED, "LifetimeExpired",
-                          f"lifetime ended at {format_time(expires_at)}; the environment was stopped", now)
+        return await stop(
+            context,
+            environment,
+            flavor,
+            status,
+            Phase.EXPIRED,
+            "LifetimeExpired",
+            f"lifetime ended at {format_time(expires_at)}; the environment was stopped",
+            now,
+        )
     times = {"startedAt": format_time(started_at), "expiresAt": format_time(expires_at)}
     launch = _Launcher(context, environment, flavor, granted, identity)
     outcome = await _run_backend(backend, environment, flavor, launch, status, now, times, expires_at)
     return _reachable_again(outcome, status, environment, now)
 
 
-async def _run_backend(backend: Backend, environment: Environment, flavor: Flavor, launcher: _Launcher,
-                       status: Mapping[str, Any], now: datetime.datetime, times: dict[str, str],
-                       expires_at: datetime.datetime) -> Outcome:
+async def _run_backend(
+    backend: Backend,
+    environment: Environment,
+    flavor: Flavor,
+    launcher: _Launcher,
+    status: Mapping[str, Any],
+    now: datetime.datetime,
+    times: dict[str, str],
+    expires_at: datetime.datetime,
+) -> Outcome:
     observation = await backend.observe(environment)
     if environment.suspend:
         if observation.state.holds:
             observation = await backend.suspend(environment)
-        return _transition(environment, status, Phase.SUSPENDED, "Suspended",
-                           "suspended by spec.suspend; the access token and URL are kept", now,
-                           **times, **_terms(status, flavor), backend=backend_status(flavor.backend, observation))
+        return _transition(
+            environment,
+            status,
+            Phase.SUSPENDED,
+            "Suspended",
+            "suspended by spec.suspend; the access token and URL are kept",
+            now,
+            **times,
+            **_terms(status, flavor),
+            backend=backend_status(flavor.backend, observation),
+        )
     if observation.state is State.SUSPENDED or status.get("phase") == Phase.SUSPENDED.value:
         observation = await backend.resume(await launcher.launch())
     if observation.state is State.GONE:
@@ -250,41 +341,71 @@ def _terms(status: Mapping[str, Any], flavor: Flavor) -> dict[str, Any]:
     return {} if isinstance(status.get("terms"), Mapping) else {"terms": build_terms(flavor)}
 
 
-def _unreachable(environment: Environment, status: Mapping[str, Any], flavor: Flavor | None, message: str,
-                 now: datetime.datetime) -> Outcome:
+def _unreachable(
+    environment: Environment, status: Mapping[str, Any], flavor: Flavor | None, message: str, now: datetime.datetime
+) -> Outcome:
     """The backend cannot be reached: say so in a condition, keep the phase, retry later."""
     previous = {c.get("type"): c for c in status.get("conditions") or ()}.get("BackendReachable")
-    condition = build_condition(previous, type_="BackendReachable", status=False, reason="BackendUnavailable",
-                                message=message, generation=environment.generation, now=now)
+    condition = build_condition(
+        previous,
+        type_="BackendReachable",
+        status=False,
+        reason="BackendUnavailable",
+        message=message,
+        generation=environment.generation,
+        now=now,
+    )
     patch = None
     if not previous or previous.get("status") != "False" or previous.get("message") != message:
         patch = {"conditions": merge_conditions(status.get("conditions"), condition)}
-        log.warning("backend.unavailable", environment=f"{environment.namespace}/{environment.name}",
-                    backend=flavor.backend if flavor else "", message=message)
+        log.warning(
+            "backend.unavailable",
+            environment=f"{environment.namespace}/{environment.name}",
+            backend=flavor.backend if flavor else "",
+            message=message,
+        )
     event = ("Warning", "BackendUnavailable", message) if patch else None
     return Outcome(patch, event, retry_after=10, message=message)
 
 
-def _reachable_again(outcome: Outcome, status: Mapping[str, Any], environment: Environment,
-                     now: datetime.datetime) -> Outcome:
+def _reachable_again(
+    outcome: Outcome, status: Mapping[str, Any], environment: Environment, now: datetime.datetime
+) -> Outcome:
     previous = {c.get("type"): c for c in status.get("conditions") or ()}.get("BackendReachable")
     if not previous or previous.get("status") == "True":
         return outcome
-    condition = build_condition(previous, type_="BackendReachable", status=True, reason="BackendReachable",
-                                message="the backend answers again", generation=environment.generation, now=now)
+    condition = build_condition(
+        previous,
+        type_="BackendReachable",
+        status=True,
+        reason="BackendReachable",
+        message="the backend answers again",
+        generation=environment.generation,
+        now=now,
+    )
     patch = dict(outcome.status or {})
     patch["conditions"] = merge_conditions(patch.get("conditions") or status.get("conditions"), condition)
     return Outcome(patch, outcome.event, outcome.retry_after, outcome.message)
 
 
-def _observed(environment: Environment, flavor: Flavor, status: Mapping[str, Any], observation: Observation,
-              now: datetime.datetime, times: dict[str, str]) -> Outcome:
+def _observed(
+    environment: Environment,
+    flavor: Flavor,
+    status: Mapping[str, Any],
+    observation: Observation,
+    now: datetime.datetime,
+    times: dict[str, str],
+) -> Outcome:
     phase = phase_from_observation(observation)
     connection = {"secretName": environment.child_name}
     if observation.url:
         connection["url"] = observation.url
-    extra: dict[str, Any] = {"backend": backend_status(flavor.backend, observation), "connection": connection,
-                             **times, **_terms(status, flavor)}
+    extra: dict[str, Any] = {
+        "backend": backend_status(flavor.backend, observation),
+        "connection": connection,
+        **times,
+        **_terms(status, flavor),
+    }
     if phase is Phase.FAILED:
         extra["stoppedAt"] = format_time(now)
     message = observation.message or phase.value

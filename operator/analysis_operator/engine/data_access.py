@@ -63,8 +63,7 @@ async def api_catalogue(kube: KubeClient) -> StaticCatalogue:
     return StaticCatalogue(
         datasets=tuple(Dataset.from_body(body["metadata"]["name"], body.get("spec") or {}) for body in dataset_bodies),
         groups={
-            body["metadata"]["name"]: frozenset((body.get("spec") or {}).get("members") or ())
-            for body in group_bodies
+            body["metadata"]["name"]: frozenset((body.get("spec") or {}).get("members") or ()) for body in group_bodies
         },
     )
 
@@ -73,18 +72,34 @@ def audit(environment: Environment, plan: AccessPlan, stage: str, **context: Any
     """One structured record per dataset decided: who, which dataset, decision, reason."""
     where = f"{environment.namespace}/{environment.name}"
     for mount in plan.mounts:
-        log.info("audit.data_access", stage=stage, environment=where, owner=environment.owner,
-                 dataset=mount.dataset.name, pid=mount.dataset.pid, mount_path=mount.path,
-                 decision="granted", reason=mount.grounds, **context)
+        log.info(
+            "audit.data_access",
+            stage=stage,
+            environment=where,
+            owner=environment.owner,
+            dataset=mount.dataset.name,
+            pid=mount.dataset.pid,
+            mount_path=mount.path,
+            decision="granted",
+            reason=mount.grounds,
+            **context,
+        )
     for refusal in plan.refusals:
-        log.warning("audit.data_access", stage=stage, environment=where, owner=environment.owner,
-                    dataset=refusal.subject, decision="refused", reason=refusal.reason,
-                    message=refusal.message, **context)
+        log.warning(
+            "audit.data_access",
+            stage=stage,
+            environment=where,
+            owner=environment.owner,
+            dataset=refusal.subject,
+            decision="refused",
+            reason=refusal.reason,
+            message=refusal.message,
+            **context,
+        )
 
 
 def describe_mounts(mounts: Sequence[Mount]) -> str:
-    return "; ".join(f"{mount.dataset.name} ({mount.dataset.pid}) at {mount.path}, {mount.grounds}"
-                     for mount in mounts)
+    return "; ".join(f"{mount.dataset.name} ({mount.dataset.pid}) at {mount.path}, {mount.grounds}" for mount in mounts)
 
 
 class DataAccess:
@@ -94,16 +109,18 @@ class DataAccess:
         self._kube = kube
         self.catalogue = IndexCatalogue(indexes["datasets"], indexes["dataset_pids"], indexes["groups"])
 
-    async def plan(self, environment: Environment, flavor: Flavor | None, moment: datetime.datetime,
-                   reach: Reach | None = None) -> AccessPlan:
+    async def plan(
+        self, environment: Environment, flavor: Flavor | None, moment: datetime.datetime, reach: Reach | None = None
+    ) -> AccessPlan:
         plan = plan_access(environment, flavor, self.catalogue, moment, reach)
         if plan.allowed:
             return plan
         # Confirm against the API server before refusing: the index may lag a new Dataset or group.
         return plan_access(environment, flavor, await api_catalogue(self._kube), moment, reach)
 
-    async def grant(self, environment: Environment, flavor: Flavor, reach: Reach, status: Mapping[str, Any],
-                    now: datetime.datetime) -> Refusal | tuple[Mount, ...]:
+    async def grant(
+        self, environment: Environment, flavor: Flavor, reach: Reach, status: Mapping[str, Any], now: datetime.datetime
+    ) -> Refusal | tuple[Mount, ...]:
         if not environment.datasets and not flavor.access.restricted:
             return ()
         plan = await self.plan(environment, flavor, now, reach)
@@ -111,18 +128,23 @@ class DataAccess:
             return plan.mounts
         audit(environment, plan, stage="reconcile")
         if status.get("phase") in STARTED or status.get("startedAt"):  # it ran, or was queued to
-            return Refusal("AccessRevoked", f"access withdrawn, the environment was stopped: {plan.message()}",
-                           phase=Phase.STOPPED)
+            return Refusal(
+                "AccessRevoked", f"access withdrawn, the environment was stopped: {plan.message()}", phase=Phase.STOPPED
+            )
         return Refusal(plan.refusals[0].reason, plan.message())
 
     async def mounted(self, environment: Environment, mounts: Sequence[Mount]) -> None:
         audit(environment, AccessPlan(mounts=tuple(mounts)), stage="mount")
-        await post_event(self._kube, environment_reference(environment), "Normal", "DatasetsMounted",
-                         f"mounted read-only: {describe_mounts(mounts)}")
+        await post_event(
+            self._kube,
+            environment_reference(environment),
+            "Normal",
+            "DatasetsMounted",
+            f"mounted read-only: {describe_mounts(mounts)}",
+        )
 
 
-def affected(record: EnvironmentRecord, flavors: Index, catalogue: IndexCatalogue,
-             moment: datetime.datetime) -> bool:
+def affected(record: EnvironmentRecord, flavors: Index, catalogue: IndexCatalogue, moment: datetime.datetime) -> bool:
     """Does this live environment now hold something it may not? (in memory, no API call)"""
     phase = record.status.get("phase")
     if not phase or is_terminal(phase) or record.environment.deleting:

@@ -59,7 +59,8 @@ class IndexDirectory:
 async def api_directory(kube: KubeClient, user_id: str) -> StaticDirectory:
     """The owner's FacilityUser and the FacilityGroups as the API server has them now."""
     body, group_bodies = await asyncio.gather(
-        kube.get_cluster_object("facilityusers", user_id), kube.list_cluster_objects("facilitygroups"))
+        kube.get_cluster_object("facilityusers", user_id), kube.list_cluster_objects("facilitygroups")
+    )
     users = {user_id: FacilityUser.from_body(user_id, body.get("spec") or {})} if body else {}
     members, gids = {}, {}
     for group in group_bodies:
@@ -74,8 +75,9 @@ async def api_directory(kube: KubeClient, user_id: str) -> StaticDirectory:
 class DirectoryIdentities:
     """converge's Identities: the owner's POSIX identity from the facility's directory."""
 
-    def __init__(self, kube: KubeClient, settings: IdentitySettings, indexes: Mapping[str, Index],
-                 environments: Index) -> None:
+    def __init__(
+        self, kube: KubeClient, settings: IdentitySettings, indexes: Mapping[str, Index], environments: Index
+    ) -> None:
         self._kube, self._settings, self._environments = kube, settings, environments
         self.directory = IndexDirectory(indexes["facility_users"], indexes["groups"], indexes["group_gids"])
 
@@ -95,10 +97,19 @@ class DirectoryIdentities:
         if not isinstance(decision, Refusal):
             return decision
         where = f"{environment.namespace}/{environment.name}"
-        log.warning("identity.refused", environment=where, owner=environment.owner, reason=decision.reason,
-                    message=decision.message)
+        log.warning(
+            "identity.refused",
+            environment=where,
+            owner=environment.owner,
+            reason=decision.reason,
+            message=decision.message,
+        )
         record = first(self._environments, (environment.namespace, environment.name))
         if record is not None and record.environment.uid == environment.uid and record.status.get("startedAt"):
-            return Refusal(decision.reason, f"the environment was stopped: {decision.message}",
-                           phase=Phase.STOPPED, subject=decision.subject)
+            return Refusal(
+                decision.reason,
+                f"the environment was stopped: {decision.message}",
+                phase=Phase.STOPPED,
+                subject=decision.subject,
+            )
         return decision

@@ -30,15 +30,20 @@ BUDGETS = "computebudgets"
 @dataclass
 class Views:
     """The kopf indexes budget decisions read (in memory, current with the watch streams)."""
+
     budgets: Index
     personal: Index
     groups: Index
 
     def select(self, environment_owner: str, named: str) -> Budget | Refusal:
         budget_by_name = Singles(self.budgets)
-        return select_budget(environment_owner, named, budget_by_name, Singles(self.personal),
-                             lambda group, user: member_of(self.groups, group, user))
-
+        return select_budget(
+            environment_owner,
+            named,
+            budget_by_name,
+            Singles(self.personal),
+            lambda group, user: member_of(self.groups, group, user),
+        )
 
 
 @dataclass
@@ -59,20 +64,23 @@ class Ledger:
         self.kube, self.views = kube, views
         self._locks: dict[str, asyncio.Lock] = {}
         self._waiting: dict[str, list[_Waiting]] = {}
-        self._bodies: dict[str, dict[str, Any]] = {}   # the last version this process read or wrote
+        self._bodies: dict[str, dict[str, Any]] = {}  # the last version this process read or wrote
 
-    async def update(self, name: str, decide: Callable[[Budget], Any],
-                     status_of: Callable[[Any], dict[str, Any] | None] = lambda result: result
-                     if isinstance(result, dict) else None) -> Any:
+    async def update(
+        self,
+        name: str,
+        decide: Callable[[Budget], Any],
+        status_of: Callable[[Any], dict[str, Any] | None] = lambda result: result if isinstance(result, dict) else None,
+    ) -> Any:
         """Run `decide` on the budget and write the status it returns; None if the budget is gone."""
         mine = _Waiting(decide, status_of, asyncio.get_running_loop().create_future())
         self._waiting.setdefault(name, []).append(mine)
         async with self._locks.setdefault(name, asyncio.Lock()):
-            if not mine.result.done():           # nobody took us along: lead the next batch
+            if not mine.result.done():  # nobody took us along: lead the next batch
                 batch, self._waiting[name] = self._waiting[name], []
                 try:
                     results = await self._commit(name, batch)
-                except asyncio.CancelledError:   # our task ends; the others go with the next batch
+                except asyncio.CancelledError:  # our task ends; the others go with the next batch
                     self._waiting[name][:0] = [waiting for waiting in batch if waiting is not mine]
                     raise
                 except Exception as error:
@@ -104,7 +112,7 @@ class Ledger:
                     budget = Budget.from_body(changed)
             if changed is body:
                 if cached and self._stale(first_view):
-                    body, cached = None, False   # decided on our copy while the index moved on: re-read
+                    body, cached = None, False  # decided on our copy while the index moved on: re-read
                     continue
                 self._bodies[name] = body
                 return results

@@ -39,8 +39,14 @@ async def apply(context: Context, environment: Environment, outcome: Outcome) ->
 
 
 class Reconciler:
-    def __init__(self, context: Context, environments: Index, flavors: Index,
-                 clock: Callable[[], datetime.datetime] = utcnow, first_backoff: float = 1.0) -> None:
+    def __init__(
+        self,
+        context: Context,
+        environments: Index,
+        flavors: Index,
+        clock: Callable[[], datetime.datetime] = utcnow,
+        first_backoff: float = 1.0,
+    ) -> None:
         self.context, self.environments, self.flavors, self.clock = context, environments, flavors, clock
         self.first_backoff = first_backoff
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}  # uid -> (when, timer)
@@ -50,14 +56,19 @@ class Reconciler:
     async def reconcile(self, record: EnvironmentRecord, now: datetime.datetime | None = None) -> Outcome:
         environment = record.environment
         try:
-            outcome = await converge(self.context, environment, record.status,
-                                     first(self.flavors, environment.flavor), now or self.clock())
+            outcome = await converge(
+                self.context, environment, record.status, first(self.flavors, environment.flavor), now or self.clock()
+            )
             await apply(self.context, environment, outcome)
         except Exception as error:  # an API error, a bug: logged, and tried again with a growing delay
             failures = self._failures[environment.uid] = self._failures.get(environment.uid, 0) + 1
             delay = min(MAX_BACKOFF_SECONDS, self.first_backoff * 2.0 ** (failures - 1))
-            log.warning("reconcile.failed", environment=f"{environment.namespace}/{environment.name}",
-                        error=repr(error), retry_in=delay)
+            log.warning(
+                "reconcile.failed",
+                environment=f"{environment.namespace}/{environment.name}",
+                error=repr(error),
+                retry_in=delay,
+            )
             outcome = Outcome(retry_after=delay, message=repr(error))
         else:
             self._failures.pop(environment.uid, None)

@@ -44,8 +44,9 @@ def due(record: EnvironmentRecord, flavors: Index, polled: frozenset[str], momen
 
 async def sweep(reconciler: Reconciler, moment: datetime.datetime, parallel: int = 8) -> int:
     polled = frozenset(kind for kind, backend in reconciler.context.backends.items() if backend.polled)
-    due_records = [record for record in values(reconciler.environments)
-                   if due(record, reconciler.flavors, polled, moment)]
+    due_records = [
+        record for record in values(reconciler.environments) if due(record, reconciler.flavors, polled, moment)
+    ]
     limit = asyncio.Semaphore(parallel)
 
     async def one(record: EnvironmentRecord) -> Outcome:
@@ -69,11 +70,17 @@ async def warn_expiring(reconciler: Reconciler, warn_before: float, moment: date
         _, expires_at = expiry(record.environment, flavor, record.status, moment)
         if expiry_warning_due(expires_at, moment, warn_before, record.status.get("expiryWarnedFor")):
             environment = record.environment
-            await kube.patch_environment_status(environment.namespace, environment.name,
-                                                {"expiryWarnedFor": format_time(expires_at)})
-            await post_event(kube, environment_reference(environment), "Warning", "ExpiresSoon",
-                             f"expires at {format_time(expires_at)}; to keep it longer, create a BudgetRequest "
-                             f"with spec.environment {environment.name!r} and spec.lifetime")
+            await kube.patch_environment_status(
+                environment.namespace, environment.name, {"expiryWarnedFor": format_time(expires_at)}
+            )
+            await post_event(
+                kube,
+                environment_reference(environment),
+                "Warning",
+                "ExpiresSoon",
+                f"expires at {format_time(expires_at)}; to keep it longer, create a BudgetRequest "
+                f"with spec.environment {environment.name!r} and spec.lifetime",
+            )
 
 
 async def sweep_orphans(reconciler: Reconciler) -> int:
@@ -94,7 +101,11 @@ async def sweep_orphans(reconciler: Reconciler) -> int:
             orphan = Environment(managed.namespace, managed.name, managed.uid, owner="", flavor="")
             await backend.delete(orphan)
             await delete_token(kube, orphan)
-            log.warning("orphan.removed", backend=kind, environment=f"{managed.namespace}/{managed.name}",
-                        backend_id=managed.backend_id)
+            log.warning(
+                "orphan.removed",
+                backend=kind,
+                environment=f"{managed.namespace}/{managed.name}",
+                backend_id=managed.backend_id,
+            )
             removed += 1
     return removed

@@ -37,11 +37,19 @@ def build_terms(flavor: Flavor) -> dict[str, Any]:
         "allowCustomImage": flavor.allow_custom_image,
         "maxLifetime": format_duration(flavor.max_lifetime),
         "idleTimeout": format_duration(flavor.idle_timeout) if flavor.idle_timeout else "",
-        "slurm": {"partition": flavor.slurm.partition, "account": flavor.slurm.account,
-                  "timeLimitMinutes": flavor.slurm.time_limit_minutes, "qos": flavor.slurm.qos,
-                  "modules": list(flavor.slurm.modules)},
-        "openstack": {"flavor": flavor.openstack.flavor, "image": flavor.openstack.image,
-                      "network": flavor.openstack.network, "keyName": flavor.openstack.key_name},
+        "slurm": {
+            "partition": flavor.slurm.partition,
+            "account": flavor.slurm.account,
+            "timeLimitMinutes": flavor.slurm.time_limit_minutes,
+            "qos": flavor.slurm.qos,
+            "modules": list(flavor.slurm.modules),
+        },
+        "openstack": {
+            "flavor": flavor.openstack.flavor,
+            "image": flavor.openstack.image,
+            "network": flavor.openstack.network,
+            "keyName": flavor.openstack.key_name,
+        },
     }
 
 
@@ -58,13 +66,19 @@ def flavor_from_terms(terms: Mapping[str, Any], access: FlavorAccess) -> Flavor 
             allow_custom_image=bool(terms.get("allowCustomImage")),
             max_lifetime=_duration(terms["maxLifetime"]) or datetime.timedelta(),
             idle_timeout=idle,
-            slurm=SlurmSpec(partition=str(slurm.get("partition") or ""), account=str(slurm.get("account") or ""),
-                            time_limit_minutes=slurm.get("timeLimitMinutes"), qos=str(slurm.get("qos") or ""),
-                            modules=tuple(slurm.get("modules") or ())),
-            openstack=OpenStackSpec(flavor=str(openstack.get("flavor") or ""),
-                                    image=str(openstack.get("image") or ""),
-                                    network=str(openstack.get("network") or ""),
-                                    key_name=str(openstack.get("keyName") or "")),
+            slurm=SlurmSpec(
+                partition=str(slurm.get("partition") or ""),
+                account=str(slurm.get("account") or ""),
+                time_limit_minutes=slurm.get("timeLimitMinutes"),
+                qos=str(slurm.get("qos") or ""),
+                modules=tuple(slurm.get("modules") or ()),
+            ),
+            openstack=OpenStackSpec(
+                flavor=str(openstack.get("flavor") or ""),
+                image=str(openstack.get("image") or ""),
+                network=str(openstack.get("network") or ""),
+                key_name=str(openstack.get("keyName") or ""),
+            ),
             access=access,
         )
     except (KeyError, TypeError, ValueError, OverflowError):

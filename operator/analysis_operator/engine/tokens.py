@@ -54,5 +54,6 @@ async def ensure_token(kube: KubeClient, environment: Environment) -> str:
 
 async def delete_token(kube: KubeClient, environment: Environment) -> None:
     """This environment's token Secret (a namesake's is left alone)."""
-    await kube.delete_owned("Secret", environment.namespace, environment.child_name, LABEL_ENVIRONMENT_UID,
-                            environment.uid)
+    await kube.delete_owned(
+        "Secret", environment.namespace, environment.child_name, LABEL_ENVIRONMENT_UID, environment.uid
+    )

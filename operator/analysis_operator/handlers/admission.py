@@ -12,6 +12,7 @@ failurePolicy Fail (kopf's default): who created an object is known only at
 admission, so while no replica answers, creates are refused rather than let
 through unchecked. The data and budget checks are repeated at reconcile.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -35,16 +36,21 @@ CREATED_BY = f"{GROUP}/created-by"
 
 
 @kopf.on.mutate(GROUP, VERSION, "analysisenvironments", id="environment-owner", operations={"CREATE"})
-def default_owner(spec: kopf.Spec, patch: kopf.Patch, userinfo: dict[str, Any], memo: kopf.Memo,
-                  **_: Any) -> None:
+def default_owner(spec: kopf.Spec, patch: kopf.Patch, userinfo: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
     """No owner given: the requester owns it. The creator is kept as an annotation for audits."""
     if not spec.get("owner"):
         patch.setdefault("spec", {})["owner"] = requester(userinfo, memo.config.admission)
     patch.setdefault("metadata", {}).setdefault("annotations", {})[CREATED_BY] = str(userinfo.get("username", ""))
 
 
-@kopf.on.validate(GROUP, VERSION, "analysisenvironments", id="environment-admission",
-                  operations={"CREATE", "UPDATE"}, side_effects=True)  # a data refusal posts an Event, not on dry runs
+@kopf.on.validate(
+    GROUP,
+    VERSION,
+    "analysisenvironments",
+    id="environment-admission",
+    operations={"CREATE", "UPDATE"},
+    side_effects=True,
+)  # a data refusal posts an Event, not on dry runs
 async def admit_environment(operation: str, old: kopf.Body | None, spec: kopf.Spec, **kwargs: Any) -> None:
     """CREATE: every check. UPDATE (who may change it at all is the API server's authorization policy,
     deploy/authorization): a changed spec must still be one policy accepts, so a lifetime above the
@@ -61,12 +67,13 @@ async def admit_environment(operation: str, old: kopf.Body | None, spec: kopf.Sp
         await check_budget(spec=spec, **kwargs)
 
 
-def check_request_terms(body: kopf.Body, name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo,
-                        flavors: kopf.Index, **_: Any) -> None:
+def check_request_terms(
+    body: kopf.Body, name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo, flavors: kopf.Index, **_: Any
+) -> None:
     """Lifetime and image against the flavor: the terms the environment started with, once started."""
-    environment = Environment.from_body({
-        "metadata": {"namespace": namespace, "name": name, "uid": body.metadata.get("uid") or ""},
-        "spec": dict(spec)})
+    environment = Environment.from_body(
+        {"metadata": {"namespace": namespace, "name": name, "uid": body.metadata.get("uid") or ""}, "spec": dict(spec)}
+    )
     flavor = flavor_for(environment, body.get("status") or {}, flavors)
     if flavor is None:
         return  # an unknown flavor is explained by the environment's status, which waits for it
@@ -77,12 +84,18 @@ def check_request_terms(body: kopf.Body, name: str, namespace: str, spec: kopf.S
         raise kopf.AdmissionError(refusal.message, code=422)
 
 
-def check_owner(name: str, namespace: str, spec: kopf.Spec, userinfo: dict[str, Any], memo: kopf.Memo,
-                **_: Any) -> None:
+def check_owner(
+    name: str, namespace: str, spec: kopf.Spec, userinfo: dict[str, Any], memo: kopf.Memo, **_: Any
+) -> None:
     refusal = owner_refusal(str(spec.get("owner", "")), userinfo, memo.config.admission)
-    log.info("admission.identity", environment=f"{namespace}/{name}", owner=spec.get("owner"),
-             requester=userinfo.get("username"), decision="refused" if refusal else "allowed",
-             reason=refusal.reason if refusal else None)
+    log.info(
+        "admission.identity",
+        environment=f"{namespace}/{name}",
+        owner=spec.get("owner"),
+        requester=userinfo.get("username"),
+        decision="refused" if refusal else "allowed",
+        reason=refusal.reason if refusal else None,
+    )
     if refusal:
         raise kopf.AdmissionError(refusal.message, code=403)
 
@@ -95,22 +108,34 @@ async def check_posix_identity(name: str, namespace: str, spec: kopf.Spec, memo:
     if refusal is None:
         return
     metrics.ADMISSION_REFUSALS.labels(reason=refusal.reason, stage="admission").inc()
-    log.info("admission.posix_identity", environment=f"{namespace}/{name}", owner=spec.get("owner"),
-             decision="refused", reason=refusal.reason)
+    log.info(
+        "admission.posix_identity",
+        environment=f"{namespace}/{name}",
+        owner=spec.get("owner"),
+        decision="refused",
+        reason=refusal.reason,
+    )
     raise kopf.AdmissionError(refusal.message, code=403)
 
 
-async def check_budget(name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo, flavors: kopf.Index,
-                       environments: kopf.Index, **_: Any) -> None:
+async def check_budget(
+    name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo, flavors: kopf.Index, environments: kopf.Index, **_: Any
+) -> None:
     flavor: Flavor | None = first(flavors, spec.get("flavor"))
     if flavor is None:
         return  # an unknown flavor is explained by the environment's status, which waits for it
     gate: BudgetGate = memo.budget_gate
-    refusal = gate.admit(namespace, name, str(spec.get("owner", "")), str(spec.get("budget", "")), flavor,
-                         environments, utcnow())
+    refusal = gate.admit(
+        namespace, name, str(spec.get("owner", "")), str(spec.get("budget", "")), flavor, environments, utcnow()
+    )
     if refusal is None:
         return
     metrics.ADMISSION_REFUSALS.labels(reason=refusal.reason, stage="admission").inc()
-    log.info("admission.budget", environment=f"{namespace}/{name}", owner=spec.get("owner"),
-             decision="refused", reason=refusal.reason)
+    log.info(
+        "admission.budget",
+        environment=f"{namespace}/{name}",
+        owner=spec.get("owner"),
+        decision="refused",
+        reason=refusal.reason,
+    )
     raise kopf.AdmissionError(refusal.message, code=403)

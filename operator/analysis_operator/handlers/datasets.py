@@ -36,12 +36,21 @@ def dataset_pids(name: str, spec: Mapping[str, Any], **_: Any) -> dict[str, str]
     return {pid_key(str(spec.get("pid", ""))): name}
 
 
-async def check_data_access(body: kopf.Body, name: str, namespace: str, spec: kopf.Spec, dryrun: bool,
-                            userinfo: dict[str, Any], memo: kopf.Memo, flavors: kopf.Index, **_: Any) -> None:
+async def check_data_access(
+    body: kopf.Body,
+    name: str,
+    namespace: str,
+    spec: kopf.Spec,
+    dryrun: bool,
+    userinfo: dict[str, Any],
+    memo: kopf.Memo,
+    flavors: kopf.Index,
+    **_: Any,
+) -> None:
     """Refuse datasets the owner may not read, bad mount paths, and flavors the owner may not use."""
-    environment = Environment.from_body({
-        "metadata": {"namespace": namespace, "name": name, "uid": body.metadata.get("uid") or ""},
-        "spec": dict(spec)})
+    environment = Environment.from_body(
+        {"metadata": {"namespace": namespace, "name": name, "uid": body.metadata.get("uid") or ""}, "spec": dict(spec)}
+    )
     flavor = first(flavors, environment.flavor)  # unknown flavor: not refused here, the environment waits
     backend = memo.context.backends.get(flavor.backend) if flavor is not None else None
     access: DataAccess = memo.access
@@ -50,11 +59,15 @@ async def check_data_access(body: kopf.Body, name: str, namespace: str, spec: ko
     if plan.allowed:
         return
     if not dryrun:
-        involved = {"apiVersion": API_VERSION, "kind": "AnalysisEnvironment",
-                    "metadata": {"namespace": namespace, "name": name}}
+        involved = {
+            "apiVersion": API_VERSION,
+            "kind": "AnalysisEnvironment",
+            "metadata": {"namespace": namespace, "name": name},
+        }
         for refusal in plan.refusals:
-            await post_event(memo.context.kube, involved, "Warning", refusal.reason,
-                             f"refused at admission: {refusal.message}")
+            await post_event(
+                memo.context.kube, involved, "Warning", refusal.reason, f"refused at admission: {refusal.message}"
+            )
     raise kopf.AdmissionError(plan.message(), code=403)
 
 

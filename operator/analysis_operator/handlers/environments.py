@@ -16,7 +16,6 @@ from analysis_operator.handlers.indexes import MANAGED
 from analysis_operator.infra.metrics import RECONCILE_SECONDS
 from analysis_operator.model.domain import GROUP, LABEL_BACKEND, LABEL_ENVIRONMENT, VERSION, Environment
 
-
 # An unexpected error (the API server restarting, a 500) is retried in seconds, not kopf's default minute.
 RETRY_SECONDS = 5
 
@@ -59,8 +58,7 @@ async def on_environment_deleted(body: kopf.Body, labels: dict[str, str], memo: 
 
 
 @kopf.on.event(GROUP, VERSION, "analysisenvironments")
-async def on_environment_status(type: str, body: kopf.Body, memo: kopf.Memo, flavors: kopf.Index,
-                                **_: Any) -> None:
+async def on_environment_status(type: str, body: kopf.Body, memo: kopf.Memo, flavors: kopf.Index, **_: Any) -> None:
     """The other half of the pod join: a pod can turn Ready before the status says Provisioning."""
     status = body.get("status") or {}
     if type != "MODIFIED" or status.get("phase") != "Provisioning":
@@ -76,15 +74,17 @@ async def on_environment_status(type: str, body: kopf.Body, memo: kopf.Memo, fla
 
 
 @kopf.on.event("pods", labels=MANAGED)
-async def on_pod(namespace: str, labels: dict[str, str], memo: kopf.Memo, environments: kopf.Index,
-                 **_: Any) -> None:
+async def on_pod(namespace: str, labels: dict[str, str], memo: kopf.Memo, environments: kopf.Index, **_: Any) -> None:
     record: EnvironmentRecord | None = first(environments, (namespace, labels.get(LABEL_ENVIRONMENT, "")))
     if record is None or not record.status.get("phase"):
         return  # environment gone (the garbage collector follows), or its handler has not written yet
     environment = record.environment
     flavor = first(memo.reconciler.flavors, environment.flavor)
     backend = memo.context.backends.get(flavor.backend) if flavor is not None else None
-    if backend is not None and (await backend.observe(environment)).state is State.GONE and \
-            not await memo.context.kube.environment_exists(environment.namespace, environment.name, environment.uid):
+    if (
+        backend is not None
+        and (await backend.observe(environment)).state is State.GONE
+        and not await memo.context.kube.environment_exists(environment.namespace, environment.name, environment.uid)
+    ):
         return  # deleted together with its environment: do not bring it back
     await memo.reconciler.reconcile(record)

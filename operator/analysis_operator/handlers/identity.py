@@ -41,8 +41,13 @@ def group_gids(name: str, spec: Mapping[str, Any], body: kopf.Body, **_: Any) ->
     """FacilityGroup name -> its POSIX gid; groups without one are not indexed."""
     value = spec.get("gid") if isinstance(spec, Mapping) else None
     gid = parse_posix_id(value)
-    report_problems("group_gids", body, () if gid is not None or value is None else
-                    [f"spec.gid {value!r} is not a group ID from 1 to {POSIX_ID_MAX}: the group grants no gid"])
+    report_problems(
+        "group_gids",
+        body,
+        ()
+        if gid is not None or value is None
+        else [f"spec.gid {value!r} is not a group ID from 1 to {POSIX_ID_MAX}: the group grants no gid"],
+    )
     return None if gid is None else {name: gid}
 
 

@@ -22,8 +22,15 @@ import structlog
 
 from analysis_operator.backends.kubernetes import PodSummary, summarize_pod
 from analysis_operator.engine.views import EnvironmentRecord
-from analysis_operator.model.domain import GROUP, LABEL_ENVIRONMENT, LABEL_MANAGED_BY, MANAGER, VERSION, Environment, \
-    Flavor
+from analysis_operator.model.domain import (
+    GROUP,
+    LABEL_ENVIRONMENT,
+    LABEL_MANAGED_BY,
+    MANAGER,
+    VERSION,
+    Environment,
+    Flavor,
+)
 
 MANAGED = {LABEL_MANAGED_BY: MANAGER}
 log = structlog.get_logger("analysis_operator.indexes")
@@ -46,12 +53,20 @@ def report_problems(index: str, body: Mapping[str, Any], problems: Iterable[str]
     if len(_REPORTED) >= _REPORTED_MAX:
         _REPORTED.clear()
     _REPORTED[key] = problem
-    log.warning("index.unreadable", index=index, namespace=metadata.get("namespace"), name=metadata.get("name"),
-                uid=metadata.get("uid"), problem=problem, indexed=indexed)
+    log.warning(
+        "index.unreadable",
+        index=index,
+        namespace=metadata.get("namespace"),
+        name=metadata.get("name"),
+        uid=metadata.get("uid"),
+        problem=problem,
+        indexed=indexed,
+    )
 
 
 def never_raises(index: str) -> Callable[[_Indexer], _Indexer]:
     """An index function that never raises: an object it cannot read is left out, and logged once."""
+
     def decorate(function: _Indexer) -> _Indexer:
         @functools.wraps(function)
         def indexed(**kwargs: Any) -> Any:
@@ -60,7 +75,9 @@ def never_raises(index: str) -> Callable[[_Indexer], _Indexer]:
             except Exception as error:  # one unreadable object must not poison the index
                 report_problems(index, kwargs.get("body") or {}, [f"{type(error).__name__}: {error}"], indexed=False)
                 return None
+
         return cast(_Indexer, indexed)
+
     return decorate
 
 

@@ -33,16 +33,23 @@ log = structlog.get_logger("analysis_operator.lifecycle")
 
 
 @kopf.on.startup()
-async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, pods: kopf.Index,
-                     environments: kopf.Index, flavors: kopf.Index, **indexes: Any) -> None:
+async def on_startup(
+    settings: kopf.OperatorSettings,
+    memo: kopf.Memo,
+    pods: kopf.Index,
+    environments: kopf.Index,
+    flavors: kopf.Index,
+    **indexes: Any,
+) -> None:
     config: Settings = memo.config
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration")
-    settings.posting.loggers = False          # Events only where we post them, not one per log line
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.loggers = False  # Events only where we post them, not one per log line
     settings.posting.level = logging.INFO
-    settings.batching.batch_window = 0.01     # react in milliseconds, not the default 100 ms
+    settings.batching.batch_window = 0.01  # react in milliseconds, not the default 100 ms
     settings.watching.server_timeout = 600
     settings.networking.request_timeout = 60
 
@@ -54,8 +61,13 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, pods: kop
     memo.access = DataAccess(kube, indexes)
     memo.budget_gate = build_budget_gate(kube, config.budgets, indexes)
     memo.identities = DirectoryIdentities(kube, config.identity, indexes, environments)
-    memo.context = Context(kube=kube, backends=build_backends(config, kube, pods), access=memo.access,
-                           gates=(memo.budget_gate,), identities=memo.identities)
+    memo.context = Context(
+        kube=kube,
+        backends=build_backends(config, kube, pods),
+        access=memo.access,
+        gates=(memo.budget_gate,),
+        identities=memo.identities,
+    )
     memo.reconciler = Reconciler(memo.context, environments, flavors)
     start_metrics(config.metrics_port, indexes["budgets"], environments, config.metrics_address)
     memo.sweeper = asyncio.create_task(sweep_forever(memo, config.sweep_interval_seconds))
@@ -69,7 +81,7 @@ def outranked(peers: dict[str, Any], own_priority: int, moment: datetime.datetim
             continue
         lastseen = datetime.datetime.fromisoformat(str(peer.get("lastseen")))
         if lastseen.tzinfo is None:
-            lastseen = lastseen.replace(tzinfo=datetime.timezone.utc)
+            lastseen = lastseen.replace(tzinfo=datetime.UTC)
         if lastseen + datetime.timedelta(seconds=int(peer.get("lifetime", 60))) > moment:
             return True
     return False
@@ -91,7 +103,7 @@ def configure_peering(settings: kopf.OperatorSettings, config: Settings) -> None
     settings.peering.priority = config.peering_priority or random.SystemRandom().randint(1, 2**31 - 1)
 
     settings.peering.lifetime = config.peering_lifetime_seconds
-    settings.peering.stealth = True           # no log line per keep-alive
+    settings.peering.stealth = True  # no log line per keep-alive
     # But do say when this replica pauses or takes over (kopf logs that at INFO).
     logging.getLogger("kopf._core.engines.peering").setLevel(logging.INFO)
 
@@ -114,9 +126,14 @@ def configure_admission(settings: kopf.OperatorSettings, config: Settings) -> No
     if admission.client_ca_file:  # only the API server may call the webhooks
         client_check = {"verify_mode": ssl.CERT_REQUIRED, "verify_cafile": admission.client_ca_file}
     settings.admission.server = kopf.WebhookServer(
-        addr=admission.listen_address, port=admission.port, host=admission.host if registered else None,
-        certfile=str(certfile), pkeyfile=str(pkeyfile), cafile=str(cafile) if cafile.exists() else None,
-        **client_check)
+        addr=admission.listen_address,
+        port=admission.port,
+        host=admission.host if registered else None,
+        certfile=str(certfile),
+        pkeyfile=str(pkeyfile),
+        cafile=str(cafile) if cafile.exists() else None,
+        **client_check,
+    )
 
 
 @kopf.on.cleanup()

@@ -30,13 +30,15 @@ def stamp_requester(patch: kopf.Patch, userinfo: dict[str, Any], **_: Any) -> No
 
 # failurePolicy Fail (the default): without the operator no decision can be stamped, so none is accepted.
 @kopf.on.mutate(GROUP, VERSION, REQUESTS, id="budgetrequest-decision", operations={"UPDATE"}, subresource="status")
-def stamp_decision(status: kopf.Status, old: Mapping[str, Any] | None, patch: kopf.Patch,
-                   userinfo: dict[str, Any], **_: Any) -> None:
+def stamp_decision(
+    status: kopf.Status, old: Mapping[str, Any] | None, patch: kopf.Patch, userinfo: dict[str, Any], **_: Any
+) -> None:
     """Who decided and when come from the authenticated request, never from the writer."""
     before = dict((old or {}).get("status") or {})
     if status.get("decision") and not before.get("decision"):
-        patch.setdefault("status", {}).update(decidedBy=str(userinfo.get("username", "")),
-                                              decidedAt=format_time(utcnow()))
+        patch.setdefault("status", {}).update(
+            decidedBy=str(userinfo.get("username", "")), decidedAt=format_time(utcnow())
+        )
     elif before.get("decision"):
         patch.setdefault("status", {}).update(decidedBy=before.get("decidedBy"), decidedAt=before.get("decidedAt"))
 
@@ -45,14 +47,18 @@ def stamp_decision(status: kopf.Status, old: Mapping[str, Any] | None, patch: ko
 def check_decision(status: kopf.Status, old: Mapping[str, Any] | None, **_: Any) -> None:
     before = dict((old or {}).get("status") or {})
     if before.get("decision") and status.get("decision") != before["decision"]:
-        raise kopf.AdmissionError(f"this request was already {before['decision'].lower()} by "
-                                  f"{before.get('decidedBy')} at {before.get('decidedAt')}; decisions are final: "
-                                  f"create a new BudgetRequest", code=403)
+        raise kopf.AdmissionError(
+            f"this request was already {before['decision'].lower()} by "
+            f"{before.get('decidedBy')} at {before.get('decidedAt')}; decisions are final: "
+            f"create a new BudgetRequest",
+            code=403,
+        )
 
 
 @kopf.on.event(GROUP, VERSION, REQUESTS)
-async def on_request(type: str, body: kopf.Body, memo: kopf.Memo, environments: kopf.Index, flavors: kopf.Index,
-                     **_: Any) -> None:
+async def on_request(
+    type: str, body: kopf.Body, memo: kopf.Memo, environments: kopf.Index, flavors: kopf.Index, **_: Any
+) -> None:
     """Carry out a decision exactly once: the grant is keyed by the request's uid in the target's
     status, so a restart between the grant and `phase: Applied` repeats nothing."""
     status = body.get("status") or {}
@@ -62,20 +68,29 @@ async def on_request(type: str, body: kopf.Body, memo: kopf.Memo, environments: 
     decision = status.get("decision")
     if not decision:
         if not status.get("phase"):
-            await memo.context.kube.patch_namespaced_status(REQUESTS, namespace, name, {
-                "phase": "Pending", "message": "waiting for an administrator's decision"})
+            await memo.context.kube.patch_namespaced_status(
+                REQUESTS, namespace, name, {"phase": "Pending", "message": "waiting for an administrator's decision"}
+            )
         return
     if decision == "Denied":
         update = {"phase": "Denied", "message": f"denied by {status.get('decidedBy')}"}
     else:
         update = await _grant(memo, body, status, environments, flavors)
-    await memo.context.kube.patch_namespaced_status(REQUESTS, namespace, name, {**update, "appliedAt": format_time(utcnow())})
-    log.info("budget_request.decided", request=f"{namespace}/{name}", decision=decision, phase=update["phase"],
-             decided_by=status.get("decidedBy"))
+    await memo.context.kube.patch_namespaced_status(
+        REQUESTS, namespace, name, {**update, "appliedAt": format_time(utcnow())}
+    )
+    log.info(
+        "budget_request.decided",
+        request=f"{namespace}/{name}",
+        decision=decision,
+        phase=update["phase"],
+        decided_by=status.get("decidedBy"),
+    )
 
 
-async def _grant(memo: kopf.Memo, body: kopf.Body, status: Mapping[str, Any], environments: kopf.Index,
-                 flavors: kopf.Index) -> dict[str, str]:
+async def _grant(
+    memo: kopf.Memo, body: kopf.Body, status: Mapping[str, Any], environments: kopf.Index, flavors: kopf.Index
+) -> dict[str, str]:
     spec, metadata = body.get("spec") or {}, body["metadata"]
     request = f"{metadata['namespace']}/{metadata['name']}"
     decided = (str(status.get("decidedBy", "")), str(status.get("decidedAt", "")))
@@ -83,8 +98,10 @@ async def _grant(memo: kopf.Memo, body: kopf.Body, status: Mapping[str, Any], en
     if spec.get("budget") and any((spec.get("add") or {}).values()):
         gate: BudgetGate = memo.budget_gate
         moment = utcnow()
-        written = await gate.ledger.update(spec["budget"], lambda budget: apply_grant(
-            budget, metadata["uid"], request, spec["add"], *decided, moment) or "already")
+        written = await gate.ledger.update(
+            spec["budget"],
+            lambda budget: apply_grant(budget, metadata["uid"], request, spec["add"], *decided, moment) or "already",
+        )
         if written is None:
             return {"phase": "Invalid", "message": f"ComputeBudget {spec['budget']!r} does not exist"}
         raised = ", ".join(f"{key} +{value:g}" for key, value in sorted(dict(spec["add"]).items()) if value)
@@ -95,10 +112,14 @@ async def _grant(memo: kopf.Memo, body: kopf.Body, status: Mapping[str, Any], en
         if record is None or flavor is None:
             return {"phase": "Invalid", "message": f"AnalysisEnvironment {spec['environment']!r} does not exist"}
         extensions = {**(record.status.get("lifetimeExtensions") or {}), metadata["uid"]: spec["lifetime"]}
-        _, expires_at = expiry(record.environment, flavor, {**record.status, "lifetimeExtensions": extensions},
-                               utcnow())
-        await memo.context.kube.patch_environment_status(metadata["namespace"], spec["environment"], {
-            "lifetimeExtensions": extensions, "expiresAt": format_time(expires_at)})
+        _, expires_at = expiry(
+            record.environment, flavor, {**record.status, "lifetimeExtensions": extensions}, utcnow()
+        )
+        await memo.context.kube.patch_environment_status(
+            metadata["namespace"],
+            spec["environment"],
+            {"lifetimeExtensions": extensions, "expiresAt": format_time(expires_at)},
+        )
         added = format_duration(parse_duration(str(spec["lifetime"])))
         messages.append(f"lifetime of {spec['environment']!r} extended by {added}")
     return {"phase": "Applied", "message": "; ".join(messages) or "nothing to apply"}

@@ -1,6 +1,7 @@
 """The webhook server's TLS: a private CA and a serving certificate, made on
 start when absent or close to expiry (rotation = restart, or a new Secret
 mounted by cert-manager / the Helm chart, which kopf re-reads)."""
+
 from __future__ import annotations
 
 import datetime
@@ -35,10 +36,11 @@ def _name(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def ensure_certificates(directory: str, hosts: tuple[str, ...],
-                        now: datetime.datetime | None = None) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+def ensure_certificates(
+    directory: str, hosts: tuple[str, ...], now: datetime.datetime | None = None
+) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
     """(ca.crt, tls.crt, tls.key) in directory, valid for hosts; made or renewed when needed."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     root = pathlib.Path(directory)
     ca_path, cert_path, key_path = root / "ca.crt", root / "tls.crt", root / "tls.key"
     if _still_valid(cert_path, hosts, now) and ca_path.exists() and key_path.exists():
@@ -47,23 +49,34 @@ def ensure_certificates(directory: str, hosts: tuple[str, ...],
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "analysis-operator-webhook-ca")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + VALIDITY)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
-    certificate = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-                   .issuer_name(ca_name).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + VALIDITY)
-                   .add_extension(x509.SubjectAlternativeName([_name(host) for host in hosts]), critical=False)
-                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-                   .sign(ca_key, hashes.SHA256()))
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + VALIDITY)
+        .add_extension(x509.SubjectAlternativeName([_name(host) for host in hosts]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
 
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     key_path.chmod(0o600)
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))

@@ -4,6 +4,7 @@ The official client is blocking; its calls run in a bounded thread pool of
 their own (never kopf's), and responses are parsed as plain JSON instead of
 the client's slow model classes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,8 @@ import datetime
 import functools
 import json
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import kubernetes
 from kubernetes.client.rest import ApiException
@@ -136,8 +138,15 @@ class KubeClient:
     async def patch_environment_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
         """Merge-patch status; False if the environment is gone."""
         try:
-            await self._call(self.custom.patch_namespaced_custom_object_status,
-                             GROUP, VERSION, namespace, ENVIRONMENTS, name, {"status": status})
+            await self._call(
+                self.custom.patch_namespaced_custom_object_status,
+                GROUP,
+                VERSION,
+                namespace,
+                ENVIRONMENTS,
+                name,
+                {"status": status},
+            )
         except ApiException as error:
             if error.status == 404:
                 return False
@@ -146,8 +155,9 @@ class KubeClient:
 
     async def environment_exists(self, namespace: str, name: str, uid: str) -> bool:
         try:
-            body = await self._call(self.custom.get_namespaced_custom_object,
-                                    GROUP, VERSION, namespace, ENVIRONMENTS, name)
+            body = await self._call(
+                self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, ENVIRONMENTS, name
+            )
         except ApiException as error:
             if error.status == 404:
                 return False
@@ -163,15 +173,20 @@ class KubeClient:
 
     async def post_event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on an object (kopf can post only from inside its own handlers)."""
-        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         metadata = involved["metadata"]
         body = {
             "metadata": {"generateName": f"{metadata['name']}.", "namespace": metadata["namespace"]},
             "involvedObject": {"apiVersion": involved["apiVersion"], "kind": involved["kind"], **metadata},
-            "type": type_, "reason": reason, "message": message[:1024],
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
             "source": {"component": "analysis-operator"},
-            "reportingComponent": "analysis-operator", "reportingInstance": socket.gethostname(),
-            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "reportingComponent": "analysis-operator",
+            "reportingInstance": socket.gethostname(),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
         }
         await self._call(self.core.create_namespaced_event, metadata["namespace"], body)
 
@@ -188,11 +203,13 @@ class KubeClient:
         """kopf's peering record (identity -> priority, lifetime, lastseen), empty if absent."""
         try:
             if namespace:
-                body = await self._call(self.custom.get_namespaced_custom_object, "kopf.dev", "v1", namespace,
-                                        "kopfpeerings", peering)
+                body = await self._call(
+                    self.custom.get_namespaced_custom_object, "kopf.dev", "v1", namespace, "kopfpeerings", peering
+                )
             else:
-                body = await self._call(self.custom.get_cluster_custom_object, "kopf.dev", "v1",
-                                        "clusterkopfpeerings", peering)
+                body = await self._call(
+                    self.custom.get_cluster_custom_object, "kopf.dev", "v1", "clusterkopfpeerings", peering
+                )
         except ApiException as error:
             if error.status == 404:
                 return {}
@@ -202,15 +219,22 @@ class KubeClient:
     async def replace_cluster_status(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
         """PUT the status of a cluster-scoped object; raises ApiException 409 when body's
         resourceVersion is no longer current (optimistic concurrency: re-read and decide again)."""
-        return await self._call(self.custom.replace_cluster_custom_object_status, GROUP, VERSION, plural,
-                                body["metadata"]["name"], body)
+        return await self._call(
+            self.custom.replace_cluster_custom_object_status, GROUP, VERSION, plural, body["metadata"]["name"], body
+        )
 
-    async def patch_namespaced_status(self, plural: str, namespace: str, name: str,
-                                      status: dict[str, Any]) -> bool:
+    async def patch_namespaced_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> bool:
         """Merge-patch the status of a namespaced custom object; False if it is gone."""
         try:
-            await self._call(self.custom.patch_namespaced_custom_object_status,
-                             GROUP, VERSION, namespace, plural, name, {"status": status})
+            await self._call(
+                self.custom.patch_namespaced_custom_object_status,
+                GROUP,
+                VERSION,
+                namespace,
+                plural,
+                name,
+                {"status": status},
+            )
         except ApiException as error:
             if error.status == 404:
                 return False

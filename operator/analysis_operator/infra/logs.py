@@ -3,6 +3,7 @@
 structlog renders our own events and, through the stdlib bridge, kopf's
 log records too, so one stream has one format.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +52,11 @@ def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*shared, _kopf_object],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    structlog.processors.format_exc_info, renderer],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
@@ -61,8 +65,9 @@ def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # kopf narrates every watch event at DEBUG and every handler at INFO; keep its noise down.
-    logging.getLogger("kopf").setLevel(max(logging.getLevelName(level.upper()), logging.WARNING)
-                                       if level.upper() != "DEBUG" else logging.DEBUG)
+    logging.getLogger("kopf").setLevel(
+        max(logging.getLevelName(level.upper()), logging.WARNING) if level.upper() != "DEBUG" else logging.DEBUG
+    )
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)   # one line per webhook call: the audit log says more
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # one line per webhook call: the audit log says more

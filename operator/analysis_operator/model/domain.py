@@ -3,6 +3,7 @@
 Everything here is plain data: no I/O, no clock. Handlers turn the raw
 Kubernetes bodies into these once, and everything below them works on these.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -10,8 +11,9 @@ import decimal
 import enum
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 GROUP = "analysis.panosc.eu"
 VERSION = "v1alpha1"
@@ -29,7 +31,7 @@ LABEL_OWNER = f"{GROUP}/owner"
 LABEL_BACKEND = f"{GROUP}/backend"
 
 
-class Phase(str, enum.Enum):
+class Phase(str, enum.Enum):  # noqa: UP042  (str() of a phase is relied on as the enum's)
     PENDING = "Pending"
     PROVISIONING = "Provisioning"
     READY = "Ready"
@@ -82,7 +84,7 @@ def _duration_seconds(text: str) -> int:
 def parse_duration(text: str) -> datetime.timedelta:
     """Parse '8h', '1d12h', '90m', '30s' into a timedelta, at most MAX_DURATION (the CRDs'
     ceiling): a longer one reads as the ceiling. ValueError (in words) for anything else."""
-    seconds = _duration_seconds(text)   # a Python int: no overflow however many digits
+    seconds = _duration_seconds(text)  # a Python int: no overflow however many digits
     return datetime.timedelta(seconds=min(seconds, int(MAX_DURATION.total_seconds())))
 
 
@@ -112,14 +114,14 @@ def read_duration(text: str, field_name: str) -> tuple[datetime.timedelta, str |
 
 
 def format_time(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_time(text: str | None) -> datetime.datetime | None:
     """The operator's own timestamps (format_time); see parse_timestamp for what people write."""
     if not text:
         return None
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
 
 
 def parse_timestamp(text: str) -> datetime.datetime:
@@ -137,8 +139,24 @@ def parse_timestamp(text: str) -> datetime.datetime:
 # A Kubernetes quantity: a decimal number, then a binary (Ki) or decimal (k, m) suffix or a
 # decimal exponent (1e3), as the API server accepts it.
 _QUANTITY = re.compile(r"((?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?")
-_SUFFIX = {None: 1.0, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
-           "E": 1e18, "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50, "Ei": 2.0**60}
+_SUFFIX = {
+    None: 1.0,
+    "n": 1e-9,
+    "u": 1e-6,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+    "Ki": 2.0**10,
+    "Mi": 2.0**20,
+    "Gi": 2.0**30,
+    "Ti": 2.0**40,
+    "Pi": 2.0**50,
+    "Ei": 2.0**60,
+}
 
 
 def parse_quantity(text: str | int | float) -> float:
@@ -148,8 +166,8 @@ def parse_quantity(text: str | int | float) -> float:
     if not match:
         raise ValueError(f"invalid quantity {text!r}: use e.g. 500m, 2 or 16Gi")
     number, suffix = match.groups()
-    if suffix is not None and len(suffix) > 1 and suffix[0] in "eE":   # an exponent, not E (exa)
-        value = float(number + suffix)   # float() of text saturates to inf, it never raises on size
+    if suffix is not None and len(suffix) > 1 and suffix[0] in "eE":  # an exponent, not E (exa)
+        value = float(number + suffix)  # float() of text saturates to inf, it never raises on size
     else:
         value = float(number) * _SUFFIX[suffix]
     if not math.isfinite(value):
@@ -214,10 +232,10 @@ class Flavor:
     openstack: OpenStackSpec = field(default_factory=OpenStackSpec)
     access: FlavorAccess = field(default_factory=lambda: FlavorAccess())
 
-    problems: tuple[str, ...] = ()   # what from_body could not read (and read on the safe side instead)
+    problems: tuple[str, ...] = ()  # what from_body could not read (and read on the safe side instead)
 
     @classmethod
-    def from_body(cls, name: str, spec: Mapping[str, Any]) -> "Flavor":
+    def from_body(cls, name: str, spec: Mapping[str, Any]) -> Flavor:
         """Never raises: anything the CRD lets through reads as written; anything else (an object
         stored before the CRD had its bounds) reads as a default and is named in `problems`."""
         problems: list[str] = []
@@ -244,8 +262,9 @@ class Flavor:
             slurm=SlurmSpec(
                 partition=_text(slurm.get("partition")),
                 account=_text(slurm.get("account")),
-                time_limit_minutes=None if time_limit is None else
-                _count(time_limit, None, "spec.slurm.timeLimitMinutes", problems),
+                time_limit_minutes=None
+                if time_limit is None
+                else _count(time_limit, None, "spec.slurm.timeLimitMinutes", problems),
                 qos=_text(slurm.get("qos")),
                 modules=_texts(slurm.get("modules")),
             ),
@@ -287,8 +306,9 @@ def _quantity_text(value: Any, default: str, field_name: str, problems: list[str
 def _count(value: Any, default: Any, field_name: str, problems: list[str]) -> Any:
     """A whole number at least 0, or the default (and a problem)."""
     try:
-        number = int(value) if not isinstance(value, bool) and (not isinstance(value, float) or
-                                                                 value.is_integer()) else None
+        number = (
+            int(value) if not isinstance(value, bool) and (not isinstance(value, float) or value.is_integer()) else None
+        )
     except (TypeError, ValueError, OverflowError):
         number = None
     if number is None or number < 0:
@@ -300,6 +320,7 @@ def _count(value: Any, default: Any, field_name: str, problems: list[str]) -> An
 @dataclass(frozen=True)
 class DatasetRef:
     """One entry of spec.datasets: a Dataset by name, or by its persistent identifier."""
+
     name: str = ""
     mount_path: str = ""
     pid: str = ""
@@ -322,13 +343,13 @@ class Environment:
     lifetime: datetime.timedelta | None = None
     suspend: bool = False
     generation: int = 0
-    deleting: bool = False      # deletionTimestamp set: only the finalizer's cleanup may act now
-    budget: str = ""            # ComputeBudget named in spec.budget; "" = the owner's personal one
+    deleting: bool = False  # deletionTimestamp set: only the finalizer's cleanup may act now
+    budget: str = ""  # ComputeBudget named in spec.budget; "" = the owner's personal one
 
     problems: tuple[str, ...] = ()  # what from_body could not read (and read on the safe side instead)
 
     @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> "Environment":
+    def from_body(cls, body: Mapping[str, Any]) -> Environment:
         """Never raises. The lifetime is None (the flavor's) or within [MIN_DURATION, MAX_DURATION]:
         "0s" is a lifetime of one second, never "no lifetime"; a longer one (stored before the CRD
         had its ceiling) reads as the ceiling, which no flavor allows, and is named in `problems`."""
@@ -343,9 +364,11 @@ class Environment:
             flavor=_text(spec.get("flavor")),
             image=_text(spec.get("image")),
             datasets=tuple(
-                DatasetRef(name=_text(ref.get("name")), mount_path=_text(ref.get("mountPath")),
-                           pid=_text(ref.get("pid")))
-                for ref in spec.get("datasets") or () if isinstance(ref, Mapping)
+                DatasetRef(
+                    name=_text(ref.get("name")), mount_path=_text(ref.get("mountPath")), pid=_text(ref.get("pid"))
+                )
+                for ref in spec.get("datasets") or ()
+                if isinstance(ref, Mapping)
             ),
             lifetime=lifetime,
             suspend=spec.get("suspend") is True,
@@ -387,6 +410,7 @@ class Environment:
 class FlavorAccess:
     """Who may use a flavor (spec.access): users by ID, or members of FacilityGroups
     (roles such as staff, approved proposals). Both empty: everyone."""
+
     users: frozenset[str] = frozenset()
     groups: frozenset[str] = frozenset()
 
@@ -395,7 +419,7 @@ class FlavorAccess:
         return bool(self.users or self.groups)
 
     @classmethod
-    def from_spec(cls, access: Mapping[str, Any]) -> "FlavorAccess":
+    def from_spec(cls, access: Mapping[str, Any]) -> FlavorAccess:
         return cls(users=frozenset(_texts(access.get("users"))), groups=frozenset(_texts(access.get("groups"))))
 
 
@@ -416,18 +440,20 @@ def parse_embargo(text: str | None) -> datetime.datetime | None:
     try:
         return datetime.datetime.strptime(text, form).replace(tzinfo=datetime.UTC)
     except ValueError:
-        raise ValueError(f"{text!r} is not a real {'date' if len(text) == 10 else 'time'} "
-                         f"(no such day or hour in the calendar)") from None
+        raise ValueError(
+            f"{text!r} is not a real {'date' if len(text) == 10 else 'time'} (no such day or hour in the calendar)"
+        ) from None
 
 
 @dataclass(frozen=True)
 class DatasetStorage:
     """Where a dataset lives, as each backend sees it (spec.storage)."""
-    claim_name: str = ""   # PersistentVolumeClaim in the environment's namespace (kubernetes)
-    sub_path: str = ""     # the dataset's directory inside that claim
-    nfs_server: str = ""   # NFS export: kubernetes when there is no claim, and VMs
+
+    claim_name: str = ""  # PersistentVolumeClaim in the environment's namespace (kubernetes)
+    sub_path: str = ""  # the dataset's directory inside that claim
+    nfs_server: str = ""  # NFS export: kubernetes when there is no claim, and VMs
     nfs_path: str = ""
-    path: str = ""         # the same data as a path on the Slurm cluster's nodes
+    path: str = ""  # the same data as a path on the Slurm cluster's nodes
 
     @property
     def nfs_share(self) -> str:
@@ -437,19 +463,20 @@ class DatasetStorage:
 @dataclass(frozen=True)
 class Dataset:
     """A Dataset of the facility catalogue: what it is, where it lives, who may read it."""
+
     name: str
     pid: str
     title: str = ""
     size: str = ""
     storage: DatasetStorage = field(default_factory=DatasetStorage)
-    embargoed_until: datetime.datetime | None = None   # None: public
-    members: frozenset[str] = frozenset()               # user IDs who may read it during the embargo
-    groups: frozenset[str] = frozenset()                # FacilityGroups who may read it during the embargo
+    embargoed_until: datetime.datetime | None = None  # None: public
+    members: frozenset[str] = frozenset()  # user IDs who may read it during the embargo
+    groups: frozenset[str] = frozenset()  # FacilityGroups who may read it during the embargo
 
-    problem: str = ""   # what from_body could not read; an unreadable embargo has not ended
+    problem: str = ""  # what from_body could not read; an unreadable embargo has not ended
 
     @classmethod
-    def from_body(cls, name: str, spec: Mapping[str, Any]) -> "Dataset":
+    def from_body(cls, name: str, spec: Mapping[str, Any]) -> Dataset:
         """Never raises: an embargo whose end cannot be read (or is missing) is read as not ended
         (EMBARGO_UNREADABLE) and named in `problem`, so one bad Dataset affects only itself."""
         storage = _mapping(spec.get("storage"))
@@ -457,7 +484,7 @@ class Dataset:
         nfs = _mapping(storage.get("nfs"))
         access = _mapping(spec.get("access"))
         embargoed_until, problem = None, ""
-        if access.get("level") != "public":   # embargoed, or a level this operator does not know: closed
+        if access.get("level") != "public":  # embargoed, or a level this operator does not know: closed
             try:
                 embargoed_until = parse_embargo(_text(access.get("embargoedUntil"))) or EMBARGO_UNREADABLE
                 if embargoed_until is EMBARGO_UNREADABLE:
@@ -469,9 +496,13 @@ class Dataset:
             pid=_text(spec.get("pid")),
             title=_text(spec.get("title")),
             size=_text(spec.get("size")),
-            storage=DatasetStorage(claim_name=_text(claim.get("claimName")), sub_path=_text(claim.get("subPath")),
-                                   nfs_server=_text(nfs.get("server")), nfs_path=_text(nfs.get("path")),
-                                   path=_text(storage.get("path"))),
+            storage=DatasetStorage(
+                claim_name=_text(claim.get("claimName")),
+                sub_path=_text(claim.get("subPath")),
+                nfs_server=_text(nfs.get("server")),
+                nfs_path=_text(nfs.get("path")),
+                path=_text(storage.get("path")),
+            ),
             embargoed_until=embargoed_until,
             members=frozenset(_texts(access.get("members"))),
             groups=frozenset(_texts(access.get("groups"))),
@@ -482,6 +513,7 @@ class Dataset:
 @dataclass(frozen=True)
 class Mount:
     """A dataset granted to an environment: where it appears, and on what grounds."""
+
     dataset: Dataset
     path: str
-    grounds: str = ""   # e.g. "public", "embargo ended", "team member", "group p11-20231234"
+    grounds: str = ""  # e.g. "public", "embargo ended", "team member", "group p11-20231234"

@@ -32,7 +32,7 @@ class PosixIdentity:
 
     def named_groups(self) -> tuple[tuple[int, str], ...]:
         """(gid, name) for each supplementary group; a group with no name known is called g<gid>."""
-        names = (*self.group_names, *(f"g{gid}" for gid in self.groups[len(self.group_names):]))
+        names = (*self.group_names, *(f"g{gid}" for gid in self.groups[len(self.group_names) :]))
         return tuple(zip(self.groups, names, strict=False))
 
 
@@ -60,14 +60,16 @@ class FacilityUser:
         problems = []
         uid, gid = parse_posix_id(spec.get("uid")), parse_posix_id(spec.get("gid"))
         if uid is None:
-            problems.append(f"spec.uid {spec.get('uid')!r} is not a user ID from 1 to {POSIX_ID_MAX} "
-                            f"(0 would be root)")
+            problems.append(f"spec.uid {spec.get('uid')!r} is not a user ID from 1 to {POSIX_ID_MAX} (0 would be root)")
         if gid is None:
-            problems.append(f"spec.gid {spec.get('gid')!r} is not a group ID from 1 to {POSIX_ID_MAX} "
-                            f"(0 would be root's group)")
+            problems.append(
+                f"spec.gid {spec.get('gid')!r} is not a group ID from 1 to {POSIX_ID_MAX} (0 would be root's group)"
+            )
         username = spec.get("username") or name
         if not isinstance(username, str) or not UNIX_NAME.fullmatch(username):
-            problems.append(f"the Unix account name {username!r} is not valid (lowercase letters, digits, "
-                            f"'_', '.', '-', at most 32 characters, not starting with a digit): set spec.username")
+            problems.append(
+                f"the Unix account name {username!r} is not valid (lowercase letters, digits, "
+                f"'_', '.', '-', at most 32 characters, not starting with a digit): set spec.username"
+            )
             username = ""
         return cls(name=name, uid=uid or 0, gid=gid or 0, username=username, problems=tuple(problems))

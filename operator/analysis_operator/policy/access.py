@@ -14,12 +14,13 @@ The rules, in order, for a user and a dataset at time `now`:
   5. the user is a member of a FacilityGroup listed in access.groups: granted
   6. otherwise refused, DatasetEmbargoed
 """
+
 from __future__ import annotations
 
 import datetime
 import re
-from dataclasses import dataclass, field
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from analysis_operator.model.domain import (
@@ -51,8 +52,10 @@ def pid_problem(pid: str) -> str | None:
         return f"pid {pid!r}: store the bare identifier, without 'doi:' or a resolver URL (e.g. 10.5072/p11-20231234)"
     if _HANDLE.fullmatch(pid) or _FACILITY_PID.fullmatch(pid):
         return None
-    return (f"pid {pid!r} is neither a DOI/Handle (10.5072/p11-20231234, 20.500.12345/abc) "
-            f"nor a facility PID (esrf:ES-1234)")
+    return (
+        f"pid {pid!r} is neither a DOI/Handle (10.5072/p11-20231234, 20.500.12345/abc) "
+        f"nor a facility PID (esrf:ES-1234)"
+    )
 
 
 def pid_key(pid: str) -> str:
@@ -66,7 +69,7 @@ def mount_path_problem(path: str) -> str | None:
         return f"mountPath is longer than {MAX_MOUNT_PATH} characters"
     if not path.startswith(DATA_ROOT + "/"):
         return f"mountPath {path!r} is not under {DATA_ROOT}/"
-    for segment in path[len(DATA_ROOT) + 1:].split("/"):
+    for segment in path[len(DATA_ROOT) + 1 :].split("/"):
         if segment in ("", ".", ".."):
             return f"mountPath {path!r} holds an empty, '.' or '..' part: write the plain path"
         if not _SEGMENT.fullmatch(segment):
@@ -107,14 +110,24 @@ def may_read(dataset: Dataset, user: str, user_groups: frozenset[str], now: date
     if shared:
         return f"member of group {shared[0]}"
     if dataset.embargoed_until == EMBARGO_UNREADABLE:
-        return Refusal("DatasetEmbargoed", subject=dataset.name, message=(
-            f"dataset {dataset.name!r} ({dataset.pid}) is embargoed and the end of its embargo cannot be read "
-            f"({dataset.problem}): only its experiment team may read it until the facility corrects it"))
+        return Refusal(
+            "DatasetEmbargoed",
+            subject=dataset.name,
+            message=(
+                f"dataset {dataset.name!r} ({dataset.pid}) is embargoed and the end of its embargo cannot be read "
+                f"({dataset.problem}): only its experiment team may read it until the facility corrects it"
+            ),
+        )
     teams = ", ".join(sorted(dataset.groups)) or "none"
-    return Refusal("DatasetEmbargoed", subject=dataset.name, message=(
-        f"dataset {dataset.name!r} ({dataset.pid}) is embargoed until {format_time(dataset.embargoed_until)} "
-        f"and readable only by its experiment team: user {user!r} is not among its members nor in its "
-        f"groups ({teams}); ask the experiment's principal investigator to add you, or wait for the embargo to end"))
+    return Refusal(
+        "DatasetEmbargoed",
+        subject=dataset.name,
+        message=(
+            f"dataset {dataset.name!r} ({dataset.pid}) is embargoed until {format_time(dataset.embargoed_until)} "
+            f"and readable only by its experiment team: user {user!r} is not among its members nor in its "
+            f"groups ({teams}); ask the experiment's principal investigator to add you, or wait for the embargo to end"
+        ),
+    )
 
 
 def may_use_flavor(flavor: Flavor, user: str, user_groups: frozenset[str]) -> Refusal | str:
@@ -126,11 +139,17 @@ def may_use_flavor(flavor: Flavor, user: str, user_groups: frozenset[str]) -> Re
     shared = sorted(access.groups & user_groups)
     if shared:
         return f"member of group {shared[0]}"
-    rule = ", ".join([*(f"group {group}" for group in sorted(access.groups)),
-                      *(f"user {name}" for name in sorted(access.users))])
-    return Refusal("FlavorNotAllowed", subject=flavor.name, message=(
-        f"flavor {flavor.name!r} is restricted (spec.access) to {rule}: user {user!r} is none of them; "
-        f"choose another flavor or ask the facility to add you to one of those groups"))
+    rule = ", ".join(
+        [*(f"group {group}" for group in sorted(access.groups)), *(f"user {name}" for name in sorted(access.users))]
+    )
+    return Refusal(
+        "FlavorNotAllowed",
+        subject=flavor.name,
+        message=(
+            f"flavor {flavor.name!r} is restricted (spec.access) to {rule}: user {user!r} is none of them; "
+            f"choose another flavor or ask the facility to add you to one of those groups"
+        ),
+    )
 
 
 # ---------------------------------------------------------------- the whole environment
@@ -149,6 +168,7 @@ class Catalogue(Protocol):
 @dataclass(frozen=True)
 class StaticCatalogue:
     """A catalogue held in plain data (a listing from the API, or a test's)."""
+
     datasets: tuple[Dataset, ...] = ()
     groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
@@ -165,6 +185,7 @@ class StaticCatalogue:
 @dataclass(frozen=True)
 class AccessPlan:
     """What an environment may have: the mounts granted, and every refusal."""
+
     mounts: tuple[Mount, ...] = ()
     refusals: tuple[Refusal, ...] = ()
 
@@ -181,8 +202,10 @@ def resolve(reference_name: str, reference_pid: str, catalogue: Catalogue) -> tu
     if reference_name:
         dataset = catalogue.dataset(reference_name)
         if dataset is None:
-            return None, (f"dataset {reference_name!r} does not exist: "
-                          f"see `kubectl get datasets` for the names the facility registered")
+            return None, (
+                f"dataset {reference_name!r} does not exist: "
+                f"see `kubectl get datasets` for the names the facility registered"
+            )
         return dataset, ""
     found = catalogue.with_pid(reference_pid)
     if len(found) == 1:
@@ -197,8 +220,13 @@ def resolve(reference_name: str, reference_pid: str, catalogue: Catalogue) -> tu
 Reach = Callable[[Dataset], "str | None"]
 
 
-def plan_access(environment: Environment, flavor: Flavor | None, catalogue: Catalogue,
-                now: datetime.datetime, reach: Reach | None = None) -> AccessPlan:
+def plan_access(
+    environment: Environment,
+    flavor: Flavor | None,
+    catalogue: Catalogue,
+    now: datetime.datetime,
+    reach: Reach | None = None,
+) -> AccessPlan:
     """Decide every dataset of an environment, its mount paths, and its flavor, for its owner.
     `reach` is the flavor's backend's view of where data lives (None: not checked)."""
     user = environment.owner
@@ -224,8 +252,13 @@ def plan_access(environment: Environment, flavor: Flavor | None, catalogue: Cata
             refusals.append(Refusal(verdict.reason, verdict.message, subject=reference.reference))
             continue
         if reach is not None and (problem := reach(dataset)):
-            refusals.append(Refusal("DatasetNotAvailable", f"{problem}: pick a flavor on another backend or ask "
-                                    "the facility", subject=reference.reference))
+            refusals.append(
+                Refusal(
+                    "DatasetNotAvailable",
+                    f"{problem}: pick a flavor on another backend or ask the facility",
+                    subject=reference.reference,
+                )
+            )
             continue
         path = reference.mount_path or default_mount_path(dataset.name)
         candidates.append((reference, Mount(dataset, path, verdict)))
@@ -241,10 +274,17 @@ def _listing_problems(candidates: Sequence[tuple[DatasetRef, Mount]]) -> list[Re
     seen: dict[str, str] = {}
     for reference, mount in candidates:
         if mount.dataset.name in seen:
-            problems.append(Refusal("DatasetListedTwice", f"dataset {mount.dataset.name!r} is listed twice "
-                                    f"(as {seen[mount.dataset.name]!r} and as {reference.reference!r})",
-                                    subject=mount.dataset.name))
+            problems.append(
+                Refusal(
+                    "DatasetListedTwice",
+                    f"dataset {mount.dataset.name!r} is listed twice "
+                    f"(as {seen[mount.dataset.name]!r} and as {reference.reference!r})",
+                    subject=mount.dataset.name,
+                )
+            )
         seen.setdefault(mount.dataset.name, reference.reference)
-    problems.extend(Refusal("MountPathCollision", message, subject=DATA_ROOT)
-                    for message in collisions([mount.path for _, mount in candidates]))
+    problems.extend(
+        Refusal("MountPathCollision", message, subject=DATA_ROOT)
+        for message in collisions([mount.path for _, mount in candidates])
+    )
     return problems

@@ -14,16 +14,18 @@ Ledger layout (status):
   grants.<request uid>: {...}      approved BudgetRequests; effective limit = spec + grants
   used / limits / remaining / running / display: derived, for people and the portal
 """
+
 from __future__ import annotations
 
 import datetime
 import math
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Mapping
+from typing import Any
 
+from analysis_operator.model.conditions import build_condition, merge_conditions
 from analysis_operator.model.domain import Environment, Flavor, Phase, format_time, parse_time, parse_timestamp
 from analysis_operator.policy.refusal import Refusal
-from analysis_operator.model.conditions import build_condition, merge_conditions
 
 HOUR = 3600.0
 RESOURCES = ("cpuHours", "gpuHours")
@@ -35,20 +37,21 @@ UNREADABLE_END = datetime.datetime.min.replace(tzinfo=datetime.UTC)
 @dataclass(frozen=True)
 class Budget:
     """A ComputeBudget as read from the API (spec and its status ledger)."""
+
     name: str
     user: str = ""
     group: str = ""
-    limits: Mapping[str, float] = field(default_factory=dict)   # spec.limits; a missing key is unlimited
-    reset: str = ""                                             # "" or "Monthly"
+    limits: Mapping[str, float] = field(default_factory=dict)  # spec.limits; a missing key is unlimited
+    reset: str = ""  # "" or "Monthly"
     valid_until: datetime.datetime | None = None
-    warning_percent: float | None = None                       # spec override of the operator setting
+    warning_percent: float | None = None  # spec override of the operator setting
     status: Mapping[str, Any] = field(default_factory=dict)
     resource_version: str = ""
 
-    problem: str = ""                                           # what from_body could not read
+    problem: str = ""  # what from_body could not read
 
     @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> "Budget":
+    def from_body(cls, body: Mapping[str, Any]) -> Budget:
         """Never raises. A validUntil that cannot be read (stored before the CRD checked it) reads as
         already past: nothing new starts on a budget whose end nobody can tell; `problem` says why."""
         metadata = body.get("metadata") or {}
@@ -66,11 +69,16 @@ class Budget:
             problem = "; ".join([*filter(None, [problem]), f"spec.limits.{bad[0]} is not a number (read as 0)"])
         warning = _number(spec.get("warningPercent"))
         return cls(
-            name=str(metadata.get("name", "")), user=str(spec.get("user", "")), group=str(spec.get("group", "")),
+            name=str(metadata.get("name", "")),
+            user=str(spec.get("user", "")),
+            group=str(spec.get("group", "")),
             limits={key: value or 0.0 for key, value in limits.items()},
-            reset=str(period.get("reset", "")), valid_until=valid_until,
-            warning_percent=warning, status=dict(body.get("status") or {}),
-            resource_version=str(metadata.get("resourceVersion", "")), problem=problem,
+            reset=str(period.get("reset", "")),
+            valid_until=valid_until,
+            warning_percent=warning,
+            status=dict(body.get("status") or {}),
+            resource_version=str(metadata.get("resourceVersion", "")),
+            problem=problem,
         )
 
     @property
@@ -97,35 +105,52 @@ class Budget:
 
 # --- which budget -----------------------------------------------------------------------------------
 
-def select_budget(owner: str, named: str, budgets: Mapping[str, Budget], personal: Mapping[str, str],
-                  is_member: Callable[[str, str], bool]) -> Budget | Refusal:
+
+def select_budget(
+    owner: str,
+    named: str,
+    budgets: Mapping[str, Budget],
+    personal: Mapping[str, str],
+    is_member: Callable[[str, str], bool],
+) -> Budget | Refusal:
     """The budget an environment draws on: the one it names in spec.budget (the owner's own, or a
     group budget the owner is a member of), else the owner's personal budget."""
     if named:
         budget = budgets.get(named)
         if budget is None:
-            return Refusal("BudgetNotFound", f"ComputeBudget {named!r} (spec.budget) does not exist: "
-                             f"see `kubectl get computebudgets`, or leave spec.budget out to use your own")
+            return Refusal(
+                "BudgetNotFound",
+                f"ComputeBudget {named!r} (spec.budget) does not exist: "
+                f"see `kubectl get computebudgets`, or leave spec.budget out to use your own",
+            )
         if budget.user == owner or (budget.group and is_member(budget.group, owner)):
             return budget
-        return Refusal("NotBudgetMember", f"{owner!r} may not draw on {budget.label}: only "
-                         f"{'its user' if budget.user else 'members of the group'} may")
+        return Refusal(
+            "NotBudgetMember",
+            f"{owner!r} may not draw on {budget.label}: only "
+            f"{'its user' if budget.user else 'members of the group'} may",
+        )
     name = personal.get(owner)
     if name is None or name not in budgets:
-        return Refusal("NoBudget", f"user {owner!r} has no ComputeBudget: ask your facility for one, "
-                         f"or name a group budget you are a member of in spec.budget")
+        return Refusal(
+            "NoBudget",
+            f"user {owner!r} has no ComputeBudget: ask your facility for one, "
+            f"or name a group budget you are a member of in spec.budget",
+        )
     return budgets[name]
 
 
 # --- may it start -----------------------------------------------------------------------------------
 
+
 def _used_of(used: float, limit: float) -> str:
-    """"72.5 of 140.0": one decimal, or as many as it takes to tell the numbers apart and to show
+    """ "72.5 of 140.0": one decimal, or as many as it takes to tell the numbers apart and to show
     neither as zero when it is not (a limit of 0.001 is not "0.0", 19.96 of 20 is not "20.0 of 20.0")."""
     for digits in range(1, 7):
         texts = (f"{used:.{digits}f}", f"{limit:.{digits}f}")
         if (texts[0] != texts[1]) == (used != limit) and all(
-                float(text) != 0 or value == 0 for text, value in zip(texts, (used, limit), strict=True)):
+            float(text) != 0 or value == 0 for text, value in zip(texts, (used, limit), strict=True)
+        ):
             return f"{texts[0]} of {texts[1]}"
     return f"{used:g} of {limit:g}"
 
@@ -142,23 +167,33 @@ def spent(budget: Budget, cpus: float, gpus: int, now: datetime.datetime) -> Ref
     """Is the budget expired, or out of the hours something holding `cpus` and `gpus` would use?
     The same rule refuses a new environment and stops a running one."""
     if budget.problem and budget.valid_until == UNREADABLE_END:
-        return Refusal("BudgetUnreadable", f"{budget.label} cannot be read: {budget.problem}; ask the "
-                         f"facility to correct it", phase=Phase.BUDGET_EXHAUSTED)
+        return Refusal(
+            "BudgetUnreadable",
+            f"{budget.label} cannot be read: {budget.problem}; ask the facility to correct it",
+            phase=Phase.BUDGET_EXHAUSTED,
+        )
     if budget.valid_until is not None and now >= budget.valid_until:
-        return Refusal("BudgetExpired", f"{budget.label} expired at {format_time(budget.valid_until)}; "
-                         f"ask for a new one", phase=Phase.BUDGET_EXHAUSTED)
+        return Refusal(
+            "BudgetExpired",
+            f"{budget.label} expired at {format_time(budget.valid_until)}; ask for a new one",
+            phase=Phase.BUDGET_EXHAUSTED,
+        )
     for key, needed in (("cpuHours", cpus), ("gpuHours", gpus)):
         limit = budget.limit(key)
         if needed and limit is not None and budget.used(key) >= limit:
-            return Refusal(f"{'Cpu' if key == 'cpuHours' else 'Gpu'}HoursExhausted",
-                             f"{_LIMIT_WORDS[key]} budget of {budget.label} exhausted: "
-                             f"{_used_of(budget.used(key), limit)} used; "
-                             f"ask for more with a BudgetRequest", phase=Phase.BUDGET_EXHAUSTED)
+            return Refusal(
+                f"{'Cpu' if key == 'cpuHours' else 'Gpu'}HoursExhausted",
+                f"{_LIMIT_WORDS[key]} budget of {budget.label} exhausted: "
+                f"{_used_of(budget.used(key), limit)} used; "
+                f"ask for more with a BudgetRequest",
+                phase=Phase.BUDGET_EXHAUSTED,
+            )
     return None
 
 
-def admission_refusal(budget: Budget, flavor: Flavor, holding: int, gpus_held: int,
-                      now: datetime.datetime) -> Refusal | None:
+def admission_refusal(
+    budget: Budget, flavor: Flavor, holding: int, gpus_held: int, now: datetime.datetime
+) -> Refusal | None:
     """May one more environment of `flavor` start, with `holding` environments and `gpus_held`
     GPUs already running on the budget? The refusal's phase is Rejected: nothing ran yet."""
     refusal = spent(budget, flavor.resources.cpus, flavor.resources.gpu, now)
@@ -166,18 +201,25 @@ def admission_refusal(budget: Budget, flavor: Flavor, holding: int, gpus_held: i
         return Refusal(refusal.reason, refusal.message)
     most = budget.limit("maxEnvironments")
     if most is not None and holding + 1 > most:
-        return Refusal("TooManyEnvironments", f"budget of {budget.label} allows {int(most)} environment(s) at once and "
-                         f"{holding} are running: stop one, or ask for more with a BudgetRequest")
+        return Refusal(
+            "TooManyEnvironments",
+            f"budget of {budget.label} allows {int(most)} environment(s) at once and "
+            f"{holding} are running: stop one, or ask for more with a BudgetRequest",
+        )
     gpus = budget.limit("maxGpus")
     if flavor.resources.gpu and gpus is not None and gpus_held + flavor.resources.gpu > gpus:
-        return Refusal("TooManyGpus", f"budget of {budget.label} allows {int(gpus)} GPU(s) at once, {gpus_held} are in "
-                         f"use and flavor {flavor.name!r} needs {flavor.resources.gpu}: stop a GPU environment, "
-                         f"or ask for more with a BudgetRequest")
+        return Refusal(
+            "TooManyGpus",
+            f"budget of {budget.label} allows {int(gpus)} GPU(s) at once, {gpus_held} are in "
+            f"use and flavor {flavor.name!r} needs {flavor.resources.gpu}: stop a GPU environment, "
+            f"or ask for more with a BudgetRequest",
+        )
     return None
 
 
-def reserve(budget: Budget, environment: Environment, flavor: Flavor,
-            now: datetime.datetime) -> Refusal | dict[str, Any] | None:
+def reserve(
+    budget: Budget, environment: Environment, flavor: Flavor, now: datetime.datetime
+) -> Refusal | dict[str, Any] | None:
     """Take a slot for the environment in the ledger: None if it holds one already, the new status
     if it may have one, a Refusal if it may not."""
     if environment.uid in budget.entries:
@@ -186,13 +228,21 @@ def reserve(budget: Budget, environment: Environment, flavor: Flavor,
     refusal = admission_refusal(budget, flavor, len(budget.entries), gpus_held, now)
     if refusal is not None:
         return refusal
-    entry = {"namespace": environment.namespace, "name": environment.name, "cpus": flavor.resources.cpus,
-             "gpus": flavor.resources.gpu, "since": format_time(now), "chargedUntil": format_time(now),
-             "cpuHours": 0.0, "gpuHours": 0.0}
+    entry = {
+        "namespace": environment.namespace,
+        "name": environment.name,
+        "cpus": flavor.resources.cpus,
+        "gpus": flavor.resources.gpu,
+        "since": format_time(now),
+        "chargedUntil": format_time(now),
+        "cpuHours": 0.0,
+        "gpuHours": 0.0,
+    }
     return summarize(budget, {**budget.status, "environments": {**budget.entries, environment.uid: entry}}, now)
 
 
 # --- accounting -------------------------------------------------------------------------------------
+
 
 def period_start(reset: str, now: datetime.datetime) -> datetime.datetime | None:
     if reset == "Monthly":
@@ -207,29 +257,39 @@ def _charged(entry: Mapping[str, Any], until: datetime.datetime) -> dict[str, An
     until = until.replace(microsecond=0)
     since = parse_time(entry.get("chargedUntil")) or until
     seconds = max(0.0, (until - since).total_seconds())
-    return {**entry, "chargedUntil": format_time(max(since, until)),
-            "cpuHours": round(float(entry.get("cpuHours") or 0) + float(entry.get("cpus") or 0) * seconds / HOUR, 9),
-            "gpuHours": round(float(entry.get("gpuHours") or 0) + float(entry.get("gpus") or 0) * seconds / HOUR, 9)}
+    return {
+        **entry,
+        "chargedUntil": format_time(max(since, until)),
+        "cpuHours": round(float(entry.get("cpuHours") or 0) + float(entry.get("cpus") or 0) * seconds / HOUR, 9),
+        "gpuHours": round(float(entry.get("gpuHours") or 0) + float(entry.get("gpus") or 0) * seconds / HOUR, 9),
+    }
 
 
 @dataclass(frozen=True)
 class Charge:
     status: dict[str, Any]
-    events: tuple[tuple[str, str, str], ...] = ()   # (type, reason, message) for the budget
-    stop: tuple[str, ...] = ()                      # uids of environments the budget no longer covers
-    reason: str = ""                                # why they stop (names the budget)
+    events: tuple[tuple[str, str, str], ...] = ()  # (type, reason, message) for the budget
+    stop: tuple[str, ...] = ()  # uids of environments the budget no longer covers
+    reason: str = ""  # why they stop (names the budget)
 
 
 @dataclass(frozen=True)
 class Held:
     """What a Slurm job or VM holds according to its backend (not the flavor), and since when."""
+
     cpus: float
     gpus: int
     since: datetime.datetime | None = None
 
 
-def charge(budget: Budget, ended: Mapping[str, datetime.datetime | None], now: datetime.datetime,
-           warning_percent: float, paused: Collection[str] = (), held: Mapping[str, Held] | None = None) -> Charge:
+def charge(
+    budget: Budget,
+    ended: Mapping[str, datetime.datetime | None],
+    now: datetime.datetime,
+    warning_percent: float,
+    paused: Collection[str] = (),
+    held: Mapping[str, Held] | None = None,
+) -> Charge:
     """One accounting tick. `ended` maps the uid of every ledger entry whose environment no longer
     holds resources to when it stopped (None: unknown, e.g. deleted: charged until now). Entries are
     charged from their chargedUntil, ended ones settled, and a new period starts from zero. `paused`
@@ -255,14 +315,18 @@ def charge(budget: Budget, ended: Mapping[str, datetime.datetime | None], now: d
             view.update(chargedUntil=format_time(min(since, now)), heldSince=format_time(since))
         return view
 
-    entries = {uid: {**entry, "chargedUntil": format_time(now)} if uid in paused else backend_view(uid, dict(entry))
-               for uid, entry in budget.entries.items()}
+    entries = {
+        uid: {**entry, "chargedUntil": format_time(now)} if uid in paused else backend_view(uid, dict(entry))
+        for uid, entry in budget.entries.items()
+    }
     start = period_start(budget.reset, now)
     if start is not None and status.get("periodStart") != format_time(start):
         # Usage up to the boundary belonged to the old period, which is forgotten.
-        entries = {uid: {**_charged(entry, min(start, end(uid))), "cpuHours": 0.0, "gpuHours": 0.0}
-                   for uid, entry in entries.items()}
-        settled = {key: 0.0 for key in RESOURCES}
+        entries = {
+            uid: {**_charged(entry, min(start, end(uid))), "cpuHours": 0.0, "gpuHours": 0.0}
+            for uid, entry in entries.items()
+        }
+        settled = dict.fromkeys(RESOURCES, 0.0)
         status.update(periodStart=format_time(start), warned={})
     entries = {uid: _charged(entry, end(uid)) for uid, entry in entries.items()}
     for uid in ended:
@@ -282,11 +346,17 @@ def _exhaustion(budget: Budget, status: dict[str, Any], now: datetime.datetime, 
     for key in RESOURCES:
         limit, used = budget.limit(key), budget.used(key)
         if limit and used < limit * percent / 100:
-            warned.pop(key, None)   # back under the threshold (more was granted): warn again next time
+            warned.pop(key, None)  # back under the threshold (more was granted): warn again next time
         elif limit and used < limit and not warned.get(key):
             warned[key] = format_time(now)
-            events.append(("Warning", "BudgetWarning", f"{_LIMIT_WORDS[key]} budget of {budget.label}: "
-                           f"{_used_of(used, limit)} used ({100 * used / limit:.0f}%)"))
+            events.append(
+                (
+                    "Warning",
+                    "BudgetWarning",
+                    f"{_LIMIT_WORDS[key]} budget of {budget.label}: "
+                    f"{_used_of(used, limit)} used ({100 * used / limit:.0f}%)",
+                )
+            )
     status["warned"] = warned
     stop, reason = [], ""
     for uid, entry in budget.entries.items():
@@ -304,14 +374,21 @@ def exhausted_conditions(budget: Budget, status: Mapping[str, Any], now: datetim
     """The Exhausted condition: True while a limit is reached (new GPU or all environments refused)."""
     previous = {c.get("type"): c for c in status.get("conditions") or ()}.get("Exhausted")
     over = spent(budget, 1.0, 0, now) or spent(budget, 0.0, 1, now)
-    condition = build_condition(previous, type_="Exhausted", status=over is not None,
-                                reason=over.reason if over else "WithinBudget",
-                                message=over.message if over else "within all limits", generation=0, now=now)
+    condition = build_condition(
+        previous,
+        type_="Exhausted",
+        status=over is not None,
+        reason=over.reason if over else "WithinBudget",
+        message=over.message if over else "within all limits",
+        generation=0,
+        now=now,
+    )
     return merge_conditions(status.get("conditions"), condition)
 
 
-def expiry_warning_due(expires_at: datetime.datetime, now: datetime.datetime, warn_before: float,
-                       warned_for: str | None) -> bool:
+def expiry_warning_due(
+    expires_at: datetime.datetime, now: datetime.datetime, warn_before: float, warned_for: str | None
+) -> bool:
     """Post the "expires soon" Event once per expiry time (an extension moves it, and warns again)."""
     remaining = (expires_at - now).total_seconds()
     return 0 < remaining <= warn_before and warned_for != format_time(expires_at)
@@ -328,22 +405,44 @@ def summarize(budget: Budget, status: Mapping[str, Any], now: datetime.datetime)
 
     def shown(used_value: float, key: str) -> str:
         return f"{used_value:.1f} / {limits[key]:g}" if key in limits else f"{used_value:.1f} / -"
-    display = {"cpuHours": shown(used["cpuHours"], "cpuHours"), "gpuHours": shown(used["gpuHours"], "gpuHours"),
-               "environments": f"{running['environments']} / "
-                               f"{int(limits['maxEnvironments']) if 'maxEnvironments' in limits else '-'}"}
-    return {**status, "used": {**used, "updatedAt": format_time(now)}, "limits": limits,
-            "remaining": remaining, "running": running, "display": display}
+
+    display = {
+        "cpuHours": shown(used["cpuHours"], "cpuHours"),
+        "gpuHours": shown(used["gpuHours"], "gpuHours"),
+        "environments": f"{running['environments']} / "
+        f"{int(limits['maxEnvironments']) if 'maxEnvironments' in limits else '-'}",
+    }
+    return {
+        **status,
+        "used": {**used, "updatedAt": format_time(now)},
+        "limits": limits,
+        "remaining": remaining,
+        "running": running,
+        "display": display,
+    }
 
 
 # --- requests ---------------------------------------------------------------------------------------
 
-def apply_grant(budget: Budget, request_uid: str, request: str, extra: Mapping[str, Any], decided_by: str,
-                decided_at: str, now: datetime.datetime) -> dict[str, Any] | None:
+
+def apply_grant(
+    budget: Budget,
+    request_uid: str,
+    request: str,
+    extra: Mapping[str, Any],
+    decided_by: str,
+    decided_at: str,
+    now: datetime.datetime,
+) -> dict[str, Any] | None:
     """The status with an approved request's extra added, or None if it was added already: approval
     raises the limit exactly once however often this runs."""
     grants = dict(budget.status.get("grants") or {})
     if request_uid in grants:
         return None
-    grants[request_uid] = {"request": request, "approvedBy": decided_by, "approvedAt": decided_at,
-                           **{key: extra[key] for key in LIMIT_FIELDS if extra.get(key)}}
+    grants[request_uid] = {
+        "request": request,
+        "approvedBy": decided_by,
+        "approvedAt": decided_at,
+        **{key: extra[key] for key in LIMIT_FIELDS if extra.get(key)},
+    }
     return summarize(budget, {**budget.status, "grants": grants}, now)

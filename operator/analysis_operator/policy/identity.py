@@ -12,6 +12,7 @@ the gids of the FacilityGroups that grant the datasets it mounts. So the
 facility's own file permissions (per-proposal groups) apply inside the pod,
 the VM and the Slurm job, beside the operator's read-only mounts.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -28,7 +29,7 @@ def requester(userinfo: Mapping[str, Any], settings: AdmissionSettings) -> str:
     """The facility user ID of the authenticated requester."""
     username = str(userinfo.get("username") or "")
     if settings.username_prefix and username.startswith(settings.username_prefix):
-        return username[len(settings.username_prefix):]
+        return username[len(settings.username_prefix) :]
     return username
 
 
@@ -44,8 +45,12 @@ def owner_refusal(owner: str, userinfo: Mapping[str, Any], settings: AdmissionSe
     me = requester(userinfo, settings)
     if owner == me:
         return None
-    return Refusal("NotOwner", f"spec.owner {owner!r} is not you ({me!r}): you may only create environments you own; "
-                   f"only the portal acts on behalf of other users", subject=owner)
+    return Refusal(
+        "NotOwner",
+        f"spec.owner {owner!r} is not you ({me!r}): you may only create environments you own; "
+        f"only the portal acts on behalf of other users",
+        subject=owner,
+    )
 
 
 # ---------------------------------------------------------------- the POSIX identity an environment runs as
@@ -94,8 +99,9 @@ def granting_groups(owner: str, directory: Directory, mounts: Sequence[Mount]) -
     return tuple(sorted(found.items()))
 
 
-def posix_identity(owner: str, directory: Directory, mounts: Sequence[Mount],
-                   settings: IdentitySettings) -> PosixIdentity | Refusal | None:
+def posix_identity(
+    owner: str, directory: Directory, mounts: Sequence[Mount], settings: IdentitySettings
+) -> PosixIdentity | Refusal | None:
     """Who the owner's environment runs as: their FacilityUser's uid and gid, with the gids of the
     groups that grant its mounted datasets; None: the backends' default account (only when
     identity.require_posix_identity is off); or why it cannot run."""
@@ -103,19 +109,36 @@ def posix_identity(owner: str, directory: Directory, mounts: Sequence[Mount],
     if user is None:
         if not settings.require_posix_identity:
             return None
-        return Refusal("NoPosixIdentity", subject=owner, message=(
-            f"user {owner!r} has no FacilityUser: the facility's directory sync has not registered their POSIX "
-            f"identity (uid, gid), and environments here run only as their owner's own account; ask the "
-            f"facility's user office or IT to register {owner!r} in the directory (a FacilityUser named "
-            f"{owner!r}), then create the environment again"))
+        return Refusal(
+            "NoPosixIdentity",
+            subject=owner,
+            message=(
+                f"user {owner!r} has no FacilityUser: the facility's directory sync has not registered their POSIX "
+                f"identity (uid, gid), and environments here run only as their owner's own account; ask the "
+                f"facility's user office or IT to register {owner!r} in the directory (a FacilityUser named "
+                f"{owner!r}), then create the environment again"
+            ),
+        )
     problems = list(user.problems)
     if user.uid and user.uid < settings.min_uid:
-        problems.append(f"uid {user.uid} is below {settings.min_uid}, the first uid of a person here "
-                        f"(setting identity.min_uid): lower ones are system accounts")
+        problems.append(
+            f"uid {user.uid} is below {settings.min_uid}, the first uid of a person here "
+            f"(setting identity.min_uid): lower ones are system accounts"
+        )
     if problems:
-        return Refusal("InvalidPosixIdentity", subject=owner, message=(
-            f"the FacilityUser of user {owner!r} cannot be used: {'; '.join(problems)}; ask the facility's "
-            f"user office or IT to correct it in the directory"))
+        return Refusal(
+            "InvalidPosixIdentity",
+            subject=owner,
+            message=(
+                f"the FacilityUser of user {owner!r} cannot be used: {'; '.join(problems)}; ask the facility's "
+                f"user office or IT to correct it in the directory"
+            ),
+        )
     groups = granting_groups(owner, directory, mounts)
-    return PosixIdentity(user=user.username, uid=user.uid, gid=user.gid,
-                         groups=tuple(gid for gid, _ in groups), group_names=tuple(name for _, name in groups))
+    return PosixIdentity(
+        user=user.username,
+        uid=user.uid,
+        gid=user.gid,
+        groups=tuple(gid for gid, _ in groups),
+        group_names=tuple(name for _, name in groups),
+    )

@@ -1,4 +1,5 @@
 """Is an environment request acceptable for its flavor? (pure)"""
+
 from __future__ import annotations
 
 import datetime

@@ -4,6 +4,7 @@ If ANALYSIS_OPERATOR_OPENSTACK_CLOUDS_YAML is set, the tests use that cloud as
 configured by the environment and leave it running; otherwise they start the
 local one (about 35 s cold, 20 s warm) and stop it at the end of the session.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -11,16 +12,16 @@ import os
 import pathlib
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from tests.integration.scripts import parse_exports, run_script
-
 from analysis_operator.backends.openstack import OpenStackBackend
-from tests.integration.invariant import PROBES, Managed
 from analysis_operator.model.domain import BackendKind, Environment, Flavor, OpenStackSpec, Resources
 from analysis_operator.settings import Settings, load_settings
+from tests.integration.invariant import PROBES, Managed
+from tests.integration.scripts import parse_exports, run_script
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
 
@@ -46,7 +47,7 @@ def openstack_script(openstack_environ) -> Callable[..., str]:
     """Runs hack/openstack.sh (e.g. `stop nova-api`, then `up` to bring it back)."""
     if "ANALYSIS_OPERATOR_OPENSTACK_CLOUDS_YAML" in os.environ:
         pytest.skip("stopping services needs the local stack started by these tests")
-    return lambda *arguments: run_script('openstack.sh', *arguments)
+    return lambda *arguments: run_script("openstack.sh", *arguments)
 
 
 @pytest.fixture(scope="session")
@@ -72,8 +73,12 @@ def cloud(openstack_environ, settings) -> Any:
 
 
 def make_vm_flavor(name: str, nova_flavor: str, gpu: int = 0) -> Flavor:
-    return Flavor(name=name, backend=BackendKind.OPENSTACK, resources=Resources(cpu="2", gpu=gpu),
-                  openstack=OpenStackSpec(flavor=nova_flavor, image="analysis-desktop"))
+    return Flavor(
+        name=name,
+        backend=BackendKind.OPENSTACK,
+        resources=Resources(cpu="2", gpu=gpu),
+        openstack=OpenStackSpec(flavor=nova_flavor, image="analysis-desktop"),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -86,8 +91,9 @@ def gpu_flavor() -> Flavor:
     return make_vm_flavor("vm-gpu", "aenv.gpu", gpu=1)
 
 
-def wait_until(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 60,
-               what: str = "condition") -> Any:
+def wait_until(
+    fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 60, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         result = fetch()
@@ -110,8 +116,9 @@ def make_environment(request, settings) -> Iterator[Callable[..., Environment]]:
 
     def factory(**overrides) -> Environment:
         name = request.node.name[:30].replace("_", "-").strip("-") + "-" + uuid.uuid4().hex[:4]
-        values = dict(namespace=f"test-{uuid.uuid4().hex[:8]}", name=name, uid=str(uuid.uuid4()),
-                      owner="alice", flavor="vm-basic")
+        values = dict(
+            namespace=f"test-{uuid.uuid4().hex[:8]}", name=name, uid=str(uuid.uuid4()), owner="alice", flavor="vm-basic"
+        )
         values.update(overrides)
         environment = Environment(**values)
         created.append(environment)
@@ -121,8 +128,12 @@ def make_environment(request, settings) -> Iterator[Callable[..., Environment]]:
     cleaner = OpenStackBackend(settings)
     try:
         for environment in created:
-            wait_until(lambda: asyncio.run(cleaner.delete(environment)), bool, timeout=60,
-                       what=f"server of {environment.name} to be gone")
+            wait_until(
+                lambda: asyncio.run(cleaner.delete(environment)),
+                bool,
+                timeout=60,
+                what=f"server of {environment.name} to be gone",
+            )
     finally:
         cleaner.close()
 
@@ -131,15 +142,20 @@ def make_environment(request, settings) -> Iterator[Callable[..., Environment]]:
 def vm_environments(operator, openstack_environ, settings, environments):
     """Environments on the VM cards: the session's operator with the OpenStack backend enabled (from now
     on), and the invariant checker watching Nova servers too."""
-    operator_settings = {key: value for key, value in openstack_environ.items()
-                         if key.startswith("ANALYSIS_OPERATOR_OPENSTACK_") or key == "OS_CLIENT_CONFIG_FILE"}
+    operator_settings = {
+        key: value
+        for key, value in openstack_environ.items()
+        if key.startswith("ANALYSIS_OPERATOR_OPENSTACK_") or key == "OS_CLIENT_CONFIG_FILE"
+    }
     operator.configure(ANALYSIS_OPERATOR_OPENSTACK_ENABLED="true", **operator_settings)
 
     def servers() -> list[Managed]:
         backend = OpenStackBackend(settings)
         try:
-            return [Managed("Server", server.namespace, server.name, server.uid, server.backend_id)
-                    for server in asyncio.run(backend.list_managed())]
+            return [
+                Managed("Server", server.namespace, server.name, server.uid, server.backend_id)
+                for server in asyncio.run(backend.list_managed())
+            ]
         finally:
             backend.close()
 

@@ -1,12 +1,12 @@
 """The OpenStack backend against a real Nova (fake virt driver) started by hack/openstack.sh."""
+
 from __future__ import annotations
 
 import asyncio
 
 import pytest
 
-from analysis_operator.backends.base import Launch
-from analysis_operator.backends.base import BackendUnavailable, State
+from analysis_operator.backends.base import BackendUnavailable, Launch, State
 from analysis_operator.backends.openstack import META_UID, OpenStackBackend
 
 pytestmark = pytest.mark.integration
@@ -16,16 +16,22 @@ TOKEN = "desktop-token-not-logged"
 @pytest.fixture
 def wait_for_state(wait_until):
     def wait(backend, environment, state, timeout=60):
-        return wait_until(lambda: asyncio.run(backend.observe(environment)),
-                          lambda observation: observation.state == state, timeout=timeout,
-                          what=f"{environment.name} to be {state.value}")
+        return wait_until(
+            lambda: asyncio.run(backend.observe(environment)),
+            lambda observation: observation.state == state,
+            timeout=timeout,
+            what=f"{environment.name} to be {state.value}",
+        )
+
     return wait
 
 
 def servers_named(cloud, environment):
-    return [server for server in cloud.compute.servers(details=True)
-            if server.name == environment.child_name
-            and (server.metadata or {}).get(META_UID) == environment.uid]
+    return [
+        server
+        for server in cloud.compute.servers(details=True)
+        if server.name == environment.child_name and (server.metadata or {}).get(META_UID) == environment.uid
+    ]
 
 
 def test_create_goes_ready(backend, make_environment, basic_flavor, wait_for_state):
@@ -39,15 +45,16 @@ def test_create_goes_ready(backend, make_environment, basic_flavor, wait_for_sta
     assert TOKEN not in repr(ready)
 
 
-def test_gpu_flavor_is_scheduled_then_refused_when_capacity_is_gone(
-        backend, make_environment, gpu_flavor, wait_until):
+def test_gpu_flavor_is_scheduled_then_refused_when_capacity_is_gone(backend, make_environment, gpu_flavor, wait_until):
     ready = []
     for _ in range(8):  # the local cloud has 2 GPUs; stop at the first refusal
         environment = make_environment(flavor="vm-gpu")
         asyncio.run(backend.ensure(Launch(environment, gpu_flavor, TOKEN)))
-        settled = wait_until(lambda: asyncio.run(backend.observe(environment)),
-                             lambda observation: observation.state in (State.READY, State.FAILED),
-                             what="the GPU server to settle")
+        settled = wait_until(
+            lambda: asyncio.run(backend.observe(environment)),
+            lambda observation: observation.state in (State.READY, State.FAILED),
+            what="the GPU server to settle",
+        )
         if settled.state == State.FAILED:
             break
         assert settled.gpus == 1
@@ -62,14 +69,16 @@ def test_gpu_flavor_is_scheduled_then_refused_when_capacity_is_gone(
     assert again.reference["id"] == settled.reference["id"]
 
 
-def test_shelve_and_unshelve_keep_the_server(backend, make_environment, basic_flavor,
-                                             wait_for_state, wait_until):
+def test_shelve_and_unshelve_keep_the_server(backend, make_environment, basic_flavor, wait_for_state, wait_until):
     environment = make_environment()
     asyncio.run(backend.ensure(Launch(environment, basic_flavor, TOKEN)))
     ready = wait_for_state(backend, environment, State.READY)
     asyncio.run(backend.suspend(environment))
-    shelved = wait_until(lambda: asyncio.run(backend.observe(environment)),
-                         lambda observation: observation.reason == "Shelved", what="shelved")
+    shelved = wait_until(
+        lambda: asyncio.run(backend.observe(environment)),
+        lambda observation: observation.reason == "Shelved",
+        what="shelved",
+    )
     assert shelved.reference["state"] in ("SHELVED", "SHELVED_OFFLOADED")
     assert (shelved.cpus, shelved.gpus) == (0.0, 0)
     asyncio.run(backend.resume(Launch(environment, basic_flavor, TOKEN)))
@@ -77,8 +86,9 @@ def test_shelve_and_unshelve_keep_the_server(backend, make_environment, basic_fl
     assert resumed.reference["id"] == ready.reference["id"]
 
 
-def test_delete_is_confirmed_only_once_nova_has_no_server(backend, cloud, make_environment,
-                                                          basic_flavor, wait_for_state, wait_until):
+def test_delete_is_confirmed_only_once_nova_has_no_server(
+    backend, cloud, make_environment, basic_flavor, wait_for_state, wait_until
+):
     environment = make_environment()
     asyncio.run(backend.ensure(Launch(environment, basic_flavor, TOKEN)))
     wait_for_state(backend, environment, State.READY)
@@ -106,8 +116,7 @@ def test_a_restarted_operator_adopts_the_server(settings, cloud, make_environmen
     assert len(servers_named(cloud, environment)) == 1
 
 
-def test_same_name_in_another_namespace_gets_its_own_server(backend, make_environment,
-                                                            basic_flavor):
+def test_same_name_in_another_namespace_gets_its_own_server(backend, make_environment, basic_flavor):
     first = make_environment(name="shared-name")
     second = make_environment(name="shared-name")
     one = asyncio.run(backend.ensure(Launch(first, basic_flavor, TOKEN)))
@@ -126,13 +135,14 @@ def test_list_managed_finds_an_orphan(settings, make_environment, basic_flavor):
         backend.close()
     found = [item for item in managed if item.uid == orphan.uid]
     assert [(item.namespace, item.name, item.backend_id) for item in found] == [
-        (orphan.namespace, orphan.name, created.reference["id"])]
+        (orphan.namespace, orphan.name, created.reference["id"])
+    ]
 
 
 @pytest.mark.parametrize("service, port", [("nova-api", "8774"), ("keystone", "5000")])
-def test_cloud_down_is_unavailable_then_recovers(settings, openstack_script, make_environment,
-                                                 basic_flavor, service, port, wait_for_state,
-                                                 wait_until):
+def test_cloud_down_is_unavailable_then_recovers(
+    settings, openstack_script, make_environment, basic_flavor, service, port, wait_for_state, wait_until
+):
     environment = make_environment()
     backend = OpenStackBackend(settings)
     try:
@@ -151,9 +161,12 @@ def test_cloud_down_is_unavailable_then_recovers(settings, openstack_script, mak
             assert "local-only" not in str(caught.value)  # no password in the message
         finally:
             openstack_script("up")
-        recovered = wait_until(lambda: _observe_or_none(backend, environment),
-                               lambda observation: observation is not None, timeout=60,
-                               what=f"{service} back")
+        recovered = wait_until(
+            lambda: _observe_or_none(backend, environment),
+            lambda observation: observation is not None,
+            timeout=60,
+            what=f"{service} back",
+        )
         assert recovered.state == State.READY
     finally:
         backend.close()

@@ -4,6 +4,7 @@ If ANALYSIS_OPERATOR_SLURM_URL is set, the tests use that cluster as
 configured by the environment and leave it running; otherwise they start the
 local one and stop it at the end of the session.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,7 +40,7 @@ def slurm_environ() -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="session")
 def slurm_script() -> Callable[[str], str]:
     """Runs hack/slurm.sh up|down|env|status (for tests that stop a daemon)."""
-    return lambda *arguments: run_script('slurm.sh', *arguments)
+    return lambda *arguments: run_script("slurm.sh", *arguments)
 
 
 @pytest.fixture(scope="session")
@@ -51,12 +52,19 @@ def slurm_settings(slurm_environ) -> SlurmSettings:
 def slurm_environments(operator, slurm_environ, slurm_settings, environments):
     """Environments on the Cluster card: the session's operator with the Slurm backend enabled (from now
     on), and the invariant checker watching Slurm jobs too."""
-    operator.configure(**{key: value for key, value in slurm_environ.items()
-                          if key.startswith("ANALYSIS_OPERATOR_SLURM_") or key == "SLURM_CONF"})
+    operator.configure(
+        **{
+            key: value
+            for key, value in slurm_environ.items()
+            if key.startswith("ANALYSIS_OPERATOR_SLURM_") or key == "SLURM_CONF"
+        }
+    )
 
     def jobs() -> list[Managed]:
-        return [Managed("SlurmJob", job.namespace, job.name, job.uid, job.backend_id)
-                for job in asyncio.run(SlurmBackend(slurm_settings).list_managed())]
+        return [
+            Managed("SlurmJob", job.namespace, job.name, job.uid, job.backend_id)
+            for job in asyncio.run(SlurmBackend(slurm_settings).list_managed())
+        ]
 
     PROBES["slurm"] = jobs
     return environments
@@ -86,8 +94,13 @@ def make_environment(request, slurm_settings) -> Iterator[Callable[..., Environm
 
     def factory(**overrides) -> Environment:
         suffix = uuid.uuid4().hex[:8]
-        values = dict(namespace=f"test-{suffix}", name=request.node.name[:30].replace("_", "-").strip("-"),
-                      uid=str(uuid.uuid4()), owner="alice", flavor="cluster-test")
+        values = dict(
+            namespace=f"test-{suffix}",
+            name=request.node.name[:30].replace("_", "-").strip("-"),
+            uid=str(uuid.uuid4()),
+            owner="alice",
+            flavor="cluster-test",
+        )
         values.update(overrides)
         environment = Environment(**values)
         created.append(environment)

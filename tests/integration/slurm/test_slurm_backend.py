@@ -1,4 +1,5 @@
 """SlurmBackend against real slurmctld, slurmd and slurmrestd."""
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,7 @@ TOKEN = "test-token-not-for-logs"
 
 def make_flavor(**slurm) -> Flavor:
     resources = slurm.pop("resources", Resources(cpu="1", memory="1Gi"))
-    return Flavor(name="cluster-test", backend=BackendKind.SLURM, resources=resources,
-                  slurm=SlurmSpec(**slurm))
+    return Flavor(name="cluster-test", backend=BackendKind.SLURM, resources=resources, slurm=SlurmSpec(**slurm))
 
 
 def wait_for(probe: Callable[[], object], timeout: float, what: str, interval: float = 0.5):
@@ -55,8 +55,11 @@ def wait_for_state(backend: SlurmBackend, environment: Environment, states, time
 
 
 def jobs_of(backend: SlurmBackend, uid: str) -> list[dict]:
-    return [job for job in asyncio.run(backend.client.jobs())
-            if (parse_identity(job.get("comment", "")) or {}).get("uid") == uid]
+    return [
+        job
+        for job in asyncio.run(backend.client.jobs())
+        if (parse_identity(job.get("comment", "")) or {}).get("uid") == uid
+    ]
 
 
 def http_status(url: str) -> int:
@@ -159,7 +162,8 @@ def test_list_managed_finds_an_orphan_and_the_sweep_cancels_it(backend, make_env
     found = [item for item in managed if item.uid == orphan.uid]
 
     assert [(item.namespace, item.name, item.backend_id) for item in found] == [
-        (orphan.namespace, orphan.name, submitted.reference["id"])]
+        (orphan.namespace, orphan.name, submitted.reference["id"])
+    ]
     wait_for(lambda: asyncio.run(backend.delete(orphan)), timeout=30, what="orphan cancelled")
     remaining = asyncio.run(backend.list_managed())
     assert orphan.uid not in {item.uid for item in remaining}

@@ -1,4 +1,5 @@
 """Datasets in a real Slurm job: exactly the granted ones, linked into the job's data directory."""
+
 from __future__ import annotations
 
 import os
@@ -24,13 +25,23 @@ def cluster_data(tmp_path_factory) -> pathlib.Path:
     return root
 
 
-def test_a_slurm_job_sees_exactly_its_granted_datasets(slurm_environments, slurm_settings, catalogue, namespace,  # noqa: F811
-                                                       cluster_data):
+def test_a_slurm_job_sees_exactly_its_granted_datasets(
+    slurm_environments,
+    slurm_settings,
+    catalogue,
+    namespace,
+    cluster_data,
+):
     raw = catalogue.dataset("raw", embargoed(members=("alice",)), storage={"path": str(cluster_data / "raw")})
     reference = catalogue.dataset("reference", PUBLIC, storage={"path": str(cluster_data / "reference")})
     catalogue.dataset("unrelated", PUBLIC, storage={"path": str(cluster_data / "unrelated")})
-    slurm_environments.create("hpc-data", flavor="jupyter-cluster", lifetime="1h", owner="alice",
-                              datasets=[{"name": raw, "mountPath": "/data/beamtime/raw"}, {"name": reference}])
+    slurm_environments.create(
+        "hpc-data",
+        flavor="jupyter-cluster",
+        lifetime="1h",
+        owner="alice",
+        datasets=[{"name": raw, "mountPath": "/data/beamtime/raw"}, {"name": reference}],
+    )
     slurm_environments.wait_phase("hpc-data", "Ready", timeout=90)
 
     data = pathlib.Path(build_working_directory(slurm_settings, "alice")) / f"{namespace}.aenv-hpc-data.data"

@@ -3,6 +3,7 @@
 The local stack (hack/slurm.sh) has the Unix users alice, bob and carol, each with a private
 working directory; the operator mints a JWT per user from the cluster's key.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,10 +30,14 @@ BOB_TOKEN = "bob-token-fedcba9876543210"
 
 def run_as(user: str, *command: str) -> subprocess.CompletedProcess:
     """A command as a facility user, with the stack's Slurm configuration (srun, scontrol)."""
-    environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SLURM_CONF": os.environ.get("SLURM_CONF", ""),
-                   "HOME": pwd.getpwnam(user).pw_dir}
-    return subprocess.run(["/usr/sbin/runuser", "-u", user, "--", *command], capture_output=True, text=True,
-                          env=environment, timeout=60)
+    environment = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "SLURM_CONF": os.environ.get("SLURM_CONF", ""),
+        "HOME": pwd.getpwnam(user).pw_dir,
+    }
+    return subprocess.run(
+        ["/usr/sbin/runuser", "-u", user, "--", *command], capture_output=True, text=True, env=environment, timeout=60
+    )
 
 
 def in_job(user: str, job_id: str, *command: str) -> subprocess.CompletedProcess:
@@ -91,8 +96,9 @@ def test_bob_cannot_read_alices_token_output_or_data(backend, make_environment, 
     shared = tmp_path / "beamtime"
     shared.mkdir()
     os.chmod(tmp_path, 0o755)
-    mount = Mount(Dataset(name="raw", pid="10.5072/raw", storage=DatasetStorage(path=str(shared))), "/data/raw",
-                  "member")
+    mount = Mount(
+        Dataset(name="raw", pid="10.5072/raw", storage=DatasetStorage(path=str(shared))), "/data/raw", "member"
+    )
     alice_env, bob_env = make_environment(owner="alice"), make_environment(owner="bob")
     asyncio.run(backend.ensure(Launch(alice_env, make_flavor(partition="debug"), ALICE_TOKEN, (mount,))))
     alice_ready = wait_for_state(backend, alice_env, {State.READY}, timeout=60)
@@ -112,8 +118,12 @@ def test_bob_cannot_read_alices_token_output_or_data(backend, make_environment, 
     bob_id = in_job("bob", bob_ready.reference["id"], "id", "-u")
     assert bob_id.returncode == 0 and bob_id.stdout.strip() == str(pwd.getpwnam("bob").pw_uid)
 
-    for attempt in (["cat", f"/proc/{alice_pid}/environ"], ["ls", alice_dir], ["ls", alice_data],
-                    ["cat", alice_output]):
+    for attempt in (
+        ["cat", f"/proc/{alice_pid}/environ"],
+        ["ls", alice_dir],
+        ["ls", alice_data],
+        ["cat", alice_output],
+    ):
         seen = in_job("bob", bob_ready.reference["id"], *attempt)
         assert seen.returncode != 0 and "Permission denied" in seen.stderr, f"bob ran {attempt}: {seen}"
         assert ALICE_TOKEN not in seen.stdout + seen.stderr
@@ -135,17 +145,26 @@ def test_a_comment_changed_inside_the_job_creates_no_duplicate(backend, make_env
 
     # the running operator keeps the job by its id
     assert asyncio.run(backend.observe(environment)).reference["id"] == job_id
-    assert asyncio.run(backend.ensure(Launch(environment, make_flavor(partition="debug"), ALICE_TOKEN))
-                       ).reference["id"] == job_id
+    assert (
+        asyncio.run(backend.ensure(Launch(environment, make_flavor(partition="debug"), ALICE_TOKEN))).reference["id"]
+        == job_id
+    )
     # a restarted one finds it by the output path Slurm froze when the job started
     restarted = SlurmBackend(slurm_settings)
     adopted = asyncio.run(restarted.ensure(Launch(environment, make_flavor(partition="debug"), ALICE_TOKEN)))
     assert adopted.reference["id"] == job_id and adopted.state == State.READY
-    assert [item.backend_id for item in asyncio.run(SlurmBackend(slurm_settings).list_managed())
-            if item.uid == environment.uid] == [job_id]
-    active = [job for job in asyncio.run(backend.client.jobs())
-              if job["user_name"] == "alice" and job["job_state"] in ("PENDING", "RUNNING")
-              and environment.uid in (job.get("standard_output") or "")]
+    assert [
+        item.backend_id
+        for item in asyncio.run(SlurmBackend(slurm_settings).list_managed())
+        if item.uid == environment.uid
+    ] == [job_id]
+    active = [
+        job
+        for job in asyncio.run(backend.client.jobs())
+        if job["user_name"] == "alice"
+        and job["job_state"] in ("PENDING", "RUNNING")
+        and environment.uid in (job.get("standard_output") or "")
+    ]
     assert [str(job["job_id"]) for job in active] == [job_id]
 
 
@@ -170,7 +189,8 @@ def test_an_approved_extension_raises_the_time_limit(backend, make_environment, 
     job_id = submitted.reference["id"]
     running = wait_for_state(backend, environment, {State.PROVISIONING, State.READY}, timeout=60)
     started = datetime.datetime.strptime(running.reference["startedAt"], "%Y-%m-%dT%H:%M:%SZ").replace(
-        tzinfo=datetime.UTC)
+        tzinfo=datetime.UTC
+    )
     assert asyncio.run(backend.client.job(job_id))["time_limit"] == 1
 
     # alice cannot raise her own limit, through slurmrestd or scontrol
@@ -193,5 +213,8 @@ def test_an_unknown_account_fails_clearly(backend, make_environment, slurm_env):
     observation = asyncio.run(backend.ensure(Launch(environment, make_flavor(partition="debug"), TOKEN)))
     assert (observation.state, observation.reason) == (State.FAILED, "UnknownUnixAccount")
     assert "mallory-not-on-this-cluster" in observation.message
-    wait_for(lambda: asyncio.run(backend.client.job(observation.reference["id"]))["job_state"] == "CANCELLED",
-             timeout=30, what="the job run as nobody cancelled")
+    wait_for(
+        lambda: asyncio.run(backend.client.job(observation.reference["id"]))["job_state"] == "CANCELLED",
+        timeout=30,
+        what="the job run as nobody cancelled",
+    )
