@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Operator restart with many unchanged environments: kopf's startup gate with and without
-analysis_operator/kopf_patches.py, in one run on the same objects.
+analysis_operator/infra/kopf_patches.py, in one run on the same objects.
 
 Creates N environments (default 3,000: 6,000 indexed objects with their pods), then restarts the
 operator alternately with ANALYSIS_OPERATOR_KOPF_PATCHES=off and on, and measures each restart as

@@ -36,10 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = dataclasses.replace(settings, **overrides)
     configure_logging(settings.log_format, settings.log_level)
 
-    from analysis_operator import (
-        handlers,  # noqa: F401  (registers the kopf handlers)
-        kopf_patches,
-    )
+    from analysis_operator import handlers  # noqa: F401  (registers the kopf handlers)
+    from analysis_operator.infra import kopf_patches
 
     kopf_patches.apply()  # startup index gating in linear time (see the module)
 

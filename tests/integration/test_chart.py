@@ -546,3 +546,241 @@ def test_chart_rbac_without_one_rule_fails(chart_operator, custom, namespace, re
         what=f"the operator to be refused {verb} on {resource} (log {process.log_path})",
     )
     assert environments.phase("lab") != "Ready"
+
+
+# --- Slurm, webhook client certificates and identity: chart values -> ANALYSIS_OPERATOR_* and mounts.
+
+
+def slurm_values(**slurm) -> dict:
+    """Per-user Slurm with the cluster's key, a webhook client CA from a Secret, non-default identity."""
+    return {
+        "slurm": {
+            "enabled": True,
+            "url": "http://slurmrestd.hpc.example.org:6820",
+            "apiVersion": "v0.0.39",
+            "user": "slurmop",
+            "jwtKeySecret": {"name": "slurm-jwt-key", "key": "jwt_hs256.key"},
+            "workingDirectory": "/scratch/{user}/analysis-environments",
+            "ownerPrefix": "oidc:",
+            "ownerSuffix": "@facility.eu",
+            "refusedAccounts": ["root", "slurm", "admin"],
+            "tokenLifetimeSeconds": 120,
+            "portMin": 21000,
+            "portMax": 22000,
+            "nodeDomain": "hpc.example.org",
+            **slurm,
+        },
+        "admission": {"clientCA": {"kind": "Secret", "name": "webhook-client-ca", "key": "ca.pem"}},
+        "identity": {"requirePosixIdentity": False, "minUid": 500, "strictSupplementalGroups": False},
+    }
+
+
+def _pod(objects: list[dict]) -> tuple[dict, dict, dict, dict]:
+    """The operator pod's spec, its env (name -> value), mounts and volumes by name."""
+    pod = find(objects, "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    return pod, env, mounts, volumes
+
+
+def _settings(env: dict):
+    """What the operator reads from the rendered environment (the config file aside)."""
+    from analysis_operator.settings import PREFIX, load_settings
+
+    return load_settings(
+        {
+            name: value
+            for name, value in env.items()
+            if value is not None and name.startswith(PREFIX) and name != f"{PREFIX}CONFIG"
+        }
+    )
+
+
+def _known_env_names() -> set[str]:
+    """ANALYSIS_OPERATOR_<FIELD> and ANALYSIS_OPERATOR_<SECTION>_<FIELD> for every setting."""
+    import dataclasses
+
+    from analysis_operator.settings import PREFIX, Settings
+
+    names = {f"{PREFIX}CONFIG"}
+    for spec in dataclasses.fields(Settings):
+        default = spec.default if spec.default_factory is dataclasses.MISSING else spec.default_factory()
+        if dataclasses.is_dataclass(default):
+            names |= {f"{PREFIX}{spec.name.upper()}_{field.name.upper()}" for field in dataclasses.fields(default)}
+        else:
+            names.add(f"{PREFIX}{spec.name.upper()}")
+    return names
+
+
+def _render_values(tmp_path: pathlib.Path, namespace: str, values: dict) -> list[dict]:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return render("aop", namespace, "--values", str(path))
+
+
+def test_lint_slurm_client_ca_and_identity_values(tmp_path):
+    for values in (slurm_values(), slurm_values(jwtKeySecret={}, tokenSecret={"name": "slurm-token"})):
+        path = tmp_path / "values.yaml"
+        path.write_text(yaml.safe_dump(values))
+        assert "0 chart(s) failed" in helm("lint", "--strict", str(CHART), "--values", str(path)).stdout
+
+
+def test_slurm_per_user_values_render_env_and_a_read_only_key(fresh_namespace, tmp_path):
+    namespace = fresh_namespace("aop-slurm")
+    objects = _render_values(tmp_path, namespace, slurm_values())
+    pod, env, mounts, volumes = _pod(objects)
+    assert env["ANALYSIS_OPERATOR_SLURM_JWT_KEY_FILE"] == "/etc/analysis-operator/slurm-jwt/jwt.key"
+    assert env["ANALYSIS_OPERATOR_SLURM_TOKEN_FILE"] == ""
+    assert env["ANALYSIS_OPERATOR_ADMISSION_CLIENT_CA_FILE"] == "/etc/analysis-operator/webhook-client-ca/ca.crt"
+    # The key: only that item of the Secret, owner-read only, on a read-only mount (no subPath,
+    # so a rotated key reaches the pod); the pod's fsGroup lets the non-root operator read it.
+    assert mounts["slurm-jwt"] == {
+        "name": "slurm-jwt",
+        "mountPath": "/etc/analysis-operator/slurm-jwt",
+        "readOnly": True,
+    }
+    assert volumes["slurm-jwt"]["secret"] == {
+        "secretName": "slurm-jwt-key",
+        "defaultMode": 0o400,
+        "items": [{"key": "jwt_hs256.key", "path": "jwt.key", "mode": 0o400}],
+    }
+    assert pod["securityContext"]["fsGroup"] and pod["securityContext"]["runAsNonRoot"] is True
+    assert "slurm-token" not in volumes and "slurm-token" not in mounts
+    # The client CA (public): read-only, world-readable.
+    assert mounts["webhook-client-ca"]["readOnly"] is True
+    assert mounts["webhook-client-ca"]["mountPath"] == "/etc/analysis-operator/webhook-client-ca"
+    assert volumes["webhook-client-ca"]["secret"] == {
+        "secretName": "webhook-client-ca",
+        "defaultMode": 0o444,
+        "items": [{"key": "ca.pem", "path": "ca.crt", "mode": 0o444}],
+    }
+    # What the operator makes of it: every value reaches its setting.
+    settings = _settings(env)
+    slurm = settings.slurm
+    assert (slurm.enabled, slurm.url, slurm.api_version, slurm.user) == (
+        True,
+        "http://slurmrestd.hpc.example.org:6820",
+        "v0.0.39",
+        "slurmop",
+    )
+    assert (slurm.jwt_key_file, slurm.token_file) == ("/etc/analysis-operator/slurm-jwt/jwt.key", "")
+    assert slurm.working_directory == "/scratch/{user}/analysis-environments"
+    assert (slurm.owner_prefix, slurm.owner_suffix) == ("oidc:", "@facility.eu")
+    assert slurm.refused_accounts == ("root", "slurm", "admin")
+    assert (slurm.token_lifetime_seconds, slurm.port_min, slurm.port_max) == (120, 21000, 22000)
+    assert slurm.node_domain == "hpc.example.org"
+    assert settings.admission.client_ca_file == "/etc/analysis-operator/webhook-client-ca/ca.crt"
+    assert (
+        settings.identity.require_posix_identity,
+        settings.identity.min_uid,
+        settings.identity.strict_supplemental_groups,
+    ) == (False, 500, False)
+    # The API server takes the Deployment (modes, items) as rendered; the Secrets need not exist yet.
+    output = _apply(objects, tmp_path / "slurm.yaml", "--dry-run=server")
+    assert output.count("(server dry run)") == len(objects)
+
+
+def test_slurm_single_token_values_render_a_read_only_token(tmp_path):
+    values = slurm_values(jwtKeySecret={}, tokenSecret={"name": "slurm-token"})
+    values["admission"] = {"clientCA": {"name": "webhook-client-ca"}}  # a ConfigMap, key ca.crt
+    objects = _render_values(tmp_path, "ops", values)
+    _, env, mounts, volumes = _pod(objects)
+    assert env["ANALYSIS_OPERATOR_SLURM_TOKEN_FILE"] == "/etc/analysis-operator/slurm-token/token"
+    assert env["ANALYSIS_OPERATOR_SLURM_JWT_KEY_FILE"] == ""
+    assert mounts["slurm-token"] == {
+        "name": "slurm-token",
+        "mountPath": "/etc/analysis-operator/slurm-token",
+        "readOnly": True,
+    }
+    assert "subPath" not in mounts["slurm-token"]  # the site's renewals reach the pod
+    assert volumes["slurm-token"]["secret"] == {
+        "secretName": "slurm-token",
+        "defaultMode": 0o400,
+        "items": [{"key": "token", "path": "token", "mode": 0o400}],
+    }
+    assert "slurm-jwt" not in volumes and "slurm-jwt" not in mounts
+    assert volumes["webhook-client-ca"]["configMap"] == {
+        "name": "webhook-client-ca",
+        "defaultMode": 0o444,
+        "items": [{"key": "ca.crt", "path": "ca.crt", "mode": 0o444}],
+    }
+    settings = _settings(env)
+    assert (settings.slurm.jwt_key_file, settings.slurm.token_file) == ("", "/etc/analysis-operator/slurm-token/token")
+
+
+def test_default_values_render_identity_and_no_slurm_or_client_ca(tmp_path):
+    """Defaults: Slurm off and not rendered (so `config.slurm` still applies), any TLS client,
+    and the identity settings at the operator's own defaults."""
+    _, env, mounts, volumes = _pod(render("aop", "ops"))
+    assert not [name for name in env if name.startswith("ANALYSIS_OPERATOR_SLURM_")]
+    assert "ANALYSIS_OPERATOR_ADMISSION_CLIENT_CA_FILE" not in env
+    assert not {"slurm-jwt", "slurm-token", "webhook-client-ca"} & (set(mounts) | set(volumes))
+    assert env["ANALYSIS_OPERATOR_IDENTITY_REQUIRE_POSIX_IDENTITY"] == "true"
+    from analysis_operator.settings import IdentitySettings, SlurmSettings
+
+    settings = _settings(env)
+    assert settings.identity == IdentitySettings() and settings.identity.require_posix_identity is True
+    assert settings.slurm == SlurmSettings() and settings.admission.client_ca_file == ""
+    # The operator reads every ANALYSIS_OPERATOR_* variable the chart sets: no misspelt name is ignored.
+    _, env, _, _ = _pod(_render_values(tmp_path, "ops", slurm_values()))
+    rendered = {name for name in env if name.startswith("ANALYSIS_OPERATOR_")}
+    assert rendered - _known_env_names() == set()
+
+
+def test_webhook_from_renders_the_operators_network_policy():
+    peers = "networkPolicy.webhookFrom[0].ipBlock.cidr=172.16.0.0/28"
+    objects = render("aop", "ops", "--set", "networkPolicy.enabled=true", "--set", peers)
+    ingress = find(objects, "NetworkPolicy", "aop-analysis-operator")["spec"]["ingress"]
+    assert ingress[0] == {
+        "ports": [{"port": 9443, "protocol": "TCP"}],
+        "from": [{"ipBlock": {"cidr": "172.16.0.0/28"}}],
+    }
+    assert ingress[1] == {"ports": [{"port": 8080, "protocol": "TCP"}, {"port": 9090, "protocol": "TCP"}]}
+    default = render("aop", "ops", "--set", "networkPolicy.enabled=true")
+    (rule,) = find(default, "NetworkPolicy", "aop-analysis-operator")["spec"]["ingress"]
+    assert "from" not in rule and {"port": 9443, "protocol": "TCP"} in rule["ports"]
+
+
+_SLURM_ON = ["slurm.enabled=true", "slurm.url=http://slurmrestd:6820"]
+
+
+@pytest.mark.parametrize(
+    "settings, complaint",
+    [
+        (["slurm.jwtKeySecret.key=jwt_hs256.key"], "missing property 'name'"),  # a jwtKeySecret without a name
+        (["slurm.tokenSecret.key=token"], "missing property 'name'"),
+        (["slurm.jwtKeySecret.name="], "/slurm/jwtKeySecret/name"),
+        (["slurm.jwtKeySecret.name=k", "slurm.jwtKeySecret.mode=0644"], "additional properties 'mode'"),
+        (_SLURM_ON, "oneOf"),  # enabled with neither the key nor a token
+        ([*_SLURM_ON, "slurm.jwtKeySecret.name=k", "slurm.tokenSecret.name=t"], "oneOf"),  # both
+        (["slurm.enabled=true", "slurm.jwtKeySecret.name=k"], "/slurm/url"),  # enabled, no URL
+        (["slurm.url=slurmrestd:6820"], "/slurm/url"),
+        (["slurm.workingDirectory=scratch/{user}"], "/slurm/workingDirectory"),
+        (["slurm.refusedAccounts={root\\,slurm}"], "/slurm/refusedAccounts"),
+        (["slurm.jwtKey.name=k"], "additional properties 'jwtKey'"),
+        (["admission.clientCA.key=ca.crt"], "missing property 'name'"),
+        (["admission.clientCA.kind=Certificate", "admission.clientCA.name=ca"], "/admission/clientCA/kind"),
+        (["identity.requirePosixIdentity=maybe"], "/identity/requirePosixIdentity"),
+        (["identity.minUid=0"], "/identity/minUid"),
+        (["identity.requirePosixIdentities=false"], "additional properties 'requirePosixIdentities'"),
+    ],
+)
+def test_schema_refuses_bad_slurm_client_ca_and_identity_values(settings, complaint):
+    arguments = [argument for setting in settings for argument in ("--set", setting)]
+    result = helm("template", "x", str(CHART), *arguments, check=False)
+    assert result.returncode != 0 and complaint in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "settings, complaint",
+    [
+        (["slurm.portMin=30000", "slurm.portMax=25000"], "portMin must not be above slurm.portMax"),
+        (["podSecurityContext.fsGroup=null"], "podSecurityContext.fsGroup"),  # the 0400 key would be unreadable
+    ],
+)
+def test_template_refuses_slurm_values_it_cannot_run_with(settings, complaint):
+    arguments = ["--set", "slurm.jwtKeySecret.name=k", *(f"--set={s}" for s in [*_SLURM_ON, *settings])]
+    result = helm("template", "x", str(CHART), *arguments, check=False)
+    assert result.returncode != 0 and complaint in result.stderr, result.stderr

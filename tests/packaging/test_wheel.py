@@ -35,7 +35,7 @@ RENDER_POD = """
 import json
 import jinja2.meta
 import analysis_operator
-from analysis_operator import render
+from analysis_operator.infra import render
 from analysis_operator.settings import Settings
 
 environment = render._environment(Settings().templates_dir)

@@ -10,7 +10,7 @@ import pytest
 from kopf._cogs.aiokits import aiotoggles
 from packaging.requirements import Requirement
 
-from analysis_operator.kopf_patches import CHECKED_VERSIONS, EdgeToggleSet, apply
+from analysis_operator.infra.kopf_patches import CHECKED_VERSIONS, EdgeToggleSet, apply
 
 
 @pytest.mark.parametrize("cls", [aiotoggles.ToggleSet, EdgeToggleSet])

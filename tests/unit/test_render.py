@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from analysis_operator import render
+from analysis_operator.infra import render
 
 HOSTILE = [
     "'; rm -rf / #",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from analysis_operator import render
+from analysis_operator.infra import render
 from analysis_operator.settings import OpenStackSettings, Settings, SlurmSettings, load_settings
 
 

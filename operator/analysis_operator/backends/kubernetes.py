@@ -14,8 +14,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from analysis_operator import render
 from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, Retry, State
+from analysis_operator.infra import render
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.model.domain import (
     LABEL_ENVIRONMENT,

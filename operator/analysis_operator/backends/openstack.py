@@ -22,10 +22,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from analysis_operator.backends.base import BackendUnavailable, Charging, Launch, ManagedObject, Observation, State
+from analysis_operator.infra.render import render_text
 from analysis_operator.model.domain import MANAGER, BackendKind, Dataset, Environment, Flavor, Mount
 from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.policy.refusal import Refusal
-from analysis_operator.render import render_text
 from analysis_operator.settings import Settings
 
 logger = logging.getLogger(__name__)

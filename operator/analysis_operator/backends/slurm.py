@@ -42,11 +42,11 @@ from analysis_operator.backends.slurm_auth import (
     job_nonce,
 )
 from analysis_operator.backends.slurm_rest import SlurmRequestRefused, SlurmRestClient, endpoint_answers
+from analysis_operator.infra.render import render_text
 from analysis_operator.model.domain import BackendKind, Dataset, Environment, Flavor, Mount, format_time
 from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.policy.access import DATA_ROOT
 from analysis_operator.policy.refusal import Refusal
-from analysis_operator.render import render_text
 from analysis_operator.settings import SlurmSettings
 
 TOKEN_ENV_NAME = "JUPYTER_TOKEN"

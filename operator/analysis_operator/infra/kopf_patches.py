@@ -33,7 +33,7 @@ import kopf
 import structlog
 from kopf._cogs.aiokits import aiotoggles
 
-log = structlog.get_logger("analysis_operator.kopf_patches")
+log = structlog.get_logger("analysis_operator.infra.kopf_patches")
 # aiotoggles.py and the code that makes ToggleSets are identical across these releases.
 CHECKED_VERSIONS = ("1.45.0", "1.45.1", "1.45.2")
 SWITCH = "ANALYSIS_OPERATOR_KOPF_PATCHES"
@@ -79,7 +79,7 @@ def apply(version: str | None = None, environ: Mapping[str, str] = os.environ) -
     version = version or getattr(kopf, "__version__", "") or _installed_version()
     if version not in CHECKED_VERSIONS:
         raise RuntimeError(
-            f"kopf {version} is installed, but analysis_operator/kopf_patches.py was checked only "
+            f"kopf {version} is installed, but analysis_operator/infra/kopf_patches.py was checked only "
             f"against kopf {', '.join(CHECKED_VERSIONS)}: it replaces kopf's private ToggleSet, and "
             f"without it a restart with many objects takes quadratic time. Install a checked kopf "
             f"(pip install -e . follows the pin in pyproject.toml), or re-check the patch against "
