@@ -91,7 +91,7 @@ class AdmissionSettings:
 
 @dataclass(frozen=True)
 class BudgetSettings:
-    """ComputeBudgets: who may start what, and how usage is charged (handlers/budgets.py)."""
+    """ComputeBudgets: who may start what, and how usage is charged (engine/budget_gate.py, engine/accounting.py)."""
 
     enabled: bool = True  # False: no checks, no accounting (budgets are just records)
     require_budget: bool = True  # an owner with no ComputeBudget is refused; False = runs unmetered
