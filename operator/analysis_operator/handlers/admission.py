@@ -15,7 +15,7 @@ through unchecked. The data and budget checks are repeated at reconcile.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import kopf
 import structlog
@@ -29,6 +29,7 @@ from analysis_operator.handlers.datasets import check_data_access
 from analysis_operator.infra import metrics
 from analysis_operator.model.domain import GROUP, VERSION, Environment, Flavor
 from analysis_operator.policy.identity import owner_refusal, requester
+from analysis_operator.policy.refusal import Refusal
 from analysis_operator.policy.requests import check_request
 
 log = structlog.get_logger("analysis_operator.admission")
@@ -105,17 +106,8 @@ async def check_posix_identity(name: str, namespace: str, spec: kopf.Spec, memo:
     would run as is decided at start (engine/identity.py), and again on every reconcile."""
     identities: DirectoryIdentities = memo.identities
     refusal = await identities.admit(str(spec.get("owner", "")))
-    if refusal is None:
-        return
-    metrics.ADMISSION_REFUSALS.labels(reason=refusal.reason, stage="admission").inc()
-    log.info(
-        "admission.posix_identity",
-        environment=f"{namespace}/{name}",
-        owner=spec.get("owner"),
-        decision="refused",
-        reason=refusal.reason,
-    )
-    raise kopf.AdmissionError(refusal.message, code=403)
+    if refusal is not None:
+        refuse("admission.posix_identity", namespace, name, spec, refusal)
 
 
 async def check_budget(
@@ -128,14 +120,14 @@ async def check_budget(
     refusal = gate.admit(
         namespace, name, str(spec.get("owner", "")), str(spec.get("budget", "")), flavor, environments, utcnow()
     )
-    if refusal is None:
-        return
+    if refusal is not None:
+        refuse("admission.budget", namespace, name, spec, refusal)
+
+
+def refuse(event: str, namespace: str, name: str, spec: kopf.Spec, refusal: Refusal) -> NoReturn:
+    """Count, log and answer a refusal (403: the request is understood, and not allowed)."""
     metrics.ADMISSION_REFUSALS.labels(reason=refusal.reason, stage="admission").inc()
     log.info(
-        "admission.budget",
-        environment=f"{namespace}/{name}",
-        owner=spec.get("owner"),
-        decision="refused",
-        reason=refusal.reason,
+        event, environment=f"{namespace}/{name}", owner=spec.get("owner"), decision="refused", reason=refusal.reason
     )
     raise kopf.AdmissionError(refusal.message, code=403)

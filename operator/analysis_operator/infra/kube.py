@@ -136,22 +136,8 @@ class KubeClient:
         return base64.b64decode(encoded).decode() if encoded else None
 
     async def patch_environment_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
-        """Merge-patch status; False if the environment is gone."""
-        try:
-            await self._call(
-                self.custom.patch_namespaced_custom_object_status,
-                GROUP,
-                VERSION,
-                namespace,
-                ENVIRONMENTS,
-                name,
-                {"status": status},
-            )
-        except ApiException as error:
-            if error.status == 404:
-                return False
-            raise
-        return True
+        """Merge-patch an environment's status; False if the environment is gone."""
+        return await self.patch_namespaced_status(ENVIRONMENTS, namespace, name, status)
 
     async def environment_exists(self, namespace: str, name: str, uid: str) -> bool:
         try:
