@@ -395,3 +395,19 @@ def test_an_approved_extension_reaches_the_backends_own_limit():
     outcome = asyncio.run(converge(context, ENVIRONMENT, status, FLAVOR, NOW + datetime.timedelta(hours=1)))
     assert backend.extended_until == NOW + datetime.timedelta(hours=5)  # 2 h flavor limit + 3 h granted
     assert outcome.status["expiresAt"] == "2026-11-30T17:00:00Z"
+
+
+def test_stopping_an_environment_whose_flavor_is_gone_still_removes_what_runs():
+    """A budget exhausted after the flavor was deleted: the backend is found from status.backend.kind
+    (before, the Secret went and the pod kept running)."""
+    from analysis_operator.engine.converge import stop
+    from analysis_operator.model.domain import Phase
+
+    backend, cluster, context = setup()
+    asyncio.run(run(context, ENVIRONMENT, {}))
+    status = {"phase": "Ready", "backend": {"kind": "memory"}}
+    outcome = asyncio.run(
+        stop(context, ENVIRONMENT, None, status, Phase.BUDGET_EXHAUSTED, "BudgetExhausted", "spent", NOW)
+    )
+    assert "u-1" not in backend.running and ("ns", "aenv-lab") not in cluster.secrets
+    assert outcome.status["phase"] == "BudgetExhausted"
