@@ -7,7 +7,7 @@ creates go on meanwhile), and a kube-apiserver restart. Afterwards the invariant
 finished environment holds anything or is charged, every live one is in the ledger and will expire,
 nothing the operator made is left without a live environment; and no environment has two Slurm jobs.
 
-    eval "$(hack/cluster.sh env)"; eval "$(hack/slurm.sh env)"
+    eval "$(hack/cluster.sh env)"; eval "$(hack/slurm.sh env)"; kubectl apply -f examples/users.yaml
     .venv/bin/python bench/chaos.py --pods 200 --jobs 10 --rest-down 60
 """
 
@@ -33,7 +33,7 @@ from analysis_operator.backends.slurm import SlurmBackend  # noqa: E402
 from analysis_operator.settings import load_settings  # noqa: E402
 from tests.integration.invariant import violations  # noqa: E402
 
-OWNER = "chaos"
+OWNER = "carol"  # a FacilityUser (examples/users.yaml) and a Unix user of the local Slurm (hack/slurm.sh)
 
 
 def script(name: str, *arguments: str) -> None:
