@@ -65,10 +65,27 @@ ensure_users() {
   # slurmrestd refuses to run as root; jobs run as the facility users.
   id -u "$REST_USER" >/dev/null 2>&1 ||
     useradd --system --no-create-home --shell /usr/sbin/nologin "$REST_USER"
-  local user
+  # The same uid and gid as their FacilityUser in examples/users.yaml: the operator refuses a job
+  # whose Unix account disagrees with the facility's directory (UnixAccountMismatch).
+  local user id
   for user in $USERS; do
-    id -u "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
+    id=$(uid_of "$user")
+    if [ -z "$id" ]; then
+      id -u "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
+    elif ! id -u "$user" >/dev/null 2>&1; then
+      getent group "$user" >/dev/null || groupadd --gid "$id" "$user"
+      useradd --create-home --shell /bin/bash --uid "$id" --gid "$id" "$user"
+    elif [ "$(id -u "$user")" != "$id" ]; then   # made by an earlier version of this script
+      groupmod --gid "$id" "$user" 2>/dev/null || true
+      usermod --uid "$id" --gid "$id" "$user"
+    fi
   done
+}
+
+uid_of() {  # uid_of USER: the uid examples/users.yaml gives the user, or nothing
+  awk -v user="$1" '/^  name:/ {name = $2} /^spec:/ && name == user {
+    match($0, /uid: *[0-9]+/); print substr($0, RSTART + 5, RLENGTH - 5) + 0; exit }' \
+    "$(dirname "$0")/../examples/users.yaml"
 }
 
 write_munge_key() {

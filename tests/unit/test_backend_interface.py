@@ -62,6 +62,8 @@ class MemoryBackend:
             return Observation(State.GONE, "NotThere")
         if state == "suspended":
             return Observation(State.SUSPENDED, "Parked")
+        if state == "failed":
+            return Observation(State.FAILED, "Broke", "the backend gave up on it")
         if state == "ready":
             return Observation(State.READY, "Up", "up", {"id": uid, "state": "UP"}, "mem://lab", cpus=2.0, gpus=1)
         return Observation(State.PROVISIONING, "Starting", "starting", {"id": uid, "state": "STARTING"})
@@ -411,3 +413,22 @@ def test_stopping_an_environment_whose_flavor_is_gone_still_removes_what_runs():
     )
     assert "u-1" not in backend.running and ("ns", "aenv-lab") not in cluster.secrets
     assert outcome.status["phase"] == "BudgetExhausted"
+
+
+def test_an_environment_its_backend_ended_holds_nothing_and_no_token():
+    """Found by the chaos run: a job refused by Slurm ended Failed but kept its token Secret."""
+    backend, cluster, context = setup()
+
+    async def scenario():
+        status, _ = await run(context, ENVIRONMENT, {})
+        backend.running["u-1"] = "failed"
+        status, outcome = await run(context, ENVIRONMENT, status)
+        assert (status["phase"], status["reason"], status["message"]) == (
+            "Failed",
+            "Broke",
+            "the backend gave up on it",
+        )
+        assert backend.calls[-1] == "delete" and ("ns", "aenv-lab") not in cluster.secrets
+        assert status["connection"] is None and status["stoppedAt"]
+
+    asyncio.run(scenario())

@@ -315,6 +315,18 @@ async def _run_backend(
         observation = await backend.ensure(await launcher.launch())
     if observation.state.holds:  # an approved extension moved expiresAt: the backend's own limit follows
         await backend.extend(environment, expires_at)
+    ended = phase_from_observation(observation)
+    if ended in (Phase.FAILED, Phase.EXPIRED):  # ended on the backend's side: nothing of it may stay, nor the token
+        return await stop(
+            launcher.context,
+            environment,
+            flavor,
+            status,
+            ended,
+            observation.reason or ended.value,
+            observation.message or ended.value,
+            now,
+        )
     return _observed(environment, flavor, status, observation, now, times)
 
 
