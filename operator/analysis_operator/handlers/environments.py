@@ -3,15 +3,17 @@ pod events that move an environment to Ready (or bring its pod back)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
-from analysis_operator.backends.base import BackendUnavailable, State
-from analysis_operator.engine.converge import converge
+from analysis_operator.backends.base import Backend, BackendUnavailable, State
+from analysis_operator.engine.converge import Context, converge
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.reconciler import Reconciler, utcnow
-from analysis_operator.engine.views import EnvironmentRecord, first
+from analysis_operator.engine.terms import flavor_for
+from analysis_operator.engine.views import EnvironmentRecord, Index, first
 from analysis_operator.handlers.indexes import MANAGED
 from analysis_operator.infra.metrics import RECONCILE_SECONDS
 from analysis_operator.model.domain import GROUP, LABEL_BACKEND, LABEL_ENVIRONMENT, VERSION, Environment
@@ -27,7 +29,7 @@ async def on_environment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, fl
     context = memo.context
     environment = Environment.from_body(body)
     flavor = first(flavors, environment.flavor)
-    backend = context.backends.get(flavor.backend) if flavor is not None else None
+    backend = backend_of(context, environment, body.get("status") or {}, flavors)
     if backend is not None and backend.needs_finalizer and LABEL_BACKEND not in body.metadata.labels:
         # Label first: kopf then adds the finalizer before anything exists outside Kubernetes.
         patch.metadata.setdefault("labels", {})[LABEL_BACKEND] = backend.kind
@@ -64,8 +66,7 @@ async def on_environment_status(type: str, body: kopf.Body, memo: kopf.Memo, fla
     if type != "MODIFIED" or status.get("phase") != "Provisioning":
         return
     environment = Environment.from_body(body)
-    flavor = first(flavors, environment.flavor)
-    backend = memo.context.backends.get(flavor.backend) if flavor is not None else None
+    backend = backend_of(memo.context, environment, status, flavors)
     if backend is None or backend.polled:
         return  # polled backends are observed by the sweep; an event-driven one is cheap to ask here
     if (await backend.observe(environment)).state is State.READY:
@@ -79,8 +80,7 @@ async def on_pod(namespace: str, labels: dict[str, str], memo: kopf.Memo, enviro
     if record is None or not record.status.get("phase"):
         return  # environment gone (the garbage collector follows), or its handler has not written yet
     environment = record.environment
-    flavor = first(memo.reconciler.flavors, environment.flavor)
-    backend = memo.context.backends.get(flavor.backend) if flavor is not None else None
+    backend = backend_of(memo.context, environment, record.status, memo.reconciler.flavors)
     if (
         backend is not None
         and (await backend.observe(environment)).state is State.GONE
@@ -88,3 +88,10 @@ async def on_pod(namespace: str, labels: dict[str, str], memo: kopf.Memo, enviro
     ):
         return  # deleted together with its environment: do not bring it back
     await memo.reconciler.reconcile(record)
+
+
+def backend_of(context: Context, environment: Environment, status: Mapping[str, Any], flavors: Index) -> Backend | None:
+    """The backend an environment runs on: its recorded terms' once started (the flavor may have
+    changed or gone since), else its flavor's."""
+    flavor = flavor_for(environment, status, flavors)
+    return context.backends.get(flavor.backend) if flavor is not None else None
