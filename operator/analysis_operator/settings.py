@@ -119,6 +119,35 @@ class IdentitySettings:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    """OPEN: one Gateway API gateway in front of every environment (engine/routes.py), and the
+    operator answering its forward-auth requests (handlers/gateway.py)."""
+
+    enabled: bool = False  # False: no routes; status.connection.url is what the backend reports
+    name: str = "analysis"  # the Gateway every HTTPRoute attaches to
+    namespace: str = "analysis-gateway"
+    section_name: str = ""  # one listener of it ("" = all)
+    url: str = "https://analysis.example.org"  # the public URL of that Gateway: what browsers open
+    hostname: str = ""  # the HTTPRoutes' hostname ("" = any the listener accepts)
+    path_prefix: str = "/env"  # environments live at <url><path_prefix>/<namespace>/<name>/
+    # Forward-auth: the gateway asks the operator here whether a request may pass.
+    auth_listen_address: str = "0.0.0.0"
+    auth_port: int = 9100
+    auth_url: str = ""  # how the gateway reaches it, e.g. http://analysis-operator.<ns>.svc:9100/authorize
+    # Who the viewer is: an OIDC ID token from the facility's SSO, signed by the issuer, in
+    # "Authorization: Bearer" (oauth2-proxy's --set-authorization-header) or in this cookie.
+    oidc_issuer: str = ""
+    oidc_audience: str = ""
+    oidc_jwks_url: str = ""  # the issuer's keys (its jwks_uri); or a file of them (tests, air-gapped)
+    oidc_jwks_file: str = ""
+    oidc_username_claim: str = "preferred_username"
+    oidc_username_prefix: str = ""  # prepended to the claim to get the facility user ID
+    session_cookie: str = "aenv_session"
+    admins: tuple[str, ...] = ()  # facility user IDs who may open every environment (support staff)
+    login_url: str = ""  # where a browser without a valid session is sent ("" = a 401 page)
+
+
+@dataclass(frozen=True)
 class Settings:
     templates_dir: str = ""  # empty = the package's own templates; else a site's directory
     log_format: str = "auto"  # auto (JSON unless a terminal), json, console
@@ -144,6 +173,7 @@ class Settings:
     home: HomeSettings = field(default_factory=HomeSettings)
     budgets: BudgetSettings = field(default_factory=BudgetSettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
 
 
 def _coerce(value: str, current: Any) -> Any:

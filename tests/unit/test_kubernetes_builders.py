@@ -249,10 +249,10 @@ def test_new_tokens_differ_and_are_long():
 @pytest.mark.parametrize(
     "settings, expected",
     [
-        (Settings(), "http://aenv-lab.team-a.svc.cluster.local:8888/lab"),
+        (Settings(), "http://aenv-lab.team-a.svc.cluster.local:8888/env/team-a/lab/lab"),
         (
             Settings(cluster_domain="k8s.facility.eu", jupyter_port=9000),
-            "http://aenv-lab.team-a.svc.k8s.facility.eu:9000/lab",
+            "http://aenv-lab.team-a.svc.k8s.facility.eu:9000/env/team-a/lab/lab",
         ),
     ],
 )

@@ -49,6 +49,20 @@ class Charging(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class Upstream:
+    """Where the gateway sends an environment's traffic (engine/routes.py makes the route to it).
+
+    Either an IP address and port (a compute node, a VM: the operator makes a Service without
+    selector and an EndpointSlice for it) or a Service of the environment's own (pods)."""
+
+    port: int
+    address: str = ""  # an IP address, never a hostname (EndpointSlices hold addresses)
+    service: str = ""  # or: the environment's own Service, which already selects its server
+    landing: str = ""  # what OPEN shows, relative to the environment's base path ("lab", "vnc.html?...")
+    strip_prefix: bool = False  # the server serves at "/" (noVNC), not under the base path (JupyterLab)
+
+
+@dataclass(frozen=True)
 class Observation:
     state: State
     reason: str = ""  # CamelCase, for conditions and Events
@@ -58,6 +72,7 @@ class Observation:
     url: str = ""  # connection URL once Ready, never holding the token
     cpus: float = 0.0  # resources held right now, for accounting
     gpus: int = 0
+    upstream: Upstream | None = None  # where a gateway reaches it once Ready (None: nowhere)
 
 
 @dataclass(frozen=True)

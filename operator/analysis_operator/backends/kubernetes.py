@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, Retry, State
+from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, Retry, State, Upstream
 from analysis_operator.infra import render
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.model.domain import (
@@ -31,6 +31,7 @@ from analysis_operator.model.domain import (
     parse_quantity,
 )
 from analysis_operator.model.identity import PosixIdentity
+from analysis_operator.policy.opening import base_path
 from analysis_operator.policy.refusal import Refusal
 from analysis_operator.settings import Settings
 
@@ -126,6 +127,7 @@ def build_pod(
         owner_references=environment.owner_references,
         image=environment.image or flavor.image,
         port=settings.jupyter_port,
+        base_url=base_path(settings.gateway.path_prefix, environment.namespace, environment.name),
         secret_name=environment.child_name,
         environment_name=environment.name,
         owner=environment.owner,
@@ -155,8 +157,15 @@ def build_service(environment: Environment, settings: Settings) -> dict[str, Any
 
 
 def build_url(environment: Environment, settings: Settings) -> str:
+    """Where JupyterLab answers inside the cluster (under the same base path as behind the gateway)."""
     host = f"{environment.child_name}.{environment.namespace}.svc.{settings.cluster_domain}"
-    return f"http://{host}:{settings.jupyter_port}/lab"
+    path = base_path(settings.gateway.path_prefix, environment.namespace, environment.name)
+    return f"http://{host}:{settings.jupyter_port}{path}lab"
+
+
+def build_upstream(environment: Environment, settings: Settings) -> Upstream:
+    """The gateway reaches a pod through its Service; JupyterLab serves under the base path itself."""
+    return Upstream(port=settings.jupyter_port, service=environment.child_name, landing="lab")
 
 
 def observe_pod(pod: Mapping[str, Any] | None, url: str = "") -> Observation:
@@ -240,7 +249,11 @@ class KubernetesBackend:
             if summary.environment_uid == environment.uid:
                 observation: Observation = summary.observation
                 if observation.state is State.READY:
-                    observation = dataclasses.replace(observation, url=build_url(environment, self._settings))
+                    observation = dataclasses.replace(
+                        observation,
+                        url=build_url(environment, self._settings),
+                        upstream=build_upstream(environment, self._settings),
+                    )
                 return observation
         return None
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import structlog
 
 from analysis_operator.backends.base import Backend, BackendUnavailable, Launch, Observation, Retry, State
+from analysis_operator.engine.routes import NoRoutes, Route, Routes
 from analysis_operator.engine.status import backend_status, phase_from_observation
 from analysis_operator.engine.terms import build_terms, effective_flavor
 from analysis_operator.engine.tokens import delete_token, ensure_token
@@ -119,6 +120,7 @@ class Context:
     access: Access = field(default_factory=NoDatasets)
     gates: tuple[Gate, ...] = ()
     identities: Identities = field(default_factory=NoIdentities)
+    routes: Routes = field(default_factory=NoRoutes)  # OPEN: the gateway's routes (engine/routes.py)
 
 
 def _transition(
@@ -168,10 +170,11 @@ async def stop(
     # The flavor may be gone by now: then the backend that status says runs it.
     kind = flavor.backend if flavor is not None else (status.get("backend") or {}).get("kind", "")
     backend = context.backends.get(kind)
+    await _close_route(context, environment, status)
     if backend is not None:
         await backend.delete(environment)
     await delete_token(context.kube, environment)
-    return _transition(
+    outcome = _transition(
         environment,
         status,
         phase,
@@ -181,6 +184,7 @@ async def stop(
         stoppedAt=status.get("stoppedAt") or format_time(now),
         connection=None,
     )
+    return _with_routable(outcome, environment, status, now, None)
 
 
 def expiry(
@@ -296,9 +300,10 @@ async def _run_backend(
 ) -> Outcome:
     observation = await backend.observe(environment)
     if environment.suspend:
+        await _close_route(launcher.context, environment, status)
         if observation.state.holds:
             observation = await backend.suspend(environment)
-        return _transition(
+        outcome = _transition(
             environment,
             status,
             Phase.SUSPENDED,
@@ -309,6 +314,7 @@ async def _run_backend(
             **_terms(status, flavor),
             backend=backend_status(flavor.backend, observation),
         )
+        return _with_routable(outcome, environment, status, now, None)
     if observation.state is State.SUSPENDED or status.get("phase") == Phase.SUSPENDED.value:
         observation = await backend.resume(await launcher.launch())
     if observation.state is State.GONE:
@@ -327,7 +333,7 @@ async def _run_backend(
             observation.message or ended.value,
             now,
         )
-    return _observed(environment, flavor, status, observation, now, times)
+    return await _observed(launcher.context, environment, flavor, status, observation, now, times)
 
 
 @dataclass(frozen=True)
@@ -400,7 +406,8 @@ def _reachable_again(
     return Outcome(patch, outcome.event, outcome.retry_after, outcome.message)
 
 
-def _observed(
+async def _observed(
+    context: Context,
     environment: Environment,
     flavor: Flavor,
     status: Mapping[str, Any],
@@ -410,8 +417,14 @@ def _observed(
 ) -> Outcome:
     phase = phase_from_observation(observation)
     connection = {"secretName": environment.child_name}
-    if observation.url:
+    route: Route | None = None
+    if phase is Phase.READY and observation.upstream is not None and context.routes.enabled:
+        route = await context.routes.open(environment, observation.upstream)  # in place before Ready is written
+        connection["url"] = route.url
+    elif observation.url:
         connection["url"] = observation.url
+    if phase is not Phase.READY:
+        await _close_route(context, environment, status)
     extra: dict[str, Any] = {
         "backend": backend_status(flavor.backend, observation),
         "connection": connection,
@@ -421,4 +434,56 @@ def _observed(
     if phase is Phase.FAILED:
         extra["stoppedAt"] = format_time(now)
     message = observation.message or phase.value
-    return _transition(environment, status, phase, observation.reason or phase.value, message, now, **extra)
+    outcome = _transition(environment, status, phase, observation.reason or phase.value, message, now, **extra)
+    if (
+        outcome.status is None
+        and phase is Phase.READY
+        and (status.get("connection") or {}).get("url") != connection.get("url")
+    ):
+        outcome = Outcome({"connection": connection}, outcome.event)  # the gateway came, went or moved
+    outcome = _with_routable(outcome, environment, status, now, route)
+    if route is not None and not route.routable:
+        return Outcome(outcome.status, outcome.event, retry_after=30, message=route.message)
+    return outcome
+
+
+def _routed(status: Mapping[str, Any]) -> bool:
+    condition = {c.get("type"): c for c in status.get("conditions") or ()}.get("Routable")
+    return condition is not None and condition.get("status") == "True"
+
+
+async def _close_route(context: Context, environment: Environment, status: Mapping[str, Any]) -> None:
+    """Nothing is routable while it does not run (suspended, stopped, expired, revoked)."""
+    if _routed(status):
+        await context.routes.close(environment)
+
+
+def _with_routable(
+    outcome: Outcome, environment: Environment, status: Mapping[str, Any], now: datetime.datetime, route: Route | None
+) -> Outcome:
+    """Add the Routable condition to the patch when it changes (only where a gateway is or was involved)."""
+    conditions = {c.get("type"): c for c in status.get("conditions") or ()}
+    previous = conditions.get("Routable")
+    if route is None:
+        if previous is None or previous.get("status") == "False":
+            return outcome
+        routable, reason, message = False, "NotRunning", "not routed: the environment does not run"
+    else:
+        routable, reason, message = route.routable, route.reason, route.message
+    if previous is not None and previous.get("status") == str(routable) and previous.get("reason") == reason:
+        return outcome
+    condition = build_condition(
+        previous,
+        type_="Routable",
+        status=routable,
+        reason=reason,
+        message=message,
+        generation=environment.generation,
+        now=now,
+    )
+    patch = dict(outcome.status or {})
+    patch["conditions"] = merge_conditions(patch.get("conditions") or status.get("conditions"), condition)
+    event = outcome.event
+    if event is None and not routable and route is not None:
+        event = ("Warning", reason, message)
+    return Outcome(patch, event, outcome.retry_after, outcome.message)

@@ -30,6 +30,7 @@ from analysis_operator.engine.views import EnvironmentRecord, Index, first, memb
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.model.domain import Dataset, Environment, Flavor, Mount, Phase, is_terminal
 from analysis_operator.policy.access import AccessPlan, Reach, StaticCatalogue, pid_key, plan_access
+from analysis_operator.policy.opening import sharing_refusals
 from analysis_operator.policy.refusal import Refusal
 
 log = structlog.get_logger("analysis_operator.data_access")
@@ -153,3 +154,32 @@ def affected(record: EnvironmentRecord, flavors: Index, catalogue: IndexCatalogu
     if not record.environment.datasets and (flavor is None or not flavor.access.restricted):
         return False
     return not plan_access(record.environment, flavor, catalogue, moment).allowed
+
+
+class Sharing:
+    """spec.sharing at admission (policy/opening.py): the index first; a refusal is confirmed against
+    the API server, since a FacilityUser, group or Dataset made a moment ago may not be indexed yet."""
+
+    def __init__(self, kube: KubeClient, indexes: Mapping[str, Index], catalogue: IndexCatalogue) -> None:
+        self._kube, self._users, self._groups, self._catalogue = (
+            kube,
+            indexes["facility_users"],
+            indexes["groups"],
+            catalogue,
+        )
+
+    async def check(self, environment: Environment, now: datetime.datetime) -> list[Refusal]:
+        refusals = sharing_refusals(
+            environment,
+            self._catalogue,
+            lambda user: first(self._users, user) is not None,
+            lambda group: first(self._groups, group),
+            now,
+        )
+        if not refusals:
+            return refusals
+        catalogue, users = await asyncio.gather(
+            api_catalogue(self._kube), self._kube.list_cluster_objects("facilityusers")
+        )
+        known = {body["metadata"]["name"] for body in users}
+        return sharing_refusals(environment, catalogue, known.__contains__, catalogue.groups.get, now)

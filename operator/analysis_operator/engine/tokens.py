@@ -57,3 +57,15 @@ async def delete_token(kube: KubeClient, environment: Environment) -> None:
     await kube.delete_owned(
         "Secret", environment.namespace, environment.child_name, LABEL_ENVIRONMENT_UID, environment.uid
     )
+
+
+async def read_token(kube: KubeClient, environment: Environment) -> str | None:
+    """This environment's token (never a namesake's), for the gateway to hand its server; None if none."""
+    secret = await kube.read_secret(environment.namespace, environment.child_name)
+    if (
+        secret is None
+        or ((secret.get("metadata") or {}).get("labels") or {}).get(LABEL_ENVIRONMENT_UID) != environment.uid
+    ):
+        return None
+    encoded = (secret.get("data") or {}).get(TOKEN_KEY)
+    return base64.b64decode(encoded).decode() if encoded else None

@@ -61,6 +61,11 @@ async def admit_environment(operation: str, old: kopf.Body | None, spec: kopf.Sp
         await check_posix_identity(spec=spec, **kwargs)
     elif old is None or dict(old.get("spec") or {}) == dict(spec):
         return  # metadata only (labels, finalizers, kopf's annotations): nothing for policy to say
+    sharing = spec.get("sharing") or {}
+    if operation == "CREATE" or (old is not None and (old.get("spec", {}).get("sharing") or {}) != sharing):
+        if operation == "UPDATE":  # only the owner (or the portal acting for them) shares, not admins
+            check_owner(spec=spec, **kwargs)
+        await check_sharing(spec=spec, **kwargs)
     check_request_terms(spec=spec, **kwargs)
     if operation == "CREATE" or (old is not None and old.get("spec", {}).get("datasets") != spec.get("datasets")):
         await check_data_access(spec=spec, **kwargs)
@@ -108,6 +113,20 @@ async def check_posix_identity(name: str, namespace: str, spec: kopf.Spec, memo:
     refusal = await identities.admit(str(spec.get("owner", "")))
     if refusal is not None:
         refuse("admission.posix_identity", namespace, name, spec, refusal)
+
+
+async def check_sharing(body: kopf.Body, name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
+    """spec.sharing names known people only, each of whom may read every dataset it mounts."""
+    environment = Environment.from_body(
+        {"metadata": {"namespace": namespace, "name": name, "uid": body.metadata.get("uid") or ""}, "spec": dict(spec)}
+    )
+    if not (environment.shared_users or environment.shared_groups):
+        return
+    refusals = await memo.sharing.check(environment, utcnow())
+    if refusals:
+        refusal = refusals[0]
+        message = "; ".join(each.message for each in refusals)
+        refuse("admission.sharing", namespace, name, spec, Refusal(refusal.reason, message, subject=refusal.subject))
 
 
 async def check_budget(

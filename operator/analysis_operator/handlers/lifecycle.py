@@ -19,13 +19,16 @@ import structlog
 from analysis_operator.backends.registry import build_backends
 from analysis_operator.engine.budget_gate import build_budget_gate
 from analysis_operator.engine.converge import Context
-from analysis_operator.engine.data_access import DataAccess
+from analysis_operator.engine.data_access import DataAccess, Sharing
 from analysis_operator.engine.identity import DirectoryIdentities
 from analysis_operator.engine.reconciler import Reconciler, utcnow
+from analysis_operator.engine.routes import GatewayRoutes, NoRoutes, Routes
 from analysis_operator.engine.sweep import sweep, sweep_orphans, warn_expiring
+from analysis_operator.handlers.gateway import Authorizer, start_server
 from analysis_operator.infra.certificates import ensure_certificates
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.infra.metrics import start_metrics
+from analysis_operator.infra.oidc import TokenVerifier
 from analysis_operator.model.domain import GROUP
 from analysis_operator.settings import Settings
 
@@ -59,14 +62,24 @@ async def on_startup(
 
     kube = KubeClient(config.kube_workers, config.namespace)
     memo.access = DataAccess(kube, indexes)
+    memo.sharing = Sharing(kube, indexes, memo.access.catalogue)
     memo.budget_gate = build_budget_gate(kube, config.budgets, indexes)
     memo.identities = DirectoryIdentities(kube, config.identity, indexes, environments)
+    routes: Routes = NoRoutes()
+    memo.gateway = None
+    if config.gateway.enabled:  # OPEN: routes through the gateway, and its forward-auth answered here
+        routes = GatewayRoutes(kube, config.gateway)
+        authorizer = Authorizer(
+            config.gateway, kube, environments, memo.access.catalogue, TokenVerifier(config.gateway)
+        )
+        memo.gateway = await start_server(authorizer, config.gateway.auth_listen_address, config.gateway.auth_port)
     memo.context = Context(
         kube=kube,
         backends=build_backends(config, kube, pods),
         access=memo.access,
         gates=(memo.budget_gate,),
         identities=memo.identities,
+        routes=routes,
     )
     memo.reconciler = Reconciler(memo.context, environments, flavors)
     start_metrics(config.metrics_port, indexes["budgets"], environments, config.metrics_address)
@@ -141,6 +154,8 @@ async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
     memo.sweeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await memo.sweeper
+    if memo.gateway is not None:
+        await memo.gateway.cleanup()
     memo.reconciler.close()
     for backend in memo.context.backends.values():
         backend.close()

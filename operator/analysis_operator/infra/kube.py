@@ -23,6 +23,22 @@ from kubernetes.client.rest import ApiException
 from analysis_operator.model.domain import GROUP, VERSION
 
 ENVIRONMENTS = "analysisenvironments"
+FIELD_MANAGER = "analysis-operator"
+# apiVersion -> (path prefix, kind -> plural) for the objects applied by server-side apply.
+_PATHS = {
+    "v1": ("/api/v1", {"Service": "services"}),
+    "discovery.k8s.io/v1": ("/apis/discovery.k8s.io/v1", {"EndpointSlice": "endpointslices"}),
+    "gateway.networking.k8s.io/v1": (
+        "/apis/gateway.networking.k8s.io/v1",
+        {"HTTPRoute": "httproutes", "Gateway": "gateways"},
+    ),
+    "traefik.io/v1alpha1": ("/apis/traefik.io/v1alpha1", {"Middleware": "middlewares"}),
+}
+
+
+def object_path(api_version: str, kind: str, namespace: str, name: str) -> str:
+    prefix, plurals = _PATHS[api_version]
+    return f"{prefix}/namespaces/{namespace}/{plurals[kind]}/{name}"
 
 
 def _load_configuration(workers: int) -> kubernetes.client.Configuration:
@@ -123,6 +139,14 @@ class KubeClient:
                 return False
             raise
         return True
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self._call(self.core.read_namespaced_secret, name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
 
     async def read_secret_value(self, namespace: str, name: str, key: str) -> str | None:
 
@@ -226,6 +250,47 @@ class KubeClient:
                 return False
             raise
         return True
+
+    async def _request(self, method: str, path: str, body: Any = None, **query: Any) -> tuple[int, dict[str, Any]]:
+        """One request to any path: (status, JSON body); 404 and 409 are answers, not errors."""
+        api = self.core.api_client
+        headers = {"Accept": "application/json"}
+        if method == "PATCH":
+            headers["Content-Type"] = "application/apply-patch+yaml"  # JSON is YAML
+        params = api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=list(query.items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = await asyncio.get_running_loop().run_in_executor(self._executor, lambda: api.call_api(*params))
+        data = response.read() if response.data is None else response.data
+        if response.status >= 400 and response.status not in (404, 409):
+            raise ApiException(status=response.status, reason=response.reason, body=data)
+        return response.status, json.loads(data or b"{}")
+
+    async def apply(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply: create or bring to exactly these fields (owned by this operator)."""
+        metadata = body["metadata"]
+        path = object_path(body["apiVersion"], body["kind"], metadata["namespace"], metadata["name"])
+        status, answer = await self._request("PATCH", path, body, fieldManager=FIELD_MANAGER, force="true")
+        if status >= 400:
+            raise ApiException(status=status, reason=str(answer.get("message", "")))
+        return answer
+
+    async def get_object(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        status, answer = await self._request("GET", object_path(api_version, kind, namespace, name))
+        return None if status == 404 else answer
+
+    async def delete_object(self, api_version: str, kind: str, namespace: str, name: str, uid: str = "") -> bool:
+        """Delete (only the object with this uid, when given); False if it was not there."""
+        body: dict[str, Any] = {"propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        status, _ = await self._request("DELETE", object_path(api_version, kind, namespace, name), body)
+        return status < 400
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

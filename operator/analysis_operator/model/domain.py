@@ -345,6 +345,8 @@ class Environment:
     generation: int = 0
     deleting: bool = False  # deletionTimestamp set: only the finalizer's cleanup may act now
     budget: str = ""  # ComputeBudget named in spec.budget; "" = the owner's personal one
+    shared_users: frozenset[str] = frozenset()  # spec.sharing: who besides the owner may open it
+    shared_groups: frozenset[str] = frozenset()
 
     problems: tuple[str, ...] = ()  # what from_body could not read (and read on the safe side instead)
 
@@ -375,6 +377,8 @@ class Environment:
             generation=_count(metadata.get("generation", 0), 0, "metadata.generation", []),
             deleting=bool(metadata.get("deletionTimestamp")),
             budget=_text(spec.get("budget")),
+            shared_users=frozenset(_texts(_mapping(spec.get("sharing")).get("users"))),
+            shared_groups=frozenset(_texts(_mapping(spec.get("sharing")).get("groups"))),
             problems=(problem,) if problem else (),
         )
 

@@ -1,0 +1,269 @@
+"""OPEN: one Gateway API HTTPRoute per running environment, under the facility's one gateway.
+
+While an environment is Ready it has an HTTPRoute `aenv-<name>` in its namespace for
+`<path_prefix>/<namespace>/<name>/` (policy/opening.py), attached to the Gateway named in
+settings, with the gateway's forward-auth filter in front: every request is first put to
+the operator (handlers/gateway.py), which lets only the owner, the people it is shared
+with and admins through, and adds the server's credential on the way (the browser never
+holds it). The route's backend is what the backend reported (`Upstream`):
+  - a pod: its own Service;
+  - a compute node or a VM: an IP address and port, for which a Service without selector
+    and an EndpointSlice `aenv-<name>` are made here (the gateway follows those like any
+    Service's endpoints).
+Everything carries the environment's labels and an owner reference, so deleting the
+environment removes it; suspend, stop, expiry and revocation remove it at once (`close`).
+
+The manifests are built by pure functions (tested without a server) and written with
+server-side apply, so writing them again is harmless; a fingerprint per environment keeps
+the steady state free of writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from analysis_operator.backends.base import Upstream
+from analysis_operator.infra.kube import KubeClient
+from analysis_operator.model.domain import LABEL_ENVIRONMENT_UID, Environment
+from analysis_operator.policy.opening import base_path
+from analysis_operator.settings import GatewaySettings
+
+log = structlog.get_logger("analysis_operator.routes")
+
+GATEWAY_API = "gateway.networking.k8s.io/v1"
+MIDDLEWARE_API = "traefik.io/v1alpha1"
+FORWARD_AUTH = "aenv-forward-auth"  # the forward-auth Middleware, one per namespace
+# What the gateway copies from the operator's answer into the request it passes on: the server's
+# credential, the browser's cookies without the session cookie, and who the viewer is.
+AUTH_RESPONSE_HEADERS = ["Authorization", "Cookie", "X-Forwarded-User"]
+ENDPOINTSLICE_MANAGER = "analysis-operator"  # not the endpointslice controller: it leaves these alone
+
+
+@dataclass(frozen=True)
+class Route:
+    url: str  # what OPEN navigates to
+    routable: bool
+    reason: str
+    message: str
+
+
+class Routes(Protocol):
+    """How converge opens a Ready environment to browsers and closes it again."""
+
+    enabled: bool
+
+    def url(self, environment: Environment, upstream: Upstream) -> str: ...
+
+    async def open(self, environment: Environment, upstream: Upstream) -> Route: ...
+
+    async def close(self, environment: Environment) -> None: ...
+
+
+class NoRoutes:
+    """No gateway configured: status.connection.url is the backend's own address."""
+
+    enabled = False
+
+    def url(self, environment: Environment, upstream: Upstream) -> str:
+        return ""
+
+    async def open(self, environment: Environment, upstream: Upstream) -> Route:
+        return Route("", False, "NoGateway", "no gateway is configured")
+
+    async def close(self, environment: Environment) -> None:
+        return None
+
+
+# ---------------------------------------------------------------- manifests (pure)
+
+
+def public_url(settings: GatewaySettings, environment: Environment, upstream: Upstream) -> str:
+    path = base_path(settings.path_prefix, environment.namespace, environment.name)
+    landing = upstream.landing.replace("{path}", path.lstrip("/"))
+    return settings.url.rstrip("/") + path + landing
+
+
+def build_route(settings: GatewaySettings, environment: Environment, upstream: Upstream) -> dict[str, Any]:
+    parent: dict[str, Any] = {
+        "group": "gateway.networking.k8s.io",
+        "kind": "Gateway",
+        "name": settings.name,
+        "namespace": settings.namespace,
+    }
+    if settings.section_name:
+        parent["sectionName"] = settings.section_name
+    filters: list[dict[str, Any]] = [
+        {"type": "ExtensionRef", "extensionRef": {"group": "traefik.io", "kind": "Middleware", "name": FORWARD_AUTH}}
+    ]
+    if upstream.strip_prefix:
+        filters.append(
+            {"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}}}
+        )
+    spec: dict[str, Any] = {
+        "parentRefs": [parent],
+        "rules": [
+            {
+                "matches": [
+                    {
+                        "path": {
+                            "type": "PathPrefix",
+                            "value": base_path(settings.path_prefix, environment.namespace, environment.name),
+                        }
+                    }
+                ],
+                "filters": filters,
+                "backendRefs": [{"name": upstream.service or environment.child_name, "port": upstream.port}],
+            }
+        ],
+    }
+    if settings.hostname:
+        spec["hostnames"] = [settings.hostname]
+    return {
+        "apiVersion": GATEWAY_API,
+        "kind": "HTTPRoute",
+        "metadata": _metadata(environment),
+        "spec": spec,
+    }
+
+
+def build_endpoint(environment: Environment, upstream: Upstream) -> list[dict[str, Any]]:
+    """A Service without selector and its EndpointSlice, for an upstream that is an address."""
+    address = ipaddress.ip_address(upstream.address)  # raises ValueError for a hostname
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(environment),
+        "spec": {"ports": [{"name": "http", "port": upstream.port, "targetPort": upstream.port, "protocol": "TCP"}]},
+    }
+    metadata = _metadata(environment)
+    metadata["labels"] = {
+        **metadata["labels"],
+        "kubernetes.io/service-name": environment.child_name,
+        "endpointslice.kubernetes.io/managed-by": ENDPOINTSLICE_MANAGER,
+    }
+    endpoint_slice = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": metadata,
+        "addressType": "IPv6" if address.version == 6 else "IPv4",
+        "endpoints": [{"addresses": [str(address)], "conditions": {"ready": True}}],
+        "ports": [{"name": "http", "port": upstream.port, "protocol": "TCP"}],
+    }
+    return [service, endpoint_slice]
+
+
+def build_forward_auth(settings: GatewaySettings, namespace: str) -> dict[str, Any]:
+    """Traefik's forward-auth Middleware that the routes of one namespace name in their filter."""
+    return {
+        "apiVersion": MIDDLEWARE_API,
+        "kind": "Middleware",
+        "metadata": {
+            "name": FORWARD_AUTH,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/managed-by": "analysis-operator"},
+        },
+        "spec": {
+            "forwardAuth": {
+                "address": settings.auth_url,
+                # X-Forwarded-Uri and -Host come from the gateway itself, never from the client.
+                "trustForwardHeader": False,
+                "authResponseHeaders": AUTH_RESPONSE_HEADERS,
+            }
+        },
+    }
+
+
+def _metadata(environment: Environment) -> dict[str, Any]:
+    return {
+        "name": environment.child_name,
+        "namespace": environment.namespace,
+        "labels": dict(environment.identity_labels),
+        "ownerReferences": environment.owner_references,
+    }
+
+
+def fingerprint(objects: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the gateway's routes
+
+
+class GatewayRoutes:
+    """Routes through the Gateway named in settings (Gateway API, Traefik's forward-auth Middleware)."""
+
+    enabled = True
+    GATEWAY_CHECK_SECONDS = 10.0
+
+    def __init__(self, kube: KubeClient, settings: GatewaySettings) -> None:
+        self._kube, self._settings = kube, settings
+        self._applied: dict[str, str] = {}  # environment uid -> fingerprint of what was applied
+        self._namespaces: set[str] = set()  # where the forward-auth Middleware was applied
+        self._gateway_seen: tuple[float, bool] = (0.0, False)
+
+    def url(self, environment: Environment, upstream: Upstream) -> str:
+        return public_url(self._settings, environment, upstream)
+
+    async def _gateway_exists(self) -> bool:
+        checked_at, exists = self._gateway_seen
+        if time.monotonic() - checked_at < self.GATEWAY_CHECK_SECONDS:
+            return exists
+        found = await self._kube.get_object(GATEWAY_API, "Gateway", self._settings.namespace, self._settings.name)
+        self._gateway_seen = (time.monotonic(), found is not None)
+        return found is not None
+
+    async def open(self, environment: Environment, upstream: Upstream) -> Route:
+        url = self.url(environment, upstream)
+        gateway = f"{self._settings.namespace}/{self._settings.name}"
+        if not await self._gateway_exists():
+            return Route(
+                url,
+                False,
+                "GatewayNotFound",
+                f"Gateway {gateway} does not exist, so {url} does not answer yet; the environment itself is fine "
+                f"(settings gateway.name and gateway.namespace name the Gateway routes attach to)",
+            )
+        objects = [build_route(self._settings, environment, upstream)]
+        if not upstream.service:
+            try:
+                objects = [*build_endpoint(environment, upstream), *objects]
+            except ValueError:
+                return Route(url, False, "NoAddress", f"the backend reported {upstream.address!r}, not an IP address")
+        wanted = fingerprint(objects)
+        if self._applied.get(environment.uid) != wanted:
+            if environment.namespace not in self._namespaces:
+                await self._kube.apply(build_forward_auth(self._settings, environment.namespace))
+                self._namespaces.add(environment.namespace)
+            for body in objects:
+                await self._kube.apply(body)
+            self._applied[environment.uid] = wanted
+            log.info("route.opened", environment=f"{environment.namespace}/{environment.name}", url=url)
+        return Route(url, True, "Routed", f"open at {url} through Gateway {gateway}")
+
+    async def close(self, environment: Environment) -> None:
+        self._applied.pop(environment.uid, None)
+        for api_version, kind in (
+            (GATEWAY_API, "HTTPRoute"),
+            ("discovery.k8s.io/v1", "EndpointSlice"),
+            ("v1", "Service"),
+        ):
+            if kind == "Service" and not await self._own_endpoint_service(environment):
+                continue  # a pod's Service is the Kubernetes backend's, not the route's
+            found = await self._kube.get_object(api_version, kind, environment.namespace, environment.child_name)
+            labels = ((found or {}).get("metadata") or {}).get("labels") or {}
+            if found is not None and labels.get(LABEL_ENVIRONMENT_UID) == environment.uid:
+                uid = str(found["metadata"].get("uid", ""))
+                await self._kube.delete_object(api_version, kind, environment.namespace, environment.child_name, uid)
+        log.info("route.closed", environment=f"{environment.namespace}/{environment.name}")
+
+    async def _own_endpoint_service(self, environment: Environment) -> bool:
+        """A Service without selector is the route's (an address upstream); one with a selector is a pod's."""
+        found = await self._kube.get_object("v1", "Service", environment.namespace, environment.child_name)
+        return found is not None and not (found.get("spec") or {}).get("selector")

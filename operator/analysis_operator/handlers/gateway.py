@@ -1,0 +1,176 @@
+"""The gateway's forward-auth: may this signed-in person open this environment? (OPEN)
+
+The gateway (Traefik's forwardAuth Middleware on every environment's HTTPRoute,
+engine/routes.py) sends each request's headers here before passing it on. The answer is
+decided in memory (kopf's indexes, policy/opening.py) and writes nothing:
+  - 200: pass the request on, with the server's credential (`Authorization: token ...`,
+    the environment's access token) and the browser's cookies minus the session cookie, so
+    neither the session (the viewer's identity) nor the token ever reaches the other side;
+  - 401: not signed in (or a session that does not verify), or a redirect to the login URL;
+  - 403: signed in, not allowed (not the owner, not shared with them, or shared but a
+    mounted dataset they may not read);
+  - 404: no such environment; 503: allowed, but it is not running (a page says why).
+Every non-200 answer is a small HTML page saying why (the gateway shows it as it is), with
+the reason in the X-Analysis-Reason header for scripts.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import html
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from http.cookies import CookieError, SimpleCookie
+
+import structlog
+from aiohttp import web
+
+from analysis_operator.engine.data_access import IndexCatalogue
+from analysis_operator.engine.reconciler import utcnow
+from analysis_operator.engine.tokens import read_token
+from analysis_operator.engine.views import EnvironmentRecord, Index, first
+from analysis_operator.infra.kube import KubeClient
+from analysis_operator.infra.oidc import NotSignedIn, TokenVerifier
+from analysis_operator.model.domain import Environment
+from analysis_operator.policy.opening import Verdict, Viewer, environment_of, may_open
+from analysis_operator.settings import GatewaySettings
+
+log = structlog.get_logger("analysis_operator.gateway")
+TOKEN_CACHE_SIZE = 50_000
+
+
+class Authorizer:
+    """Decides one forward-auth request; in memory, except a token's first read."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        kube: KubeClient,
+        environments: Index,
+        catalogue: IndexCatalogue,
+        verifier: TokenVerifier,
+        clock: Callable[[], datetime.datetime] | None = None,
+    ) -> None:
+        self.settings, self.kube, self.environments, self.catalogue = settings, kube, environments, catalogue
+        self.verifier = verifier
+        self.admins = frozenset(settings.admins)
+        self._tokens: collections.OrderedDict[str, str] = collections.OrderedDict()  # environment uid -> token
+        self._clock = clock
+
+    def _now(self) -> datetime.datetime:
+        return self._clock() if self._clock else utcnow()
+
+    async def decide(self, headers: Mapping[str, str]) -> tuple[Verdict, dict[str, str]]:
+        """The verdict and the headers to answer with."""
+        uri = headers.get("X-Forwarded-Uri", "")
+        target = environment_of(self.settings.path_prefix, urllib.parse.unquote(uri.split("?", 1)[0]))
+        if target is None:
+            return Verdict(404, "NotAnEnvironment", f"{uri or '/'} is not the address of an environment"), {}
+        try:
+            token = self.verifier.credential(headers)
+            if not token:
+                raise NotSignedIn("you are not signed in")
+            user = await self.verifier.user(token)
+        except NotSignedIn as error:
+            return self._sign_in(str(error), headers)
+        record: EnvironmentRecord | None = first(self.environments, target)
+        if record is None:
+            return Verdict(404, "NoSuchEnvironment", f"there is no environment {target[0]}/{target[1]}"), {}
+        viewer = Viewer(user, self.catalogue.groups_of(user))
+        verdict = may_open(
+            record.environment, str(record.status.get("phase") or ""), viewer, self.admins, self.catalogue, self._now()
+        )
+        if not verdict.allowed:
+            return verdict, {}
+        server_token = await self._token(record.environment)
+        if server_token is None:
+            return Verdict(503, "NoToken", f"{target[0]}/{target[1]} has no access token yet"), {}
+        passed = {"Authorization": f"token {server_token}", "X-Forwarded-User": user}
+        cookies = self._other_cookies(headers.get("Cookie", ""))
+        if cookies:
+            passed["Cookie"] = cookies
+        return verdict, passed
+
+    def _sign_in(self, why: str, headers: Mapping[str, str]) -> tuple[Verdict, dict[str, str]]:
+        if self.settings.login_url:
+            back = headers.get("X-Forwarded-Proto", "https") + "://" + headers.get("X-Forwarded-Host", "")
+            back += headers.get("X-Forwarded-Uri", "/")
+            location = f"{self.settings.login_url}?{urllib.parse.urlencode({'rd': back})}"
+            return Verdict(302, "NotSignedIn", why), {"Location": location}
+        return Verdict(401, "NotSignedIn", f"{why}: sign in through the facility portal"), {}
+
+    def _other_cookies(self, header: str) -> str:
+        """The browser's cookies for the server (JupyterLab's _xsrf), without the session cookie."""
+        if not header:
+            return ""
+        cookie = SimpleCookie()
+        try:
+            cookie.load(header)
+        except CookieError:
+            return ""
+        return "; ".join(
+            f"{name}={morsel.coded_value}" for name, morsel in cookie.items() if name != self.settings.session_cookie
+        )
+
+    async def _token(self, environment: Environment) -> str | None:
+        token = self._tokens.get(environment.uid)
+        if token is not None:
+            self._tokens.move_to_end(environment.uid)
+            return token
+        token = await read_token(self.kube, environment)
+        if token is not None:
+            self._tokens[environment.uid] = token
+            if len(self._tokens) > TOKEN_CACHE_SIZE:
+                self._tokens.popitem(last=False)
+        return token
+
+
+def page(verdict: Verdict) -> str:
+    title = {401: "Sign in", 403: "Not allowed", 404: "Not found", 503: "Not running"}.get(verdict.status, "Analysis")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>"
+        f"{title}</title></head><body><h1>{title}</h1><p id='reason'>{html.escape(verdict.message)}</p>"
+        f"<p><small>{html.escape(verdict.reason)}</small></p></body></html>"
+    )
+
+
+def build_app(authorizer: Authorizer) -> web.Application:
+    async def authorize(request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        verdict, headers = await authorizer.decide(request.headers)
+        log.info(
+            "gateway.authorize",
+            uri=request.headers.get("X-Forwarded-Uri", ""),
+            status=verdict.status,
+            reason=verdict.reason,
+            role=verdict.role or None,
+            user=headers.get("X-Forwarded-User"),
+            seconds=round(time.perf_counter() - started, 6),
+        )
+        if verdict.allowed:
+            return web.Response(status=200, headers=headers)
+        return web.Response(
+            status=verdict.status,
+            text=page(verdict),
+            content_type="text/html",
+            headers={**headers, "X-Analysis-Reason": verdict.reason, "Cache-Control": "no-store"},
+        )
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/authorize", authorize)
+    app.router.add_route("*", "/authorize/{tail:.*}", authorize)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def start_server(authorizer: Authorizer, address: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(build_app(authorizer), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, address, port).start()
+    log.info("gateway.auth_listening", address=address, port=port)
+    return runner

@@ -1,0 +1,102 @@
+"""Who a browser's request comes from: an OIDC ID token signed by the facility's identity provider.
+
+The token arrives as `Authorization: Bearer <jwt>` (what an authenticating proxy such as
+oauth2-proxy passes on with --set-authorization-header / --pass-authorization-header) or in
+the session cookie named in settings (set by the portal after single sign-on). It is
+accepted only if its signature verifies against the issuer's published keys (JWKS, from
+the issuer's jwks_uri or a file), it has not expired, and issuer and audience are the
+configured ones. A header that merely names a user (X-Forwarded-User, X-Auth-Request-User)
+is never believed: anyone who can reach the gateway could send one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+from collections.abc import Mapping
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+
+import jwt
+
+from analysis_operator.settings import GatewaySettings
+
+ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"]
+
+
+class NotSignedIn(Exception):
+    """No credential, or one that does not verify: the message says which (never the token)."""
+
+
+class TokenVerifier:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self._settings = settings
+        self._keys: jwt.PyJWKSet | None = None
+        self._client: jwt.PyJWKClient | None = None
+        if settings.oidc_jwks_file:
+            self._keys = jwt.PyJWKSet.from_dict(json.loads(pathlib.Path(settings.oidc_jwks_file).read_text()))
+        elif settings.oidc_jwks_url:
+            self._client = jwt.PyJWKClient(settings.oidc_jwks_url, cache_keys=True, lifespan=300, timeout=5)
+
+    @property
+    def configured(self) -> bool:
+        return self._keys is not None or self._client is not None
+
+    def credential(self, headers: Mapping[str, str]) -> str:
+        """The ID token a request carries (bearer header first, then the session cookie), or ""."""
+        authorization = headers.get("Authorization", "")
+        if authorization[:7].lower() == "bearer ":
+            return authorization[7:].strip()
+        cookie = SimpleCookie()
+        try:
+            cookie.load(headers.get("Cookie", ""))
+        except CookieError:
+            return ""
+        morsel = cookie.get(self._settings.session_cookie)
+        return morsel.value if morsel is not None else ""
+
+    async def _key(self, token: str) -> Any:
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError as error:
+            raise NotSignedIn(f"the session token is not a JWT ({type(error).__name__})") from None
+        if self._keys is not None:
+            for key in self._keys.keys:
+                if kid is None or key.key_id == kid:
+                    return key.key
+            raise NotSignedIn("the session token is signed with a key the identity provider does not publish")
+        if self._client is None:
+            raise NotSignedIn("no identity provider is configured (gateway.oidc_jwks_url or oidc_jwks_file)")
+        client = self._client
+        try:  # urllib, blocking: cached after the first fetch of each key
+            signing_key = await asyncio.get_running_loop().run_in_executor(None, client.get_signing_key_from_jwt, token)
+        except jwt.PyJWKClientError as error:
+            raise NotSignedIn(f"the identity provider's keys cannot verify the session token: {error}") from None
+        return signing_key.key
+
+    async def user(self, token: str) -> str:
+        """The facility user ID the token was issued to; raises NotSignedIn."""
+        key = await self._key(token)
+        settings = self._settings
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=ALGORITHMS,
+                audience=settings.oidc_audience or None,
+                issuer=settings.oidc_issuer or None,
+                options={
+                    "require": ["exp", "iss"] if settings.oidc_issuer else ["exp"],
+                    "verify_aud": bool(settings.oidc_audience),
+                },
+                leeway=30,
+            )
+        except jwt.ExpiredSignatureError:
+            raise NotSignedIn("the session has expired: sign in again") from None
+        except jwt.PyJWTError as error:
+            raise NotSignedIn(f"the session token is not valid ({type(error).__name__})") from None
+        name = claims.get(settings.oidc_username_claim)
+        if not isinstance(name, str) or not name:
+            raise NotSignedIn(f"the session token has no {settings.oidc_username_claim!r} claim")
+        return settings.oidc_username_prefix + name

@@ -1,0 +1,147 @@
+"""The forward-auth decision (handlers/gateway.py) with real signed tokens: who is let through, with
+what, and what everyone else is told. The gateway's side is in tests/integration/gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import datetime
+import json
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from analysis_operator.engine.data_access import IndexCatalogue
+from analysis_operator.engine.views import EnvironmentRecord
+from analysis_operator.handlers.gateway import Authorizer
+from analysis_operator.infra.oidc import TokenVerifier
+from analysis_operator.model.domain import Environment
+from analysis_operator.settings import GatewaySettings
+
+NOW = datetime.datetime(2026, 11, 30, 12, 0, tzinfo=datetime.UTC)
+KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+OTHER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+LAB = Environment(namespace="team-a", name="lab", uid="u-1", owner="alice", flavor="jl")
+
+
+def jwks_file(tmp_path) -> str:
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(KEY.public_key()))
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]}))
+    return str(path)
+
+
+def token(user, key=KEY, expires_in=300, issuer="https://sso.example.org", audience="analysis", kid="k1"):
+    claims = {"preferred_username": user, "iss": issuer, "aud": audience, "exp": int(time.time()) + expires_in}
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid})
+
+
+class Secrets:
+    def __init__(self):
+        self.reads = 0
+
+    async def read_secret(self, namespace, name):
+        self.reads += 1
+        if (namespace, name) != ("team-a", "aenv-lab"):
+            return None
+        labels = {"analysis.panosc.eu/environment-uid": "u-1"}
+        return {"metadata": {"labels": labels}, "data": {"token": base64.b64encode(b"server-secret").decode()}}
+
+
+@pytest.fixture
+def authorizer(tmp_path):
+    settings = GatewaySettings(
+        enabled=True,
+        oidc_jwks_file=jwks_file(tmp_path),
+        oidc_issuer="https://sso.example.org",
+        oidc_audience="analysis",
+        admins=("support",),
+    )
+    environments = {("team-a", "lab"): [EnvironmentRecord(LAB, {"phase": "Ready"})]}
+    catalogue = IndexCatalogue({}, {}, {"staff": [frozenset({"bob"})]})
+    return Authorizer(settings, Secrets(), environments, catalogue, TokenVerifier(settings), clock=lambda: NOW)
+
+
+def ask(authorizer, **headers):
+    headers.setdefault("X-Forwarded-Uri", "/env/team-a/lab/lab")
+    return asyncio.run(authorizer.decide(headers))
+
+
+def test_owner_passes_with_the_server_token_and_without_the_session_cookie(authorizer):
+    verdict, headers = ask(
+        authorizer,
+        Cookie=f"aenv_session={token('alice')}; _xsrf=abc; username-x=y",
+        **{"X-Forwarded-Uri": "/env/team-a/lab/api"},
+    )
+    assert verdict.status == 200 and verdict.role == "owner"
+    assert headers["Authorization"] == "token server-secret" and headers["X-Forwarded-User"] == "alice"
+    assert headers["Cookie"] == "_xsrf=abc; username-x=y"  # the session never reaches the server
+    verdict, headers = ask(authorizer, Authorization=f"Bearer {token('alice')}")
+    assert verdict.allowed and "Cookie" not in headers
+    assert authorizer.kube.reads == 1  # the token is read once, then kept
+
+
+def test_someone_else_gets_403_and_no_token(authorizer):
+    verdict, headers = ask(authorizer, Authorization=f"Bearer {token('bob')}")
+    assert verdict.status == 403 and verdict.reason == "NotShared" and headers == {}
+
+
+def test_sharing_through_a_group_and_unsharing_take_effect_on_the_next_request(authorizer):
+    record = EnvironmentRecord(dataclasses.replace(LAB, shared_groups=frozenset({"staff"})), {"phase": "Ready"})
+    authorizer.environments[("team-a", "lab")] = [record]
+    assert ask(authorizer, Authorization=f"Bearer {token('bob')}")[0].allowed
+    authorizer.environments[("team-a", "lab")] = [EnvironmentRecord(LAB, {"phase": "Ready"})]
+    assert ask(authorizer, Authorization=f"Bearer {token('bob')}")[0].status == 403
+
+
+def test_admin_passes(authorizer):
+    assert ask(authorizer, Authorization=f"Bearer {token('support')}")[0].role == "admin"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # nobody
+        {"X-Forwarded-User": "alice", "X-Auth-Request-User": "alice"},  # a forged proxy header
+        {"Authorization": f"Bearer {token('alice', key=OTHER_KEY)}"},  # signed by someone else
+        {"Authorization": f"Bearer {token('alice', expires_in=-120)}"},  # expired
+        {"Authorization": f"Bearer {token('alice', issuer='https://evil.example.org')}"},
+        {"Authorization": f"Bearer {token('alice', audience='another-app')}"},
+        {"Authorization": f"Bearer {token('alice', kid='unknown')}"},
+        {"Authorization": "Bearer not-a-jwt"},
+        {"Authorization": "token server-secret"},  # JupyterLab's own token is no identity here
+        {"Cookie": "aenv_session=garbage"},
+    ],
+)
+def test_no_verified_identity_is_401(authorizer, headers):
+    verdict, answer = ask(authorizer, **headers)
+    assert verdict.status == 401 and verdict.reason == "NotSignedIn" and "Authorization" not in answer
+
+
+def test_unsigned_token_is_refused(authorizer):
+    forged = jwt.encode({"preferred_username": "alice", "exp": int(time.time()) + 60}, None, algorithm="none")
+    assert ask(authorizer, Authorization=f"Bearer {forged}")[0].status == 401
+
+
+def test_not_an_environment_and_unknown_environment(authorizer):
+    bearer = f"Bearer {token('alice')}"
+    assert ask(authorizer, Authorization=bearer, **{"X-Forwarded-Uri": "/elsewhere"})[0].status == 404
+    verdict, _ = ask(authorizer, Authorization=bearer, **{"X-Forwarded-Uri": "/env/team-a/other/"})
+    assert verdict.status == 404 and verdict.reason == "NoSuchEnvironment"
+
+
+def test_suspended_environment_answers_with_a_page_not_a_token(authorizer):
+    authorizer.environments[("team-a", "lab")] = [EnvironmentRecord(LAB, {"phase": "Suspended"})]
+    verdict, headers = ask(authorizer, Authorization=f"Bearer {token('alice')}")
+    assert verdict.status == 503 and "suspended" in verdict.message and headers == {}
+
+
+def test_login_url_redirects_back(tmp_path):
+    settings = GatewaySettings(enabled=True, oidc_jwks_file=jwks_file(tmp_path), login_url="https://portal/login")
+    authorizer = Authorizer(settings, Secrets(), {}, IndexCatalogue({}, {}, {}), TokenVerifier(settings))
+    verdict, headers = ask(authorizer, **{"X-Forwarded-Host": "gw.example.org", "X-Forwarded-Proto": "https"})
+    assert verdict.status == 302
+    assert headers["Location"] == "https://portal/login?rd=https%3A%2F%2Fgw.example.org%2Fenv%2Fteam-a%2Flab%2Flab"

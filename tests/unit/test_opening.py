@@ -1,0 +1,304 @@
+"""OPEN as pure decisions: paths, who may open what, sharing rules, route manifests (policy/opening.py,
+engine/routes.py), and converge opening and closing routes through the Routes interface."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+
+import pytest
+
+from analysis_operator.backends.base import Upstream
+from analysis_operator.engine.converge import Context, converge
+from analysis_operator.engine.routes import (
+    AUTH_RESPONSE_HEADERS,
+    Route,
+    build_endpoint,
+    build_forward_auth,
+    build_route,
+    public_url,
+)
+from analysis_operator.model.domain import Dataset, DatasetRef, Environment
+from analysis_operator.policy.access import StaticCatalogue
+from analysis_operator.policy.opening import (
+    Viewer,
+    base_path,
+    environment_of,
+    may_open,
+    sharing_refusals,
+)
+from analysis_operator.settings import GatewaySettings
+from tests.unit.test_backend_interface import ENVIRONMENT, FLAVOR, NOW, Catalogue, Cluster, MemoryBackend
+
+EMBARGOED = Dataset(
+    name="raw", pid="10.5072/raw", embargoed_until=NOW + datetime.timedelta(days=300), groups=frozenset({"p11"})
+)
+PUBLIC = Dataset(name="open", pid="10.5072/open")
+CATALOGUE = StaticCatalogue(
+    datasets=(EMBARGOED, PUBLIC), groups={"p11": frozenset({"alice", "bob"}), "staff": frozenset({"carol", "dave"})}
+)
+LAB = Environment(namespace="team-a", name="lab", uid="u-1", owner="alice", flavor="jl", datasets=(DatasetRef("raw"),))
+SETTINGS = GatewaySettings(enabled=True, url="https://analysis.example.org/", auth_url="http://op:9100/authorize")
+
+
+# ---------------------------------------------------------------- paths
+
+
+def test_base_path_and_its_inverse():
+    assert base_path("/env", "team-a", "lab") == "/env/team-a/lab/"
+    assert base_path("/env/", "team-a", "lab") == "/env/team-a/lab/"
+    assert environment_of("/env", "/env/team-a/lab/") == ("team-a", "lab")
+    assert environment_of("/env", "/env/team-a/lab/api/kernels?x=1") == ("team-a", "lab")
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/", "/env/team-a/lab", "/env/team-a/", "/other/team-a/lab/", "/env/Team-A/lab/", "/env/../x/lab/", "/envx/a/b/"],
+)
+def test_paths_that_are_no_environment(path):
+    assert environment_of("/env", path) is None
+
+
+def test_no_path_is_a_prefix_of_another_environments():
+    """PathPrefix matches whole elements and every path ends in '/': lab never catches lab-2's requests."""
+    paths = [base_path("/env", ns, name) for ns in ("a", "a-b") for name in ("lab", "lab-2", "b")]
+    for path in paths:
+        for other in paths:
+            assert path == other or not other.startswith(path)
+
+
+# ---------------------------------------------------------------- who may open it
+
+
+def decide(viewer, environment=LAB, phase="Ready", admins=frozenset()):
+    return may_open(environment, phase, viewer, admins, CATALOGUE, NOW)
+
+
+def test_owner_opens_a_ready_environment():
+    verdict = decide(Viewer("alice"))
+    assert verdict.allowed and verdict.role == "owner"
+
+
+def test_another_user_is_refused_with_whose_it_is():
+    verdict = decide(Viewer("mallory"))
+    assert verdict.status == 403 and verdict.reason == "NotShared"
+    assert "belongs to alice" in verdict.message and "mallory" in verdict.message
+
+
+def test_sharee_who_may_read_the_data_opens_it():
+    shared = dataclasses.replace(LAB, shared_users=frozenset({"bob"}))
+    assert decide(Viewer("bob"), shared).role == "shared"
+
+
+def test_sharee_who_may_not_read_a_mounted_dataset_is_refused_naming_it():
+    shared = dataclasses.replace(LAB, shared_users=frozenset({"carol"}))
+    verdict = decide(Viewer("carol"), shared)
+    assert verdict.status == 403 and verdict.reason == "DatasetNotReadable" and "'raw'" in verdict.message
+
+
+def test_group_sharing_and_embargo_end():
+    shared = dataclasses.replace(LAB, shared_groups=frozenset({"staff"}))
+    assert decide(Viewer("dave", frozenset({"staff"})), shared).status == 403  # embargoed data
+    later = EMBARGOED.embargoed_until + datetime.timedelta(seconds=1)
+    verdict = may_open(shared, "Ready", Viewer("dave", frozenset({"staff"})), frozenset(), CATALOGUE, later)
+    assert verdict.allowed and verdict.role == "shared"
+    assert decide(Viewer("erin", frozenset({"other"})), shared).reason == "NotShared"
+
+
+def test_admin_opens_anything_but_a_forged_group_claim_does_not():
+    assert decide(Viewer("root-support"), admins=frozenset({"root-support"})).role == "admin"
+    # groups come from FacilityGroups, never from the request: a viewer not in `staff` gets nothing
+    shared = dataclasses.replace(LAB, shared_groups=frozenset({"staff"}))
+    assert decide(Viewer("mallory"), shared).reason == "NotShared"
+
+
+@pytest.mark.parametrize("phase", ["Suspended", "Expired", "Stopped", "Rejected", "Provisioning", ""])
+def test_an_environment_not_running_answers_with_its_phase(phase):
+    verdict = decide(Viewer("alice"), phase=phase)
+    assert verdict.status == 503 and verdict.role == "owner"
+    assert "team-a/lab" in verdict.message
+
+
+def test_not_running_is_not_revealed_to_strangers():
+    assert decide(Viewer("mallory"), phase="Suspended").status == 403
+
+
+# ---------------------------------------------------------------- sharing at admission
+
+
+def check(environment, users=frozenset({"alice", "bob", "carol", "dave"})):
+    groups = dict(CATALOGUE.groups)
+    return sharing_refusals(environment, CATALOGUE, users.__contains__, groups.get, NOW)
+
+
+def test_sharing_with_team_members_is_accepted():
+    assert check(dataclasses.replace(LAB, shared_users=frozenset({"bob"}), shared_groups=frozenset({"p11"}))) == []
+
+
+def test_unknown_user_and_group_are_named():
+    refusals = check(dataclasses.replace(LAB, shared_users=frozenset({"zed"}), shared_groups=frozenset({"nope"})))
+    assert [r.reason for r in refusals] == ["UnknownUser", "UnknownGroup"]
+    assert "'zed'" in refusals[0].message and "'nope'" in refusals[1].message
+
+
+def test_sharing_embargoed_data_names_the_person_and_the_dataset():
+    refusals = check(dataclasses.replace(LAB, shared_groups=frozenset({"staff"})))
+    assert {r.subject for r in refusals} == {"carol", "dave"}
+    assert all(r.reason == "SharingNotAllowed" and "'raw'" in r.message for r in refusals)
+
+
+def test_public_data_may_be_shared_with_anyone_known():
+    public = dataclasses.replace(LAB, datasets=(DatasetRef("open"),), shared_users=frozenset({"carol"}))
+    assert check(public) == []
+
+
+# ---------------------------------------------------------------- manifests
+
+
+def test_route_for_a_pod_goes_to_its_service_through_forward_auth():
+    route = build_route(SETTINGS, LAB, Upstream(port=8888, service="aenv-lab", landing="lab"))
+    assert route["metadata"]["name"] == "aenv-lab" and route["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    rule = route["spec"]["rules"][0]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/env/team-a/lab/"}}]
+    assert rule["filters"] == [
+        {
+            "type": "ExtensionRef",
+            "extensionRef": {"group": "traefik.io", "kind": "Middleware", "name": "aenv-forward-auth"},
+        }
+    ]
+    assert rule["backendRefs"] == [{"name": "aenv-lab", "port": 8888}]
+    assert route["spec"]["parentRefs"][0] == {
+        "group": "gateway.networking.k8s.io",
+        "kind": "Gateway",
+        "name": "analysis",
+        "namespace": "analysis-gateway",
+    }
+    assert "hostnames" not in route["spec"]
+
+
+def test_route_for_a_desktop_strips_the_prefix_and_lands_on_novnc():
+    upstream = Upstream(port=6080, address="10.0.0.7", landing="vnc.html?path={path}websockify", strip_prefix=True)
+    route = build_route(dataclasses.replace(SETTINGS, hostname="a.example.org"), LAB, upstream)
+    assert route["spec"]["hostnames"] == ["a.example.org"]
+    assert route["spec"]["rules"][0]["filters"][1]["urlRewrite"]["path"]["replacePrefixMatch"] == "/"
+    assert public_url(SETTINGS, LAB, upstream) == (
+        "https://analysis.example.org/env/team-a/lab/vnc.html?path=env/team-a/lab/websockify"
+    )
+
+
+def test_endpoint_for_an_address_and_refusal_of_hostnames():
+    service, endpoints = build_endpoint(LAB, Upstream(port=23456, address="10.250.0.2"))
+    assert "selector" not in service["spec"] and service["spec"]["ports"][0]["port"] == 23456
+    assert endpoints["metadata"]["labels"]["kubernetes.io/service-name"] == "aenv-lab"
+    assert endpoints["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] == "analysis-operator"
+    assert endpoints["endpoints"][0]["addresses"] == ["10.250.0.2"] and endpoints["addressType"] == "IPv4"
+    assert build_endpoint(LAB, Upstream(port=1, address="fd00::2"))[1]["addressType"] == "IPv6"
+    with pytest.raises(ValueError):
+        build_endpoint(LAB, Upstream(port=1, address="node1.cluster"))
+
+
+def test_forward_auth_never_trusts_client_forwarded_headers():
+    middleware = build_forward_auth(SETTINGS, "team-a")
+    auth = middleware["spec"]["forwardAuth"]
+    assert auth["address"] == "http://op:9100/authorize" and auth["trustForwardHeader"] is False
+    assert auth["authResponseHeaders"] == AUTH_RESPONSE_HEADERS and "Authorization" in AUTH_RESPONSE_HEADERS
+
+
+# ---------------------------------------------------------------- converge opens and closes routes
+
+
+class RecordingRoutes:
+    enabled = True
+
+    def __init__(self, routable=True):
+        self.open_routes: dict[str, Upstream] = {}
+        self.routable = routable
+
+    def url(self, environment, upstream):
+        return f"https://gw/env/{environment.namespace}/{environment.name}/{upstream.landing}"
+
+    async def open(self, environment, upstream):
+        if self.routable:
+            self.open_routes[environment.uid] = upstream
+            return Route(self.url(environment, upstream), True, "Routed", "open")
+        return Route(self.url(environment, upstream), False, "GatewayNotFound", "Gateway x/y does not exist")
+
+    async def close(self, environment):
+        self.open_routes.pop(environment.uid, None)
+
+
+class UpstreamBackend(MemoryBackend):
+    def _observation(self, uid):
+        observation = super()._observation(uid)
+        if observation.state.value == "Ready":
+            return dataclasses.replace(observation, upstream=Upstream(port=9999, address="10.1.1.1", landing="lab"))
+        return observation
+
+
+def run_scenario(routes):
+    backend = UpstreamBackend()
+    context = Context(kube=Cluster(), backends={"memory": backend}, access=Catalogue(), routes=routes)
+
+    async def step(environment, status):
+        outcome = await converge(context, environment, status, FLAVOR, NOW)
+        return {**status, **(outcome.status or {})}, outcome
+
+    return backend, step
+
+
+def conditions(status):
+    return {c["type"]: c for c in status.get("conditions") or ()}
+
+
+def test_route_opens_before_ready_is_written_and_closes_on_suspend_and_stop():
+    routes = RecordingRoutes()
+    backend, step = run_scenario(routes)
+
+    async def scenario():
+        status, _ = await step(ENVIRONMENT, {})
+        assert status["phase"] == "Provisioning" and not routes.open_routes and "Routable" not in conditions(status)
+        backend.running["u-1"] = "ready"
+        status, _ = await step(ENVIRONMENT, status)
+        assert status["phase"] == "Ready" and status["connection"]["url"] == "https://gw/env/ns/lab/lab"
+        assert routes.open_routes["u-1"].address == "10.1.1.1" and conditions(status)["Routable"]["status"] == "True"
+        status, outcome = await step(ENVIRONMENT, status)
+        assert outcome.status is None  # steady state: nothing to write
+        status, _ = await step(dataclasses.replace(ENVIRONMENT, suspend=True), status)
+        assert status["phase"] == "Suspended" and not routes.open_routes
+        assert conditions(status)["Routable"]["status"] == "False"
+        status, _ = await step(ENVIRONMENT, status)  # resumed
+        backend.running["u-1"] = "ready"
+        status, _ = await step(ENVIRONMENT, status)
+        assert status["phase"] == "Ready" and "u-1" in routes.open_routes
+        expired = NOW + datetime.timedelta(hours=3)
+        outcome = await converge(
+            Context(kube=Cluster(), backends={"memory": backend}, access=Catalogue(), routes=routes),
+            ENVIRONMENT,
+            status,
+            FLAVOR,
+            expired,
+        )
+        assert outcome.status["phase"] == "Expired" and not routes.open_routes
+        assert conditions(outcome.status)["Routable"]["status"] == "False"
+
+    asyncio.run(scenario())
+
+
+def test_missing_gateway_keeps_the_environment_ready_and_says_why():
+    routes = RecordingRoutes(routable=False)
+    backend, step = run_scenario(routes)
+
+    async def scenario():
+        status, _ = await step(ENVIRONMENT, {})
+        backend.running["u-1"] = "ready"
+        status, outcome = await step(ENVIRONMENT, status)
+        assert status["phase"] == "Ready"
+        routable = conditions(status)["Routable"]
+        assert routable["status"] == "False" and routable["reason"] == "GatewayNotFound"
+        assert outcome.retry_after == 30  # checked again: a Gateway made later is picked up
+        routes.routable = True
+        status, _ = await step(ENVIRONMENT, status)
+        assert conditions(status)["Routable"]["status"] == "True" and "u-1" in routes.open_routes
+
+    asyncio.run(scenario())
