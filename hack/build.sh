@@ -5,16 +5,25 @@
 #   testcluster (etcd 3.6, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl)
 #   kwok        (simulated nodes)
 #   helm        (the chart tests), in its own versioned directory, linked into BIN
+#   traefik     (the Gateway API gateway, hack/gateway.sh) with the CRDs it needs, in its own
+#               versioned directory, linked into BIN
+# One build at a time (a lock in CACHE): two stacks started side by side do not
+# build the same thing twice, nor two Go builds at once.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 K8S_VERSION=${K8S_VERSION:-v1.36.2}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 HELM_VERSION=${HELM_VERSION:-v3.22.0}
+TRAEFIK_VERSION=${TRAEFIK_VERSION:-v3.6.12}
+# The Gateway API version Traefik is built against (its go.mod); its standard CRDs are installed.
+GATEWAY_API_VERSION=${GATEWAY_API_VERSION:-v1.4.0}
 CACHE=${ANALYSIS_OPERATOR_CACHE:-$HOME/.cache/analysis-operator}
 # Bump STACK_REVISION when hack/testcluster changes, so caches rebuild.
 STACK_REVISION=2
 BIN="$CACHE/bin-r$STACK_REVISION-k8s-$K8S_VERSION-kwok-$KWOK_VERSION"
 mkdir -p "$BIN"
+exec 9>"$CACHE/.build.lock"
+flock 9
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 
 build_testcluster() {
@@ -59,10 +68,47 @@ build_helm() {
   ln -sfn "$dir/helm" "$BIN/helm"
 }
 
+module_dir() {  # module_dir MODULE@VERSION: its read-only directory in the module cache
+  go mod download -json "$1" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p'
+}
+
+build_traefik() {
+  # Its own directory, like helm. `go install traefik@v` refuses Traefik's replace directives, so
+  # it is built from a writable copy of the module. v3.7 cannot be built from the module proxy (its
+  # go.mod replaces a nested module the zip leaves out); v3.6 can.
+  local dir="$CACHE/traefik-$TRAEFIK_VERSION" src tmp
+  if [ ! -x "$dir/traefik" ] || [ ! -s "$dir/crds/.complete" ]; then
+    mkdir -p "$dir"; rm -rf "$dir"/src.*   # a copy left by an interrupted build (we hold the lock)
+    src=$(module_dir "github.com/traefik/traefik/v3@$TRAEFIK_VERSION")
+    tmp=$(mktemp -d "$dir/src.XXXXXX")
+    cp -r "$src/." "$tmp/"
+    chmod -R u+w "$tmp"
+    if [ ! -x "$dir/traefik" ]; then
+      echo "building traefik $TRAEFIK_VERSION (about 5 min cold)" >&2
+      (cd "$tmp" && go build -trimpath -ldflags "-s -w \
+          -X github.com/traefik/traefik/v3/pkg/version.Version=$TRAEFIK_VERSION" \
+          -o "$dir/traefik.tmp" ./cmd/traefik)
+      mv "$dir/traefik.tmp" "$dir/traefik"
+    fi
+    # The CRDs and RBAC hack/gateway.sh applies: Gateway API's standard channel, Traefik's own
+    # (Middleware, ...) and the ClusterRoles Traefik's docs give for its two Kubernetes providers.
+    rm -rf "$dir/crds.tmp"; mkdir -p "$dir/crds.tmp"
+    cp "$(module_dir "sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION")"/config/crd/standard/*.yaml "$dir/crds.tmp/"
+    local ref="$tmp/docs/content/reference/dynamic-configuration"
+    cp "$ref/kubernetes-crd-definition-v1.yml" "$ref/kubernetes-crd-rbac.yml" \
+       "$ref/kubernetes-gateway-rbac.yml" "$dir/crds.tmp/"
+    echo "gateway-api $GATEWAY_API_VERSION traefik $TRAEFIK_VERSION" >"$dir/crds.tmp/.complete"
+    chmod -R u+w "$dir/crds.tmp"
+    rm -rf "$dir/crds" "$tmp"; mv "$dir/crds.tmp" "$dir/crds"
+  fi
+  ln -sfn "$dir/traefik" "$BIN/traefik"
+}
+
 build_testcluster
 build_kwok
 kwok_stages
 build_helm
+build_traefik
 for c in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   printf '#!/bin/sh\nexec "%s/testcluster" %s "$@"\n' "$BIN" "$c" > "$BIN/$c"
   chmod +x "$BIN/$c"

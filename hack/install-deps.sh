@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything the local stack and the tests need, on Debian 12 as root:
-# apt packages (Slurm, munge, OpenStack's Python services, MariaDB, RabbitMQ),
+# apt packages (Slurm, munge, OpenStack's Python services, MariaDB, RabbitMQ, Chromium and its
+# WebDriver for the browser tests),
 # the Python package with its test and dev extras in a virtual environment at
 # <repo>/.venv (which hack/test.sh, hack/up.sh and hack/check.sh use), and the
-# Go-built Kubernetes binaries (cached in ~/.cache/analysis-operator).
+# Go-built Kubernetes binaries and Traefik (cached in ~/.cache/analysis-operator).
 # Safe to run again: it skips what is there.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -17,7 +18,8 @@ if [ ! -x /usr/sbin/policy-rc.d ] || ! grep -q "exit 101" /usr/sbin/policy-rc.d;
 fi
 
 packages=(openssl curl ca-certificates
-          munge slurmctld slurmd slurm-client slurmrestd slurm-wlm-jwt-plugin)
+          munge slurmctld slurmd slurm-client slurmrestd slurm-wlm-jwt-plugin
+          chromium chromium-driver)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -40,4 +42,24 @@ if ! [ -x "$venv/bin/analysis-operator" ] || ! cmp -s "$repo/pyproject.toml" "$s
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test,dev]"
   cp "$repo/pyproject.toml" "$stamp"
 fi
-"$here/build.sh" >/dev/null         # kube-apiserver & co., etcd, kubectl, KWOK, helm
+"$here/build.sh" >/dev/null         # kube-apiserver & co., etcd, kubectl, KWOK, helm, Traefik
+
+# JupyterLab for the local Slurm's jobs (hack/slurm.sh reads the version from here): a virtual
+# environment the job users (alice, bob, carol) can read and run, so neither under /root (mode
+# 0700) nor made with an interpreter from there: Debian's own python3. Made again only when
+# absent or unfinished (.installed is written last).
+jupyterlab_version=4.6.6
+jupyterlab=/opt/analysis-operator/jupyterlab-$jupyterlab_version
+if ! [ -e "$jupyterlab/.installed" ]; then
+  if ! /usr/bin/python3 -c 'import ensurepip' 2>/dev/null; then
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends python3-venv >/dev/null
+  fi
+  (
+    umask 022
+    /usr/bin/python3 -m venv --clear "$jupyterlab"
+    "$jupyterlab/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir \
+      "jupyterlab==$jupyterlab_version"
+    touch "$jupyterlab/.installed"
+  )
+fi
