@@ -4,6 +4,7 @@ process. A cluster that KUBECONFIG already points at is reused."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 
@@ -299,3 +301,76 @@ def impersonating(kubeconfig: str, user: str, group: str = "facility-users") -> 
     client.default_headers["Impersonate-User"] = user
     client.default_headers["Impersonate-Group"] = group
     return client
+
+
+# ---------------------------------------------------------------- OPEN: the gateway (hack/gateway.sh)
+
+
+class Gateway:
+    """The local stack's Traefik, the identity provider stand-in (hack/identity.py), and requests
+    through the gateway as a browser would send them."""
+
+    def __init__(self, url: str, settings: dict[str, str], identity_dir: pathlib.Path) -> None:
+        self.url, self.settings, self.identity_dir = url.rstrip("/"), settings, identity_dir
+        spec = importlib.util.spec_from_file_location("hack_identity", REPO / "hack" / "identity.py")
+        assert spec and spec.loader
+        self._identity = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(self._identity)
+
+    def token(self, user: str, minutes: float = 30) -> str:
+        """An ID token for `user`, signed as the facility's identity provider would sign it."""
+        return self._identity.token(self.identity_dir, user, minutes)
+
+    def request(
+        self, path: str, user: str | None = None, headers: dict[str, str] | None = None, method: str = "GET"
+    ) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body) of a request through the gateway, signed in as `user` (session cookie)."""
+        headers = dict(headers or {})
+        if user is not None:
+            cookie = f"{self.settings['ANALYSIS_OPERATOR_GATEWAY_SESSION_COOKIE']}={self.token(user)}"
+            headers["Cookie"] = "; ".join(filter(None, [headers.get("Cookie", ""), cookie]))
+        url = path if path.startswith("http") else self.url + path
+        request = urllib.request.Request(url, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, dict(error.headers), error.read()
+
+
+@pytest.fixture(scope="session")
+def gateway(kubeconfig: str, tmp_path_factory) -> Gateway:
+    from tests.integration.scripts import parse_exports, run_script
+
+    run_script("gateway.sh", "up", timeout=900)  # builds Traefik first on a machine without the cache
+    exported = parse_exports(run_script("gateway.sh", "env"))
+    identity_dir = tmp_path_factory.mktemp("identity-provider")
+    subprocess.run([sys.executable, str(REPO / "hack/identity.py"), "init", str(identity_dir)], check=True)
+    port = _free_port()
+    settings = {
+        **{key: value for key, value in exported.items() if key.startswith("ANALYSIS_OPERATOR_GATEWAY_")},
+        **parse_exports(
+            subprocess.run(
+                [sys.executable, str(REPO / "hack/identity.py"), "env", str(identity_dir)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        ),
+        "ANALYSIS_OPERATOR_GATEWAY_ENABLED": "true",
+        "ANALYSIS_OPERATOR_GATEWAY_AUTH_LISTEN_ADDRESS": "127.0.0.1",
+        "ANALYSIS_OPERATOR_GATEWAY_AUTH_PORT": str(port),
+        "ANALYSIS_OPERATOR_GATEWAY_AUTH_URL": f"http://127.0.0.1:{port}/authorize",
+        "ANALYSIS_OPERATOR_GATEWAY_SESSION_COOKIE": "aenv_session",
+        "ANALYSIS_OPERATOR_GATEWAY_ADMINS": "support",
+    }
+    yield Gateway(exported["ANALYSIS_OPERATOR_GATEWAY_URL"], settings, identity_dir)
+    if not os.environ.get("KEEP_CLUSTER"):
+        run_script("gateway.sh", "down")
+
+
+@pytest.fixture
+def opened(operator: OperatorProcess, gateway: Gateway) -> Gateway:
+    """The session's operator with OPEN on: routes through the gateway, forward-auth answered."""
+    operator.configure(**gateway.settings)
+    return gateway

@@ -1,0 +1,122 @@
+"""OPEN through the real gateway (Traefik, hack/gateway.sh) for JupyterLab pods: one HTTPRoute per
+Ready environment, the public URL in status, forward-auth answered by the operator. KWOK pods run no
+container, so the test starts a server at the pod's IP in a network namespace of its own (echoing
+what it receives): what the gateway passes on can be read back."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import kubernetes
+import pytest
+
+from tests.integration.conftest import REPO, kubectl
+from tests.integration.netns import Netns
+from tests.waiting import wait_for
+
+GATEWAY_API = ("gateway.networking.k8s.io", "v1")
+
+
+@pytest.fixture(scope="module")
+def directory(kubeconfig):
+    kubectl("apply", "-f", str(REPO / "examples/users.yaml"))
+
+
+def route(custom, namespace, name):
+    try:
+        return custom.get_namespaced_custom_object(*GATEWAY_API, namespace, "httproutes", f"aenv-{name}")
+    except kubernetes.client.ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def conditions(environment):
+    return {c["type"]: c for c in (environment.get("status") or {}).get("conditions") or ()}
+
+
+def served(gateway, path, user=None, **headers):
+    """Wait until the gateway answers something other than its own 404 (the route is in place)."""
+    return wait_for(
+        lambda: (answer := gateway.request(path, user, headers))[0] != 404 and answer,
+        timeout=20,
+        what=f"the gateway to route {path}",
+    )
+
+
+def test_ready_pod_is_opened_through_the_gateway_for_its_owner_only(
+    opened, directory, environments, core, custom, namespace
+):
+    environments.create("lab", flavor="jupyter-basic", lifetime="1h")
+    ready = environments.wait_phase("lab", "Ready")
+    base = f"/env/{namespace}/lab/"
+    assert ready["status"]["connection"]["url"] == f"{opened.url}{base}lab"
+    assert conditions(ready)["Routable"]["status"] == "True"
+    made = route(custom, namespace, "lab")
+    assert made["spec"]["rules"][0]["matches"][0]["path"] == {"type": "PathPrefix", "value": base}
+    assert made["metadata"]["ownerReferences"][0]["uid"] == ready["metadata"]["uid"]
+
+    pod_ip = core.read_namespaced_pod("aenv-lab", namespace).status.pod_ip
+    token = core.read_namespaced_secret("aenv-lab", namespace).data["token"]
+    with Netns(pod_ip) as pod:
+        pod.echo_server(8888)
+        status, _, body = served(opened, base + "api/status", "alice", Cookie="_xsrf=x1")
+        assert status == 200
+        seen = json.loads(body)
+        assert seen["path"] == base + "api/status"  # JupyterLab serves under the base path: no rewrite
+        assert seen["headers"]["Authorization"] == "token " + base64.b64decode(token).decode()
+        assert seen["headers"]["Cookie"] == "_xsrf=x1"  # the session cookie stays at the gateway
+        assert seen["headers"]["X-Forwarded-User"] == "alice"
+
+        status, headers, page = opened.request(base, "bob")
+        assert status == 403 and headers["X-Analysis-Reason"] == "NotShared" and b"belongs to alice" in page
+        status, _, page = opened.request(base)
+        assert status == 401 and b"not signed in" in page
+        forged = {"X-Forwarded-User": "alice", "X-Auth-Request-User": "alice", "X-Forwarded-Uri": base}
+        assert opened.request(base + "api/status", headers=forged)[0] == 401  # a header names no one
+        assert opened.request(base, "support")[0] == 200  # an admin named in settings
+
+        # shared with bob (a FacilityUser; no datasets), then unshared: the very next request decides
+        environments.patch_spec("lab", sharing={"users": ["bob"]})
+        wait_for(lambda: opened.request(base, "bob")[0] == 200, timeout=10, what="bob let in after sharing")
+        environments.patch_spec("lab", sharing={"users": []})
+        wait_for(lambda: opened.request(base, "bob")[0] == 403, timeout=10, what="bob refused after unsharing")
+
+
+def test_suspend_removes_the_route_and_resume_brings_it_back(opened, environments, custom, namespace):
+    environments.create("lab", flavor="jupyter-basic", lifetime="1h")
+    environments.wait_phase("lab", "Ready")
+    assert route(custom, namespace, "lab") is not None
+    environments.patch_spec("lab", suspend=True)
+    suspended = environments.wait_phase("lab", "Suspended")
+    wait_for(lambda: route(custom, namespace, "lab") is None, timeout=10, what="the route removed on suspend")
+    assert conditions(environments.get("lab"))["Routable"]["status"] == "False"
+    assert suspended["status"]["connection"]["url"].endswith(f"/env/{namespace}/lab/lab")  # the URL is kept
+    environments.patch_spec("lab", suspend=False)
+    environments.wait_phase("lab", "Ready")
+    wait_for(lambda: route(custom, namespace, "lab") is not None, timeout=10, what="the route back on resume")
+
+
+def test_deleting_the_environment_removes_its_route(opened, environments, custom, namespace):
+    environments.create("lab", flavor="jupyter-basic", lifetime="1h")
+    environments.wait_phase("lab", "Ready")
+    environments.delete("lab")
+    wait_for(lambda: route(custom, namespace, "lab") is None, timeout=30, what="the route garbage-collected")
+
+
+def test_a_gateway_that_does_not_exist_is_a_condition_not_a_failure(operator, gateway, environments, namespace):
+    operator.configure(**{**gateway.settings, "ANALYSIS_OPERATOR_GATEWAY_NAME": "no-such-gateway"})
+    try:
+        environments.create("lab", flavor="jupyter-basic", lifetime="1h")
+        ready = environments.wait_phase("lab", "Ready")
+        wait_for(
+            lambda: conditions(environments.get("lab")).get("Routable", {}).get("reason") == "GatewayNotFound",
+            timeout=10,
+            what="Routable=False GatewayNotFound",
+        )
+        routable = conditions(environments.get("lab"))["Routable"]
+        assert routable["status"] == "False" and "no-such-gateway" in routable["message"]
+        assert ready["status"]["phase"] == "Ready"
+    finally:
+        operator.configure(**gateway.settings)
