@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
-# A real single-node Slurm on loopback for development and tests:
-# munged, slurmctld, slurmd and slurmrestd (JWT), started as root in the order
-# that works (see ../shared/notes/slurm-local.md), with all state, config and
-# logs in one directory outside the repo. Installs nothing: the packages come
-# from hack/install-deps.sh.
+# A real single-node Slurm for development and tests: munged, slurmctld,
+# slurmd and slurmrestd (JWT), started as root in the order that works (see
+# ../shared/notes/slurm-local.md), with all state, config and logs in one
+# directory outside the repo. Installs nothing: the packages and JupyterLab
+# come from hack/install-deps.sh.
+#
+# The compute node has an address of its own, as a real one has (a gateway's
+# EndpointSlice may not point at loopback): slurmd, and so every job, runs in a
+# network namespace of this stack (SLURM_NODE_NETNS, default aenv-node-<hash of
+# the state directory>) joined to the host by a veth pair, host side
+# $SLURM_NODE_SUBNET.1/24, node side $SLURM_NODE_SUBNET.2/24 (the node's
+# NodeAddr). slurmctld binds only to the host side of the pair (reachable from
+# the host and the node, not from the host's other networks); slurmrestd stays
+# on 127.0.0.1; munged's Unix socket is a file, so the node uses it too.
+#
+# Jobs start JupyterLab from the virtual environment hack/install-deps.sh makes
+# under /opt/analysis-operator (readable by the job users; /root is not).
 #
 #   hack/slurm.sh up      start what is not running yet, wait until it answers
 #   hack/slurm.sh down    cancel the jobs, stop what `up` started (by PID)
@@ -18,6 +30,9 @@
 #
 # Environment: SLURM_STATE_DIR (default /tmp/analysis-operator-slurm),
 # SLURM_REST_PORT (6820), SLURM_CTLD_PORT (6817), SLURM_D_PORT (6818),
+# SLURM_NODE_SUBNET (10.250.0: the node's /24; a stack beside another needs its own),
+# SLURM_NODE_NETNS (aenv-node-<hash>), SLURM_JUPYTERLAB (the JupyterLab virtual
+# environment, default /opt/analysis-operator/jupyterlab-<version in install-deps.sh>),
 # SLURM_TOKEN_LIFESPAN seconds (30 days, the single-token mode's token),
 # SLURM_USERS ("alice bob carol"), SLURMRESTD_USER (slurmrestd).
 set -euo pipefail
@@ -35,6 +50,20 @@ CONF=$STATE/slurm.conf
 MUNGE_SOCKET=$STATE/munge/munge.socket
 RUN=$STATE/run
 export SLURM_CONF=$CONF
+
+# The node's network: one namespace and one veth pair per state directory.
+SUBNET=${SLURM_NODE_SUBNET:-10.250.0}
+HOST_ADDR=$SUBNET.1
+NODE_ADDR=$SUBNET.2
+STACK_ID=$(printf '%s' "$STATE" | sha256sum | cut -c1-8)
+NETNS=${SLURM_NODE_NETNS:-aenv-node-$STACK_ID}
+HOST_IF=aenv-$STACK_ID   # interface names have at most 15 characters
+NODE_IF=eth0             # inside the namespace
+NODE_NAME=localhost      # slurmd -N; a test stack keeps the name every test knows
+
+# JupyterLab for the jobs, pinned in hack/install-deps.sh (one place for the version).
+JUPYTERLAB_VERSION=$(sed -n 's/^jupyterlab_version=//p' "$(dirname "$0")/install-deps.sh")
+JUPYTERLAB=${SLURM_JUPYTERLAB:-/opt/analysis-operator/jupyterlab-$JUPYTERLAB_VERSION}
 
 log() { echo "slurm.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -59,6 +88,22 @@ require_tools() {
     command -v "$tool" >/dev/null || die "$tool not found: run hack/install-deps.sh"
   done
   [ "$(id -u)" = 0 ] || die "must run as root (the daemons switch to their own users)"
+  for tool in ip nsenter unshare; do
+    command -v "$tool" >/dev/null || die "$tool not found (iproute2, util-linux)"
+  done
+  [[ $SUBNET =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] ||
+    die "SLURM_NODE_SUBNET=$SUBNET: expected the first three octets of a /24, e.g. 10.250.0"
+}
+
+require_jupyterlab() {
+  # No stand-in: the jobs run the real JupyterLab, from a place the job users can read.
+  [ -x "$JUPYTERLAB/bin/jupyter-lab" ] && [ -e "$JUPYTERLAB/.installed" ] ||
+    die "JupyterLab not found at $JUPYTERLAB (SLURM_JUPYTERLAB): run hack/install-deps.sh"
+  local user
+  for user in $USERS; do
+    runuser -u "$user" -- test -x "$JUPYTERLAB/bin/jupyter-lab" ||
+      die "$user cannot run $JUPYTERLAB/bin/jupyter-lab: it must be readable by the job users"
+  done
 }
 
 ensure_users() {
@@ -88,6 +133,42 @@ uid_of() {  # uid_of USER: the uid examples/users.yaml gives the user, or nothin
     "$(dirname "$0")/../examples/users.yaml"
 }
 
+# ---------------------------------------------------------------- the node's network
+
+netns_exists() { [ -e "/run/netns/$NETNS" ]; }
+
+ensure_node_network() {
+  # Idempotent: whatever part is missing is made, what is there is kept.
+  local owner
+  owner=$(ip -o -4 addr show to "$HOST_ADDR/32" 2>/dev/null | awk '{print $2; exit}')
+  if [ -n "$owner" ] && [ "$owner" != "$HOST_IF" ]; then
+    die "$HOST_ADDR is already on $owner (another stack?): choose another SLURM_NODE_SUBNET"
+  fi
+  netns_exists || ip netns add "$NETNS"
+  if ! ip link show "$HOST_IF" >/dev/null 2>&1; then
+    ip -n "$NETNS" link del "$NODE_IF" 2>/dev/null || true
+    ip link add "$HOST_IF" type veth peer name "$NODE_IF" netns "$NETNS"
+  fi
+  ip addr replace "$HOST_ADDR/24" dev "$HOST_IF"
+  ip link set "$HOST_IF" up
+  ip -n "$NETNS" link set lo up
+  ip -n "$NETNS" addr replace "$NODE_ADDR/24" dev "$NODE_IF"
+  ip -n "$NETNS" link set "$NODE_IF" up
+}
+
+remove_node_network() {
+  # Deleting the namespace deletes its end of the pair, and so the pair.
+  if netns_exists; then ip netns del "$NETNS"; fi
+  if ip link show "$HOST_IF" >/dev/null 2>&1; then ip link del "$HOST_IF"; fi
+}
+
+in_node() { nsenter --net="/run/netns/$NETNS" -- "$@"; }
+
+# in_node_netns PIDFILE: does that daemon run in the node's current namespace?
+in_node_netns() {
+  netns_exists && [ "$(stat -L -c %i "/proc/$(cat "$1")/ns/net" 2>/dev/null)" = "$(stat -L -c %i "/run/netns/$NETNS")" ]
+}
+
 write_munge_key() {
   install -d -m 0755 -o munge -g munge "$STATE/munge"
   if [ ! -s "$STATE/munge/munge.key" ]; then
@@ -115,11 +196,15 @@ make_gpu_devices() {
   done
 }
 
-write_slurm_conf() {
-  cat >"$CONF.tmp" <<EOF
-# Written by hack/slurm.sh: a one-node test cluster on loopback.
+render_slurm_conf() {
+  cat <<EOF
+# Written by hack/slurm.sh: a one-node test cluster; the node in network namespace $NETNS.
 ClusterName=aenv
-SlurmctldHost=localhost
+# The controller at the host's end of the node's veth pair: every client (the node, the
+# commands, slurmrestd) connects there, and slurmctld binds only there (NoCtldInAddrAny
+# binds to what its host name resolves to: slurm.sh starts it with that address as host name).
+SlurmctldHost=localhost($HOST_ADDR)
+CommunicationParameters=NoCtldInAddrAny
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$D_PORT
 SlurmUser=slurm
@@ -153,15 +238,22 @@ MailProg=/bin/true
 # Partition limits are checked when scheduling, not at submit, so a job over
 # a limit stays PENDING with a reason (what the tests need).
 EnforcePartLimits=NO
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=8 RealMemory=32000 Gres=gpu:4 State=UNKNOWN
+NodeName=$NODE_NAME NodeAddr=$NODE_ADDR NodeHostname=$NODE_NAME CPUs=8 RealMemory=32000 Gres=gpu:4 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 # Any job asking for more than one minute waits here: reason PartitionTimeLimit.
 PartitionName=tiny Nodes=ALL MaxTime=1 State=UP
 EOF
+}
+
+# Is the configuration on disk what this script writes now? (No: a stack of an earlier version.)
+conf_is_current() { render_slurm_conf | cmp -s - "$CONF"; }
+
+write_slurm_conf() {
+  render_slurm_conf >"$CONF.tmp"
   mv "$CONF.tmp" "$CONF"
   cat >"$STATE/gres.conf" <<EOF
 AutoDetect=off
-NodeName=localhost Name=gpu File=$STATE/dev/gpu[0-3]
+NodeName=$NODE_NAME Name=gpu File=$STATE/dev/gpu[0-3]
 EOF
   chmod 0644 "$CONF" "$STATE/gres.conf"
 }
@@ -187,7 +279,7 @@ prepare_state() {
 
 munge_answers() { munge -n -S "$MUNGE_SOCKET" | unmunge -S "$MUNGE_SOCKET"; }
 controller_answers() { scontrol ping | grep -q UP; }
-node_ready() { sinfo -h -n localhost -o %T | grep -Eq '^(idle|mixed|allocated)$'; }
+node_ready() { sinfo -h -n "$NODE_NAME" -o %T | grep -Eq '^(idle|mixed|allocated)$'; }
 rest_answers() {
   # The token goes to curl on stdin (printf is a builtin), never on a command
   # line that ps would show.
@@ -209,15 +301,21 @@ start_munged() {
 start_slurmctld() {
   pid_alive "$RUN/slurmctld.pid" && return
   # -c: a fresh queue on each start; a test stack should not resurrect old jobs.
-  slurmctld -c -f "$CONF"
+  # Its own UTS namespace with the veth's host address as host name: NoCtldInAddrAny makes
+  # it bind to what gethostname() resolves to, so it listens on $HOST_ADDR only.
+  unshare --uts -- sh -c 'hostname "$1" && exec slurmctld -c -f "$2"' slurmctld "$HOST_ADDR" "$CONF"
   wait_for 20 "slurmctld (scontrol ping)" controller_answers
 }
 
 start_slurmd() {
-  pid_alive "$RUN/slurmd.pid" && return
+  if pid_alive "$RUN/slurmd.pid"; then
+    in_node_netns "$RUN/slurmd.pid" && return
+    log "slurmd runs outside the node's network namespace $NETNS: restarting it"
+    stop_daemons slurmd
+  fi
   # Only after the controller answers: a slurmd that starts first backs off
-  # for minutes and ignores SIGTERM meanwhile.
-  slurmd -f "$CONF" -N localhost
+  # for minutes and ignores SIGTERM meanwhile. In the node's namespace: its jobs too.
+  in_node slurmd -f "$CONF" -N "$NODE_NAME"
   wait_for 30 "slurmd (node idle)" node_ready
 }
 
@@ -241,13 +339,9 @@ start_slurmrestd() {
 }
 
 jupyter_command() {
-  # JupyterLab where it is installed; otherwise a tiny real HTTP server, so
-  # the connection URL still answers.
-  if command -v jupyter-lab >/dev/null; then
-    echo 'jupyter lab --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT"'
-  else
-    echo 'python3 -m http.server --bind "$JUPYTER_HOST" "$JUPYTER_PORT"'
-  fi
+  # The site's command is the program alone: the operator adds where JupyterLab listens,
+  # its base URL and the proxy settings (backends/slurm.py, build_jupyter_command).
+  echo "$JUPYTERLAB/bin/jupyter-lab"
 }
 
 write_env_file() {
@@ -265,16 +359,28 @@ write_env_file() {
   } >"$STATE/env"
 }
 
+any_daemon_alive() {
+  local name
+  for name in munged slurmctld slurmd slurmrestd; do pid_alive "$RUN/$name.pid" && return 0; done
+  return 1
+}
+
 cmd_up() {
   require_tools
   ensure_users
+  require_jupyterlab
+  if [ -s "$CONF" ] && any_daemon_alive && ! conf_is_current; then
+    log "the running stack has another configuration (an earlier slurm.sh?): restarting it"
+    stop_stack
+  fi
+  ensure_node_network
   prepare_state
   start_munged
   start_slurmctld
   start_slurmd
   start_slurmrestd
   write_env_file
-  log "up: slurmrestd on http://127.0.0.1:$REST_PORT (source <(hack/slurm.sh env))"
+  log "up: slurmrestd on http://127.0.0.1:$REST_PORT, node $NODE_NAME at $NODE_ADDR (netns $NETNS) (source <(hack/slurm.sh env))"
 }
 
 # stop_daemons NAME...: TERM them together (each takes about 2 s to exit),
@@ -316,13 +422,18 @@ cancel_jobs() {
 
 wait_for_quietly() { (wait_for "$@") 2>/dev/null; }
 
-cmd_down() {
+stop_stack() {
   cancel_jobs
   stop_daemons slurmrestd slurmd
   # slurmd reports its last jobs to the controller while it shuts down, and
   # every daemon talks to munged until it is gone.
   stop_daemons slurmctld
   stop_daemons munged
+}
+
+cmd_down() {
+  stop_stack
+  remove_node_network
   rm -f "$STATE/env"
   log "down"
 }
@@ -341,6 +452,11 @@ cmd_status() {
       echo "$name stopped"; state=1
     fi
   done
+  if netns_exists; then
+    echo "node network: netns $NETNS, $HOST_IF $HOST_ADDR <-> $NODE_IF $NODE_ADDR"
+  else
+    echo "node network: netns $NETNS absent"; state=1
+  fi
   ((state == 0)) && sinfo
   return "$state"
 }

@@ -9,16 +9,20 @@ import subprocess
 
 import pytest
 
-from analysis_operator.backends.base import Launch, State
+from analysis_operator.backends import slurm
+from analysis_operator.backends.base import Launch, State, Upstream
 from analysis_operator.backends.slurm import (
+    JUPYTER_FLAGS,
     TOKEN_ENV_NAME,
     SlurmBackend,
     allocated_gpus,
+    base_path,
     build_account_mismatch,
     build_batch_script,
     build_endpoint,
     build_job_submission,
     build_jupyter_command,
+    build_node_host,
     build_observation,
     build_time_limit_extension,
     build_time_limit_minutes,
@@ -35,6 +39,7 @@ from analysis_operator.backends.slurm_auth import (
     job_nonce,
     parse_identity,
 )
+from analysis_operator.backends.slurm_rest import http_url, resolve_address
 from analysis_operator.model.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
 from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.settings import SlurmSettings
@@ -115,6 +120,17 @@ def test_submission_carries_identity_and_no_token():
     assert job["environment"]["JUPYTER_PORT"] == str(build_jupyter_port(environment, SETTINGS))
     assert job["current_working_directory"] == "/scratch/aenv"
     assert job["standard_output"] == f"/scratch/aenv/team-a.aenv-lab.{UID}.%j.out"
+
+
+def test_base_path_is_namespace_and_name_under_env():
+    assert base_path(make_environment()) == "/env/team-a/lab/"
+    assert base_path(make_environment(namespace="beamtime-42", name="x")) == "/env/beamtime-42/x/"
+
+
+def test_submission_passes_the_base_url_and_the_users_home():
+    job = build_job_submission(make_environment(), make_flavor(), PER_USER, user="alice", key=KEY)
+    assert job["environment"]["JUPYTER_BASE_URL"] == "/env/team-a/lab/"
+    assert job["environment"]["HOME"] == "/scratch/alice/aenv" == job["current_working_directory"]
 
 
 def test_per_user_submission_is_signed_and_lives_in_the_users_directory():
@@ -278,12 +294,41 @@ def test_minted_token_is_what_slurms_auth_jwt_checks():
 @pytest.mark.parametrize(
     "command, expected_suffix",
     [
-        ("jupyter lab", ' --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT" --ServerApp.port_retries=0'),
+        ("jupyter lab", JUPYTER_FLAGS),
+        ("/opt/jupyterlab/bin/jupyter-lab", JUPYTER_FLAGS),
         ('python3 -m http.server --bind "$JUPYTER_HOST" "$JUPYTER_PORT"', '"$JUPYTER_PORT"'),
     ],
 )
 def test_jupyter_command_places_itself(command, expected_suffix):
     assert build_jupyter_command(SlurmSettings(jupyter_command=command)).endswith(expected_suffix)
+
+
+def test_jupyter_flags_serve_behind_a_gateway_and_keep_the_checks():
+    flags = shlex.split(JUPYTER_FLAGS)
+    assert {
+        "--no-browser",
+        "--ServerApp.port_retries=0",
+        "--ServerApp.base_url=$JUPYTER_BASE_URL",
+        "--ServerApp.allow_remote_access=True",
+        "--ServerApp.trust_xheaders=True",
+    } <= set(flags)
+    # never: the XSRF check off, root, or the token where ps shows it
+    assert not [flag for flag in flags if "xsrf" in flag.lower() or "root" in flag or "token" in flag.lower()]
+
+
+def test_batch_script_starts_jupyter_on_every_address_under_its_base_url(tmp_path):
+    """The real script with bash; the command prints its arguments instead of serving."""
+    settings = SlurmSettings(working_directory=str(tmp_path), jupyter_command="printf '%s\\n'")
+    environment = make_environment()
+    job = build_job_submission(environment, make_flavor(), settings)
+    script = build_batch_script(environment, make_flavor(), TOKEN_ENV_NAME, settings)
+    variables = {**job["environment"], TOKEN_ENV_NAME: "t0ken", "SLURM_JOB_ID": "7"}
+    result = subprocess.run(["bash", "-c", script], env=variables, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    arguments = result.stdout.splitlines()
+    assert "--ip=0.0.0.0" in arguments and "--ServerApp.base_url=/env/team-a/lab/" in arguments
+    assert f"--port={job['environment']['JUPYTER_PORT']}" in arguments
+    assert "t0ken" not in result.stdout
 
 
 HOSTILE = ["$(touch /tmp/pwned)", "a'b", "x; rm -rf /", "`id`", "two words", "new\nline"]
@@ -365,6 +410,58 @@ def test_observation_maps_slurm_states(job, answers, state, reason):
 def test_ready_observation_holds_url_and_resources():
     observation = build_observation(RUNNING_WITH_ENDPOINT, True, "n1:4000")
     assert (observation.url, observation.cpus, observation.gpus) == ("http://n1:4000/", 4.0, 1)
+    assert observation.upstream is None
+
+
+def test_ready_observation_holds_the_upstream_and_the_base_path():
+    upstream = Upstream(address="10.250.0.2", port=4000, landing="lab")
+    observation = build_observation(RUNNING_WITH_ENDPOINT, True, "n1:4000", upstream=upstream, path="/env/a/b/")
+    assert (observation.state, observation.url, observation.upstream) == (
+        State.READY,
+        "http://n1:4000/env/a/b/",
+        upstream,
+    )
+    assert observation.reference["addresses"] == ["10.250.0.2"]
+    starting = build_observation(RUNNING_WITH_ENDPOINT, False, "n1:4000", upstream=upstream, path="/env/a/b/")
+    assert (starting.state, starting.upstream) == (State.PROVISIONING, upstream)
+    ended = build_observation({**RUNNING_WITH_ENDPOINT, "job_state": "COMPLETING"}, False, "", upstream=upstream)
+    assert ended.upstream is None and "addresses" not in ended.reference
+
+
+@pytest.mark.parametrize(
+    "node, expected",
+    [
+        ({"name": "n7", "hostname": "n7h", "address": "10.1.2.3"}, "10.1.2.3"),
+        ({"name": "n7", "hostname": "n7h", "address": ""}, "n7h"),
+        ({"name": "n7"}, "n7"),
+        ({}, ""),
+    ],
+)
+def test_node_host_is_slurms_node_address(node, expected):
+    assert build_node_host(node) == expected
+
+
+@pytest.mark.parametrize(
+    "host, domain, expected",
+    [
+        ("10.250.0.2", "", "10.250.0.2"),
+        ("10.250.0.2", "hpc.example.org", "10.250.0.2"),
+        ("fd00:0::2", "", "fd00::2"),
+        ("localhost", "", "127.0.0.1"),
+        ("no-such-node.invalid", "", ""),
+        ("", "", ""),
+    ],
+)
+def test_a_node_address_resolves_to_an_ip_address(host, domain, expected):
+    assert asyncio.run(resolve_address(host, domain)) == expected
+
+
+@pytest.mark.parametrize(
+    "address, expected",
+    [("10.250.0.2", "http://10.250.0.2:4000/env/a/b/"), ("fd00::2", "http://[fd00::2]:4000/env/a/b/")],
+)
+def test_http_url_brackets_ipv6(address, expected):
+    assert http_url(address, 4000, "/env/a/b/") == expected
 
 
 def test_pending_observation_says_slurms_reason():
@@ -397,6 +494,8 @@ class RecordingClient:
         self.queue = [dict(job) for job in jobs]
         self.submitted, self.cancelled, self.updates = [], [], []
         self.user_of_submitted = user_of_submitted
+        self.nodes_asked: list[str] = []
+        self.node_address = "10.250.0.2"
 
     async def jobs(self):
         return [dict(job) for job in self.queue]
@@ -425,6 +524,10 @@ class RecordingClient:
 
     async def update(self, job_id, changes):
         self.updates.append((str(job_id), changes))
+
+    async def node(self, name):
+        self.nodes_asked.append(name)
+        return {"name": name, "hostname": name, "address": self.node_address}
 
 
 def per_user_backend(queue, tmp_path, user_of_submitted="alice") -> SlurmBackend:
@@ -550,6 +653,46 @@ def test_extend_raises_the_time_limit_as_the_operator_once(tmp_path):
     assert asyncio.run(backend.extend(environment, NOW + 2 * HOURS, NOW)) is True
     assert asyncio.run(backend.extend(environment, NOW + 2 * HOURS, NOW)) is False  # already long enough
     assert backend.client.updates == [("101", {"time_limit": 150})]
+
+
+@pytest.mark.parametrize("node_address, expected", [("10.250.0.2", "10.250.0.2"), ("localhost", "127.0.0.1")])
+def test_a_running_job_reports_its_nodes_ip_address_and_port_as_upstream(tmp_path, monkeypatch, node_address, expected):
+    probed: list[str] = []
+
+    async def answers(url: str) -> bool:  # no traffic: the probe's URL is what is checked
+        probed.append(url)
+        return True
+
+    monkeypatch.setattr(slurm, "endpoint_answers", answers)
+    backend = per_user_backend([], tmp_path)
+    backend.client.node_address = node_address
+    environment = make_environment()
+    asyncio.run(backend.ensure(Launch(environment, make_flavor(), "t")))
+    job = backend.client.queue[0]
+    job.update(job_state="RUNNING", start_time=STARTED, batch_host="n1", nodes="n1")
+    port = build_jupyter_port(environment, backend.settings, KEY, job_nonce(job))
+
+    ready = asyncio.run(backend.observe(environment))
+    again = asyncio.run(backend.observe(environment))
+
+    assert (ready.state, ready.upstream) == (State.READY, Upstream(address=expected, port=port, landing="lab"))
+    assert ready.url == f"http://n1:{port}/env/team-a/lab/"  # the node's name, as Slurm says
+    assert probed == [f"http://{expected}:{port}/env/team-a/lab/"] * 2  # where a gateway connects
+    assert again.upstream == ready.upstream and backend.client.nodes_asked == ["n1"]  # asked once
+
+
+def test_a_node_whose_address_does_not_resolve_has_no_upstream(tmp_path, monkeypatch):
+    async def answers(url: str) -> bool:
+        return False
+
+    monkeypatch.setattr(slurm, "endpoint_answers", answers)
+    backend = per_user_backend([], tmp_path)
+    backend.client.node_address = "no-such-node.invalid"
+    environment = make_environment()
+    asyncio.run(backend.ensure(Launch(environment, make_flavor(), "t")))
+    backend.client.queue[0].update(job_state="RUNNING", start_time=STARTED, batch_host="n1")
+    observation = asyncio.run(backend.observe(environment))
+    assert (observation.state, observation.upstream) == (State.PROVISIONING, None)
 
 
 # ---------------------------------------------------------------- datasets

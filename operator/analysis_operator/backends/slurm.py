@@ -13,7 +13,10 @@ never decided by text a user can write:
   or the output path it chose, which Slurm freezes once the job runs;
 - the address is the node Slurm placed the job on and a port the operator chose
   (JUPYTER_PORT, keyed with a per-job nonce kept in the output path, so other users
-  cannot predict it): the job writes nothing back.
+  cannot predict it): the job writes nothing back. The node's IP address (Slurm's
+  NodeAddr, resolved) and that port are the upstream a gateway routes to; JupyterLab
+  serves under the environment's base path (JUPYTER_BASE_URL), the same behind the
+  gateway and on the node.
 
 slurmrestd 22.05 (v0.0.38) cannot set admin_comment ("Unknown key"), so no
 field is both admin-only and settable; Slurm >= 23.02 could carry the identity there.
@@ -26,11 +29,12 @@ import datetime
 import math
 import re
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, State
+from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, State, Upstream
 from analysis_operator.backends.slurm_auth import (
     SlurmCredentials,
     build_account,
@@ -41,7 +45,13 @@ from analysis_operator.backends.slurm_auth import (
     job_identity,
     job_nonce,
 )
-from analysis_operator.backends.slurm_rest import SlurmRequestRefused, SlurmRestClient, endpoint_answers
+from analysis_operator.backends.slurm_rest import (
+    SlurmRequestRefused,
+    SlurmRestClient,
+    endpoint_answers,
+    http_url,
+    resolve_address,
+)
 from analysis_operator.infra.render import render_text
 from analysis_operator.model.domain import BackendKind, Dataset, Environment, Flavor, Mount, format_time
 from analysis_operator.model.identity import PosixIdentity
@@ -51,6 +61,15 @@ from analysis_operator.settings import SlurmSettings
 
 TOKEN_ENV_NAME = "JUPYTER_TOKEN"
 JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
+NODE_ADDRESS_SECONDS = 60.0  # how long a node's resolved address is reused before Slurm is asked again
+# What JupyterLab needs behind a gateway: requests arrive with the gateway's Host (allow_remote_access)
+# and X-Forwarded-Proto (trust_xheaders: its login cookie is Secure behind HTTPS). The XSRF check
+# stays on (never disable_check_xsrf); root is refused (no --allow-root); no browser.
+JUPYTER_FLAGS = (
+    ' --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT" --ServerApp.port_retries=0'
+    ' --ServerApp.base_url="$JUPYTER_BASE_URL" --ServerApp.allow_remote_access=True'
+    " --ServerApp.trust_xheaders=True"
+)
 
 _GPU_DETAIL = re.compile(r"^gpu(?::[^:(]+)?:(\d+)")
 _TOKEN_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -82,6 +101,12 @@ _WAITING_STATES = frozenset(
 # ---------------------------------------------------------------- pure builders
 
 
+def base_path(environment: Environment) -> str:
+    """The path the environment's JupyterLab serves under, with a trailing slash (pure): the same
+    behind the gateway (`<gateway URL>/env/<namespace>/<name>/`) and on the compute node."""
+    return f"/env/{environment.namespace}/{environment.name}/"
+
+
 def build_account_mismatch(
     job: Mapping[str, Any], account: str, identity: PosixIdentity | None
 ) -> tuple[str, str] | None:
@@ -101,6 +126,11 @@ def build_account_mismatch(
             f"directory says {identity.uid}: ask IT to align the two",
         )
     return None
+
+
+def build_node_host(node: Mapping[str, Any]) -> str:
+    """Where Slurm itself reaches a node (its NodeAddr, else its host name or name); may be a name (pure)."""
+    return str(node.get("address") or node.get("hostname") or node.get("name") or "")
 
 
 def build_endpoint(job: Mapping[str, Any], port: int, settings: SlurmSettings) -> str:
@@ -196,11 +226,14 @@ def build_job_submission(
         # Without a memory request Slurm hands the job the whole node.
         "memory_per_node": max(1, resources.memory_mib),
         "time_limit": build_time_limit_minutes(environment, flavor, remaining),
-        # A full environment replaces the submitter's: only what the script needs.
+        # A full environment replaces the submitter's: only what the script needs. HOME: the user's
+        # working directory, where JupyterLab keeps its settings and runtime files.
         "environment": {
             "PATH": JOB_PATH,
             "LANG": "C.UTF-8",
+            "HOME": build_working_directory(settings, user),
             "JUPYTER_PORT": str(build_jupyter_port(environment, settings, key, nonce)),
+            "JUPYTER_BASE_URL": base_path(environment),
             **build_dataset_environment(environment, settings, mounts, user),
         },
     }
@@ -217,12 +250,12 @@ def build_job_submission(
 def build_jupyter_command(settings: SlurmSettings) -> str:
     """The site's command line (trusted configuration, not user input).
 
-    A command that does not place itself ($JUPYTER_PORT) gets JupyterLab's flags; JupyterLab
-    must not move to another port when its own is taken (the operator would not find it).
+    A command that does not place itself ($JUPYTER_PORT) gets JupyterLab's flags (JUPYTER_FLAGS);
+    JupyterLab must not move to another port when its own is taken (the operator would not find it).
     """
     command = settings.jupyter_command.strip()
     if "JUPYTER_PORT" not in command:
-        command += ' --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT" --ServerApp.port_retries=0'
+        command += JUPYTER_FLAGS
     return command
 
 
@@ -254,10 +287,19 @@ def _camel(state: str) -> str:
 
 
 def build_observation(
-    job: Mapping[str, Any], endpoint_answers: bool, endpoint: str = "", suspended: bool = False
+    job: Mapping[str, Any],
+    endpoint_answers: bool,
+    endpoint: str = "",
+    suspended: bool = False,
+    upstream: Upstream | None = None,
+    path: str = "/",
 ) -> Observation:
-    """What a Slurm job means for the environment (pure: the endpoint and the probe's result are
-    passed in; `suspended`: the operator cancelled it for spec.suspend)."""
+    """What a Slurm job means for the environment (pure: the endpoint, the node's address and the
+    probe's result are passed in; `suspended`: the operator cancelled it for spec.suspend).
+
+    `url` is the node's name and port with JupyterLab's base `path`; `upstream` (the node's IP
+    address and the port, for a gateway) is reported while the job runs on a node whose address
+    is known."""
     state = str(job.get("job_state", "UNKNOWN"))
     slurm_reason = str(job.get("state_reason") or "None")
     job_id = str(job.get("job_id", ""))
@@ -274,15 +316,19 @@ def build_observation(
         cpus, gpus = float(job.get("cpus") or 0), allocated_gpus(job)
         if int(job.get("start_time") or 0) > 0:
             reference["startedAt"] = format_time(datetime.datetime.fromtimestamp(int(job["start_time"]), datetime.UTC))
+        upstream = upstream if state == "RUNNING" else None
+        if upstream is not None:
+            reference["addresses"] = [upstream.address]
         if state == "RUNNING" and endpoint and endpoint_answers:
             return Observation(
                 State.READY,
                 reason="JupyterAnswering",
                 reference=reference,
-                url=f"http://{endpoint}/",
+                url=f"http://{endpoint}{path}",
                 cpus=cpus,
                 gpus=gpus,
                 message=f"JupyterLab answers in Slurm job {job_id}",
+                upstream=upstream,
             )
         return Observation(
             State.PROVISIONING,
@@ -291,6 +337,7 @@ def build_observation(
             cpus=cpus,
             gpus=gpus,
             message=f"Slurm job {job_id} is {state.lower()}, JupyterLab is not answering yet",
+            upstream=upstream,
         )
     if suspended and state == "CANCELLED":
         return Observation(
@@ -346,6 +393,7 @@ class SlurmBackend:
         self.credentials = SlurmCredentials(settings)
         self._tracked: dict[str, _Tracked] = {}  # environment uid -> its job
         self._suspended: set[str] = set()  # environment uids whose job was cancelled for a suspend
+        self._node_addresses: dict[str, tuple[str, float]] = {}  # node name -> (IP address, when resolved)
 
     def validate(self, environment: Environment, flavor: Flavor) -> Refusal | None:
         return None  # JupyterLab comes from the cluster's software stack (jupyter_command)
@@ -533,10 +581,30 @@ class SlurmBackend:
                 await self.client.cancel(str(job["job_id"]))
         return not [job for job in await self._jobs_of(environment) if job.get("job_state") in ACTIVE_STATES]
 
+    async def _node_address(self, node: str) -> str:
+        """The IP address of a node as Slurm reaches it (NodeAddr, resolved; "" if unknown),
+        reused for NODE_ADDRESS_SECONDS (a cloud node may come back with another address)."""
+        known = self._node_addresses.get(node)
+        if known is not None and time.monotonic() - known[1] < NODE_ADDRESS_SECONDS:
+            return known[0]
+        info = await self.client.node(node)
+        address = await resolve_address(build_node_host(info or {}), self.settings.node_domain) if info else ""
+        if address:
+            self._node_addresses[node] = (address, time.monotonic())
+        return address
+
     async def _observe_job(self, environment: Environment, job: Mapping[str, Any]) -> Observation:
         tracked = self._tracked.get(environment.uid)
         self._track(environment, job, tracked.user if tracked and tracked.job_id == str(job["job_id"]) else "")
         port = build_jupyter_port(environment, self.settings, self._key(), job_nonce(job))
         endpoint = build_endpoint(job, port, self.settings)
-        answers = bool(endpoint) and await endpoint_answers(endpoint)
-        return build_observation(job, answers, endpoint, suspended=environment.uid in self._suspended)
+        path, upstream = base_path(environment), None
+        if endpoint:
+            address = await self._node_address(str(job["batch_host"]))
+            upstream = Upstream(address=address, port=port, landing="lab") if address else None
+        # Probed where the gateway will connect (the node's address), else at the node's name.
+        probe = http_url(upstream.address, port, path) if upstream else f"http://{endpoint}{path}"
+        answers = bool(endpoint) and await endpoint_answers(probe)
+        return build_observation(
+            job, answers, endpoint, suspended=environment.uid in self._suspended, upstream=upstream, path=path
+        )

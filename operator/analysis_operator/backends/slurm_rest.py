@@ -6,6 +6,9 @@ so a site can rotate the key or token without a restart.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +96,14 @@ class SlurmRestClient:
             raise
         return found[0] if found else None
 
+    async def node(self, name: str) -> dict[str, Any] | None:
+        """A node as Slurm describes it (name, address, hostname, state, ...), None if unknown."""
+        try:
+            found = (await self.request("GET", f"node/{name}")).get("nodes") or ()
+        except SlurmRequestRefused:
+            return None
+        return found[0] if found else None
+
     async def submit(self, job: dict[str, Any], script: str, user: str = "") -> str:
         answer = await self.request("POST", "job/submit", {"job": job, "script": script}, user=user)
         return str(answer["job_id"])
@@ -109,11 +120,41 @@ class SlurmRestClient:
                 raise
 
 
-async def endpoint_answers(endpoint: str) -> bool:
-    """Whether anything answers HTTP there (any status: JupyterLab may redirect to login)."""
+async def endpoint_answers(url: str) -> bool:
+    """Whether anything answers HTTP there (any status: without the token JupyterLab answers 403
+    or redirects to its login page)."""
     try:
         async with aiohttp.ClientSession(timeout=PROBE_TIMEOUT) as session:
-            async with session.get(f"http://{endpoint}/", allow_redirects=False):
+            async with session.get(url, allow_redirects=False):
                 return True
     except (aiohttp.ClientError, TimeoutError):
         return False
+
+
+def http_url(address: str, port: int, path: str = "/") -> str:
+    """http://address:port/path, with an IPv6 address in brackets (pure)."""
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}{path}"
+
+
+async def resolve_address(host: str, domain: str = "") -> str:
+    """The IP address of a node's address or name ("" if it does not resolve): an IP address
+    as it is; a name as the operator's resolver knows it, first with `domain` appended to a
+    short one; IPv4 before IPv6 (JupyterLab listens on the node's IPv4 addresses)."""
+    if not host:
+        return ""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    names = [f"{host}.{domain}", host] if domain and "." not in host else [host]
+    loop = asyncio.get_running_loop()
+    for name in names:
+        try:
+            found = await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            continue
+        addresses = sorted({str(info[4][0]) for info in found}, key=lambda text: (":" in text, text))
+        if addresses:
+            return addresses[0]
+    return ""

@@ -2,7 +2,9 @@
 
 If ANALYSIS_OPERATOR_SLURM_URL is set, the tests use that cluster as
 configured by the environment and leave it running; otherwise they start the
-local one and stop it at the end of the session.
+local one and stop it at the end of the session. Its compute node has an
+address of its own (a network namespace the script makes, 10.250.N.2), which
+the tests reach over the node's veth pair; jobs run the real JupyterLab.
 """
 
 from __future__ import annotations

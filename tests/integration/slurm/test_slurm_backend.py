@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import http.cookiejar
+import ipaddress
+import json
 import os
 import pathlib
 import signal
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 
 import pytest
 
-from analysis_operator.backends.base import BackendUnavailable, Launch, Observation, State
-from analysis_operator.backends.slurm import SlurmBackend
+from analysis_operator.backends.base import BackendUnavailable, Launch, Observation, State, Upstream
+from analysis_operator.backends.slurm import SlurmBackend, base_path
 from analysis_operator.backends.slurm_auth import parse_identity
 from analysis_operator.model.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
 
@@ -67,6 +71,41 @@ def http_status(url: str) -> int:
         return response.status
 
 
+def answers(url: str) -> bool:
+    """Does anything answer HTTP there (any status)?"""
+    try:
+        http_status(url)
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def jupyter_url(upstream: Upstream, environment: Environment, path: str = "") -> str:
+    """A URL of the environment's JupyterLab on its compute node: address, port, base path."""
+    return f"http://{upstream.address}:{upstream.port}{base_path(environment)}{path}"
+
+
+def jupyter_status(upstream: Upstream, environment: Environment, token: str = "") -> tuple[int, dict]:
+    """(HTTP status, JSON body) of GET <base>/api/status on the node, with the token if given."""
+    headers = {"Authorization": f"token {token}"} if token else {}
+    request = urllib.request.Request(jupyter_url(upstream, environment, "api/status"), headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, {}
+
+
+def upstream_of(backend: SlurmBackend, body: dict) -> tuple[Environment, Upstream]:
+    """The environment of an AnalysisEnvironment object and where its JupyterLab is, as the backend sees it."""
+    environment = Environment.from_body(body)
+    observation = asyncio.run(backend.observe(environment))
+    assert observation.upstream is not None, observation
+    return environment, observation.upstream
+
+
 def test_submit_runs_and_becomes_ready_with_a_url_that_answers(backend, make_environment):
     environment = make_environment()
     submitted = asyncio.run(backend.ensure(Launch(environment, make_flavor(partition="debug"), TOKEN)))
@@ -76,9 +115,56 @@ def test_submit_runs_and_becomes_ready_with_a_url_that_answers(backend, make_env
 
     assert ready.reference["id"] == submitted.reference["id"]
     assert ready.reference["node"] == "localhost"
-    assert ready.url.startswith("http://") and TOKEN not in ready.url
-    assert http_status(ready.url) == 200
+    # the URL: Slurm's node name, the port, the base path; never the token
+    assert ready.url == f"http://localhost:{ready.upstream.port}{base_path(environment)}" and TOKEN not in ready.url
+    # the upstream: the node's own address as Slurm has it (NodeAddr), an IP address, not loopback
+    node = asyncio.run(backend.client.node("localhost"))
+    assert ready.upstream.address == node["address"] and ready.reference["addresses"] == [node["address"]]
+    assert not ipaddress.ip_address(ready.upstream.address).is_loopback
+    assert http_status(jupyter_url(ready.upstream, environment)) == 200  # the login page, after a redirect
     assert ready.cpus == 1.0 and ready.gpus == 0
+
+
+def test_jupyterlab_answers_at_the_nodes_address_under_the_base_url_only_with_the_token(backend, make_environment):
+    """The real JupyterLab, as a gateway reaches it: <node address>:<port><base path>, the token in the
+    Authorization header (as the gateway passes the browser's request on); nothing without it."""
+    environment = make_environment()
+    asyncio.run(backend.ensure(Launch(environment, make_flavor(partition="debug"), TOKEN)))
+    upstream = wait_for_state(backend, environment, {State.READY}, timeout=60).upstream
+
+    status, body = jupyter_status(upstream, environment, TOKEN)
+    assert status == 200 and body["last_activity"] and "started" in body
+    assert jupyter_status(upstream, environment)[0] in (401, 403)
+    assert jupyter_status(upstream, environment, "not-the-token-0123456789")[0] in (401, 403)
+    # through a proxy: another Host, forwarded headers; the token still required, the XSRF check still on
+    proxied = urllib.request.Request(
+        jupyter_url(upstream, environment, "api/status"),
+        headers={
+            "Host": "gateway.example.org",
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-For": "192.0.2.10",
+            "Authorization": f"token {TOKEN}",
+        },
+    )
+    with urllib.request.urlopen(proxied, timeout=5) as response:
+        assert response.status == 200 and "last_activity" in json.loads(response.read())
+    # the XSRF check is on: logged in by cookie (as a browser is), a write without the XSRF token is refused
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    assert browser.open(jupyter_url(upstream, environment, f"api/status?token={TOKEN}"), timeout=5).status == 200
+    assert browser.open(jupyter_url(upstream, environment, "api/status"), timeout=5).status == 200  # the cookie
+    write = urllib.request.Request(
+        jupyter_url(upstream, environment, "api/contents/x.txt"),
+        data=b'{"type": "file", "format": "text", "content": "x"}',
+        method="PUT",
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        browser.open(write, timeout=5)
+    assert refused.value.code == 403 and "_xsrf" in refused.value.read().decode()
+    # outside the base path there is nothing
+    with pytest.raises(urllib.error.HTTPError) as elsewhere:
+        urllib.request.urlopen(f"http://{upstream.address}:{upstream.port}/api/status", timeout=5)
+    assert elsewhere.value.code == 404
 
 
 def test_pending_job_reports_slurms_reason(backend, make_environment):
@@ -123,8 +209,10 @@ def test_delete_cancels_and_confirms_gone(backend, make_environment):
     job = asyncio.run(backend.client.job(ready.reference["id"]))
     assert job["job_state"] == "CANCELLED"
     assert asyncio.run(backend.observe(environment)).state == State.FAILED
-    with pytest.raises(OSError):
-        http_status(ready.url)
+    assert ready.upstream is not None
+    wait_for(
+        lambda: not answers(jupyter_url(ready.upstream, environment)), timeout=30, what="JupyterLab gone with its job"
+    )
 
 
 def test_time_limit_expiry_reports_expired(backend, make_environment):

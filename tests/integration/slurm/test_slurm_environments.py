@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-import urllib.request
 
 import pytest
 
+from tests.integration.slurm.test_slurm_backend import answers, jupyter_status, jupyter_url, upstream_of
 from tests.waiting import wait_for
 
 
-def test_cluster_card_runs_jupyter_in_a_slurm_job_and_cancels_it_on_delete(slurm_environments, slurm_environ):
+def test_cluster_card_runs_jupyter_in_a_slurm_job_and_cancels_it_on_delete(slurm_environments, slurm_environ, backend):
     environments = slurm_environments
     created = environments.create("hpc", flavor="jupyter-cluster", lifetime="1h")
     metadata = environments.get("hpc")["metadata"]
@@ -19,16 +19,18 @@ def test_cluster_card_runs_jupyter_in_a_slurm_job_and_cancels_it_on_delete(slurm
         timeout=30,
         what="the finalizer",
     )
-    status = environments.wait_phase("hpc", "Ready", timeout=90)["status"]
+    ready = environments.wait_phase("hpc", "Ready", timeout=90)
+    status = ready["status"]
     assert status["backend"]["kind"] == "slurm" and status["backend"]["id"].isdigit()
-    url = status["connection"]["url"]
-    assert urllib.request.urlopen(url, timeout=5).status == 200  # the job's server really answers
+    # the job's JupyterLab really answers, on its node's address under its base path (token required)
+    environment, upstream = upstream_of(backend, ready)
+    assert status["backend"]["addresses"] == [upstream.address]
+    assert jupyter_status(upstream, environment)[0] == 403
     job_id = status["backend"]["id"]
 
     environments.delete("hpc")
     wait_for(lambda: not environments.exists("hpc"), timeout=60, what="the environment to be gone after its job")
-    with pytest.raises(OSError):
-        urllib.request.urlopen(url, timeout=3)
+    wait_for(lambda: not answers(jupyter_url(upstream, environment)), timeout=30, what="JupyterLab gone")
     assert created["metadata"]["uid"] == metadata["uid"] and job_id
 
 
@@ -61,7 +63,8 @@ def test_suspend_cancels_the_job_and_resume_submits_a_new_one(slurm_environments
     second_job = resumed["backend"]["id"]
     assert second_job != first_job and second_job.isdigit()
     assert active_jobs_of(backend, uid) == [second_job]
-    assert urllib.request.urlopen(resumed["connection"]["url"], timeout=5).status == 200
+    environment, upstream = upstream_of(backend, environments.get("pause"))
+    assert jupyter_status(upstream, environment)[0] == 403  # the new job's JupyterLab answers
 
 
 def test_a_job_runs_as_its_owner_and_a_changed_comment_makes_no_second_job(slurm_environments, backend, slurm_environ):

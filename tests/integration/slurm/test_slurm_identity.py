@@ -17,7 +17,7 @@ import time
 import pytest
 
 from analysis_operator.backends.base import Launch, State
-from analysis_operator.backends.slurm import SlurmBackend
+from analysis_operator.backends.slurm import SlurmBackend, base_path
 from analysis_operator.backends.slurm_auth import build_jupyter_port, build_working_directory, job_nonce
 from analysis_operator.backends.slurm_rest import SlurmRequestRefused
 from tests.integration.slurm.test_slurm_backend import TOKEN, jobs_of, make_flavor, wait_for, wait_for_state
@@ -46,7 +46,7 @@ def in_job(user: str, job_id: str, *command: str) -> subprocess.CompletedProcess
 
 
 def server_pid(port: int) -> int:
-    """The process serving JupyterLab's port (the stand-in: python3 -m http.server PORT)."""
+    """The JupyterLab process started for that port (jupyter-lab ... --port=PORT): the real one."""
     for proc in pathlib.Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -54,9 +54,9 @@ def server_pid(port: int) -> int:
             words = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if str(port).encode() in words and any(b"http.server" in word or b"jupyter" in word for word in words):
+        if f"--port={port}".encode() in words and any(word.endswith(b"/jupyter-lab") for word in words):
             return int(proc.name)
-    raise AssertionError(f"no server process listens on port {port}")
+    raise AssertionError(f"no JupyterLab process for port {port}")
 
 
 def port_of(backend: SlurmBackend, environment, job: dict) -> int:
@@ -87,7 +87,11 @@ def test_alices_job_runs_as_alice(backend, make_environment, slurm_env):
     output = pathlib.Path(job["standard_output"].replace("%j", ready.reference["id"]))
     assert output.parent == pathlib.Path(build_working_directory(backend.settings, "alice"))
     assert output.stat().st_uid == alice.pw_uid and output.parent.stat().st_mode & 0o077 == 0
-    assert ready.url == f"http://localhost:{port_of(backend, environment, job)}/"
+    assert ready.url == f"http://localhost:{port_of(backend, environment, job)}{base_path(environment)}"
+    assert ready.upstream.port == port_of(backend, environment, job)
+    # JupyterLab's own files in her working directory (HOME), hers alone
+    runtime = pathlib.Path(build_working_directory(backend.settings, "alice"), ".local/share/jupyter/runtime")
+    assert runtime.stat().st_uid == alice.pw_uid and runtime.stat().st_mode & 0o077 == 0
 
 
 def test_bob_cannot_read_alices_token_output_or_data(backend, make_environment, slurm_env, tmp_path):

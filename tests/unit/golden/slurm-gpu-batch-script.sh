@@ -34,14 +34,18 @@ if [ "${AENV_DATASET_COUNT:-0}" -gt 0 ]; then
   export AENV_DATA_DIR
 fi
 
-# Where JupyterLab listens: this node, as Slurm names it, and the port the
-# operator chose (JUPYTER_PORT, in the job's environment). The operator reads
-# the node from Slurm, so nothing this job writes tells it where to connect.
+# Where JupyterLab listens: every IPv4 address of this node, so also the one
+# Slurm knows for it (NodeAddr), where the operator and the gateway connect;
+# and the port the operator chose (JUPYTER_PORT, in the job's environment).
+# The operator reads the node from Slurm, so nothing this job writes tells it
+# where to connect. JUPYTER_BASE_URL: the path it serves under, the same
+# through the gateway and on the node (/env/<namespace>/<name>/).
 if [ -z "${JUPYTER_PORT:-}" ]; then
   echo "analysis-operator: no JUPYTER_PORT in the job's environment" >&2
   exit 1
 fi
-JUPYTER_HOST=$(hostname --fqdn 2>/dev/null || hostname)
-export JUPYTER_HOST JUPYTER_PORT
+JUPYTER_HOST=0.0.0.0
+JUPYTER_BASE_URL=${JUPYTER_BASE_URL:-/}
+export JUPYTER_HOST JUPYTER_PORT JUPYTER_BASE_URL
 
-exec jupyter lab --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT" --ServerApp.port_retries=0
+exec jupyter lab --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT" --ServerApp.port_retries=0 --ServerApp.base_url="$JUPYTER_BASE_URL" --ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True
