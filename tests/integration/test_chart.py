@@ -123,6 +123,16 @@ def custom_values(watch_namespace: str, environment_namespace: str) -> dict:
         "flavors": {_unique("chart-flavor"): flavor},
         "facilityGroups": {_unique("chart-group"): {"description": "chart test", "members": ["alice"]}},
         "podDisruptionBudget": {"minAvailable": 2},
+        "gateway": {
+            "enabled": True,
+            "url": "https://analysis.example.org",
+            "oidc": {
+                "issuer": "https://sso.example.org/realms/facility",
+                "audience": "analysis-portal",
+                "jwksUrl": "https://sso.example.org/realms/facility/protocol/openid-connect/certs",
+            },
+            "admins": ["carol"],
+        },
     }
     if (REPO / "crds/datasets.yaml").exists() and (REPO / "examples/datasets.yaml").exists():
         dataset = next(d for d in _documents(REPO / "examples/datasets.yaml") if d["kind"] == "Dataset")
@@ -146,6 +156,7 @@ def test_lint_default_and_custom_values(tmp_path):
         ("flavours.x=1", "additional properties 'flavours'"),  # a typo in GitOps values is refused
         ("authorization.adminGroup[0]=x", "additional properties 'adminGroup'"),
         ("authorization.operatorUsernames[0]=a\\,b", "operatorUsernames"),  # lists are joined with commas
+        ("gateway.enabled=true", "/gateway/url"),  # OPEN without the gateway's public URL
     ],
 )
 def test_schema_refuses_bad_values(setting, complaint):
@@ -329,6 +340,16 @@ def test_custom_values_render_and_are_accepted_by_the_api_server(fresh_namespace
         "analysis.panosc.eu/environments": "enabled",
         "kubernetes.io/metadata.name": watched,
     }
+    # OPEN: forward-auth served to the gateway's namespace only; routes in the watched namespace.
+    assert find(objects, "Service", "aop-analysis-operator")["spec"]["ports"][0]["name"] == "forward-auth"
+    forward_auth = [
+        rule
+        for rule in find(objects, "NetworkPolicy", "aop-analysis-operator")["spec"]["ingress"]
+        if {"port": 9100, "protocol": "TCP"} in rule["ports"]
+    ]
+    assert forward_auth and all(rule.get("from") for rule in forward_auth)
+    assert {"httproutes", "endpointslices", "middlewares"} <= {r for rule in role["rules"] for r in rule["resources"]}
+    assert "gateways" in {r for rule in cluster_role["rules"] for r in rule["resources"]}
     find(objects, "ServiceMonitor")
     find(objects, "EnvironmentFlavor")
     find(objects, "FacilityGroup")

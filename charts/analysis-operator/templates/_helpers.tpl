@@ -44,6 +44,17 @@ app.kubernetes.io/part-of: analysis-operator
 {{- printf "%s-webhook" (include "analysis-operator.fullname" .) }}
 {{- end }}
 
+{{/* OPEN: where the gateway sends forward-auth requests (the Service templates/gateway.yaml makes). */}}
+{{- define "analysis-operator.gatewayAuthUrl" -}}
+{{- .Values.gateway.authUrl | default (printf "http://%s.%s.svc:%d/authorize" (include "analysis-operator.fullname" .) .Release.Namespace (int .Values.gateway.authPort)) }}
+{{- end }}
+
+{{/* OPEN: the NetworkPolicyPeers of the gateway's pods (a YAML list, never empty). */}}
+{{- define "analysis-operator.gatewayPeers" -}}
+{{- $default := list (dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Values.gateway.namespace))) }}
+{{- toYaml (.Values.gateway.networkPolicyFrom | default $default) }}
+{{- end }}
+
 {{- define "analysis-operator.tlsSecret" -}}
 {{- printf "%s-webhook-tls" (include "analysis-operator.fullname" .) }}
 {{- end }}
