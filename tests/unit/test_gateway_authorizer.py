@@ -145,3 +145,38 @@ def test_login_url_redirects_back(tmp_path):
     verdict, headers = ask(authorizer, **{"X-Forwarded-Host": "gw.example.org", "X-Forwarded-Proto": "https"})
     assert verdict.status == 302
     assert headers["Location"] == "https://portal/login?rd=https%3A%2F%2Fgw.example.org%2Fenv%2Fteam-a%2Flab%2Flab"
+
+
+class ApiServer(Secrets):
+    """What a standby replica reads instead of its paused indexes."""
+
+    def __init__(self, phase):
+        super().__init__()
+        self.phase = phase
+
+    async def get_environment(self, namespace, name):
+        if (namespace, name) != ("team-a", "lab"):
+            return None
+        metadata = {"namespace": namespace, "name": name, "uid": "u-1"}
+        return {"metadata": metadata, "spec": {"owner": "alice", "flavor": "jl"}, "status": {"phase": self.phase}}
+
+    async def list_cluster_objects(self, plural):
+        return []
+
+
+def test_a_standby_replica_answers_from_the_api_server_not_its_paused_index(tmp_path):
+    settings = GatewaySettings(enabled=True, oidc_jwks_file=jwks_file(tmp_path))
+    stale = {("team-a", "lab"): [EnvironmentRecord(LAB, {"phase": "Ready"})]}  # paused: still says Ready
+    authorizer = Authorizer(
+        settings,
+        ApiServer("Suspended"),
+        stale,
+        IndexCatalogue({}, {}, {}),
+        TokenVerifier(settings),
+        active=lambda: False,
+    )
+    bearer = {"Authorization": f"Bearer {token('alice', issuer='x', audience='y')}"}
+    assert ask(authorizer, **bearer)[0].status == 503  # the API server's word, not the index's
+    authorizer.kube.phase = "Ready"
+    assert ask(authorizer, **bearer)[0].allowed
+    assert ask(authorizer, **bearer, **{"X-Forwarded-Uri": "/env/team-a/gone/"})[0].reason == "NoSuchEnvironment"

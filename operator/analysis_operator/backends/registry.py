@@ -21,7 +21,7 @@ def build_backends(settings: Settings, kube: KubeClient, pods_index: Mapping[Any
     if settings.slurm.enabled:
         from analysis_operator.backends.slurm import SlurmBackend
 
-        backends.append(SlurmBackend(settings.slurm, settings.templates_dir))
+        backends.append(SlurmBackend(settings.slurm, settings.templates_dir, settings.gateway.path_prefix))
     if settings.openstack.enabled:
         from analysis_operator.backends.openstack import OpenStackBackend
 

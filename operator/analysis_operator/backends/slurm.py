@@ -55,6 +55,7 @@ from analysis_operator.backends.slurm_rest import (
 from analysis_operator.infra.render import render_text
 from analysis_operator.model.domain import BackendKind, Dataset, Environment, Flavor, Mount, format_time
 from analysis_operator.model.identity import PosixIdentity
+from analysis_operator.policy import opening
 from analysis_operator.policy.access import DATA_ROOT
 from analysis_operator.policy.refusal import Refusal
 from analysis_operator.settings import SlurmSettings
@@ -101,10 +102,10 @@ _WAITING_STATES = frozenset(
 # ---------------------------------------------------------------- pure builders
 
 
-def base_path(environment: Environment) -> str:
+def base_path(environment: Environment, prefix: str = "/env") -> str:
     """The path the environment's JupyterLab serves under, with a trailing slash (pure): the same
-    behind the gateway (`<gateway URL>/env/<namespace>/<name>/`) and on the compute node."""
-    return f"/env/{environment.namespace}/{environment.name}/"
+    behind the gateway (`<gateway URL>/env/<namespace>/<name>/`, policy/opening.py) and on the node."""
+    return opening.base_path(prefix, environment.namespace, environment.name)
 
 
 def build_account_mismatch(
@@ -212,6 +213,7 @@ def build_job_submission(
     user: str = "",
     key: bytes | None = None,
     nonce: str = "",
+    path_prefix: str = "/env",
 ) -> dict[str, Any]:
     """The `job` part of a v0.0.38 submit request for `user` (default: the operator's account),
     without the token; `key` signs the identity and, with the job's `nonce`, keys the port."""
@@ -233,7 +235,7 @@ def build_job_submission(
             "LANG": "C.UTF-8",
             "HOME": build_working_directory(settings, user),
             "JUPYTER_PORT": str(build_jupyter_port(environment, settings, key, nonce)),
-            "JUPYTER_BASE_URL": base_path(environment),
+            "JUPYTER_BASE_URL": base_path(environment, path_prefix),
             **build_dataset_environment(environment, settings, mounts, user),
         },
     }
@@ -386,9 +388,10 @@ class SlurmBackend:
     polled = True  # slurmrestd pushes nothing: the sweep observes every round
     charging = Charging.ALLOCATION  # what Slurm allocated, from the job's start time
 
-    def __init__(self, settings: SlurmSettings, templates_dir: str = "") -> None:
+    def __init__(self, settings: SlurmSettings, templates_dir: str = "", path_prefix: str = "/env") -> None:
         self.settings = settings
         self.templates_dir = templates_dir
+        self.path_prefix = path_prefix  # the gateway's (settings.gateway.path_prefix)
         self.client = SlurmRestClient(settings)
         self.credentials = SlurmCredentials(settings)
         self._tracked: dict[str, _Tracked] = {}  # environment uid -> its job
@@ -510,7 +513,14 @@ class SlurmBackend:
             return Observation(State.FAILED, reason="NoUnixAccount", message=f"cannot run on Slurm: {error}")
         key = self._key()
         job = build_job_submission(
-            environment, flavor, self.settings, mounts=launch.mounts, user=account, key=key, nonce=secrets.token_hex(4)
+            environment,
+            flavor,
+            self.settings,
+            mounts=launch.mounts,
+            user=account,
+            key=key,
+            nonce=secrets.token_hex(4),
+            path_prefix=self.path_prefix,
         )
         job["environment"][TOKEN_ENV_NAME] = launch.token
         script = build_batch_script(environment, flavor, TOKEN_ENV_NAME, self.settings, self.templates_dir)
@@ -598,7 +608,7 @@ class SlurmBackend:
         self._track(environment, job, tracked.user if tracked and tracked.job_id == str(job["job_id"]) else "")
         port = build_jupyter_port(environment, self.settings, self._key(), job_nonce(job))
         endpoint = build_endpoint(job, port, self.settings)
-        path, upstream = base_path(environment), None
+        path, upstream = base_path(environment, self.path_prefix), None
         if endpoint:
             address = await self._node_address(str(job["batch_host"]))
             upstream = Upstream(address=address, port=port, landing="lab") if address else None

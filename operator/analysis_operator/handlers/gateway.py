@@ -27,13 +27,14 @@ from http.cookies import CookieError, SimpleCookie
 import structlog
 from aiohttp import web
 
-from analysis_operator.engine.data_access import IndexCatalogue
+from analysis_operator.engine.data_access import IndexCatalogue, api_catalogue
 from analysis_operator.engine.reconciler import utcnow
 from analysis_operator.engine.tokens import read_token
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.infra.oidc import NotSignedIn, TokenVerifier
 from analysis_operator.model.domain import Environment
+from analysis_operator.policy.access import Catalogue
 from analysis_operator.policy.opening import Verdict, Viewer, environment_of, may_open
 from analysis_operator.settings import GatewaySettings
 
@@ -52,12 +53,15 @@ class Authorizer:
         catalogue: IndexCatalogue,
         verifier: TokenVerifier,
         clock: Callable[[], datetime.datetime] | None = None,
+        active: Callable[[], bool] = lambda: True,
     ) -> None:
         self.settings, self.kube, self.environments, self.catalogue = settings, kube, environments, catalogue
         self.verifier = verifier
         self.admins = frozenset(settings.admins)
         self._tokens: collections.OrderedDict[str, str] = collections.OrderedDict()  # environment uid -> token
         self._clock = clock
+        # A standby replica (kopf peering) has paused indexes: it answers from the API server instead.
+        self._active = active
 
     def _now(self) -> datetime.datetime:
         return self._clock() if self._clock else utcnow()
@@ -75,12 +79,17 @@ class Authorizer:
             user = await self.verifier.user(token)
         except NotSignedIn as error:
             return self._sign_in(str(error), headers)
-        record: EnvironmentRecord | None = first(self.environments, target)
+        catalogue: Catalogue = self.catalogue
+        if self._active():
+            record: EnvironmentRecord | None = first(self.environments, target)
+        else:
+            record = await self._read(*target)
+            catalogue = await api_catalogue(self.kube)
         if record is None:
             return Verdict(404, "NoSuchEnvironment", f"there is no environment {target[0]}/{target[1]}"), {}
-        viewer = Viewer(user, self.catalogue.groups_of(user))
+        viewer = Viewer(user, catalogue.groups_of(user))
         verdict = may_open(
-            record.environment, str(record.status.get("phase") or ""), viewer, self.admins, self.catalogue, self._now()
+            record.environment, str(record.status.get("phase") or ""), viewer, self.admins, catalogue, self._now()
         )
         if not verdict.allowed:
             return verdict, {}
@@ -92,6 +101,12 @@ class Authorizer:
         if cookies:
             passed["Cookie"] = cookies
         return verdict, passed
+
+    async def _read(self, namespace: str, name: str) -> EnvironmentRecord | None:
+        body = await self.kube.get_environment(namespace, name)
+        if body is None:
+            return None
+        return EnvironmentRecord(Environment.from_body(body), dict(body.get("status") or {}))
 
     def _sign_in(self, why: str, headers: Mapping[str, str]) -> tuple[Verdict, dict[str, str]]:
         if self.settings.login_url:

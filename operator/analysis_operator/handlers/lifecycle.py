@@ -69,8 +69,14 @@ async def on_startup(
     memo.gateway = None
     if config.gateway.enabled:  # OPEN: routes through the gateway, and its forward-auth answered here
         routes = GatewayRoutes(kube, config.gateway)
+        memo.active = True  # kept by the sweep loop: a paused standby answers from the API server
         authorizer = Authorizer(
-            config.gateway, kube, environments, memo.access.catalogue, TokenVerifier(config.gateway)
+            config.gateway,
+            kube,
+            environments,
+            memo.access.catalogue,
+            TokenVerifier(config.gateway),
+            active=lambda: bool(memo.active),
         )
         memo.gateway = await start_server(authorizer, config.gateway.auth_listen_address, config.gateway.auth_port)
     memo.context = Context(
@@ -170,7 +176,8 @@ async def sweep_forever(memo: kopf.Memo, interval: float, orphan_every: int = 10
         await asyncio.sleep(interval)
         rounds += 1
         try:
-            if not await is_active(memo):
+            memo.active = await is_active(memo)
+            if not memo.active:
                 continue
             await sweep(reconciler, utcnow())
             await warn_expiring(reconciler, config.budgets.expiry_warning_seconds, utcnow())

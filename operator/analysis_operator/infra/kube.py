@@ -163,6 +163,16 @@ class KubeClient:
         """Merge-patch an environment's status; False if the environment is gone."""
         return await self.patch_namespaced_status(ENVIRONMENTS, namespace, name, status)
 
+    async def get_environment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self._call(
+                self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, ENVIRONMENTS, name
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
     async def environment_exists(self, namespace: str, name: str, uid: str) -> bool:
         try:
             body = await self._call(
