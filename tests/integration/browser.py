@@ -1,0 +1,37 @@
+"""A real browser for OPEN tests: Debian's chromium, headless, driven by selenium through Debian's
+chromedriver. Screenshots are kept as test artifacts in $ANALYSIS_OPERATOR_ARTIFACTS
+(default /tmp/analysis-operator-artifacts)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+
+ARTIFACTS = pathlib.Path(os.environ.get("ANALYSIS_OPERATOR_ARTIFACTS", "/tmp/analysis-operator-artifacts"))
+
+
+def chromium() -> webdriver.Chrome:
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    driver.set_page_load_timeout(60)
+    return driver
+
+
+def sign_in(driver: webdriver.Chrome, origin: str, cookie: str, token: str) -> None:
+    """Set the session cookie the facility's SSO would have set for the gateway's origin."""
+    driver.get(origin + "/env/")  # any page of the origin, so the cookie can be set for it
+    driver.delete_all_cookies()
+    driver.add_cookie({"name": cookie, "value": token, "path": "/"})
+
+
+def screenshot(driver: webdriver.Chrome, name: str) -> pathlib.Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    driver.save_screenshot(str(path))
+    return path
