@@ -6,7 +6,9 @@ At every moment, once the operator has had one sweep to converge:
   2. a live environment that has started is in its budget's ledger (when its owner has a budget)
      and will expire (status.expiresAt is set, and not long past);
   3. every pod, Service, token Secret, Slurm job or VM the operator made belongs to a live
-     environment (that exists with that uid, and has not finished).
+     environment (that exists with that uid, and has not finished);
+  4. an HTTPRoute or EndpointSlice the operator made (OPEN) belongs to a Ready environment: nothing
+     suspended, finished or gone stays routable.
 
 Slurm jobs and VMs are checked when their stacks run: their conftests register a probe (a
 function listing what the operator made there, as backends' `list_managed` does).
@@ -104,6 +106,16 @@ def violations(
                 )
     for probe in PROBES.values():
         children.extend(managed for managed in probe() if in_scope(managed.namespace))
+    for route in _routing(api):
+        owner = by_uid.get(route.uid)
+        if not in_scope(route.namespace) or (owner is not None and owner["metadata"].get("deletionTimestamp")):
+            continue
+        phase = ((owner or {}).get("status") or {}).get("phase")
+        if owner is None or phase != "Ready":
+            found.append(
+                f"{route.kind} {route.namespace}/{route.name} routes to "
+                f"{name_of(owner) + ' which is ' + str(phase) if owner else 'no environment'}: it should be gone"
+            )
     for child in children:
         owner = by_uid.get(child.uid)
         if owner is None:
@@ -153,4 +165,42 @@ def violations(
                     f"{name_of(item)} is {phase} but not in the ledger of ComputeBudget "
                     f"{covered[0]['metadata']['name']!r}: it runs uncharged"
                 )
+    return found
+
+
+def _routing(api: kubernetes.client.ApiClient) -> list[Managed]:
+    """The operator's HTTPRoutes and EndpointSlices (none where the Gateway API is not installed)."""
+    custom, discovery = kubernetes.client.CustomObjectsApi(api), kubernetes.client.DiscoveryV1Api(api)
+    found = []
+    try:
+        routes = custom.list_cluster_custom_object(
+            "gateway.networking.k8s.io", "v1", "httproutes", label_selector=MANAGED
+        )
+    except kubernetes.client.ApiException as error:
+        if error.status != 404:
+            raise
+        routes = {"items": []}
+    for route in routes["items"]:
+        metadata = route["metadata"]
+        if not metadata.get("deletionTimestamp"):
+            labels = metadata.get("labels") or {}
+            found.append(
+                Managed(
+                    "HTTPRoute", metadata["namespace"], metadata["name"], labels.get(UID_LABEL, ""), metadata["uid"]
+                )
+            )
+    for endpoints in discovery.list_endpoint_slice_for_all_namespaces(
+        label_selector="endpointslice.kubernetes.io/managed-by=analysis-operator"  # not the controller's copies
+    ).items:
+        if not endpoints.metadata.deletion_timestamp:
+            labels = endpoints.metadata.labels or {}
+            found.append(
+                Managed(
+                    "EndpointSlice",
+                    endpoints.metadata.namespace,
+                    endpoints.metadata.name,
+                    labels.get(UID_LABEL, ""),
+                    endpoints.metadata.uid,
+                )
+            )
     return found
