@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shlex
+import sys
 import threading
 import types
 
 import pytest
 import yaml
 
-from analysis_operator.backends.base import BackendUnavailable, State
+from analysis_operator.backends.base import BackendUnavailable, State, Upstream
 from analysis_operator.backends.openstack import (
     MANAGED_TAG,
     META_MANAGED_BY,
@@ -19,12 +21,15 @@ from analysis_operator.backends.openstack import (
     META_NAMESPACE,
     META_OWNER,
     META_UID,
+    NOVNC_PORT,
     OpenStackBackend,
     _translate_errors,
+    best_address,
     build_dataset_mounts,
     build_identity_metadata,
     build_server_request,
     connection_url,
+    desktop_upstream,
     gpus_from_extra_specs,
     observe_server,
 )
@@ -37,6 +42,7 @@ from analysis_operator.model.domain import (
     Mount,
     OpenStackSpec,
 )
+from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.settings import OpenStackSettings, Settings
 
 SETTINGS = Settings(openstack=OpenStackSettings(cloud="analysis", executor_workers=2))
@@ -77,9 +83,19 @@ def make_flavor(allow_custom_image=False, **openstack) -> Flavor:
     )
 
 
-def user_data_of(environment, token="tok-en", mounts=()) -> dict:
-    request = build_server_request(environment, make_flavor(), token, SETTINGS, mounts)
+def user_data_of(environment, token="tok-en", mounts=(), identity=None) -> dict:
+    request = build_server_request(environment, make_flavor(), token, SETTINGS, mounts, identity)
     return yaml.safe_load(request["user_data"])
+
+
+def files_of(user_data: dict) -> dict[str, dict]:
+    return {entry["path"]: entry for entry in user_data["write_files"]}
+
+
+def unit(text: str) -> dict[str, str]:
+    """A systemd unit's settings as {key: value} (each key once in these units)."""
+    lines = (line.strip() for line in text.splitlines())
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
 
 
 @pytest.mark.parametrize(
@@ -158,10 +174,123 @@ def test_user_data_sets_desktop_password_from_token_without_command_line():
     assert "s3cret-token" not in json.dumps(user_data["runcmd"])
 
 
-def test_user_data_starts_remote_desktop():
+DESKTOP_UNIT = "/etc/systemd/system/aenv-desktop@.service"
+NOVNC_UNIT = "/etc/systemd/system/aenv-novnc.service"
+AUTH_PLUGIN = "/usr/local/lib/analysis-environment/aenv_gateway_auth.py"
+
+
+def test_user_data_installs_the_browser_desktop_from_distribution_packages():
+    packages = user_data_of(make_environment())["packages"]
+    assert {"xfce4", "tigervnc-standalone-server", "novnc", "websockify", "nfs-common"} <= set(packages)
+    assert not {"xrdp", "xorgxrdp"} & set(packages)  # no RDP: nothing but the gateway would reach it
+
+
+def test_vnc_desktop_runs_as_the_desktop_user_on_localhost_only():
     user_data = user_data_of(make_environment())
-    assert "xrdp" in user_data["packages"]
-    assert ["systemctl", "enable", "--now", "xrdp"] in user_data["runcmd"]
+    desktop = unit(files_of(user_data)[DESKTOP_UNIT]["content"])
+    assert desktop["User"] == "%i"  # the instance is the user: no user-controlled text in the unit
+    command = desktop["ExecStart"].split()
+    assert command[:3] == ["/usr/bin/tigervncserver", ":1", "-fg"]
+    assert command[command.index("-localhost") + 1] == "yes"  # no password: nothing off the VM reaches it
+    assert command[command.index("-SecurityTypes") + 1] == "None"
+    assert command[command.index("-xstartup") + 1] == "/usr/bin/startxfce4"
+    assert ["systemctl", "enable", "--now", "aenv-desktop@analysis.service"] in user_data["runcmd"]
+
+
+def test_the_desktop_runs_as_the_owners_account():
+    identity = PosixIdentity(user="alice", uid=20001, gid=20001)
+    runcmd = user_data_of(make_environment(), identity=identity)["runcmd"]
+    useradd = next(index for index, entry in enumerate(runcmd) if "useradd" in str(entry))
+    started = runcmd.index(["systemctl", "enable", "--now", "aenv-desktop@alice.service"])
+    assert useradd < started
+
+
+def test_websockify_serves_novnc_to_the_gateway_and_checks_the_access_token():
+    user_data = user_data_of(make_environment(), token="s3cret-token")
+    files = files_of(user_data)
+    novnc = unit(files[NOVNC_UNIT]["content"])
+    command = novnc["ExecStart"].split()
+    assert command[0] == "/usr/bin/websockify"
+    assert command[-2:] == [f"0.0.0.0:{NOVNC_PORT}", "localhost:5901"]
+    assert command[command.index("--web") + 1] == "/usr/share/novnc"
+    assert "--web-auth" in command  # noVNC's files too, not only the websocket
+    assert command[command.index("--auth-plugin") + 1] == "aenv_gateway_auth.GatewayToken"
+    assert command[command.index("--auth-source") + 1] == "token"
+    assert novnc["DynamicUser"] == "yes"  # not root, and the token file stays root's
+    assert novnc["LoadCredential"] == "token:/etc/analysis-environment/access-token"
+    assert novnc["Environment"] == "PYTHONPATH=/usr/local/lib/analysis-environment"
+    token_file = files["/etc/analysis-environment/access-token"]
+    assert (token_file["content"], token_file["permissions"], token_file["owner"]) == (
+        "s3cret-token",
+        "0600",
+        "root:root",
+    )
+    assert AUTH_PLUGIN in files
+    assert ["systemctl", "enable", "--now", "aenv-novnc.service"] in user_data["runcmd"]
+    assert user_data["runcmd"].index(["systemctl", "daemon-reload"]) < user_data["runcmd"].index(
+        ["systemctl", "enable", "--now", "aenv-novnc.service"]
+    )
+    assert "s3cret-token" not in json.dumps(user_data["runcmd"])
+
+
+@pytest.fixture
+def gateway_auth(tmp_path, monkeypatch):
+    """The auth plugin exactly as cloud-init writes it, with websockify's AuthenticationError."""
+
+    class AuthenticationError(Exception):
+        def __init__(self, log_msg=None, response_code=403, response_headers=None, response_msg=None):
+            super().__init__(log_msg)
+            self.code, self.headers = response_code, response_headers or {}
+
+    websockify = types.ModuleType("websockify")
+    auth_plugins = types.ModuleType("websockify.auth_plugins")
+    auth_plugins.AuthenticationError = AuthenticationError
+    monkeypatch.setitem(sys.modules, "websockify", websockify)
+    monkeypatch.setitem(sys.modules, "websockify.auth_plugins", auth_plugins)
+    (tmp_path / "token").write_text("s3cret-token")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    namespace: dict = {}
+    exec(files_of(user_data_of(make_environment(), token="s3cret-token"))[AUTH_PLUGIN]["content"], namespace)
+    return namespace["GatewayToken"]("token"), AuthenticationError
+
+
+def basic(text: str) -> str:
+    return "Basic " + base64.b64encode(text.encode()).decode()
+
+
+@pytest.mark.parametrize("authorization", ["token s3cret-token", basic("anyone:s3cret-token"), basic(":s3cret-token")])
+def test_the_access_token_lets_the_gateway_or_a_browser_in(gateway_auth, authorization):
+    plugin, _ = gateway_auth
+    plugin.authenticate({"Authorization": authorization}, "localhost", 5901)
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "",
+        "token",
+        "token wrong",
+        "token s3cret-token-and-more",
+        "Bearer s3cret-token",
+        basic("s3cret-token"),
+        basic("x:wrong"),
+        "Basic !!!",
+        "s3cret-token",
+    ],
+)
+def test_anything_else_is_refused_asking_for_the_token(gateway_auth, authorization):
+    plugin, error = gateway_auth
+    with pytest.raises(error) as refused:
+        plugin.authenticate({"Authorization": authorization} if authorization is not None else {}, "localhost", 5901)
+    assert refused.value.code == 401 and "Basic" in refused.value.headers["WWW-Authenticate"]
+
+
+def test_an_empty_token_lets_no_one_in(gateway_auth, tmp_path):
+    plugin, error = gateway_auth
+    plugin.token = b""
+    with pytest.raises(error):
+        plugin.authenticate({"Authorization": "token "}, "localhost", 5901)
 
 
 @pytest.mark.parametrize("nasty", NASTY)
@@ -201,7 +330,8 @@ def test_gpus_from_extra_specs(extra_specs, expected):
     "addresses, expected",
     [
         ({}, ""),
-        ({"net": [{"addr": "10.0.0.5", "OS-EXT-IPS:type": "fixed"}]}, "rdp://10.0.0.5:3389"),
+        ({"net": []}, ""),
+        ({"net": [{"addr": "10.0.0.5", "OS-EXT-IPS:type": "fixed"}]}, "10.0.0.5"),
         (
             {
                 "net": [
@@ -209,13 +339,35 @@ def test_gpus_from_extra_specs(extra_specs, expected):
                     {"addr": "192.0.2.7", "OS-EXT-IPS:type": "floating"},
                 ]
             },
-            "rdp://192.0.2.7:3389",
+            "192.0.2.7",
         ),
-        ({"v6": [{"addr": "2001:db8::5"}]}, "rdp://[2001:db8::5]:3389"),
+        ({"v6": [{"addr": "2001:db8::5"}]}, "2001:db8::5"),
     ],
 )
-def test_connection_url(addresses, expected):
-    assert connection_url(addresses) == expected
+def test_best_address_is_floating_first(addresses, expected):
+    assert best_address(addresses) == expected
+
+
+@pytest.mark.parametrize(
+    "address, expected",
+    [
+        ("", ""),
+        ("10.0.0.5", "http://10.0.0.5:6080/vnc.html?autoconnect=true&resize=remote"),
+        ("2001:db8::5", "http://[2001:db8::5]:6080/vnc.html?autoconnect=true&resize=remote"),
+    ],
+)
+def test_connection_url_without_a_gateway_is_novnc_at_the_server(address, expected):
+    assert connection_url(address) == expected
+
+
+def test_desktop_upstream_is_novnc_served_at_the_root():
+    assert desktop_upstream("") is None
+    assert desktop_upstream("10.0.0.5") == Upstream(
+        port=6080,
+        address="10.0.0.5",
+        landing="vnc.html?path={path}websockify&autoconnect=true&resize=remote",
+        strip_prefix=True,
+    )
 
 
 def fake_server(status, task_state=None, fault=None, addresses=None, vcpus=4, extra_specs=None):
@@ -245,13 +397,55 @@ def test_observe_server_states(server, state, reason):
     assert (observation.state, observation.reason) == (state, reason)
 
 
-def test_active_server_reports_resources_and_url():
+def test_active_server_reports_resources_url_and_upstream():
     server = fake_server(
-        "ACTIVE", addresses={"net": [{"addr": "10.0.0.5"}]}, vcpus=4, extra_specs={"resources:CUSTOM_GPU": "1"}
+        "ACTIVE",
+        addresses={
+            "net": [
+                {"addr": "10.0.0.5", "OS-EXT-IPS:type": "fixed"},
+                {"addr": "192.0.2.7", "OS-EXT-IPS:type": "floating"},
+            ]
+        },
+        vcpus=4,
+        extra_specs={"resources:CUSTOM_GPU": "1"},
     )
     observation = observe_server(server)
-    assert (observation.cpus, observation.gpus, observation.url) == (4.0, 1, "rdp://10.0.0.5:3389")
-    assert observation.reference == {"id": "srv-1", "state": "ACTIVE", "addresses": ["10.0.0.5"]}
+    assert (observation.cpus, observation.gpus) == (4.0, 1)
+    assert observation.url == "http://192.0.2.7:6080/vnc.html?autoconnect=true&resize=remote"
+    assert observation.upstream == desktop_upstream("192.0.2.7")
+    assert observation.reference == {"id": "srv-1", "state": "ACTIVE", "addresses": ["10.0.0.5", "192.0.2.7"]}
+
+
+def test_the_upstream_opens_as_novnc_under_the_environments_path():
+    from analysis_operator.engine.routes import build_endpoint, build_route, public_url
+    from analysis_operator.settings import GatewaySettings
+
+    gateway = GatewaySettings(enabled=True, url="https://analysis.example.org", auth_url="http://op:9100/authorize")
+    environment = make_environment()
+    upstream = observe_server(fake_server("ACTIVE", addresses={"net": [{"addr": "10.0.0.5"}]})).upstream
+    assert public_url(gateway, environment, upstream) == (
+        "https://analysis.example.org/env/team-a/desk/"
+        "vnc.html?path=env/team-a/desk/websockify&autoconnect=true&resize=remote"
+    )
+    rule = build_route(gateway, environment, upstream)["spec"]["rules"][0]
+    assert {
+        "type": "URLRewrite",
+        "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}},
+    } in (rule["filters"])
+    assert rule["backendRefs"] == [{"name": "aenv-desk", "port": 6080}]
+    endpoint_slice = build_endpoint(environment, upstream)[1]
+    assert endpoint_slice["endpoints"][0]["addresses"] == ["10.0.0.5"]
+
+
+def test_active_server_without_an_address_has_no_upstream():
+    observation = observe_server(fake_server("ACTIVE"))
+    assert observation.state == State.READY and observation.upstream is None and observation.url == ""
+    assert "no network address" in observation.message
+
+
+@pytest.mark.parametrize("status", ["BUILD", "SHELVED_OFFLOADED", "ERROR"])
+def test_only_an_active_server_is_routed(status):
+    assert observe_server(fake_server(status, addresses={"net": [{"addr": "10.0.0.5"}]})).upstream is None
 
 
 def test_error_carries_novas_fault_message():

@@ -6,6 +6,10 @@ two namespaces may hold environments with the same name), creates it when
 missing, and maps Nova's status onto an Observation. openstacksdk blocks, so
 every call runs in this backend's own bounded thread pool: a slow or dead
 cloud ties up those threads only, never kopf's loop or its default executor.
+
+The VM's desktop opens in the browser: cloud-init starts a VNC desktop on localhost and
+noVNC (websockify) on NOVNC_PORT; an ACTIVE server reports that port at its best address as
+its `Upstream`, so the engine routes the facility's gateway to it (engine/routes.py).
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from analysis_operator.backends.base import BackendUnavailable, Charging, Launch, ManagedObject, Observation, State
+from analysis_operator.backends.base import (
+    BackendUnavailable,
+    Charging,
+    Launch,
+    ManagedObject,
+    Observation,
+    State,
+    Upstream,
+)
 from analysis_operator.infra.render import render_text
 from analysis_operator.model.domain import MANAGER, BackendKind, Dataset, Environment, Flavor, Mount
 from analysis_operator.model.identity import PosixIdentity
@@ -40,8 +52,16 @@ META_OWNER = "analysis.panosc.eu:owner"
 MANAGED_TAG = MANAGER
 NOVA_METADATA_VALUE_MAX = 255
 API_TIMEOUT_SECONDS = 30
-RDP_PORT = 3389
 DESKTOP_USER = "analysis"
+# The desktop opens in the browser: noVNC and its websocket (websockify) on NOVNC_PORT, which the
+# facility's network lets the gateway reach (and nobody else); the VNC server of display
+# VNC_DISPLAY listens on localhost only (templates/cloud-init.yaml.j2 says why and how).
+NOVNC_PORT = 6080
+VNC_DISPLAY = 1
+# What OPEN shows, relative to the environment's base path ("{path}": that path without its leading
+# "/"): noVNC's page, connecting at once to the websocket under the same base path, the desktop
+# resized to the browser window. noVNC serves at "/", so the gateway strips the base path.
+NOVNC_LANDING = "vnc.html?path={path}websockify&autoconnect=true&resize=remote"
 
 T = TypeVar("T")
 
@@ -110,7 +130,8 @@ def build_user_data(
         account=account,
         token=token,
         datasets=build_dataset_mounts(mounts),
-        rdp_port=RDP_PORT,
+        vnc_display=VNC_DISPLAY,
+        novnc_port=NOVNC_PORT,
     )
 
 
@@ -154,15 +175,27 @@ def gpus_from_extra_specs(extra_specs: Mapping[str, str]) -> int:
     return total
 
 
-def connection_url(addresses: Mapping[str, list[Mapping[str, Any]]]) -> str:
-    """rdp:// URL of the best address: a floating one first, then any fixed one."""
+def best_address(addresses: Mapping[str, list[Mapping[str, Any]]]) -> str:
+    """The address to reach the server at: a floating one first, then any fixed one ("" if none)."""
     found = [entry for entries in addresses.values() for entry in entries]
     found.sort(key=lambda entry: entry.get("OS-EXT-IPS:type") != "floating")
-    if not found:
+    return str(found[0]["addr"]) if found else ""
+
+
+def connection_url(address: str) -> str:
+    """noVNC at the server itself, for a site without a gateway (the browser then asks for the
+    access token as the password); with a gateway, the engine shows the gateway's URL instead."""
+    if not address:
         return ""
-    address = found[0]["addr"]
     host = f"[{address}]" if ":" in address else address
-    return f"rdp://{host}:{RDP_PORT}"
+    return f"http://{host}:{NOVNC_PORT}/vnc.html?autoconnect=true&resize=remote"
+
+
+def desktop_upstream(address: str) -> Upstream | None:
+    """Where the gateway sends the environment's traffic: noVNC on the server's address."""
+    if not address:
+        return None
+    return Upstream(port=NOVNC_PORT, address=address, landing=NOVNC_LANDING, strip_prefix=True)
 
 
 def observe_server(server: Any) -> Observation:
@@ -188,16 +221,17 @@ def observe_server(server: Any) -> Observation:
         )
     if status == "ACTIVE":
         flavor = server.flavor
-        url = connection_url(addresses)
-        message = "remote desktop ready" if url else "server ACTIVE but has no network address"
+        address = best_address(addresses)
+        message = "remote desktop ready" if address else "server ACTIVE but has no network address"
         return Observation(
             State.READY,
             reason="ServerActive",
             message=message,
             reference=reference,
-            url=url,
+            url=connection_url(address),
             cpus=float(flavor.vcpus or 0),
             gpus=gpus_from_extra_specs(flavor.extra_specs or {}),
+            upstream=desktop_upstream(address),
         )
     if status == "ERROR":
         fault = (server.fault or {}).get("message") or "Nova reports ERROR without a fault message"
