@@ -115,6 +115,23 @@ spec:
 YAML
 }
 
+write_default_certificate() {
+  # Without a default certificate Traefik generates a 2048-bit RSA key pair on every configuration
+  # change (its TLS manager, even with no TLS entrypoint): 0.1-1 s of CPU per route change on this
+  # machine, which made a burst of 30 route changes take ~2 s. A self-signed ECDSA one, made once.
+  [ -s "$STATE/default.crt" ] || {
+    (umask 077; openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+      -subj /CN=analysis-gateway-default -keyout "$STATE/default.key" -out "$STATE/default.crt.tmp" 2>/dev/null)
+    mv "$STATE/default.crt.tmp" "$STATE/default.crt"
+  }
+  cat >"$STATE/dynamic.yaml" <<YAML
+tls:
+  stores:
+    default:
+      defaultCertificate: {certFile: "$STATE/default.crt", keyFile: "$STATE/default.key"}
+YAML
+}
+
 up() {
   if running; then log "already up on 127.0.0.1:$GATEWAY_PORT"; return; fi
   [ -f "$CLUSTER/bin" ] && [ -f "$CLUSTER/kubeconfig" ] || { log "the cluster is not up (hack/cluster.sh up)"; exit 1; }
@@ -123,20 +140,27 @@ up() {
   local crds; crds=$(dirname "$(readlink -f "$bin/traefik")")/crds
   export PATH="$bin:$PATH" KUBECONFIG=$CLUSTER/kubeconfig
   kubectl get --raw /readyz >/dev/null 2>&1 || { log "the cluster is not up (hack/cluster.sh up)"; exit 1; }
+  # Traefik keeps running when it cannot bind its entrypoint; the readiness check below must not
+  # be answered by whatever else listens there.
+  if curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$GATEWAY_PORT/"; then
+    log "127.0.0.1:$GATEWAY_PORT is in use (another stack? set PORT_OFFSET or GATEWAY_PORT)"; exit 1
+  fi
   mkdir -p "$STATE"
   apply_objects "$crds"
   # A fresh token each start (a new cluster has a new ServiceAccount). Traefik reads the file named
   # by --providers.*.token (a path or the token itself), so the token is not on its command line.
   (umask 077; kubectl -n "$NAMESPACE" create token traefik --duration="$TOKEN_DURATION" >"$STATE/token.tmp")
   mv "$STATE/token.tmp" "$STATE/token"
+  write_default_certificate
 
   local k8s=(--endpoint="https://127.0.0.1:$API_PORT" --token="$STATE/token"
              --certAuthFilePath="$CLUSTER/pki/ca.crt" --throttleDuration=0s)
-  local args=(--global.checkNewVersion=false --global.sendAnonymousUsage=false --log.level=INFO --log.noColor=true
+  local args=(--global.checkNewVersion=false --global.sendAnonymousUsage=false --log.level="${GATEWAY_LOG_LEVEL:-INFO}" --log.noColor=true
               --entryPoints.web.address="127.0.0.1:$GATEWAY_PORT"
               # Apply a provider's new configuration at most every 100 ms (default 2 s): a new route
               # is served within about a second of its HTTPRoute (hack/gateway.md).
               --providers.providersThrottleDuration=100ms
+              --providers.file.filename="$STATE/dynamic.yaml" --providers.file.watch=false
               --providers.kubernetesgateway=true
               --providers.kubernetesgateway.statusAddress.ip=127.0.0.1
               --providers.kubernetescrd=true)
