@@ -182,8 +182,8 @@ def _routing(api: kubernetes.client.ApiClient) -> list[Managed]:
         routes = {"items": []}
     for route in routes["items"]:
         metadata = route["metadata"]
-        if not metadata.get("deletionTimestamp"):
-            labels = metadata.get("labels") or {}
+        labels = metadata.get("labels") or {}
+        if not metadata.get("deletionTimestamp") and UID_LABEL in labels:  # not a namespace's closed page
             found.append(
                 Managed(
                     "HTTPRoute", metadata["namespace"], metadata["name"], labels.get(UID_LABEL, ""), metadata["uid"]

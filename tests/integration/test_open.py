@@ -93,6 +93,15 @@ def test_suspend_removes_the_route_and_resume_brings_it_back(opened, environment
     wait_for(lambda: route(custom, namespace, "lab") is None, timeout=10, what="the route removed on suspend")
     assert conditions(environments.get("lab"))["Routable"]["status"] == "False"
     assert suspended["status"]["connection"]["url"].endswith(f"/env/{namespace}/lab/lab")  # the URL is kept
+    # the namespace's closed page answers instead of the environment: a page saying so, not a 404
+    status, headers, page = wait_for(
+        lambda: (answer := opened.request(f"/env/{namespace}/lab/lab", "alice"))[0] == 503 and answer,
+        timeout=10,
+        what="the suspended page",
+    )
+    assert headers["X-Analysis-Reason"] == "NotSuspended" and b"is suspended" in page
+    assert opened.request(f"/env/{namespace}/lab/lab", "bob")[0] == 403  # its state is nobody else's business
+    assert opened.request(f"/env/{namespace}/nothing/", "alice")[0] == 404
     environments.patch_spec("lab", suspend=False)
     environments.wait_phase("lab", "Ready")
     wait_for(lambda: route(custom, namespace, "lab") is not None, timeout=10, what="the route back on resume")

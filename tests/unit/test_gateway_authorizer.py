@@ -180,3 +180,11 @@ def test_a_standby_replica_answers_from_the_api_server_not_its_paused_index(tmp_
     authorizer.kube.phase = "Ready"
     assert ask(authorizer, **bearer)[0].allowed
     assert ask(authorizer, **bearer, **{"X-Forwarded-Uri": "/env/team-a/gone/"})[0].reason == "NoSuchEnvironment"
+
+
+def test_the_closed_page_never_passes_a_request_on(authorizer):
+    bearer = f"Bearer {token('alice')}"
+    verdict, headers = asyncio.run(
+        authorizer.decide({"X-Forwarded-Uri": "/env/team-a/lab/", "Authorization": bearer}, closed=True)
+    )
+    assert verdict.status == 503 and verdict.reason == "RouteNotReady" and "Authorization" not in headers

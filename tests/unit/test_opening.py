@@ -14,6 +14,7 @@ from analysis_operator.engine.converge import Context, converge
 from analysis_operator.engine.routes import (
     AUTH_RESPONSE_HEADERS,
     Route,
+    build_closed_route,
     build_endpoint,
     build_forward_auth,
     build_route,
@@ -302,3 +303,13 @@ def test_missing_gateway_keeps_the_environment_ready_and_says_why():
         assert conditions(status)["Routable"]["status"] == "True" and "u-1" in routes.open_routes
 
     asyncio.run(scenario())
+
+
+def test_closed_page_route_covers_the_namespace_and_passes_nothing_on():
+    route = build_closed_route(SETTINGS, "team-a")
+    rule = route["spec"]["rules"][0]
+    assert rule["matches"][0]["path"] == {"type": "PathPrefix", "value": "/env/team-a/"}
+    assert "backendRefs" not in rule and rule["filters"][0]["extensionRef"]["name"] == "aenv-closed"
+    assert "environment-uid" not in str(route["metadata"])  # the namespace's, no environment's
+    middleware = build_forward_auth(SETTINGS, "team-a", "aenv-closed")
+    assert middleware["spec"]["forwardAuth"]["address"] == "http://op:9100/authorize/closed"

@@ -40,6 +40,7 @@ log = structlog.get_logger("analysis_operator.routes")
 GATEWAY_API = "gateway.networking.k8s.io/v1"
 MIDDLEWARE_API = "traefik.io/v1alpha1"
 FORWARD_AUTH = "aenv-forward-auth"  # the forward-auth Middleware, one per namespace
+CLOSED_PAGE = "aenv-closed"  # per namespace: the route and Middleware answering for environments without a route
 # What the gateway copies from the operator's answer into the request it passes on: the server's
 # credential, the browser's cookies without the session cookie, and who the viewer is.
 AUTH_RESPONSE_HEADERS = ["Authorization", "Cookie", "X-Forwarded-User"]
@@ -159,25 +160,46 @@ def build_endpoint(environment: Environment, upstream: Upstream) -> list[dict[st
     return [service, endpoint_slice]
 
 
-def build_forward_auth(settings: GatewaySettings, namespace: str) -> dict[str, Any]:
-    """Traefik's forward-auth Middleware that the routes of one namespace name in their filter."""
+def build_forward_auth(settings: GatewaySettings, namespace: str, name: str = FORWARD_AUTH) -> dict[str, Any]:
+    """Traefik's forward-auth Middleware that the routes of one namespace name in their filter
+    (CLOSED_PAGE: the one asking for the page of an environment that has no route)."""
+    address = settings.auth_url if name == FORWARD_AUTH else settings.auth_url.rstrip("/") + "/closed"
     return {
         "apiVersion": MIDDLEWARE_API,
         "kind": "Middleware",
         "metadata": {
-            "name": FORWARD_AUTH,
+            "name": name,
             "namespace": namespace,
             "labels": {"app.kubernetes.io/managed-by": "analysis-operator"},
         },
         "spec": {
             "forwardAuth": {
-                "address": settings.auth_url,
+                "address": address,
                 # X-Forwarded-Uri and -Host come from the gateway itself, never from the client.
                 "trustForwardHeader": False,
                 "authResponseHeaders": AUTH_RESPONSE_HEADERS,
             }
         },
     }
+
+
+def build_closed_route(settings: GatewaySettings, namespace: str) -> dict[str, Any]:
+    """Everything under `<prefix>/<namespace>/` that no environment's own route (a longer prefix, so
+    it wins) takes: the operator answers with a page saying why (suspended, expired, not shared,
+    no such environment), never a bare 404 or a timeout. No backend: nothing is ever passed on."""
+    route = build_route(
+        settings, Environment(namespace=namespace, name="", uid="", owner="", flavor=""), Upstream(port=1)
+    )
+    rule = route["spec"]["rules"][0]
+    rule["matches"][0]["path"]["value"] = f"{settings.path_prefix.rstrip('/')}/{namespace}/"
+    rule["filters"][0]["extensionRef"]["name"] = CLOSED_PAGE
+    del rule["backendRefs"]
+    route["metadata"] = {
+        "name": CLOSED_PAGE,
+        "namespace": namespace,
+        "labels": {"app.kubernetes.io/managed-by": "analysis-operator"},
+    }
+    return route
 
 
 def _metadata(environment: Environment) -> dict[str, Any]:
@@ -238,17 +260,25 @@ class GatewayRoutes:
                 return Route(url, False, "NoAddress", f"the backend reported {upstream.address!r}, not an IP address")
         wanted = fingerprint(objects)
         if self._applied.get(environment.uid) != wanted:
-            if environment.namespace not in self._namespaces:
-                await self._kube.apply(build_forward_auth(self._settings, environment.namespace))
-                self._namespaces.add(environment.namespace)
+            await self._namespace(environment.namespace)
             for body in objects:
                 await self._kube.apply(body)
             self._applied[environment.uid] = wanted
             log.info("route.opened", environment=f"{environment.namespace}/{environment.name}", url=url)
         return Route(url, True, "Routed", f"open at {url} through Gateway {gateway}")
 
+    async def _namespace(self, namespace: str) -> None:
+        """The forward-auth Middleware of a namespace, and its closed page (once per namespace and run)."""
+        if namespace in self._namespaces:
+            return
+        await self._kube.apply(build_forward_auth(self._settings, namespace))
+        await self._kube.apply(build_forward_auth(self._settings, namespace, CLOSED_PAGE))
+        await self._kube.apply(build_closed_route(self._settings, namespace))
+        self._namespaces.add(namespace)
+
     async def close(self, environment: Environment) -> None:
         self._applied.pop(environment.uid, None)
+        await self._namespace(environment.namespace)
         for api_version, kind in (
             (GATEWAY_API, "HTTPRoute"),
             ("discovery.k8s.io/v1", "EndpointSlice"),

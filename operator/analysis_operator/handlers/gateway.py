@@ -66,8 +66,9 @@ class Authorizer:
     def _now(self) -> datetime.datetime:
         return self._clock() if self._clock else utcnow()
 
-    async def decide(self, headers: Mapping[str, str]) -> tuple[Verdict, dict[str, str]]:
-        """The verdict and the headers to answer with."""
+    async def decide(self, headers: Mapping[str, str], closed: bool = False) -> tuple[Verdict, dict[str, str]]:
+        """The verdict and the headers to answer with. `closed`: asked by the namespace's closed page
+        (the environment has no route of its own), so nothing is ever passed on from there."""
         uri = headers.get("X-Forwarded-Uri", "")
         target = environment_of(self.settings.path_prefix, urllib.parse.unquote(uri.split("?", 1)[0]))
         if target is None:
@@ -93,6 +94,9 @@ class Authorizer:
         )
         if not verdict.allowed:
             return verdict, {}
+        if closed:  # Ready, but its route is not (yet, or any more) in the gateway
+            message = f"{target[0]}/{target[1]} is ready and its address is being opened: reload in a moment"
+            return Verdict(503, "RouteNotReady", message, verdict.role), {"Retry-After": "2"}
         server_token = await self._token(record.environment)
         if server_token is None:
             return Verdict(503, "NoToken", f"{target[0]}/{target[1]} has no access token yet"), {}
@@ -154,7 +158,7 @@ def page(verdict: Verdict) -> str:
 def build_app(authorizer: Authorizer) -> web.Application:
     async def authorize(request: web.Request) -> web.Response:
         started = time.perf_counter()
-        verdict, headers = await authorizer.decide(request.headers)
+        verdict, headers = await authorizer.decide(request.headers, closed=request.path.endswith("/closed"))
         log.info(
             "gateway.authorize",
             uri=request.headers.get("X-Forwarded-Uri", ""),
