@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The local stack with the operator, and an environment going Ready.
 #
-#   hack/up.sh            Kubernetes (built from source, KWOK nodes) + Slurm + operator
+#   hack/up.sh            Kubernetes (built from source, KWOK nodes) + Slurm + the gateway + operator
 #   hack/up.sh --vm       ... and OpenStack (about 30 s more, 2 GB of RAM)
 #   hack/up.sh down       stop everything it started
 #
@@ -17,6 +17,7 @@ if [ "${1:-}" = down ]; then
   rm -f "$STATE/operator.pid"
   "$here/openstack.sh" down >/dev/null 2>&1 || true
   "$here/slurm.sh" down >/dev/null 2>&1 || true
+  "$here/gateway.sh" down >/dev/null 2>&1 || true
   "$here/cluster.sh" down
   exit 0
 fi
@@ -26,6 +27,14 @@ fi
 eval "$("$here/cluster.sh" env)"
 "$here/slurm.sh" up >/dev/null
 eval "$("$here/slurm.sh" env)"
+# OPEN: Traefik as the Gateway API gateway on 127.0.0.1:8000, and a stand-in for the facility's
+# identity provider (hack/identity.py) whose keys the operator verifies sessions against.
+"$here/gateway.sh" up >/dev/null
+eval "$("$here/gateway.sh" env)"
+"$repo/.venv/bin/python" "$here/identity.py" init "$STATE/identity"
+eval "$("$repo/.venv/bin/python" "$here/identity.py" env "$STATE/identity")"
+export ANALYSIS_OPERATOR_GATEWAY_ENABLED=true ANALYSIS_OPERATOR_GATEWAY_AUTH_LISTEN_ADDRESS=127.0.0.1 \
+  ANALYSIS_OPERATOR_GATEWAY_AUTH_PORT=9100 ANALYSIS_OPERATOR_GATEWAY_AUTH_URL=http://127.0.0.1:9100/authorize
 if [ "${1:-}" = --vm ]; then
   "$here/openstack.sh" up >/dev/null
   eval "$("$here/openstack.sh" env)"
@@ -63,5 +72,9 @@ cat <<TXT
 The local stack is up. In your shell:  eval "\$(hack/cluster.sh env)"
 Try:  kubectl apply -f examples/environment-cluster.yaml   (JupyterLab in a Slurm job)
       kubectl get aenv -w
+OPEN it as alice (the URL column of kubectl get aenv), signed in as the facility's SSO would:
+      curl -H "Authorization: Bearer \$(.venv/bin/python hack/identity.py token $STATE/identity alice)" \\
+           "\$(kubectl get aenv demo-cluster -o jsonpath='{.status.connection.url}' | sed 's#/lab\$#/api/status#')"
+  In a browser: set the cookie aenv_session to that token for http://127.0.0.1:8000, then open the URL.
 Stop: hack/up.sh down
 TXT
