@@ -148,6 +148,19 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True)
+class IdleSettings:
+    """Idle culling (engine/idle.py, policy/idle.py) for flavors with an idleTimeout."""
+
+    enabled: bool = True
+    check_interval_seconds: float = 60.0  # one round over every Ready environment that can be culled
+    concurrency: int = 20  # servers read at once
+    request_timeout_seconds: float = 5.0  # per server: a slow one never holds up the others
+    status_interval_seconds: float = 300.0  # status.lastActivity written at most this often per environment
+    max_clock_skew_seconds: float = 120.0  # a server's last_activity further ahead is not believed
+    unknown: str = "keep"  # activity that cannot be read: keep (never culled) or cull (timeout from the start)
+
+
+@dataclass(frozen=True)
 class Settings:
     templates_dir: str = ""  # empty = the package's own templates; else a site's directory
     log_format: str = "auto"  # auto (JSON unless a terminal), json, console
@@ -174,6 +187,7 @@ class Settings:
     budgets: BudgetSettings = field(default_factory=BudgetSettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    idle: IdleSettings = field(default_factory=IdleSettings)
 
 
 def _coerce(value: str, current: Any) -> Any:

@@ -220,6 +220,24 @@ async def converge(
             return _unreachable(environment, status, flavor, str(error), now)
 
 
+async def end(
+    context: Context,
+    environment: Environment,
+    flavor: Flavor | None,
+    status: Mapping[str, Any],
+    phase: Phase,
+    reason: str,
+    message: str,
+    now: datetime.datetime,
+) -> Outcome:
+    """`stop` from outside converge (idle culling), holding the environment's converge lock."""
+    lock = _CONVERGING.get(environment.uid)
+    if lock is None:
+        lock = _CONVERGING[environment.uid] = asyncio.Lock()
+    async with lock:
+        return await stop(context, environment, flavor, status, phase, reason, message, now)
+
+
 async def _converge(
     context: Context, environment: Environment, status: Mapping[str, Any], flavor: Flavor | None, now: datetime.datetime
 ) -> Outcome:

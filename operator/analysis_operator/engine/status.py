@@ -36,6 +36,8 @@ def backend_status(kind: str, observation: Observation) -> dict[str, Any]:
             status[key] = None
         else:
             status[key] = [str(address) for address in value] if key == "addresses" else str(value)
+    upstream = observation.upstream
+    status["endpoint"] = f"{upstream.service or upstream.address}:{upstream.port}" if upstream is not None else None
     held = bool(observation.cpus or observation.gpus)  # what budgets charge backends that charge by allocation
     status.update(allocatedCpus=observation.cpus if held else None, allocatedGpus=observation.gpus if held else None)
     return status

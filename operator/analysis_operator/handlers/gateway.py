@@ -28,6 +28,7 @@ import structlog
 from aiohttp import web
 
 from analysis_operator.engine.data_access import IndexCatalogue, api_catalogue
+from analysis_operator.engine.idle import GatewayActivity
 from analysis_operator.engine.reconciler import utcnow
 from analysis_operator.engine.tokens import read_token
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
@@ -54,6 +55,7 @@ class Authorizer:
         verifier: TokenVerifier,
         clock: Callable[[], datetime.datetime] | None = None,
         active: Callable[[], bool] = lambda: True,
+        activity: GatewayActivity | None = None,
     ) -> None:
         self.settings, self.kube, self.environments, self.catalogue = settings, kube, environments, catalogue
         self.verifier = verifier
@@ -62,6 +64,7 @@ class Authorizer:
         self._clock = clock
         # A standby replica (kopf peering) has paused indexes: it answers from the API server instead.
         self._active = active
+        self.activity = activity or GatewayActivity()  # what it lets through counts as activity (idle culling)
 
     def _now(self) -> datetime.datetime:
         return self._clock() if self._clock else utcnow()
@@ -100,6 +103,7 @@ class Authorizer:
         server_token = await self._token(record.environment)
         if server_token is None:
             return Verdict(503, "NoToken", f"{target[0]}/{target[1]} has no access token yet"), {}
+        self.activity.saw(record.environment.uid)
         passed = {"Authorization": f"token {server_token}", "X-Forwarded-User": user}
         cookies = self._other_cookies(headers.get("Cookie", ""))
         if cookies:

@@ -21,6 +21,7 @@ from analysis_operator.engine.budget_gate import build_budget_gate
 from analysis_operator.engine.converge import Context
 from analysis_operator.engine.data_access import DataAccess, Sharing
 from analysis_operator.engine.identity import DirectoryIdentities
+from analysis_operator.engine.idle import GatewayActivity, IdleChecker
 from analysis_operator.engine.reconciler import Reconciler, utcnow
 from analysis_operator.engine.routes import GatewayRoutes, NoRoutes, Routes
 from analysis_operator.engine.sweep import sweep, sweep_orphans, warn_expiring
@@ -67,9 +68,10 @@ async def on_startup(
     memo.identities = DirectoryIdentities(kube, config.identity, indexes, environments)
     routes: Routes = NoRoutes()
     memo.gateway = None
+    memo.active = True  # kept by the sweep loop: a paused standby answers from the API server, culls nothing
+    activity = GatewayActivity()
     if config.gateway.enabled:  # OPEN: routes through the gateway, and its forward-auth answered here
         routes = GatewayRoutes(kube, config.gateway)
-        memo.active = True  # kept by the sweep loop: a paused standby answers from the API server
         authorizer = Authorizer(
             config.gateway,
             kube,
@@ -77,6 +79,7 @@ async def on_startup(
             memo.access.catalogue,
             TokenVerifier(config.gateway),
             active=lambda: bool(memo.active),
+            activity=activity,
         )
         memo.gateway = await start_server(authorizer, config.gateway.auth_listen_address, config.gateway.auth_port)
     memo.context = Context(
@@ -88,6 +91,10 @@ async def on_startup(
         routes=routes,
     )
     memo.reconciler = Reconciler(memo.context, environments, flavors)
+    memo.idle = IdleChecker(memo.context, config, environments, flavors, activity)
+    memo.idler = (
+        asyncio.create_task(idle_forever(memo, config.idle.check_interval_seconds)) if config.idle.enabled else None
+    )
     start_metrics(config.metrics_port, indexes["budgets"], environments, config.metrics_address)
     memo.sweeper = asyncio.create_task(sweep_forever(memo, config.sweep_interval_seconds))
     log.info("operator.started", namespace=config.namespace or "*", standalone=config.standalone)
@@ -160,6 +167,11 @@ async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
     memo.sweeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await memo.sweeper
+    if memo.idler is not None:
+        memo.idler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await memo.idler
+    await memo.idle.close()
     if memo.gateway is not None:
         await memo.gateway.cleanup()
     memo.reconciler.close()
@@ -185,3 +197,15 @@ async def sweep_forever(memo: kopf.Memo, interval: float, orphan_every: int = 10
                 await sweep_orphans(reconciler)
         except Exception:  # one bad sweep must not end the loop; the next one retries
             log.exception("sweep.failed")
+
+
+async def idle_forever(memo: kopf.Memo, interval: float) -> None:
+    """Idle culling (engine/idle.py): one round per interval, on the active replica only."""
+    checker: IdleChecker = memo.idle
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            if memo.active:
+                await checker.check(utcnow())
+        except Exception:  # one bad round must not end the loop
+            log.exception("idle.round_failed")

@@ -163,6 +163,24 @@ class KubeClient:
         """Merge-patch an environment's status; False if the environment is gone."""
         return await self.patch_namespaced_status(ENVIRONMENTS, namespace, name, status)
 
+    async def patch_environment_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> bool:
+        """Merge-patch an environment's spec (idle culling sets suspend); False if it is gone."""
+        try:
+            await self._call(
+                self.custom.patch_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                ENVIRONMENTS,
+                name,
+                {"spec": spec},
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
     async def get_environment(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return await self._call(

@@ -227,7 +227,9 @@ class Flavor:
     image: str = ""
     allow_custom_image: bool = False
     max_lifetime: datetime.timedelta = datetime.timedelta(hours=8)
-    idle_timeout: datetime.timedelta | None = None
+    idle_timeout: datetime.timedelta | None = None  # None: never culled for idleness
+    idle_warn_before: datetime.timedelta | None = None  # None: the default (policy/idle.py)
+    idle_action: str = "Suspend"  # or "Stop"
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
     openstack: OpenStackSpec = field(default_factory=OpenStackSpec)
     access: FlavorAccess = field(default_factory=lambda: FlavorAccess())
@@ -243,6 +245,14 @@ class Flavor:
         idle = spec.get("idleTimeout")
         max_lifetime, problem = read_duration(str(spec.get("maxLifetime") or "8h"), "spec.maxLifetime")
         idle_timeout, idle_problem = read_duration(str(idle), "spec.idleTimeout") if idle else (None, None)
+        warn = spec.get("idleWarnBefore")
+        idle_warn_before, warn_problem = read_duration(str(warn), "spec.idleWarnBefore") if warn else (None, None)
+        if warn_problem:
+            problems.append(warn_problem)
+        idle_action = _text(spec.get("idleAction")) or "Suspend"
+        if idle_action not in ("Suspend", "Stop"):
+            problems.append(f"spec.idleAction {idle_action!r} is neither Suspend nor Stop: read as Suspend")
+            idle_action = "Suspend"
         time_limit = slurm.get("timeLimitMinutes")
         backend = _text(spec.get("backend"))
         problems.extend(p for p in (problem, idle_problem, None if backend else "spec.backend is missing") if p)
@@ -259,6 +269,8 @@ class Flavor:
             allow_custom_image=spec.get("allowCustomImage") is True,
             max_lifetime=max_lifetime,
             idle_timeout=idle_timeout,
+            idle_warn_before=idle_warn_before,
+            idle_action=idle_action,
             slurm=SlurmSpec(
                 partition=_text(slurm.get("partition")),
                 account=_text(slurm.get("account")),

@@ -1,0 +1,290 @@
+"""Idle culling: read every Ready environment's activity in bounded batches, warn, then cull.
+
+One loop (handlers/lifecycle.py) runs `IdleChecker.check` every idle.check_interval_seconds
+over the environments index. For each Ready environment whose flavor has an idleTimeout
+(policy/idle.py) it reads, at most `concurrency` at a time and each within
+`request_timeout_seconds` (a slow or broken server never holds up the others):
+  - the server: JupyterLab's /api/status and /api/kernels at status.backend.endpoint, the way
+    the gateway reaches it, with the environment's token and `no_track_activity` (so the check
+    itself is not activity);
+  - the gateway: the last request the operator's forward-auth let through (GatewayActivity).
+Then: status.lastActivity (written at most once per status interval), the Idle condition, one
+IdleSoon Warning Event per idle period, and at the timeout the flavor's action: Suspend sets
+spec.suspend (the converge that follows removes pod, job or VM and the route, and accounting
+stops charging it: a suspended entry is paused), Stop ends it for good. The Events name the
+GPU-hours the rest of its lifetime would have held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import structlog
+
+from analysis_operator.engine.converge import Context, end
+from analysis_operator.engine.events import environment_reference, post_event
+from analysis_operator.engine.reconciler import apply
+from analysis_operator.engine.tokens import read_token
+from analysis_operator.engine.views import EnvironmentRecord, Index, first, values
+from analysis_operator.model.conditions import build_condition, merge_conditions
+from analysis_operator.model.domain import Environment, Flavor, Phase, format_time, parse_time
+from analysis_operator.policy.idle import (
+    Action,
+    Decision,
+    ServerActivity,
+    Verdict,
+    decide,
+    gpu_hours_saved,
+    latest_activity,
+    policy_of,
+    policy_problem,
+)
+from analysis_operator.policy.opening import base_path
+from analysis_operator.settings import Settings
+
+log = structlog.get_logger("analysis_operator.idle")
+
+
+class GatewayActivity:
+    """The last request the gateway let through, per environment uid (in memory; the forward-auth
+    of the active replica sees every request, and a restart forgets nothing that matters: the
+    server's own report covers it)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}
+
+    def saw(self, uid: str) -> None:
+        self._seen[uid] = time.time()
+
+    def last(self, uid: str) -> datetime.datetime | None:
+        seen = self._seen.get(uid)
+        return None if seen is None else datetime.datetime.fromtimestamp(seen, datetime.UTC)
+
+    def forget(self, live: set[str]) -> None:
+        for uid in [uid for uid in self._seen if uid not in live]:
+            del self._seen[uid]
+
+
+def server_url(environment: Environment, endpoint: str, settings: Settings) -> str:
+    """The server's base URL from status.backend.endpoint (`address:port`, or `service:port` for pods)."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        address = ipaddress.ip_address(host)
+        host = f"[{address}]" if address.version == 6 else str(address)
+    except ValueError:  # a Service of the environment's own
+        host = f"{host}.{environment.namespace}.svc.{settings.cluster_domain}"
+    return f"http://{host}:{port}{base_path(settings.gateway.path_prefix, environment.namespace, environment.name)}"
+
+
+def parse_server(status_answer: Any, kernels_answer: Any) -> ServerActivity:
+    """JupyterLab's /api/status and /api/kernels answers, read defensively (pure)."""
+    if not isinstance(status_answer, Mapping) or not isinstance(status_answer.get("last_activity"), str):
+        return ServerActivity(problem="the server's /api/status has no last_activity")
+    try:  # ISO 8601 with fractions and an offset or Z, as jupyter_server writes it
+        last: datetime.datetime | None = datetime.datetime.fromisoformat(status_answer["last_activity"])
+    except ValueError:
+        last = None
+    if last is not None and last.tzinfo is None:
+        last = last.replace(tzinfo=datetime.UTC)
+    if last is None:
+        return ServerActivity(problem=f"the server's last_activity {status_answer['last_activity']!r} is not a time")
+    busy = isinstance(kernels_answer, list) and any(
+        isinstance(kernel, Mapping) and kernel.get("execution_state") == "busy" for kernel in kernels_answer
+    )
+    return ServerActivity(last=last, busy=busy)
+
+
+class IdleChecker:
+    def __init__(
+        self, context: Context, settings: Settings, environments: Index, flavors: Index, gateway: GatewayActivity
+    ) -> None:
+        self.context, self.settings, self.environments, self.flavors = context, settings, environments, flavors
+        self.gateway = gateway
+        self._session: aiohttp.ClientSession | None = None
+        self._tokens: dict[str, str] = {}
+        self.requests = 0  # server requests made (bench/idle.py reads it)
+
+    async def check(self, now: datetime.datetime) -> int:
+        """One round over every Ready environment that can be culled; the number checked."""
+        idle = self.settings.idle
+        records = []
+        for record in values(self.environments):
+            flavor: Flavor | None = first(self.flavors, record.environment.flavor)  # today's policy, not the terms
+            ready = record.status.get("phase") == Phase.READY.value and not record.environment.suspend
+            if ready and flavor is not None and flavor.idle_timeout is not None:
+                records.append((record, flavor))
+        self.gateway.forget({record.environment.uid for record, _ in records})
+        semaphore = asyncio.Semaphore(idle.concurrency)
+
+        async def one(record: EnvironmentRecord, flavor: Flavor) -> None:
+            async with semaphore:
+                try:
+                    await self._check_one(record, flavor, now)
+                except Exception:  # one environment's trouble never stops the round
+                    log.exception("idle.check_failed", environment=_name(record.environment))
+
+        await asyncio.gather(*(one(record, flavor) for record, flavor in records))
+        return len(records)
+
+    async def _check_one(self, record: EnvironmentRecord, flavor: Flavor, now: datetime.datetime) -> None:
+        environment, status = record.environment, record.status
+        interval = datetime.timedelta(seconds=self.settings.idle.check_interval_seconds)
+        problem = policy_problem(flavor, interval)
+        policy = policy_of(flavor)
+        if problem is not None or policy is None:
+            await self._write(environment, status, None, Verdict.UNKNOWN, "IdlePolicyInvalid", problem or "", now)
+            return
+        server = await self._server(environment, status)
+        activity = latest_activity(
+            server,
+            self.gateway.last(environment.uid),
+            now,
+            datetime.timedelta(seconds=self.settings.idle.max_clock_skew_seconds),
+        )
+        started = parse_time(status.get("startedAt")) or now  # a resumed server reports its own new start
+        decision = decide(policy, activity, started, now, cull_unknown=self.settings.idle.unknown == "cull")
+        if decision.verdict is Verdict.CULL:
+            await self._cull(record, flavor, policy.action, decision, now)
+            return
+        reason = {Verdict.ACTIVE: "Active", Verdict.WARN: "IdleSoon", Verdict.UNKNOWN: "ActivityUnknown"}[
+            decision.verdict
+        ]
+        if activity.source == "clock skew":
+            reason = "ClockSkew"
+        await self._write(
+            environment,
+            status,
+            activity.last,
+            decision.verdict,
+            reason,
+            decision.message + _note(activity.note),
+            now,
+            decision,
+        )
+
+    async def _server(self, environment: Environment, status: Mapping[str, Any]) -> ServerActivity:
+        endpoint = (status.get("backend") or {}).get("endpoint")
+        if not endpoint:
+            return ServerActivity(problem="its server's address is not known")
+        token = self._tokens.get(environment.uid) or await read_token(self.context.kube, environment)
+        if not token:
+            return ServerActivity(problem="it has no access token")
+        self._tokens[environment.uid] = token
+        url = server_url(environment, str(endpoint), self.settings)
+        headers = {"Authorization": f"token {token}"}
+        timeout = aiohttp.ClientTimeout(total=self.settings.idle.request_timeout_seconds)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=timeout)
+        try:
+            self.requests += 2
+            answers = []
+            for path in ("api/status", "api/kernels"):
+                async with self._session.get(
+                    url + path, params={"no_track_activity": "1"}, headers=headers
+                ) as response:
+                    if response.status != 200:
+                        return ServerActivity(problem=f"the server answered {path} with HTTP {response.status}")
+                    answers.append(await response.json(content_type=None))
+        except TimeoutError:
+            return ServerActivity(
+                problem=f"the server did not answer within {self.settings.idle.request_timeout_seconds:g} s"
+            )
+        except (aiohttp.ClientError, ValueError) as error:
+            return ServerActivity(problem=f"the server cannot be read ({type(error).__name__})")
+        return parse_server(*answers)
+
+    async def _write(
+        self,
+        environment: Environment,
+        status: Mapping[str, Any],
+        last: datetime.datetime | None,
+        verdict: Verdict,
+        reason: str,
+        message: str,
+        now: datetime.datetime,
+        decision: Decision | None = None,
+    ) -> None:
+        """lastActivity at most once per status interval; the Idle condition when it changes; IdleSoon once."""
+        patch: dict[str, Any] = {}
+        previous_last = parse_time(status.get("lastActivity"))
+        every = datetime.timedelta(seconds=self.settings.idle.status_interval_seconds)
+        if last is not None and (
+            previous_last is None or last - previous_last >= every or (last > previous_last and verdict is Verdict.WARN)
+        ):
+            patch["lastActivity"] = format_time(last)
+        previous = {c.get("type"): c for c in status.get("conditions") or ()}.get("Idle")
+        word = "True" if verdict is Verdict.WARN else ("Unknown" if verdict is Verdict.UNKNOWN else "False")
+        if previous is None or previous.get("status") != word or previous.get("reason") != reason:
+            condition = build_condition(
+                previous,
+                type_="Idle",
+                status=verdict is Verdict.WARN,
+                reason=reason,
+                message=message,
+                generation=environment.generation,
+                now=now,
+            )
+            condition["status"] = word
+            patch["conditions"] = merge_conditions(status.get("conditions"), condition)
+        event = None
+        if verdict is Verdict.WARN and decision is not None and decision.cull_at is not None:
+            warned_for = format_time(decision.cull_at)
+            if status.get("idleWarnedFor") != warned_for:
+                patch["idleWarnedFor"] = warned_for
+                event = ("Warning", "IdleSoon", message)
+        if patch:
+            await self.context.kube.patch_environment_status(environment.namespace, environment.name, patch)
+        if event is not None:
+            await post_event(self.context.kube, environment_reference(environment), *event)
+            log.info("idle.warned", environment=_name(environment), message=message)
+
+    async def _cull(
+        self, record: EnvironmentRecord, flavor: Flavor, action: Action, decision: Decision, now: datetime.datetime
+    ) -> None:
+        environment, status = record.environment, record.status
+        gpus = flavor.resources.gpu or int((status.get("backend") or {}).get("allocatedGpus") or 0)
+        saved = gpu_hours_saved(gpus, now, parse_time(status.get("expiresAt")))
+        savings = f"; {saved:g} GPU-hours of its lifetime not spent" if saved else ""
+        if action is Action.SUSPEND:
+            reason = "IdleSuspended"
+            message = f"suspended: {decision.message}{savings}; resume with spec.suspend: false"
+            previous = {c.get("type"): c for c in status.get("conditions") or ()}.get("Idle")
+            condition = build_condition(
+                previous,
+                type_="Idle",
+                status=True,
+                reason=reason,
+                message=message,
+                generation=environment.generation,
+                now=now,
+            )
+            await self.context.kube.patch_environment_status(
+                environment.namespace,
+                environment.name,
+                {"conditions": merge_conditions(status.get("conditions"), condition)},
+            )
+            await self.context.kube.patch_environment_spec(environment.namespace, environment.name, {"suspend": True})
+            await post_event(self.context.kube, environment_reference(environment), "Warning", reason, message)
+        else:
+            reason, message = "IdleStopped", f"stopped: {decision.message}{savings}"
+            outcome = await end(self.context, environment, flavor, status, Phase.STOPPED, reason, message, now)
+            await apply(self.context, environment, outcome)
+        log.info("idle.culled", environment=_name(environment), action=str(action), gpu_hours_saved=saved)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def _name(environment: Environment) -> str:
+    return f"{environment.namespace}/{environment.name}"
+
+
+def _note(note: str) -> str:
+    return f" ({note})" if note else ""

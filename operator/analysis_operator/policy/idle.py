@@ -1,0 +1,160 @@
+"""Idle culling as pure decisions: when is an environment idle, when is it warned, when culled.
+
+Activity means the same on every backend: the latest of
+  - the server's own report (JupyterLab's /api/status `last_activity`: API calls, kernel and
+    terminal messages), and "now" while a kernel is busy (a long cell prints nothing, yet works);
+  - the last request the gateway let through to it (a browser tab, a desktop connection opening).
+When none of them can be read (no gateway traffic, the server unreachable or answering garbage),
+activity is unknown, and what happens then is a setting (idle.unknown: keep, the default, never
+culls what it cannot see). A server clock ahead of the operator's by more than the allowed skew
+is not believed to be idle: it is treated as active now, and said so.
+
+For a flavor with `idleTimeout` T and `idleWarnBefore` W (default 15m, less than T):
+  idle for >= T - W  -> warned once (condition Idle=True IdleSoon, Warning Event IdleSoon)
+  idle for >= T      -> culled: `idleAction` Suspend (default: spec.suspend set, home, record,
+                        URL and token kept; resume with spec.suspend: false) or Stop
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+from dataclasses import dataclass
+
+from analysis_operator.model.domain import Flavor, format_time
+
+DEFAULT_WARN_BEFORE = datetime.timedelta(minutes=15)
+
+
+class Action(enum.StrEnum):
+    SUSPEND = "Suspend"
+    STOP = "Stop"
+
+
+@dataclass(frozen=True)
+class IdlePolicy:
+    timeout: datetime.timedelta
+    warn_before: datetime.timedelta
+    action: Action
+
+
+def policy_of(flavor: Flavor) -> IdlePolicy | None:
+    """The flavor's culling policy; None: not culled (no idleTimeout)."""
+    if flavor.idle_timeout is None:
+        return None
+    warn = flavor.idle_warn_before if flavor.idle_warn_before is not None else DEFAULT_WARN_BEFORE
+    warn = min(warn, flavor.idle_timeout)  # a warning longer than the timeout warns at once
+    return IdlePolicy(flavor.idle_timeout, warn, Action(flavor.idle_action or Action.SUSPEND))
+
+
+def policy_problem(flavor: Flavor, check_interval: datetime.timedelta) -> str | None:
+    """Why this flavor's policy cannot be enforced as written (nothing is culled then), or None."""
+    if flavor.idle_timeout is None:
+        return None
+    if flavor.idle_timeout < 2 * check_interval:
+        return (
+            f"flavor {flavor.name!r}: idleTimeout {flavor.idle_timeout} is shorter than two activity checks "
+            f"({2 * check_interval}, setting idle.check_interval_seconds): make it longer"
+        )
+    if flavor.idle_warn_before is not None and flavor.idle_warn_before >= flavor.idle_timeout:
+        return (
+            f"flavor {flavor.name!r}: idleWarnBefore {flavor.idle_warn_before} is not shorter than "
+            f"idleTimeout {flavor.idle_timeout}: the warning would come before any idleness"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class ServerActivity:
+    """What the server itself reported (None: it could not be read, and why)."""
+
+    last: datetime.datetime | None = None
+    busy: bool = False  # a kernel is executing
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class Activity:
+    last: datetime.datetime | None  # None: unknown
+    source: str  # "server", "kernel busy", "gateway", "unknown", "clock skew"
+    note: str = ""  # what people should know (an unreadable server, a skewed clock)
+
+
+def latest_activity(
+    server: ServerActivity | None,
+    gateway: datetime.datetime | None,
+    now: datetime.datetime,
+    max_skew: datetime.timedelta,
+) -> Activity:
+    """The one activity time from every source, or unknown."""
+    note = server.problem if server is not None else ""
+    candidates: list[tuple[datetime.datetime, str]] = []
+    if server is not None and server.busy:
+        candidates.append((now, "kernel busy"))
+    if server is not None and server.last is not None:
+        if server.last > now + max_skew:
+            skew = server.last - now
+            return Activity(
+                now, "clock skew", f"the server's clock is {skew} ahead of the operator's: treated as active"
+            )
+        candidates.append((min(server.last, now), "server"))
+    if gateway is not None:
+        candidates.append((gateway, "gateway"))
+    if not candidates:
+        return Activity(None, "unknown", note or "no activity can be read")
+    last, source = max(candidates)
+    return Activity(last, source, note)
+
+
+class Verdict(enum.StrEnum):
+    ACTIVE = "Active"
+    UNKNOWN = "ActivityUnknown"
+    WARN = "IdleSoon"
+    CULL = "Idle"
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    message: str
+    cull_at: datetime.datetime | None = None
+
+
+def decide(
+    policy: IdlePolicy,
+    activity: Activity,
+    started: datetime.datetime,
+    now: datetime.datetime,
+    cull_unknown: bool = False,
+) -> Decision:
+    """Warn, cull or leave it. Idle time counts from the later of the last activity and the start
+    (or resume), so a fresh environment gets its whole timeout."""
+    if activity.last is None and not cull_unknown:
+        return Decision(Verdict.UNKNOWN, f"activity is unknown ({activity.note}); not culled (setting idle.unknown)")
+    last = max(activity.last or started, started)
+    cull_at = last + policy.timeout
+    idle_for = now - last
+    if now >= cull_at:
+        return Decision(Verdict.CULL, f"idle since {format_time(last)} ({_words(idle_for)})", cull_at)
+    if now >= cull_at - policy.warn_before:
+        verb = "suspended" if policy.action is Action.SUSPEND else "stopped"
+        return Decision(
+            Verdict.WARN,
+            f"idle since {format_time(last)}: will be {verb} at {format_time(cull_at)} unless it is used",
+            cull_at,
+        )
+    return Decision(Verdict.ACTIVE, f"last active {format_time(last)} ({activity.source})", cull_at)
+
+
+def gpu_hours_saved(gpus: int, now: datetime.datetime, expires_at: datetime.datetime | None) -> float:
+    """GPU-hours the rest of its lifetime would have held."""
+    if not gpus or expires_at is None or expires_at <= now:
+        return 0.0
+    return round(gpus * (expires_at - now).total_seconds() / 3600, 2)
+
+
+def _words(delta: datetime.timedelta) -> str:
+    minutes = int(delta.total_seconds() // 60)
+    return (
+        f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{int(delta.total_seconds()) % 60:02d}s"
+    )
