@@ -1,0 +1,259 @@
+"""OPEN for the remote-desktop VM card: the desktop opens in the browser through the gateway.
+
+A real Nova server (fake virt driver) becomes Ready; the operator routes the gateway (Traefik,
+hack/gateway.sh) to noVNC on the server's address. The local stack's Neutron binds no ports (no
+mechanism driver), so Nova boots the server without a network; the test then gives it an address as
+a real cloud would have: a Neutron port on a test network (203.0.113.0/24, TEST-NET-3) with a
+floating IP (198.51.100.0/24, TEST-NET-2), both owned by the server, which Nova picks up into the
+server's addresses (its periodic network-info refresh, within a minute). Those documentation ranges
+route nowhere, so a network namespace at the floating address (tests/integration/netns.py) is the
+VM: it runs what the server's cloud-init starts (tests/integration/desktop.py): a VNC server on
+localhost only, and websockify with noVNC and the access-token check on port 6080."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import pathlib
+import urllib.error
+import urllib.request
+
+import kubernetes
+import pytest
+import websockets
+
+from tests.integration.conftest import REPO, kubectl
+from tests.integration.desktop import DesktopStandIn
+from tests.integration.netns import Netns
+from tests.integration.openstack.test_openstack_datasets import admin_cloud  # noqa: F401 (fixture)
+from tests.waiting import wait_for
+
+GATEWAY_API = ("gateway.networking.k8s.io", "v1")
+NETWORK, SUBNET, CIDR = "aenv-desktop-test", "aenv-desktop-test", "203.0.113.0/24"
+EXTERNAL, EXTERNAL_SUBNET, EXTERNAL_CIDR = "aenv-desktop-test-ext", "aenv-desktop-test-ext", "198.51.100.0/24"
+ROUTER = "aenv-desktop-test"
+RFB_GREETING = b"RFB 003.008\n"
+
+pytestmark = pytest.mark.skipif(
+    not all(pathlib.Path(path).exists() for path in ("/usr/bin/Xvnc", "/usr/bin/websockify", "/usr/share/novnc")),
+    reason="needs the Debian packages tigervnc-standalone-server, websockify and novnc",
+)
+
+
+@pytest.fixture(scope="module")
+def network(admin_cloud):
+    """A tenant network with a router to an external one (floating IPs): records in Neutron only."""
+    cloud = admin_cloud.network
+    made = []
+    net = cloud.find_network(NETWORK)
+    if net is None:
+        net = cloud.create_network(
+            name=NETWORK, is_shared=True, provider_network_type="flat", provider_physical_network=NETWORK
+        )
+        made.append(("network", net))
+    subnet = cloud.find_subnet(SUBNET) or cloud.create_subnet(
+        network_id=net.id, name=SUBNET, ip_version=4, cidr=CIDR, is_dhcp_enabled=False
+    )
+    external = cloud.find_network(EXTERNAL)
+    if external is None:
+        external = cloud.create_network(
+            name=EXTERNAL, is_router_external=True, provider_network_type="flat", provider_physical_network=EXTERNAL
+        )
+        made.append(("network", external))
+    if cloud.find_subnet(EXTERNAL_SUBNET) is None:
+        cloud.create_subnet(
+            network_id=external.id, name=EXTERNAL_SUBNET, ip_version=4, cidr=EXTERNAL_CIDR, is_dhcp_enabled=False
+        )
+    router = cloud.find_router(ROUTER)
+    if router is None:
+        router = cloud.create_router(name=ROUTER, external_gateway_info={"network_id": external.id})
+        cloud.add_interface_to_router(router, subnet_id=subnet.id)
+        made.insert(0, ("router", router))
+    yield net, external
+    for kind, made_object in made:  # what this module made, router first (it holds ports on both)
+        if kind == "router":
+            cloud.remove_interface_from_router(made_object, subnet_id=subnet.id)
+            cloud.delete_router(made_object, ignore_missing=True)
+        else:
+            for port in cloud.ports(network_id=made_object.id):
+                cloud.delete_port(port, ignore_missing=True)
+            cloud.delete_network(made_object, ignore_missing=True)
+
+
+def give_address(admin_cloud, network, server_id: str) -> tuple[str, str, list]:
+    """A port and a floating IP for the server, as Nova and Neutron would have made them:
+    (fixed address, floating address, what to delete afterwards)."""
+    net, external = network
+    server = admin_cloud.compute.get_server(server_id)
+    port = admin_cloud.network.create_port(
+        network_id=net.id, project_id=server.project_id, device_id=server.id, device_owner="compute:nova"
+    )
+    floating = admin_cloud.network.create_ip(
+        floating_network_id=external.id, port_id=port.id, project_id=server.project_id
+    )
+    return port.fixed_ips[0]["ip_address"], floating.floating_ip_address, [floating, port]
+
+
+@pytest.fixture(scope="module")
+def directory(kubeconfig):
+    kubectl("apply", "-f", str(REPO / "examples/users.yaml"))
+
+
+def route(custom, namespace: str, name: str) -> dict | None:
+    try:
+        return custom.get_namespaced_custom_object(*GATEWAY_API, namespace, "httproutes", f"aenv-{name}")
+    except kubernetes.client.ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def endpoint_addresses(api, namespace: str, name: str) -> list[str]:
+    try:
+        endpoint_slice = kubernetes.client.DiscoveryV1Api(api).read_namespaced_endpoint_slice(f"aenv-{name}", namespace)
+    except kubernetes.client.ApiException as error:
+        if error.status == 404:
+            return []
+        raise
+    return [address for endpoint in endpoint_slice.endpoints or () for address in endpoint.addresses]
+
+
+async def rfb_greeting(url: str, cookie: str | None) -> bytes:
+    headers = {"Cookie": cookie} if cookie else {}
+    async with websockets.connect(url, subprotocols=["binary"], additional_headers=headers, open_timeout=10) as socket:
+        return await asyncio.wait_for(socket.recv(), timeout=10)
+
+
+def refused_status(url: str, cookie: str | None) -> int:
+    try:
+        asyncio.run(rfb_greeting(url, cookie))
+    except websockets.exceptions.InvalidStatus as error:
+        return error.response.status_code
+    return 101
+
+
+def test_the_vm_desktop_opens_in_the_browser_through_the_gateway_for_its_owner_only(
+    opened,
+    vm_environments,
+    admin_cloud,
+    network,
+    directory,
+    custom,
+    api,
+    namespace,
+    tmp_path,
+):
+    environments = vm_environments
+    environments.create("desk", flavor="vm-desktop", lifetime="2h")
+    ready = environments.wait_phase("desk", "Ready", timeout=120)
+    server_id = ready["status"]["backend"]["id"]
+    fixed, floating, made = give_address(admin_cloud, network, server_id)
+    try:
+        base = f"/env/{namespace}/desk/"
+        wanted = f"{opened.url}{base}vnc.html?path={base.lstrip('/')}websockify&autoconnect=true&resize=remote"
+        status = wait_for(
+            lambda: (
+                (status := environments.get("desk")["status"]).get("connection", {}).get("url") == wanted and status
+            ),
+            timeout=150,
+            what=lambda: (
+                f"Nova to report the address and the operator to route it: {environments.get('desk')['status']}"
+            ),
+        )
+        assert status["phase"] == "Ready"
+        assert set(status["backend"]["addresses"]) == {fixed, floating}
+        made_route = route(custom, namespace, "desk")
+        rule = made_route["spec"]["rules"][0]
+        assert rule["matches"][0]["path"] == {"type": "PathPrefix", "value": base}
+        assert {
+            "type": "URLRewrite",
+            "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}},
+        } in rule["filters"]
+        assert [(ref["name"], ref["port"]) for ref in rule["backendRefs"]] == [("aenv-desk", 6080)]
+        assert endpoint_addresses(api, namespace, "desk") == [floating]  # the floating address first
+
+        user_data = base64.b64decode(admin_cloud.compute.get_server(server_id).user_data).decode()
+        cookie = f"aenv_session={opened.token('alice')}"
+        socket_url = opened.url.replace("http", "ws", 1) + base + "websockify"
+        with Netns(floating) as vm:
+            DesktopStandIn(vm, user_data, tmp_path).start()
+            status_code, headers, page = wait_for(
+                lambda: (answer := opened.request(base + "vnc.html", "alice"))[0] != 404 and answer,
+                timeout=20,
+                what="the gateway to route the desktop",
+            )
+            assert status_code == 200 and b"<title>noVNC</title>" in page
+            assert opened.request(base + "app/ui.js", "alice")[0] == 200  # noVNC's own files, relative to the page
+            assert asyncio.run(rfb_greeting(socket_url, cookie)) == RFB_GREETING
+
+            status_code, headers, page = opened.request(base + "vnc.html", "bob")
+            assert status_code == 403 and headers["X-Analysis-Reason"] == "NotShared"
+            assert refused_status(socket_url, f"aenv_session={opened.token('bob')}") == 403
+            assert refused_status(socket_url, None) == 401
+            # The VM itself lets in only what carries the access token (the gateway adds it).
+            try:
+                urllib.request.urlopen(f"http://{floating}:6080/vnc.html", timeout=10)
+                direct = 200
+            except urllib.error.HTTPError as error:
+                direct = error.code
+            assert direct == 401
+            assert refused_status(f"ws://{floating}:6080/websockify", None) == 401
+
+            if browser_available():
+                screenshot = tmp_path / "desktop.png"
+                show_in_browser(opened, status["connection"]["url"], opened.token("alice"), screenshot)
+                assert screenshot.stat().st_size > 0
+
+        environments.delete("desk")
+        wait_for(lambda: route(custom, namespace, "desk") is None, timeout=90, what="the route gone with the VM")
+        wait_for(lambda: not environments.exists("desk"), timeout=90, what="the server deleted, the finalizer released")
+    finally:
+        for made_object in made:
+            if hasattr(made_object, "floating_ip_address"):
+                admin_cloud.network.delete_ip(made_object, ignore_missing=True)
+            else:
+                admin_cloud.network.delete_port(made_object, ignore_missing=True)
+
+
+# ---------------------------------------------------------------- a real browser (Chromium)
+
+
+def browser_available() -> bool:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return False
+    return all(pathlib.Path(path).exists() for path in ("/usr/bin/chromium", "/usr/bin/chromedriver"))
+
+
+def show_in_browser(gateway, url: str, session: str, screenshot: pathlib.Path) -> None:
+    """Headless Chromium signed in (the session cookie for the gateway's origin) opens the URL in
+    status.connection.url; noVNC connects to the desktop and shows its canvas."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        driver.set_page_load_timeout(30)
+        driver.get(gateway.url + "/env/")  # any page of the origin, to set its cookie
+        driver.add_cookie({"name": "aenv_session", "value": session, "path": "/"})
+        driver.get(url)
+        wait_for(
+            lambda: driver.execute_script(
+                "return document.documentElement.classList.contains('noVNC_connected')"
+                " && document.querySelector('#noVNC_container canvas') !== null;"
+            ),
+            timeout=30,
+            interval=0.5,
+            what=lambda: (
+                "noVNC to connect; its status says: " + (driver.find_element(By.ID, "noVNC_status").text or "(nothing)")
+            ),
+        )
+        driver.save_screenshot(str(screenshot))
+    finally:
+        driver.quit()
