@@ -7,8 +7,8 @@ At every moment, once the operator has had one sweep to converge:
      and will expire (status.expiresAt is set, and not long past);
   3. every pod, Service, token Secret, Slurm job or VM the operator made belongs to a live
      environment (that exists with that uid, and has not finished);
-  4. an HTTPRoute or EndpointSlice the operator made (OPEN) belongs to a Ready environment: nothing
-     suspended, finished or gone stays routable.
+  4. an HTTPRoute or EndpointSlice the operator made (OPEN) belongs to an environment that is
+     starting or Ready: nothing suspended, finished or gone stays routable.
 
 Slurm jobs and VMs are checked when their stacks run: their conftests register a probe (a
 function listing what the operator made there, as backends' `list_managed` does).
@@ -111,7 +111,7 @@ def violations(
         if not in_scope(route.namespace) or (owner is not None and owner["metadata"].get("deletionTimestamp")):
             continue
         phase = ((owner or {}).get("status") or {}).get("phase")
-        if owner is None or phase != "Ready":
+        if owner is None or phase not in ("Provisioning", "Ready"):
             found.append(
                 f"{route.kind} {route.namespace}/{route.name} routes to "
                 f"{name_of(owner) + ' which is ' + str(phase) if owner else 'no environment'}: it should be gone"

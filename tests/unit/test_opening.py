@@ -214,14 +214,16 @@ class RecordingRoutes:
 
     def __init__(self, routable=True):
         self.open_routes: dict[str, Upstream] = {}
+        self.ready: dict[str, bool] = {}
         self.routable = routable
 
     def url(self, environment, upstream):
         return f"https://gw/env/{environment.namespace}/{environment.name}/{upstream.landing}"
 
-    async def open(self, environment, upstream):
+    async def open(self, environment, upstream, ready=True):
         if self.routable:
             self.open_routes[environment.uid] = upstream
+            self.ready[environment.uid] = ready
             return Route(self.url(environment, upstream), True, "Routed", "open")
         return Route(self.url(environment, upstream), False, "GatewayNotFound", "Gateway x/y does not exist")
 
@@ -313,3 +315,34 @@ def test_closed_page_route_covers_the_namespace_and_passes_nothing_on():
     assert "environment-uid" not in str(route["metadata"])  # the namespace's, no environment's
     middleware = build_forward_auth(SETTINGS, "team-a", "aenv-closed")
     assert middleware["spec"]["forwardAuth"]["address"] == "http://op:9100/authorize/closed"
+
+
+class EarlyUpstreamBackend(MemoryBackend):
+    """Knows where its server will be while it starts (a pod's Service)."""
+
+    def _observation(self, uid):
+        observation = super()._observation(uid)
+        if observation.state.holds:
+            return dataclasses.replace(observation, upstream=Upstream(port=8888, service="aenv-lab", landing="lab"))
+        return observation
+
+
+def test_route_is_made_while_starting_and_its_endpoint_made_ready_at_ready():
+    routes = RecordingRoutes()
+    backend = EarlyUpstreamBackend()
+    context = Context(kube=Cluster(), backends={"memory": backend}, access=Catalogue(), routes=routes)
+
+    async def scenario():
+        outcome = await converge(context, ENVIRONMENT, {}, FLAVOR, NOW)
+        status = outcome.status
+        assert status["phase"] == "Provisioning" and routes.ready["u-1"] is False
+        backend.running["u-1"] = "ready"
+        outcome = await converge(context, ENVIRONMENT, status, FLAVOR, NOW)
+        assert outcome.status["phase"] == "Ready" and routes.ready["u-1"] is True
+
+    asyncio.run(scenario())
+
+
+def test_endpoint_is_not_ready_until_the_environment_is():
+    _, endpoints = build_endpoint(LAB, Upstream(port=1, address="10.0.0.1"), ready=False)
+    assert endpoints["endpoints"][0]["conditions"] == {"ready": False}

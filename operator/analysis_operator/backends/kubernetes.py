@@ -248,12 +248,10 @@ class KubernetesBackend:
         for summary in self._pods.get((environment.namespace, environment.name), ()):
             if summary.environment_uid == environment.uid:
                 observation: Observation = summary.observation
+                if observation.state.holds:  # its Service exists from the start: routable while it starts
+                    observation = dataclasses.replace(observation, upstream=build_upstream(environment, self._settings))
                 if observation.state is State.READY:
-                    observation = dataclasses.replace(
-                        observation,
-                        url=build_url(environment, self._settings),
-                        upstream=build_upstream(environment, self._settings),
-                    )
+                    observation = dataclasses.replace(observation, url=build_url(environment, self._settings))
                 return observation
         return None
 

@@ -436,12 +436,15 @@ async def _observed(
     phase = phase_from_observation(observation)
     connection = {"secretName": environment.child_name}
     route: Route | None = None
-    if phase is Phase.READY and observation.upstream is not None and context.routes.enabled:
-        route = await context.routes.open(environment, observation.upstream)  # in place before Ready is written
+    starting = phase in (Phase.PROVISIONING, Phase.READY)
+    if starting and observation.upstream is not None and context.routes.enabled:
+        # routed while it starts (the forward-auth answers "starting" until Ready), so that at Ready
+        # the gateway only has to follow an endpoint becoming ready
+        route = await context.routes.open(environment, observation.upstream, ready=phase is Phase.READY)
         connection["url"] = route.url
     elif observation.url:
         connection["url"] = observation.url
-    if phase is not Phase.READY:
+    if not starting:
         await _close_route(context, environment, status)
     extra: dict[str, Any] = {
         "backend": backend_status(flavor.backend, observation),

@@ -62,7 +62,7 @@ class Routes(Protocol):
 
     def url(self, environment: Environment, upstream: Upstream) -> str: ...
 
-    async def open(self, environment: Environment, upstream: Upstream) -> Route: ...
+    async def open(self, environment: Environment, upstream: Upstream, ready: bool = True) -> Route: ...
 
     async def close(self, environment: Environment) -> None: ...
 
@@ -75,7 +75,7 @@ class NoRoutes:
     def url(self, environment: Environment, upstream: Upstream) -> str:
         return ""
 
-    async def open(self, environment: Environment, upstream: Upstream) -> Route:
+    async def open(self, environment: Environment, upstream: Upstream, ready: bool = True) -> Route:
         return Route("", False, "NoGateway", "no gateway is configured")
 
     async def close(self, environment: Environment) -> None:
@@ -134,8 +134,10 @@ def build_route(settings: GatewaySettings, environment: Environment, upstream: U
     }
 
 
-def build_endpoint(environment: Environment, upstream: Upstream) -> list[dict[str, Any]]:
-    """A Service without selector and its EndpointSlice, for an upstream that is an address."""
+def build_endpoint(environment: Environment, upstream: Upstream, ready: bool = True) -> list[dict[str, Any]]:
+    """A Service without selector and its EndpointSlice, for an upstream that is an address. Made
+    while the environment starts, with the endpoint not ready; made ready when it is: the gateway
+    then only follows an endpoint change, which it does in milliseconds (a new route takes it longer)."""
     address = ipaddress.ip_address(upstream.address)  # raises ValueError for a hostname
     service = {
         "apiVersion": "v1",
@@ -154,7 +156,7 @@ def build_endpoint(environment: Environment, upstream: Upstream) -> list[dict[st
         "kind": "EndpointSlice",
         "metadata": metadata,
         "addressType": "IPv6" if address.version == 6 else "IPv4",
-        "endpoints": [{"addresses": [str(address)], "conditions": {"ready": True}}],
+        "endpoints": [{"addresses": [str(address)], "conditions": {"ready": ready}}],
         "ports": [{"name": "http", "port": upstream.port, "protocol": "TCP"}],
     }
     return [service, endpoint_slice]
@@ -241,7 +243,8 @@ class GatewayRoutes:
         self._gateway_seen = (time.monotonic(), found is not None)
         return found is not None
 
-    async def open(self, environment: Environment, upstream: Upstream) -> Route:
+    async def open(self, environment: Environment, upstream: Upstream, ready: bool = True) -> Route:
+        """Route it (from the moment its upstream is known, so it is in place when it is Ready)."""
         url = self.url(environment, upstream)
         gateway = f"{self._settings.namespace}/{self._settings.name}"
         if not await self._gateway_exists():
@@ -255,7 +258,7 @@ class GatewayRoutes:
         objects = [build_route(self._settings, environment, upstream)]
         if not upstream.service:
             try:
-                objects = [*build_endpoint(environment, upstream), *objects]
+                objects = [*build_endpoint(environment, upstream, ready), *objects]
             except ValueError:
                 return Route(url, False, "NoAddress", f"the backend reported {upstream.address!r}, not an IP address")
         wanted = fingerprint(objects)
