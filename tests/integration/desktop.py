@@ -13,9 +13,11 @@ Needs the Debian packages tigervnc-standalone-server, novnc and websockify."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shlex
+import signal
 import subprocess
 import time
 
@@ -48,16 +50,38 @@ class DesktopStandIn:
         self.files = {entry["path"]: entry["content"] for entry in yaml.safe_load(user_data)["write_files"]}
         self.desktop = unit_settings(self.files[DESKTOP_UNIT])
         self.novnc = unit_settings(self.files[NOVNC_UNIT])
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> DesktopStandIn:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Each process runs in a session of its own: its whole group goes (websockify forks one
+        process per connection, which outlive the parent)."""
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        self.processes.clear()
 
     def _start(self, name: str, command: list[str], **environment: str) -> None:
-        log = (self.workdir / f"{name}.log").open("ab")
-        process = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns.name, "env", *(f"{k}={v}" for k, v in environment.items()), *command],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.netns.processes.append(process)  # killed when the namespace goes
+        with (self.workdir / f"{name}.log").open("ab") as log:
+            variables = [f"{key}={value}" for key, value in environment.items()]
+            process = subprocess.Popen(
+                ["ip", "netns", "exec", self.netns.name, "env", *variables, *command],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, for stop()
+            )
+        self.processes.append(process)
 
     def _wait_inside(self, port: int, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout

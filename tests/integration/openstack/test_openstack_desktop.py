@@ -67,12 +67,12 @@ def network(admin_cloud):
     router = cloud.find_router(ROUTER)
     if router is None:
         router = cloud.create_router(name=ROUTER, external_gateway_info={"network_id": external.id})
-        cloud.add_interface_to_router(router, subnet_id=subnet.id)
+        cloud.add_interface_to_router(router, subnet.id)
         made.insert(0, ("router", router))
     yield net, external
     for kind, made_object in made:  # what this module made, router first (it holds ports on both)
         if kind == "router":
-            cloud.remove_interface_from_router(made_object, subnet_id=subnet.id)
+            cloud.remove_interface_from_router(made_object, subnet.id)
             cloud.delete_router(made_object, ignore_missing=True)
         else:
             for port in cloud.ports(network_id=made_object.id):
@@ -175,8 +175,7 @@ def test_the_vm_desktop_opens_in_the_browser_through_the_gateway_for_its_owner_o
         user_data = base64.b64decode(admin_cloud.compute.get_server(server_id).user_data).decode()
         cookie = f"aenv_session={opened.token('alice')}"
         socket_url = opened.url.replace("http", "ws", 1) + base + "websockify"
-        with Netns(floating) as vm:
-            DesktopStandIn(vm, user_data, tmp_path).start()
+        with Netns(floating) as vm, DesktopStandIn(vm, user_data, tmp_path):
             status_code, headers, page = wait_for(
                 lambda: (answer := opened.request(base + "vnc.html", "alice"))[0] != 404 and answer,
                 timeout=20,
