@@ -443,9 +443,20 @@ def test_active_server_without_an_address_has_no_upstream():
     assert "no network address" in observation.message
 
 
-@pytest.mark.parametrize("status", ["BUILD", "SHELVED_OFFLOADED", "ERROR"])
-def test_only_an_active_server_is_routed(status):
-    assert observe_server(fake_server(status, addresses={"net": [{"addr": "10.0.0.5"}]})).upstream is None
+@pytest.mark.parametrize("status", ["BUILD", "REBOOT", "HARD_REBOOT"])
+def test_a_starting_server_with_an_address_is_routed_already(status):
+    """The engine routes it while it starts (endpoint not ready), so at Ready only the endpoint changes."""
+    observation = observe_server(fake_server(status, addresses={"net": [{"addr": "10.0.0.5"}]}))
+    assert observation.state == State.PROVISIONING and observation.upstream == desktop_upstream("10.0.0.5")
+    assert observe_server(fake_server(status)).upstream is None  # no address yet
+
+
+@pytest.mark.parametrize(
+    "status, task_state", [("SHELVED_OFFLOADED", None), ("ERROR", None), ("SHUTOFF", None), ("ACTIVE", "shelving")]
+)
+def test_a_server_not_starting_is_not_routed(status, task_state):
+    observation = observe_server(fake_server(status, task_state, addresses={"net": [{"addr": "10.0.0.5"}]}))
+    assert observation.upstream is None
 
 
 def test_error_carries_novas_fault_message():

@@ -62,6 +62,7 @@ VNC_DISPLAY = 1
 # "/"): noVNC's page, connecting at once to the websocket under the same base path, the desktop
 # resized to the browser window. noVNC serves at "/", so the gateway strips the base path.
 NOVNC_LANDING = "vnc.html?path={path}websockify&autoconnect=true&resize=remote"
+STARTING = ("BUILD", "REBOOT", "HARD_REBOOT")  # Nova statuses on the way to ACTIVE
 
 T = TypeVar("T")
 
@@ -243,12 +244,22 @@ def observe_server(server: Any) -> Observation:
             message=f"server {status}, disk kept; unshelve to resume",
             reference=reference,
         )
+    # Starting (again): routed from the moment an address is known, the endpoint made ready at Ready.
+    starting = desktop_upstream(best_address(addresses)) if status in STARTING else None
     if status == "BUILD":
         return Observation(
-            State.PROVISIONING, reason="ServerBuilding", message="Nova is building the server", reference=reference
+            State.PROVISIONING,
+            reason="ServerBuilding",
+            message="Nova is building the server",
+            reference=reference,
+            upstream=starting,
         )
     return Observation(
-        State.PROVISIONING, reason="Server" + _camel(status), message=f"server is {status}", reference=reference
+        State.PROVISIONING,
+        reason="Server" + _camel(status),
+        message=f"server is {status}",
+        reference=reference,
+        upstream=starting,
     )
 
 
