@@ -205,13 +205,17 @@ def expiry(
 _CONVERGING: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
 
+def _lock(uid: str) -> asyncio.Lock:
+    lock = _CONVERGING.get(uid)
+    if lock is None:
+        lock = _CONVERGING[uid] = asyncio.Lock()
+    return lock
+
+
 async def converge(
     context: Context, environment: Environment, status: Mapping[str, Any], flavor: Flavor | None, now: datetime.datetime
 ) -> Outcome:
-    lock = _CONVERGING.get(environment.uid)
-    if lock is None:
-        lock = _CONVERGING[environment.uid] = asyncio.Lock()
-    async with lock:
+    async with _lock(environment.uid):
         try:
             return await _converge(context, environment, status, flavor, now)
         except Retry as retry:
@@ -231,10 +235,7 @@ async def end(
     now: datetime.datetime,
 ) -> Outcome:
     """`stop` from outside converge (idle culling), holding the environment's converge lock."""
-    lock = _CONVERGING.get(environment.uid)
-    if lock is None:
-        lock = _CONVERGING[environment.uid] = asyncio.Lock()
-    async with lock:
+    async with _lock(environment.uid):
         return await stop(context, environment, flavor, status, phase, reason, message, now)
 
 
