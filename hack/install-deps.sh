@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs everything the local stack and the tests need, on Debian 12 as root:
-# apt packages (Slurm, munge, OpenStack's Python services, MariaDB, RabbitMQ, Chromium and its
-# WebDriver for the browser tests),
+# apt packages (Slurm 22.05, munge and what Slurm 25.05 builds with, OpenStack's Python services,
+# MariaDB, RabbitMQ, Chromium and its WebDriver for the browser tests),
 # the Python package with its test and dev extras in a virtual environment at
 # <repo>/.venv (which hack/test.sh, hack/up.sh and hack/check.sh use), and the
-# Go-built Kubernetes binaries and Traefik (cached in ~/.cache/analysis-operator).
+# Go-built Kubernetes binaries and Traefik (cached in ~/.cache/analysis-operator), and Slurm
+# 25.05 built from ../shared/vendor (hack/build-slurm.sh, into /opt/analysis-operator; about
+# 7 minutes the first time; SLURM_TARBALL=<path> for a copy elsewhere).
 # Safe to run again: it skips what is there.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -19,6 +21,7 @@ fi
 
 packages=(openssl curl ca-certificates
           munge slurmctld slurmd slurm-client slurmrestd slurm-wlm-jwt-plugin
+          build-essential pkg-config libmunge-dev libjwt-dev libjson-c-dev libhttp-parser-dev libyaml-dev
           chromium chromium-driver)
 missing=()
 for package in "${packages[@]}"; do
@@ -43,6 +46,7 @@ if ! [ -x "$venv/bin/analysis-operator" ] || ! cmp -s "$repo/pyproject.toml" "$s
   cp "$repo/pyproject.toml" "$stamp"
 fi
 "$here/build.sh" >/dev/null         # kube-apiserver & co., etcd, kubectl, KWOK, helm, Traefik
+"$here/build-slurm.sh" >/dev/null   # Slurm 25.05 for hack/slurm.sh (the default SLURM_VERSION)
 
 # JupyterLab for the local Slurm's jobs (hack/slurm.sh reads the version from here): a virtual
 # environment the job users (alice, bob, carol) can read and run, so neither under /root (mode
