@@ -53,6 +53,14 @@ STAMP=$PREFIX/.complete
 finished() { [ -s "$STAMP" ] && [ "$(sed -n 's/^revision=//p' "$STAMP")" = "$BUILD_REVISION" ] &&
   [ -x "$PREFIX/sbin/slurmctld" ] && [ -x "$PREFIX/sbin/slurmrestd" ]; }
 
+# The source first, even when built already: a copy that is not what it says is an error.
+sha=$(sha256sum "$TARBALL" | cut -d' ' -f1)
+if [ -n "${KNOWN_SHA256[$VERSION]:-}" ]; then
+  [ "$sha" = "${KNOWN_SHA256[$VERSION]}" ] ||
+    die "$TARBALL has sha256 $sha, not the upstream slurm-$VERSION's ${KNOWN_SHA256[$VERSION]}: refusing it"
+elif ! finished; then
+  log "slurm-$VERSION is not a version this script knows (${!KNOWN_SHA256[*]}): building it unchecked (sha256 $sha)"
+fi
 if finished; then echo "$PREFIX"; exit 0; fi
 
 mkdir -p "$CACHE"
@@ -61,13 +69,6 @@ exec 9>"$CACHE/.build.lock"
 flock 9
 if finished; then echo "$PREFIX"; exit 0; fi   # built by whoever held the lock before us
 
-sha=$(sha256sum "$TARBALL" | cut -d' ' -f1)
-if [ -n "${KNOWN_SHA256[$VERSION]:-}" ]; then
-  [ "$sha" = "${KNOWN_SHA256[$VERSION]}" ] ||
-    die "$TARBALL has sha256 $sha, not the upstream slurm-$VERSION's ${KNOWN_SHA256[$VERSION]}: refusing to build it"
-else
-  log "slurm-$VERSION is not a version this script knows (${!KNOWN_SHA256[*]}): building it unchecked (sha256 $sha)"
-fi
 
 for header in munge.h jwt.h json-c/json.h http_parser.h; do
   [ -e "/usr/include/$header" ] || die "/usr/include/$header missing: run hack/install-deps.sh (Slurm's build dependencies)"
