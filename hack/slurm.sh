@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # A real single-node Slurm for development and tests: munged, slurmctld,
 # slurmd and slurmrestd (JWT), started as root in the order that works (see
-# ../shared/notes/slurm-local.md), with all state, config and logs in one
-# directory outside the repo. Installs nothing: the packages and JupyterLab
-# come from hack/install-deps.sh.
+# ../shared/notes/slurm-local.md and slurm-current.md), with all state, config and
+# logs in one directory outside the repo. Installs nothing: Slurm, munge and
+# JupyterLab come from hack/install-deps.sh.
+#
+# Which Slurm (SLURM_VERSION):
+#   25.05 (default) Slurm 25.05.8 built from the upstream source by hack/build-slurm.sh
+#                   into /opt/analysis-operator/slurm-25.05.8 (SLURM_PREFIX); slurmrestd
+#                   serves v0.0.40-v0.0.43 (-s openapi/slurmctld)
+#   22.05           Debian 12's packages (/usr); slurmrestd serves v0.0.38
+# The operator discovers the API version (env prints API_VERSION=auto). Switching
+# versions restarts the stack (its configuration differs).
 #
 # The compute node has an address of its own, as a real one has (a gateway's
 # EndpointSlice may not point at loopback): slurmd, and so every job, runs in a
@@ -28,7 +36,8 @@
 # from the cluster's key ($STATE/jwt.key). The operator's own account is
 # SlurmUser (slurm), which may list, cancel and raise time limits of any job.
 #
-# Environment: SLURM_STATE_DIR (default /tmp/analysis-operator-slurm),
+# Environment: SLURM_VERSION (25.05 or 22.05), SLURM_PREFIX (where 25.05 is installed),
+# SLURM_STATE_DIR (default /tmp/analysis-operator-slurm),
 # SLURM_REST_PORT (6820), SLURM_CTLD_PORT (6817), SLURM_D_PORT (6818),
 # SLURM_NODE_SUBNET (10.250.0: the node's /24; a stack beside another needs its own),
 # SLURM_NODE_NETNS (aenv-node-<hash>), SLURM_JUPYTERLAB (the JupyterLab virtual
@@ -45,7 +54,6 @@ TOKEN_LIFESPAN=${SLURM_TOKEN_LIFESPAN:-2592000}
 USERS=${SLURM_USERS:-alice bob carol}
 OPERATOR_USER=slurm
 REST_USER=${SLURMRESTD_USER:-slurmrestd}
-API_VERSION=v0.0.38
 CONF=$STATE/slurm.conf
 MUNGE_SOCKET=$STATE/munge/munge.socket
 RUN=$STATE/run
@@ -60,6 +68,25 @@ NETNS=${SLURM_NODE_NETNS:-aenv-node-$STACK_ID}
 HOST_IF=aenv-$STACK_ID   # interface names have at most 15 characters
 NODE_IF=eth0             # inside the namespace
 NODE_NAME=localhost      # slurmd -N; a test stack keeps the name every test knows
+
+# Which Slurm: its binaries first on PATH (the commands this script runs, scontrol token, ...).
+SLURM_VERSION=${SLURM_VERSION:-25.05}
+case $SLURM_VERSION in
+  25.05)
+    # The release hack/build-slurm.sh builds by default (one place for the version).
+    SLURM_RELEASE=$(sed -n 's/^DEFAULT_RELEASE=//p' "$(dirname "$0")/build-slurm.sh")
+    PREFIX=${SLURM_PREFIX:-${SLURM_INSTALL_ROOT:-/opt/analysis-operator}/slurm-$SLURM_RELEASE}
+    REST_PLUGINS=openapi/slurmctld   # v0.0.40-v0.0.43; the default set also wants slurmdbd
+    PING_VERSION=v0.0.43 ;;
+  22.05)
+    SLURM_RELEASE=22.05 PREFIX=/usr REST_PLUGINS=openapi/v0.0.38 PING_VERSION=v0.0.38 ;;
+  *) echo "slurm.sh: SLURM_VERSION=$SLURM_VERSION: expected 25.05 or 22.05" >&2; exit 2 ;;
+esac
+SBIN=$PREFIX/sbin
+BIN=$PREFIX/bin
+export PATH="$BIN:$SBIN:$PATH"
+# The jobs' PATH (the operator's job_path setting): this Slurm's commands, then the system's.
+JOB_PATH=$([ "$PREFIX" = /usr ] || printf '%s:' "$BIN")/usr/local/bin:/usr/bin:/bin
 
 # JupyterLab for the jobs, pinned in hack/install-deps.sh (one place for the version).
 JUPYTERLAB_VERSION=$(sed -n 's/^jupyterlab_version=//p' "$(dirname "$0")/install-deps.sh")
@@ -84,7 +111,16 @@ pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 require_tools() {
   local tool
-  for tool in munged munge unmunge slurmctld slurmd slurmrestd scontrol sinfo squeue scancel curl; do
+  if [ "$SLURM_VERSION" != 22.05 ] && ! [ -x "$SBIN/slurmctld" ]; then
+    die "Slurm $SLURM_RELEASE is not built at $PREFIX: run hack/build-slurm.sh (about 7 min) or hack/install-deps.sh"
+  fi
+  for tool in slurmctld slurmd slurmrestd; do
+    [ -x "$SBIN/$tool" ] || die "$SBIN/$tool not found: run hack/install-deps.sh"
+  done
+  for tool in scontrol sinfo squeue scancel; do
+    [ -x "$BIN/$tool" ] || die "$BIN/$tool not found: run hack/install-deps.sh"
+  done
+  for tool in munged munge unmunge curl; do
     command -v "$tool" >/dev/null || die "$tool not found: run hack/install-deps.sh"
   done
   [ "$(id -u)" = 0 ] || die "must run as root (the daemons switch to their own users)"
@@ -198,7 +234,8 @@ make_gpu_devices() {
 
 render_slurm_conf() {
   cat <<EOF
-# Written by hack/slurm.sh: a one-node test cluster; the node in network namespace $NETNS.
+# Written by hack/slurm.sh: a one-node test cluster of Slurm $SLURM_RELEASE ($PREFIX);
+# the node in network namespace $NETNS.
 ClusterName=aenv
 # The controller at the host's end of the node's veth pair: every client (the node, the
 # commands, slurmrestd) connects there, and slurmctld binds only there (NoCtldInAddrAny
@@ -214,8 +251,8 @@ AuthInfo=socket=$MUNGE_SOCKET
 AuthAltTypes=auth/jwt
 AuthAltParameters=jwt_key=$STATE/jwt.key
 CredType=cred/munge
-StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/slurmd
+StateSaveLocation=$STATE/ctld-$SLURM_VERSION
+SlurmdSpoolDir=$STATE/slurmd-$SLURM_VERSION
 SlurmctldPidFile=$RUN/slurmctld.pid
 SlurmdPidFile=$RUN/slurmd.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
@@ -261,8 +298,8 @@ EOF
 prepare_state() {
   install -d -m 0755 "$STATE" "$RUN"
   install -d -m 0755 -o slurm -g slurm "$STATE/log"
-  install -d -m 0700 -o slurm -g slurm "$STATE/ctld"
-  install -d -m 0755 "$STATE/slurmd"
+  install -d -m 0700 -o slurm -g slurm "$STATE/ctld-$SLURM_VERSION"
+  install -d -m 0755 "$STATE/slurmd-$SLURM_VERSION"
   # One working directory per user: job output and the datasets' links, private to its owner.
   install -d -m 0755 -o root -g root "$STATE/jobs"
   local user
@@ -282,10 +319,12 @@ controller_answers() { scontrol ping | grep -q UP; }
 node_ready() { sinfo -h -n "$NODE_NAME" -o %T | grep -Eq '^(idle|mixed|allocated)$'; }
 rest_answers() {
   # The token goes to curl on stdin (printf is a builtin), never on a command
-  # line that ps would show.
+  # line that ps would show. By content: slurmrestd 25.05 answers 200 also when slurmctld
+  # does not respond to it (or refuses the token), with `responding: false` inside.
   printf 'header = "X-SLURM-USER-TOKEN: %s"\n' "$(<"$STATE/token")" |
-    curl -fsS -o /dev/null -K - -H "X-SLURM-USER-NAME: $OPERATOR_USER" \
-      "http://127.0.0.1:$REST_PORT/slurm/$API_VERSION/ping"
+    curl -fsS -K - -H "X-SLURM-USER-NAME: $OPERATOR_USER" \
+      "http://127.0.0.1:$REST_PORT/slurm/$PING_VERSION/ping" |
+    grep -Eq '"responding": *true|"ping": *"UP"'
 }
 
 start_munged() {
@@ -303,7 +342,7 @@ start_slurmctld() {
   # -c: a fresh queue on each start; a test stack should not resurrect old jobs.
   # Its own UTS namespace with the veth's host address as host name: NoCtldInAddrAny makes
   # it bind to what gethostname() resolves to, so it listens on $HOST_ADDR only.
-  unshare --uts -- sh -c 'hostname "$1" && exec slurmctld -c -f "$2"' slurmctld "$HOST_ADDR" "$CONF"
+  unshare --uts -- sh -c 'hostname "$1" && exec "$2" -c -f "$3"' slurmctld "$HOST_ADDR" "$SBIN/slurmctld" "$CONF"
   wait_for 20 "slurmctld (scontrol ping)" controller_answers
 }
 
@@ -315,7 +354,7 @@ start_slurmd() {
   fi
   # Only after the controller answers: a slurmd that starts first backs off
   # for minutes and ignores SIGTERM meanwhile. In the node's namespace: its jobs too.
-  in_node slurmd -f "$CONF" -N "$NODE_NAME"
+  in_node "$SBIN/slurmd" -f "$CONF" -N "$NODE_NAME"
   wait_for 30 "slurmd (node idle)" node_ready
 }
 
@@ -331,8 +370,8 @@ start_slurmrestd() {
   pid_alive "$RUN/slurmrestd.pid" && rest_answers && return
   # Foreground process: its PID is $!. SLURM_JWT=daemon makes it pass each
   # request's token on to slurmctld instead of using munge.
-  SLURM_JWT=daemon setsid slurmrestd -f "$CONF" -u "$REST_USER" -a rest_auth/jwt \
-    -s "openapi/$API_VERSION" "127.0.0.1:$REST_PORT" \
+  SLURM_JWT=daemon setsid "$SBIN/slurmrestd" -f "$CONF" -u "$REST_USER" -a rest_auth/jwt \
+    -s "$REST_PLUGINS" "127.0.0.1:$REST_PORT" \
     </dev/null >>"$STATE/log/slurmrestd.log" 2>&1 &
   echo $! >"$RUN/slurmrestd.pid"
   wait_for 15 "slurmrestd (GET ping)" rest_answers
@@ -349,13 +388,15 @@ write_env_file() {
     printf 'export SLURM_CONF=%q\n' "$CONF"
     printf 'export ANALYSIS_OPERATOR_SLURM_ENABLED=true\n'
     printf 'export ANALYSIS_OPERATOR_SLURM_URL=%q\n' "http://127.0.0.1:$REST_PORT"
-    printf 'export ANALYSIS_OPERATOR_SLURM_API_VERSION=%q\n' "$API_VERSION"
+    # auto: the operator asks slurmrestd what it serves (GET /openapi/v3) and speaks the newest it knows.
+    printf 'export ANALYSIS_OPERATOR_SLURM_API_VERSION=auto\n'
     printf 'export ANALYSIS_OPERATOR_SLURM_USER=%q\n' "$OPERATOR_USER"
     # Per-user mode; unset JWT_KEY_FILE for the single-token mode (every job as slurm).
     printf 'export ANALYSIS_OPERATOR_SLURM_JWT_KEY_FILE=%q\n' "$STATE/jwt.key"
     printf 'export ANALYSIS_OPERATOR_SLURM_TOKEN_FILE=%q\n' "$STATE/token"
     printf 'export ANALYSIS_OPERATOR_SLURM_WORKING_DIRECTORY=%q\n' "$STATE/jobs/{user}"
     printf 'export ANALYSIS_OPERATOR_SLURM_JUPYTER_COMMAND=%q\n' "$(jupyter_command)"
+    printf 'export ANALYSIS_OPERATOR_SLURM_JOB_PATH=%q\n' "$JOB_PATH"
   } >"$STATE/env"
 }
 
@@ -380,7 +421,7 @@ cmd_up() {
   start_slurmd
   start_slurmrestd
   write_env_file
-  log "up: slurmrestd on http://127.0.0.1:$REST_PORT, node $NODE_NAME at $NODE_ADDR (netns $NETNS) (source <(hack/slurm.sh env))"
+  log "up: Slurm $SLURM_RELEASE, slurmrestd on http://127.0.0.1:$REST_PORT, node $NODE_NAME at $NODE_ADDR (netns $NETNS) (source <(hack/slurm.sh env))"
 }
 
 # stop_daemons NAME...: TERM them together (each takes about 2 s to exit),

@@ -23,7 +23,10 @@ PREFIX = "ANALYSIS_OPERATOR_"
 class SlurmSettings:
     enabled: bool = False
     url: str = "http://127.0.0.1:6820"
-    api_version: str = "v0.0.38"  # what slurmrestd serves: 22.05 -> v0.0.38
+    # The slurmrestd API version to speak: "auto" asks slurmrestd (GET /openapi/v3) and speaks the
+    # newest it serves of v0.0.43, v0.0.42, v0.0.41, v0.0.40 (Slurm 24.05-25.11), v0.0.38 (22.05);
+    # or one of them, pinned (backends/slurm_api.py).
+    api_version: str = "auto"
     # The operator's own account (listing, cancelling, raising time limits): SlurmUser or a Slurm
     # operator/administrator. In single-token mode every job runs as this account too.
     user: str = "slurm"  # X-SLURM-USER-NAME
@@ -39,6 +42,7 @@ class SlurmSettings:
     # Per user ("{user}" is replaced by the job's account); holds output and the datasets' links.
     working_directory: str = "/tmp"
     jupyter_command: str = "jupyter lab"  # what the batch script starts
+    job_path: str = "/usr/local/bin:/usr/bin:/bin"  # PATH in the job (a job's environment is the operator's)
     # JupyterLab's port is chosen by the operator in this range (keyed by the JWT key, so not
     # predictable by other users); keep it outside the nodes' ip_local_port_range.
     port_min: int = 20000

@@ -1,8 +1,10 @@
-"""The Slurm backend's pure parts: submission, batch script, state mapping."""
+"""The Slurm backend's pure parts: submission, batch script, state mapping (in no API version's words:
+the versions' requests and answers are tests/unit/test_slurm_api.py's)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import shlex
 import subprocess
@@ -15,19 +17,21 @@ from analysis_operator.backends.slurm import (
     JUPYTER_FLAGS,
     TOKEN_ENV_NAME,
     SlurmBackend,
-    allocated_gpus,
     base_path,
     build_account_mismatch,
     build_batch_script,
     build_endpoint,
+    build_job_request,
     build_job_submission,
     build_jupyter_command,
     build_node_host,
     build_observation,
+    build_submission_problem,
     build_time_limit_extension,
     build_time_limit_minutes,
     choose_job,
 )
+from analysis_operator.backends.slurm_api import Ping, SlurmJob, SlurmNode, Submitted
 from analysis_operator.backends.slurm_auth import (
     build_account,
     build_identity_comment,
@@ -92,34 +96,49 @@ def test_time_limit_is_the_shortest_limit(flavor_limit, lifetime, max_lifetime, 
 @pytest.mark.parametrize(
     "flavor, expected",
     [
-        (make_flavor(cpu="2", memory="8Gi"), {"cpus_per_task": 2, "memory_per_node": 8192}),
-        (make_flavor(cpu="500m", memory="512Mi"), {"cpus_per_task": 1, "memory_per_node": 512}),
-        (make_flavor(cpu="2.5", memory="16Gi", gpu=2), {"cpus_per_task": 3, "gres": "gpu:2"}),
+        (make_flavor(cpu="2", memory="8Gi"), {"cpus_per_task": 2, "memory_mib": 8192, "gpus": 0}),
+        (make_flavor(cpu="500m", memory="512Mi"), {"cpus_per_task": 1, "memory_mib": 512}),
+        (make_flavor(cpu="2.5", memory="16Gi", gpu=2), {"cpus_per_task": 3, "gpus": 2}),
         (
             make_flavor(partition="gpu", account="p-123", qos="short"),
             {"partition": "gpu", "account": "p-123", "qos": "short"},
         ),
+        (make_flavor(), {"partition": "", "account": "", "qos": ""}),
     ],
 )
 def test_submission_carries_the_flavor(flavor, expected):
-    job = build_job_submission(make_environment(), flavor, SETTINGS)
-    assert {key: job.get(key) for key in expected} == expected
+    request = build_job_request(make_environment(), flavor, SETTINGS)
+    assert {key: getattr(request, key) for key in expected} == expected
 
 
-@pytest.mark.parametrize("absent", ["gres", "partition", "account", "qos"])
-def test_submission_omits_what_the_flavor_leaves_empty(absent):
-    assert absent not in build_job_submission(make_environment(), make_flavor(), SETTINGS)
+def test_submission_is_in_the_pinned_version_else_the_newest():
+    environment, flavor = make_environment(), make_flavor(gpu=1)
+    newest = build_job_submission(environment, flavor, SETTINGS)
+    assert newest["tres_per_node"] == "gres/gpu:1" and "gres" not in newest
+    assert newest["time_limit"] == {"set": True, "infinite": False, "number": 480}
+    old = build_job_submission(environment, flavor, dataclasses.replace(SETTINGS, api_version="v0.0.38"))
+    assert old["gres"] == "gpu:1" and old["time_limit"] == 480 and "tres_per_node" not in old
 
 
 def test_submission_carries_identity_and_no_token():
     environment = make_environment()
-    job = build_job_submission(environment, make_flavor(), SETTINGS)
-    assert job["name"] == "aenv-lab.team-a"
-    assert parse_identity(job["comment"]) == {"namespace": "team-a", "name": "lab", "uid": UID}
-    assert TOKEN_ENV_NAME not in job["environment"]
-    assert job["environment"]["JUPYTER_PORT"] == str(build_jupyter_port(environment, SETTINGS))
-    assert job["current_working_directory"] == "/scratch/aenv"
-    assert job["standard_output"] == f"/scratch/aenv/team-a.aenv-lab.{UID}.%j.out"
+    job = build_job_request(environment, make_flavor(), SETTINGS)
+    assert job.name == "aenv-lab.team-a"
+    assert parse_identity(job.comment) == {"namespace": "team-a", "name": "lab", "uid": UID}
+    assert TOKEN_ENV_NAME not in job.environment
+    assert job.environment["JUPYTER_PORT"] == str(build_jupyter_port(environment, SETTINGS))
+    assert job.working_directory == "/scratch/aenv"
+    assert job.standard_output == f"/scratch/aenv/team-a.aenv-lab.{UID}.%j.out"
+
+
+def test_the_jobs_path_is_the_sites():
+    settings = dataclasses.replace(SETTINGS, job_path="/opt/slurm/bin:/usr/bin:/bin")
+    assert build_job_request(make_environment(), make_flavor(), settings).environment["PATH"] == (
+        "/opt/slurm/bin:/usr/bin:/bin"
+    )
+    assert build_job_request(make_environment(), make_flavor(), SETTINGS).environment["PATH"] == (
+        "/usr/local/bin:/usr/bin:/bin"
+    )
 
 
 def test_base_path_is_namespace_and_name_under_env():
@@ -128,19 +147,33 @@ def test_base_path_is_namespace_and_name_under_env():
 
 
 def test_submission_passes_the_base_url_and_the_users_home():
-    job = build_job_submission(make_environment(), make_flavor(), PER_USER, user="alice", key=KEY)
-    assert job["environment"]["JUPYTER_BASE_URL"] == "/env/team-a/lab/"
-    assert job["environment"]["HOME"] == "/scratch/alice/aenv" == job["current_working_directory"]
+    job = build_job_request(make_environment(), make_flavor(), PER_USER, user="alice", key=KEY)
+    assert job.environment["JUPYTER_BASE_URL"] == "/env/team-a/lab/"
+    assert job.environment["HOME"] == "/scratch/alice/aenv" == job.working_directory
+
+
+def as_submitted(request, user="alice", job_id="1", **fields) -> SlurmJob:
+    """The job Slurm shows for a request it accepted (as `user`)."""
+    return SlurmJob(
+        job_id=job_id,
+        user_name=user,
+        comment=request.comment,
+        standard_output=request.standard_output,
+        time_limit=request.time_limit_minutes,
+        gpus_requested=request.gpus,
+        tres_per_node=f"gres/gpu:{request.gpus}" if request.gpus else "",
+        **fields,
+    )
 
 
 def test_per_user_submission_is_signed_and_lives_in_the_users_directory():
     environment = make_environment()
-    job = build_job_submission(environment, make_flavor(), PER_USER, user="alice", key=KEY)
-    assert job["current_working_directory"] == "/scratch/alice/aenv"
-    assert job["standard_output"] == f"/scratch/alice/aenv/team-a.aenv-lab.{UID}.%j.out"
-    assert parse_identity(job["comment"])["user"] == "alice"
-    assert job["environment"]["JUPYTER_PORT"] == str(build_jupyter_port(environment, PER_USER, KEY))
-    assert job_identity({**job, "user_name": "alice"}, PER_USER, KEY)["uid"] == UID
+    job = build_job_request(environment, make_flavor(), PER_USER, user="alice", key=KEY)
+    assert job.working_directory == "/scratch/alice/aenv"
+    assert job.standard_output == f"/scratch/alice/aenv/team-a.aenv-lab.{UID}.%j.out"
+    assert parse_identity(job.comment)["user"] == "alice"
+    assert job.environment["JUPYTER_PORT"] == str(build_jupyter_port(environment, PER_USER, KEY))
+    assert job_identity(as_submitted(job), PER_USER, KEY)["uid"] == UID
 
 
 @pytest.mark.parametrize(
@@ -157,6 +190,10 @@ def test_comment_parsing(comment, identity):
 
 SIGNED = build_identity_comment(make_environment(), "alice", KEY)
 OUTPUT = build_output_path(make_environment(), PER_USER, "alice")
+
+
+def slurm_job(**fields) -> SlurmJob:
+    return SlurmJob(**{"job_id": "7", **fields})
 
 
 @pytest.mark.parametrize(
@@ -185,13 +222,13 @@ OUTPUT = build_output_path(make_environment(), PER_USER, "alice")
     ],
 )
 def test_job_identity_needs_the_operators_own_marks(job, expected_uid):
-    assert (job_identity(job, PER_USER, KEY) or {}).get("uid") == expected_uid
+    assert (job_identity(slurm_job(**job), PER_USER, KEY) or {}).get("uid") == expected_uid
 
 
 def test_an_output_path_in_a_shared_directory_names_no_environment():
     """Without {user} in the working directory, bob could point his job's output at alice's name."""
     shared = SlurmSettings(working_directory="/scratch/aenv", jwt_key_file="k")
-    job = {"user_name": "bob", "comment": "", "standard_output": build_output_path(make_environment(), shared, "bob")}
+    job = slurm_job(user_name="bob", standard_output=build_output_path(make_environment(), shared, "bob"))
     assert job_identity(job, shared, KEY) is None
 
 
@@ -237,23 +274,24 @@ def test_port_is_stable_in_range_and_keyed():
 
 def test_the_port_comes_back_from_the_frozen_output_path():
     environment = make_environment()
-    job = build_job_submission(environment, make_flavor(), PER_USER, user="alice", key=KEY, nonce="0a1b2c3d")
-    assert job["standard_output"].endswith(f".{UID}.0a1b2c3d.%j.out")
+    request = build_job_request(environment, make_flavor(), PER_USER, user="alice", key=KEY, nonce="0a1b2c3d")
+    assert request.standard_output.endswith(f".{UID}.0a1b2c3d.%j.out")
+    job = as_submitted(request)
     assert job_nonce(job) == "0a1b2c3d"
-    assert job["environment"]["JUPYTER_PORT"] == str(build_jupyter_port(environment, PER_USER, KEY, job_nonce(job)))
+    assert request.environment["JUPYTER_PORT"] == str(build_jupyter_port(environment, PER_USER, KEY, job_nonce(job)))
 
 
 @pytest.mark.parametrize(
     "job, domain, expected",
     [
-        ({"job_state": "RUNNING", "batch_host": "n7"}, "", "n7:20001"),
-        ({"job_state": "RUNNING", "batch_host": "n7"}, "hpc.facility.eu", "n7.hpc.facility.eu:20001"),
-        ({"job_state": "PENDING", "batch_host": ""}, "", ""),
-        ({"job_state": "RUNNING", "batch_host": "", "comment": "endpoint=evil:1"}, "", ""),
+        ({"state": "RUNNING", "batch_host": "n7"}, "", "n7:20001"),
+        ({"state": "RUNNING", "batch_host": "n7"}, "hpc.facility.eu", "n7.hpc.facility.eu:20001"),
+        ({"state": "PENDING", "batch_host": ""}, "", ""),
+        ({"state": "RUNNING", "batch_host": "", "comment": "endpoint=evil:1"}, "", ""),
     ],
 )
 def test_endpoint_is_slurms_node_and_the_operators_port(job, domain, expected):
-    assert build_endpoint(job, 20001, SlurmSettings(node_domain=domain)) == expected
+    assert build_endpoint(slurm_job(**job), 20001, SlurmSettings(node_domain=domain)) == expected
 
 
 NOW = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
@@ -264,13 +302,13 @@ STARTED = int((NOW - datetime.timedelta(minutes=30)).timestamp())
     "job, until, expected",
     [
         # running for 30 min with a 60 min limit: to run until now + 2 h it needs 150 min
-        ({"job_state": "RUNNING", "start_time": STARTED, "time_limit": 60}, NOW + 2 * HOURS, 150),
-        ({"job_state": "RUNNING", "start_time": STARTED, "time_limit": 60}, NOW + datetime.timedelta(minutes=20), None),
-        ({"job_state": "RUNNING", "start_time": STARTED, "time_limit": 60}, NOW + datetime.timedelta(minutes=30), None),
-        ({"job_state": "PENDING", "start_time": 0, "time_limit": 60}, NOW + 2 * HOURS, 120),
-        ({"job_state": "PENDING", "start_time": STARTED + 9999, "time_limit": 60}, NOW + 2 * HOURS, 120),
-        ({"job_state": "CANCELLED", "start_time": STARTED, "time_limit": 60}, NOW + 2 * HOURS, None),
-        ({"job_state": "RUNNING", "start_time": STARTED, "time_limit": 0}, NOW + 2 * HOURS, None),  # 0: no limit
+        (slurm_job(state="RUNNING", start_time=STARTED, time_limit=60), NOW + 2 * HOURS, 150),
+        (slurm_job(state="RUNNING", start_time=STARTED, time_limit=60), NOW + datetime.timedelta(minutes=20), None),
+        (slurm_job(state="RUNNING", start_time=STARTED, time_limit=60), NOW + datetime.timedelta(minutes=30), None),
+        (slurm_job(state="PENDING", start_time=0, time_limit=60), NOW + 2 * HOURS, 120),
+        (slurm_job(state="PENDING", start_time=STARTED + 9999, time_limit=60), NOW + 2 * HOURS, 120),
+        (slurm_job(state="CANCELLED", start_time=STARTED, time_limit=60), NOW + 2 * HOURS, None),
+        (slurm_job(state="RUNNING", start_time=STARTED, time_limit=0), NOW + 2 * HOURS, None),  # 0: no limit
     ],
 )
 def test_time_limit_extension(job, until, expected):
@@ -320,14 +358,14 @@ def test_batch_script_starts_jupyter_on_every_address_under_its_base_url(tmp_pat
     """The real script with bash; the command prints its arguments instead of serving."""
     settings = SlurmSettings(working_directory=str(tmp_path), jupyter_command="printf '%s\\n'")
     environment = make_environment()
-    job = build_job_submission(environment, make_flavor(), settings)
+    job = build_job_request(environment, make_flavor(), settings)
     script = build_batch_script(environment, make_flavor(), TOKEN_ENV_NAME, settings)
-    variables = {**job["environment"], TOKEN_ENV_NAME: "t0ken", "SLURM_JOB_ID": "7"}
+    variables = {**job.environment, TOKEN_ENV_NAME: "t0ken", "SLURM_JOB_ID": "7"}
     result = subprocess.run(["bash", "-c", script], env=variables, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     arguments = result.stdout.splitlines()
     assert "--ip=0.0.0.0" in arguments and "--ServerApp.base_url=/env/team-a/lab/" in arguments
-    assert f"--port={job['environment']['JUPYTER_PORT']}" in arguments
+    assert f"--port={job.environment['JUPYTER_PORT']}" in arguments
     assert "t0ken" not in result.stdout
 
 
@@ -358,47 +396,26 @@ def test_token_variable_must_be_a_shell_name(name):
         build_batch_script(make_environment(), make_flavor(), name, SETTINGS)
 
 
-@pytest.mark.parametrize(
-    "details, expected",
-    [
-        ([], 0),
-        (["gpu:2(IDX:0-1)"], 2),
-        (["gpu:a100:3(IDX:0-2)"], 3),
-        (["gpu:1(IDX:0)", "gpu:1(IDX:3)"], 2),
-        (["mps:100"], 0),
-        (None, 0),
-    ],
+RUNNING_WITH_ENDPOINT = SlurmJob(
+    job_id="7", state="RUNNING", reason="None", nodes="n1", batch_host="n1", cpus=4.0, gpus=1, gpus_requested=1
 )
-def test_allocated_gpus(details, expected):
-    assert allocated_gpus({"gres_detail": details}) == expected
-
-
-RUNNING_WITH_ENDPOINT = {
-    "job_id": 7,
-    "job_state": "RUNNING",
-    "state_reason": "None",
-    "nodes": "n1",
-    "batch_host": "n1",
-    "cpus": 4,
-    "gres_detail": ["gpu:1(IDX:0)"],
-}
 
 
 @pytest.mark.parametrize(
     "job, answers, state, reason",
     [
-        ({"job_id": 7, "job_state": "PENDING", "state_reason": "Resources"}, False, State.PENDING, "Resources"),
-        ({"job_id": 7, "job_state": "PENDING", "state_reason": "None"}, False, State.PENDING, "Queued"),
-        ({"job_id": 7, "job_state": "RUNNING", "comment": "x"}, False, State.PROVISIONING, "JupyterStarting"),
+        (slurm_job(state="PENDING", reason="Resources"), False, State.PENDING, "Resources"),
+        (slurm_job(state="PENDING", reason="None"), False, State.PENDING, "Queued"),
+        (slurm_job(state="RUNNING", comment="x"), False, State.PROVISIONING, "JupyterStarting"),
         (RUNNING_WITH_ENDPOINT, False, State.PROVISIONING, "JupyterStarting"),
         (RUNNING_WITH_ENDPOINT, True, State.READY, "JupyterAnswering"),
-        ({"job_id": 7, "job_state": "CONFIGURING"}, False, State.PROVISIONING, "JupyterStarting"),
-        ({"job_id": 7, "job_state": "TIMEOUT", "state_reason": "TimeLimit"}, False, State.EXPIRED, "TimeLimit"),
-        ({"job_id": 7, "job_state": "FAILED", "state_reason": "NonZeroExitCode"}, False, State.FAILED, "JobFailed"),
-        ({"job_id": 7, "job_state": "CANCELLED"}, False, State.FAILED, "JobCancelled"),
-        ({"job_id": 7, "job_state": "NODE_FAIL"}, False, State.FAILED, "JobNodeFail"),
-        ({"job_id": 7, "job_state": "OUT_OF_MEMORY"}, False, State.FAILED, "JobOutOfMemory"),
-        ({"job_id": 7, "job_state": "COMPLETED"}, False, State.FAILED, "JobCompleted"),
+        (slurm_job(state="CONFIGURING"), False, State.PROVISIONING, "JupyterStarting"),
+        (slurm_job(state="TIMEOUT", reason="TimeLimit"), False, State.EXPIRED, "TimeLimit"),
+        (slurm_job(state="FAILED", reason="NonZeroExitCode"), False, State.FAILED, "JobFailed"),
+        (slurm_job(state="CANCELLED"), False, State.FAILED, "JobCancelled"),
+        (slurm_job(state="NODE_FAIL"), False, State.FAILED, "JobNodeFail"),
+        (slurm_job(state="OUT_OF_MEMORY"), False, State.FAILED, "JobOutOfMemory"),
+        (slurm_job(state="COMPLETED"), False, State.FAILED, "JobCompleted"),
     ],
 )
 def test_observation_maps_slurm_states(job, answers, state, reason):
@@ -424,17 +441,18 @@ def test_ready_observation_holds_the_upstream_and_the_base_path():
     assert observation.reference["addresses"] == ["10.250.0.2"]
     starting = build_observation(RUNNING_WITH_ENDPOINT, False, "n1:4000", upstream=upstream, path="/env/a/b/")
     assert (starting.state, starting.upstream) == (State.PROVISIONING, upstream)
-    ended = build_observation({**RUNNING_WITH_ENDPOINT, "job_state": "COMPLETING"}, False, "", upstream=upstream)
+    completing = dataclasses.replace(RUNNING_WITH_ENDPOINT, state="COMPLETING")
+    ended = build_observation(completing, False, "", upstream=upstream)
     assert ended.upstream is None and "addresses" not in ended.reference
 
 
 @pytest.mark.parametrize(
     "node, expected",
     [
-        ({"name": "n7", "hostname": "n7h", "address": "10.1.2.3"}, "10.1.2.3"),
-        ({"name": "n7", "hostname": "n7h", "address": ""}, "n7h"),
-        ({"name": "n7"}, "n7"),
-        ({}, ""),
+        (SlurmNode("n7", hostname="n7h", address="10.1.2.3"), "10.1.2.3"),
+        (SlurmNode("n7", hostname="n7h", address=""), "n7h"),
+        (SlurmNode("n7"), "n7"),
+        (SlurmNode(""), ""),
     ],
 )
 def test_node_host_is_slurms_node_address(node, expected):
@@ -465,7 +483,7 @@ def test_http_url_brackets_ipv6(address, expected):
 
 
 def test_pending_observation_says_slurms_reason():
-    observation = build_observation({"job_id": 9, "job_state": "PENDING", "state_reason": "Priority"}, False)
+    observation = build_observation(SlurmJob(job_id="9", state="PENDING", reason="Priority"), False)
     assert "Priority" in observation.message and observation.cpus == 0
 
 
@@ -482,52 +500,66 @@ def test_pending_observation_says_slurms_reason():
     ],
 )
 def test_choose_job(states, include_cancelled, expected_id):
-    jobs = [{"job_id": job_id, "job_state": state} for state, job_id in states]
+    jobs = [SlurmJob(job_id=str(job_id), state=state) for state, job_id in states]
     chosen = choose_job(jobs, include_cancelled)
-    assert (chosen or {}).get("job_id") == expected_id
+    assert (chosen.job_id if chosen else None) == (str(expected_id) if expected_id else None)
 
 
 class RecordingClient:
     """Stands in for slurmrestd: records submissions, cancels and updates; serves its queue."""
 
     def __init__(self, jobs, user_of_submitted="alice"):
-        self.queue = [dict(job) for job in jobs]
+        self.queue: list[SlurmJob] = list(jobs)
         self.submitted, self.cancelled, self.updates = [], [], []
         self.user_of_submitted = user_of_submitted
         self.nodes_asked: list[str] = []
         self.node_address = "10.250.0.2"
+        self.ignored: tuple[str, ...] = ()  # what the submit answer says Slurm ignored
+        self.gpus_taken: int | None = None  # GPUs the accepted job asks for (None: as requested)
+        self.responding = True
+
+    def update_job(self, index: int, **fields) -> None:
+        self.queue[index] = dataclasses.replace(self.queue[index], **fields)
 
     async def jobs(self):
-        return [dict(job) for job in self.queue]
+        return list(self.queue)
 
     async def job(self, job_id):
-        return next((dict(job) for job in self.queue if str(job["job_id"]) == str(job_id)), None)
+        return next((job for job in self.queue if job.job_id == str(job_id)), None)
 
-    async def submit(self, job, script, user=""):
-        self.submitted.append((job, script, user))
+    async def submit(self, request, script, user=""):
+        self.submitted.append((request, script, user))
+        job_id = str(101 + len(self.submitted) - 1)
+        gpus = request.gpus if self.gpus_taken is None else self.gpus_taken
         self.queue.append(
-            {
-                **job,
-                "job_id": 101 + len(self.submitted) - 1,
-                "job_state": "PENDING",
-                "user_name": self.user_of_submitted,
-                "time_limit": job["time_limit"],
-            }
+            SlurmJob(
+                job_id=job_id,
+                state="PENDING",
+                user_name=self.user_of_submitted,
+                comment=request.comment,
+                standard_output=request.standard_output,
+                time_limit=request.time_limit_minutes,
+                gpus_requested=gpus,
+                tres_per_node=f"gres/gpu:{gpus}" if gpus else "",
+            )
         )
-        return str(101 + len(self.submitted) - 1)
+        return Submitted(job_id, self.ignored, tuple(f'Ignoring unknown field "{name}"' for name in self.ignored))
 
     async def cancel(self, job_id):
         self.cancelled.append(str(job_id))
-        for job in self.queue:
-            if str(job["job_id"]) == str(job_id):
-                job["job_state"] = "CANCELLED"
+        self.queue = [
+            dataclasses.replace(job, state="CANCELLED") if job.job_id == str(job_id) else job for job in self.queue
+        ]
 
-    async def update(self, job_id, changes):
-        self.updates.append((str(job_id), changes))
+    async def update_time_limit(self, job_id, minutes, user=""):
+        self.updates.append((str(job_id), minutes))
 
     async def node(self, name):
         self.nodes_asked.append(name)
-        return {"name": name, "hostname": name, "address": self.node_address}
+        return SlurmNode(name, hostname=name, address=self.node_address)
+
+    async def ping(self):
+        return Ping(self.responding, "localhost: UP" if self.responding else "localhost: not responding")
 
 
 def per_user_backend(queue, tmp_path, user_of_submitted="alice") -> SlurmBackend:
@@ -541,26 +573,30 @@ def per_user_backend(queue, tmp_path, user_of_submitted="alice") -> SlurmBackend
 MINE = {"user_name": "alice", "comment": SIGNED}
 
 
+def queued(job_id: int, state: str, **fields) -> SlurmJob:
+    return SlurmJob(job_id=str(job_id), state=state, **fields)
+
+
 @pytest.mark.parametrize(
     "queue, expect_submission",
     [
         ([], True),
-        ([{"job_id": 5, "job_state": "CANCELLED", **MINE}], True),
-        ([{"job_id": 5, "job_state": "PENDING", **MINE}], False),
-        ([{"job_id": 5, "job_state": "TIMEOUT", **MINE}], False),
+        ([queued(5, "CANCELLED", **MINE)], True),
+        ([queued(5, "PENDING", **MINE)], False),
+        ([queued(5, "TIMEOUT", **MINE)], False),
         (
             [
-                {
-                    "job_id": 5,
-                    "job_state": "PENDING",
-                    "user_name": "alice",
-                    "comment": build_identity_comment(make_environment(uid="other"), "alice", KEY),
-                }
+                queued(
+                    5,
+                    "PENDING",
+                    user_name="alice",
+                    comment=build_identity_comment(make_environment(uid="other"), "alice", KEY),
+                )
             ],
             True,
         ),
         # bob's job claiming alice's environment is not hers
-        ([{"job_id": 5, "job_state": "PENDING", "user_name": "bob", "comment": SIGNED}], True),
+        ([queued(5, "PENDING", user_name="bob", comment=SIGNED)], True),
     ],
 )
 def test_ensure_adopts_or_submits_once(queue, expect_submission, tmp_path):
@@ -570,8 +606,8 @@ def test_ensure_adopts_or_submits_once(queue, expect_submission, tmp_path):
     if expect_submission:
         job, script, user = backend.client.submitted[0]
         assert user == "alice"
-        assert job["environment"][TOKEN_ENV_NAME] == "s3cret-token"
-        assert "s3cret-token" not in script and "s3cret-token" not in job["comment"]
+        assert job.environment[TOKEN_ENV_NAME] == "s3cret-token"
+        assert "s3cret-token" not in script and "s3cret-token" not in job.comment
         assert observation.reference == {"id": "101"} and observation.state == State.PENDING
     else:
         assert observation.reference["id"] == "5"
@@ -583,8 +619,7 @@ def test_a_comment_changed_inside_the_job_loses_nothing(tmp_path):
     backend = per_user_backend([], tmp_path)
     environment = make_environment()
     asyncio.run(backend.ensure(Launch(environment, make_flavor(), "t")))
-    job = backend.client.queue[0]
-    job.update(comment="x", name="stolen", job_state="RUNNING")
+    backend.client.update_job(0, comment="x", state="RUNNING")
 
     assert asyncio.run(backend.observe(environment)).reference["id"] == "101"
     asyncio.run(backend.ensure(Launch(environment, make_flavor(), "t")))
@@ -594,12 +629,8 @@ def test_a_comment_changed_inside_the_job_loses_nothing(tmp_path):
 
 
 def test_a_forged_identity_is_neither_adopted_nor_swept(tmp_path):
-    forged = {
-        "job_id": 9,
-        "job_state": "RUNNING",
-        "user_name": "alice",
-        "comment": build_identity_comment(make_environment(uid="gone")),
-    }  # unsigned
+    forged = queued(9, "RUNNING", user_name="alice", comment=build_identity_comment(make_environment(uid="gone")))
+    # unsigned
     backend = per_user_backend([forged], tmp_path)
     assert asyncio.run(backend.list_managed()) == []
     assert asyncio.run(backend.observe(make_environment(uid="gone"))).state == State.GONE
@@ -622,7 +653,7 @@ def test_an_account_slurm_does_not_know_fails_the_environment(tmp_path):
     ],
 )
 def test_the_job_must_run_as_the_account_and_uid_decided(job, identity, reason):
-    assert (build_account_mismatch(job, "alice", identity) or (None,))[0] == reason
+    assert (build_account_mismatch(slurm_job(**job), "alice", identity) or (None,))[0] == reason
 
 
 def test_a_privileged_owner_is_never_submitted(tmp_path):
@@ -647,12 +678,12 @@ def test_extend_raises_the_time_limit_as_the_operator_once(tmp_path):
     backend = per_user_backend([], tmp_path)
     environment = make_environment(lifetime=HOURS)
     asyncio.run(backend.ensure(Launch(environment, make_flavor(), "t")))
-    backend.client.queue[0].update(job_state="RUNNING", start_time=STARTED)
+    backend.client.update_job(0, state="RUNNING", start_time=STARTED)
     asyncio.run(backend.observe(environment))
 
     assert asyncio.run(backend.extend(environment, NOW + 2 * HOURS, NOW)) is True
     assert asyncio.run(backend.extend(environment, NOW + 2 * HOURS, NOW)) is False  # already long enough
-    assert backend.client.updates == [("101", {"time_limit": 150})]
+    assert backend.client.updates == [("101", 150)]
 
 
 @pytest.mark.parametrize("node_address, expected", [("10.250.0.2", "10.250.0.2"), ("localhost", "127.0.0.1")])
@@ -668,9 +699,8 @@ def test_a_running_job_reports_its_nodes_ip_address_and_port_as_upstream(tmp_pat
     backend.client.node_address = node_address
     environment = make_environment()
     asyncio.run(backend.ensure(Launch(environment, make_flavor(), "t")))
-    job = backend.client.queue[0]
-    job.update(job_state="RUNNING", start_time=STARTED, batch_host="n1", nodes="n1")
-    port = build_jupyter_port(environment, backend.settings, KEY, job_nonce(job))
+    backend.client.update_job(0, state="RUNNING", start_time=STARTED, batch_host="n1", nodes="n1")
+    port = build_jupyter_port(environment, backend.settings, KEY, job_nonce(backend.client.queue[0]))
 
     ready = asyncio.run(backend.observe(environment))
     again = asyncio.run(backend.observe(environment))
@@ -690,7 +720,7 @@ def test_a_node_whose_address_does_not_resolve_has_no_upstream(tmp_path, monkeyp
     backend.client.node_address = "no-such-node.invalid"
     environment = make_environment()
     asyncio.run(backend.ensure(Launch(environment, make_flavor(), "t")))
-    backend.client.queue[0].update(job_state="RUNNING", start_time=STARTED, batch_host="n1")
+    backend.client.update_job(0, state="RUNNING", start_time=STARTED, batch_host="n1")
     observation = asyncio.run(backend.observe(environment))
     assert (observation.state, observation.upstream) == (State.PROVISIONING, None)
 
@@ -705,8 +735,8 @@ def dataset_mount(name: str, path: str, cluster_path: str):
 
 
 def test_submission_without_datasets_has_no_dataset_variables():
-    job = build_job_submission(make_environment(), make_flavor(), SETTINGS)
-    assert not [name for name in job["environment"] if name.startswith(("AENV_DATA", "AENV_DATASET"))]
+    job = build_job_request(make_environment(), make_flavor(), SETTINGS)
+    assert not [name for name in job.environment if name.startswith(("AENV_DATA", "AENV_DATASET"))]
 
 
 def test_submission_carries_exactly_the_granted_datasets():
@@ -714,8 +744,8 @@ def test_submission_carries_exactly_the_granted_datasets():
         dataset_mount("raw", "/data/raw", "/gpfs/p11/raw"),
         dataset_mount("ref", "/data/refs/lysozyme", "/gpfs/public/lysozyme"),
     )
-    job = build_job_submission(make_environment(), make_flavor(), SETTINGS, mounts=mounts)
-    variables = {name: value for name, value in job["environment"].items() if name.startswith("AENV_DATA")}
+    job = build_job_request(make_environment(), make_flavor(), SETTINGS, mounts=mounts)
+    variables = {name: value for name, value in job.environment.items() if name.startswith("AENV_DATA")}
     assert variables == {
         "AENV_DATA_DIR": "/scratch/aenv/team-a.aenv-lab.data",
         "AENV_DATASET_COUNT": "2",
@@ -744,9 +774,9 @@ def test_batch_script_links_the_granted_datasets_into_the_data_directory(tmp_pat
         dataset_mount("raw", "/data/raw", str(tmp_path / "gpfs/raw")),
         dataset_mount("ref", "/data/refs/lysozyme", str(tmp_path / "gpfs/lysozyme")),
     )
-    job = build_job_submission(make_environment(), make_flavor(), settings, mounts=mounts)
+    job = build_job_request(make_environment(), make_flavor(), settings, mounts=mounts)
     script = build_batch_script(make_environment(), make_flavor(), TOKEN_ENV_NAME, settings)
-    environment = {**job["environment"], "PATH": f"{fake_bin}:/usr/bin:/bin", TOKEN_ENV_NAME: "t", "SLURM_JOB_ID": "7"}
+    environment = {**job.environment, "PATH": f"{fake_bin}:/usr/bin:/bin", TOKEN_ENV_NAME: "t", "SLURM_JOB_ID": "7"}
     result = subprocess.run(["bash", "-c", script], env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     data = tmp_path / "team-a.aenv-lab.data"
@@ -756,3 +786,75 @@ def test_batch_script_links_the_granted_datasets_into_the_data_directory(tmp_pat
     ]
     assert (data / "raw" / "frame.h5").read_text() == "raw"
     assert (data / "refs" / "lysozyme" / "frame.h5").read_text() == "lysozyme"
+
+
+# ---------------------------------------------------------------- a job exactly as asked, or none
+
+
+@pytest.mark.parametrize(
+    "ignored, gpus_taken, reason",
+    [
+        (("gres",), None, "SubmissionIgnored"),  # Slurm says it ignored a field: the job goes
+        (("time_limit",), None, "SubmissionIgnored"),
+        ((), 0, "GpuRequestIgnored"),  # accepted silently, but the job asks for no GPU
+        ((), 1, "GpuRequestIgnored"),  # ... or fewer than the flavor's
+    ],
+)
+def test_a_gpu_job_slurm_took_otherwise_is_cancelled_and_fails(tmp_path, ignored, gpus_taken, reason):
+    backend = per_user_backend([], tmp_path)
+    backend.client.ignored, backend.client.gpus_taken = ignored, gpus_taken
+    observation = asyncio.run(backend.ensure(Launch(make_environment(), make_flavor(gpu=2), "t")))
+    assert (observation.state, observation.reason) == (State.FAILED, reason)
+    assert backend.client.cancelled == ["101"] and "was cancelled" in observation.message
+    assert all(name in observation.message for name in ignored)
+
+
+def test_a_gpu_job_slurm_took_as_asked_runs(tmp_path):
+    backend = per_user_backend([], tmp_path)
+    observation = asyncio.run(backend.ensure(Launch(make_environment(), make_flavor(gpu=2), "t")))
+    assert (observation.state, observation.reason) == (State.PENDING, "Submitted")
+    assert backend.client.submitted[0][0].gpus == 2 and backend.client.cancelled == []
+
+
+@pytest.mark.parametrize(
+    "job, ignored, expected",
+    [
+        (SlurmJob("1", gpus_requested=2), (), None),
+        (SlurmJob("1", gpus_requested=0), (), "GpuRequestIgnored"),
+        (None, (), "GpuRequestIgnored"),  # Slurm shows no job: nothing proves the GPUs were asked for
+        (SlurmJob("1", gpus_requested=2), ("qos",), "SubmissionIgnored"),
+    ],
+)
+def test_submission_problem(job, ignored, expected):
+    assert (build_submission_problem(job, make_flavor(gpu=2), ignored) or (None,))[0] == expected
+
+
+def test_a_cpu_job_needs_no_gpu_check():
+    assert build_submission_problem(SlurmJob("1"), make_flavor(), ()) is None
+    assert build_submission_problem(None, make_flavor(), ()) is None
+
+
+def test_ping_is_judged_by_what_it_says(tmp_path):
+    from analysis_operator.backends.base import BackendUnavailable
+
+    backend = per_user_backend([], tmp_path)
+    asyncio.run(backend.ping())
+    backend.client.responding = False
+    with pytest.raises(BackendUnavailable, match="no slurmctld responded"):
+        asyncio.run(backend.ping())
+
+
+def test_a_submission_refused_for_an_unknown_user_says_so(tmp_path):
+    """Slurm 25.05 refuses a token for a user it cannot resolve ("Invalid user ID", 2165)."""
+    from analysis_operator.backends.slurm_api import SlurmError
+    from analysis_operator.backends.slurm_rest import SlurmRequestRefused
+
+    backend = per_user_backend([], tmp_path)
+
+    async def refuse(request, script, user=""):
+        raise SlurmRequestRefused([SlurmError(2165, "Batch job submission failed: Invalid user ID")])
+
+    backend.client.submit = refuse
+    observation = asyncio.run(backend.ensure(Launch(make_environment(), make_flavor(), "t")))
+    assert (observation.state, observation.reason) == (State.FAILED, "UnknownUnixAccount")
+    assert "'alice'" in observation.message and "Invalid user ID" in observation.message

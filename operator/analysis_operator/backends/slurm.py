@@ -20,7 +20,14 @@ never decided by text a user can write:
 
 slurmrestd 22.05 (v0.0.38) cannot set admin_comment ("Unknown key"), so no
 field is both admin-only and settable; Slurm >= 23.02 could carry the identity there.
-The REST client is backends/slurm_rest.py, the credentials backends/slurm_auth.py.
+
+The backend speaks every API version the same way: requests and answers are typed at one seam,
+backends/slurm_api.py (JobRequest in, SlurmJob out, one Dialect per version). The REST client
+is backends/slurm_rest.py, the credentials backends/slurm_auth.py.
+
+A job runs with exactly what the flavor asked or not at all: a submission Slurm answers with a
+warning that it ignored a field, or a GPU job whose GPUs Slurm did not take as asked, is
+cancelled at once and the environment fails with the reason.
 """
 
 from __future__ import annotations
@@ -30,11 +37,29 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, State, Upstream
+from analysis_operator.backends.base import (
+    BackendUnavailable,
+    Charging,
+    Launch,
+    ManagedObject,
+    Observation,
+    State,
+    Upstream,
+)
+from analysis_operator.backends.slurm_api import (
+    AUTO,
+    NEWEST,
+    UNKNOWN_USER,
+    Dialect,
+    JobRequest,
+    SlurmJob,
+    SlurmNode,
+    dialect,
+)
 from analysis_operator.backends.slurm_auth import (
     SlurmCredentials,
     build_account,
@@ -61,7 +86,6 @@ from analysis_operator.policy.refusal import Refusal
 from analysis_operator.settings import SlurmSettings
 
 TOKEN_ENV_NAME = "JUPYTER_TOKEN"
-JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
 NODE_ADDRESS_SECONDS = 60.0  # how long a node's resolved address is reused before Slurm is asked again
 # What JupyterLab needs behind a gateway: requests arrive with the gateway's Host (allow_remote_access)
 # and X-Forwarded-Proto (trust_xheaders: its login cookie is Secure behind HTTPS). The XSRF check
@@ -72,7 +96,6 @@ JUPYTER_FLAGS = (
     " --ServerApp.trust_xheaders=True"
 )
 
-_GPU_DETAIL = re.compile(r"^gpu(?::[^:(]+)?:(\d+)")
 _TOKEN_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # Slurm job states that still hold, or will hold, resources on the cluster.
@@ -108,55 +131,52 @@ def base_path(environment: Environment, prefix: str = "/env") -> str:
     return opening.base_path(prefix, environment.namespace, environment.name)
 
 
-def build_account_mismatch(
-    job: Mapping[str, Any], account: str, identity: PosixIdentity | None
-) -> tuple[str, str] | None:
+def build_account_mismatch(job: SlurmJob, account: str, identity: PosixIdentity | None) -> tuple[str, str] | None:
     """(reason, message) when the submitted job does not run as the account and uid decided (pure).
 
     slurmctld accepts a token for a name it cannot resolve and runs the job as nobody; and a
     cluster whose uid for the name differs from the directory's would apply other permissions."""
-    if job.get("user_name") != account:
+    if job.user_name != account:
         return (
             "UnknownUnixAccount",
-            f"the Slurm cluster does not know the Unix account {account!r} (the job ran as {job.get('user_name')!r})",
+            f"the Slurm cluster does not know the Unix account {account!r} (the job ran as {job.user_name!r})",
         )
-    if identity is not None and job.get("user_id") is not None and int(job["user_id"]) != identity.uid:
+    if identity is not None and job.user_id is not None and job.user_id != identity.uid:
         return (
             "UnixAccountMismatch",
-            f"the Slurm cluster's {account!r} has uid {job['user_id']}, the facility's "
+            f"the Slurm cluster's {account!r} has uid {job.user_id}, the facility's "
             f"directory says {identity.uid}: ask IT to align the two",
         )
     return None
 
 
-def build_node_host(node: Mapping[str, Any]) -> str:
+def build_node_host(node: SlurmNode) -> str:
     """Where Slurm itself reaches a node (its NodeAddr, else its host name or name); may be a name (pure)."""
-    return str(node.get("address") or node.get("hostname") or node.get("name") or "")
+    return node.address or node.hostname or node.name
 
 
-def build_endpoint(job: Mapping[str, Any], port: int, settings: SlurmSettings) -> str:
+def build_endpoint(job: SlurmJob, port: int, settings: SlurmSettings) -> str:
     """node:port of a running job: the batch host as Slurm says, the port the operator chose (pure)."""
-    node = str(job.get("batch_host") or "")
-    if job.get("job_state") != "RUNNING" or not node:
+    node = job.batch_host
+    if job.state != "RUNNING" or not node:
         return ""
     return f"{node}.{settings.node_domain}:{port}" if settings.node_domain else f"{node}:{port}"
 
 
-def build_time_limit_extension(job: Mapping[str, Any], until: datetime.datetime, now: datetime.datetime) -> int | None:
+def build_time_limit_extension(job: SlurmJob, until: datetime.datetime, now: datetime.datetime) -> int | None:
     """The time limit (minutes) that lets an active job run until `until`, if higher than its own (pure).
 
     A running job ends at start + limit; a pending one gets its limit from when it starts, so
     it needs at least what is left from now."""
-    if job.get("job_state") not in ACTIVE_STATES:
+    if job.state not in ACTIVE_STATES:
         return None
-    start = int(job.get("start_time") or 0)
     since = (
-        datetime.datetime.fromtimestamp(start, datetime.UTC)
-        if job.get("job_state") not in _WAITING_STATES and start > 0
+        datetime.datetime.fromtimestamp(job.start_time, datetime.UTC)
+        if job.state not in _WAITING_STATES and job.start_time > 0
         else now
     )
     needed = math.ceil((until - since).total_seconds() / 60)
-    current = int(job.get("time_limit") or 0)
+    current = job.time_limit
     return needed if current and needed > current else None
 
 
@@ -204,6 +224,52 @@ def build_dataset_environment(
     return variables
 
 
+def build_job_request(
+    environment: Environment,
+    flavor: Flavor,
+    settings: SlurmSettings,
+    remaining: datetime.timedelta | None = None,
+    mounts: Sequence[Mount] = (),
+    user: str = "",
+    key: bytes | None = None,
+    nonce: str = "",
+    path_prefix: str = "/env",
+) -> JobRequest:
+    """The job to submit for `user` (default: the operator's account), in no API version's words and
+    without the token; `key` signs the identity and, with the job's `nonce`, keys the port."""
+    user = user or settings.user
+    resources = flavor.resources
+    return JobRequest(
+        name=f"{environment.child_name}.{environment.namespace}",
+        comment=build_identity_comment(environment, user, key),
+        working_directory=build_working_directory(settings, user),
+        standard_output=build_output_path(environment, settings, user, nonce),
+        cpus_per_task=max(1, math.ceil(resources.cpus)),
+        # Without a memory request Slurm hands the job the whole node.
+        memory_mib=max(1, resources.memory_mib),
+        time_limit_minutes=build_time_limit_minutes(environment, flavor, remaining),
+        # A full environment replaces the submitter's: only what the script needs. HOME: the user's
+        # working directory, where JupyterLab keeps its settings and runtime files.
+        environment={
+            "PATH": settings.job_path,
+            "LANG": "C.UTF-8",
+            "HOME": build_working_directory(settings, user),
+            "JUPYTER_PORT": str(build_jupyter_port(environment, settings, key, nonce)),
+            "JUPYTER_BASE_URL": base_path(environment, path_prefix),
+            **build_dataset_environment(environment, settings, mounts, user),
+        },
+        partition=flavor.slurm.partition,
+        account=flavor.slurm.account,
+        qos=flavor.slurm.qos,
+        gpus=resources.gpu,
+    )
+
+
+def settings_dialect(settings: SlurmSettings) -> Dialect:
+    """The dialect settings pin, else the newest spoken (for building without a server) (pure)."""
+    return NEWEST if (settings.api_version or AUTO) == AUTO else dialect(settings.api_version)
+
+
 def build_job_submission(
     environment: Environment,
     flavor: Flavor,
@@ -214,39 +280,12 @@ def build_job_submission(
     key: bytes | None = None,
     nonce: str = "",
     path_prefix: str = "/env",
+    api: Dialect | None = None,
 ) -> dict[str, Any]:
-    """The `job` part of a v0.0.38 submit request for `user` (default: the operator's account),
-    without the token; `key` signs the identity and, with the job's `nonce`, keys the port."""
-    user = user or settings.user
-    resources = flavor.resources
-    job: dict[str, Any] = {
-        "name": f"{environment.child_name}.{environment.namespace}",
-        "comment": build_identity_comment(environment, user, key),
-        "current_working_directory": build_working_directory(settings, user),
-        "standard_output": build_output_path(environment, settings, user, nonce),
-        "cpus_per_task": max(1, math.ceil(resources.cpus)),
-        # Without a memory request Slurm hands the job the whole node.
-        "memory_per_node": max(1, resources.memory_mib),
-        "time_limit": build_time_limit_minutes(environment, flavor, remaining),
-        # A full environment replaces the submitter's: only what the script needs. HOME: the user's
-        # working directory, where JupyterLab keeps its settings and runtime files.
-        "environment": {
-            "PATH": JOB_PATH,
-            "LANG": "C.UTF-8",
-            "HOME": build_working_directory(settings, user),
-            "JUPYTER_PORT": str(build_jupyter_port(environment, settings, key, nonce)),
-            "JUPYTER_BASE_URL": base_path(environment, path_prefix),
-            **build_dataset_environment(environment, settings, mounts, user),
-        },
-    }
-    optional = {
-        "partition": flavor.slurm.partition,
-        "account": flavor.slurm.account,
-        "qos": flavor.slurm.qos,
-        "gres": f"gpu:{resources.gpu}" if resources.gpu else "",
-    }
-    job.update({key: value for key, value in optional.items() if value})
-    return job
+    """The `job` of a submit request in `api`'s words (default: the version settings pin, else the
+    newest), without the script and the token."""
+    request = build_job_request(environment, flavor, settings, remaining, mounts, user, key, nonce, path_prefix)
+    return (api or settings_dialect(settings)).job_fields(request)
 
 
 def build_jupyter_command(settings: SlurmSettings) -> str:
@@ -275,21 +314,12 @@ def build_batch_script(
     )
 
 
-def allocated_gpus(job: Mapping[str, Any]) -> int:
-    """GPUs held by a running job, from gres_detail such as 'gpu:2(IDX:0-1)'."""
-    total = 0
-    for detail in job.get("gres_detail") or ():
-        match = _GPU_DETAIL.match(detail)
-        total += int(match.group(1)) if match else 0
-    return total
-
-
 def _camel(state: str) -> str:
     return "".join(part.capitalize() for part in state.split("_"))
 
 
 def build_observation(
-    job: Mapping[str, Any],
+    job: SlurmJob,
     endpoint_answers: bool,
     endpoint: str = "",
     suspended: bool = False,
@@ -302,10 +332,8 @@ def build_observation(
     `url` is the node's name and port with JupyterLab's base `path`; `upstream` (the node's IP
     address and the port, for a gateway) is reported while the job runs on a node whose address
     is known."""
-    state = str(job.get("job_state", "UNKNOWN"))
-    slurm_reason = str(job.get("state_reason") or "None")
-    job_id = str(job.get("job_id", ""))
-    reference = {"id": job_id, "state": state, "node": job.get("nodes") or ""}
+    state, slurm_reason, job_id = job.state, job.reason or "None", job.job_id
+    reference: dict[str, Any] = {"id": job_id, "state": state, "node": job.nodes}
     if state in _WAITING_STATES:
         reason = slurm_reason if slurm_reason != "None" else "Queued"
         return Observation(
@@ -315,9 +343,9 @@ def build_observation(
             message=f"Slurm job {job_id} is {state.lower()}: {reason}",
         )
     if state in ACTIVE_STATES:
-        cpus, gpus = float(job.get("cpus") or 0), allocated_gpus(job)
-        if int(job.get("start_time") or 0) > 0:
-            reference["startedAt"] = format_time(datetime.datetime.fromtimestamp(int(job["start_time"]), datetime.UTC))
+        cpus, gpus = job.cpus, job.gpus
+        if job.start_time > 0:
+            reference["startedAt"] = format_time(datetime.datetime.fromtimestamp(job.start_time, datetime.UTC))
         upstream = upstream if state == "RUNNING" else None
         if upstream is not None:
             reference["addresses"] = [upstream.address]
@@ -348,24 +376,45 @@ def build_observation(
             reference=reference,
             message=f"Slurm job {job_id} was cancelled for the suspend; resuming submits a new one",
         )
-    detail = f"Slurm job {job_id} ended {state} (reason {slurm_reason}, exit code {job.get('exit_code')})"
+    detail = f"Slurm job {job_id} ended {state} (reason {slurm_reason}, exit code {job.exit_code or 'unknown'})"
     if state == "TIMEOUT":
         return Observation(State.EXPIRED, reason="TimeLimit", reference=reference, message=detail)
     return Observation(State.FAILED, reason=f"Job{_camel(state)}", reference=reference, message=detail)
 
 
-def _newest(jobs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    return max(jobs, key=lambda job: int(job.get("job_id", 0)), default=None)
+def _newest(jobs: Sequence[SlurmJob]) -> SlurmJob | None:
+    return max(jobs, key=lambda job: int(job.job_id) if job.job_id.isdigit() else 0, default=None)
 
 
-def choose_job(jobs: list[dict[str, Any]], include_cancelled: bool = True) -> dict[str, Any] | None:
+def choose_job(jobs: Sequence[SlurmJob], include_cancelled: bool = True) -> SlurmJob | None:
     """The job that stands for an environment: an active one first, else the newest ended one."""
-    active = [job for job in jobs if job.get("job_state") in ACTIVE_STATES]
+    active = [job for job in jobs if job.state in ACTIVE_STATES]
     if active:
         return _newest(active)
     if not include_cancelled:
-        jobs = [job for job in jobs if job.get("job_state") != "CANCELLED"]
+        jobs = [job for job in jobs if job.state != "CANCELLED"]
     return _newest(jobs)
+
+
+def build_submission_problem(job: SlurmJob | None, flavor: Flavor, ignored: Sequence[str]) -> tuple[str, str] | None:
+    """(reason, message) when Slurm took the job otherwise than asked (pure): it said it ignored a
+    field (every field the operator sends is a resource, a limit, where output goes or what runs),
+    or a GPU flavor's job does not ask Slurm for the flavor's GPUs (it would run without them)."""
+    if ignored:
+        return (
+            "SubmissionIgnored",
+            f"Slurm accepted the job but ignored {', '.join(repr(name) for name in ignored)}; "
+            "a job without what the flavor asks for is not run",
+        )
+    wanted = flavor.resources.gpu
+    if wanted and (job is None or job.gpus_requested != wanted):
+        asked = "nothing Slurm could show" if job is None else f"{job.gpus_requested} ({job.tres_per_node or 'none'})"
+        return (
+            "GpuRequestIgnored",
+            f"flavor {flavor.name} asks for {wanted} GPUs but the Slurm job asks for {asked}; "
+            "a GPU environment never runs without its GPUs",
+        )
+    return None
 
 
 # ---------------------------------------------------------------- the backend
@@ -379,7 +428,7 @@ class _Tracked:
     user: str
     namespace: str
     name: str
-    job: Mapping[str, Any]  # as last seen (for extend, without asking again)
+    job: SlurmJob  # as last seen (for extend, without asking again)
 
 
 class SlurmBackend:
@@ -424,7 +473,7 @@ class SlurmBackend:
         job of the suspend, or any ended one, does not stand for the environment any more."""
         self._suspended.discard(launch.environment.uid)
         jobs = await self._jobs_of(launch.environment)
-        job = _newest([job for job in jobs if job.get("job_state") in ACTIVE_STATES])
+        job = _newest([job for job in jobs if job.state in ACTIVE_STATES])
         if job is None:
             return await self._submit(launch)
         await self._cancel_others(jobs, job)
@@ -469,10 +518,10 @@ class SlurmBackend:
         if limit is None:
             return False
         try:
-            await self.client.update(tracked.job_id, {"time_limit": limit})
+            await self.client.update_time_limit(tracked.job_id, limit)
         except SlurmRequestRefused:
             return False  # e.g. above the partition's MaxTime: the job ends at its limit (EXPIRED TimeLimit)
-        tracked.job = {**tracked.job, "time_limit": limit}
+        tracked.job = replace(tracked.job, time_limit=limit)
         return True
 
     async def list_managed(self) -> list[ManagedObject]:
@@ -483,19 +532,26 @@ class SlurmBackend:
         by_id = {tracked.job_id: (uid, tracked) for uid, tracked in self._tracked.items()}
         managed = []
         for job in await self.client.jobs():
-            if job.get("job_state") not in ACTIVE_STATES:
+            if job.state not in ACTIVE_STATES:
                 continue
-            job_id = str(job["job_id"])
+            job_id = job.job_id
             uid, tracked = by_id.get(job_id, ("", None))
-            if tracked is not None and job.get("user_name") == tracked.user:
+            if tracked is not None and job.user_name == tracked.user:
                 managed.append(ManagedObject(tracked.namespace, tracked.name, uid, job_id))
             elif (identity := job_identity(job, self.settings, key)) is not None:
                 managed.append(ManagedObject(identity["namespace"], identity["name"], identity["uid"], job_id))
         return managed
 
     async def ping(self) -> None:
-        """Raise BackendUnavailable unless slurmrestd and slurmctld answer."""
-        await self.client.ping()
+        """Raise BackendUnavailable unless slurmrestd and slurmctld answer: by what the ping says, not
+        its status code (slurmrestd 25.05 answers 200 when no controller responded, or with a bad token)."""
+        ping = await self.client.ping()
+        if not ping.responding:
+            raise BackendUnavailable(
+                f"slurmrestd at {self.settings.url} answers, but no slurmctld responded to its ping for "
+                f"{self.settings.user} ({ping.detail}): slurmctld is down or unreachable from slurmrestd, "
+                f"or it refused the operator's token; {self.credentials.diagnose()}"
+            )
 
     def close(self) -> None:
         """Nothing held between requests (a session per request)."""
@@ -511,31 +567,38 @@ class SlurmBackend:
             account = build_account(environment, launch.identity, self.settings)
         except ValueError as error:
             return Observation(State.FAILED, reason="NoUnixAccount", message=f"cannot run on Slurm: {error}")
-        key = self._key()
-        job = build_job_submission(
+        request = build_job_request(
             environment,
             flavor,
             self.settings,
             mounts=launch.mounts,
             user=account,
-            key=key,
+            key=self._key(),
             nonce=secrets.token_hex(4),
             path_prefix=self.path_prefix,
-        )
-        job["environment"][TOKEN_ENV_NAME] = launch.token
+        ).with_environment(**{TOKEN_ENV_NAME: launch.token})
         script = build_batch_script(environment, flavor, TOKEN_ENV_NAME, self.settings, self.templates_dir)
         try:
-            job_id = await self.client.submit(job, script, user=account)
+            answer = await self.client.submit(request, script, user=account)
         except SlurmRequestRefused as refusal:
+            if refusal.codes & UNKNOWN_USER:
+                return Observation(
+                    State.FAILED,
+                    reason="UnknownUnixAccount",
+                    message=f"the Slurm cluster does not know the Unix account {account!r} (Slurm said: {refusal})",
+                )
             return Observation(
                 State.FAILED,
                 reason="SubmissionRefused",
                 message=f"Slurm refused the job for flavor {flavor.name} as {account}: {refusal}",
             )
-        submitted = await self.client.job(job_id) or {"job_id": job_id, "user_name": account}
+        job_id = answer.job_id
+        found = await self.client.job(job_id)
+        submitted = found or SlurmJob(job_id=job_id, user_name=account)
         self._track(environment, submitted, account)
         self._suspended.discard(environment.uid)
-        mismatch = build_account_mismatch(submitted, account, launch.identity)
+        problem = build_submission_problem(found, flavor, answer.ignored)
+        mismatch = problem or build_account_mismatch(submitted, account, launch.identity)
         if mismatch is not None:
             await self.client.cancel(job_id)
             return Observation(
@@ -551,45 +614,45 @@ class SlurmBackend:
             message=f"submitted Slurm job {job_id} as {account}",
         )
 
-    def _track(self, environment: Environment, job: Mapping[str, Any], user: str = "") -> None:
+    def _track(self, environment: Environment, job: SlurmJob, user: str = "") -> None:
         self._tracked[environment.uid] = _Tracked(
-            str(job["job_id"]), user or str(job.get("user_name") or ""), environment.namespace, environment.name, job
+            job.job_id, user or job.user_name, environment.namespace, environment.name, job
         )
 
-    async def _tracked_job(self, environment: Environment) -> dict[str, Any] | None:
+    async def _tracked_job(self, environment: Environment) -> SlurmJob | None:
         """The job recorded for the environment, if Slurm still has it for the same user."""
         tracked = self._tracked.get(environment.uid)
         if tracked is None:
             return None
         job = await self.client.job(tracked.job_id)
-        if job is None or job.get("user_name") != tracked.user:
+        if job is None or job.user_name != tracked.user:
             self._tracked.pop(environment.uid, None)
             return None
         return job
 
-    async def _jobs_of(self, environment: Environment) -> list[dict[str, Any]]:
+    async def _jobs_of(self, environment: Environment) -> list[SlurmJob]:
         """The environment's jobs: the one recorded by id, and those carrying the operator's marks for it."""
         key, tracked = self._key(), self._tracked.get(environment.uid)
         found = []
         for job in await self.client.jobs():
-            if tracked is not None and str(job.get("job_id")) == tracked.job_id:
-                if job.get("user_name") == tracked.user:
+            if tracked is not None and job.job_id == tracked.job_id:
+                if job.user_name == tracked.user:
                     found.append(job)
             elif (job_identity(job, self.settings, key) or {}).get("uid") == environment.uid:
                 found.append(job)
         return found
 
-    async def _cancel_others(self, jobs: list[dict[str, Any]], keep: Mapping[str, Any]) -> None:
+    async def _cancel_others(self, jobs: list[SlurmJob], keep: SlurmJob) -> None:
         """Never two: any other active job of the environment goes."""
         for job in jobs:
-            if job.get("job_state") in ACTIVE_STATES and job.get("job_id") != keep.get("job_id"):
-                await self.client.cancel(str(job["job_id"]))
+            if job.state in ACTIVE_STATES and job.job_id != keep.job_id:
+                await self.client.cancel(job.job_id)
 
     async def _cancel_all(self, environment: Environment) -> bool:
         for job in await self._jobs_of(environment):
-            if job.get("job_state") in ACTIVE_STATES:
-                await self.client.cancel(str(job["job_id"]))
-        return not [job for job in await self._jobs_of(environment) if job.get("job_state") in ACTIVE_STATES]
+            if job.state in ACTIVE_STATES:
+                await self.client.cancel(job.job_id)
+        return not [job for job in await self._jobs_of(environment) if job.state in ACTIVE_STATES]
 
     async def _node_address(self, node: str) -> str:
         """The IP address of a node as Slurm reaches it (NodeAddr, resolved; "" if unknown),
@@ -598,19 +661,19 @@ class SlurmBackend:
         if known is not None and time.monotonic() - known[1] < NODE_ADDRESS_SECONDS:
             return known[0]
         info = await self.client.node(node)
-        address = await resolve_address(build_node_host(info or {}), self.settings.node_domain) if info else ""
+        address = await resolve_address(build_node_host(info), self.settings.node_domain) if info else ""
         if address:
             self._node_addresses[node] = (address, time.monotonic())
         return address
 
-    async def _observe_job(self, environment: Environment, job: Mapping[str, Any]) -> Observation:
+    async def _observe_job(self, environment: Environment, job: SlurmJob) -> Observation:
         tracked = self._tracked.get(environment.uid)
-        self._track(environment, job, tracked.user if tracked and tracked.job_id == str(job["job_id"]) else "")
+        self._track(environment, job, tracked.user if tracked and tracked.job_id == job.job_id else "")
         port = build_jupyter_port(environment, self.settings, self._key(), job_nonce(job))
         endpoint = build_endpoint(job, port, self.settings)
         path, upstream = base_path(environment, self.path_prefix), None
         if endpoint:
-            address = await self._node_address(str(job["batch_host"]))
+            address = await self._node_address(job.batch_host)
             upstream = Upstream(address=address, port=port, landing="lab") if address else None
         # Probed where the gateway will connect (the node's address), else at the node's name.
         probe = http_url(upstream.address, port, path) if upstream else f"http://{endpoint}{path}"

@@ -22,16 +22,17 @@ them without a restart.
 from __future__ import annotations
 
 import base64
+import binascii
+import datetime
 import hashlib
 import hmac
 import json
 import re
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from analysis_operator.backends.base import BackendUnavailable
+from analysis_operator.backends.slurm_api import SlurmJob
 from analysis_operator.model.domain import Environment
 from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.settings import SlurmSettings
@@ -59,6 +60,20 @@ def build_jwt(key: bytes, user: str, issued_at: int, lifetime_seconds: int) -> s
     payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())
     signature = hmac.new(key, f"{header}.{payload}".encode(), hashlib.sha256).digest()
     return f"{header}.{payload}.{_b64url(signature)}"
+
+
+def token_expiry(token: str) -> int | None:
+    """The `exp` claim of a JWT (seconds since the epoch), None if it is not a JWT with one (pure;
+    nothing is verified: this is for saying why a token may have been refused)."""
+    parts = token.strip().removeprefix("SLURM_JWT=").split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    expiry = claims.get("exp") if isinstance(claims, dict) else None
+    return int(expiry) if isinstance(expiry, int | float) and not isinstance(expiry, bool) else None
 
 
 def derive_key(key: bytes, purpose: str) -> bytes:
@@ -118,6 +133,30 @@ class SlurmCredentials:
             ) from None
         return {"X-SLURM-USER-NAME": user, "X-SLURM-USER-TOKEN": token.removeprefix("SLURM_JWT=")}
 
+    def diagnose(self, now: float | None = None) -> str:
+        """Why slurmctld may have refused the operator's credentials, for a condition (never the token)."""
+        if self.per_user:
+            return (
+                f"the operator signs its tokens with {self.settings.jwt_key_file}: it must be the cluster's "
+                "key (slurm.conf AuthAltParameters=jwt_key=...), and the operator's clock must agree with slurmctld's"
+            )
+        where = self.settings.token_file
+        try:
+            with open(where, encoding="utf-8") as token_file:
+                expiry = token_expiry(token_file.read())
+        except OSError as error:
+            return f"cannot read the token file {where}: {error.strerror}"
+        renew = f"renew it (scontrol token username={self.settings.user} lifespan=<seconds>)"
+        if expiry is None:
+            return f"the token in {where} is not a JWT with an expiry: {renew}"
+        when = datetime.datetime.fromtimestamp(expiry, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if expiry <= (time.time() if now is None else now):
+            return f"the token in {where} expired at {when}: {renew}"
+        return (
+            f"the token in {where} (valid until {when}) is not accepted: was it issued by this cluster "
+            f"for {self.settings.user}?"
+        )
+
 
 # ---------------------------------------------------------------- who a job is (pure)
 
@@ -165,21 +204,21 @@ def build_output_path(environment: Environment, settings: SlurmSettings, user: s
     )
 
 
-def job_nonce(job: Mapping[str, Any]) -> str:
+def job_nonce(job: SlurmJob) -> str:
     """The nonce the operator put into the job's output path at submission ("" if none)."""
-    match = _OUTPUT.search(str(job.get("standard_output") or ""))
+    match = _OUTPUT.search(job.standard_output)
     return (match.group("nonce") or "") if match else ""
 
 
-def job_identity(job: Mapping[str, Any], settings: SlurmSettings, key: bytes | None) -> dict[str, str] | None:
+def job_identity(job: SlurmJob, settings: SlurmSettings, key: bytes | None) -> dict[str, str] | None:
     """Which environment a job belongs to, from marks only the operator makes (pure).
 
     Per-user mode: a comment signed for the job's own user, or the output path the operator
     chose (fixed once the job runs) under that user's own working directory (only when the
     working directory is per user: a shared one would not bind the path to the user).
     Single-token mode: the comment as written (every job is the operator's account anyway)."""
-    user = str(job.get("user_name") or "")
-    identity = parse_identity(str(job.get("comment") or ""))
+    user = job.user_name
+    identity = parse_identity(job.comment)
     if key is None:
         return identity
     if (
@@ -188,7 +227,7 @@ def job_identity(job: Mapping[str, Any], settings: SlurmSettings, key: bytes | N
         and identity.get("sig") == sign(key, identity["namespace"], identity["name"], identity["uid"], user)
     ):
         return identity
-    output = str(job.get("standard_output") or "")
+    output = job.standard_output
     match = _OUTPUT.search(output)
     if (
         match

@@ -1,4 +1,11 @@
-"""slurmrestd's REST API (v0.0.38 paths from settings.api_version), as the operator or as a job's owner.
+"""slurmrestd's REST API, as the operator or as a job's owner, in the version it serves.
+
+The version is the one settings.api_version pins, or ("auto") the newest slurmrestd serves of
+those the operator speaks, asked once (GET /openapi/v3) and asked again when slurmrestd stops
+serving it (an upgrade). Requests and answers go through that version's Dialect
+(backends/slurm_api.py); this module only moves them and judges answers by their content:
+slurmrestd 25.05 answers 200 to a ping no controller answered, 404 to an unknown job and 200
+(errors inside) to a cancel of an ended job.
 
 A session per request; the credentials (backends/slurm_auth.py) are read on every request,
 so a site can rotate the key or token without a restart.
@@ -8,34 +15,55 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import socket
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import aiohttp
 
 from analysis_operator.backends.base import BackendUnavailable
+from analysis_operator.backends.slurm_api import (
+    ALREADY_DONE,
+    AUTO,
+    INVALID_JOB_ID,
+    Dialect,
+    JobRequest,
+    Ping,
+    SlurmAnswerInvalid,
+    SlurmError,
+    SlurmJob,
+    SlurmNode,
+    Submitted,
+    UnsupportedApi,
+    choose_version,
+    dialect,
+    served_versions,
+)
 from analysis_operator.backends.slurm_auth import SlurmCredentials
 from analysis_operator.settings import SlurmSettings
 
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15)
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=3)
-# ESLURM_INVALID_JOB_ID: the job is unknown (never existed, or purged after MinJobAge).
-INVALID_JOB_ID = 2017
+# Slurm's authentication errors: SLURM_PROTOCOL_AUTHENTICATION_ERROR, ESLURM_AUTH_* (6000-6099).
+_AUTH_CODES = frozenset({1007, *range(6000, 6100)})
+T = TypeVar("T")
 
 
 class SlurmRequestRefused(Exception):
     """slurmrestd answered and said no (bad partition, invalid job, ...)."""
 
-    def __init__(self, errors: list[dict[str, Any]]):
-        self.codes = {int(error.get("error_number", error.get("error_code", -1))) for error in errors}
-        super().__init__("; ".join(str(error.get("description") or error.get("error")) for error in errors))
+    def __init__(self, errors: Sequence[SlurmError]):
+        self.errors = tuple(errors)
+        self.codes = {error.code for error in errors}
+        super().__init__("; ".join(error.text for error in errors))
 
 
 def _is_refusal(code: int) -> bool:
-    # ESLURM_* codes from 2000 up are answers about the request; lower ones and
-    # the auth range (6000+) mean the controller or the token could not be used.
-    return 2000 <= code < 6000
+    # ESLURM_* codes from 2000 up are answers about the request (and 9000-9399 about its form);
+    # lower ones and the auth range (6000+) mean the controller or the token could not be used.
+    return 2000 <= code < 6000 or 9000 <= code < 9400
 
 
 @dataclass
@@ -43,81 +71,181 @@ class SlurmRestClient:
     """slurmrestd as the operator (`user`), or as a job's owner where a method takes `user`."""
 
     settings: SlurmSettings
+    _dialect: Dialect | None = field(default=None, init=False, repr=False)
 
     @property
     def credentials(self) -> SlurmCredentials:
         return SlurmCredentials(self.settings)
 
-    def _url(self, path: str) -> str:
-        return f"{self.settings.url.rstrip('/')}/slurm/{self.settings.api_version}/{path}"
+    @property
+    def _base(self) -> str:
+        return self.settings.url.rstrip("/")
 
-    async def request(self, method: str, path: str, payload: Any = None, user: str = "") -> dict[str, Any]:
-        headers = self.credentials.headers(user)
+    # ---------------------------------------------------------------- the version
+
+    async def api(self) -> Dialect:
+        """The dialect of the version spoken with this slurmrestd (asked once, when not pinned)."""
+        if self._dialect is None:
+            self._dialect = await self._discover()
+        return self._dialect
+
+    async def _discover(self) -> Dialect:
+        setting = self.settings.api_version or AUTO
+        try:
+            if setting != AUTO:
+                return dialect(choose_version((), setting))
+            status, body = await self._send("GET", f"{self._base}/openapi/v3", None, self.credentials.headers())
+            if status in (401, 403):
+                raise self._auth_failure("GET /openapi/v3", status, [], "")
+            if status >= 400 or not isinstance(body, Mapping):
+                raise BackendUnavailable(
+                    f"{self.settings.url} answered GET /openapi/v3 with HTTP {status} and no OpenAPI document: "
+                    "is it slurmrestd (25.05: started with -s openapi/slurmctld)?"
+                )
+            return dialect(choose_version(served_versions(body)))
+        except (UnsupportedApi, SlurmAnswerInvalid) as error:
+            raise BackendUnavailable(f"slurmrestd at {self.settings.url}: {error}") from None
+
+    # ---------------------------------------------------------------- the exchange
+
+    async def _send(
+        self, method: str, url: str, payload: Any, headers: Mapping[str, str]
+    ) -> tuple[int, Mapping[str, Any] | None]:
+        """(HTTP status, the JSON object answered or None)."""
         try:
             async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session:
-                async with session.request(method, self._url(path), json=payload, headers=headers) as response:
-                    body = await response.json(content_type=None)
+                async with session.request(method, url, json=payload, headers=dict(headers)) as response:
+                    text = await response.text()
                     status = response.status
         except (aiohttp.ClientError, TimeoutError) as error:
             raise BackendUnavailable(
                 f"slurmrestd at {self.settings.url} is unreachable ({type(error).__name__}); "
                 "will retry: check that slurmrestd runs and the URL is right"
             ) from None
+        try:
+            body = json.loads(text) if text.strip() else None
         except ValueError:
+            body = None
+        return status, body if isinstance(body, Mapping) else None
+
+    async def request(self, method: str, path: str, payload: Any = None, user: str = "") -> dict[str, Any]:
+        """An answer without errors, as its version's JSON; SlurmRequestRefused when slurmctld said no,
+        BackendUnavailable when slurmrestd or slurmctld cannot serve it."""
+        api = await self.api()
+        headers = self.credentials.headers(user)
+        what = f"{method} {path}"
+        status, body = await self._send(method, f"{self._base}/slurm/{api.version}/{path}", payload, headers)
+        if body is None:
+            if status in (401, 403):
+                raise self._auth_failure(what, status, [], headers["X-SLURM-USER-NAME"])
+            if status == 404:
+                self._forget(api)
+                raise BackendUnavailable(
+                    f"slurmrestd at {self.settings.url} does not serve {what} in {api.version} (HTTP 404): "
+                    f"{self._after_404()}"
+                )
             raise BackendUnavailable(
-                f"{self.settings.url} answered {method} {path} with something that is not JSON: "
-                "is it slurmrestd, and is api_version right?"
-            ) from None
-        errors = [error for error in (body or {}).get("errors") or () if error]
+                f"{self.settings.url} answered {what} with HTTP {status} and something that is not JSON: "
+                "is it slurmrestd?"
+            )
+        errors = api.errors(body)
         if status < 400 and not errors:
-            answer: dict[str, Any] = body
-            return answer
-        refusal = SlurmRequestRefused(errors or [{"error": f"HTTP {status}"}])
-        if any(_is_refusal(code) for code in refusal.codes):
+            return dict(body)
+        codes = {error.code for error in errors}
+        if status in (401, 403) or codes & _AUTH_CODES:
+            raise self._auth_failure(what, status, errors, headers["X-SLURM-USER-NAME"])
+        refusal = SlurmRequestRefused(errors or [SlurmError(-1, f"HTTP {status}")])
+        if any(_is_refusal(code) for code in codes):
             raise refusal
         where = self.settings.jwt_key_file or self.settings.token_file
         raise BackendUnavailable(
-            f"slurmrestd at {self.settings.url} could not serve {method} {path} for user "
+            f"slurmrestd at {self.settings.url} could not serve {what} for user "
             f"{headers['X-SLURM-USER-NAME']} ({refusal}); check slurmctld and the key or token in {where}"
         )
 
-    async def ping(self) -> None:
-        await self.request("GET", "ping")
+    def _forget(self, api: Dialect) -> None:
+        """A discovered version slurmrestd stopped serving (upgraded): ask again next time."""
+        if (self.settings.api_version or AUTO) == AUTO and self._dialect is api:
+            self._dialect = None
 
-    async def jobs(self) -> list[dict[str, Any]]:
-        return list((await self.request("GET", "jobs")).get("jobs") or ())
+    def _after_404(self) -> str:
+        if (self.settings.api_version or AUTO) == AUTO:
+            return "it was upgraded or restarted with other plugins; the operator asks it again on the next try"
+        return f"check api_version ({self.settings.api_version}) against what it serves, or set it to auto"
 
-    async def job(self, job_id: str) -> dict[str, Any] | None:
+    def _auth_failure(self, what: str, status: int, errors: Sequence[SlurmError], user: str) -> BackendUnavailable:
+        said = "; ".join(error.text for error in errors) or f"HTTP {status}"
+        return BackendUnavailable(
+            f"slurmrestd at {self.settings.url} refused the credentials for {what}"
+            f"{f' as {user}' if user else ''} ({said}): {self.credentials.diagnose()}"
+        )
+
+    def _read(self, parse: Callable[[Mapping[str, Any]], T], answer: Mapping[str, Any], what: str) -> T:
         try:
-            found = (await self.request("GET", f"job/{job_id}")).get("jobs") or ()
+            return parse(answer)
+        except SlurmAnswerInvalid as error:
+            raise BackendUnavailable(
+                f"slurmrestd at {self.settings.url} answered {what} in a form the operator cannot read: {error}"
+            ) from None
+
+    # ---------------------------------------------------------------- the calls
+
+    async def ping(self) -> Ping:
+        api = await self.api()
+        return self._read(api.parse_ping, await self.request("GET", "ping"), "GET ping")
+
+    async def jobs(self) -> list[SlurmJob]:
+        api = await self.api()
+        return self._read(api.parse_jobs, await self.request("GET", "jobs"), "GET jobs")
+
+    async def job(self, job_id: str) -> SlurmJob | None:
+        """The job, None if Slurm does not know it (never did, or purged after MinJobAge)."""
+        api = await self.api()
+        try:
+            answer = await self.request("GET", f"job/{job_id}")
         except SlurmRequestRefused as refusal:
             if INVALID_JOB_ID in refusal.codes:
                 return None
             raise
+        found = self._read(api.parse_jobs, answer, f"GET job/{job_id}")
         return found[0] if found else None
 
-    async def node(self, name: str) -> dict[str, Any] | None:
-        """A node as Slurm describes it (name, address, hostname, state, ...), None if unknown."""
+    async def node(self, name: str) -> SlurmNode | None:
+        """A node as Slurm describes it (name, address, hostname), None if unknown."""
+        api = await self.api()
         try:
-            found = (await self.request("GET", f"node/{name}")).get("nodes") or ()
+            answer = await self.request("GET", f"node/{name}")
         except SlurmRequestRefused:
             return None
+        found = self._read(api.parse_nodes, answer, f"GET node/{name}")
         return found[0] if found else None
 
-    async def submit(self, job: dict[str, Any], script: str, user: str = "") -> str:
-        answer = await self.request("POST", "job/submit", {"job": job, "script": script}, user=user)
-        return str(answer["job_id"])
+    async def submit(self, job: JobRequest, script: str, user: str = "") -> Submitted:
+        api = await self.api()
+        answer = await self.request("POST", "job/submit", api.submit_body(job, script), user=user)
+        return self._read(api.parse_submitted, answer, "POST job/submit")
 
-    async def update(self, job_id: str, changes: dict[str, Any]) -> None:
-        """Change a job as the operator (a raised time limit: its owner may only lower it)."""
-        await self.request("POST", f"job/{job_id}", changes)
+    async def update_time_limit(self, job_id: str, minutes: int, user: str = "") -> None:
+        """Set a job's time limit, as the operator (default: a job's owner may only lower it)."""
+        api = await self.api()
+        answer = await self.request("POST", f"job/{job_id}", api.time_limit_body(minutes), user=user)
+        errors = api.update_errors(answer)
+        if errors:
+            raise SlurmRequestRefused(errors)
 
     async def cancel(self, job_id: str) -> None:
+        """Cancel a job; one that is unknown or already ended counts as gone."""
+        api = await self.api()
+        gone = {INVALID_JOB_ID, ALREADY_DONE}
         try:
-            await self.request("DELETE", f"job/{job_id}")
+            answer = await self.request("DELETE", f"job/{job_id}")
         except SlurmRequestRefused as refusal:
-            if INVALID_JOB_ID not in refusal.codes:
-                raise
+            if refusal.codes <= gone:
+                return
+            raise
+        errors = [error for error in api.cancel_errors(answer) if error.code not in gone]
+        if errors:
+            raise SlurmRequestRefused(errors)
 
 
 async def endpoint_answers(url: str) -> bool:

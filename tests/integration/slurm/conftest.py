@@ -45,6 +45,12 @@ def slurm_script() -> Callable[[str], str]:
     return lambda *arguments: run_script("slurm.sh", *arguments)
 
 
+def slurm_commands_path(environ: dict[str, str]) -> str:
+    """PATH for Slurm's commands (srun, scontrol, squeue) of the cluster under test: the jobs' PATH
+    (hack/slurm.sh puts the built Slurm's bin first), then the system's."""
+    return f"{environ.get('ANALYSIS_OPERATOR_SLURM_JOB_PATH') or '/usr/bin:/bin'}:/usr/sbin:/sbin"
+
+
 @pytest.fixture(scope="session")
 def slurm_settings(slurm_environ) -> SlurmSettings:
     return load_settings(slurm_environ).slurm

@@ -19,6 +19,7 @@ import pytest
 
 from analysis_operator.backends.base import BackendUnavailable, Launch, Observation, State, Upstream
 from analysis_operator.backends.slurm import SlurmBackend, base_path
+from analysis_operator.backends.slurm_api import SlurmJob
 from analysis_operator.backends.slurm_auth import parse_identity
 from analysis_operator.model.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
 
@@ -58,12 +59,8 @@ def wait_for_state(backend: SlurmBackend, environment: Environment, states, time
         raise AssertionError(f"{error}; last observation {last}") from None
 
 
-def jobs_of(backend: SlurmBackend, uid: str) -> list[dict]:
-    return [
-        job
-        for job in asyncio.run(backend.client.jobs())
-        if (parse_identity(job.get("comment", "")) or {}).get("uid") == uid
-    ]
+def jobs_of(backend: SlurmBackend, uid: str) -> list[SlurmJob]:
+    return [job for job in asyncio.run(backend.client.jobs()) if (parse_identity(job.comment) or {}).get("uid") == uid]
 
 
 def http_status(url: str) -> int:
@@ -119,7 +116,7 @@ def test_submit_runs_and_becomes_ready_with_a_url_that_answers(backend, make_env
     assert ready.url == f"http://localhost:{ready.upstream.port}{base_path(environment)}" and TOKEN not in ready.url
     # the upstream: the node's own address as Slurm has it (NodeAddr), an IP address, not loopback
     node = asyncio.run(backend.client.node("localhost"))
-    assert ready.upstream.address == node["address"] and ready.reference["addresses"] == [node["address"]]
+    assert ready.upstream.address == node.address and ready.reference["addresses"] == [node.address]
     assert not ipaddress.ip_address(ready.upstream.address).is_loopback
     assert http_status(jupyter_url(ready.upstream, environment)) == 200  # the login page, after a redirect
     assert ready.cpus == 1.0 and ready.gpus == 0
@@ -187,16 +184,113 @@ def test_pending_job_reports_slurms_reason(backend, make_environment):
     assert seen[-1].cpus == 0
 
 
-def test_gpu_request_reaches_slurm_and_is_accounted(backend, make_environment):
+def raw_job(backend: SlurmBackend, job_id: str) -> dict:
+    """The job as slurmrestd answers it, in the version the backend speaks (no parsing of ours)."""
+    return asyncio.run(backend.client.request("GET", f"job/{job_id}"))["jobs"][0]
+
+
+def test_gpu_request_reaches_slurm_and_the_job_holds_its_gpus(backend, make_environment):
     environment = make_environment()
     flavor = make_flavor(partition="debug", resources=Resources(cpu="2", memory="1Gi", gpu=2))
     asyncio.run(backend.ensure(Launch(environment, flavor, TOKEN)))
 
     running = wait_for_state(backend, environment, {State.PROVISIONING, State.READY}, timeout=60)
-    job = asyncio.run(backend.client.job(running.reference["id"]))
+    raw = raw_job(backend, running.reference["id"])
 
-    assert job["tres_per_node"] == "gres:gpu:2"
+    # Slurm's own words: asked per node, and held (GPUs 0 and 1 of the node's four)
+    assert raw["tres_per_node"] in ("gres/gpu:2", "gres:gpu:2")  # v0.0.40+; v0.0.38
+    allocated = raw.get("tres_alloc_str", "").split(",")
+    assert "gres/gpu=2" in allocated or raw["gres_detail"] == ["gpu:2(IDX:0-1)"], raw
     assert running.gpus == 2 and running.cpus == 2.0
+
+
+def test_a_gpu_request_slurm_ignores_never_runs(backend, make_environment):
+    """slurmrestd >= 24.05 ignores a `gres` field with only a warning; a backend asking that way
+    (a client of the 22.05 era) gets a job without GPUs: the backend cancels it and fails."""
+    from analysis_operator.backends.slurm_api import DialectV004x
+
+    api = asyncio.run(backend.client.api())
+    if not isinstance(api, DialectV004x):
+        pytest.skip(f"{api.version} takes GPUs as `gres`")
+
+    class TwentyTwoZeroFive(DialectV004x):
+        def job_fields(self, request):
+            fields = super().job_fields(request)
+            fields["gres"] = f"gpu:{fields.pop('tres_per_node').rsplit(':', 1)[1]}"
+            return fields
+
+    backend.client._dialect = TwentyTwoZeroFive(api.version)
+    environment = make_environment()
+    flavor = make_flavor(partition="debug", resources=Resources(cpu="1", memory="1Gi", gpu=1))
+    failed = asyncio.run(backend.ensure(Launch(environment, flavor, TOKEN)))
+
+    assert (failed.state, failed.reason) == (State.FAILED, "SubmissionIgnored")
+    assert "'gres'" in failed.message and "was cancelled" in failed.message
+    (job,) = jobs_of(backend, environment.uid)
+    assert job.state == "CANCELLED" and job.gpus_requested == 0
+
+
+def test_the_version_spoken_is_the_newest_served(backend, slurm_settings):
+    from analysis_operator.backends.slurm_api import SUPPORTED
+
+    api = asyncio.run(backend.client.api())
+    assert api.version in SUPPORTED
+    if slurm_settings.api_version == "auto":
+        status, document = asyncio.run(
+            backend.client._send("GET", f"{slurm_settings.url}/openapi/v3", None, backend.client.credentials.headers())
+        )
+        served = [version for version in SUPPORTED if f"/slurm/{version}/ping/" in (document or {}).get("paths", {})]
+        assert status == 200 and api.version == served[0]
+
+
+def test_every_version_served_runs_a_gpu_job_and_reads_it(slurm_settings, make_environment):
+    """Each version the operator speaks that this slurmrestd serves, pinned in turn: submit, read,
+    GPUs held, cancel, cancel again, an unknown job."""
+    import dataclasses
+
+    from analysis_operator.backends.slurm_api import SUPPORTED
+
+    probe = SlurmBackend(slurm_settings)
+    status, document = asyncio.run(
+        probe.client._send("GET", f"{slurm_settings.url}/openapi/v3", None, probe.client.credentials.headers())
+    )
+    served = [version for version in SUPPORTED if f"/slurm/{version}/ping/" in (document or {}).get("paths", {})]
+    assert served, document
+    flavor = make_flavor(partition="debug", resources=Resources(cpu="1", memory="1Gi", gpu=1))
+    for version in served:
+        backend = SlurmBackend(dataclasses.replace(slurm_settings, api_version=version))
+        asyncio.run(backend.ping())
+        environment = make_environment()
+        submitted = asyncio.run(backend.ensure(Launch(environment, flavor, TOKEN)))
+        assert submitted.state == State.PENDING, (version, submitted)
+        running = wait_for_state(backend, environment, {State.PROVISIONING, State.READY}, timeout=60)
+        assert (running.gpus, running.cpus) == (1, 1.0) and running.reference["startedAt"], version
+        job_id = running.reference["id"]
+        assert asyncio.run(backend.client.job(job_id)).gpus_requested == 1
+        asyncio.run(backend.client.cancel(job_id))
+        wait_for(
+            lambda: asyncio.run(backend.client.job(job_id)).state == "CANCELLED", timeout=30, what=f"{version} cancel"
+        )
+        asyncio.run(backend.client.cancel(job_id))  # ended: gone, no error
+        assert asyncio.run(backend.client.job("99999999")) is None
+
+
+def test_a_ping_slurmctld_refuses_is_unreachable(slurm_settings, tmp_path):
+    """slurmrestd 25.05 answers the ping with 200, `responding: false` inside, when slurmctld refuses
+    the token: the backend says unreachable, and why (an expired token, here)."""
+    import dataclasses
+
+    from analysis_operator.backends.slurm_auth import build_jwt
+
+    key = pathlib.Path(slurm_settings.jwt_key_file).read_bytes()
+    expired = tmp_path / "token"
+    expired.write_text(build_jwt(key, slurm_settings.user, int(time.time()) - 7200, 3600))
+    backend = SlurmBackend(dataclasses.replace(slurm_settings, jwt_key_file="", token_file=str(expired)))
+    backend.client._dialect = asyncio.run(SlurmBackend(slurm_settings).client.api())  # /openapi/v3 needs a token
+    with pytest.raises(BackendUnavailable) as raised:
+        asyncio.run(backend.ping())
+    assert f"the token in {expired} expired at" in str(raised.value)
+    assert expired.read_text() not in str(raised.value)
 
 
 def test_delete_cancels_and_confirms_gone(backend, make_environment):
@@ -207,7 +301,7 @@ def test_delete_cancels_and_confirms_gone(backend, make_environment):
     wait_for(lambda: asyncio.run(backend.delete(environment)), timeout=30, what="delete confirmed")
 
     job = asyncio.run(backend.client.job(ready.reference["id"]))
-    assert job["job_state"] == "CANCELLED"
+    assert job.state == "CANCELLED"
     assert asyncio.run(backend.observe(environment)).state == State.FAILED
     assert ready.upstream is not None
     wait_for(
@@ -218,7 +312,7 @@ def test_delete_cancels_and_confirms_gone(backend, make_environment):
 def test_time_limit_expiry_reports_expired(backend, make_environment):
     environment = make_environment(lifetime=datetime.timedelta(minutes=1))
     submitted = asyncio.run(backend.ensure(Launch(environment, make_flavor(), TOKEN)))
-    assert asyncio.run(backend.client.job(submitted.reference["id"]))["time_limit"] == 1
+    assert asyncio.run(backend.client.job(submitted.reference["id"])).time_limit == 1
 
     # slurmctld checks time limits about every 30 s after the minute is up.
     expired = wait_for_state(backend, environment, {State.EXPIRED}, timeout=150)

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from tests.integration.slurm.conftest import slurm_commands_path
 from tests.integration.slurm.test_slurm_backend import answers, jupyter_status, jupyter_url, upstream_of
 from tests.waiting import wait_for
 
@@ -79,7 +80,7 @@ def test_a_job_runs_as_its_owner_and_a_changed_comment_makes_no_second_job(slurm
     ready = environments.wait_phase("mine", "Ready", timeout=90)
     uid, job_id = ready["metadata"]["uid"], ready["status"]["backend"]["id"]
     job = asyncio.run(backend.client.job(job_id))
-    assert job["user_name"] == "alice"
+    assert job.user_name == "alice"
 
     rewrite = subprocess.run(
         [
@@ -95,13 +96,17 @@ def test_a_job_runs_as_its_owner_and_a_changed_comment_makes_no_second_job(slurm
             f"JobId={job_id}",
             "Comment=x",
         ],
-        env={"PATH": "/usr/bin:/bin", "SLURM_CONF": slurm_environ["SLURM_CONF"], "HOME": os.path.expanduser("~alice")},
+        env={
+            "PATH": slurm_commands_path(slurm_environ),
+            "SLURM_CONF": slurm_environ["SLURM_CONF"],
+            "HOME": os.path.expanduser("~alice"),
+        },
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert rewrite.returncode == 0, rewrite.stderr
-    assert asyncio.run(backend.client.job(job_id))["comment"] == "x"
+    assert asyncio.run(backend.client.job(job_id)).comment == "x"
 
     # several sweeps later (1 s apart in tests): still one job, the same, and still Ready
     deadline = time.monotonic() + 8
