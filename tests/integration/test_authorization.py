@@ -180,6 +180,14 @@ ALICE_MAY_NOT = {
         lambda env: {"metadata": {"labels": {OPERATOR_LABEL: None}}},
         f"label '{OPERATOR_LABEL}'",
     ),
+    "change the owner label": (
+        lambda env: {"metadata": {"labels": {f"{GROUP}/owner": "bob"}}},
+        f"label '{GROUP}/owner'",
+    ),
+    "add a dataset label": (  # the selection labels (dataset.analysis.panosc.eu/<dataset>)
+        lambda env: {"metadata": {"labels": {f"dataset.{GROUP}/secret": "true"}}},
+        f"label 'dataset.{GROUP}/secret'",
+    ),
     "add managed-by": (
         lambda env: {"metadata": {"labels": {"app.kubernetes.io/managed-by": "analysis-operator"}}},
         "label 'app.kubernetes.io/managed-by'",

@@ -12,7 +12,7 @@ import uuid
 import kubernetes
 import pytest
 
-from tests.integration.conftest import GROUP, VERSION, impersonating
+from tests.integration.conftest import GROUP, VERSION, impersonating, kubectl
 from tests.waiting import wait_for
 
 SETTINGS = {
@@ -172,6 +172,24 @@ def test_racing_creates_past_admission_are_decided_exactly_once_by_reconcile(bud
             "TooManyEnvironments"
         }
         assert budgets.status(name)["running"]["environments"] == 1
+        # Terminal, and saying so as kubectl wait and kstatus-based health checks understand it.
+        rejected = next(n for n, status in phases.items() if status["phase"] == "Rejected")
+        kubectl("wait", "--for=condition=Stalled", "--timeout=30s", "-n", environments.namespace, f"aenv/{rejected}")
+        conditions = {c["type"]: c for c in environments.get(rejected)["status"]["conditions"]}
+        assert (conditions["Stalled"]["status"], conditions["Stalled"]["reason"]) == ("True", "TooManyEnvironments")
+        assert conditions["Ready"]["status"] == "False"
+        running = next(n for n, status in phases.items() if status["phase"] == "Ready")
+        assert "Stalled" not in {c["type"] for c in environments.get(running)["status"]["conditions"]}
+        timed_out = kubectl(
+            "wait",
+            "--for=condition=Stalled",
+            "--timeout=2s",
+            "-n",
+            environments.namespace,
+            f"aenv/{running}",
+            check=False,
+        )
+        assert timed_out.returncode != 0
     finally:
         budget_operator.configure(ANALYSIS_OPERATOR_BUDGETS_CHECK_AT_ADMISSION="true")
 

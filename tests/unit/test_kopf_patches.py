@@ -6,11 +6,14 @@ import asyncio
 import pathlib
 import tomllib
 
+import kopf
 import pytest
 from kopf._cogs.aiokits import aiotoggles
+from kopf._core.actions import execution
+from kopf._core.engines import admission
 from packaging.requirements import Requirement
 
-from analysis_operator.infra.kopf_patches import CHECKED_VERSIONS, EdgeToggleSet, apply
+from analysis_operator.infra.kopf_patches import CHECKED_VERSIONS, Cause, EdgeToggleSet, Refused, apply
 
 
 @pytest.mark.parametrize("cls", [aiotoggles.ToggleSet, EdgeToggleSet])
@@ -89,8 +92,9 @@ def test_startup_gate_work_grows_linearly_not_quadratically():
 
 @pytest.fixture
 def unpatched(monkeypatch):
-    """kopf's own ToggleSet back in place after the test, whatever apply() did."""
+    """kopf's own ToggleSet and build_response back in place after the test, whatever apply() did."""
     monkeypatch.setattr(aiotoggles, "ToggleSet", aiotoggles.ToggleSet)
+    monkeypatch.setattr(admission, "build_response", admission.build_response)
 
 
 @pytest.mark.parametrize("version", CHECKED_VERSIONS)
@@ -128,3 +132,51 @@ def test_pyproject_pins_kopf_to_the_checked_versions():
         kopf.specifier.contains(version, prereleases=True)
         for version in ["1.44.6", "1.45.3", "1.45.3rc1", "1.46.0", "2.0.0"]
     )
+
+
+# --- refusals with their causes (kopf's build_response, wrapped) -------------------------------------
+
+
+@pytest.fixture
+def unwrapped(monkeypatch):
+    """kopf's own build_response back in place after the test."""
+    monkeypatch.setattr(admission, "build_response", admission.build_response)
+    monkeypatch.setattr(aiotoggles, "ToggleSet", aiotoggles.ToggleSet)
+
+
+def _answer(*errors: Exception) -> dict:
+    outcomes = {f"h{n}": execution.Outcome(final=True, exception=error) for n, error in enumerate(errors)}
+    request = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": "u"}}
+    return admission.build_response(request=request, outcomes=outcomes, warnings=[], jsonpatch=[])
+
+
+def test_a_refusal_is_answered_with_its_reason_and_causes(unwrapped):
+    refusal = Refused("2 are running", [Cause("TooManyEnvironments", "spec.budget", "2 are running")])
+    assert _answer(refusal)["response"]["status"] == {"message": "2 are running", "code": 403}  # kopf alone
+    apply(environ={})
+    assert _answer(refusal)["response"] == {
+        "uid": "u",
+        "allowed": False,
+        "status": {
+            "message": "2 are running",
+            "code": 403,
+            "reason": "Forbidden",
+            "details": {
+                "causes": [{"reason": "TooManyEnvironments", "field": "spec.budget", "message": "2 are running"}]
+            },
+        },
+    }
+    wrapped = admission.build_response
+    apply(environ={})  # applied twice (tests, a second start): wrapped once
+    assert admission.build_response is wrapped
+
+
+def test_other_errors_and_admissions_are_answered_as_kopf_does(unwrapped):
+    apply(environ={})
+    assert _answer(kopf.AdmissionError("no", code=422))["response"]["status"] == {"message": "no", "code": 422}
+    assert _answer(ValueError("boom"))["response"]["status"] == {"message": "boom", "code": 500}
+    assert "status" not in _answer()["response"] and _answer()["response"]["allowed"]
+    # With several outcomes, the one kopf answered with is the one described.
+    chosen = Refused("first", [Cause("NotOwner", "spec.owner", "first")], code=403)
+    answer = _answer(ValueError("other"), chosen)["response"]["status"]
+    assert answer["message"] == "first" and answer["details"]["causes"][0]["reason"] == "NotOwner"

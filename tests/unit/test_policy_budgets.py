@@ -16,6 +16,7 @@ from analysis_operator.policy.budgets import (
     apply_grant,
     charge,
     expiry_warning_due,
+    release,
     reserve,
     select_budget,
 )
@@ -165,6 +166,77 @@ def test_reserve_takes_a_slot_once_and_refuses_the_next():
     refusal = reserve(b, environment("u2", "e2"), CPU, T0)
     assert isinstance(refusal, Refusal) and refusal.reason == "TooManyEnvironments"
     assert b.status["display"] == {"cpuHours": "0.0 / -", "gpuHours": "0.0 / -", "environments": "1 / 1"}
+
+
+# --- slots free at once ----------------------------------------------------------------------------
+
+
+def test_an_ended_entry_holds_no_slot_and_is_settled_in_the_write_that_takes_it():
+    b = running(budget({"maxEnvironments": 1, "cpuHours": 100}), "old")  # 2 CPUs from T0
+    assert reserve(b, environment("new", "e-new"), CPU, T0 + HOUR).reason == "TooManyEnvironments"
+    result = reserve(b, environment("new", "e-new"), CPU, T0 + HOUR, ended={"old": T0 + HOUR / 2})
+    assert isinstance(result, dict)
+    after_reserve = Budget(**{**b.__dict__, "status": result})
+    assert set(after_reserve.entries) == {"new"}
+    assert after_reserve.status["settled"]["cpuHours"] == pytest.approx(1.0)  # 2 CPUs x half an hour
+    assert after_reserve.status["running"] == {"environments": 1, "gpus": 0}
+
+
+def test_an_ended_gpu_entry_frees_its_gpus():
+    b = running(budget({"maxGpus": 1}), "old", flavor=GPU)
+    assert reserve(b, environment("new", "e-new"), GPU, T0).reason == "TooManyGpus"
+    assert isinstance(reserve(b, environment("new", "e-new"), GPU, T0, ended={"old": None}), dict)
+
+
+def test_ended_entries_of_other_budgets_change_nothing():
+    b = running(budget({"maxEnvironments": 1}), "u1")
+    assert reserve(b, environment("u2", "e2"), CPU, T0, ended={"elsewhere": None}).reason == "TooManyEnvironments"
+    assert release(b, {"elsewhere": None}, T0) is None
+
+
+def test_release_charges_until_the_end_never_past_now_and_never_backwards():
+    b = running(budget({"cpuHours": 100}), "u1", "u2")
+    b = after(b, charge(b, {}, T0 + 2 * HOUR, 80))  # both charged up to T0 + 2h
+    status = release(b, {"u1": T0 + 3 * HOUR, "u2": T0 + HOUR}, T0 + 2.5 * HOUR)
+    released = Budget(**{**b.__dict__, "status": status})
+    assert released.entries == {}
+    # u1: until now (its end is later); u2: already charged past its end, nothing more.
+    assert released.status["settled"]["cpuHours"] == pytest.approx(2 * 2.5 + 2 * 2)
+    assert released.used("cpuHours") == pytest.approx(9)
+
+
+@given(st.integers(0, 7200), st.integers(0, 600), st.integers(0, 7200), st.booleans())
+def test_releasing_at_once_costs_what_the_tick_would_have_charged(ended_after, seen_after, tick_after, unknown_end):
+    """Settling an ended entry when it is seen, then ticking, uses exactly the hours that the tick
+    alone settles for it: freeing the slot early neither loses nor adds usage. (An unknown end, a
+    deleted environment, is when it was seen.)"""
+    b = running(budget({"cpuHours": 100}), "gone", "stays")
+    end = None if unknown_end else T0 + datetime.timedelta(seconds=ended_after)
+    release_at = T0 + datetime.timedelta(seconds=ended_after + seen_after)
+    tick_at = release_at + datetime.timedelta(seconds=tick_after)
+    released = Budget(**{**b.__dict__, "status": release(b, {"gone": end}, release_at)})
+    early = after(released, charge(released, {}, tick_at, 80))
+    late = after(b, charge(b, {"gone": end or release_at}, tick_at, 80))
+    assert early.used("cpuHours") == pytest.approx(late.used("cpuHours"), abs=1e-6)
+    assert set(early.entries) == set(late.entries) == {"stays"}
+
+
+def test_release_waits_for_the_tick_at_a_new_period():
+    """A month boundary passed: the tick starts the period (forgetting what came before) and
+    settles ended entries in the same step; a release before it would be forgotten with it."""
+    b = running(budget({"cpuHours": 100}, reset="Monthly"), "u1", at=T0)
+    b = after(b, charge(b, {}, T0, 80))  # periodStart March
+    assert release(b, {"u1": None}, T0 + HOUR) is not None
+    next_month = datetime.datetime(2026, 4, 1, 0, 30, tzinfo=datetime.UTC)
+    assert release(b, {"u1": None}, next_month) is None
+    refusal_free = reserve(
+        Budget(**{**b.__dict__, "limits": {"maxEnvironments": 1}}),
+        environment("u2", "e2"),
+        CPU,
+        next_month,
+        ended={"u1": None},
+    )
+    assert isinstance(refusal_free, dict) and set(refusal_free["environments"]) == {"u1", "u2"}  # u1 left to the tick
 
 
 # --- accounting over simulated time ------------------------------------------------------------------

@@ -111,6 +111,42 @@ def test_ready_condition_is_true_only_when_ready(phase, ready):
     assert (condition["reason"], condition["message"], condition["observedGeneration"]) == ("Why", "what", 2)
 
 
+TERMINAL = {Phase.REJECTED, Phase.FAILED, Phase.EXPIRED, Phase.STOPPED, Phase.BUDGET_EXHAUSTED}
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+def test_stalled_is_true_exactly_in_the_terminal_phases_with_their_reason(phase):
+    """kubectl wait --for=condition=Stalled and kstatus (Argo CD, Flux) get a final answer; before
+    that there is no Stalled condition at all (an environment never leaves a terminal phase)."""
+    patch = transition(current_status(conditions=[ready_condition("False")]), phase=phase, reason="Why", message="m")
+    conditions = {condition["type"]: condition for condition in patch["conditions"]}
+    assert conditions["Ready"]["status"] == ("True" if phase is Phase.READY else "False")
+    if phase in TERMINAL:
+        stalled = conditions["Stalled"]
+        assert (stalled["status"], stalled["reason"], stalled["message"]) == ("True", "Why", "m")
+        assert (stalled["observedGeneration"], stalled["lastTransitionTime"]) == (2, NOW_TEXT)
+    else:
+        assert "Stalled" not in conditions
+
+
+def test_stalled_keeps_its_time_and_follows_a_later_terminal_reason():
+    stalled = {**ready_condition("True", reason="TooManyEnvironments"), "type": "Stalled"}
+    status = current_status(
+        phase="Rejected", reason="TooManyEnvironments", conditions=[ready_condition("False"), stalled]
+    )
+    patch = transition(status, phase=Phase.REJECTED, reason="NotOwner", message="other")
+    [condition] = [c for c in patch["conditions"] if c["type"] == "Stalled"]
+    assert (condition["status"], condition["reason"], condition["lastTransitionTime"]) == ("True", "NotOwner", EARLIER)
+
+
+def test_a_stalled_condition_outside_a_terminal_phase_turns_false():
+    """Never written so by the operator; should one be there (restored from a backup), it says False."""
+    stalled = {**ready_condition("True"), "type": "Stalled"}
+    patch = transition(current_status(conditions=[stalled]), phase=Phase.PENDING, reason="Accepted", message="m")
+    [condition] = [c for c in patch["conditions"] if c["type"] == "Stalled"]
+    assert condition["status"] == "False" and condition["lastTransitionTime"] == NOW_TEXT
+
+
 @pytest.mark.parametrize(
     "previous, phase, expected_time",
     [

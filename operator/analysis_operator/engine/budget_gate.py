@@ -4,11 +4,27 @@ The decisions are in policy/budgets.py. Admission answers from memory (the
 budget index plus the creates it admitted a moment ago and the ledger does not
 show yet), so a burst of creates cannot all take the last slot; the reconcile
 gate then takes the slot for real, in the ledger, and is the rule that holds
-even when the webhook is bypassed.
+even when the webhook is bypassed. A dry run is decided the same way and holds
+nothing.
+
+Slots free at once. A ledger entry stays until something settles it, so an
+entry whose environment was deleted or ended must not count meanwhile. Both
+gates leave out entries known to have ended: from the environments index
+(terminal phase, being deleted, or replaced by a new object of that name), or
+confirmed by the API server. When a decision would refuse for want of a slot
+(TooManyEnvironments, TooManyGpus) and some entry is not known to have ended,
+the gate asks the API server about the budget's entries first (one read each,
+shared by every refusal waiting on that budget), so "delete one, create
+another" is admitted even before the watch shows the delete. The reconcile gate
+settles the ended entries in the same write that takes the new slot; the
+environment handlers release them as soon as they see the end
+(handlers/budgets.py), and the accounting tick remains the backstop. A
+suspended environment keeps its slot, so resuming never fails.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import time
 from collections.abc import Mapping
@@ -21,12 +37,19 @@ from analysis_operator.engine.ledger import Ledger, Views
 from analysis_operator.engine.views import Index, first
 from analysis_operator.infra import metrics
 from analysis_operator.infra.kube import KubeClient
-from analysis_operator.model.domain import Environment, Flavor, Phase, is_terminal
-from analysis_operator.policy.budgets import Budget, admission_refusal, reserve, spent
+from analysis_operator.model.domain import Environment, Flavor, Phase, is_terminal, parse_time
+from analysis_operator.policy.budgets import Budget, admission_refusal, release, reserve, spent
 from analysis_operator.policy.refusal import Refusal
 from analysis_operator.settings import BudgetSettings
 
 log = structlog.get_logger("analysis_operator.budgets")
+
+
+# Refusals for want of a slot: worth asking the API server whether an entry has ended meanwhile.
+SLOT_REASONS = frozenset({"TooManyEnvironments", "TooManyGpus"})
+_ENDED_MAX = 100_000  # uids remembered as ended (an ended uid never runs again)
+
+Ended = dict[str, datetime.datetime | None]  # ledger entry uid -> when its environment ended (None: now)
 
 
 @dataclass
@@ -35,8 +58,13 @@ class BudgetGate:
 
     settings: BudgetSettings
     ledger: Ledger
-    # budget name -> (namespace, name) -> (GPUs, hold deadline on the monotonic clock)
-    admitted: dict[str, dict[tuple[str, str], tuple[int, float]]] = field(default_factory=dict)
+    # budget name -> uid of an admitted create -> (GPUs, hold deadline on the monotonic clock, (namespace, name))
+    admitted: dict[str, dict[str, tuple[int, float, tuple[str, str]]]] = field(default_factory=dict)
+    # uid -> when it ended, for ledger entries whose environment is known to be over
+    ended: Ended = field(default_factory=dict)
+    # budget name -> (when the last confirmation started, on the monotonic clock), one at a time
+    _confirmed: dict[str, float] = field(default_factory=dict)
+    _confirming: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     async def check(
         self, environment: Environment, flavor: Flavor, status: Mapping[str, Any], now: datetime.datetime
@@ -49,7 +77,16 @@ class BudgetGate:
         if environment.uid in selected.entries:  # holds a slot: only a spent budget ends it
             over = spent(selected, flavor.resources.cpus, flavor.resources.gpu, now)
             return Refusal("BudgetExhausted", over.message, Phase.BUDGET_EXHAUSTED) if over else None
-        result = await self.ledger.update(selected.name, lambda budget: reserve(budget, environment, flavor, now))
+        seen: list[Budget] = []
+
+        def take(budget: Budget) -> Refusal | dict[str, Any] | None:
+            seen[:] = [budget]
+            return reserve(budget, environment, flavor, now, self._known_ended(budget))
+
+        result = await self.ledger.update(selected.name, take)
+        # An entry that ended meanwhile frees the slot: decide again, settling it in the same write.
+        if isinstance(result, Refusal) and result.reason in SLOT_REASONS and seen and await self.confirm(seen[0]):
+            result = await self.ledger.update(selected.name, take)
         if isinstance(result, Refusal):
             metrics.ADMISSION_REFUSALS.labels(reason=result.reason, stage="reconcile").inc()
             log.info(
@@ -70,9 +107,12 @@ class BudgetGate:
         flavor: Flavor,
         environments: Index,
         now: datetime.datetime,
+        hold: bool = True,
+        uid: str = "",
     ) -> Refusal | None:
-        """The admission decision for a create; admitted creates hold their slot in memory for a while.
-        No await in here: the count and the hold are one step for the event loop."""
+        """The admission decision for a create; admitted creates hold their slot in memory for a while
+        (a dry run, hold False, holds nothing). `uid`: the new object's, as the validating webhook sees
+        it. No await in here: the count and the hold are one step for the event loop."""
         if not self.settings.enabled or not self.settings.check_at_admission:
             return None
         selected = self.ledger.views.select(owner, budget_name)
@@ -80,25 +120,121 @@ class BudgetGate:
             return None if selected.reason == "NoBudget" and not self.settings.require_budget else selected
         holding, gpus = self._holding(selected, environments, time.monotonic())
         refusal = admission_refusal(selected, flavor, holding, gpus, now)
-        if refusal is None:
-            self.admitted[selected.name][(namespace, name)] = (
+        if refusal is None and hold:
+            self.admitted[selected.name][uid or f"{namespace}/{name}"] = (
                 flavor.resources.gpu,
                 time.monotonic() + self.settings.admission_hold_seconds,
+                (namespace, name),
             )
         return refusal
 
+    async def admit_checked(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        budget_name: str,
+        flavor: Flavor,
+        environments: Index,
+        now: datetime.datetime,
+        hold: bool = True,
+        uid: str = "",
+    ) -> Refusal | None:
+        """admit, and before refusing for want of a slot, confirm the ledger's entries with the API
+        server: one that ended since (deleted a moment ago) does not count."""
+
+        def decide() -> Refusal | None:
+            return self.admit(namespace, name, owner, budget_name, flavor, environments, now, hold, uid)
+
+        refusal = decide()
+        if refusal is not None and refusal.reason in SLOT_REASONS:
+            selected = self.ledger.views.select(owner, budget_name)
+            if isinstance(selected, Budget) and await self.confirm(selected, environments):
+                refusal = decide()
+        return refusal
+
+    async def release(self, budget_name: str, ended: Ended, now: datetime.datetime) -> None:
+        """Settle these entries now (their environments were deleted or ended): the slot is free."""
+        self._remember(ended)
+        await self.ledger.update(budget_name, lambda budget: release(budget, ended, now))
+
+    async def confirm(self, budget: Budget, environments: Index | None = None) -> bool:
+        """Ask the API server about the budget's entries not known to have ended; True if one has.
+        One confirmation at a time per budget; a caller reuses one that started after it asked."""
+        asked, known = time.monotonic(), set(self._known_ended(budget, environments))
+        async with self._confirming.setdefault(budget.name, asyncio.Lock()):
+            if self._confirmed.get(budget.name, -1.0) >= asked:
+                return bool(set(self._known_ended(budget, environments)) - known)
+            self._confirmed[budget.name] = time.monotonic()
+            unknown = [
+                (uid, entry)
+                for uid, entry in budget.entries.items()
+                if uid not in self._known_ended(budget, environments)
+            ]
+            answers = await asyncio.gather(
+                *(self._ended_at(uid, entry) for uid, entry in unknown), return_exceptions=True
+            )
+            found: Ended = {}
+            for (uid, _), answer in zip(unknown, answers, strict=True):
+                if isinstance(answer, BaseException):
+                    log.warning("budget.confirm_failed", budget=budget.name, uid=uid, error=str(answer))
+                elif answer is not None:
+                    found[uid] = answer[0]
+            self._remember(found)
+            log.info("budget.confirmed", budget=budget.name, asked=len(unknown), ended=sorted(found))
+            return bool(set(self._known_ended(budget, environments)) - known)
+
+    async def _ended_at(self, uid: str, entry: Mapping[str, Any]) -> tuple[datetime.datetime | None] | None:
+        """(when it ended,) if the environment of this ledger entry is over, None while it holds its slot."""
+        body = await self.ledger.kube.get_environment(str(entry.get("namespace")), str(entry.get("name")))
+        metadata = (body or {}).get("metadata") or {}
+        if body is None or metadata.get("uid") != uid:
+            return (None,)
+        if metadata.get("deletionTimestamp"):
+            return (parse_time(metadata["deletionTimestamp"]),)
+        status = body.get("status") or {}
+        if is_terminal(status.get("phase")):
+            return (parse_time(status.get("stoppedAt")),)
+        return None
+
+    def _remember(self, ended: Ended) -> None:
+        if len(self.ended) + len(ended) > _ENDED_MAX:
+            self.ended.clear()  # forgetting costs one more confirmation, never a wrong count
+        self.ended.update(ended)
+
+    def _known_ended(self, budget: Budget, environments: Index | None = None) -> Ended:
+        """The budget's entries whose environments are known to be over: confirmed before, or (with
+        the environments index) in a terminal phase, being deleted, or replaced by a new object."""
+        known: Ended = {}
+        for uid, entry in budget.entries.items():
+            if uid in self.ended:
+                known[uid] = self.ended[uid]
+            elif environments is not None:
+                record = first(environments, (entry.get("namespace"), entry.get("name")))
+                if record is None:
+                    continue  # not seen (yet, or any more): only the API server can tell
+                if record.environment.uid != uid or record.environment.deleting:
+                    known[uid] = None
+                elif is_terminal(record.status.get("phase")):
+                    known[uid] = parse_time(record.status.get("stoppedAt"))
+        return known
+
     def _holding(self, budget: Budget, environments: Index, moment: float) -> tuple[int, int]:
-        """Environments and GPUs on the budget: its ledger plus creates admitted but not yet in it.
-        An admitted create leaves that list once the ledger has it, it ended, or after a hold time
-        (another webhook may have refused it)."""
+        """Environments and GPUs on the budget: its ledger, less entries known to have ended, plus
+        creates admitted but not yet in it. An admitted create leaves that list once the ledger has
+        it, it ended or is being deleted, or after a hold time (another webhook may have refused it)."""
         admitted = self.admitted.setdefault(budget.name, {})
-        in_ledger = {(entry.get("namespace"), entry.get("name")) for entry in budget.entries.values()}
-        for key, (_, deadline) in list(admitted.items()):
-            record = first(environments, key)
-            if key in in_ledger or deadline < moment or (record and is_terminal(record.status.get("phase"))):
+        ended = self._known_ended(budget, environments)
+        live = {uid: entry for uid, entry in budget.entries.items() if uid not in ended}
+        in_ledger = {(entry.get("namespace"), entry.get("name")) for entry in live.values()}
+        for key, (_, deadline, where) in list(admitted.items()):
+            record = first(environments, where)
+            over = record is not None and (is_terminal(record.status.get("phase")) or record.environment.deleting)
+            reserved = key in budget.entries if "/" not in key else where in in_ledger  # by uid, else by name
+            if reserved or key in self.ended or deadline < moment or over:
                 del admitted[key]
-        gpus = sum(int(entry.get("gpus") or 0) for entry in budget.entries.values())
-        return len(budget.entries) + len(admitted), gpus + sum(held for held, _ in admitted.values())
+        gpus = sum(int(entry.get("gpus") or 0) for entry in live.values())
+        return len(live) + len(admitted), gpus + sum(held for held, _, _ in admitted.values())
 
 
 def build_budget_gate(kube: KubeClient, settings: BudgetSettings, indexes: Mapping[str, Index]) -> BudgetGate:

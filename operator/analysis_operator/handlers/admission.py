@@ -11,10 +11,27 @@ what keeps admission fast under a burst (bench/budget_race.py).
 failurePolicy Fail (kopf's default): who created an object is known only at
 admission, so while no replica answers, creates are refused rather than let
 through unchecked. The data and budget checks are repeated at reconcile.
+
+Every refusal is a `Refused` (infra/kopf_patches.py): besides the message, the
+answer's status carries reason (Forbidden, Invalid) and details.causes, one
+{reason, field, message} per problem, e.g. {reason: TooManyEnvironments, field:
+spec.budget}, so a portal can map refusals to its own words without parsing text.
+A server-side dry run (kubectl diff, Argo CD, a portal asking "may alice use this
+card?") is decided exactly as the create would be and holds nothing.
+
+The mutating webhook stamps the labels that make environments selectable (one
+list call for "alice's environments" or "environments that mount dataset X"):
+`analysis.panosc.eu/owner` and one `dataset.analysis.panosc.eu/<dataset>: "true"`
+per dataset (see selection_labels); whatever the creator sent under those
+prefixes is replaced, and on update the authorization policy
+(deploy/authorization/policy.yaml) lets only the operator and admins change them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import kopf
@@ -27,7 +44,9 @@ from analysis_operator.engine.terms import flavor_for
 from analysis_operator.engine.views import first
 from analysis_operator.handlers.datasets import check_data_access
 from analysis_operator.infra import metrics
-from analysis_operator.model.domain import GROUP, VERSION, Environment, Flavor
+from analysis_operator.infra.kopf_patches import Cause, Refused
+from analysis_operator.model.domain import GROUP, LABEL_OWNER, VERSION, Environment, Flavor
+from analysis_operator.policy.access import pid_key
 from analysis_operator.policy.identity import owner_refusal, requester
 from analysis_operator.policy.refusal import Refusal
 from analysis_operator.policy.requests import check_request
@@ -36,12 +55,78 @@ log = structlog.get_logger("analysis_operator.admission")
 CREATED_BY = f"{GROUP}/created-by"
 
 
+DATASET_LABEL_PREFIX = f"dataset.{GROUP}/"
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_HASHED = "sha256_"  # "_" is never part of a Kubernetes object name: no name reads as a hash
+
+
+def label_text(text: str) -> str:
+    """`text` as a label value or label name: itself when it is one (at most 63 characters of
+    letters, digits, '-', '_', '.'), else sha256_ and the first 56 hex digits of its SHA-256."""
+    if len(text) <= 63 and _LABEL_NAME.match(text):
+        return text
+    return _HASHED + hashlib.sha256(text.encode()).hexdigest()[:56]
+
+
+def dataset_label(dataset: str) -> str:
+    """The label an environment that mounts Dataset `dataset` carries (value "true")."""
+    return DATASET_LABEL_PREFIX + label_text(dataset)
+
+
+def is_operator_label(key: str) -> bool:
+    """analysis.panosc.eu/... or <anything>.analysis.panosc.eu/...: set by the operator only."""
+    prefix, _, name = key.rpartition("/")
+    return bool(name) and (prefix == GROUP or prefix.endswith("." + GROUP))
+
+
+def selection_labels(owner: str, datasets: Iterable[str]) -> dict[str, str]:
+    """The labels that select an environment by owner and by the datasets it mounts (pure)."""
+    return {LABEL_OWNER: label_text(owner), **{dataset_label(name): "true" for name in datasets}}
+
+
+def label_patch(current: Mapping[str, str], wanted: Mapping[str, str]) -> dict[str, str | None]:
+    """A merge patch of metadata.labels: the operator's labels exactly `wanted`, the rest untouched."""
+    patch: dict[str, str | None] = {key: None for key in current if is_operator_label(key) and key not in wanted}
+    patch.update({key: value for key, value in wanted.items() if current.get(key) != value})
+    return patch
+
+
+def mounted_names(spec: Mapping[str, Any], dataset_pids: Mapping[str, Any]) -> list[str]:
+    """The Dataset names spec.datasets refers to: by name, or by PID as the catalogue resolves it now
+    (an unknown PID is refused by the validating webhook, which runs after this one)."""
+    names = []
+    for entry in spec.get("datasets") or ():
+        if not isinstance(entry, Mapping):
+            continue
+        if entry.get("name"):
+            names.append(str(entry["name"]))
+        elif entry.get("pid"):
+            found = list(dataset_pids.get(pid_key(str(entry["pid"])), ()))
+            if len(found) == 1:
+                names.append(str(found[0]))
+    return names
+
+
 @kopf.on.mutate(GROUP, VERSION, "analysisenvironments", id="environment-owner", operations={"CREATE"})
-def default_owner(spec: kopf.Spec, patch: kopf.Patch, userinfo: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
-    """No owner given: the requester owns it. The creator is kept as an annotation for audits."""
+def default_owner(
+    spec: kopf.Spec,
+    body: kopf.Body,
+    patch: kopf.Patch,
+    userinfo: dict[str, Any],
+    memo: kopf.Memo,
+    dataset_pids: kopf.Index,
+    **_: Any,
+) -> None:
+    """No owner given: the requester owns it. The creator is kept as an annotation for audits, and
+    the selection labels are stamped, replacing any the creator sent under the operator's prefixes."""
+    owner = str(spec.get("owner") or "") or requester(userinfo, memo.config.admission)
     if not spec.get("owner"):
-        patch.setdefault("spec", {})["owner"] = requester(userinfo, memo.config.admission)
-    patch.setdefault("metadata", {}).setdefault("annotations", {})[CREATED_BY] = str(userinfo.get("username", ""))
+        patch.setdefault("spec", {})["owner"] = owner
+    metadata = patch.setdefault("metadata", {})
+    metadata.setdefault("annotations", {})[CREATED_BY] = str(userinfo.get("username", ""))
+    labels = label_patch(dict(body.metadata.labels), selection_labels(owner, mounted_names(spec, dataset_pids)))
+    if labels:
+        metadata["labels"] = labels
 
 
 @kopf.on.validate(
@@ -68,7 +153,9 @@ async def admit_environment(operation: str, old: kopf.Body | None, spec: kopf.Sp
         await check_sharing(spec=spec, **kwargs)
     check_request_terms(spec=spec, **kwargs)
     if operation == "CREATE" or (old is not None and old.get("spec", {}).get("datasets") != spec.get("datasets")):
-        await check_data_access(spec=spec, **kwargs)
+        refusals = await check_data_access(spec=spec, **kwargs)
+        if refusals:
+            refuse("admission.data_access", kwargs["namespace"], kwargs["name"], spec, refusals)
     if operation == "CREATE":
         await check_budget(spec=spec, **kwargs)
 
@@ -85,9 +172,8 @@ def check_request_terms(
         return  # an unknown flavor is explained by the environment's status, which waits for it
     backend = memo.context.backends.get(flavor.backend)
     refusal = check_request(environment, flavor) or (backend.validate(environment, flavor) if backend else None)
-    if refusal is not None:
-        log.info("admission.request", environment=f"{namespace}/{name}", decision="refused", reason=refusal.reason)
-        raise kopf.AdmissionError(refusal.message, code=422)
+    if refusal is not None:  # 422: the request's terms are invalid for this flavor
+        refuse("admission.request", namespace, name, spec, [refusal], code=422)
 
 
 def check_owner(
@@ -103,7 +189,7 @@ def check_owner(
         reason=refusal.reason if refusal else None,
     )
     if refusal:
-        raise kopf.AdmissionError(refusal.message, code=403)
+        refuse("admission.identity", namespace, name, spec, [refusal], logged=True)
 
 
 async def check_posix_identity(name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
@@ -112,7 +198,7 @@ async def check_posix_identity(name: str, namespace: str, spec: kopf.Spec, memo:
     identities: DirectoryIdentities = memo.identities
     refusal = await identities.admit(str(spec.get("owner", "")))
     if refusal is not None:
-        refuse("admission.posix_identity", namespace, name, spec, refusal)
+        refuse("admission.posix_identity", namespace, name, spec, [refusal])
 
 
 async def check_sharing(body: kopf.Body, name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
@@ -124,29 +210,110 @@ async def check_sharing(body: kopf.Body, name: str, namespace: str, spec: kopf.S
         return
     refusals = await memo.sharing.check(environment, utcnow())
     if refusals:
-        refusal = refusals[0]
-        message = "; ".join(each.message for each in refusals)
-        refuse("admission.sharing", namespace, name, spec, Refusal(refusal.reason, message, subject=refusal.subject))
+        refuse("admission.sharing", namespace, name, spec, refusals)
 
 
 async def check_budget(
-    name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo, flavors: kopf.Index, environments: kopf.Index, **_: Any
+    body: kopf.Body,
+    name: str,
+    namespace: str,
+    spec: kopf.Spec,
+    dryrun: bool,
+    memo: kopf.Memo,
+    flavors: kopf.Index,
+    environments: kopf.Index,
+    **_: Any,
 ) -> None:
+    """Last: an admitted create holds a slot for a while (engine/budget_gate.py); a dry run holds none."""
     flavor: Flavor | None = first(flavors, spec.get("flavor"))
     if flavor is None:
         return  # an unknown flavor is explained by the environment's status, which waits for it
     gate: BudgetGate = memo.budget_gate
-    refusal = gate.admit(
-        namespace, name, str(spec.get("owner", "")), str(spec.get("budget", "")), flavor, environments, utcnow()
+    refusal = await gate.admit_checked(
+        namespace,
+        name,
+        str(spec.get("owner", "")),
+        str(spec.get("budget", "")),
+        flavor,
+        environments,
+        utcnow(),
+        hold=not dryrun,
+        uid=str(body.metadata.get("uid") or ""),
     )
     if refusal is not None:
-        refuse("admission.budget", namespace, name, spec, refusal)
+        refuse("admission.budget", namespace, name, spec, [refusal])
 
 
-def refuse(event: str, namespace: str, name: str, spec: kopf.Spec, refusal: Refusal) -> NoReturn:
-    """Count, log and answer a refusal (403: the request is understood, and not allowed)."""
-    metrics.ADMISSION_REFUSALS.labels(reason=refusal.reason, stage="admission").inc()
-    log.info(
-        event, environment=f"{namespace}/{name}", owner=spec.get("owner"), decision="refused", reason=refusal.reason
+# --- refusals: the reason, the field and the sentence -----------------------------------------------
+
+# The field each reason concerns (datasets and sharing are narrowed to the entry, see field_of).
+FIELDS = {
+    "NotOwner": "spec.owner",
+    "NoPosixIdentity": "spec.owner",
+    "InvalidPosixIdentity": "spec.owner",
+    "FlavorNotAllowed": "spec.flavor",
+    "LifetimeTooLong": "spec.lifetime",
+    "CustomImageNotAllowed": "spec.image",
+    "ImageMissing": "spec.image",
+    "MountPathCollision": "spec.datasets",
+    "DatasetListedTwice": "spec.datasets",
+    "UnknownUser": "spec.sharing.users",
+    "UnknownGroup": "spec.sharing.groups",
+    "SharingNotAllowed": "spec.sharing",
+}
+DATASET_REASONS = frozenset(
+    {"DatasetNotFound", "DatasetAmbiguous", "DatasetEmbargoed", "DatasetNotAvailable", "InvalidMountPath"}
+)
+# Which budget the environment draws on and whether it has room: spec.budget (empty: the owner's own).
+BUDGET_FIELD = "spec.budget"
+
+
+def field_of(refusal: Refusal, spec: Mapping[str, Any]) -> str:
+    """The field of the request a refusal concerns, as precisely as the refusal says (pure)."""
+    if refusal.reason in DATASET_REASONS:
+        for index, entry in enumerate(spec.get("datasets") or ()):
+            entry = entry if isinstance(entry, Mapping) else {}
+            if refusal.subject and refusal.subject in (entry.get("name"), entry.get("pid")):
+                if refusal.reason == "InvalidMountPath":
+                    return f"spec.datasets[{index}].mountPath"
+                return f"spec.datasets[{index}].{'name' if entry.get('name') else 'pid'}"
+        return "spec.datasets"
+    if refusal.reason in ("UnknownUser", "UnknownGroup", "SharingNotAllowed"):
+        sharing = spec.get("sharing")
+        for kind in ("users", "groups"):
+            listed = [str(each) for each in (sharing.get(kind) if isinstance(sharing, Mapping) else None) or ()]
+            if refusal.subject in listed and (refusal.reason != "UnknownGroup" or kind == "groups"):
+                return f"spec.sharing.{kind}[{listed.index(refusal.subject)}]"
+    return FIELDS.get(refusal.reason, BUDGET_FIELD)
+
+
+def refused(refusals: Sequence[Refusal], spec: Mapping[str, Any], code: int = 403) -> Refused:
+    """The admission answer for these refusals: every message, and one cause each (reason, field)."""
+    message = "; ".join(dict.fromkeys(refusal.message for refusal in refusals))
+    return Refused(
+        message, [Cause(refusal.reason, field_of(refusal, spec), refusal.message) for refusal in refusals], code=code
     )
-    raise kopf.AdmissionError(refusal.message, code=403)
+
+
+def refuse(
+    event: str,
+    namespace: str,
+    name: str,
+    spec: kopf.Spec,
+    refusals: Sequence[Refusal],
+    code: int = 403,
+    logged: bool = False,
+) -> NoReturn:
+    """Count, log and answer a refusal (403: the request is understood, and not allowed; 422: its
+    terms are invalid for the flavor)."""
+    for refusal in refusals:
+        metrics.ADMISSION_REFUSALS.labels(reason=refusal.reason, stage="admission").inc()
+    if not logged:
+        log.info(
+            event,
+            environment=f"{namespace}/{name}",
+            owner=spec.get("owner"),
+            decision="refused",
+            reason=refusals[0].reason,
+        )
+    raise refused(refusals, spec, code)

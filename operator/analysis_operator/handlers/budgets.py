@@ -1,4 +1,5 @@
-"""ComputeBudget handlers: the budget indexes, and the accounting daemon of each budget.
+"""ComputeBudget handlers: the budget indexes, the accounting daemon of each budget, and the
+release of an environment's slot the moment it is deleted or ends.
 
 The decisions are in policy/budgets.py; the ledger, the reconcile gate and the
 admission hold in engine/ (ledger.py, budget_gate.py, accounting.py).
@@ -13,10 +14,11 @@ import kopf
 import structlog
 
 from analysis_operator.engine.accounting import charge_budget
+from analysis_operator.engine.budget_gate import BudgetGate
 from analysis_operator.engine.ledger import BUDGETS
 from analysis_operator.engine.reconciler import utcnow
 from analysis_operator.handlers.indexes import never_raises, report_problems
-from analysis_operator.model.domain import GROUP, VERSION
+from analysis_operator.model.domain import GROUP, VERSION, is_terminal, parse_time
 from analysis_operator.policy.budgets import Budget
 from analysis_operator.settings import BudgetSettings
 
@@ -36,6 +38,39 @@ def budgets(name: str, body: kopf.Body, **_: Any) -> dict[str, Budget]:
 def personal_budgets(name: str, spec: kopf.Spec, **_: Any) -> dict[str, str]:
     """user -> the name of their personal budget."""
     return {spec["user"]: name}
+
+
+@kopf.index(GROUP, VERSION, BUDGETS)
+@never_raises("ledger_entries")
+def ledger_entries(name: str, status: kopf.Status, **_: Any) -> dict[str, str]:
+    """Environment uid -> the budget whose ledger holds a slot for it."""
+    return {str(uid): name for uid in (status.get("environments") or {})}
+
+
+@kopf.on.event(GROUP, VERSION, "analysisenvironments")
+async def release_slot(type: str, body: kopf.Body, memo: kopf.Memo, ledger_entries: kopf.Index, **_: Any) -> None:
+    """An environment deleted, being deleted, or ended (Stopped, Expired, Failed, ...): its ledger
+    entry is settled now, not at the next accounting tick, so its slot is free at once (and the
+    budget's status says so). Suspended ones keep their slot: resuming never fails."""
+    uid = str(body.metadata.get("uid") or "")
+    held = list(ledger_entries.get(uid, ()))
+    if not held:
+        return  # the common case: one dictionary lookup per event
+    status = body.get("status") or {}
+    if type == "DELETED" or body.metadata.get("deletionTimestamp"):
+        end = parse_time(body.metadata.get("deletionTimestamp"))
+    elif is_terminal(status.get("phase")):
+        end = parse_time(status.get("stoppedAt"))
+    else:
+        return
+    gate: BudgetGate = memo.budget_gate
+    if not gate.settings.enabled:
+        return
+    for budget in held:
+        try:
+            await gate.release(str(budget), {uid: end}, utcnow())
+        except Exception:  # the confirmation at the next refusal and the accounting tick settle it instead
+            log.exception("budget.release_failed", budget=budget, uid=uid)
 
 
 @kopf.daemon(GROUP, VERSION, BUDGETS, id="budget-accounting", cancellation_timeout=5)

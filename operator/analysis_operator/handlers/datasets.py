@@ -18,6 +18,7 @@ from analysis_operator.engine.views import first, values
 from analysis_operator.handlers.indexes import never_raises, report_problems
 from analysis_operator.model.domain import API_VERSION, GROUP, VERSION, Dataset, Environment
 from analysis_operator.policy.access import pid_key
+from analysis_operator.policy.refusal import Refusal
 
 
 @kopf.index(GROUP, VERSION, "datasets")
@@ -46,8 +47,9 @@ async def check_data_access(
     memo: kopf.Memo,
     flavors: kopf.Index,
     **_: Any,
-) -> None:
-    """Refuse datasets the owner may not read, bad mount paths, and flavors the owner may not use."""
+) -> tuple[Refusal, ...]:
+    """Datasets the owner may not read, bad mount paths, a flavor the owner may not use: the refusals
+    (none: allowed), each posted as a Warning Event except on dry runs; the caller refuses the request."""
     environment = Environment.from_body(
         {"metadata": {"namespace": namespace, "name": name, "uid": body.metadata.get("uid") or ""}, "spec": dict(spec)}
     )
@@ -57,7 +59,7 @@ async def check_data_access(
     plan = await access.plan(environment, flavor, utcnow(), backend.dataset_problem if backend else None)
     audit(environment, plan, stage="admission", requester=userinfo.get("username"), dry_run=dryrun)
     if plan.allowed:
-        return
+        return ()
     if not dryrun:
         involved = {
             "apiVersion": API_VERSION,
@@ -68,7 +70,7 @@ async def check_data_access(
             await post_event(
                 memo.context.kube, involved, "Warning", refusal.reason, f"refused at admission: {refusal.message}"
             )
-    raise kopf.AdmissionError(plan.message(), code=403)
+    return plan.refusals
 
 
 @kopf.on.event(GROUP, VERSION, "datasets")

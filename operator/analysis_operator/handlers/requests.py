@@ -14,6 +14,7 @@ from analysis_operator.engine.converge import expiry
 from analysis_operator.engine.reconciler import utcnow
 from analysis_operator.engine.terms import flavor_for
 from analysis_operator.engine.views import first
+from analysis_operator.infra.kopf_patches import Cause, Refused
 from analysis_operator.model.domain import GROUP, VERSION, format_time, parse_duration
 from analysis_operator.policy.budgets import apply_grant
 from analysis_operator.policy.requests import format_duration
@@ -47,12 +48,12 @@ def stamp_decision(
 def check_decision(status: kopf.Status, old: Mapping[str, Any] | None, **_: Any) -> None:
     before = dict((old or {}).get("status") or {})
     if before.get("decision") and status.get("decision") != before["decision"]:
-        raise kopf.AdmissionError(
+        message = (
             f"this request was already {before['decision'].lower()} by "
             f"{before.get('decidedBy')} at {before.get('decidedAt')}; decisions are final: "
-            f"create a new BudgetRequest",
-            code=403,
+            f"create a new BudgetRequest"
         )
+        raise Refused(message, [Cause("DecisionFinal", "status.decision", message)], code=403)
 
 
 @kopf.on.event(GROUP, VERSION, REQUESTS)

@@ -1,4 +1,12 @@
-"""One fix to kopf's internals, applied at start (cli.py), until kopf has it.
+"""Two changes to kopf's internals, applied at start (cli.py), until kopf has them.
+
+1. The startup gate (below). 2. Refusals a client can read: kopf answers an admission
+refusal with a message and a code only; `Refused` (an AdmissionError) also carries the
+Kubernetes reason and `details.causes` ([{reason, field, message}]), which the API server
+passes on to the client unchanged. The patch wraps kopf's `build_response` and only adds
+to the status it built, for a `Refused` it chose; any other error is answered as before.
+
+The startup gate:
 
 kopf holds every handler back at startup until all indexes are filled: each
 object of an indexed resource adds a toggle to one ToggleSet, drops it once
@@ -27,14 +35,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import kopf
 import structlog
 from kopf._cogs.aiokits import aiotoggles
+from kopf._core.engines import admission
 
 log = structlog.get_logger("analysis_operator.infra.kopf_patches")
-# aiotoggles.py and the code that makes ToggleSets are identical across these releases.
+# aiotoggles.py and the code that makes ToggleSets are identical across these releases. The
+# build_response wrapper relies only on kopf calling it with keywords, `outcomes` among them
+# (outcome.exception), and returning the response dict (tests/unit/test_kopf_patches.py).
 CHECKED_VERSIONS = ("1.45.0", "1.45.1", "1.45.2")
 SWITCH = "ANALYSIS_OPERATOR_KOPF_PATCHES"
 
@@ -71,6 +84,57 @@ class EdgeToggleSet(aiotoggles.ToggleSet):
             await (self._on if wanted else self._off).wait()
 
 
+@dataclass(frozen=True)
+class Cause:
+    """One thing wrong with the request: a Kubernetes StatusCause."""
+
+    reason: str  # stable and machine-readable (CamelCase), e.g. TooManyEnvironments
+    field: str  # the field it concerns, e.g. spec.datasets[1].name
+    message: str  # the sentence for people
+
+
+# The Kubernetes StatusReason of each HTTP code a refusal is given with.
+STATUS_REASONS = {400: "BadRequest", 403: "Forbidden", 404: "NotFound", 409: "Conflict", 422: "Invalid"}
+
+
+class Refused(kopf.AdmissionError):
+    """An admission refusal with its causes: the answer's status gets reason (Forbidden, Invalid)
+    and details.causes, as the API server's own refusals have them."""
+
+    def __init__(self, message: str, causes: Sequence[Cause], code: int = 403) -> None:
+        super().__init__(message, code=code)
+        self.causes = tuple(causes)
+
+    def status(self) -> dict[str, Any]:
+        """What is added to the AdmissionReview response's status."""
+        return {
+            "reason": STATUS_REASONS.get(int(self.code or 500), "Forbidden"),
+            "details": {
+                "causes": [
+                    {"reason": cause.reason, "field": cause.field, "message": cause.message} for cause in self.causes
+                ]
+            },
+        }
+
+
+def _with_causes(build: Callable[..., Any]) -> Callable[..., Any]:
+    """kopf's build_response, plus the reason and causes of the Refused it answered with."""
+
+    def build_response(**kwargs: Any) -> Any:
+        response = build(**kwargs)
+        status = (response.get("response") or {}).get("status")
+        if status:
+            for outcome in (kwargs.get("outcomes") or {}).values():
+                error = getattr(outcome, "exception", None)
+                if isinstance(error, Refused) and status.get("message") == (str(error) or repr(error)):
+                    status.update(error.status())
+                    break
+        return response
+
+    build_response.patched = True  # type: ignore[attr-defined]
+    return build_response
+
+
 def apply(version: str | None = None, environ: Mapping[str, str] = os.environ) -> bool:
     """Patch kopf (True), or not when switched off (False); RuntimeError on an unchecked kopf."""
     if environ.get(SWITCH, "on") == "off":  # the escape hatch (and for measuring)
@@ -87,6 +151,8 @@ def apply(version: str | None = None, environ: Mapping[str, str] = os.environ) -
             f"or set {SWITCH}=off to run without the patch, accepting slow restarts with many objects."
         )
     aiotoggles.ToggleSet = EdgeToggleSet  # type: ignore[misc]  # kopf looks it up at operator start
+    if not getattr(admission.build_response, "patched", False):  # looked up at every request
+        admission.build_response = _with_causes(admission.build_response)
     return True
 
 

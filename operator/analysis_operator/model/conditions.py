@@ -6,7 +6,7 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
-from analysis_operator.model.domain import Phase, format_time
+from analysis_operator.model.domain import TERMINAL_PHASES, Phase, format_time
 
 
 def build_condition(
@@ -55,6 +55,13 @@ def build_transition(
     Only phase, reason, message and observedGeneration decide whether to write:
     details such as the backend's own state word ride along with the next real
     transition instead of costing a write each. A field given as None is removed.
+
+    Conditions: Ready (True only in phase Ready) and, once the environment is in a
+    terminal phase (Rejected, Failed, Expired, Stopped, BudgetExhausted), Stalled
+    True with the phase's reason: nothing more will happen to it, which `kubectl wait
+    --for=condition=Stalled` and kstatus-based health checks (Argo CD, Flux) understand
+    as a final answer instead of waiting for Ready until they time out. Stalled is not
+    written before that (an environment never leaves a terminal phase).
     """
     status = status or {}
     wanted: dict[str, Any] = {
@@ -76,5 +83,18 @@ def build_transition(
         generation=generation,
         now=now,
     )
-    wanted["conditions"] = merge_conditions(status.get("conditions"), ready)
+    updates = [ready]
+    if phase in TERMINAL_PHASES or "Stalled" in previous:
+        updates.append(
+            build_condition(
+                previous.get("Stalled"),
+                type_="Stalled",
+                status=phase in TERMINAL_PHASES,
+                reason=reason,
+                message=message,
+                generation=generation,
+                now=now,
+            )
+        )
+    wanted["conditions"] = merge_conditions(status.get("conditions"), *updates)
     return wanted

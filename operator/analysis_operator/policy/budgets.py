@@ -218,14 +218,24 @@ def admission_refusal(
 
 
 def reserve(
-    budget: Budget, environment: Environment, flavor: Flavor, now: datetime.datetime
+    budget: Budget,
+    environment: Environment,
+    flavor: Flavor,
+    now: datetime.datetime,
+    ended: Mapping[str, datetime.datetime | None] | None = None,
 ) -> Refusal | dict[str, Any] | None:
     """Take a slot for the environment in the ledger: None if it holds one already, the new status
-    if it may have one, a Refusal if it may not."""
+    if it may have one, a Refusal if it may not. `ended` entries (environments known to be deleted
+    or over, uid -> when) hold no slot: they are settled in the same write (see release)."""
     if environment.uid in budget.entries:
         return None
-    gpus_held = sum(int(entry.get("gpus") or 0) for entry in budget.entries.values())
-    refusal = admission_refusal(budget, flavor, len(budget.entries), gpus_held, now)
+    ended = {uid: end for uid, end in (ended or {}).items() if uid in budget.entries}
+    released = release(budget, ended, now) if ended else None
+    if released is not None:
+        budget = Budget(**{**budget.__dict__, "status": released})
+    live = [entry for uid, entry in budget.entries.items() if uid not in ended]
+    gpus_held = sum(int(entry.get("gpus") or 0) for entry in live)
+    refusal = admission_refusal(budget, flavor, len(live), gpus_held, now)
     if refusal is not None:
         return refusal
     entry = {
@@ -239,6 +249,28 @@ def reserve(
         "gpuHours": 0.0,
     }
     return summarize(budget, {**budget.status, "environments": {**budget.entries, environment.uid: entry}}, now)
+
+
+def release(
+    budget: Budget, ended: Mapping[str, datetime.datetime | None], now: datetime.datetime
+) -> dict[str, Any] | None:
+    """The status with the entries of ended environments (uid -> when it ended, None: now) settled
+    at once: charged up to their end, added to `settled`, their slot free. None when none of them
+    is in the ledger, or when a new period is due: the accounting tick starts it (usage before the
+    boundary is forgotten, after it kept) and settles them in the same step."""
+    gone = [uid for uid in ended if uid in budget.entries]
+    if not gone:
+        return None
+    start = period_start(budget.reset, now)
+    if start is not None and budget.status.get("periodStart") != format_time(start):
+        return None
+    entries = dict(budget.entries)
+    settled = {key: float((budget.status.get("settled") or {}).get(key) or 0) for key in RESOURCES}
+    for uid in gone:
+        end = ended[uid]
+        entry = _charged(entries.pop(uid), min(now, end) if end is not None else now)
+        settled = {key: round(settled[key] + float(entry.get(key) or 0), 9) for key in RESOURCES}
+    return summarize(budget, {**budget.status, "environments": entries, "settled": settled}, now)
 
 
 # --- accounting -------------------------------------------------------------------------------------

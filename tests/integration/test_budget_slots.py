@@ -1,0 +1,131 @@
+"""Budget slots on the real API server with the operator process: a dry run holds none, a deleted
+or ended environment frees its own at once (not at the next accounting tick, which is an hour away
+here), and a refusal says why and where (details.causes) for a portal to show."""
+
+from __future__ import annotations
+
+import json
+
+import kubernetes
+import pytest
+
+from tests.integration.conftest import GROUP, VERSION
+from tests.integration.test_budgets import Budgets, user
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+
+SETTINGS = {
+    "ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET": "true",
+    # No accounting tick during these tests: whatever frees a slot, it is not the tick.
+    "ANALYSIS_OPERATOR_BUDGETS_CHARGE_INTERVAL_SECONDS": "3600",
+}
+
+
+@pytest.fixture(scope="module")
+def slot_operator(operator):
+    operator.configure(**SETTINGS)
+    yield operator
+    operator.configure(
+        ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET="false", ANALYSIS_OPERATOR_BUDGETS_CHARGE_INTERVAL_SECONDS="60"
+    )
+
+
+@pytest.fixture
+def budgets(custom, slot_operator):
+    made = Budgets(custom)
+    yield made
+    for name in made.created:
+        custom.delete_cluster_custom_object(GROUP, VERSION, "computebudgets", name)
+
+
+def _create(environments, name: str, dry_run: bool = False, **spec) -> dict:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "AnalysisEnvironment",
+        "metadata": {"name": name},
+        "spec": {"flavor": "test-short", **spec},
+    }
+    return environments.custom.create_namespaced_custom_object(
+        GROUP, VERSION, environments.namespace, "analysisenvironments", body, **({"dry_run": "All"} if dry_run else {})
+    )
+
+
+def _refusal(call) -> dict:
+    with pytest.raises(kubernetes.client.ApiException) as refused:
+        call()
+    assert refused.value.status == 403, refused.value.body
+    return json.loads(refused.value.body)
+
+
+def _holders(budgets, name: str) -> set[str]:
+    return {entry["name"] for entry in (budgets.status(name).get("environments") or {}).values()}
+
+
+def test_dry_runs_hold_no_slot_and_are_decided_as_a_create_would_be(budgets, environments):
+    owner = user()
+    name = budgets.create({"maxEnvironments": 1}, user=owner)
+    for probe in range(5):  # a portal asking about its cards, kubectl diff, Argo CD's server-side diff
+        answer = _create(environments, f"probe-{probe}", dry_run=True, owner=owner)
+        assert answer["metadata"]["labels"][f"{GROUP}/owner"] == owner
+    _create(environments, "real", owner=owner)  # within the limit: the probes held nothing
+    environments.wait_phase("real", "Ready")
+    assert not any(environments.exists(f"probe-{probe}") for probe in range(5))
+
+    body = _refusal(lambda: _create(environments, "probe-full", dry_run=True, owner=owner))
+    assert body["details"]["causes"][0]["reason"] == "TooManyEnvironments"  # as the create itself would be
+    assert _holders(budgets, name) == {"real"}
+
+
+def test_a_deleted_environment_frees_its_slot_at_once(budgets, environments):
+    owner = user()
+    name = budgets.create({"maxEnvironments": 1, "cpuHours": 100}, user=owner)
+    _create(environments, "first", owner=owner)
+    environments.wait_phase("first", "Ready")
+    wait_for(lambda: _holders(budgets, name) == {"first"}, timeout=30, what="first in the ledger")
+
+    environments.delete("first")
+    _create(environments, "second", owner=owner)  # at once: "delete one, create another"
+    second = environments.wait_phase("second", "Ready")
+    assert second["status"].get("reason") != "TooManyEnvironments"
+    # The ledger says so too, long before the next accounting tick (an hour away).
+    wait_for(lambda: _holders(budgets, name) == {"second"}, timeout=30, what="the ledger to hold only second")
+    status = budgets.status(name)
+    assert status["running"] == {"environments": 1, "gpus": 0} and status["display"]["environments"] == "1 / 1"
+    assert "settled" in status  # first's usage is kept, not dropped with its slot
+
+
+def test_an_expired_environment_frees_its_slot_at_once(budgets, environments):
+    owner = user()
+    name = budgets.create({"maxEnvironments": 1}, user=owner)
+    _create(environments, "short", owner=owner, lifetime="4s")
+    environments.wait_phase("short", "Expired", timeout=60)
+    _create(environments, "next", owner=owner)
+    environments.wait_phase("next", "Ready")
+    wait_for(lambda: _holders(budgets, name) == {"next"}, timeout=30, what="the ledger to hold only next")
+
+
+def test_a_suspended_environment_keeps_its_slot(budgets, environments):
+    """So that resuming it never fails (README: Budgets)."""
+    owner = user()
+    budgets.create({"maxEnvironments": 1}, user=owner)
+    _create(environments, "paused", owner=owner)
+    environments.wait_phase("paused", "Ready")
+    environments.patch_spec("paused", suspend=True)
+    environments.wait_phase("paused", "Suspended")
+    body = _refusal(lambda: _create(environments, "other", owner=owner))
+    [cause] = body["details"]["causes"]
+    assert (cause["reason"], cause["field"]) == ("TooManyEnvironments", "spec.budget")
+    environments.patch_spec("paused", suspend=False)
+    environments.wait_phase("paused", "Ready")
+
+
+def test_budget_refusals_carry_reason_and_field(budgets, environments):
+    body = _refusal(lambda: _create(environments, "nobody", owner=user()))
+    assert body["reason"] == "Forbidden"
+    [cause] = body["details"]["causes"]
+    assert (cause["reason"], cause["field"]) == ("NoBudget", "spec.budget")
+    owner = user()
+    budgets.create({"maxEnvironments": 1}, user=owner)
+    body = _refusal(lambda: _create(environments, "elsewhere", owner=owner, budget="no-such-budget"))
+    assert [(c["reason"], c["field"]) for c in body["details"]["causes"]] == [("BudgetNotFound", "spec.budget")]

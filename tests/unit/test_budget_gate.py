@@ -1,0 +1,212 @@
+"""The budget gates (engine/budget_gate.py) over an in-memory API server: a dry run holds no slot,
+an entry whose environment was deleted or ended holds none either (known from the index, or
+confirmed with the API server before refusing), and confirmations are shared, not one per refusal.
+The real API server's side is in tests/integration/test_budget_slots.py."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from typing import Any
+
+from analysis_operator.engine.budget_gate import BudgetGate
+from analysis_operator.engine.ledger import Ledger, Views
+from analysis_operator.engine.views import EnvironmentRecord
+from analysis_operator.model.domain import BackendKind, Environment, Flavor, Resources, format_time
+from analysis_operator.policy.budgets import Budget
+from analysis_operator.settings import BudgetSettings
+
+T0 = datetime.datetime(2026, 3, 10, 12, 0, tzinfo=datetime.UTC)
+CPU = Flavor("basic", BackendKind.KUBERNETES, resources=Resources(cpu="1"))
+GPU = Flavor("gpu", BackendKind.KUBERNETES, resources=Resources(cpu="1", gpu=1))
+
+
+def entry(name: str, gpus: int = 0) -> dict[str, Any]:
+    at = format_time(T0)
+    return {"namespace": "ns", "name": name, "cpus": 1, "gpus": gpus, "since": at, "chargedUntil": at}
+
+
+class Api:
+    """The budget's status and the environments, as the API server has them; counts the reads."""
+
+    def __init__(self, limits: dict, entries: dict[str, dict] | None = None) -> None:
+        self.budget = {
+            "metadata": {"name": "b", "resourceVersion": "1"},
+            "spec": {"user": "alice", "limits": limits},
+            "status": {"environments": entries or {}},
+        }
+        self.environments: dict[tuple[str, str], dict] = {}
+        self.reads, self.writes = 0, 0
+        self.index: dict[str, list[Budget]] = {"b": [Budget.from_body(self.budget)]}
+
+    def running(self, name: str, uid: str, **status: Any) -> None:
+        self.environments[("ns", name)] = {"metadata": {"name": name, "uid": uid}, "status": status}
+
+    async def get_environment(self, namespace: str, name: str) -> dict | None:
+        self.reads += 1
+        await asyncio.sleep(0.001)
+        return self.environments.get((namespace, name))
+
+    async def get_cluster_object(self, plural: str, name: str) -> dict:
+        return self.budget
+
+    async def replace_cluster_status(self, plural: str, body: dict) -> dict:
+        self.writes += 1
+        self.budget = {**body, "metadata": {**body["metadata"], "resourceVersion": str(self.writes + 1)}}
+        self.index["b"] = [Budget.from_body(self.budget)]  # the watch catches up
+        return self.budget
+
+    @property
+    def entries(self) -> dict:
+        return self.budget["status"].get("environments") or {}
+
+
+def gate(api: Api) -> BudgetGate:
+    return BudgetGate(BudgetSettings(), Ledger(api, Views(api.index, {"alice": ["b"]}, {})))  # type: ignore[arg-type]
+
+
+def record(name: str, uid: str, **status: Any) -> list[EnvironmentRecord]:
+    return [EnvironmentRecord(Environment("ns", name, uid, owner="alice", flavor="basic"), status)]
+
+
+def admit(g: BudgetGate, name: str, environments: dict, flavor: Flavor = CPU, hold: bool = True):
+    return asyncio.run(g.admit_checked("ns", name, "alice", "", flavor, environments, T0, hold=hold))
+
+
+# --- dry runs -----------------------------------------------------------------------------------------
+
+
+def test_dry_runs_are_decided_like_creates_and_hold_nothing():
+    api = Api({"maxEnvironments": 1})
+    g = gate(api)
+    for probe in range(5):
+        assert admit(g, f"probe-{probe}", {}, hold=False) is None
+    assert admit(g, "real", {}) is None  # the probes left the one slot free
+    assert admit(g, "probe-after", {}, hold=False).reason == "TooManyEnvironments"  # as a create would be
+    assert admit(g, "second", {}).reason == "TooManyEnvironments"
+
+
+# --- slots of ended environments --------------------------------------------------------------------
+
+
+def test_a_deleted_environment_gone_from_the_index_is_confirmed_and_frees_its_slot():
+    api = Api({"maxEnvironments": 1}, {"old-uid": entry("old")})  # the ledger still lists it
+    g = gate(api)
+    assert admit(g, "new", {}) is None  # the index no longer has it; the API server says 404
+    assert api.reads == 1 and g.ended == {"old-uid": None}
+    assert admit(g, "another", {}).reason == "TooManyEnvironments"  # "new" holds the slot now
+    assert api.reads == 1  # known ended: not asked again
+
+
+def test_a_running_environment_is_asked_about_and_still_counts():
+    api = Api({"maxEnvironments": 1}, {"old-uid": entry("old")})
+    api.running("old", "old-uid", phase="Ready")
+    g = gate(api)
+    assert admit(g, "new", {}).reason == "TooManyEnvironments"
+    assert api.reads == 1 and g.ended == {}
+
+
+def test_a_suspended_environment_keeps_its_slot():
+    api = Api({"maxEnvironments": 1}, {"old-uid": entry("old")})
+    api.running("old", "old-uid", phase="Suspended")
+    assert admit(gate(api), "new", {("ns", "old"): record("old", "old-uid", phase="Suspended")}).reason == (
+        "TooManyEnvironments"
+    )
+
+
+def test_what_the_index_shows_ended_frees_the_slot_without_asking():
+    cases = {
+        "terminal": record("old", "old-uid", phase="Expired", stoppedAt=format_time(T0)),
+        "replaced by a new object of that name": record("old", "newer-uid", phase="Pending"),
+    }
+    for case, records in cases.items():
+        api = Api({"maxEnvironments": 1}, {"old-uid": entry("old")})
+        assert admit(gate(api), "new", {("ns", "old"): records}) is None, case
+        assert api.reads == 0, case
+    deleting = Environment("ns", "old", "old-uid", owner="alice", flavor="basic", deleting=True)
+    api = Api({"maxEnvironments": 1}, {"old-uid": entry("old")})
+    assert admit(gate(api), "new", {("ns", "old"): [EnvironmentRecord(deleting, {"phase": "Ready"})]}) is None
+    assert api.reads == 0
+
+
+def test_being_deleted_or_over_in_the_api_server_counts_as_ended():
+    for metadata, status in [({"deletionTimestamp": format_time(T0)}, {"phase": "Ready"}), ({}, {"phase": "Failed"})]:
+        api = Api({"maxGpus": 1}, {"old-uid": entry("old", gpus=1)})
+        api.environments[("ns", "old")] = {"metadata": {"name": "old", "uid": "old-uid", **metadata}, "status": status}
+        assert admit(gate(api), "new", {}, flavor=GPU) is None, (metadata, status)
+
+
+def test_refusals_racing_on_one_budget_share_confirmations():
+    api = Api({"maxEnvironments": 2}, {"a": entry("a"), "b": entry("b")})
+    api.running("a", "a", phase="Ready")
+    api.running("b", "b", phase="Ready")
+    g = gate(api)
+
+    async def burst():
+        return await asyncio.gather(*(g.admit_checked("ns", f"e{n}", "alice", "", CPU, {}, T0) for n in range(50)))
+
+    refusals = asyncio.run(burst())
+    assert {refusal.reason for refusal in refusals} == {"TooManyEnvironments"}
+    assert api.reads <= 2 * 2  # two rounds of one read per entry, not 50
+
+
+def test_an_unanswered_confirmation_refuses_as_before():
+    class Down(Api):
+        async def get_environment(self, namespace: str, name: str) -> dict | None:
+            raise ConnectionError("API server unreachable")
+
+    api = Down({"maxEnvironments": 1}, {"old-uid": entry("old")})
+    assert admit(gate(api), "new", {}).reason == "TooManyEnvironments"
+
+
+# --- the reconcile gate -------------------------------------------------------------------------------
+
+
+def test_the_reconcile_gate_confirms_and_settles_the_ended_entry_in_the_write_that_takes_the_slot():
+    api = Api({"maxEnvironments": 1}, {"old-uid": entry("old")})
+    g = gate(api)
+    new = Environment("ns", "new", "new-uid", owner="alice", flavor="basic")
+    assert asyncio.run(g.check(new, CPU, {}, T0 + datetime.timedelta(hours=1))) is None
+    assert set(api.entries) == {"new-uid"} and api.writes == 1
+    assert api.budget["status"]["settled"]["cpuHours"] == 1.0  # charged until it was found gone
+    assert api.budget["status"]["running"]["environments"] == 1
+
+
+def test_the_reconcile_gate_still_refuses_when_every_slot_is_held():
+    api = Api({"maxEnvironments": 1}, {"old-uid": entry("old")})
+    api.running("old", "old-uid", phase="Ready")
+    new = Environment("ns", "new", "new-uid", owner="alice", flavor="basic")
+    refusal = asyncio.run(gate(api).check(new, CPU, {}, T0))
+    assert refusal is not None and refusal.reason == "TooManyEnvironments"
+    assert set(api.entries) == {"old-uid"} and api.writes == 0
+
+
+def test_release_settles_at_once():
+    api = Api({"maxEnvironments": 1}, {"old-uid": entry("old")})
+    g = gate(api)
+    asyncio.run(g.release("b", {"old-uid": T0 + datetime.timedelta(minutes=30)}, T0 + datetime.timedelta(hours=2)))
+    assert api.entries == {} and api.budget["status"]["settled"]["cpuHours"] == 0.5
+    asyncio.run(g.release("b", {"old-uid": None}, T0 + datetime.timedelta(hours=3)))  # seen again: no write
+    assert api.writes == 1
+
+
+def test_an_admission_hold_ends_with_its_environment_even_after_its_entry_was_settled():
+    """Delete right after create: the hold of the create must not count once its ledger entry was
+    settled by the delete (it would look like a create the ledger has not seen yet)."""
+    api = Api({"maxEnvironments": 1})
+    g = gate(api)
+    assert asyncio.run(g.admit_checked("ns", "first", "alice", "", CPU, {}, T0, uid="first-uid")) is None
+    first = Environment("ns", "first", "first-uid", owner="alice", flavor="basic")
+    assert asyncio.run(g.check(first, CPU, {}, T0)) is None  # the reconcile gate takes the slot
+    asyncio.run(g.release("b", {"first-uid": None}, T0))  # deleted: settled at once
+    assert api.entries == {}
+    assert asyncio.run(g.admit_checked("ns", "second", "alice", "", CPU, {}, T0, uid="second-uid")) is None
+
+
+def test_a_hold_for_a_new_object_of_an_old_name_is_not_taken_for_the_old_entry():
+    api = Api({"maxEnvironments": 1}, {"old-uid": entry("again")})
+    api.running("again", "old-uid", phase="Ready")
+    g = gate(api)
+    g.admitted["b"] = {"new-uid": (0, float("inf"), ("ns", "again"))}  # admitted, not yet reserved
+    assert admit(g, "third", {}).reason == "TooManyEnvironments"
+    assert "new-uid" in g.admitted["b"]  # still held: the ledger's "again" is the old object
