@@ -439,6 +439,69 @@ def test_install_upgrade_rotate_uninstall(fresh_namespace):
             helm("uninstall", release, "-n", namespace, check=False)
 
 
+def test_uninstall_keeps_the_catalogue_and_the_budgets_ledgers(fresh_namespace, custom, tmp_path):
+    """The catalogue from values and the ComputeBudgets (their status is the usage ledger) survive
+    `helm uninstall`; installing the release again adopts them; the directory stays admins' only."""
+    namespace, release = fresh_namespace("aop-keep"), _unique("aop")
+    flavor, group, budget = _unique("keep-flavor"), _unique("keep-group"), _unique("keep-budget")
+    dataset = next(d for d in _documents(REPO / "examples/datasets.yaml") if d["kind"] == "Dataset")
+    dataset_name = _unique("keep-dataset")
+    values = {
+        "peering": {"name": release},
+        "flavors": {flavor: _documents(REPO / "examples/flavors.yaml")[0]["spec"]},
+        "datasets": {dataset_name: dataset["spec"]},
+        "facilityGroups": {group: {"members": ["alice"]}},
+        "computeBudgets": [{"name": budget, "spec": {"group": group, "limits": {"cpuHours": 10}}}],
+    }
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    kept = [
+        ("environmentflavors", flavor),
+        ("datasets", dataset_name),
+        ("facilitygroups", group),
+        ("computebudgets", budget),
+    ]
+    installed = False
+    try:
+        output = helm("install", release, str(CHART), "-n", namespace, "--values", str(path)).stdout
+        installed = True
+        assert "NOTES:" in output and "kept by `helm uninstall`" in output, output
+        # A ledger, as the operator writes it (whether or not one runs here).
+        ledger = {"environments": {}, "settled": {"cpuHours": 4.25, "gpuHours": 0.0}, "used": {"cpuHours": 4.25}}
+        custom.patch_cluster_custom_object_status(GROUP, VERSION, "computebudgets", budget, {"status": ledger})
+
+        # The directory is the admins': a facility user may read the catalogue, not the memberships.
+        def can_list(resource: str, user: str, group: str) -> str:
+            answer = kubectl(
+                "auth", "can-i", "list", f"{resource}.{GROUP}", f"--as={user}", f"--as-group={group}", check=False
+            )
+            return answer.stdout.strip()
+
+        assert can_list("environmentflavors", "zed", "system:authenticated") == "yes"
+        assert can_list("datasets", "zed", "system:authenticated") == "yes"
+        assert can_list("facilitygroups", "zed", "system:authenticated") == "no"
+        assert can_list("facilityusers", "zed", "system:authenticated") == "no"
+        assert can_list("facilitygroups", "dora", "analysis-admins") == "yes"
+
+        helm("uninstall", release, "-n", namespace, "--wait")
+        installed = False
+        for plural, name in kept:
+            kubectl("get", f"{plural}.{GROUP}", name)  # still there
+        assert kubectl("get", "deployment", f"{release}-analysis-operator", "-n", namespace, check=False).returncode
+        status = custom.get_cluster_custom_object(GROUP, VERSION, "computebudgets", budget)["status"]
+        assert status["settled"]["cpuHours"] == 4.25 and status["used"]["cpuHours"] == 4.25
+
+        # Installed again, the release adopts what it kept (no "exists and cannot be imported").
+        helm("install", release, str(CHART), "-n", namespace, "--values", str(path))
+        installed = True
+        assert custom.get_cluster_custom_object(GROUP, VERSION, "computebudgets", budget)["status"] == status
+    finally:
+        if installed:
+            helm("uninstall", release, "-n", namespace, check=False)
+        for plural, name in kept:
+            kubectl("delete", f"{plural}.{GROUP}", name, "--ignore-not-found")
+
+
 # --- RBAC: the chart's rules are enough for a whole environment lifecycle, and each is needed.
 
 

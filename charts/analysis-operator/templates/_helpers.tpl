@@ -1,13 +1,26 @@
+{{/* The app name (app.kubernetes.io/name): nameOverride, else the chart's name. */}}
 {{- define "analysis-operator.name" -}}
-{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* What the release's objects are named after: fullnameOverride, else <release>-<name>
+(just <release> when it already contains the name). */}}
 {{- define "analysis-operator.fullname" -}}
-{{- if contains .Chart.Name .Release.Name }}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := include "analysis-operator.name" . }}
+{{- if contains $name .Release.Name }}
 {{- .Release.Name | trunc 63 | trimSuffix "-" }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Objects `helm uninstall` leaves in place (the catalogue and the budgets' ledgers). */}}
+{{- define "analysis-operator.keep" -}}
+helm.sh/resource-policy: keep
 {{- end }}
 
 {{- define "analysis-operator.selectorLabels" -}}
