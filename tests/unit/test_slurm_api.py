@@ -230,6 +230,23 @@ def test_a_ping_with_a_bad_token_is_an_error_on_v0038():
 
 
 @pytest.mark.parametrize("version", ALL)
+def test_a_token_slurmctld_refuses_is_unreachable_with_the_reason(version, tmp_path):
+    """25.05: 511 with error 1007 (Protocol authentication error); 22.05: 500, error -1."""
+    token = tmp_path / "token"
+    token.write_text("eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjE3MDAwMDAwMDAsInN1biI6InNsdXJtIn0.c2ln")  # exp 2023-11-14
+    client, _ = client_on(version, {("GET", "jobs"): "jobs-bad-token"}, api_version=version)
+    client.settings = SlurmSettings(token_file=str(token), api_version=version)
+    with pytest.raises(BackendUnavailable) as raised:
+        asyncio.run(client.jobs())
+    assert f"the token in {token} expired at 2023-11-14T22:13:20Z" in str(raised.value)
+    assert token.read_text() not in str(raised.value)
+    if version != "v0.0.38":
+        assert "refused the credentials for GET jobs as slurm (Unable to query jobs: Protocol authentication" in str(
+            raised.value
+        )
+
+
+@pytest.mark.parametrize("version", ALL)
 def test_a_ping_with_a_bad_token_is_unreachable_through_the_client(version):
     client, _ = client_on(version, {("GET", "ping"): "ping-bad-token"}, api_version=version)
     if version == "v0.0.38":

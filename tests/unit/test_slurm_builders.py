@@ -858,3 +858,15 @@ def test_a_submission_refused_for_an_unknown_user_says_so(tmp_path):
     observation = asyncio.run(backend.ensure(Launch(make_environment(), make_flavor(), "t")))
     assert (observation.state, observation.reason) == (State.FAILED, "UnknownUnixAccount")
     assert "'alice'" in observation.message and "Invalid user ID" in observation.message
+
+
+def test_an_adopted_gpu_job_without_its_gpus_is_cancelled(tmp_path):
+    """A job found again (e.g. the submit answer was lost) is checked as a fresh one is."""
+    queue = [queued(5, "PENDING", **MINE, gpus_requested=0)]
+    backend = per_user_backend(queue, tmp_path)
+    observation = asyncio.run(backend.ensure(Launch(make_environment(), make_flavor(gpu=1), "t")))
+    assert (observation.state, observation.reason) == (State.FAILED, "GpuRequestIgnored")
+    assert backend.client.cancelled == ["5"] and backend.client.submitted == []
+    queue = [queued(5, "PENDING", **MINE, gpus_requested=1)]
+    backend = per_user_backend(queue, tmp_path)
+    assert asyncio.run(backend.ensure(Launch(make_environment(), make_flavor(gpu=1), "t"))).state == State.PENDING

@@ -465,8 +465,7 @@ class SlurmBackend:
         existing = choose_job(jobs, include_cancelled=False)
         if existing is None:
             return await self._submit(launch)
-        await self._cancel_others(jobs, existing)
-        return await self._observe_job(launch.environment, existing)
+        return await self._adopt(launch, jobs, existing)
 
     async def resume(self, launch: Launch) -> Observation:
         """Adopt an active job (a resume seen twice), else submit a new one: the cancelled
@@ -476,8 +475,7 @@ class SlurmBackend:
         job = _newest([job for job in jobs if job.state in ACTIVE_STATES])
         if job is None:
             return await self._submit(launch)
-        await self._cancel_others(jobs, job)
-        return await self._observe_job(launch.environment, job)
+        return await self._adopt(launch, jobs, job)
 
     async def suspend(self, environment: Environment) -> Observation:
         """Cancel the job; resuming submits a new one (Slurm keeps nothing of a cancelled job)."""
@@ -641,6 +639,21 @@ class SlurmBackend:
             elif (job_identity(job, self.settings, key) or {}).get("uid") == environment.uid:
                 found.append(job)
         return found
+
+    async def _adopt(self, launch: Launch, jobs: list[SlurmJob], job: SlurmJob) -> Observation:
+        """The environment's job, found again (after a restart, or a submit whose answer was lost):
+        the only active one, and only if it asks for what the flavor asks (its GPUs)."""
+        await self._cancel_others(jobs, job)
+        problem = build_submission_problem(job, launch.flavor, ()) if job.state in ACTIVE_STATES else None
+        if problem is not None:
+            await self.client.cancel(job.job_id)
+            return Observation(
+                State.FAILED,
+                reason=problem[0],
+                reference={"id": job.job_id},
+                message=f"{problem[1]}; Slurm job {job.job_id} was cancelled",
+            )
+        return await self._observe_job(launch.environment, job)
 
     async def _cancel_others(self, jobs: list[SlurmJob], keep: SlurmJob) -> None:
         """Never two: any other active job of the environment goes."""

@@ -157,10 +157,11 @@ class SlurmRestClient:
         refusal = SlurmRequestRefused(errors or [SlurmError(-1, f"HTTP {status}")])
         if any(_is_refusal(code) for code in codes):
             raise refusal
-        where = self.settings.jwt_key_file or self.settings.token_file
+        # 22.05 answers a token slurmctld refuses with "slurmctld config is unable to load" (-1).
         raise BackendUnavailable(
             f"slurmrestd at {self.settings.url} could not serve {what} for user "
-            f"{headers['X-SLURM-USER-NAME']} ({refusal}); check slurmctld and the key or token in {where}"
+            f"{headers['X-SLURM-USER-NAME']} ({refusal}): slurmctld is down or unreachable from slurmrestd, "
+            f"or it refused the credentials; {self.credentials.diagnose()}"
         )
 
     def _forget(self, api: Dialect) -> None:

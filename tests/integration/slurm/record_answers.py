@@ -88,6 +88,7 @@ class Recorder:
         await self.record("ping", "GET", "ping")
         bad = {"X-SLURM-USER-NAME": "slurm", "X-SLURM-USER-TOKEN": "e30.e30.not-a-signature"}
         await self.record("ping-bad-token", "GET", "ping", headers=bad)
+        await self.record("jobs-bad-token", "GET", "jobs", headers=bad)
         body = api.submit_body(self.request("debug", 2), script)
         running = str((await self.record("submit", "POST", "job/submit", body, user=USER))["job_id"])
         await self.wait(running, lambda job: job.state == "RUNNING", "running")
