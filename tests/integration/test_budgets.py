@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import json
 import signal
 import urllib.request
 import uuid
@@ -310,6 +311,8 @@ def test_only_an_admin_approves_and_approval_counts_exactly_once(kubeconfig, bud
     with pytest.raises(kubernetes.client.ApiException) as final:
         admin.decide(request_name, decision="Denied")
     assert final.value.status == 403 and "decisions are final" in final.value.body
+    [cause] = json.loads(final.value.body)["details"]["causes"]
+    assert (cause["reason"], cause["field"]) == ("DecisionFinal", "status.decision")
 
     denied = scientist.create(budget=name, add={"cpuHours": 1000})["metadata"]["name"]
     admin.decide(denied, decision="Denied", comment="no beamtime left")
