@@ -28,7 +28,15 @@ CACHE=${ANALYSIS_OPERATOR_CACHE:-$HOME/.cache/analysis-operator}
 INSTALL_ROOT=${SLURM_INSTALL_ROOT:-/opt/analysis-operator}
 # The release the local stack runs (hack/slurm.sh reads it from here).
 DEFAULT_RELEASE=25.05.8
-TARBALL=${1:-${SLURM_TARBALL:-$here/../../shared/vendor/slurm-$DEFAULT_RELEASE.tar.gz}}
+# Default: the project's shared vendor folder beside the clone, or where this kind of machine keeps it.
+default_tarball() {
+  local candidate
+  for candidate in "$here/../../shared/vendor" /work/shared/vendor; do
+    [ -f "$candidate/slurm-$DEFAULT_RELEASE.tar.gz" ] && { echo "$candidate/slurm-$DEFAULT_RELEASE.tar.gz"; return; }
+  done
+  echo "$here/../../shared/vendor/slurm-$DEFAULT_RELEASE.tar.gz"
+}
+TARBALL=${1:-${SLURM_TARBALL:-$(default_tarball)}}
 # Versions whose upstream tarball this script knows: version -> sha256.
 declare -A KNOWN_SHA256=(
   [25.05.8]=beac66e778b75aaab2e480065e2ff3b167da0a9aafea678c791804889108d09f
