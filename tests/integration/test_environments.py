@@ -62,7 +62,7 @@ def test_environment_goes_ready_with_owned_children(environments, core, namespac
     assert token not in json.dumps(environment) and token not in json.dumps(pod.to_dict(), default=str)
     assert status["connection"] == {
         "secretName": "aenv-basic",
-        "url": f"http://aenv-basic.{namespace}.svc.cluster.local:8888/lab",
+        "url": f"http://aenv-basic.{namespace}.svc.cluster.local:8888/env/{namespace}/basic/lab",
     }
     assert status["backend"]["kind"] == "kubernetes" and status["backend"]["node"] == pod.spec.node_name
     assert status["observedGeneration"] == environment["metadata"]["generation"]
