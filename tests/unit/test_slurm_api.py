@@ -472,3 +472,31 @@ def test_an_answer_of_another_version_is_a_clear_unavailability():
     client._send = other_version  # type: ignore[method-assign]
     with pytest.raises(BackendUnavailable, match=r"in a form the operator cannot read: v0\.0\.43 job .*job_state"):
         asyncio.run(client.jobs())
+
+
+def test_a_version_slurmrestd_stopped_serving_is_asked_for_again():
+    """An upgrade under a running operator: the discovered version answers 404; the next call asks again."""
+    client, recorded = client_on("v0.0.43", {("GET", "ping"): "ping"})
+    asyncio.run(client.ping())
+    speaking = client._dialect
+
+    async def gone(method, url, payload, headers):
+        return 404, None  # slurmrestd's "not found" for a path it does not serve
+
+    client._send = gone  # type: ignore[method-assign]
+    with pytest.raises(BackendUnavailable, match=r"does not serve GET ping in v0\.0\.43 \(HTTP 404\)"):
+        asyncio.run(client.ping())
+    assert speaking is not None and client._dialect is None
+    client._send = recorded  # type: ignore[method-assign]
+    assert asyncio.run(client.ping()).responding and recorded.sent[-2][1].endswith("/openapi/v3")
+
+
+def test_a_pinned_version_not_served_says_to_check_the_setting():
+    client, _ = client_on("v0.0.38", {}, api_version="v0.0.38")
+
+    async def gone(method, url, payload, headers):
+        return 404, None
+
+    client._send = gone  # type: ignore[method-assign]
+    with pytest.raises(BackendUnavailable, match=r"check api_version \(v0\.0\.38\) against what it serves"):
+        asyncio.run(client.ping())
