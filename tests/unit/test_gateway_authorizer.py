@@ -188,3 +188,13 @@ def test_the_closed_page_never_passes_a_request_on(authorizer):
         authorizer.decide({"X-Forwarded-Uri": "/env/team-a/lab/", "Authorization": bearer}, closed=True)
     )
     assert verdict.status == 503 and verdict.reason == "RouteNotReady" and "Authorization" not in headers
+
+
+def test_an_index_still_saying_starting_is_checked_with_the_api_server(tmp_path):
+    settings = GatewaySettings(enabled=True, oidc_jwks_file=jwks_file(tmp_path))
+    lagging = {("team-a", "lab"): [EnvironmentRecord(LAB, {"phase": "Provisioning"})]}
+    authorizer = Authorizer(settings, ApiServer("Ready"), lagging, IndexCatalogue({}, {}, {}), TokenVerifier(settings))
+    bearer = {"Authorization": f"Bearer {token('alice', issuer='x', audience='y')}"}
+    assert ask(authorizer, **bearer)[0].allowed  # the API server already says Ready
+    authorizer.kube.phase = "Provisioning"
+    assert ask(authorizer, **bearer)[0].reason == "NotProvisioning"

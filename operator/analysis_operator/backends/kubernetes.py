@@ -268,7 +268,8 @@ class KubernetesBackend:
             )
         pod = build_pod(environment, flavor, self._settings, dataset_volumes, dataset_mounts, launch.identity)
         await self._create_own("Pod", environment, pod)
-        return observe_pod(pod)
+        # routable from now on (its Service exists): the gateway has the route before the pod is Ready
+        return dataclasses.replace(observe_pod(pod), upstream=build_upstream(environment, self._settings))
 
     async def _create_own(self, kind: str, environment: Environment, body: dict[str, Any]) -> None:
         """Create, or keep what is there if it is this environment's. A leftover of an earlier

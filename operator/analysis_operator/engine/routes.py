@@ -179,6 +179,7 @@ def build_forward_auth(settings: GatewaySettings, namespace: str, name: str = FO
                 "address": address,
                 # X-Forwarded-Uri and -Host come from the gateway itself, never from the client.
                 "trustForwardHeader": False,
+                "maxResponseBodySize": 65536,  # the operator's pages are small; bounded, and Traefik stops warning
                 "authResponseHeaders": AUTH_RESPONSE_HEADERS,
             }
         },

@@ -8,6 +8,7 @@ garbage collection removes it with the object.
 from __future__ import annotations
 
 import base64
+import collections
 import secrets
 from typing import Any
 
@@ -16,6 +17,18 @@ from analysis_operator.infra.kube import KubeClient
 from analysis_operator.model.domain import LABEL_ENVIRONMENT_UID, Environment
 
 TOKEN_KEY = "token"
+TOKENS_KEPT = 50_000
+# environment uid -> its token, as this process made or read it: the gateway's forward-auth hands it
+# on without an API call (a token never changes for an environment uid; its Secret is the record).
+KNOWN: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+
+def remember(uid: str, token: str) -> str:
+    KNOWN[uid] = token
+    KNOWN.move_to_end(uid)
+    if len(KNOWN) > TOKENS_KEPT:
+        KNOWN.popitem(last=False)
+    return token
 
 
 def new_token() -> str:
@@ -43,17 +56,18 @@ async def ensure_token(kube: KubeClient, environment: Environment) -> str:
     was someone else's."""
     token = new_token()
     if await kube.create("Secret", environment.namespace, build_token_secret(environment, token)):
-        return token
+        return remember(environment.uid, token)
     metadata = await kube.read_metadata("Secret", environment.namespace, environment.child_name) or {}
     if (metadata.get("labels") or {}).get(LABEL_ENVIRONMENT_UID) != environment.uid:
         await kube.delete("Secret", environment.namespace, environment.child_name, uid=metadata.get("uid", ""))
         raise Retry(f"replaced a leftover Secret {environment.child_name!r} of an earlier environment", delay=0.5)
     existing = await kube.read_secret_value(environment.namespace, environment.child_name, TOKEN_KEY)
-    return existing or token
+    return remember(environment.uid, existing or token)
 
 
 async def delete_token(kube: KubeClient, environment: Environment) -> None:
     """This environment's token Secret (a namesake's is left alone)."""
+    KNOWN.pop(environment.uid, None)
     await kube.delete_owned(
         "Secret", environment.namespace, environment.child_name, LABEL_ENVIRONMENT_UID, environment.uid
     )
@@ -61,6 +75,8 @@ async def delete_token(kube: KubeClient, environment: Environment) -> None:
 
 async def read_token(kube: KubeClient, environment: Environment) -> str | None:
     """This environment's token (never a namesake's), for the gateway to hand its server; None if none."""
+    if environment.uid in KNOWN:
+        return KNOWN[environment.uid]
     secret = await kube.read_secret(environment.namespace, environment.child_name)
     if (
         secret is None
@@ -68,4 +84,4 @@ async def read_token(kube: KubeClient, environment: Environment) -> str | None:
     ):
         return None
     encoded = (secret.get("data") or {}).get(TOKEN_KEY)
-    return base64.b64decode(encoded).decode() if encoded else None
+    return remember(environment.uid, base64.b64decode(encoded).decode()) if encoded else None

@@ -16,7 +16,6 @@ the reason in the X-Analysis-Reason header for scripts.
 
 from __future__ import annotations
 
-import collections
 import datetime
 import html
 import time
@@ -34,13 +33,13 @@ from analysis_operator.engine.tokens import read_token
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.infra.oidc import NotSignedIn, TokenVerifier
-from analysis_operator.model.domain import Environment
+from analysis_operator.model.domain import Environment, Phase
 from analysis_operator.policy.access import Catalogue
 from analysis_operator.policy.opening import Verdict, Viewer, environment_of, may_open
 from analysis_operator.settings import GatewaySettings
 
 log = structlog.get_logger("analysis_operator.gateway")
-TOKEN_CACHE_SIZE = 50_000
+STARTING = frozenset({Phase.PENDING.value, Phase.PROVISIONING.value})
 
 
 class Authorizer:
@@ -60,7 +59,6 @@ class Authorizer:
         self.settings, self.kube, self.environments, self.catalogue = settings, kube, environments, catalogue
         self.verifier = verifier
         self.admins = frozenset(settings.admins)
-        self._tokens: collections.OrderedDict[str, str] = collections.OrderedDict()  # environment uid -> token
         self._clock = clock
         # A standby replica (kopf peering) has paused indexes: it answers from the API server instead.
         self._active = active
@@ -89,6 +87,10 @@ class Authorizer:
         else:
             record = await self._read(*target)
             catalogue = await api_catalogue(self.kube)
+        if record is not None and record.status.get("phase") in STARTING:
+            # The index follows the operator's own status writes a moment late (more under load):
+            # before telling someone it is still starting, ask the API server.
+            record = await self._read(*target)
         if record is None:
             return Verdict(404, "NoSuchEnvironment", f"there is no environment {target[0]}/{target[1]}"), {}
         viewer = Viewer(user, catalogue.groups_of(user))
@@ -138,16 +140,7 @@ class Authorizer:
         )
 
     async def _token(self, environment: Environment) -> str | None:
-        token = self._tokens.get(environment.uid)
-        if token is not None:
-            self._tokens.move_to_end(environment.uid)
-            return token
-        token = await read_token(self.kube, environment)
-        if token is not None:
-            self._tokens[environment.uid] = token
-            if len(self._tokens) > TOKEN_CACHE_SIZE:
-                self._tokens.popitem(last=False)
-        return token
+        return await read_token(self.kube, environment)  # known in memory once made or read (engine/tokens.py)
 
 
 def page(verdict: Verdict) -> str:

@@ -72,9 +72,10 @@ async def on_startup(
     activity = GatewayActivity()
     if config.gateway.enabled:  # OPEN: routes through the gateway, and its forward-auth answered here
         routes = GatewayRoutes(kube, config.gateway)
+        memo.gateway_kube = KubeClient(4, config.namespace)  # its own connections: never behind reconciles
         authorizer = Authorizer(
             config.gateway,
-            kube,
+            memo.gateway_kube,
             environments,
             memo.access.catalogue,
             TokenVerifier(config.gateway),
@@ -174,6 +175,7 @@ async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
     await memo.idle.close()
     if memo.gateway is not None:
         await memo.gateway.cleanup()
+        memo.gateway_kube.close()
     memo.reconciler.close()
     for backend in memo.context.backends.values():
         backend.close()
