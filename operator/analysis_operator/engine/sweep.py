@@ -100,6 +100,7 @@ async def sweep_orphans(reconciler: Reconciler) -> int:
                 continue
             orphan = Environment(managed.namespace, managed.name, managed.uid, owner="", flavor="")
             await backend.delete(orphan)
+            await reconciler.context.routes.close(orphan)  # its HTTPRoute and endpoint, orphaned with it
             await delete_token(kube, orphan)
             log.warning(
                 "orphan.removed",
