@@ -107,7 +107,6 @@ class IdleChecker:
         self.context, self.settings, self.environments, self.flavors = context, settings, environments, flavors
         self.gateway = gateway
         self._session: aiohttp.ClientSession | None = None
-        self._tokens: dict[str, str] = {}
         self.requests = 0  # server requests made (bench/idle.py reads it)
 
     async def check(self, now: datetime.datetime) -> int:
@@ -172,10 +171,9 @@ class IdleChecker:
         endpoint = (status.get("backend") or {}).get("endpoint")
         if not endpoint:
             return ServerActivity(problem="its server's address is not known")
-        token = self._tokens.get(environment.uid) or await read_token(self.context.kube, environment)
+        token = await read_token(self.context.kube, environment)  # kept in memory by engine/tokens.py
         if not token:
             return ServerActivity(problem="it has no access token")
-        self._tokens[environment.uid] = token
         url = server_url(environment, str(endpoint), self.settings)
         headers = {"Authorization": f"token {token}"}
         timeout = aiohttp.ClientTimeout(total=self.settings.idle.request_timeout_seconds)
