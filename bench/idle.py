@@ -16,15 +16,15 @@ servers". This runs the operator's own IdleChecker (engine/idle.py) in-process, 
   Each answer takes 2 ms. It answers "Connection: close" after api/kernels, so every environment
   costs a TCP connection of its own per round, as 10,000 real servers would (one server behind
   keep-alive would make it cheaper than it is). It refuses requests without a token or without
-  no_track_activity=1. Its clock is the simulated one, frozen for the round (see
-  "now" in bench/RESULTS.md for what a live clock does to long rounds). What each plays:
+  no_track_activity=1. Its clock is the simulated one, frozen for the round, and so is the
+  checker's (IdleChecker's clock). What each plays:
     active   last_activity a few seconds before now
     idle     last_activity 1..45 minutes before the first round, never again: warned at the round
              where it has been idle 45 min, culled (spec.suspend) where it has been idle 1 h
     busy     last_activity 3 h old, a kernel executing_state busy (a long cell: active)
     slow     beyond the per-request timeout: api/status never answers; or api/status answers and
              api/kernels never does; or api/status answers after 80 % of the timeout and api/kernels
-             never (the longest one environment can hold a slot: two requests, each within the timeout)
+             never (both requests go at once, within one timeout for the server)
     garbage  HTTP 500; an HTML page; JSON without last_activity; last_activity "yesterday"
     flaky    (1 %, taken from the active share) active, but HTTP 503 every other round: what a
              flapping server costs in Idle condition writes (Active <-> ActivityUnknown)
@@ -330,10 +330,10 @@ class TimedChecker(IdleChecker):
     held: dict[str, list[float]]
     failures: int = 0
 
-    async def _check_one(self, record: EnvironmentRecord, flavor: Flavor, now: datetime.datetime) -> None:
+    async def _check_one(self, record: EnvironmentRecord, flavor: Flavor) -> None:
         began = time.perf_counter()
         try:
-            await super()._check_one(record, flavor, now)
+            await super()._check_one(record, flavor)
         except Exception:
             self.failures += 1
             raise
@@ -410,7 +410,15 @@ async def run(
     index = build_index(args.environments, port, now0)
     flavors = {FLAVOR.name: [FLAVOR]}
     kube = Kube(index, plays, args.kube_latency_ms / 1000)
-    checker = TimedChecker(Context(kube=kube, backends={}), settings, index, flavors, GatewayActivity())  # type: ignore[arg-type]
+    simulated = [now0]  # the round's time: the checker's clock and the servers' (clock.value)
+    checker = TimedChecker(
+        Context(kube=kube, backends={}),  # type: ignore[arg-type]
+        settings,
+        index,
+        flavors,
+        GatewayActivity(),
+        clock=lambda: simulated[0],
+    )
     checker.plays, checker.held = plays, collections.defaultdict(list)
     held_max: dict[str, float] = collections.defaultdict(float)
     rows: list[RoundRow] = []
@@ -420,12 +428,12 @@ async def run(
             await (await bench.get(stats_url)).json()
             for r in range(rounds):
                 now = now0 + datetime.timedelta(seconds=r * idle.check_interval_seconds)
-                clock.value = now.timestamp()
+                clock.value, simulated[0] = now.timestamp(), now
                 kube.round = r
                 calls0 = collections.Counter(kube.calls)
                 cpu0, server_cpu0 = time.process_time(), process_cpu(server.pid)  # type: ignore[arg-type]
                 began = time.perf_counter()
-                checked = await checker.check(now)
+                checked = await checker.check()
                 wall = time.perf_counter() - began
                 cpu, server_cpu = time.process_time() - cpu0, process_cpu(server.pid) - server_cpu0  # type: ignore[arg-type]
                 stats = await (await bench.get(stats_url)).json()

@@ -9,6 +9,9 @@ One run measures, each in its own namespace:
   5. operator restart with everything unchanged: time to live, to steady state, writes
   6. delete -> pod gone (garbage collector), one at a time
   7. the raw limit: Secret + Service + Pod created directly, N=1000, ratio to the operator
+  8. --go-raw N: the operator's N-at-once burst alternating with bench/goraw (client-go, no rate
+     limit) creating the same children, --rounds times each; medians, throughput ratio and CPU
+     per environment for the whole machine and by process
 
 The operator runs as `taskset -c 1 python -m analysis_operator --log-format json`.
 Output: a markdown report on stdout and in --out. Operator logs go to bench/logs/.
@@ -16,6 +19,7 @@ Output: a markdown report on stdout and in --out. Operator logs go to bench/logs
     eval "$(hack/cluster.sh env)"
     .venv/bin/python bench/run.py --out bench/RESULTS.md                       # full: 50, 100, 1000, 10000
     .venv/bin/python bench/run.py --single 10 --sizes 20 --skip-10k --raw 20  # quick trial
+    .venv/bin/python bench/run.py --single 0 --sizes= --raw 0 --skip-10k --no-restart --go-raw 1000  # issue 17 G2
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import json
 import math
 import os
@@ -30,6 +35,7 @@ import pathlib
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -459,6 +465,125 @@ def run_pool(pool: concurrent.futures.ThreadPoolExecutor, function: Callable, it
     return errors
 
 
+# --------------------------------------------------------------------------- 8: the Go raw client
+
+
+SHAPE_NAME = "tmplq9x"  # an environment name found nowhere else in its children, so it can be templated
+STACK_COMPONENTS = ("kube-apiserver", "etcd", "kube-controller-manager", "kube-scheduler", "kwok")
+
+
+def build_goraw() -> pathlib.Path:
+    """bench/goraw's binary, built (or found in the cache) by hack/build-goraw.sh."""
+    built = subprocess.run([str(REPO / "hack" / "build-goraw.sh")], check=True, capture_output=True, text=True)
+    return pathlib.Path(built.stdout.strip().splitlines()[-1])
+
+
+def merge_fields(into: dict, fields: dict) -> dict:
+    """Union of two managedFields fieldsV1 trees."""
+    for key, sub in fields.items():
+        merge_fields(into.setdefault(key, {}), sub)
+    return into
+
+
+def owned_fields(value: Any, fields: dict) -> Any:
+    """The parts of `value` that a fieldsV1 tree names: what clients sent, without what the server set
+    afterwards (uid, resourceVersion, status, the scheduler's nodeName, a Service's clusterIP, admission's
+    additions). Defaults applied while decoding the request stay: sending them again changes nothing."""
+    children = {key: sub for key, sub in fields.items() if key != "."}
+    if not children:
+        return {} if isinstance(value, dict) and "." in fields else value
+    if isinstance(value, dict):
+        return {
+            key[2:]: owned_fields(value[key[2:]], sub)
+            for key, sub in children.items()
+            if key.startswith("f:") and key[2:] in value
+        }
+    if isinstance(value, list):
+        kept = []
+        for index, item in enumerate(value):
+            for key, sub in children.items():
+                kind, _, spec = key.partition(":")
+                if (
+                    (
+                        kind == "k"
+                        and isinstance(item, dict)
+                        and all(item.get(k) == v for k, v in json.loads(spec).items())
+                    )
+                    or (kind == "v" and item == json.loads(spec))
+                    or (kind == "i" and int(spec) == index)
+                ):
+                    kept.append(owned_fields(item, sub))
+                    break
+        return kept
+    return value
+
+
+def client_shape(body: dict) -> tuple[dict, list[str]]:
+    """A live object as its clients wrote it (managedFields of the main resource, no subresources), and
+    the managers that wrote it."""
+    entries = [e for e in body["metadata"].get("managedFields") or () if not e.get("subresource")]
+    fields: dict = {}
+    for entry in entries:
+        merge_fields(fields, entry.get("fieldsV1") or {})
+    shape = owned_fields(body, fields)
+    shape["apiVersion"], shape["kind"] = body["apiVersion"], body["kind"]
+    shape.setdefault("metadata", {})["name"] = body["metadata"]["name"]
+    return shape, sorted({f"{e['manager']} ({e['operation']})" for e in entries})
+
+
+class CpuMeter:
+    """CPU seconds used by the whole machine (/proc/stat: user, nice, system, irq, softirq, steal) and by
+    process (/proc/<pid>/stat utime + stime): the operator, this script, and the stack's components (their
+    process groups, from the PID files hack/cluster.sh writes)."""
+
+    def __init__(self, operator: Operator) -> None:
+        self.operator = operator
+        self.ticks = os.sysconf("SC_CLK_TCK")
+
+    def snapshot(self) -> dict[str, float]:
+        fields = [int(x) for x in pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        usage: dict[str, float] = collections.defaultdict(float)
+        usage["whole machine"] = sum(fields[i] for i in (0, 1, 2, 5, 6, 7)) / self.ticks
+        groups = {}
+        for name in STACK_COMPONENTS:
+            with contextlib.suppress(OSError, ValueError):
+                groups[int((STATE / "pids" / name).read_text())] = name
+        named = {self.operator.pid: "operator", os.getpid(): "bench/run.py (POSTs, watches)"}
+        for entry in pathlib.Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            label = named.get(int(entry.name)) or groups.get(int(stat[2]))
+            if label:
+                usage[label] += (int(stat[11]) + int(stat[12])) / self.ticks
+        return dict(usage)
+
+    @staticmethod
+    def diff(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        used = {key: after[key] - before.get(key, 0.0) for key in after}
+        return used
+
+    @staticmethod
+    def with_other(used: dict[str, float]) -> dict[str, float]:
+        """Adds "other" = the whole machine minus every named process (other processes, interrupts)."""
+        named = sum(value for key, value in used.items() if key != "whole machine")
+        return {**used, "other (machine minus the above)": used["whole machine"] - named}
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "operator"], capture_output=True, text=True
+        )
+        return head.stdout.strip() + (" + uncommitted changes in operator/" if dirty.stdout.strip() else "")
+    except OSError:
+        return "?"
+
+
 def write_table(before: collections.Counter, after: collections.Counter, n: int) -> dict:
     diff = {key: after[key] - before.get(key, 0) for key in after if after[key] - before.get(key, 0) > 0}
     return {"diff": diff, "n": n}
@@ -485,6 +610,8 @@ class Bench:
         self.results: list[tuple[str, str]] = []
         self.resources: list[tuple[str, str, str, str, str]] = []  # phase, envs, RSS, HWM, CPU s
         self.writes: dict[int, dict] = {}
+        self.sections: list[str] = []  # extra report sections (8)
+        self.meter = CpuMeter(self.operator)
         self.notes: list[str] = []
         self.cpu_mark = 0.0
         self.environments_total = 0
@@ -519,6 +646,20 @@ class Bench:
         self.cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
         self.cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
         self.cluster.kubectl("apply", "-f", str(REPO / "examples/flavors.yaml"))
+        # Environments run as their owner's POSIX identity: the owner "bench" needs a FacilityUser.
+        owner = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "FacilityUser",
+            "metadata": {"name": "bench"},
+            "spec": {"uid": 29999, "gid": 29999},
+        }
+        try:
+            self.cluster.custom.create_cluster_custom_object(
+                GROUP, VERSION, "facilityusers", owner, _preload_content=False
+            )
+        except ApiException as error:
+            if error.status != 409:  # already there
+                raise
         self.add_nodes()
         self.add_service_cidr()
 
@@ -545,6 +686,7 @@ class Bench:
         """The stack's 3 KWOK nodes hold 16 jupyter-basic pods each (1 CPU, 16Gi): add big fake nodes."""
         args = self.args
         pods = args.single + sum(args.sizes) + args.raw + (0 if args.skip_10k else args.scale)
+        pods += 2 * args.go_raw * args.rounds + 1  # 8: in case a namespace is slow to go
         count = max(1, math.ceil(pods * 1.2 / 3000))
         for index in range(count):
             name = f"{NODE_PREFIX}{self.run_id}-{index}"
@@ -727,6 +869,222 @@ class Bench:
             time.sleep(1)
         return elapsed
 
+    # ---- 8: the operator beside the Go raw client
+    def compare_go_raw(self, n: int, rounds: int) -> None:
+        """The operator's N at once, alternating with bench/goraw creating the same children, `rounds`
+        times each, every run in a fresh namespace deleted before the next (same population each time)."""
+        binary = build_goraw()
+        shapes = self.args.go_raw_shapes or self.dump_shapes()
+        runs: dict[str, list[dict]] = {"operator": [], "go raw": []}
+        for index in range(rounds):
+            for path in runs:
+                idle = self.settle()
+                sample = (
+                    self.operator_burst(n, index) if path == "operator" else self.go_raw_burst(binary, shapes, n, index)
+                )
+                sample["idle cores"] = idle
+                self.settle()  # what the burst left to do (Endpoints, late writes), until the machine is idle
+                tail = CpuMeter.diff(sample.pop("before"), self.meter.snapshot())
+                sample["cpu+tail"] = CpuMeter.with_other({**tail, **sample.pop("exited", {})})
+                runs[path].append(sample)
+                log(
+                    f"8. {path} run {index + 1}/{rounds}: {sample['elapsed']:.2f} s, {sample['done']}/{n} done, "
+                    f"{sample['errors']} errors, whole machine {sample['cpu']['whole machine'] / n * 1000:.0f} "
+                    f"core-ms/env ({sample['cpu+tail']['whole machine'] / n * 1000:.0f} with the tail)"
+                )
+                self.drop_namespace(sample["namespace"])
+        self.compare_section(n, runs, binary, shapes)
+
+    def dump_shapes(self) -> pathlib.Path:
+        """The Secret, Service and Pod of one Ready jupyter-basic environment made by this operator, as its
+        client wrote them, with {{name}}, {{namespace}} and {{uid}} in place of the environment's."""
+        namespace = self.namespace("shape")
+        tracker = self.track(namespace)
+        self.cluster.create_environment(namespace, SHAPE_NAME)
+        if not tracker.wait(lambda: SHAPE_NAME in tracker.ready, timeout=self.args.timeout_single):
+            raise RuntimeError(f"shape environment not Ready after {self.args.timeout_single} s")
+        tracker.stop()
+        environment = self.cluster.list_json(
+            self.cluster.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, SHAPE_NAME
+        )
+        selector = f"{LABEL_ENVIRONMENT}={SHAPE_NAME}"
+        shapes: dict[str, Any] = {}
+        managers: set[str] = set()
+        for kind, method in (
+            ("secret", self.cluster.core.list_namespaced_secret),
+            ("service", self.cluster.core.list_namespaced_service),
+            ("pod", self.cluster.core.list_namespaced_pod),
+        ):
+            items = self.cluster.list_json(method, namespace, label_selector=selector)["items"]
+            if len(items) != 1:
+                raise RuntimeError(f"shape environment has {len(items)} {kind}s")
+            body = items[0]
+            body.setdefault("apiVersion", "v1")
+            body.setdefault("kind", kind.capitalize())
+            shapes[kind], written_by = client_shape(body)
+            managers.update(written_by)
+        text = json.dumps(shapes, indent=1, sort_keys=True)
+        for value, placeholder in (
+            (namespace, "{{namespace}}"),
+            (environment["metadata"]["uid"], "{{uid}}"),
+            (SHAPE_NAME, "{{name}}"),
+        ):
+            text = text.replace(value, placeholder)
+        document = json.loads(text)
+        document["_source"] = {
+            "dumped": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "from": f"environment {SHAPE_NAME} ({FLAVOR}), Ready, made by the operator at {git_commit()}",
+            "writers": sorted(managers),
+        }
+        path = REPO / "bench" / "logs" / f"goraw-shapes-{self.run_id}.json"
+        path.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+        log(f"8. shapes of {SHAPE_NAME}'s children (written by {', '.join(sorted(managers))}) in {path}")
+        self.drop_namespace(namespace)
+        return path
+
+    def settle(self, seconds: float = 3.0, timeout: float = 90.0) -> float:
+        """Wait until the whole machine uses less than --settle-cores for `seconds`; returns the cores used."""
+        deadline = time.monotonic() + timeout
+        used = float("nan")
+        while time.monotonic() < deadline:
+            before = self.meter.snapshot()["whole machine"]
+            time.sleep(seconds)
+            used = (self.meter.snapshot()["whole machine"] - before) / seconds
+            if used < self.args.settle_cores:
+                return used
+        self.notes.append(f"8: machine not below {self.args.settle_cores} cores after {timeout:.0f} s ({used:.2f})")
+        return used
+
+    def operator_burst(self, n: int, index: int) -> dict:
+        namespace = self.namespace(f"op{index}")
+        tracker = self.track(namespace)
+        names = [f"e{i:05d}" for i in range(n)]
+        before = self.meter.snapshot()
+        began = time.perf_counter()
+        errors = run_pool(self.pool, lambda name: self.cluster.create_environment(namespace, name), names)
+        timeout = self.args.timeout_batch_base + n * self.args.timeout_batch_per_env
+        tracker.wait(lambda: len(tracker.ready) >= n - len(errors), timeout=timeout)
+        after = self.meter.snapshot()  # POSTs -> all Ready, as the Go client's POSTs -> all Running
+        tracker.stop()
+        return {
+            "namespace": namespace,
+            "elapsed": (max(tracker.ready.values()) - began) if tracker.ready else float("nan"),
+            "done": len(tracker.ready),
+            "errors": len(errors),
+            "before": before,
+            "cpu": CpuMeter.with_other(CpuMeter.diff(before, after)),
+        }
+
+    def go_raw_burst(self, binary: pathlib.Path, shapes: pathlib.Path, n: int, index: int) -> dict:
+        namespace = self.namespace(f"go{index}")
+        timeout = self.args.timeout_batch_base + n * self.args.timeout_batch_per_env
+        command = [
+            str(binary),
+            *("-kubeconfig", self.cluster.kubeconfig, "-namespace", namespace, "-n", str(n)),
+            *("-workers", str(self.args.go_raw_workers), "-content-type", self.args.go_raw_content_type),
+            *("-shapes", str(shapes), "-timeout", f"{timeout:.0f}s"),
+        ]
+        before = self.meter.snapshot()
+        completed = subprocess.run(command, capture_output=True, text=True)
+        after = self.meter.snapshot()
+        try:
+            result = json.loads(completed.stdout)
+        except ValueError:
+            raise RuntimeError(f"goraw exited with {completed.returncode}: {completed.stderr[-2000:]}") from None
+        self.go_raw_info = f"{result['client_go']}, {result['workers']} workers, {result['content_type']}"
+        exited = {"go raw client": result["cpu_total_s"]}  # its rusage: it is gone by the second snapshot
+        return {
+            "before": before,
+            "exited": exited,
+            "namespace": namespace,
+            "elapsed": result["elapsed_s"] if result["running"] else float("nan"),
+            "done": result["running"],
+            "errors": result["errors"],
+            "cpu": CpuMeter.with_other({**CpuMeter.diff(before, after), **exited}),
+        }
+
+    def drop_namespace(self, namespace: str) -> None:
+        """Delete a namespace and wait until it is gone, so the next run starts with the same population."""
+        began = time.perf_counter()
+        self.cluster.core.delete_namespace(namespace, propagation_policy="Background", _preload_content=False)
+        self.deleted.add(namespace)
+        deadline = time.monotonic() + self.args.timeout_cleanup
+        while self._exists(namespace) and time.monotonic() < deadline:
+            time.sleep(1)
+        log(f"deleted namespace {namespace} in {time.perf_counter() - began:.0f} s")
+
+    def compare_section(self, n: int, runs: dict[str, list[dict]], binary: pathlib.Path, shapes: pathlib.Path) -> None:
+        operator, go_raw = runs["operator"], runs["go raw"]
+        med = statistics.median
+
+        def throughput(sample: dict) -> float:
+            return sample["done"] / sample["elapsed"] if sample["elapsed"] == sample["elapsed"] else 0.0
+
+        def per_env(sample: dict, key: str = "whole machine", window: str = "cpu") -> float:
+            return sample[window].get(key, 0.0) / n * 1000
+
+        op_rate, go_rate = med(throughput(s) for s in operator), med(throughput(s) for s in go_raw)
+        op_cpu, go_cpu = med(per_env(s) for s in operator), med(per_env(s) for s in go_raw)
+        op_tail, go_tail = (
+            med(per_env(s, window="cpu+tail") for s in operator),
+            med(per_env(s, window="cpu+tail") for s in go_raw),
+        )
+        shown = shapes.relative_to(REPO) if shapes.is_relative_to(REPO) else shapes
+        lines = [
+            "",
+            f"## 8. The operator beside the Go raw client: N={n} at once, alternating, {len(operator)} runs each",
+            "",
+            f"Go raw client: `bench/goraw` ({getattr(self, 'go_raw_info', '?')}, no client-side rate limit), "
+            f"binary `{binary}`, shapes `{shown}`. Operator path: POST N AnalysisEnvironments (this script, "
+            f"{self.args.pool} threads) -> all status Ready; Go raw path: N x (Secret, Service, Pod) -> all pods "
+            "Running. Each run in a fresh namespace, deleted before the next, and the machine idle (below "
+            f'{self.args.settle_cores} cores for 3 s) before each. CPU "to done": from just before the first '
+            'POST to the last Ready/Running event; "+ tail": until the machine is idle again afterwards '
+            "(what the burst left to do; includes those idle seconds).",
+            "",
+            "| run | path | time s | env/s | done | errors | whole machine core-ms/env, to done | + tail "
+            "| machine idle before, cores |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for index in range(len(operator)):
+            for path in runs:
+                sample = runs[path][index]
+                lines.append(
+                    f"| {index + 1} | {path} | {sample['elapsed']:.2f} | {throughput(sample):.1f} | {sample['done']} "
+                    f"| {sample['errors']} | {per_env(sample):.0f} | {per_env(sample, window='cpu+tail'):.0f} "
+                    f"| {sample['idle cores']:.2f} |"
+                )
+        lines += [
+            "",
+            f"Medians: operator {med(s['elapsed'] for s in operator):.2f} s ({op_rate:.1f} env/s), Go raw "
+            f"{med(s['elapsed'] for s in go_raw):.2f} s ({go_rate:.1f} env/s): **operator / Go raw throughput "
+            f"{op_rate / go_rate:.2f}** (G2: >= 0.8). Whole machine per environment, to done: operator path "
+            f"{op_cpu:.0f} core-ms, Go raw path {go_cpu:.0f} core-ms: **{op_cpu / go_cpu:.2f}x** (G2: <= 1.25x); "
+            f"with the tail {op_tail:.0f} / {go_tail:.0f} core-ms = {op_tail / go_tail:.2f}x.",
+            "",
+            "CPU per environment by process, core-ms (median over the runs of each path; medians do not add up):",
+            "",
+            "| process | operator path, to done | + tail | Go raw path, to done | + tail |",
+            "|---|---|---|---|---|",
+        ]
+        keys = ["whole machine", "operator", *STACK_COMPONENTS, "bench/run.py (POSTs, watches)", "go raw client"]
+        keys.append("other (machine minus the above)")
+        for key in keys:
+            cells = [
+                f"{med(per_env(s, key, window) for s in samples):.1f}"
+                for samples in (operator, go_raw)
+                for window in ("cpu", "cpu+tail")
+            ]
+            lines.append(f"| {key} | {' | '.join(cells)} |")
+        self.sections += lines
+        self.result(
+            f"8. N={n} at once, operator / Go raw throughput (medians of {len(operator)})", f"{op_rate / go_rate:.2f}"
+        )
+        self.result(
+            f"8. N={n}: whole-machine CPU per environment, operator path / Go raw path (to done)",
+            f"{op_cpu:.0f} / {go_cpu:.0f} core-ms = {op_cpu / go_cpu:.2f}x",
+        )
+
     # ---- 4 (10,000)
     def scale(self, target: int) -> None:
         remaining = target - self.environments_total
@@ -856,6 +1214,9 @@ class Bench:
             if operator_1000 and operator_1000[0] == args.raw:
                 self.result(f"7. operator N={args.raw} / raw N={args.raw}", f"{operator_1000[1] / raw_elapsed:.2f}x")
             self.checkpoint(f"during raw N={args.raw} (operator idle)")
+        if args.go_raw:
+            self.compare_go_raw(args.go_raw, args.rounds)
+            self.checkpoint(f"after {args.rounds} x 2 alternating N={args.go_raw} (operator, Go raw)")
         if not args.skip_10k:
             self.scale(args.scale)
             time.sleep(args.idle_seconds)
@@ -947,6 +1308,7 @@ class Bench:
             "|---|---|---|---|---|",
         ]
         lines += [f"| {' | '.join(row)} |" for row in self.resources]
+        lines += self.sections
         for n, table in sorted(self.writes.items()):
             lines += self.writes_section(n, table["diff"])
         lines += [
@@ -1026,6 +1388,17 @@ def main() -> None:
         help="batch sizes created at once (2, 3), comma-separated",
     )
     parser.add_argument("--raw", type=int, default=None, help="raw-limit size (7; default: largest batch; 0 = skip)")
+    parser.add_argument(
+        "--go-raw",
+        type=int,
+        default=0,
+        help="8: N at once by the operator alternating with bench/goraw's N, --rounds times each (0 = skip)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="8: runs of each path")
+    parser.add_argument("--go-raw-workers", type=int, default=64)
+    parser.add_argument("--go-raw-content-type", default="json", choices=["json", "protobuf"])
+    parser.add_argument("--go-raw-shapes", type=pathlib.Path, help="8: shapes file (default: dumped in this run)")
+    parser.add_argument("--settle-cores", type=float, default=0.3, help="8: idle below this many cores before a run")
     parser.add_argument("--scale", type=int, default=10000, help="total environments for the scale point (4, 5)")
     parser.add_argument("--scale-batch", type=int, default=1000)
     parser.add_argument("--skip-10k", action="store_true", help="no scale point; restart uses what exists")

@@ -189,7 +189,8 @@ case "${1:-}" in
   env)
     echo "export ANALYSIS_OPERATOR_GATEWAY_NAME=$GATEWAY"
     echo "export ANALYSIS_OPERATOR_GATEWAY_NAMESPACE=$NAMESPACE"
-    echo "export ANALYSIS_OPERATOR_GATEWAY_URL=http://127.0.0.1:$GATEWAY_PORT" ;;
+    echo "export ANALYSIS_OPERATOR_GATEWAY_URL=http://127.0.0.1:$GATEWAY_PORT"
+    echo "export ANALYSIS_OPERATOR_GATEWAY_PROBE_URL=http://127.0.0.1:$GATEWAY_PORT" ;;
   status) running && echo "traefik running" || echo "traefik stopped" ;;
   *) echo "usage: $0 up|down|env|status" >&2; exit 2 ;;
 esac

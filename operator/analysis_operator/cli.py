@@ -8,7 +8,7 @@ import dataclasses
 
 import kopf
 
-from analysis_operator.infra.logs import configure_logging
+from analysis_operator.infra.logs import configure_logging, tune_gc
 from analysis_operator.settings import load_settings
 
 
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     from analysis_operator.infra import kopf_patches
 
     kopf_patches.apply()  # startup index gating in linear time (see the module)
+    tune_gc()
 
     asyncio.run(
         kopf.operator(

@@ -83,6 +83,14 @@ class AdmissionSettings:
     host: str = ""
     managed_name: str = "analysis.panosc.eu"  # the Validating/MutatingWebhookConfiguration kopf keeps
     cert_dir: str = "/tmp/analysis-operator-webhook"  # tls.crt/tls.key/ca.crt; generated when missing
+    # Set (the Helm chart's default): the operator makes and renews the serving certificate itself,
+    # kept in this Secret (in tls_secret_namespace), valid for tls_hosts, and sets the caBundle of
+    # the Validating/MutatingWebhookConfiguration named webhook_configuration (infra/certificates.py).
+    tls_secret: str = ""
+    tls_secret_namespace: str = ""
+    tls_hosts: tuple[str, ...] = ()
+    webhook_configuration: str = ""
+    tls_check_interval_seconds: float = 3600.0  # how often each replica checks (and renews) it
     # CA of the client certificate the API server presents to webhooks (its admission configuration):
     # set, the webhook port accepts only clients with a certificate from it; empty, any TLS client.
     client_ca_file: str = ""
@@ -149,6 +157,11 @@ class GatewaySettings:
     session_cookie: str = "aenv_session"
     admins: tuple[str, ...] = ()  # facility user IDs who may open every environment (support staff)
     login_url: str = ""  # where a browser without a valid session is sent ("" = a 401 page)
+    # Ready means OPEN works: how the operator reaches the gateway (e.g. its Service,
+    # http://traefik.<ns>.svc) to see an environment's own route answer before calling it Ready
+    # ("" = Ready when the backend is, the route following within a moment)
+    probe_url: str = ""
+    probe_timeout_seconds: float = 120.0  # Ready anyway after this long (the gateway is slow or sick)
 
 
 @dataclass(frozen=True)
@@ -157,7 +170,9 @@ class IdleSettings:
 
     enabled: bool = True
     check_interval_seconds: float = 60.0  # one round over every Ready environment that can be culled
-    concurrency: int = 20  # servers read at once
+    # servers read at once (two requests each); bench/idle.py: a round of 10,000 with 2.5 % of them
+    # hanging stays under the 60 s interval at 50 (at 20 the rounds that read them take 70-80 s)
+    concurrency: int = 50
     request_timeout_seconds: float = 5.0  # per server: a slow one never holds up the others
     status_interval_seconds: float = 300.0  # status.lastActivity written at most this often per environment
     max_clock_skew_seconds: float = 120.0  # a server's last_activity further ahead is not believed

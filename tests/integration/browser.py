@@ -9,6 +9,7 @@ import pathlib
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
 
 ARTIFACTS = pathlib.Path(os.environ.get("ANALYSIS_OPERATOR_ARTIFACTS", "/tmp/analysis-operator-artifacts"))
 
@@ -28,6 +29,15 @@ def sign_in(driver: webdriver.Chrome, origin: str, cookie: str, token: str) -> N
     driver.get(origin + "/env/")  # any page of the origin, so the cookie can be set for it
     driver.delete_all_cookies()
     driver.add_cookie({"name": cookie, "value": token, "path": "/"})
+
+
+def jupyterlab_shown(driver: webdriver.Chrome) -> bool:
+    """JupyterLab's UI is drawn: its main area is there and its splash screen (shown while the
+    extensions load, over the main area) is gone."""
+    return bool(
+        driver.find_elements(By.CSS_SELECTOR, "#jp-main-dock-panel")
+        and not driver.find_elements(By.CSS_SELECTOR, "#jupyterlab-splash")
+    )
 
 
 def screenshot(driver: webdriver.Chrome, name: str) -> pathlib.Path:

@@ -322,9 +322,15 @@ class Gateway:
         return self._identity.token(self.identity_dir, user, minutes)
 
     def request(
-        self, path: str, user: str | None = None, headers: dict[str, str] | None = None, method: str = "GET"
+        self,
+        path: str,
+        user: str | None = None,
+        headers: dict[str, str] | None = None,
+        method: str = "GET",
+        timeout: float = 10,
     ) -> tuple[int, dict[str, str], bytes]:
-        """(status, headers, body) of a request through the gateway, signed in as `user` (session cookie)."""
+        """(status, headers, body) of a request through the gateway, signed in as `user` (session
+        cookie); (0, {}, b"") when nothing answered within `timeout`."""
         headers = dict(headers or {})
         if user is not None:
             cookie = f"{self.settings['ANALYSIS_OPERATOR_GATEWAY_SESSION_COOKIE']}={self.token(user)}"
@@ -332,10 +338,22 @@ class Gateway:
         url = path if path.startswith("http") else self.url + path
         request = urllib.request.Request(url, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, dict(response.headers), response.read()
         except urllib.error.HTTPError as error:
             return error.code, dict(error.headers), error.read()
+        except TimeoutError:
+            return 0, {}, b""
+
+
+def identity_provider(directory: pathlib.Path) -> dict[str, str]:
+    """A stand-in identity provider (hack/identity.py) in `directory`: the operator's OIDC settings."""
+    from tests.integration.scripts import parse_exports
+
+    identity = [sys.executable, str(REPO / "hack/identity.py")]
+    subprocess.run([*identity, "init", str(directory)], check=True)
+    exported = subprocess.run([*identity, "env", str(directory)], check=True, capture_output=True, text=True)
+    return parse_exports(exported.stdout)
 
 
 @pytest.fixture(scope="session")
@@ -345,18 +363,10 @@ def gateway(kubeconfig: str, tmp_path_factory) -> Gateway:
     run_script("gateway.sh", "up", timeout=900)  # builds Traefik first on a machine without the cache
     exported = parse_exports(run_script("gateway.sh", "env"))
     identity_dir = tmp_path_factory.mktemp("identity-provider")
-    subprocess.run([sys.executable, str(REPO / "hack/identity.py"), "init", str(identity_dir)], check=True)
     port = _free_port()
     settings = {
         **{key: value for key, value in exported.items() if key.startswith("ANALYSIS_OPERATOR_GATEWAY_")},
-        **parse_exports(
-            subprocess.run(
-                [sys.executable, str(REPO / "hack/identity.py"), "env", str(identity_dir)],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-        ),
+        **identity_provider(identity_dir),
         "ANALYSIS_OPERATOR_GATEWAY_ENABLED": "true",
         "ANALYSIS_OPERATOR_GATEWAY_AUTH_LISTEN_ADDRESS": "127.0.0.1",
         "ANALYSIS_OPERATOR_GATEWAY_AUTH_PORT": str(port),

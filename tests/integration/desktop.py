@@ -5,9 +5,12 @@ tests/integration/netns.py), from the user data Nova holds for it:
   - the VNC server, with the server options of the `aenv-desktop@` unit (localhost only, no VNC
     password), but as a bare Xvnc on a display of its own (displays are machine-wide) answering on
     the unit's port, and without a desktop session (no Xfce here: a black screen);
-  - websockify exactly as the `aenv-novnc` unit starts it (noVNC from /usr/share/novnc, the auth
-    plugin and the access token the user data writes), the token handed over as systemd would
-    (CREDENTIALS_DIRECTORY).
+  - websockify exactly as the `aenv-novnc` unit starts it (its web root prepared by the unit's
+    ExecStartPre: noVNC's files and api/; the auth plugin and the access token the user data
+    writes), the token handed over as systemd would (CREDENTIALS_DIRECTORY);
+  - the desktop activity agent as the `aenv-activity` unit starts it (every `activity_seconds`
+    here instead of 20), reporting desktop connections in api/status.
+The web root lives in the test's directory instead of /var/lib/analysis-environment/web.
 
 Needs the Debian packages tigervnc-standalone-server, novnc and websockify."""
 
@@ -27,6 +30,7 @@ from tests.integration.netns import Netns
 
 DESKTOP_UNIT = "/etc/systemd/system/aenv-desktop@.service"
 NOVNC_UNIT = "/etc/systemd/system/aenv-novnc.service"
+ACTIVITY_UNIT = "/etc/systemd/system/aenv-activity.service"
 
 
 def unit_settings(text: str) -> dict[str, str]:
@@ -45,11 +49,12 @@ def _free_display() -> int:
 
 
 class DesktopStandIn:
-    def __init__(self, netns: Netns, user_data: str, workdir: pathlib.Path) -> None:
-        self.netns, self.workdir = netns, workdir
+    def __init__(self, netns: Netns, user_data: str, workdir: pathlib.Path, activity_seconds: float = 1) -> None:
+        self.netns, self.workdir, self.activity_seconds = netns, workdir, activity_seconds
         self.files = {entry["path"]: entry["content"] for entry in yaml.safe_load(user_data)["write_files"]}
         self.desktop = unit_settings(self.files[DESKTOP_UNIT])
         self.novnc = unit_settings(self.files[NOVNC_UNIT])
+        self.activity = unit_settings(self.files[ACTIVITY_UNIT])
         self.processes: list[subprocess.Popen] = []
 
     def __enter__(self) -> DesktopStandIn:
@@ -127,12 +132,20 @@ class DesktopStandIn:
                 (library / path.removeprefix(python_path + "/")).write_text(content)
         name, _, source = self.novnc["LoadCredential"].partition(":")
         (credentials / name).write_text(self.files[source])
-        self._start(
-            "websockify",
-            shlex.split(self.novnc["ExecStart"]),
-            PYTHONPATH=str(library),
-            CREDENTIALS_DIRECTORY=str(credentials),
-        )
+        # the activity agent (a file of the user data) and the web root it prepares, here
+        agent, _, web = self.novnc["ExecStartPre"].removeprefix("+").partition(" --prepare ")
+        local_agent, local_web = self.workdir / "aenv-activity", self.workdir / "web"
+        local_agent.write_text(self.files[agent])
+        local_agent.chmod(0o755)
+        subprocess.run([str(local_agent), "--prepare", str(local_web)], check=True)
+        command = shlex.split(self.novnc["ExecStart"])
+        at = command.index("--web") + 1
+        assert command[at] == web, (command, web)  # websockify serves what the agent prepared
+        command[at] = str(local_web)
+        self._start("websockify", command, PYTHONPATH=str(library), CREDENTIALS_DIRECTORY=str(credentials))
+        agent_words = shlex.split(self.activity["ExecStart"])
+        assert agent_words[:2] == [agent, web], self.activity["ExecStart"]
+        self._start("activity", [str(local_agent), str(local_web), agent_words[2], str(self.activity_seconds)])
         self._wait_inside(self.vnc_port())  # on the namespace's own localhost: not reachable from here
         self.netns.wait_listening(self.novnc_port(), timeout=30)
 

@@ -221,16 +221,18 @@ def test_a_stored_huge_extension_is_applied_at_the_ceiling(kubeconfig, custom, e
         "spec": {"environment": "long", "lifetime": "9999999999d", "reason": "beam time ran late"},
     }
 
+    owner = kubernetes.client.CustomObjectsApi(impersonating(kubeconfig, "alice"))  # only its owner may ask
+
     def probe() -> bool:
         return _refused(
-            lambda: custom.create_namespaced_custom_object(
+            lambda: owner.create_namespaced_custom_object(
                 GROUP, VERSION, namespace, "budgetrequests", {**request, "metadata": {"name": "probe"}}, dry_run="All"
             ),
             "must be at most 366d",
         )
 
     with rule_lifted("budgetrequests", "/lifetime", probe):
-        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "budgetrequests", request)
+        owner.create_namespaced_custom_object(GROUP, VERSION, namespace, "budgetrequests", request)
     admin = kubernetes.client.CustomObjectsApi(impersonating(kubeconfig, "dora", group="analysis-admins"))
     admin.patch_namespaced_custom_object_status(
         GROUP, VERSION, namespace, "budgetrequests", "forever", {"status": {"decision": "Approved"}}

@@ -207,7 +207,8 @@ def test_usage_is_charged_and_a_restart_neither_loses_nor_double_counts(budgets,
     owner = user()
     name = budgets.create({"cpuHours": 100}, user=owner)
     environments.create("work", flavor="jupyter-basic", owner=owner)  # 1 CPU
-    environments.wait_phase("work", "Ready")
+    ready = environments.wait_phase("work", "Ready")
+    (condition,) = [c for c in ready["status"]["conditions"] if c["type"] == "Ready"]
     wait_for(lambda: _ledger(budgets, name).get("cpuHours", 0) > 0, timeout=30, what="a first charge")
     budget_operator.restart(signal.SIGKILL)  # mid-run, no chance to flush anything
     restarted = datetime.datetime.now(datetime.UTC).timestamp()
@@ -217,8 +218,10 @@ def test_usage_is_charged_and_a_restart_neither_loses_nor_double_counts(budgets,
         what="charges after the restart",
     )
     entry = _ledger(budgets, name)
-    charged_seconds = _seconds(entry["chargedUntil"]) - _seconds(entry["since"])
-    # Exactly CPUs x wall time from reservation to the last charge: the downtime is not lost, nothing twice.
+    charged_from = max(_seconds(entry["since"]), _seconds(condition["lastTransitionTime"]))
+    charged_seconds = _seconds(entry["chargedUntil"]) - charged_from
+    # Exactly CPUs x wall time from Ready (not while the pod starts) to the last charge: the downtime is not
+    # lost, nothing is charged twice.
     assert entry["cpuHours"] * 3600 == pytest.approx(charged_seconds, abs=0.05)
     assert budgets.status(name)["used"]["cpuHours"] == pytest.approx(entry["cpuHours"], abs=1e-6)
     assert budgets.status(name)["display"]["cpuHours"].endswith("/ 100")
@@ -351,6 +354,6 @@ def test_metrics_show_budgets_phases_and_refusals(budgets, environments, budget_
         return urllib.request.urlopen(url, timeout=5).read().decode()
 
     text = wait_for(lambda: name in (t := scrape()) and t, timeout=10, what="the budget in /metrics")
-    assert f'analysis_budget_limit{{budget="{name}",resource="cpuHours"}} 140.0' in text
-    assert 'analysis_admission_refusals_total{reason="NoBudget",stage="admission"}' in text
+    assert f'analysis_budget_limit_hours{{budget="{name}",resource="cpu"}} 140.0' in text
+    assert 'analysis_refusals_total{enforcement="admission",reason="NoBudget",stage="budget"}' in text
     assert "analysis_environments{" in text and "analysis_reconcile_seconds_bucket" in text

@@ -9,17 +9,33 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import datetime
+import http.client
+import json
 import pathlib
+import socket
+import ssl
+import threading
+import time
 import uuid
 
 import kubernetes
 import pytest
 import yaml
 
-from analysis_operator.infra.certificates import ensure_certificates
+from analysis_operator.infra.certificates import renew
 from tests.integration.authorization import PLURAL, denial, operator_identity
 from tests.integration.chart import CHART, find, helm, render, service_account_kubeconfig
-from tests.integration.conftest import GROUP, REPO, VERSION, Environments, OperatorProcess, impersonating, kubectl
+from tests.integration.conftest import (
+    CLUSTER_STATE,
+    GROUP,
+    REPO,
+    VERSION,
+    Environments,
+    OperatorProcess,
+    impersonating,
+    kubectl,
+)
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -204,11 +220,11 @@ def test_authorization_policy_is_the_repository_policy(tmp_path):
         objects = _template(
             chart, "ops", "--set", "admission.trustedUsers={portal-backend}", "--set", "admission.usernamePrefix=oidc:"
         )
-        policy = find(objects, "ValidatingAdmissionPolicy")
+        policy = find(objects, "ValidatingAdmissionPolicy", "aop-analysis-operator-environments")
         assert policy["spec"] == repository["spec"]
         assert policy["metadata"]["name"] == "aop-analysis-operator-environments"
         assert policy["metadata"]["labels"]["app.kubernetes.io/instance"] == "aop"
-        binding = find(objects, "ValidatingAdmissionPolicyBinding")["spec"]
+        binding = find(objects, "ValidatingAdmissionPolicyBinding", "aop-analysis-operator-environments")["spec"]
         assert binding["policyName"] == "aop-analysis-operator-environments"
         assert binding["validationActions"] == ["Deny"]
         assert binding["paramRef"] == {
@@ -286,10 +302,11 @@ def test_default_values_render_and_are_accepted_by_the_api_server(fresh_namespac
     assert env["ANALYSIS_OPERATOR_STANDALONE"] == "false" and env["ANALYSIS_OPERATOR_ADMISSION_HOST"] == ""
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    secret = find(objects, "Secret")
+    # No key material: the operator makes the certificate and sets the caBundle at run time.
+    assert not [o for o in objects if o["kind"] == "Secret"]
     for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
         for hook in find(objects, kind)["webhooks"]:
-            assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+            assert "caBundle" not in hook["clientConfig"]
             assert hook["clientConfig"]["service"]["path"] == "/" + hook["name"].split(".")[0]
     identity = next(
         h
@@ -299,7 +316,10 @@ def test_default_values_render_and_are_accepted_by_the_api_server(fresh_namespac
     assert identity["failurePolicy"] == "Fail"
     find(objects, "PodDisruptionBudget")
     find(objects, "ClusterKopfPeering")
-    assert not [o for o in objects if o["kind"] in ("NetworkPolicy", "ServiceMonitor", "Role", "Certificate")]
+    assert not [o for o in objects if o["kind"] in ("NetworkPolicy", "ServiceMonitor", "Certificate")]
+    # The one Role: the operator-made certificate's Secret, in the release's namespace.
+    assert find(objects, "Role")["metadata"] == {**find(objects, "Role")["metadata"], "namespace": namespace}
+    assert find(objects, "Role")["metadata"]["name"] == "aop-analysis-operator-webhook-tls"
     output = _apply(objects, tmp_path / "default.yaml", "--dry-run=server")
     assert output.count("(server dry run)") == len(objects)
 
@@ -335,7 +355,8 @@ def test_custom_values_render_and_are_accepted_by_the_api_server(fresh_namespace
     assert owner["failurePolicy"] == "Ignore" and owner["namespaceSelector"]["matchLabels"]
     policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] == environments)
     assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "analysis-operator"}
-    binding = find(objects, "ValidatingAdmissionPolicyBinding")  # only where this release's operator acts
+    # only where this release's operator acts
+    binding = find(objects, "ValidatingAdmissionPolicyBinding", "aop-analysis-operator-environments")
     assert binding["spec"]["matchResources"]["namespaceSelector"]["matchLabels"] == {
         "analysis.panosc.eu/environments": "enabled",
         "kubernetes.io/metadata.name": watched,
@@ -357,32 +378,106 @@ def test_custom_values_render_and_are_accepted_by_the_api_server(fresh_namespace
     assert output.count("(server dry run)") == len(objects)
 
 
-def _tls(namespace: str, release: str) -> dict:
-    secret = yaml.safe_load(
-        kubectl("get", "secret", f"{release}-analysis-operator-webhook-tls", "-n", namespace, "-o", "yaml").stdout
+def _tls(namespace: str, release: str) -> dict | None:
+    """The operator-made certificate's Secret data, or None while there is none."""
+    result = kubectl(
+        "get", "secret", f"{release}-analysis-operator-webhook-tls", "-n", namespace, "-o", "yaml", check=False
     )
-    return secret["data"]
+    return yaml.safe_load(result.stdout)["data"] if result.returncode == 0 else None
 
 
-def _ca_bundles(release: str) -> set[str]:
+def _ca_bundles(release: str) -> set[str | None]:
     bundles = set()
     for kind in ("validatingwebhookconfiguration", "mutatingwebhookconfiguration"):
         configuration = yaml.safe_load(kubectl("get", kind, f"{release}-analysis-operator", "-o", "yaml").stdout)
-        bundles |= {hook["clientConfig"]["caBundle"] for hook in configuration["webhooks"]}
+        bundles |= {hook["clientConfig"].get("caBundle") for hook in configuration["webhooks"]}
     return bundles
 
 
-def _pod_checksum(namespace: str, release: str) -> str:
-    deployment = yaml.safe_load(
-        kubectl("get", "deployment", f"{release}-analysis-operator", "-n", namespace, "-o", "yaml").stdout
-    )
-    return deployment["spec"]["template"]["metadata"]["annotations"]["checksum/webhook-tls"]
+class _ServiceConnection(http.client.HTTPSConnection):
+    """HTTPS to 127.0.0.1, with the server's certificate checked for the Service's DNS name (as
+    the API server checks it when it calls the Service)."""
+
+    def __init__(self, port: int, hostname: str, context: ssl.SSLContext) -> None:
+        super().__init__("127.0.0.1", port, timeout=10, context=context)
+        self.hostname, self.tls = hostname, context
+
+    def connect(self) -> None:
+        connection = socket.create_connection((self.host, self.port), self.timeout)
+        self.sock = self.tls.wrap_socket(connection, server_hostname=self.hostname)
 
 
-def test_install_upgrade_rotate_uninstall(fresh_namespace):
-    """The README's deploy section, for real (KWOK runs the pods: no containers start)."""
+def _served_certificate(port: int, ca_bundle: str, hostname: str, client_ca_file: str = "") -> bytes:
+    """POST a review to the webhook port, TLS verified against the caBundle and the Service's
+    name; the served certificate (DER) back. With the operator's client CA set, as the API server
+    (its client certificate, hack/cluster.sh)."""
+    context = ssl.create_default_context(cadata=base64.b64decode(ca_bundle).decode())
+    if client_ca_file:
+        pki = pathlib.Path(client_ca_file).parent
+        context.load_cert_chain(pki / "webhook-client.crt", pki / "webhook-client.key")
+    connection = _ServiceConnection(port, hostname, context)
+    try:
+        uid = str(uuid.uuid4())
+        environment = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "AnalysisEnvironment",
+            "metadata": {"name": "probe", "namespace": "probe"},
+            "spec": {"owner": "alice", "flavor": "no-such-flavor"},
+        }
+        review = {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": uid,
+                "kind": {"group": GROUP, "version": VERSION, "kind": "AnalysisEnvironment"},
+                "resource": {"group": GROUP, "version": VERSION, "resource": "analysisenvironments"},
+                "namespace": "probe",
+                "name": "probe",
+                "operation": "CREATE",
+                "userInfo": {"username": "alice", "groups": ["system:authenticated"]},
+                "object": environment,
+                "dryRun": True,
+            },
+        }
+        connection.request(
+            "POST", "/environment-admission", body=json.dumps(review), headers={"Content-Type": "application/json"}
+        )
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        assert response.status == 200 and answer["response"]["uid"] == uid, answer  # the operator decided
+        return connection.sock.getpeercert(binary_form=True)
+    finally:
+        connection.close()
+
+
+def _holds(condition, seconds: float, what: str) -> None:
+    """condition stays true for this long (checked all along)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert condition(), what
+        time.sleep(0.2)
+
+
+def _chart_env(namespace: str, release: str, *arguments: str) -> dict[str, str]:
+    """The operator's ANALYSIS_OPERATOR_ADMISSION_* settings as the chart renders them."""
+    deployment = find(render(release, namespace, "--set", f"peering.name={release}", *arguments), "Deployment")
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    return {
+        item["name"]: item["value"]
+        for item in env
+        if item["name"].startswith("ANALYSIS_OPERATOR_ADMISSION_")
+        and item["name"] != "ANALYSIS_OPERATOR_ADMISSION_PORT"
+    }
+
+
+def test_install_upgrade_rotate_uninstall(fresh_namespace, other_operators_stopped, tmp_path):
+    """The README's deploy section, for real (KWOK runs the pods: no containers start, so the
+    operator runs here as a process, as the chart's ServiceAccount, with the chart's settings).
+    The chart renders no key material; the operator makes the certificate, sets the caBundle,
+    serves with it; upgrades keep it; a deleted Secret is made again; uninstall removes it."""
     namespace, release = fresh_namespace("aop-install"), _unique("aop")
     installed = False
+    operators: list[OperatorProcess] = []
     try:
         helm(
             "install",
@@ -402,25 +497,132 @@ def test_install_upgrade_rotate_uninstall(fresh_namespace):
         )
         assert deployment["status"].get("readyReplicas") == 2
         kubectl("get", "clusterkopfpeering", release)
+        # What Argo CD renders is what was installed, every time: no key, no random value.
+        manifest = helm("get", "manifest", release, "-n", namespace).stdout
+        rendered = [
+            helm("template", release, str(CHART), "-n", namespace, "--set", f"peering.name={release}").stdout
+            for _ in range(2)
+        ]
+        assert rendered[0] == rendered[1]
+        assert [d for d in yaml.safe_load_all(manifest) if d] == [d for d in yaml.safe_load_all(rendered[0]) if d]
+        assert "kind: Secret" not in manifest and _tls(namespace, release) is None
+        assert _ca_bundles(release) == {None}
+
+        # Two replicas start at once, as the chart's ServiceAccount: one Secret, both serve it.
+        config = service_account_kubeconfig(tmp_path / "sa.kubeconfig", namespace, f"{release}-analysis-operator")
+        settings = {
+            **_chart_env(namespace, release),
+            "ANALYSIS_OPERATOR_ADMISSION_CERT_DIR": "",  # each its own, below
+            "ANALYSIS_OPERATOR_ADMISSION_TLS_CHECK_INTERVAL_SECONDS": "2",
+            "ANALYSIS_OPERATOR_STANDALONE": "false",  # one active, one standby: both serve webhooks
+            "ANALYSIS_OPERATOR_PEERING_NAME": release,
+            "ANALYSIS_OPERATOR_ADMISSION_CLIENT_CA_FILE": "",
+        }
+        hostname = f"{release}-analysis-operator-webhook.{namespace}.svc"
+        assert settings["ANALYSIS_OPERATOR_ADMISSION_TLS_HOSTS"].split(",")[0] == hostname
+        for replica in range(2):
+            log = tmp_path / f"operator-{replica}.log"
+            settings["ANALYSIS_OPERATOR_ADMISSION_CERT_DIR"] = str(tmp_path / f"tls-{replica}")
+            operators.append(OperatorProcess(str(config), log, **settings))
+        starting = [threading.Thread(target=process.start) for process in operators]
+        for thread in starting:
+            thread.start()
+        for thread in starting:
+            thread.join()
         first = _tls(namespace, release)
-        assert _ca_bundles(release) == {first["ca.crt"]}
-        certificate = base64.b64decode(first["tls.crt"]).decode()
-        assert certificate.startswith("-----BEGIN CERTIFICATE-----")
+        assert first is not None and set(first) == {"ca.crt", "ca.key", "tls.crt", "tls.key"}
+        wait_for(lambda: _ca_bundles(release) == {first["ca.crt"]}, timeout=30, what="the caBundle set")
+        served = {_served_certificate(process.webhook_port, first["ca.crt"], hostname) for process in operators}
+        pem = ssl.DER_cert_to_PEM_cert(served.pop())
+        assert not served and pem.strip() == base64.b64decode(first["tls.crt"]).decode().strip()
+        for process in operators:
+            log = process.log_path.read_text()
+            # what the certificate needs (its Secret, the two webhook configurations) was never refused;
+            # these replicas watch every namespace, and other tests' environments are no concern here
+            refused = [
+                line
+                for line in log.lower().splitlines()
+                if "forbidden" in line
+                and ("secrets" in line or "webhookconfigurations" in line)
+                and "on_environment" not in line  # an environment's token Secret, not the certificate's
+            ]
+            assert not refused and "ca.key" not in log and "PRIVATE KEY" not in log, refused[:3]
+        owner = yaml.safe_load(
+            kubectl("get", "secret", f"{release}-analysis-operator-webhook-tls", "-n", namespace, "-o", "yaml").stdout
+        )["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"]) == ("ValidatingWebhookConfiguration", f"{release}-analysis-operator")
 
-        # An upgrade with other values keeps the certificate (no churn, no restart for it).
-        checksum = _pod_checksum(namespace, release)
+        # An upgrade with other values keeps the certificate and the caBundle (Helm's three-way
+        # merge leaves a field it never set), and the replicas do not rewrite them.
+        def version() -> str:
+            secret = f"{release}-analysis-operator-webhook-tls"
+            return kubectl(
+                "get", "secret", secret, "-n", namespace, "-o", "jsonpath={.metadata.resourceVersion}"
+            ).stdout
+
+        written = version()
         helm("upgrade", release, str(CHART), "-n", namespace, "--reuse-values", "--set", "logLevel=DEBUG", "--wait")
-        assert _tls(namespace, release) == first and _ca_bundles(release) == {first["ca.crt"]}
-        assert _pod_checksum(namespace, release) == checksum
+        # Longer than two check intervals: the replicas looked, and wrote nothing.
+        _holds(
+            lambda: version() == written and _ca_bundles(release) == {first["ca.crt"]},
+            5,
+            "the certificate and caBundle kept across the upgrade",
+        )
+        assert _tls(namespace, release) == first
+        assert "REVISION: 2" in helm("status", release, "-n", namespace).stdout
 
-        # Rotation: delete the Secret, upgrade; a new CA and certificate, pods restart.
+        # Getting around it: a caBundle overwritten (say, by a GitOps tool) is set back; a serving
+        # certificate swapped in from another CA is replaced by one from the operator's CA.
+        kubectl(
+            "patch",
+            "validatingwebhookconfiguration",
+            f"{release}-analysis-operator",
+            "--type=json",
+            "-p",
+            json.dumps([{"op": "replace", "path": "/webhooks/0/clientConfig/caBundle", "value": "Zm9yZ2Vk"}]),
+        )
+        wait_for(lambda: _ca_bundles(release) == {first["ca.crt"]}, timeout=30, what="the caBundle set back")
+        foreign = renew(None, (hostname,), datetime.datetime.now(datetime.UTC))
+        swapped = base64.b64encode(foreign.certificate).decode()
+        kubectl(
+            "patch",
+            "secret",
+            f"{release}-analysis-operator-webhook-tls",
+            "-n",
+            namespace,
+            "-p",
+            json.dumps({"data": {"tls.crt": swapped, "tls.key": base64.b64encode(foreign.key).decode()}}),
+        )
+        repaired = wait_for(
+            lambda: (data := _tls(namespace, release)) and data["tls.crt"] not in (swapped, first["tls.crt"]) and data,
+            timeout=30,
+            what="the swapped certificate replaced",
+        )
+        assert repaired["ca.crt"] == first["ca.crt"] and _ca_bundles(release) == {first["ca.crt"]}
+
+        # Rotation: delete the Secret; the replicas make a new CA and certificate, set the
+        # caBundle, and serve the new certificate (kopf re-reads the files), without a restart.
         kubectl("delete", "secret", f"{release}-analysis-operator-webhook-tls", "-n", namespace)
-        helm("upgrade", release, str(CHART), "-n", namespace, "--reuse-values", "--wait")
-        second = _tls(namespace, release)
-        assert second["ca.crt"] != first["ca.crt"] and _ca_bundles(release) == {second["ca.crt"]}
-        assert _pod_checksum(namespace, release) != checksum
-        assert "REVISION: 3" in helm("status", release, "-n", namespace).stdout
+        second = wait_for(
+            lambda: (data := _tls(namespace, release)) and data["ca.crt"] != first["ca.crt"] and data,
+            timeout=30,
+            what="a new certificate made",
+        )
+        wait_for(lambda: _ca_bundles(release) == {second["ca.crt"]}, timeout=30, what="the new caBundle")
 
+        def serves_the_new_one(process: OperatorProcess) -> bool:
+            try:
+                _served_certificate(process.webhook_port, second["ca.crt"], hostname)
+                return True
+            except (ssl.SSLError, OSError):
+                return False
+
+        for process in operators:
+            wait_for(lambda: serves_the_new_one(process), timeout=60, what="the new certificate served")
+
+        for process in operators:
+            process.stop()
+        operators.clear()
         helm("uninstall", release, "-n", namespace, "--wait")
         installed = False
         for kind, name, scope in [
@@ -432,9 +634,13 @@ def test_install_upgrade_rotate_uninstall(fresh_namespace):
             ("clusterkopfpeering", release, []),
         ]:
             assert kubectl("get", kind, name, *scope, check=False).returncode != 0, f"{kind} {name} left behind"
+        # The operator-made Secret goes with the webhook configuration that owns it.
+        wait_for(lambda: _tls(namespace, release) is None, timeout=60, what="the certificate's Secret collected")
         # Helm never deletes CRDs (nor the objects in them): removing them is a separate step.
         kubectl("get", "crd", "analysisenvironments.analysis.panosc.eu")
     finally:
+        for process in operators:
+            process.stop()
         if installed:
             helm("uninstall", release, "-n", namespace, check=False)
 
@@ -562,15 +768,17 @@ def chart_operator(fresh_namespace, other_operators_stopped, tmp_path, kubeconfi
                 core, custom, kubeconfig, f"system:serviceaccount:{namespace}:{service_account}", namespace
             )
         )
-        # As in the chart: webhooks served with a mounted certificate, registered by
-        # nobody here (no host), so kopf needs no rights on webhook configurations.
-        certificates = tmp_path / f"{release}-tls"
-        ensure_certificates(str(certificates), ("localhost",))
+        # As in the chart: the operator makes its webhook certificate (a Secret in its namespace,
+        # under the chart's Role); nothing registered here (no host, no webhook configurations).
         process = OperatorProcess(
             str(config),
             tmp_path / f"{release}.log",
             ANALYSIS_OPERATOR_ADMISSION_HOST="",
-            ANALYSIS_OPERATOR_ADMISSION_CERT_DIR=str(certificates),
+            ANALYSIS_OPERATOR_ADMISSION_CERT_DIR=str(tmp_path / f"{release}-tls"),
+            ANALYSIS_OPERATOR_ADMISSION_TLS_SECRET=f"{release}-analysis-operator-webhook-tls",
+            ANALYSIS_OPERATOR_ADMISSION_TLS_SECRET_NAMESPACE=namespace,
+            ANALYSIS_OPERATOR_ADMISSION_TLS_HOSTS=f"{release}-analysis-operator-webhook.{namespace}.svc",
+            ANALYSIS_OPERATOR_ADMISSION_WEBHOOK_CONFIGURATION=f"{release}-analysis-operator",
             ANALYSIS_OPERATOR_STANDALONE="false",
             ANALYSIS_OPERATOR_PEERING_NAME=release,
         )
@@ -591,6 +799,16 @@ def _log(process: OperatorProcess) -> str:
 
 def test_chart_rbac_is_enough_for_a_whole_lifecycle(chart_operator, custom, namespace):
     process = chart_operator()
+    # It made its webhook certificate under the chart's Role, and serves it.
+    release_namespace = process.settings["ANALYSIS_OPERATOR_ADMISSION_TLS_SECRET_NAMESPACE"]
+    secret = process.settings["ANALYSIS_OPERATOR_ADMISSION_TLS_SECRET"]
+    data = yaml.safe_load(kubectl("get", "secret", secret, "-n", release_namespace, "-o", "yaml").stdout)["data"]
+    hostname = process.settings["ANALYSIS_OPERATOR_ADMISSION_TLS_HOSTS"]
+    client_ca = process.settings.get("ANALYSIS_OPERATOR_ADMISSION_CLIENT_CA_FILE") or str(
+        CLUSTER_STATE / "pki" / "webhook-client-ca.crt"
+    )
+    served = ssl.DER_cert_to_PEM_cert(_served_certificate(process.webhook_port, data["ca.crt"], hostname, client_ca))
+    assert served.strip() == base64.b64decode(data["tls.crt"]).decode().strip()
     environments = Environments(custom, namespace)
     environments.create("lab", flavor="jupyter-basic")
     ready = environments.wait_phase("lab", "Ready", timeout=60)

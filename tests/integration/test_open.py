@@ -37,11 +37,13 @@ def conditions(environment):
 
 
 def served(gateway, path, user=None, **headers):
-    """Wait until the gateway answers something other than its own 404 (the route is in place)."""
+    """Wait until the test's server at the pod's address answers through the gateway. The route is
+    in place at Ready, but the operator's probe (before Ready) found no server at a KWOK pod's
+    address, and the gateway may still hold a connection from then: one that hangs is given up."""
     return wait_for(
-        lambda: (answer := gateway.request(path, user, headers))[0] != 404 and answer,
-        timeout=20,
-        what=f"the gateway to route {path}",
+        lambda: (answer := gateway.request(path, user, headers, timeout=3))[0] not in (0, 404, 502, 504) and answer,
+        timeout=40,
+        what=f"the gateway to route {path} to the test's server",
     )
 
 
@@ -129,3 +131,36 @@ def test_a_gateway_that_does_not_exist_is_a_condition_not_a_failure(operator, ga
         assert ready["status"]["phase"] == "Ready"
     finally:
         operator.configure(**gateway.settings)
+
+
+def test_ready_means_the_gateway_already_serves_the_route(opened, directory, environments, custom, namespace):
+    """Ready is written once the operator's probe got through the environment's own route (settings
+    gateway.probe_url): a browser following status.connection.url the moment it says Ready reaches the
+    environment, never the gateway's 404 or the 'being opened' page. KWOK pods run no server, so what
+    answers past the route is the network's (an error): that still went through the route."""
+    names = [f"burst-{i}" for i in range(6)]
+    for name in names:
+        environments.create(name, flavor="jupyter-basic", lifetime="1h")
+    waiting, watch = set(names), kubernetes.watch.Watch()
+    for event in watch.stream(
+        custom.list_namespaced_custom_object,
+        "analysis.panosc.eu",
+        "v1alpha1",
+        namespace,
+        "analysisenvironments",
+        timeout_seconds=120,
+    ):
+        body = event["object"]
+        name, status = body["metadata"]["name"], body.get("status") or {}
+        if name not in waiting or status.get("phase") != "Ready":
+            continue
+        waiting.discard(name)
+        code, headers, page = opened.request(f"/env/{namespace}/{name}/lab", "alice", timeout=3)
+        assert "X-Analysis-Reason" not in headers, (name, code, headers, page)  # not a page of ours
+        assert not (code == 404 and page == b"404 page not found\n"), name  # not the gateway without a route
+        if not waiting:
+            watch.stop()
+    assert not waiting, f"never Ready: {waiting}"
+    # the probe's header is no way in for anyone else: a made-up signature is refused at the gateway
+    code, headers, _ = opened.request(f"/env/{namespace}/burst-0/lab", headers={"X-Analysis-Probe": "0" * 64})
+    assert code == 401 and headers["X-Analysis-Reason"] == "NotSignedIn"

@@ -7,7 +7,7 @@ import json
 import kubernetes
 import pytest
 
-from tests.integration.conftest import GROUP, VERSION
+from tests.integration.conftest import GROUP, VERSION, kubectl
 
 
 def create(custom, plural: str, body: dict, namespace: str | None = None) -> None:
@@ -298,3 +298,21 @@ def test_impossible_budget_end_is_refused(custom, kubeconfig):
             },
         )
     assert refused.value.status == 422 and "spec.period.validUntil" in json.loads(refused.value.body)["message"]
+
+
+@pytest.mark.parametrize(
+    "field, says",
+    [
+        ("computebudgets.status.remaining.cpuHours", "CPU-hours left"),
+        ("computebudgets.status.environments", "The ledger"),
+        ("budgetrequests.spec.add.maxGpus", "How many more GPUs"),
+        ("analysisenvironments.status.usage.gpuHours", "GPU-hours charged so far"),
+        ("analysisenvironments.status.connection.url", "What OPEN navigates to"),
+        ("datasets.spec.storage.nfs.server", "NFS server"),
+    ],
+)
+def test_kubectl_explain_describes_the_fields(kubeconfig, field, says):
+    """What a platform engineer reads: the descriptions reach `kubectl explain` through the API server
+    (every property has one: tests/unit/test_crd_descriptions.py)."""
+    output = kubectl("explain", f"{field}", f"--api-version={GROUP}/{VERSION}").stdout
+    assert says in " ".join(output.split()), output

@@ -298,6 +298,9 @@ def test_rbac_grants_what_the_routes_call_and_nothing_broader(tmp_path, watch_na
     assert ("", "services", "patch", ()) in served and ("", "services", "update", ()) not in served
     if watch_namespace:  # the served namespace's rules stay in the Role
         assert not {g for g in cluster if g[1] in GATEWAY_RESOURCES - {"gateways"}}
+    # the offer API checks the portal's token with the API server (TokenReview), and that is all
+    assert ("authentication.k8s.io", "tokenreviews", "create", ()) in cluster
+    assert not {g for g in cluster | served if g[0] == "authentication.k8s.io" and g[2] != "create"}
 
 
 # ---------------------------------------------------------------- NetworkPolicies

@@ -228,7 +228,7 @@ def test_fullname_override_names_every_object(tmp_path):
         ("ClusterRole", "analysis-directory-reader"),
         ("MutatingWebhookConfiguration", "analysis"),
         ("ValidatingWebhookConfiguration", "analysis"),
-        ("Secret", "analysis-webhook-tls"),
+        ("Role", "analysis-webhook-tls"),  # the operator-made certificate's Secret, by name
     ]:
         assert (kind, name) in names, (kind, name)
     assert not any("aop-analysis-operator" in name for _, name in names)

@@ -21,13 +21,54 @@ def _objects() -> list[tuple[str, dict]]:
     ]
 
 
-def test_each_example_object_is_defined_once():
+def _namespaced_kinds() -> set[str]:
+    crds = pathlib.Path(__file__).resolve().parents[2] / "crds"
+    return {
+        crd["spec"]["names"]["kind"]
+        for path in crds.glob("*.yaml")
+        for crd in yaml.safe_load_all(path.read_text())
+        if crd and crd["spec"]["scope"] == "Namespaced"
+    }
+
+
+def identity(document: dict, namespaced: set[str]) -> tuple[str, str, str]:
+    """(kind, namespace, name) as the API server sees it: a namespaced object without a namespace
+    lands in the one `kubectl apply` uses, `default` for a GitOps folder without one."""
+    metadata = document["metadata"]
+    namespace = metadata.get("namespace") or ("default" if document["kind"] in namespaced else "")
+    return document["kind"], namespace, metadata["name"]
+
+
+def duplicates(objects: list[tuple[str, dict]], namespaced: set[str]) -> dict:
     where = collections.defaultdict(list)
-    for file, document in _objects():
-        metadata = document["metadata"]
-        where[(document["kind"], metadata.get("namespace", ""), metadata["name"])].append(file)
-    twice = {key: files for key, files in where.items() if len(files) > 1}
+    for file, document in objects:
+        where[identity(document, namespaced)].append(file)
+    return {key: files for key, files in where.items() if len(files) > 1}
+
+
+def test_each_example_object_is_defined_once():
+    twice = duplicates(_objects(), _namespaced_kinds())
     assert not twice, f"defined more than once: {twice}"
+
+
+def test_a_duplicate_is_found_even_with_the_namespace_written_out():
+    """The check itself: the same environment once without and once with namespace default, and a
+    FacilityGroup in two files, are duplicates; the same name in two namespaces is not."""
+    namespaced = _namespaced_kinds()
+    assert {"AnalysisEnvironment", "BudgetRequest"} <= namespaced and "FacilityGroup" not in namespaced
+    environment = {"kind": "AnalysisEnvironment", "metadata": {"name": "demo"}}
+    group = {"kind": "FacilityGroup", "metadata": {"name": "staff"}}
+    objects = [
+        ("a.yaml", environment),
+        ("b.yaml", {**environment, "metadata": {"name": "demo", "namespace": "default"}}),
+        ("c.yaml", {**environment, "metadata": {"name": "demo", "namespace": "beamline"}}),
+        ("a.yaml", group),
+        ("d.yaml", group),
+    ]
+    assert duplicates(objects, namespaced) == {
+        ("AnalysisEnvironment", "default", "demo"): ["a.yaml", "b.yaml"],
+        ("FacilityGroup", "", "staff"): ["a.yaml", "d.yaml"],
+    }
 
 
 def test_what_the_examples_refer_to_is_in_the_examples():

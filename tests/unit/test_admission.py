@@ -103,13 +103,14 @@ def test_datasets_named_by_pid_are_labelled_by_their_name():
     assert mounted_names(spec, pids) == ["ref", "p11-raw"]  # unknown and ambiguous PIDs are refused later
 
 
-def _mutate(spec: dict, labels: dict, username: str = "alice", pids: dict | None = None) -> dict:
+def _mutate(
+    spec: dict, labels: dict, username: str = "alice", pids: dict | None = None, groups: tuple[str, ...] = ()
+) -> dict:
     body = kopf.Body({"metadata": {"name": "e", "namespace": "ns", "labels": labels}, "spec": spec})
     patch = kopf.Patch(body=body)
     memo = types.SimpleNamespace(config=types.SimpleNamespace(admission=AdmissionSettings()))
-    default_owner(
-        spec=body.spec, body=body, patch=patch, userinfo={"username": username}, memo=memo, dataset_pids=pids or {}
-    )
+    userinfo = {"username": username, "groups": list(groups)}
+    default_owner(spec=body.spec, body=body, patch=patch, userinfo=userinfo, memo=memo, dataset_pids=pids or {})
     return dict(patch)
 
 
@@ -128,8 +129,31 @@ def test_the_mutating_webhook_stamps_owner_creator_and_datasets_over_whatever_wa
 
 
 def test_the_portal_creating_for_alice_labels_alices_environment():
-    patch = _mutate({"owner": "alice", "flavor": "basic"}, {}, username="system:serviceaccount:portal:backend")
+    patch = _mutate(
+        {"owner": "alice", "flavor": "basic"},
+        {},
+        username="system:serviceaccount:portal:backend",
+        groups=("analysis-portal",),
+    )
     assert "spec" not in patch and patch["metadata"]["labels"] == {"analysis.panosc.eu/owner": "alice"}
+
+
+@pytest.mark.parametrize("groups", [(), ("facility-users",), ("analysis-admins",)])
+def test_the_mutating_webhook_refuses_a_spoofed_owner_with_its_cause(groups):
+    """The first step that can answer with a cause: the API server's own policy, which runs after the
+    mutating webhooks, answers with a sentence only."""
+    with pytest.raises(Refused) as refusal:
+        _mutate({"owner": "alice", "flavor": "basic"}, {}, username="bob", groups=groups)
+    answer = refusal.value
+    assert answer.code == 403 and str(answer).startswith("spec.owner 'alice' is not you ('bob')")
+    assert [(cause.reason, cause.field) for cause in answer.causes] == [("NotOwner", "spec.owner")]
+
+
+@pytest.mark.parametrize("owner", ["", "bob"])
+def test_the_requester_may_name_themselves_or_nobody(owner):
+    assert _mutate({"owner": owner, "flavor": "basic"}, {}, username="bob")["metadata"]["annotations"] == {
+        CREATED_BY: "bob"
+    }
 
 
 # --- refusals: reason and field ---------------------------------------------------------------------
@@ -148,6 +172,7 @@ SPEC = {
         (Refusal("NotOwner", "m", subject="alice"), "spec.owner"),
         (Refusal("NoPosixIdentity", "m", subject="alice"), "spec.owner"),
         (Refusal("FlavorNotAllowed", "m", subject="gpu"), "spec.flavor"),
+        (Refusal("BackendNotEnabled", "m", subject="gpu"), "spec.flavor"),
         (Refusal("LifetimeTooLong", "m"), "spec.lifetime"),
         (Refusal("CustomImageNotAllowed", "m"), "spec.image"),
         (Refusal("DatasetEmbargoed", "m", subject="raw"), "spec.datasets[0].name"),

@@ -19,9 +19,11 @@ import pytest
 from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, Retry, State
 from analysis_operator.engine.accounting import plan_tick
 from analysis_operator.engine.converge import Context, converge
-from analysis_operator.engine.reconciler import Reconciler
+from analysis_operator.engine.decisions import Decisions
+from analysis_operator.engine.reconciler import Reconciler, apply
 from analysis_operator.engine.sweep import due, sweep
 from analysis_operator.engine.views import EnvironmentRecord
+from analysis_operator.model.conditions import apply_merge_patch
 from analysis_operator.model.domain import Dataset, DatasetRef, DatasetStorage, Environment, Flavor, Mount
 from analysis_operator.policy.budgets import Budget
 from analysis_operator.policy.refusal import Refusal
@@ -158,7 +160,8 @@ class Catalogue:
     """An Access that grants the datasets listed in spec, so mounts can be followed to the backend."""
 
     def __init__(self) -> None:
-        self.recorded: list[tuple[Mount, ...]] = []
+        self.recorded: list[tuple[Mount, ...]] = []  # handed to the backend (audit log)
+        self.announced: list[tuple[Mount, ...]] = []  # told the owner (the Event), once Ready
 
     async def grant(self, environment, flavor, reach, status, now):
         datasets = [
@@ -170,8 +173,11 @@ class Catalogue:
             return Refusal("DatasetNotAvailable", problems[0])
         return tuple(Mount(dataset, f"/data/{dataset.name}", "public") for dataset in datasets)
 
-    async def mounted(self, environment, mounts):
+    async def handed(self, environment, mounts):
         self.recorded.append(tuple(mounts))
+
+    async def mounted(self, environment, mounts):
+        self.announced.append(tuple(mounts))
 
 
 def setup(**context_fields):
@@ -200,11 +206,15 @@ def test_create_ready_suspend_resume_expire_through_the_interface_alone():
         assert backend.tokens["u-1"] and ("ns", "aenv-lab") in cluster.secrets  # token made once, handed over
         assert [mount.path for mount in backend.mounts["u-1"]] == ["/data/raw"]  # the grant, decided once
         assert context.access.recorded == [backend.mounts["u-1"]]
+        assert context.access.announced == []  # nothing is mounted while it starts (a missing claim, say)
 
         backend.running["u-1"] = "ready"
         status, outcome = await run(context, environment, status)
         assert (status["phase"], status["connection"]["url"]) == ("Ready", "mem://lab")
         assert status["backend"]["allocatedCpus"] == 2.0 and backend.calls == ["ensure"]  # adopted, not re-made
+        assert context.access.announced == [backend.mounts["u-1"]]  # at Ready, once
+        status, _ = await run(context, environment, status)
+        assert context.access.announced == [backend.mounts["u-1"]]
         assert backend.extended_until == NOW + datetime.timedelta(hours=2)  # its limit follows expiresAt
 
         suspended = dataclasses.replace(environment, suspend=True, generation=2)
@@ -432,3 +442,98 @@ def test_an_environment_its_backend_ended_holds_nothing_and_no_token():
         assert status["connection"] is None and status["stoppedAt"]
 
     asyncio.run(scenario())
+
+
+def test_mounts_are_announced_once_per_launch_however_many_converges_see_ready():
+    """engine/data_access.py DataAccess: the DatasetsMounted Event once per launch (two converges that
+    both see the step to Ready post one), again after a new launch (a resume)."""
+    from analysis_operator.engine.data_access import DataAccess
+
+    posted: list[str] = []
+
+    class Kube:
+        async def post_event(self, involved, type_, reason, message):
+            posted.append(reason)
+
+    access = DataAccess(Kube(), {"datasets": {}, "dataset_pids": {}, "groups": {}})
+    mount = Mount(
+        Dataset(name="raw", pid="10.5072/raw", storage=DatasetStorage(path="/gpfs/raw")), "/data/raw", "public"
+    )
+
+    async def scenario():
+        await access.handed(ENVIRONMENT, [mount])
+        await asyncio.gather(access.mounted(ENVIRONMENT, [mount]), access.mounted(ENVIRONMENT, [mount]))
+        assert posted == ["DatasetsMounted"]
+        await access.handed(ENVIRONMENT, [mount])  # resumed: launched again
+        await access.mounted(ENVIRONMENT, [mount])
+        assert posted == ["DatasetsMounted", "DatasetsMounted"]
+
+    asyncio.run(scenario())
+
+
+def test_a_step_decided_once_is_not_decided_again_from_the_status_before_it():
+    """engine/decisions.py: kopf's handler and a pod event may both converge from the status before a
+    write has come back; the second sees the step already taken and writes nothing (no second Ready,
+    no second Event). Once the status shows it, or its write fails, the shown status is used again."""
+    backend, cluster, context = setup()
+
+    async def scenario():
+        provisioning, _ = await run(context, ENVIRONMENT, {})
+        backend.running["u-1"] = "ready"
+        _, first = await run(context, ENVIRONMENT, provisioning)
+        assert first.status["phase"] == "Ready" and first.event[1] == "Up"
+        _, again = await run(context, ENVIRONMENT, provisioning)  # the index has not shown the write yet
+        assert again.status is None and again.event is None
+        ready = apply_merge_patch(provisioning, first.status)
+        _, seen = await run(context, ENVIRONMENT, ready)  # shown back: decided from it, nothing to do
+        assert seen.status is None and len(context.decisions) == 0
+
+        suspended = dataclasses.replace(ENVIRONMENT, suspend=True, generation=2)
+        _, suspending = await run(context, suspended, ready)
+        assert suspending.status["phase"] == "Suspended"
+
+        class Down(Cluster):
+            async def patch_environment_status(self, namespace, name, status):
+                raise ConnectionError("API server restarting")
+
+        failing = dataclasses.replace(context, kube=Down())
+        with pytest.raises(ConnectionError):
+            await apply(failing, suspended, suspending)
+        _, retried = await run(context, suspended, ready)  # the lost write is decided (and written) again
+        assert retried.status is not None and retried.status["phase"] == "Suspended"
+
+    asyncio.run(scenario())
+
+
+def test_a_decision_never_seen_back_is_forgotten_after_a_while():
+    now = [0.0]
+    decisions = Decisions(clock=lambda: now[0], stale_after=30)
+    seen = {"phase": "Provisioning"}
+    decisions.remember("u", seen, seen, {"phase": "Ready", "reason": None})
+    assert decisions.latest("u", seen) == {"phase": "Ready"}
+    used = decisions.latest("u", seen)
+    decisions.remember("u", seen, used, {"message": "m"})  # a second step before the first came back
+    assert decisions.latest("u", {"phase": "Ready"}) == {"phase": "Ready", "message": "m"}  # first seen, not second
+    assert decisions.latest("u", {"phase": "Stopped"}) == {"phase": "Stopped"}  # something else wrote: its status
+    decisions.remember("u", seen, seen, {"phase": "Ready"})
+    now[0] = 31
+    assert decisions.latest("u", seen) == seen
+
+
+@pytest.mark.parametrize(
+    "target, patch, merged",
+    [
+        (
+            {"a": 1, "b": {"c": 2, "d": 3}},
+            {"b": {"c": None, "e": 4}, "f": [1]},
+            {"a": 1, "b": {"d": 3, "e": 4}, "f": [1]},
+        ),
+        ({"a": [1, 2]}, {"a": [3]}, {"a": [3]}),  # lists are replaced
+        ({"a": 1}, {"a": {"b": None}}, {"a": {}}),
+        ({}, {"a": None}, {}),
+    ],
+)
+def test_a_merge_patch_is_applied_as_the_api_server_applies_it(target, patch, merged):
+    before = repr(target)
+    assert apply_merge_patch(target, patch) == merged
+    assert repr(target) == before  # not changed in place

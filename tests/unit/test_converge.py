@@ -81,7 +81,8 @@ def test_converges_of_one_environment_never_overlap(monkeypatch):
     other = Environment("ns", "b", "uid-b", owner="alice", flavor="f")
 
     async def scenario():
-        await asyncio.gather(*(reconcile.converge(None, env, {}, None, None) for env in (one, one, one, other)))
+        context = reconcile.Context(kube=None, backends={})
+        await asyncio.gather(*(reconcile.converge(context, env, {}, None, None) for env in (one, one, one, other)))
 
     asyncio.run(scenario())
     assert overlaps == []

@@ -427,3 +427,20 @@ def test_parse_timestamp_reads_rfc3339(text, expected):
 def test_parse_timestamp_says_in_words_what_is_wrong(text, words):
     with pytest.raises(ValueError, match=words):
         parse_timestamp(text)
+
+
+def test_parse_time_reads_the_operators_own_format_only():
+    from analysis_operator.model.domain import format_time, parse_time
+
+    moment = datetime.datetime(2026, 11, 30, 21, 5, 7, tzinfo=datetime.UTC)
+    assert parse_time(format_time(moment)) == moment and parse_time(format_time(moment)).tzinfo is datetime.UTC
+    assert parse_time(None) is None and parse_time("") is None
+    for bad in (
+        "2026-11-30 21:05:07Z",
+        "2026-11-30T21:05:07",
+        "2026-11-30T21:05:07+00:00",
+        "tomorrow",
+        "2026-13-30T21:05:07Z",
+    ):
+        with pytest.raises(ValueError):
+            parse_time(bad)

@@ -43,12 +43,25 @@ class Secrets:
     def __init__(self):
         self.reads = 0
 
+    async def get_environment(self, namespace, name):
+        return None  # the API server knows no more than the index here
+
     async def read_secret(self, namespace, name):
         self.reads += 1
         if (namespace, name) != ("team-a", "aenv-lab"):
             return None
         labels = {"analysis.panosc.eu/environment-uid": "u-1"}
         return {"metadata": {"labels": labels}, "data": {"token": base64.b64encode(b"server-secret").decode()}}
+
+
+@pytest.fixture(autouse=True)
+def _no_tokens_known():
+    """engine/tokens.py keeps tokens per uid for the process: other tests' "u-1" is not this one's."""
+    from analysis_operator.engine.tokens import KNOWN
+
+    KNOWN.clear()
+    yield
+    KNOWN.clear()
 
 
 @pytest.fixture
@@ -198,3 +211,134 @@ def test_an_index_still_saying_starting_is_checked_with_the_api_server(tmp_path)
     assert ask(authorizer, **bearer)[0].allowed  # the API server already says Ready
     authorizer.kube.phase = "Provisioning"
     assert ask(authorizer, **bearer)[0].reason == "NotProvisioning"
+
+
+def test_the_operators_probe_passes_only_with_the_signature_of_that_environments_token(authorizer):
+    """Ready means OPEN works: the operator probes the route through the gateway before Ready. Its
+    probe gets the server's token passed on whatever the phase, and counts as nobody's activity;
+    a forged, stale or borrowed signature is refused like anyone not signed in."""
+    from analysis_operator.policy.opening import PROBE_HEADER, probe_signature
+
+    authorizer.environments[("team-a", "lab")] = [EnvironmentRecord(LAB, {"phase": "Provisioning"})]
+    passed: list[str] = []
+    authorizer._probe_passed = passed.append  # engine/routes.py learns its route is served
+    good = probe_signature("server-secret", "u-1")
+    verdict, headers = ask(authorizer, **{PROBE_HEADER: good})
+    assert verdict.status == 200 and headers == {"Authorization": "token server-secret"}
+    assert passed == ["u-1"]
+    assert authorizer.activity.last("u-1") is None  # not activity: idle culling never sees the probe
+    for forged in ("0" * 64, probe_signature("server-secret", "u-2"), probe_signature("other-token", "u-1")):
+        verdict, headers = ask(authorizer, **{PROBE_HEADER: forged})
+        assert (verdict.status, headers) == (401, {}), forged
+    # through the namespace's closed page (its own route is not served yet): never passed on
+    verdict, headers = asyncio.run(
+        authorizer.decide({"X-Forwarded-Uri": "/env/team-a/lab/lab", PROBE_HEADER: good}, closed=True)
+    )
+    assert (verdict.status, verdict.reason, headers) == (503, "RouteNotReady", {})
+    verdict, _ = ask(authorizer, **{PROBE_HEADER: good, "X-Forwarded-Uri": "/env/team-a/nope/lab"})
+    assert verdict.status == 404
+    assert passed == ["u-1"]  # neither the forged ones nor the closed page counted
+
+
+def test_a_verified_token_is_remembered_only_until_it_expires(authorizer, monkeypatch):
+    """Verified once per token (a browser sends the same one every few seconds), never past its
+    expiry (+ the 30 s leeway) nor longer than 300 s; a forged one is never remembered."""
+    import analysis_operator.infra.oidc as oidc
+
+    session = token("alice", expires_in=120)
+    assert ask(authorizer, Cookie=f"aenv_session={session}")[0].status == 200
+    verified = []
+    real_verify = authorizer.verifier._verify
+
+    async def counting(value):
+        verified.append(value)
+        return await real_verify(value)
+
+    monkeypatch.setattr(authorizer.verifier, "_verify", counting)
+    assert ask(authorizer, Cookie=f"aenv_session={session}")[0].status == 200 and verified == []  # remembered
+    later = time.time() + 120 + 31
+    monkeypatch.setattr(oidc.time, "time", lambda: later)  # the operator's clock (PyJWT keeps its own)
+    ask(authorizer, Cookie=f"aenv_session={session}")
+    assert verified == [session]  # past its expiry the token is verified again, not taken from memory
+    forged = token("alice", key=OTHER_KEY)
+    for _ in range(2):
+        assert ask(authorizer, Cookie=f"aenv_session={forged}")[0].status == 401
+    assert forged not in authorizer.verifier._verified
+
+
+def test_a_ready_this_operator_just_wrote_is_believed_before_its_index_shows_it(tmp_path):
+    """Its index lags its own status writes: a phase this process wrote (Context.written) answers
+    before the API server is asked; a written phase that is still starting does not."""
+    settings = GatewaySettings(
+        enabled=True,
+        oidc_jwks_file=jwks_file(tmp_path),
+        oidc_issuer="https://sso.example.org",
+        oidc_audience="analysis",
+    )
+    environments = {("team-a", "lab"): [EnvironmentRecord(LAB, {"phase": "Provisioning"})]}
+    written = {"u-1": "Ready"}
+    catalogue = IndexCatalogue({}, {}, {})
+    authorizer = Authorizer(
+        settings, Secrets(), environments, catalogue, TokenVerifier(settings), clock=lambda: NOW, written=written
+    )
+    assert ask(authorizer, Cookie=f"aenv_session={token('alice')}")[0].status == 200
+    written["u-1"] = "Provisioning"  # not believed over the API server, which (here) knows nothing
+    assert ask(authorizer, Cookie=f"aenv_session={token('alice')}")[0].status == 404
+
+
+def test_the_server_answers_on_its_own_thread_while_the_operators_loop_is_busy(authorizer):
+    """A burst of reconciles keeps the operator's loop busy: the forward-auth is served on a thread
+    and loop of its own (AuthServer), so a gateway request is answered meanwhile; what must happen
+    on the operator's loop (a passed probe) is handed to it, and stopping it frees the port."""
+    import socket
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from analysis_operator.handlers.gateway import AuthServer
+    from analysis_operator.policy.opening import PROBE_HEADER, probe_signature
+
+    with socket.socket() as probe_port:
+        probe_port.bind(("127.0.0.1", 0))
+        port = probe_port.getsockname()[1]
+
+    def get(**headers) -> tuple[int, float]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/authorize", headers=headers)
+        began = time.monotonic()
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                status = response.status
+        except urllib.error.HTTPError as error:
+            status = error.code
+        return status, time.monotonic() - began
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        passed: list[tuple[str, bool]] = []
+        authorizer._probe_passed = lambda uid: loop.call_soon_threadsafe(
+            lambda: passed.append((uid, threading.current_thread() is threading.main_thread()))
+        )
+        server = await AuthServer(authorizer, "127.0.0.1", port).start()
+        answers: list[tuple[int, float]] = []
+        headers = {"X-Forwarded-Uri": "/env/team-a/lab/lab", "Authorization": f"Bearer {token('alice')}"}
+        client = threading.Thread(target=lambda: answers.append(get(**headers)))
+        client.start()
+        time.sleep(1.5)  # the operator's loop busy (a blocking call stands in for a burst of reconciles)
+        client.join()
+        prober = threading.Thread(
+            target=lambda: get(
+                **{"X-Forwarded-Uri": "/env/team-a/lab/lab", PROBE_HEADER: probe_signature("server-secret", "u-1")}
+            )
+        )
+        prober.start()
+        await asyncio.to_thread(prober.join)
+        await asyncio.sleep(0.05)
+        await server.cleanup()
+        return answers, passed
+
+    answers, passed = asyncio.run(scenario())
+    ((status, seconds),) = answers
+    assert status == 200 and seconds < 1.0  # answered while the loop was blocked, not after it
+    assert passed == [("u-1", True)]  # the probe's news reached the operator's loop, on its thread
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass  # stopped: nothing listens any more

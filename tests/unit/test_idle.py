@@ -129,7 +129,37 @@ def test_server_url_for_addresses_and_services():
     settings = Settings()
     assert server_url(environment, "10.250.0.2:20001", settings) == "http://10.250.0.2:20001/env/ns/lab/"
     assert server_url(environment, "fd00::2:20001", settings) == "http://[fd00::2]:20001/env/ns/lab/"
-    assert server_url(environment, "aenv-lab:8888", settings) == "http://aenv-lab.ns.svc.cluster.local:8888/env/ns/lab/"
+    # fully qualified: no walk through a pod's DNS search list (ndots 5) for each of 10,000 names a round
+    assert (
+        server_url(environment, "aenv-lab:8888", settings) == "http://aenv-lab.ns.svc.cluster.local.:8888/env/ns/lab/"
+    )
+    # a desktop is served at its root (the gateway strips the prefix before noVNC and the agent's file)
+    assert server_url(environment, "198.51.100.7:6080", settings, desktop=True) == "http://198.51.100.7:6080/"
+
+
+def test_a_desktop_with_an_open_connection_is_active():
+    """The desktop's activity agent: the last time a connection was open, and how many are now."""
+    open_now = parse_server({"last_activity": "2026-11-30T10:00:00Z", "connections": 1}, None)
+    assert open_now.busy and latest_activity(open_now, None, NOW, SKEW).last == NOW
+    closed = parse_server({"last_activity": "2026-11-30T11:00:00Z", "connections": 0}, None)
+    assert not closed.busy and latest_activity(closed, None, NOW, SKEW).last == at(60)
+    for junk in ("1", True, -1, None):  # nothing but a positive count says open
+        assert not parse_server({"last_activity": "2026-11-30T11:00:00Z", "connections": junk}, None).busy
+
+
+def test_the_gateway_alone_proves_activity_never_idleness():
+    """A server that cannot be read (a long cell, a desktop on one long websocket, an image without
+    the agent) is not culled on the gateway's old requests: it may be working unseen."""
+    unreadable = ServerActivity(problem="the server did not answer within 5 s")
+    old = latest_activity(unreadable, at(45), NOW, SKEW)
+    assert old.partial and old.last == at(45)
+    decision = decide(POLICY, old, STARTED, NOW)
+    assert decision.verdict is Verdict.UNKNOWN and "did not answer" in decision.message
+    assert decide(POLICY, latest_activity(unreadable, at(25), NOW, SKEW), STARTED, NOW).verdict is Verdict.UNKNOWN
+    assert decide(POLICY, latest_activity(unreadable, at(3), NOW, SKEW), STARTED, NOW).verdict is Verdict.ACTIVE
+    assert decide(POLICY, old, STARTED, NOW, cull_unknown=True).verdict is Verdict.CULL  # the setting says so
+    readable = latest_activity(ServerActivity(last=at(50)), at(45), NOW, SKEW)
+    assert not readable.partial and decide(POLICY, readable, STARTED, NOW).verdict is Verdict.CULL
 
 
 def test_gpu_hours_saved():

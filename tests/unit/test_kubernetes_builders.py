@@ -477,3 +477,26 @@ def test_a_pod_needs_an_image_from_the_environment_or_the_flavor(image, flavor_i
     assert (refusal.reason if refusal else None) == ("ImageMissing" if refused else None)
     if refusal:
         assert "'small'" in refusal.message and "spec.image" in refusal.message
+
+
+@pytest.mark.parametrize(
+    "said, reason, words",
+    [
+        (
+            '0/3 nodes are available: persistentvolumeclaim "raw-data" not found. not found',
+            "ClaimNotFound",
+            ["PersistentVolumeClaim 'raw-data'", "namespace 'team-a'", "nothing is charged", "scheduler: 0/3 nodes"],
+        ),
+        (
+            '0/3 nodes are available: persistentvolumeclaim "a" not found, persistentvolumeclaim "b" not found.',
+            "ClaimNotFound",
+            ["'a', 'b'"],
+        ),
+        ("0/3 nodes have enough nvidia.com/gpu", "Unschedulable", ["0/3 nodes have enough nvidia.com/gpu"]),
+    ],
+)
+def test_a_missing_claim_is_named_with_the_schedulers_own_words(said, reason, words):
+    pod = make_pod("Pending", "", [("PodScheduled", "False", {"reason": "Unschedulable", "message": said})])
+    observation = observe_pod(pod)
+    assert (observation.state, observation.reason) == (State.PENDING, reason)
+    assert all(word in observation.message for word in words), observation.message

@@ -212,10 +212,11 @@ def test_forward_auth_never_trusts_client_forwarded_headers():
 class RecordingRoutes:
     enabled = True
 
-    def __init__(self, routable=True):
+    def __init__(self, routable=True, serving=True):
         self.open_routes: dict[str, Upstream] = {}
         self.ready: dict[str, bool] = {}
-        self.routable = routable
+        self.routable, self.serving = routable, serving
+        self.asked: list[str] = []  # served() calls: what the probe was asked about
 
     def url(self, environment, upstream):
         return f"https://gw/env/{environment.namespace}/{environment.name}/{upstream.landing}"
@@ -229,6 +230,10 @@ class RecordingRoutes:
 
     async def close(self, environment):
         self.open_routes.pop(environment.uid, None)
+
+    def served(self, environment, upstream):
+        self.asked.append(environment.uid)
+        return self.serving
 
 
 class UpstreamBackend(MemoryBackend):
@@ -343,6 +348,77 @@ def test_route_is_made_while_starting_and_its_endpoint_made_ready_at_ready():
     asyncio.run(scenario())
 
 
+def test_ready_waits_for_the_gateway_to_serve_the_route_but_a_ready_one_never_goes_back():
+    """With a probe URL set, the backend being ready is not yet Ready: Provisioning/Opening until the
+    gateway serves its route (its endpoint is ready meanwhile, so it can); an environment already
+    Ready (an operator restart forgets what was probed) stays Ready."""
+    routes = RecordingRoutes(serving=False)
+    backend = EarlyUpstreamBackend()
+    context = Context(kube=Cluster(), backends={"memory": backend}, access=Catalogue(), routes=routes)
+
+    async def scenario():
+        status = (await converge(context, ENVIRONMENT, {}, FLAVOR, NOW)).status
+        backend.running["u-1"] = "ready"
+        status = {**status, **(await converge(context, ENVIRONMENT, status, FLAVOR, NOW)).status}
+        assert (status["phase"], status["reason"]) == ("Provisioning", "Opening") and routes.ready["u-1"] is True
+        assert "https://gw/env/" in status["message"] and routes.asked == ["u-1"]
+        routes.serving = True  # the probe answered (on_served converges it again)
+        status = {**status, **(await converge(context, ENVIRONMENT, status, FLAVOR, NOW)).status}
+        assert status["phase"] == "Ready"
+        routes.serving, routes.asked = False, []
+        assert (await converge(context, ENVIRONMENT, status, FLAVOR, NOW)).status is None  # stays Ready
+        assert routes.asked == []
+
+    asyncio.run(scenario())
+
+
 def test_endpoint_is_not_ready_until_the_environment_is():
     _, endpoints = build_endpoint(LAB, Upstream(port=1, address="10.0.0.1"), ready=False)
     assert endpoints["endpoints"][0]["conditions"] == {"ready": False}
+
+
+def test_probe_requests_are_paced_across_environments_in_the_order_they_asked(monkeypatch):
+    """A burst's probes share PROBE_RATE requests a second (each waits for its slot), so a thousand
+    routes the gateway has not taken yet do not become a thousand requests a second at its closed
+    page; a lone probe goes at once."""
+    from analysis_operator.engine import routes as module
+    from analysis_operator.settings import GatewaySettings
+
+    routes = module.GatewayRoutes(kube=None, settings=GatewaySettings(enabled=True))
+    clock = [100.0]
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(round(seconds, 6))
+
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(module.asyncio, "sleep", sleep)
+
+    async def scenario() -> None:
+        await routes._pace()  # alone: no wait
+        assert waits == []
+        for _ in range(3):
+            await routes._pace()  # asked at the same moment: one slot each, 1/PROBE_RATE apart
+        clock[0] += 60  # a minute later, the slots long past: at once again
+        await routes._pace()
+
+    asyncio.run(scenario())
+    step = 1 / module.PROBE_RATE
+    assert waits == [round(step, 6), round(2 * step, 6), round(3 * step, 6)]
+
+
+def test_the_phase_is_remembered_as_decided_before_its_status_patch_is_sent():
+    """The forward-auth (its own thread) may be asked by someone who saw Ready before the operator's
+    loop has the patch's answer back: Context.written already says Ready while the patch is in flight."""
+    from analysis_operator.engine.converge import Outcome
+    from analysis_operator.engine.reconciler import apply
+
+    seen: list[str | None] = []
+
+    class Kube:
+        async def patch_environment_status(self, namespace, name, status):
+            seen.append(context.written.get(ENVIRONMENT.uid))
+
+    context = Context(kube=Kube(), backends={})
+    asyncio.run(apply(context, ENVIRONMENT, Outcome({"phase": "Ready"})))
+    assert seen == ["Ready"] and context.written == {ENVIRONMENT.uid: "Ready"}

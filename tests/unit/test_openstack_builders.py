@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import pathlib
 import shlex
+import shutil
+import socket
+import subprocess
 import sys
 import threading
+import time
 import types
 
 import pytest
@@ -33,6 +39,7 @@ from analysis_operator.backends.openstack import (
     gpus_from_extra_specs,
     observe_server,
 )
+from analysis_operator.engine.idle import parse_server
 from analysis_operator.model.domain import (
     BackendKind,
     Dataset,
@@ -212,7 +219,8 @@ def test_websockify_serves_novnc_to_the_gateway_and_checks_the_access_token():
     command = novnc["ExecStart"].split()
     assert command[0] == "/usr/bin/websockify"
     assert command[-2:] == [f"0.0.0.0:{NOVNC_PORT}", "localhost:5901"]
-    assert command[command.index("--web") + 1] == "/usr/share/novnc"
+    assert command[command.index("--web") + 1] == WEB_ROOT  # noVNC's files and the activity report
+    assert novnc["ExecStartPre"] == f"+{ACTIVITY_AGENT} --prepare {WEB_ROOT}"  # root: DynamicUser cannot write it
     assert "--web-auth" in command  # noVNC's files too, not only the websocket
     assert command[command.index("--auth-plugin") + 1] == "aenv_gateway_auth.GatewayToken"
     assert command[command.index("--auth-source") + 1] == "token"
@@ -231,6 +239,66 @@ def test_websockify_serves_novnc_to_the_gateway_and_checks_the_access_token():
         ["systemctl", "enable", "--now", "aenv-novnc.service"]
     )
     assert "s3cret-token" not in json.dumps(user_data["runcmd"])
+
+
+ACTIVITY_AGENT = "/usr/local/lib/analysis-environment/aenv-activity"
+ACTIVITY_UNIT = "/etc/systemd/system/aenv-activity.service"
+WEB_ROOT = "/var/lib/analysis-environment/web"
+
+
+def test_the_desktop_activity_agent_is_installed_and_started():
+    user_data = user_data_of(make_environment(), token="s3cret-token")
+    files = files_of(user_data)
+    assert files[ACTIVITY_AGENT]["permissions"] == "0755"
+    agent = unit(files[ACTIVITY_UNIT]["content"])
+    assert agent["ExecStart"] == f"{ACTIVITY_AGENT} {WEB_ROOT} 5901"  # the VNC server's port
+    enable = ["systemctl", "enable", "--now", "aenv-activity.service"]
+    assert user_data["runcmd"].index(["systemctl", "daemon-reload"]) < user_data["runcmd"].index(enable)
+
+
+@pytest.mark.skipif(not pathlib.Path("/usr/share/novnc").is_dir() or not shutil.which("ss"), reason="needs novnc, ss")
+def test_the_activity_agent_reports_open_desktop_connections(tmp_path):
+    """The agent as cloud-init writes it, run here: a connection to the 'VNC port' is a desktop
+    connection open (connections 1, last_activity now); closed, the time stays and the count is 0."""
+    script = tmp_path / "aenv-activity"
+    script.write_text(files_of(user_data_of(make_environment(), token="t"))[ACTIVITY_AGENT]["content"])
+    script.chmod(0o755)
+    web = tmp_path / "web"
+    subprocess.run([str(script), "--prepare", str(web)], check=True)
+    assert (web / "vnc.html").resolve() == pathlib.Path("/usr/share/novnc/vnc.html").resolve()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    agent = subprocess.Popen([str(script), str(web), str(port), "0.2"])
+    report = web / "api" / "status"
+
+    def read_when(condition):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                answer = json.loads(report.read_text())
+                if condition(answer):
+                    return answer
+            time.sleep(0.1)
+        raise AssertionError(f"the agent never reported that: {report.read_text() if report.exists() else None}")
+
+    try:
+        started = read_when(lambda answer: answer["connections"] == 0)
+        time.sleep(1.1)  # a second later: an open connection moves last_activity
+        client = socket.create_connection(("127.0.0.1", port))
+        server_side, _ = listener.accept()
+        open_now = read_when(lambda answer: answer["connections"] == 1)
+        assert open_now["last_activity"] > started["last_activity"]
+        assert parse_server(open_now, None).busy  # what the idle check makes of it: active now
+        client.close()
+        server_side.close()
+        closed = read_when(lambda answer: answer["connections"] == 0)
+        time.sleep(1.1)
+        assert json.loads(report.read_text())["last_activity"] == closed["last_activity"] >= open_now["last_activity"]
+        assert not parse_server(closed, None).busy
+    finally:
+        agent.kill()
+        agent.wait()
+        listener.close()
 
 
 @pytest.fixture
@@ -509,3 +577,30 @@ def test_sdk_calls_run_in_the_backends_own_threads():
         backend.close()
     assert observation.state == State.GONE
     assert seen and seen[0].startswith("openstack")
+
+
+def test_the_clouds_yaml_named_in_settings_is_the_one_read_whatever_the_environment_says(tmp_path, monkeypatch):
+    """openstacksdk reads OS_CLIENT_CONFIG_FILE before the files it is given: an operator configured
+    with one cloud must not reach another because its environment names one (seen in CI)."""
+    import dataclasses
+
+    from analysis_operator.settings import OpenStackSettings, Settings
+
+    def clouds(path: pathlib.Path, url: str) -> str:
+        path.write_text(
+            f"clouds:\n  analysis:\n    auth:\n      auth_url: {url}\n      username: u\n      password: p\n"
+            "      project_name: x\n      user_domain_name: Default\n      project_domain_name: Default\n"
+        )
+        return str(path)
+
+    named = clouds(tmp_path / "named.yaml", "http://named.example:5000/v3")
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", clouds(tmp_path / "other.yaml", "http://other.example:5000/v3"))
+    monkeypatch.setenv("OS_AUTH_URL", "http://environment.example:5000/v3")
+    settings = dataclasses.replace(
+        Settings(), openstack=OpenStackSettings(enabled=True, cloud="analysis", clouds_yaml=named)
+    )
+    backend = OpenStackBackend(settings)
+    try:
+        assert backend._connect().config.config["auth"]["auth_url"] == "http://named.example:5000/v3"
+    finally:
+        backend.close()

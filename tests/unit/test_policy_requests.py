@@ -7,7 +7,9 @@ import datetime
 import pytest
 
 from analysis_operator.model.domain import BackendKind, Environment, Flavor
-from analysis_operator.policy.requests import check_request
+from analysis_operator.policy.budgets import Budget
+from analysis_operator.policy.refusal import Refusal
+from analysis_operator.policy.requests import backend_refusal, check_request, filing_refusal, requested_for
 
 HOUR = datetime.timedelta(hours=1)
 
@@ -89,3 +91,77 @@ def test_lifetime_rejection_names_both_durations(lifetime, max_lifetime, asked, 
         assert f"spec.lifetime {asked} " in rejection.message
     # whatever the wording, what was asked must read differently from what is allowed
     assert f"spec.lifetime {allowed} " not in rejection.message, rejection.message
+
+
+# --- a flavor whose backend is not enabled -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "backend, enabled, refused",
+    [
+        (BackendKind.KUBERNETES, {"kubernetes"}, False),
+        (BackendKind.OPENSTACK, {"kubernetes"}, True),
+        (BackendKind.SLURM, {"kubernetes", "openstack"}, True),
+        (BackendKind.SLURM, {"kubernetes", "slurm"}, False),
+        ("nomad", {"kubernetes", "slurm", "openstack"}, True),  # a flavor naming a backend nobody ships
+    ],
+)
+def test_a_flavor_on_a_backend_that_is_not_enabled_is_refused_in_words(backend, enabled, refused):
+    refusal = backend_refusal(make_flavor(backend=backend), enabled)
+    assert (refusal is not None) == refused
+    if refusal is not None:
+        assert refusal.reason == "BackendNotEnabled" and refusal.subject == "small"
+        assert "flavor 'small'" in refusal.message and "choose another flavor" in refusal.message
+
+
+def test_the_vm_refusal_says_what_the_flavor_runs():
+    refusal = backend_refusal(make_flavor(backend=BackendKind.OPENSTACK), {"kubernetes"})
+    assert "virtual machine" in refusal.message and "openstack backend is not enabled" in refusal.message
+
+
+# --- BudgetRequests: who files for whom ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "on_behalf_of, me, trusted, expected",
+    [
+        ("", "alice", False, "alice"),  # alice files for herself
+        ("alice", "alice", False, "alice"),  # and may say so
+        ("alice", "system:serviceaccount:portal:backend", True, "alice"),  # the portal acts for alice
+        ("", "system:serviceaccount:portal:backend", True, "system:serviceaccount:portal:backend"),
+        ("alice", "bob", False, "NotOwner"),  # bob pretending to be the portal
+    ],
+)
+def test_who_a_request_is_for(on_behalf_of, me, trusted, expected):
+    result = requested_for(on_behalf_of, me, trusted)
+    assert (result.reason if isinstance(result, Refusal) else result) == expected
+
+
+ALICE_BUDGET = Budget(name="alice-2026", user="alice")
+GROUP_BUDGET = Budget(name="p11", group="p11-team")
+
+
+def members(group: str, user: str) -> bool:
+    return group == "p11-team" and user in ("alice", "carol")
+
+
+@pytest.mark.parametrize(
+    "scientist, budget_name, budget, environment_owner, expected",
+    [
+        ("alice", "alice-2026", ALICE_BUDGET, None, None),
+        ("bob", "alice-2026", ALICE_BUDGET, None, "NotBudgetMember"),  # bob against alice's budget
+        ("carol", "p11", GROUP_BUDGET, None, None),  # a member of the group
+        ("bob", "p11", GROUP_BUDGET, None, "NotBudgetMember"),
+        ("alice", "gone", None, None, "BudgetNotFound"),
+        ("alice", "", None, "alice", None),  # a longer lifetime of her own environment
+        ("bob", "", None, "alice", "NotEnvironmentOwner"),  # of someone else's
+        ("bob", "", None, "", "EnvironmentNotFound"),
+    ],
+)
+def test_only_a_member_files_against_a_budget_and_only_the_owner_for_an_environment(
+    scientist, budget_name, budget, environment_owner, expected
+):
+    refusal = filing_refusal(scientist, budget_name, budget, members, environment_owner)
+    assert (refusal.reason if refusal else None) == expected
+    if expected == "NotBudgetMember":
+        assert f"{scientist!r} may not ask for more" in refusal.message and budget_name in refusal.message

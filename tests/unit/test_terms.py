@@ -89,3 +89,17 @@ def test_a_new_environment_gets_the_changed_flavor():
     lowered = dataclasses.replace(FLAVOR, max_lifetime=HOUR)
     status = asyncio.run(converge(context, ENVIRONMENT, {}, lowered, NOW)).status
     assert status["terms"]["maxLifetime"] == "1h" and status["expiresAt"] == "2026-11-30T13:00:00Z"
+
+
+def test_terms_read_once_per_status_object_and_the_access_always_the_catalogues():
+    """effective_flavor remembers the Flavor built from one status.terms object (the sweep reads
+    every environment's terms every round); a changed catalogue access or new terms are read anew."""
+    terms = build_terms(FULL)
+    status = {"terms": terms}
+    first = effective_flavor(status, FULL)
+    assert effective_flavor(status, FULL) is first  # the same object: not rebuilt
+    opened = dataclasses.replace(FULL, access=FlavorAccess(groups=frozenset({"staff", "guests"})))
+    assert effective_flavor(status, opened).access == opened.access  # a permission: today's word
+    changed = {**terms, "maxLifetime": "2h"}  # a new status object, as a watch event brings
+    assert effective_flavor({"terms": changed}, FULL).max_lifetime == 2 * HOUR
+    assert effective_flavor(status, FULL).max_lifetime == 36 * HOUR

@@ -72,32 +72,10 @@ app.kubernetes.io/part-of: analysis-operator
 {{- printf "%s-webhook-tls" (include "analysis-operator.fullname" .) }}
 {{- end }}
 
-{{/*
-The webhook TLS material when the chart makes it (no cert-manager): the existing
-Secret if there is one (upgrades keep the certificate), otherwise a new CA and
-serving certificate. Computed once per render and kept on .Values, so the Secret,
-the webhook configurations' caBundle and the Deployment's checksum agree.
-*/}}
-{{- define "analysis-operator.generatedTLS" -}}
-{{- if not (hasKey .Values "_generatedTLS") }}
-{{- $secret := lookup "v1" "Secret" .Release.Namespace (include "analysis-operator.tlsSecret" .) }}
-{{- $tls := dict }}
-{{- if and $secret $secret.data (hasKey $secret.data "ca.crt") }}
-{{- $_ := set $tls "ca.crt" (index $secret.data "ca.crt") }}
-{{- $_ := set $tls "tls.crt" (index $secret.data "tls.crt") }}
-{{- $_ := set $tls "tls.key" (index $secret.data "tls.key") }}
-{{- else }}
+{{/* The names the webhook serving certificate is valid for (the Service, as the API server calls it). */}}
+{{- define "analysis-operator.webhookHosts" -}}
 {{- $service := include "analysis-operator.webhookService" . }}
-{{- $names := list $service (printf "%s.%s" $service .Release.Namespace) (printf "%s.%s.svc" $service .Release.Namespace) }}
-{{- $ca := genCA (printf "%s-ca" (include "analysis-operator.fullname" .)) (int .Values.certificates.validityDays) }}
-{{- $cert := genSignedCert (printf "%s.%s.svc" $service .Release.Namespace) nil $names (int .Values.certificates.validityDays) $ca }}
-{{- $_ := set $tls "ca.crt" ($ca.Cert | b64enc) }}
-{{- $_ := set $tls "tls.crt" ($cert.Cert | b64enc) }}
-{{- $_ := set $tls "tls.key" ($cert.Key | b64enc) }}
-{{- end }}
-{{- $_ := set .Values "_generatedTLS" $tls }}
-{{- end }}
-{{- toJson .Values._generatedTLS }}
+{{- printf "%s.%s.svc,%s.%s.svc.%s" $service .Release.Namespace $service .Release.Namespace (.Values.clusterDomain | default "cluster.local") }}
 {{- end }}
 
 {{/* The webhooks from files/webhooks.yaml, one kind ("validating" or "mutating"). */}}

@@ -184,16 +184,32 @@ def observe_pod(pod: Mapping[str, Any] | None, url: str = "") -> Observation:
         return Observation(State.FAILED, status.get("reason") or f"Pod{phase}", message, reference)
     scheduled = conditions.get("PodScheduled", {})
     if scheduled.get("status") == "False":
-        return Observation(
-            State.PENDING,
-            scheduled.get("reason") or "Unschedulable",
-            scheduled.get("message") or "waiting for a node",
-            reference,
-        )
+        reason, message = unscheduled(scheduled, metadata.get("namespace", ""))
+        return Observation(State.PENDING, reason, message, reference)
     cpus, gpus = _held_resources(spec)
     if phase == "Running" and conditions.get("Ready", {}).get("status") == "True":
         return Observation(State.READY, "PodReady", f"JupyterLab is running on {node}", reference, url, cpus, gpus)
     return Observation(State.PROVISIONING, "PodStarting", "JupyterLab is starting", reference, "", cpus, gpus)
+
+
+_MISSING_CLAIM = re.compile(r'persistentvolumeclaim "([^"]+)" not found')
+
+
+def unscheduled(condition: Mapping[str, Any], namespace: str) -> tuple[str, str]:
+    """(reason, message) of a pod the scheduler cannot place, in its words (pure). A dataset's
+    PersistentVolumeClaim missing from the namespace is the one case a scientist can act on through
+    someone else, so it gets its own reason and a sentence; the scheduler's text is kept after it."""
+    said = str(condition.get("message") or "waiting for a node")
+    missing = sorted(set(_MISSING_CLAIM.findall(said)))
+    if missing:
+        claims = ", ".join(repr(claim) for claim in missing)
+        return (
+            "ClaimNotFound",
+            f"the storage of a mounted dataset (PersistentVolumeClaim {claims}) does not exist in namespace "
+            f"{namespace!r}, so JupyterLab cannot start and nothing is charged: it starts by itself once the claim "
+            f"exists; ask the facility's data team to provide it, or remove the dataset (scheduler: {said})",
+        )
+    return str(condition.get("reason") or "Unschedulable"), said
 
 
 def _held_resources(spec: Mapping[str, Any]) -> tuple[float, int]:

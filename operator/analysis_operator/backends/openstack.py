@@ -320,7 +320,9 @@ class OpenStackBackend:
         from openstack import connection
 
         files = [self._settings.openstack.clouds_yaml] if self._settings.openstack.clouds_yaml else None
-        region = sdk_config.OpenStackConfig(config_files=files).get_one(
+        # A file named in settings is the one read: openstacksdk would otherwise put OS_CLIENT_CONFIG_FILE
+        # (and OS_* variables) before it, and an operator configured for one cloud would talk to another.
+        region = sdk_config.OpenStackConfig(config_files=files, load_envvars=files is None).get_one(
             cloud=self._cloud, api_timeout=API_TIMEOUT_SECONDS
         )
         return connection.Connection(config=region)

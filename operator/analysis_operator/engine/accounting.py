@@ -1,5 +1,8 @@
 """Budget accounting: one tick charges a budget's running environments and stops what it no longer covers.
 
+What runs: a pod (charged by its flavor) from the moment it is Ready, never while it waits for a node,
+an image or a missing claim; a Slurm job or VM (charged by allocation) while the backend says it holds.
+
 The arithmetic is policy/budgets.charge; here the tick reads which ledger entries
 still run (from the environments index, and the backend's allocation where the
 backend charges by allocation), writes the ledger through `Ledger.update`, posts
@@ -20,7 +23,7 @@ from analysis_operator.engine.converge import stop
 from analysis_operator.engine.events import post_event
 from analysis_operator.engine.reconciler import Reconciler, apply
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
-from analysis_operator.model.domain import API_VERSION, Phase, is_terminal, parse_time
+from analysis_operator.model.domain import API_VERSION, Phase, format_time, is_terminal, parse_time
 from analysis_operator.policy.budgets import Budget, Charge, Held, charge
 
 log = structlog.get_logger("analysis_operator.accounting")
@@ -47,6 +50,7 @@ def plan_tick(
     ended: dict[str, datetime.datetime | None] = {}
     paused: list[str] = []
     held: dict[str, Held] = {}
+    ready_since: dict[str, datetime.datetime] = {}
     for uid, entry in budget.entries.items():
         record: EnvironmentRecord | None = first(environments, (entry.get("namespace"), entry.get("name")))
         if record is None or record.environment.uid != uid:
@@ -66,9 +70,36 @@ def plan_tick(
                 )
             else:
                 paused.append(uid)
+        elif record.status.get("phase") != Phase.READY.value:
+            paused.append(uid)  # charged by the flavor, but only while it runs: not while pulling or unschedulable
+        else:
+            ready = _ready_since(record.status)
+            if ready is not None:
+                ready_since[uid] = ready
+    budget = _charged_from(budget, ready_since)
     result = charge(budget, ended, moment, warning_percent, paused, held)
     idle = not budget.entries and _same(budget.status, result.status)
     return None if idle else result
+
+
+def _ready_since(status: Mapping[str, Any]) -> datetime.datetime | None:
+    """When the environment last became Ready (its Ready condition's transition)."""
+    ready = {c.get("type"): c for c in status.get("conditions") or ()}.get("Ready") or {}
+    return parse_time(ready.get("lastTransitionTime")) if ready.get("status") == "True" else None
+
+
+def _charged_from(budget: Budget, ready_since: Mapping[str, datetime.datetime]) -> Budget:
+    """Entries charged by the flavor start at their Ready time, not at the tick that first saw them
+    Ready: chargedUntil moves forward to it (never back, so time already charged is not charged again)."""
+    moved = {}
+    for uid, ready in ready_since.items():
+        entry = budget.entries.get(uid) or {}
+        charged_until = parse_time(entry.get("chargedUntil"))
+        if charged_until is not None and charged_until < ready.replace(microsecond=0):
+            moved[uid] = {**entry, "chargedUntil": format_time(ready)}
+    if not moved:
+        return budget
+    return Budget(**{**budget.__dict__, "status": {**budget.status, "environments": {**budget.entries, **moved}}})
 
 
 def _not_running(record: EnvironmentRecord) -> bool:

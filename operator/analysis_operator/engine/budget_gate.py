@@ -88,7 +88,7 @@ class BudgetGate:
         if isinstance(result, Refusal) and result.reason in SLOT_REASONS and seen and await self.confirm(seen[0]):
             result = await self.ledger.update(selected.name, take)
         if isinstance(result, Refusal):
-            metrics.ADMISSION_REFUSALS.labels(reason=result.reason, stage="reconcile").inc()
+            metrics.count_refusal(result.reason, "budget", "reconcile")
             log.info(
                 "budget.refused",
                 environment=f"{environment.namespace}/{environment.name}",
@@ -218,6 +218,10 @@ class BudgetGate:
                 elif is_terminal(record.status.get("phase")):
                     known[uid] = parse_time(record.status.get("stoppedAt"))
         return known
+
+    def in_use(self, budget: Budget, environments: Index) -> tuple[int, int]:
+        """Environments and GPUs counted against the budget now, exactly as admission counts them."""
+        return self._holding(budget, environments, time.monotonic())
 
     def _holding(self, budget: Budget, environments: Index, moment: float) -> tuple[int, int]:
         """Environments and GPUs on the budget: its ledger, less entries known to have ended, plus

@@ -20,10 +20,12 @@ from typing import Any, Protocol
 import structlog
 
 from analysis_operator.backends.base import Backend, BackendUnavailable, Launch, Observation, Retry, State
+from analysis_operator.engine.decisions import Decisions
 from analysis_operator.engine.routes import NoRoutes, Route, Routes
 from analysis_operator.engine.status import backend_status, phase_from_observation
 from analysis_operator.engine.terms import build_terms, effective_flavor
 from analysis_operator.engine.tokens import delete_token, ensure_token
+from analysis_operator.infra import metrics
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.model.conditions import build_condition, build_transition, merge_conditions
 from analysis_operator.model.domain import (
@@ -44,6 +46,8 @@ from analysis_operator.policy.requests import check_request
 log = structlog.get_logger("analysis_operator.converge")
 
 WARNING_PHASES = frozenset({Phase.FAILED, Phase.REJECTED, Phase.EXPIRED, Phase.BUDGET_EXHAUSTED})
+# Waiting for something only people can fix (a dataset's claim missing in the namespace): a Warning too.
+WARNING_REASONS = frozenset({"ClaimNotFound"})
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,11 @@ class Access(Protocol):
         now: datetime.datetime,
     ) -> Refusal | tuple[Mount, ...]: ...
 
+    async def handed(self, environment: Environment, mounts: Sequence[Mount]) -> None:
+        """Record that a backend was handed these mounts (audit log)."""
+
     async def mounted(self, environment: Environment, mounts: Sequence[Mount]) -> None:
-        """Record that a backend was handed these mounts (audit log, Event)."""
+        """Tell the owner what is mounted, once the environment runs with them (an Event)."""
 
 
 class Identities(Protocol):
@@ -109,6 +116,9 @@ class NoDatasets:
             return Refusal("DatasetNotFound", "this operator has no dataset catalogue: remove spec.datasets")
         return ()
 
+    async def handed(self, environment: Environment, mounts: Sequence[Mount]) -> None:
+        return None
+
     async def mounted(self, environment: Environment, mounts: Sequence[Mount]) -> None:
         return None
 
@@ -121,6 +131,11 @@ class Context:
     gates: tuple[Gate, ...] = ()
     identities: Identities = field(default_factory=NoIdentities)
     routes: Routes = field(default_factory=NoRoutes)  # OPEN: the gateway's routes (engine/routes.py)
+    # uid -> the phase this process last wrote (engine/reconciler.apply): the forward-auth reads it
+    # while its index has not caught up with the write (it would otherwise ask the API server)
+    written: dict[str, str] = field(default_factory=dict)
+    # uid -> the status last decided here, until the index and kopf's bodies show it (engine/decisions.py)
+    decisions: Decisions = field(default_factory=Decisions)
 
 
 def _transition(
@@ -137,7 +152,8 @@ def _transition(
     )
     event = None
     if patch is not None and status.get("phase") != phase.value:
-        event = ("Warning" if phase in WARNING_PHASES else "Normal", reason, message)
+        warning = phase in WARNING_PHASES or reason in WARNING_REASONS
+        event = ("Warning" if warning else "Normal", reason, message)
         log.info(
             "environment.transition",
             environment=f"{environment.namespace}/{environment.name}",
@@ -216,12 +232,16 @@ async def converge(
     context: Context, environment: Environment, status: Mapping[str, Any], flavor: Flavor | None, now: datetime.datetime
 ) -> Outcome:
     async with _lock(environment.uid):
+        latest = context.decisions.latest(environment.uid, status)
         try:
-            return await _converge(context, environment, status, flavor, now)
+            outcome = await _converge(context, environment, latest, flavor, now)
         except Retry as retry:
-            return Outcome(retry_after=retry.delay, message=str(retry))
+            outcome = Outcome(retry_after=retry.delay, message=str(retry))
         except BackendUnavailable as error:
-            return _unreachable(environment, status, flavor, str(error), now)
+            metrics.backend_reached(flavor.backend if flavor else "", False)
+            outcome = _unreachable(environment, latest, flavor, str(error), now)
+        context.decisions.remember(environment.uid, status, latest, outcome.status)
+        return outcome
 
 
 async def end(
@@ -236,7 +256,10 @@ async def end(
 ) -> Outcome:
     """`stop` from outside converge (idle culling), holding the environment's converge lock."""
     async with _lock(environment.uid):
-        return await stop(context, environment, flavor, status, phase, reason, message, now)
+        latest = context.decisions.latest(environment.uid, status)
+        outcome = await stop(context, environment, flavor, latest, phase, reason, message, now)
+        context.decisions.remember(environment.uid, status, latest, outcome.status)
+        return outcome
 
 
 async def _converge(
@@ -260,7 +283,8 @@ async def _converge(
             environment,
             status,
             "BackendNotEnabled",
-            f"the {flavor.backend} backend is not enabled in this operator",
+            f"the {flavor.backend} backend that flavor {flavor.name!r} runs on is not enabled in this operator "
+            f"(new ones are refused at admission): this environment waits until it is; delete it to give up",
             now,
             delay=60,
         )
@@ -277,12 +301,15 @@ async def _converge(
         )
     refusal = check_request(environment, flavor) or backend.validate(environment, flavor)
     if refusal is not None:
+        metrics.reconcile_refusal(refusal.reason, "request")
         return await stop(context, environment, flavor, status, refusal.phase, refusal.reason, refusal.message, now)
     granted = await context.access.grant(environment, flavor, backend.dataset_problem, status, now)
     if isinstance(granted, Refusal):
+        metrics.reconcile_refusal(granted.reason, "datasets")
         return await stop(context, environment, flavor, status, granted.phase, granted.reason, granted.message, now)
     identity = await context.identities.posix(environment, granted)
     if isinstance(identity, Refusal):
+        metrics.reconcile_refusal(identity.reason, "identity")
         return await stop(context, environment, flavor, status, identity.phase, identity.reason, identity.message, now)
     for gate in context.gates:
         refusal = await gate.check(environment, flavor, status, now)
@@ -304,6 +331,7 @@ async def _converge(
     times = {"startedAt": format_time(started_at), "expiresAt": format_time(expires_at)}
     launch = _Launcher(context, environment, flavor, granted, identity)
     outcome = await _run_backend(backend, environment, flavor, launch, status, now, times, expires_at)
+    metrics.backend_reached(flavor.backend, True)
     return _reachable_again(outcome, status, environment, now)
 
 
@@ -352,7 +380,7 @@ async def _run_backend(
             observation.message or ended.value,
             now,
         )
-    return await _observed(launcher.context, environment, flavor, status, observation, now, times)
+    return await _observed(launcher.context, environment, flavor, status, observation, now, times, launcher.mounts)
 
 
 @dataclass(frozen=True)
@@ -366,10 +394,11 @@ class _Launcher:
     identity: PosixIdentity | None
 
     async def launch(self) -> Launch:
-        """The token (made on first use), and the mounts recorded as granted (audit, Event)."""
+        """The token (made on first use), and the mounts recorded as handed over (audit log; the
+        Event comes at Ready: a pod whose claim is missing has mounted nothing)."""
         token = await ensure_token(self.context.kube, self.environment)
         if self.mounts:
-            await self.context.access.mounted(self.environment, self.mounts)
+            await self.context.access.handed(self.environment, self.mounts)
         return Launch(self.environment, self.flavor, token, self.mounts, self.identity)
 
 
@@ -433,16 +462,22 @@ async def _observed(
     observation: Observation,
     now: datetime.datetime,
     times: dict[str, str],
+    mounts: Sequence[Mount] = (),
 ) -> Outcome:
     phase = phase_from_observation(observation)
     connection = {"secretName": environment.child_name}
     route: Route | None = None
     starting = phase in (Phase.PROVISIONING, Phase.READY)
+    reason, message = observation.reason or phase.value, observation.message or phase.value
     if starting and observation.upstream is not None and context.routes.enabled:
         # routed while it starts (the forward-auth answers "starting" until Ready), so that at Ready
         # the gateway only has to follow an endpoint becoming ready
         route = await context.routes.open(environment, observation.upstream, ready=phase is Phase.READY)
         connection["url"] = route.url
+        opening = phase is Phase.READY and status.get("phase") != Phase.READY.value and route.routable
+        if opening and not context.routes.served(environment, observation.upstream):
+            # Ready means OPEN works: not before the gateway serves its route (settings gateway.probe_url)
+            phase, reason, message = Phase.PROVISIONING, "Opening", f"running; the gateway is opening {route.url}"
     elif observation.url:
         connection["url"] = observation.url
     if not starting:
@@ -455,8 +490,9 @@ async def _observed(
     }
     if phase is Phase.FAILED:
         extra["stoppedAt"] = format_time(now)
-    message = observation.message or phase.value
-    outcome = _transition(environment, status, phase, observation.reason or phase.value, message, now, **extra)
+    if phase is Phase.READY and status.get("phase") != Phase.READY.value and mounts:
+        await context.access.mounted(environment, mounts)
+    outcome = _transition(environment, status, phase, reason, message, now, **extra)
     if (
         outcome.status is None
         and phase is Phase.READY

@@ -103,12 +103,16 @@ def describe_mounts(mounts: Sequence[Mount]) -> str:
     return "; ".join(f"{mount.dataset.name} ({mount.dataset.pid}) at {mount.path}, {mount.grounds}" for mount in mounts)
 
 
+ANNOUNCED_BOUND = 100_000  # uids remembered as announced (DataAccess.mounted); forgotten all at once beyond
+
+
 class DataAccess:
     """converge's Access: the mounts granted now, or why not (engine/converge.py)."""
 
     def __init__(self, kube: KubeClient, indexes: Mapping[str, Index]) -> None:
         self._kube = kube
         self.catalogue = IndexCatalogue(indexes["datasets"], indexes["dataset_pids"], indexes["groups"])
+        self._announced: set[str] = set()  # uids whose mounts were announced since their last launch
 
     async def plan(
         self, environment: Environment, flavor: Flavor | None, moment: datetime.datetime, reach: Reach | None = None
@@ -134,8 +138,18 @@ class DataAccess:
             )
         return Refusal(plan.refusals[0].reason, plan.message())
 
-    async def mounted(self, environment: Environment, mounts: Sequence[Mount]) -> None:
+    async def handed(self, environment: Environment, mounts: Sequence[Mount]) -> None:
         audit(environment, AccessPlan(mounts=tuple(mounts)), stage="mount")
+        self._announced.discard(environment.uid)  # a new launch: its Ready announces the mounts again
+
+    async def mounted(self, environment: Environment, mounts: Sequence[Mount]) -> None:
+        """Once per launch: two converges that both see the step to Ready (the index a moment behind
+        the first one's write) post one Event."""
+        if environment.uid in self._announced:
+            return
+        if len(self._announced) >= ANNOUNCED_BOUND:
+            self._announced.clear()
+        self._announced.add(environment.uid)
         await post_event(
             self._kube,
             environment_reference(environment),

@@ -1,18 +1,22 @@
 """Idle culling: read every Ready environment's activity in bounded batches, warn, then cull.
 
 One loop (handlers/lifecycle.py) runs `IdleChecker.check` every idle.check_interval_seconds
-over the environments index. For each Ready environment whose flavor has an idleTimeout
-(policy/idle.py) it reads, at most `concurrency` at a time and each within
-`request_timeout_seconds` (a slow or broken server never holds up the others):
-  - the server: JupyterLab's /api/status and /api/kernels at status.backend.endpoint, the way
-    the gateway reaches it, with the environment's token and `no_track_activity` (so the check
-    itself is not activity);
+(start to start) over the environments index. For each Ready environment whose flavor has an
+idleTimeout (policy/idle.py) it reads, at most `concurrency` at a time and each server within one
+`request_timeout_seconds` in all (a slow or broken server never holds up the others):
+  - the server, the way the gateway reaches it (status.backend.endpoint), with the environment's
+    token: JupyterLab's /api/status and /api/kernels (at once, with `no_track_activity`, so the
+    check itself is not activity); a desktop VM's /api/status, which the activity agent its
+    cloud-init starts keeps (the last time a desktop connection was open, and how many are);
   - the gateway: the last request the operator's forward-auth let through (GatewayActivity).
-Then: status.lastActivity (written at most once per status interval), the Idle condition, one
-IdleSoon Warning Event per idle period, and at the timeout the flavor's action: Suspend sets
-spec.suspend (the converge that follows removes pod, job or VM and the route, and accounting
-stops charging it: a suspended entry is paused), Stop ends it for good. The Events name the
-GPU-hours the rest of its lifetime would have held.
+Each environment is judged at the time its server was read (a round at 10,000 takes a while, and
+a server's clock runs on meanwhile). Then: status.lastActivity (written at most once per status
+interval), the Idle condition (an unknown that follows a known verdict waits one status interval,
+so a server that fails every other check is not written every round), one IdleSoon Warning Event
+per idle period, and at the timeout the flavor's action: Suspend sets spec.suspend (the converge
+that follows removes pod, job or VM and the route, and accounting stops charging it: a suspended
+entry is paused), Stop ends it for good. The Events name the GPU-hours the rest of its lifetime
+would have held.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import asyncio
 import datetime
 import ipaddress
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -29,7 +33,7 @@ import structlog
 
 from analysis_operator.engine.converge import Context, end
 from analysis_operator.engine.events import environment_reference, post_event
-from analysis_operator.engine.reconciler import apply
+from analysis_operator.engine.reconciler import apply, utcnow
 from analysis_operator.engine.tokens import read_token
 from analysis_operator.engine.views import EnvironmentRecord, Index, first, values
 from analysis_operator.model.conditions import build_condition, merge_conditions
@@ -67,19 +71,23 @@ class GatewayActivity:
         return None if seen is None else datetime.datetime.fromtimestamp(seen, datetime.UTC)
 
     def forget(self, live: set[str]) -> None:
-        for uid in [uid for uid in self._seen if uid not in live]:
-            del self._seen[uid]
+        for uid in list(self._seen):  # a copy: the forward-auth thread adds to it meanwhile
+            if uid not in live:
+                self._seen.pop(uid, None)
 
 
-def server_url(environment: Environment, endpoint: str, settings: Settings) -> str:
-    """The server's base URL from status.backend.endpoint (`address:port`, or `service:port` for pods)."""
+def server_url(environment: Environment, endpoint: str, settings: Settings, desktop: bool = False) -> str:
+    """The server's base URL from status.backend.endpoint (`address:port`, or `service:port` for pods).
+    A Service name is fully qualified (a trailing dot: no walk through the pod's DNS search list);
+    a desktop is served at its root (the gateway strips the prefix), JupyterLab under its base URL."""
     host, _, port = endpoint.rpartition(":")
     try:
         address = ipaddress.ip_address(host)
         host = f"[{address}]" if address.version == 6 else str(address)
     except ValueError:  # a Service of the environment's own
-        host = f"{host}.{environment.namespace}.svc.{settings.cluster_domain}"
-    return f"http://{host}:{port}{base_path(settings.gateway.path_prefix, environment.namespace, environment.name)}"
+        host = f"{host}.{environment.namespace}.svc.{settings.cluster_domain}."
+    path = "/" if desktop else base_path(settings.gateway.path_prefix, environment.namespace, environment.name)
+    return f"http://{host}:{port}{path}"
 
 
 def parse_server(status_answer: Any, kernels_answer: Any) -> ServerActivity:
@@ -97,19 +105,29 @@ def parse_server(status_answer: Any, kernels_answer: Any) -> ServerActivity:
     busy = isinstance(kernels_answer, list) and any(
         isinstance(kernel, Mapping) and kernel.get("execution_state") == "busy" for kernel in kernels_answer
     )
+    connections = status_answer.get("connections")  # a desktop's activity agent: open desktop connections
+    busy = busy or (isinstance(connections, int) and not isinstance(connections, bool) and connections > 0)
     return ServerActivity(last=last, busy=busy)
 
 
 class IdleChecker:
     def __init__(
-        self, context: Context, settings: Settings, environments: Index, flavors: Index, gateway: GatewayActivity
+        self,
+        context: Context,
+        settings: Settings,
+        environments: Index,
+        flavors: Index,
+        gateway: GatewayActivity,
+        clock: Callable[[], datetime.datetime] = utcnow,
     ) -> None:
         self.context, self.settings, self.environments, self.flavors = context, settings, environments, flavors
-        self.gateway = gateway
+        self.gateway, self.clock = gateway, clock
         self._session: aiohttp.ClientSession | None = None
+        self._unknown_since: dict[str, datetime.datetime] = {}  # uid: when its activity became unknown
+        self._hanging: dict[str, tuple[int, datetime.datetime]] = {}  # uid: timeouts in a row, next read
         self.requests = 0  # server requests made (bench/idle.py reads it)
 
-    async def check(self, now: datetime.datetime) -> int:
+    async def check(self) -> int:
         """One round over every Ready environment that can be culled; the number checked."""
         idle = self.settings.idle
         records = []
@@ -118,28 +136,42 @@ class IdleChecker:
             ready = record.status.get("phase") == Phase.READY.value and not record.environment.suspend
             if ready and flavor is not None and flavor.idle_timeout is not None:
                 records.append((record, flavor))
-        self.gateway.forget({record.environment.uid for record, _ in records})
+        live = {record.environment.uid for record, _ in records}
+        self.gateway.forget(live)
+        for memory in (self._unknown_since, self._hanging):
+            for uid in [uid for uid in memory if uid not in live]:
+                del memory[uid]
+        # a server that keeps timing out is read less often (2, 4, then every 8 rounds): hanging
+        # servers would otherwise hold slots for a timeout each, every round, and stretch it
+        horizon = self.clock() + datetime.timedelta(seconds=idle.check_interval_seconds / 2)
+        records = [
+            (record, flavor)
+            for record, flavor in records
+            if self._hanging.get(record.environment.uid, (0, horizon))[1] <= horizon
+        ]
         semaphore = asyncio.Semaphore(idle.concurrency)
 
         async def one(record: EnvironmentRecord, flavor: Flavor) -> None:
             async with semaphore:
                 try:
-                    await self._check_one(record, flavor, now)
+                    await self._check_one(record, flavor)
                 except Exception:  # one environment's trouble never stops the round
                     log.exception("idle.check_failed", environment=_name(record.environment))
 
         await asyncio.gather(*(one(record, flavor) for record, flavor in records))
         return len(records)
 
-    async def _check_one(self, record: EnvironmentRecord, flavor: Flavor, now: datetime.datetime) -> None:
+    async def _check_one(self, record: EnvironmentRecord, flavor: Flavor) -> None:
         environment, status = record.environment, record.status
         interval = datetime.timedelta(seconds=self.settings.idle.check_interval_seconds)
         problem = policy_problem(flavor, interval)
         policy = policy_of(flavor)
         if problem is not None or policy is None:
-            await self._write(environment, status, None, Verdict.UNKNOWN, "IdlePolicyInvalid", problem or "", now)
+            reason = "IdlePolicyInvalid"
+            await self._write(environment, status, None, Verdict.UNKNOWN, reason, problem or "", self.clock())
             return
-        server = await self._server(environment, status)
+        server = await self._server(environment, status, desktop=flavor.backend == "openstack")
+        now = self.clock()  # once read: the server's clock ran on while it waited for a slot
         activity = latest_activity(
             server,
             self.gateway.last(environment.uid),
@@ -167,35 +199,47 @@ class IdleChecker:
             decision,
         )
 
-    async def _server(self, environment: Environment, status: Mapping[str, Any]) -> ServerActivity:
+    async def _server(self, environment: Environment, status: Mapping[str, Any], desktop: bool) -> ServerActivity:
         endpoint = (status.get("backend") or {}).get("endpoint")
         if not endpoint:
             return ServerActivity(problem="its server's address is not known")
         token = await read_token(self.context.kube, environment)  # kept in memory by engine/tokens.py
         if not token:
             return ServerActivity(problem="it has no access token")
-        url = server_url(environment, str(endpoint), self.settings)
+        url = server_url(environment, str(endpoint), self.settings, desktop=desktop)
         headers = {"Authorization": f"token {token}"}
-        timeout = aiohttp.ClientTimeout(total=self.settings.idle.request_timeout_seconds)
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=timeout)
-        try:
-            self.requests += 2
-            answers = []
-            for path in ("api/status", "api/kernels"):
-                async with self._session.get(
-                    url + path, params={"no_track_activity": "1"}, headers=headers
-                ) as response:
-                    if response.status != 200:
-                        return ServerActivity(problem=f"the server answered {path} with HTTP {response.status}")
-                    answers.append(await response.json(content_type=None))
+        if self._session is None:  # the one timeout below bounds each server
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        session = self._session
+
+        async def read(path: str) -> Any:
+            async with session.get(url + path, params={"no_track_activity": "1"}, headers=headers) as response:
+                if response.status != 200:
+                    raise _Refused(f"the server answered {path} with HTTP {response.status}")
+                return await response.json(content_type=None)
+
+        paths = ("api/status",) if desktop else ("api/status", "api/kernels")
+        self.requests += len(paths)
+        try:  # both at once, one timeout for the server in all (a timeout cancels both)
+            async with asyncio.timeout(self.settings.idle.request_timeout_seconds):
+                answers = await asyncio.gather(*(read(path) for path in paths), return_exceptions=True)
         except TimeoutError:
+            timeouts = self._hanging.get(environment.uid, (0, None))[0] + 1
+            later = datetime.timedelta(seconds=self.settings.idle.check_interval_seconds * 2 ** min(timeouts, 3))
+            self._hanging[environment.uid] = (timeouts, self.clock() + later)
+            again = f" ({timeouts} times in a row: read again in {later.total_seconds():g} s)" if timeouts > 1 else ""
             return ServerActivity(
-                problem=f"the server did not answer within {self.settings.idle.request_timeout_seconds:g} s"
+                problem=f"the server did not answer within {self.settings.idle.request_timeout_seconds:g} s{again}"
             )
-        except (aiohttp.ClientError, ValueError) as error:
-            return ServerActivity(problem=f"the server cannot be read ({type(error).__name__})")
-        return parse_server(*answers)
+        self._hanging.pop(environment.uid, None)  # it answered, whatever it said
+        for answer in answers:
+            if isinstance(answer, _Refused):
+                return ServerActivity(problem=str(answer))
+            if isinstance(answer, aiohttp.ClientError | ValueError):
+                return ServerActivity(problem=f"the server cannot be read ({type(answer).__name__})")
+            if isinstance(answer, BaseException):
+                raise answer
+        return parse_server(answers[0], answers[1] if len(answers) > 1 else None)
 
     async def _write(
         self,
@@ -218,7 +262,15 @@ class IdleChecker:
             patch["lastActivity"] = format_time(last)
         previous = {c.get("type"): c for c in status.get("conditions") or ()}.get("Idle")
         word = "True" if verdict is Verdict.WARN else ("Unknown" if verdict is Verdict.UNKNOWN else "False")
-        if previous is None or previous.get("status") != word or previous.get("reason") != reason:
+        changed = previous is None or previous.get("status") != word or previous.get("reason") != reason
+        if verdict is Verdict.UNKNOWN and previous is not None and previous.get("status") != "Unknown":
+            # unknown after a known verdict: said once it has lasted a status interval (a server
+            # failing every other check would otherwise be written every round)
+            since = self._unknown_since.setdefault(environment.uid, now)
+            changed = changed and now - since >= every
+        elif verdict is not Verdict.UNKNOWN:
+            self._unknown_since.pop(environment.uid, None)
+        if changed:
             condition = build_condition(
                 previous,
                 type_="Idle",
@@ -278,6 +330,10 @@ class IdleChecker:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+class _Refused(Exception):
+    """A server answered with something other than 200."""
 
 
 def _name(environment: Environment) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import weakref
 from collections.abc import Callable
 
 import structlog
@@ -24,6 +25,7 @@ from analysis_operator.model.domain import Environment
 
 log = structlog.get_logger("analysis_operator.reconciler")
 MAX_BACKOFF_SECONDS = 60.0
+WRITTEN_BOUND = 100_000  # phases remembered (Context.written); forgotten all at once beyond
 
 
 def utcnow() -> datetime.datetime:
@@ -31,9 +33,20 @@ def utcnow() -> datetime.datetime:
 
 
 async def apply(context: Context, environment: Environment, outcome: Outcome) -> None:
-    """Write an outcome: the status patch, then the Event."""
+    """Write an outcome: the status patch, then the Event. The phase is remembered as decided before
+    the patch is sent: the forward-auth (on its own thread) may be asked about the environment by
+    someone who saw the new phase before this loop has taken the patch's answer back."""
     if outcome.status is not None:
-        await context.kube.patch_environment_status(environment.namespace, environment.name, outcome.status)
+        if "phase" in outcome.status:
+            if len(context.written) >= WRITTEN_BOUND:
+                context.written.clear()
+            context.written[environment.uid] = str(outcome.status["phase"])
+        try:
+            await context.kube.patch_environment_status(environment.namespace, environment.name, outcome.status)
+        except BaseException:  # not written: decide again from what the API shows, and say it from there
+            context.decisions.forget(environment.uid)
+            context.written.pop(environment.uid, None)
+            raise
     if outcome.event is not None:
         await post_event(context.kube, environment_reference(environment), *outcome.event)
 
@@ -52,14 +65,25 @@ class Reconciler:
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}  # uid -> (when, timer)
         self._failures: dict[str, int] = {}  # uid -> unexpected errors in a row, for the backoff
         self._tasks: set[asyncio.Task[Outcome]] = set()
+        # converge and its write, one at a time per environment: two converges decided in one order
+        # must not be written in the other (an older "Opening" landing after "Ready")
+        self._writing: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def reconcile(self, record: EnvironmentRecord, now: datetime.datetime | None = None) -> Outcome:
         environment = record.environment
+        lock = self._writing.get(environment.uid)
+        if lock is None:
+            lock = self._writing[environment.uid] = asyncio.Lock()
         try:
-            outcome = await converge(
-                self.context, environment, record.status, first(self.flavors, environment.flavor), now or self.clock()
-            )
-            await apply(self.context, environment, outcome)
+            async with lock:
+                outcome = await converge(
+                    self.context,
+                    environment,
+                    record.status,
+                    first(self.flavors, environment.flavor),
+                    now or self.clock(),
+                )
+                await apply(self.context, environment, outcome)
         except Exception as error:  # an API error, a bug: logged, and tried again with a growing delay
             failures = self._failures[environment.uid] = self._failures.get(environment.uid, 0) + 1
             delay = min(MAX_BACKOFF_SECONDS, self.first_backoff * 2.0 ** (failures - 1))
@@ -87,6 +111,10 @@ class Reconciler:
                 return
             scheduled[1].cancel()
         self._timers[uid] = (when, loop.call_later(delay, self._fire, uid, key))
+
+    def wake(self, environment: Environment) -> None:
+        """Converge it again now (something it waits for has happened: its route is served)."""
+        self.requeue(EnvironmentRecord(environment, {}), 0)
 
     def _fire(self, uid: str, key: tuple[str, str]) -> None:
         self._timers.pop(uid, None)

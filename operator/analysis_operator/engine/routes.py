@@ -20,19 +20,23 @@ the steady state free of writes.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import aiohttp
 import structlog
 
 from analysis_operator.backends.base import Upstream
+from analysis_operator.engine.tokens import read_token
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.model.domain import LABEL_ENVIRONMENT_UID, Environment
-from analysis_operator.policy.opening import base_path
+from analysis_operator.policy.opening import PROBE_HEADER, base_path, probe_signature
 from analysis_operator.settings import GatewaySettings
 
 log = structlog.get_logger("analysis_operator.routes")
@@ -44,6 +48,10 @@ CLOSED_PAGE = "aenv-closed"  # per namespace: the route and Middleware answering
 # What the gateway copies from the operator's answer into the request it passes on: the server's
 # credential, the browser's cookies without the session cookie, and who the viewer is.
 AUTH_RESPONSE_HEADERS = ["Authorization", "Cookie", "X-Forwarded-User"]
+PROBE_ATTEMPT_SECONDS = 1.0  # one probe request; then whether the forward-auth saw it is checked
+PROBE_MAX_DELAY_SECONDS = 5.0  # between one environment's attempts (from 50 ms, doubling)
+PROBE_RATE = 100.0  # attempts per second, all environments together (a burst's probes are paced, not a flood)
+GATEWAY_NOT_FOUND = b"404 page not found\n"  # Traefik's (and Go's net/http) answer when no route matches
 ENDPOINTSLICE_MANAGER = "analysis-operator"  # not the endpointslice controller: it leaves these alone
 
 
@@ -66,6 +74,8 @@ class Routes(Protocol):
 
     async def close(self, environment: Environment) -> None: ...
 
+    def served(self, environment: Environment, upstream: Upstream) -> bool: ...
+
 
 class NoRoutes:
     """No gateway configured: status.connection.url is the backend's own address."""
@@ -80,6 +90,9 @@ class NoRoutes:
 
     async def close(self, environment: Environment) -> None:
         return None
+
+    def served(self, environment: Environment, upstream: Upstream) -> bool:
+        return True
 
 
 # ---------------------------------------------------------------- manifests (pure)
@@ -232,6 +245,86 @@ class GatewayRoutes:
         self._applied: dict[str, str] = {}  # environment uid -> fingerprint of what was applied
         self._namespaces: set[str] = set()  # where the forward-auth Middleware was applied
         self._gateway_seen: tuple[float, bool] = (0.0, False)
+        self._served: set[str] = set()  # uids whose route answered the probe (or it gave up)
+        self._passed: set[str] = set()  # uids whose probe this process's forward-auth let through its own route
+        self._probes: dict[str, asyncio.Task[None]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._next_probe = 0.0  # monotonic time of the next probe request slot (_pace)
+        self.on_served: Callable[[Environment], None] = lambda environment: None  # converge it again
+
+    def served(self, environment: Environment, upstream: Upstream) -> bool:
+        """Has the gateway served this environment's own route yet? (settings gateway.probe_url:
+        asked through the gateway, in a task of its own; on_served when it has). Without a probe
+        URL, always."""
+        if not self._settings.probe_url or environment.uid in self._served:
+            return True
+        if environment.uid not in self._probes:
+            task = asyncio.get_running_loop().create_task(self._probe(environment, upstream))
+            self._probes[environment.uid] = task
+            task.add_done_callback(lambda _: self._probes.pop(environment.uid, None))
+        return False
+
+    async def _probe(self, environment: Environment, upstream: Upstream) -> None:
+        """GET the page OPEN lands on through the gateway, with the probe signature its forward-auth
+        lets through, until an answer comes from past the route: anything but the gateway's own
+        "404 page not found" (no route yet) and a 503 (the namespace's closed page, or no ready
+        endpoint yet). A server that answers badly (502, its own 404) is the backend's business,
+        not the route's. Or sooner: when this process's forward-auth let the probe through the
+        environment's own route (probe_passed), the gateway has the route, whatever the backend does
+        (a server that never answers would otherwise hold Ready for the whole probe timeout)."""
+        token = await read_token(self._kube, environment)
+        path = base_path(self._settings.path_prefix, environment.namespace, environment.name)
+        url = self._settings.probe_url.rstrip("/") + path + upstream.landing.replace("{path}", path.lstrip("/"))
+        headers = {PROBE_HEADER: probe_signature(token or "", environment.uid)}
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_ATTEMPT_SECONDS))
+        began, delay, answer = time.monotonic(), 0.05, "nothing"
+        name = f"{environment.namespace}/{environment.name}"
+        while time.monotonic() - began < self._settings.probe_timeout_seconds:
+            if environment.uid in self._passed:
+                log.info("route.served", environment=name, seconds=round(time.monotonic() - began, 3), answer=answer)
+                break
+            await self._pace()
+            if environment.uid in self._passed:
+                continue
+            try:
+                async with self._session.get(url, headers=headers, allow_redirects=False) as response:
+                    answer = f"HTTP {response.status}"
+                    body = await response.content.read(64) if response.status == 404 else b""
+                    if response.status != 503 and body != GATEWAY_NOT_FOUND:
+                        log.info("route.served", environment=name, seconds=round(time.monotonic() - began, 3))
+                        break
+            except (aiohttp.ClientError, TimeoutError) as error:
+                answer = type(error).__name__
+            await asyncio.sleep(delay)
+            delay = min(PROBE_MAX_DELAY_SECONDS, delay * 2)
+        else:
+            log.warning("route.not_served", environment=name, seconds=self._settings.probe_timeout_seconds, last=answer)
+        self._served.add(environment.uid)
+        self._passed.discard(environment.uid)
+        self.on_served(environment)
+
+    async def shutdown(self) -> None:
+        """Stop the probes and close their connections (the operator is stopping)."""
+        for probe in list(self._probes.values()):
+            probe.cancel()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _pace(self) -> None:
+        """At most PROBE_RATE probe requests a second in all, in the order they asked: while the
+        gateway has not taken a burst's routes yet, a thousand probes each answered at once by the
+        closed page would otherwise keep the gateway, the forward-auth and this loop busy."""
+        now = time.monotonic()
+        slot = max(now, self._next_probe)
+        self._next_probe = slot + 1.0 / PROBE_RATE
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+    def probe_passed(self, uid: str) -> None:
+        """The forward-auth let this operator's probe through an environment's own route."""
+        if uid in self._probes:
+            self._passed.add(uid)
 
     def url(self, environment: Environment, upstream: Upstream) -> str:
         return public_url(self._settings, environment, upstream)
@@ -282,6 +375,11 @@ class GatewayRoutes:
 
     async def close(self, environment: Environment) -> None:
         self._applied.pop(environment.uid, None)
+        self._served.discard(environment.uid)
+        self._passed.discard(environment.uid)
+        probe = self._probes.pop(environment.uid, None)
+        if probe is not None:
+            probe.cancel()
         await self._namespace(environment.namespace)
         for api_version, kind in (
             (GATEWAY_API, "HTTPRoute"),

@@ -11,6 +11,7 @@ permission, not a term: that is always the catalogue's current word.
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -89,13 +90,47 @@ def _duration(text: Any) -> datetime.timedelta | None:
     return parse_duration(str(text)) if text else None
 
 
+# Terms read before, by the identity of the status.terms object they came from (a watch event
+# brings new objects; the index keeps them between events): the sweep reads every environment's
+# terms every 10 s, and building a Flavor from them was most of its time at 10,000 environments.
+# The entry holds the object, so its id is not reused while cached; cleared when it grows past
+# the bound (entries of environments long gone go with it).
+_RECORDED: dict[int, tuple[Mapping[str, Any], FlavorAccess, Flavor | None]] = {}
+_RECORDED_BOUND = 100_000
+
+
 def effective_flavor(status: Mapping[str, Any], current: Flavor | None) -> Flavor | None:
     """The flavor an environment runs on: its recorded terms once started, else the catalogue's."""
     terms = status.get("terms")
     if not isinstance(terms, Mapping):
         return current
-    recorded = flavor_from_terms(terms, current.access if current is not None else FlavorAccess())
+    access = current.access if current is not None else FlavorAccess()
+    cached = _RECORDED.get(id(terms))
+    if cached is not None and cached[0] is terms and (cached[1] is access or cached[1] == access):
+        recorded = cached[2]
+    else:
+        recorded = _interned(terms, access)
+        if len(_RECORDED) >= _RECORDED_BOUND:
+            _RECORDED.clear()
+        _RECORDED[id(terms)] = (terms, access, recorded)
     return recorded or current
+
+
+# One Flavor for every environment that started on the same terms (most of them share a few):
+# 10,000 environments hold a handful of Flavors, not 10,000 copies.
+_INTERNED: dict[tuple[str, FlavorAccess], Flavor | None] = {}
+
+
+def _interned(terms: Mapping[str, Any], access: FlavorAccess) -> Flavor | None:
+    try:
+        key = (json.dumps(terms, sort_keys=True, default=str), access)
+    except (TypeError, ValueError):
+        return flavor_from_terms(terms, access)
+    if key not in _INTERNED:
+        if len(_INTERNED) >= 1024:
+            _INTERNED.clear()
+        _INTERNED[key] = flavor_from_terms(terms, access)
+    return _INTERNED[key]
 
 
 def flavor_for(environment: Environment, status: Mapping[str, Any], flavors: Index) -> Flavor | None:

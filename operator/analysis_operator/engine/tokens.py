@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import collections
 import secrets
+import threading
 from typing import Any
 
 from analysis_operator.backends.base import Retry
@@ -20,14 +21,17 @@ TOKEN_KEY = "token"
 TOKENS_KEPT = 50_000
 # environment uid -> its token, as this process made or read it: the gateway's forward-auth hands it
 # on without an API call (a token never changes for an environment uid; its Secret is the record).
+# Written from the operator's loop and the forward-auth's thread (handlers/gateway.py): under a lock.
 KNOWN: collections.OrderedDict[str, str] = collections.OrderedDict()
+_KNOWN_LOCK = threading.Lock()
 
 
 def remember(uid: str, token: str) -> str:
-    KNOWN[uid] = token
-    KNOWN.move_to_end(uid)
-    if len(KNOWN) > TOKENS_KEPT:
-        KNOWN.popitem(last=False)
+    with _KNOWN_LOCK:
+        KNOWN[uid] = token
+        KNOWN.move_to_end(uid)
+        if len(KNOWN) > TOKENS_KEPT:
+            KNOWN.popitem(last=False)
     return token
 
 
@@ -67,7 +71,8 @@ async def ensure_token(kube: KubeClient, environment: Environment) -> str:
 
 async def delete_token(kube: KubeClient, environment: Environment) -> None:
     """This environment's token Secret (a namesake's is left alone)."""
-    KNOWN.pop(environment.uid, None)
+    with _KNOWN_LOCK:
+        KNOWN.pop(environment.uid, None)
     await kube.delete_owned(
         "Secret", environment.namespace, environment.child_name, LABEL_ENVIRONMENT_UID, environment.uid
     )
@@ -75,8 +80,9 @@ async def delete_token(kube: KubeClient, environment: Environment) -> None:
 
 async def read_token(kube: KubeClient, environment: Environment) -> str | None:
     """This environment's token (never a namesake's), for the gateway to hand its server; None if none."""
-    if environment.uid in KNOWN:
-        return KNOWN[environment.uid]
+    known = KNOWN.get(environment.uid)  # one lookup: the forward-auth thread reads while the operator writes
+    if known is not None:
+        return known
     secret = await kube.read_secret(environment.namespace, environment.child_name)
     if (
         secret is None

@@ -10,7 +10,11 @@ what keeps admission fast under a burst (bench/budget_race.py).
 
 failurePolicy Fail (kopf's default): who created an object is known only at
 admission, so while no replica answers, creates are refused rather than let
-through unchecked. The data and budget checks are repeated at reconcile.
+through unchecked. The data and budget checks are repeated at reconcile. The
+identity checks are decided by the API server too (CEL admission policies,
+deploy/authorization/identity-policy.yaml: owner defaulted, a spoofed owner
+refused, created-by stamped), which hold with no replica running; here they are
+the second line, and the first answer with a cause (NotOwner, spec.owner).
 
 Every refusal is a `Refused` (infra/kopf_patches.py): besides the message, the
 answer's status carries reason (Forbidden, Invalid) and details.causes, one
@@ -43,13 +47,12 @@ from analysis_operator.engine.reconciler import utcnow
 from analysis_operator.engine.terms import flavor_for
 from analysis_operator.engine.views import first
 from analysis_operator.handlers.datasets import check_data_access
-from analysis_operator.infra import metrics
 from analysis_operator.infra.kopf_patches import Cause, Refused
 from analysis_operator.model.domain import GROUP, LABEL_OWNER, VERSION, Environment, Flavor
 from analysis_operator.policy.access import pid_key
 from analysis_operator.policy.identity import owner_refusal, requester
 from analysis_operator.policy.refusal import Refusal
-from analysis_operator.policy.requests import check_request
+from analysis_operator.policy.requests import backend_refusal, check_request
 
 log = structlog.get_logger("analysis_operator.admission")
 CREATED_BY = f"{GROUP}/created-by"
@@ -115,11 +118,20 @@ def default_owner(
     userinfo: dict[str, Any],
     memo: kopf.Memo,
     dataset_pids: kopf.Index,
+    name: str | None = None,
+    namespace: str | None = None,
     **_: Any,
 ) -> None:
     """No owner given: the requester owns it. The creator is kept as an annotation for audits, and
-    the selection labels are stamped, replacing any the creator sent under the operator's prefixes."""
+    the selection labels are stamped, replacing any the creator sent under the operator's prefixes.
+
+    A spoofed owner is refused here already, the first step that can answer with a cause (NotOwner,
+    spec.owner): the API server's own policy (deploy/authorization/identity-policy.yaml), which
+    holds while no replica answers, runs after the mutating webhooks and answers with a sentence only."""
     owner = str(spec.get("owner") or "") or requester(userinfo, memo.config.admission)
+    refusal = owner_refusal(owner, userinfo, memo.config.admission)
+    if refusal is not None:
+        refuse("admission.identity", namespace or "", name or "", spec, [refusal])
     if not spec.get("owner"):
         patch.setdefault("spec", {})["owner"] = owner
     metadata = patch.setdefault("metadata", {})
@@ -151,6 +163,8 @@ async def admit_environment(operation: str, old: kopf.Body | None, spec: kopf.Sp
         if operation == "UPDATE":  # only the owner (or the portal acting for them) shares, not admins
             check_owner(spec=spec, **kwargs)
         await check_sharing(spec=spec, **kwargs)
+    if operation == "CREATE":  # an environment created before its backend was disabled may still change
+        check_backend(spec=spec, **kwargs)
     check_request_terms(spec=spec, **kwargs)
     if operation == "CREATE" or (old is not None and old.get("spec", {}).get("datasets") != spec.get("datasets")):
         refusals = await check_data_access(spec=spec, **kwargs)
@@ -174,6 +188,15 @@ def check_request_terms(
     refusal = check_request(environment, flavor) or (backend.validate(environment, flavor) if backend else None)
     if refusal is not None:  # 422: the request's terms are invalid for this flavor
         refuse("admission.request", namespace, name, spec, [refusal], code=422)
+
+
+def check_backend(name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo, flavors: kopf.Index, **_: Any) -> None:
+    """A flavor whose backend this operator does not run could never start: refused now, not left
+    Pending. Decided from the operator's settings only, so every replica and a dry run say the same."""
+    flavor: Flavor | None = first(flavors, spec.get("flavor"))
+    refusal = backend_refusal(flavor, memo.context.backends) if flavor is not None else None
+    if refusal is not None:
+        refuse("admission.backend", namespace, name, spec, [refusal])
 
 
 def check_owner(
@@ -252,6 +275,7 @@ FIELDS = {
     "NoPosixIdentity": "spec.owner",
     "InvalidPosixIdentity": "spec.owner",
     "FlavorNotAllowed": "spec.flavor",
+    "BackendNotEnabled": "spec.flavor",
     "LifetimeTooLong": "spec.lifetime",
     "CustomImageNotAllowed": "spec.image",
     "ImageMissing": "spec.image",
@@ -304,10 +328,8 @@ def refuse(
     code: int = 403,
     logged: bool = False,
 ) -> NoReturn:
-    """Count, log and answer a refusal (403: the request is understood, and not allowed; 422: its
-    terms are invalid for the flavor)."""
-    for refusal in refusals:
-        metrics.ADMISSION_REFUSALS.labels(reason=refusal.reason, stage="admission").inc()
+    """Log and answer a refusal (403: the request is understood, and not allowed; 422: its terms are
+    invalid for the flavor); infra/metrics.py counts it from the answer's causes."""
     if not logged:
         log.info(
             event,

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+import structlog
 
 from analysis_operator.backends.base import Backend, BackendUnavailable, State
 from analysis_operator.engine.converge import Context, converge
@@ -16,7 +17,10 @@ from analysis_operator.engine.terms import flavor_for
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
 from analysis_operator.handlers.indexes import MANAGED
 from analysis_operator.infra.metrics import RECONCILE_SECONDS
+from analysis_operator.model.conditions import build_condition, merge_conditions
 from analysis_operator.model.domain import GROUP, LABEL_BACKEND, LABEL_ENVIRONMENT, VERSION, Environment
+
+log = structlog.get_logger("analysis_operator.environments")
 
 # An unexpected error (the API server restarting, a 500) is retried in seconds, not kopf's default minute.
 RETRY_SECONDS = 5
@@ -45,23 +49,98 @@ async def on_environment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, fl
 
 
 @kopf.on.delete(GROUP, VERSION, "analysisenvironments", labels={LABEL_BACKEND: kopf.PRESENT}, backoff=RETRY_SECONDS)
-async def on_environment_deleted(body: kopf.Body, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
-    """Remove the Slurm job or VM; the finalizer stays until the backend confirms it is gone."""
+async def on_environment_deleted(
+    body: kopf.Body, labels: dict[str, str], patch: kopf.Patch, memo: kopf.Memo, **_: Any
+) -> None:
+    """Remove the Slurm job or VM; the finalizer stays until the backend confirms it is gone, or
+    there is nothing to remove (see cleanup_blocked), or an admin abandons it (ABANDON)."""
     environment = Environment.from_body(body)
-    backend = memo.context.backends.get(labels[LABEL_BACKEND])
+    kind, status = labels[LABEL_BACKEND], body.get("status") or {}
+    backend = memo.context.backends.get(kind)
+    reference = environment_reference(environment)
+    if body.metadata.annotations.get(ABANDON) == "true":
+        message = left_behind(kind, status)
+        log.warning("environment.backend_abandoned", environment=f"{environment.namespace}/{environment.name}")
+        await post_event(memo.context.kube, reference, "Warning", "BackendAbandoned", message)
+        return
     if backend is None:
-        raise kopf.TemporaryError(f"the {labels[LABEL_BACKEND]} backend is not enabled; cannot clean up", delay=60)
+        blocked = cleanup_blocked(kind, status)
+        if blocked is None:  # nothing was ever made there: nothing to wait for
+            log.info("environment.released", environment=f"{environment.namespace}/{environment.name}", backend=kind)
+            return
+        await _cleanup_condition(memo, environment, status, patch, "BackendNotEnabled", blocked)
+        raise kopf.TemporaryError(blocked, delay=ABANDON_CHECK_SECONDS)
     try:
         gone = await backend.delete(environment)
     except BackendUnavailable as error:
+        message = f"{error}; {what_was_made(kind, status)} is removed when it answers again, or {ABANDON_HINT}"
+        await _cleanup_condition(memo, environment, status, patch, "BackendUnavailable", message)
         raise kopf.TemporaryError(str(error), delay=10) from None
     if not gone:
         raise kopf.TemporaryError("waiting for the backend to confirm the deletion", delay=2)
 
 
+# An admin's way out when the backend will not come back (a decommissioned cloud project): the finalizer
+# is released without asking the backend. Only the operator and admins may set annotations under
+# analysis.panosc.eu/ (deploy/authorization); what is left behind is removed by the orphan sweep
+# (engine/sweep.py) once the backend is enabled and answers again, or by hand.
+ABANDON = f"{GROUP}/abandon-backend"
+ABANDON_CHECK_SECONDS = 20  # a blocked deletion looks again this often (for the backend, or the annotation)
+ABANDON_HINT = f'an admin may let the environment go without it: annotate it {ABANDON}="true"'
+_MADE = {"slurm": "Slurm job", "openstack": "OpenStack server"}
+
+
+def what_was_made(kind: str, status: Mapping[str, Any]) -> str:
+    """'Slurm job 4711', 'OpenStack server 3f2a...' (pure)."""
+    made = _MADE.get(kind, f"{kind} object")
+    recorded = str((status.get("backend") or {}).get("id") or "")
+    return f"{made} {recorded}" if recorded else f"its {made}"
+
+
+def cleanup_blocked(kind: str, status: Mapping[str, Any]) -> str | None:
+    """Deleting an environment whose backend is not enabled (pure): None when status records nothing
+    made there (no job id, no server id), so the finalizer goes at once; else what blocks the deletion
+    and what to do, for the condition and the Event."""
+    if (status.get("backend") or {}).get("id") and (status.get("backend") or {}).get("kind", kind) == kind:
+        return (
+            f"cannot remove {what_was_made(kind, status)}: the {kind} backend is not enabled in this operator; "
+            f"enable it again and the deletion completes, or {ABANDON_HINT} (then remove it by hand, or the "
+            f"operator's orphan sweep does once the backend is enabled)"
+        )
+    return None
+
+
+def left_behind(kind: str, status: Mapping[str, Any]) -> str:
+    return (
+        f"{what_was_made(kind, status)} was not removed ({ABANDON}): remove it by hand, or the operator's "
+        f"orphan sweep does once the {kind} backend is enabled and answers"
+    )
+
+
+async def _cleanup_condition(
+    memo: kopf.Memo, environment: Environment, status: Mapping[str, Any], patch: kopf.Patch, reason: str, message: str
+) -> None:
+    """Condition CleanedUp=False says why the deletion waits; the Event is posted when that changes."""
+    previous = {c.get("type"): c for c in status.get("conditions") or ()}.get("CleanedUp")
+    if previous is not None and previous.get("reason") == reason and previous.get("message") == message:
+        return
+    condition = build_condition(
+        previous,
+        type_="CleanedUp",
+        status=False,
+        reason=reason,
+        message=message,
+        generation=environment.generation,
+        now=utcnow(),
+    )
+    patch.status["conditions"] = merge_conditions(status.get("conditions"), condition)
+    await post_event(memo.context.kube, environment_reference(environment), "Warning", reason, message)
+
+
 @kopf.on.event(GROUP, VERSION, "analysisenvironments")
 async def on_environment_status(type: str, body: kopf.Body, memo: kopf.Memo, flavors: kopf.Index, **_: Any) -> None:
-    """The other half of the pod join: a pod can turn Ready before the status says Provisioning."""
+    """The other half of the pod join: a pod can turn Ready, or the scheduler give up on it (a missing
+    claim), before the status says Provisioning; its event was then dropped (see on_pod)."""
     status = body.get("status") or {}
     if type != "MODIFIED" or status.get("phase") != "Provisioning":
         return
@@ -69,7 +148,10 @@ async def on_environment_status(type: str, body: kopf.Body, memo: kopf.Memo, fla
     backend = backend_of(memo.context, environment, status, flavors)
     if backend is None or backend.polled:
         return  # polled backends are observed by the sweep; an event-driven one is cheap to ask here
-    if (await backend.observe(environment)).state is State.READY:
+    observation = await backend.observe(environment)
+    if observation.state is State.READY or (
+        observation.state is State.PENDING and observation.reason != status.get("reason")
+    ):
         reconciler: Reconciler = memo.reconciler
         await reconciler.reconcile(EnvironmentRecord(environment, status))
 

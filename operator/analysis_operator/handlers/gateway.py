@@ -16,8 +16,12 @@ the reason in the X-Analysis-Reason header for scripts.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import datetime
+import hmac
 import html
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -31,11 +35,19 @@ from analysis_operator.engine.idle import GatewayActivity
 from analysis_operator.engine.reconciler import utcnow
 from analysis_operator.engine.tokens import read_token
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
+from analysis_operator.handlers.offer import add_offer_routes
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.infra.oidc import NotSignedIn, TokenVerifier
 from analysis_operator.model.domain import Environment, Phase
 from analysis_operator.policy.access import Catalogue
-from analysis_operator.policy.opening import Verdict, Viewer, environment_of, may_open
+from analysis_operator.policy.opening import (
+    PROBE_HEADER,
+    Verdict,
+    Viewer,
+    environment_of,
+    may_open,
+    probe_signature,
+)
 from analysis_operator.settings import GatewaySettings
 
 log = structlog.get_logger("analysis_operator.gateway")
@@ -55,6 +67,8 @@ class Authorizer:
         clock: Callable[[], datetime.datetime] | None = None,
         active: Callable[[], bool] = lambda: True,
         activity: GatewayActivity | None = None,
+        written: Mapping[str, str] | None = None,
+        probe_passed: Callable[[str], None] = lambda uid: None,
     ) -> None:
         self.settings, self.kube, self.environments, self.catalogue = settings, kube, environments, catalogue
         self.verifier = verifier
@@ -63,6 +77,8 @@ class Authorizer:
         # A standby replica (kopf peering) has paused indexes: it answers from the API server instead.
         self._active = active
         self.activity = activity or GatewayActivity()  # what it lets through counts as activity (idle culling)
+        self._written = written if written is not None else {}  # phases this process wrote (Context.written)
+        self._probe_passed = probe_passed  # engine/routes.py: its probe came through the environment's own route
 
     def _now(self) -> datetime.datetime:
         return self._clock() if self._clock else utcnow()
@@ -74,6 +90,8 @@ class Authorizer:
         target = environment_of(self.settings.path_prefix, urllib.parse.unquote(uri.split("?", 1)[0]))
         if target is None:
             return Verdict(404, "NotAnEnvironment", f"{uri or '/'} is not the address of an environment"), {}
+        if headers.get(PROBE_HEADER):
+            return await self._probe(target, headers[PROBE_HEADER], closed)
         try:
             token = self.verifier.credential(headers)
             if not token:
@@ -89,8 +107,13 @@ class Authorizer:
             catalogue = await api_catalogue(self.kube)
         if record is not None and record.status.get("phase") in STARTING:
             # The index follows the operator's own status writes a moment late (more under load):
-            # before telling someone it is still starting, ask the API server.
-            record = await self._read(*target)
+            # before telling someone it is still starting, see what this process wrote last, or
+            # ask the API server.
+            written = self._written.get(record.environment.uid)
+            if written is not None and written not in STARTING:
+                record = EnvironmentRecord(record.environment, {**record.status, "phase": written})
+            else:
+                record = await self._read(*target)
         if record is None:
             return Verdict(404, "NoSuchEnvironment", f"there is no environment {target[0]}/{target[1]}"), {}
         viewer = Viewer(user, catalogue.groups_of(user))
@@ -111,6 +134,21 @@ class Authorizer:
         if cookies:
             passed["Cookie"] = cookies
         return verdict, passed
+
+    async def _probe(self, target: tuple[str, str], signature: str, closed: bool) -> tuple[Verdict, dict[str, str]]:
+        """The operator's own probe (engine/routes.py): does the environment's route answer yet?
+        Passed on whatever the phase (it comes just before Ready), never counted as activity."""
+        if closed:
+            return Verdict(503, "RouteNotReady", "the route is not served yet"), {}
+        record = first(self.environments, target) if self._active() else None
+        record = record or await self._read(*target)
+        server_token = None if record is None else await self._token(record.environment)
+        if record is None or server_token is None:
+            return Verdict(404, "NoSuchEnvironment", f"there is no environment {target[0]}/{target[1]}"), {}
+        if not hmac.compare_digest(signature, probe_signature(server_token, record.environment.uid)):
+            return Verdict(401, "NotSignedIn", "not the operator's probe: sign in through the facility portal"), {}
+        self._probe_passed(record.environment.uid)
+        return Verdict(200, "Probe", "the operator's probe", "operator"), {"Authorization": f"token {server_token}"}
 
     async def _read(self, namespace: str, name: str) -> EnvironmentRecord | None:
         body = await self.kube.get_environment(namespace, name)
@@ -155,7 +193,14 @@ def page(verdict: Verdict) -> str:
 def build_app(authorizer: Authorizer) -> web.Application:
     async def authorize(request: web.Request) -> web.Response:
         started = time.perf_counter()
-        verdict, headers = await authorizer.decide(request.headers, closed=request.path.endswith("/closed"))
+        closed = request.path.endswith("/closed")
+        for attempt in range(AuthServer.ATTEMPTS):
+            try:
+                verdict, headers = await authorizer.decide(request.headers, closed=closed)
+                break
+            except RuntimeError:  # an index changed while this thread read it: decide again
+                if attempt == AuthServer.ATTEMPTS - 1:
+                    raise
         log.info(
             "gateway.authorize",
             uri=request.headers.get("X-Forwarded-Uri", ""),
@@ -181,12 +226,59 @@ def build_app(authorizer: Authorizer) -> web.Application:
     app.router.add_route("*", "/authorize", authorize)
     app.router.add_route("*", "/authorize/{tail:.*}", authorize)
     app.router.add_get("/healthz", healthz)
+    add_offer_routes(app)  # GET /api/v1/offer: what may this user do? (handlers/offer.py)
     return app
 
 
-async def start_server(authorizer: Authorizer, address: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(build_app(authorizer), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, address, port).start()
-    log.info("gateway.auth_listening", address=address, port=port)
-    return runner
+class AuthServer:
+    """The forward-auth server on a thread and event loop of its own.
+
+    A burst of creates keeps the operator's event loop busy for minutes; served there, every
+    gateway request waited behind the queued reconciles (seconds at p99, bench/RESULTS.md). Here
+    it waits only for the GIL (the interpreter hands it over every few milliseconds). What a
+    decision reads is safe from this thread: kopf's indexes and the phases the operator wrote
+    are dicts read key by key (an index changed mid-read raises RuntimeError: the decision is
+    made again), the API server is reached through KubeClient's thread pool, and what must
+    happen on the operator's loop (a passed probe) is handed to it (`call_soon_threadsafe`)."""
+
+    ATTEMPTS = 3
+
+    def __init__(self, authorizer: Authorizer, address: str, port: int) -> None:
+        self.app = build_app(authorizer)
+        self.address, self.port = address, port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    async def start(self) -> AuthServer:
+        listening: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._serve, args=(listening,), name="forward-auth", daemon=True)
+        self._thread.start()
+        await asyncio.wrap_future(listening)
+        log.info("gateway.auth_listening", address=self.address, port=self.port)
+        return self
+
+    def _serve(self, listening: concurrent.futures.Future[None]) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        runner = web.AppRunner(self.app, access_log=None)
+        try:
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.TCPSite(runner, self.address, self.port).start())
+        except BaseException as error:  # the port taken, say: the operator's startup fails with it
+            listening.set_exception(error)
+            loop.close()
+            return
+        listening.set_result(None)
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+    async def cleanup(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            await asyncio.to_thread(self._thread.join, 10)
+
+
+async def start_server(authorizer: Authorizer, address: str, port: int) -> AuthServer:
+    return await AuthServer(authorizer, address, port).start()

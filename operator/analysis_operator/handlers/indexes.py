@@ -22,6 +22,7 @@ import structlog
 
 from analysis_operator.backends.kubernetes import PodSummary, summarize_pod
 from analysis_operator.engine.views import EnvironmentRecord
+from analysis_operator.infra.metrics import observe_ready
 from analysis_operator.model.domain import (
     GROUP,
     LABEL_ENVIRONMENT,
@@ -94,6 +95,7 @@ def flavors(name: str, spec: Mapping[str, Any], body: kopf.Body, **_: Any) -> di
 def environments(body: kopf.Body, **_: Any) -> dict[tuple[str, str], EnvironmentRecord]:
     environment = Environment.from_body(body)
     report_problems("environments", body, environment.problems)
+    observe_ready(body)  # creation-to-Ready, once per environment (infra/metrics.py)
     record = EnvironmentRecord(environment, dict(body.get("status") or {}))
     return {(environment.namespace, environment.name): record}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import logging
 import pathlib
 import random
@@ -25,11 +26,14 @@ from analysis_operator.engine.idle import GatewayActivity, IdleChecker
 from analysis_operator.engine.reconciler import Reconciler, utcnow
 from analysis_operator.engine.routes import GatewayRoutes, NoRoutes, Routes
 from analysis_operator.engine.sweep import sweep, sweep_orphans, warn_expiring
+from analysis_operator.engine.views import values
 from analysis_operator.handlers.gateway import Authorizer, start_server
-from analysis_operator.infra.certificates import ensure_certificates
+from analysis_operator.handlers.kopf_storage import MemoryDiffBaseStorage, ProgressStorage
+from analysis_operator.infra.certificates import WebhookCertificates, ensure_certificates
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.infra.metrics import start_metrics
 from analysis_operator.infra.oidc import TokenVerifier
+from analysis_operator.infra.webhooks import MeteredWebhookServer
 from analysis_operator.model.domain import GROUP
 from analysis_operator.settings import Settings
 
@@ -47,10 +51,9 @@ async def on_startup(
 ) -> None:
     config: Settings = memo.config
     settings.persistence.finalizer = f"{GROUP}/finalizer"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
+    # kopf's own records cost no PATCH of an environment that converges at once (handlers/kopf_storage.py)
+    settings.persistence.progress_storage = ProgressStorage()
+    memo.diffbase = settings.persistence.diffbase_storage = MemoryDiffBaseStorage()
     settings.posting.loggers = False  # Events only where we post them, not one per log line
     settings.posting.level = logging.INFO
     settings.batching.batch_window = 0.01  # react in milliseconds, not the default 100 ms
@@ -59,9 +62,10 @@ async def on_startup(
 
     configure_peering(settings, config)
     memo.peering_priority = settings.peering.priority
-    configure_admission(settings, config)
-
     kube = KubeClient(config.kube_workers, config.namespace)
+    memo.certificates = await start_webhook_certificates(config, kube)
+    configure_admission(settings, config, memo.certificates is not None)
+
     memo.access = DataAccess(kube, indexes)
     memo.sharing = Sharing(kube, indexes, memo.access.catalogue)
     memo.budget_gate = build_budget_gate(kube, config.budgets, indexes)
@@ -70,8 +74,10 @@ async def on_startup(
     memo.gateway = None
     memo.active = True  # kept by the sweep loop: a paused standby answers from the API server, culls nothing
     activity = GatewayActivity()
+    written: dict[str, str] = {}  # the phase this process last wrote per environment (Context.written)
     if config.gateway.enabled:  # OPEN: routes through the gateway, and its forward-auth answered here
-        routes = GatewayRoutes(kube, config.gateway)
+        gateway_routes = GatewayRoutes(kube, config.gateway)
+        routes, loop = gateway_routes, asyncio.get_running_loop()
         memo.gateway_kube = KubeClient(4, config.namespace)  # its own connections: never behind reconciles
         authorizer = Authorizer(
             config.gateway,
@@ -81,9 +87,13 @@ async def on_startup(
             TokenVerifier(config.gateway),
             active=lambda: bool(memo.active),
             activity=activity,
+            written=written,
+            # The forward-auth runs on a thread of its own (handlers/gateway.py): routes live on this loop.
+            probe_passed=functools.partial(loop.call_soon_threadsafe, gateway_routes.probe_passed),
         )
         memo.gateway = await start_server(authorizer, config.gateway.auth_listen_address, config.gateway.auth_port)
     memo.context = Context(
+        written=written,
         kube=kube,
         backends=build_backends(config, kube, pods),
         access=memo.access,
@@ -92,11 +102,20 @@ async def on_startup(
         routes=routes,
     )
     memo.reconciler = Reconciler(memo.context, environments, flavors)
+    if isinstance(routes, GatewayRoutes):
+        routes.on_served = memo.reconciler.wake  # Ready once the gateway serves its route
     memo.idle = IdleChecker(memo.context, config, environments, flavors, activity)
     memo.idler = (
         asyncio.create_task(idle_forever(memo, config.idle.check_interval_seconds)) if config.idle.enabled else None
     )
-    start_metrics(config.metrics_port, indexes["budgets"], environments, config.metrics_address)
+    start_metrics(
+        config.metrics_port,
+        indexes["budgets"],
+        environments,
+        config.metrics_address,
+        active=lambda: bool(memo.active),
+        backends=memo.context.backends,
+    )
     memo.sweeper = asyncio.create_task(sweep_forever(memo, config.sweep_interval_seconds))
     log.info("operator.started", namespace=config.namespace or "*", standalone=config.standalone)
 
@@ -135,15 +154,37 @@ def configure_peering(settings: kopf.OperatorSettings, config: Settings) -> None
     logging.getLogger("kopf._core.engines.peering").setLevel(logging.INFO)
 
 
-def configure_admission(settings: kopf.OperatorSettings, config: Settings) -> None:
+async def start_webhook_certificates(config: Settings, kube: KubeClient) -> asyncio.Task[None] | None:
+    """admission.tls_secret set (the Helm chart's default): the certificate made or read and
+    renewed here (infra/certificates.py) before the server starts, then checked periodically."""
+    admission = config.admission
+    if not admission.tls_secret:
+        return None
+    certificates = WebhookCertificates(
+        kube,
+        admission.tls_secret,
+        admission.tls_secret_namespace,
+        admission.tls_hosts,
+        admission.webhook_configuration,
+        admission.cert_dir,
+    )
+    await certificates.ensure(utcnow())
+    return asyncio.create_task(certificates.keep(admission.tls_check_interval_seconds, utcnow))
+
+
+def configure_admission(settings: kopf.OperatorSettings, config: Settings, self_managed: bool = False) -> None:
     """Serve the webhooks over TLS. With admission.host set (local stacks) kopf registers
     them itself at https://host:port with a CA made here; otherwise the Helm chart
-    registers them and mounts the certificate. kopf needs a server whenever webhook
-    handlers exist, so admission.enabled=false still serves, but registers nothing."""
+    registers them, and the certificate is the operator's own (self_managed: tls.pem in
+    cert_dir, kept by start_webhook_certificates) or mounted (cert-manager). kopf re-reads
+    the files and restarts the server when they change. kopf needs a server whenever
+    webhook handlers exist, so admission.enabled=false still serves, but registers nothing."""
     admission = config.admission
     cert_dir = pathlib.Path(admission.cert_dir)
     registered = bool(admission.enabled and admission.host)
-    if registered or not (cert_dir / "tls.crt").exists():
+    if self_managed:
+        cafile, certfile, pkeyfile = cert_dir / "ca.crt", cert_dir / "tls.pem", cert_dir / "tls.pem"
+    elif registered or not (cert_dir / "tls.crt").exists():
         cafile, certfile, pkeyfile = ensure_certificates(admission.cert_dir, (admission.host or "localhost",))
     else:
         cafile, certfile, pkeyfile = cert_dir / "ca.crt", cert_dir / "tls.crt", cert_dir / "tls.key"
@@ -152,22 +193,26 @@ def configure_admission(settings: kopf.OperatorSettings, config: Settings) -> No
     client_check: dict[str, Any] = {}
     if admission.client_ca_file:  # only the API server may call the webhooks
         client_check = {"verify_mode": ssl.CERT_REQUIRED, "verify_cafile": admission.client_ca_file}
-    settings.admission.server = kopf.WebhookServer(
+    settings.admission.server = MeteredWebhookServer(  # kopf's, timed and counted (infra/metrics.py)
         addr=admission.listen_address,
         port=admission.port,
         host=admission.host if registered else None,
         certfile=str(certfile),
         pkeyfile=str(pkeyfile),
         cafile=str(cafile) if cafile.exists() else None,
+        # How soon a renewed certificate is served (kopf re-reads its files this often).
+        file_check_interval=min(60.0, admission.tls_check_interval_seconds),
         **client_check,
     )
 
 
 @kopf.on.cleanup()
 async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
-    memo.sweeper.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await memo.sweeper
+    for task in (memo.sweeper, memo.certificates):
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     if memo.idler is not None:
         memo.idler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -176,6 +221,8 @@ async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
     if memo.gateway is not None:
         await memo.gateway.cleanup()
         memo.gateway_kube.close()
+    if isinstance(memo.context.routes, GatewayRoutes):
+        await memo.context.routes.shutdown()
     memo.reconciler.close()
     for backend in memo.context.backends.values():
         backend.close()
@@ -197,17 +244,22 @@ async def sweep_forever(memo: kopf.Memo, interval: float, orphan_every: int = 10
             await warn_expiring(reconciler, config.budgets.expiry_warning_seconds, utcnow())
             if rounds % orphan_every == 0:
                 await sweep_orphans(reconciler)
+                memo.diffbase.retain(record.environment.uid for record in values(reconciler.environments))
         except Exception:  # one bad sweep must not end the loop; the next one retries
             log.exception("sweep.failed")
 
 
 async def idle_forever(memo: kopf.Memo, interval: float) -> None:
-    """Idle culling (engine/idle.py): one round per interval, on the active replica only."""
+    """Idle culling (engine/idle.py): one round per interval start to start (a round that took
+    longer is followed at once), on the active replica only."""
     checker: IdleChecker = memo.idle
+    loop = asyncio.get_running_loop()
+    began = loop.time()
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(max(0.0, began + interval - loop.time()))
+        began = loop.time()
         try:
             if memo.active:
-                await checker.check(utcnow())
+                await checker.check()
         except Exception:  # one bad round must not end the loop
             log.exception("idle.round_failed")

@@ -4,29 +4,109 @@ authenticated requests (webhooks); an approval is carried out exactly once."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import kopf
 import structlog
 
 from analysis_operator.engine.budget_gate import BudgetGate
 from analysis_operator.engine.converge import expiry
+from analysis_operator.engine.ledger import BUDGETS
 from analysis_operator.engine.reconciler import utcnow
 from analysis_operator.engine.terms import flavor_for
-from analysis_operator.engine.views import first
+from analysis_operator.engine.views import first, member_of
 from analysis_operator.infra.kopf_patches import Cause, Refused
 from analysis_operator.model.domain import GROUP, VERSION, format_time, parse_duration
-from analysis_operator.policy.budgets import apply_grant
-from analysis_operator.policy.requests import format_duration
+from analysis_operator.policy.budgets import Budget, apply_grant
+from analysis_operator.policy.identity import is_trusted, requester
+from analysis_operator.policy.refusal import Refusal
+from analysis_operator.policy.requests import filing_refusal, format_duration, requested_for
 
 log = structlog.get_logger("analysis_operator.requests")
 REQUESTS = "budgetrequests"
-REQUESTED_BY = f"{GROUP}/requested-by"
+REQUESTED_BY = f"{GROUP}/requested-by"  # the scientist the request is for (stamped)
+FILED_BY = f"{GROUP}/filed-by"  # who sent it: the scientist, or the portal acting for them (stamped)
+ON_BEHALF_OF = f"{GROUP}/on-behalf-of"  # set by the portal: the scientist it files for
+ON_BEHALF_OF_FIELD = f"metadata.annotations[{ON_BEHALF_OF}]"
+REQUEST_FIELDS = {  # the field each filing refusal concerns (policy/requests.filing_refusal)
+    "BudgetNotFound": "spec.budget",
+    "NotBudgetMember": "spec.budget",
+    "EnvironmentNotFound": "spec.environment",
+    "NotEnvironmentOwner": "spec.environment",
+}
 
 
+# Two calls per create: the mutating one stamps who the request is for (and refuses a misused
+# on-behalf-of, which nothing later could tell); the validating one, after schema validation (so a
+# malformed spec gets the schema's words first), decides whether that person may file it.
 @kopf.on.mutate(GROUP, VERSION, REQUESTS, id="budgetrequest-requester", operations={"CREATE"})
-def stamp_requester(patch: kopf.Patch, userinfo: dict[str, Any], **_: Any) -> None:
-    patch.setdefault("metadata", {}).setdefault("annotations", {})[REQUESTED_BY] = str(userinfo.get("username", ""))
+def stamp_requester(
+    body: kopf.Body,
+    namespace: str,
+    patch: kopf.Patch,
+    userinfo: dict[str, Any],
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    """requested-by: the scientist the request is for (the requester, or the user the portal names in
+    on-behalf-of); filed-by: who sent it. Whatever the sender wrote under either is replaced."""
+    settings = memo.config.admission
+    on_behalf_of = str(body.metadata.annotations.get(ON_BEHALF_OF) or "")
+    scientist = requested_for(on_behalf_of, requester(userinfo, settings), is_trusted(userinfo, settings))
+    if isinstance(scientist, Refusal):
+        refuse_request(namespace, body, scientist, ON_BEHALF_OF_FIELD)
+    annotations = patch.setdefault("metadata", {}).setdefault("annotations", {})
+    annotations.update({REQUESTED_BY: scientist, FILED_BY: str(userinfo.get("username", ""))})
+
+
+@kopf.on.validate(GROUP, VERSION, REQUESTS, id="budgetrequest-filing", operations={"CREATE"})
+async def check_filing(
+    spec: kopf.Spec,
+    body: kopf.Body,
+    namespace: str,
+    userinfo: dict[str, Any],
+    memo: kopf.Memo,
+    environments: kopf.Index,
+    **_: Any,
+) -> None:
+    """Only a member of the budget (or the portal for one) may ask to raise it, only an environment's
+    owner (or the portal for them) may ask to run it longer. The scientist is the one stamped above."""
+    scientist = str(body.metadata.annotations.get(REQUESTED_BY) or "")
+    budget_name = str(spec.get("budget") or "")
+    views = memo.budget_gate.ledger.views
+    budget = first(views.budgets, budget_name) if budget_name else None
+    if budget_name and budget is None:  # the index may lag a budget created a moment ago
+        found = await memo.context.kube.get_cluster_object(BUDGETS, budget_name)
+        budget = Budget.from_body(found) if found else None
+    environment_owner = None
+    if spec.get("environment"):
+        record = first(environments, (namespace, str(spec["environment"])))
+        if record is not None:
+            environment_owner = record.environment.owner
+        else:  # the index may lag an environment created a moment ago
+            found = await memo.context.kube.get_environment(namespace, str(spec["environment"]))
+            environment_owner = str(((found or {}).get("spec") or {}).get("owner") or "")
+    refusal = filing_refusal(
+        scientist, budget_name, budget, lambda group, user: member_of(views.groups, group, user), environment_owner
+    )
+    if refusal is not None:
+        refuse_request(namespace, body, refusal, REQUEST_FIELDS[refusal.reason])
+    log.info(
+        "budget_request.filed",
+        request=f"{namespace}/{body.metadata.get('name') or body.metadata.get('generateName')}",
+        requested_by=scientist,
+        filed_by=userinfo.get("username"),
+    )
+
+
+def refuse_request(namespace: str, body: kopf.Body, refusal: Refusal, field: str) -> NoReturn:
+    log.info(
+        "budget_request.refused",
+        request=f"{namespace}/{body.metadata.get('name') or body.metadata.get('generateName')}",
+        reason=refusal.reason,
+        field=field,
+    )
+    raise Refused(refusal.message, [Cause(refusal.reason, field, refusal.message)], code=403)
 
 
 # failurePolicy Fail (the default): without the operator no decision can be stamped, so none is accepted.

@@ -148,6 +148,27 @@ class KubeClient:
                 return None
             raise
 
+    async def replace_secret(self, namespace: str, name: str, body: dict[str, Any]) -> bool:
+        """Replace, guarded by body's resourceVersion; False when someone changed it first (409)."""
+        try:
+            await self._call(self.core.replace_namespaced_secret, name, namespace, body)
+        except ApiException as error:
+            if error.status == 409:
+                return False
+            raise
+        return True
+
+    async def get_cluster_path(self, path: str) -> dict[str, Any] | None:
+        """GET any object by its API path; None when it is not there."""
+        status, answer = await self._request("GET", path)
+        return None if status == 404 else answer
+
+    async def json_patch(self, path: str, operations: list[dict[str, Any]]) -> None:
+        """A JSON patch (RFC 6902) of the object at path; a failed `test` operation raises."""
+        status, answer = await self._request("PATCH", path, operations, content_type="application/json-patch+json")
+        if status >= 400:
+            raise ApiException(status=status, reason=str(answer.get("message", "")))
+
     async def read_secret_value(self, namespace: str, name: str, key: str) -> str | None:
 
         try:
@@ -279,12 +300,14 @@ class KubeClient:
             raise
         return True
 
-    async def _request(self, method: str, path: str, body: Any = None, **query: Any) -> tuple[int, dict[str, Any]]:
+    async def _request(
+        self, method: str, path: str, body: Any = None, content_type: str = "", **query: Any
+    ) -> tuple[int, dict[str, Any]]:
         """One request to any path: (status, JSON body); 404 and 409 are answers, not errors."""
         api = self.core.api_client
         headers = {"Accept": "application/json"}
         if method == "PATCH":
-            headers["Content-Type"] = "application/apply-patch+yaml"  # JSON is YAML
+            headers["Content-Type"] = content_type or "application/apply-patch+yaml"  # JSON is YAML
         params = api.param_serialize(
             method=method,
             resource_path=path,

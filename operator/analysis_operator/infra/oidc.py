@@ -7,6 +7,11 @@ accepted only if its signature verifies against the issuer's published keys (JWK
 the issuer's jwks_uri or a file), it has not expired, and issuer and audience are the
 configured ones. A header that merely names a user (X-Forwarded-User, X-Auth-Request-User)
 is never believed: anyone who can reach the gateway could send one.
+
+A browser sends the same token with every request (JupyterLab polls every few seconds): a token
+verified once is remembered (in memory, at most VERIFIED_BOUND of them) until it expires or for
+VERIFIED_SECONDS, whichever is sooner, so a key the issuer withdraws stops being honoured within
+that time, as with the JWKS cache itself. Verifying is most of a forward-auth decision's CPU.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
+import time
 from collections.abc import Mapping
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
@@ -23,6 +29,9 @@ import jwt
 from analysis_operator.settings import GatewaySettings
 
 ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"]
+LEEWAY_SECONDS = 30
+VERIFIED_SECONDS = 300.0  # as long as the JWKS client keeps keys
+VERIFIED_BOUND = 10_000
 
 
 class NotSignedIn(Exception):
@@ -38,6 +47,7 @@ class TokenVerifier:
             self._keys = jwt.PyJWKSet.from_dict(json.loads(pathlib.Path(settings.oidc_jwks_file).read_text()))
         elif settings.oidc_jwks_url:
             self._client = jwt.PyJWKClient(settings.oidc_jwks_url, cache_keys=True, lifespan=300, timeout=5)
+        self._verified: dict[str, tuple[str, float]] = {}  # token -> (user, good until: epoch seconds)
 
     @property
     def configured(self) -> bool:
@@ -77,6 +87,18 @@ class TokenVerifier:
 
     async def user(self, token: str) -> str:
         """The facility user ID the token was issued to; raises NotSignedIn."""
+        known = self._verified.get(token)
+        if known is not None:
+            if time.time() < known[1]:
+                return known[0]
+            del self._verified[token]
+        user, expires = await self._verify(token)
+        if len(self._verified) >= VERIFIED_BOUND:
+            self._verified.clear()
+        self._verified[token] = (user, min(expires + LEEWAY_SECONDS, time.time() + VERIFIED_SECONDS))
+        return user
+
+    async def _verify(self, token: str) -> tuple[str, float]:
         key = await self._key(token)
         settings = self._settings
         try:
@@ -90,7 +112,7 @@ class TokenVerifier:
                     "require": ["exp", "iss"] if settings.oidc_issuer else ["exp"],
                     "verify_aud": bool(settings.oidc_audience),
                 },
-                leeway=30,
+                leeway=LEEWAY_SECONDS,
             )
         except jwt.ExpiredSignatureError:
             raise NotSignedIn("the session has expired: sign in again") from None
@@ -99,4 +121,4 @@ class TokenVerifier:
         name = claims.get(settings.oidc_username_claim)
         if not isinstance(name, str) or not name:
             raise NotSignedIn(f"the session token has no {settings.oidc_username_claim!r} claim")
-        return settings.oidc_username_prefix + name
+        return settings.oidc_username_prefix + name, float(claims["exp"])

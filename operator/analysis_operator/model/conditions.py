@@ -40,6 +40,21 @@ def merge_conditions(current: list[Mapping[str, Any]] | None, *updates: dict[str
     return list(by_type.values())
 
 
+def apply_merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """`target` with a JSON merge patch applied (RFC 7386: None removes a key, a mapping merges, anything
+    else replaces); neither argument is changed."""
+    merged = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping):
+            current = merged.get(key)
+            merged[key] = apply_merge_patch(current if isinstance(current, Mapping) else {}, value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def build_transition(
     status: Mapping[str, Any] | None,
     *,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import enum
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -84,6 +85,14 @@ def _duration_seconds(text: str) -> int:
 def parse_duration(text: str) -> datetime.timedelta:
     """Parse '8h', '1d12h', '90m', '30s' into a timedelta, at most MAX_DURATION (the CRDs'
     ceiling): a longer one reads as the ceiling. ValueError (in words) for anything else."""
+    if isinstance(text, str):  # the sweep reads the same few durations of every environment
+        return _parse_duration(text)
+    _duration_seconds(text)  # raises, in words
+    raise AssertionError("unreachable")
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_duration(text: str) -> datetime.timedelta:
     seconds = _duration_seconds(text)  # a Python int: no overflow however many digits
     return datetime.timedelta(seconds=min(seconds, int(MAX_DURATION.total_seconds())))
 
@@ -118,10 +127,18 @@ def format_time(moment: datetime.datetime) -> str:
 
 
 def parse_time(text: str | None) -> datetime.datetime | None:
-    """The operator's own timestamps (format_time); see parse_timestamp for what people write."""
+    """The operator's own timestamps (format_time); see parse_timestamp for what people write.
+    Cached: the sweep and the idle check read every environment's times every round."""
     if not text:
         return None
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+    return _parse_time(text)
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_time(text: str) -> datetime.datetime:
+    if len(text) != 20 or text[10] != "T" or text[-1] != "Z":
+        raise ValueError(f"time data {text!r} does not match format '%Y-%m-%dT%H:%M:%SZ'")
+    return datetime.datetime.fromisoformat(text[:-1]).replace(tzinfo=datetime.UTC)
 
 
 def parse_timestamp(text: str) -> datetime.datetime:

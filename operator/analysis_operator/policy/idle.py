@@ -3,11 +3,15 @@
 Activity means the same on every backend: the latest of
   - the server's own report (JupyterLab's /api/status `last_activity`: API calls, kernel and
     terminal messages), and "now" while a kernel is busy (a long cell prints nothing, yet works);
-  - the last request the gateway let through to it (a browser tab, a desktop connection opening).
-When none of them can be read (no gateway traffic, the server unreachable or answering garbage),
-activity is unknown, and what happens then is a setting (idle.unknown: keep, the default, never
-culls what it cannot see). A server clock ahead of the operator's by more than the allowed skew
-is not believed to be idle: it is treated as active now, and said so.
+  - the last request the gateway let through to it (a browser tab, a desktop connection opening);
+  - for a desktop VM, its activity agent's report: the last time a desktop connection was open,
+    and "now" while one is.
+When the server cannot be read (unreachable, answering garbage, an image without the desktop's
+activity agent), activity is unknown, and what happens then is a setting (idle.unknown: keep, the
+default, never culls what it cannot see); the gateway's requests alone then prove activity but
+never idleness (a long cell or a desktop connection sends it nothing). A server clock ahead of the
+operator's by more than the allowed skew is not believed to be idle: it is treated as active now,
+and said so.
 
 For a flavor with `idleTimeout` T and `idleWarnBefore` W (default 15m, less than T):
   idle for >= T - W  -> warned once (condition Idle=True IdleSoon, Warning Event IdleSoon)
@@ -78,6 +82,7 @@ class Activity:
     last: datetime.datetime | None  # None: unknown
     source: str  # "server", "kernel busy", "gateway", "unknown", "clock skew"
     note: str = ""  # what people should know (an unreadable server, a skewed clock)
+    partial: bool = False  # the server could not be read: `last` is the gateway's only
 
 
 def latest_activity(
@@ -103,7 +108,8 @@ def latest_activity(
     if not candidates:
         return Activity(None, "unknown", note or "no activity can be read")
     last, source = max(candidates)
-    return Activity(last, source, note)
+    unread = server is None or (server.last is None and not server.busy)
+    return Activity(last, source, note, partial=unread)
 
 
 class Verdict(enum.StrEnum):
@@ -134,6 +140,12 @@ def decide(
     last = max(activity.last or started, started)
     cull_at = last + policy.timeout
     idle_for = now - last
+    if activity.partial and not cull_unknown and now >= cull_at - policy.warn_before:
+        return Decision(
+            Verdict.UNKNOWN,
+            f"its server cannot be read ({activity.note or 'no answer'}) and the gateway last let a request "
+            f"through at {format_time(last)}: not culled (setting idle.unknown)",
+        )
     if now >= cull_at:
         return Decision(Verdict.CULL, f"idle since {format_time(last)} ({_words(idle_for)})", cull_at)
     if now >= cull_at - policy.warn_before:

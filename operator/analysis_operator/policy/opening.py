@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
+import hmac
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -176,3 +178,12 @@ def _shown_data(
         )
         for refusal in sharee_refusals(environment, user, catalogue, now)
     ]
+
+
+PROBE_HEADER = "X-Analysis-Probe"
+
+
+def probe_signature(token: str, uid: str) -> str:
+    """What the operator's own probe through the gateway carries (engine/routes.py) and its
+    forward-auth checks: only who holds the environment's token can make it (pure)."""
+    return hmac.new(token.encode(), f"probe:{uid}".encode(), hashlib.sha256).hexdigest()

@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import pathlib
+import time
 import urllib.error
 import urllib.request
 
 import kubernetes
 import pytest
 import websockets
+import websockets.sync.client
 
-from tests.integration.conftest import REPO, kubectl
+from tests.integration.conftest import GROUP, REPO, VERSION, kubectl
 from tests.integration.desktop import DesktopStandIn
 from tests.integration.netns import Netns
 from tests.integration.openstack.test_openstack_datasets import admin_cloud  # noqa: F401 (fixture)
+from tests.integration.slurm.test_idle_slurm import IDLE_SETTINGS, conditions, events
 from tests.waiting import wait_for
 
 GATEWAY_API = ("gateway.networking.k8s.io", "v1")
@@ -92,6 +96,15 @@ def give_address(admin_cloud, network, server_id: str) -> tuple[str, str, list]:
         floating_network_id=external.id, port_id=port.id, project_id=server.project_id
     )
     return port.fixed_ips[0]["ip_address"], floating.floating_ip_address, [floating, port]
+
+
+def release(admin_cloud, made: list) -> None:
+    """Delete what give_address made (the floating IP first: it holds the port)."""
+    for made_object in made:
+        if hasattr(made_object, "floating_ip_address"):
+            admin_cloud.network.delete_ip(made_object, ignore_missing=True)
+        else:
+            admin_cloud.network.delete_port(made_object, ignore_missing=True)
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +190,11 @@ def test_the_vm_desktop_opens_in_the_browser_through_the_gateway_for_its_owner_o
         socket_url = opened.url.replace("http", "ws", 1) + base + "websockify"
         with Netns(floating) as vm, DesktopStandIn(vm, user_data, tmp_path):
             status_code, headers, page = wait_for(
-                lambda: (answer := opened.request(base + "vnc.html", "alice"))[0] != 404 and answer,
-                timeout=20,
+                lambda: (
+                    (answer := opened.request(base + "vnc.html", "alice", timeout=3))[0] not in (0, 404, 502, 504)
+                    and answer
+                ),
+                timeout=40,
                 what="the gateway to route the desktop",
             )
             assert status_code == 200 and b"<title>noVNC</title>" in page
@@ -207,11 +223,7 @@ def test_the_vm_desktop_opens_in_the_browser_through_the_gateway_for_its_owner_o
         wait_for(lambda: route(custom, namespace, "desk") is None, timeout=90, what="the route gone with the VM")
         wait_for(lambda: not environments.exists("desk"), timeout=90, what="the server deleted, the finalizer released")
     finally:
-        for made_object in made:
-            if hasattr(made_object, "floating_ip_address"):
-                admin_cloud.network.delete_ip(made_object, ignore_missing=True)
-            else:
-                admin_cloud.network.delete_port(made_object, ignore_missing=True)
+        release(admin_cloud, made)
 
 
 # ---------------------------------------------------------------- a real browser (Chromium)
@@ -256,3 +268,93 @@ def show_in_browser(gateway, url: str, session: str, screenshot: pathlib.Path) -
         driver.save_screenshot(str(screenshot))
     finally:
         driver.quit()
+
+
+# ---------------------------------------------------------------- idle desktops (issue: idle culling)
+
+IDLE_VM = "test-vm-idle"
+
+
+@pytest.fixture
+def idle_vm_flavor(custom):
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "EnvironmentFlavor",
+        "metadata": {"name": IDLE_VM},
+        "spec": {
+            "backend": "openstack",
+            "resources": {"cpu": 2, "memory": "4Gi"},
+            "maxLifetime": "2h",
+            "openstack": {"flavor": "aenv.basic", "image": "analysis-desktop"},
+            "idleTimeout": "24s",
+            "idleWarnBefore": "12s",
+        },
+    }
+    with contextlib.suppress(kubernetes.client.ApiException):
+        custom.delete_cluster_custom_object(GROUP, VERSION, "environmentflavors", IDLE_VM)
+    custom.create_cluster_custom_object(GROUP, VERSION, "environmentflavors", body)
+    yield IDLE_VM
+    custom.delete_cluster_custom_object(GROUP, VERSION, "environmentflavors", IDLE_VM)
+
+
+def test_an_open_desktop_connection_keeps_the_vm_and_a_closed_one_lets_it_be_suspended(
+    opened,
+    operator,
+    vm_environments,
+    idle_vm_flavor,
+    admin_cloud,
+    network,
+    directory,
+    core,
+    namespace,
+    tmp_path,
+):
+    """The VM's activity agent (cloud-init) reports open desktop connections; the operator reads it
+    through websockify with the token: a noVNC connection held through the gateway past the timeout
+    keeps the VM, and once it is closed the VM is warned, then suspended."""
+    operator.configure(**IDLE_SETTINGS)
+    environments = vm_environments
+    environments.create("idle-desk", flavor=IDLE_VM, lifetime="1h")
+    ready = environments.wait_phase("idle-desk", "Ready", timeout=120)
+    server_id = ready["status"]["backend"]["id"]
+    _, floating, made = give_address(admin_cloud, network, server_id)
+    try:
+        wait_for(
+            lambda: (
+                (environments.get("idle-desk")["status"].get("backend") or {}).get("endpoint") == f"{floating}:6080"
+            ),
+            timeout=150,
+            what=lambda: f"Nova to report the address: {environments.get('idle-desk')['status']}",
+        )
+        base = f"/env/{namespace}/idle-desk/"
+        user_data = base64.b64decode(admin_cloud.compute.get_server(server_id).user_data).decode()
+        socket_url = opened.url.replace("http", "ws", 1) + base + "websockify"
+        cookie = {"Cookie": f"aenv_session={opened.token('alice')}"}
+        with Netns(floating) as vm, DesktopStandIn(vm, user_data, tmp_path, activity_seconds=1):
+            wait_for(
+                lambda: opened.request(base + "vnc.html", "alice", timeout=3)[0] == 200,
+                timeout=40,
+                what="the desktop routed",
+            )
+            with websockets.sync.client.connect(
+                socket_url, subprotocols=["binary"], additional_headers=cookie, open_timeout=20
+            ) as desktop:
+                assert desktop.recv(timeout=10) == RFB_GREETING  # a desktop connection, open and silent
+                held = time.monotonic()
+                while time.monotonic() - held < 36:  # 1.5x the timeout: no gateway request meanwhile
+                    now = environments.get("idle-desk")
+                    assert now["status"]["phase"] == "Ready", now["status"]
+                    time.sleep(2)
+                idle = conditions(environments.get("idle-desk"))["Idle"]
+                assert (idle["status"], idle["reason"]) == ("False", "Active"), idle
+                assert "IdleSoon" not in events(core, namespace, "idle-desk")
+            closed = time.monotonic()
+            wait_for(lambda: "IdleSoon" in events(core, namespace, "idle-desk"), timeout=40, what="IdleSoon")
+            suspended = environments.wait_phase("idle-desk", "Suspended", timeout=60)
+            assert time.monotonic() - closed >= 20  # idle counted from the connection's close, not before
+            assert suspended["spec"]["suspend"] is True
+            assert conditions(suspended)["Idle"]["reason"] == "IdleSuspended"
+        environments.delete("idle-desk")
+        wait_for(lambda: not environments.exists("idle-desk"), timeout=90, what="the environment gone")
+    finally:
+        release(admin_cloud, made)

@@ -12,7 +12,7 @@ import pytest
 import websockets.sync.client
 from selenium.webdriver.common.by import By
 
-from tests.integration.browser import chromium, screenshot, sign_in
+from tests.integration.browser import chromium, jupyterlab_shown, screenshot, sign_in
 from tests.integration.conftest import REPO, kubectl
 from tests.waiting import wait_for
 
@@ -99,9 +99,7 @@ def test_a_real_browser_opens_it_for_alice_and_for_bob_only_while_shared(opened,
     try:
         sign_in(driver, opened.url, "aenv_session", opened.token("alice"))
         driver.get(url)
-        wait_for(
-            lambda: driver.find_elements(By.CSS_SELECTOR, "#jp-main-dock-panel"), timeout=60, what="JupyterLab's UI"
-        )
+        wait_for(lambda: jupyterlab_shown(driver), timeout=60, what="JupyterLab's UI")
         assert "JupyterLab" in driver.title
         assert screenshot(driver, "open-slurm-jupyterlab-alice").stat().st_size > 10_000
 
@@ -113,9 +111,7 @@ def test_a_real_browser_opens_it_for_alice_and_for_bob_only_while_shared(opened,
         environments.patch_spec("hpc", sharing={"users": ["bob"]})
         answered(opened, base + "api/status", "bob", 200)
         driver.get(url)
-        wait_for(
-            lambda: driver.find_elements(By.CSS_SELECTOR, "#jp-main-dock-panel"), timeout=60, what="JupyterLab for bob"
-        )
+        wait_for(lambda: jupyterlab_shown(driver), timeout=60, what="JupyterLab for bob")
         screenshot(driver, "open-slurm-jupyterlab-bob-shared")
 
         environments.patch_spec("hpc", sharing={"users": []})

@@ -1,0 +1,114 @@
+"""BudgetRequests filed by the portal record the scientist it acts for; only a member of a budget
+(or the portal for one) may file against it, only an environment's owner for its lifetime."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import kubernetes
+import pytest
+
+from tests.integration.conftest import GROUP, VERSION, impersonating
+from tests.integration.test_budgets import Budgets
+
+PORTAL = "system:serviceaccount:portal:backend"
+ON_BEHALF_OF = f"{GROUP}/on-behalf-of"
+
+
+@pytest.fixture
+def alices_budget(custom, operator):
+    budgets = Budgets(custom)
+    alice = f"alice-{uuid.uuid4().hex[:6]}"
+    name = budgets.create({"cpuHours": 100}, user=alice)
+    yield alice, name
+    for made in budgets.created:
+        custom.delete_cluster_custom_object(GROUP, VERSION, "computebudgets", made)
+
+
+def file(kubeconfig, namespace, user, group="facility-users", on_behalf_of="", **spec) -> dict:
+    metadata = {"generateName": "more-"}
+    if on_behalf_of:
+        metadata["annotations"] = {ON_BEHALF_OF: on_behalf_of}
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "BudgetRequest",
+        "metadata": metadata,
+        "spec": {"reason": "beamtime extended", **spec},
+    }
+    return kubernetes.client.CustomObjectsApi(impersonating(kubeconfig, user, group)).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "budgetrequests", body
+    )
+
+
+def refused(call) -> dict:
+    with pytest.raises(kubernetes.client.ApiException) as error:
+        call()
+    assert error.value.status == 403, error.value.body
+    answer = json.loads(error.value.body)
+    [cause] = answer["details"]["causes"]
+    return cause
+
+
+def test_alice_files_against_her_budget_as_herself(kubeconfig, namespace, alices_budget):
+    alice, budget = alices_budget
+    annotations = file(kubeconfig, namespace, alice, budget=budget, add={"cpuHours": 10})["metadata"]["annotations"]
+    assert annotations[f"{GROUP}/requested-by"] == alice and annotations[f"{GROUP}/filed-by"] == alice
+
+
+def test_the_portal_files_for_alice_and_alice_is_recorded(kubeconfig, namespace, alices_budget):
+    alice, budget = alices_budget
+    request = file(
+        kubeconfig, namespace, PORTAL, "analysis-portal", on_behalf_of=alice, budget=budget, add={"cpuHours": 10}
+    )
+    annotations = request["metadata"]["annotations"]
+    assert annotations[f"{GROUP}/requested-by"] == alice
+    assert annotations[f"{GROUP}/filed-by"] == PORTAL
+
+
+def test_bob_may_not_file_against_alices_budget(kubeconfig, namespace, alices_budget):
+    alice, budget = alices_budget
+    cause = refused(lambda: file(kubeconfig, namespace, "bob", budget=budget, add={"cpuHours": 10}))
+    assert (cause["reason"], cause["field"]) == ("NotBudgetMember", "spec.budget")
+    assert "'bob' may not ask for more" in cause["message"] and alice in cause["message"]
+
+
+def test_bob_may_not_pretend_to_be_the_portal_or_forge_the_record(kubeconfig, namespace, alices_budget):
+    alice, budget = alices_budget
+    cause = refused(lambda: file(kubeconfig, namespace, "bob", on_behalf_of=alice, budget=budget, add={"cpuHours": 10}))
+    assert (cause["reason"], cause["field"]) == ("NotOwner", f"metadata.annotations[{ON_BEHALF_OF}]")
+    # Writing requested-by himself changes nothing: the webhook stamps it (and then refuses bob here).
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "BudgetRequest",
+        "metadata": {"generateName": "more-", "annotations": {f"{GROUP}/requested-by": alice}},
+        "spec": {"reason": "x", "budget": budget, "add": {"cpuHours": 10}},
+    }
+    bob = kubernetes.client.CustomObjectsApi(impersonating(kubeconfig, "bob"))
+    cause = refused(lambda: bob.create_namespaced_custom_object(GROUP, VERSION, namespace, "budgetrequests", body))
+    assert cause["reason"] == "NotBudgetMember"
+
+
+def test_the_portal_may_not_file_for_a_non_member(kubeconfig, namespace, alices_budget):
+    _, budget = alices_budget
+    cause = refused(
+        lambda: file(
+            kubeconfig, namespace, PORTAL, "analysis-portal", on_behalf_of="carol", budget=budget, add={"cpuHours": 1}
+        )
+    )
+    assert (cause["reason"], cause["field"]) == ("NotBudgetMember", "spec.budget")
+    assert "'carol'" in cause["message"]
+
+
+def test_only_the_owner_asks_for_a_longer_lifetime(kubeconfig, namespace, environments, alices_budget):
+    alice, _ = alices_budget
+    environments.create("lab", flavor="jupyter-basic", owner=alice)
+    environments.wait_phase("lab", "Ready", timeout=60)
+    assert file(kubeconfig, namespace, alice, environment="lab", lifetime="1h")["metadata"]["annotations"]
+    cause = refused(lambda: file(kubeconfig, namespace, "bob", environment="lab", lifetime="1h"))
+    assert (cause["reason"], cause["field"]) == ("NotEnvironmentOwner", "spec.environment")
+    # One created a moment ago (the operator's index may not have it yet) is found all the same.
+    environments.create("fresh", flavor="jupyter-basic", owner=alice)
+    assert file(kubeconfig, namespace, alice, environment="fresh", lifetime="1h")["metadata"]["annotations"]
+    cause = refused(lambda: file(kubeconfig, namespace, alice, environment="no-such-lab", lifetime="1h"))
+    assert (cause["reason"], cause["field"]) == ("EnvironmentNotFound", "spec.environment")

@@ -1,0 +1,135 @@
+"""Deleting an environment whose backend is not enabled (handlers/environments.py): the finalizer
+goes at once when nothing was made there, else the deletion waits and says what to do."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+import kopf
+import pytest
+
+from analysis_operator.backends.base import BackendUnavailable
+from analysis_operator.handlers.environments import (
+    ABANDON,
+    cleanup_blocked,
+    left_behind,
+    on_environment_deleted,
+    what_was_made,
+)
+from analysis_operator.model.domain import LABEL_BACKEND
+
+
+@pytest.mark.parametrize(
+    "kind, status, blocked",
+    [
+        ("openstack", {}, False),  # never got as far as a server: nothing to wait for
+        ("openstack", {"backend": {"kind": "openstack"}}, False),
+        ("openstack", {"backend": {"kind": "openstack", "id": ""}}, False),
+        ("openstack", {"backend": {"kind": "openstack", "id": "3f2a"}}, True),
+        ("slurm", {"backend": {"kind": "slurm", "id": "4711"}}, True),
+        ("slurm", {"backend": {"id": "4711"}}, True),  # kind not recorded: the label says
+    ],
+)
+def test_deletion_waits_only_for_what_was_made(kind, status, blocked):
+    message = cleanup_blocked(kind, status)
+    assert (message is not None) == blocked
+    if message is not None:
+        assert status["backend"]["id"] in message and f"{kind} backend is not enabled" in message
+        assert f'{ABANDON}="true"' in message  # what an admin can do about it
+
+
+def test_what_was_made_and_left_behind_is_named():
+    status = {"backend": {"kind": "slurm", "id": "4711"}}
+    assert what_was_made("slurm", status) == "Slurm job 4711"
+    assert what_was_made("openstack", {}) == "its OpenStack server"
+    assert "Slurm job 4711 was not removed" in left_behind("slurm", status)
+
+
+# --- the delete handler itself, with a stand-in backend and Event poster -------------------------------
+
+
+class Events:
+    def __init__(self) -> None:
+        self.posted: list[tuple[str, str]] = []
+
+    async def post_event(self, involved, type_, reason, message) -> None:
+        self.posted.append((type_, reason))
+
+
+class Cloud:
+    kind = "openstack"
+
+    def __init__(self, error: bool = False) -> None:
+        self.error, self.asked = error, 0
+
+    async def delete(self, environment) -> bool:
+        self.asked += 1
+        if self.error:
+            raise BackendUnavailable("keystone does not answer")
+        return True
+
+
+def delete(backends: dict, status: dict, annotations: dict | None = None):
+    body = kopf.Body(
+        {
+            "metadata": {
+                "namespace": "ns",
+                "name": "vm",
+                "uid": "u-1",
+                "labels": {LABEL_BACKEND: "openstack"},
+                "annotations": annotations or {},
+                "deletionTimestamp": "2026-11-30T12:00:00Z",
+            },
+            "spec": {"owner": "alice", "flavor": "vm-desktop"},
+            "status": status,
+        }
+    )
+    events, patch = Events(), kopf.Patch()
+    memo = types.SimpleNamespace(context=types.SimpleNamespace(kube=events, backends=backends))
+    call = on_environment_deleted(body=body, labels=dict(body.metadata.labels), patch=patch, memo=memo)
+    try:
+        asyncio.run(call)
+        error = None
+    except kopf.TemporaryError as raised:
+        error = raised
+    conditions = {c["type"]: c for c in (patch.get("status") or {}).get("conditions") or ()}
+    return error, conditions.get("CleanedUp"), events.posted
+
+
+RECORDED = {"backend": {"kind": "openstack", "id": "3f2a"}}
+
+
+def test_nothing_made_and_no_backend_releases_at_once():
+    assert delete({}, {}) == (None, None, [])
+
+
+def test_something_made_and_no_backend_waits_and_says_so_once():
+    error, condition, posted = delete({}, RECORDED)
+    assert error is not None and condition["reason"] == "BackendNotEnabled" and condition["status"] == "False"
+    assert posted == [("Warning", "BackendNotEnabled")]
+    # the next try finds the condition already saying so: no second Event, no write
+    error, condition, posted = delete({}, {**RECORDED, "conditions": [dict(condition)]})
+    assert error is not None and condition is None and posted == []
+
+
+def test_abandoned_releases_without_asking_the_backend():
+    cloud = Cloud()
+    error, _, posted = delete({"openstack": cloud}, RECORDED, {ABANDON: "true"})
+    assert error is None and cloud.asked == 0 and posted == [("Warning", "BackendAbandoned")]
+
+
+def test_an_abandon_annotation_other_than_true_is_not_one():
+    error, _, _ = delete({}, RECORDED, {ABANDON: "yes"})
+    assert error is not None
+
+
+def test_an_unreachable_backend_waits_with_the_reason():
+    error, condition, _ = delete({"openstack": Cloud(error=True)}, RECORDED)
+    assert error is not None and condition["reason"] == "BackendUnavailable"
+    assert "keystone does not answer" in condition["message"] and ABANDON in condition["message"]
+
+
+def test_an_enabled_backend_deletes():
+    cloud = Cloud()
+    assert delete({"openstack": cloud}, RECORDED)[0] is None and cloud.asked == 1
