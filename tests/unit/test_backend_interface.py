@@ -537,3 +537,52 @@ def test_a_merge_patch_is_applied_as_the_api_server_applies_it(target, patch, me
     before = repr(target)
     assert apply_merge_patch(target, patch) == merged
     assert repr(target) == before  # not changed in place
+
+
+def test_the_handlers_decision_is_written_in_turn_with_pod_events_not_after_them():
+    """The environment's own kopf handler writes its status itself, under the lock pod events write
+    under. Left to kopf's patch (sent after the handler returns), a pod event's Ready written
+    meanwhile was overwritten by the handler's older Provisioning; decisions.py then took that
+    Provisioning for a status not yet caught up, and the environment stayed Provisioning (CI, stop 22)."""
+    import kopf
+
+    from analysis_operator.handlers.environments import on_environment
+
+    backend, cluster, context = setup()
+    writes: list[str] = []
+    patch_status = cluster.patch_environment_status
+
+    async def recorded(namespace, name, status):
+        writes.append(status.get("phase", ""))
+        return await patch_status(namespace, name, status)
+
+    cluster.patch_environment_status = recorded
+    environments = {("ns", "lab"): [EnvironmentRecord(ENVIRONMENT, {})]}
+    reconciler = Reconciler(context, environments, {"mem": [FLAVOR]}, clock=lambda: NOW)
+    body = kopf.Body(
+        {
+            "metadata": {
+                "namespace": "ns",
+                "name": "lab",
+                "uid": "u-1",
+                "generation": 1,
+                "labels": {"analysis.panosc.eu/backend": "memory"},
+            },
+            "spec": {"owner": "alice", "flavor": "mem"},
+        }
+    )
+    patch = kopf.Patch()
+
+    async def scenario():
+        await on_environment(
+            body=body, patch=patch, memo=kopf.Memo(context=context, reconciler=reconciler), flavors={"mem": [FLAVOR]}
+        )
+        backend.running["u-1"] = "ready"
+        # the pod event, decided from the index that has not shown the handler's write yet
+        await reconciler.reconcile(EnvironmentRecord(ENVIRONMENT, {}))
+        reconciler.close()
+
+    asyncio.run(scenario())
+    assert "status" not in patch  # nothing left for kopf to write after the pod event's Ready
+    assert writes == ["Provisioning", "Ready"]
+    assert cluster.status[("ns", "lab")]["phase"] == "Ready"

@@ -2,9 +2,11 @@
 
 converge decides from the status it is handed: kopf's body for the environment's own handlers, the
 index for pod events, the sweep and idle culling. A decision's write reaches those copies a moment
-later (kopf applies its handler's patch after the handler returns; the index follows its watch), so
-a second converge in that moment would decide the same step again from the older status and write
-it a second time (Ready twice: a new lastTransitionTime, a second Event). converge therefore asks
+later (the index and kopf's bodies follow the watch), so a second converge in that moment would
+decide the same step again from the older status and write it a second time (Ready twice: a new
+lastTransitionTime, a second Event). Every decision is written in the order it was taken
+(engine/reconciler.Reconciler.decide, the handlers' path too), so a status in the chain below is
+one the API server has not yet moved past. converge therefore asks
 here first: while the status it was handed is one this process has already decided past, it gets
 the decided one instead. Holding the environment's converge lock, so decisions are taken in turn.
 """

@@ -14,14 +14,15 @@ from __future__ import annotations
 import asyncio
 import datetime
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import structlog
 
 from analysis_operator.engine.converge import Context, Outcome, converge
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
-from analysis_operator.model.domain import Environment
+from analysis_operator.model.domain import Environment, Flavor
 
 log = structlog.get_logger("analysis_operator.reconciler")
 MAX_BACKOFF_SECONDS = 60.0
@@ -69,21 +70,30 @@ class Reconciler:
         # must not be written in the other (an older "Opening" landing after "Ready")
         self._writing: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
-    async def reconcile(self, record: EnvironmentRecord, now: datetime.datetime | None = None) -> Outcome:
-        environment = record.environment
+    async def decide(
+        self,
+        environment: Environment,
+        status: Mapping[str, Any],
+        flavor: Flavor | None,
+        now: datetime.datetime | None = None,
+    ) -> Outcome:
+        """Converge and write the outcome, one at a time per environment; errors are raised. The
+        environment's own kopf handler writes through here too, not through kopf's patch: kopf sends
+        that after the handler returns, so a pod event's later decision (Ready) could land first and
+        be overwritten by the older one (Provisioning), which decisions.py would then take for a
+        status not yet caught up with, and the environment would stay Provisioning."""
         lock = self._writing.get(environment.uid)
         if lock is None:
             lock = self._writing[environment.uid] = asyncio.Lock()
+        async with lock:
+            outcome = await converge(self.context, environment, status, flavor, now or self.clock())
+            await apply(self.context, environment, outcome)
+        return outcome
+
+    async def reconcile(self, record: EnvironmentRecord, now: datetime.datetime | None = None) -> Outcome:
+        environment = record.environment
         try:
-            async with lock:
-                outcome = await converge(
-                    self.context,
-                    environment,
-                    record.status,
-                    first(self.flavors, environment.flavor),
-                    now or self.clock(),
-                )
-                await apply(self.context, environment, outcome)
+            outcome = await self.decide(environment, record.status, first(self.flavors, environment.flavor), now)
         except Exception as error:  # an API error, a bug: logged, and tried again with a growing delay
             failures = self._failures[environment.uid] = self._failures.get(environment.uid, 0) + 1
             delay = min(MAX_BACKOFF_SECONDS, self.first_backoff * 2.0 ** (failures - 1))

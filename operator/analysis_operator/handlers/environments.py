@@ -10,7 +10,7 @@ import kopf
 import structlog
 
 from analysis_operator.backends.base import Backend, BackendUnavailable, State
-from analysis_operator.engine.converge import Context, converge
+from analysis_operator.engine.converge import Context
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.reconciler import Reconciler, utcnow
 from analysis_operator.engine.terms import flavor_for
@@ -38,12 +38,9 @@ async def on_environment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, fl
         # Label first: kopf then adds the finalizer before anything exists outside Kubernetes.
         patch.metadata.setdefault("labels", {})[LABEL_BACKEND] = backend.kind
         raise kopf.TemporaryError("waiting for the finalizer before creating the job or VM", delay=0.2)
-    with RECONCILE_SECONDS.time():
-        outcome = await converge(context, environment, body.get("status") or {}, flavor, utcnow())
-    if outcome.status is not None:
-        patch.status.update(outcome.status)
-    if outcome.event is not None:
-        await post_event(context.kube, environment_reference(environment), *outcome.event)
+    reconciler: Reconciler = memo.reconciler
+    with RECONCILE_SECONDS.time():  # written in turn with pod events' decisions (Reconciler.decide)
+        outcome = await reconciler.decide(environment, body.get("status") or {}, flavor)
     if outcome.retry_after is not None:
         raise kopf.TemporaryError(outcome.message or "retrying", delay=outcome.retry_after)
 
