@@ -153,8 +153,8 @@ def test_pod_mounts_the_given_dataset_volumes():
     volume = {"name": "ds-1", "persistentVolumeClaim": {"claimName": "ds-1", "readOnly": True}}
     mount = {"name": "ds-1", "mountPath": "/data/ds-1", "readOnly": True}
     pod = build_pod(make_environment(), make_flavor(), SETTINGS, (volume,), (mount,))
-    assert pod["spec"]["volumes"][1:] == [volume]
-    assert container_of(pod)["volumeMounts"][1:] == [mount]
+    assert pod["spec"]["volumes"][2:] == [volume]  # after home and the operator's extension
+    assert container_of(pod)["volumeMounts"][2:] == [mount]
 
 
 def assert_pod_structure(pod: dict, environment: Environment, image: str) -> None:
@@ -167,7 +167,13 @@ def assert_pod_structure(pod: dict, environment: Environment, image: str) -> Non
     assert pod["spec"]["automountServiceAccountToken"] is False
     container = container_of(pod)
     assert container["image"] == image
-    assert [entry["name"] for entry in container["env"]] == ["JUPYTER_TOKEN", "ANALYSIS_ENVIRONMENT", "ANALYSIS_OWNER"]
+    assert [entry["name"] for entry in container["env"]] == [
+        "JUPYTER_TOKEN",
+        "ANALYSIS_ENVIRONMENT",
+        "ANALYSIS_OWNER",
+        "PYTHONPATH",
+        "JUPYTER_CONFIG_PATH",
+    ]
     env = env_of(pod)
     assert env["ANALYSIS_OWNER"] == {"name": "ANALYSIS_OWNER", "value": environment.owner}
     assert env["ANALYSIS_ENVIRONMENT"] == {"name": "ANALYSIS_ENVIRONMENT", "value": environment.name}
@@ -424,7 +430,30 @@ def test_pod_with_datasets_keeps_home_as_its_only_writable_volume():
     pod = build_pod(make_environment(), make_flavor(), SETTINGS, volumes, mounts)
     writable = [mount["mountPath"] for mount in container_of(pod)["volumeMounts"] if not mount.get("readOnly")]
     assert writable == ["/home/jovyan"]
-    assert [volume["name"] for volume in pod["spec"]["volumes"]] == ["home", "dataset-0"]
+    assert [volume["name"] for volume in pod["spec"]["volumes"]] == ["home", "aenv-jupyter", "dataset-0"]
+
+
+def test_every_pod_runs_the_operators_jupyter_extension_read_only_from_its_namespaces_config_map():
+    """OPEN: the extension that closes an unshared viewer's websockets (analysis_operator/jupyter/)."""
+    import json
+
+    from analysis_operator import jupyter
+    from analysis_operator.backends.kubernetes import EXTENSION_DIR, build_extension_config_map
+
+    pod = build_pod(make_environment(namespace="beamline-7"), make_flavor(), SETTINGS)
+    (volume,) = [volume for volume in pod["spec"]["volumes"] if volume["name"] == "aenv-jupyter"]
+    config_map = build_extension_config_map("beamline-7")
+    assert config_map["metadata"]["namespace"] == "beamline-7"
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    files = {item["path"]: config_map["data"][item["key"]] for item in volume["configMap"]["items"]}
+    assert "def _load_jupyter_server_extension" in files["aenv_viewers.py"]
+    config = json.loads(files["config/jupyter_server_config.d/aenv_viewers.json"])
+    assert config == {"ServerApp": {"jpserver_extensions": {jupyter.MODULE: True}}}
+    (mount,) = [mount for mount in container_of(pod)["volumeMounts"] if mount["name"] == "aenv-jupyter"]
+    assert mount == {"name": "aenv-jupyter", "mountPath": EXTENSION_DIR, "readOnly": True}
+    env = env_of(pod)
+    assert env["PYTHONPATH"]["value"] == EXTENSION_DIR
+    assert env["JUPYTER_CONFIG_PATH"]["value"] == f"{EXTENSION_DIR}/config"
 
 
 def test_home_is_per_environment_scratch_unless_per_user_claims_are_on():

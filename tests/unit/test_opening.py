@@ -422,3 +422,57 @@ def test_the_phase_is_remembered_as_decided_before_its_status_patch_is_sent():
     context = Context(kube=Kube(), backends={})
     asyncio.run(apply(context, ENVIRONMENT, Outcome({"phase": "Ready"})))
     assert seen == ["Ready"] and context.written == {ENVIRONMENT.uid: "Ready"}
+
+
+# ---------------------------------------------------------------- open connections (engine/viewers.py)
+
+
+def test_only_people_no_longer_allowed_have_their_connections_closed():
+    from analysis_operator.engine.viewers import refused_viewers
+
+    shared = dataclasses.replace(LAB, shared_users=frozenset({"bob"}), shared_groups=frozenset({"staff"}))
+    viewers = ["alice", "bob", "carol", "support", "mallory"]
+    # bob may read raw (p11); carol is in staff but may not (embargo): a sharee who cannot read is refused too
+    refused = refused_viewers(shared, viewers, frozenset({"support"}), CATALOGUE, NOW)
+    assert refused == {"carol": "DatasetNotReadable", "mallory": "NotShared"}
+    unshared = dataclasses.replace(shared, shared_users=frozenset(), shared_groups=frozenset())
+    refused = refused_viewers(unshared, viewers, frozenset({"support"}), CATALOGUE, NOW)
+    assert refused == {"bob": "NotShared", "carol": "NotShared", "mallory": "NotShared"}
+    # bob leaves the group the environment is shared with
+    by_group = dataclasses.replace(LAB, shared_groups=frozenset({"p11"}))
+    assert refused_viewers(by_group, ["bob"], frozenset(), CATALOGUE, NOW) == {}
+    left = StaticCatalogue(datasets=CATALOGUE.datasets, groups={"p11": frozenset({"alice"})})
+    assert refused_viewers(by_group, ["bob"], frozenset(), left, NOW) == {"bob": "NotShared"}
+
+
+@pytest.mark.parametrize(
+    "old, new, changed",
+    [
+        (None, {"sharing": {"users": ["bob"]}}, False),  # a create or resume: nobody was let in before
+        ({"sharing": {"users": ["bob"]}}, {"sharing": {"users": []}}, True),
+        ({"sharing": {"users": ["bob"]}}, {}, True),
+        ({"suspend": False}, {"suspend": True}, False),
+        ({"sharing": {"groups": ["p11"]}}, {"sharing": {"groups": ["p11"]}, "lifetime": "2h"}, False),
+    ],
+)
+def test_a_spec_change_rechecks_open_connections_only_when_sharing_changed(old, new, changed):
+    from analysis_operator.handlers.environments import sharing_changed
+
+    assert sharing_changed(old, new) is changed
+
+
+def test_a_catalogue_change_rechecks_only_running_shared_environments():
+    from analysis_operator.engine.viewers import affected_by_catalogue
+    from analysis_operator.engine.views import EnvironmentRecord
+
+    ready = {"phase": "Ready"}
+    assert affected_by_catalogue(EnvironmentRecord(dataclasses.replace(LAB, shared_groups=frozenset({"p11"})), ready))
+    assert affected_by_catalogue(EnvironmentRecord(dataclasses.replace(LAB, shared_users=frozenset({"bob"})), ready))
+    assert not affected_by_catalogue(EnvironmentRecord(LAB, ready))
+    assert not affected_by_catalogue(
+        EnvironmentRecord(dataclasses.replace(LAB, shared_users=frozenset({"alice"})), ready)
+    )
+    suspended = {"phase": "Suspended"}
+    assert not affected_by_catalogue(
+        EnvironmentRecord(dataclasses.replace(LAB, shared_users=frozenset({"bob"})), suspended)
+    )

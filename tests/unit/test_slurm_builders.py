@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import json
 import shlex
 import subprocess
 
@@ -870,3 +871,24 @@ def test_an_adopted_gpu_job_without_its_gpus_is_cancelled(tmp_path):
     queue = [queued(5, "PENDING", **MINE, gpus_requested=1)]
     backend = per_user_backend(queue, tmp_path)
     assert asyncio.run(backend.ensure(Launch(make_environment(), make_flavor(gpu=1), "t"))).state == State.PENDING
+
+
+def test_the_batch_script_writes_and_turns_on_the_operators_jupyter_extension(tmp_path):
+    """OPEN: the job's JupyterLab loads aenv_viewers (closes an unshared viewer's websockets), whatever
+    the site's command line: the module and a jupyter_server config file in a private directory."""
+
+    from analysis_operator import jupyter
+
+    script = build_batch_script(make_environment(), make_flavor(), TOKEN_ENV_NAME, SETTINGS)
+    source = jupyter.extension_source()
+    assert "AENV_EXTENSION_END" not in source  # the heredoc's end cannot come early
+    assert f"<<'AENV_EXTENSION_END'\n{source}AENV_EXTENSION_END\n" in script  # quoted: written as it is
+    assert 'export JUPYTER_CONFIG_PATH="$aenv_dir/config' in script
+    # run the script's part up to the server's start: the files are where jupyter_server looks
+    part = "aenv_dir=" + script.split("\nexec ", 1)[0].split("\naenv_dir=", 1)[1]
+    probe = f'TMPDIR={tmp_path}\n{part}\nprintf "%s\\n" "$PYTHONPATH" "$JUPYTER_CONFIG_PATH"\n'
+    paths = subprocess.run(["bash", "-euc", probe], capture_output=True, text=True, check=True).stdout.split()
+    module_dir, config_dir = paths[0].split(":")[0], paths[1].split(":")[0]
+    assert (tmp_path / module_dir).joinpath("aenv_viewers.py").read_text() == source
+    written = (tmp_path / config_dir).joinpath(jupyter.CONFIG_FILE).read_text()
+    assert json.loads(written) == {"ServerApp": {"jpserver_extensions": {"aenv_viewers": True}}}

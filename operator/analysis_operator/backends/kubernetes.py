@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from analysis_operator import jupyter
 from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, Retry, State, Upstream
 from analysis_operator.infra import render
 from analysis_operator.infra.kube import KubeClient
@@ -138,8 +139,33 @@ def build_pod(
         dataset_mounts=list(dataset_mounts),
         home_claim=home_claim_name(environment.owner) if settings.home.claims else "",
         identity=build_pod_identity(identity, settings),
+        extension_dir=EXTENSION_DIR,
+        extension_config_map=EXTENSION_CONFIG_MAP,
+        extension_items=[
+            {"key": f"{jupyter.MODULE}.py", "path": f"{jupyter.MODULE}.py"},
+            {"key": f"{jupyter.MODULE}.json", "path": f"config/{jupyter.CONFIG_FILE}"},
+        ],
     )
     return pod
+
+
+# OPEN: the operator's jupyter_server extension (analysis_operator/jupyter/), one ConfigMap per namespace
+EXTENSION_CONFIG_MAP = "aenv-jupyter"
+EXTENSION_DIR = "/opt/analysis-environment"
+
+
+def build_extension_config_map(namespace: str) -> dict[str, Any]:
+    """What every JupyterLab pod of a namespace mounts at EXTENSION_DIR (applied once per namespace and run)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": EXTENSION_CONFIG_MAP,
+            "namespace": namespace,
+            "labels": {LABEL_MANAGED_BY: MANAGER},
+        },
+        "data": {f"{jupyter.MODULE}.py": jupyter.extension_source(), f"{jupyter.MODULE}.json": jupyter.CONFIG},
+    }
 
 
 def build_service(environment: Environment, settings: Settings) -> dict[str, Any]:
@@ -248,6 +274,7 @@ class KubernetesBackend:
         self._kube = kube
         self._settings = settings
         self._pods = pods_index  # kopf index: (namespace, environment name) -> [PodSummary]
+        self._extension_applied: set[str] = set()  # namespaces whose aenv-jupyter ConfigMap this run applied
 
     def validate(self, environment: Environment, flavor: Flavor) -> Refusal | None:
         if not (environment.image or flavor.image):
@@ -282,6 +309,9 @@ class KubernetesBackend:
             await self._kube.create(
                 "PersistentVolumeClaim", environment.namespace, build_home_claim(environment, self._settings)
             )
+        if environment.namespace not in self._extension_applied:
+            await self._kube.apply(build_extension_config_map(environment.namespace))
+            self._extension_applied.add(environment.namespace)
         pod = build_pod(environment, flavor, self._settings, dataset_volumes, dataset_mounts, launch.identity)
         await self._create_own("Pod", environment, pod)
         # routable from now on (its Service exists): the gateway has the route before the pod is Ready

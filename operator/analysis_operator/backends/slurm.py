@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from analysis_operator import jupyter
 from analysis_operator.backends.base import (
     BackendUnavailable,
     Charging,
@@ -311,6 +312,10 @@ def build_batch_script(
         token_env_name=token_env_name,
         modules=list(flavor.slurm.modules),
         jupyter_command=build_jupyter_command(settings),
+        extension_module=jupyter.MODULE,
+        extension_source=jupyter.extension_source(),
+        extension_config=jupyter.CONFIG,
+        extension_config_file=jupyter.CONFIG_FILE,
     )
 
 

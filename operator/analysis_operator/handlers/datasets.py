@@ -14,6 +14,7 @@ import kopf
 from analysis_operator.engine.data_access import DataAccess, IndexCatalogue, affected, audit
 from analysis_operator.engine.events import post_event
 from analysis_operator.engine.reconciler import Reconciler, utcnow
+from analysis_operator.engine.viewers import affected_by_catalogue
 from analysis_operator.engine.views import first, values
 from analysis_operator.handlers.indexes import never_raises, report_problems
 from analysis_operator.model.domain import API_VERSION, GROUP, VERSION, Dataset, Environment
@@ -86,3 +87,7 @@ async def on_catalogue_change(type: str, memo: kopf.Memo, **_: Any) -> None:
     for record in list(values(reconciler.environments)):
         if affected(record, reconciler.flavors, catalogue, moment):
             await reconciler.reconcile(record, moment)
+        elif getattr(memo, "viewers", None) is not None and affected_by_catalogue(
+            record
+        ):  # who may open it may have changed
+            memo.viewers.soon(record.environment.namespace, record.environment.name)

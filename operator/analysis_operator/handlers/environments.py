@@ -29,9 +29,20 @@ RETRY_SECONDS = 5
 @kopf.on.create(GROUP, VERSION, "analysisenvironments", backoff=RETRY_SECONDS)
 @kopf.on.update(GROUP, VERSION, "analysisenvironments", field="spec", backoff=RETRY_SECONDS)
 @kopf.on.resume(GROUP, VERSION, "analysisenvironments", backoff=RETRY_SECONDS)
-async def on_environment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, flavors: kopf.Index, **_: Any) -> None:
+async def on_environment(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    flavors: kopf.Index,
+    old: Any = None,
+    new: Any = None,
+    **_: Any,
+) -> None:
     context = memo.context
     environment = Environment.from_body(body)
+    viewers = getattr(memo, "viewers", None)  # with the gateway on (handlers/lifecycle.py)
+    if viewers is not None and sharing_changed(old, new):  # old, new: the spec before and after
+        viewers.soon(environment.namespace, environment.name)
     flavor = first(flavors, environment.flavor)
     backend = backend_of(context, environment, body.get("status") or {}, flavors)
     if backend is not None and backend.needs_finalizer and LABEL_BACKEND not in body.metadata.labels:
@@ -167,6 +178,13 @@ async def on_pod(namespace: str, labels: dict[str, str], memo: kopf.Memo, enviro
     ):
         return  # deleted together with its environment: do not bring it back
     await memo.reconciler.reconcile(record)
+
+
+def sharing_changed(old: Any, new: Any) -> bool:
+    """A spec change (not a create or resume) that changed spec.sharing (pure)."""
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return False
+    return old.get("sharing") != new.get("sharing")
 
 
 def backend_of(context: Context, environment: Environment, status: Mapping[str, Any], flavors: Index) -> Backend | None:

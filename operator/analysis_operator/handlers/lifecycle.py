@@ -26,6 +26,7 @@ from analysis_operator.engine.idle import GatewayActivity, IdleChecker
 from analysis_operator.engine.reconciler import Reconciler, utcnow
 from analysis_operator.engine.routes import GatewayRoutes, NoRoutes, Routes
 from analysis_operator.engine.sweep import sweep, sweep_orphans, warn_expiring
+from analysis_operator.engine.viewers import Disconnector
 from analysis_operator.engine.views import values
 from analysis_operator.handlers.gateway import Authorizer, start_server
 from analysis_operator.handlers.kopf_storage import MemoryDiffBaseStorage, ProgressStorage
@@ -72,6 +73,7 @@ async def on_startup(
     memo.identities = DirectoryIdentities(kube, config.identity, indexes, environments)
     routes: Routes = NoRoutes()
     memo.gateway = None
+    memo.viewers = None  # OPEN: closes the open connections of people an environment is no longer shared with
     memo.active = True  # kept by the sweep loop: a paused standby answers from the API server, culls nothing
     activity = GatewayActivity()
     written: dict[str, str] = {}  # the phase this process last wrote per environment (Context.written)
@@ -92,6 +94,7 @@ async def on_startup(
             probe_passed=functools.partial(loop.call_soon_threadsafe, gateway_routes.probe_passed),
         )
         memo.gateway = await start_server(authorizer, config.gateway.auth_listen_address, config.gateway.auth_port)
+        memo.viewers = Disconnector(kube, config, environments, memo.access.catalogue)
     memo.context = Context(
         written=written,
         kube=kube,
@@ -218,6 +221,8 @@ async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await memo.idler
     await memo.idle.close()
+    if memo.viewers is not None:
+        await memo.viewers.close()
     if memo.gateway is not None:
         await memo.gateway.cleanup()
         memo.gateway_kube.close()

@@ -26,7 +26,7 @@ ENVIRONMENTS = "analysisenvironments"
 FIELD_MANAGER = "analysis-operator"
 # apiVersion -> (path prefix, kind -> plural) for the objects applied by server-side apply.
 _PATHS = {
-    "v1": ("/api/v1", {"Service": "services"}),
+    "v1": ("/api/v1", {"Service": "services", "ConfigMap": "configmaps"}),
     "discovery.k8s.io/v1": ("/apis/discovery.k8s.io/v1", {"EndpointSlice": "endpointslices"}),
     "gateway.networking.k8s.io/v1": (
         "/apis/gateway.networking.k8s.io/v1",

@@ -6,6 +6,7 @@ owner, refused to others, opened for a sharee and refused again once unshared.""
 from __future__ import annotations
 
 import json
+import time
 
 import kubernetes
 import pytest
@@ -61,34 +62,82 @@ def test_jupyterlab_in_slurm_opens_through_the_gateway_for_its_owner(opened, clu
     cookie = f"aenv_session={opened.token('alice')}"
     websocket_url = opened.url.replace("http", "ws", 1) + f"{base}api/kernels/{kernel}/channels"
     with websockets.sync.client.connect(websocket_url, additional_headers={"Cookie": cookie}, open_timeout=20) as ws:
-        ws.send(
-            json.dumps(
-                {
-                    "header": {
-                        "msg_id": "1",
-                        "msg_type": "kernel_info_request",
-                        "username": "",
-                        "session": "s",
-                        "version": "5.3",
-                    },
-                    "parent_header": {},
-                    "metadata": {},
-                    "content": {},
-                    "channel": "shell",
-                }
-            )
-        )
-        reply = wait_for(
-            lambda: (message := json.loads(ws.recv(timeout=20)))["msg_type"] == "kernel_info_reply" and message,
-            timeout=30,
-            what="kernel_info_reply",
-        )
-        assert reply["content"]["status"] == "ok"
+        assert kernel_info(ws)["content"]["status"] == "ok"
     with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
         websockets.sync.client.connect(
             websocket_url, additional_headers={"Cookie": f"aenv_session={opened.token('bob')}"}, open_timeout=20
         )
     assert refused.value.response.status_code == 403
+
+
+def kernel_info(ws) -> dict:
+    ws.send(
+        json.dumps(
+            {
+                "header": {
+                    "msg_id": "1",
+                    "msg_type": "kernel_info_request",
+                    "username": "",
+                    "session": "s",
+                    "version": "5.3",
+                },
+                "parent_header": {},
+                "metadata": {},
+                "content": {},
+                "channel": "shell",
+            }
+        )
+    )
+    return wait_for(
+        lambda: (message := json.loads(ws.recv(timeout=20)))["msg_type"] == "kernel_info_reply" and message,
+        timeout=30,
+        what="kernel_info_reply",
+    )
+
+
+def test_unsharing_closes_the_sharees_open_websocket_within_seconds_and_only_theirs(
+    opened, cluster_lab, core, namespace
+):
+    """The gateway checks each new websocket; the operator's JupyterLab extension closes the ones
+    already open of someone the environment is no longer shared with (engine/viewers.py)."""
+    environments, _, base = cluster_lab
+    environments.patch_spec("hpc", sharing={"users": ["bob"]})
+    answered(opened, base + "api/status", "bob", 200)
+    # the extension's endpoint is the operator's: a viewer, through the gateway, may neither list nor close
+    assert opened.request(base + "aenv/viewers", "bob")[0] == 403
+    assert opened.request(base + "aenv/viewers", "alice", method="POST")[0] == 403
+    status, _, body = opened.request(base + "api/kernels", "alice", method="POST")
+    assert status == 201, body
+    url = opened.url.replace("http", "ws", 1) + f"{base}api/kernels/{json.loads(body)['id']}/channels"
+
+    def connect(user):
+        cookie = {"Cookie": f"aenv_session={opened.token(user)}"}
+        return websockets.sync.client.connect(url, additional_headers=cookie, open_timeout=20)
+
+    with connect("bob") as bob, connect("alice") as alice:
+        assert kernel_info(bob)["content"]["status"] == "ok"
+        assert kernel_info(alice)["content"]["status"] == "ok"
+        environments.patch_spec("hpc", sharing={"users": []})
+        unshared = time.monotonic()
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            while True:  # kernel status messages until the server closes it (TimeoutError: it did not)
+                bob.recv(timeout=20)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+        assert time.monotonic() - unshared < 15, "bob's websocket stayed open"
+        assert kernel_info(alice)["content"]["status"] == "ok"  # the owner's connection is left alone
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        connect("bob")  # JupyterLab's reconnect: refused at the gateway
+    assert refused.value.response.status_code == 403
+    disconnected = wait_for(
+        lambda: [
+            event.message
+            for event in core.list_namespaced_event(namespace).items
+            if event.reason == "ViewersDisconnected" and event.involved_object.name == "hpc"
+        ],
+        timeout=20,
+        what="the ViewersDisconnected Event",
+    )
+    assert "bob (1, NotShared)" in disconnected[0] and "alice" not in disconnected[0]
 
 
 def test_a_real_browser_opens_it_for_alice_and_for_bob_only_while_shared(opened, cluster_lab):
