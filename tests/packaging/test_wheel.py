@@ -46,11 +46,15 @@ sample = dict(
     secret_name="aenv-demo", environment_name="demo", owner="alice",
     requests={"cpu": "1", "memory": "16Gi"}, limits={"cpu": "1", "memory": "16Gi"}, gpu=0,
     dataset_volumes=[], dataset_mounts=[], home_claim="",
+    extension_dir="/opt/analysis-environment", extension_config_map="aenv-jupyter",
+    extension_items=[{"key": "aenv_viewers.py", "path": "aenv_viewers.py"}],
 )
 context = {**dict.fromkeys(jinja2.meta.find_undeclared_variables(environment.parse(source))), **sample}
 pod = render.render_yaml(Settings().templates_dir, "pod.yaml.j2", **context)
 templates = sorted(environment.list_templates())
-print(json.dumps({"package": analysis_operator.__file__, "templates": templates, "pod": pod}))
+from analysis_operator import jupyter
+extension = jupyter.extension_source()
+print(json.dumps({"package": analysis_operator.__file__, "templates": templates, "pod": pod, "extension": extension}))
 """
 
 
@@ -127,7 +131,9 @@ def test_the_installed_package_renders_its_own_templates(installed, tmp_path):
     [container] = pod["spec"]["containers"]
     assert container["image"] == "quay.io/jupyter/base-notebook:2025-10-20"
     assert container["resources"]["limits"] == {"cpu": "1", "memory": "16Gi"}
-    assert pod["spec"]["volumes"] == [{"name": "home", "emptyDir": {"sizeLimit": "10Gi"}}]
+    assert pod["spec"]["volumes"][0] == {"name": "home", "emptyDir": {"sizeLimit": "10Gi"}}
+    assert pod["spec"]["volumes"][1]["configMap"]["name"] == "aenv-jupyter"
+    assert "def _load_jupyter_server_extension" in result["extension"]  # shipped to the JupyterLab servers
 
 
 def test_the_installed_command_starts(installed, tmp_path):
@@ -142,7 +148,14 @@ def _normalized(name: str) -> str:
 def test_every_third_party_import_is_a_declared_dependency(wheel):
     """An import that works only because something else pulled its distribution in breaks on upgrade."""
     with zipfile.ZipFile(wheel) as archive:
-        sources = {name: archive.read(name) for name in archive.namelist() if name.endswith(".py")}
+        # analysis_operator/jupyter/aenv_viewers.py runs inside JupyterLab (tornado, jupyter_server there),
+        # read here as text only: no module of the operator imports it (checked below)
+        shipped = "analysis_operator/jupyter/aenv_viewers.py"
+        sources = {name: archive.read(name) for name in archive.namelist() if name.endswith(".py") and name != shipped}
+        assert shipped in archive.namelist()
+        assert not any(
+            b"aenv_viewers import" in source or b"import aenv_viewers" in source for source in sources.values()
+        )
         [metadata_name] = [name for name in archive.namelist() if name.endswith(".dist-info/METADATA")]
         requires = email.parser.Parser().parsestr(archive.read(metadata_name).decode()).get_all("Requires-Dist")
     declared = {
