@@ -141,7 +141,7 @@ def _jupyter_server_extension_points() -> list[dict[str, str]]:
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
-    websocket.WebSocketHandler.get = _get  # type: ignore[method-assign]
+    websocket.WebSocketHandler.get = _get
     base_url = serverapp.web_app.settings["base_url"]
     serverapp.web_app.add_handlers(".*$", [(url_path_join(base_url, "aenv/viewers"), ViewersHandler)])
 AENV_EXTENSION_END
