@@ -257,3 +257,33 @@ def test_a_stored_huge_extension_is_applied_at_the_ceiling(kubeconfig, custom, e
         after["expiresAt"].replace("Z", "+00:00")
     ) - datetime.datetime.fromisoformat(before["expiresAt"].replace("Z", "+00:00"))
     assert moved == datetime.timedelta(days=366)
+
+
+def test_an_event_about_something_in_a_terminating_namespace_is_dropped_quietly(core, kubeconfig, monkeypatch):
+    """The API server refuses new content in a namespace being deleted (403): that Event has nobody to
+    tell, so it is dropped without a warning, while any other refusal still raises."""
+    import asyncio
+
+    from analysis_operator.infra.kube import KubeClient
+    from analysis_operator.model.domain import API_VERSION
+
+    name = f"t-going-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    hold = {"metadata": {"name": "held", "finalizers": [f"{GROUP}/test-hold"]}}
+    core.create_namespaced_config_map(name, hold)
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kubeconfig)
+    kube = KubeClient(2)  # the operator's own client, as it runs
+    involved = {"apiVersion": API_VERSION, "kind": "AnalysisEnvironment", "metadata": {"namespace": name, "name": "x"}}
+    try:
+        core.delete_namespace(name)
+        wait_for(lambda: core.read_namespace(name).status.phase == "Terminating", timeout=30, what="Terminating")
+        asyncio.run(kube.post_event(involved, "Normal", "Test", "nobody reads this"))  # no exception
+        assert not core.list_namespaced_event(name).items
+        with pytest.raises(kubernetes.client.ApiException) as refused:  # a namespace that does not exist: raised
+            asyncio.run(
+                kube.post_event({**involved, "metadata": {"namespace": "t-absent-x", "name": "x"}}, "Normal", "T", "m")
+            )
+        assert refused.value.status == 404
+    finally:
+        kube.close()
+        core.patch_namespaced_config_map("held", name, {"metadata": {"finalizers": None}})

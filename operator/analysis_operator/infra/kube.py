@@ -36,6 +36,10 @@ _PATHS = {
 }
 
 
+def _bytes(body: Any) -> bytes:
+    return body if isinstance(body, bytes) else str(body or "").encode()
+
+
 def object_path(api_version: str, kind: str, namespace: str, name: str) -> str:
     prefix, plurals = _PATHS[api_version]
     return f"{prefix}/namespaces/{namespace}/{plurals[kind]}/{name}"
@@ -247,7 +251,12 @@ class KubeClient:
             "lastTimestamp": now,
             "count": 1,
         }
-        await self._call(self.core.create_namespaced_event, metadata["namespace"], body)
+        try:
+            await self._call(self.core.create_namespaced_event, metadata["namespace"], body)
+        except ApiException as error:
+            if error.status == 403 and b"being terminated" in _bytes(error.body):
+                return  # the namespace is going, and every Event in it with it: nothing to tell anyone
+            raise
 
     async def get_cluster_object(self, plural: str, name: str) -> dict[str, Any] | None:
         """A cluster-scoped custom object of this API group, or None if it does not exist."""
