@@ -7,7 +7,8 @@ tests/integration/netns.py), from the user data Nova holds for it:
     the unit's port, and without a desktop session (no Xfce here: a black screen);
   - websockify exactly as the `aenv-novnc` unit starts it (its web root prepared by the unit's
     ExecStartPre: noVNC's files and api/; the auth plugin and the access token the user data
-    writes), the token handed over as systemd would (CREDENTIALS_DIRECTORY);
+    writes), the token and its runtime directory handed over as systemd would (CREDENTIALS_DIRECTORY,
+    RUNTIME_DIRECTORY);
   - the desktop activity agent as the `aenv-activity` unit starts it (every `activity_seconds`
     here instead of 20), reporting desktop connections in api/status.
 The web root lives in the test's directory instead of /var/lib/analysis-environment/web.
@@ -142,7 +143,15 @@ class DesktopStandIn:
         at = command.index("--web") + 1
         assert command[at] == web, (command, web)  # websockify serves what the agent prepared
         command[at] = str(local_web)
-        self._start("websockify", command, PYTHONPATH=str(library), CREDENTIALS_DIRECTORY=str(credentials))
+        runtime = self.workdir / "run" / self.novnc["RuntimeDirectory"]  # systemd's /run/<RuntimeDirectory>
+        runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._start(
+            "websockify",
+            command,
+            PYTHONPATH=str(library),
+            CREDENTIALS_DIRECTORY=str(credentials),
+            RUNTIME_DIRECTORY=str(runtime),
+        )
         agent_words = shlex.split(self.activity["ExecStart"])
         assert agent_words[:2] == [agent, web], self.activity["ExecStart"]
         self._start("activity", [str(local_agent), str(local_web), agent_words[2], str(self.activity_seconds)])

@@ -11,13 +11,15 @@ server to close those of the people now refused, and posts an Event naming them.
 tries to reconnect, and the gateway refuses. Servers are asked at most `concurrency` at a time,
 each within `timeout` seconds, and a server that does not answer is asked again a few times.
 
-Desktops (VMs) are not covered: one VNC session has no per-person connections to close.
+A desktop VM's websockify does the same through its auth plugin (templates/cloud-init.yaml.j2): each
+desktop websocket is one process there, remembered with its person, and closed by killing it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -38,7 +40,9 @@ from analysis_operator.settings import Settings
 
 log = structlog.get_logger("analysis_operator.viewers")
 
-JUPYTER_BACKENDS = frozenset({"kubernetes", "slurm"})  # the servers that run the extension
+JUPYTER_BACKENDS = frozenset({"kubernetes", "slurm"})  # JupyterLab, with the operator's extension
+DESKTOP_BACKENDS = frozenset({"openstack"})  # a desktop VM: websockify with the operator's auth plugin
+DESKTOP_HEADER = "X-Aenv-Viewers"
 RETRY_SECONDS = (2.0, 5.0, 10.0)  # a server that does not answer is asked again after these
 
 
@@ -71,6 +75,13 @@ def affected_by_catalogue(record: EnvironmentRecord) -> bool:
     return record.status.get("phase") == Phase.READY.value and bool(
         (environment.shared_users - {environment.owner}) or environment.shared_groups
     )
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 class Disconnector:
@@ -127,57 +138,79 @@ class Disconnector:
         if record is None or record.status.get("phase") != Phase.READY.value:
             return {}  # not running: its route is closed, and its server gone or going
         backend = record.status.get("backend") or {}
-        endpoint = str(backend.get("endpoint") or "")
-        if backend.get("kind") not in JUPYTER_BACKENDS or not endpoint:
+        endpoint, kind = str(backend.get("endpoint") or ""), str(backend.get("kind") or "")
+        if kind not in JUPYTER_BACKENDS | DESKTOP_BACKENDS or not endpoint:
             return {}
         environment = record.environment
         token = await read_token(self._kube, environment)
         if token is None:
             return {}
-        url = server_url(environment, endpoint, self._settings) + jupyter.ENDPOINT
+        desktop = kind in DESKTOP_BACKENDS
+        url = server_url(environment, endpoint, self._settings, desktop=desktop)
         async with self._slots:
-            viewers = await self._call("GET", url, token)
-            if viewers is None:
-                await self._not_running_extension(environment)
+            open_ = await self._viewers(url, token, desktop, ())
+            if open_ is None:
+                await self._not_running_extension(environment, desktop)
                 return {}
-            open_ = viewers.get("viewers") if isinstance(viewers, Mapping) else None
-            if not isinstance(open_, Mapping):
-                raise Unanswered(f"{url} answered {viewers!r}")
             refused = refused_viewers(environment, open_, self._admins, self._catalogue, self._clock())
             if not refused:
                 return {}
-            answer = await self._call("POST", url, token, {"close": sorted(refused)})
-        closed = {user: int(open_.get(user) or 0) for user in refused}
+            await self._viewers(url, token, desktop, sorted(refused))
+        closed = {user: open_.get(user, 0) for user in refused}
         people = ", ".join(f"{user} ({closed[user]}, {reason})" for user, reason in refused.items())
         message = (
             f"closed the open connections of {people}: they may no longer open it; "
             f"the gateway refuses their next request"
         )
-        log.info("viewers.disconnected", environment=f"{namespace}/{name}", users=sorted(refused), answer=answer)
+        log.info("viewers.disconnected", environment=f"{namespace}/{name}", users=sorted(refused))
         await post_event(self._kube, environment_reference(environment), "Normal", "ViewersDisconnected", message)
         return closed
 
-    async def _not_running_extension(self, environment: Environment) -> None:
+    async def _viewers(self, url: str, token: str, desktop: bool, close: Iterable[str]) -> dict[str, int] | None:
+        """Who has connections open ({user: count}), after closing those of `close`; None when the server
+        does not run the operator's code for it. JupyterLab: its extension's endpoint (JSON). A desktop:
+        websockify's auth plugin, asked by a header (cloud-init.yaml.j2), answering in one."""
+        headers = {"Authorization": f"token {token}"}
+        users = list(close)
+        if desktop:
+            headers[DESKTOP_HEADER] = ",".join(users)
+            status, answered, _ = await self._call("GET", url, headers)
+            if status != 200:
+                raise Unanswered(f"{url}: HTTP {status}")
+            if DESKTOP_HEADER not in answered:
+                return None  # an older VM's plugin: it served the page instead
+            found: Any = _json(answered[DESKTOP_HEADER])
+        else:
+            endpoint = url + jupyter.ENDPOINT
+            body = {"close": users} if users else None
+            status, _, text = await self._call("POST" if users else "GET", endpoint, headers, body)
+            if status == 404:
+                return None
+            if status != 200:
+                raise Unanswered(f"{endpoint}: HTTP {status}")
+            answer = _json(text) if not users else {"viewers": {}}
+            found = answer.get("viewers") if isinstance(answer, Mapping) else None
+        if not isinstance(found, Mapping):
+            raise Unanswered(f"{url}: no list of viewers in its answer")
+        return {str(user): int(count) for user, count in found.items() if isinstance(count, int)}
+
+    async def _not_running_extension(self, environment: Environment, desktop: bool) -> None:
+        what = "desktop's access plugin" if desktop else f"JupyterLab extension ({jupyter.MODULE})"
         message = (
             "could not close the open connections of people it is no longer shared with: its server does not run "
-            f"the operator's JupyterLab extension ({jupyter.MODULE}); they stay open until they close"
+            f"the operator's {what}; they stay open until they close"
         )
         log.warning("viewers.no_extension", environment=f"{environment.namespace}/{environment.name}")
         await post_event(self._kube, environment_reference(environment), "Warning", "ViewersNotDisconnected", message)
 
-    async def _call(self, method: str, url: str, token: str, body: Any = None) -> Any:
-        """The answer's JSON; None when the server has no such endpoint (404)."""
+    async def _call(
+        self, method: str, url: str, headers: Mapping[str, str], body: Any = None
+    ) -> tuple[int, Mapping[str, str], str]:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
         try:
-            async with self._session.request(
-                method, url, json=body, headers={"Authorization": f"token {token}"}
-            ) as response:
-                if response.status == 404:
-                    return None
-                if response.status != 200:
-                    raise Unanswered(f"{method} {url}: HTTP {response.status}")
-                return await response.json(content_type=None)
+            async with self._session.request(method, url, json=body, headers=dict(headers)) as response:
+                return response.status, response.headers, await response.text()
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
             raise Unanswered(f"{method} {url}: {error!r}") from None
 

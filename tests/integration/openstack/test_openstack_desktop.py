@@ -214,6 +214,42 @@ def test_the_vm_desktop_opens_in_the_browser_through_the_gateway_for_its_owner_o
             assert direct == 401
             assert refused_status(f"ws://{floating}:6080/websockify", None) == 401
 
+            # Unsharing closes the desktop connection bob has open, and only his (engine/viewers.py and
+            # the plugin in the VM's websockify): the gateway alone would let it run on.
+            environments.patch_spec("desk", sharing={"users": ["bob"]})
+            wait_for(lambda: opened.request(base + "vnc.html", "bob")[0] == 200, timeout=20, what="shared with bob")
+            assert opened.request(base + "vnc.html", "bob", headers={"X-Aenv-Viewers": "alice"})[0] == 403
+
+            def desktop(user):
+                return websockets.sync.client.connect(
+                    socket_url,
+                    subprotocols=["binary"],
+                    additional_headers={"Cookie": f"aenv_session={opened.token(user)}"},
+                    open_timeout=10,
+                )
+
+            with desktop("bob") as bob_socket, desktop("alice") as alice_socket:
+                assert bob_socket.recv(timeout=10) == RFB_GREETING
+                assert alice_socket.recv(timeout=10) == RFB_GREETING
+                environments.patch_spec("desk", sharing={"users": []})
+                unshared = time.monotonic()
+                with pytest.raises(websockets.exceptions.ConnectionClosed):
+                    bob_socket.recv(timeout=20)  # the VNC server says nothing more: only the close ends this
+                assert time.monotonic() - unshared < 15, "bob's desktop connection stayed open"
+                alice_socket.send(RFB_GREETING)  # the owner's connection still speaks RFB: security types come
+                assert alice_socket.recv(timeout=10)
+            assert refused_status(socket_url, f"aenv_session={opened.token('bob')}") == 403
+            disconnected = wait_for(
+                lambda: [
+                    event.message
+                    for event in kubernetes.client.CoreV1Api(api).list_namespaced_event(namespace).items
+                    if event.reason == "ViewersDisconnected" and event.involved_object.name == "desk"
+                ],
+                timeout=20,
+                what="the ViewersDisconnected Event",
+            )
+            assert "bob (1, NotShared)" in disconnected[0] and "alice" not in disconnected[0]
+
             if browser_available():
                 screenshot = tmp_path / "desktop.png"
                 show_in_browser(opened, status["connection"]["url"], opened.token("alice"), screenshot)
