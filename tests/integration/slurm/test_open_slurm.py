@@ -123,7 +123,9 @@ def test_unsharing_closes_the_sharees_open_websocket_within_seconds_and_only_the
             while True:  # kernel status messages until the server closes it (TimeoutError: it did not)
                 bob.recv(timeout=20)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
-        assert time.monotonic() - unshared < 15, "bob's websocket stayed open"
+        closed_after = time.monotonic() - unshared
+        print(f"closed {closed_after:.2f} s after the unshare")  # -s shows it (the closing notes quote it)
+        assert closed_after < 15, "bob's websocket stayed open"
         assert kernel_info(alice)["content"]["status"] == "ok"  # the owner's connection is left alone
     with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
         connect("bob")  # JupyterLab's reconnect: refused at the gateway
