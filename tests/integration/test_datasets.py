@@ -119,12 +119,18 @@ def pod_of(core, namespace: str, name: str):
     return core.read_namespaced_pod(f"aenv-{name}", namespace)
 
 
+NOT_DATA = ("home", "aenv-jupyter")
+
+
 def dataset_volumes(pod) -> tuple[list[dict], list[dict]]:
-    """The pod's dataset volumes and mounts as plain dicts (home and the rest left out)."""
+    """The pod's dataset volumes and mounts as plain dicts (home and the operator's JupyterLab extension
+    left out)."""
     api = kubernetes.client.ApiClient()
-    volumes = [api.sanitize_for_serialization(volume) for volume in pod.spec.volumes if volume.name != "home"]
+    volumes = [api.sanitize_for_serialization(volume) for volume in pod.spec.volumes if volume.name not in NOT_DATA]
     mounts = [
-        api.sanitize_for_serialization(mount) for mount in pod.spec.containers[0].volume_mounts if mount.name != "home"
+        api.sanitize_for_serialization(mount)
+        for mount in pod.spec.containers[0].volume_mounts
+        if mount.name not in NOT_DATA
     ]
     return volumes, mounts
 
