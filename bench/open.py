@@ -345,6 +345,11 @@ class PodNetwork:
             raise
         return self
 
+    def listen_drops(self) -> int:
+        """Connections the echo server's listen queue dropped so far (each: a 1 s SYN retransmission)."""
+        answer = ip("netns", "exec", self.name, "nstat", "-az", "TcpExtListenDrops", check=False).stdout
+        return sum(int(line.split()[1]) for line in answer.splitlines() if line.startswith("TcpExtListenDrops"))
+
     def __exit__(self, *_: object) -> None:
         if self.server is not None:
             self.server.kill()
@@ -508,7 +513,7 @@ class Bench:
         owner = "bench"
         cookie = f"aenv_session={self.gateway.token(owner, minutes=240)}"
         self.add_nodes(n)
-        with PodNetwork(self.run_id, args.pod_cidr):
+        with PodNetwork(self.run_id, args.pod_cidr) as pod_network:
             loop = asyncio.new_event_loop()
             # perf_counter times, by environment name, as the watches saw them
             ready: dict[str, float] = {}
@@ -574,6 +579,7 @@ class Bench:
             for watch in watches:
                 watch.stop()
             loop.close()
+            listen_drops = pod_network.listen_drops()
         self.ready_names = [(namespace, name) for name in names if name in ready]
         traefik_lines: collections.Counter = collections.Counter()
         if traefik_log.exists():
@@ -609,6 +615,7 @@ class Bench:
         self.out(f"| **t_route - t_ready** (answer received) | **{ms(since(answered, ready))}** |")
         self.out(f"| the same, to the sending of that request | {ms([routed[k][0] - ready[k] for k in routed])} |")
         self.out(f"| poll resolution (the previous poll's sending -> the routed one's) | {ms(gaps)} |")
+        self.out(f"| connections the echo server's listen queue dropped (1 s SYN retransmissions) | {listen_drops} |")
         self.out(f"| pod Ready -> environment Ready (operator) | {ms(since(ready, pod_ready))} |")
         self.out(
             f"| HTTPRoute ADDED - t_ready (operator; negative: the route is made before the status) "

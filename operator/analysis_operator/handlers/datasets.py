@@ -84,10 +84,9 @@ async def on_catalogue_change(type: str, memo: kopf.Memo, **_: Any) -> None:
     moment = utcnow()
     reconciler: Reconciler = memo.reconciler
     catalogue: IndexCatalogue = memo.access.catalogue
+    viewers = getattr(memo, "viewers", None)  # with the gateway on: open connections of people refused now
     for record in list(values(reconciler.environments)):
         if affected(record, reconciler.flavors, catalogue, moment):
             await reconciler.reconcile(record, moment)
-        elif getattr(memo, "viewers", None) is not None and affected_by_catalogue(
-            record
-        ):  # who may open it may have changed
-            memo.viewers.soon(record.environment.namespace, record.environment.name)
+        elif viewers is not None and affected_by_catalogue(record):  # who may open it may have changed
+            viewers.soon(record.environment.namespace, record.environment.name)
