@@ -141,10 +141,7 @@ def build_pod(
         identity=build_pod_identity(identity, settings),
         extension_dir=EXTENSION_DIR,
         extension_config_map=EXTENSION_CONFIG_MAP,
-        extension_items=[
-            {"key": f"{jupyter.MODULE}.py", "path": f"{jupyter.MODULE}.py"},
-            {"key": f"{jupyter.MODULE}.json", "path": f"config/{jupyter.CONFIG_FILE}"},
-        ],
+        extension_items=[{"key": key, "path": path} for key, path in jupyter.FILES.items()],
     )
     return pod
 
@@ -164,7 +161,7 @@ def build_extension_config_map(namespace: str) -> dict[str, Any]:
             "namespace": namespace,
             "labels": {LABEL_MANAGED_BY: MANAGER},
         },
-        "data": {f"{jupyter.MODULE}.py": jupyter.extension_source(), f"{jupyter.MODULE}.json": jupyter.CONFIG},
+        "data": dict(zip(jupyter.FILES, (jupyter.extension_source(), jupyter.CONFIG), strict=True)),
     }
 
 

@@ -16,6 +16,8 @@ ENDPOINT = "aenv/viewers"  # under the server's base URL
 # jupyter_server reads every *.json in jupyter_server_config.d of each JUPYTER_CONFIG_PATH entry
 CONFIG = json.dumps({"ServerApp": {"jpserver_extensions": {MODULE: True}}})
 CONFIG_FILE = f"jupyter_server_config.d/{MODULE}.json"
+# ConfigMap key -> path under the mount (pods): the module importable, the config under config/
+FILES = {f"{MODULE}.py": f"{MODULE}.py", f"{MODULE}.json": f"config/{CONFIG_FILE}"}
 
 
 @functools.cache
