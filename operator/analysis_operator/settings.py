@@ -193,7 +193,7 @@ class Settings:
     # A replica silent this long is presumed dead: bounds the takeover after a crash.
     peering_lifetime_seconds: int = 60
     sweep_interval_seconds: float = 10.0  # expiry / accounting / orphan sweep period
-    kube_workers: int = 16  # threads for Kubernetes API calls
+    kube_workers: int = 16  # connections for Kubernetes API calls (kept alive)
     jupyter_port: int = 8888
     cluster_domain: str = "cluster.local"
     liveness_endpoint: str = "http://0.0.0.0:8080/healthz"

@@ -274,16 +274,20 @@ def test_an_event_about_something_in_a_terminating_namespace_is_dropped_quietly(
     monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kubeconfig)
     kube = KubeClient(2)  # the operator's own client, as it runs
     involved = {"apiVersion": API_VERSION, "kind": "AnalysisEnvironment", "metadata": {"namespace": name, "name": "x"}}
+
+    async def post(namespace: str) -> None:
+        try:
+            await kube.post_event({**involved, "metadata": {"namespace": namespace, "name": "x"}}, "Normal", "T", "m")
+        finally:
+            await kube.close()
+
     try:
         core.delete_namespace(name)
         wait_for(lambda: core.read_namespace(name).status.phase == "Terminating", timeout=30, what="Terminating")
-        asyncio.run(kube.post_event(involved, "Normal", "Test", "nobody reads this"))  # no exception
+        asyncio.run(post(name))  # no exception
         assert not core.list_namespaced_event(name).items
         with pytest.raises(kubernetes.client.ApiException) as refused:  # a namespace that does not exist: raised
-            asyncio.run(
-                kube.post_event({**involved, "metadata": {"namespace": "t-absent-x", "name": "x"}}, "Normal", "T", "m")
-            )
+            asyncio.run(post("t-absent-x"))
         assert refused.value.status == 404
     finally:
-        kube.close()
         core.patch_namespaced_config_map("held", name, {"metadata": {"finalizers": None}})

@@ -238,13 +238,14 @@ class AuthServer:
     it waits only for the GIL (the interpreter hands it over every few milliseconds). What a
     decision reads is safe from this thread: kopf's indexes and the phases the operator wrote
     are dicts read key by key (an index changed mid-read raises RuntimeError: the decision is
-    made again), the API server is reached through KubeClient's thread pool, and what must
+    made again), the API server is reached through a KubeClient session of this loop's own, and what must
     happen on the operator's loop (a passed probe) is handed to it (`call_soon_threadsafe`)."""
 
     ATTEMPTS = 3
 
     def __init__(self, authorizer: Authorizer, address: str, port: int) -> None:
         self.app = build_app(authorizer)
+        self.authorizer = authorizer
         self.address, self.port = address, port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -272,6 +273,7 @@ class AuthServer:
             loop.run_forever()
         finally:
             loop.run_until_complete(runner.cleanup())
+            loop.run_until_complete(self.authorizer.kube.close())  # its connections, made on this loop
             loop.close()
 
     async def cleanup(self) -> None:

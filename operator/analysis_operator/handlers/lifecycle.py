@@ -81,6 +81,7 @@ async def on_startup(
         gateway_routes = GatewayRoutes(kube, config.gateway)
         routes, loop = gateway_routes, asyncio.get_running_loop()
         memo.gateway_kube = KubeClient(4, config.namespace)  # its own connections: never behind reconciles
+        # (the forward-auth's thread closes its own session with its loop)
         authorizer = Authorizer(
             config.gateway,
             memo.gateway_kube,
@@ -225,13 +226,13 @@ async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
         await memo.viewers.close()
     if memo.gateway is not None:
         await memo.gateway.cleanup()
-        memo.gateway_kube.close()
+        await memo.gateway_kube.close()  # its session on this loop (token reviews)
     if isinstance(memo.context.routes, GatewayRoutes):
         await memo.context.routes.shutdown()
     memo.reconciler.close()
     for backend in memo.context.backends.values():
         backend.close()
-    memo.context.kube.close()
+    await memo.context.kube.close()
 
 
 async def sweep_forever(memo: kopf.Memo, interval: float, orphan_every: int = 10) -> None:

@@ -19,18 +19,14 @@ The caller reads nobody else's memberships: only the user's own groups go into t
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import datetime
-import functools
 import hashlib
-import json
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import kopf
-import kubernetes
 import structlog
 from aiohttp import web
 
@@ -41,7 +37,6 @@ from analysis_operator.engine.ledger import BUDGETS
 from analysis_operator.engine.reconciler import utcnow
 from analysis_operator.engine.views import Index, first, values
 from analysis_operator.handlers.indexes import never_raises
-from analysis_operator.infra.kube import KubeClient
 from analysis_operator.infra.oidc import NotSignedIn, TokenVerifier
 from analysis_operator.model.domain import GROUP, VERSION, Dataset, Flavor
 from analysis_operator.policy.budgets import Budget
@@ -76,25 +71,6 @@ def group_budgets(name: str, spec: kopf.Spec, **_: Any) -> dict[str, str]:
 
 # Token -> the API server's TokenReview status ({authenticated, user: {username, groups}}).
 Review = Callable[[str], Awaitable[Mapping[str, Any]]]
-
-
-class TokenReviewer:
-    """Asks the API server who a bearer token belongs to (TokenReview; the operator's ServiceAccount
-    needs `create tokenreviews`, as in system:auth-delegator). Its own two threads: a slow API server
-    never takes kopf's. Answers are cached by OfferService, so a portal costs one review a minute."""
-
-    def __init__(self, kube: KubeClient) -> None:
-        self._api = kubernetes.client.AuthenticationV1Api(kube.core.api_client)
-        self._executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="token-review")
-
-    async def __call__(self, token: str) -> Mapping[str, Any]:
-        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}}
-        call = functools.partial(self._api.create_token_review, body, _preload_content=False, _request_timeout=5)
-        response: Any = await asyncio.get_running_loop().run_in_executor(self._executor, call)
-        return dict(json.loads(response.data or b"{}").get("status") or {})
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 class Denied(Exception):
@@ -323,10 +299,11 @@ async def wire_offer(
     while memo.get("gateway") is None or "context" not in memo:
         await asyncio.sleep(0.02)
     config: Settings = memo.config
-    memo.token_reviewer = TokenReviewer(memo.gateway_kube)
     service = OfferService(
         config,
-        memo.token_reviewer,
+        # TokenReview (the operator's ServiceAccount needs `create tokenreviews`, as in system:auth-delegator),
+        # on the forward-auth's own connections; answers are cached, so a portal costs one review a minute
+        memo.gateway_kube.review_token,
         TokenVerifier(config.gateway),
         flavors,
         environments,
@@ -348,6 +325,3 @@ async def on_offer_cleanup(memo: kopf.Memo, **_: Any) -> None:
     wiring: asyncio.Task[None] | None = memo.get("offer_wiring")
     if wiring is not None and not wiring.done():
         wiring.cancel()
-    reviewer: TokenReviewer | None = memo.get("token_reviewer")
-    if reviewer is not None:
-        reviewer.close()

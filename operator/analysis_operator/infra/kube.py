@@ -1,22 +1,24 @@
 """Async access to the Kubernetes API for what kopf does not write itself.
 
-The official client is blocking; its calls run in a bounded thread pool of
-their own (never kopf's), and responses are parsed as plain JSON instead of
-the client's slow model classes.
+One aiohttp session per event loop, its connections kept alive: no thread hop per call and no
+new TLS handshake per call (the blocking client in a thread pool before it leaked its pooled
+connections under load: a handshake for most calls, in the operator and in kube-apiserver,
+bench/RESULTS.md). Credentials come from the official client's loaders (in-cluster or
+kubeconfig), so a ServiceAccount token that rotates is read again when it expires.
+Answers are plain JSON; a refusal raises the official client's ApiException, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import concurrent.futures
 import datetime
-import functools
 import json
 import socket
-from collections.abc import Callable
+import ssl
 from typing import Any
 
+import aiohttp
 import kubernetes
 from kubernetes.client.rest import ApiException
 
@@ -24,6 +26,8 @@ from analysis_operator.model.domain import GROUP, VERSION
 
 ENVIRONMENTS = "analysisenvironments"
 FIELD_MANAGER = "analysis-operator"
+CUSTOM = f"/apis/{GROUP}/{VERSION}"
+MERGE_PATCH = "application/merge-patch+json"
 # apiVersion -> (path prefix, kind -> plural) for the objects applied by server-side apply.
 _PATHS = {
     "v1": ("/api/v1", {"Service": "services", "ConfigMap": "configmaps"}),
@@ -34,6 +38,14 @@ _PATHS = {
     ),
     "traefik.io/v1alpha1": ("/apis/traefik.io/v1alpha1", {"Middleware": "middlewares"}),
 }
+_CORE_PLURALS = {
+    "Pod": "pods",
+    "Service": "services",
+    "Secret": "secrets",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
+}
+ATTEMPTS = 3  # a connection refused or dropped before an answer is tried again at once, as urllib3 did
+TIMEOUT = 60.0  # seconds for one call, as kopf's own (settings.networking.request_timeout)
 
 
 def _bytes(body: Any) -> bytes:
@@ -45,60 +57,120 @@ def object_path(api_version: str, kind: str, namespace: str, name: str) -> str:
     return f"{prefix}/namespaces/{namespace}/{plurals[kind]}/{name}"
 
 
-def _load_configuration(workers: int) -> kubernetes.client.Configuration:
+def core_path(kind: str, namespace: str, name: str = "") -> str:
+    path = f"/api/v1/namespaces/{namespace}/{_CORE_PLURALS[kind]}"
+    return f"{path}/{name}" if name else path
+
+
+def custom_path(plural: str, name: str, namespace: str = "", group: str = GROUP, version: str = VERSION) -> str:
+    where = f"/namespaces/{namespace}" if namespace else ""
+    return f"/apis/{group}/{version}{where}/{plural}/{name}"
+
+
+def _json_default(value: Any) -> str:
+    if isinstance(value, datetime.datetime | datetime.date):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _load_configuration() -> kubernetes.client.Configuration:
     configuration = kubernetes.client.Configuration()
     try:
         kubernetes.config.load_incluster_config(client_configuration=configuration)
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config(client_configuration=configuration)
-    configuration.connection_pool_maxsize = workers
     return configuration
 
 
-class KubeClient:
-    def __init__(self, workers: int = 16, namespace: str = "") -> None:
-        self.namespace = namespace  # the one namespace this operator serves; "" = all
-        api_client = kubernetes.client.ApiClient(_load_configuration(workers))
-        self.core: Any = kubernetes.client.CoreV1Api(api_client)
-        self.custom: Any = kubernetes.client.CustomObjectsApi(api_client)
-        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="kube")
+def ssl_context(configuration: kubernetes.client.Configuration) -> ssl.SSLContext | bool:
+    if not configuration.host.startswith("https"):
+        return False
+    context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+    if not configuration.verify_ssl:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if configuration.cert_file:
+        context.load_cert_chain(configuration.cert_file, configuration.key_file)
+    return context
 
-    async def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
-        call = functools.partial(method, *args, _preload_content=False, **kwargs)
-        response = await asyncio.get_running_loop().run_in_executor(self._executor, call)
-        return json.loads(response.data or b"{}")
+
+class KubeClient:
+    def __init__(self, connections: int = 16, namespace: str = "") -> None:
+        self.namespace = namespace  # the one namespace this operator serves; "" = all
+        self._configuration = _load_configuration()
+        self._base = self._configuration.host.rstrip("/")
+        self._ssl = ssl_context(self._configuration)
+        self._connections = connections
+        self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+
+    def _session_here(self) -> aiohttp.ClientSession:
+        """The session of the running loop: one client may serve two (the forward-auth's thread has a loop
+        of its own), and a session belongs to the loop it was made in."""
+        loop = asyncio.get_running_loop()
+        session = self._sessions.get(loop)
+        if session is None or session.closed:
+            for gone in [other for other in self._sessions if other.is_closed()]:
+                del self._sessions[gone]
+            connector = aiohttp.TCPConnector(limit=self._connections, ssl=self._ssl)
+            timeout = aiohttp.ClientTimeout(total=TIMEOUT)
+            session = self._sessions[loop] = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        return session
+
+    def _headers(self, content_type: str) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        token = self._configuration.get_api_key_with_prefix("authorization")  # refreshed when it expires
+        if token:
+            headers["Authorization"] = token
+        return headers
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        content_type: str = "",
+        allow: tuple[int, ...] = (),
+        timeout: float | None = None,
+        **query: str,
+    ) -> tuple[int, dict[str, Any]]:
+        """One call: (status, JSON answer). A refusal raises ApiException unless its status is allowed
+        (404 and 409 are often answers: not there, there already, changed meanwhile)."""
+        data = None if body is None else json.dumps(body, default=_json_default).encode()
+        headers = self._headers(content_type or ("application/json" if data is not None else ""))
+        options: dict[str, Any] = {"params": query or None, "data": data, "headers": headers}
+        if timeout is not None:
+            options["timeout"] = aiohttp.ClientTimeout(total=timeout)
+        if self._configuration.tls_server_name:
+            options["server_hostname"] = self._configuration.tls_server_name
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                async with self._session_here().request(method, self._base + path, **options) as response:
+                    status, reason, answer = response.status, response.reason or "", await response.read()
+                break
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                if attempt == ATTEMPTS:
+                    raise
+        if status >= 400 and status not in allow:
+            raise ApiException(status=status, reason=reason, body=answer.decode(errors="replace"))
+        return status, (json.loads(answer) if answer else {})
+
+    async def _get(self, path: str, **query: str) -> dict[str, Any] | None:
+        """An object or listing, None when it is not there."""
+        status, answer = await self._request("GET", path, allow=(404,), **query)
+        return None if status == 404 else answer
 
     async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
         """Create; False if it already exists (deterministic names make that success)."""
-        method: Callable[..., Any] = {
-            "Pod": self.core.create_namespaced_pod,
-            "Service": self.core.create_namespaced_service,
-            "Secret": self.core.create_namespaced_secret,
-            "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
-        }[kind]
-        try:
-            await self._call(method, namespace, body)
-        except ApiException as error:
-            if error.status == 409:
-                return False
-            raise
-        return True
+        status, _ = await self._request("POST", core_path(kind, namespace), body, allow=(409,))
+        return status != 409
 
     async def read_metadata(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """An object's metadata, or None if it does not exist."""
-        method = {
-            "Pod": self.core.read_namespaced_pod,
-            "Service": self.core.read_namespaced_service,
-            "Secret": self.core.read_namespaced_secret,
-        }[kind]
-        try:
-            body = await self._call(method, name, namespace)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        metadata: dict[str, Any] = body.get("metadata") or {}
-        return metadata
+        body = await self._get(core_path(kind, namespace, name))
+        return None if body is None else dict(body.get("metadata") or {})
 
     async def delete_owned(self, kind: str, namespace: str, name: str, label: str, value: str) -> bool:
         """Delete the object only if it carries label=value (a child of exactly one environment uid,
@@ -110,78 +182,41 @@ class KubeClient:
 
     async def list_labelled(self, kind: str, selector: str) -> list[dict[str, Any]]:
         """Every object of a kind carrying these labels, in the namespaces this operator serves (orphan sweeps)."""
-        if self.namespace:
-            namespaced = {
-                "Pod": self.core.list_namespaced_pod,
-                "Service": self.core.list_namespaced_service,
-                "Secret": self.core.list_namespaced_secret,
-            }[kind]
-            listing = await self._call(namespaced, self.namespace, label_selector=selector)
-            return list(listing.get("items") or ())
-        method = {
-            "Pod": self.core.list_pod_for_all_namespaces,
-            "Service": self.core.list_service_for_all_namespaces,
-            "Secret": self.core.list_secret_for_all_namespaces,
-        }[kind]
-        listing = await self._call(method, label_selector=selector)
+        path = core_path(kind, self.namespace) if self.namespace else f"/api/v1/{_CORE_PLURALS[kind]}"
+        _, listing = await self._request("GET", path, labelSelector=selector)
         return list(listing.get("items") or ())
 
     async def delete(self, kind: str, namespace: str, name: str, uid: str = "") -> bool:
-        """Delete (only the object with this uid, when given); False if it was already gone."""
-        method: Callable[..., Any] = {
-            "Pod": self.core.delete_namespaced_pod,
-            "Service": self.core.delete_namespaced_service,
-            "Secret": self.core.delete_namespaced_secret,
-        }[kind]
-        try:
-            body: dict[str, Any] = {"propagationPolicy": "Background"}
-            if uid:
-                body["preconditions"] = {"uid": uid}
-            await self._call(method, name, namespace, body=body)
-        except ApiException as error:
-            if error.status == 404 or (uid and error.status == 409):  # 409: another object by that name now
-                return False
-            raise
-        return True
+        """Delete (only the object with this uid, when given); False if it was already gone
+        (or, with a uid, another object by that name is there now: 409)."""
+        return await self._delete(core_path(kind, namespace, name), uid)
+
+    async def _delete(self, path: str, uid: str) -> bool:
+        body: dict[str, Any] = {"propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        status, _ = await self._request("DELETE", path, body, allow=(404, 409) if uid else (404,))
+        return status < 400
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return await self._call(self.core.read_namespaced_secret, name, namespace)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
+        return await self._get(core_path("Secret", namespace, name))
 
     async def replace_secret(self, namespace: str, name: str, body: dict[str, Any]) -> bool:
         """Replace, guarded by body's resourceVersion; False when someone changed it first (409)."""
-        try:
-            await self._call(self.core.replace_namespaced_secret, name, namespace, body)
-        except ApiException as error:
-            if error.status == 409:
-                return False
-            raise
-        return True
+        status, _ = await self._request("PUT", core_path("Secret", namespace, name), body, allow=(409,))
+        return status != 409
 
     async def get_cluster_path(self, path: str) -> dict[str, Any] | None:
         """GET any object by its API path; None when it is not there."""
-        status, answer = await self._request("GET", path)
-        return None if status == 404 else answer
+        return await self._get(path)
 
     async def json_patch(self, path: str, operations: list[dict[str, Any]]) -> None:
         """A JSON patch (RFC 6902) of the object at path; a failed `test` operation raises."""
-        status, answer = await self._request("PATCH", path, operations, content_type="application/json-patch+json")
-        if status >= 400:
-            raise ApiException(status=status, reason=str(answer.get("message", "")))
+        await self._request("PATCH", path, operations, content_type="application/json-patch+json")
 
     async def read_secret_value(self, namespace: str, name: str, key: str) -> str | None:
-
-        try:
-            secret = await self._call(self.core.read_namespaced_secret, name, namespace)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        encoded = (secret.get("data") or {}).get(key)
+        secret = await self.read_secret(namespace, name)
+        encoded = ((secret or {}).get("data") or {}).get(key)
         return base64.b64decode(encoded).decode() if encoded else None
 
     async def patch_environment_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
@@ -190,48 +225,22 @@ class KubeClient:
 
     async def patch_environment_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> bool:
         """Merge-patch an environment's spec (idle culling sets suspend); False if it is gone."""
-        try:
-            await self._call(
-                self.custom.patch_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                namespace,
-                ENVIRONMENTS,
-                name,
-                {"spec": spec},
-            )
-        except ApiException as error:
-            if error.status == 404:
-                return False
-            raise
-        return True
+        path = custom_path(ENVIRONMENTS, name, namespace)
+        status, _ = await self._request("PATCH", path, {"spec": spec}, content_type=MERGE_PATCH, allow=(404,))
+        return status != 404
 
     async def get_environment(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return await self._call(
-                self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, ENVIRONMENTS, name
-            )
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
+        return await self._get(custom_path(ENVIRONMENTS, name, namespace))
 
     async def environment_exists(self, namespace: str, name: str, uid: str) -> bool:
-        try:
-            body = await self._call(
-                self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, ENVIRONMENTS, name
-            )
-        except ApiException as error:
-            if error.status == 404:
-                return False
-            raise
-        metadata = body.get("metadata", {})
-        return metadata.get("uid") == uid and not metadata.get("deletionTimestamp")
+        body = await self.get_environment(namespace, name)
+        metadata = (body or {}).get("metadata", {})
+        return body is not None and metadata.get("uid") == uid and not metadata.get("deletionTimestamp")
 
     async def list_cluster_objects(self, plural: str) -> list[dict[str, Any]]:
         """Every object of one of our cluster-scoped kinds, straight from the API server
         (to confirm what an index says before acting on it)."""
-        listing = await self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, plural)
+        _, listing = await self._request("GET", f"{CUSTOM}/{plural}")
         return list(listing.get("items") or ())
 
     async def post_event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
@@ -252,7 +261,7 @@ class KubeClient:
             "count": 1,
         }
         try:
-            await self._call(self.core.create_namespaced_event, metadata["namespace"], body)
+            await self._request("POST", f"/api/v1/namespaces/{metadata['namespace']}/events", body)
         except ApiException as error:
             if error.status == 403 and b"being terminated" in _bytes(error.body):
                 return  # the namespace is going, and every Event in it with it: nothing to tell anyone
@@ -260,97 +269,50 @@ class KubeClient:
 
     async def get_cluster_object(self, plural: str, name: str) -> dict[str, Any] | None:
         """A cluster-scoped custom object of this API group, or None if it does not exist."""
-        try:
-            return await self._call(self.custom.get_cluster_custom_object, GROUP, VERSION, plural, name)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
+        return await self._get(custom_path(plural, name))
 
     async def peers(self, peering: str, namespace: str = "") -> dict[str, Any]:
         """kopf's peering record (identity -> priority, lifetime, lastseen), empty if absent."""
-        try:
-            if namespace:
-                body = await self._call(
-                    self.custom.get_namespaced_custom_object, "kopf.dev", "v1", namespace, "kopfpeerings", peering
-                )
-            else:
-                body = await self._call(
-                    self.custom.get_cluster_custom_object, "kopf.dev", "v1", "clusterkopfpeerings", peering
-                )
-        except ApiException as error:
-            if error.status == 404:
-                return {}
-            raise
-        return dict(body.get("status") or {})
+        plural = "kopfpeerings" if namespace else "clusterkopfpeerings"
+        body = await self._get(custom_path(plural, peering, namespace, group="kopf.dev", version="v1"))
+        return dict((body or {}).get("status") or {})
 
     async def replace_cluster_status(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
         """PUT the status of a cluster-scoped object; raises ApiException 409 when body's
         resourceVersion is no longer current (optimistic concurrency: re-read and decide again)."""
-        return await self._call(
-            self.custom.replace_cluster_custom_object_status, GROUP, VERSION, plural, body["metadata"]["name"], body
-        )
+        _, answer = await self._request("PUT", custom_path(plural, body["metadata"]["name"]) + "/status", body)
+        return answer
 
     async def patch_namespaced_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> bool:
         """Merge-patch the status of a namespaced custom object; False if it is gone."""
-        try:
-            await self._call(
-                self.custom.patch_namespaced_custom_object_status,
-                GROUP,
-                VERSION,
-                namespace,
-                plural,
-                name,
-                {"status": status},
-            )
-        except ApiException as error:
-            if error.status == 404:
-                return False
-            raise
-        return True
-
-    async def _request(
-        self, method: str, path: str, body: Any = None, content_type: str = "", **query: Any
-    ) -> tuple[int, dict[str, Any]]:
-        """One request to any path: (status, JSON body); 404 and 409 are answers, not errors."""
-        api = self.core.api_client
-        headers = {"Accept": "application/json"}
-        if method == "PATCH":
-            headers["Content-Type"] = content_type or "application/apply-patch+yaml"  # JSON is YAML
-        params = api.param_serialize(
-            method=method,
-            resource_path=path,
-            query_params=list(query.items()),
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        response = await asyncio.get_running_loop().run_in_executor(self._executor, lambda: api.call_api(*params))
-        data = response.read() if response.data is None else response.data
-        if response.status >= 400 and response.status not in (404, 409):
-            raise ApiException(status=response.status, reason=response.reason, body=data)
-        return response.status, json.loads(data or b"{}")
+        path = custom_path(plural, name, namespace) + "/status"
+        code, _ = await self._request("PATCH", path, {"status": status}, content_type=MERGE_PATCH, allow=(404,))
+        return code != 404
 
     async def apply(self, body: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply: create or bring to exactly these fields (owned by this operator)."""
         metadata = body["metadata"]
         path = object_path(body["apiVersion"], body["kind"], metadata["namespace"], metadata["name"])
-        status, answer = await self._request("PATCH", path, body, fieldManager=FIELD_MANAGER, force="true")
-        if status >= 400:
-            raise ApiException(status=status, reason=str(answer.get("message", "")))
+        _, answer = await self._request(
+            "PATCH", path, body, content_type="application/apply-patch+yaml", fieldManager=FIELD_MANAGER, force="true"
+        )
         return answer
 
     async def get_object(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        status, answer = await self._request("GET", object_path(api_version, kind, namespace, name))
-        return None if status == 404 else answer
+        return await self._get(object_path(api_version, kind, namespace, name))
 
     async def delete_object(self, api_version: str, kind: str, namespace: str, name: str, uid: str = "") -> bool:
         """Delete (only the object with this uid, when given); False if it was not there."""
-        body: dict[str, Any] = {"propagationPolicy": "Background"}
-        if uid:
-            body["preconditions"] = {"uid": uid}
-        status, _ = await self._request("DELETE", object_path(api_version, kind, namespace, name), body)
-        return status < 400
+        return await self._delete(object_path(api_version, kind, namespace, name), uid)
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    async def review_token(self, token: str, timeout: float = 5.0) -> dict[str, Any]:
+        """Who a bearer token belongs to (TokenReview status: authenticated, user)."""
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}}
+        _, answer = await self._request("POST", "/apis/authentication.k8s.io/v1/tokenreviews", body, timeout=timeout)
+        return dict(answer.get("status") or {})
+
+    async def close(self) -> None:
+        """Close this loop's connections (each loop closes its own)."""
+        session = self._sessions.pop(asyncio.get_running_loop(), None)
+        if session is not None:
+            await session.close()

@@ -1,0 +1,100 @@
+"""The operator's own client (infra/kube.py) against the real API server: its answers, its refusals,
+and its connections, which it keeps (a new TLS connection per call costs both the operator and
+kube-apiserver a handshake; the blocking client it replaced made one for most calls under load)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import urllib.parse
+import uuid
+
+import kubernetes
+import pytest
+
+from analysis_operator.infra.kube import KubeClient
+
+
+def _sockets(port: int) -> set[tuple[str, int]]:
+    """This process's established TCP connections to `port` on loopback, as (local address, local port)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+                if state == "01" and inode in inodes and int(remote.rsplit(":", 1)[1], 16) == port:
+                    address, local_port = local.rsplit(":", 1)
+                    found.add((address, int(local_port, 16)))
+    return found
+
+
+@pytest.fixture
+def kube(kubeconfig, monkeypatch) -> KubeClient:
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kubeconfig)
+    return KubeClient(4)
+
+
+def test_hundreds_of_concurrent_calls_share_a_few_kept_connections(kube, namespace, core):
+    port = urllib.parse.urlsplit(core.api_client.configuration.host).port or 443
+    before = _sockets(port)  # the test's own blocking client
+    involved = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "namespace": namespace}}
+
+    async def burst() -> tuple[set, set, list[bool], list[bool]]:
+        try:
+            await asyncio.gather(*(kube.read_secret(namespace, f"absent-{index}") for index in range(200)))  # 404s
+            first = _sockets(port) - before
+            secret = {"metadata": {"name": "s"}, "stringData": {"k": "v"}}
+            created = await asyncio.gather(*(kube.create("Secret", namespace, secret) for _ in range(50)))  # 409s
+            await asyncio.gather(*(kube.post_event(involved, "Normal", "Test", "x") for _ in range(100)))
+            names = [f"c-{index}" for index in range(50)]
+            made = await asyncio.gather(
+                *(kube.create("Secret", namespace, {"metadata": {"name": name}}) for name in names)
+            )
+            return first, _sockets(port) - before, created, made
+        finally:
+            await kube.close()
+
+    first, then, created, made = asyncio.run(burst())
+    assert 1 <= len(first) <= 4, f"200 calls on a client of 4 connections opened {len(first)}"
+    assert then == first, "the same connections served the 404s, 409s, Events and creates that followed"
+    assert created.count(True) == 1 and created.count(False) == 49  # one made it, 49 found it there
+    assert all(made)
+    assert len(core.list_namespaced_event(namespace).items) == 100
+
+
+def test_refusals_raise_with_their_status_and_answers_come_back_as_json(kube, namespace, core):
+    async def calls() -> dict:
+        try:
+            absent = await kube.get_environment(namespace, "absent")
+            assert await kube.read_metadata("Pod", namespace, "absent") is None
+            assert await kube.delete("Secret", namespace, "absent") is False
+            with pytest.raises(kubernetes.client.ApiException) as invalid:
+                await kube.create("Secret", namespace, {"metadata": {"name": "Not_A_Name"}})
+            with pytest.raises(kubernetes.client.ApiException) as missing:
+                await kube.create("Secret", f"t-absent-{uuid.uuid4().hex[:6]}", {"metadata": {"name": "s"}})
+            assert await kube.create("Secret", namespace, {"metadata": {"name": "s", "labels": {"a": "b"}}})
+            metadata = await kube.read_metadata("Secret", namespace, "s")
+            other = await kube.delete("Secret", namespace, "s", uid="not-its-uid")  # 409: another object
+            mine = await kube.delete("Secret", namespace, "s", uid=metadata["uid"])
+            return {"absent": absent, "invalid": invalid.value, "missing": missing.value, "labels": metadata["labels"],
+                    "other": other, "mine": mine}  # fmt: skip
+        finally:
+            await kube.close()
+
+    answers = asyncio.run(calls())
+    assert answers["absent"] is None
+    assert answers["invalid"].status == 422 and "Not_A_Name" in answers["invalid"].body
+    assert answers["missing"].status == 404
+    assert answers["labels"] == {"a": "b"}
+    assert answers["other"] is False and answers["mine"] is True
+    assert not [secret for secret in core.list_namespaced_secret(namespace).items if secret.metadata.name == "s"]
