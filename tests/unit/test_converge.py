@@ -86,3 +86,25 @@ def test_converges_of_one_environment_never_overlap(monkeypatch):
 
     asyncio.run(scenario())
     assert overlaps == []
+
+
+@pytest.mark.parametrize(
+    "before, phase, reason, event",
+    [
+        ({}, "Provisioning", "PodStarting", None),  # a start: the status says it, Up will follow
+        ({"phase": "Pending", "reason": "WaitingForBudget"}, "Provisioning", "PodStarting", None),
+        ({"phase": "Suspended", "reason": "Suspended"}, "Provisioning", "PodStarting", None),  # resumed
+        ({"phase": "Ready", "reason": "PodReady"}, "Provisioning", "PodStarting", ("Normal", "PodStarting")),  # fell
+        ({"phase": "Provisioning", "reason": "PodStarting"}, "Ready", "PodReady", ("Normal", "PodReady")),
+        ({}, "Provisioning", "ClaimNotFound", ("Warning", "ClaimNotFound")),  # people must act: always told
+        ({"phase": "Ready", "reason": "PodReady"}, "Failed", "PodFailed", ("Warning", "PodFailed")),
+        ({"phase": "Provisioning", "reason": "PodStarting"}, "Provisioning", "PodScheduled", None),  # no new phase
+    ],
+)
+def test_one_event_per_start_and_one_per_anything_a_person_must_hear(before, phase, reason, event):
+    from analysis_operator.engine.converge import _transition
+    from analysis_operator.model.domain import Phase
+
+    outcome = _transition(ENVIRONMENT, before, Phase(phase), reason, "message", NOW)
+    assert outcome.status is not None and outcome.status["phase"] == phase
+    assert (outcome.event[:2] if outcome.event else None) == event

@@ -48,6 +48,10 @@ log = structlog.get_logger("analysis_operator.converge")
 WARNING_PHASES = frozenset({Phase.FAILED, Phase.REJECTED, Phase.EXPIRED, Phase.BUDGET_EXHAUSTED})
 # Waiting for something only people can fix (a dataset's claim missing in the namespace): a Warning too.
 WARNING_REASONS = frozenset({"ClaimNotFound"})
+# A start (from nothing, waiting or suspended) tells a person nothing the status does not: its Normal
+# Event is left out, and the next one says how the start ended (Up, or a Warning). One Event per start,
+# not two. Falling back from Ready to Provisioning (its pod gone) is still told.
+QUIET_STARTS = frozenset({"", Phase.PENDING.value, Phase.SUSPENDED.value})
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,8 @@ def _transition(
     event = None
     if patch is not None and status.get("phase") != phase.value:
         warning = phase in WARNING_PHASES or reason in WARNING_REASONS
-        event = ("Warning" if warning else "Normal", reason, message)
+        if warning or not (phase is Phase.PROVISIONING and (status.get("phase") or "") in QUIET_STARTS):
+            event = ("Warning" if warning else "Normal", reason, message)
         log.info(
             "environment.transition",
             environment=f"{environment.namespace}/{environment.name}",

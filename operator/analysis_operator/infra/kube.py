@@ -26,6 +26,7 @@ from analysis_operator.model.domain import GROUP, VERSION
 
 ENVIRONMENTS = "analysisenvironments"
 FIELD_MANAGER = "analysis-operator"
+USER_AGENT = "analysis-operator"
 CUSTOM = f"/apis/{GROUP}/{VERSION}"
 MERGE_PATCH = "application/merge-patch+json"
 # apiVersion -> (path prefix, kind -> plural) for the objects applied by server-side apply.
@@ -117,7 +118,7 @@ class KubeClient:
         return session
 
     def _headers(self, content_type: str) -> dict[str, str]:
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}  # also the default field manager
         if content_type:
             headers["Content-Type"] = content_type
         token = self._configuration.get_api_key_with_prefix("authorization")  # refreshed when it expires
