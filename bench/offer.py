@@ -146,11 +146,14 @@ class Catalogue:
                 "access": access,
             }
             dataset_body = body("Dataset", f"{proposal}-raw", dataset_spec)
-            add(self.datasets, dataset_handlers.datasets(name=f"{proposal}-raw", spec=dataset_spec, body=dataset_body))
-            add(self.dataset_pids, dataset_handlers.dataset_pids(name=f"{proposal}-raw", spec=dataset_spec))
+            add(
+                self.datasets,
+                dataset_handlers.datasets.read(name=f"{proposal}-raw", spec=dataset_spec, body=dataset_body),
+            )
+            add(self.dataset_pids, dataset_handlers.dataset_pids.read(name=f"{proposal}-raw", spec=dataset_spec))
             group_budget = {"group": proposal, "limits": {"cpuHours": 5000, "gpuHours": 200, "maxGpus": 4}}
             budget_body = body("ComputeBudget", f"{proposal}-budget", group_budget)
-            add(self.budgets, budget_handlers.budgets(name=f"{proposal}-budget", body=budget_body))
+            add(self.budgets, budget_handlers.budgets.read(name=f"{proposal}-budget", body=budget_body))
             add(self.group_budgets, offer_handlers.group_budgets(name=f"{proposal}-budget", spec=group_budget))
         staff = {"members": rng.sample(self.users, 50)}
         add(self.groups, index_handlers.groups(name="staff", spec=staff))
@@ -186,8 +189,8 @@ class Catalogue:
                 "limits": {"cpuHours": 500, "gpuHours": 20, "maxEnvironments": 5, "maxGpus": 1},
             }
             budget_body = body("ComputeBudget", f"{user}-budget", budget_spec, {"environments": entries})
-            add(self.budgets, budget_handlers.budgets(name=f"{user}-budget", body=budget_body))
-            add(self.personal_budgets, budget_handlers.personal_budgets(name=f"{user}-budget", spec=budget_spec))
+            add(self.budgets, budget_handlers.budgets.read(name=f"{user}-budget", body=budget_body))
+            add(self.personal_budgets, budget_handlers.personal_budgets.read(name=f"{user}-budget", spec=budget_spec))
 
     def sizes(self) -> dict[str, int]:
         return {

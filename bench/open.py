@@ -191,7 +191,11 @@ class Cluster:
             "metadata": {"name": name},
             "spec": {"owner": owner, "flavor": flavor, **spec},
         }
-        self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body, _preload_content=False)
+        answer = self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, body, _preload_content=False
+        )
+        answer.data  # noqa: B018  (read and released: the pool takes the connection back, no new TLS handshake per call)
+        answer.release_conn()
 
     def phases(self, namespace: str) -> collections.Counter:
         items = self.list_json(self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)["items"]

@@ -100,6 +100,13 @@ def summary(values: list[float], unit: str = "ms", scale: float = 1000.0) -> str
 # --------------------------------------------------------------------------- cluster access
 
 
+def consumed(response: Any) -> None:
+    """Read and release an unparsed answer: the client's pool takes its connection back only then (left
+    unread, every call opens a new TLS connection, a handshake the API server pays for too)."""
+    response.data  # noqa: B018
+    response.release_conn()
+
+
 class Cluster:
     def __init__(self, kubeconfig: str, pool: int) -> None:
         configuration = kubernetes.client.Configuration()
@@ -166,10 +173,14 @@ class Cluster:
             "metadata": {"name": name},
             "spec": {"owner": "bench", "flavor": flavor},
         }
-        self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body, _preload_content=False)
+        consumed(
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body, _preload_content=False)
+        )
 
     def delete_environment(self, namespace: str, name: str) -> None:
-        self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, _preload_content=False)
+        consumed(
+            self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, _preload_content=False)
+        )
 
     def list_json(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
         return json.loads(method(*args, _preload_content=False, **kwargs).data)
@@ -846,9 +857,9 @@ class Bench:
 
         def create(objects: list[dict]) -> None:
             secret, service, pod = objects
-            self.cluster.core.create_namespaced_secret(namespace, secret, _preload_content=False)
-            self.cluster.core.create_namespaced_service(namespace, service, _preload_content=False)
-            self.cluster.core.create_namespaced_pod(namespace, pod, _preload_content=False)
+            consumed(self.cluster.core.create_namespaced_secret(namespace, secret, _preload_content=False))
+            consumed(self.cluster.core.create_namespaced_service(namespace, service, _preload_content=False))
+            consumed(self.cluster.core.create_namespaced_pod(namespace, pod, _preload_content=False))
 
         began = time.perf_counter()
         errors = run_pool(self.pool, create, bodies)

@@ -4,6 +4,7 @@ every refusal carries. Against the real API server: tests/integration/test_selec
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import types
@@ -110,7 +111,9 @@ def _mutate(
     patch = kopf.Patch(body=body)
     memo = types.SimpleNamespace(config=types.SimpleNamespace(admission=AdmissionSettings()))
     userinfo = {"username": username, "groups": list(groups)}
-    default_owner(spec=body.spec, body=body, patch=patch, userinfo=userinfo, memo=memo, dataset_pids=pids or {})
+    asyncio.run(
+        default_owner(spec=body.spec, body=body, patch=patch, userinfo=userinfo, memo=memo, dataset_pids=pids or {})
+    )
     return dict(patch)
 
 

@@ -286,7 +286,7 @@ def test_a_group_name_is_an_argument_never_shell_text(name):
 
 @pytest.mark.parametrize("spec", [{}, {"uid": "x"}, {"uid": None, "gid": []}, {"username": 3}])
 def test_the_facility_user_index_never_raises_and_keeps_the_problems_for_the_refusal(spec):
-    indexed = facility_users(name="eve", spec=spec, body={"metadata": {"name": "eve", "uid": "u"}})
+    indexed = facility_users.read(name="eve", spec=spec, body={"metadata": {"name": "eve", "uid": "u"}})
     assert indexed is not None and indexed["eve"].problems
 
 
@@ -301,7 +301,7 @@ def test_the_facility_user_index_never_raises_and_keeps_the_problems_for_the_ref
     ],
 )
 def test_the_group_gid_index_keeps_only_real_gids(spec, expected):
-    assert group_gids(name="p11", spec=spec, body={"metadata": {"name": "p11", "uid": "g"}}) == expected
+    assert group_gids.read(name="p11", spec=spec, body={"metadata": {"name": "p11", "uid": "g"}}) == expected
 
 
 # ---------------------------------------------------------------- the engine

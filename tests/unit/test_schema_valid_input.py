@@ -129,7 +129,7 @@ def test_environment_from_any_schema_valid_spec(spec):
     assert environment.lifetime is None or MIN_DURATION <= environment.lifetime <= MAX_DURATION
     if "lifetime" in spec:  # never "no lifetime": before, "0s" ran with the flavor's 8h
         assert environment.lifetime is not None
-    assert environments(body=body(spec, namespace="team-a")) is not None
+    assert environments.read(body=body(spec, namespace="team-a")) is not None
 
 
 @LENIENT
@@ -138,7 +138,7 @@ def test_flavor_from_any_schema_valid_spec(spec):
     flavor = Flavor.from_body("f", spec)
     assert flavor.resources.cpus > 0 and flavor.resources.memory_mib >= 0 and flavor.resources.gpu >= 0
     assert MIN_DURATION <= flavor.max_lifetime <= MAX_DURATION
-    assert flavors(name="f", spec=spec, body=body(spec, name="f")) is not None
+    assert flavors.read(name="f", spec=spec, body=body(spec, name="f")) is not None
 
 
 @LENIENT
@@ -147,8 +147,8 @@ def test_dataset_from_any_schema_valid_spec(spec):
     dataset = Dataset.from_body("d", spec)
     if spec["access"]["level"] == "embargoed":  # never public by accident
         assert dataset.embargoed_until is not None
-    assert datasets(name="d", spec=spec, body=body(spec, name="d")) is not None
-    assert dataset_pids(name="d", spec=spec, body=body(spec, name="d")) is not None
+    assert datasets.read(name="d", spec=spec, body=body(spec, name="d")) is not None
+    assert dataset_pids.read(name="d", spec=spec, body=body(spec, name="d")) is not None
 
 
 @LENIENT
@@ -156,15 +156,15 @@ def test_dataset_from_any_schema_valid_spec(spec):
 def test_budget_from_any_schema_valid_spec(spec):
     budget = Budget.from_body(body(spec, name="b"))
     spent(budget, 1.0, 1, datetime.datetime(2026, 3, 1, tzinfo=UTC))
-    assert budgets(name="b", body=body(spec, name="b")) is not None
+    assert budgets.read(name="b", body=body(spec, name="b")) is not None
     if spec.get("user"):
-        assert personal_budgets(name="b", spec=spec, body=body(spec, name="b")) is not None
+        assert personal_budgets.read(name="b", spec=spec, body=body(spec, name="b")) is not None
 
 
 @LENIENT
 @given(strategy(spec_schema("facilitygroups")))
 def test_group_from_any_schema_valid_spec(spec):
-    assert groups(name="g", spec=spec, body=body(spec, name="g")) is not None
+    assert groups.read(name="g", spec=spec, body=body(spec, name="g")) is not None
 
 
 # --- objects the schema refuses today may be stored from before: they must not poison an index
@@ -182,8 +182,8 @@ def test_a_dataset_with_an_impossible_date_stays_out_of_nobody_s_way():
         "access": {"level": "embargoed", "embargoedUntil": "2026-02-30", "members": ["alice"]},
     }
     with capture_logs() as logs:
-        first = datasets(name="bad", spec=spec, body=body(spec, name="bad"))
-        datasets(name="bad", spec=spec, body=body(spec, name="bad"))  # the next event: not logged again
+        first = datasets.read(name="bad", spec=spec, body=body(spec, name="bad"))
+        datasets.read(name="bad", spec=spec, body=body(spec, name="bad"))  # the next event: not logged again
     dataset = first["bad"]
     assert dataset.embargoed_until == EMBARGO_UNREADABLE and dataset.members == {"alice"}
     lines = unreadable_lines(logs)
@@ -197,8 +197,8 @@ def test_an_object_an_index_cannot_read_at_all_is_left_out_and_logged_once():
         "spec": {"nodeName": "n1", "containers": [{"resources": {"requests": {"cpu": "lots"}}}]},
     }
     with capture_logs() as logs:
-        assert pods(namespace="ns", labels={}, body=pod) is None
-        assert pods(namespace="ns", labels={}, body=pod) is None
+        assert pods.read(namespace="ns", labels={}, body=pod) is None
+        assert pods.read(namespace="ns", labels={}, body=pod) is None
     lines = unreadable_lines(logs)
     assert len(lines) == 1 and lines[0]["indexed"] is False and "invalid quantity 'lots'" in lines[0]["problem"]
 
@@ -207,14 +207,14 @@ def test_a_legacy_environment_with_a_huge_lifetime_is_indexed_and_named():
     """Before: OverflowError in the index and at every reconcile (a stale record kept charging it)."""
     legacy = body({"owner": "alice", "flavor": "basic", "lifetime": "9999999999d"}, name="old", namespace="team-a")
     with capture_logs() as logs:
-        record = environments(body=legacy)[("team-a", "old")]
+        record = environments.read(body=legacy)[("team-a", "old")]
     assert record.environment.lifetime == MAX_DURATION
     assert "longer than 366 days" in unreadable_lines(logs)[0]["problem"]
 
 
 def test_a_budget_whose_end_cannot_be_read_refuses_with_the_reason():
     legacy = body({"user": "alice", "limits": {"cpuHours": 10}, "period": {"validUntil": "next spring"}}, name="b")
-    budget = budgets(name="b", body=legacy)["b"]
+    budget = budgets.read(name="b", body=legacy)["b"]
     refusal = spent(budget, 1.0, 0, datetime.datetime(2026, 3, 1, tzinfo=UTC))
     assert refusal is not None and refusal.reason == "BudgetUnreadable"
     assert "spec.period.validUntil 'next spring' is not a time such as 2027-03-01T12:00:00Z" in refusal.message

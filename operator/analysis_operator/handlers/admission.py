@@ -111,7 +111,7 @@ def mounted_names(spec: Mapping[str, Any], dataset_pids: Mapping[str, Any]) -> l
 
 
 @kopf.on.mutate(GROUP, VERSION, "analysisenvironments", id="environment-owner", operations={"CREATE"})
-def default_owner(
+async def default_owner(
     spec: kopf.Spec,
     body: kopf.Body,
     patch: kopf.Patch,

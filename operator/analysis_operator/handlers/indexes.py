@@ -13,9 +13,8 @@ affected.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, cast
 
 import kopf
 import structlog
@@ -35,7 +34,6 @@ from analysis_operator.model.domain import (
 
 MANAGED = {LABEL_MANAGED_BY: MANAGER}
 log = structlog.get_logger("analysis_operator.indexes")
-_Indexer = TypeVar("_Indexer", bound=Callable[..., Any])
 # (index, object uid) -> the problem last logged for it, so each is logged once, not at every event.
 _REPORTED: dict[tuple[str, str], str] = {}
 _REPORTED_MAX = 10_000
@@ -65,19 +63,44 @@ def report_problems(index: str, body: Mapping[str, Any], problems: Iterable[str]
     )
 
 
-def never_raises(index: str) -> Callable[[_Indexer], _Indexer]:
-    """An index function that never raises: an object it cannot read is left out, and logged once."""
+class Indexer(Protocol):
+    """What `never_raises` makes: kopf awaits it; `read` is the same function, called directly."""
 
-    def decorate(function: _Indexer) -> _Indexer:
-        @functools.wraps(function)
-        def indexed(**kwargs: Any) -> Any:
+    __name__: str
+
+    def read(self, **kwargs: Any) -> Any: ...
+
+    async def __call__(self, **kwargs: Any) -> Any: ...
+
+
+def never_raises(index: str) -> Callable[[Callable[..., Any]], Indexer]:
+    """An index function that never raises: an object it cannot read is left out, and logged once.
+
+    kopf runs a plain function in a thread of its executor, one hand-over per watch event (about a
+    tenth of the operator's CPU in a burst, bench/RESULTS.md); what is given to kopf here is a
+    coroutine function calling it on the loop (reading a body takes microseconds, and never waits).
+    Tests and benchmarks call the function itself as `read`."""
+
+    def decorate(function: Callable[..., Any]) -> Indexer:
+        def read(**kwargs: Any) -> Any:
             try:
                 return function(**kwargs)
             except Exception as error:  # one unreadable object must not poison the index
                 report_problems(index, kwargs.get("body") or {}, [f"{type(error).__name__}: {error}"], indexed=False)
                 return None
 
-        return cast(_Indexer, indexed)
+        async def indexed(**kwargs: Any) -> Any:
+            return read(**kwargs)
+
+        # kopf names the index after the function; no __wrapped__: kopf would follow it and take a
+        # plain function to run in a thread
+        indexed.__name__, indexed.__qualname__, indexed.__doc__ = (
+            function.__name__,
+            function.__qualname__,
+            function.__doc__,
+        )
+        indexed.read = read  # type: ignore[attr-defined]
+        return cast(Indexer, indexed)
 
     return decorate
 

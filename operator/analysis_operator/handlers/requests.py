@@ -40,7 +40,7 @@ REQUEST_FIELDS = {  # the field each filing refusal concerns (policy/requests.fi
 # on-behalf-of, which nothing later could tell); the validating one, after schema validation (so a
 # malformed spec gets the schema's words first), decides whether that person may file it.
 @kopf.on.mutate(GROUP, VERSION, REQUESTS, id="budgetrequest-requester", operations={"CREATE"})
-def stamp_requester(
+async def stamp_requester(
     body: kopf.Body,
     namespace: str,
     patch: kopf.Patch,
@@ -111,7 +111,7 @@ def refuse_request(namespace: str, body: kopf.Body, refusal: Refusal, field: str
 
 # failurePolicy Fail (the default): without the operator no decision can be stamped, so none is accepted.
 @kopf.on.mutate(GROUP, VERSION, REQUESTS, id="budgetrequest-decision", operations={"UPDATE"}, subresource="status")
-def stamp_decision(
+async def stamp_decision(
     status: kopf.Status, old: Mapping[str, Any] | None, patch: kopf.Patch, userinfo: dict[str, Any], **_: Any
 ) -> None:
     """Who decided and when come from the authenticated request, never from the writer."""
@@ -125,7 +125,7 @@ def stamp_decision(
 
 
 @kopf.on.validate(GROUP, VERSION, REQUESTS, id="budgetrequest-final", operations={"UPDATE"}, subresource="status")
-def check_decision(status: kopf.Status, old: Mapping[str, Any] | None, **_: Any) -> None:
+async def check_decision(status: kopf.Status, old: Mapping[str, Any] | None, **_: Any) -> None:
     before = dict((old or {}).get("status") or {})
     if before.get("decision") and status.get("decision") != before["decision"]:
         message = (

@@ -158,9 +158,9 @@ class KubeClient:
             raise ApiException(status=status, reason=reason, body=answer.decode(errors="replace"))
         return status, (json.loads(answer) if answer else {})
 
-    async def _get(self, path: str, **query: str) -> dict[str, Any] | None:
-        """An object or listing, None when it is not there."""
-        status, answer = await self._request("GET", path, allow=(404,), **query)
+    async def _get(self, path: str) -> dict[str, Any] | None:
+        """An object, None when it is not there."""
+        status, answer = await self._request("GET", path, allow=(404,))
         return None if status == 404 else answer
 
     async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
