@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import kopf
+import pytest
 
 from analysis_operator.handlers.kopf_storage import MemoryDiffBaseStorage, ProgressStorage
 
@@ -55,3 +56,40 @@ def test_a_progress_record_carries_no_marker_and_a_purged_one_leaves_nothing_to_
     stock.store(key="on_environment", record={"success": True}, body=body, patch=patch)
     stock.purge(key="on_environment", body=body, patch=patch)
     assert patch == {"metadata": {"annotations": {"analysis.panosc.eu/kopf-managed": "yes"}}}  # what it cost
+
+
+FULL = {
+    "apiVersion": "analysis.panosc.eu/v1alpha1",
+    "kind": "AnalysisEnvironment",
+    "metadata": {
+        "uid": "u",
+        "name": "e",
+        "generation": 3,
+        "labels": {"owner": "alice"},
+        "annotations": {
+            "analysis.panosc.eu/created-by": "alice",
+            "kubectl.kubernetes.io/last-applied-configuration": "{}",
+        },
+        "managedFields": [{"manager": "analysis-operator", "fieldsV1": {"f:status": {"f:phase": {}}}}] * 20,
+        "finalizers": ["x"],
+    },
+    "spec": {"owner": "alice", "flavor": "jupyter-basic", "datasets": [{"name": "d"}]},
+    "status": {"phase": "Ready", "conditions": [{"type": "Ready", "status": "True"}]},
+}
+
+
+@pytest.mark.parametrize("extra_fields", [None, [], ["spec.flavor"], [("spec", "datasets")]])
+def test_the_essence_built_from_what_kopf_keeps_is_kopfs_own(extra_fields):
+    """Built without copying status and managedFields, the essence is the one kopf's build makes."""
+    ours = MemoryDiffBaseStorage().build(body=kopf.Body(FULL), extra_fields=extra_fields)
+    theirs = kopf.DiffBaseStorage.build(MemoryDiffBaseStorage(), body=kopf.Body(FULL), extra_fields=extra_fields)
+    del theirs["metadata"]["annotations"]["analysis.panosc.eu/created-by"]  # ours drops the operator's own
+    MemoryDiffBaseStorage.remove_empty_stanzas(theirs)
+    assert ours == theirs
+    assert "status" not in ours and "managedFields" not in ours["metadata"]
+
+
+@pytest.mark.parametrize("extra_fields", [["status.phase"], [("metadata", "finalizers")]])
+def test_a_handler_watching_status_or_metadata_gets_them_in_the_essence(extra_fields):
+    essence = MemoryDiffBaseStorage().build(body=kopf.Body(FULL), extra_fields=extra_fields)
+    assert essence.get("status", {}).get("phase") == "Ready" or essence["metadata"].get("finalizers") == ["x"]

@@ -25,13 +25,29 @@ from analysis_operator.model.domain import GROUP
 BOUND = 200_000  # objects remembered; beyond, all are forgotten at once (they then read as created)
 
 
+def _root(field: Any) -> str:
+    """The first key of a field path as kopf takes them: "status.phase" or ("status", "phase")."""
+    parts = field.split(".") if isinstance(field, str) else list(field)
+    return str(parts[0]) if parts else ""
+
+
 class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
     def __init__(self) -> None:
         super().__init__()
         self._essences: dict[str, Any] = {}  # uid -> the essence kopf last handled
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
-        """kopf's essence without the operator's own annotations (no marker says they are kopf's)."""
+        """kopf's essence without the operator's own annotations (no marker says they are kopf's).
+
+        kopf deep-copies the whole body and then drops status and metadata: for every watch event of
+        an environment, its managedFields and conditions too (a tenth of the operator's CPU in a
+        burst). It is handed only what it keeps (spec and the like, labels, annotations): the same
+        essence, unless a handler watches a field of status or metadata, which then gets the body."""
+        if not any(_root(field) in ("status", "metadata") for field in extra_fields or ()):
+            slim: dict[str, Any] = {key: value for key, value in body.items() if key not in ("metadata", "status")}
+            metadata = body.get("metadata") or {}
+            slim["metadata"] = {key: metadata[key] for key in ("labels", "annotations") if key in metadata}
+            body = kopf.Body(slim)
         essence = super().build(body=body, extra_fields=extra_fields)
         annotations = essence.get("metadata", {}).get("annotations", {})
         for key in [key for key in annotations if key.startswith(f"{GROUP}/")]:
