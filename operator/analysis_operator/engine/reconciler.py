@@ -22,6 +22,7 @@ import structlog
 from analysis_operator.engine.converge import Context, Outcome, converge
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
+from analysis_operator.infra.kube import namespace_terminating
 from analysis_operator.model.domain import Environment, Flavor
 
 log = structlog.get_logger("analysis_operator.reconciler")
@@ -95,6 +96,9 @@ class Reconciler:
         try:
             outcome = await self.decide(environment, record.status, first(self.flavors, environment.flavor), now)
         except Exception as error:  # an API error, a bug: logged, and tried again with a growing delay
+            if namespace_terminating(error):  # its pod went with the namespace: so will the environment
+                log.debug("reconcile.namespace_terminating", environment=f"{environment.namespace}/{environment.name}")
+                return Outcome()
             failures = self._failures[environment.uid] = self._failures.get(environment.uid, 0) + 1
             delay = min(MAX_BACKOFF_SECONDS, self.first_backoff * 2.0 ** (failures - 1))
             log.warning(

@@ -16,6 +16,7 @@ from analysis_operator.engine.reconciler import Reconciler, utcnow
 from analysis_operator.engine.terms import flavor_for
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
 from analysis_operator.handlers.indexes import MANAGED
+from analysis_operator.infra.kube import namespace_terminating
 from analysis_operator.infra.metrics import RECONCILE_SECONDS
 from analysis_operator.model.conditions import build_condition, merge_conditions
 from analysis_operator.model.domain import GROUP, LABEL_BACKEND, LABEL_ENVIRONMENT, VERSION, Environment
@@ -51,7 +52,12 @@ async def on_environment(
         raise kopf.TemporaryError("waiting for the finalizer before creating the job or VM", delay=0.2)
     reconciler: Reconciler = memo.reconciler
     with RECONCILE_SECONDS.time():  # written in turn with pod events' decisions (Reconciler.decide)
-        outcome = await reconciler.decide(environment, body.get("status") or {}, flavor)
+        try:
+            outcome = await reconciler.decide(environment, body.get("status") or {}, flavor)
+        except Exception as error:
+            if namespace_terminating(error):
+                return  # nothing more is made in a namespace being deleted, and the environment goes with it
+            raise
     if outcome.retry_after is not None:
         raise kopf.TemporaryError(outcome.message or "retrying", delay=outcome.retry_after)
 

@@ -53,6 +53,24 @@ def _bytes(body: Any) -> bytes:
     return body if isinstance(body, bytes) else str(body or "").encode()
 
 
+class KubeError(ApiException):
+    """A refusal, as the official client raises it, whose repr (what the log shows) says which call was
+    refused and how: never the answer's message, which may quote an object's values."""
+
+    def __init__(self, method: str, path: str, status: int, reason: str, body: str) -> None:
+        super().__init__(status=status, reason=reason, body=body)
+        self.call = f"{method} {path}"
+
+    def __repr__(self) -> str:
+        return f"KubeError({self.status} {self.reason}: {self.call})"
+
+
+def namespace_terminating(error: BaseException) -> bool:
+    """The API server's refusal of new objects in a namespace being deleted: nothing is to be made there
+    any more (its environments go with it), and nothing is wrong with the operator's rights."""
+    return isinstance(error, ApiException) and error.status == 403 and b"being terminated" in _bytes(error.body)
+
+
 def object_path(api_version: str, kind: str, namespace: str, name: str) -> str:
     prefix, plurals = _PATHS[api_version]
     return f"{prefix}/namespaces/{namespace}/{plurals[kind]}/{name}"
@@ -155,7 +173,7 @@ class KubeClient:
                 if attempt == ATTEMPTS:
                     raise
         if status >= 400 and status not in allow:
-            raise ApiException(status=status, reason=reason, body=answer.decode(errors="replace"))
+            raise KubeError(method, path, status, reason, answer.decode(errors="replace"))
         return status, (json.loads(answer) if answer else {})
 
     async def _get(self, path: str) -> dict[str, Any] | None:
@@ -264,7 +282,7 @@ class KubeClient:
         try:
             await self._request("POST", f"/api/v1/namespaces/{metadata['namespace']}/events", body)
         except ApiException as error:
-            if error.status == 403 and b"being terminated" in _bytes(error.body):
+            if namespace_terminating(error):
                 return  # the namespace is going, and every Event in it with it: nothing to tell anyone
             raise
 
