@@ -40,3 +40,16 @@ def test_a_refusal_in_the_log_names_the_call_and_status_never_the_answers_words(
     assert repr(error) == "KubeError(422 Unprocessable Entity: POST /api/v1/namespaces/t/secrets)"
     assert isinstance(error, ApiException) and error.status == 422  # callers catch the official client's type
     assert "s3cr3t" not in repr(error)
+
+
+def test_a_bearer_token_is_sent_as_the_loaders_store_it_and_read_again_when_refreshed():
+    import kubernetes
+
+    from analysis_operator.infra.kube import auth_headers
+
+    configuration = kubernetes.client.Configuration()
+    assert auth_headers(configuration) == {}  # client certificates: nothing in the headers
+    configuration.api_key["BearerToken"] = "Bearer first"  # where the in-cluster and kubeconfig loaders put it
+    assert auth_headers(configuration) == {"authorization": "Bearer first"}
+    configuration.refresh_api_key_hook = lambda c: c.api_key.update(BearerToken="Bearer rotated")
+    assert auth_headers(configuration) == {"authorization": "Bearer rotated"}

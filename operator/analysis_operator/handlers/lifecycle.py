@@ -64,7 +64,11 @@ async def on_startup(
     configure_peering(settings, config)
     memo.peering_priority = settings.peering.priority
     kube = KubeClient(config.kube_workers, config.namespace)
-    memo.certificates = await start_webhook_certificates(config, kube)
+    try:
+        memo.certificates = await start_webhook_certificates(config, kube)
+    except BaseException:  # kopf tries the startup again with a new client: close this one's connections
+        await kube.close()
+        raise
     configure_admission(settings, config, memo.certificates is not None)
 
     memo.access = DataAccess(kube, indexes)

@@ -101,6 +101,18 @@ def _load_configuration() -> kubernetes.client.Configuration:
     return configuration
 
 
+def auth_headers(configuration: kubernetes.client.Configuration) -> dict[str, str]:
+    """The credentials headers, as the official client sends them: a bearer token (ServiceAccount,
+    kubeconfig token or exec plugin) read again through the loaders' refresh hook when it expires.
+    Client certificates are in the TLS context instead."""
+    settings: dict[str, Any] = dict(configuration.auth_settings())
+    return {
+        str(setting["key"]): str(setting["value"])
+        for setting in settings.values()
+        if setting.get("in") == "header" and setting.get("value")
+    }
+
+
 def ssl_context(configuration: kubernetes.client.Configuration) -> ssl.SSLContext | bool:
     if not configuration.host.startswith("https"):
         return False
@@ -139,10 +151,7 @@ class KubeClient:
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}  # also the default field manager
         if content_type:
             headers["Content-Type"] = content_type
-        token = self._configuration.get_api_key_with_prefix("authorization")  # refreshed when it expires
-        if token:
-            headers["Authorization"] = token
-        return headers
+        return {**headers, **auth_headers(self._configuration)}
 
     async def _request(
         self,
