@@ -53,10 +53,3 @@ def test_a_bearer_token_is_sent_as_the_loaders_store_it_and_read_again_when_refr
     assert auth_headers(configuration) == {"authorization": "Bearer first"}
     configuration.refresh_api_key_hook = lambda c: c.api_key.update(BearerToken="Bearer rotated")
     assert auth_headers(configuration) == {"authorization": "Bearer rotated"}
-
-
-def test_waiting_for_a_kept_connection_is_not_a_timeout_a_silent_server_is():
-    from analysis_operator.infra.kube import CALL_TIMEOUT
-
-    assert CALL_TIMEOUT.total is None and CALL_TIMEOUT.connect is None  # queueing in a burst never fails a call
-    assert CALL_TIMEOUT.sock_connect == 10 and CALL_TIMEOUT.sock_read == 60

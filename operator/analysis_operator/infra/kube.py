@@ -46,10 +46,7 @@ _CORE_PLURALS = {
     "PersistentVolumeClaim": "persistentvolumeclaims",
 }
 ATTEMPTS = 3  # a connection refused or dropped before an answer is tried again at once, as urllib3 did
-# A call may wait for one of the kept connections as long as a burst needs (the blocking client queued
-# in its thread pool without limit; a total of 60 s failed 265 calls while 10,000 environments were
-# made); once connected, a server silent for 60 s (as kopf's own request_timeout) fails the call.
-CALL_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+TIMEOUT = 60.0  # seconds for one call, as kopf's own (settings.networking.request_timeout)
 
 
 def _bytes(body: Any) -> bytes:
@@ -146,7 +143,8 @@ class KubeClient:
             for gone in [other for other in self._sessions if other.is_closed()]:
                 del self._sessions[gone]
             connector = aiohttp.TCPConnector(limit=self._connections, ssl=self._ssl)
-            session = self._sessions[loop] = aiohttp.ClientSession(connector=connector, timeout=CALL_TIMEOUT)
+            timeout = aiohttp.ClientTimeout(total=TIMEOUT)
+            session = self._sessions[loop] = aiohttp.ClientSession(connector=connector, timeout=timeout)
         return session
 
     def _headers(self, content_type: str) -> dict[str, str]:
