@@ -46,7 +46,11 @@ _CORE_PLURALS = {
     "PersistentVolumeClaim": "persistentvolumeclaims",
 }
 ATTEMPTS = 3  # a connection refused or dropped before an answer is tried again at once, as urllib3 did
-TIMEOUT = 60.0  # seconds for one call, as kopf's own (settings.networking.request_timeout)
+# Seconds for one call once it has a connection, as kopf's own (settings.networking.request_timeout).
+# The wait for one of the kept connections is not part of it: under a burst (1,000 creates queued on 16
+# connections) the queue is long and every call in it still gets its answer; only a server that does
+# not answer a call it was sent within this time fails it.
+TIMEOUT = 60.0
 
 
 def _bytes(body: Any) -> bytes:
@@ -126,26 +130,28 @@ def ssl_context(configuration: kubernetes.client.Configuration) -> ssl.SSLContex
 
 
 class KubeClient:
-    def __init__(self, connections: int = 16, namespace: str = "") -> None:
+    def __init__(self, connections: int = 16, namespace: str = "", timeout: float = TIMEOUT) -> None:
         self.namespace = namespace  # the one namespace this operator serves; "" = all
         self._configuration = _load_configuration()
         self._base = self._configuration.host.rstrip("/")
         self._ssl = ssl_context(self._configuration)
         self._connections = connections
-        self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._sessions: dict[asyncio.AbstractEventLoop, tuple[aiohttp.ClientSession, asyncio.Semaphore]] = {}
 
-    def _session_here(self) -> aiohttp.ClientSession:
-        """The session of the running loop: one client may serve two (the forward-auth's thread has a loop
-        of its own), and a session belongs to the loop it was made in."""
+    def _session_here(self) -> tuple[aiohttp.ClientSession, asyncio.Semaphore]:
+        """The session of the running loop and its free connections: one client may serve two loops (the
+        forward-auth's thread has one of its own), and a session belongs to the loop it was made in.
+        A call takes a connection (queueing without a time limit) before its own time starts."""
         loop = asyncio.get_running_loop()
-        session = self._sessions.get(loop)
-        if session is None or session.closed:
+        found = self._sessions.get(loop)
+        if found is None or found[0].closed:
             for gone in [other for other in self._sessions if other.is_closed()]:
                 del self._sessions[gone]
             connector = aiohttp.TCPConnector(limit=self._connections, ssl=self._ssl)
-            timeout = aiohttp.ClientTimeout(total=TIMEOUT)
-            session = self._sessions[loop] = aiohttp.ClientSession(connector=connector, timeout=timeout)
-        return session
+            session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+            found = self._sessions[loop] = (session, asyncio.Semaphore(self._connections))
+        return found
 
     def _headers(self, content_type: str) -> dict[str, str]:
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}  # also the default field manager
@@ -173,14 +179,16 @@ class KubeClient:
             options["timeout"] = aiohttp.ClientTimeout(total=timeout)
         if self._configuration.tls_server_name:
             options["server_hostname"] = self._configuration.tls_server_name
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                async with self._session_here().request(method, self._base + path, **options) as response:
-                    status, reason, answer = response.status, response.reason or "", await response.read()
-                break
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                if attempt == ATTEMPTS:
-                    raise
+        session, free = self._session_here()
+        async with free:
+            for attempt in range(1, ATTEMPTS + 1):
+                try:
+                    async with session.request(method, self._base + path, **options) as response:
+                        status, reason, answer = response.status, response.reason or "", await response.read()
+                    break
+                except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                    if attempt == ATTEMPTS:
+                        raise
         if status >= 400 and status not in allow:
             raise KubeError(method, path, status, reason, answer.decode(errors="replace"))
         return status, (json.loads(answer) if answer else {})
@@ -341,6 +349,6 @@ class KubeClient:
 
     async def close(self) -> None:
         """Close this loop's connections (each loop closes its own)."""
-        session = self._sessions.pop(asyncio.get_running_loop(), None)
-        if session is not None:
-            await session.close()
+        found = self._sessions.pop(asyncio.get_running_loop(), None)
+        if found is not None:
+            await found[0].close()
