@@ -586,3 +586,49 @@ def test_the_handlers_decision_is_written_in_turn_with_pod_events_not_after_them
     assert "status" not in patch  # nothing left for kopf to write after the pod event's Ready
     assert writes == ["Provisioning", "Ready"]
     assert cluster.status[("ns", "lab")]["phase"] == "Ready"
+
+
+class NotC:
+    """A grant that is never decided for environment c: it is retried for as long as c exists."""
+
+    async def check(self, environment, flavor, status, now):
+        if environment.name == "c":
+            raise Retry("budget busy", delay=30)
+        return None
+
+
+def test_nothing_is_kept_for_an_environment_once_it_is_gone():
+    """What the process keeps per environment (the phase it wrote, its decisions, its token, a retry)
+    goes with the environment: at once on its deletion, or at the next sweep for one it did not see
+    go. Kept for every environment ever made, it grew with each batch and pinned freed memory."""
+    from analysis_operator.engine import tokens
+
+    backend, cluster, context = setup(gates=(NotC(),))
+    records = {
+        ("ns", name): [EnvironmentRecord(dataclasses.replace(ENVIRONMENT, name=name, uid=f"u-{name}"), {})]
+        for name in ("a", "b", "c", "d")
+    }
+    reconciler = Reconciler(context, records, {"mem": [FLAVOR]}, clock=lambda: NOW)
+
+    def kept(uid: str) -> dict[str, bool]:
+        return {
+            "written": uid in context.written,
+            "decision": uid in context.decisions.uids(),
+            "token": uid in tokens.known_uids(),
+        }
+
+    async def scenario():
+        for (record,) in records.values():
+            await reconciler.reconcile(record)
+        assert all(all(kept(f"u-{name}").values()) for name in "abd")
+        assert reconciler.pending == 1  # c waits for its grant
+        reconciler.forget({"u-a", "u-c"})  # their DELETED events
+        assert kept("u-a") == {"written": False, "decision": False, "token": False}
+        assert reconciler.pending == 0  # no retry for c
+        assert all(kept("u-b").values()) and all(kept("u-d").values())
+        reconciler.retain({"u-b"})  # the sweep: d went while this process did not watch
+        assert not any(kept("u-d").values())
+        assert all(kept("u-b").values())  # a live one keeps everything
+        reconciler.close()
+
+    asyncio.run(scenario())

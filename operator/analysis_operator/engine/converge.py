@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import datetime
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
 
 from analysis_operator.backends.base import Backend, BackendUnavailable, Launch, Observation, Retry, State
+from analysis_operator.engine import tokens
 from analysis_operator.engine.decisions import Decisions
 from analysis_operator.engine.routes import NoRoutes, Route, Routes
 from analysis_operator.engine.status import backend_status, phase_from_observation
@@ -140,6 +141,19 @@ class Context:
     written: dict[str, str] = field(default_factory=dict)
     # uid -> the status last decided here, until the index and kopf's bodies show it (engine/decisions.py)
     decisions: Decisions = field(default_factory=Decisions)
+
+    def forget(self, uids: Collection[str]) -> None:
+        """Environments that are gone: nothing is kept for them any longer. Each store is bounded on
+        its own too, but a bound is far above what a facility runs: without this, what was kept for
+        every environment ever made stayed, and pinned the memory its neighbours freed."""
+        for uid in uids:
+            self.written.pop(uid, None)
+            self.decisions.forget(uid)
+        tokens.forget(uids)
+
+    def retain(self, live: Collection[str]) -> None:
+        """Keep only what belongs to `live` environments (for deletions this process did not see)."""
+        self.forget({*self.written, *self.decisions.uids(), *tokens.known_uids()} - set(live))
 
 
 def _transition(

@@ -54,8 +54,11 @@ class Decisions:
         self._entries[uid] = (behind, apply_merge_patch(used, patch), self._clock())
 
     def forget(self, uid: str) -> None:
-        """Its write failed: decide from what the API server shows."""
+        """Its write failed, or it is gone: decide from what the API server shows."""
         self._entries.pop(uid, None)
+
+    def uids(self) -> list[str]:
+        return list(self._entries)
 
     def __len__(self) -> int:
         return len(self._entries)

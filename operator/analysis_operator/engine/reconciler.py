@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import structlog
@@ -142,6 +142,20 @@ class Reconciler:
     @property
     def pending(self) -> int:
         return len(self._timers)
+
+    def forget(self, uids: Collection[str]) -> None:
+        """Environments that are gone: no retry for them, and nothing kept (Context.forget)."""
+        for uid in uids:
+            self._failures.pop(uid, None)
+            timer = self._timers.pop(uid, None)
+            if timer is not None:
+                timer[1].cancel()
+        self.context.forget(uids)
+
+    def retain(self, live: Collection[str]) -> None:
+        """Keep only what belongs to `live` environments (for deletions this process did not see)."""
+        self.forget({*self._failures, *self._timers} - set(live))
+        self.context.retain(live)
 
     def close(self) -> None:
         for _, timer in self._timers.values():

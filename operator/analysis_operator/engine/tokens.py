@@ -11,6 +11,7 @@ import base64
 import collections
 import secrets
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 from analysis_operator.backends.base import Retry
@@ -33,6 +34,18 @@ def remember(uid: str, token: str) -> str:
         if len(KNOWN) > TOKENS_KEPT:
             KNOWN.popitem(last=False)
     return token
+
+
+def forget(uids: Iterable[str]) -> None:
+    """Environments that are gone: their tokens are not kept for them any longer."""
+    with _KNOWN_LOCK:
+        for uid in uids:
+            KNOWN.pop(uid, None)
+
+
+def known_uids() -> list[str]:
+    with _KNOWN_LOCK:
+        return list(KNOWN)
 
 
 def new_token() -> str:

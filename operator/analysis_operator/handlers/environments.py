@@ -154,7 +154,13 @@ async def _cleanup_condition(
 @kopf.on.event(GROUP, VERSION, "analysisenvironments")
 async def on_environment_status(type: str, body: kopf.Body, memo: kopf.Memo, flavors: kopf.Index, **_: Any) -> None:
     """The other half of the pod join: a pod can turn Ready, or the scheduler give up on it (a missing
-    claim), before the status says Provisioning; its event was then dropped (see on_pod)."""
+    claim), before the status says Provisioning; its event was then dropped (see on_pod). And the end:
+    once it is deleted, what this process kept for it (engine/reconciler.Reconciler.forget)."""
+    if type == "DELETED":  # its last event: what this process kept for it goes too
+        uid = str(body.metadata.uid or "")
+        memo.diffbase.forget(uid)
+        memo.reconciler.forget({uid})
+        return
     status = body.get("status") or {}
     if type != "MODIFIED" or status.get("phase") != "Provisioning":
         return

@@ -64,6 +64,9 @@ class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
             self._essences.clear()
         self._essences[uid] = essence
 
+    def forget(self, uid: str) -> None:
+        self._essences.pop(uid, None)
+
     def retain(self, live: Iterable[str]) -> None:
         """Forget the objects that are gone (kopf tells a store nothing about deletions)."""
         keep = set(live)

@@ -254,7 +254,9 @@ async def sweep_forever(memo: kopf.Memo, interval: float, orphan_every: int = 10
             await warn_expiring(reconciler, config.budgets.expiry_warning_seconds, utcnow())
             if rounds % orphan_every == 0:
                 await sweep_orphans(reconciler)
-                memo.diffbase.retain(record.environment.uid for record in values(reconciler.environments))
+                live = {record.environment.uid for record in values(reconciler.environments)}
+                memo.diffbase.retain(live)
+                reconciler.retain(live)
         except Exception:  # one bad sweep must not end the loop; the next one retries
             log.exception("sweep.failed")
 
