@@ -29,6 +29,8 @@ a new kopf: read its kopf/_cogs/aiokits/aiotoggles.py and where ToggleSet is
 made (kopf/_core/reactor/), run tests/unit/test_kopf_patches.py and
 bench/restart.py against it, then add the version here and to the pin.
 ANALYSIS_OPERATOR_KOPF_PATCHES=off runs without the patch on any version.
+The same change as a patch to kopf itself, to propose upstream:
+hack/kopf-upstream/0001-toggleset-wake-waiters-on-flips-only.patch.
 """
 
 from __future__ import annotations
