@@ -8,7 +8,7 @@ import datetime
 
 from analysis_operator.engine.converge import converge
 from analysis_operator.engine.sweep import due
-from analysis_operator.engine.terms import build_terms, effective_flavor, flavor_from_terms
+from analysis_operator.engine.terms import build_terms, effective_flavor, flavor_from_terms, indexed_status
 from analysis_operator.engine.views import EnvironmentRecord
 from analysis_operator.model.domain import Flavor, FlavorAccess, OpenStackSpec, Resources, SlurmSpec
 from tests.unit.test_backend_interface import ENVIRONMENT, FLAVOR, NOW, setup
@@ -91,15 +91,37 @@ def test_a_new_environment_gets_the_changed_flavor():
     assert status["terms"]["maxLifetime"] == "1h" and status["expiresAt"] == "2026-11-30T13:00:00Z"
 
 
-def test_terms_read_once_per_status_object_and_the_access_always_the_catalogues():
-    """effective_flavor remembers the Flavor built from one status.terms object (the sweep reads
-    every environment's terms every round); a changed catalogue access or new terms are read anew."""
+def test_terms_read_once_per_status_object_and_the_access_always_the_catalogues(monkeypatch):
+    """The index's status remembers the Flavor built from its terms (the sweep reads every
+    environment's terms every round); a changed catalogue access or new terms are read anew."""
+    from analysis_operator.engine import terms as module
+
+    reads = []
+    real = module._interned
+    monkeypatch.setattr(module, "_interned", lambda terms, access: reads.append(1) or real(terms, access))
     terms = build_terms(FULL)
-    status = {"terms": terms}
+    status = indexed_status({"terms": terms})
     first = effective_flavor(status, FULL)
-    assert effective_flavor(status, FULL) is first  # the same object: not rebuilt
+    assert effective_flavor(status, FULL) is first and len(reads) == 1  # the same object: not rebuilt
     opened = dataclasses.replace(FULL, access=FlavorAccess(groups=frozenset({"staff", "guests"})))
-    assert effective_flavor(status, opened).access == opened.access  # a permission: today's word
-    changed = {**terms, "maxLifetime": "2h"}  # a new status object, as a watch event brings
-    assert effective_flavor({"terms": changed}, FULL).max_lifetime == 2 * HOUR
+    assert effective_flavor(status, opened).access == opened.access and len(reads) == 2  # today's word
+    changed = indexed_status({"terms": {**terms, "maxLifetime": "2h"}})  # a new status, as a watch event brings
+    assert effective_flavor(changed, FULL).max_lifetime == 2 * HOUR
     assert effective_flavor(status, FULL).max_lifetime == 36 * HOUR
+    assert status == {"terms": terms}  # what the index holds reads as the status it copied
+
+
+def test_what_was_read_from_terms_goes_with_the_status_that_held_them():
+    """Nothing outside the status keeps it: a cache by identity once held every terms object of
+    every watch event until its bound (hundreds of MiB at 10,000 environments)."""
+    import gc
+
+    from analysis_operator.engine.terms import RecordedTerms
+
+    statuses = [indexed_status({"terms": {**build_terms(FULL), "n": index}}) for index in range(500)]
+    for status in statuses:
+        assert effective_flavor(status, FULL) is not None
+    assert sum(isinstance(item, RecordedTerms) for item in gc.get_objects()) >= 500
+    del statuses, status
+    gc.collect()
+    assert sum(isinstance(item, RecordedTerms) for item in gc.get_objects()) == 0

@@ -90,13 +90,26 @@ def _duration(text: Any) -> datetime.timedelta | None:
     return parse_duration(str(text)) if text else None
 
 
-# Terms read before, by the identity of the status.terms object they came from (a watch event
-# brings new objects; the index keeps them between events): the sweep reads every environment's
-# terms every 10 s, and building a Flavor from them was most of its time at 10,000 environments.
-# The entry holds the object, so its id is not reused while cached; cleared when it grows past
-# the bound (entries of environments long gone go with it).
-_RECORDED: dict[int, tuple[Mapping[str, Any], FlavorAccess, Flavor | None]] = {}
-_RECORDED_BOUND = 100_000
+class RecordedTerms(dict[str, Any]):
+    """status.terms as the environments index holds it, with the Flavor read from it kept alongside:
+    the sweep reads every environment's terms every 10 s, and building a Flavor from them was most of
+    its time at 10,000 environments. Kept on the object itself, the Flavor goes when the index lets go
+    of the status (a cache by the object's identity held every terms object of every watch event
+    until it reached its bound: hundreds of MiB at 10,000 environments)."""
+
+    __slots__ = ("read",)
+
+    def __init__(self, terms: Mapping[str, Any]) -> None:
+        super().__init__(terms)
+        self.read: tuple[FlavorAccess, Flavor | None] | None = None
+
+
+def indexed_status(status: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A status as the environments index keeps it: a copy whose terms remember what they read as."""
+    copied = dict(status or {})
+    if isinstance(copied.get("terms"), Mapping):
+        copied["terms"] = RecordedTerms(copied["terms"])
+    return copied
 
 
 def effective_flavor(status: Mapping[str, Any], current: Flavor | None) -> Flavor | None:
@@ -105,15 +118,11 @@ def effective_flavor(status: Mapping[str, Any], current: Flavor | None) -> Flavo
     if not isinstance(terms, Mapping):
         return current
     access = current.access if current is not None else FlavorAccess()
-    cached = _RECORDED.get(id(terms))
-    if cached is not None and cached[0] is terms and (cached[1] is access or cached[1] == access):
-        recorded = cached[2]
-    else:
-        recorded = _interned(terms, access)
-        if len(_RECORDED) >= _RECORDED_BOUND:
-            _RECORDED.clear()
-        _RECORDED[id(terms)] = (terms, access, recorded)
-    return recorded or current
+    if not isinstance(terms, RecordedTerms):
+        return _interned(terms, access) or current
+    if terms.read is None or not (terms.read[0] is access or terms.read[0] == access):
+        terms.read = (access, _interned(terms, access))
+    return terms.read[1] or current
 
 
 # One Flavor for every environment that started on the same terms (most of them share a few):

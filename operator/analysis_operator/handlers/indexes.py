@@ -20,6 +20,7 @@ import kopf
 import structlog
 
 from analysis_operator.backends.kubernetes import PodSummary, summarize_pod
+from analysis_operator.engine.terms import indexed_status
 from analysis_operator.engine.views import EnvironmentRecord
 from analysis_operator.infra.metrics import observe_ready
 from analysis_operator.model.domain import (
@@ -119,7 +120,7 @@ def environments(body: kopf.Body, **_: Any) -> dict[tuple[str, str], Environment
     environment = Environment.from_body(body)
     report_problems("environments", body, environment.problems)
     observe_ready(body)  # creation-to-Ready, once per environment (infra/metrics.py)
-    record = EnvironmentRecord(environment, dict(body.get("status") or {}))
+    record = EnvironmentRecord(environment, indexed_status(body.get("status")))
     return {(environment.namespace, environment.name): record}
 
 
