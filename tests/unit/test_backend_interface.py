@@ -625,6 +625,7 @@ def test_nothing_is_kept_for_an_environment_once_it_is_gone():
         reconciler.forget({"u-a", "u-c"})  # their DELETED events
         assert kept("u-a") == {"written": False, "decision": False, "token": False}
         assert reconciler.pending == 0  # no retry for c
+        assert reconciler.forgotten == 2  # counted for the sweep's garbage collection (infra/logs.py)
         assert all(kept("u-b").values()) and all(kept("u-d").values())
         reconciler.retain({"u-b"})  # the sweep: d went while this process did not watch
         assert not any(kept("u-d").values())

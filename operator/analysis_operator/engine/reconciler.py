@@ -70,6 +70,7 @@ class Reconciler:
         # converge and its write, one at a time per environment: two converges decided in one order
         # must not be written in the other (an older "Opening" landing after "Ready")
         self._writing: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self.forgotten = 0  # environments forgotten since the sweep last reset it (its garbage collection)
 
     async def decide(
         self,
@@ -145,6 +146,7 @@ class Reconciler:
 
     def forget(self, uids: Collection[str]) -> None:
         """Environments that are gone: no retry for them, and nothing kept (Context.forget)."""
+        self.forgotten += len(uids)
         for uid in uids:
             self._failures.pop(uid, None)
             timer = self._timers.pop(uid, None)

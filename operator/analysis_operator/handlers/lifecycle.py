@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import datetime
 import functools
+import gc
 import logging
 import pathlib
 import random
@@ -32,6 +33,7 @@ from analysis_operator.handlers.gateway import Authorizer, start_server
 from analysis_operator.handlers.kopf_storage import MemoryDiffBaseStorage, ProgressStorage
 from analysis_operator.infra.certificates import WebhookCertificates, ensure_certificates
 from analysis_operator.infra.kube import KubeClient
+from analysis_operator.infra.logs import full_collection_due
 from analysis_operator.infra.metrics import start_metrics
 from analysis_operator.infra.oidc import TokenVerifier
 from analysis_operator.infra.webhooks import MeteredWebhookServer
@@ -247,6 +249,9 @@ async def sweep_forever(memo: kopf.Memo, interval: float, orphan_every: int = 10
         await asyncio.sleep(interval)
         rounds += 1
         try:
+            if full_collection_due(reconciler.forgotten, len(reconciler.environments)):
+                reconciler.forgotten = 0
+                gc.collect()  # what the deleted environments left (infra/logs.py); its pause is logged
             memo.active = await is_active(memo)
             if not memo.active:
                 continue
