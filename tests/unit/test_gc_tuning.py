@@ -3,12 +3,12 @@ pause logged (run in a process of its own: it changes process-wide state)."""
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 OPERATOR = pathlib.Path(__file__).resolve().parents[2] / "operator"
 
