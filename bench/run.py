@@ -1389,7 +1389,7 @@ class Bench:
         return lines
 
 
-def main() -> None:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--single", type=int, default=50, help="environments one at a time (1, 6); 0 = skip")
     parser.add_argument(
@@ -1429,7 +1429,11 @@ def main() -> None:
         help="extra ServiceCIDR for the run (the stack's 10.0.0.0/24 holds ~250 Services)",
     )
     parser.add_argument("--out", type=pathlib.Path, help="also write the markdown report here")
-    arguments = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    arguments = argument_parser().parse_args()
     if arguments.raw is None:
         arguments.raw = max(arguments.sizes) if arguments.sizes else 0
     bench = Bench(arguments)
