@@ -80,16 +80,16 @@ GC_PAUSE_LOGGED_SECONDS = 0.1
 # frees almost everything here; the collector only has cycles to find, so it runs far less often.
 GC_THRESHOLDS = (5_000, 20, 100)
 # A deleted environment leaves cyclic garbage that lived long enough to reach the oldest generation
-# (kopf's memory of the object, its tasks and locks: about 300 objects each), which GC_THRESHOLDS
-# make the collector visit rarely: after 1,000 deletions a full collection found 300,481 objects and
+# (about 300 objects each; which ones was not examined), which GC_THRESHOLDS make the collector visit
+# rarely: after 1,000 deletions a full collection found 300,481 objects and
 # gave back 29 MiB, and without one the memory grew with every batch made and deleted (bench/RESULTS.md).
 COLLECT_AFTER_DELETED = 100
 
 
 def full_collection_due(deleted: int, live: int) -> bool:
     """Collect every generation once this many environments went since the last time: at least
-    COLLECT_AFTER_DELETED, and a tenth of those still there, so the pause (about 1 s per 10,000
-    environments) stays in proportion to what it frees (pure)."""
+    COLLECT_AFTER_DELETED, and a tenth of those still there, so the pause (0.3 s after 1,000 deletions;
+    Python's own took 3.2 s at 10,000 environments) stays in proportion to what it frees (pure)."""
     return deleted >= max(COLLECT_AFTER_DELETED, live // 10)
 
 
