@@ -520,6 +520,20 @@ def test_a_decision_never_seen_back_is_forgotten_after_a_while():
     assert decisions.latest("u", seen) == seen
 
 
+def test_decisions_no_longer_used_are_not_kept():
+    now = [0.0]
+    decisions = Decisions(clock=lambda: now[0], stale_after=30)
+    seen = {"phase": "Provisioning"}
+    decisions.remember("old", seen, seen, {"phase": "Ready"})
+    now[0] = 20
+    decisions.remember("new", seen, seen, {"phase": "Ready"})
+    now[0] = 30
+    assert decisions.prune() == 1 and decisions.uids() == ["new"]
+    assert decisions.latest("new", seen) == {"phase": "Ready"}  # a decision still in use stays
+    now[0] = 50
+    assert decisions.prune() == 1 and len(decisions) == 0
+
+
 @pytest.mark.parametrize(
     "target, patch, merged",
     [

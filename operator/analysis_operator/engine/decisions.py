@@ -57,6 +57,15 @@ class Decisions:
         """Its write failed, or it is gone: decide from what the API server shows."""
         self._entries.pop(uid, None)
 
+    def prune(self) -> int:
+        """Forget the decisions `latest` would no longer use (older than stale_after): an environment
+        that converged is rarely asked about again, and its entry held two or three whole statuses."""
+        cutoff = self._clock() - self._stale_after
+        stale = [uid for uid, (_, _, at) in self._entries.items() if at <= cutoff]
+        for uid in stale:
+            del self._entries[uid]
+        return len(stale)
+
     def uids(self) -> list[str]:
         return list(self._entries)
 

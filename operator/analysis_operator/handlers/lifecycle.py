@@ -37,10 +37,12 @@ from analysis_operator.infra.logs import full_collection_due
 from analysis_operator.infra.metrics import start_metrics
 from analysis_operator.infra.oidc import TokenVerifier
 from analysis_operator.infra.webhooks import MeteredWebhookServer
-from analysis_operator.model.domain import GROUP
+from analysis_operator.model.domain import GROUP, LABEL_MANAGED_BY, MANAGER
 from analysis_operator.settings import Settings
 
 log = structlog.get_logger("analysis_operator.lifecycle")
+WATCHED_PODS = ("v1", "pods")  # the core API's pods (kopf's selector syntax)
+LIST_PAGE = 500  # objects per page of kopf's initial lists (client-go's informers use the same)
 
 
 @kopf.on.startup()
@@ -60,7 +62,7 @@ async def on_startup(
     settings.posting.loggers = False  # Events only where we post them, not one per log line
     settings.posting.level = logging.INFO
     settings.batching.batch_window = 0.01  # react in milliseconds, not the default 100 ms
-    settings.watching.server_timeout = 600
+    configure_watching(settings)
     settings.networking.request_timeout = 60
 
     configure_peering(settings, config)
@@ -151,6 +153,20 @@ async def is_active(memo: kopf.Memo) -> bool:
         return True
     peers = await memo.context.kube.peers(config.peering_name, config.namespace)
     return not outranked(peers, memo.peering_priority, utcnow())
+
+
+def configure_watching(settings: kopf.OperatorSettings) -> None:
+    """What kopf lists and watches, and how much of it at once.
+
+    Pods: only those this operator made, selected by the API server. kopf's `labels=` on a handler
+    filters in the operator, after every pod of the cluster was sent, parsed and remembered (kopf
+    keeps a record per object it sees); a facility's cluster runs many more pods than environments.
+    Lists in pages: a restart with 10,000 environments read them (and their 10,000 pods) in one
+    answer each, parsed whole before the first was handled: the peak memory of a restart.
+    """
+    settings.watching.server_timeout = 600
+    settings.watching.label_selectors[WATCHED_PODS] = f"{LABEL_MANAGED_BY}={MANAGER}"
+    settings.watching.chunk_size = LIST_PAGE
 
 
 def configure_peering(settings: kopf.OperatorSettings, config: Settings) -> None:
@@ -252,6 +268,7 @@ async def sweep_forever(memo: kopf.Memo, interval: float, orphan_every: int = 10
             if full_collection_due(reconciler.forgotten, len(reconciler.environments)):
                 reconciler.forgotten = 0
                 gc.collect()  # what the deleted environments left (infra/logs.py); its pause is logged
+            memo.context.decisions.prune()
             memo.active = await is_active(memo)
             if not memo.active:
                 continue
