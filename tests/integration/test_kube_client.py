@@ -12,6 +12,7 @@ import uuid
 import kubernetes
 import pytest
 
+from analysis_operator.infra import kube as kube_module
 from analysis_operator.infra.kube import KubeClient
 
 
@@ -144,3 +145,37 @@ def test_a_server_that_does_not_answer_within_the_limit_fails_the_call(kubeconfi
             await client.close()
 
     assert asyncio.run(silent()) < 3
+
+
+def test_labelled_objects_are_read_in_pages_of_metadata_only(kubeconfig, monkeypatch, namespace, core):
+    """The orphan sweep's list: every labelled object, over several pages, without spec, data or
+    managedFields (at 10,000 environments the one-answer list of Services timed out after 60 s)."""
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kubeconfig)
+    monkeypatch.setattr(kube_module, "LIST_PAGE", 2)
+    for index in range(5):
+        core.create_namespaced_secret(
+            namespace, {"metadata": {"name": f"mine-{index}", "labels": {"sweep": "me"}}, "stringData": {"k": "secret"}}
+        )
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "other", "labels": {"sweep": "no"}}})
+    client = KubeClient(2, namespace)
+    pages = []
+    request = client._request
+
+    async def counted(method, path, *args, **query):
+        pages.append(query.get("continue", ""))
+        return await request(method, path, *args, **query)
+
+    monkeypatch.setattr(client, "_request", counted)
+
+    async def listed():
+        try:
+            return await client.labelled_metadata("Secret", "sweep=me")
+        finally:
+            await client.close()
+
+    found = asyncio.run(listed())
+    assert sorted(metadata["name"] for metadata in found) == [f"mine-{index}" for index in range(5)]
+    assert len(pages) == 3 and pages[0] == "" and all(pages[1:])  # 2 + 2 + 1, each after the last one's token
+    assert all(set(metadata) >= {"name", "namespace", "labels", "uid"} for metadata in found)
+    assert not any("managedFields" in metadata for metadata in found)
+    assert all(metadata["labels"] == {"sweep": "me"} for metadata in found)

@@ -358,8 +358,7 @@ class KubernetesBackend:
         for key in list(self._pods):
             for summary in self._pods.get(key, ()):
                 found[(key[0], key[1], summary.environment_uid)] = f"Pod/{key[0]}/{key[1]}"
-        for service in await self._kube.list_labelled("Service", f"{LABEL_MANAGED_BY}={MANAGER}"):
-            metadata = service.get("metadata") or {}
+        for metadata in await self._kube.labelled_metadata("Service", f"{LABEL_MANAGED_BY}={MANAGER}"):
             labels = metadata.get("labels") or {}
             key = (
                 metadata.get("namespace", ""),

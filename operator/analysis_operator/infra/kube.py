@@ -45,6 +45,10 @@ _CORE_PLURALS = {
     "Secret": "secrets",
     "PersistentVolumeClaim": "persistentvolumeclaims",
 }
+# Lists of many objects read for their metadata only (the API server leaves out spec and status), in
+# pages: kubectl's and client-go's metadata-only lists, with JSON when a server cannot do it.
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1, application/json"
+LIST_PAGE = 500
 ATTEMPTS = 3  # a connection refused or dropped before an answer is tried again at once, as urllib3 did
 # Seconds for one call once it has a connection, as kopf's own (settings.networking.request_timeout).
 # The wait for one of the kept connections is not part of it: under a burst (1,000 creates queued on 16
@@ -153,8 +157,8 @@ class KubeClient:
             found = self._sessions[loop] = (session, asyncio.Semaphore(self._connections))
         return found
 
-    def _headers(self, content_type: str) -> dict[str, str]:
-        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}  # also the default field manager
+    def _headers(self, content_type: str, accept: str = "application/json") -> dict[str, str]:
+        headers = {"Accept": accept, "User-Agent": USER_AGENT}  # the user agent is also the default field manager
         if content_type:
             headers["Content-Type"] = content_type
         return {**headers, **auth_headers(self._configuration)}
@@ -166,6 +170,7 @@ class KubeClient:
         body: Any = None,
         *,
         content_type: str = "",
+        accept: str = "application/json",
         allow: tuple[int, ...] = (),
         timeout: float | None = None,
         **query: str,
@@ -173,7 +178,7 @@ class KubeClient:
         """One call: (status, JSON answer). A refusal raises ApiException unless its status is allowed
         (404 and 409 are often answers: not there, there already, changed meanwhile)."""
         data = None if body is None else json.dumps(body, default=_json_default).encode()
-        headers = self._headers(content_type or ("application/json" if data is not None else ""))
+        headers = self._headers(content_type or ("application/json" if data is not None else ""), accept)
         options: dict[str, Any] = {"params": query or None, "data": data, "headers": headers}
         if timeout is not None:
             options["timeout"] = aiohttp.ClientTimeout(total=timeout)
@@ -216,11 +221,21 @@ class KubeClient:
             return False
         return await self.delete(kind, namespace, name, uid=str(metadata.get("uid", "")))
 
-    async def list_labelled(self, kind: str, selector: str) -> list[dict[str, Any]]:
-        """Every object of a kind carrying these labels, in the namespaces this operator serves (orphan sweeps)."""
+    async def labelled_metadata(self, kind: str, selector: str) -> list[dict[str, Any]]:
+        """The metadata (without managedFields) of every object of a kind carrying these labels, in the
+        namespaces this operator serves (orphan sweeps). Read in pages of metadata only: the whole list
+        of an operator's 10,000 Services was about 15 MB of JSON, parsed at once at every orphan sweep."""
         path = core_path(kind, self.namespace) if self.namespace else f"/api/v1/{_CORE_PLURALS[kind]}"
-        _, listing = await self._request("GET", path, labelSelector=selector)
-        return list(listing.get("items") or ())
+        found: list[dict[str, Any]] = []
+        page = {"labelSelector": selector, "limit": str(LIST_PAGE)}
+        while True:
+            _, listing = await self._request("GET", path, accept=METADATA_LIST, **page)
+            for item in listing.get("items") or ():
+                metadata = item.get("metadata") or {}
+                found.append({key: value for key, value in metadata.items() if key != "managedFields"})
+            page["continue"] = str((listing.get("metadata") or {}).get("continue") or "")
+            if not page["continue"]:
+                return found
 
     async def delete(self, kind: str, namespace: str, name: str, uid: str = "") -> bool:
         """Delete (only the object with this uid, when given); False if it was already gone
