@@ -227,7 +227,7 @@ class KubeClient:
         of an operator's 10,000 Services was about 15 MB of JSON, parsed at once at every orphan sweep."""
         path = core_path(kind, self.namespace) if self.namespace else f"/api/v1/{_CORE_PLURALS[kind]}"
         found: list[dict[str, Any]] = []
-        page = {"labelSelector": selector, "limit": str(LIST_PAGE)}
+        page: dict[str, Any] = {"labelSelector": selector, "limit": str(LIST_PAGE)}  # "continue" is a keyword
         while True:
             _, listing = await self._request("GET", path, accept=METADATA_LIST, **page)
             for item in listing.get("items") or ():
