@@ -23,20 +23,39 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import run  # bench/run.py
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def rounds_bench(description: str, n: int) -> tuple[argparse.Namespace, run.Bench]:
+    """The options of a rounds script (--rounds, --n, --core, --out) and bench/run.py's stack plumbing
+    for it, with none of run.py's own phases."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--n", type=int, default=n)
     parser.add_argument("--core", type=int, default=1, help="CPU core the operator is pinned to")
     parser.add_argument("--out", type=pathlib.Path)
     arguments = parser.parse_args()
     defaults = ["--single", "0", "--sizes=", "--raw", "0", "--skip-10k", "--no-restart", "--core", str(arguments.core)]
-    bench = run.Bench(run.argument_parser().parse_args(defaults))
+    return arguments, run.Bench(run.argument_parser().parse_args(defaults))
+
+
+def start_idle(bench: run.Bench) -> None:
+    """The stack's additions, then the operator, and its RSS once it has settled."""
+    bench.setup()
+    bench.operator.start()
+    time.sleep(10)
+    bench.checkpoint("idle")
+
+
+def resources_table(bench: run.Bench) -> list[str]:
+    return [
+        "| phase | environments | RSS MiB | peak RSS MiB | operator CPU s in phase |",
+        "|---|---|---|---|---|",
+        *(f"| {phase} | {envs} | {rss} | {hwm} | {cpu} |" for phase, envs, rss, hwm, cpu in bench.resources),
+    ]
+
+
+def main() -> None:
+    arguments, bench = rounds_bench(__doc__ or "", 1000)
     try:
-        bench.setup()
-        bench.operator.start()
-        time.sleep(10)
-        bench.checkpoint("idle")
+        start_idle(bench)
         for index in range(arguments.rounds):
             bench.batch(arguments.n, purpose=f"r{index}", record=False)
             bench.checkpoint(f"round {index + 1}: {arguments.n} Ready")
@@ -52,9 +71,7 @@ def main() -> None:
         f"Run {bench.run_id}, operator at {run.git_commit()}, pinned to core {arguments.core}; "
         "RSS and peak from /proc/<pid>/status.",
         "",
-        "| phase | environments | RSS MiB | peak RSS MiB | operator CPU s in phase |",
-        "|---|---|---|---|---|",
-        *(f"| {phase} | {envs} | {rss} | {hwm} | {cpu} |" for phase, envs, rss, hwm, cpu in bench.resources),
+        *resources_table(bench),
         "",
     ]
     report = "\n".join(lines)
