@@ -48,7 +48,7 @@ _CORE_PLURALS = {
 # Lists of many objects read for their metadata only (the API server leaves out spec and status), in
 # pages: kubectl's and client-go's metadata-only lists, with JSON when a server cannot do it.
 METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1, application/json"
-LIST_PAGE = 500
+LIST_PAGE = 500  # objects per page, of these lists and of kopf's (client-go's informers use the same)
 ATTEMPTS = 3  # a connection refused or dropped before an answer is tried again at once, as urllib3 did
 # Seconds for one call once it has a connection, as kopf's own (settings.networking.request_timeout).
 # The wait for one of the kept connections is not part of it: under a burst (1,000 creates queued on 16
