@@ -15,8 +15,8 @@ from analysis_operator.settings import load_settings
 class SharedMemo(kopf.Memo):
     """The operator's one memo: its services (the client, the reconciler, the checkers), set at
     startup; no handler keeps anything per object in it. kopf shallow-copies the memo for every
-    object it sees and keeps the copy while the object lives (about 1 KB for each environment and
-    each pod); this one is shared instead."""
+    object it sees (and for every admission request) and keeps the copy while the object lives, for
+    each environment and each pod; this one is shared instead."""
 
     def __copy__(self) -> SharedMemo:
         return self

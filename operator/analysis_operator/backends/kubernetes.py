@@ -23,6 +23,7 @@ from analysis_operator.model.domain import (
     LABEL_ENVIRONMENT_UID,
     LABEL_MANAGED_BY,
     LABEL_OWNER,
+    MANAGED_SELECTOR,
     MANAGER,
     BackendKind,
     Dataset,
@@ -358,7 +359,7 @@ class KubernetesBackend:
         for key in list(self._pods):
             for summary in self._pods.get(key, ()):
                 found[(key[0], key[1], summary.environment_uid)] = f"Pod/{key[0]}/{key[1]}"
-        for metadata in await self._kube.labelled_metadata("Service", f"{LABEL_MANAGED_BY}={MANAGER}"):
+        for metadata in await self._kube.labelled_metadata("Service", MANAGED_SELECTOR):
             labels = metadata.get("labels") or {}
             key = (
                 metadata.get("namespace", ""),

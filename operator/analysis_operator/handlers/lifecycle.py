@@ -37,7 +37,7 @@ from analysis_operator.infra.logs import full_collection_due
 from analysis_operator.infra.metrics import start_metrics
 from analysis_operator.infra.oidc import TokenVerifier
 from analysis_operator.infra.webhooks import MeteredWebhookServer
-from analysis_operator.model.domain import GROUP, LABEL_MANAGED_BY, MANAGER
+from analysis_operator.model.domain import GROUP, MANAGED_SELECTOR
 from analysis_operator.settings import Settings
 
 log = structlog.get_logger("analysis_operator.lifecycle")
@@ -161,10 +161,10 @@ def configure_watching(settings: kopf.OperatorSettings) -> None:
     filters in the operator, after every pod of the cluster was sent, parsed and remembered (kopf
     keeps a record per object it sees); a facility's cluster runs many more pods than environments.
     Lists in pages: a restart with 10,000 environments read them (and their 10,000 pods) in one
-    answer each, parsed whole before the first was handled (pages took 67 MiB off that peak).
+    answer each, parsed whole before the first was handled (bench/RESULTS.md: the restart's peak).
     """
     settings.watching.server_timeout = 600
-    settings.watching.label_selectors[WATCHED_PODS] = f"{LABEL_MANAGED_BY}={MANAGER}"
+    settings.watching.label_selectors[WATCHED_PODS] = MANAGED_SELECTOR
     settings.watching.chunk_size = LIST_PAGE
 
 

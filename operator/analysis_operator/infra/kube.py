@@ -224,7 +224,7 @@ class KubeClient:
     async def labelled_metadata(self, kind: str, selector: str) -> list[dict[str, Any]]:
         """The metadata (without managedFields) of every object of a kind carrying these labels, in the
         namespaces this operator serves (orphan sweeps). Read in pages of metadata only: the whole list
-        of an operator's 10,000 Services was about 15 MB of JSON, parsed at once at every orphan sweep."""
+        of an operator's 10,000 Services in one answer timed out after 60 s (bench/RESULTS.md)."""
         path = core_path(kind, self.namespace) if self.namespace else f"/api/v1/{_CORE_PLURALS[kind]}"
         found: list[dict[str, Any]] = []
         page: dict[str, Any] = {"labelSelector": selector, "limit": str(LIST_PAGE)}  # "continue" is a keyword

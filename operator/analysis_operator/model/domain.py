@@ -24,6 +24,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 # (indexes, orphan sweeps) without listing everything.
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "analysis-operator"
+MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER}"  # the same, as a label selector
 LABEL_ENVIRONMENT = f"{GROUP}/environment"
 LABEL_ENVIRONMENT_UID = f"{GROUP}/environment-uid"
 LABEL_OWNER = f"{GROUP}/owner"
