@@ -108,6 +108,10 @@ class OperatorProcess:
 
     def start(self) -> None:
         port = _free_port()
+        # Between a stop and this start the kept ports are free, and the system may hand one out again:
+        # a liveness port equal to the metrics port killed the restarted operator (CI, 2026-12-01).
+        while port in (self.webhook_port, self.metrics_port):
+            port = _free_port()
         environment = {
             **os.environ,
             "KUBECONFIG": self.kubeconfig,
