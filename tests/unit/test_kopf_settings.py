@@ -1,4 +1,5 @@
-"""What kopf is told to list and watch (handlers/lifecycle.py configure_watching), and what it keeps per object."""
+"""What kopf is told to list and watch (handlers/lifecycle.py configure_watching), and what it keeps per object.
+kopf watches no pods: the operator's own watch does (infra/watch.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import kopf
 from kopf._cogs.structs.references import Resource  # kopf's own matching of selectors to resources
 from kopf._core.reactor.inventory import ResourceMemories  # where kopf keeps a memo per object
 
+from analysis_operator import handlers  # noqa: F401  (registers the operator's kopf handlers)
 from analysis_operator.backends.kubernetes import build_pod
 from analysis_operator.cli import SharedMemo
 from analysis_operator.handlers.lifecycle import configure_watching
-from analysis_operator.model.domain import GROUP, VERSION
+from analysis_operator.model.domain import GROUP, MANAGED_SELECTOR, VERSION
 from tests.unit.test_kubernetes_builders import SETTINGS, make_environment, make_flavor
 
 PODS = Resource("", "v1", "pods", kind="Pod", singular="pod", namespaced=True, verbs=["list", "watch"])
-POD_METRICS = Resource("metrics.k8s.io", "v1beta1", "pods", kind="PodMetrics", namespaced=True, verbs=["list"])
 ENVIRONMENTS = Resource(
     GROUP, VERSION, "analysisenvironments", kind="AnalysisEnvironment", namespaced=True, verbs=["list", "watch"]
 )
@@ -27,18 +28,27 @@ def configured() -> kopf.OperatorSettings:
     return settings
 
 
+def test_kopf_watches_no_pods_the_operator_s_own_watch_does():
+    registry = kopf.get_default_registry()
+    selectors = [
+        selector
+        for handlers in (registry._indexing, registry._watching, registry._changing, registry._spawning)
+        for selector in handlers.get_all_selectors()
+    ]
+    assert any(selector.check(ENVIRONMENTS) for selector in selectors)  # the registry is the operator's
+    assert not any(selector.check(PODS) for selector in selectors)  # handlers/lifecycle.py: its own Watch
+
+
 def test_the_api_server_sends_only_the_pods_this_operator_makes():
-    (selector,) = configured().watching.label_selectors.collect(PODS)
-    key, value = selector.split("=")
+    key, value = MANAGED_SELECTOR.split("=")  # what the operator's pod watch asks for
     labels = build_pod(make_environment(), make_flavor(), SETTINGS)["metadata"]["labels"]
     assert labels[key] == value  # every pod the operator makes is selected: none goes unseen
 
 
-def test_environments_and_other_kinds_are_not_narrowed():
+def test_kopf_narrows_no_kind():
     settings = configured()
     assert settings.watching.label_selectors.collect(ENVIRONMENTS) == []  # every environment is the operator's
-    assert settings.watching.label_selectors.collect(POD_METRICS) == []  # "pods" means the core API's only
-    assert settings.watching.field_selectors.collect(PODS) == []
+    assert settings.watching.field_selectors.collect(ENVIRONMENTS) == []
 
 
 def test_initial_lists_come_in_pages():

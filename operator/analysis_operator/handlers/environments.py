@@ -1,5 +1,5 @@
 """AnalysisEnvironment handlers: create, spec changes, operator restart, deletion, and the
-pod events that move an environment to Ready (or bring its pod back)."""
+pod changes that move an environment to Ready (or bring its pod back)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.reconciler import Reconciler, utcnow
 from analysis_operator.engine.terms import flavor_for
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
-from analysis_operator.handlers.indexes import MANAGED
+from analysis_operator.handlers.indexes import PodKey
 from analysis_operator.infra.kube import namespace_terminating
 from analysis_operator.infra.metrics import RECONCILE_SECONDS
 from analysis_operator.model.conditions import build_condition, merge_conditions
-from analysis_operator.model.domain import GROUP, LABEL_BACKEND, LABEL_ENVIRONMENT, VERSION, Environment
+from analysis_operator.model.domain import GROUP, LABEL_BACKEND, VERSION, Environment
 
 log = structlog.get_logger("analysis_operator.environments")
 
@@ -154,7 +154,7 @@ async def _cleanup_condition(
 @kopf.on.event(GROUP, VERSION, "analysisenvironments")
 async def on_environment_status(type: str, body: kopf.Body, memo: kopf.Memo, flavors: kopf.Index, **_: Any) -> None:
     """The other half of the pod join: a pod can turn Ready, or the scheduler give up on it (a missing
-    claim), before the status says Provisioning; its event was then dropped (see on_pod). And the end:
+    claim), before the status says Provisioning; its change was then dropped (see pod_changed). And the end:
     once it is deleted, what this process kept for it (engine/reconciler.Reconciler.forget)."""
     if type == "DELETED":  # its last event: what this process kept for it goes too
         uid = str(body.metadata.uid or "")
@@ -176,9 +176,9 @@ async def on_environment_status(type: str, body: kopf.Body, memo: kopf.Memo, fla
         await reconciler.reconcile(EnvironmentRecord(environment, status))
 
 
-@kopf.on.event("pods", labels=MANAGED)
-async def on_pod(namespace: str, labels: dict[str, str], memo: kopf.Memo, environments: kopf.Index, **_: Any) -> None:
-    record: EnvironmentRecord | None = first(environments, (namespace, labels.get(LABEL_ENVIRONMENT, "")))
+async def pod_changed(memo: kopf.Memo, key: PodKey) -> None:
+    """An environment's pod changed (the operator's watch of its pods, infra/watch.py)."""
+    record: EnvironmentRecord | None = first(memo.reconciler.environments, key)
     if record is None or not record.status.get("phase"):
         return  # environment gone (the garbage collector follows), or its handler has not written yet
     environment = record.environment

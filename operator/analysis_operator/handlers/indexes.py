@@ -1,7 +1,8 @@
 """In-memory views kopf keeps current from its watch streams.
 
 Handlers read these instead of listing: flavors by name, environments by
-(namespace, name), and the operator's pods by (namespace, environment).
+(namespace, name). The operator's pods by (namespace, environment) are read
+here too, for the operator's own watch of them (infra/watch.py), not kopf's.
 Values are small frozen records, so 10,000 environments stay cheap.
 
 No index function raises: an object that cannot be read at all is left out of
@@ -26,14 +27,12 @@ from analysis_operator.infra.metrics import observe_ready
 from analysis_operator.model.domain import (
     GROUP,
     LABEL_ENVIRONMENT,
-    LABEL_MANAGED_BY,
-    MANAGER,
     VERSION,
     Environment,
     Flavor,
 )
 
-MANAGED = {LABEL_MANAGED_BY: MANAGER}
+PodKey = tuple[str, str]  # (namespace, environment name)
 log = structlog.get_logger("analysis_operator.indexes")
 # (index, object uid) -> the problem last logged for it, so each is logged once, not at every event.
 _REPORTED: dict[tuple[str, str], str] = {}
@@ -131,8 +130,14 @@ def groups(name: str, spec: Mapping[str, Any], **_: Any) -> dict[str, frozenset[
     return {name: frozenset(member for member in spec.get("members") or () if isinstance(member, str))}
 
 
-@kopf.index("pods", labels=MANAGED)
 @never_raises("pods")
-def pods(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[tuple[str, str], PodSummary]:
-    """The Kubernetes backend reads its pods from here (backends/kubernetes.py)."""
+def pods(namespace: str, labels: Mapping[str, str], body: Mapping[str, Any], **_: Any) -> dict[PodKey, PodSummary]:
     return {(namespace, labels.get(LABEL_ENVIRONMENT, "")): summarize_pod(body)}
+
+
+def read_pod(body: Mapping[str, Any]) -> tuple[PodKey, PodSummary] | None:
+    """A pod of the operator's watch (infra/watch.py) as the Kubernetes backend reads it
+    (backends/kubernetes.py): by (namespace, environment name); None for one it cannot read."""
+    metadata = body.get("metadata") or {}
+    found = pods.read(namespace=metadata.get("namespace", ""), labels=metadata.get("labels") or {}, body=body)
+    return next(iter(found.items())) if found else None

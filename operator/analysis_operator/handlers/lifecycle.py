@@ -18,6 +18,7 @@ from typing import Any
 import kopf
 import structlog
 
+from analysis_operator.backends.kubernetes import PodSummary
 from analysis_operator.backends.registry import build_backends
 from analysis_operator.engine.budget_gate import build_budget_gate
 from analysis_operator.engine.converge import Context
@@ -29,26 +30,27 @@ from analysis_operator.engine.routes import GatewayRoutes, NoRoutes, Routes
 from analysis_operator.engine.sweep import sweep, sweep_orphans, warn_expiring
 from analysis_operator.engine.viewers import Disconnector
 from analysis_operator.engine.views import values
+from analysis_operator.handlers.environments import pod_changed
 from analysis_operator.handlers.gateway import Authorizer, start_server
+from analysis_operator.handlers.indexes import PodKey, read_pod
 from analysis_operator.handlers.kopf_storage import MemoryDiffBaseStorage, ProgressStorage
 from analysis_operator.infra.certificates import WebhookCertificates, ensure_certificates
-from analysis_operator.infra.kube import LIST_PAGE, KubeClient
+from analysis_operator.infra.kube import LIST_PAGE, WATCH_SECONDS, KubeClient
 from analysis_operator.infra.logs import full_collection_due
 from analysis_operator.infra.metrics import start_metrics
 from analysis_operator.infra.oidc import TokenVerifier
+from analysis_operator.infra.watch import Summaries, Watch
 from analysis_operator.infra.webhooks import MeteredWebhookServer
 from analysis_operator.model.domain import GROUP, MANAGED_SELECTOR
 from analysis_operator.settings import Settings
 
 log = structlog.get_logger("analysis_operator.lifecycle")
-WATCHED_PODS = ("v1", "pods")  # the core API's pods (kopf's selector syntax)
 
 
 @kopf.on.startup()
 async def on_startup(
     settings: kopf.OperatorSettings,
     memo: kopf.Memo,
-    pods: kopf.Index,
     environments: kopf.Index,
     flavors: kopf.Index,
     **indexes: Any,
@@ -82,6 +84,7 @@ async def on_startup(
     memo.gateway = None
     memo.viewers = None  # OPEN: closes the open connections of people an environment is no longer shared with
     memo.active = True  # kept by the sweep loop: a paused standby answers from the API server, culls nothing
+    memo.active_at = -ACTIVE_FOR  # when a pod change last asked (acting)
     activity = GatewayActivity()
     written: dict[str, str] = {}  # the phase this process last wrote per environment (Context.written)
     if config.gateway.enabled:  # OPEN: routes through the gateway, and its forward-auth answered here
@@ -103,6 +106,7 @@ async def on_startup(
         )
         memo.gateway = await start_server(authorizer, config.gateway.auth_listen_address, config.gateway.auth_port)
         memo.viewers = Disconnector(kube, config, environments, memo.access.catalogue)
+    pods: Summaries[PodKey, PodSummary] = Summaries(read_pod)
     memo.context = Context(
         written=written,
         kube=kube,
@@ -127,6 +131,10 @@ async def on_startup(
         active=lambda: bool(memo.active),
         backends=memo.context.backends,
     )
+    # The operator's pods, watched here rather than by kopf (infra/watch.py), on connections of their own;
+    # listed before kopf's handlers first run, as they read them.
+    memo.pods = Watch(KubeClient(1, config.namespace), "Pod", MANAGED_SELECTOR, pods, functools.partial(on_pod, memo))
+    await memo.pods.start()
     memo.sweeper = asyncio.create_task(sweep_forever(memo, config.sweep_interval_seconds))
     log.info("operator.started", namespace=config.namespace or "*", standalone=config.standalone)
 
@@ -144,6 +152,26 @@ def outranked(peers: dict[str, Any], own_priority: int, moment: datetime.datetim
     return False
 
 
+async def on_pod(memo: kopf.Memo, key: PodKey) -> None:
+    if await acting(memo):
+        await pod_changed(memo, key)
+
+
+ACTIVE_FOR = 1.0  # seconds a pod change takes the last answer of is_active as still true
+
+
+async def acting(memo: kopf.Memo) -> bool:
+    """Does this replica act on a pod change now? kopf pauses its own handlers on a standby at once, but
+    not the pod watch (infra/watch.py); the sweep asks only every sweep interval, so a pod change asks
+    again when the last answer is older than ACTIVE_FOR."""
+    if memo.config.standalone:
+        return True
+    now = asyncio.get_running_loop().time()
+    if now - memo.active_at > ACTIVE_FOR:
+        memo.active, memo.active_at = await is_active(memo), now
+    return bool(memo.active)
+
+
 async def is_active(memo: kopf.Memo) -> bool:
     """Standalone, or the peer kopf lets run. A paused standby must not sweep: its indexes
     stopped updating when kopf paused it (its accounting daemons are stopped by kopf itself)."""
@@ -155,16 +183,10 @@ async def is_active(memo: kopf.Memo) -> bool:
 
 
 def configure_watching(settings: kopf.OperatorSettings) -> None:
-    """What kopf lists and watches, and how much of it at once.
-
-    Pods: only those this operator made, selected by the API server. kopf's `labels=` on a handler
-    filters in the operator, after every pod of the cluster was sent, parsed and remembered (kopf
-    keeps a record per object it sees); a facility's cluster runs many more pods than environments.
-    Lists in pages: a restart with 10,000 environments read them (and their 10,000 pods) in one
-    answer each, parsed whole before the first was handled (bench/RESULTS.md: the restart's peak).
-    """
-    settings.watching.server_timeout = 600
-    settings.watching.label_selectors[WATCHED_PODS] = MANAGED_SELECTOR
+    """How kopf lists and watches: in pages (a restart with 10,000 environments read them in one
+    answer, parsed whole before the first was handled: bench/RESULTS.md, the restart's peak). kopf
+    does not watch pods: the operator's own watch does (infra/watch.py, on_startup)."""
+    settings.watching.server_timeout = WATCH_SECONDS
     settings.watching.chunk_size = LIST_PAGE
 
 
@@ -233,6 +255,7 @@ def configure_admission(settings: kopf.OperatorSettings, config: Settings, self_
 
 @kopf.on.cleanup()
 async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await memo.pods.stop()
     for task in (memo.sweeper, memo.certificates):
         if task is not None:
             task.cancel()

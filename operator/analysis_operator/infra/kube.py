@@ -16,6 +16,7 @@ import datetime
 import json
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -55,6 +56,13 @@ ATTEMPTS = 3  # a connection refused or dropped before an answer is tried again 
 # connections) the queue is long and every call in it still gets its answer; only a server that does
 # not answer a call it was sent within this time fails it.
 TIMEOUT = 60.0
+# A watch is ended by the server after this long (the client then watches again from where it was); a
+# connection silent for longer than that plus a margin is taken for dead (bookmarks come every minute).
+WATCH_SECONDS = 600
+
+
+class Expired(Exception):
+    """The resource version a list or watch started from is no longer served (410 Gone): list again."""
 
 
 def _bytes(body: Any) -> bytes:
@@ -77,6 +85,16 @@ def namespace_terminating(error: BaseException) -> bool:
     """The API server's refusal of new objects in a namespace being deleted: nothing is to be made there
     any more (its environments go with it), and nothing is wrong with the operator's rights."""
     return isinstance(error, ApiException) and error.status == 403 and b"being terminated" in _bytes(error.body)
+
+
+def watch_event(path: str, event: dict[str, Any]) -> dict[str, Any]:
+    """One event of a watch; an ERROR the server sends in the stream raised as its status says."""
+    if event.get("type") != "ERROR":
+        return event
+    status = event.get("object") or {}
+    if status.get("code") == 410:  # "too old resource version"
+        raise Expired(path)
+    raise KubeError("WATCH", path, int(status.get("code") or 500), str(status.get("reason") or ""), "")
 
 
 def object_path(api_version: str, kind: str, namespace: str, name: str) -> str:
@@ -163,6 +181,16 @@ class KubeClient:
             headers["Content-Type"] = content_type
         return {**headers, **auth_headers(self._configuration)}
 
+    def _options(
+        self, query: dict[str, str], headers: dict[str, str], timeout: aiohttp.ClientTimeout | None
+    ) -> dict[str, Any]:
+        options: dict[str, Any] = {"params": query or None, "headers": headers}
+        if timeout is not None:
+            options["timeout"] = timeout
+        if self._configuration.tls_server_name:
+            options["server_hostname"] = self._configuration.tls_server_name
+        return options
+
     async def _request(
         self,
         method: str,
@@ -179,11 +207,8 @@ class KubeClient:
         (404 and 409 are often answers: not there, there already, changed meanwhile)."""
         data = None if body is None else json.dumps(body, default=_json_default).encode()
         headers = self._headers(content_type or ("application/json" if data is not None else ""), accept)
-        options: dict[str, Any] = {"params": query or None, "data": data, "headers": headers}
-        if timeout is not None:
-            options["timeout"] = aiohttp.ClientTimeout(total=timeout)
-        if self._configuration.tls_server_name:
-            options["server_hostname"] = self._configuration.tls_server_name
+        options = self._options(query, headers, None if timeout is None else aiohttp.ClientTimeout(total=timeout))
+        options["data"] = data
         session, free = self._session_here()
         async with free:
             for attempt in range(1, ATTEMPTS + 1):
@@ -221,21 +246,71 @@ class KubeClient:
             return False
         return await self.delete(kind, namespace, name, uid=str(metadata.get("uid", "")))
 
+    def _kind_path(self, kind: str) -> str:
+        """Where the objects of a core kind in the namespaces this operator serves are listed."""
+        return core_path(kind, self.namespace) if self.namespace else f"/api/v1/{_CORE_PLURALS[kind]}"
+
+    async def _pages(self, path: str, selector: str, accept: str) -> AsyncIterator[dict[str, Any]]:
+        """A list in pages of LIST_PAGE objects (one consistent snapshot: the pages continue the first)."""
+        page: dict[str, Any] = {"labelSelector": selector, "limit": str(LIST_PAGE)}  # "continue" is a keyword
+        while True:
+            status, listing = await self._request("GET", path, accept=accept, allow=(410,), **page)
+            if status == 410:  # the snapshot the pages continue was compacted away
+                raise Expired(path)
+            yield listing
+            page["continue"] = str((listing.get("metadata") or {}).get("continue") or "")
+            if not page["continue"]:
+                return
+
     async def labelled_metadata(self, kind: str, selector: str) -> list[dict[str, Any]]:
         """The metadata (without managedFields) of every object of a kind carrying these labels, in the
         namespaces this operator serves (orphan sweeps). Read in pages of metadata only: the whole list
         of an operator's 10,000 Services in one answer timed out after 60 s (bench/RESULTS.md)."""
-        path = core_path(kind, self.namespace) if self.namespace else f"/api/v1/{_CORE_PLURALS[kind]}"
         found: list[dict[str, Any]] = []
-        page: dict[str, Any] = {"labelSelector": selector, "limit": str(LIST_PAGE)}  # "continue" is a keyword
-        while True:
-            _, listing = await self._request("GET", path, accept=METADATA_LIST, **page)
+        async for listing in self._pages(self._kind_path(kind), selector, METADATA_LIST):
             for item in listing.get("items") or ():
                 metadata = item.get("metadata") or {}
                 found.append({key: value for key, value in metadata.items() if key != "managedFields"})
-            page["continue"] = str((listing.get("metadata") or {}).get("continue") or "")
-            if not page["continue"]:
-                return found
+        return found
+
+    async def labelled(self, kind: str, selector: str) -> tuple[list[dict[str, Any]], str]:
+        """Every object of a kind carrying these labels, in the namespaces served, and the resource
+        version of that snapshot (where a watch of them starts)."""
+        items: list[dict[str, Any]] = []
+        version = ""
+        async for listing in self._pages(self._kind_path(kind), selector, "application/json"):
+            items.extend(listing.get("items") or ())
+            version = str((listing.get("metadata") or {}).get("resourceVersion") or "")
+        return items, version
+
+    async def watch(self, kind: str, selector: str, resource_version: str) -> AsyncIterator[dict[str, Any]]:
+        """The changes to the objects of a kind carrying these labels after resource_version, as the
+        server sends them (ADDED, MODIFIED, DELETED, BOOKMARK), until it ends the watch (WATCH_SECONDS).
+        Raises Expired when that version is no longer served. Holds one of the client's connections
+        for as long as it runs: give a watch a client of its own."""
+        query = {
+            "labelSelector": selector,
+            "watch": "1",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(WATCH_SECONDS),
+        }
+        silent = aiohttp.ClientTimeout(total=None, sock_connect=TIMEOUT, sock_read=WATCH_SECONDS + TIMEOUT)
+        session, free = self._session_here()
+        path = self._kind_path(kind)
+        async with free, session.get(self._base + path, **self._options(query, self._headers(""), silent)) as response:
+            if response.status == 410:
+                raise Expired(path)
+            if response.status >= 400:
+                raise KubeError("GET", path, response.status, response.reason or "", await response.text())
+            pending = bytearray()
+            async for chunk in response.content.iter_any():  # not by line: aiohttp limits a line's length
+                pending += chunk
+                *lines, rest = pending.split(b"\n")
+                pending = bytearray(rest)
+                for line in lines:
+                    if line.strip():
+                        yield watch_event(path, json.loads(line))
 
     async def delete(self, kind: str, namespace: str, name: str, uid: str = "") -> bool:
         """Delete (only the object with this uid, when given); False if it was already gone
