@@ -4,14 +4,22 @@ in the peering object) the other takes over within the peering lifetime."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import datetime
 import json
 import signal
 import time
+import types
 import uuid
 
+import kubernetes
 import pytest
 
+from analysis_operator.handlers import lifecycle
 from analysis_operator.infra.certificates import ensure_certificates
+from analysis_operator.infra.kube import KubeClient
+from analysis_operator.settings import Settings
 from tests.integration.conftest import Environments, OperatorProcess, kubectl
 from tests.waiting import wait_for
 
@@ -135,3 +143,46 @@ def test_a_clean_stop_hands_over_at_once(operator_pair, custom, namespace):
     environments.create("after", flavor="jupyter-basic")
     environments.wait_phase("after", "Ready", timeout=30)
     assert handled(standby, "after")
+
+
+def test_a_standby_acts_on_no_pod_change_and_asks_again_once_it_may_have_changed(kubeconfig, monkeypatch, tmp_path):
+    """The pod watch runs on a standby too (handlers/lifecycle.py `acting`): a pod change is acted on only
+    while no live peer outranks this replica, as the peering record says (not a sweep-old answer)."""
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kubeconfig)
+    name = f"peering-{uuid.uuid4().hex[:6]}"
+    manifest = tmp_path / "peering.yaml"
+    manifest.write_text(f"apiVersion: kopf.dev/v1\nkind: ClusterKopfPeering\nmetadata: {{name: {name}}}\n")
+    kubectl("apply", "-f", str(manifest))
+    now = datetime.datetime.now(datetime.UTC).isoformat()
+    outranking = {"other": {"priority": 100, "lifetime": 60, "lastseen": now}}
+    patch = json.dumps({"status": outranking})
+    kubectl("patch", "clusterkopfpeering", name, "--type=merge", "-p", patch)
+    settings = dataclasses.replace(Settings(), standalone=False, peering_name=name)
+
+    async def scenario() -> list[bool]:
+        kube = KubeClient(2)
+        memo = types.SimpleNamespace(
+            config=settings, context=types.SimpleNamespace(kube=kube), peering_priority=10, active=True
+        )
+        memo.active_at = -lifecycle.ACTIVE_FOR
+        try:
+            answers = [await lifecycle.acting(memo)]  # outranked: the sweep's last answer (True) is not taken
+            kubectl(
+                "patch",
+                "clusterkopfpeering",
+                name,
+                "--type=json",
+                "-p",
+                '[{"op": "remove", "path": "/status/other"}]',
+            )
+            answers.append(await lifecycle.acting(memo))  # within a second: the answer just read
+            await asyncio.sleep(lifecycle.ACTIVE_FOR + 0.1)
+            answers.append(await lifecycle.acting(memo))  # asked again: nobody outranks it now
+            return answers
+        finally:
+            await kube.close()
+
+    try:
+        assert asyncio.run(scenario()) == [False, False, True]
+    finally:
+        kubectl("delete", "clusterkopfpeering", name, "--ignore-not-found")
