@@ -57,6 +57,7 @@ def test_the_first_list_then_every_change_of_the_operators_pods_only(client, nam
         watch = Watch(client, "Pod", MANAGED_SELECTOR, summaries, changed)
         try:
             await watch.start()
+            watch.follow()
             assert sorted(summaries) == [(namespace, f"env-{index}") for index in range(3)]  # not the foreign one
             assert summaries[(namespace, "env-1")][0].environment_uid == "uid-env-1"
             assert told == []  # the first list is told to no one: the handlers read it when they first run
@@ -109,6 +110,7 @@ def test_a_watch_that_lost_its_place_lists_again_and_tells_what_changed_meanwhil
         client.labelled = counted
         try:
             await watch.start()
+            watch.follow()
             assert sorted(summaries) == [(namespace, "env-a"), (namespace, "env-b")]
             watch._task.cancel()  # away: what happens now is not seen
             with pytest.raises(asyncio.CancelledError):

@@ -69,10 +69,16 @@ async def on_startup(
     configure_peering(settings, config)
     memo.peering_priority = settings.peering.priority
     kube = KubeClient(config.kube_workers, config.namespace)
+    # The operator's pods, watched by the operator rather than by kopf (infra/watch.py), on a connection of
+    # their own; listed before kopf's handlers first run (they read them), followed once all is set up.
+    pods: Summaries[PodKey, PodSummary] = Summaries(read_pod)
+    memo.pods = Watch(KubeClient(1, config.namespace), "Pod", MANAGED_SELECTOR, pods, functools.partial(on_pod, memo))
     try:
+        await memo.pods.start()
         memo.certificates = await start_webhook_certificates(config, kube)
-    except BaseException:  # kopf tries the startup again with a new client: close this one's connections
+    except BaseException:  # kopf tries the startup again with new clients: close these ones' connections
         await kube.close()
+        await memo.pods.stop()
         raise
     configure_admission(settings, config, memo.certificates is not None)
 
@@ -106,7 +112,6 @@ async def on_startup(
         )
         memo.gateway = await start_server(authorizer, config.gateway.auth_listen_address, config.gateway.auth_port)
         memo.viewers = Disconnector(kube, config, environments, memo.access.catalogue)
-    pods: Summaries[PodKey, PodSummary] = Summaries(read_pod)
     memo.context = Context(
         written=written,
         kube=kube,
@@ -131,10 +136,7 @@ async def on_startup(
         active=lambda: bool(memo.active),
         backends=memo.context.backends,
     )
-    # The operator's pods, watched here rather than by kopf (infra/watch.py), on connections of their own;
-    # listed before kopf's handlers first run, as they read them.
-    memo.pods = Watch(KubeClient(1, config.namespace), "Pod", MANAGED_SELECTOR, pods, functools.partial(on_pod, memo))
-    await memo.pods.start()
+    memo.pods.follow()
     memo.sweeper = asyncio.create_task(sweep_forever(memo, config.sweep_interval_seconds))
     log.info("operator.started", namespace=config.namespace or "*", standalone=config.standalone)
 

@@ -8,10 +8,10 @@ pods that was half of the objects kopf held at 10,000 environments (bench/RESULT
 event costs its JSON and one summary.
 
 Changes are told to `changed(key)` in a task of their own, once for events of the same key that
-arrive together. The first list is read before `start` returns (the operator's handlers read the
-summaries from their first run), and is told to no one; a list read again after the watch lost its
-place (410 Gone) tells every key that changed meanwhile. A watch that fails (the API server
-restarting) is tried again from where it was, after a growing pause.
+arrive together. The first list is read by `start` (the operator's handlers read the summaries from
+their first run) and told to no one; `follow` then watches from that list's version on. A list read
+again after the watch lost its place (410 Gone) tells every key that changed meanwhile. A watch that
+fails (the API server restarting) is tried again from where it was, after a growing pause.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ log = structlog.get_logger("analysis_operator.watch")
 
 Key = TypeVar("Key", bound=Hashable)
 Summary = TypeVar("Summary")
-FIRST_PAUSE, LAST_PAUSE = 0.5, 30.0  # seconds between failed watches, doubling
+FIRST_PAUSE, LAST_PAUSE = 0.5, 5.0  # seconds between failed watches, doubling (a failed one costs a connection)
 
 
 class Summaries(Mapping[Key, tuple[Summary, ...]], Generic[Key, Summary]):
@@ -101,8 +101,10 @@ class Watch(Generic[Key, Summary]):
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        """Read the first list, then follow the changes in the background."""
+        """Read the first list (told to no one); `follow` then follows the changes since."""
         await self._list(tell=False)
+
+    def follow(self) -> None:
         self._task = asyncio.create_task(self._follow(), name=f"watch {self.kind}")
 
     async def stop(self) -> None:
