@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 
 import jinja2
 import pytest
+import yaml
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -71,6 +73,29 @@ def test_yaml_values_through_tojson_stay_values(templates, value):
     assert document == {"name": value, "items": [value, {"k": value}]}
 
 
+# What backends/kubernetes.py build_pod gives the pod template, with values that could be anyone's.
+POD_CONTEXT = {
+    "name": "aenv-demo",
+    "namespace": "default",
+    "labels": {"app": "x"},
+    "owner_references": [],
+    "image": "jupyter/scipy-notebook:2024-01",
+    "port": 8888,
+    "base_url": "/environments/default/demo/",
+    "secret_name": "aenv-demo",
+    "environment_name": "demo",
+    "owner": "alice",
+    "requests": {"cpu": "2", "memory": "8Gi"},
+    "limits": {"cpu": "2", "memory": "8Gi"},
+    "gpu": 0,
+    "dataset_volumes": [{"name": "d0", "persistentVolumeClaim": {"claimName": "raw", "readOnly": True}}],
+    "dataset_mounts": [{"name": "d0", "mountPath": "/data/raw", "readOnly": True}],
+    "home_claim": "home-alice",
+    "identity": {"uid": 1000, "gid": 100, "groups": [100, 2000], "strict_groups": True, "fs_group": 100},
+    "extension_dir": "/opt/analysis-environment",
+    "extension_config_map": "aenv-jupyter",
+    "extension_items": [{"key": "a.py", "path": "a.py"}],
+}
 PACKAGED = {"pod.yaml.j2", "service.yaml.j2", "sbatch.sh.j2", "cloud-init.yaml.j2"}
 
 
@@ -93,3 +118,62 @@ def test_a_templates_dir_is_a_site_directory_not_the_packaged_one(templates):
     assert "pod.yaml.j2" not in render._environment(templates).list_templates()
     with pytest.raises(jinja2.TemplateNotFound):
         render.render_text(templates, "pod.yaml.j2")
+
+
+def parsed_directly(templates_dir: str, template: str, **context) -> object:
+    """What render_yaml gave before its masked-tree cache: the rendered text, parsed."""
+    return yaml.load(render.render_text(templates_dir, template, **context), Loader=yaml.SafeLoader)
+
+
+TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(value=TEXT)
+def test_yaml_json_is_json_dumps_with_yaml_s_unsafe_characters_escaped(value):
+    expected = render._YAML_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(value, ensure_ascii=False))
+    assert render.to_yaml_json(value) == expected
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(name=TEXT, owner=TEXT, image=TEXT, uid=TEXT)
+def test_a_pod_is_what_parsing_its_text_gives_whatever_its_values(name, owner, image, uid):
+    """The masked-tree cache (render.render_yaml) against parsing every rendered text, twice: the second
+    render of the same shape is answered from the cache."""
+    for suffix in ("", "-again"):
+        context = {
+            **POD_CONTEXT,
+            "name": name + suffix,
+            "owner": owner,
+            "image": image,
+            "labels": {"analysis.panosc.eu/environment-uid": uid + suffix, "app": name},
+            "owner_references": [{"apiVersion": "v1", "kind": "X", "name": name, "uid": uid + suffix}],
+        }
+        assert render.render_yaml("", "pod.yaml.j2", **context) == parsed_directly("", "pod.yaml.j2", **context)
+
+
+def test_pods_of_one_shape_are_parsed_once():
+    render._masked_tree.cache_clear()
+    for index in range(5):
+        pod = render.render_yaml("", "pod.yaml.j2", **{**POD_CONTEXT, "name": f"aenv-{index}", "owner": f"u{index}"})
+        assert pod["metadata"]["name"] == f"aenv-{index}"
+    info = render._masked_tree.cache_info()
+    assert (info.misses, info.hits) == (1, 4)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "# about {{ name | tojson }}\nname: {{ name | tojson }}\n",  # in a comment too
+        "name: {{ name | tojson }}\nnote: |\n  {{ name | tojson }} in a block\n",  # in a block scalar
+        "name: {{ name | tojson }}\nmarker: '@@analysis-operator-value-0@@'\n",  # the marker's text itself
+        "name: {{ name | tojson }}\nplain: {{ name }}\n",  # without tojson, a plain scalar
+        "{{ name | tojson }}: {{ name | tojson }}\n",  # as a key
+    ],
+)
+def test_a_value_that_is_not_only_a_whole_quoted_scalar_gives_what_parsing_gives(tmp_path, template):
+    (tmp_path / "t.yaml.j2").write_text(template)
+    for name in ("x", "y", "a b", "1"):
+        assert render.render_yaml(str(tmp_path), "t.yaml.j2", name=name) == parsed_directly(
+            str(tmp_path), "t.yaml.j2", name=name
+        )

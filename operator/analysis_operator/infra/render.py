@@ -17,6 +17,7 @@ import importlib.resources
 import json
 import re
 import shlex
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jinja2
@@ -30,6 +31,8 @@ _YAML_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff]")
 def to_yaml_json(value: Any) -> str:
     """JSON that YAML reads back exactly: unlike Jinja's own tojson, characters
     beyond the Basic Plane stay whole (PyYAML splits escaped surrogate pairs)."""
+    if isinstance(value, str) and value.isprintable() and '"' not in value and "\\" not in value:
+        return f'"{value}"'  # what json.dumps gives for it, without its machinery (a pod has dozens)
     text = json.dumps(value, ensure_ascii=False)
     return _YAML_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
@@ -66,4 +69,72 @@ def render_text(templates_dir: str, template: str, /, **context: Any) -> str:
 
 
 def render_yaml(templates_dir: str, template: str, /, **context: Any) -> Any:
-    return yaml.load(render_text(templates_dir, template, **context), Loader=_LOADER)  # a safe loader (C or Python)
+    """The rendered YAML, parsed. Parsing is most of the cost of a pod (PyYAML's constructor, even with
+    libyaml's parser: 12 % of the operator's CPU in a burst, bench/RESULTS.md), and the pods of one
+    flavor differ only in the values written through `tojson`. So the text is parsed with those values
+    masked (each string of the context, where the text has it as a whole JSON string, replaced by a
+    marker), once per distinct masked text, and each render puts its own values into a copy of that
+    tree. The masked tree is used only when every marker in it is a whole string, as often as it was
+    put into the text: then the values were whole double-quoted scalars, which YAML reads the same
+    whatever they hold (see _masked_tree); otherwise the text itself is parsed, as before."""
+    text = render_text(templates_dir, template, **context)
+    values = [value for value in dict.fromkeys(_strings(context)) if value and len(value) <= _MASKED_LENGTH]
+    masked, markers = text, dict[str, str]()
+    for value in values:
+        token = to_yaml_json(value)
+        if token in masked:
+            marker = _MARKER.format(len(markers))
+            markers[marker] = value
+            masked = masked.replace(token, to_yaml_json(marker))
+    tree = _masked_tree(masked, tuple(markers))
+    if tree is None:
+        return yaml.load(text, Loader=_LOADER)  # a safe loader (C or Python)
+    return _filled(tree, markers)
+
+
+_MARKER = "@@analysis-operator-value-{}@@"
+_MARKER_TEXT = _MARKER.split("{", 1)[0]
+_MASKED_LENGTH = 1000  # longer strings are not masked (YAML takes a quoted mapping key up to 1024 characters)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in the context, in mappings (keys too) and sequences at any depth."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
+
+
+@functools.lru_cache(maxsize=64)
+def _masked_tree(masked: str, markers: tuple[str, ...]) -> Any:
+    """The parsed masked text, or None when a marker is not a whole string of it exactly as often as it
+    is in the text (it was not a whole double-quoted scalar there: in a comment, a block scalar, part
+    of a longer string), or a marker is in the text that was not put there."""
+    tree = yaml.load(masked, Loader=_LOADER)
+    found: dict[str, int] = {}
+    for text in _strings(tree):
+        if text in markers:
+            found[text] = found.get(text, 0) + 1
+        elif _MARKER_TEXT in text:
+            return None
+    if any(found.get(marker, 0) != masked.count(to_yaml_json(marker)) for marker in markers):
+        return None
+    if masked.count(_MARKER_TEXT) != sum(found.values()):
+        return None
+    return tree
+
+
+def _filled(node: Any, markers: Mapping[str, str]) -> Any:
+    """A copy of the tree with each marker replaced by its value."""
+    if isinstance(node, str):
+        return markers.get(node, node)
+    if isinstance(node, dict):
+        return {_filled(key, markers): _filled(item, markers) for key, item in node.items()}
+    if isinstance(node, list):
+        return [_filled(item, markers) for item in node]
+    return node
