@@ -13,15 +13,18 @@ from analysis_operator.handlers.indexes import read_pod
 from analysis_operator.infra import kube as kube_module
 from analysis_operator.infra.kube import Expired, KubeClient
 from analysis_operator.infra.watch import Summaries, Watch
-from analysis_operator.model.domain import LABEL_ENVIRONMENT, LABEL_ENVIRONMENT_UID, MANAGED_SELECTOR
+from analysis_operator.model.domain import LABEL_ENVIRONMENT, LABEL_ENVIRONMENT_UID
 
-MANAGED_KEY, MANAGED_VALUE = MANAGED_SELECTOR.split("=")
+# The watch's selector here: a label of the test's own, not the operator's (an operator running beside the
+# tests would take pods with its label and no environment for orphans, and the namespace's invariant fails).
+SELECTED_KEY, SELECTED_VALUE = "watch.analysis-test/selected", "yes"
+SELECTOR = f"{SELECTED_KEY}={SELECTED_VALUE}"
 
 
 def pod(name: str, environment: str, managed: bool = True) -> dict[str, Any]:
     labels = {LABEL_ENVIRONMENT: environment, LABEL_ENVIRONMENT_UID: f"uid-{environment}"}
     if managed:
-        labels[MANAGED_KEY] = MANAGED_VALUE
+        labels[SELECTED_KEY] = SELECTED_VALUE
     return {
         "metadata": {"name": name, "labels": labels},
         "spec": {"containers": [{"name": "c", "image": "example.invalid/jupyter:1"}]},
@@ -54,7 +57,7 @@ def test_the_first_list_then_every_change_of_the_operators_pods_only(client, nam
 
     async def scenario() -> None:
         summaries = Summaries(read_pod)
-        watch = Watch(client, "Pod", MANAGED_SELECTOR, summaries, changed)
+        watch = Watch(client, "Pod", SELECTOR, summaries, changed)
         try:
             await watch.start()
             watch.follow()
@@ -66,7 +69,7 @@ def test_the_first_list_then_every_change_of_the_operators_pods_only(client, nam
             core.delete_namespaced_pod("aenv-0", namespace, grace_period_seconds=0)
             await until(lambda: (namespace, "env-0") not in summaries)
             # a pod relabelled out of the selector leaves it, as if deleted
-            core.patch_namespaced_pod("aenv-1", namespace, {"metadata": {"labels": {MANAGED_KEY: None}}})
+            core.patch_namespaced_pod("aenv-1", namespace, {"metadata": {"labels": {SELECTED_KEY: None}}})
             await until(lambda: (namespace, "env-1") not in summaries)
             core.create_namespaced_pod(namespace, pod("foreign-2", "env-8", managed=False))
             core.patch_namespaced_pod("aenv-2", namespace, {"metadata": {"labels": {LABEL_ENVIRONMENT: "env-7"}}})
@@ -95,7 +98,7 @@ def test_a_watch_that_lost_its_place_lists_again_and_tells_what_changed_meanwhil
 
     async def scenario() -> None:
         summaries = Summaries(read_pod)
-        watch = Watch(client, "Pod", MANAGED_SELECTOR, summaries, changed)
+        watch = Watch(client, "Pod", SELECTOR, summaries, changed)
         labelled, watched = client.labelled, client.watch
 
         async def counted(*arguments: Any) -> Any:
