@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from analysis_operator.backends.base import State
 from analysis_operator.backends.kubernetes import build_pod, build_service, build_url, observe_pod, summarize_pod
 from analysis_operator.engine.tokens import TOKEN_KEY, build_token_secret, new_token
+from analysis_operator.infra import render
 from analysis_operator.model.domain import (
     API_VERSION,
     LABEL_ENVIRONMENT,
@@ -529,3 +530,22 @@ def test_a_missing_claim_is_named_with_the_schedulers_own_words(said, reason, wo
     observation = observe_pod(pod)
     assert (observation.state, observation.reason) == (State.PENDING, reason)
     assert all(word in observation.message for word in words), observation.message
+
+
+def test_pods_of_one_flavor_are_parsed_once_and_each_has_its_own_values():
+    """infra/render.py parses a template's YAML once for all renders whose values differ only where each
+    is a whole value: the package's pod template is written so for everything that differs per environment."""
+    render._masked_tree.cache_clear()
+    environments = [
+        make_environment(name=f"env-{index}", uid=f"uid-{index}", owner=f"user-{index}") for index in range(4)
+    ]
+    pods = [build_pod(environment, make_flavor(), SETTINGS) for environment in environments]
+    info = render._masked_tree.cache_info()
+    assert (info.misses, info.hits) == (1, 3)
+    for index, pod in enumerate(pods):
+        assert pod["metadata"]["name"].endswith(f"env-{index}")
+        container = container_of(pod)
+        assert any(arg.startswith("--ServerApp.base_url=") and f"/env-{index}/" in arg for arg in container["args"])
+        assert container["readinessProbe"]["httpGet"]["path"].endswith(f"/env-{index}/api")
+        assert env_of(pod)["ANALYSIS_OWNER"]["value"] == f"user-{index}"
+        assert pod["metadata"]["ownerReferences"][0]["uid"] == f"uid-{index}"

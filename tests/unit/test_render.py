@@ -82,6 +82,8 @@ POD_CONTEXT = {
     "image": "jupyter/scipy-notebook:2024-01",
     "port": 8888,
     "base_url": "/environments/default/demo/",
+    "base_url_argument": "--ServerApp.base_url=/environments/default/demo/",
+    "readiness_path": "/environments/default/demo/api",
     "secret_name": "aenv-demo",
     "environment_name": "demo",
     "owner": "alice",

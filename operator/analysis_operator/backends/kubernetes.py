@@ -120,6 +120,7 @@ def build_pod(
     limits = dict(requests)
     if resources.gpu:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(resources.gpu)
+    base_url = base_path(settings.gateway.path_prefix, environment.namespace, environment.name)
     pod: dict[str, Any] = render.render_yaml(
         settings.templates_dir,
         "pod.yaml.j2",
@@ -129,7 +130,9 @@ def build_pod(
         owner_references=environment.owner_references,
         image=environment.image or flavor.image,
         port=settings.jupyter_port,
-        base_url=base_path(settings.gateway.path_prefix, environment.namespace, environment.name),
+        base_url=base_url,
+        base_url_argument=f"--ServerApp.base_url={base_url}",
+        readiness_path=f"{base_url}api",
         secret_name=environment.child_name,
         environment_name=environment.name,
         owner=environment.owner,
