@@ -179,3 +179,14 @@ def test_a_value_that_is_not_only_a_whole_quoted_scalar_gives_what_parsing_gives
         assert render.render_yaml(str(tmp_path), "t.yaml.j2", name=name) == parsed_directly(
             str(tmp_path), "t.yaml.j2", name=name
         )
+
+
+def test_a_value_too_long_for_a_yaml_key_fails_as_parsing_fails(tmp_path):
+    """A quoted mapping key may be at most 1024 characters: 200 characters escaped six-fold as JSON make
+    the rendered text invalid, and the masked tree must not make it valid."""
+    (tmp_path / "k.yaml.j2").write_text("{{ name | tojson }}: 1\n")
+    name = "\x01" * 200
+    with pytest.raises(yaml.YAMLError):
+        parsed_directly(str(tmp_path), "k.yaml.j2", name=name)
+    with pytest.raises(yaml.YAMLError):
+        render.render_yaml(str(tmp_path), "k.yaml.j2", name=name)

@@ -57,7 +57,7 @@ ATTEMPTS = 3  # a connection refused or dropped before an answer is tried again 
 # not answer a call it was sent within this time fails it.
 TIMEOUT = 60.0
 # A watch is ended by the server after this long (the client then watches again from where it was); a
-# connection silent for longer than that plus a margin is taken for dead (bookmarks come every minute).
+# connection silent for longer than that plus a margin is taken for dead.
 WATCH_SECONDS = 600
 
 

@@ -78,11 +78,11 @@ def render_yaml(templates_dir: str, template: str, /, **context: Any) -> Any:
     put into the text: then the values were whole double-quoted scalars, which YAML reads the same
     whatever they hold (see _masked_tree); otherwise the text itself is parsed, as before."""
     text = render_text(templates_dir, template, **context)
-    values = [value for value in dict.fromkeys(_strings(context)) if value and len(value) <= _MASKED_LENGTH]
-    masked, markers = text, dict[str, str]()
-    for value in values:
+    masked = text
+    markers: dict[str, str] = {}
+    for value in dict.fromkeys(_strings(context)):
         token = to_yaml_json(value)
-        if token in masked:
+        if value and len(token) <= _MASKED_LENGTH and token in masked:
             marker = _MARKER.format(len(markers))
             markers[marker] = value
             masked = masked.replace(token, to_yaml_json(marker))
@@ -94,7 +94,7 @@ def render_yaml(templates_dir: str, template: str, /, **context: Any) -> Any:
 
 _MARKER = "@@analysis-operator-value-{}@@"
 _MARKER_TEXT = _MARKER.split("{", 1)[0]
-_MASKED_LENGTH = 1000  # longer strings are not masked (YAML takes a quoted mapping key up to 1024 characters)
+_MASKED_LENGTH = 1000  # longer JSON strings are not masked (YAML takes a quoted mapping key up to 1024 characters)
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -115,7 +115,10 @@ def _masked_tree(masked: str, markers: tuple[str, ...]) -> Any:
     """The parsed masked text, or None when a marker is not a whole string of it exactly as often as it
     is in the text (it was not a whole double-quoted scalar there: in a comment, a block scalar, part
     of a longer string), or a marker is in the text that was not put there."""
-    tree = yaml.load(masked, Loader=_LOADER)
+    try:
+        tree = yaml.load(masked, Loader=_LOADER)
+    except yaml.YAMLError:
+        return None  # the text itself is parsed, and says what is wrong with it
     found: dict[str, int] = {}
     for text in _strings(tree):
         if text in markers:
