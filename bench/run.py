@@ -966,32 +966,42 @@ class Bench:
         self.notes.append(f"8: machine not below {self.args.settle_cores} cores after {timeout:.0f} s ({used:.2f})")
         return used
 
-    def operator_burst(self, n: int, index: int) -> dict:
-        namespace = self.namespace(f"op{index}")
+    def operator_burst(self, n: int, index: int, namespace: str = "", prefix: str = "e") -> dict:
+        """N AnalysisEnvironments POSTed at once -> all Ready, in a fresh namespace unless one is given
+        (then named <prefix>00000... beside what it holds)."""
+        namespace = namespace or self.namespace(f"op{index}")
         tracker = self.track(namespace)
-        names = [f"e{i:05d}" for i in range(n)]
+        names = [f"{prefix}{i:05d}" for i in range(n)]
         before = self.meter.snapshot()
         began = time.perf_counter()
         errors = run_pool(self.pool, lambda name: self.cluster.create_environment(namespace, name), names)
         timeout = self.args.timeout_batch_base + n * self.args.timeout_batch_per_env
-        tracker.wait(lambda: len(tracker.ready) >= n - len(errors), timeout=timeout)
+        wanted, expected = set(names), n - len(errors)  # the namespace's other environments do not count
+        tracker.wait(
+            lambda: len(tracker.ready) >= expected and len(wanted.intersection(tracker.ready)) >= expected,
+            timeout=timeout,
+        )
         after = self.meter.snapshot()  # POSTs -> all Ready, as the Go client's POSTs -> all Running
         tracker.stop()
+        ready = [at for name, at in tracker.ready.items() if name in wanted]
         return {
             "namespace": namespace,
-            "elapsed": (max(tracker.ready.values()) - began) if tracker.ready else float("nan"),
-            "done": len(tracker.ready),
+            "names": names,
+            "elapsed": (max(ready) - began) if ready else float("nan"),
+            "done": len(ready),
             "errors": len(errors),
             "before": before,
             "cpu": CpuMeter.with_other(CpuMeter.diff(before, after)),
         }
 
-    def go_raw_burst(self, binary: pathlib.Path, shapes: pathlib.Path, n: int, index: int) -> dict:
-        namespace = self.namespace(f"go{index}")
+    def go_raw_burst(
+        self, binary: pathlib.Path, shapes: pathlib.Path, n: int, index: int, namespace: str = "", prefix: str = "g"
+    ) -> dict:
+        namespace = namespace or self.namespace(f"go{index}")
         timeout = self.args.timeout_batch_base + n * self.args.timeout_batch_per_env
         command = [
             str(binary),
-            *("-kubeconfig", self.cluster.kubeconfig, "-namespace", namespace, "-n", str(n)),
+            *("-kubeconfig", self.cluster.kubeconfig, "-namespace", namespace, "-n", str(n), "-prefix", prefix),
             *("-workers", str(self.args.go_raw_workers), "-content-type", self.args.go_raw_content_type),
             *("-shapes", str(shapes), "-timeout", f"{timeout:.0f}s"),
         ]
