@@ -68,7 +68,7 @@ def main() -> None:
     lines = [
         f"# bench/memory.py: {arguments.rounds} rounds of {arguments.n} made at once, then deleted",
         "",
-        f"Run {bench.run_id}, operator at {run.git_commit()}, pinned to core {arguments.core}; "
+        f"Run {bench.run_id}, operator at {run.git_commit()}, pinned to core {arguments.core}, on {bench.args.allocator}; "
         "RSS and peak from /proc/<pid>/status.",
         "",
         *resources_table(bench),

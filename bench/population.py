@@ -128,9 +128,8 @@ class Population:
                 "burst deleted", lambda: self.count(namespace, run.MANAGED) == (self.existing, self.existing), 900
             )
         else:
-            self.cluster.kubectl(
-                "delete", "pods,services,secrets", "-n", namespace, "-l", GO_RAW, "--wait=true", "--timeout=900s"
-            )
+            # kubectl's own --wait took over 8 minutes here after the objects were gone: poll instead.
+            self.cluster.kubectl("delete", "pods,services,secrets", "-n", namespace, "-l", GO_RAW, "--wait=false")
             self.wait_for("Go raw burst deleted", lambda: self.count(namespace, GO_RAW)[1] == 0, 900)
         run.log(f"deleted the {path} burst in {time.perf_counter() - began:.0f} s")
 
@@ -176,7 +175,8 @@ def report(population: Population, levels: dict[int, dict[str, list[dict]]], sha
     lines = [
         f"# bench/population.py: G2 at a population of {' and '.join(str(level) for level in levels)}, {where}",
         "",
-        f"Run {population.bench.run_id}, operator at {run.git_commit()}, pinned to core {options.core}; "
+        f"Run {population.bench.run_id}, operator at {run.git_commit()}, pinned to core {options.core}, "
+        f"on {population.bench.args.allocator}; "
         f"{options.rounds} runs of each path at each population, alternating, N={n}; shapes `{shapes.name}`; "
         f"Go raw: {getattr(population.bench, 'go_raw_info', '?')}.",
         "",

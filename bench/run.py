@@ -59,6 +59,8 @@ from analysis_operator.settings import load_settings  # noqa: E402
 STATE = pathlib.Path(os.environ.get("CLUSTER_STATE_DIR", "/tmp/analysis-operator-cluster"))
 GROUP, VERSION, PLURAL = "analysis.panosc.eu", "v1alpha1", "analysisenvironments"
 MANAGED = "app.kubernetes.io/managed-by=analysis-operator"
+# The operator's environment for each allocator: the image runs Python on jemalloc (Dockerfile).
+ALLOCATORS = {"jemalloc": {"PYTHONMALLOC": "malloc", "LD_PRELOAD": "libjemalloc.so.2"}, "pymalloc": {}}
 RAW_MANAGER = "bench-raw"
 LABEL_ENVIRONMENT = f"{GROUP}/environment"
 FLAVOR = "jupyter-basic"
@@ -611,7 +613,9 @@ class Bench:
         self.run_id = uuid.uuid4().hex[:6]
         logs = REPO / "bench" / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        self.operator = Operator(kubeconfig, logs / f"operator-{self.run_id}.log", arguments.core)
+        self.operator = Operator(
+            kubeconfig, logs / f"operator-{self.run_id}.log", arguments.core, **ALLOCATORS[arguments.allocator]
+        )
         self.pool = concurrent.futures.ThreadPoolExecutor(arguments.pool, thread_name_prefix="post")
         self.namespaces: list[str] = []
         self.deleted: set[str] = set()
@@ -1205,7 +1209,7 @@ class Bench:
     def run(self) -> str:
         args = self.args
         wall = time.perf_counter()
-        info = machine_info(self.cluster)
+        info = [*machine_info(self.cluster), ("operator's allocator", args.allocator)]
         others_before = other_operators(None)
         if others_before:
             self.notes.append(
@@ -1427,6 +1431,9 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--restart-signal", default="SIGTERM", choices=["SIGTERM", "SIGKILL", "SIGINT"])
     parser.add_argument("--pool", type=int, default=32, help="client threads for concurrent POSTs")
     parser.add_argument("--core", type=int, default=1, help="CPU core the operator is pinned to")
+    parser.add_argument(
+        "--allocator", choices=sorted(ALLOCATORS), default="jemalloc", help="Python's objects from (image: jemalloc)"
+    )
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--timeout-single", type=float, default=60.0)
     parser.add_argument("--timeout-batch-base", type=float, default=120.0)

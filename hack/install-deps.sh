@@ -23,7 +23,8 @@ packages=(openssl curl ca-certificates
           munge slurmctld slurmd slurm-client slurmrestd slurm-wlm-jwt-plugin
           build-essential pkg-config libmunge-dev libjwt-dev libjson-c-dev libhttp-parser-dev libyaml-dev
           chromium chromium-driver
-          tigervnc-standalone-server novnc websockify)   # the VM desktop's stand-in in the OPEN tests
+          tigervnc-standalone-server novnc websockify    # the VM desktop's stand-in in the OPEN tests
+          libjemalloc2)                                  # the allocator the operator's image runs with
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -134,6 +134,9 @@ class OperatorProcess:
             # Owners without a FacilityUser run as the default account here, so tests about other things
             # need none; tests/integration/test_posix_identity.py turns the production default back on.
             "ANALYSIS_OPERATOR_IDENTITY_REQUIRE_POSIX_IDENTITY": "false",
+            # Python on jemalloc, as the image runs it (Dockerfile).
+            "PYTHONMALLOC": "malloc",
+            "LD_PRELOAD": "libjemalloc.so.2",
             **self.settings,
         }
         log = self.log_path.open("a")

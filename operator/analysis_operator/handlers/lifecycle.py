@@ -36,7 +36,7 @@ from analysis_operator.handlers.indexes import PodKey, read_pod
 from analysis_operator.handlers.kopf_storage import MemoryDiffBaseStorage, ProgressStorage
 from analysis_operator.infra.certificates import WebhookCertificates, ensure_certificates
 from analysis_operator.infra.kube import LIST_PAGE, WATCH_SECONDS, KubeClient
-from analysis_operator.infra.logs import full_collection_due
+from analysis_operator.infra.logs import allocator, full_collection_due
 from analysis_operator.infra.metrics import start_metrics
 from analysis_operator.infra.oidc import TokenVerifier
 from analysis_operator.infra.watch import Summaries, Watch
@@ -138,7 +138,7 @@ async def on_startup(
     )
     memo.pods.follow()
     memo.sweeper = asyncio.create_task(sweep_forever(memo, config.sweep_interval_seconds))
-    log.info("operator.started", namespace=config.namespace or "*", standalone=config.standalone)
+    log.info("operator.started", namespace=config.namespace or "*", standalone=config.standalone, allocator=allocator())
 
 
 def outranked(peers: dict[str, Any], own_priority: int, moment: datetime.datetime) -> bool:

@@ -7,6 +7,8 @@ log records too, so one stream has one format.
 from __future__ import annotations
 
 import logging
+import os
+import pathlib
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -91,6 +93,18 @@ def full_collection_due(deleted: int, live: int) -> bool:
     COLLECT_AFTER_DELETED, and a tenth of those still there, so the pause (0.3 s after 1,000 deletions;
     Python's own took 3.2 s at 10,000 environments) stays in proportion to what it frees (pure)."""
     return deleted >= max(COLLECT_AFTER_DELETED, live // 10)
+
+
+def allocator(maps: pathlib.Path = pathlib.Path("/proc/self/maps")) -> str:
+    """Where Python's objects come from, for the start log line: "jemalloc" as the image runs it
+    (PYTHONMALLOC=malloc, LD_PRELOAD=libjemalloc.so.2), "malloc" (the C library's), or "pymalloc"
+    (Python's own, which gives an arena back only when every object in it is gone)."""
+    if os.environ.get("PYTHONMALLOC") not in ("malloc", "malloc_debug"):
+        return "pymalloc"
+    try:
+        return "jemalloc" if "/libjemalloc" in maps.read_text() else "malloc"
+    except OSError:
+        return "malloc"
 
 
 def tune_gc(threshold: float = GC_PAUSE_LOGGED_SECONDS) -> None:
