@@ -30,9 +30,11 @@ def rounds_bench(description: str, n: int) -> tuple[argparse.Namespace, run.Benc
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n", type=int, default=n)
     parser.add_argument("--core", type=int, default=1, help="CPU core the operator is pinned to")
+    parser.add_argument("--allocator", choices=sorted(run.ALLOCATORS), default="jemalloc")
     parser.add_argument("--out", type=pathlib.Path)
     arguments = parser.parse_args()
     defaults = ["--single", "0", "--sizes=", "--raw", "0", "--skip-10k", "--no-restart", "--core", str(arguments.core)]
+    defaults += ["--allocator", arguments.allocator]
     return arguments, run.Bench(run.argument_parser().parse_args(defaults))
 
 

@@ -40,6 +40,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=1000, help="environments per burst")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each path at each level")
     parser.add_argument("--core", type=int, default=1, help="CPU core the operator is pinned to")
+    parser.add_argument("--allocator", choices=sorted(run.ALLOCATORS), default="jemalloc")
     parser.add_argument("--out", type=pathlib.Path)
     return parser.parse_args()
 
@@ -52,7 +53,7 @@ class Population:
                 [
                     *("--single", "0", "--sizes=", "--raw", "0", "--no-restart"),
                     *("--scale", str(options.population), "--go-raw", str(options.n)),
-                    *("--rounds", str(options.rounds), "--core", str(options.core)),
+                    *("--rounds", str(options.rounds), "--core", str(options.core), "--allocator", options.allocator),
                 ]
             )
         )
