@@ -21,7 +21,7 @@ RUN groupadd --system --gid 10001 operator \
 COPY --from=build /venv /venv
 # Python objects from jemalloc instead of Python's own allocator, which gives an arena back only when
 # every object in it is gone: after a burst, pages the operator no longer uses go back to the system
-# (bench/RESULTS.md, "jemalloc"). Unset both to run on Python's allocator.
+# (bench/RESULTS.md, "jemalloc"). Set both empty (the chart's extraEnv) to run on Python's allocator.
 ENV PATH=/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
