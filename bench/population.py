@@ -107,14 +107,12 @@ class Population:
         return sum(1 for item in items if (item.get("status") or {}).get("phase") == "Ready")
 
     def burst(self, path: str, level: int, index: int, binary: pathlib.Path, shapes: pathlib.Path) -> dict:
+        """One path's N at once: in the population's namespace (one), or in a fresh one (spread)."""
         bench, n = self.bench, self.options.n
-        one = self.options.layout == "one"
-        home = self.homes[0] if one else ""
+        home = self.homes[0] if self.options.layout == "one" else ""
         if path == "operator":
-            sample = bench.operator_burst(n, index, namespace=home, prefix=f"b{level}r{index}-")
-        else:
-            sample = bench.go_raw_burst(binary, shapes, n, index, namespace=home, prefix=f"g{level}r{index}-")
-        return sample
+            return bench.operator_burst(n, index, namespace=home, prefix=f"b{level}r{index}-")
+        return bench.go_raw_burst(binary, shapes, n, index, namespace=home, prefix=f"g{level}r{index}-")
 
     def remove(self, path: str, sample: dict) -> None:
         """The burst's objects gone, the population left as it was."""
@@ -140,12 +138,7 @@ class Population:
         runs: dict[str, list[dict]] = {"operator": [], "go raw": []}
         for index in range(self.options.rounds):
             for path in runs:
-                idle = bench.settle()
-                sample = self.burst(path, level, index, binary, shapes)
-                sample["idle cores"] = idle
-                bench.settle()
-                tail = run.CpuMeter.diff(sample.pop("before"), bench.meter.snapshot())
-                sample["cpu+tail"] = run.CpuMeter.with_other({**tail, **sample.pop("exited", {})})
+                sample = bench.measured(lambda: self.burst(path, level, index, binary, shapes))
                 runs[path].append(sample)
                 run.log(
                     f"population {level}, {path} run {index + 1}: {sample['elapsed']:.2f} s, "

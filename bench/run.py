@@ -893,14 +893,13 @@ class Bench:
         runs: dict[str, list[dict]] = {"operator": [], "go raw": []}
         for index in range(rounds):
             for path in runs:
-                idle = self.settle()
-                sample = (
-                    self.operator_burst(n, index) if path == "operator" else self.go_raw_burst(binary, shapes, n, index)
+                sample = self.measured(
+                    lambda: (
+                        self.operator_burst(n, index)
+                        if path == "operator"
+                        else self.go_raw_burst(binary, shapes, n, index)
+                    )
                 )
-                sample["idle cores"] = idle
-                self.settle()  # what the burst left to do (Endpoints, late writes), until the machine is idle
-                tail = CpuMeter.diff(sample.pop("before"), self.meter.snapshot())
-                sample["cpu+tail"] = CpuMeter.with_other({**tail, **sample.pop("exited", {})})
                 runs[path].append(sample)
                 log(
                     f"8. {path} run {index + 1}/{rounds}: {sample['elapsed']:.2f} s, {sample['done']}/{n} done, "
@@ -909,6 +908,17 @@ class Bench:
                 )
                 self.drop_namespace(sample["namespace"])
         self.compare_section(n, runs, binary, shapes)
+
+    def measured(self, burst: Callable[[], dict]) -> dict:
+        """One burst started on an idle machine: its CPU to done, and with the tail (what it left to do:
+        Endpoints, late writes) until the machine is idle again."""
+        idle = self.settle()
+        sample = burst()
+        sample["idle cores"] = idle
+        self.settle()
+        tail = CpuMeter.diff(sample.pop("before"), self.meter.snapshot())
+        sample["cpu+tail"] = CpuMeter.with_other({**tail, **sample.pop("exited", {})})
+        return sample
 
     def dump_shapes(self) -> pathlib.Path:
         """The Secret, Service and Pod of one Ready jupyter-basic environment made by this operator, as its

@@ -95,14 +95,14 @@ def full_collection_due(deleted: int, live: int) -> bool:
     return deleted >= max(COLLECT_AFTER_DELETED, live // 10)
 
 
-def allocator(maps: pathlib.Path = pathlib.Path("/proc/self/maps")) -> str:
+def allocator() -> str:
     """Where Python's objects come from, for the start log line: "jemalloc" as the image runs it
     (PYTHONMALLOC=malloc, LD_PRELOAD=libjemalloc.so.2), "malloc" (the C library's), or "pymalloc"
     (Python's own, which gives an arena back only when every object in it is gone)."""
     if os.environ.get("PYTHONMALLOC") not in ("malloc", "malloc_debug"):
         return "pymalloc"
     try:
-        return "jemalloc" if "/libjemalloc" in maps.read_text() else "malloc"
+        return "jemalloc" if "/libjemalloc" in pathlib.Path("/proc/self/maps").read_text() else "malloc"
     except OSError:
         return "malloc"
 
