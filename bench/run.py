@@ -319,6 +319,8 @@ class Operator:
     def start(self, timeout: float = 300) -> tuple[float, float]:
         """Start and wait for the liveness endpoint; returns (started_at, live_at) in perf_counter time."""
         self.port = free_port()
+        while self.port == self.webhook_port:  # free between a stop and this start: the system may hand it out
+            self.port = free_port()
         environment = {
             **os.environ,
             "KUBECONFIG": self.kubeconfig,

@@ -15,6 +15,7 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Collection
 
 import kubernetes
 import pytest
@@ -87,10 +88,15 @@ def custom(api) -> kubernetes.client.CustomObjectsApi:
     return kubernetes.client.CustomObjectsApi(api)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_port(taken: Collection[int] = ()) -> int:
+    """A port nothing listens on now, other than `taken`: a port chosen but not yet bound is free
+    for the system to hand out again (a webhook port equal to the metrics port, CI 2026-12-02)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in taken:
+            return port
 
 
 class OperatorProcess:
@@ -104,14 +110,12 @@ class OperatorProcess:
         # One webhook port for the object's life: a killed operator leaves its
         # registration behind, and the restarted one must answer at the same URL.
         self.webhook_port = _free_port()
-        self.metrics_port = _free_port()
+        self.metrics_port = _free_port(taken={self.webhook_port})
 
     def start(self) -> None:
-        port = _free_port()
         # Between a stop and this start the kept ports are free, and the system may hand one out again:
         # a liveness port equal to the metrics port killed the restarted operator (CI, 2026-12-01).
-        while port in (self.webhook_port, self.metrics_port):
-            port = _free_port()
+        port = _free_port(taken={self.webhook_port, self.metrics_port, *self._configured_ports()})
         environment = {
             **os.environ,
             "KUBECONFIG": self.kubeconfig,
@@ -152,6 +156,10 @@ class OperatorProcess:
             wait_for(self._webhooks_registered, timeout=60, what="the operator's admission webhooks registered")
         # After a restart the old registration already matches: also wait until the server listens.
         wait_for(self._webhook_listening, timeout=60, what="the operator's webhook server listening")
+
+    def _configured_ports(self) -> set[int]:
+        """The ports a test's settings give the operator (the forward-auth's, ..._PORT)."""
+        return {int(value) for key, value in self.settings.items() if key.endswith("_PORT") and str(value).isdigit()}
 
     def _webhooks_registered(self) -> bool:
         """kopf registers its webhooks a moment after start; until then creates would bypass them."""
