@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Issue 17, G4: what the operator's memory at a population is made of, over restarts on the same population.
+
+Makes --population environments in one namespace (if fewer exist), then restarts the operator once per
+entry of --variants, in that order, and records for each restart: the time to steady, the RSS, and
+jemalloc's own counters from inside the process (bench/heapprobe, put on the operator's PYTHONPATH:
+never in the image) at their peak and 15 s after steady:
+
+  allocated  bytes in live allocations (what the process still refers to, and garbage not yet collected)
+  active     pages holding at least one live allocation: allocated plus the free space between them
+  resident   jemalloc's pages in RAM (active plus freed pages not yet given back)
+
+RSS minus resident is the code and libraries. A variant changes one setting of the restarted process:
+
+  current     as the image runs it
+  collect3s   a full collection every 3 s for the first 60 s (does collecting the restart's garbage
+              sooner lower the peak?)
+  gen2x10     the oldest generation collected 10x as often as the operator's own thresholds
+  decay       MALLOC_CONF: freed pages given back after 1 s by a background thread (jemalloc: 10 s, on use)
+  lean        decay, one arena, a smaller thread cache
+
+    eval "$(hack/cluster.sh env)"
+    .venv/bin/python bench/heap.py --population 10000 --variants current,collect3s,decay,decay,collect3s,current \\
+        --out bench/logs/heap-<id>.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import run  # bench/run.py
+
+PROBE = pathlib.Path(__file__).resolve().parent / "heapprobe"
+DECAY = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
+VARIANTS: dict[str, dict[str, str]] = {
+    "current": {},
+    "collect3s": {"HEAPPROBE_COLLECT_EVERY": "3", "HEAPPROBE_COLLECT_FOR": "60"},
+    "gen2x10": {"HEAPPROBE_GC_THRESHOLDS": "5000,20,10"},
+    "decay": {"MALLOC_CONF": DECAY},
+    "lean": {"MALLOC_CONF": DECAY + ",narenas:1,tcache_max:4096"},
+}
+KNOBS = {key for settings in VARIANTS.values() for key in settings}
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--population", type=int, default=10000)
+    parser.add_argument("--variants", default="current,collect3s,current,collect3s", help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--core", type=int, default=1, help="CPU core the operator is pinned to")
+    parser.add_argument("--out", type=pathlib.Path)
+    options = parser.parse_args()
+    options.variants = options.variants.split(",")
+    unknown = set(options.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
+    return options
+
+
+def probe(prefix: pathlib.Path, pid: int) -> list[dict[str, float]]:
+    """The probe's lines for one process, each {"t": unix time, "rss": MiB, "allocated": MiB, ...}."""
+    samples = []
+    for line in (pathlib.Path(f"{prefix}.{pid}")).read_text().splitlines():
+        stamp, *fields = line.split()
+        samples.append({"t": float(stamp), **{k: float(v) for k, v in (field.split("=") for field in fields)}})
+    return samples
+
+
+def described(name: str) -> str:
+    return " ".join(f"{key}={value}" for key, value in VARIANTS[name].items()) or "as the image runs it"
+
+
+def restart(bench: run.Bench, name: str, prefix: pathlib.Path) -> dict:
+    for key in KNOBS:
+        bench.operator.settings.pop(key, None)
+    bench.operator.settings.update(VARIANTS[name])
+    run.log(f"variant {name}: {described(name)}")
+    results = len(bench.results)
+    bench.restart()
+    steady = next(value for metric, value in bench.results[results:] if "steady state" in metric)
+    time.sleep(15)
+    samples = probe(prefix, bench.operator.pid)
+    last = samples[-1]
+    peak = {key: max(sample.get(key, 0.0) for sample in samples) for key in ("rss", "allocated", "active")}
+    bench.checkpoint(f"{name}: 15 s after steady")
+    return {"variant": name, "steady": steady, "last": last, "peak": peak}
+
+
+def report(options: argparse.Namespace, bench: run.Bench, rows: list[dict]) -> str:
+    lines = [
+        f"# bench/heap.py: restarts with {bench.environments_total} environments in one namespace",
+        "",
+        f"Run {bench.run_id}, operator at {run.git_commit()}, pinned to core {options.core}, on jemalloc. "
+        "MiB; peak over the restart, then 15 s after steady.",
+        "",
+        "| # | variant | start -> steady | peak RSS | peak allocated | RSS | allocated | active | resident "
+        "| collector s | full collections |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for index, row in enumerate(rows, 1):
+        last, peak = row["last"], row["peak"]
+        lines.append(
+            f"| {index} | {row['variant']} | {row['steady']} | {peak['rss']:.0f} | {peak['allocated']:.0f} "
+            f"| {last['rss']:.0f} | {last.get('allocated', 0):.0f} | {last.get('active', 0):.0f} "
+            f"| {last.get('resident', 0):.0f} | {last['gc_seconds']:.1f} | {last['full_collections']:.0f} |"
+        )
+    lines += [
+        "",
+        "Variants:",
+        *(f"- {name}: {described(name)}" for name in dict.fromkeys(options.variants)),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    options = arguments()
+    bench = run.Bench(
+        run.argument_parser().parse_args(
+            [
+                *("--single", "0", "--sizes=", "--raw", "0", "--no-restart", "--skip-10k"),
+                *("--scale", str(options.population), "--core", str(options.core)),
+            ]
+        )
+    )
+    prefix = run.REPO / "bench" / "logs" / f"heapprobe-{bench.run_id}"
+    bench.operator.settings.update(PYTHONPATH=f"{run.REPO / 'operator'}:{PROBE}", HEAPPROBE_OUT=str(prefix))
+    rows: list[dict] = []
+    try:
+        bench.setup()
+        bench.operator.start()
+        bench.scale(options.population)
+        for name in options.variants:
+            rows.append(restart(bench, name, prefix))
+    finally:
+        text = report(options, bench, rows)
+        print(text, flush=True)
+        if options.out:
+            options.out.write_text(text)
+        bench.cleanup()
+
+
+if __name__ == "__main__":
+    main()

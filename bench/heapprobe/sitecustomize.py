@@ -1,0 +1,67 @@
+"""Loaded by the operator's Python when bench/heap.py puts this directory on PYTHONPATH (never in the image).
+
+HEAPPROBE_OUT=<prefix>: every 2 s one line to <prefix>.<pid>: the RSS, jemalloc's own counters (allocated:
+bytes in live allocations; active: pages holding at least one; resident; retained) when jemalloc is loaded,
+and the cyclic collector's time so far and full collections. Optional knobs for the variants of heap.py:
+HEAPPROBE_GC_THRESHOLDS=a,b,c (set 1 s after start, after the operator's own), HEAPPROBE_COLLECT_EVERY=s and
+HEAPPROBE_COLLECT_FOR=s (a full collection every s seconds for the first ... seconds)."""
+
+import ctypes
+import gc
+import os
+import pathlib
+import sys
+import threading
+import time
+
+_gc = {"seconds": 0.0, "began": 0.0, "full": 0}
+
+
+def _observe(phase: str, info: dict) -> None:
+    if phase == "start":
+        _gc["began"] = time.perf_counter()
+        return
+    _gc["seconds"] += time.perf_counter() - _gc["began"]
+    _gc["full"] += info.get("generation") == 2
+
+
+def _jemalloc() -> dict[str, float]:
+    try:
+        mallctl = ctypes.CDLL(None).mallctl
+    except AttributeError:  # not on jemalloc
+        return {}
+    epoch = ctypes.c_uint64(1)
+    mallctl(b"epoch", None, None, ctypes.byref(epoch), ctypes.sizeof(epoch))
+    values = {}
+    for name in ("allocated", "active", "resident", "retained"):
+        value, size = ctypes.c_size_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+        if mallctl(f"stats.{name}".encode(), ctypes.byref(value), ctypes.byref(size), None, 0) == 0:
+            values[name] = value.value / 2**20
+    return values
+
+
+def _record(path: str) -> None:
+    with open(f"{path}.{os.getpid()}", "a", buffering=1) as out:
+        while True:
+            status = pathlib.Path("/proc/self/status").read_text().splitlines()
+            rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+            fields = {"rss": rss / 1024, **_jemalloc(), "gc_seconds": _gc["seconds"], "full_collections": _gc["full"]}
+            out.write(f"{time.time():.1f} " + " ".join(f"{key}={value:.2f}" for key, value in fields.items()) + "\n")
+            time.sleep(2)
+
+
+def _collect() -> None:
+    time.sleep(1.0)
+    if os.environ.get("HEAPPROBE_GC_THRESHOLDS"):
+        gc.set_threshold(*map(int, os.environ["HEAPPROBE_GC_THRESHOLDS"].split(",")))
+    every = float(os.environ.get("HEAPPROBE_COLLECT_EVERY") or 0)
+    until = time.monotonic() + float(os.environ.get("HEAPPROBE_COLLECT_FOR") or 0)
+    while every and time.monotonic() < until:
+        time.sleep(every)
+        gc.collect()
+
+
+if os.environ.get("HEAPPROBE_OUT") and "analysis_operator" in sys.orig_argv:
+    gc.callbacks.append(_observe)
+    threading.Thread(target=_record, args=(os.environ["HEAPPROBE_OUT"],), daemon=True, name="heapprobe").start()
+    threading.Thread(target=_collect, daemon=True, name="heapprobe-gc").start()
