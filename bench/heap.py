@@ -84,7 +84,7 @@ def restart(bench: run.Bench, name: str, prefix: pathlib.Path) -> dict:
     time.sleep(15)
     samples = probe(prefix, bench.operator.pid)
     last = samples[-1]
-    peak = {key: max(sample.get(key, 0.0) for sample in samples) for key in ("rss", "allocated", "active")}
+    peak = {key: max(sample.get(key, 0.0) for sample in samples) for key in ("rss", "allocated")}
     bench.checkpoint(f"{name}: 15 s after steady")
     return {"variant": name, "steady": steady, "last": last, "peak": peak}
 
