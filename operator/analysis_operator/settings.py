@@ -193,6 +193,9 @@ class Settings:
     # A replica silent this long is presumed dead: bounds the takeover after a crash.
     peering_lifetime_seconds: int = 60
     sweep_interval_seconds: float = 10.0  # expiry / accounting / orphan sweep period
+    # A JupyterLab environment's first status ("starting") waits this long to be written together with
+    # Ready (one status write per start instead of two); written alone when the pod takes longer. 0: at once.
+    quiet_start_seconds: float = 5.0
     kube_workers: int = 16  # connections for Kubernetes API calls (kept alive)
     jupyter_port: int = 8888
     cluster_domain: str = "cluster.local"

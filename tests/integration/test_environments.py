@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import datetime
 import json
+import os
 import signal
+import threading
 
 import kubernetes
 import pytest
+import urllib3
 
+from tests.integration.conftest import CLUSTER_STATE, GROUP, VERSION
 from tests.waiting import wait_for
 
 OWNER_KIND = "AnalysisEnvironment"
@@ -201,3 +207,115 @@ def test_restarting_the_operator_writes_nothing_to_converged_environments(enviro
     environments.create("marker", flavor="test-short")  # proves the restarted operator is working
     environments.wait_phase("marker", "Ready")
     assert environments.get("steady")["metadata"]["resourceVersion"] == before
+
+
+class StatusLog:
+    """Every status the API server shows an environment from its creation on, in order (a watch)."""
+
+    def __init__(self, custom, namespace: str, created: dict) -> None:
+        self.statuses: list[dict] = []
+        self._watch = kubernetes.watch.Watch()
+        self._thread = threading.Thread(target=self._follow, args=(custom, namespace, created["metadata"]), daemon=True)
+        self._thread.start()
+
+    def _follow(self, custom, namespace: str, metadata: dict) -> None:
+        with contextlib.suppress(urllib3.exceptions.ProtocolError):  # the connection closed by stop()
+            self._collect(custom, namespace, metadata)
+
+    def _collect(self, custom, namespace: str, metadata: dict) -> None:
+        for event in self._watch.stream(
+            custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            "analysisenvironments",
+            field_selector=f"metadata.name={metadata['name']}",
+            resource_version=metadata["resourceVersion"],
+            timeout_seconds=120,
+        ):
+            status = event["object"].get("status") or {}
+            if status and (not self.statuses or status != self.statuses[-1]):
+                self.statuses.append(status)
+
+    def phases(self) -> list[str]:
+        return [status.get("phase", "") for status in self.statuses]
+
+    def stop(self) -> None:
+        self._watch.stop()
+
+
+@contextlib.contextmanager
+def pods_held_pending():
+    """KWOK (which plays every node's kubelet) stopped: pods are scheduled but none starts, as on a
+    node pulling a large image. Always continued after, or every later test would wait."""
+    group = int((CLUSTER_STATE / "pids" / "kwok").read_text())
+    os.killpg(group, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(group, signal.SIGCONT)
+
+
+def test_a_start_is_one_status_write_with_everything_in_it(environments, custom, namespace):
+    """The first status ("starting") waits a moment (quiet_start_seconds, 5 s) for Ready and goes
+    out with it: one write per start, and nothing of the first is lost."""
+    created = environments.create("once", flavor="test-short")
+    log = StatusLog(custom, namespace, created)
+    try:
+        status = environments.wait_phase("once", "Ready")["status"]
+        wait_for(lambda: log.phases() == ["Ready"], timeout=5, what=lambda: f"one status write, saw {log.phases()}")
+    finally:
+        log.stop()
+    assert status["terms"]["flavor"] == "test-short" and status["terms"]["maxLifetime"]
+    assert status["startedAt"] <= status["conditions"][0]["lastTransitionTime"] and status["expiresAt"]
+    assert status["connection"]["secretName"] == "aenv-once"
+    assert status["backend"]["kind"] == "kubernetes" and status["backend"]["node"].startswith("kwok-")
+
+
+def test_a_slow_start_is_told_once_the_quiet_moment_is_over(environments, custom, namespace):
+    """A pod that does not start within quiet_start_seconds: the status says Provisioning then, with
+    the terms and start time, and Ready follows when the pod is up, keeping them."""
+    with pods_held_pending():
+        created = environments.create("slow", flavor="test-short")
+        log = StatusLog(custom, namespace, created)
+        began = datetime.datetime.now(datetime.UTC)
+        try:
+            starting = environments.wait_phase("slow", "Provisioning", timeout=20)["status"]
+            waited = (datetime.datetime.now(datetime.UTC) - began).total_seconds()
+            assert waited >= 3, f"the first status came after {waited:.1f} s: it was not held"
+        except BaseException:
+            log.stop()
+            raise
+    try:
+        ready = environments.wait_phase("slow", "Ready", timeout=30)["status"]
+        wait_for(lambda: log.phases() == ["Provisioning", "Ready"], timeout=5, what=lambda: str(log.phases()))
+    finally:
+        log.stop()
+    assert starting["reason"] == "PodStarting" and starting["terms"]["flavor"] == "test-short"
+    assert ready["startedAt"] == starting["startedAt"] and ready["terms"] == starting["terms"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_an_operator_stopped_while_a_first_status_is_held(environments, operator, core, namespace, sig):
+    """SIGTERM: the held status is written on the way out, with the start time it had. SIGKILL: the
+    next process decides it again from the pod it finds; either way no second pod, and Ready."""
+    with pods_held_pending():
+        environments.create("held", flavor="test-short")
+        wait_for(lambda: children(core, namespace, "held")["pod"] is not None, timeout=20, what="the pod")
+        pod_uid = children(core, namespace, "held")["pod"].metadata.uid
+        assert not (environments.get("held").get("status") or {}).get("phase")  # held, not written yet
+        stopped = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+        try:
+            operator.stop(sig)
+            status = environments.get("held").get("status") or {}
+        finally:
+            operator.start()
+    if sig == signal.SIGTERM:
+        assert status.get("phase") == "Provisioning" and status["terms"]["flavor"] == "test-short"
+        assert datetime.datetime.fromisoformat(status["startedAt"].replace("Z", "+00:00")) <= stopped
+    else:
+        assert not status.get("phase")  # lost with the process
+    ready = environments.wait_phase("held", "Ready", timeout=60)["status"]
+    assert children(core, namespace, "held")["pod"].metadata.uid == pod_uid
+    if sig == signal.SIGTERM:
+        assert ready["startedAt"] == status["startedAt"]

@@ -14,7 +14,7 @@ import asyncio
 import datetime
 import weakref
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import structlog
@@ -61,6 +61,9 @@ class Outcome:
     event: tuple[str, str, str] | None = None  # (type, reason, message) to post on the environment
     retry_after: float | None = None  # converge again after this many seconds
     message: str = ""  # why a retry is asked for (for logs and kopf)
+    # A first status that says only "starting" on a backend that reports its own progress (pods): it may
+    # wait a moment (Context.quiet_start) to be written with the next one, Ready, in one write.
+    quiet: bool = False
 
 
 class Gate(Protocol):
@@ -141,6 +144,11 @@ class Context:
     written: dict[str, str] = field(default_factory=dict)
     # uid -> the status last decided here, until the index and kopf's bodies show it (engine/decisions.py)
     decisions: Decisions = field(default_factory=Decisions)
+    # seconds a quiet first status (Outcome.quiet) waits to be written with the next one; 0 writes it at once
+    quiet_start: float = 0.0
+    # uid -> (its environment, a quiet first status not written yet, when it must be: time.monotonic)
+    # (engine/reconciler.apply)
+    unwritten: dict[str, tuple[Environment, dict[str, Any], float]] = field(default_factory=dict)
 
     def forget(self, uids: Collection[str]) -> None:
         """Environments that are gone: nothing is kept for them any longer. Each store is bounded on
@@ -148,12 +156,13 @@ class Context:
         every environment ever made stayed, and pinned the memory its neighbours freed."""
         for uid in uids:
             self.written.pop(uid, None)
+            self.unwritten.pop(uid, None)
             self.decisions.forget(uid)
         tokens.forget(uids)
 
     def retain(self, live: Collection[str]) -> None:
         """Keep only what belongs to `live` environments (for deletions this process did not see)."""
-        self.forget({*self.written, *self.decisions.uids(), *tokens.known_uids()} - set(live))
+        self.forget({*self.written, *self.unwritten, *self.decisions.uids(), *tokens.known_uids()} - set(live))
 
 
 def _transition(
@@ -399,7 +408,23 @@ async def _run_backend(
             observation.message or ended.value,
             now,
         )
-    return await _observed(launcher.context, environment, flavor, status, observation, now, times, launcher.mounts)
+    outcome = await _observed(launcher.context, environment, flavor, status, observation, now, times, launcher.mounts)
+    return replace(outcome, quiet=True) if _quiet_start(backend, status, outcome) else outcome
+
+
+def _quiet_start(backend: Backend, status: Mapping[str, Any], outcome: Outcome) -> bool:
+    """A first status that only says the environment is starting (pure): nothing was written before,
+    nothing waits on a person, and the backend tells the operator itself when it is Ready (its pod's
+    events), so the next status follows in a moment. A polled backend's (a Slurm job, a VM) takes
+    minutes, and its first status records the job or server: written at once."""
+    return (
+        not backend.polled
+        and not status.get("phase")
+        and outcome.status is not None
+        and outcome.status.get("phase") == Phase.PROVISIONING.value
+        and outcome.event is None
+        and outcome.retry_after is None
+    )
 
 
 @dataclass(frozen=True)
@@ -470,7 +495,7 @@ def _reachable_again(
     )
     patch = dict(outcome.status or {})
     patch["conditions"] = merge_conditions(patch.get("conditions") or status.get("conditions"), condition)
-    return Outcome(patch, outcome.event, outcome.retry_after, outcome.message)
+    return replace(outcome, status=patch)
 
 
 async def _observed(

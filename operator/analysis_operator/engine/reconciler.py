@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import time
 import weakref
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -23,6 +24,7 @@ from analysis_operator.engine.converge import Context, Outcome, converge
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
 from analysis_operator.infra.kube import namespace_terminating
+from analysis_operator.model.conditions import compose_merge_patches
 from analysis_operator.model.domain import Environment, Flavor
 
 log = structlog.get_logger("analysis_operator.reconciler")
@@ -34,23 +36,40 @@ def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-async def apply(context: Context, environment: Environment, outcome: Outcome) -> None:
+async def apply(context: Context, environment: Environment, outcome: Outcome) -> float | None:
     """Write an outcome: the status patch, then the Event. The phase is remembered as decided before
     the patch is sent: the forward-auth (on its own thread) may be asked about the environment by
-    someone who saw the new phase before this loop has taken the patch's answer back."""
-    if outcome.status is not None:
-        if "phase" in outcome.status:
+    someone who saw the new phase before this loop has taken the patch's answer back.
+
+    A quiet first status (Outcome.quiet: "starting", nothing written before) is held for up to
+    context.quiet_start seconds instead, and written with the next status decided (Ready, usually a
+    moment later: one write where there were two), or alone once that time is up. Returns the seconds
+    left until then while one is held (the caller converges again at that time), else None."""
+    status = outcome.status
+    held = context.unwritten.pop(environment.uid, None)
+    if held is not None:
+        left = held[2] - time.monotonic()
+        if status is None and left > 0:
+            context.unwritten[environment.uid] = held
+            return left
+        status = compose_merge_patches(held[1], status or {})
+    elif status is not None and outcome.quiet and context.quiet_start > 0:
+        context.unwritten[environment.uid] = (environment, status, time.monotonic() + context.quiet_start)
+        return context.quiet_start
+    if status is not None:
+        if "phase" in status:
             if len(context.written) >= WRITTEN_BOUND:
                 context.written.clear()
-            context.written[environment.uid] = str(outcome.status["phase"])
+            context.written[environment.uid] = str(status["phase"])
         try:
-            await context.kube.patch_environment_status(environment.namespace, environment.name, outcome.status)
+            await context.kube.patch_environment_status(environment.namespace, environment.name, status)
         except BaseException:  # not written: decide again from what the API shows, and say it from there
             context.decisions.forget(environment.uid)
             context.written.pop(environment.uid, None)
             raise
     if outcome.event is not None:
         await post_event(context.kube, environment_reference(environment), *outcome.event)
+    return None
 
 
 class Reconciler:
@@ -84,13 +103,40 @@ class Reconciler:
         that after the handler returns, so a pod event's later decision (Ready) could land first and
         be overwritten by the older one (Provisioning), which decisions.py would then take for a
         status not yet caught up with, and the environment would stay Provisioning."""
-        lock = self._writing.get(environment.uid)
-        if lock is None:
-            lock = self._writing[environment.uid] = asyncio.Lock()
-        async with lock:
+        async with self._lock(environment.uid):
             outcome = await converge(self.context, environment, status, flavor, now or self.clock())
-            await apply(self.context, environment, outcome)
+            held = await apply(self.context, environment, outcome)
+        if held is not None:  # a quiet first status waits: written by the next decision, or by this one
+            self.requeue(EnvironmentRecord(environment, status), held)
         return outcome
+
+    def _lock(self, uid: str) -> asyncio.Lock:
+        lock = self._writing.get(uid)
+        if lock is None:
+            lock = self._writing[uid] = asyncio.Lock()
+        return lock
+
+    async def flush(self) -> None:
+        """Write every quiet first status still held, now (at shutdown: the next process would decide
+        it again from nothing, with a later startedAt)."""
+        for uid in list(self.context.unwritten):
+            async with self._lock(uid):
+                held = self.context.unwritten.get(uid)
+                if held is None:
+                    continue
+                self.context.unwritten[uid] = (held[0], held[1], 0.0)  # due
+                try:
+                    await apply(self.context, held[0], Outcome())
+                except Exception as error:  # the next process decides it again, from what the API shows
+                    log.warning(
+                        "reconcile.flush_failed", environment=f"{held[0].namespace}/{held[0].name}", error=repr(error)
+                    )
+
+    def started(self, uid: str) -> bool:
+        """Is a first decision for it under way, or held unwritten (Context.unwritten)? Then a change of
+        what it runs on is for this process to decide on, though no status shows it yet."""
+        lock = self._writing.get(uid)
+        return uid in self.context.unwritten or (lock is not None and lock.locked())
 
     async def reconcile(self, record: EnvironmentRecord, now: datetime.datetime | None = None) -> Outcome:
         environment = record.environment

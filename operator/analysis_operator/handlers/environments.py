@@ -178,9 +178,12 @@ async def on_environment_status(type: str, body: kopf.Body, memo: kopf.Memo, fla
 
 async def pod_changed(memo: kopf.Memo, key: PodKey) -> None:
     """An environment's pod changed (the operator's watch of its pods, infra/watch.py)."""
-    record: EnvironmentRecord | None = first(memo.reconciler.environments, key)
-    if record is None or not record.status.get("phase"):
-        return  # environment gone (the garbage collector follows), or its handler has not written yet
+    reconciler: Reconciler = memo.reconciler
+    record: EnvironmentRecord | None = first(reconciler.environments, key)
+    if record is None:
+        return  # environment gone (the garbage collector follows)
+    if not record.status.get("phase") and not reconciler.started(record.environment.uid):
+        return  # its handler has not run yet: it will see the pod as it is now
     environment = record.environment
     backend = backend_of(memo.context, environment, record.status, memo.reconciler.flavors)
     if (
@@ -189,7 +192,7 @@ async def pod_changed(memo: kopf.Memo, key: PodKey) -> None:
         and not await memo.context.kube.environment_exists(environment.namespace, environment.name, environment.uid)
     ):
         return  # deleted together with its environment: do not bring it back
-    await memo.reconciler.reconcile(record)
+    await reconciler.reconcile(record)
 
 
 def sharing_changed(old: Any, new: Any) -> bool:

@@ -45,6 +45,7 @@ from analysis_operator.model.domain import GROUP, MANAGED_SELECTOR
 from analysis_operator.settings import Settings
 
 log = structlog.get_logger("analysis_operator.lifecycle")
+FLUSH_SECONDS = 5.0  # at shutdown, for the quiet first statuses still held (engine/reconciler.Reconciler.flush)
 
 
 @kopf.on.startup()
@@ -120,6 +121,7 @@ async def on_startup(
         gates=(memo.budget_gate,),
         identities=memo.identities,
         routes=routes,
+        quiet_start=config.quiet_start_seconds,
     )
     memo.reconciler = Reconciler(memo.context, environments, flavors)
     if isinstance(routes, GatewayRoutes):
@@ -257,6 +259,10 @@ def configure_admission(settings: kopf.OperatorSettings, config: Settings, self_
 
 @kopf.on.cleanup()
 async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
+    try:
+        await asyncio.wait_for(memo.reconciler.flush(), timeout=FLUSH_SECONDS)
+    except TimeoutError:
+        log.warning("operator.flush_timeout", unwritten=len(memo.context.unwritten))
     await memo.pods.stop()
     for task in (memo.sweeper, memo.certificates):
         if task is not None:

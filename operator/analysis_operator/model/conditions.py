@@ -55,6 +55,19 @@ def apply_merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> di
     return merged
 
 
+def compose_merge_patches(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
+    """One merge patch with the effect of `first` then `second` (RFC 7386); a None (remove) is kept,
+    for the server to apply. Neither argument is changed."""
+    composed = dict(first)
+    for key, value in second.items():
+        current = composed.get(key)
+        if isinstance(value, Mapping) and isinstance(current, Mapping):
+            composed[key] = compose_merge_patches(current, value)
+        else:
+            composed[key] = value
+    return composed
+
+
 def build_transition(
     status: Mapping[str, Any] | None,
     *,

@@ -1,0 +1,151 @@
+"""A start's first status ("starting") held a moment and written with Ready in one write
+(engine/reconciler.apply, Context.quiet_start): the holding rules, without a server. The
+tests against the API server are in tests/integration/test_environments.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from analysis_operator.engine.converge import Context, Outcome, _quiet_start
+from analysis_operator.engine.reconciler import apply
+from analysis_operator.model.conditions import apply_merge_patch, compose_merge_patches
+from analysis_operator.model.domain import Environment
+
+ENVIRONMENT = Environment(namespace="ns", name="lab", uid="u-1", owner="alice", flavor="jupyter")
+STARTING = {
+    "phase": "Provisioning",
+    "reason": "PodStarting",
+    "startedAt": "2026-12-02T10:00:00Z",
+    "terms": {"flavor": "jupyter", "maxLifetime": "8h"},
+    "backend": {"kind": "kubernetes", "node": None, "state": "Pending"},
+}
+READY = {"phase": "Ready", "reason": "PodReady", "backend": {"node": "kwok-1", "state": "Running"}}
+
+
+class Recorder:
+    """Records the status writes and Events apply sends (the client's two calls apply makes)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.patches: list[dict] = []
+        self.events: list[tuple] = []
+        self.fail = fail
+
+    async def patch_environment_status(self, namespace, name, patch):
+        if self.fail:
+            raise ConnectionError("the API server went away")
+        self.patches.append(patch)
+
+    async def post_event(self, involved, type_, reason, message):
+        self.events.append((type_, reason))
+
+
+def context(quiet_start: float = 5.0, fail: bool = False) -> Context:
+    return Context(kube=Recorder(fail), backends={}, quiet_start=quiet_start)
+
+
+def test_composed_patches_have_the_effect_of_both_in_turn():
+    target = {"phase": "", "backend": {"kind": "kubernetes", "id": "x", "node": "old"}, "keep": 1}
+    first = {"phase": "Provisioning", "backend": {"node": None, "state": "Pending"}, "terms": {"a": 1}}
+    second = {"phase": "Ready", "backend": {"node": "kwok-1"}, "keep": None}
+    composed = compose_merge_patches(first, second)
+    assert apply_merge_patch(target, composed) == apply_merge_patch(apply_merge_patch(target, first), second)
+    assert composed["terms"] == {"a": 1} and composed["keep"] is None  # a removal is kept for the server
+    assert first["backend"] == {"node": None, "state": "Pending"}  # the arguments are not changed
+
+
+def test_a_quiet_first_status_is_held_and_written_whole_with_ready():
+    ctx = context()
+
+    async def scenario():
+        held = await apply(ctx, ENVIRONMENT, Outcome(STARTING, quiet=True))
+        assert held == pytest.approx(5.0) and ctx.kube.patches == []
+        assert ctx.written == {}  # nothing written: the forward-auth is not told a phase either
+        assert await apply(ctx, ENVIRONMENT, Outcome(READY, event=("Normal", "PodReady", "up"))) is None
+
+    asyncio.run(scenario())
+    assert len(ctx.kube.patches) == 1 and ctx.kube.events == [("Normal", "PodReady")]
+    written = ctx.kube.patches[0]
+    assert written["phase"] == "Ready" and written["terms"] == STARTING["terms"]
+    assert written["startedAt"] == STARTING["startedAt"] and written["backend"]["node"] == "kwok-1"
+    assert ctx.unwritten == {} and ctx.written == {"u-1": "Ready"}
+
+
+def test_a_held_status_stays_held_while_nothing_new_is_decided_and_is_written_when_due():
+    ctx = context(quiet_start=0.2)
+
+    async def scenario():
+        await apply(ctx, ENVIRONMENT, Outcome(STARTING, quiet=True))
+        left = await apply(ctx, ENVIRONMENT, Outcome())  # converged again, nothing new: still held
+        assert left is not None and 0 < left <= 0.2 and ctx.kube.patches == []
+        await asyncio.sleep(0.25)
+        assert await apply(ctx, ENVIRONMENT, Outcome()) is None  # due: written alone
+
+    asyncio.run(scenario())
+    assert ctx.kube.patches == [STARTING] and ctx.unwritten == {}
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        Outcome(STARTING),  # not quiet (a polled backend, a waiting reason, a status written before)
+        Outcome(STARTING, quiet=True),  # quiet, but quiet_start 0: at once
+    ],
+)
+def test_nothing_is_held_when_quiet_start_is_off_or_the_status_is_not_quiet(outcome):
+    ctx = context(quiet_start=0.0 if outcome.quiet else 5.0)
+    assert asyncio.run(apply(ctx, ENVIRONMENT, outcome)) is None
+    assert ctx.kube.patches == [STARTING] and ctx.unwritten == {}
+
+
+def test_a_failed_write_of_a_held_status_is_decided_again_not_kept():
+    ctx = context(fail=True)
+
+    async def scenario():
+        await apply(ctx, ENVIRONMENT, Outcome(STARTING, quiet=True))
+        with pytest.raises(ConnectionError):
+            await apply(ctx, ENVIRONMENT, Outcome(READY))
+
+    asyncio.run(scenario())
+    assert ctx.unwritten == {} and ctx.written == {}  # the next converge starts from what the API shows
+
+
+def test_a_held_status_goes_with_its_environment():
+    ctx = context()
+    asyncio.run(apply(ctx, ENVIRONMENT, Outcome(STARTING, quiet=True)))
+    ctx.retain(["another-uid"])
+    assert ctx.unwritten == {}
+
+
+class Pods:
+    polled = False
+
+
+class Jobs:
+    polled = True
+
+
+@pytest.mark.parametrize(
+    "backend, before, outcome, quiet",
+    [
+        (Pods(), {}, Outcome(STARTING), True),
+        (Jobs(), {}, Outcome(STARTING), False),  # a Slurm job or a VM: minutes, and its id is recorded at once
+        (Pods(), {"phase": "Pending"}, Outcome(STARTING), False),  # a status was written: it moves at once
+        (Pods(), {}, Outcome(READY), False),  # Ready itself is never held
+        (Pods(), {}, Outcome(STARTING, event=("Warning", "ClaimNotFound", "m")), False),  # a person must act
+        (Pods(), {}, Outcome(STARTING, retry_after=30), False),  # waits on something (the gateway's route)
+        (Pods(), {}, Outcome(None), False),
+    ],
+)
+def test_which_first_statuses_are_quiet(backend, before, outcome, quiet):
+    assert _quiet_start(backend, before, outcome) is quiet
+
+
+def test_quiet_start_is_not_a_wait_for_the_caller():
+    """apply returns at once while it holds (the reconciler converges again when it is due)."""
+    ctx = context(quiet_start=30.0)
+    began = time.monotonic()
+    assert asyncio.run(apply(ctx, ENVIRONMENT, Outcome(STARTING, quiet=True))) == pytest.approx(30.0)
+    assert time.monotonic() - began < 1.0
