@@ -195,7 +195,7 @@ class Settings:
     sweep_interval_seconds: float = 10.0  # expiry / accounting / orphan sweep period
     # A JupyterLab environment's first status ("starting") waits this long to be written together with
     # Ready (one status write per start instead of two); written alone when the pod takes longer. 0: at once.
-    quiet_start_seconds: float = 5.0
+    quiet_start_seconds: float = 15.0
     kube_workers: int = 16  # connections for Kubernetes API calls (kept alive)
     jupyter_port: int = 8888
     cluster_domain: str = "cluster.local"

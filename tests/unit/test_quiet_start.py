@@ -10,7 +10,8 @@ import time
 import pytest
 
 from analysis_operator.engine.converge import Context, Outcome, _quiet_start
-from analysis_operator.engine.reconciler import apply
+from analysis_operator.engine.reconciler import Reconciler, apply
+from analysis_operator.engine.views import EnvironmentRecord
 from analysis_operator.model.conditions import apply_merge_patch, compose_merge_patches
 from analysis_operator.model.domain import Environment
 
@@ -149,3 +150,40 @@ def test_quiet_start_is_not_a_wait_for_the_caller():
     began = time.monotonic()
     assert asyncio.run(apply(ctx, ENVIRONMENT, Outcome(STARTING, quiet=True))) == pytest.approx(30.0)
     assert time.monotonic() - began < 1.0
+
+
+class Counting(Reconciler):
+    """The reconciler's timers as they are, with reconcile counted instead of run."""
+
+    def __init__(self, ctx: Context) -> None:
+        record = EnvironmentRecord(ENVIRONMENT, {})
+        super().__init__(ctx, {(ENVIRONMENT.namespace, ENVIRONMENT.name): [record]}, {})
+        self.reconciled = 0
+
+    async def reconcile(self, record, now=None):
+        self.reconciled += 1
+        return Outcome()
+
+
+@pytest.mark.parametrize(
+    "asks, still_held, reconciled",
+    [
+        ([True], True, 1),  # the held status is due: converge (and write it)
+        ([True], False, 0),  # it went out with Ready meanwhile: the timer has nothing to do
+        ([True, False], False, 1),  # a retry asked for too, merged into the sooner timer: kept
+        ([False, True], False, 1),
+    ],
+)
+def test_a_hold_timer_is_skipped_only_when_all_it_was_for_is_done(asks, still_held, reconciled):
+    ctx = context()
+    reconciler = Counting(ctx)
+
+    async def scenario():
+        for index, hold in enumerate(asks):
+            reconciler.requeue(EnvironmentRecord(ENVIRONMENT, {}), 0.01 * (index + 1), hold=hold)
+        if still_held:
+            ctx.unwritten[ENVIRONMENT.uid] = (ENVIRONMENT, STARTING, 0.0)
+        await asyncio.sleep(0.1)
+
+    asyncio.run(scenario())
+    assert reconciler.reconciled == reconciled and reconciler.pending == 0

@@ -83,7 +83,8 @@ class Reconciler:
     ) -> None:
         self.context, self.environments, self.flavors, self.clock = context, environments, flavors, clock
         self.first_backoff = first_backoff
-        self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}  # uid -> (when, timer)
+        # uid -> (when, timer, only to write a held first status: then not needed once it is written)
+        self._timers: dict[str, tuple[float, asyncio.TimerHandle, bool]] = {}
         self._failures: dict[str, int] = {}  # uid -> unexpected errors in a row, for the backoff
         self._tasks: set[asyncio.Task[Outcome]] = set()
         # converge and its write, one at a time per environment: two converges decided in one order
@@ -107,7 +108,7 @@ class Reconciler:
             outcome = await converge(self.context, environment, status, flavor, now or self.clock())
             held = await apply(self.context, environment, outcome)
         if held is not None:  # a quiet first status waits: written by the next decision, or by this one
-            self.requeue(EnvironmentRecord(environment, status), held)
+            self.requeue(EnvironmentRecord(environment, status), held, hold=True)
         return outcome
 
     def _lock(self, uid: str) -> asyncio.Lock:
@@ -161,24 +162,30 @@ class Reconciler:
             self.requeue(record, outcome.retry_after)
         return outcome
 
-    def requeue(self, record: EnvironmentRecord, delay: float) -> None:
-        """Converge it again in `delay` seconds (the sooner of two asks wins), from the index as it is then."""
+    def requeue(self, record: EnvironmentRecord, delay: float, hold: bool = False) -> None:
+        """Converge it again in `delay` seconds (the sooner of two asks wins), from the index as it is then.
+        `hold`: only to write its held first status (Context.unwritten); skipped if that is written by then."""
         loop = asyncio.get_running_loop()
         uid, key = record.environment.uid, (record.environment.namespace, record.environment.name)
         when = loop.time() + delay
         scheduled = self._timers.get(uid)
         if scheduled is not None:
             if scheduled[0] <= when:
+                if scheduled[2] and not hold:  # asked for more than the held status now
+                    self._timers[uid] = (scheduled[0], scheduled[1], False)
                 return
             scheduled[1].cancel()
-        self._timers[uid] = (when, loop.call_later(delay, self._fire, uid, key))
+            hold = hold and scheduled[2]
+        self._timers[uid] = (when, loop.call_later(delay, self._fire, uid, key), hold)
 
     def wake(self, environment: Environment) -> None:
         """Converge it again now (something it waits for has happened: its route is served)."""
         self.requeue(EnvironmentRecord(environment, {}), 0)
 
     def _fire(self, uid: str, key: tuple[str, str]) -> None:
-        self._timers.pop(uid, None)
+        scheduled = self._timers.pop(uid, None)
+        if scheduled is not None and scheduled[2] and uid not in self.context.unwritten:
+            return  # its held status went out with Ready meanwhile: nothing left to do
         current: EnvironmentRecord | None = first(self.environments, key)
         if current is None or current.environment.uid != uid:
             return  # deleted (or replaced by a namesake) meanwhile: nothing to retry
@@ -206,7 +213,7 @@ class Reconciler:
         self.context.retain(live)
 
     def close(self) -> None:
-        for _, timer in self._timers.values():
+        for _, timer, _ in self._timers.values():
             timer.cancel()
         self._timers.clear()
         for task in self._tasks:
