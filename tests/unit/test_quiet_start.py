@@ -141,7 +141,7 @@ class Jobs:
     ],
 )
 def test_which_first_statuses_are_quiet(backend, before, outcome, quiet):
-    assert _quiet_start(backend, before, outcome) is quiet
+    assert _quiet_start(backend, not before.get("phase"), outcome) is quiet
 
 
 def test_quiet_start_is_not_a_wait_for_the_caller():
@@ -187,3 +187,42 @@ def test_a_hold_timer_is_skipped_only_when_all_it_was_for_is_done(asks, still_he
 
     asyncio.run(scenario())
     assert reconciler.reconciled == reconciled and reconciler.pending == 0
+
+
+def test_a_second_quiet_status_joins_the_held_one_and_keeps_its_deadline():
+    """Pod Ready, the gateway still opening its route: still "starting", held together, written with Ready."""
+    ctx = context()
+    opening = {"reason": "Opening", "connection": {"url": "http://gw/env/ns/lab/"}}
+
+    async def scenario():
+        first = await apply(ctx, ENVIRONMENT, Outcome(STARTING, quiet=True))
+        assert await apply(ctx, ENVIRONMENT, Outcome(opening, quiet=True)) <= first
+        assert ctx.kube.patches == []
+        await apply(ctx, ENVIRONMENT, Outcome(READY))
+
+    asyncio.run(scenario())
+    (written,) = ctx.kube.patches
+    assert written["phase"] == "Ready" and written["connection"]["url"] == "http://gw/env/ns/lab/"
+    assert written["terms"] == STARTING["terms"]
+
+
+@pytest.mark.parametrize(
+    "body, said",
+    [
+        (
+            '{"kind":"Status","message":"analysisenvironments.analysis.panosc.eu \\"lab\\" is forbidden: User '
+            '\\"system:serviceaccount:ops:aop\\" cannot patch resource \\"analysisenvironments/status\\" in API '
+            'group \\"analysis.panosc.eu\\" in the namespace \\"t-1\\"","reason":"Forbidden","code":403}',
+            'User "system:serviceaccount:ops:aop" cannot patch resource "analysisenvironments/status" in API group '
+            '"analysis.panosc.eu" in the namespace "t-1"',
+        ),
+        ('{"kind":"Status","message":"admission webhook denied the request: token=s3cret","code":403}', ""),
+        ("not json", ""),
+    ],
+)
+def test_a_refusal_names_the_missing_rule_and_nothing_of_the_object(body, said):
+    from analysis_operator.infra.kube import KubeError
+
+    error = KubeError("PATCH", "/apis/x/lab/status", 403, "Forbidden", body)
+    assert error.denial == said and "s3cret" not in repr(error)
+    assert repr(error).endswith(f": {said})" if said else "/apis/x/lab/status)")

@@ -409,17 +409,18 @@ async def _run_backend(
             now,
         )
     outcome = await _observed(launcher.context, environment, flavor, status, observation, now, times, launcher.mounts)
-    return replace(outcome, quiet=True) if _quiet_start(backend, status, outcome) else outcome
+    first = not status.get("phase") or environment.uid in launcher.context.unwritten  # nothing written yet
+    return replace(outcome, quiet=True) if _quiet_start(backend, first, outcome) else outcome
 
 
-def _quiet_start(backend: Backend, status: Mapping[str, Any], outcome: Outcome) -> bool:
+def _quiet_start(backend: Backend, first: bool, outcome: Outcome) -> bool:
     """A first status that only says the environment is starting (pure): nothing was written before,
     nothing waits on a person, and the backend tells the operator itself when it is Ready (its pod's
     events), so the next status follows in a moment. A polled backend's (a Slurm job, a VM) takes
     minutes, and its first status records the job or server: written at once."""
     return (
         not backend.polled
-        and not status.get("phase")
+        and first
         and outcome.status is not None
         and outcome.status.get("phase") == Phase.PROVISIONING.value
         and outcome.event is None

@@ -42,15 +42,16 @@ async def apply(context: Context, environment: Environment, outcome: Outcome) ->
     someone who saw the new phase before this loop has taken the patch's answer back.
 
     A quiet first status (Outcome.quiet: "starting", nothing written before) is held for up to
-    context.quiet_start seconds instead, and written with the next status decided (Ready, usually a
-    moment later: one write where there were two), or alone once that time is up. Returns the seconds
+    context.quiet_start seconds instead, and written with the next status decided that is not quiet
+    (Ready, usually a moment later: one write where there were two), or alone once that time is up. Returns the seconds
     left until then while one is held (the caller converges again at that time), else None."""
     status = outcome.status
     held = context.unwritten.pop(environment.uid, None)
     if held is not None:
         left = held[2] - time.monotonic()
-        if status is None and left > 0:
-            context.unwritten[environment.uid] = held
+        if left > 0 and (status is None or outcome.quiet):  # still only "starting" (the gateway opening)
+            patch = held[1] if status is None else compose_merge_patches(held[1], status)
+            context.unwritten[environment.uid] = (environment, patch, held[2])
             return left
         status = compose_merge_patches(held[1], status or {})
     elif status is not None and outcome.quiet and context.quiet_start > 0:

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import datetime
 import json
+import re
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -69,16 +70,35 @@ def _bytes(body: Any) -> bytes:
     return body if isinstance(body, bytes) else str(body or "").encode()
 
 
+# The API server's words for an RBAC refusal: who may not do what where. Names only, never an object's values.
+_RBAC_DENIAL = re.compile(
+    r'is forbidden: (User "[^"]*" cannot [a-z]+ resource "[^"]*"'
+    r'(?: in API group "[^"]*")?(?: in the namespace "[^"]*"| at the cluster scope)?)'
+)
+
+
 class KubeError(ApiException):
     """A refusal, as the official client raises it, whose repr (what the log shows) says which call was
-    refused and how: never the answer's message, which may quote an object's values."""
+    refused and how: never the answer's message, which may quote an object's values; only, for an RBAC
+    refusal, which rule is missing (the user, verb, resource and namespace the API server names)."""
 
     def __init__(self, method: str, path: str, status: int, reason: str, body: str) -> None:
         super().__init__(status=status, reason=reason, body=body)
         self.call = f"{method} {path}"
+        self.denial = rbac_denial(body) if status == 403 else ""
 
     def __repr__(self) -> str:
-        return f"KubeError({self.status} {self.reason}: {self.call})"
+        return f"KubeError({self.status} {self.reason}: {self.call}{': ' + self.denial if self.denial else ''})"
+
+
+def rbac_denial(body: str | bytes | None) -> str:
+    """'User "x" cannot patch resource "y" in API group "g" in the namespace "n"' from a 403's Status (pure)."""
+    try:
+        message = str((json.loads(body or b"{}") or {}).get("message") or "")
+    except (ValueError, AttributeError):
+        return ""
+    found = _RBAC_DENIAL.search(message)
+    return found.group(1) if found else ""
 
 
 def namespace_terminating(error: BaseException) -> bool:
