@@ -130,6 +130,32 @@ def test_waiting_for_a_kept_connection_is_not_part_of_a_calls_time_limit(kubecon
     assert took >= 4 - 0.5, f"the four calls shared one connection, one after another ({took:.1f} s)"
 
 
+def test_urgent_calls_do_not_queue_behind_a_busy_pool(kubeconfig, monkeypatch, namespace):
+    """What an admission webhook waits for (the budget gate's confirmation) has connections of its own:
+    with the one common connection held for 3 s, an urgent read is answered at once, a common one waits."""
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kubeconfig)
+    client = KubeClient(1)
+
+    async def busy() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        try:
+            held = loop.create_task(_slow_call(client, namespace, 3))
+            await asyncio.sleep(0.2)  # the slow call has the connection
+            started = loop.time()
+            assert await client.get_environment(namespace, "absent", urgent=True) is None
+            urgent = loop.time() - started
+            assert await client.get_environment(namespace, "absent") is None
+            common = loop.time() - started
+            await held
+            return urgent, common
+        finally:
+            await client.close()
+
+    urgent, common = asyncio.run(busy())
+    assert urgent < 1.0, f"the urgent read waited {urgent:.1f} s"
+    assert common >= 2.0, f"the common read did not wait for the held connection ({common:.1f} s)"
+
+
 def test_a_server_that_does_not_answer_within_the_limit_fails_the_call(kubeconfig, monkeypatch, namespace):
     """The limit still holds for a call that has its connection: the server keeps it 5 s, the limit is 1 s."""
     monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kubeconfig)
@@ -179,3 +205,28 @@ def test_labelled_objects_are_read_in_pages_of_metadata_only(kubeconfig, monkeyp
     assert all(set(metadata) >= {"name", "namespace", "labels", "uid"} for metadata in found)
     assert not any("managedFields" in metadata for metadata in found)
     assert all(metadata["labels"] == {"sweep": "me"} for metadata in found)
+
+
+def test_an_owners_environments_are_one_list_by_the_crds_selectable_field(kubeconfig, monkeypatch, environments):
+    """The budget gate's confirmation: spec.owner is a selectable field of the CRD, so the API server
+    answers "alice's environments in this namespace" itself, in pages, and nobody else's."""
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kubeconfig)
+    monkeypatch.setattr(kube_module, "LIST_PAGE", 2)
+    for index in range(3):
+        environments.create(f"alice-{index}", owner="alice", flavor="test-short", suspend=True)
+    environments.create("bob-0", owner="bob", flavor="test-short", suspend=True)
+    environments.create("alicex-0", owner="alicex", flavor="test-short", suspend=True)  # a prefix is not her
+    client = KubeClient(2)
+
+    async def listed():
+        try:
+            return await client.environments_of(environments.namespace, "alice"), await client.environments_of(
+                environments.namespace, "nobody"
+            )
+        finally:
+            await client.close()
+
+    alices, nobodys = asyncio.run(listed())
+    assert sorted(item["metadata"]["name"] for item in alices) == ["alice-0", "alice-1", "alice-2"]
+    assert all(item["spec"]["owner"] == "alice" and item["metadata"]["uid"] for item in alices)  # whole objects
+    assert nobodys == []

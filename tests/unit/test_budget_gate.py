@@ -36,16 +36,22 @@ class Api:
             "status": {"environments": entries or {}},
         }
         self.environments: dict[tuple[str, str], dict] = {}
-        self.reads, self.writes = 0, 0
+        self.reads, self.lists, self.writes = 0, 0, 0
         self.index: dict[str, list[Budget]] = {"b": [Budget.from_body(self.budget)]}
 
     def running(self, name: str, uid: str, **status: Any) -> None:
         self.environments[("ns", name)] = {"metadata": {"name": name, "uid": uid}, "status": status}
 
-    async def get_environment(self, namespace: str, name: str) -> dict | None:
+    async def get_environment(self, namespace: str, name: str, urgent: bool = False) -> dict | None:
         self.reads += 1
         await asyncio.sleep(0.001)
         return self.environments.get((namespace, name))
+
+    async def environments_of(self, namespace: str, owner: str, urgent: bool = False) -> list[dict]:
+        """One list per namespace and owner (every environment here is alice's)."""
+        self.lists += 1
+        await asyncio.sleep(0.001)
+        return [body for (where, _), body in self.environments.items() if where == namespace]
 
     async def get_cluster_object(self, plural: str, name: str) -> dict:
         return self.budget
@@ -150,9 +156,81 @@ def test_refusals_racing_on_one_budget_share_confirmations():
     assert api.reads <= 2 * 2  # two rounds of one read per entry, not 50
 
 
+def test_entries_the_index_has_are_confirmed_in_one_list_per_namespace_and_owner():
+    entries = {f"u{n}": entry(f"e{n}") for n in range(20)} | {"gone-uid": entry("gone")}
+    api = Api({"maxEnvironments": 21}, entries)
+    index = {}
+    for n in range(20):
+        api.running(f"e{n}", f"u{n}", phase="Ready")
+        index[("ns", f"e{n}")] = record(f"e{n}", f"u{n}", phase="Ready")
+    index[("ns", "gone")] = record("gone", "gone-uid", phase="Ready")  # the index has not seen the delete
+    g = gate(api)
+    assert admit(g, "new", index) is None  # "gone" is not in the API server's list: its slot is free
+    assert (api.lists, api.reads) == (1, 0)
+    assert g.ended == {"gone-uid": None}
+
+
+def test_entries_the_index_lacks_are_read_one_by_one():
+    api = Api({"maxEnvironments": 2}, {"a": entry("a"), "b": entry("b")})
+    api.running("a", "a", phase="Ready")
+    api.running("b", "b", phase="Ready")
+    assert admit(gate(api), "new", {("ns", "a"): record("a", "a", phase="Ready")}).reason == "TooManyEnvironments"
+    assert (api.lists, api.reads) == (1, 1)  # "a" listed with alice's; "b" unknown to the index: read
+
+
+def test_a_list_the_api_server_refuses_falls_back_to_one_read_each():
+    class OldCrd(Api):  # spec.owner not yet a selectable field: 400 field label not supported
+        async def environments_of(self, namespace: str, owner: str, urgent: bool = False) -> list[dict]:
+            raise RuntimeError("400 Bad Request: field label not supported: spec.owner")
+
+    api = OldCrd({"maxEnvironments": 1}, {"old-uid": entry("old")})
+    index = {("ns", "old"): record("old", "old-uid", phase="Ready")}
+    assert admit(gate(api), "new", index) is None  # read: 404, so its slot is free
+    assert api.reads == 1
+    api = OldCrd({"maxEnvironments": 1}, {"old-uid": entry("old")})
+    api.running("old", "old-uid", phase="Ready")
+    assert admit(gate(api), "new", index).reason == "TooManyEnvironments"  # read: still running
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_a_stream_of_refusals_reuses_rounds_and_starts_the_next_before_it_is_due(monkeypatch):
+    """Rounds are shared for CONFIRMATION_REUSE_SECONDS; past half of that the next starts in the
+    background, so a refusal waits for a round only when none started that recently."""
+    from analysis_operator.engine import budget_gate
+
+    clock = Clock()
+    monkeypatch.setattr(budget_gate, "time", clock)
+    reuse = budget_gate.CONFIRMATION_REUSE_SECONDS
+    api = Api({"maxEnvironments": 1}, {"old-uid": entry("old")})
+    api.running("old", "old-uid", phase="Ready")
+    g = gate(api)
+
+    async def stream() -> list[int]:
+        reads = []
+        for moment in (0.0, 0.4 * reuse, 0.6 * reuse, 0.7 * reuse, 1.5 * reuse, 2.7 * reuse):
+            clock.now = 1000.0 + moment
+            refusal = await g.admit_checked("ns", "new", "alice", "", CPU, {}, T0)
+            assert refusal is not None and refusal.reason == "TooManyEnvironments"
+            reads.append(api.reads)
+            await asyncio.sleep(0.01)  # a round started in the background ends
+        return reads
+
+    # 0: the first round, waited for. 0.4: reused. 0.6: reused, the next round started (read after
+    # the answer). 0.7: that round is on its way or done: no other. 1.5: the one from 0.6 is recent
+    # enough, past half: another in the background. 2.7: none since 1.5 is recent enough: waited for.
+    assert asyncio.run(stream()) == [1, 1, 1, 2, 2, 4]
+
+
 def test_an_unanswered_confirmation_refuses_as_before():
     class Down(Api):
-        async def get_environment(self, namespace: str, name: str) -> dict | None:
+        async def get_environment(self, namespace: str, name: str, urgent: bool = False) -> dict | None:
             raise ConnectionError("API server unreachable")
 
     api = Down({"maxEnvironments": 1}, {"old-uid": entry("old")})

@@ -50,6 +50,7 @@ _CORE_PLURALS = {
 # Lists of many objects read for their metadata only (the API server leaves out spec and status), in
 # pages: kubectl's and client-go's metadata-only lists, with JSON when a server cannot do it.
 METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1, application/json"
+URGENT_CONNECTIONS = 2  # kept for calls an admission webhook's answer waits for (KubeClient._session_here)
 LIST_PAGE = 500  # objects per page, of these lists and of kopf's (client-go's informers use the same)
 ATTEMPTS = 3  # a connection refused or dropped before an answer is tried again at once, as urllib3 did
 # Seconds for one call once it has a connection, as kopf's own (settings.networking.request_timeout).
@@ -179,21 +180,30 @@ class KubeClient:
         self._ssl = ssl_context(self._configuration)
         self._connections = connections
         self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._sessions: dict[asyncio.AbstractEventLoop, tuple[aiohttp.ClientSession, asyncio.Semaphore]] = {}
+        self._sessions: dict[
+            asyncio.AbstractEventLoop, tuple[aiohttp.ClientSession, asyncio.Semaphore, asyncio.Semaphore]
+        ] = {}
 
-    def _session_here(self) -> tuple[aiohttp.ClientSession, asyncio.Semaphore]:
+    def _session_here(self, urgent: bool = False) -> tuple[aiohttp.ClientSession, asyncio.Semaphore]:
         """The session of the running loop and its free connections: one client may serve two loops (the
         forward-auth's thread has one of its own), and a session belongs to the loop it was made in.
-        A call takes a connection (queueing without a time limit) before its own time starts."""
+        A call takes a connection (queueing without a time limit) before its own time starts. Urgent
+        calls (an admission webhook waits for them) have URGENT_CONNECTIONS of their own, so they do
+        not queue behind a burst of reconciles."""
         loop = asyncio.get_running_loop()
         found = self._sessions.get(loop)
         if found is None or found[0].closed:
             for gone in [other for other in self._sessions if other.is_closed()]:
                 del self._sessions[gone]
-            connector = aiohttp.TCPConnector(limit=self._connections, ssl=self._ssl)
+            connector = aiohttp.TCPConnector(limit=self._connections + URGENT_CONNECTIONS, ssl=self._ssl)
             session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
-            found = self._sessions[loop] = (session, asyncio.Semaphore(self._connections))
-        return found
+            found = self._sessions[loop] = (
+                session,
+                asyncio.Semaphore(self._connections),
+                asyncio.Semaphore(URGENT_CONNECTIONS),
+            )
+        session, common, kept = found
+        return session, kept if urgent else common
 
     def _headers(self, content_type: str, accept: str = "application/json") -> dict[str, str]:
         headers = {"Accept": accept, "User-Agent": USER_AGENT}  # the user agent is also the default field manager
@@ -222,6 +232,7 @@ class KubeClient:
         allow: tuple[int, ...] = (),
         timeout: float | None = None,
         parsed: bool = True,
+        urgent: bool = False,
         **query: str,
     ) -> tuple[int, dict[str, Any]]:
         """One call: (status, JSON answer). A refusal raises ApiException unless its status is allowed
@@ -232,7 +243,7 @@ class KubeClient:
         headers = self._headers(content_type or ("application/json" if data is not None else ""), accept)
         options = self._options(query, headers, None if timeout is None else aiohttp.ClientTimeout(total=timeout))
         options["data"] = data
-        session, free = self._session_here()
+        session, free = self._session_here(urgent)
         async with free:
             for attempt in range(1, ATTEMPTS + 1):
                 try:
@@ -246,9 +257,9 @@ class KubeClient:
             raise KubeError(method, path, status, reason, answer.decode(errors="replace"))
         return status, (json.loads(answer) if answer and parsed else {})
 
-    async def _get(self, path: str) -> dict[str, Any] | None:
+    async def _get(self, path: str, urgent: bool = False) -> dict[str, Any] | None:
         """An object, None when it is not there."""
-        status, answer = await self._request("GET", path, allow=(404,))
+        status, answer = await self._request("GET", path, allow=(404,), urgent=urgent)
         return None if status == 404 else answer
 
     async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
@@ -273,11 +284,15 @@ class KubeClient:
         """Where the objects of a core kind in the namespaces this operator serves are listed."""
         return core_path(kind, self.namespace) if self.namespace else f"/api/v1/{_CORE_PLURALS[kind]}"
 
-    async def _pages(self, path: str, selector: str, accept: str) -> AsyncIterator[dict[str, Any]]:
+    async def _pages(
+        self, path: str, selector: str, accept: str, fields: str = "", urgent: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
         """A list in pages of LIST_PAGE objects (one consistent snapshot: the pages continue the first)."""
         page: dict[str, Any] = {"labelSelector": selector, "limit": str(LIST_PAGE)}  # "continue" is a keyword
+        if fields:
+            page["fieldSelector"] = fields
         while True:
-            status, listing = await self._request("GET", path, accept=accept, allow=(410,), **page)
+            status, listing = await self._request("GET", path, accept=accept, allow=(410,), urgent=urgent, **page)
             if status == 410:  # the snapshot the pages continue was compacted away
                 raise Expired(path)
             yield listing
@@ -380,8 +395,17 @@ class KubeClient:
         )
         return status != 404
 
-    async def get_environment(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return await self._get(custom_path(ENVIRONMENTS, name, namespace))
+    async def get_environment(self, namespace: str, name: str, urgent: bool = False) -> dict[str, Any] | None:
+        return await self._get(custom_path(ENVIRONMENTS, name, namespace), urgent)
+
+    async def environments_of(self, namespace: str, owner: str, urgent: bool = False) -> list[dict[str, Any]]:
+        """Every environment of one owner in a namespace, read from the API server (a consistent read,
+        as a GET is): spec.owner is a selectable field of the CRD, so this is one call, not one each."""
+        path = custom_path(ENVIRONMENTS, "", namespace).rstrip("/")
+        items: list[dict[str, Any]] = []
+        async for listing in self._pages(path, "", "application/json", f"spec.owner={owner}", urgent):
+            items.extend(listing.get("items") or ())
+        return items
 
     async def environment_exists(self, namespace: str, name: str, uid: str) -> bool:
         body = await self.get_environment(namespace, name)
