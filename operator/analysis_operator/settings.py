@@ -192,6 +192,9 @@ class Settings:
     peering_priority: int = 0
     # A replica silent this long is presumed dead: bounds the takeover after a crash.
     peering_lifetime_seconds: int = 60
+    # Peered replicas label their own pod analysis.panosc.eu/replica=active|standby (the chart's offer
+    # Service selects the active one): the pod's namespace; its name is kopf's identity, POD_ID.
+    pod_namespace: str = ""
     sweep_interval_seconds: float = 10.0  # expiry / accounting / orphan sweep period
     # A JupyterLab environment's first status ("starting") waits this long to be written together with
     # Ready (one status write per start instead of two); written alone when the pod takes longer. 0: at once.

@@ -317,9 +317,15 @@ def test_default_values_render_and_are_accepted_by_the_api_server(fresh_namespac
     find(objects, "PodDisruptionBudget")
     find(objects, "ClusterKopfPeering")
     assert not [o for o in objects if o["kind"] in ("NetworkPolicy", "ServiceMonitor", "Certificate")]
-    # The one Role: the operator-made certificate's Secret, in the release's namespace.
-    assert find(objects, "Role")["metadata"] == {**find(objects, "Role")["metadata"], "namespace": namespace}
-    assert find(objects, "Role")["metadata"]["name"] == "aop-analysis-operator-webhook-tls"
+    # Two Roles, in the release's namespace: the operator-made certificate's Secret, and patching its
+    # own pod's label (analysis.panosc.eu/replica, which the offer Service selects).
+    roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Role"}
+    assert set(roles) == {"aop-analysis-operator-webhook-tls", "aop-analysis-operator-replica"}
+    assert all(role["metadata"]["namespace"] == namespace for role in roles.values())
+    assert roles["aop-analysis-operator-replica"]["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}
+    ]
+    assert not [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"].endswith("-offer")]  # no gateway
     output = _apply(objects, tmp_path / "default.yaml", "--dry-run=server")
     assert output.count("(server dry run)") == len(objects)
 
@@ -336,7 +342,7 @@ def test_custom_values_render_and_are_accepted_by_the_api_server(fresh_namespace
     deployment = find(objects, "Deployment")
     assert deployment["spec"]["replicas"] == 3
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"].endswith("@sha256:" + "ab" * 32)
-    role = find(objects, "Role")
+    role = find(objects, "Role", "aop-analysis-operator")
     assert role["metadata"]["namespace"] == watched
     assert "pods" in {r for rule in role["rules"] for r in rule["resources"]}
     cluster_role = find(objects, "ClusterRole", "aop-analysis-operator")
@@ -363,6 +369,10 @@ def test_custom_values_render_and_are_accepted_by_the_api_server(fresh_namespace
     }
     # OPEN: forward-auth served to the gateway's namespace only; routes in the watched namespace.
     assert find(objects, "Service", "aop-analysis-operator")["spec"]["ports"][0]["name"] == "forward-auth"
+    # The offer API on the same port, from the active replica only (it labels its pod; test_peering.py).
+    offer = find(objects, "Service", "aop-analysis-operator-offer")["spec"]
+    assert offer["selector"]["analysis.panosc.eu/replica"] == "active" and offer["ports"][0]["port"] == 9100
+    assert find(objects, "Role", "aop-analysis-operator-replica")["metadata"]["namespace"] == namespace
     forward_auth = [
         rule
         for rule in find(objects, "NetworkPolicy", "aop-analysis-operator")["spec"]["ingress"]
@@ -768,6 +778,8 @@ def chart_operator(fresh_namespace, other_operators_stopped, tmp_path, kubeconfi
                 core, custom, kubeconfig, f"system:serviceaccount:{namespace}:{service_account}", namespace
             )
         )
+        # A stand-in for the replica's pod, which it labels active under the chart's Role.
+        kubectl("run", f"{release}-0", "-n", namespace, "--image=analysis-operator", "--restart=Never")
         # As in the chart: the operator makes its webhook certificate (a Secret in its namespace,
         # under the chart's Role); nothing registered here (no host, no webhook configurations).
         process = OperatorProcess(
@@ -781,6 +793,8 @@ def chart_operator(fresh_namespace, other_operators_stopped, tmp_path, kubeconfi
             ANALYSIS_OPERATOR_ADMISSION_WEBHOOK_CONFIGURATION=f"{release}-analysis-operator",
             ANALYSIS_OPERATOR_STANDALONE="false",
             ANALYSIS_OPERATOR_PEERING_NAME=release,
+            ANALYSIS_OPERATOR_POD_NAMESPACE=namespace,
+            POD_ID=f"{release}-0",
         )
         started.append((process, manifest))
         process.start()
@@ -809,6 +823,24 @@ def test_chart_rbac_is_enough_for_a_whole_lifecycle(chart_operator, custom, name
     )
     served = ssl.DER_cert_to_PEM_cert(_served_certificate(process.webhook_port, data["ca.crt"], hostname, client_ca))
     assert served.strip() == base64.b64decode(data["tls.crt"]).decode().strip()
+    # The one replica labelled its pod active (the offer Service's selector) under the chart's Role.
+    pod = process.settings["POD_ID"]
+    wait_for(
+        lambda: (
+            kubectl(
+                "get",
+                "pod",
+                pod,
+                "-n",
+                release_namespace,
+                "-o",
+                r"jsonpath={.metadata.labels.analysis\.panosc\.eu/replica}",
+            ).stdout
+            == "active"
+        ),
+        timeout=15,
+        what="the replica's pod labelled active",
+    )
     environments = Environments(custom, namespace)
     environments.create("lab", flavor="jupyter-basic")
     ready = environments.wait_phase("lab", "Ready", timeout=60)

@@ -61,6 +61,21 @@ def split(name: str, processes: list[OperatorProcess]) -> tuple[OperatorProcess,
     return ranked[1], ranked[0]
 
 
+REPLICA_LABEL = "analysis.panosc.eu/replica"
+REPLICAS_NAMESPACE = "default"  # where the stand-ins for the replicas' pods are (as the chart's pods would be)
+
+
+def replica_pod(name: str) -> str:
+    """A pod object standing in for a replica's pod (POD_ID), which the replica labels; removed at the end."""
+    kubectl("run", name, "-n", REPLICAS_NAMESPACE, "--image=analysis-operator", "--restart=Never")
+    return name
+
+
+def role(pod: str) -> str | None:
+    labels = json.loads(kubectl("get", "pod", pod, "-n", REPLICAS_NAMESPACE, "-o", "json").stdout)["metadata"]
+    return (labels.get("labels") or {}).get(REPLICA_LABEL)
+
+
 def start_pair(
     tmp_path, kubeconfig: str, lifetime: int = LIFETIME, on_start=lambda name, processes: None
 ) -> tuple[str, list[OperatorProcess]]:
@@ -69,6 +84,8 @@ def start_pair(
     manifest = tmp_path / f"{name}.yaml"
     manifest.write_text(f"apiVersion: kopf.dev/v1\nkind: ClusterKopfPeering\nmetadata: {{name: {name}}}\n")
     kubectl("apply", "-f", str(manifest))
+    for index in range(2):
+        replica_pod(f"{name}-{index}")
     certificates = tmp_path / "tls"
     ensure_certificates(str(certificates), ("localhost",))
     processes = [
@@ -80,6 +97,7 @@ def start_pair(
             ANALYSIS_OPERATOR_PEERING_LIFETIME_SECONDS=str(lifetime),
             ANALYSIS_OPERATOR_ADMISSION_HOST="",  # served, registered by nobody
             ANALYSIS_OPERATOR_ADMISSION_CERT_DIR=str(certificates),
+            ANALYSIS_OPERATOR_POD_NAMESPACE=REPLICAS_NAMESPACE,
             POD_ID=f"{name}-{index}",
         )  # kopf's peer identity, as in the chart
         for index in range(2)
@@ -106,6 +124,7 @@ def operator_pair(kubeconfig, other_operators_stopped, tmp_path):
     for name, processes in started:
         for process in processes:
             process.stop(signal.SIGKILL)
+            kubectl("delete", "pod", process.settings["POD_ID"], "-n", REPLICAS_NAMESPACE, "--ignore-not-found")
         kubectl("delete", "clusterkopfpeering", name, "--ignore-not-found")
 
 
@@ -118,6 +137,10 @@ def test_one_of_two_reconciles_and_the_other_takes_over_when_it_is_killed(operat
     environments.wait_phase("first", "Ready", timeout=30)
     assert handled(active, "first") and not handled(standby, "first")
 
+    # The offer Service (the chart's) selects the pod labelled active: the active one's, not the standby's.
+    pods = active.settings["POD_ID"], standby.settings["POD_ID"]
+    wait_for(lambda: (role(pods[0]), role(pods[1])) == ("active", "standby"), timeout=10, what="the replicas labelled")
+
     active.stop(signal.SIGKILL)
     killed = time.monotonic()
     environments.create("second", flavor="jupyter-basic")
@@ -127,6 +150,8 @@ def test_one_of_two_reconciles_and_the_other_takes_over_when_it_is_killed(operat
     # Bounded by the dead peer's lifetime (its last keep-alive was at most that long ago),
     # plus the standby's reaction and one reconcile.
     assert takeover <= LIFETIME + 5, f"takeover took {takeover:.1f}s with a {LIFETIME}s peering lifetime"
+    # The dead one's label stays (its pod would be gone, or not ready: out of the Service either way).
+    wait_for(lambda: role(pods[1]) == "active", timeout=5, what="the new active replica labelled")
     print(f"takeover after SIGKILL: {takeover:.1f}s (lifetime {LIFETIME}s)")
 
 

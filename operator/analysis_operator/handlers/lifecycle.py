@@ -10,6 +10,7 @@ import datetime
 import functools
 import gc
 import logging
+import os
 import pathlib
 import random
 import ssl
@@ -140,6 +141,12 @@ async def on_startup(
     )
     memo.pods.follow()
     memo.sweeper = asyncio.create_task(sweep_forever(memo, config.sweep_interval_seconds))
+    pod = os.environ.get("POD_ID", "")
+    memo.role_labeller = (
+        asyncio.create_task(label_role_forever(memo, config.pod_namespace, pod))
+        if not config.standalone and config.pod_namespace and pod
+        else None
+    )
     log.info("operator.started", namespace=config.namespace or "*", standalone=config.standalone, allocator=allocator())
 
 
@@ -264,7 +271,7 @@ async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
     except TimeoutError:
         log.warning("operator.flush_timeout", unwritten=len(memo.context.unwritten))
     await memo.pods.stop()
-    for task in (memo.sweeper, memo.certificates):
+    for task in (memo.sweeper, memo.certificates, memo.role_labeller):
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -285,6 +292,34 @@ async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
     for backend in memo.context.backends.values():
         backend.close()
     await memo.context.kube.close()
+
+
+REPLICA_LABEL = f"{GROUP}/replica"
+
+
+async def label_role_forever(memo: kopf.Memo, namespace: str, pod: str, interval: float = ACTIVE_FOR) -> None:
+    """Label this replica's pod active or standby (REPLICA_LABEL) as it changes, asking the peering
+    record every `interval`: the chart's offer Service selects the active replica, so the portal is
+    never sent to a standby (whose views are paused: it answers 503). A label that could not be
+    written is tried again at the next round; until the takeover's first round, no pod is labelled
+    active and the Service has no endpoint (the peering lifetime after a crash, about a second on a
+    clean stop)."""
+    labelled = ""
+    while True:
+        try:
+            # Not memo.active_at: a pod change asks for itself (acting) unless it asked a moment ago, so
+            # one arriving just after a takeover is not dropped on this loop's answer of before.
+            memo.active = await is_active(memo)
+            role = "active" if memo.active else "standby"
+            if role != labelled:
+                if await memo.context.kube.label_pod(namespace, pod, {REPLICA_LABEL: role}):
+                    log.info("replica.labelled", pod=f"{namespace}/{pod}", role=role)
+                else:
+                    log.warning("replica.pod_not_found", pod=f"{namespace}/{pod}", role=role)
+                labelled = role
+        except Exception as error:  # the API server away a moment: ask again next round
+            log.warning("replica.label_failed", pod=f"{namespace}/{pod}", error=repr(error))
+        await asyncio.sleep(interval)
 
 
 async def sweep_forever(memo: kopf.Memo, interval: float, orphan_every: int = 10) -> None:

@@ -452,6 +452,13 @@ class KubeClient:
         body = await self._get(custom_path(plural, peering, namespace, group="kopf.dev", version="v1"))
         return dict((body or {}).get("status") or {})
 
+    async def label_pod(self, namespace: str, name: str, labels: dict[str, str]) -> bool:
+        """Merge these labels into a pod's; False if there is no such pod."""
+        path = core_path("Pod", namespace, name)
+        body = {"metadata": {"labels": labels}}
+        status, _ = await self._request("PATCH", path, body, content_type=MERGE_PATCH, allow=(404,), parsed=False)
+        return status != 404
+
     async def replace_cluster_status(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
         """PUT the status of a cluster-scoped object; raises ApiException 409 when body's
         resourceVersion is no longer current (optimistic concurrency: re-read and decide again)."""
