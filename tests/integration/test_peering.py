@@ -201,6 +201,7 @@ def test_a_standby_acts_on_no_pod_change_and_asks_again_once_it_may_have_changed
                 '[{"op": "remove", "path": "/status/other"}]',
             )
             answers.append(await lifecycle.acting(memo))  # within a second: the answer just read
+            answers.append(await lifecycle.acting(memo, fresh=True))  # a start of its own: asked at once
             await asyncio.sleep(lifecycle.ACTIVE_FOR + 0.1)
             answers.append(await lifecycle.acting(memo))  # asked again: nobody outranks it now
             return answers
@@ -208,6 +209,6 @@ def test_a_standby_acts_on_no_pod_change_and_asks_again_once_it_may_have_changed
             await kube.close()
 
     try:
-        assert asyncio.run(scenario()) == [False, False, True]
+        assert asyncio.run(scenario()) == [False, False, True, True]
     finally:
         kubectl("delete", "clusterkopfpeering", name, "--ignore-not-found")

@@ -1,6 +1,8 @@
-"""handlers/lifecycle.label_role_forever: a peered replica labels its pod active or standby when that
-changes (the chart's offer Service selects the active one), once per change, and tries again after a
-failed write. The real API server and two real replicas: tests/integration/test_peering.py."""
+"""Peered replicas (handlers/lifecycle.py). label_role_forever: a replica labels its pod active or
+standby when that changes (the chart's offer Service selects the active one), once per change, and
+tries again after a failed write. on_pod: a pod of an environment this replica is starting asks again
+whether it may act when the last answer said standby (a takeover a moment ago). The real API server
+and two real replicas: tests/integration/test_peering.py."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import types
 
 import pytest
 
+from analysis_operator.handlers import lifecycle
 from analysis_operator.handlers.lifecycle import REPLICA_LABEL, label_role_forever
 from analysis_operator.settings import Settings
 
@@ -52,5 +55,47 @@ def test_the_pod_is_labelled_once_per_change_of_role_and_again_after_a_failed_wr
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+    asyncio.run(scenario())
+
+
+class Reconciler:
+    def __init__(self, starting: set[str]) -> None:
+        self.starting = starting
+        self.environments = {
+            ("ns", name): [types.SimpleNamespace(environment=types.SimpleNamespace(uid=f"uid-{name}"))]
+            for name in ("mine", "theirs")
+        }
+
+    def started(self, uid: str) -> bool:
+        return uid in self.starting
+
+
+def test_a_pod_of_a_start_of_its_own_asks_again_after_a_takeover_others_wait(monkeypatch):
+    acted, asked = [], []
+
+    async def pod_changed(memo, key) -> None:
+        acted.append(key[1])
+
+    async def is_active(memo) -> bool:
+        asked.append(True)
+        return True  # the takeover happened a moment ago
+
+    monkeypatch.setattr(lifecycle, "pod_changed", pod_changed)
+    monkeypatch.setattr(lifecycle, "is_active", is_active)
+
+    async def scenario() -> None:
+        memo = types.SimpleNamespace(
+            config=Settings(standalone=False),
+            reconciler=Reconciler({"uid-mine"}),
+            active=False,  # the answer of a moment ago: standby
+            active_at=asyncio.get_running_loop().time(),
+        )
+        await lifecycle.on_pod(memo, ("ns", "theirs"))  # not one it started: the last answer stands
+        assert (acted, asked) == ([], [])
+        await lifecycle.on_pod(memo, ("ns", "mine"))  # its own start: asked again, and acted on
+        assert (acted, asked) == (["mine"], [True]) and memo.active is True
+        await lifecycle.on_pod(memo, ("ns", "theirs"))  # the fresh answer now serves the others too
+        assert acted == ["mine", "theirs"] and len(asked) == 1
 
     asyncio.run(scenario())

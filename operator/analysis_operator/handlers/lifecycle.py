@@ -30,7 +30,7 @@ from analysis_operator.engine.reconciler import Reconciler, utcnow
 from analysis_operator.engine.routes import GatewayRoutes, NoRoutes, Routes
 from analysis_operator.engine.sweep import sweep, sweep_orphans, warn_expiring
 from analysis_operator.engine.viewers import Disconnector
-from analysis_operator.engine.views import values
+from analysis_operator.engine.views import first, values
 from analysis_operator.handlers.environments import pod_changed
 from analysis_operator.handlers.gateway import Authorizer, start_server
 from analysis_operator.handlers.indexes import PodKey, read_pod
@@ -164,21 +164,26 @@ def outranked(peers: dict[str, Any], own_priority: int, moment: datetime.datetim
 
 
 async def on_pod(memo: kopf.Memo, key: PodKey) -> None:
-    if await acting(memo):
+    """A pod of an environment whose start this replica is deciding (kopf ran its handler here, so this
+    replica was let act) asks again when the last answer said standby: right after a takeover that
+    answer may be from a moment before it, and the pod's Ready would wait for the quiet start's timer."""
+    record = first(memo.reconciler.environments, key)
+    started = record is not None and memo.reconciler.started(record.environment.uid)
+    if await acting(memo, fresh=started and not memo.active):
         await pod_changed(memo, key)
 
 
 ACTIVE_FOR = 1.0  # seconds a pod change takes the last answer of is_active as still true
 
 
-async def acting(memo: kopf.Memo) -> bool:
+async def acting(memo: kopf.Memo, fresh: bool = False) -> bool:
     """Does this replica act on a pod change now? kopf pauses its own handlers on a standby at once, but
     not the pod watch (infra/watch.py); the sweep asks only every sweep interval, so a pod change asks
     again when the last answer is older than ACTIVE_FOR."""
     if memo.config.standalone:
         return True
     now = asyncio.get_running_loop().time()
-    if now - memo.active_at > ACTIVE_FOR:
+    if fresh or now - memo.active_at > ACTIVE_FOR:
         memo.active, memo.active_at = await is_active(memo), now
     return bool(memo.active)
 
