@@ -22,8 +22,8 @@ refusal in the second after it started (CONFIRMATION_REUSE_SECONDS), past half
 of which the next round starts in the background. So a stream of refusals
 against a full budget costs the API server two lists a second and waits for
 none (bench/budget_race.py: before, 27 rounds of 50 GETs in a 5-second race of
-1,000 creates, each refusal waiting for one; admission p99 0.7-1.1 s, now
-under 0.5 s). The price: within that second, a slot freed by a delete the
+1,000 creates, each refusal waiting for one; admission p99 0.7-1.4 s, now
+a median of 0.45 s). The price: within that second, a slot freed by a delete the
 watch has not shown yet is not seen, and the create is refused (never the
 other way). The reconcile gate settles the ended entries in the same write
 that takes the new slot; the environment handlers release them as soon as
