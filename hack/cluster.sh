@@ -81,8 +81,8 @@ make_certs() {
 make_webhook_client_certs() {
   # The API server proves itself to the operator's webhooks with a client certificate from a CA of
   # its own (not the cluster CA, whose client certificates every user of the cluster holds).
-  # ECDSA P-256: the API server signs with this key in every new connection to a webhook, which
-  # under a burst is a third of the calls; an RSA-2048 key made that 8 % of its CPU (bench/RESULTS.md).
+  # ECDSA P-256: the API server signs with this key in every new connection to a webhook, which a
+  # burst opens many of; an RSA-2048 key made that 8 % of its CPU (bench/logs/g6-profiles-stop31.md).
   local pki=$STATE/pki ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1)
   [ -f "$pki/webhook-client.crt" ] && return
   cd "$pki"
