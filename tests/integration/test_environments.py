@@ -202,11 +202,15 @@ def test_immutable_fields_cannot_be_edited(environments, field, value, words):
 
 def test_restarting_the_operator_writes_nothing_to_converged_environments(environments, operator, namespace):
     environments.create("steady", flavor="test-short")
-    before = environments.wait_phase("steady", "Ready")["metadata"]["resourceVersion"]
+    before = environments.wait_phase("steady", "Ready")
     operator.restart(signal.SIGKILL)
     environments.create("marker", flavor="test-short")  # proves the restarted operator is working
     environments.wait_phase("marker", "Ready")
-    assert environments.get("steady")["metadata"]["resourceVersion"] == before
+    after = environments.get("steady")
+    # on failure: what changed, and who wrote it when (managedFields name the manager and the time)
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"], json.dumps(
+        {"before": before, "after": after}, indent=1, sort_keys=True
+    )
 
 
 class StatusLog:

@@ -53,6 +53,9 @@ class Secrets:
         labels = {"analysis.panosc.eu/environment-uid": "u-1"}
         return {"metadata": {"labels": labels}, "data": {"token": base64.b64encode(b"server-secret").decode()}}
 
+    async def close(self):
+        return None  # the server's thread closes its client's connections when it stops
+
 
 @pytest.fixture(autouse=True)
 def _no_tokens_known():

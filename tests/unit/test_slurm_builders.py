@@ -7,8 +7,11 @@ import asyncio
 import dataclasses
 import datetime
 import json
+import os
 import shlex
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -388,7 +391,7 @@ def test_batch_script_is_valid_bash_without_user_text(modules):
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     assert "name-only-in-env" not in script and "ns-only-in-env" not in script
     assert script.startswith("#!/bin/bash\n")
-    assert "exec jupyter lab --no-browser" in script
+    assert "\njupyter lab --no-browser" in script
 
 
 @pytest.mark.parametrize("name", ["", "1TOKEN", "A-B", "X;Y", "$(id)"])
@@ -873,22 +876,62 @@ def test_an_adopted_gpu_job_without_its_gpus_is_cancelled(tmp_path):
     assert asyncio.run(backend.ensure(Launch(make_environment(), make_flavor(gpu=1), "t"))).state == State.PENDING
 
 
+def run_batch_script(tmp_path, command: str, **popen: object) -> subprocess.Popen:
+    """The real script with bash, its job environment and TMPDIR under tmp_path; `command` (it
+    places itself: $JUPYTER_PORT) stands in for JupyterLab."""
+    settings = SlurmSettings(working_directory=str(tmp_path), jupyter_command=command)
+    environment = make_environment()
+    job = build_job_request(environment, make_flavor(), settings)
+    script = build_batch_script(environment, make_flavor(), TOKEN_ENV_NAME, settings)
+    variables = {**job.environment, TOKEN_ENV_NAME: "t0ken", "TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    return subprocess.Popen(["bash", "-c", script], env=variables, text=True, **popen)
+
+
+def aenv_dirs(tmp_path) -> list[str]:
+    return sorted(path.name for path in tmp_path.glob("aenv-jupyter.*"))
+
+
 def test_the_batch_script_writes_and_turns_on_the_operators_jupyter_extension(tmp_path):
     """OPEN: the job's JupyterLab loads aenv_viewers (closes an unshared viewer's websockets), whatever
-    the site's command line: the module and a jupyter_server config file in a private directory."""
+    the site's command line: the module and a jupyter_server config file in a private directory,
+    which goes when the server ends (a node runs many jobs: none leaves its directory behind)."""
 
     from analysis_operator import jupyter
 
-    script = build_batch_script(make_environment(), make_flavor(), TOKEN_ENV_NAME, SETTINGS)
     source = jupyter.extension_source()
+    script = build_batch_script(make_environment(), make_flavor(), TOKEN_ENV_NAME, SETTINGS)
     assert "AENV_EXTENSION_END" not in source  # the heredoc's end cannot come early
     assert f"<<'AENV_EXTENSION_END'\n{source}AENV_EXTENSION_END\n" in script  # quoted: written as it is
-    assert 'export JUPYTER_CONFIG_PATH="$aenv_dir/config' in script
-    # run the script's part up to the server's start: the files are where jupyter_server looks
-    part = "aenv_dir=" + script.split("\nexec ", 1)[0].split("\naenv_dir=", 1)[1]
-    probe = f'TMPDIR={tmp_path}\n{part}\nprintf "%s\\n" "$PYTHONPATH" "$JUPYTER_CONFIG_PATH"\n'
-    paths = subprocess.run(["bash", "-euc", probe], capture_output=True, text=True, check=True).stdout.split()
-    module_dir, config_dir = paths[0].split(":")[0], paths[1].split(":")[0]
-    assert (tmp_path / module_dir).joinpath("aenv_viewers.py").read_text() == source
-    written = (tmp_path / config_dir).joinpath(jupyter.CONFIG_FILE).read_text()
-    assert json.loads(written) == {"ServerApp": {"jpserver_extensions": {"aenv_viewers": True}}}
+    # the stand-in server copies what it finds where jupyter_server looks, then ends ($JUPYTER_PORT: as is)
+    seen = tmp_path / "seen"
+    command = (
+        f'cp "${{PYTHONPATH%%:*}}/aenv_viewers.py" {seen}.py; '
+        f'cp "${{JUPYTER_CONFIG_PATH%%:*}}/{jupyter.CONFIG_FILE}" {seen}.json; exit 3 # $JUPYTER_PORT'
+    )
+    process = run_batch_script(tmp_path, command, stderr=subprocess.PIPE)
+    assert process.wait(timeout=10) == 3, process.stderr.read()  # the server's status is the job's
+    assert (tmp_path / "seen.py").read_text() == source
+    written = json.loads((tmp_path / "seen.json").read_text())
+    assert written == {"ServerApp": {"jpserver_extensions": {"aenv_viewers": True}}}
+    assert aenv_dirs(tmp_path) == []
+
+
+@pytest.mark.parametrize("whole_job", [True, False], ids=["slurm-signals-the-job", "script-only"])
+def test_a_cancelled_batch_job_stops_its_server_and_removes_its_directory(tmp_path, whole_job):
+    """scancel and the time limit send SIGTERM to every process of the job; a signal to the script
+    alone reaches the server too. Either way the server ends first, then the directory goes."""
+    ended = tmp_path / "ended"
+    command = f"trap 'echo term > {ended}; exit 0' TERM; while :; do sleep 0.1; done # $JUPYTER_PORT"
+    process = run_batch_script(tmp_path, command, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not aenv_dirs(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(aenv_dirs(tmp_path)) == 1
+    time.sleep(0.3)  # the stand-in has set its trap
+    if whole_job:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 0
+    assert ended.read_text() == "term\n"
+    assert aenv_dirs(tmp_path) == []

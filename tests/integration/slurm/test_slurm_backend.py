@@ -293,10 +293,26 @@ def test_a_ping_slurmctld_refuses_is_unreachable(slurm_settings, tmp_path):
     assert expired.read_text() not in str(raised.value)
 
 
+def extension_directory(job_id: str) -> pathlib.Path | None:
+    """The private directory the job's batch script wrote JupyterLab's extension to (the first
+    entry of PYTHONPATH in the environment of the job's processes, read from /proc)."""
+    for environ in pathlib.Path("/proc").glob("[0-9]*/environ"):
+        try:
+            items = environ.read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone, or not ours to read
+        variables = dict(item.decode(errors="replace").split("=", 1) for item in items if b"=" in item)
+        if variables.get("SLURM_JOB_ID") == job_id and "aenv-jupyter." in variables.get("PYTHONPATH", ""):
+            return pathlib.Path(variables["PYTHONPATH"].split(":")[0])
+    return None
+
+
 def test_delete_cancels_and_confirms_gone(backend, make_environment):
     environment = make_environment()
     asyncio.run(backend.ensure(Launch(environment, make_flavor(), TOKEN)))
     ready = wait_for_state(backend, environment, {State.READY}, timeout=60)
+    directory = extension_directory(ready.reference["id"])
+    assert directory is not None and (directory / "aenv_viewers.py").is_file()
 
     wait_for(lambda: asyncio.run(backend.delete(environment)), timeout=30, what="delete confirmed")
 
@@ -307,6 +323,8 @@ def test_delete_cancels_and_confirms_gone(backend, make_environment):
     wait_for(
         lambda: not answers(jupyter_url(ready.upstream, environment)), timeout=30, what="JupyterLab gone with its job"
     )
+    # the node keeps nothing of it: the batch script removes its directory once the server has ended
+    wait_for(lambda: not directory.exists(), timeout=30, what=f"{directory} removed with its job")
 
 
 def test_time_limit_expiry_reports_expired(backend, make_environment):

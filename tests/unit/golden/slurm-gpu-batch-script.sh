@@ -50,8 +50,10 @@ export JUPYTER_HOST JUPYTER_PORT JUPYTER_BASE_URL
 
 # OPEN: a jupyter_server extension of the operator's (aenv_viewers): it closes the websockets of
 # someone the environment is no longer shared with, when the operator asks. Written to a private
-# directory of this job and turned on by a config file there (whatever the command line).
+# directory of this job and turned on by a config file there (whatever the command line). The
+# directory goes when this script ends, however it ends short of SIGKILL.
 aenv_dir=$(mktemp -d "${TMPDIR:-/tmp}/aenv-jupyter.XXXXXX")
+trap 'rm -rf "$aenv_dir"' EXIT
 mkdir -p "$aenv_dir/config/jupyter_server_config.d"
 cat > "$aenv_dir/aenv_viewers.py" <<'AENV_EXTENSION_END'
 """A jupyter_server extension the operator adds to every JupyterLab it starts (OPEN, sharing).
@@ -151,4 +153,16 @@ AENV_EXTENSION_END
 export PYTHONPATH="$aenv_dir${PYTHONPATH:+:$PYTHONPATH}"
 export JUPYTER_CONFIG_PATH="$aenv_dir/config${JUPYTER_CONFIG_PATH:+:$JUPYTER_CONFIG_PATH}"
 
-exec jupyter lab --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT" --ServerApp.port_retries=0 --ServerApp.base_url="$JUPYTER_BASE_URL" --ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True
+# JupyterLab runs as a child, not exec'd, so this script is still there to remove $aenv_dir. Slurm
+# signals every process of the job (scancel, time limit); a signal to this script alone goes on to
+# the server, and the script waits for the server to end before it ends itself.
+jupyter lab --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT" --ServerApp.port_retries=0 --ServerApp.base_url="$JUPYTER_BASE_URL" --ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True &
+server=$!
+trap 'kill -TERM "$server" 2>/dev/null || true' TERM INT HUP
+status=0
+wait "$server" || status=$?
+while kill -0 "$server" 2>/dev/null; do
+  status=0
+  wait "$server" || status=$?
+done
+exit "$status"
