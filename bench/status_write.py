@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""What one status write of an AnalysisEnvironment costs kube-apiserver, by what its CRD holds.
+
+G2's gap is mostly kube-apiserver's CPU for the environment's own writes (bench/RESULTS.md: about
+4 core-ms a status write against 2.5-3 for all of KWOK's pod status updates). This measures one such
+write alone, on copies of the shipped CRD under another group (no webhooks, no admission policies,
+no operator), each variant in turn, alternating over the rounds:
+
+    shipped       crds/analysisenvironments.yaml as it is
+    put           the same, the status written by PUT (the whole object at the version read)
+    small-status  the same, a status of two fields only (phase, reason): what the size of it costs
+    no-cel        the same without any x-kubernetes-validations rule
+    open-status   the same with status an object of any fields (x-kubernetes-preserve-unknown-fields)
+    no-describe   the same without descriptions (the schema the server walks is smaller)
+
+Each round and variant: COUNT objects created (spec and labels as the portal's), then each given the
+status a Ready JupyterLab environment has (one merge patch of /status, or one PUT, THREADS at a time), then
+deleted. kube-apiserver's CPU (its process group, /proc) over the patches, divided by COUNT.
+
+    export CLUSTER_STATE_DIR=/tmp/pf-cluster PORT_OFFSET=600; hack/cluster.sh up; eval "$(hack/cluster.sh env)"
+    .venv/bin/python bench/status_write.py --count 1000 --rounds 3
+
+The report goes to bench/logs/status-write-<run>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import copy
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+import uuid
+from typing import Any
+
+import kubernetes
+import yaml
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.integration.conftest import kubectl  # noqa: E402
+
+GROUP, VERSION, PLURAL = "statusbench.analysis.panosc.eu", "v1alpha1", "analysisenvironments"
+STATE = pathlib.Path(os.environ.get("CLUSTER_STATE_DIR", "/tmp/analysis-operator-cluster"))
+VARIANTS = ("shipped", "put", "small-status", "no-cel", "open-status", "no-describe")
+
+
+def strip(node: Any, key: str) -> Any:
+    if isinstance(node, dict):
+        return {name: strip(value, key) for name, value in node.items() if name != key}
+    if isinstance(node, list):
+        return [strip(value, key) for value in node]
+    return node
+
+
+def crd(variant: str) -> dict[str, Any]:
+    shipped = yaml.safe_load((REPO / "crds" / "analysisenvironments.yaml").read_text())
+    body = copy.deepcopy(shipped)
+    body["metadata"] = {"name": f"{PLURAL}.{GROUP}"}
+    body["spec"]["group"] = GROUP
+    version = body["spec"]["versions"][0]
+    schema = version["schema"]["openAPIV3Schema"]
+    if variant == "no-cel":
+        version["schema"]["openAPIV3Schema"] = strip(schema, "x-kubernetes-validations")
+    elif variant == "open-status":
+        schema["properties"]["status"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    elif variant == "no-describe":
+        version["schema"]["openAPIV3Schema"] = strip(schema, "description")
+    return body
+
+
+def environment(namespace: str, name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "AnalysisEnvironment",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"analysis.panosc.eu/owner": "alice", "dataset.analysis.panosc.eu/run-42": "true"},
+        },
+        "spec": {
+            "owner": "alice",
+            "flavor": "jupyter-basic",
+            "lifetime": "8h",
+            "datasets": [{"name": "run-42"}],
+            "sharing": {"users": ["bob"]},
+        },
+    }
+
+
+def ready_status(name: str, uid: str, now: str) -> dict[str, Any]:
+    """What the operator writes when a JupyterLab is Ready (one merge patch: the start's only write)."""
+    return {
+        "status": {
+            "phase": "Ready",
+            "reason": "PodReady",
+            "message": "JupyterLab is ready",
+            "observedGeneration": 1,
+            "startedAt": now,
+            "expiresAt": now,
+            "backend": {
+                "kind": "kubernetes",
+                "name": f"aenv-{name}",
+                "state": "Running",
+                "node": "kwok-node-0",
+                "addresses": ["10.0.0.12"],
+                "endpoint": f"aenv-{name}:8888",
+            },
+            "connection": {"url": f"http://127.0.0.1:8000/env/bench/{name}/lab", "secretName": f"aenv-{name}"},
+            "terms": {"flavor": "jupyter-basic", "maxLifetime": "12h", "cpu": "2", "memory": "4Gi", "gpus": 0},
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "PodReady",
+                    "message": "JupyterLab is ready",
+                    "lastTransitionTime": now,
+                    "observedGeneration": 1,
+                },
+                {"type": "Routable", "status": "True", "reason": "Routed", "message": uid, "lastTransitionTime": now},
+            ],
+        }
+    }
+
+
+def cpu_model() -> str:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.machine()
+
+
+def apiserver_seconds() -> float:
+    group = int((STATE / "pids" / "kube-apiserver").read_text())
+    ticks, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(stat[2]) == group:
+            total += (int(stat[11]) + int(stat[12])) / ticks
+    return total
+
+
+def install(variant: str) -> None:
+    kubectl("delete", "crd", f"{PLURAL}.{GROUP}", "--ignore-not-found", "--wait=true")
+    path = STATE / f"status-bench-{variant}.yaml"
+    path.write_text(yaml.safe_dump(crd(variant)))
+    kubectl("apply", "-f", str(path))
+    kubectl("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}", "--timeout=60s")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # served: the discovery and the storage are there
+        if kubectl("get", PLURAL + "." + GROUP, "-A", check=False).returncode == 0:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{PLURAL}.{GROUP} is not served")
+
+
+def write_status(custom: Any, method: str, body: dict[str, Any], now: str) -> None:
+    metadata = body["metadata"]
+    status = ready_status(metadata["name"], metadata["uid"], now)
+    if method == "small":
+        status = {"status": {key: status["status"][key] for key in ("phase", "reason")}}
+    if method == "put":  # the whole object back, at the version read
+        custom.replace_namespaced_custom_object_status(
+            GROUP, VERSION, metadata["namespace"], PLURAL, metadata["name"], {**body, **status}
+        )
+    else:
+        custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, metadata["namespace"], PLURAL, metadata["name"], status
+        )
+
+
+def measure(custom: Any, variant: str, count: int, threads: int, namespace: str) -> dict[str, float]:
+    method = {"put": "put", "small-status": "small"}.get(variant, "patch")
+    install(variant)
+    names = [f"s{index:05d}" for index in range(count)]
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        before = apiserver_seconds()
+        created = list(
+            pool.map(
+                lambda name: custom.create_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, environment(namespace, name)
+                ),
+                names,
+            )
+        )
+        middle = apiserver_seconds()
+        list(pool.map(lambda body: write_status(custom, method, body, now), created))
+        after = apiserver_seconds()
+    custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+    while custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, limit=1)["items"]:
+        time.sleep(0.2)
+    return {"create": (middle - before) * 1000 / count, "status": (after - middle) * 1000 / count}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args = parser.parse_args()
+    variants = [variant for variant in args.variants.split(",") if variant]
+    kubernetes.config.load_kube_config()
+    configuration = kubernetes.client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = args.threads
+    custom = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(configuration))
+    run = uuid.uuid4().hex[:6]
+    namespace = f"status-bench-{run}"
+    kubectl("create", "namespace", namespace)
+    results: dict[str, list[dict[str, float]]] = {variant: [] for variant in variants}
+    try:
+        for round_ in range(args.rounds):
+            order = variants if round_ % 2 == 0 else variants[::-1]
+            for variant in order:
+                result = measure(custom, variant, args.count, args.threads, namespace)
+                results[variant].append(result)
+                print(
+                    f"round {round_ + 1} {variant}: {result['create']:.2f} core-ms a create, "
+                    f"{result['status']:.2f} a status write",
+                    flush=True,
+                )
+    finally:
+        kubectl("delete", "crd", f"{PLURAL}.{GROUP}", "--ignore-not-found", "--wait=false", check=False)
+        kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    lines = [
+        f"# kube-apiserver CPU per AnalysisEnvironment write, by CRD variant (run {run})",
+        "",
+        f"{cpu_model()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"`bench/status_write.py --count {args.count} --rounds {args.rounds} --threads {args.threads}`: "
+        "kube-apiserver's process group CPU over the writes / count, core-ms; medians (runs).",
+        "",
+        "| variant | create | status write (merge patch) |",
+        "| --- | --- | --- |",
+    ]
+    for variant in variants:
+        creates = [result["create"] for result in results[variant]]
+        statuses = [result["status"] for result in results[variant]]
+        lines.append(
+            f"| {variant} | {statistics.median(creates):.2f} ({', '.join(f'{c:.2f}' for c in creates)}) "
+            f"| {statistics.median(statuses):.2f} ({', '.join(f'{s:.2f}' for s in statuses)}) |"
+        )
+    report = REPO / "bench" / "logs" / f"status-write-{run}.md"
+    report.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"report: {report}")
+
+
+if __name__ == "__main__":
+    main()
