@@ -51,8 +51,9 @@ kubectl get environmentflavors
 
 if ! { [ -f "$STATE/operator.pid" ] && kill -0 "$(cat "$STATE/operator.pid")" 2>/dev/null; }; then
   # Webhooks on loopback, registered by the operator itself with a CA it makes in $STATE.
-  # Python on jemalloc, as the image runs it (Dockerfile).
-  PYTHONMALLOC=malloc LD_PRELOAD=libjemalloc.so.2 \
+  # Python on jemalloc, as the image runs it (Dockerfile). This checkout's code, whatever
+  # checkout the virtual environment's editable install points at (as the tests run it).
+  PYTHONMALLOC=malloc LD_PRELOAD=libjemalloc.so.2 PYTHONPATH="$repo/operator" \
   ANALYSIS_OPERATOR_LIVENESS_ENDPOINT=http://127.0.0.1:8080/healthz ANALYSIS_OPERATOR_METRICS_ADDRESS=127.0.0.1 \
   ANALYSIS_OPERATOR_ADMISSION_HOST=127.0.0.1 ANALYSIS_OPERATOR_ADMISSION_LISTEN_ADDRESS=127.0.0.1 \
   ANALYSIS_OPERATOR_ADMISSION_PORT=9443 ANALYSIS_OPERATOR_ADMISSION_CERT_DIR="$STATE/webhook-tls" \
