@@ -391,7 +391,7 @@ def test_batch_script_is_valid_bash_without_user_text(modules):
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     assert "name-only-in-env" not in script and "ns-only-in-env" not in script
     assert script.startswith("#!/bin/bash\n")
-    assert "\njupyter lab --no-browser" in script
+    assert "\n  exec jupyter lab --no-browser" in script
 
 
 @pytest.mark.parametrize("name", ["", "1TOKEN", "A-B", "X;Y", "$(id)"])
@@ -738,9 +738,10 @@ def dataset_mount(name: str, path: str, cluster_path: str):
     return Mount(Dataset(name=name, pid=f"10.5072/{name}", storage=DatasetStorage(path=cluster_path)), path, "public")
 
 
-def test_submission_without_datasets_has_no_dataset_variables():
+def test_submission_without_datasets_names_only_the_directory_to_clear():
     job = build_job_request(make_environment(), make_flavor(), SETTINGS)
-    assert not [name for name in job.environment if name.startswith(("AENV_DATA", "AENV_DATASET"))]
+    variables = {name: value for name, value in job.environment.items() if name.startswith("AENV_DATA")}
+    assert variables == {"AENV_DATA_DIR": "/scratch/aenv/team-a.aenv-lab.data", "AENV_DATASET_COUNT": "0"}
 
 
 def test_submission_carries_exactly_the_granted_datasets():
@@ -778,18 +779,42 @@ def test_batch_script_links_the_granted_datasets_into_the_data_directory(tmp_pat
         dataset_mount("raw", "/data/raw", str(tmp_path / "gpfs/raw")),
         dataset_mount("ref", "/data/refs/lysozyme", str(tmp_path / "gpfs/lysozyme")),
     )
+    # what an earlier environment of the same name left: its links (one where this one links too),
+    # and a file of the user's
+    data = tmp_path / "team-a.aenv-lab.data"
+    (data / "beamtime").mkdir(parents=True)
+    (data / "beamtime" / "embargoed").symlink_to(tmp_path / "gpfs" / "raw")
+    (data / "raw").symlink_to(tmp_path / "gpfs" / "lysozyme")
+    (data / "notes.txt").write_text("mine")
     job = build_job_request(make_environment(), make_flavor(), settings, mounts=mounts)
     script = build_batch_script(make_environment(), make_flavor(), TOKEN_ENV_NAME, settings)
     environment = {**job.environment, "PATH": f"{fake_bin}:/usr/bin:/bin", TOKEN_ENV_NAME: "t", "SLURM_JOB_ID": "7"}
     result = subprocess.run(["bash", "-c", script], env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    data = tmp_path / "team-a.aenv-lab.data"
-    assert sorted(str(path.relative_to(data)) for path in data.rglob("*") if path.is_symlink()) == [
-        "raw",
-        "refs/lysozyme",
-    ]
+    assert links_in(data) == {"raw": "raw", "refs/lysozyme": "lysozyme"}
     assert (data / "raw" / "frame.h5").read_text() == "raw"
     assert (data / "refs" / "lysozyme" / "frame.h5").read_text() == "lysozyme"
+    assert (data / "notes.txt").read_text() == "mine"
+
+    # the same name again, without datasets: nothing of the earlier ones is left to open
+    job = build_job_request(make_environment(), make_flavor(), settings)
+    settings_without = SlurmSettings(
+        working_directory=str(tmp_path), jupyter_command='test -z "${AENV_DATA_DIR:-}" # $JUPYTER_PORT'
+    )
+    script = build_batch_script(make_environment(), make_flavor(), TOKEN_ENV_NAME, settings_without)
+    environment = {**job.environment, "PATH": f"{fake_bin}:/usr/bin:/bin", TOKEN_ENV_NAME: "t", "SLURM_JOB_ID": "8"}
+    result = subprocess.run(["bash", "-c", script], env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr  # and JupyterLab is told of no data directory
+    assert links_in(data) == {} and (data / "notes.txt").read_text() == "mine"
+
+
+def links_in(directory) -> dict[str, str]:
+    """The symbolic links below `directory`: relative path -> the name of what each points to."""
+    return {
+        str(path.relative_to(directory)): os.readlink(path).rsplit("/", 1)[-1]
+        for path in directory.rglob("*")
+        if path.is_symlink()
+    }
 
 
 # ---------------------------------------------------------------- a job exactly as asked, or none
@@ -902,11 +927,12 @@ def test_the_batch_script_writes_and_turns_on_the_operators_jupyter_extension(tm
     script = build_batch_script(make_environment(), make_flavor(), TOKEN_ENV_NAME, SETTINGS)
     assert "AENV_EXTENSION_END" not in source  # the heredoc's end cannot come early
     assert f"<<'AENV_EXTENSION_END'\n{source}AENV_EXTENSION_END\n" in script  # quoted: written as it is
-    # the stand-in server copies what it finds where jupyter_server looks, then ends ($JUPYTER_PORT: as is)
+    # the stand-in server copies what it finds where jupyter_server looks, then ends ($JUPYTER_PORT in
+    # a comment: the command is taken as it is, and a comment at its end is harmless)
     seen = tmp_path / "seen"
     command = (
-        f'cp "${{PYTHONPATH%%:*}}/aenv_viewers.py" {seen}.py; '
-        f'cp "${{JUPYTER_CONFIG_PATH%%:*}}/{jupyter.CONFIG_FILE}" {seen}.json; exit 3 # $JUPYTER_PORT'
+        f'sh -c \'cp "${{PYTHONPATH%%:*}}/aenv_viewers.py" {seen}.py; '
+        f'cp "${{JUPYTER_CONFIG_PATH%%:*}}/{jupyter.CONFIG_FILE}" {seen}.json; exit 3\' # $JUPYTER_PORT'
     )
     process = run_batch_script(tmp_path, command, stderr=subprocess.PIPE)
     assert process.wait(timeout=10) == 3, process.stderr.read()  # the server's status is the job's
@@ -921,7 +947,7 @@ def test_a_cancelled_batch_job_stops_its_server_and_removes_its_directory(tmp_pa
     """scancel and the time limit send SIGTERM to every process of the job; a signal to the script
     alone reaches the server too. Either way the server ends first, then the directory goes."""
     ended = tmp_path / "ended"
-    command = f"trap 'echo term > {ended}; exit 0' TERM; while :; do sleep 0.1; done # $JUPYTER_PORT"
+    command = f"sh -c 'trap \"echo term > {ended}; exit 0\" TERM; while :; do sleep 0.1; done' # $JUPYTER_PORT"
     process = run_batch_script(tmp_path, command, start_new_session=True)
     deadline = time.monotonic() + 10
     while not aenv_dirs(tmp_path) and time.monotonic() < deadline:

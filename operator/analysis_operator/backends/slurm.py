@@ -211,9 +211,9 @@ def build_dataset_environment(
     AENV_DATASET_<i>_PATH (the data as the cluster sees it) to $AENV_DATA_DIR/<LINK>,
     LINK being the mount path below /data. Variables, not script text, so no
     path ever becomes part of a shell line. Read-only is the cluster file
-    system's own permissions (the facility's ACLs); the job sees only what is listed."""
-    if not mounts:
-        return {}
+    system's own permissions (the facility's ACLs); the job sees only what is listed.
+    AENV_DATA_DIR also without datasets: the script removes the links an earlier
+    environment of the same name left there."""
     variables = {
         "AENV_DATA_DIR": build_data_directory(environment, settings, user),
         "AENV_DATASET_COUNT": str(len(mounts)),

@@ -10,6 +10,7 @@ import pytest
 
 from analysis_operator.backends.slurm_auth import build_working_directory
 from tests.integration.test_datasets import PUBLIC, catalogue, embargoed  # noqa: F401 (fixture)
+from tests.waiting import wait_for
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_a_slurm_job_sees_exactly_its_granted_datasets(
 ):
     raw = catalogue.dataset("raw", embargoed(members=("alice",)), storage={"path": str(cluster_data / "raw")})
     reference = catalogue.dataset("reference", PUBLIC, storage={"path": str(cluster_data / "reference")})
-    catalogue.dataset("unrelated", PUBLIC, storage={"path": str(cluster_data / "unrelated")})
+    unrelated = catalogue.dataset("unrelated", PUBLIC, storage={"path": str(cluster_data / "unrelated")})
     slurm_environments.create(
         "hpc-data",
         flavor="jupyter-cluster",
@@ -49,3 +50,14 @@ def test_a_slurm_job_sees_exactly_its_granted_datasets(
     links = {str(path.relative_to(data)): os.readlink(path) for path in data.rglob("*") if path.is_symlink()}
     assert links == {"beamtime/raw": str(cluster_data / "raw"), reference: str(cluster_data / "reference")}
     assert (data / "beamtime" / "raw" / "frames.h5").read_text() == "raw"
+
+    # Deleted, then made again under the same name with another dataset: the job links only that
+    # one (the directory is the name's; the earlier environment's embargoed link must not stay).
+    slurm_environments.delete("hpc-data")
+    wait_for(lambda: not slurm_environments.exists("hpc-data"), timeout=60, what="hpc-data deleted")
+    slurm_environments.create(
+        "hpc-data", flavor="jupyter-cluster", lifetime="1h", owner="alice", datasets=[{"name": unrelated}]
+    )
+    slurm_environments.wait_phase("hpc-data", "Ready", timeout=90)
+    links = {str(path.relative_to(data)): os.readlink(path) for path in data.rglob("*") if path.is_symlink()}
+    assert links == {unrelated: str(cluster_data / "unrelated")}

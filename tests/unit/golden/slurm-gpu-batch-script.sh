@@ -23,6 +23,12 @@ set -u
 
 # The datasets granted to this environment, and only those, linked into one
 # directory; their paths arrive through the job's environment (AENV_DATASET_*).
+# The directory is named after the environment, so the links of whatever ran
+# under that name before (a deleted environment's other datasets) go first;
+# anything else in it is the user's and stays.
+if [ -n "${AENV_DATA_DIR:-}" ] && [ -d "$AENV_DATA_DIR" ]; then
+  find "$AENV_DATA_DIR" -type l -delete
+fi
 if [ "${AENV_DATASET_COUNT:-0}" -gt 0 ]; then
   mkdir -p "$AENV_DATA_DIR"
   for ((i = 0; i < AENV_DATASET_COUNT; i++)); do
@@ -32,6 +38,8 @@ if [ "${AENV_DATASET_COUNT:-0}" -gt 0 ]; then
     ln -sfn "${!path_variable}" "$link"
   done
   export AENV_DATA_DIR
+else
+  unset AENV_DATA_DIR
 fi
 
 # Where JupyterLab listens: every IPv4 address of this node, so also the one
@@ -155,8 +163,11 @@ export JUPYTER_CONFIG_PATH="$aenv_dir/config${JUPYTER_CONFIG_PATH:+:$JUPYTER_CON
 
 # JupyterLab runs as a child, not exec'd, so this script is still there to remove $aenv_dir. Slurm
 # signals every process of the job (scancel, time limit); a signal to this script alone goes on to
-# the server, and the script waits for the server to end before it ends itself.
-jupyter lab --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT" --ServerApp.port_retries=0 --ServerApp.base_url="$JUPYTER_BASE_URL" --ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True &
+# the server, and the script waits for the server to end before it ends itself. The command on a
+# line of its own (a comment at its end ends there), exec'd in the child: $! is the server.
+{
+  exec jupyter lab --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT" --ServerApp.port_retries=0 --ServerApp.base_url="$JUPYTER_BASE_URL" --ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True
+} &
 server=$!
 trap 'kill -TERM "$server" 2>/dev/null || true' TERM INT HUP
 status=0
