@@ -34,6 +34,7 @@ import platform
 import statistics
 import sys
 import time
+import types
 import uuid
 from typing import Any
 
@@ -43,6 +44,9 @@ import yaml
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tests.integration.conftest import kubectl  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import run  # noqa: E402 (bench/run.py)
 
 GROUP, VERSION, PLURAL = "statusbench.analysis.panosc.eu", "v1alpha1", "analysisenvironments"
 STATE = pathlib.Path(os.environ.get("CLUSTER_STATE_DIR", "/tmp/analysis-operator-cluster"))
@@ -135,18 +139,8 @@ def cpu_model() -> str:
 
 
 def apiserver_seconds() -> float:
-    group = int((STATE / "pids" / "kube-apiserver").read_text())
-    ticks, total = os.sysconf("SC_CLK_TCK"), 0.0
-    for entry in pathlib.Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(stat[2]) == group:
-            total += (int(stat[11]) + int(stat[12])) / ticks
-    return total
+    """kube-apiserver's CPU seconds so far (its process group, as bench/run.py counts it)."""
+    return run.CpuMeter(types.SimpleNamespace(pid=-1)).snapshot().get("kube-apiserver", 0.0)
 
 
 def install(variant: str) -> None:
