@@ -41,7 +41,8 @@ class SlurmSettings:
     refused_accounts: tuple[str, ...] = ("root", "slurm")  # never submit as these (nor as `user`)
     # Per user ("{user}" is replaced by the job's account); holds output and the datasets' links.
     working_directory: str = "/tmp"
-    jupyter_command: str = "jupyter lab"  # what the batch script starts
+    # What the batch script starts: one command and its arguments, exec'd (as `exec <command>`).
+    jupyter_command: str = "jupyter lab"
     job_path: str = "/usr/local/bin:/usr/bin:/bin"  # PATH in the job (a job's environment is the operator's)
     # JupyterLab's port is chosen by the operator in this range (keyed by the JWT key, so not
     # predictable by other users); keep it outside the nodes' ip_local_port_range.
