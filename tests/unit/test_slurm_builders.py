@@ -946,14 +946,16 @@ def test_the_batch_script_writes_and_turns_on_the_operators_jupyter_extension(tm
 def test_a_cancelled_batch_job_stops_its_server_and_removes_its_directory(tmp_path, whole_job):
     """scancel and the time limit send SIGTERM to every process of the job; a signal to the script
     alone reaches the server too. Either way the server ends first, then the directory goes."""
-    ended = tmp_path / "ended"
-    command = f"sh -c 'trap \"echo term > {ended}; exit 0\" TERM; while :; do sleep 0.1; done' # $JUPYTER_PORT"
+    started, ended = tmp_path / "started", tmp_path / "ended"
+    command = (
+        f"sh -c 'trap \"echo term > {ended}; exit 0\" TERM; touch {started}; while :; do sleep 0.1; done'"
+        " # $JUPYTER_PORT"
+    )
     process = run_batch_script(tmp_path, command, start_new_session=True)
     deadline = time.monotonic() + 10
-    while not aenv_dirs(tmp_path) and time.monotonic() < deadline:
+    while not started.exists() and time.monotonic() < deadline:  # the stand-in runs, its trap set
         time.sleep(0.05)
-    assert len(aenv_dirs(tmp_path)) == 1
-    time.sleep(0.3)  # the stand-in has set its trap
+    assert started.exists() and len(aenv_dirs(tmp_path)) == 1
     if whole_job:
         os.killpg(process.pid, signal.SIGTERM)
     else:

@@ -164,16 +164,21 @@ export JUPYTER_CONFIG_PATH="$aenv_dir/config${JUPYTER_CONFIG_PATH:+:$JUPYTER_CON
 # JupyterLab runs as a child, not exec'd, so this script is still there to remove $aenv_dir. Slurm
 # signals every process of the job (scancel, time limit); a signal to this script alone goes on to
 # the server, and the script waits for the server to end before it ends itself. The command on a
-# line of its own (a comment at its end ends there), exec'd in the child: $! is the server.
+# line of its own (a comment at its end ends there), exec'd in the child: $! is the server. A signal
+# that comes before $! is known is passed on as soon as it is.
+server='' stopping=''
+trap 'stopping=1; [ -z "$server" ] || kill -TERM "$server" 2>/dev/null || true' TERM INT HUP
 {
   exec jupyter lab --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT" --ServerApp.port_retries=0 --ServerApp.base_url="$JUPYTER_BASE_URL" --ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True
 } &
 server=$!
-trap 'kill -TERM "$server" 2>/dev/null || true' TERM INT HUP
+[ -z "$stopping" ] || kill -TERM "$server" 2>/dev/null || true
+# A trapped signal ends `wait` early (with 128+signal): wait until the server has ended, then ask its
+# status (bash keeps it), which is the job's.
+wait "$server" || true
+while kill -0 "$server" 2>/dev/null; do
+  wait "$server" || true
+done
 status=0
 wait "$server" || status=$?
-while kill -0 "$server" 2>/dev/null; do
-  status=0
-  wait "$server" || status=$?
-done
 exit "$status"
