@@ -47,8 +47,11 @@ def test_a_slurm_job_sees_exactly_its_granted_datasets(
 
     data = pathlib.Path(build_working_directory(slurm_settings, "alice")) / f"{namespace}.aenv-hpc-data.data"
     assert data.stat().st_uid == pwd.getpwnam("alice").pw_uid and data.stat().st_mode & 0o077 == 0
-    links = {str(path.relative_to(data)): os.readlink(path) for path in data.rglob("*") if path.is_symlink()}
-    assert links == {"beamtime/raw": str(cluster_data / "raw"), reference: str(cluster_data / "reference")}
+
+    def links() -> dict[str, str]:
+        return {str(path.relative_to(data)): os.readlink(path) for path in data.rglob("*") if path.is_symlink()}
+
+    assert links() == {"beamtime/raw": str(cluster_data / "raw"), reference: str(cluster_data / "reference")}
     assert (data / "beamtime" / "raw" / "frames.h5").read_text() == "raw"
 
     # Deleted, then made again under the same name with another dataset: the job links only that
@@ -59,5 +62,4 @@ def test_a_slurm_job_sees_exactly_its_granted_datasets(
         "hpc-data", flavor="jupyter-cluster", lifetime="1h", owner="alice", datasets=[{"name": unrelated}]
     )
     slurm_environments.wait_phase("hpc-data", "Ready", timeout=90)
-    links = {str(path.relative_to(data)): os.readlink(path) for path in data.rglob("*") if path.is_symlink()}
-    assert links == {unrelated: str(cluster_data / "unrelated")}
+    assert links() == {unrelated: str(cluster_data / "unrelated")}

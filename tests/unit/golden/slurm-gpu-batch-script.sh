@@ -173,9 +173,8 @@ trap 'stopping=1; [ -z "$server" ] || kill -TERM "$server" 2>/dev/null || true' 
 } &
 server=$!
 [ -z "$stopping" ] || kill -TERM "$server" 2>/dev/null || true
-# A trapped signal ends `wait` early (with 128+signal): wait until the server has ended, then ask its
-# status (bash keeps it), which is the job's.
-wait "$server" || true
+# A trapped signal ends `wait` early (with 128+signal): wait until the server has ended (and been
+# reaped), then ask its status (bash keeps it), which is the job's.
 while kill -0 "$server" 2>/dev/null; do
   wait "$server" || true
 done
