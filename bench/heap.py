@@ -52,6 +52,13 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--variants", default="current,collect3s,current,collect3s", help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--core", type=int, default=1, help="CPU core the operator is pinned to")
     parser.add_argument("--out", type=pathlib.Path)
+    parser.add_argument(
+        "--kopf-as-is",
+        default="",
+        help="the whole run without these of the operator's kopf patches (comma-separated): views (kopf's Body "
+        "and Patch as kopf makes them, reference cycles), managed-fields (kopf's watch keeps managedFields); "
+        "both: as before stop 33",
+    )
     options = parser.parse_args()
     options.variants = options.variants.split(",")
     unknown = set(options.variants) - set(VARIANTS)
@@ -93,8 +100,9 @@ def report(options: argparse.Namespace, bench: run.Bench, rows: list[dict]) -> s
     lines = [
         f"# bench/heap.py: restarts with {bench.environments_total} environments in one namespace",
         "",
-        f"Run {bench.run_id}, operator at {run.git_commit()}, pinned to core {options.core}, on jemalloc. "
-        "MiB; peak over the restart, then 15 s after steady.",
+        f"Run {bench.run_id}, operator at {run.git_commit()}, pinned to core {options.core}, on jemalloc, "
+        f"kopf as is: {options.kopf_as_is or 'nothing (all patches applied)'}. MiB; peak over the restart (the first row: over the top-up), "
+        "then 15 s after steady.",
         "",
         "| # | variant | start -> steady | peak RSS | peak allocated | RSS | allocated | active | resident "
         "| collector s | full collections |",
@@ -127,11 +135,26 @@ def main() -> None:
     )
     prefix = run.REPO / "bench" / "logs" / f"heapprobe-{bench.run_id}"
     bench.operator.settings.update(PYTHONPATH=f"{run.REPO / 'operator'}:{PROBE}", HEAPPROBE_OUT=str(prefix))
+    if options.kopf_as_is:
+        bench.operator.settings["HEAPPROBE_KOPF_AS_IS"] = options.kopf_as_is
     rows: list[dict] = []
     try:
         bench.setup()
         bench.operator.start()
+        began = time.monotonic()
         bench.scale(options.population)
+        topped_up = round(time.monotonic() - began, 1)
+        time.sleep(15)
+        samples = probe(prefix, bench.operator.pid)
+        rows.append(
+            {
+                "variant": "(the top-up, no restart)",
+                "steady": f"{topped_up} s to make",
+                "last": samples[-1],
+                "peak": {key: max(sample.get(key, 0.0) for sample in samples) for key in ("rss", "allocated")},
+            }
+        )
+        bench.checkpoint("15 s after the top-up")
         for name in options.variants:
             rows.append(restart(bench, name, prefix))
     finally:

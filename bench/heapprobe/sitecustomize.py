@@ -4,7 +4,10 @@ HEAPPROBE_OUT=<prefix>: every 2 s one line to <prefix>.<pid>: the RSS, jemalloc'
 bytes in live allocations; active: pages holding at least one; resident; retained) when jemalloc is loaded,
 and the cyclic collector's time so far and full collections. Optional knobs for the variants of heap.py:
 HEAPPROBE_GC_THRESHOLDS=a,b,c (set 1 s after start, after the operator's own), HEAPPROBE_COLLECT_EVERY=s and
-HEAPPROBE_COLLECT_FOR=s (a full collection every s seconds for the first ... seconds)."""
+HEAPPROBE_COLLECT_FOR=s (a full collection every s seconds for the first ... seconds), and HEAPPROBE_KOPF_AS_IS=
+a comma-separated list of views, managed-fields: kopf's Body and Patch keep their views (reference cycles),
+kopf's watch keeps managedFields, as before stop 33 (kopf_patches.views_on_demand and
+watch_without_managed_fields not applied), to compare with the code before in one run."""
 
 import ctypes
 import gc
@@ -62,6 +65,14 @@ def _collect() -> None:
 
 
 if os.environ.get("HEAPPROBE_OUT") and "analysis_operator" in sys.orig_argv:
+    _as_is = set(filter(None, os.environ.get("HEAPPROBE_KOPF_AS_IS", "").split(",")))
+    if _as_is:
+        from analysis_operator.infra import kopf_patches
+
+        if "views" in _as_is:
+            kopf_patches.views_on_demand = lambda: None
+        if "managed-fields" in _as_is:
+            kopf_patches.watch_without_managed_fields = lambda: None
     gc.callbacks.append(_observe)
     threading.Thread(target=_record, args=(os.environ["HEAPPROBE_OUT"],), daemon=True, name="heapprobe").start()
     threading.Thread(target=_collect, daemon=True, name="heapprobe-gc").start()

@@ -3,17 +3,41 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import pathlib
 import tomllib
 
 import kopf
 import pytest
 from kopf._cogs.aiokits import aiotoggles
+from kopf._cogs.clients import watching
+from kopf._cogs.structs import bodies, patches
 from kopf._core.actions import execution
 from kopf._core.engines import admission
 from packaging.requirements import Requirement
 
-from analysis_operator.infra.kopf_patches import CHECKED_VERSIONS, Cause, EdgeToggleSet, Refused, apply
+from analysis_operator.infra.kopf_patches import (
+    CHECKED_VERSIONS,
+    Cause,
+    EdgeToggleSet,
+    Refused,
+    apply,
+    views_on_demand,
+    watch_without_managed_fields,
+)
+
+# What apply() changes in kopf's body and patch classes (views_on_demand), restored after each test.
+VIEW_CLASSES = (bodies.Body, bodies.Meta, patches.Patch, patches.MetaPatch)
+
+
+def restore_kopf(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(aiotoggles, "ToggleSet", aiotoggles.ToggleSet)
+    monkeypatch.setattr(admission, "build_response", admission.build_response)
+    monkeypatch.setattr(watching, "infinite_watch", watching.infinite_watch)
+    for cls in VIEW_CLASSES:
+        for name, value in list(vars(cls).items()):
+            if name == "__init__" or isinstance(value, property):
+                monkeypatch.setattr(cls, name, value)
 
 
 @pytest.mark.parametrize("cls", [aiotoggles.ToggleSet, EdgeToggleSet])
@@ -92,9 +116,8 @@ def test_startup_gate_work_grows_linearly_not_quadratically():
 
 @pytest.fixture
 def unpatched(monkeypatch):
-    """kopf's own ToggleSet and build_response back in place after the test, whatever apply() did."""
-    monkeypatch.setattr(aiotoggles, "ToggleSet", aiotoggles.ToggleSet)
-    monkeypatch.setattr(admission, "build_response", admission.build_response)
+    """kopf's own ToggleSet, build_response and body classes back in place after the test, whatever apply() did."""
+    restore_kopf(monkeypatch)
 
 
 @pytest.mark.parametrize("version", CHECKED_VERSIONS)
@@ -140,8 +163,7 @@ def test_pyproject_pins_kopf_to_the_checked_versions():
 @pytest.fixture
 def unwrapped(monkeypatch):
     """kopf's own build_response back in place after the test."""
-    monkeypatch.setattr(admission, "build_response", admission.build_response)
-    monkeypatch.setattr(aiotoggles, "ToggleSet", aiotoggles.ToggleSet)
+    restore_kopf(monkeypatch)
 
 
 def _answer(*errors: Exception) -> dict:
@@ -180,3 +202,115 @@ def test_other_errors_and_admissions_are_answered_as_kopf_does(unwrapped):
     chosen = Refused("first", [Cause("NotOwner", "spec.owner", "first")], code=403)
     answer = _answer(ValueError("other"), chosen)["response"]["status"]
     assert answer["message"] == "first" and answer["details"]["causes"][0]["reason"] == "NotOwner"
+
+
+# --- kopf's Body and Patch without reference cycles (views_on_demand) ---------------------------------
+
+
+def _one_event() -> tuple:
+    """What kopf does with each watch event: a Body around the raw object, a Patch for the handlers."""
+    raw = {"metadata": {"name": "x", "labels": {"a": "1"}, "annotations": {"n": "v"}}, "spec": {"k": 1}}
+    body = bodies.Body(raw)
+    patch = patches.Patch(body=body)
+    patch.meta.labels["b"] = "2"
+    patch.metadata.annotations["m"] = None
+    patch.status["phase"] = "Ready"
+    patch.spec["k"] = 2
+    return (body.meta.name, dict(body.metadata.labels), dict(body.meta.annotations), dict(body.spec), dict(body.status), dict(patch))
+
+
+def _garbage_of(events: int) -> int:
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(events):
+            _one_event()
+        return gc.collect()
+    finally:
+        gc.enable()
+
+
+def test_kopf_bodies_and_patches_leave_no_cyclic_garbage(unpatched):
+    """kopf keeps each view on the object it views, so every event's Body and Patch (with the raw object)
+    waited for the cyclic collector; on demand, reference counting frees them at once."""
+    before = _one_event()
+    assert _garbage_of(100) >= 100 * 10  # kopf as it is: the test can fail
+    views_on_demand()
+    assert _garbage_of(100) == 0
+    assert _one_event() == before == (
+        "x",
+        {"a": "1"},
+        {"n": "v"},
+        {"k": 1},
+        {},
+        {"metadata": {"labels": {"b": "2"}, "annotations": {"m": None}}, "status": {"phase": "Ready"}, "spec": {"k": 2}},
+    )
+
+
+def test_views_made_on_demand_still_follow_the_body_and_fill_the_patch(unpatched):
+    apply(environ={})
+    body = bodies.Body({"metadata": {"name": "a", "labels": {"x": "1"}}, "spec": {"v": 1}})
+    spec, meta, labels = body.spec, body.meta, body.meta.labels
+    body._replace_with({"metadata": {"name": "b", "labels": {"x": "2"}}, "spec": {"v": 2}, "status": {"s": 1}})
+    assert (spec["v"], meta.name, labels["x"], body.status["s"]) == (2, "b", "2", 1)  # kopf replaces after a patch
+    assert isinstance(body.meta, kopf.Meta) and isinstance(body.spec, kopf.Spec) and isinstance(body.status, kopf.Status)
+
+    patch = kopf.Patch(body=body, fns=[lambda raw: raw])
+    patch.status["phase"] = "Ready"
+    patch.meta.annotations["a"] = "b"
+    copied = kopf.Patch(patch)
+    assert dict(copied) == {"status": {"phase": "Ready"}, "metadata": {"annotations": {"a": "b"}}}
+    assert len(copied.fns) == 1 and bool(kopf.Patch(fns=[lambda raw: raw])) and not kopf.Patch()
+    assert sorted(patch.as_json_patch(), key=lambda op: op["path"]) == [
+        {"op": "add", "path": "/metadata/annotations", "value": {"a": "b"}},
+        {"op": "add", "path": "/status/phase", "value": "Ready"},  # the body's status is there to add to
+    ]
+    assert "_meta" not in vars(patch) and "_meta" not in vars(body)
+
+
+# --- what kopf watches, without managedFields -----------------------------------------------------------
+
+
+def test_kopf_gets_every_listed_and_watched_object_without_managed_fields(unpatched, monkeypatch):
+    closed = []
+    fields = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+
+    async def infinite_watch(**kwargs):  # what kopf's watch yields: listed objects, a mark, events
+        try:
+            yield {"type": None, "object": {"metadata": {"name": "a", "managedFields": fields}, "spec": {"x": 1}}}
+            yield watching.Bookmark.LISTED
+            yield {"type": "MODIFIED", "object": {"metadata": {"name": "a", "managedFields": fields, "uid": "u"}}}
+            yield {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "7"}}}
+            yield {"type": "ERROR", "object": {"code": 410}}
+            yield {"type": "ADDED", "object": {"metadata": {"name": "b"}}}
+            yield {"type": "ADDED", "object": {"metadata": {"name": "c", "managedFields": fields}}}
+        finally:
+            closed.append(kwargs)
+
+    monkeypatch.setattr(watching, "infinite_watch", infinite_watch)
+    watch_without_managed_fields()
+    watch_without_managed_fields()  # applied twice (tests, a second start): wrapped once
+    assert watching.infinite_watch.__name__ == "infinite_watch" and watching.infinite_watch is not infinite_watch
+
+    async def read(first: int | None = None):
+        events = []
+        stream = watching.infinite_watch(settings="s", resource="r", namespace=None, operator_paused=None)
+        async for event in stream:
+            events.append(event)
+            if len(events) == first:
+                await stream.aclose()  # kopf's watcher cancelled: the wrapped watch is closed with it
+                break
+        return events
+
+    events = asyncio.run(read())
+    assert events == [
+        {"type": None, "object": {"metadata": {"name": "a"}, "spec": {"x": 1}}},
+        watching.Bookmark.LISTED,
+        {"type": "MODIFIED", "object": {"metadata": {"name": "a", "uid": "u"}}},
+        {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "7"}}},
+        {"type": "ERROR", "object": {"code": 410}},
+        {"type": "ADDED", "object": {"metadata": {"name": "b"}}},
+        {"type": "ADDED", "object": {"metadata": {"name": "c"}}},
+    ]
+    assert closed == [{"settings": "s", "resource": "r", "namespace": None, "operator_paused": None}]
+    assert len(asyncio.run(read(first=2))) == 2 and len(closed) == 2

@@ -36,14 +36,17 @@ hack/kopf-upstream/0001-toggleset-wake-waiters-on-flips-only.patch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import kopf
 import structlog
 from kopf._cogs.aiokits import aiotoggles
+from kopf._cogs.clients import watching
+from kopf._cogs.structs import bodies, dicts, patches
 from kopf._core.engines import admission
 
 log = structlog.get_logger("analysis_operator.infra.kopf_patches")
@@ -137,6 +140,70 @@ def _with_causes(build: Callable[..., Any]) -> Callable[..., Any]:
     return build_response
 
 
+def _body_init(self: bodies.Body, src: Any) -> None:
+    dicts.MappingView.__init__(self, src)
+
+
+def _patch_init(init: Callable[..., None]) -> Callable[..., None]:
+    def patch_init(self: patches.Patch, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        for name in ("_meta", "_spec", "_status"):  # each a view of self: made when asked for instead
+            self.__dict__.pop(name, None)
+
+    patch_init.patched = True  # type: ignore[attr-defined]
+    return patch_init
+
+
+def _meta_init(path: str) -> Callable[..., None]:
+    def meta_init(self: dicts.MappingView[str, Any], src: Any) -> None:
+        dicts.MappingView.__init__(self, src, path)
+
+    return meta_init
+
+
+def views_on_demand() -> None:
+    """kopf's Body and Patch without reference cycles: their views (meta, spec, status, and meta's
+    labels and annotations) are made when asked for, not kept on the object they view. Each kept
+    view pointed back at its object, so every watch event's Body and Patch, with the raw body they
+    hold, was cyclic garbage that only the collector could free (bench/RESULTS.md, stop 33)."""
+    for cls, mutable, meta, spec, status in (
+        (bodies.Body, dicts.MappingView, bodies.Meta, bodies.Spec, bodies.Status),
+        (patches.Patch, dicts.MutableMappingView, patches.MetaPatch, patches.SpecPatch, patches.StatusPatch),
+    ):
+        cls.metadata = cls.meta = property(meta)  # type: ignore[assignment, method-assign]
+        cls.spec = property(spec)  # type: ignore[assignment, method-assign]
+        cls.status = property(status)  # type: ignore[assignment, method-assign]
+        meta.__init__ = _meta_init("metadata")  # type: ignore[method-assign]
+        meta.labels = property(lambda view, mutable=mutable: mutable(view, "labels"))  # type: ignore[assignment, method-assign, misc]
+        meta.annotations = property(lambda view, mutable=mutable: mutable(view, "annotations"))  # type: ignore[assignment, method-assign, misc]
+    bodies.Body.__init__ = _body_init  # type: ignore[method-assign]
+    if not getattr(patches.Patch.__init__, "patched", False):
+        patches.Patch.__init__ = _patch_init(patches.Patch.__init__)  # type: ignore[method-assign]
+
+
+def _without_managed_fields(watch: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def infinite_watch(**kwargs: Any) -> AsyncIterator[Any]:
+        async with contextlib.aclosing(watch(**kwargs)) as events:
+            async for event in events:
+                if isinstance(event, dict):
+                    metadata = (event.get("object") or {}).get("metadata")
+                    if isinstance(metadata, dict):
+                        metadata.pop("managedFields", None)
+                yield event
+
+    infinite_watch.patched = True  # type: ignore[attr-defined]
+    return infinite_watch
+
+
+def watch_without_managed_fields() -> None:
+    """Every object kopf lists or watches, without metadata.managedFields, dropped as it arrives:
+    neither kopf nor any handler here reads them, and they are over half of an environment's
+    parsed body (10 of 18 KiB). kopf holds every listed body until all indexes are filled, so a
+    restart with 10,000 environments held 100 MiB of them at once (bench/RESULTS.md, stop 33)."""
+    if not getattr(watching.infinite_watch, "patched", False):  # queueing looks it up per watcher
+        watching.infinite_watch = _without_managed_fields(watching.infinite_watch)  # type: ignore[assignment]
+
+
 def apply(version: str | None = None, environ: Mapping[str, str] = os.environ) -> bool:
     """Patch kopf (True), or not when switched off (False); RuntimeError on an unchecked kopf."""
     if environ.get(SWITCH, "on") == "off":  # the escape hatch (and for measuring)
@@ -155,6 +222,8 @@ def apply(version: str | None = None, environ: Mapping[str, str] = os.environ) -
     aiotoggles.ToggleSet = EdgeToggleSet  # type: ignore[misc]  # kopf looks it up at operator start
     if not getattr(admission.build_response, "patched", False):  # looked up at every request
         admission.build_response = _with_causes(admission.build_response)
+    views_on_demand()
+    watch_without_managed_fields()
     return True
 
 
