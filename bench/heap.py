@@ -27,7 +27,9 @@ RSS minus resident is the code and libraries. A variant changes one setting of t
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
+import signal
 import sys
 import time
 
@@ -53,6 +55,12 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--core", type=int, default=1, help="CPU core the operator is pinned to")
     parser.add_argument("--out", type=pathlib.Path)
     parser.add_argument(
+        "--census",
+        action="store_true",
+        help="the probe's census of live objects by type (SIGUSR2) "
+        "10 s after the top-up and after each restart is steady: bench/logs/heapprobe-<run>.census.*",
+    )
+    parser.add_argument(
         "--kopf-as-is",
         default="",
         help="the whole run without these of the operator's kopf patches (comma-separated): views (kopf's Body "
@@ -76,6 +84,15 @@ def probe(prefix: pathlib.Path, pid: int) -> list[dict[str, float]]:
     return samples
 
 
+CENSUS = False
+
+
+def census(bench: run.Bench) -> None:
+    if CENSUS:
+        time.sleep(10)
+        os.kill(bench.operator.pid, signal.SIGUSR2)
+
+
 def described(name: str) -> str:
     return " ".join(f"{key}={value}" for key, value in VARIANTS[name].items()) or "as the image runs it"
 
@@ -88,6 +105,7 @@ def restart(bench: run.Bench, name: str, prefix: pathlib.Path) -> dict:
     results = len(bench.results)
     bench.restart()
     steady = next(value for metric, value in bench.results[results:] if "steady state" in metric)
+    census(bench)
     time.sleep(15)
     samples = probe(prefix, bench.operator.pid)
     last = samples[-1]
@@ -124,7 +142,9 @@ def report(options: argparse.Namespace, bench: run.Bench, rows: list[dict]) -> s
 
 
 def main() -> None:
+    global CENSUS
     options = arguments()
+    CENSUS = options.census
     bench = run.Bench(
         run.argument_parser().parse_args(
             [
@@ -144,6 +164,7 @@ def main() -> None:
         began = time.monotonic()
         bench.scale(options.population)
         topped_up = round(time.monotonic() - began, 1)
+        census(bench)
         time.sleep(15)
         samples = probe(prefix, bench.operator.pid)
         rows.append(

@@ -64,7 +64,26 @@ def _collect() -> None:
         gc.collect()
 
 
+def _census(signum, frame) -> None:
+    """SIGUSR2: the live objects by type (tracked by the collector), before and after a full collection."""
+    import collections
+
+    def count() -> collections.Counter:
+        return collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects())
+
+    before = count()
+    collected = gc.collect()
+    after = count()
+    with open(f"{os.environ['HEAPPROBE_OUT']}.census.{os.getpid()}.{int(time.time())}", "w") as out:
+        out.write(f"collected {collected}; tracked before {sum(before.values())}, after {sum(after.values())}\n")
+        for name, n in after.most_common(60):
+            out.write(f"{n:9d} {before[name] - n:9d} {name}\n")
+
+
 if os.environ.get("HEAPPROBE_OUT") and "analysis_operator" in sys.orig_argv:
+    import signal
+
+    signal.signal(signal.SIGUSR2, _census)
     _as_is = set(filter(None, os.environ.get("HEAPPROBE_KOPF_AS_IS", "").split(",")))
     if _as_is:
         from analysis_operator.infra import kopf_patches

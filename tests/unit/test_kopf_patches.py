@@ -216,7 +216,14 @@ def _one_event() -> tuple:
     patch.metadata.annotations["m"] = None
     patch.status["phase"] = "Ready"
     patch.spec["k"] = 2
-    return (body.meta.name, dict(body.metadata.labels), dict(body.meta.annotations), dict(body.spec), dict(body.status), dict(patch))
+    return (
+        body.meta.name,
+        dict(body.metadata.labels),
+        dict(body.meta.annotations),
+        dict(body.spec),
+        dict(body.status),
+        dict(patch),
+    )
 
 
 def _garbage_of(events: int) -> int:
@@ -237,13 +244,21 @@ def test_kopf_bodies_and_patches_leave_no_cyclic_garbage(unpatched):
     assert _garbage_of(100) >= 100 * 10  # kopf as it is: the test can fail
     views_on_demand()
     assert _garbage_of(100) == 0
-    assert _one_event() == before == (
-        "x",
-        {"a": "1"},
-        {"n": "v"},
-        {"k": 1},
-        {},
-        {"metadata": {"labels": {"b": "2"}, "annotations": {"m": None}}, "status": {"phase": "Ready"}, "spec": {"k": 2}},
+    assert (
+        _one_event()
+        == before
+        == (
+            "x",
+            {"a": "1"},
+            {"n": "v"},
+            {"k": 1},
+            {},
+            {
+                "metadata": {"labels": {"b": "2"}, "annotations": {"m": None}},
+                "status": {"phase": "Ready"},
+                "spec": {"k": 2},
+            },
+        )
     )
 
 
@@ -253,7 +268,9 @@ def test_views_made_on_demand_still_follow_the_body_and_fill_the_patch(unpatched
     spec, meta, labels = body.spec, body.meta, body.meta.labels
     body._replace_with({"metadata": {"name": "b", "labels": {"x": "2"}}, "spec": {"v": 2}, "status": {"s": 1}})
     assert (spec["v"], meta.name, labels["x"], body.status["s"]) == (2, "b", "2", 1)  # kopf replaces after a patch
-    assert isinstance(body.meta, kopf.Meta) and isinstance(body.spec, kopf.Spec) and isinstance(body.status, kopf.Status)
+    assert (
+        isinstance(body.meta, kopf.Meta) and isinstance(body.spec, kopf.Spec) and isinstance(body.status, kopf.Status)
+    )
 
     patch = kopf.Patch(body=body, fns=[lambda raw: raw])
     patch.status["phase"] = "Ready"

@@ -1,10 +1,14 @@
-"""Two changes to kopf's internals, applied at start (cli.py), until kopf has them.
+"""Four changes to kopf's internals, applied at start (cli.py), until kopf has them.
 
 1. The startup gate (below). 2. Refusals a client can read: kopf answers an admission
 refusal with a message and a code only; `Refused` (an AdmissionError) also carries the
 Kubernetes reason and `details.causes` ([{reason, field, message}]), which the API server
 passes on to the client unchanged. The patch wraps kopf's `build_response` and only adds
 to the status it built, for a `Refused` it chose; any other error is answered as before.
+3. Bodies and patches without reference cycles (`views_on_demand`). 4. What kopf lists and
+watches without managedFields (`watch_without_managed_fields`). 3 and 4 are about memory:
+each watch event's raw body lived until the cyclic collector found it, and at a restart
+kopf holds every listed body, half of it managedFields, until all indexes are filled.
 
 The startup gate:
 
@@ -26,11 +30,13 @@ checked against (CHECKED_VERSIONS, and the same pin in pyproject.toml). On any
 other version the operator refuses to start rather than run without it (a
 restart would silently turn quadratic again) or with it unchecked. To move to
 a new kopf: read its kopf/_cogs/aiokits/aiotoggles.py and where ToggleSet is
-made (kopf/_core/reactor/), run tests/unit/test_kopf_patches.py and
-bench/restart.py against it, then add the version here and to the pin.
+made (kopf/_core/reactor/), kopf/_cogs/structs/ (bodies, patches, dicts),
+kopf/_cogs/clients/watching.py and how kopf/_core/reactor/queueing.py calls
+infinite_watch, run tests/unit/test_kopf_patches.py, bench/restart.py and
+bench/heap.py against it, then add the version here and to the pin.
 ANALYSIS_OPERATOR_KOPF_PATCHES=off runs without the patch on any version.
-The same change as a patch to kopf itself, to propose upstream:
-hack/kopf-upstream/0001-toggleset-wake-waiters-on-flips-only.patch.
+The same changes as patches to kopf itself, to propose upstream: hack/kopf-upstream/
+(0001: the gate; 0002: the views; 0003: managedFields, as a setting).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,7 +187,7 @@ def views_on_demand() -> None:
         patches.Patch.__init__ = _patch_init(patches.Patch.__init__)  # type: ignore[method-assign]
 
 
-def _without_managed_fields(watch: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def _without_managed_fields(watch: Callable[..., AsyncGenerator[Any, None]]) -> Callable[..., AsyncIterator[Any]]:
     async def infinite_watch(**kwargs: Any) -> AsyncIterator[Any]:
         async with contextlib.aclosing(watch(**kwargs)) as events:
             async for event in events:
@@ -201,7 +207,7 @@ def watch_without_managed_fields() -> None:
     parsed body (10 of 18 KiB). kopf holds every listed body until all indexes are filled, so a
     restart with 10,000 environments held 100 MiB of them at once (bench/RESULTS.md, stop 33)."""
     if not getattr(watching.infinite_watch, "patched", False):  # queueing looks it up per watcher
-        watching.infinite_watch = _without_managed_fields(watching.infinite_watch)  # type: ignore[assignment]
+        watching.infinite_watch = _without_managed_fields(watching.infinite_watch)  # type: ignore[arg-type]
 
 
 def apply(version: str | None = None, environ: Mapping[str, str] = os.environ) -> bool:
