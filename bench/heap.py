@@ -18,6 +18,8 @@ RSS minus resident is the code and libraries. A variant changes one setting of t
   gen2x10     the oldest generation collected 10x as often as the operator's own thresholds
   decay       MALLOC_CONF: freed pages given back after 1 s by a background thread (jemalloc: 10 s, on use)
   lean        decay, one arena, a smaller thread cache
+  as-is       kopf as it is: none of the two memory patches of stop 33 (kopf_patches.views_on_demand,
+              watch_without_managed_fields), the code before on the same population
 
     eval "$(hack/cluster.sh env)"
     .venv/bin/python bench/heap.py --population 10000 --variants current,collect3s,decay,decay,collect3s,current \\
@@ -44,6 +46,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "gen2x10": {"HEAPPROBE_GC_THRESHOLDS": "5000,20,10"},
     "decay": {"MALLOC_CONF": DECAY},
     "lean": {"MALLOC_CONF": DECAY + ",narenas:1,tcache_max:4096"},
+    "as-is": {"HEAPPROBE_KOPF_AS_IS": "views,managed-fields"},
 }
 KNOBS = {key for settings in VARIANTS.values() for key in settings}
 
@@ -54,6 +57,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--variants", default="current,collect3s,current,collect3s", help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--core", type=int, default=1, help="CPU core the operator is pinned to")
     parser.add_argument("--out", type=pathlib.Path)
+    parser.add_argument("--settle", type=float, default=15, help="seconds after the top-up before it is measured")
     parser.add_argument(
         "--census",
         action="store_true",
@@ -85,6 +89,7 @@ def probe(prefix: pathlib.Path, pid: int) -> list[dict[str, float]]:
 
 
 CENSUS = False
+BASE: dict[str, str] = {}
 
 
 def census(bench: run.Bench) -> None:
@@ -100,6 +105,7 @@ def described(name: str) -> str:
 def restart(bench: run.Bench, name: str, prefix: pathlib.Path) -> dict:
     for key in KNOBS:
         bench.operator.settings.pop(key, None)
+    bench.operator.settings.update(BASE)  # the run's own (--kopf-as-is)
     bench.operator.settings.update(VARIANTS[name])
     run.log(f"variant {name}: {described(name)}")
     results = len(bench.results)
@@ -119,8 +125,8 @@ def report(options: argparse.Namespace, bench: run.Bench, rows: list[dict]) -> s
         f"# bench/heap.py: restarts with {bench.environments_total} environments in one namespace",
         "",
         f"Run {bench.run_id}, operator at {run.git_commit()}, pinned to core {options.core}, on jemalloc, "
-        f"kopf as is: {options.kopf_as_is or 'nothing (all patches applied)'}. MiB; peak over the restart (the first row: over the top-up), "
-        "then 15 s after steady.",
+        f"kopf as is: {options.kopf_as_is or 'nothing (all patches applied)'}. MiB; peak over the restart "
+        f"(the first row: over the top-up), then 15 s after steady ({options.settle:.0f} s after the top-up).",
         "",
         "| # | variant | start -> steady | peak RSS | peak allocated | RSS | allocated | active | resident "
         "| collector s | full collections |",
@@ -156,7 +162,8 @@ def main() -> None:
     prefix = run.REPO / "bench" / "logs" / f"heapprobe-{bench.run_id}"
     bench.operator.settings.update(PYTHONPATH=f"{run.REPO / 'operator'}:{PROBE}", HEAPPROBE_OUT=str(prefix))
     if options.kopf_as_is:
-        bench.operator.settings["HEAPPROBE_KOPF_AS_IS"] = options.kopf_as_is
+        BASE["HEAPPROBE_KOPF_AS_IS"] = options.kopf_as_is
+        bench.operator.settings.update(BASE)
     rows: list[dict] = []
     try:
         bench.setup()
@@ -165,7 +172,7 @@ def main() -> None:
         bench.scale(options.population)
         topped_up = round(time.monotonic() - began, 1)
         census(bench)
-        time.sleep(15)
+        time.sleep(max(0, options.settle - (10 if CENSUS else 0)))
         samples = probe(prefix, bench.operator.pid)
         rows.append(
             {
@@ -175,7 +182,7 @@ def main() -> None:
                 "peak": {key: max(sample.get(key, 0.0) for sample in samples) for key in ("rss", "allocated")},
             }
         )
-        bench.checkpoint("15 s after the top-up")
+        bench.checkpoint(f"{options.settle:.0f} s after the top-up")
         for name in options.variants:
             rows.append(restart(bench, name, prefix))
     finally:

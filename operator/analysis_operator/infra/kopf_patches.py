@@ -147,7 +147,8 @@ def _with_causes(build: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _body_init(self: bodies.Body, src: Any) -> None:
-    dicts.MappingView.__init__(self, src)
+    self._src = src
+    self._path = ()
 
 
 def _patch_init(init: Callable[..., None]) -> Callable[..., None]:
@@ -160,28 +161,41 @@ def _patch_init(init: Callable[..., None]) -> Callable[..., None]:
     return patch_init
 
 
-def _meta_init(path: str) -> Callable[..., None]:
-    def meta_init(self: dicts.MappingView[str, Any], src: Any) -> None:
-        dicts.MappingView.__init__(self, src, path)
+def _view(cls: type[Any], field: str) -> property:
+    """A property making a `cls` view of its object's `field` each time it is read: what kopf's
+    MappingView.__init__ sets, with the path parsed once (a view is read many times per event)."""
+    path = dicts.parse_field(field)
 
-    return meta_init
+    def view(source: Any) -> Any:
+        made = object.__new__(cls)
+        made._src, made._path = source, path
+        return made
+
+    return property(view)
+
+
+def _meta_init(self: dicts.MappingView[str, Any], src: Any) -> None:
+    self._src = src
+    self._path = ("metadata",)
 
 
 def views_on_demand() -> None:
     """kopf's Body and Patch without reference cycles: their views (meta, spec, status, and meta's
     labels and annotations) are made when asked for, not kept on the object they view. Each kept
     view pointed back at its object, so every watch event's Body and Patch, with the raw body they
-    hold, was cyclic garbage that only the collector could free (bench/RESULTS.md, stop 33)."""
-    for cls, mutable, meta, spec, status in (
+    hold, was cyclic garbage that only the collector could free (bench/RESULTS.md, stop 33). The
+    views hold no state of their own: a new one sees what a kept one did, also after kopf's
+    Body._replace_with."""
+    for cls, sub, meta, spec, status in (
         (bodies.Body, dicts.MappingView, bodies.Meta, bodies.Spec, bodies.Status),
         (patches.Patch, dicts.MutableMappingView, patches.MetaPatch, patches.SpecPatch, patches.StatusPatch),
     ):
-        cls.metadata = cls.meta = property(meta)  # type: ignore[assignment, method-assign]
-        cls.spec = property(spec)  # type: ignore[assignment, method-assign]
-        cls.status = property(status)  # type: ignore[assignment, method-assign]
-        meta.__init__ = _meta_init("metadata")  # type: ignore[method-assign]
-        meta.labels = property(lambda view, mutable=mutable: mutable(view, "labels"))  # type: ignore[assignment, method-assign, misc]
-        meta.annotations = property(lambda view, mutable=mutable: mutable(view, "annotations"))  # type: ignore[assignment, method-assign, misc]
+        cls.metadata = cls.meta = _view(meta, "metadata")  # type: ignore[assignment, method-assign]
+        cls.spec = _view(spec, "spec")  # type: ignore[assignment, method-assign]
+        cls.status = _view(status, "status")  # type: ignore[assignment, method-assign]
+        meta.__init__ = _meta_init  # type: ignore[method-assign]  # kopf's also made and kept the two below
+        meta.labels = _view(sub, "labels")  # type: ignore[assignment, method-assign]
+        meta.annotations = _view(sub, "annotations")  # type: ignore[assignment, method-assign]
     bodies.Body.__init__ = _body_init  # type: ignore[method-assign]
     if not getattr(patches.Patch.__init__, "patched", False):
         patches.Patch.__init__ = _patch_init(patches.Patch.__init__)  # type: ignore[method-assign]
