@@ -154,7 +154,7 @@ def main() -> None:
     bench = run.Bench(
         run.argument_parser().parse_args(
             [
-                *("--single", "0", "--sizes=", "--raw", "0", "--no-restart", "--skip-10k"),
+                *("--single", "0", "--sizes=", "--raw", "0", "--no-restart"),  # --scale counts toward the nodes
                 *("--scale", str(options.population), "--core", str(options.core)),
             ]
         )
