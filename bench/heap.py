@@ -88,30 +88,31 @@ def probe(prefix: pathlib.Path, pid: int) -> list[dict[str, float]]:
     return samples
 
 
-CENSUS = False
-BASE: dict[str, str] = {}
-
-
-def census(bench: run.Bench) -> None:
-    if CENSUS:
+def census(bench: run.Bench, options: argparse.Namespace) -> None:
+    if options.census:
         time.sleep(10)
         os.kill(bench.operator.pid, signal.SIGUSR2)
+
+
+def base(options: argparse.Namespace) -> dict[str, str]:
+    """The run's own settings of the restarted process, under every variant (--kopf-as-is)."""
+    return {"HEAPPROBE_KOPF_AS_IS": options.kopf_as_is} if options.kopf_as_is else {}
 
 
 def described(name: str) -> str:
     return " ".join(f"{key}={value}" for key, value in VARIANTS[name].items()) or "as the image runs it"
 
 
-def restart(bench: run.Bench, name: str, prefix: pathlib.Path) -> dict:
+def restart(bench: run.Bench, name: str, prefix: pathlib.Path, options: argparse.Namespace) -> dict:
     for key in KNOBS:
         bench.operator.settings.pop(key, None)
-    bench.operator.settings.update(BASE)  # the run's own (--kopf-as-is)
+    bench.operator.settings.update(base(options))
     bench.operator.settings.update(VARIANTS[name])
     run.log(f"variant {name}: {described(name)}")
     results = len(bench.results)
     bench.restart()
     steady = next(value for metric, value in bench.results[results:] if "steady state" in metric)
-    census(bench)
+    census(bench, options)
     time.sleep(15)
     samples = probe(prefix, bench.operator.pid)
     last = samples[-1]
@@ -148,9 +149,7 @@ def report(options: argparse.Namespace, bench: run.Bench, rows: list[dict]) -> s
 
 
 def main() -> None:
-    global CENSUS
     options = arguments()
-    CENSUS = options.census
     bench = run.Bench(
         run.argument_parser().parse_args(
             [
@@ -161,9 +160,7 @@ def main() -> None:
     )
     prefix = run.REPO / "bench" / "logs" / f"heapprobe-{bench.run_id}"
     bench.operator.settings.update(PYTHONPATH=f"{run.REPO / 'operator'}:{PROBE}", HEAPPROBE_OUT=str(prefix))
-    if options.kopf_as_is:
-        BASE["HEAPPROBE_KOPF_AS_IS"] = options.kopf_as_is
-        bench.operator.settings.update(BASE)
+    bench.operator.settings.update(base(options))
     rows: list[dict] = []
     try:
         bench.setup()
@@ -171,8 +168,8 @@ def main() -> None:
         began = time.monotonic()
         bench.scale(options.population)
         topped_up = round(time.monotonic() - began, 1)
-        census(bench)
-        time.sleep(max(0, options.settle - (10 if CENSUS else 0)))
+        census(bench, options)
+        time.sleep(max(0, options.settle - (10 if options.census else 0)))
         samples = probe(prefix, bench.operator.pid)
         rows.append(
             {
@@ -184,7 +181,7 @@ def main() -> None:
         )
         bench.checkpoint(f"{options.settle:.0f} s after the top-up")
         for name in options.variants:
-            rows.append(restart(bench, name, prefix))
+            rows.append(restart(bench, name, prefix, options))
     finally:
         text = report(options, bench, rows)
         print(text, flush=True)

@@ -146,9 +146,14 @@ def _with_causes(build: Callable[..., Any]) -> Callable[..., Any]:
     return build_response
 
 
-def _body_init(self: bodies.Body, src: Any) -> None:
-    self._src = src
-    self._path = ()
+def _init(field: str | None) -> Callable[..., None]:
+    """An __init__ setting what kopf's MappingView.__init__ sets (source, parsed path), and nothing more."""
+    path = dicts.parse_field(field)
+
+    def init(self: dicts.MappingView[str, Any], src: Any) -> None:
+        self._src, self._path = src, path
+
+    return init
 
 
 def _patch_init(init: Callable[..., None]) -> Callable[..., None]:
@@ -174,11 +179,6 @@ def _view(cls: type[Any], field: str) -> property:
     return property(view)
 
 
-def _meta_init(self: dicts.MappingView[str, Any], src: Any) -> None:
-    self._src = src
-    self._path = ("metadata",)
-
-
 def views_on_demand() -> None:
     """kopf's Body and Patch without reference cycles: their views (meta, spec, status, and meta's
     labels and annotations) are made when asked for, not kept on the object they view. Each kept
@@ -193,10 +193,10 @@ def views_on_demand() -> None:
         cls.metadata = cls.meta = _view(meta, "metadata")  # type: ignore[assignment, method-assign]
         cls.spec = _view(spec, "spec")  # type: ignore[assignment, method-assign]
         cls.status = _view(status, "status")  # type: ignore[assignment, method-assign]
-        meta.__init__ = _meta_init  # type: ignore[method-assign]  # kopf's also made and kept the two below
+        meta.__init__ = _init("metadata")  # type: ignore[method-assign]  # kopf's also made and kept the two below
         meta.labels = _view(sub, "labels")  # type: ignore[assignment, method-assign]
         meta.annotations = _view(sub, "annotations")  # type: ignore[assignment, method-assign]
-    bodies.Body.__init__ = _body_init  # type: ignore[method-assign]
+    bodies.Body.__init__ = _init(None)  # type: ignore[method-assign]
     if not getattr(patches.Patch.__init__, "patched", False):
         patches.Patch.__init__ = _patch_init(patches.Patch.__init__)  # type: ignore[method-assign]
 
