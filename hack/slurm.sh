@@ -193,9 +193,15 @@ ensure_node_network() {
 }
 
 remove_node_network() {
-  # Deleting the namespace deletes its end of the pair, and so the pair.
+  # The host's end first: deleting it deletes the pair at once. Deleting the
+  # namespace first would leave the kernel to remove the pair later, in the
+  # background, so a check for the host's end could see it and the delete then
+  # find it gone. A link that vanishes between the check and the delete is fine.
+  if ip link show "$HOST_IF" >/dev/null 2>&1; then
+    ip link del "$HOST_IF" 2>/dev/null || ! ip link show "$HOST_IF" >/dev/null 2>&1 \
+      || die "could not delete $HOST_IF"
+  fi
   if netns_exists; then ip netns del "$NETNS"; fi
-  if ip link show "$HOST_IF" >/dev/null 2>&1; then ip link del "$HOST_IF"; fi
 }
 
 in_node() { nsenter --net="/run/netns/$NETNS" -- "$@"; }
