@@ -38,7 +38,7 @@ infinite_watch, run tests/unit/test_kopf_patches.py, bench/restart.py and
 bench/heap.py against it, then add the version here and to the pin.
 ANALYSIS_OPERATOR_KOPF_PATCHES=off runs without the patch on any version.
 The same changes as patches to kopf itself, to propose upstream: hack/kopf-upstream/
-(0001: the gate; 0002: the views; 0003: managedFields, as a setting; 0004: bodies packed at the gate).
+(0001: the gate; 0002: the views; 0003: managedFields, as a setting).
 """
 
 from __future__ import annotations
