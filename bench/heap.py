@@ -20,8 +20,6 @@ RSS minus resident is the code and libraries. A variant changes one setting of t
   lean        decay, one arena, a smaller thread cache
   as-is       kopf as it is: none of the two memory patches of stop 33 (kopf_patches.views_on_demand,
               watch_without_managed_fields), the code before on the same population
-  unpacked    bodies wait at kopf's startup gate parsed, as before stop 34 (kopf_patches.pack_at_gate)
-  idle1s      kopf's object workers end after 1 s without events instead of 5 (each holds its last body)
 
     eval "$(hack/cluster.sh env)"
     .venv/bin/python bench/heap.py --population 10000 --variants current,collect3s,decay,decay,collect3s,current \\
@@ -49,8 +47,6 @@ VARIANTS: dict[str, dict[str, str]] = {
     "decay": {"MALLOC_CONF": DECAY},
     "lean": {"MALLOC_CONF": DECAY + ",narenas:1,tcache_max:4096"},
     "as-is": {"HEAPPROBE_KOPF_AS_IS": "views,managed-fields"},
-    "unpacked": {"HEAPPROBE_KOPF_AS_IS": "gate"},
-    "idle1s": {"HEAPPROBE_WORKER_IDLE": "1"},
 }
 KNOBS = {key for settings in VARIANTS.values() for key in settings}
 

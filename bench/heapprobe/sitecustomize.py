@@ -5,11 +5,9 @@ bytes in live allocations; active: pages holding at least one; resident; retaine
 and the cyclic collector's time so far and full collections. Optional knobs for the variants of heap.py:
 HEAPPROBE_GC_THRESHOLDS=a,b,c (set 1 s after start, after the operator's own), HEAPPROBE_COLLECT_EVERY=s and
 HEAPPROBE_COLLECT_FOR=s (a full collection every s seconds for the first ... seconds), and HEAPPROBE_KOPF_AS_IS=
-a comma-separated list of views, managed-fields, gate: kopf's Body and Patch keep their views (reference cycles),
+a comma-separated list of views, managed-fields: kopf's Body and Patch keep their views (reference cycles),
 kopf's watch keeps managedFields, as before stop 33 (kopf_patches.views_on_demand and
-watch_without_managed_fields not applied), bodies wait at kopf's startup gate parsed, as before stop 34
-(kopf_patches.pack_at_gate not applied), to compare with the code before in one run; HEAPPROBE_WORKER_IDLE=s:
-kopf's object workers end after s seconds without events (settings.queueing.idle_timeout; kopf's default 5)."""
+watch_without_managed_fields not applied), to compare with the code before in one run."""
 
 import ctypes
 import gc
@@ -94,16 +92,6 @@ if os.environ.get("HEAPPROBE_OUT") and "analysis_operator" in sys.orig_argv:
             kopf_patches.views_on_demand = lambda: None
         if "managed-fields" in _as_is:
             kopf_patches.watch_without_managed_fields = lambda: None
-        if "gate" in _as_is:
-            kopf_patches.pack_at_gate = lambda: None
-    if os.environ.get("HEAPPROBE_WORKER_IDLE"):
-        from analysis_operator.handlers import lifecycle
-
-        def _configure_watching(settings, _configure=lifecycle.configure_watching) -> None:
-            _configure(settings)
-            settings.queueing.idle_timeout = float(os.environ["HEAPPROBE_WORKER_IDLE"])
-
-        lifecycle.configure_watching = _configure_watching
     gc.callbacks.append(_observe)
     threading.Thread(target=_record, args=(os.environ["HEAPPROBE_OUT"],), daemon=True, name="heapprobe").start()
     threading.Thread(target=_collect, daemon=True, name="heapprobe-gc").start()

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import gc
-import json
 import pathlib
 import tomllib
-import tracemalloc
 
 import kopf
 import pytest
 from kopf._cogs.aiokits import aiotoggles
 from kopf._cogs.clients import watching
-from kopf._cogs.structs import bodies, patches, references
+from kopf._cogs.structs import bodies, patches
 from kopf._core.actions import execution
-from kopf._core.engines import admission, indexing
-from kopf._core.intents import registries
+from kopf._core.engines import admission
 from packaging.requirements import Requirement
 
 from analysis_operator.infra.kopf_patches import (
@@ -26,7 +22,6 @@ from analysis_operator.infra.kopf_patches import (
     EdgeToggleSet,
     Refused,
     apply,
-    pack_at_gate,
     views_on_demand,
     watch_without_managed_fields,
 )
@@ -39,7 +34,6 @@ def restore_kopf(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aiotoggles, "ToggleSet", aiotoggles.ToggleSet)
     monkeypatch.setattr(admission, "build_response", admission.build_response)
     monkeypatch.setattr(watching, "infinite_watch", watching.infinite_watch)
-    monkeypatch.setattr(indexing, "index_resource", indexing.index_resource)
     for cls in VIEW_CLASSES:
         for name, value in list(vars(cls).items()):
             if name == "__init__" or isinstance(value, property):
@@ -337,150 +331,3 @@ def test_kopf_gets_every_listed_and_watched_object_without_managed_fields(unpatc
     ]
     assert closed == [{"settings": "s", "resource": "r", "namespace": None, "operator_paused": None}]
     assert len(asyncio.run(read(first=2))) == 2 and len(closed) == 2
-
-
-# --- bodies packed while they wait at kopf's startup gate -------------------------------------------------
-
-RESOURCE = references.Resource("analysis.panosc.eu", "v1alpha1", "analysisenvironments")
-
-
-def _environment(n: int) -> dict:
-    """A raw body shaped like an environment's (metadata, spec, a status with conditions), as listed."""
-    return {
-        "apiVersion": "analysis.panosc.eu/v1alpha1",
-        "kind": "AnalysisEnvironment",
-        "metadata": {
-            "name": f"env-{n}",
-            "namespace": "beamline",
-            "uid": f"uid-{n}",
-            "labels": {"analysis.panosc.eu/user": "alice"},
-            "annotations": {"kopf.zalando.org/last-handled-configuration": '{"spec":{"flavor":"jupyter-basic"}}'},
-            "finalizers": ["analysis.panosc.eu/cleanup"],
-        },
-        "spec": {"flavor": "jupyter-basic", "owner": "alice", "datasets": [{"name": f"scan-{n}", "mode": "ro"}]},
-        "status": {
-            "phase": "Ready",
-            "conditions": [
-                {"type": kind, "status": "True", "reason": "Done", "message": "ok", "lastTransitionTime": "2026-12-02"}
-                for kind in ("Admitted", "Scheduled", "Ready", "Reachable")
-            ],
-        },
-    }
-
-
-async def _kopf_worker(raw: dict, gate: aiotoggles.ToggleSet) -> dict:
-    """What kopf's processing does for one object at the gate: a Body on the raw body, the object
-    indexed (kopf's own index_resource, here with no index handlers), then the wait; after it, what a
-    handler would read through the Body."""
-    body = bodies.Body(raw)
-    await indexing.index_resource(
-        indexers=None,
-        registry=registries.OperatorRegistry(),
-        settings=None,
-        resource=RESOURCE,
-        raw_event={"type": None, "object": raw},
-        memory=None,
-        logger=None,
-        memo=None,
-        body=body,
-    )
-    await gate.wait_for(True)
-    return {"spec": dict(body.spec), "labels": dict(body.metadata.labels), "status": dict(body.status)}
-
-
-def test_bodies_wait_at_the_startup_gate_as_json_and_come_back_whole(unpatched):
-    kopfs_own = indexing.index_resource
-    apply()
-    wrapped = indexing.index_resource
-    pack_at_gate()  # applied twice (tests, a second start): wrapped once
-    assert indexing.index_resource is wrapped is not kopfs_own
-
-    async def scenario():
-        gate = aiotoggles.ToggleSet(all)  # kopf's operator_indexed, the patched class
-        blocker = await gate.make_toggle(name="orchestration blocker")  # kopf's first toggle
-        raws = [_environment(n) for n in range(3)]
-        listed = copy.deepcopy(raws)
-        workers = [asyncio.create_task(_kopf_worker(raw, gate)) for raw in raws]
-        await asyncio.sleep(0.01)
-        assert not any(worker.done() for worker in workers)
-        assert raws == [{}, {}, {}]  # emptied in place while they wait
-        await gate.drop_toggle(blocker)
-        seen = await asyncio.wait_for(asyncio.gather(*workers), 1)
-        assert raws == listed  # the same dicts, whole again: kopf's Body and Patch wrap them
-        assert seen == [{"spec": b["spec"], "labels": b["metadata"]["labels"], "status": b["status"]} for b in listed]
-
-        # The gate closed again later (kopf watching a new resource): daemons may read bodies now, none is packed.
-        again = await gate.make_toggle(name="a new resource")
-        late = asyncio.create_task(_kopf_worker(raws[0], gate))
-        await asyncio.sleep(0.01)
-        assert not late.done() and raws[0] == listed[0]
-        await gate.drop_toggle(again)
-        assert (await asyncio.wait_for(late, 1))["spec"] == listed[0]["spec"]
-
-    asyncio.run(scenario())
-
-
-def test_only_the_startup_gate_packs_and_a_body_not_json_is_kept(unpatched):
-    apply()
-
-    async def scenario():
-        paused = aiotoggles.ToggleSet(any)  # kopf's operator_paused: a wait there packs nothing
-        conflict = await paused.make_toggle(True, name="peer")
-        raw = _environment(1)
-        body = bodies.Body(raw)
-        await indexing.index_resource(
-            indexers=None,
-            registry=registries.OperatorRegistry(),
-            settings=None,
-            resource=RESOURCE,
-            raw_event={"type": None, "object": raw},
-            memory=None,
-            logger=None,
-            memo=None,
-            body=body,
-        )
-        waiting = asyncio.create_task(paused.wait_for(False))
-        await asyncio.sleep(0.01)
-        assert not waiting.done() and raw == _environment(1)
-        await conflict.turn_to(False)
-        await asyncio.wait_for(waiting, 1)
-
-        gate = aiotoggles.ToggleSet(all)
-        blocker = await gate.make_toggle()
-        odd = {**_environment(2), "spec": {"when": object()}}  # not JSON: kept as it is
-        worker = asyncio.create_task(_kopf_worker(odd, gate))
-        await asyncio.sleep(0.01)
-        assert not worker.done() and "when" in odd["spec"]
-        await gate.drop_toggle(blocker)
-        await asyncio.wait_for(worker, 1)
-
-    asyncio.run(scenario())
-
-
-def test_bodies_at_the_gate_take_a_fraction_of_their_parsed_size(unpatched, monkeypatch):
-    """What the packing is for: 200 environments waiting at the gate, their memory traced with and without."""
-
-    def held_at_the_gate() -> int:
-        async def scenario() -> int:
-            gate = aiotoggles.ToggleSet(all)
-            blocker = await gate.make_toggle()
-            tracemalloc.start()
-            before = tracemalloc.get_traced_memory()[0]
-            parsed = (json.loads(json.dumps(_environment(n))) for n in range(200))  # as kopf reads them
-            workers = [asyncio.create_task(_kopf_worker(raw, gate)) for raw in parsed]
-            await asyncio.sleep(0.05)
-            gc.collect()
-            held = tracemalloc.get_traced_memory()[0] - before
-            tracemalloc.stop()
-            await gate.drop_toggle(blocker)
-            await asyncio.gather(*workers)
-            return held
-
-        return asyncio.run(scenario())
-
-    kopfs_own = indexing.index_resource
-    apply()
-    packed = held_at_the_gate()
-    monkeypatch.setattr(indexing, "index_resource", kopfs_own)  # the gate as kopf has it: bodies parsed
-    parsed = held_at_the_gate()
-    assert packed < 0.6 * parsed, (packed, parsed)

@@ -1,4 +1,4 @@
-"""Five changes to kopf's internals, applied at start (cli.py), until kopf has them.
+"""Four changes to kopf's internals, applied at start (cli.py), until kopf has them.
 
 1. The startup gate (below). 2. Refusals a client can read: kopf answers an admission
 refusal with a message and a code only; `Refused` (an AdmissionError) also carries the
@@ -6,10 +6,9 @@ Kubernetes reason and `details.causes` ([{reason, field, message}]), which the A
 passes on to the client unchanged. The patch wraps kopf's `build_response` and only adds
 to the status it built, for a `Refused` it chose; any other error is answered as before.
 3. Bodies and patches without reference cycles (`views_on_demand`). 4. What kopf lists and
-watches without managedFields (`watch_without_managed_fields`). 5. Bodies waiting at the
-startup gate packed as JSON (`pack_at_gate`). 3 to 5 are about memory: each watch event's
-raw body lived until the cyclic collector found it, and at a restart kopf holds every
-listed body, half of it managedFields, until all indexes are filled.
+watches without managedFields (`watch_without_managed_fields`). 3 and 4 are about memory:
+each watch event's raw body lived until the cyclic collector found it, and at a restart
+kopf holds every listed body, half of it managedFields, until all indexes are filled.
 
 The startup gate:
 
@@ -31,8 +30,7 @@ checked against (CHECKED_VERSIONS, and the same pin in pyproject.toml). On any
 other version the operator refuses to start rather than run without it (a
 restart would silently turn quadratic again) or with it unchecked. To move to
 a new kopf: read its kopf/_cogs/aiokits/aiotoggles.py and where ToggleSet is
-made (kopf/_core/reactor/), how processing.py calls indexing.index_resource and then
-waits at the gate, kopf/_cogs/structs/ (bodies, patches, dicts),
+made (kopf/_core/reactor/), kopf/_cogs/structs/ (bodies, patches, dicts),
 kopf/_cogs/clients/watching.py and how kopf/_core/reactor/queueing.py calls
 infinite_watch, run tests/unit/test_kopf_patches.py, bench/restart.py and
 bench/heap.py against it, then add the version here and to the pin.
@@ -45,10 +43,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import json
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +53,7 @@ import structlog
 from kopf._cogs.aiokits import aiotoggles
 from kopf._cogs.clients import watching
 from kopf._cogs.structs import bodies, dicts, patches
-from kopf._core.engines import admission, indexing
+from kopf._core.engines import admission
 
 log = structlog.get_logger("analysis_operator.infra.kopf_patches")
 # aiotoggles.py and the code that makes ToggleSets are identical across these releases. The
@@ -85,7 +81,6 @@ class EdgeToggleSet(aiotoggles.ToggleSet):
     def __init__(self, fn: Callable[[Iterable[bool]], bool]) -> None:
         super().__init__(fn)
         self._on, self._off = asyncio.Event(), asyncio.Event()
-        self._closed = self._opened = False  # the startup gate: closed by kopf's first toggle, opened once
         self._condition = _NotifyingCondition(self._update)
         self._update()
 
@@ -93,43 +88,11 @@ class EdgeToggleSet(aiotoggles.ToggleSet):
         on = self.is_on()
         (self._on if on else self._off).set()
         (self._off if on else self._on).clear()
-        self._opened = self._opened or (on and self._closed)
-        self._closed = self._closed or not on
 
     async def wait_for(self, __state: bool) -> None:
         wanted = bool(__state)
-        body = _INDEXED.get()
-        if body is not None:
-            _INDEXED.set(None)
-        on = self.is_on()
-        if on == wanted:
-            return
-        # kopf's startup gate (an `all` set), before it first opens: no daemon runs yet, so no other
-        # task reads this body while it waits (bodies packed at any later wait could be a daemon's).
-        packed = _pack(body) if body is not None and wanted and self._fn is all and not self._opened else None
-        try:
-            while on != wanted:
-                await (self._on if wanted else self._off).wait()
-                on = self.is_on()
-        finally:
-            if body is not None and packed is not None:
-                body.update(json.loads(packed))
-
-
-# The raw body of the object whose worker (a task of its own) kopf has just indexed: the body it
-# then holds at the startup gate. Set by `pack_at_gate`'s wrapper, taken by EdgeToggleSet.wait_for.
-_INDEXED: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("kopf_indexed", default=None)
-
-
-def _pack(body: dict[str, Any]) -> str | None:
-    """The body as JSON, emptied in place (the same dict: kopf's Body and Patch wrap it); None if it
-    cannot be written as JSON (then it is kept as it is)."""
-    try:
-        packed = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
-    except (TypeError, ValueError):
-        return None
-    body.clear()
-    return packed
+        while self.is_on() != wanted:
+            await (self._on if wanted else self._off).wait()
 
 
 @dataclass(frozen=True)
@@ -261,26 +224,6 @@ def watch_without_managed_fields() -> None:
         watching.infinite_watch = _without_managed_fields(watching.infinite_watch)  # type: ignore[arg-type]
 
 
-def _handing_over(index_resource: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-    async def indexed(**kwargs: Any) -> None:
-        await index_resource(**kwargs)
-        raw = (kwargs.get("raw_event") or {}).get("object")
-        _INDEXED.set(raw if isinstance(raw, dict) else None)
-
-    indexed.patched = True  # type: ignore[attr-defined]
-    return indexed
-
-
-def pack_at_gate() -> None:
-    """Bodies held at kopf's startup gate as JSON: a restart's listed objects each wait there, with
-    their parsed body, until every index is filled (at 10,000 environments 8 KiB each, the restart's
-    peak, bench/RESULTS.md). Once indexed, an object's raw body is written as one string and emptied
-    in place for the wait, and read back into the same dict when the gate opens, before any handler
-    sees it. Only before the gate first opens: no other task reads the bodies then."""
-    if not getattr(indexing.index_resource, "patched", False):  # processing looks it up per event
-        indexing.index_resource = _handing_over(indexing.index_resource)  # type: ignore[assignment]
-
-
 def apply(version: str | None = None, environ: Mapping[str, str] = os.environ) -> bool:
     """Patch kopf (True), or not when switched off (False); RuntimeError on an unchecked kopf."""
     if environ.get(SWITCH, "on") == "off":  # the escape hatch (and for measuring)
@@ -301,7 +244,6 @@ def apply(version: str | None = None, environ: Mapping[str, str] = os.environ) -
         admission.build_response = _with_causes(admission.build_response)
     views_on_demand()
     watch_without_managed_fields()
-    pack_at_gate()
     return True
 
 
