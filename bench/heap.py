@@ -20,6 +20,8 @@ RSS minus resident is the code and libraries. A variant changes one setting of t
   lean        decay, one arena, a smaller thread cache
   as-is       kopf as it is: none of the two memory patches of stop 33 (kopf_patches.views_on_demand,
               watch_without_managed_fields), the code before on the same population
+  whole-list  the pod watch's first list held whole (every pod's parsed body) before it is read into
+              summaries, as before stop 34, instead of page by page
 
     eval "$(hack/cluster.sh env)"
     .venv/bin/python bench/heap.py --population 10000 --variants current,collect3s,decay,decay,collect3s,current \\
@@ -47,6 +49,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "decay": {"MALLOC_CONF": DECAY},
     "lean": {"MALLOC_CONF": DECAY + ",narenas:1,tcache_max:4096"},
     "as-is": {"HEAPPROBE_KOPF_AS_IS": "views,managed-fields"},
+    "whole-list": {"HEAPPROBE_LIST_WHOLE": "1"},
 }
 KNOBS = {key for settings in VARIANTS.values() for key in settings}
 

@@ -7,7 +7,9 @@ HEAPPROBE_GC_THRESHOLDS=a,b,c (set 1 s after start, after the operator's own), H
 HEAPPROBE_COLLECT_FOR=s (a full collection every s seconds for the first ... seconds), and HEAPPROBE_KOPF_AS_IS=
 a comma-separated list of views, managed-fields: kopf's Body and Patch keep their views (reference cycles),
 kopf's watch keeps managedFields, as before stop 33 (kopf_patches.views_on_demand and
-watch_without_managed_fields not applied), to compare with the code before in one run."""
+watch_without_managed_fields not applied), to compare with the code before in one run; HEAPPROBE_LIST_WHOLE=1:
+the operator's own pod watch reads its first list whole before it reads any page into summaries, as before
+stop 34 (every pod's parsed body at once)."""
 
 import ctypes
 import gc
@@ -92,6 +94,18 @@ if os.environ.get("HEAPPROBE_OUT") and "analysis_operator" in sys.orig_argv:
             kopf_patches.views_on_demand = lambda: None
         if "managed-fields" in _as_is:
             kopf_patches.watch_without_managed_fields = lambda: None
+    if os.environ.get("HEAPPROBE_LIST_WHOLE"):  # the pod watch's first list held whole, as before stop 34
+        from analysis_operator.infra.kube import KubeClient
+
+        def _whole(paged):
+            async def labelled(self, kind, selector):
+                pages = [page async for page in paged(self, kind, selector)]  # every page read, then handed on
+                for page in pages:
+                    yield page
+
+            return labelled
+
+        KubeClient.labelled = _whole(KubeClient.labelled)
     gc.callbacks.append(_observe)
     threading.Thread(target=_record, args=(os.environ["HEAPPROBE_OUT"],), daemon=True, name="heapprobe").start()
     threading.Thread(target=_collect, daemon=True, name="heapprobe-gc").start()

@@ -84,6 +84,41 @@ def test_the_first_list_then_every_change_of_the_operators_pods_only(client, nam
     asyncio.run(scenario())
 
 
+def test_the_first_list_is_read_into_summaries_page_by_page(client, namespace, core, monkeypatch):
+    """Each page's pods are read into summaries before the next page is asked for: the whole list of
+    10,000 pods parsed at once was a restart's peak (bench/RESULTS.md, stop 34)."""
+    monkeypatch.setattr(kube_module, "LIST_PAGE", 2)
+    for index in range(5):
+        core.create_namespaced_pod(namespace, pod(f"aenv-{index}", f"env-{index}"))
+    steps: list[str] = []
+    request = client._request
+
+    async def page(method: str, path: str, *args: Any, **query: Any) -> Any:
+        steps.append("page")
+        return await request(method, path, *args, **query)
+
+    monkeypatch.setattr(client, "_request", page)
+    summaries = Summaries(read_pod)
+    read = summaries.read
+
+    def counted(body: Any) -> Any:
+        steps.append("read")
+        return read(body)
+
+    summaries.read = counted  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        watch = Watch(client, "Pod", SELECTOR, summaries, lambda key: asyncio.sleep(0))
+        try:
+            await watch.start()
+        finally:
+            await watch.stop()
+
+    asyncio.run(scenario())
+    assert steps == ["page", "read", "read", "page", "read", "read", "page", "read"]
+    assert sorted(summaries) == [(namespace, f"env-{index}") for index in range(5)]
+
+
 def test_a_watch_that_lost_its_place_lists_again_and_tells_what_changed_meanwhile(client, namespace, core):
     """The API server answers 410 Gone to a watch from a version it no longer serves (compacted away on a
     long-running cluster; this fresh one serves every version, so the answer is given here by wrapping
@@ -103,7 +138,8 @@ def test_a_watch_that_lost_its_place_lists_again_and_tells_what_changed_meanwhil
 
         async def counted(*arguments: Any) -> Any:
             lists.append("list")
-            return await labelled(*arguments)
+            async for page in labelled(*arguments):
+                yield page
 
         async def gone_once(kind: str, selector: str, version: str) -> Any:
             client.watch = watched

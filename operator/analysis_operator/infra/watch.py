@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 import structlog
@@ -29,6 +29,7 @@ log = structlog.get_logger("analysis_operator.watch")
 
 Key = TypeVar("Key", bound=Hashable)
 Summary = TypeVar("Summary")
+Found = tuple[str, tuple[Key, Summary] | None]  # an object's uid, and its (key, summary) or None: what is kept of it
 FIRST_PAUSE, LAST_PAUSE = 0.5, 5.0  # seconds between failed watches, doubling (a failed one costs a connection)
 
 
@@ -50,11 +51,16 @@ class Summaries(Mapping[Key, tuple[Summary, ...]], Generic[Key, Summary]):
     def __len__(self) -> int:
         return len(self._by_key)
 
+    def read(self, body: Mapping[str, Any]) -> Found[Key, Summary]:
+        """An object's uid and its (key, summary), or None to leave it out: what is kept of it."""
+        return str((body.get("metadata") or {}).get("uid") or ""), self._read(body)
+
     def put(self, body: Mapping[str, Any]) -> set[Key]:
         """An object as it is now; the keys whose summaries changed (its old one too, if it moved)."""
-        uid = str((body.get("metadata") or {}).get("uid") or "")
+        return self._put(*self.read(body))
+
+    def _put(self, uid: str, found: tuple[Key, Summary] | None) -> set[Key]:
         changed = self.remove(uid)
-        found = self._read(body)
         if found is not None:
             key, summary = found
             self._by_key.setdefault(key, {})[uid] = summary
@@ -72,13 +78,14 @@ class Summaries(Mapping[Key, tuple[Summary, ...]], Generic[Key, Summary]):
             del self._by_key[key]
         return {key}
 
-    def replace(self, bodies: list[dict[str, Any]]) -> set[Key]:
-        """Exactly these objects from now on (a list read again); the keys whose summaries changed."""
+    def replace(self, objects: Iterable[Found[Key, Summary]]) -> set[Key]:
+        """Exactly these objects (as `read` gives them) from now on, a list read again; the keys
+        whose summaries changed."""
         before = {key: dict(summaries) for key, summaries in self._by_key.items()}
         self._by_key.clear()
         self._key_of.clear()
-        for body in bodies:
-            self.put(body)
+        for uid, found in objects:
+            self._put(uid, found)
         return {key for key in before.keys() | self._by_key.keys() if before.get(key) != self._by_key.get(key)}
 
 
@@ -116,9 +123,16 @@ class Watch(Generic[Key, Summary]):
         await self.kube.close()
 
     async def _list(self, tell: bool = True) -> None:
-        items, self._version = await self.kube.labelled(self.kind, self.selector)
-        changed = self.summaries.replace(items)
-        log.info("watch.listed", kind=self.kind, objects=len(items), changed=len(changed) if tell else None)
+        """The list read page by page, each page's objects read into summaries and let go before the
+        next page is asked for; the summaries replaced once the whole list is in."""
+        objects: list[Found[Key, Summary]] = []
+        version = ""
+        async for page, snapshot in self.kube.labelled(self.kind, self.selector):
+            objects.extend(map(self.summaries.read, page))
+            version = snapshot
+        changed = self.summaries.replace(objects)
+        self._version = version
+        log.info("watch.listed", kind=self.kind, objects=len(objects), changed=len(changed) if tell else None)
         if tell:
             self._tell(changed)
 
