@@ -54,7 +54,7 @@ def test_a_list_read_again_tells_only_what_changed():
     summaries = Summaries(read_pod)
     for uid, environment in (("p1", "a"), ("p2", "b"), ("p3", "c")):
         summaries.put(pod(uid, environment))
-    changed = summaries.replace([pod("p2", "b"), pod("p3", "c", node="n1"), pod("p4", "d")])
+    changed = summaries.replace(map(summaries.read, [pod("p2", "b"), pod("p3", "c", node="n1"), pod("p4", "d")]))
     assert changed == {("ns", "a"), ("ns", "c"), ("ns", "d")}  # gone, scheduled meanwhile, new; b unchanged
     assert sorted(summaries) == [("ns", "b"), ("ns", "c"), ("ns", "d")]
     assert summaries.remove("p1") == set()  # forgotten with the old list
