@@ -315,7 +315,7 @@ class KubeClient:
         """Every object of a kind carrying these labels, in the namespaces served, page by page: each
         page's objects and the resource version of the snapshot (where a watch of them starts). A page
         is read when the one before has been taken: the whole list of 10,000 pods parsed at once was
-        a restart's peak, 300 MiB (bench/RESULTS.md, stop 34)."""
+        a restart's peak (bench/RESULTS.md, stop 34)."""
         async for listing in self._pages(self._kind_path(kind), selector, "application/json"):
             yield listing.get("items") or [], str((listing.get("metadata") or {}).get("resourceVersion") or "")
 
