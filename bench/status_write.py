@@ -12,6 +12,8 @@ no operator), each variant in turn, alternating over the rounds:
     no-cel        the same without any x-kubernetes-validations rule
     open-status   the same with status an object of any fields (x-kubernetes-preserve-unknown-fields)
     no-describe   the same without descriptions (the schema the server walks is smaller)
+    full-terms    the shipped CRD, status.terms with every backend's block, empty ones too (as the
+                  operator wrote them until 2026-12-03)
 
 Each round and variant: COUNT objects created (spec and labels as the portal's), then each given the
 status a Ready JupyterLab environment has (one merge patch of /status, or one PUT, THREADS at a time), then
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import copy
+import datetime
 import os
 import pathlib
 import platform
@@ -43,6 +46,9 @@ import yaml
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "operator"))
+from analysis_operator.engine.terms import build_terms  # noqa: E402
+from analysis_operator.model.domain import Flavor, Resources  # noqa: E402
 from tests.integration.conftest import kubectl  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -50,7 +56,7 @@ import run  # noqa: E402 (bench/run.py)
 
 GROUP, VERSION, PLURAL = "statusbench.analysis.panosc.eu", "v1alpha1", "analysisenvironments"
 STATE = pathlib.Path(os.environ.get("CLUSTER_STATE_DIR", "/tmp/analysis-operator-cluster"))
-VARIANTS = ("shipped", "put", "small-status", "no-cel", "open-status", "no-describe")
+VARIANTS = ("shipped", "put", "small-status", "no-cel", "open-status", "no-describe", "full-terms")
 
 
 def strip(node: Any, key: str) -> Any:
@@ -96,13 +102,33 @@ def environment(namespace: str, name: str) -> dict[str, Any]:
     }
 
 
-def ready_status(name: str, uid: str, now: str) -> dict[str, Any]:
-    """What the operator writes when a JupyterLab is Ready (one merge patch: the start's only write)."""
+# examples/flavors.yaml's jupyter-basic, the flavor bench/run.py starts
+BASIC = Flavor(
+    name="jupyter-basic",
+    backend="kubernetes",
+    resources=Resources(cpu="1", memory="16Gi", gpu=0),
+    image="quay.io/jupyter/scipy-notebook:2025-10-20",
+    max_lifetime=datetime.timedelta(hours=8),
+)
+# status.terms as the operator wrote them until 2026-12-03: every backend's block, empty ones too
+FULL_TERMS = {
+    "idleTimeout": "",
+    "slurm": {"partition": "", "account": "", "timeLimitMinutes": None, "qos": "", "modules": []},
+    "openstack": {"flavor": "", "image": "", "network": "", "keyName": ""},
+}
+
+
+def ready_status(name: str, namespace: str, full_terms: bool = False) -> dict[str, Any]:
+    """What the operator writes when a JupyterLab is Ready (one merge patch: the start's only write), as
+    a local stack's operator writes it (`kubectl get analysisenvironment -o json`)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    said = "JupyterLab is running on kwok-cpu-0"
+    terms = {**build_terms(BASIC), **(FULL_TERMS if full_terms else {})}
     return {
         "status": {
             "phase": "Ready",
             "reason": "PodReady",
-            "message": "JupyterLab is ready",
+            "message": said,
             "observedGeneration": 1,
             "startedAt": now,
             "expiresAt": now,
@@ -110,22 +136,25 @@ def ready_status(name: str, uid: str, now: str) -> dict[str, Any]:
                 "kind": "kubernetes",
                 "name": f"aenv-{name}",
                 "state": "Running",
-                "node": "kwok-node-0",
-                "addresses": ["10.0.0.12"],
+                "node": "kwok-cpu-0",
                 "endpoint": f"aenv-{name}:8888",
+                "allocatedCpus": 1,
+                "allocatedGpus": 0,
             },
-            "connection": {"url": f"http://127.0.0.1:8000/env/bench/{name}/lab", "secretName": f"aenv-{name}"},
-            "terms": {"flavor": "jupyter-basic", "maxLifetime": "12h", "cpu": "2", "memory": "4Gi", "gpus": 0},
+            "connection": {
+                "url": f"http://aenv-{name}.{namespace}.svc.cluster.local:8888/env/{namespace}/{name}/lab",
+                "secretName": f"aenv-{name}",
+            },
+            "terms": terms,
             "conditions": [
                 {
                     "type": "Ready",
                     "status": "True",
                     "reason": "PodReady",
-                    "message": "JupyterLab is ready",
+                    "message": said,
                     "lastTransitionTime": now,
                     "observedGeneration": 1,
                 },
-                {"type": "Routable", "status": "True", "reason": "Routed", "message": uid, "lastTransitionTime": now},
             ],
         }
     }
@@ -157,9 +186,9 @@ def install(variant: str) -> None:
     raise RuntimeError(f"{PLURAL}.{GROUP} is not served")
 
 
-def write_status(custom: Any, method: str, body: dict[str, Any], now: str) -> None:
+def write_status(custom: Any, method: str, body: dict[str, Any]) -> None:
     metadata = body["metadata"]
-    status = ready_status(metadata["name"], metadata["uid"], now)
+    status = ready_status(metadata["name"], metadata["namespace"], full_terms=method == "full-terms")
     if method == "small":
         status = {"status": {key: status["status"][key] for key in ("phase", "reason")}}
     if method == "put":  # the whole object back, at the version read
@@ -173,10 +202,9 @@ def write_status(custom: Any, method: str, body: dict[str, Any], now: str) -> No
 
 
 def measure(custom: Any, variant: str, count: int, threads: int, namespace: str) -> dict[str, float]:
-    method = {"put": "put", "small-status": "small"}.get(variant, "patch")
+    method = {"put": "put", "small-status": "small", "full-terms": "full-terms"}.get(variant, "patch")
     install(variant)
     names = [f"s{index:05d}" for index in range(count)]
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         before = apiserver_seconds()
         created = list(
@@ -188,7 +216,7 @@ def measure(custom: Any, variant: str, count: int, threads: int, namespace: str)
             )
         )
         middle = apiserver_seconds()
-        list(pool.map(lambda body: write_status(custom, method, body, now), created))
+        list(pool.map(lambda body: write_status(custom, method, body), created))
         after = apiserver_seconds()
     custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
     while custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, limit=1)["items"]:

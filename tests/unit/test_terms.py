@@ -28,10 +28,30 @@ FULL = Flavor(
 )
 
 
-def test_terms_round_trip_every_field_but_access():
-    recorded = flavor_from_terms(build_terms(FULL), FULL.access)
-    assert recorded == FULL
+def test_terms_round_trip_every_field_of_its_backend_but_access():
+    assert flavor_from_terms(build_terms(FULL), FULL.access) == dataclasses.replace(FULL, openstack=OpenStackSpec())
+    on_openstack = dataclasses.replace(FULL, backend="openstack")
+    recorded = flavor_from_terms(build_terms(on_openstack), FULL.access)
+    assert recorded == dataclasses.replace(on_openstack, slurm=SlurmSpec())
     assert flavor_from_terms(build_terms(FULL), FlavorAccess()).access == FlavorAccess()  # access is today's
+
+
+def test_terms_hold_only_what_applies_and_read_the_same_as_terms_with_every_block():
+    """Each field is one more the API server tracks on the start's status write: a JupyterLab's terms
+    carry no Slurm or OpenStack block and no idleTimeout it does not have. Terms written before
+    (every block, empty ones too) still read as the same flavor."""
+    jupyter = Flavor(name="jupyter", backend="kubernetes", resources=Resources(cpu="1", memory="16Gi"), image="lab:1")
+    terms = build_terms(jupyter)
+    assert set(terms) == {"flavor", "backend", "resources", "image", "allowCustomImage", "maxLifetime"}
+    assert set(build_terms(FULL)) == set(terms) | {"idleTimeout", "slurm"}
+    assert flavor_from_terms(terms, jupyter.access) == jupyter
+    written_before = {
+        **terms,
+        "idleTimeout": "",
+        "slurm": {"partition": "", "account": "", "timeLimitMinutes": None, "qos": "", "modules": []},
+        "openstack": {"flavor": "", "image": "", "network": "", "keyName": ""},
+    }
+    assert flavor_from_terms(written_before, jupyter.access) == jupyter
 
 
 def test_unreadable_terms_fall_back_to_the_catalogue():

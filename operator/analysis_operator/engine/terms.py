@@ -17,6 +17,7 @@ from typing import Any
 
 from analysis_operator.engine.views import Index, first
 from analysis_operator.model.domain import (
+    BackendKind,
     Environment,
     Flavor,
     FlavorAccess,
@@ -29,29 +30,35 @@ from analysis_operator.policy.requests import format_duration
 
 
 def build_terms(flavor: Flavor) -> dict[str, Any]:
-    """status.terms: the flavor as the environment starts on it (pure, JSON-able)."""
-    return {
+    """status.terms: the flavor as the environment starts on it (pure, JSON-able). Only what applies:
+    the specifics of its own backend, idleTimeout when it has one (flavor_from_terms reads anything
+    left out as unset). Every field here is one more the API server tracks on the start's status write."""
+    terms: dict[str, Any] = {
         "flavor": flavor.name,
         "backend": flavor.backend,
         "resources": {"cpu": flavor.resources.cpu, "memory": flavor.resources.memory, "gpu": flavor.resources.gpu},
         "image": flavor.image,
         "allowCustomImage": flavor.allow_custom_image,
         "maxLifetime": format_duration(flavor.max_lifetime),
-        "idleTimeout": format_duration(flavor.idle_timeout) if flavor.idle_timeout else "",
-        "slurm": {
+    }
+    if flavor.idle_timeout:
+        terms["idleTimeout"] = format_duration(flavor.idle_timeout)
+    if flavor.backend == BackendKind.SLURM:
+        terms["slurm"] = {
             "partition": flavor.slurm.partition,
             "account": flavor.slurm.account,
             "timeLimitMinutes": flavor.slurm.time_limit_minutes,
             "qos": flavor.slurm.qos,
             "modules": list(flavor.slurm.modules),
-        },
-        "openstack": {
+        }
+    if flavor.backend == BackendKind.OPENSTACK:
+        terms["openstack"] = {
             "flavor": flavor.openstack.flavor,
             "image": flavor.openstack.image,
             "network": flavor.openstack.network,
             "keyName": flavor.openstack.key_name,
-        },
-    }
+        }
+    return terms
 
 
 def flavor_from_terms(terms: Mapping[str, Any], access: FlavorAccess) -> Flavor | None:
