@@ -67,11 +67,39 @@ def test_a_quiet_first_status_is_held_and_written_whole_with_ready():
         assert await apply(ctx, ENVIRONMENT, Outcome(READY, event=("Normal", "PodReady", "up"))) is None
 
     asyncio.run(scenario())
-    assert len(ctx.kube.patches) == 1 and ctx.kube.events == [("Normal", "PodReady")]
+    # no Event: the first status anyone sees is Ready, with the condition's time and message
+    assert len(ctx.kube.patches) == 1 and ctx.kube.events == []
     written = ctx.kube.patches[0]
     assert written["phase"] == "Ready" and written["terms"] == STARTING["terms"]
     assert written["startedAt"] == STARTING["startedAt"] and written["backend"]["node"] == "kwok-1"
     assert ctx.unwritten == {} and ctx.written == {"u-1": "Ready"}
+
+
+FAILED = {"phase": "Failed", "reason": "PodFailed", "backend": {"state": "Failed"}}
+
+
+@pytest.mark.parametrize(
+    "held, outcome, told",
+    [
+        # seen waiting (Provisioning was written, nothing held): how the start ended is told
+        (False, Outcome(READY, event=("Normal", "PodReady", "up")), [("Normal", "PodReady")]),
+        # a Warning is told whatever was written before
+        (True, Outcome(FAILED, event=("Warning", "PodFailed", "ended")), [("Warning", "PodFailed")]),
+        (False, Outcome(FAILED, event=("Warning", "PodFailed", "ended")), [("Warning", "PodFailed")]),
+        # Ready as the first status anyone sees: the status alone
+        (True, Outcome(READY, event=("Normal", "PodReady", "up")), []),
+    ],
+)
+def test_only_a_start_that_was_seen_waiting_or_went_wrong_is_told_by_an_event(held, outcome, told):
+    ctx = context()
+
+    async def scenario():
+        if held:
+            await apply(ctx, ENVIRONMENT, Outcome(STARTING, quiet=True))
+        await apply(ctx, ENVIRONMENT, outcome)
+
+    asyncio.run(scenario())
+    assert ctx.kube.events == told and ctx.kube.patches[-1]["phase"] == outcome.status["phase"]
 
 
 def test_a_held_status_stays_held_while_nothing_new_is_decided_and_is_written_when_due():

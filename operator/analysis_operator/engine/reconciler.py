@@ -12,6 +12,7 @@ own kopf handlers get kopf's retry instead (handlers/environments.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import time
 import weakref
@@ -43,7 +44,8 @@ async def apply(context: Context, environment: Environment, outcome: Outcome) ->
 
     A quiet first status (Outcome.quiet: "starting", nothing written before) is held for up to
     context.quiet_start seconds instead, and written with the next status decided that is not quiet
-    (Ready, usually a moment later: one write where there were two), or alone once that time is up. Returns the seconds
+    (Ready, usually a moment later: one write where there were two, and no Event: the status says it
+    all), or alone once that time is up. Returns the seconds
     left until then while one is held (the caller converges again at that time), else None."""
     status = outcome.status
     held = context.unwritten.pop(environment.uid, None)
@@ -54,6 +56,11 @@ async def apply(context: Context, environment: Environment, outcome: Outcome) ->
             context.unwritten[environment.uid] = (environment, patch, held[2])
             return left
         status = compose_merge_patches(held[1], status or {})
+        if outcome.event is not None and outcome.event[0] == "Normal" and status.get("phase") == "Ready":
+            # Up within the quiet moment: its first status is Ready, with the condition's time and message;
+            # nobody saw it wait, so an Event would only repeat the status (G3: Events only where they tell
+            # a person something new). A start that showed Provisioning is told how it ended.
+            outcome = dataclasses.replace(outcome, event=None)
     elif status is not None and outcome.quiet and context.quiet_start > 0:
         context.unwritten[environment.uid] = (environment, status, time.monotonic() + context.quiet_start)
         return context.quiet_start
