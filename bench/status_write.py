@@ -10,6 +10,7 @@ no operator), each variant in turn, alternating over the rounds:
     put           the same, the status written by PUT (the whole object at the version read)
     small-status  the same, a status of two fields only (phase, reason): what the size of it costs
     no-cel        the same without any x-kubernetes-validations rule
+    no-root-rule  the same without the object's own rule (metadata.name), evaluated on every write
     open-status   the same with status an object of any fields (x-kubernetes-preserve-unknown-fields)
     no-describe   the same without descriptions (the schema the server walks is smaller)
     full-terms    the shipped CRD, status.terms with every backend's block, empty ones too (as the
@@ -56,7 +57,7 @@ import run  # noqa: E402 (bench/run.py)
 
 GROUP, VERSION, PLURAL = "statusbench.analysis.panosc.eu", "v1alpha1", "analysisenvironments"
 STATE = pathlib.Path(os.environ.get("CLUSTER_STATE_DIR", "/tmp/analysis-operator-cluster"))
-VARIANTS = ("shipped", "put", "small-status", "no-cel", "open-status", "no-describe", "full-terms")
+VARIANTS = ("shipped", "put", "small-status", "no-cel", "no-root-rule", "open-status", "no-describe", "full-terms")
 
 
 def strip(node: Any, key: str) -> Any:
@@ -76,6 +77,8 @@ def crd(variant: str) -> dict[str, Any]:
     schema = version["schema"]["openAPIV3Schema"]
     if variant == "no-cel":
         version["schema"]["openAPIV3Schema"] = strip(schema, "x-kubernetes-validations")
+    elif variant == "no-root-rule":
+        schema.pop("x-kubernetes-validations", None)
     elif variant == "open-status":
         schema["properties"]["status"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
     elif variant == "no-describe":
