@@ -10,12 +10,13 @@ import os
 import signal
 import threading
 import time
+import uuid
 
 import kubernetes
 import pytest
 import urllib3
 
-from tests.integration.conftest import CLUSTER_STATE, GROUP, VERSION
+from tests.integration.conftest import CLUSTER_STATE, GROUP, VERSION, Environments, _has_default_service_account
 from tests.waiting import wait_for
 
 OWNER_KIND = "AnalysisEnvironment"
@@ -332,3 +333,57 @@ def test_an_operator_stopped_while_a_first_status_is_held(environments, operator
     assert children(core, namespace, "held")["pod"].metadata.uid == pod_uid
     if sig == signal.SIGTERM:
         assert ready["startedAt"] == status["startedAt"]
+
+
+def test_a_namespace_deleted_with_its_environments_is_not_walked_back_to_provisioning(custom, core, operator):
+    """Deleting a namespace deletes its pods while their environments still exist (usually first: the
+    namespace controller goes kind by kind). Each environment used to be told Ready -> Provisioning
+    (PodTerminating): a status write and an Event (refused: the namespace is going) per environment. The
+    first refusal tells the operator the namespace is going, and the rest are left to go with it."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    wait_for(lambda: _has_default_service_account(core, name), timeout=30, what="default ServiceAccount")
+    environments = Environments(custom, name)
+    names = [f"n{index}" for index in range(6)]
+    for environment in names:
+        environments.create(environment, flavor="test-short")
+    for environment in names:
+        environments.wait_phase(environment, "Ready")
+    told: dict[str, list[str]] = {}
+    version = custom.list_namespaced_custom_object(GROUP, VERSION, name, "analysisenvironments")["metadata"][
+        "resourceVersion"
+    ]
+    watch = kubernetes.watch.Watch()
+
+    def follow() -> None:
+        with contextlib.suppress(urllib3.exceptions.ProtocolError, kubernetes.client.ApiException):
+            for event in watch.stream(
+                custom.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                name,
+                "analysisenvironments",
+                resource_version=version,
+                timeout_seconds=90,
+            ):
+                status = event["object"].get("status") or {}
+                told.setdefault(event["object"]["metadata"]["name"], []).append(str(status.get("reason")))
+
+    following = threading.Thread(target=follow, daemon=True)
+    following.start()
+    pods = core.list_namespaced_pod(name, label_selector="app.kubernetes.io/managed-by=analysis-operator").items
+    assert len(pods) == len(names)
+    core.delete_namespace(name)
+
+    def gone() -> bool:
+        try:
+            core.read_namespace(name)
+            return False
+        except kubernetes.client.ApiException as error:
+            return error.status == 404
+
+    wait_for(gone, timeout=90, what=f"namespace {name} gone")
+    watch.stop()
+    following.join(timeout=10)
+    walked_back = sorted(environment for environment, reasons in told.items() if "PodTerminating" in reasons)
+    assert walked_back == [], f"told PodTerminating while their namespace was deleted: {walked_back}"

@@ -186,9 +186,16 @@ async def pod_changed(memo: kopf.Memo, key: PodKey) -> None:
         return  # its handler has not run yet: it will see the pod as it is now
     environment = record.environment
     backend = backend_of(memo.context, environment, record.status, memo.reconciler.flavors)
+    observation = await backend.observe(environment) if backend is not None else None
+    going = observation is not None and (observation.state is State.GONE or observation.reason == "PodTerminating")
+    if going and await memo.context.kube.namespace_going(environment_reference(environment)):
+        # Its namespace is being deleted (its pods usually go before the environments): the environment
+        # goes with it. Nothing to tell (Ready -> Provisioning was a status write and a refused Event for
+        # every environment in the namespace) and nothing to bring back.
+        return
     if (
-        backend is not None
-        and (await backend.observe(environment)).state is State.GONE
+        observation is not None
+        and observation.state is State.GONE
         and not await memo.context.kube.environment_exists(environment.namespace, environment.name, environment.uid)
     ):
         return  # deleted together with its environment: do not bring it back

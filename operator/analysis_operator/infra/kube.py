@@ -17,6 +17,7 @@ import json
 import re
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -58,6 +59,11 @@ ATTEMPTS = 3  # a connection refused or dropped before an answer is tried again 
 # connections) the queue is long and every call in it still gets its answer; only a server that does
 # not answer a call it was sent within this time fails it.
 TIMEOUT = 60.0
+# How long a namespace counts as being deleted after the API server refused a create in it for that reason
+# (KubeClient.terminating). Bounded: a namespace of the same name may be made again once the old one is gone.
+TERMINATING_SECONDS = 30.0
+NOT_TERMINATING_SECONDS = 1.0  # how long "not being deleted" is taken as the answer (KubeClient.namespace_going)
+_NAMESPACE_IN_PATH = re.compile(r"/namespaces/([^/]+)/")
 # A watch is ended by the server after this long (the client then watches again from where it was); a
 # connection silent for longer than that plus a margin is taken for dead.
 WATCH_SECONDS = 600
@@ -106,6 +112,25 @@ def namespace_terminating(error: BaseException) -> bool:
     """The API server's refusal of new objects in a namespace being deleted: nothing is to be made there
     any more (its environments go with it), and nothing is wrong with the operator's rights."""
     return isinstance(error, ApiException) and error.status == 403 and b"being terminated" in _bytes(error.body)
+
+
+def event_body(involved: dict[str, Any], type_: str, reason: str, message: str) -> dict[str, Any]:
+    """A core/v1 Event on an object (pure but for the clock and the host name)."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    metadata = involved["metadata"]
+    return {
+        "metadata": {"generateName": f"{metadata['name']}.", "namespace": metadata["namespace"]},
+        "involvedObject": {"apiVersion": involved["apiVersion"], "kind": involved["kind"], **metadata},
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": "analysis-operator"},
+        "reportingComponent": "analysis-operator",
+        "reportingInstance": socket.gethostname(),
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
 
 
 def watch_event(path: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -183,6 +208,45 @@ class KubeClient:
         self._sessions: dict[
             asyncio.AbstractEventLoop, tuple[aiohttp.ClientSession, asyncio.Semaphore, asyncio.Semaphore]
         ] = {}
+        self._terminating: dict[str, float] = {}  # namespace -> when a create in it was refused: being deleted
+        self._staying: dict[str, float] = {}  # namespace -> when a dry-run create in it was accepted
+        self._asking: dict[str, asyncio.Future[bool]] = {}  # namespace -> the question under way
+
+    async def namespace_going(self, involved: dict[str, Any]) -> bool:
+        """Is the namespace of this object being deleted? Asked by a dry run of the Event that would tell of
+        it (the API server refuses new content in a namespace being deleted; no right to read namespaces is
+        needed): one question per namespace at a time, shared by everyone asking meanwhile; a yes kept for
+        TERMINATING_SECONDS, a no for NOT_TERMINATING_SECONDS."""
+        namespace = involved["metadata"]["namespace"]
+        if self.terminating(namespace):
+            return True
+        if time.monotonic() - self._staying.get(namespace, -NOT_TERMINATING_SECONDS) < NOT_TERMINATING_SECONDS:
+            return False
+        asking = self._asking.get(namespace)
+        if asking is None:
+            asking = self._asking[namespace] = asyncio.ensure_future(self._ask_going(involved))
+            asking.add_done_callback(lambda _: self._asking.pop(namespace, None))
+        return await asyncio.shield(asking)
+
+    async def _ask_going(self, involved: dict[str, Any]) -> bool:
+        namespace = involved["metadata"]["namespace"]
+        body = event_body(involved, "Normal", "NamespaceCheck", "dry run: is the namespace being deleted?")
+        try:
+            await self._request("POST", f"/api/v1/namespaces/{namespace}/events", body, parsed=False, dryRun="All")
+        except ApiException as error:
+            if namespace_terminating(error):
+                return True  # and remembered by _request
+            raise
+        if len(self._staying) >= 1024:
+            self._staying.clear()
+        self._staying[namespace] = time.monotonic()
+        return False
+
+    def terminating(self, namespace: str) -> bool:
+        """Did the API server refuse a create in this namespace because it is being deleted, within the
+        last TERMINATING_SECONDS? Learnt from its answers (no right to read namespaces is needed)."""
+        at = self._terminating.get(namespace)
+        return at is not None and time.monotonic() - at < TERMINATING_SECONDS
 
     def _session_here(self, urgent: bool = False) -> tuple[aiohttp.ClientSession, asyncio.Semaphore]:
         """The session of the running loop and its free connections: one client may serve two loops (the
@@ -254,7 +318,12 @@ class KubeClient:
                     if attempt == ATTEMPTS:
                         raise
         if status >= 400 and status not in allow:
-            raise KubeError(method, path, status, reason, answer.decode(errors="replace"))
+            error = KubeError(method, path, status, reason, answer.decode(errors="replace"))
+            if namespace_terminating(error) and (found := _NAMESPACE_IN_PATH.search(path)):
+                if len(self._terminating) >= 1024:
+                    self._terminating.clear()
+                self._terminating[found.group(1)] = time.monotonic()
+            raise error
         return status, (json.loads(answer) if answer and parsed else {})
 
     async def _get(self, path: str, urgent: bool = False) -> dict[str, Any] | None:
@@ -418,21 +487,8 @@ class KubeClient:
 
     async def post_event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on an object (kopf can post only from inside its own handlers)."""
-        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         metadata = involved["metadata"]
-        body = {
-            "metadata": {"generateName": f"{metadata['name']}.", "namespace": metadata["namespace"]},
-            "involvedObject": {"apiVersion": involved["apiVersion"], "kind": involved["kind"], **metadata},
-            "type": type_,
-            "reason": reason,
-            "message": message[:1024],
-            "source": {"component": "analysis-operator"},
-            "reportingComponent": "analysis-operator",
-            "reportingInstance": socket.gethostname(),
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
+        body = event_body(involved, type_, reason, message)
         try:
             await self._request("POST", f"/api/v1/namespaces/{metadata['namespace']}/events", body, parsed=False)
         except ApiException as error:
