@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 
+import kubernetes
 import yaml
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -166,6 +167,19 @@ def main() -> None:
     finally:
         operator.stop(signal.SIGKILL)
         hole.close()
+        # A killed operator leaves its webhooks registered (failurePolicy Fail, nobody answering): removing
+        # the finalizers below is an UPDATE the validating webhook is asked about. The next operator started
+        # against this stack registers them again.
+        admission = kubernetes.client.AdmissionregistrationV1Api(cluster.core.api_client)
+        for remove in (
+            admission.delete_validating_webhook_configuration,
+            admission.delete_mutating_webhook_configuration,
+        ):
+            try:
+                remove(GROUP)
+            except kubernetes.client.ApiException as error:
+                if error.status != 404:
+                    raise
         # The VM environments carry the operator's finalizer and nobody is left to run it.
         for item in cluster.list_json(cluster.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)[
             "items"
