@@ -207,35 +207,25 @@ class Tracker:
         self.events = 0  # watch events (not bookmarks) seen
         self.last_event = 0.0
         self._stop = threading.Event()
-        self._threads = []
+        watches = []
         if pod_selector is not None:
-            self._threads.append(
-                threading.Thread(
-                    target=self._watch,
-                    daemon=True,
-                    name=f"watch-pods-{namespace}",
-                    args=(
-                        cluster.core.list_namespaced_pod,
-                        (namespace,),
-                        {"label_selector": pod_selector},
-                        self._on_pod,
-                    ),
-                )
+            watches.append(
+                ("pods", cluster.core.list_namespaced_pod, (namespace,), {"label_selector": pod_selector}, self._on_pod)
             )
         if environments:
-            self._threads.append(
-                threading.Thread(
-                    target=self._watch,
-                    daemon=True,
-                    name=f"watch-aenv-{namespace}",
-                    args=(
-                        cluster.custom.list_namespaced_custom_object,
-                        (GROUP, VERSION, namespace, PLURAL),
-                        {},
-                        self._on_environment,
-                    ),
+            watches.append(
+                (
+                    "aenv",
+                    cluster.custom.list_namespaced_custom_object,
+                    (GROUP, VERSION, namespace, PLURAL),
+                    {},
+                    self._on_environment,
                 )
             )
+        self._threads = [
+            threading.Thread(target=self._watch, daemon=True, name=f"watch-{what}-{namespace}", args=watch)
+            for what, *watch in watches
+        ]
         self._started = threading.Barrier(len(self._threads) + 1)
         for thread in self._threads:
             thread.start()
