@@ -338,8 +338,8 @@ def test_an_operator_stopped_while_a_first_status_is_held(environments, operator
 def test_a_namespace_deleted_with_its_environments_is_not_walked_back_to_provisioning(custom, core, operator):
     """Deleting a namespace deletes its pods while their environments still exist (usually first: the
     namespace controller goes kind by kind). Each environment used to be told Ready -> Provisioning
-    (PodTerminating): a status write and an Event (refused: the namespace is going) per environment. The
-    first refusal tells the operator the namespace is going, and the rest are left to go with it."""
+    (PodTerminating): a status write and an Event (refused: the namespace is going) per environment. Now a
+    pod going asks once per namespace (a dry-run Event) whether the namespace is going; none is walked back."""
     name = f"t-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": name}})
     wait_for(lambda: _has_default_service_account(core, name), timeout=30, what="default ServiceAccount")
