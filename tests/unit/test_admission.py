@@ -14,12 +14,14 @@ import pytest
 
 from analysis_operator.handlers.admission import (
     CREATED_BY,
+    MATCH_CONDITIONS,
     dataset_label,
     default_owner,
     field_of,
     is_operator_label,
     label_patch,
     label_text,
+    match_conditions,
     mounted_names,
     refused,
     selection_labels,
@@ -213,3 +215,17 @@ def test_a_refusal_carries_every_cause_and_reads_as_one_message():
         },
     }
     assert refused([Refusal("LifetimeTooLong", "too long")], SPEC, code=422).status()["reason"] == "Invalid"
+
+
+def test_the_match_conditions_carry_the_settings_the_webhooks_decide_with():
+    settings = AdmissionSettings(
+        trusted_users=("portal",), trusted_groups=("analysis-portal", "o'hara"), username_prefix="oidc:"
+    )
+    conditions = match_conditions(settings)
+    assert set(conditions) == {"environment-owner", "environment-admission"}
+    [owner] = conditions["environment-owner"]
+    assert '["portal"]' in owner["expression"] and '["analysis-portal","o\'hara"]' in owner["expression"]
+    assert 'startsWith("oidc:")' in owner["expression"] and "$" not in owner["expression"]
+    assert [c["name"] for c in conditions["environment-admission"]] == ["create-or-spec-changed"]
+    assert "$" not in match_conditions(AdmissionSettings())["environment-owner"][0]["expression"]
+    assert "$trustedGroups" in MATCH_CONDITIONS.read_text()  # the file itself: placeholders only

@@ -56,6 +56,16 @@ def test_chart_webhooks_match_kopf_handlers():
     assert chart == code
 
 
+def test_the_chart_and_the_operator_register_the_same_match_conditions():
+    """One file for both: the chart's is a link to the operator's, for webhooks that exist."""
+    from analysis_operator.handlers.admission import MATCH_CONDITIONS
+
+    chart = CHART / "files/match-conditions.yaml"
+    assert chart.is_symlink() and chart.resolve() == MATCH_CONDITIONS.resolve()
+    assert set(yaml.safe_load(MATCH_CONDITIONS.read_text())) <= set(_code_webhooks())
+    assert not [hook for hook in _chart_webhooks().values() if "matchConditions" in hook]  # not in two places
+
+
 def test_every_chart_webhook_says_what_happens_when_the_operator_is_down():
     for hook in _chart_webhooks().values():
         assert hook["failurePolicy"] in {"Fail", "Ignore"}, hook

@@ -24,6 +24,7 @@ from analysis_operator.infra.kopf_patches import (
     apply,
     views_on_demand,
     watch_without_managed_fields,
+    with_match_conditions,
 )
 
 # What apply() changes in kopf's body and patch classes (views_on_demand), restored after each test.
@@ -34,6 +35,7 @@ def restore_kopf(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aiotoggles, "ToggleSet", aiotoggles.ToggleSet)
     monkeypatch.setattr(admission, "build_response", admission.build_response)
     monkeypatch.setattr(watching, "infinite_watch", watching.infinite_watch)
+    monkeypatch.setattr(admission, "build_webhooks", admission.build_webhooks)
     for cls in VIEW_CLASSES:
         for name, value in list(vars(cls).items()):
             if name == "__init__" or isinstance(value, property):
@@ -331,3 +333,41 @@ def test_kopf_gets_every_listed_and_watched_object_without_managed_fields(unpatc
     ]
     assert closed == [{"settings": "s", "resource": "r", "namespace": None, "operator_paused": None}]
     assert len(asyncio.run(read(first=2))) == 2 and len(closed) == 2
+
+
+# --- matchConditions on the webhooks kopf registers ----------------------------------------------------
+
+
+def _registered(**kwargs) -> dict[str, dict]:
+    """The webhooks kopf would register for the operator's admission handlers, by name."""
+    from kopf._cogs.structs import references
+
+    from analysis_operator import handlers  # noqa: F401  (registers the handlers)
+
+    resource = references.Resource("analysis.panosc.eu", "v1alpha1", "analysisenvironments")
+    handlers_ = kopf.get_default_registry()._webhooks.get_all_handlers()
+    config = {"url": "https://127.0.0.1:9443"}
+    built = admission.build_webhooks(
+        iter(handlers_), resources=[resource], name_suffix="x", client_config=config, **kwargs
+    )  # an iterator, as kopf may pass one: read once by kopf's builder
+    return {webhook["name"]: webhook for webhook in built}
+
+
+def test_kopf_registers_its_webhooks_with_the_match_conditions_given(unwrapped):
+    plain = _registered()
+    assert not [webhook for webhook in plain.values() if "matchConditions" in webhook]  # kopf alone
+    owner = [{"name": "c", "expression": "true"}]
+    with_match_conditions({"environment-owner": owner, "no-such-webhook": owner})
+    conditioned = _registered()
+    assert conditioned["environment-owner.x"]["matchConditions"] == owner
+    assert [name for name, hook in conditioned.items() if "matchConditions" in hook] == ["environment-owner.x"]
+    # Everything else as kopf builds it.
+    assert {
+        name: {k: v for k, v in hook.items() if k != "matchConditions"} for name, hook in conditioned.items()
+    } == plain
+    # Given again (a second start): replaced, and kopf's builder wrapped once.
+    with_match_conditions({"environment-admission": owner})
+    again = _registered()
+    assert "matchConditions" not in again["environment-owner.x"]
+    assert again["environment-admission.x"]["matchConditions"] == owner
+    assert _registered(persistent_only=True).keys() <= plain.keys()

@@ -82,6 +82,8 @@ app.kubernetes.io/part-of: analysis-operator
 {{- define "analysis-operator.webhooks" -}}
 {{- $root := index . 0 }}{{- $kind := index . 1 }}{{- $caBundle := index . 2 }}
 {{- $service := include "analysis-operator.webhookService" $root }}
+{{- $admission := $root.Values.admission }}
+{{- $conditions := $root.Files.Get "files/match-conditions.yaml" | replace "$trustedUsers" (toJson (default (list) $admission.trustedUsers)) | replace "$trustedGroups" (toJson (default (list) $admission.trustedGroups)) | replace "$usernamePrefix" (toJson (default "" $admission.usernamePrefix)) | fromYaml }}
 {{- range $hook := $root.Files.Get "files/webhooks.yaml" | fromYamlArray }}
 {{- if eq $hook.type $kind }}
 - name: {{ printf "%s.analysis.panosc.eu" $hook.id }}
@@ -99,7 +101,7 @@ app.kubernetes.io/part-of: analysis-operator
       resources: [{{ if $hook.subresource }}{{ printf "%s/%s" $hook.resource $hook.subresource }}{{ else }}{{ $hook.resource }}{{ end }}]
       operations: {{ toJson $hook.operations }}
       scope: "*"
-  {{- with $hook.matchConditions }}
+  {{- with get $conditions $hook.id }}
   matchConditions: {{- toYaml . | nindent 4 }}
   {{- end }}
   clientConfig:

@@ -31,10 +31,12 @@ from analysis_operator.engine.routes import GatewayRoutes, NoRoutes, Routes
 from analysis_operator.engine.sweep import sweep, sweep_orphans, warn_expiring
 from analysis_operator.engine.viewers import Disconnector
 from analysis_operator.engine.views import first, values
+from analysis_operator.handlers.admission import match_conditions
 from analysis_operator.handlers.environments import pod_changed
 from analysis_operator.handlers.gateway import Authorizer, start_server
 from analysis_operator.handlers.indexes import PodKey, read_pod
 from analysis_operator.handlers.kopf_storage import MemoryDiffBaseStorage, ProgressStorage
+from analysis_operator.infra import kopf_patches
 from analysis_operator.infra.certificates import WebhookCertificates, ensure_certificates
 from analysis_operator.infra.kube import LIST_PAGE, WATCH_SECONDS, KubeClient
 from analysis_operator.infra.logs import allocator, full_collection_due
@@ -253,6 +255,7 @@ def configure_admission(settings: kopf.OperatorSettings, config: Settings, self_
         cafile, certfile, pkeyfile = cert_dir / "ca.crt", cert_dir / "tls.crt", cert_dir / "tls.key"
     if registered:
         settings.admission.managed = admission.managed_name
+        kopf_patches.with_match_conditions(match_conditions(admission))  # as the chart registers them
     client_check: dict[str, Any] = {}
     if admission.client_ca_file:  # only the API server may call the webhooks
         client_check = {"verify_mode": ssl.CERT_REQUIRED, "verify_cafile": admission.client_ca_file}

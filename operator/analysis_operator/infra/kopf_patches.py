@@ -1,4 +1,5 @@
-"""Four changes to kopf's internals, applied at start (cli.py), until kopf has them.
+"""Five changes to kopf's internals, applied at start (cli.py; the fifth, matchConditions on the
+webhooks kopf registers, by handlers/lifecycle.py with the settings), until kopf has them.
 
 1. The startup gate (below). 2. Refusals a client can read: kopf answers an admission
 refusal with a message and a code only; `Refused` (an AdmissionError) also carries the
@@ -222,6 +223,27 @@ def watch_without_managed_fields() -> None:
     restart with 10,000 environments held 100 MiB of them at once (bench/RESULTS.md, stop 33)."""
     if not getattr(watching.infinite_watch, "patched", False):  # queueing looks it up per watcher
         watching.infinite_watch = _without_managed_fields(watching.infinite_watch)  # type: ignore[arg-type]
+
+
+def with_match_conditions(conditions: Mapping[str, Sequence[Mapping[str, str]]]) -> None:
+    """The webhooks kopf registers itself get matchConditions, by handler id (kopf has no such
+    option): the API server then skips a call whose answer is known (handlers/admission.py,
+    match_conditions.yaml). Wraps kopf's build_webhooks, looked up at every registration; calling
+    this again replaces the conditions. Only what the API server calls changes, never an answer."""
+    build = getattr(admission.build_webhooks, "original", admission.build_webhooks)
+    wanted = {key: [dict(condition) for condition in value] for key, value in conditions.items()}
+
+    def build_webhooks(handlers: Iterable[Any], **kwargs: Any) -> list[dict[str, Any]]:
+        handlers = list(handlers)  # read twice: by kopf, and here to pair each webhook with its id
+        webhooks = build(handlers, **kwargs)
+        built = [handler for handler in handlers if not kwargs.get("persistent_only") or handler.persistent]
+        for handler, webhook in zip(built, webhooks, strict=True):
+            if wanted.get(handler.id):
+                webhook["matchConditions"] = [dict(condition) for condition in wanted[handler.id]]
+        return webhooks
+
+    build_webhooks.original = build  # type: ignore[attr-defined]
+    admission.build_webhooks = build_webhooks  # type: ignore[assignment]
 
 
 def apply(version: str | None = None, environ: Mapping[str, str] = os.environ) -> bool:
