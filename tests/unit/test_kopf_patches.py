@@ -371,3 +371,6 @@ def test_kopf_registers_its_webhooks_with_the_match_conditions_given(unwrapped):
     assert "matchConditions" not in again["environment-owner.x"]
     assert again["environment-admission.x"]["matchConditions"] == owner
     assert _registered(persistent_only=True).keys() <= plain.keys()
+    original = admission.build_webhooks  # switched off: left as it is
+    with_match_conditions({"environment-owner": owner}, environ={"ANALYSIS_OPERATOR_KOPF_PATCHES": "off"})
+    assert admission.build_webhooks is original

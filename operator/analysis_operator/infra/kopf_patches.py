@@ -37,7 +37,8 @@ infinite_watch, run tests/unit/test_kopf_patches.py, bench/restart.py and
 bench/heap.py against it, then add the version here and to the pin.
 ANALYSIS_OPERATOR_KOPF_PATCHES=off runs without the patch on any version.
 The same changes as patches to kopf itself, to propose upstream: hack/kopf-upstream/
-(0001: the gate; 0002: the views; 0003: managedFields, as a setting).
+(0001: the gate; 0002: the views; 0003: managedFields, as a setting; 0004: match_conditions=
+on kopf.on.validate/mutate).
 """
 
 from __future__ import annotations
@@ -225,11 +226,16 @@ def watch_without_managed_fields() -> None:
         watching.infinite_watch = _without_managed_fields(watching.infinite_watch)  # type: ignore[arg-type]
 
 
-def with_match_conditions(conditions: Mapping[str, Sequence[Mapping[str, str]]]) -> None:
+def with_match_conditions(
+    conditions: Mapping[str, Sequence[Mapping[str, str]]], environ: Mapping[str, str] = os.environ
+) -> None:
     """The webhooks kopf registers itself get matchConditions, by handler id (kopf has no such
     option): the API server then skips a call whose answer is known (handlers/admission.py,
     match_conditions.yaml). Wraps kopf's build_webhooks, looked up at every registration; calling
-    this again replaces the conditions. Only what the API server calls changes, never an answer."""
+    this again replaces the conditions. Only what the API server calls changes, never an answer.
+    Not with the patches switched off (SWITCH): kopf's webhooks as kopf builds them."""
+    if environ.get(SWITCH, "on") == "off":
+        return
     build = getattr(admission.build_webhooks, "original", admission.build_webhooks)
     wanted = {key: [dict(condition) for condition in value] for key, value in conditions.items()}
 
