@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""What the create's admission costs, the mutating webhook called or skipped (stop 36's matchConditions).
+
+Server-side dry-run creates of AnalysisEnvironments (the portal's shape: owner given, no datasets, created by
+an admin, a trusted identity) go through all of admission, the CEL policies and the operator's webhooks, and
+persist nothing: no watch event, no reconcile, no pod. CPU of kube-apiserver and of the operator (their /proc
+entries) over COUNT creates from THREADS threads, per create, in two configurations alternated over ROUNDS:
+
+    skipped   this checkout's deploy/authorization/identity-policy.yaml (the selection labels stamped by the
+              mutating policy) and the webhooks as the operator registers them (matchConditions): the
+              environment-owner webhook is not called
+    called    the identity policy of BASE (owner and created-by only) and no matchConditions on the
+              environment-owner webhook: it is called on every create, as before stop 36
+
+Needs the side stack with deploy/authorization applied and an operator running with kopf registering its
+webhooks (ANALYSIS_OPERATOR_ADMISSION_HOST set), pids given:
+
+    .venv/bin/python bench/admission_ab.py --apiserver PID --operator PID --namespace NS
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import time
+
+import kubernetes
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GROUP, VERSION, PLURAL = "analysis.panosc.eu", "v1alpha1", "analysisenvironments"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def kubectl(*arguments: str, stdin: str | None = None) -> str:
+    return subprocess.run(["kubectl", *arguments], input=stdin, capture_output=True, text=True, check=True).stdout
+
+
+def configure(mode: str, base: str) -> None:
+    if mode == "skipped":
+        kubectl("apply", "-f", str(REPO / "deploy/authorization/identity-policy.yaml"))
+        return
+    old = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{base}:deploy/authorization/identity-policy.yaml"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    kubectl("apply", "-f", "-", stdin=old)
+    hooks = json.loads(kubectl("get", "mutatingwebhookconfiguration", GROUP, "-o", "json"))["webhooks"]
+    patch = [
+        {"op": "remove", "path": f"/webhooks/{index}/matchConditions"}
+        for index, hook in enumerate(hooks)
+        if hook.get("matchConditions")
+    ]
+    if patch:
+        kubectl("patch", "mutatingwebhookconfiguration", GROUP, "--type=json", "-p", json.dumps(patch))
+
+
+def burst(custom, namespace: str, count: int, threads: int, tag: str) -> None:
+    def create(index: int) -> None:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "AnalysisEnvironment",
+            "metadata": {"name": f"{tag}-{index:05d}"},
+            "spec": {"owner": "bench", "flavor": "jupyter-basic"},
+        }
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, body, dry_run="All", _preload_content=False
+        ).read()
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(create, range(count)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--apiserver", type=int, required=True)
+    parser.add_argument("--operator", type=int, required=True)
+    parser.add_argument("--namespace", required=True)
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--base", default="ef5fbbc")
+    parser.add_argument("--out", type=pathlib.Path)
+    arguments = parser.parse_args()
+    custom = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config())
+    results: dict[str, list[tuple[float, float, float]]] = {"called": [], "skipped": []}
+    for round_ in range(arguments.rounds):
+        for mode in ("called", "skipped") if round_ % 2 == 0 else ("skipped", "called"):
+            configure(mode, arguments.base)
+            time.sleep(5)  # the policy and configuration caches follow the change
+            burst(custom, arguments.namespace, 100, arguments.threads, f"warm{round_}{mode[0]}")
+            time.sleep(2)
+            started = time.perf_counter()
+            api, operator = cpu_seconds(arguments.apiserver), cpu_seconds(arguments.operator)
+            burst(custom, arguments.namespace, arguments.count, arguments.threads, f"r{round_}{mode[0]}")
+            elapsed = time.perf_counter() - started
+            per = 1000 / arguments.count
+            row = (
+                (cpu_seconds(arguments.apiserver) - api) * per,
+                (cpu_seconds(arguments.operator) - operator) * per,
+                elapsed,
+            )
+            results[mode].append(row)
+            print(
+                f"round {round_ + 1} {mode}: kube-apiserver {row[0]:.2f}, operator {row[1]:.2f} core-ms a create, "
+                f"{row[2]:.1f} s",
+                flush=True,
+            )
+    configure("skipped", arguments.base)
+    lines = [
+        f"# Admission A/B: {arguments.count} dry-run creates from {arguments.threads} threads, {arguments.rounds} rounds",
+        "",
+        "| webhook environment-owner | kube-apiserver core-ms a create | operator core-ms a create | seconds | runs |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for mode, rows in results.items():
+        median = [statistics.median(row[i] for row in rows) for i in range(3)]
+        runs = ", ".join(f"{row[0]:.2f}+{row[1]:.2f}" for row in rows)
+        lines.append(f"| {mode} | {median[0]:.2f} | {median[1]:.2f} | {median[2]:.1f} | {runs} |")
+    print("\n".join(lines))
+    if arguments.out:
+        arguments.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
