@@ -662,8 +662,7 @@ class Bench:
         self.cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
         self.cluster.kubectl("apply", "-f", str(REPO / "examples/flavors.yaml"))
         # The API server's own policies, as the local stack, the tests and the chart install them: the
-        # authorization policy on every change, the identity policies on every create (owner,
-        # created-by, selection labels; with them the operator's mutating webhook is not called).
+        # authorization policy on every change and delete, the identity policies on every create.
         self.cluster.kubectl("apply", "-f", str(REPO / "deploy/authorization"))
         # Environments run as their owner's POSIX identity: the owner "bench" needs a FacilityUser.
         owner = {

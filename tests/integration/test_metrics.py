@@ -147,3 +147,31 @@ def test_the_active_replica_says_so_and_a_standby_speaks_for_no_object(operator_
         timeout=15,
         what="the new active replica to count the environment",
     )
+
+
+def test_the_validating_webhook_is_not_called_for_metadata_only_updates(custom, namespace, operator):
+    """kopf registers the webhooks with the chart's matchConditions (operator/analysis_operator/
+    match_conditions.yaml): a label changed costs no call; a spec changed is still checked."""
+
+    def calls() -> float:
+        samples = scrape(operator)
+        return sum(
+            count
+            for (name, labels), count in samples.items()
+            if name == "analysis_webhook_requests_total" and dict(labels).get("webhook") == "environment-admission"
+        )
+
+    _create(custom, namespace, "lab")
+    before = calls()
+    patch = {"metadata": {"labels": {"team": "saxs"}}}
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "analysisenvironments", "lab", patch)
+    assert calls() == before
+    assert (
+        _refused(
+            lambda: custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, "analysisenvironments", "lab", {"spec": {"lifetime": "30d"}}
+            )
+        )
+        == 422
+    )  # LifetimeTooLong: the webhook was called and said why
+    assert calls() == before + 1

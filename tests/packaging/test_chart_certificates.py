@@ -135,17 +135,13 @@ def test_check_interval_is_a_value_and_validity_days_is_gone(tmp_path):
 
 
 def test_the_chart_registers_the_webhooks_with_the_match_conditions_the_operator_would(tmp_path):
-    """Registered by the chart or by the operator itself (kopf, the local stack): the same
-    matchConditions, with the same trusted users and groups and prefix the operator is given."""
+    """Registered by the chart or by the operator itself (kopf, the local stack): the same matchConditions."""
     from analysis_operator.handlers.admission import match_conditions
 
-    admission = {"trustedUsers": ["portal-bot"], "trustedGroups": ["analysis-portal", "beamline-staff"]}
-    objects = render(tmp_path, {"admission": {**admission, "usernamePrefix": "oidc:"}})
-    expected = match_conditions(settings_of(objects).admission)
+    objects = render(tmp_path, {})
     registered = {
         hook["name"].removesuffix(".analysis.panosc.eu"): hook.get("matchConditions")
         for kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")
         for hook in find(objects, kind)["webhooks"]
     }
-    assert {name: conditions for name, conditions in registered.items() if conditions} == expected
-    assert '["portal-bot"]' in expected["environment-owner"][0]["expression"]
+    assert {name: conditions for name, conditions in registered.items() if conditions} == match_conditions()

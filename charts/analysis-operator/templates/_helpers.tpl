@@ -82,8 +82,7 @@ app.kubernetes.io/part-of: analysis-operator
 {{- define "analysis-operator.webhooks" -}}
 {{- $root := index . 0 }}{{- $kind := index . 1 }}{{- $caBundle := index . 2 }}
 {{- $service := include "analysis-operator.webhookService" $root }}
-{{- $admission := $root.Values.admission }}
-{{- $conditions := $root.Files.Get "files/match-conditions.yaml" | replace "$trustedUsers" (toJson (default (list) $admission.trustedUsers)) | replace "$trustedGroups" (toJson (default (list) $admission.trustedGroups)) | replace "$usernamePrefix" (toJson (default "" $admission.usernamePrefix)) | fromYaml }}
+{{- $conditions := $root.Files.Get "files/match-conditions.yaml" | fromYaml }}
 {{- range $hook := $root.Files.Get "files/webhooks.yaml" | fromYamlArray }}
 {{- if eq $hook.type $kind }}
 - name: {{ printf "%s.analysis.panosc.eu" $hook.id }}

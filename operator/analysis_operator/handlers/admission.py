@@ -28,15 +28,12 @@ list call for "alice's environments" or "environments that mount dataset X"):
 `analysis.panosc.eu/owner` and one `dataset.analysis.panosc.eu/<dataset>: "true"`
 per dataset (see selection_labels); whatever the creator sent under those
 prefixes is replaced, and on update the authorization policy
-(deploy/authorization/policy.yaml) lets only the operator and admins change them. The API
-server's mutating policy stamps the same where CEL can, and the webhook is then not called at
-all (its matchConditions, match_conditions.yaml): one call per create instead of two.
+(deploy/authorization/policy.yaml) lets only the operator and admins change them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import pathlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,7 +55,6 @@ from analysis_operator.policy.access import pid_key
 from analysis_operator.policy.identity import owner_refusal, requester
 from analysis_operator.policy.refusal import Refusal
 from analysis_operator.policy.requests import backend_refusal, check_request
-from analysis_operator.settings import AdmissionSettings
 
 log = structlog.get_logger("analysis_operator.admission")
 CREATED_BY = f"{GROUP}/created-by"
@@ -117,17 +113,9 @@ def mounted_names(spec: Mapping[str, Any], dataset_pids: Mapping[str, Any]) -> l
     return names
 
 
-def match_conditions(settings: AdmissionSettings, text: str | None = None) -> dict[str, list[dict[str, str]]]:
-    """webhook id -> its matchConditions (match_conditions.yaml), with the settings' trusted users and
-    groups and username prefix in them as JSON: the same the webhooks decide with."""
-    text = MATCH_CONDITIONS.read_text() if text is None else text
-    for placeholder, value in (
-        ("$trustedUsers", list(settings.trusted_users)),
-        ("$trustedGroups", list(settings.trusted_groups)),
-        ("$usernamePrefix", settings.username_prefix),
-    ):
-        text = text.replace(placeholder, json.dumps(value, separators=(",", ":")))  # as helm's toJson
-    return yaml.safe_load(text)
+def match_conditions() -> dict[str, list[dict[str, str]]]:
+    """webhook id -> its matchConditions (match_conditions.yaml), as the chart registers them too."""
+    return yaml.safe_load(MATCH_CONDITIONS.read_text())
 
 
 @kopf.on.mutate(GROUP, VERSION, "analysisenvironments", id="environment-owner", operations={"CREATE"})

@@ -255,7 +255,7 @@ def configure_admission(settings: kopf.OperatorSettings, config: Settings, self_
         cafile, certfile, pkeyfile = cert_dir / "ca.crt", cert_dir / "tls.crt", cert_dir / "tls.key"
     if registered:
         settings.admission.managed = admission.managed_name
-        kopf_patches.with_match_conditions(match_conditions(admission))  # as the chart registers them
+        kopf_patches.with_match_conditions(match_conditions())  # as the chart registers them
     client_check: dict[str, Any] = {}
     if admission.client_ca_file:  # only the API server may call the webhooks
         client_check = {"verify_mode": ssl.CERT_REQUIRED, "verify_cafile": admission.client_ca_file}
