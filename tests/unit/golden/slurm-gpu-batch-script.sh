@@ -180,4 +180,7 @@ while kill -0 "$server" 2>/dev/null; do
 done
 status=0
 wait "$server" || status=$?
+# bash can lose the status of a child reaped while a trapped signal interrupted `wait` (it answers
+# -1, an exit of 255): the server was asked to stop, and it has.
+if [ "$status" -lt 0 ] && [ -n "$stopping" ]; then status=0; fi
 exit "$status"
