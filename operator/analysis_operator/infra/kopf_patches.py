@@ -1,5 +1,5 @@
 """Five changes to kopf's internals, applied at start (cli.py; the fifth, matchConditions on the
-webhooks kopf registers, by handlers/lifecycle.py with the settings), until kopf has them.
+webhooks kopf registers, by handlers/lifecycle.py from match_conditions.yaml), until kopf has them.
 
 1. The startup gate (below). 2. Refusals a client can read: kopf answers an admission
 refusal with a message and a code only; `Refused` (an AdmissionError) also carries the
