@@ -185,6 +185,7 @@ class Settings:
     templates_dir: str = ""  # empty = the package's own templates; else a site's directory
     log_format: str = "auto"  # auto (JSON unless a terminal), json, console
     log_level: str = "INFO"
+    event_loop: str = "uvloop"  # uvloop, as kopf's own CLI runs, or asyncio (the standard library's; cli.py)
     namespace: str = ""  # empty = all namespaces
     standalone: bool = True  # False = kopf peering (HA with standbys)
     peering_name: str = "analysis-operator"

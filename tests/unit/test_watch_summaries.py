@@ -77,3 +77,18 @@ def test_a_watch_error_in_the_stream_is_raised_gone_as_expired_else_with_its_cod
     with pytest.raises(KubeError) as raised:
         watch_event("/api/v1/pods", {"type": "ERROR", "object": {"code": 500, "reason": "InternalError"}})
     assert raised.value.status == 500 and "WATCH /api/v1/pods" in repr(raised.value)
+
+
+def test_a_change_the_summary_does_not_show_is_not_told():
+    """An event that leaves what is kept of a pod as it was (its IP, an annotation) starts no reconcile;
+    one that changes it (its node) does, and so does the same pod under another key."""
+    summaries = Summaries(read_pod)
+    summaries.put(pod("p1", "a"))
+    annotated = pod("p1", "a")
+    annotated["metadata"]["annotations"] = {"note": "x"}
+    annotated["status"] = {"podIP": "10.0.0.7"}
+    assert summaries.put(annotated) == set()
+    assert summaries.put(pod("p1", "a", node="n1")) == {("ns", "a")}
+    assert summaries.put(pod("p1", "a", node="n1")) == set()
+    assert summaries.put(pod("p1", "b", node="n1")) == {("ns", "a"), ("ns", "b")}
+    assert summaries.put(pod("p2", "b", node="n1")) == {("ns", "b")}  # a second pod for the same key

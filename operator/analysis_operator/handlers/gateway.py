@@ -252,14 +252,18 @@ class AuthServer:
 
     async def start(self) -> AuthServer:
         listening: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._serve, args=(listening,), name="forward-auth", daemon=True)
+        # its loop of the same kind as the operator's (uvloop or the standard library's, cli.py)
+        loop_type = type(asyncio.get_running_loop())
+        self._thread = threading.Thread(
+            target=self._serve, args=(listening, loop_type), name="forward-auth", daemon=True
+        )
         self._thread.start()
         await asyncio.wrap_future(listening)
         log.info("gateway.auth_listening", address=self.address, port=self.port)
         return self
 
-    def _serve(self, listening: concurrent.futures.Future[None]) -> None:
-        loop = self._loop = asyncio.new_event_loop()
+    def _serve(self, listening: concurrent.futures.Future[None], loop_type: type[asyncio.AbstractEventLoop]) -> None:
+        loop = self._loop = loop_type()
         runner = web.AppRunner(self.app, access_log=None)
         try:
             loop.run_until_complete(runner.setup())

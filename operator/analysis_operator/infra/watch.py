@@ -7,7 +7,7 @@ pod's body until every index was filled) only to update a summary and start a re
 pods that was half of the objects kopf held at 10,000 environments (bench/RESULTS.md). Here an
 event costs its JSON and one summary.
 
-Changes are told to `changed(key)` in a task of their own, once for events of the same key that
+Changes of a summary are told to `changed(key)` in a task of their own, once for events of the same key that
 arrive together. The first list is read by `start` (the operator's handlers read the summaries from
 their first run) and told to no one; `follow` then watches from that list's version on. A list read
 again after the watch lost its place (410 Gone) tells every key that changed meanwhile. A watch that
@@ -56,8 +56,12 @@ class Summaries(Mapping[Key, tuple[Summary, ...]], Generic[Key, Summary]):
         return str((body.get("metadata") or {}).get("uid") or ""), self._read(body)
 
     def put(self, body: Mapping[str, Any]) -> set[Key]:
-        """An object as it is now; the keys whose summaries changed (its old one too, if it moved)."""
-        return self._put(*self.read(body))
+        """An object as it is now; the keys whose summaries changed (its old one too, if it moved): none
+        when what is kept of it is the same (a change the summary does not show: a pod's IP, an annotation)."""
+        uid, found = self.read(body)
+        if found is not None and self._key_of.get(uid) == found[0] and self._by_key[found[0]].get(uid) == found[1]:
+            return set()
+        return self._put(uid, found)
 
     def _put(self, uid: str, found: tuple[Key, Summary] | None) -> set[Key]:
         changed = self.remove(uid)
