@@ -9,9 +9,12 @@ import time
 
 import pytest
 
+from analysis_operator.backends.base import Observation, State
 from analysis_operator.engine.converge import Context, Outcome, _quiet_start
 from analysis_operator.engine.reconciler import Reconciler, apply
 from analysis_operator.engine.views import EnvironmentRecord
+from analysis_operator.handlers.budgets import slot_to_release
+from analysis_operator.handlers.environments import status_event_matters
 from analysis_operator.model.conditions import apply_merge_patch, compose_merge_patches
 from analysis_operator.model.domain import Environment
 
@@ -254,3 +257,67 @@ def test_a_refusal_names_the_missing_rule_and_nothing_of_the_object(body, said):
     error = KubeError("PATCH", "/apis/x/lab/status", 403, "Forbidden", body)
     assert error.denial == said and "s3cret" not in repr(error)
     assert repr(error).endswith(f": {said})" if said else "/apis/x/lab/status)")
+
+
+class Gateway:
+    enabled = True
+
+
+STILL_STARTING = Observation(State.PROVISIONING, "PodStarting", "JupyterLab is starting", {"node": "kwok-1"}, cpus=1)
+
+
+@pytest.mark.parametrize(
+    "held, observation, gateway, skipped",
+    [
+        (STARTING, STILL_STARTING, False, True),  # created, then scheduled: the same start
+        (None, STILL_STARTING, False, False),  # nothing held (written, or never quiet): converge
+        (STARTING, Observation(State.READY, "PodReady"), False, False),  # Ready is written at once
+        (STARTING, Observation(State.PENDING, "Unschedulable"), False, False),  # a person must be told
+        (STARTING, Observation(State.PROVISIONING, "PodTerminating"), False, False),  # going: decided now
+        (STARTING, Observation(State.GONE, "PodMissing"), False, False),  # deleted: brought back now
+        (STARTING, Observation(State.FAILED, "PodFailed"), False, False),
+        (STARTING, STILL_STARTING, True, False),  # the gateway's route not yet opened for it: converge opens it
+        ({**STARTING, "connection": {"url": "https://gw/ns/lab/"}}, STILL_STARTING, True, True),
+    ],
+)
+def test_a_pod_event_converges_unless_it_can_only_hold_the_same_start_again(held, observation, gateway, skipped):
+    ctx = Context(kube=Recorder(), backends={}, quiet_start=5.0, **({"routes": Gateway()} if gateway else {}))
+    if held is not None:
+        ctx.unwritten[ENVIRONMENT.uid] = (ENVIRONMENT, held, time.monotonic() + 5)
+    reconciler = Reconciler(ctx, {}, {})
+    assert reconciler.holds_start(ENVIRONMENT.uid, observation) is skipped
+    assert not reconciler.holds_start("another-uid", STILL_STARTING)
+
+
+@pytest.mark.parametrize(
+    "type_, phase, handed",
+    [
+        ("MODIFIED", "Provisioning", True),  # a pod may have turned Ready before this status said Provisioning
+        ("DELETED", "Ready", True),  # what this process kept for it goes
+        ("MODIFIED", "Ready", False),  # the operator's own status write coming back: nothing to do
+        ("ADDED", "Provisioning", False),  # listed at start: the resume handler converges it
+        ("MODIFIED", None, False),
+    ],
+)
+def test_which_environment_events_reach_the_status_handler(type_, phase, handed):
+    body = {"metadata": {"uid": "u-1"}, "status": {"phase": phase} if phase else {}}
+    assert status_event_matters(type=type_, body=body) is handed
+
+
+@pytest.mark.parametrize(
+    "type_, metadata, phase, held, handed",
+    [
+        ("MODIFIED", {}, "Ready", True, False),  # running: the slot stays taken
+        ("MODIFIED", {}, "Suspended", True, False),  # resuming never fails: the slot stays
+        ("MODIFIED", {}, "Stopped", True, True),
+        ("MODIFIED", {}, "Expired", True, True),
+        ("MODIFIED", {"deletionTimestamp": "2026-12-03T10:00:00Z"}, "Ready", True, True),
+        ("DELETED", {}, "Ready", True, True),
+        ("DELETED", {}, "Ready", False, False),  # no ledger holds a slot for it (no budgets): nothing to settle
+        ("MODIFIED", {}, "Stopped", False, False),
+    ],
+)
+def test_which_environment_events_reach_the_slot_release(type_, metadata, phase, held, handed):
+    body = {"metadata": {"uid": "u-1", **metadata}, "status": {"phase": phase}}
+    ledger_entries = {"u-1": ["budget-a"]} if held else {"u-2": ["budget-a"]}
+    assert slot_to_release(type=type_, body=body, ledger_entries=ledger_entries) is handed

@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from analysis_operator.backends.base import Observation, State
 from analysis_operator.engine.converge import Context, Outcome, converge
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
@@ -146,6 +147,16 @@ class Reconciler:
         what it runs on is for this process to decide on, though no status shows it yet."""
         lock = self._writing.get(uid)
         return uid in self.context.unwritten or (lock is not None and lock.locked())
+
+    def holds_start(self, uid: str, observation: Observation) -> bool:
+        """Is its quiet first status held (Context.unwritten), decided from a start the backend still reports
+        (the same reason: a pod created, then scheduled, still starting)? Then a converge could only hold the
+        same status again: it is written with Ready, or by its own timer from what the backend says then. With
+        the gateway on, only once the held status names the route (opened by the converge that decided it)."""
+        held = self.context.unwritten.get(uid)
+        if held is None or observation.state is not State.PROVISIONING or held[1].get("reason") != observation.reason:
+            return False
+        return not self.context.routes.enabled or bool((held[1].get("connection") or {}).get("url"))
 
     async def reconcile(self, record: EnvironmentRecord, now: datetime.datetime | None = None) -> Outcome:
         environment = record.environment
