@@ -171,6 +171,8 @@ def main() -> None:
         began = time.monotonic()
         bench.scale(options.population)
         topped_up = round(time.monotonic() - began, 1)
+        if bench.environments_total < options.population:  # a restart of fewer measures something else
+            raise RuntimeError(f"{bench.environments_total} of {options.population} environments Ready: {bench.notes}")
         census(bench, options)
         time.sleep(max(0, options.settle - (10 if options.census else 0)))
         samples = probe(prefix, bench.operator.pid)

@@ -168,6 +168,20 @@ class Cluster:
                 time.sleep(0.2)
         raise RuntimeError(f"no default ServiceAccount in {name}")
 
+    def ensure_owner(self) -> None:
+        """Environments run as their owner's POSIX identity: the owner "bench" needs a FacilityUser."""
+        owner = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "FacilityUser",
+            "metadata": {"name": "bench"},
+            "spec": {"uid": 29999, "gid": 29999},
+        }
+        try:
+            self.custom.create_cluster_custom_object(GROUP, VERSION, "facilityusers", owner, _preload_content=False)
+        except ApiException as error:
+            if error.status != 409:  # already there
+                raise
+
     def create_environment(self, namespace: str, name: str, flavor: str = FLAVOR) -> None:
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
@@ -345,10 +359,27 @@ class Operator:
         while time.perf_counter() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"operator exited with {self.process.returncode}, see {self.log_path}")
-            if self.live() and self.webhooks_registered():
+            if self.live() and self.webhooks_registered() and self.creates_served():
                 return started, time.perf_counter()
             time.sleep(0.05)
         raise RuntimeError(f"operator not live after {timeout} s, see {self.log_path}")
+
+    def creates_served(self) -> bool:
+        """An environment's create is answered (a server-side dry run; a refusal is an answer too): just after a
+        fresh stack's CRDs are Established, kube-apiserver can still answer 503 for a few seconds (stop 39: 284
+        of a first burst of 1,000)."""
+        custom = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(self.kubeconfig))
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AnalysisEnvironment", "metadata": {"name": "probe"}}
+        body["spec"] = {"owner": "bench", "flavor": FLAVOR}
+        try:
+            consumed(
+                custom.create_namespaced_custom_object(
+                    GROUP, VERSION, "default", PLURAL, body, dry_run="All", _preload_content=False
+                )
+            )
+        except ApiException as error:
+            return error.status < 500
+        return True
 
     def webhooks_registered(self) -> bool:
         """kopf registers the webhooks just after start (a killed operator leaves its old URL behind)."""
@@ -664,20 +695,7 @@ class Bench:
         # The API server's own policies, as the local stack, the tests and the chart install them: the
         # authorization policy on every change and delete, the identity policies on every create.
         self.cluster.kubectl("apply", "-f", str(REPO / "deploy/authorization"))
-        # Environments run as their owner's POSIX identity: the owner "bench" needs a FacilityUser.
-        owner = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "FacilityUser",
-            "metadata": {"name": "bench"},
-            "spec": {"uid": 29999, "gid": 29999},
-        }
-        try:
-            self.cluster.custom.create_cluster_custom_object(
-                GROUP, VERSION, "facilityusers", owner, _preload_content=False
-            )
-        except ApiException as error:
-            if error.status != 409:  # already there
-                raise
+        self.cluster.ensure_owner()
         self.add_nodes()
         self.add_service_cidr()
 
@@ -1069,6 +1087,9 @@ class Bench:
             med(per_env(s, window="cpu+tail") for s in operator),
             med(per_env(s, window="cpu+tail") for s in go_raw),
         )
+        pairs = list(zip(operator, go_raw, strict=True))
+        rate_pairs = [throughput(o) / throughput(g) if throughput(g) else 0.0 for o, g in pairs]
+        cpu_pairs = [per_env(o) / per_env(g) if per_env(g) else 0.0 for o, g in pairs]
         shown = shapes.relative_to(REPO) if shapes.is_relative_to(REPO) else shapes
         lines = [
             "",
@@ -1102,6 +1123,12 @@ class Bench:
             f"{op_cpu:.0f} core-ms, Go raw path {go_cpu:.0f} core-ms: **{op_cpu / go_cpu:.2f}x** (G2: <= 1.25x); "
             f"with the tail {op_tail:.0f} / {go_tail:.0f} core-ms = {op_tail / go_tail:.2f}x.",
             "",
+            # The machine's speed can drift by half within a run (stop 39): a run and the one after it share
+            # the drift, so the ratios of each pair are shown too, with their medians.
+            f"Each pair (operator run i / Go raw run i): throughput {', '.join(f'{r:.2f}' for r in rate_pairs)} "
+            f"(median {med(rate_pairs):.2f}); CPU per environment {', '.join(f'{r:.2f}' for r in cpu_pairs)} "
+            f"(median {med(cpu_pairs):.2f}x).",
+            "",
             "CPU per environment by process, core-ms (median over the runs of each path; medians do not add up):",
             "",
             "| process | operator path, to done | + tail | Go raw path, to done | + tail |",
@@ -1133,11 +1160,11 @@ class Bench:
         namespace = self.namespace("scale")
         tracker = self.track(namespace)
         began = time.perf_counter()
-        created = 0
+        created, errors = 0, []
         while created < remaining:
             size = min(self.args.scale_batch, remaining - created)
             names = [f"x{index:05d}" for index in range(created, created + size)]
-            errors = run_pool(self.pool, lambda name: self.cluster.create_environment(namespace, name), names)
+            errors += run_pool(self.pool, lambda name: self.cluster.create_environment(namespace, name), names)
             created += size
             expected = created - len(errors)
             if not tracker.wait(
@@ -1146,6 +1173,9 @@ class Bench:
             ):
                 self.notes.append(f"scale: only {len(tracker.ready)}/{expected} Ready")
                 break
+        if errors:
+            self.notes.append(f"scale: {len(errors)} POSTs failed, the first: {errors[0]}")
+            log(self.notes[-1])
             log(f"scale: {len(tracker.ready)} Ready in {namespace} ({time.perf_counter() - began:.0f} s)")
         self.environments_total += len(tracker.ready)
         self.result(

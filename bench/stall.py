@@ -1,16 +1,23 @@
 #!/usr/bin/env python3
-"""Does a stalled cloud slow down JupyterLab pods? (issue 7)
+"""Does a stalled backend slow down JupyterLab pods? (issue 7; issue 17, G7)
 
 The OpenStack backend runs openstacksdk's blocking calls in an executor of
-its own. This measures that it really isolates them: JupyterLab environments
-are created one at a time and timed POST -> Ready, first with a quiet
-operator (baseline), then while 50 VM environments are stuck in a cloud that
-accepts connections and never answers (a black-hole keystone: every
-openstacksdk call hangs, as with a cloud whose API is down behind a load
-balancer). The ratio of the two medians is the result (target: within 2x).
+its own; the Slurm backend speaks to slurmrestd with asyncio (aiohttp). This
+measures that both really isolate a backend that hangs: JupyterLab
+environments are created one at a time and timed POST -> Ready, first with a
+quiet operator (baseline), then while 50 environments of the stalled backend
+are stuck (--backend):
+
+  openstack  VM environments, a cloud that accepts connections and never
+             answers (a black-hole keystone: every openstacksdk call hangs, as
+             with a cloud whose API is down behind a load balancer)
+  slurm      JupyterLab-on-Slurm environments, a black-hole slurmrestd (every
+             request hangs until the operator's own timeout, then is retried)
+
+The ratio of the two medians is the result (target: within 2x).
 
     eval "$(hack/cluster.sh env)"
-    .venv/bin/python bench/stall.py --out bench/logs/stall.md
+    .venv/bin/python bench/stall.py --backend slurm --out bench/logs/stall.md
 """
 
 from __future__ import annotations
@@ -72,40 +79,19 @@ class BlackHole:
             connection.close()
 
 
-def pod_latencies(
-    cluster: Cluster, tracker: Tracker, namespace: str, prefix: str, n: int, timeout: float
-) -> list[float]:
-    latencies = []
-    for index in range(n):
-        name = f"{prefix}{index:03d}"
-        began = time.perf_counter()
-        cluster.create_environment(namespace, name)
-        if tracker.wait(lambda: name in tracker.ready, timeout=timeout):
-            latencies.append(tracker.ready[name] - began)
-        else:
-            log(f"{name}: not Ready after {timeout} s")
-        cluster.delete_environment(namespace, name)  # one pod at a time: the KWOK nodes stay roomy
-    return latencies
+STALLED = {"openstack": ("vm-desktop", "VM"), "slurm": ("jupyter-cluster", "Slurm")}  # flavor, what it makes
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pods", type=int, default=30, help="JupyterLab environments timed in each phase")
-    parser.add_argument("--vms", type=int, default=50, help="VM environments stuck in the stalled cloud")
-    parser.add_argument("--core", type=int, default=1)
-    parser.add_argument("--out", type=pathlib.Path)
-    args = parser.parse_args()
-
-    kubeconfig = str(STATE / "kubeconfig")
-    cluster = Cluster(kubeconfig, 16)
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
-    cluster.kubectl("apply", "-f", str(REPO / "examples/flavors.yaml"))
-    run_id = uuid.uuid4().hex[:6]
-    logs = REPO / "bench" / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-
-    hole = BlackHole()
+def stalled_backend(backend: str, hole: BlackHole, logs: pathlib.Path, run_id: str) -> dict[str, str]:
+    """The operator's settings that point `backend` at the black hole."""
+    if backend == "slurm":  # single-token mode: the token is never checked, no request is ever answered
+        token = logs / f"stall-slurm-token-{run_id}"
+        token.write_text("stalled\n")
+        return {
+            "ANALYSIS_OPERATOR_SLURM_ENABLED": "true",
+            "ANALYSIS_OPERATOR_SLURM_URL": f"http://127.0.0.1:{hole.port}",
+            "ANALYSIS_OPERATOR_SLURM_TOKEN_FILE": str(token),
+        }
     clouds = logs / f"stall-clouds-{run_id}.yaml"
     clouds.write_text(
         yaml.safe_dump(
@@ -127,14 +113,56 @@ def main() -> None:
             }
         )
     )
+    return {
+        "ANALYSIS_OPERATOR_OPENSTACK_ENABLED": "true",
+        "ANALYSIS_OPERATOR_OPENSTACK_CLOUDS_YAML": str(clouds),
+        "ANALYSIS_OPERATOR_OPENSTACK_CLOUD": "stalled",
+    }
+
+
+def pod_latencies(
+    cluster: Cluster, tracker: Tracker, namespace: str, prefix: str, n: int, timeout: float
+) -> list[float]:
+    latencies = []
+    for index in range(n):
+        name = f"{prefix}{index:03d}"
+        began = time.perf_counter()
+        cluster.create_environment(namespace, name)
+        if tracker.wait(lambda: name in tracker.ready, timeout=timeout):
+            latencies.append(tracker.ready[name] - began)
+        else:
+            log(f"{name}: not Ready after {timeout} s")
+        cluster.delete_environment(namespace, name)  # one pod at a time: the KWOK nodes stay roomy
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pods", type=int, default=30, help="JupyterLab environments timed in each phase")
+    parser.add_argument("--backend", choices=("openstack", "slurm"), default="openstack", help="the backend stalled")
+    parser.add_argument("--vms", type=int, default=50, help="environments stuck in the stalled backend")
+    parser.add_argument("--core", type=int, default=1)
+    parser.add_argument("--out", type=pathlib.Path)
+    args = parser.parse_args()
+
+    kubeconfig = str(STATE / "kubeconfig")
+    cluster = Cluster(kubeconfig, 16)
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+    cluster.kubectl("apply", "-f", str(REPO / "examples/flavors.yaml"))
+    cluster.ensure_owner()
+    run_id = uuid.uuid4().hex[:6]
+    logs = REPO / "bench" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    hole = BlackHole()
     operator = Operator(
         kubeconfig,
         logs / f"operator-stall-{run_id}.log",
         args.core,
-        ANALYSIS_OPERATOR_OPENSTACK_ENABLED="true",
-        ANALYSIS_OPERATOR_OPENSTACK_CLOUDS_YAML=str(clouds),
-        ANALYSIS_OPERATOR_OPENSTACK_CLOUD="stalled",
+        **stalled_backend(args.backend, hole, logs, run_id),
     )
+    flavor, kind = STALLED[args.backend]
     namespace = f"bench-stall-{run_id}"
     cluster.create_namespace(namespace)
     results: list[tuple[str, str]] = []
@@ -145,20 +173,23 @@ def main() -> None:
         baseline = pod_latencies(cluster, tracker, namespace, "base", args.pods, 60)
 
         for index in range(args.vms):
-            cluster.create_environment(namespace, f"vm{index:03d}", flavor="vm-desktop")
+            cluster.create_environment(namespace, f"stuck{index:03d}", flavor=flavor)
         deadline = time.monotonic() + 60
         while hole.accepted < 1 and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(2)  # let every VM handler reach the cloud and block
-        stalled_vms = sum(1 for index in range(args.vms) if tracker.phases.get(f"vm{index:03d}") != "Ready")
+        stuck = sum(1 for index in range(args.vms) if tracker.phases.get(f"stuck{index:03d}") != "Ready")
         stalled = pod_latencies(cluster, tracker, namespace, "stall", args.pods, 60)
 
         ratio = percentile(stalled, 50) / percentile(baseline, 50)
         results = [
             ("baseline: POST -> Ready, one at a time", summary(baseline)),
-            (f"with {args.vms} VM creates stalled: POST -> Ready", summary(stalled)),
-            ("VM environments still not Ready (stuck in the cloud)", f"{stalled_vms} of {args.vms}"),
-            ("connections the black-hole cloud is holding", str(len(hole.held))),
+            (f"with {args.vms} {kind} creates stalled: POST -> Ready", summary(stalled)),
+            (f"{kind} environments still not Ready (stuck in the backend)", f"{stuck} of {args.vms}"),
+            (
+                f"connections the black-hole {args.backend} has accepted / is holding",
+                f"{hole.accepted} / {len(hole.held)}",
+            ),
             ("ratio of medians (stalled / baseline)", f"{ratio:.2f}x (target <= 2x)"),
         ]
         for metric, value in results:
@@ -180,7 +211,7 @@ def main() -> None:
             except kubernetes.client.ApiException as error:
                 if error.status != 404:
                     raise
-        # The VM environments carry the operator's finalizer and nobody is left to run it.
+        # The stalled environments carry the operator's finalizer and nobody is left to run it.
         for item in cluster.list_json(cluster.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)[
             "items"
         ]:
@@ -189,7 +220,7 @@ def main() -> None:
             )
         cluster.core.delete_namespace(namespace)
     report = [
-        "## Stalled cloud vs JupyterLab pods (bench/stall.py)",
+        f"## Stalled {args.backend} vs JupyterLab pods (bench/stall.py --backend {args.backend})",
         "",
         "| machine | |",
         "| --- | --- |",
