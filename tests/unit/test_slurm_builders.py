@@ -694,7 +694,7 @@ def test_extend_raises_the_time_limit_as_the_operator_once(tmp_path):
 def test_a_running_job_reports_its_nodes_ip_address_and_port_as_upstream(tmp_path, monkeypatch, node_address, expected):
     probed: list[str] = []
 
-    async def answers(url: str) -> bool:  # no traffic: the probe's URL is what is checked
+    async def answers(http, url: str) -> bool:  # no traffic: the probe's URL is what is checked
         probed.append(url)
         return True
 
@@ -716,7 +716,7 @@ def test_a_running_job_reports_its_nodes_ip_address_and_port_as_upstream(tmp_pat
 
 
 def test_a_node_whose_address_does_not_resolve_has_no_upstream(tmp_path, monkeypatch):
-    async def answers(url: str) -> bool:
+    async def answers(http, url: str) -> bool:
         return False
 
     monkeypatch.setattr(slurm, "endpoint_answers", answers)

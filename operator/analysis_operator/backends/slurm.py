@@ -72,6 +72,7 @@ from analysis_operator.backends.slurm_auth import (
     job_nonce,
 )
 from analysis_operator.backends.slurm_rest import (
+    KeptAlive,
     SlurmRequestRefused,
     SlurmRestClient,
     endpoint_answers,
@@ -446,7 +447,8 @@ class SlurmBackend:
         self.settings = settings
         self.templates_dir = templates_dir
         self.path_prefix = path_prefix  # the gateway's (settings.gateway.path_prefix)
-        self.client = SlurmRestClient(settings)
+        self.http = KeptAlive()  # to slurmrestd and to the nodes' JupyterLab (the readiness probe)
+        self.client = SlurmRestClient(settings, self.http)
         self.credentials = SlurmCredentials(settings)
         self._tracked: dict[str, _Tracked] = {}  # environment uid -> its job
         self._suspended: set[str] = set()  # environment uids whose job was cancelled for a suspend
@@ -557,7 +559,7 @@ class SlurmBackend:
             )
 
     def close(self) -> None:
-        """Nothing held between requests (a session per request)."""
+        self.http.close()
 
     # ---------------------------------------------------------------- inside
 
@@ -695,7 +697,7 @@ class SlurmBackend:
             upstream = Upstream(address=address, port=port, landing="lab") if address else None
         # Probed where the gateway will connect (the node's address), else at the node's name.
         probe = http_url(upstream.address, port, path) if upstream else f"http://{endpoint}{path}"
-        answers = bool(endpoint) and await endpoint_answers(probe)
+        answers = bool(endpoint) and await endpoint_answers(self.http, probe)
         return build_observation(
             job, answers, endpoint, suspended=environment.uid in self._suspended, upstream=upstream, path=path
         )

@@ -7,8 +7,9 @@ serving it (an upgrade). Requests and answers go through that version's Dialect
 slurmrestd 25.05 answers 200 to a ping no controller answered, 404 to an unknown job and 200
 (errors inside) to a cancel of an ended job.
 
-A session per request; the credentials (backends/slurm_auth.py) are read on every request,
-so a site can rotate the key or token without a restart.
+Connections are kept alive between requests (KeptAlive), to slurmrestd and to the nodes'
+JupyterLab; the credentials (backends/slurm_auth.py) are read on every request, so a site can
+rotate the key or token without a restart.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ from analysis_operator.settings import SlurmSettings
 
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15)
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=3)
+# An idle connection is closed after this long, before a server would close it under a request
+# (slurmrestd 25.05 keeps one open for as long as the client does, checked in the tests).
+KEEPALIVE_SECONDS = 10.0
 # Slurm's authentication errors: SLURM_PROTOCOL_AUTHENTICATION_ERROR, ESLURM_AUTH_* (6000-6099).
 _AUTH_CODES = frozenset({1007, *range(6000, 6100)})
 T = TypeVar("T")
@@ -66,11 +70,56 @@ def _is_refusal(code: int) -> bool:
     return 2000 <= code < 6000 or 9000 <= code < 9400
 
 
+class KeptAlive:
+    """One aiohttp session for the event loop, its connections kept alive between requests: a
+    request on a kept connection costs the operator about a third of one on a session of its own
+    (bench/slurm_session.py), and slurmrestd accepts one connection instead of one per request.
+    No limit on connections at once (as with a session per request): environments stuck on a
+    stalled slurmrestd do not hold the others up behind a pool."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: asyncio.Task[None] | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
+            self._discard()  # of a loop that ended (asyncio.run, in tests)
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS)
+            self._session, self._loop = aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT), loop
+        return self._session
+
+    def close(self) -> None:
+        """Close the kept connections, on the loop that opened them (at the operator's shutdown)."""
+        if self._session is not None and self._loop is not None and not self._loop.is_closed():
+            self._closing = self._loop.create_task(self._session.close())
+            self._session = None
+        self._discard()
+
+    def _discard(self) -> None:
+        """Close a session whose loop has ended: aiohttp has nothing left to do on a closed loop, so
+        its close runs to the end at once (the sockets go with the loop's transports)."""
+        session, self._session = self._session, None
+        if session is None or session.closed or not (self._loop is None or self._loop.is_closed()):
+            return
+        closing = session.close()
+        try:
+            closing.send(None)
+        except StopIteration:
+            return
+        closing.close()
+
+    def __del__(self) -> None:
+        self._discard()
+
+
 @dataclass
 class SlurmRestClient:
     """slurmrestd as the operator (`user`), or as a job's owner where a method takes `user`."""
 
     settings: SlurmSettings
+    http: KeptAlive = field(default_factory=KeptAlive, repr=False)
     _dialect: Dialect | None = field(default=None, init=False, repr=False)
 
     @property
@@ -113,10 +162,9 @@ class SlurmRestClient:
     ) -> tuple[int, Mapping[str, Any] | None]:
         """(HTTP status, the JSON object answered or None)."""
         try:
-            async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session:
-                async with session.request(method, url, json=payload, headers=dict(headers)) as response:
-                    text = await response.text()
-                    status = response.status
+            async with self.http.session().request(method, url, json=payload, headers=dict(headers)) as response:
+                text = await response.text()
+                status = response.status
         except (aiohttp.ClientError, TimeoutError) as error:
             raise BackendUnavailable(
                 f"slurmrestd at {self.settings.url} is unreachable ({type(error).__name__}); "
@@ -249,13 +297,12 @@ class SlurmRestClient:
             raise SlurmRequestRefused(errors)
 
 
-async def endpoint_answers(url: str) -> bool:
+async def endpoint_answers(http: KeptAlive, url: str) -> bool:
     """Whether anything answers HTTP there (any status: without the token JupyterLab answers 403
     or redirects to its login page)."""
     try:
-        async with aiohttp.ClientSession(timeout=PROBE_TIMEOUT) as session:
-            async with session.get(url, allow_redirects=False):
-                return True
+        async with http.session().get(url, allow_redirects=False, timeout=PROBE_TIMEOUT):
+            return True
     except (aiohttp.ClientError, TimeoutError):
         return False
 
