@@ -21,10 +21,13 @@ import itertools
 import os
 import pathlib
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 
 import kubernetes
@@ -55,6 +58,41 @@ def watch_decisions(custom, namespace: str, decided: dict[str, tuple[float, str]
                 decided[name] = (time.monotonic(), phase)
             if stop.is_set():
                 stream.stop()
+
+
+def webhook_connections(port: int) -> int:
+    """TCP connections to the operator's webhook port, open or closed in the last minute (TIME_WAIT):
+    their growth over a race of a few seconds is the connections the API server opened."""
+    out = subprocess.run(["ss", "-Htan", f"( sport = :{port} )"], capture_output=True, text=True, check=True).stdout
+    return len(out.splitlines())
+
+
+def slow_answers(text: str, metric: str, name_label: str, over: str) -> dict[str, int]:
+    """Requests answered in more than `over` seconds, per webhook, from a Prometheus histogram's text."""
+    totals: dict[str, float] = {}
+    within: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(f"{metric}_bucket{{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        hook, value = labels.get(name_label, "").split(".")[0], float(line.rsplit(" ", 1)[1])
+        if labels.get("le") == "+Inf":
+            totals[hook] = totals.get(hook, 0) + value
+        elif labels.get("le") == over:
+            within[hook] = within.get(hook, 0) + value
+    return {hook: int(total - within.get(hook, 0)) for hook, total in totals.items()}
+
+
+def webhook_tail(api, operator: OperatorProcess) -> dict[str, dict[str, int]]:
+    """Webhook calls over 0.5 s as the API server timed them (the call) and as the operator did (its
+    handler, from the request's arrival in kopf's server): the difference waited outside the handler."""
+    server = api.rest_client.pool_manager.request("GET", f"{api.configuration.host}/metrics").data.decode()
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5) as response:
+        own = response.read().decode()
+    return {
+        "API server": slow_answers(server, "apiserver_admission_webhook_admission_duration_seconds", "name", "0.5"),
+        "operator": slow_answers(own, "analysis_webhook_duration_seconds", "webhook", "0.5"),
+    }
 
 
 def run(count: int, slots: int, threads: int, mode: str) -> dict:
@@ -116,9 +154,17 @@ def run(count: int, slots: int, threads: int, mode: str) -> dict:
                 code = error.status
             posted[name] = (started, time.monotonic(), code)
 
+    tail_before = webhook_tail(api, operator)
+    connections_before = webhook_connections(operator.webhook_port)
     began = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         list(pool.map(create, range(threads)))
+    webhook_opened = webhook_connections(operator.webhook_port) - connections_before
+    tail_after = webhook_tail(api, operator)
+    slow = {
+        where: {hook: count - tail_before[where].get(hook, 0) for hook, count in counts.items()}
+        for where, counts in tail_after.items()
+    }
     created = [name for name, (_, _, code) in posted.items() if code == 201]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not all(name in decided for name in created):
@@ -147,6 +193,11 @@ def run(count: int, slots: int, threads: int, mode: str) -> dict:
             by_outcome["admitted"].append(moment - started)
         else:
             outcomes["undecided" if code == 201 else f"error {code}"] = outcomes.get(f"error {code}", 0) + 1
+    # When the slow answers came: refusals by the second of the race their POST was sent in.
+    timeline: dict[int, list[float]] = {}
+    for started, answered, code in posted.values():
+        if code == 403:
+            timeline.setdefault(int(started - began), []).append(answered - started)
     # The longest time in which no create was answered: a stall (what made G6's p99, bench/RESULTS.md stop 31).
     ends = sorted(answered for _, answered, _ in posted.values())
     stall = max((later - earlier for earlier, later in itertools.pairwise(ends)), default=0.0)
@@ -167,7 +218,12 @@ def run(count: int, slots: int, threads: int, mode: str) -> dict:
         "max": max(latencies),
         "answers": (statistics.median(answers), percentile(answers, 0.99), max(answers)),
         "stall": stall,
+        "webhook_opened": webhook_opened,
+        "slow": slow,
         "log": operator.log_path.name,
+        "timeline": {
+            second: (len(values), statistics.median(values), max(values)) for second, values in sorted(timeline.items())
+        },
         "split": {
             key: (statistics.median(values), percentile(values, 0.99)) for key, values in by_outcome.items() if values
         },
@@ -182,10 +238,18 @@ def report(result: dict) -> str:
         f"| p50 {1000 * result['p50']:.0f} ms, p99 {1000 * result['p99']:.0f} ms, max {1000 * result['max']:.0f} ms "
         f"| p50 {1000 * result['answers'][0]:.0f} ms, p99 {1000 * result['answers'][1]:.0f} ms, "
         f"max {1000 * result['answers'][2]:.0f} ms "
-        f"| {result['wall']:.1f} s | longest stall {1000 * result['stall']:.0f} ms |\n"
+        f"| {result['wall']:.1f} s | longest stall {1000 * result['stall']:.0f} ms "
+        f"| webhook connections opened {result['webhook_opened']} |\n"
         + "".join(
             f"  {key}: p50 {1000 * p50:.0f} ms p99 {1000 * p99:.0f} ms\n" for key, (p50, p99) in result["split"].items()
         )
+        + f"  webhook calls over 0.5 s: {result['slow']}\n"
+        + "  refusals by the second their POST was sent in (count, p50, max): "
+        + ", ".join(
+            f"{second}s {count} {1000 * p50:.0f}/{1000 * top:.0f} ms"
+            for second, (count, p50, top) in result["timeline"].items()
+        )
+        + "\n"
     )
 
 

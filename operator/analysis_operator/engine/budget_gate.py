@@ -18,14 +18,19 @@ create another" is admitted even before the watch shows the delete. A round of
 confirmation is one list per namespace and owner (spec.owner is a selectable
 field of the CRD), on connections of its own (not behind a burst of reconcile
 calls), and is shared: by every refusal waiting on that budget, and by every
-refusal in the second after it started (CONFIRMATION_REUSE_SECONDS), past half
-of which the next round starts in the background. So a stream of refusals
+refusal while it is recent (started at most CONFIRMATION_REUSE_SECONDS before).
+Past CONFIRMATION_REFRESH_SECONDS the next round starts in the background, and
+the refusals meanwhile use the last answer: they wait for a round only when
+none is recent (the first refusal after a quiet spell). So a stream of refusals
 against a full budget costs the API server two lists a second and waits for
-none (bench/budget_race.py: before, 27 rounds of 50 GETs in a 5-second race of
-1,000 creates, each refusal waiting for one; admission p99 0.7-1.4 s, now
-a median of 0.45 s). The price: within that second, a slot freed by a delete the
-watch has not shown yet is not seen, and the create is refused (never the
-other way). The reconcile gate settles the ended entries in the same write
+none, even when the API server is slow to answer a round (bench/budget_race.py:
+with rounds of 27 x 50 GETs, admission p99 0.7-1.4 s; one list a round,
+reused for 1 s, 0.45 s on a fast machine, but 1.1-1.4 s where a round takes
+0.2-0.7 s and every round longer than the refresh interval kept the refusals
+after it waiting; now 0.5 s there, stop 40). The price: until the next round
+answers (about a second, at most CONFIRMATION_REUSE_SECONDS), a slot freed by a
+delete the watch has not shown yet is not seen, and the create is refused (never
+the other way). The reconcile gate settles the ended entries in the same write
 that takes the new slot; the environment handlers release them as soon as
 they see the end (handlers/budgets.py), and the accounting tick remains the
 backstop. A suspended environment keeps its slot, so resuming never fails.
@@ -59,7 +64,9 @@ log = structlog.get_logger("analysis_operator.budgets")
 SLOT_REASONS = frozenset({"TooManyEnvironments", "TooManyGpus"})
 # A refusal reuses a round of confirmation that started this recently: its answers plus the index
 # (which has every delete older than the watch's lag, milliseconds) are as good as asking again.
-CONFIRMATION_REUSE_SECONDS = 1.0
+CONFIRMATION_REUSE_SECONDS = 3.0
+# Past this age the next round starts in the background (two lists a second while refusals stream).
+CONFIRMATION_REFRESH_SECONDS = 0.5
 _ENDED_MAX = 100_000  # uids remembered as ended (an ended uid never runs again)
 
 Ended = dict[str, datetime.datetime | None]  # ledger entry uid -> when its environment ended (None: now)
@@ -190,14 +197,15 @@ class BudgetGate:
         """Ask the API server about the budget's entries not known to have ended; True if one has.
 
         Rounds of reads are shared: a caller uses the last round if it started less than
-        CONFIRMATION_REUSE_SECONDS ago, and past half of that starts the next one in the background,
-        so a stream of refusals against a full budget never waits for one. Otherwise it waits for a
-        round (one at a time per budget) that started at most that long before it asked."""
+        CONFIRMATION_REUSE_SECONDS ago, and past CONFIRMATION_REFRESH_SECONDS starts the next one in
+        the background (unless one is on its way), so a stream of refusals against a full budget
+        never waits for one, however long a round takes. Otherwise it waits for a round (one at a
+        time per budget) that started at most CONFIRMATION_REUSE_SECONDS before it asked."""
         asked, known = time.monotonic(), set(self._known_ended(budget, environments))
         age = asked - self._confirmed.get(budget.name, -math.inf)
         if age > CONFIRMATION_REUSE_SECONDS:
             await self._round(budget, environments, asked - CONFIRMATION_REUSE_SECONDS)
-        elif age > CONFIRMATION_REUSE_SECONDS / 2 and not self._lock(budget.name).locked():
+        elif age > CONFIRMATION_REFRESH_SECONDS and not self._lock(budget.name).locked():
             task = asyncio.get_running_loop().create_task(self._round(budget, environments, asked))
             self._ahead.add(task)
             task.add_done_callback(self._ahead.discard)
