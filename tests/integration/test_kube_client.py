@@ -5,7 +5,6 @@ kube-apiserver a handshake; the blocking client it replaced made one for most ca
 from __future__ import annotations
 
 import asyncio
-import os
 import urllib.parse
 import uuid
 
@@ -14,29 +13,7 @@ import pytest
 
 from analysis_operator.infra import kube as kube_module
 from analysis_operator.infra.kube import KubeClient
-
-
-def _sockets(port: int) -> set[tuple[str, int]]:
-    """This process's established TCP connections to `port` on loopback, as (local address, local port)."""
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    found = set()
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
-        with open(table) as lines:
-            next(lines)
-            for line in lines:
-                fields = line.split()
-                local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
-                if state == "01" and inode in inodes and int(remote.rsplit(":", 1)[1], 16) == port:
-                    address, local_port = local.rsplit(":", 1)
-                    found.add((address, int(local_port, 16)))
-    return found
+from tests.integration.sockets import own_connections
 
 
 @pytest.fixture
@@ -47,13 +24,13 @@ def kube(kubeconfig, monkeypatch) -> KubeClient:
 
 def test_hundreds_of_concurrent_calls_share_a_few_kept_connections(kube, namespace, core):
     port = urllib.parse.urlsplit(core.api_client.configuration.host).port or 443
-    before = _sockets(port)  # the test's own blocking client
+    before = own_connections(port)  # the test's own blocking client
     involved = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "namespace": namespace}}
 
     async def burst() -> tuple[set, set, list[bool], list[bool]]:
         try:
             await asyncio.gather(*(kube.read_secret(namespace, f"absent-{index}") for index in range(200)))  # 404s
-            first = _sockets(port) - before
+            first = own_connections(port) - before
             secret = {"metadata": {"name": "s"}, "stringData": {"k": "v"}}
             created = await asyncio.gather(*(kube.create("Secret", namespace, secret) for _ in range(50)))  # 409s
             await asyncio.gather(*(kube.post_event(involved, "Normal", "Test", "x") for _ in range(100)))
@@ -61,7 +38,7 @@ def test_hundreds_of_concurrent_calls_share_a_few_kept_connections(kube, namespa
             made = await asyncio.gather(
                 *(kube.create("Secret", namespace, {"metadata": {"name": name}}) for name in names)
             )
-            return first, _sockets(port) - before, created, made
+            return first, own_connections(port) - before, created, made
         finally:
             await kube.close()
 

@@ -23,6 +23,7 @@ from analysis_operator.backends.slurm import SlurmBackend, base_path
 from analysis_operator.backends.slurm_api import SlurmJob
 from analysis_operator.backends.slurm_auth import parse_identity
 from analysis_operator.model.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
+from tests.integration.sockets import own_connections
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("operator_leaves_slurm_alone")]
 
@@ -402,24 +403,6 @@ def test_slurmrestd_down_then_back_loses_nothing(backend, make_environment, slur
     assert len(jobs_of(backend, environment.uid)) == 1
 
 
-def own_connections(port: int) -> list[int]:
-    """The local ports of this process's established TCP connections to `port` (from /proc)."""
-    sockets = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            sockets.add(target[len("socket:[") : -1])
-    found = []
-    for line in pathlib.Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()  # sl local_address rem_address st ... inode (the 10th)
-        if int(fields[2].split(":")[1], 16) == port and fields[3] == "01" and fields[9] in sockets:
-            found.append(int(fields[1].split(":")[1], 16))
-    return found
-
-
 def test_requests_share_one_kept_connection_and_a_restarted_slurmrestd_loses_nothing(
     backend, make_environment, slurm_script
 ):
@@ -432,17 +415,17 @@ def test_requests_share_one_kept_connection_and_a_restarted_slurmrestd_loses_not
     environment = make_environment()
 
     async def scenario():
-        seen, earlier = [], set(own_connections(port))  # left by other tests' loops until collected
+        seen, earlier = [], own_connections(port)  # left by other tests' loops until collected
         for _ in range(20):
             await backend.client.ping()
-            seen.append(sorted(set(own_connections(port)) - earlier))
+            seen.append(sorted(own_connections(port) - earlier))
         pid = int(pid_file.read_text())
         os.kill(pid, signal.SIGTERM)
         while pathlib.Path(f"/proc/{pid}").exists():
             await asyncio.sleep(0.1)
         await asyncio.to_thread(slurm_script, "up")
         submitted = await backend.ensure(Launch(environment, make_flavor(), TOKEN))
-        return seen, submitted, sorted(set(own_connections(port)) - earlier)
+        return seen, submitted, sorted(own_connections(port) - earlier)
 
     seen, submitted, after = asyncio.run(scenario())
     assert len(seen[0]) == 1 and all(ports == seen[0] for ports in seen), seen  # one connection, the same
