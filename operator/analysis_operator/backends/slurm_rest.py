@@ -47,8 +47,8 @@ from analysis_operator.settings import SlurmSettings
 
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15)
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=3)
-# An idle connection is closed after this long, before a server would close it under a request
-# (slurmrestd 25.05 keeps one open for as long as the client does, checked in the tests).
+# An idle connection is closed after this long: before a proxy in front of slurmrestd would close
+# it under a request (slurmrestd 25.05 itself never times an idle connection out, by its source).
 KEEPALIVE_SECONDS = 10.0
 # Slurm's authentication errors: SLURM_PROTOCOL_AUTHENTICATION_ERROR, ESLURM_AUTH_* (6000-6099).
 _AUTH_CODES = frozenset({1007, *range(6000, 6100)})

@@ -27,7 +27,7 @@ none, even when the API server is slow to answer a round (bench/budget_race.py:
 with rounds of 27 x 50 GETs, admission p99 0.7-1.4 s; one list a round,
 reused for 1 s, 0.45 s on a fast machine, but 1.1-1.4 s where a round takes
 0.2-0.7 s and every round longer than the refresh interval kept the refusals
-after it waiting; now 0.5 s there, stop 40). The price: until the next round
+after it waiting; a third less there now, stop 40). The price: until the next round
 answers (about a second, at most CONFIRMATION_REUSE_SECONDS), a slot freed by a
 delete the watch has not shown yet is not seen, and the create is refused (never
 the other way). The reconcile gate settles the ended entries in the same write
