@@ -106,8 +106,8 @@ async def main_async(requests: int, rounds: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=500)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=pathlib.Path)
     arguments = parser.parse_args()
     report = asyncio.run(main_async(arguments.requests, arguments.rounds))

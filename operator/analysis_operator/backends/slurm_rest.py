@@ -80,7 +80,7 @@ class KeptAlive:
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._closing: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
 
     def session(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
