@@ -60,11 +60,43 @@ def watch_decisions(custom, namespace: str, decided: dict[str, tuple[float, str]
                 stream.stop()
 
 
-def webhook_connections(port: int) -> int:
-    """TCP connections to the operator's webhook port, open or closed in the last minute (TIME_WAIT):
-    their growth over a race of a few seconds is the connections the API server opened."""
-    out = subprocess.run(["ss", "-Htan", f"( sport = :{port} )"], capture_output=True, text=True, check=True).stdout
-    return len(out.splitlines())
+def webhook_connections(port: int) -> set[str]:
+    """The API server's connections to the operator's webhook port, open or closed in the last minute:
+    their client ends (its side closes them, so TIME_WAIT is there). The ones new after a race of a
+    few seconds are the connections the API server opened, each a TLS handshake for the operator."""
+    out = subprocess.run(["ss", "-Htan", f"( dport = :{port} )"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[3] for line in out.splitlines()}
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (utime + stime) used so far by every process on the machine, by command name
+    (the operator is `python`, as is this client: see the report's split)."""
+    used: dict[str, float] = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            head, _, rest = stat.read_text().rpartition(")")
+        except OSError:
+            continue  # ended meanwhile
+        fields = rest.split()
+        pid, name = stat.parent.name, head.partition("(")[2]
+        used[f"{name}:{pid}"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return used
+
+
+def cpu_split(before: dict[str, float], after: dict[str, float], operator_pid: int) -> dict[str, float]:
+    """CPU seconds per command used between two cpu_seconds() snapshots, the operator and this
+    client (both python) named apart; processes that ended meanwhile are not counted."""
+    split: dict[str, float] = {}
+    for key, value in after.items():
+        name, _, pid = key.rpartition(":")
+        if int(pid) == operator_pid:
+            name = "operator"
+        elif int(pid) == os.getpid():
+            name = "this client"
+        used = value - before.get(key, 0.0)
+        if used > 0:
+            split[name] = split.get(name, 0.0) + used
+    return dict(sorted(split.items(), key=lambda item: -item[1]))
 
 
 def slow_answers(text: str, metric: str, name_label: str, over: str) -> dict[str, int]:
@@ -156,10 +188,12 @@ def run(count: int, slots: int, threads: int, mode: str) -> dict:
 
     tail_before = webhook_tail(api, operator)
     connections_before = webhook_connections(operator.webhook_port)
+    cpu_before = cpu_seconds()
     began = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         list(pool.map(create, range(threads)))
-    webhook_opened = webhook_connections(operator.webhook_port) - connections_before
+    cpu = cpu_split(cpu_before, cpu_seconds(), operator.process.pid)
+    webhook_opened = len(webhook_connections(operator.webhook_port) - connections_before)
     tail_after = webhook_tail(api, operator)
     slow = {
         where: {hook: count - tail_before[where].get(hook, 0) for hook, count in counts.items()}
@@ -220,6 +254,7 @@ def run(count: int, slots: int, threads: int, mode: str) -> dict:
         "stall": stall,
         "webhook_opened": webhook_opened,
         "slow": slow,
+        "cpu": cpu,
         "log": operator.log_path.name,
         "timeline": {
             second: (len(values), statistics.median(values), max(values)) for second, values in sorted(timeline.items())
@@ -244,6 +279,9 @@ def report(result: dict) -> str:
             f"  {key}: p50 {1000 * p50:.0f} ms p99 {1000 * p99:.0f} ms\n" for key, (p50, p99) in result["split"].items()
         )
         + f"  webhook calls over 0.5 s: {result['slow']}\n"
+        + "  CPU during the creates (s): "
+        + ", ".join(f"{name} {used:.2f}" for name, used in result["cpu"].items() if used >= 0.05)
+        + "\n"
         + "  refusals by the second their POST was sent in (count, p50, max): "
         + ", ".join(
             f"{second}s {count} {1000 * p50:.0f}/{1000 * top:.0f} ms"

@@ -120,6 +120,28 @@ def test_a_suspended_environment_keeps_its_slot(budgets, environments):
     environments.wait_phase("paused", "Ready")
 
 
+def test_a_full_budget_is_refused_by_the_first_webhook_after_every_check_that_comes_before(budgets, environments):
+    """One call to the operator per create refused for want of a slot, not two; and a create that is
+    wrong in another way too is refused for that first, exactly as with room (the portal's offer
+    names the same first reason)."""
+    owner = user()
+    name = budgets.create({"maxEnvironments": 1}, user=owner)
+    _create(environments, "holder", owner=owner)
+    environments.wait_phase("holder", "Ready")
+    body = _refusal(lambda: _create(environments, "more", owner=owner))
+    assert [cause["reason"] for cause in body["details"]["causes"]] == ["TooManyEnvironments"]
+    assert body["message"].startswith(f'admission webhook "environment-owner.{GROUP}" denied'), body["message"]
+    with pytest.raises(kubernetes.client.ApiException) as refused:
+        _create(environments, "too-long", owner=owner, lifetime="30d")  # the flavor allows 1h
+    answer = json.loads(refused.value.body)
+    assert refused.value.status == 422 and [cause["reason"] for cause in answer["details"]["causes"]] == [
+        "LifetimeTooLong"
+    ]
+    body = _refusal(lambda: _create(environments, "not-theirs", owner=owner, datasets=[{"name": "no-such-dataset"}]))
+    assert [cause["reason"] for cause in body["details"]["causes"]] == ["DatasetNotFound"]
+    assert _holders(budgets, name) == {"holder"} and not environments.exists("more")
+
+
 def test_budget_refusals_carry_reason_and_field(budgets, environments):
     body = _refusal(lambda: _create(environments, "nobody", owner=user()))
     assert body["reason"] == "Forbidden"

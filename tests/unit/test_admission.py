@@ -12,6 +12,7 @@ import types
 import kopf
 import pytest
 
+from analysis_operator.engine.budget_gate import BudgetGate
 from analysis_operator.handlers.admission import (
     CREATED_BY,
     MATCH_CONDITIONS,
@@ -30,6 +31,8 @@ from analysis_operator.infra.kopf_patches import Refused
 from analysis_operator.policy.access import pid_key
 from analysis_operator.policy.refusal import Refusal
 from analysis_operator.settings import AdmissionSettings
+from tests.unit.test_budget_gate import CPU, T0, Api
+from tests.unit.test_budget_gate import gate as budget_gate
 
 # Kubernetes' rules: a label value, and the name part of a label key.
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -107,14 +110,30 @@ def test_datasets_named_by_pid_are_labelled_by_their_name():
 
 
 def _mutate(
-    spec: dict, labels: dict, username: str = "alice", pids: dict | None = None, groups: tuple[str, ...] = ()
+    spec: dict,
+    labels: dict,
+    username: str = "alice",
+    pids: dict | None = None,
+    groups: tuple[str, ...] = (),
+    budget_gate: BudgetGate | None = None,
+    dryrun: bool = False,
 ) -> dict:
     body = kopf.Body({"metadata": {"name": "e", "namespace": "ns", "labels": labels}, "spec": spec})
     patch = kopf.Patch(body=body)
-    memo = types.SimpleNamespace(config=types.SimpleNamespace(admission=AdmissionSettings()))
+    memo = types.SimpleNamespace(config=types.SimpleNamespace(admission=AdmissionSettings()), budget_gate=budget_gate)
     userinfo = {"username": username, "groups": list(groups)}
     asyncio.run(
-        default_owner(spec=body.spec, body=body, patch=patch, userinfo=userinfo, memo=memo, dataset_pids=pids or {})
+        default_owner(
+            spec=body.spec,
+            body=body,
+            patch=patch,
+            userinfo=userinfo,
+            memo=memo,
+            dataset_pids=pids or {},
+            flavors={"basic": [CPU]} if budget_gate else {},  # no flavor known: no budget to check
+            environments={},
+            dryrun=dryrun,
+        )
     )
     return dict(patch)
 
@@ -159,6 +178,22 @@ def test_the_requester_may_name_themselves_or_nobody(owner):
     assert _mutate({"owner": owner, "flavor": "basic"}, {}, username="bob")["metadata"]["annotations"] == {
         CREATED_BY: "bob"
     }
+
+
+def test_the_mutating_webhook_holds_no_budget_slot_and_checks_identity_before_the_budget():
+    """With room it passes and holds nothing (the validating webhook holds the slot of what it admits);
+    with none, every check is made there (tests/integration/test_budget_slots.py), after the owner's."""
+    api = Api({"maxEnvironments": 1})
+    gate = budget_gate(api)
+    for dryrun in (False, True):
+        assert _mutate({"flavor": "basic"}, {}, budget_gate=gate, dryrun=dryrun)["spec"] == {"owner": "alice"}
+    assert gate.admitted.get("b", {}) == {}
+    assert asyncio.run(gate.admit_checked("ns", "first", "alice", "", CPU, {}, T0)) is None  # holds the slot
+    # Someone else's spoofed create is refused for that, not for alice's full budget.
+    with pytest.raises(Refused) as refusal:
+        _mutate({"owner": "alice", "flavor": "basic"}, {}, username="bob", budget_gate=gate)
+    assert [cause.reason for cause in refusal.value.causes] == ["NotOwner"]
+    assert list(gate.admitted["b"]) == ["ns/first"]
 
 
 # --- refusals: reason and field ---------------------------------------------------------------------

@@ -104,6 +104,22 @@ def test_a_deleted_environment_gone_from_the_index_is_confirmed_and_frees_its_sl
     assert api.reads == 1  # known ended: not asked again
 
 
+def test_a_refusal_decided_a_moment_ago_is_still_confirmed_before_it_is_given():
+    """The mutating webhook passes on what admit answered (handlers/admission.py): not decided twice,
+    and never given without the confirmation that would have freed the slot."""
+    api = Api({"maxEnvironments": 1}, {"old-uid": entry("old")})  # deleted: the API server says 404
+    g = gate(api)
+    refused = g.admit("ns", "new", "alice", "", CPU, {}, T0, hold=False)
+    assert refused is not None and refused.reason == "TooManyEnvironments"
+    answer = asyncio.run(g.admit_checked("ns", "new", "alice", "", CPU, {}, T0, hold=False, refused=refused))
+    assert answer is None and api.reads == 1  # confirmed: the slot is free, so it is admitted after all
+    api.running("other", "other-uid", phase="Ready")
+    api.budget["status"]["environments"] = {"other-uid": entry("other")}
+    api.index["b"] = [Budget.from_body(api.budget)]
+    given = g.admit("ns", "third", "alice", "", CPU, {}, T0, hold=False)
+    assert asyncio.run(g.admit_checked("ns", "third", "alice", "", CPU, {}, T0, refused=given)) is given
+
+
 def test_a_running_environment_is_asked_about_and_still_counts():
     api = Api({"maxEnvironments": 1}, {"old-uid": entry("old")})
     api.running("old", "old-uid", phase="Ready")

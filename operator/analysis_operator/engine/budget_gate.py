@@ -174,14 +174,16 @@ class BudgetGate:
         now: datetime.datetime,
         hold: bool = True,
         uid: str = "",
+        refused: Refusal | None = None,
     ) -> Refusal | None:
         """admit, and before refusing for want of a slot, confirm the ledger's entries with the API
-        server: one that ended since (deleted a moment ago) does not count."""
+        server: one that ended since (deleted a moment ago) does not count. `refused`: what admit
+        answered for this create a moment ago, if it refused (then it is not decided twice)."""
 
         def decide() -> Refusal | None:
             return self.admit(namespace, name, owner, budget_name, flavor, environments, now, hold, uid)
 
-        refusal = decide()
+        refusal = refused or decide()
         if refusal is not None and refusal.reason in SLOT_REASONS:
             selected = self.ledger.views.select(owner, budget_name)
             if isinstance(selected, Budget) and await self.confirm(selected, environments):

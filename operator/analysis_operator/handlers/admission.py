@@ -23,6 +23,15 @@ spec.budget}, so a portal can map refusals to its own words without parsing text
 A server-side dry run (kubectl diff, Argo CD, a portal asking "may alice use this
 card?") is decided exactly as the create would be and holds nothing.
 
+Where the owner's budget has no room for a create (or there is no budget, where one is
+required), as far as the gate's memory shows, the mutating webhook makes every check of the
+validating one itself (check_create: the same order, the same answer, the same Events) and
+refuses: the API server then calls the operator once for that create, not twice, which is most
+of what a burst of creates against a full budget costs (bench/budget_race.py, stop 41). It
+holds nothing; a create it lets through (the budget's confirmation found a slot freed) is
+decided again by the validating webhook, which holds the slot of a create it admits. It is
+decided on the create as sent, with its owner: a later mutating webhook does not change that.
+
 The mutating webhook stamps the labels that make environments selectable (one
 list call for "alice's environments" or "environments that mount dataset X"):
 `analysis.panosc.eu/owner` and one `dataset.analysis.panosc.eu/<dataset>: "true"`
@@ -118,7 +127,9 @@ def match_conditions() -> dict[str, list[dict[str, str]]]:
     return yaml.safe_load(MATCH_CONDITIONS.read_text())
 
 
-@kopf.on.mutate(GROUP, VERSION, "analysisenvironments", id="environment-owner", operations={"CREATE"})
+@kopf.on.mutate(
+    GROUP, VERSION, "analysisenvironments", id="environment-owner", operations={"CREATE"}, side_effects=True
+)  # a create refused here for want of budget posts what a data refusal posts, not on dry runs
 async def default_owner(
     spec: kopf.Spec,
     body: kopf.Body,
@@ -126,20 +137,48 @@ async def default_owner(
     userinfo: dict[str, Any],
     memo: kopf.Memo,
     dataset_pids: kopf.Index,
+    flavors: kopf.Index,
+    environments: kopf.Index,
     name: str | None = None,
     namespace: str | None = None,
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
     """No owner given: the requester owns it. The creator is kept as an annotation for audits, and
     the selection labels are stamped, replacing any the creator sent under the operator's prefixes.
 
     A spoofed owner is refused here already, the first step that can answer with a cause (NotOwner,
     spec.owner): the API server's own policy (deploy/authorization/identity-policy.yaml), which
-    holds while no replica answers, runs after the mutating webhooks and answers with a sentence only."""
+    holds while no replica answers, runs after the mutating webhooks and answers with a sentence only.
+    So is a create the budget has no room for, with every check (see the module's docstring)."""
     owner = str(spec.get("owner") or "") or requester(userinfo, memo.config.admission)
     refusal = owner_refusal(owner, userinfo, memo.config.admission)
     if refusal is not None:
         refuse("admission.identity", namespace or "", name or "", spec, [refusal])
+    # No room in the budget: decided before the patch is written, as kopf diffs the object for a
+    # patch even when the answer is no.
+    flavor: Flavor | None = first(flavors, spec.get("flavor"))
+    gate: BudgetGate = memo.budget_gate
+    where = (namespace or "", name or "")
+    no_room = (
+        None
+        if flavor is None
+        else gate.admit(*where, owner, str(spec.get("budget", "")), flavor, environments, utcnow(), hold=False)
+    )
+    if no_room is not None:
+        await check_create(
+            {**spec, "owner": owner},
+            hold=False,
+            refused=no_room,
+            body=body,
+            userinfo=userinfo,
+            memo=memo,
+            dataset_pids=dataset_pids,
+            flavors=flavors,
+            environments=environments,
+            namespace=where[0],
+            name=where[1],
+            **kwargs,
+        )
     if not spec.get("owner"):
         patch.setdefault("spec", {})["owner"] = owner
     metadata = patch.setdefault("metadata", {})
@@ -162,28 +201,42 @@ async def admit_environment(operation: str, old: kopf.Body | None, spec: kopf.Sp
     deploy/authorization): a changed spec must still be one policy accepts, so a lifetime above the
     flavor's limit is refused here instead of being accepted and acted on later."""
     if operation == "CREATE":
-        check_owner(spec=spec, **kwargs)
-        await check_posix_identity(spec=spec, **kwargs)
-    elif old is None or dict(old.get("spec") or {}) == dict(spec):
+        await check_create(spec, **kwargs)
+        return
+    if old is None or dict(old.get("spec") or {}) == dict(spec):
         return  # metadata only (labels, finalizers, kopf's annotations): nothing for policy to say
-    sharing = spec.get("sharing") or {}
-    if operation == "CREATE" or (old is not None and (old.get("spec", {}).get("sharing") or {}) != sharing):
-        if operation == "UPDATE":  # only the owner (or the portal acting for them) shares, not admins
-            check_owner(spec=spec, **kwargs)
+    if (old.get("spec", {}).get("sharing") or {}) != (spec.get("sharing") or {}):
+        check_owner(spec=spec, **kwargs)  # only the owner (or the portal acting for them) shares, not admins
         await check_sharing(spec=spec, **kwargs)
-    if operation == "CREATE":  # an environment created before its backend was disabled may still change
-        check_backend(spec=spec, **kwargs)
     check_request_terms(spec=spec, **kwargs)
-    if operation == "CREATE" or (old is not None and old.get("spec", {}).get("datasets") != spec.get("datasets")):
-        refusals = await check_data_access(spec=spec, **kwargs)
-        if refusals:
-            refuse("admission.data_access", kwargs["namespace"], kwargs["name"], spec, refusals)
-    if operation == "CREATE":
-        await check_budget(spec=spec, **kwargs)
+    if old.get("spec", {}).get("datasets") != spec.get("datasets"):
+        await check_datasets(spec=spec, **kwargs)
+
+
+async def check_create(
+    spec: Mapping[str, Any], hold: bool = True, refused: Refusal | None = None, **kwargs: Any
+) -> None:
+    """Every check of a create in turn, the first refusal wins: who owns it, whom it would run as,
+    with whom it is shared, its flavor's backend and terms, its datasets, and last the budget (an
+    admitted create holds a slot there, unless `hold` is False; `refused`: the budget's answer a
+    moment ago, confirmed before it is given)."""
+    check_owner(spec=spec, **kwargs)
+    await check_posix_identity(spec=spec, **kwargs)
+    await check_sharing(spec=spec, **kwargs)
+    check_backend(spec=spec, **kwargs)  # not on update: one created before its backend was disabled may change
+    check_request_terms(spec=spec, **kwargs)
+    await check_datasets(spec=spec, **kwargs)
+    await check_budget(spec=spec, hold=hold, refused=refused, **kwargs)
+
+
+async def check_datasets(spec: Mapping[str, Any], **kwargs: Any) -> None:
+    refusals = await check_data_access(spec=spec, **kwargs)
+    if refusals:
+        refuse("admission.data_access", kwargs["namespace"], kwargs["name"], spec, refusals)
 
 
 def check_request_terms(
-    body: kopf.Body, name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo, flavors: kopf.Index, **_: Any
+    body: kopf.Body, name: str, namespace: str, spec: Mapping[str, Any], memo: kopf.Memo, flavors: kopf.Index, **_: Any
 ) -> None:
     """Lifetime and image against the flavor: the terms the environment started with, once started."""
     environment = Environment.from_body(
@@ -198,7 +251,9 @@ def check_request_terms(
         refuse("admission.request", namespace, name, spec, [refusal], code=422)
 
 
-def check_backend(name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo, flavors: kopf.Index, **_: Any) -> None:
+def check_backend(
+    name: str, namespace: str, spec: Mapping[str, Any], memo: kopf.Memo, flavors: kopf.Index, **_: Any
+) -> None:
     """A flavor whose backend this operator does not run could never start: refused now, not left
     Pending. Decided from the operator's settings only, so every replica and a dry run say the same."""
     flavor: Flavor | None = first(flavors, spec.get("flavor"))
@@ -208,7 +263,7 @@ def check_backend(name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo, f
 
 
 def check_owner(
-    name: str, namespace: str, spec: kopf.Spec, userinfo: dict[str, Any], memo: kopf.Memo, **_: Any
+    name: str, namespace: str, spec: Mapping[str, Any], userinfo: dict[str, Any], memo: kopf.Memo, **_: Any
 ) -> None:
     refusal = owner_refusal(str(spec.get("owner", "")), userinfo, memo.config.admission)
     log.info(
@@ -223,7 +278,7 @@ def check_owner(
         refuse("admission.identity", namespace, name, spec, [refusal], logged=True)
 
 
-async def check_posix_identity(name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
+async def check_posix_identity(name: str, namespace: str, spec: Mapping[str, Any], memo: kopf.Memo, **_: Any) -> None:
     """The owner must have a usable FacilityUser (setting identity.require_posix_identity): whom it
     would run as is decided at start (engine/identity.py), and again on every reconcile."""
     identities: DirectoryIdentities = memo.identities
@@ -232,7 +287,9 @@ async def check_posix_identity(name: str, namespace: str, spec: kopf.Spec, memo:
         refuse("admission.posix_identity", namespace, name, spec, [refusal])
 
 
-async def check_sharing(body: kopf.Body, name: str, namespace: str, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
+async def check_sharing(
+    body: kopf.Body, name: str, namespace: str, spec: Mapping[str, Any], memo: kopf.Memo, **_: Any
+) -> None:
     """spec.sharing names known people only, each of whom may read every dataset it mounts."""
     environment = Environment.from_body(
         {"metadata": {"namespace": namespace, "name": name, "uid": body.metadata.get("uid") or ""}, "spec": dict(spec)}
@@ -248,14 +305,17 @@ async def check_budget(
     body: kopf.Body,
     name: str,
     namespace: str,
-    spec: kopf.Spec,
+    spec: Mapping[str, Any],
     dryrun: bool,
     memo: kopf.Memo,
     flavors: kopf.Index,
     environments: kopf.Index,
+    hold: bool = True,
+    refused: Refusal | None = None,
     **_: Any,
 ) -> None:
-    """Last: an admitted create holds a slot for a while (engine/budget_gate.py); a dry run holds none."""
+    """Last: an admitted create holds a slot for a while (engine/budget_gate.py); a dry run holds
+    none, and nor does the mutating webhook's check (hold False), which only refuses."""
     flavor: Flavor | None = first(flavors, spec.get("flavor"))
     if flavor is None:
         return  # an unknown flavor is explained by the environment's status, which waits for it
@@ -268,8 +328,9 @@ async def check_budget(
         flavor,
         environments,
         utcnow(),
-        hold=not dryrun,
+        hold=hold and not dryrun,
         uid=str(body.metadata.get("uid") or ""),
+        refused=refused,
     )
     if refusal is not None:
         refuse("admission.budget", namespace, name, spec, [refusal])
@@ -331,7 +392,7 @@ def refuse(
     event: str,
     namespace: str,
     name: str,
-    spec: kopf.Spec,
+    spec: Mapping[str, Any],
     refusals: Sequence[Refusal],
     code: int = 403,
     logged: bool = False,

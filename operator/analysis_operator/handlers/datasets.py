@@ -42,7 +42,7 @@ async def check_data_access(
     body: kopf.Body,
     name: str,
     namespace: str,
-    spec: kopf.Spec,
+    spec: Mapping[str, Any],
     dryrun: bool,
     userinfo: dict[str, Any],
     memo: kopf.Memo,
