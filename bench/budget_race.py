@@ -67,17 +67,20 @@ def watch_decisions(custom, namespace: str, decided: dict[str, tuple[float, str]
                 stream.stop()
 
 
-def webhook_connections(port: int, stop: threading.Event, seen: set[str]) -> None:
-    """The API server's connections to the operator's webhook port, every 0.1 s until `stop`: their
-    client ends, into `seen`. Counted by sampling, since on loopback Linux reuses the closed ones'
-    TIME_WAIT at once (tcp_tw_reuse), so a count at the end misses most of those the race opened."""
-    while True:
-        out = subprocess.run(
-            ["ss", "-Htan", "state", "established", f"( dport = :{port} )"], capture_output=True, text=True
-        ).stdout
-        seen.update(line.split()[2] for line in out.splitlines())
-        if stop.wait(0.1):
-            return
+def webhook_clients(port: int) -> set[str]:
+    """The client ends of the API server's open connections to the operator's webhook port."""
+    out = subprocess.run(
+        ["ss", "-Htan", "state", "established", f"( dport = :{port} )"], capture_output=True, text=True
+    ).stdout
+    return {line.split()[2] for line in out.splitlines()}
+
+
+def sample_webhook_clients(port: int, stop: threading.Event, seen: set[str]) -> None:
+    """webhook_clients every 0.1 s until `stop`, into `seen`. Counted by sampling, since on loopback
+    Linux reuses the closed ones' TIME_WAIT at once (tcp_tw_reuse), so a count at the end misses most
+    of those the race opened."""
+    while not stop.wait(0.1):
+        seen.update(webhook_clients(port))
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -194,8 +197,8 @@ def run(count: int, slots: int, threads: int, mode: str, cold: bool = False) -> 
     core, custom = kubernetes.client.CoreV1Api(api), kubernetes.client.CustomObjectsApi(api)
     run_id = uuid.uuid4().hex[:6]
     namespace, owner, budget = f"race-{run_id}", f"racer-{run_id}", f"race-{run_id}"
-    warm = f"warm-{run_id}"
-    for name in (namespace, warm):
+    warm = f"warm-{run_id}"  # the warm-up's namespace and budget
+    for name in (namespace,) if cold else (namespace, warm):
         core.create_namespace({"metadata": {"name": name}})
     make_budget(custom, budget, owner, slots)
     log_dir = REPO / "bench/logs"
@@ -238,12 +241,11 @@ def run(count: int, slots: int, threads: int, mode: str, cold: bool = False) -> 
             posted[name] = (started, time.monotonic(), code)
 
     tail_before = webhook_tail(api, operator)
-    connections_before: set[str] = set()
-    once = threading.Event()
-    once.set()
-    webhook_connections(operator.webhook_port, once, connections_before)
+    connections_before = webhook_clients(operator.webhook_port)
     sampled, sampling = set(connections_before), threading.Event()
-    sampler = threading.Thread(target=webhook_connections, args=(operator.webhook_port, sampling, sampled), daemon=True)
+    sampler = threading.Thread(
+        target=sample_webhook_clients, args=(operator.webhook_port, sampling, sampled), daemon=True
+    )
     sampler.start()
     cpu_before = cpu_seconds()
     began = time.monotonic()
@@ -252,6 +254,7 @@ def run(count: int, slots: int, threads: int, mode: str, cold: bool = False) -> 
     cpu = cpu_split(cpu_before, cpu_seconds(), operator.process.pid)
     sampling.set()
     sampler.join()
+    sampled |= webhook_clients(operator.webhook_port)
     webhook_opened = len(sampled - connections_before)
     tail_after = webhook_tail(api, operator)
     slow = {
@@ -296,10 +299,10 @@ def run(count: int, slots: int, threads: int, mode: str, cold: bool = False) -> 
     stall = max((later - earlier for earlier, later in itertools.pairwise(ends)), default=0.0)
     status = custom.get_cluster_custom_object(GROUP, VERSION, "computebudgets", budget).get("status") or {}
     operator.stop()
-    for name in (namespace, warm):
-        core.delete_namespace(name, propagation_policy="Background")
+    core.delete_namespace(namespace, propagation_policy="Background")
     custom.delete_cluster_custom_object(GROUP, VERSION, "computebudgets", budget)
     if not cold:
+        core.delete_namespace(warm, propagation_policy="Background")
         custom.delete_cluster_custom_object(GROUP, VERSION, "computebudgets", warm)
     return {
         "mode": mode,
