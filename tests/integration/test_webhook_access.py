@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 REVIEW = json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {}}).encode()
 
 
-def post_review(port: int, certificate: tuple[str, str] | None) -> int:
+def post_review(port: int, certificate: tuple[str, str] | None, tls: list[tuple[str, bool]] | None = None) -> int:
     context = ssl.create_default_context(cafile=None)
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # the server's certificate is not the point
     if certificate:
@@ -23,7 +23,10 @@ def post_review(port: int, certificate: tuple[str, str] | None) -> int:
     connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
     try:
         connection.request("POST", "/environment-admission", body=REVIEW, headers={"Content-Type": "application/json"})
-        return connection.getresponse().status
+        status = connection.getresponse().status
+        if tls is not None:  # TLS 1.3 tickets come after the handshake: there by now if at all
+            tls.append((connection.sock.version(), connection.sock.session.has_ticket))
+        return status
     finally:
         connection.close()
 
@@ -39,3 +42,11 @@ def test_the_webhook_port_refuses_clients_without_the_api_servers_certificate(op
     assert 200 <= status < 600
     environments.create("through-the-api-server", flavor="jupyter-basic")  # and the API server's calls work
     environments.wait_phase("through-the-api-server", "Ready")
+
+
+def test_the_webhook_port_gives_no_session_tickets(operator):
+    """The API server keeps no TLS session cache for webhooks: a ticket would be CPU for nothing."""
+    pki = CLUSTER_STATE / "pki"
+    tls: list[tuple[str, bool]] = []
+    post_review(operator.webhook_port, (str(pki / "webhook-client.crt"), str(pki / "webhook-client.key")), tls)
+    assert tls == [("TLSv1.3", False)]  # the version the API server speaks, where num_tickets applies
