@@ -14,6 +14,8 @@ API server's connections to its webhooks have been used; and each client thread 
 to the API server open, as a portal's backend keeps its own. With --cold (as recorded before stop
 41) the operator is started a second before the race and each thread connects with its first
 create: that cost lands on the first creates, the admitted ones (bench/RESULTS.md, stop 41).
+Each race deletes what it made while its operator still runs and waits until it is gone (before
+stop 42 the operator was stopped first, and what its finalizers held was left for the next one).
 
     eval "$(hack/cluster.sh env)"
     .venv/bin/python bench/budget_race.py --count 1000 --slots 50 --mode admission
@@ -81,6 +83,23 @@ def sample_webhook_clients(port: int, stop: threading.Event, seen: set[str]) -> 
     of those the race opened."""
     while not stop.wait(0.1):
         seen.update(webhook_clients(port))
+
+
+TCP_COUNTERS = (
+    "ListenOverflows",
+    "ListenDrops",
+    "TCPSynRetrans",
+)  # a full accept queue, and the 1 s a dropped SYN waits
+
+
+def tcp_counters() -> dict[str, int]:
+    """The machine's TCP counters (/proc/net/netstat, TcpExt) that a full accept queue moves."""
+    lines = [line.split() for line in pathlib.Path("/proc/net/netstat").read_text().splitlines()]
+    for names, values in itertools.pairwise(lines):
+        if names[0] == values[0] == "TcpExt:":
+            counters = dict(zip(names[1:], map(int, values[1:]), strict=True))
+            return {name: counters[name] for name in TCP_COUNTERS}
+    return {}
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -189,6 +208,29 @@ def warm_up(custom, namespace: str, owner: str, slots: int) -> None:
     raise RuntimeError("the warm-up's environments did not all get Ready")
 
 
+def clean_up(core, custom, names: tuple[str, ...]) -> float:
+    """Delete the race's namespaces and budgets (each budget is named as its namespace) while the
+    operator still runs, and wait until they are gone: it removes the finalizers, so the next
+    race's operator does not start with a thousand deletions to finish. The seconds it took."""
+    began = time.monotonic()
+    for name in names:
+        core.delete_namespace(name, propagation_policy="Background")
+        custom.delete_cluster_custom_object(GROUP, VERSION, "computebudgets", name)
+    deadline = began + 300
+    while time.monotonic() < deadline:
+        namespaces = {item.metadata.name for item in core.list_namespace().items}
+        budgets = {
+            item["metadata"]["name"]
+            for item in custom.list_cluster_custom_object(GROUP, VERSION, "computebudgets")["items"]
+        }
+        if not (namespaces | budgets) & set(names):
+            break
+        time.sleep(1)
+    else:
+        print(f"warning: {names} still there after {deadline - began:.0f} s", file=sys.stderr)
+    return time.monotonic() - began
+
+
 def run(count: int, slots: int, threads: int, mode: str, cold: bool = False) -> dict:
     kubeconfig = os.environ["KUBECONFIG"]
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
@@ -247,11 +289,12 @@ def run(count: int, slots: int, threads: int, mode: str, cold: bool = False) -> 
         target=sample_webhook_clients, args=(operator.webhook_port, sampling, sampled), daemon=True
     )
     sampler.start()
-    cpu_before = cpu_seconds()
+    cpu_before, tcp_before = cpu_seconds(), tcp_counters()
     began = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         list(pool.map(create, range(threads)))
     cpu = cpu_split(cpu_before, cpu_seconds(), operator.process.pid)
+    tcp = {name: count - tcp_before[name] for name, count in tcp_counters().items()}
     sampling.set()
     sampler.join()
     sampled |= webhook_clients(operator.webhook_port)
@@ -298,12 +341,8 @@ def run(count: int, slots: int, threads: int, mode: str, cold: bool = False) -> 
     ends = sorted(answered for _, answered, _ in posted.values())
     stall = max((later - earlier for earlier, later in itertools.pairwise(ends)), default=0.0)
     status = custom.get_cluster_custom_object(GROUP, VERSION, "computebudgets", budget).get("status") or {}
+    cleanup_seconds = clean_up(core, custom, (namespace,) if cold else (namespace, warm))
     operator.stop()
-    core.delete_namespace(namespace, propagation_policy="Background")
-    custom.delete_cluster_custom_object(GROUP, VERSION, "computebudgets", budget)
-    if not cold:
-        core.delete_namespace(warm, propagation_policy="Background")
-        custom.delete_cluster_custom_object(GROUP, VERSION, "computebudgets", warm)
     return {
         "mode": mode,
         "count": count,
@@ -321,6 +360,8 @@ def run(count: int, slots: int, threads: int, mode: str, cold: bool = False) -> 
         "webhook_opened": webhook_opened,
         "slow": slow,
         "cpu": cpu,
+        "tcp": tcp,
+        "cleanup": cleanup_seconds,
         "log": operator.log_path.name,
         "timeline": {
             second: (len(values), statistics.median(values), max(values)) for second, values in sorted(timeline.items())
@@ -346,6 +387,8 @@ def report(result: dict) -> str:
             f"  {key}: p50 {1000 * p50:.0f} ms p99 {1000 * p99:.0f} ms\n" for key, (p50, p99) in result["split"].items()
         )
         + f"  webhook calls over 0.5 s: {result['slow']}\n"
+        + f"  TCP during the creates, the whole machine: {result['tcp']}\n"
+        + f"  cleaned up (namespaces and budgets gone, the operator still running) in {result['cleanup']:.1f} s\n"
         + "  CPU during the creates (s): "
         + ", ".join(f"{name} {used:.2f}" for name, used in result["cpu"].items() if used >= 0.05)
         + "\n"
