@@ -23,10 +23,11 @@ def post_review(port: int, certificate: tuple[str, str] | None, tls: list[tuple[
     connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
     try:
         connection.request("POST", "/environment-admission", body=REVIEW, headers={"Content-Type": "application/json"})
-        status = connection.getresponse().status
+        sock = connection.sock  # http.client lets go of it when the answer closes the connection
+        response = connection.getresponse()
         if tls is not None:  # TLS 1.3 tickets come after the handshake: there by now if at all
-            tls.append((connection.sock.version(), connection.sock.session.has_ticket))
-        return status
+            tls.append((sock.version(), sock.session.has_ticket))
+        return response.status
     finally:
         connection.close()
 
