@@ -85,11 +85,8 @@ def sample_webhook_clients(port: int, stop: threading.Event, seen: set[str]) -> 
         seen.update(webhook_clients(port))
 
 
-TCP_COUNTERS = (
-    "ListenOverflows",
-    "ListenDrops",
-    "TCPSynRetrans",
-)  # a full accept queue, and the 1 s a dropped SYN waits
+# What a full accept queue moves: the connections it dropped, and the SYNs sent again (1 s, then 3 s later).
+TCP_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPSynRetrans")
 
 
 def tcp_counters() -> dict[str, int]:
