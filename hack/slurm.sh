@@ -43,7 +43,8 @@
 # SLURM_NODE_NETNS (aenv-node-<hash>), SLURM_JUPYTERLAB (the JupyterLab virtual
 # environment, default /opt/analysis-operator/jupyterlab-<version in install-deps.sh>),
 # SLURM_TOKEN_LIFESPAN seconds (30 days, the single-token mode's token),
-# SLURM_USERS ("alice bob carol"), SLURMRESTD_USER (slurmrestd).
+# SLURM_USERS ("alice bob carol"), SLURMRESTD_USER (slurmrestd), SLURM_HOSTS_FILE (/etc/hosts:
+# where the stack names its two addresses, see ensure_host_names).
 set -euo pipefail
 
 STATE=${SLURM_STATE_DIR:-/tmp/analysis-operator-slurm}
@@ -68,6 +69,8 @@ NETNS=${SLURM_NODE_NETNS:-aenv-node-$STACK_ID}
 HOST_IF=aenv-$STACK_ID   # interface names have at most 15 characters
 NODE_IF=eth0             # inside the namespace
 NODE_NAME=localhost      # slurmd -N; a test stack keeps the name every test knows
+HOSTS_FILE=${SLURM_HOSTS_FILE:-/etc/hosts}
+HOSTS_MARK="# hack/slurm.sh $NETNS"   # ends each line this stack adds to $HOSTS_FILE
 
 # Which Slurm: its binaries first on PATH (the commands this script runs, scontrol token, ...).
 SLURM_VERSION=${SLURM_VERSION:-25.05}
@@ -202,6 +205,29 @@ remove_node_network() {
       || die "could not delete $HOST_IF"
   fi
   if netns_exists; then ip netns del "$NETNS"; fi
+}
+
+# The pair's addresses by name, in $HOSTS_FILE. slurmctld and slurmd name every connection they
+# accept by its peer's host name (getnameinfo), and cache only the names found. An address no
+# file names costs a DNS query per connection, and this machine's resolver drops about one in
+# 40 of them: that connection then waits out the resolver's 5 s (the p99 of a request to
+# slurmrestd was 5 s). A facility's DNS names its nodes; this stack names its two addresses.
+ensure_host_names() {
+  if [ ! -w "$HOSTS_FILE" ]; then
+    log "$HOSTS_FILE is not writable: $HOST_ADDR and $NODE_ADDR stay unnamed (a connection may wait 5 s for DNS)"
+    return 0
+  fi
+  remove_host_names
+  printf '%s %s-ctld %s\n%s %s %s\n' "$HOST_ADDR" "$NETNS" "$HOSTS_MARK" "$NODE_ADDR" "$NETNS" "$HOSTS_MARK" \
+    >>"$HOSTS_FILE"
+}
+
+remove_host_names() {
+  # Rewritten in place (the file may be a mount point, which a rename cannot replace).
+  local kept
+  [ -w "$HOSTS_FILE" ] || return 0
+  kept=$(grep -vF -- "$HOSTS_MARK" "$HOSTS_FILE" || true)
+  printf '%s\n' "$kept" >"$HOSTS_FILE"
 }
 
 in_node() { nsenter --net="/run/netns/$NETNS" -- "$@"; }
@@ -421,6 +447,7 @@ cmd_up() {
     stop_stack
   fi
   ensure_node_network
+  ensure_host_names
   prepare_state
   start_munged
   start_slurmctld
@@ -481,6 +508,7 @@ stop_stack() {
 cmd_down() {
   stop_stack
   remove_node_network
+  remove_host_names
   rm -f "$STATE/env"
   log "down"
 }

@@ -295,6 +295,26 @@ def test_a_ping_slurmctld_refuses_is_unreachable(slurm_settings, tmp_path):
     assert expired.read_text() not in str(raised.value)
 
 
+def test_the_stacks_addresses_have_names_so_no_connection_waits_for_dns(slurm_environ):
+    """slurmctld and slurmd name every connection they accept by its peer (getnameinfo), so an
+    address no file names costs a DNS query per connection, and one the resolver drops 5 s (one in
+    40 here: the p99 of a request to slurmrestd was 5 s). hack/slurm.sh names both ends of the
+    node's veth pair in /etc/hosts; `down` takes the names away again."""
+    import re
+    import socket
+
+    if os.environ.get("ANALYSIS_OPERATOR_SLURM_URL"):
+        pytest.skip("a Slurm not started by hack/slurm.sh: its names are its DNS's")
+    conf = pathlib.Path(slurm_environ["SLURM_CONF"]).read_text()
+    addresses = re.findall(r"^SlurmctldHost=[^(\s]*\(([\d.]+)\)", conf, re.M) + re.findall(r"NodeAddr=([\d.]+)", conf)
+    assert len(addresses) == 2, conf
+    hosts = [line.split() for line in pathlib.Path("/etc/hosts").read_text().splitlines()]
+    for address in addresses:
+        named = [line[1] for line in hosts if len(line) > 1 and line[0] == address]
+        assert named, f"{address} is not in /etc/hosts"
+        assert socket.gethostbyaddr(address)[0] == named[0]
+
+
 def extension_directory(job_id: str) -> pathlib.Path | None:
     """The private directory the job's batch script wrote JupyterLab's extension to (the first
     entry of PYTHONPATH in the environment of the job's processes, read from /proc)."""
