@@ -142,6 +142,37 @@ def test_a_full_budget_is_refused_by_the_first_webhook_after_every_check_that_co
     assert _holders(budgets, name) == {"holder"} and not environments.exists("more")
 
 
+def test_a_generate_name_create_against_a_full_budget_is_refused_for_its_data_with_an_event_naming_it(
+    budgets, environments, core
+):
+    """A create by generateName has no name while the mutating webhooks run: the validating webhook,
+    which sees the name the API server gave it, refuses it, so the data refusal's Event names the object."""
+    owner = user()
+    budgets.create({"maxEnvironments": 1}, user=owner)
+    _create(environments, "holder", owner=owner)
+    environments.wait_phase("holder", "Ready")
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "AnalysisEnvironment",
+        "metadata": {"generateName": "generated-"},
+        "spec": {"flavor": "test-short", "owner": owner, "datasets": [{"name": "no-such-dataset"}]},
+    }
+    answer = _refusal(
+        lambda: environments.custom.create_namespaced_custom_object(
+            GROUP, VERSION, environments.namespace, "analysisenvironments", body
+        )
+    )
+    assert [cause["reason"] for cause in answer["details"]["causes"]] == ["DatasetNotFound"]
+
+    def named() -> list[str]:
+        listed = core.list_namespaced_event(environments.namespace, field_selector="reason=DatasetNotFound").items
+        return [event.involved_object.name for event in listed]
+
+    names = wait_for(named, timeout=10, what="the refusal's Event")
+    assert len(names) == 1 and names[0].startswith("generated-") and len(names[0]) > len("generated-"), names
+    assert answer["message"].startswith(f'admission webhook "environment-admission.{GROUP}" denied'), answer
+
+
 def test_budget_refusals_carry_reason_and_field(budgets, environments):
     body = _refusal(lambda: _create(environments, "nobody", owner=user()))
     assert body["reason"] == "Forbidden"

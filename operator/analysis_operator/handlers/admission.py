@@ -31,6 +31,8 @@ of what a burst of creates against a full budget costs (bench/budget_race.py, st
 holds nothing; a create it lets through (the budget's confirmation found a slot freed) is
 decided again by the validating webhook, which holds the slot of a create it admits. It is
 decided on the create as sent, with its owner: a later mutating webhook does not change that.
+A create by generateName has no name yet when the mutating webhooks run, so only the validating
+webhook decides it: a data refusal's Event must name the object.
 
 The mutating webhook stamps the labels that make environments selectable (one
 list call for "alice's environments" or "environments that mount dataset X"):
@@ -161,7 +163,8 @@ async def default_owner(
     where = (namespace or "", name or "")
     no_room = (
         None
-        if flavor is None
+        if flavor is None or not name  # generateName: named after the mutating webhooks, so the
+        # validating one decides, whose Events can name the object (an Event needs an object's name)
         else gate.admit(*where, owner, str(spec.get("budget", "")), flavor, environments, utcnow(), hold=False)
     )
     if no_room is not None:
