@@ -209,9 +209,9 @@ remove_node_network() {
 
 # The pair's addresses by name, in $HOSTS_FILE. slurmctld and slurmd name every connection they
 # accept by its peer's host name (getnameinfo), and cache only the names found. An address no
-# file names costs a DNS query per connection, and this machine's resolver drops about one in
-# 40 of them: that connection then waits out the resolver's 5 s (the p99 of a request to
-# slurmrestd was 5 s). A facility's DNS names its nodes; this stack names its two addresses.
+# file names costs a DNS query per connection, and this machine's resolver drops 2.5-3.6 % of
+# them: that connection then waits out the resolver's 5 s (the p99 of a request to slurmrestd
+# was 5 s; bench/logs/slurm-names-stop43.md). A facility's DNS names its nodes; this stack names its two addresses.
 ensure_host_names() {
   if [ ! -w "$HOSTS_FILE" ]; then
     log "$HOSTS_FILE is not writable: $HOST_ADDR and $NODE_ADDR stay unnamed (a connection may wait 5 s for DNS)"
