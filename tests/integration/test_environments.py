@@ -248,6 +248,16 @@ class StatusLog:
     def phases(self) -> list[str]:
         return [status.get("phase", "") for status in self.statuses]
 
+    def changes(self) -> list[dict]:
+        """Each status as what it changed from the one before (the first in full): a failure says
+        which write came on top of which, not only the phases."""
+        before: dict = {}
+        changed = []
+        for status in self.statuses:
+            changed.append({key: value for key, value in status.items() if before.get(key) != value})
+            before = status
+        return changed
+
     def stop(self) -> None:
         self._watch.stop()
 
@@ -271,7 +281,7 @@ def test_a_start_is_one_status_write_with_everything_in_it(environments, custom,
     log = StatusLog(custom, namespace, created)
     try:
         status = environments.wait_phase("once", "Ready")["status"]
-        wait_for(lambda: log.phases() == ["Ready"], timeout=5, what=lambda: f"one status write, saw {log.phases()}")
+        wait_for(lambda: log.phases() == ["Ready"], timeout=5, what=lambda: f"one status write, saw {log.changes()}")
     finally:
         log.stop()
     assert status["terms"]["flavor"] == "test-short" and status["terms"]["maxLifetime"]
