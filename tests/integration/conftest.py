@@ -4,6 +4,7 @@ process. A cluster that KUBECONFIG already points at is reused."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -15,7 +16,7 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 import kubernetes
 import pytest
@@ -200,7 +201,22 @@ class OperatorProcess:
 
     def configure(self, **settings: str) -> None:
         """Run with these extra settings (e.g. a backend enabled), restarting only if they change."""
-        wanted = {**self.settings, **settings}
+        self._use({**self.settings, **settings})
+
+    @contextlib.contextmanager
+    def configured(self, **settings: str) -> Iterator[OperatorProcess]:
+        """Run with these settings for a while, then put those keys back as they were (a key that was
+        not set is unset again; other settings made meanwhile, the gateway's, stay): a module's setting
+        left on changes what later modules see (test_budgets.py's expiry warning of 2 h, left on,
+        wrote a second status to every 1 h environment of test_environments.py: a flaky failure)."""
+        before = dict(self.settings)
+        self.configure(**settings)
+        try:
+            yield self
+        finally:
+            self._use({**before, **{key: value for key, value in self.settings.items() if key not in settings}})
+
+    def _use(self, wanted: dict[str, str]) -> None:
         if wanted != self.settings:
             self.settings = wanted
             self.restart()

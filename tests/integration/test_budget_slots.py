@@ -24,11 +24,8 @@ SETTINGS = {
 
 @pytest.fixture(scope="module")
 def slot_operator(operator):
-    operator.configure(**SETTINGS)
-    yield operator
-    operator.configure(
-        ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET="false", ANALYSIS_OPERATOR_BUDGETS_CHARGE_INTERVAL_SECONDS="60"
-    )
+    with operator.configured(**SETTINGS):
+        yield operator
 
 
 @pytest.fixture

@@ -26,9 +26,8 @@ SETTINGS = {
 @pytest.fixture(scope="module")
 def budget_operator(operator):
     """The operator as in production: no budget, no environment (the session default is lenient)."""
-    operator.configure(**SETTINGS)
-    yield operator
-    operator.configure(ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET="false")
+    with operator.configured(**SETTINGS):
+        yield operator
 
 
 class Budgets:
