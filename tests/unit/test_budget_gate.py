@@ -279,7 +279,7 @@ def test_a_round_slower_than_the_refresh_keeps_no_refusal_waiting(monkeypatch):
             clock.now += 0.5 * refresh
             refusal = await asyncio.wait_for(g.admit_checked("ns", f"e{n}", "alice", "", CPU, {}, T0), 1)
             reasons.append(refusal.reason if refusal else "admitted")
-        rounds_pending = len(g._ahead)
+        rounds_pending = sum(not task.done() for task in g._rounds.values())
         del api.environments[("ns", "old")]  # deleted while the slow round waits for its answer
         api.answer.set()
         await asyncio.sleep(0.01)
@@ -289,6 +289,54 @@ def test_a_round_slower_than_the_refresh_keeps_no_refusal_waiting(monkeypatch):
     reasons, pending, after = asyncio.run(scenario())
     assert reasons == ["TooManyEnvironments"] * 5 and pending == 1  # none waited; one round, not five
     assert after == "admitted"  # the slow round's answer (the old one gone) is used once it comes
+
+
+def test_a_burst_of_refusals_waits_for_one_round_and_all_are_answered_with_it(monkeypatch):
+    """A hundred refusals at once, none with a round recent enough: they wait for one round (one read),
+    and every one has its answer a few turns of the event loop after the round's, not one per turn
+    (with a lock per budget each waiter was woken in turn: 1-2 s behind a busy loop, stop 44)."""
+    from analysis_operator.engine import budget_gate
+
+    clock = Clock()
+    monkeypatch.setattr(budget_gate, "time", clock)
+
+    class Held(Api):
+        answer: asyncio.Event | None = None
+        asked = answered = 0
+
+        async def get_environment(self, namespace: str, name: str, urgent: bool = False) -> dict | None:
+            self.asked += 1
+            if self.answer is not None:
+                await self.answer.wait()
+            try:
+                return await super().get_environment(namespace, name, urgent)
+            finally:
+                self.answered += 1
+
+    api = Held({"maxEnvironments": 1}, {"old-uid": entry("old")})
+    api.running("old", "old-uid", phase="Ready")
+    g = gate(api)
+
+    async def burst() -> tuple[int, int, int]:
+        await g.admit_checked("ns", "first", "alice", "", CPU, {}, T0)  # a round, answered at once
+        api.answer = asyncio.Event()
+        clock.now += 2 * budget_gate.CONFIRMATION_REUSE_SECONDS
+        waiting = [asyncio.create_task(g.admit_checked("ns", f"e{n}", "alice", "", CPU, {}, T0)) for n in range(100)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        reads, waited = api.asked, sum(not task.done() for task in waiting)
+        api.answer.set()
+        while api.answered < 2:
+            await asyncio.sleep(0.001)
+        for _ in range(8):  # the round's answer reaches every waiter (a lock woke one per turn)
+            await asyncio.sleep(0)
+        answered = sum(task.done() for task in waiting)
+        assert all(task.result().reason == "TooManyEnvironments" for task in waiting if task.done())
+        return reads, waited, answered
+
+    reads, waited, answered = asyncio.run(burst())
+    assert reads == 2 and waited == 100  # one round for all, which every one of them waits for
+    assert answered == 100, f"{answered} of 100 answered eight turns after their round"
 
 
 def test_an_unanswered_confirmation_refuses_as_before():
