@@ -70,3 +70,48 @@ def test_a_conflict_decides_the_whole_batch_again_on_the_new_status():
 
     asyncio.run(run())
     assert store.body["status"]["n"] == 100 + 5
+
+
+def test_a_batch_has_its_answers_when_its_write_does_not_one_caller_per_turn():
+    """Fifty callers written in one PUT all have their answer a few turns of the event loop after the
+    write: not one per turn, as when each took a lock in turn to find it (stop 44)."""
+    store = Store()
+    written = asyncio.Event()
+    write = store.replace_cluster_status
+
+    async def replace_then_tell(plural, body):
+        try:
+            return await write(plural, body)
+        finally:
+            written.set()
+
+    store.replace_cluster_status = replace_then_tell
+    ledger = Ledger(store, Views())
+
+    async def run() -> tuple[int, int]:
+        callers = [asyncio.create_task(ledger.update("b", increment)) for _ in range(50)]
+        await written.wait()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        answered = sum(caller.done() for caller in callers)
+        await asyncio.gather(*callers)
+        return answered, store.writes
+
+    answered, writes = asyncio.run(run())
+    assert writes == 1 and answered == 50, f"{answered} of 50 answered five turns after their write"
+
+
+def test_a_caller_cancelled_before_its_batch_is_left_out_and_the_rest_are_written():
+    store = Store()
+    ledger = Ledger(store, Views())
+
+    async def run() -> list[dict]:
+        first = asyncio.create_task(ledger.update("b", increment))
+        await asyncio.sleep(0)  # the first batch (one caller) is on its way
+        later = [asyncio.create_task(ledger.update("b", increment)) for _ in range(3)]
+        await asyncio.sleep(0)
+        later[0].cancel()
+        return await asyncio.gather(first, *later[1:])
+
+    results = asyncio.run(run())
+    assert store.body["status"]["n"] == 3 and sorted(result["n"] for result in results) == [1, 2, 3]
