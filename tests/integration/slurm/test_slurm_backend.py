@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import http.cookiejar
 import ipaddress
 import json
 import os
 import pathlib
+import re
 import signal
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -248,7 +251,6 @@ def test_the_version_spoken_is_the_newest_served(backend, slurm_settings):
 def test_every_version_served_runs_a_gpu_job_and_reads_it(slurm_settings, make_environment):
     """Each version the operator speaks that this slurmrestd serves, pinned in turn: submit, read,
     GPUs held, cancel, cancel again, an unknown job."""
-    import dataclasses
 
     from analysis_operator.backends.slurm_api import SUPPORTED, served_versions
 
@@ -280,7 +282,6 @@ def test_every_version_served_runs_a_gpu_job_and_reads_it(slurm_settings, make_e
 def test_a_ping_slurmctld_refuses_is_unreachable(slurm_settings, tmp_path):
     """slurmrestd 25.05 answers the ping with 200, `responding: false` inside, when slurmctld refuses
     the token: the backend says unreachable, and why (an expired token, here)."""
-    import dataclasses
 
     from analysis_operator.backends.slurm_auth import build_jwt
 
@@ -300,8 +301,6 @@ def test_the_stacks_addresses_have_names_so_no_connection_waits_for_dns(slurm_en
     address no file names costs a DNS query per connection, and one the resolver drops 5 s (2.5-3.6 %
     of them here: the p99 of a request to slurmrestd was 5 s). hack/slurm.sh names both ends of the
     node's veth pair in /etc/hosts; `down` takes the names away again."""
-    import re
-    import socket
 
     if os.environ.get("ANALYSIS_OPERATOR_SLURM_URL"):
         pytest.skip("a Slurm not started by hack/slurm.sh: its names are its DNS's")
