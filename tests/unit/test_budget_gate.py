@@ -208,6 +208,24 @@ def test_a_list_the_api_server_refuses_falls_back_to_one_read_each():
     assert admit(gate(api), "new", index).reason == "TooManyEnvironments"  # read: still running
 
 
+class Held(Api):
+    """An API server that holds its answers to reads while `answer` is set and not yet given."""
+
+    def __init__(self, *arguments) -> None:
+        super().__init__(*arguments)
+        self.answer: asyncio.Event | None = None
+        self.asked = self.answered = 0
+
+    async def get_environment(self, namespace: str, name: str, urgent: bool = False) -> dict | None:
+        self.asked += 1
+        if self.answer is not None:
+            await self.answer.wait()
+        try:
+            return await super().get_environment(namespace, name, urgent)
+        finally:
+            self.answered += 1
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -256,17 +274,7 @@ def test_a_round_slower_than_the_refresh_keeps_no_refusal_waiting(monkeypatch):
     monkeypatch.setattr(budget_gate, "time", clock)
     refresh = budget_gate.CONFIRMATION_REFRESH_SECONDS
 
-    class Slow(Api):
-        def __init__(self, *arguments) -> None:
-            super().__init__(*arguments)
-            self.answer: asyncio.Event | None = None
-
-        async def get_environment(self, namespace: str, name: str, urgent: bool = False) -> dict | None:
-            if self.answer is not None:
-                await self.answer.wait()
-            return await super().get_environment(namespace, name, urgent)
-
-    api = Slow({"maxEnvironments": 1}, {"old-uid": entry("old")})
+    api = Held({"maxEnvironments": 1}, {"old-uid": entry("old")})
     api.running("old", "old-uid", phase="Ready")
     g = gate(api)
 
@@ -299,19 +307,6 @@ def test_a_burst_of_refusals_waits_for_one_round_and_all_are_answered_with_it(mo
 
     clock = Clock()
     monkeypatch.setattr(budget_gate, "time", clock)
-
-    class Held(Api):
-        answer: asyncio.Event | None = None
-        asked = answered = 0
-
-        async def get_environment(self, namespace: str, name: str, urgent: bool = False) -> dict | None:
-            self.asked += 1
-            if self.answer is not None:
-                await self.answer.wait()
-            try:
-                return await super().get_environment(namespace, name, urgent)
-            finally:
-                self.answered += 1
 
     api = Held({"maxEnvironments": 1}, {"old-uid": entry("old")})
     api.running("old", "old-uid", phase="Ready")
