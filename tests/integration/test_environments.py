@@ -175,6 +175,33 @@ def test_deleting_the_environment_lets_the_garbage_collector_remove_children(env
     )
 
 
+def test_a_namespace_made_again_under_its_name_gets_the_jupyterlab_configmap_again(environments, core, namespace):
+    """Every JupyterLab pod mounts the namespace's aenv-jupyter ConfigMap, which the operator applies
+    with the first environment there. A namespace deleted with its environments and made again
+    under the same name, while the operator runs, has none: it must be applied again (a pod without
+    it never starts on a real kubelet; KWOK's runs it anyway, so the ConfigMap is what is checked)."""
+    environments.create("before", flavor="jupyter-basic")
+    environments.wait_phase("before", "Ready")
+    assert core.read_namespaced_config_map("aenv-jupyter", namespace).data
+
+    core.delete_namespace(namespace)
+
+    def gone() -> bool:
+        try:
+            core.read_namespace(namespace)
+            return False
+        except kubernetes.client.ApiException as error:
+            assert error.status == 404
+            return True
+
+    wait_for(gone, timeout=90, what=f"namespace {namespace} deleted")
+    core.create_namespace({"metadata": {"name": namespace}})
+    wait_for(lambda: _has_default_service_account(core, namespace), timeout=30, what="default ServiceAccount")
+    environments.create("after", flavor="jupyter-basic")
+    environments.wait_phase("after", "Ready")
+    assert core.read_namespaced_config_map("aenv-jupyter", namespace).data
+
+
 def test_a_deleted_pod_is_recreated(environments, core, namespace):
     environments.create("phoenix", flavor="test-short")
     environments.wait_phase("phoenix", "Ready")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+from collections.abc import Collection
 
 import pytest
 
@@ -46,6 +47,7 @@ class MemoryBackend:
         self.mounts: dict[str, tuple[Mount, ...]] = {}
         self.fail_next: Exception | None = None
         self.extended_until: datetime.datetime | None = None
+        self.forgotten: set[str] = set()
 
     def _fail(self) -> None:
         if self.fail_next is not None:
@@ -106,6 +108,9 @@ class MemoryBackend:
 
     def close(self) -> None:
         pass
+
+    def forget(self, uids: Collection[str]) -> None:
+        self.forgotten.update(uids)
 
 
 class Cluster:
@@ -640,9 +645,11 @@ def test_nothing_is_kept_for_an_environment_once_it_is_gone():
         assert kept("u-a") == {"written": False, "decision": False, "token": False}
         assert reconciler.pending == 0  # no retry for c
         assert reconciler.forgotten == 2  # counted for the sweep's garbage collection (infra/logs.py)
+        assert backend.forgotten == {"u-a", "u-c"}  # and the backends told (the kubernetes one's ConfigMap)
         assert all(kept("u-b").values()) and all(kept("u-d").values())
         reconciler.retain({"u-b"})  # the sweep: d went while this process did not watch
         assert not any(kept("u-d").values())
+        assert "u-d" in backend.forgotten and "u-b" not in backend.forgotten  # (tokens has other tests' too)
         assert all(kept("u-b").values())  # a live one keeps everything
         reconciler.close()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -142,6 +143,9 @@ class Backend(Protocol):
 
     async def list_managed(self) -> list[ManagedObject]:
         """Everything this operator created on the backend, for orphan sweeps."""
+
+    def forget(self, uids: Collection[str]) -> None:
+        """These environments are gone (their objects deleted): drop what this process kept for them."""
 
     def close(self) -> None:
         """Release threads and connections at operator shutdown."""

@@ -22,7 +22,7 @@ import functools
 import logging
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 from analysis_operator.backends.base import (
@@ -341,6 +341,9 @@ class OpenStackBackend:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def forget(self, uids: Collection[str]) -> None:
+        """Nothing is kept per environment here."""
 
     # ------------------------------------------------- blocking sdk helpers
 

@@ -37,7 +37,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -560,6 +560,9 @@ class SlurmBackend:
 
     def close(self) -> None:
         self.http.close()
+
+    def forget(self, uids: Collection[str]) -> None:
+        """Nothing is kept per environment here."""
 
     # ---------------------------------------------------------------- inside
 

@@ -159,6 +159,8 @@ class Context:
             self.unwritten.pop(uid, None)
             self.decisions.forget(uid)
         tokens.forget(uids)
+        for backend in self.backends.values():
+            backend.forget(uids)
 
     def retain(self, live: Collection[str]) -> None:
         """Keep only what belongs to `live` environments (for deletions this process did not see)."""

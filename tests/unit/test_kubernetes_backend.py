@@ -1,0 +1,121 @@
+"""KubernetesBackend's own bookkeeping: the aenv-jupyter ConfigMap applied once per namespace (pure
+asyncio, the API answered by a stand-in that counts; the calls themselves are tested against a real
+API server in tests/integration)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from analysis_operator.backends.base import Launch
+from analysis_operator.backends.kubernetes import EXTENSION_CONFIG_MAP, KubernetesBackend
+from analysis_operator.model.domain import BackendKind, Environment, Flavor
+from analysis_operator.settings import Settings
+
+FLAVOR = Flavor(name="small", backend=BackendKind.KUBERNETES, image="jupyter")
+
+
+class Kube:
+    """Creates succeed; each ConfigMap apply waits until `release` is set, then fails while `failing`."""
+
+    def __init__(self) -> None:
+        self.applied: list[str] = []  # namespace of each apply made
+        self.release = asyncio.Event()
+        self.failing = False
+
+    async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
+        return True
+
+    async def apply(self, body: dict[str, Any]) -> dict[str, Any]:
+        assert body["kind"] == "ConfigMap" and body["metadata"]["name"] == EXTENSION_CONFIG_MAP
+        self.applied.append(body["metadata"]["namespace"])
+        await self.release.wait()
+        if self.failing:
+            raise RuntimeError("the API server said no")
+        return body
+
+    async def delete_owned(self, *_: Any) -> bool:
+        return True
+
+
+def launch(namespace: str, name: str) -> Launch:
+    environment = Environment(namespace=namespace, name=name, uid=f"uid-{name}", owner="alice", flavor="small")
+    return Launch(environment, FLAVOR, token="t")
+
+
+async def start(backend: KubernetesBackend, kube: Kube, *launches: Launch) -> list[Any]:
+    """ensure() for every launch at once, the applies held until all of them wait on one."""
+    started = [asyncio.ensure_future(backend.ensure(each)) for each in launches]
+    await asyncio.sleep(0.01)
+    kube.release.set()
+    return await asyncio.gather(*started, return_exceptions=True)
+
+
+def test_a_burst_into_one_namespace_applies_its_configmap_once_and_every_start_waits_for_it():
+    async def scenario() -> None:
+        kube = Kube()
+        backend = KubernetesBackend(kube, Settings(), {})
+        answers = await start(backend, kube, *(launch("team-a", f"lab-{i}") for i in range(20)), launch("team-b", "x"))
+        assert not [answer for answer in answers if isinstance(answer, BaseException)]
+        assert sorted(kube.applied) == ["team-a", "team-b"]
+        await backend.ensure(launch("team-a", "later"))  # applied already in this run
+        assert sorted(kube.applied) == ["team-a", "team-b"]
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_apply_fails_every_start_waiting_on_it_and_the_next_start_applies_again():
+    async def scenario() -> None:
+        kube = Kube()
+        kube.failing = True
+        backend = KubernetesBackend(kube, Settings(), {})
+        answers = await start(backend, kube, *(launch("team-a", f"lab-{i}") for i in range(5)))
+        assert all(isinstance(answer, RuntimeError) for answer in answers)  # each reconcile retries
+        assert kube.applied == ["team-a"]
+        kube.failing = False
+        await backend.ensure(launch("team-a", "lab-0"))
+        assert kube.applied == ["team-a", "team-a"]
+
+    asyncio.run(scenario())
+
+
+def test_a_start_given_up_on_does_not_cancel_the_apply_the_others_wait_for():
+    async def scenario() -> None:
+        kube = Kube()
+        backend = KubernetesBackend(kube, Settings(), {})
+        impatient = asyncio.ensure_future(backend.ensure(launch("team-a", "a")))
+        patient = asyncio.ensure_future(backend.ensure(launch("team-a", "b")))
+        await asyncio.sleep(0.01)
+        impatient.cancel()
+        kube.release.set()
+        await patient
+        with pytest.raises(asyncio.CancelledError):
+            await impatient
+        assert kube.applied == ["team-a"]
+
+    asyncio.run(scenario())
+
+
+def test_the_configmap_is_applied_again_once_every_environment_started_in_its_namespace_is_over():
+    """A namespace deleted with its environments and made again under its name has no ConfigMap. Over:
+    ended (delete) or gone (forget, on its DELETED event), each counted once."""
+
+    async def scenario() -> None:
+        kube = Kube()
+        kube.release.set()
+        backend = KubernetesBackend(kube, Settings(), {})
+        first, second = launch("team-a", "a"), launch("team-a", "b")
+        await backend.ensure(first)
+        await backend.ensure(second)
+        assert await backend.delete(first.environment)
+        await backend.ensure(launch("team-a", "c"))  # b still runs there: the ConfigMap is there
+        assert kube.applied == ["team-a"]
+        backend.forget({"uid-b"})  # b deleted: its DELETED event
+        assert await backend.delete(launch("team-a", "c").environment)  # c ended
+        backend.forget({"uid-c", "uid-a"})  # and then both went: each counted once
+        await backend.ensure(launch("team-a", "d"))
+        assert kube.applied == ["team-a", "team-a"]
+
+    asyncio.run(scenario())
