@@ -17,15 +17,24 @@ create: that cost lands on the first creates, the admitted ones (bench/RESULTS.m
 Each race deletes what it made while its operator still runs and waits until it is gone (before
 stop 42 the operator was stopped first, and what its finalizers held was left for the next one).
 
+With --webhook go the same race is decided by bench/gowebhook instead (built by
+hack/build-go-bench.sh): a Go server registered for the same two webhook calls, which refuses and
+admits from a counter in memory and does nothing else, while the operator runs with no webhooks of
+its own and reconciles what it admits. It is the limit the operator's admission is measured against:
+what this API server and machine take for the race when the webhook costs next to nothing.
+
     eval "$(hack/cluster.sh env)"
     .venv/bin/python bench/budget_race.py --count 1000 --slots 50 --mode admission
     .venv/bin/python bench/budget_race.py --count 1000 --slots 50 --mode reconcile
+    .venv/bin/python bench/budget_race.py --count 1000 --slots 50 --webhook go
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import concurrent.futures
+import contextlib
 import itertools
 import os
 import pathlib
@@ -43,7 +52,17 @@ import kubernetes
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from tests.integration.conftest import GROUP, VERSION, OperatorProcess, kubectl  # noqa: E402
+from tests.integration.conftest import (  # noqa: E402
+    CLUSTER_STATE,
+    GROUP,
+    VERSION,
+    OperatorProcess,
+    _free_port,
+    kubectl,
+)
+
+sys.path.insert(0, str(REPO / "operator"))
+from analysis_operator.infra.certificates import ensure_certificates  # noqa: E402
 
 PLURAL = "analysisenvironments"
 DECIDED = {"Provisioning", "Ready", "Rejected"}
@@ -158,6 +177,86 @@ def webhook_tail(api, operator: OperatorProcess) -> dict[str, dict[str, int]]:
     }
 
 
+GO_WEBHOOK = "race-gowebhook"  # its Mutating/ValidatingWebhookConfiguration
+
+
+def go_webhook_configurations(port: int, ca_bundle: bytes) -> tuple[dict, dict]:
+    """The operator's two webhooks for environments (as kopf registers them: same rules, match
+    condition, failure policy and side effects), pointed at bench/gowebhook on `port`."""
+
+    def hook(path: str, operations: list[str]) -> dict:
+        return {
+            "name": f"{path}.{GROUP}",
+            "admissionReviewVersions": ["v1"],
+            "clientConfig": {
+                "url": f"https://127.0.0.1:{port}/{path}",
+                "caBundle": base64.b64encode(ca_bundle).decode(),
+            },
+            "failurePolicy": "Fail",
+            "sideEffects": "NoneOnDryRun",
+            "timeoutSeconds": 30,
+            "rules": [
+                {
+                    "apiGroups": [GROUP],
+                    "apiVersions": [VERSION],
+                    "operations": operations,
+                    "resources": [PLURAL],
+                    "scope": "*",
+                }
+            ],
+        }
+
+    validating = hook("environment-admission", ["UPDATE", "CREATE"])
+    validating["matchConditions"] = [
+        {
+            "name": "create-or-spec-changed",
+            "expression": "request.operation != 'UPDATE' || object.spec != oldObject.spec",
+        }
+    ]
+    return (
+        {
+            "metadata": {"name": GO_WEBHOOK},
+            "webhooks": [{**hook("environment-owner", ["CREATE"]), "reinvocationPolicy": "Never"}],
+        },
+        {"metadata": {"name": GO_WEBHOOK}, "webhooks": [validating]},
+    )
+
+
+def remove_go_webhook(admission) -> None:
+    for delete in (admission.delete_mutating_webhook_configuration, admission.delete_validating_webhook_configuration):
+        with contextlib.suppress(kubernetes.client.ApiException):
+            delete(GO_WEBHOOK)
+
+
+@contextlib.contextmanager
+def go_webhook(api, slots: int, log_dir: pathlib.Path):
+    """bench/gowebhook running and registered for the environments' creates; its port. Removed after."""
+    binary = subprocess.run(
+        [str(REPO / "hack" / "build-go-bench.sh"), "gowebhook"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    ca, cert, key = ensure_certificates(str(log_dir / "gowebhook-tls"), ("127.0.0.1",))
+    port = _free_port()
+    process = subprocess.Popen(
+        [binary, "-listen", f"127.0.0.1:{port}", "-cert", str(cert), "-key", str(key), "-slots", str(slots)]
+        + ["-client-ca", str(CLUSTER_STATE / "pki" / "webhook-client-ca.crt")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    admission = kubernetes.client.AdmissionregistrationV1Api(api)
+    try:
+        if process.stdout.readline().strip() != "listening":
+            raise RuntimeError("bench/gowebhook did not start")
+        mutating, validating = go_webhook_configurations(port, ca.read_bytes())
+        remove_go_webhook(admission)  # a killed run's, which would refuse every create (failurePolicy Fail)
+        admission.create_mutating_webhook_configuration(mutating)
+        admission.create_validating_webhook_configuration(validating)
+        yield port
+    finally:
+        remove_go_webhook(admission)
+        process.terminate()
+        process.wait(timeout=10)
+
+
 def environment(name: str, owner: str) -> dict:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -228,7 +327,7 @@ def clean_up(core, custom, names: tuple[str, ...]) -> float:
     return time.monotonic() - began
 
 
-def run(count: int, slots: int, threads: int, mode: str, cold: bool = False) -> dict:
+def run(count: int, slots: int, threads: int, mode: str, cold: bool = False, webhook: str = "operator") -> dict:
     kubeconfig = os.environ["KUBECONFIG"]
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     kubectl("apply", "-f", str(REPO / "tests/integration/flavors.yaml"))
@@ -247,8 +346,14 @@ def run(count: int, slots: int, threads: int, mode: str, cold: bool = False) -> 
         log_dir / f"budget-race-{run_id}.log",
         ANALYSIS_OPERATOR_BUDGETS_REQUIRE_BUDGET="true",
         ANALYSIS_OPERATOR_BUDGETS_CHECK_AT_ADMISSION=str(mode == "admission").lower(),
+        # --webhook go: the operator registers no webhooks (bench/gowebhook answers them)
+        **({"ANALYSIS_OPERATOR_ADMISSION_HOST": ""} if webhook == "go" else {}),
     )
     operator.start()
+    cleanup = contextlib.ExitStack()
+    webhook_port = operator.webhook_port
+    if webhook == "go":
+        webhook_port = cleanup.enter_context(go_webhook(api, slots, log_dir))
     if not cold:  # as a long-running operator is: its code paths and the API server's connections to it used
         warm_up(custom, warm, f"warmer-{run_id}", slots)
     decided: dict[str, tuple[float, str]] = {}
@@ -280,11 +385,9 @@ def run(count: int, slots: int, threads: int, mode: str, cold: bool = False) -> 
             posted[name] = (started, time.monotonic(), code)
 
     tail_before = webhook_tail(api, operator)
-    connections_before = webhook_clients(operator.webhook_port)
+    connections_before = webhook_clients(webhook_port)
     sampled, sampling = set(connections_before), threading.Event()
-    sampler = threading.Thread(
-        target=sample_webhook_clients, args=(operator.webhook_port, sampling, sampled), daemon=True
-    )
+    sampler = threading.Thread(target=sample_webhook_clients, args=(webhook_port, sampling, sampled), daemon=True)
     sampler.start()
     cpu_before, tcp_before = cpu_seconds(), tcp_counters()
     began = time.monotonic()
@@ -294,7 +397,7 @@ def run(count: int, slots: int, threads: int, mode: str, cold: bool = False) -> 
     tcp = {name: count - tcp_before[name] for name, count in tcp_counters().items()}
     sampling.set()
     sampler.join()
-    sampled |= webhook_clients(operator.webhook_port)
+    sampled |= webhook_clients(webhook_port)
     webhook_opened = len(sampled - connections_before)
     tail_after = webhook_tail(api, operator)
     slow = {
@@ -340,9 +443,10 @@ def run(count: int, slots: int, threads: int, mode: str, cold: bool = False) -> 
     status = custom.get_cluster_custom_object(GROUP, VERSION, "computebudgets", budget).get("status") or {}
     wall = time.monotonic() - began  # to the last decision seen (or the 120 s deadline), not the cleanup
     cleanup_seconds = clean_up(core, custom, (namespace,) if cold else (namespace, warm))
+    cleanup.close()
     operator.stop()
     return {
-        "mode": mode,
+        "mode": mode if webhook == "operator" else f"{mode}, bench/gowebhook",
         "count": count,
         "slots": slots,
         "threads": threads,
@@ -410,9 +514,21 @@ def main() -> None:
         action="store_true",
         help="no warm-up, and each client thread connects with its first create (as recorded before stop 41)",
     )
+    parser.add_argument(
+        "--webhook",
+        choices=["operator", "go"],
+        default="operator",
+        help="go: the race decided by bench/gowebhook (the limit), the operator registering no webhooks",
+    )
     arguments = parser.parse_args()
+    if arguments.webhook == "go" and arguments.mode != "admission":
+        parser.error("--webhook go decides at admission: --mode admission only")
     print(f"machine: {os.cpu_count()} cores, {platform.platform()}, python {platform.python_version()}")
-    print(report(run(arguments.count, arguments.slots, arguments.threads, arguments.mode, arguments.cold)))
+    print(
+        report(
+            run(arguments.count, arguments.slots, arguments.threads, arguments.mode, arguments.cold, arguments.webhook)
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -517,8 +517,10 @@ STACK_COMPONENTS = ("kube-apiserver", "etcd", "kube-controller-manager", "kube-s
 
 
 def build_goraw() -> pathlib.Path:
-    """bench/goraw's binary, built (or found in the cache) by hack/build-goraw.sh."""
-    built = subprocess.run([str(REPO / "hack" / "build-goraw.sh")], check=True, capture_output=True, text=True)
+    """bench/goraw's binary, built (or found in the cache) by hack/build-go-bench.sh."""
+    built = subprocess.run(
+        [str(REPO / "hack" / "build-go-bench.sh"), "goraw"], check=True, capture_output=True, text=True
+    )
     return pathlib.Path(built.stdout.strip().splitlines()[-1])
 
 
