@@ -48,6 +48,14 @@ def event_reasons(core, namespace: str, name: str) -> set[str]:
     return {event.reason for event in events(core, namespace, name)}
 
 
+def namespace_gone(core, name: str) -> bool:
+    try:
+        core.read_namespace(name)
+        return False
+    except kubernetes.client.ApiException as error:
+        return error.status == 404
+
+
 def test_environment_goes_ready_with_owned_children(environments, core, namespace):
     created = environments.create("basic", flavor="jupyter-basic", lifetime="4h")
     environment = environments.wait_phase("basic", "Ready")
@@ -185,16 +193,7 @@ def test_a_namespace_made_again_under_its_name_gets_the_jupyterlab_configmap_aga
     assert core.read_namespaced_config_map("aenv-jupyter", namespace).data
 
     core.delete_namespace(namespace)
-
-    def gone() -> bool:
-        try:
-            core.read_namespace(namespace)
-            return False
-        except kubernetes.client.ApiException as error:
-            assert error.status == 404
-            return True
-
-    wait_for(gone, timeout=90, what=f"namespace {namespace} deleted")
+    wait_for(lambda: namespace_gone(core, namespace), timeout=90, what=f"namespace {namespace} deleted")
     core.create_namespace({"metadata": {"name": namespace}})
     wait_for(lambda: _has_default_service_account(core, namespace), timeout=30, what="default ServiceAccount")
     environments.create("after", flavor="jupyter-basic")
@@ -415,15 +414,7 @@ def test_a_namespace_deleted_with_its_environments_is_not_walked_back_to_provisi
     pods = core.list_namespaced_pod(name, label_selector="app.kubernetes.io/managed-by=analysis-operator").items
     assert len(pods) == len(names)
     core.delete_namespace(name)
-
-    def gone() -> bool:
-        try:
-            core.read_namespace(name)
-            return False
-        except kubernetes.client.ApiException as error:
-            return error.status == 404
-
-    wait_for(gone, timeout=90, what=f"namespace {name} gone")
+    wait_for(lambda: namespace_gone(core, name), timeout=90, what=f"namespace {name} gone")
     watch.stop()
     following.join(timeout=10)
     walked_back = sorted(environment for environment, reasons in told.items() if "PodTerminating" in reasons)
