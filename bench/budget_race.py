@@ -32,6 +32,7 @@ what this API server and machine take for the race when the webhook costs next t
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import concurrent.futures
 import contextlib
@@ -351,6 +352,9 @@ def run(count: int, slots: int, threads: int, mode: str, cold: bool = False, web
     )
     operator.start()
     cleanup = contextlib.ExitStack()
+    # also when the race fails: bench/gowebhook registered with failurePolicy Fail and not running
+    # would refuse every environment's create
+    atexit.register(cleanup.close)
     webhook_port = operator.webhook_port
     if webhook == "go":
         webhook_port = cleanup.enter_context(go_webhook(api, slots, log_dir))
