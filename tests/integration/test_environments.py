@@ -183,11 +183,15 @@ def test_deleting_the_environment_lets_the_garbage_collector_remove_children(env
     )
 
 
-def test_a_namespace_made_again_under_its_name_gets_the_jupyterlab_configmap_again(environments, core, namespace):
-    """Every JupyterLab pod mounts the namespace's aenv-jupyter ConfigMap, which the operator applies
-    with the first environment there. A namespace deleted with its environments and made again
-    under the same name, while the operator runs, has none: it must be applied again (a pod without
-    it never starts on a real kubelet; KWOK's runs it anyway, so the ConfigMap is what is checked)."""
+def test_a_namespace_made_again_under_its_name_gets_what_the_operator_sets_up_per_namespace(
+    environments, core, namespace
+):
+    """The operator sets some things up once per namespace: the aenv-jupyter ConfigMap every JupyterLab
+    pod mounts and, with the gateway on (as the session's operator is once tests/integration/test_open.py
+    ran), the forward-auth Middleware every route uses. A namespace deleted with its environments and
+    made again under the same name, while the operator runs, has neither: they must be set up again.
+    Without the ConfigMap a pod never starts on a real kubelet (KWOK's runs it anyway, so the ConfigMap
+    is checked); without the Middleware the route is never served, and the environment stays Opening."""
     environments.create("before", flavor="jupyter-basic")
     environments.wait_phase("before", "Ready")
     assert core.read_namespaced_config_map("aenv-jupyter", namespace).data

@@ -1,4 +1,4 @@
-"""KubernetesBackend's own bookkeeping: the aenv-jupyter ConfigMap applied once per namespace (pure
+"""KubernetesBackend's aenv-jupyter ConfigMap, applied once per namespace (infra/per_namespace.py; pure
 asyncio, the API answered by a stand-in that counts; the calls themselves are tested against a real
 API server in tests/integration)."""
 
@@ -98,9 +98,10 @@ def test_a_start_given_up_on_does_not_cancel_the_apply_the_others_wait_for():
     asyncio.run(scenario())
 
 
-def test_the_configmap_is_applied_again_once_every_environment_started_in_its_namespace_is_over():
-    """A namespace deleted with its environments and made again under its name has no ConfigMap. Over:
-    ended (delete) or gone (forget, on its DELETED event), each counted once."""
+def test_the_configmap_is_applied_again_once_every_environment_started_in_its_namespace_is_gone():
+    """A namespace deleted with its environments and made again under its name has no ConfigMap. Gone:
+    the object deleted (forget, on its DELETED event); one that ended (delete) is still there, and so is
+    its namespace."""
 
     async def scenario() -> None:
         kube = Kube()
@@ -109,13 +110,16 @@ def test_the_configmap_is_applied_again_once_every_environment_started_in_its_na
         first, second = launch("team-a", "a"), launch("team-a", "b")
         await backend.ensure(first)
         await backend.ensure(second)
-        assert await backend.delete(first.environment)
-        await backend.ensure(launch("team-a", "c"))  # b still runs there: the ConfigMap is there
+        backend.forget({"uid-a"})
+        assert await backend.delete(second.environment)  # b ended: its object is still in team-a
+        await backend.ensure(launch("team-a", "c"))
         assert kube.applied == ["team-a"]
-        backend.forget({"uid-b"})  # b deleted: its DELETED event
-        assert await backend.delete(launch("team-a", "c").environment)  # c ended
-        backend.forget({"uid-c", "uid-a"})  # and then both went: each counted once
+        backend.forget({"uid-b", "uid-c", "uid-a"})  # each counted once
         await backend.ensure(launch("team-a", "d"))
         assert kube.applied == ["team-a", "team-a"]
+        await backend.ensure(launch("team-b", "e"))
+        backend.forget({"uid-e"})
+        await backend.ensure(launch("team-a", "f"))  # another namespace's environments going changes nothing
+        assert kube.applied == ["team-a", "team-a", "team-b"]
 
     asyncio.run(scenario())

@@ -235,6 +235,10 @@ class RecordingRoutes:
         self.asked.append(environment.uid)
         return self.serving
 
+    def forget(self, uids):
+        for uid in uids:
+            self.open_routes.pop(uid, None)
+
 
 class UpstreamBackend(MemoryBackend):
     def _observation(self, uid):

@@ -7,8 +7,6 @@ environment; no finalizer is needed for this backend.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import dataclasses
 import datetime
 import hashlib
@@ -20,6 +18,7 @@ from analysis_operator import jupyter
 from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, Retry, State, Upstream
 from analysis_operator.infra import render
 from analysis_operator.infra.kube import KubeClient
+from analysis_operator.infra.per_namespace import PerNamespace
 from analysis_operator.model.domain import (
     LABEL_ENVIRONMENT,
     LABEL_ENVIRONMENT_UID,
@@ -158,7 +157,7 @@ EXTENSION_DIR = "/opt/analysis-environment"
 
 
 def build_extension_config_map(namespace: str) -> dict[str, Any]:
-    """What every JupyterLab pod of a namespace mounts at EXTENSION_DIR (applied once per namespace and run)."""
+    """What every JupyterLab pod of a namespace mounts at EXTENSION_DIR (applied with the first one there)."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -277,13 +276,7 @@ class KubernetesBackend:
         self._kube = kube
         self._settings = settings
         self._pods = pods_index  # kopf index: (namespace, environment name) -> [PodSummary]
-        # The aenv-jupyter ConfigMap (see _apply_extension): namespaces this run applied it in, the
-        # apply under way per namespace, and the environments this run started (uid -> namespace)
-        # with how many of them each namespace has.
-        self._extension_applied: set[str] = set()
-        self._extension_applying: dict[str, asyncio.Future[Any]] = {}
-        self._started_in: dict[str, str] = {}
-        self._started: collections.Counter[str] = collections.Counter()
+        self._extension = PerNamespace(lambda namespace: kube.apply(build_extension_config_map(namespace)))
 
     def validate(self, environment: Environment, flavor: Flavor) -> Refusal | None:
         if not (environment.image or flavor.image):
@@ -318,35 +311,11 @@ class KubernetesBackend:
             await self._kube.create(
                 "PersistentVolumeClaim", environment.namespace, build_home_claim(environment, self._settings)
             )
-        if environment.namespace not in self._extension_applied:
-            await self._apply_extension(environment.namespace)
-        if environment.uid not in self._started_in:
-            self._started_in[environment.uid] = environment.namespace
-            self._started[environment.namespace] += 1
+        await self._extension.ensure(environment.namespace, environment.uid)
         pod = build_pod(environment, flavor, self._settings, dataset_volumes, dataset_mounts, launch.identity)
         await self._create_own("Pod", environment, pod)
         # routable from now on (its Service exists): the gateway has the route before the pod is Ready
         return dataclasses.replace(observe_pod(pod), upstream=build_upstream(environment, self._settings))
-
-    async def _apply_extension(self, namespace: str) -> None:
-        """The namespace's aenv-jupyter ConfigMap, applied when the first environment starts there:
-        one apply at a time per namespace, awaited by every environment starting there meanwhile (a
-        burst of 50 into a new namespace made 34 applies of it, bench/RESULTS.md stop 45). A failed
-        apply fails each of them (each reconcile retries) and the next one applies again. Applied
-        again once every environment this run started there has ended or is gone (delete, forget):
-        the namespace may have gone with them, and one made again under its name has no ConfigMap."""
-        applying = self._extension_applying.get(namespace)
-        if applying is None:
-            applying = asyncio.ensure_future(self._kube.apply(build_extension_config_map(namespace)))
-            self._extension_applying[namespace] = applying
-
-            def applied(done: asyncio.Future[Any]) -> None:
-                del self._extension_applying[namespace]
-                if not done.cancelled() and done.exception() is None:
-                    self._extension_applied.add(namespace)
-
-            applying.add_done_callback(applied)
-        await asyncio.shield(applying)  # a caller given up on cancels no one else's
 
     async def _create_own(self, kind: str, environment: Environment, body: dict[str, Any]) -> None:
         """Create, or keep what is there if it is this environment's. A leftover of an earlier
@@ -378,20 +347,11 @@ class KubernetesBackend:
         """Pod and Service of exactly this environment (by its uid label: never a namesake's)."""
         for kind in ("Pod", "Service"):
             await self._delete_own(kind, environment)
-        if self._indexed(environment) is not None:
-            return False
-        self.forget((environment.uid,))
-        return True
+        return self._indexed(environment) is None
 
     def forget(self, uids: Collection[str]) -> None:
-        for uid in uids:
-            namespace = self._started_in.pop(uid, None)
-            if namespace is None:
-                continue
-            self._started[namespace] -= 1
-            if self._started[namespace] <= 0:
-                del self._started[namespace]
-                self._extension_applied.discard(namespace)
+        """The namespace's aenv-jupyter ConfigMap is applied again once none of its environments is left."""
+        self._extension.forget(uids)
 
     async def _delete_own(self, kind: str, environment: Environment) -> None:
         await self._kube.delete_owned(

@@ -161,6 +161,7 @@ class Context:
         tokens.forget(uids)
         for backend in self.backends.values():
             backend.forget(uids)
+        self.routes.forget(uids)
 
     def retain(self, live: Collection[str]) -> None:
         """Keep only what belongs to `live` environments (for deletions this process did not see)."""

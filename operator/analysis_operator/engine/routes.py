@@ -25,7 +25,7 @@ import hashlib
 import ipaddress
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +35,7 @@ import structlog
 from analysis_operator.backends.base import Upstream
 from analysis_operator.engine.tokens import read_token
 from analysis_operator.infra.kube import KubeClient
+from analysis_operator.infra.per_namespace import PerNamespace
 from analysis_operator.model.domain import LABEL_ENVIRONMENT_UID, Environment
 from analysis_operator.policy.opening import PROBE_HEADER, base_path, probe_signature
 from analysis_operator.settings import GatewaySettings
@@ -76,6 +77,9 @@ class Routes(Protocol):
 
     def served(self, environment: Environment, upstream: Upstream) -> bool: ...
 
+    def forget(self, uids: Collection[str]) -> None:
+        """These environments are gone (their objects deleted): drop what was kept for them."""
+
 
 class NoRoutes:
     """No gateway configured: status.connection.url is the backend's own address."""
@@ -93,6 +97,9 @@ class NoRoutes:
 
     def served(self, environment: Environment, upstream: Upstream) -> bool:
         return True
+
+    def forget(self, uids: Collection[str]) -> None:
+        return None
 
 
 # ---------------------------------------------------------------- manifests (pure)
@@ -243,7 +250,7 @@ class GatewayRoutes:
     def __init__(self, kube: KubeClient, settings: GatewaySettings) -> None:
         self._kube, self._settings = kube, settings
         self._applied: dict[str, str] = {}  # environment uid -> fingerprint of what was applied
-        self._namespaces: set[str] = set()  # where the forward-auth Middleware was applied
+        self._namespaces = PerNamespace(self._apply_namespace)  # its forward-auth Middleware and closed page
         self._gateway_seen: tuple[float, bool] = (0.0, False)
         self._served: set[str] = set()  # uids whose route answered the probe (or it gave up)
         self._passed: set[str] = set()  # uids whose probe this process's forward-auth let through its own route
@@ -357,30 +364,37 @@ class GatewayRoutes:
                 return Route(url, False, "NoAddress", f"the backend reported {upstream.address!r}, not an IP address")
         wanted = fingerprint(objects)
         if self._applied.get(environment.uid) != wanted:
-            await self._namespace(environment.namespace)
+            await self._namespaces.ensure(environment.namespace, environment.uid)
             for body in objects:
                 await self._kube.apply(body)
             self._applied[environment.uid] = wanted
             log.info("route.opened", environment=f"{environment.namespace}/{environment.name}", url=url)
         return Route(url, True, "Routed", f"open at {url} through Gateway {gateway}")
 
-    async def _namespace(self, namespace: str) -> None:
-        """The forward-auth Middleware of a namespace, and its closed page (once per namespace and run)."""
-        if namespace in self._namespaces:
-            return
+    async def _apply_namespace(self, namespace: str) -> None:
+        """The forward-auth Middleware of a namespace, and its closed page (infra/per_namespace.py: with
+        the first environment routed there, and again in a namespace made anew under its name)."""
         await self._kube.apply(build_forward_auth(self._settings, namespace))
         await self._kube.apply(build_forward_auth(self._settings, namespace, CLOSED_PAGE))
         await self._kube.apply(build_closed_route(self._settings, namespace))
-        self._namespaces.add(namespace)
 
-    async def close(self, environment: Environment) -> None:
-        self._applied.pop(environment.uid, None)
-        self._served.discard(environment.uid)
-        self._passed.discard(environment.uid)
-        probe = self._probes.pop(environment.uid, None)
+    def _drop(self, uid: str) -> None:
+        """What this process keeps for an environment's route, and its probe."""
+        self._applied.pop(uid, None)
+        self._served.discard(uid)
+        self._passed.discard(uid)
+        probe = self._probes.pop(uid, None)
         if probe is not None:
             probe.cancel()
-        await self._namespace(environment.namespace)
+
+    def forget(self, uids: Collection[str]) -> None:
+        for uid in uids:
+            self._drop(uid)
+        self._namespaces.forget(uids)
+
+    async def close(self, environment: Environment) -> None:
+        self._drop(environment.uid)
+        await self._namespaces.ensure(environment.namespace, environment.uid)  # its closed page answers now
         for api_version, kind in (
             (GATEWAY_API, "HTTPRoute"),
             ("discovery.k8s.io/v1", "EndpointSlice"),
