@@ -849,6 +849,15 @@ def test_chart_rbac_is_enough_for_a_whole_lifecycle(chart_operator, custom, name
         assert kubectl(
             "get", kind, "-n", namespace, "-l", "analysis.panosc.eu/environment=lab", "-o", "name"
         ).stdout.strip(), f"no {kind} for the environment"
+    # What it sets up per namespace, deleted by someone, is listed and applied again under the chart's rules.
+    kubectl("delete", "configmap", "aenv-jupyter", "-n", namespace)
+    wait_for(
+        lambda: kubectl(
+            "get", "configmap", "-n", namespace, "--field-selector=metadata.name=aenv-jupyter", "-o", "name"
+        ).stdout.strip(),
+        timeout=60,
+        what="aenv-jupyter applied again",
+    )
     environments.patch_spec("lab", suspend=True)
     environments.wait_phase("lab", "Suspended", timeout=60)
     environments.patch_spec("lab", suspend=False)  # resuming reads the kept token Secret back

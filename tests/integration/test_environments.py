@@ -205,6 +205,29 @@ def test_a_namespace_made_again_under_its_name_gets_what_the_operator_sets_up_pe
     assert core.read_namespaced_config_map("aenv-jupyter", namespace).data
 
 
+def test_a_configmap_deleted_under_live_environments_is_made_again(environments, core, namespace):
+    """Someone deletes the namespace's aenv-jupyter ConfigMap while an environment runs there: the
+    operator's repair (with its orphan sweep) applies it again, and a pod started meanwhile starts
+    (on a real kubelet it waits to mount it)."""
+    environments.create("first", flavor="jupyter-basic")
+    environments.wait_phase("first", "Ready")
+    made = core.read_namespaced_config_map("aenv-jupyter", namespace)
+    core.delete_namespaced_config_map("aenv-jupyter", namespace)
+    environments.create("second", flavor="jupyter-basic")
+    again = wait_for(lambda: config_map(core, namespace, "aenv-jupyter"), timeout=60, what="aenv-jupyter applied again")
+    assert again.metadata.uid != made.metadata.uid and again.data == made.data
+    environments.wait_phase("second", "Ready")
+
+
+def config_map(core, namespace, name):
+    try:
+        return core.read_namespaced_config_map(name, namespace)
+    except kubernetes.client.ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
 def test_a_deleted_pod_is_recreated(environments, core, namespace):
     environments.create("phoenix", flavor="test-short")
     environments.wait_phase("phoenix", "Ready")

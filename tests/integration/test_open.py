@@ -86,6 +86,40 @@ def test_ready_pod_is_opened_through_the_gateway_for_its_owner_only(
         wait_for(lambda: opened.request(base, "bob")[0] == 403, timeout=10, what="bob refused after unsharing")
 
 
+def test_what_the_gateway_needs_and_someone_deleted_is_made_again_and_nothing_opens_meanwhile(
+    opened, directory, environments, core, custom, namespace
+):
+    """Someone deletes the namespace's forward-auth Middleware, its closed page and the environment's
+    own route. Meanwhile no request gets past the gateway without the forward-auth's yes, and the
+    operator's repair (with its orphan sweep) makes all of them again: the owner gets in again."""
+    environments.create("lab", flavor="jupyter-basic", lifetime="1h")
+    environments.wait_phase("lab", "Ready")
+    base = f"/env/{namespace}/lab/"
+    pod_ip = core.read_namespaced_pod("aenv-lab", namespace).status.pod_ip
+    made = {
+        ("traefik.io", "v1alpha1", "middlewares", "aenv-forward-auth"),
+        ("traefik.io", "v1alpha1", "middlewares", "aenv-closed"),
+        (*GATEWAY_API, "httproutes", "aenv-closed"),
+        (*GATEWAY_API, "httproutes", "aenv-lab"),
+    }
+    with Netns(pod_ip) as pod:
+        pod.echo_server(8888)
+        assert served(opened, base + "api/status", "alice")[0] == 200
+        for group, version, plural, name in made:
+            custom.delete_namespaced_custom_object(group, version, namespace, plural, name)
+        answers = set()
+
+        def owner_back():
+            answers.add(opened.request(base + "api/status", timeout=3)[0])  # no one signed in
+            answers.add(opened.request(base + "api/status", "bob", timeout=3)[0])  # not shared with bob
+            return opened.request(base + "api/status", "alice", timeout=3)[0] == 200
+
+        wait_for(owner_back, timeout=60, what="the owner let in again")
+        assert 200 not in answers and answers <= {401, 403, 404, 503}, answers
+    for group, version, plural, name in made:
+        assert custom.get_namespaced_custom_object(group, version, namespace, plural, name)["metadata"]["name"] == name
+
+
 def test_suspend_removes_the_route_and_resume_brings_it_back(opened, environments, custom, namespace):
     environments.create("lab", flavor="jupyter-basic", lifetime="1h")
     environments.wait_phase("lab", "Ready")

@@ -261,6 +261,10 @@ class RecordingKube:
         self._record(("delete",), api_version, kind)
         return True
 
+    async def present(self, api_version: str, kind: str, selector: str, fields: str = "") -> set[tuple[str, str]]:
+        self._record(("list",), api_version, kind)
+        return set()  # someone deleted everything: the repair applies what it set up again
+
 
 def _routes_calls(settings: GatewaySettings) -> set[tuple[str, str, str]]:
     environment = Environment(namespace="team-a", name="lab", uid="u-1", owner="alice", flavor="jl")
@@ -271,6 +275,7 @@ def _routes_calls(settings: GatewaySettings) -> set[tuple[str, str, str]]:
         await routes.open(environment, Upstream(port=8888, service=environment.child_name, landing="lab"))
         await routes.close(environment)
         await routes.open(environment, Upstream(port=20001, address="10.1.2.3", landing="lab"))  # a node
+        await routes.repair()
         await routes.close(environment)
 
     asyncio.run(lifecycle())
@@ -293,8 +298,10 @@ def test_rbac_grants_what_the_routes_call_and_nothing_broader(tmp_path, watch_na
     assert {(g[0], g[1], g[2]) for g in gateway} == {
         (group, plural, verb) for verb, group, plural in calls if plural in GATEWAY_RESOURCES
     }
-    # Server-side apply: patch (and create, when the apply makes the object), never update.
-    assert not {g for g in gateway if g[2] in {"update", "list", "watch", "*", "deletecollection"}}
+    # Server-side apply: patch (and create, when the apply makes the object), never update. Listed:
+    # only the kinds the operator applies per namespace and per environment, for its repair.
+    assert not {g for g in gateway if g[2] in {"update", "watch", "*", "deletecollection"}}
+    assert {(g[1], g[2]) for g in gateway if g[2] == "list"} == {("httproutes", "list"), ("middlewares", "list")}
     assert ("", "services", "patch", ()) in served and ("", "services", "update", ()) not in served
     if watch_namespace:  # the served namespace's rules stay in the Role
         assert not {g for g in cluster if g[1] in GATEWAY_RESOURCES - {"gateways"}}

@@ -11,7 +11,7 @@ import pytest
 
 from analysis_operator.backends.base import Launch
 from analysis_operator.backends.kubernetes import EXTENSION_CONFIG_MAP, KubernetesBackend
-from analysis_operator.model.domain import BackendKind, Environment, Flavor
+from analysis_operator.model.domain import MANAGED_SELECTOR, BackendKind, Environment, Flavor
 from analysis_operator.settings import Settings
 
 FLAVOR = Flavor(name="small", backend=BackendKind.KUBERNETES, image="jupyter")
@@ -24,6 +24,8 @@ class Kube:
         self.applied: list[str] = []  # namespace of each apply made
         self.release = asyncio.Event()
         self.failing = False
+        self.deleted: set[str] = set()  # namespaces whose ConfigMap someone deleted since its last apply
+        self.listed = 0
 
     async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
         return True
@@ -34,7 +36,13 @@ class Kube:
         await self.release.wait()
         if self.failing:
             raise RuntimeError("the API server said no")
+        self.deleted.discard(body["metadata"]["namespace"])
         return body
+
+    async def present(self, api_version: str, kind: str, selector: str, fields: str = "") -> set[tuple[str, str]]:
+        assert (kind, selector, fields) == ("ConfigMap", MANAGED_SELECTOR, f"metadata.name={EXTENSION_CONFIG_MAP}")
+        self.listed += 1
+        return {(namespace, EXTENSION_CONFIG_MAP) for namespace in set(self.applied) - self.deleted}
 
     async def delete_owned(self, *_: Any) -> bool:
         return True
@@ -121,5 +129,46 @@ def test_the_configmap_is_applied_again_once_every_environment_started_in_its_na
         backend.forget({"uid-e"})
         await backend.ensure(launch("team-a", "f"))  # another namespace's environments going changes nothing
         assert kube.applied == ["team-a", "team-a", "team-b"]
+
+    asyncio.run(scenario())
+
+
+def test_a_configmap_deleted_under_live_environments_is_applied_again_by_the_repair():
+    """Someone deletes aenv-jupyter in a namespace with environments: their next pods could not mount
+    it. The repair lists the ConfigMaps and applies the missing one again, only where environments
+    this process set it up for are left, and only the missing one."""
+
+    async def scenario() -> None:
+        kube = Kube()
+        kube.release.set()
+        backend = KubernetesBackend(kube, Settings(), {})
+        await backend.repair()
+        assert kube.listed == 0  # nothing set up yet: nothing to list
+        for namespace, name in (("team-a", "a"), ("team-b", "b"), ("team-c", "c")):
+            await backend.ensure(launch(namespace, name))
+        await backend.repair()
+        assert sorted(kube.applied) == ["team-a", "team-b", "team-c"]  # all there: nothing applied
+        kube.deleted = {"team-a", "team-c"}
+        backend.forget({"uid-c"})  # team-c's last environment is gone (and maybe the namespace)
+        await backend.repair()
+        assert sorted(kube.applied) == ["team-a", "team-a", "team-b", "team-c"]
+        await backend.ensure(launch("team-a", "later"))  # set up again already
+        assert sorted(kube.applied) == ["team-a", "team-a", "team-b", "team-c"]
+
+    asyncio.run(scenario())
+
+
+def test_a_repair_that_cannot_apply_leaves_the_namespace_to_the_next_start():
+    async def scenario() -> None:
+        kube = Kube()
+        kube.release.set()
+        backend = KubernetesBackend(kube, Settings(), {})
+        await backend.ensure(launch("team-a", "a"))
+        kube.deleted, kube.failing = {"team-a"}, True  # the namespace being deleted meanwhile, say
+        await backend.repair()  # logged, not raised: the other namespaces' repairs go on
+        assert kube.applied == ["team-a", "team-a"]
+        kube.failing = False
+        await backend.ensure(launch("team-a", "b"))
+        assert kube.applied == ["team-a", "team-a", "team-a"]
 
     asyncio.run(scenario())

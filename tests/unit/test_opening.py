@@ -366,7 +366,7 @@ def test_ready_waits_for_the_gateway_to_serve_the_route_but_a_ready_one_never_go
         status = {**status, **(await converge(context, ENVIRONMENT, status, FLAVOR, NOW)).status}
         assert (status["phase"], status["reason"]) == ("Provisioning", "Opening") and routes.ready["u-1"] is True
         assert "https://gw/env/" in status["message"] and routes.asked == ["u-1"]
-        routes.serving = True  # the probe answered (on_served converges it again)
+        routes.serving = True  # the probe answered (it is converged again)
         status = {**status, **(await converge(context, ENVIRONMENT, status, FLAVOR, NOW)).status}
         assert status["phase"] == "Ready"
         routes.serving, routes.asked = False, []

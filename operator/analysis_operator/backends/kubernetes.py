@@ -353,6 +353,14 @@ class KubernetesBackend:
         """The namespace's aenv-jupyter ConfigMap is applied again once none of its environments is left."""
         self._extension.forget(uids)
 
+    async def repair(self) -> None:
+        """The aenv-jupyter ConfigMap made again where it was deleted under live environments (their
+        pods that start meanwhile wait for it to mount)."""
+        if not self._extension.done:
+            return
+        found = await self._kube.present("v1", "ConfigMap", MANAGED_SELECTOR, f"metadata.name={EXTENSION_CONFIG_MAP}")
+        await self._extension.restore(self._extension.done - {namespace for namespace, _ in found}, "ConfigMap")
+
     async def _delete_own(self, kind: str, environment: Environment) -> None:
         await self._kube.delete_owned(
             kind, environment.namespace, environment.child_name, LABEL_ENVIRONMENT_UID, environment.uid

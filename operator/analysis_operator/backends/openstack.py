@@ -345,6 +345,9 @@ class OpenStackBackend:
     def forget(self, uids: Collection[str]) -> None:
         """Nothing is kept per environment here."""
 
+    async def repair(self) -> None:
+        """Nothing is set up per namespace here."""
+
     # ------------------------------------------------- blocking sdk helpers
 
     def _find_servers(self, environment: Environment) -> list[Any]:

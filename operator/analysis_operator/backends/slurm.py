@@ -564,6 +564,9 @@ class SlurmBackend:
     def forget(self, uids: Collection[str]) -> None:
         """Nothing is kept per environment here."""
 
+    async def repair(self) -> None:
+        """Nothing is set up per namespace here."""
+
     # ---------------------------------------------------------------- inside
 
     def _key(self) -> bytes | None:

@@ -163,6 +163,13 @@ class Context:
             backend.forget(uids)
         self.routes.forget(uids)
 
+    async def repair(self) -> None:
+        """What backends and routes set up for a namespace's environments, made again where someone
+        deleted it under them (a pod's own children are the reconcile's)."""
+        for backend in self.backends.values():
+            await backend.repair()
+        await self.routes.repair()
+
     def retain(self, live: Collection[str]) -> None:
         """Keep only what belongs to `live` environments (for deletions this process did not see)."""
         self.forget({*self.written, *self.unwritten, *self.decisions.uids(), *tokens.known_uids()} - set(live))

@@ -36,7 +36,7 @@ from analysis_operator.backends.base import Upstream
 from analysis_operator.engine.tokens import read_token
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.infra.per_namespace import PerNamespace
-from analysis_operator.model.domain import LABEL_ENVIRONMENT_UID, Environment
+from analysis_operator.model.domain import LABEL_ENVIRONMENT_UID, MANAGED_SELECTOR, Environment
 from analysis_operator.policy.opening import PROBE_HEADER, base_path, probe_signature
 from analysis_operator.settings import GatewaySettings
 
@@ -80,6 +80,9 @@ class Routes(Protocol):
     def forget(self, uids: Collection[str]) -> None:
         """These environments are gone (their objects deleted): drop what was kept for them."""
 
+    async def repair(self) -> None:
+        """Make again what the gateway needs and someone deleted (Context.repair)."""
+
 
 class NoRoutes:
     """No gateway configured: status.connection.url is the backend's own address."""
@@ -99,6 +102,9 @@ class NoRoutes:
         return True
 
     def forget(self, uids: Collection[str]) -> None:
+        return None
+
+    async def repair(self) -> None:
         return None
 
 
@@ -249,7 +255,8 @@ class GatewayRoutes:
 
     def __init__(self, kube: KubeClient, settings: GatewaySettings) -> None:
         self._kube, self._settings = kube, settings
-        self._applied: dict[str, str] = {}  # environment uid -> fingerprint of what was applied
+        # environment uid -> (fingerprint of what was applied, its namespace, its name)
+        self._applied: dict[str, tuple[str, str, str]] = {}
         self._namespaces = PerNamespace(self._apply_namespace)  # its forward-auth Middleware and closed page
         self._gateway_seen: tuple[float, bool] = (0.0, False)
         self._served: set[str] = set()  # uids whose route answered the probe (or it gave up)
@@ -257,11 +264,11 @@ class GatewayRoutes:
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._next_probe = 0.0  # monotonic time of the next probe request slot (_pace)
-        self.on_served: Callable[[Environment], None] = lambda environment: None  # converge it again
+        self.converge: Callable[[Environment], None] = lambda environment: None  # converge it again now
 
     def served(self, environment: Environment, upstream: Upstream) -> bool:
         """Has the gateway served this environment's own route yet? (settings gateway.probe_url:
-        asked through the gateway, in a task of its own; on_served when it has). Without a probe
+        asked through the gateway, in a task of its own; converged again when it has). Without a probe
         URL, always."""
         if not self._settings.probe_url or environment.uid in self._served:
             return True
@@ -309,7 +316,7 @@ class GatewayRoutes:
             log.warning("route.not_served", environment=name, seconds=self._settings.probe_timeout_seconds, last=answer)
         self._served.add(environment.uid)
         self._passed.discard(environment.uid)
-        self.on_served(environment)
+        self.converge(environment)
 
     async def shutdown(self) -> None:
         """Stop the probes and close their connections (the operator is stopping)."""
@@ -363,11 +370,11 @@ class GatewayRoutes:
             except ValueError:
                 return Route(url, False, "NoAddress", f"the backend reported {upstream.address!r}, not an IP address")
         wanted = fingerprint(objects)
-        if self._applied.get(environment.uid) != wanted:
+        if self._applied.get(environment.uid, ("",))[0] != wanted:
             await self._namespaces.ensure(environment.namespace, environment.uid)
             for body in objects:
                 await self._kube.apply(body)
-            self._applied[environment.uid] = wanted
+            self._applied[environment.uid] = (wanted, environment.namespace, environment.name)
             log.info("route.opened", environment=f"{environment.namespace}/{environment.name}", url=url)
         return Route(url, True, "Routed", f"open at {url} through Gateway {gateway}")
 
@@ -377,6 +384,28 @@ class GatewayRoutes:
         await self._kube.apply(build_forward_auth(self._settings, namespace))
         await self._kube.apply(build_forward_auth(self._settings, namespace, CLOSED_PAGE))
         await self._kube.apply(build_closed_route(self._settings, namespace))
+
+    async def repair(self) -> None:
+        """What someone deleted under live environments, made again: a namespace's forward-auth
+        Middleware and closed page, and the route of an environment that runs (converged again, which
+        applies it). Meanwhile the gateway answers there with the closed page or its 404, never past
+        the forward-auth: a route naming a Middleware that does not exist is not served."""
+        if not (self._namespaces.done or self._applied):
+            return
+        routes = await self._kube.present(GATEWAY_API, "HTTPRoute", MANAGED_SELECTOR)
+        middlewares = await self._kube.present(MIDDLEWARE_API, "Middleware", MANAGED_SELECTOR)
+        whole = {namespace for namespace, name in routes if name == CLOSED_PAGE}.intersection(
+            *(
+                {namespace for namespace, name in middlewares if name == wanted}
+                for wanted in (FORWARD_AUTH, CLOSED_PAGE)
+            )
+        )
+        await self._namespaces.restore(self._namespaces.done - whole, "forward-auth Middleware and closed page")
+        for uid, (_, namespace, name) in list(self._applied.items()):
+            environment = Environment(namespace=namespace, name=name, uid=uid, owner="", flavor="")
+            if (namespace, environment.child_name) not in routes and self._applied.pop(uid, None) is not None:
+                log.warning("route.missing", environment=f"{namespace}/{name}", action="converged again")
+                self.converge(environment)
 
     def _drop(self, uid: str) -> None:
         """What this process keeps for an environment's route, and its probe."""

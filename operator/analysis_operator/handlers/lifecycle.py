@@ -1,5 +1,5 @@
 """Operator start and stop: kopf settings, clients, backends, and the one
-periodic sweep (expiry, polled backends, lifetime warnings, orphans) over the
+periodic sweep (expiry, polled backends, lifetime warnings, orphans, repairs) over the
 environments index, instead of a timer per object."""
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ async def on_startup(
     )
     memo.reconciler = Reconciler(memo.context, environments, flavors)
     if isinstance(routes, GatewayRoutes):
-        routes.on_served = memo.reconciler.wake  # Ready once the gateway serves its route
+        routes.converge = memo.reconciler.wake  # Ready once the gateway serves its route
     memo.idle = IdleChecker(memo.context, config, environments, flavors, activity)
     memo.idler = (
         asyncio.create_task(idle_forever(memo, config.idle.check_interval_seconds)) if config.idle.enabled else None
@@ -352,6 +352,7 @@ async def sweep_forever(memo: kopf.Memo, interval: float, orphan_every: int = 10
                 live = {record.environment.uid for record in values(reconciler.environments)}
                 memo.diffbase.retain(live)
                 reconciler.retain(live)
+                await memo.context.repair()
         except Exception:  # one bad sweep must not end the loop; the next one retries
             log.exception("sweep.failed")
 

@@ -536,6 +536,18 @@ class KubeClient:
         )
         return answer
 
+    async def present(self, api_version: str, kind: str, selector: str, fields: str = "") -> set[tuple[str, str]]:
+        """(namespace, name) of every object of a kind (one of those applied) carrying these labels, in
+        the namespaces served: a list of metadata only, in pages."""
+        prefix, plurals = _PATHS[api_version]
+        path = f"{prefix}{f'/namespaces/{self.namespace}' if self.namespace else ''}/{plurals[kind]}"
+        found = set()
+        async for listing in self._pages(path, selector, METADATA_LIST, fields):
+            for item in listing.get("items") or ():
+                metadata = item.get("metadata") or {}
+                found.add((str(metadata.get("namespace") or ""), str(metadata.get("name") or "")))
+        return found
+
     async def get_object(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._get(object_path(api_version, kind, namespace, name))
 

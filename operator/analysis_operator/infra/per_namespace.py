@@ -7,7 +7,11 @@ What was set up is remembered per namespace for as long as an environment this p
 still exists. Once the last of them is gone (forget, on its DELETED event) the namespace may have gone
 with them, and one made again under the same name has nothing: the next environment there sets it up
 again. Remembered for the whole run before, such a namespace's pods never started (no ConfigMap to
-mount) and its routes never opened (no Middleware)."""
+mount) and its routes never opened (no Middleware).
+
+Deleted under a namespace's live environments (by a person, a cleanup script, a GitOps prune), what was
+set up is made again by `restore`, which the operator's repair (Context.repair, with the orphan sweep)
+calls with the namespaces whose objects the API server no longer lists."""
 
 from __future__ import annotations
 
@@ -15,6 +19,10 @@ import asyncio
 import collections
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
+
+import structlog
+
+log = structlog.get_logger("analysis_operator.per_namespace")
 
 
 class PerNamespace:
@@ -32,8 +40,32 @@ class PerNamespace:
         if uid not in self._users:
             self._users[uid] = namespace
             self._count[namespace] += 1
-        if namespace in self._done:
-            return
+        if namespace not in self._done:
+            await self._set_up(namespace)
+
+    @property
+    def done(self) -> frozenset[str]:
+        """The namespaces set up for environments that still exist."""
+        return frozenset(self._done)
+
+    async def restore(self, gone: Collection[str], what: str) -> list[str]:
+        """Set up `what` again in those of these namespaces where it was (it is gone there, their
+        environments are not); the namespaces where that worked. One that fails (the namespace being
+        deleted meanwhile) is set up again by its next environment's `ensure`, or the next restore."""
+        again = sorted(self._done.intersection(gone))
+        self._done.difference_update(again)
+        restored = []
+        for namespace in again:
+            try:
+                await self._set_up(namespace)
+            except Exception as error:
+                log.warning("namespace.restore_failed", namespace=namespace, what=what, error=repr(error))
+                continue
+            log.warning("namespace.restored", namespace=namespace, what=what)
+            restored.append(namespace)
+        return restored
+
+    async def _set_up(self, namespace: str) -> None:
         setting_up = self._under_way.get(namespace)
         if setting_up is None:
             setting_up = self._under_way[namespace] = asyncio.ensure_future(self._setup(namespace))
