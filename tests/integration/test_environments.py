@@ -219,6 +219,30 @@ def test_a_configmap_deleted_under_live_environments_is_made_again(environments,
     environments.wait_phase("second", "Ready")
 
 
+def test_the_service_of_a_running_environment_deleted_by_someone_is_made_again(environments, core, namespace):
+    """OPEN reaches JupyterLab through the pod's Service, and no pod event tells of it going: the
+    operator's repair (with its orphan sweep) creates it again, the same Service for the same pod."""
+    environments.create("lab", flavor="jupyter-basic")
+    environments.wait_phase("lab", "Ready")
+    made = core.read_namespaced_service("aenv-lab", namespace)
+    core.delete_namespaced_service("aenv-lab", namespace)
+    again = wait_for(lambda: service(core, namespace, "aenv-lab"), timeout=60, what="aenv-lab's Service made again")
+    assert again.metadata.uid != made.metadata.uid
+    assert again.spec.selector == made.spec.selector and again.metadata.labels == made.metadata.labels
+    assert [port.port for port in again.spec.ports] == [port.port for port in made.spec.ports]
+    assert again.metadata.owner_references[0].uid == made.metadata.owner_references[0].uid
+    assert environments.phase("lab") == "Ready"
+
+
+def service(core, namespace, name):
+    try:
+        return core.read_namespaced_service(name, namespace)
+    except kubernetes.client.ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
 def config_map(core, namespace, name):
     try:
         return core.read_namespaced_config_map(name, namespace)

@@ -275,7 +275,7 @@ def _routes_calls(settings: GatewaySettings) -> set[tuple[str, str, str]]:
         await routes.open(environment, Upstream(port=8888, service=environment.child_name, landing="lab"))
         await routes.close(environment)
         await routes.open(environment, Upstream(port=20001, address="10.1.2.3", landing="lab"))  # a node
-        await routes.repair()
+        await routes.repair({environment.uid})
         await routes.close(environment)
 
     asyncio.run(lifecycle())

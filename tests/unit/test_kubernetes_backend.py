@@ -10,8 +10,15 @@ from typing import Any
 import pytest
 
 from analysis_operator.backends.base import Launch
-from analysis_operator.backends.kubernetes import EXTENSION_CONFIG_MAP, KubernetesBackend
-from analysis_operator.model.domain import MANAGED_SELECTOR, BackendKind, Environment, Flavor
+from analysis_operator.backends.kubernetes import EXTENSION_CONFIG_MAP, KubernetesBackend, PodSummary, observe_pod
+from analysis_operator.model.domain import (
+    LABEL_ENVIRONMENT,
+    LABEL_ENVIRONMENT_UID,
+    MANAGED_SELECTOR,
+    BackendKind,
+    Environment,
+    Flavor,
+)
 from analysis_operator.settings import Settings
 
 FLAVOR = Flavor(name="small", backend=BackendKind.KUBERNETES, image="jupyter")
@@ -26,9 +33,23 @@ class Kube:
         self.failing = False
         self.deleted: set[str] = set()  # namespaces whose ConfigMap someone deleted since its last apply
         self.listed = 0
+        self.created: list[str] = []  # kind/namespace/name of each create
+        self.services: list[tuple[str, str, str]] = []  # the Services listed: (namespace, environment, uid)
 
     async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
+        self.created.append(f"{kind}/{namespace}/{body['metadata']['name']}")
         return True
+
+    async def labelled_metadata(self, kind: str, selector: str) -> list[dict[str, Any]]:
+        assert (kind, selector) == ("Service", MANAGED_SELECTOR)
+        return [
+            {
+                "namespace": namespace,
+                "name": f"aenv-{name}",
+                "labels": {LABEL_ENVIRONMENT: name, LABEL_ENVIRONMENT_UID: uid},
+            }
+            for namespace, name, uid in self.services
+        ]
 
     async def apply(self, body: dict[str, Any]) -> dict[str, Any]:
         assert body["kind"] == "ConfigMap" and body["metadata"]["name"] == EXTENSION_CONFIG_MAP
@@ -142,15 +163,15 @@ def test_a_configmap_deleted_under_live_environments_is_applied_again_by_the_rep
         kube = Kube()
         kube.release.set()
         backend = KubernetesBackend(kube, Settings(), {})
-        await backend.repair()
+        await backend.repair(set())
         assert kube.listed == 0  # nothing set up yet: nothing to list
         for namespace, name in (("team-a", "a"), ("team-b", "b"), ("team-c", "c")):
             await backend.ensure(launch(namespace, name))
-        await backend.repair()
+        await backend.repair(set())
         assert sorted(kube.applied) == ["team-a", "team-b", "team-c"]  # all there: nothing applied
         kube.deleted = {"team-a", "team-c"}
         backend.forget({"uid-c"})  # team-c's last environment is gone (and maybe the namespace)
-        await backend.repair()
+        await backend.repair(set())
         assert sorted(kube.applied) == ["team-a", "team-a", "team-b", "team-c"]
         await backend.ensure(launch("team-a", "later"))  # set up again already
         assert sorted(kube.applied) == ["team-a", "team-a", "team-b", "team-c"]
@@ -165,10 +186,39 @@ def test_a_repair_that_cannot_apply_leaves_the_namespace_to_the_next_start():
         backend = KubernetesBackend(kube, Settings(), {})
         await backend.ensure(launch("team-a", "a"))
         kube.deleted, kube.failing = {"team-a"}, True  # the namespace being deleted meanwhile, say
-        await backend.repair()  # logged, not raised: the other namespaces' repairs go on
+        await backend.repair(set())  # logged, not raised: the other namespaces' repairs go on
         assert kube.applied == ["team-a", "team-a"]
         kube.failing = False
         await backend.ensure(launch("team-a", "b"))
         assert kube.applied == ["team-a", "team-a", "team-a"]
+
+    asyncio.run(scenario())
+
+
+def test_the_service_of_a_running_pod_deleted_by_someone_is_created_again_by_the_repair():
+    """OPEN reaches JupyterLab through the pod's Service; a pod event never tells of the Service going.
+    The repair creates it again by the Services the orphan sweep listed, only for pods that run or
+    start and belong to a live environment; none when the sweep listed nothing since the last repair."""
+    running = {"metadata": {}, "spec": {"nodeName": "n"}, "status": {"phase": "Running"}}
+    ended = {"metadata": {}, "spec": {}, "status": {"phase": "Failed"}}
+    pods = {
+        ("team-a", "kept"): [PodSummary("uid-kept", observe_pod(running))],
+        ("team-a", "lost"): [PodSummary("uid-lost", observe_pod(running))],
+        ("team-a", "ended"): [PodSummary("uid-ended", observe_pod(ended))],
+        ("team-b", "orphan"): [PodSummary("uid-orphan", observe_pod(running))],  # its environment is gone
+    }
+    live = {"uid-kept", "uid-lost", "uid-ended"}
+
+    async def scenario() -> None:
+        kube = Kube()
+        backend = KubernetesBackend(kube, Settings(), pods)
+        await backend.repair(live)
+        assert kube.created == []  # no list from an orphan sweep yet: nothing to compare with
+        kube.services = [("team-a", "kept", "uid-kept")]
+        await backend.list_managed()
+        await backend.repair(live)
+        assert kube.created == ["Service/team-a/aenv-lost"]
+        await backend.repair(live)  # the next repair waits for the next sweep's list
+        assert kube.created == ["Service/team-a/aenv-lost"]
 
     asyncio.run(scenario())

@@ -147,9 +147,9 @@ class Backend(Protocol):
     def forget(self, uids: Collection[str]) -> None:
         """These environments are gone (their objects deleted): drop what this process kept for them."""
 
-    async def repair(self) -> None:
-        """Make again what it set up for the environments of a namespace (not per environment) if
-        someone deleted it under them (Context.repair, with the orphan sweep)."""
+    async def repair(self, live: Collection[str]) -> None:
+        """Make again what someone deleted under live environments (uids `live`) and nothing would
+        otherwise make again (Context.repair, with the orphan sweep)."""
 
     def close(self) -> None:
         """Release threads and connections at operator shutdown."""

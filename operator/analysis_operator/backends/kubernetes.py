@@ -14,6 +14,8 @@ import re
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
+import structlog
+
 from analysis_operator import jupyter
 from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, Retry, State, Upstream
 from analysis_operator.infra import render
@@ -37,6 +39,8 @@ from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.policy.opening import base_path
 from analysis_operator.policy.refusal import Refusal
 from analysis_operator.settings import Settings
+
+log = structlog.get_logger("analysis_operator.kubernetes")
 
 
 def build_dataset_volumes(mounts: Sequence[Mount]) -> tuple[tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
@@ -277,6 +281,8 @@ class KubernetesBackend:
         self._settings = settings
         self._pods = pods_index  # kopf index: (namespace, environment name) -> [PodSummary]
         self._extension = PerNamespace(lambda namespace: kube.apply(build_extension_config_map(namespace)))
+        # (namespace, environment name, uid) of the Services the last orphan sweep listed, until a repair
+        self._services: set[tuple[str, str, str]] | None = None
 
     def validate(self, environment: Environment, flavor: Flavor) -> Refusal | None:
         if not (environment.image or flavor.image):
@@ -353,13 +359,25 @@ class KubernetesBackend:
         """The namespace's aenv-jupyter ConfigMap is applied again once none of its environments is left."""
         self._extension.forget(uids)
 
-    async def repair(self) -> None:
-        """The aenv-jupyter ConfigMap made again where it was deleted under live environments (their
-        pods that start meanwhile wait for it to mount)."""
-        if not self._extension.done:
-            return
-        found = await self._kube.present("v1", "ConfigMap", MANAGED_SELECTOR, f"metadata.name={EXTENSION_CONFIG_MAP}")
-        await self._extension.restore(self._extension.done - {namespace for namespace, _ in found}, "ConfigMap")
+    async def repair(self, live: Collection[str]) -> None:
+        """What someone deleted under live environments, made again: the aenv-jupyter ConfigMap of a
+        namespace (pods that start meanwhile wait for it to mount), and the Service of a pod that runs
+        or starts (OPEN reaches JupyterLab through it), by the Services the orphan sweep listed a
+        moment before (list_managed): a Service made since is only created again (409, nothing done)."""
+        listed, self._services = self._services, None
+        if listed is not None:
+            for (namespace, name), summaries in list(self._pods.items()):
+                for summary in summaries:
+                    uid = summary.environment_uid
+                    if uid in live and summary.observation.state.holds and (namespace, name, uid) not in listed:
+                        environment = Environment(namespace, name, uid, owner="", flavor="")
+                        if await self._kube.create("Service", namespace, build_service(environment, self._settings)):
+                            log.warning("service.restored", environment=f"{namespace}/{name}")
+        if self._extension.done:
+            found = await self._kube.present(
+                "v1", "ConfigMap", MANAGED_SELECTOR, f"metadata.name={EXTENSION_CONFIG_MAP}"
+            )
+            await self._extension.restore(self._extension.done - {namespace for namespace, _ in found}, "ConfigMap")
 
     async def _delete_own(self, kind: str, environment: Environment) -> None:
         await self._kube.delete_owned(
@@ -373,6 +391,7 @@ class KubernetesBackend:
         for key in list(self._pods):
             for summary in self._pods.get(key, ()):
                 found[(key[0], key[1], summary.environment_uid)] = f"Pod/{key[0]}/{key[1]}"
+        services = set()
         for metadata in await self._kube.labelled_metadata("Service", MANAGED_SELECTOR):
             labels = metadata.get("labels") or {}
             key = (
@@ -380,7 +399,9 @@ class KubernetesBackend:
                 labels.get(LABEL_ENVIRONMENT, ""),
                 labels.get(LABEL_ENVIRONMENT_UID, ""),
             )
+            services.add(key)
             found.setdefault(key, f"Service/{metadata.get('namespace')}/{metadata.get('name')}")
+        self._services = services  # for the repair that follows (a pod whose Service was deleted)
         return [
             ManagedObject(namespace, name, uid, backend_id)
             for (namespace, name, uid), backend_id in found.items()

@@ -345,7 +345,7 @@ class OpenStackBackend:
     def forget(self, uids: Collection[str]) -> None:
         """Nothing is kept per environment here."""
 
-    async def repair(self) -> None:
+    async def repair(self, live: Collection[str]) -> None:
         """Nothing is set up per namespace here."""
 
     # ------------------------------------------------- blocking sdk helpers

@@ -564,7 +564,7 @@ class SlurmBackend:
     def forget(self, uids: Collection[str]) -> None:
         """Nothing is kept per environment here."""
 
-    async def repair(self) -> None:
+    async def repair(self, live: Collection[str]) -> None:
         """Nothing is set up per namespace here."""
 
     # ---------------------------------------------------------------- inside

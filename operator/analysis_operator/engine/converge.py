@@ -163,12 +163,12 @@ class Context:
             backend.forget(uids)
         self.routes.forget(uids)
 
-    async def repair(self) -> None:
-        """What backends and routes set up for a namespace's environments, made again where someone
-        deleted it under them (a pod's own children are the reconcile's)."""
+    async def repair(self, live: Collection[str]) -> None:
+        """What backends and routes made for the environments `live` (uids), made again where someone
+        deleted it and nothing else would: no event of an environment or a pod tells of it."""
         for backend in self.backends.values():
-            await backend.repair()
-        await self.routes.repair()
+            await backend.repair(live)
+        await self.routes.repair(live)
 
     def retain(self, live: Collection[str]) -> None:
         """Keep only what belongs to `live` environments (for deletions this process did not see)."""

@@ -80,8 +80,8 @@ class Routes(Protocol):
     def forget(self, uids: Collection[str]) -> None:
         """These environments are gone (their objects deleted): drop what was kept for them."""
 
-    async def repair(self) -> None:
-        """Make again what the gateway needs and someone deleted (Context.repair)."""
+    async def repair(self, live: Collection[str]) -> None:
+        """Make again what the gateway needs and someone deleted under live environments (Context.repair)."""
 
 
 class NoRoutes:
@@ -104,7 +104,7 @@ class NoRoutes:
     def forget(self, uids: Collection[str]) -> None:
         return None
 
-    async def repair(self) -> None:
+    async def repair(self, live: Collection[str]) -> None:
         return None
 
 
@@ -385,8 +385,8 @@ class GatewayRoutes:
         await self._kube.apply(build_forward_auth(self._settings, namespace, CLOSED_PAGE))
         await self._kube.apply(build_closed_route(self._settings, namespace))
 
-    async def repair(self) -> None:
-        """What someone deleted under live environments, made again: a namespace's forward-auth
+    async def repair(self, live: Collection[str]) -> None:
+        """What someone deleted under live environments (uids `live`), made again: a namespace's forward-auth
         Middleware and closed page, and the route of an environment that runs (converged again, which
         applies it). Meanwhile the gateway answers there with the closed page or its 404, never past
         the forward-auth: a route naming a Middleware that does not exist is not served."""
@@ -403,7 +403,8 @@ class GatewayRoutes:
         await self._namespaces.restore(self._namespaces.done - whole, "forward-auth Middleware and closed page")
         for uid, (_, namespace, name) in list(self._applied.items()):
             environment = Environment(namespace=namespace, name=name, uid=uid, owner="", flavor="")
-            if (namespace, environment.child_name) not in routes and self._applied.pop(uid, None) is not None:
+            if uid in live and (namespace, environment.child_name) not in routes:
+                del self._applied[uid]  # no await since the items were read: it is still there
                 log.warning("route.missing", environment=f"{namespace}/{name}", action="converged again")
                 self.converge(environment)
 

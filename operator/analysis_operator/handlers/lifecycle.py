@@ -352,7 +352,7 @@ async def sweep_forever(memo: kopf.Memo, interval: float, orphan_every: int = 10
                 live = {record.environment.uid for record in values(reconciler.environments)}
                 memo.diffbase.retain(live)
                 reconciler.retain(live)
-                await memo.context.repair()
+                await memo.context.repair(live)
         except Exception:  # one bad sweep must not end the loop; the next one retries
             log.exception("sweep.failed")
 
