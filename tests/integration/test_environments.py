@@ -214,7 +214,11 @@ def test_a_configmap_deleted_under_live_environments_is_made_again(environments,
     made = core.read_namespaced_config_map("aenv-jupyter", namespace)
     core.delete_namespaced_config_map("aenv-jupyter", namespace)
     environments.create("second", flavor="jupyter-basic")
-    again = wait_for(lambda: config_map(core, namespace, "aenv-jupyter"), timeout=60, what="aenv-jupyter applied again")
+    again = wait_for(
+        lambda: found(core.read_namespaced_config_map, namespace, "aenv-jupyter"),
+        timeout=60,
+        what="aenv-jupyter applied again",
+    )
     assert again.metadata.uid != made.metadata.uid and again.data == made.data
     environments.wait_phase("second", "Ready")
 
@@ -226,7 +230,11 @@ def test_the_service_of_a_running_environment_deleted_by_someone_is_made_again(e
     environments.wait_phase("lab", "Ready")
     made = core.read_namespaced_service("aenv-lab", namespace)
     core.delete_namespaced_service("aenv-lab", namespace)
-    again = wait_for(lambda: service(core, namespace, "aenv-lab"), timeout=60, what="aenv-lab's Service made again")
+    again = wait_for(
+        lambda: found(core.read_namespaced_service, namespace, "aenv-lab"),
+        timeout=60,
+        what="aenv-lab's Service made again",
+    )
     assert again.metadata.uid != made.metadata.uid
     assert again.spec.selector == made.spec.selector and again.metadata.labels == made.metadata.labels
     assert [port.port for port in again.spec.ports] == [port.port for port in made.spec.ports]
@@ -234,18 +242,10 @@ def test_the_service_of_a_running_environment_deleted_by_someone_is_made_again(e
     assert environments.phase("lab") == "Ready"
 
 
-def service(core, namespace, name):
+def found(read, namespace, name):
+    """What a read_namespaced_... of the core API answers, None for a 404."""
     try:
-        return core.read_namespaced_service(name, namespace)
-    except kubernetes.client.ApiException as error:
-        if error.status == 404:
-            return None
-        raise
-
-
-def config_map(core, namespace, name):
-    try:
-        return core.read_namespaced_config_map(name, namespace)
+        return read(name, namespace)
     except kubernetes.client.ApiException as error:
         if error.status == 404:
             return None
