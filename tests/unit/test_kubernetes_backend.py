@@ -35,8 +35,11 @@ class Kube:
         self.listed = 0
         self.created: list[str] = []  # kind/namespace/name of each create
         self.services: list[tuple[str, str, str]] = []  # the Services listed: (namespace, environment, uid)
+        self.terminating: set[str] = set()  # namespaces where creates fail
 
     async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
+        if namespace in self.terminating:
+            raise RuntimeError(f"namespace {namespace} is being terminated")
         self.created.append(f"{kind}/{namespace}/{body['metadata']['name']}")
         return True
 
@@ -220,5 +223,20 @@ def test_the_service_of_a_running_pod_deleted_by_someone_is_created_again_by_the
         assert kube.created == ["Service/team-a/aenv-lost"]
         await backend.repair(live)  # the next repair waits for the next sweep's list
         assert kube.created == ["Service/team-a/aenv-lost"]
+
+    asyncio.run(scenario())
+
+
+def test_a_service_that_cannot_be_made_again_leaves_the_others_to_be_made():
+    running = {"metadata": {}, "spec": {"nodeName": "n"}, "status": {"phase": "Running"}}
+    pods = {(namespace, "lab"): [PodSummary(f"uid-{namespace}", observe_pod(running))] for namespace in ("a", "b")}
+
+    async def scenario() -> None:
+        kube = Kube()
+        kube.terminating = {"a"}
+        backend = KubernetesBackend(kube, Settings(), pods)
+        await backend.list_managed()  # lists no Service at all
+        await backend.repair({"uid-a", "uid-b"})  # logged for a, not raised
+        assert kube.created == ["Service/b/aenv-lab"]
 
     asyncio.run(scenario())

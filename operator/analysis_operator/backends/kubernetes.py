@@ -370,14 +370,22 @@ class KubernetesBackend:
                 for summary in summaries:
                     uid = summary.environment_uid
                     if uid in live and summary.observation.state.holds and (namespace, name, uid) not in listed:
-                        environment = Environment(namespace, name, uid, owner="", flavor="")
-                        if await self._kube.create("Service", namespace, build_service(environment, self._settings)):
-                            log.warning("service.restored", environment=f"{namespace}/{name}")
+                        await self._restore_service(Environment(namespace, name, uid, owner="", flavor=""))
         if self._extension.done:
             found = await self._kube.present(
                 "v1", "ConfigMap", MANAGED_SELECTOR, f"metadata.name={EXTENSION_CONFIG_MAP}"
             )
             await self._extension.restore(self._extension.done - {namespace for namespace, _ in found}, "ConfigMap")
+
+    async def _restore_service(self, environment: Environment) -> None:
+        where = f"{environment.namespace}/{environment.name}"
+        try:
+            made = await self._kube.create("Service", environment.namespace, build_service(environment, self._settings))
+        except Exception as error:  # its namespace being deleted, say: the others are made still
+            log.warning("service.restore_failed", environment=where, error=repr(error))
+            return
+        if made:
+            log.warning("service.restored", environment=where)
 
     async def _delete_own(self, kind: str, environment: Environment) -> None:
         await self._kube.delete_owned(

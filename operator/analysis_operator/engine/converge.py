@@ -166,9 +166,12 @@ class Context:
     async def repair(self, live: Collection[str]) -> None:
         """What backends and routes made for the environments `live` (uids), made again where someone
         deleted it and nothing else would: no event of an environment or a pod tells of it."""
-        for backend in self.backends.values():
-            await backend.repair(live)
-        await self.routes.repair(live)
+        parts: list[Backend | Routes] = [*self.backends.values(), self.routes]
+        for part in parts:
+            try:
+                await part.repair(live)
+            except Exception as error:  # the API server away a moment: the next orphan sweep's repair
+                log.warning("repair.failed", part=type(part).__name__, error=repr(error))
 
     def retain(self, live: Collection[str]) -> None:
         """Keep only what belongs to `live` environments (for deletions this process did not see)."""

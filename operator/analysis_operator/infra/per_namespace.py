@@ -48,13 +48,12 @@ class PerNamespace:
         """The namespaces set up for environments that still exist."""
         return frozenset(self._done)
 
-    async def restore(self, gone: Collection[str], what: str) -> list[str]:
+    async def restore(self, gone: Collection[str], what: str) -> None:
         """Set up `what` again in those of these namespaces where it was (it is gone there, their
-        environments are not); the namespaces where that worked. One that fails (the namespace being
-        deleted meanwhile) is set up again by its next environment's `ensure`, or the next restore."""
+        environments are not). One that fails (the namespace being deleted meanwhile) is set up again
+        by its next environment's `ensure`, or the next restore."""
         again = sorted(self._done.intersection(gone))
         self._done.difference_update(again)
-        restored = []
         for namespace in again:
             try:
                 await self._set_up(namespace)
@@ -62,8 +61,6 @@ class PerNamespace:
                 log.warning("namespace.restore_failed", namespace=namespace, what=what, error=repr(error))
                 continue
             log.warning("namespace.restored", namespace=namespace, what=what)
-            restored.append(namespace)
-        return restored
 
     async def _set_up(self, namespace: str) -> None:
         setting_up = self._under_way.get(namespace)
