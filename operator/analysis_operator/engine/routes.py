@@ -394,12 +394,11 @@ class GatewayRoutes:
             return
         routes = await self._kube.present(GATEWAY_API, "HTTPRoute", MANAGED_SELECTOR)
         middlewares = await self._kube.present(MIDDLEWARE_API, "Middleware", MANAGED_SELECTOR)
-        whole = {namespace for namespace, name in routes if name == CLOSED_PAGE}.intersection(
-            *(
-                {namespace for namespace, name in middlewares if name == wanted}
-                for wanted in (FORWARD_AUTH, CLOSED_PAGE)
-            )
-        )
+
+        def having(found: set[tuple[str, str]], name: str) -> set[str]:
+            return {namespace for namespace, each in found if each == name}
+
+        whole = having(routes, CLOSED_PAGE) & having(middlewares, FORWARD_AUTH) & having(middlewares, CLOSED_PAGE)
         await self._namespaces.restore(self._namespaces.done - whole, "forward-auth Middleware and closed page")
         for uid, (_, namespace, name) in list(self._applied.items()):
             environment = Environment(namespace=namespace, name=name, uid=uid, owner="", flavor="")
