@@ -299,9 +299,12 @@ def test_rbac_grants_what_the_routes_call_and_nothing_broader(tmp_path, watch_na
         (group, plural, verb) for verb, group, plural in calls if plural in GATEWAY_RESOURCES
     }
     # Server-side apply: patch (and create, when the apply makes the object), never update. Listed:
-    # only the kinds the operator applies per namespace and per environment, for its repair.
+    # only the kinds the operator applies per namespace and per environment, for its repair (Services
+    # by the Kubernetes backend's rule, which lists them for its orphan sweep).
     assert not {g for g in gateway if g[2] in {"update", "watch", "*", "deletecollection"}}
-    assert {(g[1], g[2]) for g in gateway if g[2] == "list"} == {("httproutes", "list"), ("middlewares", "list")}
+    listed = {(g[1], g[2]) for g in gateway if g[2] == "list"}
+    assert listed == {("httproutes", "list"), ("middlewares", "list"), ("endpointslices", "list")}
+    assert ("list", "", "services") in calls and ("", "services", "list", ()) in served
     assert ("", "services", "patch", ()) in served and ("", "services", "update", ()) not in served
     if watch_namespace:  # the served namespace's rules stay in the Role
         assert not {g for g in cluster if g[1] in GATEWAY_RESOURCES - {"gateways"}}

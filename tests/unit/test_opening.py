@@ -381,6 +381,80 @@ def test_endpoint_is_not_ready_until_the_environment_is():
     assert endpoints["endpoints"][0]["conditions"] == {"ready": False}
 
 
+class ListingKube:
+    """The API server as GatewayRoutes sees it: objects applied are there until deleted (`gone`);
+    every list is recorded by kind."""
+
+    def __init__(self) -> None:
+        self.objects: set[tuple[str, str, str]] = set()  # (kind, namespace, name)
+        self.applied: list[tuple[str, str]] = []
+        self.listed: list[str] = []
+
+    async def get_object(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
+        return {"metadata": {"name": name}}  # the Gateway exists
+
+    async def apply(self, body: dict) -> dict:
+        metadata = body["metadata"]
+        self.objects.add((body["kind"], metadata["namespace"], metadata["name"]))
+        self.applied.append((body["kind"], metadata["name"]))
+        return body
+
+    async def present(self, api_version: str, kind: str, selector: str, fields: str = "") -> set[tuple[str, str]]:
+        self.listed.append(kind)
+        return {(namespace, name) for each, namespace, name in self.objects if each == kind}
+
+    def gone(self, kind: str, name: str) -> None:
+        self.objects = {o for o in self.objects if o[0] != kind or o[2] != name}
+
+
+@pytest.mark.parametrize("deleted", ["Service", "EndpointSlice", "HTTPRoute"])
+def test_the_service_and_endpointslice_of_an_address_deleted_by_someone_are_made_again(deleted):
+    """A Slurm job's node or a VM is routed by a Service without selector and an EndpointSlice that
+    nothing but the operator makes: one deleted, the repair converges the environment again (which
+    applies all three); nothing deleted, nothing is converged; a gone environment is left alone."""
+    from analysis_operator.engine.routes import GatewayRoutes
+
+    kube = ListingKube()
+    routes = GatewayRoutes(kube, SETTINGS)  # type: ignore[arg-type]
+    converged: list[str] = []
+    routes.converge = lambda environment: converged.append(environment.uid)
+    node = Upstream(port=20001, address="10.1.2.3", landing="lab")
+
+    async def scenario() -> None:
+        await routes.open(LAB, node)
+        await routes.repair({LAB.uid})
+        assert converged == []
+        kube.gone(deleted, "aenv-lab")
+        await routes.repair(set())  # gone from the index meanwhile: nothing made for it
+        assert converged == []
+        await routes.repair({LAB.uid})
+        assert converged == [LAB.uid]
+        kube.applied.clear()
+        await routes.open(LAB, node)  # the converge it asked for
+        assert sorted(kind for kind, _ in kube.applied) == ["EndpointSlice", "HTTPRoute", "Service"]
+        await routes.repair({LAB.uid})
+        assert converged == [LAB.uid]
+
+    asyncio.run(scenario())
+
+
+def test_a_pod_routed_by_its_own_service_lists_no_services_or_endpointslices_for_the_repair():
+    """A pod's Service is the Kubernetes backend's (its repair makes it again); the routes' repair lists
+    Services and EndpointSlices only while some environment is routed to an address."""
+    from analysis_operator.engine.routes import GatewayRoutes
+
+    kube = ListingKube()
+    routes = GatewayRoutes(kube, SETTINGS)  # type: ignore[arg-type]
+    routes.converge = lambda environment: None
+
+    async def scenario() -> None:
+        await routes.open(LAB, Upstream(port=8888, service=LAB.child_name, landing="lab"))
+        await routes.repair({LAB.uid})
+        assert sorted(kube.listed) == ["HTTPRoute", "Middleware"]
+
+    asyncio.run(scenario())
+
+
 def test_probe_requests_are_paced_across_environments_in_the_order_they_asked(monkeypatch):
     """A burst's probes share PROBE_RATE requests a second (each waits for its slot), so a thousand
     routes the gateway has not taken yet do not become a thousand requests a second at its closed

@@ -54,6 +54,7 @@ PROBE_MAX_DELAY_SECONDS = 5.0  # between one environment's attempts (from 50 ms,
 PROBE_RATE = 100.0  # attempts per second, all environments together (a burst's probes are paced, not a flood)
 GATEWAY_NOT_FOUND = b"404 page not found\n"  # Traefik's (and Go's net/http) answer when no route matches
 ENDPOINTSLICE_MANAGER = "analysis-operator"  # not the endpointslice controller: it leaves these alone
+ENDPOINT_SLICES = f"{MANAGED_SELECTOR},endpointslice.kubernetes.io/managed-by={ENDPOINTSLICE_MANAGER}"
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,17 @@ def fingerprint(objects: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------- the gateway's routes
 
 
+@dataclass(frozen=True)
+class _Applied:
+    """What GatewayRoutes applied for an environment: its fingerprint, where, and whether an address
+    (a Service without selector and an EndpointSlice) was applied besides the route."""
+
+    fingerprint: str
+    namespace: str
+    name: str
+    address: bool
+
+
 class GatewayRoutes:
     """Routes through the Gateway named in settings (Gateway API, Traefik's forward-auth Middleware)."""
 
@@ -255,8 +267,7 @@ class GatewayRoutes:
 
     def __init__(self, kube: KubeClient, settings: GatewaySettings) -> None:
         self._kube, self._settings = kube, settings
-        # environment uid -> (fingerprint of what was applied, its namespace, its name)
-        self._applied: dict[str, tuple[str, str, str]] = {}
+        self._applied: dict[str, _Applied] = {}  # environment uid -> what was applied for it
         self._namespaces = PerNamespace(self._apply_namespace)  # its forward-auth Middleware and closed page
         self._gateway_seen: tuple[float, bool] = (0.0, False)
         self._served: set[str] = set()  # uids whose route answered the probe (or it gave up)
@@ -364,17 +375,19 @@ class GatewayRoutes:
                 f"(settings gateway.name and gateway.namespace name the Gateway routes attach to)",
             )
         objects = [build_route(self._settings, environment, upstream)]
-        if not upstream.service:
+        address = not upstream.service
+        if address:
             try:
                 objects = [*build_endpoint(environment, upstream, ready), *objects]
             except ValueError:
                 return Route(url, False, "NoAddress", f"the backend reported {upstream.address!r}, not an IP address")
         wanted = fingerprint(objects)
-        if self._applied.get(environment.uid, ("",))[0] != wanted:
+        applied = self._applied.get(environment.uid)
+        if applied is None or applied.fingerprint != wanted:
             await self._namespaces.ensure(environment.namespace, environment.uid)
             for body in objects:
                 await self._kube.apply(body)
-            self._applied[environment.uid] = (wanted, environment.namespace, environment.name)
+            self._applied[environment.uid] = _Applied(wanted, environment.namespace, environment.name, address)
             log.info("route.opened", environment=f"{environment.namespace}/{environment.name}", url=url)
         return Route(url, True, "Routed", f"open at {url} through Gateway {gateway}")
 
@@ -387,24 +400,43 @@ class GatewayRoutes:
 
     async def repair(self, live: Collection[str]) -> None:
         """What someone deleted under live environments (uids `live`), made again: a namespace's forward-auth
-        Middleware and closed page, and the route of an environment that runs (converged again, which
-        applies it). Meanwhile the gateway answers there with the closed page or its 404, never past
-        the forward-auth: a route naming a Middleware that does not exist is not served."""
+        Middleware and closed page, and what an environment that runs is routed by (converged again,
+        which applies it): its HTTPRoute, and for an address (a compute node, a VM) the Service without
+        selector and the EndpointSlice. Meanwhile the gateway answers there with the closed page, its
+        404 or a 503 (no endpoint), never past the forward-auth: a route naming a Middleware that does
+        not exist is not served. Services and EndpointSlices are listed only while some environment is
+        routed to an address."""
         if not (self._namespaces.done or self._applied):
             return
         routes = await self._kube.present(GATEWAY_API, "HTTPRoute", MANAGED_SELECTOR)
         middlewares = await self._kube.present(MIDDLEWARE_API, "Middleware", MANAGED_SELECTOR)
+        services: set[tuple[str, str]] = set()
+        slices: set[tuple[str, str]] = set()
+        if any(applied.address for applied in self._applied.values()):
+            services = await self._kube.present("v1", "Service", MANAGED_SELECTOR)
+            slices = await self._kube.present("discovery.k8s.io/v1", "EndpointSlice", ENDPOINT_SLICES)
 
         def having(found: set[tuple[str, str]], name: str) -> set[str]:
             return {namespace for namespace, each in found if each == name}
 
         whole = having(routes, CLOSED_PAGE) & having(middlewares, FORWARD_AUTH) & having(middlewares, CLOSED_PAGE)
         await self._namespaces.restore(self._namespaces.done - whole, "forward-auth Middleware and closed page")
-        for uid, (_, namespace, name) in list(self._applied.items()):
-            environment = Environment(namespace=namespace, name=name, uid=uid, owner="", flavor="")
-            if uid in live and (namespace, environment.child_name) not in routes:
+        for uid, applied in list(self._applied.items()):
+            environment = Environment(namespace=applied.namespace, name=applied.name, uid=uid, owner="", flavor="")
+            key = (applied.namespace, environment.child_name)
+            wanted = {
+                "HTTPRoute": routes,
+                **({"Service": services, "EndpointSlice": slices} if applied.address else {}),
+            }
+            missing = [kind for kind, found in wanted.items() if key not in found]
+            if uid in live and missing:
                 del self._applied[uid]  # no await since the items were read: it is still there
-                log.warning("route.missing", environment=f"{namespace}/{name}", action="converged again")
+                log.warning(
+                    "route.missing",
+                    environment=f"{applied.namespace}/{applied.name}",
+                    missing=missing,
+                    action="converged again",
+                )
                 self.converge(environment)
 
     def _drop(self, uid: str) -> None:

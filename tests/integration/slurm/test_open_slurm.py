@@ -70,6 +70,31 @@ def test_jupyterlab_in_slurm_opens_through_the_gateway_for_its_owner(opened, clu
     assert refused.value.response.status_code == 403
 
 
+def test_the_service_and_endpointslice_someone_deleted_are_made_again_and_nothing_opens_meanwhile(
+    opened, cluster_lab, core, custom, namespace
+):
+    """Nothing but the operator makes the selector-less Service and the EndpointSlice that route to the
+    job's node: someone deletes both, the operator's repair (with its orphan sweep) makes them again,
+    and meanwhile no request gets past the gateway without the forward-auth's yes."""
+    environments, ready, base = cluster_lab
+    answered(opened, base + "api/status", "alice", 200)
+    discovery = kubernetes.client.DiscoveryV1Api(custom.api_client)
+    core.delete_namespaced_service("aenv-hpc", namespace)
+    discovery.delete_namespaced_endpoint_slice("aenv-hpc", namespace)
+    answers = set()
+
+    def owner_back():
+        answers.add(opened.request(base + "api/status", timeout=3)[0])  # no one signed in
+        answers.add(opened.request(base + "api/status", "bob", timeout=3)[0])  # not shared with bob
+        return opened.request(base + "api/status", "alice", timeout=3)[0] == 200
+
+    wait_for(owner_back, timeout=60, what="the owner let in again")
+    assert 200 not in answers and answers <= {401, 403, 404, 503}, answers
+    assert not core.read_namespaced_service("aenv-hpc", namespace).spec.selector
+    (address,) = discovery.read_namespaced_endpoint_slice("aenv-hpc", namespace).endpoints[0].addresses
+    assert address == ready["status"]["backend"]["addresses"][0]
+
+
 def kernel_info(ws) -> dict:
     ws.send(
         json.dumps(
