@@ -120,6 +120,41 @@ def test_what_the_gateway_needs_and_someone_deleted_is_made_again_and_nothing_op
         assert custom.get_namespaced_custom_object(group, version, namespace, plural, name)["metadata"]["name"] == name
 
 
+def test_a_token_known_nowhere_is_said_to_those_who_may_open_it_and_a_resume_gives_a_new_one(
+    opened, operator, directory, environments, core, namespace
+):
+    """Someone deletes a running environment's token Secret, and the operator restarts before anyone
+    opened it (the token was kept only in the old process's memory). Nothing can make that token
+    again: the owner is told so and what to do, a stranger learns nothing, and a suspend and resume
+    starts it with a new token that the gateway hands on."""
+    environments.create("lab", flavor="jupyter-basic", lifetime="1h")
+    environments.wait_phase("lab", "Ready")
+    base = f"/env/{namespace}/lab/"
+    old = core.read_namespaced_secret("aenv-lab", namespace).data["token"]
+    core.delete_namespaced_secret("aenv-lab", namespace)
+    operator.restart()
+    status, headers, page = wait_for(
+        lambda: (answer := opened.request(base, "alice", timeout=3))[0] == 503 and answer,
+        timeout=30,
+        what="the owner told that the token is gone",
+    )
+    assert headers["X-Analysis-Reason"] == "NoToken"
+    assert b"Secret aenv-lab was deleted" in page and b"suspend and resume it" in page
+    assert opened.request(base, "bob")[0] == 403  # its state is nobody else's business
+
+    environments.patch_spec("lab", suspend=True)
+    environments.wait_phase("lab", "Suspended")
+    environments.patch_spec("lab", suspend=False)
+    environments.wait_phase("lab", "Ready")
+    new = core.read_namespaced_secret("aenv-lab", namespace).data["token"]
+    assert new != old
+    with Netns(core.read_namespaced_pod("aenv-lab", namespace).status.pod_ip) as pod:
+        pod.echo_server(8888)
+        status, _, body = served(opened, base + "api/status", "alice")
+        assert status == 200
+        assert json.loads(body)["headers"]["Authorization"] == "token " + base64.b64decode(new).decode()
+
+
 def test_suspend_removes_the_route_and_resume_brings_it_back(opened, environments, custom, namespace):
     environments.create("lab", flavor="jupyter-basic", lifetime="1h")
     environments.wait_phase("lab", "Ready")

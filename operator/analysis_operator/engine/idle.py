@@ -34,7 +34,7 @@ import structlog
 from analysis_operator.engine.converge import Context, end
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.reconciler import apply, utcnow
-from analysis_operator.engine.tokens import read_token
+from analysis_operator.engine.tokens import read_token, token_lost
 from analysis_operator.engine.views import EnvironmentRecord, Index, first, values
 from analysis_operator.model.conditions import build_condition, merge_conditions
 from analysis_operator.model.domain import Environment, Flavor, Phase, format_time, parse_time
@@ -205,7 +205,7 @@ class IdleChecker:
             return ServerActivity(problem="its server's address is not known")
         token = await read_token(self.context.kube, environment)  # kept in memory by engine/tokens.py
         if not token:
-            return ServerActivity(problem="it has no access token")
+            return ServerActivity(problem=token_lost(environment))
         url = server_url(environment, str(endpoint), self.settings, desktop=desktop)
         headers = {"Authorization": f"token {token}"}
         if self._session is None:  # the one timeout below bounds each server

@@ -48,6 +48,15 @@ def known_uids() -> list[str]:
         return list(KNOWN)
 
 
+def token_lost(environment: Environment) -> str:
+    """What to say of a running environment whose token is known nowhere: its Secret was deleted
+    (this process never read it, or it restarted since). Only a new start gives it a new one."""
+    return (
+        f"its access token is gone (Secret {environment.child_name} was deleted), so no one can open it: "
+        "suspend and resume it to start it with a new one"
+    )
+
+
 def new_token() -> str:
     return secrets.token_urlsafe(32)
 

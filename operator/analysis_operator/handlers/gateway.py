@@ -33,7 +33,7 @@ from aiohttp import web
 from analysis_operator.engine.data_access import IndexCatalogue, api_catalogue
 from analysis_operator.engine.idle import GatewayActivity
 from analysis_operator.engine.reconciler import utcnow
-from analysis_operator.engine.tokens import read_token
+from analysis_operator.engine.tokens import read_token, token_lost
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
 from analysis_operator.handlers.offer import add_offer_routes
 from analysis_operator.infra.kube import KubeClient
@@ -127,7 +127,7 @@ class Authorizer:
             return Verdict(503, "RouteNotReady", message, verdict.role), {"Retry-After": "2"}
         server_token = await self._token(record.environment)
         if server_token is None:
-            return Verdict(503, "NoToken", f"{target[0]}/{target[1]} has no access token yet"), {}
+            return Verdict(503, "NoToken", f"{target[0]}/{target[1]}: {token_lost(record.environment)}"), {}
         self.activity.saw(record.environment.uid)
         passed = {"Authorization": f"token {server_token}", "X-Forwarded-User": user}
         cookies = self._other_cookies(headers.get("Cookie", ""))
