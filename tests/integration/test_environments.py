@@ -400,6 +400,63 @@ def test_a_slow_start_is_told_once_the_quiet_moment_is_over(environments, custom
     assert "PodStarting" not in event_reasons(core, namespace, "slow")
 
 
+def kubelet_says(core, namespace: str, pod: str, image: str, reason: str, **state) -> None:
+    """What a node's kubelet writes of a container it cannot start (KWOK, held, writes nothing)."""
+    waiting = {"reason": reason, "message": f"{reason} for {image}"}
+    container = {"name": "jupyterlab", "image": image, "imageID": "", "ready": False, "restartCount": 0}
+    conditions = [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "False"}]
+    body = {"phase": "Pending", "conditions": conditions}
+    body["containerStatuses"] = [{**container, "state": {"waiting": waiting}, **state}]
+    core.patch_namespaced_pod_status(pod, namespace, {"status": body})
+
+
+def test_an_image_the_node_cannot_pull_is_told_at_once_and_once(environments, custom, core, namespace):
+    """A custom image with a typo, or a registry that refuses the cluster: the status says so as soon as
+    the kubelet does (not after the quiet moment: only a person can fix it), with a Warning Event; the
+    kubelet's retries (ErrImagePull and ImagePullBackOff in turn) write nothing more; Ready once it runs."""
+    image = "registry.example.org/xrd/jupyter:typo"
+    with pods_held_pending():
+        created = environments.create("typo", flavor="jupyter-custom", image=image)
+        log = StatusLog(custom, namespace, created)
+        try:
+            wait_for(
+                lambda: (pod := children(core, namespace, "typo")["pod"]) is not None and pod.spec.node_name,
+                timeout=20,
+                what="its pod scheduled",
+            )
+            began = time.monotonic()
+            kubelet_says(core, namespace, "aenv-typo", image, "ErrImagePull")
+            stuck = environments.wait_phase("typo", "Provisioning", timeout=10)["status"]
+            assert time.monotonic() - began < 8, "held for the quiet moment, as a start that is only slow"
+            assert stuck["reason"] == "ImagePullFailed" and f"cannot pull the image {image!r}" in stuck["message"]
+            wait_for(
+                lambda: "ImagePullFailed" in event_reasons(core, namespace, "typo"), timeout=10, what="the Warning"
+            )
+            (event,) = [e for e in events(core, namespace, "typo") if e.reason == "ImagePullFailed"]
+            assert event.type == "Warning"
+            for said in ("ImagePullBackOff", "ErrImagePull", "ImagePullBackOff"):
+                kubelet_says(core, namespace, "aenv-typo", image, said)
+            time.sleep(3)  # three sweeps here: nothing more to write
+            assert [s["reason"] for s in log.statuses] == ["ImagePullFailed"], log.statuses
+        finally:
+            log.stop()
+    # KWOK (the kubelet) continued: the image "came", the server runs
+    environments.wait_phase("typo", "Ready", timeout=30)
+
+
+def test_a_server_that_keeps_exiting_is_told_as_a_warning(environments, core, namespace):
+    """Ready, then JupyterLab exits at once after each restart (CrashLoopBackOff): the status falls back to
+    Provisioning saying so, with the exit code and a Warning Event, instead of "starting"."""
+    environments.create("crash", flavor="test-short")
+    environments.wait_phase("crash", "Ready")
+    image = core.read_namespaced_pod("aenv-crash", namespace).spec.containers[0].image
+    last = {"lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}, "restartCount": 3}
+    kubelet_says(core, namespace, "aenv-crash", image, "CrashLoopBackOff", **last)
+    status = environments.wait_phase("crash", "Provisioning", timeout=15)["status"]
+    assert status["reason"] == "ServerCrashing" and "last exit code 1" in status["message"], status
+    wait_for(lambda: "ServerCrashing" in event_reasons(core, namespace, "crash"), timeout=10, what="the Warning")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_an_operator_stopped_while_a_first_status_is_held(environments, operator, core, namespace, sig):
     """SIGTERM: the held status is written on the way out, with the start time it had. SIGKILL: the

@@ -89,6 +89,26 @@ def test_converges_of_one_environment_never_overlap(monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "before, attention, event",
+    [
+        ({}, True, ("Warning", "ImagePullFailed")),  # the first status: a person must act
+        ({"phase": "Provisioning", "reason": "PodStarting"}, True, ("Warning", "ImagePullFailed")),  # no new phase
+        ({"phase": "Provisioning", "reason": "PodStarting"}, False, None),
+        ({"phase": "Ready", "reason": "PodReady"}, True, ("Warning", "ImagePullFailed")),
+    ],
+)
+def test_a_backend_waiting_on_a_person_is_a_warning_even_without_a_new_phase(before, attention, event):
+    from analysis_operator.engine.converge import _told
+    from analysis_operator.model.domain import Phase
+
+    outcome = _told(ENVIRONMENT, before, Phase.PROVISIONING, "ImagePullFailed", "message", NOW, attention, {})
+    assert (outcome.event[:2] if outcome.event else None) == event
+    written = {**before, **(outcome.status or {})}
+    again = _told(ENVIRONMENT, written, Phase.PROVISIONING, "ImagePullFailed", "message", NOW, attention, {})
+    assert again.status is None and again.event is None  # said once
+
+
+@pytest.mark.parametrize(
     "before, phase, reason, event",
     [
         ({}, "Provisioning", "PodStarting", None),  # a start: the status says it, Up will follow

@@ -532,6 +532,66 @@ def test_a_missing_claim_is_named_with_the_schedulers_own_words(said, reason, wo
     assert all(word in observation.message for word in words), observation.message
 
 
+def waiting(reason, message="", image="registry.example.org/xrd/jupyter:nope", **container) -> dict:
+    return {
+        "name": "jupyterlab",
+        "image": image,
+        "ready": False,
+        "state": {"waiting": {"reason": reason, "message": message}},
+        **container,
+    }
+
+
+@pytest.mark.parametrize(
+    "statuses, reason, words",
+    [
+        (
+            [waiting("ErrImagePull", "pull access denied")],
+            "ImagePullFailed",
+            ["'registry.example.org/xrd/jupyter:nope'"],
+        ),
+        (
+            [waiting("ImagePullBackOff", 'Back-off pulling image "x"')],
+            "ImagePullFailed",
+            ["spec.image", "keeps trying"],
+        ),
+        ([waiting("InvalidImageName", "bad")], "ImagePullFailed", ["is not valid"]),
+        (
+            [waiting("CreateContainerConfigError", 'secret "aenv-lab" not found')],
+            "ContainerNotCreated",
+            ['secret "aenv-lab" not found'],
+        ),
+        (
+            [waiting("CrashLoopBackOff", "back-off 40s", lastState={"terminated": {"exitCode": 127}})],
+            "ServerCrashing",
+            ["last exit code 127", "starts a JupyterLab server"],
+        ),
+        ([waiting("ContainerCreating")], "PodStarting", ["is starting"]),  # every start: nothing wrong
+        ([], "PodStarting", ["is starting"]),
+    ],
+)
+def test_a_container_the_node_cannot_start_is_named_with_what_a_person_can_do(statuses, reason, words):
+    pod = make_pod("Pending", "kwok-cpu-0", [("PodScheduled", "True", {})])
+    pod["status"]["containerStatuses"] = statuses
+    observation = observe_pod(pod)
+    assert (observation.state, observation.reason) == (State.PROVISIONING, reason)
+    assert observation.attention == (reason != "PodStarting")
+    assert all(word in observation.message for word in words), observation.message
+    assert observation.cpus == 0.5  # scheduled: it holds its node's resources, and is charged for them
+
+
+def test_the_kubelets_retries_of_a_pull_change_nothing_a_status_would_show():
+    """ErrImagePull and ImagePullBackOff alternate for as long as the node retries, each with its own
+    words: one observation for both, so a stuck pod costs one status write, not one per retry."""
+    observations = set()
+    for said in ("ErrImagePull", "ImagePullBackOff", "ErrImagePull"):
+        pod = make_pod("Pending", "kwok-cpu-0", [("PodScheduled", "True", {})])
+        pod["status"]["containerStatuses"] = [waiting(said, f"{said}: rpc error {len(observations)}")]
+        observation = observe_pod(pod)
+        observations.add((observation.reason, observation.message))
+    assert len(observations) == 1
+
+
 def test_pods_of_one_flavor_are_parsed_once_and_each_has_its_own_values():
     """infra/render.py parses a template's YAML once for all renders whose values differ only where each
     is a whole value: the package's pod template is written so for everything that differs per environment."""

@@ -74,6 +74,7 @@ class Observation:
     cpus: float = 0.0  # resources held right now, for accounting
     gpus: int = 0
     upstream: Upstream | None = None  # where a gateway reaches it once Ready (None: nowhere)
+    attention: bool = False  # it waits on something only a person can fix: told as a Warning Event
 
 
 @dataclass(frozen=True)

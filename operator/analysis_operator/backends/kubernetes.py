@@ -221,7 +221,44 @@ def observe_pod(pod: Mapping[str, Any] | None, url: str = "") -> Observation:
     cpus, gpus = _held_resources(spec)
     if phase == "Running" and conditions.get("Ready", {}).get("status") == "True":
         return Observation(State.READY, "PodReady", f"JupyterLab is running on {node}", reference, url, cpus, gpus)
-    return Observation(State.PROVISIONING, "PodStarting", "JupyterLab is starting", reference, "", cpus, gpus)
+    reason, message = stuck(status)
+    attention = reason != "PodStarting"
+    return Observation(State.PROVISIONING, reason, message, reference, "", cpus, gpus, attention=attention)
+
+
+# What the kubelet says of a container that cannot start, as a reason a person can act on. Its
+# retries go on (the pod may still start, and holds its node's resources meanwhile); the words stay
+# the same from one retry to the next (ErrImagePull and ImagePullBackOff alternate), so a stuck pod
+# costs one status write, not one per retry.
+_PULL = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "RegistryUnavailable"})
+_NOT_CREATED = frozenset({"CreateContainerConfigError", "CreateContainerError", "RunContainerError"})
+
+
+def stuck(status: Mapping[str, Any]) -> tuple[str, str]:
+    """(reason, message) of a pod that runs no ready JupyterLab yet (pure): PodStarting, or why the
+    kubelet cannot start it (the first container that says so)."""
+    for container in [*(status.get("initContainerStatuses") or ()), *(status.get("containerStatuses") or ())]:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        said, image = str(waiting.get("reason") or ""), container.get("image") or "?"
+        if said == "InvalidImageName":
+            return "ImagePullFailed", f"the image name {image!r} is not valid: correct spec.image or the flavor's image"
+        if said in _PULL:
+            return (
+                "ImagePullFailed",
+                f"the node cannot pull the image {image!r}: check its name (spec.image or the flavor's image) and that "
+                "the registry lets the cluster pull it; the node keeps trying, and it starts once the image comes",
+            )
+        if said in _NOT_CREATED:
+            return "ContainerNotCreated", f"the node cannot start JupyterLab ({said}): {waiting.get('message') or said}"
+        if said == "CrashLoopBackOff":
+            ended = ((container.get("lastState") or {}).get("terminated") or {}).get("exitCode")
+            code = f" (last exit code {ended})" if ended is not None else ""
+            return (
+                "ServerCrashing",
+                f"JupyterLab exits as soon as it starts{code} and the node restarts it with a growing delay: check "
+                f"that the image {image!r} starts a JupyterLab server",
+            )
+    return "PodStarting", "JupyterLab is starting"
 
 
 _MISSING_CLAIM = re.compile(r'persistentvolumeclaim "([^"]+)" not found')

@@ -47,7 +47,9 @@ from analysis_operator.policy.requests import check_request
 log = structlog.get_logger("analysis_operator.converge")
 
 WARNING_PHASES = frozenset({Phase.FAILED, Phase.REJECTED, Phase.EXPIRED, Phase.BUDGET_EXHAUSTED})
-# Waiting for something only people can fix (a dataset's claim missing in the namespace): a Warning too.
+# Waiting for something only people can fix (a dataset's claim missing in the namespace; or whatever a
+# backend's Observation.attention says, such as an image the node cannot pull): a Warning too, also
+# told when only the reason changes to it.
 WARNING_REASONS = frozenset({"ClaimNotFound"})
 # A start (from nothing, waiting or suspended) tells a person nothing the status does not: its Normal
 # Event is left out, and the next one says how the start ended (Up, or a Warning). One Event per start,
@@ -187,12 +189,28 @@ def _transition(
     now: datetime.datetime,
     **fields: Any,
 ) -> Outcome:
+    return _told(environment, status, phase, reason, message, now, False, fields)
+
+
+def _told(
+    environment: Environment,
+    status: Mapping[str, Any],
+    phase: Phase,
+    reason: str,
+    message: str,
+    now: datetime.datetime,
+    attention: bool,
+    fields: Mapping[str, Any],
+) -> Outcome:
+    """The transition's patch, and its Event: on a new phase (not for a start, see QUIET_STARTS), and
+    also without one when it asks a person to act (`attention`, WARNING_REASONS) for a new reason."""
     patch = build_transition(
         status, phase=phase, reason=reason, message=message, generation=environment.generation, now=now, **fields
     )
     event = None
-    if patch is not None and status.get("phase") != phase.value:
-        warning = phase in WARNING_PHASES or reason in WARNING_REASONS
+    attention = attention or reason in WARNING_REASONS
+    if patch is not None and (status.get("phase") != phase.value or (attention and status.get("reason") != reason)):
+        warning = phase in WARNING_PHASES or attention
         if warning or not (phase is Phase.PROVISIONING and (status.get("phase") or "") in QUIET_STARTS):
             event = ("Warning" if warning else "Normal", reason, message)
         log.info(
@@ -550,7 +568,7 @@ async def _observed(
         extra["stoppedAt"] = format_time(now)
     if phase is Phase.READY and status.get("phase") != Phase.READY.value and mounts:
         await context.access.mounted(environment, mounts)
-    outcome = _transition(environment, status, phase, reason, message, now, **extra)
+    outcome = _told(environment, status, phase, reason, message, now, observation.attention, extra)
     if (
         outcome.status is None
         and phase is Phase.READY
