@@ -376,6 +376,19 @@ class Gateway:
         except TimeoutError:
             return 0, {}, b""
 
+    def others_until_owner_back(self, path: str, owner: str, stranger: str, timeout: float = 60) -> set[int]:
+        """Ask `path` as no one and as `stranger` (a signed-in user it is not shared with), then as
+        `owner`, until the owner gets 200: what the first two were answered meanwhile."""
+        answers = set()
+
+        def owner_back() -> bool:
+            answers.add(self.request(path, timeout=3)[0])
+            answers.add(self.request(path, stranger, timeout=3)[0])
+            return self.request(path, owner, timeout=3)[0] == 200
+
+        wait_for(owner_back, timeout=timeout, what=f"{owner} let in again at {path}")
+        return answers
+
 
 def identity_provider(directory: pathlib.Path) -> dict[str, str]:
     """A stand-in identity provider (hack/identity.py) in `directory`: the operator's OIDC settings."""

@@ -107,14 +107,7 @@ def test_what_the_gateway_needs_and_someone_deleted_is_made_again_and_nothing_op
         assert served(opened, base + "api/status", "alice")[0] == 200
         for group, version, plural, name in made:
             custom.delete_namespaced_custom_object(group, version, namespace, plural, name)
-        answers = set()
-
-        def owner_back():
-            answers.add(opened.request(base + "api/status", timeout=3)[0])  # no one signed in
-            answers.add(opened.request(base + "api/status", "bob", timeout=3)[0])  # not shared with bob
-            return opened.request(base + "api/status", "alice", timeout=3)[0] == 200
-
-        wait_for(owner_back, timeout=60, what="the owner let in again")
+        answers = opened.others_until_owner_back(base + "api/status", "alice", "bob")  # not shared with bob
         assert 200 not in answers and answers <= {401, 403, 404, 503}, answers
     for group, version, plural, name in made:
         assert custom.get_namespaced_custom_object(group, version, namespace, plural, name)["metadata"]["name"] == name

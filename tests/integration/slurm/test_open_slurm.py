@@ -81,14 +81,7 @@ def test_the_service_and_endpointslice_someone_deleted_are_made_again_and_nothin
     discovery = kubernetes.client.DiscoveryV1Api(custom.api_client)
     core.delete_namespaced_service("aenv-hpc", namespace)
     discovery.delete_namespaced_endpoint_slice("aenv-hpc", namespace)
-    answers = set()
-
-    def owner_back():
-        answers.add(opened.request(base + "api/status", timeout=3)[0])  # no one signed in
-        answers.add(opened.request(base + "api/status", "bob", timeout=3)[0])  # not shared with bob
-        return opened.request(base + "api/status", "alice", timeout=3)[0] == 200
-
-    wait_for(owner_back, timeout=60, what="the owner let in again")
+    answers = opened.others_until_owner_back(base + "api/status", "alice", "bob")  # not shared with bob
     assert 200 not in answers and answers <= {401, 403, 404, 503}, answers
     assert not core.read_namespaced_service("aenv-hpc", namespace).spec.selector
     (address,) = discovery.read_namespaced_endpoint_slice("aenv-hpc", namespace).endpoints[0].addresses
