@@ -577,7 +577,7 @@ def test_a_container_the_node_cannot_start_is_named_with_what_a_person_can_do(st
     assert (observation.state, observation.reason) == (State.PROVISIONING, reason)
     assert observation.attention == (reason != "PodStarting")
     assert all(word in observation.message for word in words), observation.message
-    assert observation.cpus == 0.5  # scheduled: it holds its node's resources, and is charged for them
+    assert observation.cpus == 0.5  # scheduled: it holds its node's resources (charged only once Ready)
 
 
 def test_the_kubelets_retries_of_a_pull_change_nothing_a_status_would_show():
