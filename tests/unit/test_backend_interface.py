@@ -11,8 +11,10 @@ server's side of these paths is in tests/integration.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import datetime
+import json
 from collections.abc import Collection
 
 import pytest
@@ -24,6 +26,7 @@ from analysis_operator.engine.decisions import Decisions
 from analysis_operator.engine.reconciler import Reconciler, apply
 from analysis_operator.engine.sweep import due, sweep
 from analysis_operator.engine.views import EnvironmentRecord
+from analysis_operator.infra.kube import KubeError
 from analysis_operator.model.conditions import apply_merge_patch
 from analysis_operator.model.domain import Dataset, DatasetRef, DatasetStorage, Environment, Flavor, Mount
 from analysis_operator.policy.budgets import Budget
@@ -654,3 +657,58 @@ def test_nothing_is_kept_for_an_environment_once_it_is_gone():
         reconciler.close()
 
     asyncio.run(scenario())
+
+
+def refused_by(message: str, code: int = 403) -> KubeError:
+    body = json.dumps({"kind": "Status", "status": "Failure", "message": message, "code": code})
+    return KubeError("POST", "/api/v1/namespaces/ns/pods", code, "Forbidden", body)
+
+
+def test_what_a_rule_of_the_cluster_refuses_waits_said_once_and_starts_when_allowed():
+    """A quota, Pod Security or a facility's policy refusing what the backend makes: Pending with the API
+    server's words, one Warning, tried again every 30 s; the same refusal again writes nothing; once
+    allowed it starts. Any other error is not taken for one (it stays the retry with backoff)."""
+    backend, cluster, context = setup()
+    quota = 'pods "aenv-lab" is forbidden: exceeded quota: compute, requested: limits.memory=16Gi'
+
+    async def scenario():
+        backend.fail_next = refused_by(quota)
+        status, outcome = await run(context, ENVIRONMENT, {})
+        assert (status["phase"], status["reason"]) == ("Pending", "RefusedByCluster")
+        assert quota in status["message"] and "Tried again every 30 s" in status["message"]
+        assert "startedAt" not in status and "ensure" not in backend.calls
+        assert outcome.event[:2] == ("Warning", "RefusedByCluster") and outcome.retry_after == 30
+        assert outcome.message == "KubeError(403 Forbidden: POST /api/v1/namespaces/ns/pods) refused"  # for logs
+
+        backend.fail_next = refused_by(quota)
+        again, outcome = await run(context, ENVIRONMENT, status)
+        assert outcome.status is None and outcome.event is None and outcome.retry_after == 30
+
+        status, outcome = await run(context, ENVIRONMENT, again)
+        assert (status["phase"], status["reason"]) == ("Provisioning", "Starting") and status["startedAt"]
+
+        backend.fail_next = refused_by("not found", code=404)
+        with pytest.raises(KubeError):
+            await run(context, dataclasses.replace(ENVIRONMENT, uid="u-2", name="other"), {})
+
+    asyncio.run(scenario())
+
+
+class EchoingCluster(Cluster):
+    """A policy that refuses Secrets and quotes what they hold, as it came (the token's base64, as a
+    webhook sees it) and decoded (as a CEL rule with string() might)."""
+
+    async def create(self, kind: str, namespace: str, body: dict) -> bool:
+        encoded = body["data"]["token"]
+        echoed = f"not here: {encoded} = {base64.b64decode(encoded).decode()}"
+        raise KubeError(
+            "POST", f"/api/v1/namespaces/{namespace}/secrets", 403, "Forbidden", json.dumps({"message": echoed})
+        )
+
+
+def test_a_refusal_quoting_the_token_secret_says_it_without_the_token():
+    backend = MemoryBackend()
+    context = Context(kube=EchoingCluster(), backends={"memory": backend}, access=Catalogue())
+    status, outcome = asyncio.run(run(context, ENVIRONMENT, {}))
+    assert status["reason"] == "RefusedByCluster" and "not here: [token] = [token]." in status["message"]
+    assert outcome.event[2] == status["message"] and "ensure" not in backend.calls

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import structlog
+from kubernetes.client.rest import ApiException
 
 from analysis_operator.backends.base import Backend, BackendUnavailable, Launch, Observation, Retry, State
 from analysis_operator.engine import tokens
@@ -27,7 +28,7 @@ from analysis_operator.engine.status import backend_status, phase_from_observati
 from analysis_operator.engine.terms import build_terms, effective_flavor
 from analysis_operator.engine.tokens import delete_token, ensure_token
 from analysis_operator.infra import metrics
-from analysis_operator.infra.kube import KubeClient
+from analysis_operator.infra.kube import KubeClient, cluster_refusal
 from analysis_operator.model.conditions import build_condition, build_transition, merge_conditions
 from analysis_operator.model.domain import (
     Environment,
@@ -51,6 +52,10 @@ WARNING_PHASES = frozenset({Phase.FAILED, Phase.REJECTED, Phase.EXPIRED, Phase.B
 # backend's Observation.attention says, such as an image the node cannot pull): a Warning too, also
 # told when only the reason changes to it.
 WARNING_REASONS = frozenset({"ClaimNotFound"})
+# The API server refused something an environment needs, for a rule of the cluster (_refused): tried again
+# this often, since a quota may have room again.
+REFUSED = "RefusedByCluster"
+REFUSED_RETRY_SECONDS = 30.0
 # A start (from nothing, waiting or suspended) tells a person nothing the status does not: its Normal
 # Event is left out, and the next one says how the start ended (Up, or a Warning). One Event per start,
 # not two. Falling back from Ready to Provisioning (its pod gone) is still told.
@@ -231,6 +236,25 @@ def _waiting(
     return Outcome(outcome.status, outcome.event, retry_after=delay, message=message)
 
 
+def _refused(
+    environment: Environment, status: Mapping[str, Any], refusal: str, call: str, now: datetime.datetime
+) -> Outcome:
+    """A rule of the cluster refused something this environment needs (its pod, Service, token Secret or
+    route: Pod Security, a ResourceQuota, a LimitRange, a facility's admission policy): Pending with the
+    API server's words and a Warning Event, tried again every REFUSED_RETRY_SECONDS, since a quota may
+    have room again and a policy may change. Nothing was started, so nothing is charged. The log names
+    the call only (`call`: KubeError's repr), never the API server's message."""
+    message = (
+        f"Kubernetes refused what this environment needs: {refusal}. Tried again every "
+        f"{REFUSED_RETRY_SECONDS:.0f} s (it starts once a quota has room or the policy allows it): "
+        "ask the platform team, or delete this environment"
+    )
+    outcome = _told(environment, status, Phase.PENDING, REFUSED, message, now, True, {})
+    if outcome.event is not None:
+        log.warning("environment.refused", environment=f"{environment.namespace}/{environment.name}", call=call)
+    return Outcome(outcome.status, outcome.event, retry_after=REFUSED_RETRY_SECONDS, message=f"{call} refused")
+
+
 async def stop(
     context: Context,
     environment: Environment,
@@ -299,6 +323,11 @@ async def converge(
         except BackendUnavailable as error:
             metrics.backend_reached(flavor.backend if flavor else "", False)
             outcome = _unreachable(environment, latest, flavor, str(error), now)
+        except ApiException as error:
+            refusal = cluster_refusal(error)
+            if not refusal:
+                raise
+            outcome = _refused(environment, latest, refusal, repr(error), now)
         context.decisions.remember(environment.uid, status, latest, outcome.status)
         return outcome
 

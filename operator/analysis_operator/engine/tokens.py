@@ -14,6 +14,8 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+from kubernetes.client.rest import ApiException
+
 from analysis_operator.backends.base import Retry
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.model.domain import LABEL_ENVIRONMENT_UID, Environment
@@ -81,7 +83,14 @@ async def ensure_token(kube: KubeClient, environment: Environment) -> str:
     earlier environment (orphaned by `kubectl delete --cascade=orphan`) is never adopted: its token
     was someone else's."""
     token = new_token()
-    if await kube.create("Secret", environment.namespace, build_token_secret(environment, token)):
+    secret = build_token_secret(environment, token)
+    try:
+        made = await kube.create("Secret", environment.namespace, secret)
+    except ApiException as error:  # a refusal's words go to status and logs: never with the token in them
+        if isinstance(error.body, str):
+            error.body = error.body.replace(token, "[token]").replace(secret["data"][TOKEN_KEY], "[token]")
+        raise
+    if made:
         return remember(environment.uid, token)
     metadata = await kube.read_metadata("Secret", environment.namespace, environment.child_name) or {}
     if (metadata.get("labels") or {}).get(LABEL_ENVIRONMENT_UID) != environment.uid:

@@ -64,6 +64,7 @@ TIMEOUT = 60.0
 TERMINATING_SECONDS = 30.0
 NOT_TERMINATING_SECONDS = 1.0  # how long "not being deleted" is taken as the answer (KubeClient.namespace_going)
 _NAMESPACE_IN_PATH = re.compile(r"/namespaces/([^/]+)/")
+REFUSAL_CHARACTERS = 800  # of the API server's message quoted in status (cluster_refusal)
 # A watch is ended by the server after this long (the client then watches again from where it was); a
 # connection silent for longer than that plus a margin is taken for dead.
 WATCH_SECONDS = 600
@@ -97,6 +98,8 @@ class KubeError(ApiException):
     def __repr__(self) -> str:
         return f"KubeError({self.status} {self.reason}: {self.call}{': ' + self.denial if self.denial else ''})"
 
+    __str__ = __repr__  # what kopf's log line and a traceback's last line show: never the answer's message
+
 
 def rbac_denial(body: str | bytes | None) -> str:
     """'User "x" cannot patch resource "y" in API group "g" in the namespace "n"' from a 403's Status (pure)."""
@@ -106,6 +109,21 @@ def rbac_denial(body: str | bytes | None) -> str:
         return ""
     found = _RBAC_DENIAL.search(message)
     return found.group(1) if found else ""
+
+
+def cluster_refusal(error: BaseException) -> str:
+    """The API server's own words for a call a rule of the cluster refused, one that the same call made
+    again does not get past by itself (Pod Security, a ResourceQuota or LimitRange, an admission policy
+    or webhook of the facility's, the operator's RBAC, validation): for the environment's status, which
+    its owner reads (pure). "" for anything else (not found, a conflict, a namespace being deleted, the
+    server away or overloaded), which callers retry as they did."""
+    if not isinstance(error, ApiException) or error.status not in (403, 422) or namespace_terminating(error):
+        return ""
+    try:
+        message = str((json.loads(error.body or b"{}") or {}).get("message") or "")
+    except (ValueError, AttributeError):
+        message = ""
+    return (message or f"{error.status} {error.reason}")[:REFUSAL_CHARACTERS]
 
 
 def namespace_terminating(error: BaseException) -> bool:
