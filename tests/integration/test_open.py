@@ -195,6 +195,44 @@ def test_a_gateway_that_does_not_exist_is_a_condition_not_a_failure(operator, ga
         operator.configure(**gateway.settings)
 
 
+def test_a_route_the_namespace_quota_refuses_is_a_condition_until_it_has_room(
+    opened, directory, environments, core, custom, namespace
+):
+    """The namespace's ResourceQuota allows no HTTPRoute: the environment runs (and is charged as running),
+    its Routable condition says what refused the route, in the API server's words, with one Warning; nothing
+    opens meanwhile; once the quota has room the route is made (tried every 30 s) and the owner gets in."""
+    quota = {"metadata": {"name": "routes"}, "spec": {"hard": {"count/httproutes.gateway.networking.k8s.io": "0"}}}
+    core.create_namespaced_resource_quota(namespace, quota)
+    wait_for(lambda: core.read_namespaced_resource_quota("routes", namespace).status.hard, timeout=20, what="quota")
+    environments.create("lab", flavor="jupyter-basic", lifetime="1h")
+    wait_for(
+        lambda: conditions(environments.get("lab")).get("Routable", {}).get("reason") == "RefusedByCluster",
+        timeout=30,
+        what=lambda: f"Routable=False RefusedByCluster: {json.dumps(environments.get('lab').get('status'))}",
+    )
+    status = environments.get("lab")["status"]
+    routable = conditions(environments.get("lab"))["Routable"]
+    assert routable["status"] == "False" and "exceeded quota: routes" in routable["message"], routable
+    assert status["phase"] == "Ready" and "startedAt" in status  # it runs: charged, its lifetime running
+    assert route(custom, namespace, "lab") is None
+    warnings = core.list_namespaced_event(
+        namespace, field_selector="involvedObject.name=lab,reason=RefusedByCluster"
+    ).items
+    assert [event.type for event in warnings] == ["Warning"]
+    base = f"/env/{namespace}/lab/"
+    pod_ip = core.read_namespaced_pod("aenv-lab", namespace).status.pod_ip
+    with Netns(pod_ip) as pod:
+        pod.echo_server(8888)
+        assert opened.request(base + "api/status", "alice", timeout=3)[0] != 200
+        core.delete_namespaced_resource_quota("routes", namespace)
+        wait_for(
+            lambda: conditions(environments.get("lab")).get("Routable", {}).get("status") == "True",
+            timeout=60,
+            what="the route made once the quota has room",
+        )
+        assert served(opened, base + "api/status", "alice")[0] == 200
+
+
 def test_ready_means_the_gateway_already_serves_the_route(opened, directory, environments, custom, namespace):
     """Ready is written once the operator's probe got through the environment's own route (settings
     gateway.probe_url): a browser following status.connection.url the moment it says Ready reaches the

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import json
 
 import pytest
 
@@ -20,6 +21,7 @@ from analysis_operator.engine.routes import (
     build_route,
     public_url,
 )
+from analysis_operator.infra.kube import KubeError
 from analysis_operator.model.domain import Dataset, DatasetRef, Environment
 from analysis_operator.policy.access import StaticCatalogue
 from analysis_operator.policy.opening import (
@@ -436,6 +438,62 @@ def test_the_service_and_endpointslice_of_an_address_deleted_by_someone_are_made
         assert converged == [LAB.uid]
 
     asyncio.run(scenario())
+
+
+class QuotaKube(ListingKube):
+    """A namespace whose ResourceQuota has no room for Services (a Slurm job's or a VM's route) until `room`."""
+
+    room = False
+
+    async def apply(self, body: dict) -> dict:
+        if body["kind"] == "Service" and not self.room:
+            message = 'services "aenv-lab" is forbidden: exceeded quota: q, requested: services=1, used: services=5'
+            raise KubeError(
+                "PATCH",
+                "/api/v1/namespaces/team-a/services/aenv-lab",
+                403,
+                "Forbidden",
+                json.dumps({"message": message}),
+            )
+        return await super().apply(body)
+
+
+def test_a_route_the_cluster_refuses_is_not_routable_says_why_and_is_made_once_allowed():
+    """A compute node's route (Service without selector, EndpointSlice, HTTPRoute) refused by a quota: a
+    Route that is not routable with the API server's words (converge makes it the Routable condition, with
+    the job's allocation still recorded and charged); nothing is taken for applied, so the next converge
+    applies it all once there is room. Any other error is not taken for a refusal."""
+    from analysis_operator.engine.routes import GatewayRoutes
+
+    kube = QuotaKube()
+    routes = GatewayRoutes(kube, SETTINGS)  # type: ignore[arg-type]
+    node = Upstream(port=20001, address="10.1.2.3", landing="lab")
+
+    async def scenario() -> None:
+        refused = await routes.open(LAB, node)
+        assert (refused.routable, refused.reason) == (False, "RefusedByCluster")
+        assert (
+            "exceeded quota: q, requested: services=1" in refused.message
+            and "the environment itself runs" in refused.message
+        )
+        kube.room = True
+        opened = await routes.open(LAB, node)
+        assert (opened.routable, opened.reason) == (True, "Routed")
+        assert sorted(kind for kind, _ in kube.applied if kind != "Middleware") == [
+            "EndpointSlice",
+            "HTTPRoute",
+            "HTTPRoute",
+            "Service",
+        ]
+
+    asyncio.run(scenario())
+
+    class Broken(ListingKube):
+        async def apply(self, body: dict) -> dict:
+            raise KubeError("PATCH", "/apis/x", 500, "Internal Server Error", "{}")
+
+    with pytest.raises(KubeError):
+        asyncio.run(GatewayRoutes(Broken(), SETTINGS).open(LAB, node))  # type: ignore[arg-type]
 
 
 def test_a_pod_routed_by_its_own_service_lists_no_services_or_endpointslices_for_the_repair():

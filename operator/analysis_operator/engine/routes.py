@@ -31,10 +31,11 @@ from typing import Any, Protocol
 
 import aiohttp
 import structlog
+from kubernetes.client.rest import ApiException
 
 from analysis_operator.backends.base import Upstream
 from analysis_operator.engine.tokens import read_token
-from analysis_operator.infra.kube import KubeClient
+from analysis_operator.infra.kube import KubeClient, cluster_refusal
 from analysis_operator.infra.per_namespace import PerNamespace
 from analysis_operator.model.domain import LABEL_ENVIRONMENT_UID, MANAGED_SELECTOR, Environment
 from analysis_operator.policy.opening import PROBE_HEADER, base_path, probe_signature
@@ -384,9 +385,24 @@ class GatewayRoutes:
         wanted = fingerprint(objects)
         applied = self._applied.get(environment.uid)
         if applied is None or applied.fingerprint != wanted:
-            await self._namespaces.ensure(environment.namespace, environment.uid)
-            for body in objects:
-                await self._kube.apply(body)
+            try:
+                await self._namespaces.ensure(environment.namespace, environment.uid)
+                for body in objects:
+                    await self._kube.apply(body)
+            except ApiException as error:  # a quota on Services, a policy on HTTPRoutes: what runs is told
+                refusal = cluster_refusal(error)
+                if not refusal:
+                    raise
+                log.warning(
+                    "route.refused", environment=f"{environment.namespace}/{environment.name}", call=repr(error)
+                )
+                return Route(
+                    url,
+                    False,
+                    "RefusedByCluster",
+                    f"Kubernetes refused what its route needs: {refusal}. {url} does not answer until it is allowed "
+                    "(tried again every 30 s); the environment itself runs",
+                )
             self._applied[environment.uid] = _Applied(wanted, environment.namespace, environment.name, address)
             log.info("route.opened", environment=f"{environment.namespace}/{environment.name}", url=url)
         return Route(url, True, "Routed", f"open at {url} through Gateway {gateway}")
