@@ -457,6 +457,41 @@ def test_a_server_that_keeps_exiting_is_told_as_a_warning(environments, core, na
     wait_for(lambda: "ServerCrashing" in event_reasons(core, namespace, "crash"), timeout=10, what="the Warning")
 
 
+def test_a_pod_the_node_evicted_is_replaced_with_the_same_url_and_token(environments, core, namespace):
+    """The node evicts the JupyterLab pod (memory pressure; a node's shutdown ends pods the same way):
+    nothing in the environment ended it, so a new pod replaces it, as a Deployment's would, with the same
+    Service, URL and token, told once as a Warning; it is Ready again by itself."""
+    environments.create("evicted", flavor="test-short")
+    ready = environments.wait_phase("evicted", "Ready")["status"]
+    before = children(core, namespace, "evicted")
+    ended = {
+        "phase": "Failed",
+        "reason": "Evicted",
+        "message": "The node was low on resource: memory. Threshold quantity: 100Mi, available: 20Mi.",
+        "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "False"}],
+    }
+    with pods_held_pending():  # the kubelet (KWOK) writes nothing over the node's words
+        core.patch_namespaced_pod_status("aenv-evicted", namespace, {"status": ended})
+        status = environments.wait_phase("evicted", "Provisioning", timeout=15)["status"]
+        assert status["reason"] == "PodReplaced", status
+        assert "(Evicted: The node was low on resource: memory." in status["message"]
+        wait_for(
+            lambda: (
+                (pod := children(core, namespace, "evicted")["pod"]) is not None
+                and pod.metadata.uid != before["pod"].metadata.uid
+            ),
+            timeout=20,
+            what="a new pod in place of the evicted one",
+        )
+    again = environments.wait_phase("evicted", "Ready", timeout=30)["status"]
+    after = children(core, namespace, "evicted")
+    assert after["secret"].data["token"] == before["secret"].data["token"]
+    assert after["service"].metadata.uid == before["service"].metadata.uid
+    assert again["connection"] == ready["connection"] and again["startedAt"] == ready["startedAt"]
+    warnings = [event for event in events(core, namespace, "evicted") if event.reason == "PodReplaced"]
+    assert [event.type for event in warnings] == ["Warning"]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_an_operator_stopped_while_a_first_status_is_held(environments, operator, core, namespace, sig):
     """SIGTERM: the held status is written on the way out, with the start time it had. SIGKILL: the

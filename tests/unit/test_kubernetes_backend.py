@@ -240,3 +240,49 @@ def test_a_service_that_cannot_be_made_again_leaves_the_others_to_be_made():
         assert kube.created == ["Service/b/aenv-lab"]
 
     asyncio.run(scenario())
+
+
+def test_a_pod_the_node_ended_is_replaced_a_few_times_then_the_environment_fails_in_the_nodes_words():
+    """Evicted (memory pressure), or stopped by a node's shutdown: the pod is deleted and a new one made (its
+    deletion's event converges again), told as PodReplaced for a person; a node that ends every pod makes
+    no loop: after REPLACEMENTS the observation is FAILED, which ends the environment."""
+    from analysis_operator.backends.base import State
+    from analysis_operator.backends.kubernetes import REPLACEMENTS
+
+    evicted = {
+        "metadata": {},
+        "spec": {"nodeName": "n"},
+        "status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."},
+    }
+    pods: dict[tuple[str, str], list[PodSummary]] = {}
+    lab = launch("team-a", "lab")
+
+    class Deleting(Kube):
+        async def delete_owned(self, kind: str, namespace: str, name: str, label: str, uid: str) -> bool:
+            self.created.append(f"deleted {kind}/{namespace}/{name}")
+            pods.pop((namespace, "lab"), None)  # its DELETED event
+            return True
+
+    async def scenario() -> None:
+        kube = Deleting()
+        kube.release.set()
+        backend = KubernetesBackend(kube, Settings(), pods)
+        for _ in range(REPLACEMENTS):
+            pods[("team-a", "lab")] = [PodSummary("uid-lab", observe_pod(evicted))]
+            seen = await backend.observe(lab.environment)
+            assert seen.state is State.GONE  # the engine then calls ensure
+            replaced = await backend.ensure(lab)
+            assert (replaced.state, replaced.reason, replaced.attention) == (State.PROVISIONING, "PodReplaced", True)
+            assert "(Evicted: The node was low on resource: memory.)" in replaced.message
+            assert "same URL and token" in replaced.message and replaced.upstream is not None
+            assert kube.created[-1] == "deleted Pod/team-a/aenv-lab"
+            made = await backend.ensure(lab)  # converged again after the deletion: a new pod
+            assert made.state is State.PROVISIONING and kube.created[-1] == "Pod/team-a/aenv-lab"
+        pods[("team-a", "lab")] = [PodSummary("uid-lab", observe_pod(evicted))]
+        given_up = await backend.observe(lab.environment)
+        assert (given_up.state, given_up.reason) == (State.FAILED, "Evicted")
+        assert given_up.message.endswith(f"(the node ended its JupyterLab pod {REPLACEMENTS + 1} times)")
+        backend.forget({"uid-lab"})  # a namesake later starts with a clean count
+        assert (await backend.observe(lab.environment)).state is State.GONE
+
+    asyncio.run(scenario())

@@ -305,6 +305,13 @@ def summarize_pod(pod: Mapping[str, Any]) -> PodSummary:
     return PodSummary(labels.get(LABEL_ENVIRONMENT_UID, ""), observe_pod(pod))
 
 
+# A pod the node ended (evicted for memory or disk pressure, stopped by a node's shutdown, refused by the
+# kubelet): with restartPolicy Always nothing in the environment ends its pod, so it is replaced, as a
+# Deployment's would be, keeping Service, URL and token. At most this many times per environment (in this
+# process), so that a node refusing every pod makes no loop; then the environment is Failed, in the node's words.
+REPLACEMENTS = 3
+
+
 class KubernetesBackend:
     """Pods and Services through the API; what exists is read from kopf's pod index."""
 
@@ -320,6 +327,7 @@ class KubernetesBackend:
         self._extension = PerNamespace(lambda namespace: kube.apply(build_extension_config_map(namespace)))
         # (namespace, environment name, uid) of the Services the last orphan sweep listed, until a repair
         self._services: set[tuple[str, str, str]] | None = None
+        self._replaced: dict[str, int] = {}  # environment uid -> pods the node ended and this process replaced
 
     def validate(self, environment: Environment, flavor: Flavor) -> Refusal | None:
         if not (environment.image or flavor.image):
@@ -340,12 +348,20 @@ class KubernetesBackend:
                     observation = dataclasses.replace(observation, upstream=build_upstream(environment, self._settings))
                 if observation.state is State.READY:
                     observation = dataclasses.replace(observation, url=build_url(environment, self._settings))
+                if observation.state is State.FAILED:  # the node ended it: replaced (ensure), a few times
+                    replaced = self._replaced.get(environment.uid, 0)
+                    if replaced < REPLACEMENTS:
+                        return dataclasses.replace(observation, state=State.GONE)
+                    message = f"{observation.message} (the node ended its JupyterLab pod {replaced + 1} times)"
+                    return dataclasses.replace(observation, message=message)
                 return observation
         return None
 
     async def ensure(self, launch: Launch) -> Observation:
         environment, flavor = launch.environment, launch.flavor
         observation = self._indexed(environment)
+        if observation is not None and observation.state is State.GONE:
+            return await self._replace(environment, observation)
         if observation is not None:
             return observation
         dataset_volumes, dataset_mounts = build_dataset_volumes(launch.mounts)
@@ -359,6 +375,28 @@ class KubernetesBackend:
         await self._create_own("Pod", environment, pod)
         # routable from now on (its Service exists): the gateway has the route before the pod is Ready
         return dataclasses.replace(observe_pod(pod), upstream=build_upstream(environment, self._settings))
+
+    async def _replace(self, environment: Environment, ended: Observation) -> Observation:
+        """Delete the pod the node ended (terminal: the API server removes it at once); its deletion's
+        event converges the environment again, which creates the new pod (REPLACEMENTS)."""
+        await self._delete_own("Pod", environment)
+        self._replaced[environment.uid] = self._replaced.get(environment.uid, 0) + 1
+        log.warning(
+            "pod.replaced",
+            environment=f"{environment.namespace}/{environment.name}",
+            reason=ended.reason,
+            node=ended.reference.get("node", ""),
+        )
+        home = "files in the home directory are kept" if self._settings.home.claims else "and so is its home directory"
+        return Observation(
+            State.PROVISIONING,
+            "PodReplaced",
+            f"the node ended the JupyterLab pod ({ended.reason}: {ended.message}); a new one is starting, with the "
+            f"same URL and token (what ran in the old one, such as kernels, is lost; {home})",
+            ended.reference,
+            upstream=build_upstream(environment, self._settings),
+            attention=True,
+        )
 
     async def _create_own(self, kind: str, environment: Environment, body: dict[str, Any]) -> None:
         """Create, or keep what is there if it is this environment's. A leftover of an earlier
@@ -395,6 +433,8 @@ class KubernetesBackend:
     def forget(self, uids: Collection[str]) -> None:
         """The namespace's aenv-jupyter ConfigMap is applied again once none of its environments is left."""
         self._extension.forget(uids)
+        for uid in uids:
+            self._replaced.pop(uid, None)
 
     async def repair(self, live: Collection[str]) -> None:
         """What someone deleted under live environments, made again: the aenv-jupyter ConfigMap of a
