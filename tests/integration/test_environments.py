@@ -472,9 +472,13 @@ def test_a_pod_the_node_evicted_is_replaced_with_the_same_url_and_token(environm
     }
     with pods_held_pending():  # the kubelet (KWOK) writes nothing over the node's words
         core.patch_namespaced_pod_status("aenv-evicted", namespace, {"status": ended})
-        status = environments.wait_phase("evicted", "Provisioning", timeout=15)["status"]
-        assert status["reason"] == "PodReplaced", status
-        assert "(Evicted: The node was low on resource: memory." in status["message"]
+        warnings = wait_for(
+            lambda: [event for event in events(core, namespace, "evicted") if event.reason == "PodReplaced"],
+            timeout=15,
+            what="the Warning that the pod is replaced",
+        )
+        assert "(Evicted: The node was low on resource: memory." in warnings[0].message
+        assert environments.phase("evicted") == "Provisioning"  # PodReplaced, then its new pod's PodStarting
         wait_for(
             lambda: (
                 (pod := children(core, namespace, "evicted")["pod"]) is not None
