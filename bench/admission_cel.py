@@ -118,7 +118,7 @@ def apply_text(text: str, directory: pathlib.Path) -> None:
 def bench_bindings() -> str:
     """The identity policies bound only where the mode says (instead of identity-local.yaml's)."""
     selector = {"matchExpressions": [{"key": MODE_LABEL, "operator": "In", "values": ["cel-webhook", "cel-only"]}]}
-    parameters = {"name": "analysis-environment-authorization", "namespace": "kube-system"}
+    parameters = {"name": "analysis-environment-authorization"}  # deploy/authorization/local.yaml (cluster-scoped)
     documents = []
     for policy in POLICIES:
         kind = "MutatingAdmissionPolicyBinding" if policy.endswith("owner") else "ValidatingAdmissionPolicyBinding"

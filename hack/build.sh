@@ -30,8 +30,14 @@ build_testcluster() {
   [ -x "$BIN/testcluster" ] && return
   echo "building kube-apiserver/controller-manager/scheduler/kubectl $K8S_VERSION (about 5 min cold)" >&2
   local minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
-  local pkg=k8s.io/component-base/version
-  (cd "$here/testcluster" && go build -trimpath -o "$BIN/testcluster.tmp" -ldflags "-s -w \
+  local pkg=k8s.io/component-base/version modfile=go.mod
+  # Another Kubernetes release than go.mod's (the oldest and newest the project supports, for
+  # tests/versions/): its own module file beside it, k8s-<version>.mod and .sum.
+  if ! grep -q "^	k8s.io/kubernetes $K8S_VERSION$" "$here/testcluster/go.mod"; then
+    modfile=k8s-$K8S_VERSION.mod
+    [ -f "$here/testcluster/$modfile" ] || { echo "build.sh: no hack/testcluster/$modfile for $K8S_VERSION" >&2; exit 1; }
+  fi
+  (cd "$here/testcluster" && go build -modfile "$modfile" -trimpath -o "$BIN/testcluster.tmp" -ldflags "-s -w \
       -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor \
       -X $pkg.gitTreeState=clean" .)
   mv "$BIN/testcluster.tmp" "$BIN/testcluster"

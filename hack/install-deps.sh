@@ -48,6 +48,10 @@ if ! [ -x "$venv/bin/analysis-operator" ] || ! cmp -s "$repo/pyproject.toml" "$s
   cp "$repo/pyproject.toml" "$stamp"
 fi
 "$here/build.sh" >/dev/null         # kube-apiserver & co., etcd, kubectl, KWOK, helm, Traefik
+for module in "$here"/testcluster/k8s-v*.mod; do   # the oldest and newest supported releases (tests/versions/)
+  version=$(basename "$module" .mod)
+  K8S_VERSION=${version#k8s-} "$here/build.sh" >/dev/null
+done
 "$here/build-slurm.sh" >/dev/null   # Slurm 25.05 for hack/slurm.sh (the default SLURM_VERSION)
 
 # JupyterLab for the local Slurm's jobs (hack/slurm.sh reads the version from here): a virtual

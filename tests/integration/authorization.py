@@ -13,20 +13,32 @@ from tests.integration.conftest import GROUP, VERSION
 from tests.waiting import wait_for
 
 POLICY = "analysis-environment-authorization"
-PARAMETERS = ("kube-system", POLICY)  # the ConfigMap named by deploy/authorization/local.yaml
+PARAMETERS = POLICY  # the AuthorizationParameters object deploy/authorization/local.yaml makes (cluster-scoped)
+PARAMETERS_PLURAL = "authorizationparameters"
 PLURAL = "analysisenvironments"
+
+
+def read_parameters(api: kubernetes.client.ApiClient) -> dict:
+    return kubernetes.client.CustomObjectsApi(api).get_cluster_custom_object(
+        GROUP, VERSION, PARAMETERS_PLURAL, PARAMETERS
+    )
+
+
+def _patch_parameters(api: kubernetes.client.ApiClient, data: dict[str, str | None]) -> None:
+    kubernetes.client.CustomObjectsApi(api).patch_cluster_custom_object(
+        GROUP, VERSION, PARAMETERS_PLURAL, PARAMETERS, {"data": data}
+    )
 
 
 @contextlib.contextmanager
 def authorization_parameters(core: kubernetes.client.CoreV1Api, **data: str) -> Iterator[dict[str, str]]:
-    """Run with these keys of the policy's ConfigMap changed; the old values come back after."""
-    namespace, name = PARAMETERS
-    before = dict(core.read_namespaced_config_map(name, namespace).data or {})
-    core.patch_namespaced_config_map(name, namespace, {"data": data})
+    """Run with these keys of the policy's parameters changed; the old values come back after."""
+    before = dict(read_parameters(core.api_client).get("data") or {})
+    _patch_parameters(core.api_client, dict(data))
     try:
         yield before
     finally:
-        core.patch_namespaced_config_map(name, namespace, {"data": {key: before.get(key) for key in data}})
+        _patch_parameters(core.api_client, {key: before.get(key) for key in data})
 
 
 def denial(call: Callable[[], object]) -> str | None:
@@ -61,7 +73,7 @@ def operator_identity(
 ) -> Iterator[None]:
     """The policy takes `username` for the operator's (a chart ServiceAccount a test runs the
     operator as) until the end of the block: it may then add and remove its finalizer."""
-    current = (core.read_namespaced_config_map(PARAMETERS[1], PARAMETERS[0]).data or {}).get("operatorUsernames", "")
+    current = (read_parameters(core.api_client).get("data") or {}).get("operatorUsernames", "")
     with authorization_parameters(core, operatorUsernames=",".join(filter(None, [current, username]))):
         # Wait until the API server reads the new parameters: a dry run of what the operator does first.
         probe = {

@@ -105,8 +105,11 @@ class OperatorProcess:
 
     running: set[OperatorProcess] = set()  # all started and not stopped (see other_operators_stopped)
 
-    def __init__(self, kubeconfig: str, log_path: pathlib.Path, **settings: str) -> None:
+    def __init__(
+        self, kubeconfig: str, log_path: pathlib.Path, cluster_state: pathlib.Path = CLUSTER_STATE, **settings: str
+    ) -> None:
         self.kubeconfig, self.log_path, self.settings = kubeconfig, log_path, settings
+        self.client_ca = cluster_state / "pki" / "webhook-client-ca.crt"  # hack/cluster.sh's, for its API server
         self.process: subprocess.Popen | None = None
         # One webhook port for the object's life: a killed operator leaves its
         # registration behind, and the restarted one must answer at the same URL.
@@ -128,9 +131,7 @@ class OperatorProcess:
             "ANALYSIS_OPERATOR_ADMISSION_PORT": str(self.webhook_port),
             "ANALYSIS_OPERATOR_ADMISSION_CERT_DIR": str(self.log_path.parent / "webhook-tls"),
             # The webhook port accepts only the API server's client certificate (hack/cluster.sh).
-            "ANALYSIS_OPERATOR_ADMISSION_CLIENT_CA_FILE": str(CLUSTER_STATE / "pki" / "webhook-client-ca.crt")
-            if (CLUSTER_STATE / "pki" / "webhook-client-ca.crt").exists()
-            else "",
+            "ANALYSIS_OPERATOR_ADMISSION_CLIENT_CA_FILE": str(self.client_ca) if self.client_ca.exists() else "",
             "ANALYSIS_OPERATOR_METRICS_PORT": str(self.metrics_port),
             "ANALYSIS_OPERATOR_METRICS_ADDRESS": "127.0.0.1",
             # Owners without a ComputeBudget run unmetered here, so tests about other things need no

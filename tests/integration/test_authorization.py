@@ -13,11 +13,13 @@ import pytest
 
 from tests.integration.authorization import (
     PARAMETERS,
+    PARAMETERS_PLURAL,
     PLURAL,
     POLICY,
     authorization_parameters,
     denial,
     dry_run_patch,
+    read_parameters,
     wait_until_allowed,
 )
 from tests.integration.conftest import GROUP, VERSION, Environments, impersonating, kubectl
@@ -345,10 +347,10 @@ def test_a_username_prefix_is_stripped(lab, as_user, core, namespace, kubeconfig
 
 
 def test_without_its_parameters_the_policy_refuses(lab, as_user, core, namespace, kubeconfig):
-    """Fail closed: while the binding's ConfigMap is missing, not even the owner may change anything."""
-    parameters_namespace, name = PARAMETERS
-    saved = core.read_namespaced_config_map(name, parameters_namespace)
-    core.delete_namespaced_config_map(name, parameters_namespace)
+    """Fail closed: while the binding's parameters are missing, not even the owner may change anything."""
+    custom = kubernetes.client.CustomObjectsApi(core.api_client)
+    saved = read_parameters(core.api_client)
+    custom.delete_cluster_custom_object(GROUP, VERSION, PARAMETERS_PLURAL, PARAMETERS)
     alice_suspends = dry_run_patch(impersonating(kubeconfig, "alice"), namespace, "lab", {"spec": {"suspend": True}})
     try:
         wait_for(
@@ -357,11 +359,20 @@ def test_without_its_parameters_the_policy_refuses(lab, as_user, core, namespace
             what="the policy to refuse without parameters",
         )
     finally:
-        core.create_namespaced_config_map(
-            parameters_namespace,
+        metadata = saved["metadata"]
+        custom.create_cluster_custom_object(
+            GROUP,
+            VERSION,
+            PARAMETERS_PLURAL,
             {
-                "metadata": {"name": name, "labels": saved.metadata.labels, "annotations": saved.metadata.annotations},
-                "data": saved.data,
+                "apiVersion": saved["apiVersion"],
+                "kind": saved["kind"],
+                "metadata": {
+                    "name": PARAMETERS,
+                    "labels": metadata.get("labels"),
+                    "annotations": metadata.get("annotations"),
+                },
+                "data": saved["data"],
             },
         )
     wait_until_allowed(alice_suspends, "alice allowed again with the parameters back")

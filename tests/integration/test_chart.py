@@ -173,6 +173,7 @@ def test_lint_default_and_custom_values(tmp_path):
         ("authorization.adminGroup[0]=x", "additional properties 'adminGroup'"),
         ("authorization.operatorUsernames[0]=a\\,b", "operatorUsernames"),  # lists are joined with commas
         ("gateway.enabled=true", "/gateway/url"),  # OPEN without the gateway's public URL
+        ("authorization.mutatingPolicy=sometimes", "/authorization/mutatingPolicy"),  # true, false or auto
     ],
 )
 def test_schema_refuses_bad_values(setting, complaint):
@@ -229,11 +230,10 @@ def test_authorization_policy_is_the_repository_policy(tmp_path):
         assert binding["validationActions"] == ["Deny"]
         assert binding["paramRef"] == {
             "name": "aop-analysis-operator-authorization",
-            "namespace": "ops",
             "parameterNotFoundAction": "Deny",
         }
         assert "matchResources" not in binding  # every namespace
-        assert find(objects, "ConfigMap", "aop-analysis-operator-authorization")["data"] == {
+        assert find(objects, "AuthorizationParameters", "aop-analysis-operator-authorization")["data"] == {
             "trustedUsers": "portal-backend",
             "trustedGroups": "analysis-portal",
             "adminGroups": "analysis-admins",
@@ -248,7 +248,7 @@ def test_authorization_policy_is_the_repository_policy(tmp_path):
         "--set",
         "authorization.adminGroups={ops,platform}",
     )
-    data = find(objects, "ConfigMap", "aop-analysis-operator-authorization")["data"]
+    data = find(objects, "AuthorizationParameters", "aop-analysis-operator-authorization")["data"]
     assert (data["operatorUsernames"], data["adminGroups"]) == ("op-a,op-b", "ops,platform")
     disabled = _template(str(CHART), "ops", "--set", "authorization.enabled=false")
     assert not [o for o in disabled if o["kind"].startswith("ValidatingAdmissionPolicy")]
@@ -507,10 +507,12 @@ def test_install_upgrade_rotate_uninstall(fresh_namespace, other_operators_stopp
         )
         assert deployment["status"].get("readyReplicas") == 2
         kubectl("get", "clusterkopfpeering", release)
-        # What Argo CD renders is what was installed, every time: no key, no random value.
+        # What Argo CD renders is what was installed, every time: no key, no random value. Argo CD
+        # passes the cluster's API versions (the mutating policy is rendered where it is served).
         manifest = helm("get", "manifest", release, "-n", namespace).stdout
+        served = ("--api-versions", "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy")
         rendered = [
-            helm("template", release, str(CHART), "-n", namespace, "--set", f"peering.name={release}").stdout
+            helm("template", release, str(CHART), "-n", namespace, "--set", f"peering.name={release}", *served).stdout
             for _ in range(2)
         ]
         assert rendered[0] == rendered[1]

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.integration
 POLICY_FILE = REPO / "deploy/authorization/identity-policy.yaml"
 CREATED_BY = f"{GROUP}/created-by"
 REQUESTED_BY = f"{GROUP}/requested-by"
+MUTATING_POLICY_API = "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy"  # helm's --api-versions
 FILED_BY = f"{GROUP}/filed-by"
 SPOOFED = "spec.owner 'alice' is not you ('bob'): you may only create environments you own"
 PORTAL = ("system:serviceaccount:portal:backend", "analysis-portal")
@@ -259,8 +260,7 @@ def test_the_local_bindings_use_the_authorization_parameters():
     assert sorted(b["spec"]["policyName"] for b in bindings) == sorted(p["metadata"]["name"] for p in policies)
     for binding in bindings:
         assert binding["spec"]["paramRef"] == {
-            "name": PARAMETERS[1],
-            "namespace": PARAMETERS[0],
+            "name": PARAMETERS,
             "parameterNotFoundAction": "Deny",
         }
 
@@ -272,7 +272,7 @@ def _template(*arguments: str) -> list[dict]:
 
 def test_the_chart_renders_the_repository_policies(kubeconfig):
     repository = {doc["metadata"]["name"]: doc for doc in yaml.safe_load_all(POLICY_FILE.read_text())}
-    objects = _template("--set", "watchNamespace=labs")
+    objects = _template("--set", "watchNamespace=labs", "--api-versions", MUTATING_POLICY_API)  # as a 1.36 cluster
     for name, kind in (
         ("environment-owner", "MutatingAdmissionPolicy"),
         ("environment-creation", "ValidatingAdmissionPolicy"),
@@ -285,14 +285,22 @@ def test_the_chart_renders_the_repository_policies(kubeconfig):
         assert binding["policyName"] == released
         assert binding["paramRef"] == {
             "name": "aop-analysis-operator-authorization",
-            "namespace": "ops",
             "parameterNotFoundAction": "Deny",
         }
         assert binding["matchResources"]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "labs"}
         assert binding.get("validationActions") == (None if kind.startswith("Mutating") else ["Deny"])
-    older = _template("--set", "authorization.mutatingPolicy=false")
-    assert not [o for o in older if o["kind"].startswith("MutatingAdmissionPolicy")]
-    assert len([o for o in older if o["kind"] == "ValidatingAdmissionPolicy"]) == 3  # with the authorization one
+    # authorization.mutatingPolicy auto (the default) renders it where the cluster serves it; helm
+    # template without a cluster knows no MutatingAdmissionPolicy (tests/versions/ installs on 1.34 and
+    # 1.37); true and false decide it whatever the cluster.
+    for settings, rendered in (
+        (("--set", "authorization.mutatingPolicy=false", "--api-versions", MUTATING_POLICY_API), 0),
+        ((), 0),
+        (("--set", "authorization.mutatingPolicy=true"), 1),
+    ):
+        objects = _template(*settings)
+        assert len([o for o in objects if o["kind"] == "MutatingAdmissionPolicy"]) == rendered, settings
+        assert len([o for o in objects if o["kind"] == "MutatingAdmissionPolicyBinding"]) == rendered, settings
+        assert len([o for o in objects if o["kind"] == "ValidatingAdmissionPolicy"]) == 3  # with the authorization one
     for values in ("authorization.identityPolicies=false", "authorization.enabled=false"):
         off = _template("--set", values)
         identity = [
