@@ -95,3 +95,18 @@ def operator_identity(
         finally:
             custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "authorization-probe")
         yield
+
+
+def type_warnings(api: kubernetes.client.ApiClient, name: str) -> list[tuple[str, str]]:
+    """The API server's type-checking warnings for a validating policy's expressions against the
+    CRDs' schemas (status.typeChecking), once it has checked the policy's current generation."""
+    admission = kubernetes.client.AdmissionregistrationV1Api(api)
+
+    def checked():
+        policy = admission.read_validating_admission_policy(name)
+        status = policy.status
+        return policy if status and status.observed_generation == policy.metadata.generation else None
+
+    policy = wait_for(checked, timeout=30, what=f"the API server to type-check {name}")
+    warnings = (policy.status.type_checking.expression_warnings or []) if policy.status.type_checking else []
+    return [(warning.field_ref, warning.warning) for warning in warnings]

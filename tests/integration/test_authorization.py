@@ -20,6 +20,7 @@ from tests.integration.authorization import (
     denial,
     dry_run_patch,
     read_parameters,
+    type_warnings,
     wait_until_allowed,
 )
 from tests.integration.conftest import GROUP, VERSION, Environments, impersonating, kubectl
@@ -380,12 +381,4 @@ def test_without_its_parameters_the_policy_refuses(lab, as_user, core, namespace
 
 def test_the_policy_type_checks(api):
     """Every expression was checked against the CRD's schema by the API server: no warnings."""
-    admission = kubernetes.client.AdmissionregistrationV1Api(api)
-
-    def checked():
-        policy = admission.read_validating_admission_policy(POLICY)
-        return policy if policy.status and policy.status.observed_generation == policy.metadata.generation else None
-
-    policy = wait_for(checked, timeout=30, what="the API server to type-check the policy")
-    warnings = (policy.status.type_checking.expression_warnings or []) if policy.status.type_checking else []
-    assert not warnings, [(w.field_ref, w.warning) for w in warnings]
+    assert not type_warnings(api, POLICY)

@@ -14,7 +14,7 @@ import kubernetes
 import pytest
 import yaml
 
-from tests.integration.authorization import PARAMETERS, denial
+from tests.integration.authorization import PARAMETERS, denial, type_warnings
 from tests.integration.chart import CHART, find, helm
 from tests.integration.conftest import GROUP, REPO, VERSION, impersonating, kubectl
 from tests.waiting import wait_for
@@ -241,17 +241,8 @@ def test_an_admin_may_correct_whom_a_request_is_for(kubeconfig, namespace, filed
 
 def test_the_policies_type_check(api):
     """Every expression of the validating policies was checked against the CRDs' schemas: no warnings."""
-    admission = kubernetes.client.AdmissionregistrationV1Api(api)
     for name in ("analysis-environment-creation", "analysis-budgetrequest-identity"):
-
-        def checked(name: str = name):
-            policy = admission.read_validating_admission_policy(name)
-            status = policy.status
-            return policy if status and status.observed_generation == policy.metadata.generation else None
-
-        policy = wait_for(checked, timeout=30, what=f"the API server to type-check {name}")
-        warnings = (policy.status.type_checking.expression_warnings or []) if policy.status.type_checking else []
-        assert not warnings, [(w.field_ref, w.warning) for w in warnings]
+        assert not type_warnings(api, name), name
 
 
 def test_the_local_bindings_use_the_authorization_parameters():

@@ -13,7 +13,13 @@ from collections.abc import Iterator
 import kubernetes
 import pytest
 
-from tests.integration.authorization import authorization_parameters, denial, dry_run_patch, wait_until_allowed
+from tests.integration.authorization import (
+    authorization_parameters,
+    denial,
+    dry_run_patch,
+    type_warnings,
+    wait_until_allowed,
+)
 from tests.integration.conftest import GROUP, REPO, VERSION, Environments, OperatorProcess, impersonating
 from tests.versions.conftest import Cluster
 from tests.waiting import wait_for
@@ -217,18 +223,12 @@ def test_an_immutable_field_is_refused_with_its_reason(cluster: Cluster, environ
 def test_the_policies_type_check(cluster: Cluster, operator: OperatorProcess):
     """The API server checks every validating policy's CEL against the CRDs' schemas as this release
     knows them (a field or a CEL function it lacks is a warning there, and an error on requests)."""
-    admission = kubernetes.client.AdmissionregistrationV1Api(cluster.api)
-    names = ("analysis-environment-authorization", "analysis-environment-creation", "analysis-budgetrequest-identity")
-    for name in names:
-
-        def checked(name: str = name):
-            policy = admission.read_validating_admission_policy(name)
-            status = policy.status
-            return policy if status and status.observed_generation == policy.metadata.generation else None
-
-        policy = wait_for(checked, timeout=30, what=f"the API server to type-check {name}")
-        warnings = (policy.status.type_checking.expression_warnings or []) if policy.status.type_checking else []
-        assert not warnings, [(w.field_ref, w.warning) for w in warnings]
+    for name in (
+        "analysis-environment-authorization",
+        "analysis-environment-creation",
+        "analysis-budgetrequest-identity",
+    ):
+        assert not type_warnings(cluster.api, name), (cluster.version, name)
 
 
 def test_the_policies_hold_after_an_uninstall_and_an_install(cluster: Cluster, environments: Environments):
