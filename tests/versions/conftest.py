@@ -4,6 +4,7 @@ module file hack/testcluster/k8s-<version>.mod), beside the main one on other po
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -63,9 +64,17 @@ class Cluster:
 
     def served(self, api_version: str, kind: str) -> bool:
         """Whether this API server serves a kind in this version (MutatingAdmissionPolicy: v1 from 1.36)."""
+        return kind in self._kinds(api_version)
+
+    @functools.cache  # noqa: B019 (one Cluster per release for the module: discovery asked once per version)
+    def _kinds(self, api_version: str) -> frozenset[str]:
         path = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
         answer = self.kubectl("get", "--raw", path, check=False)
-        return answer.returncode == 0 and kind in {item["kind"] for item in json.loads(answer.stdout)["resources"]}
+        return (
+            frozenset(item["kind"] for item in json.loads(answer.stdout)["resources"])
+            if answer.returncode == 0
+            else frozenset()
+        )
 
     def _served_documents(self, paths: tuple[pathlib.Path, ...]) -> str:
         return yaml.safe_dump_all(

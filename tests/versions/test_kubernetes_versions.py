@@ -1,8 +1,9 @@
 """What a facility on the oldest or the newest supported Kubernetes gets: the chart installs with its
 default values, and the operator's whole path holds there as on the main release: an environment
 runs and goes with its children, its owner is defaulted and a spoofed one refused, another user can
-neither change nor delete it, an immutable field is refused with its reason, and the API server's
-policies type-check. Each against a real cluster of that release (conftest.py)."""
+neither change nor delete it, an immutable field is refused with its reason, the API server's
+policies type-check, and they hold through an uninstall and an install. Each against a real cluster
+of that release (conftest.py)."""
 
 from __future__ import annotations
 
@@ -89,8 +90,8 @@ def operator(cluster: Cluster, tmp_path_factory) -> Iterator[OperatorProcess]:
     log = tmp_path_factory.mktemp(f"operator-{cluster.version}") / "operator.log"
     process = OperatorProcess(cluster.kubeconfig, log, cluster_state=cluster.state)
     process.start()
-    # The policies read their parameters (a ConfigMap) through an informer: until it has them, every
-    # create is refused ("no params found").
+    # The policies read their parameters (an AuthorizationParameters object) through an informer:
+    # until it has them, every create is refused ("no params found").
     objects = kubernetes.client.CustomObjectsApi(cluster.api)
     wait_for(
         lambda: _allowed(
