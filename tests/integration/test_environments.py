@@ -496,6 +496,46 @@ def test_a_pod_the_node_evicted_is_replaced_with_the_same_url_and_token(environm
     assert [event.type for event in warnings] == ["Warning"]
 
 
+def test_a_node_that_ends_every_pod_makes_no_loop_across_a_restart_of_the_operator(
+    environments, operator, core, namespace
+):
+    """The node ends each new pod too: it is replaced REPLACEMENTS (3) times, then the environment is Failed in
+    the node's words. The count is on the pod (analysis.panosc.eu/replaced), so killing the operator after the
+    third replacement does not start it again (it was kept in memory: each restart gave three more)."""
+    environments.create("ends", flavor="test-short")
+    environments.wait_phase("ends", "Ready")
+    ended = {
+        "phase": "Failed",
+        "reason": "Evicted",
+        "message": "The node was low on resource: ephemeral-storage.",
+        "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "False"}],
+    }
+
+    def the_node_ends_the_pod() -> str:
+        uid = children(core, namespace, "ends")["pod"].metadata.uid
+        core.patch_namespaced_pod_status("aenv-ends", namespace, {"status": ended})
+        return uid
+
+    with pods_held_pending():  # the kubelet (KWOK) writes nothing over the node's words
+        for replaced in (1, 2, 3):
+            before = the_node_ends_the_pod()
+            pod = wait_for(
+                lambda: (
+                    (pod := children(core, namespace, "ends")["pod"]) is not None and pod.metadata.uid != before and pod
+                ),
+                timeout=20,
+                what=f"replacement {replaced}",
+            )
+            assert pod.metadata.annotations == {"analysis.panosc.eu/replaced": str(replaced)}
+        operator.stop(signal.SIGKILL)
+        operator.start()
+        last = the_node_ends_the_pod()
+        status = environments.wait_phase("ends", "Failed", timeout=30)["status"]
+    assert status["reason"] == "Evicted" and "(the node ended its JupyterLab pod 4 times)" in status["message"], status
+    pod = children(core, namespace, "ends")["pod"]
+    assert pod is None or pod.metadata.uid == last  # not replaced a fourth time
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_an_operator_stopped_while_a_first_status_is_held(environments, operator, core, namespace, sig):
     """SIGTERM: the held status is written on the way out, with the start time it had. SIGKILL: the

@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 
 from analysis_operator.backends.base import Launch
-from analysis_operator.backends.kubernetes import EXTENSION_CONFIG_MAP, KubernetesBackend, PodSummary, observe_pod
+from analysis_operator.backends.kubernetes import (
+    EXTENSION_CONFIG_MAP,
+    KubernetesBackend,
+    PodSummary,
+    observe_pod,
+    summarize_pod,
+)
 from analysis_operator.model.domain import (
     LABEL_ENVIRONMENT,
     LABEL_ENVIRONMENT_UID,
@@ -245,44 +251,69 @@ def test_a_service_that_cannot_be_made_again_leaves_the_others_to_be_made():
 def test_a_pod_the_node_ended_is_replaced_a_few_times_then_the_environment_fails_in_the_nodes_words():
     """Evicted (memory pressure), or stopped by a node's shutdown: the pod is deleted and a new one made (its
     deletion's event converges again), told as PodReplaced for a person; a node that ends every pod makes
-    no loop: after REPLACEMENTS the observation is FAILED, which ends the environment."""
+    no loop: after REPLACEMENTS the observation is FAILED, which ends the environment. The count is kept on
+    the pod, so a new operator process (a new backend, reading the same pods) does not start it again."""
     from analysis_operator.backends.base import State
-    from analysis_operator.backends.kubernetes import REPLACEMENTS
+    from analysis_operator.backends.kubernetes import ANNOTATION_REPLACED, REPLACEMENTS
 
-    evicted = {
-        "metadata": {},
-        "spec": {"nodeName": "n"},
-        "status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."},
-    }
+    ended = {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}
     pods: dict[tuple[str, str], list[PodSummary]] = {}
     lab = launch("team-a", "lab")
 
-    class Deleting(Kube):
+    class Kubelet(Kube):
+        """The index follows the pods made and deleted, as kopf's pod index would."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.made: list[dict[str, Any]] = []
+
+        async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
+            if kind == "Pod":
+                self.made.append(body)
+            return await super().create(kind, namespace, body)
+
         async def delete_owned(self, kind: str, namespace: str, name: str, label: str, uid: str) -> bool:
             self.created.append(f"deleted {kind}/{namespace}/{name}")
             pods.pop((namespace, "lab"), None)  # its DELETED event
             return True
 
+    def the_node_ends_the_last_pod() -> None:
+        pod = {**kube.made[-1], "spec": {"nodeName": "n"}, "status": ended}
+        pods[("team-a", "lab")] = [summarize_pod(pod)]
+
+    kube = Kubelet()
+    kube.release.set()
+
     async def scenario() -> None:
-        kube = Deleting()
-        kube.release.set()
         backend = KubernetesBackend(kube, Settings(), pods)
-        for _ in range(REPLACEMENTS):
-            pods[("team-a", "lab")] = [PodSummary("uid-lab", observe_pod(evicted))]
+        await backend.ensure(lab)
+        assert "annotations" not in kube.made[0]["metadata"]  # the first pod: nothing to count
+        for replaced in range(1, REPLACEMENTS + 1):
+            the_node_ends_the_last_pod()
             seen = await backend.observe(lab.environment)
             assert seen.state is State.GONE  # the engine then calls ensure
-            replaced = await backend.ensure(lab)
-            assert (replaced.state, replaced.reason, replaced.attention) == (State.PROVISIONING, "PodReplaced", True)
-            assert "(Evicted: The node was low on resource: memory.)" in replaced.message
-            assert "same URL and token" in replaced.message and replaced.upstream is not None
+            told = await backend.ensure(lab)
+            assert (told.state, told.reason, told.attention) == (State.PROVISIONING, "PodReplaced", True)
+            assert "(Evicted: The node was low on resource: memory.)" in told.message
+            assert "same URL and token" in told.message and told.upstream is not None
             assert kube.created[-1] == "deleted Pod/team-a/aenv-lab"
             made = await backend.ensure(lab)  # converged again after the deletion: a new pod
             assert made.state is State.PROVISIONING and kube.created[-1] == "Pod/team-a/aenv-lab"
-        pods[("team-a", "lab")] = [PodSummary("uid-lab", observe_pod(evicted))]
+            assert kube.made[-1]["metadata"]["annotations"] == {ANNOTATION_REPLACED: str(replaced)}
+            backend = KubernetesBackend(kube, Settings(), pods)  # the operator restarted: nothing in memory
+        the_node_ends_the_last_pod()
         given_up = await backend.observe(lab.environment)
         assert (given_up.state, given_up.reason) == (State.FAILED, "Evicted")
         assert given_up.message.endswith(f"(the node ended its JupyterLab pod {REPLACEMENTS + 1} times)")
-        backend.forget({"uid-lab"})  # a namesake later starts with a clean count
-        assert (await backend.observe(lab.environment)).state is State.GONE
+        assert (await backend.ensure(lab)).state is State.FAILED and kube.created[-1] == "Pod/team-a/aenv-lab"
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("written", [None, "", "x", "-1", "2"])
+def test_the_replacement_count_is_read_from_the_pod_and_nothing_else_counts(written):
+    from analysis_operator.backends.kubernetes import ANNOTATION_REPLACED
+
+    annotations = {} if written is None else {ANNOTATION_REPLACED: written}
+    pod = {"metadata": {"annotations": annotations}, "status": {"phase": "Running"}}
+    assert summarize_pod(pod).replaced == (2 if written == "2" else 0)

@@ -22,6 +22,7 @@ from analysis_operator.infra import render
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.infra.per_namespace import PerNamespace
 from analysis_operator.model.domain import (
+    GROUP,
     LABEL_ENVIRONMENT,
     LABEL_ENVIRONMENT_UID,
     LABEL_MANAGED_BY,
@@ -119,7 +120,9 @@ def build_pod(
     dataset_volumes: tuple[dict[str, Any], ...] = (),
     dataset_mounts: tuple[dict[str, Any], ...] = (),
     identity: PosixIdentity | None = None,
+    replaced: int = 0,
 ) -> dict[str, Any]:
+    """The JupyterLab pod; `replaced`: how many pods of this environment the node ended before it."""
     resources = flavor.resources
     requests = {"cpu": resources.cpu, "memory": resources.memory}
     limits = dict(requests)
@@ -152,6 +155,8 @@ def build_pod(
         extension_config_map=EXTENSION_CONFIG_MAP,
         extension_items=[{"key": key, "path": path} for key, path in jupyter.FILES.items()],
     )
+    if replaced:
+        pod["metadata"]["annotations"] = {ANNOTATION_REPLACED: str(replaced)}
     return pod
 
 
@@ -298,18 +303,26 @@ class PodSummary:
 
     environment_uid: str
     observation: Observation
+    replaced: int = 0  # pods of its environment the node ended before this one (ANNOTATION_REPLACED)
 
 
 def summarize_pod(pod: Mapping[str, Any]) -> PodSummary:
-    labels = pod.get("metadata", {}).get("labels") or {}
-    return PodSummary(labels.get(LABEL_ENVIRONMENT_UID, ""), observe_pod(pod))
+    metadata = pod.get("metadata", {})
+    labels, annotations = metadata.get("labels") or {}, metadata.get("annotations") or {}
+    replaced = annotations.get(ANNOTATION_REPLACED, "0")
+    return PodSummary(
+        labels.get(LABEL_ENVIRONMENT_UID, ""), observe_pod(pod), int(replaced) if replaced.isdigit() else 0
+    )
 
 
 # A pod the node ended (evicted for memory or disk pressure, stopped by a node's shutdown, refused by the
 # kubelet): with restartPolicy Always nothing in the environment ends its pod, so it is replaced, as a
-# Deployment's would be, keeping Service, URL and token. At most this many times per environment (in this
-# process), so that a node refusing every pod makes no loop; then the environment is Failed, in the node's words.
+# Deployment's would be, keeping Service, URL and token. At most this many times per environment, so that a
+# node refusing every pod makes no loop; then the environment is Failed, in the node's words. The count is
+# kept on the pod (ANNOTATION_REPLACED), so a restart of the operator does not start it again; only between
+# deleting the ended pod and creating the next (one converge) is it held in memory.
 REPLACEMENTS = 3
+ANNOTATION_REPLACED = f"{GROUP}/replaced"
 
 
 class KubernetesBackend:
@@ -327,7 +340,7 @@ class KubernetesBackend:
         self._extension = PerNamespace(lambda namespace: kube.apply(build_extension_config_map(namespace)))
         # (namespace, environment name, uid) of the Services the last orphan sweep listed, until a repair
         self._services: set[tuple[str, str, str]] | None = None
-        self._replaced: dict[str, int] = {}  # environment uid -> pods the node ended and this process replaced
+        self._replacing: dict[str, int] = {}  # environment uid -> pods the node ended, until the next is created
 
     def validate(self, environment: Environment, flavor: Flavor) -> Refusal | None:
         if not (environment.image or flavor.image):
@@ -340,21 +353,26 @@ class KubernetesBackend:
             return f"dataset {dataset.name!r} has no spec.storage.persistentVolumeClaim or nfs for Kubernetes pods"
         return None
 
-    def _indexed(self, environment: Environment) -> Observation | None:
+    def _summary(self, environment: Environment) -> PodSummary | None:
         for summary in self._pods.get((environment.namespace, environment.name), ()):
             if summary.environment_uid == environment.uid:
-                observation: Observation = summary.observation
-                if observation.state.holds:  # its Service exists from the start: routable while it starts
-                    observation = dataclasses.replace(observation, upstream=build_upstream(environment, self._settings))
-                if observation.state is State.READY:
-                    observation = dataclasses.replace(observation, url=build_url(environment, self._settings))
-                if observation.state is State.FAILED:  # the node ended it: replaced (ensure), a few times
-                    replaced = self._replaced.get(environment.uid, 0)
-                    if replaced < REPLACEMENTS:
-                        return dataclasses.replace(observation, state=State.GONE)
-                    message = f"{observation.message} (the node ended its JupyterLab pod {replaced + 1} times)"
-                    return dataclasses.replace(observation, message=message)
-                return observation
+                return summary  # type: ignore[no-any-return]
+        return None
+
+    def _indexed(self, environment: Environment) -> Observation | None:
+        if (summary := self._summary(environment)) is not None:
+            observation: Observation = summary.observation
+            if observation.state.holds:  # its Service exists from the start: routable while it starts
+                observation = dataclasses.replace(observation, upstream=build_upstream(environment, self._settings))
+            if observation.state is State.READY:
+                observation = dataclasses.replace(observation, url=build_url(environment, self._settings))
+            if observation.state is State.FAILED:  # the node ended it: replaced (ensure), a few times
+                if summary.replaced < REPLACEMENTS:
+                    return dataclasses.replace(observation, state=State.GONE)
+                times = summary.replaced + 1
+                message = f"{observation.message} (the node ended its JupyterLab pod {times} times)"
+                return dataclasses.replace(observation, message=message)
+            return observation
         return None
 
     async def ensure(self, launch: Launch) -> Observation:
@@ -371,16 +389,19 @@ class KubernetesBackend:
                 "PersistentVolumeClaim", environment.namespace, build_home_claim(environment, self._settings)
             )
         await self._extension.ensure(environment.namespace, environment.uid)
-        pod = build_pod(environment, flavor, self._settings, dataset_volumes, dataset_mounts, launch.identity)
+        replaced = self._replacing.get(environment.uid, 0)
+        pod = build_pod(environment, flavor, self._settings, dataset_volumes, dataset_mounts, launch.identity, replaced)
         await self._create_own("Pod", environment, pod)
+        self._replacing.pop(environment.uid, None)  # the new pod carries the count
         # routable from now on (its Service exists): the gateway has the route before the pod is Ready
         return dataclasses.replace(observe_pod(pod), upstream=build_upstream(environment, self._settings))
 
     async def _replace(self, environment: Environment, ended: Observation) -> Observation:
         """Delete the pod the node ended (terminal: the API server removes it at once); its deletion's
         event converges the environment again, which creates the new pod (REPLACEMENTS)."""
+        summary = self._summary(environment)
         await self._delete_own("Pod", environment)
-        self._replaced[environment.uid] = self._replaced.get(environment.uid, 0) + 1
+        self._replacing[environment.uid] = (summary.replaced if summary else 0) + 1
         log.warning(
             "pod.replaced",
             environment=f"{environment.namespace}/{environment.name}",
@@ -434,7 +455,7 @@ class KubernetesBackend:
         """The namespace's aenv-jupyter ConfigMap is applied again once none of its environments is left."""
         self._extension.forget(uids)
         for uid in uids:
-            self._replaced.pop(uid, None)
+            self._replacing.pop(uid, None)
 
     async def repair(self, live: Collection[str]) -> None:
         """What someone deleted under live environments, made again: the aenv-jupyter ConfigMap of a
