@@ -233,6 +233,33 @@ def test_the_service_of_a_running_pod_deleted_by_someone_is_created_again_by_the
     asyncio.run(scenario())
 
 
+def test_a_pod_indexed_while_the_services_are_listed_is_not_given_its_service_again():
+    """In a burst, environments start while the orphan sweep reads the Services (10,000 take seconds):
+    their Services are made after the list's snapshot, their pods indexed before the repair. Only the
+    pods indexed before the list began are compared with it; the others were created again (409) each."""
+    running = {"metadata": {}, "spec": {"nodeName": "n"}, "status": {"phase": "Running"}}
+    pods = {("team-a", "before"): [PodSummary("uid-before", observe_pod(running))]}
+
+    class Burst(Kube):
+        async def labelled_metadata(self, kind: str, selector: str) -> list[dict[str, Any]]:
+            listed = await super().labelled_metadata(kind, selector)  # the snapshot: before "during" started
+            pods[("team-a", "during")] = [PodSummary("uid-during", observe_pod(running))]
+            return listed
+
+    async def scenario() -> None:
+        kube = Burst()
+        backend = KubernetesBackend(kube, Settings(), pods)
+        kube.services = [("team-a", "before", "uid-before")]
+        await backend.list_managed()
+        await backend.repair({"uid-before", "uid-during"})
+        assert kube.created == []
+        await backend.list_managed()  # the next sweep: "during" is compared now, and its Service was deleted
+        await backend.repair({"uid-before", "uid-during"})
+        assert kube.created == ["Service/team-a/aenv-during"]
+
+    asyncio.run(scenario())
+
+
 def test_a_service_that_cannot_be_made_again_leaves_the_others_to_be_made():
     running = {"metadata": {}, "spec": {"nodeName": "n"}, "status": {"phase": "Running"}}
     pods = {(namespace, "lab"): [PodSummary(f"uid-{namespace}", observe_pod(running))] for namespace in ("a", "b")}

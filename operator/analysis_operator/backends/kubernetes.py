@@ -338,8 +338,9 @@ class KubernetesBackend:
         self._settings = settings
         self._pods = pods_index  # kopf index: (namespace, environment name) -> [PodSummary]
         self._extension = PerNamespace(lambda namespace: kube.apply(build_extension_config_map(namespace)))
-        # (namespace, environment name, uid) of the Services the last orphan sweep listed, until a repair
-        self._services: set[tuple[str, str, str]] | None = None
+        # (namespace, environment name, uid) of the pods whose Service the last orphan sweep did not list,
+        # until a repair
+        self._unserved: set[tuple[str, str, str]] = set()
         self._replacing: dict[str, int] = {}  # environment uid -> pods the node ended, until the next is created
 
     def validate(self, environment: Environment, flavor: Flavor) -> Refusal | None:
@@ -460,15 +461,14 @@ class KubernetesBackend:
     async def repair(self, live: Collection[str]) -> None:
         """What someone deleted under live environments, made again: the aenv-jupyter ConfigMap of a
         namespace (pods that start meanwhile wait for it to mount), and the Service of a pod that runs
-        or starts (OPEN reaches JupyterLab through it), by the Services the orphan sweep listed a
-        moment before (list_managed): a Service made since is only created again (409, nothing done)."""
-        listed, self._services = self._services, None
-        if listed is not None:
-            for (namespace, name), summaries in list(self._pods.items()):
-                for summary in summaries:
-                    uid = summary.environment_uid
-                    if uid in live and summary.observation.state.holds and (namespace, name, uid) not in listed:
-                        await self._restore_service(Environment(namespace, name, uid, owner="", flavor=""))
+        or starts (OPEN reaches JupyterLab through it), of the pods whose Service the orphan sweep did
+        not find a moment before (list_managed)."""
+        unserved, self._unserved = self._unserved, set()
+        for namespace, name, uid in sorted(unserved):
+            environment = Environment(namespace, name, uid, owner="", flavor="")
+            summary = self._summary(environment)
+            if uid in live and summary is not None and summary.observation.state.holds:
+                await self._restore_service(environment)
         if self._extension.done:
             found = await self._kube.present(
                 "v1", "ConfigMap", MANAGED_SELECTOR, f"metadata.name={EXTENSION_CONFIG_MAP}"
@@ -493,10 +493,15 @@ class KubernetesBackend:
     async def list_managed(self) -> list[ManagedObject]:
         """Pods and Services the operator made. Owner references let the garbage collector remove them
         with their environment, except when a user deleted it with --cascade=orphan."""
-        found = {}
-        for key in list(self._pods):
-            for summary in self._pods.get(key, ()):
-                found[(key[0], key[1], summary.environment_uid)] = f"Pod/{key[0]}/{key[1]}"
+        # The pods indexed before the Services are listed: each one's Service was made before it
+        # (ensure), so the listing has it unless someone deleted it. Pods indexed later are not asked
+        # about: in a burst, a Service made while the list was read would be created again (409).
+        pods = {
+            (namespace, name, summary.environment_uid)
+            for (namespace, name), summaries in list(self._pods.items())
+            for summary in summaries
+        }
+        found = {key: f"Pod/{key[0]}/{key[1]}" for key in pods}
         services = set()
         for metadata in await self._kube.labelled_metadata("Service", MANAGED_SELECTOR):
             labels = metadata.get("labels") or {}
@@ -507,7 +512,7 @@ class KubernetesBackend:
             )
             services.add(key)
             found.setdefault(key, f"Service/{metadata.get('namespace')}/{metadata.get('name')}")
-        self._services = services  # for the repair that follows (a pod whose Service was deleted)
+        self._unserved = pods - services  # for the repair that follows (a pod whose Service was deleted)
         return [
             ManagedObject(namespace, name, uid, backend_id)
             for (namespace, name, uid), backend_id in found.items()
