@@ -440,6 +440,39 @@ def test_the_service_and_endpointslice_of_an_address_deleted_by_someone_are_made
     asyncio.run(scenario())
 
 
+def test_a_route_applied_while_the_routes_are_listed_is_not_converged_again():
+    """In a burst, environments are routed while the repair lists HTTPRoutes (and, for addresses,
+    Services and EndpointSlices): what is applied after a list's snapshot is not in it, and was
+    converged again (a false route.missing and a second apply) each time. Only what was applied
+    before the lists began is asked about; what someone deletes later is made again by the next repair."""
+    from analysis_operator.engine.routes import GatewayRoutes
+
+    other = dataclasses.replace(LAB, name="other", uid="u-2")
+    node = Upstream(port=20001, address="10.1.2.3", landing="lab")
+
+    class Burst(ListingKube):
+        async def present(self, api_version: str, kind: str, selector: str, fields: str = "") -> set[tuple[str, str]]:
+            listed = await super().present(api_version, kind, selector, fields)
+            if kind == "HTTPRoute" and other.uid not in routes._applied:
+                await routes.open(other, node)  # started while the list was read: not in its snapshot
+            return listed
+
+    kube = Burst()
+    routes = GatewayRoutes(kube, SETTINGS)  # type: ignore[arg-type]
+    converged: list[str] = []
+    routes.converge = lambda environment: converged.append(environment.uid)
+
+    async def scenario() -> None:
+        await routes.open(LAB, node)
+        await routes.repair({LAB.uid, other.uid})
+        assert converged == []
+        kube.gone("HTTPRoute", other.child_name)  # someone deletes it later
+        await routes.repair({LAB.uid, other.uid})
+        assert converged == [other.uid]
+
+    asyncio.run(scenario())
+
+
 class QuotaKube(ListingKube):
     """A namespace whose ResourceQuota has no room for Services (a Slurm job's or a VM's route) until `room`."""
 

@@ -469,11 +469,11 @@ class KubernetesBackend:
             summary = self._summary(environment)
             if uid in live and summary is not None and summary.observation.state.holds:
                 await self._restore_service(environment)
-        if self._extension.done:
+        if done := self._extension.done:  # the namespaces set up before the list: it has their ConfigMap
             found = await self._kube.present(
                 "v1", "ConfigMap", MANAGED_SELECTOR, f"metadata.name={EXTENSION_CONFIG_MAP}"
             )
-            await self._extension.restore(self._extension.done - {namespace for namespace, _ in found}, "ConfigMap")
+            await self._extension.restore(done - {namespace for namespace, _ in found}, "ConfigMap")
 
     async def _restore_service(self, environment: Environment) -> None:
         where = f"{environment.namespace}/{environment.name}"

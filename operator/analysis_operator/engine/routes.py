@@ -424,6 +424,9 @@ class GatewayRoutes:
         routed to an address."""
         if not (self._namespaces.done or self._applied):
             return
+        # What was applied before the lists began: each list has it unless someone deleted it. What is
+        # applied while they are read (a burst's starts) is not asked about: it would be converged again.
+        applied_before, namespaces_before = list(self._applied.items()), self._namespaces.done
         routes = await self._kube.present(GATEWAY_API, "HTTPRoute", MANAGED_SELECTOR)
         middlewares = await self._kube.present(MIDDLEWARE_API, "Middleware", MANAGED_SELECTOR)
         services: set[tuple[str, str]] = set()
@@ -436,8 +439,10 @@ class GatewayRoutes:
             return {namespace for namespace, each in found if each == name}
 
         whole = having(routes, CLOSED_PAGE) & having(middlewares, FORWARD_AUTH) & having(middlewares, CLOSED_PAGE)
-        await self._namespaces.restore(self._namespaces.done - whole, "forward-auth Middleware and closed page")
-        for uid, applied in list(self._applied.items()):
+        await self._namespaces.restore(namespaces_before - whole, "forward-auth Middleware and closed page")
+        for uid, applied in applied_before:
+            if self._applied.get(uid) is not applied:  # closed, or applied again while the lists were read
+                continue
             environment = Environment(namespace=applied.namespace, name=applied.name, uid=uid, owner="", flavor="")
             key = (applied.namespace, environment.child_name)
             wanted = {
@@ -446,7 +451,7 @@ class GatewayRoutes:
             }
             missing = [kind for kind, found in wanted.items() if key not in found]
             if uid in live and missing:
-                del self._applied[uid]  # no await since the items were read: it is still there
+                del self._applied[uid]  # no await since it was looked up: it is still there
                 log.warning(
                     "route.missing",
                     environment=f"{applied.namespace}/{applied.name}",
