@@ -1,6 +1,7 @@
 """A real browser for OPEN tests: Debian's chromium, headless, driven by selenium through Debian's
 chromedriver. Screenshots are kept as test artifacts in $ANALYSIS_OPERATOR_ARTIFACTS
-(default /tmp/analysis-operator-artifacts)."""
+(default /tmp/analysis-operator-artifacts). The browser keeps its console, so a page that does not
+come up can say why (`diagnosis`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def chromium() -> webdriver.Chrome:
     options.binary_location = "/usr/bin/chromium"
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
         options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
     driver.set_page_load_timeout(60)
     return driver
@@ -45,3 +47,15 @@ def screenshot(driver: webdriver.Chrome, name: str) -> pathlib.Path:
     path = ARTIFACTS / f"{name}.png"
     driver.save_screenshot(str(path))
     return path
+
+
+def diagnosis(driver: webdriver.Chrome) -> str:
+    """What the page's console said and which of its requests failed (status 0 or 400 and above),
+    for a timeout's message."""
+    console = [f"{entry['level']}: {entry['message']}" for entry in driver.get_log("browser")]
+    failed = driver.execute_script(
+        "return performance.getEntriesByType('resource')"
+        ".filter(entry => !entry.responseStatus || entry.responseStatus >= 400)"
+        ".map(entry => entry.responseStatus + ' ' + entry.name);"
+    )
+    return f"console: {console or '(empty)'}; failed requests: {failed or '(none)'}"
