@@ -68,6 +68,29 @@ def test_pod_security_restricted_runs_jupyterlab_and_says_what_it_refuses_until_
     assert status["startedAt"] and children(core, namespace, "on-nfs")["pod"] is not None
 
 
+def test_a_pod_gone_whose_replacement_is_refused_is_not_shown_as_running(
+    kubeconfig, catalogue, environments, core, namespace, operator
+):
+    """A Ready JupyterLab on an NFS dataset; the namespace then turns Pod Security "restricted" and its pod
+    is deleted (by a person, a drain): making it again is refused. The status says Pending with the API
+    server's words, and its backend no longer names the pod, node and endpoint that are gone (before, it
+    kept showing them as running). Once the namespace allows it again, it runs and says where."""
+    public = catalogue.dataset("reference", PUBLIC)
+    create_as(kubeconfig, "bob", namespace, "on-nfs", datasets=[{"name": public}])
+    running = environments.wait_phase("on-nfs", "Ready")["status"]["backend"]
+    assert running["name"] == "aenv-on-nfs" and running["node"] and running["endpoint"], running
+    core.patch_namespace(namespace, {"metadata": {"labels": RESTRICTED}})
+    core.delete_namespaced_pod("aenv-on-nfs", namespace, grace_period_seconds=0)
+    status = environments.wait_phase("on-nfs", "Pending", timeout=15)["status"]
+    assert status["reason"] == "RefusedByCluster" and "PodSecurity" in status["message"], status
+    assert status["backend"] == {"kind": "kubernetes"}, status["backend"]
+    assert children(core, namespace, "on-nfs")["pod"] is None
+
+    core.patch_namespace(namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "baseline"}}})
+    status = environments.wait_phase("on-nfs", "Ready", timeout=RETRY_SECONDS + 20)["status"]
+    assert status["backend"]["name"] == "aenv-on-nfs" and status["backend"]["endpoint"], status["backend"]
+
+
 def test_a_full_namespace_quota_keeps_an_environment_waiting_until_another_ends(environments, core, namespace):
     """A ResourceQuota with room for two JupyterLabs (16Gi each): the third waits, Pending with the
     quota's own numbers, not charged and its lifetime not begun; when the first is deleted it starts by

@@ -128,3 +128,61 @@ def test_one_event_per_start_and_one_per_anything_a_person_must_hear(before, pha
     outcome = _transition(ENVIRONMENT, before, Phase(phase), reason, "message", NOW)
     assert outcome.status is not None and outcome.status["phase"] == phase
     assert (outcome.event[:2] if outcome.event else None) == event
+
+
+class Observed:
+    """A backend that only answers observe: what it shows now, or unreachable."""
+
+    def __init__(self, observation):
+        self.observation = observation
+
+    async def observe(self, environment):
+        if self.observation is None:
+            from analysis_operator.backends.base import BackendUnavailable
+
+            raise BackendUnavailable("the cloud does not answer")
+        return self.observation
+
+
+READY = {
+    "phase": "Ready",
+    "reason": "PodReady",
+    "backend": {"kind": "openstack", "id": "vm-1", "state": "ACTIVE", "endpoint": "10.0.0.5:6080"},
+}
+
+
+@pytest.mark.parametrize(
+    "observation, backend",
+    [
+        (None, None),  # the backend cannot be asked: its last word stays until the next transition
+        ("gone", {"kind": "openstack", "id": None, "state": None, "endpoint": None}),
+        ("running", {"kind": "openstack", "id": "vm-1", "state": "ACTIVE", "endpoint": "10.0.0.5:6080"}),
+    ],
+)
+def test_a_refusal_shows_the_backend_as_it_is_now(monkeypatch, observation, backend):
+    """A rule of the cluster refused what the environment needs: status.backend is what the backend
+    shows now (a VM that is gone is no longer shown ACTIVE; one still running, refused only its route's
+    Service, still is), not what it showed before."""
+    from analysis_operator.backends.base import Observation, State, Upstream
+    from analysis_operator.engine import converge as reconcile
+    from analysis_operator.infra.kube import KubeError
+
+    async def refused(context, environment, status, flavor, now):
+        raise KubeError("POST", "/api/v1/namespaces/ns/services", 403, "Forbidden", '{"message": "exceeded quota"}')
+
+    monkeypatch.setattr(reconcile, "_converge", refused)
+    shown = {
+        None: None,
+        "gone": Observation(State.GONE),
+        "running": Observation(
+            State.READY, reference={"id": "vm-1", "state": "ACTIVE"}, upstream=Upstream(6080, address="10.0.0.5")
+        ),
+    }[observation]
+    context = Context(kube=Untouchable(), backends={"openstack": Observed(shown)})
+    outcome = asyncio.run(converge(context, ENVIRONMENT, READY, FLAVOR, NOW))
+    assert outcome.status["phase"] == "Pending" and outcome.status["reason"] == "RefusedByCluster"
+    assert "exceeded quota" in outcome.status["message"] and outcome.retry_after == 30
+    if backend is None:
+        assert "backend" not in outcome.status
+    else:
+        assert {key: outcome.status["backend"].get(key) for key in backend} == backend

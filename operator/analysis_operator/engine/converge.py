@@ -23,7 +23,7 @@ from kubernetes.client.rest import ApiException
 from analysis_operator.backends.base import Backend, BackendUnavailable, Launch, Observation, Retry, State
 from analysis_operator.engine import tokens
 from analysis_operator.engine.decisions import Decisions
-from analysis_operator.engine.routes import NoRoutes, Route, Routes
+from analysis_operator.engine.routes import ROUTE_RETRY_SECONDS, NoRoutes, Route, Routes
 from analysis_operator.engine.status import backend_status, phase_from_observation
 from analysis_operator.engine.terms import build_terms, effective_flavor
 from analysis_operator.engine.tokens import delete_token, ensure_token
@@ -236,20 +236,40 @@ def _waiting(
     return Outcome(outcome.status, outcome.event, retry_after=delay, message=message)
 
 
+async def _backend_now(context: Context, environment: Environment, status: Mapping[str, Any]) -> dict[str, Any]:
+    """status.backend as its backend shows it now, where status has one: a pod that is gone and whose
+    re-creation was refused is no longer shown with its node and endpoint. {} for a start that never
+    had one, or a backend that cannot be asked now (the next transition says it)."""
+    kind = (status.get("backend") or {}).get("kind") or ""
+    backend = context.backends.get(kind)
+    if backend is None:
+        return {}
+    try:
+        return {"backend": backend_status(kind, await backend.observe(environment))}
+    except BackendUnavailable:
+        return {}
+
+
 def _refused(
-    environment: Environment, status: Mapping[str, Any], refusal: str, call: str, now: datetime.datetime
+    environment: Environment,
+    status: Mapping[str, Any],
+    refusal: str,
+    call: str,
+    now: datetime.datetime,
+    fields: Mapping[str, Any],
 ) -> Outcome:
     """A rule of the cluster refused something this environment needs (its pod, Service, token Secret or
     route: Pod Security, a ResourceQuota, a LimitRange, a facility's admission policy): Pending with the
     API server's words and a Warning Event, tried again every REFUSED_RETRY_SECONDS, since a quota may
     have room again and a policy may change. Nothing was started, so nothing is charged. The log names
-    the call only (`call`: KubeError's repr), never the API server's message."""
+    the call only (`call`: KubeError's repr), never the API server's message. `fields` ride along (the
+    backend as it is now)."""
     message = (
         f"Kubernetes refused what this environment needs: {refusal}. Tried again every "
         f"{REFUSED_RETRY_SECONDS:.0f} s (it starts once a quota has room or the policy allows it): "
         "ask the platform team, or delete this environment"
     )
-    outcome = _told(environment, status, Phase.PENDING, REFUSED, message, now, True, {})
+    outcome = _told(environment, status, Phase.PENDING, REFUSED, message, now, True, fields)
     if outcome.event is not None:
         log.warning("environment.refused", environment=f"{environment.namespace}/{environment.name}", call=call)
     return Outcome(outcome.status, outcome.event, retry_after=REFUSED_RETRY_SECONDS, message=f"{call} refused")
@@ -327,7 +347,9 @@ async def converge(
             refusal = cluster_refusal(error)
             if not refusal:
                 raise
-            outcome = _refused(environment, latest, refusal, repr(error), now)
+            outcome = _refused(
+                environment, latest, refusal, repr(error), now, await _backend_now(context, environment, latest)
+            )
         context.decisions.remember(environment.uid, status, latest, outcome.status)
         return outcome
 
@@ -606,7 +628,7 @@ async def _observed(
         outcome = Outcome({"connection": connection}, outcome.event)  # the gateway came, went or moved
     outcome = _with_routable(outcome, environment, status, now, route)
     if route is not None and not route.routable:
-        return Outcome(outcome.status, outcome.event, retry_after=30, message=route.message)
+        return Outcome(outcome.status, outcome.event, retry_after=ROUTE_RETRY_SECONDS, message=route.message)
     return outcome
 
 

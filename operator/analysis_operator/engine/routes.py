@@ -52,6 +52,7 @@ CLOSED_PAGE = "aenv-closed"  # per namespace: the route and Middleware answering
 AUTH_RESPONSE_HEADERS = ["Authorization", "Cookie", "X-Forwarded-User"]
 PROBE_ATTEMPT_SECONDS = 1.0  # one probe request; then whether the forward-auth saw it is checked
 PROBE_MAX_DELAY_SECONDS = 5.0  # between one environment's attempts (from 50 ms, doubling)
+ROUTE_RETRY_SECONDS = 30.0  # a route that is not routable (refused, no gateway) is tried again after this
 PROBE_RATE = 100.0  # attempts per second, all environments together (a burst's probes are paced, not a flood)
 GATEWAY_NOT_FOUND = b"404 page not found\n"  # Traefik's (and Go's net/http) answer when no route matches
 ENDPOINTSLICE_MANAGER = "analysis-operator"  # not the endpointslice controller: it leaves these alone
@@ -401,7 +402,7 @@ class GatewayRoutes:
                     False,
                     "RefusedByCluster",
                     f"Kubernetes refused what its route needs: {refusal}. {url} does not answer until it is allowed "
-                    "(tried again every 30 s); the environment itself runs",
+                    f"(tried again every {ROUTE_RETRY_SECONDS:.0f} s); the environment itself runs",
                 )
             self._applied[environment.uid] = _Applied(wanted, environment.namespace, environment.name, address)
             log.info("route.opened", environment=f"{environment.namespace}/{environment.name}", url=url)
