@@ -163,6 +163,23 @@ def test_the_owner_deletes_her_environment(lab, as_user, environments):
     wait_for(lambda: not environments.exists("lab"), timeout=60, what="lab deleted (the operator's finalizer released)")
 
 
+def test_the_token_secret_goes_with_a_held_environment_without_the_garbage_collector(
+    lab, as_user, environments, core, namespace
+):
+    """An environment the operator's finalizer holds (a Slurm job's or VM's: lab carries its label) takes
+    its token Secret with it before the finalizer goes. It is not left to the garbage collector alone,
+    which misses the deletion of a kind it has not discovered yet (the first seconds after the CRD is
+    installed) and then kept the access token behind its environment. Here the Secret's owner reference
+    is removed first, as if the collector would never act."""
+    core.patch_namespaced_secret("aenv-lab", namespace, [{"op": "remove", "path": "/metadata/ownerReferences"}])
+    assert not core.read_namespaced_secret("aenv-lab", namespace).metadata.owner_references
+    as_user("alice").delete("lab")
+    wait_for(lambda: not environments.exists("lab"), timeout=60, what="lab deleted (the operator's finalizer released)")
+    with pytest.raises(kubernetes.client.ApiException) as gone:
+        core.read_namespaced_secret("aenv-lab", namespace)
+    assert gone.value.status == 404
+
+
 def test_the_owner_deletes_in_the_foreground(lab, as_user, environments):
     """The API server adds foregroundDeletion for her (that is part of her DELETE, not an UPDATE the
     policy would refuse her), and the garbage collector removes it once the pod is gone."""

@@ -14,6 +14,7 @@ from analysis_operator.engine.converge import Context
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.reconciler import Reconciler, utcnow
 from analysis_operator.engine.terms import flavor_for
+from analysis_operator.engine.tokens import delete_token
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
 from analysis_operator.handlers.indexes import PodKey
 from analysis_operator.infra.kube import namespace_terminating
@@ -76,12 +77,12 @@ async def on_environment_deleted(
         message = left_behind(kind, status)
         log.warning("environment.backend_abandoned", environment=f"{environment.namespace}/{environment.name}")
         await post_event(memo.context.kube, reference, "Warning", "BackendAbandoned", message)
-        return
+        return await _release(memo, environment)
     if backend is None:
         blocked = cleanup_blocked(kind, status)
         if blocked is None:  # nothing was ever made there: nothing to wait for
             log.info("environment.released", environment=f"{environment.namespace}/{environment.name}", backend=kind)
-            return
+            return await _release(memo, environment)
         await _cleanup_condition(memo, environment, status, patch, "BackendNotEnabled", blocked)
         raise kopf.TemporaryError(blocked, delay=ABANDON_CHECK_SECONDS)
     try:
@@ -92,6 +93,17 @@ async def on_environment_deleted(
         raise kopf.TemporaryError(str(error), delay=10) from None
     if not gone:
         raise kopf.TemporaryError("waiting for the backend to confirm the deletion", delay=2)
+    await _release(memo, environment)
+
+
+async def _release(memo: kopf.Memo, environment: Environment) -> None:
+    """The environment's token Secret, removed with the backend's work before the finalizer goes, not
+    left to the garbage collector alone: it does not see the deletion of a kind it has not discovered
+    yet (the first seconds after the CRD is installed), and the access token then stayed behind its
+    environment (tests/integration/test_authorization.py). Its route stays the collector's: closing it
+    would set up the namespace's closed page again, which a namespace being deleted refuses, and a route
+    to an environment that is gone opens nothing (the forward-auth answers for environments only)."""
+    await delete_token(memo.context.kube, environment)
 
 
 # An admin's way out when the backend will not come back (a decommissioned cloud project): the finalizer
