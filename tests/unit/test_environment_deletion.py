@@ -52,9 +52,14 @@ def test_what_was_made_and_left_behind_is_named():
 class Events:
     def __init__(self) -> None:
         self.posted: list[tuple[str, str]] = []
+        self.deleted: list[tuple[str, str, str]] = []
 
     async def post_event(self, involved, type_, reason, message) -> None:
         self.posted.append((type_, reason))
+
+    async def delete_owned(self, kind, namespace, name, label, value) -> bool:
+        self.deleted.append((kind, f"{namespace}/{name}", value))
+        return True
 
 
 class Cloud:
@@ -94,42 +99,44 @@ def delete(backends: dict, status: dict, annotations: dict | None = None):
     except kopf.TemporaryError as raised:
         error = raised
     conditions = {c["type"]: c for c in (patch.get("status") or {}).get("conditions") or ()}
-    return error, conditions.get("CleanedUp"), events.posted
+    return error, conditions.get("CleanedUp"), events.posted, events.deleted
 
 
 RECORDED = {"backend": {"kind": "openstack", "id": "3f2a"}}
+TOKEN = [("Secret", "ns/aenv-vm", "u-1")]  # the environment's own token Secret (by its uid label)
 
 
 def test_nothing_made_and_no_backend_releases_at_once():
-    assert delete({}, {}) == (None, None, [])
+    assert delete({}, {}) == (None, None, [], TOKEN)
 
 
 def test_something_made_and_no_backend_waits_and_says_so_once():
-    error, condition, posted = delete({}, RECORDED)
+    error, condition, posted, deleted = delete({}, RECORDED)
     assert error is not None and condition["reason"] == "BackendNotEnabled" and condition["status"] == "False"
-    assert posted == [("Warning", "BackendNotEnabled")]
+    assert posted == [("Warning", "BackendNotEnabled")] and deleted == []  # the token stays while it waits
     # the next try finds the condition already saying so: no second Event, no write
-    error, condition, posted = delete({}, {**RECORDED, "conditions": [dict(condition)]})
+    error, condition, posted, _ = delete({}, {**RECORDED, "conditions": [dict(condition)]})
     assert error is not None and condition is None and posted == []
 
 
 def test_abandoned_releases_without_asking_the_backend():
     cloud = Cloud()
-    error, _, posted = delete({"openstack": cloud}, RECORDED, {ABANDON: "true"})
-    assert error is None and cloud.asked == 0 and posted == [("Warning", "BackendAbandoned")]
+    error, _, posted, deleted = delete({"openstack": cloud}, RECORDED, {ABANDON: "true"})
+    assert error is None and cloud.asked == 0 and posted == [("Warning", "BackendAbandoned")] and deleted == TOKEN
 
 
 def test_an_abandon_annotation_other_than_true_is_not_one():
-    error, _, _ = delete({}, RECORDED, {ABANDON: "yes"})
+    error, _, _, _ = delete({}, RECORDED, {ABANDON: "yes"})
     assert error is not None
 
 
 def test_an_unreachable_backend_waits_with_the_reason():
-    error, condition, _ = delete({"openstack": Cloud(error=True)}, RECORDED)
-    assert error is not None and condition["reason"] == "BackendUnavailable"
+    error, condition, _, deleted = delete({"openstack": Cloud(error=True)}, RECORDED)
+    assert error is not None and condition["reason"] == "BackendUnavailable" and deleted == []
     assert "keystone does not answer" in condition["message"] and ABANDON in condition["message"]
 
 
 def test_an_enabled_backend_deletes():
     cloud = Cloud()
-    assert delete({"openstack": cloud}, RECORDED)[0] is None and cloud.asked == 1
+    error, _, _, deleted = delete({"openstack": cloud}, RECORDED)
+    assert error is None and cloud.asked == 1 and deleted == TOKEN  # the token goes with it, not after
