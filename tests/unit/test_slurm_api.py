@@ -35,6 +35,7 @@ from analysis_operator.backends.slurm_api import (
     ignored_fields,
     served_versions,
 )
+from analysis_operator.backends.slurm_auth import job_nonce
 from analysis_operator.backends.slurm_rest import SlurmRequestRefused, SlurmRestClient
 from analysis_operator.settings import SlurmSettings
 
@@ -185,6 +186,21 @@ def test_a_pending_job_is_read_with_its_reason(version):
     (job,) = dialect(version).parse_jobs(body)
     assert job.state == "PENDING" and job.reason in ("PartitionTimeLimit", "PartitionConfig", "Priority")
     assert job.start_time >= 0 and job.cpus >= 1 and job.gpus == 0
+
+
+@pytest.mark.parametrize("version", ALL)
+def test_a_jobs_output_path_is_read_as_submitted(version):
+    """v0.0.40-v0.0.42 answer the output path with %j replaced by the job id (v0.0.43 and v0.0.38 as
+    written): the operator reads the job's nonce, which keys JupyterLab's port, from the path as it
+    submitted it, whichever version answered."""
+    _, body = answer(version, "job-pending")
+    raw = body["jobs"][0]
+    expanded = version in ("v0.0.40", "v0.0.41", "v0.0.42")
+    assert raw["standard_output"].endswith(f".{raw['job_id']}.out" if expanded else ".%j.out")
+    submitted = "/scratch/alice/team-a.aenv-lab.c2d8f0e6-41b7-4a93-b5e2-7f1a6c3d9e84.0a1b2c3d.%j.out"
+    raw["standard_output"] = submitted.replace("%j", str(raw["job_id"])) if expanded else submitted
+    (job,) = dialect(version).parse_jobs(body)
+    assert job.standard_output == submitted and job_nonce(job) == "0a1b2c3d"
 
 
 @pytest.mark.parametrize("version", ALL)

@@ -306,6 +306,14 @@ def _cpus_in_tres(tres: str) -> float | None:
     return None
 
 
+def _output_as_submitted(path: str, job_id: int) -> str:
+    """A job's output path as the operator submitted it: slurmrestd v0.0.40-v0.0.42 answer it with
+    `%j` replaced by the job's id (v0.0.43 and v0.0.38 as written). The operator reads the job's
+    environment and nonce back from that path (backends/slurm_auth.py)."""
+    expanded = f".{job_id}.out"
+    return f"{path.removesuffix(expanded)}.%j.out" if path.endswith(expanded) else path
+
+
 def _list_of(answer: Mapping[str, Any], key: str, where: str) -> list[Mapping[str, Any]]:
     items: list[Mapping[str, Any]] = []
     for item in _require(answer, key, list, where):
@@ -556,7 +564,7 @@ class DialectV004x(Dialect):
             user_name=_text(raw, "user_name"),
             user_id=user_id if isinstance(user_id, int) and not isinstance(user_id, bool) else None,
             comment=_text(raw, "comment"),
-            standard_output=_text(raw, "standard_output"),
+            standard_output=_output_as_submitted(_text(raw, "standard_output"), job_id),
             nodes=_text(raw, "nodes"),
             batch_host=_text(raw, "batch_host"),
             cpus=cpus if cpus is not None else float(asked or 0),

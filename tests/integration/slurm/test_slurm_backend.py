@@ -250,7 +250,9 @@ def test_the_version_spoken_is_the_newest_served(backend, slurm_settings):
 
 def test_every_version_served_runs_a_gpu_job_and_reads_it(slurm_settings, make_environment):
     """Each version the operator speaks that this slurmrestd serves, pinned in turn: submit, read,
-    GPUs held, cancel, cancel again, an unknown job."""
+    GPUs held, JupyterLab answering on the port the operator reads back from the job (v0.0.40-v0.0.42
+    answer the job's output path, which keys the port, with %j expanded), cancel, cancel again, an
+    unknown job."""
 
     from analysis_operator.backends.slurm_api import SUPPORTED, served_versions
 
@@ -267,7 +269,7 @@ def test_every_version_served_runs_a_gpu_job_and_reads_it(slurm_settings, make_e
         environment = make_environment()
         submitted = asyncio.run(backend.ensure(Launch(environment, flavor, TOKEN)))
         assert submitted.state == State.PENDING, (version, submitted)
-        running = wait_for_state(backend, environment, {State.PROVISIONING, State.READY}, timeout=60)
+        running = wait_for_state(backend, environment, {State.READY}, timeout=60)
         assert (running.gpus, running.cpus) == (1, 1.0) and running.reference["startedAt"], version
         job_id = running.reference["id"]
         assert asyncio.run(backend.client.job(job_id)).gpus_requested == 1
