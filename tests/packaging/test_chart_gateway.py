@@ -316,6 +316,21 @@ def test_rbac_grants_what_the_routes_call_and_nothing_broader(tmp_path, watch_na
 # ---------------------------------------------------------------- NetworkPolicies
 
 
+# The operator's own pods reach the environments' JupyterLab too: its idle reads, and closing an
+# unshared viewer's websockets (engine/viewers.py) go straight to the pod's Service.
+OPERATOR_PEER = {
+    "ports": [{"port": 8888, "protocol": "TCP"}],
+    "from": [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}},
+            "podSelector": {
+                "matchLabels": {"app.kubernetes.io/name": "analysis-operator", "app.kubernetes.io/instance": RELEASE}
+            },
+        }
+    ],
+}
+
+
 def _policies(tmp_path: pathlib.Path, gateway: dict, ingress_from: list | None = None) -> tuple[list, list]:
     values = _merge(ENABLED, {"gateway": gateway, "networkPolicy": {"enabled": True, "namespaces": ["envs"]}})
     if ingress_from is not None:
@@ -336,7 +351,7 @@ def test_network_policy_lets_only_the_gateways_pods_reach_forward_auth_and_the_e
     assert [rule for rule in operator if {"port": 9100, "protocol": "TCP"} in rule["ports"]] == [
         {"ports": [{"port": 9100, "protocol": "TCP"}], "from": gateway}
     ]
-    assert environments == [{"ports": [{"port": 8888, "protocol": "TCP"}], "from": gateway}]
+    assert environments == [{"ports": [{"port": 8888, "protocol": "TCP"}], "from": gateway}, OPERATOR_PEER]
     # Listed peers replace the default; the ingress controller's stay beside them.
     peers = [
         {"namespaceSelector": {"matchLabels": {"team": "edge"}}, "podSelector": {"matchLabels": {"app": "traefik"}}}
@@ -344,7 +359,7 @@ def test_network_policy_lets_only_the_gateways_pods_reach_forward_auth_and_the_e
     ingress = [{"ipBlock": {"cidr": "10.8.0.0/16"}}]
     operator, environments = _policies(tmp_path, {"networkPolicyFrom": peers}, ingress)
     assert {"ports": [{"port": 9100, "protocol": "TCP"}], "from": peers} in operator
-    assert environments == [{"ports": [{"port": 8888, "protocol": "TCP"}], "from": ingress + peers}]
+    assert environments == [{"ports": [{"port": 8888, "protocol": "TCP"}], "from": ingress + peers}, OPERATOR_PEER]
 
 
 # ---------------------------------------------------------------- refused values

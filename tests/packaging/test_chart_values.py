@@ -12,7 +12,7 @@ import pathlib
 import pytest
 import yaml
 
-from tests.packaging.test_chart_gateway import CHART, REPO, find, refusal, render
+from tests.packaging.test_chart_gateway import CHART, OPERATOR_PEER, REPO, find, refusal, render
 from tests.packaging.values_schema import SCHEMA, definitions
 
 CATALOGUE_KINDS = {"EnvironmentFlavor", "Dataset", "FacilityGroup", "ComputeBudget"}
@@ -161,15 +161,15 @@ def _environments_policy(tmp_path: pathlib.Path, network: dict) -> dict:
     return find(objects, "NetworkPolicy", "aop-analysis-operator-environments")["spec"]
 
 
-def test_with_no_peers_nothing_reaches_the_environments(tmp_path):
+def test_with_no_peers_only_the_operator_reaches_the_environments(tmp_path):
     spec = _environments_policy(tmp_path, {})
-    assert spec["policyTypes"] == ["Ingress", "Egress"] and spec["ingress"] == []
+    assert spec["policyTypes"] == ["Ingress", "Egress"] and spec["ingress"] == [OPERATOR_PEER]
 
 
 def test_listed_peers_and_only_they_reach_jupyterlab(tmp_path):
     peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
     spec = _environments_policy(tmp_path, {"ingressFrom": peers})
-    assert spec["ingress"] == [{"ports": [{"port": 8888, "protocol": "TCP"}], "from": peers}]
+    assert spec["ingress"] == [{"ports": [{"port": 8888, "protocol": "TCP"}], "from": peers}, OPERATOR_PEER]
 
 
 # --- who reads the directory ------------------------------------------------------------------------
