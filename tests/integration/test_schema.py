@@ -7,6 +7,7 @@ import json
 import kubernetes
 import pytest
 
+from analysis_operator.engine.routes import CLOSED_PAGE
 from tests.integration.conftest import GROUP, VERSION, kubectl
 
 
@@ -85,6 +86,23 @@ def test_environment_name_too_long_for_its_children_is_refused(custom, namespace
             namespace,
         )
     assert refused.value.status == 422 and "at most 58 characters" in refused.value.body
+
+
+def test_the_name_of_the_namespaces_closed_page_is_refused(custom, namespace):
+    """An environment's route is aenv-<name>; the namespace's page for environments that are not open
+    is the HTTPRoute aenv-closed: an environment named `closed` would replace it (or be replaced)."""
+    with pytest.raises(kubernetes.client.ApiException) as refused:
+        create(
+            custom,
+            "analysisenvironments",
+            {
+                "kind": "AnalysisEnvironment",
+                "metadata": {"name": CLOSED_PAGE.removeprefix("aenv-")},
+                "spec": {"owner": "alice", "flavor": "jupyter-basic"},
+            },
+            namespace,
+        )
+    assert refused.value.status == 422 and "metadata.name 'closed' is taken" in refused.value.body
 
 
 FLAVOR_CASES = [
