@@ -9,11 +9,15 @@ import uuid
 import kubernetes
 import pytest
 
+from tests.integration.authorization import denial
 from tests.integration.conftest import GROUP, VERSION, impersonating
 from tests.integration.test_budgets import Budgets
+from tests.waiting import wait_for
 
 PORTAL = "system:serviceaccount:portal:backend"
 ON_BEHALF_OF = f"{GROUP}/on-behalf-of"
+REQUESTED_BY = f"{GROUP}/requested-by"
+FILED_BY = f"{GROUP}/filed-by"
 
 
 @pytest.fixture
@@ -112,3 +116,44 @@ def test_only_the_owner_asks_for_a_longer_lifetime(kubeconfig, namespace, enviro
     assert file(kubeconfig, namespace, alice, environment="fresh", lifetime="1h")["metadata"]["annotations"]
     cause = refused(lambda: file(kubeconfig, namespace, alice, environment="no-such-lab", lifetime="1h"))
     assert (cause["reason"], cause["field"]) == ("EnvironmentNotFound", "spec.environment")
+
+
+def test_with_the_operator_stopped_a_request_names_its_sender_and_is_checked_when_it_returns(
+    kubeconfig, namespace, operator, alices_budget, custom
+):
+    """No replica runs, so no webhook stamps or checks a request: the API server's policy
+    (deploy/authorization/identity-policy.yaml) lets one through only if it already says who sent it
+    and whom it is for, as the webhook would have; the operator, back, checks the filing itself."""
+    alice, budget = alices_budget
+    bob = kubernetes.client.CustomObjectsApi(impersonating(kubeconfig, "bob"))
+
+    def as_bob(annotations: dict) -> dict:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "BudgetRequest",
+            "metadata": {"generateName": "more-", "annotations": annotations},
+            "spec": {"reason": "x", "budget": budget, "add": {"cpuHours": 10}},
+        }
+        return bob.create_namespaced_custom_object(GROUP, VERSION, namespace, "budgetrequests", body)
+
+    operator.stop()
+    try:
+        forged = denial(lambda: as_bob({REQUESTED_BY: alice, FILED_BY: PORTAL}))
+        assert forged and "ValidatingAdmissionPolicy 'analysis-budgetrequest-identity'" in forged, forged
+        assert f"not '{alice}' and you ('bob')" not in forged and "not 'bob' and you ('bob')" in forged
+        on_behalf = denial(lambda: as_bob({ON_BEHALF_OF: alice, REQUESTED_BY: alice, FILED_BY: "bob"}))
+        assert on_behalf and f"you ('bob') may not file a request on behalf of '{alice}'" in on_behalf, on_behalf
+        unstamped = denial(lambda: as_bob({"note": "x"}))
+        assert unstamped and "are stamped by the operator's webhook" in unstamped, unstamped
+        made = as_bob({REQUESTED_BY: "bob", FILED_BY: "bob"})  # names himself: stored
+    finally:
+        operator.start()
+    name = made["metadata"]["name"]
+
+    def phase() -> dict | None:
+        status = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "budgetrequests", name).get("status")
+        return status if (status or {}).get("phase") else None
+
+    status = wait_for(phase, timeout=30, what=f"{name} decided by the operator")
+    assert status["phase"] == "Invalid" and status["message"].startswith("NotBudgetMember: "), status
+    assert "'bob' may not ask for more" in status["message"]

@@ -72,6 +72,21 @@ async def check_filing(
     """Only a member of the budget (or the portal for one) may ask to raise it, only an environment's
     owner (or the portal for them) may ask to run it longer. The scientist is the one stamped above."""
     scientist = str(body.metadata.annotations.get(REQUESTED_BY) or "")
+    refusal = await _filing_refusal(memo, namespace, spec, scientist, environments)
+    if refusal is not None:
+        refuse_request(namespace, body, refusal, REQUEST_FIELDS[refusal.reason])
+    log.info(
+        "budget_request.filed",
+        request=f"{namespace}/{body.metadata.get('name') or body.metadata.get('generateName')}",
+        requested_by=scientist,
+        filed_by=userinfo.get("username"),
+    )
+
+
+async def _filing_refusal(
+    memo: kopf.Memo, namespace: str, spec: Mapping[str, Any], scientist: str, environments: kopf.Index
+) -> Refusal | None:
+    """Why `scientist` may not file this request (None: they may), from the operator's indexes."""
     budget_name = str(spec.get("budget") or "")
     views = memo.budget_gate.ledger.views
     budget = first(views.budgets, budget_name) if budget_name else None
@@ -86,16 +101,8 @@ async def check_filing(
         else:  # the index may lag an environment created a moment ago
             found = await memo.context.kube.get_environment(namespace, str(spec["environment"]))
             environment_owner = str(((found or {}).get("spec") or {}).get("owner") or "")
-    refusal = filing_refusal(
+    return filing_refusal(
         scientist, budget_name, budget, lambda group, user: member_of(views.groups, group, user), environment_owner
-    )
-    if refusal is not None:
-        refuse_request(namespace, body, refusal, REQUEST_FIELDS[refusal.reason])
-    log.info(
-        "budget_request.filed",
-        request=f"{namespace}/{body.metadata.get('name') or body.metadata.get('generateName')}",
-        requested_by=scientist,
-        filed_by=userinfo.get("username"),
     )
 
 
@@ -149,9 +156,16 @@ async def on_request(
     decision = status.get("decision")
     if not decision:
         if not status.get("phase"):
-            await memo.context.kube.patch_namespaced_status(
-                REQUESTS, namespace, name, {"phase": "Pending", "message": "waiting for an administrator's decision"}
-            )
+            # Decided again here: a request created while no webhook answered (the API server's
+            # policy checked only whom it names) never had its filing checked.
+            scientist = str(body["metadata"].get("annotations", {}).get(REQUESTED_BY) or "")
+            refusal = await _filing_refusal(memo, namespace, body.get("spec") or {}, scientist, environments)
+            if refusal is not None:
+                update = {"phase": "Invalid", "message": f"{refusal.reason}: {refusal.message}"}
+                log.info("budget_request.refused", request=f"{namespace}/{name}", reason=refusal.reason)
+            else:
+                update = {"phase": "Pending", "message": "waiting for an administrator's decision"}
+            await memo.context.kube.patch_namespaced_status(REQUESTS, namespace, name, update)
         return
     if decision == "Denied":
         update = {"phase": "Denied", "message": f"denied by {status.get('decidedBy')}"}
