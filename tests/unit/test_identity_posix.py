@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import subprocess
 
 import pytest
 import yaml
@@ -244,12 +245,12 @@ def test_without_an_identity_the_pod_is_what_it_always_was():
 # ---------------------------------------------------------------- the VM
 
 
-def desktop(identity: PosixIdentity | None) -> dict:
+def desktop_of(identity: PosixIdentity | None) -> dict:
     return yaml.safe_load(build_user_data(POD_ENVIRONMENT, "tok", Settings(), (), identity))
 
 
 def test_the_vm_desktop_user_is_the_owner_with_their_uid_gid_and_groups():
-    cloud_init = desktop(ALICE)
+    cloud_init = desktop_of(ALICE)
     assert cloud_init["users"] == ["default"]  # no shared "analysis" user
     commands = [command[3:] for command in cloud_init["runcmd"] if command[:2] == ["sh", "-c"] and len(command) > 3]
     assert commands == [
@@ -266,8 +267,51 @@ def test_the_vm_desktop_user_is_the_owner_with_their_uid_gid_and_groups():
     )
 
 
+@pytest.mark.parametrize(
+    "image_uid, useradd_works, desktop",
+    [
+        ("", True, True),  # no such account: made with the owner's uid
+        ("20001", True, True),  # the account is there with the owner's uid
+        ("1000", True, False),  # the image's own account of that name (its default user): never adopted
+        ("", False, False),  # the uid is taken in the image: useradd fails
+    ],
+)
+def test_the_vm_uses_an_account_only_with_the_owners_uid(tmp_path, image_uid, useradd_works, desktop):
+    """The rendered command, run by a real shell with the image's `id` and `useradd` stood in for:
+    an account that exists with another uid (a distribution's default user, a system account of
+    the same name) would run the desktop, and read the data, as someone else."""
+    command = next(c for c in desktop_of(ALICE)["runcmd"] if c[3:4] == ["aenv-user"])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {
+        "id": f'[ -n "{image_uid}" ] && echo {image_uid}',
+        "useradd": "exit 0" if useradd_works else "exit 4",
+        "tee": 'cat > "$TMPDIR_MARK"',
+    }
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    mark = tmp_path / "no-desktop"
+    script = command[2].replace(">/dev/console", "")
+    ran = subprocess.run(
+        [*command[:2], script, *command[3:]],
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "TMPDIR_MARK": str(mark)},
+        capture_output=True,
+        text=True,
+    )
+    assert (ran.returncode == 0) == desktop, ran
+    assert mark.exists() != desktop
+    if image_uid == "1000":
+        assert "account alice exists in this image with uid 1000, not 20001" in mark.read_text()
+
+
+def test_the_desktop_does_not_start_where_the_account_was_refused():
+    unit = next(f for f in desktop_of(ALICE)["write_files"] if f["path"].endswith("aenv-desktop@.service"))
+    assert "ConditionPathExists=!/etc/analysis-environment/no-desktop" in unit["content"]
+
+
 def test_without_an_identity_the_vm_keeps_its_shared_desktop_user():
-    cloud_init = desktop(None)
+    cloud_init = desktop_of(None)
     assert cloud_init["users"][1]["name"] == "analysis"
     assert not any("useradd" in str(command) for command in cloud_init["runcmd"])
 
@@ -275,7 +319,7 @@ def test_without_an_identity_the_vm_keeps_its_shared_desktop_user():
 @given(st.text(min_size=1, max_size=60))
 def test_a_group_name_is_an_argument_never_shell_text(name):
     """FacilityGroup names come from the catalogue: whatever they hold, they stay one argv element."""
-    cloud_init = desktop(PosixIdentity("alice", 20001, 20001, (5001,), (name,)))
+    cloud_init = desktop_of(PosixIdentity("alice", 20001, 20001, (5001,), (name,)))
     group_commands = [command for command in cloud_init["runcmd"] if command[3:4] == ["aenv-group"]]
     assert group_commands[1][4:] == ["5001", name]
     assert group_commands[0][2] == group_commands[1][2]  # the script is constant
