@@ -6,11 +6,14 @@ what it receives): what the gateway passes on can be read back."""
 from __future__ import annotations
 
 import base64
+import http.client
 import json
+import urllib.parse
 
 import kubernetes
 import pytest
 
+from analysis_operator.policy.opening import PROBE_HEADER, probe_signature
 from tests.integration.conftest import REPO, kubectl
 from tests.integration.netns import Netns
 from tests.waiting import wait_for
@@ -38,13 +41,38 @@ def conditions(environment):
 
 def served(gateway, path, user=None, **headers):
     """Wait until the test's server at the pod's address answers through the gateway. The route is
-    in place at Ready, but the operator's probe (before Ready) found no server at a KWOK pod's
-    address, and the gateway may still hold a connection from then: one that hangs is given up."""
+    in place at Ready, but the test's server starts only after it (KWOK pods run none): a request
+    that hangs meanwhile is given up."""
     return wait_for(
         lambda: (answer := gateway.request(path, user, headers, timeout=3))[0] not in (0, 404, 502, 504) and answer,
         timeout=40,
         what=f"the gateway to route {path} to the test's server",
     )
+
+
+def upgrade(gateway, path: str, user: str, origin: str) -> tuple[int, dict[str, str], bytes]:
+    """A browser's websocket handshake through the gateway, signed in as `user`, from a page of `origin`
+    (urllib would send Connection: close)."""
+    where = urllib.parse.urlsplit(gateway.url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=5)
+    try:
+        connection.request(
+            "GET",
+            path,
+            headers={
+                "Connection": "Upgrade",
+                "Upgrade": "websocket",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": base64.b64encode(b"sixteen bytes!!!").decode(),
+                "Origin": origin,
+                "Sec-Fetch-Mode": "websocket",
+                "Cookie": f"aenv_session={gateway.token(user)}",
+            },
+        )
+        response = connection.getresponse()
+        return response.status, dict(response.headers), response.read()
+    finally:
+        connection.close()
 
 
 def test_ready_pod_is_opened_through_the_gateway_for_its_owner_only(
@@ -84,6 +112,45 @@ def test_ready_pod_is_opened_through_the_gateway_for_its_owner_only(
         wait_for(lambda: opened.request(base, "bob")[0] == 200, timeout=10, what="bob let in after sharing")
         environments.patch_spec("lab", sharing={"users": []})
         wait_for(lambda: opened.request(base, "bob")[0] == 403, timeout=10, what="bob refused after unsharing")
+
+        # While shared, bob could read the server's token in it (echo $JUPYTER_TOKEN) and its uid: the
+        # operator's probe signature they make is answered by the forward-auth itself, never passed on
+        # (the server would have echoed it with 200), signed in or not.
+        server_token = base64.b64decode(token).decode()
+        signature = probe_signature(server_token, ready["metadata"]["uid"])
+        for user in ("bob", None):
+            status, headers, page = opened.request(base + "api/status", user, {PROBE_HEADER: signature})
+            assert status == 403 and headers.get("X-Analysis-Reason") == "ProbeAnswered", (user, status, page)
+            assert headers[PROBE_HEADER] == ready["metadata"]["uid"]
+            assert server_token not in json.dumps(headers) and server_token.encode() not in page
+            assert b'"headers"' not in page  # not the test's server's echo
+
+
+def test_a_page_of_another_site_gets_nothing_through_the_gateway_with_the_owners_session(
+    opened, directory, environments, core, namespace
+):
+    """The gateway hands JupyterLab its token, so JupyterLab skips its own XSRF and Origin checks: a page
+    of another site riding alice's session cookie (a POST, a websocket) is refused at the gateway by
+    the forward-auth; the same from the gateway's own pages, and a link from another site, reach the server."""
+    environments.create("lab", flavor="jupyter-basic", lifetime="1h")
+    environments.wait_phase("lab", "Ready")
+    base = f"/env/{namespace}/lab/"
+    with Netns(core.read_namespaced_pod("aenv-lab", namespace).status.pod_ip) as pod:
+        pod.echo_server(8888)
+        assert served(opened, base + "api/status", "alice")[0] == 200
+        own, evil = opened.url, "https://evil.example"
+        status, headers, page = opened.request(base + "api/contents", "alice", {"Origin": evil}, method="POST")
+        assert (status, headers.get("X-Analysis-Reason")) == (403, "CrossSiteRequest") and b"evil.example" in page
+        status, _, body = opened.request(base + "api/contents", "alice", {"Origin": own}, method="POST")
+        assert status == 200 and json.loads(body)["method"] == "POST"
+        headers = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors"}
+        assert opened.request(base + "api/contents", "alice", headers)[0] == 403  # no Origin said: still another site's
+        headers = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+        assert opened.request(base + "lab", "alice", headers)[0] == 200  # a link on the portal's site
+        status, headers, _ = upgrade(opened, base + "api/kernels/k1/channels", "alice", evil)
+        assert (status, headers.get("X-Analysis-Reason")) == (403, "CrossSiteRequest")
+        status, _, body = upgrade(opened, base + "api/kernels/k1/channels", "alice", own)
+        assert status == 200 and json.loads(body)["headers"]["Upgrade"] == "websocket"  # the server's to answer
 
 
 def test_what_the_gateway_needs_and_someone_deleted_is_made_again_and_nothing_opens_meanwhile(
@@ -239,11 +306,12 @@ def test_a_route_the_namespace_quota_refuses_is_a_condition_until_it_has_room(
         )
 
 
-def test_ready_means_the_gateway_already_serves_the_route(opened, directory, environments, custom, namespace):
-    """Ready is written once the operator's probe got through the environment's own route (settings
-    gateway.probe_url): a browser following status.connection.url the moment it says Ready reaches the
-    environment, never the gateway's 404 or the 'being opened' page. KWOK pods run no server, so what
-    answers past the route is the network's (an error): that still went through the route."""
+def test_ready_means_the_gateway_already_serves_the_route(opened, directory, environments, core, custom, namespace):
+    """Ready is written once the forward-auth of the environment's own route answered the operator's
+    probe (settings gateway.probe_url): a browser following status.connection.url the moment it says
+    Ready reaches the environment, never the gateway's 404 or the 'being opened' page. KWOK pods run no
+    server, so what answers past the route is the network's (an error): that still went through the
+    route. The probe itself is answered by the forward-auth and never passed on."""
     names = [f"burst-{i}" for i in range(6)]
     for name in names:
         environments.create(name, flavor="jupyter-basic", lifetime="1h")
@@ -270,3 +338,10 @@ def test_ready_means_the_gateway_already_serves_the_route(opened, directory, env
     # the probe's header is no way in for anyone else: a made-up signature is refused at the gateway
     code, headers, _ = opened.request(f"/env/{namespace}/burst-0/lab", headers={"X-Analysis-Probe": "0" * 64})
     assert code == 401 and headers["X-Analysis-Reason"] == "NotSignedIn"
+    # and the real one gets the forward-auth's own answer, as the gateway returns it: status and headers
+    uid = environments.get("burst-0")["metadata"]["uid"]
+    secret = core.read_namespaced_secret("aenv-burst-0", namespace).data["token"]
+    signature = probe_signature(base64.b64decode(secret).decode(), uid)
+    code, headers, _ = opened.request(f"/env/{namespace}/burst-0/lab", headers={PROBE_HEADER: signature})
+    assert (code, headers.get("X-Analysis-Reason"), headers.get(PROBE_HEADER)) == (403, "ProbeAnswered", uid)
+    assert "Authorization" not in headers

@@ -216,31 +216,140 @@ def test_an_index_still_saying_starting_is_checked_with_the_api_server(tmp_path)
     assert ask(authorizer, **bearer)[0].reason == "NotProvisioning"
 
 
-def test_the_operators_probe_passes_only_with_the_signature_of_that_environments_token(authorizer):
-    """Ready means OPEN works: the operator probes the route through the gateway before Ready. Its
-    probe gets the server's token passed on whatever the phase, and counts as nobody's activity;
-    a forged, stale or borrowed signature is refused like anyone not signed in."""
-    from analysis_operator.policy.opening import PROBE_HEADER, probe_signature
+def test_the_operators_probe_is_answered_by_the_forward_auth_and_never_passed_on(authorizer):
+    """Ready means OPEN works: the operator probes the route through the gateway before Ready. The
+    forward-auth of the environment's own route answers its probe itself, whatever the phase, with
+    PROBE_STATUS naming the environment (the gateway returns a non-2xx answer as it is): nothing is
+    passed on, no token handed out; it counts as nobody's activity. A forged, stale or borrowed
+    signature is no probe: decided like any request (here: nobody signed in)."""
+    from analysis_operator.policy.opening import PROBE_HEADER, PROBE_STATUS, probe_signature
 
-    authorizer.environments[("team-a", "lab")] = [EnvironmentRecord(LAB, {"phase": "Provisioning"})]
     passed: list[str] = []
     authorizer._probe_passed = passed.append  # engine/routes.py learns its route is served
     good = probe_signature("server-secret", "u-1")
-    verdict, headers = ask(authorizer, **{PROBE_HEADER: good})
-    assert verdict.status == 200 and headers == {"Authorization": "token server-secret"}
-    assert passed == ["u-1"]
+    for phase in ("Provisioning", "Ready", "Suspended"):
+        authorizer.environments[("team-a", "lab")] = [EnvironmentRecord(LAB, {"phase": phase})]
+        verdict, headers = ask(authorizer, **{PROBE_HEADER: good})
+        assert (verdict.status, verdict.reason, headers) == (PROBE_STATUS, "ProbeAnswered", {PROBE_HEADER: "u-1"})
+        assert not verdict.allowed
+    assert passed == ["u-1"] * 3
     assert authorizer.activity.last("u-1") is None  # not activity: idle culling never sees the probe
     for forged in ("0" * 64, probe_signature("server-secret", "u-2"), probe_signature("other-token", "u-1")):
         verdict, headers = ask(authorizer, **{PROBE_HEADER: forged})
-        assert (verdict.status, headers) == (401, {}), forged
-    # through the namespace's closed page (its own route is not served yet): never passed on
+        assert (verdict.status, verdict.reason, headers) == (401, "NotSignedIn", {}), forged
+    # through the namespace's closed page (its own route is not served yet): not counted by the probe
     verdict, headers = asyncio.run(
         authorizer.decide({"X-Forwarded-Uri": "/env/team-a/lab/lab", PROBE_HEADER: good}, closed=True)
     )
     assert (verdict.status, verdict.reason, headers) == (503, "RouteNotReady", {})
-    verdict, _ = ask(authorizer, **{PROBE_HEADER: good, "X-Forwarded-Uri": "/env/team-a/nope/lab"})
-    assert verdict.status == 404
-    assert passed == ["u-1"]  # neither the forged ones nor the closed page counted
+    verdict, headers = ask(authorizer, **{PROBE_HEADER: good, "X-Forwarded-Uri": "/env/team-a/nope/lab"})
+    assert verdict.status == 401 and headers == {}
+    assert passed == ["u-1"] * 3  # neither the forged ones nor the closed page counted
+
+
+@pytest.mark.parametrize("who", [None, "bob"])
+def test_a_valid_probe_signature_opens_nothing_for_someone_who_read_the_token(authorizer, who):
+    """Someone it was shared with read the server's token inside it (echo $JUPYTER_TOKEN) and its uid
+    (kubectl), and was unshared: the probe signature they can make gets them no 200 and no token in
+    any header or page, signed in or not (through the forward-auth's real HTTP answer)."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from analysis_operator.handlers.gateway import build_app
+    from analysis_operator.policy.opening import PROBE_HEADER, probe_signature
+
+    shared = EnvironmentRecord(dataclasses.replace(LAB, shared_users=frozenset({"bob"})), {"phase": "Ready"})
+    authorizer.environments[("team-a", "lab")] = [shared]
+    bearer = {"Authorization": f"Bearer {token('bob')}"}
+    assert ask(authorizer, **bearer)[0].allowed  # shared: bob's JupyterLab terminal shows the token
+    authorizer.environments[("team-a", "lab")] = [EnvironmentRecord(LAB, {"phase": "Ready"})]  # unshared
+    headers = {"X-Forwarded-Uri": "/env/team-a/lab/lab", PROBE_HEADER: probe_signature("server-secret", "u-1")}
+    if who:
+        headers.update(bearer)
+
+    async def answer() -> tuple[int, dict[str, str], str]:
+        async with TestClient(TestServer(build_app(authorizer))) as client:
+            response = await client.get("/authorize", headers=headers)
+            return response.status, dict(response.headers), await response.text()
+
+    status, answered, page = asyncio.run(answer())
+    assert status == 403 and answered["X-Analysis-Reason"] == "ProbeAnswered"
+    assert "Authorization" not in answered and "X-Forwarded-User" not in answered
+    assert not any("server-secret" in value for value in answered.values()) and "server-secret" not in page
+
+
+def test_a_probe_header_that_is_not_ascii_is_an_ordinary_refusal_not_an_error(authorizer):
+    """compare_digest raises TypeError for a str that is not ASCII: that was a 500 and a traceback."""
+    from analysis_operator.policy.opening import PROBE_HEADER
+
+    verdict, headers = ask(authorizer, **{PROBE_HEADER: "é" * 64})
+    assert (verdict.status, verdict.reason, headers) == (401, "NotSignedIn", {})
+    verdict, headers = ask(authorizer, Authorization=f"Bearer {token('alice')}", **{PROBE_HEADER: "\udcff" * 64})
+    assert verdict.allowed and headers["X-Forwarded-User"] == "alice"  # the owner, decided as any request
+
+
+@pytest.mark.parametrize(
+    "browser",
+    [
+        {"Origin": "https://evil.example"},  # a form or fetch POST from another site's page
+        {"Origin": "https://evil.example", "Upgrade": "websocket"},  # a websocket opened by it
+        {"Origin": "null"},  # a sandboxed frame
+        {"Origin": "http://gw.example.org"},  # the gateway's host, another scheme
+        {"Origin": "https://gw.example.org:8443"},  # ... another port
+        {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors", "X-Forwarded-Method": "GET"},
+        {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "X-Forwarded-Method": "POST"},  # a form
+        {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"},
+    ],
+)
+def test_a_request_another_sites_page_sent_is_refused_with_its_session(authorizer, browser):
+    """The gateway hands JupyterLab its token, so it skips its own XSRF and Origin checks: a page on
+    evil.example riding the owner's session cookie is refused here, before anything is passed on."""
+    where = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "gw.example.org", "X-Forwarded-Method": "GET"}
+    verdict, headers = ask(authorizer, Cookie=f"aenv_session={token('alice')}", **{**where, **browser})
+    assert (verdict.status, verdict.reason, headers) == (403, "CrossSiteRequest", {})
+    assert "environments take requests only from their own pages" in verdict.message
+
+
+@pytest.mark.parametrize(
+    "browser",
+    [
+        {},  # curl, a script with a bearer token: no browser's headers at all
+        {"Origin": "https://gw.example.org", "X-Forwarded-Method": "POST", "Sec-Fetch-Site": "same-origin"},
+        {"Origin": "HTTPS://GW.example.org:443"},  # the same origin, written otherwise
+        {"Origin": "https://analysis.example.org"},  # the configured URL's (TLS ended in front of the gateway)
+        {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"},  # portal link
+        {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "navigate"},
+        {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate"},  # typed in, a bookmark
+    ],
+)
+def test_requests_from_its_own_pages_and_links_from_elsewhere_pass(tmp_path, browser):
+    settings = GatewaySettings(enabled=True, oidc_jwks_file=jwks_file(tmp_path), url="https://analysis.example.org/")
+    environments = {("team-a", "lab"): [EnvironmentRecord(LAB, {"phase": "Ready"})]}
+    authorizer = Authorizer(settings, Secrets(), environments, IndexCatalogue({}, {}, {}), TokenVerifier(settings))
+    where = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "gw.example.org", "X-Forwarded-Method": "GET"}
+    session = f"aenv_session={token('alice', issuer='x', audience='y')}"
+    verdict, headers = ask(authorizer, Cookie=session, **{**where, **browser})
+    assert verdict.allowed and headers["Authorization"] == "token server-secret"
+
+
+@pytest.mark.parametrize(
+    ("other", "kept"),
+    [
+        ('prefs={"a":1}', 'prefs={"a":1}'),
+        ("x=a b", "x=a b"),
+        ("a[1]=2", "a[1]=2"),
+        ('q="quoted"; broken', 'q="quoted"'),  # a piece without "=" is no pair
+        ("=nameless", ""),
+    ],
+)
+def test_the_session_cookie_is_found_and_kept_back_whatever_else_the_header_holds(authorizer, other, kept):
+    """http.cookies stopped at the first pair it could not parse: `prefs={"a":1}` before the session
+    cookie was 401 NotSignedIn, so a backend setting such a cookie for /env/ signed its viewers out of
+    every environment. Every well-formed pair is passed on as sent, the session cookie never."""
+    session = f"aenv_session={token('alice')}"
+    for cookie in (f"{other}; {session}; _xsrf=abc", f"{session}; {other}; _xsrf=abc"):
+        verdict, headers = ask(authorizer, Cookie=cookie)
+        assert verdict.allowed and verdict.role == "owner", cookie
+        assert headers["Cookie"] == "; ".join(filter(None, [kept, "_xsrf=abc"])), cookie
 
 
 def test_a_verified_token_is_remembered_only_until_it_expires(authorizer, monkeypatch):
@@ -345,3 +454,21 @@ def test_the_server_answers_on_its_own_thread_while_the_operators_loop_is_busy(a
     assert passed == [("u-1", True)]  # the probe's news reached the operator's loop, on its thread
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass  # stopped: nothing listens any more
+
+
+def test_cookie_pairs_are_read_pair_by_pair_as_sent():
+    from analysis_operator.infra.oidc import cookie_pairs
+
+    header = 'prefs={"a":1}; x=a b;a[1]=2 ; junk; =v; t=a=b=; aenv_session="quoted.jwt"'
+    assert cookie_pairs(header) == [
+        ("prefs", '{"a":1}'),
+        ("x", "a b"),
+        ("a[1]", "2"),
+        ("t", "a=b="),  # split at the first "=" only (base64 padding)
+        ("aenv_session", '"quoted.jwt"'),
+    ]
+    assert cookie_pairs("") == []
+    verifier = TokenVerifier(GatewaySettings(enabled=True))
+    assert verifier.credential({"Cookie": header}) == "quoted.jwt"  # unquoted, as http.cookies did
+    # two of them (one a server under /env/ set for its path comes first): the last, as before
+    assert verifier.credential({"Cookie": "aenv_session=planted; x=1; aenv_session=portal"}) == "portal"

@@ -27,8 +27,12 @@ from analysis_operator.policy.access import StaticCatalogue
 from analysis_operator.policy.opening import (
     Viewer,
     base_path,
+    cross_site_refusal,
     environment_of,
+    is_probe,
     may_open,
+    origin_of,
+    probe_signature,
     sharing_refusals,
 )
 from analysis_operator.settings import GatewaySettings
@@ -591,6 +595,64 @@ def test_the_phase_is_remembered_as_decided_before_its_status_patch_is_sent():
     context = Context(kube=Kube(), backends={})
     asyncio.run(apply(context, ENVIRONMENT, Outcome({"phase": "Ready"})))
     assert seen == ["Ready"] and context.written == {ENVIRONMENT.uid: "Ready"}
+
+
+# ---------------------------------------------------------------- requests from other sites, the probe
+
+
+GATEWAY = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "gw.example.org"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "refused"),
+    [
+        ({}, False),  # curl, oauth2-proxy's bearer clients: no browser headers
+        ({"Origin": "https://gw.example.org"}, False),
+        ({"Origin": "https://GW.example.org:443/"}, False),
+        ({"Origin": "https://analysis.example.org"}, False),  # the configured URL's (TLS ended in front)
+        ({"Origin": "https://evil.example"}, True),
+        ({"Origin": "https://gw.example.org.evil.example"}, True),
+        ({"Origin": "http://gw.example.org"}, True),
+        ({"Origin": "https://gw.example.org:444"}, True),
+        ({"Origin": "null"}, True),
+        ({"Origin": ""}, True),
+        ({"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}, False),
+        ({"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "websocket"}, False),
+        ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "X-Forwarded-Method": "GET"}, False),
+        ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "X-Forwarded-Method": "HEAD"}, False),
+        ({"Sec-Fetch-Site": "Cross-Site", "Sec-Fetch-Mode": "navigate", "X-Forwarded-Method": "POST"}, True),
+        ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}, True),  # no method said: not a GET
+        ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "X-Forwarded-Method": "GET"}, True),
+        ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "websocket", "X-Forwarded-Method": "GET"}, True),
+        (
+            {
+                "Sec-Fetch-Site": "cross-site",
+                "Sec-Fetch-Mode": "navigate",
+                "Sec-Fetch-Dest": "iframe",
+                "X-Forwarded-Method": "GET",
+            },
+            True,
+        ),
+    ],
+)
+def test_requests_another_sites_page_sent_are_refused(headers, refused):
+    verdict = cross_site_refusal({**GATEWAY, **headers}, SETTINGS.url)
+    assert (verdict is not None) == refused
+    if verdict is not None:
+        assert (verdict.status, verdict.reason) == (403, "CrossSiteRequest")
+
+
+def test_without_forwarded_headers_the_configured_urls_origin_is_the_own_one():
+    assert cross_site_refusal({"Origin": "https://analysis.example.org"}, SETTINGS.url) is None
+    assert cross_site_refusal({"Origin": "https://gw.example.org"}, SETTINGS.url) is not None
+    assert origin_of("http://[::1]:8000/env/") == "http://[::1]:8000" and origin_of("ftp://x") == ""
+
+
+def test_a_probe_signature_is_compared_as_bytes():
+    good = probe_signature("server-secret", "u-1")
+    assert is_probe(good, "server-secret", "u-1")
+    assert not is_probe(good, "server-secret", "u-2") and not is_probe(good.upper(), "server-secret", "u-1")
+    assert not is_probe("é" * 64, "server-secret", "u-1") and not is_probe("", "server-secret", "u-1")
 
 
 # ---------------------------------------------------------------- open connections (engine/viewers.py)

@@ -273,7 +273,7 @@ class GatewayRoutes:
         self._namespaces = PerNamespace(self._apply_namespace)  # its forward-auth Middleware and closed page
         self._gateway_seen: tuple[float, bool] = (0.0, False)
         self._served: set[str] = set()  # uids whose route answered the probe (or it gave up)
-        self._passed: set[str] = set()  # uids whose probe this process's forward-auth let through its own route
+        self._passed: set[str] = set()  # uids whose probe this process's forward-auth answered on its own route
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._next_probe = 0.0  # monotonic time of the next probe request slot (_pace)
@@ -292,13 +292,13 @@ class GatewayRoutes:
         return False
 
     async def _probe(self, environment: Environment, upstream: Upstream) -> None:
-        """GET the page OPEN lands on through the gateway, with the probe signature its forward-auth
-        lets through, until an answer comes from past the route: anything but the gateway's own
-        "404 page not found" (no route yet) and a 503 (the namespace's closed page, or no ready
-        endpoint yet). A server that answers badly (502, its own 404) is the backend's business,
-        not the route's. Or sooner: when this process's forward-auth let the probe through the
-        environment's own route (probe_passed), the gateway has the route, whatever the backend does
-        (a server that never answers would otherwise hold Ready for the whole probe timeout)."""
+        """GET the page OPEN lands on through the gateway, with the probe signature, until the
+        environment's own route answers: anything but the gateway's own "404 page not found" (no
+        route yet) and a 503 (the namespace's closed page, or no ready endpoint yet). Its forward-auth
+        answers the probe itself (policy/opening.PROBE_STATUS, 403, naming the environment in
+        PROBE_HEADER) and passes nothing on, so the signature opens nothing for whoever else can make
+        it (anyone who read the token inside the environment); this process learns of that answer at
+        once (probe_passed), and one from another replica counts here like any answer of the route."""
         token = await read_token(self._kube, environment)
         path = base_path(self._settings.path_prefix, environment.namespace, environment.name)
         url = self._settings.probe_url.rstrip("/") + path + upstream.landing.replace("{path}", path.lstrip("/"))
@@ -349,7 +349,7 @@ class GatewayRoutes:
             await asyncio.sleep(slot - now)
 
     def probe_passed(self, uid: str) -> None:
-        """The forward-auth let this operator's probe through an environment's own route."""
+        """The forward-auth answered this operator's probe on an environment's own route."""
         if uid in self._probes:
             self._passed.add(uid)
 

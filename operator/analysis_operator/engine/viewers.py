@@ -212,7 +212,9 @@ class Disconnector:
             async with self._session.request(method, url, json=body, headers=dict(headers)) as response:
                 return response.status, response.headers, await response.text()
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-            raise Unanswered(f"{method} {url}: {error!r}") from None
+            # Its type only (as engine/idle.py): the repr of a ClientResponseError (TooManyRedirects, say)
+            # holds the request's headers, the server's token among them, and this message is logged.
+            raise Unanswered(f"{method} {url}: {type(error).__name__}") from None
 
     async def close(self) -> None:
         for task in list(self._tasks.values()):

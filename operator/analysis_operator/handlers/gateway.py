@@ -8,7 +8,9 @@ decided in memory (kopf's indexes, policy/opening.py) and writes nothing:
     neither the session (the viewer's identity) nor the token ever reaches the other side;
   - 401: not signed in (or a session that does not verify), or a redirect to the login URL;
   - 403: signed in, not allowed (not the owner, not shared with them, or shared but a
-    mounted dataset they may not read);
+    mounted dataset they may not read); or a request another site's page sent (CrossSiteRequest,
+    policy/opening.cross_site_refusal), whoever it is from; or the operator's own probe, answered
+    here and never passed on (ProbeAnswered);
   - 404: no such environment; 503: allowed, but it is not running (a page says why).
 Every non-200 answer is a small HTML page saying why (the gateway shows it as it is), with
 the reason in the X-Analysis-Reason header for scripts.
@@ -19,13 +21,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime
-import hmac
 import html
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
-from http.cookies import CookieError, SimpleCookie
 
 import structlog
 from aiohttp import web
@@ -37,16 +37,19 @@ from analysis_operator.engine.tokens import read_token, token_lost
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
 from analysis_operator.handlers.offer import add_offer_routes
 from analysis_operator.infra.kube import KubeClient
-from analysis_operator.infra.oidc import NotSignedIn, TokenVerifier
+from analysis_operator.infra.oidc import NotSignedIn, TokenVerifier, cookie_pairs
 from analysis_operator.model.domain import Environment, Phase
 from analysis_operator.policy.access import Catalogue
 from analysis_operator.policy.opening import (
     PROBE_HEADER,
+    PROBE_REASON,
+    PROBE_STATUS,
     Verdict,
     Viewer,
+    cross_site_refusal,
     environment_of,
+    is_probe,
     may_open,
-    probe_signature,
 )
 from analysis_operator.settings import GatewaySettings
 
@@ -90,8 +93,13 @@ class Authorizer:
         target = environment_of(self.settings.path_prefix, urllib.parse.unquote(uri.split("?", 1)[0]))
         if target is None:
             return Verdict(404, "NotAnEnvironment", f"{uri or '/'} is not the address of an environment"), {}
+        refusal = cross_site_refusal(headers, self.settings.url)
+        if refusal is not None:
+            return refusal, {}
         if headers.get(PROBE_HEADER):
-            return await self._probe(target, headers[PROBE_HEADER], closed)
+            probed = await self._probe(target, headers[PROBE_HEADER], closed)
+            if probed is not None:
+                return probed
         try:
             token = self.verifier.credential(headers)
             if not token:
@@ -135,20 +143,27 @@ class Authorizer:
             passed["Cookie"] = cookies
         return verdict, passed
 
-    async def _probe(self, target: tuple[str, str], signature: str, closed: bool) -> tuple[Verdict, dict[str, str]]:
-        """The operator's own probe (engine/routes.py): does the environment's route answer yet?
-        Passed on whatever the phase (it comes just before Ready), never counted as activity."""
+    async def _probe(
+        self, target: tuple[str, str], signature: str, closed: bool
+    ) -> tuple[Verdict, dict[str, str]] | None:
+        """The operator's own probe (engine/routes.py): is the environment's own route in the gateway yet?
+        Answered here, whatever the phase (it comes just before Ready), with PROBE_STATUS naming the
+        environment, and never passed on: whoever can make the signature (anyone who read the token
+        inside the environment) gets in nowhere with it. Not counted as activity. Through the
+        namespace's closed page (no route of its own yet) a 503, which the probe does not count, for any
+        probe header: nothing is passed on from there anyway. None: not this environment's signature,
+        so an ordinary request, decided like any other."""
         if closed:
             return Verdict(503, "RouteNotReady", "the route is not served yet"), {}
         record = first(self.environments, target) if self._active() else None
         record = record or await self._read(*target)
         server_token = None if record is None else await self._token(record.environment)
-        if record is None or server_token is None:
-            return Verdict(404, "NoSuchEnvironment", f"there is no environment {target[0]}/{target[1]}"), {}
-        if not hmac.compare_digest(signature, probe_signature(server_token, record.environment.uid)):
-            return Verdict(401, "NotSignedIn", "not the operator's probe: sign in through the facility portal"), {}
-        self._probe_passed(record.environment.uid)
-        return Verdict(200, "Probe", "the operator's probe", "operator"), {"Authorization": f"token {server_token}"}
+        if record is None or server_token is None or not is_probe(signature, server_token, record.environment.uid):
+            return None
+        uid = record.environment.uid
+        self._probe_passed(uid)
+        message = "the operator's probe: answered by the forward-auth of this environment's own route, never passed on"
+        return Verdict(PROBE_STATUS, PROBE_REASON, message), {PROBE_HEADER: uid}
 
     async def _read(self, namespace: str, name: str) -> EnvironmentRecord | None:
         body = await self.kube.get_environment(namespace, name)
@@ -165,17 +180,10 @@ class Authorizer:
         return Verdict(401, "NotSignedIn", f"{why}: sign in through the facility portal"), {}
 
     def _other_cookies(self, header: str) -> str:
-        """The browser's cookies for the server (JupyterLab's _xsrf), without the session cookie."""
-        if not header:
-            return ""
-        cookie = SimpleCookie()
-        try:
-            cookie.load(header)
-        except CookieError:
-            return ""
-        return "; ".join(
-            f"{name}={morsel.coded_value}" for name, morsel in cookie.items() if name != self.settings.session_cookie
-        )
+        """The browser's cookies for the server (JupyterLab's _xsrf), as sent, without the session cookie
+        (every one of that name), whatever else the header holds."""
+        session = self.settings.session_cookie
+        return "; ".join(f"{name}={value}" for name, value in cookie_pairs(header) if name != session)
 
     async def _token(self, environment: Environment) -> str | None:
         return await read_token(self.kube, environment)  # known in memory once made or read (engine/tokens.py)

@@ -21,7 +21,6 @@ import json
 import pathlib
 import time
 from collections.abc import Mapping
-from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
 import jwt
@@ -32,6 +31,20 @@ ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"]
 LEEWAY_SECONDS = 30
 VERIFIED_SECONDS = 300.0  # as long as the JWKS client keeps keys
 VERIFIED_BOUND = 10_000
+
+
+def cookie_pairs(header: str) -> list[tuple[str, str]]:
+    """The `name=value` pairs of a Cookie header, in order, each as sent. Read pair by pair (split at
+    ';', then at the first '='), not with http.cookies, which stops at the first pair it cannot parse
+    (`prefs={"a":1}`, `x=a b`, `a[1]=2`): a cookie that any server on the gateway's host set would
+    otherwise hide the session cookie after it, and sign its viewer out of every environment. A piece
+    without '=' or without a name is left out."""
+    pairs = []
+    for piece in header.split(";"):
+        name, equals, value = piece.partition("=")
+        if equals and name.strip():
+            pairs.append((name.strip(), value.strip()))
+    return pairs
 
 
 class NotSignedIn(Exception):
@@ -58,13 +71,15 @@ class TokenVerifier:
         authorization = headers.get("Authorization", "")
         if authorization[:7].lower() == "bearer ":
             return authorization[7:].strip()
-        cookie = SimpleCookie()
-        try:
-            cookie.load(headers.get("Cookie", ""))
-        except CookieError:
+        sessions = [
+            value for name, value in cookie_pairs(headers.get("Cookie", "")) if name == self._settings.session_cookie
+        ]
+        if not sessions:
             return ""
-        morsel = cookie.get(self._settings.session_cookie)
-        return morsel.value if morsel is not None else ""
+        # The last, as http.cookies took it: browsers send cookies of longer paths first, so one that a
+        # server under /env/ set for its path comes before the portal's.
+        value = sessions[-1]
+        return value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
 
     async def _key(self, token: str) -> Any:
         try:

@@ -13,7 +13,8 @@ decided here from the environment, the viewer and the catalogue, in this order:
      now (embargo-aware: the same rules as for an owner, policy/access.py)
   4. anyone else: 403, saying whose it is and that it is not shared with them
 An allowed viewer then sees the environment only while it is Ready; otherwise a page that
-says which phase it is in and what to do (never a timeout).
+says which phase it is in and what to do (never a timeout). Before any of this, a request that
+another site's page made a browser send is refused (cross_site_refusal).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import datetime
 import hashlib
 import hmac
 import re
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from analysis_operator.model.domain import Environment, Phase
@@ -181,9 +183,81 @@ def _shown_data(
 
 
 PROBE_HEADER = "X-Analysis-Probe"
+# The forward-auth's own answer to the operator's probe, naming the environment in PROBE_HEADER: never a
+# 2xx, so the gateway returns it as it is and nothing is passed on to the server (no token, ever).
+PROBE_STATUS = 403
+PROBE_REASON = "ProbeAnswered"
 
 
 def probe_signature(token: str, uid: str) -> str:
     """What the operator's own probe through the gateway carries (engine/routes.py) and its
     forward-auth checks: only who holds the environment's token can make it (pure)."""
     return hmac.new(token.encode(), f"probe:{uid}".encode(), hashlib.sha256).hexdigest()
+
+
+def is_probe(signature: str, token: str, uid: str) -> bool:
+    """Is `signature` (a request's PROBE_HEADER) this environment's? Compared as bytes: a header that is
+    not ASCII is simply not it (compare_digest raises TypeError for such a str)."""
+    if not signature.isascii():
+        return False
+    return hmac.compare_digest(signature.encode(), probe_signature(token, uid).encode())
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_of(url: str) -> str:
+    """`scheme://host[:port]` of a URL as a browser writes it in `Origin` (lower case, no default port);
+    "" for what has none ("null", garbage)."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return ""
+    scheme, host = parts.scheme.lower(), parts.hostname or ""
+    if scheme not in _DEFAULT_PORTS or not host:
+        return ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" if port in (None, _DEFAULT_PORTS[scheme]) else f"{scheme}://{host}:{port}"
+
+
+def cross_site_refusal(headers: Mapping[str, str], gateway_url: str) -> Verdict | None:
+    """A request another site's page made a browser send, refused (pure). The gateway hands the server
+    its token, so JupyterLab takes every request through it as token-authenticated and skips its own
+    XSRF and Origin checks: a page elsewhere could otherwise post to an environment, or open its
+    websockets, with the viewer's session cookie. Refused: an `Origin` that is not the gateway's own
+    (the origin it was asked on, X-Forwarded-Proto and -Host as the gateway sets them, or that of its
+    configured URL, which a TLS-terminating proxy in front of it keeps), and `Sec-Fetch-Site:
+    cross-site` unless it is a top-level navigation (GET or HEAD, a link on the portal's site).
+    Requests without these headers (curl, a script with a bearer token) are no browser's: they pass."""
+    origin = headers.get("Origin")
+    if origin is not None:
+        own = {origin_of(gateway_url)}
+        host = headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+        if host:
+            proto = headers.get("X-Forwarded-Proto", "https").split(",")[0].strip()
+            own.add(origin_of(f"{proto}://{host}"))
+        if origin_of(origin) not in own - {""}:
+            return Verdict(
+                403,
+                "CrossSiteRequest",
+                f"refused: a page of {origin[:200]!r} sent this request, and environments take requests only "
+                "from their own pages; open the environment from the facility portal",
+            )
+    if headers.get("Sec-Fetch-Site", "").lower() == "cross-site" and not _top_level_navigation(headers):
+        return Verdict(
+            403,
+            "CrossSiteRequest",
+            "refused: another site's page sent this request, and environments take requests only from their "
+            "own pages (another site may only link to them); open the environment from the facility portal",
+        )
+    return None
+
+
+def _top_level_navigation(headers: Mapping[str, str]) -> bool:
+    """Following a link to it (in the window, not in a frame of another site's page)."""
+    return (
+        headers.get("Sec-Fetch-Mode", "").lower() == "navigate"
+        and headers.get("Sec-Fetch-Dest", "document").lower() == "document"
+        and headers.get("X-Forwarded-Method", "").upper() in ("GET", "HEAD")
+    )
