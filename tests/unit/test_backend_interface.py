@@ -48,6 +48,7 @@ class MemoryBackend:
         self.calls: list[str] = []
         self.tokens: dict[str, str] = {}
         self.mounts: dict[str, tuple[Mount, ...]] = {}
+        self.expiries: dict[str, datetime.datetime | None] = {}  # Launch.expires_at
         self.fail_next: Exception | None = None
         self.extended_until: datetime.datetime | None = None
         self.forgotten: set[str] = set()
@@ -81,6 +82,7 @@ class MemoryBackend:
         uid = launch.environment.uid
         self.running.setdefault(uid, "starting")
         self.tokens[uid], self.mounts[uid] = launch.token, launch.mounts
+        self.expiries[uid] = launch.expires_at
         return self._observation(uid)
 
     async def observe(self, environment: Environment) -> Observation:
@@ -406,6 +408,15 @@ def test_a_leftover_token_of_an_earlier_namesake_is_replaced_never_adopted():
     asyncio.run(scenario())
 
 
+def test_a_backend_is_told_when_the_engine_ends_what_it_starts():
+    """Launch.expires_at: the Slurm backend bounds a new job's TimeLimit by it (a resume's job too)."""
+    backend, cluster, context = setup()
+    later = NOW + datetime.timedelta(minutes=90)
+    status = {"phase": "Suspended", "startedAt": "2026-11-30T12:00:00Z"}
+    asyncio.run(converge(context, ENVIRONMENT, status, FLAVOR, later))  # resumed, nothing left to resume: ensure
+    assert backend.calls == ["resume", "ensure"] and backend.expiries["u-1"] == NOW + datetime.timedelta(hours=2)
+
+
 def test_an_approved_extension_reaches_the_backends_own_limit():
     """A lifetime BudgetRequest approved (status.lifetimeExtensions) moves expiresAt, and the backend is
     asked to let what runs last that long (Slurm raises the job's TimeLimit)."""
@@ -712,3 +723,112 @@ def test_a_refusal_quoting_the_token_secret_says_it_without_the_token():
     status, outcome = asyncio.run(run(context, ENVIRONMENT, {}))
     assert status["reason"] == "RefusedByCluster" and "not here: [token] = [token]." in status["message"]
     assert outcome.event[2] == status["message"] and "ensure" not in backend.calls
+
+
+class Restarting(Cluster):
+    """An API server that loses status writes while `down` (restarting); every other call answers."""
+
+    down = False
+
+    async def patch_environment_status(self, namespace: str, name: str, status: dict) -> bool:
+        if self.down:
+            raise ConnectionError("API server restarting")
+        return await super().patch_environment_status(namespace, name, status)
+
+
+def running_lab(cluster: Cluster):
+    """A Ready environment on the memory backend, and its status as the API server shows it."""
+    backend = MemoryBackend()
+    context = Context(kube=cluster, backends={"memory": backend}, access=Catalogue())
+
+    async def start():
+        status, _ = await run(context, ENVIRONMENT, {})
+        backend.running["u-1"] = "ready"
+        status, _ = await run(context, ENVIRONMENT, status)
+        assert status["phase"] == "Ready" and backend.calls == ["ensure"]
+        return status
+
+    return backend, context, asyncio.run(start())
+
+
+@pytest.mark.parametrize("ended_by", ["backend", "idle"])
+def test_an_end_whose_status_write_is_lost_is_decided_again_never_started_again(ended_by):
+    """converge.stop writes the end before it removes anything. Removed first, a lost write (the API
+    server restarting, the operator killed between the two) left the status Ready over nothing, and
+    the next converge took that for a pod deleted by someone: a new pod, VM or job, with a new token."""
+    from analysis_operator.engine.converge import end
+    from analysis_operator.model.domain import Phase
+
+    cluster = Restarting()
+    backend, context, ready = running_lab(cluster)
+
+    async def decide():
+        if ended_by == "idle":  # engine/idle.py's cull
+            outcome = await end(context, ENVIRONMENT, FLAVOR, ready, Phase.STOPPED, "IdleStopped", "idle", NOW)
+        else:
+            outcome = await converge(context, ENVIRONMENT, ready, FLAVOR, NOW)
+        await apply(context, ENVIRONMENT, outcome)
+
+    async def scenario():
+        if ended_by == "backend":
+            backend.running["u-1"] = "failed"
+        cluster.down = True
+        with pytest.raises(ConnectionError):
+            await decide()
+        assert backend.calls == ["ensure"] and "u-1" in backend.running  # nothing removed: the end is not written
+        assert ("ns", "aenv-lab") in cluster.secrets
+        cluster.down = False
+        _, outcome = await run(context, ENVIRONMENT, ready)  # the next pass, from the status the API server shows
+        assert "ensure" not in backend.calls[1:]  # not started again
+        await apply(context, ENVIRONMENT, outcome)
+        if ended_by == "idle":  # a sweep's pass sees it run on: the idle check decides again
+            assert outcome.status is None and backend.calls == ["ensure"]
+            await decide()
+        assert backend.calls == ["ensure", "delete"] and "u-1" not in backend.running
+        assert cluster.status[("ns", "lab")]["phase"] == ("Stopped" if ended_by == "idle" else "Failed")
+        assert ("ns", "aenv-lab") not in cluster.secrets
+
+    asyncio.run(scenario())
+
+
+def test_what_goes_away_without_an_end_written_is_started_again():
+    """The rule's other side: a status that says it runs over nothing (its pod deleted by someone) was
+    not ended by the operator, whose ends are written first: it is started again."""
+    backend, context, ready = running_lab(Cluster())
+    backend.running.clear()
+    status, _ = asyncio.run(run(context, ENVIRONMENT, ready))
+    assert backend.calls == ["ensure", "ensure"] and status["phase"] == "Provisioning"
+
+
+def test_what_an_ended_environment_still_holds_is_removed_by_the_orphan_sweep():
+    """The end written, and the backend away when it was to be removed (or the operator killed just
+    then): the status says Failed, the job still runs. Nothing converges an ended environment again,
+    so the orphan sweep removes it, as it removes what outlived its environment; what runs for a
+    live one is left alone."""
+    from analysis_operator.backends.base import BackendUnavailable
+    from analysis_operator.engine.sweep import sweep_orphans
+
+    cluster = Cluster()
+    backend, context, ready = running_lab(cluster)
+    remove = backend.delete
+
+    async def unreachable(environment):
+        raise BackendUnavailable("slurmrestd does not answer")
+
+    backend.running["u-1"] = "failed"
+    backend.delete = unreachable
+    status, outcome = asyncio.run(run(context, ENVIRONMENT, ready))
+    assert status["phase"] == "Failed" and cluster.status[("ns", "lab")]["phase"] == "Failed"
+    assert "u-1" in backend.running  # still there
+    backend.delete = remove
+
+    other = dataclasses.replace(ENVIRONMENT, name="other", uid="u-2")
+    backend.running["u-2"] = "ready"
+    records = {
+        ("ns", "lab"): [EnvironmentRecord(ENVIRONMENT, status)],
+        ("ns", "other"): [EnvironmentRecord(other, ready)],
+    }
+    reconciler = Reconciler(context, records, {"mem": [FLAVOR]}, clock=lambda: NOW)
+    assert asyncio.run(sweep_orphans(reconciler)) == 1
+    assert "u-1" not in backend.running and backend.running["u-2"] == "ready"
+    assert ("ns", "aenv-lab") not in cluster.secrets

@@ -67,15 +67,19 @@ class Cloud:
 
     def __init__(self, error: bool = False) -> None:
         self.error, self.asked = error, 0
+        self.servers: set[str] = set()  # environment uids with a server
 
     async def delete(self, environment) -> bool:
         self.asked += 1
         if self.error:
             raise BackendUnavailable("keystone does not answer")
+        self.servers.discard(environment.uid)
         return True
 
 
-def delete(backends: dict, status: dict, annotations: dict | None = None):
+def delete(backends: dict, status: dict, annotations: dict | None = None, in_flight=None):
+    """The delete handler's answer; `in_flight`: a coroutine function run alongside, started first (a
+    converge already under way when the user deletes)."""
     body = kopf.Body(
         {
             "metadata": {
@@ -91,10 +95,19 @@ def delete(backends: dict, status: dict, annotations: dict | None = None):
         }
     )
     events, patch = Events(), kopf.Patch()
-    memo = types.SimpleNamespace(context=types.SimpleNamespace(kube=events, backends=backends))
-    call = on_environment_deleted(body=body, labels=dict(body.metadata.labels), patch=patch, memo=memo)
+    memo = types.SimpleNamespace(context=types.SimpleNamespace(kube=events, backends=backends, deleting=set()))
+
+    async def scenario():
+        running = asyncio.create_task(in_flight()) if in_flight is not None else None
+        await asyncio.sleep(0)  # it has started
+        try:
+            await on_environment_deleted(body=body, labels=dict(body.metadata.labels), patch=patch, memo=memo)
+        finally:
+            if running is not None:
+                await running
+
     try:
-        asyncio.run(call)
+        asyncio.run(scenario())
         error = None
     except kopf.TemporaryError as raised:
         error = raised
@@ -140,3 +153,45 @@ def test_an_enabled_backend_deletes():
     cloud = Cloud()
     error, _, _, deleted = delete({"openstack": cloud}, RECORDED)
     assert error is None and cloud.asked == 1 and deleted == TOKEN  # the token goes with it, not after
+
+
+def test_a_deletion_waits_for_a_converge_creating_the_server_and_removes_what_it_made():
+    """A converge is creating the VM (Nova takes 15-30 s) when the user deletes. The deletion takes the
+    converge's lock: it runs once the server exists, and removes it. Before, it found nothing, the
+    finalizer went, and the VM ran on until the orphan sweep."""
+    from analysis_operator.engine.converge import environment_lock
+
+    cloud = Cloud()
+
+    async def creating():
+        async with environment_lock("u-1"):
+            await asyncio.sleep(0.05)
+            cloud.servers.add("u-1")
+
+    error, _, _, deleted = delete({"openstack": cloud}, RECORDED, in_flight=creating)
+    assert error is None and deleted == TOKEN
+    assert cloud.servers == set()  # made, then removed: not left behind
+
+
+def test_a_converge_that_waited_behind_a_deletion_creates_nothing():
+    """A converge decided from a copy taken before the deletion (the sweep's) and queued behind it on the
+    lock: the environment's uid is marked deleting by then, and it makes no new server."""
+    import dataclasses
+    import datetime
+
+    from analysis_operator.engine.converge import Context, converge
+    from analysis_operator.model.domain import Environment, Flavor
+
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"converge must not call {name} here")
+
+    context = Context(kube=Untouchable(), backends={"openstack": Untouchable()})
+    context.deleting.add("u-1")
+    environment = Environment(namespace="ns", name="vm", uid="u-1", owner="alice", flavor="vm-desktop")
+    flavor = Flavor(name="vm-desktop", backend="openstack", max_lifetime=datetime.timedelta(hours=2))
+    now = datetime.datetime(2026, 11, 30, 12, 0, tzinfo=datetime.UTC)
+    outcome = asyncio.run(converge(context, environment, {"phase": "Ready"}, flavor, now))
+    assert outcome.status is None and outcome.retry_after is None
+    dataclasses.replace(context, backends={}).forget({"u-1"})  # its DELETED event: the mark goes too
+    assert context.deleting == set()

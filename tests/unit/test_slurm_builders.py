@@ -678,6 +678,19 @@ def test_suspend_shows_suspended_and_resume_submits_a_new_job(tmp_path):
     assert asyncio.run(backend.resume(Launch(environment, make_flavor(), "t"))).reference["id"] == "102"
 
 
+def test_a_job_submitted_at_a_resume_is_limited_to_what_is_left_of_the_lifetime(tmp_path):
+    """Launch.expires_at (the engine's expiresAt) bounds the TimeLimit: a job submitted 90 minutes into a
+    two-hour lifetime asked for two hours, and ran 90 minutes past expiresAt whenever the operator was
+    not there to end it."""
+    backend = per_user_backend([], tmp_path)
+    environment = make_environment(lifetime=2 * HOURS)
+    left = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=30)
+    asyncio.run(backend.resume(Launch(environment, make_flavor(), "t", expires_at=left)))
+    asyncio.run(backend.suspend(environment))
+    asyncio.run(backend.resume(Launch(environment, make_flavor(), "t")))  # no expiry known: the lifetime
+    assert [request.time_limit_minutes for request, _, _ in backend.client.submitted] == [30, 120]
+
+
 def test_extend_raises_the_time_limit_as_the_operator_once(tmp_path):
     backend = per_user_backend([], tmp_path)
     environment = make_environment(lifetime=HOURS)
@@ -713,6 +726,54 @@ def test_a_running_job_reports_its_nodes_ip_address_and_port_as_upstream(tmp_pat
     assert ready.url == f"http://n1:{port}/env/team-a/lab/"  # the node's name, as Slurm says
     assert probed == [f"http://{expected}:{port}/env/team-a/lab/"] * 2  # where a gateway connects
     assert again.upstream == ready.upstream and backend.client.nodes_asked == ["n1"]  # asked once
+
+
+class Listings:
+    """Counts the queue listings a RecordingClient serves."""
+
+    def __init__(self, client: RecordingClient) -> None:
+        self.count, jobs = 0, client.jobs
+
+        async def counted():
+            self.count += 1
+            return await jobs()
+
+        client.jobs = counted
+
+
+def test_a_restarted_operator_observing_two_jobs_of_one_environment_cancels_one(tmp_path, monkeypatch):
+    """Never two: the listing observe does when it tracks no job (after a restart) shows both; the
+    newest stands for the environment, the other is cancelled (before, only ensure and resume did so,
+    and those run only for an environment whose job is gone)."""
+    monkeypatch.setattr(slurm, "endpoint_answers", lambda http, url: asyncio.sleep(0, True))
+    running = {"state": "RUNNING", "start_time": STARTED, "batch_host": "n1", **MINE}
+    backend = per_user_backend([queued(5, **running), queued(7, **running)], tmp_path)
+    observation = asyncio.run(backend.observe(make_environment()))
+    assert (observation.state, observation.reference["id"]) == (State.READY, "7")
+    assert backend.client.cancelled == ["5"]
+
+
+def test_a_duplicate_seen_by_the_orphan_sweeps_listing_is_cancelled_at_the_next_look(tmp_path, monkeypatch):
+    """A submit whose answer was lost, registered by slurmctld only after the retry looked at the queue:
+    the retry's job is tracked and observed by id, without a listing, so the first one ran on uncharged
+    until the environment ended. The orphan sweep's listing sees it; the next observe (under the
+    environment's converge lock) cancels it and keeps the tracked job. No listing is added to observe."""
+    monkeypatch.setattr(slurm, "endpoint_answers", lambda http, url: asyncio.sleep(0, True))
+    backend = per_user_backend([], tmp_path)
+    environment = make_environment()
+    asyncio.run(backend.ensure(Launch(environment, make_flavor(), "t")))  # job 101, tracked
+    backend.client.update_job(0, state="RUNNING", start_time=STARTED, batch_host="n1")
+    backend.client.queue.append(queued(99, "RUNNING", start_time=STARTED, batch_host="n1", **MINE))
+    listings = Listings(backend.client)
+
+    assert asyncio.run(backend.observe(environment)).reference["id"] == "101"
+    assert backend.client.cancelled == [] and listings.count == 0  # by id: the duplicate is not seen
+    assert {item.backend_id for item in asyncio.run(backend.list_managed())} == {"101", "99"}
+    observation = asyncio.run(backend.observe(environment))
+    assert (observation.state, observation.reference["id"]) == (State.READY, "101")
+    assert backend.client.cancelled == ["99"] and listings.count == 1  # the sweep's listing only
+    asyncio.run(backend.observe(environment))
+    assert backend.client.cancelled == ["99"]  # once
 
 
 def test_a_node_whose_address_does_not_resolve_has_no_upstream(tmp_path, monkeypatch):

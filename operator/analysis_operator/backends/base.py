@@ -86,6 +86,8 @@ class Launch:
     token: str  # the access token (its Secret is the engine's)
     mounts: tuple[Mount, ...] = ()  # exactly the datasets granted, read-only
     identity: PosixIdentity | None = None  # who it runs as; None: the backend's documented default
+    # when the engine ends it (status.expiresAt): a backend's own time limit need not run past it
+    expires_at: datetime.datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -452,6 +452,9 @@ class SlurmBackend:
         self.credentials = SlurmCredentials(settings)
         self._tracked: dict[str, _Tracked] = {}  # environment uid -> its job
         self._suspended: set[str] = set()  # environment uids whose job was cancelled for a suspend
+        # environment uid -> ids of other active jobs of it the last queue listing showed besides its tracked
+        # job (list_managed), cancelled by its next observe
+        self._duplicates: dict[str, set[str]] = {}
         self._node_addresses: dict[str, tuple[str, float]] = {}  # node name -> (IP address, when resolved)
 
     def validate(self, environment: Environment, flavor: Flavor) -> Refusal | None:
@@ -491,9 +494,17 @@ class SlurmBackend:
         return await self.observe(environment)
 
     async def observe(self, environment: Environment) -> Observation:
+        """The tracked job, asked for by id; without one (after a restart), the one the queue shows for
+        the environment. Never two (a submit whose answer was lost, and the retry's): any other active
+        job is cancelled, as soon as a listing shows it (this one, or the orphan sweep's: list_managed)."""
         job = await self._tracked_job(environment)
         if job is None:
-            job = choose_job(await self._jobs_of(environment))
+            jobs = await self._jobs_of(environment)
+            job = choose_job(jobs)
+            if job is not None:
+                await self._cancel_others(jobs, job)
+        else:
+            await self._cancel_duplicates(environment, job)
         if job is None:
             return Observation(State.GONE, reason="NoJob", message="no Slurm job for this environment")
         return await self._observe_job(environment, job)
@@ -504,6 +515,7 @@ class SlurmBackend:
         if gone:
             self._tracked.pop(environment.uid, None)
             self._suspended.discard(environment.uid)
+            self._duplicates.pop(environment.uid, None)
         return gone
 
     async def extend(
@@ -532,9 +544,12 @@ class SlurmBackend:
     async def list_managed(self) -> list[ManagedObject]:
         """Active jobs this operator made: those it tracks by id, and those carrying its own marks
         (signed comment or output path, for the job's own user). A job whose text names an
-        environment is never enough."""
+        environment is never enough. A marked job of an environment whose tracked job is another is
+        noted as its duplicate: its next observe cancels it (this is the one listing of the whole
+        queue while a job is tracked; observe asks for the tracked job by id)."""
         key = self._key()
         by_id = {tracked.job_id: (uid, tracked) for uid, tracked in self._tracked.items()}
+        self._duplicates = {}
         managed = []
         for job in await self.client.jobs():
             if job.state not in ACTIVE_STATES:
@@ -545,6 +560,8 @@ class SlurmBackend:
                 managed.append(ManagedObject(tracked.namespace, tracked.name, uid, job_id))
             elif (identity := job_identity(job, self.settings, key)) is not None:
                 managed.append(ManagedObject(identity["namespace"], identity["name"], identity["uid"], job_id))
+                if identity["uid"] in self._tracked:
+                    self._duplicates.setdefault(identity["uid"], set()).add(job_id)
         return managed
 
     async def ping(self) -> None:
@@ -573,7 +590,11 @@ class SlurmBackend:
         return self.credentials.purpose_key("jobs")
 
     async def _submit(self, launch: Launch) -> Observation:
+        """A new job, whose TimeLimit is at most what is left of the environment's lifetime: a job
+        submitted at a resume does not run a whole lifetime past expiresAt if the operator is away then."""
         environment, flavor = launch.environment, launch.flavor
+        now = datetime.datetime.now(datetime.UTC)
+        remaining = launch.expires_at - now if launch.expires_at is not None else None
         try:
             account = build_account(environment, launch.identity, self.settings)
         except ValueError as error:
@@ -582,6 +603,7 @@ class SlurmBackend:
             environment,
             flavor,
             self.settings,
+            remaining,
             mounts=launch.mounts,
             user=account,
             key=self._key(),
@@ -673,6 +695,13 @@ class SlurmBackend:
         for job in jobs:
             if job.state in ACTIVE_STATES and job.job_id != keep.job_id:
                 await self.client.cancel(job.job_id)
+
+    async def _cancel_duplicates(self, environment: Environment, keep: SlurmJob) -> None:
+        """The duplicates the last listing noted for the environment, other than the job it runs on now
+        (decided under its converge lock: a resume's new job noted while the suspended one was tracked is
+        kept). Cancelling a job that ended meanwhile is done already."""
+        for job_id in sorted(self._duplicates.pop(environment.uid, set()) - {keep.job_id}):
+            await self.client.cancel(job_id)
 
     async def _cancel_all(self, environment: Environment) -> bool:
         for job in await self._jobs_of(environment):

@@ -60,6 +60,7 @@ REFUSED_RETRY_SECONDS = 30.0
 # Event is left out, and the next one says how the start ended (Up, or a Warning). One Event per start,
 # not two. Falling back from Ready to Provisioning (its pod gone) is still told.
 QUIET_STARTS = frozenset({"", Phase.PENDING.value, Phase.SUSPENDED.value})
+WRITTEN_BOUND = 100_000  # phases remembered (Context.written); forgotten all at once beyond
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class Outcome:
     # A first status that says only "starting" on a backend that reports its own progress (pods): it may
     # wait a moment (Context.quiet_start) to be written with the next one, Ready, in one write.
     quiet: bool = False
+    # `status` is on the API server already: an end is written before anything is removed (stop)
+    written: bool = False
 
 
 class Gate(Protocol):
@@ -156,6 +159,9 @@ class Context:
     # uid -> (its environment, a quiet first status not written yet, when it must be: time.monotonic)
     # (engine/reconciler.apply)
     unwritten: dict[str, tuple[Environment, dict[str, Any], float]] = field(default_factory=dict)
+    # uids whose deletion has begun removing what runs (handlers/environments.py): a converge decided from a
+    # copy taken before (the sweep's, waiting behind the deletion on environment_lock) creates nothing
+    deleting: set[str] = field(default_factory=set)
 
     def forget(self, uids: Collection[str]) -> None:
         """Environments that are gone: nothing is kept for them any longer. Each store is bounded on
@@ -165,6 +171,7 @@ class Context:
             self.written.pop(uid, None)
             self.unwritten.pop(uid, None)
             self.decisions.forget(uid)
+            self.deleting.discard(uid)
         tokens.forget(uids)
         for backend in self.backends.values():
             backend.forget(uids)
@@ -182,7 +189,24 @@ class Context:
 
     def retain(self, live: Collection[str]) -> None:
         """Keep only what belongs to `live` environments (for deletions this process did not see)."""
-        self.forget({*self.written, *self.unwritten, *self.decisions.uids(), *tokens.known_uids()} - set(live))
+        kept = {*self.written, *self.unwritten, *self.decisions.uids(), *self.deleting, *tokens.known_uids()}
+        self.forget(kept - set(live))
+
+    async def write_status(self, environment: Environment, status: Mapping[str, Any]) -> None:
+        """Write a status decided here. The phase is remembered as decided before the patch is sent:
+        the forward-auth (on its own thread) may be asked about the environment by someone who saw the
+        new phase before this loop has taken the patch's answer back. Not written: the next converge
+        decides again from what the API server shows."""
+        if "phase" in status:
+            if len(self.written) >= WRITTEN_BOUND:
+                self.written.clear()
+            self.written[environment.uid] = str(status["phase"])
+        try:
+            await self.kube.patch_environment_status(environment.namespace, environment.name, dict(status))
+        except BaseException:
+            self.decisions.forget(environment.uid)
+            self.written.pop(environment.uid, None)
+            raise
 
 
 def _transition(
@@ -285,14 +309,18 @@ async def stop(
     message: str,
     now: datetime.datetime,
 ) -> Outcome:
-    """End the environment for good: remove what runs and the token; keep the object as the record."""
+    """End the environment for good: remove what runs and the token; keep the object as the record.
+
+    The end is written before anything is removed. A status that says the environment runs over a
+    backend that has nothing is how someone else's deletion looks (a pod deleted by hand: started
+    again), so an end removed first and written second was undone by a lost write (the API server
+    restarting, the operator killed in between): the next converge started it anew. Written first, a
+    lost write leaves everything as it was, and the next converge decides the end again; a removal
+    that fails once the end is written is left to the orphan sweep, which removes what backends still
+    hold for an ended environment (engine/sweep.py)."""
     # The flavor may be gone by now: then the backend that status says runs it.
     kind = flavor.backend if flavor is not None else (status.get("backend") or {}).get("kind", "")
     backend = context.backends.get(kind)
-    await _close_route(context, environment, status)
-    if backend is not None:
-        await backend.delete(environment)
-    await delete_token(context.kube, environment)
     outcome = _transition(
         environment,
         status,
@@ -303,7 +331,20 @@ async def stop(
         stoppedAt=status.get("stoppedAt") or format_time(now),
         connection=None,
     )
-    return _with_routable(outcome, environment, status, now, None)
+    outcome = _with_routable(outcome, environment, status, now, None)
+    await _close_route(context, environment, status)  # opened again by a converge if the end is not written
+    if outcome.status is not None:
+        await context.write_status(environment, outcome.status)
+        outcome = replace(outcome, written=True)
+    try:
+        if backend is not None:
+            await backend.delete(environment)
+        await delete_token(context.kube, environment)
+    except Exception as error:  # ended all the same: converge no longer acts on it, the orphan sweep removes it
+        log.warning(
+            "environment.removal_failed", environment=f"{environment.namespace}/{environment.name}", error=repr(error)
+        )
+    return outcome
 
 
 def expiry(
@@ -324,7 +365,9 @@ def expiry(
 _CONVERGING: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
 
-def _lock(uid: str) -> asyncio.Lock:
+def environment_lock(uid: str) -> asyncio.Lock:
+    """The environment's converge lock; its deletion takes it too (handlers/environments.py), so that it
+    removes a job or VM a converge is creating after that converge, not before it."""
     lock = _CONVERGING.get(uid)
     if lock is None:
         lock = _CONVERGING[uid] = asyncio.Lock()
@@ -334,7 +377,7 @@ def _lock(uid: str) -> asyncio.Lock:
 async def converge(
     context: Context, environment: Environment, status: Mapping[str, Any], flavor: Flavor | None, now: datetime.datetime
 ) -> Outcome:
-    async with _lock(environment.uid):
+    async with environment_lock(environment.uid):
         latest = context.decisions.latest(environment.uid, status)
         try:
             outcome = await _converge(context, environment, latest, flavor, now)
@@ -365,7 +408,7 @@ async def end(
     now: datetime.datetime,
 ) -> Outcome:
     """`stop` from outside converge (idle culling), holding the environment's converge lock."""
-    async with _lock(environment.uid):
+    async with environment_lock(environment.uid):
         latest = context.decisions.latest(environment.uid, status)
         outcome = await stop(context, environment, flavor, latest, phase, reason, message, now)
         context.decisions.remember(environment.uid, status, latest, outcome.status)
@@ -375,7 +418,7 @@ async def end(
 async def _converge(
     context: Context, environment: Environment, status: Mapping[str, Any], flavor: Flavor | None, now: datetime.datetime
 ) -> Outcome:
-    if environment.deleting or is_terminal(status.get("phase")):
+    if environment.deleting or environment.uid in context.deleting or is_terminal(status.get("phase")):
         return Outcome()  # deleting: recreating now would race the finalizer and leave an orphan
     flavor = effective_flavor(status, flavor)  # once started, the terms it started with (engine/terms.py)
     if flavor is None:
@@ -439,7 +482,7 @@ async def _converge(
             now,
         )
     times = {"startedAt": format_time(started_at), "expiresAt": format_time(expires_at)}
-    launch = _Launcher(context, environment, flavor, granted, identity)
+    launch = _Launcher(context, environment, flavor, granted, identity, expires_at)
     outcome = await _run_backend(backend, environment, flavor, launch, status, now, times, expires_at)
     metrics.backend_reached(flavor.backend, True)
     return _reachable_again(outcome, status, environment, now)
@@ -519,6 +562,7 @@ class _Launcher:
     flavor: Flavor
     mounts: tuple[Mount, ...]
     identity: PosixIdentity | None
+    expires_at: datetime.datetime
 
     async def launch(self) -> Launch:
         """The token (made on first use), and the mounts recorded as handed over (audit log; the
@@ -526,7 +570,7 @@ class _Launcher:
         token = await ensure_token(self.context.kube, self.environment)
         if self.mounts:
             await self.context.access.handed(self.environment, self.mounts)
-        return Launch(self.environment, self.flavor, token, self.mounts, self.identity)
+        return Launch(self.environment, self.flavor, token, self.mounts, self.identity, self.expires_at)
 
 
 def _terms(status: Mapping[str, Any], flavor: Flavor) -> dict[str, Any]:

@@ -31,7 +31,6 @@ from analysis_operator.model.domain import Environment, Flavor
 
 log = structlog.get_logger("analysis_operator.reconciler")
 MAX_BACKOFF_SECONDS = 60.0
-WRITTEN_BOUND = 100_000  # phases remembered (Context.written); forgotten all at once beyond
 
 
 def utcnow() -> datetime.datetime:
@@ -39,9 +38,8 @@ def utcnow() -> datetime.datetime:
 
 
 async def apply(context: Context, environment: Environment, outcome: Outcome) -> float | None:
-    """Write an outcome: the status patch, then the Event. The phase is remembered as decided before
-    the patch is sent: the forward-auth (on its own thread) may be asked about the environment by
-    someone who saw the new phase before this loop has taken the patch's answer back.
+    """Write an outcome: the status patch (Context.write_status; not again where the outcome says it is
+    written: converge.stop writes an end before it removes anything), then the Event.
 
     A quiet first status (Outcome.quiet: "starting", nothing written before) is held for up to
     context.quiet_start seconds instead, and written with the next status decided that is not quiet
@@ -65,17 +63,8 @@ async def apply(context: Context, environment: Environment, outcome: Outcome) ->
     elif status is not None and outcome.quiet and context.quiet_start > 0:
         context.unwritten[environment.uid] = (environment, status, time.monotonic() + context.quiet_start)
         return context.quiet_start
-    if status is not None:
-        if "phase" in status:
-            if len(context.written) >= WRITTEN_BOUND:
-                context.written.clear()
-            context.written[environment.uid] = str(status["phase"])
-        try:
-            await context.kube.patch_environment_status(environment.namespace, environment.name, status)
-        except BaseException:  # not written: decide again from what the API shows, and say it from there
-            context.decisions.forget(environment.uid)
-            context.written.pop(environment.uid, None)
-            raise
+    if status is not None and not (outcome.written and held is None):  # a stop's end is written already
+        await context.write_status(environment, status)
     if outcome.event is not None:
         await post_event(context.kube, environment_reference(environment), *outcome.event)
     return None

@@ -87,16 +87,20 @@ async def sweep_orphans(reconciler: Reconciler) -> int:
     """Remove what backends made for environments that no longer exist (deleted while the operator was
     down, or by a user with --cascade=orphan), and their token Secrets. Secrets are not listed: the
     operator may not read every Secret of the cluster; a token goes with the pod, Service, job or VM
-    that is found."""
-    known = {record.environment.uid for record in values(reconciler.environments)}
+    that is found. Also what an ended environment (a terminal phase) still holds: converge.stop writes
+    the end before it removes anything, and nothing converges an ended environment again, so a removal
+    that failed then (the backend away, the operator killed between the two) is done here."""
+    records = {record.environment.uid: record for record in values(reconciler.environments)}
     kube = reconciler.context.kube
     removed = 0
     for kind, backend in reconciler.context.backends.items():
         for managed in await backend.list_managed():
-            if managed.uid in known:
+            record = records.get(managed.uid)
+            ended = record is not None and is_terminal(record.status.get("phase"))  # for good: no lag to wait out
+            if record is not None and not ended:
                 continue
             # The index may lag; only the API server's answer makes it an orphan.
-            if await kube.environment_exists(managed.namespace, managed.name, managed.uid):
+            if record is None and await kube.environment_exists(managed.namespace, managed.name, managed.uid):
                 continue
             orphan = Environment(managed.namespace, managed.name, managed.uid, owner="", flavor="")
             await backend.delete(orphan)
@@ -107,6 +111,7 @@ async def sweep_orphans(reconciler: Reconciler) -> int:
                 backend=kind,
                 environment=f"{managed.namespace}/{managed.name}",
                 backend_id=managed.backend_id,
+                ended=record.status.get("phase") if record is not None else None,
             )
             removed += 1
     return removed

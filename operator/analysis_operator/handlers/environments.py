@@ -10,7 +10,7 @@ import kopf
 import structlog
 
 from analysis_operator.backends.base import Backend, BackendUnavailable, State
-from analysis_operator.engine.converge import Context
+from analysis_operator.engine.converge import Context, environment_lock
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.reconciler import Reconciler, utcnow
 from analysis_operator.engine.terms import flavor_for
@@ -86,7 +86,12 @@ async def on_environment_deleted(
         await _cleanup_condition(memo, environment, status, patch, "BackendNotEnabled", blocked)
         raise kopf.TemporaryError(blocked, delay=ABANDON_CHECK_SECONDS)
     try:
-        gone = await backend.delete(environment)
+        # After a converge creating the job or VM (a submit, a server create: 15-30 s), never during it: it
+        # would find nothing, the finalizer would go, and what the converge made would run on as an orphan.
+        # Converges that waited behind this one create nothing (Context.deleting).
+        async with environment_lock(environment.uid):
+            memo.context.deleting.add(environment.uid)
+            gone = await backend.delete(environment)
     except BackendUnavailable as error:
         message = f"{error}; {what_was_made(kind, status)} is removed when it answers again, or {ABANDON_HINT}"
         await _cleanup_condition(memo, environment, status, patch, "BackendUnavailable", message)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import pytest
 
 from analysis_operator.backends.base import BackendUnavailable, Launch, Observation, State, Upstream
-from analysis_operator.backends.slurm import SlurmBackend, base_path
+from analysis_operator.backends.slurm import ACTIVE_STATES, SlurmBackend, base_path
 from analysis_operator.backends.slurm_api import SlurmJob
 from analysis_operator.backends.slurm_auth import parse_identity
 from analysis_operator.model.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
@@ -375,6 +375,38 @@ def test_restarted_operator_adopts_the_running_job(slurm_settings, make_environm
 
     assert adopted.reference["id"] == submitted.reference["id"]
     assert len(jobs_of(after_restart, environment.uid)) == 1
+
+
+def test_a_second_job_of_an_environment_is_cancelled_once_a_listing_shows_it(backend, slurm_settings, make_environment):
+    """Never two: a submit whose answer was lost, and that slurmctld registered only after the retry had
+    looked at the queue, leaves a second job (here: one submitted by another backend object). The
+    running operator observes its job by id; the orphan sweep's listing shows the other, and the next
+    look cancels it and keeps the job the environment runs on. A restarted operator, which tracks
+    nothing, cancels all but one on its first look."""
+    environment = make_environment()
+
+    def active() -> set[str]:
+        return {job.job_id for job in jobs_of(backend, environment.uid) if job.state in ACTIVE_STATES}
+
+    def submit_lost() -> str:
+        other = SlurmBackend(slurm_settings)
+        lost = asyncio.run(other._submit(Launch(environment, make_flavor(), TOKEN)))
+        other.close()
+        return str(lost.reference["id"])
+
+    tracked = asyncio.run(backend.ensure(Launch(environment, make_flavor(), TOKEN))).reference["id"]
+    lost = submit_lost()
+    assert asyncio.run(backend.observe(environment)).reference["id"] == tracked
+    assert active() == {tracked, lost}  # observed by id: not seen yet
+    asyncio.run(backend.list_managed())
+    assert asyncio.run(backend.observe(environment)).reference["id"] == tracked
+    wait_for(lambda: active() == {tracked}, timeout=30, what=f"job {lost} cancelled, {tracked} kept")
+
+    submit_lost()
+    restarted = SlurmBackend(slurm_settings)  # tracks nothing
+    asyncio.run(restarted.observe(environment))
+    restarted.close()
+    wait_for(lambda: len(active()) == 1, timeout=30, what="one job left")
 
 
 def test_list_managed_finds_an_orphan_and_the_sweep_cancels_it(backend, make_environment):
