@@ -356,3 +356,21 @@ def test_metrics_show_budgets_phases_and_refusals(budgets, environments, budget_
     assert f'analysis_budget_limit_hours{{budget="{name}",resource="cpu"}} 140.0' in text
     assert 'analysis_refusals_total{enforcement="admission",reason="NoBudget",stage="budget"}' in text
     assert "analysis_environments{" in text and "analysis_reconcile_seconds_bucket" in text
+
+
+def test_an_owner_removed_from_the_group_has_their_environment_on_its_budget_stopped(
+    budgets, group, environments, custom
+):
+    """As a dataset's or a flavor's access: a FacilityGroup change stops at once what its budget no
+    longer covers (NotBudgetMember), and nothing of the members who stay."""
+    shared = budgets.create({"cpuHours": 100}, group=group)
+    environments.create("left", flavor="jupyter-basic", owner="member-a", budget=shared)
+    environments.create("stays", flavor="jupyter-basic", owner="member-b", budget=shared)
+    environments.wait_phase("left", "Ready")
+    environments.wait_phase("stays", "Ready")
+    custom.patch_cluster_custom_object(GROUP, VERSION, "facilitygroups", group, {"spec": {"members": ["member-b"]}})
+    stopped = environments.wait_phase("left", "Stopped", timeout=15)["status"]
+    assert stopped["reason"] == "NotBudgetMember", stopped
+    assert stopped["message"].startswith("budget withdrawn, the environment was stopped: 'member-a' may not draw on")
+    wait_for(lambda: budgets.status(shared)["running"]["environments"] == 1, timeout=10, what="the slot freed")
+    assert environments.phase("stays") == "Ready"

@@ -1,18 +1,31 @@
 """One accounting tick over the indexes (engine/accounting.plan_tick): a pod is charged by its flavor
-only while it runs (Ready), from the moment it became Ready; never while it waits for a node, an
-image or a missing claim, and time already charged is never charged again."""
+while its container runs as the backend sees it (Ready, or Running not Ready), from the moment it
+became Ready or was first seen running; never while it waits for a node, an image or a missing claim,
+or while its container keeps crashing, and time already charged is never charged again. Entries of
+namespaces another operator serves are left to it."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime
+import types
 
 import pytest
 
-from analysis_operator.backends.base import Charging
-from analysis_operator.engine.accounting import plan_tick
+from analysis_operator.backends.base import Charging, Observation, State
+from analysis_operator.backends.kubernetes import observe_pod
+from analysis_operator.engine.accounting import charge_budget, plan_tick
+from analysis_operator.engine.budget_gate import BudgetGate
+from analysis_operator.engine.converge import Context
+from analysis_operator.engine.ledger import Ledger, Views
+from analysis_operator.engine.terms import build_terms
 from analysis_operator.engine.views import EnvironmentRecord
 from analysis_operator.model.domain import BackendKind, Environment, Flavor, Resources, format_time
 from analysis_operator.policy.budgets import Budget
+from analysis_operator.settings import BudgetSettings
+from tests.unit.test_backend_interface import Cluster
+from tests.unit.test_budget_gate import Api, entry
 
 NOW = datetime.datetime(2026, 11, 30, 12, 0, tzinfo=datetime.UTC)
 MINUTE = datetime.timedelta(minutes=1)
@@ -67,3 +80,196 @@ def test_time_already_charged_is_not_charged_again():
     # Ready for an hour and charged up to a minute ago (e.g. by an operator before this rule)
     entry = tick(budget(NOW - MINUTE, cpu_hours=2 * 59 / 60), status("Ready", NOW - 60 * MINUTE))
     assert entry["cpuHours"] == pytest.approx(2.0)
+
+
+# --- a pod is charged while its container runs, as the backend sees it now --------------------------
+
+RUNNING_CONTAINER = {"name": "jupyterlab", "ready": False, "state": {"running": {"startedAt": "2026-11-30T11:00:00Z"}}}
+
+
+def pod(phase: str, ready: bool = False, container: dict | None = None, unscheduled: str = "") -> dict:
+    """A JupyterLab pod as the API server shows it (read by backends/kubernetes.observe_pod)."""
+    scheduled = {"type": "PodScheduled", "status": "False" if unscheduled else "True", "message": unscheduled}
+    conditions = [scheduled, {"type": "Ready", "status": "True" if ready else "False"}]
+    return {
+        "metadata": {"name": "aenv-lab", "namespace": "ns"},
+        "spec": {
+            **({} if unscheduled else {"nodeName": "node-1"}),
+            "containers": [{"name": "jupyterlab", "resources": {"requests": {"cpu": "2"}}}],
+        },
+        "status": {"phase": phase, "conditions": conditions, "containerStatuses": [container] if container else []},
+    }
+
+
+def waiting(reason: str) -> dict:
+    return {"name": "jupyterlab", "ready": False, "image": "jupyter", "state": {"waiting": {"reason": reason}}}
+
+
+STOPPED_SERVER = pod("Running", container=RUNNING_CONTAINER)  # `kill -STOP` of jupyter-lab: not Ready, running
+PODS = {
+    "crash loop": pod("Running", container=waiting("CrashLoopBackOff")),
+    "image pull": pod("Pending", container=waiting("ImagePullBackOff")),
+    "container not created": pod("Pending", container=waiting("CreateContainerConfigError")),
+    "claim missing": pod("Pending", unscheduled='persistentvolumeclaim "raw" not found'),
+    "waiting for a node": pod("Pending", unscheduled="0/3 nodes are available: 3 Insufficient cpu."),
+    "container being created": pod("Pending", container=waiting("ContainerCreating")),
+}
+
+
+def observed_tick(budget_: Budget, status_: dict, pod_: dict | None, moment=NOW) -> Budget:
+    environments = {("ns", "lab"): [EnvironmentRecord(ENVIRONMENT, status_)]}
+    observed = {"u-1": observe_pod(pod_)}
+    result = plan_tick(budget_, environments, {"basic": [FLAVOR]}, {"kubernetes": Pods()}, moment, 80, "", observed)
+    return Budget(**{**budget_.__dict__, "status": result.status})
+
+
+def provisioning(reason: str, state: str) -> dict:
+    backend = {"kind": "kubernetes", "name": "aenv-lab", "state": state, "node": "node-1"}
+    return {"phase": "Provisioning", "reason": reason, "backend": backend, "conditions": []}
+
+
+def test_a_running_pod_that_is_not_ready_is_charged():
+    """jupyter-lab stopped by its owner (kill -STOP) while a background job keeps the GPU busy: the
+    pod is Running, its readiness probe fails; the status says Provisioning, PodStarting."""
+    ready = budget(NOW - 10 * MINUTE)
+    ready = observed_tick(ready, status("Ready", NOW - 20 * MINUTE), pod("Running", True, RUNNING_CONTAINER))
+    assert ready.entries["u-1"]["cpuHours"] == pytest.approx(2 * 10 / 60)
+    later = NOW + 5 * MINUTE
+    entry = observed_tick(ready, provisioning("PodStarting", "Running"), STOPPED_SERVER, later).entries["u-1"]
+    assert entry["cpuHours"] == pytest.approx(2 * 15 / 60) and entry["chargedUntil"] == format_time(later)
+
+
+@pytest.mark.parametrize("case", PODS)
+def test_a_pod_whose_container_does_not_run_is_not_charged(case):
+    status_ = {"phase": "Provisioning", "reason": observe_pod(PODS[case]).reason, "conditions": []}
+    entry = observed_tick(budget(NOW - 5 * MINUTE), status_, PODS[case]).entries["u-1"]
+    assert entry["cpuHours"] == 0.0 and entry["chargedUntil"] == format_time(NOW)
+
+
+def test_a_server_ready_again_is_charged_for_all_the_time_it_ran_not_from_its_new_ready_time():
+    """kill -STOP after one tick, kill -CONT just before the next: the Ready condition's new transition
+    must not move the charge past the time the container ran not Ready."""
+    charged = observed_tick(budget(NOW - 2 * MINUTE), status("Ready", NOW - 30 * MINUTE), pod("Running", True))
+    charged = observed_tick(charged, provisioning("PodStarting", "Running"), STOPPED_SERVER, NOW + MINUTE)
+    resumed = status("Ready", NOW + 2 * MINUTE - datetime.timedelta(seconds=5))  # CONT: Ready again
+    entry = observed_tick(charged, resumed, pod("Running", True), NOW + 2 * MINUTE).entries["u-1"]
+    assert entry["cpuHours"] == pytest.approx(2 * 4 / 60)  # every minute from NOW - 2 min to NOW + 2 min
+
+
+def test_a_start_is_charged_from_ready_or_from_the_first_tick_that_sees_it_run():
+    started = observed_tick(budget(NOW - 5 * MINUTE), status("Ready", NOW - 3 * MINUTE), pod("Running", True))
+    assert started.entries["u-1"]["cpuHours"] == pytest.approx(2 * 3 / 60)  # not while it was pulling
+    # Seen running before it is Ready (a server that never gets Ready, say): charged from that tick on.
+    first = observed_tick(budget(NOW - 5 * MINUTE), provisioning("PodStarting", "Pending"), STOPPED_SERVER)
+    assert first.entries["u-1"]["cpuHours"] == 0.0
+    entry = observed_tick(first, provisioning("PodStarting", "Pending"), STOPPED_SERVER, NOW + MINUTE).entries["u-1"]
+    assert entry["cpuHours"] == pytest.approx(2 / 60)
+
+
+def test_a_crash_between_two_ticks_starts_the_charge_again_at_ready():
+    charged = observed_tick(budget(NOW - MINUTE), status("Ready", NOW - 30 * MINUTE), pod("Running", True))
+    crashing = observed_tick(charged, provisioning("ServerCrashing", "Running"), PODS["crash loop"], NOW + MINUTE)
+    assert crashing.entries["u-1"]["cpuHours"] == pytest.approx(2 / 60)  # nothing for the crashing minute
+    back = status("Ready", NOW + 3 * MINUTE)
+    entry = observed_tick(crashing, back, pod("Running", True), NOW + 5 * MINUTE).entries["u-1"]
+    assert entry["cpuHours"] == pytest.approx(2 * 3 / 60)
+
+
+# --- several operators, each serving its own namespace, share the cluster's budgets -----------------
+
+
+def two_namespaces() -> Budget:
+    entry = budget(NOW - 5 * MINUTE).entries["u-1"]
+    entries = {"u-a": {**entry, "namespace": "ns-a"}, "u-b": {**entry, "namespace": "ns-b", "cpuHours": 1.0}}
+    return Budget(name="b", user="alice", limits={"cpuHours": 100}, status={"environments": entries})
+
+
+def serving(budget_: Budget, namespace: str):
+    lab = Environment(namespace="ns-a", name="lab", uid="u-a", owner="alice", flavor="basic")
+    environments = {("ns-a", "lab"): [EnvironmentRecord(lab, status("Ready", NOW - 10 * MINUTE))]}  # no ns-b
+    return plan_tick(budget_, environments, {"basic": [FLAVOR]}, {"kubernetes": Pods()}, NOW, 80, namespace)
+
+
+def test_an_operator_leaves_the_entries_of_namespaces_it_does_not_serve_as_they_are():
+    before = two_namespaces()
+    result = serving(before, "ns-a")
+    assert result.status["environments"]["u-b"] == before.entries["u-b"]  # not ended, not charged, not moved
+    assert result.status["environments"]["u-a"]["cpuHours"] == pytest.approx(2 * 5 / 60)
+    assert result.status["running"]["environments"] == 2 and result.status.get("settled", {}).get("cpuHours") == 0
+
+
+def test_an_operator_of_every_namespace_still_ends_an_entry_whose_environment_is_gone():
+    result = serving(two_namespaces(), "")
+    assert list(result.status["environments"]) == ["u-a"]
+    assert result.status["settled"]["cpuHours"] == pytest.approx(1.0 + 2 * 5 / 60)
+
+
+def test_a_spent_budget_leaves_the_other_namespaces_environments_to_their_operator():
+    spent = two_namespaces()
+    spent = Budget(**{**spent.__dict__, "limits": {"cpuHours": 0.5}})
+    assert serving(spent, "ns-a").stop == ("u-a",)
+    assert sorted(serving(spent, "").stop) == ["u-a"]  # u-b is gone: settled, not stopped
+
+
+def test_a_new_period_forgets_the_other_namespaces_usage_too():
+    monthly = Budget(**{**two_namespaces().__dict__, "reset": "Monthly"})
+    monthly = Budget(**{**monthly.__dict__, "status": {**monthly.status, "periodStart": "2026-10-01T00:00:00Z"}})
+    result = serving(monthly, "ns-a")
+    other = result.status["environments"]["u-b"]
+    assert other["cpuHours"] == 0.0 and other["chargedUntil"] == format_time(NOW - 5 * MINUTE)
+    assert result.status["periodStart"] == "2026-11-01T00:00:00Z"
+
+
+# --- the tick as the daemon runs it: what the backends see, and stops on the backend that runs it ----
+
+
+class Recorder:
+    """A backend charged by the flavor: what it observes, and what it was asked to delete."""
+
+    charging = Charging.FLAVOR
+
+    def __init__(self, observation: Observation | None = None) -> None:
+        self.observation = observation or Observation(State.GONE)
+        self.deleted: list[str] = []
+
+    async def observe(self, environment: Environment) -> Observation:
+        return self.observation
+
+    async def delete(self, environment: Environment) -> bool:
+        self.deleted.append(environment.uid)
+        return True
+
+
+def daemon_ticks(limits: dict, status_: dict, backends: dict, flavor: Flavor = FLAVOR, ticks: int = 1) -> Api:
+    """`ticks` of handlers/budgets.account, a minute apart, the last at NOW; the entry charged until 5 min before."""
+    api = Api(limits, {"u-1": {**entry("lab"), "cpus": 2.0, "chargedUntil": format_time(NOW - 5 * MINUTE)}})
+    gate = BudgetGate(BudgetSettings(), Ledger(api, Views(api.index, {"alice": ["b"]}, {})))  # type: ignore[arg-type]
+    lab = Environment(namespace="ns", name="lab", uid="u-1", owner="alice", flavor="basic")
+    reconciler = types.SimpleNamespace(
+        context=Context(kube=Cluster(), backends=backends),
+        environments={("ns", "lab"): [EnvironmentRecord(lab, status_)]},
+        flavors={"basic": [flavor]},
+    )
+    for tick in reversed(range(ticks)):
+        asyncio.run(charge_budget(gate, reconciler, "b", NOW - tick * MINUTE))  # type: ignore[arg-type]
+    return api
+
+
+def test_the_daemon_charges_what_the_pod_watch_sees_running_though_the_status_is_old():
+    """status.backend.state is written with a change of phase or reason only: a pod that went from
+    Pending to Running not Ready (PodStarting both) still says Pending there."""
+    pods = Recorder(observe_pod(STOPPED_SERVER))
+    api = daemon_ticks({"cpuHours": 100}, provisioning("PodStarting", "Pending"), {"kubernetes": pods}, ticks=2)
+    # seen running at the first tick: charged from then on, not for the minutes before (a node, an image)
+    assert api.entries["u-1"]["cpuHours"] == pytest.approx(2 / 60)
+
+
+def test_a_spent_budget_stops_the_environment_on_the_backend_it_started_on():
+    """The flavor was moved to another backend since it started: the pod is deleted, not a Slurm job
+    of the same name, or the pod would run on uncharged while the environment says BudgetExhausted."""
+    pods, slurm = Recorder(observe_pod(pod("Running", True))), Recorder()
+    started = {**status("Ready", NOW - 10 * MINUTE), "terms": build_terms(FLAVOR), "backend": {"kind": "kubernetes"}}
+    moved = dataclasses.replace(FLAVOR, backend=BackendKind.SLURM)
+    api = daemon_ticks({"cpuHours": 0.01}, started, {"kubernetes": pods, "slurm": slurm}, flavor=moved)
+    assert (pods.deleted, slurm.deleted) == (["u-1"], [])
+    assert api.entries["u-1"]["cpuHours"] == pytest.approx(2 * 5 / 60)

@@ -23,6 +23,7 @@ from analysis_operator.handlers.admission import (
     label_patch,
     label_text,
     match_conditions,
+    misfits,
     mounted_names,
     refused,
     selection_labels,
@@ -259,3 +260,33 @@ def test_the_validating_webhook_is_not_called_for_metadata_only_updates():
         "request.operation != 'UPDATE' || object.spec != oldObject.spec"
     ]
     assert MATCH_CONDITIONS.name == "match_conditions.yaml"
+
+
+# --- input the schema refuses: left to it ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, fields",
+    [
+        ({"owner": "alice", "flavor": ["basic"]}, ["spec.flavor"]),
+        ({"owner": "alice", "flavor": {"name": "basic"}}, ["spec.flavor"]),
+        ({"owner": "alice", "flavor": "basic", "datasets": 5}, ["spec.datasets"]),
+        ({"owner": "alice", "flavor": "basic", "datasets": ["raw"]}, ["spec.datasets"]),
+        ({"owner": ["alice"], "flavor": "basic", "budget": {"b": 1}}, ["spec.owner", "spec.budget"]),
+        ({"owner": "alice", "flavor": "basic", "sharing": ["bob"], "suspend": "yes"}, ["spec.sharing", "spec.suspend"]),
+        ({"owner": "alice", "flavor": "basic", "datasets": [{"name": "raw"}], "lifetime": "8h", "suspend": False}, []),
+        ({"owner": None, "flavor": "basic"}, []),  # null: no value (the API server drops it)
+    ],
+)
+def test_fields_of_a_type_the_schema_refuses_are_named(spec, fields):
+    assert misfits(spec) == fields
+
+
+@pytest.mark.parametrize("spec", [{"flavor": ["basic"]}, {"flavor": {"x": 1}}, {"flavor": "basic", "datasets": 5}])
+def test_the_mutating_webhook_leaves_a_field_of_the_wrong_type_to_the_schema(spec):
+    """Not a 500 ("unhashable type: 'list'") that names no field: nothing is patched, nothing held,
+    and the API server's schema check that follows refuses the create naming the field (422)."""
+    api = Api({"maxEnvironments": 0})  # a budget without room: the mutating webhook would check it all
+    gate = budget_gate(api)
+    assert _mutate({"owner": "alice", **spec}, {}, budget_gate=gate) == {}
+    assert gate.admitted.get("b", {}) == {}

@@ -6,13 +6,16 @@ The real API server's side is in tests/integration/test_budget_slots.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 from typing import Any
+
+import pytest
 
 from analysis_operator.engine.budget_gate import BudgetGate
 from analysis_operator.engine.ledger import Ledger, Views
 from analysis_operator.engine.views import EnvironmentRecord
-from analysis_operator.model.domain import BackendKind, Environment, Flavor, Resources, format_time
+from analysis_operator.model.domain import BackendKind, Environment, Flavor, Phase, Resources, format_time
 from analysis_operator.policy.budgets import Budget
 from analysis_operator.settings import BudgetSettings
 
@@ -394,3 +397,39 @@ def test_a_hold_for_a_new_object_of_an_old_name_is_not_taken_for_the_old_entry()
     g.admitted["b"] = {"new-uid": (0, float("inf"), ("ns", "again"))}  # admitted, not yet reserved
     assert admit(g, "third", {}).reason == "TooManyEnvironments"
     assert "new-uid" in g.admitted["b"]  # still held: the ledger's "again" is the old object
+
+
+# --- a group budget its owner may no longer use ---------------------------------------------------------
+
+
+def group_gate(members: frozenset[str]) -> tuple[Api, BudgetGate]:
+    api = Api({"cpuHours": 100}, {"lab-uid": entry("lab")})
+    api.budget["spec"] = {"group": "team", "limits": {"cpuHours": 100}}
+    api.index["b"] = [Budget.from_body(api.budget)]
+    views = Views(api.index, {}, {"team": [members]})
+    return api, BudgetGate(BudgetSettings(), Ledger(api, views))  # type: ignore[arg-type]
+
+
+LAB = Environment("ns", "lab", "lab-uid", owner="alice", flavor="basic", budget="b")
+
+
+@pytest.mark.parametrize("phase", ["Ready", "Provisioning", "Suspended"])
+def test_an_environment_whose_owner_left_the_group_is_stopped_like_revoked_data_access(phase):
+    _, g = group_gate(frozenset({"bob"}))
+    refusal = asyncio.run(g.check(LAB, CPU, {"phase": phase, "startedAt": format_time(T0)}, T0))
+    assert refusal is not None and (refusal.reason, refusal.phase) == ("NotBudgetMember", Phase.STOPPED)
+    assert refusal.message.startswith("budget withdrawn, the environment was stopped: 'alice' may not draw on")
+    assert g.withdrawn(EnvironmentRecord(LAB, {"phase": phase}))
+
+
+def test_a_member_still_in_the_group_runs_on_and_one_that_never_ran_is_rejected():
+    _, member = group_gate(frozenset({"alice"}))
+    assert asyncio.run(member.check(LAB, CPU, {"phase": "Ready"}, T0)) is None
+    assert not member.withdrawn(EnvironmentRecord(LAB, {"phase": "Ready"}))
+    _, outsider = group_gate(frozenset({"bob"}))
+    new = asyncio.run(outsider.check(LAB, CPU, {}, T0))
+    assert new is not None and (new.reason, new.phase) == ("NotBudgetMember", Phase.REJECTED)
+    for ended in ({"phase": "Stopped"}, {}):  # over, or not decided by its own handler yet
+        assert not outsider.withdrawn(EnvironmentRecord(LAB, ended))
+    personal = dataclasses.replace(LAB, budget="")  # a group change cannot take a personal budget away
+    assert not outsider.withdrawn(EnvironmentRecord(personal, {"phase": "Ready"}))

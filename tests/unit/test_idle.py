@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 
 import pytest
@@ -166,3 +167,27 @@ def test_gpu_hours_saved():
     assert gpu_hours_saved(2, NOW, NOW + datetime.timedelta(hours=3)) == 6.0
     assert gpu_hours_saved(0, NOW, NOW + datetime.timedelta(hours=3)) == 0.0
     assert gpu_hours_saved(2, NOW, NOW - MINUTE) == 0.0
+
+
+def test_an_idle_stop_ends_the_environment_on_the_backend_it_started_on():
+    """The policy is today's flavor's; the stop is the flavor's it started with (status.terms): a flavor
+    moved to another backend since must not have a Slurm job deleted for a pod that runs on uncharged."""
+    from analysis_operator.engine.converge import Context
+    from analysis_operator.engine.idle import GatewayActivity, IdleChecker
+    from analysis_operator.engine.terms import build_terms
+    from analysis_operator.engine.views import EnvironmentRecord
+    from analysis_operator.policy.idle import Decision
+    from tests.unit.test_accounting import Recorder
+    from tests.unit.test_backend_interface import Cluster
+
+    started_on = Flavor.from_body("lab", {"backend": "kubernetes", "idleTimeout": "30m", "resources": {"gpu": 1}})
+    today = Flavor.from_body("lab", {"backend": "slurm", "idleTimeout": "30m", "idleAction": "Stop"})
+    pods, slurm, cluster = Recorder(), Recorder(), Cluster()
+    context = Context(kube=cluster, backends={"kubernetes": pods, "slurm": slurm})
+    lab = Environment(namespace="ns", name="lab", uid="u-1", owner="alice", flavor="lab")
+    status = {"phase": "Ready", "terms": build_terms(started_on), "backend": {"kind": "kubernetes"}}
+    checker = IdleChecker(context, Settings(), {}, {"lab": [today]}, GatewayActivity(), clock=lambda: NOW)
+    decision = Decision(Verdict.CULL, "idle for 31m")
+    asyncio.run(checker._cull(EnvironmentRecord(lab, status), today, Action.STOP, decision, NOW))
+    assert (pods.deleted, slurm.deleted) == (["u-1"], [])
+    assert cluster.status[("ns", "lab")]["phase"] == "Stopped"

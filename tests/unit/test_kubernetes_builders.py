@@ -19,6 +19,7 @@ from analysis_operator.model.domain import (
     LABEL_ENVIRONMENT,
     LABEL_ENVIRONMENT_UID,
     LABEL_MANAGED_BY,
+    LABEL_OWNER,
     MANAGER,
     BackendKind,
     Environment,
@@ -480,6 +481,30 @@ def test_home_is_per_environment_scratch_unless_per_user_claims_are_on():
         "resources": {"requests": {"storage": "50Gi"}},
         "storageClassName": "cephfs",
     }
+
+
+@pytest.mark.parametrize(
+    "owner, labelled",
+    [
+        ("alice", "alice"),
+        ("alice@facility.eu", "sha256_"),  # '@' is no label character: the API server refused the claim (422)
+        ("a" * 64, "sha256_"),  # nor over 63 characters
+    ],
+)
+def test_a_home_claim_is_labelled_with_its_owner_as_environments_are(owner, labelled):
+    """The owner label of a home claim is the one admission gives the owner's environments (label_text):
+    an owner that is no label value made the claim a 422, and the environment stayed RefusedByCluster."""
+    import dataclasses as dc
+    import re
+
+    from analysis_operator.backends.kubernetes import build_home_claim
+    from analysis_operator.handlers.admission import selection_labels
+    from analysis_operator.settings import HomeSettings
+
+    settings = dc.replace(SETTINGS, home=HomeSettings(claims=True))
+    value = build_home_claim(make_environment(owner=owner), settings)["metadata"]["labels"][LABEL_OWNER]
+    assert value.startswith(labelled) and value == selection_labels(owner, [])[LABEL_OWNER]
+    assert len(value) <= 63 and re.fullmatch(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]", value)
 
 
 @given(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}", fullmatch=True))

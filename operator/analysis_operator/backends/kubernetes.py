@@ -34,6 +34,7 @@ from analysis_operator.model.domain import (
     Environment,
     Flavor,
     Mount,
+    label_text,
     parse_quantity,
 )
 from analysis_operator.model.identity import PosixIdentity
@@ -75,7 +76,8 @@ def home_claim_name(owner: str) -> str:
 
 
 def build_home_claim(environment: Environment, settings: Settings) -> dict[str, Any]:
-    """The owner's home volume: not owned by the environment, so it outlives it (pure)."""
+    """The owner's home volume: not owned by the environment, so it outlives it (pure). Labelled with
+    its owner as environments are (label_text: an owner with '@' or over 63 characters as its hash)."""
     home = settings.home
     spec: dict[str, Any] = {"accessModes": [home.access_mode], "resources": {"requests": {"storage": home.size}}}
     if home.storage_class:
@@ -86,7 +88,7 @@ def build_home_claim(environment: Environment, settings: Settings) -> dict[str, 
         "metadata": {
             "name": home_claim_name(environment.owner),
             "namespace": environment.namespace,
-            "labels": {LABEL_MANAGED_BY: MANAGER, LABEL_OWNER: environment.owner},
+            "labels": {LABEL_MANAGED_BY: MANAGER, LABEL_OWNER: label_text(environment.owner)},
         },
         "spec": spec,
     }

@@ -1,41 +1,60 @@
 """Budget accounting: one tick charges a budget's running environments and stops what it no longer covers.
 
-What runs: a pod (charged by its flavor) from the moment it is Ready, never while it waits for a node,
-an image or a missing claim; a Slurm job or VM (charged by allocation) while the backend says it holds.
+What runs: a pod (charged by its flavor) while its container runs, as the backend sees it at the
+tick: Ready, or not Ready with its pod Running (JupyterLab starting, or stopped by its owner while
+the rest of the container goes on); never while it waits for a node, an image or a missing claim,
+or while its container keeps crashing. A Slurm job or VM (charged by allocation) while the backend
+says it holds.
 
 The arithmetic is policy/budgets.charge; here the tick reads which ledger entries
-still run (from the environments index, and the backend's allocation where the
-backend charges by allocation), writes the ledger through `Ledger.update`, posts
-the budget's Events and stops the environments a spent budget no longer covers.
+still run (from the environments index and what the backends observe now), writes the
+ledger through `Ledger.update`, posts the budget's Events and stops the environments a
+spent budget no longer covers. Entries of environments in namespaces this operator does
+not serve (several releases, each with its own watchNamespace, share the cluster-scoped
+budgets) are another release's to charge and settle: they are left as they are.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import structlog
 
-from analysis_operator.backends.base import Backend, Charging
+from analysis_operator.backends.base import Backend, BackendUnavailable, Charging, Observation, State
 from analysis_operator.engine.budget_gate import BudgetGate
-from analysis_operator.engine.converge import stop
+from analysis_operator.engine.converge import end
 from analysis_operator.engine.events import post_event
 from analysis_operator.engine.reconciler import Reconciler, apply
+from analysis_operator.engine.terms import flavor_for
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
 from analysis_operator.model.domain import API_VERSION, Phase, format_time, is_terminal, parse_time
 from analysis_operator.policy.budgets import Budget, Charge, Held, charge
 
 log = structlog.get_logger("analysis_operator.accounting")
 
+# The backend's own word for a pod whose containers were started (status.backend.state: the pod's phase).
+POD_RUNNING = "Running"
 
-def _charges_allocation(record: EnvironmentRecord, flavors: Index, backends: Mapping[str, Backend]) -> bool:
+
+def _backend_of(record: EnvironmentRecord, flavors: Index, backends: Mapping[str, Backend]) -> Backend | None:
+    """The backend that runs it: as status says, else the flavor it started on (its terms)."""
     kind = (record.status.get("backend") or {}).get("kind")
     if not kind:
-        flavor = first(flavors, record.environment.flavor)
+        flavor = flavor_for(record.environment, record.status, flavors)
         kind = flavor.backend if flavor is not None else ""
-    backend = backends.get(kind)
+    return backends.get(kind)
+
+
+def _charges_allocation(record: EnvironmentRecord, flavors: Index, backends: Mapping[str, Backend]) -> bool:
+    backend = _backend_of(record, flavors, backends)
     return backend is not None and backend.charging is Charging.ALLOCATION
+
+
+def serves(namespace: str, entry: Mapping[str, Any]) -> bool:
+    """Is this ledger entry's environment in the namespace this operator serves ("": all)?"""
+    return not namespace or (entry.get("namespace") or namespace) == namespace
 
 
 def plan_tick(
@@ -45,24 +64,34 @@ def plan_tick(
     backends: Mapping[str, Backend],
     moment: datetime.datetime,
     warning_percent: float,
+    namespace: str = "",
+    observed: Mapping[str, Observation] | None = None,
 ) -> Charge | None:
-    """The charge for one tick (pure over the indexes it reads); None when an idle budget needs no write."""
+    """The charge for one tick (pure over what it is given); None when an idle budget needs no write.
+    `namespace`: the one this operator serves ("": all); its environments index has no other, so an
+    entry elsewhere is left alone rather than taken for ended. `observed`: what the backends that
+    charge by the flavor say now of the entries' environments (see charge_budget)."""
     ended: dict[str, datetime.datetime | None] = {}
     paused: list[str] = []
     held: dict[str, Held] = {}
-    ready_since: dict[str, datetime.datetime] = {}
+    # charged by the flavor: running (uid -> when it became Ready, None: not Ready), or not
+    running: dict[str, datetime.datetime | None] = {}
+    waiting: list[str] = []
+    foreign: list[str] = []
+    observed = observed or {}
     for uid, entry in budget.entries.items():
+        if not serves(namespace, entry):
+            foreign.append(uid)
+            continue
         record: EnvironmentRecord | None = first(environments, (entry.get("namespace"), entry.get("name")))
         if record is None or record.environment.uid != uid:
             ended[uid] = None
         elif is_terminal(record.status.get("phase")):
             ended[uid] = parse_time(record.status.get("stoppedAt"))
-        elif record.status.get("phase") == Phase.SUSPENDED.value:
-            paused.append(uid)
         elif _charges_allocation(record, flavors, backends):
             # Charged for what Slurm allocated / the server holds, only while it holds it.
             backend = record.status.get("backend") or {}
-            if "allocatedCpus" in backend:
+            if record.status.get("phase") != Phase.SUSPENDED.value and "allocatedCpus" in backend:
                 held[uid] = Held(
                     float(backend["allocatedCpus"]),
                     int(backend.get("allocatedGpus") or 0),
@@ -70,36 +99,68 @@ def plan_tick(
                 )
             else:
                 paused.append(uid)
-        elif record.status.get("phase") != Phase.READY.value:
-            paused.append(uid)  # charged by the flavor, but only while it runs: not while pulling or unschedulable
+        elif record.status.get("phase") != Phase.SUSPENDED.value and runs(observed.get(uid), record.status):
+            running[uid] = _ready_since(record.status)
         else:
-            ready = _ready_since(record.status)
-            if ready is not None:
-                ready_since[uid] = ready
-    budget = _charged_from(budget, ready_since)
-    result = charge(budget, ended, moment, warning_percent, paused, held)
+            waiting.append(uid)  # charged by the flavor, but only while it runs
+    budget = _charged_from(budget, running, waiting, moment)
+    paused.extend(waiting)
+    result = charge(budget, ended, moment, warning_percent, paused, held, foreign)
     idle = not budget.entries and _same(budget.status, result.status)
     return None if idle else result
 
 
+def runs(observation: Observation | None, status: Mapping[str, Any]) -> bool:
+    """Does an environment charged by its flavor run? Ready; or not Ready with its pod Running and
+    nothing wrong with its container (JupyterLab starting, or its server stopped by the owner, say
+    `kill -STOP`, while the rest of the container goes on): as the backend sees it now, since
+    status.backend.state is written with a change of phase or reason only. Not while the pod waits
+    for a node, pulls its image, or its container cannot start or keeps crashing (the backend asks
+    for a person's attention then). Without an observation (a slot taken since they were read):
+    Ready, as its status says."""
+    if observation is None:
+        return status.get("phase") == Phase.READY.value
+    return observation.state is State.READY or (
+        observation.state is State.PROVISIONING
+        and observation.reference.get("state") == POD_RUNNING
+        and not observation.attention
+    )
+
+
 def _ready_since(status: Mapping[str, Any]) -> datetime.datetime | None:
-    """When the environment last became Ready (its Ready condition's transition)."""
+    """When the environment last became Ready (its Ready condition's transition); None if not Ready."""
     ready = {c.get("type"): c for c in status.get("conditions") or ()}.get("Ready") or {}
     return parse_time(ready.get("lastTransitionTime")) if ready.get("status") == "True" else None
 
 
-def _charged_from(budget: Budget, ready_since: Mapping[str, datetime.datetime]) -> Budget:
-    """Entries charged by the flavor start at their Ready time, not at the tick that first saw them
-    Ready: chargedUntil moves forward to it (never back, so time already charged is not charged again)."""
-    moved = {}
-    for uid, ready in ready_since.items():
-        entry = budget.entries.get(uid) or {}
-        charged_until = parse_time(entry.get("chargedUntil"))
-        if charged_until is not None and charged_until < ready.replace(microsecond=0):
-            moved[uid] = {**entry, "chargedUntil": format_time(ready)}
-    if not moved:
+def _charged_from(
+    budget: Budget,
+    running: Mapping[str, datetime.datetime | None],
+    waiting: Collection[str],
+    moment: datetime.datetime,
+) -> Budget:
+    """Where the charge of entries charged by the flavor starts. `heldSince` marks an entry the last tick
+    saw running: it is charged on from chargedUntil, whatever its Ready time says (a server stopped for
+    a while and Ready again ran all along). One that starts running (the last tick saw it waiting, or
+    suspended) is charged from when it became Ready, not from the tick before; or from this tick if it
+    runs without being Ready yet: not for the time it may have waited for a node or an image. Time
+    already charged is never charged again (chargedUntil only moves forward). One that does not run
+    (`waiting`) loses the mark."""
+    changed = {}
+    for uid, ready in running.items():
+        entry = budget.entries[uid]
+        if entry.get("heldSince"):
+            continue
+        charged_until = parse_time(entry.get("chargedUntil")) or moment
+        start = max(charged_until, ready.replace(microsecond=0)) if ready is not None else moment
+        changed[uid] = {**entry, "chargedUntil": format_time(start), "heldSince": format_time(start)}
+    for uid in waiting:
+        entry = budget.entries[uid]
+        if "heldSince" in entry:
+            changed[uid] = {key: value for key, value in entry.items() if key != "heldSince"}
+    if not changed:
         return budget
-    return Budget(**{**budget.__dict__, "status": {**budget.status, "environments": {**budget.entries, **moved}}})
+    return Budget(**{**budget.__dict__, "status": {**budget.status, "environments": {**budget.entries, **changed}}})
 
 
 def _not_running(record: EnvironmentRecord) -> bool:
@@ -118,12 +179,47 @@ def _same(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
     return strip(before) == strip(after)
 
 
-async def charge_budget(gate: BudgetGate, reconciler: Reconciler, name: str, moment: datetime.datetime) -> None:
+async def observe_running(
+    budget: Budget | None, environments: Index, flavors: Index, backends: Mapping[str, Backend], namespace: str = ""
+) -> dict[str, Observation]:
+    """What the backends that charge by the flavor see now of the budget's live environments (a pod: the
+    pod watch's summary, in memory), by uid: the tick's `observed`. Read before the ledger, from the
+    budget as the index has it: an entry added meanwhile is judged by its status this once."""
+    observed: dict[str, Observation] = {}
+    for uid, entry in (budget.entries if budget is not None else {}).items():
+        record: EnvironmentRecord | None = first(environments, (entry.get("namespace"), entry.get("name")))
+        if not serves(namespace, entry) or record is None or record.environment.uid != uid:
+            continue
+        backend = _backend_of(record, flavors, backends)
+        if backend is None or backend.charging is not Charging.FLAVOR or _not_running(record):
+            continue
+        try:
+            observed[uid] = await backend.observe(record.environment)
+        except BackendUnavailable:
+            continue
+    return observed
+
+
+async def charge_budget(
+    gate: BudgetGate, reconciler: Reconciler, name: str, moment: datetime.datetime, namespace: str = ""
+) -> None:
+    """One tick of the budget `name`. `namespace`: the one this operator serves ("": all)."""
     context = reconciler.context
     environments, flavors = reconciler.environments, reconciler.flavors
+    seen = first(gate.ledger.views.budgets, name)
+    observed = await observe_running(seen, environments, flavors, context.backends, namespace)
 
     def decide(budget: Budget) -> Charge | None:
-        return plan_tick(budget, environments, flavors, context.backends, moment, gate.settings.warning_percent)
+        return plan_tick(
+            budget,
+            environments,
+            flavors,
+            context.backends,
+            moment,
+            gate.settings.warning_percent,
+            namespace,
+            observed,
+        )
 
     result: Charge | None = await gate.ledger.update(name, decide, lambda result: result.status if result else None)
     if result is None:
@@ -141,10 +237,10 @@ async def charge_budget(gate: BudgetGate, reconciler: Reconciler, name: str, mom
         if record is None or record.environment.uid != uid or _not_running(record):
             continue
         environment = record.environment
-        outcome = await stop(
+        outcome = await end(  # holding its converge lock: never in the middle of a start
             context,
             environment,
-            first(flavors, environment.flavor),
+            flavor_for(environment, record.status, flavors),  # what it started on: the backend that runs it
             record.status,
             Phase.BUDGET_EXHAUSTED,
             "BudgetExhausted",

@@ -48,8 +48,9 @@ from typing import Any
 
 import structlog
 
+from analysis_operator.engine.data_access import STARTED
 from analysis_operator.engine.ledger import Ledger, Views
-from analysis_operator.engine.views import Index, first
+from analysis_operator.engine.views import EnvironmentRecord, Index, first
 from analysis_operator.infra import metrics
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.model.domain import Environment, Flavor, Phase, is_terminal, parse_time
@@ -107,7 +108,14 @@ class BudgetGate:
             return None
         selected = self.ledger.views.select(environment.owner, environment.budget)
         if isinstance(selected, Refusal):
-            return None if selected.reason == "NoBudget" and not self.settings.require_budget else selected
+            if selected.reason == "NoBudget" and not self.settings.require_budget:
+                return None
+            metrics.count_refusal(selected.reason, "budget", "reconcile")
+            if status.get("phase") in STARTED or status.get("startedAt"):  # it ran, or was queued to
+                # the budget it runs on is no longer its owner's to use (removed from its group, say)
+                message = f"budget withdrawn, the environment was stopped: {selected.message}"
+                return Refusal(selected.reason, message, phase=Phase.STOPPED)
+            return selected
         if environment.uid in selected.entries:  # holds a slot: only a spent budget ends it
             over = spent(selected, flavor.resources.cpus, flavor.resources.gpu, now)
             return Refusal("BudgetExhausted", over.message, Phase.BUDGET_EXHAUSTED) if over else None
@@ -131,6 +139,17 @@ class BudgetGate:
             )
             return result
         return None
+
+    def withdrawn(self, record: EnvironmentRecord) -> bool:
+        """Does this live environment draw on a budget its owner may no longer use (removed from the
+        FacilityGroup of the budget it names)? In memory, for the catalogue's changes
+        (handlers/datasets.py), which reconcile it: `check` then stops it."""
+        environment, phase = record.environment, record.status.get("phase")
+        if not self.settings.enabled or not environment.budget or environment.deleting:
+            return False
+        if not phase or is_terminal(phase):
+            return False
+        return isinstance(self.ledger.views.select(environment.owner, environment.budget), Refusal)
 
     def admit(
         self,

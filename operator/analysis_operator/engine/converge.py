@@ -407,7 +407,7 @@ async def end(
     message: str,
     now: datetime.datetime,
 ) -> Outcome:
-    """`stop` from outside converge (idle culling), holding the environment's converge lock."""
+    """`stop` from outside converge (idle culling, a spent budget), holding the environment's converge lock."""
     async with environment_lock(environment.uid):
         latest = context.decisions.latest(environment.uid, status)
         outcome = await stop(context, environment, flavor, latest, phase, reason, message, now)

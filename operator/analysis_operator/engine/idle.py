@@ -34,6 +34,7 @@ import structlog
 from analysis_operator.engine.converge import Context, end
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.reconciler import apply, utcnow
+from analysis_operator.engine.terms import effective_flavor
 from analysis_operator.engine.tokens import read_token, token_lost
 from analysis_operator.engine.views import EnvironmentRecord, Index, first, values
 from analysis_operator.model.conditions import build_condition, merge_conditions
@@ -170,7 +171,8 @@ class IdleChecker:
             reason = "IdlePolicyInvalid"
             await self._write(environment, status, None, Verdict.UNKNOWN, reason, problem or "", self.clock())
             return
-        server = await self._server(environment, status, desktop=flavor.backend == "openstack")
+        started_on = effective_flavor(status, flavor) or flavor  # what runs: the flavor as it started
+        server = await self._server(environment, status, desktop=started_on.backend == "openstack")
         now = self.clock()  # once read: the server's clock ran on while it waited for a slot
         activity = latest_activity(
             server,
@@ -298,7 +300,10 @@ class IdleChecker:
         self, record: EnvironmentRecord, flavor: Flavor, action: Action, decision: Decision, now: datetime.datetime
     ) -> None:
         environment, status = record.environment, record.status
-        gpus = flavor.resources.gpu or int((status.get("backend") or {}).get("allocatedGpus") or 0)
+        # The policy is today's flavor's; what runs, and where it is stopped, the flavor it started on
+        # (status.terms): a flavor moved to another backend since must not stop it on the wrong one.
+        started_on = effective_flavor(status, flavor) or flavor
+        gpus = started_on.resources.gpu or int((status.get("backend") or {}).get("allocatedGpus") or 0)
         saved = gpu_hours_saved(gpus, now, parse_time(status.get("expiresAt")))
         savings = f"; {saved:g} GPU-hours of its lifetime not spent" if saved else ""
         if action is Action.SUSPEND:
@@ -323,7 +328,7 @@ class IdleChecker:
             await post_event(self.context.kube, environment_reference(environment), "Warning", reason, message)
         else:
             reason, message = "IdleStopped", f"stopped: {decision.message}{savings}"
-            outcome = await end(self.context, environment, flavor, status, Phase.STOPPED, reason, message, now)
+            outcome = await end(self.context, environment, started_on, status, Phase.STOPPED, reason, message, now)
             await apply(self.context, environment, outcome)
         log.info("idle.culled", environment=_name(environment), action=str(action), gpu_hours_saved=saved)
 

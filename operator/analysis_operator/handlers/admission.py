@@ -44,9 +44,7 @@ prefixes is replaced, and on update the authorization policy
 
 from __future__ import annotations
 
-import hashlib
 import pathlib
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -61,7 +59,7 @@ from analysis_operator.engine.terms import flavor_for
 from analysis_operator.engine.views import first
 from analysis_operator.handlers.datasets import check_data_access
 from analysis_operator.infra.kopf_patches import Cause, Refused
-from analysis_operator.model.domain import GROUP, LABEL_OWNER, VERSION, Environment, Flavor
+from analysis_operator.model.domain import GROUP, LABEL_OWNER, VERSION, Environment, Flavor, label_text
 from analysis_operator.policy.access import pid_key
 from analysis_operator.policy.identity import owner_refusal, requester
 from analysis_operator.policy.refusal import Refusal
@@ -73,16 +71,6 @@ CREATED_BY = f"{GROUP}/created-by"
 
 MATCH_CONDITIONS = pathlib.Path(__file__).resolve().parents[1] / "match_conditions.yaml"
 DATASET_LABEL_PREFIX = f"dataset.{GROUP}/"
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-_HASHED = "sha256_"  # "_" is never part of a Kubernetes object name: no name reads as a hash
-
-
-def label_text(text: str) -> str:
-    """`text` as a label value or label name: itself when it is one (at most 63 characters of
-    letters, digits, '-', '_', '.'), else sha256_ and the first 56 hex digits of its SHA-256."""
-    if len(text) <= 63 and _LABEL_NAME.match(text):
-        return text
-    return _HASHED + hashlib.sha256(text.encode()).hexdigest()[:56]
 
 
 def dataset_label(dataset: str) -> str:
@@ -124,6 +112,35 @@ def mounted_names(spec: Mapping[str, Any], dataset_pids: Mapping[str, Any]) -> l
     return names
 
 
+# The types the CRD's schema gives the spec fields (crds/analysisenvironments.yaml). The mutating webhook
+# sees a create before the API server checks it against the schema.
+SPEC_TYPES: dict[str, type] = {
+    "owner": str,
+    "flavor": str,
+    "image": str,
+    "datasets": list,
+    "lifetime": str,
+    "budget": str,
+    "sharing": Mapping,
+    "suspend": bool,
+}
+
+
+def misfits(spec: Mapping[str, Any]) -> list[str]:
+    """The spec's fields whose type the schema refuses (pure): a list for spec.flavor, a number for
+    spec.datasets, an entry of spec.datasets that is not an object. A null is no value (the API server
+    drops it)."""
+    wrong = [
+        f"spec.{key}"
+        for key, kind in SPEC_TYPES.items()
+        if spec.get(key) is not None and not isinstance(spec.get(key), kind)
+    ]
+    datasets = spec.get("datasets")
+    if isinstance(datasets, list) and not all(isinstance(entry, Mapping) for entry in datasets):
+        wrong.append("spec.datasets")
+    return wrong
+
+
 def match_conditions() -> dict[str, list[dict[str, str]]]:
     """webhook id -> its matchConditions (match_conditions.yaml), as the chart registers them too."""
     return yaml.safe_load(MATCH_CONDITIONS.read_text())
@@ -151,7 +168,15 @@ async def default_owner(
     A spoofed owner is refused here already, the first step that can answer with a cause (NotOwner,
     spec.owner): the API server's own policy (deploy/authorization/identity-policy.yaml), which
     holds while no replica answers, runs after the mutating webhooks and answers with a sentence only.
-    So is a create the budget has no room for, with every check (see the module's docstring)."""
+    So is a create the budget has no room for, with every check (see the module's docstring).
+
+    A field of the wrong type (a list for spec.flavor, a number for spec.datasets) is left for the
+    schema, which the API server checks after the mutating webhooks: it refuses the create (422)
+    naming the field. Nothing here reads such a field: a webhook's error is a 500 that names none."""
+    wrong = misfits(spec)
+    if wrong:
+        log.info("admission.misfit", environment=f"{namespace}/{name}", fields=wrong)
+        return
     owner = str(spec.get("owner") or "") or requester(userinfo, memo.config.admission)
     refusal = owner_refusal(owner, userinfo, memo.config.admission)
     if refusal is not None:

@@ -89,13 +89,15 @@ async def release_slot(type: str, body: kopf.Body, memo: kopf.Memo, ledger_entri
 
 @kopf.daemon(GROUP, VERSION, BUDGETS, id="budget-accounting", cancellation_timeout=5)
 async def account(name: str, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
-    """Charge the budget's running environments every interval, until the budget is deleted."""
+    """Charge the budget's running environments every interval, until the budget is deleted. Every
+    operator of the cluster runs this for every budget (they are cluster-scoped); each charges and
+    settles only the entries of the namespaces it serves (settings.namespace)."""
     settings: BudgetSettings = memo.config.budgets
     if not settings.enabled:
         return
     while not stopped:  # first tick at once: a new budget shows its numbers without waiting
         try:
-            await charge_budget(memo.budget_gate, memo.reconciler, name, utcnow())
+            await charge_budget(memo.budget_gate, memo.reconciler, name, utcnow(), memo.config.namespace)
         except Exception:  # one failed tick must not end the loop; the next one charges from chargedUntil
             log.exception("budget.charge_failed", budget=name)
         await stopped.wait(settings.charge_interval_seconds)

@@ -11,6 +11,7 @@ from typing import Any
 
 import kopf
 
+from analysis_operator.engine.budget_gate import BudgetGate
 from analysis_operator.engine.data_access import DataAccess, IndexCatalogue, affected, audit
 from analysis_operator.engine.events import post_event
 from analysis_operator.engine.reconciler import Reconciler, utcnow
@@ -78,15 +79,17 @@ async def check_data_access(
 @kopf.on.event(GROUP, VERSION, "facilitygroups")
 @kopf.on.event(GROUP, VERSION, "environmentflavors")
 async def on_catalogue_change(type: str, memo: kopf.Memo, **_: Any) -> None:
-    """A Dataset, group or flavor changed or went: stop the environments that lost access now."""
+    """A Dataset, group or flavor changed or went: stop the environments that lost access now, to
+    data, to a flavor, or to the group budget they run on (its FacilityGroup lost their owner)."""
     if type not in ("MODIFIED", "DELETED"):
         return  # something new grants, never withdraws
     moment = utcnow()
     reconciler: Reconciler = memo.reconciler
     catalogue: IndexCatalogue = memo.access.catalogue
+    gate: BudgetGate = memo.budget_gate
     viewers = getattr(memo, "viewers", None)  # with the gateway on: open connections of people refused now
     for record in list(values(reconciler.environments)):
-        if affected(record, reconciler.flavors, catalogue, moment):
+        if affected(record, reconciler.flavors, catalogue, moment) or gate.withdrawn(record):
             await reconciler.reconcile(record, moment)
         elif viewers is not None and affected_by_catalogue(record):  # who may open it may have changed
             viewers.soon(record.environment.namespace, record.environment.name)

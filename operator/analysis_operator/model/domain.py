@@ -10,6 +10,7 @@ import datetime
 import decimal
 import enum
 import functools
+import hashlib
 import math
 import re
 from collections.abc import Mapping
@@ -28,6 +29,18 @@ MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER}"  # the same, as a label selec
 LABEL_ENVIRONMENT = f"{GROUP}/environment"
 LABEL_ENVIRONMENT_UID = f"{GROUP}/environment-uid"
 LABEL_OWNER = f"{GROUP}/owner"
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_HASHED = "sha256_"  # "_" is never part of a Kubernetes object name: no name reads as a hash
+
+
+def label_text(text: str) -> str:
+    """`text` as a label value or label name: itself when it is one (at most 63 characters of
+    letters, digits, '-', '_', '.'), else sha256_ and the first 56 hex digits of its SHA-256."""
+    if len(text) <= 63 and _LABEL_NAME.match(text):
+        return text
+    return _HASHED + hashlib.sha256(text.encode()).hexdigest()[:56]
+
+
 # Set on environments whose backend lives outside Kubernetes (slurm, openstack):
 # it makes kopf add a finalizer, so the job or VM is removed before the object goes.
 LABEL_BACKEND = f"{GROUP}/backend"

@@ -321,6 +321,7 @@ def charge(
     warning_percent: float,
     paused: Collection[str] = (),
     held: Mapping[str, Held] | None = None,
+    foreign: Collection[str] = (),
 ) -> Charge:
     """One accounting tick. `ended` maps the uid of every ledger entry whose environment no longer
     holds resources to when it stopped (None: unknown, e.g. deleted: charged until now). Entries are
@@ -328,10 +329,14 @@ def charge(
     entries (suspended environments, Slurm jobs still queued, VMs not yet ACTIVE) keep their slot,
     so resuming never fails, but are not charged. `held` overrides the flavor's resources with what
     the backend reports (Slurm's allocation, the Nova flavor), charged from no earlier than `since`
-    (the job's start time), so the hours agree with the facility's own accounting."""
+    (the job's start time), so the hours agree with the facility's own accounting. `foreign` entries
+    are another operator's to charge, settle and stop (environments in namespaces this one does not
+    serve): kept as they are, but for a new period, which forgets their usage before it too."""
     status = dict(budget.status)
     settled = {key: float((status.get("settled") or {}).get(key) or 0) for key in RESOURCES}
     held = held or {}
+    start = period_start(budget.reset, now)
+    new_period = start is not None and status.get("periodStart") != format_time(start)
 
     def end(uid: str) -> datetime.datetime:
         return min(now, ended.get(uid) or now)
@@ -343,21 +348,25 @@ def charge(
         since = held[uid].since
         if since is not None and entry.get("heldSince") != format_time(since):
             # First tick of this job: charge from its start, also back over the ticks that still saw
-            # it queued (paused, so nothing was charged for that time).
-            view.update(chargedUntil=format_time(min(since, now)), heldSince=format_time(since))
+            # it queued (paused, so nothing was charged for that time); not back into a past period
+            # (another operator may have started this one already, see _from_period).
+            begin = max(min(since, now), start) if start is not None else min(since, now)
+            view.update(chargedUntil=format_time(begin), heldSince=format_time(since))
         return view
 
+    ours = {uid: entry for uid, entry in budget.entries.items() if uid not in foreign}
+    others = {uid: dict(entry) for uid, entry in budget.entries.items() if uid in foreign}
     entries = {
         uid: {**entry, "chargedUntil": format_time(now)} if uid in paused else backend_view(uid, dict(entry))
-        for uid, entry in budget.entries.items()
+        for uid, entry in ours.items()
     }
-    start = period_start(budget.reset, now)
-    if start is not None and status.get("periodStart") != format_time(start):
+    if start is not None and new_period:
         # Usage up to the boundary belonged to the old period, which is forgotten.
         entries = {
             uid: {**_charged(entry, min(start, end(uid))), "cpuHours": 0.0, "gpuHours": 0.0}
             for uid, entry in entries.items()
         }
+        others = {uid: _from_period(entry, start) for uid, entry in others.items()}
         settled = dict.fromkeys(RESOURCES, 0.0)
         status.update(periodStart=format_time(start), warned={})
     entries = {uid: _charged(entry, end(uid)) for uid, entry in entries.items()}
@@ -365,13 +374,28 @@ def charge(
         entry = entries.pop(uid, None)
         if entry is not None:
             settled = {key: round(settled[key] + float(entry.get(key) or 0), 9) for key in RESOURCES}
-    status.update(environments=entries, settled=settled)
+    status.update(environments={**entries, **others}, settled=settled)
     charged = Budget(**{**budget.__dict__, "status": status})
-    return _exhaustion(charged, summarize(charged, status, now), now, warning_percent)
+    return _exhaustion(charged, summarize(charged, status, now), now, warning_percent, foreign)
 
 
-def _exhaustion(budget: Budget, status: dict[str, Any], now: datetime.datetime, warning_percent: float) -> Charge:
-    """Which running environments must stop now, and the warnings due once per period."""
+def _from_period(entry: Mapping[str, Any], start: datetime.datetime) -> dict[str, Any]:
+    """Another operator's entry at a new period: its usage forgotten, and charged on from the boundary
+    at the earliest (whatever its operator charges next is of the new period)."""
+    charged_until = parse_time(entry.get("chargedUntil"))
+    moved = {"chargedUntil": format_time(start)} if charged_until is None or charged_until < start else {}
+    return {**entry, **moved, "cpuHours": 0.0, "gpuHours": 0.0}
+
+
+def _exhaustion(
+    budget: Budget,
+    status: dict[str, Any],
+    now: datetime.datetime,
+    warning_percent: float,
+    foreign: Collection[str] = (),
+) -> Charge:
+    """Which running environments must stop now (not `foreign` ones: their operator stops them), and
+    the warnings due once per period."""
     events: list[tuple[str, str, str]] = []
     warned = dict(status.get("warned") or {})
     percent = budget.warning_percent if budget.warning_percent is not None else warning_percent
@@ -392,6 +416,8 @@ def _exhaustion(budget: Budget, status: dict[str, Any], now: datetime.datetime, 
     status["warned"] = warned
     stop, reason = [], ""
     for uid, entry in budget.entries.items():
+        if uid in foreign:
+            continue
         over = spent(budget, float(entry.get("cpus") or 0), int(entry.get("gpus") or 0), now)
         if over is not None:
             stop.append(uid)
