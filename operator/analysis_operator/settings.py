@@ -143,6 +143,11 @@ class GatewaySettings:
     url: str = "https://analysis.example.org"  # the public URL of that Gateway: what browsers open
     hostname: str = ""  # the HTTPRoutes' hostname ("" = any the listener accepts)
     path_prefix: str = "/env"  # environments live at <url><path_prefix>/<namespace>/<name>/
+    # One browser origin per environment: set (e.g. env.facility.eu, served by the Gateway's listener
+    # with a *.env.facility.eu certificate), each environment is at <label>.<environment_domain>, same
+    # path (policy/opening.environment_host), and the portal sets the session cookie with
+    # Domain=<environment_domain>. "" = every environment under the host of `url` (one origin for all).
+    environment_domain: str = ""
     # Forward-auth: the gateway asks the operator here whether a request may pass.
     auth_listen_address: str = "0.0.0.0"
     auth_port: int = 9100

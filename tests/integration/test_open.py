@@ -345,3 +345,49 @@ def test_ready_means_the_gateway_already_serves_the_route(opened, directory, env
     code, headers, _ = opened.request(f"/env/{namespace}/burst-0/lab", headers={PROBE_HEADER: signature})
     assert (code, headers.get("X-Analysis-Reason"), headers.get(PROBE_HEADER)) == (403, "ProbeAnswered", uid)
     assert "Authorization" not in headers
+
+
+def test_with_an_environment_domain_each_environment_is_opened_on_its_own_host_only(
+    opened, operator, directory, environments, core, custom, namespace
+):
+    """gateway.environment_domain: each environment has a browser origin of its own. The owner opens it on
+    its own host (the route names it; the operator's probe asks on it, so it is Ready at once); its path
+    asked on another environment's host, another environment's path on its host, and what a page of
+    another environment's host sends are refused at the gateway."""
+    with operator.configured(ANALYSIS_OPERATOR_GATEWAY_ENVIRONMENT_DOMAIN="localhost"):
+        environments.create("lab", flavor="jupyter-basic", lifetime="1h")
+        ready = environments.wait_phase("lab", "Ready")
+        port = urllib.parse.urlsplit(opened.url).port
+        own, other = f"3-lab-{namespace}.localhost", f"4-demo-{namespace}.localhost"  # "demo": another's
+        base = f"/env/{namespace}/lab/"
+        assert ready["status"]["connection"]["url"] == f"http://{own}:{port}{base}lab"
+        assert route(custom, namespace, "lab")["spec"]["hostnames"] == [own]
+        closed = custom.get_namespaced_custom_object(*GATEWAY_API, namespace, "httproutes", "aenv-closed")
+        assert closed["spec"]["hostnames"] == ["*.localhost"]
+
+        with Netns(core.read_namespaced_pod("aenv-lab", namespace).status.pod_ip) as pod:
+            pod.echo_server(8888)
+            status, _, body = served(opened, base + "api/status", "alice", Host=own)
+            assert status == 200 and json.loads(body)["headers"]["X-Forwarded-User"] == "alice"
+            own_page = {"Host": own, "Origin": f"http://{own}:{port}"}
+            status, _, body = opened.request(base + "api/contents", "alice", own_page, method="POST")
+            assert status == 200 and json.loads(body)["method"] == "POST"
+
+            # its path on another environment's host (the closed page's wildcard takes it): refused
+            status, headers, page = opened.request(base + "api/status", "alice", {"Host": other})
+            assert (status, headers.get("X-Analysis-Reason")) == (404, "WrongHost") and own.encode() in page
+            # another environment's path on its host (a same-origin fetch by its page): refused
+            status, headers, _ = opened.request(f"/env/{namespace}/demo/api/status", "alice", {"Host": own})
+            assert (status, headers.get("X-Analysis-Reason")) == (404, "WrongHost")
+            # what a page of another environment's host sends: refused
+            other_page = {"Host": own, "Origin": f"http://{other}:{port}"}
+            status, headers, _ = opened.request(base + "api/contents", "alice", other_page, method="POST")
+            assert (status, headers.get("X-Analysis-Reason")) == (403, "CrossSiteRequest")
+            gateway_page = {"Host": own, "Origin": opened.url}  # the gateway's host is no environment's origin now
+            assert opened.request(base + "api/contents", "alice", gateway_page, method="POST")[0] == 403
+            fetch = {"Host": own, "Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "cors"}
+            assert opened.request(base + "api/status", "alice", fetch)[0] == 403
+            link = {"Host": own, "Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "navigate"}
+            assert opened.request(base + "lab", "alice", link)[0] == 200  # a link from there is fine
+            # and the gateway's own host is no environment's any more: no route there
+            assert opened.request(base + "api/status", "alice")[0] == 404

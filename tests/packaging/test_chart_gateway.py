@@ -208,6 +208,16 @@ def test_chart_defaults_are_the_operators_defaults(tmp_path):
     assert differ == {"enabled", "url", "auth_url", "oidc_issuer", "oidc_audience", "oidc_jwks_url"}
 
 
+def test_environment_domain_reaches_the_operator_and_is_off_by_default(tmp_path):
+    """gateway.environmentDomain: one browser origin per environment (README, OPEN); "" as the operator's
+    default, so a chart that does not set it keeps every environment under the host of gateway.url."""
+    assert env_of(render(tmp_path, ENABLED))["ANALYSIS_OPERATOR_GATEWAY_ENVIRONMENT_DOMAIN"] == ""
+    assert settings_of(render(tmp_path, ENABLED)).gateway.environment_domain == ""
+    objects = render(tmp_path, _merge(ENABLED, {"gateway": {"environmentDomain": "env.facility.example.org"}}))
+    assert env_of(objects)["ANALYSIS_OPERATOR_GATEWAY_ENVIRONMENT_DOMAIN"] == "env.facility.example.org"
+    assert settings_of(objects).gateway.environment_domain == "env.facility.example.org"
+
+
 def test_auth_url_default_is_the_charts_service_and_can_be_overridden(tmp_path):
     objects = render(tmp_path, ENABLED)
     service = find(objects, "Service", FULLNAME)
@@ -388,6 +398,9 @@ def test_lint_with_the_gateway_on(tmp_path):
         ({"gateway": {"hostname": "other.example.org"}}, (), "does not match the host of gateway.url"),
         ({"gateway": {"url": "https://analysis.facility.example.org/x"}}, (), "at '/gateway/url'"),  # pathPrefix
         ({"gateway": {"pathPrefix": "env"}}, (), "at '/gateway/pathPrefix'"),
+        ({"gateway": {"environmentDomain": "https://env.example.org"}}, (), "at '/gateway/environmentDomain'"),
+        ({"gateway": {"environmentDomain": "*.env.example.org"}}, (), "at '/gateway/environmentDomain'"),
+        ({"gateway": {"environmentDomain": "Env.example.org"}}, (), "at '/gateway/environmentDomain'"),
         ({"gateway": {"loginUrl": "https://sso.example.org/login?x=1"}}, (), "at '/gateway/loginUrl'"),
         ({"gateway": {"admins": ["a,b"]}}, (), "at '/gateway/admins/0'"),  # joined with commas
         ({"gateway": {"sessionCookie": "a session"}}, (), "at '/gateway/sessionCookie'"),

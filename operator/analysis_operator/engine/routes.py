@@ -10,6 +10,9 @@ holds it). The route's backend is what the backend reported (`Upstream`):
   - a compute node or a VM: an IP address and port, for which a Service without selector
     and an EndpointSlice `aenv-<name>` are made here (the gateway follows those like any
     Service's endpoints).
+With gateway.environment_domain the route also names the environment's own host (its one hostname;
+the namespace's closed page takes `*.<environment_domain>`), and status.connection.url is on that
+host: one browser origin per environment (policy/opening.environment_host).
 Everything carries the environment's labels and an owner reference, so deleting the
 environment removes it; suspend, stop, expiry and revocation remove it at once (`close`).
 
@@ -25,6 +28,7 @@ import hashlib
 import ipaddress
 import json
 import time
+import urllib.parse
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,7 +42,7 @@ from analysis_operator.engine.tokens import read_token
 from analysis_operator.infra.kube import KubeClient, cluster_refusal
 from analysis_operator.infra.per_namespace import PerNamespace
 from analysis_operator.model.domain import LABEL_ENVIRONMENT_UID, MANAGED_SELECTOR, Environment
-from analysis_operator.policy.opening import PROBE_HEADER, base_path, probe_signature
+from analysis_operator.policy.opening import PROBE_HEADER, base_path, environment_host, probe_signature
 from analysis_operator.settings import GatewaySettings
 
 log = structlog.get_logger("analysis_operator.routes")
@@ -115,9 +119,19 @@ class NoRoutes:
 
 
 def public_url(settings: GatewaySettings, environment: Environment, upstream: Upstream) -> str:
+    """What OPEN navigates to: under the gateway's URL, or (gateway.environment_domain) on the
+    environment's own host with that URL's scheme and port."""
     path = base_path(settings.path_prefix, environment.namespace, environment.name)
     landing = upstream.landing.replace("{path}", path.lstrip("/"))
-    return settings.url.rstrip("/") + path + landing
+    return _origin(settings, environment) + path + landing
+
+
+def _origin(settings: GatewaySettings, environment: Environment) -> str:
+    host = environment_host(settings.environment_domain, environment.namespace, environment.name)
+    if not host:
+        return settings.url.rstrip("/")
+    gateway = urllib.parse.urlsplit(settings.url)
+    return f"{gateway.scheme}://{host}" + (f":{gateway.port}" if gateway.port else "")
 
 
 def build_route(settings: GatewaySettings, environment: Environment, upstream: Upstream) -> dict[str, Any]:
@@ -153,7 +167,10 @@ def build_route(settings: GatewaySettings, environment: Environment, upstream: U
             }
         ],
     }
-    if settings.hostname:
+    own_host = environment_host(settings.environment_domain, environment.namespace, environment.name)
+    if own_host:
+        spec["hostnames"] = [own_host]
+    elif settings.hostname:
         spec["hostnames"] = [settings.hostname]
     return {
         "apiVersion": GATEWAY_API,
@@ -226,6 +243,8 @@ def build_closed_route(settings: GatewaySettings, namespace: str) -> dict[str, A
     rule["matches"][0]["path"]["value"] = f"{settings.path_prefix.rstrip('/')}/{namespace}/"
     rule["filters"][0]["extensionRef"]["name"] = CLOSED_PAGE
     del rule["backendRefs"]
+    if settings.environment_domain:  # every environment's own host (an exact one wins over it)
+        route["spec"]["hostnames"] = [f"*.{settings.environment_domain.strip('.').lower()}"]
     route["metadata"] = {
         "name": CLOSED_PAGE,
         "namespace": namespace,
@@ -303,6 +322,9 @@ class GatewayRoutes:
         path = base_path(self._settings.path_prefix, environment.namespace, environment.name)
         url = self._settings.probe_url.rstrip("/") + path + upstream.landing.replace("{path}", path.lstrip("/"))
         headers = {PROBE_HEADER: probe_signature(token or "", environment.uid)}
+        own_host = environment_host(self._settings.environment_domain, environment.namespace, environment.name)
+        if own_host:  # the route matches only its own host (the probe URL is the gateway's Service, say)
+            headers["Host"] = own_host
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_ATTEMPT_SECONDS))
         began, delay, answer = time.monotonic(), 0.05, "nothing"

@@ -11,7 +11,9 @@ decided in memory (kopf's indexes, policy/opening.py) and writes nothing:
     mounted dataset they may not read); or a request another site's page sent (CrossSiteRequest,
     policy/opening.cross_site_refusal), whoever it is from; or the operator's own probe, answered
     here and never passed on (ProbeAnswered);
-  - 404: no such environment; 503: allowed, but it is not running (a page says why).
+  - 404: no such environment; or, with gateway.environment_domain, its path asked on a host that is
+    not its own (WrongHost, policy/opening.wrong_host_refusal); 503: allowed, but it is not running
+    (a page says why).
 Every non-200 answer is a small HTML page saying why (the gateway shows it as it is), with
 the reason in the X-Analysis-Reason header for scripts.
 """
@@ -47,9 +49,11 @@ from analysis_operator.policy.opening import (
     Verdict,
     Viewer,
     cross_site_refusal,
+    environment_host,
     environment_of,
     is_probe,
     may_open,
+    wrong_host_refusal,
 )
 from analysis_operator.settings import GatewaySettings
 
@@ -93,7 +97,9 @@ class Authorizer:
         target = environment_of(self.settings.path_prefix, urllib.parse.unquote(uri.split("?", 1)[0]))
         if target is None:
             return Verdict(404, "NotAnEnvironment", f"{uri or '/'} is not the address of an environment"), {}
-        refusal = cross_site_refusal(headers, self.settings.url)
+        own_host = environment_host(self.settings.environment_domain, *target)
+        refusal = wrong_host_refusal(headers, own_host, *target) if own_host else None
+        refusal = refusal or cross_site_refusal(headers, self.settings.url, own_host)
         if refusal is not None:
             return refusal, {}
         if headers.get(PROBE_HEADER):

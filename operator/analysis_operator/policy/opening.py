@@ -15,6 +15,11 @@ decided here from the environment, the viewer and the catalogue, in this order:
 An allowed viewer then sees the environment only while it is Ready; otherwise a page that
 says which phase it is in and what to do (never a timeout). Before any of this, a request that
 another site's page made a browser send is refused (cross_site_refusal).
+
+With `gateway.environment_domain` set, each environment also has a host of its own,
+`<environment_label>.<environment_domain>` (environment_host), so each is a browser origin of its
+own: a page of one environment is another origin to every other environment, and the forward-auth
+takes an environment's requests only on its own host and from its own origin.
 """
 
 from __future__ import annotations
@@ -38,6 +43,48 @@ _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 def base_path(prefix: str, namespace: str, name: str) -> str:
     """The environment's path under the gateway's URL, with a trailing slash."""
     return f"{prefix.rstrip('/')}/{namespace}/{name}/"
+
+
+def environment_label(namespace: str, name: str) -> str:
+    """The DNS label of an environment's own host: `<len(name)>-<name>-<namespace>` (the length says
+    where the name ends, so no two environments share it: "a--b" in "c" is 4-a--b-c, "a" in "b--c" is
+    1-a-b--c), or, when that is longer than a label may be (63), "h-" and 24 hex digits of the SHA-256
+    of `<namespace>/<name>` (96 bits; never the first form, which starts with a digit). Never "--" in
+    its 3rd and 4th characters (what IDNA reserves), as name and namespace start with a letter or digit."""
+    label = f"{len(name)}-{name}-{namespace}"
+    if len(label) <= 63:
+        return label
+    return "h-" + hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:24]
+
+
+def environment_host(domain: str, namespace: str, name: str) -> str:
+    """The environment's own host under `gateway.environment_domain` ("" = none: every environment is
+    under the gateway's one host)."""
+    return f"{environment_label(namespace, name)}.{domain.strip('.').lower()}" if domain else ""
+
+
+def forwarded_host(headers: Mapping[str, str]) -> str:
+    """The host the browser asked for (X-Forwarded-Host as the gateway sets it), without its port."""
+    host = headers.get("X-Forwarded-Host", "").split(",")[0].strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0].rstrip(".")
+
+
+def wrong_host_refusal(headers: Mapping[str, str], own_host: str, namespace: str, name: str) -> Verdict | None:
+    """A request for an environment's path on a host that is not the environment's own (pure): refused
+    whoever sends it, before anything is looked up. With one host per environment, another environment's
+    host is another origin, whose pages must not reach this environment's server with the viewer's
+    session (a page there could read the answer, being same-origin with it). 404: at that address (host
+    and path) there is no environment; the page names the one where it is."""
+    if forwarded_host(headers) == own_host:
+        return None
+    return Verdict(
+        404,
+        "WrongHost",
+        f"{namespace}/{name} is not served at {forwarded_host(headers)[:100] or 'this host'}: "
+        f"only at its own host, {own_host}",
+    )
 
 
 def environment_of(prefix: str, path: str) -> tuple[str, str] | None:
@@ -221,7 +268,7 @@ def origin_of(url: str) -> str:
     return f"{scheme}://{host}" if port in (None, _DEFAULT_PORTS[scheme]) else f"{scheme}://{host}:{port}"
 
 
-def cross_site_refusal(headers: Mapping[str, str], gateway_url: str) -> Verdict | None:
+def cross_site_refusal(headers: Mapping[str, str], gateway_url: str, own_host: str = "") -> Verdict | None:
     """A request another site's page made a browser send, refused (pure). The gateway hands the server
     its token, so JupyterLab takes every request through it as token-authenticated and skips its own
     XSRF and Origin checks: a page elsewhere could otherwise post to an environment, or open its
@@ -229,12 +276,16 @@ def cross_site_refusal(headers: Mapping[str, str], gateway_url: str) -> Verdict 
     (the origin it was asked on, X-Forwarded-Proto and -Host as the gateway sets them, or that of its
     configured URL, which a TLS-terminating proxy in front of it keeps), and `Sec-Fetch-Site:
     cross-site` unless it is a top-level navigation (GET or HEAD, a link on the portal's site).
-    Requests without these headers (curl, a script with a bearer token) are no browser's: they pass."""
+    Requests without these headers (curl, a script with a bearer token) are no browser's: they pass.
+    With `own_host` (the environment's own host, gateway.environment_domain), its own origin is that
+    host's (with the scheme and port of the gateway's URL, or as it was asked on that host), never the
+    gateway's; and `Sec-Fetch-Site: same-site` is refused like cross-site: every other environment's
+    host is the same site, but another origin."""
     origin = headers.get("Origin")
     if origin is not None:
-        own = {origin_of(gateway_url)}
+        own = {_origin_on(gateway_url, own_host)}
         host = headers.get("X-Forwarded-Host", "").split(",")[0].strip()
-        if host:
+        if host and (not own_host or forwarded_host(headers) == own_host):
             proto = headers.get("X-Forwarded-Proto", "https").split(",")[0].strip()
             own.add(origin_of(f"{proto}://{host}"))
         if origin_of(origin) not in own - {""}:
@@ -244,14 +295,34 @@ def cross_site_refusal(headers: Mapping[str, str], gateway_url: str) -> Verdict 
                 f"refused: a page of {origin[:200]!r} sent this request, and environments take requests only "
                 "from their own pages; open the environment from the facility portal",
             )
-    if headers.get("Sec-Fetch-Site", "").lower() == "cross-site" and not _top_level_navigation(headers):
+    site = headers.get("Sec-Fetch-Site", "").lower()
+    if site == "cross-site" and not _top_level_navigation(headers):
         return Verdict(
             403,
             "CrossSiteRequest",
             "refused: another site's page sent this request, and environments take requests only from their "
             "own pages (another site may only link to them); open the environment from the facility portal",
         )
+    if own_host and site == "same-site" and not _top_level_navigation(headers):
+        return Verdict(
+            403,
+            "CrossSiteRequest",
+            "refused: a page of another host of this site (another environment's, say) sent this request, and "
+            "environments take requests only from their own pages (others may only link to them)",
+        )
     return None
+
+
+def _origin_on(gateway_url: str, host: str) -> str:
+    """The origin of `gateway_url`, or of `host` with that URL's scheme and port."""
+    if not host:
+        return origin_of(gateway_url)
+    try:
+        parts = urllib.parse.urlsplit(gateway_url.strip())
+        port = parts.port
+    except ValueError:
+        return ""
+    return origin_of(f"{parts.scheme}://{host}" + (f":{port}" if port else ""))
 
 
 def _top_level_navigation(headers: Mapping[str, str]) -> bool:
