@@ -15,10 +15,11 @@ from selenium.webdriver.common.by import By
 ARTIFACTS = pathlib.Path(os.environ.get("ANALYSIS_OPERATOR_ARTIFACTS", "/tmp/analysis-operator-artifacts"))
 
 
-def chromium() -> webdriver.Chrome:
+def chromium(*arguments: str) -> webdriver.Chrome:
+    """`arguments`: more of chromium's, e.g. --host-resolver-rules for hosts that only the test knows."""
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900", *arguments):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))

@@ -391,3 +391,107 @@ def test_with_an_environment_domain_each_environment_is_opened_on_its_own_host_o
             assert opened.request(base + "lab", "alice", link)[0] == 200  # a link from there is fine
             # and the gateway's own host is no environment's any more: no route there
             assert opened.request(base + "api/status", "alice")[0] == 404
+
+
+# A page alice's environment serves (her JupyterLab extension, say), opened by bob: it tries to reach
+# bob's own environment with bob's session, every way a page can, and says what it got.
+ATTACK_PAGE = """<!doctype html><html><head><title>working</title></head><body><script>
+const bob = "BOB_ORIGIN/env/NAMESPACE/demo/api/contents";
+const tries = {
+  "bob's path on this host": ["/env/NAMESPACE/demo/api/contents?from-alice-1", {credentials: "include"}],
+  "bob's host, cors POST": [bob + "?from-alice-2", {method: "POST", credentials: "include", body: "x"}],
+  "bob's host, no-cors GET": [bob + "?from-alice-3", {mode: "no-cors", credentials: "include"}],
+  "bob's host, no-cors POST": [bob + "?from-alice-4", {method: "POST", mode: "no-cors", credentials: "include"}],
+};
+(async () => {
+  const results = {};
+  for (const [name, [url, init]] of Object.entries(tries)) {
+    try {
+      const r = await fetch(url, init);
+      results[name] = r.type + " " + r.status + " " + (r.type === "opaque" ? "" : await r.text());
+    }
+    catch (error) { results[name] = "error " + error; }
+  }
+  window.results = results;
+  document.title = "done";
+})();
+</script></body></html>"""
+
+# alice's server: the page above at .../attack.html, what it received as JSON otherwise; bob's: records each
+# request's path and viewer (X-Forwarded-User) to a file, answering like the echo server.
+RECORDING_SERVER = r"""
+import http.server, json, sys
+page, log = open(sys.argv[3]).read().encode() if sys.argv[3] != "-" else b"", sys.argv[4]
+class Handler(http.server.BaseHTTPRequestHandler):
+    def _answer(self):
+        if log != "-":
+            with open(log, "a") as out:
+                out.write(json.dumps([self.path, self.headers.get("X-Forwarded-User")]) + "\n")
+        html = page and self.path.endswith("/attack.html")
+        body = page if html else json.dumps({"path": self.path, "method": self.command}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html" if html else "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_POST = _answer
+    def log_message(self, *arguments):
+        pass
+http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), Handler).serve_forever()
+"""
+
+
+def test_in_a_real_browser_a_page_of_alices_environment_cannot_reach_bobs_with_bobs_session(
+    opened, operator, directory, environments, core, namespace, tmp_path
+):
+    """Bob opens alice's environment (shared with him); a page in it tries to reach bob's own environment
+    (same site, another origin). With gateway.environment_domain nothing of it reaches bob's server."""
+    import sys
+
+    from tests.integration.browser import chromium, diagnosis
+
+    # Under localhost: a trustworthy origin without TLS, so the browser sends Fetch Metadata (Sec-Fetch-Site),
+    # as it does over https; env.localhost is the site, each environment's host an origin of its own.
+    domain = "env.localhost"
+    with operator.configured(ANALYSIS_OPERATOR_GATEWAY_ENVIRONMENT_DOMAIN=domain):
+        environments.create("lab", flavor="jupyter-basic", lifetime="1h", sharing={"users": ["bob"]})
+        environments.create("demo", flavor="jupyter-basic", lifetime="1h", owner="bob")
+        alice_url = environments.wait_phase("lab", "Ready")["status"]["connection"]["url"]
+        bob_url = environments.wait_phase("demo", "Ready")["status"]["connection"]["url"]
+        port = urllib.parse.urlsplit(opened.url).port
+        alice_origin, bob_origin = (
+            f"http://{host}.{domain}:{port}" for host in ("3-lab-" + namespace, "4-demo-" + namespace)
+        )
+        assert alice_url.startswith(alice_origin) and bob_url.startswith(bob_origin)
+        page = tmp_path / "attack.html"
+        page.write_text(ATTACK_PAGE.replace("BOB_ORIGIN", bob_origin).replace("NAMESPACE", namespace))
+        received = tmp_path / "bob-received.jsonl"
+        pods = (core.read_namespaced_pod(f"aenv-{name}", namespace).status.pod_ip for name in ("lab", "demo"))
+        with Netns(next(pods)) as alice_pod, Netns(next(pods)) as bob_pod:
+            alice_pod.run(sys.executable, "-c", RECORDING_SERVER, alice_pod.address, "8888", str(page), "-")
+            bob_pod.run(sys.executable, "-c", RECORDING_SERVER, bob_pod.address, "8888", "-", str(received))
+            alice_pod.wait_listening(8888)
+            bob_pod.wait_listening(8888)
+            alice_host, bob_host = alice_origin.split("//")[1].split(":")[0], bob_origin.split("//")[1].split(":")[0]
+            assert served(opened, f"/env/{namespace}/lab/api/status", "bob", Host=alice_host)[0] == 200
+            assert served(opened, f"/env/{namespace}/demo/x-from-bob", "bob", Host=bob_host)[0] == 200
+            assert json.loads(received.read_text().splitlines()[-1]) == [f"/env/{namespace}/demo/x-from-bob", "bob"]
+
+            driver = chromium(f"--host-resolver-rules=MAP *.{domain} 127.0.0.1")
+            try:
+                # the portal's session cookie for the parent domain, as the README asks of it
+                driver.get(f"{bob_origin}/env/")
+                driver.add_cookie({"name": "aenv_session", "value": opened.token("bob"), "domain": domain, "path": "/"})
+                driver.get(f"{alice_origin}/env/{namespace}/lab/attack.html")
+                wait_for(
+                    lambda: driver.title == "done", timeout=30, what=lambda: f"the page's tries: {diagnosis(driver)}"
+                )
+                results = driver.execute_script("return window.results;")
+            finally:
+                driver.quit()
+        reached = [line for line in received.read_text().splitlines() if "from-alice" in line]
+        assert reached == [], (reached, results)
+        assert (
+            results["bob's path on this host"].startswith("basic 404")
+            and "WrongHost" in results["bob's path on this host"]
+        ), results
