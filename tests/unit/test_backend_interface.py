@@ -28,7 +28,7 @@ from analysis_operator.engine.sweep import due, sweep
 from analysis_operator.engine.views import EnvironmentRecord
 from analysis_operator.infra.kube import KubeError
 from analysis_operator.model.conditions import apply_merge_patch
-from analysis_operator.model.domain import Dataset, DatasetRef, DatasetStorage, Environment, Flavor, Mount
+from analysis_operator.model.domain import Dataset, DatasetRef, DatasetStorage, Environment, Flavor, Mount, parse_time
 from analysis_operator.policy.budgets import Budget
 from analysis_operator.policy.refusal import Refusal
 
@@ -828,7 +828,76 @@ def test_what_an_ended_environment_still_holds_is_removed_by_the_orphan_sweep():
         ("ns", "lab"): [EnvironmentRecord(ENVIRONMENT, status)],
         ("ns", "other"): [EnvironmentRecord(other, ready)],
     }
-    reconciler = Reconciler(context, records, {"mem": [FLAVOR]}, clock=lambda: NOW)
+    # A moment after the end, its stop's own removal may be under way (a pod terminating): left alone.
+    ended_at = parse_time(status["stoppedAt"])
+    soon = Reconciler(context, records, {"mem": [FLAVOR]}, clock=lambda: ended_at + datetime.timedelta(seconds=60))
+    assert asyncio.run(sweep_orphans(soon)) == 0 and "u-1" in backend.running
+    reconciler = Reconciler(
+        context, records, {"mem": [FLAVOR]}, clock=lambda: ended_at + datetime.timedelta(seconds=121)
+    )
     assert asyncio.run(sweep_orphans(reconciler)) == 1
     assert "u-1" not in backend.running and backend.running["u-2"] == "ready"
     assert ("ns", "aenv-lab") not in cluster.secrets
+
+
+class Counting(Cluster):
+    """The Cluster, counting its status writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patches: list[dict] = []
+
+    async def patch_environment_status(self, namespace: str, name: str, status: dict) -> bool:
+        self.patches.append(dict(status))
+        return await super().patch_environment_status(namespace, name, status)
+
+
+def test_an_end_decided_as_the_backend_answers_again_says_it_answers():
+    """The end is written by stop; the BackendReachable condition the converge adds after it (the
+    backend answered again, and its job had ended meanwhile) is written too, not left saying for good
+    that the backend does not answer."""
+    cluster = Counting()
+    backend, context, ready = running_lab(cluster)
+    unreachable = {
+        "type": "BackendReachable",
+        "status": "False",
+        "reason": "BackendUnavailable",
+        "message": "slurmrestd does not answer",
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }
+    status = {**ready, "conditions": [*ready.get("conditions", []), unreachable]}
+    backend.running["u-1"] = "failed"
+    cluster.patches.clear()
+
+    async def scenario():
+        outcome = await converge(context, ENVIRONMENT, status, FLAVOR, NOW)
+        await apply(context, ENVIRONMENT, outcome)
+
+    asyncio.run(scenario())
+    stored = cluster.status[("ns", "lab")]
+    conditions = {c["type"]: c["status"] for c in stored["conditions"]}
+    assert stored["phase"] == "Failed" and conditions["BackendReachable"] == "True", stored
+    assert "u-1" not in backend.running
+
+
+def test_an_end_while_a_quiet_first_status_is_held_is_one_write_with_both():
+    """A quiet first status waits (reconciler.apply) to go out with the next; an end decided meanwhile
+    (idle, a spent budget, a refusal) goes out in the same write, never the end alone first."""
+    import time
+
+    from analysis_operator.engine.converge import end
+    from analysis_operator.model.domain import Phase
+
+    cluster = Counting()
+    backend, context, ready = running_lab(cluster)
+    cluster.patches.clear()
+    context.unwritten["u-1"] = (ENVIRONMENT, {"startedAt": "2026-01-01T00:00:00Z"}, time.monotonic() + 15)
+
+    async def scenario():
+        outcome = await end(context, ENVIRONMENT, FLAVOR, ready, Phase.STOPPED, "IdleStopped", "idle", NOW)
+        await apply(context, ENVIRONMENT, outcome)
+
+    asyncio.run(scenario())
+    assert len(cluster.patches) == 1, cluster.patches
+    assert cluster.patches[0]["phase"] == "Stopped" and cluster.patches[0]["startedAt"] == "2026-01-01T00:00:00Z"
+    assert "u-1" not in context.unwritten and "u-1" not in backend.running

@@ -303,6 +303,20 @@ def test_the_vm_uses_an_account_only_with_the_owners_uid(tmp_path, image_uid, us
     assert mark.exists() != desktop
     if image_uid == "1000":
         assert "account alice exists in this image with uid 1000, not 20001" in mark.read_text()
+    # The desktop password goes to the account only where it was not refused (the image's own account
+    # may have sudo); the credentials file goes either way.
+    (bin_dir / "chpasswd").write_text(f"#!/bin/sh\ncat > {tmp_path / 'set'}\n")
+    (bin_dir / "chpasswd").chmod(0o755)
+    credentials = tmp_path / "desktop-credentials"
+    credentials.write_text("alice:tok")
+    password = next(c for c in desktop_of(ALICE)["runcmd"] if c[:2] == ["sh", "-c"] and "chpasswd" in c[2])
+    script = (
+        password[2]
+        .replace("/etc/analysis-environment/no-desktop", str(mark))
+        .replace("/etc/analysis-environment/desktop-credentials", str(credentials))
+    )
+    subprocess.run(["sh", "-c", script], env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, check=True)
+    assert (tmp_path / "set").exists() == desktop and not credentials.exists()
 
 
 def test_the_desktop_does_not_start_where_the_account_was_refused():

@@ -29,7 +29,12 @@ from analysis_operator.engine.terms import build_terms, effective_flavor
 from analysis_operator.engine.tokens import delete_token, ensure_token
 from analysis_operator.infra import metrics
 from analysis_operator.infra.kube import KubeClient, cluster_refusal
-from analysis_operator.model.conditions import build_condition, build_transition, merge_conditions
+from analysis_operator.model.conditions import (
+    build_condition,
+    build_transition,
+    compose_merge_patches,
+    merge_conditions,
+)
 from analysis_operator.model.domain import (
     Environment,
     Flavor,
@@ -334,8 +339,16 @@ async def stop(
     outcome = _with_routable(outcome, environment, status, now, None)
     await _close_route(context, environment, status)  # opened again by a converge if the end is not written
     if outcome.status is not None:
-        await context.write_status(environment, outcome.status)
-        outcome = replace(outcome, written=True)
+        # With a quiet first status still held (reconciler.apply), in the same write: one, not two.
+        held = context.unwritten.pop(environment.uid, None)
+        end = outcome.status if held is None else compose_merge_patches(held[1], outcome.status)
+        try:
+            await context.write_status(environment, end)
+        except BaseException:
+            if held is not None:
+                context.unwritten[environment.uid] = held
+            raise
+        outcome = replace(outcome, status=end, written=True)
     try:
         if backend is not None:
             await backend.delete(environment)
@@ -622,7 +635,7 @@ def _reachable_again(
     )
     patch = dict(outcome.status or {})
     patch["conditions"] = merge_conditions(patch.get("conditions") or status.get("conditions"), condition)
-    return replace(outcome, status=patch)
+    return replace(outcome, status=patch, written=False)  # an end stop wrote lacks the condition: written again
 
 
 async def _observed(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+from collections.abc import Mapping
+from typing import Any
 
 import structlog
 
@@ -22,10 +24,14 @@ from analysis_operator.model.domain import (
     Phase,
     format_time,
     is_terminal,
+    parse_time,
 )
 from analysis_operator.policy.budgets import expiry_warning_due
 
 log = structlog.get_logger("analysis_operator.sweep")
+# What an ended environment still holds is the orphan sweep's only once its stop's own removal has had
+# time (a pod's grace period, a Slurm job's cancel): a pod still terminating is no orphan.
+ENDED_GRACE_SECONDS = 120.0
 
 
 def due(record: EnvironmentRecord, flavors: Index, polled: frozenset[str], moment: datetime.datetime) -> bool:
@@ -83,6 +89,11 @@ async def warn_expiring(reconciler: Reconciler, warn_before: float, moment: date
             )
 
 
+def _ended_before(status: Mapping[str, Any], moment: datetime.datetime) -> bool:
+    stopped = parse_time(status.get("stoppedAt"))
+    return stopped is None or stopped < moment
+
+
 async def sweep_orphans(reconciler: Reconciler) -> int:
     """Remove what backends made for environments that no longer exist (deleted while the operator was
     down, or by a user with --cascade=orphan), and their token Secrets. Secrets are not listed: the
@@ -93,12 +104,13 @@ async def sweep_orphans(reconciler: Reconciler) -> int:
     records = {record.environment.uid: record for record in values(reconciler.environments)}
     kube = reconciler.context.kube
     removed = 0
+    settled = reconciler.clock() - datetime.timedelta(seconds=ENDED_GRACE_SECONDS)
     for kind, backend in reconciler.context.backends.items():
         for managed in await backend.list_managed():
             record = records.get(managed.uid)
             ended = record is not None and is_terminal(record.status.get("phase"))  # for good: no lag to wait out
-            if record is not None and not ended:
-                continue
+            if record is not None and not (ended and _ended_before(record.status, settled)):
+                continue  # live, or ended a moment ago: its stop's own removal (a pod terminating) is under way
             # The index may lag; only the API server's answer makes it an orphan.
             if record is None and await kube.environment_exists(managed.namespace, managed.name, managed.uid):
                 continue
