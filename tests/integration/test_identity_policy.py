@@ -1,8 +1,9 @@
 """The identity checks the API server decides itself (deploy/authorization/identity-policy.yaml):
 owner defaulted, a spoofed owner refused, created-by stamped on create; requested-by and filed-by
 of a BudgetRequest checked on create (tests/integration/test_requests_on_behalf.py) and kept on
-update. Attacked with impersonated users (RBAC on), with the operator running (its webhooks answer first, with a machine-readable cause) and with no operator and no
-webhook at all (the policies alone hold). The chart renders the same three policies."""
+update. Attacked with impersonated users (RBAC on), with the operator running (its webhooks
+answer first, with a machine-readable cause) and with no operator and no webhook at all (the
+policies alone hold). The chart renders the same three policies."""
 
 from __future__ import annotations
 
