@@ -75,6 +75,9 @@ class Observation:
     gpus: int = 0
     upstream: Upstream | None = None  # where a gateway reaches it once Ready (None: nowhere)
     attention: bool = False  # it waits on something only a person can fix: told as a Warning Event
+    # its work runs now and holds what its flavor asks, whether or not its server answers (what a
+    # backend charged by the flavor is charged for: accounting); Ready or not
+    runs: bool = False
 
 
 @dataclass(frozen=True)

@@ -227,10 +227,15 @@ def observe_pod(pod: Mapping[str, Any] | None, url: str = "") -> Observation:
         return Observation(State.PENDING, reason, message, reference)
     cpus, gpus = _held_resources(spec)
     if phase == "Running" and conditions.get("Ready", {}).get("status") == "True":
-        return Observation(State.READY, "PodReady", f"JupyterLab is running on {node}", reference, url, cpus, gpus)
+        return Observation(
+            State.READY, "PodReady", f"JupyterLab is running on {node}", reference, url, cpus, gpus, runs=True
+        )
     reason, message = stuck(status)
     attention = reason != "PodStarting"
-    return Observation(State.PROVISIONING, reason, message, reference, "", cpus, gpus, attention=attention)
+    # Running and not Ready: JupyterLab starting, or its server stopped by the owner (`kill -STOP`)
+    # while the rest of the container goes on; not a container that cannot start or keeps crashing
+    runs = phase == "Running" and not attention
+    return Observation(State.PROVISIONING, reason, message, reference, "", cpus, gpus, attention=attention, runs=runs)
 
 
 # What the kubelet says of a container that cannot start, as a reason a person can act on. Its

@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from analysis_operator.backends.base import Backend, BackendUnavailable, Charging, Observation, State
+from analysis_operator.backends.base import Backend, BackendUnavailable, Charging, Observation
 from analysis_operator.engine.budget_gate import BudgetGate
 from analysis_operator.engine.converge import end
 from analysis_operator.engine.events import post_event
@@ -33,9 +33,6 @@ from analysis_operator.model.domain import API_VERSION, Phase, format_time, is_t
 from analysis_operator.policy.budgets import Budget, Charge, Held, charge
 
 log = structlog.get_logger("analysis_operator.accounting")
-
-# The backend's own word for a pod whose containers were started (status.backend.state: the pod's phase).
-POD_RUNNING = "Running"
 
 
 def _backend_of(record: EnvironmentRecord, flavors: Index, backends: Mapping[str, Backend]) -> Backend | None:
@@ -111,20 +108,13 @@ def plan_tick(
 
 
 def runs(observation: Observation | None, status: Mapping[str, Any]) -> bool:
-    """Does an environment charged by its flavor run? Ready; or not Ready with its pod Running and
-    nothing wrong with its container (JupyterLab starting, or its server stopped by the owner, say
-    `kill -STOP`, while the rest of the container goes on): as the backend sees it now, since
-    status.backend.state is written with a change of phase or reason only. Not while the pod waits
-    for a node, pulls its image, or its container cannot start or keeps crashing (the backend asks
-    for a person's attention then). Without an observation (a slot taken since they were read):
-    Ready, as its status says."""
+    """Does an environment charged by its flavor run? As its backend sees it now (Observation.runs:
+    a pod Ready, or Running with nothing wrong with its container), since status.backend.state is
+    written with a change of phase or reason only. Without an observation (a slot taken since they
+    were read): Ready, as its status says."""
     if observation is None:
         return status.get("phase") == Phase.READY.value
-    return observation.state is State.READY or (
-        observation.state is State.PROVISIONING
-        and observation.reference.get("state") == POD_RUNNING
-        and not observation.attention
-    )
+    return observation.runs
 
 
 def _ready_since(status: Mapping[str, Any]) -> datetime.datetime | None:
