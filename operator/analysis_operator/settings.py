@@ -39,8 +39,9 @@ class SlurmSettings:
     owner_prefix: str = ""
     owner_suffix: str = ""
     refused_accounts: tuple[str, ...] = ("root", "slurm")  # never submit as these (nor as `user`)
-    # Per user ("{user}" is replaced by the job's account); holds output and the datasets' links.
-    working_directory: str = "/tmp"
+    # Per user ("{user}" is replaced by the job's account): the job's HOME, its output and the datasets'
+    # links. Each user's own (owned by them, mode 0700): the batch script refuses any other.
+    working_directory: str = "/home/{user}/analysis-environments"
     # What the batch script starts: one command and its arguments, exec'd (as `exec <command>`).
     jupyter_command: str = "jupyter lab"
     job_path: str = "/usr/local/bin:/usr/bin:/bin"  # PATH in the job (a job's environment is the operator's)
@@ -50,6 +51,24 @@ class SlurmSettings:
     port_max: int = 32767
     node_domain: str = ""  # appended to Slurm's node name for the URL ("" = as is)
     executor_workers: int = 4
+
+    def working_directory_problem(self) -> str | None:
+        """Why jobs cannot be submitted with `working_directory` (None if they can).
+
+        It is the job's HOME, where Python and JupyterLab run what they find (user site-packages,
+        Jupyter and IPython config and startup files): per user (jobs run as their owner), a
+        directory without {user} would be every user's HOME, and one user's files would run as
+        the next."""
+        directory = self.working_directory
+        if not directory.startswith("/"):
+            return f"slurm.working_directory {directory!r} is not an absolute path"
+        if self.jwt_key_file and "{user}" not in directory:
+            return (
+                f"slurm.working_directory {directory!r} has no {{user}}: jobs run as their owners, and each "
+                "needs a directory of their own (HOME, job output, dataset links), e.g. "
+                "/home/{user}/analysis-environments; set ANALYSIS_OPERATOR_SLURM_WORKING_DIRECTORY"
+            )
+        return None
 
 
 @dataclass(frozen=True)

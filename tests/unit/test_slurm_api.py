@@ -213,6 +213,27 @@ def test_a_cancelled_job_is_read_with_its_exit(version):
 
 
 @pytest.mark.parametrize("version", ALL)
+@pytest.mark.parametrize("status", [0, 1, 78])
+def test_a_job_that_exited_is_read_with_its_scripts_exit_status(version, status):
+    """The batch script's own status (78: its HOME was not private), from v0.0.38's wait(2) status
+    or the newer versions' exit_code object; none for a signalled job (the cancelled one)."""
+    _, body = answer(version, "job-cancelled")
+    (cancelled,) = dialect(version).parse_jobs(body)
+    assert cancelled.exit_status is None
+    raw = body["jobs"][0]
+    if version == "v0.0.38":
+        raw["exit_code"] = status << 8
+    else:
+        raw["exit_code"] = {
+            "status": ["SUCCESS" if status == 0 else "ERROR"],
+            "return_code": {"set": True, "infinite": False, "number": status},
+            "signal": {"id": {"set": False, "infinite": False, "number": 0}, "name": ""},
+        }
+    (job,) = dialect(version).parse_jobs(body)
+    assert job.exit_status == status
+
+
+@pytest.mark.parametrize("version", ALL)
 def test_the_queue_is_read(version):
     _, body = answer(version, "jobs")
     jobs = dialect(version).parse_jobs(body)

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from analysis_operator.backends import slurm
-from analysis_operator.backends.base import Launch, State, Upstream
+from analysis_operator.backends.base import BackendUnavailable, Launch, State, Upstream
 from analysis_operator.backends.slurm import (
     JUPYTER_FLAGS,
     TOKEN_ENV_NAME,
@@ -416,6 +416,13 @@ RUNNING_WITH_ENDPOINT = SlurmJob(
         (slurm_job(state="CONFIGURING"), False, State.PROVISIONING, "JupyterStarting"),
         (slurm_job(state="TIMEOUT", reason="TimeLimit"), False, State.EXPIRED, "TimeLimit"),
         (slurm_job(state="FAILED", reason="NonZeroExitCode"), False, State.FAILED, "JobFailed"),
+        (slurm_job(state="FAILED", reason="NonZeroExitCode", exit_status=1), False, State.FAILED, "JobFailed"),
+        (
+            slurm_job(state="FAILED", reason="NonZeroExitCode", exit_status=slurm.HOME_NOT_PRIVATE_EXIT),
+            False,
+            State.FAILED,
+            "WorkingDirectoryNotPrivate",
+        ),
         (slurm_job(state="CANCELLED"), False, State.FAILED, "JobCancelled"),
         (slurm_job(state="NODE_FAIL"), False, State.FAILED, "JobNodeFail"),
         (slurm_job(state="OUT_OF_MEMORY"), False, State.FAILED, "JobOutOfMemory"),
@@ -1036,3 +1043,107 @@ def test_a_cancelled_batch_job_stops_its_server_and_removes_its_directory(tmp_pa
     assert process.wait(timeout=10) == 0
     assert ended.read_text() == "term\n"
     assert aenv_dirs(tmp_path) == []
+
+
+# ---------------------------------------------------------------- a job's HOME is its owner's alone
+
+
+@pytest.mark.parametrize(
+    "settings, problem",
+    [
+        (PER_USER, None),
+        (SlurmSettings(jwt_key_file="/etc/slurm/jwt.key"), None),  # the default has {user}
+        (dataclasses.replace(PER_USER, working_directory="/tmp"), "has no {user}"),
+        (dataclasses.replace(PER_USER, working_directory="/scratch/shared/aenv"), "has no {user}"),
+        (dataclasses.replace(PER_USER, working_directory="scratch/{user}"), "not an absolute path"),
+        (SETTINGS, None),  # single-token mode: every job is the one account's
+    ],
+)
+def test_per_user_jobs_need_a_working_directory_of_their_own(settings, problem):
+    found = settings.working_directory_problem()
+    assert (found is None) if problem is None else (problem in found and "slurm.working_directory" in found)
+    assert "{user}" in SlurmSettings().working_directory
+
+
+def test_a_working_directory_shared_by_users_submits_nothing_and_says_which_setting(tmp_path):
+    backend = per_user_backend([], tmp_path)
+    backend.settings = dataclasses.replace(backend.settings, working_directory="/tmp")
+    with pytest.raises(BackendUnavailable, match=r"slurm\.working_directory '/tmp' has no \{user\}"):
+        asyncio.run(backend.ensure(Launch(make_environment(), make_flavor(), "t")))
+    with pytest.raises(BackendUnavailable, match=r"slurm\.working_directory"):
+        asyncio.run(backend.ping())
+    assert backend.client.submitted == []
+
+
+NOBODY = 65534  # a uid neither root's nor the job's (the tests run as root: they give files away)
+
+
+def make_home(tmp_path, layout: str) -> str:
+    """A job's HOME (tmp_path/parent/alice) laid out as `layout` says."""
+    parent = tmp_path / "parent"
+    parent.mkdir(mode=0o755)
+    home = parent / "alice"
+    if layout == "link to a private directory":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        home.symlink_to(tmp_path / "elsewhere")
+    elif layout != "missing":
+        home.mkdir(mode=0o700)
+    changes = {
+        "world-writable": (home, 0o777, None),
+        "group-writable": (home, 0o770, None),
+        "someone else's": (home, 0o700, NOBODY),
+        "parent world-writable": (parent, 0o777, None),
+        "parent world-writable, sticky": (parent, 0o1777, None),
+        "parent someone else's": (parent, 0o755, NOBODY),
+    }
+    if layout in changes:
+        path, mode, owner = changes[layout]
+        os.chmod(path, mode)
+        if owner is not None:
+            os.chown(path, owner, -1)
+    return str(home)
+
+
+@pytest.mark.parametrize(
+    "layout, starts",
+    [
+        ("private", True),
+        ("missing", True),  # made, private
+        ("parent world-writable, sticky", True),  # as /tmp: no one else can move it away
+        ("world-writable", False),
+        ("group-writable", False),
+        ("someone else's", False),
+        ("link to a private directory", False),  # its owner could point it elsewhere later
+        ("parent world-writable", False),  # anyone could move it away and put theirs there
+        ("parent someone else's", False),
+    ],
+)
+def test_the_batch_script_starts_jupyterlab_only_in_a_home_of_the_jobs_own(tmp_path, layout, starts):
+    """The real script with bash: Python and JupyterLab run what a HOME holds (usercustomize.py, Jupyter
+    and IPython startup files), so a HOME someone else can write to, or put in place, starts nothing;
+    the script ends with its own status (the environment's reason), saying why."""
+    home = make_home(tmp_path, layout)
+    started = tmp_path / "started"
+    settings = SlurmSettings(working_directory=home, jupyter_command=f"touch {started} # $JUPYTER_PORT")
+    job = build_job_request(make_environment(), make_flavor(), settings)
+    script = build_batch_script(make_environment(), make_flavor(), TOKEN_ENV_NAME, settings)
+    variables = {**job.environment, TOKEN_ENV_NAME: "t0ken", "TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(["bash", "-c", script], env=variables, capture_output=True, text=True, timeout=30)
+    if starts:
+        assert result.returncode == 0 and started.exists(), result.stderr
+        assert os.stat(home).st_uid == os.geteuid() and os.stat(home).st_mode & 0o077 == 0
+    else:
+        assert result.returncode == slurm.HOME_NOT_PRIVATE_EXIT and not started.exists(), result.stderr
+        assert f"refusing to start JupyterLab: the working directory {home} (HOME) must be" in result.stderr
+
+
+def test_a_job_that_refused_its_home_says_whose_and_where():
+    job = slurm_job(
+        state="FAILED",
+        user_name="alice",
+        standard_output="/tmp/aenv-alice/team-a.aenv-lab.x.%j.out",
+        exit_status=slurm.HOME_NOT_PRIVATE_EXIT,
+    )
+    observation = build_observation(job, False)
+    assert observation.reason == "WorkingDirectoryNotPrivate"
+    assert "did not start JupyterLab: /tmp/aenv-alice (its HOME) is not alice's alone" in observation.message

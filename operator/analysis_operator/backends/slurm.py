@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import posixpath
 import re
 import secrets
 import time
@@ -99,6 +100,9 @@ JUPYTER_FLAGS = (
 )
 
 _TOKEN_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# The batch script's exit status when the job's HOME is not its owner's alone (sysexits' EX_CONFIG):
+# JupyterLab was not started there.
+HOME_NOT_PRIVATE_EXIT = 78
 
 # Slurm job states that still hold, or will hold, resources on the cluster.
 ACTIVE_STATES = frozenset(
@@ -313,6 +317,7 @@ def build_batch_script(
         token_env_name=token_env_name,
         modules=list(flavor.slurm.modules),
         jupyter_command=build_jupyter_command(settings),
+        home_not_private_exit=HOME_NOT_PRIVATE_EXIT,
         extension_module=jupyter.MODULE,
         extension_source=jupyter.extension_source(),
         extension_config=jupyter.CONFIG,
@@ -383,6 +388,18 @@ def build_observation(
             message=f"Slurm job {job_id} was cancelled for the suspend; resuming submits a new one",
         )
     detail = f"Slurm job {job_id} ended {state} (reason {slurm_reason}, exit code {job.exit_code or 'unknown'})"
+    if state == "FAILED" and job.exit_status == HOME_NOT_PRIVATE_EXIT:
+        directory = posixpath.dirname(job.standard_output) or "its working directory"
+        return Observation(
+            State.FAILED,
+            reason="WorkingDirectoryNotPrivate",
+            reference=reference,
+            message=(
+                f"Slurm job {job_id} did not start JupyterLab: {directory} (its HOME) is not {job.user_name}'s "
+                "alone (it must be their own directory, not a link, not writable by group or others, below "
+                "directories no one else can write to); ask the cluster's administrators (slurm.working_directory)"
+            ),
+        )
     if state == "TIMEOUT":
         return Observation(State.EXPIRED, reason="TimeLimit", reference=reference, message=detail)
     return Observation(State.FAILED, reason=f"Job{_camel(state)}", reference=reference, message=detail)
@@ -566,7 +583,9 @@ class SlurmBackend:
 
     async def ping(self) -> None:
         """Raise BackendUnavailable unless slurmrestd and slurmctld answer: by what the ping says, not
-        its status code (slurmrestd 25.05 answers 200 when no controller responded, or with a bad token)."""
+        its status code (slurmrestd 25.05 answers 200 when no controller responded, or with a bad token);
+        nor with settings no job can be submitted with."""
+        self._check_settings()
         ping = await self.client.ping()
         if not ping.responding:
             raise BackendUnavailable(
@@ -589,10 +608,18 @@ class SlurmBackend:
     def _key(self) -> bytes | None:
         return self.credentials.purpose_key("jobs")
 
+    def _check_settings(self) -> None:
+        """Raise BackendUnavailable, naming the setting, for settings no job is submitted with (as for an
+        unreadable key): environments wait with the reason until the site fixes them."""
+        problem = self.settings.working_directory_problem()
+        if problem:
+            raise BackendUnavailable(problem)
+
     async def _submit(self, launch: Launch) -> Observation:
         """A new job, whose TimeLimit is at most what is left of the environment's lifetime: a job
         submitted at a resume does not run a whole lifetime past expiresAt if the operator is away then."""
         environment, flavor = launch.environment, launch.flavor
+        self._check_settings()
         now = datetime.datetime.now(datetime.UTC)
         remaining = launch.expires_at - now if launch.expires_at is not None else None
         try:

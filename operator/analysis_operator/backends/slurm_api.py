@@ -179,6 +179,7 @@ class SlurmJob:
     start_time: int = 0  # seconds since the epoch; 0: not started (or not known)
     time_limit: int = 0  # minutes; 0: none
     exit_code: str = ""  # for people: "0", "1", "SIGNALED TERM"
+    exit_status: int | None = None  # the batch script's own exit status; None: signalled, or not known
     tres_alloc_str: str = ""
     tres_per_node: str = ""
     gres_detail: tuple[str, ...] = ()
@@ -447,10 +448,19 @@ class DialectV0038(Dialect):
             start_time=_plain_number(raw, "start_time", where),
             time_limit=_plain_number(raw, "time_limit", where),
             exit_code=_text(raw, "exit_code"),
+            exit_status=_wait_status_exit(raw.get("exit_code")),
             tres_alloc_str=tres_alloc,
             tres_per_node=_text(raw, "tres_per_node"),
             gres_detail=details,
         )
+
+
+def _wait_status_exit(value: Any) -> int | None:
+    """The exit status in v0.0.38's `exit_code`, a wait(2) status as slurmctld keeps it (None if
+    the job was signalled, or there is none)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value & 0x7F:
+        return None
+    return (value >> 8) & 0xFF
 
 
 def _plain_number(raw: Mapping[str, Any], key: str, where: str) -> int:
@@ -549,6 +559,13 @@ class DialectV004x(Dialect):
         code = self._no_val(value, "return_code", where)
         return f"{status} {code}".strip() if code is not None else status
 
+    def _exit_status(self, raw: Mapping[str, Any], where: str) -> int | None:
+        """The return code in `exit_code` when the job exited (not signalled; status ERROR or SUCCESS)."""
+        value = raw.get("exit_code")
+        if not isinstance(value, Mapping) or "SIGNALED" in (value.get("status") or ()):
+            return None
+        return self._no_val(value, "return_code", where)
+
     def parse_job(self, raw: Mapping[str, Any]) -> SlurmJob:
         job_id = _require(raw, "job_id", int, f"{self.version} job")
         where = f"{self.version} job {job_id}"
@@ -573,6 +590,7 @@ class DialectV004x(Dialect):
             start_time=self._no_val(raw, "start_time", where) or 0,
             time_limit=self._no_val(raw, "time_limit", where) or 0,
             exit_code=self._exit_code(raw, where),
+            exit_status=self._exit_status(raw, where),
             tres_alloc_str=tres_alloc,
             tres_per_node=_text(raw, "tres_per_node"),
             gres_detail=details,

@@ -10,14 +10,16 @@ import ipaddress
 import json
 import os
 import pathlib
+import pwd
 import re
+import shutil
 import signal
 import socket
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -167,6 +169,54 @@ def test_jupyterlab_answers_at_the_nodes_address_under_the_base_url_only_with_th
     with pytest.raises(urllib.error.HTTPError) as elsewhere:
         urllib.request.urlopen(f"http://{upstream.address}:{upstream.port}/api/status", timeout=5)
     assert elsewhere.value.code == 404
+
+
+@pytest.fixture
+def homes_below(slurm_settings) -> Iterator[pathlib.Path]:
+    """A directory of root's (0755) next to the stack's working directories, for HOMEs a test lays out;
+    removed afterwards with whatever the jobs left."""
+    root = pathlib.Path(slurm_settings.working_directory).parent / f"homes-{os.urandom(4).hex()}"
+    root.mkdir(mode=0o755)
+    yield root
+    shutil.rmtree(root)
+
+
+@pytest.mark.parametrize(
+    "owner, mode, starts",
+    [("alice", 0o700, True), ("bob", 0o777, False), ("alice", 0o777, False)],
+    ids=["alices-own", "bobs-open-to-all", "alices-open-to-all"],
+)
+def test_jupyterlab_starts_only_in_a_home_of_the_users_own(
+    slurm_settings, make_environment, homes_below, owner, mode, starts
+):
+    """alice's job on a node where her working directory (the job's HOME) is not hers alone: bob has
+    put a jupyter_server config there that would run as alice when her JupyterLab starts. The job
+    starts nothing and the environment fails with the reason; in a HOME of her own it goes Ready."""
+    home = homes_below / "alice"
+    home.mkdir()
+    planted = home / ".jupyter" / "jupyter_server_config.py"
+    planted.parent.mkdir(mode=0o777)
+    ran = home / "planted-code-ran"
+    planted.write_text(f"open({str(ran)!r}, 'w').write('as alice')\n")
+    user = pwd.getpwnam(owner)
+    for path in (home, planted.parent, planted):
+        os.chown(path, user.pw_uid, user.pw_gid)
+    os.chmod(home, mode)
+    backend = SlurmBackend(dataclasses.replace(slurm_settings, working_directory=f"{homes_below}/{{user}}"))
+    environment = make_environment(owner="alice")
+
+    assert (
+        asyncio.run(backend.ensure(Launch(environment, make_flavor(partition="debug"), TOKEN))).state == State.PENDING
+    )
+    if starts:
+        wait_for_state(backend, environment, {State.READY}, timeout=60)
+        return
+    failed = wait_for_state(backend, environment, {State.FAILED, State.READY}, timeout=60)
+    assert (failed.state, failed.reason) == (State.FAILED, "WorkingDirectoryNotPrivate"), failed
+    assert f"{home} (its HOME) is not alice's alone" in failed.message
+    assert not ran.exists()  # JupyterLab never started there
+    (output,) = home.glob("*.out")
+    assert f"refusing to start JupyterLab: the working directory {home} (HOME) must be" in output.read_text()
 
 
 def test_pending_job_reports_slurms_reason(backend, make_environment):
