@@ -157,3 +157,33 @@ def test_with_the_operator_stopped_a_request_names_its_sender_and_is_checked_whe
     status = wait_for(phase, timeout=30, what=f"{name} decided by the operator")
     assert status["phase"] == "Invalid" and status["message"].startswith("NotBudgetMember: "), status
     assert "'bob' may not ask for more" in status["message"]
+
+
+def test_hours_approved_for_alice_on_a_monthly_budget_are_for_this_month(kubeconfig, namespace, custom, operator):
+    """The grant the portal's request brings is marked with the month it raises (the API server's
+    schema keeps the mark): next month alice's limit is spec.limits again (policy/budgets.py)."""
+    budgets = Budgets(custom)
+    alice = f"alice-{uuid.uuid4().hex[:6]}"
+    budget = budgets.create({"gpuHours": 20}, user=alice, period={"reset": "Monthly"})
+    try:
+        request = file(
+            kubeconfig, namespace, PORTAL, "analysis-portal", on_behalf_of=alice, budget=budget, add={"gpuHours": 10}
+        )
+        admin = kubernetes.client.CustomObjectsApi(impersonating(kubeconfig, "dora", group="analysis-admins"))
+        admin.patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            namespace,
+            "budgetrequests",
+            request["metadata"]["name"],
+            {"status": {"decision": "Approved"}},
+        )
+        status = wait_for(
+            lambda: (s := budgets.status(budget)).get("limits", {}).get("gpuHours") == 30 and s,
+            timeout=10,
+            what="the limit raised",
+        )
+        assert status["grants"][request["metadata"]["uid"]]["periodStart"] == status["periodStart"]
+    finally:
+        for made in budgets.created:
+            custom.delete_cluster_custom_object(GROUP, VERSION, "computebudgets", made)

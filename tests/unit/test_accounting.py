@@ -1,8 +1,8 @@
 """One accounting tick over the indexes (engine/accounting.plan_tick): a pod is charged by its flavor
 while its container runs as the backend sees it (Ready, or Running not Ready), from the moment it
 became Ready or was first seen running; never while it waits for a node, an image or a missing claim,
-or while its container keeps crashing, and time already charged is never charged again. Entries of
-namespaces another operator serves are left to it."""
+or while its container keeps crashing, and time already charged is never charged again. A suspended
+one is charged up to its suspension. Entries of namespaces another operator serves are left to it."""
 
 from __future__ import annotations
 
@@ -66,6 +66,8 @@ def tick(budget_: Budget, status_: dict) -> dict:
 
 @pytest.mark.parametrize("phase", ["Pending", "Provisioning", "Suspended"])
 def test_a_pod_that_does_not_run_is_not_charged(phase):
+    # Suspended: the last tick did not see it run (no heldSince), so there is no time before the
+    # suspension to charge either (see test_the_time_it_ran_before_a_suspension_is_charged_once).
     entry = tick(budget(NOW - 5 * MINUTE), {**status(phase), "reason": "ClaimNotFound"})
     assert entry["cpuHours"] == 0.0 and entry["chargedUntil"] == format_time(NOW)
 
@@ -173,6 +175,70 @@ def test_a_crash_between_two_ticks_starts_the_charge_again_at_ready():
     back = status("Ready", NOW + 3 * MINUTE)
     entry = observed_tick(crashing, back, pod("Running", True), NOW + 5 * MINUTE).entries["u-1"]
     assert entry["cpuHours"] == pytest.approx(2 * 3 / 60)
+
+
+# --- a suspension between two ticks: charged up to it, once ---------------------------------------
+
+SECOND = datetime.timedelta(seconds=1)
+BATCH = Flavor(name="basic", backend=BackendKind.SLURM, resources=Resources(cpu="2"))
+
+
+class Jobs:
+    charging = Charging.ALLOCATION
+
+
+def ran(at: datetime.datetime, job_started: datetime.datetime | None = None) -> dict:
+    """Ready since `at`; a Slurm job holding 2 CPUs since `job_started` (its start time)."""
+    if job_started is None:
+        return status("Ready", at)
+    held = {"kind": "slurm", "allocatedCpus": 2.0, "startedAt": format_time(job_started)}
+    return {**status("Ready", at), "backend": held}
+
+
+def suspended(at: datetime.datetime) -> dict:
+    """What the Suspended transition writes: the phase, and Ready False since then."""
+    ready = {"type": "Ready", "status": "False", "reason": "Suspended", "lastTransitionTime": format_time(at)}
+    return {"phase": "Suspended", "reason": "Suspended", "backend": {"kind": "slurm"}, "conditions": [ready]}
+
+
+def ticked(budget_: Budget, status_: dict, moment: datetime.datetime, slurm: bool) -> Budget:
+    environments = {("ns", "lab"): [EnvironmentRecord(ENVIRONMENT, status_)]}
+    flavors, backends = (
+        ({"basic": [BATCH]}, {"slurm": Jobs()}) if slurm else ({"basic": [FLAVOR]}, {"kubernetes": Pods()})
+    )
+    result = plan_tick(budget_, environments, flavors, backends, moment, 80)
+    return Budget(**{**budget_.__dict__, "status": result.status})
+
+
+@pytest.mark.parametrize("slurm", [False, True], ids=["pod", "slurm job"])
+def test_the_time_it_ran_before_a_suspension_is_charged_once(slurm):
+    """Charged up to NOW, suspended 59 s later, the next tick a second after that: the 59 s it ran
+    are charged (as an ended one up to stoppedAt), and not again by the ticks that follow, nor after
+    it resumes (a Slurm job: a new job, a new start time)."""
+    b = ticked(budget(NOW - MINUTE), ran(NOW - 30 * MINUTE, NOW - MINUTE if slurm else None), NOW, slurm)
+    assert b.entries["u-1"]["cpuHours"] == pytest.approx(2 * 60 / 3600)
+    b = ticked(b, suspended(NOW + 59 * SECOND), NOW + MINUTE, slurm)
+    assert b.entries["u-1"]["cpuHours"] == pytest.approx(2 * 119 / 3600)
+    assert b.entries["u-1"]["chargedUntil"] == format_time(NOW + MINUTE)
+    for later in (2, 5):
+        b = ticked(b, suspended(NOW + 59 * SECOND), NOW + later * MINUTE, slurm)
+    assert b.entries["u-1"]["cpuHours"] == pytest.approx(2 * 119 / 3600)
+    resumed = NOW + 10 * MINUTE
+    b = ticked(b, ran(resumed, resumed if slurm else None), resumed + MINUTE, slurm)
+    assert b.entries["u-1"]["cpuHours"] == pytest.approx(2 * 179 / 3600)
+
+
+def test_a_suspension_charges_only_what_the_last_tick_saw_running():
+    """Not Ready and not seen running (pulling its image) when suspended: nothing, as before; and the
+    hours before a new month stay in the old one."""
+    b = ticked(budget(NOW - MINUTE), provisioning("ImagePulling", "Pending"), NOW, False)
+    b = ticked(b, suspended(NOW + 59 * SECOND), NOW + MINUTE, False)
+    assert b.entries["u-1"]["cpuHours"] == 0.0
+    monthly = Budget(**{**budget(NOW - MINUTE).__dict__, "reset": "Monthly"})
+    b = ticked(monthly, ran(NOW - 30 * MINUTE), NOW, False)
+    december = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
+    b = ticked(b, suspended(december + 30 * SECOND), december + MINUTE, False)
+    assert b.used("cpuHours") == pytest.approx(2 * 30 / 3600)
 
 
 # --- several operators, each serving its own namespace, share the cluster's budgets -----------------

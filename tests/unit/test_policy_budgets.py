@@ -347,6 +347,54 @@ def test_a_grant_raises_the_limit_exactly_once():
     assert b.status["grants"]["req-1"]["approvedBy"] == "dora"
 
 
+APRIL = datetime.datetime(2026, 4, 1, 0, 1, tzinfo=datetime.UTC)
+
+
+def granted(b: Budget, uid: str, extra: dict, at: datetime.datetime) -> Budget:
+    status = apply_grant(b, uid, f"ns/{uid}", extra, "dora", format_time(at), at)
+    assert status is not None
+    return Budget(**{**b.__dict__, "status": status})
+
+
+def test_hours_granted_on_a_monthly_budget_raise_that_month_only():
+    """ "+10 GPU-hours for this beamtime" is not +10 in every month after it; a grant of maxGpus or
+    maxEnvironments (what may run at once, not per period) stays."""
+    b = budget({"gpuHours": 20, "maxGpus": 1}, reset="Monthly")
+    b = after(b, charge(b, {}, T0, 80))
+    b = granted(b, "req-1", {"gpuHours": 10, "maxGpus": 1}, T0)
+    b = after(b, charge(b, {}, T0 + HOUR, 80))
+    assert b.status["limits"] == {"gpuHours": 30, "maxGpus": 2}
+    b = after(b, charge(b, {}, APRIL, 80))
+    assert b.status["limits"] == {"gpuHours": 20, "maxGpus": 2}
+    assert "req-1" in b.status["grants"]  # the record of the approval stays
+    b = granted(b, "req-2", {"gpuHours": 5}, APRIL)
+    assert b.status["limits"]["gpuHours"] == 25
+
+
+def test_hours_granted_on_a_budget_without_a_period_last_as_long_as_it():
+    b = granted(budget({"cpuHours": 100}), "req-1", {"cpuHours": 50}, T0)
+    b = after(b, charge(b, {}, APRIL, 80))
+    assert b.status["limits"]["cpuHours"] == 150
+
+
+@pytest.mark.parametrize(
+    "approved_at, march, april",
+    [
+        ("2026-03-02T09:00:00Z", 30, 20),  # approved in March: March's
+        ("2026-02-27T09:00:00Z", 20, 20),  # approved in February: February's, over
+        ("", 30, 20),  # no time to tell: counts in the period it is found in, then no more
+    ],
+)
+def test_a_grant_stored_without_its_period_counts_in_the_month_it_was_approved(approved_at, march, april):
+    grant = {"request": "ns/old", "approvedBy": "dora", "approvedAt": approved_at, "gpuHours": 10}
+    status = {"periodStart": "2026-03-01T00:00:00Z", "grants": {"r": grant}}
+    b = budget({"gpuHours": 20}, reset="Monthly", status=status)
+    b = after(b, charge(b, {}, T0, 80))
+    assert b.status["limits"]["gpuHours"] == march
+    b = after(b, charge(b, {}, APRIL, 80))
+    assert b.status["limits"]["gpuHours"] == april
+
+
 @pytest.mark.parametrize(
     "remaining_minutes, warned_for, due",
     [(20, None, True), (40, None, False), (20, "2026-03-10T12:20:00Z", False), (-1, None, False)],

@@ -4,7 +4,7 @@ What runs: a pod (charged by its flavor) while its container runs, as the backen
 tick: Ready, or not Ready with its pod Running (JupyterLab starting, or stopped by its owner while
 the rest of the container goes on); never while it waits for a node, an image or a missing claim,
 or while its container keeps crashing. A Slurm job or VM (charged by allocation) while the backend
-says it holds.
+says it holds. A suspended one up to its suspension (the Ready condition's transition), once.
 
 The arithmetic is policy/budgets.charge; here the tick reads which ledger entries
 still run (from the environments index and what the backends observe now), writes the
@@ -70,6 +70,7 @@ def plan_tick(
     charge by the flavor say now of the entries' environments (see charge_budget)."""
     ended: dict[str, datetime.datetime | None] = {}
     paused: list[str] = []
+    suspended: dict[str, datetime.datetime] = {}  # paused, but ran since the last tick: until then
     held: dict[str, Held] = {}
     # charged by the flavor: running (uid -> when it became Ready, None: not Ready), or not
     running: dict[str, datetime.datetime | None] = {}
@@ -100,9 +101,11 @@ def plan_tick(
             running[uid] = _ready_since(record.status)
         else:
             waiting.append(uid)  # charged by the flavor, but only while it runs
+        if record is not None and (at := _suspended_at(entry, record.status)) is not None:
+            suspended[uid] = at
     budget = _charged_from(budget, running, waiting, moment)
     paused.extend(waiting)
-    result = charge(budget, ended, moment, warning_percent, paused, held, foreign)
+    result = charge(budget, ended, moment, warning_percent, paused, held, foreign, suspended)
     idle = not budget.entries and _same(budget.status, result.status)
     return None if idle else result
 
@@ -121,6 +124,18 @@ def _ready_since(status: Mapping[str, Any]) -> datetime.datetime | None:
     """When the environment last became Ready (its Ready condition's transition); None if not Ready."""
     ready = {c.get("type"): c for c in status.get("conditions") or ()}.get("Ready") or {}
     return parse_time(ready.get("lastTransitionTime")) if ready.get("status") == "True" else None
+
+
+def _suspended_at(entry: Mapping[str, Any], status: Mapping[str, Any]) -> datetime.datetime | None:
+    """When a suspended environment that held resources at the last tick (heldSince) stopped: the
+    Suspended transition set Ready False, so its Ready condition's lastTransitionTime (exact for one
+    suspended while Ready). It is charged up to then once, as an ended one up to stoppedAt, not for
+    up to a tick (more when ticks were missed) for free. One not Ready when suspended has an earlier
+    time there: charged for nothing more, since chargedUntil never moves back."""
+    if status.get("phase") != Phase.SUSPENDED.value or not entry.get("heldSince"):
+        return None
+    ready = {c.get("type"): c for c in status.get("conditions") or ()}.get("Ready") or {}
+    return parse_time(ready.get("lastTransitionTime")) if ready.get("status") == "False" else None
 
 
 def _charged_from(

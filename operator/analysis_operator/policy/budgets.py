@@ -11,7 +11,8 @@ Ledger layout (status):
   environments.<uid>: {namespace, name, cpus, gpus, since, chargedUntil, cpuHours, gpuHours}
       one entry per environment holding resources; usage is charged up to chargedUntil
   settled: {cpuHours, gpuHours}    usage of ended environments in this period
-  grants.<request uid>: {...}      approved BudgetRequests; effective limit = spec + grants
+  grants.<request uid>: {...}      approved BudgetRequests; effective limit = spec + grants (hours: those
+                                   of this period, see Budget.limit)
   used / limits / remaining / running / display: derived, for people and the portal
 """
 
@@ -92,11 +93,25 @@ class Budget:
         return self.status.get("environments") or {}
 
     def limit(self, key: str) -> float | None:
-        """spec.limits plus every approved grant: GitOps owns spec, approvals never overwrite it."""
+        """spec.limits plus the approved grants: GitOps owns spec, approvals never overwrite it. Hours
+        granted on a periodic budget are for the period they were approved in ("+10 GPU-hours for this
+        beamtime", not for every month after it); maxEnvironments and maxGpus grants stay."""
         if key not in self.limits:
             return None
-        grants = self.status.get("grants") or {}
-        return self.limits[key] + sum(float(grant.get(key) or 0) for grant in grants.values())
+        grants = (self.status.get("grants") or {}).values()
+        return self.limits[key] + sum(
+            float(grant.get(key) or 0) for grant in grants if key not in RESOURCES or self._of_this_period(grant)
+        )
+
+    def _of_this_period(self, grant: Mapping[str, Any]) -> bool:
+        """Does a grant's hours count in the ledger's period? Always without periods (or before the
+        first tick started one); a grant whose period cannot be told counts (see charge: it is dated
+        at the next new period, so it counts in one)."""
+        current = self.status.get("periodStart")
+        if not self.reset or not current:
+            return True
+        granted = grant_period(self.reset, grant)
+        return granted is None or granted == current
 
     def used(self, key: str) -> float:
         settled = float((self.status.get("settled") or {}).get(key) or 0)
@@ -282,6 +297,25 @@ def period_start(reset: str, now: datetime.datetime) -> datetime.datetime | None
     return None
 
 
+def grant_period(reset: str, grant: Mapping[str, Any]) -> str | None:
+    """The period (its start) a grant's hours are for: marked when it was granted, or for a grant
+    stored before grants were marked, the period of its approval time; None if neither can be read."""
+    if grant.get("periodStart"):
+        return str(grant["periodStart"])
+    try:
+        approved = parse_timestamp(str(grant.get("approvedAt") or ""))
+    except ValueError:
+        return None
+    start = period_start(reset, approved)
+    return format_time(start) if start is not None else None
+
+
+def _dated(grants: Mapping[str, Mapping[str, Any]], reset: str, period: str) -> dict[str, Any]:
+    """The grants, each marked with its period: one whose period cannot be told was counted in the
+    period now ending (`period`), and in none after it."""
+    return {uid: {"periodStart": grant_period(reset, grant) or period, **grant} for uid, grant in grants.items()}
+
+
 def _charged(entry: Mapping[str, Any], until: datetime.datetime) -> dict[str, Any]:
     """The entry charged for its resources from chargedUntil to `until` (never backwards).
     Whole seconds only: chargedUntil is stored to the second, and charging past what is stored
@@ -322,6 +356,7 @@ def charge(
     paused: Collection[str] = (),
     held: Mapping[str, Held] | None = None,
     foreign: Collection[str] = (),
+    suspended: Mapping[str, datetime.datetime] | None = None,
 ) -> Charge:
     """One accounting tick. `ended` maps the uid of every ledger entry whose environment no longer
     holds resources to when it stopped (None: unknown, e.g. deleted: charged until now). Entries are
@@ -331,15 +366,18 @@ def charge(
     the backend reports (Slurm's allocation, the Nova flavor), charged from no earlier than `since`
     (the job's start time), so the hours agree with the facility's own accounting. `foreign` entries
     are another operator's to charge, settle and stop (environments in namespaces this one does not
-    serve): kept as they are, but for a new period, which forgets their usage before it too."""
+    serve): kept as they are, but for a new period, which forgets their usage before it too.
+    `suspended`: paused entries that ran until then (uid -> when it was suspended) since their last
+    charge: charged up to that moment, as an ended one up to when it stopped, then paused."""
     status = dict(budget.status)
     settled = {key: float((status.get("settled") or {}).get(key) or 0) for key in RESOURCES}
     held = held or {}
     start = period_start(budget.reset, now)
     new_period = start is not None and status.get("periodStart") != format_time(start)
+    ran_until = {uid: at for uid, at in (suspended or {}).items() if uid in paused and uid in budget.entries}
 
     def end(uid: str) -> datetime.datetime:
-        return min(now, ended.get(uid) or now)
+        return min(now, ended.get(uid) or ran_until.get(uid) or now)
 
     def backend_view(uid: str, entry: dict[str, Any]) -> dict[str, Any]:
         if uid not in held:
@@ -357,7 +395,9 @@ def charge(
     ours = {uid: entry for uid, entry in budget.entries.items() if uid not in foreign}
     others = {uid: dict(entry) for uid, entry in budget.entries.items() if uid in foreign}
     entries = {
-        uid: {**entry, "chargedUntil": format_time(now)} if uid in paused else backend_view(uid, dict(entry))
+        uid: {**entry, "chargedUntil": format_time(now)}
+        if uid in paused and uid not in ran_until
+        else backend_view(uid, dict(entry))
         for uid, entry in ours.items()
     }
     if start is not None and new_period:
@@ -368,8 +408,11 @@ def charge(
         }
         others = {uid: _from_period(entry, start) for uid, entry in others.items()}
         settled = dict.fromkeys(RESOURCES, 0.0)
+        if status.get("grants"):
+            status["grants"] = _dated(status["grants"], budget.reset, status.get("periodStart") or format_time(start))
         status.update(periodStart=format_time(start), warned={})
     entries = {uid: _charged(entry, end(uid)) for uid, entry in entries.items()}
+    entries.update({uid: {**entries[uid], "chargedUntil": format_time(now)} for uid in ran_until if uid in entries})
     for uid in ended:
         entry = entries.pop(uid, None)
         if entry is not None:
@@ -493,14 +536,17 @@ def apply_grant(
     now: datetime.datetime,
 ) -> dict[str, Any] | None:
     """The status with an approved request's extra added, or None if it was added already: approval
-    raises the limit exactly once however often this runs."""
+    raises the limit exactly once however often this runs. On a periodic budget the grant is marked
+    with the period it is applied in: its hours are for that period only (Budget.limit)."""
     grants = dict(budget.status.get("grants") or {})
     if request_uid in grants:
         return None
+    start = period_start(budget.reset, now)
     grants[request_uid] = {
         "request": request,
         "approvedBy": decided_by,
         "approvedAt": decided_at,
+        **({"periodStart": format_time(start)} if start is not None else {}),
         **{key: extra[key] for key in LIMIT_FIELDS if extra.get(key)},
     }
     return summarize(budget, {**budget.status, "grants": grants}, now)
