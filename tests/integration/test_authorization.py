@@ -65,8 +65,8 @@ def as_user(kubeconfig, namespace):
 
 @pytest.fixture
 def admins_may_edit(api, namespace):
-    """analysis-admins get the environment role in this namespace (the chart's admins have it through
-    the aggregated admin role); without it RBAC, not the policy, would refuse them."""
+    """analysis-admins get the environment role in this namespace (with the chart, a facility binds
+    its -user role to them); without it RBAC, not the policy, would refuse them."""
     kubernetes.client.RbacAuthorizationV1Api(api).create_namespaced_role_binding(
         namespace,
         {

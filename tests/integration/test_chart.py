@@ -133,7 +133,6 @@ def custom_values(watch_namespace: str, environment_namespace: str) -> dict:
         "admission": {
             "failurePolicy": {"environment-owner": "Ignore"},
             "trustedGroups": ["portal-a", "portal-b"],
-            "namespaceSelector": {"matchLabels": {"analysis.panosc.eu/environments": "enabled"}},
         },
         "config": {"sweep_interval_seconds": 30},
         "flavors": {_unique("chart-flavor"): flavor},
@@ -174,6 +173,8 @@ def test_lint_default_and_custom_values(tmp_path):
         ("authorization.operatorUsernames[0]=a\\,b", "operatorUsernames"),  # lists are joined with commas
         ("gateway.enabled=true", "/gateway/url"),  # OPEN without the gateway's public URL
         ("authorization.mutatingPolicy=sometimes", "/authorization/mutatingPolicy"),  # true, false or auto
+        ("serviceAccount.create=false", "/serviceAccount/name"),  # not the namespace's `default`
+        ("admission.namespaceSelector.matchLabels.a=b", "admission.namespaceSelector is no longer supported"),
     ],
 )
 def test_schema_refuses_bad_values(setting, complaint):
@@ -357,16 +358,23 @@ def test_custom_values_render_and_are_accepted_by_the_api_server(fresh_namespace
             == f"{namespace}/aop-analysis-operator-webhook"
         )
         assert all("caBundle" not in hook["clientConfig"] for hook in configuration["webhooks"])
+    # The webhooks and the policies judge the watched namespace, where this release's operator acts, only.
+    watched_only = {"matchLabels": {"kubernetes.io/metadata.name": watched}}
     owner = find(objects, "MutatingWebhookConfiguration")["webhooks"][0]
-    assert owner["failurePolicy"] == "Ignore" and owner["namespaceSelector"]["matchLabels"]
+    assert owner["failurePolicy"] == "Ignore" and owner["namespaceSelector"] == watched_only
+    hooks = [hook for kind in WEBHOOK_KINDS for hook in find(objects, kind)["webhooks"]]
+    assert len(hooks) == 6 and all(hook["namespaceSelector"] == watched_only for hook in hooks)
     policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] == environments)
     assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "analysis-operator"}
-    # only where this release's operator acts
-    binding = find(objects, "ValidatingAdmissionPolicyBinding", "aop-analysis-operator-environments")
-    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchLabels"] == {
-        "analysis.panosc.eu/environments": "enabled",
-        "kubernetes.io/metadata.name": watched,
-    }
+    bindings = [
+        o
+        for o in objects
+        if o["kind"] == "ValidatingAdmissionPolicyBinding"
+        and o["metadata"]["name"].removeprefix("aop-analysis-operator-")
+        in ("environments", "environment-creation", "budgetrequest-identity")  # authorization, identity
+    ]
+    assert len(bindings) == 3
+    assert all(binding["spec"]["matchResources"]["namespaceSelector"] == watched_only for binding in bindings)
     # OPEN: forward-auth served to the gateway's namespace only; routes in the watched namespace.
     assert find(objects, "Service", "aop-analysis-operator")["spec"]["ports"][0]["name"] == "forward-auth"
     # The offer API on the same port, from the active replica only (it labels its pod; test_peering.py).
@@ -386,6 +394,96 @@ def test_custom_values_render_and_are_accepted_by_the_api_server(fresh_namespace
     find(objects, "FacilityGroup")
     output = _apply(objects, tmp_path / "custom.yaml", "--dry-run=server")
     assert output.count("(server dry run)") == len(objects)
+
+
+WEBHOOK_KINDS = ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration")
+
+
+def _dry_run_create(custom, namespace: str) -> str | None:
+    """Why a server-side dry run of an environment's create in `namespace` fails (None: it would be made)."""
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "AnalysisEnvironment",
+        "metadata": {"name": "lab"},
+        "spec": {"owner": "alice", "flavor": "jupyter-basic"},
+    }
+    try:
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body, dry_run="All")
+    except kubernetes.client.ApiException as error:
+        return json.loads(error.body)["message"]
+    return None
+
+
+def test_the_charts_webhooks_judge_only_the_watched_namespace(
+    fresh_namespace, environments, custom, namespace, tmp_path
+):
+    """Releases sharding namespaces (watchNamespace) do not judge each other's: a release whose
+    operator is down (failurePolicy Fail) refuses creates in its own namespace, nowhere else."""
+    release_namespace, watched, release = fresh_namespace("aop-hooks"), fresh_namespace("aop-shard"), _unique("aop")
+    objects = render(
+        release, release_namespace, "--show-only", "templates/webhook.yaml", "--set", f"watchNamespace={watched}"
+    )
+    service = f"{release}-analysis-operator-webhook"  # no operator behind it: every call fails
+    assert _dry_run_create(custom, namespace) is None
+    manifest = tmp_path / "webhooks.yaml"
+    _apply(objects, manifest)
+    try:
+        refused = str(
+            wait_for(
+                lambda: _dry_run_create(custom, watched),
+                timeout=30,
+                what="the release's webhooks to judge its namespace",
+            )
+        )
+        assert service in refused and "failed calling webhook" in refused, refused
+        assert _dry_run_create(custom, namespace) is None  # another release's namespace: not called
+    finally:
+        kubectl("delete", "-f", str(manifest), "--ignore-not-found")
+
+
+def test_the_charts_user_role_runs_environments_and_edit_does_not(namespace, fresh_namespace, tmp_path):
+    """People run environments through the chart's <fullname>-user role, bound per namespace; the
+    built-in edit role (which also gives the namespace's pods, Secrets and exec) gets only read access
+    from the chart (through view), so the namespace's editors are not the environments' users."""
+    release = _unique("aop")
+    # The chart's ClusterRoles (its operator's own bound to no one here), and people bound as a facility would.
+    roles = [
+        role for role in render(release, "ops", "--show-only", "templates/rbac.yaml") if role["kind"] == "ClusterRole"
+    ]
+    user_role = f"{release}-analysis-operator-user"
+    bindings = [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": f"{person}-{release}", "namespace": namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": person}],
+        }
+        for person, role in (("dora", user_role), ("erin", "edit"))
+    ]
+    elsewhere = fresh_namespace("aop-elsewhere")
+
+    def can(person: str, verb: str, resource: str, where: str = namespace) -> bool:
+        answer = kubectl("auth", "can-i", verb, resource, "-n", where, f"--as={person}", check=False)
+        return answer.stdout.strip() == "yes"
+
+    environments, requests = f"analysisenvironments.{GROUP}", f"budgetrequests.{GROUP}"
+    manifest = tmp_path / "people.yaml"
+    _apply([*roles, *bindings], manifest)
+    try:
+        # The chart's view role reached edit (through the built-in view): the aggregation has run.
+        wait_for(lambda: can("erin", "list", environments), timeout=30, what="the chart's view role aggregated")
+        assert not can("erin", "create", environments) and not can("erin", "delete", environments)
+        assert not can("erin", "create", requests) and not can("erin", "delete", requests)
+        assert user_role in {role["metadata"]["name"] for role in roles}
+        for verb in ("create", "patch", "delete"):  # patch: suspend, sharing
+            assert can("dora", verb, environments), verb
+        assert can("dora", "create", requests)
+        assert not can("dora", "delete", requests) and not can("dora", "update", requests)
+        assert not can("dora", "create", "pods") and not can("dora", "get", "secrets")
+        assert not can("dora", "create", environments, elsewhere)  # bound in one namespace only
+    finally:
+        kubectl("delete", "-f", str(manifest), "--ignore-not-found")
 
 
 def _tls(namespace: str, release: str) -> dict | None:

@@ -37,11 +37,29 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: analysis-operator
 {{- end }}
 
+{{/* The operator's ServiceAccount. Without serviceAccount.create the site names its own: never the
+namespace's `default`, which every pod there runs as without asking (values.schema.json refuses it
+too; this holds with --skip-schema-validation). */}}
 {{- define "analysis-operator.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "analysis-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else if and .Values.serviceAccount.name (ne .Values.serviceAccount.name "default") }}
+{{- .Values.serviceAccount.name }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- fail "serviceAccount.create is false: set serviceAccount.name to the existing ServiceAccount the operator runs as (not `default`: the operator's rights would go to every pod of the namespace that runs without one)" }}
+{{- end }}
+{{- end }}
+
+{{/* The namespaces this release's operator serves, as a namespaceSelector (empty: every namespace):
+watchNamespace's, else all. Its webhooks and its admission policies' bindings match exactly these:
+fewer would leave served namespaces unchecked (who created an environment is known only at
+admission), more would let this release judge another release's namespaces. */}}
+{{- define "analysis-operator.servedNamespaces" -}}
+{{- if .Values.admission.namespaceSelector }}
+{{- fail "admission.namespaceSelector is no longer supported: the webhooks must see every namespace the operator serves (watchNamespace, else all), as who created an environment or a BudgetRequest, and who decided one, is known only at admission and not checked again at reconcile. Remove it; to choose where environments run, use watchNamespace, or bind the <fullname>-user ClusterRole only in those namespaces" }}
+{{- end }}
+{{- with .Values.watchNamespace }}
+{{- toYaml (dict "matchLabels" (dict "kubernetes.io/metadata.name" .)) }}
 {{- end }}
 {{- end }}
 
@@ -91,8 +109,8 @@ app.kubernetes.io/part-of: analysis-operator
   matchPolicy: Equivalent
   timeoutSeconds: {{ $root.Values.admission.timeoutSeconds }}
   failurePolicy: {{ get $root.Values.admission.failurePolicy $hook.id | default $hook.failurePolicy }}
-  {{- with $root.Values.admission.namespaceSelector }}
-  namespaceSelector: {{- toYaml . | nindent 4 }}
+  {{- with include "analysis-operator.servedNamespaces" $root }}
+  namespaceSelector: {{- . | nindent 4 }}
   {{- end }}
   rules:
     - apiGroups: [analysis.panosc.eu]
