@@ -9,16 +9,26 @@ import base64
 import http.client
 import json
 import urllib.parse
+import uuid
 
 import kubernetes
 import pytest
+import yaml
 
 from analysis_operator.policy.opening import PROBE_HEADER, probe_signature
-from tests.integration.conftest import REPO, kubectl
+from tests.integration.authorization import (
+    authorization_parameters,
+    denial,
+    read_parameters,
+    type_warnings,
+    wait_until_allowed,
+)
+from tests.integration.conftest import REPO, impersonating, kubectl
 from tests.integration.netns import Netns
 from tests.waiting import wait_for
 
 GATEWAY_API = ("gateway.networking.k8s.io", "v1")
+GATEWAY_NAMESPACE, GATEWAY_NAME = "analysis-gateway", "analysis"  # hack/gateway.sh's
 
 
 @pytest.fixture(scope="module")
@@ -495,3 +505,146 @@ def test_in_a_real_browser_a_page_of_alices_environment_cannot_reach_bobs_with_b
             results["bob's path on this host"].startswith("basic 404")
             and "WrongHost" in results["bob's path on this host"]
         ), results
+
+
+def _mallorys_namespace(api, kubeconfig) -> tuple[str, kubernetes.client.CustomObjectsApi]:
+    """A namespace where mallory, a facility user, may make and change routes (as a team's namespace
+    admin may), and in the Gateway's own namespace too: every refusal then is the policy's, not RBAC's."""
+    name = f"t-mallory-{uuid.uuid4().hex[:6]}"
+    kubernetes.client.CoreV1Api(api).create_namespace({"metadata": {"name": name}})
+    rbac = kubernetes.client.RbacAuthorizationV1Api(api)
+    rbac.create_cluster_role(
+        {
+            "metadata": {"name": name},
+            "rules": [
+                {
+                    "apiGroups": ["gateway.networking.k8s.io"],
+                    "resources": ["httproutes", "grpcroutes"],
+                    "verbs": ["get", "create", "update", "patch"],
+                },
+                {"apiGroups": ["traefik.io"], "resources": ["ingressroutes"], "verbs": ["get", "create"]},
+            ],
+        }
+    )
+    for where in (name, GATEWAY_NAMESPACE):
+        rbac.create_namespaced_role_binding(
+            where,
+            {
+                "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "mallory"}],
+            },
+        )
+    return name, kubernetes.client.CustomObjectsApi(impersonating(kubeconfig, "mallory"))
+
+
+def _route(kind: str, namespace: str, parent_refs: list[dict], path: str) -> dict:
+    """A route of mallory's to her own Service, taking `path` (an HTTPRoute) or every request
+    carrying her header (a GRPCRoute, which matches no path)."""
+    if kind == "HTTPRoute":
+        match = {"path": {"type": "PathPrefix", "value": path}}
+    else:
+        match = {"headers": [{"name": "X-Mallory", "value": "1"}]}
+    return {
+        "apiVersion": "/".join(GATEWAY_API),
+        "kind": kind,
+        "metadata": {"name": f"m-{uuid.uuid4().hex[:6]}", "namespace": namespace},
+        "spec": {
+            "parentRefs": parent_refs,
+            "rules": [{"matches": [match], "backendRefs": [{"name": "mallory", "port": 8080}]}],
+        },
+    }
+
+
+def test_only_the_operator_attaches_routes_to_the_gateway(
+    opened, directory, environments, api, core, custom, kubeconfig, namespace
+):
+    """Mallory may make routes in her namespace. A route of hers on the analysis Gateway with a longer
+    path under alice's environment's would win over its own (the more specific match wins), and alice's
+    browser would send her session, or with a forward-auth Middleware the environment's token, to
+    mallory's server. The API server refuses it (deploy/authorization/gateway-policy.yaml), however the
+    parentRef names the Gateway, as a GRPCRoute or a Traefik IngressRoute, at create and at change;
+    routes on another Gateway are hers to make; the operator's own route serves alice as before."""
+    environments.create("lab", flavor="jupyter-basic", lifetime="1h")
+    environments.wait_phase("lab", "Ready")
+    base = f"/env/{namespace}/lab/"
+    mallorys, mallory = _mallorys_namespace(api, kubeconfig)
+    gateway = {"name": GATEWAY_NAME, "namespace": GATEWAY_NAMESPACE}
+    refused = f"only the analysis operator attaches routes to the Gateway {GATEWAY_NAMESPACE}/{GATEWAY_NAME}"
+
+    def create(body: dict, plural: str = "httproutes", group: tuple[str, str] = GATEWAY_API, dry_run=None):
+        namespace_of = body["metadata"]["namespace"]
+        return lambda: mallory.create_namespaced_custom_object(*group, namespace_of, plural, body, dry_run=dry_run)
+
+    beside = _route("HTTPRoute", GATEWAY_NAMESPACE, [{"name": GATEWAY_NAME}], base + "lab")
+    try:
+        explicit = {"group": "gateway.networking.k8s.io", "kind": "Gateway", **gateway}
+        for parent_refs, field in [
+            ([explicit], "spec.parentRefs[0]"),
+            ([{"name": "elsewhere"}, gateway], "spec.parentRefs[1]"),  # group and kind left to their defaults
+        ]:
+            message = denial(create(_route("HTTPRoute", mallorys, parent_refs, base + "lab")))
+            assert message and f"{field}: {refused}" in message, message
+        # in the Gateway's namespace a parentRef without namespace names it too
+        message = denial(create(beside))
+        assert message and f"spec.parentRefs[0]: {refused}" in message, message
+        message = denial(create(_route("GRPCRoute", mallorys, [gateway], ""), "grpcroutes"))
+        assert message and refused in message, message
+        ingress_route = {
+            "apiVersion": "traefik.io/v1alpha1",
+            "kind": "IngressRoute",
+            "metadata": {"name": "m-lab", "namespace": mallorys},
+            "spec": {
+                "routes": [
+                    {
+                        "kind": "Rule",
+                        "match": f"PathPrefix(`{base}lab`)",
+                        "services": [{"name": "mallory", "port": 8080}],
+                    }
+                ]
+            },
+        }
+        message = denial(create(ingress_route, "ingressroutes", ("traefik.io", "v1alpha1")))
+        assert message and f"IngressRoute {mallorys}/m-lab: the Traefik of the analysis Gateway" in message, message
+
+        # On another Gateway (here one of her namespace's, named like the analysis one), or on none: hers.
+        own = _route("HTTPRoute", mallorys, [{"name": GATEWAY_NAME}], base + "lab")
+        assert denial(create(own)) is None
+        assert denial(create(_route("HTTPRoute", mallorys, [], base + "lab"))) is None
+        # ... but not moved onto the analysis Gateway afterwards
+        name = own["metadata"]["name"]
+        moved = {"spec": {"parentRefs": [gateway]}}
+        message = denial(
+            lambda: mallory.patch_namespaced_custom_object(*GATEWAY_API, mallorys, "httproutes", name, moved)
+        )
+        assert message and f"spec.parentRefs[0]: {refused}" in message, message
+
+        # The operator's identity (the chart's ServiceAccount, in operatorUsernames) may.
+        current = (read_parameters(api).get("data") or {}).get("operatorUsernames", "")
+        with authorization_parameters(core, operatorUsernames=",".join(filter(None, [current, "mallory"]))):
+            wait_until_allowed(
+                create(_route("HTTPRoute", mallorys, [gateway], base + "lab"), dry_run="All"),
+                "the policy to take mallory for the operator",
+            )
+
+        # The CEL is sound for the routes' schemas as this API server has them (now the gateway's CRDs
+        # are in): a copy of each policy, made after them, is type-checked without a warning.
+        admission = kubernetes.client.AdmissionregistrationV1Api(api)
+        for policy in yaml.safe_load_all((REPO / "deploy/authorization/gateway-policy.yaml").read_text()):
+            policy["metadata"]["name"] = f"{policy['metadata']['name']}-{mallorys}"
+            admission.create_validating_admission_policy(policy)
+            try:
+                assert type_warnings(api, policy["metadata"]["name"]) == [], policy["metadata"]["name"]
+            finally:
+                admission.delete_validating_admission_policy(policy["metadata"]["name"])
+
+        # Nothing of hers took alice's path: the operator's route still takes it to alice's server.
+        with Netns(core.read_namespaced_pod("aenv-lab", namespace).status.pod_ip) as pod:
+            pod.echo_server(8888)
+            status, _, body = served(opened, base + "lab", "alice")
+            assert status == 200 and json.loads(body)["path"] == base + "lab"
+    finally:
+        kubectl("delete", "httproute", "-n", GATEWAY_NAMESPACE, beside["metadata"]["name"], "--ignore-not-found")
+        kubernetes.client.RbacAuthorizationV1Api(api).delete_namespaced_role_binding(mallorys, GATEWAY_NAMESPACE)
+        kubernetes.client.RbacAuthorizationV1Api(api).delete_cluster_role(mallorys)
+        core.delete_namespace(mallorys, propagation_policy="Background")
