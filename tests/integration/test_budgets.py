@@ -7,6 +7,7 @@ import concurrent.futures
 import datetime
 import json
 import signal
+import subprocess
 import urllib.request
 import uuid
 
@@ -34,8 +35,8 @@ class Budgets:
     def __init__(self, custom) -> None:
         self.custom, self.created = custom, []
 
-    def create(self, limits: dict, user: str = "", group: str = "", **spec) -> str:
-        name = f"b-{uuid.uuid4().hex[:8]}"
+    def create(self, limits: dict, user: str = "", group: str = "", name: str = "", **spec) -> str:
+        name = name or f"b-{uuid.uuid4().hex[:8]}"
         spec = {"limits": limits, **({"user": user} if user else {"group": group}), **spec}
         self.custom.create_cluster_custom_object(
             GROUP,
@@ -43,13 +44,38 @@ class Budgets:
             "computebudgets",
             {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ComputeBudget", "metadata": {"name": name}, "spec": spec},
         )
-        self.created.append(name)
+        if name not in self.created:
+            self.created.append(name)
         # The operator writes the numbers once it sees a budget; only then does admission know it either.
         wait_for(lambda: self.status(name).get("display"), timeout=10, what=f"the operator to see {name}")
         return name
 
     def get(self, name: str) -> dict:
         return self.custom.get_cluster_custom_object(GROUP, VERSION, "computebudgets", name)
+
+    def delete(self, name: str) -> None:
+        """Delete it and wait until it is gone (the operator lets go of it first)."""
+        self.custom.delete_cluster_custom_object(GROUP, VERSION, "computebudgets", name)
+        self.created.remove(name)
+        wait_for(lambda: not self._exists(name), timeout=15, what=f"{name} deleted")
+
+    def _exists(self, name: str) -> bool:
+        try:
+            self.get(name)
+            return True
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+
+    def holding(self, uid: str) -> list[str]:
+        """The budgets whose ledgers hold this environment."""
+        listed = self.custom.list_cluster_custom_object(GROUP, VERSION, "computebudgets")["items"]
+        return sorted(
+            budget["metadata"]["name"]
+            for budget in listed
+            if uid in ((budget.get("status") or {}).get("environments") or {})
+        )
 
     def status(self, name: str) -> dict:
         return self.get(name).get("status") or {}
@@ -293,6 +319,21 @@ def test_only_an_admin_approves_and_approval_counts_exactly_once(kubeconfig, bud
         scientist.decide(request_name, decision="Approved")  # RBAC: no patch on budgetrequests/status
     assert refused.value.status == 403 and "budgetrequests/status" in refused.value.body
 
+    # The README's approval: a JSON patch testing the uid decides only the request the admin read
+    # (a merge patch of the status does not check metadata.uid).
+    def approve(uid: str) -> subprocess.CompletedProcess:
+        patch = [
+            {"op": "test", "path": "/metadata/uid", "value": uid},
+            {"op": "add", "path": "/status/decision", "value": "Approved"},
+        ]
+        as_admin = ["--as", "dora", "--as-group", "analysis-admins", "-n", namespace]
+        command = ["patch", "budgetrequest", request_name, "--subresource=status", "--type=json"]
+        return kubectl(*as_admin, *command, "-p", json.dumps(patch), check=False)
+
+    replaced = approve(str(uuid.uuid4()))  # as if withdrawn and filed again under the name
+    assert replaced.returncode != 0 and "invalid" in replaced.stderr.lower()
+    assert "decision" not in admin.status(request_name)
+
     admin.decide(request_name, decision="Approved", decidedBy="someone-else")  # the stamp wins
     status = wait_for(
         lambda: (s := admin.status(request_name)).get("phase") == "Applied" and s,
@@ -374,3 +415,66 @@ def test_an_owner_removed_from_the_group_has_their_environment_on_its_budget_sto
     assert stopped["message"].startswith("budget withdrawn, the environment was stopped: 'member-a' may not draw on")
     wait_for(lambda: budgets.status(shared)["running"]["environments"] == 1, timeout=10, what="the slot freed")
     assert environments.phase("stays") == "Ready"
+
+
+def test_a_budget_deleted_and_created_again_holds_counts_and_charges_its_running_environment(budgets, environments):
+    """kubectl replace --force, a GitOps Replace: the ledger was the old object's status. The new one
+    takes the running environment in at once, charges it, and counts it against maxEnvironments."""
+    owner = user()
+    limits = {"cpuHours": 100, "maxEnvironments": 1}
+    name = budgets.create(limits, user=owner)
+    environments.create("work", flavor="jupyter-basic", owner=owner)
+    uid = environments.wait_phase("work", "Ready")["metadata"]["uid"]
+    wait_for(lambda: budgets.holding(uid) == [name], timeout=10, what="the slot taken")
+    budgets.delete(name)
+    budgets.create(limits, user=owner, name=name)
+    status = wait_for(
+        lambda: uid in ((s := budgets.status(name)).get("environments") or {}) and s,
+        timeout=15,
+        what="the running environment in the new budget's ledger",
+    )
+    assert status["running"]["environments"] == 1
+    wait_for(lambda: budgets.status(name)["used"]["cpuHours"] > 0, timeout=15, what="a charge in the new budget")
+    assert "allows 1 environment(s) at once and 1 are running" in refusal(
+        environments, "another", flavor="jupyter-basic", owner=owner
+    )
+    assert environments.phase("work") == "Ready"
+
+
+def test_a_deleted_budget_stops_the_environments_it_held_saying_why(budgets, environments, core, namespace):
+    """A budget deleted to cut its user off: what runs on it stops, after a grace for a replace."""
+    owner = user()
+    name = budgets.create({"cpuHours": 100}, user=owner)
+    environments.create("work", flavor="jupyter-basic", owner=owner)
+    environments.wait_phase("work", "Ready")
+    budgets.delete(name)
+    stopped = environments.wait_phase("work", "Stopped", timeout=30)["status"]
+    assert stopped["reason"] == "NoBudget", stopped
+    assert stopped["message"].startswith(
+        f"budget withdrawn, the environment was stopped: user {owner!r} has no ComputeBudget"
+    )
+    wait_for(lambda: _gone(core, namespace, "aenv-work"), timeout=30, what="the pod removed")
+
+
+def test_of_two_personal_budgets_a_restart_keeps_a_running_environment_in_the_one_holding_it(
+    budgets, environments, budget_operator, core
+):
+    """A second personal budget added before the first is removed: the running environment stays in
+    the first one's ledger only, also after a restart lists the second one first; the second one
+    carries a Warning saying which one is used."""
+    owner = user()
+    first = budgets.create({"cpuHours": 100}, user=owner, name=f"z-{uuid.uuid4().hex[:8]}")
+    environments.create("work", flavor="jupyter-basic", owner=owner)
+    uid = environments.wait_phase("work", "Ready")["metadata"]["uid"]
+    wait_for(lambda: budgets.holding(uid) == [first], timeout=10, what="the slot taken")
+    second = budgets.create({"cpuHours": 100}, user=owner, name=f"a-{uuid.uuid4().hex[:8]}")  # first by name
+    budget_operator.restart(signal.SIGKILL)
+    restarted = datetime.datetime.now(datetime.UTC).timestamp()
+    wait_for(
+        lambda: _seconds(budgets.status(first)["environments"][uid]["chargedUntil"]) >= restarted + 2,
+        timeout=30,
+        what="charges after the restart",
+    )
+    assert budgets.holding(uid) == [first]
+    assert budgets.status(second)["running"]["environments"] == 0
+    assert "SecondPersonalBudget" in events(core, "default", second, kind="ComputeBudget")

@@ -42,7 +42,7 @@ import asyncio
 import datetime
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,11 @@ CONFIRMATION_REUSE_SECONDS = 3.0
 # Past this age the next round starts in the background (two lists a second while refusals stream).
 CONFIRMATION_REFRESH_SECONDS = 0.5
 _ENDED_MAX = 100_000  # uids remembered as ended (an ended uid never runs again)
+# A started environment that no budget covers any more is stopped after this long, and one its budget's
+# ledger does not hold is reserved again after this long (BudgetGate.unheld).
+UNCOVERED_GRACE_SECONDS = 10.0
+# Phases in which an environment holds a slot in its budget's ledger.
+HELD_PHASES = frozenset({Phase.PROVISIONING.value, Phase.READY.value, Phase.SUSPENDED.value})
 
 Ended = dict[str, datetime.datetime | None]  # ledger entry uid -> when its environment ended (None: now)
 
@@ -100,13 +105,17 @@ class BudgetGate:
     # budget name -> when the last round of confirmations that was answered started (monotonic clock)
     _confirmed: dict[str, float] = field(default_factory=dict)
     _rounds: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # budget name -> its latest round
+    # Set by the first ComputeBudget kopf hands over: it does so once every index is filled.
+    indexed: bool = False
+    _uncovered: dict[str, float] = field(default_factory=dict)  # uid -> since when no budget covers it (unheld)
+    _unledgered: dict[str, float] = field(default_factory=dict)  # uid -> since when its budget's ledger lacks it
 
     async def check(
         self, environment: Environment, flavor: Flavor, status: Mapping[str, Any], now: datetime.datetime
     ) -> Refusal | None:
         if not self.settings.enabled:
             return None
-        selected = self.ledger.views.select(environment.owner, environment.budget)
+        selected = self.ledger.views.select(environment.owner, environment.budget, environment.uid)
         if isinstance(selected, Refusal):
             if selected.reason == "NoBudget" and not self.settings.require_budget:
                 return None
@@ -149,7 +158,52 @@ class BudgetGate:
             return False
         if not phase or is_terminal(phase):
             return False
-        return isinstance(self.ledger.views.select(environment.owner, environment.budget), Refusal)
+        return isinstance(self.ledger.views.select(environment.owner, environment.budget, environment.uid), Refusal)
+
+    def unheld(
+        self, records: Iterable[EnvironmentRecord], moment: float | None = None, at_once: bool = False
+    ) -> set[str]:
+        """The uids of the started environments whose budget has gone from under them, for the sweep
+        (engine/sweep.py) and a budget's creation (handlers/budgets.py) to reconcile: `check` then
+        reserves each in the budget it draws on now, as a start does (what does not fit is refused),
+        or stops it, "budget withdrawn", when none covers it any more.
+
+        The ledger was the budget's status: a budget deleted (to cut a user off) or deleted and
+        created again (kubectl replace --force, a GitOps Replace; spec.user and spec.group cannot
+        change otherwise) takes its entries with it, and nothing else converges a Ready pod
+        environment again. Uncharged and uncounted meanwhile, it let its owner start another
+        maxEnvironments on top. One that no budget covers is stopped only once it has been so for
+        UNCOVERED_GRACE_SECONDS: a replace deletes and creates within a moment, and must not stop
+        what the new budget will hold. One its budget's ledger does not hold is named once it has
+        been so as long (`at_once`: at once, for a budget just created), not at the first sweep
+        that sees it: in a burst of starts the ledger's index lags the reservations a moment, and
+        those would be reconciled again for nothing. Nothing until kopf has handed over a
+        ComputeBudget (`indexed`): before, the budget indexes may be incomplete. `moment`: on the
+        monotonic clock (now by default)."""
+        if not self.settings.enabled or not self.indexed:
+            return set()
+        moment = time.monotonic() if moment is None else moment
+        uncovered: dict[str, float] = {}
+        unledgered: dict[str, float] = {}
+        due: set[str] = set()
+        for record in records:
+            environment = record.environment
+            if environment.deleting or record.status.get("phase") not in HELD_PHASES:
+                continue
+            selected = self.ledger.views.select(environment.owner, environment.budget, environment.uid)
+            if isinstance(selected, Budget):
+                if environment.uid not in selected.entries:
+                    since = unledgered[environment.uid] = self._unledgered.get(environment.uid, moment)
+                    if at_once or moment - since >= UNCOVERED_GRACE_SECONDS:
+                        due.add(environment.uid)
+            elif selected.reason != "NoBudget" or self.settings.require_budget:
+                since = uncovered[environment.uid] = self._uncovered.get(environment.uid, moment)
+                if moment - since >= UNCOVERED_GRACE_SECONDS:
+                    due.add(environment.uid)
+        self._uncovered = uncovered
+        if not at_once:  # a sweep's view: a budget's arrival judges its own environments only
+            self._unledgered = unledgered
+        return due
 
     def admit(
         self,
@@ -343,5 +397,5 @@ class BudgetGate:
 
 def build_budget_gate(kube: KubeClient, settings: BudgetSettings, indexes: Mapping[str, Index]) -> BudgetGate:
     """Made once at startup (handlers/lifecycle.py); the webhooks, the accounting and approvals share it."""
-    views = Views(indexes["budgets"], indexes["personal_budgets"], indexes["groups"])
+    views = Views(indexes["budgets"], indexes["personal_budgets"], indexes["groups"], indexes["ledger_entries"])
     return BudgetGate(settings, Ledger(kube, views))

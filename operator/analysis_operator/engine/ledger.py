@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client.rest import ApiException
@@ -34,16 +34,28 @@ class Views:
     budgets: Index
     personal: Index
     groups: Index
+    entries: Index = field(default_factory=dict)  # environment uid -> the budgets whose ledgers hold it
 
-    def select(self, environment_owner: str, named: str) -> Budget | Refusal:
-        budget_by_name = Singles(self.budgets)
+    def select(self, environment_owner: str, named: str, uid: str = "") -> Budget | Refusal:
+        """The budget an environment draws on (policy/budgets.select_budget). `uid`: the environment's,
+        when it may hold a slot already (reconcile; a create holds none)."""
+        personal = self.personal_budget(environment_owner, uid)
         return select_budget(
             environment_owner,
             named,
-            budget_by_name,
-            Singles(self.personal),
+            Singles(self.budgets),
+            {environment_owner: personal} if personal else {},
             lambda group, user: member_of(self.groups, group, user),
         )
+
+    def personal_budget(self, user: str, uid: str = "") -> str | None:
+        """The name of the user's personal budget. A user may have two by mistake (a new one added
+        before the old one is removed; nothing refuses it): then the one whose ledger holds the
+        environment `uid` already, else the first by name. Not the first the index lists: that order
+        changes with a restart, and the environment would be reserved and charged in both."""
+        names = sorted(str(name) for name in self.personal.get(user, ()))
+        held = sorted(name for name in self.entries.get(uid, ()) if name in names) if uid else []
+        return next(iter(held or names), None)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import structlog
@@ -48,10 +48,25 @@ def due(record: EnvironmentRecord, flavors: Index, polled: frozenset[str], momen
     return flavor.backend in polled or expiry(record.environment, flavor, record.status, moment)[1] <= moment
 
 
-async def sweep(reconciler: Reconciler, moment: datetime.datetime, parallel: int = 8) -> int:
+def _none(records: list[EnvironmentRecord]) -> Collection[str]:
+    return ()
+
+
+async def sweep(
+    reconciler: Reconciler,
+    moment: datetime.datetime,
+    parallel: int = 8,
+    unheld: Callable[[list[EnvironmentRecord]], Collection[str]] = _none,
+) -> int:
+    """Reconcile what is due (`due`), and the environments `unheld` names (uids): started ones whose
+    budget went from under them (engine/budget_gate.BudgetGate.unheld)."""
     polled = frozenset(kind for kind, backend in reconciler.context.backends.items() if backend.polled)
+    records = list(values(reconciler.environments))
+    again = unheld(records)
     due_records = [
-        record for record in values(reconciler.environments) if due(record, reconciler.flavors, polled, moment)
+        record
+        for record in records
+        if record.environment.uid in again or due(record, reconciler.flavors, polled, moment)
     ]
     limit = asyncio.Semaphore(parallel)
 

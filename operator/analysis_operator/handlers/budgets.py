@@ -1,5 +1,6 @@
-"""ComputeBudget handlers: the budget indexes, the accounting daemon of each budget, and the
-release of an environment's slot the moment it is deleted or ends.
+"""ComputeBudget handlers: the budget indexes, the accounting daemon of each budget, the
+release of an environment's slot the moment it is deleted or ends, and a budget's arrival
+(what it is to hold is reserved in it; a user's second personal budget is warned of).
 
 The decisions are in policy/budgets.py; the ledger, the reconcile gate and the
 admission hold in engine/ (ledger.py, budget_gate.py, accounting.py).
@@ -16,10 +17,13 @@ import structlog
 
 from analysis_operator.engine.accounting import charge_budget
 from analysis_operator.engine.budget_gate import BudgetGate
+from analysis_operator.engine.events import post_event
 from analysis_operator.engine.ledger import BUDGETS
-from analysis_operator.engine.reconciler import utcnow
+from analysis_operator.engine.reconciler import Reconciler, utcnow
+from analysis_operator.engine.views import values
 from analysis_operator.handlers.indexes import never_raises, report_problems
-from analysis_operator.model.domain import GROUP, VERSION, is_terminal, parse_time
+from analysis_operator.infra.kube import KubeClient
+from analysis_operator.model.domain import API_VERSION, GROUP, VERSION, is_terminal, parse_time
 from analysis_operator.policy.budgets import Budget
 from analysis_operator.settings import BudgetSettings
 
@@ -85,6 +89,44 @@ async def release_slot(type: str, body: kopf.Body, memo: kopf.Memo, ledger_entri
             await gate.release(str(budget), {uid: end}, utcnow())
         except Exception:  # the confirmation at the next refusal and the accounting tick settle it instead
             log.exception("budget.release_failed", budget=budget, uid=uid)
+
+
+@kopf.on.event(GROUP, VERSION, BUDGETS, when=lambda type, **_: type in (None, "ADDED"))
+async def on_budget_seen(type: str | None, name: str, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
+    """A ComputeBudget listed (at start) or created. kopf hands over none before every index is
+    filled: from now on the gate may judge by them (BudgetGate.indexed). A created one may be one
+    deleted and created again (kubectl replace --force, a GitOps Replace): the environments it is to
+    hold are reserved in it now, not at the next sweep, so its numbers count them at once. A
+    second personal budget of one user is said so on it (nothing refuses it at creation)."""
+    gate: BudgetGate = memo.budget_gate
+    gate.indexed = True
+    if not gate.settings.enabled:
+        return
+    if spec.get("user"):
+        await warn_second_personal(memo.context.kube, gate, name, str(spec["user"]))
+    if type == "ADDED":
+        reconciler: Reconciler = memo.reconciler
+        records = list(values(reconciler.environments))
+        again = gate.unheld(records, at_once=True)
+        for record in records:
+            if record.environment.uid in again:
+                await reconciler.reconcile(record, utcnow())
+
+
+async def warn_second_personal(kube: KubeClient, gate: BudgetGate, name: str, user: str) -> None:
+    """A Warning Event on this budget if its user has another personal one: which of them new
+    environments draw on (engine/ledger.Views.personal_budget), and what to do."""
+    names = sorted(str(each) for each in gate.ledger.views.personal.get(user, ()))
+    if len(names) < 2:
+        return
+    chosen = gate.ledger.views.personal_budget(user)
+    reference = {"apiVersion": API_VERSION, "kind": "ComputeBudget", "metadata": {"name": name, "namespace": "default"}}
+    message = (
+        f"user {user!r} has {len(names)} personal ComputeBudgets ({', '.join(names)}): environments that name "
+        f"no spec.budget start on {chosen!r} (the first by name) and running ones stay on the one that holds "
+        f"them; delete the one not meant to be used, or name the budget in spec.budget"
+    )
+    await post_event(kube, reference, "Warning", "SecondPersonalBudget", message)
 
 
 @kopf.daemon(GROUP, VERSION, BUDGETS, id="budget-accounting", cancellation_timeout=5)

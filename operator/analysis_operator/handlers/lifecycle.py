@@ -345,7 +345,7 @@ async def sweep_forever(memo: kopf.Memo, interval: float, orphan_every: int = 10
             memo.active = await is_active(memo)
             if not memo.active:
                 continue
-            await sweep(reconciler, utcnow())
+            await sweep(reconciler, utcnow(), unheld=memo.budget_gate.unheld)  # and budgets gone from under them
             await warn_expiring(reconciler, config.budgets.expiry_warning_seconds, utcnow())
             if rounds % orphan_every == 0:
                 await sweep_orphans(reconciler)
