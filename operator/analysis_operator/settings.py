@@ -110,7 +110,9 @@ class AdmissionSettings:
     tls_secret_namespace: str = ""
     tls_hosts: tuple[str, ...] = ()
     webhook_configuration: str = ""
-    tls_check_interval_seconds: float = 3600.0  # how often each replica checks (and renews) it
+    # how often each replica checks (and renews) it; also how long, after a rotation (the Secret
+    # deleted), a replica may serve a certificate the new caBundle does not trust
+    tls_check_interval_seconds: float = 30.0
     # CA of the client certificate the API server presents to webhooks (its admission configuration):
     # set, the webhook port accepts only clients with a certificate from it; empty, any TLS client.
     client_ca_file: str = ""

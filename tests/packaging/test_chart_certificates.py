@@ -72,7 +72,7 @@ def test_default_renders_no_key_material_and_tells_the_operator_what_to_keep(tmp
     assert (admission.tls_secret, admission.tls_secret_namespace) == (SECRET, NAMESPACE)
     assert admission.webhook_configuration == FULLNAME
     assert admission.tls_hosts == (f"{SERVICE}.{NAMESPACE}.svc", f"{SERVICE}.{NAMESPACE}.svc.cluster.local")
-    assert admission.tls_check_interval_seconds == 3600.0
+    assert admission.tls_check_interval_seconds == 30.0  # the rotation window: see values.yaml
     assert find(objects, "Service", SERVICE)["metadata"]["namespace"] == NAMESPACE
     # Written where the pod may write (the tmp emptyDir; the root filesystem is read-only).
     pod = find(objects, "Deployment")["spec"]["template"]["spec"]
