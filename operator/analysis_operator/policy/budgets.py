@@ -110,7 +110,7 @@ class Budget:
         current = self.status.get("periodStart")
         if not self.reset or not current:
             return True
-        granted = grant_period(self.reset, grant)
+        granted = grant_period(grant)
         return granted is None or granted == current
 
     def used(self, key: str) -> float:
@@ -297,23 +297,19 @@ def period_start(reset: str, now: datetime.datetime) -> datetime.datetime | None
     return None
 
 
-def grant_period(reset: str, grant: Mapping[str, Any]) -> str | None:
-    """The period (its start) a grant's hours are for: marked when it was granted, or for a grant
-    stored before grants were marked, the period of its approval time; None if neither can be read."""
-    if grant.get("periodStart"):
-        return str(grant["periodStart"])
-    try:
-        approved = parse_timestamp(str(grant.get("approvedAt") or ""))
-    except ValueError:
-        return None
-    start = period_start(reset, approved)
-    return format_time(start) if start is not None else None
+def grant_period(grant: Mapping[str, Any]) -> str | None:
+    """The period (its start) a grant's hours are for, marked when it was granted; None for a grant
+    stored before grants were marked. Such a grant counts in the period it is found in, whenever
+    it was approved (before, every grant counted for good: an upgrade mid-month must not take
+    granted hours away from running environments), and is marked with that period when the next
+    one starts (`_dated`), so it counts in no later one."""
+    return str(grant["periodStart"]) if grant.get("periodStart") else None
 
 
-def _dated(grants: Mapping[str, Mapping[str, Any]], reset: str, period: str) -> dict[str, Any]:
+def _dated(grants: Mapping[str, Mapping[str, Any]], period: str) -> dict[str, Any]:
     """The grants, each marked with its period: one whose period cannot be told was counted in the
     period now ending (`period`), and in none after it."""
-    return {uid: {"periodStart": grant_period(reset, grant) or period, **grant} for uid, grant in grants.items()}
+    return {uid: {"periodStart": grant_period(grant) or period, **grant} for uid, grant in grants.items()}
 
 
 def _charged(entry: Mapping[str, Any], until: datetime.datetime) -> dict[str, Any]:
@@ -409,7 +405,7 @@ def charge(
         others = {uid: _from_period(entry, start) for uid, entry in others.items()}
         settled = dict.fromkeys(RESOURCES, 0.0)
         if status.get("grants"):
-            status["grants"] = _dated(status["grants"], budget.reset, status.get("periodStart") or format_time(start))
+            status["grants"] = _dated(status["grants"], status.get("periodStart") or format_time(start))
         status.update(periodStart=format_time(start), warned={})
     entries = {uid: _charged(entry, end(uid)) for uid, entry in entries.items()}
     entries.update({uid: {**entries[uid], "chargedUntil": format_time(now)} for uid in ran_until if uid in entries})
