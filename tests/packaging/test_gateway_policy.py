@@ -84,3 +84,13 @@ def test_the_local_stack_binds_every_gateway_policy_to_the_authorization_paramet
     parameters_name = next(p for p in parameters if p["kind"] == "AuthorizationParameters")["metadata"]["name"]
     assert {b["spec"]["policyName"] for b in bindings} == policies == set(POLICIES.values())
     assert all(b["spec"]["paramRef"] == {"name": parameters_name, "parameterNotFoundAction": "Deny"} for b in bindings)
+
+
+def test_a_facility_whose_traefik_serves_only_its_own_ingressroutes_may_keep_other_teams_ones(tmp_path):
+    """gateway.refuseIngressRoutes false drops the IngressRoute policy only: routes on the Gateway
+    stay the operator's."""
+    kept = {o["metadata"]["name"] for o in _gateway_objects(render(tmp_path, ENABLED))}
+    assert kept == set(POLICIES)
+    values = _merge(ENABLED, {"gateway": {"refuseIngressRoutes": False}})
+    left = {o["metadata"]["name"] for o in _gateway_objects(render(tmp_path, values))}
+    assert left == {f"{FULLNAME}-gateway-routes"}
