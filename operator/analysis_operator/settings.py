@@ -39,9 +39,9 @@ class SlurmSettings:
     owner_prefix: str = ""
     owner_suffix: str = ""
     refused_accounts: tuple[str, ...] = ("root", "slurm")  # never submit as these (nor as `user`)
-    # Per user ("{user}" is replaced by the job's account): the job's HOME, its output and the datasets'
-    # links. Each user's own (owned by them, mode 0700): the batch script refuses any other.
-    working_directory: str = "/home/{user}/analysis-environments"
+    # The job's HOME, its output and the datasets' links ("{user}" is replaced by the job's account);
+    # it must exist on the nodes. "" = the mode's default (`job_working_directory`).
+    working_directory: str = ""
     # What the batch script starts: one command and its arguments, exec'd (as `exec <command>`).
     jupyter_command: str = "jupyter lab"
     job_path: str = "/usr/local/bin:/usr/bin:/bin"  # PATH in the job (a job's environment is the operator's)
@@ -52,6 +52,15 @@ class SlurmSettings:
     node_domain: str = ""  # appended to Slurm's node name for the URL ("" = as is)
     executor_workers: int = 4
 
+    @property
+    def job_working_directory(self) -> str:
+        """`working_directory`, or the mode's default: per user, each user's own directory (the
+        batch script refuses any other); single token, /tmp, which every node has (all jobs run
+        as the one account `user`, so there is no one to keep apart)."""
+        if self.working_directory:
+            return self.working_directory
+        return "/home/{user}/analysis-environments" if self.jwt_key_file else "/tmp"
+
     def working_directory_problem(self) -> str | None:
         """Why jobs cannot be submitted with `working_directory` (None if they can).
 
@@ -59,7 +68,7 @@ class SlurmSettings:
         Jupyter and IPython config and startup files): per user (jobs run as their owner), a
         directory without {user} would be every user's HOME, and one user's files would run as
         the next."""
-        directory = self.working_directory
+        directory = self.job_working_directory
         if not directory.startswith("/"):
             return f"slurm.working_directory {directory!r} is not an absolute path"
         if self.jwt_key_file and "{user}" not in directory:

@@ -1201,6 +1201,8 @@ _SLURM_ON = ["slurm.enabled=true", "slurm.url=http://slurmrestd:6820"]
         (["slurm.enabled=true", "slurm.jwtKeySecret.name=k"], "/slurm/url"),  # enabled, no URL
         (["slurm.url=slurmrestd:6820"], "/slurm/url"),
         (["slurm.workingDirectory=scratch/{user}"], "/slurm/workingDirectory"),
+        # per-user mode with one HOME for every user
+        ([*_SLURM_ON, "slurm.jwtKeySecret.name=k", "slurm.workingDirectory=/tmp"], "/slurm/workingDirectory"),
         (["slurm.refusedAccounts={root\\,slurm}"], "/slurm/refusedAccounts"),
         (["slurm.jwtKey.name=k"], "additional properties 'jwtKey'"),
         (["admission.clientCA.key=ca.crt"], "missing property 'name'"),

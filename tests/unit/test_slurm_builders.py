@@ -1057,12 +1057,39 @@ def test_a_cancelled_batch_job_stops_its_server_and_removes_its_directory(tmp_pa
         (dataclasses.replace(PER_USER, working_directory="/scratch/shared/aenv"), "has no {user}"),
         (dataclasses.replace(PER_USER, working_directory="scratch/{user}"), "not an absolute path"),
         (SETTINGS, None),  # single-token mode: every job is the one account's
+        (SlurmSettings(), None),
+        (SlurmSettings(working_directory="/tmp"), None),
     ],
 )
 def test_per_user_jobs_need_a_working_directory_of_their_own(settings, problem):
     found = settings.working_directory_problem()
     assert (found is None) if problem is None else (problem in found and "slurm.working_directory" in found)
-    assert "{user}" in SlurmSettings().working_directory
+
+
+@pytest.mark.parametrize(
+    "settings, user, home",
+    [
+        # Per user: each user's own (which must exist on the nodes).
+        (SlurmSettings(jwt_key_file="/etc/slurm/jwt.key"), "alice", "/home/alice/analysis-environments"),
+        # Single token: every job is `user`'s, whose /home/slurm/... nodes seldom have; /tmp they all do.
+        (SlurmSettings(), "", "/tmp"),
+        (SlurmSettings(working_directory="/scratch/{user}/aenv"), "", "/scratch/slurm/aenv"),
+    ],
+    ids=["per-user", "single-token", "single-token-set"],
+)
+def test_the_default_working_directory_is_the_modes_own(settings, user, home):
+    job = build_job_request(make_environment(), make_flavor(), settings, user=user)
+    assert job.working_directory == job.environment["HOME"] == home
+    assert job.standard_output.startswith(home + "/") and job.environment["AENV_DATA_DIR"].startswith(home + "/")
+
+
+def test_the_default_per_user_directory_still_names_the_jobs_owner():
+    """A job whose comment lost its signature is still the environment's by its output path, which
+    only the operator chose, below its owner's own directory (the default has {user})."""
+    settings = SlurmSettings(jwt_key_file="/etc/slurm/jwt.key")
+    output = build_output_path(make_environment(), settings, "alice", "ab12")
+    job = slurm_job(user_name="alice", comment="", standard_output=output)
+    assert job_identity(job, settings, KEY) == {"namespace": "team-a", "name": "lab", "uid": UID, "user": "alice"}
 
 
 def test_a_working_directory_shared_by_users_submits_nothing_and_says_which_setting(tmp_path):
@@ -1076,11 +1103,14 @@ def test_a_working_directory_shared_by_users_submits_nothing_and_says_which_sett
 
 
 NOBODY = 65534  # a uid neither root's nor the job's (the tests run as root: they give files away)
+STORAGE_ADMIN = 4242  # another account, one the facility's storage is run by
 
 
 def make_home(tmp_path, layout: str) -> str:
-    """A job's HOME (tmp_path/parent/alice) laid out as `layout` says."""
-    parent = tmp_path / "parent"
+    """A job's HOME (tmp_path/above/parent/alice) laid out as `layout` says."""
+    above = tmp_path / "above"
+    above.mkdir(mode=0o755)
+    parent = above / "parent"
     parent.mkdir(mode=0o755)
     home = parent / "alice"
     if layout == "link to a private directory":
@@ -1093,48 +1123,77 @@ def make_home(tmp_path, layout: str) -> str:
         "group-writable": (home, 0o770, None),
         "someone else's": (home, 0o700, NOBODY),
         "parent world-writable": (parent, 0o777, None),
+        "grandparent world-writable": (above, 0o777, None),
         "parent world-writable, sticky": (parent, 0o1777, None),
-        "parent someone else's": (parent, 0o755, NOBODY),
+        "parent nobody's (root-squashed NFS)": (parent, 0o755, NOBODY),
+        "parent a storage administrator's": (parent, 0o755, STORAGE_ADMIN),
+        "parent a project's (setgid, group-writable)": (parent, 0o2775, STORAGE_ADMIN),
     }
     if layout in changes:
         path, mode, owner = changes[layout]
-        os.chmod(path, mode)
         if owner is not None:
             os.chown(path, owner, -1)
+        os.chmod(path, mode)  # after chown, which clears setgid
     return str(home)
+
+
+def finish_batch_script(tmp_path, settings: SlurmSettings) -> tuple[subprocess.CompletedProcess, bool]:
+    """The real script with bash, in the job's environment, JupyterLab replaced by a `touch`: how it
+    ended, and whether it started JupyterLab."""
+    started = tmp_path / "started"
+    started.unlink(missing_ok=True)
+    settings = dataclasses.replace(settings, jupyter_command=f"touch {started} # $JUPYTER_PORT")
+    job = build_job_request(make_environment(), make_flavor(), settings)
+    script = build_batch_script(make_environment(), make_flavor(), TOKEN_ENV_NAME, settings)
+    variables = {**job.environment, TOKEN_ENV_NAME: "t0ken", "TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(["bash", "-c", script], env=variables, capture_output=True, text=True, timeout=30)
+    return result, started.exists()
 
 
 @pytest.mark.parametrize(
     "layout, starts",
     [
         ("private", True),
-        ("missing", True),  # made, private
         ("parent world-writable, sticky", True),  # as /tmp: no one else can move it away
+        # Parents the facility chose the writers of: whoever can write there could move HOME away
+        # after the check (README: node requirements).
+        ("parent nobody's (root-squashed NFS)", True),
+        ("parent a storage administrator's", True),
+        ("parent a project's (setgid, group-writable)", True),
         ("world-writable", False),
         ("group-writable", False),
         ("someone else's", False),
         ("link to a private directory", False),  # its owner could point it elsewhere later
+        ("missing", False),  # Slurm fails the job before, opening its output there
         ("parent world-writable", False),  # anyone could move it away and put theirs there
-        ("parent someone else's", False),
+        ("grandparent world-writable", False),  # anyone could move the parent away
     ],
 )
 def test_the_batch_script_starts_jupyterlab_only_in_a_home_of_the_jobs_own(tmp_path, layout, starts):
-    """The real script with bash: Python and JupyterLab run what a HOME holds (usercustomize.py, Jupyter
-    and IPython startup files), so a HOME someone else can write to, or put in place, starts nothing;
-    the script ends with its own status (the environment's reason), saying why."""
+    """Per user: Python and JupyterLab run what a HOME holds (usercustomize.py, Jupyter and IPython
+    startup files), so a HOME someone else can write to, or put in place, starts nothing; the script
+    ends with its own status (the environment's reason), saying why."""
     home = make_home(tmp_path, layout)
-    started = tmp_path / "started"
-    settings = SlurmSettings(working_directory=home, jupyter_command=f"touch {started} # $JUPYTER_PORT")
-    job = build_job_request(make_environment(), make_flavor(), settings)
-    script = build_batch_script(make_environment(), make_flavor(), TOKEN_ENV_NAME, settings)
-    variables = {**job.environment, TOKEN_ENV_NAME: "t0ken", "TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(["bash", "-c", script], env=variables, capture_output=True, text=True, timeout=30)
+    result, started = finish_batch_script(tmp_path, dataclasses.replace(PER_USER, working_directory=home))
     if starts:
-        assert result.returncode == 0 and started.exists(), result.stderr
+        assert result.returncode == 0 and started, result.stderr
         assert os.stat(home).st_uid == os.geteuid() and os.stat(home).st_mode & 0o077 == 0
     else:
-        assert result.returncode == slurm.HOME_NOT_PRIVATE_EXIT and not started.exists(), result.stderr
+        assert result.returncode == slurm.HOME_NOT_PRIVATE_EXIT and not started, result.stderr
         assert f"refusing to start JupyterLab: the working directory {home} (HOME) must be" in result.stderr
+
+
+def test_single_token_jobs_start_in_the_one_accounts_shared_home(tmp_path):
+    """Single token: every job runs as the one account, in one HOME (README), /tmp by default: the
+    script checks nothing there (a sticky directory everyone can write to, root's) and starts."""
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    settings = SlurmSettings(working_directory=str(shared))
+    result, started = finish_batch_script(tmp_path, settings)
+    assert result.returncode == 0 and started, result.stderr
+    result, started = finish_batch_script(tmp_path, dataclasses.replace(settings, jwt_key_file="/etc/slurm/jwt.key"))
+    assert result.returncode == slurm.HOME_NOT_PRIVATE_EXIT and not started, result.stderr
 
 
 def test_a_job_that_refused_its_home_says_whose_and_where():

@@ -317,6 +317,9 @@ def build_batch_script(
         token_env_name=token_env_name,
         modules=list(flavor.slurm.modules),
         jupyter_command=build_jupyter_command(settings),
+        # Per user only: in single-token mode every job is the one account's, whose HOME it shares
+        # with every other job (as the README says), and /tmp (its default) is no one's own.
+        check_home=bool(settings.jwt_key_file),
         home_not_private_exit=HOME_NOT_PRIVATE_EXIT,
         extension_module=jupyter.MODULE,
         extension_source=jupyter.extension_source(),
@@ -396,8 +399,9 @@ def build_observation(
             reference=reference,
             message=(
                 f"Slurm job {job_id} did not start JupyterLab: {directory} (its HOME) is not {job.user_name}'s "
-                "alone (it must be their own directory, not a link, not writable by group or others, below "
-                "directories no one else can write to); ask the cluster's administrators (slurm.working_directory)"
+                "alone (it must be their own directory, not a link, not writable by group or others, not below "
+                "a directory everyone can write to without the sticky bit); ask the cluster's administrators "
+                "(slurm.working_directory)"
             ),
         )
     if state == "TIMEOUT":

@@ -191,7 +191,8 @@ def parse_identity(comment: str) -> dict[str, str] | None:
 
 
 def build_working_directory(settings: SlurmSettings, user: str) -> str:
-    return settings.working_directory.replace("{user}", user)
+    """The job's HOME for `user`: the setting, or the mode's default, with {user} replaced (pure)."""
+    return settings.job_working_directory.replace("{user}", user)
 
 
 def build_output_path(environment: Environment, settings: SlurmSettings, user: str, nonce: str = "") -> str:
@@ -231,7 +232,7 @@ def job_identity(job: SlurmJob, settings: SlurmSettings, key: bytes | None) -> d
     match = _OUTPUT.search(output)
     if (
         match
-        and "{user}" in settings.working_directory
+        and "{user}" in settings.job_working_directory
         and output.startswith(build_working_directory(settings, user) + "/")
     ):
         return {"namespace": match["namespace"], "name": match["name"], "uid": match["uid"], "user": user}

@@ -181,17 +181,38 @@ def homes_below(slurm_settings) -> Iterator[pathlib.Path]:
     shutil.rmtree(root)
 
 
+NOBODY = 65534  # the owner of what root makes on a root-squashed NFS mount
+
+
 @pytest.mark.parametrize(
-    "owner, mode, starts",
-    [("alice", 0o700, True), ("bob", 0o777, False), ("alice", 0o777, False)],
-    ids=["alices-own", "bobs-open-to-all", "alices-open-to-all"],
+    "owner, mode, parent, starts",
+    [
+        ("alice", 0o700, (0, 0o755), True),
+        ("bob", 0o777, (0, 0o755), False),
+        ("alice", 0o777, (0, 0o755), False),
+        # a project's directory: nobody's (made by root on a root-squashed NFS), setgid, group-writable;
+        # its writers are the facility's choice
+        ("alice", 0o700, (NOBODY, 0o2775), True),
+        ("alice", 0o700, (0, 0o777), False),  # anyone could move alice's away and put theirs there
+    ],
+    ids=[
+        "alices-own",
+        "bobs-open-to-all",
+        "alices-open-to-all",
+        "alices-own-in-a-project",
+        "alices-own-in-an-open-one",
+    ],
 )
 def test_jupyterlab_starts_only_in_a_home_of_the_users_own(
-    slurm_settings, make_environment, homes_below, owner, mode, starts
+    slurm_settings, make_environment, homes_below, owner, mode, parent, starts
 ):
     """alice's job on a node where her working directory (the job's HOME) is not hers alone: bob has
     put a jupyter_server config there that would run as alice when her JupyterLab starts. The job
-    starts nothing and the environment fails with the reason; in a HOME of her own it goes Ready."""
+    starts nothing and the environment fails with the reason; in a HOME of her own it goes Ready,
+    below a directory anyone's, or a group's, but not one everyone can write to."""
+    parent_owner, parent_mode = parent
+    os.chown(homes_below, parent_owner, -1)
+    os.chmod(homes_below, parent_mode)
     home = homes_below / "alice"
     home.mkdir()
     planted = home / ".jupyter" / "jupyter_server_config.py"
@@ -217,6 +238,46 @@ def test_jupyterlab_starts_only_in_a_home_of_the_users_own(
     assert not ran.exists()  # JupyterLab never started there
     (output,) = home.glob("*.out")
     assert f"refusing to start JupyterLab: the working directory {home} (HOME) must be" in output.read_text()
+
+
+def test_single_token_jobs_start_in_a_home_all_of_them_share(slurm_settings, make_environment, homes_below):
+    """Single-token mode: every job runs as the operator's account (`slurm`), in one HOME (README), as
+    /tmp, its default (which every node has), is: sticky, root's, everyone's to write to. There is no
+    one to keep apart, so the script checks nothing and JupyterLab starts."""
+    shared = homes_below / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    backend = SlurmBackend(dataclasses.replace(slurm_settings, jwt_key_file="", working_directory=str(shared)))
+    environment = make_environment(owner="alice")
+    try:
+        asyncio.run(backend.ensure(Launch(environment, make_flavor(partition="debug"), TOKEN)))
+        wait_for_state(backend, environment, {State.READY}, timeout=60)
+        (output,) = shared.glob("*.out")
+        assert output.stat().st_uid == pwd.getpwnam(slurm_settings.user).pw_uid
+    finally:
+        asyncio.run(backend.delete(environment))
+
+
+@pytest.mark.parametrize("parent_owner, made", [("root", False), ("alice", True)], ids=["roots", "alices"])
+def test_a_missing_working_directory_is_made_by_slurm_or_fails_the_job_before_the_script(
+    slurm_settings, make_environment, homes_below, parent_owner, made
+):
+    """The job starts in its working directory, its output file there, which Slurm opens before the script
+    runs (the script makes none). A missing one Slurm makes as the user where they may (25.05), and the
+    script's checks then pass; where they may not, the job fails before the script and nothing is made."""
+    os.chown(homes_below, pwd.getpwnam(parent_owner).pw_uid, -1)
+    backend = SlurmBackend(dataclasses.replace(slurm_settings, working_directory=f"{homes_below}/{{user}}"))
+    environment = make_environment(owner="alice")
+    home = homes_below / "alice"
+
+    asyncio.run(backend.ensure(Launch(environment, make_flavor(partition="debug"), TOKEN)))
+    observation = wait_for_state(backend, environment, {State.FAILED, State.READY}, timeout=60)
+    if made:
+        assert observation.state == State.READY, observation
+        assert home.stat().st_uid == pwd.getpwnam("alice").pw_uid and home.stat().st_mode & 0o022 == 0
+    else:
+        assert (observation.state, observation.reason) == (State.FAILED, "JobFailed"), observation
+        assert not home.exists()
 
 
 def test_pending_job_reports_slurms_reason(backend, make_environment):

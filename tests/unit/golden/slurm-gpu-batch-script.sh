@@ -5,35 +5,6 @@
 set -euo pipefail
 umask 077
 
-# HOME is the owner's working directory, where Python and JupyterLab run what they find (user
-# site-packages, Jupyter and IPython config and startup files): nothing starts unless it is this
-# user's alone, a directory of theirs (not a link) that no one else can write to, below directories
-# of root's or theirs in which no one else can put another in its place (writable by others only if
-# sticky). A missing one is made, private.
-case ${HOME:-} in
-  /*) ;;
-  *)
-    echo "analysis-operator: refusing to start JupyterLab: HOME (${HOME:-unset}) is not an absolute path" >&2
-    exit 78
-    ;;
-esac
-[ -e "$HOME" ] || [ -L "$HOME" ] || mkdir -p -m 0700 -- "$HOME" || true
-home_parents=() home_parent=$HOME
-while [ "$home_parent" != / ]; do
-  home_parent=$(dirname -- "$home_parent")
-  home_parents+=("$home_parent")
-done
-if [ -L "$HOME" ] || [ ! -d "$HOME" ] || [ ! -O "$HOME" ] \
-  || [ -n "$(find "$HOME" -maxdepth 0 -perm /022 -print)" ] \
-  || [ -n "$(find -H "${home_parents[@]}" -maxdepth 0 \( ! -user 0 ! -user "$(id -u)" -o -perm /022 ! -perm -1000 \) \
-    -print -quit)" ]; then
-  echo "analysis-operator: refusing to start JupyterLab: the working directory $HOME (HOME) must be" \
-    "a directory owned by $(id -un) (uid $(id -u)), not a link, not writable by group or others," \
-    "below directories owned by root or $(id -un) that no one else can write to (or sticky ones);" \
-    "ask the cluster's administrators (slurm.working_directory)" >&2
-  exit 78
-fi
-
 token_variable=JUPYTER_TOKEN
 if [ -z "${!token_variable:-}" ]; then
   echo "analysis-operator: no access token in \$$token_variable; refusing to start a server without one" >&2
