@@ -441,6 +441,50 @@ def test_a_budget_deleted_and_created_again_holds_counts_and_charges_its_running
     assert environments.phase("work") == "Ready"
 
 
+def test_a_budget_replaced_keeps_running_what_a_grant_let_run_over_its_spec_limit(budgets, environments, custom):
+    """The grant (status.grants) goes with the replaced object: the two environments it let run are put
+    back in the new one's ledger anyway, neither stopped (a limit lowered in place stops none either),
+    and counted, so a third is refused while they are over the limit."""
+    owner = user()
+    limits = {"cpuHours": 100, "maxEnvironments": 1}
+    name = budgets.create(limits, user=owner)
+    grant = {"request": "more", "approvedBy": "dora", "approvedAt": "2026-01-01T00:00:00Z", "maxEnvironments": 1}
+    custom.patch_cluster_custom_object_status(
+        GROUP, VERSION, "computebudgets", name, {"status": {"grants": {str(uuid.uuid4()): grant}}}
+    )
+    wait_for(lambda: budgets.status(name)["limits"].get("maxEnvironments") == 2, timeout=10, what="the grant")
+    uids = []
+    for each in ("one", "two"):
+        environments.create(each, flavor="jupyter-basic", owner=owner)
+        uids.append(environments.wait_phase(each, "Ready")["metadata"]["uid"])
+    wait_for(lambda: all(budgets.holding(uid) == [name] for uid in uids), timeout=10, what="both slots taken")
+    budgets.delete(name)
+    budgets.create(limits, user=owner, name=name)  # kubectl replace --force
+    replaced = datetime.datetime.now(datetime.UTC).timestamp()
+    status = wait_for(
+        lambda: (s := budgets.status(name)).get("running", {}).get("environments") == 2 and s,
+        timeout=15,
+        what=lambda: (
+            f"both counted in the new budget: {json.dumps(budgets.status(name).get('running'))}, "
+            f"{environments.phase('one')}, {environments.phase('two')}"
+        ),
+    )
+    assert status["limits"]["maxEnvironments"] == 1
+    assert "allows 1 environment(s) at once and 2 are running" in refusal(
+        environments, "three", flavor="jupyter-basic", owner=owner
+    )
+    # Past the sweep's grace for a ledger that lacks them (10 s): charged on, and neither stopped.
+    wait_for(
+        lambda: (
+            min(_seconds(e["chargedUntil"]) for e in budgets.status(name)["environments"].values()) >= replaced + 12
+        ),
+        timeout=30,
+        what="charges past the grace",
+    )
+    assert [environments.phase(each) for each in ("one", "two")] == ["Ready", "Ready"]
+    assert sorted(budgets.status(name)["environments"]) == sorted(uids)
+
+
 def test_a_deleted_budget_stops_the_environments_it_held_saying_why(budgets, environments, core, namespace):
     """A budget deleted to cut its user off: what runs on it stops, after a grace for a replace."""
     owner = user()

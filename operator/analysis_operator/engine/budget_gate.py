@@ -33,7 +33,10 @@ delete the watch has not shown yet is not seen, and the create is refused (never
 the other way). The reconcile gate settles the ended entries in the same write
 that takes the new slot; the environment handlers release them as soon as
 they see the end (handlers/budgets.py), and the accounting tick remains the
-backstop. A suspended environment keeps its slot, so resuming never fails.
+backstop. A suspended environment keeps its slot, so resuming never fails. A
+started environment its budget's ledger does not hold (the budget deleted and
+created again, also while the operator was down) is put back without the slot
+checks: it runs on, counted, as after a limit lowered (BudgetGate.check).
 """
 
 from __future__ import annotations
@@ -53,8 +56,8 @@ from analysis_operator.engine.ledger import Ledger, Views
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
 from analysis_operator.infra import metrics
 from analysis_operator.infra.kube import KubeClient
-from analysis_operator.model.domain import Environment, Flavor, Phase, is_terminal, parse_time
-from analysis_operator.policy.budgets import Budget, admission_refusal, release, reserve, spent
+from analysis_operator.model.domain import Environment, Flavor, Phase, format_time, is_terminal, parse_time
+from analysis_operator.policy.budgets import Budget, admission_refusal, release, reserve, spent, summarize
 from analysis_operator.policy.refusal import Refusal
 from analysis_operator.settings import BudgetSettings
 
@@ -92,6 +95,38 @@ def ended_at(uid: str, body: Mapping[str, Any] | None) -> tuple[datetime.datetim
     return None
 
 
+def has_started(status: Mapping[str, Any]) -> bool:
+    """Has the environment passed the gate once (it ran, or was queued to)? converge writes startedAt
+    and a started phase only after `check` let it start; before, the phase is none or Pending (pure)."""
+    return status.get("phase") in STARTED or bool(status.get("startedAt"))
+
+
+def rejoin(
+    budget: Budget, environment: Environment, flavor: Flavor, status: Mapping[str, Any], now: datetime.datetime
+) -> dict[str, Any] | None:
+    """The budget's status with a started environment its ledger does not hold put back, charged from
+    `now`; None if it holds it (pure). No slot check: it runs already, and refusing it would stop it.
+    A Slurm job (charged for its allocation from its start, policy/budgets.charge) is marked as charged
+    from its start already (heldSince), else the first tick would charge it back to that start: days
+    that were the old ledger's to charge, or nobody's."""
+    if environment.uid in budget.entries:
+        return None
+    entry: dict[str, Any] = {
+        "namespace": environment.namespace,
+        "name": environment.name,
+        "cpus": flavor.resources.cpus,
+        "gpus": flavor.resources.gpu,
+        "since": format_time(now),
+        "chargedUntil": format_time(now),
+        "cpuHours": 0.0,
+        "gpuHours": 0.0,
+    }
+    job_start = parse_time((status.get("backend") or {}).get("startedAt"))
+    if job_start is not None:
+        entry["heldSince"] = format_time(job_start)
+    return summarize(budget, {**budget.status, "environments": {**budget.entries, environment.uid: entry}}, now)
+
+
 @dataclass
 class BudgetGate:
     """Checked by converge before anything is created or kept running (converge.Gate)."""
@@ -120,14 +155,26 @@ class BudgetGate:
             if selected.reason == "NoBudget" and not self.settings.require_budget:
                 return None
             metrics.count_refusal(selected.reason, "budget", "reconcile")
-            if status.get("phase") in STARTED or status.get("startedAt"):  # it ran, or was queued to
+            if has_started(status):
                 # the budget it runs on is no longer its owner's to use (removed from its group, say)
                 message = f"budget withdrawn, the environment was stopped: {selected.message}"
                 return Refusal(selected.reason, message, phase=Phase.STOPPED)
             return selected
-        if environment.uid in selected.entries:  # holds a slot: only a spent budget ends it
-            over = spent(selected, flavor.resources.cpus, flavor.resources.gpu, now)
-            return Refusal("BudgetExhausted", over.message, Phase.BUDGET_EXHAUSTED) if over else None
+        if environment.uid not in selected.entries:
+            if not has_started(status):
+                return await self._reserve(selected, environment, flavor, now)
+            # Started, and its budget's ledger lost it (deleted and created again, also while the operator
+            # was down; budgets turned on under it): put back as it runs, not judged as a start. Lowering
+            # a limit never stops what runs either; the budget counts it, so creates are refused while over.
+            await self.ledger.update(selected.name, lambda budget: rejoin(budget, environment, flavor, status, now))
+            log.info("budget.rejoined", environment=f"{environment.namespace}/{environment.name}", budget=selected.name)
+        over = spent(selected, flavor.resources.cpus, flavor.resources.gpu, now)  # holds a slot: only this ends it
+        return Refusal("BudgetExhausted", over.message, Phase.BUDGET_EXHAUSTED) if over else None
+
+    async def _reserve(
+        self, selected: Budget, environment: Environment, flavor: Flavor, now: datetime.datetime
+    ) -> Refusal | None:
+        """Take a slot for a start in the ledger (policy/budgets.reserve), or say why not."""
         seen: list[Budget] = []
 
         def take(budget: Budget) -> Refusal | dict[str, Any] | None:
@@ -165,8 +212,8 @@ class BudgetGate:
     ) -> set[str]:
         """The uids of the started environments whose budget has gone from under them, for the sweep
         (engine/sweep.py) and a budget's creation (handlers/budgets.py) to reconcile: `check` then
-        reserves each in the budget it draws on now, as a start does (what does not fit is refused),
-        or stops it, "budget withdrawn", when none covers it any more.
+        puts each back in the ledger of the budget it draws on now, without the slot checks of a start
+        (`rejoin`: it runs on, and is counted), or stops it, "budget withdrawn", when none covers it.
 
         The ledger was the budget's status: a budget deleted (to cut a user off) or deleted and
         created again (kubectl replace --force, a GitOps Replace; spec.user and spec.group cannot

@@ -96,8 +96,10 @@ async def on_budget_seen(type: str | None, name: str, spec: kopf.Spec, memo: kop
     """A ComputeBudget listed (at start) or created. kopf hands over none before every index is
     filled: from now on the gate may judge by them (BudgetGate.indexed). A created one may be one
     deleted and created again (kubectl replace --force, a GitOps Replace): the environments it is to
-    hold are reserved in it now, not at the next sweep, so its numbers count them at once. A
-    second personal budget of one user is said so on it (nothing refuses it at creation)."""
+    hold are reconciled now, not at the next sweep, so its numbers count them at once; in tasks of
+    the reconciler's own (Reconciler.requeue), not here: kopf hands this budget's next events (its
+    index updates, the ledger those reconciles write) over only once this handler returns. A second
+    personal budget of one user is said so on it (nothing refuses it at creation)."""
     gate: BudgetGate = memo.budget_gate
     gate.indexed = True
     if not gate.settings.enabled:
@@ -110,7 +112,15 @@ async def on_budget_seen(type: str | None, name: str, spec: kopf.Spec, memo: kop
         again = gate.unheld(records, at_once=True)
         for record in records:
             if record.environment.uid in again:
-                await reconciler.reconcile(record, utcnow())
+                reconciler.requeue(record, 0)
+
+
+@kopf.on.event(GROUP, VERSION, "analysisenvironments", when=lambda memo, **_: not memo.budget_gate.indexed)
+async def on_indexes_filled(memo: kopf.Memo, **_: Any) -> None:
+    """kopf hands over no event before every index is filled; with no ComputeBudget to hand over,
+    the first environment's says so (BudgetGate.indexed): the sweep may then stop the environments
+    whose budget was deleted while the operator was down."""
+    memo.budget_gate.indexed = True
 
 
 async def warn_second_personal(kube: KubeClient, gate: BudgetGate, name: str, user: str) -> None:
