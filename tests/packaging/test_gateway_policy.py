@@ -94,3 +94,11 @@ def test_a_facility_whose_traefik_serves_only_its_own_ingressroutes_may_keep_oth
     values = _merge(ENABLED, {"gateway": {"refuseIngressRoutes": False}})
     left = {o["metadata"]["name"] for o in _gateway_objects(render(tmp_path, values))}
     assert left == {f"{FULLNAME}-gateway-routes"}
+
+
+def test_a_release_upgraded_without_the_value_keeps_refusing_ingressroutes(tmp_path):
+    """helm upgrade --reuse-values from a release made before gateway.refuseIngressRoutes existed
+    has no such value (null): only an explicit false drops the IngressRoute policy."""
+    values = _merge(ENABLED, {"gateway": {"refuseIngressRoutes": None}})
+    kept = {o["metadata"]["name"] for o in _gateway_objects(render(tmp_path, values, "--skip-schema-validation"))}
+    assert kept == set(POLICIES)

@@ -57,7 +57,16 @@ from analysis_operator.engine.views import EnvironmentRecord, Index, first
 from analysis_operator.infra import metrics
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.model.domain import Environment, Flavor, Phase, format_time, is_terminal, parse_time
-from analysis_operator.policy.budgets import Budget, admission_refusal, release, reserve, spent, summarize
+from analysis_operator.policy.budgets import (
+    Budget,
+    admission_refusal,
+    new_entry,
+    release,
+    reserve,
+    spent,
+    summarize,
+    with_entry,
+)
 from analysis_operator.policy.refusal import Refusal
 from analysis_operator.settings import BudgetSettings
 
@@ -111,20 +120,11 @@ def rejoin(
     that were the old ledger's to charge, or nobody's."""
     if environment.uid in budget.entries:
         return None
-    entry: dict[str, Any] = {
-        "namespace": environment.namespace,
-        "name": environment.name,
-        "cpus": flavor.resources.cpus,
-        "gpus": flavor.resources.gpu,
-        "since": format_time(now),
-        "chargedUntil": format_time(now),
-        "cpuHours": 0.0,
-        "gpuHours": 0.0,
-    }
+    entry = new_entry(environment, flavor, now)
     job_start = parse_time((status.get("backend") or {}).get("startedAt"))
     if job_start is not None:
         entry["heldSince"] = format_time(job_start)
-    return summarize(budget, {**budget.status, "environments": {**budget.entries, environment.uid: entry}}, now)
+    return summarize(budget, with_entry(budget, environment, entry), now)
 
 
 @dataclass
@@ -166,8 +166,13 @@ class BudgetGate:
             # Started, and its budget's ledger lost it (deleted and created again, also while the operator
             # was down; budgets turned on under it): put back as it runs, not judged as a start. Lowering
             # a limit never stops what runs either; the budget counts it, so creates are refused while over.
-            await self.ledger.update(selected.name, lambda budget: rejoin(budget, environment, flavor, status, now))
-            log.info("budget.rejoined", environment=f"{environment.namespace}/{environment.name}", budget=selected.name)
+            put_back = await self.ledger.update(
+                selected.name, lambda budget: rejoin(budget, environment, flavor, status, now)
+            )
+            if put_back is not None:  # None: the ledger held it after all (its index lagged a reservation)
+                log.info(
+                    "budget.rejoined", environment=f"{environment.namespace}/{environment.name}", budget=selected.name
+                )
         over = spent(selected, flavor.resources.cpus, flavor.resources.gpu, now)  # holds a slot: only this ends it
         return Refusal("BudgetExhausted", over.message, Phase.BUDGET_EXHAUSTED) if over else None
 

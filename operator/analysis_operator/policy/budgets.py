@@ -253,7 +253,12 @@ def reserve(
     refusal = admission_refusal(budget, flavor, len(live), gpus_held, now)
     if refusal is not None:
         return refusal
-    entry = {
+    return summarize(budget, with_entry(budget, environment, new_entry(environment, flavor, now)), now)
+
+
+def new_entry(environment: Environment, flavor: Flavor, now: datetime.datetime) -> dict[str, Any]:
+    """A ledger entry for an environment taking its slot now: charged from now."""
+    return {
         "namespace": environment.namespace,
         "name": environment.name,
         "cpus": flavor.resources.cpus,
@@ -263,7 +268,10 @@ def reserve(
         "cpuHours": 0.0,
         "gpuHours": 0.0,
     }
-    return summarize(budget, {**budget.status, "environments": {**budget.entries, environment.uid: entry}}, now)
+
+
+def with_entry(budget: Budget, environment: Environment, entry: Mapping[str, Any]) -> dict[str, Any]:
+    return {**budget.status, "environments": {**budget.entries, environment.uid: entry}}
 
 
 def release(
