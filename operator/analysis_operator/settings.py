@@ -54,12 +54,16 @@ class SlurmSettings:
 
     @property
     def job_working_directory(self) -> str:
-        """`working_directory`, or the mode's default: per user, each user's own directory (the
-        batch script refuses any other); single token, /tmp, which every node has (all jobs run
-        as the one account `user`, so there is no one to keep apart)."""
+        """`working_directory`, or the mode's default, a directory of the job's account's own (the
+        batch script refuses any other, in both modes): per user, each user's; single token, the
+        one account's below /tmp, which every node has (/home/slurm/... they seldom do). Slurm
+        makes it as that account on first use; /tmp itself would be everyone's (anyone could put
+        startup files there that then run in every environment, as that account)."""
         if self.working_directory:
             return self.working_directory
-        return "/home/{user}/analysis-environments" if self.jwt_key_file else "/tmp"
+        if self.jwt_key_file:
+            return "/home/{user}/analysis-environments"
+        return "/tmp/analysis-environments-{user}"
 
     def working_directory_problem(self) -> str | None:
         """Why jobs cannot be submitted with `working_directory` (None if they can).

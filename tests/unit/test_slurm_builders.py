@@ -1058,7 +1058,7 @@ def test_a_cancelled_batch_job_stops_its_server_and_removes_its_directory(tmp_pa
         (dataclasses.replace(PER_USER, working_directory="scratch/{user}"), "not an absolute path"),
         (SETTINGS, None),  # single-token mode: every job is the one account's
         (SlurmSettings(), None),
-        (SlurmSettings(working_directory="/tmp"), None),
+        (SlurmSettings(working_directory="/tmp"), None),  # submitted; the batch script refuses it
     ],
 )
 def test_per_user_jobs_need_a_working_directory_of_their_own(settings, problem):
@@ -1071,8 +1071,9 @@ def test_per_user_jobs_need_a_working_directory_of_their_own(settings, problem):
     [
         # Per user: each user's own (which must exist on the nodes).
         (SlurmSettings(jwt_key_file="/etc/slurm/jwt.key"), "alice", "/home/alice/analysis-environments"),
-        # Single token: every job is `user`'s, whose /home/slurm/... nodes seldom have; /tmp they all do.
-        (SlurmSettings(), "", "/tmp"),
+        # Single token: every job is `user`'s, whose /home/slurm/... nodes seldom have; /tmp they all
+        # do, but it is everyone's: the account's own directory below it.
+        (SlurmSettings(), "", "/tmp/analysis-environments-slurm"),
         (SlurmSettings(working_directory="/scratch/{user}/aenv"), "", "/scratch/slurm/aenv"),
     ],
     ids=["per-user", "single-token", "single-token-set"],
@@ -1183,16 +1184,27 @@ def test_the_batch_script_starts_jupyterlab_only_in_a_home_of_the_jobs_own(tmp_p
         assert f"refusing to start JupyterLab: the working directory {home} (HOME) must be" in result.stderr
 
 
-def test_single_token_jobs_start_in_the_one_accounts_shared_home(tmp_path):
-    """Single token: every job runs as the one account, in one HOME (README), /tmp by default: the
-    script checks nothing there (a sticky directory everyone can write to, root's) and starts."""
+def test_a_single_token_job_starts_in_its_accounts_own_directory_not_in_one_everyone_shares(tmp_path):
+    """Single token: in /tmp anyone on the node could plant startup files (.ipython/profile_default/
+    startup, .jupyter, user site-packages) that would run in every later environment as the one
+    account all jobs share, beside each one's token and data: the script refuses it (its own status,
+    the environment's reason), as per user. The account's own directory below it, the default, starts;
+    the same directory made first by someone else is refused, their code not run."""
     shared = tmp_path / "tmp"
     shared.mkdir()
-    shared.chmod(0o1777)
-    settings = SlurmSettings(working_directory=str(shared))
+    shared.chmod(0o1777)  # root's, as /tmp
+    for settings in (SlurmSettings(), PER_USER):
+        result, started = finish_batch_script(tmp_path, dataclasses.replace(settings, working_directory=str(shared)))
+        assert result.returncode == slurm.HOME_NOT_PRIVATE_EXIT and not started, result.stderr
+    default = SlurmSettings().job_working_directory
+    assert default == "/tmp/analysis-environments-{user}"
+    own = shared / "analysis-environments-slurm"
+    own.mkdir(mode=0o755)  # as Slurm makes it, as the job's account, on first use
+    settings = SlurmSettings(working_directory=str(shared) + default.removeprefix("/tmp"))
     result, started = finish_batch_script(tmp_path, settings)
     assert result.returncode == 0 and started, result.stderr
-    result, started = finish_batch_script(tmp_path, dataclasses.replace(settings, jwt_key_file="/etc/slurm/jwt.key"))
+    os.chown(own, NOBODY, -1)  # someone else's, made before the account's first job
+    result, started = finish_batch_script(tmp_path, settings)
     assert result.returncode == slurm.HOME_NOT_PRIVATE_EXIT and not started, result.stderr
 
 

@@ -317,9 +317,6 @@ def build_batch_script(
         token_env_name=token_env_name,
         modules=list(flavor.slurm.modules),
         jupyter_command=build_jupyter_command(settings),
-        # Per user only: in single-token mode every job is the one account's, whose HOME it shares
-        # with every other job (as the README says), and /tmp (its default) is no one's own.
-        check_home=bool(settings.jwt_key_file),
         home_not_private_exit=HOME_NOT_PRIVATE_EXIT,
         extension_module=jupyter.MODULE,
         extension_source=jupyter.extension_source(),

@@ -240,20 +240,44 @@ def test_jupyterlab_starts_only_in_a_home_of_the_users_own(
     assert f"refusing to start JupyterLab: the working directory {home} (HOME) must be" in output.read_text()
 
 
-def test_single_token_jobs_start_in_a_home_all_of_them_share(slurm_settings, make_environment, homes_below):
-    """Single-token mode: every job runs as the operator's account (`slurm`), in one HOME (README), as
-    /tmp, its default (which every node has), is: sticky, root's, everyone's to write to. There is no
-    one to keep apart, so the script checks nothing and JupyterLab starts."""
+def test_single_token_jobs_start_only_in_their_accounts_own_home(slurm_settings, make_environment, homes_below):
+    """Single-token mode: every job runs as the operator's account (`slurm`). In a HOME everyone may
+    write to, as /tmp (sticky, root's), alice has put a jupyter_server config that would run in every
+    later JupyterLab, as that account, beside each environment's token and data: the job starts
+    nothing and the environment fails with the reason. In a directory of the account's own below it
+    (the default's layout, /tmp/analysis-environments-{user}), which Slurm makes on first use, it
+    goes Ready."""
     shared = homes_below / "tmp"
     shared.mkdir()
     shared.chmod(0o1777)
-    backend = SlurmBackend(dataclasses.replace(slurm_settings, jwt_key_file="", working_directory=str(shared)))
+    planted = shared / ".jupyter" / "jupyter_server_config.py"
+    planted.parent.mkdir(mode=0o777)
+    ran = shared / "planted-code-ran"
+    planted.write_text(f"open({str(ran)!r}, 'w').write('as slurm')\n")
+    alice = pwd.getpwnam("alice")
+    for path in (planted.parent, planted):
+        os.chown(path, alice.pw_uid, alice.pw_gid)
+    account = pwd.getpwnam(slurm_settings.user).pw_uid
+    single_token = dataclasses.replace(slurm_settings, jwt_key_file="")
+
+    backend = SlurmBackend(dataclasses.replace(single_token, working_directory=str(shared)))
+    environment = make_environment(owner="alice")
+    asyncio.run(backend.ensure(Launch(environment, make_flavor(partition="debug"), TOKEN)))
+    failed = wait_for_state(backend, environment, {State.FAILED, State.READY}, timeout=60)
+    assert (failed.state, failed.reason) == (State.FAILED, "WorkingDirectoryNotPrivate"), failed
+    assert not ran.exists()  # JupyterLab never started there
+
+    own = shared / f"analysis-environments-{slurm_settings.user}"
+    backend = SlurmBackend(
+        dataclasses.replace(single_token, working_directory=f"{shared}/analysis-environments-{{user}}")
+    )
     environment = make_environment(owner="alice")
     try:
         asyncio.run(backend.ensure(Launch(environment, make_flavor(partition="debug"), TOKEN)))
         wait_for_state(backend, environment, {State.READY}, timeout=60)
-        (output,) = shared.glob("*.out")
-        assert output.stat().st_uid == pwd.getpwnam(slurm_settings.user).pw_uid
+        assert own.stat().st_uid == account and own.stat().st_mode & 0o022 == 0  # made by Slurm, as the account
+        (output,) = own.glob("*.out")
+        assert output.stat().st_uid == account
     finally:
         asyncio.run(backend.delete(environment))
 

@@ -1,9 +1,43 @@
 #!/bin/bash
 # Rendered by analysis-operator from templates/sbatch.sh.j2. The access token,
 # port and dataset paths arrive through the job's environment, so nothing a
-# user typed is part of this text. The job runs as its owner's Unix account.
+# user typed is part of this text. The job runs as its owner's Unix account
+# (in single-token mode, as the operator's one account).
 set -euo pipefail
 umask 077
+
+# HOME is the job's working directory, where Python and JupyterLab run what they find (user
+# site-packages, Jupyter and IPython config and startup files): nothing starts unless it is this
+# account's alone, a directory of its own (not a link) that no one else can write to. In both modes:
+# in single-token mode too, where files someone else put in a HOME such as /tmp would run as the one
+# account, in every environment, beside each one's token and data. This script makes none: Slurm
+# opens the job's output file in it before the script starts, and where it is missing Slurm either
+# makes it as the job's account (25.05 does where it may, mode 0755) or fails the job.
+# Its parents may be anyone's (root's, a storage administrator's, nobody's on a root-squashed NFS)
+# and writable by a group (a project's setgid directory): whoever can write to a parent can move
+# HOME away after this check and put another directory in its place, and the facility chooses who
+# that is. Refused: a parent everyone can write to, unless it is sticky (as /tmp), where anyone could.
+case ${HOME:-} in
+  /*) ;;
+  *)
+    echo "analysis-operator: refusing to start JupyterLab: HOME (${HOME:-unset}) is not an absolute path" >&2
+    exit 78
+    ;;
+esac
+home_parents=() home_parent=$HOME
+while [ "$home_parent" != / ]; do
+  home_parent=$(dirname -- "$home_parent")
+  home_parents+=("$home_parent")
+done
+if [ -L "$HOME" ] || [ ! -d "$HOME" ] || [ ! -O "$HOME" ] \
+  || [ -n "$(find "$HOME" -maxdepth 0 -perm /022 -print)" ] \
+  || [ -n "$(find -H "${home_parents[@]}" -maxdepth 0 -perm -0002 ! -perm -1000 -print -quit)" ]; then
+  echo "analysis-operator: refusing to start JupyterLab: the working directory $HOME (HOME) must be" \
+    "a directory owned by $(id -un) (uid $(id -u)), not a link, not writable by group or others," \
+    "not below a directory everyone can write to without the sticky bit;" \
+    "ask the cluster's administrators (slurm.working_directory)" >&2
+  exit 78
+fi
 
 token_variable=JUPYTER_TOKEN
 if [ -z "${!token_variable:-}" ]; then
