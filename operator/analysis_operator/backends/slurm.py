@@ -71,6 +71,7 @@ from analysis_operator.backends.slurm_auth import (
     build_working_directory,
     job_identity,
     job_nonce,
+    marked_for,
 )
 from analysis_operator.backends.slurm_rest import (
     KeptAlive,
@@ -82,7 +83,6 @@ from analysis_operator.backends.slurm_rest import (
 )
 from analysis_operator.infra.render import render_text
 from analysis_operator.model.domain import BackendKind, Dataset, Environment, Flavor, Mount, format_time
-from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.policy import opening
 from analysis_operator.policy.access import DATA_ROOT
 from analysis_operator.policy.refusal import Refusal
@@ -137,8 +137,9 @@ def base_path(environment: Environment, prefix: str = "/env") -> str:
     return opening.base_path(prefix, environment.namespace, environment.name)
 
 
-def build_account_mismatch(job: SlurmJob, account: str, identity: PosixIdentity | None) -> tuple[str, str] | None:
-    """(reason, message) when the submitted job does not run as the account and uid decided (pure).
+def build_account_mismatch(job: SlurmJob, account: str, uid: int | None) -> tuple[str, str] | None:
+    """(reason, message) when the submitted job does not run as the account and the directory's uid
+    decided (None: any uid) (pure).
 
     slurmctld accepts a token for a name it cannot resolve and runs the job as nobody; and a
     cluster whose uid for the name differs from the directory's would apply other permissions."""
@@ -147,11 +148,11 @@ def build_account_mismatch(job: SlurmJob, account: str, identity: PosixIdentity 
             "UnknownUnixAccount",
             f"the Slurm cluster does not know the Unix account {account!r} (the job ran as {job.user_name!r})",
         )
-    if identity is not None and job.user_id is not None and job.user_id != identity.uid:
+    if uid is not None and job.user_id is not None and job.user_id != uid:
         return (
             "UnixAccountMismatch",
             f"the Slurm cluster's {account!r} has uid {job.user_id}, the facility's "
-            f"directory says {identity.uid}: ask IT to align the two",
+            f"directory says {uid}: ask IT to align the two",
         )
     return None
 
@@ -420,6 +421,16 @@ def choose_job(jobs: Sequence[SlurmJob], include_cancelled: bool = True) -> Slur
     return _newest(jobs)
 
 
+def build_cancelled(job_id: str, problem: tuple[str, str]) -> Observation:
+    """The environment fails with the (reason, message) its job was cancelled for at once (pure)."""
+    return Observation(
+        State.FAILED,
+        reason=problem[0],
+        reference={"id": job_id},
+        message=f"{problem[1]}; Slurm job {job_id} was cancelled",
+    )
+
+
 def build_submission_problem(job: SlurmJob | None, flavor: Flavor, ignored: Sequence[str]) -> tuple[str, str] | None:
     """(reason, message) when Slurm took the job otherwise than asked (pure): it said it ignored a
     field (every field the operator sends is a resource, a limit, where output goes or what runs),
@@ -453,6 +464,21 @@ class _Tracked:
     namespace: str
     name: str
     job: SlurmJob  # as last seen (for extend, without asking again)
+    # False while the account check of a submit whose read-back was lost is still to be made (on the
+    # first read of the job that succeeds): until then the job is ours by its id whatever user it runs as.
+    verified: bool = True
+    uid: int | None = None  # the directory's uid it must run with (None: any), for that check
+
+    def holds(self, job: SlurmJob, key: bytes | None, environment_uid: str) -> bool:
+        """Whether `job`, found by the tracked id, is still this one: Slurm has it for the same user, or,
+        while the account is not checked yet (that check decides: _account_mismatch), for another
+        user with the operator's mark for this environment and account (a slurmctld that lost its
+        state gives the id to another user's job, which must not be taken for ours and cancelled)."""
+        if job.job_id != self.job_id:
+            return False
+        if job.user_name == self.user:
+            return True
+        return not self.verified and (marked_for(job, self.user, key) or {}).get("uid") == environment_uid
 
 
 class SlurmBackend:
@@ -574,7 +600,8 @@ class SlurmBackend:
                 continue
             job_id = job.job_id
             uid, tracked = by_id.get(job_id, ("", None))
-            if tracked is not None and job.user_name == tracked.user:
+            if tracked is not None and tracked.holds(job, key, uid):
+                await self._account_mismatch(tracked, job)  # cancelled if it is one; its observe reports it
                 managed.append(ManagedObject(tracked.namespace, tracked.name, uid, job_id))
             elif (identity := job_identity(job, self.settings, key)) is not None:
                 managed.append(ManagedObject(identity["namespace"], identity["name"], identity["uid"], job_id))
@@ -653,21 +680,18 @@ class SlurmBackend:
                 reason="SubmissionRefused",
                 message=f"Slurm refused the job for flavor {flavor.name} as {account}: {refusal}",
             )
-        job_id = answer.job_id
+        job_id, uid = answer.job_id, launch.identity.uid if launch.identity else None
         found = await self.client.job(job_id)
+        # A lost read-back (slurmrestd restarted, the job not visible yet) leaves the account unchecked: the
+        # first read of the job that succeeds checks it (_account_mismatch).
         submitted = found or SlurmJob(job_id=job_id, user_name=account)
-        self._track(environment, submitted, account)
+        self._track(environment, submitted, account, verified=found is not None, uid=uid)
         self._suspended.discard(environment.uid)
         problem = build_submission_problem(found, flavor, answer.ignored)
-        mismatch = problem or build_account_mismatch(submitted, account, launch.identity)
+        mismatch = problem or (build_account_mismatch(found, account, uid) if found is not None else None)
         if mismatch is not None:
             await self.client.cancel(job_id)
-            return Observation(
-                State.FAILED,
-                reason=mismatch[0],
-                reference={"id": job_id},
-                message=f"{mismatch[1]}; Slurm job {job_id} was cancelled",
-            )
+            return build_cancelled(job_id, mismatch)
         return Observation(
             State.PENDING,
             reason="Submitted",
@@ -675,21 +699,37 @@ class SlurmBackend:
             message=f"submitted Slurm job {job_id} as {account}",
         )
 
-    def _track(self, environment: Environment, job: SlurmJob, user: str = "") -> None:
+    def _track(
+        self, environment: Environment, job: SlurmJob, user: str = "", verified: bool = True, uid: int | None = None
+    ) -> None:
         self._tracked[environment.uid] = _Tracked(
-            job.job_id, user or job.user_name, environment.namespace, environment.name, job
+            job.job_id, user or job.user_name, environment.namespace, environment.name, job, verified, uid
         )
 
     async def _tracked_job(self, environment: Environment) -> SlurmJob | None:
-        """The job recorded for the environment, if Slurm still has it for the same user."""
+        """The job recorded for the environment, if Slurm still has it for the same user (or for any
+        user while its account is not checked yet: _account_mismatch)."""
         tracked = self._tracked.get(environment.uid)
         if tracked is None:
             return None
         job = await self.client.job(tracked.job_id)
-        if job is None or job.user_name != tracked.user:
+        if job is None or not tracked.holds(job, self._key(), environment.uid):
             self._tracked.pop(environment.uid, None)
             return None
         return job
+
+    async def _account_mismatch(self, tracked: _Tracked, job: SlurmJob) -> tuple[str, str] | None:
+        """The check _submit makes, made on the first read of a job whose read-back was lost there: a
+        mismatch cancels it (ours: submitted by us, found by its id) and stays until the environment
+        ends (every later read reports it); a match is remembered."""
+        if tracked.verified or tracked.job_id != job.job_id:
+            return None
+        mismatch = build_account_mismatch(job, tracked.user, tracked.uid)
+        if mismatch is None:
+            tracked.verified = True
+        else:
+            await self.client.cancel(job.job_id)
+        return mismatch
 
     async def _jobs_of(self, environment: Environment) -> list[SlurmJob]:
         """The environment's jobs: the one recorded by id, and those carrying the operator's marks for it."""
@@ -697,7 +737,7 @@ class SlurmBackend:
         found = []
         for job in await self.client.jobs():
             if tracked is not None and job.job_id == tracked.job_id:
-                if job.user_name == tracked.user:
+                if tracked.holds(job, key, environment.uid):
                     found.append(job)
             elif (job_identity(job, self.settings, key) or {}).get("uid") == environment.uid:
                 found.append(job)
@@ -710,12 +750,7 @@ class SlurmBackend:
         problem = build_submission_problem(job, launch.flavor, ()) if job.state in ACTIVE_STATES else None
         if problem is not None:
             await self.client.cancel(job.job_id)
-            return Observation(
-                State.FAILED,
-                reason=problem[0],
-                reference={"id": job.job_id},
-                message=f"{problem[1]}; Slurm job {job.job_id} was cancelled",
-            )
+            return build_cancelled(job.job_id, problem)
         return await self._observe_job(launch.environment, job)
 
     async def _cancel_others(self, jobs: list[SlurmJob], keep: SlurmJob) -> None:
@@ -751,6 +786,8 @@ class SlurmBackend:
 
     async def _observe_job(self, environment: Environment, job: SlurmJob) -> Observation:
         tracked = self._tracked.get(environment.uid)
+        if tracked is not None and (mismatch := await self._account_mismatch(tracked, job)) is not None:
+            return build_cancelled(job.job_id, mismatch)
         self._track(environment, job, tracked.user if tracked and tracked.job_id == job.job_id else "")
         port = build_jupyter_port(environment, self.settings, self._key(), job_nonce(job))
         endpoint = build_endpoint(job, port, self.settings)

@@ -211,6 +211,16 @@ def job_nonce(job: SlurmJob) -> str:
     return (match.group("nonce") or "") if match else ""
 
 
+def marked_for(job: SlurmJob, user: str, key: bytes | None) -> dict[str, str] | None:
+    """The environment the job's comment names if the operator signed it for `user` (pure); without
+    a key (single-token mode) the comment as written."""
+    identity = parse_identity(job.comment)
+    if key is None or not identity or identity.get("user") != user:
+        return identity if key is None else None
+    signed = sign(key, identity["namespace"], identity["name"], identity["uid"], user)
+    return identity if identity.get("sig") == signed else None
+
+
 def job_identity(job: SlurmJob, settings: SlurmSettings, key: bytes | None) -> dict[str, str] | None:
     """Which environment a job belongs to, from marks only the operator makes (pure).
 
@@ -219,14 +229,8 @@ def job_identity(job: SlurmJob, settings: SlurmSettings, key: bytes | None) -> d
     working directory is per user: a shared one would not bind the path to the user).
     Single-token mode: the comment as written (every job is the operator's account anyway)."""
     user = job.user_name
-    identity = parse_identity(job.comment)
-    if key is None:
-        return identity
-    if (
-        identity
-        and identity.get("user") == user
-        and identity.get("sig") == sign(key, identity["namespace"], identity["name"], identity["uid"], user)
-    ):
+    identity = marked_for(job, user, key)
+    if key is None or identity is not None:
         return identity
     output = job.standard_output
     match = _OUTPUT.search(output)

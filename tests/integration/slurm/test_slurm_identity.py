@@ -21,6 +21,7 @@ from analysis_operator.backends.slurm import SlurmBackend, base_path
 from analysis_operator.backends.slurm_api import SlurmJob
 from analysis_operator.backends.slurm_auth import build_jupyter_port, build_working_directory, job_nonce
 from analysis_operator.backends.slurm_rest import SlurmRequestRefused
+from analysis_operator.model.identity import PosixIdentity
 from tests.integration.slurm.conftest import slurm_commands_path
 from tests.integration.slurm.test_slurm_backend import TOKEN, jobs_of, make_flavor, wait_for, wait_for_state
 
@@ -60,6 +61,17 @@ def server_pid(port: int) -> int:
         if f"--port={port}".encode() in words and any(word.endswith(b"/jupyter-lab") for word in words):
             return int(proc.name)
     raise AssertionError(f"no JupyterLab process for port {port}")
+
+
+def lose_the_next_read(client) -> None:
+    """The client's next job() answers None (slurmrestd restarted, its answer lost); later ones reach Slurm."""
+    read = client.job
+
+    async def lost(job_id):
+        client.job = read
+        return None
+
+    client.job = lost
 
 
 def port_of(backend: SlurmBackend, environment, job: SlurmJob) -> int:
@@ -227,3 +239,31 @@ def test_an_unknown_account_fails_clearly(backend, make_environment, slurm_env):
         timeout=30,
         what="the job run as nobody cancelled",
     )
+
+
+def test_a_job_whose_read_back_was_lost_is_still_checked_for_its_account(backend, make_environment, slurm_env):
+    """The read after the submit is lost (slurmrestd restarted, say; injected around the real client)
+    and the cluster's alice has another uid than the directory's: the first read that succeeds makes
+    the check the submit could not, cancels the job and fails the environment; nothing is resubmitted."""
+    alice = pwd.getpwnam("alice")
+    directory = PosixIdentity("alice", alice.pw_uid + 1000, alice.pw_gid)
+    environment = make_environment(owner="alice")
+    lose_the_next_read(backend.client)
+    launch = Launch(environment, make_flavor(partition="debug"), ALICE_TOKEN, identity=directory)
+    submitted = asyncio.run(backend.ensure(launch))
+    assert submitted.state == State.PENDING, submitted  # not checked yet
+    job_id = submitted.reference["id"]
+    assert asyncio.run(backend.client.job(job_id)).user_id == alice.pw_uid  # the job runs with the cluster's uid
+
+    observation = asyncio.run(backend.observe(environment))
+    assert (observation.state, observation.reason) == (State.FAILED, "UnixAccountMismatch"), observation
+    assert f"directory says {directory.uid}" in observation.message
+    assert observation.message.endswith(f"; Slurm job {job_id} was cancelled")
+    wait_for(
+        lambda: asyncio.run(backend.client.job(job_id)).state == "CANCELLED",
+        timeout=30,
+        what="the job run with another uid cancelled",
+    )
+    # never taken for gone (which would submit another job and lose this one)
+    assert asyncio.run(backend.observe(environment)).reason == "UnixAccountMismatch"
+    assert [job.job_id for job in jobs_of(backend, environment.uid)] == [job_id]
