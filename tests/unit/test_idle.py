@@ -8,17 +8,19 @@ import datetime
 import pytest
 
 from analysis_operator.engine.idle import parse_server, server_url
-from analysis_operator.model.domain import Environment, Flavor
+from analysis_operator.model.domain import Environment, Flavor, format_time
 from analysis_operator.policy.idle import (
     Action,
     Activity,
     ServerActivity,
     Verdict,
     decide,
+    decide_unusable,
     gpu_hours_saved,
     latest_activity,
     policy_of,
     policy_problem,
+    unusable_since,
 )
 from analysis_operator.settings import Settings
 
@@ -191,3 +193,127 @@ def test_an_idle_stop_ends_the_environment_on_the_backend_it_started_on():
     asyncio.run(checker._cull(EnvironmentRecord(lab, status), today, Action.STOP, decision, NOW))
     assert (pods.deleted, slurm.deleted) == (["u-1"], [])
     assert cluster.status[("ns", "lab")]["phase"] == "Stopped"
+
+
+def provisioning(since_minutes_ago, held=True, ready_ever=True, **backend):
+    """A status fallen back to Provisioning: Ready turned False that long ago; `held`: status.backend
+    says CPUs are allocated (a pod on its node, a running job, a VM up)."""
+    allocated = {"allocatedCpus": 4, "allocatedGpus": 2} if held else {}
+    ready = {"type": "Ready", "status": "False", "lastTransitionTime": format_time(at(since_minutes_ago))}
+    return {
+        "phase": "Provisioning",
+        "reason": "ServerCrashing",
+        "backend": {"kind": "kubernetes", **allocated, **backend},
+        "conditions": [ready] if ready_ever else [],
+    }
+
+
+EARLY = at(600)  # the idle check has known it long (its floor is earlier than anything else)
+
+
+@pytest.mark.parametrize(
+    ("status", "floor", "since"),
+    [
+        (provisioning(40), EARLY, at(40)),  # fell back from Ready 40 minutes ago
+        (provisioning(40, held=False), EARLY, None),  # a pod unschedulable, a job in the queue: holds nothing
+        ({**provisioning(40), "phase": "Pending"}, EARLY, None),
+        ({**provisioning(40), "phase": "Ready"}, EARLY, None),  # Ready: its server is read instead
+        (provisioning(40, allocatedGpus=None, allocatedCpus=0.5), EARLY, at(40)),  # a CPU-only pod
+        # never Ready: from its backend's start (a Slurm job, not from its wait in the queue)
+        (provisioning(120, startedAt=format_time(at(25))), EARLY, at(25)),
+        # resumed a minute ago (Ready turned False when it was suspended, a day ago): from the resume
+        (provisioning(1440), at(1), at(1)),
+        (provisioning(40, ready_ever=False), at(7), at(7)),  # no Ready condition at all: the floor
+        ({**provisioning(40), "reason": "ImagePullFailed"}, EARLY, at(40)),
+        ({**provisioning(40), "reason": "ContainerNotCreated"}, EARLY, at(40)),
+        # merely not Ready: a server slow to answer its probe under load, a job or VM the operator
+        # cannot reach (its kernels may be working): not this rule's
+        ({**provisioning(40), "reason": "PodStarting"}, EARLY, None),
+        ({**provisioning(40), "reason": "ServerNotAnswering"}, EARLY, None),
+    ],
+)
+def test_since_when_an_environment_holds_resources_without_being_ready(status, floor, since):
+    assert unusable_since(status, floor) == since
+
+
+def test_holding_without_being_ready_past_the_timeout_is_culled_and_says_so():
+    decision = decide_unusable(POLICY, at(31), (at(45), None), NOW)
+    assert decision.verdict is Verdict.CULL and decision.cull_at == at(1)
+    assert decision.message.startswith(f"not Ready since {format_time(at(31))}")
+
+
+@pytest.mark.parametrize(
+    ("since", "used", "verdict"),
+    [
+        (at(5), (None, None), Verdict.ACTIVE),  # not Ready for less than the timeout: kept
+        (at(19), (None, None), Verdict.ACTIVE),
+        (at(20), (None, None), Verdict.WARN),
+        (at(29), (at(90), None), Verdict.WARN),
+        (at(30), (None, None), Verdict.CULL),
+        (at(45), (None, at(3)), Verdict.ACTIVE),  # the gateway let a request through 3 minutes ago
+        (at(45), (at(12), None), Verdict.ACTIVE),  # status.lastActivity 12 minutes ago
+        (at(45), (at(25), at(22)), Verdict.WARN),
+    ],
+)
+def test_holding_without_being_ready_is_warned_then_culled(since, used, verdict):
+    decision = decide_unusable(POLICY, since, used, NOW)
+    assert decision.verdict is verdict and "not Ready since" in decision.message
+    if verdict is Verdict.WARN:
+        assert "will be suspended at" in decision.message
+
+
+def test_one_that_holds_nothing_is_never_culled_however_long_it_waits():
+    """A job in the queue for a week, a pod no node can take: not culled, nothing to decide."""
+    week = provisioning(7 * 24 * 60, held=False)
+    assert unusable_since(week, EARLY) is None
+    assert unusable_since({"phase": "Pending", "backend": {"kind": "kubernetes"}}, EARLY) is None
+
+
+class Judged:
+    """Stands in for IdleChecker._check_one: notes the `since` each environment is judged with."""
+
+    def __init__(self):
+        self.since = []
+
+    async def __call__(self, record, flavor, since):
+        self.since.append(since)
+
+
+def checker_over(environments, clock):
+    from analysis_operator.engine.converge import Context
+    from analysis_operator.engine.idle import GatewayActivity, IdleChecker
+    from tests.unit.test_backend_interface import Cluster
+
+    context = Context(kube=Cluster(), backends={})
+    checker = IdleChecker(context, Settings(), environments, {"gpu": [GPU]}, GatewayActivity(), clock)
+    checker._check_one = judged = Judged()  # the verdicts are decide_unusable's (above)
+    return checker, judged
+
+
+def test_the_check_counts_from_the_fall_back_it_saw_else_from_its_first_look():
+    """Ready in its last round, then not: from its Ready condition's transition. Seen not Ready first
+    (a resume leaves that transition at the suspension; a restarted operator, or one that was the
+    passive replica meanwhile, knows nothing of what happened): from then."""
+    from analysis_operator.engine.views import EnvironmentRecord
+
+    now = [at(60)]
+    lab = Environment(namespace="ns", name="lab", uid="u-1", owner="alice", flavor="gpu")
+    index = {"lab": [EnvironmentRecord(lab, {"phase": "Ready"})]}
+    checker, judged = checker_over(index, lambda: now[0])
+    asyncio.run(checker.check())
+    assert judged.since == [None]  # Ready: its server is read
+    index["lab"] = [EnvironmentRecord(lab, provisioning(59))]  # Ready turned False a minute later
+    for minutes_ago in range(58, 19, -1):  # a round a minute, still so 38 minutes later: the same start
+        now[0] = at(minutes_ago)
+        asyncio.run(checker.check())
+    assert judged.since == [None] + [at(59)] * 39
+    restarted, judged = checker_over(index, lambda: now[0])
+    asyncio.run(restarted.check())
+    assert judged.since == [at(20)]
+    now[0] = at(5)  # the next round a quarter of an hour later (passive meanwhile)
+    asyncio.run(restarted.check())
+    assert judged.since == [at(20), at(5)]
+    index["lab"] = [EnvironmentRecord(lab, provisioning(59, held=False))]  # its pod gone, the new one waits
+    now[0] = at(4)
+    asyncio.run(restarted.check())
+    assert judged.since == [at(20), at(5)]  # not judged: it holds nothing

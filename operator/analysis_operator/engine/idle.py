@@ -9,6 +9,9 @@ idleTimeout (policy/idle.py) it reads, at most `concurrency` at a time and each 
     check itself is not activity); a desktop VM's /api/status, which the activity agent its
     cloud-init starts keeps (the last time a desktop connection was open, and how many are);
   - the gateway: the last request the operator's forward-auth let through (GatewayActivity).
+An environment that holds its node's resources while its node says its server cannot run
+(policy/idle.CANNOT_RUN: crash-looping, an image that cannot be pulled) has no server to read: it
+is judged on when it was last usable, and culled like an idle one when that is too long ago.
 Each environment is judged at the time its server was read (a round at 10,000 takes a while, and
 a server's clock runs on meanwhile). Then: status.lastActivity (written at most once per status
 interval), the Idle condition (an unknown that follows a known verdict waits one status interval,
@@ -42,13 +45,16 @@ from analysis_operator.model.domain import Environment, Flavor, Phase, format_ti
 from analysis_operator.policy.idle import (
     Action,
     Decision,
+    IdlePolicy,
     ServerActivity,
     Verdict,
     decide,
+    decide_unusable,
     gpu_hours_saved,
     latest_activity,
     policy_of,
     policy_problem,
+    unusable_since,
 )
 from analysis_operator.policy.opening import base_path
 from analysis_operator.settings import Settings
@@ -126,18 +132,20 @@ class IdleChecker:
         self._session: aiohttp.ClientSession | None = None
         self._unknown_since: dict[str, datetime.datetime] = {}  # uid: when its activity became unknown
         self._hanging: dict[str, tuple[int, datetime.datetime]] = {}  # uid: timeouts in a row, next read
+        # uid: when this checker first saw it hold resources without being Ready (its last round's
+        # start if it was Ready then: its Ready condition tells the moment); the uids Ready last round
+        self._unusable_from: dict[str, datetime.datetime] = {}
+        self._ready_before: set[str] = set()
+        self._last_round: datetime.datetime | None = None  # when the last round began
+        self._last_end: datetime.datetime | None = None  # and ended
         self.requests = 0  # server requests made (bench/idle.py reads it)
 
     async def check(self) -> int:
-        """One round over every Ready environment that can be culled; the number checked."""
+        """One round over every environment that can be culled, Ready or holding resources while its
+        server cannot run; the number checked."""
         idle = self.settings.idle
-        records = []
-        for record in values(self.environments):
-            flavor: Flavor | None = first(self.flavors, record.environment.flavor)  # today's policy, not the terms
-            ready = record.status.get("phase") == Phase.READY.value and not record.environment.suspend
-            if ready and flavor is not None and flavor.idle_timeout is not None:
-                records.append((record, flavor))
-        live = {record.environment.uid for record, _ in records}
+        records, unusable = self._candidates()
+        live = {record.environment.uid for record, _ in records} | {entry[0].environment.uid for entry in unusable}
         self.gateway.forget(live)
         for memory in (self._unknown_since, self._hanging):
             for uid in [uid for uid in memory if uid not in live]:
@@ -152,17 +160,57 @@ class IdleChecker:
         ]
         semaphore = asyncio.Semaphore(idle.concurrency)
 
-        async def one(record: EnvironmentRecord, flavor: Flavor) -> None:
+        async def one(record: EnvironmentRecord, flavor: Flavor, since: datetime.datetime | None = None) -> None:
             async with semaphore:
                 try:
-                    await self._check_one(record, flavor)
+                    await self._check_one(record, flavor, since)
                 except Exception:  # one environment's trouble never stops the round
                     log.exception("idle.check_failed", environment=_name(record.environment))
 
-        await asyncio.gather(*(one(record, flavor) for record, flavor in records))
-        return len(records)
+        await asyncio.gather(
+            *(one(record, flavor) for record, flavor in records),
+            *(one(record, flavor, since) for record, flavor, since in unusable),
+        )
+        self._last_end = self.clock()
+        return len(records) + len(unusable)
 
-    async def _check_one(self, record: EnvironmentRecord, flavor: Flavor) -> None:
+    def _candidates(
+        self,
+    ) -> tuple[list[tuple[EnvironmentRecord, Flavor]], list[tuple[EnvironmentRecord, Flavor, datetime.datetime]]]:
+        """The Ready environments whose flavor culls, and those that hold resources without being
+        Ready with the time since when (remembered from round to round)."""
+        now = self.clock()
+        # the last round, if this one follows it (not after a spell as the passive replica)
+        interval = datetime.timedelta(seconds=self.settings.idle.check_interval_seconds)
+        follows = self._last_end is not None and now - self._last_end <= 2 * interval
+        previous = self._last_round if follows else None
+        if previous is None:  # the first round, or the first after a gap: nothing remembered still holds
+            self._unusable_from, self._ready_before = {}, set()
+        ready: list[tuple[EnvironmentRecord, Flavor]] = []
+        unusable: list[tuple[EnvironmentRecord, Flavor, datetime.datetime]] = []
+        unusable_from: dict[str, datetime.datetime] = {}
+        for record in values(self.environments):
+            flavor: Flavor | None = first(self.flavors, record.environment.flavor)  # today's policy, not the terms
+            if record.environment.suspend or flavor is None or flavor.idle_timeout is None:
+                continue
+            uid = record.environment.uid
+            if record.status.get("phase") == Phase.READY.value:
+                ready.append((record, flavor))
+                continue
+            # seen Ready last round: its Ready condition's transition is the fall-back; else (a resume,
+            # a pod that was waiting for a node, a restart of the operator) not earlier than now
+            seen = previous if previous is not None and uid in self._ready_before else now
+            floor = self._unusable_from.get(uid, seen)
+            since = unusable_since(record.status, floor)
+            if since is not None:
+                unusable_from[uid] = floor
+                unusable.append((record, flavor, since))
+        self._unusable_from, self._last_round = unusable_from, now
+        self._ready_before = {record.environment.uid for record, _ in ready}
+        return ready, unusable
+
+    async def _check_one(self, record: EnvironmentRecord, flavor: Flavor, since: datetime.datetime | None) -> None:
+        """`since`: it holds resources without being Ready since then (nothing to read); None: Ready."""
         environment, status = record.environment, record.status
         interval = datetime.timedelta(seconds=self.settings.idle.check_interval_seconds)
         problem = policy_problem(flavor, interval)
@@ -170,6 +218,9 @@ class IdleChecker:
         if problem is not None or policy is None:
             reason = "IdlePolicyInvalid"
             await self._write(environment, status, None, Verdict.UNKNOWN, reason, problem or "", self.clock())
+            return
+        if since is not None:
+            await self._check_unusable(record, flavor, policy, since)
             return
         started_on = effective_flavor(status, flavor) or flavor  # what runs: the flavor as it started
         server = await self._server(environment, status, desktop=started_on.backend == "openstack")
@@ -200,6 +251,20 @@ class IdleChecker:
             now,
             decision,
         )
+
+    async def _check_unusable(
+        self, record: EnvironmentRecord, flavor: Flavor, policy: IdlePolicy, since: datetime.datetime
+    ) -> None:
+        """Not Ready but holding resources: idle since it was last usable, with no server to read."""
+        environment, status = record.environment, record.status
+        now = self.clock()
+        gateway = self.gateway.last(environment.uid)
+        decision = decide_unusable(policy, since, (parse_time(status.get("lastActivity")), gateway), now)
+        if decision.verdict is Verdict.CULL:
+            await self._cull(record, flavor, policy.action, decision, now)
+            return
+        reason = "IdleSoon" if decision.verdict is Verdict.WARN else "NotReady"
+        await self._write(environment, status, gateway, decision.verdict, reason, decision.message, now, decision)
 
     async def _server(self, environment: Environment, status: Mapping[str, Any], desktop: bool) -> ServerActivity:
         endpoint = (status.get("backend") or {}).get("endpoint")

@@ -17,15 +17,25 @@ For a flavor with `idleTimeout` T and `idleWarnBefore` W (default 15m, less than
   idle for >= T - W  -> warned once (condition Idle=True IdleSoon, Warning Event IdleSoon)
   idle for >= T      -> culled: `idleAction` Suspend (default: spec.suspend set, home, record,
                         URL and token kept; resume with spec.suspend: false) or Stop
+
+An environment that holds its node's CPUs and GPUs while its node says its server cannot run
+(fallen back to Provisioning with a reason in CANNOT_RUN: a crash-looping JupyterLab, an image
+that cannot be pulled, a container that cannot be created) is of no use to anyone and has no server
+to read: it is idle since it was last usable, so idle.unknown does not apply. Not one merely not
+Ready (a server slow to answer its probe under load, a Slurm job or VM the operator cannot reach):
+its kernels may be working, and it is judged as unknown activity is. One that holds nothing (a job
+in the queue, an unschedulable pod) is never culled: it costs nothing, and waiting is normal.
 """
 
 from __future__ import annotations
 
 import datetime
 import enum
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from analysis_operator.model.domain import Flavor, format_time
+from analysis_operator.model.domain import Flavor, Phase, format_time, parse_time
 
 DEFAULT_WARN_BEFORE = datetime.timedelta(minutes=15)
 
@@ -156,6 +166,63 @@ def decide(
             cull_at,
         )
     return Decision(Verdict.ACTIVE, f"last active {format_time(last)} ({activity.source})", cull_at)
+
+
+def holds_resources(backend: Mapping[str, Any]) -> bool:
+    """Does status.backend say that CPUs or GPUs are held now (a pod on its node, a running Slurm
+    job, a VM up)? Written with each transition, and absent while it waits for them."""
+    return bool(backend.get("allocatedCpus") or backend.get("allocatedGpus"))
+
+
+# status.reason of a pod whose node says its server cannot run (backends/kubernetes.stuck): no
+# kernel can be working in it, and it holds its node's CPUs and GPUs from everyone else
+CANNOT_RUN = frozenset({"ServerCrashing", "ImagePullFailed", "ContainerNotCreated"})
+
+
+def unusable_since(status: Mapping[str, Any], floor: datetime.datetime) -> datetime.datetime | None:
+    """Since when an environment has held resources while its server cannot run (CANNOT_RUN); None:
+    it is Ready, merely not Ready, or holds nothing. The latest of when its Ready condition turned
+    False (a fall-back), when its backend started it (status.backend.startedAt, where written), and
+    `floor`: when the idle check first saw it so (the caller's memory), since a resume leaves Ready's
+    transition at the suspension, and a pod has no start time of its own."""
+    backend = status.get("backend") or {}
+    if status.get("phase") != Phase.PROVISIONING.value or status.get("reason") not in CANNOT_RUN:
+        return None
+    if not holds_resources(backend):
+        return None
+    ready = {c.get("type"): c for c in status.get("conditions") or ()}.get("Ready") or {}
+    fell = parse_time(ready.get("lastTransitionTime")) if ready.get("status") == "False" else None
+    started = parse_time(backend.get("startedAt"))
+    return max(moment for moment in (fell, started, floor) if moment is not None)
+
+
+def decide_unusable(
+    policy: IdlePolicy,
+    since: datetime.datetime,
+    used: Iterable[datetime.datetime | None],
+    now: datetime.datetime,
+) -> Decision:
+    """Warn, cull or leave an environment that holds resources without being Ready since `since`.
+    `used`: status.lastActivity and the gateway's last request; no server is read (there is none
+    to read), so its idle time is known and counts from the latest of these."""
+    last = max([since, *(moment for moment in used if moment is not None)])
+    cull_at = last + policy.timeout
+    said = f"not Ready since {format_time(since)}"
+    if last > since:
+        said += f", last used {format_time(last)}"
+    verb = "suspended" if policy.action is Action.SUSPEND else "stopped"
+    if now >= cull_at:
+        return Decision(Verdict.CULL, f"{said} ({_words(now - last)}): it held its resources unused", cull_at)
+    if now >= cull_at - policy.warn_before:
+        return Decision(
+            Verdict.WARN, f"{said}: will be {verb} at {format_time(cull_at)} unless it becomes Ready", cull_at
+        )
+    return Decision(
+        Verdict.ACTIVE,
+        f"{said}: holds its resources while no one can use it; {verb} at {format_time(cull_at)} unless it "
+        "becomes Ready",
+        cull_at,
+    )
 
 
 def gpu_hours_saved(gpus: int, now: datetime.datetime, expires_at: datetime.datetime | None) -> float:
