@@ -4,7 +4,9 @@ here), and a refusal says why and where (details.causes) for a portal to show.""
 
 from __future__ import annotations
 
+import datetime
 import json
+import time
 
 import kubernetes
 import pytest
@@ -90,6 +92,66 @@ def test_a_deleted_environment_frees_its_slot_at_once(budgets, environments):
     status = budgets.status(name)
     assert status["running"] == {"environments": 1, "gpus": 0} and status["display"]["environments"] == "1 / 1"
     assert "settled" in status  # first's usage is kept, not dropped with its slot
+
+
+FINALIZER = f"{GROUP}/finalizer"  # the operator's (kopf's)
+POD_HOLD = "tests.example.org/hold"  # the test's, on the pod: the backend cannot confirm it gone
+
+
+def _time(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def test_an_environment_whose_backend_has_not_confirmed_its_deletion_keeps_its_slot_and_is_charged(
+    budgets, environments, custom, core, namespace
+):
+    """A Slurm job or VM whose backend does not answer (or refuses the cancel) runs on after its
+    environment is deleted, which the operator's finalizer holds: its budget counts it until the
+    finalizer goes, then frees the slot, charged up to then, not up to the deletion. Here a pod
+    environment carries the operator's backend label and finalizer as a Slurm or VM one does (as in
+    test_authorization.py), and its pod a finalizer of the test's: the Kubernetes backend confirms
+    the deletion once the pod is gone, which the test decides."""
+    owner = user()
+    name = budgets.create({"maxEnvironments": 1, "cpuHours": 100}, user=owner)
+    _create(environments, "held", owner=owner)
+    environments.wait_phase("held", "Ready")
+    wait_for(lambda: _holders(budgets, name) == {"held"}, timeout=30, what="held in the ledger")
+    labels = {"metadata": {"labels": {f"{GROUP}/backend": "kubernetes"}}}
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "analysisenvironments", "held", labels)
+    wait_for(
+        lambda: FINALIZER in (environments.get("held")["metadata"].get("finalizers") or ()),
+        timeout=30,
+        what="the operator's finalizer on held",
+    )
+    core.patch_namespaced_pod("aenv-held", namespace, {"metadata": {"finalizers": [POD_HOLD]}})
+    try:
+        [entry] = (budgets.status(name).get("environments") or {}).values()
+        environments.delete("held")
+        wait_for(
+            lambda: core.read_namespaced_pod("aenv-held", namespace).metadata.deletion_timestamp,
+            timeout=30,
+            what="the operator deleting held's pod (it has seen the deletion)",
+        )
+        watched = time.monotonic()
+        while time.monotonic() - watched < 3:  # it runs on: counted all along
+            assert _holders(budgets, name) == {"held"}
+            time.sleep(0.2)
+        body = _refusal(lambda: _create(environments, "second", owner=owner))
+        assert body["details"]["causes"][0]["reason"] == "TooManyEnvironments"
+        assert _holders(budgets, name) == {"held"}
+        released = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    finally:
+        core.patch_namespaced_pod("aenv-held", namespace, [{"op": "remove", "path": "/metadata/finalizers"}])
+    wait_for(lambda: not environments.exists("held"), timeout=60, what="held deleted once its pod is gone")
+    wait_for(lambda: not _holders(budgets, name), timeout=30, what="held's slot freed")
+    status = budgets.status(name)
+    hours = (status["settled"]["cpuHours"] - float(entry.get("cpuHours") or 0)) / float(entry["cpus"])
+    charged_until = _time(entry["chargedUntil"]) + datetime.timedelta(seconds=round(hours * 3600))
+    settled_at = _time(status["used"]["updatedAt"])  # the write that freed the slot
+    # Charged up to when its finalizer was seen gone, not only up to its deletionTimestamp (3 s before).
+    assert released <= charged_until <= settled_at, (released, charged_until, settled_at)
+    _create(environments, "second", owner=owner)
+    environments.wait_phase("second", "Ready")
 
 
 def test_an_expired_environment_frees_its_slot_at_once(budgets, environments):

@@ -177,6 +177,51 @@ def test_a_crash_between_two_ticks_starts_the_charge_again_at_ready():
     assert entry["cpuHours"] == pytest.approx(2 * 3 / 60)
 
 
+# --- a pod seen not running after missed ticks: charged up to when it stopped, or up to now ----------
+
+
+def left_ready(at: datetime.datetime) -> dict:
+    """What the operator writes when it sees the pod crash: Provisioning, and Ready False since then."""
+    ready = {"type": "Ready", "status": "False", "reason": "ServerCrashing", "lastTransitionTime": format_time(at)}
+    return {**provisioning("ServerCrashing", "Running"), "conditions": [ready]}
+
+
+HOURS = 60 * MINUTE
+
+
+@pytest.mark.parametrize(
+    "since_last, status_, minutes_charged",
+    [
+        (MINUTE, provisioning("ServerCrashing", "Running"), 0),  # one interval: stopped when, unknown
+        (3 * HOURS, provisioning("ServerCrashing", "Running"), 180),  # operator down: up to now, not free
+        (3 * HOURS, left_ready(NOW + 10 * MINUTE), 10),  # seen to leave Ready: up to then
+        (MINUTE, left_ready(NOW + MINUTE / 2), 0.5),
+        (3 * HOURS, left_ready(NOW - 30 * MINUTE), 180),  # left Ready before the last charge: no stop time
+    ],
+)
+def test_a_pod_found_not_running_is_charged_up_to_when_it_stopped(since_last, status_, minutes_charged):
+    """The operator is down for hours; the first tick after sees the pod crashing (or its owner ended
+    PID 1 from the terminal to get there): the hours it ran are charged, not lost."""
+    charged = observed_tick(budget(NOW - MINUTE), status("Ready", NOW - 30 * MINUTE), pod("Running", True))
+    found = observed_tick(charged, status_, PODS["crash loop"], NOW + since_last)
+    entry = found.entries["u-1"]
+    assert entry["cpuHours"] == pytest.approx(2 / 60 + 2 * minutes_charged / 60)
+    assert entry["chargedUntil"] == format_time(NOW + since_last) and "heldSince" not in entry
+    again = observed_tick(found, status_, PODS["crash loop"], NOW + since_last + MINUTE).entries["u-1"]
+    assert again["cpuHours"] == entry["cpuHours"]  # once
+
+
+def test_missed_ticks_are_told_by_the_charge_interval():
+    charged = observed_tick(budget(NOW - MINUTE), status("Ready", NOW - 30 * MINUTE), pod("Running", True))
+    environments = {("ns", "lab"): [EnvironmentRecord(ENVIRONMENT, provisioning("ServerCrashing", "Running"))]}
+    observed = {"u-1": observe_pod(PODS["crash loop"])}
+    for interval, charged_hours in [(3600.0, 0.0), (60.0, 2.0)]:  # an hour since the last tick
+        result = plan_tick(
+            charged, environments, {"basic": [FLAVOR]}, {"kubernetes": Pods()}, NOW + HOURS, 80, "", observed, interval
+        )
+        assert result.status["environments"]["u-1"]["cpuHours"] == pytest.approx(2 / 60 + charged_hours), interval
+
+
 # --- a suspension between two ticks: charged up to it, once ---------------------------------------
 
 SECOND = datetime.timedelta(seconds=1)
@@ -306,11 +351,14 @@ class Recorder:
         return True
 
 
-def daemon_ticks(limits: dict, status_: dict, backends: dict, flavor: Flavor = FLAVOR, ticks: int = 1) -> Api:
-    """`ticks` of handlers/budgets.account, a minute apart, the last at NOW; the entry charged until 5 min before."""
+def daemon_ticks(
+    limits: dict, status_: dict, backends: dict, flavor: Flavor = FLAVOR, ticks: int = 1, deleting: bool = False
+) -> Api:
+    """`ticks` of handlers/budgets.account, a minute apart, the last at NOW; the entry charged until 5 min before.
+    `deleting`: the environment is being deleted, its finalizer waiting for its backend."""
     api = Api(limits, {"u-1": {**entry("lab"), "cpus": 2.0, "chargedUntil": format_time(NOW - 5 * MINUTE)}})
     gate = BudgetGate(BudgetSettings(), Ledger(api, Views(api.index, {"alice": ["b"]}, {})))  # type: ignore[arg-type]
-    lab = Environment(namespace="ns", name="lab", uid="u-1", owner="alice", flavor="basic")
+    lab = Environment("ns", "lab", "u-1", owner="alice", flavor="basic", deleting=deleting, finalizing=deleting)
     reconciler = types.SimpleNamespace(
         context=Context(kube=Cluster(), backends=backends),
         environments={("ns", "lab"): [EnvironmentRecord(lab, status_)]},
@@ -339,3 +387,13 @@ def test_a_spent_budget_stops_the_environment_on_the_backend_it_started_on():
     api = daemon_ticks({"cpuHours": 0.01}, started, {"kubernetes": pods, "slurm": slurm}, flavor=moved)
     assert (pods.deleted, slurm.deleted) == (["u-1"], [])
     assert api.entries["u-1"]["cpuHours"] == pytest.approx(2 * 5 / 60)
+
+
+def test_a_spent_budget_leaves_an_environment_being_deleted_to_its_deletion():
+    """Its finalizer waits for its backend (slurmrestd or OpenStack away): the budget's stop would write
+    BudgetExhausted and settle it while its job or VM runs on, and wait for the lock its deletion holds.
+    It is charged on instead, until the finalizer goes."""
+    pods = Recorder(observe_pod(pod("Running", True)))
+    started = {**status("Ready", NOW - 10 * MINUTE), "terms": build_terms(FLAVOR), "backend": {"kind": "kubernetes"}}
+    api = daemon_ticks({"cpuHours": 0.01}, started, {"kubernetes": pods}, deleting=True)
+    assert pods.deleted == [] and api.entries["u-1"]["cpuHours"] == pytest.approx(2 * 5 / 60)

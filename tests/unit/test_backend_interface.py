@@ -19,7 +19,15 @@ from collections.abc import Collection
 
 import pytest
 
-from analysis_operator.backends.base import Charging, Launch, ManagedObject, Observation, Retry, State
+from analysis_operator.backends.base import (
+    BackendUnavailable,
+    Charging,
+    Launch,
+    ManagedObject,
+    Observation,
+    Retry,
+    State,
+)
 from analysis_operator.engine.accounting import plan_tick
 from analysis_operator.engine.converge import Context, converge
 from analysis_operator.engine.decisions import Decisions
@@ -805,7 +813,6 @@ def test_what_an_ended_environment_still_holds_is_removed_by_the_orphan_sweep():
     then): the status says Failed, the job still runs. Nothing converges an ended environment again,
     so the orphan sweep removes it, as it removes what outlived its environment; what runs for a
     live one is left alone."""
-    from analysis_operator.backends.base import BackendUnavailable
     from analysis_operator.engine.sweep import sweep_orphans
 
     cluster = Cluster()
@@ -838,6 +845,97 @@ def test_what_an_ended_environment_still_holds_is_removed_by_the_orphan_sweep():
     assert asyncio.run(sweep_orphans(reconciler)) == 1
     assert "u-1" not in backend.running and backend.running["u-2"] == "ready"
     assert ("ns", "aenv-lab") not in cluster.secrets
+
+
+class Gone(Cluster):
+    """The Cluster, whose API server has no AnalysisEnvironment at all: whatever a backend lists is an orphan."""
+
+    async def environment_exists(self, namespace: str, name: str, uid: str) -> bool:
+        return False
+
+
+class Unlisted(MemoryBackend):
+    """A backend whose listing fails: slurmrestd down, or an answer it cannot read."""
+
+    kind = "unlisted"
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    async def list_managed(self) -> list[ManagedObject]:
+        raise self.error
+
+
+class Refusing(MemoryBackend):
+    """A backend that will not remove some of its objects (a locked VM, a refused scancel, a 403)."""
+
+    def __init__(self, refuse: dict[str, Exception]) -> None:
+        super().__init__()
+        self.refuse = refuse  # uid -> what its delete raises
+        self.asked: list[str] = []
+
+    async def delete(self, environment: Environment) -> bool:
+        self.asked.append(environment.uid)
+        if environment.uid in self.refuse:
+            raise self.refuse[environment.uid]
+        return await super().delete(environment)
+
+
+def orphan_sweep(backends: dict) -> tuple[int, list[dict]]:
+    """One orphan sweep over `backends`, every listed object an orphan: what it removed, what it logged."""
+    from structlog.testing import capture_logs
+
+    from analysis_operator.engine.sweep import sweep_orphans
+
+    context = Context(kube=Gone(), backends=backends, access=Catalogue())
+    with capture_logs() as logs:
+        removed = asyncio.run(sweep_orphans(Reconciler(context, {}, {"mem": [FLAVOR]}, clock=lambda: NOW)))
+    return removed, logs
+
+
+@pytest.mark.parametrize(
+    "error", [BackendUnavailable("slurmrestd does not answer"), ValueError("an answer that is not JSON")]
+)
+def test_a_backend_whose_listing_fails_leaves_the_others_orphans_removed(error):
+    """Slurm down (or answering nonsense) before OpenStack in the list: its listing raised out of the
+    sweep, and no orphan of the backends after it was removed, an ended VM running on uncharged."""
+    after = MemoryBackend()
+    after.running.update({"u-7": "ready", "u-8": "ready"})
+    removed, logs = orphan_sweep({"unlisted": Unlisted(error), "memory": after})
+    assert removed == 2 and after.running == {}
+    failed = [entry for entry in logs if entry["event"] == "orphan.list_failed"]
+    assert [(entry["backend"], entry["unavailable"]) for entry in failed] == [
+        ("unlisted", isinstance(error, BackendUnavailable))
+    ]
+
+
+def test_an_orphan_whose_removal_is_refused_leaves_the_others_removed():
+    """A Nova 409 on one locked server (a refused scancel, a 403 on a pod) raised out of the sweep:
+    every orphan listed after it, of that backend and of the next ones, stayed."""
+    refusing = Refusing({"u-2": RuntimeError("409 Conflict: server is locked")})
+    refusing.running.update({"u-1": "ready", "u-2": "ready", "u-3": "ready"})
+    after = MemoryBackend()
+    after.running["u-9"] = "ready"
+    removed, logs = orphan_sweep({"refusing": refusing, "memory": after})
+    assert removed == 3 and refusing.running == {"u-2": "ready"} and after.running == {}
+    failed = [entry for entry in logs if entry["event"] == "orphan.remove_failed"]
+    assert [(entry["backend"], entry["backend_id"], entry["environment"]) for entry in failed] == [
+        ("refusing", "u-2", "ns/lab")
+    ]
+    assert "409" in failed[0]["error"]
+
+
+def test_a_backend_unavailable_at_removal_is_logged_once_and_the_next_backend_swept():
+    """Unavailable is the backend's state, not the object's: told once per sweep, its other orphans
+    left for the next sweep (each would wait on the same timeout), the next backend's removed."""
+    down = Refusing({uid: BackendUnavailable("OpenStack cloud 'site' unreachable") for uid in ("u-1", "u-2")})
+    down.running.update({"u-1": "ready", "u-2": "ready"})
+    after = MemoryBackend()
+    after.running["u-9"] = "ready"
+    removed, logs = orphan_sweep({"down": down, "memory": after})
+    assert removed == 1 and after.running == {} and down.asked == ["u-1"]
+    assert [entry["backend"] for entry in logs if entry["event"] == "orphan.remove_failed"] == ["down"]
 
 
 class Counting(Cluster):

@@ -12,10 +12,19 @@ from typing import Any
 
 import pytest
 
-from analysis_operator.engine.budget_gate import BudgetGate
+from analysis_operator.engine.budget_gate import BudgetGate, slot_freed_at
 from analysis_operator.engine.ledger import Ledger, Views
 from analysis_operator.engine.views import EnvironmentRecord
-from analysis_operator.model.domain import BackendKind, Environment, Flavor, Phase, Resources, format_time
+from analysis_operator.model.domain import (
+    FINALIZER,
+    LABEL_BACKEND,
+    BackendKind,
+    Environment,
+    Flavor,
+    Phase,
+    Resources,
+    format_time,
+)
 from analysis_operator.policy.budgets import Budget
 from analysis_operator.settings import BudgetSettings
 
@@ -159,6 +168,62 @@ def test_being_deleted_or_over_in_the_api_server_counts_as_ended():
         api = Api({"maxGpus": 1}, {"old-uid": entry("old", gpus=1)})
         api.environments[("ns", "old")] = {"metadata": {"name": "old", "uid": "old-uid", **metadata}, "status": status}
         assert admit(gate(api), "new", {}, flavor=GPU) is None, (metadata, status)
+
+
+# A Slurm job or VM being deleted: the operator's finalizer waits until its backend says it is gone.
+FINALIZING = {"deletionTimestamp": format_time(T0), "finalizers": [FINALIZER], "labels": {LABEL_BACKEND: "slurm"}}
+
+
+def test_an_environment_whose_finalizer_waits_for_its_job_or_vm_still_counts():
+    """Deleted, but slurmrestd or OpenStack does not answer (or refuses the cancel): the job or VM runs
+    on, so a second environment would go over maxEnvironments. Neither the index nor the API server
+    takes it for ended until the finalizer goes."""
+    api = Api({"maxEnvironments": 1}, {"old-uid": entry("old")})
+    api.environments[("ns", "old")] = {"metadata": {"name": "old", "uid": "old-uid", **FINALIZING}, "status": {}}
+    deleting = Environment("ns", "old", "old-uid", owner="alice", flavor="basic", deleting=True, finalizing=True)
+    indexed = {("ns", "old"): [EnvironmentRecord(deleting, {"phase": "Ready"})]}
+    g = gate(api)
+    assert admit(g, "new", indexed).reason == "TooManyEnvironments"
+    assert api.lists == 1 and g.ended == {}  # asked: the API server says the same
+    new = Environment("ns", "new", "new-uid", owner="alice", flavor="basic")
+    refusal = asyncio.run(g.check(new, CPU, {}, T0))  # the reconcile gate, when the webhook is bypassed
+    assert refusal is not None and refusal.reason == "TooManyEnvironments"
+
+    api.environments[("ns", "old")]["metadata"]["finalizers"] = []  # its backend confirmed: gone
+    indexed = {("ns", "old"): [EnvironmentRecord(dataclasses.replace(deleting, finalizing=False), {"phase": "Ready"})]}
+    assert admit(g, "new", indexed) is None
+
+
+NOW = T0 + datetime.timedelta(hours=2)
+DELETION = {"deletionTimestamp": format_time(T0)}
+
+
+@pytest.mark.parametrize(
+    "deleted, metadata, status, freed",
+    [
+        (False, {}, {"phase": "Ready"}, None),  # running: holds its slot
+        (False, {}, {"phase": "Suspended"}, None),
+        (False, {}, {"phase": "Expired", "stoppedAt": format_time(T0)}, (T0,)),
+        (False, {}, {"phase": "Failed"}, (None,)),  # ended, when not written: now
+        (False, DELETION, {"phase": "Ready"}, (T0,)),  # a pod: it goes with its environment
+        (True, {}, {"phase": "Ready"}, (None,)),
+        (True, DELETION, {"phase": "Ready"}, (T0,)),
+        (False, FINALIZING, {"phase": "Ready"}, None),  # its job or VM may still run
+        (False, FINALIZING, {"phase": "Stopped", "stoppedAt": format_time(T0)}, (T0,)),  # stopped before
+        (False, {**FINALIZING, "finalizers": ["someone.example.org/hold"]}, {"phase": "Ready"}, (None,)),
+        (True, {**FINALIZING, "finalizers": []}, {"phase": "Ready"}, (None,)),  # confirmed gone: until now
+    ],
+)
+def test_when_an_environment_frees_its_slot(deleted, metadata, status, freed):
+    assert slot_freed_at(deleted, {"metadata": {"uid": "u-1", **metadata}, "status": status}) == freed
+
+
+def test_a_job_or_vm_is_charged_until_its_finalizer_is_seen_gone_a_pod_until_its_deletion():
+    for labels, settled in [({}, 0.0), ({LABEL_BACKEND: "slurm"}, 2.0)]:
+        api = Api({"maxEnvironments": 1}, {"old-uid": entry("old")})
+        body = {"metadata": {"uid": "old-uid", "labels": labels, **DELETION}, "status": {"phase": "Ready"}}
+        asyncio.run(gate(api).release("b", {"old-uid": slot_freed_at(True, body)[0]}, NOW))
+        assert api.budget["status"]["settled"]["cpuHours"] == settled, labels
 
 
 def test_refusals_racing_on_one_budget_share_confirmations():

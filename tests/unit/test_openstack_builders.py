@@ -19,7 +19,7 @@ import types
 import pytest
 import yaml
 
-from analysis_operator.backends.base import BackendUnavailable, State, Upstream
+from analysis_operator.backends.base import BackendUnavailable, Launch, State, Upstream
 from analysis_operator.backends.openstack import (
     MANAGED_TAG,
     META_MANAGED_BY,
@@ -577,6 +577,77 @@ def test_sdk_calls_run_in_the_backends_own_threads():
         backend.close()
     assert observation.state == State.GONE
     assert seen and seen[0].startswith("openstack")
+
+
+def listed_server(environment, server_id, created_at, status="ACTIVE", task_state=None):
+    """A server as Nova's detailed listing shows it, carrying the environment's identity."""
+    server = fake_server(status, task_state=task_state)
+    server.id, server.created_at, server.metadata = server_id, created_at, build_identity_metadata(environment)
+    return server
+
+
+class DuplicatingCompute:
+    """Nova holding several servers of one environment; deletes recorded, some refused."""
+
+    def __init__(self, servers, refuse=()):
+        self.listed, self.refuse, self.deleted = servers, set(refuse), []
+
+    def servers(self, **query):
+        return list(self.listed)
+
+    def delete_server(self, server_id, ignore_missing=True):
+        from openstack import exceptions as sdk
+
+        if server_id in self.refuse:
+            raise sdk.ConflictException("Instance is locked")
+        self.deleted.append(server_id)
+
+
+@pytest.mark.parametrize("look", ["observe", "ensure"])
+def test_every_server_of_an_environment_but_the_oldest_is_deleted_on_sight(look, caplog):
+    """A create whose answer was lost and was sent again (or one per replica across a failover) left a
+    second server running, uncharged, until the environment went: only a warning was logged."""
+    environment = make_environment()
+    compute = DuplicatingCompute(
+        [
+            listed_server(environment, "srv-new", "2026-12-05T10:00:09Z"),
+            listed_server(environment, "srv-old", "2026-12-05T10:00:01Z"),
+            listed_server(environment, "srv-gone", "2026-12-05T10:00:00Z", task_state="deleting"),
+            listed_server(environment, "srv-same-second", "2026-12-05T10:00:01Z", status="SHELVED"),
+        ]
+    )
+    backend = OpenStackBackend(SETTINGS, connect=lambda: types.SimpleNamespace(compute=compute))
+    try:
+        if look == "observe":
+            observation = asyncio.run(backend.observe(environment))
+        else:
+            observation = asyncio.run(backend.ensure(Launch(environment, make_flavor(), "tok-en")))
+    finally:
+        backend.close()
+    assert observation.reference["id"] == "srv-old"
+    assert sorted(compute.deleted) == ["srv-new", "srv-same-second"]  # not the one Nova deletes already
+    assert "keeping the oldest srv-old, deleting srv-same-second, srv-new" in caplog.text
+
+
+def test_a_duplicate_nova_will_not_delete_is_asked_again_at_the_next_look():
+    environment = make_environment()
+    compute = DuplicatingCompute(
+        [
+            listed_server(environment, "srv-old", "2026-12-05T10:00:01Z"),
+            listed_server(environment, "srv-locked", "2026-12-05T10:00:02Z"),
+            listed_server(environment, "srv-new", "2026-12-05T10:00:03Z"),
+        ],
+        refuse={"srv-locked"},
+    )
+    backend = OpenStackBackend(SETTINGS, connect=lambda: types.SimpleNamespace(compute=compute))
+    try:
+        observation = asyncio.run(backend.observe(environment))
+        compute.refuse.clear()
+        asyncio.run(backend.observe(environment))
+    finally:
+        backend.close()
+    assert observation.reference["id"] == "srv-old"
+    assert compute.deleted == ["srv-new", "srv-locked", "srv-new"]
 
 
 def test_the_clouds_yaml_named_in_settings_is_the_one_read_whatever_the_environment_says(tmp_path, monkeypatch):

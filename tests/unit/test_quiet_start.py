@@ -16,7 +16,7 @@ from analysis_operator.engine.views import EnvironmentRecord
 from analysis_operator.handlers.budgets import slot_to_release
 from analysis_operator.handlers.environments import status_event_matters
 from analysis_operator.model.conditions import apply_merge_patch, compose_merge_patches
-from analysis_operator.model.domain import Environment
+from analysis_operator.model.domain import FINALIZER, Environment
 
 ENVIRONMENT = Environment(namespace="ns", name="lab", uid="u-1", owner="alice", flavor="jupyter")
 STARTING = {
@@ -311,7 +311,12 @@ def test_which_environment_events_reach_the_status_handler(type_, phase, handed)
         ("MODIFIED", {}, "Suspended", True, False),  # resuming never fails: the slot stays
         ("MODIFIED", {}, "Stopped", True, True),
         ("MODIFIED", {}, "Expired", True, True),
-        ("MODIFIED", {"deletionTimestamp": "2026-12-03T10:00:00Z"}, "Ready", True, True),
+        ("MODIFIED", {"deletionTimestamp": "2026-12-03T10:00:00Z"}, "Ready", True, True),  # a pod: goes with it
+        # A Slurm job or VM whose deletion the operator's finalizer holds (its backend has not confirmed it
+        # gone): it may run on, so it keeps its slot and is charged until the finalizer goes.
+        ("MODIFIED", {"deletionTimestamp": "2026-12-03T10:00:00Z", "finalizers": [FINALIZER]}, "Ready", True, False),
+        ("MODIFIED", {"deletionTimestamp": "2026-12-03T10:00:00Z", "finalizers": [FINALIZER]}, "Stopped", True, True),
+        ("MODIFIED", {"deletionTimestamp": "2026-12-03T10:00:00Z", "finalizers": ["x.org/hold"]}, "Ready", True, True),
         ("DELETED", {}, "Ready", True, True),
         ("DELETED", {}, "Ready", False, False),  # no ledger holds a slot for it (no budgets): nothing to settle
         ("MODIFIED", {}, "Stopped", False, False),

@@ -63,6 +63,7 @@ VNC_DISPLAY = 1
 # resized to the browser window. noVNC serves at "/", so the gateway strips the base path.
 NOVNC_LANDING = "vnc.html?path={path}websockify&autoconnect=true&resize=remote"
 STARTING = ("BUILD", "REBOOT", "HARD_REBOOT")  # Nova statuses on the way to ACTIVE
+GONE = ("DELETED", "SOFT_DELETED")  # Nova statuses of a server that no longer runs
 
 T = TypeVar("T")
 
@@ -201,7 +202,7 @@ def desktop_upstream(address: str) -> Upstream | None:
 
 def observe_server(server: Any) -> Observation:
     """Map a Nova server (or None) onto the backend-neutral Observation."""
-    if server is None or server.status in ("DELETED", "SOFT_DELETED"):
+    if server is None or server.status in GONE:
         return Observation(State.GONE, reason="ServerGone", message="no server exists")
     status = server.status
     addresses = server.addresses or {}
@@ -351,27 +352,52 @@ class OpenStackBackend:
     # ------------------------------------------------- blocking sdk helpers
 
     def _find_servers(self, environment: Environment) -> list[Any]:
-        """Our servers for this environment (oldest first), matched on the uid metadata."""
+        """Our servers for this environment, matched on the uid metadata; oldest first, and by id within
+        the second Nova's created_at counts in, so that every replica keeps the same one."""
         compute = self._compute().compute
         candidates = compute.servers(details=True, name=f"^{re.escape(environment.child_name)}$", tags=MANAGED_TAG)
         servers = [server for server in candidates if (server.metadata or {}).get(META_UID) == environment.uid]
-        return sorted(servers, key=lambda server: server.created_at or "")
+        return sorted(servers, key=lambda server: (server.created_at or "", server.id))
 
     def _find_server(self, environment: Environment) -> Any:
+        """The environment's server: the oldest that is not deleted or being deleted. Any other is
+        deleted on sight (`_delete_duplicates`)."""
         servers = self._find_servers(environment)
-        if len(servers) > 1:
-            logger.warning(
-                "environment %s/%s has %d servers; using the oldest %s",
-                environment.namespace,
-                environment.name,
-                len(servers),
-                servers[0].id,
-            )
-        server = servers[0] if servers else None
+        alive = [server for server in servers if server.status not in GONE and server.task_state != "deleting"]
+        server = alive[0] if alive else (servers[0] if servers else None)
+        if len(alive) > 1:
+            self._delete_duplicates(environment, alive[0], alive[1:])
         if server is not None and server.status == "ERROR" and not server.fault:
             # Nova's list view can leave the fault out; the single-server view has it.
             server = self._compute().compute.get_server(server.id)
         return server
+
+    def _delete_duplicates(self, environment: Environment, kept: Any, duplicates: list[Any]) -> None:
+        """Never two: a create whose answer was lost and was sent again, or one made by each replica
+        across a failover, leaves a second server that would run (uncharged: the environment reports
+        one) until the environment is deleted; the orphan sweep leaves what a live environment owns.
+        A delete Nova refuses (a locked server) is asked again at the next look."""
+        from openstack import exceptions as sdk
+
+        logger.warning(
+            "environment %s/%s has %d servers; keeping the oldest %s, deleting %s",
+            environment.namespace,
+            environment.name,
+            len(duplicates) + 1,
+            kept.id,
+            ", ".join(duplicate.id for duplicate in duplicates),
+        )
+        for duplicate in duplicates:
+            try:
+                self._compute().compute.delete_server(duplicate.id, ignore_missing=True)
+            except sdk.HttpException as error:
+                logger.warning(
+                    "could not delete duplicate server %s of %s/%s: %s",
+                    duplicate.id,
+                    environment.namespace,
+                    environment.name,
+                    _first_line(error),
+                )
 
     def _create_server(self, request: Mapping[str, Any]) -> Any:
         connection = self._compute()

@@ -4,7 +4,9 @@ What runs: a pod (charged by its flavor) while its container runs, as the backen
 tick: Ready, or not Ready with its pod Running (JupyterLab starting, or stopped by its owner while
 the rest of the container goes on); never while it waits for a node, an image or a missing claim,
 or while its container keeps crashing. A Slurm job or VM (charged by allocation) while the backend
-says it holds. A suspended one up to its suspension (the Ready condition's transition), once.
+says it holds. A suspended one up to its suspension (the Ready condition's transition), once; one
+that stopped running since the last tick likewise, up to when it left Ready, or when ticks were
+missed and that is not known, up to the tick (_stopped_at).
 
 The arithmetic is policy/budgets.charge; here the tick reads which ledger entries
 still run (from the environments index and what the backends observe now), writes the
@@ -63,14 +65,16 @@ def plan_tick(
     warning_percent: float,
     namespace: str = "",
     observed: Mapping[str, Observation] | None = None,
+    interval: float = 60.0,
 ) -> Charge | None:
     """The charge for one tick (pure over what it is given); None when an idle budget needs no write.
     `namespace`: the one this operator serves ("": all); its environments index has no other, so an
     entry elsewhere is left alone rather than taken for ended. `observed`: what the backends that
-    charge by the flavor say now of the entries' environments (see charge_budget)."""
+    charge by the flavor say now of the entries' environments (see charge_budget). `interval`: the
+    seconds between two ticks (settings: charge_interval_seconds), to tell ticks missed."""
     ended: dict[str, datetime.datetime | None] = {}
     paused: list[str] = []
-    suspended: dict[str, datetime.datetime] = {}  # paused, but ran since the last tick: until then
+    suspended: dict[str, datetime.datetime] = {}  # paused or waiting, but ran since the last tick: until then
     held: dict[str, Held] = {}
     # charged by the flavor: running (uid -> when it became Ready, None: not Ready), or not
     running: dict[str, datetime.datetime | None] = {}
@@ -101,6 +105,8 @@ def plan_tick(
             running[uid] = _ready_since(record.status)
         else:
             waiting.append(uid)  # charged by the flavor, but only while it runs
+            if (at := _stopped_at(entry, record.status, moment, interval)) is not None:
+                suspended[uid] = at
         if record is not None and (at := _suspended_at(entry, record.status)) is not None:
             suspended[uid] = at
     budget = _charged_from(budget, running, waiting, moment)
@@ -136,6 +142,34 @@ def _suspended_at(entry: Mapping[str, Any], status: Mapping[str, Any]) -> dateti
         return None
     ready = {c.get("type"): c for c in status.get("conditions") or ()}.get("Ready") or {}
     return parse_time(ready.get("lastTransitionTime")) if ready.get("status") == "False" else None
+
+
+# A tick was missed when the last charge is this many intervals old (one interval and a tick's own time
+# is the usual gap between two ticks).
+MISSED_TICK = 1.5
+
+
+def _stopped_at(
+    entry: Mapping[str, Any], status: Mapping[str, Any], moment: datetime.datetime, interval: float
+) -> datetime.datetime | None:
+    """When an environment charged by the flavor that ran at the last tick (heldSince) and runs no more
+    (its container crashed, its owner ended PID 1, its pod was lost) stopped, as far as can be told: it
+    is charged up to then, once. When it left Ready after the last charge, then (its Ready condition's
+    transition: when the operator saw it, exact while the operator runs). Else, when ticks were missed
+    (the operator was down), up to now: it may have run all that time, and a facility would rather
+    charge an outage than give it away (hours for nothing to whoever crashes their pod before the
+    operator is back). Else nothing: it stopped at an unknown moment within the last interval (a
+    crash between two ticks). Suspended ones are _suspended_at's."""
+    charged_until = parse_time(entry.get("chargedUntil"))
+    if status.get("phase") == Phase.SUSPENDED.value or not entry.get("heldSince") or charged_until is None:
+        return None
+    ready = {c.get("type"): c for c in status.get("conditions") or ()}.get("Ready") or {}
+    left = parse_time(ready.get("lastTransitionTime")) if ready.get("status") == "False" else None
+    if left is not None and left > charged_until:
+        return left
+    if (moment - charged_until).total_seconds() > MISSED_TICK * interval:
+        return moment
+    return None
 
 
 def _charged_from(
@@ -224,6 +258,7 @@ async def charge_budget(
             gate.settings.warning_percent,
             namespace,
             observed,
+            gate.settings.charge_interval_seconds,
         )
 
     result: Charge | None = await gate.ledger.update(name, decide, lambda result: result.status if result else None)
@@ -240,6 +275,8 @@ async def charge_budget(
         entry = (result.status.get("environments") or {}).get(uid) or {}
         record: EnvironmentRecord | None = first(environments, (entry.get("namespace"), entry.get("name")))
         if record is None or record.environment.uid != uid or _not_running(record):
+            continue
+        if record.environment.deleting:  # its deletion ends it: settled when its job or VM is gone
             continue
         environment = record.environment
         outcome = await end(  # holding its converge lock: never in the middle of a start

@@ -11,7 +11,9 @@ Slots free at once. A ledger entry stays until something settles it, so an
 entry whose environment was deleted or ended must not count meanwhile. Both
 gates leave out entries known to have ended: from the environments index
 (terminal phase, being deleted, or replaced by a new object of that name), or
-confirmed by the API server. When a decision would refuse for want of a slot
+confirmed by the API server. Not one being deleted whose Slurm job or VM the
+operator's finalizer still waits for: that runs on, counted and charged, until
+the finalizer goes (`finalizing`). When a decision would refuse for want of a slot
 (TooManyEnvironments, TooManyGpus) and some entry is not known to have ended,
 the gate asks the API server about the budget's entries first, so "delete one,
 create another" is admitted even before the watch shows the delete. A round of
@@ -56,7 +58,16 @@ from analysis_operator.engine.ledger import Ledger, Views
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
 from analysis_operator.infra import metrics
 from analysis_operator.infra.kube import KubeClient
-from analysis_operator.model.domain import Environment, Flavor, Phase, format_time, is_terminal, parse_time
+from analysis_operator.model.domain import (
+    FINALIZER,
+    LABEL_BACKEND,
+    Environment,
+    Flavor,
+    Phase,
+    format_time,
+    is_terminal,
+    parse_time,
+)
 from analysis_operator.policy.budgets import (
     Budget,
     admission_refusal,
@@ -90,18 +101,41 @@ HELD_PHASES = frozenset({Phase.PROVISIONING.value, Phase.READY.value, Phase.SUSP
 Ended = dict[str, datetime.datetime | None]  # ledger entry uid -> when its environment ended (None: now)
 
 
+def finalizing(metadata: Mapping[str, Any]) -> bool:
+    """Is the environment being deleted and its deletion waiting on the operator's finalizer, that is on
+    its backend to confirm its Slurm job or VM gone (handlers/environments.on_environment_deleted)?
+    That may take hours (slurmrestd or OpenStack not answering, a cancel refused), and the job or VM
+    runs on meanwhile: it keeps its slot and is charged until the finalizer goes (pure, and cheap: a
+    kopf filter calls it for every event of every environment). Environment.finalizing, indexed."""
+    return bool(metadata.get("deletionTimestamp")) and FINALIZER in (metadata.get("finalizers") or ())
+
+
+def slot_freed_at(deleted: bool, body: Mapping[str, Any]) -> tuple[datetime.datetime | None] | None:
+    """(when it stopped running,) if the environment `body` (`deleted`: its last state, the object is
+    gone) holds no slot any more, None: now; None while it holds its slot (pure). An ended one at
+    stoppedAt. A deleted one that runs nothing outside Kubernetes (a pod: the garbage collector
+    removes it) at its deletionTimestamp; one with the operator's backend label (a Slurm job, a VM,
+    held by the finalizer while it ran) when its finalizer is seen gone, now: up to then it may
+    have run (`finalizing`)."""
+    metadata = body.get("metadata") or {}
+    status = body.get("status") or {}
+    ended = is_terminal(status.get("phase"))
+    if ended and (stopped := parse_time(status.get("stoppedAt"))) is not None:
+        return (stopped,)
+    if not deleted and (not metadata.get("deletionTimestamp") or finalizing(metadata)):
+        return (None,) if ended else None
+    if LABEL_BACKEND in (metadata.get("labels") or {}):
+        return (None,)
+    return (parse_time(metadata.get("deletionTimestamp")),)
+
+
 def ended_at(uid: str, body: Mapping[str, Any] | None) -> tuple[datetime.datetime | None] | None:
     """(when it ended,) if the ledger entry `uid`, whose environment the API server answered with
     `body` (None: not there), is over; None while it holds its slot (pure)."""
     metadata = (body or {}).get("metadata") or {}
     if body is None or metadata.get("uid") != uid:
         return (None,)
-    if metadata.get("deletionTimestamp"):
-        return (parse_time(metadata["deletionTimestamp"]),)
-    status = body.get("status") or {}
-    if is_terminal(status.get("phase")):
-        return (parse_time(status.get("stoppedAt")),)
-    return None
+    return slot_freed_at(False, body)
 
 
 def has_started(status: Mapping[str, Any]) -> bool:
@@ -410,7 +444,8 @@ class BudgetGate:
 
     def _known_ended(self, budget: Budget, environments: Index | None = None) -> Ended:
         """The budget's entries whose environments are known to be over: confirmed before, or (with
-        the environments index) in a terminal phase, being deleted, or replaced by a new object."""
+        the environments index) in a terminal phase, being deleted (but for one whose job or VM the
+        operator's finalizer still waits for: `finalizing`), or replaced by a new object."""
         known: Ended = {}
         for uid, entry in budget.entries.items():
             if uid in self.ended:
@@ -419,10 +454,12 @@ class BudgetGate:
                 record = first(environments, (entry.get("namespace"), entry.get("name")))
                 if record is None:
                     continue  # not seen (yet, or any more): only the API server can tell
-                if record.environment.uid != uid or record.environment.deleting:
+                if record.environment.uid != uid:
                     known[uid] = None
                 elif is_terminal(record.status.get("phase")):
                     known[uid] = parse_time(record.status.get("stoppedAt"))
+                elif record.environment.deleting and not record.environment.finalizing:
+                    known[uid] = None  # its Slurm job or VM, if it had one, is confirmed gone
         return known
 
     def in_use(self, budget: Budget, environments: Index) -> tuple[int, int]:

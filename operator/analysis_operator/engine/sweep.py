@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 
+from analysis_operator.backends.base import Backend, BackendUnavailable, ManagedObject
 from analysis_operator.engine.converge import Outcome, expiry
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.reconciler import Reconciler
@@ -115,30 +116,62 @@ async def sweep_orphans(reconciler: Reconciler) -> int:
     operator may not read every Secret of the cluster; a token goes with the pod, Service, job or VM
     that is found. Also what an ended environment (a terminal phase) still holds: converge.stop writes
     the end before it removes anything, and nothing converges an ended environment again, so a removal
-    that failed then (the backend away, the operator killed between the two) is done here."""
+    that failed then (the backend away, the operator killed between the two) is done here.
+
+    Each backend's listing and each removal fails on its own: Slurm down, or one locked VM, must not
+    keep the other backends' orphans running (an ended one uncharged) until it answers again."""
     records = {record.environment.uid: record for record in values(reconciler.environments)}
-    kube = reconciler.context.kube
-    removed = 0
     settled = reconciler.clock() - datetime.timedelta(seconds=ENDED_GRACE_SECONDS)
+    removed = 0
     for kind, backend in reconciler.context.backends.items():
-        for managed in await backend.list_managed():
-            record = records.get(managed.uid)
-            ended = record is not None and is_terminal(record.status.get("phase"))  # for good: no lag to wait out
-            if record is not None and not (ended and _ended_before(record.status, settled)):
-                continue  # live, or ended a moment ago: its stop's own removal (a pod terminating) is under way
-            # The index may lag; only the API server's answer makes it an orphan.
-            if record is None and await kube.environment_exists(managed.namespace, managed.name, managed.uid):
-                continue
-            orphan = Environment(managed.namespace, managed.name, managed.uid, owner="", flavor="")
-            await backend.delete(orphan)
-            await reconciler.context.routes.close(orphan)  # its HTTPRoute and endpoint, orphaned with it
-            await delete_token(kube, orphan)
-            log.warning(
-                "orphan.removed",
-                backend=kind,
-                environment=f"{managed.namespace}/{managed.name}",
-                backend_id=managed.backend_id,
-                ended=record.status.get("phase") if record is not None else None,
-            )
-            removed += 1
+        try:
+            found = await backend.list_managed()
+        except Exception as error:
+            _log_failure("orphan.list_failed", kind, error)
+            continue
+        for managed in found:
+            try:
+                removed += await _remove_orphan(reconciler, kind, backend, managed, records.get(managed.uid), settled)
+            except BackendUnavailable as error:  # once per sweep: the backend's other orphans would wait too
+                _log_failure("orphan.remove_failed", kind, error, managed)
+                break
+            except Exception as error:  # this one refused (a locked VM, a job Slurm will not cancel): the rest go
+                _log_failure("orphan.remove_failed", kind, error, managed)
     return removed
+
+
+async def _remove_orphan(
+    reconciler: Reconciler,
+    kind: str,
+    backend: Backend,
+    managed: ManagedObject,
+    record: EnvironmentRecord | None,
+    settled: datetime.datetime,
+) -> int:
+    """Remove `managed` if it is an orphan (1) or leave it (0)."""
+    kube = reconciler.context.kube
+    ended = record is not None and is_terminal(record.status.get("phase"))  # for good: no lag to wait out
+    if record is not None and not (ended and _ended_before(record.status, settled)):
+        return 0  # live, or ended a moment ago: its stop's own removal (a pod terminating) is under way
+    # The index may lag; only the API server's answer makes it an orphan.
+    if record is None and await kube.environment_exists(managed.namespace, managed.name, managed.uid):
+        return 0
+    orphan = Environment(managed.namespace, managed.name, managed.uid, owner="", flavor="")
+    await backend.delete(orphan)
+    await reconciler.context.routes.close(orphan)  # its HTTPRoute and endpoint, orphaned with it
+    await delete_token(kube, orphan)
+    log.warning(
+        "orphan.removed",
+        backend=kind,
+        environment=f"{managed.namespace}/{managed.name}",
+        backend_id=managed.backend_id,
+        ended=record.status.get("phase") if record is not None else None,
+    )
+    return 1
+
+
+def _log_failure(event: str, kind: str, error: Exception, managed: ManagedObject | None = None) -> None:
+    """The backend unavailable is told as it says; anything else with its type, to be looked into."""
+    where = {"environment": f"{managed.namespace}/{managed.name}", "backend_id": managed.backend_id} if managed else {}
+    unavailable = isinstance(error, BackendUnavailable)
+    log.warning(event, backend=kind, **where, unavailable=unavailable, error=str(error) if unavailable else repr(error))

@@ -16,14 +16,14 @@ import kopf
 import structlog
 
 from analysis_operator.engine.accounting import charge_budget
-from analysis_operator.engine.budget_gate import BudgetGate
+from analysis_operator.engine.budget_gate import BudgetGate, finalizing, slot_freed_at
 from analysis_operator.engine.events import post_event
 from analysis_operator.engine.ledger import BUDGETS
 from analysis_operator.engine.reconciler import Reconciler, utcnow
 from analysis_operator.engine.views import values
 from analysis_operator.handlers.indexes import never_raises, report_problems
 from analysis_operator.infra.kube import KubeClient
-from analysis_operator.model.domain import API_VERSION, GROUP, VERSION, is_terminal, parse_time
+from analysis_operator.model.domain import API_VERSION, GROUP, VERSION, is_terminal
 from analysis_operator.policy.budgets import Budget
 from analysis_operator.settings import BudgetSettings
 
@@ -53,14 +53,15 @@ def ledger_entries(name: str, status: kopf.Status, **_: Any) -> dict[str, str]:
 
 
 def slot_to_release(type: str, body: Mapping[str, Any], ledger_entries: Mapping[str, Any], **_: Any) -> bool:
-    """kopf's filter for release_slot (pure): an environment a ledger holds a slot for, deleted, being deleted,
-    or ended. Every other event (nearly all) is not handed to the handler: kopf's invocation costs more than this."""
+    """kopf's filter for release_slot (pure): an environment a ledger holds a slot for, deleted, being deleted
+    (but not while its finalizer waits for its job or VM: it runs on), or ended. Every other event (nearly
+    all) is not handed to the handler: kopf's invocation costs more than this."""
     metadata = body.get("metadata") or {}
     if str(metadata.get("uid") or "") not in ledger_entries:
         return False
     return (
         type == "DELETED"
-        or bool(metadata.get("deletionTimestamp"))
+        or (bool(metadata.get("deletionTimestamp")) and not finalizing(metadata))
         or is_terminal((body.get("status") or {}).get("phase"))
     )
 
@@ -69,24 +70,20 @@ def slot_to_release(type: str, body: Mapping[str, Any], ledger_entries: Mapping[
 async def release_slot(type: str, body: kopf.Body, memo: kopf.Memo, ledger_entries: kopf.Index, **_: Any) -> None:
     """An environment deleted, being deleted, or ended (Stopped, Expired, Failed, ...): its ledger
     entry is settled now, not at the next accounting tick, so its slot is free at once (and the
-    budget's status says so). Suspended ones keep their slot: resuming never fails."""
+    budget's status says so). Suspended ones keep their slot: resuming never fails. One whose Slurm
+    job or VM the operator's finalizer waits for keeps it, and is charged, until the finalizer goes
+    (engine/budget_gate.slot_freed_at says up to when)."""
     uid = str(body.metadata.get("uid") or "")
     held = list(ledger_entries.get(uid, ()))
-    if not held:
-        return
-    status = body.get("status") or {}
-    if type == "DELETED" or body.metadata.get("deletionTimestamp"):
-        end = parse_time(body.metadata.get("deletionTimestamp"))
-    elif is_terminal(status.get("phase")):
-        end = parse_time(status.get("stoppedAt"))
-    else:
+    freed = slot_freed_at(type == "DELETED", body)
+    if not held or freed is None:
         return
     gate: BudgetGate = memo.budget_gate
     if not gate.settings.enabled:
         return
     for budget in held:
         try:
-            await gate.release(str(budget), {uid: end}, utcnow())
+            await gate.release(str(budget), {uid: freed[0]}, utcnow())
         except Exception:  # the confirmation at the next refusal and the accounting tick settle it instead
             log.exception("budget.release_failed", budget=budget, uid=uid)
 

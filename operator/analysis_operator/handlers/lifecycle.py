@@ -44,7 +44,7 @@ from analysis_operator.infra.metrics import start_metrics
 from analysis_operator.infra.oidc import TokenVerifier
 from analysis_operator.infra.watch import Summaries, Watch
 from analysis_operator.infra.webhooks import MeteredWebhookServer
-from analysis_operator.model.domain import GROUP, MANAGED_SELECTOR
+from analysis_operator.model.domain import FINALIZER, GROUP, MANAGED_SELECTOR
 from analysis_operator.settings import Settings
 
 log = structlog.get_logger("analysis_operator.lifecycle")
@@ -60,7 +60,7 @@ async def on_startup(
     **indexes: Any,
 ) -> None:
     config: Settings = memo.config
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.finalizer = FINALIZER
     # kopf's own records cost no PATCH of an environment that converges at once (handlers/kopf_storage.py)
     settings.persistence.progress_storage = ProgressStorage()
     memo.diffbase = settings.persistence.diffbase_storage = MemoryDiffBaseStorage()
@@ -337,24 +337,39 @@ async def sweep_forever(memo: kopf.Memo, interval: float, orphan_every: int = 10
     while True:
         await asyncio.sleep(interval)
         rounds += 1
+        active = False
         try:
             if full_collection_due(reconciler.forgotten, len(reconciler.environments)):
                 reconciler.forgotten = 0
                 gc.collect()  # what the deleted environments left (infra/logs.py); its pause is logged
             memo.context.decisions.prune()
-            memo.active = await is_active(memo)
-            if not memo.active:
+            memo.active = active = await is_active(memo)
+            if not active:
                 continue
             await sweep(reconciler, utcnow(), unheld=memo.budget_gate.unheld)  # and budgets gone from under them
             await warn_expiring(reconciler, config.budgets.expiry_warning_seconds, utcnow())
-            if rounds % orphan_every == 0:
-                await sweep_orphans(reconciler)
-                live = {record.environment.uid for record in values(reconciler.environments)}
-                memo.diffbase.retain(live)
-                reconciler.retain(live)
-                await memo.context.repair(live)
         except Exception:  # one bad sweep must not end the loop; the next one retries
             log.exception("sweep.failed")
+        if active and rounds % orphan_every == 0:  # whatever the sweep met: the orphans' turn is rare
+            await collect_orphans(memo)
+
+
+async def collect_orphans(memo: kopf.Memo) -> None:
+    """The orphan sweep, then what rests on the live environments (the records of the deleted ones
+    dropped, what someone deleted under the live ones made again). Each part runs whatever the one
+    before met: one failure skipping the rest kept them waiting as long as a backend stayed down."""
+    reconciler: Reconciler = memo.reconciler
+    try:
+        await sweep_orphans(reconciler)  # each backend and each removal fails on its own (engine/sweep.py)
+    except Exception:
+        log.exception("orphan.sweep_failed")
+    try:
+        live = {record.environment.uid for record in values(reconciler.environments)}
+        memo.diffbase.retain(live)
+        reconciler.retain(live)
+        await memo.context.repair(live)  # each backend's repair fails on its own (Context.repair)
+    except Exception:
+        log.exception("orphan.retain_failed")
 
 
 async def idle_forever(memo: kopf.Memo, interval: float) -> None:

@@ -44,6 +44,7 @@ def label_text(text: str) -> str:
 # Set on environments whose backend lives outside Kubernetes (slurm, openstack):
 # it makes kopf add a finalizer, so the job or VM is removed before the object goes.
 LABEL_BACKEND = f"{GROUP}/backend"
+FINALIZER = f"{GROUP}/finalizer"  # the operator's (kopf's: handlers/lifecycle.py), on every environment
 
 
 class Phase(str, enum.Enum):  # noqa: UP042  (str() of a phase is relied on as the enum's)
@@ -387,6 +388,7 @@ class Environment:
     suspend: bool = False
     generation: int = 0
     deleting: bool = False  # deletionTimestamp set: only the finalizer's cleanup may act now
+    finalizing: bool = False  # deleting, and the operator's finalizer still on: its backend has not said it is gone
     budget: str = ""  # ComputeBudget named in spec.budget; "" = the owner's personal one
     shared_users: frozenset[str] = frozenset()  # spec.sharing: who besides the owner may open it
     shared_groups: frozenset[str] = frozenset()
@@ -419,6 +421,7 @@ class Environment:
             suspend=spec.get("suspend") is True,
             generation=_count(metadata.get("generation", 0), 0, "metadata.generation", []),
             deleting=bool(metadata.get("deletionTimestamp")),
+            finalizing=bool(metadata.get("deletionTimestamp")) and FINALIZER in _texts(metadata.get("finalizers")),
             budget=_text(spec.get("budget")),
             shared_users=frozenset(_texts(_mapping(spec.get("sharing")).get("users"))),
             shared_groups=frozenset(_texts(_mapping(spec.get("sharing")).get("groups"))),

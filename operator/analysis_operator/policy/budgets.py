@@ -371,8 +371,9 @@ def charge(
     (the job's start time), so the hours agree with the facility's own accounting. `foreign` entries
     are another operator's to charge, settle and stop (environments in namespaces this one does not
     serve): kept as they are, but for a new period, which forgets their usage before it too.
-    `suspended`: paused entries that ran until then (uid -> when it was suspended) since their last
-    charge: charged up to that moment, as an ended one up to when it stopped, then paused."""
+    `suspended`: paused entries that ran until then (uid -> when it was suspended, or stopped running)
+    since their last charge: charged up to that moment, as an ended one up to when it stopped, then
+    paused."""
     status = dict(budget.status)
     settled = {key: float((status.get("settled") or {}).get(key) or 0) for key in RESOURCES}
     held = held or {}

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 
 from analysis_operator.backends.base import BackendUnavailable, Launch, State
-from analysis_operator.backends.openstack import META_UID, OpenStackBackend
+from analysis_operator.backends.openstack import META_UID, OpenStackBackend, build_server_request
+from analysis_operator.backends.slurm import SlurmBackend
+from analysis_operator.engine.converge import Context
+from analysis_operator.engine.reconciler import Reconciler
+from analysis_operator.engine.sweep import sweep_orphans
+from analysis_operator.settings import SlurmSettings
 
 pytestmark = pytest.mark.integration
 TOKEN = "desktop-token-not-logged"
@@ -137,6 +143,68 @@ def test_list_managed_finds_an_orphan(settings, make_environment, basic_flavor):
     assert [(item.namespace, item.name, item.backend_id) for item in found] == [
         (orphan.namespace, orphan.name, created.reference["id"])
     ]
+
+
+def test_a_duplicate_server_is_deleted_at_the_next_observe(
+    backend, settings, cloud, make_environment, basic_flavor, wait_for_state, wait_until
+):
+    """A create whose answer was lost and was sent again (or one per replica across a failover): the
+    second server ran on, uncharged, until the environment was deleted; only a warning was logged."""
+    environment = make_environment()
+    first = asyncio.run(backend.ensure(Launch(environment, basic_flavor, TOKEN)))
+    wait_for_state(backend, environment, State.READY)  # seconds later: the duplicate is the younger
+    request = build_server_request(environment, basic_flavor, TOKEN, settings)
+    duplicate = asyncio.run(backend._run(backend._create_server, request))  # the same create, sent again
+    assert {server.id for server in servers_named(cloud, environment)} == {first.reference["id"], duplicate.id}
+    assert asyncio.run(backend.observe(environment)).reference["id"] == first.reference["id"]
+    wait_until(
+        lambda: [server.id for server in servers_named(cloud, environment)],
+        lambda ids: ids == [first.reference["id"]],
+        what="the duplicate server deleted",
+    )
+
+
+class Environments:
+    """The API server's answer for the orphan sweep: every environment exists but `gone`'s."""
+
+    def __init__(self, gone: str) -> None:
+        self.gone = gone
+
+    async def environment_exists(self, namespace: str, name: str, uid: str) -> bool:
+        return uid != self.gone
+
+    async def delete_owned(self, kind: str, namespace: str, name: str, label: str, value: str) -> bool:
+        return False  # no token Secret: this test has no API server
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_orphan_sweep_removes_a_vm_while_slurm_is_down(
+    settings, cloud, make_environment, basic_flavor, wait_until, tmp_path
+):
+    """Slurm comes before OpenStack in the backends: slurmrestd down, its listing raised out of the
+    orphan sweep, and no VM was removed for as long as Slurm stayed down (an Expired one uncharged)."""
+    orphan = make_environment()
+    openstack = OpenStackBackend(settings)
+    (tmp_path / "slurm.jwt").write_text("a-token")
+    slurm_settings = SlurmSettings(
+        enabled=True, url=f"http://127.0.0.1:{_closed_port()}", token_file=str(tmp_path / "slurm.jwt")
+    )
+    slurm = SlurmBackend(slurm_settings)
+    try:
+        asyncio.run(openstack.ensure(Launch(orphan, basic_flavor, TOKEN)))
+        with pytest.raises(BackendUnavailable, match="unreachable"):  # what the sweep meets first
+            asyncio.run(slurm.list_managed())
+        context = Context(kube=Environments(gone=orphan.uid), backends={"slurm": slurm, "openstack": openstack})
+        assert asyncio.run(sweep_orphans(Reconciler(context, {}, {}))) == 1
+    finally:
+        slurm.close()
+        openstack.close()
+    wait_until(lambda: servers_named(cloud, orphan), lambda servers: servers == [], what="the orphan VM deleted")
 
 
 @pytest.mark.parametrize("service, port", [("nova-api", "8774"), ("keystone", "5000")])
