@@ -317,3 +317,23 @@ def test_the_check_counts_from_the_fall_back_it_saw_else_from_its_first_look():
     now[0] = at(4)
     asyncio.run(restarted.check())
     assert judged.since == [at(20), at(5)]  # not judged: it holds nothing
+
+
+def test_a_crash_loops_glimpse_of_a_starting_server_does_not_start_the_count_again():
+    """Each restart of a crash-looping container shows PodStarting for a moment: a round that lands
+    then judges nothing, and the next counts on from the same start (not from then: a back-off of
+    minutes against a round a minute would put the cull off again and again)."""
+    from analysis_operator.engine.views import EnvironmentRecord
+
+    now = [at(60)]
+    lab = Environment(namespace="ns", name="lab", uid="u-1", owner="alice", flavor="gpu")
+    index = {"lab": [EnvironmentRecord(lab, provisioning(90))]}
+    checker, judged = checker_over(index, lambda: now[0])
+    asyncio.run(checker.check())  # first seen crash-looping now: from now
+    index["lab"] = [EnvironmentRecord(lab, {**provisioning(90), "reason": "PodStarting"})]
+    now[0] = at(59)
+    asyncio.run(checker.check())  # the glimpse: not judged
+    index["lab"] = [EnvironmentRecord(lab, provisioning(90))]
+    now[0] = at(58)
+    asyncio.run(checker.check())
+    assert judged.since == [at(60), at(60)]

@@ -51,6 +51,7 @@ from analysis_operator.backends.slurm_rest import http_url, resolve_address
 from analysis_operator.model.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
 from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.settings import SlurmSettings
+from tests.faults import lose_the_next_read
 
 HOURS = datetime.timedelta(hours=1)
 SETTINGS = SlurmSettings(working_directory="/scratch/aenv", jupyter_command="jupyter lab")
@@ -667,27 +668,19 @@ def test_the_job_must_run_as_the_account_and_uid_decided(job, uid, reason):
     assert (build_account_mismatch(slurm_job(**job), "alice", uid) or (None,))[0] == reason
 
 
-def lose_the_next_read(client) -> None:
-    """The client's next job() answers None (slurmrestd restarted, its answer lost); later ones are read."""
-    read = client.job
-
-    async def lost(job_id):
-        client.job = read
-        return None
-
-    client.job = lost
-
-
 @pytest.mark.parametrize(
     "user_name, user_id, reason",
     [("nobody", 65534, "UnknownUnixAccount"), ("alice", 3001, "UnixAccountMismatch"), ("alice", 1001, None)],
 )
 @pytest.mark.parametrize("first_read", ["observe", "list_managed"])
-def test_a_job_whose_read_back_was_lost_is_checked_on_its_first_read(user_name, user_id, reason, first_read, tmp_path):
+@pytest.mark.parametrize("lost", [None, BackendUnavailable("slurmrestd at http://x is unreachable")])
+def test_a_job_whose_read_back_was_lost_is_checked_on_its_first_read(
+    user_name, user_id, reason, first_read, lost, tmp_path
+):
     backend = per_user_backend([], tmp_path, user_of_submitted=user_name)
     environment = make_environment()
     launch = Launch(environment, make_flavor(), "t", identity=PosixIdentity("alice", 1001, 1001))
-    lose_the_next_read(backend.client)
+    lose_the_next_read(backend.client, lost)
     assert asyncio.run(backend.ensure(launch)).state == State.PENDING  # not checked yet
     backend.client.update_job(0, user_id=user_id)
     if first_read == "list_managed":

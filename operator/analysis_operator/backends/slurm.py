@@ -681,7 +681,10 @@ class SlurmBackend:
                 message=f"Slurm refused the job for flavor {flavor.name} as {account}: {refusal}",
             )
         job_id, uid = answer.job_id, launch.identity.uid if launch.identity else None
-        found = await self.client.job(job_id)
+        try:
+            found = await self.client.job(job_id)
+        except BackendUnavailable:  # slurmrestd restarting: the job is checked at its first read instead
+            found = None
         # A lost read-back (slurmrestd restarted, the job not visible yet) leaves the account unchecked: the
         # first read of the job that succeeds checks it (_account_mismatch).
         submitted = found or SlurmJob(job_id=job_id, user_name=account)

@@ -51,6 +51,7 @@ from analysis_operator.policy.idle import (
     decide,
     decide_unusable,
     gpu_hours_saved,
+    holds_resources,
     latest_activity,
     policy_of,
     policy_problem,
@@ -201,9 +202,12 @@ class IdleChecker:
             # a pod that was waiting for a node, a restart of the operator) not earlier than now
             seen = previous if previous is not None and uid in self._ready_before else now
             floor = self._unusable_from.get(uid, seen)
+            if record.status.get("phase") == Phase.PROVISIONING.value and holds_resources(
+                record.status.get("backend") or {}
+            ):  # kept whatever its reason: a crash loop's restarts show PodStarting a moment each time
+                unusable_from[uid] = floor
             since = unusable_since(record.status, floor)
             if since is not None:
-                unusable_from[uid] = floor
                 unusable.append((record, flavor, since))
         self._unusable_from, self._last_round = unusable_from, now
         self._ready_before = {record.environment.uid for record, _ in ready}

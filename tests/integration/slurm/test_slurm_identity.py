@@ -22,6 +22,7 @@ from analysis_operator.backends.slurm_api import SlurmJob
 from analysis_operator.backends.slurm_auth import build_jupyter_port, build_working_directory, job_nonce
 from analysis_operator.backends.slurm_rest import SlurmRequestRefused
 from analysis_operator.model.identity import PosixIdentity
+from tests.faults import lose_the_next_read
 from tests.integration.slurm.conftest import slurm_commands_path
 from tests.integration.slurm.test_slurm_backend import TOKEN, jobs_of, make_flavor, wait_for, wait_for_state
 
@@ -61,17 +62,6 @@ def server_pid(port: int) -> int:
         if f"--port={port}".encode() in words and any(word.endswith(b"/jupyter-lab") for word in words):
             return int(proc.name)
     raise AssertionError(f"no JupyterLab process for port {port}")
-
-
-def lose_the_next_read(client) -> None:
-    """The client's next job() answers None (slurmrestd restarted, its answer lost); later ones reach Slurm."""
-    read = client.job
-
-    async def lost(job_id):
-        client.job = read
-        return None
-
-    client.job = lost
 
 
 def port_of(backend: SlurmBackend, environment, job: SlurmJob) -> int:
