@@ -465,7 +465,8 @@ class _Tracked:
     name: str
     job: SlurmJob  # as last seen (for extend, without asking again)
     # False while the account check of a submit whose read-back was lost is still to be made (on the
-    # first read of the job that succeeds): until then the job is ours by its id whatever user it runs as.
+    # first read of the job that succeeds): until then the job is ours by its id and the operator's mark
+    # whatever user it runs as (holds).
     verified: bool = True
     uid: int | None = None  # the directory's uid it must run with (None: any), for that check
 

@@ -59,11 +59,11 @@ from analysis_operator.engine.views import EnvironmentRecord, Index, first
 from analysis_operator.infra import metrics
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.model.domain import (
-    FINALIZER,
     LABEL_BACKEND,
     Environment,
     Flavor,
     Phase,
+    finalizing,
     format_time,
     is_terminal,
     parse_time,
@@ -99,15 +99,6 @@ UNCOVERED_GRACE_SECONDS = 10.0
 HELD_PHASES = frozenset({Phase.PROVISIONING.value, Phase.READY.value, Phase.SUSPENDED.value})
 
 Ended = dict[str, datetime.datetime | None]  # ledger entry uid -> when its environment ended (None: now)
-
-
-def finalizing(metadata: Mapping[str, Any]) -> bool:
-    """Is the environment being deleted and its deletion waiting on the operator's finalizer, that is on
-    its backend to confirm its Slurm job or VM gone (handlers/environments.on_environment_deleted)?
-    That may take hours (slurmrestd or OpenStack not answering, a cancel refused), and the job or VM
-    runs on meanwhile: it keeps its slot and is charged until the finalizer goes (pure, and cheap: a
-    kopf filter calls it for every event of every environment). Environment.finalizing, indexed."""
-    return bool(metadata.get("deletionTimestamp")) and FINALIZER in (metadata.get("finalizers") or ())
 
 
 def slot_freed_at(deleted: bool, body: Mapping[str, Any]) -> tuple[datetime.datetime | None] | None:

@@ -51,7 +51,7 @@ from analysis_operator.policy.idle import (
     decide,
     decide_unusable,
     gpu_hours_saved,
-    holds_resources,
+    holding_unready,
     latest_activity,
     policy_of,
     policy_problem,
@@ -133,7 +133,7 @@ class IdleChecker:
         self._session: aiohttp.ClientSession | None = None
         self._unknown_since: dict[str, datetime.datetime] = {}  # uid: when its activity became unknown
         self._hanging: dict[str, tuple[int, datetime.datetime]] = {}  # uid: timeouts in a row, next read
-        # uid: when this checker first saw it hold resources without being Ready (its last round's
+        # uid: when this checker first saw it hold resources while not Ready (its last round's
         # start if it was Ready then: its Ready condition tells the moment); the uids Ready last round
         self._unusable_from: dict[str, datetime.datetime] = {}
         self._ready_before: set[str] = set()
@@ -178,8 +178,8 @@ class IdleChecker:
     def _candidates(
         self,
     ) -> tuple[list[tuple[EnvironmentRecord, Flavor]], list[tuple[EnvironmentRecord, Flavor, datetime.datetime]]]:
-        """The Ready environments whose flavor culls, and those that hold resources without being
-        Ready with the time since when (remembered from round to round)."""
+        """The Ready environments whose flavor culls, and those that hold resources while their server
+        cannot run, with the time since when (remembered from round to round)."""
         now = self.clock()
         # the last round, if this one follows it (not after a spell as the passive replica)
         interval = datetime.timedelta(seconds=self.settings.idle.check_interval_seconds)
@@ -202,9 +202,7 @@ class IdleChecker:
             # a pod that was waiting for a node, a restart of the operator) not earlier than now
             seen = previous if previous is not None and uid in self._ready_before else now
             floor = self._unusable_from.get(uid, seen)
-            if record.status.get("phase") == Phase.PROVISIONING.value and holds_resources(
-                record.status.get("backend") or {}
-            ):  # kept whatever its reason: a crash loop's restarts show PodStarting a moment each time
+            if holding_unready(record.status):  # whatever its reason: a crash loop shows PodStarting a moment
                 unusable_from[uid] = floor
             since = unusable_since(record.status, floor)
             if since is not None:
@@ -214,7 +212,7 @@ class IdleChecker:
         return ready, unusable
 
     async def _check_one(self, record: EnvironmentRecord, flavor: Flavor, since: datetime.datetime | None) -> None:
-        """`since`: it holds resources without being Ready since then (nothing to read); None: Ready."""
+        """`since`: it holds resources while its server cannot run since then (nothing to read); None: Ready."""
         environment, status = record.environment, record.status
         interval = datetime.timedelta(seconds=self.settings.idle.check_interval_seconds)
         problem = policy_problem(flavor, interval)
@@ -259,7 +257,7 @@ class IdleChecker:
     async def _check_unusable(
         self, record: EnvironmentRecord, flavor: Flavor, policy: IdlePolicy, since: datetime.datetime
     ) -> None:
-        """Not Ready but holding resources: idle since it was last usable, with no server to read."""
+        """Holding resources while its server cannot run: idle since it was last usable, nothing to read."""
         environment, status = record.environment, record.status
         now = self.clock()
         gateway = self.gateway.last(environment.uid)

@@ -16,14 +16,14 @@ import kopf
 import structlog
 
 from analysis_operator.engine.accounting import charge_budget
-from analysis_operator.engine.budget_gate import BudgetGate, finalizing, slot_freed_at
+from analysis_operator.engine.budget_gate import BudgetGate, slot_freed_at
 from analysis_operator.engine.events import post_event
 from analysis_operator.engine.ledger import BUDGETS
 from analysis_operator.engine.reconciler import Reconciler, utcnow
 from analysis_operator.engine.views import values
 from analysis_operator.handlers.indexes import never_raises, report_problems
 from analysis_operator.infra.kube import KubeClient
-from analysis_operator.model.domain import API_VERSION, GROUP, VERSION, is_terminal
+from analysis_operator.model.domain import API_VERSION, GROUP, VERSION, finalizing, is_terminal
 from analysis_operator.policy.budgets import Budget
 from analysis_operator.settings import BudgetSettings
 

@@ -44,7 +44,7 @@ def label_text(text: str) -> str:
 # Set on environments whose backend lives outside Kubernetes (slurm, openstack):
 # it makes kopf add a finalizer, so the job or VM is removed before the object goes.
 LABEL_BACKEND = f"{GROUP}/backend"
-FINALIZER = f"{GROUP}/finalizer"  # the operator's (kopf's: handlers/lifecycle.py), on every environment
+FINALIZER = f"{GROUP}/finalizer"  # the operator's (kopf's: handlers/lifecycle.py), on those with LABEL_BACKEND
 
 
 class Phase(str, enum.Enum):  # noqa: UP042  (str() of a phase is relied on as the enum's)
@@ -331,6 +331,15 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+def finalizing(metadata: Mapping[str, Any]) -> bool:
+    """Is the environment being deleted and its deletion waiting on the operator's finalizer, that is on
+    its backend to confirm its Slurm job or VM gone (handlers/environments.on_environment_deleted)?
+    That may take hours (slurmrestd or OpenStack not answering, a cancel refused), and the job or VM
+    runs on meanwhile: it keeps its budget slot and is charged until the finalizer goes
+    (engine/budget_gate.py). Pure, and cheap: a kopf filter calls it for every event."""
+    return bool(metadata.get("deletionTimestamp")) and FINALIZER in _texts(metadata.get("finalizers"))
+
+
 def _texts(value: Any) -> tuple[str, ...]:
     return tuple(item for item in value if isinstance(item, str)) if isinstance(value, (list, tuple)) else ()
 
@@ -421,7 +430,7 @@ class Environment:
             suspend=spec.get("suspend") is True,
             generation=_count(metadata.get("generation", 0), 0, "metadata.generation", []),
             deleting=bool(metadata.get("deletionTimestamp")),
-            finalizing=bool(metadata.get("deletionTimestamp")) and FINALIZER in _texts(metadata.get("finalizers")),
+            finalizing=finalizing(metadata),
             budget=_text(spec.get("budget")),
             shared_users=frozenset(_texts(_mapping(spec.get("sharing")).get("users"))),
             shared_groups=frozenset(_texts(_mapping(spec.get("sharing")).get("groups"))),

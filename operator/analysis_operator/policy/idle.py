@@ -179,17 +179,20 @@ def holds_resources(backend: Mapping[str, Any]) -> bool:
 CANNOT_RUN = frozenset({"ServerCrashing", "ImagePullFailed", "ContainerNotCreated"})
 
 
+def holding_unready(status: Mapping[str, Any]) -> bool:
+    """Provisioning while its backend holds CPUs or GPUs for it, whatever the reason (pure)."""
+    return status.get("phase") == Phase.PROVISIONING.value and holds_resources(status.get("backend") or {})
+
+
 def unusable_since(status: Mapping[str, Any], floor: datetime.datetime) -> datetime.datetime | None:
     """Since when an environment has held resources while its server cannot run (CANNOT_RUN); None:
     it is Ready, merely not Ready, or holds nothing. The latest of when its Ready condition turned
     False (a fall-back), when its backend started it (status.backend.startedAt, where written), and
     `floor`: when the idle check first saw it so (the caller's memory), since a resume leaves Ready's
     transition at the suspension, and a pod has no start time of its own."""
+    if status.get("reason") not in CANNOT_RUN or not holding_unready(status):
+        return None
     backend = status.get("backend") or {}
-    if status.get("phase") != Phase.PROVISIONING.value or status.get("reason") not in CANNOT_RUN:
-        return None
-    if not holds_resources(backend):
-        return None
     ready = {c.get("type"): c for c in status.get("conditions") or ()}.get("Ready") or {}
     fell = parse_time(ready.get("lastTransitionTime")) if ready.get("status") == "False" else None
     started = parse_time(backend.get("startedAt"))
