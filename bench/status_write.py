@@ -15,6 +15,10 @@ no operator), each variant in turn, alternating over the rounds:
     no-describe   the same without descriptions (the schema the server walks is smaller)
     full-terms    the shipped CRD, status.terms with every backend's block, empty ones too (as the
                   operator wrote them until 2026-12-03)
+    granular      the same with status granular, as shipped before 2026-12-06 (since, status is one
+                  atomic object, x-kubernetes-map-type: atomic: managedFields hold `f:status` alone
+                  instead of every status field; run 5e2ad5 measured it as "atomic-status")
+    atomic-parts  the same with status's objects and conditions atomic, its scalars listed one by one
 
 Each round and variant: COUNT objects created (spec and labels as the portal's), then each given the
 status a Ready JupyterLab environment has (one merge patch of /status, or one PUT, THREADS at a time), then
@@ -57,7 +61,18 @@ import run  # noqa: E402 (bench/run.py)
 
 GROUP, VERSION, PLURAL = "statusbench.analysis.panosc.eu", "v1alpha1", "analysisenvironments"
 STATE = pathlib.Path(os.environ.get("CLUSTER_STATE_DIR", "/tmp/analysis-operator-cluster"))
-VARIANTS = ("shipped", "put", "small-status", "no-cel", "no-root-rule", "open-status", "no-describe", "full-terms")
+VARIANTS = (
+    "shipped",
+    "put",
+    "small-status",
+    "no-cel",
+    "no-root-rule",
+    "open-status",
+    "no-describe",
+    "full-terms",
+    "granular",
+    "atomic-parts",
+)
 
 
 def strip(node: Any, key: str) -> Any:
@@ -83,6 +98,16 @@ def crd(variant: str) -> dict[str, Any]:
         schema["properties"]["status"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
     elif variant == "no-describe":
         version["schema"]["openAPIV3Schema"] = strip(schema, "description")
+    elif variant == "granular":
+        schema["properties"]["status"].pop("x-kubernetes-map-type", None)
+    elif variant == "atomic-parts":
+        schema["properties"]["status"].pop("x-kubernetes-map-type", None)
+        for field in schema["properties"]["status"]["properties"].values():
+            if field.get("type") == "object":
+                field["x-kubernetes-map-type"] = "atomic"
+            elif field.get("type") == "array":
+                field["x-kubernetes-list-type"] = "atomic"
+                field.pop("x-kubernetes-list-map-keys", None)
     return body
 
 
@@ -176,17 +201,23 @@ def apiserver_seconds() -> float:
 
 
 def install(variant: str) -> None:
-    kubectl("delete", "crd", f"{PLURAL}.{GROUP}", "--ignore-not-found", "--wait=true")
-    path = STATE / f"status-bench-{variant}.yaml"
-    path.write_text(yaml.safe_dump(crd(variant)))
+    install_crd(crd(variant), f"status-bench-{variant}.yaml")
+
+
+def install_crd(body: dict[str, Any], file: str) -> None:
+    """Replace the CRD of body's name with body, and wait until its objects are served."""
+    name = body["metadata"]["name"]
+    kubectl("delete", "crd", name, "--ignore-not-found", "--wait=true")
+    path = STATE / file
+    path.write_text(yaml.safe_dump(body))
     kubectl("apply", "-f", str(path))
-    kubectl("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}", "--timeout=60s")
+    kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # served: the discovery and the storage are there
-        if kubectl("get", PLURAL + "." + GROUP, "-A", check=False).returncode == 0:
+        if kubectl("get", name, "-A", check=False).returncode == 0:
             return
         time.sleep(0.5)
-    raise RuntimeError(f"{PLURAL}.{GROUP} is not served")
+    raise RuntimeError(f"{name} is not served")
 
 
 def write_status(custom: Any, method: str, body: dict[str, Any]) -> None:

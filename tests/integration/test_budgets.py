@@ -250,6 +250,10 @@ def test_usage_is_charged_and_a_restart_neither_loses_nor_double_counts(budgets,
     assert entry["cpuHours"] * 3600 == pytest.approx(charged_seconds, abs=0.05)
     assert budgets.status(name)["used"]["cpuHours"] == pytest.approx(entry["cpuHours"], abs=1e-6)
     assert budgets.status(name)["display"]["cpuHours"].endswith("/ 100")
+    # The ledger's status is recorded as one field owned by the operator, not a managedFields entry per
+    # environment and number (which grew with the ledger and was rewritten on every charge).
+    statuses = [e for e in budgets.get(name)["metadata"]["managedFields"] if e.get("subresource") == "status"]
+    assert [entry["fieldsV1"] for entry in statuses] == [{"f:status": {}}], statuses
 
 
 def test_an_exhausted_budget_stops_its_environments_and_keeps_them(budgets, environments, core, namespace):

@@ -369,6 +369,11 @@ def test_a_start_is_one_status_write_with_everything_in_it(environments, custom,
     assert status["startedAt"] <= status["conditions"][0]["lastTransitionTime"] and status["expiresAt"]
     assert status["connection"]["secretName"] == "aenv-once"
     assert status["backend"]["kind"] == "kubernetes" and status["backend"]["node"].startswith("kwok-")
+    # The status has one writer, so the API server records it as one field (the CRD's map-type atomic),
+    # not each of its leaves: every later write and watch event of the object carries that record.
+    managed = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "analysisenvironments", "once")
+    statuses = [entry for entry in managed["metadata"]["managedFields"] if entry.get("subresource") == "status"]
+    assert [entry["fieldsV1"] for entry in statuses] == [{"f:status": {}}], statuses
 
 
 def test_a_slow_start_is_told_once_the_quiet_moment_is_over(environments, custom, core, namespace):

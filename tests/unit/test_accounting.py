@@ -352,15 +352,22 @@ class Recorder:
 
 
 def daemon_ticks(
-    limits: dict, status_: dict, backends: dict, flavor: Flavor = FLAVOR, ticks: int = 1, deleting: bool = False
+    limits: dict,
+    status_: dict,
+    backends: dict,
+    flavor: Flavor = FLAVOR,
+    ticks: int = 1,
+    deleting: bool = False,
+    kube: Cluster | None = None,
 ) -> Api:
     """`ticks` of handlers/budgets.account, a minute apart, the last at NOW; the entry charged until 5 min before.
-    `deleting`: the environment is being deleted, its finalizer waiting for its backend."""
+    `deleting`: the environment is being deleted, its finalizer waiting for its backend. `kube`: where
+    the Events go (Cluster.events)."""
     api = Api(limits, {"u-1": {**entry("lab"), "cpus": 2.0, "chargedUntil": format_time(NOW - 5 * MINUTE)}})
     gate = BudgetGate(BudgetSettings(), Ledger(api, Views(api.index, {"alice": ["b"]}, {})))  # type: ignore[arg-type]
     lab = Environment("ns", "lab", "u-1", owner="alice", flavor="basic", deleting=deleting, finalizing=deleting)
     reconciler = types.SimpleNamespace(
-        context=Context(kube=Cluster(), backends=backends),
+        context=Context(kube=kube or Cluster(), backends=backends),
         environments={("ns", "lab"): [EnvironmentRecord(lab, status_)]},
         flavors={"basic": [flavor]},
     )
@@ -387,6 +394,27 @@ def test_a_spent_budget_stops_the_environment_on_the_backend_it_started_on():
     api = daemon_ticks({"cpuHours": 0.01}, started, {"kubernetes": pods, "slurm": slurm}, flavor=moved)
     assert (pods.deleted, slurm.deleted) == (["u-1"], [])
     assert api.entries["u-1"]["cpuHours"] == pytest.approx(2 * 5 / 60)
+
+
+def test_a_spent_budget_says_it_stops_an_environment_only_when_it_stops_one():
+    """The Warning on the budget ("stopping N environment(s)") is posted when a stop happens, not at
+    every tick while a suspended or deleted environment's entry is still in its ledger (it was posted
+    every minute, saying it stopped what it left alone)."""
+
+    class Told(Cluster):
+        async def post_event(self, involved: dict, type_: str, reason: str, message: str) -> None:
+            self.events.append((involved["kind"], reason, message))
+
+    running = {**status("Ready", NOW - 10 * MINUTE), "terms": build_terms(FLAVOR), "backend": {"kind": "kubernetes"}}
+    kube = Told()
+    daemon_ticks({"cpuHours": 0.01}, running, {"kubernetes": Recorder(observe_pod(pod("Running", True)))}, kube=kube)
+    told = [message for kind, reason, message in kube.events if (kind, reason) == ("ComputeBudget", "BudgetExhausted")]
+    assert len(told) == 1 and told[0].endswith("stopping 1 environment(s)"), kube.events
+    for left_alone, deleting in ((status("Suspended", NOW - 10 * MINUTE), False), (running, True)):
+        kube = Told()
+        pods = Recorder(observe_pod(pod("Running", True)))
+        daemon_ticks({"cpuHours": 0.01}, left_alone, {"kubernetes": pods}, ticks=3, deleting=deleting, kube=kube)
+        assert pods.deleted == [] and not [e for e in kube.events if e[1] == "BudgetExhausted"], kube.events
 
 
 def test_a_spent_budget_leaves_an_environment_being_deleted_to_its_deletion():

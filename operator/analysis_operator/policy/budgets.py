@@ -339,7 +339,7 @@ def _charged(entry: Mapping[str, Any], until: datetime.datetime) -> dict[str, An
 class Charge:
     status: dict[str, Any]
     events: tuple[tuple[str, str, str], ...] = ()  # (type, reason, message) for the budget
-    stop: tuple[str, ...] = ()  # uids of environments the budget no longer covers
+    stop: tuple[str, ...] = ()  # uids of environments the budget no longer covers (the caller says which it stops)
     reason: str = ""  # why they stop (names the budget)
 
 
@@ -470,8 +470,6 @@ def _exhaustion(
         if over is not None:
             stop.append(uid)
             reason = over.message
-    if stop:
-        events.append(("Warning", "BudgetExhausted", f"{reason}: stopping {len(stop)} environment(s)"))
     status["conditions"] = exhausted_conditions(budget, status, now)
     return Charge(status, tuple(events), tuple(stop), reason)
 
