@@ -202,17 +202,15 @@ def _charged_from(
     return Budget(**{**budget.__dict__, "status": {**budget.status, "environments": {**budget.entries, **changed}}})
 
 
-def _stoppable(result: Charge, environments: Index) -> list[EnvironmentRecord]:
-    """The environments of the budget's stop list that a stop would end: not those already ended or
-    suspended, nor one being deleted (its deletion ends it: settled when its job or VM is gone)."""
-    stopping = []
-    for uid in result.stop:
-        entry = (result.status.get("environments") or {}).get(uid) or {}
-        record: EnvironmentRecord | None = first(environments, (entry.get("namespace"), entry.get("name")))
-        if record is None or record.environment.uid != uid or _not_running(record) or record.environment.deleting:
-            continue
-        stopping.append(record)
-    return stopping
+def _stoppable(uid: str, result: Charge, environments: Index) -> EnvironmentRecord | None:
+    """The environment of the budget's stop list as the index has it now, if a stop would end it: not
+    one already ended or suspended, nor one being deleted (its deletion ends it: settled when its job
+    or VM is gone)."""
+    entry = (result.status.get("environments") or {}).get(uid) or {}
+    record: EnvironmentRecord | None = first(environments, (entry.get("namespace"), entry.get("name")))
+    if record is None or record.environment.uid != uid or _not_running(record) or record.environment.deleting:
+        return None
+    return record
 
 
 def _not_running(record: EnvironmentRecord) -> bool:
@@ -282,13 +280,16 @@ async def charge_budget(
         "kind": "ComputeBudget",
         "metadata": {"name": name, "namespace": "default"},
     }
-    stopping = _stoppable(result, environments)
+    stopping = [uid for uid in result.stop if _stoppable(uid, result, environments)]
     events = result.events
     if stopping:  # told when something stops, not every tick a suspended or deleted one holds its entry
         events += (("Warning", "BudgetExhausted", f"{result.reason}: stopping {len(stopping)} environment(s)"),)
     for type_, reason, message in events:
         await post_event(context.kube, budget_reference, type_, reason, message)
-    for record in stopping:
+    for uid in stopping:
+        # Again: stopping the ones before took time, and this one may be deleted or suspended meanwhile.
+        if (record := _stoppable(uid, result, environments)) is None:
+            continue
         environment = record.environment
         outcome = await end(  # holding its converge lock: never in the middle of a start
             context,
