@@ -43,7 +43,7 @@ import yaml
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from status_write import apiserver_seconds, cpu_model, install_crd  # noqa: E402 (bench/status_write.py)
+from status_write import apiserver_seconds, cpu_model, install_crd, median_of, write_report  # noqa: E402 (bench/status_write.py)
 
 from tests.integration.conftest import kubectl  # noqa: E402
 
@@ -171,13 +171,8 @@ def main() -> None:
     for variant in VARIANTS:
         writes = [result["write"] for result in results[variant]]
         size = statistics.median(result["size"] for result in results[variant])
-        lines.append(
-            f"| {variant} | {statistics.median(writes):.2f} ({', '.join(f'{w:.2f}' for w in writes)}) | {size:.0f} |"
-        )
-    report = REPO / "bench" / "logs" / f"ledger-write-{run}.md"
-    report.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"report: {report}")
+        lines.append(f"| {variant} | {median_of(writes)} | {size:.0f} |")
+    write_report(lines, f"ledger-write-{run}.md")
 
 
 if __name__ == "__main__":

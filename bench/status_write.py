@@ -301,11 +301,17 @@ def main() -> None:
     for variant in variants:
         creates = [result["create"] for result in results[variant]]
         statuses = [result["status"] for result in results[variant]]
-        lines.append(
-            f"| {variant} | {statistics.median(creates):.2f} ({', '.join(f'{c:.2f}' for c in creates)}) "
-            f"| {statistics.median(statuses):.2f} ({', '.join(f'{s:.2f}' for s in statuses)}) |"
-        )
-    report = REPO / "bench" / "logs" / f"status-write-{run}.md"
+        lines.append(f"| {variant} | {median_of(creates)} | {median_of(statuses)} |")
+    write_report(lines, f"status-write-{run}.md")
+
+
+def median_of(values: list[float]) -> str:
+    """A table cell: the median, then every run's value."""
+    return f"{statistics.median(values):.2f} ({', '.join(f'{value:.2f}' for value in values)})"
+
+
+def write_report(lines: list[str], name: str) -> None:
+    report = REPO / "bench" / "logs" / name
     report.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"report: {report}")
