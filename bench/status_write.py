@@ -19,6 +19,11 @@ no operator), each variant in turn, alternating over the rounds:
                   atomic object, x-kubernetes-map-type: atomic: managedFields hold `f:status` alone
                   instead of every status field; run 5e2ad5 measured it as "atomic-status")
     atomic-parts  the same with status's objects and conditions atomic, its scalars listed one by one
+    no-spec-rules the shipped CRD without the rules on spec itself (its fields' immutability)
+    one-spec-rule the shipped CRD with those rules as one (the spec unchanged, or each field unchanged)
+
+--spec portal (default): the spec a portal sends (lifetime, a dataset, sharing); --spec minimal: owner
+and flavor only, as bench/run.py creates them for G2.
 
 Each round and variant: COUNT objects created (spec and labels as the portal's), then each given the
 status a Ready JupyterLab environment has (one merge patch of /status, or one PUT, THREADS at a time), then
@@ -72,6 +77,8 @@ VARIANTS = (
     "full-terms",
     "granular",
     "atomic-parts",
+    "no-spec-rules",
+    "one-spec-rule",
 )
 
 
@@ -100,6 +107,16 @@ def crd(variant: str) -> dict[str, Any]:
         version["schema"]["openAPIV3Schema"] = strip(schema, "description")
     elif variant == "granular":
         schema["properties"]["status"].pop("x-kubernetes-map-type", None)
+    elif variant == "no-spec-rules":
+        schema["properties"]["spec"].pop("x-kubernetes-validations", None)
+    elif variant == "one-spec-rule":
+        rules = schema["properties"]["spec"].pop("x-kubernetes-validations")
+        schema["properties"]["spec"]["x-kubernetes-validations"] = [
+            {
+                "rule": "self == oldSelf || (" + " && ".join(f"({rule['rule']})" for rule in rules) + ")",
+                "message": "; ".join(rule["message"] for rule in rules),
+            }
+        ]
     elif variant == "atomic-parts":
         schema["properties"]["status"].pop("x-kubernetes-map-type", None)
         for field in schema["properties"]["status"]["properties"].values():
@@ -111,7 +128,14 @@ def crd(variant: str) -> dict[str, Any]:
     return body
 
 
-def environment(namespace: str, name: str) -> dict[str, Any]:
+def environment(namespace: str, name: str, shape: str = "portal") -> dict[str, Any]:
+    if shape == "minimal":  # bench/run.py's (G2)
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "AnalysisEnvironment",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"analysis.panosc.eu/owner": "bench"}},
+            "spec": {"owner": "bench", "flavor": "jupyter-basic"},
+        }
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "AnalysisEnvironment",
@@ -235,7 +259,7 @@ def write_status(custom: Any, method: str, body: dict[str, Any]) -> None:
         )
 
 
-def measure(custom: Any, variant: str, count: int, threads: int, namespace: str) -> dict[str, float]:
+def measure(custom: Any, variant: str, count: int, threads: int, namespace: str, shape: str) -> dict[str, float]:
     method = {"put": "put", "small-status": "small", "full-terms": "full-terms"}.get(variant, "patch")
     install(variant)
     names = [f"s{index:05d}" for index in range(count)]
@@ -244,7 +268,7 @@ def measure(custom: Any, variant: str, count: int, threads: int, namespace: str)
         created = list(
             pool.map(
                 lambda name: custom.create_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, environment(namespace, name)
+                    GROUP, VERSION, namespace, PLURAL, environment(namespace, name, shape)
                 ),
                 names,
             )
@@ -264,6 +288,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--spec", choices=("portal", "minimal"), default="portal")
     args = parser.parse_args()
     variants = [variant for variant in args.variants.split(",") if variant]
     kubernetes.config.load_kube_config()
@@ -278,7 +303,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = variants if round_ % 2 == 0 else variants[::-1]
             for variant in order:
-                result = measure(custom, variant, args.count, args.threads, namespace)
+                result = measure(custom, variant, args.count, args.threads, namespace, args.spec)
                 results[variant].append(result)
                 print(
                     f"round {round_ + 1} {variant}: {result['create']:.2f} core-ms a create, "
@@ -292,7 +317,8 @@ def main() -> None:
         f"# kube-apiserver CPU per AnalysisEnvironment write, by CRD variant (run {run})",
         "",
         f"{cpu_model()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-        f"`bench/status_write.py --count {args.count} --rounds {args.rounds} --threads {args.threads}`: "
+        f"`bench/status_write.py --count {args.count} --rounds {args.rounds} --threads {args.threads} "
+        f"--spec {args.spec}`: "
         "kube-apiserver's process group CPU over the writes / count, core-ms; medians (runs).",
         "",
         "| variant | create | status write (merge patch) |",

@@ -13,6 +13,7 @@ import pytest
 
 from tests.integration.conftest import GROUP, VERSION
 from tests.integration.test_budgets import Budgets, user
+from tests.integration.test_metrics import scrape
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -179,17 +180,36 @@ def test_a_suspended_environment_keeps_its_slot(budgets, environments):
     environments.wait_phase("paused", "Ready")
 
 
-def test_a_full_budget_is_refused_by_the_first_webhook_after_every_check_that_comes_before(budgets, environments):
-    """One call to the operator per create refused for want of a slot, not two; and a create that is
+def _webhook_calls(operator) -> dict[str, float]:
+    """Admission requests each of the operator's environment webhooks answered, whatever the answer."""
+    calls: dict[str, float] = {}
+    for (name, labels), count in scrape(operator).items():
+        webhook = dict(labels).get("webhook", "")
+        if name == "analysis_webhook_requests_total" and webhook.startswith("environment-"):
+            calls[webhook] = calls.get(webhook, 0.0) + count
+    return calls
+
+
+def test_a_full_budget_is_refused_by_one_call_to_the_operator_after_every_check_that_comes_before(
+    budgets, environments, slot_operator
+):
+    """One call to the operator per create refused for want of a slot, not two (the mutating policy
+    stamped the labels: the mutating webhook is not called, and the validating one refuses; where the
+    mutating webhook is called, it refuses itself, tests/unit/test_admission.py); and a create that is
     wrong in another way too is refused for that first, exactly as with room (the portal's offer
     names the same first reason)."""
     owner = user()
     name = budgets.create({"maxEnvironments": 1}, user=owner)
     _create(environments, "holder", owner=owner)
     environments.wait_phase("holder", "Ready")
+    before = _webhook_calls(slot_operator)
     body = _refusal(lambda: _create(environments, "more", owner=owner))
     assert [cause["reason"] for cause in body["details"]["causes"]] == ["TooManyEnvironments"]
-    assert body["message"].startswith(f'admission webhook "environment-owner.{GROUP}" denied'), body["message"]
+    assert body["message"].startswith(f'admission webhook "environment-admission.{GROUP}" denied'), body["message"]
+    after = wait_for(
+        lambda: (calls := _webhook_calls(slot_operator)) != before and calls, timeout=10, what="the webhook's count"
+    )
+    assert sum(after.values()) - sum(before.values()) == 1, (before, after)
     with pytest.raises(kubernetes.client.ApiException) as refused:
         _create(environments, "too-long", owner=owner, lifetime="30d")  # the flavor allows 1h
     answer = json.loads(refused.value.body)

@@ -9,9 +9,13 @@ import json
 
 import kubernetes
 import pytest
+import yaml
 
-from tests.integration.conftest import GROUP, VERSION, impersonating
+from analysis_operator.model.domain import label_text
+from tests.integration.conftest import GROUP, VERSION, impersonating, kubectl
 from tests.integration.test_datasets import PUBLIC, Catalogue, create_as, embargoed
+from tests.integration.test_metrics import scrape
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -93,6 +97,132 @@ def test_a_dry_run_create_shows_the_labels_it_would_get(kubeconfig, namespace, c
     raw = catalogue.dataset("raw", PUBLIC)
     answer = create_as(kubeconfig, "alice", namespace, "probe", dry_run="All", datasets=[{"name": raw}])
     assert answer["metadata"]["labels"] == {OWNER: "alice", DATASET + raw: "true"}
+
+
+def _owner_webhook_calls(operator) -> float:
+    """Admission requests the operator's environment-owner (mutating) webhook answered, whatever the answer."""
+    return sum(
+        count
+        for (name, labels), count in scrape(operator).items()
+        if name == "analysis_webhook_requests_total" and dict(labels).get("webhook") == "environment-owner"
+    )
+
+
+def _calls_become(operator, expected: float) -> None:
+    wait_for(
+        lambda: _owner_webhook_calls(operator) == expected,
+        timeout=10,
+        what=f"{expected} environment-owner calls (now {_owner_webhook_calls(operator)})",
+    )
+
+
+def test_the_api_server_stamps_the_labels_and_calls_the_owner_webhook_only_for_what_it_cannot(
+    kubeconfig, custom, namespace, catalogue, operator
+):
+    """The mutating policy (deploy/authorization/identity-policy.yaml) stamps owner, created-by and the
+    selection labels where CEL can, and the webhook, whose answer would change nothing, is not called
+    (its matchConditions, operator/analysis_operator/match_conditions.yaml): one call per create, not
+    two. It is called for a PID to resolve, an owner that is no label value, and a spoofed owner, also
+    one who forged every label and annotation the policy would stamp: refused with its cause."""
+    raw = catalogue.dataset("raw", PUBLIC)
+    reference = catalogue.dataset("reference", PUBLIC, pid=f"10.5072/SEL-{catalogue.suffix}")
+    other = catalogue.dataset("other", PUBLIC)
+    before = _owner_webhook_calls(operator)
+
+    # Alice herself, forged labels: stamped and cleaned by the API server alone.
+    forged = {OWNER: "bob", DATASET + other: "true", f"x.{GROUP}/backend": "slurm", "team": "xray"}
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "AnalysisEnvironment",
+        "metadata": {"name": "self", "labels": forged},
+        "spec": {"flavor": "jupyter-basic", "datasets": [{"name": raw}]},
+    }
+    alice = kubernetes.client.CustomObjectsApi(impersonating(kubeconfig, "alice"))
+    made = alice.create_namespaced_custom_object(GROUP, VERSION, namespace, "analysisenvironments", body)
+    assert made["metadata"]["labels"] == {OWNER: "alice", DATASET + raw: "true", "team": "xray"}
+    assert made["metadata"]["annotations"][f"{GROUP}/created-by"] == "alice"
+    assert made["spec"]["owner"] == "alice"
+    # The portal for bob (it may act for him), and a dry run.
+    his = create_as(kubeconfig, PORTAL[0], namespace, "his", group=PORTAL[1], owner="bob", datasets=[{"name": raw}])
+    assert his["metadata"]["labels"] == {OWNER: "bob", DATASET + raw: "true"}
+    assert his["metadata"]["annotations"][f"{GROUP}/created-by"] == PORTAL[0]
+    create_as(kubeconfig, "alice", namespace, "asked", dry_run="All")
+    _calls_become(operator, before)
+
+    # Only the webhook resolves a PID: called, and the label is the dataset's name.
+    by_pid = create_as(kubeconfig, "alice", namespace, "by-pid", datasets=[{"pid": f"10.5072/sel-{catalogue.suffix}"}])
+    assert by_pid["metadata"]["labels"] == {OWNER: "alice", DATASET + reference: "true"}
+    _calls_become(operator, before + 1)
+    # An owner that is no label value (hashed by the webhook): called, whatever the create's fate.
+    try:
+        mail = create_as(kubeconfig, PORTAL[0], namespace, "mail", group=PORTAL[1], owner="bob@x.org", dry_run="All")
+    except kubernetes.client.ApiException as refusal:  # for an owner with no FacilityUser, after the webhook
+        assert "bob@x.org" in refusal.body, refusal.body
+    else:
+        assert mail["metadata"]["labels"][OWNER] == label_text("bob@x.org") != "bob@x.org"
+    _calls_become(operator, before + 2)
+    # A spoofed owner: called, and refused with its cause; also with every stamp forged as the policy
+    # would make it for bob (the policy removes the labels of a creator who may not create for him).
+    status, refusal = _refused(lambda: create_as(kubeconfig, "bob", namespace, "spoof", owner="alice"))
+    assert status == 403 and [c["reason"] for c in refusal["details"]["causes"]] == ["NotOwner"]
+    _calls_become(operator, before + 3)
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "AnalysisEnvironment",
+        "metadata": {
+            "name": "forged",
+            "labels": {OWNER: "alice", DATASET + raw: "true"},
+            "annotations": {f"{GROUP}/created-by": "bob"},
+        },
+        "spec": {"owner": "alice", "flavor": "jupyter-basic", "datasets": [{"name": raw}]},
+    }
+    bob = kubernetes.client.CustomObjectsApi(impersonating(kubeconfig, "bob"))
+    status, refusal = _refused(
+        lambda: bob.create_namespaced_custom_object(GROUP, VERSION, namespace, "analysisenvironments", body)
+    )
+    assert status == 403 and [c["reason"] for c in refusal["details"]["causes"]] == ["NotOwner"]
+    assert refusal["message"].startswith('admission webhook "environment-owner.analysis.panosc.eu" denied')
+    _calls_become(operator, before + 4)
+    assert _names(custom, namespace, f"{OWNER}=alice") == {"self", "by-pid"}
+
+
+def test_without_the_mutating_policy_the_webhook_stamps_the_labels(
+    kubeconfig, namespace, catalogue, operator, tmp_path
+):
+    """A cluster without the mutating policy (before Kubernetes 1.36, the chart's
+    authorization.mutatingPolicy=false, or its binding deleted): nothing is stamped before the
+    webhook, so it is called and stamps it all, as before the policy did."""
+    raw = catalogue.dataset("raw", PUBLIC)
+    saved = yaml.safe_load(
+        kubectl("get", "mutatingadmissionpolicybinding", "analysis-environment-owner", "-o", "yaml").stdout
+    )
+    before = _owner_webhook_calls(operator)
+    kubectl("delete", "mutatingadmissionpolicybinding", "analysis-environment-owner")
+    try:
+
+        def stamped_by_the_webhook() -> dict | None:
+            try:
+                made = create_as(kubeconfig, "alice", namespace, "probe", dry_run="All", datasets=[{"name": raw}])
+            except kubernetes.client.ApiException as refusal:  # the creation policy, while its cache still
+                assert refusal.status == 403, refusal.body  # has the binding and the webhook is skipped
+                return None
+            return made if _owner_webhook_calls(operator) > before else None
+
+        answer = wait_for(stamped_by_the_webhook, timeout=30, what="a create that calls the webhook without the policy")
+        assert answer["metadata"]["labels"] == {OWNER: "alice", DATASET + raw: "true"}
+        assert answer["metadata"]["annotations"][f"{GROUP}/created-by"] == "alice"
+    finally:
+        manifest = tmp_path / "binding.yaml"
+        kept = {key: saved[key] for key in ("apiVersion", "kind", "spec")}
+        manifest.write_text(yaml.safe_dump({**kept, "metadata": {"name": saved["metadata"]["name"]}}))
+        kubectl("apply", "-f", str(manifest))
+
+    def stamped_by_the_policy() -> bool:  # back in force before the next test: the webhook not called
+        calls = _owner_webhook_calls(operator)
+        create_as(kubeconfig, "alice", namespace, "again", dry_run="All")
+        return _owner_webhook_calls(operator) == calls
+
+    wait_for(stamped_by_the_policy, timeout=30, what="the mutating policy in force again")
 
 
 # --- refusals a portal can read ------------------------------------------------------------------------

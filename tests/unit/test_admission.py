@@ -255,7 +255,7 @@ def test_a_refusal_carries_every_cause_and_reads_as_one_message():
 
 def test_the_validating_webhook_is_not_called_for_metadata_only_updates():
     conditions = match_conditions()
-    assert set(conditions) == {"environment-admission"}
+    assert set(conditions) == {"environment-admission", "environment-owner"}
     assert [c["expression"] for c in conditions["environment-admission"]] == [
         "request.operation != 'UPDATE' || object.spec != oldObject.spec"
     ]
