@@ -13,6 +13,11 @@ entries) over COUNT creates from THREADS threads, per create, in two configurati
               environment-owner webhook: it is called on every create (as on main: the variant was measured
               and not kept, bench/RESULTS.md stop 36)
 
+Stop 57 measured the change kept: `--base a57ea74 --skipped 86d9a9f` (the selection labels stamped by the mutating
+policy where CEL can, the webhook's matchConditions from operator/analysis_operator/match_conditions.yaml, which has
+no placeholders). Stop 36 found the operator's CPU the same either way (1.66 core-ms a create), without counting the calls;
+--metrics counts them now.
+
 Needs the side stack with deploy/authorization applied and an operator running with kopf registering its
 webhooks (ANALYSIS_OPERATOR_ADMISSION_HOST set), pids given:
 
@@ -29,6 +34,7 @@ import pathlib
 import statistics
 import subprocess
 import time
+import urllib.request
 
 import kubernetes
 import yaml
@@ -76,6 +82,18 @@ def configure(mode: str, base: str, skipped: str) -> None:
         kubectl("patch", "mutatingwebhookconfiguration", GROUP, "--type=json", "-p", json.dumps(patch))
 
 
+def owner_calls(url: str | None) -> float:
+    """Requests the operator's environment-owner webhook answered so far (its /metrics), or 0 without a URL."""
+    if not url:
+        return 0.0
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("analysis_webhook_requests_total{") and 'webhook="environment-owner"' in line
+    )
+
+
 def burst(custom: kubernetes.client.CustomObjectsApi, namespace: str, count: int, threads: int, tag: str) -> None:
     def create(index: int) -> None:
         body = {
@@ -103,9 +121,10 @@ def main() -> None:
     parser.add_argument("--base", default="ef5fbbc")
     parser.add_argument("--skipped", default="d5c1ad1", help="the variant: d5c1ad1 (three mutations), c282a54 (one)")
     parser.add_argument("--out", type=pathlib.Path)
+    parser.add_argument("--metrics", help="the operator's /metrics URL: count the environment-owner calls per burst")
     arguments = parser.parse_args()
     custom = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config())
-    results: dict[str, list[tuple[float, float, float]]] = {"called": [], "skipped": []}
+    results: dict[str, list[tuple[float, float, float, float]]] = {"called": [], "skipped": []}
     for round_ in range(arguments.rounds):
         for mode in ("called", "skipped") if round_ % 2 == 0 else ("skipped", "called"):
             configure(mode, arguments.base, arguments.skipped)
@@ -114,6 +133,7 @@ def main() -> None:
             time.sleep(2)
             started = time.perf_counter()
             api, operator = cpu_seconds(arguments.apiserver), cpu_seconds(arguments.operator)
+            calls = owner_calls(arguments.metrics)
             burst(custom, arguments.namespace, arguments.count, arguments.threads, f"r{round_}{mode[0]}")
             elapsed = time.perf_counter() - started
             per = 1000 / arguments.count
@@ -121,24 +141,29 @@ def main() -> None:
                 (cpu_seconds(arguments.apiserver) - api) * per,
                 (cpu_seconds(arguments.operator) - operator) * per,
                 elapsed,
+                owner_calls(arguments.metrics) - calls,
             )
             results[mode].append(row)
             print(
                 f"round {round_ + 1} {mode}: kube-apiserver {row[0]:.2f}, operator {row[1]:.2f} core-ms a create, "
-                f"{row[2]:.1f} s",
+                f"{row[2]:.1f} s, {row[3]:.0f} environment-owner calls",
                 flush=True,
             )
     configure("called", "HEAD", arguments.skipped)  # back to this checkout's policy, the webhook as main registers it
     lines = [
         f"# Admission A/B: {arguments.count} dry-run creates from {arguments.threads} threads, {arguments.rounds} rounds",
         "",
-        "| webhook environment-owner | kube-apiserver core-ms a create | operator core-ms a create | seconds | runs |",
-        "| --- | --- | --- | --- | --- |",
+        f"`--base {arguments.base} --skipped {arguments.skipped}`",
+        "",
+        "| webhook environment-owner | kube-apiserver core-ms a create | operator core-ms a create | seconds | "
+        "its calls a burst | runs |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for mode, rows in results.items():
-        median = [statistics.median(row[i] for row in rows) for i in range(3)]
+        median = [statistics.median(row[i] for row in rows) for i in range(4)]
         runs = ", ".join(f"{row[0]:.2f}+{row[1]:.2f}" for row in rows)
-        lines.append(f"| {mode} | {median[0]:.2f} | {median[1]:.2f} | {median[2]:.1f} | {runs} |")
+        counted = f"{median[3]:.0f}" if arguments.metrics else "not counted"
+        lines.append(f"| {mode} | {median[0]:.2f} | {median[1]:.2f} | {median[2]:.1f} | {counted} | {runs} |")
     print("\n".join(lines))
     if arguments.out:
         arguments.out.write_text("\n".join(lines) + "\n")

@@ -63,6 +63,7 @@ from tests.integration.conftest import (  # noqa: E402
 )
 
 sys.path.insert(0, str(REPO / "operator"))
+from analysis_operator.handlers.admission import match_conditions  # noqa: E402
 from analysis_operator.infra.certificates import ensure_certificates  # noqa: E402
 
 PLURAL = "analysisenvironments"
@@ -207,18 +208,13 @@ def go_webhook_configurations(port: int, ca_bundle: bytes) -> tuple[dict, dict]:
             ],
         }
 
+    conditions = match_conditions()  # as the operator registers them (operator/.../match_conditions.yaml)
+    mutating = {**hook("environment-owner", ["CREATE"]), "reinvocationPolicy": "Never"}
+    mutating["matchConditions"] = conditions["environment-owner"]
     validating = hook("environment-admission", ["UPDATE", "CREATE"])
-    validating["matchConditions"] = [
-        {
-            "name": "create-or-spec-changed",
-            "expression": "request.operation != 'UPDATE' || object.spec != oldObject.spec",
-        }
-    ]
+    validating["matchConditions"] = conditions["environment-admission"]
     return (
-        {
-            "metadata": {"name": GO_WEBHOOK},
-            "webhooks": [{**hook("environment-owner", ["CREATE"]), "reinvocationPolicy": "Never"}],
-        },
+        {"metadata": {"name": GO_WEBHOOK}, "webhooks": [mutating]},
         {"metadata": {"name": GO_WEBHOOK}, "webhooks": [validating]},
     )
 
@@ -332,6 +328,9 @@ def run(count: int, slots: int, threads: int, mode: str, cold: bool = False, web
     kubeconfig = os.environ["KUBECONFIG"]
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     kubectl("apply", "-f", str(REPO / "tests/integration/flavors.yaml"))
+    # The API server's policies as deployed (the identity policies on every create: since stop 57 the
+    # mutating one stamps the labels, and the environment-owner webhook is then not called)
+    kubectl("apply", "-f", str(REPO / "deploy/authorization"))
     api = kubernetes.config.new_client_from_config(config_file=kubeconfig)
     core, custom = kubernetes.client.CoreV1Api(api), kubernetes.client.CustomObjectsApi(api)
     run_id = uuid.uuid4().hex[:6]

@@ -771,7 +771,10 @@ class Bench:
             name = f"s{index:03d}"
             began = time.perf_counter()
             self.cluster.create_environment(namespace, name)
-            if not tracker.wait(lambda: name in tracker.ready, timeout=self.args.timeout_single):
+            # both events: on a fresh stack the pod watch can still be (re)starting when the status says Ready
+            if not tracker.wait(
+                lambda: name in tracker.ready and f"aenv-{name}" in tracker.pod_added, timeout=self.args.timeout_single
+            ):
                 failures += 1
                 log(f"single {name}: not Ready after {self.args.timeout_single} s (phase {tracker.phases.get(name)!r})")
                 continue

@@ -186,35 +186,82 @@ def test_the_api_server_stamps_the_labels_and_calls_the_owner_webhook_only_for_w
     assert _names(custom, namespace, f"{OWNER}=alice") == {"self", "by-pid"}
 
 
-def test_without_the_mutating_policy_the_webhook_stamps_the_labels(
+def _dry_run_as(kubeconfig, namespace: str, user: tuple[str, str], labels: dict, spec: dict) -> dict:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "AnalysisEnvironment",
+        "metadata": {"name": "probe", "labels": labels},
+        "spec": {"flavor": "jupyter-basic", **spec},
+    }
+    creator = kubernetes.client.CustomObjectsApi(impersonating(kubeconfig, *user))
+    return creator.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "analysisenvironments", body, dry_run="All"
+    )
+
+
+def test_without_the_mutating_policy_the_webhook_stamps_the_same_labels(
     kubeconfig, namespace, catalogue, operator, tmp_path
 ):
     """A cluster without the mutating policy (before Kubernetes 1.36, the chart's
     authorization.mutatingPolicy=false, or its binding deleted): nothing is stamped before the
-    webhook, so it is called and stamps it all, as before the policy did."""
-    raw = catalogue.dataset("raw", PUBLIC)
+    webhook, so it is called and stamps it all, and exactly as the policy did: the same creates give
+    the same labels and created-by either way (forged labels under the operator's prefixes and under
+    look-alike ones, several datasets, the portal creating for someone)."""
+    raw, other = catalogue.dataset("raw", PUBLIC), catalogue.dataset("other", PUBLIC)
+    alice, portal = ("alice", "facility-users"), PORTAL
+    forged = {
+        OWNER: "bob",
+        DATASET + "nothing": "true",
+        f"a.b.{GROUP}/x": "y",  # under the operator's prefix: removed
+        f"{GROUP}.evil/x": "y",  # not the operator's: kept
+        f"x{GROUP}/y": "z",  # not the operator's: kept
+        "team": "xray",
+    }
+    cases = [
+        (alice, forged, {"datasets": [{"name": raw}, {"name": other, "mountPath": "/data/o"}]}),
+        (alice, {}, {}),
+        (portal, forged, {"owner": "bob", "datasets": [{"name": other}]}),
+    ]
+
+    def stamps() -> list[tuple[dict, str]]:
+        answers = [_dry_run_as(kubeconfig, namespace, user, labels, spec) for user, labels, spec in cases]
+        return [
+            (made["metadata"]["labels"], made["metadata"]["annotations"][f"{GROUP}/created-by"]) for made in answers
+        ]
+
+    before = _owner_webhook_calls(operator)
+    by_the_policy = stamps()
+    assert _owner_webhook_calls(operator) == before  # the policy stamped them all
+    assert by_the_policy[0][0] == {
+        OWNER: "alice",
+        DATASET + raw: "true",
+        DATASET + other: "true",
+        f"{GROUP}.evil/x": "y",
+        f"x{GROUP}/y": "z",
+        "team": "xray",
+    }
     saved = yaml.safe_load(
         kubectl("get", "mutatingadmissionpolicybinding", "analysis-environment-owner", "-o", "yaml").stdout
     )
-    before = _owner_webhook_calls(operator)
     kubectl("delete", "mutatingadmissionpolicybinding", "analysis-environment-owner")
     try:
 
-        def stamped_by_the_webhook() -> dict | None:
+        def stamped_by_the_webhook() -> list[tuple[dict, str]] | None:
+            calls = _owner_webhook_calls(operator)
             try:
-                made = create_as(kubeconfig, "alice", namespace, "probe", dry_run="All", datasets=[{"name": raw}])
+                answers = stamps()
             except kubernetes.client.ApiException as refusal:  # the creation policy, while its cache still
                 assert refusal.status == 403, refusal.body  # has the binding and the webhook is skipped
                 return None
-            return made if _owner_webhook_calls(operator) > before else None
+            return answers if _owner_webhook_calls(operator) == calls + len(cases) else None
 
-        answer = wait_for(stamped_by_the_webhook, timeout=30, what="a create that calls the webhook without the policy")
-        assert answer["metadata"]["labels"] == {OWNER: "alice", DATASET + raw: "true"}
-        assert answer["metadata"]["annotations"][f"{GROUP}/created-by"] == "alice"
+        by_the_webhook = wait_for(stamped_by_the_webhook, timeout=30, what="creates that call the webhook")
+        assert by_the_webhook == by_the_policy
     finally:
         manifest = tmp_path / "binding.yaml"
         kept = {key: saved[key] for key in ("apiVersion", "kind", "spec")}
-        manifest.write_text(yaml.safe_dump({**kept, "metadata": {"name": saved["metadata"]["name"]}}))
+        metadata = {key: saved["metadata"][key] for key in ("name", "labels") if key in saved["metadata"]}
+        manifest.write_text(yaml.safe_dump({**kept, "metadata": metadata}))
         kubectl("apply", "-f", str(manifest))
 
     def stamped_by_the_policy() -> bool:  # back in force before the next test: the webhook not called

@@ -16,6 +16,7 @@ from analysis_operator.engine.budget_gate import BudgetGate
 from analysis_operator.handlers.admission import (
     CREATED_BY,
     MATCH_CONDITIONS,
+    confirmed_names,
     dataset_label,
     default_owner,
     field_of,
@@ -102,6 +103,28 @@ def test_label_patch_removes_forged_labels_and_keeps_the_owners_own():
         "analysis.panosc.eu/backend": None,
     }
     assert label_patch(wanted, wanted) == {}
+
+
+def test_a_pid_the_index_does_not_know_yet_is_confirmed_with_the_api_server_before_labelling():
+    """A Dataset created a moment ago: the validating webhook confirms it before refusing and admits the
+    create, so the mutating one must label it too (the index lags it by a watch event)."""
+    listed: list[str] = []
+
+    class Kube:
+        async def list_cluster_objects(self, plural: str) -> list[dict]:
+            listed.append(plural)
+            if plural == "datasets":
+                return [{"metadata": {"name": "p11-new"}, "spec": {"pid": "10.5072/P11-NEW"}}]
+            return []
+
+    memo = types.SimpleNamespace(context=types.SimpleNamespace(kube=Kube()))
+    spec = {"datasets": [{"name": "ref"}, {"pid": "10.5072/p11-new"}]}
+    assert asyncio.run(confirmed_names(spec, {}, memo)) == ["ref", "p11-new"]
+    assert listed == ["datasets", "facilitygroups"]
+    listed.clear()  # all known to the index: no read
+    assert asyncio.run(confirmed_names(spec, {pid_key("10.5072/p11-new"): ["p11-new"]}, memo)) == ["ref", "p11-new"]
+    assert asyncio.run(confirmed_names({"datasets": [{"name": "ref"}]}, {}, memo)) == ["ref"]
+    assert listed == []
 
 
 def test_datasets_named_by_pid_are_labelled_by_their_name():

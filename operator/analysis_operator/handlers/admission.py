@@ -4,9 +4,10 @@ Served by kopf's webhook server (configured at startup, see lifecycle). The
 validating webhook runs every check in turn, first refusal wins: who owns it
 (here), which datasets and flavor the owner may use (handlers/datasets.py),
 and whether the budget has room (engine/budget_gate.py, last: an admitted
-create holds a slot in memory). One webhook instead of one per check: each
-create costs the API server two calls to the operator, not four, which is
-what keeps admission fast under a burst (bench/budget_race.py).
+create holds a slot in memory). One webhook instead of one per check: a
+create costs the API server one call to the operator (two where the mutating
+webhook is called too, see below), not four, which is what keeps admission fast
+under a burst (bench/budget_race.py).
 
 failurePolicy Fail (kopf's default): who created an object is known only at
 admission, so while no replica answers, creates are refused rather than let
@@ -23,7 +24,8 @@ spec.budget}, so a portal can map refusals to its own words without parsing text
 A server-side dry run (kubectl diff, Argo CD, a portal asking "may alice use this
 card?") is decided exactly as the create would be and holds nothing.
 
-Where the owner's budget has no room for a create (or there is no budget, where one is
+Where the mutating webhook is called (below: the API server's policy could not stamp the
+create) and the owner's budget has no room for it (or there is no budget, where one is
 required), as far as the gate's memory shows, the mutating webhook makes every check of the
 validating one itself (check_create: the same order, the same answer, the same Events) and
 refuses: the API server then calls the operator once for that create, not twice, which is most
@@ -62,6 +64,7 @@ import structlog
 import yaml
 
 from analysis_operator.engine.budget_gate import BudgetGate
+from analysis_operator.engine.data_access import api_catalogue
 from analysis_operator.engine.identity import DirectoryIdentities
 from analysis_operator.engine.reconciler import utcnow
 from analysis_operator.engine.terms import flavor_for
@@ -119,6 +122,20 @@ def mounted_names(spec: Mapping[str, Any], dataset_pids: Mapping[str, Any]) -> l
             if len(found) == 1:
                 names.append(str(found[0]))
     return names
+
+
+async def confirmed_names(spec: Mapping[str, Any], dataset_pids: Mapping[str, Any], memo: kopf.Memo) -> list[str]:
+    """mounted_names, with a PID the index does not resolve confirmed against the API server: the index
+    may lag a Dataset created a moment ago, which the validating webhook finds all the same (it confirms
+    before it refuses) and admits; without this its label would be missing."""
+    names = mounted_names(spec, dataset_pids)
+    given = [entry for entry in spec.get("datasets") or () if isinstance(entry, Mapping)]
+    if len(names) == sum(1 for entry in given if entry.get("name") or entry.get("pid")):
+        return names
+    pids: dict[str, list[str]] = {}
+    for dataset in (await api_catalogue(memo.context.kube)).datasets:
+        pids.setdefault(pid_key(dataset.pid), []).append(dataset.name)
+    return mounted_names(spec, pids)
 
 
 # The types the CRD's schema gives the spec fields (crds/analysisenvironments.yaml). The mutating webhook
@@ -220,7 +237,8 @@ async def default_owner(
         patch.setdefault("spec", {})["owner"] = owner
     metadata = patch.setdefault("metadata", {})
     metadata.setdefault("annotations", {})[CREATED_BY] = str(userinfo.get("username", ""))
-    labels = label_patch(dict(body.metadata.labels), selection_labels(owner, mounted_names(spec, dataset_pids)))
+    names = await confirmed_names(spec, dataset_pids, memo)
+    labels = label_patch(dict(body.metadata.labels), selection_labels(owner, names))
     if labels:
         metadata["labels"] = labels
 
