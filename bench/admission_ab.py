@@ -149,7 +149,9 @@ def main() -> None:
                 f"{row[2]:.1f} s, {row[3]:.0f} environment-owner calls",
                 flush=True,
             )
-    configure("called", "HEAD", arguments.skipped)  # back to this checkout's policy, the webhook as main registers it
+    configure(
+        "skipped", arguments.base, "HEAD"
+    )  # back to this checkout's policy and match conditions, as main has them
     lines = [
         f"# Admission A/B: {arguments.count} dry-run creates from {arguments.threads} threads, {arguments.rounds} rounds",
         "",

@@ -50,6 +50,7 @@ import urllib.request
 import uuid
 
 import kubernetes
+import yaml
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -63,10 +64,10 @@ from tests.integration.conftest import (  # noqa: E402
 )
 
 sys.path.insert(0, str(REPO / "operator"))
-from analysis_operator.handlers.admission import match_conditions  # noqa: E402
 from analysis_operator.infra.certificates import ensure_certificates  # noqa: E402
 
 PLURAL = "analysisenvironments"
+MATCH_CONDITIONS = REPO / "operator" / "analysis_operator" / "match_conditions.yaml"
 DECIDED = {"Provisioning", "Ready", "Rejected"}
 
 
@@ -208,11 +209,12 @@ def go_webhook_configurations(port: int, ca_bundle: bytes) -> tuple[dict, dict]:
             ],
         }
 
-    conditions = match_conditions()  # as the operator registers them (operator/.../match_conditions.yaml)
+    conditions = yaml.safe_load(MATCH_CONDITIONS.read_text())  # as the operator registers them
     mutating = {**hook("environment-owner", ["CREATE"]), "reinvocationPolicy": "Never"}
-    mutating["matchConditions"] = conditions["environment-owner"]
     validating = hook("environment-admission", ["UPDATE", "CREATE"])
-    validating["matchConditions"] = conditions["environment-admission"]
+    for webhook, name in ((mutating, "environment-owner"), (validating, "environment-admission")):
+        if conditions.get(name):
+            webhook["matchConditions"] = conditions[name]
     return (
         {"metadata": {"name": GO_WEBHOOK}, "webhooks": [mutating]},
         {"metadata": {"name": GO_WEBHOOK}, "webhooks": [validating]},

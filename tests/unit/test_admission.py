@@ -120,7 +120,7 @@ def test_a_pid_the_index_does_not_know_yet_is_confirmed_with_the_api_server_befo
     memo = types.SimpleNamespace(context=types.SimpleNamespace(kube=Kube()))
     spec = {"datasets": [{"name": "ref"}, {"pid": "10.5072/p11-new"}]}
     assert asyncio.run(confirmed_names(spec, {}, memo)) == ["ref", "p11-new"]
-    assert listed == ["datasets", "facilitygroups"]
+    assert listed == ["datasets"]
     listed.clear()  # all known to the index: no read
     assert asyncio.run(confirmed_names(spec, {pid_key("10.5072/p11-new"): ["p11-new"]}, memo)) == ["ref", "p11-new"]
     assert asyncio.run(confirmed_names({"datasets": [{"name": "ref"}]}, {}, memo)) == ["ref"]

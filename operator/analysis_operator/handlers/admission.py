@@ -64,7 +64,6 @@ import structlog
 import yaml
 
 from analysis_operator.engine.budget_gate import BudgetGate
-from analysis_operator.engine.data_access import api_catalogue
 from analysis_operator.engine.identity import DirectoryIdentities
 from analysis_operator.engine.reconciler import utcnow
 from analysis_operator.engine.terms import flavor_for
@@ -133,8 +132,10 @@ async def confirmed_names(spec: Mapping[str, Any], dataset_pids: Mapping[str, An
     if len(names) == sum(1 for entry in given if entry.get("name") or entry.get("pid")):
         return names
     pids: dict[str, list[str]] = {}
-    for dataset in (await api_catalogue(memo.context.kube)).datasets:
-        pids.setdefault(pid_key(dataset.pid), []).append(dataset.name)
+    for body in await memo.context.kube.list_cluster_objects("datasets"):
+        pid = (body.get("spec") or {}).get("pid")
+        if pid:
+            pids.setdefault(pid_key(str(pid)), []).append(body["metadata"]["name"])
     return mounted_names(spec, pids)
 
 
