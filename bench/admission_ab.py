@@ -149,9 +149,8 @@ def main() -> None:
                 f"{row[2]:.1f} s, {row[3]:.0f} environment-owner calls",
                 flush=True,
             )
-    configure(
-        "skipped", arguments.base, "HEAD"
-    )  # back to this checkout's policy and match conditions, as main has them
+    # back to this checkout's policy and match conditions, as main has them
+    configure("skipped", arguments.base, "HEAD")
     lines = [
         f"# Admission A/B: {arguments.count} dry-run creates from {arguments.threads} threads, {arguments.rounds} rounds",
         "",

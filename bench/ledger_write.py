@@ -29,11 +29,9 @@ import concurrent.futures
 import copy
 import datetime
 import json
-import os
 import pathlib
 import statistics
 import sys
-import time
 import uuid
 from typing import Any
 
@@ -43,7 +41,7 @@ import yaml
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from status_write import apiserver_seconds, cpu_model, install_crd, median_of, write_report  # noqa: E402 (bench/status_write.py)
+from status_write import apiserver_seconds, install_crd, median_of, report_head, write_report  # noqa: E402 (bench/status_write.py)
 
 from tests.integration.conftest import kubectl  # noqa: E402
 
@@ -157,17 +155,13 @@ def main() -> None:
                 print(f"round {round_ + 1} {variant}: {result['write']:.2f} core-ms a write", flush=True)
     finally:
         kubectl("delete", "crd", f"{PLURAL}.{GROUP}", "--ignore-not-found", "--wait=false", check=False)
-    lines = [
-        f"# kube-apiserver CPU per ComputeBudget ledger write, status granular or atomic (run {run})",
-        "",
-        f"{cpu_model()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+    lines = report_head(
+        f"kube-apiserver CPU per ComputeBudget ledger write, status granular or atomic (run {run})",
         f"`bench/ledger_write.py --rounds {args.rounds} --budgets {args.budgets} --entries {args.entries} "
         f"--ticks {args.ticks}`: kube-apiserver's process group CPU over the writes / writes, core-ms; "
         "medians (runs); the object's size with its last write.",
-        "",
-        "| status | core-ms per write | object, bytes |",
-        "| --- | --- | --- |",
-    ]
+        ["status", "core-ms per write", "object, bytes"],
+    )
     for variant in VARIANTS:
         writes = [result["write"] for result in results[variant]]
         size = statistics.median(result["size"] for result in results[variant])

@@ -313,17 +313,12 @@ def main() -> None:
     finally:
         kubectl("delete", "crd", f"{PLURAL}.{GROUP}", "--ignore-not-found", "--wait=false", check=False)
         kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-    lines = [
-        f"# kube-apiserver CPU per AnalysisEnvironment write, by CRD variant (run {run})",
-        "",
-        f"{cpu_model()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+    lines = report_head(
+        f"kube-apiserver CPU per AnalysisEnvironment write, by CRD variant (run {run})",
         f"`bench/status_write.py --count {args.count} --rounds {args.rounds} --threads {args.threads} "
-        f"--spec {args.spec}`: "
-        "kube-apiserver's process group CPU over the writes / count, core-ms; medians (runs).",
-        "",
-        "| variant | create | status write (merge patch) |",
-        "| --- | --- | --- |",
-    ]
+        f"--spec {args.spec}`: kube-apiserver's process group CPU over the writes / count, core-ms; medians (runs).",
+        ["variant", "create", "status write (merge patch)"],
+    )
     for variant in variants:
         creates = [result["create"] for result in results[variant]]
         statuses = [result["status"] for result in results[variant]]
@@ -334,6 +329,19 @@ def main() -> None:
 def median_of(values: list[float]) -> str:
     """A table cell: the median, then every run's value."""
     return f"{statistics.median(values):.2f} ({', '.join(f'{value:.2f}' for value in values)})"
+
+
+def report_head(title: str, command: str, columns: list[str]) -> list[str]:
+    """A report's first lines: its title, the machine and the time, the command, and its table's header."""
+    return [
+        f"# {title}",
+        "",
+        f"{cpu_model()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        command,
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + " --- |" * len(columns),
+    ]
 
 
 def write_report(lines: list[str], name: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.integration.conftest import GROUP, VERSION
 from tests.integration.test_budgets import Budgets, user
-from tests.integration.test_metrics import scrape
+from tests.integration.test_metrics import webhook_calls
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -182,12 +182,7 @@ def test_a_suspended_environment_keeps_its_slot(budgets, environments):
 
 def _webhook_calls(operator) -> dict[str, float]:
     """Admission requests each of the operator's environment webhooks answered, whatever the answer."""
-    calls: dict[str, float] = {}
-    for (name, labels), count in scrape(operator).items():
-        webhook = dict(labels).get("webhook", "")
-        if name == "analysis_webhook_requests_total" and webhook.startswith("environment-"):
-            calls[webhook] = calls.get(webhook, 0.0) + count
-    return calls
+    return {webhook: count for webhook, count in webhook_calls(operator).items() if webhook.startswith("environment-")}
 
 
 def test_a_full_budget_is_refused_by_one_call_to_the_operator_after_every_check_that_comes_before(

@@ -31,6 +31,16 @@ def scrape(operator) -> Samples:
     }
 
 
+def webhook_calls(operator) -> dict[str, float]:
+    """Admission requests each of the operator's webhooks answered so far, whatever the answer, by webhook id."""
+    calls: dict[str, float] = {}
+    for (name, labels), count in scrape(operator).items():
+        if name == "analysis_webhook_requests_total":
+            webhook = dict(labels).get("webhook", "")
+            calls[webhook] = calls.get(webhook, 0.0) + count
+    return calls
+
+
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 

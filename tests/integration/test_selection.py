@@ -14,7 +14,7 @@ import yaml
 from analysis_operator.model.domain import label_text
 from tests.integration.conftest import GROUP, VERSION, impersonating, kubectl
 from tests.integration.test_datasets import PUBLIC, Catalogue, create_as, embargoed
-from tests.integration.test_metrics import scrape
+from tests.integration.test_metrics import webhook_calls
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -101,11 +101,7 @@ def test_a_dry_run_create_shows_the_labels_it_would_get(kubeconfig, namespace, c
 
 def _owner_webhook_calls(operator) -> float:
     """Admission requests the operator's environment-owner (mutating) webhook answered, whatever the answer."""
-    return sum(
-        count
-        for (name, labels), count in scrape(operator).items()
-        if name == "analysis_webhook_requests_total" and dict(labels).get("webhook") == "environment-owner"
-    )
+    return webhook_calls(operator).get("environment-owner", 0.0)
 
 
 def _calls_become(operator, expected: float) -> None:

@@ -68,7 +68,7 @@ from analysis_operator.engine.identity import DirectoryIdentities
 from analysis_operator.engine.reconciler import utcnow
 from analysis_operator.engine.terms import flavor_for
 from analysis_operator.engine.views import first
-from analysis_operator.handlers.datasets import check_data_access
+from analysis_operator.handlers.datasets import check_data_access, pid_entry
 from analysis_operator.infra.kopf_patches import Cause, Refused
 from analysis_operator.model.domain import GROUP, LABEL_OWNER, VERSION, Environment, Flavor, label_text
 from analysis_operator.policy.access import pid_key
@@ -132,10 +132,9 @@ async def confirmed_names(spec: Mapping[str, Any], dataset_pids: Mapping[str, An
     if len(names) == sum(1 for entry in given if entry.get("name") or entry.get("pid")):
         return names
     pids: dict[str, list[str]] = {}
-    for body in await memo.context.kube.list_cluster_objects("datasets"):
-        pid = (body.get("spec") or {}).get("pid")
-        if pid:
-            pids.setdefault(pid_key(str(pid)), []).append(body["metadata"]["name"])
+    for body in await memo.context.kube.list_cluster_objects("datasets"):  # read as the index reads them
+        for key, name in pid_entry(body["metadata"]["name"], body.get("spec") or {}).items():
+            pids.setdefault(key, []).append(name)
     return mounted_names(spec, pids)
 
 

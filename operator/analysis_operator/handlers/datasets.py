@@ -36,6 +36,11 @@ def datasets(name: str, spec: Mapping[str, Any], body: kopf.Body, **_: Any) -> d
 @never_raises("dataset_pids")
 def dataset_pids(name: str, spec: Mapping[str, Any], **_: Any) -> dict[str, str]:
     """PID (in its compared form) -> Dataset name, for references by PID."""
+    return pid_entry(name, spec)
+
+
+def pid_entry(name: str, spec: Mapping[str, Any]) -> dict[str, str]:
+    """A Dataset's entry in the PID index (also read from the API server by the mutating webhook)."""
     return {pid_key(str(spec.get("pid", ""))): name}
 
 
