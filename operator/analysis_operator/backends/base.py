@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import datetime
 import enum
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from analysis_operator.infra.server_tls import ServerCertificate
 from analysis_operator.model.domain import Dataset, Environment, Flavor, Mount
 from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.policy.refusal import Refusal
@@ -61,6 +62,9 @@ class Upstream:
     service: str = ""  # or: the environment's own Service, which already selects its server
     landing: str = ""  # what OPEN shows, relative to the environment's base path ("lab", "vnc.html?...")
     strip_prefix: bool = False  # the server serves at "/" (noVNC), not under the base path (JupyterLab)
+    # TLS to the server, checked against the environment's own certificate for this name (a Slurm job's
+    # JupyterLab, infra/server_tls.py); "" for plain HTTP
+    server_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,9 @@ class Launch:
     identity: PosixIdentity | None = None  # who it runs as; None: the backend's documented default
     # when the engine ends it (status.expiresAt): a backend's own time limit need not run past it
     expires_at: datetime.datetime | None = None
+    # a new key and certificate for the server, the certificate stored for the gateway and the operator
+    # to check (infra/server_tls.py): for a backend whose server listens where others could listen after it
+    certificate: Callable[[], Awaitable[ServerCertificate]] | None = None
 
 
 @dataclass(frozen=True)

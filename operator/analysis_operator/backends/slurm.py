@@ -82,6 +82,7 @@ from analysis_operator.backends.slurm_rest import (
     resolve_address,
 )
 from analysis_operator.infra.render import render_text
+from analysis_operator.infra.server_tls import ServerCertificate, server_name
 from analysis_operator.model.domain import BackendKind, Dataset, Environment, Flavor, Mount, format_time
 from analysis_operator.policy import opening
 from analysis_operator.policy.access import DATA_ROOT
@@ -98,6 +99,13 @@ JUPYTER_FLAGS = (
     ' --ServerApp.base_url="$JUPYTER_BASE_URL" --ServerApp.allow_remote_access=True'
     " --ServerApp.trust_xheaders=True"
 )
+
+# A job submitted with a certificate of its own (infra/server_tls.py) has a nonce of this many bytes in
+# its output path (24 hex digits; jobs before had 4): its JupyterLab speaks TLS, and whoever connects
+# checks it. Read from the path, which Slurm lets nobody change once the job runs.
+TLS_NONCE_BYTES = 12
+TLS_CERT_ENV = "AENV_TLS_CERT"
+TLS_KEY_ENV = "AENV_TLS_KEY"
 
 _TOKEN_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # The batch script's exit status when the job's HOME is not its owner's alone (sysexits' EX_CONFIG):
@@ -295,6 +303,19 @@ def build_job_submission(
     return (api or settings_dialect(settings)).job_fields(request)
 
 
+def serves_tls(nonce: str) -> bool:
+    """Whether the job with this nonce was given a certificate (pure)."""
+    return len(nonce) == 2 * TLS_NONCE_BYTES
+
+
+def tls_environment(certificate: ServerCertificate | None) -> dict[str, str]:
+    """The job's environment for its server's certificate and key (the batch script writes them to files
+    only its account can read, and takes them out of the environment before JupyterLab starts)."""
+    if certificate is None:
+        return {}
+    return {TLS_CERT_ENV: certificate.certificate, TLS_KEY_ENV: certificate.key}
+
+
 def build_jupyter_command(settings: SlurmSettings) -> str:
     """The site's command line (trusted configuration, not user input).
 
@@ -323,6 +344,8 @@ def build_batch_script(
         extension_source=jupyter.extension_source(),
         extension_config=jupyter.CONFIG,
         extension_config_file=jupyter.CONFIG_FILE,
+        tls_cert_env=TLS_CERT_ENV,
+        tls_key_env=TLS_KEY_ENV,
     )
 
 
@@ -362,11 +385,12 @@ def build_observation(
         if upstream is not None:
             reference["addresses"] = [upstream.address]
         if state == "RUNNING" and endpoint and endpoint_answers:
+            scheme = "https" if upstream is not None and upstream.server_name else "http"
             return Observation(
                 State.READY,
                 reason="JupyterAnswering",
                 reference=reference,
-                url=f"http://{endpoint}{path}",
+                url=f"{scheme}://{endpoint}{path}",
                 cpus=cpus,
                 gpus=gpus,
                 message=f"JupyterLab answers in Slurm job {job_id}",
@@ -655,6 +679,9 @@ class SlurmBackend:
             account = build_account(environment, launch.identity, self.settings)
         except ValueError as error:
             return Observation(State.FAILED, reason="NoUnixAccount", message=f"cannot run on Slurm: {error}")
+        certificate = None
+        if self.settings.server_tls and launch.certificate is not None:
+            certificate = await launch.certificate()
         request = build_job_request(
             environment,
             flavor,
@@ -663,9 +690,9 @@ class SlurmBackend:
             mounts=launch.mounts,
             user=account,
             key=self._key(),
-            nonce=secrets.token_hex(4),
+            nonce=secrets.token_hex(TLS_NONCE_BYTES if certificate is not None else 4),
             path_prefix=self.path_prefix,
-        ).with_environment(**{TOKEN_ENV_NAME: launch.token})
+        ).with_environment(**{TOKEN_ENV_NAME: launch.token}, **tls_environment(certificate))
         script = build_batch_script(environment, flavor, TOKEN_ENV_NAME, self.settings, self.templates_dir)
         try:
             answer = await self.client.submit(request, script, user=account)
@@ -793,14 +820,18 @@ class SlurmBackend:
         if tracked is not None and (mismatch := await self._account_mismatch(tracked, job)) is not None:
             return build_cancelled(job.job_id, mismatch)
         self._track(environment, job, tracked.user if tracked and tracked.job_id == job.job_id else "")
-        port = build_jupyter_port(environment, self.settings, self._key(), job_nonce(job))
+        nonce = job_nonce(job)
+        port = build_jupyter_port(environment, self.settings, self._key(), nonce)
         endpoint = build_endpoint(job, port, self.settings)
         path, upstream = base_path(environment, self.path_prefix), None
+        name = server_name(environment) if serves_tls(nonce) else ""
+        scheme = "https" if name else "http"
         if endpoint:
             address = await self._node_address(job.batch_host)
-            upstream = Upstream(address=address, port=port, landing="lab") if address else None
-        # Probed where the gateway will connect (the node's address), else at the node's name.
-        probe = http_url(upstream.address, port, path) if upstream else f"http://{endpoint}{path}"
+            upstream = Upstream(address=address, port=port, landing="lab", server_name=name) if address else None
+        # Probed where the gateway will connect (the node's address), else at the node's name: whether
+        # anything answers there (its certificate is not checked: nothing is sent but the path).
+        probe = http_url(upstream.address, port, path, scheme) if upstream else f"{scheme}://{endpoint}{path}"
         answers = bool(endpoint) and await endpoint_answers(self.http, probe)
         return build_observation(
             job, answers, endpoint, suspended=environment.uid in self._suspended, upstream=upstream, path=path

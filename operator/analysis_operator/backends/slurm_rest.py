@@ -300,17 +300,17 @@ class SlurmRestClient:
 async def endpoint_answers(http: KeptAlive, url: str) -> bool:
     """Whether anything answers HTTP there (any status: without the token JupyterLab answers 403
     or redirects to its login page)."""
-    try:
-        async with http.session().get(url, allow_redirects=False, timeout=PROBE_TIMEOUT):
+    try:  # https: any TLS server answers (no certificate is checked: nothing is sent but the path)
+        async with http.session().get(url, allow_redirects=False, timeout=PROBE_TIMEOUT, ssl=False):
             return True
     except (aiohttp.ClientError, TimeoutError):
         return False
 
 
-def http_url(address: str, port: int, path: str = "/") -> str:
-    """http://address:port/path, with an IPv6 address in brackets (pure)."""
+def http_url(address: str, port: int, path: str = "/", scheme: str = "http") -> str:
+    """http://address:port/path (or https), with an IPv6 address in brackets (pure)."""
     host = f"[{address}]" if ":" in address else address
-    return f"http://{host}:{port}{path}"
+    return f"{scheme}://{host}:{port}{path}"
 
 
 async def resolve_address(host: str, domain: str = "") -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import weakref
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,7 +22,7 @@ import structlog
 from kubernetes.client.rest import ApiException
 
 from analysis_operator.backends.base import Backend, BackendUnavailable, Launch, Observation, Retry, State
-from analysis_operator.engine import tokens
+from analysis_operator.engine import certificates, tokens
 from analysis_operator.engine.decisions import Decisions
 from analysis_operator.engine.routes import ROUTE_RETRY_SECONDS, NoRoutes, Route, Routes
 from analysis_operator.engine.status import backend_status, phase_from_observation
@@ -178,6 +179,7 @@ class Context:
             self.decisions.forget(uid)
             self.deleting.discard(uid)
         tokens.forget(uids)
+        certificates.forget(uids)
         for backend in self.backends.values():
             backend.forget(uids)
         self.routes.forget(uids)
@@ -583,7 +585,10 @@ class _Launcher:
         token = await ensure_token(self.context.kube, self.environment)
         if self.mounts:
             await self.context.access.handed(self.environment, self.mounts)
-        return Launch(self.environment, self.flavor, token, self.mounts, self.identity, self.expires_at)
+        certificate = functools.partial(
+            certificates.issue_certificate, self.context.kube, self.environment, self.expires_at
+        )
+        return Launch(self.environment, self.flavor, token, self.mounts, self.identity, self.expires_at, certificate)
 
 
 def _terms(status: Mapping[str, Any], flavor: Flavor) -> dict[str, Any]:

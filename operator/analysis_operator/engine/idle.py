@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 import structlog
 
+from analysis_operator.engine.certificates import not_stored, tls_options
 from analysis_operator.engine.converge import Context, end
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.reconciler import apply, utcnow
@@ -84,7 +85,9 @@ class GatewayActivity:
                 self._seen.pop(uid, None)
 
 
-def server_url(environment: Environment, endpoint: str, settings: Settings, desktop: bool = False) -> str:
+def server_url(
+    environment: Environment, endpoint: str, settings: Settings, desktop: bool = False, tls: bool = False
+) -> str:
     """The server's base URL from status.backend.endpoint (`address:port`, or `service:port` for pods).
     A Service name is fully qualified (a trailing dot: no walk through the pod's DNS search list);
     a desktop is served at its root (the gateway strips the prefix), JupyterLab under its base URL."""
@@ -95,7 +98,7 @@ def server_url(environment: Environment, endpoint: str, settings: Settings, desk
     except ValueError:  # a Service of the environment's own
         host = f"{host}.{environment.namespace}.svc.{settings.cluster_domain}."
     path = "/" if desktop else base_path(settings.gateway.path_prefix, environment.namespace, environment.name)
-    return f"http://{host}:{port}{path}"
+    return f"{'https' if tls else 'http'}://{host}:{port}{path}"
 
 
 def parse_server(status_answer: Any, kernels_answer: Any) -> ServerActivity:
@@ -275,14 +278,17 @@ class IdleChecker:
         token = await read_token(self.context.kube, environment)  # kept in memory by engine/tokens.py
         if not token:
             return ServerActivity(problem=token_lost(environment))
-        url = server_url(environment, str(endpoint), self.settings, desktop=desktop)
+        tls = await tls_options(self.context.kube, environment, status.get("backend") or {})
+        if tls is None:
+            return ServerActivity(problem=not_stored(environment))
+        url = server_url(environment, str(endpoint), self.settings, desktop=desktop, tls=bool(tls))
         headers = {"Authorization": f"token {token}"}
         if self._session is None:  # the one timeout below bounds each server
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         session = self._session
 
         async def read(path: str) -> Any:
-            async with session.get(url + path, params={"no_track_activity": "1"}, headers=headers) as response:
+            async with session.get(url + path, params={"no_track_activity": "1"}, headers=headers, **tls) as response:
                 if response.status != 200:
                     raise _Refused(f"the server answered {path} with HTTP {response.status}")
                 return await response.json(content_type=None)

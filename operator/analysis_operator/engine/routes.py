@@ -9,7 +9,9 @@ holds it). The route's backend is what the backend reported (`Upstream`):
   - a pod: its own Service;
   - a compute node or a VM: an IP address and port, for which a Service without selector
     and an EndpointSlice `aenv-<name>` are made here (the gateway follows those like any
-    Service's endpoints).
+    Service's endpoints); for a server with a certificate of its own (a Slurm job's
+    JupyterLab, infra/server_tls.py) the port is https and a BackendTLSPolicy `aenv-<name>`
+    makes the gateway accept only that certificate.
 With gateway.environment_domain the route also names the environment's own host (its one hostname;
 the namespace's closed page takes `*.<environment_domain>`), and status.connection.url is on that
 host: one browser origin per environment (policy/opening.environment_host).
@@ -38,6 +40,7 @@ import structlog
 from kubernetes.client.rest import ApiException
 
 from analysis_operator.backends.base import Upstream
+from analysis_operator.engine.certificates import config_map_name
 from analysis_operator.engine.tokens import read_token
 from analysis_operator.infra.kube import KubeClient, cluster_refusal
 from analysis_operator.infra.per_namespace import PerNamespace
@@ -185,11 +188,15 @@ def build_endpoint(environment: Environment, upstream: Upstream, ready: bool = T
     while the environment starts, with the endpoint not ready; made ready when it is: the gateway
     then only follows an endpoint change, which it does in milliseconds (a new route takes it longer)."""
     address = ipaddress.ip_address(upstream.address)  # raises ValueError for a hostname
+    # TLS to a server with a certificate of its own: https on the port (without its BackendTLSPolicy,
+    # or before the gateway has read it, the gateway checks the server against its own roots, which
+    # fails: nothing is passed on in plain text, and nothing to a server it cannot check)
+    port: dict[str, Any] = {"name": "https", "appProtocol": "https"} if upstream.server_name else {"name": "http"}
     service = {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(environment),
-        "spec": {"ports": [{"name": "http", "port": upstream.port, "targetPort": upstream.port, "protocol": "TCP"}]},
+        "spec": {"ports": [{**port, "port": upstream.port, "targetPort": upstream.port, "protocol": "TCP"}]},
     }
     metadata = _metadata(environment)
     metadata["labels"] = {
@@ -203,9 +210,29 @@ def build_endpoint(environment: Environment, upstream: Upstream, ready: bool = T
         "metadata": metadata,
         "addressType": "IPv6" if address.version == 6 else "IPv4",
         "endpoints": [{"addresses": [str(address)], "conditions": {"ready": ready}}],
-        "ports": [{"name": "http", "port": upstream.port, "protocol": "TCP"}],
+        "ports": [{**port, "port": upstream.port, "protocol": "TCP"}],
     }
-    return [service, endpoint_slice]
+    if not upstream.server_name:
+        return [service, endpoint_slice]
+    return [build_backend_tls(environment, upstream.server_name), service, endpoint_slice]
+
+
+def build_backend_tls(environment: Environment, server_name: str) -> dict[str, Any]:
+    """Gateway API's BackendTLSPolicy for the environment's Service: the gateway speaks TLS to the server
+    and accepts only the certificate in ConfigMap `aenv-<name>-tls`, for `server_name`
+    (engine/certificates.py, infra/server_tls.py)."""
+    return {
+        "apiVersion": GATEWAY_API,
+        "kind": "BackendTLSPolicy",
+        "metadata": _metadata(environment),
+        "spec": {
+            "targetRefs": [{"group": "", "kind": "Service", "name": environment.child_name}],
+            "validation": {
+                "caCertificateRefs": [{"group": "", "kind": "ConfigMap", "name": config_map_name(environment)}],
+                "hostname": server_name,
+            },
+        },
+    }
 
 
 def build_forward_auth(settings: GatewaySettings, namespace: str, name: str = FORWARD_AUTH) -> dict[str, Any]:
@@ -500,13 +527,17 @@ class GatewayRoutes:
     async def close(self, environment: Environment) -> None:
         self._drop(environment.uid)
         await self._namespaces.ensure(environment.namespace, environment.uid)  # its closed page answers now
+        own: bool | None = None
         for api_version, kind in (
             (GATEWAY_API, "HTTPRoute"),
             ("discovery.k8s.io/v1", "EndpointSlice"),
+            (GATEWAY_API, "BackendTLSPolicy"),
             ("v1", "Service"),
         ):
-            if kind == "Service" and not await self._own_endpoint_service(environment):
-                continue  # a pod's Service is the Kubernetes backend's, not the route's
+            if kind in ("BackendTLSPolicy", "Service"):
+                own = await self._own_endpoint_service(environment) if own is None else own
+                if not own:
+                    continue  # a pod's Service is the Kubernetes backend's, not the route's (and has no policy)
             found = await self._kube.get_object(api_version, kind, environment.namespace, environment.child_name)
             labels = ((found or {}).get("metadata") or {}).get("labels") or {}
             if found is not None and labels.get(LABEL_ENVIRONMENT_UID) == environment.uid:

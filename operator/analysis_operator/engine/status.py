@@ -38,6 +38,8 @@ def backend_status(kind: str, observation: Observation) -> dict[str, Any]:
             status[key] = [str(address) for address in value] if key == "addresses" else str(value)
     upstream = observation.upstream
     status["endpoint"] = f"{upstream.service or upstream.address}:{upstream.port}" if upstream is not None else None
+    if upstream is None or not upstream.service:  # a pod's Service never speaks TLS: nothing to write or remove
+        status["serverName"] = (upstream.server_name or None) if upstream is not None else None
     held = bool(observation.cpus or observation.gpus)  # what budgets charge backends that charge by allocation
     status.update(allocatedCpus=observation.cpus if held else None, allocatedGpus=observation.gpus if held else None)
     return status

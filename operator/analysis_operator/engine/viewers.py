@@ -27,6 +27,7 @@ import aiohttp
 import structlog
 
 from analysis_operator import jupyter
+from analysis_operator.engine.certificates import not_stored, tls_options
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.idle import server_url
 from analysis_operator.engine.reconciler import utcnow
@@ -146,16 +147,19 @@ class Disconnector:
         if token is None:
             return {}
         desktop = kind in DESKTOP_BACKENDS
-        url = server_url(environment, endpoint, self._settings, desktop=desktop)
+        tls = await tls_options(self._kube, environment, backend)
+        if tls is None:
+            raise Unanswered(not_stored(environment))
+        url = server_url(environment, endpoint, self._settings, desktop=desktop, tls=bool(tls))
         async with self._slots:
-            open_ = await self._viewers(url, token, desktop, ())
+            open_ = await self._viewers(url, token, desktop, (), tls)
             if open_ is None:
                 await self._not_running_extension(environment, desktop)
                 return {}
             refused = refused_viewers(environment, open_, self._admins, self._catalogue, self._clock())
             if not refused:
                 return {}
-            await self._viewers(url, token, desktop, sorted(refused))
+            await self._viewers(url, token, desktop, sorted(refused), tls)
         closed = {user: open_.get(user, 0) for user in refused}
         people = ", ".join(f"{user} ({closed[user]}, {reason})" for user, reason in refused.items())
         message = (
@@ -166,7 +170,9 @@ class Disconnector:
         await post_event(self._kube, environment_reference(environment), "Normal", "ViewersDisconnected", message)
         return closed
 
-    async def _viewers(self, url: str, token: str, desktop: bool, close: Iterable[str]) -> dict[str, int] | None:
+    async def _viewers(
+        self, url: str, token: str, desktop: bool, close: Iterable[str], tls: Mapping[str, Any]
+    ) -> dict[str, int] | None:
         """Who has connections open ({user: count}), after closing those of `close`; None when the server
         does not run the operator's code for it. JupyterLab: its extension's endpoint (JSON). A desktop:
         websockify's auth plugin, asked by a header (cloud-init.yaml.j2), answering in one."""
@@ -174,7 +180,7 @@ class Disconnector:
         users = list(close)
         if desktop:
             headers[DESKTOP_HEADER] = ",".join(users)
-            status, answered, _ = await self._call("GET", url, headers)
+            status, answered, _ = await self._call("GET", url, headers, tls=tls)
             if status != 200:
                 raise Unanswered(f"{url}: HTTP {status}")
             if DESKTOP_HEADER not in answered:
@@ -183,7 +189,7 @@ class Disconnector:
         else:
             endpoint = url + jupyter.ENDPOINT
             body = {"close": users} if users else None
-            status, _, text = await self._call("POST" if users else "GET", endpoint, headers, body)
+            status, _, text = await self._call("POST" if users else "GET", endpoint, headers, body, tls)
             if status == 404:
                 return None
             if status != 200:
@@ -204,12 +210,12 @@ class Disconnector:
         await post_event(self._kube, environment_reference(environment), "Warning", "ViewersNotDisconnected", message)
 
     async def _call(
-        self, method: str, url: str, headers: Mapping[str, str], body: Any = None
+        self, method: str, url: str, headers: Mapping[str, str], body: Any = None, tls: Mapping[str, Any] | None = None
     ) -> tuple[int, Mapping[str, str], str]:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
         try:
-            async with self._session.request(method, url, json=body, headers=dict(headers)) as response:
+            async with self._session.request(method, url, json=body, headers=dict(headers), **(tls or {})) as response:
                 return response.status, response.headers, await response.text()
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
             # Its type only (as engine/idle.py): the repr of a ClientResponseError (TooManyRedirects, say)

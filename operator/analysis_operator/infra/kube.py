@@ -38,7 +38,7 @@ _PATHS = {
     "discovery.k8s.io/v1": ("/apis/discovery.k8s.io/v1", {"EndpointSlice": "endpointslices"}),
     "gateway.networking.k8s.io/v1": (
         "/apis/gateway.networking.k8s.io/v1",
-        {"HTTPRoute": "httproutes", "Gateway": "gateways"},
+        {"HTTPRoute": "httproutes", "Gateway": "gateways", "BackendTLSPolicy": "backendtlspolicies"},
     ),
     "traefik.io/v1alpha1": ("/apis/traefik.io/v1alpha1", {"Middleware": "middlewares"}),
 }

@@ -5,14 +5,25 @@ owner, refused to others, opened for a sharee and refused again once unshared.""
 
 from __future__ import annotations
 
+import base64
+import datetime
 import json
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import kubernetes
 import pytest
 import websockets.sync.client
 from selenium.webdriver.common.by import By
 
+from analysis_operator.infra.server_tls import ServerCertificate, issue
+from analysis_operator.model.domain import Environment
 from tests.integration.browser import chromium, jupyterlab_shown, screenshot, sign_in
 from tests.integration.conftest import REPO, kubectl
 from tests.waiting import wait_for
@@ -50,6 +61,23 @@ def test_jupyterlab_in_slurm_opens_through_the_gateway_for_its_owner(opened, clu
 
     _, _, body = answered(opened, base + "api/status", "alice", 200)
     assert "last_activity" in json.loads(body)  # JupyterLab's own answer, through the gateway
+    # ... over TLS, checked by the gateway against the job's own certificate (BackendTLSPolicy, accepted)
+    name = f"aenv-hpc.{namespace}.jupyter.invalid"
+    assert ready["status"]["backend"]["serverName"] == name
+    policy = custom.get_namespaced_custom_object(
+        "gateway.networking.k8s.io", "v1", namespace, "backendtlspolicies", "aenv-hpc"
+    )
+    assert policy["spec"]["validation"] == {
+        "caCertificateRefs": [{"group": "", "kind": "ConfigMap", "name": "aenv-hpc-tls"}],
+        "hostname": name,
+    }
+    conditions = [c for ancestor in policy["status"]["ancestors"] for c in ancestor["conditions"]]
+    assert {"type": "Accepted", "status": "True"} in [{"type": c["type"], "status": c["status"]} for c in conditions]
+    certificate = kubernetes.client.CoreV1Api(custom.api_client).read_namespaced_config_map("aenv-hpc-tls", namespace)
+    port = int(ready["status"]["backend"]["endpoint"].rpartition(":")[2])
+    context = ssl.create_default_context(cadata=certificate.data["ca.crt"])
+    with socket.create_connection((address, port), timeout=10) as raw, context.wrap_socket(raw, server_hostname=name):
+        pass  # the job's JupyterLab presents exactly that certificate, for that name
     status, headers, page = opened.request(base + "api/status", "bob")
     assert status == 403 and b"belongs to alice" in page
     assert opened.request(base + "api/status")[0] == 401
@@ -86,6 +114,126 @@ def test_the_service_and_endpointslice_someone_deleted_are_made_again_and_nothin
     assert not core.read_namespaced_service("aenv-hpc", namespace).spec.selector
     (address,) = discovery.read_namespaced_endpoint_slice("aenv-hpc", namespace).endpoints[0].addresses
     assert address == ready["status"]["backend"]["addresses"][0]
+
+
+IMPOSTOR = r"""
+import socket, ssl, sys, threading
+address, directory, tls = sys.argv[1], sys.argv[2], sys.argv[3] == "tls"
+context = None
+if tls:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(f"{directory}/crt", f"{directory}/key")
+for port in range(int(sys.argv[4]), 32768):  # in JupyterLab's range, where the gateway reaches the node
+    try:
+        listener = socket.create_server((address, port))
+        break
+    except OSError:
+        continue
+print(port, flush=True)
+lock = threading.Lock()
+
+def read(connection):
+    connection.settimeout(10)
+    try:
+        if context is not None:
+            connection = context.wrap_socket(connection, server_side=True)
+        while chunk := connection.recv(65536):
+            with lock, open(f"{directory}/received", "ab") as received:
+                received.write(chunk)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    except (OSError, ssl.SSLError):
+        pass
+    finally:
+        connection.close()
+
+while True:
+    connection, _ = listener.accept()
+    with lock, open(f"{directory}/connections", "a") as connections:
+        connections.write(".")
+    threading.Thread(target=read, args=(connection,), daemon=True).start()
+"""
+
+
+class Impostor:
+    """Another process on the compute node (in its network namespace) listening where the environment's
+    route points, as another user's could on the port JupyterLab freed when it exited on its own, until
+    the sweep closes the route: every byte it is sent, in plain HTTP or after a TLS handshake with a
+    certificate of its own for the same name."""
+
+    def __init__(self, slurm_environ: dict[str, str], address: str, near: int, own: ServerCertificate | None) -> None:
+        state = Path(slurm_environ["SLURM_CONF"]).parent
+        node = f"/proc/{(state / 'run' / 'slurmd.pid').read_text().strip()}/ns/net"
+        self.directory = Path(tempfile.mkdtemp())
+        (self.directory / "received").write_bytes(b"")
+        (self.directory / "connections").write_text("")
+        if own is not None:
+            (self.directory / "crt").write_text(own.certificate)
+            (self.directory / "key").write_text(own.key)
+        self.process = subprocess.Popen(
+            ["nsenter", f"--net={node}", "--", sys.executable, "-c", IMPOSTOR, address, str(self.directory)]
+            + ["tls" if own is not None else "plain", str(near + 1)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.port = int(self.process.stdout.readline())  # type: ignore[union-attr]
+
+    @property
+    def connections(self) -> int:
+        return len((self.directory / "connections").read_text())
+
+    @property
+    def received(self) -> bytes:
+        return (self.directory / "received").read_bytes()
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+REFUSED = {500, 502}  # Traefik's answer when the server's certificate fails its check, or it speaks no TLS
+
+
+@pytest.mark.parametrize("speaks", ["plain HTTP", "TLS, its own certificate for the same name"])
+def test_a_server_without_the_job_s_key_where_the_route_points_is_sent_nothing(
+    opened, cluster_lab, core, custom, namespace, slurm_environ, speaks
+):
+    """The attack on a freed port: something else listens where the route points. The gateway speaks TLS
+    there and checks the job's own certificate: it sends the impostor no request, so not the token the
+    forward-auth adds (before, it passed alice's request on in plain HTTP, with it), and alice gets the
+    gateway's error, not the impostor's page."""
+    environments, ready, base = cluster_lab
+    answered(opened, base + "api/status", "alice", 200)
+    token = base64.b64decode(core.read_namespaced_secret("aenv-hpc", namespace).data["token"]).decode()
+    own = None
+    if speaks != "plain HTTP":
+        own = issue(Environment(namespace=namespace, name="hpc", uid="x", owner="", flavor=""), _now(), None)
+    address, _, port = ready["status"]["backend"]["endpoint"].rpartition(":")
+    impostor = Impostor(slurm_environ, address, int(port), own)
+    try:
+        # Where the route points now (an admin's edit stands in for the freed port: JupyterLab keeps its own)
+        kubernetes.client.DiscoveryV1Api(custom.api_client).patch_namespaced_endpoint_slice(
+            "aenv-hpc", namespace, [{"op": "replace", "path": "/ports/0/port", "value": impostor.port}]
+        )
+        wait_for(
+            lambda: opened.request(base + "api/status", "alice")[0] in REFUSED and impostor.connections > 0,
+            timeout=20,
+            what=lambda: (
+                f"the gateway to connect to the impostor on port {impostor.port} (alice: "
+                f"{opened.request(base + 'api/status', 'alice')[0]}, connections {impostor.connections})"
+            ),
+        )
+        answers = [opened.request(base + path, "alice") for path in ("api/status", "lab", "api/contents")]
+        received = impostor.received
+    finally:
+        impostor.close()
+    assert {status for status, _, _ in answers} <= REFUSED and b"ok" not in {page for _, _, page in answers}
+    assert token.encode() not in received and b"Authorization" not in received
+    assert b"GET /" not in received  # no request at all, only (at most) a TLS client hello
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
 
 
 def kernel_info(ws) -> dict:

@@ -192,6 +192,26 @@ AENV_EXTENSION_END
 cat > "$aenv_dir/config/jupyter_server_config.d/aenv_viewers.json" <<'AENV_EXTENSION_END'
 {"ServerApp": {"jpserver_extensions": {"aenv_viewers": true}}}
 AENV_EXTENSION_END
+# TLS: the key and certificate of this job's server, made by the operator for this job alone
+# (infra/server_tls.py), from the job's environment into files only this account can read (umask 077,
+# in $aenv_dir), and out of the environment before JupyterLab starts. The gateway and the operator
+# check the server against that certificate: a process of someone else that listens on this port
+# after the server has ended is sent nothing. In jupyter_server_config.json of the first entry of
+# JUPYTER_CONFIG_PATH (below), which wins over every other config file; jupyter_server reads its .d
+# directories for extensions only.
+if [ -n "${AENV_TLS_KEY:-}" ]; then
+  case $aenv_dir in
+    *'"'* | *'\'*)
+      echo "analysis-operator: refusing a private directory whose path JSON would have to escape: $aenv_dir" >&2
+      exit 1
+      ;;
+  esac
+  printf '%s\n' "$AENV_TLS_CERT" > "$aenv_dir/server.crt"
+  printf '%s\n' "$AENV_TLS_KEY" > "$aenv_dir/server.key"
+  printf '{"ServerApp": {"certfile": "%s", "keyfile": "%s"}}\n' "$aenv_dir/server.crt" "$aenv_dir/server.key" \
+    > "$aenv_dir/config/jupyter_server_config.json"
+fi
+unset AENV_TLS_CERT AENV_TLS_KEY
 export PYTHONPATH="$aenv_dir${PYTHONPATH:+:$PYTHONPATH}"
 export JUPYTER_CONFIG_PATH="$aenv_dir/config${JUPYTER_CONFIG_PATH:+:$JUPYTER_CONFIG_PATH}"
 

@@ -1,0 +1,96 @@
+"""Where a server's certificate is kept (infra/server_tls.py makes it): a ConfigMap `aenv-<name>-tls`
+in the environment's namespace, `ca.crt` (the key Gateway API's BackendTLSPolicy reads), owned by the
+environment. Written before the job that holds its key is submitted, so that whoever checks the server
+(the gateway, the operator's idle and viewer checks) finds it; replaced by the next job's. A
+certificate is public: only the key is secret, and that goes to the job alone."""
+
+from __future__ import annotations
+
+import collections
+import datetime
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from analysis_operator.infra.kube import KubeClient
+from analysis_operator.infra.server_tls import CA_KEY, ServerCertificate, client_context, issue
+from analysis_operator.model.domain import LABEL_ENVIRONMENT_UID, Environment
+
+KEPT = 10_000
+# environment uid -> (server name, certificate) as this process wrote or read it
+_KNOWN: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
+
+
+def config_map_name(environment: Environment) -> str:
+    return f"{environment.child_name}-tls"
+
+
+def build_config_map(environment: Environment, certificate: ServerCertificate) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": config_map_name(environment),
+            "namespace": environment.namespace,
+            "labels": environment.identity_labels,
+            "ownerReferences": environment.owner_references,
+        },
+        "data": {CA_KEY: certificate.certificate},
+    }
+
+
+def remember(uid: str, server_name: str, certificate: str) -> None:
+    _KNOWN[uid] = (server_name, certificate)
+    _KNOWN.move_to_end(uid)
+    if len(_KNOWN) > KEPT:
+        _KNOWN.popitem(last=False)
+
+
+async def issue_certificate(
+    kube: KubeClient, environment: Environment, until: datetime.datetime | None
+) -> ServerCertificate:
+    """A new key and certificate for the environment's next server, the certificate stored first."""
+    certificate = issue(environment, datetime.datetime.now(datetime.UTC), until)
+    await kube.apply(build_config_map(environment, certificate))
+    remember(environment.uid, certificate.server_name, certificate.certificate)
+    return certificate
+
+
+async def read_certificate(kube: KubeClient, environment: Environment, server_name: str) -> str | None:
+    """The certificate the environment's server must present for `server_name`, as stored (None: not
+    stored, or another environment's of the same name)."""
+    known = _KNOWN.get(environment.uid)
+    if known is not None and known[0] == server_name:
+        return known[1]
+    found = await kube.get_object("v1", "ConfigMap", environment.namespace, config_map_name(environment))
+    if not found or ((found.get("metadata") or {}).get("labels") or {}).get(LABEL_ENVIRONMENT_UID) != environment.uid:
+        return None
+    certificate = (found.get("data") or {}).get(CA_KEY)
+    if not isinstance(certificate, str) or not certificate:
+        return None
+    remember(environment.uid, server_name, certificate)
+    return certificate
+
+
+async def tls_options(kube: KubeClient, environment: Environment, backend: Mapping[str, Any]) -> dict[str, Any] | None:
+    """aiohttp's options for a request to the environment's own server, from its status.backend: {} for
+    plain HTTP; with status.backend.serverName, TLS that accepts only its stored certificate, for that
+    name; None when that certificate is not stored (then nothing is sent: not the token, not anything)."""
+    name = str(backend.get("serverName") or "")
+    if not name:
+        return {}
+    certificate = await read_certificate(kube, environment, name)
+    if certificate is None:
+        return None
+    return {"ssl": client_context(certificate), "server_hostname": name}
+
+
+def not_stored(environment: Environment) -> str:
+    return (
+        f"its server's certificate is not stored (ConfigMap {config_map_name(environment)} was deleted), so "
+        "the operator does not reach it: suspend and resume it to start it with a new one"
+    )
+
+
+def forget(uids: Iterable[str]) -> None:
+    for uid in uids:
+        _KNOWN.pop(uid, None)

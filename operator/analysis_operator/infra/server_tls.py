@@ -1,0 +1,85 @@
+"""A certificate of its own for each JupyterLab in a Slurm job, so that only that server is ever sent
+its token.
+
+A Slurm job's JupyterLab listens on `node:port`. When it exits on its own (File > Shut Down, out of
+memory) the port is free at once, and the gateway's route (and the operator's own idle and viewer
+checks) still point there until the next sweep sees the job end: whatever another user binds on that
+port would receive the requests, with the environment's token. So each job gets a key pair and a
+self-signed certificate for `server_name` (a name under `.invalid`, which never resolves: it is only
+checked, never looked up), made at submission: the key goes to the job alone (its environment, then
+a file only the job's account can read), the certificate to a ConfigMap `aenv-<name>` (`ca.crt`, what
+the gateway's BackendTLSPolicy names) and to status.backend. The gateway and the operator speak TLS to
+the server and check its certificate against exactly that one: a process that does not hold the key
+cannot complete the handshake, and nothing is sent to it. A new job (a resume) gets a new pair.
+
+Pure functions: nothing here talks to a server.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import ssl
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from analysis_operator.model.domain import Environment
+
+CA_KEY = "ca.crt"  # the ConfigMap's key for the certificate (what Gateway API's BackendTLSPolicy reads)
+SUFFIX = "jupyter.invalid"
+BACKDATE = datetime.timedelta(minutes=5)  # clocks of the gateway and the nodes may lag the operator's
+LONGEST = datetime.timedelta(days=366)  # for an environment without an end
+
+
+@dataclass(frozen=True)
+class ServerCertificate:
+    server_name: str
+    certificate: str  # PEM
+    key: str = field(repr=False)  # PEM, unencrypted: for the job's environment only, never logged
+
+
+def server_name(environment: Environment) -> str:
+    """The DNS name a server's certificate is for: `aenv-<name>.<namespace>.jupyter.invalid` (pure)."""
+    return f"{environment.child_name}.{environment.namespace}.{SUFFIX}"
+
+
+def issue(environment: Environment, now: datetime.datetime, until: datetime.datetime | None) -> ServerCertificate:
+    """A new P-256 key and a self-signed certificate for server_name(environment), valid from a few
+    minutes before `now` to `until` (the environment's end) plus a day, or a year without one."""
+    name = server_name(environment)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])])
+    end = (until + datetime.timedelta(days=1)) if until is not None else now + LONGEST
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(max(end, now + datetime.timedelta(hours=1)))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return ServerCertificate(
+        server_name=name,
+        certificate=certificate.public_bytes(serialization.Encoding.PEM).decode(),
+        key=key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode(),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def client_context(certificate: str) -> ssl.SSLContext:
+    """A client's TLS context that trusts exactly this one certificate (and checks the name it is
+    asked for against it: aiohttp's server_hostname)."""
+    context = ssl.create_default_context(purpose=ssl.Purpose.SERVER_AUTH, cadata=certificate)
+    context.check_hostname = True
+    return context

@@ -1,0 +1,185 @@
+"""A Slurm job's server certificate (infra/server_tls.py, engine/certificates.py): what is built, and the
+operator's own requests (viewers) against real local servers: the server holding the environment's key
+gets them, with the token; a server with another certificate, or plain HTTP, on the same address is sent
+nothing (it is what another user's process on a freed port would be)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ssl
+import tempfile
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from analysis_operator.backends.base import Observation, State, Upstream
+from analysis_operator.backends.slurm import TLS_CERT_ENV, TLS_KEY_ENV, build_observation, serves_tls, tls_environment
+from analysis_operator.backends.slurm_api import SlurmJob
+from analysis_operator.engine import certificates, tokens
+from analysis_operator.engine.idle import server_url
+from analysis_operator.engine.routes import build_endpoint
+from analysis_operator.engine.status import backend_status
+from analysis_operator.engine.viewers import Disconnector, Unanswered
+from analysis_operator.engine.views import EnvironmentRecord
+from analysis_operator.infra.server_tls import ServerCertificate, issue, server_name
+from analysis_operator.model.domain import Environment
+from analysis_operator.policy.access import StaticCatalogue
+from analysis_operator.settings import Settings
+
+TOKEN = "server-token-that-must-stay-secret"
+LAB = Environment(namespace="team-a", name="lab", uid="u-tls", owner="alice", flavor="slurm-jl")
+NOW = datetime.datetime.now(datetime.UTC)  # the local servers check the validity against the clock
+
+
+def test_the_certificate_is_for_the_environment_s_name_and_the_key_never_in_its_repr():
+    made = issue(LAB, NOW, NOW + datetime.timedelta(hours=8))
+    certificate = x509.load_pem_x509_certificate(made.certificate.encode())
+    assert made.server_name == server_name(LAB) == "aenv-lab.team-a.jupyter.invalid"
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["aenv-lab.team-a.jupyter.invalid"]
+    usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert certificate.not_valid_before_utc < NOW < NOW + datetime.timedelta(hours=8) < certificate.not_valid_after_utc
+    assert "PRIVATE KEY" in made.key and "PRIVATE KEY" not in repr(made)
+    assert issue(LAB, NOW, None).key != made.key  # a new pair for every job
+
+
+def test_a_job_with_a_certificate_is_told_so_by_its_nonce_and_gets_both_in_its_environment():
+    made = issue(LAB, NOW, None)
+    assert serves_tls("0" * 24) and not serves_tls("deadbeef") and not serves_tls("")
+    assert tls_environment(made) == {TLS_CERT_ENV: made.certificate, TLS_KEY_ENV: made.key}
+    assert tls_environment(None) == {}
+
+
+def test_a_tls_upstream_is_routed_over_https_checked_by_its_backendtlspolicy():
+    upstream = Upstream(port=23456, address="10.250.0.2", server_name=server_name(LAB))
+    policy, service, endpoints = build_endpoint(LAB, upstream)
+    assert service["spec"]["ports"][0] | {"port": 0, "targetPort": 0} == {
+        "name": "https",
+        "appProtocol": "https",
+        "port": 0,
+        "targetPort": 0,
+        "protocol": "TCP",
+    }
+    assert endpoints["ports"][0]["name"] == "https" and endpoints["ports"][0]["appProtocol"] == "https"
+    assert policy["kind"] == "BackendTLSPolicy" and policy["metadata"]["ownerReferences"] == LAB.owner_references
+    assert policy["spec"] == {
+        "targetRefs": [{"group": "", "kind": "Service", "name": "aenv-lab"}],
+        "validation": {
+            "caCertificateRefs": [{"group": "", "kind": "ConfigMap", "name": "aenv-lab-tls"}],
+            "hostname": "aenv-lab.team-a.jupyter.invalid",
+        },
+    }
+    plain = build_endpoint(LAB, Upstream(port=23456, address="10.250.0.2"))
+    assert [each["kind"] for each in plain] == ["Service", "EndpointSlice"]
+    assert "appProtocol" not in plain[0]["spec"]["ports"][0]
+
+
+def test_the_certificate_s_config_map_is_the_environment_s_and_holds_no_key():
+    made = issue(LAB, NOW, None)
+    config_map = certificates.build_config_map(LAB, made)
+    assert config_map["metadata"]["name"] == "aenv-lab-tls"  # never aenv-jupyter's (an environment "jupyter")
+    assert config_map["metadata"]["ownerReferences"] == LAB.owner_references
+    assert config_map["data"] == {"ca.crt": made.certificate}
+
+
+def test_a_ready_job_with_a_certificate_reports_https_and_its_server_name():
+    job = SlurmJob(job_id="7", state="RUNNING", nodes="n1", batch_host="n1", cpus=1)
+    upstream = Upstream(address="10.250.0.2", port=4000, landing="lab", server_name=server_name(LAB))
+    observation = build_observation(job, True, "n1:4000", upstream=upstream, path="/env/team-a/lab/")
+    assert (observation.state, observation.url) == (State.READY, "https://n1:4000/env/team-a/lab/")
+    status = backend_status("slurm", observation)
+    assert status["serverName"] == "aenv-lab.team-a.jupyter.invalid" and status["endpoint"] == "10.250.0.2:4000"
+    plain = build_observation(job, True, "n1:4000", upstream=Upstream(address="10.250.0.2", port=4000))
+    assert plain.url.startswith("http://") and backend_status("slurm", plain)["serverName"] is None
+    assert server_url(LAB, "10.250.0.2:4000", Settings(), tls=True) == "https://10.250.0.2:4000/env/team-a/lab/"
+    pod = Observation(State.READY, upstream=Upstream(port=8888, service="aenv-lab"))
+    assert "serverName" not in backend_status("kubernetes", pod)  # nothing more in a pod's one status write
+
+
+# ---------------------------------------------------------------- against real local servers
+
+
+@pytest.fixture(autouse=True)
+def _known():
+    tokens.remember(LAB.uid, TOKEN)
+    yield
+    tokens.forget([LAB.uid])
+    certificates.forget([LAB.uid])
+
+
+def _server_context(made: ServerCertificate, directory: Path) -> ssl.SSLContext:
+    (directory / "server.crt").write_text(made.certificate)
+    (directory / "server.key").write_text(made.key)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(directory / "server.crt", directory / "server.key")
+    return context
+
+
+async def _ask(served_with: ServerCertificate | None, stored: ServerCertificate | None) -> tuple[list[dict], str]:
+    """A viewers check of LAB (status naming its server name), against a local server that answers with
+    `served_with` (None: plain HTTP), the operator knowing `stored` as its certificate: what the server
+    received, and what the check said."""
+    received: list[dict] = []
+
+    async def viewers(request: web.Request) -> web.Response:
+        received.append(dict(request.headers))
+        return web.json_response({"viewers": {"alice": 1}})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", viewers)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    with tempfile.TemporaryDirectory() as directory:
+        context = _server_context(served_with, Path(directory)) if served_with else None
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+        await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    if stored is not None:
+        certificates.remember(LAB.uid, stored.server_name, stored.certificate)
+    backend = {"kind": "slurm", "endpoint": f"127.0.0.1:{port}", "serverName": server_name(LAB)}
+    environments = {("team-a", "lab"): [EnvironmentRecord(LAB, {"phase": "Ready", "backend": backend})]}
+    kube = _NoConfigMap()
+    disconnector = Disconnector(kube, Settings(), environments, StaticCatalogue(), timeout=5, retry_seconds=())
+    try:
+        try:
+            said = repr(await disconnector.recheck("team-a", "lab"))
+        except Unanswered as error:
+            said = str(error)
+    finally:
+        await disconnector.close()
+        await runner.cleanup()
+    return received, said
+
+
+class _NoConfigMap:
+    """The API server's answer for a ConfigMap someone deleted (the only call made here)."""
+
+    async def get_object(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        assert (api_version, kind, namespace, name) == ("v1", "ConfigMap", "team-a", "aenv-lab-tls")
+        return None
+
+
+def test_the_server_holding_the_environment_s_key_is_asked_with_its_token():
+    made = issue(LAB, NOW, None)
+    received, said = asyncio.run(_ask(made, made))
+    assert said == "{}" and len(received) == 1 and received[0]["Authorization"] == f"token {TOKEN}"
+
+
+@pytest.mark.parametrize("impostor", ["another certificate for the same name", "plain HTTP"])
+def test_a_server_without_the_environment_s_key_is_sent_nothing(impostor):
+    made = issue(LAB, NOW, None)
+    other = issue(LAB, NOW, None) if impostor != "plain HTTP" else None
+    received, said = asyncio.run(_ask(other, made))
+    assert received == [] and TOKEN not in said
+    assert said.startswith("GET https://127.0.0.1:") and "aenv/viewers" in said
+
+
+def test_without_its_stored_certificate_nothing_is_sent():
+    made = issue(LAB, NOW, None)
+    received, said = asyncio.run(_ask(made, None))
+    assert received == [] and "ConfigMap aenv-lab-tls" in said and TOKEN not in said
