@@ -16,6 +16,7 @@ from tests.packaging.test_chart_gateway import ENABLED, FULLNAME, _merge, find, 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 POLICIES = {f"{FULLNAME}-gateway-routes": "analysis-gateway-routes"}
 POLICIES[f"{FULLNAME}-gateway-traefik-routes"] = "analysis-gateway-traefik-routes"
+POLICIES[f"{FULLNAME}-gateway-backend-tls"] = "analysis-gateway-backend-tls"
 
 
 def _repository(name: str) -> dict:
@@ -93,7 +94,7 @@ def test_a_facility_whose_traefik_serves_only_its_own_ingressroutes_may_keep_oth
     assert kept == set(POLICIES)
     values = _merge(ENABLED, {"gateway": {"refuseIngressRoutes": False}})
     left = {o["metadata"]["name"] for o in _gateway_objects(render(tmp_path, values))}
-    assert left == {f"{FULLNAME}-gateway-routes"}
+    assert left == {f"{FULLNAME}-gateway-routes", f"{FULLNAME}-gateway-backend-tls"}
 
 
 def test_a_release_upgraded_without_the_value_keeps_refusing_ingressroutes(tmp_path):

@@ -7,21 +7,26 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import ssl
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from kubernetes.client.rest import ApiException
 
 from analysis_operator.backends.base import Observation, State, Upstream
 from analysis_operator.backends.slurm import TLS_CERT_ENV, TLS_KEY_ENV, build_observation, serves_tls, tls_environment
 from analysis_operator.backends.slurm_api import SlurmJob
 from analysis_operator.engine import certificates, tokens
-from analysis_operator.engine.idle import server_url
-from analysis_operator.engine.routes import build_endpoint
+from analysis_operator.engine.converge import Context
+from analysis_operator.engine.idle import GatewayActivity, IdleChecker, server_url
+from analysis_operator.engine.routes import build_endpoint, kind_not_served
 from analysis_operator.engine.status import backend_status
 from analysis_operator.engine.viewers import Disconnector, Unanswered
 from analysis_operator.engine.views import EnvironmentRecord
@@ -36,20 +41,23 @@ NOW = datetime.datetime.now(datetime.UTC)  # the local servers check the validit
 
 
 def test_the_certificate_is_for_the_environment_s_name_and_the_key_never_in_its_repr():
-    made = issue(LAB, NOW, NOW + datetime.timedelta(hours=8))
+    made = issue(LAB, NOW)
     certificate = x509.load_pem_x509_certificate(made.certificate.encode())
     assert made.server_name == server_name(LAB) == "aenv-lab.team-a.jupyter.invalid"
     names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == ["aenv-lab.team-a.jupyter.invalid"]
     usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH]
-    assert certificate.not_valid_before_utc < NOW < NOW + datetime.timedelta(hours=8) < certificate.not_valid_after_utc
+    # valid for years: an approved extension moves the environment's end (and its job's time limit) later
+    assert certificate.not_valid_before_utc < NOW and certificate.not_valid_after_utc > NOW + datetime.timedelta(
+        days=3000
+    )
     assert "PRIVATE KEY" in made.key and "PRIVATE KEY" not in repr(made)
-    assert issue(LAB, NOW, None).key != made.key  # a new pair for every job
+    assert issue(LAB, NOW).key != made.key  # a new pair for every job
 
 
 def test_a_job_with_a_certificate_is_told_so_by_its_nonce_and_gets_both_in_its_environment():
-    made = issue(LAB, NOW, None)
+    made = issue(LAB, NOW)
     assert serves_tls("0" * 24) and not serves_tls("deadbeef") and not serves_tls("")
     assert tls_environment(made) == {TLS_CERT_ENV: made.certificate, TLS_KEY_ENV: made.key}
     assert tls_environment(None) == {}
@@ -80,7 +88,7 @@ def test_a_tls_upstream_is_routed_over_https_checked_by_its_backendtlspolicy():
 
 
 def test_the_certificate_s_config_map_is_the_environment_s_and_holds_no_key():
-    made = issue(LAB, NOW, None)
+    made = issue(LAB, NOW)
     config_map = certificates.build_config_map(LAB, made)
     assert config_map["metadata"]["name"] == "aenv-lab-tls"  # never aenv-jupyter's (an environment "jupyter")
     assert config_map["metadata"]["ownerReferences"] == LAB.owner_references
@@ -165,21 +173,81 @@ class _NoConfigMap:
 
 
 def test_the_server_holding_the_environment_s_key_is_asked_with_its_token():
-    made = issue(LAB, NOW, None)
+    made = issue(LAB, NOW)
     received, said = asyncio.run(_ask(made, made))
     assert said == "{}" and len(received) == 1 and received[0]["Authorization"] == f"token {TOKEN}"
 
 
 @pytest.mark.parametrize("impostor", ["another certificate for the same name", "plain HTTP"])
 def test_a_server_without_the_environment_s_key_is_sent_nothing(impostor):
-    made = issue(LAB, NOW, None)
-    other = issue(LAB, NOW, None) if impostor != "plain HTTP" else None
+    made = issue(LAB, NOW)
+    other = issue(LAB, NOW) if impostor != "plain HTTP" else None
     received, said = asyncio.run(_ask(other, made))
     assert received == [] and TOKEN not in said
     assert said.startswith("GET https://127.0.0.1:") and "aenv/viewers" in said
 
 
 def test_without_its_stored_certificate_nothing_is_sent():
-    made = issue(LAB, NOW, None)
+    made = issue(LAB, NOW)
     received, said = asyncio.run(_ask(made, None))
     assert received == [] and "ConfigMap aenv-lab-tls" in said and TOKEN not in said
+
+
+async def _idle_read(served_with: ServerCertificate | None, stored: ServerCertificate) -> tuple[list[dict], Any]:
+    """The idle check's read of LAB's server (its status naming its server name), served as in _ask."""
+    received: list[dict] = []
+
+    async def api(request: web.Request) -> web.Response:
+        received.append(dict(request.headers))
+        if request.path.endswith("api/kernels"):
+            return web.json_response([])
+        return web.json_response({"last_activity": "2026-12-06T07:00:00Z", "connections": 0, "kernels": 0})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", api)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    with tempfile.TemporaryDirectory() as directory:
+        context = _server_context(served_with, Path(directory)) if served_with else None
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+        await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    certificates.remember(LAB.uid, stored.server_name, stored.certificate)
+    status = {"backend": {"kind": "slurm", "endpoint": f"127.0.0.1:{port}", "serverName": server_name(LAB)}}
+    checker = IdleChecker(Context(kube=_NoConfigMap(), backends={}), Settings(), {}, {}, GatewayActivity())
+    try:
+        return received, await checker._server(LAB, status, desktop=False)
+    finally:
+        if checker._session is not None:
+            await checker._session.close()
+        await runner.cleanup()
+
+
+def test_the_idle_check_reads_the_server_holding_the_key_and_sends_an_impostor_nothing():
+    made = issue(LAB, NOW)
+    received, activity = asyncio.run(_idle_read(made, made))
+    assert not activity.problem and activity.last == datetime.datetime(2026, 12, 6, 7, 0, tzinfo=datetime.UTC)
+    assert len(received) == 2
+    assert {each["Authorization"] for each in received} == {f"token {TOKEN}"}
+    for impostor in (issue(LAB, NOW), None):  # another key for the same name; plain HTTP
+        received, activity = asyncio.run(_idle_read(impostor, made))
+        assert received == [] and activity.problem and TOKEN not in activity.problem
+    # a failed check drops the certificate kept: a newer one (a resume by another replica) is read next
+    assert certificates._KNOWN.get(LAB.uid) is None
+
+
+def test_a_policy_type_the_cluster_does_not_serve_is_told_from_a_missing_namespace():
+    missing_kind = ApiException(status=404)
+    missing_kind.body = json.dumps({"kind": "Status", "reason": "NotFound", "details": {}, "code": 404})
+    missing_namespace = ApiException(status=404)
+    missing_namespace.body = json.dumps({"reason": "NotFound", "details": {"name": "t", "kind": "namespaces"}})
+    assert kind_not_served(missing_kind)
+    assert not kind_not_served(missing_namespace) and not kind_not_served(ApiException(status=403))
+
+
+def test_the_shipped_crd_records_the_server_name_and_an_older_one_is_told():
+    crd = yaml.safe_load((Path(__file__).parents[2] / "crds" / "analysisenvironments.yaml").read_text())
+    assert "serverName" in certificates.backend_fields(crd)
+    backend = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    del backend["backend"]["properties"]["serverName"]
+    assert "serverName" not in certificates.backend_fields(crd) and "endpoint" in certificates.backend_fields(crd)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import collections
 import datetime
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from analysis_operator.backends.base import BackendUnavailable
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.infra.server_tls import CA_KEY, ServerCertificate, client_context, issue
-from analysis_operator.model.domain import LABEL_ENVIRONMENT_UID, Environment
+from analysis_operator.model.domain import GROUP, LABEL_ENVIRONMENT_UID, Environment
 
 KEPT = 10_000
 # environment uid -> (server name, certificate) as this process wrote or read it
@@ -38,6 +40,42 @@ def build_config_map(environment: Environment, certificate: ServerCertificate) -
     }
 
 
+CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions?fieldSelector=metadata.name%3D" + (
+    f"analysisenvironments.{GROUP}"
+)
+SCHEMA_CHECK_SECONDS = 60.0
+_schema: list[tuple[float, str | None]] = []  # when the CRD was last read, and what was found
+
+
+def backend_fields(crd: Mapping[str, Any]) -> set[str]:
+    """The fields of status.backend in the CRD's stored version's schema (pure)."""
+    for version in crd.get("spec", {}).get("versions") or ():
+        if version.get("storage"):
+            schema = (version.get("schema") or {}).get("openAPIV3Schema") or {}
+            status = (schema.get("properties") or {}).get("status") or {}
+            backend = (status.get("properties") or {}).get("backend") or {}
+            return set(backend.get("properties") or {})
+    return set()
+
+
+async def schema_problem(kube: KubeClient) -> str | None:
+    """Why no server certificate may be issued with the CRD installed (read at most once a minute): one
+    older than this operator (Helm does not upgrade CRDs) prunes status.backend.serverName."""
+    if _schema and time.monotonic() - _schema[0][0] < SCHEMA_CHECK_SECONDS:
+        return _schema[0][1]
+    found = await kube.get_cluster_path(CRD_PATH) or {}
+    crds = found.get("items") or []
+    problem = None
+    if not crds or "serverName" not in backend_fields(crds[0]):
+        problem = (
+            "the AnalysisEnvironment CRD installed is older than this operator (its status.backend has no "
+            "serverName, which says the server speaks TLS): apply the CRDs of this version (kubectl apply "
+            "--server-side -f crds/; Helm does not upgrade CRDs), or set slurm.server_tls false"
+        )
+    _schema[:] = [(time.monotonic(), problem)]
+    return problem
+
+
 def remember(uid: str, server_name: str, certificate: str) -> None:
     _KNOWN[uid] = (server_name, certificate)
     _KNOWN.move_to_end(uid)
@@ -45,11 +83,14 @@ def remember(uid: str, server_name: str, certificate: str) -> None:
         _KNOWN.popitem(last=False)
 
 
-async def issue_certificate(
-    kube: KubeClient, environment: Environment, until: datetime.datetime | None
-) -> ServerCertificate:
-    """A new key and certificate for the environment's next server, the certificate stored first."""
-    certificate = issue(environment, datetime.datetime.now(datetime.UTC), until)
+async def issue_certificate(kube: KubeClient, environment: Environment) -> ServerCertificate:
+    """A new key and certificate for the environment's next server, the certificate stored first. Not
+    while the installed CRD would drop status.backend.serverName (schema_problem): the operator's own
+    checks would then take the server for a plain HTTP one and send its token to whatever listens there."""
+    problem = await schema_problem(kube)
+    if problem:
+        raise BackendUnavailable(problem)
+    certificate = issue(environment, datetime.datetime.now(datetime.UTC))
     await kube.apply(build_config_map(environment, certificate))
     remember(environment.uid, certificate.server_name, certificate.certificate)
     return certificate
@@ -89,6 +130,11 @@ def not_stored(environment: Environment) -> str:
         f"its server's certificate is not stored (ConfigMap {config_map_name(environment)} was deleted), so "
         "the operator does not reach it: suspend and resume it to start it with a new one"
     )
+
+
+def forget_certificate(uid: str) -> None:
+    """The certificate kept for one environment: read from its ConfigMap again at the next use."""
+    _KNOWN.pop(uid, None)
 
 
 def forget(uids: Iterable[str]) -> None:

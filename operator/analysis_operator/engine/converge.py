@@ -585,9 +585,7 @@ class _Launcher:
         token = await ensure_token(self.context.kube, self.environment)
         if self.mounts:
             await self.context.access.handed(self.environment, self.mounts)
-        certificate = functools.partial(
-            certificates.issue_certificate, self.context.kube, self.environment, self.expires_at
-        )
+        certificate = functools.partial(certificates.issue_certificate, self.context.kube, self.environment)
         return Launch(self.environment, self.flavor, token, self.mounts, self.identity, self.expires_at, certificate)
 
 

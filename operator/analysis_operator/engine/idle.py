@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from analysis_operator.engine.certificates import not_stored, tls_options
+from analysis_operator.engine.certificates import forget_certificate, not_stored, tls_options
 from analysis_operator.engine.converge import Context, end
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.reconciler import apply, utcnow
@@ -311,6 +311,8 @@ class IdleChecker:
             if isinstance(answer, _Refused):
                 return ServerActivity(problem=str(answer))
             if isinstance(answer, aiohttp.ClientError | ValueError):
+                if isinstance(answer, aiohttp.ClientSSLError):  # another server, or a newer certificate stored
+                    forget_certificate(environment.uid)  # (a resume by another replica): read it again next time
                 return ServerActivity(problem=f"the server cannot be read ({type(answer).__name__})")
             if isinstance(answer, BaseException):
                 raise answer

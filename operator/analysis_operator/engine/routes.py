@@ -66,6 +66,13 @@ ENDPOINTSLICE_MANAGER = "analysis-operator"  # not the endpointslice controller:
 ENDPOINT_SLICES = f"{MANAGED_SELECTOR},endpointslice.kubernetes.io/managed-by={ENDPOINTSLICE_MANAGER}"
 
 
+_NO_BACKEND_TLS = (
+    "the cluster has no Gateway API BackendTLSPolicy (v1, the standard channel of Gateway API v1.4), which makes "
+    "the gateway check the server's own certificate: {url} does not answer until it is installed, or until "
+    "slurm.server_tls is false (plain HTTP to the node); the environment itself runs"
+)
+
+
 @dataclass(frozen=True)
 class Route:
     url: str  # what OPEN navigates to
@@ -235,6 +242,18 @@ def build_backend_tls(environment: Environment, server_name: str) -> dict[str, A
     }
 
 
+def kind_not_served(error: ApiException) -> bool:
+    """A 404 for the resource type itself (its CRD is not installed: no name in its details), not for a
+    missing namespace or object (pure)."""
+    if error.status != 404:
+        return False
+    try:
+        details = json.loads(error.body or "{}").get("details") or {}
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return not details.get("name")
+
+
 def build_forward_auth(settings: GatewaySettings, namespace: str, name: str = FORWARD_AUTH) -> dict[str, Any]:
     """Traefik's forward-auth Middleware that the routes of one namespace name in their filter
     (CLOSED_PAGE: the one asking for the page of an environment that has no route)."""
@@ -305,6 +324,7 @@ class _Applied:
     namespace: str
     name: str
     address: bool
+    tls: bool = False  # and a BackendTLSPolicy (a server with a certificate of its own)
 
 
 class GatewayRoutes:
@@ -440,6 +460,8 @@ class GatewayRoutes:
                 for body in objects:
                     await self._kube.apply(body)
             except ApiException as error:  # a quota on Services, a policy on HTTPRoutes: what runs is told
+                if upstream.server_name and kind_not_served(error):
+                    return Route(url, False, "BackendTLSPolicyNotInstalled", _NO_BACKEND_TLS.format(url=url))
                 refusal = cluster_refusal(error)
                 if not refusal:
                     raise
@@ -453,7 +475,9 @@ class GatewayRoutes:
                     f"Kubernetes refused what its route needs: {refusal}. {url} does not answer until it is allowed "
                     f"(tried again every {ROUTE_RETRY_SECONDS:.0f} s); the environment itself runs",
                 )
-            self._applied[environment.uid] = _Applied(wanted, environment.namespace, environment.name, address)
+            self._applied[environment.uid] = _Applied(
+                wanted, environment.namespace, environment.name, address, address and bool(upstream.server_name)
+            )
             log.info("route.opened", environment=f"{environment.namespace}/{environment.name}", url=url)
         return Route(url, True, "Routed", f"open at {url} through Gateway {gateway}")
 
@@ -481,9 +505,12 @@ class GatewayRoutes:
         middlewares = await self._kube.present(MIDDLEWARE_API, "Middleware", MANAGED_SELECTOR)
         services: set[tuple[str, str]] = set()
         slices: set[tuple[str, str]] = set()
+        policies: set[tuple[str, str]] = set()
         if any(applied.address for applied in self._applied.values()):
             services = await self._kube.present("v1", "Service", MANAGED_SELECTOR)
             slices = await self._kube.present("discovery.k8s.io/v1", "EndpointSlice", ENDPOINT_SLICES)
+        if any(applied.tls for applied in self._applied.values()):
+            policies = await self._kube.present(GATEWAY_API, "BackendTLSPolicy", MANAGED_SELECTOR)
 
         def having(found: set[tuple[str, str]], name: str) -> set[str]:
             return {namespace for namespace, each in found if each == name}
@@ -498,6 +525,7 @@ class GatewayRoutes:
             wanted = {
                 "HTTPRoute": routes,
                 **({"Service": services, "EndpointSlice": slices} if applied.address else {}),
+                **({"BackendTLSPolicy": policies} if applied.tls else {}),
             }
             missing = [kind for kind, found in wanted.items() if key not in found]
             if uid in live and missing:
@@ -525,6 +553,7 @@ class GatewayRoutes:
         self._namespaces.forget(uids)
 
     async def close(self, environment: Environment) -> None:
+        applied = self._applied.get(environment.uid)
         self._drop(environment.uid)
         await self._namespaces.ensure(environment.namespace, environment.uid)  # its closed page answers now
         own: bool | None = None
@@ -534,10 +563,13 @@ class GatewayRoutes:
             (GATEWAY_API, "BackendTLSPolicy"),
             ("v1", "Service"),
         ):
-            if kind in ("BackendTLSPolicy", "Service"):
+            # A pod's Service is the Kubernetes backend's, not the route's (and has no policy); a policy this
+            # process applied is removed whatever became of the Service.
+            known_policy = kind == "BackendTLSPolicy" and applied is not None and applied.tls
+            if kind in ("BackendTLSPolicy", "Service") and not known_policy:
                 own = await self._own_endpoint_service(environment) if own is None else own
                 if not own:
-                    continue  # a pod's Service is the Kubernetes backend's, not the route's (and has no policy)
+                    continue
             found = await self._kube.get_object(api_version, kind, environment.namespace, environment.child_name)
             labels = ((found or {}).get("metadata") or {}).get("labels") or {}
             if found is not None and labels.get(LABEL_ENVIRONMENT_UID) == environment.uid:

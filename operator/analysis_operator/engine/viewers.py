@@ -27,7 +27,7 @@ import aiohttp
 import structlog
 
 from analysis_operator import jupyter
-from analysis_operator.engine.certificates import not_stored, tls_options
+from analysis_operator.engine.certificates import forget_certificate, not_stored, tls_options
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.idle import server_url
 from analysis_operator.engine.reconciler import utcnow
@@ -152,7 +152,12 @@ class Disconnector:
             raise Unanswered(not_stored(environment))
         url = server_url(environment, endpoint, self._settings, desktop=desktop, tls=bool(tls))
         async with self._slots:
-            open_ = await self._viewers(url, token, desktop, (), tls)
+            try:
+                open_ = await self._viewers(url, token, desktop, (), tls)
+            except Unanswered:
+                if tls:  # another server, or a newer certificate stored (a resume by another replica)
+                    forget_certificate(environment.uid)  # read it again next time
+                raise
             if open_ is None:
                 await self._not_running_extension(environment, desktop)
                 return {}

@@ -32,7 +32,10 @@ from analysis_operator.model.domain import Environment
 CA_KEY = "ca.crt"  # the ConfigMap's key for the certificate (what Gateway API's BackendTLSPolicy reads)
 SUFFIX = "jupyter.invalid"
 BACKDATE = datetime.timedelta(minutes=5)  # clocks of the gateway and the nodes may lag the operator's
-LONGEST = datetime.timedelta(days=366)  # for an environment without an end
+# Long enough for any job: an approved extension moves an environment's end (and its job's time limit)
+# past what was known at submission. Its end is no safeguard here: a certificate is revoked by the
+# next job's replacing it in the ConfigMap, and its key ends with the job.
+VALIDITY = datetime.timedelta(days=3650)
 
 
 @dataclass(frozen=True)
@@ -47,13 +50,12 @@ def server_name(environment: Environment) -> str:
     return f"{environment.child_name}.{environment.namespace}.{SUFFIX}"
 
 
-def issue(environment: Environment, now: datetime.datetime, until: datetime.datetime | None) -> ServerCertificate:
+def issue(environment: Environment, now: datetime.datetime) -> ServerCertificate:
     """A new P-256 key and a self-signed certificate for server_name(environment), valid from a few
-    minutes before `now` to `until` (the environment's end) plus a day, or a year without one."""
+    minutes before `now` for VALIDITY."""
     name = server_name(environment)
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])])
-    end = (until + datetime.timedelta(days=1)) if until is not None else now + LONGEST
     certificate = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -61,7 +63,7 @@ def issue(environment: Environment, now: datetime.datetime, until: datetime.date
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - BACKDATE)
-        .not_valid_after(max(end, now + datetime.timedelta(hours=1)))
+        .not_valid_after(now + VALIDITY)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

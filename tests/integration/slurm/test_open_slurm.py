@@ -207,7 +207,7 @@ def test_a_server_without_the_job_s_key_where_the_route_points_is_sent_nothing(
     token = base64.b64decode(core.read_namespaced_secret("aenv-hpc", namespace).data["token"]).decode()
     own = None
     if speaks != "plain HTTP":
-        own = issue(Environment(namespace=namespace, name="hpc", uid="x", owner="", flavor=""), _now(), None)
+        own = issue(Environment(namespace=namespace, name="hpc", uid="x", owner="", flavor=""), _now())
     address, _, port = ready["status"]["backend"]["endpoint"].rpartition(":")
     impostor = Impostor(slurm_environ, address, int(port), own)
     try:
