@@ -128,6 +128,20 @@ def _server_context(made: ServerCertificate, directory: Path) -> ssl.SSLContext:
     return context
 
 
+async def _serve(handler: Any, served_with: ServerCertificate | None) -> tuple[web.AppRunner, int]:
+    """A local server answering every path with `handler`, with `served_with`'s key and certificate (None:
+    plain HTTP): its runner and port."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    with tempfile.TemporaryDirectory() as directory:
+        context = _server_context(served_with, Path(directory)) if served_with else None
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+        await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
 async def _ask(served_with: ServerCertificate | None, stored: ServerCertificate | None) -> tuple[list[dict], str]:
     """A viewers check of LAB (status naming its server name), against a local server that answers with
     `served_with` (None: plain HTTP), the operator knowing `stored` as its certificate: what the server
@@ -138,15 +152,7 @@ async def _ask(served_with: ServerCertificate | None, stored: ServerCertificate 
         received.append(dict(request.headers))
         return web.json_response({"viewers": {"alice": 1}})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", viewers)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    with tempfile.TemporaryDirectory() as directory:
-        context = _server_context(served_with, Path(directory)) if served_with else None
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-        await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await _serve(viewers, served_with)
     if stored is not None:
         certificates.remember(LAB.uid, stored.server_name, stored.certificate)
     backend = {"kind": "slurm", "endpoint": f"127.0.0.1:{port}", "serverName": server_name(LAB)}
@@ -203,15 +209,7 @@ async def _idle_read(served_with: ServerCertificate | None, stored: ServerCertif
             return web.json_response([])
         return web.json_response({"last_activity": "2026-12-06T07:00:00Z", "connections": 0, "kernels": 0})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", api)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    with tempfile.TemporaryDirectory() as directory:
-        context = _server_context(served_with, Path(directory)) if served_with else None
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-        await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await _serve(api, served_with)
     certificates.remember(LAB.uid, stored.server_name, stored.certificate)
     status = {"backend": {"kind": "slurm", "endpoint": f"127.0.0.1:{port}", "serverName": server_name(LAB)}}
     checker = IdleChecker(Context(kube=_NoConfigMap(), backends={}), Settings(), {}, {}, GatewayActivity())

@@ -304,7 +304,9 @@ def build_job_submission(
 
 
 def serves_tls(nonce: str) -> bool:
-    """Whether the job with this nonce was given a certificate (pure)."""
+    """Whether the job with this nonce was given a certificate (pure). An owner who changes the output
+    path of their job while it waits changes its nonce, and with it the port the operator looks at
+    (keyed by it, build_jupyter_port): their JupyterLab is then found nowhere, in plain HTTP or not."""
     return len(nonce) == 2 * TLS_NONCE_BYTES
 
 

@@ -339,8 +339,11 @@ def test_a_real_browser_opens_it_for_alice_and_for_bob_only_while_shared(opened,
         driver.quit()
 
 
-def test_suspended_cluster_environment_releases_its_route_and_job(opened, cluster_lab, custom, namespace):
-    environments, _, base = cluster_lab
+def test_suspended_cluster_environment_releases_its_route_and_job_and_opens_again_on_resume(
+    opened, cluster_lab, core, custom, namespace
+):
+    environments, ready, base = cluster_lab
+    before = core.read_namespaced_config_map("aenv-hpc-tls", namespace).data["ca.crt"]
     environments.patch_spec("hpc", suspend=True)
     environments.wait_phase("hpc", "Suspended", timeout=60)
     wait_for(
@@ -348,3 +351,10 @@ def test_suspended_cluster_environment_releases_its_route_and_job(opened, cluste
         timeout=20,
         what="the gateway to stop routing to the suspended environment",
     )
+    # Resumed: a new job with a new key and certificate, which the gateway then accepts (and only that)
+    environments.patch_spec("hpc", suspend=False)
+    resumed = environments.wait_phase("hpc", "Ready", timeout=90)
+    assert resumed["status"]["backend"]["id"] != ready["status"]["backend"]["id"]
+    assert core.read_namespaced_config_map("aenv-hpc-tls", namespace).data["ca.crt"] != before
+    _, _, body = answered(opened, base + "api/status", "alice", 200)
+    assert "last_activity" in json.loads(body)
