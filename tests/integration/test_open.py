@@ -623,19 +623,20 @@ def test_only_the_operator_attaches_routes_to_the_gateway(
         # A BackendTLSPolicy for an environment's Service (aenv-<name>) says which certificate the gateway
         # accepts from its server (a Slurm job's JupyterLab), and the oldest policy for a Service wins: the
         # operator's alone. One for a Service of her own is hers.
-        def backend_tls(service: str) -> dict:
+        def backend_tls(service: str, group: str = "") -> dict:
             return {
                 "apiVersion": "/".join(GATEWAY_API),
                 "kind": "BackendTLSPolicy",
                 "metadata": {"name": f"m-{uuid.uuid4().hex[:6]}", "namespace": mallorys},
                 "spec": {
-                    "targetRefs": [{"group": "", "kind": "Service", "name": service}],
+                    "targetRefs": [{"group": group, "kind": "Service", "name": service}],
                     "validation": {"wellKnownCACertificates": "System", "hostname": "mallory.example.org"},
                 },
             }
 
-        message = denial(create(backend_tls("aenv-lab"), "backendtlspolicies"))
-        assert message and "spec.targetRefs[0]: only the analysis operator makes the BackendTLSPolicy" in message
+        for group in ("", "core"):  # the core group either way (Traefik reads both)
+            message = denial(create(backend_tls("aenv-lab", group), "backendtlspolicies"))
+            assert message and "spec.targetRefs[0]: only the analysis operator makes the BackendTLSPolicy" in message
         assert denial(create(backend_tls("mallory"), "backendtlspolicies", dry_run="All")) is None
 
         # On another Gateway (here one of her namespace's, named like the analysis one), or on none: hers.

@@ -6,6 +6,7 @@ nothing (it is what another user's process on a freed port would be)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime
 import json
 import ssl
@@ -20,7 +21,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from kubernetes.client.rest import ApiException
 
-from analysis_operator.backends.base import Observation, State, Upstream
+from analysis_operator.backends.base import BackendUnavailable, Observation, State, Upstream
 from analysis_operator.backends.slurm import TLS_CERT_ENV, TLS_KEY_ENV, build_observation, serves_tls, tls_environment
 from analysis_operator.backends.slurm_api import SlurmJob
 from analysis_operator.engine import certificates, tokens
@@ -230,13 +231,13 @@ def test_the_idle_check_reads_the_server_holding_the_key_and_sends_an_impostor_n
     for impostor in (issue(LAB, NOW), None):  # another key for the same name; plain HTTP
         received, activity = asyncio.run(_idle_read(impostor, made))
         assert received == [] and activity.problem and TOKEN not in activity.problem
-    # a failed check drops the certificate kept: a newer one (a resume by another replica) is read next
-    assert certificates._KNOWN.get(LAB.uid) is None
+        # a failed check drops the certificate kept: a newer one (a resume by another replica) is read next
+        assert certificates._KNOWN.get(LAB.uid) is None
 
 
 def test_a_policy_type_the_cluster_does_not_serve_is_told_from_a_missing_namespace():
     missing_kind = ApiException(status=404)
-    missing_kind.body = json.dumps({"kind": "Status", "reason": "NotFound", "details": {}, "code": 404})
+    missing_kind.body = "404 page not found\n"  # what kube-apiserver answers for a path it does not serve
     missing_namespace = ApiException(status=404)
     missing_namespace.body = json.dumps({"reason": "NotFound", "details": {"name": "t", "kind": "namespaces"}})
     assert kind_not_served(missing_kind)
@@ -249,3 +250,37 @@ def test_the_shipped_crd_records_the_server_name_and_an_older_one_is_told():
     backend = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     del backend["backend"]["properties"]["serverName"]
     assert "serverName" not in certificates.backend_fields(crd) and "endpoint" in certificates.backend_fields(crd)
+
+
+class _Crds:
+    """The API server's answers to the operator's one CRD read (a list by name), counted."""
+
+    def __init__(self, crd: dict | None) -> None:
+        self.crd, self.reads = crd, 0
+
+    async def get_cluster_path(self, path: str) -> dict:
+        assert path == certificates.CRD_PATH
+        self.reads += 1
+        await asyncio.sleep(0.01)
+        return {"items": [self.crd] if self.crd else []}
+
+
+def test_no_certificate_is_issued_while_the_installed_crd_would_drop_its_server_name(monkeypatch):
+    shipped = yaml.safe_load((Path(__file__).parents[2] / "crds" / "analysisenvironments.yaml").read_text())
+    older = copy.deepcopy(shipped)
+    del older["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["backend"][
+        "properties"
+    ]["serverName"]
+
+    async def burst(crds: _Crds) -> list[str | None]:
+        monkeypatch.setattr(certificates, "_schema", [])
+        return list(await asyncio.gather(*(certificates.schema_problem(crds) for _ in range(20))))
+
+    current, old, none = _Crds(shipped), _Crds(older), _Crds(None)
+    assert asyncio.run(burst(current)) == [None] * 20 and current.reads == 1  # one read for a burst
+    problems = asyncio.run(burst(old))
+    assert old.reads == 1 and len(set(problems)) == 1 and "apply the CRDs of this version" in str(problems[0])
+    assert asyncio.run(burst(none))[0] and none.reads == 1
+    with pytest.raises(BackendUnavailable, match=r"slurm\.server_tls false"):
+        monkeypatch.setattr(certificates, "_schema", [])
+        asyncio.run(certificates.issue_certificate(old, LAB))  # type: ignore[arg-type]

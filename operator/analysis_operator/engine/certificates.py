@@ -6,16 +6,18 @@ certificate is public: only the key is secret, and that goes to the job alone.""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import datetime
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from analysis_operator.backends.base import BackendUnavailable
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.infra.server_tls import CA_KEY, ServerCertificate, client_context, issue
-from analysis_operator.model.domain import GROUP, LABEL_ENVIRONMENT_UID, Environment
+from analysis_operator.model.domain import GROUP, LABEL_ENVIRONMENT_UID, VERSION, Environment
 
 KEPT = 10_000
 # environment uid -> (server name, certificate) as this process wrote or read it
@@ -45,12 +47,13 @@ CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions?fieldSelecto
 )
 SCHEMA_CHECK_SECONDS = 60.0
 _schema: list[tuple[float, str | None]] = []  # when the CRD was last read, and what was found
+_SCHEMA_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 def backend_fields(crd: Mapping[str, Any]) -> set[str]:
-    """The fields of status.backend in the CRD's stored version's schema (pure)."""
+    """The fields of status.backend in the schema of the CRD's version this operator writes (pure)."""
     for version in crd.get("spec", {}).get("versions") or ():
-        if version.get("storage"):
+        if version.get("name") == VERSION:
             schema = (version.get("schema") or {}).get("openAPIV3Schema") or {}
             status = (schema.get("properties") or {}).get("status") or {}
             backend = (status.get("properties") or {}).get("backend") or {}
@@ -61,19 +64,21 @@ def backend_fields(crd: Mapping[str, Any]) -> set[str]:
 async def schema_problem(kube: KubeClient) -> str | None:
     """Why no server certificate may be issued with the CRD installed (read at most once a minute): one
     older than this operator (Helm does not upgrade CRDs) prunes status.backend.serverName."""
-    if _schema and time.monotonic() - _schema[0][0] < SCHEMA_CHECK_SECONDS:
-        return _schema[0][1]
-    found = await kube.get_cluster_path(CRD_PATH) or {}
-    crds = found.get("items") or []
-    problem = None
-    if not crds or "serverName" not in backend_fields(crds[0]):
-        problem = (
-            "the AnalysisEnvironment CRD installed is older than this operator (its status.backend has no "
-            "serverName, which says the server speaks TLS): apply the CRDs of this version (kubectl apply "
-            "--server-side -f crds/; Helm does not upgrade CRDs), or set slurm.server_tls false"
-        )
-    _schema[:] = [(time.monotonic(), problem)]
-    return problem
+    lock = _SCHEMA_LOCKS.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+    async with lock:  # one read for the submissions of a burst
+        if _schema and time.monotonic() - _schema[0][0] < SCHEMA_CHECK_SECONDS:
+            return _schema[0][1]
+        found = await kube.get_cluster_path(CRD_PATH) or {}
+        crds = found.get("items") or []
+        problem = None
+        if not crds or "serverName" not in backend_fields(crds[0]):
+            problem = (
+                "the AnalysisEnvironment CRD installed is older than this operator (its status.backend has no "
+                "serverName, which says the server speaks TLS): apply the CRDs of this version (kubectl apply "
+                "--server-side -f crds/; Helm does not upgrade CRDs), or set slurm.server_tls false"
+            )
+        _schema[:] = [(time.monotonic(), problem)]
+        return problem
 
 
 def remember(uid: str, server_name: str, certificate: str) -> None:

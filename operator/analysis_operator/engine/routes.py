@@ -243,15 +243,17 @@ def build_backend_tls(environment: Environment, server_name: str) -> dict[str, A
 
 
 def kind_not_served(error: ApiException) -> bool:
-    """A 404 for the resource type itself (its CRD is not installed: no name in its details), not for a
-    missing namespace or object (pure)."""
+    """A 404 for the resource type itself (its CRD is not installed), not for a missing namespace (pure):
+    the API server answers a path it does not serve with Go's plain "404 page not found", a missing
+    namespace with a Status naming it."""
     if error.status != 404:
         return False
     try:
-        details = json.loads(error.body or "{}").get("details") or {}
-    except (TypeError, ValueError, AttributeError):
-        return False
-    return not details.get("name")
+        answer = json.loads(error.body or "")
+    except (TypeError, ValueError):
+        return True  # not a Status: the path itself is not served
+    details = answer.get("details") if isinstance(answer, dict) else None
+    return not (isinstance(details, dict) and details.get("name"))
 
 
 def build_forward_auth(settings: GatewaySettings, namespace: str, name: str = FORWARD_AUTH) -> dict[str, Any]:
@@ -458,10 +460,13 @@ class GatewayRoutes:
             try:
                 await self._namespaces.ensure(environment.namespace, environment.uid)
                 for body in objects:
-                    await self._kube.apply(body)
+                    try:
+                        await self._kube.apply(body)
+                    except ApiException as error:
+                        if body["kind"] == "BackendTLSPolicy" and kind_not_served(error):
+                            return Route(url, False, "BackendTLSPolicyNotInstalled", _NO_BACKEND_TLS.format(url=url))
+                        raise
             except ApiException as error:  # a quota on Services, a policy on HTTPRoutes: what runs is told
-                if upstream.server_name and kind_not_served(error):
-                    return Route(url, False, "BackendTLSPolicyNotInstalled", _NO_BACKEND_TLS.format(url=url))
                 refusal = cluster_refusal(error)
                 if not refusal:
                     raise
@@ -492,10 +497,10 @@ class GatewayRoutes:
         """What someone deleted under live environments (uids `live`), made again: a namespace's forward-auth
         Middleware and closed page, and what an environment that runs is routed by (converged again,
         which applies it): its HTTPRoute, and for an address (a compute node, a VM) the Service without
-        selector and the EndpointSlice. Meanwhile the gateway answers there with the closed page, its
-        404 or a 503 (no endpoint), never past the forward-auth: a route naming a Middleware that does
-        not exist is not served. Services and EndpointSlices are listed only while some environment is
-        routed to an address."""
+        selector and the EndpointSlice (and the BackendTLSPolicy of a server with a certificate of its
+        own). Meanwhile the gateway answers there with the closed page, its 404 or a 503 (no endpoint),
+        never past the forward-auth: a route naming a Middleware that does not exist is not served.
+        Services and EndpointSlices are listed only while some environment is routed to an address."""
         if not (self._namespaces.done or self._applied):
             return
         # What was applied before the lists began: each list has it unless someone deleted it. What is
@@ -510,7 +515,11 @@ class GatewayRoutes:
             services = await self._kube.present("v1", "Service", MANAGED_SELECTOR)
             slices = await self._kube.present("discovery.k8s.io/v1", "EndpointSlice", ENDPOINT_SLICES)
         if any(applied.tls for applied in self._applied.values()):
-            policies = await self._kube.present(GATEWAY_API, "BackendTLSPolicy", MANAGED_SELECTOR)
+            try:
+                policies = await self._kube.present(GATEWAY_API, "BackendTLSPolicy", MANAGED_SELECTOR)
+            except ApiException as error:  # its CRD removed since: converged again, the route says so
+                if not kind_not_served(error):
+                    raise
 
         def having(found: set[tuple[str, str]], name: str) -> set[str]:
             return {namespace for namespace, each in found if each == name}
@@ -553,23 +562,18 @@ class GatewayRoutes:
         self._namespaces.forget(uids)
 
     async def close(self, environment: Environment) -> None:
-        applied = self._applied.get(environment.uid)
         self._drop(environment.uid)
         await self._namespaces.ensure(environment.namespace, environment.uid)  # its closed page answers now
-        own: bool | None = None
         for api_version, kind in (
             (GATEWAY_API, "HTTPRoute"),
             ("discovery.k8s.io/v1", "EndpointSlice"),
             (GATEWAY_API, "BackendTLSPolicy"),
             ("v1", "Service"),
         ):
-            # A pod's Service is the Kubernetes backend's, not the route's (and has no policy); a policy this
-            # process applied is removed whatever became of the Service.
-            known_policy = kind == "BackendTLSPolicy" and applied is not None and applied.tls
-            if kind in ("BackendTLSPolicy", "Service") and not known_policy:
-                own = await self._own_endpoint_service(environment) if own is None else own
-                if not own:
-                    continue
+            # A pod's Service is the Kubernetes backend's, not the route's. The policy goes whatever became
+            # of the Service (a pod's environment has none: one read answered 404).
+            if kind == "Service" and not await self._own_endpoint_service(environment):
+                continue
             found = await self._kube.get_object(api_version, kind, environment.namespace, environment.child_name)
             labels = ((found or {}).get("metadata") or {}).get("labels") or {}
             if found is not None and labels.get(LABEL_ENVIRONMENT_UID) == environment.uid:

@@ -197,9 +197,8 @@ AENV_EXTENSION_END
 # in $aenv_dir), and out of the environment before JupyterLab starts. The gateway and the operator
 # check the server against that certificate: a process of someone else that listens on this port
 # after the server has ended is sent nothing. In jupyter_server_config.json of the first entry of
-# JUPYTER_CONFIG_PATH (below), which wins over the site's and the environment's config files (only the
-# account's own ~/.jupyter comes first: a user who sets certfile there breaks only their own OPEN);
-# jupyter_server reads its .d directories for extensions only.
+# JUPYTER_CONFIG_PATH (below), which wins over every other config file (jupyter_core >= 5 reads it
+# before ~/.jupyter); jupyter_server reads its .d directories for extensions only.
 if [ -n "${AENV_TLS_KEY:-}" ]; then
   case $aenv_dir in
     *'"'* | *'\'*)
