@@ -50,10 +50,11 @@ class SlurmSettings:
     port_min: int = 20000
     port_max: int = 32767
     node_domain: str = ""  # appended to Slurm's node name for the URL ("" = as is)
-    # Each job's JupyterLab speaks TLS with a key and certificate of its own (infra/server_tls.py), and
-    # the gateway (a BackendTLSPolicy) and the operator accept only that certificate: a process that
-    # listens on the port after JupyterLab exits is sent nothing. false: plain HTTP to the node, for a
-    # gateway that does not implement BackendTLSPolicy (README, "OPEN").
+    # With the gateway on (gateway.enabled), each job's JupyterLab speaks TLS with a key and certificate of
+    # its own (infra/server_tls.py), and the gateway (a BackendTLSPolicy) and the operator accept only that
+    # certificate: a process that listens on the port after JupyterLab exits is sent nothing. false: plain
+    # HTTP to the node, for a gateway that does not implement BackendTLSPolicy (README, "OPEN"). Without
+    # the gateway, plain HTTP: browsers reach the node themselves and could not check the certificate.
     server_tls: bool = True
     executor_workers: int = 4
 

@@ -284,3 +284,18 @@ def test_no_certificate_is_issued_while_the_installed_crd_would_drop_its_server_
     with pytest.raises(BackendUnavailable, match=r"slurm\.server_tls false"):
         monkeypatch.setattr(certificates, "_schema", [])
         asyncio.run(certificates.issue_certificate(old, LAB))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("gateway", [True, False])
+def test_a_server_gets_a_certificate_only_behind_the_gateway(gateway):
+    """Without the gateway browsers reach the server itself: a certificate they cannot check would only
+    stand in their way."""
+    from analysis_operator.engine.converge import _Launcher
+    from analysis_operator.engine.routes import NoRoutes
+    from tests.unit.test_backend_interface import Cluster
+
+    routes = NoRoutes()
+    routes.enabled = gateway  # only whether it is on matters to the launch
+    context = Context(kube=Cluster(), backends={}, routes=routes)
+    launch = asyncio.run(_Launcher(context, LAB, None, (), None, NOW).launch())  # type: ignore[arg-type]
+    assert launch.token and (launch.certificate is not None) is gateway

@@ -585,7 +585,11 @@ class _Launcher:
         token = await ensure_token(self.context.kube, self.environment)
         if self.mounts:
             await self.context.access.handed(self.environment, self.mounts)
-        certificate = functools.partial(certificates.issue_certificate, self.context.kube, self.environment)
+        # Only behind the gateway, which checks it: without one, browsers reach the server itself, and
+        # would meet a certificate they cannot check.
+        certificate = None
+        if self.context.routes.enabled:
+            certificate = functools.partial(certificates.issue_certificate, self.context.kube, self.environment)
         return Launch(self.environment, self.flavor, token, self.mounts, self.identity, self.expires_at, certificate)
 
 

@@ -574,7 +574,12 @@ class GatewayRoutes:
             # of the Service (a pod's environment has none: one read answered 404).
             if kind == "Service" and not await self._own_endpoint_service(environment):
                 continue
-            found = await self._kube.get_object(api_version, kind, environment.namespace, environment.child_name)
+            try:
+                found = await self._kube.get_object(api_version, kind, environment.namespace, environment.child_name)
+            except ApiException as error:  # RBAC older than this operator (no chart): the policy cannot be made
+                if kind == "BackendTLSPolicy" and error.status == 403:  # either, and a close must not fail on it
+                    continue
+                raise
             labels = ((found or {}).get("metadata") or {}).get("labels") or {}
             if found is not None and labels.get(LABEL_ENVIRONMENT_UID) == environment.uid:
                 uid = str(found["metadata"].get("uid", ""))
