@@ -19,6 +19,8 @@ from analysis_operator.backends import slurm
 from analysis_operator.backends.base import BackendUnavailable, Launch, State, Upstream
 from analysis_operator.backends.slurm import (
     JUPYTER_FLAGS,
+    TLS_CERT_ENV,
+    TLS_KEY_ENV,
     TOKEN_ENV_NAME,
     SlurmBackend,
     base_path,
@@ -34,6 +36,7 @@ from analysis_operator.backends.slurm import (
     build_time_limit_extension,
     build_time_limit_minutes,
     choose_job,
+    serves_tls,
 )
 from analysis_operator.backends.slurm_api import Ping, SlurmJob, SlurmNode, Submitted
 from analysis_operator.backends.slurm_auth import (
@@ -48,6 +51,7 @@ from analysis_operator.backends.slurm_auth import (
     parse_identity,
 )
 from analysis_operator.backends.slurm_rest import http_url, resolve_address
+from analysis_operator.infra.server_tls import ServerCertificate, issue, server_name
 from analysis_operator.model.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
 from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.settings import SlurmSettings
@@ -728,6 +732,47 @@ def test_suspend_shows_suspended_and_resume_submits_a_new_job(tmp_path):
     resumed = asyncio.run(backend.resume(Launch(environment, make_flavor(), "t")))
     assert resumed.reference["id"] == "102" and len(backend.client.submitted) == 2
     assert asyncio.run(backend.resume(Launch(environment, make_flavor(), "t"))).reference["id"] == "102"
+
+
+def test_a_resume_right_after_the_suspend_submits_anew_and_never_adopts_the_job_still_completing(tmp_path):
+    """The suspend's cancelled job shows COMPLETING for a moment: a resume that adopted it ended the
+    environment Failed (JobCancelled) once it was gone (tests/integration/slurm/test_open_slurm.py)."""
+    backend = per_user_backend([], tmp_path)
+    environment = make_environment()
+    asyncio.run(backend.ensure(Launch(environment, make_flavor(), "t")))
+    asyncio.run(backend.suspend(environment))
+    backend.client.update_job(0, state="COMPLETING")
+    resumed = asyncio.run(backend.resume(Launch(environment, make_flavor(), "t")))
+    assert resumed.reference["id"] == "102" and len(backend.client.submitted) == 2
+
+
+@pytest.mark.parametrize("server_tls", [True, False])
+def test_a_job_gets_its_certificate_and_key_and_a_nonce_that_says_so(tmp_path, server_tls):
+    """With a certificate (the engine's, behind the gateway): the job's environment holds it and its key,
+    its output path a 24-digit nonce (what a restarted operator reads TLS from), and its upstream the
+    name to check; slurm.server_tls false: none of it, and no certificate is made."""
+    backend = per_user_backend([], tmp_path)
+    backend.settings = dataclasses.replace(backend.settings, server_tls=server_tls)
+    environment = make_environment()
+    made: list[ServerCertificate] = []
+
+    async def certificate() -> ServerCertificate:
+        made.append(issue(environment, datetime.datetime.now(datetime.UTC)))
+        return made[-1]
+
+    asyncio.run(backend.ensure(Launch(environment, make_flavor(), "t", certificate=certificate)))
+    (request, script, _), job = backend.client.submitted[0], backend.client.queue[0]
+    nonce = job_nonce(job)
+    if server_tls:
+        assert len(made) == 1 and serves_tls(nonce) and len(nonce) == 24
+        assert request.environment[TLS_KEY_ENV] == made[0].key and made[0].key not in script
+        assert request.environment[TLS_CERT_ENV] == made[0].certificate
+    else:
+        assert made == [] and not serves_tls(nonce) and TLS_KEY_ENV not in request.environment
+    backend.client.update_job(0, state="RUNNING", batch_host="n1", nodes="n1")
+    observed = asyncio.run(backend.observe(environment))
+    assert observed.upstream is not None
+    assert observed.upstream.server_name == (server_name(environment) if server_tls else "")
 
 
 def test_a_job_submitted_at_a_resume_is_limited_to_what_is_left_of_the_lifetime(tmp_path):

@@ -550,10 +550,12 @@ class SlurmBackend:
 
     async def resume(self, launch: Launch) -> Observation:
         """Adopt an active job (a resume seen twice), else submit a new one: the cancelled
-        job of the suspend, or any ended one, does not stand for the environment any more."""
+        job of the suspend, or any ended one, does not stand for the environment any more; nor
+        one still COMPLETING (the suspend's, when the resume follows at once: adopted, it ended
+        the environment Failed a moment later, JobCancelled)."""
         self._suspended.discard(launch.environment.uid)
         jobs = await self._jobs_of(launch.environment)
-        job = _newest([job for job in jobs if job.state in ACTIVE_STATES])
+        job = _newest([job for job in jobs if job.state in ACTIVE_STATES and job.state != "COMPLETING"])
         if job is None:
             return await self._submit(launch)
         return await self._adopt(launch, jobs, job)
