@@ -1,4 +1,4 @@
-"""A Slurm job's server certificate (infra/server_tls.py, engine/certificates.py): what is built, and the
+"""A Slurm job's server certificate (infra/server_tls.py, engine/server_certificates.py): what is built, and the
 operator's own requests (viewers) against real local servers: the server holding the environment's key
 gets them, with the token; a server with another certificate, or plain HTTP, on the same address is sent
 nothing (it is what another user's process on a freed port would be)."""
@@ -24,7 +24,7 @@ from kubernetes.client.rest import ApiException
 from analysis_operator.backends.base import BackendUnavailable, Observation, State, Upstream
 from analysis_operator.backends.slurm import TLS_CERT_ENV, TLS_KEY_ENV, build_observation, serves_tls, tls_environment
 from analysis_operator.backends.slurm_api import SlurmJob
-from analysis_operator.engine import certificates, tokens
+from analysis_operator.engine import server_certificates, tokens
 from analysis_operator.engine.converge import Context
 from analysis_operator.engine.idle import GatewayActivity, IdleChecker, server_url
 from analysis_operator.engine.routes import build_endpoint, kind_not_served
@@ -90,7 +90,7 @@ def test_a_tls_upstream_is_routed_over_https_checked_by_its_backendtlspolicy():
 
 def test_the_certificate_s_config_map_is_the_environment_s_and_holds_no_key():
     made = issue(LAB, NOW)
-    config_map = certificates.build_config_map(LAB, made)
+    config_map = server_certificates.build_config_map(LAB, made)
     assert config_map["metadata"]["name"] == "aenv-lab-tls"  # never aenv-jupyter's (an environment "jupyter")
     assert config_map["metadata"]["ownerReferences"] == LAB.owner_references
     assert config_map["data"] == {"ca.crt": made.certificate}
@@ -118,7 +118,7 @@ def _known():
     tokens.remember(LAB.uid, TOKEN)
     yield
     tokens.forget([LAB.uid])
-    certificates.forget([LAB.uid])
+    server_certificates.forget([LAB.uid])
 
 
 def _server_context(made: ServerCertificate, directory: Path) -> ssl.SSLContext:
@@ -155,7 +155,7 @@ async def _ask(served_with: ServerCertificate | None, stored: ServerCertificate 
 
     runner, port = await _serve(viewers, served_with)
     if stored is not None:
-        certificates.remember(LAB.uid, stored.server_name, stored.certificate)
+        server_certificates.remember(LAB.uid, stored.server_name, stored.certificate)
     backend = {"kind": "slurm", "endpoint": f"127.0.0.1:{port}", "serverName": server_name(LAB)}
     environments = {("team-a", "lab"): [EnvironmentRecord(LAB, {"phase": "Ready", "backend": backend})]}
     kube = _NoConfigMap()
@@ -211,7 +211,7 @@ async def _idle_read(served_with: ServerCertificate | None, stored: ServerCertif
         return web.json_response({"last_activity": "2026-12-06T07:00:00Z", "connections": 0, "kernels": 0})
 
     runner, port = await _serve(api, served_with)
-    certificates.remember(LAB.uid, stored.server_name, stored.certificate)
+    server_certificates.remember(LAB.uid, stored.server_name, stored.certificate)
     status = {"backend": {"kind": "slurm", "endpoint": f"127.0.0.1:{port}", "serverName": server_name(LAB)}}
     checker = IdleChecker(Context(kube=_NoConfigMap(), backends={}), Settings(), {}, {}, GatewayActivity())
     try:
@@ -232,7 +232,7 @@ def test_the_idle_check_reads_the_server_holding_the_key_and_sends_an_impostor_n
         received, activity = asyncio.run(_idle_read(impostor, made))
         assert received == [] and activity.problem and TOKEN not in activity.problem
         # a failed check drops the certificate kept: a newer one (a resume by another replica) is read next
-        assert certificates._KNOWN.get(LAB.uid) is None
+        assert server_certificates._KNOWN.get(LAB.uid) is None
 
 
 def test_a_policy_type_the_cluster_does_not_serve_is_told_from_a_missing_namespace():
@@ -246,10 +246,12 @@ def test_a_policy_type_the_cluster_does_not_serve_is_told_from_a_missing_namespa
 
 def test_the_shipped_crd_records_the_server_name_and_an_older_one_is_told():
     crd = yaml.safe_load((Path(__file__).parents[2] / "crds" / "analysisenvironments.yaml").read_text())
-    assert "serverName" in certificates.backend_fields(crd)
+    assert "serverName" in server_certificates.backend_fields(crd)
     backend = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     del backend["backend"]["properties"]["serverName"]
-    assert "serverName" not in certificates.backend_fields(crd) and "endpoint" in certificates.backend_fields(crd)
+    assert "serverName" not in server_certificates.backend_fields(
+        crd
+    ) and "endpoint" in server_certificates.backend_fields(crd)
 
 
 class _Crds:
@@ -259,7 +261,7 @@ class _Crds:
         self.crd, self.reads = crd, 0
 
     async def get_cluster_path(self, path: str) -> dict:
-        assert path == certificates.CRD_PATH
+        assert path == server_certificates.CRD_PATH
         self.reads += 1
         await asyncio.sleep(0.01)
         return {"items": [self.crd] if self.crd else []}
@@ -273,8 +275,8 @@ def test_no_certificate_is_issued_while_the_installed_crd_would_drop_its_server_
     ]["serverName"]
 
     async def burst(crds: _Crds) -> list[str | None]:
-        monkeypatch.setattr(certificates, "_schema", [])
-        return list(await asyncio.gather(*(certificates.schema_problem(crds) for _ in range(20))))
+        monkeypatch.setattr(server_certificates, "_schema", [])
+        return list(await asyncio.gather(*(server_certificates.schema_problem(crds) for _ in range(20))))
 
     current, old, none = _Crds(shipped), _Crds(older), _Crds(None)
     assert asyncio.run(burst(current)) == [None] * 20 and current.reads == 1  # one read for a burst
@@ -282,8 +284,8 @@ def test_no_certificate_is_issued_while_the_installed_crd_would_drop_its_server_
     assert old.reads == 1 and len(set(problems)) == 1 and "apply the CRDs of this version" in str(problems[0])
     assert asyncio.run(burst(none))[0] and none.reads == 1
     with pytest.raises(BackendUnavailable, match=r"slurm\.server_tls false"):
-        monkeypatch.setattr(certificates, "_schema", [])
-        asyncio.run(certificates.issue_certificate(old, LAB))  # type: ignore[arg-type]
+        monkeypatch.setattr(server_certificates, "_schema", [])
+        asyncio.run(server_certificates.issue_certificate(old, LAB))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("gateway", [True, False])

@@ -22,7 +22,7 @@ import structlog
 from kubernetes.client.rest import ApiException
 
 from analysis_operator.backends.base import Backend, BackendUnavailable, Launch, Observation, Retry, State
-from analysis_operator.engine import certificates, tokens
+from analysis_operator.engine import server_certificates, tokens
 from analysis_operator.engine.decisions import Decisions
 from analysis_operator.engine.routes import ROUTE_RETRY_SECONDS, NoRoutes, Route, Routes
 from analysis_operator.engine.status import backend_status, phase_from_observation
@@ -179,7 +179,7 @@ class Context:
             self.decisions.forget(uid)
             self.deleting.discard(uid)
         tokens.forget(uids)
-        certificates.forget(uids)
+        server_certificates.forget(uids)
         for backend in self.backends.values():
             backend.forget(uids)
         self.routes.forget(uids)
@@ -589,7 +589,7 @@ class _Launcher:
         # would meet a certificate they cannot check.
         certificate = None
         if self.context.routes.enabled:
-            certificate = functools.partial(certificates.issue_certificate, self.context.kube, self.environment)
+            certificate = functools.partial(server_certificates.issue_certificate, self.context.kube, self.environment)
         return Launch(self.environment, self.flavor, token, self.mounts, self.identity, self.expires_at, certificate)
 
 

@@ -34,10 +34,11 @@ from typing import Any
 import aiohttp
 import structlog
 
-from analysis_operator.engine.certificates import forget_certificate, not_stored, tls_options
+from analysis_operator.engine import server_certificates
 from analysis_operator.engine.converge import Context, end
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.reconciler import apply, utcnow
+from analysis_operator.engine.server_certificates import not_stored, tls_options
 from analysis_operator.engine.terms import effective_flavor
 from analysis_operator.engine.tokens import read_token, token_lost
 from analysis_operator.engine.views import EnvironmentRecord, Index, first, values
@@ -312,7 +313,9 @@ class IdleChecker:
                 return ServerActivity(problem=str(answer))
             if isinstance(answer, aiohttp.ClientError | ValueError):
                 if isinstance(answer, aiohttp.ClientSSLError):  # another server, or a newer certificate stored
-                    forget_certificate(environment.uid)  # (a resume by another replica): read it again next time
+                    server_certificates.forget(
+                        [environment.uid]
+                    )  # (a resume by another replica): read it again next time
                 return ServerActivity(problem=f"the server cannot be read ({type(answer).__name__})")
             if isinstance(answer, BaseException):
                 raise answer

@@ -40,7 +40,7 @@ import structlog
 from kubernetes.client.rest import ApiException
 
 from analysis_operator.backends.base import Upstream
-from analysis_operator.engine.certificates import config_map_name
+from analysis_operator.engine.server_certificates import config_map_name
 from analysis_operator.engine.tokens import read_token
 from analysis_operator.infra.kube import KubeClient, cluster_refusal
 from analysis_operator.infra.per_namespace import PerNamespace
@@ -227,7 +227,7 @@ def build_endpoint(environment: Environment, upstream: Upstream, ready: bool = T
 def build_backend_tls(environment: Environment, server_name: str) -> dict[str, Any]:
     """Gateway API's BackendTLSPolicy for the environment's Service: the gateway speaks TLS to the server
     and accepts only the certificate in ConfigMap `aenv-<name>-tls`, for `server_name`
-    (engine/certificates.py, infra/server_tls.py)."""
+    (engine/server_certificates.py, infra/server_tls.py)."""
     return {
         "apiVersion": GATEWAY_API,
         "kind": "BackendTLSPolicy",
@@ -481,7 +481,7 @@ class GatewayRoutes:
                     f"(tried again every {ROUTE_RETRY_SECONDS:.0f} s); the environment itself runs",
                 )
             self._applied[environment.uid] = _Applied(
-                wanted, environment.namespace, environment.name, address, address and bool(upstream.server_name)
+                wanted, environment.namespace, environment.name, address, bool(upstream.server_name)
             )
             log.info("route.opened", environment=f"{environment.namespace}/{environment.name}", url=url)
         return Route(url, True, "Routed", f"open at {url} through Gateway {gateway}")

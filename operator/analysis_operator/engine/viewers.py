@@ -27,10 +27,11 @@ import aiohttp
 import structlog
 
 from analysis_operator import jupyter
-from analysis_operator.engine.certificates import forget_certificate, not_stored, tls_options
+from analysis_operator.engine import server_certificates
 from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.idle import server_url
 from analysis_operator.engine.reconciler import utcnow
+from analysis_operator.engine.server_certificates import not_stored, tls_options
 from analysis_operator.engine.tokens import read_token
 from analysis_operator.engine.views import EnvironmentRecord, Index, first
 from analysis_operator.infra.kube import KubeClient
@@ -156,7 +157,7 @@ class Disconnector:
                 open_ = await self._viewers(url, token, desktop, (), tls)
             except Unanswered:
                 if tls:  # another server, or a newer certificate stored (a resume by another replica)
-                    forget_certificate(environment.uid)  # read it again next time
+                    server_certificates.forget([environment.uid])  # read it again next time
                 raise
             if open_ is None:
                 await self._not_running_extension(environment, desktop)

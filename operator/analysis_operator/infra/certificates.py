@@ -58,7 +58,7 @@ def _pem(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -177,9 +177,9 @@ def renew(material: Material | None, hosts: tuple[str, ...], now: datetime.datet
     certificate, key = build_serving(ca, ca_key, hosts, now)
     return Material(
         ca_bundle=b"".join(_pem(authority) for authority in (ca, *previous)),
-        ca_key=_key_pem(ca_key),
+        ca_key=key_pem(ca_key),
         certificate=_pem(certificate),
-        key=_key_pem(key),
+        key=key_pem(key),
     )
 
 

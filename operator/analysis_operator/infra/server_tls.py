@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from analysis_operator.infra.certificates import key_pem
 from analysis_operator.model.domain import Environment
 
 CA_KEY = "ca.crt"  # the ConfigMap's key for the certificate (what Gateway API's BackendTLSPolicy reads)
@@ -72,9 +73,7 @@ def issue(environment: Environment, now: datetime.datetime) -> ServerCertificate
     return ServerCertificate(
         server_name=name,
         certificate=certificate.public_bytes(serialization.Encoding.PEM).decode(),
-        key=key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode(),
+        key=key_pem(key).decode(),
     )
 
 

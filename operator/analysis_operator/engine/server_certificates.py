@@ -137,11 +137,7 @@ def not_stored(environment: Environment) -> str:
     )
 
 
-def forget_certificate(uid: str) -> None:
-    """The certificate kept for one environment: read from its ConfigMap again at the next use."""
-    _KNOWN.pop(uid, None)
-
-
 def forget(uids: Iterable[str]) -> None:
+    """The certificates kept for these environments: read from their ConfigMaps again at the next use."""
     for uid in uids:
         _KNOWN.pop(uid, None)
