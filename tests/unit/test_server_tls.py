@@ -22,7 +22,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from kubernetes.client.rest import ApiException
 
 from analysis_operator.backends.base import BackendUnavailable, Observation, State, Upstream
-from analysis_operator.backends.slurm import TLS_CERT_ENV, TLS_KEY_ENV, build_observation, serves_tls, tls_environment
+from analysis_operator.backends.slurm import (
+    TLS_CERT_ENV,
+    TLS_KEY_ENV,
+    build_observation,
+    held_certificate,
+    serves_tls,
+    tls_environment,
+)
 from analysis_operator.backends.slurm_api import SlurmJob
 from analysis_operator.engine import server_certificates, tokens
 from analysis_operator.engine.converge import Context
@@ -31,7 +38,7 @@ from analysis_operator.engine.routes import build_endpoint, kind_not_served
 from analysis_operator.engine.status import backend_status
 from analysis_operator.engine.viewers import Disconnector, Unanswered
 from analysis_operator.engine.views import EnvironmentRecord
-from analysis_operator.infra.server_tls import ServerCertificate, issue, server_name
+from analysis_operator.infra.server_tls import ServerCertificate, certificate_id, issue, server_name
 from analysis_operator.model.domain import Environment
 from analysis_operator.policy.access import StaticCatalogue
 from analysis_operator.settings import Settings
@@ -59,9 +66,42 @@ def test_the_certificate_is_for_the_environment_s_name_and_the_key_never_in_its_
 
 def test_a_job_with_a_certificate_is_told_so_by_its_nonce_and_gets_both_in_its_environment():
     made = issue(LAB, NOW)
-    assert serves_tls("0" * 24) and not serves_tls("deadbeef") and not serves_tls("")
+    assert serves_tls(certificate_id(made.certificate)) and serves_tls("0" * 24)  # 24: the version before's
+    assert not serves_tls("deadbeef") and not serves_tls("")
+    # only the id says which certificate the job holds: the version before's random 24 digits say nothing
+    assert held_certificate(certificate_id(made.certificate)) == certificate_id(made.certificate)
+    assert held_certificate("0" * 24) == held_certificate("deadbeef") == ""
     assert tls_environment(made) == {TLS_CERT_ENV: made.certificate, TLS_KEY_ENV: made.key}
     assert tls_environment(None) == {}
+
+
+def test_a_certificate_s_id_is_its_own_and_fits_a_job_s_nonce():
+    made, other = issue(LAB, NOW), issue(LAB, NOW)
+    assert certificate_id(made.certificate) == certificate_id(made.certificate)  # the same for one certificate
+    assert certificate_id(made.certificate) != certificate_id(other.certificate)  # same name, another key
+    assert len(certificate_id(made.certificate)) == 32 and int(certificate_id(made.certificate), 16) >= 0
+
+
+def test_a_server_holding_another_certificate_than_the_stored_one_is_told_unmatched():
+    """The lost-submission race: the job holds the first certificate, the ConfigMap the second. A server
+    whose certificate is not known by id (plain HTTP, the version before's) or none stored is not."""
+    held, stored = issue(LAB, NOW), issue(LAB, NOW)
+    server_certificates.forget([LAB.uid])
+    server_certificates.remember(LAB.uid, stored.server_name, stored.certificate)
+
+    def upstream(certificate: str, name: str = server_name(LAB)) -> Upstream:
+        return Upstream(port=1, address="10.0.0.1", server_name=name, certificate_id=certificate)
+
+    unmatched = server_certificates.unmatched
+    try:
+        assert asyncio.run(unmatched(None, LAB, upstream(certificate_id(held.certificate))))
+        assert not asyncio.run(unmatched(None, LAB, upstream(certificate_id(stored.certificate))))
+        assert not asyncio.run(unmatched(None, LAB, upstream("")))  # not known by id: not judged
+        assert not asyncio.run(unmatched(None, LAB, upstream(certificate_id(held.certificate), name="")))
+    finally:
+        server_certificates.forget([LAB.uid])
+    # none stored (a ConfigMap someone deleted): not_stored says what to do; nothing is replaced for it
+    assert not asyncio.run(unmatched(_NoConfigMap(), LAB, upstream(certificate_id(held.certificate))))
 
 
 def test_a_tls_upstream_is_routed_over_https_checked_by_its_backendtlspolicy():

@@ -51,7 +51,7 @@ from analysis_operator.backends.slurm_auth import (
     parse_identity,
 )
 from analysis_operator.backends.slurm_rest import http_url, resolve_address
-from analysis_operator.infra.server_tls import ServerCertificate, issue, server_name
+from analysis_operator.infra.server_tls import ServerCertificate, certificate_id, issue, server_name
 from analysis_operator.model.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
 from analysis_operator.model.identity import PosixIdentity
 from analysis_operator.settings import SlurmSettings
@@ -749,8 +749,9 @@ def test_a_resume_right_after_the_suspend_submits_anew_and_never_adopts_the_job_
 @pytest.mark.parametrize("server_tls", [True, False])
 def test_a_job_gets_its_certificate_and_key_and_a_nonce_that_says_so(tmp_path, server_tls):
     """With a certificate (the engine's, behind the gateway): the job's environment holds it and its key,
-    its output path a 24-digit nonce (what a restarted operator reads TLS from), and its upstream the
-    name to check; slurm.server_tls false: none of it, and no certificate is made."""
+    its output path the certificate's id as its nonce (what a restarted operator reads TLS, and which
+    certificate, from), and its upstream the name to check and that id; slurm.server_tls false: none of it,
+    and no certificate is made."""
     backend = per_user_backend([], tmp_path)
     backend.settings = dataclasses.replace(backend.settings, server_tls=server_tls)
     environment = make_environment()
@@ -764,7 +765,7 @@ def test_a_job_gets_its_certificate_and_key_and_a_nonce_that_says_so(tmp_path, s
     (request, script, _), job = backend.client.submitted[0], backend.client.queue[0]
     nonce = job_nonce(job)
     if server_tls:
-        assert len(made) == 1 and serves_tls(nonce) and len(nonce) == 24
+        assert len(made) == 1 and serves_tls(nonce) and nonce == certificate_id(made[0].certificate)
         assert request.environment[TLS_KEY_ENV] == made[0].key and made[0].key not in script
         assert request.environment[TLS_CERT_ENV] == made[0].certificate
     else:
@@ -773,6 +774,7 @@ def test_a_job_gets_its_certificate_and_key_and_a_nonce_that_says_so(tmp_path, s
     observed = asyncio.run(backend.observe(environment))
     assert observed.upstream is not None
     assert observed.upstream.server_name == (server_name(environment) if server_tls else "")
+    assert observed.upstream.certificate_id == (certificate_id(made[0].certificate) if server_tls else "")
 
 
 def test_a_job_submitted_at_a_resume_is_limited_to_what_is_left_of_the_lifetime(tmp_path):

@@ -65,6 +65,9 @@ class Upstream:
     # TLS to the server, checked against the environment's own certificate for this name (a Slurm job's
     # JupyterLab, infra/server_tls.py); "" for plain HTTP
     server_name: str = ""
+    # which certificate the server was given (infra/server_tls.certificate_id), when its text says so:
+    # one that is not the stored one cannot be opened (engine/converge.py replaces it); "" when not known
+    certificate_id: str = ""
 
 
 @dataclass(frozen=True)

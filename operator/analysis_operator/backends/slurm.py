@@ -82,7 +82,7 @@ from analysis_operator.backends.slurm_rest import (
     resolve_address,
 )
 from analysis_operator.infra.render import render_text
-from analysis_operator.infra.server_tls import ServerCertificate, server_name
+from analysis_operator.infra.server_tls import ID_BYTES, ServerCertificate, certificate_id, server_name
 from analysis_operator.model.domain import BackendKind, Dataset, Environment, Flavor, Mount, format_time
 from analysis_operator.policy import opening
 from analysis_operator.policy.access import DATA_ROOT
@@ -100,10 +100,12 @@ JUPYTER_FLAGS = (
     " --ServerApp.trust_xheaders=True"
 )
 
-# A job submitted with a certificate of its own (infra/server_tls.py) has a nonce of this many bytes in
-# its output path (24 hex digits; jobs before had 4): its JupyterLab speaks TLS, and whoever connects
-# checks it. Read from the path, which Slurm lets nobody change once the job runs.
-TLS_NONCE_BYTES = 12
+# A job submitted with a certificate of its own (infra/server_tls.py) has a longer nonce in its output
+# path than the 8 hex digits of one without: its JupyterLab speaks TLS, and whoever connects checks it.
+# Read from the path, which Slurm lets nobody change once the job runs. The nonce is the certificate's
+# id (32 digits), so the operator knows which certificate the job holds; 24 random digits were given
+# by the version before (TLS, the certificate not known).
+TLS_NONCE_LENGTHS = (2 * ID_BYTES, 24)
 TLS_CERT_ENV = "AENV_TLS_CERT"
 TLS_KEY_ENV = "AENV_TLS_KEY"
 
@@ -307,7 +309,13 @@ def serves_tls(nonce: str) -> bool:
     """Whether the job with this nonce was given a certificate (pure). An owner who changes the output
     path of their job while it waits changes its nonce, and with it the port the operator looks at
     (keyed by it, build_jupyter_port): their JupyterLab is then found nowhere, in plain HTTP or not."""
-    return len(nonce) == 2 * TLS_NONCE_BYTES
+    return len(nonce) in TLS_NONCE_LENGTHS
+
+
+def held_certificate(nonce: str) -> str:
+    """The id of the certificate a job was given, from its nonce ("" when its nonce does not say: no
+    certificate, or one from before ids were kept) (pure)."""
+    return nonce if len(nonce) == 2 * ID_BYTES else ""
 
 
 def tls_environment(certificate: ServerCertificate | None) -> dict[str, str]:
@@ -694,7 +702,7 @@ class SlurmBackend:
             mounts=launch.mounts,
             user=account,
             key=self._key(),
-            nonce=secrets.token_hex(TLS_NONCE_BYTES if certificate is not None else 4),
+            nonce=certificate_id(certificate.certificate) if certificate is not None else secrets.token_hex(4),
             path_prefix=self.path_prefix,
         ).with_environment(**{TOKEN_ENV_NAME: launch.token}, **tls_environment(certificate))
         script = build_batch_script(environment, flavor, TOKEN_ENV_NAME, self.settings, self.templates_dir)
@@ -832,7 +840,12 @@ class SlurmBackend:
         scheme = "https" if name else "http"
         if endpoint:
             address = await self._node_address(job.batch_host)
-            upstream = Upstream(address=address, port=port, landing="lab", server_name=name) if address else None
+            held = held_certificate(nonce)
+            upstream = (
+                Upstream(address=address, port=port, landing="lab", server_name=name, certificate_id=held)
+                if address
+                else None
+            )
         # Probed where the gateway will connect (the node's address), else at the node's name: whether
         # anything answers there (its certificate is not checked: nothing is sent but the path).
         probe = http_url(upstream.address, port, path, scheme) if upstream else f"{scheme}://{endpoint}{path}"

@@ -24,6 +24,7 @@ from kubernetes.client.rest import ApiException
 from analysis_operator.backends.base import Backend, BackendUnavailable, Launch, Observation, Retry, State
 from analysis_operator.engine import server_certificates, tokens
 from analysis_operator.engine.decisions import Decisions
+from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.routes import ROUTE_RETRY_SECONDS, NoRoutes, Route, Routes
 from analysis_operator.engine.status import backend_status, phase_from_observation
 from analysis_operator.engine.terms import build_terms, effective_flavor
@@ -534,6 +535,10 @@ async def _run_backend(
         observation = await backend.resume(await launcher.launch())
     if observation.state is State.GONE:
         observation = await backend.ensure(await launcher.launch())
+    if observation.upstream is not None and await server_certificates.unmatched(
+        launcher.context.kube, environment, observation.upstream
+    ):
+        observation = await _replace_server(backend, environment, launcher, observation)
     if observation.state.holds:  # an approved extension moved expiresAt: the backend's own limit follows
         await backend.extend(environment, expires_at)
     ended = phase_from_observation(observation)
@@ -551,6 +556,25 @@ async def _run_backend(
     outcome = await _observed(launcher.context, environment, flavor, status, observation, now, times, launcher.mounts)
     first = not status.get("phase") or environment.uid in launcher.context.unwritten  # nothing written yet
     return replace(outcome, quiet=True) if _quiet_start(backend, first, outcome) else outcome
+
+
+async def _replace_server(
+    backend: Backend, environment: Environment, launcher: _Launcher, observation: Observation
+) -> Observation:
+    """A server that holds a certificate other than the one stored for it: neither the gateway nor the
+    operator would ever reach it (a submission whose answer was lost, another certificate stored for the
+    submission that followed, and the first job found later). Stopped, and a new one started with a new
+    certificate, instead of an environment Ready that nothing can open."""
+    made = str(observation.reference.get("id") or "")
+    message = (
+        f"its server{f' ({made})' if made else ''} holds a certificate other than the one stored in ConfigMap "
+        f"{server_certificates.config_map_name(environment)}, so nothing could open it: it was stopped, and a "
+        "new one started with a new certificate"
+    )
+    log.warning("environment.server_replaced", environment=f"{environment.namespace}/{environment.name}", id=made)
+    await post_event(launcher.context.kube, environment_reference(environment), "Warning", "ServerReplaced", message)
+    await backend.suspend(environment)
+    return await backend.resume(await launcher.launch())
 
 
 def _quiet_start(backend: Backend, first: bool, outcome: Outcome) -> bool:

@@ -14,9 +14,9 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from analysis_operator.backends.base import BackendUnavailable
+from analysis_operator.backends.base import BackendUnavailable, Upstream
 from analysis_operator.infra.kube import KubeClient
-from analysis_operator.infra.server_tls import CA_KEY, ServerCertificate, client_context, issue
+from analysis_operator.infra.server_tls import CA_KEY, ServerCertificate, certificate_id, client_context, issue
 from analysis_operator.model.domain import GROUP, LABEL_ENVIRONMENT_UID, VERSION, Environment
 
 KEPT = 10_000
@@ -128,6 +128,14 @@ async def tls_options(kube: KubeClient, environment: Environment, backend: Mappi
     if certificate is None:
         return None
     return {"ssl": client_context(certificate), "server_hostname": name}
+
+
+async def unmatched(kube: KubeClient, environment: Environment, upstream: Upstream) -> bool:
+    """Whether the server at `upstream` holds a certificate (by its id) other than the one stored for it."""
+    if not upstream.server_name or not upstream.certificate_id:
+        return False  # plain HTTP, or a server whose certificate is not known by id
+    stored = await read_certificate(kube, environment, upstream.server_name)
+    return stored is not None and certificate_id(stored) != upstream.certificate_id
 
 
 def not_stored(environment: Environment) -> str:

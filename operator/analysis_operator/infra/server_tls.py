@@ -11,6 +11,9 @@ a file only the job's account can read), the certificate to a ConfigMap `aenv-<n
 the gateway's BackendTLSPolicy names) and to status.backend. The gateway and the operator speak TLS to
 the server and check its certificate against exactly that one: a process that does not hold the key
 cannot complete the handshake, and nothing is sent to it. A new job (a resume) gets a new pair.
+The job is told its certificate by `certificate_id` (in its nonce): a job whose certificate is not the
+stored one (a submission whose answer was lost, then another certificate stored for the next) is known
+as such and replaced (engine/converge.py), not left Ready where nothing could open it.
 
 Pure functions: nothing here talks to a server.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import hashlib
 import ssl
 from dataclasses import dataclass, field
 
@@ -75,6 +79,17 @@ def issue(environment: Environment, now: datetime.datetime) -> ServerCertificate
         certificate=certificate.public_bytes(serialization.Encoding.PEM).decode(),
         key=key_pem(key).decode(),
     )
+
+
+ID_BYTES = 16  # certificate_id: 32 hex digits
+
+
+@functools.lru_cache(maxsize=1024)
+def certificate_id(certificate: str) -> str:
+    """What names a certificate (PEM) where a job's text holds it (pure): the first ID_BYTES of the SHA-256
+    of its DER, in hex. Not secret (the certificate is not); one certificate, one id."""
+    der = x509.load_pem_x509_certificate(certificate.encode()).public_bytes(serialization.Encoding.DER)
+    return hashlib.sha256(der).hexdigest()[: 2 * ID_BYTES]
 
 
 @functools.lru_cache(maxsize=1024)

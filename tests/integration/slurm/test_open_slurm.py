@@ -232,6 +232,46 @@ def test_a_server_without_the_job_s_key_where_the_route_points_is_sent_nothing(
     assert b"GET /" not in received  # no request at all, only (at most) a TLS client hello
 
 
+def test_a_job_holding_another_certificate_than_the_stored_one_is_replaced_and_opens_again(
+    opened, cluster_lab, core, namespace, operator
+):
+    """The lost-submission race: a job submitted with one certificate whose answer was lost, another stored
+    for the submission after it, and the first job found later. Nothing could open it (the gateway checks
+    the stored one): before, it stayed Ready until its lifetime ended. Made here by an admin's write of
+    another certificate to the ConfigMap, and a restart of the operator (which then reads it, as one whose
+    submission was lost would have it in memory): the job is cancelled and a new one started, with a
+    certificate of its own that the gateway accepts."""
+    environments, ready, base = cluster_lab
+    answered(opened, base + "api/status", "alice", 200)
+    first = ready["status"]["backend"]["id"]
+    lab = Environment(namespace=namespace, name="hpc", uid=ready["metadata"]["uid"], owner="alice", flavor="")
+    other = issue(lab, _now())
+    core.patch_namespaced_config_map("aenv-hpc-tls", namespace, {"data": {"ca.crt": other.certificate}})
+    operator.restart()
+    replaced = wait_for(
+        lambda: (
+            (found := environments.get("hpc"))["status"]["phase"] == "Ready"
+            and found["status"]["backend"]["id"] != first
+            and found
+        ),
+        timeout=150,
+        what=lambda: f"a new job, Ready, for the one holding another certificate ({environments.get('hpc')['status']})",
+    )
+    assert core.read_namespaced_config_map("aenv-hpc-tls", namespace).data["ca.crt"] != other.certificate
+    _, _, body = answered(opened, base + "api/status", "alice", 200)
+    assert "last_activity" in json.loads(body)
+    message = events(core, namespace, "hpc")["ServerReplaced"]
+    assert first in message and "aenv-hpc-tls" in message, message
+    assert replaced["status"]["backend"]["id"] not in message
+
+
+def events(core, namespace: str, name: str) -> dict[str, str]:
+    selector = f"involvedObject.kind=AnalysisEnvironment,involvedObject.name={name}"
+    return {
+        event.reason: event.message for event in core.list_namespaced_event(namespace, field_selector=selector).items
+    }
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
