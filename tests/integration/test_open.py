@@ -637,7 +637,40 @@ def test_only_the_operator_attaches_routes_to_the_gateway(
         for group in ("", "core"):  # the core group either way (Traefik reads both)
             message = denial(create(backend_tls("aenv-lab", group), "backendtlspolicies"))
             assert message and "spec.targetRefs[0]: only the analysis operator makes the BackendTLSPolicy" in message
-        assert denial(create(backend_tls("mallory"), "backendtlspolicies", dry_run="All")) is None
+        hers = backend_tls("mallory")
+        assert denial(create(hers, "backendtlspolicies")) is None
+        # ... but not re-pointed at an environment's Service afterwards, nor given a second target there
+        for targets in (
+            [{"group": "", "kind": "Service", "name": "aenv-lab"}],
+            [
+                {"group": "", "kind": "Service", "name": "mallory"},
+                {"group": "core", "kind": "Service", "name": "aenv-lab"},
+            ],
+        ):
+            message = denial(
+                lambda targets=targets: mallory.patch_namespaced_custom_object(
+                    *GATEWAY_API,
+                    mallorys,
+                    "backendtlspolicies",
+                    hers["metadata"]["name"],
+                    {"spec": {"targetRefs": targets}},
+                )
+            )
+            where = f"spec.targetRefs[{len(targets) - 1}]"
+            assert message and f"{where}: only the analysis operator makes the BackendTLSPolicy" in message, message
+        # a change that leaves it naming her own Service is hers
+        assert (
+            denial(
+                lambda: mallory.patch_namespaced_custom_object(
+                    *GATEWAY_API,
+                    mallorys,
+                    "backendtlspolicies",
+                    hers["metadata"]["name"],
+                    {"metadata": {"labels": {"team": "m"}}},
+                )
+            )
+            is None
+        )
 
         # On another Gateway (here one of her namespace's, named like the analysis one), or on none: hers.
         own = _route("HTTPRoute", mallorys, [{"name": GATEWAY_NAME}], base + "lab")
