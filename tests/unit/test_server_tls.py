@@ -39,7 +39,7 @@ from analysis_operator.engine.status import backend_status
 from analysis_operator.engine.viewers import Disconnector, Unanswered
 from analysis_operator.engine.views import EnvironmentRecord
 from analysis_operator.infra.server_tls import ServerCertificate, certificate_id, issue, server_name
-from analysis_operator.model.domain import Environment
+from analysis_operator.model.domain import LABEL_ENVIRONMENT_UID, Environment
 from analysis_operator.policy.access import StaticCatalogue
 from analysis_operator.settings import Settings
 
@@ -66,10 +66,11 @@ def test_the_certificate_is_for_the_environment_s_name_and_the_key_never_in_its_
 
 def test_a_job_with_a_certificate_is_told_so_by_its_nonce_and_gets_both_in_its_environment():
     made = issue(LAB, NOW)
-    assert serves_tls(certificate_id(made.certificate)) and serves_tls("0" * 24)  # 24: the version before's
-    assert not serves_tls("deadbeef") and not serves_tls("")
+    nonce = certificate_id(made.certificate) + "0a1b2c3d"  # the id, and 8 random digits
+    assert serves_tls(nonce) and serves_tls("0" * 24)  # 24: the version before's
+    assert not serves_tls("deadbeef") and not serves_tls("") and not serves_tls(certificate_id(made.certificate))
     # only the id says which certificate the job holds: the version before's random 24 digits say nothing
-    assert held_certificate(certificate_id(made.certificate)) == certificate_id(made.certificate)
+    assert held_certificate(nonce) == certificate_id(made.certificate)
     assert held_certificate("0" * 24) == held_certificate("deadbeef") == ""
     assert tls_environment(made) == {TLS_CERT_ENV: made.certificate, TLS_KEY_ENV: made.key}
     assert tls_environment(None) == {}
@@ -92,16 +93,35 @@ def test_a_server_holding_another_certificate_than_the_stored_one_is_told_unmatc
     def upstream(certificate: str, name: str = server_name(LAB)) -> Upstream:
         return Upstream(port=1, address="10.0.0.1", server_name=name, certificate_id=certificate)
 
-    unmatched = server_certificates.unmatched
+    unmatched, kube = server_certificates.unmatched, _ConfigMap(stored)
     try:
-        assert asyncio.run(unmatched(None, LAB, upstream(certificate_id(held.certificate))))
-        assert not asyncio.run(unmatched(None, LAB, upstream(certificate_id(stored.certificate))))
-        assert not asyncio.run(unmatched(None, LAB, upstream("")))  # not known by id: not judged
-        assert not asyncio.run(unmatched(None, LAB, upstream(certificate_id(held.certificate), name="")))
+        assert asyncio.run(unmatched(kube, LAB, upstream(certificate_id(held.certificate))))
+        assert not asyncio.run(unmatched(kube, LAB, upstream(certificate_id(stored.certificate))))
+        assert not asyncio.run(unmatched(kube, LAB, upstream("")))  # not known by id: not judged
+        assert not asyncio.run(unmatched(kube, LAB, upstream(certificate_id(held.certificate), name="")))
     finally:
         server_certificates.forget([LAB.uid])
     # none stored (a ConfigMap someone deleted): not_stored says what to do; nothing is replaced for it
     assert not asyncio.run(unmatched(_NoConfigMap(), LAB, upstream(certificate_id(held.certificate))))
+    # what this process kept is stale (another replica replaced the job since): read again before judging
+    server_certificates.remember(LAB.uid, stored.server_name, stored.certificate)
+    try:
+        assert not asyncio.run(unmatched(_ConfigMap(held), LAB, upstream(certificate_id(held.certificate))))
+        assert server_certificates._KNOWN[LAB.uid][1] == held.certificate
+    finally:
+        server_certificates.forget([LAB.uid])
+
+
+class _ConfigMap:
+    """The API server's answer: LAB's ConfigMap holding this certificate."""
+
+    def __init__(self, certificate: ServerCertificate) -> None:
+        self.certificate = certificate
+
+    async def get_object(self, api_version: str, kind: str, namespace: str, name: str) -> dict:
+        assert (api_version, kind, namespace, name) == ("v1", "ConfigMap", "team-a", "aenv-lab-tls")
+        labels = {LABEL_ENVIRONMENT_UID: LAB.uid}
+        return {"metadata": {"labels": labels}, "data": {"ca.crt": self.certificate.certificate}}
 
 
 def test_a_tls_upstream_is_routed_over_https_checked_by_its_backendtlspolicy():

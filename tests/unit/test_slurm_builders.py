@@ -48,6 +48,7 @@ from analysis_operator.backends.slurm_auth import (
     derive_key,
     job_identity,
     job_nonce,
+    output_signature,
     parse_identity,
 )
 from analysis_operator.backends.slurm_rest import http_url, resolve_address
@@ -179,7 +180,8 @@ def test_per_user_submission_is_signed_and_lives_in_the_users_directory():
     environment = make_environment()
     job = build_job_request(environment, make_flavor(), PER_USER, user="alice", key=KEY)
     assert job.working_directory == "/scratch/alice/aenv"
-    assert job.standard_output == f"/scratch/alice/aenv/team-a.aenv-lab.{UID}.%j.out"
+    signature = output_signature(KEY, "team-a", "lab", UID, "alice", "")
+    assert job.standard_output == f"/scratch/alice/aenv/team-a.aenv-lab.{UID}.s{signature}.%j.out"
     assert parse_identity(job.comment)["user"] == "alice"
     assert job.environment["JUPYTER_PORT"] == str(build_jupyter_port(environment, PER_USER, KEY))
     assert job_identity(as_submitted(job), PER_USER, KEY)["uid"] == UID
@@ -198,7 +200,11 @@ def test_comment_parsing(comment, identity):
 
 
 SIGNED = build_identity_comment(make_environment(), "alice", KEY)
-OUTPUT = build_output_path(make_environment(), PER_USER, "alice")
+NONCED = build_output_path(make_environment(), PER_USER, "alice", "0a1b2c3d", KEY)
+BOBS = build_output_path(make_environment(), PER_USER, "bob", "0a1b2c3d")
+# bob's path with alice's signature (the output paths of her jobs are his to read in the queue)
+BOBS_WITH_ALICES_SIGNATURE = BOBS.removesuffix(".%j.out") + "." + NONCED.split(".")[-3] + ".%j.out"
+OUTPUT = build_output_path(make_environment(), PER_USER, "alice", key=KEY)
 
 
 def slurm_job(**fields) -> SlurmJob:
@@ -227,7 +233,29 @@ def slurm_job(**fields) -> SlurmJob:
         ({"user_name": "bob", "comment": "x", "standard_output": OUTPUT}, None),
         ({"user_name": "alice", "comment": "x", "standard_output": "/tmp" + OUTPUT}, None),
         ({"user_name": "alice", "comment": "", "standard_output": ""}, None),
-        ({"user_name": "alice", "comment": "x", "standard_output": OUTPUT[:-7] + ".0a1b2c3d.%j.out"}, UID),  # a nonce
+        ({"user_name": "alice", "comment": "x", "standard_output": NONCED}, UID),  # a nonce
+        # bob's own job, its output under his own directory naming alice's environment: any user may
+        # write any path for a job of theirs; the operator's signature is bound to the job's user
+        (
+            {
+                "user_name": "bob",
+                "comment": "x",
+                "standard_output": build_output_path(make_environment(), PER_USER, "bob"),
+            },
+            None,
+        ),
+        ({"user_name": "bob", "comment": "x", "standard_output": BOBS_WITH_ALICES_SIGNATURE}, None),
+        # ... nor alice's path with another nonce (its port) than the one signed
+        ({"user_name": "alice", "comment": "x", "standard_output": NONCED.replace(".0a1b2c3d.", ".0a1b2c3e.")}, None),
+        # the version before's unsigned path: not enough any more (its signed comment still is)
+        (
+            {
+                "user_name": "alice",
+                "comment": "x",
+                "standard_output": build_output_path(make_environment(), PER_USER, "alice"),
+            },
+            None,
+        ),
     ],
 )
 def test_job_identity_needs_the_operators_own_marks(job, expected_uid):
@@ -284,7 +312,7 @@ def test_port_is_stable_in_range_and_keyed():
 def test_the_port_comes_back_from_the_frozen_output_path():
     environment = make_environment()
     request = build_job_request(environment, make_flavor(), PER_USER, user="alice", key=KEY, nonce="0a1b2c3d")
-    assert request.standard_output.endswith(f".{UID}.0a1b2c3d.%j.out")
+    assert f".{UID}.0a1b2c3d.s" in request.standard_output and request.standard_output.endswith(".%j.out")
     job = as_submitted(request)
     assert job_nonce(job) == "0a1b2c3d"
     assert request.environment["JUPYTER_PORT"] == str(build_jupyter_port(environment, PER_USER, KEY, job_nonce(job)))
@@ -765,7 +793,7 @@ def test_a_job_gets_its_certificate_and_key_and_a_nonce_that_says_so(tmp_path, s
     (request, script, _), job = backend.client.submitted[0], backend.client.queue[0]
     nonce = job_nonce(job)
     if server_tls:
-        assert len(made) == 1 and serves_tls(nonce) and nonce == certificate_id(made[0].certificate)
+        assert len(made) == 1 and serves_tls(nonce) and nonce.startswith(certificate_id(made[0].certificate))
         assert request.environment[TLS_KEY_ENV] == made[0].key and made[0].key not in script
         assert request.environment[TLS_CERT_ENV] == made[0].certificate
     else:
@@ -775,6 +803,41 @@ def test_a_job_gets_its_certificate_and_key_and_a_nonce_that_says_so(tmp_path, s
     assert observed.upstream is not None
     assert observed.upstream.server_name == (server_name(environment) if server_tls else "")
     assert observed.upstream.certificate_id == (certificate_id(made[0].certificate) if server_tls else "")
+
+
+def test_a_job_holding_a_certificate_that_is_not_the_stored_one_is_replaced_new_job_first(tmp_path):
+    """The engine's ensure with stale_certificate (engine/converge.py, the lost-submission race): a new job is
+    submitted, then the one holding that certificate cancelled; if the submission fails (slurmrestd
+    restarting) nothing is cancelled, so the environment never stands without a job of its own; a job
+    holding another certificate than the stale one is adopted as before."""
+    backend = per_user_backend([], tmp_path)
+    environment = make_environment()
+
+    async def certificate() -> ServerCertificate:
+        return issue(environment, datetime.datetime.now(datetime.UTC))
+
+    def launch(stale: str = "") -> Launch:
+        return Launch(environment, make_flavor(), "t", certificate=certificate, stale_certificate=stale)
+
+    asyncio.run(backend.ensure(launch()))
+    backend.client.update_job(0, state="RUNNING", batch_host="n1", nodes="n1")
+    held = asyncio.run(backend.observe(environment)).upstream.certificate_id
+    assert held and asyncio.run(backend.ensure(launch("0" * 32))).reference["id"] == "101"  # not that one: adopted
+
+    async def restarting(request, script, user=""):
+        raise BackendUnavailable("slurmrestd restarting")
+
+    submit, backend.client.submit = backend.client.submit, restarting
+    with pytest.raises(BackendUnavailable):
+        asyncio.run(backend.ensure(launch(held)))
+    assert backend.client.cancelled == [] and asyncio.run(backend.observe(environment)).state is State.READY
+
+    backend.client.submit = submit
+    replaced = asyncio.run(backend.ensure(launch(held)))
+    assert replaced.reference["id"] == "102" and backend.client.cancelled == ["101"]
+    backend.client.update_job(1, state="RUNNING", batch_host="n1", nodes="n1")
+    observed = asyncio.run(backend.observe(environment))
+    assert observed.reference["id"] == "102" and observed.upstream.certificate_id not in ("", held)
 
 
 def test_a_job_submitted_at_a_resume_is_limited_to_what_is_left_of_the_lifetime(tmp_path):
@@ -1180,7 +1243,7 @@ def test_the_default_per_user_directory_still_names_the_jobs_owner():
     """A job whose comment lost its signature is still the environment's by its output path, which
     only the operator chose, below its owner's own directory (the default has {user})."""
     settings = SlurmSettings(jwt_key_file="/etc/slurm/jwt.key")
-    output = build_output_path(make_environment(), settings, "alice", "ab12")
+    output = build_output_path(make_environment(), settings, "alice", "ab12", KEY)
     job = slurm_job(user_name="alice", comment="", standard_output=output)
     assert job_identity(job, settings, KEY) == {"namespace": "team-a", "name": "lab", "uid": UID, "user": "alice"}
 

@@ -101,6 +101,10 @@ class Launch:
     # a new key and certificate for the server, the certificate stored for the gateway and the operator
     # to check (infra/server_tls.py): for a backend whose server listens where others could listen after it
     certificate: Callable[[], Awaitable[ServerCertificate]] | None = None
+    # the id of a certificate the running server holds that is not the stored one (engine/converge.py): a
+    # server holding it is not adopted, a new one is started in its place (only backends whose Upstream
+    # names a certificate_id are given one)
+    stale_certificate: str = ""
 
 
 @dataclass(frozen=True)

@@ -103,9 +103,11 @@ JUPYTER_FLAGS = (
 # A job submitted with a certificate of its own (infra/server_tls.py) has a longer nonce in its output
 # path than the 8 hex digits of one without: its JupyterLab speaks TLS, and whoever connects checks it.
 # Read from the path, which Slurm lets nobody change once the job runs. The nonce is the certificate's
-# id (32 digits), so the operator knows which certificate the job holds; 24 random digits were given
-# by the version before (TLS, the certificate not known).
-TLS_NONCE_LENGTHS = (2 * ID_BYTES, 24)
+# id (32 digits), so the operator knows which certificate the job holds, and 8 random digits, so that
+# the port is not known from the certificate (which anyone who may read the namespace reads) where the
+# port is not keyed (single-token mode); 24 random digits were given by the version before (TLS, the
+# certificate not known).
+TLS_NONCE_LENGTHS = (2 * ID_BYTES + 8, 24)
 TLS_CERT_ENV = "AENV_TLS_CERT"
 TLS_KEY_ENV = "AENV_TLS_KEY"
 
@@ -260,7 +262,7 @@ def build_job_request(
         name=f"{environment.child_name}.{environment.namespace}",
         comment=build_identity_comment(environment, user, key),
         working_directory=build_working_directory(settings, user),
-        standard_output=build_output_path(environment, settings, user, nonce),
+        standard_output=build_output_path(environment, settings, user, nonce, key),
         cpus_per_task=max(1, math.ceil(resources.cpus)),
         # Without a memory request Slurm hands the job the whole node.
         memory_mib=max(1, resources.memory_mib),
@@ -315,7 +317,7 @@ def serves_tls(nonce: str) -> bool:
 def held_certificate(nonce: str) -> str:
     """The id of the certificate a job was given, from its nonce ("" when its nonce does not say: no
     certificate, or one from before ids were kept) (pure)."""
-    return nonce if len(nonce) == 2 * ID_BYTES else ""
+    return nonce[: 2 * ID_BYTES] if len(nonce) == TLS_NONCE_LENGTHS[0] else ""
 
 
 def tls_environment(certificate: ServerCertificate | None) -> dict[str, str]:
@@ -548,13 +550,25 @@ class SlurmBackend:
         """Adopt the environment's job, or submit one; never two.
 
         A job that ended on its own (time limit, failure) is reported, not
-        replaced; one that was cancelled (suspend) is replaced on resume.
+        replaced; one that was cancelled (suspend) is replaced on resume; one
+        holding `launch.stale_certificate` is replaced now (_replace).
         """
         jobs = await self._jobs_of(launch.environment)
         existing = choose_job(jobs, include_cancelled=False)
         if existing is None:
             return await self._submit(launch)
+        if launch.stale_certificate and held_certificate(job_nonce(existing)) == launch.stale_certificate:
+            return await self._replace(launch, existing)
         return await self._adopt(launch, jobs, existing)
+
+    async def _replace(self, launch: Launch, stale: SlurmJob) -> Observation:
+        """A new job first, then the one holding a certificate that is not the stored one cancelled: a
+        failure between the two leaves that one running (replaced at the next pass) or both (the next
+        look keeps the newer, the one tracked), never the environment without a job of its own."""
+        observation = await self._submit(launch)
+        if observation.state is not State.FAILED:
+            await self.client.cancel(stale.job_id)
+        return observation
 
     async def resume(self, launch: Launch) -> Observation:
         """Adopt an active job (a resume seen twice), else submit a new one: the cancelled
@@ -702,7 +716,7 @@ class SlurmBackend:
             mounts=launch.mounts,
             user=account,
             key=self._key(),
-            nonce=certificate_id(certificate.certificate) if certificate is not None else secrets.token_hex(4),
+            nonce=(certificate_id(certificate.certificate) if certificate is not None else "") + secrets.token_hex(4),
             path_prefix=self.path_prefix,
         ).with_environment(**{TOKEN_ENV_NAME: launch.token}, **tls_environment(certificate))
         script = build_batch_script(environment, flavor, TOKEN_ENV_NAME, self.settings, self.templates_dir)

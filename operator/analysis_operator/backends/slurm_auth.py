@@ -44,7 +44,7 @@ _IDENTITY = re.compile(
 )
 _OUTPUT = re.compile(
     r"/(?P<namespace>[a-z0-9-]+)\.aenv-(?P<name>[a-z0-9.-]+)\.(?P<uid>[0-9a-f-]{36})"
-    r"(?:\.(?P<nonce>[0-9a-f]{1,32}))?\.%j\.out$"
+    r"(?:\.(?P<nonce>[0-9a-f]{1,40}))?(?:\.s(?P<sig>[0-9a-f]{32}))?\.%j\.out$"
 )
 _ACCOUNT = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 
@@ -195,14 +195,23 @@ def build_working_directory(settings: SlurmSettings, user: str) -> str:
     return settings.job_working_directory.replace("{user}", user)
 
 
-def build_output_path(environment: Environment, settings: SlurmSettings, user: str, nonce: str = "") -> str:
+def build_output_path(
+    environment: Environment, settings: SlurmSettings, user: str, nonce: str = "", key: bytes | None = None
+) -> str:
     """Where the job's output goes; it also names the environment and the job's nonce (which keys
-    its port), and Slurm lets nobody change it once the job runs."""
+    its port), and Slurm lets nobody change it once the job runs. With a key, signed for the job's
+    user (output_signature): any user may write any path for a job of their own."""
     suffix = f".{nonce}" if nonce else ""
+    if key is not None:
+        suffix += f".s{output_signature(key, environment.namespace, environment.name, environment.uid, user, nonce)}"
     return (
         f"{build_working_directory(settings, user)}/"
         f"{environment.namespace}.{environment.child_name}.{environment.uid}{suffix}.%j.out"
     )
+
+
+def output_signature(key: bytes, namespace: str, name: str, uid: str, user: str, nonce: str) -> str:
+    return sign(key, "output", namespace, name, uid, user, nonce)
 
 
 def job_nonce(job: SlurmJob) -> str:
@@ -225,8 +234,9 @@ def job_identity(job: SlurmJob, settings: SlurmSettings, key: bytes | None) -> d
     """Which environment a job belongs to, from marks only the operator makes (pure).
 
     Per-user mode: a comment signed for the job's own user, or the output path the operator
-    chose (fixed once the job runs) under that user's own working directory (only when the
-    working directory is per user: a shared one would not bind the path to the user).
+    chose (fixed once the job runs), signed for the job's own user too (every user may write any
+    path for a job of their own, one naming another user's environment under their own directory
+    included), under that user's own working directory (only when the working directory is per user).
     Single-token mode: the comment as written (every job is the operator's account anyway)."""
     user = job.user_name
     identity = marked_for(job, user, key)
@@ -236,6 +246,11 @@ def job_identity(job: SlurmJob, settings: SlurmSettings, key: bytes | None) -> d
     match = _OUTPUT.search(output)
     if (
         match
+        and match["sig"]
+        and hmac.compare_digest(
+            match["sig"],
+            output_signature(key, match["namespace"], match["name"], match["uid"], user, match["nonce"] or ""),
+        )
         and "{user}" in settings.job_working_directory
         and output.startswith(build_working_directory(settings, user) + "/")
     ):

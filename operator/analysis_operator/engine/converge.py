@@ -563,18 +563,20 @@ async def _replace_server(
 ) -> Observation:
     """A server that holds a certificate other than the one stored for it: neither the gateway nor the
     operator would ever reach it (a submission whose answer was lost, another certificate stored for the
-    submission that followed, and the first job found later). Stopped, and a new one started with a new
-    certificate, instead of an environment Ready that nothing can open."""
-    made = str(observation.reference.get("id") or "")
+    submission that followed, and the first job found later). A new one is started in its place with a
+    new certificate (the backend's ensure, told which certificate not to adopt), instead of an environment
+    Ready that nothing can open."""
+    stale, made = observation.upstream.certificate_id if observation.upstream else "", observation.reference
+    replaced = await backend.ensure(await launcher.launch(stale_certificate=stale))
+    before, after = str(made.get("id") or ""), str(replaced.reference.get("id") or "")
     message = (
-        f"its server{f' ({made})' if made else ''} holds a certificate other than the one stored in ConfigMap "
-        f"{server_certificates.config_map_name(environment)}, so nothing could open it: it was stopped, and a "
-        "new one started with a new certificate"
+        f"its server{f' ({before})' if before else ''} held a certificate other than the one stored in ConfigMap "
+        f"{server_certificates.config_map_name(environment)}, so nothing could open it: "
+        f"{f'{after} was started in its place' if after else 'another was started in its place'}"
     )
-    log.warning("environment.server_replaced", environment=f"{environment.namespace}/{environment.name}", id=made)
+    log.warning("environment.server_replaced", environment=f"{environment.namespace}/{environment.name}", id=before)
     await post_event(launcher.context.kube, environment_reference(environment), "Warning", "ServerReplaced", message)
-    await backend.suspend(environment)
-    return await backend.resume(await launcher.launch())
+    return replaced
 
 
 def _quiet_start(backend: Backend, first: bool, outcome: Outcome) -> bool:
@@ -603,7 +605,7 @@ class _Launcher:
     identity: PosixIdentity | None
     expires_at: datetime.datetime
 
-    async def launch(self) -> Launch:
+    async def launch(self, stale_certificate: str = "") -> Launch:
         """The token (made on first use), and the mounts recorded as handed over (audit log; the
         Event comes at Ready: a pod whose claim is missing has mounted nothing)."""
         token = await ensure_token(self.context.kube, self.environment)
@@ -614,7 +616,16 @@ class _Launcher:
         certificate = None
         if self.context.routes.enabled:
             certificate = functools.partial(server_certificates.issue_certificate, self.context.kube, self.environment)
-        return Launch(self.environment, self.flavor, token, self.mounts, self.identity, self.expires_at, certificate)
+        return Launch(
+            self.environment,
+            self.flavor,
+            token,
+            self.mounts,
+            self.identity,
+            self.expires_at,
+            certificate,
+            stale_certificate,
+        )
 
 
 def _terms(status: Mapping[str, Any], flavor: Flavor) -> dict[str, Any]:

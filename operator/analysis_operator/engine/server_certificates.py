@@ -135,6 +135,9 @@ async def unmatched(kube: KubeClient, environment: Environment, upstream: Upstre
     if not upstream.server_name or not upstream.certificate_id:
         return False  # plain HTTP, or a server whose certificate is not known by id
     stored = await read_certificate(kube, environment, upstream.server_name)
+    if stored is not None and certificate_id(stored) != upstream.certificate_id:
+        forget([environment.uid])  # what this process kept: another replica may have replaced it since
+        stored = await read_certificate(kube, environment, upstream.server_name)
     return stored is not None and certificate_id(stored) != upstream.certificate_id
 
 
