@@ -191,6 +191,33 @@ def test_a_forged_identity_is_not_the_operators(backend, make_environment, slurm
     assert asyncio.run(fresh.observe(ghost)).state == State.GONE
 
 
+def test_another_users_job_whose_output_path_names_an_environment_is_not_taken_for_it(
+    backend, make_environment, slurm_env, slurm_settings
+):
+    """bob submits a job of his own whose output path, under his own directory, names alice's environment:
+    its namespace, name, uid, nonce and the operator's signature, all of which he can read in the queue.
+    A restarted operator must neither cancel alice's job for it (the newest active job of an environment
+    is the one kept) nor adopt it: before the output path was signed for the job's user, it did both."""
+    environment = make_environment(owner="alice")
+    job_id = start(backend, environment, ALICE_TOKEN).reference["id"]
+    alices = asyncio.run(backend.client.job(job_id)).standard_output
+    output = build_working_directory(slurm_settings, "bob") + "/" + alices.rsplit("/", 1)[1]
+    submitted = run_as("bob", "sbatch", "--hold", "--parsable", f"--output={output}", "--wrap", "sleep 600")
+    assert submitted.returncode == 0, submitted.stderr
+    bobs = submitted.stdout.strip().split(";")[0]
+    try:
+        assert asyncio.run(backend.client.job(bobs)).standard_output == output  # what the operator reads
+        restarted = SlurmBackend(slurm_settings)
+        assert asyncio.run(restarted.observe(environment)).reference["id"] == job_id
+        assert bobs not in {item.backend_id for item in asyncio.run(SlurmBackend(slurm_settings).list_managed())}
+        launch = Launch(environment, make_flavor(partition="debug"), ALICE_TOKEN)
+        assert asyncio.run(SlurmBackend(slurm_settings).ensure(launch)).reference["id"] == job_id
+        states = {job.job_id: job.state for job in asyncio.run(backend.client.jobs())}
+        assert (states[job_id], states[bobs]) == ("RUNNING", "PENDING")
+    finally:
+        asyncio.run(backend.client.cancel(bobs))
+
+
 def test_an_approved_extension_raises_the_time_limit(backend, make_environment, slurm_env):
     environment = make_environment(owner="alice", lifetime=datetime.timedelta(minutes=1))
     submitted = asyncio.run(backend.ensure(Launch(environment, make_flavor(partition="debug"), TOKEN)))
