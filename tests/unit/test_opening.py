@@ -477,6 +477,60 @@ def test_a_route_applied_while_the_routes_are_listed_is_not_converged_again():
     asyncio.run(scenario())
 
 
+class PolicyKube(ListingKube):
+    """ListingKube that keeps what is applied, with its labels, and deletes by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: dict[tuple[str, str], dict] = {}
+        self.deleted: list[tuple[str, str]] = []
+
+    async def get_object(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
+        if kind == "Gateway":
+            return {"metadata": {"name": name}}
+        return self.bodies.get((kind, name))
+
+    async def apply(self, body: dict) -> dict:
+        self.bodies[(body["kind"], body["metadata"]["name"])] = {**body, "metadata": {**body["metadata"], "uid": "x"}}
+        return await super().apply(body)
+
+    async def delete_object(self, api_version: str, kind: str, namespace: str, name: str, uid: str = "") -> None:
+        self.deleted.append((kind, name))
+        self.bodies.pop((kind, name), None)
+
+
+def test_a_server_with_a_certificate_replaced_by_one_without_loses_its_backendtlspolicy():
+    """slurm.server_tls turned off, then the job replaced without a close between (a replacement, a lost
+    submission): the policy left behind would have the gateway speak TLS to a plain server, and fail. It
+    goes with the route's next apply, also in a process that did not make it (a restart); a policy of
+    that name that is not the environment's (no label of its uid) is left alone."""
+    from analysis_operator.engine.routes import GatewayRoutes
+    from analysis_operator.infra.server_tls import server_name
+
+    kube = PolicyKube()
+    tls = Upstream(port=20001, address="10.1.2.3", landing="lab", server_name=server_name(LAB))
+    plain = Upstream(port=20002, address="10.1.2.3", landing="lab")
+
+    async def scenario() -> None:
+        routes = GatewayRoutes(kube, SETTINGS)  # type: ignore[arg-type]
+        await routes.open(LAB, tls)
+        assert ("BackendTLSPolicy", "aenv-lab") in kube.bodies and kube.deleted == []
+        await routes.open(LAB, tls)  # nothing changed: nothing read or deleted
+        assert kube.deleted == []
+        await routes.open(LAB, plain)
+        assert kube.deleted == [("BackendTLSPolicy", "aenv-lab")]
+        assert kube.bodies[("Service", "aenv-lab")]["spec"]["ports"][0]["name"] == "http"
+        await routes.open(LAB, tls)
+        restarted = GatewayRoutes(kube, SETTINGS)  # type: ignore[arg-type]
+        await restarted.open(LAB, plain)
+        assert kube.deleted == [("BackendTLSPolicy", "aenv-lab")] * 2
+        kube.bodies[("BackendTLSPolicy", "aenv-lab")] = {"metadata": {"name": "aenv-lab", "labels": {}}}
+        await GatewayRoutes(kube, SETTINGS).open(LAB, plain)  # type: ignore[arg-type]
+        assert len(kube.deleted) == 2
+
+    asyncio.run(scenario())
+
+
 class QuotaKube(ListingKube):
     """A namespace whose ResourceQuota has no room for Services (a Slurm job's or a VM's route) until `room`."""
 

@@ -459,6 +459,11 @@ class GatewayRoutes:
         if applied is None or applied.fingerprint != wanted:
             try:
                 await self._namespaces.ensure(environment.namespace, environment.uid)
+                if address and not upstream.server_name and (applied is None or applied.tls):
+                    # A server with a certificate replaced by one without (slurm.server_tls turned off, then a
+                    # new job without a close between: a replacement, a lost submission): its policy would
+                    # have the gateway speak TLS to plain HTTP, and fail. After a restart, not known: read.
+                    await self._delete_backend_tls(environment)
                 for body in objects:
                     try:
                         await self._kube.apply(body)
@@ -572,19 +577,26 @@ class GatewayRoutes:
         ):
             # A pod's Service is the Kubernetes backend's, not the route's. The policy goes whatever became
             # of the Service (a pod's environment has none: one read answered 404).
-            if kind == "Service" and not await self._own_endpoint_service(environment):
-                continue
-            try:
-                found = await self._kube.get_object(api_version, kind, environment.namespace, environment.child_name)
-            except ApiException as error:  # RBAC older than this operator (no chart): the policy cannot be made
-                if kind == "BackendTLSPolicy" and error.status == 403:  # either, and a close must not fail on it
-                    continue
-                raise
-            labels = ((found or {}).get("metadata") or {}).get("labels") or {}
-            if found is not None and labels.get(LABEL_ENVIRONMENT_UID) == environment.uid:
-                uid = str(found["metadata"].get("uid", ""))
-                await self._kube.delete_object(api_version, kind, environment.namespace, environment.child_name, uid)
+            if kind == "BackendTLSPolicy":
+                await self._delete_backend_tls(environment)
+            elif kind != "Service" or await self._own_endpoint_service(environment):
+                await self._delete_own(api_version, kind, environment)
         log.info("route.closed", environment=f"{environment.namespace}/{environment.name}")
+
+    async def _delete_own(self, api_version: str, kind: str, environment: Environment) -> None:
+        """The environment's object of this kind (aenv-<name>), deleted if it is the environment's own."""
+        found = await self._kube.get_object(api_version, kind, environment.namespace, environment.child_name)
+        labels = ((found or {}).get("metadata") or {}).get("labels") or {}
+        if found is not None and labels.get(LABEL_ENVIRONMENT_UID) == environment.uid:
+            uid = str(found["metadata"].get("uid", ""))
+            await self._kube.delete_object(api_version, kind, environment.namespace, environment.child_name, uid)
+
+    async def _delete_backend_tls(self, environment: Environment) -> None:
+        try:
+            await self._delete_own(GATEWAY_API, "BackendTLSPolicy", environment)
+        except ApiException as error:  # RBAC older than this operator (no chart): the policy cannot be made
+            if error.status != 403:  # either, and neither a close nor a route must fail on it
+                raise
 
     async def _own_endpoint_service(self, environment: Environment) -> bool:
         """A Service without selector is the route's (an address upstream); one with a selector is a pod's."""
