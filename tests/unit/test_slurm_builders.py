@@ -38,7 +38,7 @@ from analysis_operator.backends.slurm import (
     choose_job,
     serves_tls,
 )
-from analysis_operator.backends.slurm_api import Ping, SlurmJob, SlurmNode, Submitted
+from analysis_operator.backends.slurm_api import Ping, SlurmError, SlurmJob, SlurmNode, Submitted
 from analysis_operator.backends.slurm_auth import (
     build_account,
     build_identity_comment,
@@ -51,7 +51,7 @@ from analysis_operator.backends.slurm_auth import (
     output_signature,
     parse_identity,
 )
-from analysis_operator.backends.slurm_rest import http_url, resolve_address
+from analysis_operator.backends.slurm_rest import SlurmRequestRefused, http_url, resolve_address
 from analysis_operator.infra.server_tls import ServerCertificate, certificate_id, issue, server_name
 from analysis_operator.model.domain import BackendKind, Environment, Flavor, Resources, SlurmSpec
 from analysis_operator.model.identity import PosixIdentity
@@ -805,11 +805,12 @@ def test_a_job_gets_its_certificate_and_key_and_a_nonce_that_says_so(tmp_path, s
     assert observed.upstream.certificate_id == (certificate_id(made[0].certificate) if server_tls else "")
 
 
-def test_a_job_holding_a_certificate_that_is_not_the_stored_one_is_replaced_new_job_first(tmp_path):
+def test_a_job_holding_a_certificate_that_is_not_the_stored_one_is_replaced_new_job_first(tmp_path, monkeypatch):
     """The engine's ensure with stale_certificate (engine/converge.py, the lost-submission race): a new job is
     submitted, then the one holding that certificate cancelled; if the submission fails (slurmrestd
     restarting) nothing is cancelled, so the environment never stands without a job of its own; a job
     holding another certificate than the stale one is adopted as before."""
+    monkeypatch.setattr(slurm, "endpoint_answers", lambda http, url: asyncio.sleep(0, True))
     backend = per_user_backend([], tmp_path)
     environment = make_environment()
 
@@ -838,6 +839,41 @@ def test_a_job_holding_a_certificate_that_is_not_the_stored_one_is_replaced_new_
     backend.client.update_job(1, state="RUNNING", batch_host="n1", nodes="n1")
     observed = asyncio.run(backend.observe(environment))
     assert observed.reference["id"] == "102" and observed.upstream.certificate_id not in ("", held)
+
+
+def test_where_slurm_refuses_a_second_job_the_replacement_cancels_first_and_a_failed_submission_is_retried(
+    tmp_path, monkeypatch
+):
+    """A limit on the jobs a user may submit refuses the new job while the stale one runs: the stale one is
+    cancelled first, as for a suspend, and submitted again; a submission that then fails (slurmrestd
+    restarting) leaves the environment suspended (the next pass resumes it), not Failed, JobCancelled."""
+    monkeypatch.setattr(slurm, "endpoint_answers", lambda http, url: asyncio.sleep(0, True))
+    backend = per_user_backend([], tmp_path)
+    environment = make_environment()
+
+    async def certificate() -> ServerCertificate:
+        return issue(environment, datetime.datetime.now(datetime.UTC))
+
+    asyncio.run(backend.ensure(Launch(environment, make_flavor(), "t", certificate=certificate)))
+    backend.client.update_job(0, state="RUNNING", batch_host="n1", nodes="n1")
+    held = asyncio.run(backend.observe(environment)).upstream.certificate_id
+    submit, calls = backend.client.submit, []
+
+    async def limited(request, script, user=""):
+        calls.append(len(calls))
+        if len(calls) == 1:  # while the stale job is active: QOSMaxSubmitJobPerUserLimit
+            raise SlurmRequestRefused([SlurmError(2050, "Job violates accounting/QOS policy (MaxSubmitJobsPerUser)")])
+        raise BackendUnavailable("slurmrestd restarting")
+
+    backend.client.submit = limited
+    stale = Launch(environment, make_flavor(), "t", certificate=certificate, stale_certificate=held)
+    with pytest.raises(BackendUnavailable):
+        asyncio.run(backend.ensure(stale))
+    assert backend.client.cancelled == ["101"] and len(calls) == 2
+    assert asyncio.run(backend.observe(environment)).state is State.SUSPENDED  # resumed at the next pass
+    backend.client.submit = submit
+    resumed = asyncio.run(backend.resume(Launch(environment, make_flavor(), "t", certificate=certificate)))
+    assert resumed.reference["id"] == "102" and resumed.state is State.PENDING
 
 
 def test_a_job_submitted_at_a_resume_is_limited_to_what_is_left_of_the_lifetime(tmp_path):

@@ -564,8 +564,13 @@ class SlurmBackend:
     async def _replace(self, launch: Launch, stale: SlurmJob) -> Observation:
         """A new job first, then the one holding a certificate that is not the stored one cancelled: a
         failure between the two leaves that one running (replaced at the next pass) or both (the next
-        look keeps the newer, the one tracked), never the environment without a job of its own."""
+        look keeps the newer, the one tracked), never the environment without a job of its own. Where
+        Slurm refuses a second job (a limit on the jobs a user may submit), as a suspend and a resume:
+        cancelled first, then submitted (a submission that fails is tried again from the suspension)."""
         observation = await self._submit(launch)
+        if observation.state is State.FAILED and observation.reason == "SubmissionRefused":
+            await self.suspend(launch.environment)
+            return await self.resume(launch)
         if observation.state is not State.FAILED:
             await self.client.cancel(stale.job_id)
         return observation
@@ -574,12 +579,14 @@ class SlurmBackend:
         """Adopt an active job (a resume seen twice), else submit a new one: the cancelled
         job of the suspend, or any ended one, does not stand for the environment any more; nor
         one still COMPLETING (the suspend's, when the resume follows at once: adopted, it ended
-        the environment Failed a moment later, JobCancelled)."""
-        self._suspended.discard(launch.environment.uid)
+        the environment Failed a moment later, JobCancelled). The environment stays suspended until a job
+        is submitted or adopted: a submission that fails (slurmrestd restarting) is tried again, not the
+        cancelled job read as ended."""
         jobs = await self._jobs_of(launch.environment)
         job = _newest([job for job in jobs if job.state in ACTIVE_STATES and job.state != "COMPLETING"])
         if job is None:
-            return await self._submit(launch)
+            return await self._submit(launch)  # which ends the suspension once submitted
+        self._suspended.discard(launch.environment.uid)
         return await self._adopt(launch, jobs, job)
 
     async def suspend(self, environment: Environment) -> Observation:

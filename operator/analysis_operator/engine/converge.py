@@ -569,10 +569,13 @@ async def _replace_server(
     stale, made = observation.upstream.certificate_id if observation.upstream else "", observation.reference
     replaced = await backend.ensure(await launcher.launch(stale_certificate=stale))
     before, after = str(made.get("id") or ""), str(replaced.reference.get("id") or "")
+    if replaced.state is State.FAILED:
+        instead = f"no other could be started ({replaced.message or replaced.reason})"
+    else:
+        instead = f"{after or 'another'} takes its place"
     message = (
         f"its server{f' ({before})' if before else ''} held a certificate other than the one stored in ConfigMap "
-        f"{server_certificates.config_map_name(environment)}, so nothing could open it: "
-        f"{f'{after} was started in its place' if after else 'another was started in its place'}"
+        f"{server_certificates.config_map_name(environment)}, so nothing could open it: {instead}"
     )
     log.warning("environment.server_replaced", environment=f"{environment.namespace}/{environment.name}", id=before)
     await post_event(launcher.context.kube, environment_reference(environment), "Warning", "ServerReplaced", message)

@@ -262,7 +262,7 @@ def test_a_job_holding_another_certificate_than_the_stored_one_is_replaced_and_o
     assert "last_activity" in json.loads(body)
     message = events(core, namespace, "hpc")["ServerReplaced"]
     assert f"its server ({first}) held a certificate other than the one stored in ConfigMap aenv-hpc-tls" in message
-    assert message.endswith(f"{replaced['status']['backend']['id']} was started in its place"), message
+    assert message.endswith(f"{replaced['status']['backend']['id']} takes its place"), message
 
 
 def events(core, namespace: str, name: str) -> dict[str, str]:
