@@ -102,7 +102,7 @@ def test_a_server_holding_another_certificate_than_the_stored_one_is_told_unmatc
     finally:
         server_certificates.forget([LAB.uid])
     # none stored (a ConfigMap someone deleted): not_stored says what to do; nothing is replaced for it
-    assert not asyncio.run(unmatched(_NoConfigMap(), LAB, upstream(certificate_id(held.certificate))))
+    assert not asyncio.run(unmatched(_ConfigMap(), LAB, upstream(certificate_id(held.certificate))))
     # what this process kept is stale (another replica replaced the job since): read again before judging
     server_certificates.remember(LAB.uid, stored.server_name, stored.certificate)
     try:
@@ -113,13 +113,16 @@ def test_a_server_holding_another_certificate_than_the_stored_one_is_told_unmatc
 
 
 class _ConfigMap:
-    """The API server's answer: LAB's ConfigMap holding this certificate."""
+    """The API server's answer (the only call made here): LAB's ConfigMap holding this certificate, or
+    none (someone deleted it)."""
 
-    def __init__(self, certificate: ServerCertificate) -> None:
+    def __init__(self, certificate: ServerCertificate | None = None) -> None:
         self.certificate = certificate
 
-    async def get_object(self, api_version: str, kind: str, namespace: str, name: str) -> dict:
+    async def get_object(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
         assert (api_version, kind, namespace, name) == ("v1", "ConfigMap", "team-a", "aenv-lab-tls")
+        if self.certificate is None:
+            return None
         labels = {LABEL_ENVIRONMENT_UID: LAB.uid}
         return {"metadata": {"labels": labels}, "data": {"ca.crt": self.certificate.certificate}}
 
@@ -218,7 +221,7 @@ async def _ask(served_with: ServerCertificate | None, stored: ServerCertificate 
         server_certificates.remember(LAB.uid, stored.server_name, stored.certificate)
     backend = {"kind": "slurm", "endpoint": f"127.0.0.1:{port}", "serverName": server_name(LAB)}
     environments = {("team-a", "lab"): [EnvironmentRecord(LAB, {"phase": "Ready", "backend": backend})]}
-    kube = _NoConfigMap()
+    kube = _ConfigMap()
     disconnector = Disconnector(kube, Settings(), environments, StaticCatalogue(), timeout=5, retry_seconds=())
     try:
         try:
@@ -229,14 +232,6 @@ async def _ask(served_with: ServerCertificate | None, stored: ServerCertificate 
         await disconnector.close()
         await runner.cleanup()
     return received, said
-
-
-class _NoConfigMap:
-    """The API server's answer for a ConfigMap someone deleted (the only call made here)."""
-
-    async def get_object(self, api_version: str, kind: str, namespace: str, name: str) -> None:
-        assert (api_version, kind, namespace, name) == ("v1", "ConfigMap", "team-a", "aenv-lab-tls")
-        return None
 
 
 def test_the_server_holding_the_environment_s_key_is_asked_with_its_token():
@@ -273,7 +268,7 @@ async def _idle_read(served_with: ServerCertificate | None, stored: ServerCertif
     runner, port = await _serve(api, served_with)
     server_certificates.remember(LAB.uid, stored.server_name, stored.certificate)
     status = {"backend": {"kind": "slurm", "endpoint": f"127.0.0.1:{port}", "serverName": server_name(LAB)}}
-    checker = IdleChecker(Context(kube=_NoConfigMap(), backends={}), Settings(), {}, {}, GatewayActivity())
+    checker = IdleChecker(Context(kube=_ConfigMap(), backends={}), Settings(), {}, {}, GatewayActivity())
     try:
         return received, await checker._server(LAB, status, desktop=False)
     finally:

@@ -1134,9 +1134,6 @@ def test_ping_is_judged_by_what_it_says(tmp_path):
 
 def test_a_submission_refused_for_an_unknown_user_says_so(tmp_path):
     """Slurm 25.05 refuses a token for a user it cannot resolve ("Invalid user ID", 2165)."""
-    from analysis_operator.backends.slurm_api import SlurmError
-    from analysis_operator.backends.slurm_rest import SlurmRequestRefused
-
     backend = per_user_backend([], tmp_path)
 
     async def refuse(request, script, user=""):

@@ -535,10 +535,9 @@ async def _run_backend(
         observation = await backend.resume(await launcher.launch())
     if observation.state is State.GONE:
         observation = await backend.ensure(await launcher.launch())
-    if observation.upstream is not None and await server_certificates.unmatched(
-        launcher.context.kube, environment, observation.upstream
-    ):
-        observation = await _replace_server(backend, environment, launcher, observation)
+    upstream = observation.upstream
+    if upstream is not None and await server_certificates.unmatched(launcher.context.kube, environment, upstream):
+        observation = await _replace_server(backend, environment, launcher, observation, upstream.certificate_id)
     if observation.state.holds:  # an approved extension moved expiresAt: the backend's own limit follows
         await backend.extend(environment, expires_at)
     ended = phase_from_observation(observation)
@@ -559,16 +558,15 @@ async def _run_backend(
 
 
 async def _replace_server(
-    backend: Backend, environment: Environment, launcher: _Launcher, observation: Observation
+    backend: Backend, environment: Environment, launcher: _Launcher, observation: Observation, stale: str
 ) -> Observation:
     """A server that holds a certificate other than the one stored for it: neither the gateway nor the
     operator would ever reach it (a submission whose answer was lost, another certificate stored for the
     submission that followed, and the first job found later). A new one is started in its place with a
     new certificate (the backend's ensure, told which certificate not to adopt), instead of an environment
     Ready that nothing can open."""
-    stale, made = observation.upstream.certificate_id if observation.upstream else "", observation.reference
     replaced = await backend.ensure(await launcher.launch(stale_certificate=stale))
-    before, after = str(made.get("id") or ""), str(replaced.reference.get("id") or "")
+    before, after = str(observation.reference.get("id") or ""), str(replaced.reference.get("id") or "")
     if replaced.state is State.FAILED:
         instead = f"no other could be started ({replaced.message or replaced.reason})"
     else:
