@@ -329,6 +329,66 @@ def test_a_route_the_namespace_quota_refuses_is_a_condition_until_it_has_room(
         )
 
 
+def test_a_route_the_gateway_refuses_says_why_in_the_gateways_words_and_opens_once_taken(
+    opened, directory, environments, core, custom, namespace
+):
+    """The Gateway's listener takes routes only from namespaces with a label (as a facility's shared gateway
+    may), and this one has none: the environment runs and says Ready, but its Routable condition is False
+    with the gateway's own reason and message (what the real Traefik wrote in the HTTPRoute's
+    status.parents), with one Warning; nothing opens. Once the Gateway takes the namespace's routes,
+    Routable is True again without any change to the environment, and the owner gets in."""
+    gateway = custom.get_namespaced_custom_object(*GATEWAY_API, GATEWAY_NAMESPACE, "gateways", GATEWAY_NAME)
+    listeners = gateway["spec"]["listeners"]
+    only_labelled = {"namespaces": {"from": "Selector", "selector": {"matchLabels": {"aenv-test/gateway": "yes"}}}}
+
+    def listen(listeners: list[dict]) -> None:
+        body = {"spec": {"listeners": listeners}}
+        custom.patch_namespaced_custom_object(*GATEWAY_API, GATEWAY_NAMESPACE, "gateways", GATEWAY_NAME, body)
+
+    listen([{**listener, "allowedRoutes": only_labelled} for listener in listeners])
+    try:
+        environments.create("lab", flavor="jupyter-basic", lifetime="1h")
+        wait_for(
+            lambda: conditions(environments.get("lab")).get("Routable", {}).get("status") == "False",
+            timeout=60,
+            what=lambda: f"Routable=False from the gateway: {json.dumps(environments.get('lab').get('status'))}",
+        )
+        status = environments.wait_phase("lab", "Ready")["status"]
+        routable = conditions(environments.get("lab"))["Routable"]
+        said = [
+            condition
+            for parent in route(custom, namespace, "lab")["status"]["parents"]
+            for condition in parent["conditions"]
+            if condition["type"] == "Accepted"
+        ]
+        assert [condition["status"] for condition in said] == ["False"], said
+        assert routable["reason"] == said[0]["reason"] == "NotAllowedByListeners", routable
+        assert f"HTTPRoute {namespace}/aenv-lab" in routable["message"] and "itself runs" in routable["message"]
+        assert status["connection"]["url"].endswith(f"/env/{namespace}/lab/lab")  # where it opens, once taken
+        warnings = core.list_namespaced_event(
+            namespace, field_selector="involvedObject.name=lab,reason=NotAllowedByListeners"
+        ).items
+        assert [event.type for event in warnings] == ["Warning"]
+        base = f"/env/{namespace}/lab/"
+        pod_ip = core.read_namespaced_pod("aenv-lab", namespace).status.pod_ip
+        with Netns(pod_ip) as pod:
+            pod.echo_server(8888)
+            assert opened.request(base + "api/status", "alice", timeout=3)[0] != 200
+            listen(listeners)  # the facility's gateway takes routes from every namespace again
+            wait_for(
+                lambda: conditions(environments.get("lab")).get("Routable", {}).get("status") == "True",
+                timeout=60,
+                what=lambda: f"Routable=True once taken: {json.dumps(environments.get('lab').get('status'))}",
+            )
+            wait_for(
+                lambda: opened.request(base + "api/status", "alice", timeout=3)[0] == 200,
+                timeout=40,
+                what="the owner let in once the gateway takes the route",
+            )
+    finally:
+        listen(listeners)
+
+
 def test_ready_means_the_gateway_already_serves_the_route(opened, directory, environments, core, custom, namespace):
     """Ready is written once the forward-auth of the environment's own route answered the operator's
     probe (settings gateway.probe_url): a browser following status.connection.url the moment it says

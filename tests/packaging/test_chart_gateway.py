@@ -16,6 +16,7 @@ import os
 import pathlib
 import re
 import subprocess
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -275,6 +276,21 @@ class RecordingKube:
         self._record(("list",), api_version, kind)
         return set()  # someone deleted everything: the repair applies what it set up again
 
+    # the verdicts' watch (GatewayRoutes.start, infra/watch.py): a list, then a watch that waits
+    _KINDS = {"HTTPRoute": "gateway.networking.k8s.io/v1"}
+
+    async def labelled(self, kind: str, selector: str) -> AsyncIterator[tuple[list[dict[str, Any]], str]]:
+        self._record(("list",), self._KINDS[kind], kind)
+        yield [], "1"
+
+    async def watch(self, kind: str, selector: str, resource_version: str) -> AsyncIterator[dict[str, Any]]:
+        self._record(("watch",), self._KINDS[kind], kind)
+        await asyncio.Event().wait()
+        yield {}
+
+    async def close(self) -> None:
+        return None
+
 
 def _routes_calls(settings: GatewaySettings) -> set[tuple[str, str, str]]:
     environment = Environment(namespace="team-a", name="lab", uid="u-1", owner="alice", flavor="jl")
@@ -282,11 +298,15 @@ def _routes_calls(settings: GatewaySettings) -> set[tuple[str, str, str]]:
     routes = GatewayRoutes(kube, settings)  # type: ignore[arg-type]
 
     async def lifecycle() -> None:
+        await routes.start("", kube)  # type: ignore[arg-type]
+        routes.follow()
+        await asyncio.sleep(0)  # the watch's task starts (and waits in its watch)
         await routes.open(environment, Upstream(port=8888, service=environment.child_name, landing="lab"))
         await routes.close(environment)
         await routes.open(environment, Upstream(port=20001, address="10.1.2.3", landing="lab"))  # a node
         await routes.repair({environment.uid})
         await routes.close(environment)
+        await routes.shutdown()
 
     asyncio.run(lifecycle())
     return kube.calls
@@ -311,9 +331,11 @@ def test_rbac_grants_what_the_routes_call_and_nothing_broader(tmp_path, watch_na
     # Server-side apply: patch (and create, when the apply makes the object), never update. Listed:
     # only the kinds the operator applies per namespace and per environment, for its repair (Services
     # by the Kubernetes backend's rule, which lists them for its orphan sweep).
-    assert not {g for g in gateway if g[2] in {"update", "watch", "*", "deletecollection"}}
+    assert not {g for g in gateway if g[2] in {"update", "*", "deletecollection"}}
     listed = {(g[1], g[2]) for g in gateway if g[2] == "list"}
     assert listed == {("httproutes", "list"), ("middlewares", "list"), ("endpointslices", "list")}
+    # Watched: only the HTTPRoutes, for the gateway's verdict on each (status.parents)
+    assert {(g[1], g[2]) for g in gateway if g[2] == "watch"} == {("httproutes", "watch")}
     assert ("list", "", "services") in calls and ("", "services", "list", ()) in served
     assert ("", "services", "patch", ()) in served and ("", "services", "update", ()) not in served
     if watch_namespace:  # the served namespace's rules stay in the Role

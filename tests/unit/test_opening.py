@@ -761,3 +761,106 @@ def test_a_catalogue_change_rechecks_only_running_shared_environments():
     assert not affected_by_catalogue(
         EnvironmentRecord(dataclasses.replace(LAB, shared_users=frozenset({"bob"})), suspended)
     )
+
+
+# ---------------------------------------------------------------- the gateway's verdict on a route
+
+
+def _route_with(parents: list, generation: int = 2, namespace: str = "team-a") -> dict:
+    return {"metadata": {"namespace": namespace, "generation": generation}, "status": {"parents": parents}}
+
+
+def _parent(name: str = "analysis", namespace: str | None = "analysis-gateway", **conditions: tuple) -> dict:
+    reference = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": name}
+    if namespace is not None:
+        reference["namespace"] = namespace
+    return {
+        "parentRef": reference,
+        "controllerName": "traefik.io/gateway-controller",
+        "conditions": [
+            {"type": kind, "status": status, "reason": reason, "message": message, "observedGeneration": observed}
+            for kind, (status, reason, message, observed) in conditions.items()
+        ],
+    }
+
+
+def test_the_gateways_verdict_is_read_from_its_own_parent_entry_for_the_routes_version():
+    from analysis_operator.policy.opening import GatewayVerdict, gateway_verdict
+
+    def verdict(route: dict) -> GatewayVerdict:
+        return gateway_verdict(route, "analysis-gateway", "analysis")
+
+    taken = _parent(Accepted=("True", "Accepted", "", 2), ResolvedRefs=("True", "ResolvedRefs", "", 2))
+    assert verdict(_route_with([taken])) == GatewayVerdict(True, "Accepted")
+    refused = _parent(Accepted=("False", "NotAllowedByListeners", "no listener allows team-a", 2))
+    assert verdict(_route_with([refused])) == GatewayVerdict(
+        False, "NotAllowedByListeners", "no listener allows team-a"
+    )
+    unresolved = _parent(Accepted=("True", "Accepted", "", 2), ResolvedRefs=("False", "BackendNotFound", "no svc", 2))
+    assert verdict(_route_with([unresolved])) == GatewayVerdict(False, "BackendNotFound", "no svc")
+    # nothing said yet; said about the route before it changed; said by or of another gateway
+    assert verdict(_route_with([])) == GatewayVerdict(None)
+    assert verdict({"metadata": {}}) == GatewayVerdict(None)
+    stale = _parent(Accepted=("False", "NotAllowedByListeners", "old", 1))
+    assert verdict(_route_with([stale])).accepted is None
+    other = _parent(name="public", Accepted=("False", "NotAllowedByListeners", "", 2))
+    assert verdict(_route_with([other, taken])) == GatewayVerdict(True, "Accepted")
+    elsewhere = _parent(namespace="other", Accepted=("False", "NotAllowedByListeners", "", 2))
+    assert verdict(_route_with([elsewhere])).accepted is None
+    # a parentRef without namespace means the route's own
+    local = _parent(namespace=None, Accepted=("False", "NotAllowedByListeners", "", 2))
+    assert verdict(_route_with([local], namespace="analysis-gateway")).accepted is False
+    assert verdict(_route_with([local], namespace="team-a")).accepted is None
+    # whatever a status holds, reading it never raises
+    assert verdict({"metadata": [], "status": {"parents": [None, {"conditions": "x"}]}}) == GatewayVerdict(None)
+
+
+def test_a_route_the_gateway_refuses_is_not_routable_with_its_words_until_it_takes_it():
+    """The verdicts (watched, infra/watch.py) say the gateway refused the route: open() gives a Route that is
+    not routable, with the gateway's reason and message (converge makes them the Routable condition and a
+    Warning Event), and stops the probe; the change of verdict converges the environment again, and once the
+    gateway takes the route it is Routed again (and converged once more, to say so). A verdict about an
+    environment this process does not route converges nothing."""
+    from analysis_operator.engine.routes import GatewayRoutes
+
+    kube = ListingKube()
+    routes = GatewayRoutes(kube, SETTINGS)  # type: ignore[arg-type]
+    converged: list[str] = []
+    routes.converge = lambda environment: converged.append(environment.uid)
+    pod = Upstream(port=8888, service=LAB.child_name, landing="lab")
+
+    def route_status(accepted: str, reason: str, message: str = "") -> dict:
+        parent = _parent(Accepted=(accepted, reason, message, 1))
+        return {
+            "metadata": {
+                "uid": "route-1",
+                "namespace": LAB.namespace,
+                "generation": 1,
+                "labels": {"analysis.panosc.eu/environment-uid": LAB.uid},
+            },
+            "status": {"parents": [parent]},
+        }
+
+    async def scenario() -> None:
+        assert (await routes.open(LAB, pod)).routable
+        routes.verdicts.put(route_status("False", "NotAllowedByListeners", "namespace team-a is not allowed"))
+        await routes._verdict_changed(LAB.uid)
+        assert converged == [LAB.uid]
+        refused = await routes.open(LAB, pod)
+        assert (refused.routable, refused.reason) == (False, "NotAllowedByListeners")
+        assert "namespace team-a is not allowed" in refused.message and "HTTPRoute team-a/aenv-lab" in refused.message
+        routes.verdicts.put(route_status("True", "Accepted"))
+        await routes._verdict_changed(LAB.uid)
+        assert converged == [LAB.uid, LAB.uid]
+        assert (await routes.open(LAB, pod)).routable
+        await routes._verdict_changed(LAB.uid)  # taken, and told so: nothing more to converge
+        assert converged == [LAB.uid, LAB.uid]
+        other = dataclasses.replace(LAB, uid="u-2", name="other")
+        refused_other = route_status("False", "NotAllowedByListeners")
+        refused_other["metadata"]["labels"]["analysis.panosc.eu/environment-uid"] = other.uid
+        refused_other["metadata"]["uid"] = "route-2"
+        routes.verdicts.put(refused_other)
+        await routes._verdict_changed(other.uid)
+        assert converged == [LAB.uid, LAB.uid]
+
+    asyncio.run(scenario())

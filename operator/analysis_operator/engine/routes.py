@@ -12,6 +12,10 @@ holds it). The route's backend is what the backend reported (`Upstream`):
     Service's endpoints); for a server with a certificate of its own (a Slurm job's
     JupyterLab, infra/server_tls.py) the port is https and a BackendTLSPolicy `aenv-<name>`
     makes the gateway accept only that certificate.
+The gateway's own word on each route (its status.parents: Accepted, ResolvedRefs) is watched: a
+route it refuses (a listener that does not allow the namespace, a hostname it does not serve, a
+backend it cannot resolve) makes the Routable condition False with the gateway's reason and message,
+and a Warning Event, instead of a Ready environment whose URL answers 404; True again once it takes it.
 With gateway.environment_domain the route also names the environment's own host (its one hostname;
 the namespace's closed page takes `*.<environment_domain>`), and status.connection.url is on that
 host: one browser origin per environment (policy/opening.environment_host).
@@ -31,7 +35,7 @@ import ipaddress
 import json
 import time
 import urllib.parse
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,8 +48,16 @@ from analysis_operator.engine.server_certificates import config_map_name
 from analysis_operator.engine.tokens import read_token
 from analysis_operator.infra.kube import KubeClient, cluster_refusal
 from analysis_operator.infra.per_namespace import PerNamespace
+from analysis_operator.infra.watch import Summaries, Watch
 from analysis_operator.model.domain import LABEL_ENVIRONMENT_UID, MANAGED_SELECTOR, Environment
-from analysis_operator.policy.opening import PROBE_HEADER, base_path, environment_host, probe_signature
+from analysis_operator.policy.opening import (
+    PROBE_HEADER,
+    GatewayVerdict,
+    base_path,
+    environment_host,
+    gateway_verdict,
+    probe_signature,
+)
 from analysis_operator.settings import GatewaySettings
 
 log = structlog.get_logger("analysis_operator.routes")
@@ -142,6 +154,16 @@ def _origin(settings: GatewaySettings, environment: Environment) -> str:
         return settings.url.rstrip("/")
     gateway = urllib.parse.urlsplit(settings.url)
     return f"{gateway.scheme}://{host}" + (f":{gateway.port}" if gateway.port else "")
+
+
+def refusal_message(gateway: str, environment: Environment, url: str, refused: GatewayVerdict) -> str:
+    """Routable's message for a route the gateway refuses (pure): its own words, and what it means."""
+    said = f"{refused.reason}: {refused.message}" if refused.message else refused.reason
+    return (
+        f"Gateway {gateway} does not take HTTPRoute {environment.namespace}/{environment.child_name} ({said}), so "
+        f"{url} does not answer; the environment itself runs. It is opened as soon as the gateway takes the route "
+        f"(the Gateway's listeners decide which namespaces and hostnames it serves)"
+    )
 
 
 def build_route(settings: GatewaySettings, environment: Environment, upstream: Upstream) -> dict[str, Any]:
@@ -346,6 +368,43 @@ class GatewayRoutes:
         self._session: aiohttp.ClientSession | None = None
         self._next_probe = 0.0  # monotonic time of the next probe request slot (_pace)
         self.converge: Callable[[Environment], None] = lambda environment: None  # converge it again now
+        # The gateway's word on each environment's route, by environment uid (start: watched), and the
+        # uids whose last Route said the gateway refused it (told again when it changes its mind).
+        self.verdicts: Summaries[str, GatewayVerdict] = Summaries(self._verdict_of)
+        self._refused: set[str] = set()
+        self._watch: Watch[str, GatewayVerdict] | None = None
+
+    async def start(self, namespace: str, kube: KubeClient | None = None) -> None:
+        """The routes' verdicts listed (before the first converge reads them), then followed on a
+        connection of their own. A list refused (no Gateway API yet: every route says GatewayNotFound
+        anyway) is tried again by the watch; a verdict is what the gateway adds, never what opening needs."""
+        self._watch = Watch(
+            kube or KubeClient(1, namespace), "HTTPRoute", MANAGED_SELECTOR, self.verdicts, self._verdict_changed
+        )
+        try:
+            await self._watch.start()
+        except ApiException as error:
+            log.warning("route.verdicts_not_listed", error=repr(error), action="listed again by the watch")
+
+    def follow(self) -> None:
+        if self._watch is not None:
+            self._watch.follow()
+
+    def _verdict_of(self, body: Mapping[str, Any]) -> tuple[str, GatewayVerdict] | None:
+        uid = str(((body.get("metadata") or {}).get("labels") or {}).get(LABEL_ENVIRONMENT_UID) or "")
+        return (uid, gateway_verdict(body, self._settings.namespace, self._settings.name)) if uid else None
+
+    def refusal(self, uid: str) -> GatewayVerdict | None:
+        """The gateway's refusal of this environment's route, if that is its word on it now."""
+        return next((verdict for verdict in self.verdicts.get(uid, ()) if verdict.accepted is False), None)
+
+    async def _verdict_changed(self, uid: str) -> None:
+        """A route the gateway refuses now, or took again after a refusal this process told: its
+        environment converged again (only where this process routes it), which says so in Routable."""
+        applied = self._applied.get(uid)
+        if applied is None or (self.refusal(uid) is None and uid not in self._refused):
+            return
+        self.converge(Environment(namespace=applied.namespace, name=applied.name, uid=uid, owner="", flavor=""))
 
     def served(self, environment: Environment, upstream: Upstream) -> bool:
         """Has the gateway served this environment's own route yet? (settings gateway.probe_url:
@@ -403,11 +462,13 @@ class GatewayRoutes:
         self.converge(environment)
 
     async def shutdown(self) -> None:
-        """Stop the probes and close their connections (the operator is stopping)."""
+        """Stop the probes and the watch, and close their connections (the operator is stopping)."""
         for probe in list(self._probes.values()):
             probe.cancel()
         if self._session is not None:
             await self._session.close()
+        if self._watch is not None:
+            await self._watch.stop()
 
     async def _pace(self) -> None:
         """At most PROBE_RATE probe requests a second in all, in the order they asked: while the
@@ -489,6 +550,14 @@ class GatewayRoutes:
                 wanted, environment.namespace, environment.name, address, bool(upstream.server_name)
             )
             log.info("route.opened", environment=f"{environment.namespace}/{environment.name}", url=url)
+        refused = self.refusal(environment.uid)
+        if refused is not None:
+            self._refused.add(environment.uid)
+            probe = self._probes.pop(environment.uid, None)
+            if probe is not None:  # nothing to wait for: the gateway has said it does not serve it
+                probe.cancel()
+            return Route(url, False, refused.reason, refusal_message(gateway, environment, url, refused))
+        self._refused.discard(environment.uid)
         return Route(url, True, "Routed", f"open at {url} through Gateway {gateway}")
 
     async def _apply_namespace(self, namespace: str) -> None:
@@ -555,6 +624,7 @@ class GatewayRoutes:
     def _drop(self, uid: str) -> None:
         """What this process keeps for an environment's route, and its probe."""
         self._applied.pop(uid, None)
+        self._refused.discard(uid)
         self._served.discard(uid)
         self._passed.discard(uid)
         probe = self._probes.pop(uid, None)

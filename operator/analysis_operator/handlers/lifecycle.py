@@ -99,6 +99,7 @@ async def on_startup(
     written: dict[str, str] = {}  # the phase this process last wrote per environment (Context.written)
     if config.gateway.enabled:  # OPEN: routes through the gateway, and its forward-auth answered here
         gateway_routes = GatewayRoutes(kube, config.gateway)
+        await gateway_routes.start(config.namespace)  # the gateway's word on each route, read before converges
         routes, loop = gateway_routes, asyncio.get_running_loop()
         memo.gateway_kube = KubeClient(4, config.namespace)  # its own connections: never behind reconciles
         # (the forward-auth's thread closes its own session with its loop)
@@ -142,6 +143,8 @@ async def on_startup(
         backends=memo.context.backends,
     )
     memo.pods.follow()
+    if isinstance(routes, GatewayRoutes):
+        routes.follow()
     memo.sweeper = asyncio.create_task(sweep_forever(memo, config.sweep_interval_seconds))
     pod = os.environ.get("POD_ID", "")
     memo.role_labeller = (

@@ -368,8 +368,11 @@ class KubeClient:
         return await self.delete(kind, namespace, name, uid=str(metadata.get("uid", "")))
 
     def _kind_path(self, kind: str) -> str:
-        """Where the objects of a core kind in the namespaces this operator serves are listed."""
-        return core_path(kind, self.namespace) if self.namespace else f"/api/v1/{_CORE_PLURALS[kind]}"
+        """Where the objects of a kind (core, or one of _PATHS) in the namespaces this operator serves are listed."""
+        if kind in _CORE_PLURALS:
+            return core_path(kind, self.namespace) if self.namespace else f"/api/v1/{_CORE_PLURALS[kind]}"
+        prefix, plural = next((prefix, plurals[kind]) for prefix, plurals in _PATHS.values() if kind in plurals)
+        return f"{prefix}/namespaces/{self.namespace}/{plural}" if self.namespace else f"{prefix}/{plural}"
 
     async def _pages(
         self, path: str, selector: str, accept: str, fields: str = "", urgent: bool = False

@@ -332,3 +332,51 @@ def _top_level_navigation(headers: Mapping[str, str]) -> bool:
         and headers.get("Sec-Fetch-Dest", "document").lower() == "document"
         and headers.get("X-Forwarded-Method", "").upper() in ("GET", "HEAD")
     )
+
+
+@dataclass(frozen=True)
+class GatewayVerdict:
+    """What the gateway says of an environment's HTTPRoute (its status.parents entry for the Gateway
+    the operator attaches to): taken (True), refused (False, with the gateway's reason and message),
+    or nothing yet about this version of the route (None)."""
+
+    accepted: bool | None
+    reason: str = ""
+    message: str = ""
+
+
+def gateway_verdict(route: Mapping[str, object], gateway_namespace: str, gateway_name: str) -> GatewayVerdict:
+    """The gateway's word on a route (pure), from the conditions it wrote for the route's own version:
+    Accepted and ResolvedRefs (Gateway API), the first False of them wins; Accepted True is taken.
+    Conditions about an older version of the route (observedGeneration below its generation) are not
+    its word on this one: a route just changed is taken as not yet decided."""
+    metadata = _as_mapping(route.get("metadata"))
+    generation = metadata.get("generation")
+    namespace = str(metadata.get("namespace") or "")
+    for parent in _as_list(_as_mapping(route.get("status")).get("parents")):
+        parent = _as_mapping(parent)
+        reference = _as_mapping(parent.get("parentRef"))
+        if (reference.get("name"), reference.get("namespace") or namespace) != (gateway_name, gateway_namespace):
+            continue
+        said: dict[str, Mapping[str, object]] = {}
+        for condition in map(_as_mapping, _as_list(parent.get("conditions"))):
+            observed = condition.get("observedGeneration")
+            if generation is None or observed is None or observed == generation:
+                said[str(condition.get("type") or "")] = condition
+        for kind in ("Accepted", "ResolvedRefs"):
+            refusal = said.get(kind) or {}
+            if refusal.get("status") == "False":
+                return GatewayVerdict(
+                    False, str(refusal.get("reason") or f"Not{kind}"), str(refusal.get("message") or "")
+                )
+        if (said.get("Accepted") or {}).get("status") == "True":
+            return GatewayVerdict(True, "Accepted")
+    return GatewayVerdict(None)
+
+
+def _as_mapping(value: object) -> Mapping[str, object]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _as_list(value: object) -> list[object]:
+    return value if isinstance(value, list) else []
