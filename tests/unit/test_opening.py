@@ -829,12 +829,15 @@ def test_a_route_the_gateway_refuses_is_not_routable_with_its_words_until_it_tak
     routes.converge = lambda environment: converged.append(environment.uid)
     pod = Upstream(port=8888, service=LAB.child_name, landing="lab")
 
-    def route_status(accepted: str, reason: str, message: str = "") -> dict:
+    def route_status(
+        accepted: str, reason: str, message: str = "", namespace: str = LAB.namespace, name: str = "aenv-lab"
+    ) -> dict:
         parent = _parent(Accepted=(accepted, reason, message, 1))
         return {
             "metadata": {
-                "uid": "route-1",
-                "namespace": LAB.namespace,
+                "uid": f"route-{namespace}-{name}",
+                "namespace": namespace,
+                "name": name,
                 "generation": 1,
                 "labels": {"analysis.panosc.eu/environment-uid": LAB.uid},
             },
@@ -843,6 +846,12 @@ def test_a_route_the_gateway_refuses_is_not_routable_with_its_words_until_it_tak
 
     async def scenario() -> None:
         assert (await routes.open(LAB, pod)).routable
+        # someone's route elsewhere (or under another name) carrying the environment's uid label, refused:
+        # not the environment's route, so not its verdict
+        for namespace, name in (("team-b", "aenv-lab"), (LAB.namespace, "aenv-other")):
+            routes.verdicts.put(route_status("False", "NotAllowedByListeners", namespace=namespace, name=name))
+            await routes._verdict_changed(LAB.uid)
+        assert converged == [] and (await routes.open(LAB, pod)).routable
         routes.verdicts.put(route_status("False", "NotAllowedByListeners", "namespace team-a is not allowed"))
         await routes._verdict_changed(LAB.uid)
         assert converged == [LAB.uid]
@@ -856,11 +865,120 @@ def test_a_route_the_gateway_refuses_is_not_routable_with_its_words_until_it_tak
         await routes._verdict_changed(LAB.uid)  # taken, and told so: nothing more to converge
         assert converged == [LAB.uid, LAB.uid]
         other = dataclasses.replace(LAB, uid="u-2", name="other")
-        refused_other = route_status("False", "NotAllowedByListeners")
+        refused_other = route_status("False", "NotAllowedByListeners", name="aenv-other")
         refused_other["metadata"]["labels"]["analysis.panosc.eu/environment-uid"] = other.uid
-        refused_other["metadata"]["uid"] = "route-2"
         routes.verdicts.put(refused_other)
         await routes._verdict_changed(other.uid)
         assert converged == [LAB.uid, LAB.uid]
 
     asyncio.run(scenario())
+
+
+class RefusingRoutes(RecordingRoutes):
+    """A gateway that took the route it was given, and then refused it (the route is in place)."""
+
+    async def open(self, environment, upstream, ready=True):
+        self.open_routes[environment.uid] = upstream
+        return Route(self.url(environment, upstream), False, "NotAllowedByListeners", "not here", retry=False)
+
+
+@pytest.mark.parametrize("end", ["suspend", "expire"])
+def test_a_route_the_gateway_refuses_is_not_retried_on_a_timer_and_is_removed_when_the_environment_ends(end):
+    """The gateway's refusal is told by the watch, so converge asks for no 30 s retry (an admin narrowing a
+    listener must not start a converge every 30 s for each environment); and a refused route is in place all
+    the same, so a suspend or the end of its lifetime removes it and says NotRunning (before: Routable was
+    False, taken for nothing routed, and the route and its Service stayed)."""
+    routes = RefusingRoutes()
+    backend, step = run_scenario(routes)
+
+    async def scenario():
+        status, _ = await step(ENVIRONMENT, {})
+        backend.running["u-1"] = "ready"
+        status, outcome = await step(ENVIRONMENT, status)
+        assert status["phase"] == "Ready" and outcome.retry_after is None
+        assert conditions(status)["Routable"]["reason"] == "NotAllowedByListeners"
+        # known at Ready already: the Warning, not the Normal "Up" of the same pass (the status says Ready)
+        assert outcome.event == ("Warning", "NotAllowedByListeners", "not here")
+        context = Context(kube=Cluster(), backends={"memory": backend}, access=Catalogue(), routes=routes)
+        ended, now = ENVIRONMENT, NOW + datetime.timedelta(hours=3)  # past its lifetime
+        if end == "suspend":
+            ended, now = dataclasses.replace(ENVIRONMENT, suspend=True), NOW
+        status = {**status, **(await converge(context, ended, status, FLAVOR, now)).status}
+        assert status["phase"] == ("Suspended" if end == "suspend" else "Expired")
+        assert not routes.open_routes, "the refused route was left in place"
+        assert conditions(status)["Routable"]["reason"] == "NotRunning"
+        assert (await converge(context, ended, status, FLAVOR, now)).status is None  # closed once: nothing more
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_route_deleted_or_changed_stays_refused_until_the_gateway_takes_it():
+    """While the gateway has said nothing yet of the route's new version (changed: its generation went up;
+    deleted and made again), the refusal told before stands: no Routable True for a moment, no second
+    Warning. A refused route deleted by someone is made again by the converge its deletion starts."""
+    from analysis_operator.engine.routes import GatewayRoutes
+
+    kube = ListingKube()
+    routes = GatewayRoutes(kube, SETTINGS)  # type: ignore[arg-type]
+    converged: list[str] = []
+    routes.converge = lambda environment: converged.append(environment.uid)
+    pod = Upstream(port=8888, service=LAB.child_name, landing="lab")
+
+    def route_at(generation: int, accepted: str | None, observed: int | None = None) -> dict:
+        parents = [] if accepted is None else [_parent(Accepted=(accepted, "NotAllowedByListeners", "", observed))]
+        metadata = {"uid": "r-1", "namespace": LAB.namespace, "name": "aenv-lab", "generation": generation}
+        metadata["labels"] = {"analysis.panosc.eu/environment-uid": LAB.uid}
+        return {"metadata": metadata, "status": {"parents": parents}}
+
+    async def scenario() -> None:
+        await routes.open(LAB, pod)
+        routes.verdicts.put(route_at(1, "False", 1))
+        assert not (await routes.open(LAB, pod)).routable
+        routes.verdicts.put(route_at(2, "False", 1))  # changed: the gateway has not looked at version 2 yet
+        assert routes.refusal(LAB) is not None and not (await routes.open(LAB, pod)).routable
+        applied = len(kube.applied)
+        routes.verdicts.remove("r-1")  # deleted by someone
+        await routes._verdict_changed(LAB.uid)
+        assert converged[-1] == LAB.uid
+        again = await routes.open(LAB, pod)
+        assert ("HTTPRoute", "aenv-lab") in kube.applied[applied:] and not again.routable
+        routes.verdicts.put(route_at(1, None))  # made again; nothing said yet
+        assert not (await routes.open(LAB, pod)).routable
+        routes.verdicts.put(route_at(1, "True", 1))
+        assert (await routes.open(LAB, pod)).routable
+
+    asyncio.run(scenario())
+
+
+def test_a_true_in_one_entry_does_not_hide_a_refusal_in_another_and_another_listener_is_not_asked():
+    from analysis_operator.policy.opening import gateway_verdict
+
+    taken = _parent(Accepted=("True", "Accepted", "", 2))
+    refused = _parent(Accepted=("False", "NotAllowedByListeners", "", 2))
+    assert gateway_verdict(_route_with([taken, refused]), "analysis-gateway", "analysis").accepted is False
+    web = {**refused, "parentRef": {**refused["parentRef"], "sectionName": "web"}}
+    assert gateway_verdict(_route_with([web]), "analysis-gateway", "analysis", "web").accepted is False
+    assert gateway_verdict(_route_with([web]), "analysis-gateway", "analysis", "websecure").accepted is None
+
+
+def test_closing_in_a_namespace_whose_quota_refuses_the_closed_page_still_closes():
+    """A route refused by the namespace's quota (Routable False, RefusedByCluster) is now closed at a suspend
+    too: the closed page the close sets up is refused by the same quota, which must not fail the converge
+    (it would be retried for as long as the quota stays); any other error still fails it."""
+    from analysis_operator.engine.routes import GatewayRoutes
+
+    class NoRoutesAllowed(ListingKube):
+        error = 403
+
+        async def apply(self, body: dict) -> dict:
+            if body["kind"] == "HTTPRoute":
+                message = 'httproutes "aenv-closed" is forbidden: exceeded quota: routes'
+                raise KubeError("PATCH", "/apis/x", self.error, "Forbidden", json.dumps({"message": message}))
+            return await super().apply(body)
+
+    kube = NoRoutesAllowed()
+    asyncio.run(GatewayRoutes(kube, SETTINGS).close(LAB))  # type: ignore[arg-type]
+    assert ("Middleware", "aenv-forward-auth") in kube.applied  # it tried
+    kube.error = 500
+    with pytest.raises(KubeError):
+        asyncio.run(GatewayRoutes(kube, SETTINGS).close(LAB))  # type: ignore[arg-type]

@@ -727,14 +727,19 @@ async def _observed(
     ):
         outcome = Outcome({"connection": connection}, outcome.event)  # the gateway came, went or moved
     outcome = _with_routable(outcome, environment, status, now, route)
-    if route is not None and not route.routable:
+    if route is not None and not route.routable and route.retry:
         return Outcome(outcome.status, outcome.event, retry_after=ROUTE_RETRY_SECONDS, message=route.message)
     return outcome
 
 
+NOT_RUNNING = "NotRunning"  # Routable's reason once nothing of the route is left
+
+
 def _routed(status: Mapping[str, Any]) -> bool:
+    """Something of its route may be in place: Routable says anything but NotRunning (True, or False with a
+    route the gateway refuses, or one only partly made)."""
     condition = {c.get("type"): c for c in status.get("conditions") or ()}.get("Routable")
-    return condition is not None and condition.get("status") == "True"
+    return condition is not None and condition.get("reason") != NOT_RUNNING
 
 
 async def _close_route(context: Context, environment: Environment, status: Mapping[str, Any]) -> None:
@@ -750,9 +755,9 @@ def _with_routable(
     conditions = {c.get("type"): c for c in status.get("conditions") or ()}
     previous = conditions.get("Routable")
     if route is None:
-        if previous is None or previous.get("status") == "False":
+        if previous is None or previous.get("reason") == NOT_RUNNING:
             return outcome
-        routable, reason, message = False, "NotRunning", "not routed: the environment does not run"
+        routable, reason, message = False, NOT_RUNNING, "not routed: the environment does not run"
     else:
         routable, reason, message = route.routable, route.reason, route.message
     if previous is not None and previous.get("status") == str(routable) and previous.get("reason") == reason:
@@ -769,6 +774,7 @@ def _with_routable(
     patch = dict(outcome.status or {})
     patch["conditions"] = merge_conditions(patch.get("conditions") or status.get("conditions"), condition)
     event = outcome.event
-    if event is None and not routable and route is not None:
+    if not routable and route is not None and (event is None or event[0] == "Normal"):
+        # over a Normal one of the same pass ("Up": the status says it too): that it cannot be opened is news
         event = ("Warning", reason, message)
     return Outcome(patch, event, outcome.retry_after, outcome.message)

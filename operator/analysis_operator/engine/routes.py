@@ -71,6 +71,7 @@ CLOSED_PAGE = "aenv-closed"  # per namespace: the route and Middleware answering
 AUTH_RESPONSE_HEADERS = ["Authorization", "Cookie", "X-Forwarded-User"]
 PROBE_ATTEMPT_SECONDS = 1.0  # one probe request; then whether the forward-auth saw it is checked
 PROBE_MAX_DELAY_SECONDS = 5.0  # between one environment's attempts (from 50 ms, doubling)
+GATEWAY_WORDS = 800  # characters of the gateway's message quoted in Routable (as cluster_refusal quotes the API server)
 ROUTE_RETRY_SECONDS = 30.0  # a route that is not routable (refused, no gateway) is tried again after this
 PROBE_RATE = 100.0  # attempts per second, all environments together (a burst's probes are paced, not a flood)
 GATEWAY_NOT_FOUND = b"404 page not found\n"  # Traefik's (and Go's net/http) answer when no route matches
@@ -86,11 +87,22 @@ _NO_BACKEND_TLS = (
 
 
 @dataclass(frozen=True)
+class RouteVerdict:
+    """What is kept of each HTTPRoute the operator made (GatewayRoutes.verdicts): where it is, and the
+    gateway's word on it."""
+
+    namespace: str
+    name: str
+    verdict: GatewayVerdict
+
+
+@dataclass(frozen=True)
 class Route:
     url: str  # what OPEN navigates to
     routable: bool
     reason: str
     message: str
+    retry: bool = True  # not routable: converged again in ROUTE_RETRY_SECONDS (not when the watch tells the change)
 
 
 class Routes(Protocol):
@@ -158,7 +170,8 @@ def _origin(settings: GatewaySettings, environment: Environment) -> str:
 
 def refusal_message(gateway: str, environment: Environment, url: str, refused: GatewayVerdict) -> str:
     """Routable's message for a route the gateway refuses (pure): its own words, and what it means."""
-    said = f"{refused.reason}: {refused.message}" if refused.message else refused.reason
+    words = refused.message if len(refused.message) <= GATEWAY_WORDS else refused.message[: GATEWAY_WORDS - 3] + "..."
+    said = f"{refused.reason}: {words}" if words else refused.reason
     return (
         f"Gateway {gateway} does not take HTTPRoute {environment.namespace}/{environment.child_name} ({said}), so "
         f"{url} does not answer; the environment itself runs. It is opened as soon as the gateway takes the route "
@@ -370,9 +383,9 @@ class GatewayRoutes:
         self.converge: Callable[[Environment], None] = lambda environment: None  # converge it again now
         # The gateway's word on each environment's route, by environment uid (start: watched), and the
         # uids whose last Route said the gateway refused it (told again when it changes its mind).
-        self.verdicts: Summaries[str, GatewayVerdict] = Summaries(self._verdict_of)
-        self._refused: set[str] = set()
-        self._watch: Watch[str, GatewayVerdict] | None = None
+        self.verdicts: Summaries[str, RouteVerdict] = Summaries(self._verdict_of)
+        self._refused: dict[str, GatewayVerdict] = {}
+        self._watch: Watch[str, RouteVerdict] | None = None
 
     async def start(self, namespace: str, kube: KubeClient | None = None) -> None:
         """The routes' verdicts listed (before the first converge reads them), then followed on a
@@ -383,28 +396,54 @@ class GatewayRoutes:
         )
         try:
             await self._watch.start()
-        except ApiException as error:
+        except Exception as error:  # the API server, RBAC or the CRD: nothing of opening waits for it
             log.warning("route.verdicts_not_listed", error=repr(error), action="listed again by the watch")
 
     def follow(self) -> None:
         if self._watch is not None:
             self._watch.follow()
 
-    def _verdict_of(self, body: Mapping[str, Any]) -> tuple[str, GatewayVerdict] | None:
-        uid = str(((body.get("metadata") or {}).get("labels") or {}).get(LABEL_ENVIRONMENT_UID) or "")
-        return (uid, gateway_verdict(body, self._settings.namespace, self._settings.name)) if uid else None
+    def _verdict_of(self, body: Mapping[str, Any]) -> tuple[str, RouteVerdict] | None:
+        metadata = body.get("metadata") or {}
+        uid = str((metadata.get("labels") or {}).get(LABEL_ENVIRONMENT_UID) or "")
+        if not uid:
+            return None  # a namespace's closed page
+        verdict = gateway_verdict(body, self._settings.namespace, self._settings.name, self._settings.section_name)
+        return uid, RouteVerdict(str(metadata.get("namespace") or ""), str(metadata.get("name") or ""), verdict)
 
-    def refusal(self, uid: str) -> GatewayVerdict | None:
-        """The gateway's refusal of this environment's route, if that is its word on it now."""
-        return next((verdict for verdict in self.verdicts.get(uid, ()) if verdict.accepted is False), None)
+    def verdict(self, environment: Environment) -> GatewayVerdict | None:
+        """The gateway's word on this environment's own route (by its namespace and name: a route elsewhere
+        carrying its uid label is not its route); None while that route is not seen."""
+        return next(
+            (
+                each.verdict
+                for each in self.verdicts.get(environment.uid, ())
+                if (each.namespace, each.name) == (environment.namespace, environment.child_name)
+            ),
+            None,
+        )
+
+    def refusal(self, environment: Environment) -> GatewayVerdict | None:
+        """The gateway's refusal of its route, if that is its word now; while the gateway has said nothing of
+        the route's version yet (just changed, or made again), the refusal told before stands."""
+        verdict = self.verdict(environment)
+        if verdict is None or verdict.accepted is None:
+            return self._refused.get(environment.uid)
+        return verdict if verdict.accepted is False else None
 
     async def _verdict_changed(self, uid: str) -> None:
         """A route the gateway refuses now, or took again after a refusal this process told: its
-        environment converged again (only where this process routes it), which says so in Routable."""
+        environment converged again (only where this process routes it), which says so in Routable. A
+        refused route deleted meanwhile is made again by that converge."""
         applied = self._applied.get(uid)
-        if applied is None or (self.refusal(uid) is None and uid not in self._refused):
+        if applied is None:
             return
-        self.converge(Environment(namespace=applied.namespace, name=applied.name, uid=uid, owner="", flavor=""))
+        environment = Environment(namespace=applied.namespace, name=applied.name, uid=uid, owner="", flavor="")
+        if uid in self._refused and self.verdict(environment) is None:
+            del self._applied[uid]  # its route is gone: applied again, not taken for in place
+        elif self.refusal(environment) is None and uid not in self._refused:
+            return
+        self.converge(environment)
 
     def served(self, environment: Environment, upstream: Upstream) -> bool:
         """Has the gateway served this environment's own route yet? (settings gateway.probe_url:
@@ -550,14 +589,15 @@ class GatewayRoutes:
                 wanted, environment.namespace, environment.name, address, bool(upstream.server_name)
             )
             log.info("route.opened", environment=f"{environment.namespace}/{environment.name}", url=url)
-        refused = self.refusal(environment.uid)
+        refused = self.refusal(environment)
         if refused is not None:
-            self._refused.add(environment.uid)
+            self._refused[environment.uid] = refused
             probe = self._probes.pop(environment.uid, None)
             if probe is not None:  # nothing to wait for: the gateway has said it does not serve it
                 probe.cancel()
-            return Route(url, False, refused.reason, refusal_message(gateway, environment, url, refused))
-        self._refused.discard(environment.uid)
+            # not tried again every 30 s: the watch tells the gateway's change of mind
+            return Route(url, False, refused.reason, refusal_message(gateway, environment, url, refused), retry=False)
+        self._refused.pop(environment.uid, None)
         return Route(url, True, "Routed", f"open at {url} through Gateway {gateway}")
 
     async def _apply_namespace(self, namespace: str) -> None:
@@ -624,7 +664,7 @@ class GatewayRoutes:
     def _drop(self, uid: str) -> None:
         """What this process keeps for an environment's route, and its probe."""
         self._applied.pop(uid, None)
-        self._refused.discard(uid)
+        self._refused.pop(uid, None)
         self._served.discard(uid)
         self._passed.discard(uid)
         probe = self._probes.pop(uid, None)
@@ -638,7 +678,14 @@ class GatewayRoutes:
 
     async def close(self, environment: Environment) -> None:
         self._drop(environment.uid)
-        await self._namespaces.ensure(environment.namespace, environment.uid)  # its closed page answers now
+        try:
+            await self._namespaces.ensure(environment.namespace, environment.uid)  # its closed page answers now
+        except ApiException as error:  # a quota or policy with no room for it: what is open is closed all the same
+            if not cluster_refusal(error):
+                raise
+            log.warning(
+                "route.closed_page_refused", environment=f"{environment.namespace}/{environment.name}", call=repr(error)
+            )
         for api_version, kind in (
             (GATEWAY_API, "HTTPRoute"),
             ("discovery.k8s.io/v1", "EndpointSlice"),

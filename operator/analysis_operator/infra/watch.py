@@ -11,7 +11,8 @@ Changes of a summary are told to `changed(key)` in a task of their own, once for
 arrive together. The first list is read by `start` (the operator's handlers read the summaries from
 their first run) and told to no one; `follow` then watches from that list's version on. A list read
 again after the watch lost its place (410 Gone) tells every key that changed meanwhile. A watch that
-fails (the API server restarting) is tried again from where it was, after a growing pause.
+fails (the API server restarting) is tried again from where it was, after a growing pause; one refused
+(403, 404: no RBAC for it, its CRD not installed) only every minute.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Generic, TypeVar
 
 import structlog
 
-from analysis_operator.infra.kube import Expired, KubeClient
+from analysis_operator.infra.kube import Expired, KubeClient, KubeError
 
 log = structlog.get_logger("analysis_operator.watch")
 
@@ -31,6 +32,7 @@ Key = TypeVar("Key", bound=Hashable)
 Summary = TypeVar("Summary")
 Found = tuple[str, tuple[Key, Summary] | None]  # an object's uid, and its (key, summary) or None: what is kept of it
 FIRST_PAUSE, LAST_PAUSE = 0.5, 5.0  # seconds between failed watches, doubling (a failed one costs a connection)
+REFUSED_PAUSE = 60.0  # after a 403 or 404 (no RBAC for it, its CRD not installed): a fix takes a person
 
 
 class Summaries(Mapping[Key, tuple[Summary, ...]], Generic[Key, Summary]):
@@ -155,8 +157,9 @@ class Watch(Generic[Key, Summary]):
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # the API server restarting, a connection dropped: from where it was
-                log.warning("watch.failed", kind=self.kind, error=repr(error), retry_in=pause)
-                await asyncio.sleep(pause)
+                wait = REFUSED_PAUSE if isinstance(error, KubeError) and error.status in (403, 404) else pause
+                log.warning("watch.failed", kind=self.kind, error=repr(error), retry_in=wait)
+                await asyncio.sleep(wait)
                 pause = min(LAST_PAUSE, pause * 2)
 
     def _apply(self, event: dict[str, Any]) -> None:

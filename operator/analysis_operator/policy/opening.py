@@ -345,18 +345,25 @@ class GatewayVerdict:
     message: str = ""
 
 
-def gateway_verdict(route: Mapping[str, object], gateway_namespace: str, gateway_name: str) -> GatewayVerdict:
-    """The gateway's word on a route (pure), from the conditions it wrote for the route's own version:
-    Accepted and ResolvedRefs (Gateway API), the first False of them wins; Accepted True is taken.
-    Conditions about an older version of the route (observedGeneration below its generation) are not
-    its word on this one: a route just changed is taken as not yet decided."""
+def gateway_verdict(
+    route: Mapping[str, object], gateway_namespace: str, gateway_name: str, section_name: str = ""
+) -> GatewayVerdict:
+    """The gateway's word on a route (pure), from the conditions it wrote for the route's own version in
+    its entries for the Gateway (and listener, `section_name`) the operator attaches to: Accepted and
+    ResolvedRefs (Gateway API). A False in any such entry wins over a True in another; Accepted True is
+    taken. Conditions about an older version of the route (observedGeneration below its generation) are
+    not its word on this one: a route just changed is taken as not yet decided."""
     metadata = _as_mapping(route.get("metadata"))
     generation = metadata.get("generation")
     namespace = str(metadata.get("namespace") or "")
-    for parent in _as_list(_as_mapping(route.get("status")).get("parents")):
-        parent = _as_mapping(parent)
+    accepted = False
+    for parent in map(_as_mapping, _as_list(_as_mapping(route.get("status")).get("parents"))):
         reference = _as_mapping(parent.get("parentRef"))
         if (reference.get("name"), reference.get("namespace") or namespace) != (gateway_name, gateway_namespace):
+            continue
+        if reference.get("kind", "Gateway") != "Gateway" or (
+            section_name and reference.get("sectionName") != section_name
+        ):
             continue
         said: dict[str, Mapping[str, object]] = {}
         for condition in map(_as_mapping, _as_list(parent.get("conditions"))):
@@ -369,9 +376,8 @@ def gateway_verdict(route: Mapping[str, object], gateway_namespace: str, gateway
                 return GatewayVerdict(
                     False, str(refusal.get("reason") or f"Not{kind}"), str(refusal.get("message") or "")
                 )
-        if (said.get("Accepted") or {}).get("status") == "True":
-            return GatewayVerdict(True, "Accepted")
-    return GatewayVerdict(None)
+        accepted = accepted or (said.get("Accepted") or {}).get("status") == "True"
+    return GatewayVerdict(True, "Accepted") if accepted else GatewayVerdict(None)
 
 
 def _as_mapping(value: object) -> Mapping[str, object]:
