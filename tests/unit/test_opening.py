@@ -877,9 +877,15 @@ def test_a_route_the_gateway_refuses_is_not_routable_with_its_words_until_it_tak
 class RefusingRoutes(RecordingRoutes):
     """A gateway that took the route it was given, and then refused it (the route is in place)."""
 
+    closed = 0
+
     async def open(self, environment, upstream, ready=True):
         self.open_routes[environment.uid] = upstream
         return Route(self.url(environment, upstream), False, "NotAllowedByListeners", "not here", retry=False)
+
+    async def close(self, environment):
+        self.closed += 1
+        await super().close(environment)
 
 
 @pytest.mark.parametrize("end", ["suspend", "expire"])
@@ -907,7 +913,43 @@ def test_a_route_the_gateway_refuses_is_not_retried_on_a_timer_and_is_removed_wh
         assert status["phase"] == ("Suspended" if end == "suspend" else "Expired")
         assert not routes.open_routes, "the refused route was left in place"
         assert conditions(status)["Routable"]["reason"] == "NotRunning"
-        assert (await converge(context, ended, status, FLAVOR, now)).status is None  # closed once: nothing more
+        assert (await converge(context, ended, status, FLAVOR, now)).status is None  # nothing more to write
+        assert routes.closed == 1  # and closed once, not at every converge
+
+    asyncio.run(scenario())
+
+
+def test_a_route_never_applied_is_not_closed_and_one_no_longer_reachable_is():
+    """No Gateway (GatewayNotFound: nothing was applied, and with the Gateway API not installed a close would
+    fail on the closed page it sets up): a suspend closes nothing, suspends, and says NotRunning. A Ready
+    environment whose backend reports no address any more while it still counts as starting (a Slurm job
+    completing, a VM shut off) has its route closed before NotRunning is written, not left pointing there."""
+    routes = RecordingRoutes(routable=False)
+    backend, step = run_scenario(routes)
+    closed: list[str] = []
+
+    async def close(environment):
+        closed.append(environment.uid)
+
+    routes.close = close
+
+    async def scenario():
+        status, _ = await step(ENVIRONMENT, {})
+        backend.running["u-1"] = "ready"
+        status, _ = await step(ENVIRONMENT, status)
+        assert conditions(status)["Routable"]["reason"] == "GatewayNotFound"
+        status, _ = await step(dataclasses.replace(ENVIRONMENT, suspend=True), status)
+        assert status["phase"] == "Suspended" and backend.running["u-1"] == "suspended" and closed == []
+        assert conditions(status)["Routable"]["reason"] == "NotRunning"
+
+        routes.routable, routes.close = True, RecordingRoutes.close.__get__(routes)
+        status, _ = await step(ENVIRONMENT, status)  # resumed
+        backend.running["u-1"] = "ready"
+        status, _ = await step(ENVIRONMENT, status)
+        assert status["phase"] == "Ready" and "u-1" in routes.open_routes
+        backend.running["u-1"] = "starting"  # still counted as starting, no address (UpstreamBackend)
+        status, _ = await step(ENVIRONMENT, status)
+        assert "u-1" not in routes.open_routes and conditions(status)["Routable"]["reason"] == "NotRunning"
 
     asyncio.run(scenario())
 
@@ -946,6 +988,15 @@ def test_a_refused_route_deleted_or_changed_stays_refused_until_the_gateway_take
         assert not (await routes.open(LAB, pod)).routable
         routes.verdicts.put(route_at(1, "True", 1))
         assert (await routes.open(LAB, pod)).routable
+        # refused, then closed (a pod unschedulable for a while: Pending) and opened again: still refused
+        # until the gateway speaks of the new route, not "Routed" for a moment (and its probe started)
+        routes.verdicts.put(route_at(1, "False", 1))
+        assert not (await routes.open(LAB, pod)).routable
+        await routes.close(LAB)
+        routes.verdicts.remove("r-1")
+        assert not (await routes.open(LAB, pod)).routable
+        routes.forget([LAB.uid])  # the environment is gone: nothing kept for it
+        assert routes.refusal(LAB) is None
 
     asyncio.run(scenario())
 
@@ -961,7 +1012,7 @@ def test_a_true_in_one_entry_does_not_hide_a_refusal_in_another_and_another_list
     assert gateway_verdict(_route_with([web]), "analysis-gateway", "analysis", "websecure").accepted is None
 
 
-def test_closing_in_a_namespace_whose_quota_refuses_the_closed_page_still_closes():
+def test_closing_where_the_closed_page_cannot_be_made_still_closes():
     """A route refused by the namespace's quota (Routable False, RefusedByCluster) is now closed at a suspend
     too: the closed page the close sets up is refused by the same quota, which must not fail the converge
     (it would be retried for as long as the quota stays); any other error still fails it."""
@@ -979,6 +1030,17 @@ def test_closing_in_a_namespace_whose_quota_refuses_the_closed_page_still_closes
     kube = NoRoutesAllowed()
     asyncio.run(GatewayRoutes(kube, SETTINGS).close(LAB))  # type: ignore[arg-type]
     assert ("Middleware", "aenv-forward-auth") in kube.applied  # it tried
-    kube.error = 500
+    kube.error = 404  # the Gateway API or Traefik's CRDs not installed: "404 page not found"
+
+    async def not_served(body: dict) -> dict:
+        raise KubeError("PATCH", "/apis/traefik.io/v1alpha1/x", 404, "Not Found", "404 page not found")
+
+    kube.apply = not_served  # type: ignore[method-assign]
+    asyncio.run(GatewayRoutes(kube, SETTINGS).close(LAB))  # type: ignore[arg-type]
+
+    async def broken(body: dict) -> dict:
+        raise KubeError("PATCH", "/apis/x", 500, "Internal Server Error", "{}")
+
+    kube.apply = broken  # type: ignore[method-assign]
     with pytest.raises(KubeError):
         asyncio.run(GatewayRoutes(kube, SETTINGS).close(LAB))  # type: ignore[arg-type]

@@ -707,7 +707,7 @@ async def _observed(
             phase, reason, message = Phase.PROVISIONING, "Opening", f"running; the gateway is opening {route.url}"
     elif observation.url:
         connection["url"] = observation.url
-    if not starting:
+    if route is None:  # not running, or no longer reachable where it was (a job completing, a VM shut off)
         await _close_route(context, environment, status)
     extra: dict[str, Any] = {
         "backend": backend_status(flavor.backend, observation),
@@ -733,13 +733,15 @@ async def _observed(
 
 
 NOT_RUNNING = "NotRunning"  # Routable's reason once nothing of the route is left
+NOTHING_APPLIED = (NOT_RUNNING, "GatewayNotFound", "NoAddress")  # routes.GatewayRoutes.open: said before any apply
 
 
 def _routed(status: Mapping[str, Any]) -> bool:
-    """Something of its route may be in place: Routable says anything but NotRunning (True, or False with a
-    route the gateway refuses, or one only partly made)."""
+    """Something of its route may be in place: Routable True, or False with a route the gateway refuses or one
+    only partly made (a quota refused the route after its Service) - not NotRunning, nor a reason given before
+    anything was applied (no Gateway, no address)."""
     condition = {c.get("type"): c for c in status.get("conditions") or ()}.get("Routable")
-    return condition is not None and condition.get("reason") != NOT_RUNNING
+    return condition is not None and condition.get("reason") not in NOTHING_APPLIED
 
 
 async def _close_route(context: Context, environment: Environment, status: Mapping[str, Any]) -> None:

@@ -71,7 +71,7 @@ CLOSED_PAGE = "aenv-closed"  # per namespace: the route and Middleware answering
 AUTH_RESPONSE_HEADERS = ["Authorization", "Cookie", "X-Forwarded-User"]
 PROBE_ATTEMPT_SECONDS = 1.0  # one probe request; then whether the forward-auth saw it is checked
 PROBE_MAX_DELAY_SECONDS = 5.0  # between one environment's attempts (from 50 ms, doubling)
-GATEWAY_WORDS = 800  # characters of the gateway's message quoted in Routable (as cluster_refusal quotes the API server)
+GATEWAY_WORDS = 500  # characters of the gateway's message quoted (the Event's body is cut at 1,024 in all)
 ROUTE_RETRY_SECONDS = 30.0  # a route that is not routable (refused, no gateway) is tried again after this
 PROBE_RATE = 100.0  # attempts per second, all environments together (a burst's probes are paced, not a flood)
 GATEWAY_NOT_FOUND = b"404 page not found\n"  # Traefik's (and Go's net/http) answer when no route matches
@@ -677,11 +677,14 @@ class GatewayRoutes:
         self._namespaces.forget(uids)
 
     async def close(self, environment: Environment) -> None:
+        refused = self._refused.get(environment.uid)
         self._drop(environment.uid)
+        if refused is not None:  # told again if it runs again: not "Routed" until the gateway speaks
+            self._refused[environment.uid] = refused
         try:
             await self._namespaces.ensure(environment.namespace, environment.uid)  # its closed page answers now
-        except ApiException as error:  # a quota or policy with no room for it: what is open is closed all the same
-            if not cluster_refusal(error):
+        except ApiException as error:  # a quota or policy with no room for it, no Traefik CRD: closed all the same
+            if not (cluster_refusal(error) or kind_not_served(error)):
                 raise
             log.warning(
                 "route.closed_page_refused", environment=f"{environment.namespace}/{environment.name}", call=repr(error)
