@@ -310,22 +310,35 @@ def test_a_route_the_namespace_quota_refuses_is_a_condition_until_it_has_room(
         namespace, field_selector="involvedObject.name=lab,reason=RefusedByCluster"
     ).items
     assert [event.type for event in warnings] == ["Warning"]
+    closed_until(
+        opened,
+        core,
+        environments,
+        namespace,
+        lambda: core.delete_namespaced_resource_quota("routes", namespace),
+        "the route made once the quota has room",
+    )
+
+
+def closed_until(opened, core, environments, namespace, lift, what):
+    """Nothing of `lab` opens for its owner (through the gateway, to an echo server at the pod's address)
+    until `lift()`; then Routable is True again and the owner gets in."""
     base = f"/env/{namespace}/lab/"
     pod_ip = core.read_namespaced_pod("aenv-lab", namespace).status.pod_ip
     with Netns(pod_ip) as pod:
         pod.echo_server(8888)
         assert opened.request(base + "api/status", "alice", timeout=3)[0] != 200
-        core.delete_namespaced_resource_quota("routes", namespace)
+        lift()
         wait_for(
             lambda: conditions(environments.get("lab")).get("Routable", {}).get("status") == "True",
             timeout=60,
-            what="the route made once the quota has room",
+            what=lambda: f"{what}: {json.dumps(environments.get('lab').get('status'))}",
         )
         # the route is new to the gateway: a moment of 503 (no endpoint loaded yet) before the owner gets in
         wait_for(
             lambda: opened.request(base + "api/status", "alice", timeout=3)[0] == 200,
             timeout=40,
-            what="the owner let in through the new route",
+            what="the owner let in through the route",
         )
 
 
@@ -369,22 +382,8 @@ def test_a_route_the_gateway_refuses_says_why_in_the_gateways_words_and_opens_on
             namespace, field_selector="involvedObject.name=lab,reason=NotAllowedByListeners"
         ).items
         assert [event.type for event in warnings] == ["Warning"]
-        base = f"/env/{namespace}/lab/"
-        pod_ip = core.read_namespaced_pod("aenv-lab", namespace).status.pod_ip
-        with Netns(pod_ip) as pod:
-            pod.echo_server(8888)
-            assert opened.request(base + "api/status", "alice", timeout=3)[0] != 200
-            listen(listeners)  # the facility's gateway takes routes from every namespace again
-            wait_for(
-                lambda: conditions(environments.get("lab")).get("Routable", {}).get("status") == "True",
-                timeout=60,
-                what=lambda: f"Routable=True once taken: {json.dumps(environments.get('lab').get('status'))}",
-            )
-            wait_for(
-                lambda: opened.request(base + "api/status", "alice", timeout=3)[0] == 200,
-                timeout=40,
-                what="the owner let in once the gateway takes the route",
-            )
+        # the facility's gateway takes routes from every namespace again
+        closed_until(opened, core, environments, namespace, lambda: listen(listeners), "Routable=True once taken")
     finally:
         listen(listeners)
 

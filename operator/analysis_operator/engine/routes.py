@@ -439,9 +439,10 @@ class GatewayRoutes:
         if applied is None:
             return
         environment = Environment(namespace=applied.namespace, name=applied.name, uid=uid, owner="", flavor="")
-        if uid in self._refused and self.verdict(environment) is None:
-            del self._applied[uid]  # its route is gone: applied again, not taken for in place
-        elif self.refusal(environment) is None and uid not in self._refused:
+        if uid in self._refused:
+            if self.verdict(environment) is None:
+                del self._applied[uid]  # its route is gone: applied again, not taken for in place
+        elif self.refusal(environment) is None:
             return
         self.converge(environment)
 
@@ -661,10 +662,12 @@ class GatewayRoutes:
                 )
                 self.converge(environment)
 
-    def _drop(self, uid: str) -> None:
-        """What this process keeps for an environment's route, and its probe."""
+    def _drop(self, uid: str, keep_refusal: bool = False) -> None:
+        """What this process keeps for an environment's route, and its probe (`keep_refusal`: but the
+        gateway's refusal told, for when it runs again)."""
         self._applied.pop(uid, None)
-        self._refused.pop(uid, None)
+        if not keep_refusal:
+            self._refused.pop(uid, None)
         self._served.discard(uid)
         self._passed.discard(uid)
         probe = self._probes.pop(uid, None)
@@ -677,10 +680,7 @@ class GatewayRoutes:
         self._namespaces.forget(uids)
 
     async def close(self, environment: Environment) -> None:
-        refused = self._refused.get(environment.uid)
-        self._drop(environment.uid)
-        if refused is not None:  # told again if it runs again: not "Routed" until the gateway speaks
-            self._refused[environment.uid] = refused
+        self._drop(environment.uid, keep_refusal=True)  # if it runs again: not "Routed" until the gateway speaks
         try:
             await self._namespaces.ensure(environment.namespace, environment.uid)  # its closed page answers now
         except ApiException as error:  # a quota or policy with no room for it, no Traefik CRD: closed all the same
