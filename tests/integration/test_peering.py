@@ -25,21 +25,25 @@ from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 LIFETIME = 10  # seconds; the chart's default is 20
+RETRY_SECONDS = 30  # engine/converge.py REFUSED_RETRY_SECONDS
 
 
 def handled(process: OperatorProcess, environment: str) -> bool:
     """Did this process run a handler for the environment (its log says so)?"""
+    return any(
+        record.get("environment", "").endswith(f"/{environment}") and record.get("event") == "environment.transition"
+        for record in log_lines(process)
+    )
+
+
+def log_lines(process: OperatorProcess) -> list[dict]:
+    lines = []
     for line in process.log_path.read_text().splitlines():
         try:
-            record = json.loads(line)
+            lines.append(json.loads(line))
         except ValueError:
             continue
-        if (
-            record.get("environment", "").endswith(f"/{environment}")
-            and record.get("event") == "environment.transition"
-        ):
-            return True
-    return False
+    return lines
 
 
 def acting(process: OperatorProcess) -> bool:
@@ -168,6 +172,45 @@ def test_a_clean_stop_hands_over_at_once(operator_pair, custom, namespace):
     environments.create("after", flavor="jupyter-basic")
     environments.wait_phase("after", "Ready", timeout=30)
     assert handled(standby, "after")
+
+
+def test_a_replica_outranked_mid_retry_converges_nothing_until_it_acts_again(operator_pair, custom, core, namespace):
+    """The active replica is retrying an environment on a timer of its own (its pod gone, a ResourceQuota
+    refusing the new one) when a peer outranks it (a rolling update's new replica, here a keep-alive written
+    by hand): kopf pauses its handlers, not that timer. The quota lifted meanwhile, the timer comes due on a
+    replica whose index is stale and which must not act: nothing is made and nothing written. Once no peer
+    outranks it, the same timer converges it and it runs again."""
+    name, processes = operator_pair(lifetime=120)
+    active, standby = split(name, processes)
+    environments = Environments(custom, namespace)
+    environments.create("kept", flavor="jupyter-basic")
+    environments.wait_phase("kept", "Ready", timeout=30)
+    core.create_namespaced_resource_quota(namespace, {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}})
+    wait_for(
+        lambda: (core.read_namespaced_resource_quota("no-pods", namespace).status.hard or {}).get("pods") == "0",
+        timeout=30,
+        what="the quota counted",
+    )
+    core.delete_namespaced_pod("aenv-kept", namespace, grace_period_seconds=0)
+    status = environments.wait_phase("kept", "Pending", timeout=20)["status"]
+    assert status["reason"] == "RefusedByCluster" and "no-pods" in status["message"], status
+
+    now = datetime.datetime.now(datetime.UTC).isoformat()
+    above = {"rolling-update": {"priority": 2**31, "lifetime": 120, "lastseen": now}}
+    kubectl("patch", "clusterkopfpeering", name, "--type=merge", "-p", json.dumps({"status": above}))
+    wait_for(lambda: not acting(active) and not acting(standby), timeout=20, what="both replicas paused")
+    core.delete_namespaced_resource_quota("no-pods", namespace)
+    time.sleep(RETRY_SECONDS + 5)  # the refusal's retry came due on the paused replica
+    assert environments.phase("kept") == "Pending"
+    assert not [pod for pod in core.list_namespaced_pod(namespace).items if pod.metadata.name == "aenv-kept"]
+    asked = [line for line in log_lines(active) if line.get("event") == "reconcile.standby"]
+    assert asked and all(line["environment"] == f"{namespace}/kept" for line in asked), asked
+
+    remove = '[{"op": "remove", "path": "/status/rolling-update"}]'
+    kubectl("patch", "clusterkopfpeering", name, "--type=json", "-p", remove)
+    wait_for(lambda: acting(active), timeout=20, what="the replica acting again")
+    status = environments.wait_phase("kept", "Ready", timeout=30)["status"]
+    assert status["backend"]["name"] == "aenv-kept"
 
 
 def test_a_standby_acts_on_no_pod_change_and_asks_again_once_it_may_have_changed(kubeconfig, monkeypatch, tmp_path):

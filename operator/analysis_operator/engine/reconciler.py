@@ -16,7 +16,7 @@ import dataclasses
 import datetime
 import time
 import weakref
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 import structlog
@@ -31,6 +31,11 @@ from analysis_operator.model.domain import Environment, Flavor
 
 log = structlog.get_logger("analysis_operator.reconciler")
 MAX_BACKOFF_SECONDS = 60.0
+STANDBY_SECONDS = 10.0  # a timer due on a replica that is not acting now: asked again this much later
+
+
+async def always_acting() -> bool:
+    return True
 
 
 def utcnow() -> datetime.datetime:
@@ -78,9 +83,13 @@ class Reconciler:
         flavors: Index,
         clock: Callable[[], datetime.datetime] = utcnow,
         first_backoff: float = 1.0,
+        acting: Callable[[], Awaitable[bool]] = always_acting,
     ) -> None:
         self.context, self.environments, self.flavors, self.clock = context, environments, flavors, clock
         self.first_backoff = first_backoff
+        # Does this replica act now (kopf peering: handlers/lifecycle.acting)? kopf pauses its own handlers on
+        # a replica another outranks, not this class's timers: one due there converges only once it acts again.
+        self.acting = acting
         # uid -> (when, timer, only to write a held first status: then not needed once it is written)
         self._timers: dict[str, tuple[float, asyncio.TimerHandle, bool]] = {}
         self._failures: dict[str, int] = {}  # uid -> unexpected errors in a row, for the backoff
@@ -117,7 +126,11 @@ class Reconciler:
 
     async def flush(self) -> None:
         """Write every quiet first status still held, now (at shutdown: the next process would decide
-        it again from nothing, with a later startedAt)."""
+        it again from nothing, with a later startedAt). Not on a replica that does not act now: the one
+        that does has decided those environments since, and a held "starting" would overwrite that."""
+        if not await self._acts():
+            self.context.unwritten.clear()
+            return
         for uid in list(self.context.unwritten):
             async with self._lock(uid):
                 held = self.context.unwritten.get(uid)
@@ -197,9 +210,27 @@ class Reconciler:
         current: EnvironmentRecord | None = first(self.environments, key)
         if current is None or current.environment.uid != uid:
             return  # deleted (or replaced by a namesake) meanwhile: nothing to retry
-        task = asyncio.get_running_loop().create_task(self.reconcile(current))
+        task = asyncio.get_running_loop().create_task(self._fired(current, scheduled is not None and scheduled[2]))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _fired(self, record: EnvironmentRecord, hold: bool) -> Outcome:
+        """A timer due: converged only where this replica acts now. Where another outranks it (a takeover,
+        kopf's handlers paused here) its index is stale and the other decides: asked again STANDBY_SECONDS
+        later, so nothing waits for an unrelated event once this replica acts again."""
+        if not await self._acts():
+            environment = record.environment
+            log.info("reconcile.standby", environment=f"{environment.namespace}/{environment.name}")
+            self.requeue(record, STANDBY_SECONDS, hold=hold)
+            return Outcome()
+        return await self.reconcile(record)
+
+    async def _acts(self) -> bool:
+        try:
+            return await self.acting()
+        except Exception as error:  # the peering record unreadable (the API server away): not now
+            log.warning("reconcile.role_unknown", error=repr(error))
+            return False
 
     @property
     def pending(self) -> int:

@@ -127,7 +127,8 @@ async def on_startup(
         routes=routes,
         quiet_start=config.quiet_start_seconds,
     )
-    memo.reconciler = Reconciler(memo.context, environments, flavors)
+    # Its timers converge only while this replica acts (a standby's are asked again later)
+    memo.reconciler = Reconciler(memo.context, environments, flavors, acting=functools.partial(acting, memo))
     if isinstance(routes, GatewayRoutes):
         routes.converge = memo.reconciler.wake  # Ready once the gateway serves its route
     memo.idle = IdleChecker(memo.context, config, environments, flavors, activity)
