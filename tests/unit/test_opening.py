@@ -1044,3 +1044,34 @@ def test_closing_where_the_closed_page_cannot_be_made_still_closes():
     kube.apply = broken  # type: ignore[method-assign]
     with pytest.raises(KubeError):
         asyncio.run(GatewayRoutes(kube, SETTINGS).close(LAB))  # type: ignore[arg-type]
+
+
+def test_the_same_verdict_in_other_words_updates_routable_without_a_second_warning():
+    """The gateway changes its words but not its reason (a listener renamed, another hostname), or a quota's
+    numbers change in a refusal: Routable says the words now, keeps the time it turned False, and no second
+    Warning is posted; the same words again write nothing; another reason is news (a Warning)."""
+    from analysis_operator.engine.converge import Outcome, _with_routable
+
+    earlier = NOW - datetime.timedelta(minutes=5)
+    told = {
+        "type": "Routable",
+        "status": "False",
+        "reason": "NotAllowedByListeners",
+        "message": "listener web: namespace team-a is not allowed",
+        "observedGeneration": 1,
+        "lastTransitionTime": earlier.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    status = {"phase": "Ready", "conditions": [told]}
+
+    def routable(reason: str, message: str) -> Outcome:
+        route = Route("https://analysis.example.org/lab", False, reason, message, retry=False)
+        return _with_routable(Outcome(), LAB, status, NOW, route)
+
+    same = routable("NotAllowedByListeners", told["message"])
+    assert same.status is None and same.event is None
+    reworded = routable("NotAllowedByListeners", "listener websecure: namespace team-a is not allowed")
+    (condition,) = reworded.status["conditions"]
+    assert condition["message"] == "listener websecure: namespace team-a is not allowed"
+    assert condition["lastTransitionTime"] == told["lastTransitionTime"] and reworded.event is None
+    other = routable("BackendNotFound", "service aenv-lab not found")
+    assert other.event == ("Warning", "BackendNotFound", "service aenv-lab not found")

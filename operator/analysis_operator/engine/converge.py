@@ -753,7 +753,8 @@ async def _close_route(context: Context, environment: Environment, status: Mappi
 def _with_routable(
     outcome: Outcome, environment: Environment, status: Mapping[str, Any], now: datetime.datetime, route: Route | None
 ) -> Outcome:
-    """Add the Routable condition to the patch when it changes (only where a gateway is or was involved)."""
+    """Add the Routable condition to the patch when it changes, its message too (only where a gateway is or
+    was involved)."""
     conditions = {c.get("type"): c for c in status.get("conditions") or ()}
     previous = conditions.get("Routable")
     if route is None:
@@ -762,7 +763,8 @@ def _with_routable(
         routable, reason, message = False, NOT_RUNNING, "not routed: the environment does not run"
     else:
         routable, reason, message = route.routable, route.reason, route.message
-    if previous is not None and previous.get("status") == str(routable) and previous.get("reason") == reason:
+    same = previous is not None and previous.get("status") == str(routable) and previous.get("reason") == reason
+    if same and previous is not None and previous.get("message") == message:
         return outcome
     condition = build_condition(
         previous,
@@ -776,7 +778,9 @@ def _with_routable(
     patch = dict(outcome.status or {})
     patch["conditions"] = merge_conditions(patch.get("conditions") or status.get("conditions"), condition)
     event = outcome.event
-    if not routable and route is not None and (event is None or event[0] == "Normal"):
+    # The same verdict in other words (the gateway's message, the API server's quota numbers, another URL):
+    # the condition says them, with no second Warning.
+    if not routable and not same and route is not None and (event is None or event[0] == "Normal"):
         # over a Normal one of the same pass ("Up": the status says it too): that it cannot be opened is news
         event = ("Warning", reason, message)
     return Outcome(patch, event, outcome.retry_after, outcome.message)
