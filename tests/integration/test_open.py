@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import time
 import urllib.parse
 import uuid
 
@@ -25,6 +26,7 @@ from tests.integration.authorization import (
 )
 from tests.integration.conftest import REPO, impersonating, kubectl
 from tests.integration.netns import Netns
+from tests.integration.test_environments import StatusLog
 from tests.waiting import wait_for
 
 GATEWAY_API = ("gateway.networking.k8s.io", "v1")
@@ -43,6 +45,10 @@ def route(custom, namespace, name):
         if error.status == 404:
             return None
         raise
+
+
+def log_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
 def conditions(environment):
@@ -343,13 +349,15 @@ def closed_until(opened, core, environments, namespace, lift, what):
 
 
 def test_a_route_the_gateway_refuses_says_why_in_the_gateways_words_and_opens_once_taken(
-    opened, directory, environments, core, custom, namespace
+    opened, operator, directory, environments, core, custom, namespace
 ):
     """The Gateway's listener takes routes only from namespaces with a label (as a facility's shared gateway
     may), and this one has none: the environment runs and says Ready, but its Routable condition is False
     with the gateway's own reason and message (what the real Traefik wrote in the HTTPRoute's
-    status.parents), with one Warning; nothing opens. Once the Gateway takes the namespace's routes,
-    Routable is True again without any change to the environment, and the owner gets in."""
+    status.parents), with one Warning; nothing opens. The operator restarts meanwhile: the refusal it
+    reads again says the same, with no moment of Routable True and no second Warning. Once the Gateway
+    takes the namespace's routes, Routable is True again without any change to the environment, and the
+    owner gets in."""
     gateway = custom.get_namespaced_custom_object(*GATEWAY_API, GATEWAY_NAMESPACE, "gateways", GATEWAY_NAME)
     listeners = gateway["spec"]["listeners"]
     only_labelled = {"namespaces": {"from": "Selector", "selector": {"matchLabels": {"aenv-test/gateway": "yes"}}}}
@@ -382,6 +390,27 @@ def test_a_route_the_gateway_refuses_says_why_in_the_gateways_words_and_opens_on
             namespace, field_selector="involvedObject.name=lab,reason=NotAllowedByListeners"
         ).items
         assert [event.type for event in warnings] == ["Warning"]
+
+        statuses = StatusLog(custom, namespace, environments.get("lab"))
+        before = operator.log_path.stat().st_size
+        operator.restart()
+        wait_for(
+            lambda: any(
+                line.get("event") == "route.opened" and line.get("environment") == f"{namespace}/lab"
+                for line in log_lines(operator.log_path.read_text()[before:])
+            ),
+            timeout=30,
+            what="the restarted operator's converge of the environment (its route applied again)",
+        )
+        time.sleep(3)  # whatever that converge would write, written
+        statuses.stop()
+        assert conditions(environments.get("lab"))["Routable"] == routable
+        flips = [status for status in statuses.statuses if conditions({"status": status})["Routable"] != routable]
+        assert not flips, flips
+        warnings = core.list_namespaced_event(
+            namespace, field_selector="involvedObject.name=lab,reason=NotAllowedByListeners"
+        ).items
+        assert [(event.type, event.count) for event in warnings] == [("Warning", 1)]
         # the facility's gateway takes routes from every namespace again
         closed_until(opened, core, environments, namespace, lambda: listen(listeners), "Routable=True once taken")
     finally:
