@@ -66,24 +66,62 @@ async def on_startup(
     memo.diffbase = settings.persistence.diffbase_storage = MemoryDiffBaseStorage()
     settings.posting.loggers = False  # Events only where we post them, not one per log line
     settings.posting.level = logging.INFO
-    settings.batching.batch_window = 0.01  # react in milliseconds, not the default 100 ms
     configure_watching(settings)
     settings.networking.request_timeout = 60
 
     configure_peering(settings, config)
     memo.peering_priority = settings.peering.priority
+    # What this startup opens (clients, watches, servers) is closed again if a later step fails: kopf then
+    # tries the startup again from the beginning, with new ones.
+    async with contextlib.AsyncExitStack() as undo:
+        await _start_parts(memo, config, settings, environments, flavors, indexes, undo)
+        undo.pop_all()  # started: on_cleanup closes them
+    memo.idle = IdleChecker(memo.context, config, environments, flavors, memo.activity)
+    memo.idler = (
+        asyncio.create_task(idle_forever(memo, config.idle.check_interval_seconds)) if config.idle.enabled else None
+    )
+    start_metrics(
+        config.metrics_port,
+        indexes["budgets"],
+        environments,
+        config.metrics_address,
+        active=lambda: bool(memo.active),
+        backends=memo.context.backends,
+    )
+    memo.pods.follow()
+    if isinstance(memo.context.routes, GatewayRoutes):
+        memo.context.routes.follow()
+    memo.sweeper = asyncio.create_task(sweep_forever(memo, config.sweep_interval_seconds))
+    pod = os.environ.get("POD_ID", "")
+    memo.role_labeller = (
+        asyncio.create_task(label_role_forever(memo, config.pod_namespace, pod))
+        if not config.standalone and config.pod_namespace and pod
+        else None
+    )
+    log.info("operator.started", namespace=config.namespace or "*", standalone=config.standalone, allocator=allocator())
+
+
+async def _start_parts(
+    memo: kopf.Memo,
+    config: Settings,
+    settings: kopf.OperatorSettings,
+    environments: kopf.Index,
+    flavors: kopf.Index,
+    indexes: dict[str, Any],
+    undo: contextlib.AsyncExitStack,
+) -> None:
+    """The clients, watches and servers the handlers use, each registered with `undo` as it is opened."""
     kube = KubeClient(config.kube_workers, config.namespace)
+    undo.push_async_callback(kube.close)
     # The operator's pods, watched by the operator rather than by kopf (infra/watch.py), on a connection of
     # their own; listed before kopf's handlers first run (they read them), followed once all is set up.
     pods: Summaries[PodKey, PodSummary] = Summaries(read_pod)
     memo.pods = Watch(KubeClient(1, config.namespace), "Pod", MANAGED_SELECTOR, pods, functools.partial(on_pod, memo))
-    try:
-        await memo.pods.start()
-        memo.certificates = await start_webhook_certificates(config, kube)
-    except BaseException:  # kopf tries the startup again with new clients: close these ones' connections
-        await kube.close()
-        await memo.pods.stop()
-        raise
+    undo.push_async_callback(memo.pods.stop)
+    await memo.pods.start()
+    memo.certificates = await start_webhook_certificates(config, kube)
+    if memo.certificates is not None:
+        undo.callback(memo.certificates.cancel)
     configure_admission(settings, config, memo.certificates is not None)
 
     memo.access = DataAccess(kube, indexes)
@@ -95,13 +133,15 @@ async def on_startup(
     memo.viewers = None  # OPEN: closes the open connections of people an environment is no longer shared with
     memo.active = True  # kept by the sweep loop: a paused standby answers from the API server, culls nothing
     memo.active_at = -ACTIVE_FOR  # when a pod change last asked (acting)
-    activity = GatewayActivity()
+    memo.activity = activity = GatewayActivity()
     written: dict[str, str] = {}  # the phase this process last wrote per environment (Context.written)
     if config.gateway.enabled:  # OPEN: routes through the gateway, and its forward-auth answered here
         gateway_routes = GatewayRoutes(kube, config.gateway)
+        undo.push_async_callback(gateway_routes.shutdown)
         await gateway_routes.start(config.namespace)  # the gateway's word on each route, read before converges
         routes, loop = gateway_routes, asyncio.get_running_loop()
         memo.gateway_kube = KubeClient(4, config.namespace)  # its own connections: never behind reconciles
+        undo.push_async_callback(memo.gateway_kube.close)
         # (the forward-auth's thread closes its own session with its loop)
         authorizer = Authorizer(
             config.gateway,
@@ -116,11 +156,16 @@ async def on_startup(
             probe_passed=functools.partial(loop.call_soon_threadsafe, gateway_routes.probe_passed),
         )
         memo.gateway = await start_server(authorizer, config.gateway.auth_listen_address, config.gateway.auth_port)
+        undo.push_async_callback(memo.gateway.cleanup)
         memo.viewers = Disconnector(kube, config, environments, memo.access.catalogue)
+        undo.push_async_callback(memo.viewers.close)
+    backends = build_backends(config, kube, pods)
+    for backend in backends.values():
+        undo.callback(backend.close)
     memo.context = Context(
         written=written,
         kube=kube,
-        backends=build_backends(config, kube, pods),
+        backends=backends,
         access=memo.access,
         gates=(memo.budget_gate,),
         identities=memo.identities,
@@ -131,29 +176,6 @@ async def on_startup(
     memo.reconciler = Reconciler(memo.context, environments, flavors, acting=functools.partial(acting, memo))
     if isinstance(routes, GatewayRoutes):
         routes.converge = memo.reconciler.wake  # Ready once the gateway serves its route
-    memo.idle = IdleChecker(memo.context, config, environments, flavors, activity)
-    memo.idler = (
-        asyncio.create_task(idle_forever(memo, config.idle.check_interval_seconds)) if config.idle.enabled else None
-    )
-    start_metrics(
-        config.metrics_port,
-        indexes["budgets"],
-        environments,
-        config.metrics_address,
-        active=lambda: bool(memo.active),
-        backends=memo.context.backends,
-    )
-    memo.pods.follow()
-    if isinstance(routes, GatewayRoutes):
-        routes.follow()
-    memo.sweeper = asyncio.create_task(sweep_forever(memo, config.sweep_interval_seconds))
-    pod = os.environ.get("POD_ID", "")
-    memo.role_labeller = (
-        asyncio.create_task(label_role_forever(memo, config.pod_namespace, pod))
-        if not config.standalone and config.pod_namespace and pod
-        else None
-    )
-    log.info("operator.started", namespace=config.namespace or "*", standalone=config.standalone, allocator=allocator())
 
 
 def outranked(peers: dict[str, Any], own_priority: int, moment: datetime.datetime) -> bool:
