@@ -48,7 +48,13 @@ def route(custom, namespace, name):
 
 
 def log_lines(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    lines = []
+    for line in text.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:  # another line's part, or not JSON
+            continue
+    return [line for line in lines if isinstance(line, dict)]
 
 
 def conditions(environment):
@@ -397,7 +403,7 @@ def test_a_route_the_gateway_refuses_says_why_in_the_gateways_words_and_opens_on
         wait_for(
             lambda: any(
                 line.get("event") == "route.opened" and line.get("environment") == f"{namespace}/lab"
-                for line in log_lines(operator.log_path.read_text()[before:])
+                for line in log_lines(operator.log_path.read_bytes()[before:].decode(errors="replace"))
             ),
             timeout=30,
             what="the restarted operator's converge of the environment (its route applied again)",
@@ -410,7 +416,7 @@ def test_a_route_the_gateway_refuses_says_why_in_the_gateways_words_and_opens_on
         warnings = core.list_namespaced_event(
             namespace, field_selector="involvedObject.name=lab,reason=NotAllowedByListeners"
         ).items
-        assert [(event.type, event.count) for event in warnings] == [("Warning", 1)]
+        assert [event.type for event in warnings] == ["Warning"]  # each Event posted is an object of its own
         # the facility's gateway takes routes from every namespace again
         closed_until(opened, core, environments, namespace, lambda: listen(listeners), "Routable=True once taken")
     finally:

@@ -21,6 +21,7 @@ from analysis_operator.infra.certificates import ensure_certificates
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.settings import Settings
 from tests.integration.conftest import Environments, OperatorProcess, kubectl
+from tests.integration.test_environments import StatusLog
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -199,18 +200,21 @@ def test_a_replica_outranked_mid_retry_converges_nothing_until_it_acts_again(ope
     above = {"rolling-update": {"priority": 2**31, "lifetime": 120, "lastseen": now}}
     kubectl("patch", "clusterkopfpeering", name, "--type=merge", "-p", json.dumps({"status": above}))
     wait_for(lambda: not acting(active) and not acting(standby), timeout=20, what="both replicas paused")
+    statuses = StatusLog(custom, namespace, environments.get("kept"))
     core.delete_namespaced_resource_quota("no-pods", namespace)
     time.sleep(RETRY_SECONDS + 5)  # the refusal's retry came due on the paused replica
-    assert environments.phase("kept") == "Pending"
+    statuses.stop()
+    assert statuses.statuses == [] and environments.phase("kept") == "Pending"  # nothing written
     assert not [pod for pod in core.list_namespaced_pod(namespace).items if pod.metadata.name == "aenv-kept"]
-    asked = [line for line in log_lines(active) if line.get("event") == "reconcile.standby"]
-    assert asked and all(line["environment"] == f"{namespace}/kept" for line in asked), asked
+    assert [line for line in log_lines(active) if line.get("event") == "reconcile.standby"]
 
     remove = '[{"op": "remove", "path": "/status/rolling-update"}]'
     kubectl("patch", "clusterkopfpeering", name, "--type=json", "-p", remove)
     wait_for(lambda: acting(active), timeout=20, what="the replica acting again")
     status = environments.wait_phase("kept", "Ready", timeout=30)["status"]
     assert status["backend"]["name"] == "aenv-kept"
+    again = [line for line in log_lines(active) if line.get("event") == "reconcile.acting_again"]
+    assert again and all(line["environments"] >= 1 for line in again), again
 
 
 def test_a_standby_acts_on_no_pod_change_and_asks_again_once_it_may_have_changed(kubeconfig, monkeypatch, tmp_path):

@@ -1075,3 +1075,14 @@ def test_the_same_verdict_in_other_words_updates_routable_without_a_second_warni
     assert condition["lastTransitionTime"] == told["lastTransitionTime"] and reworded.event is None
     other = routable("BackendNotFound", "service aenv-lab not found")
     assert other.event == ("Warning", "BackendNotFound", "service aenv-lab not found")
+
+
+def test_a_refusal_retried_on_a_timer_is_not_rewritten_for_its_words_alone():
+    """A namespace's quota refusing the route's Service is retried every 30 s, and the API server's words
+    carry the quota's numbers, which may change between retries: only a change of reason is written."""
+    from analysis_operator.engine.converge import Outcome, _with_routable
+
+    told = {"type": "Routable", "status": "False", "reason": "RefusedByCluster", "message": "used: services=3"}
+    status = {"phase": "Ready", "conditions": [told]}
+    route = Route("https://analysis.example.org/lab", False, "RefusedByCluster", "used: services=4")
+    assert _with_routable(Outcome(), LAB, status, NOW, route).status is None

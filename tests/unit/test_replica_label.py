@@ -70,6 +70,9 @@ class Reconciler:
     def started(self, uid: str) -> bool:
         return uid in self.starting
 
+    def acting_again(self) -> None:
+        self.taken_over = True
+
 
 def test_a_pod_of_a_start_of_its_own_asks_again_after_a_takeover_others_wait(monkeypatch):
     acted, asked = [], []
@@ -95,6 +98,7 @@ def test_a_pod_of_a_start_of_its_own_asks_again_after_a_takeover_others_wait(mon
         assert (acted, asked) == ([], [])
         await lifecycle.on_pod(memo, ("ns", "mine"))  # its own start: asked again, and acted on
         assert (acted, asked) == (["mine"], [True]) and memo.active is True
+        assert memo.reconciler.taken_over  # the retries another replica held: converged here (acting_again)
         await lifecycle.on_pod(memo, ("ns", "theirs"))  # the fresh answer now serves the others too
         assert acted == ["mine", "theirs"] and len(asked) == 1
 

@@ -764,7 +764,11 @@ def _with_routable(
     else:
         routable, reason, message = route.routable, route.reason, route.message
     same = previous is not None and previous.get("status") == str(routable) and previous.get("reason") == reason
-    if same and previous is not None and previous.get("message") == message:
+    # Its words alone count where they are the gateway's verdict (told by the watch, once per change) or
+    # where it is open (the URL); not for a refusal retried every 30 s, whose words (the API server's quota
+    # numbers) may change at every retry: a status write each time.
+    worded = route is not None and (route.routable or not route.retry)
+    if same and previous is not None and (not worded or previous.get("message") == message):
         return outcome
     condition = build_condition(
         previous,

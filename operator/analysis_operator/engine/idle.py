@@ -28,7 +28,7 @@ import asyncio
 import datetime
 import ipaddress
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -37,7 +37,7 @@ import structlog
 from analysis_operator.engine import server_certificates
 from analysis_operator.engine.converge import Context, end
 from analysis_operator.engine.events import environment_reference, post_event
-from analysis_operator.engine.reconciler import apply, utcnow
+from analysis_operator.engine.reconciler import always_acting, apply, utcnow
 from analysis_operator.engine.server_certificates import not_stored, tls_options
 from analysis_operator.engine.terms import effective_flavor
 from analysis_operator.engine.tokens import read_token, token_lost
@@ -131,9 +131,13 @@ class IdleChecker:
         flavors: Index,
         gateway: GatewayActivity,
         clock: Callable[[], datetime.datetime] = utcnow,
+        acting: Callable[[], Awaitable[bool]] = always_acting,
     ) -> None:
         self.context, self.settings, self.environments, self.flavors = context, settings, environments, flavors
         self.gateway, self.clock = gateway, clock
+        # Asked before each write (kopf peering): a round can outlast this replica's turn, and a replica
+        # another outranks decides from a paused index (engine/reconciler.py)
+        self.acting = acting
         self._session: aiohttp.ClientSession | None = None
         self._unknown_since: dict[str, datetime.datetime] = {}  # uid: when its activity became unknown
         self._hanging: dict[str, tuple[int, datetime.datetime]] = {}  # uid: timeouts in a row, next read
@@ -368,6 +372,8 @@ class IdleChecker:
             if status.get("idleWarnedFor") != warned_for:
                 patch["idleWarnedFor"] = warned_for
                 event = ("Warning", "IdleSoon", message)
+        if patch and not await self._acts():
+            return
         if patch:
             await self.context.kube.patch_environment_status(environment.namespace, environment.name, patch)
         if event is not None:
@@ -378,6 +384,8 @@ class IdleChecker:
         self, record: EnvironmentRecord, flavor: Flavor, action: Action, decision: Decision, now: datetime.datetime
     ) -> None:
         environment, status = record.environment, record.status
+        if not await self._acts():
+            return
         # The policy is today's flavor's; what runs, and where it is stopped, the flavor it started on
         # (status.terms): a flavor moved to another backend since must not stop it on the wrong one.
         started_on = effective_flavor(status, flavor) or flavor
@@ -409,6 +417,13 @@ class IdleChecker:
             outcome = await end(self.context, environment, started_on, status, Phase.STOPPED, reason, message, now)
             await apply(self.context, environment, outcome)
         log.info("idle.culled", environment=_name(environment), action=str(action), gpu_hours_saved=saved)
+
+    async def _acts(self) -> bool:
+        try:
+            return await self.acting()
+        except Exception as error:  # the peering record unreadable: not now (the next round asks again)
+            log.warning("idle.role_unknown", error=repr(error))
+            return False
 
     async def close(self) -> None:
         if self._session is not None:

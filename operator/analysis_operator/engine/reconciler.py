@@ -16,7 +16,7 @@ import dataclasses
 import datetime
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from typing import Any
 
 import structlog
@@ -24,13 +24,15 @@ import structlog
 from analysis_operator.backends.base import Observation, State
 from analysis_operator.engine.converge import Context, Outcome, converge
 from analysis_operator.engine.events import environment_reference, post_event
-from analysis_operator.engine.views import EnvironmentRecord, Index, first
+from analysis_operator.engine.views import EnvironmentRecord, Index, first, values
 from analysis_operator.infra.kube import namespace_terminating
 from analysis_operator.model.conditions import compose_merge_patches
-from analysis_operator.model.domain import Environment, Flavor
+from analysis_operator.model.domain import Environment, Flavor, Phase
 
 log = structlog.get_logger("analysis_operator.reconciler")
 MAX_BACKOFF_SECONDS = 60.0
+# Phases in which an environment may wait on a retry (Reconciler.acting_again); "" and None: no status yet.
+WAITING_PHASES = frozenset({Phase.PENDING.value, Phase.PROVISIONING.value, "", None})
 STANDBY_SECONDS = 10.0  # a timer due on a replica that is not acting now: asked again this much later
 
 
@@ -90,14 +92,17 @@ class Reconciler:
         # Does this replica act now (kopf peering: handlers/lifecycle.acting)? kopf pauses its own handlers on
         # a replica another outranks, not this class's timers: one due there converges only once it acts again.
         self.acting = acting
+        self._deferred: dict[str, tuple[str, str]] = {}  # uid -> key: due while this replica did not act
+        self._recheck: asyncio.TimerHandle | None = None  # when they are asked about again
         # uid -> (when, timer, only to write a held first status: then not needed once it is written)
         self._timers: dict[str, tuple[float, asyncio.TimerHandle, bool]] = {}
         self._failures: dict[str, int] = {}  # uid -> unexpected errors in a row, for the backoff
-        self._tasks: set[asyncio.Task[Outcome]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         # converge and its write, one at a time per environment: two converges decided in one order
         # must not be written in the other (an older "Opening" landing after "Ready")
         self._writing: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.forgotten = 0  # environments forgotten since the sweep last reset it (its garbage collection)
+        self.decided = 0  # decisions this process made (none: kopf's resume handlers have yet to run here)
 
     async def decide(
         self,
@@ -111,6 +116,7 @@ class Reconciler:
         that after the handler returns, so a pod event's later decision (Ready) could land first and
         be overwritten by the older one (Provisioning), which decisions.py would then take for a
         status not yet caught up with, and the environment would stay Provisioning."""
+        self.decided += 1
         async with self._lock(environment.uid):
             outcome = await converge(self.context, environment, status, flavor, now or self.clock())
             held = await apply(self.context, environment, outcome)
@@ -129,6 +135,8 @@ class Reconciler:
         it again from nothing, with a later startedAt). Not on a replica that does not act now: the one
         that does has decided those environments since, and a held "starting" would overwrite that."""
         if not await self._acts():
+            if self.context.unwritten:
+                log.info("reconcile.flush_skipped", unwritten=len(self.context.unwritten), why="not the acting replica")
             self.context.unwritten.clear()
             return
         for uid in list(self.context.unwritten):
@@ -205,25 +213,90 @@ class Reconciler:
 
     def _fire(self, uid: str, key: tuple[str, str]) -> None:
         scheduled = self._timers.pop(uid, None)
-        if scheduled is not None and scheduled[2] and uid not in self.context.unwritten:
+        hold_only = scheduled is not None and scheduled[2]
+        if hold_only and uid not in self.context.unwritten:
             return  # its held status went out with Ready meanwhile: nothing left to do
-        current: EnvironmentRecord | None = first(self.environments, key)
-        if current is None or current.environment.uid != uid:
-            return  # deleted (or replaced by a namesake) meanwhile: nothing to retry
-        task = asyncio.get_running_loop().create_task(self._fired(current, scheduled is not None and scheduled[2]))
+        self._spawn(self._fired(uid, key, hold_only))
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _fired(self, record: EnvironmentRecord, hold: bool) -> Outcome:
-        """A timer due: converged only where this replica acts now. Where another outranks it (a takeover,
-        kopf's handlers paused here) its index is stale and the other decides: asked again STANDBY_SECONDS
-        later, so nothing waits for an unrelated event once this replica acts again."""
+    async def _fired(self, uid: str, key: tuple[str, str], hold_only: bool) -> None:
+        """A timer due: converged only where this replica acts now (kopf peering). Where another outranks
+        it, kopf has paused its handlers and its index, and the other decides: see _defer."""
         if not await self._acts():
+            self._defer(uid, key, hold_only)
+            return
+        current: EnvironmentRecord | None = first(self.environments, key)  # read once it may act
+        if current is None or current.environment.uid != uid:
+            return  # deleted (or replaced by a namesake) meanwhile: nothing to retry
+        await self.reconcile(current)
+
+    def _defer(self, uid: str, key: tuple[str, str], hold_only: bool) -> None:
+        """A timer due on a replica that does not act now. Its held first status is dropped (the acting
+        replica decides the environment: written later, it would overwrite that); a retry is kept, once
+        per environment, and converged when this replica acts again, from the environment as the API
+        server has it then (kopf lists again only after it resumes: its index is as it was at the pause).
+        One look at the peering record per STANDBY_SECONDS for all of them, not one per timer."""
+        self.context.unwritten.pop(uid, None)
+        if hold_only:
+            return
+        if not self._deferred:
+            log.info(
+                "reconcile.standby",
+                action=f"converged when this replica acts again (asked every {STANDBY_SECONDS:.0f} s)",
+            )
+        self._deferred[uid] = key
+        self._recheck_in(STANDBY_SECONDS)
+
+    def _recheck_in(self, delay: float) -> None:
+        if self._recheck is None:
+            self._recheck = asyncio.get_running_loop().call_later(delay, lambda: self._spawn(self._resume_deferred()))
+
+    def acting_again(self) -> None:
+        """This replica acts again after another outranked it (kopf peering). The retries that other one
+        held (a refusal's, a route's) are not here, and kopf runs no resume handler for environments this
+        process handled before: every environment that may wait on one (starting or pending) is converged
+        once, from the API server's answer (_defer). Nothing where this process never decided anything:
+        kopf's resume handlers converge everything there."""
+        if not self.decided:
+            return
+        for record in values(self.environments):
             environment = record.environment
-            log.info("reconcile.standby", environment=f"{environment.namespace}/{environment.name}")
-            self.requeue(record, STANDBY_SECONDS, hold=hold)
-            return Outcome()
-        return await self.reconcile(record)
+            if not environment.deleting and record.status.get("phase") in WAITING_PHASES:
+                self._deferred[environment.uid] = (environment.namespace, environment.name)
+        if self._deferred:
+            if self._recheck is not None:
+                self._recheck.cancel()
+                self._recheck = None
+            self._recheck_in(0)
+
+    async def _resume_deferred(self) -> None:
+        self._recheck = None
+        if not await self._acts():
+            if self._deferred:
+                self._recheck_in(STANDBY_SECONDS)
+            return
+        deferred, self._deferred = self._deferred, {}
+        if not deferred:
+            return
+        log.info("reconcile.acting_again", environments=len(deferred))
+        for uid, key in deferred.items():
+            self._spawn(self._converge_read(uid, key))
+
+    async def _converge_read(self, uid: str, key: tuple[str, str]) -> None:
+        """Converge it from the API server's answer, not the index (see _defer)."""
+        try:
+            body = await self.context.kube.get_environment(*key)
+        except Exception as error:  # the API server away a moment: asked again with the others
+            log.warning("reconcile.read_failed", environment=f"{key[0]}/{key[1]}", error=repr(error))
+            self._defer(uid, key, False)
+            return
+        if body is None or (body.get("metadata") or {}).get("uid") != uid:
+            return  # deleted (or replaced by a namesake) meanwhile
+        await self.reconcile(EnvironmentRecord(Environment.from_body(body), body.get("status") or {}))
 
     async def _acts(self) -> bool:
         try:
@@ -241,6 +314,7 @@ class Reconciler:
         self.forgotten += len(uids)
         for uid in uids:
             self._failures.pop(uid, None)
+            self._deferred.pop(uid, None)
             timer = self._timers.pop(uid, None)
             if timer is not None:
                 timer[1].cancel()
@@ -248,12 +322,15 @@ class Reconciler:
 
     def retain(self, live: Collection[str]) -> None:
         """Keep only what belongs to `live` environments (for deletions this process did not see)."""
-        self.forget({*self._failures, *self._timers} - set(live))
+        self.forget({*self._failures, *self._timers, *self._deferred} - set(live))
         self.context.retain(live)
 
     def close(self) -> None:
         for _, timer, _ in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
         for task in self._tasks:
             task.cancel()

@@ -76,7 +76,9 @@ async def on_startup(
     async with contextlib.AsyncExitStack() as undo:
         await _start_parts(memo, config, settings, environments, flavors, indexes, undo)
         undo.pop_all()  # started: on_cleanup closes them
-    memo.idle = IdleChecker(memo.context, config, environments, flavors, memo.activity)
+    memo.idle = IdleChecker(
+        memo.context, config, environments, flavors, memo.activity, acting=functools.partial(acting, memo)
+    )
     memo.idler = (
         asyncio.create_task(idle_forever(memo, config.idle.check_interval_seconds)) if config.idle.enabled else None
     )
@@ -210,10 +212,31 @@ async def acting(memo: kopf.Memo, fresh: bool = False) -> bool:
     again when the last answer is older than ACTIVE_FOR."""
     if memo.config.standalone:
         return True
-    now = asyncio.get_running_loop().time()
-    if fresh or now - memo.active_at > ACTIVE_FOR:
-        memo.active, memo.active_at = await is_active(memo), now
+    loop = asyncio.get_running_loop()
+    if fresh or loop.time() - memo.active_at > ACTIVE_FOR:
+        # One read of the peering record at a time, shared by all who ask meanwhile (a thousand timers due
+        # together ask once).
+        asking = getattr(memo, "asking", None)
+        if asking is None:
+            asking = memo.asking = loop.create_task(_ask_role(memo, loop.time()))
+        await asyncio.shield(asking)
     return bool(memo.active)
+
+
+async def _ask_role(memo: kopf.Memo, at: float) -> None:
+    try:
+        now_active(memo, await is_active(memo))
+        memo.active_at = at
+    finally:
+        memo.asking = None
+
+
+def now_active(memo: kopf.Memo, active: bool) -> None:
+    """What the peering record says of this replica now. Acting again after a pause, it converges the
+    environments that may wait on a retry another replica held (engine/reconciler.Reconciler.acting_again)."""
+    if active and getattr(memo, "active", True) is False and getattr(memo, "reconciler", None) is not None:
+        memo.reconciler.acting_again()
+    memo.active = active
 
 
 async def is_active(memo: kopf.Memo) -> bool:
@@ -343,7 +366,7 @@ async def label_role_forever(memo: kopf.Memo, namespace: str, pod: str, interval
         try:
             # Not memo.active_at: a pod change asks for itself (acting) unless it asked a moment ago, so
             # one arriving just after a takeover is not dropped on this loop's answer of before.
-            memo.active = await is_active(memo)
+            now_active(memo, await is_active(memo))
             role = "active" if memo.active else "standby"
             if role != labelled:
                 if await memo.context.kube.label_pod(namespace, pod, {REPLICA_LABEL: role}):
@@ -369,7 +392,7 @@ async def sweep_forever(memo: kopf.Memo, interval: float, orphan_every: int = 10
                 reconciler.forgotten = 0
                 gc.collect()  # what the deleted environments left (infra/logs.py); its pause is logged
             memo.context.decisions.prune()
-            memo.active = active = await is_active(memo)
+            now_active(memo, active := await is_active(memo))
             if not active:
                 continue
             await sweep(reconciler, utcnow(), unheld=memo.budget_gate.unheld)  # and budgets gone from under them
@@ -408,7 +431,7 @@ async def idle_forever(memo: kopf.Memo, interval: float) -> None:
         await asyncio.sleep(max(0.0, began + interval - loop.time()))
         began = loop.time()
         try:
-            if memo.active:
+            if await acting(memo, fresh=True):
                 await checker.check()
         except Exception:  # one bad round must not end the loop
             log.exception("idle.round_failed")
