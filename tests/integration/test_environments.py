@@ -183,6 +183,39 @@ def test_deleting_the_environment_lets_the_garbage_collector_remove_children(env
     )
 
 
+@pytest.mark.parametrize("held_by", ["finalizer", "orphan"])
+def test_an_environment_kept_after_its_deletion_runs_nothing_from_that_moment(
+    environments, custom, core, namespace, held_by
+):
+    """Deleted, but the object stays: an admin's finalizer on it (users may set none: deploy/authorization),
+    or `kubectl delete --cascade=orphan`. Its budget slot and its charge end at the deletion, so its pod,
+    Service and token go then too (before, the pod ran on, uncharged, until the object went: forever with a
+    finalizer nobody removes; until the orphan sweep after an orphaning delete)."""
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "AnalysisEnvironment",
+        "metadata": {"name": "kept", "finalizers": ["test.example.org/hold"] if held_by == "finalizer" else []},
+        "spec": {"owner": "alice", "flavor": "jupyter-basic"},
+    }
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "analysisenvironments", body)
+    environments.wait_phase("kept", "Ready")
+    assert all(children(core, namespace, "kept").values())
+    propagation = "Orphan" if held_by == "orphan" else "Background"
+    custom.delete_namespaced_custom_object(
+        GROUP, VERSION, namespace, "analysisenvironments", "kept", propagation_policy=propagation
+    )
+    wait_for(
+        lambda: children(core, namespace, "kept") == {"pod": None, "service": None, "secret": None},
+        timeout=20,
+        what="what it ran removed at its deletion",
+    )
+    if held_by == "finalizer":
+        assert environments.get("kept")["metadata"]["deletionTimestamp"]  # still there: the finalizer holds it
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, "analysisenvironments", "kept", {"metadata": {"finalizers": None}}
+        )
+
+
 def test_a_namespace_made_again_under_its_name_gets_what_the_operator_sets_up_per_namespace(
     environments, core, namespace
 ):

@@ -115,6 +115,36 @@ def test_without_the_operator_the_owner_is_defaulted_and_created_by_stamped(kube
     assert (created["spec"]["owner"], created["metadata"]["annotations"]) == ("carol", {CREATED_BY: "carol"})
 
 
+@pytest.mark.parametrize(
+    "metadata, said",
+    [
+        ({"finalizers": ["bob.example.org/keep"]}, "finalizer 'bob.example.org/keep'"),
+        ({"annotations": {f"{GROUP}/abandon-backend": "true"}}, f"annotation '{GROUP}/abandon-backend'"),
+        ({"annotations": {f"x.{GROUP}/on_environment": "{}"}}, f"annotation 'x.{GROUP}/on_environment'"),
+    ],
+)
+def test_without_the_operator_a_create_may_not_hold_or_steer_what_the_operator_does(
+    kubeconfig, namespace, no_operator, metadata, said
+):
+    """A finalizer of someone's would keep the environment after its deletion, which frees its budget slot
+    and ends its charge, while its pod ran on (policy.yaml keeps finalizers at UPDATE; here at CREATE); the
+    operator's annotations steer it (abandon-backend skips a Slurm job's cancel). The owner, and the portal
+    acting for her, are refused with what they set; an admin (restoring a backup) is not; the creator's
+    own annotations are free."""
+    body = _environment("held", owner="bob")
+    body["metadata"].update(metadata)
+    for user, group in (("bob", "facility-users"), PORTAL):
+        answer = _answer(lambda: create_as(kubeconfig, user, namespace, body, group, dry_run="All"))
+        assert "ValidatingAdmissionPolicy 'analysis-environment-creation'" in answer["message"], answer
+        assert said in answer["message"] and "only the operator and admins" in answer["message"], answer
+    created = create_as(kubeconfig, ADMIN[0], namespace, body, "system:masters", dry_run="All")
+    assert created["metadata"].get("finalizers") == metadata.get("finalizers")
+    free = _environment("noted", annotations={"bob.example.org/note": "mine"})
+    assert create_as(kubeconfig, "bob", namespace, free, dry_run="All")["metadata"]["annotations"][
+        "bob.example.org/note"
+    ]
+
+
 def test_without_the_operator_nobody_but_admins_changes_created_by(kubeconfig, namespace, no_operator, custom):
     """The authorization policy's rule 2 (deploy/authorization/policy.yaml): the owner and the portal
     may change her environment, not the operator's annotations; anyone else nothing at all."""

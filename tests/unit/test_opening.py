@@ -127,6 +127,16 @@ def test_an_environment_not_running_answers_with_its_phase(phase):
     assert "team-a/lab" in verdict.message
 
 
+def test_an_environment_being_deleted_opens_for_nobody_whatever_keeps_the_object():
+    """Its pod is removed at its deletion (handlers/environments.remove_held), though a finalizer keeps the
+    object a while: said so, not let through to nothing (or to what runs on until the finalizer goes)."""
+    deleting = dataclasses.replace(LAB, deleting=True)
+    for viewer in (Viewer("alice"), Viewer("root-support")):
+        verdict = decide(viewer, deleting, admins=frozenset({"root-support"}))
+        assert (verdict.status, verdict.reason) == (503, "Deleting")
+    assert decide(Viewer("mallory"), deleting).status == 403
+
+
 def test_not_running_is_not_revealed_to_strangers():
     assert decide(Viewer("mallory"), phase="Suspended").status == 403
 

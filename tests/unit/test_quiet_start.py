@@ -16,7 +16,7 @@ from analysis_operator.engine.views import EnvironmentRecord
 from analysis_operator.handlers.budgets import slot_to_release
 from analysis_operator.handlers.environments import status_event_matters
 from analysis_operator.model.conditions import apply_merge_patch, compose_merge_patches
-from analysis_operator.model.domain import FINALIZER, Environment
+from analysis_operator.model.domain import FINALIZER, LABEL_BACKEND, Environment
 
 ENVIRONMENT = Environment(namespace="ns", name="lab", uid="u-1", owner="alice", flavor="jupyter")
 STARTING = {
@@ -301,6 +301,26 @@ def test_a_pod_event_converges_unless_it_can_only_hold_the_same_start_again(held
 )
 def test_which_environment_events_reach_the_status_handler(type_, phase, handed):
     body = {"metadata": {"uid": "u-1"}, "status": {"phase": phase} if phase else {}}
+    assert status_event_matters(type=type_, body=body) is handed
+
+
+DELETED_AT = "2026-12-06T10:00:00Z"
+
+
+@pytest.mark.parametrize(
+    "type_, metadata, handed",
+    [
+        # a pod's environment deleted and kept by someone's finalizer (or a foreground or orphan deletion):
+        # every event of it, also the listing at start (None), until what it runs is gone
+        (None, {"deletionTimestamp": DELETED_AT, "finalizers": ["x.org/hold"]}, True),
+        ("MODIFIED", {"deletionTimestamp": DELETED_AT, "finalizers": ["orphan"]}, True),
+        # a Slurm job or VM: the operator's own finalizer and its deletion handler remove it
+        ("MODIFIED", {"deletionTimestamp": DELETED_AT, "labels": {LABEL_BACKEND: "slurm"}}, False),
+        ("MODIFIED", {"finalizers": ["x.org/hold"]}, False),  # not deleted
+    ],
+)
+def test_an_environment_held_in_its_deletion_reaches_the_status_handler(type_, metadata, handed):
+    body = {"metadata": {"uid": "u-1", **metadata}, "status": {"phase": "Ready"}}
     assert status_event_matters(type=type_, body=body) is handed
 
 

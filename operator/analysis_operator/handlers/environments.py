@@ -169,10 +169,21 @@ async def _cleanup_condition(
 
 
 def status_event_matters(type: str, body: Mapping[str, Any], **_: Any) -> bool:
-    """kopf's filter for on_environment_status (pure): the environment's deletion, or a change while its status
-    says Provisioning. Every other event (most are the operator's own status writes coming back) is not handed to
-    the handler at all: kopf's invocation of a handler costs more than this test (bench/RESULTS.md, stop 38)."""
-    return type == "DELETED" or (type == "MODIFIED" and (body.get("status") or {}).get("phase") == "Provisioning")
+    """kopf's filter for on_environment_status (pure): the environment's deletion, one being deleted that
+    something else holds (held_in_deletion), or a change while its status says Provisioning. Every other event
+    (most are the operator's own status writes coming back) is not handed to the handler at all: kopf's
+    invocation of a handler costs more than this test (bench/RESULTS.md, stop 38)."""
+    if type == "DELETED" or held_in_deletion(body.get("metadata") or {}):
+        return True
+    return type == "MODIFIED" and (body.get("status") or {}).get("phase") == "Provisioning"
+
+
+def held_in_deletion(metadata: Mapping[str, Any]) -> bool:
+    """Deleted, but kept by a finalizer that is not the operator's, and it runs nothing the operator's own
+    finalizer waits for (a pod: no backend label). Someone's finalizer (only admins may set one), or a
+    foreground or orphan deletion. Its budget slot was freed and its charge ended at the deletion, so what
+    it runs must go then too, not when the object finally does (pure)."""
+    return bool(metadata.get("deletionTimestamp")) and LABEL_BACKEND not in (metadata.get("labels") or {})
 
 
 @kopf.on.event(GROUP, VERSION, "analysisenvironments", when=status_event_matters)
@@ -180,13 +191,16 @@ async def on_environment_status(type: str, body: kopf.Body, memo: kopf.Memo, fla
     """The other half of the pod join: a pod can turn Ready, or the scheduler give up on it (a missing
     claim), before the status says Provisioning; its change was then dropped (see pod_changed). And the end:
     once it is deleted, what this process kept for it (engine/reconciler.Reconciler.forget)."""
-    if type == "DELETED":  # its last event: what this process kept for it goes too
-        uid = str(body.metadata.uid or "")
-        memo.diffbase.forget(uid)
-        memo.reconciler.forget({uid})
-        return
     status = body.get("status") or {}
     environment = Environment.from_body(body)
+    if held_in_deletion(body.metadata):  # also its last event: the one before may not have been handed over
+        await remove_held(memo.context, environment, backend_of(memo.context, environment, status, flavors))
+    if type == "DELETED":  # its last event: what this process kept for it goes too
+        memo.diffbase.forget(environment.uid)
+        memo.reconciler.forget({environment.uid})
+        return
+    if environment.deleting:
+        return
     backend = backend_of(memo.context, environment, status, flavors)
     if backend is None or backend.polled:
         return  # polled backends are observed by the sweep; an event-driven one is cheap to ask here
@@ -196,6 +210,18 @@ async def on_environment_status(type: str, body: kopf.Body, memo: kopf.Memo, fla
     ):
         reconciler: Reconciler = memo.reconciler
         await reconciler.reconcile(EnvironmentRecord(environment, status))
+
+
+async def remove_held(context: Context, environment: Environment, backend: Backend | None) -> None:
+    """What an environment held in its deletion runs (held_in_deletion): its pod, Service and token, now.
+    Its route goes with the object (the garbage collector); the forward-auth lets nobody into an environment
+    being deleted. Converges that wait behind this one create nothing (Context.deleting)."""
+    async with environment_lock(environment.uid):
+        context.deleting.add(environment.uid)
+        if backend is not None:
+            await backend.delete(environment)
+    await delete_token(context.kube, environment)
+    log.info("environment.removed_while_held", environment=f"{environment.namespace}/{environment.name}")
 
 
 async def pod_changed(memo: kopf.Memo, key: PodKey) -> None:

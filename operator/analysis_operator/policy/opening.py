@@ -162,6 +162,8 @@ def may_open(
             f"{where} belongs to {environment.owner} and is not shared with you ({viewer.user}); "
             f"ask its owner to share it (spec.sharing)",
         )
+    if environment.deleting:  # what it ran is removed at its deletion, whatever keeps the object a while
+        return Verdict(503, "Deleting", f"{where} is being deleted", role)
     if phase != Phase.READY.value:
         state = _NOT_OPEN.get(phase, "is not running")
         return Verdict(503, f"Not{phase or 'Started'}", f"{where} {state}", role)
