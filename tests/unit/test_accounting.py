@@ -273,11 +273,26 @@ def test_the_time_it_ran_before_a_suspension_is_charged_once(slurm):
     assert b.entries["u-1"]["cpuHours"] == pytest.approx(2 * 179 / 3600)
 
 
+@pytest.mark.parametrize("slurm", [False, True], ids=["pod", "slurm job"])
+def test_a_resume_and_suspend_between_two_ticks_is_charged(slurm):
+    """The last tick saw it suspended; its owner resumes it just after, and suspends it again just before
+    the next tick, over and over (the tick's time is in the budget's status): each run is charged, from
+    the tick before it, not given away (it was: ten such runs of 58 s charged nothing)."""
+    b = ticked(budget(NOW - MINUTE), suspended(NOW - HOURS), NOW, slurm)
+    runs = 10
+    for cycle in range(runs):
+        tick = NOW + cycle * MINUTE
+        b = ticked(b, suspended(tick + 58 * SECOND), tick + MINUTE, slurm)
+    assert b.entries["u-1"]["cpuHours"] == pytest.approx(2 * runs * 58 / 3600)
+    b = ticked(b, suspended(NOW + (runs - 1) * MINUTE + 58 * SECOND), NOW + (runs + 3) * MINUTE, slurm)
+    assert b.entries["u-1"]["cpuHours"] == pytest.approx(2 * runs * 58 / 3600)  # once each
+
+
 def test_a_suspension_charges_only_what_the_last_tick_saw_running():
     """Not Ready and not seen running (pulling its image) when suspended: nothing, as before; and the
     hours before a new month stay in the old one."""
     b = ticked(budget(NOW - MINUTE), provisioning("ImagePulling", "Pending"), NOW, False)
-    b = ticked(b, suspended(NOW + 59 * SECOND), NOW + MINUTE, False)
+    b = ticked(b, suspended(NOW - 5 * MINUTE), NOW + MINUTE, False)  # Ready False since it was created
     assert b.entries["u-1"]["cpuHours"] == 0.0
     monthly = Budget(**{**budget(NOW - MINUTE).__dict__, "reset": "Monthly"})
     b = ticked(monthly, ran(NOW - 30 * MINUTE), NOW, False)

@@ -133,12 +133,16 @@ def _ready_since(status: Mapping[str, Any]) -> datetime.datetime | None:
 
 
 def _suspended_at(entry: Mapping[str, Any], status: Mapping[str, Any]) -> datetime.datetime | None:
-    """When a suspended environment that held resources at the last tick (heldSince) stopped: the
-    Suspended transition set Ready False, so its Ready condition's lastTransitionTime (exact for one
-    suspended while Ready). It is charged up to then once, as an ended one up to stoppedAt, not for
-    up to a tick (more when ticks were missed) for free. One not Ready when suspended has an earlier
-    time there: charged for nothing more, since chargedUntil never moves back."""
-    if status.get("phase") != Phase.SUSPENDED.value or not entry.get("heldSince"):
+    """When a suspended environment stopped: the Suspended transition set Ready False, so its Ready
+    condition's lastTransitionTime (exact for one suspended while Ready). It is charged from its last
+    charge up to then, once, as an ended one up to stoppedAt, not for up to a tick (more when ticks were
+    missed) for free. Also one the last tick saw suspended (no heldSince) and that ran since: resumed and
+    suspended again between two ticks, its Ready turned False after that tick, so it was Ready in between;
+    when it became Ready is not kept, so it is charged from that tick (up to one charge interval more
+    than it ran, never less: before, every such run was free, and a resume and suspend around each tick
+    ran most of the time uncharged). One not Ready when suspended keeps its earlier time there: charged
+    for nothing more, since chargedUntil never moves back."""
+    if status.get("phase") != Phase.SUSPENDED.value:
         return None
     ready = {c.get("type"): c for c in status.get("conditions") or ()}.get("Ready") or {}
     return parse_time(ready.get("lastTransitionTime")) if ready.get("status") == "False" else None
