@@ -388,6 +388,36 @@ def test_lifetime_is_extended_by_an_approved_request_after_a_warning(
     assert _seconds(after["expiresAt"]) - _seconds(before["expiresAt"]) == 2 * 3600
 
 
+def test_an_approved_lifetime_goes_only_to_the_environment_it_was_asked_for(
+    kubeconfig, budgets, environments, namespace
+):
+    """The owner asks to run "long" 7 days longer, then deletes it and creates another "long" (a bigger
+    flavor, or someone else in the namespace could) before the admin decides: the approval extends
+    nothing, says why, and the new one keeps its own lifetime."""
+    owner = user()
+    budgets.create({"cpuHours": 100}, user=owner)
+    environments.create("long", flavor="test-short", owner=owner)
+    environments.wait_phase("long", "Ready")
+    scientist = Requests(impersonating(kubeconfig, owner), namespace)
+    admin = Requests(impersonating(kubeconfig, "dora", group="analysis-admins"), namespace)
+    name = scientist.create(environment="long", lifetime="168h")["metadata"]["name"]
+    filed = wait_for(
+        lambda: (status := scientist.status(name)).get("phase") == "Pending" and status, timeout=10, what="filed"
+    )
+    assert filed["environmentUid"] == environments.get("long")["metadata"]["uid"]
+    environments.delete("long")
+    wait_for(lambda: not environments.exists("long"), timeout=30, what="the first one gone")
+    environments.create("long", flavor="test-short", owner=owner)
+    before = environments.wait_phase("long", "Ready")["status"]
+    admin.decide(name, decision="Approved")
+    decided = wait_for(
+        lambda: (status := scientist.status(name)).get("phase") == "Invalid" and status, timeout=15, what="decided"
+    )
+    assert "was deleted and created again since this request was filed" in decided["message"], decided
+    after = environments.get("long")["status"]
+    assert after["expiresAt"] == before["expiresAt"] and not after.get("lifetimeExtensions")
+
+
 def test_metrics_show_budgets_phases_and_refusals(budgets, environments, budget_operator):
     owner = user()
     name = budgets.create({"cpuHours": 140, "gpuHours": 20}, user=owner)

@@ -165,3 +165,14 @@ def test_only_a_member_files_against_a_budget_and_only_the_owner_for_an_environm
     assert (refusal.reason if refusal else None) == expected
     if expected == "NotBudgetMember":
         assert f"{scientist!r} may not ask for more" in refusal.message and budget_name in refusal.message
+
+
+def test_an_approved_lifetime_goes_only_to_the_environment_it_was_filed_about():
+    from analysis_operator.handlers.requests import _replaced
+    from analysis_operator.model.domain import Environment
+
+    lab = Environment(namespace="ns", name="long", uid="u-2", owner="alice", flavor="gpu")
+    assert _replaced(lab, {"environmentUid": "u-2"}, "alice") == ""
+    assert "deleted and created again" in _replaced(lab, {"environmentUid": "u-1"}, "alice")  # a namesake
+    assert "belongs to alice, not to bob" in _replaced(lab, {}, "bob")  # no uid recorded: the owner decides
+    assert _replaced(lab, {}, "") == ""  # a request filed before the stamps: as before

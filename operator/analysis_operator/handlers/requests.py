@@ -16,7 +16,7 @@ from analysis_operator.engine.reconciler import utcnow
 from analysis_operator.engine.terms import flavor_for
 from analysis_operator.engine.views import first, member_of
 from analysis_operator.infra.kopf_patches import Cause, Refused
-from analysis_operator.model.domain import GROUP, VERSION, format_time, parse_duration
+from analysis_operator.model.domain import GROUP, VERSION, Environment, format_time, parse_duration
 from analysis_operator.policy.budgets import Budget, apply_grant
 from analysis_operator.policy.identity import is_trusted, requester
 from analysis_operator.policy.refusal import Refusal
@@ -106,6 +106,29 @@ async def _filing_refusal(
     )
 
 
+async def _target_uid(memo: kopf.Memo, namespace: str, spec: Mapping[str, Any], environments: kopf.Index) -> str:
+    """The uid of the environment a lifetime request is about, as it is now ("" for none)."""
+    if not spec.get("environment"):
+        return ""
+    record = first(environments, (namespace, str(spec["environment"])))
+    if record is not None:
+        return record.environment.uid
+    found = await memo.context.kube.get_environment(namespace, str(spec["environment"]))
+    return str(((found or {}).get("metadata") or {}).get("uid") or "")
+
+
+def _replaced(environment: Environment, status: Mapping[str, Any], scientist: str) -> str:
+    """Why an approved lifetime may not go to `environment` (pure): not the one the request was filed
+    about (deleted and created again under its name since: by its owner with another flavor, or by
+    someone else in the namespace), or no longer the scientist's. "" when it may."""
+    filed_about = str(status.get("environmentUid") or "")
+    if filed_about and filed_about != environment.uid:
+        return "was deleted and created again since this request was filed: nothing extended (file a new request)"
+    if scientist and environment.owner != scientist:
+        return f"belongs to {environment.owner}, not to {scientist} who asked: nothing extended"
+    return ""
+
+
 def refuse_request(namespace: str, body: kopf.Body, refusal: Refusal, field: str) -> NoReturn:
     log.info(
         "budget_request.refused",
@@ -165,6 +188,9 @@ async def on_request(
                 log.info("budget_request.refused", request=f"{namespace}/{name}", reason=refusal.reason)
             else:
                 update = {"phase": "Pending", "message": "waiting for an administrator's decision"}
+                target = await _target_uid(memo, namespace, body.get("spec") or {}, environments)
+                if target:  # the environment asked about, not whichever has its name when it is decided
+                    update["environmentUid"] = target
             await memo.context.kube.patch_namespaced_status(REQUESTS, namespace, name, update)
         return
     if decision == "Denied":
@@ -206,6 +232,9 @@ async def _grant(
         flavor = record and flavor_for(record.environment, record.status, flavors)
         if record is None or flavor is None:
             return {"phase": "Invalid", "message": f"AnalysisEnvironment {spec['environment']!r} does not exist"}
+        replaced = _replaced(record.environment, status, str(metadata.get("annotations", {}).get(REQUESTED_BY) or ""))
+        if replaced:
+            return {"phase": "Invalid", "message": f"AnalysisEnvironment {spec['environment']!r} {replaced}"}
         extensions = {**(record.status.get("lifetimeExtensions") or {}), metadata["uid"]: spec["lifetime"]}
         _, expires_at = expiry(
             record.environment, flavor, {**record.status, "lifetimeExtensions": extensions}, utcnow()
