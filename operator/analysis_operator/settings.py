@@ -201,6 +201,11 @@ class GatewaySettings:
     oidc_username_claim: str = "preferred_username"
     oidc_username_prefix: str = ""  # prepended to the claim to get the facility user ID
     session_cookie: str = "aenv_session"
+    # The browser's cookies passed on to the environment's server, by name; every other one is dropped (the
+    # session cookie always). The server is its owner's, who can log what it is sent: a sharee's or an
+    # admin's other cookies for the site (oauth2-proxy's `_oauth2_proxy`, a portal's session) would let the
+    # owner sign in as them. JupyterLab needs only `_xsrf` (the gateway's token signs in every request).
+    pass_cookies: tuple[str, ...] = ("_xsrf",)
     admins: tuple[str, ...] = ()  # facility user IDs who may open every environment (support staff)
     login_url: str = ""  # where a browser without a valid session is sent ("" = a 401 page)
     # Ready means OPEN works: how the operator reaches the gateway (e.g. its Service,

@@ -148,6 +148,26 @@ def test_ready_pod_is_opened_through_the_gateway_for_its_owner_only(
             assert b'"headers"' not in page  # not the test's server's echo
 
 
+def test_a_sharees_other_cookies_never_reach_the_owners_server(opened, directory, environments, core, namespace):
+    """The server is its owner's, who can log what it is sent: bob's other cookies for the gateway's site
+    (oauth2-proxy's in front of it, a portal's session with Path=/, JupyterLab's login cookie) would let
+    alice replay them as bob. Through the real Traefik only gateway.pass_cookies (_xsrf) reaches it; with
+    none of those left, no Cookie header at all (Traefik removes the browser's: authResponseHeaders)."""
+    environments.create("lab", flavor="jupyter-basic", lifetime="1h", sharing={"users": ["bob"]})
+    environments.wait_phase("lab", "Ready")
+    base = f"/env/{namespace}/lab/"
+    others = "_oauth2_proxy=bobs-oauth; portal_session=bobs-portal; username-lab=bobs-login"
+    with Netns(core.read_namespaced_pod("aenv-lab", namespace).status.pod_ip) as pod:
+        pod.echo_server(8888)
+        status, _, body = served(opened, base + "api/status", "bob", Cookie=f"{others}; _xsrf=x1")
+        assert status == 200
+        seen = json.loads(body)["headers"]
+        assert seen["X-Forwarded-User"] == "bob" and seen["Cookie"] == "_xsrf=x1"
+        status, _, body = opened.request(base + "api/status", "bob", {"Cookie": others})
+        assert status == 200
+        assert "Cookie" not in json.loads(body)["headers"], body
+
+
 def test_a_page_of_another_site_gets_nothing_through_the_gateway_with_the_owners_session(
     opened, directory, environments, core, namespace
 ):

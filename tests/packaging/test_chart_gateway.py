@@ -162,6 +162,7 @@ def test_enabled_values_reach_every_gateway_setting(tmp_path):
                 "authPort": 9200,
                 "oidc": {"usernameClaim": "email", "usernamePrefix": "oidc:"},
                 "sessionCookie": "portal_session",
+                "passCookies": ["_xsrf", "site_prefs"],
                 "admins": ["oidc:carol", "oidc:dave"],
                 "loginUrl": "https://portal.example.org/login",
             }
@@ -189,6 +190,7 @@ def test_enabled_values_reach_every_gateway_setting(tmp_path):
         oidc_username_claim="email",
         oidc_username_prefix="oidc:",
         session_cookie="portal_session",
+        pass_cookies=("_xsrf", "site_prefs"),
         admins=("oidc:carol", "oidc:dave"),
         login_url="https://portal.example.org/login",
     )
@@ -217,6 +219,15 @@ def test_environment_domain_reaches_the_operator_and_is_off_by_default(tmp_path)
     objects = render(tmp_path, _merge(ENABLED, {"gateway": {"environmentDomain": "env.facility.example.org"}}))
     assert env_of(objects)["ANALYSIS_OPERATOR_GATEWAY_ENVIRONMENT_DOMAIN"] == "env.facility.example.org"
     assert settings_of(objects).gateway.environment_domain == "env.facility.example.org"
+
+
+def test_pass_cookies_reach_the_operator_and_none_passes_none(tmp_path):
+    """gateway.passCookies: the only browser cookies an environment's server gets (each reaches its owner's
+    server, whoever opens it); _xsrf by default, as the operator's; [] passes none, not the operator's default."""
+    assert env_of(render(tmp_path, ENABLED))["ANALYSIS_OPERATOR_GATEWAY_PASS_COOKIES"] == "_xsrf"
+    objects = render(tmp_path, _merge(ENABLED, {"gateway": {"passCookies": []}}))
+    assert env_of(objects)["ANALYSIS_OPERATOR_GATEWAY_PASS_COOKIES"] == ""
+    assert settings_of(objects).gateway.pass_cookies == ()
 
 
 def test_auth_url_default_is_the_charts_service_and_can_be_overridden(tmp_path):
@@ -426,6 +437,7 @@ def test_lint_with_the_gateway_on(tmp_path):
         ({"gateway": {"loginUrl": "https://sso.example.org/login?x=1"}}, (), "at '/gateway/loginUrl'"),
         ({"gateway": {"admins": ["a,b"]}}, (), "at '/gateway/admins/0'"),  # joined with commas
         ({"gateway": {"sessionCookie": "a session"}}, (), "at '/gateway/sessionCookie'"),
+        ({"gateway": {"passCookies": ["_xsrf,other"]}}, (), "at '/gateway/passCookies/0'"),  # joined with commas
         ({"gateway": {"authPort": 80}}, (), "at '/gateway/authPort'"),  # non-root: no port below 1024
         ({"gateway": {"networkPolicyFrom": [{}]}}, (), "at '/gateway/networkPolicyFrom/0'"),
         ({"gateway": {"networkPolicyFrom": [{"namespace": "edge"}]}}, (), "additional properties 'namespace'"),

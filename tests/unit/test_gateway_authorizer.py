@@ -94,7 +94,7 @@ def test_owner_passes_with_the_server_token_and_without_the_session_cookie(autho
     )
     assert verdict.status == 200 and verdict.role == "owner"
     assert headers["Authorization"] == "token server-secret" and headers["X-Forwarded-User"] == "alice"
-    assert headers["Cookie"] == "_xsrf=abc; username-x=y"  # the session never reaches the server
+    assert headers["Cookie"] == "_xsrf=abc"  # neither the session nor JupyterLab's login cookie reaches the server
     verdict, headers = ask(authorizer, Authorization=f"Bearer {token('alice')}")
     assert verdict.allowed and "Cookie" not in headers
     assert authorizer.kube.reads == 1  # the token is read once, then kept
@@ -344,12 +344,58 @@ def test_requests_from_its_own_pages_and_links_from_elsewhere_pass(tmp_path, bro
 def test_the_session_cookie_is_found_and_kept_back_whatever_else_the_header_holds(authorizer, other, kept):
     """http.cookies stopped at the first pair it could not parse: `prefs={"a":1}` before the session
     cookie was 401 NotSignedIn, so a backend setting such a cookie for /env/ signed its viewers out of
-    every environment. Every well-formed pair is passed on as sent, the session cookie never."""
+    every environment. Every well-formed pair allowed through is passed on as sent, the session cookie
+    never (not even named in gateway.pass_cookies)."""
+    authorizer.pass_cookies = frozenset({"prefs", "x", "a[1]", "q", "_xsrf", "aenv_session"})
     session = f"aenv_session={token('alice')}"
     for cookie in (f"{other}; {session}; _xsrf=abc", f"{session}; {other}; _xsrf=abc"):
         verdict, headers = ask(authorizer, Cookie=cookie)
         assert verdict.allowed and verdict.role == "owner", cookie
         assert headers["Cookie"] == "; ".join(filter(None, [kept, "_xsrf=abc"])), cookie
+
+
+BROWSER_COOKIES = "_oauth2_proxy=oauth-session; portal_session=portal; username-x=jupyter-login; _xsrf=abc"
+
+
+@pytest.mark.parametrize(("viewer", "role"), [("bob", "shared"), ("support", "admin")])
+def test_a_sharee_or_an_admin_passes_on_only_the_allowed_cookies(authorizer, viewer, role):
+    """The server is its owner's, who can log every header it is sent: bob's or an admin's other cookies for
+    the site (oauth2-proxy's in front of the gateway, a portal's session with Path=/, JupyterLab's login
+    cookie) would let the owner replay them and act as that person. Only gateway.pass_cookies (_xsrf)."""
+    record = EnvironmentRecord(dataclasses.replace(LAB, shared_users=frozenset({"bob"})), {"phase": "Ready"})
+    authorizer.environments[("team-a", "lab")] = [record]
+    for cookie in (
+        f"aenv_session={token(viewer)}; {BROWSER_COOKIES}",
+        f"{BROWSER_COOKIES}; aenv_session={token(viewer)}",
+    ):
+        verdict, headers = ask(authorizer, Cookie=cookie)
+        assert verdict.allowed and verdict.role == role, cookie
+        assert headers["Cookie"] == "_xsrf=abc", cookie
+    verdict, headers = ask(authorizer, Authorization=f"Bearer {token(viewer)}", Cookie=BROWSER_COOKIES)
+    assert verdict.allowed and headers["Cookie"] == "_xsrf=abc"
+
+
+def test_with_no_allowed_cookie_left_the_answer_has_none_and_the_gateway_removes_the_browsers(authorizer):
+    """Traefik removes each of authResponseHeaders from the request and copies the answer's (engine/routes.py):
+    an answer without Cookie leaves the server none of the browser's."""
+    session = f"aenv_session={token('alice')}"
+    verdict, headers = ask(authorizer, Cookie=f"{session}; _oauth2_proxy=oauth-session; username-x=jupyter-login")
+    assert verdict.allowed and "Cookie" not in headers
+    authorizer.pass_cookies = frozenset()  # gateway.pass_cookies: [] passes none, not even _xsrf
+    verdict, headers = ask(authorizer, Cookie=f"{session}; _xsrf=abc")
+    assert verdict.allowed and "Cookie" not in headers
+
+
+def test_the_cookies_passed_on_are_a_setting_read_from_the_environment():
+    from analysis_operator.settings import load_settings
+
+    assert load_settings({}).gateway.pass_cookies == ("_xsrf",)
+    environ = {"ANALYSIS_OPERATOR_GATEWAY_PASS_COOKIES": "_xsrf, site_prefs"}
+    assert load_settings(environ).gateway.pass_cookies == ("_xsrf", "site_prefs")
+    assert load_settings({"ANALYSIS_OPERATOR_GATEWAY_PASS_COOKIES": ""}).gateway.pass_cookies == ()
+    settings = GatewaySettings(pass_cookies=("_xsrf", "site_prefs"))
+    authorizer = Authorizer(settings, Secrets(), {}, IndexCatalogue({}, {}, {}), TokenVerifier(settings))
+    assert authorizer.pass_cookies == {"_xsrf", "site_prefs"}
 
 
 def test_a_verified_token_is_remembered_only_until_it_expires(authorizer, monkeypatch):

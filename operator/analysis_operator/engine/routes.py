@@ -67,7 +67,9 @@ MIDDLEWARE_API = "traefik.io/v1alpha1"
 FORWARD_AUTH = "aenv-forward-auth"  # the forward-auth Middleware, one per namespace
 CLOSED_PAGE = "aenv-closed"  # per namespace: the route and Middleware answering for environments without a route
 # What the gateway copies from the operator's answer into the request it passes on: the server's
-# credential, the browser's cookies without the session cookie, and who the viewer is.
+# credential, the browser's cookies named in gateway.pass_cookies, and who the viewer is. Traefik
+# removes each of these from the request first, so one the answer leaves out (no cookie allowed
+# through) is not sent at all, whatever the browser sent.
 AUTH_RESPONSE_HEADERS = ["Authorization", "Cookie", "X-Forwarded-User"]
 PROBE_ATTEMPT_SECONDS = 1.0  # one probe request; then whether the forward-auth saw it is checked
 PROBE_MAX_DELAY_SECONDS = 5.0  # between one environment's attempts (from 50 ms, doubling)

@@ -4,8 +4,9 @@ The gateway (Traefik's forwardAuth Middleware on every environment's HTTPRoute,
 engine/routes.py) sends each request's headers here before passing it on. The answer is
 decided in memory (kopf's indexes, policy/opening.py) and writes nothing:
   - 200: pass the request on, with the server's credential (`Authorization: token ...`,
-    the environment's access token) and the browser's cookies minus the session cookie, so
-    neither the session (the viewer's identity) nor the token ever reaches the other side;
+    the environment's access token) and of the browser's cookies only those named in
+    gateway.pass_cookies (never the session cookie), so neither the session (the viewer's
+    identity), nor the viewer's other cookies, nor the token ever reaches the other side;
   - 401: not signed in (or a session that does not verify), or a redirect to the login URL;
   - 403: signed in, not allowed (not the owner, not shared with them, or shared but a
     mounted dataset they may not read); or a request another site's page sent (CrossSiteRequest,
@@ -53,6 +54,7 @@ from analysis_operator.policy.opening import (
     environment_of,
     is_probe,
     may_open,
+    passed_cookies,
     wrong_host_refusal,
 )
 from analysis_operator.settings import GatewaySettings
@@ -80,6 +82,7 @@ class Authorizer:
         self.settings, self.kube, self.environments, self.catalogue = settings, kube, environments, catalogue
         self.verifier = verifier
         self.admins = frozenset(settings.admins)
+        self.pass_cookies = frozenset(settings.pass_cookies)
         self._clock = clock
         # A standby replica (kopf peering) has paused indexes: it answers from the API server instead.
         self._active = active
@@ -144,8 +147,10 @@ class Authorizer:
             return Verdict(503, "NoToken", f"{target[0]}/{target[1]}: {token_lost(record.environment)}"), {}
         self.activity.saw(record.environment.uid)
         passed = {"Authorization": f"token {server_token}", "X-Forwarded-User": user}
-        cookies = self._other_cookies(headers.get("Cookie", ""))
-        if cookies:
+        cookies = passed_cookies(
+            cookie_pairs(headers.get("Cookie", "")), self.pass_cookies, self.settings.session_cookie
+        )
+        if cookies:  # none: no Cookie in the answer, and Traefik removes the browser's (authResponseHeaders)
             passed["Cookie"] = cookies
         return verdict, passed
 
@@ -184,12 +189,6 @@ class Authorizer:
             location = f"{self.settings.login_url}?{urllib.parse.urlencode({'rd': back})}"
             return Verdict(302, "NotSignedIn", why), {"Location": location}
         return Verdict(401, "NotSignedIn", f"{why}: sign in through the facility portal"), {}
-
-    def _other_cookies(self, header: str) -> str:
-        """The browser's cookies for the server (JupyterLab's _xsrf), as sent, without the session cookie
-        (every one of that name), whatever else the header holds."""
-        session = self.settings.session_cookie
-        return "; ".join(f"{name}={value}" for name, value in cookie_pairs(header) if name != session)
 
     async def _token(self, environment: Environment) -> str | None:
         return await read_token(self.kube, environment)  # known in memory once made or read (engine/tokens.py)

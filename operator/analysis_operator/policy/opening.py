@@ -30,7 +30,7 @@ import hashlib
 import hmac
 import re
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from analysis_operator.model.domain import Environment, Phase
@@ -229,6 +229,16 @@ def _shown_data(
         )
         for refusal in sharee_refusals(environment, user, catalogue, now)
     ]
+
+
+def passed_cookies(pairs: Iterable[tuple[str, str]], allowed: Collection[str], session: str) -> str:
+    """The Cookie header the environment's server gets (pure): of the browser's cookies (`pairs`, as sent),
+    only those named in `allowed` (gateway.pass_cookies), in order, and never the session cookie; "" when
+    none is left. An allow-list, not the session cookie taken out: the server is its owner's, who can log
+    every header it is sent, and a sharee's or an admin's other cookies for the gateway's site (oauth2-proxy's
+    `_oauth2_proxy`, a portal's session, JupyterLab's own login cookie `username-...`) would let the owner
+    replay them and act as that person."""
+    return "; ".join(f"{name}={value}" for name, value in pairs if name in allowed and name != session)
 
 
 PROBE_HEADER = "X-Analysis-Probe"
