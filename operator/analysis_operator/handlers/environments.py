@@ -213,14 +213,19 @@ async def on_environment_status(type: str, body: kopf.Body, memo: kopf.Memo, fla
 
 
 async def remove_held(context: Context, environment: Environment, backend: Backend | None) -> None:
-    """What an environment held in its deletion runs (held_in_deletion): its pod, Service and token, now.
-    Its route goes with the object (the garbage collector); the forward-auth lets nobody into an environment
-    being deleted. Converges that wait behind this one create nothing (Context.deleting)."""
+    """What an environment held in its deletion runs (held_in_deletion): its pod, Service, token and route,
+    now (an orphaning delete would leave them to nobody; the forward-auth lets nobody into an environment
+    being deleted meanwhile). Converges that wait behind this one create nothing (Context.deleting)."""
     async with environment_lock(environment.uid):
         context.deleting.add(environment.uid)
         if backend is not None:
             await backend.delete(environment)
     await delete_token(context.kube, environment)
+    try:
+        await context.routes.close(environment)
+    except Exception as error:
+        if not namespace_terminating(error):  # its namespace going: its route goes with it
+            raise
     log.info("environment.removed_while_held", environment=f"{environment.namespace}/{environment.name}")
 
 
