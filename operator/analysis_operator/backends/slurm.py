@@ -92,7 +92,8 @@ from analysis_operator.settings import SlurmSettings
 TOKEN_ENV_NAME = "JUPYTER_TOKEN"
 NODE_ADDRESS_SECONDS = 60.0  # how long a node's resolved address is reused before Slurm is asked again
 # What JupyterLab needs behind a gateway: requests arrive with the gateway's Host (allow_remote_access)
-# and X-Forwarded-Proto (trust_xheaders: its login cookie is Secure behind HTTPS). The XSRF check
+# and X-Forwarded-Proto (trust_xheaders: the scheme the browser used; no login cookie is set, see
+# jupyter/aenv_viewers.py). The XSRF check
 # stays on (never disable_check_xsrf); root is refused (no --allow-root); no browser.
 JUPYTER_FLAGS = (
     ' --no-browser --ip="$JUPYTER_HOST" --port="$JUPYTER_PORT" --ServerApp.port_retries=0'

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import re
 import shutil
 import socket
 import ssl
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import kubernetes
@@ -348,6 +350,43 @@ def test_unsharing_closes_the_sharees_open_websocket_within_seconds_and_only_the
     assert "bob (1, NotShared)" in disconnected[0] and "alice" not in disconnected[0]
 
 
+@pytest.fixture
+def cookie_secret(slurm_settings):
+    """Where jupyter_server keeps its cookie secret in alice's HOME (the working directory, shared by
+    all her jobs), emptied of one an earlier JupyterLab left there before her environment starts."""
+    home = Path(slurm_settings.job_working_directory.format(user="alice"))
+    secret = home / ".local/share/jupyter/runtime/jupyter_cookie_secret"
+    secret.unlink(missing_ok=True)
+    return secret
+
+
+def set_cookies(opened, path, user):
+    """The names of the cookies a page through the gateway sets (every Set-Cookie header)."""
+    cookie = f"aenv_session={opened.token(user)}"
+    request = urllib.request.Request(opened.url + path, headers={"Cookie": cookie})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return [header.partition("=")[0] for header in response.headers.get_all("Set-Cookie") or []]
+
+
+def test_a_viewer_is_handed_neither_the_token_nor_a_login_cookie(opened, cookie_secret, cluster_lab, core, namespace):
+    """The gateway adds the token to every request, so the browser needs none: JupyterLab's pages hold
+    no token (its page config, jupyter_server's own pages) and its answers set no login cookie, whose
+    secret would otherwise sit in the HOME all of alice's jobs share (a sharee's cookie then opened her
+    other and later servers, at node:port, unshared or not: aenv_viewers.py)."""
+    environments, _, base = cluster_lab
+    token = base64.b64decode(core.read_namespaced_secret("aenv-hpc", namespace).data["token"]).decode()
+    environments.patch_spec("hpc", sharing={"users": ["bob"]})
+    for user in ("alice", "bob"):
+        _, _, page = answered(opened, base + "lab", user, 200)
+        (config,) = re.findall(rb'<script id="jupyter-config-data" type="application/json">(.*?)</script>', page, re.S)
+        assert json.loads(config)["token"] == "" and token.encode() not in page
+        status, _, page = opened.request(base + "files/no-such-file", user)
+        assert status == 404 and b"data-jupyter-api-token" not in page and token.encode() not in page
+        names = set_cookies(opened, base + "lab", user)
+        assert "_xsrf" in names and not [name for name in names if name.startswith("username-")], names
+    assert not cookie_secret.exists(), "jupyter_server wrote its cookie secret to the shared HOME"
+
+
 def test_a_real_browser_opens_it_for_alice_and_for_bob_only_while_shared(opened, cluster_lab):
     environments, ready, base = cluster_lab
     url = ready["status"]["connection"]["url"]
@@ -370,6 +409,18 @@ def test_a_real_browser_opens_it_for_alice_and_for_bob_only_while_shared(opened,
         driver.get(url)
         wait_for(lambda: jupyterlab_shown(driver), timeout=60, what="JupyterLab for bob")
         screenshot(driver, "open-slurm-jupyterlab-bob-shared")
+        # JupyterLab works with the token only in what the gateway adds (its launcher lists the kernels
+        # it asked the server for), and bob's browser is handed no credential of the server
+        assert (
+            driver.execute_script("return JSON.parse(document.getElementById('jupyter-config-data').textContent).token")
+            == ""
+        )
+        wait_for(
+            lambda: driver.find_elements(By.CSS_SELECTOR, '.jp-LauncherCard[data-category="Notebook"]'),
+            timeout=30,
+            what="the launcher's kernels",
+        )
+        assert not [c["name"] for c in driver.get_cookies() if c["name"].startswith("username-")]
 
         environments.patch_spec("hpc", sharing={"users": []})
         answered(opened, base + "api/status", "bob", 403)

@@ -114,11 +114,23 @@ refuses them.
 
 Both refuse a request that came through the gateway (it carries X-Forwarded-User): a viewer may use
 the server, not decide who else may.
+
+It also keeps the server's credentials out of the viewers' browsers. The gateway adds the server's
+token to every request it passes on (websockets too), so a browser needs none of its own; yet
+jupyter_server answers a token-authenticated request with a signed login cookie (`username-<host>`,
+valid 31 days), signed with a key it keeps in $HOME/.local/share/jupyter/runtime, which every job
+of the same user shares and a pod's home volume keeps: a sharee's cookie would open the owner's other
+and later servers, unshared or not, whatever their token. So each server start signs with random
+bytes of its own, held in memory only (set when the extension is linked, before jupyter_server reads
+or writes that file), and sets no login cookie at all. And JupyterLab writes the token into every
+page it serves (page_config, and jupyter_server's own pages such as a 404): blanked, as JupyterHub
+does, so that opening a shared environment hands no viewer the owner's token.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import weakref
 from typing import Any
 
@@ -180,12 +192,45 @@ class ViewersHandler(JupyterHandler):
         self.finish(json.dumps({"closed": closed}))
 
 
+def _no_login_cookie(handler: Any, user: Any) -> None:
+    """In place of IdentityProvider.set_login_cookie: the gateway authenticates every request."""
+
+
+def _without_token(handler: Any, page_config: dict[str, Any], previous: Any = None) -> dict[str, Any]:
+    """The page_config_hook (jupyterlab_server): the page's config without the server's token, so
+    JupyterLab sends none itself (a copy: the dict is the server's own, shared by all pages)."""
+    if previous is not None:
+        page_config = previous(handler, page_config)
+    return {**page_config, "token": ""}
+
+
+_original_namespace = JupyterHandler.template_namespace
+
+
+@property  # type: ignore[misc]
+def _namespace(self: JupyterHandler) -> dict[str, Any]:
+    """jupyter_server's own pages (page.html: login, logout, errors) put a logged-in viewer's token
+    in data-jupyter-api-token: given none."""
+    return {**_original_namespace.fget(self), "token": ""}
+
+
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
     return [{"module": "aenv_viewers"}]
 
 
+def _link_jupyter_server_extension(serverapp: Any) -> None:
+    """Linked before the web app is made, the first of the usual extensions (they link in the
+    order of their names): the cookie secret set here is never read from HOME nor written there."""
+    serverapp.cookie_secret = os.urandom(32)
+
+
 def _load_jupyter_server_extension(serverapp: Any) -> None:
     websocket.WebSocketHandler.get = _get
+    JupyterHandler.template_namespace = _namespace
+    serverapp.identity_provider.set_login_cookie = _no_login_cookie
+    settings = serverapp.web_app.settings
+    previous = settings.get("page_config_hook")
+    settings["page_config_hook"] = lambda handler, page_config: _without_token(handler, page_config, previous)
     base_url = serverapp.web_app.settings["base_url"]
     serverapp.web_app.add_handlers(".*$", [(url_path_join(base_url, "aenv/viewers"), ViewersHandler)])
 AENV_EXTENSION_END
