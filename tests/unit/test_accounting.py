@@ -440,3 +440,14 @@ def test_a_spent_budget_leaves_an_environment_being_deleted_to_its_deletion():
     started = {**status("Ready", NOW - 10 * MINUTE), "terms": build_terms(FLAVOR), "backend": {"kind": "kubernetes"}}
     api = daemon_ticks({"cpuHours": 0.01}, started, {"kubernetes": pods}, deleting=True)
     assert pods.deleted == [] and api.entries["u-1"]["cpuHours"] == pytest.approx(2 * 5 / 60)
+
+
+@pytest.mark.parametrize("slurm", [False, True], ids=["pod", "slurm job"])
+def test_a_short_run_after_ticks_that_failed_is_not_charged_for_the_hours_before_it(slurm):
+    """The last tick written saw it suspended three hours ago (the ticks since failed, or a takeover
+    waited); its owner resumes it, runs 30 s and suspends it: charged from no earlier than one and a half
+    intervals before the suspension, not for three hours it never ran."""
+    b = ticked(budget(NOW - MINUTE), suspended(NOW - HOURS), NOW, slurm)
+    later = NOW + 3 * HOURS
+    b = ticked(b, suspended(later + 30 * SECOND), later + MINUTE, slurm)
+    assert b.entries["u-1"]["cpuHours"] == pytest.approx(2 * 90 / 3600)  # the 1.5 intervals before the suspension

@@ -79,6 +79,7 @@ def plan_tick(
     # charged by the flavor: running (uid -> when it became Ready, None: not Ready), or not
     running: dict[str, datetime.datetime | None] = {}
     waiting: list[str] = []
+    between: dict[str, datetime.datetime] = {}  # resumed and suspended between two ticks: charged from then on
     foreign: list[str] = []
     observed = observed or {}
     for uid, entry in budget.entries.items():
@@ -109,7 +110,9 @@ def plan_tick(
                 suspended[uid] = at
         if record is not None and (at := _suspended_at(entry, record.status)) is not None:
             suspended[uid] = at
-    budget = _charged_from(budget, running, waiting, moment)
+            if not entry.get("heldSince"):  # ran between two ticks: from no earlier than one tick before
+                between[uid] = at - datetime.timedelta(seconds=MISSED_TICK * interval)
+    budget = _charged_from(budget, running, waiting, moment, between)
     paused.extend(waiting)
     result = charge(budget, ended, moment, warning_percent, paused, held, foreign, suspended)
     idle = not budget.entries and _same(budget.status, result.status)
@@ -140,7 +143,9 @@ def _suspended_at(entry: Mapping[str, Any], status: Mapping[str, Any]) -> dateti
     suspended again between two ticks, its Ready turned False after that tick, so it was Ready in between;
     when it became Ready is not kept, so it is charged from that tick (up to one charge interval more
     than it ran, never less: before, every such run was free, and a resume and suspend around each tick
-    ran most of the time uncharged). One not Ready when suspended keeps its earlier time there: charged
+    ran most of the time uncharged; and from no earlier than one and a half intervals before the
+    suspension, whatever a failed tick left in chargedUntil: _charged_from). One not Ready when
+    suspended keeps its earlier time there: charged
     for nothing more, since chargedUntil never moves back."""
     if status.get("phase") != Phase.SUSPENDED.value:
         return None
@@ -181,6 +186,7 @@ def _charged_from(
     running: Mapping[str, datetime.datetime | None],
     waiting: Collection[str],
     moment: datetime.datetime,
+    between: Mapping[str, datetime.datetime] | None = None,
 ) -> Budget:
     """Where the charge of entries charged by the flavor starts. `heldSince` marks an entry the last tick
     saw running: it is charged on from chargedUntil, whatever its Ready time says (a server stopped for
@@ -188,8 +194,15 @@ def _charged_from(
     suspended) is charged from when it became Ready, not from the tick before; or from this tick if it
     runs without being Ready yet: not for the time it may have waited for a node or an image. Time
     already charged is never charged again (chargedUntil only moves forward). One that does not run
-    (`waiting`) loses the mark."""
+    (`waiting`) loses the mark. One resumed and suspended again since the last tick (`between`: uid -> the
+    earliest it may have started) is charged from no earlier than that: a chargedUntil left hours behind
+    by a failed tick or a takeover would otherwise charge hours it never ran."""
     changed = {}
+    for uid, earliest in (between or {}).items():
+        entry = budget.entries[uid]
+        charged_until = parse_time(entry.get("chargedUntil"))
+        if charged_until is not None and charged_until < earliest:
+            changed[uid] = {**entry, "chargedUntil": format_time(earliest.replace(microsecond=0))}
     for uid, ready in running.items():
         entry = budget.entries[uid]
         if entry.get("heldSince"):
@@ -198,7 +211,7 @@ def _charged_from(
         start = max(charged_until, ready.replace(microsecond=0)) if ready is not None else moment
         changed[uid] = {**entry, "chargedUntil": format_time(start), "heldSince": format_time(start)}
     for uid in waiting:
-        entry = budget.entries[uid]
+        entry = changed.get(uid) or budget.entries[uid]
         if "heldSince" in entry:
             changed[uid] = {key: value for key, value in entry.items() if key != "heldSince"}
     if not changed:
