@@ -169,10 +169,15 @@ def test_only_a_member_files_against_a_budget_and_only_the_owner_for_an_environm
 
 def test_an_approved_lifetime_goes_only_to_the_environment_it_was_filed_about():
     from analysis_operator.handlers.requests import _replaced
-    from analysis_operator.model.domain import Environment
 
-    lab = Environment(namespace="ns", name="long", uid="u-2", owner="alice", flavor="gpu")
-    assert _replaced(lab, {"environmentUid": "u-2"}, "alice") == ""
-    assert "deleted and created again" in _replaced(lab, {"environmentUid": "u-1"}, "alice")  # a namesake
-    assert "belongs to alice, not to bob" in _replaced(lab, {}, "bob")  # no uid recorded: the owner decides
-    assert _replaced(lab, {}, "") == ""  # a request filed before the stamps: as before
+    def lab(uid: str, created: str, owner: str = "alice") -> dict:
+        return {"metadata": {"uid": uid, "creationTimestamp": created}, "spec": {"owner": owner}}
+
+    request = {"creationTimestamp": "2026-12-06T10:00:00Z", "annotations": {"analysis.panosc.eu/requested-by": "alice"}}
+    assert _replaced(lab("u-2", "2026-12-06T09:00:00Z"), request, {"environmentUid": "u-2"}) == ""
+    again = "deleted and created again"
+    assert again in _replaced(lab("u-2", "2026-12-06T09:00:00Z"), request, {"environmentUid": "u-1"})  # a namesake
+    # no uid recorded (filed while no operator ran, or before this): made after the request, so not its environment
+    assert again in _replaced(lab("u-2", "2026-12-06T11:00:00Z"), request, {})
+    assert _replaced(lab("u-2", "2026-12-06T09:00:00Z"), request, {}) == ""
+    assert "belongs to bob, not to alice" in _replaced(lab("u-2", "2026-12-06T09:00:00Z", "bob"), request, {})

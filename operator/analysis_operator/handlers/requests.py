@@ -16,7 +16,7 @@ from analysis_operator.engine.reconciler import utcnow
 from analysis_operator.engine.terms import flavor_for
 from analysis_operator.engine.views import first, member_of
 from analysis_operator.infra.kopf_patches import Cause, Refused
-from analysis_operator.model.domain import GROUP, VERSION, Environment, format_time, parse_duration
+from analysis_operator.model.domain import GROUP, VERSION, format_time, parse_duration, parse_time
 from analysis_operator.policy.budgets import Budget, apply_grant
 from analysis_operator.policy.identity import is_trusted, requester
 from analysis_operator.policy.refusal import Refusal
@@ -117,15 +117,21 @@ async def _target_uid(memo: kopf.Memo, namespace: str, spec: Mapping[str, Any], 
     return str(((found or {}).get("metadata") or {}).get("uid") or "")
 
 
-def _replaced(environment: Environment, status: Mapping[str, Any], scientist: str) -> str:
-    """Why an approved lifetime may not go to `environment` (pure): not the one the request was filed
-    about (deleted and created again under its name since: by its owner with another flavor, or by
-    someone else in the namespace), or no longer the scientist's. "" when it may."""
+def _replaced(environment: Mapping[str, Any], request: Mapping[str, Any], status: Mapping[str, Any]) -> str:
+    """Why an approved lifetime may not go to `environment` (its body, as the API server has it now; pure):
+    not the one the request was filed about (deleted and created again under its name since, by its owner
+    with another flavor or by someone else in the namespace: another uid than the one recorded at filing,
+    or created after the request, which also covers a request filed before the uid was recorded), or no
+    longer owned by whom the request is for. "" when it may."""
+    metadata = environment.get("metadata") or {}
     filed_about = str(status.get("environmentUid") or "")
-    if filed_about and filed_about != environment.uid:
+    created, asked = parse_time(metadata.get("creationTimestamp")), parse_time(request.get("creationTimestamp"))
+    if (filed_about and filed_about != metadata.get("uid")) or (created and asked and created > asked):
         return "was deleted and created again since this request was filed: nothing extended (file a new request)"
-    if scientist and environment.owner != scientist:
-        return f"belongs to {environment.owner}, not to {scientist} who asked: nothing extended"
+    owner = str((environment.get("spec") or {}).get("owner") or "")
+    scientist = str((request.get("annotations") or {}).get(REQUESTED_BY) or "")
+    if scientist and owner != scientist:
+        return f"belongs to {owner}, not to {scientist} who asked: nothing extended"
     return ""
 
 
@@ -216,6 +222,13 @@ async def _grant(
     request = f"{metadata['namespace']}/{metadata['name']}"
     decided = (str(status.get("decidedBy", "")), str(status.get("decidedAt", "")))
     messages = []
+    checked = ""  # the uid of the environment the lifetime goes to, as checked
+    if spec.get("environment") and spec.get("lifetime"):  # before any grant: an Invalid request grants nothing
+        found = await memo.context.kube.get_environment(metadata["namespace"], str(spec["environment"]))
+        checked = str(((found or {}).get("metadata") or {}).get("uid") or "")
+        replaced = _replaced(found, metadata, status) if found is not None else ""
+        if replaced:
+            return {"phase": "Invalid", "message": f"AnalysisEnvironment {spec['environment']!r} {replaced}"}
     if spec.get("budget") and any((spec.get("add") or {}).values()):
         gate: BudgetGate = memo.budget_gate
         moment = utcnow()
@@ -230,11 +243,8 @@ async def _grant(
     if spec.get("environment") and spec.get("lifetime"):
         record = first(environments, (metadata["namespace"], spec["environment"]))
         flavor = record and flavor_for(record.environment, record.status, flavors)
-        if record is None or flavor is None:
+        if record is None or flavor is None or record.environment.uid != checked:
             return {"phase": "Invalid", "message": f"AnalysisEnvironment {spec['environment']!r} does not exist"}
-        replaced = _replaced(record.environment, status, str(metadata.get("annotations", {}).get(REQUESTED_BY) or ""))
-        if replaced:
-            return {"phase": "Invalid", "message": f"AnalysisEnvironment {spec['environment']!r} {replaced}"}
         extensions = {**(record.status.get("lifetimeExtensions") or {}), metadata["uid"]: spec["lifetime"]}
         _, expires_at = expiry(
             record.environment, flavor, {**record.status, "lifetimeExtensions": extensions}, utcnow()
