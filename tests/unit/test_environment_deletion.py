@@ -77,7 +77,15 @@ class Cloud:
         return True
 
 
-def delete(backends: dict, status: dict, annotations: dict | None = None, in_flight=None):
+class Routes:
+    def __init__(self) -> None:
+        self.closed: list[str] = []
+
+    async def close(self, environment) -> None:
+        self.closed.append(environment.name)
+
+
+def delete(backends: dict, status: dict, annotations: dict | None = None, in_flight=None, finalizers=(), routes=None):
     """The delete handler's answer; `in_flight`: a coroutine function run alongside, started first (a
     converge already under way when the user deletes)."""
     body = kopf.Body(
@@ -89,13 +97,15 @@ def delete(backends: dict, status: dict, annotations: dict | None = None, in_fli
                 "labels": {LABEL_BACKEND: "openstack"},
                 "annotations": annotations or {},
                 "deletionTimestamp": "2026-11-30T12:00:00Z",
+                "finalizers": ["analysis.panosc.eu/finalizer", *finalizers],
             },
             "spec": {"owner": "alice", "flavor": "vm-desktop"},
             "status": status,
         }
     )
     events, patch = Events(), kopf.Patch()
-    memo = types.SimpleNamespace(context=types.SimpleNamespace(kube=events, backends=backends, deleting=set()))
+    context = types.SimpleNamespace(kube=events, backends=backends, deleting=set(), routes=routes or Routes())
+    memo = types.SimpleNamespace(context=context)
 
     async def scenario():
         running = asyncio.create_task(in_flight()) if in_flight is not None else None
@@ -195,3 +205,53 @@ def test_a_converge_that_waited_behind_a_deletion_creates_nothing():
     assert outcome.status is None and outcome.retry_after is None
     dataclasses.replace(context, backends={}).forget({"u-1"})  # its DELETED event: the mark goes too
     assert context.deleting == set()
+
+
+@pytest.mark.parametrize("finalizers, closed", [((), []), (("orphan",), ["vm"]), (("x.example.org/hold",), ["vm"])])
+def test_a_job_or_vm_kept_after_its_deletion_has_its_route_closed_with_it(finalizers, closed):
+    """Removed by the backend, its finalizer released: the route (and an address's Service and EndpointSlice)
+    is the garbage collector's, unless something else keeps the object, or an orphaning delete would leave
+    them to nobody: then closed here."""
+    routes = Routes()
+    error, _, _, deleted = delete({"openstack": Cloud()}, RECORDED, finalizers=finalizers, routes=routes)
+    assert error is None and deleted == TOKEN and routes.closed == closed
+
+
+def test_the_sweep_removes_what_an_environment_kept_after_its_deletion_runs_until_it_is_done():
+    """A pod's environment kept by someone's finalizer: its removal at its event failed (kopf does not retry
+    an event handler), so the sweep tries again, and once done asks no more."""
+    from analysis_operator.engine.views import EnvironmentRecord
+    from analysis_operator.handlers.environments import remove_held_ones
+    from analysis_operator.model.domain import Environment, Flavor
+
+    class Pods:
+        needs_finalizer, asked, fail = False, 0, True
+
+        async def delete(self, environment) -> bool:
+            self.asked += 1
+            if self.fail:
+                raise ConnectionError("the API server went away")
+            return True
+
+    pods, events = Pods(), Events()
+    held = Environment(namespace="ns", name="lab", uid="u-1", owner="alice", flavor="jl", deleting=True)
+    running = Environment(namespace="ns", name="up", uid="u-2", owner="alice", flavor="jl")
+    context = types.SimpleNamespace(
+        kube=events, backends={"kubernetes": pods}, deleting=set(), removed_held=set(), routes=Routes()
+    )
+    reconciler = types.SimpleNamespace(
+        context=context,
+        environments={("ns", "lab"): [EnvironmentRecord(held, {})], ("ns", "up"): [EnvironmentRecord(running, {})]},
+        flavors={"jl": [Flavor(name="jl", backend="kubernetes")]},
+    )
+
+    async def sweeps() -> None:
+        await remove_held_ones(reconciler)  # fails: logged, tried again next time
+        assert (pods.asked, context.removed_held) == (1, set())
+        pods.fail = False
+        await remove_held_ones(reconciler)
+        await remove_held_ones(reconciler)  # done: not asked again
+
+    asyncio.run(sweeps())
+    assert pods.asked == 2 and context.removed_held == {"u-1"} and context.routes.closed == ["lab"]
+    assert [name for _, name, _ in events.deleted] == ["ns/aenv-lab"]  # its token; the running one untouched

@@ -169,6 +169,9 @@ class Context:
     # uids whose deletion has begun removing what runs (handlers/environments.py): a converge decided from a
     # copy taken before (the sweep's, waiting behind the deletion on environment_lock) creates nothing
     deleting: set[str] = field(default_factory=set)
+    # uids of environments kept after their deletion whose pod, Service, token and route are removed
+    # (handlers/environments.remove_held): not asked about again at each of their events and sweeps
+    removed_held: set[str] = field(default_factory=set)
 
     def forget(self, uids: Collection[str]) -> None:
         """Environments that are gone: nothing is kept for them any longer. Each store is bounded on
@@ -179,6 +182,7 @@ class Context:
             self.unwritten.pop(uid, None)
             self.decisions.forget(uid)
             self.deleting.discard(uid)
+            self.removed_held.discard(uid)
         tokens.forget(uids)
         server_certificates.forget(uids)
         for backend in self.backends.values():
@@ -197,7 +201,14 @@ class Context:
 
     def retain(self, live: Collection[str]) -> None:
         """Keep only what belongs to `live` environments (for deletions this process did not see)."""
-        kept = {*self.written, *self.unwritten, *self.decisions.uids(), *self.deleting, *tokens.known_uids()}
+        kept = {
+            *self.written,
+            *self.unwritten,
+            *self.decisions.uids(),
+            *self.deleting,
+            *self.removed_held,
+            *tokens.known_uids(),
+        }
         self.forget(kept - set(live))
 
     async def write_status(self, environment: Environment, status: Mapping[str, Any]) -> None:

@@ -15,12 +15,12 @@ from analysis_operator.engine.events import environment_reference, post_event
 from analysis_operator.engine.reconciler import Reconciler, utcnow
 from analysis_operator.engine.terms import flavor_for
 from analysis_operator.engine.tokens import delete_token
-from analysis_operator.engine.views import EnvironmentRecord, Index, first
+from analysis_operator.engine.views import EnvironmentRecord, Index, first, values
 from analysis_operator.handlers.indexes import PodKey
 from analysis_operator.infra.kube import namespace_terminating
 from analysis_operator.infra.metrics import RECONCILE_SECONDS
 from analysis_operator.model.conditions import build_condition, merge_conditions
-from analysis_operator.model.domain import GROUP, LABEL_BACKEND, VERSION, Environment
+from analysis_operator.model.domain import FINALIZER, GROUP, LABEL_BACKEND, VERSION, Environment
 
 log = structlog.get_logger("analysis_operator.environments")
 
@@ -71,18 +71,19 @@ async def on_environment_deleted(
     there is nothing to remove (see cleanup_blocked), or an admin abandons it (ABANDON)."""
     environment = Environment.from_body(body)
     kind, status = labels[LABEL_BACKEND], body.get("status") or {}
+    held = any(finalizer != FINALIZER for finalizer in body.metadata.get("finalizers") or ())
     backend = memo.context.backends.get(kind)
     reference = environment_reference(environment)
     if body.metadata.annotations.get(ABANDON) == "true":
         message = left_behind(kind, status)
         log.warning("environment.backend_abandoned", environment=f"{environment.namespace}/{environment.name}")
         await post_event(memo.context.kube, reference, "Warning", "BackendAbandoned", message)
-        return await _release(memo, environment)
+        return await _release(memo, environment, held)
     if backend is None:
         blocked = cleanup_blocked(kind, status)
         if blocked is None:  # nothing was ever made there: nothing to wait for
             log.info("environment.released", environment=f"{environment.namespace}/{environment.name}", backend=kind)
-            return await _release(memo, environment)
+            return await _release(memo, environment, held)
         await _cleanup_condition(memo, environment, status, patch, "BackendNotEnabled", blocked)
         raise kopf.TemporaryError(blocked, delay=ABANDON_CHECK_SECONDS)
     try:
@@ -98,17 +99,25 @@ async def on_environment_deleted(
         raise kopf.TemporaryError(str(error), delay=10) from None
     if not gone:
         raise kopf.TemporaryError("waiting for the backend to confirm the deletion", delay=2)
-    await _release(memo, environment)
+    await _release(memo, environment, held)
 
 
-async def _release(memo: kopf.Memo, environment: Environment) -> None:
+async def _release(memo: kopf.Memo, environment: Environment, held: bool = False) -> None:
     """The environment's token Secret, removed with the backend's work before the finalizer goes, not
     left to the garbage collector alone: it does not see the deletion of a kind it has not discovered
     yet (the first seconds after the CRD is installed), and the access token then stayed behind its
     environment (tests/integration/test_authorization.py). Its route stays the collector's: closing it
     would set up the namespace's closed page again, which a namespace being deleted refuses, and a route
-    to an environment that is gone opens nothing (the forward-auth answers for environments only)."""
+    to an environment that is gone opens nothing (the forward-auth answers for environments only). Unless
+    something else keeps the object (`held`: someone's finalizer, or an orphaning delete, which would leave
+    the route, its Service and EndpointSlice to nobody): then it is closed here too."""
     await delete_token(memo.context.kube, environment)
+    if held:
+        try:
+            await memo.context.routes.close(environment)
+        except Exception as error:
+            if not namespace_terminating(error):
+                raise
 
 
 # An admin's way out when the backend will not come back (a decommissioned cloud project): the finalizer
@@ -193,14 +202,16 @@ async def on_environment_status(type: str, body: kopf.Body, memo: kopf.Memo, fla
     once it is deleted, what this process kept for it (engine/reconciler.Reconciler.forget)."""
     status = body.get("status") or {}
     environment = Environment.from_body(body)
-    if held_in_deletion(body.metadata):  # also its last event: the one before may not have been handed over
-        await remove_held(memo.context, environment, backend_of(memo.context, environment, status, flavors))
-    if type == "DELETED":  # its last event: what this process kept for it goes too
-        memo.diffbase.forget(environment.uid)
-        memo.reconciler.forget({environment.uid})
-        return
-    if environment.deleting:
-        return
+    try:
+        # also at its last event: the one before may not have been handed over
+        if held_in_deletion(body.metadata) and environment.uid not in memo.context.removed_held:
+            await remove_held(memo.context, environment, backend_of(memo.context, environment, status, flavors))
+    finally:
+        if type == "DELETED":  # its last event: what this process kept for it goes too
+            memo.diffbase.forget(environment.uid)
+            memo.reconciler.forget({environment.uid})
+    if type == "DELETED" or environment.deleting:
+        return  # a removal that failed here is tried again by the sweep (remove_held_ones)
     backend = backend_of(memo.context, environment, status, flavors)
     if backend is None or backend.polled:
         return  # polled backends are observed by the sweep; an event-driven one is cheap to ask here
@@ -226,7 +237,29 @@ async def remove_held(context: Context, environment: Environment, backend: Backe
     except Exception as error:
         if not namespace_terminating(error):  # its namespace going: its route goes with it
             raise
+    context.removed_held.add(environment.uid)
     log.info("environment.removed_while_held", environment=f"{environment.namespace}/{environment.name}")
+
+
+async def remove_held_ones(reconciler: Reconciler) -> None:
+    """The sweep's part: what runs for environments kept after their deletion whose removal failed at their
+    event (kopf does not retry an event handler) or was never handed over (the operator down), tried again."""
+    context = reconciler.context
+    for record in values(reconciler.environments):
+        environment = record.environment
+        if not environment.deleting or environment.finalizing or environment.uid in context.removed_held:
+            continue
+        backend = backend_of(context, environment, record.status, reconciler.flavors)
+        if backend is not None and backend.needs_finalizer:
+            continue  # a Slurm job or VM: its finalizer's handler removes it
+        try:
+            await remove_held(context, environment, backend)
+        except Exception as error:  # the next sweep tries again
+            log.warning(
+                "environment.removal_failed",
+                environment=f"{environment.namespace}/{environment.name}",
+                error=repr(error),
+            )
 
 
 async def pod_changed(memo: kopf.Memo, key: PodKey) -> None:

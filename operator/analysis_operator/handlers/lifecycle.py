@@ -32,7 +32,7 @@ from analysis_operator.engine.sweep import sweep, sweep_orphans, warn_expiring
 from analysis_operator.engine.viewers import Disconnector
 from analysis_operator.engine.views import first, values
 from analysis_operator.handlers.admission import match_conditions
-from analysis_operator.handlers.environments import pod_changed
+from analysis_operator.handlers.environments import pod_changed, remove_held_ones
 from analysis_operator.handlers.gateway import Authorizer, start_server
 from analysis_operator.handlers.indexes import PodKey, read_pod
 from analysis_operator.handlers.kopf_storage import MemoryDiffBaseStorage, ProgressStorage
@@ -396,6 +396,7 @@ async def sweep_forever(memo: kopf.Memo, interval: float, orphan_every: int = 10
             if not active:
                 continue
             await sweep(reconciler, utcnow(), unheld=memo.budget_gate.unheld)  # and budgets gone from under them
+            await remove_held_ones(reconciler)  # environments kept after their deletion
             await warn_expiring(reconciler, config.budgets.expiry_warning_seconds, utcnow())
         except Exception:  # one bad sweep must not end the loop; the next one retries
             log.exception("sweep.failed")
