@@ -43,7 +43,7 @@ def test_the_orphan_rounds_retain_and_repair_run_whatever_the_sweep_met(monkeypa
     async def is_active(memo) -> bool:
         return True
 
-    for name in ("sweep", "warn_expiring", "sweep_orphans"):
+    for name in ("sweep", "remove_held_ones", "warn_expiring", "sweep_orphans"):
         monkeypatch.setattr(lifecycle, name, step(name))
     monkeypatch.setattr(lifecycle, "is_active", is_active)
 
@@ -73,5 +73,5 @@ def test_the_orphan_rounds_retain_and_repair_run_whatever_the_sweep_met(monkeypa
         return reconciler
 
     reconciler = asyncio.run(scenario())
-    assert ran[:5] == ["sweep", "warn_expiring", "sweep_orphans", "diffbase", "repair"]
+    assert ran[:6] == ["sweep", "remove_held_ones", "warn_expiring", "sweep_orphans", "diffbase", "repair"]
     assert reconciler.retained[0] == {"u-1"}
