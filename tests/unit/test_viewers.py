@@ -61,3 +61,58 @@ def test_a_server_answering_with_a_redirect_loop_is_told_of_without_its_token():
     assert TOKEN not in message and "Authorization" not in message
     (unanswered,) = [entry for entry in logs if entry["event"] == "viewers.unanswered"]
     assert TOKEN not in repr(unanswered) and unanswered["error"] == message
+
+
+class Statuses:
+    """The status patches the Disconnector sends."""
+
+    def __init__(self) -> None:
+        self.patches: list[dict] = []
+
+    async def patch_environment_status(self, namespace, name, patch):
+        self.patches.append(patch)
+
+
+def test_a_check_marks_the_sharing_it_checked_and_a_restart_checks_only_a_sharing_changed_meanwhile():
+    """After a check (nobody left to close, or closed), status.viewersCheckedFor names the sharing
+    checked; a restarted operator's resume asks again only where spec.sharing is not that one (changed
+    while no operator ran: its spec handler sees no change then). Never shared: no mark, no check."""
+    import dataclasses
+
+    from analysis_operator.policy.opening import sharing_digest, viewers_unchecked
+
+    shared = dataclasses.replace(LAB, shared_users=frozenset({"bob"}))
+
+    async def viewers(request: web.Request) -> web.Response:
+        return web.json_response({"viewers": {"alice": 1}})
+
+    async def scenario(kube: Statuses, status: dict) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", viewers)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        ready = {**status, "phase": "Ready", "backend": {"kind": "kubernetes", "endpoint": f"127.0.0.1:{port}"}}
+        environments = {("team-a", "lab"): [EnvironmentRecord(shared, ready)]}
+        disconnector = Disconnector(kube, Settings(), environments, None, timeout=5, retry_seconds=())
+        disconnector._catalogue = type("Catalogue", (), {"groups_of": lambda self, user: frozenset()})()
+        try:
+            assert await disconnector.recheck("team-a", "lab") == {}  # alice is the owner: nobody to close
+        finally:
+            await disconnector.close()
+            await runner.cleanup()
+
+    kube = Statuses()
+    asyncio.run(scenario(kube, {}))
+    assert kube.patches == [{"viewersCheckedFor": sharing_digest(shared)}]
+    marked = Statuses()
+    asyncio.run(scenario(marked, {"viewersCheckedFor": sharing_digest(shared)}))
+    assert marked.patches == []  # marked already: nothing written
+    assert sharing_digest(LAB) == ""
+    assert not viewers_unchecked(LAB, {"phase": "Ready"})  # never shared
+    assert viewers_unchecked(shared, {"phase": "Ready"})  # shared, never checked (or unshared, see below)
+    assert not viewers_unchecked(shared, {"phase": "Ready", "viewersCheckedFor": sharing_digest(shared)})
+    assert viewers_unchecked(LAB, {"phase": "Ready", "viewersCheckedFor": sharing_digest(shared)})  # unshared
+    assert not viewers_unchecked(shared, {"phase": "Suspended"})  # not running: nothing open

@@ -37,7 +37,7 @@ from analysis_operator.engine.views import EnvironmentRecord, Index, first
 from analysis_operator.infra.kube import KubeClient
 from analysis_operator.model.domain import Environment, Phase
 from analysis_operator.policy.access import Catalogue
-from analysis_operator.policy.opening import Viewer, may_open
+from analysis_operator.policy.opening import Viewer, may_open, sharing_digest
 from analysis_operator.settings import Settings
 
 log = structlog.get_logger("analysis_operator.viewers")
@@ -164,8 +164,10 @@ class Disconnector:
                 return {}
             refused = refused_viewers(environment, open_, self._admins, self._catalogue, self._clock())
             if not refused:
+                await self._checked(record)
                 return {}
             await self._viewers(url, token, desktop, sorted(refused), tls)
+        await self._checked(record)
         closed = {user: open_.get(user, 0) for user in refused}
         people = ", ".join(f"{user} ({closed[user]}, {reason})" for user, reason in refused.items())
         message = (
@@ -175,6 +177,16 @@ class Disconnector:
         log.info("viewers.disconnected", environment=f"{namespace}/{name}", users=sorted(refused))
         await post_event(self._kube, environment_reference(environment), "Normal", "ViewersDisconnected", message)
         return closed
+
+    async def _checked(self, record: EnvironmentRecord) -> None:
+        """Mark the sharing whose open connections were checked (status.viewersCheckedFor), where it is not
+        marked yet: a restarted operator checks again only where it changed meanwhile."""
+        digest = sharing_digest(record.environment)
+        if str(record.status.get("viewersCheckedFor") or "") != digest:
+            environment = record.environment
+            await self._kube.patch_environment_status(
+                environment.namespace, environment.name, {"viewersCheckedFor": digest or None}
+            )
 
     async def _viewers(
         self, url: str, token: str, desktop: bool, close: Iterable[str], tls: Mapping[str, Any]

@@ -21,6 +21,7 @@ from analysis_operator.infra.kube import namespace_terminating
 from analysis_operator.infra.metrics import RECONCILE_SECONDS
 from analysis_operator.model.conditions import build_condition, merge_conditions
 from analysis_operator.model.domain import FINALIZER, GROUP, LABEL_BACKEND, VERSION, Environment
+from analysis_operator.policy.opening import viewers_unchecked
 
 log = structlog.get_logger("analysis_operator.environments")
 
@@ -43,7 +44,9 @@ async def on_environment(
     context = memo.context
     environment = Environment.from_body(body)
     viewers = getattr(memo, "viewers", None)  # with the gateway on (handlers/lifecycle.py)
-    if viewers is not None and sharing_changed(old, new):  # old, new: the spec before and after
+    # old, new: the spec before and after; at a restart's resume, a sharing changed while no operator ran
+    unchecked = old is None and viewers_unchecked(environment, body.get("status") or {})
+    if viewers is not None and (sharing_changed(old, new) or unchecked):
         viewers.soon(environment.namespace, environment.name)
     flavor = first(flavors, environment.flavor)
     backend = backend_of(context, environment, body.get("status") or {}, flavors)

@@ -28,6 +28,7 @@ import dataclasses
 import datetime
 import hashlib
 import hmac
+import json
 import re
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -168,6 +169,23 @@ def may_open(
         state = _NOT_OPEN.get(phase, "is not running")
         return Verdict(503, f"Not{phase or 'Started'}", f"{where} {state}", role)
     return Verdict(200, "Allowed", f"{viewer.user} may open {where} ({role})", role)
+
+
+def sharing_digest(environment: Environment) -> str:
+    """What status.viewersCheckedFor holds for the environment's spec.sharing (pure): "" when it is
+    shared with nobody, so an environment never shared needs no check and carries no mark."""
+    if not environment.shared_users and not environment.shared_groups:
+        return ""
+    text = json.dumps([sorted(environment.shared_users), sorted(environment.shared_groups)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def viewers_unchecked(environment: Environment, status: Mapping[str, object]) -> bool:
+    """Ready, and its sharing is not the one whose open connections were last checked (pure): changed
+    while no operator ran, whose spec handler sees no change then (a restart's resume)."""
+    return status.get("phase") == Phase.READY.value and str(status.get("viewersCheckedFor") or "") != sharing_digest(
+        environment
+    )
 
 
 def sharee_refusals(

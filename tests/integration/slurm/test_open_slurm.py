@@ -350,6 +350,43 @@ def test_unsharing_closes_the_sharees_open_websocket_within_seconds_and_only_the
     assert "bob (1, NotShared)" in disconnected[0] and "alice" not in disconnected[0]
 
 
+def test_an_unshare_while_no_operator_runs_closes_the_sharees_websocket_once_one_is_back(
+    opened, operator, cluster_lab, core, namespace
+):
+    """The unshare happens while the operator is down (a rolling update, a crash): its spec handler then
+    sees no change (kopf keeps the last spec in memory), so the check of open connections is made at the
+    resume, where the sharing is not the one last checked (status.viewersCheckedFor)."""
+    environments, _, base = cluster_lab
+    environments.patch_spec("hpc", sharing={"users": ["bob"]})
+    answered(opened, base + "api/status", "bob", 200)
+    wait_for(
+        lambda: (environments.get("hpc").get("status") or {}).get("viewersCheckedFor"),
+        timeout=30,
+        what="the sharing's open connections checked",
+    )
+    status, _, body = opened.request(base + "api/kernels", "alice", method="POST")
+    assert status == 201, body
+    url = opened.url.replace("http", "ws", 1) + f"{base}api/kernels/{json.loads(body)['id']}/channels"
+    cookie = {"Cookie": f"aenv_session={opened.token('bob')}"}
+    with websockets.sync.client.connect(url, additional_headers=cookie, open_timeout=20) as bob:
+        assert kernel_info(bob)["content"]["status"] == "ok"
+        operator.stop()
+        try:
+            environments.patch_spec("hpc", sharing={"users": []})
+            assert kernel_info(bob)["content"]["status"] == "ok"  # nobody to close it meanwhile
+        finally:
+            operator.start()
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            while True:
+                bob.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+    wait_for(
+        lambda: not (environments.get("hpc").get("status") or {}).get("viewersCheckedFor"),
+        timeout=30,
+        what="the unshared sharing marked checked",
+    )
+
+
 @pytest.fixture
 def cookie_secret(slurm_settings):
     """Where jupyter_server keeps its cookie secret in alice's HOME (the working directory, shared by
