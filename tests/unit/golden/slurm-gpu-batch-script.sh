@@ -244,29 +244,30 @@ def _token_blanked(get_page_config: Callable[..., dict[str, Any]]) -> Callable[.
 PAGE_CONFIG_HANDLERS = (("jupyterlab_server.handlers", "LabHandler"), ("notebook.app", "NotebookBaseHandler"))
 
 
-def _blank_page_config_tokens() -> list[str]:
-    """Wraps get_page_config of each handler class in PAGE_CONFIG_HANDLERS that imports, and of each
-    of its subclasses that defines its own; the names of those wrapped."""
+def _blank_page_config_tokens(module_name: str, class_name: str) -> list[str]:
+    """Wraps get_page_config of the handler class, and of each of its subclasses that defines its
+    own; the names of those wrapped ([] when the image lacks the class)."""
+    try:
+        base = getattr(importlib.import_module(module_name), class_name)
+    except Exception:  # not in this image (no Notebook 7, another version)
+        return []
+    if not callable(getattr(base, "get_page_config", None)):
+        raise AttributeError(f"{module_name}.{class_name} has no get_page_config")
     wrapped = []
-    for module_name, class_name in PAGE_CONFIG_HANDLERS:
-        try:
-            base = getattr(importlib.import_module(module_name), class_name)
-        except Exception:  # not in this image (no Notebook 7, another version)
+    classes, seen = [base], set()
+    while classes:
+        cls = classes.pop()
+        if cls in seen:
             continue
-        classes, seen = [base], set()
-        while classes:
-            cls = classes.pop()
-            if cls in seen:
-                continue
-            seen.add(cls)
-            classes.extend(cls.__subclasses__())
-            if "get_page_config" in vars(cls):
-                cls.get_page_config = _token_blanked(vars(cls)["get_page_config"])
-                wrapped.append(f"{cls.__module__}.{cls.__qualname__}")
+        seen.add(cls)
+        classes.extend(cls.__subclasses__())
+        if "get_page_config" in vars(cls):
+            cls.get_page_config = _token_blanked(vars(cls)["get_page_config"])
+            wrapped.append(f"{cls.__module__}.{cls.__qualname__}")
     return wrapped
 
 
-_original_namespace = JupyterHandler.template_namespace
+_original_namespace: Any = getattr(JupyterHandler, "template_namespace", None)  # a property
 
 
 @property  # type: ignore[misc]
@@ -293,12 +294,23 @@ def _viewers_endpoint(serverapp: Any) -> None:
     serverapp.web_app.add_handlers(".*$", [(url_path_join(base_url, "aenv/viewers"), ViewersHandler)])
 
 
-def _page_tokens(serverapp: Any) -> None:
-    JupyterHandler.template_namespace = _namespace
+def _page_config_handlers(serverapp: Any) -> None:
+    for module_name, class_name in PAGE_CONFIG_HANDLERS:
+        wrapped = _blank_page_config_tokens(module_name, class_name)
+        serverapp.log.debug("aenv_viewers: token blanked in the page config of %s", wrapped)
+
+
+def _page_config_hook(serverapp: Any) -> None:
+    """Also for any other page that applies the hook (as long as no later extension replaces it)."""
     settings = serverapp.web_app.settings
     previous = settings.get("page_config_hook")
     settings["page_config_hook"] = lambda handler, page_config: _without_token(handler, page_config, previous)
-    serverapp.log.debug("aenv_viewers: token blanked in the page config of %s", _blank_page_config_tokens())
+
+
+def _template_namespace(serverapp: Any) -> None:
+    if not isinstance(_original_namespace, property):
+        raise AttributeError("JupyterHandler.template_namespace is not a property here")
+    JupyterHandler.template_namespace = _namespace
 
 
 def _cookie_secret(serverapp: Any) -> None:
@@ -316,7 +328,8 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     """The viewers endpoint first (the operator needs it to close an unshared viewer's websockets), then
     each protection on its own: one this jupyter_server cannot take is logged and the others still apply."""
     _viewers_endpoint(serverapp)
-    for protection in (_page_tokens, _cookie_secret, _login_cookies):
+    protections = (_page_config_handlers, _page_config_hook, _template_namespace, _cookie_secret, _login_cookies)
+    for protection in protections:
         try:
             protection(serverapp)
         except Exception as error:  # a missing piece never stops the others
