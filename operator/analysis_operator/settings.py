@@ -204,8 +204,10 @@ class GatewaySettings:
     # The browser's cookies passed on to the environment's server, by name; every other one is dropped (the
     # session cookie always). The server is its owner's, who can log what it is sent: a sharee's or an
     # admin's other cookies for the site (oauth2-proxy's `_oauth2_proxy`, a portal's session) would let the
-    # owner sign in as them. JupyterLab needs only `_xsrf` (the gateway's token signs in every request).
-    pass_cookies: tuple[str, ...] = ("_xsrf",)
+    # owner sign in as them. None by default: JupyterLab needs none (the gateway's token signs in every request,
+    # and jupyter_server skips its XSRF check for a token-authenticated one), and `_xsrf` is also the name of
+    # other tornado apps' CSRF cookie (JupyterHub's) on the same host.
+    pass_cookies: tuple[str, ...] = ()
     admins: tuple[str, ...] = ()  # facility user IDs who may open every environment (support staff)
     login_url: str = ""  # where a browser without a valid session is sent ("" = a 401 page)
     # Ready means OPEN works: how the operator reaches the gateway (e.g. its Service,

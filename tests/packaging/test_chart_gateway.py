@@ -221,13 +221,15 @@ def test_environment_domain_reaches_the_operator_and_is_off_by_default(tmp_path)
     assert settings_of(objects).gateway.environment_domain == "env.facility.example.org"
 
 
-def test_pass_cookies_reach_the_operator_and_none_passes_none(tmp_path):
+def test_pass_cookies_reach_the_operator_and_none_pass_by_default(tmp_path):
     """gateway.passCookies: the only browser cookies an environment's server gets (each reaches its owner's
-    server, whoever opens it); _xsrf by default, as the operator's; [] passes none, not the operator's default."""
-    assert env_of(render(tmp_path, ENABLED))["ANALYSIS_OPERATOR_GATEWAY_PASS_COOKIES"] == "_xsrf"
-    objects = render(tmp_path, _merge(ENABLED, {"gateway": {"passCookies": []}}))
+    server, whoever opens it); none by default, as the operator's; a list passes those named."""
+    objects = render(tmp_path, ENABLED)
     assert env_of(objects)["ANALYSIS_OPERATOR_GATEWAY_PASS_COOKIES"] == ""
     assert settings_of(objects).gateway.pass_cookies == ()
+    objects = render(tmp_path, _merge(ENABLED, {"gateway": {"passCookies": ["_xsrf"]}}))
+    assert env_of(objects)["ANALYSIS_OPERATOR_GATEWAY_PASS_COOKIES"] == "_xsrf"
+    assert settings_of(objects).gateway.pass_cookies == ("_xsrf",)
 
 
 def test_auth_url_default_is_the_charts_service_and_can_be_overridden(tmp_path):

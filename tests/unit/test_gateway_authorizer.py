@@ -94,7 +94,9 @@ def test_owner_passes_with_the_server_token_and_without_the_session_cookie(autho
     )
     assert verdict.status == 200 and verdict.role == "owner"
     assert headers["Authorization"] == "token server-secret" and headers["X-Forwarded-User"] == "alice"
-    assert headers["Cookie"] == "_xsrf=abc"  # neither the session nor JupyterLab's login cookie reaches the server
+    # no cookie reaches the server by default (gateway.pass_cookies is empty): not the session, not JupyterLab's
+    # login cookie, not _xsrf (the gateway's token makes jupyter_server skip its XSRF check)
+    assert "Cookie" not in headers
     verdict, headers = ask(authorizer, Authorization=f"Bearer {token('alice')}")
     assert verdict.allowed and "Cookie" not in headers
     assert authorizer.kube.reads == 1  # the token is read once, then kept
@@ -361,18 +363,21 @@ BROWSER_COOKIES = "_oauth2_proxy=oauth-session; portal_session=portal; username-
 def test_a_sharee_or_an_admin_passes_on_only_the_allowed_cookies(authorizer, viewer, role):
     """The server is its owner's, who can log every header it is sent: bob's or an admin's other cookies for
     the site (oauth2-proxy's in front of the gateway, a portal's session with Path=/, JupyterLab's login
-    cookie) would let the owner replay them and act as that person. Only gateway.pass_cookies (_xsrf)."""
+    cookie) would let the owner replay them and act as that person. None by default; only those named in
+    gateway.pass_cookies (here _xsrf) when some are."""
     record = EnvironmentRecord(dataclasses.replace(LAB, shared_users=frozenset({"bob"})), {"phase": "Ready"})
     authorizer.environments[("team-a", "lab")] = [record]
-    for cookie in (
-        f"aenv_session={token(viewer)}; {BROWSER_COOKIES}",
-        f"{BROWSER_COOKIES}; aenv_session={token(viewer)}",
-    ):
-        verdict, headers = ask(authorizer, Cookie=cookie)
-        assert verdict.allowed and verdict.role == role, cookie
-        assert headers["Cookie"] == "_xsrf=abc", cookie
-    verdict, headers = ask(authorizer, Authorization=f"Bearer {token(viewer)}", Cookie=BROWSER_COOKIES)
-    assert verdict.allowed and headers["Cookie"] == "_xsrf=abc"
+    for allowed, passed in ((frozenset(), None), (frozenset({"_xsrf"}), "_xsrf=abc")):
+        authorizer.pass_cookies = allowed
+        for cookie in (
+            f"aenv_session={token(viewer)}; {BROWSER_COOKIES}",
+            f"{BROWSER_COOKIES}; aenv_session={token(viewer)}",
+        ):
+            verdict, headers = ask(authorizer, Cookie=cookie)
+            assert verdict.allowed and verdict.role == role, cookie
+            assert headers.get("Cookie") == passed, cookie
+        verdict, headers = ask(authorizer, Authorization=f"Bearer {token(viewer)}", Cookie=BROWSER_COOKIES)
+        assert verdict.allowed and headers.get("Cookie") == passed
 
 
 def test_with_no_allowed_cookie_left_the_answer_has_none_and_the_gateway_removes_the_browsers(authorizer):
@@ -381,7 +386,8 @@ def test_with_no_allowed_cookie_left_the_answer_has_none_and_the_gateway_removes
     session = f"aenv_session={token('alice')}"
     verdict, headers = ask(authorizer, Cookie=f"{session}; _oauth2_proxy=oauth-session; username-x=jupyter-login")
     assert verdict.allowed and "Cookie" not in headers
-    authorizer.pass_cookies = frozenset()  # gateway.pass_cookies: [] passes none, not even _xsrf
+    # gateway.pass_cookies is empty by default: none passes, not even JupyterLab's _xsrf (token-authenticated
+    # requests skip jupyter_server's XSRF check; another app on the host, JupyterHub, names its own _xsrf)
     verdict, headers = ask(authorizer, Cookie=f"{session}; _xsrf=abc")
     assert verdict.allowed and "Cookie" not in headers
 
@@ -389,7 +395,7 @@ def test_with_no_allowed_cookie_left_the_answer_has_none_and_the_gateway_removes
 def test_the_cookies_passed_on_are_a_setting_read_from_the_environment():
     from analysis_operator.settings import load_settings
 
-    assert load_settings({}).gateway.pass_cookies == ("_xsrf",)
+    assert load_settings({}).gateway.pass_cookies == ()  # none by default
     environ = {"ANALYSIS_OPERATOR_GATEWAY_PASS_COOKIES": "_xsrf, site_prefs"}
     assert load_settings(environ).gateway.pass_cookies == ("_xsrf", "site_prefs")
     assert load_settings({"ANALYSIS_OPERATOR_GATEWAY_PASS_COOKIES": ""}).gateway.pass_cookies == ()

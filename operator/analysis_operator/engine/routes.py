@@ -4,8 +4,8 @@ While an environment is Ready it has an HTTPRoute `aenv-<name>` in its namespace
 `<path_prefix>/<namespace>/<name>/` (policy/opening.py), attached to the Gateway named in
 settings, with the gateway's forward-auth filter in front: every request is first put to
 the operator (handlers/gateway.py), which lets only the owner, the people it is shared
-with and admins through, and adds the server's credential on the way (the browser never
-holds it). The route's backend is what the backend reported (`Upstream`):
+with and admins through, and adds the server's credential on the way (the browser needs none
+of its own). The route's backend is what the backend reported (`Upstream`):
   - a pod: its own Service;
   - a compute node or a VM: an IP address and port, for which a Service without selector
     and an EndpointSlice `aenv-<name>` are made here (the gateway follows those like any

@@ -1,9 +1,9 @@
 """Code the operator ships to the JupyterLab servers it starts: read here as text, run only there.
 
 aenv_viewers.py is a jupyter_server extension (OPEN: the websockets of someone an environment is no
-longer shared with are closed; engine/viewers.py asks for it; and no browser is handed the server's
-token or a login cookie). Pods get it from a ConfigMap of their namespace, Slurm jobs from their
-batch script; both turn it on with a jupyter_server config file.
+longer shared with are closed; engine/viewers.py asks for it; and the pages and cookies JupyterLab
+serves a viewer carry neither the server's token nor a login cookie). Pods get it from a ConfigMap of
+their namespace, Slurm jobs from their batch script; both turn it on with a jupyter_server config file.
 """
 
 from __future__ import annotations

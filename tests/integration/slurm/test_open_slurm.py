@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import base64
 import datetime
+import http.client
 import json
+import os
+import pwd
 import re
 import shutil
 import socket
@@ -28,6 +31,7 @@ from analysis_operator.infra.server_tls import ServerCertificate, issue
 from analysis_operator.model.domain import Environment
 from tests.integration.browser import chromium, jupyterlab_shown, screenshot, sign_in
 from tests.integration.conftest import REPO, kubectl
+from tests.integration.test_jupyter_extension import JUPYTERLAB, signed
 from tests.waiting import wait_for
 
 
@@ -422,6 +426,93 @@ def test_a_viewer_is_handed_neither_the_token_nor_a_login_cookie(opened, cookie_
         names = set_cookies(opened, base + "lab", user)
         assert "_xsrf" in names and not [name for name in names if name.startswith("username-")], names
     assert not cookie_secret.exists(), "jupyter_server wrote its cookie secret to the shared HOME"
+
+
+OWNERS_SECRET = b"a cookie secret in alice's own jupyter config, which bob could write" * 2
+# An extension of alice's own (in her ~/.jupyter, as anyone running as her could put there), loaded
+# after aenv_viewers (by name), that installs a page_config_hook without chaining the one before it:
+# the page config it returns still holds the token. It leaves a file to say it was loaded.
+LATER_HOOK = """
+import os
+
+def _jupyter_server_extension_points():
+    return [{"module": "zz_page_config_hook"}]
+
+def _load_jupyter_server_extension(serverapp):
+    serverapp.web_app.settings["page_config_hook"] = lambda handler, page_config: page_config
+    open(os.path.join(os.path.dirname(__file__), "zz_page_config_hook.loaded"), "w").close()
+"""
+
+
+@pytest.fixture
+def owners_config(slurm_settings):
+    """alice's own ~/.jupyter (read by every JupyterLab she starts) with a cookie secret and a later
+    extension's page_config_hook, before her environment starts; removed after."""
+    home = Path(slurm_settings.job_working_directory.format(user="alice"))
+    entry = pwd.getpwnam("alice")
+    directory, made = home / ".jupyter", []
+    for path in (home, directory, directory / "jupyter_server_config.d"):
+        if not path.exists():
+            path.mkdir(mode=0o700)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+            made.append(path)
+    files = {
+        directory / "jupyter_server_config.py": "import os, sys\n"  # her extension importable, from ~/.jupyter
+        "sys.path.insert(0, os.path.dirname(__file__))\n"
+        f"c.ServerApp.cookie_secret = {OWNERS_SECRET!r}\n",
+        directory / "zz_page_config_hook.py": LATER_HOOK,
+        directory / "jupyter_server_config.d/zz_page_config_hook.json": json.dumps(
+            {"ServerApp": {"jpserver_extensions": {"zz_page_config_hook": True}}}
+        ),
+    }
+    for path, text in files.items():
+        assert not path.exists(), f"{path}: alice's own, not the test's"
+        path.write_text(text)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    yield directory
+    for path in [*files, directory / "zz_page_config_hook.loaded"]:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(directory / "__pycache__", ignore_errors=True)
+    for path in reversed(made):
+        path.rmdir()
+
+
+def test_the_owners_config_neither_puts_the_token_back_in_a_page_nor_makes_a_cookie_log_in(
+    opened, owners_config, cluster_lab, core, namespace
+):
+    """What alice's own config (which bob, running as her while shared, could write) may add: an
+    extension whose page_config_hook replaces aenv_viewers' puts no token back in JupyterLab's pages,
+    and a login cookie signed with the cookie secret it sets, sent straight to the job's node:port
+    without the token, logs no one in (aenv_viewers.py)."""
+    environments, ready, base = cluster_lab
+    token = base64.b64decode(core.read_namespaced_secret("aenv-hpc", namespace).data["token"]).decode()
+    _, _, page = answered(opened, base + "lab", "alice", 200)
+    assert (owners_config / "zz_page_config_hook.loaded").exists(), "alice's extension was not loaded"
+    (config,) = re.findall(rb'<script id="jupyter-config-data" type="application/json">(.*?)</script>', page, re.S)
+    assert json.loads(config)["token"] == "" and token.encode() not in page
+    _, _, page = opened.request(base + "lab/no/such/page", "alice")  # JupyterLab's not-found page, a page config too
+    assert b"jupyter-config-data" in page and token.encode() not in page
+
+    address = ready["status"]["backend"]["addresses"][0]
+    port = int(ready["status"]["backend"]["endpoint"].rpartition(":")[2])
+    certificate = core.read_namespaced_config_map("aenv-hpc-tls", namespace).data["ca.crt"]
+    context = ssl.create_default_context(cadata=certificate)
+    context.check_hostname = False  # the job's own certificate (its CA), asked for by address
+
+    def status_at_node(**headers):
+        connection = http.client.HTTPSConnection(address, port, context=context, timeout=10)
+        try:
+            connection.request("GET", base + "api/status", headers=headers)
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    name = re.sub(r"[^A-Za-z0-9]", "-", f"username-{address}:{port}")  # jupyter_server's, from the Host
+    user = dict(username="alice", name="alice", display_name="alice", initials="A", avatar_url=None, color=None)
+    forged = signed(JUPYTERLAB / "bin/python", OWNERS_SECRET, name, json.dumps(user))
+    assert status_at_node(Authorization=f"token {token}") == 200  # the server, reached at node:port
+    assert status_at_node() == 403
+    assert status_at_node(Cookie=f"{name}={forged}") == 403, "a login cookie signed with alice's config's secret"
 
 
 def test_a_real_browser_opens_it_for_alice_and_for_bob_only_while_shared(opened, cluster_lab):

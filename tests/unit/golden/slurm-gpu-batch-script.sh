@@ -115,23 +115,38 @@ refuses them.
 Both refuse a request that came through the gateway (it carries X-Forwarded-User): a viewer may use
 the server, not decide who else may.
 
-It also keeps the server's credentials out of the viewers' browsers. The gateway adds the server's
-token to every request it passes on (websockets too), so a browser needs none of its own; yet
-jupyter_server answers a token-authenticated request with a signed login cookie (`username-<host>`,
-valid 31 days), signed with a key it keeps in $HOME/.local/share/jupyter/runtime, which every job
-of the same user shares and a pod's home volume keeps: a sharee's cookie would open the owner's other
-and later servers, unshared or not, whatever their token. So each server start signs with random
-bytes of its own, held in memory only (set when the extension is linked, before jupyter_server reads
-or writes that file), and sets no login cookie at all. And JupyterLab writes the token into every
-page it serves (page_config, and jupyter_server's own pages such as a 404): blanked, as JupyterHub
-does, so that opening a shared environment hands no viewer the owner's token.
+It also keeps what JupyterLab serves a viewer (its pages, its cookies) free of the server's
+credentials. The gateway adds the server's token to every request it passes on (websockets too), so
+a browser needs none of its own; yet JupyterLab writes the token into every page it serves (its page
+config, jupyter_server's own pages such as a 404), and jupyter_server answers a token-authenticated
+request with a signed login cookie (`username-<host>`, valid 31 days), signed with a key it keeps in
+$HOME/.local/share/jupyter/runtime (which every job of the same user shares and a pod's home volume
+keeps) or one set in the user's own config: a sharee's cookie would open the owner's other and later
+servers, unshared or not, whatever their token. So, on each server start:
+- the token is blanked where JupyterLab's and Notebook 7's handlers build the page config (whatever
+  page_config_hook another extension installs after this one) and in jupyter_server's template
+  namespace, as JupyterHub does;
+- no login cookie is set, and none is accepted (every request through the gateway carries the token);
+- the cookie secret is random bytes of this start, held in memory (set when the extension is linked,
+  before jupyter_server reads or writes that file, and again when it is loaded, over whatever a config
+  file set in between).
+Each is applied on its own, after the viewers endpoint: one that this jupyter_server lacks (1.x has
+no identity_provider) is logged and skipped, never stopping the others.
+
+This is about what pages and cookies hand a viewer, nothing more: a viewer who runs code in the
+session runs it as the owner and can read $JUPYTER_TOKEN, /proc, or the runtime files in the owner's
+HOME (sharing hands over the account), and the owner's own config (~/.jupyter) can switch this
+extension off, which exposes only the owner.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import os
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from jupyter_server.base.handlers import JupyterHandler
@@ -196,6 +211,12 @@ def _no_login_cookie(handler: Any, user: Any) -> None:
     """In place of IdentityProvider.set_login_cookie: the gateway authenticates every request."""
 
 
+def _no_cookie_user(handler: Any) -> None:
+    """In place of IdentityProvider.get_user_cookie: no one is logged in by a cookie, whoever signed
+    it (a cookie secret set in the user's own config would let its reader forge one)."""
+    return None
+
+
 def _without_token(handler: Any, page_config: dict[str, Any], previous: Any = None) -> dict[str, Any]:
     """The page_config_hook (jupyterlab_server): the page's config without the server's token, so
     JupyterLab sends none itself (a copy: the dict is the server's own, shared by all pages)."""
@@ -204,7 +225,49 @@ def _without_token(handler: Any, page_config: dict[str, Any], previous: Any = No
     return {**page_config, "token": ""}
 
 
-_original_namespace = JupyterHandler.template_namespace
+def _token_blanked(get_page_config: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """A handler's get_page_config whose answer never carries the token, whatever page_config_hook it
+    applied inside (an extension loaded after this one may replace the hook without chaining it)."""
+    if getattr(get_page_config, "_aenv_token_blanked", False):
+        return get_page_config
+
+    @functools.wraps(get_page_config)
+    def get_page_config_without_token(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {**get_page_config(self, *args, **kwargs), "token": ""}
+
+    get_page_config_without_token._aenv_token_blanked = True  # type: ignore[attr-defined]
+    return get_page_config_without_token
+
+
+# Where a page's config is built, when the image has it: JupyterLab's (every subclass too, e.g. its
+# 404 page) and Notebook 7's
+PAGE_CONFIG_HANDLERS = (("jupyterlab_server.handlers", "LabHandler"), ("notebook.app", "NotebookBaseHandler"))
+
+
+def _blank_page_config_tokens(module_name: str, class_name: str) -> list[str]:
+    """Wraps get_page_config of the handler class, and of each of its subclasses that defines its
+    own; the names of those wrapped ([] when the image lacks the class)."""
+    try:
+        base = getattr(importlib.import_module(module_name), class_name)
+    except Exception:  # not in this image (no Notebook 7, another version)
+        return []
+    if not callable(getattr(base, "get_page_config", None)):
+        raise AttributeError(f"{module_name}.{class_name} has no get_page_config")
+    wrapped = []
+    classes, seen = [base], set()
+    while classes:
+        cls = classes.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        classes.extend(cls.__subclasses__())
+        if "get_page_config" in vars(cls):
+            cls.get_page_config = _token_blanked(vars(cls)["get_page_config"])
+            wrapped.append(f"{cls.__module__}.{cls.__qualname__}")
+    return wrapped
+
+
+_original_namespace: Any = getattr(JupyterHandler, "template_namespace", None)  # a property
 
 
 @property  # type: ignore[misc]
@@ -220,19 +283,57 @@ def _jupyter_server_extension_points() -> list[dict[str, str]]:
 
 def _link_jupyter_server_extension(serverapp: Any) -> None:
     """Linked before the web app is made, the first of the usual extensions (they link in the
-    order of their names): the cookie secret set here is never read from HOME nor written there."""
+    order of their names): jupyter_server then neither reads nor writes its cookie secret file in
+    HOME, unless a config file sets one (_load_jupyter_server_extension replaces that in the web app)."""
     serverapp.cookie_secret = os.urandom(32)
 
 
-def _load_jupyter_server_extension(serverapp: Any) -> None:
+def _viewers_endpoint(serverapp: Any) -> None:
     websocket.WebSocketHandler.get = _get
-    JupyterHandler.template_namespace = _namespace
-    serverapp.identity_provider.set_login_cookie = _no_login_cookie
+    base_url = serverapp.web_app.settings["base_url"]
+    serverapp.web_app.add_handlers(".*$", [(url_path_join(base_url, "aenv/viewers"), ViewersHandler)])
+
+
+def _page_config_handlers(serverapp: Any) -> None:
+    for module_name, class_name in PAGE_CONFIG_HANDLERS:
+        wrapped = _blank_page_config_tokens(module_name, class_name)
+        serverapp.log.debug("aenv_viewers: token blanked in the page config of %s", wrapped)
+
+
+def _page_config_hook(serverapp: Any) -> None:
+    """Also for any other page that applies the hook (as long as no later extension replaces it)."""
     settings = serverapp.web_app.settings
     previous = settings.get("page_config_hook")
     settings["page_config_hook"] = lambda handler, page_config: _without_token(handler, page_config, previous)
-    base_url = serverapp.web_app.settings["base_url"]
-    serverapp.web_app.add_handlers(".*$", [(url_path_join(base_url, "aenv/viewers"), ViewersHandler)])
+
+
+def _template_namespace(serverapp: Any) -> None:
+    if not isinstance(_original_namespace, property):
+        raise AttributeError("JupyterHandler.template_namespace is not a property here")
+    JupyterHandler.template_namespace = _namespace
+
+
+def _cookie_secret(serverapp: Any) -> None:
+    serverapp.web_app.settings["cookie_secret"] = os.urandom(32)
+
+
+def _login_cookies(serverapp: Any) -> None:
+    if not hasattr(serverapp, "identity_provider"):
+        raise AttributeError("no identity_provider (jupyter_server < 2): its login cookies are left as they are")
+    serverapp.identity_provider.set_login_cookie = _no_login_cookie
+    serverapp.identity_provider.get_user_cookie = _no_cookie_user
+
+
+def _load_jupyter_server_extension(serverapp: Any) -> None:
+    """The viewers endpoint first (the operator needs it to close an unshared viewer's websockets), then
+    each protection on its own: one this jupyter_server cannot take is logged and the others still apply."""
+    _viewers_endpoint(serverapp)
+    protections = (_page_config_handlers, _page_config_hook, _template_namespace, _cookie_secret, _login_cookies)
+    for protection in protections:
+        try:
+            protection(serverapp)
+        except Exception as error:  # a missing piece never stops the others
+            serverapp.log.warning("aenv_viewers: %s not applied: %s", protection.__name__.strip("_"), error)
 AENV_EXTENSION_END
 cat > "$aenv_dir/config/jupyter_server_config.d/aenv_viewers.json" <<'AENV_EXTENSION_END'
 {"ServerApp": {"jpserver_extensions": {"aenv_viewers": true}}}
