@@ -4,6 +4,8 @@ as the extension does never carries the server's token."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
@@ -30,30 +32,38 @@ async def redirect_loop(request: web.Request) -> web.Response:
     raise web.HTTPFound(request.path)  # aiohttp follows it until TooManyRedirects
 
 
+@contextlib.asynccontextmanager
+async def serving(handler) -> AsyncIterator[str]:
+    """A local HTTP server answering every path with `handler`; yields its `address:port` endpoint."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    finally:
+        await runner.cleanup()
+
+
 def test_a_server_answering_with_a_redirect_loop_is_told_of_without_its_token():
     """aiohttp's TooManyRedirects (a ClientResponseError) holds the request's headers in its repr, the
     server's `Authorization: token ...` with them: the message and the log give its type and status only."""
 
     async def scenario() -> tuple[str, list[dict]]:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", redirect_loop)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        status = {"phase": "Ready", "backend": {"kind": "kubernetes", "endpoint": f"127.0.0.1:{port}"}}
-        environments = {("team-a", "lab"): [EnvironmentRecord(LAB, status)]}
-        disconnector = Disconnector(None, Settings(), environments, None, timeout=5, retry_seconds=())
-        try:
-            with pytest.raises(Unanswered) as raised:
-                await disconnector.recheck("team-a", "lab")
-            with capture_logs() as logs:
-                disconnector.soon("team-a", "lab")
-                await asyncio.wait_for(asyncio.gather(*disconnector._tasks.values()), 10)
-        finally:
-            await disconnector.close()
-            await runner.cleanup()
+        async with serving(redirect_loop) as endpoint:
+            status = {"phase": "Ready", "backend": {"kind": "kubernetes", "endpoint": endpoint}}
+            environments = {("team-a", "lab"): [EnvironmentRecord(LAB, status)]}
+            disconnector = Disconnector(None, Settings(), environments, None, timeout=5, retry_seconds=())
+            try:
+                with pytest.raises(Unanswered) as raised:
+                    await disconnector.recheck("team-a", "lab")
+                with capture_logs() as logs:
+                    disconnector.soon("team-a", "lab")
+                    await asyncio.wait_for(asyncio.gather(*disconnector._tasks.values()), 10)
+            finally:
+                await disconnector.close()
         return str(raised.value), logs
 
     message, logs = asyncio.run(scenario())
@@ -87,22 +97,15 @@ def test_a_check_marks_the_sharing_it_checked_and_a_restart_checks_only_a_sharin
         return web.json_response({"viewers": {"alice": 1}})
 
     async def scenario(kube: Statuses, status: dict) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", viewers)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        ready = {**status, "phase": "Ready", "backend": {"kind": "kubernetes", "endpoint": f"127.0.0.1:{port}"}}
-        environments = {("team-a", "lab"): [EnvironmentRecord(shared, ready)]}
-        disconnector = Disconnector(kube, Settings(), environments, None, timeout=5, retry_seconds=())
-        disconnector._catalogue = type("Catalogue", (), {"groups_of": lambda self, user: frozenset()})()
-        try:
-            assert await disconnector.recheck("team-a", "lab") == {}  # alice is the owner: nobody to close
-        finally:
-            await disconnector.close()
-            await runner.cleanup()
+        async with serving(viewers) as endpoint:
+            ready = {**status, "phase": "Ready", "backend": {"kind": "kubernetes", "endpoint": endpoint}}
+            environments = {("team-a", "lab"): [EnvironmentRecord(shared, ready)]}
+            disconnector = Disconnector(kube, Settings(), environments, None, timeout=5, retry_seconds=())
+            disconnector._catalogue = type("Catalogue", (), {"groups_of": lambda self, user: frozenset()})()
+            try:
+                assert await disconnector.recheck("team-a", "lab") == {}  # alice is the owner: nobody to close
+            finally:
+                await disconnector.close()
 
     kube = Statuses()
     asyncio.run(scenario(kube, {}))
